@@ -1,0 +1,571 @@
+"""config.yaml → frozen, typed settings, checked once, with every mistake reported at once.
+
+Owns: the meaning and defaults of every config key (the README's reference is written from
+the dataclass fields below), cross-checks between keys (route → provider, algorithm → key
+type), compiled regexes, and reading the key material a provider names on disk or in the
+environment. Does not own: YAML line tracking (yamlsource.py), fetching remote keys
+(keys.py), or anything that runs per request.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+from urllib.parse import urlsplit
+
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
+from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
+
+from .errors import ConfigError, ConfigIssue
+from .jwks import ASYMMETRIC_ALGORITHMS, FAMILIES, SUPPORTED_ALGORITHMS, SYMMETRIC_ALGORITHMS, KeySet, fits
+from .yamlsource import Issues, Section, load_yaml
+
+__all__ = [
+    "ClaimRule",
+    "Provider",
+    "RemoteJwks",
+    "Route",
+    "RouteAuth",
+    "RouteMatch",
+    "ScopeRule",
+    "Settings",
+    "StaticKeys",
+    "TokenCacheSettings",
+    "load",
+    "parse",
+]
+
+CLAIM_OPERATORS = ("equals", "one_of", "contains", "matches", "present")
+_MIN_HMAC_BYTES = {"HS256": 32, "HS384": 48, "HS512": 64}  # RFC 7518 §3.2
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RemoteJwks:
+    """Keys fetched over HTTP: a JWKS URL, or one found by OIDC discovery."""
+
+    url: str | None = None
+    """The JWKS URL; None when `discovery_url` is used to find it."""
+    discovery_url: str | None = None
+    """OpenID Connect discovery document whose `jwks_uri` names the JWKS."""
+    cache_ttl: float = 300.0
+    """How long a fetched key set counts as fresh; it is refreshed before this runs out."""
+    min_refresh_interval: float = 30.0
+    """Least time between two refetches caused by unknown `kid`s (a flood costs one fetch)."""
+    timeout: float = 5.0
+    """Total time allowed for one fetch."""
+
+    @property
+    def origin(self) -> str:
+        return f"discovery {self.discovery_url}" if self.discovery_url else f"jwks {self.url}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StaticKeys:
+    """Keys read once from a file or the environment: a JWKS file, a PEM key or an HS secret."""
+
+    kind: str
+    """`jwks_file`, `pem_file` or `secret`."""
+    origin: str
+    """Where they came from, for summaries and logs (never the key itself)."""
+    jwks: Mapping[str, Any] = field(repr=False)
+    """The keys as a JWK Set document."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Provider:
+    """One token issuer we trust, how its tokens are checked, and where its keys come from."""
+
+    name: str
+    issuers: tuple[str, ...]
+    """Accepted `iss` values, compared as exact strings (RFC 7519 §4.1.1)."""
+    audiences: tuple[str, ...]
+    """The token's `aud` must contain at least one of these (RFC 7519 §4.1.3)."""
+    algorithms: tuple[str, ...]
+    """Allow-list of `alg` values; default by key source. `none` is never allowed."""
+    keys: RemoteJwks | StaticKeys
+    leeway: float = 30.0
+    """Clock skew tolerated on exp, nbf and iat, in seconds."""
+    required_claims: tuple[str, ...] = ("exp",)
+    """Claims every token must carry (iss and aud are always required)."""
+    max_token_age: float | None = None
+    """Optional cap on a token's lifetime, `exp - iat`, in seconds (needs both claims)."""
+    typ: str | None = None
+    """Required `typ` header, e.g. `at+jwt` (RFC 9068 §2.1); compared case-insensitively."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ClaimRule:
+    """One condition on a claim: `claim` is a dotted path into the payload."""
+
+    claim: str
+    path: tuple[str, ...]
+    op: str
+    """One of equals, one_of, contains, matches, present."""
+    value: Any = None
+    """The operand: a value, a tuple for one_of, a compiled pattern for matches."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ScopeRule:
+    """Scopes the token must grant: every one of `all_of` and at least one of `any_of`."""
+
+    all_of: tuple[str, ...] = ()
+    any_of: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RouteAuth:
+    provider: str
+    optional: bool = False
+    """Validate a token when one is present, let the request through when none is."""
+    scopes: ScopeRule = ScopeRule()
+    claims: tuple[ClaimRule, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RouteMatch:
+    path_prefix: str | None = None
+    path_exact: str | None = None
+    path_regex: re.Pattern[str] | None = None
+    methods: frozenset[str] | None = None
+    """None means every method."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Route:
+    name: str
+    match: RouteMatch
+    auth: RouteAuth | None
+    """None means `auth: none`: a public route."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TokenCacheSettings:
+    enabled: bool = True
+    max_entries: int = 10_000
+    max_ttl: float = 300.0
+    """No entry lives longer than this, and never past the token's `exp`."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Settings:
+    source: str
+    """The file these settings came from (or `<string>`)."""
+    providers: Mapping[str, Provider]
+    routes: tuple[Route, ...] = ()
+    token_cache: TokenCacheSettings = TokenCacheSettings()
+    max_token_bytes: int = 8192
+    """Tokens longer than this are refused before any decoding work."""
+
+
+def load(path: str | os.PathLike[str]) -> Settings:
+    """Read and check a config file; raises `ConfigError` listing every problem."""
+    file = os.fspath(path)
+    try:
+        text = Path(file).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError([ConfigIssue(file, None, "", f"cannot read: {error}")]) from None
+    return parse(text, file=file, base_dir=Path(file).resolve().parent)
+
+
+def parse(text: str, *, file: str = "<string>", base_dir: Path | None = None) -> Settings:
+    document = load_yaml(text, file)
+    issues = Issues(file)
+    if not isinstance(document, dict):
+        issues.add(1, "", "the config must be a YAML mapping with a `providers` key")
+        issues.raise_if_any()
+    root = Section(issues, document, "")
+    builder = _Builder(issues, base_dir or Path.cwd())
+    settings = builder.settings(root, file)
+    issues.raise_if_any()
+    return settings
+
+
+class _Builder:
+    def __init__(self, issues: Issues, base_dir: Path) -> None:
+        self.issues = issues
+        self.base_dir = base_dir
+
+    def settings(self, root: Section, file: str) -> Settings:
+        providers: dict[str, Provider] = {}
+        provider_section = root.section("providers", required=True)
+        # Routes are checked against every provider named, even one with its own mistakes,
+        # so a typo in a provider is not reported a second time as an unknown reference.
+        self.provider_names = set(map(str, provider_section.data)) if provider_section else set()
+        if provider_section is not None:
+            for name in list(provider_section.keys()):
+                sub = provider_section.section(str(name))
+                if sub is not None:
+                    provider = self.provider(str(name), sub)
+                    if provider is not None:
+                        providers[str(name)] = provider
+            if not provider_section.data:
+                provider_section.error(None, "at least one provider is required")
+        routes = tuple(
+            route
+            for i, item, path, line in root.items("routes")
+            if (route := self.route(i, Section(self.issues, item, path, line), item, providers)) is not None
+        )
+        cache = self.token_cache(root.section("token_cache"))
+        max_token_bytes = root.integer("max_token_bytes", 8192, minimum=256)
+        root.done()
+        return Settings(
+            source=file,
+            providers=MappingProxyType(providers),
+            routes=routes,
+            token_cache=cache,
+            max_token_bytes=max_token_bytes,
+        )
+
+    # -- providers ------------------------------------------------------------------------
+    def provider(self, name: str, s: Section) -> Provider | None:
+        issuers = s.strings("issuer", required=True)
+        audiences = s.strings("audiences", required=True)
+        leeway = s.duration("leeway", 30.0)
+        required = s.strings("required_claims", ("exp",))
+        max_age = s.duration("max_token_age", None)
+        typ = s.string("typ")
+        sources = [k for k in ("jwks", "discovery", "jwks_file", "pem_file", "secret") if s.has(k)]
+        keys: RemoteJwks | StaticKeys | None = None
+        if len(sources) != 1:
+            s.error(None, "needs exactly one key source: jwks, discovery, jwks_file, pem_file or secret"
+                    + (f" (found {', '.join(sources)})" if sources else ""))
+        else:
+            keys = self.key_source(sources[0], s, issuers)
+        default_algs = self._default_algorithms(keys)
+        algorithms = self.algorithms(s, default_algs, keys)
+        s.done()
+        if keys is None or not issuers or not audiences:
+            return None
+        return Provider(
+            name=name, issuers=issuers, audiences=audiences, algorithms=algorithms, keys=keys,
+            leeway=leeway, required_claims=required, max_token_age=max_age, typ=typ,
+        )
+
+    def algorithms(self, s: Section, default: tuple[str, ...], keys: RemoteJwks | StaticKeys | None) -> tuple[str, ...]:
+        algorithms = s.strings("algorithms", default)
+        for alg in algorithms:
+            if alg.lower() == "none":
+                s.error("algorithms", "'none' is never allowed: unsigned tokens are refused (RFC 8725 §3.1)")
+            elif alg not in FAMILIES:
+                s.error("algorithms", f"{alg!r} is not supported; choose from {', '.join(SUPPORTED_ALGORITHMS)}")
+        if keys is None:
+            return algorithms
+        if isinstance(keys, StaticKeys) and keys.kind == "secret":
+            wrong = [a for a in algorithms if a not in SYMMETRIC_ALGORITHMS]
+            if wrong:
+                s.error("algorithms", f"{', '.join(wrong)} cannot be used with a shared secret; "
+                        f"a secret verifies only {', '.join(SYMMETRIC_ALGORITHMS)}")
+            self._check_secret_length(s, keys, algorithms)
+        else:
+            wrong = [a for a in algorithms if a in SYMMETRIC_ALGORITHMS]
+            if wrong:
+                s.error("algorithms", f"{', '.join(wrong)} needs a shared `secret`; this provider's keys are "
+                        "asymmetric, and HMAC with a public key is the algorithm-confusion attack (RFC 8725 §2.1)")
+        if isinstance(keys, StaticKeys) and keys.kind == "pem_file":
+            kty, crv = keys.jwks["keys"][0]["kty"], keys.jwks["keys"][0].get("crv")
+            unfit = [a for a in algorithms if a in ASYMMETRIC_ALGORITHMS and not fits(a, kty, crv)]
+            if unfit:
+                s.error("algorithms", f"{', '.join(unfit)} do not fit the PEM key (kty {kty}"
+                        + (f", curve {crv}" if crv else "") + ")")
+        return algorithms
+
+    def _check_secret_length(self, s: Section, keys: StaticKeys, algorithms: tuple[str, ...]) -> None:
+        secret = base64.urlsafe_b64decode(keys.jwks["keys"][0]["k"] + "==")
+        for alg in algorithms:
+            need = _MIN_HMAC_BYTES.get(alg)
+            if need and len(secret) < need:
+                s.error("secret", f"is {len(secret)} bytes; {alg} needs at least {need} (RFC 7518 §3.2)")
+
+    @staticmethod
+    def _default_algorithms(keys: RemoteJwks | StaticKeys | None) -> tuple[str, ...]:
+        if isinstance(keys, StaticKeys) and keys.kind == "secret":
+            return ("HS256", "HS384", "HS512")
+        if isinstance(keys, StaticKeys) and keys.kind == "pem_file":
+            jwk = keys.jwks["keys"][0]
+            return tuple(a for a in ASYMMETRIC_ALGORITHMS if fits(a, jwk["kty"], jwk.get("crv")))
+        return ASYMMETRIC_ALGORITHMS
+
+    def key_source(self, kind: str, s: Section, issuers: tuple[str, ...]) -> RemoteJwks | StaticKeys | None:
+        if kind == "jwks":
+            sub = s.section("jwks")
+            return self.remote(sub, discovery=False) if sub is not None else None
+        if kind == "discovery":
+            return self.discovery(s, issuers)
+        if kind == "jwks_file":
+            return self.jwks_file(s)
+        if kind == "pem_file":
+            return self.pem_file(s)
+        return self.secret(s)
+
+    def remote(self, sub: Section, *, discovery: bool, derived: str | None = None) -> RemoteJwks | None:
+        url = discovery_url = None
+        if not discovery:
+            url = _url(sub, "url", required=True)
+        elif sub.has("url") or derived is None:
+            discovery_url = _url(sub, "url", required=True)
+        else:
+            discovery_url = derived
+        defaults = RemoteJwks()
+        remote = RemoteJwks(
+            url=url,
+            discovery_url=discovery_url,
+            cache_ttl=sub.duration("cache_ttl", defaults.cache_ttl),
+            min_refresh_interval=sub.duration("min_refresh_interval", defaults.min_refresh_interval),
+            timeout=sub.duration("timeout", defaults.timeout),
+        )
+        sub.done()
+        if remote.timeout <= 0:
+            sub.error("timeout", "must be more than 0s")
+        if remote.cache_ttl < 1:
+            sub.error("cache_ttl", "must be at least 1s")
+        return remote if (url or discovery_url) else None
+
+    def discovery(self, s: Section, issuers: tuple[str, ...]) -> RemoteJwks | None:
+        value = s.raw("discovery")
+        # OIDC Discovery §4: the document lives under the issuer, so one issuer names it.
+        derived = issuers[0].rstrip("/") + "/.well-known/openid-configuration" if len(issuers) == 1 else None
+        if isinstance(value, dict):
+            return self.remote(Section(self.issues, value, s.at("discovery"), s.line_of("discovery")),
+                               discovery=True, derived=derived)
+        if value is True:
+            if derived is None:
+                s.error("discovery", "`discovery: true` needs exactly one issuer; give the discovery URL instead")
+                return None
+            return RemoteJwks(discovery_url=derived)
+        if isinstance(value, str):
+            url = _url(s, "discovery", required=True)
+            return RemoteJwks(discovery_url=url) if url else None
+        s.error("discovery", "expected true, a discovery URL, or a mapping with url/cache_ttl/"
+                "min_refresh_interval/timeout")
+        return None
+
+    def _path(self, s: Section, key: str) -> Path | None:
+        name = s.string(key, required=True)
+        if name is None:
+            return None
+        path = Path(name)
+        return path if path.is_absolute() else self.base_dir / path
+
+    def _read(self, s: Section, key: str, path: Path) -> bytes | None:
+        try:
+            return path.read_bytes()
+        except OSError as error:
+            s.error(key, f"cannot read {path}: {error.strerror or error}")
+            return None
+
+    def jwks_file(self, s: Section) -> StaticKeys | None:
+        path = self._path(s, "jwks_file")
+        data = self._read(s, "jwks_file", path) if path else None
+        if data is None:
+            return None
+        try:
+            document = json.loads(data)
+            keys = KeySet.from_jwks(document, SUPPORTED_ALGORITHMS)
+        except ValueError as error:
+            s.error("jwks_file", f"{path} is not a JWK Set: {error}")
+            return None
+        if not keys.size:
+            reasons = "; ".join(f"{k.kid or '(no kid)'}: {k.reason}" for k in keys.skipped) or "no keys"
+            s.error("jwks_file", f"{path} holds no usable verification key ({reasons})")
+            return None
+        return StaticKeys(kind="jwks_file", origin=f"jwks_file {path}", jwks=MappingProxyType(document))
+
+    def pem_file(self, s: Section) -> StaticKeys | None:
+        path = self._path(s, "pem_file")
+        data = self._read(s, "pem_file", path) if path else None
+        if data is None:
+            return None
+        try:
+            key = load_pem_public_key(data)
+        except ValueError:
+            hint = " (it holds a private key; give the public key)" if b"PRIVATE KEY" in data else ""
+            s.error("pem_file", f"{path} is not a PEM public key{hint}")
+            return None
+        if isinstance(key, rsa.RSAPublicKey):
+            jwk = RSAAlgorithm.to_jwk(key, as_dict=True)
+        elif isinstance(key, ec.EllipticCurvePublicKey):
+            jwk = ECAlgorithm.to_jwk(key, as_dict=True)
+        elif isinstance(key, ed25519.Ed25519PublicKey):
+            jwk = OKPAlgorithm.to_jwk(key, as_dict=True)
+        else:
+            s.error("pem_file", f"{path}: unsupported key type {type(key).__name__}; use RSA, EC or Ed25519")
+            return None
+        return StaticKeys(kind="pem_file", origin=f"pem_file {path}", jwks=MappingProxyType({"keys": [jwk]}))
+
+    def secret(self, s: Section) -> StaticKeys | None:
+        sub = s.section("secret")
+        if sub is None:
+            return None
+        has_env, has_file = sub.has("env"), sub.has("file")
+        env_name = sub.string("env")
+        file_name = sub.string("file")
+        encoding = sub.string("encoding", "utf-8")
+        sub.done()
+        if has_env == has_file:
+            sub.error(None, "give exactly one of `env: NAME` or `file: PATH`")
+            return None
+        if encoding not in ("utf-8", "base64", "base64url"):
+            sub.error("encoding", f"{encoding!r} is not one of utf-8, base64, base64url")
+            return None
+        if env_name is not None:
+            raw = os.environ.get(env_name)
+            if raw is None:
+                sub.error("env", f"environment variable {env_name} is not set")
+                return None
+            origin, data = f"secret env {env_name}", raw.encode()
+        else:
+            path = Path(file_name)
+            path = path if path.is_absolute() else self.base_dir / path
+            read = self._read(sub, "file", path)
+            if read is None:
+                return None
+            # A trailing newline from `echo > file` or a Kubernetes Secret is not part of it.
+            origin, data = f"secret file {path}", read.rstrip(b"\r\n")
+        try:
+            secret = data if encoding == "utf-8" else base64.b64decode(
+                data + b"==", altchars=b"-_" if encoding == "base64url" else None, validate=True)
+        except ValueError:
+            sub.error("encoding", f"the secret is not valid {encoding}")
+            return None
+        if not secret:
+            sub.error(None, "the secret is empty")
+            return None
+        k = base64.urlsafe_b64encode(secret).rstrip(b"=").decode()
+        return StaticKeys(kind="secret", origin=origin, jwks=MappingProxyType({"keys": [{"kty": "oct", "k": k}]}))
+
+    # -- routes ---------------------------------------------------------------------------
+    def route(self, index: int, s: Section, raw: Any, providers: Mapping[str, Provider]) -> Route | None:
+        if not isinstance(raw, dict):
+            s.error(None, "a route must be a mapping with `match` and `auth`")
+            return None
+        name = s.string("name", f"route{index}")
+        match = self.route_match(s.section("match", required=True))
+        auth_value = s.raw("auth")
+        auth: RouteAuth | None = None
+        if auth_value == "none":
+            auth = None
+        elif isinstance(auth_value, dict):
+            auth = self.route_auth(Section(self.issues, auth_value, s.at("auth"), s.line_of("auth")), providers)
+        else:
+            s.error("auth", "is required: `none`, or a mapping with `provider` (and scopes, claims, optional)")
+        s.done()
+        if match is None:
+            return None
+        return Route(name=name, match=match, auth=auth)
+
+    def route_match(self, s: Section | None) -> RouteMatch | None:
+        if s is None:
+            return None
+        prefix = s.string("path_prefix")
+        exact = s.string("path_exact")
+        pattern = s.string("path_regex")
+        methods = s.strings("methods")
+        s.done()
+        given = [v for v in (prefix, exact, pattern) if v is not None]
+        if len(given) != 1:
+            s.error(None, "needs exactly one of path_prefix, path_exact, path_regex")
+            return None
+        for key, value in (("path_prefix", prefix), ("path_exact", exact)):
+            if value is not None and not value.startswith("/"):
+                s.error(key, f"{value!r} must start with /")
+        compiled = _regex(s, "path_regex", pattern) if pattern is not None else None
+        return RouteMatch(
+            path_prefix=prefix, path_exact=exact, path_regex=compiled,
+            methods=frozenset(m.upper() for m in methods) if methods else None,
+        )
+
+    def route_auth(self, s: Section, providers: Mapping[str, Provider]) -> RouteAuth | None:
+        provider = s.string("provider", required=True)
+        optional = s.boolean("optional", False)
+        scopes_section = s.section("scopes")
+        scopes = ScopeRule()
+        if scopes_section is not None:
+            scopes = ScopeRule(all_of=scopes_section.strings("all_of"), any_of=scopes_section.strings("any_of"))
+            scopes_section.done()
+        claims = tuple(
+            rule for _, item, path, line in s.items("claims")
+            if (rule := self.claim_rule(Section(self.issues, item, path, line), item)) is not None
+        )
+        s.done()
+        if provider is not None and provider not in self.provider_names:
+            known = ", ".join(sorted(self.provider_names)) or "none are configured"
+            s.error("provider", f"unknown provider {provider!r}; known providers: {known}")
+        if provider is None:
+            return None
+        return RouteAuth(provider=provider, optional=optional, scopes=scopes, claims=claims)
+
+    def claim_rule(self, s: Section, raw: Any) -> ClaimRule | None:
+        if not isinstance(raw, dict):
+            s.error(None, "a claim rule must be a mapping like {claim: email_verified, equals: true}")
+            return None
+        claim = s.string("claim", required=True)
+        ops = [op for op in CLAIM_OPERATORS if s.has(op)]
+        values = {op: s.raw(op) for op in CLAIM_OPERATORS}
+        s.done()
+        if len(ops) != 1:
+            s.error(None, f"needs exactly one of {', '.join(CLAIM_OPERATORS)}")
+            return None
+        if claim is None:
+            return None
+        op, value = ops[0], values[ops[0]]
+        if op == "one_of":
+            if not isinstance(value, list) or not value:
+                s.error(op, "must be a non-empty list")
+                return None
+            value = tuple(value)
+        elif op == "matches":
+            if not isinstance(value, str):
+                s.error(op, "must be a regular expression string")
+                return None
+            value = _regex(s, op, value)
+            if value is None:
+                return None
+        elif op == "present":
+            if not isinstance(value, bool):
+                s.error(op, "must be true or false")
+                return None
+        elif isinstance(value, (dict, list)):
+            s.error(op, "must be a single value (string, number or boolean)")
+            return None
+        return ClaimRule(claim=claim, path=tuple(claim.split(".")), op=op, value=value)
+
+    # -- the rest -------------------------------------------------------------------------
+    def token_cache(self, s: Section | None) -> TokenCacheSettings:
+        defaults = TokenCacheSettings()
+        if s is None:
+            return defaults
+        cache = TokenCacheSettings(
+            enabled=s.boolean("enabled", defaults.enabled),
+            max_entries=s.integer("max_entries", defaults.max_entries, minimum=1),
+            max_ttl=s.duration("max_ttl", defaults.max_ttl),
+        )
+        s.done()
+        return cache
+
+
+def _url(s: Section, key: str, *, required: bool = False) -> str | None:
+    url = s.string(key, required=required)
+    if url is None:
+        return None
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        s.error(key, f"{url!r} is not an http(s) URL with a host")
+        return None
+    return url
+
+
+def _regex(s: Section, key: str, pattern: str) -> re.Pattern[str] | None:
+    try:
+        return re.compile(pattern)
+    except re.error as error:
+        s.error(key, f"{pattern!r} is not a valid regular expression: {error}")
+        return None

@@ -1,0 +1,227 @@
+"""The one exception tree of jwt-sidecar and the RFC 6750 challenge it implies.
+
+Owns: every error the request path can raise, its HTTP status, its closed `Reason`, the
+fixed client-safe phrase for that reason, and the `WWW-Authenticate` value (RFC 6750 §3).
+Does not own: turning errors into responses (the app's error middleware does that),
+logging, or any knowledge of routes.
+
+Clients only ever see `status`, `error_code`, the fixed `description` and the challenge.
+`detail` is operator text for logs and `token explain`; it may name a claim or a key id but
+never holds the token, a key or a library message verbatim.
+"""
+
+from __future__ import annotations
+
+import enum
+
+__all__ = [
+    "AuthError",
+    "ConfigError",
+    "ConfigIssue",
+    "InsufficientScope",
+    "InvalidRequest",
+    "InvalidToken",
+    "KeysUnavailable",
+    "ProxyError",
+    "Reason",
+    "TokenMissing",
+    "UpstreamTimeout",
+    "UpstreamUnavailable",
+    "bearer_challenge",
+]
+
+
+class Reason(enum.StrEnum):
+    """Why a request was refused: shared by logs, the metric label and `token explain`."""
+
+    # the request itself
+    TOKEN_MISSING = "token_missing"
+    MULTIPLE_TOKENS = "multiple_tokens"
+    MALFORMED_REQUEST = "malformed_request"
+    # the token's form and header
+    TOO_LARGE = "too_large"
+    MALFORMED = "malformed"
+    ALG_NOT_ALLOWED = "alg_not_allowed"
+    TYP = "typ"
+    CRIT = "crit"
+    # keys and signature
+    UNKNOWN_KID = "unknown_kid"
+    BAD_SIGNATURE = "bad_signature"
+    # claims
+    MALFORMED_CLAIM = "malformed_claim"
+    EXPIRED = "expired"
+    NOT_YET_VALID = "not_yet_valid"
+    ISSUED_IN_FUTURE = "issued_in_future"
+    TOO_OLD = "too_old"
+    ISSUER = "issuer"
+    AUDIENCE = "audience"
+    MISSING_CLAIM = "missing_claim"
+    # route rules
+    SCOPE = "scope"
+    CLAIM_RULE = "claim_rule"
+    # our side, not the client's
+    NO_KEYS = "no_keys"
+    UPSTREAM_UNAVAILABLE = "upstream_unavailable"
+    UPSTREAM_TIMEOUT = "upstream_timeout"
+
+
+# The only text a client ever reads about a refused token (RFC 6750 §3 error_description:
+# "human-readable ASCII text"). Fixed phrases, so nothing from the token or a library leaks.
+_DESCRIPTIONS: dict[Reason, str] = {
+    Reason.TOKEN_MISSING: "No access token was presented",
+    Reason.MULTIPLE_TOKENS: "More than one access token was presented",
+    Reason.MALFORMED_REQUEST: "The authorization request is malformed",
+    Reason.TOO_LARGE: "The access token is too large",
+    Reason.MALFORMED: "The access token is malformed",
+    Reason.ALG_NOT_ALLOWED: "The token's signing algorithm is not accepted",
+    Reason.TYP: "The token's type is not accepted",
+    Reason.CRIT: "The token uses an unsupported critical header",
+    Reason.UNKNOWN_KID: "The token's signing key is not known",
+    Reason.BAD_SIGNATURE: "The token's signature is invalid",
+    Reason.MALFORMED_CLAIM: "The token has a malformed claim",
+    Reason.EXPIRED: "The access token expired",
+    Reason.NOT_YET_VALID: "The access token is not valid yet",
+    Reason.ISSUED_IN_FUTURE: "The access token was issued in the future",
+    Reason.TOO_OLD: "The access token's lifetime is too long",
+    Reason.ISSUER: "The token's issuer is not accepted",
+    Reason.AUDIENCE: "The token's audience is not accepted",
+    Reason.MISSING_CLAIM: "The access token lacks a required claim",
+    Reason.SCOPE: "The access token lacks a required scope",
+    Reason.CLAIM_RULE: "The access token does not grant access to this resource",
+    Reason.NO_KEYS: "Signing keys are unavailable; try again later",
+    Reason.UPSTREAM_UNAVAILABLE: "The upstream service is unavailable",
+    Reason.UPSTREAM_TIMEOUT: "The upstream service did not answer in time",
+}
+
+
+def _quote(value: str) -> str:
+    # RFC 6750 §3 auth-params are quoted-strings; realm and scope come from our own config,
+    # but escape anyway so a config value can never break the header's syntax.
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def bearer_challenge(
+    realm: str,
+    *,
+    error: str | None = None,
+    description: str | None = None,
+    scope: str | None = None,
+) -> str:
+    """The `WWW-Authenticate` value for a Bearer refusal (RFC 6750 §3)."""
+    parts = [f"realm={_quote(realm)}"]
+    if error is not None:
+        parts.append(f"error={_quote(error)}")
+    if description is not None:
+        parts.append(f"error_description={_quote(description)}")
+    if scope is not None:
+        parts.append(f"scope={_quote(scope)}")
+    return "Bearer " + ", ".join(parts)
+
+
+class ProxyError(Exception):
+    """Root of everything the request path can raise on purpose."""
+
+    status: int = 500
+    error_code: str = "server_error"
+
+    def __init__(self, reason: Reason, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else str(reason))
+        self.reason = reason
+        self.detail = detail
+
+    @property
+    def description(self) -> str:
+        return _DESCRIPTIONS[self.reason]
+
+
+class AuthError(ProxyError):
+    """The client's credentials do not let it through: answered with a Bearer challenge."""
+
+    def challenge(self, realm: str) -> str:
+        return bearer_challenge(realm, error=self.error_code, description=self.description)
+
+
+class InvalidRequest(AuthError):
+    status = 400
+    error_code = "invalid_request"
+
+
+class TokenMissing(AuthError):
+    status = 401
+    error_code = "invalid_token"
+
+    def __init__(self, detail: str = "") -> None:
+        super().__init__(Reason.TOKEN_MISSING, detail)
+
+    def challenge(self, realm: str) -> str:
+        # RFC 6750 §3.1: a request with no authentication information gets no error code.
+        return bearer_challenge(realm)
+
+
+class InvalidToken(AuthError):
+    status = 401
+    error_code = "invalid_token"
+
+
+class InsufficientScope(AuthError):
+    status = 403
+    error_code = "insufficient_scope"
+
+    def __init__(self, reason: Reason, detail: str = "", *, scope: str | None = None) -> None:
+        super().__init__(reason, detail)
+        self.scope = scope
+
+    def challenge(self, realm: str) -> str:
+        return bearer_challenge(
+            realm, error=self.error_code, description=self.description, scope=self.scope
+        )
+
+
+class KeysUnavailable(ProxyError):
+    """Our key source is down: a 503, never a 401, so an outage does not look like a bad token."""
+
+    status = 503
+    error_code = "temporarily_unavailable"
+
+    def __init__(self, detail: str = "") -> None:
+        super().__init__(Reason.NO_KEYS, detail)
+
+
+class UpstreamUnavailable(ProxyError):
+    status = 502
+    error_code = "bad_gateway"
+
+    def __init__(self, detail: str = "", reason: Reason = Reason.UPSTREAM_UNAVAILABLE) -> None:
+        super().__init__(reason, detail)
+
+
+class UpstreamTimeout(UpstreamUnavailable):
+    status = 504
+    error_code = "gateway_timeout"
+
+    def __init__(self, detail: str = "") -> None:
+        super().__init__(detail, Reason.UPSTREAM_TIMEOUT)
+
+
+class ConfigIssue:
+    """One mistake in a config file: where it is, and what was expected there."""
+
+    __slots__ = ("file", "line", "path", "message")
+
+    def __init__(self, file: str, line: int | None, path: str, message: str) -> None:
+        self.file = file
+        self.line = line
+        self.path = path
+        self.message = message
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}" if self.line else self.file
+        return f"{where}: {self.path}: {self.message}" if self.path else f"{where}: {self.message}"
+
+
+class ConfigError(Exception):
+    """A config that must not be used. Its own root: it never reaches a request."""
+
+    def __init__(self, issues: list[ConfigIssue]) -> None:
+        self.issues = issues
+        super().__init__("\n".join(str(issue) for issue in issues))

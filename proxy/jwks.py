@@ -1,0 +1,176 @@
+"""JSON Web Key Sets (RFC 7517) turned into an immutable index of usable verification keys.
+
+Owns: which algorithm fits which key type (RFC 7518 §3.1, RFC 8037), which JWKs are usable
+for verifying signatures, and the (kid, alg) → keys index that verification reads.
+Does not own: fetching key sets, caching them in time, or anything about tokens.
+
+Each JWK is bound by PyJWT to exactly one algorithm (`PyJWK(jwk, algorithm=...)`), and
+PyJWT refuses to verify a token whose `alg` differs from the key's bound algorithm. So an
+HMAC token can never be checked against an RSA public key (the CVE-2022-29217 class):
+there simply is no HS256-bound entry for an RSA key in this index.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from jwt import PyJWK
+from jwt.exceptions import PyJWTError
+
+__all__ = [
+    "ASYMMETRIC_ALGORITHMS",
+    "FAMILIES",
+    "KeySet",
+    "SkippedKey",
+    "SUPPORTED_ALGORITHMS",
+    "SYMMETRIC_ALGORITHMS",
+    "fits",
+]
+
+# alg → (kty, crv or None): the only key type each algorithm may be verified with.
+FAMILIES: Mapping[str, tuple[str, str | None]] = {
+    "RS256": ("RSA", None),
+    "RS384": ("RSA", None),
+    "RS512": ("RSA", None),
+    "PS256": ("RSA", None),
+    "PS384": ("RSA", None),
+    "PS512": ("RSA", None),
+    "ES256": ("EC", "P-256"),
+    "ES384": ("EC", "P-384"),
+    "ES512": ("EC", "P-521"),
+    "EdDSA": ("OKP", "Ed25519"),
+    "HS256": ("oct", None),
+    "HS384": ("oct", None),
+    "HS512": ("oct", None),
+}
+SUPPORTED_ALGORITHMS: tuple[str, ...] = tuple(FAMILIES)
+SYMMETRIC_ALGORITHMS: tuple[str, ...] = tuple(a for a, (kty, _) in FAMILIES.items() if kty == "oct")
+ASYMMETRIC_ALGORITHMS: tuple[str, ...] = tuple(a for a in FAMILIES if a not in SYMMETRIC_ALGORITHMS)
+
+
+def fits(alg: str, kty: Any, crv: Any) -> bool:
+    """Whether a key of this type and curve may verify tokens signed with `alg`."""
+    family = FAMILIES.get(alg)
+    if family is None:
+        return False
+    want_kty, want_crv = family
+    return kty == want_kty and (want_crv is None or crv == want_crv)
+
+
+@dataclass(frozen=True, slots=True)
+class SkippedKey:
+    """A JWK that was left out of the index, and why (logged and counted by the caller)."""
+
+    kid: str | None
+    reason: str
+
+
+class KeySet:
+    """The usable keys of one JWK Set, indexed for verification. Immutable once built."""
+
+    __slots__ = ("_by_kid", "_by_alg", "kids", "skipped", "size")
+
+    def __init__(
+        self,
+        by_kid: dict[tuple[str, str], tuple[PyJWK, ...]],
+        by_alg: dict[str, tuple[PyJWK, ...]],
+        kids: frozenset[str],
+        skipped: tuple[SkippedKey, ...],
+        size: int,
+    ) -> None:
+        self._by_kid = by_kid
+        self._by_alg = by_alg
+        self.kids = kids
+        self.skipped = skipped
+        self.size = size
+
+    @classmethod
+    def empty(cls) -> KeySet:
+        return cls({}, {}, frozenset(), (), 0)
+
+    @classmethod
+    def from_jwks(cls, document: Any, algorithms: Iterable[str]) -> KeySet:
+        """Index `document` (a parsed JWK Set) for the allowed `algorithms`.
+
+        Raises `ValueError` when the document is not a JWK Set at all; single unusable keys
+        are skipped and reported in `skipped`, as RFC 7517 §5 asks ("ignore JWKs ... that
+        use values that they do not understand").
+        """
+        if not isinstance(document, Mapping) or not isinstance(document.get("keys"), list):
+            raise ValueError('not a JWK Set: expected a JSON object with a "keys" array')
+        allowed = tuple(algorithms)
+        by_kid: dict[tuple[str, str], list[PyJWK]] = {}
+        by_alg: dict[str, list[PyJWK]] = {}
+        kids: set[str] = set()
+        skipped: list[SkippedKey] = []
+        size = 0
+        for jwk in document["keys"]:
+            kid, bound, why = _bind(jwk, allowed)
+            if why:
+                skipped.append(SkippedKey(kid, why))
+                continue
+            size += 1
+            if kid is not None:
+                kids.add(kid)
+            for alg, key in bound:
+                by_alg.setdefault(alg, []).append(key)
+                if kid is not None:
+                    by_kid.setdefault((kid, alg), []).append(key)
+        return cls(
+            {k: tuple(v) for k, v in by_kid.items()},
+            {k: tuple(v) for k, v in by_alg.items()},
+            frozenset(kids),
+            tuple(skipped),
+            size,
+        )
+
+    def candidates(self, kid: str | None, alg: str) -> tuple[PyJWK, ...]:
+        """The keys that may verify a token with this `kid` (or none) and `alg`.
+
+        With a kid, only keys carrying that kid; without one, every key that fits the
+        algorithm (RFC 7515 §4.1.4 makes kid optional).
+        """
+        if kid is None:
+            return self._by_alg.get(alg, ())
+        return self._by_kid.get((kid, alg), ())
+
+    def __len__(self) -> int:
+        return self.size
+
+
+def _bind(jwk: Any, allowed: tuple[str, ...]) -> tuple[str | None, list[tuple[str, PyJWK]], str]:
+    """Bind one JWK to each allowed algorithm it fits; the third item says why it is unusable."""
+    if not isinstance(jwk, Mapping):
+        return None, [], "not a JSON object"
+    kid = jwk.get("kid")
+    if kid is not None and not isinstance(kid, str):
+        return None, [], "kid is not a string"
+    kty, crv = jwk.get("kty"), jwk.get("crv")
+    use = jwk.get("use")
+    if use is not None and use != "sig":
+        # RFC 7517 §4.2: an encryption key must not verify signatures.
+        return kid, [], f"use is {use!r}, not 'sig'"
+    ops = jwk.get("key_ops")
+    if ops is not None and (not isinstance(ops, list) or "verify" not in ops):
+        return kid, [], "key_ops does not include 'verify'"
+    if kty != "oct" and "d" in jwk:
+        # A published private key is a leak on the issuer's side; never use it.
+        return kid, [], "holds private key material"
+    declared = jwk.get("alg")
+    bound: list[tuple[str, PyJWK]] = []
+    errors: list[str] = []
+    for alg in allowed:
+        if not fits(alg, kty, crv) or (declared is not None and declared != alg):
+            continue
+        try:
+            bound.append((alg, PyJWK(dict(jwk), algorithm=alg)))
+        except PyJWTError as error:
+            errors.append(f"{alg}: {type(error).__name__}")
+    if bound:
+        return kid, bound, ""
+    if errors:
+        return kid, [], "could not be loaded (" + ", ".join(errors) + ")"
+    wanted = f"kty={kty!r}" + (f", crv={crv!r}" if crv else "") + (f", alg={declared!r}" if declared else "")
+    return kid, [], f"no allowed algorithm fits {wanted}"

@@ -1,0 +1,291 @@
+"""YAML read with line numbers, refusing duplicate keys, and a reader that reports every mistake.
+
+Owns: turning YAML text into plain dicts and lists that remember the line of each value, and
+`Section`, the typed getter that `config.py` walks with: each getter records the dotted path,
+so every problem becomes a `ConfigIssue` naming file, line, path, bad value and what was
+expected. Unknown keys are found by `Section.done()` (the keys nobody asked for).
+Does not own: what the keys mean (config.py does).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import yaml
+
+from .errors import ConfigError, ConfigIssue
+
+__all__ = ["Issues", "Section", "load_yaml", "parse_duration", "parse_size"]
+
+T = TypeVar("T")
+_MISSING: Any = object()
+
+
+class _Map(dict):  # type: ignore[type-arg]
+    """A YAML mapping that remembers its own line and each value's line."""
+
+    __slots__ = ("line", "lines")
+
+
+class _Seq(list):  # type: ignore[type-arg]
+    __slots__ = ("line", "lines")
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader (no arbitrary objects) that keeps line numbers and refuses duplicate keys."""
+
+
+def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> _Map:
+    loader.flatten_mapping(node)
+    mapping = _Map()
+    mapping.line = node.start_mark.line + 1
+    mapping.lines = {}
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if not isinstance(key, (str, int, float, bool)) or key is None:
+            raise yaml.constructor.ConstructorError(
+                None, None, "a mapping key must be a plain scalar", key_node.start_mark
+            )
+        if key in mapping:
+            raise yaml.constructor.ConstructorError(
+                "while reading a mapping", node.start_mark,
+                f"found duplicate key {key!r}", key_node.start_mark,
+            )
+        mapping[key] = loader.construct_object(value_node, deep=True)
+        mapping.lines[key] = value_node.start_mark.line + 1
+    return mapping
+
+
+def _construct_sequence(loader: _Loader, node: yaml.SequenceNode) -> _Seq:
+    seq = _Seq(loader.construct_object(child, deep=True) for child in node.value)
+    seq.line = node.start_mark.line + 1
+    seq.lines = [child.start_mark.line + 1 for child in node.value]
+    return seq
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG, _construct_sequence)
+
+
+def load_yaml(text: str, file: str) -> Any:
+    """Parse YAML text; a syntax error or duplicate key raises `ConfigError` with its line."""
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark or error.context_mark
+        line = mark.line + 1 if mark is not None else None
+        message = " ".join(str(p) for p in (error.context, error.problem) if p)
+        raise ConfigError([ConfigIssue(file, line, "", f"invalid YAML: {message}")]) from None
+    except yaml.YAMLError as error:
+        raise ConfigError([ConfigIssue(file, None, "", f"invalid YAML: {error}")]) from None
+
+
+class Issues:
+    """Collects every problem found in one file, so a user fixes them all in one pass."""
+
+    def __init__(self, file: str) -> None:
+        self.file = file
+        self.items: list[ConfigIssue] = []
+
+    def add(self, line: int | None, path: str, message: str) -> None:
+        self.items.append(ConfigIssue(self.file, line, path, message))
+
+    def raise_if_any(self) -> None:
+        if self.items:
+            raise ConfigError(self.items)
+
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_SIZE = re.compile(r"(\d+)\s*(B|KB|KiB|MB|MiB|GB|GiB)?", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 1000, "kib": 1024, "mb": 1000**2, "mib": 1024**2,
+               "gb": 1000**3, "gib": 1024**3}
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def parse_duration(value: Any) -> float:
+    """`30s`, `5m`, `1h30m`, `250ms`, or a plain number of seconds → seconds."""
+    if isinstance(value, bool):
+        raise ValueError
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        text = value.strip()
+        parts = list(_DURATION_PART.finditer(text))
+        if parts and "".join(p.group(0) for p in parts) == text:
+            return sum(float(p.group(1)) * _DURATION_UNITS[p.group(2)] for p in parts)
+    raise ValueError
+
+
+def parse_size(value: Any) -> int:
+    """`10MB`, `512KiB`, or a plain number of bytes → bytes."""
+    if isinstance(value, bool):
+        raise ValueError
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        match = _SIZE.fullmatch(value.strip())
+        if match:
+            return int(match.group(1)) * _SIZE_UNITS[(match.group(2) or "").lower()]
+    raise ValueError
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    if value is None:
+        return "nothing"
+    return repr(value)
+
+
+class Section:
+    """One YAML mapping being read; getters mark keys as known and report problems."""
+
+    def __init__(self, issues: Issues, data: Any, path: str, line: int | None = None) -> None:
+        self.issues = issues
+        self.path = path
+        self.line = getattr(data, "line", line)
+        self.data: dict[Any, Any] = data if isinstance(data, dict) else {}
+        self._lines: dict[Any, int] = getattr(data, "lines", {})
+        self._known: list[str] = []
+
+    # -- where things are ---------------------------------------------------------------
+    def at(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path else key
+
+    def line_of(self, key: str) -> int | None:
+        return self._lines.get(key, self.line)
+
+    def error(self, key: str | None, message: str) -> None:
+        if key is None:
+            self.issues.add(self.line, self.path, message)
+        else:
+            self.issues.add(self.line_of(key), self.at(key), message)
+
+    def has(self, key: str) -> bool:
+        return key in self.data
+
+    def keys(self) -> Iterator[str]:
+        return iter(self.data)
+
+    # -- getters ------------------------------------------------------------------------
+    def raw(self, key: str, default: Any = None) -> Any:
+        self._known.append(key)
+        return self.data.get(key, default)
+
+    def _typed(
+        self, key: str, default: Any, required: bool, convert: Callable[[Any], T], expected: str
+    ) -> T | Any:
+        self._known.append(key)
+        if key not in self.data or self.data[key] is None:
+            if required:
+                self.error(key, f"is required: {expected}")
+            return default
+        value = self.data[key]
+        try:
+            return convert(value)
+        except ValueError as problem:
+            # A converter may say exactly what is wrong (a missing env var); else the form.
+            self.error(key, str(problem) or f"{_describe(value)} is not {expected}")
+            return default
+
+    def string(self, key: str, default: Any = None, *, required: bool = False) -> Any:
+        return self._typed(key, default, required, self._expand, "a string")
+
+    def strings(self, key: str, default: tuple[str, ...] = (), *, required: bool = False) -> tuple[str, ...]:
+        """A string or a list of strings, as a tuple."""
+
+        def convert(value: Any) -> tuple[str, ...]:
+            items = value if isinstance(value, list) else [value]
+            return tuple(self._expand(item) for item in items)
+
+        result = self._typed(key, default, required, convert, "a string or a list of strings")
+        if required and key in self.data and result == ():
+            self.error(key, "must not be empty")
+        return result
+
+    def boolean(self, key: str, default: bool, *, required: bool = False) -> bool:
+        def convert(value: Any) -> bool:
+            if not isinstance(value, bool):
+                raise ValueError
+            return value
+
+        return self._typed(key, default, required, convert, "true or false")
+
+    def integer(self, key: str, default: int, *, minimum: int = 0) -> int:
+        def convert(value: Any) -> int:
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ValueError
+            return value
+
+        return self._typed(key, default, False, convert, f"a whole number ≥ {minimum}")
+
+    def duration(self, key: str, default: Any, *, required: bool = False) -> Any:
+        def convert(value: Any) -> float:
+            seconds = parse_duration(value)
+            if seconds < 0:
+                raise ValueError
+            return seconds
+
+        return self._typed(key, default, required, convert, "a duration like 30s, 5m, 1h or 250ms")
+
+    def size(self, key: str, default: int) -> int:
+        return self._typed(key, default, False, parse_size, "a size like 10MB, 512KiB or 1024")
+
+    def section(self, key: str, *, required: bool = False) -> Section | None:
+        self._known.append(key)
+        value = self.data.get(key)
+        if value is None:
+            if required:
+                self.error(key, "is required")
+            return None
+        if not isinstance(value, dict):
+            self.error(key, f"{_describe(value)} is not a mapping")
+            return None
+        return Section(self.issues, value, self.at(key), self.line_of(key))
+
+    def items(self, key: str) -> list[tuple[int, Any, str, int | None]]:
+        """The entries of a list: (index, value, dotted path, line)."""
+        self._known.append(key)
+        value = self.data.get(key)
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            self.error(key, f"{_describe(value)} is not a list")
+            return []
+        lines = getattr(value, "lines", [self.line_of(key)] * len(value))
+        return [(i, item, f"{self.at(key)}[{i}]", lines[i]) for i, item in enumerate(value)]
+
+    def done(self) -> None:
+        """Report every key nobody asked for, naming the ones that are allowed."""
+        allowed = sorted(set(self._known))
+        for key in self.data:
+            if key not in self._known:
+                self.error(str(key), f"unknown key; allowed here: {', '.join(allowed)}")
+
+    def _expand(self, value: Any) -> str:
+        """A scalar as a string, with `${VAR}` replaced from the environment."""
+        if isinstance(value, (dict, list)) or value is None or isinstance(value, bool):
+            raise ValueError
+        text = str(value)
+
+        def lookup(match: re.Match[str]) -> str:
+            name = match.group(1)
+            if name not in os.environ:
+                raise _MissingEnv(name)
+            return os.environ[name]
+
+        try:
+            return _ENV.sub(lookup, text)
+        except _MissingEnv as missing:
+            raise ValueError(f"environment variable {missing.name} is not set") from None
+
+
+class _MissingEnv(Exception):
+    def __init__(self, name: str) -> None:
+        self.name = name

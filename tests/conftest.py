@@ -1,0 +1,138 @@
+"""Shared fixtures: real keys made with cryptography, a token minter, and a settable clock.
+
+Keys are generated once per session (RSA generation is slow) and never written into the
+repository; tokens are minted per test, never pasted.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
+
+ISSUER = "https://issuer.test"
+AUDIENCE = "api://orders"
+HS_SECRET = b"s3cr3t-s3cr3t-s3cr3t-s3cr3t-0123456789abcdef-0123456789abcdef"  # 64 bytes: fits HS512
+
+
+@dataclass(frozen=True)
+class TestKey:
+    """A private key, its public JWK (with kid and alg), and the alg it signs with."""
+
+    __test__ = False  # not a test class, despite the name
+    kid: str
+    alg: str
+    private: Any
+    public_jwk: dict[str, Any] = field(repr=False)
+
+    def public_pem(self) -> bytes:
+        return self.private.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+
+    def private_pem(self) -> bytes:
+        return self.private.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+
+
+def _rsa(kid: str, alg: str = "RS256") -> TestKey:
+    private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    jwk = RSAAlgorithm.to_jwk(private.public_key(), as_dict=True)
+    return TestKey(kid, alg, private, {**jwk, "kid": kid, "use": "sig", "alg": alg})
+
+
+def _ec(kid: str) -> TestKey:
+    private = ec.generate_private_key(ec.SECP256R1())
+    jwk = ECAlgorithm.to_jwk(private.public_key(), as_dict=True)
+    return TestKey(kid, "ES256", private, {**jwk, "kid": kid, "use": "sig", "alg": "ES256"})
+
+
+def _ed(kid: str) -> TestKey:
+    private = ed25519.Ed25519PrivateKey.generate()
+    jwk = OKPAlgorithm.to_jwk(private.public_key(), as_dict=True)
+    return TestKey(kid, "EdDSA", private, {**jwk, "kid": kid, "use": "sig", "alg": "EdDSA"})
+
+
+@pytest.fixture(scope="session")
+def rsa_key() -> TestKey:
+    return _rsa("rsa-1")
+
+
+@pytest.fixture(scope="session")
+def rsa_key_2() -> TestKey:
+    """A second RSA key, for rotation: published later than `rsa_key`."""
+    return _rsa("rsa-2")
+
+
+@pytest.fixture(scope="session")
+def ec_key() -> TestKey:
+    return _ec("ec-1")
+
+
+@pytest.fixture(scope="session")
+def ed_key() -> TestKey:
+    return _ed("ed-1")
+
+
+def jwks_of(*keys: TestKey) -> dict[str, Any]:
+    return {"keys": [k.public_jwk for k in keys]}
+
+
+def mint(
+    claims: dict[str, Any] | None = None,
+    *,
+    key: TestKey | None = None,
+    secret: bytes | None = None,
+    alg: str | None = None,
+    headers: dict[str, Any] | None = None,
+    now: float | None = None,
+    omit: tuple[str, ...] = (),
+) -> str:
+    """A signed token with sensible valid defaults (iss, aud, sub, iat, exp) overridable by `claims`."""
+    issued = int(now if now is not None else time.time())
+    payload: dict[str, Any] = {"iss": ISSUER, "aud": AUDIENCE, "sub": "user-42", "iat": issued, "exp": issued + 300}
+    payload.update(claims or {})
+    for name in omit:
+        payload.pop(name, None)
+    header: dict[str, Any] = {}
+    if key is not None:
+        header["kid"] = key.kid
+        signing_key: Any = key.private
+        algorithm = alg or key.alg
+    else:
+        signing_key = secret if secret is not None else HS_SECRET
+        algorithm = alg or "HS256"
+    header.update(headers or {})
+    if "kid" in header and header["kid"] is None:
+        del header["kid"]
+    return jwt.encode(payload, signing_key, algorithm=algorithm, headers=header)
+
+
+class FakeClock:
+    """A clock the test sets: `time()` is wall-clock seconds, `monotonic()` moves with it."""
+
+    def __init__(self, start: float | None = None) -> None:
+        self.now = start if start is not None else time.time()
+        self._mono = 1000.0
+
+    def time(self) -> float:
+        return self.now
+
+    def monotonic(self) -> float:
+        return self._mono
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+        self._mono += seconds
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()

@@ -55,7 +55,9 @@ def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> _Map:
                 f"found duplicate key {key!r}", key_node.start_mark,
             )
         mapping[key] = loader.construct_object(value_node, deep=True)
-        mapping.lines[key] = value_node.start_mark.line + 1
+        # The key's line: for a nested block the value starts a line later, but users look
+        # for the key.
+        mapping.lines[key] = key_node.start_mark.line + 1
     return mapping
 
 
@@ -149,7 +151,7 @@ class Section:
     def __init__(self, issues: Issues, data: Any, path: str, line: int | None = None) -> None:
         self.issues = issues
         self.path = path
-        self.line = getattr(data, "line", line)
+        self.line = line if line is not None else getattr(data, "line", None)
         self.data: dict[Any, Any] = data if isinstance(data, dict) else {}
         self._lines: dict[Any, int] = getattr(data, "lines", {})
         self._known: list[str] = []

@@ -1,0 +1,108 @@
+"""rules.py: scopes and claim rules on verified claims; failures are 403s with the right reason."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pytest
+
+from proxy.config import ClaimRule, RouteAuth, ScopeRule
+from proxy.errors import InsufficientScope, Reason
+from proxy.rules import ABSENT, check_route, claim_at, rule_holds, scopes_of
+
+
+def rule(claim: str, op: str, value: Any = None) -> ClaimRule:
+    if op == "matches":
+        value = re.compile(value)
+    if op == "one_of":
+        value = tuple(value)
+    return ClaimRule(claim=claim, path=tuple(claim.split(".")), op=op, value=value)
+
+
+PAYLOAD = {
+    "sub": "u1",
+    "email": "ann@example.com",
+    "email_verified": True,
+    "level": 1,
+    "tenant": "acme",
+    "realm_access": {"roles": ["admin", "dev"]},
+    "groups": "admin",
+    "nothing": None,
+}
+
+
+@pytest.mark.parametrize(
+    "r, holds",
+    [
+        (rule("tenant", "equals", "acme"), True),
+        (rule("tenant", "equals", "other"), False),
+        (rule("email_verified", "equals", True), True),
+        (rule("level", "equals", True), False),  # 1 is not true, though Python says 1 == True
+        (rule("email_verified", "equals", 1), False),
+        (rule("tenant", "one_of", ["x", "acme"]), True),
+        (rule("tenant", "one_of", ["x", "y"]), False),
+        (rule("realm_access.roles", "contains", "admin"), True),
+        (rule("realm_access.roles", "contains", "root"), False),
+        (rule("groups", "contains", "admin"), False),  # contains is for list claims only
+        (rule("email", "matches", r".*@example\.com"), True),
+        (rule("email", "matches", r"example\.com"), False),  # full match, not search
+        (rule("level", "matches", r"1"), False),  # only strings match a pattern
+        (rule("realm_access.roles", "present", True), True),
+        (rule("realm_access.missing", "present", True), False),
+        (rule("realm_access.missing", "present", False), True),
+        (rule("nothing", "present", True), False),  # null counts as absent
+        (rule("email.deeper", "equals", "x"), False),  # path through a string
+        (rule("absent", "equals", "x"), False),
+    ],
+    ids=lambda v: f"{v.claim} {v.op} {getattr(v.value, 'pattern', v.value)!r}" if isinstance(v, ClaimRule) else str(v),
+)
+def test_claim_operators(r: ClaimRule, holds: bool) -> None:
+    assert rule_holds(r, PAYLOAD) is holds
+
+
+def test_claim_at_walks_nested_objects() -> None:
+    assert claim_at(PAYLOAD, ("realm_access", "roles")) == ["admin", "dev"]
+    assert claim_at(PAYLOAD, ("realm_access", "x")) is ABSENT
+
+
+@pytest.mark.parametrize(
+    "payload, scopes",
+    [
+        ({"scope": "read write"}, {"read", "write"}),
+        ({"scope": ["read", "write"]}, {"read", "write"}),
+        ({"scp": ["admin"]}, {"admin"}),
+        ({"scp": "a b", "scope": "c"}, {"a", "b", "c"}),
+        ({"scope": 3}, set()),
+        ({}, set()),
+    ],
+)
+def test_scopes_from_string_or_list(payload: dict, scopes: set) -> None:
+    assert scopes_of(payload) == scopes
+
+
+def test_all_of_scopes_missing_one_is_insufficient_scope_naming_what_is_required() -> None:
+    auth = RouteAuth(provider="main", scopes=ScopeRule(all_of=("orders:read", "orders:write")))
+    check_route(auth, {"scope": "orders:write orders:read"})
+    with pytest.raises(InsufficientScope) as caught:
+        check_route(auth, {"scope": "orders:read"})
+    assert caught.value.reason is Reason.SCOPE and caught.value.status == 403
+    assert caught.value.challenge("api") == (
+        'Bearer realm="api", error="insufficient_scope", '
+        'error_description="The access token lacks a required scope", scope="orders:read orders:write"')
+
+
+def test_any_of_scopes() -> None:
+    auth = RouteAuth(provider="main", scopes=ScopeRule(any_of=("admin", "ops")))
+    check_route(auth, {"scp": ["ops"]})
+    with pytest.raises(InsufficientScope):
+        check_route(auth, {"scp": ["dev"]})
+
+
+def test_claim_rule_failure_is_a_claim_rule_reason() -> None:
+    auth = RouteAuth(provider="main", claims=(rule("tenant", "equals", "acme"), rule("email_verified", "equals", True)))
+    check_route(auth, PAYLOAD)
+    with pytest.raises(InsufficientScope) as caught:
+        check_route(auth, {**PAYLOAD, "tenant": "evil"})
+    assert caught.value.reason is Reason.CLAIM_RULE
+    assert "tenant" in caught.value.detail

@@ -18,7 +18,7 @@ from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
 ISSUER = "https://issuer.test"
 AUDIENCE = "api://orders"
-HS_SECRET = b"s3cr3t-s3cr3t-s3cr3t-s3cr3t-0123456789abcdef-0123456789abcdef"  # 64 bytes: fits HS512
+HS_SECRET = b"0123456789abcdef" * 4  # 64 bytes: long enough for HS512 (RFC 7518 §3.2)
 
 
 @dataclass(frozen=True)
@@ -136,3 +136,13 @@ class FakeClock:
 @pytest.fixture
 def clock() -> FakeClock:
     return FakeClock()
+
+
+# Appended with keys.py; imported here, not at the top, to leave the fixtures above untouched.
+from tests.support.jwks_server import JwksServer, start_jwks_server  # noqa: E402
+
+
+@pytest.fixture
+async def jwks_server(aiohttp_server: Any) -> JwksServer:
+    """A JWKS server on loopback (tests/support/jwks_server.py), serving an empty set until told."""
+    return await start_jwks_server(aiohttp_server)

@@ -1,0 +1,426 @@
+"""Key sources per provider: where each provider's verification keys come from, and when.
+
+Owns: fetching a provider's JWK Set over HTTP (a configured JWKS URL, or the `jwks_uri` of
+an OpenID Connect discovery document) with the shared client session; how long a fetched
+set counts as fresh and refreshing it ahead of expiry; single-flight and rate-limited
+refetches when a token names an unknown `kid`; keeping the last good keys when a refresh
+fails; static keys (a JWKS file, a PEM key, an HS secret) read once by the config; and
+whether a provider is `ready` (holds at least one usable key).
+Does not own: turning a JWK Set into usable keys (jwks.py's `KeySet`), reading key files
+(config.py), or anything about requests, routes, tokens or claims.
+
+Only configured URLs are ever fetched. Token header parameters that name keys or key
+locations (`jku`, `x5u`, `jwk`, `x5c`, RFC 7515 §4.1.2-6) never reach this module: trusting
+them would let a token choose its own verification key (RFC 8725 §3.10).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+from collections.abc import Iterable, Iterator, Mapping
+from types import MappingProxyType
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+from cachetools import TTLCache
+from jwt import PyJWK
+
+from .clock import Clock
+from .config import Provider, RemoteJwks, StaticKeys
+from .errors import InvalidToken, KeysUnavailable, Reason
+from .jwks import KeySet
+
+__all__ = [
+    "MAX_DOCUMENT_BYTES",
+    "KeyRing",
+    "KeySource",
+    "RemoteKeySource",
+    "StaticKeySource",
+    "key_source_for",
+]
+
+MAX_DOCUMENT_BYTES = 1024 * 1024
+"""Largest JWKS or discovery document we read: real ones are a few KiB, and the body is
+read into memory, so an issuer (or whoever sits on its path) must not be able to exhaust it."""
+
+# Refresh at about 80% of the TTL, so a good set is replaced before it stops counting as
+# fresh; the spread keeps a fleet of sidecars started together from fetching in lockstep.
+_REFRESH_AHEAD = (0.75, 0.85)
+_MIN_RETRY = 1.0
+"""Floor of the retry delay after a failed fetch, whatever min_refresh_interval says."""
+_FRESH = "keys"
+
+
+class _FetchFailed(Exception):
+    """One refresh attempt failed; the message is operator text (never a response body)."""
+
+
+class KeySource:
+    """One provider's keys, as verification reads them through `key_for`.
+
+    `keyset` is replaced whole (never mutated), so a reader always sees one consistent set.
+    """
+
+    provider: Provider
+    keyset: KeySet
+    fetches: int
+    """Refresh attempts, each one GET of the JWKS (preceded by discovery when configured)."""
+    failures: int
+    """Refresh attempts that did not yield a usable key set (so `failures <= fetches`)."""
+    discovery_fetches: int
+    """GETs of the OIDC discovery document."""
+    skipped: int
+    """Keys left out of loaded sets (unusable for verification), summed over every load."""
+    last_success: float | None
+    """`clock.monotonic()` of the last good load; None until there has been one."""
+
+    def __init__(self, provider: Provider, *, clock: Clock, logger: logging.Logger | None = None) -> None:
+        self.provider = provider
+        self.keyset = KeySet.empty()
+        self.fetches = 0
+        self.failures = 0
+        self.discovery_fetches = 0
+        self.skipped = 0
+        self.last_success = None
+        self._clock = clock
+        self._log = logger or logging.getLogger(__name__)
+
+    @property
+    def name(self) -> str:
+        return self.provider.name
+
+    @property
+    def ready(self) -> bool:
+        """True once at least one usable key is held (and for good: stale keys still count)."""
+        return self.keyset.size > 0
+
+    @property
+    def fresh(self) -> bool:
+        """Whether the held keys are current (static keys always are)."""
+        return self.ready
+
+    async def start(self) -> None:
+        """Load the first keys. Never raises for an unreachable key source."""
+
+    async def close(self) -> None:
+        """Stop background work; safe to call more than once."""
+
+    async def key_for(self, kid: str | None, alg: str) -> tuple[PyJWK, ...]:
+        """The keys that may verify a token with this `kid` (or none) and an allowed `alg`.
+
+        :raises KeysUnavailable: the provider holds no usable keys at all (our outage: 503).
+        :raises InvalidToken: (`Reason.UNKNOWN_KID`) no key fits the kid and alg.
+        """
+        found = self.keyset.candidates(kid, alg)
+        if found:
+            return found
+        if self.keyset.size == 0:
+            await self._refetch()
+            found = self.keyset.candidates(kid, alg)
+            if found:
+                return found
+            if self.keyset.size == 0:
+                raise KeysUnavailable(f"provider {self.name}: no usable keys from {self.provider.keys.origin}")
+        elif kid is not None and kid not in self.keyset.kids:
+            # A kid we have never seen may be a freshly rotated key (RFC 7517 §5 leaves
+            # rotation to the issuer); a kid we know with the wrong alg never will be.
+            await self._refetch()
+            found = self.keyset.candidates(kid, alg)
+            if found:
+                return found
+        if kid is None:
+            raise InvalidToken(Reason.UNKNOWN_KID, f"no key without kid fits alg {alg}")
+        raise InvalidToken(Reason.UNKNOWN_KID, f"no key with kid {kid!r} for alg {alg}")
+
+    async def _refetch(self) -> None:
+        """Try to get newer keys on demand; a static source has none to get."""
+
+    def _load(self, keyset: KeySet) -> None:
+        """Adopt a freshly parsed set: count and report what it left out."""
+        previous, self.keyset = self.keyset, keyset
+        self.last_success = self._clock.monotonic()
+        if keyset.skipped:
+            self.skipped += len(keyset.skipped)
+            # Routine for some issuers (Keycloak publishes an RSA-OAEP `use: enc` key), so
+            # not a warning, and said again only when it changes; the count is for dashboards.
+            level = logging.DEBUG if keyset.skipped == previous.skipped else logging.INFO
+            self._log.log(
+                level,
+                "provider %s: %d key(s) skipped from %s: %s",
+                self.name, len(keyset.skipped), self.provider.keys.origin,
+                "; ".join(f"{k.kid or '(no kid)'}: {k.reason}" for k in keyset.skipped),
+            )
+
+    def __repr__(self) -> str:
+        return (f"<{type(self).__name__} {self.name} keys={self.keyset.size} "
+                f"fetches={self.fetches} failures={self.failures}>")
+
+
+class StaticKeySource(KeySource):
+    """Keys the config read once (jwks_file, pem_file, secret): ready from construction, never fetched."""
+
+    def __init__(self, provider: Provider, *, clock: Clock, logger: logging.Logger | None = None) -> None:
+        super().__init__(provider, clock=clock, logger=logger)
+        keys = provider.keys
+        if not isinstance(keys, StaticKeys):
+            raise TypeError(f"provider {provider.name}: {type(keys).__name__} keys are not static")
+        self._load(KeySet.from_jwks(keys.jwks, provider.algorithms))
+        if not self.ready:
+            self._log.error("provider %s: %s holds no key usable with %s",
+                            self.name, keys.origin, ", ".join(provider.algorithms))
+
+
+class RemoteKeySource(KeySource):
+    """Keys fetched over HTTP, kept fresh by a background task, kept when a refresh fails."""
+
+    def __init__(
+        self,
+        provider: Provider,
+        *,
+        session: aiohttp.ClientSession,
+        clock: Clock,
+        logger: logging.Logger | None = None,
+    ) -> None:
+        super().__init__(provider, clock=clock, logger=logger)
+        remote = provider.keys
+        if not isinstance(remote, RemoteJwks):
+            raise TypeError(f"provider {provider.name}: {type(remote).__name__} keys are not remote")
+        if remote.url is None and remote.discovery_url is None:
+            raise ValueError(f"provider {provider.name}: a remote key source needs a url or a discovery_url")
+        self._remote = remote
+        self._session = session
+        self._timeout = aiohttp.ClientTimeout(total=remote.timeout)
+        # Holds the last good set for cache_ttl after its load: present means fresh. The
+        # set itself outlives it in `keyset`, because stale keys beat no keys (503 for all).
+        self._fresh: TTLCache[str, KeySet] = TTLCache(maxsize=1, ttl=remote.cache_ttl, timer=clock.monotonic)
+        self._jwks_uri: str | None = remote.url
+        self._inflight: asyncio.Task[bool] | None = None
+        self._refresher: asyncio.Task[None] | None = None
+        self._last_refetch: float | None = None
+        self._closed = False
+
+    @property
+    def fresh(self) -> bool:
+        """Whether the held set was loaded less than cache_ttl ago."""
+        return _FRESH in self._fresh
+
+    @property
+    def jwks_uri(self) -> str | None:
+        """The JWKS URL in use: configured, or found by discovery (None until found)."""
+        return self._jwks_uri
+
+    async def start(self) -> None:
+        if self._refresher is not None or self._closed:
+            return
+        await _wait(self._fetch_shared())
+        self._refresher = asyncio.create_task(self._refresh_loop(), name=f"jwks-refresh:{self.name}")
+
+    async def close(self) -> None:
+        self._closed = True
+        tasks = [t for t in (self._refresher, self._inflight) if t is not None and not t.done()]
+        for task in tasks:
+            task.cancel()
+        # return_exceptions: the tasks end cancelled, and close() must not raise for that.
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _refetch(self) -> None:
+        task = self._inflight
+        if task is None or task.done():
+            if self._closed:
+                return
+            now = self._clock.monotonic()
+            # A flood of tokens with made-up kids must cost the issuer one fetch per
+            # interval, not one per token. Joining a fetch already in flight costs nothing.
+            if self._last_refetch is not None and now - self._last_refetch < self._remote.min_refresh_interval:
+                return
+            self._last_refetch = now
+            task = self._fetch_shared()
+        await _wait(task)
+
+    def _fetch_shared(self) -> asyncio.Task[bool]:
+        """The fetch in flight, or a new one: at most one per source, shared by every caller."""
+        if self._inflight is None or self._inflight.done():
+            self._inflight = asyncio.create_task(self._fetch(), name=f"jwks-fetch:{self.name}")
+        return self._inflight
+
+    async def _refresh_loop(self) -> None:
+        # Started right after the first load: a failed one is the first failure in a row.
+        failed_in_row = 0 if self.ready else 1
+        while True:
+            if failed_in_row == 0:
+                delay = self._remote.cache_ttl * random.uniform(*_REFRESH_AHEAD)
+            else:
+                # Back off while the issuer is down, but keep trying at the steady interval
+                # when we hold no keys at all: a not-ready pod gets no traffic, so nothing
+                # else would ever fetch for it.
+                base = max(self._remote.min_refresh_interval, _MIN_RETRY)
+                cap = self._remote.cache_ttl if self.ready else base
+                delay = min(base * 2 ** min(failed_in_row - 1, 16), cap, self._remote.cache_ttl)
+            await asyncio.sleep(delay)
+            try:
+                task = self._fetch_shared()
+                await _wait(task)
+                ok = not task.cancelled() and task.result()
+            except Exception:  # noqa: BLE001 - the loop must outlive any surprise
+                self._log.exception("provider %s: key refresh failed unexpectedly", self.name)
+                ok = False
+            failed_in_row = 0 if ok else failed_in_row + 1
+
+    async def _fetch(self) -> bool:
+        """One refresh attempt: True when a usable set was loaded. Never raises (but cancels)."""
+        self.fetches += 1
+        jwks_uri = self._jwks_uri
+        try:
+            if jwks_uri is None:
+                jwks_uri = self._jwks_uri = await self._discover()
+            document = await self._get_json(jwks_uri, "JWKS")
+            try:
+                keyset = KeySet.from_jwks(document, self.provider.algorithms)
+            except ValueError as error:
+                raise _FetchFailed(f"JWKS {jwks_uri}: {error}") from None
+            if keyset.size == 0:
+                reasons = "; ".join(f"{k.kid or '(no kid)'}: {k.reason}" for k in keyset.skipped) or "empty"
+                raise _FetchFailed(f"JWKS {jwks_uri}: no usable key ({reasons})")
+        except _FetchFailed as error:
+            self._failed(str(error), jwks_uri)
+            return False
+        except Exception as error:  # noqa: BLE001 - a refresh must never take the process down
+            self._failed(f"{self._remote.origin}: unexpected {type(error).__name__}", jwks_uri)
+            return False
+        self._load(keyset)
+        self._fresh[_FRESH] = keyset
+        return True
+
+    def _failed(self, why: str, jwks_uri: str | None) -> None:
+        self.failures += 1
+        if self._remote.discovery_url is not None and jwks_uri is not None:
+            # The issuer may have moved its jwks_uri: look it up again next time.
+            self._jwks_uri = None
+        held = (f"keeping {self.keyset.size} key(s) from the last good fetch" if self.ready
+                else "no keys held: requests for this provider get 503")
+        self._log.warning("provider %s: key fetch failed: %s; %s", self.name, why, held)
+
+    async def _discover(self) -> str:
+        """The `jwks_uri` of the OIDC discovery document (OpenID Connect Discovery 1.0 §4)."""
+        url = self._remote.discovery_url
+        assert url is not None  # only called when no JWKS URL is configured or cached
+        self.discovery_fetches += 1
+        document = await self._get_json(url, "discovery document")
+        if not isinstance(document, Mapping):
+            raise _FetchFailed(f"discovery document {url}: not a JSON object")
+        issuer = document.get("issuer")
+        # §4.3: the issuer must be identical to the one the document was found for, or a
+        # document could vouch for keys of an issuer it does not speak for.
+        if not isinstance(issuer, str) or issuer not in self.provider.issuers:
+            raise _FetchFailed(f"discovery document {url}: issuer {_short(issuer)} is not one of "
+                               f"{', '.join(self.provider.issuers)}")
+        jwks_uri = document.get("jwks_uri")
+        parts = urlsplit(jwks_uri) if isinstance(jwks_uri, str) else None
+        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+            raise _FetchFailed(f"discovery document {url}: jwks_uri {_short(jwks_uri)} is not an http(s) URL")
+        return jwks_uri
+
+    async def _get_json(self, url: str, what: str) -> Any:
+        try:
+            async with self._session.get(
+                url, timeout=self._timeout, headers={"Accept": "application/json"}
+            ) as response:
+                if response.status != 200:
+                    raise _FetchFailed(f"{what} {url}: HTTP {response.status}")
+                body = await _read_limited(response, MAX_DOCUMENT_BYTES)
+        # aiohttp's timeout errors are also ClientErrors: catch them first, to say "timed out".
+        except TimeoutError:
+            raise _FetchFailed(f"{what} {url}: no answer within {self._remote.timeout:g}s") from None
+        except aiohttp.ClientError as error:
+            raise _FetchFailed(f"{what} {url}: {type(error).__name__}") from None
+        if body is None:
+            raise _FetchFailed(f"{what} {url}: larger than {MAX_DOCUMENT_BYTES} bytes")
+        try:
+            return json.loads(body)
+        except (ValueError, RecursionError):
+            # ValueError covers bad JSON and bad UTF-8; RecursionError, absurd nesting.
+            raise _FetchFailed(f"{what} {url}: not JSON ({len(body)} bytes)") from None
+
+
+async def _read_limited(response: aiohttp.ClientResponse, limit: int) -> bytes | None:
+    """The body, or None when it is longer than `limit` (read no further than that)."""
+    if response.content_length is not None and response.content_length > limit:
+        return None
+    body = bytearray()
+    async for chunk in response.content.iter_chunked(64 * 1024):
+        body += chunk
+        if len(body) > limit:
+            return None
+    return bytes(body)
+
+
+async def _wait(task: asyncio.Task[bool]) -> None:
+    # Not `await task`: a caller that gives up (its client went away) must not cancel the
+    # fetch the other callers share, and a fetch cancelled by close() must not raise
+    # CancelledError into a caller that was not itself cancelled.
+    await asyncio.wait((task,))
+
+
+def _short(value: Any) -> str:
+    """A document value for a log line, bounded (it comes from the network)."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def key_source_for(
+    provider: Provider,
+    *,
+    session: aiohttp.ClientSession | None,
+    clock: Clock,
+    logger: logging.Logger | None = None,
+) -> KeySource:
+    """The key source a provider's config asks for; remote ones need the shared `session`."""
+    if isinstance(provider.keys, StaticKeys):
+        return StaticKeySource(provider, clock=clock, logger=logger)
+    if session is None:
+        raise ValueError(f"provider {provider.name}: fetching {provider.keys.origin} needs a client session")
+    return RemoteKeySource(provider, session=session, clock=clock, logger=logger)
+
+
+class KeyRing:
+    """The key sources of every provider in one Settings, started and closed together."""
+
+    sources: Mapping[str, KeySource]
+
+    def __init__(
+        self,
+        providers: Mapping[str, Provider],
+        *,
+        session: aiohttp.ClientSession | None,
+        clock: Clock,
+        logger: logging.Logger | None = None,
+    ) -> None:
+        self.sources = MappingProxyType({
+            name: key_source_for(provider, session=session, clock=clock, logger=logger)
+            for name, provider in providers.items()
+        })
+
+    def __getitem__(self, name: str) -> KeySource:
+        return self.sources[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.sources)
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    async def start(self) -> None:
+        """First loads of every provider at once, so one slow issuer does not delay the rest."""
+        await asyncio.gather(*(source.start() for source in self.sources.values()))
+
+    async def close(self) -> None:
+        await asyncio.gather(*(source.close() for source in self.sources.values()))
+
+    def ready(self, names: Iterable[str] | None = None) -> bool:
+        """Whether every named provider (default: all) holds usable keys."""
+        chosen = self.sources if names is None else names
+        return all(self.sources[name].ready for name in chosen)

@@ -1,0 +1,372 @@
+"""Token + provider + keys + now → verified `Claims`, or an `InvalidToken` that says which check failed.
+
+Owns: the order and content of every check RFC 7515/7519/8725/9068 asks of a JWS access
+token (size, header, alg allow-list, typ, crit, signature, NumericDate types, exp, nbf, iat,
+token age, iss, aud, required claims), the mapping of PyJWT's exceptions onto our `Reason`s,
+and the verified-token cache. Does not own: fetching keys (keys.py hands us candidates),
+route rules (rules.py), or where the token came from (extract.py).
+
+The checks are small named functions in two tables, `HEADER_CHECKS` and `CLAIM_CHECKS`:
+`verify` stops at the first failure; `explain` runs every one of them and reports each.
+
+Why not `jwt.decode` with its own claim checks: PyJWT reads `datetime.now()` (we inject a
+clock), accepts numeric strings for exp/nbf/iat (`int("1700000000")`; RFC 7519 §2 says a
+NumericDate is a JSON number), and raises one error type for several of our reasons. So
+PyJWT checks the signature (`PyJWS.decode_complete`, key bound to one algorithm) and we
+check the claims.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
+
+from cachetools import TLRUCache
+from jwt import PyJWK, PyJWS
+from jwt.exceptions import DecodeError, InvalidKeyError, InvalidSignatureError, PyJWTError
+
+from .config import Provider, TokenCacheSettings
+from .errors import InvalidToken, Reason
+
+if TYPE_CHECKING:
+    from .clock import Clock
+    from .keys import KeySource
+
+__all__ = [
+    "CLAIM_CHECKS",
+    "HEADER_CHECKS",
+    "Claims",
+    "TokenCache",
+    "TokenHeader",
+    "Verifier",
+    "check_claims",
+    "check_signature",
+    "decode_unverified",
+    "parse_payload",
+    "read_header",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class TokenHeader:
+    """The JOSE header of a token that is not trusted yet (RFC 7515 §4)."""
+
+    alg: Any
+    kid: Any
+    fields: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Claims:
+    """A verified token: its provider, header and payload. Immutable and safe to cache."""
+
+    provider: str
+    header: Mapping[str, Any]
+    payload: Mapping[str, Any]
+
+    @property
+    def subject(self) -> str | None:
+        sub = self.payload.get("sub")
+        return sub if isinstance(sub, str) else None
+
+    @property
+    def expires(self) -> float | None:
+        exp = self.payload.get("exp")
+        return float(exp) if _is_number(exp) else None
+
+
+class _HeaderChecksAreOurs(PyJWS):
+    """PyJWS whose header validation we do ourselves, so each failure gets its own `Reason`.
+
+    PyJWT raises one `InvalidTokenError` for a bad kid, an unknown `crit` and b64 misuse;
+    we check all of those in `HEADER_CHECKS` before PyJWS ever sees the token. This
+    overrides a PyJWT internal (pinned below 3 in pyproject); if it is renamed, PyJWT's
+    own checks come back and `test_verify`'s crit case (which asserts Reason.CRIT) fails.
+    """
+
+    def _validate_headers(self, headers: dict[str, Any], *, encoding: bool = False) -> None:
+        return None
+
+
+_JWS = _HeaderChecksAreOurs()
+_SIG_OPTIONS = {"verify_signature": True, "enforce_minimum_key_length": True}
+
+
+# -- header --------------------------------------------------------------------------------
+def read_header(token: str, *, max_bytes: int) -> TokenHeader:
+    """Decode the header without trusting it. Size and form only; see HEADER_CHECKS for the rest."""
+    if len(token) > max_bytes:
+        # Refuse before decoding: base64 and JSON on a huge input are work an attacker chooses.
+        raise InvalidToken(Reason.TOO_LARGE, f"token is {len(token)} bytes; the limit is {max_bytes}")
+    if token.count(".") != 2:
+        raise InvalidToken(Reason.MALFORMED, f"a JWS compact token has 3 segments, this one {token.count('.') + 1}")
+    try:
+        fields = _JWS.get_unverified_header(token)
+    except PyJWTError as error:
+        raise InvalidToken(Reason.MALFORMED, f"header: {_phrase(error)}") from None
+    return TokenHeader(alg=fields.get("alg"), kid=fields.get("kid"), fields=fields)
+
+
+def _check_alg(header: TokenHeader, provider: Provider) -> None:
+    # RFC 8725 §3.1: the allow-list decides, never the token; exact and case-sensitive
+    # (RFC 7515 §4.1.1), so "none", "None" and "NONE" are all refused.
+    if not isinstance(header.alg, str) or header.alg not in provider.algorithms:
+        raise InvalidToken(Reason.ALG_NOT_ALLOWED,
+                           f"alg {header.alg!r} is not in the allow-list {list(provider.algorithms)}")
+
+
+def _check_kid(header: TokenHeader, provider: Provider) -> None:
+    if header.kid is not None and not isinstance(header.kid, str):
+        raise InvalidToken(Reason.MALFORMED, "kid is not a string (RFC 7515 §4.1.4)")
+
+
+def _media_type(value: str) -> str:
+    # RFC 7515 §4.1.9: "application/" may be omitted; media types compare case-insensitively.
+    value = value.lower()
+    return value[len("application/"):] if value.startswith("application/") else value
+
+
+def _check_typ(header: TokenHeader, provider: Provider) -> None:
+    if provider.typ is None:
+        return
+    typ = header.fields.get("typ")
+    if not isinstance(typ, str) or _media_type(typ) != _media_type(provider.typ):
+        raise InvalidToken(Reason.TYP, f"typ {typ!r} is not {provider.typ!r} (RFC 8725 §3.11)")
+
+
+def _check_crit(header: TokenHeader, provider: Provider) -> None:
+    # RFC 7515 §4.1.11: a recipient that does not understand a listed extension must reject
+    # the token. We understand none (b64=false, RFC 7797, is not for JWTs).
+    if "crit" in header.fields:
+        raise InvalidToken(Reason.CRIT, f"crit {header.fields['crit']!r} names extensions we do not support")
+    if "b64" in header.fields:
+        raise InvalidToken(Reason.CRIT, "b64 header parameter is not allowed in a JWT (RFC 7797 §7)")
+
+
+HeaderCheck = Callable[[TokenHeader, Provider], None]
+HEADER_CHECKS: tuple[tuple[str, HeaderCheck], ...] = (
+    ("alg", _check_alg),
+    ("kid", _check_kid),
+    ("typ", _check_typ),
+    ("crit", _check_crit),
+)
+
+
+# -- signature ---------------------------------------------------------------------------
+def check_signature(token: str, header: TokenHeader, keys: Sequence[PyJWK]) -> dict[str, Any]:
+    """Verify the signature with each candidate key; return the payload of the first that verifies.
+
+    Each PyJWK is bound to exactly one algorithm and PyJWS refuses a token whose alg differs,
+    so the key type always decides how the signature is checked.
+    """
+    if not keys:
+        raise InvalidToken(Reason.UNKNOWN_KID, f"no key for kid {header.kid!r} and alg {header.alg}")
+    decoded: dict[str, Any] | None = None
+    failures: list[str] = []
+    for key in keys:
+        try:
+            decoded = _JWS.decode_complete(token, key=key, algorithms=[header.alg], options=_SIG_OPTIONS)
+            break
+        except InvalidSignatureError:
+            failures.append(f"{key.key_id or '(no kid)'}: signature mismatch")
+        except InvalidKeyError as error:  # e.g. an HMAC key shorter than RFC 7518 §3.2 allows
+            failures.append(f"{key.key_id or '(no kid)'}: {error}")
+        except DecodeError as error:
+            raise InvalidToken(Reason.MALFORMED, _phrase(error)) from None
+        except PyJWTError as error:
+            raise InvalidToken(Reason.BAD_SIGNATURE, _phrase(error)) from None
+    if decoded is None:
+        raise InvalidToken(Reason.BAD_SIGNATURE, "signature does not verify: " + "; ".join(failures))
+    return parse_payload(decoded["payload"])
+
+
+def decode_unverified(token: str) -> tuple[dict[str, Any], bytes]:
+    """Header and raw payload with no check at all: for `token explain`'s display only."""
+    decoded = _JWS.decode_complete(token, options={"verify_signature": False})
+    return decoded["header"], decoded["payload"]
+
+
+def parse_payload(raw: bytes) -> dict[str, Any]:
+    try:
+        payload = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise InvalidToken(Reason.MALFORMED, "payload is not JSON") from None
+    if not isinstance(payload, dict):
+        raise InvalidToken(Reason.MALFORMED, "payload is not a JSON object (RFC 7519 §7.2)")
+    return payload
+
+
+# -- claims ------------------------------------------------------------------------------
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_dates_are_numbers(payload: Mapping[str, Any], provider: Provider, now: float) -> None:
+    for name in ("exp", "nbf", "iat"):
+        if name in payload and not _is_number(payload[name]):
+            raise InvalidToken(Reason.MALFORMED_CLAIM,
+                               f"{name} is {payload[name]!r}; a NumericDate is a JSON number (RFC 7519 §2)")
+
+
+def _check_required(payload: Mapping[str, Any], provider: Provider, now: float) -> None:
+    # iss and aud are always required: RFC 8725 §3.8 and §3.9.
+    for name in ("iss", "aud", *provider.required_claims):
+        if payload.get(name) is None:
+            raise InvalidToken(Reason.MISSING_CLAIM, f"required claim {name!r} is missing")
+
+
+def _check_exp(payload: Mapping[str, Any], provider: Provider, now: float) -> None:
+    exp = payload.get("exp")
+    if _is_number(exp) and now >= exp + provider.leeway:
+        raise InvalidToken(Reason.EXPIRED, f"expired {now - exp:.0f}s ago (leeway {provider.leeway:g}s)")
+
+
+def _check_nbf(payload: Mapping[str, Any], provider: Provider, now: float) -> None:
+    nbf = payload.get("nbf")
+    if _is_number(nbf) and nbf > now + provider.leeway:
+        raise InvalidToken(Reason.NOT_YET_VALID, f"not valid for another {nbf - now:.0f}s")
+
+
+def _check_iat(payload: Mapping[str, Any], provider: Provider, now: float) -> None:
+    iat = payload.get("iat")
+    if _is_number(iat) and iat > now + provider.leeway:
+        raise InvalidToken(Reason.ISSUED_IN_FUTURE, f"issued {iat - now:.0f}s in the future")
+
+
+def _check_age(payload: Mapping[str, Any], provider: Provider, now: float) -> None:
+    if provider.max_token_age is None:
+        return
+    exp, iat = payload.get("exp"), payload.get("iat")
+    if not (_is_number(exp) and _is_number(iat)):
+        raise InvalidToken(Reason.MISSING_CLAIM, "max_token_age needs both exp and iat")
+    if exp - iat > provider.max_token_age:
+        raise InvalidToken(Reason.TOO_OLD,
+                           f"lifetime exp - iat is {exp - iat:.0f}s; max_token_age is {provider.max_token_age:g}s")
+
+
+def _check_iss(payload: Mapping[str, Any], provider: Provider, now: float) -> None:
+    iss = payload.get("iss")
+    # RFC 7519 §4.1.1: StringOrURI, compared as exact strings, no normalisation.
+    if not isinstance(iss, str) or iss not in provider.issuers:
+        raise InvalidToken(Reason.ISSUER, f"iss {iss!r} is not one of {list(provider.issuers)}")
+
+
+def _check_aud(payload: Mapping[str, Any], provider: Provider, now: float) -> None:
+    aud = payload.get("aud")
+    values = [aud] if isinstance(aud, str) else aud
+    if not isinstance(values, list) or not values or not all(isinstance(v, str) for v in values):
+        raise InvalidToken(Reason.AUDIENCE, f"aud {aud!r} is not a string or a non-empty list of strings")
+    if not any(v in provider.audiences for v in values):
+        raise InvalidToken(Reason.AUDIENCE, f"aud {aud!r} contains none of {list(provider.audiences)}")
+
+
+def _check_sub(payload: Mapping[str, Any], provider: Provider, now: float) -> None:
+    if "sub" in payload and not isinstance(payload["sub"], str):
+        raise InvalidToken(Reason.MALFORMED_CLAIM, "sub is not a string (RFC 7519 §4.1.2)")
+
+
+ClaimCheck = Callable[[Mapping[str, Any], Provider, float], None]
+CLAIM_CHECKS: tuple[tuple[str, ClaimCheck], ...] = (
+    ("numeric dates", _check_dates_are_numbers),
+    ("required claims", _check_required),
+    ("exp", _check_exp),
+    ("nbf", _check_nbf),
+    ("iat", _check_iat),
+    ("max_token_age", _check_age),
+    ("iss", _check_iss),
+    ("aud", _check_aud),
+    ("sub", _check_sub),
+)
+
+
+def check_header(header: TokenHeader, provider: Provider) -> None:
+    for _, check in HEADER_CHECKS:
+        check(header, provider)
+
+
+def check_claims(payload: Mapping[str, Any], provider: Provider, now: float) -> None:
+    for _, check in CLAIM_CHECKS:
+        check(payload, provider, now)
+
+
+def _phrase(error: PyJWTError) -> str:
+    # Operator text only (logs, explain); clients get the fixed description of the Reason.
+    return f"{type(error).__name__}: {error}"
+
+
+# -- cache and the whole check -----------------------------------------------------------
+class TokenCache:
+    """Verified tokens by (provider, token), bounded, an entry never outliving exp or max_ttl.
+
+    Only the token's own checks are cached; route rules run on every request.
+    """
+
+    def __init__(self, settings: TokenCacheSettings, clock: Clock) -> None:
+        max_ttl = settings.max_ttl
+
+        def time_to_use(key: Any, claims: Claims, now: float) -> float:
+            exp = claims.expires
+            return min(now + max_ttl, exp) if exp is not None else now + max_ttl
+
+        self._cache: TLRUCache[tuple[str, str], Claims] = TLRUCache(
+            maxsize=settings.max_entries, ttu=time_to_use, timer=clock.time
+        )
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, provider: str, token: str) -> Claims | None:
+        claims = self._cache.get((provider, token))
+        if claims is None:
+            self.misses += 1
+        else:
+            self.hits += 1
+        return claims
+
+    def put(self, token: str, claims: Claims) -> None:
+        self._cache[(claims.provider, token)] = claims
+
+    def __len__(self) -> int:
+        return len(self._cache)
+
+
+class Verifier:
+    """Verifies tokens for one provider, with its key source and an optional shared cache."""
+
+    def __init__(
+        self,
+        provider: Provider,
+        source: KeySource,
+        *,
+        clock: Clock,
+        cache: TokenCache | None = None,
+        max_token_bytes: int = 8192,
+    ) -> None:
+        self.provider = provider
+        self.source = source
+        self.clock = clock
+        self.cache = cache
+        self.max_token_bytes = max_token_bytes
+
+    async def verify(self, token: str) -> Claims:
+        """The token's claims when every check passes; `InvalidToken` (or `KeysUnavailable`) otherwise."""
+        if len(token) > self.max_token_bytes:
+            raise InvalidToken(Reason.TOO_LARGE, f"token is {len(token)} bytes; the limit is {self.max_token_bytes}")
+        if self.cache is not None:
+            cached = self.cache.get(self.provider.name, token)
+            if cached is not None:
+                return cached
+        header = read_header(token, max_bytes=self.max_token_bytes)
+        check_header(header, self.provider)
+        keys = await self.source.key_for(header.kid, header.alg)
+        payload = check_signature(token, header, keys)
+        check_claims(payload, self.provider, self.clock.time())
+        # Read-only views: one Claims object is shared by every request that hits the cache.
+        claims = Claims(provider=self.provider.name, header=MappingProxyType(header.fields),
+                        payload=MappingProxyType(payload))
+        if self.cache is not None:
+            self.cache.put(token, claims)
+        return claims

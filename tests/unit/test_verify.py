@@ -1,0 +1,328 @@
+"""verify.py: every check, each failure asserting the Reason it hit; the token cache."""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any
+
+import jwt
+import pytest
+from aiohttp import web
+
+from proxy.config import Provider, StaticKeys, TokenCacheSettings
+from proxy.errors import InvalidToken, KeysUnavailable, Reason
+from proxy.keys import key_source_for
+from proxy.verify import TokenCache, Verifier
+from tests.conftest import AUDIENCE, HS_SECRET, ISSUER, FakeClock, TestKey, jwks_of, mint
+
+
+def b64(data: bytes | str) -> str:
+    raw = data.encode() if isinstance(data, str) else data
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def raw_token(header: Any, payload: Any, signature: bytes = b"") -> str:
+    return ".".join((b64(json.dumps(header)), b64(json.dumps(payload)), b64(signature)))
+
+
+def provider(jwks: dict[str, Any], **overrides: Any) -> Provider:
+    fields: dict[str, Any] = {
+        "name": "main",
+        "issuers": (ISSUER,),
+        "audiences": (AUDIENCE, "api://other"),
+        "algorithms": ("RS256", "PS256", "ES256", "EdDSA"),
+        "keys": StaticKeys(kind="jwks_file", origin="test", jwks=jwks),
+        "leeway": 30.0,
+    }
+    fields.update(overrides)
+    return Provider(**fields)
+
+
+def verifier(p: Provider, clock: FakeClock, cache: TokenCache | None = None) -> Verifier:
+    return Verifier(p, key_source_for(p, session=None, clock=clock), clock=clock, cache=cache)
+
+
+@pytest.fixture
+def keys(rsa_key: TestKey, ec_key: TestKey, ed_key: TestKey) -> dict[str, Any]:
+    return jwks_of(rsa_key, ec_key, ed_key)
+
+
+async def reason_of(v: Verifier, token: str) -> Reason:
+    with pytest.raises(InvalidToken) as caught:
+        await v.verify(token)
+    assert caught.value.detail, "every refusal carries operator detail"
+    return caught.value.reason
+
+
+# -- tokens that pass ----------------------------------------------------------------------
+@pytest.mark.parametrize("which", ["rsa_key", "ec_key", "ed_key"])
+async def test_valid_token_for_each_asymmetric_algorithm(which: str, keys: dict, clock: FakeClock,
+                                                          request: pytest.FixtureRequest) -> None:
+    key: TestKey = request.getfixturevalue(which)
+    claims = await verifier(provider(keys), clock).verify(mint({"email": "a@b.c"}, key=key, now=clock.time()))
+    assert claims.subject == "user-42"
+    assert claims.payload["email"] == "a@b.c"
+    assert claims.header["kid"] == key.kid
+
+
+async def test_ps256_with_an_rsa_key_that_declares_no_alg(rsa_key: TestKey, clock: FakeClock) -> None:
+    jwk = {k: v for k, v in rsa_key.public_jwk.items() if k != "alg"}
+    p = provider({"keys": [jwk]})
+    claims = await verifier(p, clock).verify(mint(key=rsa_key, alg="PS256", now=clock.time()))
+    assert claims.header["alg"] == "PS256"
+
+
+@pytest.mark.parametrize("alg", ["HS256", "HS384", "HS512"])
+async def test_hmac_secret_provider(alg: str, clock: FakeClock) -> None:
+    k = b64(HS_SECRET)
+    p = provider({"keys": [{"kty": "oct", "k": k}]}, algorithms=("HS256", "HS384", "HS512"),
+                 keys=StaticKeys(kind="secret", origin="test", jwks={"keys": [{"kty": "oct", "k": k}]}))
+    claims = await verifier(p, clock).verify(mint(alg=alg, now=clock.time(), headers={"kid": None}))
+    assert claims.provider == "main"
+
+
+async def test_token_without_kid_is_tried_against_every_key_of_its_type(rsa_key: TestKey, rsa_key_2: TestKey,
+                                                                         clock: FakeClock) -> None:
+    p = provider(jwks_of(rsa_key, rsa_key_2))
+    token = mint(key=rsa_key_2, now=clock.time(), headers={"kid": None})
+    assert (await verifier(p, clock).verify(token)).subject == "user-42"
+
+
+async def test_expired_within_leeway_passes_and_beyond_fails(keys: dict, rsa_key: TestKey, clock: FakeClock) -> None:
+    v = verifier(provider(keys), clock)
+    token = mint({"exp": int(clock.time()) - 10}, key=rsa_key, now=clock.time() - 100)
+    assert (await v.verify(token)).subject == "user-42"
+    late = mint({"exp": int(clock.time()) - 31}, key=rsa_key, now=clock.time() - 100)
+    assert await reason_of(v, late) is Reason.EXPIRED
+
+
+async def test_audience_any_of_list_claim(keys: dict, rsa_key: TestKey, clock: FakeClock) -> None:
+    token = mint({"aud": ["api://unrelated", "api://other"]}, key=rsa_key, now=clock.time())
+    assert (await verifier(provider(keys), clock).verify(token)).payload["aud"][1] == "api://other"
+
+
+@pytest.mark.parametrize("typ", ["at+jwt", "application/at+jwt", "AT+JWT"])
+async def test_required_typ_accepts_rfc9068_spellings(typ: str, keys: dict, rsa_key: TestKey, clock: FakeClock) -> None:
+    token = mint(key=rsa_key, now=clock.time(), headers={"typ": typ})
+    assert (await verifier(provider(keys, typ="at+jwt"), clock).verify(token)).subject == "user-42"
+
+
+# -- the table of bad tokens ----------------------------------------------------------------
+def _now() -> int:
+    import time
+
+    return int(time.time())
+
+
+BAD_TOKENS: list[tuple[str, Any, Reason]] = [
+    # (id, factory(rsa_key, now) -> token, reason)
+    ("alg none", lambda k, n: raw_token({"alg": "none"}, {"iss": ISSUER, "aud": AUDIENCE, "exp": n + 60}), Reason.ALG_NOT_ALLOWED),
+    ("alg None", lambda k, n: raw_token({"alg": "None"}, {"iss": ISSUER, "aud": AUDIENCE, "exp": n + 60}), Reason.ALG_NOT_ALLOWED),
+    ("alg NONE", lambda k, n: raw_token({"alg": "NONE"}, {"iss": ISSUER, "aud": AUDIENCE, "exp": n + 60}), Reason.ALG_NOT_ALLOWED),
+    ("alg nOnE with kid", lambda k, n: raw_token({"alg": "nOnE", "kid": k.kid}, {"iss": ISSUER, "aud": AUDIENCE, "exp": n + 60}), Reason.ALG_NOT_ALLOWED),
+    ("no alg", lambda k, n: raw_token({"kid": k.kid}, {"iss": ISSUER}), Reason.ALG_NOT_ALLOWED),
+    ("HS256 signed with the RSA public PEM", lambda k, n: _hs_with_pem(k, n), Reason.ALG_NOT_ALLOWED),
+    ("unknown kid", lambda k, n: mint(key=k, now=n, headers={"kid": "nobody"}), Reason.UNKNOWN_KID),
+    ("kid not a string", lambda k, n: raw_token({"alg": "RS256", "kid": 7}, {"iss": ISSUER}, b"sig"), Reason.MALFORMED),
+    ("2 segments", lambda k, n: ".".join(mint(key=k, now=n).split(".")[:2]), Reason.MALFORMED),
+    ("4 segments", lambda k, n: mint(key=k, now=n) + ".AAAA", Reason.MALFORMED),
+    ("empty", lambda k, n: "", Reason.MALFORMED),
+    ("bad base64 header", lambda k, n: "!!!." + mint(key=k, now=n).split(".", 1)[1], Reason.MALFORMED),
+    ("bad base64 payload", lambda k, n: _replace_segment(mint(key=k, now=n), 1, "a*b"), Reason.MALFORMED),
+    ("non-JSON header", lambda k, n: b64("not json") + "." + mint(key=k, now=n).split(".", 1)[1], Reason.MALFORMED),
+    ("header is a JSON list", lambda k, n: b64("[1]") + "." + mint(key=k, now=n).split(".", 1)[1], Reason.MALFORMED),
+    ("non-JSON payload", lambda k, n: _sign_raw(k, b"not json"), Reason.MALFORMED),
+    ("payload is a JSON list", lambda k, n: _sign_raw(k, b"[1, 2]"), Reason.MALFORMED),
+    ("tampered payload", lambda k, n: _replace_segment(mint(key=k, now=n), 1, b64(json.dumps({"iss": ISSUER, "aud": AUDIENCE, "sub": "admin", "exp": n + 60}))), Reason.BAD_SIGNATURE),
+    ("signature of another key, same kid", lambda k, n: _other_key_same_kid(k, n), Reason.BAD_SIGNATURE),
+    ("crit unknown extension", lambda k, n: mint(key=k, now=n, headers={"crit": ["exp-ext"], "exp-ext": 1}), Reason.CRIT),
+    ("exp as a string", lambda k, n: mint({"exp": str(n + 60)}, key=k, now=n), Reason.MALFORMED_CLAIM),
+    ("iat as a string", lambda k, n: mint({"iat": str(n)}, key=k, now=n), Reason.MALFORMED_CLAIM),
+    ("exp as a boolean", lambda k, n: mint({"exp": True}, key=k, now=n), Reason.MALFORMED_CLAIM),
+    ("sub as a number", lambda k, n: mint({"sub": 42}, key=k, now=n), Reason.MALFORMED_CLAIM),
+    ("exp missing", lambda k, n: mint(key=k, now=n, omit=("exp",)), Reason.MISSING_CLAIM),
+    ("expired beyond leeway", lambda k, n: mint({"exp": n - 31}, key=k, now=n - 600), Reason.EXPIRED),
+    ("nbf in the future", lambda k, n: mint({"nbf": n + 120}, key=k, now=n), Reason.NOT_YET_VALID),
+    ("iat in the future", lambda k, n: mint({"iat": n + 120, "exp": n + 400}, key=k, now=n), Reason.ISSUED_IN_FUTURE),
+    ("wrong iss", lambda k, n: mint({"iss": "https://evil.test"}, key=k, now=n), Reason.ISSUER),
+    ("iss with trailing slash", lambda k, n: mint({"iss": ISSUER + "/"}, key=k, now=n), Reason.ISSUER),
+    ("absent iss", lambda k, n: mint(key=k, now=n, omit=("iss",)), Reason.MISSING_CLAIM),
+    ("wrong aud", lambda k, n: mint({"aud": "api://billing"}, key=k, now=n), Reason.AUDIENCE),
+    ("absent aud", lambda k, n: mint(key=k, now=n, omit=("aud",)), Reason.MISSING_CLAIM),
+    ("empty aud list", lambda k, n: mint({"aud": []}, key=k, now=n), Reason.AUDIENCE),
+    ("aud list with a number", lambda k, n: mint({"aud": [AUDIENCE, 3]}, key=k, now=n), Reason.AUDIENCE),
+    ("100 kB token", lambda k, n: mint({"pad": "x" * 100_000}, key=k, now=n), Reason.TOO_LARGE),
+]
+
+
+def _replace_segment(token: str, index: int, segment: str) -> str:
+    parts = token.split(".")
+    parts[index] = segment
+    return ".".join(parts)
+
+
+def _hs_with_pem(key: TestKey, now: int) -> str:
+    # The classic confusion attack: HMAC keyed with the public key an attacker can download.
+    # PyJWT refuses a PEM as an HMAC key, so sign by hand with the PEM bytes.
+    import hashlib
+    import hmac
+
+    signing_input = b64(json.dumps({"alg": "HS256", "kid": key.kid})) + "." + b64(
+        json.dumps({"iss": ISSUER, "aud": AUDIENCE, "sub": "admin", "exp": now + 60}))
+    mac = hmac.new(key.public_pem(), signing_input.encode(), hashlib.sha256).digest()
+    return signing_input + "." + b64(mac)
+
+
+def _sign_raw(key: TestKey, payload: bytes) -> str:
+    return jwt.api_jws.encode(payload, key.private, algorithm="RS256", headers={"kid": key.kid})
+
+
+def _other_key_same_kid(key: TestKey, now: int) -> str:
+    from tests.conftest import _rsa
+
+    impostor = _rsa(key.kid)
+    return mint(key=impostor, now=now)
+
+
+@pytest.mark.parametrize("make, reason", [(m, r) for _, m, r in BAD_TOKENS], ids=[i for i, _, _ in BAD_TOKENS])
+async def test_bad_token_is_refused_for_the_right_reason(make: Any, reason: Reason, keys: dict,
+                                                         rsa_key: TestKey, clock: FakeClock) -> None:
+    v = verifier(provider(keys), clock)
+    assert await reason_of(v, make(rsa_key, int(clock.time()))) is reason
+
+
+async def test_hmac_allowed_on_paper_still_never_verifies_against_an_rsa_key(rsa_key: TestKey, clock: FakeClock) -> None:
+    # Even a provider built by hand with RS256 and HS256 (config.py refuses that mix) has no
+    # HS256-bound key for an RSA JWK: the confusion attack finds no key at all.
+    p = provider(jwks_of(rsa_key), algorithms=("RS256", "HS256"))
+    assert await reason_of(verifier(p, clock), _hs_with_pem(rsa_key, int(clock.time()))) is Reason.UNKNOWN_KID
+
+
+async def test_typ_mismatch_and_absence(keys: dict, rsa_key: TestKey, clock: FakeClock) -> None:
+    v = verifier(provider(keys, typ="at+jwt"), clock)
+    assert await reason_of(v, mint(key=rsa_key, now=clock.time(), headers={"typ": "JWT"})) is Reason.TYP
+    assert await reason_of(v, mint(key=rsa_key, now=clock.time())) is Reason.TYP
+
+
+async def test_max_token_age(keys: dict, rsa_key: TestKey, clock: FakeClock) -> None:
+    v = verifier(provider(keys, max_token_age=3600.0), clock)
+    n = int(clock.time())
+    assert (await v.verify(mint({"exp": n + 3600}, key=rsa_key, now=n))).subject == "user-42"
+    assert await reason_of(v, mint({"exp": n + 3601}, key=rsa_key, now=n)) is Reason.TOO_OLD
+    assert await reason_of(v, mint(key=rsa_key, now=n, omit=("iat",))) is Reason.MISSING_CLAIM
+
+
+async def test_required_claims_are_enforced(keys: dict, rsa_key: TestKey, clock: FakeClock) -> None:
+    v = verifier(provider(keys, required_claims=("exp", "sub", "jti")), clock)
+    with pytest.raises(InvalidToken) as caught:
+        await v.verify(mint(key=rsa_key, now=clock.time()))
+    assert caught.value.reason is Reason.MISSING_CLAIM and "jti" in caught.value.detail
+
+
+async def test_refusal_never_leaks_the_token_into_client_text(keys: dict, rsa_key: TestKey, clock: FakeClock) -> None:
+    token = mint({"iss": "https://evil.test"}, key=rsa_key, now=clock.time())
+    with pytest.raises(InvalidToken) as caught:
+        await verifier(provider(keys), clock).verify(token)
+    client_text = caught.value.description + caught.value.challenge("r")
+    assert token not in client_text and "evil" not in client_text
+    assert caught.value.challenge("r") == ('Bearer realm="r", error="invalid_token", '
+                                           'error_description="The token\'s issuer is not accepted"')
+
+
+async def test_provider_without_keys_is_our_outage_not_a_bad_token(rsa_key: TestKey, clock: FakeClock,
+                                                                    aiohttp_server: Any) -> None:
+    from aiohttp import ClientSession
+
+    from proxy.config import RemoteJwks
+
+    async def broken(request: web.Request) -> web.Response:
+        return web.Response(status=500)
+
+    app = web.Application()
+    app.router.add_get("/jwks.json", broken)
+    server = await aiohttp_server(app)
+    p = provider({}, keys=RemoteJwks(url=str(server.make_url("/jwks.json")), timeout=1.0))
+    async with ClientSession() as session:
+        source = key_source_for(p, session=session, clock=clock)
+        await source.start()
+        try:
+            with pytest.raises(KeysUnavailable):
+                await Verifier(p, source, clock=clock).verify(mint(key=rsa_key, now=clock.time()))
+        finally:
+            await source.close()
+
+
+async def test_jku_and_x5u_headers_are_never_fetched(rsa_key: TestKey, clock: FakeClock, aiohttp_server: Any) -> None:
+    from aiohttp import ClientSession
+
+    from proxy.config import RemoteJwks
+
+    seen: list[str] = []
+    attacker_key = __import__("tests.conftest", fromlist=["_rsa"])._rsa("attacker")
+
+    async def attacker(request: web.Request) -> web.Response:
+        seen.append(request.path)
+        return web.json_response(jwks_of(attacker_key))
+
+    async def real(request: web.Request) -> web.Response:
+        return web.json_response(jwks_of(rsa_key))
+
+    evil_app, good_app = web.Application(), web.Application()
+    evil_app.router.add_get("/{tail:.*}", attacker)
+    good_app.router.add_get("/jwks.json", real)
+    evil, good = await aiohttp_server(evil_app), await aiohttp_server(good_app)
+    p = provider({}, keys=RemoteJwks(url=str(good.make_url("/jwks.json")), min_refresh_interval=0.0))
+    token = mint(key=attacker_key, now=clock.time(), headers={
+        "jku": str(evil.make_url("/jwks.json")), "x5u": str(evil.make_url("/cert.pem")),
+        "jwk": attacker_key.public_jwk})
+    async with ClientSession() as session:
+        source = key_source_for(p, session=session, clock=clock)
+        await source.start()
+        try:
+            assert await reason_of(Verifier(p, source, clock=clock), token) is Reason.UNKNOWN_KID
+        finally:
+            await source.close()
+    assert seen == []
+
+
+# -- the verified-token cache ---------------------------------------------------------------
+async def test_cache_hit_skips_verification_and_expires_with_the_token(keys: dict, rsa_key: TestKey,
+                                                                       clock: FakeClock) -> None:
+    cache = TokenCache(TokenCacheSettings(max_entries=10, max_ttl=300.0), clock)
+    p = provider(keys, leeway=0.0)
+    v = verifier(p, clock, cache)
+    token = mint({"exp": int(clock.time()) + 60}, key=rsa_key, now=clock.time())
+    first = await v.verify(token)
+    assert await v.verify(token) is first
+    assert (cache.hits, cache.misses) == (1, 1)
+    clock.advance(61)
+    assert await reason_of(v, token) is Reason.EXPIRED, "a cached entry never outlives exp"
+
+
+async def test_cache_entry_never_outlives_max_ttl(keys: dict, rsa_key: TestKey, clock: FakeClock) -> None:
+    cache = TokenCache(TokenCacheSettings(max_entries=10, max_ttl=5.0), clock)
+    v = verifier(provider(keys), clock, cache)
+    token = mint({"exp": int(clock.time()) + 3600}, key=rsa_key, now=clock.time())
+    await v.verify(token)
+    clock.advance(6)
+    await v.verify(token)
+    assert (cache.hits, cache.misses) == (0, 2)
+
+
+async def test_cache_is_bounded_and_keyed_by_provider(keys: dict, rsa_key: TestKey, clock: FakeClock) -> None:
+    cache = TokenCache(TokenCacheSettings(max_entries=3, max_ttl=60.0), clock)
+    main, other = provider(keys), provider(keys, name="other", audiences=("api://nobody",))
+    tokens = [mint({"n": i}, key=rsa_key, now=clock.time()) for i in range(5)]
+    for token in tokens:
+        await verifier(main, clock, cache).verify(token)
+    assert len(cache) == 3
+    # A token cached for `main` is not valid for `other` just because it is cached.
+    assert await reason_of(verifier(other, clock, cache), tokens[-1]) is Reason.AUDIENCE
+
+
+async def test_refused_tokens_are_not_cached(keys: dict, rsa_key: TestKey, clock: FakeClock) -> None:
+    cache = TokenCache(TokenCacheSettings(), clock)
+    v = verifier(provider(keys), clock, cache)
+    await reason_of(v, mint({"aud": "x"}, key=rsa_key, now=clock.time()))
+    assert len(cache) == 0

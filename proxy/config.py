@@ -270,6 +270,13 @@ class _Builder:
             if wrong:
                 s.error("algorithms", f"{', '.join(wrong)} needs a shared `secret`; this provider's keys are "
                         "asymmetric, and HMAC with a public key is the algorithm-confusion attack (RFC 8725 §2.1)")
+        if isinstance(keys, StaticKeys) and keys.kind == "jwks_file":
+            # Checked against the final allow-list: a file whose keys fit none of the
+            # algorithms would give a provider that is never ready.
+            usable = KeySet.from_jwks(keys.jwks, algorithms)
+            if not usable.size:
+                reasons = "; ".join(f"{k.kid or '(no kid)'}: {k.reason}" for k in usable.skipped) or "no keys"
+                s.error("jwks_file", f"holds no key usable with {', '.join(algorithms)} ({reasons})")
         if isinstance(keys, StaticKeys) and keys.kind == "pem_file":
             kty, crv = keys.jwks["keys"][0]["kty"], keys.jwks["keys"][0].get("crv")
             unfit = [a for a in algorithms if a in ASYMMETRIC_ALGORITHMS and not fits(a, kty, crv)]
@@ -327,6 +334,9 @@ class _Builder:
             sub.error("timeout", "must be more than 0s")
         if remote.cache_ttl < 1:
             sub.error("cache_ttl", "must be at least 1s")
+        if remote.min_refresh_interval < 1:
+            # Zero would let a flood of random kids turn into a flood of fetches.
+            sub.error("min_refresh_interval", "must be at least 1s")
         return remote if (url or discovery_url) else None
 
     def discovery(self, s: Section, issuers: tuple[str, ...]) -> RemoteJwks | None:
@@ -369,13 +379,9 @@ class _Builder:
             return None
         try:
             document = json.loads(data)
-            keys = KeySet.from_jwks(document, SUPPORTED_ALGORITHMS)
+            KeySet.from_jwks(document, SUPPORTED_ALGORITHMS)
         except ValueError as error:
             s.error("jwks_file", f"{path} is not a JWK Set: {error}")
-            return None
-        if not keys.size:
-            reasons = "; ".join(f"{k.kid or '(no kid)'}: {k.reason}" for k in keys.skipped) or "no keys"
-            s.error("jwks_file", f"{path} holds no usable verification key ({reasons})")
             return None
         return StaticKeys(kind="jwks_file", origin=f"jwks_file {path}", jwks=MappingProxyType(document))
 

@@ -189,16 +189,20 @@ def test_static_key_sources(tmp_path: Path, rsa_key: TestKey, ec_key: TestKey, m
     [
         ("{issuer: i, audiences: [a], jwks_file: missing.json}", "providers.p.jwks_file: cannot read"),
         ("{issuer: i, audiences: [a], jwks_file: garbage.json}", "providers.p.jwks_file:"),
-        ("{issuer: i, audiences: [a], jwks_file: enc.json}", "holds no usable verification key"),
+        ("{issuer: i, audiences: [a], jwks_file: enc.json}", "holds no key usable with"),
+        ("{issuer: i, audiences: [a], jwks_file: oct.json}", "holds no key usable with RS256"),
+        ("{issuer: i, audiences: [a], jwks: {url: 'https://x', min_refresh_interval: 0s}}",
+         "providers.p.jwks.min_refresh_interval: must be at least 1s"),
         ("{issuer: i, audiences: [a], pem_file: private.pem}", "is not a PEM public key (it holds a private key; give the public key)"),
         ("{issuer: i, audiences: [a], pem_file: ec.pem, algorithms: [RS256]}", "RS256 do not fit the PEM key (kty EC, curve P-256)"),
         ("{issuer: i, audiences: [a], secret: {file: short.secret}}", "providers.p.secret: is 5 bytes; HS256 needs at least 32"),
         ("{issuer: i, audiences: [a], secret: {file: short.secret}, algorithms: [RS256]}", "RS256 cannot be used with a shared secret"),
     ],
-    ids=["missing file", "garbage jwks", "only enc keys", "private pem", "alg unfit for pem", "short secret", "RS on secret"],
+    ids=["missing file", "garbage jwks", "only enc keys", "only an oct key", "no flood protection", "private pem", "alg unfit for pem", "short secret", "RS on secret"],
 )
 def test_key_material_mistakes(tmp_path: Path, rsa_key: TestKey, ec_key: TestKey, provider: str, expected: str) -> None:
     (tmp_path / "garbage.json").write_text("{not json")
+    (tmp_path / "oct.json").write_text(json.dumps({"keys": [{"kty": "oct", "k": "c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0"}]}))
     (tmp_path / "enc.json").write_text(json.dumps({"keys": [{**rsa_key.public_jwk, "use": "enc"}]}))
     (tmp_path / "private.pem").write_bytes(rsa_key.private_pem())
     (tmp_path / "ec.pem").write_bytes(ec_key.public_pem())

@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
 from .errors import ConfigError, ConfigIssue
+from .keygen import KeyToolError, read_secret
 from .jwks import ASYMMETRIC_ALGORITHMS, FAMILIES, SUPPORTED_ALGORITHMS, SYMMETRIC_ALGORITHMS, KeySet, fits
 from .yamlsource import Issues, Section, load_yaml
 
@@ -434,16 +435,12 @@ class _Builder:
             read = self._read(sub, "file", path)
             if read is None:
                 return None
-            # A trailing newline from `echo > file` or a Kubernetes Secret is not part of it.
-            origin, data = f"secret file {path}", read.rstrip(b"\r\n")
+            origin, data = f"secret file {path}", read
         try:
-            secret = data if encoding == "utf-8" else base64.b64decode(
-                data + b"==", altchars=b"-_" if encoding == "base64url" else None, validate=True)
-        except ValueError:
-            sub.error("encoding", f"the secret is not valid {encoding}")
-            return None
-        if not secret:
-            sub.error(None, "the secret is empty")
+            # The same reader as `keys generate` writes for, so the two can never disagree.
+            secret = read_secret(data, encoding)
+        except KeyToolError as error:
+            sub.error("env" if env_name is not None else "file", str(error))
             return None
         k = base64.urlsafe_b64encode(secret).rstrip(b"=").decode()
         return StaticKeys(kind="secret", origin=origin, jwks=MappingProxyType({"keys": [{"kty": "oct", "k": k}]}))

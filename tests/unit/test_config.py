@@ -222,3 +222,15 @@ def test_env_expansion(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ISSUER_HOST", "login.example")
     s = parse("providers: {m: {issuer: 'https://${ISSUER_HOST}/', audiences: [a], discovery: true}}")
     assert s.providers["m"].issuers == ("https://login.example/",)
+
+
+@pytest.mark.parametrize("encoding, text", [
+    ("base64", base64.b64encode(bytes(range(32))).decode() + "\n"),              # openssl rand -base64 32
+    ("base64url", base64.urlsafe_b64encode(bytes(range(32))).decode().rstrip("=")),  # unpadded, 43 chars
+])
+def test_base64_secrets_padded_or_not(tmp_path: Path, encoding: str, text: str) -> None:
+    (tmp_path / "s").write_text(text)
+    s = parse(f"providers: {{p: {{issuer: i, audiences: [a], algorithms: [HS256], secret: {{file: s, encoding: {encoding}}}}}}}",
+              base_dir=tmp_path)
+    k = s.providers["p"].keys.jwks["keys"][0]["k"]
+    assert base64.urlsafe_b64decode(k + "=") == bytes(range(32))

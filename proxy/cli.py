@@ -1,0 +1,232 @@
+"""The `jwt-sidecar` command: parse the command line, call the module that owns the work, report.
+
+Owns: the commands, their options and help, reading the files a command names, what is
+printed, and the exit status (0 done, 1 failed, 2 usage). Does not own: any of the work
+itself (keygen.py makes keys and tokens) or exiting the process: `main` returns the status,
+and `python -m proxy` or the console script hands it to `SystemExit`.
+
+Each command is one `_add_<command>(commands)` function that builds its subparser and sets
+`run=` to a handler taking the parsed arguments and returning the exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any, NoReturn
+
+from . import __version__
+from .jwks import SUPPORTED_ALGORITHMS
+from .keygen import GENERATE_ALGORITHMS, SECRET_ENCODINGS, KeyToolError, generate, mint, parse_claim, read_secret, write
+from .yamlsource import parse_duration
+
+__all__ = ["build_parser", "main"]
+
+PROG = "jwt-sidecar"
+
+
+class _UsageError(Exception):
+    """The command line itself is wrong: exit status 2, with the usage of the command at fault."""
+
+    def __init__(self, message: str, parser: argparse.ArgumentParser | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.parser = parser
+
+
+class _Exit(Exception):
+    """argparse finished the command itself (--help, --version)."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(status)
+        self.status = status
+
+
+class _Parser(argparse.ArgumentParser):
+    # argparse exits the process on a usage error or --help; `main` returns a status instead,
+    # so it stays callable in-process (tests, embedding) and sys.exit lives in one place.
+    def error(self, message: str) -> NoReturn:
+        raise _UsageError(message, self)
+
+    def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
+        if message:
+            sys.stderr.write(message)
+        raise _Exit(status)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command line (default: `sys.argv[1:]`) and return its exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        status: int = args.run(args)
+        return status
+    except _Exit as done:
+        return done.status
+    except _UsageError as error:
+        if error.parser is not None:
+            error.parser.print_usage(sys.stderr)
+        _complain(error.message)
+        return 2
+    except KeyToolError as error:
+        _complain(str(error))
+        return 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="A reverse proxy that verifies bearer JWTs, and its operator tools.")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
+    _add_keys(commands)
+    _add_token(commands)
+    return parser
+
+
+def _complain(message: str) -> None:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+
+
+# -- keys ---------------------------------------------------------------------------------
+
+
+def _add_keys(commands: Any) -> None:
+    keys = commands.add_parser("keys", help="make signing keys and publish their public halves")
+    actions = keys.add_subparsers(title="actions", metavar="ACTION", required=True)
+    _add_keys_generate(actions)
+
+
+def _add_keys_generate(actions: Any) -> None:
+    p = actions.add_parser(
+        "generate",
+        help="generate a signing key and its public JWK Set",
+        description="Write a new private key (mode 0600) as OUT/KID.pem and its public JWK to OUT/jwks.json, "
+        "or, with --jwks, add it to an existing JWK Set so old and new keys are served together during a "
+        "rotation. HS256 writes a shared secret, OUT/KID.secret, as base64url text instead.",
+    )
+    p.add_argument("--alg", required=True, choices=GENERATE_ALGORITHMS, help="the signing algorithm")
+    p.add_argument("--kid", required=True, help="the key id; also names the private file")
+    p.add_argument("--out", required=True, type=Path, metavar="DIR", help="directory for the new files")
+    p.add_argument("--jwks", type=Path, metavar="FILE", help="existing JWK Set to add the public key to (rotation)")
+    p.add_argument("--bits", type=int, metavar="N", help="RSA key size (default 2048)")
+    p.set_defaults(run=_keys_generate, parser=p)
+
+
+def _keys_generate(args: argparse.Namespace) -> int:
+    if args.bits is not None and args.alg != "RS256":
+        raise _UsageError("--bits only applies to --alg RS256", args.parser)
+    key = generate(args.alg, args.kid, bits=args.bits)
+    written = write(key, args.out, jwks_path=args.jwks)
+    private = written[0]
+    if key.secret is not None:
+        print(f"wrote {private}: the shared secret (base64url, mode 0600); keep it secret, never commit it")
+        print()
+        print("Configure the provider that checks these tokens with:")
+        print(f"  secret: {{file: {private}, encoding: base64url}}")
+        print(f"  algorithms: [{key.alg}]")
+        print()
+        print("Mint a test token:")
+        print(f"  {PROG} token mint --secret-file {private} --secret-encoding base64url "
+              "--iss ISSUER --aud AUDIENCE --sub SUBJECT")
+        return 0
+    jwks = written[1]
+    print(f"wrote {private}: the private key (PKCS#8, mode 0600); keep it secret, never commit it")
+    if args.jwks is None:
+        print(f"wrote {jwks}: the public JWK Set, kid {key.kid}")
+        print()
+        print(f"Serve {jwks} at your issuer's JWKS URL and configure the provider with")
+        print("  jwks: {url: https://ISSUER/.well-known/jwks.json}")
+        print("or read the file directly with")
+        print(f"  jwks_file: {jwks}")
+        print(f"  algorithms: [{key.alg}]")
+    else:
+        print(f"added kid {key.kid} to {jwks}; it now serves the old keys and the new one")
+        print()
+        print(f"Rotation: publish {jwks} and keep signing with the old key until every verifier has")
+        print("fetched the new set (at most the provider's cache_ttl); then sign with the new key, and")
+        print("remove the old key from the set once the last token it signed has expired.")
+    print()
+    print("Mint a test token:")
+    print(f"  {PROG} token mint --key {private} --kid {key.kid} --iss ISSUER --aud AUDIENCE --sub SUBJECT")
+    return 0
+
+
+# -- token --------------------------------------------------------------------------------
+
+
+def _add_token(commands: Any) -> None:
+    token = commands.add_parser("token", help="mint tokens for testing")
+    actions = token.add_subparsers(title="actions", metavar="ACTION", required=True)
+    _add_token_mint(actions)
+
+
+def _add_token_mint(actions: Any) -> None:
+    p = actions.add_parser(
+        "mint",
+        help="sign a token with a private key or shared secret",
+        description="Print a signed token, alone, on stdout: TOKEN=$(jwt-sidecar token mint ...). "
+        "It carries iss, aud, sub, iat, exp and a random jti, then every --claim.",
+    )
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--key", type=Path, metavar="PEM", help="PEM private key (RSA, EC or Ed25519)")
+    source.add_argument("--secret-file", type=Path, metavar="FILE", help="file holding an HMAC secret")
+    p.add_argument("--secret-encoding", choices=SECRET_ENCODINGS,
+                   help="how --secret-file is written, as in the provider's `secret:` (default utf-8)")
+    p.add_argument("--alg", choices=SUPPORTED_ALGORITHMS, help="signing algorithm (default: implied by the key)")
+    p.add_argument("--kid", help="key id for the token header")
+    p.add_argument("--iss", required=True, help="issuer")
+    p.add_argument("--aud", required=True, action="append", metavar="AUD", help="audience (repeatable)")
+    p.add_argument("--sub", help="subject")
+    p.add_argument("--ttl", type=_duration, default=300.0, metavar="DURATION",
+                   help="lifetime, e.g. 30s, 5m, 1h (default 5m)")
+    p.add_argument("--claim", type=_claim, action="append", default=[], metavar="NAME=VALUE",
+                   help="extra claim; VALUE is JSON when it parses (true, 3, [\"a\"]), else a string (repeatable)")
+    p.set_defaults(run=_token_mint, parser=p)
+
+
+def _token_mint(args: argparse.Namespace) -> int:
+    if args.secret_encoding is not None and args.secret_file is None:
+        raise _UsageError("--secret-encoding only applies to --secret-file", args.parser)
+    claims: dict[str, Any] = {}
+    for name, value in args.claim:
+        if name in claims:
+            raise _UsageError(f"--claim {name} is given twice", args.parser)
+        claims[name] = value
+    if args.key is not None:
+        private_key_pem, secret = _read(args.key), None
+    else:
+        private_key_pem, secret = None, read_secret(_read(args.secret_file), args.secret_encoding or "utf-8")
+    token = mint(
+        private_key_pem=private_key_pem, secret=secret, alg=args.alg, kid=args.kid,
+        iss=args.iss, aud=args.aud, sub=args.sub, ttl_seconds=args.ttl, claims=claims, now=time.time(),
+    )
+    print(token)
+    return 0
+
+
+# -- argument types -----------------------------------------------------------------------
+
+
+def _duration(text: str) -> float:
+    try:
+        seconds = parse_duration(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration; use e.g. 30s, 5m, 1h30m") from None
+    if seconds < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is too short; use at least 1s")
+    return seconds
+
+
+def _claim(text: str) -> tuple[str, Any]:
+    try:
+        return parse_claim(text)
+    except KeyToolError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as error:
+        raise KeyToolError(f"cannot read {path}: {error.strerror or error}") from None

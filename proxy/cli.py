@@ -12,12 +12,20 @@ Each command is one `_add_<command>(commands)` function that builds its subparse
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
 import sys
 import time
 from pathlib import Path
 from typing import Any, NoReturn
 
-from . import __version__
+import aiohttp
+
+from . import __version__, config
+from . import explain as explain_mod
+from .clock import SystemClock
+from .errors import ConfigError
+from .keys import key_source_for
 from .jwks import SUPPORTED_ALGORITHMS
 from .keygen import GENERATE_ALGORITHMS, SECRET_ENCODINGS, KeyToolError, generate, mint, parse_claim, read_secret, write
 from .yamlsource import parse_duration
@@ -73,12 +81,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyToolError as error:
         _complain(str(error))
         return 1
+    except ConfigError as error:
+        for issue in error.issues:
+            print(issue, file=sys.stderr)
+        _complain(f"the config has {len(error.issues)} problem(s); nothing was started")
+        return 1
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="A reverse proxy that verifies bearer JWTs, and its operator tools.")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
+    _add_check_config(commands)
     _add_keys(commands)
     _add_token(commands)
     return parser
@@ -86,6 +100,62 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _complain(message: str) -> None:
     print(f"{PROG}: error: {message}", file=sys.stderr)
+
+
+# -- check-config -------------------------------------------------------------------------
+
+
+def _add_check_config(commands: Any) -> None:
+    p = commands.add_parser(
+        "check-config",
+        help="validate a config file and summarise it",
+        description="Report every mistake in FILE as file:line: path: problem (exit 1), or print a summary "
+        "of providers, key sources and routes (exit 0). Nothing is fetched.",
+    )
+    p.add_argument("file", nargs="?", type=Path, default=Path("config.yaml"), metavar="FILE",
+                   help="the config file (default ./config.yaml)")
+    p.set_defaults(run=_check_config, parser=p)
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    settings = config.load(args.file)
+    print(summary(settings))
+    return 0
+
+
+def summary(settings: config.Settings) -> str:
+    """One screen: what this config trusts and protects."""
+    lines = [f"{settings.source}: OK"]
+    lines.append(f"providers ({len(settings.providers)}):")
+    for p in settings.providers.values():
+        lines.append(f"  {p.name}: iss {', '.join(p.issuers)}; aud {', '.join(p.audiences)}")
+        lines.append(f"    keys: {p.keys.origin}")
+        extras = [f"leeway {p.leeway:g}s", f"required {', '.join(p.required_claims) or '-'}"]
+        if p.max_token_age is not None:
+            extras.append(f"max age {p.max_token_age:g}s")
+        if p.typ:
+            extras.append(f"typ {p.typ}")
+        lines.append(f"    algorithms: {', '.join(p.algorithms)}; " + "; ".join(extras))
+    lines.append(f"routes ({len(settings.routes)}, first match wins):")
+    for r in settings.routes:
+        m = r.match
+        where = (f"prefix {m.path_prefix}" if m.path_prefix is not None else
+                 f"exact {m.path_exact}" if m.path_exact is not None else f"regex {m.path_regex.pattern}")  # type: ignore[union-attr]
+        methods = ",".join(sorted(m.methods)) if m.methods else "any method"
+        if r.auth is None:
+            rule = "public (no token)"
+        else:
+            rule = f"{r.auth.provider}{' (optional)' if r.auth.optional else ''}"
+            if r.auth.scopes.all_of:
+                rule += f"; scopes all of {' '.join(r.auth.scopes.all_of)}"
+            if r.auth.scopes.any_of:
+                rule += f"; scopes any of {' '.join(r.auth.scopes.any_of)}"
+            if r.auth.claims:
+                rule += f"; {len(r.auth.claims)} claim rule(s)"
+        lines.append(f"  {r.name}: {where} [{methods}] -> {rule}")
+    cache = settings.token_cache
+    lines.append(f"token cache: {'on' if cache.enabled else 'off'}, {cache.max_entries} entries, max ttl {cache.max_ttl:g}s")
+    return "\n".join(lines)
 
 
 # -- keys ---------------------------------------------------------------------------------
@@ -156,9 +226,10 @@ def _keys_generate(args: argparse.Namespace) -> int:
 
 
 def _add_token(commands: Any) -> None:
-    token = commands.add_parser("token", help="mint tokens for testing")
+    token = commands.add_parser("token", help="mint tokens for testing, explain why a token is refused")
     actions = token.add_subparsers(title="actions", metavar="ACTION", required=True)
     _add_token_mint(actions)
+    _add_token_explain(actions)
 
 
 def _add_token_mint(actions: Any) -> None:
@@ -203,6 +274,67 @@ def _token_mint(args: argparse.Namespace) -> int:
     )
     print(token)
     return 0
+
+
+def _add_token_explain(actions: Any) -> None:
+    p = actions.add_parser(
+        "explain",
+        help="run every check on a token and say which pass and which fail",
+        description="Decode TOKEN without trusting it, then run every check the proxy runs, printing each "
+        "with PASS/FAIL and the reason. Exit 0 only if the token is valid. Remote keys are fetched once.",
+    )
+    p.add_argument("token", metavar="TOKEN", help="the token ('-' reads it from stdin)")
+    p.add_argument("--config", type=Path, default=Path("config.yaml"), metavar="FILE",
+                   help="the config file (default ./config.yaml)")
+    p.add_argument("--provider", metavar="NAME", help="the provider to check against (default: by the token's iss)")
+    p.set_defaults(run=_token_explain, parser=p)
+
+
+def _token_explain(args: argparse.Namespace) -> int:
+    token = (sys.stdin.readline() if args.token == "-" else args.token).strip()
+    # Accept a pasted "Bearer xyz" too: the scheme is not part of the token.
+    if token[:7].lower() == "bearer ":
+        token = token[7:].strip()
+    settings = config.load(args.config)
+    header, payload = explain_mod.unverified_parts(token)
+    provider = explain_mod.choose_provider(settings, payload, args.provider)
+    if provider is None:
+        if args.provider is not None:
+            raise _UsageError(f"unknown provider {args.provider!r}; known: {', '.join(settings.providers)}", args.parser)
+        iss = payload.get("iss") if payload else None
+        print(f"no provider accepts iss {iss!r}; known issuers: "
+              + "; ".join(f"{p.name}: {', '.join(p.issuers)}" for p in settings.providers.values()))
+        print("give --provider NAME to check against one anyway")
+        return 1
+    report = asyncio.run(_explain(token, provider, settings))
+    print(_render(report, provider))
+    return 0 if report.valid else 1
+
+
+async def _explain(token: str, provider: config.Provider, settings: config.Settings) -> explain_mod.Report:
+    clock = SystemClock()
+    async with aiohttp.ClientSession() as session:
+        source = key_source_for(provider, session=session, clock=clock)
+        await source.start()
+        try:
+            return await explain_mod.explain(token, provider, source, now=clock.time(),
+                                             max_token_bytes=settings.max_token_bytes)
+        finally:
+            await source.close()
+
+
+def _render(report: explain_mod.Report, provider: config.Provider) -> str:
+    lines = ["token (decoded WITHOUT verification):"]
+    lines.append(f"  header:  {json.dumps(report.header, sort_keys=True) if report.header is not None else '(does not decode)'}")
+    lines.append(f"  payload: {json.dumps(report.payload, sort_keys=True) if report.payload is not None else '(does not decode)'}")
+    lines.append(f"provider: {provider.name} ({provider.keys.origin})")
+    marks = {True: "PASS", False: "FAIL", None: "----"}
+    for step in report.steps:
+        reason = f"   [{step.reason}]" if step.reason is not None else ""
+        lines.append(f"  {marks[step.ok]}  {step.name:<16}{step.detail}{reason}".rstrip())
+    failure = report.first_failure
+    lines.append("VALID" if report.valid else f"INVALID: {failure.reason if failure else 'not every check could run'}")
+    return "\n".join(lines)
 
 
 # -- argument types -----------------------------------------------------------------------

@@ -97,7 +97,8 @@ class Issues:
 
     def raise_if_any(self) -> None:
         if self.items:
-            raise ConfigError(self.items)
+            # In file order, so the list reads top to bottom like the file (sort is stable).
+            raise ConfigError(sorted(self.items, key=lambda issue: issue.line or 0))
 
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")

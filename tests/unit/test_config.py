@@ -158,7 +158,7 @@ def test_every_mistake_is_reported_at_once() -> None:
             auth: {provider: nope}
         """)
     assert [f.split(": ")[1] for f in found] == [
-        "providers.main.leeway", "providers.main.jwks.url", "routes[0].auth.provider"]
+        "providers.main.jwks.url", "providers.main.leeway", "routes[0].auth.provider"]
 
 
 def test_static_key_sources(tmp_path: Path, rsa_key: TestKey, ec_key: TestKey, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,0 +1,135 @@
+"""cli.py: `check-config` and `token explain`, run as a user runs them."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from proxy.cli import main
+from tests.conftest import AUDIENCE, ISSUER, TestKey, jwks_of, mint
+
+REPO = Path(__file__).parents[2]
+
+
+@pytest.fixture
+def config_file(tmp_path: Path, rsa_key: TestKey) -> Path:
+    (tmp_path / "jwks.json").write_text(json.dumps(jwks_of(rsa_key)))
+    path = tmp_path / "config.yaml"
+    path.write_text(textwrap.dedent(f"""\
+        providers:
+          main:
+            issuer: {ISSUER}
+            audiences: [{AUDIENCE}]
+            jwks_file: jwks.json
+            max_token_age: 1h
+          other:
+            issuer: https://other.test
+            audiences: [x]
+            jwks_file: jwks.json
+        routes:
+          - {{name: everything, match: {{path_prefix: /}}, auth: {{provider: main, scopes: {{all_of: [read]}}}}}}
+        """))
+    return path
+
+
+def test_check_config_prints_a_summary(config_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check-config", str(config_file)]) == 0
+    out = capsys.readouterr().out
+    assert f"{config_file}: OK" in out
+    assert f"main: iss {ISSUER}; aud {AUDIENCE}" in out
+    assert "everything: prefix / [any method] -> main; scopes all of read" in out
+
+
+def test_check_config_lists_every_problem_and_fails(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("providers:\n  main:\n    issuer: i\n    audiences: [a]\n    jwks: {url: 'ftp://x'}\n    leeway: soon\n")
+    assert main(["check-config", str(bad)]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == f"{bad}:5: providers.main.jwks.url: 'ftp://x' is not an http(s) URL with a host"
+    assert err[1].startswith(f"{bad}:6: providers.main.leeway: 'soon' is not a duration")
+    assert err[-1] == "jwt-sidecar: error: the config has 2 problem(s); nothing was started"
+
+
+def test_check_config_of_the_repository_default(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check-config", str(REPO / "config.yaml")]) == 0
+
+
+def test_check_config_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check-config", str(tmp_path / "nope.yaml")]) == 1
+    assert "cannot read" in capsys.readouterr().err
+
+
+def steps(out: str) -> dict[str, str]:
+    found = {}
+    for line in out.splitlines():
+        parts = line.split()
+        if parts and parts[0] in ("PASS", "FAIL", "----"):
+            found[parts[1] if parts[1] != "max_token_age" else "max_token_age"] = parts[0]
+    return found
+
+
+def test_explain_valid_token(config_file: Path, rsa_key: TestKey, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["token", "explain", mint(key=rsa_key), "--config", str(config_file)]) == 0
+    out = capsys.readouterr().out
+    assert out.rstrip().endswith("VALID")
+    assert set(steps(out).values()) == {"PASS"}
+    assert {"form", "alg", "key", "signature", "exp", "iss", "aud"} <= set(steps(out))
+
+
+def test_explain_runs_every_check_past_the_first_failure(config_file: Path, rsa_key: TestKey,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    token = mint({"exp": 1_000, "iat": 0, "aud": "api://wrong"}, key=rsa_key)
+    assert main(["token", "explain", token, "--config", str(config_file), "--provider", "main"]) == 1
+    out = capsys.readouterr().out
+    result = steps(out)
+    assert (result["signature"], result["exp"], result["aud"], result["iss"]) == ("PASS", "FAIL", "FAIL", "PASS")
+    assert "[expired]" in out and "[audience]" in out
+    assert out.rstrip().splitlines()[-1] == "INVALID: expired"
+
+
+def test_explain_bad_signature_still_checks_claims_but_says_they_are_unverified(
+        config_file: Path, rsa_key: TestKey, capsys: pytest.CaptureFixture[str]) -> None:
+    header, payload, sig = mint(key=rsa_key).split(".")
+    forged = mint({"sub": "admin"}, key=rsa_key).split(".")[1]
+    assert main(["token", "explain", f"{header}.{forged}.{sig}", "--config", str(config_file)]) == 1
+    out = capsys.readouterr().out
+    assert steps(out)["signature"] == "FAIL" and steps(out)["exp"] == "PASS"
+    assert "INVALID: bad_signature" in out
+
+
+def test_explain_picks_the_provider_by_iss(config_file: Path, rsa_key: TestKey, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["token", "explain", mint({"iss": "https://other.test", "aud": "x"}, key=rsa_key),
+                 "--config", str(config_file)]) == 0
+    assert "provider: other" in capsys.readouterr().out
+
+
+def test_explain_unknown_issuer_and_unknown_provider(config_file: Path, rsa_key: TestKey,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["token", "explain", mint({"iss": "https://evil.test"}, key=rsa_key), "--config", str(config_file)]) == 1
+    assert "no provider accepts iss 'https://evil.test'" in capsys.readouterr().out
+    assert main(["token", "explain", mint(key=rsa_key), "--config", str(config_file), "--provider", "nope"]) == 2
+
+
+def test_explain_garbage(config_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["token", "explain", "not-a-token", "--config", str(config_file), "--provider", "main"]) == 1
+    out = capsys.readouterr().out
+    assert steps(out)["form"] == "FAIL" and "INVALID: malformed" in out
+
+
+async def test_explain_against_a_remote_jwks_as_a_subprocess(tmp_path: Path, rsa_key: TestKey, jwks_server: Any) -> None:
+    jwks_server.document = jwks_of(rsa_key)
+    path = tmp_path / "c.yaml"
+    path.write_text(f"providers:\n  main: {{issuer: '{ISSUER}', audiences: ['{AUDIENCE}'], "
+                    f"jwks: {{url: '{jwks_server.url('/jwks.json')}'}}}}\n")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", "token", "explain", "-", "--config", str(path),
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=REPO)
+    out, err = await asyncio.wait_for(proc.communicate(f"Bearer {mint(key=rsa_key)}\n".encode()), timeout=30)
+    assert proc.returncode == 0, (out, err)
+    assert out.decode().rstrip().endswith("VALID")

@@ -30,7 +30,14 @@ from .jwks import ASYMMETRIC_ALGORITHMS, FAMILIES, SUPPORTED_ALGORITHMS, SYMMETR
 from .yamlsource import Issues, Section, load_yaml
 
 __all__ = [
+    "BEARER",
+    "ClaimHeader",
     "ClaimRule",
+    "HeaderMap",
+    "Listen",
+    "StripSettings",
+    "TokenSource",
+    "Upstream",
     "Provider",
     "RemoteJwks",
     "Route",
@@ -81,6 +88,40 @@ class StaticKeys:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class TokenSource:
+    """Where a token may be found in a request."""
+
+    kind: str
+    """`bearer` (Authorization: Bearer), `header`, `cookie` or `query`."""
+    name: str = "Authorization"
+    """The header, cookie or query parameter name."""
+    prefix: str = ""
+    """For `header`: a prefix the value must start with (stripped), e.g. `Token `."""
+
+
+BEARER = TokenSource(kind="bearer")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ClaimHeader:
+    claim: str
+    path: tuple[str, ...]
+    header: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HeaderMap:
+    """What the upstream is told about a verified caller."""
+
+    claims: tuple[ClaimHeader, ...] = (ClaimHeader(claim="sub", path=("sub",), header="X-User-Id"),)
+    """Claim → header; lists are joined with `,`, objects sent as JSON."""
+    payload: str | None = None
+    """A header that carries the whole verified payload as base64url JSON."""
+    forward_token: bool = False
+    """Keep the token where it came from (stripped by default)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Provider:
     """One token issuer we trust, how its tokens are checked, and where its keys come from."""
 
@@ -100,6 +141,9 @@ class Provider:
     """Optional cap on a token's lifetime, `exp - iat`, in seconds (needs both claims)."""
     typ: str | None = None
     """Required `typ` header, e.g. `at+jwt` (RFC 9068 §2.1); compared case-insensitively."""
+    token_sources: tuple[TokenSource, ...] = (BEARER,)
+    """Where this provider's tokens are looked for; more than one found is a 400."""
+    headers: HeaderMap = HeaderMap()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -141,11 +185,45 @@ class RouteMatch:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Upstream:
+    url: str = "http://127.0.0.1:8000"
+    """Where allowed requests go: scheme, host, port and an optional base path."""
+    connect_timeout: float = 2.0
+    timeout: float = 30.0
+    """Longest wait for the upstream's answer, and between two reads of its body."""
+    max_body: int = 10 * 1000**2
+    """Largest request body accepted; larger is a 413 (0 means no limit)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Route:
     name: str
     match: RouteMatch
     auth: RouteAuth | None
     """None means `auth: none`: a public route."""
+    upstream: Upstream | None = None
+    """Overrides the top-level upstream."""
+    token_sources: tuple[TokenSource, ...] | None = None
+    """Overrides the provider's token sources."""
+    headers: HeaderMap | None = None
+    """Overrides the provider's header mapping."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Listen:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StripSettings:
+    """Client headers removed from every request before anything else (spoofable identity)."""
+
+    names: tuple[str, ...] = ()
+    prefixes: tuple[str, ...] = ("X-User-", "X-Jwt-", "X-Auth-")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -165,6 +243,18 @@ class Settings:
     token_cache: TokenCacheSettings = TokenCacheSettings()
     max_token_bytes: int = 8192
     """Tokens longer than this are refused before any decoding work."""
+    listen: Listen = Listen(host="0.0.0.0", port=8080)
+    """Proxied traffic."""
+    admin: Listen = Listen(host="0.0.0.0", port=9901)
+    """/healthz, /readyz and /metrics; never proxied."""
+    upstream: Upstream = Upstream()
+    realm: str = "jwt-sidecar"
+    """The realm of the `WWW-Authenticate: Bearer` challenge (RFC 6750 §3)."""
+    strip: StripSettings = StripSettings()
+    drain_timeout: float = 20.0
+    """On SIGTERM: how long in-flight requests may take to finish."""
+    access_log: bool = True
+    """One JSON line per request on stdout (never the token)."""
 
 
 def load(path: str | os.PathLike[str]) -> Settings:
@@ -217,13 +307,31 @@ class _Builder:
         )
         cache = self.token_cache(root.section("token_cache"))
         max_token_bytes = root.integer("max_token_bytes", 8192, minimum=256)
+        defaults = Settings(source=file, providers={})
+        listen = _listen(root, "listen", defaults.listen)
+        admin = _listen(root, "admin", defaults.admin)
+        upstream_section = root.section("upstream")
+        upstream = self.upstream(upstream_section) if upstream_section is not None else defaults.upstream
+        strip = self.strip(root.section("strip_headers"))
+        realm = root.string("realm", defaults.realm)
+        drain = root.duration("drain_timeout", defaults.drain_timeout)
+        access_log = root.boolean("access_log", defaults.access_log)
         root.done()
+        if listen == admin and listen is not None:
+            root.error("admin", f"{admin} is also `listen`; the admin endpoints need their own port")
         return Settings(
             source=file,
             providers=MappingProxyType(providers),
             routes=routes,
             token_cache=cache,
             max_token_bytes=max_token_bytes,
+            listen=listen or defaults.listen,
+            admin=admin or defaults.admin,
+            upstream=upstream or defaults.upstream,
+            realm=realm,
+            strip=strip,
+            drain_timeout=drain,
+            access_log=access_log,
         )
 
     # -- providers ------------------------------------------------------------------------
@@ -243,12 +351,15 @@ class _Builder:
             keys = self.key_source(sources[0], s, issuers)
         default_algs = self._default_algorithms(keys)
         algorithms = self.algorithms(s, default_algs, keys)
+        sources = self.token_sources(s, "token_sources") or (BEARER,)
+        headers = self.header_map(s.section("headers")) or HeaderMap()
         s.done()
         if keys is None or not issuers or not audiences:
             return None
         return Provider(
             name=name, issuers=issuers, audiences=audiences, algorithms=algorithms, keys=keys,
             leeway=leeway, required_claims=required, max_token_age=max_age, typ=typ,
+            token_sources=sources, headers=headers,
         )
 
     def algorithms(self, s: Section, default: tuple[str, ...], keys: RemoteJwks | StaticKeys | None) -> tuple[str, ...]:
@@ -460,10 +571,14 @@ class _Builder:
             auth = self.route_auth(Section(self.issues, auth_value, s.at("auth"), s.line_of("auth")), providers)
         else:
             s.error("auth", "is required: `none`, or a mapping with `provider` (and scopes, claims, optional)")
+        upstream_section = s.section("upstream")
+        upstream = self.upstream(upstream_section) if upstream_section is not None else None
+        sources = self.token_sources(s, "token_sources")
+        headers = self.header_map(s.section("headers"))
         s.done()
         if match is None:
             return None
-        return Route(name=name, match=match, auth=auth)
+        return Route(name=name, match=match, auth=auth, upstream=upstream, token_sources=sources, headers=headers)
 
     def route_match(self, s: Section | None) -> RouteMatch | None:
         if s is None:
@@ -541,6 +656,85 @@ class _Builder:
             return None
         return ClaimRule(claim=claim, path=tuple(claim.split(".")), op=op, value=value)
 
+    # -- proxying -------------------------------------------------------------------------
+    def upstream(self, s: Section) -> Upstream | None:
+        defaults = Upstream()
+        url = _url(s, "url", required=True)
+        upstream = Upstream(
+            url=(url or defaults.url).rstrip("/"),
+            connect_timeout=s.duration("connect_timeout", defaults.connect_timeout),
+            timeout=s.duration("timeout", defaults.timeout),
+            max_body=s.size("max_body", defaults.max_body),
+        )
+        s.done()
+        if url is not None and (urlsplit(url).query or urlsplit(url).fragment):
+            s.error("url", f"{url!r}: an upstream URL has no query or fragment")
+        for key in ("connect_timeout", "timeout"):
+            if getattr(upstream, key) <= 0:
+                s.error(key, "must be more than 0s")
+        return upstream if url is not None else None
+
+    def token_sources(self, s: Section, key: str) -> tuple[TokenSource, ...] | None:
+        if not s.has(key):
+            s.raw(key)
+            return None
+        found: list[TokenSource] = []
+        for _, item, path, line in s.items(key):
+            if item == "bearer":
+                found.append(BEARER)
+                continue
+            if not isinstance(item, dict) or len(set(item) & {"header", "cookie", "query"}) != 1:
+                self.issues.add(line, path, "expected `bearer`, {header: NAME[, prefix: P]}, {cookie: NAME} or {query: NAME}")
+                continue
+            sub = Section(self.issues, item, path, line)
+            kind = next(k for k in ("header", "cookie", "query") if k in item)
+            name = sub.string(kind, required=True)
+            prefix = sub.string("prefix", "") if kind == "header" else ""
+            sub.done()
+            if name is None:
+                continue
+            if kind == "header" and not _HEADER_NAME.fullmatch(name):
+                sub.error(kind, f"{name!r} is not a valid header name")
+                continue
+            found.append(TokenSource(kind=kind, name=name, prefix=prefix))
+        if not found and s.has(key):
+            s.error(key, "must list at least one token source")
+        return tuple(found) or None
+
+    def header_map(self, s: Section | None) -> HeaderMap | None:
+        if s is None:
+            return None
+        defaults = HeaderMap()
+        claims_section = s.section("claims")
+        claims: tuple[ClaimHeader, ...] = defaults.claims
+        if claims_section is not None:
+            mapped = []
+            for claim in list(claims_section.keys()):
+                header = claims_section.string(str(claim), required=True)
+                if header is None:
+                    continue
+                if not _HEADER_NAME.fullmatch(header) or header.lower() in _RESERVED_HEADERS:
+                    claims_section.error(str(claim), f"{header!r} cannot carry a claim: not a header name, "
+                                         "or one the proxy owns")
+                    continue
+                mapped.append(ClaimHeader(claim=str(claim), path=tuple(str(claim).split(".")), header=header))
+            claims_section.done()
+            claims = tuple(mapped)
+        payload = s.string("payload")
+        if payload is not None and (not _HEADER_NAME.fullmatch(payload) or payload.lower() in _RESERVED_HEADERS):
+            s.error("payload", f"{payload!r} is not a header name the proxy may set")
+        forward = s.boolean("forward_token", defaults.forward_token)
+        s.done()
+        return HeaderMap(claims=claims, payload=payload, forward_token=forward)
+
+    def strip(self, s: Section | None) -> StripSettings:
+        defaults = StripSettings()
+        if s is None:
+            return defaults
+        strip = StripSettings(names=s.strings("names"), prefixes=s.strings("prefixes", defaults.prefixes))
+        s.done()
+        return strip
+
     # -- the rest -------------------------------------------------------------------------
     def token_cache(self, s: Section | None) -> TokenCacheSettings:
         defaults = TokenCacheSettings()
@@ -553,6 +747,29 @@ class _Builder:
         )
         s.done()
         return cache
+
+
+# RFC 9110 §5.1: a field name is a token.
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+# Headers whose meaning belongs to HTTP or to this proxy: never a claim's carrier.
+_RESERVED_HEADERS = frozenset({
+    "host", "content-length", "content-type", "transfer-encoding", "connection", "keep-alive", "upgrade",
+    "te", "trailer", "proxy-authorization", "proxy-authenticate", "authorization", "cookie",
+    "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-request-id", "forwarded",
+})
+
+
+def _listen(s: Section, key: str, default: Listen) -> Listen | None:
+    """`host:port`, `:port` (all interfaces) or `[v6]:port`."""
+    value = s.string(key)
+    if value is None:
+        return default
+    host, sep, port = value.rpartition(":")
+    host = host.strip("[]") if host else "0.0.0.0"
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        s.error(key, f"{value!r} is not host:port (e.g. 0.0.0.0:8080, 127.0.0.1:9901, [::]:8080)")
+        return None
+    return Listen(host=host, port=int(port))
 
 
 def _url(s: Section, key: str, *, required: bool = False) -> str | None:

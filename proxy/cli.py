@@ -14,14 +14,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Any, NoReturn
 
 import aiohttp
+import prometheus_client
 
-from . import __version__, config
+from . import __version__, config, server
 from . import explain as explain_mod
 from .clock import SystemClock
 from .errors import ConfigError
@@ -92,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="A reverse proxy that verifies bearer JWTs, and its operator tools.")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
+    _add_run(commands)
     _add_check_config(commands)
     _add_keys(commands)
     _add_token(commands)
@@ -100,6 +103,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _complain(message: str) -> None:
     print(f"{PROG}: error: {message}", file=sys.stderr)
+
+
+# -- run ----------------------------------------------------------------------------------
+
+
+def _add_run(commands: Any) -> None:
+    p = commands.add_parser(
+        "run",
+        help="run the proxy",
+        description="Serve with the config FILE until SIGTERM/SIGINT, then drain in-flight requests and exit 0. "
+        "SIGHUP or a change of FILE reloads it; an invalid new config is refused and the old one keeps serving.",
+    )
+    p.add_argument("--config", type=Path, default=Path(os.environ.get("JWT_SIDECAR_CONFIG", "config.yaml")),
+                   metavar="FILE", help="the config file (default $JWT_SIDECAR_CONFIG or ./config.yaml)")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                   help="operator log level (the access log is separate, on stdout)")
+    p.set_defaults(run=_run, parser=p)
+
+
+def _run(args: argparse.Namespace) -> int:
+    settings = config.load(args.config)
+    server.configure_logging(args.log_level)
+    # `_created` samples double the /metrics output and no dashboard here reads them.
+    prometheus_client.disable_created_metrics()
+    return server.run(settings, config_path=str(args.config))
 
 
 # -- check-config -------------------------------------------------------------------------

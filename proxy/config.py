@@ -300,11 +300,17 @@ class _Builder:
                         providers[str(name)] = provider
             if not provider_section.data:
                 provider_section.error(None, "at least one provider is required")
-        routes = tuple(
-            route
-            for i, item, path, line in root.items("routes")
-            if (route := self.route(i, Section(self.issues, item, path, line), item, providers)) is not None
-        )
+        routes: list[Route] = []
+        for i, item, path, line in root.items("routes"):
+            route = self.route(i, Section(self.issues, item, path, line), item, providers)
+            if route is None:
+                continue
+            if route.name == "(none)":
+                self.issues.add(line, f"{path}.name", "'(none)' is reserved for requests that match no route")
+            elif any(r.name == route.name for r in routes):
+                # Names label metrics and logs: two routes sharing one would blur both.
+                self.issues.add(line, f"{path}.name", f"{route.name!r} is the name of an earlier route; names must be unique")
+            routes.append(route)
         cache = self.token_cache(root.section("token_cache"))
         max_token_bytes = root.integer("max_token_bytes", 8192, minimum=256)
         defaults = Settings(source=file, providers={})
@@ -322,7 +328,7 @@ class _Builder:
         return Settings(
             source=file,
             providers=MappingProxyType(providers),
-            routes=routes,
+            routes=tuple(routes),
             token_cache=cache,
             max_token_bytes=max_token_bytes,
             listen=listen or defaults.listen,

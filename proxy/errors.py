@@ -16,6 +16,9 @@ import enum
 
 __all__ = [
     "AuthError",
+    "BadRequest",
+    "NotFound",
+    "PayloadTooLarge",
     "ConfigError",
     "ConfigIssue",
     "InsufficientScope",
@@ -59,10 +62,17 @@ class Reason(enum.StrEnum):
     # route rules
     SCOPE = "scope"
     CLAIM_RULE = "claim_rule"
+    UNSAFE_CLAIM = "unsafe_claim"
+    # the request, before authentication
+    BAD_PATH = "bad_path"
+    NO_ROUTE = "no_route"
+    METHOD = "method"
+    BODY_TOO_LARGE = "body_too_large"
     # our side, not the client's
     NO_KEYS = "no_keys"
     UPSTREAM_UNAVAILABLE = "upstream_unavailable"
     UPSTREAM_TIMEOUT = "upstream_timeout"
+    INTERNAL = "internal"
 
 
 # The only text a client ever reads about a refused token (RFC 6750 §3 error_description:
@@ -88,9 +98,15 @@ _DESCRIPTIONS: dict[Reason, str] = {
     Reason.MISSING_CLAIM: "The access token lacks a required claim",
     Reason.SCOPE: "The access token lacks a required scope",
     Reason.CLAIM_RULE: "The access token does not grant access to this resource",
+    Reason.UNSAFE_CLAIM: "The token has a claim that cannot be forwarded safely",
+    Reason.BAD_PATH: "The request path is not allowed",
+    Reason.NO_ROUTE: "No route matches this request",
+    Reason.METHOD: "The method is not allowed",
+    Reason.BODY_TOO_LARGE: "The request body is too large",
     Reason.NO_KEYS: "Signing keys are unavailable; try again later",
     Reason.UPSTREAM_UNAVAILABLE: "The upstream service is unavailable",
     Reason.UPSTREAM_TIMEOUT: "The upstream service did not answer in time",
+    Reason.INTERNAL: "Internal error",
 }
 
 
@@ -175,6 +191,29 @@ class InsufficientScope(AuthError):
         return bearer_challenge(
             realm, error=self.error_code, description=self.description, scope=self.scope
         )
+
+
+class BadRequest(ProxyError):
+    """The request itself is unacceptable before any question of identity (a bad path)."""
+
+    status = 400
+    error_code = "invalid_request"
+
+
+class NotFound(ProxyError):
+    status = 404
+    error_code = "not_found"
+
+    def __init__(self, detail: str = "") -> None:
+        super().__init__(Reason.NO_ROUTE, detail)
+
+
+class PayloadTooLarge(ProxyError):
+    status = 413
+    error_code = "payload_too_large"
+
+    def __init__(self, detail: str = "") -> None:
+        super().__init__(Reason.BODY_TOO_LARGE, detail)
 
 
 class KeysUnavailable(ProxyError):

@@ -398,11 +398,18 @@ class KeyRing:
         session: aiohttp.ClientSession | None,
         clock: Clock,
         logger: logging.Logger | None = None,
+        reuse: KeyRing | None = None,
     ) -> None:
-        self.sources = MappingProxyType({
-            name: key_source_for(provider, session=session, clock=clock, logger=logger)
-            for name, provider in providers.items()
-        })
+        sources: dict[str, KeySource] = {}
+        for name, provider in providers.items():
+            # On reload, a provider whose config did not change keeps its source: its keys,
+            # its refresh task and its rate limit carry over, and nothing is refetched.
+            old = reuse.sources.get(name) if reuse is not None else None
+            if old is not None and old.provider == provider:
+                sources[name] = old
+            else:
+                sources[name] = key_source_for(provider, session=session, clock=clock, logger=logger)
+        self.sources = MappingProxyType(sources)
 
     def __getitem__(self, name: str) -> KeySource:
         return self.sources[name]
@@ -417,8 +424,10 @@ class KeyRing:
         """First loads of every provider at once, so one slow issuer does not delay the rest."""
         await asyncio.gather(*(source.start() for source in self.sources.values()))
 
-    async def close(self) -> None:
-        await asyncio.gather(*(source.close() for source in self.sources.values()))
+    async def close(self, *, keep: KeyRing | None = None) -> None:
+        """Close every source, except those `keep` (the ring that replaced this one) still uses."""
+        kept = {id(source) for source in keep.sources.values()} if keep is not None else set()
+        await asyncio.gather(*(s.close() for s in self.sources.values() if id(s) not in kept))
 
     def ready(self, names: Iterable[str] | None = None) -> bool:
         """Whether every named provider (default: all) holds usable keys."""

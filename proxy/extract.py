@@ -1,0 +1,83 @@
+"""Where a request carries its token: Bearer, a named header, a cookie or a query parameter.
+
+Owns: finding the one token in a request under the route's token sources, and refusing a
+request that offers more than one (RFC 6750 §2: "Clients MUST NOT use more than one
+method to transmit the token in each request") or a malformed Bearer credential (400
+invalid_request). Also removes a query-parameter or cookie token before forwarding.
+Does not own: decoding or trusting the token.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from urllib.parse import unquote_plus
+
+from multidict import CIMultiDict, MultiMapping
+
+from .config import TokenSource
+from .errors import InvalidRequest, Reason
+
+__all__ = ["Found", "extract", "without_cookie", "without_query_param"]
+
+# RFC 6750 §2.1: b64token = 1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"="
+_B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
+
+
+@dataclass(frozen=True, slots=True)
+class Found:
+    token: str
+    source: TokenSource
+
+
+def extract(
+    headers: CIMultiDict[str],
+    cookies: Mapping[str, str],
+    query: MultiMapping[str],
+    sources: Iterable[TokenSource],
+) -> Found | None:
+    """The token offered under `sources`, None when there is none, `InvalidRequest` when two."""
+    found: list[Found] = []
+    for source in sources:
+        if source.kind == "bearer":
+            for value in headers.getall("Authorization", ()):
+                scheme, _, credentials = value.partition(" ")
+                if scheme.lower() != "bearer":
+                    continue  # another scheme (Basic, …) is not a bearer token
+                found.append(Found(_token68(credentials, "Authorization: Bearer"), source))
+        elif source.kind == "header":
+            for value in headers.getall(source.name, ()):
+                if not value.startswith(source.prefix):
+                    raise InvalidRequest(Reason.MALFORMED_REQUEST, f"{source.name} lacks the prefix {source.prefix!r}")
+                found.append(Found(_token68(value[len(source.prefix):], source.name), source))
+        elif source.kind == "cookie":
+            value = cookies.get(source.name)
+            if value:
+                found.append(Found(_token68(value, f"cookie {source.name}"), source))
+        elif source.kind == "query":
+            for value in query.getall(source.name, ()):
+                found.append(Found(_token68(value, f"query parameter {source.name}"), source))
+    if len(found) > 1:
+        raise InvalidRequest(Reason.MULTIPLE_TOKENS, f"{len(found)} tokens offered")
+    return found[0] if found else None
+
+
+def _token68(value: str, where: str) -> str:
+    if _B64TOKEN.fullmatch(value) is None:
+        raise InvalidRequest(Reason.MALFORMED_REQUEST, f"{where} does not hold exactly one token")
+    return value
+
+
+def without_query_param(raw_query: str, name: str) -> str:
+    """The raw query string with every `name=…` removed; the rest byte for byte as sent."""
+    if not raw_query:
+        return raw_query
+    kept = [part for part in raw_query.split("&") if unquote_plus(part.split("=", 1)[0]) != name]
+    return "&".join(kept)
+
+
+def without_cookie(cookie_header: str, name: str) -> str:
+    """A Cookie header value (RFC 6265 §5.4) without the named cookie."""
+    kept = [pair.strip() for pair in cookie_header.split(";") if pair.strip().split("=", 1)[0] != name]
+    return "; ".join(p for p in kept if p)

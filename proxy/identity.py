@@ -1,0 +1,166 @@
+"""The headers the upstream receives: what a client sent, minus what it must not control, plus who it is.
+
+Owns: dropping hop-by-hop headers (RFC 9110 §7.6.1), headers named in `Connection`, and
+every identity header the proxy may inject (configured names and prefixes, plus every claim
+and payload header any provider or route writes), on every route, before any decision;
+then writing the verified identity (claim headers, the payload header), removing the token
+from where it came from, and the `X-Forwarded-*` and `X-Request-Id` headers.
+The inbound headers are never mutated: `strip_inbound` returns a new multidict, and
+`inject` fills that one. Because the strip comes first, a client's `Connection: X-User-Id`
+can only remove its own spoofed copy, never the header we inject.
+Does not own: sending anything (forward.py) or deciding anything (pipeline.py).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from .config import HeaderMap, Settings
+from .errors import InvalidToken, Reason
+from .extract import Found, without_cookie
+from .rules import ABSENT, claim_at
+
+__all__ = ["HOP_BY_HOP", "Forwarded", "StripPlan", "inject", "request_id", "strip_inbound"]
+
+# RFC 9110 §7.6.1 and the de-facto ones (Keep-Alive, Proxy-Connection); Expect is answered
+# by our own server, so the upstream must not be asked to answer it again.
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
+    "upgrade", "proxy-authorization", "proxy-authenticate", "expect",
+})
+_UNSAFE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # C0 controls but HTAB: CR, LF and NUL among them
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+@dataclass(frozen=True, slots=True)
+class StripPlan:
+    """Which client headers never reach the upstream, lower-cased, built once per config."""
+
+    names: frozenset[str]
+    prefixes: tuple[str, ...]
+    keep: frozenset[str]
+    """Token-source headers: a client sends its token there, so they survive the identity strip."""
+
+    @classmethod
+    def build(cls, settings: Settings) -> StripPlan:
+        maps: list[HeaderMap] = [p.headers for p in settings.providers.values()]
+        maps += [r.headers for r in settings.routes if r.headers is not None]
+        names = {n.lower() for n in settings.strip.names}
+        for header_map in maps:
+            names.update(c.header.lower() for c in header_map.claims)
+            if header_map.payload:
+                names.add(header_map.payload.lower())
+        sources = [s for p in settings.providers.values() for s in p.token_sources]
+        sources += [s for r in settings.routes for s in (r.token_sources or ())]
+        keep = frozenset(s.name.lower() for s in sources if s.kind == "header") - names
+        return cls(names=frozenset(names), prefixes=tuple(p.lower() for p in settings.strip.prefixes), keep=keep)
+
+    def strips(self, lower_name: str) -> bool:
+        if lower_name in self.keep:
+            return False
+        return lower_name in self.names or lower_name.startswith(self.prefixes)
+
+
+def strip_inbound(headers: CIMultiDictProxy[str] | CIMultiDict[str], plan: StripPlan) -> CIMultiDict[str]:
+    """A new multidict: the client's headers less hop-by-hop, Connection-named and identity headers."""
+    named: set[str] = set()
+    for value in headers.getall("Connection", ()):
+        named.update(token.strip().lower() for token in value.split(","))
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers.items():
+        low = name.lower()
+        if low in HOP_BY_HOP or low in named or plan.strips(low):
+            continue
+        out.add(name, value)
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class Forwarded:
+    """What this hop saw, appended to the X-Forwarded-* chain for the upstream."""
+
+    client: str | None
+    proto: str
+    host: str | None
+
+
+def request_id(inbound: str | None) -> str:
+    """The client's X-Request-Id when it is a sane token, else a new one."""
+    if inbound is not None and _REQUEST_ID.fullmatch(inbound):
+        return inbound
+    return uuid.uuid4().hex
+
+
+def _append(headers: CIMultiDict[str], name: str, value: str | None) -> None:
+    if value is None:
+        return
+    previous = ", ".join(headers.getall(name, ()))
+    headers[name] = f"{previous}, {value}" if previous else value
+
+
+def render_claim(value: Any) -> str | None:
+    """A claim as a header value: lists joined with ',', objects as JSON; None when absent."""
+    if value is ABSENT or value is None:
+        return None
+    if isinstance(value, bool):
+        text = "true" if value else "false"
+    elif isinstance(value, str):
+        text = value
+    elif isinstance(value, list):
+        text = ",".join(v if isinstance(v, str) else json.dumps(v, separators=(",", ":")) for v in value)
+    else:
+        text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    if _UNSAFE.search(text):
+        # Header injection or response splitting through a claim: deny, never sanitise.
+        raise InvalidToken(Reason.UNSAFE_CLAIM, "a claim holds CR, LF, NUL or another control character")
+    return text
+
+
+def inject(
+    headers: CIMultiDict[str],
+    *,
+    payload: Mapping[str, Any] | None,
+    header_map: HeaderMap | None,
+    found: Found | None,
+    forwarded: Forwarded,
+    request_id_value: str,
+) -> CIMultiDict[str]:
+    """Fill the stripped headers with identity and forwarding information; returns them."""
+    if payload is not None and header_map is not None:
+        values = [(c.header, render_claim(claim_at(payload, c.path))) for c in header_map.claims]
+        for name, value in values:
+            if value is not None:
+                headers[name] = value
+        if header_map.payload:
+            raw = json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
+            headers[header_map.payload] = base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+    if found is not None and not (header_map is not None and header_map.forward_token):
+        _remove_token(headers, found)
+    _append(headers, "X-Forwarded-For", forwarded.client)
+    _append(headers, "X-Forwarded-Proto", forwarded.proto)
+    _append(headers, "X-Forwarded-Host", forwarded.host)
+    headers["X-Request-Id"] = request_id_value
+    return headers
+
+
+def _remove_token(headers: CIMultiDict[str], found: Found) -> None:
+    source = found.source
+    if source.kind in ("bearer", "header"):
+        headers.popall(source.name, None)
+    elif source.kind == "cookie":
+        cookies = [without_cookie(v, source.name) for v in headers.getall("Cookie", ())]
+        headers.popall("Cookie", None)
+        for value in cookies:
+            if value:
+                headers.add("Cookie", value)
+    # A query token is removed from the URL by the pipeline (extract.without_query_param).
+
+

@@ -1,0 +1,409 @@
+"""Prometheus metrics: every name and label the sidecar exports, in one private registry.
+
+Owns: a `CollectorRegistry` per `Metrics` instance (never prometheus_client's global default,
+so two apps in one process, or two tests, never share a count); every metric name, type,
+label and bucket layout, declared once below; the per-request recording path (`RouteMetrics`,
+label children resolved once and cached); a scrape-time collector that reads key sources and
+the token cache through a `MetricsView`; and rendering the exposition body for `/metrics`.
+Does not own: serving `/metrics` (admin.py), deciding what a request's decision or reason is
+(pipeline.py), or the counters it reads at scrape time (keys.py and verify.py keep those).
+
+Labels are bounded by construction: route and provider names come from the config, methods,
+decisions, reasons and status classes from closed sets (anything else is recorded as
+`other`). Never a path, a subject, a claim or a token: each distinct label value is a time
+series kept for the life of the process.
+
+Metrics (durations in seconds, Prometheus base units):
+
+jwt_sidecar_requests_total{route, method, decision, reason, status}          counter
+    Requests answered. route: the route name, `(none)` when none matched; method: one of
+    METHODS, else `other`; decision: a `Decision` value; reason: an `errors.Reason` value,
+    "" for none; status: the status class, `1xx`..`5xx`.
+jwt_sidecar_in_flight_requests                                               gauge
+    Requests being handled right now.
+jwt_sidecar_auth_duration_seconds{route}                                     histogram
+    Time deciding whether a request may pass: extraction, keys, verification, rules.
+jwt_sidecar_upstream_duration_seconds{route}                                 histogram
+    Time waiting for the upstream's response (or its failure).
+jwt_sidecar_config_reloads_total{result="success"|"failure"}                 counter
+    Config reload attempts.
+jwt_sidecar_jwks_fetches_total{provider}                                     counter
+    Key refresh attempts, counted as they start (remote providers only).
+jwt_sidecar_jwks_fetch_failures_total{provider}                              counter
+    Attempts that yielded no usable key set (remote providers only).
+jwt_sidecar_jwks_discovery_fetches_total{provider}                           counter
+    GETs of the OIDC discovery document (remote providers only).
+jwt_sidecar_jwks_keys{provider}                                              gauge
+    Usable verification keys held.
+jwt_sidecar_jwks_keys_skipped_total{provider}                                counter
+    Keys left out of loaded sets as unusable, summed over every load.
+jwt_sidecar_jwks_age_seconds{provider}                                       gauge
+    Seconds since the last good key load (remote providers that have had one).
+jwt_sidecar_provider_ready{provider}                                         gauge
+    1 when the provider holds at least one usable key, else 0.
+jwt_sidecar_token_cache_requests_total{result="hit"|"miss"}                  counter
+    Verified-token cache lookups (no samples when the cache is disabled).
+jwt_sidecar_token_cache_entries                                              gauge
+    Verified tokens held in the cache (no sample when the cache is disabled).
+
+The `jwks_*`, `provider_ready` and `token_cache_*` families are read from the live objects at
+each scrape (`Metrics.watch`), so a hot reload that swaps the key ring or the cache is seen at
+the next scrape. A key source or cache that a reload replaces starts its counters again from
+0, which Prometheus' `rate()` and `increase()` treat as an ordinary counter reset.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from .config import StaticKeys
+from .errors import Reason
+
+if TYPE_CHECKING:
+    from .keys import KeySource
+    from .verify import TokenCache
+
+__all__ = [
+    "AUTH_BUCKETS",
+    "METHODS",
+    "NO_ROUTE",
+    "UPSTREAM_BUCKETS",
+    "Decision",
+    "Metrics",
+    "MetricsView",
+    "RouteMetrics",
+]
+
+_PREFIX = "jwt_sidecar_"
+
+METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+"""Methods recorded by name; any other (including lower case: RFC 9110 §9.1 methods are
+case-sensitive) is recorded as `other`, so a client cannot mint new series."""
+
+NO_ROUTE = "(none)"
+"""The `route` label of a request no route matched. Parenthesised to stand apart from route
+names; config.py does not reserve it yet, so a route literally named `(none)` would share it."""
+
+OTHER = "other"
+"""The label value for anything outside a closed set."""
+
+AUTH_BUCKETS = (.00005, .0001, .00025, .0005, .001, .0025, .005, .01, .025, .05, .1, .25, 1.0)
+"""A cached token costs tens of microseconds, an RSA verify well under a millisecond, a key
+refetch on an unknown kid up to the JWKS timeout: 50µs to 1s covers all three."""
+
+UPSTREAM_BUCKETS = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1.0, 2.5, 5.0, 10.0, 30.0)
+"""Loopback upstreams answer in about a millisecond; 30s is the default upstream timeout."""
+
+
+class Decision(enum.StrEnum):
+    """What became of a request: the `decision` label."""
+
+    ALLOWED = "allowed"
+    DENIED = "denied"
+    """Refused for its credentials (400/401/403 with a Bearer challenge) or our key outage (503)."""
+    UPSTREAM_ERROR = "upstream_error"
+    """Allowed, but the upstream failed or timed out (502/504)."""
+    REJECTED = "rejected"
+    """Refused before authentication: a bad request, no route, a body too large."""
+
+
+_METHODS = frozenset(METHODS)
+_DECISIONS = frozenset(Decision)
+# StrEnum members hash and compare as their values, so plain strings match too.
+_REASONS = frozenset(Reason) | {""}
+_STATUS_CLASSES = {1: "1xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
+
+_log = logging.getLogger(__name__)
+_T = TypeVar("_T")
+
+
+class RouteMetrics:
+    """The recording side for one route: label children resolved once, reused per request.
+
+    Made by `Metrics.route`, once per route name; keep it with the route and call it on every
+    request. A method, decision, reason or status outside its closed set is recorded as
+    `other` rather than raising: the request has been answered by then.
+    """
+
+    __slots__ = ("name", "_requests", "_counts", "_auth", "_upstream")
+
+    def __init__(self, name: str, *, requests: Counter, auth: Histogram, upstream: Histogram) -> None:
+        self.name = name
+        self._requests = requests
+        # `labels()` takes a lock, builds a tuple of str() values and looks it up: once per
+        # distinct label set here, never once per request.
+        self._counts: dict[tuple[str, str, str, str], Counter] = {}
+        # Resolved now so both histograms are exported (at zero) before the first request.
+        self._auth = auth.labels(name)
+        self._upstream = upstream.labels(name)
+
+    def observe_auth(self, seconds: float) -> None:
+        self._auth.observe(seconds)
+
+    def observe_upstream(self, seconds: float) -> None:
+        self._upstream.observe(seconds)
+
+    def count(self, method: str, decision: Decision, reason: str, status: int) -> None:
+        """One answered request. `reason` is an `errors.Reason` value, or "" for none."""
+        # Method and status are normalised before the lookup, so the cache stays as bounded
+        # as the labels are, whatever a client sends.
+        key = (method if method in _METHODS else OTHER, decision, reason,
+               _STATUS_CLASSES.get(status // 100, OTHER))
+        child = self._counts.get(key)
+        if child is None:
+            child = self._child(key)
+        child.inc()
+
+    def _child(self, key: tuple[str, str, str, str]) -> Counter:
+        method, decision, reason, status = key
+        # A decision or reason outside the closed sets is a bug in the caller; record it as
+        # `other` (and cache it only under that key, so bogus values cannot grow the dict)
+        # rather than fail a request that has already been answered.
+        if decision not in _DECISIONS or reason not in _REASONS:
+            key = (method, decision if decision in _DECISIONS else OTHER,
+                   reason if reason in _REASONS else OTHER, status)
+            child = self._counts.get(key)
+            if child is not None:
+                return child
+        child = self._requests.labels(self.name, *key)
+        self._counts[key] = child
+        return child
+
+    def __repr__(self) -> str:
+        return f"<RouteMetrics {self.name} series={len(self._counts)}>"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MetricsView:
+    """What the scrape-time collector reads: the live key sources, token cache and clock."""
+
+    sources: Mapping[str, KeySource]
+    """Provider name → key source (a `KeyRing.sources`)."""
+    cache: TokenCache | None
+    """The verified-token cache, or None when it is disabled."""
+    monotonic: Callable[[], float]
+    """The clock the key sources stamp `last_success` with (`clock.monotonic`)."""
+
+
+class Metrics:
+    """Every metric of one app, in its own registry."""
+
+    registry: CollectorRegistry
+    in_flight: Gauge
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.in_flight = Gauge(
+            _PREFIX + "in_flight_requests",
+            "Requests being handled right now.",
+            registry=self.registry,
+        )
+        self._requests = Counter(
+            _PREFIX + "requests",
+            "Requests answered, by route, method class, decision, refusal reason and status class.",
+            ("route", "method", "decision", "reason", "status"),
+            registry=self.registry,
+        )
+        self._auth = Histogram(
+            _PREFIX + "auth_duration_seconds",
+            "Time spent deciding whether a request may pass (token extraction, keys, verification, rules).",
+            ("route",),
+            buckets=AUTH_BUCKETS,
+            registry=self.registry,
+        )
+        self._upstream = Histogram(
+            _PREFIX + "upstream_duration_seconds",
+            "Time spent waiting for the upstream's response, or for it to fail.",
+            ("route",),
+            buckets=UPSTREAM_BUCKETS,
+            registry=self.registry,
+        )
+        reloads = Counter(
+            _PREFIX + "config_reloads",
+            "Config reload attempts, by result.",
+            ("result",),
+            registry=self.registry,
+        )
+        # Both resolved now, so a failure series exists at 0 before the first failure
+        # (an alert on increase() needs a previous sample to compare against).
+        self._reload_ok = reloads.labels("success")
+        self._reload_failed = reloads.labels("failure")
+        self._routes: dict[str, RouteMetrics] = {}
+        self._collector: _ViewCollector | None = None
+
+    def route(self, name: str) -> RouteMetrics:
+        """The recorder for route `name` (`NO_ROUTE` for unmatched requests), made once."""
+        found = self._routes.get(name)
+        if found is None:
+            found = self._routes[name] = RouteMetrics(
+                name, requests=self._requests, auth=self._auth, upstream=self._upstream
+            )
+        return found
+
+    def count_reload(self, ok: bool) -> None:
+        (self._reload_ok if ok else self._reload_failed).inc()
+
+    def watch(self, view: Callable[[], MetricsView]) -> None:
+        """Export key-source and token-cache metrics, read through `view()` at every scrape.
+
+        `view` is called at scrape time, so it should return whatever is current (the key
+        ring of the running config snapshot). Calling `watch` again replaces it.
+        """
+        if self._collector is None:
+            self._collector = _ViewCollector(view)
+            self.registry.register(self._collector)
+        else:
+            self._collector.view = view
+
+    def render(self, accept: str | None = None) -> tuple[bytes, str]:
+        """The exposition body and its content type, in the format the `Accept` header asks for."""
+        encoder, content_type = choose_encoder(accept or "")
+        return encoder(self.registry), content_type
+
+
+# -- scrape time -------------------------------------------------------------------------------
+
+_FETCHES = _PREFIX + "jwks_fetches"
+_FETCH_FAILURES = _PREFIX + "jwks_fetch_failures"
+_DISCOVERY_FETCHES = _PREFIX + "jwks_discovery_fetches"
+_KEYS = _PREFIX + "jwks_keys"
+_SKIPPED = _PREFIX + "jwks_keys_skipped"
+_AGE = _PREFIX + "jwks_age_seconds"
+_READY = _PREFIX + "provider_ready"
+_CACHE_REQUESTS = _PREFIX + "token_cache_requests"
+_CACHE_ENTRIES = _PREFIX + "token_cache_entries"
+
+
+def _families() -> dict[str, Metric]:
+    """Fresh, empty families of every metric the collector exports (one set per scrape)."""
+    return {
+        # Attempts and failures rather than a success/failure label: KeySource counts an
+        # attempt when it starts and a failure when it ends, so "attempts - failures" read
+        # during a fetch that then fails would go down, which Prometheus takes for a reset.
+        # (Prometheus's own metrics follow this shape, e.g. rule_evaluations_total and
+        # rule_evaluation_failures_total.)
+        _FETCHES: CounterMetricFamily(
+            _FETCHES, "Key refresh attempts (each one GET of the JWKS), counted as they start.",
+            labels=("provider",)),
+        _FETCH_FAILURES: CounterMetricFamily(
+            _FETCH_FAILURES, "Key refresh attempts that yielded no usable key set.", labels=("provider",)),
+        _DISCOVERY_FETCHES: CounterMetricFamily(
+            _DISCOVERY_FETCHES, "GETs of the OpenID Connect discovery document.", labels=("provider",)),
+        _KEYS: GaugeMetricFamily(_KEYS, "Usable verification keys held.", labels=("provider",)),
+        _SKIPPED: CounterMetricFamily(
+            _SKIPPED, "Keys left out of loaded key sets as unusable, summed over every load.",
+            labels=("provider",)),
+        _AGE: GaugeMetricFamily(_AGE, "Seconds since the last good key load.", labels=("provider",)),
+        _READY: GaugeMetricFamily(_READY, "1 when the provider holds at least one usable key.",
+                                  labels=("provider",)),
+        _CACHE_REQUESTS: CounterMetricFamily(
+            _CACHE_REQUESTS, "Verified-token cache lookups, by result.", labels=("result",)),
+        _CACHE_ENTRIES: GaugeMetricFamily(_CACHE_ENTRIES, "Verified tokens held in the cache."),
+    }
+
+
+def _number(read: Callable[[], Any]) -> float | None:
+    """`read()` as a finite number, or None for anything else (or an exception)."""
+    try:
+        value = read()
+    except Exception:  # noqa: BLE001 - one odd attribute must cost one sample, not the scrape
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+class _ViewCollector:
+    """Reads a `MetricsView` at scrape time. Never raises: a reload may swap objects mid-scrape.
+
+    Each part (the view, each provider, the cache) is read on its own, so one that fails
+    costs its own samples and the rest of the scrape still renders.
+    """
+
+    def __init__(self, view: Callable[[], MetricsView]) -> None:
+        self.view = view
+        self._warned = False
+
+    def describe(self) -> Iterable[Metric]:
+        # Lets the registry refuse a name clash with the metrics above at register time,
+        # without calling the view (which may not be ready yet).
+        return _families().values()
+
+    def collect(self) -> Iterator[Metric]:
+        families = _families()
+        view = self._guard(self.view)
+        if view is not None:
+            now = self._guard(lambda: _number(view.monotonic))
+            sources = self._guard(lambda: _items(view.sources)) or ()
+            for name, source in sources:
+                self._guard(lambda: _source(families, str(name), source, now))
+            self._guard(lambda: _cache(families, view.cache))
+        yield from families.values()
+
+    def _guard(self, read: Callable[[], _T]) -> _T | None:
+        try:
+            return read()
+        except Exception:  # noqa: BLE001 - a scrape must never fail for what it reads
+            # Once at WARNING (someone should look), then quietly: scrapes come every few seconds.
+            _log.log(logging.DEBUG if self._warned else logging.WARNING,
+                     "metrics: reading key sources or the token cache failed", exc_info=True)
+            self._warned = True
+            return None
+
+
+def _items(sources: Any) -> list[tuple[Any, Any]]:
+    if not isinstance(sources, Mapping):
+        raise TypeError(f"MetricsView.sources is a {type(sources).__name__}, not a mapping")
+    # A copy, so a mapping that changes under us cannot break the loop.
+    return list(sources.items())
+
+
+def _is_static(source: Any) -> bool:
+    try:
+        return isinstance(source.provider.keys, StaticKeys)
+    except Exception:  # noqa: BLE001 - an odd object is treated as fetched, and read defensively
+        return False
+
+
+def _source(families: dict[str, Metric], name: str, source: Any, now: float | None) -> None:
+    labels = (name,)
+    samples: list[tuple[str, float | None]] = [
+        (_KEYS, _number(lambda: source.keyset.size)),
+        (_SKIPPED, _number(lambda: source.skipped)),
+        (_READY, _number(lambda: 1 if source.ready else 0)),
+    ]
+    # Static keys (a file, a PEM, a secret) are read once with the config: they are never
+    # fetched, so fetch counts and key age would be noise (and an age alert a false alarm).
+    if not _is_static(source):
+        last = _number(lambda: source.last_success)
+        samples += [
+            (_FETCHES, _number(lambda: source.fetches)),
+            (_FETCH_FAILURES, _number(lambda: source.failures)),
+            (_DISCOVERY_FETCHES, _number(lambda: source.discovery_fetches)),
+            # max(0, …): a clock that is not the sources' own must not give a negative age.
+            (_AGE, max(0.0, now - last) if now is not None and last is not None else None),
+        ]
+    for family, value in samples:
+        if value is not None:
+            families[family].add_metric(labels, value)
+
+
+def _cache(families: dict[str, Metric], cache: Any) -> None:
+    if cache is None:  # disabled: no samples rather than zeros that look like a cold cache
+        return
+    for result, value in (("hit", _number(lambda: cache.hits)), ("miss", _number(lambda: cache.misses))):
+        if value is not None:
+            families[_CACHE_REQUESTS].add_metric((result,), value)
+    entries = _number(lambda: len(cache))
+    if entries is not None:
+        families[_CACHE_ENTRIES].add_metric((), entries)

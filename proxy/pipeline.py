@@ -1,0 +1,98 @@
+"""One request, start to end: route → strip → extract → verify → rules → inject → forward.
+
+Owns: the order of the steps and the per-request record (`Exchange`) that the access log
+and metrics read. It reads the config snapshot once, at entry, so a reload mid-request
+cannot mix two configs. Does not own: building anything (runtime.py), or turning errors
+into responses (app.py catches every `ProxyError` this raises).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+from yarl import URL
+
+from .errors import NotFound, TokenMissing
+from .extract import extract, without_query_param
+from .forward import forward, forward_websocket, is_websocket
+from .identity import Forwarded, inject, strip_inbound
+from .metrics import Decision, RouteMetrics
+from .routing import normalize
+from .rules import check_route
+from .runtime import Runtime, Snapshot
+
+__all__ = ["Exchange", "run"]
+
+
+@dataclass(slots=True)
+class Exchange:
+    """What happened to one request: filled in as the steps run, read by the log and metrics."""
+
+    request_id: str
+    started: float
+    snapshot: Snapshot | None = None
+    route: str = "(none)"
+    metrics: RouteMetrics | None = None
+    path: str = ""
+    decision: Decision = Decision.REJECTED
+    reason: str = ""
+    subject: str | None = None
+    status: int = 0
+
+
+async def run(request: web.Request, runtime: Runtime, exchange: Exchange) -> web.StreamResponse:
+    snapshot = exchange.snapshot = runtime.snapshot
+    assert snapshot is not None  # the listener starts only after the first snapshot exists
+    raw_path, _, query = request.raw_path.partition("?")
+    path = exchange.path = normalize(raw_path)
+    route = snapshot.router.match(request.method, path)
+    if route is None:
+        raise NotFound(f"no route for {request.method} {path}")
+    plan = snapshot.plans[route.name]
+    exchange.route, exchange.metrics = route.name, plan.metrics
+
+    # Identity headers go first, on every route, before anything is decided.
+    headers = strip_inbound(request.headers, snapshot.strip)
+    found = None
+    payload: Any = None
+    if plan.verifier is not None and route.auth is not None:
+        began = time.perf_counter()
+        try:
+            found = extract(headers, request.cookies, request.query, plan.sources)
+            if found is not None:
+                claims = await plan.verifier.verify(found.token)
+                exchange.subject = claims.subject
+                check_route(route.auth, claims.payload)
+                payload = claims.payload
+            elif not route.auth.optional:
+                raise TokenMissing(f"no token in {', '.join(s.kind for s in plan.sources)}")
+        finally:
+            plan.metrics.observe_auth(time.perf_counter() - began)
+        if found is not None and found.source.kind == "query":
+            query = without_query_param(query, found.source.name)
+
+    inject(
+        headers, payload=payload, header_map=plan.header_map, found=found,
+        forwarded=Forwarded(client=request.remote, proto=request.scheme, host=request.headers.get("Host")),
+        request_id_value=exchange.request_id,
+    )
+    exchange.decision = Decision.ALLOWED
+    url = plan.base + path + ("?" + query if query else "")
+    session = runtime.session
+    assert session is not None
+    began = time.perf_counter()
+    # encoded=True: the path is already normalised and percent-encoded; re-encoding it would
+    # make the upstream see a different path than the router matched.
+    target = URL(url, encoded=True)
+    try:
+        if is_websocket(request):
+            return await forward_websocket(request, session, url=target, headers=headers,
+                                           upstream=plan.upstream, request_id=exchange.request_id)
+        return await forward(request, session, url=target, headers=headers,
+                             upstream=plan.upstream, request_id=exchange.request_id)
+    finally:
+        plan.metrics.observe_upstream(time.perf_counter() - began)
+

@@ -1,0 +1,108 @@
+"""Request paths: normalised once, then matched against the ordered route table.
+
+Owns: RFC 3986 path normalisation (unreserved percent-escapes decoded, dot segments removed,
+repeated slashes merged), the refusals that keep the router and the upstream from ever
+disagreeing about a path (`%2F`, `%5C`, NUL, `\\`, `..;`, climbing above the root), and
+first-match routing. The normalised path is what the upstream receives. Does not own:
+tokens, headers or the query string (kept exactly as sent).
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from collections.abc import Sequence
+
+from .config import Route
+from .errors import BadRequest, Reason
+
+__all__ = ["Router", "normalize"]
+
+_UNRESERVED = frozenset(string.ascii_letters + string.digits + "-._~")
+_HEX = frozenset(string.hexdigits)
+# Escapes that would let the upstream see a different path than the router did: an
+# encoded slash or backslash is a separator to some servers and not to others.
+_FORBIDDEN_BYTES = {0x2F: "%2F (an encoded /)", 0x5C: "%5C (an encoded \\)", 0x00: "%00 (NUL)"}
+# Anything that could need work; a plain path like /api/v1/orders skips all of it.
+_NEEDS_WORK = re.compile(r"[%\\\x00-\x20\x7f]|//|/\.|\.$")
+
+
+def _bad(detail: str) -> BadRequest:
+    return BadRequest(Reason.BAD_PATH, detail)
+
+
+def normalize(raw_path: str) -> str:
+    """The canonical form of a raw (still percent-encoded) request path, or `BadRequest`."""
+    if not raw_path.startswith("/"):
+        raise _bad("the request target must be a path starting with /")
+    if _NEEDS_WORK.search(raw_path) is None:
+        return raw_path
+    if any(ch in raw_path for ch in "\\\x00") or any(ord(ch) < 0x21 or ord(ch) == 0x7F for ch in raw_path):
+        raise _bad("the path holds a backslash, a space or a control character")
+    path = _decode_unreserved(raw_path) if "%" in raw_path else raw_path
+    segments = path.split("/")[1:]
+    kept: list[str] = []
+    for seg in segments:
+        if seg in ("", "."):
+            continue
+        if seg == "..":
+            if not kept:
+                raise _bad("a dot segment climbs above the root")
+            kept.pop()
+            continue
+        if seg.split(";", 1)[0] in (".", ".."):
+            # `..;/` is `..` to Tomcat and friends: refuse rather than guess.
+            raise _bad("a dot segment with parameters")
+        kept.append(seg)
+    result = "/" + "/".join(kept)
+    # RFC 3986 §5.2.4: "/a/b/" stays a directory, and so does "/a/b/.." → "/a/".
+    if kept and segments[-1] in ("", ".", ".."):
+        result += "/"
+    return result
+
+
+def _decode_unreserved(path: str) -> str:
+    """Decode escapes of unreserved characters (RFC 3986 §6.2.2.2), upper-case the rest."""
+    out: list[str] = []
+    i = 0
+    while i < len(path):
+        ch = path[i]
+        if ch != "%":
+            out.append(ch)
+            i += 1
+            continue
+        digits = path[i + 1:i + 3]
+        if len(digits) != 2 or not _HEX.issuperset(digits):
+            raise _bad("a malformed percent-escape")
+        byte = int(digits, 16)
+        if byte in _FORBIDDEN_BYTES:
+            raise _bad(f"the path holds {_FORBIDDEN_BYTES[byte]}")
+        decoded = chr(byte)
+        out.append(decoded if decoded in _UNRESERVED else "%" + digits.upper())
+        i += 3
+    return "".join(out)
+
+
+class Router:
+    """The ordered route table: the first route whose path and method match wins."""
+
+    __slots__ = ("routes",)
+
+    def __init__(self, routes: Sequence[Route]) -> None:
+        self.routes = tuple(routes)
+
+    def match(self, method: str, path: str) -> Route | None:
+        """The route for a normalised path, or None (a 404)."""
+        for route in self.routes:
+            m = route.match
+            if m.methods is not None and method not in m.methods:
+                continue
+            if m.path_prefix is not None:
+                if path.startswith(m.path_prefix):
+                    return route
+            elif m.path_exact is not None:
+                if path == m.path_exact:
+                    return route
+            elif m.path_regex is not None and m.path_regex.search(path) is not None:
+                return route
+        return None

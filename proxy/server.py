@@ -1,0 +1,98 @@
+"""The running process: listeners, signals, reload triggers and a graceful drain.
+
+Owns: binding the proxy and admin listeners, SIGTERM/SIGINT (readiness goes false, the
+listener stops accepting, in-flight requests get `drain_timeout` to finish, exit 0),
+SIGHUP and file changes (reload), and uvloop when it is installed. Mirrors uvicorn's
+`Server.shutdown`: a short run of steps, one comment each. Does not own: what a request
+does (app.py) or what a reload does (reload.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+
+from aiohttp import web
+
+from .admin import create_admin_app
+from .app import RUNTIME, create_app
+from .config import Settings
+from .reload import reload, watch
+
+__all__ = ["configure_logging", "run", "serve"]
+
+log = logging.getLogger("jwt_sidecar")
+
+
+def configure_logging(level: str = "INFO") -> None:
+    """Operator logs on stderr; the access log as bare JSON lines on stdout."""
+    logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    access = logging.getLogger("jwt_sidecar.access")
+    access.propagate = False
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    access.addHandler(handler)
+    access.setLevel(logging.INFO)
+
+
+async def serve(settings: Settings, *, config_path: str | None, stop: asyncio.Event | None = None,
+                watch_interval: float = 2.0) -> None:
+    """Serve until SIGTERM/SIGINT (or `stop` is set), then drain and return."""
+    stop = stop or asyncio.Event()
+    app = create_app(settings, config_path=config_path)
+    runtime = app[RUNTIME]
+    # handler_cancellation: a client that goes away cancels its upstream request too.
+    runner = web.AppRunner(app, handle_signals=False, access_log=None, handler_cancellation=True,
+                           shutdown_timeout=settings.drain_timeout)
+    admin_runner = web.AppRunner(create_admin_app(runtime), handle_signals=False, access_log=None)
+    await runner.setup()  # runs cleanup_ctx: client session, first key fetches
+    await admin_runner.setup()
+    sites = [web.TCPSite(runner, settings.listen.host, settings.listen.port, backlog=1024),
+             web.TCPSite(admin_runner, settings.admin.host, settings.admin.port)]
+    for site in sites:
+        await site.start()
+    log.info("proxying %s -> %s; admin on %s", settings.listen, settings.upstream.url, settings.admin)
+
+    loop = asyncio.get_running_loop()
+    reloads: set[asyncio.Task[bool]] = set()
+
+    def on_hup() -> None:
+        task = loop.create_task(reload(runtime))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
+    watcher = loop.create_task(watch(runtime, interval=watch_interval))
+    try:
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+        # 1. Readiness goes false first, so the platform stops sending new requests.
+        runtime.draining = True
+        log.info("draining: up to %gs for in-flight requests", settings.drain_timeout)
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+        # 2. Stop accepting, close idle keep-alives, wait up to drain_timeout for running
+        #    handlers, cancel the rest, then close the client session and key sources.
+        await runner.cleanup()
+        # 3. The admin listener goes last, so /readyz answers "draining" to the very end.
+        await admin_runner.cleanup()
+        log.info("stopped")
+
+
+def run(settings: Settings, *, config_path: str | None) -> int:
+    try:
+        import uvloop  # the faster event loop, when installed (`pip install jwt-sidecar[fast]`)
+    except ImportError:
+        runner = asyncio.run
+    else:
+        runner = uvloop.run  # type: ignore[assignment]
+    runner(serve(settings, config_path=config_path))
+    return 0

@@ -1,0 +1,99 @@
+"""The real proxy on loopback, between a real recording upstream and a real JWKS server.
+
+`sidecar(yaml)` builds the config from YAML text (with `{upstream}` and `{jwks}` filled in),
+starts the proxy app and its admin app with pytest-aiohttp's `aiohttp_server`, and returns
+a `Sidecar` with a client session. Tokens are minted per test with `tests.conftest.mint`.
+"""
+
+from __future__ import annotations
+
+import textwrap
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import pytest
+
+from proxy import config
+from proxy.admin import create_admin_app
+from proxy.app import RUNTIME, create_app
+from proxy.runtime import Runtime
+from tests.conftest import AUDIENCE, ISSUER, TestKey, jwks_of
+from tests.support.jwks_server import JwksServer
+from tests.support.upstream import Upstream, start_upstream
+
+BASE_CONFIG = f"""\
+realm: api
+upstream: {{url: "{{upstream}}", timeout: 2s, connect_timeout: 1s, max_body: 1MB}}
+providers:
+  main:
+    issuer: {ISSUER}
+    audiences: [{AUDIENCE}]
+    jwks: {{url: "{{jwks}}", min_refresh_interval: 1s}}
+    headers:
+      claims: {{sub: X-User-Id, email: X-User-Email, roles: X-User-Roles, org: X-User-Org}}
+routes:
+  - name: public
+    match: {{path_prefix: /public/}}
+    auth: none
+  - name: admin
+    match: {{path_prefix: /admin/, methods: [GET, POST]}}
+    auth:
+      provider: main
+      scopes: {{all_of: [admin]}}
+      claims:
+        - {{claim: email_verified, equals: true}}
+  - name: optional
+    match: {{path_prefix: /maybe/}}
+    auth: {{provider: main, optional: true}}
+  - name: api
+    match: {{path_prefix: /}}
+    auth: {{provider: main}}
+"""
+
+
+@dataclass
+class Sidecar:
+    url: str
+    admin_url: str
+    client: aiohttp.ClientSession
+    upstream: Upstream
+    jwks: JwksServer
+    runtime: Runtime
+
+    async def get(self, path: str, **kwargs: Any) -> aiohttp.ClientResponse:
+        return await self.client.get(self.url + path, allow_redirects=False, **kwargs)
+
+    async def request(self, method: str, path: str, **kwargs: Any) -> aiohttp.ClientResponse:
+        return await self.client.request(method, self.url + path, allow_redirects=False, **kwargs)
+
+
+@pytest.fixture
+async def sidecar(aiohttp_server: Any, jwks_server: JwksServer, rsa_key: TestKey,
+                  tmp_path: Any) -> AsyncIterator[Callable[..., Awaitable[Sidecar]]]:
+    sessions: list[aiohttp.ClientSession] = []
+
+    async def make(yaml_text: str = BASE_CONFIG, **extra: str) -> Sidecar:
+        jwks_server.document = jwks_of(rsa_key)
+        upstream = await start_upstream(aiohttp_server)
+        text = textwrap.dedent(yaml_text).replace("{upstream}", upstream.url).replace("{jwks}", jwks_server.url())
+        for key, value in extra.items():
+            text = text.replace("{" + key + "}", value)
+        path = tmp_path / "config.yaml"
+        path.write_text(text)
+        settings = config.load(path)
+        app = create_app(settings, config_path=str(path))
+        proxy_server = await aiohttp_server(app)
+        runtime = app[RUNTIME]
+        admin_server = await aiohttp_server(create_admin_app(runtime))
+        # auto_decompress off and no cookie jar: see the bytes and headers exactly as sent.
+        client = aiohttp.ClientSession(auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar())
+        sessions.append(client)
+        return Sidecar(url=str(proxy_server.make_url("")).rstrip("/"),
+                       admin_url=str(admin_server.make_url("")).rstrip("/"),
+                       client=client, upstream=upstream, jwks=jwks_server, runtime=runtime)
+
+    yield make
+    for session in sessions:
+        await session.close()

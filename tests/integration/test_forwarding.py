@@ -1,0 +1,146 @@
+"""Through the real proxy: streaming both ways in bounded memory, body limits, upstream failures, WebSockets."""
+
+from __future__ import annotations
+
+import asyncio
+import resource
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+
+from tests.conftest import AUDIENCE, ISSUER, TestKey, mint
+
+STREAM_CONFIG = f"""\
+upstream: {{url: "{{upstream}}", timeout: 1s, connect_timeout: 1s, max_body: {{max_body}}}}
+providers:
+  main: {{issuer: "{ISSUER}", audiences: ["{AUDIENCE}"], jwks: {{url: "{{jwks}}"}}}}
+routes:
+  - {{name: api, match: {{path_prefix: /}}, auth: {{provider: main}}}}
+"""
+GIB = 1024**3
+MIB = 1024**2
+
+
+def bearer(key: TestKey) -> dict[str, str]:
+    return {"Authorization": f"Bearer {mint(key=key)}"}
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+async def generated(total: int, chunk: int = MIB) -> AsyncIterator[bytes]:
+    block = b"u" * chunk
+    sent = 0
+    while sent < total:
+        piece = block[: min(chunk, total - sent)]
+        sent += len(piece)
+        yield piece
+
+
+async def test_one_gib_upload_streams_in_bounded_memory(sidecar: Any, rsa_key: TestKey) -> None:
+    s = await sidecar(STREAM_CONFIG, max_body="0")
+    before = peak_rss_bytes()
+    async with await s.request("POST", "/upload", data=generated(GIB), headers=bearer(rsa_key),
+                               timeout=aiohttp.ClientTimeout(total=120)) as response:
+        assert response.status == 200
+        assert await response.json() == {"received": GIB}
+    # Client, proxy and upstream share this process: buffering the body anywhere would add ~1 GiB.
+    assert peak_rss_bytes() - before < 200 * MIB
+    assert s.upstream.last().header("Transfer-Encoding") == "chunked"
+
+
+async def test_one_gib_download_streams_in_bounded_memory(sidecar: Any, rsa_key: TestKey) -> None:
+    s = await sidecar(STREAM_CONFIG, max_body="0")
+    before = peak_rss_bytes()
+    received = 0
+    async with await s.get(f"/download?bytes={GIB}", headers=bearer(rsa_key),
+                           timeout=aiohttp.ClientTimeout(total=120)) as response:
+        assert response.status == 200
+        async for chunk in response.content.iter_chunked(MIB):
+            received += len(chunk)
+    assert received == GIB
+    assert peak_rss_bytes() - before < 200 * MIB
+
+
+async def test_content_length_over_max_body_is_413_before_the_upstream_is_asked(sidecar: Any, rsa_key: TestKey) -> None:
+    s = await sidecar(STREAM_CONFIG, max_body="1MB")
+    async with await s.request("POST", "/upload", data=b"x" * (MIB + 1), headers=bearer(rsa_key)) as response:
+        assert response.status == 413
+        assert (await response.json())["error"] == "payload_too_large"
+    assert s.upstream.seen == []
+
+
+async def test_chunked_body_over_max_body_is_413(sidecar: Any, rsa_key: TestKey) -> None:
+    s = await sidecar(STREAM_CONFIG, max_body="1MB")
+    async with await s.request("POST", "/upload", data=generated(3 * MIB, 64 * 1024),
+                               headers=bearer(rsa_key)) as response:
+        assert response.status == 413
+
+
+async def test_body_within_the_limit_passes_with_its_content_length(sidecar: Any, rsa_key: TestKey) -> None:
+    s = await sidecar(STREAM_CONFIG, max_body="1MB")
+    async with await s.request("PUT", "/upload", data=b"y" * 1000, headers=bearer(rsa_key)) as response:
+        assert await response.json() == {"received": 1000}
+    assert s.upstream.last().header("Content-Length") == "1000"
+
+
+async def test_upstream_refused_is_502_with_a_json_body(sidecar: Any, rsa_key: TestKey, unused_tcp_port: int) -> None:
+    s = await sidecar(STREAM_CONFIG.replace('"{upstream}"', f'"http://127.0.0.1:{unused_tcp_port}"'), max_body="0")
+    async with await s.get("/x", headers=bearer(rsa_key)) as response:
+        assert response.status == 502
+        assert await response.json() == {"error": "bad_gateway",
+                                         "error_description": "The upstream service is unavailable"}
+
+
+async def test_upstream_timeout_is_504(sidecar: Any, rsa_key: TestKey) -> None:
+    s = await sidecar(STREAM_CONFIG, max_body="0")
+    async with await s.get("/slow?seconds=3", headers=bearer(rsa_key)) as response:
+        assert response.status == 504
+        assert (await response.json())["error"] == "gateway_timeout"
+
+
+async def test_upstream_status_and_bodyless_answers_pass_through(sidecar: Any, rsa_key: TestKey) -> None:
+    s = await sidecar(STREAM_CONFIG, max_body="0")
+    for code in (204, 304, 404, 500):
+        async with await s.get(f"/status/{code}", headers=bearer(rsa_key)) as response:
+            assert response.status == code
+            body = await response.read()
+            assert body == (b"" if code in (204, 304) else f"status {code}".encode())
+    async with await s.request("HEAD", "/anything", headers=bearer(rsa_key)) as response:
+        assert response.status == 200 and await response.read() == b""
+
+
+async def test_client_disconnect_mid_download_cancels_the_upstream_stream(sidecar: Any, rsa_key: TestKey) -> None:
+    s = await sidecar(STREAM_CONFIG, max_body="0")
+    response = await s.get(f"/download?bytes={GIB}", headers=bearer(rsa_key))
+    await response.content.readexactly(MIB)
+    response.close()  # the client goes away after 1 MiB of 1 GiB
+    # The proxy stops pulling from the upstream: in-flight drops back to zero promptly.
+    for _ in range(100):
+        if s.runtime.metrics.in_flight._value.get() == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert s.runtime.metrics.in_flight._value.get() == 0
+
+
+async def test_websocket_is_authenticated_then_relayed_both_ways(sidecar: Any, rsa_key: TestKey) -> None:
+    s = await sidecar(STREAM_CONFIG, max_body="0")
+    async with s.client.ws_connect(s.url + "/ws", headers=bearer(rsa_key)) as ws:
+        assert (await asyncio.wait_for(ws.receive_str(), 5)) == "hello user-42"
+        await ws.send_str("ping")
+        assert (await asyncio.wait_for(ws.receive_str(), 5)) == "ping"
+        await ws.send_bytes(b"\x00\x01")
+        assert (await asyncio.wait_for(ws.receive_bytes(), 5)) == b"\x00\x01"
+    assert s.upstream.last().header("Authorization") is None
+
+
+async def test_websocket_without_a_token_is_refused_before_the_upgrade(sidecar: Any) -> None:
+    s = await sidecar(STREAM_CONFIG, max_body="0")
+    try:
+        async with s.client.ws_connect(s.url + "/ws"):
+            raise AssertionError("the upgrade must be refused")
+    except aiohttp.WSServerHandshakeError as refused:
+        assert refused.status == 401
+    assert s.upstream.seen == []

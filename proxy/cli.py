@@ -95,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
     _add_run(commands)
+    _add_demo(commands)
     _add_check_config(commands)
     _add_keys(commands)
     _add_token(commands)
@@ -128,6 +129,30 @@ def _run(args: argparse.Namespace) -> int:
     # `_created` samples double the /metrics output and no dashboard here reads them.
     prometheus_client.disable_created_metrics()
     return server.run(settings, config_path=str(args.config))
+
+
+# -- demo ---------------------------------------------------------------------------------
+
+
+def _add_demo(commands: Any) -> None:
+    p = commands.add_parser(
+        "demo",
+        help="run the sidecar with a local key set and an echo upstream, and print tokens to try",
+        description="Start, on loopback, an issuer serving a freshly generated key set, an upstream that echoes "
+        "what it receives, and the sidecar with FILE; print valid tokens and curl lines. Ctrl-C stops everything.",
+    )
+    p.add_argument("--config", type=Path, default=None, metavar="FILE",
+                   help="the config (default ./config.yaml, else the example shipped with the package)")
+    p.set_defaults(run=_demo, parser=p)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from . import demo
+
+    path = args.config or demo.default_config_path()
+    server.configure_logging("WARNING")
+    asyncio.run(demo.run_demo(path, announce=lambda text: print(text, flush=True)))
+    return 0
 
 
 # -- check-config -------------------------------------------------------------------------

@@ -1,0 +1,136 @@
+"""extract.py and identity.py: finding the one token; stripping and injecting headers."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import pytest
+from multidict import CIMultiDict, MultiDict
+
+from proxy import config
+from proxy.config import BEARER, HeaderMap, TokenSource
+from proxy.errors import InvalidRequest, InvalidToken, Reason
+from proxy.extract import Found, extract, without_cookie, without_query_param
+from proxy.identity import Forwarded, StripPlan, inject, render_claim, request_id, strip_inbound
+
+QUERY = TokenSource(kind="query", name="access_token")
+COOKIE = TokenSource(kind="cookie", name="at")
+HEADER = TokenSource(kind="header", name="X-Api-Token", prefix="Token ")
+
+
+def find(headers: list[tuple[str, str]], sources: tuple[TokenSource, ...] = (BEARER,), *,
+         cookies: dict[str, str] | None = None, query: list[tuple[str, str]] | None = None) -> Found | None:
+    return extract(CIMultiDict(headers), cookies or {}, MultiDict(query or []), sources)
+
+
+def test_bearer_scheme_is_case_insensitive() -> None:
+    assert find([("Authorization", "bearer abc.def-_~+/=")]).token == "abc.def-_~+/="
+    assert find([("authorization", "BEARER x")]).token == "x"
+
+
+def test_other_schemes_are_not_tokens() -> None:
+    assert find([("Authorization", "Basic dXNlcjpwdw==")]) is None
+
+
+@pytest.mark.parametrize("value", ["Bearer", "Bearer ", "Bearer a b", "Bearer  x", "Bearer a,b", "Bearer é"])
+def test_malformed_bearer_is_invalid_request(value: str) -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        find([("Authorization", value)])
+    assert caught.value.reason is Reason.MALFORMED_REQUEST and caught.value.status == 400
+
+
+@pytest.mark.parametrize("headers, cookies, query", [
+    ([("Authorization", "Bearer a"), ("Authorization", "Bearer a")], {}, []),
+    ([("Authorization", "Bearer a")], {}, [("access_token", "b")]),
+    ([("Authorization", "Bearer a")], {"at": "b"}, []),
+    ([], {}, [("access_token", "a"), ("access_token", "a")]),
+    ([("Authorization", "Bearer a"), ("X-Api-Token", "Token b")], {}, []),
+], ids=["two headers", "header and query", "header and cookie", "query twice", "bearer and custom header"])
+def test_more_than_one_token_is_invalid_request(headers: list, cookies: dict, query: list) -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        find(headers, (BEARER, QUERY, COOKIE, HEADER), cookies=cookies, query=query)
+    assert caught.value.reason is Reason.MULTIPLE_TOKENS
+
+
+def test_each_source_alone() -> None:
+    sources = (BEARER, QUERY, COOKIE, HEADER)
+    assert find([], sources, query=[("access_token", "q")]) == Found("q", QUERY)
+    assert find([], sources, cookies={"at": "c"}) == Found("c", COOKIE)
+    assert find([("X-Api-Token", "Token h")], sources) == Found("h", HEADER)
+    with pytest.raises(InvalidRequest):
+        find([("X-Api-Token", "h")], sources)  # the prefix is required
+
+
+def test_query_and_cookie_removal_keep_everything_else_as_sent() -> None:
+    assert without_query_param("a=1&access_token=T&b=%2F&access_token=U", "access_token") == "a=1&b=%2F"
+    assert without_query_param("", "access_token") == ""
+    assert without_cookie("x=1; at=T; y=2", "at") == "x=1; y=2"
+
+
+def plan(**strip: object) -> StripPlan:
+    settings = config.parse(
+        "providers: {m: {issuer: i, audiences: [a], jwks: {url: 'https://x'}, "
+        "token_sources: [bearer, {header: X-Auth-Token}], headers: {claims: {sub: X-User-Id, org: X-Org}, payload: X-Payload}}}\n"
+        "strip_headers: {names: [X-Internal-Secret]}\n")
+    return StripPlan.build(settings)
+
+
+def test_strip_drops_hop_by_hop_connection_named_and_identity_headers() -> None:
+    inbound = CIMultiDict([
+        ("Host", "h"), ("Connection", "keep-alive, X-Custom"), ("Keep-Alive", "5"), ("TE", "trailers"),
+        ("Upgrade", "h2c"), ("Proxy-Authorization", "x"), ("X-Custom", "1"), ("x-user-id", "root"),
+        ("X-USER-ROLES", "admin"), ("X-Jwt-Claims", "{}"), ("X-Org", "evil"), ("X-Payload", "e30"),
+        ("X-Internal-Secret", "s"), ("X-Auth-Token", "tok"), ("Accept", "*/*"), ("Accept", "text/html"),
+    ])
+    out = strip_inbound(inbound, plan())
+    assert list(out.items()) == [("Host", "h"), ("X-Auth-Token", "tok"), ("Accept", "*/*"), ("Accept", "text/html")]
+    assert inbound["x-user-id"] == "root", "the inbound headers are never mutated"
+
+
+def test_inject_writes_identity_after_the_strip_and_removes_the_token() -> None:
+    headers = CIMultiDict([("Authorization", "Bearer t"), ("X-Forwarded-For", "10.0.0.1")])
+    header_map = HeaderMap(claims=(config.ClaimHeader(claim="sub", path=("sub",), header="X-User-Id"),
+                                   config.ClaimHeader(claim="r", path=("realm", "roles"), header="X-Roles")),
+                           payload="X-Payload")
+    payload = {"sub": "u1", "realm": {"roles": ["a", "b"]}}
+    inject(headers, payload=payload, header_map=header_map, found=Found("t", BEARER),
+           forwarded=Forwarded(client="127.0.0.1", proto="http", host="api.test"), request_id_value="rid")
+    assert "Authorization" not in headers
+    assert headers["X-User-Id"] == "u1" and headers["X-Roles"] == "a,b"
+    assert json.loads(base64.urlsafe_b64decode(headers["X-Payload"] + "==")) == payload
+    assert headers["X-Forwarded-For"] == "10.0.0.1, 127.0.0.1"
+    assert (headers["X-Forwarded-Proto"], headers["X-Forwarded-Host"], headers["X-Request-Id"]) == ("http", "api.test", "rid")
+
+
+def test_forward_token_keeps_it() -> None:
+    headers = CIMultiDict([("Authorization", "Bearer t")])
+    inject(headers, payload={}, header_map=HeaderMap(forward_token=True), found=Found("t", BEARER),
+           forwarded=Forwarded(client=None, proto="http", host=None), request_id_value="r")
+    assert headers["Authorization"] == "Bearer t"
+
+
+@pytest.mark.parametrize("value, text", [
+    ("alice", "alice"), (True, "true"), (3, "3"), (1.5, "1.5"), (["a", 1, {"b": 2}], 'a,1,{"b":2}'),
+    ({"id": 7}, '{"id":7}'), (None, None), ("tab\there", "tab\there"), ("café", "café"),
+])
+def test_render_claim(value: object, text: str | None) -> None:
+    assert render_claim(value) == text
+
+
+@pytest.mark.parametrize("value", ["a\r\nX-Admin: 1", "a\nb", "a\x00", ["ok", "bad\r"], {"k": "v\n"}, "\x1b[31m"])
+def test_a_claim_with_control_characters_is_refused_not_sanitised(value: object) -> None:
+    if isinstance(value, dict):
+        # JSON escapes control characters inside objects, so those are safe to send.
+        assert "\n" not in render_claim(value)
+        return
+    with pytest.raises(InvalidToken) as caught:
+        render_claim(value)
+    assert caught.value.reason is Reason.UNSAFE_CLAIM
+
+
+def test_request_id_is_kept_when_sane_and_replaced_otherwise() -> None:
+    assert request_id("abc-123:x.y_z") == "abc-123:x.y_z"
+    assert len(request_id(None)) == 32
+    assert request_id("evil\r\nheader") != "evil\r\nheader"
+    assert len(request_id("x" * 500)) == 32

@@ -12,17 +12,18 @@ Does not own: JWTs, routes or which headers to send (identity.py decides those).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import aiohttp
 from aiohttp import web
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict
 from yarl import URL
 
 from .config import Upstream
 from .errors import PayloadTooLarge, UpstreamTimeout, UpstreamUnavailable
-from .identity import HOP_BY_HOP
+from .identity import connection_tokens, end_to_end
 
 __all__ = ["CHUNK", "forward", "forward_websocket", "is_websocket", "new_session"]
 
@@ -60,16 +61,18 @@ async def _limited(request: web.Request, limit: int) -> AsyncIterator[bytes]:
         yield chunk
 
 
-def _response_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
-    named: set[str] = set()
-    for value in headers.getall("Connection", ()):
-        named.update(token.strip().lower() for token in value.split(","))
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in headers.items():
-        low = name.lower()
-        if low not in HOP_BY_HOP and low not in named:
-            out.add(name, value)
-    return out
+@contextlib.contextmanager
+def _upstream_errors(url: URL, what: str) -> Iterator[None]:
+    """Map a failed upstream call: timeout → 504, anything else from the client → 502.
+
+    `TimeoutError` first: aiohttp's `ServerTimeoutError` is also a `ClientConnectionError`.
+    """
+    try:
+        yield
+    except TimeoutError:
+        raise UpstreamTimeout(f"{what} {url.origin()} did not answer in time") from None
+    except aiohttp.ClientError as error:
+        raise UpstreamUnavailable(f"{what} {url.origin()}: {type(error).__name__}") from None
 
 
 async def forward(
@@ -88,22 +91,22 @@ async def forward(
     body = _limited(request, upstream.max_body) if request.body_exists else None
     timeout = aiohttp.ClientTimeout(total=None, connect=upstream.connect_timeout, sock_read=upstream.timeout)
     try:
-        upstream_response = await session.request(
-            request.method, url, headers=headers, data=body, allow_redirects=False,
-            skip_auto_headers=_SKIP_AUTO, timeout=timeout, compress=None,
-        )
+        with _upstream_errors(url, "upstream"):
+            try:
+                upstream_response = await session.request(
+                    request.method, url, headers=headers, data=body, allow_redirects=False,
+                    skip_auto_headers=_SKIP_AUTO, timeout=timeout, compress=None,
+                )
+            except aiohttp.ClientError as error:
+                # The body generator's own failure may arrive wrapped in a client error.
+                if isinstance(error.__cause__ or error.__context__, _BodyTooLarge):
+                    raise _BodyTooLarge from None
+                raise
     except _BodyTooLarge:
         raise PayloadTooLarge(f"body exceeds max_body {upstream.max_body}") from None
-    except TimeoutError:
-        raise UpstreamTimeout(f"no answer from {url.origin()} within {upstream.timeout:g}s") from None
-    except aiohttp.ClientError as error:
-        cause = error.__cause__ or error.__context__
-        if isinstance(cause, _BodyTooLarge) or isinstance(error.__context__, _BodyTooLarge):
-            raise PayloadTooLarge(f"body exceeds max_body {upstream.max_body}") from None
-        raise UpstreamUnavailable(f"{url.origin()}: {type(error).__name__}") from None
     async with upstream_response:
         response = web.StreamResponse(status=upstream_response.status, reason=upstream_response.reason,
-                                      headers=_response_headers(upstream_response.headers))
+                                      headers=end_to_end(upstream_response.headers))
         response.headers["X-Request-Id"] = request_id
         await response.prepare(request)
         try:
@@ -120,8 +123,7 @@ async def forward(
 
 
 def is_websocket(request: web.Request) -> bool:
-    connection = {t.strip().lower() for v in request.headers.getall("Connection", ()) for t in v.split(",")}
-    return "upgrade" in connection and request.headers.get("Upgrade", "").lower() == "websocket"
+    return "upgrade" in connection_tokens(request.headers) and request.headers.get("Upgrade", "").lower() == "websocket"
 
 
 async def forward_websocket(
@@ -137,15 +139,11 @@ async def forward_websocket(
     protocols = [p.strip() for v in request.headers.getall("Sec-WebSocket-Protocol", ()) for p in v.split(",") if p.strip()]
     sent = CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in _WS_HEADERS)
     ws_url = url.with_scheme("wss" if url.scheme == "https" else "ws")
-    try:
+    with _upstream_errors(ws_url, "websocket"):
         upstream_ws = await session.ws_connect(
             ws_url, headers=sent, protocols=protocols, autoclose=False, autoping=True,
             timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=upstream.timeout),
         )
-    except TimeoutError:
-        raise UpstreamTimeout(f"websocket {ws_url.origin()} did not answer") from None
-    except aiohttp.ClientError as error:
-        raise UpstreamUnavailable(f"websocket {ws_url.origin()}: {type(error).__name__}") from None
     async with upstream_ws:
         client_ws = web.WebSocketResponse(protocols=[upstream_ws.protocol] if upstream_ws.protocol else (),
                                           autoclose=False, autoping=True)

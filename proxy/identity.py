@@ -28,7 +28,8 @@ from .errors import InvalidToken, Reason
 from .extract import Found, without_cookie
 from .rules import ABSENT, claim_at
 
-__all__ = ["HOP_BY_HOP", "Forwarded", "StripPlan", "inject", "request_id", "strip_inbound"]
+__all__ = ["HOP_BY_HOP", "Forwarded", "StripPlan", "connection_tokens", "end_to_end", "inject", "request_id",
+           "strip_inbound"]
 
 # RFC 9110 §7.6.1 and the de-facto ones (Keep-Alive, Proxy-Connection); Expect is answered
 # by our own server, so the upstream must not be asked to answer it again.
@@ -69,18 +70,26 @@ class StripPlan:
         return lower_name in self.names or lower_name.startswith(self.prefixes)
 
 
-def strip_inbound(headers: CIMultiDictProxy[str] | CIMultiDict[str], plan: StripPlan) -> CIMultiDict[str]:
-    """A new multidict: the client's headers less hop-by-hop, Connection-named and identity headers."""
-    named: set[str] = set()
-    for value in headers.getall("Connection", ()):
-        named.update(token.strip().lower() for token in value.split(","))
+def connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set[str]:
+    """The lower-cased options of every `Connection` header (RFC 9110 §7.6.1)."""
+    return {token.strip().lower() for value in headers.getall("Connection", ()) for token in value.split(",")}
+
+
+def end_to_end(headers: CIMultiDictProxy[str] | CIMultiDict[str], plan: StripPlan | None = None) -> CIMultiDict[str]:
+    """A new multidict without hop-by-hop and Connection-named headers (and what `plan` strips)."""
+    named = connection_tokens(headers)
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in headers.items():
         low = name.lower()
-        if low in HOP_BY_HOP or low in named or plan.strips(low):
+        if low in HOP_BY_HOP or low in named or (plan is not None and plan.strips(low)):
             continue
         out.add(name, value)
     return out
+
+
+def strip_inbound(headers: CIMultiDictProxy[str] | CIMultiDict[str], plan: StripPlan) -> CIMultiDict[str]:
+    """A new multidict: the client's headers less hop-by-hop, Connection-named and identity headers."""
+    return end_to_end(headers, plan)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,75 @@
+"""The image's command against the shipped ConfigMap: built as a wheel, installed in a fresh venv, run.
+
+No Docker engine runs here, so this does what the image does: install the wheel into a clean
+Python, then run exactly the Dockerfile's ENTRYPOINT with the Pod's environment. The only
+thing changed is where the mounted config file lives (a temp dir instead of /etc/...).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import venv
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from tests.k8s_support import REPO, configmap_config, entrypoint, sidecar_env
+
+
+def build_and_install(tmp: Path) -> Path:
+    wheels = tmp / "wheels"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheels), str(REPO)],
+                   check=True, timeout=300)
+    env_dir = tmp / "venv"
+    venv.create(env_dir, with_pip=True)
+    wheel = next(wheels.glob("jwt_sidecar-*.whl"))
+    subprocess.run([str(env_dir / "bin" / "python"), "-m", "pip", "install", "-q", str(wheel)],
+                   check=True, timeout=600)
+    return env_dir / "bin"
+
+
+async def test_the_image_entrypoint_serves_the_configmap_config_and_becomes_ready(
+        tmp_path: Path, jwks_server: Any, rsa_key: Any) -> None:
+    from tests.conftest import jwks_of
+
+    bin_dir = await asyncio.to_thread(build_and_install, tmp_path)
+    key, text = configmap_config()
+    config_file = tmp_path / key
+    config_file.write_text(text)
+    argv = entrypoint()
+    argv[argv.index("--config") + 1] = str(config_file)
+    argv[0] = str(bin_dir / argv[0])  # the console script the wheel installed
+
+    issuer = jwks_server.url("").rstrip("/")
+    jwks_server.issuer = issuer
+    jwks_server.document = jwks_of(rsa_key)
+    env = {**sidecar_env(), "OIDC_ISSUER": issuer, "PATH": f"{bin_dir}:{os.environ['PATH']}",
+           "PYTHONDONTWRITEBYTECODE": "1"}
+    proc = await asyncio.create_subprocess_exec(*argv, env=env, cwd=tmp_path, stdout=asyncio.subprocess.DEVNULL,
+                                                stderr=asyncio.subprocess.PIPE)
+    try:
+        ready = False
+        async with aiohttp.ClientSession() as session:
+            for _ in range(200):
+                assert proc.returncode is None, (await proc.stderr.read()).decode()
+                try:
+                    async with session.get("http://127.0.0.1:9901/readyz") as response:
+                        if response.status == 200:
+                            ready = True
+                            break
+                except aiohttp.ClientConnectionError:
+                    pass
+                await asyncio.sleep(0.1)
+        assert ready, "the sidecar never answered /readyz with 200"
+        assert jwks_server.requests["/.well-known/openid-configuration"] >= 1
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 30) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()

@@ -1,0 +1,117 @@
+"""k8s/ and the Dockerfile: valid for Kubernetes 1.29+, and consistent with each other and the config."""
+
+from __future__ import annotations
+
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import kubernetes_validate
+import pytest
+
+from proxy import config
+from tests.k8s_support import (
+    K8S, built, configmap_config, dockerfile_instruction, entrypoint, kustomization, manifests, one,
+    sidecar_container, sidecar_env,
+)
+
+FILES = sorted(str(p.relative_to(K8S)) for p in K8S.rglob("*.yaml")
+               if p.name != "kustomization.yaml" and "monitoring" not in p.parts)
+
+
+@pytest.mark.parametrize("version", ["1.29", "1.37"])
+@pytest.mark.parametrize("name", FILES)
+def test_every_manifest_validates_against_the_kubernetes_schema(name: str, version: str) -> None:
+    for doc in manifests(name):
+        kubernetes_validate.validate(doc, version, strict=True)
+
+
+def test_kustomization_is_plain_resources_and_lists_every_manifest() -> None:
+    k = kustomization()
+    # No transformers, so the kustomize output is exactly the listed files (see tests.k8s_support.built).
+    assert set(k) == {"apiVersion", "kind", "resources"}
+    top_level = sorted(p.name for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
+    assert sorted(k["resources"]) == top_level
+    kinds = [d["kind"] for d in built()]
+    assert sorted(kinds) == sorted(["ConfigMap", "Secret", "Deployment", "Service", "NetworkPolicy",
+                                    "PodDisruptionBudget"])
+
+
+@pytest.fixture
+def settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> config.Settings:
+    for name, value in sidecar_env().items():
+        monkeypatch.setenv(name, value)
+    key, text = configmap_config()
+    path = tmp_path / key
+    path.write_text(text)
+    return config.load(path)
+
+
+def test_the_configmap_config_passes_check_config(settings: config.Settings) -> None:
+    assert {"sso", "internal"} == set(settings.providers)
+    assert settings.providers["sso"].keys.discovery_url.endswith("/.well-known/openid-configuration")
+    admin_route = next(r for r in settings.routes if r.name == "admin")
+    assert admin_route.auth.scopes.all_of == ("orders:admin",)
+    assert any(r.auth is None for r in settings.routes), "a public health route"
+
+
+def ports_by_name(container: dict[str, Any]) -> dict[str, int]:
+    return {p["name"]: p["containerPort"] for p in container["ports"]}
+
+
+def test_ports_probes_service_and_policy_agree_with_the_config(settings: config.Settings) -> None:
+    docs = built()
+    deployment = one("Deployment", docs)
+    sidecar = sidecar_container(deployment)
+    ports = ports_by_name(sidecar)
+    assert ports == {"http": settings.listen.port, "admin": settings.admin.port}
+    for probe, path in (("startupProbe", "/healthz"), ("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")):
+        assert sidecar[probe]["httpGet"] == {"path": path, "port": "admin"}
+    service = one("Service", docs)
+    assert [p["targetPort"] for p in service["spec"]["ports"]] == ["http"]
+    policy_ports = sorted(p["port"] for rule in one("NetworkPolicy", docs)["spec"]["ingress"] for p in rule["ports"])
+    assert policy_ports == sorted([settings.listen.port, settings.admin.port])
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == str(settings.admin.port)
+    assert annotations["prometheus.io/path"] == "/metrics"
+    exposed = {int(p) for line in dockerfile_instruction("EXPOSE") for p in line.split()}
+    assert exposed == {settings.listen.port, settings.admin.port}
+    selector = deployment["spec"]["selector"]["matchLabels"]
+    assert service["spec"]["selector"] == selector
+    assert one("PodDisruptionBudget", docs)["spec"]["selector"]["matchLabels"] == selector
+    assert one("NetworkPolicy", docs)["spec"]["podSelector"]["matchLabels"] == selector
+
+
+def test_the_image_reads_the_config_where_the_configmap_is_mounted() -> None:
+    argv = entrypoint()
+    assert argv[:2] == ["jwt-sidecar", "run"]
+    config_path = PurePosixPath(argv[argv.index("--config") + 1])
+    sidecar = sidecar_container(one("Deployment"))
+    mount = next(m for m in sidecar["volumeMounts"] if m["name"] == "jwt-sidecar-config")
+    key, _ = configmap_config()
+    assert (PurePosixPath(mount["mountPath"]), config_path.name) == (config_path.parent, key)
+
+
+def test_native_sidecar_with_a_locked_down_security_context(settings: config.Settings) -> None:
+    deployment = one("Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    sidecar = sidecar_container(deployment)
+    assert sidecar in pod["initContainers"] and sidecar["restartPolicy"] == "Always"
+    context = sidecar["securityContext"]
+    assert context["runAsNonRoot"] is True and context["readOnlyRootFilesystem"] is True
+    assert context["allowPrivilegeEscalation"] is False and context["capabilities"]["drop"] == ["ALL"]
+    assert context["seccompProfile"]["type"] == "RuntimeDefault"
+    user, group = dockerfile_instruction("USER")[0].split(":")
+    assert (context["runAsUser"], context["runAsGroup"]) == (int(user), int(group))
+    assert pod["terminationGracePeriodSeconds"] > settings.drain_timeout
+    resources = sidecar["resources"]
+    assert resources["requests"]["memory"] and resources["limits"]["memory"]
+
+
+def test_classic_variant_is_the_same_pod_without_native_sidecars() -> None:
+    classic = one("Deployment", manifests("variants/deployment-classic-sidecar.yaml"))
+    native = one("Deployment")
+    pod = classic["spec"]["template"]["spec"]
+    assert "initContainers" not in pod
+    sidecar = sidecar_container(classic)
+    expected = {k: v for k, v in sidecar_container(native).items() if k != "restartPolicy"}
+    assert sidecar == expected

@@ -18,6 +18,7 @@ from datetime import datetime, timezone
 
 import aiohttp
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from .clock import Clock, SystemClock
 from .config import Settings
@@ -47,11 +48,19 @@ def create_app(
     """The proxy application for `settings`. `session` is for tests that bring their own client."""
     runtime = Runtime(settings=settings, clock=clock or SystemClock(), metrics=metrics or Metrics(),
                       config_path=config_path)
-    app = web.Application(handler_args={"max_field_size": 16384})
+    # No routes: `_entry` is the app's only middleware and never calls the router's handler,
+    # so every request, `OPTIONS *` and `CONNECT host:443` included, gets our answer, our
+    # metrics and our log line (the router would 404 those by itself).
+    app = web.Application(handler_args={"max_field_size": 16384}, middlewares=[_entry])
     app[RUNTIME] = runtime
     app.cleanup_ctx.append(_lifecycle(runtime, session))
-    app.router.add_route("*", "/{tail:.*}", _entry)
+    app.on_response_prepare.append(_server_header)
     return app
+
+
+async def _server_header(request: web.Request, response: web.StreamResponse) -> None:
+    # aiohttp would announce "Python/3.x aiohttp/3.y" on our own answers: say less.
+    response.headers.setdefault("Server", "jwt-sidecar")
 
 
 def _lifecycle(runtime: Runtime, session: aiohttp.ClientSession | None):  # type: ignore[no-untyped-def]
@@ -76,7 +85,8 @@ def _lifecycle(runtime: Runtime, session: aiohttp.ClientSession | None):  # type
     return ctx
 
 
-async def _entry(request: web.Request) -> web.StreamResponse:
+@web.middleware
+async def _entry(request: web.Request, handler: Handler) -> web.StreamResponse:
     runtime = request.app[RUNTIME]
     metrics = runtime.metrics
     exchange = Exchange(request_id=request_id(request.headers.get("X-Request-Id")), started=time.perf_counter())

@@ -222,7 +222,12 @@ class Listen:
 class StripSettings:
     """Client headers removed from every request before anything else (spoofable identity)."""
 
-    names: tuple[str, ...] = ()
+    names: tuple[str, ...] = (
+        # Headers some frameworks let override the method or the path after we routed it.
+        "X-HTTP-Method-Override", "X-HTTP-Method", "X-Method-Override", "X-Original-URL", "X-Rewrite-URL",
+        # We append X-Forwarded-*; a client's own RFC 7239 header would contradict it.
+        "Forwarded",
+    )
     prefixes: tuple[str, ...] = ("X-User-", "X-Jwt-", "X-Auth-")
 
 
@@ -604,7 +609,7 @@ class _Builder:
         compiled = _regex(s, "path_regex", pattern) if pattern is not None else None
         return RouteMatch(
             path_prefix=prefix, path_exact=exact, path_regex=compiled,
-            methods=frozenset(m.upper() for m in methods) if methods else None,
+            methods=_with_head(frozenset(m.upper() for m in methods)) if methods else None,
         )
 
     def route_auth(self, s: Section, providers: Mapping[str, Provider]) -> RouteAuth | None:
@@ -737,7 +742,8 @@ class _Builder:
         defaults = StripSettings()
         if s is None:
             return defaults
-        strip = StripSettings(names=s.strings("names"), prefixes=s.strings("prefixes", defaults.prefixes))
+        # Names add to the built-in list (never weaken it by accident); prefixes replace theirs.
+        strip = StripSettings(names=defaults.names + s.strings("names"), prefixes=s.strings("prefixes", defaults.prefixes))
         s.done()
         return strip
 
@@ -763,6 +769,12 @@ _RESERVED_HEADERS = frozenset({
     "te", "trailer", "proxy-authorization", "proxy-authenticate", "authorization", "cookie",
     "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-request-id", "forwarded",
 })
+
+
+def _with_head(methods: frozenset[str]) -> frozenset[str]:
+    # RFC 9110 §9.3.2: HEAD is GET without the body, and most frameworks answer HEAD with
+    # the GET handler, so a route that judges GET must judge HEAD too.
+    return methods | {"HEAD"} if "GET" in methods else methods
 
 
 def _listen(s: Section, key: str, default: Listen) -> Listen | None:

@@ -10,7 +10,7 @@ Does not own: decoding or trusting the token.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from urllib.parse import unquote_plus
 
@@ -19,7 +19,7 @@ from multidict import CIMultiDict, MultiMapping
 from .config import TokenSource
 from .errors import InvalidRequest, Reason
 
-__all__ = ["Found", "extract", "without_cookie", "without_query_param"]
+__all__ = ["Found", "cookie_values", "extract", "without_cookie", "without_query_param"]
 
 # RFC 6750 §2.1: b64token = 1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"="
 _B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
@@ -33,7 +33,6 @@ class Found:
 
 def extract(
     headers: CIMultiDict[str],
-    cookies: Mapping[str, str],
     query: MultiMapping[str],
     sources: Iterable[TokenSource],
 ) -> Found | None:
@@ -52,8 +51,7 @@ def extract(
                     raise InvalidRequest(Reason.MALFORMED_REQUEST, f"{source.name} lacks the prefix {source.prefix!r}")
                 found.append(Found(_token68(value[len(source.prefix):], source.name), source))
         elif source.kind == "cookie":
-            value = cookies.get(source.name)
-            if value:
+            for value in cookie_values(headers, source.name):
                 found.append(Found(_token68(value, f"cookie {source.name}"), source))
         elif source.kind == "query":
             for value in query.getall(source.name, ()):
@@ -77,7 +75,25 @@ def without_query_param(raw_query: str, name: str) -> str:
     return "&".join(kept)
 
 
+def _cookie_pairs(header: str) -> list[tuple[str, str]]:
+    # RFC 6265 §4.2.1 separates pairs with ';'. A cookie-octet never holds ',', so splitting
+    # on it too costs nothing and catches `a=1, token=…`, which some parsers read as two
+    # cookies. One parser both finds the token and removes it, so they cannot disagree.
+    pairs = []
+    for part in header.replace(",", ";").split(";"):
+        name, sep, value = part.partition("=")
+        if sep:
+            pairs.append((name.strip(), value.strip().strip('"')))
+    return pairs
+
+
+def cookie_values(headers: CIMultiDict[str], name: str) -> list[str]:
+    """Every value of cookie `name` across all Cookie headers (two are two tokens, not one)."""
+    return [value for header in headers.getall("Cookie", ()) for key, value in _cookie_pairs(header) if key == name]
+
+
 def without_cookie(cookie_header: str, name: str) -> str:
     """A Cookie header value (RFC 6265 §5.4) without the named cookie."""
-    kept = [pair.strip() for pair in cookie_header.split(";") if pair.strip().split("=", 1)[0] != name]
-    return "; ".join(p for p in kept if p)
+    kept = [part.strip() for part in cookie_header.replace(",", ";").split(";")
+            if part.strip() and part.partition("=")[0].strip() != name]
+    return "; ".join(kept)

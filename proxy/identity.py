@@ -62,12 +62,17 @@ class StripPlan:
         sources = [s for p in settings.providers.values() for s in p.token_sources]
         sources += [s for r in settings.routes for s in (r.token_sources or ())]
         keep = frozenset(s.name.lower() for s in sources if s.kind == "header") - names
-        return cls(names=frozenset(names), prefixes=tuple(p.lower() for p in settings.strip.prefixes), keep=keep)
+        return cls(names=frozenset(n.replace("_", "-") for n in names),
+                   prefixes=tuple(p.lower().replace("_", "-") for p in settings.strip.prefixes),
+                   keep=frozenset(k.replace("_", "-") for k in keep))
 
     def strips(self, lower_name: str) -> bool:
-        if lower_name in self.keep:
+        # `X_User_Id` is `X-User-Id` to WSGI, CGI and PHP (both become HTTP_X_USER_ID), so
+        # names are compared with `_` read as `-` (the hole of oauth2-proxy CVE-2025-64484).
+        name = lower_name.replace("_", "-")
+        if name in self.keep:
             return False
-        return lower_name in self.names or lower_name.startswith(self.prefixes)
+        return name in self.names or name.startswith(self.prefixes)
 
 
 def connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set[str]:
@@ -79,11 +84,15 @@ def end_to_end(headers: CIMultiDictProxy[str] | CIMultiDict[str], plan: StripPla
     """A new multidict without hop-by-hop and Connection-named headers (and what `plan` strips)."""
     named = connection_tokens(headers)
     out: CIMultiDict[str] = CIMultiDict()
+    # One spelling per name: aiohttp's client keeps only the last of `X-A`, `x-a` (it
+    # dedupes by exact spelling, then sets case-insensitively), so every repeat takes the
+    # first spelling seen.
+    spelling: dict[str, str] = {}
     for name, value in headers.items():
         low = name.lower()
         if low in HOP_BY_HOP or low in named or (plan is not None and plan.strips(low)):
             continue
-        out.add(name, value)
+        out.add(spelling.setdefault(low, name), value)
     return out
 
 
@@ -124,12 +133,20 @@ def render_claim(value: Any) -> str | None:
     elif isinstance(value, str):
         text = value
     elif isinstance(value, list):
-        text = ",".join(v if isinstance(v, str) else json.dumps(v, separators=(",", ":")) for v in value)
+        if any(isinstance(v, str) and "," in v for v in value):
+            # ["dev,admin"] would read upstream as two roles, dev and admin.
+            raise InvalidToken(Reason.UNSAFE_CLAIM, "a list claim item holds the ',' that joins items")
+        text = ",".join(v if isinstance(v, str) else json.dumps(v, separators=(",", ":"), ensure_ascii=False)
+                        for v in value)
     else:
         text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
     if _UNSAFE.search(text):
         # Header injection or response splitting through a claim: deny, never sanitise.
         raise InvalidToken(Reason.UNSAFE_CLAIM, "a claim holds CR, LF, NUL or another control character")
+    if text != text.strip(" \t"):
+        # Header parsers drop surrounding whitespace (RFC 9110 §5.5): " admin" would arrive
+        # as "admin", a different identity.
+        raise InvalidToken(Reason.UNSAFE_CLAIM, "a claim starts or ends with whitespace")
     return text
 
 
@@ -149,7 +166,7 @@ def inject(
             if value is not None:
                 headers[name] = value
         if header_map.payload:
-            raw = json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
+            raw = json.dumps(dict(payload), separators=(",", ":"), ensure_ascii=False).encode()
             headers[header_map.payload] = base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
     if found is not None and not (header_map is not None and header_map.forward_token):
         _remove_token(headers, found)

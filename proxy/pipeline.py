@@ -20,7 +20,7 @@ from .extract import extract, without_query_param
 from .forward import forward, forward_websocket, is_websocket
 from .identity import Forwarded, inject, strip_inbound
 from .metrics import Decision, RouteMetrics
-from .routing import normalize
+from .routing import normalize, split_target
 from .rules import check_route
 from .runtime import Runtime, Snapshot
 
@@ -46,7 +46,7 @@ class Exchange:
 async def run(request: web.Request, runtime: Runtime, exchange: Exchange) -> web.StreamResponse:
     snapshot = exchange.snapshot = runtime.snapshot
     assert snapshot is not None  # the listener starts only after the first snapshot exists
-    raw_path, _, query = request.raw_path.partition("?")
+    raw_path, query = split_target(request.raw_path)
     path = exchange.path = normalize(raw_path)
     route = snapshot.router.match(request.method, path)
     if route is None:
@@ -61,7 +61,7 @@ async def run(request: web.Request, runtime: Runtime, exchange: Exchange) -> web
     if plan.verifier is not None and route.auth is not None:
         began = time.perf_counter()
         try:
-            found = extract(headers, request.cookies, request.query, plan.sources)
+            found = extract(headers, request.query, plan.sources)
             if found is not None:
                 claims = await plan.verifier.verify(found.token)
                 exchange.subject = claims.subject

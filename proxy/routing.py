@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from .config import Route
 from .errors import BadRequest, Reason
 
-__all__ = ["Router", "normalize"]
+__all__ = ["Router", "normalize", "split_target"]
 
 _UNRESERVED = frozenset(string.ascii_letters + string.digits + "-._~")
 _HEX = frozenset(string.hexdigits)
@@ -24,11 +24,24 @@ _HEX = frozenset(string.hexdigits)
 # encoded slash or backslash is a separator to some servers and not to others.
 _FORBIDDEN_BYTES = {0x2F: "%2F (an encoded /)", 0x5C: "%5C (an encoded \\)", 0x00: "%00 (NUL)"}
 # Anything that could need work; a plain path like /api/v1/orders skips all of it.
-_NEEDS_WORK = re.compile(r"[%\\\x00-\x20\x7f]|//|/\.|\.$")
+_NEEDS_WORK = re.compile(r"[%;\\\x00-\x20\x7f]|//|/\.|\.$")
 
 
 def _bad(detail: str) -> BadRequest:
     return BadRequest(Reason.BAD_PATH, detail)
+
+
+def split_target(raw_target: str) -> tuple[str, str]:
+    """(path, query) of an origin-form request target, the query exactly as sent.
+
+    A `#` is refused outright: a request target has no fragment (RFC 9112 §3.2), and a client
+    library would drop everything after it, so the upstream would see a shorter path than
+    the router matched (`/admin#` routed as not-`/admin`, sent as `/admin`).
+    """
+    if "#" in raw_target:
+        raise _bad("the request target holds a # (a fragment is never sent to a server)")
+    path, _, query = raw_target.partition("?")
+    return path, query
 
 
 def normalize(raw_path: str) -> str:
@@ -50,9 +63,10 @@ def normalize(raw_path: str) -> str:
                 raise _bad("a dot segment climbs above the root")
             kept.pop()
             continue
-        if seg.split(";", 1)[0] in (".", ".."):
-            # `..;/` is `..` to Tomcat and friends: refuse rather than guess.
-            raise _bad("a dot segment with parameters")
+        if ";" in seg:
+            # Path parameters: `/admin;x/users` passes an `/admin/` prefix here, but Tomcat
+            # and Spring read it as `/admin/users`, and `..;/` as `..`. Refuse, don't guess.
+            raise _bad("a path segment holds ; (path parameters are refused)")
         kept.append(seg)
     result = "/" + "/".join(kept)
     # RFC 3986 §5.2.4: "/a/b/" stays a directory, and so does "/a/b/.." → "/a/".

@@ -27,9 +27,23 @@ __all__ = ["configure_logging", "run", "serve"]
 log = logging.getLogger("jwt_sidecar")
 
 
+class _NoRequestEcho(logging.Filter):
+    """aiohttp logs a malformed request with its parser's message, which quotes the request
+    line or a header (a token among them). Keep the kind of error, drop the quote."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None:
+            record.msg = f"{record.getMessage()}: {type(record.exc_info[1]).__name__}"
+            record.args = None
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
 def configure_logging(level: str = "INFO") -> None:
     """Operator logs on stderr; the access log as bare JSON lines on stdout."""
     logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("aiohttp.server").addFilter(_NoRequestEcho())
     access = logging.getLogger("jwt_sidecar.access")
     access.propagate = False
     handler = logging.StreamHandler(sys.stdout)

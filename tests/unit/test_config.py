@@ -66,7 +66,7 @@ def test_good_config_parses_into_frozen_typed_settings() -> None:
     assert s.providers["oidc"].keys.discovery_url == "https://login.test/realm/.well-known/openid-configuration"
     public, admin, versioned = s.routes
     assert public.auth is None and public.name == "public"
-    assert admin.match.methods == frozenset({"GET", "POST"})
+    assert admin.match.methods == frozenset({"GET", "HEAD", "POST"}), "HEAD goes with GET"
     assert [r.op for r in admin.auth.claims] == ["contains", "matches", "one_of"]
     assert admin.auth.claims[1].value.fullmatch("ann@example.com")
     assert versioned.auth.optional and versioned.match.path_regex.match("/v2/x")

@@ -21,7 +21,9 @@ HEADER = TokenSource(kind="header", name="X-Api-Token", prefix="Token ")
 
 def find(headers: list[tuple[str, str]], sources: tuple[TokenSource, ...] = (BEARER,), *,
          cookies: dict[str, str] | None = None, query: list[tuple[str, str]] | None = None) -> Found | None:
-    return extract(CIMultiDict(headers), cookies or {}, MultiDict(query or []), sources)
+    if cookies:
+        headers = [*headers, ("Cookie", "; ".join(f"{k}={v}" for k, v in cookies.items()))]
+    return extract(CIMultiDict(headers), MultiDict(query or []), sources)
 
 
 def test_bearer_scheme_is_case_insensitive() -> None:
@@ -60,6 +62,19 @@ def test_each_source_alone() -> None:
     assert find([("X-Api-Token", "Token h")], sources) == Found("h", HEADER)
     with pytest.raises(InvalidRequest):
         find([("X-Api-Token", "h")], sources)  # the prefix is required
+
+
+def test_two_cookies_of_the_token_name_are_two_tokens() -> None:
+    with pytest.raises(InvalidRequest):
+        find([("Cookie", "at=a; at=b")], (COOKIE,))
+    with pytest.raises(InvalidRequest):
+        find([("Cookie", "at=a"), ("Cookie", "at=b")], (COOKIE,))
+
+
+@pytest.mark.parametrize("header", ["at =T; lang=en", "lang=en, at=T", 'at="T"'])
+def test_cookie_spellings_are_found_and_removed_by_the_same_parser(header: str) -> None:
+    assert find([("Cookie", header)], (COOKIE,)).token == "T"
+    assert "T" not in without_cookie(header, "at").replace("lang", "")
 
 
 def test_query_and_cookie_removal_keep_everything_else_as_sent() -> None:

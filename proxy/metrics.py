@@ -61,7 +61,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
@@ -202,6 +202,9 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        # CPU, memory and open files of this process (process_*), which the default registry
+        # would have given us; the sizing advice in the README is read from these.
+        ProcessCollector(registry=self.registry)
         self.in_flight = Gauge(
             _PREFIX + "in_flight_requests",
             "Requests being handled right now.",

@@ -115,3 +115,14 @@ def test_classic_variant_is_the_same_pod_without_native_sidecars() -> None:
     sidecar = sidecar_container(classic)
     expected = {k: v for k, v in sidecar_container(native).items() if k != "restartPolicy"}
     assert sidecar == expected
+
+
+def test_the_pod_monitor_scrapes_the_sidecars_admin_port() -> None:
+    monitor = one("PodMonitor", manifests("monitoring/podmonitor.yaml"))
+    deployment = one("Deployment")
+    assert monitor["spec"]["selector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
+    endpoint = monitor["spec"]["podMetricsEndpoints"][0]
+    assert endpoint["port"] in ports_by_name(sidecar_container(deployment)) and endpoint["path"] == "/metrics"
+    k = manifests("monitoring/kustomization.yaml")[0]
+    listed = k["resources"] + [f for g in k.get("configMapGenerator", []) for f in g["files"]]
+    assert all((K8S / "monitoring" / name).is_file() for name in listed)

@@ -1,10 +1,10 @@
-"""The proxy's aiohttp application: wiring, lifecycle of long-lived parts, and the one place errors become responses.
+"""The proxy's request entry and lifecycle: the one place errors become responses.
 
-Owns: `create_app` (typed `AppKey` state; `cleanup_ctx` opening the upstream client
-session and the key sources before the first request and closing them after the last),
-the request entry point that wraps `pipeline.run` — every `ProxyError` becomes its status,
-a fixed JSON body and, for auth errors, an RFC 6750 challenge; anything unexpected becomes
-a 500 that reveals nothing — and the metrics and access-log line of every request.
+Owns: `Proxy` — the handler aiohttp's low-level server calls for every request, `start()`
+(the upstream client session, the key sources, the first snapshot) and `close()` — and the
+entry that wraps `pipeline.run`: every `ProxyError` becomes its status, a fixed JSON body
+and, for auth errors, an RFC 6750 challenge; anything unexpected becomes a 500 that
+reveals nothing; every request gets its metrics and one access-log line.
 Does not own: any decision (pipeline.py and the modules it calls decide).
 """
 
@@ -13,12 +13,11 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from typing import Any
 from datetime import datetime, timezone
 
 import aiohttp
 from aiohttp import web
-from aiohttp.typedefs import Handler
 
 from .clock import Clock, SystemClock
 from .config import Settings
@@ -30,64 +29,60 @@ from .metrics import Decision, Metrics
 from .pipeline import Exchange, run
 from .runtime import Runtime, build_snapshot
 
-__all__ = ["RUNTIME", "create_app", "error_response"]
+__all__ = ["Proxy", "error_response"]
 
-RUNTIME = web.AppKey("runtime", Runtime)
 access_log = logging.getLogger("jwt_sidecar.access")
 log = logging.getLogger("jwt_sidecar")
 
 
-def create_app(
-    settings: Settings,
-    *,
-    clock: Clock | None = None,
-    session: aiohttp.ClientSession | None = None,
-    config_path: str | None = None,
-    metrics: Metrics | None = None,
-) -> web.Application:
-    """The proxy application for `settings`. `session` is for tests that bring their own client."""
-    runtime = Runtime(settings=settings, clock=clock or SystemClock(), metrics=metrics or Metrics(),
-                      config_path=config_path)
-    # No routes: `_entry` is the app's only middleware and never calls the router's handler,
-    # so every request, `OPTIONS *` and `CONNECT host:443` included, gets our answer, our
-    # metrics and our log line (the router would 404 those by itself).
-    app = web.Application(handler_args={"max_field_size": 16384}, middlewares=[_entry])
-    app[RUNTIME] = runtime
-    app.cleanup_ctx.append(_lifecycle(runtime, session))
-    app.on_response_prepare.append(_server_header)
-    return app
+class Proxy:
+    """The proxy: one request handler for aiohttp's low-level server, and its lifecycle.
 
+    No `web.Application`: its router and middleware chain would resolve every request only
+    to reach this one handler (a router miss even builds an HTTPNotFound), and `OPTIONS *`
+    or `CONNECT` would never reach us at all. `start()` opens what `close()` closes.
+    """
 
-async def _server_header(request: web.Request, response: web.StreamResponse) -> None:
-    # aiohttp would announce "Python/3.x aiohttp/3.y" on our own answers: say less.
-    response.headers.setdefault("Server", "jwt-sidecar")
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        clock: Clock | None = None,
+        session: aiohttp.ClientSession | None = None,
+        config_path: str | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.runtime = Runtime(settings=settings, clock=clock or SystemClock(), metrics=metrics or Metrics(),
+                               config_path=config_path)
+        self._own_session = session is None
+        self._session = session
 
-
-def _lifecycle(runtime: Runtime, session: aiohttp.ClientSession | None):  # type: ignore[no-untyped-def]
-    async def ctx(app: web.Application) -> AsyncIterator[None]:
-        own_session = session is None
-        runtime.session = session or new_session()
+    async def start(self) -> None:
+        runtime = self.runtime
+        runtime.session = self._session or new_session()
         keyring = KeyRing(runtime.settings.providers, session=runtime.session, clock=runtime.clock)
         # First key loads happen before the listener opens; a failed one only leaves the
         # provider not ready (503s and /readyz false) until the background refresh succeeds.
         await keyring.start()
         runtime.snapshot = build_snapshot(runtime.settings, keyring=keyring, clock=runtime.clock,
                                           metrics=runtime.metrics)
-        try:
-            yield
-        finally:
-            snapshot = runtime.snapshot
-            if snapshot is not None:
-                await snapshot.keyring.close()
-            if own_session:
-                await runtime.session.close()
 
-    return ctx
+    async def close(self) -> None:
+        runtime = self.runtime
+        if runtime.snapshot is not None:
+            await runtime.snapshot.keyring.close()
+        if self._own_session and runtime.session is not None:
+            await runtime.session.close()
+
+    def server(self, **kwargs: Any) -> web.Server:
+        """The low-level aiohttp server for this proxy (for a `ServerRunner` or a test server)."""
+        return web.Server(self.handle, max_field_size=16384, **kwargs)
+
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        return await _entry(request, self.runtime)
 
 
-@web.middleware
-async def _entry(request: web.Request, handler: Handler) -> web.StreamResponse:
-    runtime = request.app[RUNTIME]
+async def _entry(request: web.BaseRequest, runtime: Runtime) -> web.StreamResponse:
     metrics = runtime.metrics
     exchange = Exchange(request_id=request_id(request.headers.get("X-Request-Id")), started=time.perf_counter())
     metrics.in_flight.inc()
@@ -113,7 +108,7 @@ async def _entry(request: web.Request, handler: Handler) -> web.StreamResponse:
         if exchange.decision is Decision.ALLOWED:
             exchange.decision = Decision.UPSTREAM_ERROR
         response = web.json_response({"error": "server_error", "error_description": "Internal error"}, status=500,
-                                     headers={"X-Request-Id": exchange.request_id})
+                                     headers={"X-Request-Id": exchange.request_id, "Server": "jwt-sidecar"})
         return response
     finally:
         metrics.in_flight.dec()
@@ -122,7 +117,8 @@ async def _entry(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 
 def error_response(error: ProxyError, *, realm: str, request_id_value: str) -> web.Response:
-    headers = {"X-Request-Id": request_id_value, "Cache-Control": "no-store"}
+    # Server: aiohttp would announce "Python/3.x aiohttp/3.y" on our own answers; say less.
+    headers = {"X-Request-Id": request_id_value, "Cache-Control": "no-store", "Server": "jwt-sidecar"}
     if isinstance(error, AuthError):
         headers["WWW-Authenticate"] = error.challenge(realm)
     if isinstance(error, KeysUnavailable):
@@ -131,7 +127,7 @@ def error_response(error: ProxyError, *, realm: str, request_id_value: str) -> w
     return web.json_response(body, status=error.status, headers=headers)
 
 
-def _record(runtime: Runtime, request: web.Request, exchange: Exchange) -> None:
+def _record(runtime: Runtime, request: web.BaseRequest, exchange: Exchange) -> None:
     route_metrics = exchange.metrics
     if route_metrics is None and exchange.snapshot is not None:
         route_metrics = exchange.snapshot.unmatched

@@ -51,7 +51,7 @@ class _BodyTooLarge(Exception):
     pass
 
 
-async def _limited(request: web.Request, limit: int) -> AsyncIterator[bytes]:
+async def _limited(request: web.BaseRequest, limit: int) -> AsyncIterator[bytes]:
     """The request body as it arrives, failing once more than `limit` bytes came (0: no limit)."""
     seen = 0
     async for chunk in request.content.iter_any():
@@ -76,7 +76,7 @@ def _upstream_errors(url: URL, what: str) -> Iterator[None]:
 
 
 async def forward(
-    request: web.Request,
+    request: web.BaseRequest,
     session: aiohttp.ClientSession,
     *,
     url: URL,
@@ -122,12 +122,12 @@ async def forward(
     return response
 
 
-def is_websocket(request: web.Request) -> bool:
+def is_websocket(request: web.BaseRequest) -> bool:
     return "upgrade" in connection_tokens(request.headers) and request.headers.get("Upgrade", "").lower() == "websocket"
 
 
 async def forward_websocket(
-    request: web.Request,
+    request: web.BaseRequest,
     session: aiohttp.ClientSession,
     *,
     url: URL,

@@ -43,7 +43,7 @@ class Exchange:
     status: int = 0
 
 
-async def run(request: web.Request, runtime: Runtime, exchange: Exchange) -> web.StreamResponse:
+async def run(request: web.BaseRequest, runtime: Runtime, exchange: Exchange) -> web.StreamResponse:
     snapshot = exchange.snapshot = runtime.snapshot
     assert snapshot is not None  # the listener starts only after the first snapshot exists
     raw_path, query = split_target(request.raw_path)

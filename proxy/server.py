@@ -18,7 +18,7 @@ import sys
 from aiohttp import web
 
 from .admin import create_admin_app
-from .app import RUNTIME, create_app
+from .app import Proxy
 from .config import Settings
 from .reload import reload, watch
 
@@ -56,33 +56,33 @@ async def serve(settings: Settings, *, config_path: str | None, stop: asyncio.Ev
                 watch_interval: float = 2.0) -> None:
     """Serve until SIGTERM/SIGINT (or `stop` is set), then drain and return."""
     stop = stop or asyncio.Event()
-    app = create_app(settings, config_path=config_path)
-    runtime = app[RUNTIME]
+    proxy = Proxy(settings, config_path=config_path)
+    runtime = proxy.runtime
+    await proxy.start()  # client session, first key fetches
     # handler_cancellation: a client that goes away cancels its upstream request too.
-    runner = web.AppRunner(app, handle_signals=False, access_log=None, handler_cancellation=True,
-                           shutdown_timeout=settings.drain_timeout)
+    runner = web.ServerRunner(proxy.server(handler_cancellation=True, access_log=None),
+                              handle_signals=False, shutdown_timeout=settings.drain_timeout)
     admin_runner = web.AppRunner(create_admin_app(runtime), handle_signals=False, access_log=None)
-    await runner.setup()  # runs cleanup_ctx: client session, first key fetches
-    await admin_runner.setup()
-    sites = [web.TCPSite(runner, settings.listen.host, settings.listen.port, backlog=1024),
-             web.TCPSite(admin_runner, settings.admin.host, settings.admin.port)]
-    for site in sites:
-        await site.start()
-    log.info("proxying %s -> %s; admin on %s", settings.listen, settings.upstream.url, settings.admin)
-
     loop = asyncio.get_running_loop()
-    reloads: set[asyncio.Task[bool]] = set()
-
-    def on_hup() -> None:
-        task = loop.create_task(reload(runtime))
-        reloads.add(task)
-        task.add_done_callback(reloads.discard)
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, on_hup)
-    watcher = loop.create_task(watch(runtime, interval=watch_interval))
+    watcher: asyncio.Task[None] | None = None
     try:
+        await runner.setup()
+        await admin_runner.setup()
+        # A port in use fails here, and the `finally` below still closes what was opened.
+        await web.TCPSite(runner, settings.listen.host, settings.listen.port, backlog=1024).start()
+        await web.TCPSite(admin_runner, settings.admin.host, settings.admin.port).start()
+        log.info("proxying %s -> %s; admin on %s", settings.listen, settings.upstream.url, settings.admin)
+        reloads: set[asyncio.Task[bool]] = set()
+
+        def on_hup() -> None:
+            task = loop.create_task(reload(runtime))
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, on_hup)
+        watcher = loop.create_task(watch(runtime, interval=watch_interval))
         await stop.wait()
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -90,12 +90,14 @@ async def serve(settings: Settings, *, config_path: str | None, stop: asyncio.Ev
         # 1. Readiness goes false first, so the platform stops sending new requests.
         runtime.draining = True
         log.info("draining: up to %gs for in-flight requests", settings.drain_timeout)
-        watcher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await watcher
+        if watcher is not None:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
         # 2. Stop accepting, close idle keep-alives, wait up to drain_timeout for running
-        #    handlers, cancel the rest, then close the client session and key sources.
+        #    handlers, cancel the rest; then close the client session and key sources.
         await runner.cleanup()
+        await proxy.close()
         # 3. The admin listener goes last, so /readyz answers "draining" to the very end.
         await admin_runner.cleanup()
         log.info("stopped")

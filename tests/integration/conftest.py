@@ -1,7 +1,8 @@
 """The real proxy on loopback, between a real recording upstream and a real JWKS server.
 
 `sidecar(yaml)` builds the config from YAML text (with `{upstream}` and `{jwks}` filled in),
-starts the proxy app and its admin app with pytest-aiohttp's `aiohttp_server`, and returns
+starts the proxy on pytest-aiohttp's low-level `aiohttp_raw_server` (as `jwt-sidecar run`
+serves it) and its admin app with `aiohttp_server`, and returns
 a `Sidecar` with a client session. Tokens are minted per test with `tests.conftest.mint`.
 """
 
@@ -17,7 +18,7 @@ import pytest
 
 from proxy import config
 from proxy.admin import create_admin_app
-from proxy.app import RUNTIME, create_app
+from proxy.app import Proxy
 from proxy.runtime import Runtime
 from tests.conftest import AUDIENCE, ISSUER, TestKey, jwks_of
 from tests.support.jwks_server import JwksServer
@@ -70,9 +71,10 @@ class Sidecar:
 
 
 @pytest.fixture
-async def sidecar(aiohttp_server: Any, jwks_server: JwksServer, rsa_key: TestKey,
+async def sidecar(aiohttp_server: Any, aiohttp_raw_server: Any, jwks_server: JwksServer, rsa_key: TestKey,
                   tmp_path: Any) -> AsyncIterator[Callable[..., Awaitable[Sidecar]]]:
     sessions: list[aiohttp.ClientSession] = []
+    proxies: list[Proxy] = []
 
     async def make(yaml_text: str = BASE_CONFIG, **extra: str) -> Sidecar:
         jwks_server.document = jwks_of(rsa_key)
@@ -83,9 +85,11 @@ async def sidecar(aiohttp_server: Any, jwks_server: JwksServer, rsa_key: TestKey
         path = tmp_path / "config.yaml"
         path.write_text(text)
         settings = config.load(path)
-        app = create_app(settings, config_path=str(path))
-        proxy_server = await aiohttp_server(app)
-        runtime = app[RUNTIME]
+        proxy = Proxy(settings, config_path=str(path))
+        await proxy.start()
+        proxies.append(proxy)
+        proxy_server = await aiohttp_raw_server(proxy.handle, max_field_size=16384)
+        runtime = proxy.runtime
         admin_server = await aiohttp_server(create_admin_app(runtime))
         # auto_decompress off and no cookie jar: see the bytes and headers exactly as sent.
         client = aiohttp.ClientSession(auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar())
@@ -97,3 +101,5 @@ async def sidecar(aiohttp_server: Any, jwks_server: JwksServer, rsa_key: TestKey
     yield make
     for session in sessions:
         await session.close()
+    for proxy in proxies:
+        await proxy.close()

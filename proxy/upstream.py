@@ -1,0 +1,599 @@
+"""A small pooled HTTP/1.1 client for the upstream: one `asyncio.Protocol` per connection, parsed by httptools.
+
+Owns: per-origin pools of idle keep-alive connections (LIFO reuse, a cap, an idle timeout);
+writing one request (the head in one write, the body streamed with `Content-Length` or
+chunked, awaiting the transport's drain); parsing the answer with llhttp (through
+`httptools.HttpResponseParser`): 1xx interim answers skipped, bodiless answers (HEAD, 204,
+304) recognised, chunked and close-delimited bodies; flow control both ways; the one retry
+RFC 9112 §9.3.1 allows (an idempotent, body-less request whose reused connection the server
+closed before answering); and the client's failure vocabulary: `UpstreamConnectError`,
+`UpstreamProtocolError`, builtin `TimeoutError`.
+Does not own: which headers are sent (the caller strips hop-by-hop ones and injects identity;
+only framing is ours: Host when absent, Content-Length or Transfer-Encoding), redirects,
+cookies, decompression, proxies, upgrades and WebSockets (a `101` is a protocol error
+here), HTTP statuses of our own (forward.py maps the errors), or any knowledge of JWTs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections import deque
+from collections.abc import AsyncIterator, Iterable
+from functools import partial
+
+import httptools
+
+__all__ = ["Pool", "Response", "UpstreamConnectError", "UpstreamError", "UpstreamProtocolError"]
+
+
+class UpstreamError(Exception):
+    """The upstream exchange failed; forward.py answers 502 (or aborts once the answer started)."""
+
+
+class UpstreamConnectError(UpstreamError):
+    """No answer at all: refused, unreachable, TLS failure, or reset before the first byte of the answer."""
+
+
+class UpstreamProtocolError(UpstreamError):
+    """The answer was malformed, cut short, or asked to switch protocols."""
+
+
+# RFC 9110 §9.2.2: only these may be replayed without the client's consent (RFC 9112 §9.3.1).
+_IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+# Flow control of the answer: stop reading the socket once this much body waits for the
+# consumer, so a slow client never makes us buffer a large upstream answer (the kernel's
+# socket buffers and TCP's window then push back on the upstream).
+_HIGH_WATER = 256 * 1024
+_DEFAULT_PORT = {"http": 80, "https": 443}
+_ENCODING = "utf-8"
+# aiohttp's server decodes header bytes as UTF-8 with surrogateescape: encoding the same way
+# hands the upstream exactly the bytes the client sent, and decoding the answer the same way
+# gives forward.py what aiohttp's own client would have.
+_ERRORS = "surrogateescape"
+
+
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
+
+
+class _Origin:
+    """What one (scheme, host, port) shares: its idle connections and its default Host line."""
+
+    __slots__ = ("host", "host_line", "idle", "port", "tls")
+
+    def __init__(self, scheme: str, host: str, port: int) -> None:
+        self.host = host.strip("[]")  # connect with the bare address; the Host line keeps brackets
+        self.port = port
+        self.tls = scheme == "https"
+        authority = f"[{self.host}]" if ":" in self.host else self.host
+        if _DEFAULT_PORT.get(scheme) != port:
+            authority = f"{authority}:{port}"
+        self.host_line = f"Host: {authority}\r\n"
+        self.idle: deque[_Connection] = deque()
+
+
+class _Connection(asyncio.Protocol):
+    """One upstream connection and the state of the exchange it is carrying.
+
+    The parser's callbacks write straight into this object, so answering a request costs
+    no objects beyond the headers list, the body chunks and one Response.
+    """
+
+    __slots__ = (
+        "_body_for_head", "_buffered", "_chunked", "_chunks", "_done", "_drain_waiter", "_error",
+        "_got_bytes", "_head_done", "_headers", "_idle", "_idle_since", "_interim", "_keep_alive",
+        "_length", "_lost", "_origin", "_parser", "_pool", "_reading_paused", "_reason", "_status",
+        "_transport", "_waiter", "_write_paused", "_is_head",
+    )
+
+    def __init__(self, pool: Pool, origin: _Origin) -> None:
+        self._pool = pool
+        self._origin = origin
+        self._transport: asyncio.Transport = None  # type: ignore[assignment]  # set by connection_made
+        self._parser = httptools.HttpResponseParser(self)
+        self._idle = False
+        self._idle_since = 0.0
+        self._lost = False
+        self._write_paused = False
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._chunks: list[bytes] = []
+        self._buffered = 0
+        self._reading_paused = False
+        self._begin(False)
+
+    def _begin(self, is_head: bool) -> None:
+        """Reset the exchange state for a new request on this connection."""
+        self._is_head = is_head
+        self._body_for_head = False
+        self._status = 0
+        self._reason = b""
+        self._headers: list[tuple[str, str]] = []
+        self._length: int | None = None
+        self._chunked = False
+        self._interim = False
+        self._head_done = False
+        self._done = False
+        self._keep_alive = False
+        self._got_bytes = False
+        self._error: UpstreamError | None = None
+
+    # asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
+        if self._idle:
+            self._idle = False
+            try:
+                self._origin.idle.remove(self)
+            except ValueError:
+                pass
+        elif not self._done and self._error is None:
+            if self._head_done and exc is None and self._length is None and not self._chunked:
+                # RFC 9112 §6.3 item 8: no Content-Length and no chunked coding, so the body
+                # ends where the connection does. A reset (exc set) is still a truncation.
+                self._done = True
+            elif not self._got_bytes:
+                self._error = UpstreamConnectError("connection closed before any byte of the answer")
+            elif not self._head_done:
+                self._error = UpstreamProtocolError("connection closed inside the response head")
+            else:
+                self._error = UpstreamProtocolError("response body cut short")
+        self._wake()
+        drain = self._drain_waiter
+        if drain is not None and not drain.done():
+            drain.set_result(None)
+
+    def data_received(self, data: bytes) -> None:
+        if self._done or self._idle:
+            # Bytes after the end of the answer (or on an idle connection, e.g. an unsolicited
+            # 408) mean we no longer know where the next message starts: RFC 9112 §9.3.2.
+            self._keep_alive = False
+            if self._idle:
+                self._transport.abort()
+            return
+        self._got_bytes = True
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._fail(UpstreamProtocolError("upstream switched protocols (101); upgrades are not proxied here"))
+        except httptools.HttpParserError as error:
+            self._fail(UpstreamProtocolError(f"malformed response: {error}"))
+        self._wake()
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        drain = self._drain_waiter
+        if drain is not None and not drain.done():
+            drain.set_result(None)
+
+    # httptools callbacks
+
+    def on_message_begin(self) -> None:
+        self._reason = b""
+        self._headers = []
+        self._length = None
+        self._chunked = False
+
+    def on_status(self, reason: bytes) -> None:
+        self._reason += reason  # llhttp may deliver the reason phrase in pieces
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        size = len(name)
+        if size == 14 and name.lower() == b"content-length":
+            self._length = int(value)  # llhttp has already refused non-digits and duplicates
+        elif size == 17 and name.lower() == b"transfer-encoding":
+            # RFC 9112 §6.3 items 3-4: chunked only when it is the final coding; any other
+            # coding on a response means "read until close", which llhttp also does.
+            self._chunked = value.rstrip().lower().endswith(b"chunked")
+        self._headers.append((name.decode(_ENCODING, _ERRORS), value.decode(_ENCODING, _ERRORS)))
+
+    def on_headers_complete(self) -> None:
+        status = self._parser.get_status_code()
+        if status < 200:
+            # RFC 9110 §15.2: any number of 1xx may precede the final answer; we drop them
+            # (103's hints are an optimisation the client can live without). 101 makes llhttp
+            # stop with HttpParserUpgrade, handled in data_received.
+            self._interim = True
+            return
+        self._status = status
+        self._head_done = True
+        if self._is_head:
+            # llhttp cannot be told this answer is to a HEAD (httptools gives no way to return
+            # "skip body" from this callback), so the message ends here for us and the parser
+            # is replaced on release (RFC 9112 §6.3 item 1). Its keep-alive verdict would also
+            # be wrong for a HEAD answer without Content-Length, so decide from the headers.
+            self._done = True
+            self._keep_alive = self._parser.get_http_version() == "1.1" and not any(
+                name.lower() == "connection" and "close" in value.lower() for name, value in self._headers)
+        else:
+            # RFC 9112 §9.3: HTTP/1.1 persists unless "close"; an HTTP/1.0 answer is not reused
+            # (we never asked for the 1.0 keep-alive extension). llhttp also says no for a
+            # close-delimited body.
+            self._keep_alive = self._parser.should_keep_alive() and self._parser.get_http_version() == "1.1"
+
+    def on_body(self, body: bytes) -> None:
+        if self._is_head:
+            # A body after a HEAD answer: the framing is broken, so never reuse the connection.
+            self._body_for_head = True
+            self._keep_alive = False
+            return
+        self._chunks.append(body)
+        self._buffered += len(body)
+        if self._buffered > _HIGH_WATER and not self._reading_paused:
+            self._reading_paused = True
+            self._transport.pause_reading()
+
+    def on_message_complete(self) -> None:
+        if self._interim:
+            self._interim = False
+            return
+        self._done = True
+
+    # helpers
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _fail(self, error: UpstreamError) -> None:
+        if self._error is None and not self._done:
+            self._error = error
+        self._keep_alive = False
+        self._transport.abort()
+
+    def _take(self) -> bytes:
+        """Everything buffered, as one bytes, and resume reading if we had paused it."""
+        chunks = self._chunks
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        self._buffered = 0
+        if self._reading_paused:
+            self._reading_paused = False
+            if not self._lost:
+                self._transport.resume_reading()
+        return data
+
+    async def _wait(self, timeout: float) -> None:
+        """Wait for the next callback from the parser or the transport, at most `timeout`."""
+        waiter = self._pool._loop.create_future()
+        self._waiter = waiter
+        timer = self._pool._loop.call_later(timeout, _expire, waiter)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            self._waiter = None
+
+    async def _drain(self, timeout: float) -> None:
+        """Like `StreamWriter.drain`: wait until the transport's write buffer is below its low mark.
+
+        A stalled upstream that never reads gets `timeout` as it would for an answer.
+        """
+        while self._write_paused and not self._lost:
+            waiter = self._pool._loop.create_future()
+            self._drain_waiter = waiter
+            timer = self._pool._loop.call_later(timeout, _expire, waiter)
+            try:
+                await waiter
+            finally:
+                timer.cancel()
+                self._drain_waiter = None
+
+    def _release(self) -> None:
+        if self._done and self._keep_alive and self._error is None and not self._lost:
+            if self._chunks:
+                self._take()  # an unread but complete body: drop it, the connection is still sound
+            if self._is_head:
+                self._parser = httptools.HttpResponseParser(self)
+            self._pool._put(self)
+        else:
+            self._transport.abort()
+
+
+class Response:
+    """The head of an upstream answer, and its body to stream, read or drop."""
+
+    __slots__ = ("_conn", "_read_timeout", "headers", "reason", "status")
+
+    def __init__(self, conn: _Connection, read_timeout: float) -> None:
+        self._conn: _Connection | None = conn
+        self._read_timeout = read_timeout
+        self.status: int = conn._status
+        self.reason: str = conn._reason.decode(_ENCODING, _ERRORS)
+        self.headers: list[tuple[str, str]] = conn._headers
+
+    def has_body(self) -> bool:
+        """False for answers that never carry content: to HEAD, 204 and 304 (RFC 9112 §6.3 item 1)."""
+        conn = self._conn
+        status = self.status
+        return not (status == 204 or status == 304 or (conn is not None and conn._is_head))
+
+    async def iter_chunks(self) -> AsyncIterator[bytes]:
+        """The body as it arrives, de-chunked; each wait for data is bounded by the read timeout."""
+        conn = self._conn
+        if conn is None:
+            raise RuntimeError("response already released")
+        while True:
+            if conn._chunks:
+                yield conn._take()
+            elif conn._done:
+                return
+            elif conn._error is not None:
+                raise conn._error
+            else:
+                await conn._wait(self._read_timeout)
+
+    async def read(self, limit: int) -> bytes | None:
+        """The whole body if it is known to fit in `limit` bytes, else None with nothing consumed.
+
+        Known means a Content-Length, or an answer that has already ended. `limit` is capped at
+        the flow-control mark (256 KiB): waiting for more would stall the paused socket.
+        """
+        conn = self._conn
+        if conn is None:
+            raise RuntimeError("response already released")
+        if not self.has_body():
+            return b""
+        limit = min(limit, _HIGH_WATER)
+        if conn._done:
+            if conn._buffered > limit:
+                return None
+            return conn._take() if conn._chunks else b""
+        if conn._chunked or conn._length is None or conn._length > limit:
+            return None
+        while not conn._done:
+            if conn._error is not None:
+                raise conn._error
+            await conn._wait(self._read_timeout)
+        return conn._take() if conn._chunks else b""
+
+    def release(self) -> None:
+        """Pool the connection if the answer ended and keep-alive holds, else close it. Idempotent."""
+        conn = self._conn
+        if conn is not None:
+            self._conn = None
+            conn._release()
+
+    def close(self) -> None:
+        """Drop the connection now, whatever state the answer is in (the client went away)."""
+        conn = self._conn
+        if conn is not None:
+            self._conn = None
+            conn._keep_alive = False
+            conn._transport.abort()
+
+
+class Pool:
+    """Keep-alive connections to any number of upstream origins, shared by every request of a process."""
+
+    def __init__(self, *, max_idle_per_origin: int = 64, idle_timeout: float = 30.0,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
+        self._max_idle = max_idle_per_origin
+        self._idle_timeout = idle_timeout
+        self._ssl = ssl_context  # None: ssl.create_default_context() on the first https origin
+        self._origins: dict[tuple[str, str, int], _Origin] = {}
+        self._loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # bound on first use
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._closed = False
+
+    def idle_count(self) -> int:
+        return sum(len(origin.idle) for origin in self._origins.values())
+
+    async def close(self) -> None:
+        """Close the idle connections; those in use close when their Response is released."""
+        self._closed = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        for origin in self._origins.values():
+            while origin.idle:
+                conn = origin.idle.pop()
+                conn._idle = False
+                conn._transport.abort()
+        await asyncio.sleep(0)  # let the transports run connection_lost
+
+    async def request(
+        self,
+        method: str,
+        scheme: str,
+        host: str,
+        port: int,
+        target: str,
+        headers: Iterable[tuple[str, str]],
+        body: AsyncIterator[bytes] | None,
+        *,
+        content_length: int | None,
+        connect_timeout: float,
+        read_timeout: float,
+    ) -> Response:
+        """Send one request and return the answer's head once it has arrived (1xx skipped).
+
+        `target` goes on the request line byte for byte (origin-form, RFC 9112 §3.2.1).
+        `headers` are written in order with duplicates; Host is added only when absent
+        (RFC 9112 §3.2), and the body's framing is ours: `Content-Length` when
+        `content_length` is given, else `Transfer-Encoding: chunked` when there is a body
+        (RFC 9112 §6.1-6.2), so any Content-Length or Transfer-Encoding among `headers` is
+        dropped rather than sent twice. An exception raised by `body` propagates unchanged.
+        """
+        if self._closed:
+            raise RuntimeError("pool is closed")
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        key = (scheme, host, port)
+        origin = self._origins.get(key)
+        if origin is None:
+            origin = self._origins[key] = _Origin(scheme, host, port)
+
+        # The head: one str join and one encode (measured faster than a b"".join of
+        # per-piece encodes), then one transport.write.
+        parts = [method, " ", target, " HTTP/1.1\r\n"]
+        append = parts.append
+        has_host = False
+        lines = 2  # the request line and the empty line that ends the head
+        for name, value in headers:
+            size = len(name)
+            if size == 4 or size == 14 or size == 17:
+                lower = name.lower()
+                if lower == "host":
+                    has_host = True
+                elif lower == "content-length" or lower == "transfer-encoding":
+                    continue
+            append(name)
+            append(": ")
+            append(value)
+            append("\r\n")
+            lines += 1
+        if not has_host:
+            append(origin.host_line)
+            lines += 1
+        chunked = False
+        if content_length is not None:
+            append(f"Content-Length: {content_length}\r\n")
+            lines += 1
+            if body is None and content_length:
+                raise ValueError("content_length given without a body")
+        elif body is not None:
+            append("Transfer-Encoding: chunked\r\n")
+            chunked = True
+            lines += 1
+        append("\r\n")
+        head = "".join(parts).encode(_ENCODING, _ERRORS)
+        # Every line ends in exactly one CRLF: a CR or LF inside a method, target, name or
+        # value (a claim rendered into a header, say) would split the message, RFC 9112 §2.2
+        # and §11.1 (request smuggling). Two C-speed counts check them all at once.
+        if head.count(b"\n") != lines or head.count(b"\r") != lines:
+            raise ValueError("CR or LF inside the request line or a header")
+
+        is_head = method == "HEAD"
+        conn = self._take_idle(origin)
+        if conn is not None:
+            try:
+                return await self._exchange(conn, head, is_head, body, chunked, content_length, read_timeout)
+            except UpstreamConnectError:
+                # RFC 9112 §9.3.1: a reused connection the server closed before answering may be
+                # replayed once, on a fresh connection, if nothing (no body) makes that unsafe.
+                if body is not None or method not in _IDEMPOTENT:
+                    raise
+        conn = await self._connect(origin, connect_timeout)
+        return await self._exchange(conn, head, is_head, body, chunked, content_length, read_timeout)
+
+    async def _exchange(self, conn: _Connection, head: bytes, is_head: bool, body: AsyncIterator[bytes] | None,
+                        chunked: bool, content_length: int | None, read_timeout: float) -> Response:
+        conn._begin(is_head)
+        transport = conn._transport
+        try:
+            if body is None:
+                transport.write(head)
+            else:
+                await self._send_body(conn, head, body, chunked, content_length, read_timeout)
+            while not conn._head_done:
+                if conn._error is not None:
+                    raise conn._error
+                await conn._wait(read_timeout)
+        except BaseException:
+            # A timeout, a cancelled task, a failing body or a broken answer: the connection's
+            # state is unknown, so it is never reused.
+            conn._keep_alive = False
+            transport.abort()
+            raise
+        return Response(conn, read_timeout)
+
+    async def _send_body(self, conn: _Connection, head: bytes, body: AsyncIterator[bytes], chunked: bool,
+                         content_length: int | None, read_timeout: float) -> None:
+        transport = conn._transport
+        transport.write(head)
+        sent = 0
+        async for chunk in body:
+            if not chunk:
+                continue  # an empty chunk would end a chunked body early (RFC 9112 §7.1)
+            if conn._lost:
+                return  # the answer (or the lack of one) tells what happened
+            if conn._head_done and not conn._keep_alive:
+                # RFC 9112 §9.5: the server answered and is closing: stop sending the body.
+                return
+            sent += len(chunk)
+            if chunked:
+                transport.writelines((b"%x\r\n" % len(chunk), chunk, b"\r\n"))
+            else:
+                if content_length is not None and sent > content_length:
+                    # Bytes past the declared length would be read as the next request.
+                    raise UpstreamError(f"request body longer than its Content-Length {content_length}")
+                transport.write(chunk)
+            if conn._write_paused:
+                await conn._drain(read_timeout)
+        if conn._lost or (conn._head_done and not conn._keep_alive):
+            return
+        if chunked:
+            transport.write(b"0\r\n\r\n")  # last chunk, no trailers (RFC 9112 §7.1)
+        elif content_length is not None and sent != content_length:
+            raise UpstreamError(f"request body ended after {sent} of {content_length} bytes")
+
+    def _take_idle(self, origin: _Origin) -> _Connection | None:
+        idle = origin.idle
+        if not idle:
+            return None
+        deadline = self._loop.time() - self._idle_timeout
+        while idle:
+            conn = idle.pop()  # the most recently used: the least likely to be closed by the server
+            conn._idle = False
+            if conn._idle_since > deadline and not conn._transport.is_closing():
+                return conn
+            conn._transport.abort()
+        return None
+
+    async def _connect(self, origin: _Origin, timeout: float) -> _Connection:
+        context: ssl.SSLContext | None = None
+        if origin.tls:
+            if self._ssl is None:
+                self._ssl = ssl.create_default_context()
+            context = self._ssl
+        try:
+            async with asyncio.timeout(timeout):
+                _, conn = await self._loop.create_connection(
+                    partial(_Connection, self, origin), origin.host, origin.port,
+                    ssl=context, server_hostname=origin.host if context is not None else None,
+                )
+        except TimeoutError:
+            raise  # builtin TimeoutError is an OSError too: let it through as a timeout
+        except OSError as error:  # refused, unreachable, DNS, TLS (ssl.SSLError is an OSError)
+            raise UpstreamConnectError(
+                f"cannot connect to {origin.host}:{origin.port}: {error.strerror or type(error).__name__}") from error
+        return conn
+
+    def _put(self, conn: _Connection) -> None:
+        idle = conn._origin.idle
+        if self._closed or len(idle) >= self._max_idle:
+            conn._transport.abort()
+            return
+        conn._idle = True
+        conn._idle_since = self._loop.time()
+        idle.append(conn)
+        if self._sweeper is None:
+            self._sweeper = self._loop.call_later(self._idle_timeout, self._sweep)
+
+    def _sweep(self) -> None:
+        """Close connections idle for longer than idle_timeout; oldest sit at the left of each deque."""
+        self._sweeper = None
+        now = self._loop.time()
+        deadline = now - self._idle_timeout
+        soonest: float | None = None
+        for origin in self._origins.values():
+            idle = origin.idle
+            while idle and idle[0]._idle_since <= deadline:
+                conn = idle.popleft()
+                conn._idle = False
+                conn._transport.abort()
+            if idle and (soonest is None or idle[0]._idle_since < soonest):
+                soonest = idle[0]._idle_since
+        if soonest is not None:
+            self._sweeper = self._loop.call_at(soonest + self._idle_timeout, self._sweep)

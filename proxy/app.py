@@ -14,11 +14,11 @@ import json
 import logging
 import time
 from typing import Any
-from datetime import datetime, timezone
 
 import aiohttp
 from aiohttp import web
 
+from .accesslog import AccessLog
 from .clock import Clock, SystemClock
 from .config import Settings
 from .errors import AuthError, KeysUnavailable, ProxyError, Reason, UpstreamUnavailable
@@ -31,7 +31,6 @@ from .runtime import Runtime, build_snapshot
 
 __all__ = ["Proxy", "error_response"]
 
-access_log = logging.getLogger("jwt_sidecar.access")
 log = logging.getLogger("jwt_sidecar")
 
 
@@ -51,9 +50,10 @@ class Proxy:
         session: aiohttp.ClientSession | None = None,
         config_path: str | None = None,
         metrics: Metrics | None = None,
+        access_log: AccessLog | None = None,
     ) -> None:
         self.runtime = Runtime(settings=settings, clock=clock or SystemClock(), metrics=metrics or Metrics(),
-                               config_path=config_path)
+                               config_path=config_path, access_log=access_log)
         self._own_session = session is None
         self._session = session
 
@@ -117,14 +117,30 @@ async def _entry(request: web.BaseRequest, runtime: Runtime) -> web.StreamRespon
 
 
 def error_response(error: ProxyError, *, realm: str, request_id_value: str) -> web.Response:
+    # The answer to a refusal depends only on its kind, reason, scope and realm (a closed set
+    # and config values), so its body and fixed headers are built once and reused.
+    key = (type(error), error.reason, getattr(error, "scope", None), realm)
+    parts = _ERROR_PARTS.get(key)
+    if parts is None:
+        if len(_ERROR_PARTS) > 1024:  # only a pathological config could get here; stay bounded
+            _ERROR_PARTS.clear()
+        parts = _ERROR_PARTS[key] = _error_parts(error, realm)
+    body, fixed = parts
+    return web.Response(body=body, status=error.status, headers={**fixed, "X-Request-Id": request_id_value})
+
+
+_ERROR_PARTS: dict[tuple[object, ...], tuple[bytes, dict[str, str]]] = {}
+
+
+def _error_parts(error: ProxyError, realm: str) -> tuple[bytes, dict[str, str]]:
     # Server: aiohttp would announce "Python/3.x aiohttp/3.y" on our own answers; say less.
-    headers = {"X-Request-Id": request_id_value, "Cache-Control": "no-store", "Server": "jwt-sidecar"}
+    headers = {"Content-Type": "application/json; charset=utf-8", "Cache-Control": "no-store", "Server": "jwt-sidecar"}
     if isinstance(error, AuthError):
         headers["WWW-Authenticate"] = error.challenge(realm)
     if isinstance(error, KeysUnavailable):
         headers["Retry-After"] = "5"
-    body = {"error": error.error_code, "error_description": error.description}
-    return web.json_response(body, status=error.status, headers=headers)
+    body = json.dumps({"error": error.error_code, "error_description": error.description}).encode()
+    return body, headers
 
 
 def _record(runtime: Runtime, request: web.BaseRequest, exchange: Exchange) -> None:
@@ -133,18 +149,17 @@ def _record(runtime: Runtime, request: web.BaseRequest, exchange: Exchange) -> N
         route_metrics = exchange.snapshot.unmatched
     if route_metrics is not None:
         route_metrics.count(request.method, exchange.decision, exchange.reason, exchange.status)
-    if runtime.settings.access_log and access_log.isEnabledFor(logging.INFO):
+    if runtime.access_log is not None:
         # Never the token, never the query string (it may hold one): the normalised path only.
-        access_log.info(json.dumps({
-            "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
-            "request_id": exchange.request_id,
-            "client": request.remote,
-            "method": request.method,
-            "path": exchange.path or request.raw_path.partition("?")[0][:256],
-            "route": exchange.route,
-            "status": exchange.status,
-            "decision": str(exchange.decision),
-            "reason": exchange.reason,
-            "subject": exchange.subject,
-            "latency_ms": round((time.perf_counter() - exchange.started) * 1000, 3),
-        }, separators=(",", ":")))
+        runtime.access_log.write(
+            request_id=exchange.request_id,
+            client=request.remote,
+            method=request.method,
+            path=exchange.path or request.raw_path.partition("?")[0][:256],
+            route=exchange.route,
+            status=exchange.status,
+            decision=str(exchange.decision),
+            reason=exchange.reason,
+            subject=exchange.subject,
+            latency_ms=round((time.perf_counter() - exchange.started) * 1000, 3),
+        )

@@ -17,6 +17,7 @@ from types import MappingProxyType
 import aiohttp
 from yarl import URL
 
+from .accesslog import AccessLog
 from .clock import Clock
 from .config import HeaderMap, Route, Settings, TokenSource, Upstream
 from .identity import StripPlan
@@ -96,6 +97,8 @@ class Runtime:
     session: aiohttp.ClientSession | None = None
     snapshot: Snapshot | None = None
     draining: bool = False
+    access_log: AccessLog | None = None
+    """None when the access log is off (or in tests that do not read it)."""
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("jwt_sidecar"))
 
     def __post_init__(self) -> None:

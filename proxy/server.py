@@ -18,6 +18,7 @@ import sys
 from aiohttp import web
 
 from .admin import create_admin_app
+from .accesslog import AccessLog
 from .app import Proxy
 from .config import Settings
 from .reload import reload, watch
@@ -41,22 +42,17 @@ class _NoRequestEcho(logging.Filter):
 
 
 def configure_logging(level: str = "INFO") -> None:
-    """Operator logs on stderr; the access log as bare JSON lines on stdout."""
+    """Operator logs on stderr (the access log is accesslog.py's, on stdout)."""
     logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("aiohttp.server").addFilter(_NoRequestEcho())
-    access = logging.getLogger("jwt_sidecar.access")
-    access.propagate = False
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    access.addHandler(handler)
-    access.setLevel(logging.INFO)
 
 
 async def serve(settings: Settings, *, config_path: str | None, stop: asyncio.Event | None = None,
                 watch_interval: float = 2.0) -> None:
     """Serve until SIGTERM/SIGINT (or `stop` is set), then drain and return."""
     stop = stop or asyncio.Event()
-    proxy = Proxy(settings, config_path=config_path)
+    access_log = AccessLog(sys.stdout.buffer) if settings.access_log else None
+    proxy = Proxy(settings, config_path=config_path, access_log=access_log)
     runtime = proxy.runtime
     await proxy.start()  # client session, first key fetches
     # handler_cancellation: a client that goes away cancels its upstream request too.
@@ -100,6 +96,8 @@ async def serve(settings: Settings, *, config_path: str | None, stop: asyncio.Ev
         await proxy.close()
         # 3. The admin listener goes last, so /readyz answers "draining" to the very end.
         await admin_runner.cleanup()
+        if access_log is not None:
+            access_log.flush()
         log.info("stopped")
 
 

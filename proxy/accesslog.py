@@ -1,0 +1,53 @@
+"""The access log: one JSON line per request, written without the `logging` machinery.
+
+Owns: the line's fields and their encoding, and batching writes: lines produced in one turn
+of the event loop are written with one `write` and one `flush` at the end of that turn, so a
+busy sidecar makes one syscall per batch, not per request, and a quiet one still shows each
+line at once. Never the token, never the query string (it may hold one).
+Does not own: deciding what happened to a request (pipeline.py, app.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import BinaryIO
+
+__all__ = ["AccessLog"]
+
+_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
+class AccessLog:
+    def __init__(self, stream: BinaryIO) -> None:
+        self._stream = stream
+        self._pending: list[bytes] = []
+        self._second = -1
+        self._stamp = ""
+
+    def write(self, **fields: object) -> None:
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            # An ISO-8601 UTC timestamp costs a strftime; one per second is enough.
+            self._second, self._stamp = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        line = _encode({"time": f"{self._stamp}.{int((now - second) * 1000):03d}Z", **fields})
+        if not self._pending:
+            try:
+                asyncio.get_running_loop().call_soon(self.flush)
+            except RuntimeError:  # no loop (a direct call): write at once
+                self._pending.append(line.encode() + b"\n")
+                self.flush()
+                return
+        self._pending.append(line.encode() + b"\n")
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        lines, self._pending = self._pending, []
+        try:
+            self._stream.write(b"".join(lines))
+            self._stream.flush()
+        except (OSError, ValueError):
+            pass  # a closed or broken stdout must never take the proxy down

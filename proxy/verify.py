@@ -18,6 +18,7 @@ check the claims.
 
 from __future__ import annotations
 
+import binascii
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -28,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from cachetools import TLRUCache
 from jwt import PyJWK, PyJWS
 from jwt.exceptions import DecodeError, InvalidKeyError, InvalidSignatureError, PyJWTError
+from jwt.utils import base64url_decode, base64url_encode
 
 from .config import Provider, TokenCacheSettings
 from .errors import InvalidToken, Reason
@@ -80,34 +82,63 @@ class Claims:
 
 
 class _HeaderChecksAreOurs(PyJWS):
-    """PyJWS whose header validation we do ourselves, so each failure gets its own `Reason`.
+    """PyJWS with two of its internals replaced (PyJWT is pinned below 3 in pyproject).
 
-    PyJWT raises one `InvalidTokenError` for a bad kid, an unknown `crit` and b64 misuse;
-    we check all of those in `HEADER_CHECKS` before PyJWS ever sees the token. This
-    overrides a PyJWT internal (pinned below 3 in pyproject); if it is renamed, PyJWT's
-    own checks come back and `test_verify`'s crit case (which asserts Reason.CRIT) fails.
+    - Header validation is ours: PyJWT raises one `InvalidTokenError` for a bad kid, an
+      unknown `crit` and b64 misuse; we check all of those in `HEADER_CHECKS` first, each
+      with its own `Reason`. If PyJWT renames the hook, its own checks come back and the
+      crit case in test_verify (which asserts Reason.CRIT) fails.
+    - The base64url segment decoder is PyJWT's own, step for step, except the alphabet
+      check: one `bytes.translate` in C instead of a Python generator over every character
+      (that generator was half of the time a cache miss took). tests/unit/test_verify.py
+      compares the two on thousands of segments, and fails if the hook is not ours.
     """
 
     def _validate_headers(self, headers: dict[str, Any], *, encoding: bool = False) -> None:
         return None
 
+    @staticmethod
+    def _decode_base64url_segment(segment: bytes, name: str) -> bytes:
+        stripped = segment.rstrip(b"=")
+        padding = len(segment) - len(stripped)
+        if padding > 2 or (padding and len(segment) % 4 != 0):
+            raise DecodeError(f"Invalid {name} padding")
+        # translate(None, alphabet) deletes every allowed byte: anything left is not base64url.
+        if len(stripped) % 4 == 1 or stripped.translate(None, _BASE64URL_ALPHABET):
+            raise DecodeError(f"Invalid {name} padding")
+        try:
+            decoded = base64url_decode(stripped)
+        except (TypeError, binascii.Error) as err:
+            raise DecodeError(f"Invalid {name} padding") from err
+        if base64url_encode(decoded) != stripped:  # a non-canonical encoding of the same bytes
+            raise DecodeError(f"Invalid {name} padding")
+        return decoded
 
+
+_BASE64URL_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
 _JWS = _HeaderChecksAreOurs()
 _SIG_OPTIONS = {"verify_signature": True, "enforce_minimum_key_length": True}
 
 
 # -- header --------------------------------------------------------------------------------
 def read_header(token: str, *, max_bytes: int) -> TokenHeader:
-    """Decode the header without trusting it. Size and form only; see HEADER_CHECKS for the rest."""
+    """Decode the header without trusting it. Size and form only; see HEADER_CHECKS for the rest.
+
+    Only the header segment is decoded here; PyJWS decodes all three (strictly, the header
+    again included) when it checks the signature, so nothing is decoded twice but the header.
+    """
     if len(token) > max_bytes:
         # Refuse before decoding: base64 and JSON on a huge input are work an attacker chooses.
         raise InvalidToken(Reason.TOO_LARGE, f"token is {len(token)} bytes; the limit is {max_bytes}")
     if token.count(".") != 2:
         raise InvalidToken(Reason.MALFORMED, f"a JWS compact token has 3 segments, this one {token.count('.') + 1}")
     try:
-        fields = _JWS.get_unverified_header(token)
-    except PyJWTError as error:
-        raise InvalidToken(Reason.MALFORMED, f"header: {_phrase(error)}") from None
+        raw = _JWS._decode_base64url_segment(token[:token.index(".")].encode("ascii"), "header")
+        fields = json.loads(raw)
+    except (DecodeError, UnicodeEncodeError, ValueError, RecursionError):
+        raise InvalidToken(Reason.MALFORMED, "header: not base64url-encoded JSON") from None
+    if not isinstance(fields, dict):
+        raise InvalidToken(Reason.MALFORMED, "header: not a JSON object")
     return TokenHeader(alg=fields.get("alg"), kid=fields.get("kid"), fields=fields)
 
 

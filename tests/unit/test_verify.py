@@ -14,6 +14,7 @@ from proxy.config import Provider, StaticKeys, TokenCacheSettings
 from proxy.errors import InvalidToken, KeysUnavailable, Reason
 from proxy.keys import key_source_for
 from proxy.verify import TokenCache, Verifier
+from jwt import PyJWS
 from tests.conftest import AUDIENCE, HS_SECRET, ISSUER, FakeClock, TestKey, jwks_of, mint
 
 
@@ -326,3 +327,29 @@ async def test_refused_tokens_are_not_cached(keys: dict, rsa_key: TestKey, clock
     v = verifier(provider(keys), clock, cache)
     await reason_of(v, mint({"aud": "x"}, key=rsa_key, now=clock.time()))
     assert len(cache) == 0
+
+
+# -- the PyJWT internals we replace ---------------------------------------------------------
+def test_our_segment_decoder_is_the_one_pyjws_calls_and_agrees_with_pyjwts_own() -> None:
+    import random
+
+    from jwt.exceptions import DecodeError
+
+    from proxy.verify import _JWS
+
+    assert type(_JWS)._decode_base64url_segment is not PyJWS._decode_base64url_segment, \
+        "PyJWS renamed its segment decoder: our override is dead code"
+    rng = random.Random(7)
+    alphabet = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_=+/!. \x00\xe9"
+    samples = [base64.urlsafe_b64encode(rng.randbytes(n)) for n in range(40)]  # canonical, padded
+    samples += [s.rstrip(b"=") for s in samples]
+    samples += [bytes(rng.choice(alphabet) for _ in range(rng.randrange(0, 12))) for _ in range(3000)]
+
+    def outcome(decoder: Any, segment: bytes) -> bytes | str:
+        try:
+            return decoder(segment, "payload")
+        except DecodeError as error:
+            return str(error)
+
+    for segment in samples:
+        assert outcome(_JWS._decode_base64url_segment, segment) == outcome(PyJWS._decode_base64url_segment, segment), segment

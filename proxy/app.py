@@ -23,6 +23,7 @@ from .clock import Clock, SystemClock
 from .config import Settings
 from .errors import AuthError, KeysUnavailable, ProxyError, Reason, UpstreamUnavailable
 from .forward import new_session
+from .upstream import Pool
 from .identity import request_id
 from .keys import KeyRing
 from .metrics import Decision, Metrics
@@ -60,6 +61,7 @@ class Proxy:
     async def start(self) -> None:
         runtime = self.runtime
         runtime.session = self._session or new_session()
+        runtime.pool = Pool()
         keyring = KeyRing(runtime.settings.providers, session=runtime.session, clock=runtime.clock)
         # First key loads happen before the listener opens; a failed one only leaves the
         # provider not ready (503s and /readyz false) until the background refresh succeeds.
@@ -71,6 +73,8 @@ class Proxy:
         runtime = self.runtime
         if runtime.snapshot is not None:
             await runtime.snapshot.keyring.close()
+        if runtime.pool is not None:
+            await runtime.pool.close()
         if self._own_session and runtime.session is not None:
             await runtime.session.close()
 

@@ -1,7 +1,8 @@
 """The upstream client: stream a request to the upstream and its answer back, or a WebSocket both ways.
 
-Owns: the pooled keep-alive client (one aiohttp `ClientSession` for the process), streaming
-bodies both ways in bounded memory, the request-body limit (413), response hop-by-hop
+Owns: sending a request through the pooled HTTP/1.1 client (`upstream.Pool`; aiohttp's
+`ClientSession` for WebSockets only), answers up to 64 KiB in one buffered write, streaming
+larger bodies both ways in bounded memory, the request-body limit (413), response hop-by-hop
 headers, and mapping upstream failures: timeout → 504, refused/reset → 502 (aiohttp's
 timeout error is also a `ClientConnectionError`, so `TimeoutError` is caught first). After
 the response has started nothing can change its status: a failure then aborts the
@@ -14,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from dataclasses import dataclass
 from collections.abc import AsyncIterator, Iterator
 
 import aiohttp
@@ -24,20 +26,39 @@ from yarl import URL
 from .config import Upstream
 from .errors import PayloadTooLarge, UpstreamTimeout, UpstreamUnavailable
 from .identity import connection_tokens, end_to_end
+from .upstream import Pool, UpstreamError
 
-__all__ = ["CHUNK", "forward", "forward_websocket", "is_websocket", "new_session"]
+__all__ = ["Origin", "SMALL_BODY", "forward", "forward_websocket", "is_websocket", "new_session"]
 
-CHUNK = 64 * 1024
+SMALL_BODY = 64 * 1024
+"""Answers up to this size (by Content-Length) are read whole and written in one go."""
 log = logging.getLogger("jwt_sidecar.forward")
-# The client sends exactly the headers we give it: no User-Agent, Accept or Content-Type
-# of aiohttp's own, and bodies pass through undecoded.
-_SKIP_AUTO = frozenset({"User-Agent", "Accept", "Accept-Encoding", "Content-Type"})
 _WS_HEADERS = frozenset({"sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions",
                          "sec-websocket-protocol", "sec-websocket-accept"})
 
 
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """Where a route's upstream lives, parsed once per config."""
+
+    scheme: str
+    host: str
+    port: int
+    base_path: str
+    """The upstream URL's path without its trailing slash; the request path is appended."""
+
+    @classmethod
+    def parse(cls, url: str) -> Origin:
+        parts = URL(url)
+        return cls(parts.scheme, parts.host or "", parts.port or 80, parts.raw_path.rstrip("/"))
+
+    def __str__(self) -> str:
+        return f"{self.scheme}://{self.host}:{self.port}"
+
+
 def new_session(*, limit: int = 1000) -> aiohttp.ClientSession:
-    """The one upstream client of a process: pooled keep-alive connections, no cookie jar."""
+    """aiohttp's client, for what the pooled `upstream.Pool` does not do: WebSockets and key
+    fetches. Pooled keep-alive connections, no cookie jar."""
     connector = aiohttp.TCPConnector(limit=limit, limit_per_host=0, enable_cleanup_closed=False)
     return aiohttp.ClientSession(
         connector=connector,
@@ -77,9 +98,10 @@ def _upstream_errors(url: URL, what: str) -> Iterator[None]:
 
 async def forward(
     request: web.BaseRequest,
-    session: aiohttp.ClientSession,
+    pool: Pool,
     *,
-    url: URL,
+    origin: Origin,
+    target: str,
     headers: CIMultiDict[str],
     upstream: Upstream,
     request_id: str,
@@ -89,37 +111,53 @@ async def forward(
     if upstream.max_body and length is not None and length > upstream.max_body:
         raise PayloadTooLarge(f"Content-Length {length} exceeds max_body {upstream.max_body}")
     body = _limited(request, upstream.max_body) if request.body_exists else None
-    timeout = aiohttp.ClientTimeout(total=None, connect=upstream.connect_timeout, sock_read=upstream.timeout)
     try:
-        with _upstream_errors(url, "upstream"):
-            try:
-                upstream_response = await session.request(
-                    request.method, url, headers=headers, data=body, allow_redirects=False,
-                    skip_auto_headers=_SKIP_AUTO, timeout=timeout, compress=None,
-                )
-            except aiohttp.ClientError as error:
-                # The body generator's own failure may arrive wrapped in a client error.
-                if isinstance(error.__cause__ or error.__context__, _BodyTooLarge):
-                    raise _BodyTooLarge from None
-                raise
+        answer = await pool.request(
+            request.method, origin.scheme, origin.host, origin.port, target, headers.items(), body,
+            content_length=length, connect_timeout=upstream.connect_timeout, read_timeout=upstream.timeout,
+        )
     except _BodyTooLarge:
         raise PayloadTooLarge(f"body exceeds max_body {upstream.max_body}") from None
-    async with upstream_response:
-        response = web.StreamResponse(status=upstream_response.status, reason=upstream_response.reason,
-                                      headers=end_to_end(upstream_response.headers))
-        response.headers["X-Request-Id"] = request_id
+    except TimeoutError:  # before UpstreamError's OSError-like cases: a timeout is a 504
+        raise UpstreamTimeout(f"{origin} did not answer within {upstream.timeout:g}s") from None
+    except UpstreamError as error:
+        raise UpstreamUnavailable(f"{origin}: {type(error).__name__}") from None
+    try:
+        out = end_to_end(CIMultiDict(answer.headers))
+        out["X-Request-Id"] = request_id
+        if answer.has_body():
+            small = await answer.read(SMALL_BODY)
+            if small is not None:
+                # One buffered write of head and body, and the connection back in the pool
+                # before the client is even written to.
+                answer.release()
+                return web.Response(body=small, status=answer.status, reason=answer.reason, headers=out)
+        response = web.StreamResponse(status=answer.status, reason=answer.reason, headers=out)
         await response.prepare(request)
-        try:
-            async for chunk in upstream_response.content.iter_chunked(CHUNK):
-                await response.write(chunk)
-        except (TimeoutError, aiohttp.ClientError) as error:
-            # Headers are gone already: all we can honestly do is cut the connection.
-            log.warning("upstream %s broke off mid-response: %s", url.origin(), type(error).__name__)
-            if request.transport is not None:
-                request.transport.abort()
-            return response
+        if answer.has_body():
+            try:
+                async for chunk in answer.iter_chunks():
+                    await response.write(chunk)
+            except (TimeoutError, UpstreamError) as error:
+                # Headers are gone already: all we can honestly do is cut the connection.
+                log.warning("upstream %s broke off mid-response: %s", origin, type(error).__name__)
+                answer.close()
+                if request.transport is not None:
+                    request.transport.abort()
+                return response
+            except (ConnectionError, asyncio.CancelledError):
+                answer.close()  # the client went away: stop pulling from the upstream
+                raise
         await response.write_eof()
-    return response
+        return response
+    except (TimeoutError, UpstreamError) as error:
+        # Failed before anything was sent to the client: still a clean 502/504.
+        answer.close()
+        if isinstance(error, TimeoutError):
+            raise UpstreamTimeout(f"{origin} stalled mid-answer") from None
+        raise UpstreamUnavailable(f"{origin}: {type(error).__name__}") from None
+    finally:
+        answer.release()
 
 
 def is_websocket(request: web.BaseRequest) -> bool:

@@ -80,19 +80,19 @@ async def run(request: web.BaseRequest, runtime: Runtime, exchange: Exchange) ->
         request_id_value=exchange.request_id,
     )
     exchange.decision = Decision.ALLOWED
-    url = plan.base + path + ("?" + query if query else "")
-    session = runtime.session
-    assert session is not None
     began = time.perf_counter()
-    # encoded=True: the path is already normalised and percent-encoded; re-encoding it would
-    # make the upstream see a different path than the router matched.
-    target = URL(url, encoded=True)
     try:
         if is_websocket(request):
-            return await forward_websocket(request, session, url=target, headers=headers,
+            assert runtime.session is not None
+            # encoded=True: the path is normalised and percent-encoded already; re-encoding
+            # it would make the upstream see a different path than the router matched.
+            url = URL(plan.base + path + ("?" + query if query else ""), encoded=True)
+            return await forward_websocket(request, runtime.session, url=url, headers=headers,
                                            upstream=plan.upstream, request_id=exchange.request_id)
-        return await forward(request, session, url=target, headers=headers,
+        assert runtime.pool is not None
+        # The target goes on the request line byte for byte: the path the router matched.
+        target = plan.origin.base_path + path + ("?" + query if query else "")
+        return await forward(request, runtime.pool, origin=plan.origin, target=target, headers=headers,
                              upstream=plan.upstream, request_id=exchange.request_id)
     finally:
         plan.metrics.observe_upstream(time.perf_counter() - began)
-

@@ -20,10 +20,12 @@ from yarl import URL
 from .accesslog import AccessLog
 from .clock import Clock
 from .config import HeaderMap, Route, Settings, TokenSource, Upstream
+from .forward import Origin
 from .identity import StripPlan
 from .keys import KeyRing
 from .metrics import NO_ROUTE, Metrics, MetricsView, RouteMetrics
 from .routing import Router
+from .upstream import Pool
 from .verify import TokenCache, Verifier
 
 __all__ = ["RoutePlan", "Runtime", "Snapshot", "build_snapshot"]
@@ -34,6 +36,7 @@ class RoutePlan:
     upstream: Upstream
     base: str
     """The upstream URL without a trailing slash; the normalised path is appended as is."""
+    origin: Origin
     sources: tuple[TokenSource, ...]
     header_map: HeaderMap | None
     verifier: Verifier | None
@@ -69,6 +72,7 @@ def build_snapshot(settings: Settings, *, keyring: KeyRing, clock: Clock, metric
             route=route,
             upstream=upstream,
             base=str(URL(upstream.url)).rstrip("/"),
+            origin=Origin.parse(upstream.url),
             sources=route.token_sources or (provider.token_sources if provider else ()),
             header_map=route.headers or (provider.headers if provider else None),
             verifier=verifiers[provider.name] if provider else None,
@@ -95,6 +99,9 @@ class Runtime:
     metrics: Metrics = field(default_factory=Metrics)
     config_path: str | None = None
     session: aiohttp.ClientSession | None = None
+    """aiohttp's client: key fetches and WebSockets."""
+    pool: Pool | None = None
+    """The pooled HTTP/1.1 client every proxied request goes through."""
     snapshot: Snapshot | None = None
     draining: bool = False
     access_log: AccessLog | None = None

@@ -46,6 +46,9 @@ _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 # socket buffers and TCP's window then push back on the upstream).
 _HIGH_WATER = 256 * 1024
 _DEFAULT_PORT = {"http": 80, "https": 443}
+# len("Host"), len("Content-Length"), len("Transfer-Encoding"): only names of these lengths
+# are lower-cased and compared, in the request's hot loop.
+_SPECIAL_LENGTHS = frozenset({4, 14, 17})
 _ENCODING = "utf-8"
 # aiohttp's server decodes header bytes as UTF-8 with surrogateescape: encoding the same way
 # hands the upstream exactly the bytes the client sent, and decoding the answer the same way
@@ -82,11 +85,15 @@ class _Connection(asyncio.Protocol):
     """
 
     __slots__ = (
-        "_body_for_head", "_buffered", "_chunked", "_chunks", "_done", "_drain_waiter", "_error",
+        "_buffered", "_chunked", "_chunks", "_done", "_drain_waiter", "_error",
         "_got_bytes", "_head_done", "_headers", "_idle", "_idle_since", "_interim", "_keep_alive",
         "_length", "_lost", "_origin", "_parser", "_pool", "_reading_paused", "_reason", "_status",
         "_transport", "_waiter", "_write_paused", "_is_head",
     )
+
+    _headers: list[tuple[str, str]]
+    _length: int | None
+    _error: UpstreamError | None
 
     def __init__(self, pool: Pool, origin: _Origin) -> None:
         self._pool = pool
@@ -107,18 +114,17 @@ class _Connection(asyncio.Protocol):
     def _begin(self, is_head: bool) -> None:
         """Reset the exchange state for a new request on this connection."""
         self._is_head = is_head
-        self._body_for_head = False
         self._status = 0
         self._reason = b""
-        self._headers: list[tuple[str, str]] = []
-        self._length: int | None = None
+        self._headers = []
+        self._length = None
         self._chunked = False
         self._interim = False
         self._head_done = False
         self._done = False
         self._keep_alive = False
         self._got_bytes = False
-        self._error: UpstreamError | None = None
+        self._error = None
 
     # asyncio.Protocol
 
@@ -178,6 +184,11 @@ class _Connection(asyncio.Protocol):
     # httptools callbacks
 
     def on_message_begin(self) -> None:
+        if self._done:
+            # A second message in the same read: we never pipeline (RFC 9112 §9.3.2), so this
+            # is garbage. Raising stops llhttp before it overwrites the answer we hold.
+            self._keep_alive = False
+            raise UpstreamProtocolError("data after the end of the answer")
         self._reason = b""
         self._headers = []
         self._length = None
@@ -191,21 +202,28 @@ class _Connection(asyncio.Protocol):
         if size == 14 and name.lower() == b"content-length":
             self._length = int(value)  # llhttp has already refused non-digits and duplicates
         elif size == 17 and name.lower() == b"transfer-encoding":
-            # RFC 9112 §6.3 items 3-4: chunked only when it is the final coding; any other
+            # RFC 9112 §6.3 item 4: chunked only when it is the final coding; any other
             # coding on a response means "read until close", which llhttp also does.
             self._chunked = value.rstrip().lower().endswith(b"chunked")
         self._headers.append((name.decode(_ENCODING, _ERRORS), value.decode(_ENCODING, _ERRORS)))
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
+        if status == 101:
+            # RFC 9110 §15.2.2: the bytes that follow are another protocol; upgrades take
+            # forward.py's aiohttp path, so here it is an error. Raising stops llhttp.
+            self._error = UpstreamProtocolError("upstream switched protocols (101); upgrades are not proxied here")
+            raise self._error
         if status < 200:
             # RFC 9110 §15.2: any number of 1xx may precede the final answer; we drop them
-            # (103's hints are an optimisation the client can live without). 101 makes llhttp
-            # stop with HttpParserUpgrade, handled in data_received.
+            # (103's hints are an optimisation the client can live without).
             self._interim = True
             return
         self._status = status
         self._head_done = True
+        drain = self._drain_waiter
+        if drain is not None and not drain.done():
+            drain.set_result(None)  # an upload blocked on a closing server stops now (RFC 9112 §9.5)
         if self._is_head:
             # llhttp cannot be told this answer is to a HEAD (httptools gives no way to return
             # "skip body" from this callback), so the message ends here for us and the parser
@@ -213,7 +231,8 @@ class _Connection(asyncio.Protocol):
             # be wrong for a HEAD answer without Content-Length, so decide from the headers.
             self._done = True
             self._keep_alive = self._parser.get_http_version() == "1.1" and not any(
-                name.lower() == "connection" and "close" in value.lower() for name, value in self._headers)
+                name.lower() == "connection" and "close" in [token.strip() for token in value.lower().split(",")]
+                for name, value in self._headers)
         else:
             # RFC 9112 §9.3: HTTP/1.1 persists unless "close"; an HTTP/1.0 answer is not reused
             # (we never asked for the 1.0 keep-alive extension). llhttp also says no for a
@@ -223,9 +242,10 @@ class _Connection(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         if self._is_head:
             # A body after a HEAD answer: the framing is broken, so never reuse the connection.
-            self._body_for_head = True
             self._keep_alive = False
             return
+        if self._interim:
+            return  # content on a 1xx (which has none, RFC 9110 §15.2) is not the answer's
         self._chunks.append(body)
         self._buffered += len(body)
         if self._buffered > _HIGH_WATER and not self._reading_paused:
@@ -279,7 +299,7 @@ class _Connection(asyncio.Protocol):
 
         A stalled upstream that never reads gets `timeout` as it would for an answer.
         """
-        while self._write_paused and not self._lost:
+        while self._write_paused and not self._lost and not (self._head_done and not self._keep_alive):
             waiter = self._pool._loop.create_future()
             self._drain_waiter = waiter
             timer = self._pool._loop.call_later(timeout, _expire, waiter)
@@ -303,20 +323,19 @@ class _Connection(asyncio.Protocol):
 class Response:
     """The head of an upstream answer, and its body to stream, read or drop."""
 
-    __slots__ = ("_conn", "_read_timeout", "headers", "reason", "status")
+    __slots__ = ("_bodiless", "_conn", "_read_timeout", "headers", "reason", "status")
 
     def __init__(self, conn: _Connection, read_timeout: float) -> None:
         self._conn: _Connection | None = conn
         self._read_timeout = read_timeout
-        self.status: int = conn._status
+        status = self.status = conn._status
         self.reason: str = conn._reason.decode(_ENCODING, _ERRORS)
         self.headers: list[tuple[str, str]] = conn._headers
+        self._bodiless = conn._is_head or status == 204 or status == 304
 
     def has_body(self) -> bool:
         """False for answers that never carry content: to HEAD, 204 and 304 (RFC 9112 §6.3 item 1)."""
-        conn = self._conn
-        status = self.status
-        return not (status == 204 or status == 304 or (conn is not None and conn._is_head))
+        return not self._bodiless
 
     async def iter_chunks(self) -> AsyncIterator[bytes]:
         """The body as it arrives, de-chunked; each wait for data is bounded by the read timeout."""
@@ -342,7 +361,7 @@ class Response:
         conn = self._conn
         if conn is None:
             raise RuntimeError("response already released")
-        if not self.has_body():
+        if self._bodiless:
             return b""
         limit = min(limit, _HIGH_WATER)
         if conn._done:
@@ -436,41 +455,34 @@ class Pool:
 
         # The head: one str join and one encode (measured faster than a b"".join of
         # per-piece encodes), then one transport.write.
-        parts = [method, " ", target, " HTTP/1.1\r\n"]
+        # One part per line, so len(parts) is the number of CRLFs the head must hold.
+        parts = [f"{method} {target} HTTP/1.1\r\n"]
         append = parts.append
         has_host = False
-        lines = 2  # the request line and the empty line that ends the head
         for name, value in headers:
-            size = len(name)
-            if size == 4 or size == 14 or size == 17:
+            if len(name) in _SPECIAL_LENGTHS:
                 lower = name.lower()
                 if lower == "host":
                     has_host = True
                 elif lower == "content-length" or lower == "transfer-encoding":
                     continue
-            append(name)
-            append(": ")
-            append(value)
-            append("\r\n")
-            lines += 1
+            append(f"{name}: {value}\r\n")
         if not has_host:
             append(origin.host_line)
-            lines += 1
         chunked = False
         if content_length is not None:
-            append(f"Content-Length: {content_length}\r\n")
-            lines += 1
             if body is None and content_length:
                 raise ValueError("content_length given without a body")
+            append(f"Content-Length: {content_length}\r\n")
         elif body is not None:
             append("Transfer-Encoding: chunked\r\n")
             chunked = True
-            lines += 1
         append("\r\n")
         head = "".join(parts).encode(_ENCODING, _ERRORS)
         # Every line ends in exactly one CRLF: a CR or LF inside a method, target, name or
         # value (a claim rendered into a header, say) would split the message, RFC 9112 §2.2
-        # and §11.1 (request smuggling). Two C-speed counts check them all at once.
+        # and §11.2 (request smuggling). Two C-speed counts check them all at once.
+        lines = len(parts)
         if head.count(b"\n") != lines or head.count(b"\r") != lines:
             raise ValueError("CR or LF inside the request line or a header")
 
@@ -491,6 +503,8 @@ class Pool:
                         chunked: bool, content_length: int | None, read_timeout: float) -> Response:
         conn._begin(is_head)
         transport = conn._transport
+        if conn._lost:  # it went away while changing hands: nothing was sent
+            conn._error = UpstreamConnectError("connection closed before any byte of the answer")
         try:
             if body is None:
                 transport.write(head)
@@ -511,7 +525,9 @@ class Pool:
     async def _send_body(self, conn: _Connection, head: bytes, body: AsyncIterator[bytes], chunked: bool,
                          content_length: int | None, read_timeout: float) -> None:
         transport = conn._transport
-        transport.write(head)
+        # The head waits for the first chunk so the two leave in one write: a small body then
+        # costs one send, as a body-less request does.
+        pending: bytes | None = head
         sent = 0
         async for chunk in body:
             if not chunk:
@@ -523,20 +539,28 @@ class Pool:
                 return
             sent += len(chunk)
             if chunked:
-                transport.writelines((b"%x\r\n" % len(chunk), chunk, b"\r\n"))
+                framed = (b"%x\r\n" % len(chunk), chunk, b"\r\n")
+                transport.writelines(framed if pending is None else (pending, *framed))
             else:
                 if content_length is not None and sent > content_length:
                     # Bytes past the declared length would be read as the next request.
                     raise UpstreamError(f"request body longer than its Content-Length {content_length}")
-                transport.write(chunk)
+                if pending is None:
+                    transport.write(chunk)
+                else:
+                    transport.writelines((pending, chunk))
+            pending = None
             if conn._write_paused:
                 await conn._drain(read_timeout)
         if conn._lost or (conn._head_done and not conn._keep_alive):
             return
         if chunked:
-            transport.write(b"0\r\n\r\n")  # last chunk, no trailers (RFC 9112 §7.1)
+            # The last chunk, no trailers (RFC 9112 §7.1).
+            transport.write(b"0\r\n\r\n" if pending is None else pending + b"0\r\n\r\n")
         elif content_length is not None and sent != content_length:
             raise UpstreamError(f"request body ended after {sent} of {content_length} bytes")
+        elif pending is not None:
+            transport.write(pending)  # a body of zero bytes
 
     def _take_idle(self, origin: _Origin) -> _Connection | None:
         idle = origin.idle

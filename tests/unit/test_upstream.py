@@ -1,0 +1,1136 @@
+"""proxy.upstream against real loopback servers: hand-written HTTP for exact wire control, aiohttp for realism.
+
+Every test is bounded by `bounded` (asyncio.wait_for); no mocks, no external addresses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import functools
+import ipaddress
+import json
+import socket
+import ssl
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from proxy.upstream import Pool, Response, UpstreamConnectError, UpstreamError, UpstreamProtocolError
+
+LIMIT = 10.0  # seconds any one test may take
+MiB = 1024 * 1024
+
+
+def bounded(test: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None]]:
+    @functools.wraps(test)
+    async def run(*args: Any, **kwargs: Any) -> None:
+        await asyncio.wait_for(test(*args, **kwargs), LIMIT)
+    return run
+
+
+async def eventually(condition: Callable[[], bool], timeout: float = 3.0) -> None:
+    """Poll until `condition()` holds: for what the server sees after the client moved on."""
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.01)
+
+
+# --- a hand-written server -------------------------------------------------------------
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
+
+
+class RawServer:
+    """A loopback server whose every byte a test writes; counts connections and closes."""
+
+    def __init__(self, handler: Handler) -> None:
+        self.handler = handler
+        self.connections = 0
+        self.closed = 0
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.server: asyncio.Server | None = None
+        self.port = 0
+
+    async def start(self) -> RawServer:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.tasks.add(task)
+        self.connections += 1
+        try:
+            await self.handler(reader, writer, self.connections)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+            self.closed += 1
+            self.tasks.discard(task)
+
+    async def stop(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        for task in list(self.tasks):
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.server.wait_closed()
+
+
+async def read_request(reader: asyncio.StreamReader) -> tuple[bytes, bytes] | None:
+    """One request: its head as sent and its de-chunked body; None at a clean EOF between requests."""
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+    except asyncio.IncompleteReadError as error:
+        if error.partial:
+            raise
+        return None
+    fields = {}
+    for line in head.split(b"\r\n")[1:]:
+        if line:
+            name, _, value = line.partition(b":")
+            fields[name.strip().lower()] = value.strip()
+    if b"content-length" in fields:
+        return head, await reader.readexactly(int(fields[b"content-length"]))
+    if fields.get(b"transfer-encoding") == b"chunked":
+        body = bytearray()
+        while True:
+            size = int((await reader.readline()).split(b";")[0], 16)
+            if size == 0:
+                while await reader.readline() != b"\r\n":
+                    pass
+                return head, bytes(body)
+            body += await reader.readexactly(size)
+            assert await reader.readexactly(2) == b"\r\n"
+    return head, b""
+
+
+def answering(*answers: bytes, then_close: bool = False) -> Handler:
+    """A handler that answers each request on a connection with the next of `answers`."""
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, index: int) -> None:
+        for answer in answers:
+            if await read_request(reader) is None:
+                return
+            writer.write(answer)
+            await writer.drain()
+        if not then_close:
+            await reader.read()  # hold the connection open until the client closes it
+    return handler
+
+
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+
+@pytest.fixture
+async def raw_server() -> AsyncIterator[Callable[[Handler], Awaitable[RawServer]]]:
+    servers: list[RawServer] = []
+
+    async def start(handler: Handler) -> RawServer:
+        server = await RawServer(handler).start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        await server.stop()
+
+
+@pytest.fixture
+async def pool() -> AsyncIterator[Pool]:
+    pool = Pool()
+    yield pool
+    await pool.close()
+
+
+async def send(pool: Pool, port: int, target: str = "/", *, method: str = "GET",
+               headers: Iterable[tuple[str, str]] = (), body: AsyncIterator[bytes] | None = None,
+               content_length: int | None = None, read_timeout: float = 5.0, connect_timeout: float = 5.0,
+               scheme: str = "http", host: str = "127.0.0.1") -> Response:
+    return await pool.request(method, scheme, host, port, target, headers, body, content_length=content_length,
+                              connect_timeout=connect_timeout, read_timeout=read_timeout)
+
+
+async def body_of(response: Response) -> bytes:
+    return b"".join([chunk async for chunk in response.iter_chunks()])
+
+
+async def fetch(pool: Pool, port: int, target: str = "/", **kwargs: Any) -> tuple[Response, bytes]:
+    response = await send(pool, port, target, **kwargs)
+    body = await body_of(response)
+    response.release()
+    return response, body
+
+
+async def chunks_of(*parts: bytes) -> AsyncIterator[bytes]:
+    for part in parts:
+        await asyncio.sleep(0)
+        yield part
+
+
+# --- an aiohttp upstream ---------------------------------------------------------------
+
+class Seen:
+    """What the aiohttp upstream observed: client ports (one per connection) and bytes streamed."""
+
+    def __init__(self) -> None:
+        self.peers: set[int] = set()
+        self.sent = 0
+
+
+SEEN = web.AppKey("seen", Seen)
+
+
+async def _echo(request: web.Request) -> web.Response:
+    body = await request.read()
+    request.app[SEEN].peers.add(request.transport.get_extra_info("peername")[1])  # type: ignore[union-attr]
+    return web.json_response({
+        "method": request.method,
+        "target": request.raw_path,
+        "headers": [[k.decode(), v.decode()] for k, v in request.raw_headers],
+        "body": body.decode(),
+    })
+
+
+async def _chunked(request: web.Request) -> web.StreamResponse:
+    response = web.StreamResponse()  # no length: aiohttp answers HTTP/1.1 with chunked coding
+    await response.prepare(request)
+    for piece in (b"alpha ", b"beta ", b"gamma"):
+        await response.write(piece)
+        await asyncio.sleep(0.01)
+    await response.write_eof()
+    return response
+
+
+async def _big(request: web.Request) -> web.StreamResponse:
+    size = int(request.query["mib"]) * MiB
+    response = web.StreamResponse()
+    response.content_length = size
+    await response.prepare(request)
+    block = bytes(range(256)) * 256  # 64 KiB
+    for _ in range(size // len(block)):
+        await response.write(block)
+        request.app[SEEN].sent += len(block)
+    await response.write_eof()
+    return response
+
+
+async def _hello(request: web.Request) -> web.Response:
+    request.app[SEEN].peers.add(request.transport.get_extra_info("peername")[1])  # type: ignore[union-attr]
+    return web.Response(text="hello", headers={"X-Kind": "hello"})
+
+
+@pytest.fixture
+async def upstream(aiohttp_server: Any) -> Any:
+    app = web.Application()
+    app[SEEN] = Seen()
+    app.router.add_route("*", "/echo", _echo)
+    app.router.add_get("/chunked", _chunked)
+    app.router.add_get("/big", _big)
+    app.router.add_get("/hello", _hello)  # add_get also answers HEAD
+    return await aiohttp_server(app)
+
+
+# --- bodies and framing ----------------------------------------------------------------
+
+@bounded
+async def test_get_against_aiohttp_sends_exactly_the_given_headers(pool: Pool, upstream: Any) -> None:
+    headers = [("X-Dup", "1"), ("X-Single", "s"), ("X-Dup", "2"), ("X-Forwarded-For", "10.0.0.1")]
+    response = await send(pool, upstream.port, "/echo?a=1&b=%2Fx", headers=headers)
+    assert response.status == 200 and response.reason == "OK"
+    assert response.has_body()
+    seen = json.loads(await response.read(64 * 1024) or b"")
+    response.release()
+    assert seen["method"] == "GET" and seen["target"] == "/echo?a=1&b=%2Fx"
+    assert seen["headers"] == [["X-Dup", "1"], ["X-Single", "s"], ["X-Dup", "2"], ["X-Forwarded-For", "10.0.0.1"],
+                               ["Host", f"127.0.0.1:{upstream.port}"]]
+    assert ("Content-Type", "application/json; charset=utf-8") in response.headers
+
+
+@bounded
+async def test_request_head_on_the_wire(pool: Pool, raw_server: Any) -> None:
+    heads: list[bytes] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, index: int) -> None:
+        while (request := await read_request(reader)) is not None:
+            heads.append(request[0])
+            writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+
+    server = await raw_server(handler)
+    await fetch(pool, server.port, "/p%20q?x=%2F", headers=[("X-One", "1"), ("X-Dup", "a"), ("X-Dup", "b")])
+    # A caller's Host is kept (and not added twice); a stray Content-Length is ours to write.
+    await fetch(pool, server.port, "/", method="DELETE", headers=[("host", "svc.internal"), ("Content-Length", "9")])
+    assert heads == [
+        f"GET /p%20q?x=%2F HTTP/1.1\r\nX-One: 1\r\nX-Dup: a\r\nX-Dup: b\r\nHost: 127.0.0.1:{server.port}\r\n\r\n".encode(),
+        b"DELETE / HTTP/1.1\r\nhost: svc.internal\r\n\r\n",
+    ]
+
+
+@bounded
+async def test_request_head_is_one_write(pool: Pool) -> None:
+    """A blocking server in a thread wakes on the first segment: a split head would show up."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(LIMIT)
+    first_reads: list[bytes] = []
+
+    def serve() -> None:
+        connection, _ = listener.accept()
+        connection.settimeout(LIMIT)
+        with connection:
+            while data := connection.recv(65536):
+                first_reads.append(data)
+                connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    headers = [(f"X-Header-{i}", "v" * 40) for i in range(30)]
+    try:
+        for _ in range(30):
+            await fetch(pool, listener.getsockname()[1], "/one", headers=headers)
+    finally:
+        await pool.close()
+        await asyncio.to_thread(thread.join, LIMIT)
+        listener.close()
+    assert len(first_reads) == 30
+    assert all(read.startswith(b"GET /one HTTP/1.1\r\n") and read.endswith(b"\r\n\r\n") for read in first_reads)
+
+
+@bounded
+async def test_chunked_response_with_extensions_and_trailers(pool: Pool, raw_server: Any) -> None:
+    chunked = (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Sum\r\n\r\n"
+               b"5;name=value\r\nhello\r\n6;flag;q=\"x y\"\r\n world\r\n0\r\nX-Sum: 11\r\n\r\n")
+    server = await raw_server(answering(chunked, OK))
+    response, body = await fetch(pool, server.port)
+    assert body == b"hello world"
+    assert ("Transfer-Encoding", "chunked") in response.headers
+    # The trailer section was consumed: the next answer on the same connection parses.
+    assert (await fetch(pool, server.port))[1] == b"ok"
+    assert server.connections == 1
+
+
+@bounded
+async def test_chunked_response_from_aiohttp(pool: Pool, upstream: Any) -> None:
+    response = await send(pool, upstream.port, "/chunked")
+    assert await response.read(1024) is None  # no length known yet: nothing consumed
+    assert await body_of(response) == b"alpha beta gamma"
+    response.release()
+    assert pool.idle_count() == 1
+
+
+@bounded
+async def test_chunked_upload_to_aiohttp(pool: Pool, upstream: Any) -> None:
+    response = await send(pool, upstream.port, "/echo", method="POST", body=chunks_of(b"ab", b"", b"cd" * 5000))
+    seen = json.loads(await body_of(response))
+    response.release()
+    assert seen["body"] == "ab" + "cd" * 5000
+    assert ["Transfer-Encoding", "chunked"] in seen["headers"]
+    assert not any(name.lower() == "content-length" for name, _ in seen["headers"])
+
+
+@bounded
+async def test_chunked_upload_on_the_wire(pool: Pool, raw_server: Any) -> None:
+    received: list[bytes] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, index: int) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert b"\r\nTransfer-Encoding: chunked\r\n" in head
+        received.append(await reader.readuntil(b"0\r\n\r\n"))
+        writer.write(OK)
+        await reader.read()
+
+    server = await raw_server(handler)
+    await fetch(pool, server.port, method="PUT", body=chunks_of(b"abc", b"", b"0123456789abcdefX"))
+    assert received == [b"3\r\nabc\r\n11\r\n0123456789abcdefX\r\n0\r\n\r\n"]
+
+
+@bounded
+async def test_content_length_upload_to_aiohttp(pool: Pool, upstream: Any) -> None:
+    response = await send(pool, upstream.port, "/echo", method="PUT", headers=[("Content-Length", "999")],
+                          body=chunks_of(b"hello ", b"world"), content_length=11)
+    seen = json.loads(await body_of(response))
+    response.release()
+    assert seen["method"] == "PUT" and seen["body"] == "hello world"
+    assert [v for k, v in seen["headers"] if k.lower() == "content-length"] == ["11"]
+    assert not any(name.lower() == "transfer-encoding" for name, _ in seen["headers"])
+
+
+@pytest.mark.parametrize("answer", [
+    pytest.param(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n", id="http11-connection-close"),
+    pytest.param(b"HTTP/1.0 200 OK\r\n\r\n", id="http10"),
+    pytest.param(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n", id="non-chunked-coding"),
+])
+@bounded
+async def test_close_delimited_body_ends_at_eof(pool: Pool, raw_server: Any, answer: bytes) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, index: int) -> None:
+        await read_request(reader)
+        writer.write(answer + b"first part, ")
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.write(b"second part")
+
+    server = await raw_server(handler)
+    response = await send(pool, server.port)
+    assert await response.read(1024) is None  # length unknown until EOF
+    assert await body_of(response) == b"first part, second part"
+    response.release()
+    assert pool.idle_count() == 0
+
+
+# --- keep-alive ----------------------------------------------------------------------
+
+@bounded
+async def test_sequential_requests_share_one_connection(pool: Pool, raw_server: Any) -> None:
+    server = await raw_server(answering(OK, OK, OK))
+    for _ in range(3):
+        response, body = await fetch(pool, server.port)
+        assert body == b"ok"
+    assert server.connections == 1
+    assert pool.idle_count() == 1
+
+
+@bounded
+async def test_concurrent_requests_get_their_own_answers(pool: Pool, upstream: Any) -> None:
+    async def one(i: int) -> None:
+        body = f"request {i} ".encode() * (i + 1)
+        response = await send(pool, upstream.port, f"/echo?i={i}", method="POST", body=chunks_of(body),
+                              content_length=len(body), headers=[("X-I", str(i))])
+        seen = json.loads(await body_of(response))
+        response.release()
+        assert (seen["target"], seen["body"], seen["headers"][0]) == (f"/echo?i={i}", body.decode(), ["X-I", str(i)])
+
+    for _ in range(2):  # the second round runs on the pooled connections
+        await asyncio.gather(*(one(i) for i in range(40)))
+    assert 1 <= pool.idle_count() <= 40
+    assert len(upstream.app[SEEN].peers) == pool.idle_count()
+
+
+@bounded
+async def test_sequential_requests_share_one_connection_aiohttp(pool: Pool, upstream: Any) -> None:
+    for _ in range(5):
+        assert (await fetch(pool, upstream.port, "/hello"))[1] == b"hello"
+    assert len(upstream.app[SEEN].peers) == 1
+
+
+@pytest.mark.parametrize("answer", [
+    pytest.param(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok", id="connection-close"),
+    pytest.param(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: keep-alive, Close\r\n\r\nok", id="close-token"),
+    pytest.param(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok", id="http10"),
+    pytest.param(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\nConnection: keep-alive\r\n\r\nok", id="http10-keep-alive"),
+])
+@bounded
+async def test_connection_not_reused(pool: Pool, raw_server: Any, answer: bytes) -> None:
+    server = await raw_server(answering(answer, answer))
+    for _ in range(2):
+        assert (await fetch(pool, server.port))[1] == b"ok"
+        assert pool.idle_count() == 0
+    assert server.connections == 2
+
+
+@bounded
+async def test_idle_connections_beyond_the_cap_are_closed(raw_server: Any) -> None:
+    pool = Pool(max_idle_per_origin=1)
+    arrived = 0
+    both = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, index: int) -> None:
+        nonlocal arrived
+        await read_request(reader)
+        arrived += 1
+        if arrived == 2:
+            both.set()
+        await both.wait()  # hold both answers until both connections are in use
+        writer.write(OK)
+        await reader.read()
+
+    server = await raw_server(handler)
+    try:
+        await asyncio.gather(fetch(pool, server.port), fetch(pool, server.port))
+        assert server.connections == 2
+        assert pool.idle_count() == 1
+        await eventually(lambda: server.closed == 1)
+    finally:
+        await pool.close()
+    await eventually(lambda: server.closed == 2)
+
+
+@bounded
+async def test_idle_timeout_closes_the_connection(raw_server: Any) -> None:
+    pool = Pool(idle_timeout=0.2)
+    server = await raw_server(answering(OK, OK))
+    try:
+        await fetch(pool, server.port)
+        assert pool.idle_count() == 1
+        await eventually(lambda: server.closed == 1)  # the sweeper closed it, no request needed
+        assert pool.idle_count() == 0
+        await fetch(pool, server.port)
+        assert server.connections == 2
+    finally:
+        await pool.close()
+
+
+@bounded
+async def test_pool_close_closes_idle_connections(raw_server: Any) -> None:
+    pool = Pool()
+    server = await raw_server(answering(OK))
+    await fetch(pool, server.port)
+    assert pool.idle_count() == 1
+    await pool.close()
+    assert pool.idle_count() == 0
+    await eventually(lambda: server.closed == 1)
+    with pytest.raises(RuntimeError):
+        await send(pool, server.port)
+
+
+@bounded
+async def test_unsolicited_bytes_on_an_idle_connection_drop_it(pool: Pool, raw_server: Any) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, index: int) -> None:
+        await read_request(reader)
+        writer.write(OK)
+        await writer.drain()
+        if index == 1:
+            await asyncio.sleep(0.05)
+            writer.write(b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\n\r\n")
+        await reader.read()
+
+    server = await raw_server(handler)
+    await fetch(pool, server.port)
+    await eventually(lambda: pool.idle_count() == 0)
+    assert (await fetch(pool, server.port))[1] == b"ok"
+    assert server.connections == 2
+
+
+def stale_after_first() -> Handler:
+    """The first connection answers once, then reads the next request and closes unanswered."""
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, index: int) -> None:
+        if index == 1:
+            await read_request(reader)
+            writer.write(OK)
+            await read_request(reader)
+            return
+        while await read_request(reader) is not None:
+            writer.write(OK)
+    return handler
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"])
+@bounded
+async def test_idempotent_request_retried_once_on_a_stale_connection(pool: Pool, raw_server: Any,
+                                                                     method: str) -> None:
+    server = await raw_server(stale_after_first())
+    await fetch(pool, server.port)
+    response, body = await fetch(pool, server.port, method=method)
+    assert response.status == 200
+    assert body == (b"" if method == "HEAD" else b"ok")
+    assert server.connections == 2
+
+
+@pytest.mark.parametrize(("method", "body"), [
+    pytest.param("POST", None, id="post"),
+    pytest.param("PATCH", None, id="patch"),
+    pytest.param("PUT", b"data", id="put-with-body"),
+])
+@bounded
+async def test_unsafe_request_on_a_stale_connection_is_not_retried(pool: Pool, raw_server: Any, method: str,
+                                                                   body: bytes | None) -> None:
+    server = await raw_server(stale_after_first())
+    await fetch(pool, server.port)
+    with pytest.raises(UpstreamConnectError):
+        await send(pool, server.port, method=method, body=None if body is None else chunks_of(body),
+                   content_length=None if body is None else len(body))
+    await asyncio.sleep(0.05)
+    assert server.connections == 1
+
+
+@bounded
+async def test_fresh_connection_failure_is_not_retried(pool: Pool, raw_server: Any) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, index: int) -> None:
+        await read_request(reader)  # then close without a byte of answer
+
+    server = await raw_server(handler)
+    with pytest.raises(UpstreamConnectError):
+        await send(pool, server.port)
+    await asyncio.sleep(0.05)
+    assert server.connections == 1
+
+
+# --- bodiless and interim answers -------------------------------------------------------
+
+@pytest.mark.parametrize(("method", "answer"), [
+    pytest.param("HEAD", b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n", id="head-content-length"),
+    pytest.param("HEAD", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", id="head-chunked"),
+    pytest.param("HEAD", b"HTTP/1.1 200 OK\r\nX-No-Length: 1\r\n\r\n", id="head-no-length"),
+    pytest.param("GET", b"HTTP/1.1 204 No Content\r\nContent-Length: 100\r\n\r\n", id="204"),
+    pytest.param("GET", b"HTTP/1.1 304 Not Modified\r\nContent-Length: 100\r\nETag: \"x\"\r\n\r\n", id="304"),
+])
+@bounded
+async def test_bodiless_answers(pool: Pool, raw_server: Any, method: str, answer: bytes) -> None:
+    server = await raw_server(answering(answer, OK))
+    response = await send(pool, server.port, method=method)
+    assert not response.has_body()
+    assert await response.read(1024) == b""
+    assert await body_of(response) == b""
+    response.release()
+    assert pool.idle_count() == 1
+    assert (await fetch(pool, server.port))[1] == b"ok"  # the framing stayed in step
+    assert server.connections == 1
+
+
+@bounded
+async def test_head_answer_with_connection_close_is_not_reused(pool: Pool, raw_server: Any) -> None:
+    close = b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\nConnection: keep-alive, close\r\n\r\n"
+    server = await raw_server(answering(close, close))
+    for _ in range(2):
+        response, _ = await fetch(pool, server.port, method="HEAD")
+        assert response.status == 200 and pool.idle_count() == 0
+    assert server.connections == 2
+
+
+@bounded
+async def test_head_against_aiohttp(pool: Pool, upstream: Any) -> None:
+    response = await send(pool, upstream.port, "/hello", method="HEAD")
+    assert response.status == 200 and not response.has_body()
+    assert ("Content-Length", "5") in response.headers
+    response.release()
+    assert (await fetch(pool, upstream.port, "/hello"))[1] == b"hello"
+    assert len(upstream.app[SEEN].peers) == 1
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["one-packet", "separate-packets"])
+@bounded
+async def test_interim_answers_are_skipped(pool: Pool, raw_server: Any, split: bool) -> None:
+    parts = [b"HTTP/1.1 100 Continue\r\n\r\n",
+             b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n",
+             b"HTTP/1.1 201 Created\r\nContent-Length: 4\r\nX-Final: yes\r\n\r\ndone"]
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, index: int) -> None:
+        await read_request(reader)
+        for part in parts if split else [b"".join(parts)]:
+            writer.write(part)
+            await writer.drain()
+            await asyncio.sleep(0.02)
+        await read_request(reader)
+        writer.write(OK)
+        await reader.read()
+
+    server = await raw_server(handler)
+    response, body = await fetch(pool, server.port, method="POST", body=chunks_of(b"x"), content_length=1)
+    assert (response.status, response.reason, body) == (201, "Created", b"done")
+    assert response.headers == [("Content-Length", "4"), ("X-Final", "yes")]
+    assert (await fetch(pool, server.port))[1] == b"ok"
+    assert server.connections == 1
+
+
+@bounded
+async def test_switching_protocols_is_a_protocol_error(pool: Pool, raw_server: Any) -> None:
+    server = await raw_server(answering(
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n\x81\x00"))
+    with pytest.raises(UpstreamProtocolError, match="101"):
+        await send(pool, server.port)
+    assert pool.idle_count() == 0
+
+
+# --- flow control ---------------------------------------------------------------------
+
+@bounded
+async def test_large_answer_is_not_buffered_for_a_slow_reader(pool: Pool, raw_server: Any) -> None:
+    size = 64 * MiB
+    sent = 0
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, index: int) -> None:
+        nonlocal sent
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
+        block = bytes(range(256)) * 256
+        while sent < size:
+            writer.write(block)
+            await writer.drain()
+            sent += len(block)
+        await reader.read()
+
+    server = await raw_server(handler)
+    response = await send(pool, server.port)
+    assert await response.read(10 * MiB) is None  # above the single-write limit: left to stream
+    chunks = response.iter_chunks()
+    total = len(await anext(chunks))
+    await asyncio.sleep(0.3)  # a slow client: the upstream must stall, not fill our memory
+    stalled_at = sent
+    assert stalled_at < 16 * MiB
+    biggest = 0
+    async for chunk in chunks:
+        total += len(chunk)
+        biggest = max(biggest, len(chunk))
+    response.release()
+    assert total == size
+    assert biggest <= 2 * MiB  # what waited between two reads stayed near the high-water mark
+    assert pool.idle_count() == 1
+
+
+@bounded
+async def test_large_answer_from_aiohttp_read_slowly(pool: Pool, upstream: Any) -> None:
+    response = await send(pool, upstream.port, "/big?mib=64")
+    chunks = response.iter_chunks()
+    total = len(await anext(chunks))
+    await asyncio.sleep(0.3)
+    assert upstream.app[SEEN].sent < 16 * MiB
+    expected = bytes(range(256)) * 256
+    tail = b""
+    async for chunk in chunks:
+        total += len(chunk)
+        tail = (tail + chunk)[-len(expected):]
+    response.release()
+    assert total == 64 * MiB and tail == expected
+
+
+@bounded
+async def test_upload_streams_before_the_body_ends(pool: Pool, raw_server: Any) -> None:
+    first_seen = asyncio.Event()
+    received = bytearray()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, index: int) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        received.extend(await reader.readuntil(b"first\r\n"))
+        first_seen.set()
+        received.extend(await reader.readuntil(b"0\r\n\r\n"))
+        writer.write(OK)
+        await reader.read()
+
+    async def slow_body() -> AsyncIterator[bytes]:
+        yield b"first"
+        await first_seen.wait()  # would hang (and hit the test's bound) if the client buffered
+        yield b"second"
+
+    server = await raw_server(handler)
+    response, body = await fetch(pool, server.port, method="POST", body=slow_body())
+    assert body == b"ok"
+    assert bytes(received) == b"5\r\nfirst\r\n6\r\nsecond\r\n0\r\n\r\n"
+
+
+@bounded
+async def test_upload_stops_when_the_upstream_answers_and_closes(pool: Pool, raw_server: Any) -> None:
+    produced = 0
+
+    async def refuses(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, index: int) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        await writer.drain()
+        with contextlib.suppress(TimeoutError):  # linger, reading, so the close is a FIN, not a reset
+            async with asyncio.timeout(1.0):
+                while await reader.read(65536):
+                    pass
+
+    async def slow_body() -> AsyncIterator[bytes]:
+        nonlocal produced
+        for _ in range(200):
+            produced += 1
+            await asyncio.sleep(0.01)
+            yield b"x" * 1024
+
+    server = await raw_server(refuses)
+    response, body = await fetch(pool, server.port, method="POST", body=slow_body(), content_length=200 * 1024)
+    assert (response.status, body) == (413, b"")
+    assert produced < 100  # stopped well before the body's end
+    assert pool.idle_count() == 0
+
+
+@bounded
+async def test_empty_body(pool: Pool, raw_server: Any) -> None:
+    requests: list[tuple[bytes, bytes]] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, index: int) -> None:
+        while (request := await read_request(reader)) is not None:
+            requests.append(request)
+            writer.write(OK)
+
+    server = await raw_server(handler)
+    await fetch(pool, server.port, method="POST", body=chunks_of(), content_length=0)
+    await fetch(pool, server.port, method="POST", body=chunks_of(b""))
+    await fetch(pool, server.port, method="POST", body=None, content_length=0)
+    assert [(b"Content-Length: 0" in head, b"chunked" in head, body) for head, body in requests] == [
+        (True, False, b""), (False, True, b""), (True, False, b"")]
+    assert server.connections == 1
+
+
+@bounded
+async def test_upload_waits_for_the_upstream_to_drain(pool: Pool, raw_server: Any) -> None:
+    size = 32 * MiB
+    produced = 0
+    produced_while_stalled = -1
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, index: int) -> None:
+        nonlocal produced_while_stalled
+        await reader.readuntil(b"\r\n\r\n")
+        await asyncio.sleep(0.3)  # a slow upstream: reads nothing for a while
+        produced_while_stalled = produced
+        left = size
+        while left:
+            left -= len(await reader.read(min(left, 1 << 20)))
+        writer.write(OK)
+        await reader.read()
+
+    async def big_body() -> AsyncIterator[bytes]:
+        nonlocal produced
+        block = b"u" * 65536
+        while produced < size:
+            produced += len(block)
+            yield block
+
+    server = await raw_server(handler)
+    response, body = await fetch(pool, server.port, method="PUT", body=big_body(), content_length=size)
+    assert body == b"ok"
+    assert 0 < produced_while_stalled < 16 * MiB
+
+
+# --- timeouts and connection failures --------------------------------------------------
+
+@bounded
+async def test_read_timeout_waiting_for_the_answer(pool: Pool, raw_server: Any) -> None:
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, index: int) -> None:
+        await read_request(reader)
+        await reader.read()
+
+    server = await raw_server(silent)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(TimeoutError):
+        await send(pool, server.port, read_timeout=0.2)
+    assert 0.15 < loop.time() - started < 2.0
+    await eventually(lambda: server.closed == 1)  # the connection was dropped, not pooled
+    assert pool.idle_count() == 0
+
+
+@bounded
+async def test_read_timeout_inside_the_body(pool: Pool, raw_server: Any) -> None:
+    async def stalls(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, index: int) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789")
+        await reader.read()
+
+    server = await raw_server(stalls)
+    response = await send(pool, server.port, read_timeout=0.2)
+    got = bytearray()
+    with pytest.raises(TimeoutError):
+        async for chunk in response.iter_chunks():
+            got += chunk
+    assert got == b"0123456789"
+    response.release()
+    await eventually(lambda: server.closed == 1)
+    assert pool.idle_count() == 0
+
+
+@bounded
+async def test_upload_to_an_upstream_that_never_reads_times_out(pool: Pool, raw_server: Any) -> None:
+    async def deaf(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, index: int) -> None:
+        await asyncio.sleep(LIMIT)
+
+    produced = 0
+
+    async def big() -> AsyncIterator[bytes]:
+        nonlocal produced
+        while produced < 64 * MiB:
+            produced += 65536
+            await asyncio.sleep(0)
+            yield b"x" * 65536
+
+    server = await raw_server(deaf)
+    with pytest.raises(TimeoutError):
+        await send(pool, server.port, method="POST", body=big(), read_timeout=0.3)
+    assert produced < 16 * MiB  # the drain wait timed out, not the wait for an answer
+
+
+@bounded
+async def test_connection_refused(pool: Pool) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # bound, never listening: connecting is refused
+        with pytest.raises(UpstreamConnectError):
+            await send(pool, port)
+
+
+@bounded
+async def test_connect_timeout(pool: Pool) -> None:
+    # A listener with a full accept queue drops further SYNs, so connect() just waits.
+    with socket.create_server(("127.0.0.1", 0), backlog=0) as listener:
+        port = listener.getsockname()[1]
+        fillers = []
+        try:
+            for _ in range(4):
+                filler = socket.socket()
+                filler.setblocking(False)
+                try:
+                    filler.connect(("127.0.0.1", port))
+                except BlockingIOError:
+                    pass
+                fillers.append(filler)
+            await asyncio.sleep(0.05)
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            with pytest.raises(TimeoutError):
+                await send(pool, port, connect_timeout=0.2)
+            assert loop.time() - started < 2.0
+        finally:
+            for filler in fillers:
+                filler.close()
+
+
+@bounded
+async def test_cancelled_request_drops_its_connection(pool: Pool, raw_server: Any) -> None:
+    arrived = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, index: int) -> None:
+        await read_request(reader)
+        arrived.set()
+        await reader.read()
+
+    server = await raw_server(handler)
+    task = asyncio.create_task(send(pool, server.port))
+    await arrived.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await eventually(lambda: server.closed == 1)
+    assert pool.idle_count() == 0
+
+
+# --- broken answers --------------------------------------------------------------------
+
+@pytest.mark.parametrize("answer", [
+    pytest.param(b"HTPP/1.1 200 OK\r\n\r\n", id="bad-protocol"),
+    pytest.param(b"hello world\r\n\r\n", id="not-http"),
+    pytest.param(b"HTTP/1.1 2000 OK\r\n\r\n", id="bad-status"),
+    pytest.param(b"HTTP/1.1 200 OK\r\nContent-Length: ten\r\n\r\n", id="bad-content-length"),
+    pytest.param(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nxx", id="two-lengths"),
+    pytest.param(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n", id="bad-chunk-size"),
+    pytest.param(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhelloXX0\r\n\r\n", id="bad-chunk-end"),
+])
+@bounded
+async def test_malformed_answers(pool: Pool, raw_server: Any, answer: bytes) -> None:
+    server = await raw_server(answering(answer))
+    with pytest.raises(UpstreamProtocolError):
+        response = await send(pool, server.port)
+        await body_of(response)
+    assert pool.idle_count() == 0
+
+
+@bounded
+async def test_bytes_after_the_answer_spoil_the_connection(pool: Pool, raw_server: Any) -> None:
+    server = await raw_server(answering(OK + b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nextra", OK))
+    response, body = await fetch(pool, server.port)
+    assert (response.status, body) == (200, b"ok")  # the answer we asked for is intact
+    assert pool.idle_count() == 0  # but nobody knows where the next one would start
+    assert (await fetch(pool, server.port))[1] == b"ok"
+    assert server.connections == 2
+
+
+@pytest.mark.parametrize("answer", [
+    pytest.param(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789", id="content-length"),
+    pytest.param(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\na\r\n0123456789\r\n", id="chunked"),
+    pytest.param(b"HTTP/1.1 200 OK\r\nContent-Le", id="inside-head"),
+])
+@bounded
+async def test_body_cut_short(pool: Pool, raw_server: Any, answer: bytes) -> None:
+    server = await raw_server(answering(answer, then_close=True))
+    with pytest.raises(UpstreamProtocolError):
+        response = await send(pool, server.port)
+        await body_of(response)
+    assert pool.idle_count() == 0
+
+
+@bounded
+async def test_read_raises_when_the_body_is_cut_short(pool: Pool, raw_server: Any) -> None:
+    server = await raw_server(answering(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789", then_close=True))
+    response = await send(pool, server.port)
+    with pytest.raises(UpstreamProtocolError, match="cut short"):
+        await response.read(1024)
+    response.release()
+
+
+# --- read(), release(), close() --------------------------------------------------------
+
+@bounded
+async def test_read_returns_none_without_consuming(pool: Pool, raw_server: Any) -> None:
+    more = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, index: int) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2000\r\n\r\n" + b"a" * 1000)
+        await more.wait()
+        writer.write(b"b" * 1000)
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.write(b"0\r\n\r\n")
+        await reader.read()
+
+    server = await raw_server(handler)
+    response = await send(pool, server.port)
+    assert await response.read(1999) is None
+    more.set()
+    assert await response.read(2000) == b"a" * 1000 + b"b" * 1000
+    response.release()
+    response = await send(pool, server.port)
+    assert await response.read(1024) is None  # chunked and unfinished: length unknown
+    assert await body_of(response) == b"abc"
+    response.release()
+    assert server.connections == 1
+
+
+@bounded
+async def test_release_before_the_body_ends_closes(pool: Pool, upstream: Any) -> None:
+    response = await send(pool, upstream.port, "/big?mib=8")
+    await anext(response.iter_chunks())
+    response.release()
+    response.release()  # idempotent
+    assert pool.idle_count() == 0
+    assert (await fetch(pool, upstream.port, "/hello"))[1] == b"hello"
+
+
+@bounded
+async def test_close_mid_stream(pool: Pool, raw_server: Any) -> None:
+    server = await raw_server(answering(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789"))
+    response = await send(pool, server.port)
+    await anext(response.iter_chunks())
+    response.close()
+    response.release()  # after close: nothing left to do
+    await eventually(lambda: server.closed == 1)
+    assert pool.idle_count() == 0
+
+
+@bounded
+async def test_unread_but_complete_body_keeps_the_connection(pool: Pool, raw_server: Any) -> None:
+    server = await raw_server(answering(OK, OK))
+    response = await send(pool, server.port)
+    await asyncio.sleep(0.05)  # the whole answer is in; nobody reads it
+    response.release()
+    assert pool.idle_count() == 1
+    assert (await fetch(pool, server.port))[1] == b"ok"
+    assert server.connections == 1
+
+
+# --- what the client refuses to send ---------------------------------------------------
+
+@pytest.mark.parametrize(("target", "headers"), [
+    pytest.param("/", [("X-Claim", "alice\r\nX-Admin: 1")], id="crlf-in-value"),
+    pytest.param("/", [("X-Claim", "alice\nX-Admin: 1")], id="lf-in-value"),
+    pytest.param("/", [("X-Evil\r\nX-Admin", "1")], id="crlf-in-name"),
+    pytest.param("/ HTTP/1.1\r\nX-Admin: 1\r\n\r\nGET /", [], id="crlf-in-target"),
+])
+@bounded
+async def test_line_breaks_in_the_head_are_refused(pool: Pool, raw_server: Any, target: str,
+                                                   headers: list[tuple[str, str]]) -> None:
+    server = await raw_server(answering(OK))
+    with pytest.raises(ValueError):
+        await send(pool, server.port, target, headers=headers)
+    assert server.connections == 0
+
+
+@bounded
+async def test_body_longer_than_its_length_is_never_sent(pool: Pool, raw_server: Any) -> None:
+    rest = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, index: int) -> None:
+        request = await read_request(reader)
+        assert request is not None and request[1] == b"abc"
+        rest.append(await reader.read())  # what followed the declared body: must be nothing
+
+    server = await raw_server(handler)
+    with pytest.raises(UpstreamError, match="longer"):
+        await send(pool, server.port, method="POST", body=chunks_of(b"abc", b"GET /smuggled HTTP/1.1\r\n\r\n"),
+                   content_length=3)
+    await eventually(lambda: server.closed == 1)
+    assert rest == [b""]
+
+
+@bounded
+async def test_body_shorter_than_its_length(pool: Pool, raw_server: Any) -> None:
+    server = await raw_server(answering(OK))
+    with pytest.raises(UpstreamError, match="ended after 3 of 10"):
+        await send(pool, server.port, method="POST", body=chunks_of(b"abc"), content_length=10)
+    assert pool.idle_count() == 0
+
+
+@bounded
+async def test_a_failing_body_propagates_unchanged(pool: Pool, raw_server: Any) -> None:
+    class ClientWentAway(Exception):
+        pass
+
+    async def failing() -> AsyncIterator[bytes]:
+        yield b"start"
+        raise ClientWentAway
+
+    server = await raw_server(answering(OK))
+    with pytest.raises(ClientWentAway):
+        await send(pool, server.port, method="POST", body=failing())
+    await eventually(lambda: server.closed == 1)
+    assert pool.idle_count() == 0
+
+
+# --- TLS -------------------------------------------------------------------------------
+
+def _self_signed(tmp: Path) -> tuple[Path, Path]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
+                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = tmp / "cert.pem", tmp / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+@bounded
+async def test_https(tmp_path: Path) -> None:
+    cert, key = _self_signed(tmp_path)
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_context.load_cert_chain(cert, key)
+    connections = 0
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        try:
+            while (request := await read_request(reader)) is not None:
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(request[0]), request[0]))
+                await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handler, "127.0.0.1", 0, ssl=server_context)
+    port = server.sockets[0].getsockname()[1]
+    trusting = ssl.create_default_context(cafile=str(cert))
+    pool = Pool(ssl_context=trusting)
+    default = Pool()
+    try:
+        for _ in range(2):
+            response, body = await fetch(pool, port, "/secure", scheme="https", host="localhost")
+            assert body.startswith(b"GET /secure HTTP/1.1\r\n") and f"Host: localhost:{port}".encode() in body
+        assert connections == 1
+        # The default context checks the certificate: a self-signed one is refused (502).
+        with pytest.raises(UpstreamConnectError):
+            await send(default, port, scheme="https", host="localhost")
+        assert (await fetch(pool, port, scheme="https", host="localhost", method="HEAD"))[0].status == 200
+    finally:
+        await pool.close()
+        await default.close()
+        server.close()
+        await server.wait_closed()

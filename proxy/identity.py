@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -114,7 +114,8 @@ def request_id(inbound: str | None) -> str:
     """The client's X-Request-Id when it is a sane token, else a new one."""
     if inbound is not None and _REQUEST_ID.fullmatch(inbound):
         return inbound
-    return uuid.uuid4().hex
+    # 128 random bits as 32 hex digits, like uuid4().hex, at a fraction of its cost.
+    return os.urandom(16).hex()
 
 
 def _append(headers: CIMultiDict[str], name: str, value: str | None) -> None:

@@ -14,7 +14,7 @@ import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.reload import reload
-from tests.conftest import AUDIENCE, ISSUER, TestKey, mint
+from tests.conftest import TestKey, mint
 from tests.integration.conftest import BASE_CONFIG
 
 REPO = Path(__file__).parents[2]

@@ -108,3 +108,41 @@ async def test_no_matching_route_is_404(sidecar: Any) -> None:
     async with await s.get("/elsewhere") as response:
         assert response.status == 404
         assert (await response.json())["error"] == "not_found"
+
+
+async def test_a_route_overrides_upstream_token_sources_and_headers(sidecar: Any, rsa_key: TestKey,
+                                                                     aiohttp_server: Any) -> None:
+    from tests.conftest import AUDIENCE, ISSUER
+    from tests.support.upstream import start_upstream
+
+    legacy = await start_upstream(aiohttp_server)
+    yaml = f"""\
+        upstream: {{url: "{{upstream}}"}}
+        providers:
+          main: {{issuer: "{ISSUER}", audiences: ["{AUDIENCE}"], jwks: {{url: "{{jwks}}"}}}}
+        routes:
+          - name: legacy
+            match: {{path_prefix: /legacy/}}
+            auth: {{provider: main}}
+            upstream: {{url: "{legacy.url}/base"}}
+            token_sources: [{{cookie: session}}]
+            headers: {{claims: {{sub: X-Remote-User}}}}
+          - name: api
+            match: {{path_prefix: /}}
+            auth: {{provider: main}}
+        """
+    s = await sidecar(yaml)
+    token = mint(key=rsa_key)
+    async with await s.get("/legacy/a?b=1", headers={"Cookie": f"session={token}; theme=dark"}) as response:
+        assert response.status == 200
+    seen = legacy.last()
+    assert seen.raw_path == "/base/legacy/a?b=1", "the route's upstream, with its base path"
+    assert seen.header("X-Remote-User") == "user-42" and seen.header("X-User-Id") is None
+    assert seen.header("Cookie") == "theme=dark", "the token cookie is removed, the others kept"
+    assert s.upstream.seen == []
+    # The route's token sources replace the provider's: a Bearer header is not looked at there.
+    async with await s.get("/legacy/a", headers=bearer(token)) as response:
+        assert response.status == 401
+    async with await s.get("/other", headers=bearer(token)) as response:
+        assert response.status == 200
+    assert s.upstream.last().header("X-User-Id") == "user-42"

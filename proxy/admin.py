@@ -2,24 +2,30 @@
 
 Owns: the three endpoints and what they answer. Liveness says only that the event loop
 answers; readiness asks the runtime (config loaded, every provider in use holds keys, not
-draining); metrics renders the runtime's private registry. Does not own: deciding
-readiness (runtime.py) or any metric (metrics.py).
+draining) or, with `workers`, the supervisor; metrics renders the runtime's private registry
+or the workers' aggregate. Does not own: deciding readiness (runtime.py, workers.py) or any
+metric (metrics.py).
 """
 
 from __future__ import annotations
 
-from aiohttp import web
+from collections.abc import Callable
 
-from .runtime import Runtime
+from aiohttp import web
 
 __all__ = ["create_admin_app"]
 
-_RUNTIME = web.AppKey("runtime", Runtime)
+Readiness = Callable[[], tuple[bool, str]]
+Render = Callable[[str | None], tuple[bytes, str]]
+_READINESS = web.AppKey("readiness", Readiness)  # type: ignore[arg-type]
+_RENDER = web.AppKey("render", Render)  # type: ignore[arg-type]
 
 
-def create_admin_app(runtime: Runtime) -> web.Application:
+def create_admin_app(*, readiness: Readiness, render: Render) -> web.Application:
+    """The admin endpoints over two callables: the runtime's (one process) or the supervisor's."""
     app = web.Application()
-    app[_RUNTIME] = runtime
+    app[_READINESS] = readiness
+    app[_RENDER] = render
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/metrics", _metrics)
@@ -31,12 +37,12 @@ async def _healthz(request: web.Request) -> web.Response:
 
 
 async def _readyz(request: web.Request) -> web.Response:
-    ready, why = request.app[_RUNTIME].readiness()
+    ready, why = request.app[_READINESS]()
     return web.json_response({"ready": ready, "reason": why}, status=200 if ready else 503)
 
 
 async def _metrics(request: web.Request) -> web.Response:
-    body, content_type = request.app[_RUNTIME].metrics.render(request.headers.get("Accept"))
+    body, content_type = request.app[_RENDER](request.headers.get("Accept"))
     response = web.Response(body=body)
     # prometheus-client's content type carries parameters (version, charset): set it whole.
     response.headers["Content-Type"] = content_type

@@ -23,7 +23,7 @@ from typing import Any, NoReturn
 import aiohttp
 import prometheus_client
 
-from . import __version__, config, server
+from . import __version__, config, server, workers
 from . import explain as explain_mod
 from .clock import SystemClock
 from .errors import ConfigError
@@ -128,6 +128,8 @@ def _run(args: argparse.Namespace) -> int:
     server.configure_logging(args.log_level)
     # `_created` samples double the /metrics output and no dashboard here reads them.
     prometheus_client.disable_created_metrics()
+    if os.environ.get(workers.WORKER_ENV):  # started by the supervisor of `workers: N`
+        return server.run_worker(settings, config_path=str(args.config))
     return server.run(settings, config_path=str(args.config))
 
 

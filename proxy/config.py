@@ -260,6 +260,8 @@ class Settings:
     """On SIGTERM: how long in-flight requests may take to finish."""
     access_log: bool = True
     """One JSON line per request on stdout (never the token)."""
+    workers: int = 1
+    """Proxy processes sharing the listening port (SO_REUSEPORT); one is usually enough per core."""
 
 
 def load(path: str | os.PathLike[str]) -> Settings:
@@ -327,6 +329,7 @@ class _Builder:
         realm = root.string("realm", defaults.realm)
         drain = root.duration("drain_timeout", defaults.drain_timeout)
         access_log = root.boolean("access_log", defaults.access_log)
+        workers = root.integer("workers", defaults.workers, minimum=1)
         root.done()
         if listen == admin and listen is not None:
             root.error("admin", f"{admin} is also `listen`; the admin endpoints need their own port")
@@ -343,6 +346,7 @@ class _Builder:
             strip=strip,
             drain_timeout=drain,
             access_log=access_log,
+            workers=workers,
         )
 
     # -- providers ------------------------------------------------------------------------

@@ -209,6 +209,7 @@ class Metrics:
             _PREFIX + "in_flight_requests",
             "Requests being handled right now.",
             registry=self.registry,
+            multiprocess_mode="livesum",  # with `workers`, the sum over the live workers
         )
         self._requests = Counter(
             _PREFIX + "requests",
@@ -242,6 +243,7 @@ class Metrics:
         self._reload_failed = reloads.labels("failure")
         self._routes: dict[str, RouteMetrics] = {}
         self._collector: _ViewCollector | None = None
+        self._mirror: _Mirror | None = None
 
     def route(self, name: str) -> RouteMetrics:
         """The recorder for route `name` (`NO_ROUTE` for unmatched requests), made once."""
@@ -271,6 +273,19 @@ class Metrics:
         """The exposition body and its content type, in the format the `Accept` header asks for."""
         encoder, content_type = choose_encoder(accept or "")
         return encoder(self.registry), content_type
+
+    def mirror(self) -> None:
+        """Copy the scrape-time families into prometheus-client's multiprocess files.
+
+        With `workers: N` the supervisor scrapes the files every worker writes
+        (`MultiProcessCollector`); a scrape-time collector in a worker is never asked. So each
+        worker calls this every second: counters advance by what they grew, gauges are set.
+        """
+        if self._collector is None:
+            return
+        if self._mirror is None:
+            self._mirror = _Mirror()
+        self._mirror.copy(self._collector.collect())
 
 
 # -- scrape time -------------------------------------------------------------------------------
@@ -410,3 +425,46 @@ def _cache(families: dict[str, Metric], cache: Any) -> None:
     entries = _number(lambda: len(cache))
     if entries is not None:
         families[_CACHE_ENTRIES].add_metric((), entries)
+
+
+# How the supervisor combines one gauge over the workers (prometheus-client multiprocess modes).
+_GAUGE_MODES = {_KEYS: "livemin", _AGE: "livemax", _READY: "livemin", _CACHE_ENTRIES: "livesum"}
+
+
+class _Mirror:
+    """Real, multiprocess-backed metrics shadowing the scrape-time families of one worker."""
+
+    def __init__(self) -> None:
+        self._metrics: dict[str, Counter | Gauge] = {}
+        self._last: dict[tuple[str, tuple[str, ...]], float] = {}
+
+    def copy(self, families: Iterable[Metric]) -> None:
+        for family in families:
+            for sample in family.samples:
+                if sample.name.endswith("_created"):
+                    continue
+                labels = tuple(sorted(sample.labels))
+                metric = self._metric(family, labels)
+                values = tuple(sample.labels[name] for name in labels)
+                child = metric.labels(*values) if labels else metric
+                if isinstance(metric, Counter):
+                    key = (family.name, values)
+                    grown = sample.value - self._last.get(key, 0.0)
+                    # A source replaced by a reload starts from 0 again: count it anew.
+                    child.inc(grown if grown >= 0 else sample.value)
+                    self._last[key] = sample.value
+                else:
+                    child.set(sample.value)
+
+    def _metric(self, family: Metric, labels: tuple[str, ...]) -> Counter | Gauge:
+        found = self._metrics.get(family.name)
+        if found is None:
+            # registry=None: these exist for the multiprocess files only; the worker's own
+            # registry already exports the same names through the scrape-time collector.
+            if family.type == "counter":
+                found = Counter(family.name, family.documentation, labels, registry=None)
+            else:
+                found = Gauge(family.name, family.documentation, labels, registry=None,
+                              multiprocess_mode=_GAUGE_MODES.get(family.name, "livesum"))
+            self._metrics[family.name] = found
+        return found

@@ -18,12 +18,16 @@ import sys
 from aiohttp import web
 
 from .admin import create_admin_app
+from prometheus_client import Gauge
+
 from .accesslog import AccessLog
 from .app import Proxy
 from .config import Settings
 from .reload import reload, watch
+from .runtime import Runtime
+from .workers import WORKERS_READY, supervise
 
-__all__ = ["configure_logging", "run", "serve"]
+__all__ = ["configure_logging", "run", "run_worker", "serve"]
 
 log = logging.getLogger("jwt_sidecar")
 
@@ -48,8 +52,12 @@ def configure_logging(level: str = "INFO") -> None:
 
 
 async def serve(settings: Settings, *, config_path: str | None, stop: asyncio.Event | None = None,
-                watch_interval: float = 2.0) -> None:
-    """Serve until SIGTERM/SIGINT (or `stop` is set), then drain and return."""
+                watch_interval: float = 2.0, worker: bool = False) -> None:
+    """Serve until SIGTERM/SIGINT (or `stop` is set), then drain and return.
+
+    As one of `workers: N` (`worker=True`): the proxy port is shared (SO_REUSEPORT), there is
+    no admin listener (the supervisor has it), and metrics go to the multiprocess files.
+    """
     stop = stop or asyncio.Event()
     access_log = AccessLog(sys.stdout.buffer) if settings.access_log else None
     proxy = Proxy(settings, config_path=config_path, access_log=access_log)
@@ -58,15 +66,21 @@ async def serve(settings: Settings, *, config_path: str | None, stop: asyncio.Ev
     # handler_cancellation: a client that goes away cancels its upstream request too.
     runner = web.ServerRunner(proxy.server(handler_cancellation=True, access_log=None),
                               handle_signals=False, shutdown_timeout=settings.drain_timeout)
-    admin_runner = web.AppRunner(create_admin_app(runtime), handle_signals=False, access_log=None)
+    admin_runner = web.AppRunner(create_admin_app(readiness=runtime.readiness, render=runtime.metrics.render),
+                                 handle_signals=False, access_log=None)
     loop = asyncio.get_running_loop()
     watcher: asyncio.Task[None] | None = None
+    publisher: asyncio.Task[None] | None = None
     try:
         await runner.setup()
         await admin_runner.setup()
         # A port in use fails here, and the `finally` below still closes what was opened.
-        await web.TCPSite(runner, settings.listen.host, settings.listen.port, backlog=1024).start()
-        await web.TCPSite(admin_runner, settings.admin.host, settings.admin.port).start()
+        await web.TCPSite(runner, settings.listen.host, settings.listen.port, backlog=1024,
+                          reuse_port=worker or None).start()
+        if worker:
+            publisher = loop.create_task(_publish(runtime))
+        else:
+            await web.TCPSite(admin_runner, settings.admin.host, settings.admin.port).start()
         log.info("proxying %s -> %s; admin on %s", settings.listen, settings.upstream.url, settings.admin)
         reloads: set[asyncio.Task[bool]] = set()
 
@@ -86,10 +100,11 @@ async def serve(settings: Settings, *, config_path: str | None, stop: asyncio.Ev
         # 1. Readiness goes false first, so the platform stops sending new requests.
         runtime.draining = True
         log.info("draining: up to %gs for in-flight requests", settings.drain_timeout)
-        if watcher is not None:
-            watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watcher
+        for task in (watcher, publisher):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         # 2. Stop accepting, close idle keep-alives, wait up to drain_timeout for running
         #    handlers, cancel the rest; then close the client session and key sources.
         await runner.cleanup()
@@ -101,12 +116,33 @@ async def serve(settings: Settings, *, config_path: str | None, stop: asyncio.Ev
         log.info("stopped")
 
 
-def run(settings: Settings, *, config_path: str | None) -> int:
+async def _publish(runtime: Runtime, interval: float = 1.0) -> None:
+    """A worker's scrape-time metrics and readiness, copied into the multiprocess files."""
+    ready = Gauge(WORKERS_READY, "Workers that are ready (1 each).", registry=None, multiprocess_mode="livesum")
+    while True:
+        try:
+            runtime.metrics.mirror()
+            ready.set(1 if runtime.readiness()[0] else 0)
+        except Exception:  # never let metrics take a worker down
+            log.exception("publishing worker metrics failed")
+        await asyncio.sleep(interval)
+
+
+def run_worker(settings: Settings, *, config_path: str) -> int:
+    _loop_runner()(serve(settings, config_path=config_path, worker=True))
+    return 0
+
+
+def _loop_runner():  # type: ignore[no-untyped-def]
     try:
         import uvloop  # the faster event loop, when installed (`pip install jwt-sidecar[fast]`)
     except ImportError:
-        runner = asyncio.run
-    else:
-        runner = uvloop.run  # type: ignore[assignment]
-    runner(serve(settings, config_path=config_path))
+        return asyncio.run
+    return uvloop.run
+
+
+def run(settings: Settings, *, config_path: str | None) -> int:
+    if settings.workers > 1 and config_path is not None:
+        return _loop_runner()(supervise(settings, config_path=config_path))
+    _loop_runner()(serve(settings, config_path=config_path))
     return 0

@@ -90,7 +90,7 @@ async def sidecar(aiohttp_server: Any, aiohttp_raw_server: Any, jwks_server: Jwk
         proxies.append(proxy)
         proxy_server = await aiohttp_raw_server(proxy.handle, max_field_size=16384)
         runtime = proxy.runtime
-        admin_server = await aiohttp_server(create_admin_app(runtime))
+        admin_server = await aiohttp_server(create_admin_app(readiness=runtime.readiness, render=runtime.metrics.render))
         # auto_decompress off and no cookie jar: see the bytes and headers exactly as sent.
         client = aiohttp.ClientSession(auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar())
         sessions.append(client)

@@ -40,9 +40,12 @@ DISTINCT_TOKENS = 10_000
 RATE = 200.0
 
 PROXIES = ("envoy", "jwt-sidecar")
-TARGET_NAMES = ("envoy", "jwt-sidecar", "envoy-router", "nginx")
+# Two-way: Envoy --concurrency 2 against jwt-sidecar `workers: 2`, unpinned (they need both CPUs).
+PROXIES_2 = ("envoy-2", "jwt-sidecar-2w")
+TARGET_NAMES = ("envoy", "jwt-sidecar", "envoy-router", "nginx", *PROXIES_2)
 ALIASES = {"sidecar": "jwt-sidecar", "jwt-sidecar": "jwt-sidecar", "envoy": "envoy", "envoy-router": "envoy-router",
-           "router": "envoy-router", "nginx": "nginx", "upstream": "nginx"}
+           "router": "envoy-router", "nginx": "nginx", "upstream": "nginx",
+           "envoy-2": "envoy-2", "jwt-sidecar-2w": "jwt-sidecar-2w", "sidecar-2w": "jwt-sidecar-2w"}
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,9 @@ class Workload:
 
 WORKLOADS = [
     Workload("a", "(a) one valid token", T.PROTECTED_PATH, PROXIES, script="status.lua"),
+    Workload("a2", "(a) one valid token, 2 workers", T.PROTECTED_PATH, PROXIES_2, script="status.lua"),
+    Workload("b2", "(b) 10,000 distinct tokens, 2 workers", T.PROTECTED_PATH, PROXIES_2, token="cycle",
+             script="tokens.lua"),
     Workload("b", "(b) 10,000 distinct tokens", T.PROTECTED_PATH, PROXIES, token="cycle", script="tokens.lua"),
     Workload("c", "(c) no token → 401", T.PROTECTED_PATH, PROXIES, expect=401, token="none", script="status.lua"),
     Workload("d", "(d) public route", T.PUBLIC_PATH, (*PROXIES, "envoy-router", "nginx"), token="none",
@@ -283,6 +289,10 @@ def main(argv: list[str] | None = None) -> int:
                 running[name] = T.start_envoy(procs, tmp, nginx, name="envoy-router", jwt=False, cpus=target_cpus)
             elif name == "jwt-sidecar":
                 running[name] = T.start_sidecar(procs, tmp, nginx, cpus=target_cpus)
+            elif name == "envoy-2":
+                running[name] = T.start_envoy(procs, tmp, nginx, name="envoy-2", jwt=True, cpus=None, concurrency=2)
+            elif name == "jwt-sidecar-2w":
+                running[name] = T.start_sidecar(procs, tmp, nginx, cpus=None, workers=2)
             else:
                 running[name] = T.Target("nginx", nginx.proc, nginx.port, "nginx")
             print(f"bench: {name} on :{running[name].port} (pid {running[name].pid})", flush=True)

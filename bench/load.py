@@ -26,19 +26,47 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 # -- /proc ----------------------------------------------------------------------------------
+def tree(pid: int) -> list[int]:
+    """`pid` and every process below it (a supervisor with its workers, Envoy is one process)."""
+    found, queue = [], [pid]
+    while queue:
+        current = queue.pop()
+        found.append(current)
+        try:
+            for task in Path(f"/proc/{current}/task").iterdir():
+                queue += [int(child) for child in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return found
+
+
 def cpu_seconds(pid: int) -> float:
-    """utime + stime of every thread of `pid`, in seconds."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat[stat.rindex(")") + 2:].split()
-    # fields[0] is field 3 (state); utime and stime are fields 14 and 15.
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    """utime + stime of every thread of `pid` and of the processes below it, in seconds."""
+    total = 0.0
+    for each in tree(pid):
+        try:
+            stat = Path(f"/proc/{each}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        # fields[0] is field 3 (state); utime and stime are fields 14 and 15.
+        total += (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return total
 
 
 def status_kib(pid: int, key: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    return 0
+    """A /proc/<pid>/status figure (VmRSS, VmHWM), summed over `pid` and the processes below it."""
+    total = 0
+    for each in tree(pid):
+        try:
+            lines = Path(f"/proc/{each}/status").read_text().splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            if line.startswith(key + ":"):
+                total += int(line.split()[1])
+                break
+    return total
 
 
 def machine_busy_seconds() -> float:

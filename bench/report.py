@@ -39,7 +39,8 @@ def summarise(runs: list[dict], workloads: list[Any], targets: list[str]) -> lis
             }
             by_target[t] = row
             rows.append(row)
-        base = by_target.get(BASELINE)
+        # The two-way rows compare with Envoy --concurrency 2, the rest with one worker.
+        base = by_target.get("envoy-2") or by_target.get(BASELINE)
         alone = by_target.get(UPSTREAM_ALONE)
         for row in by_target.values():
             row["rps_vs_envoy"] = _ratio(row["rps_median"], base and base["rps_median"])

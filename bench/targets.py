@@ -365,13 +365,13 @@ def envoy_config(*, port: int, admin_port: int, upstream_port: int, jwks_url: st
 
 
 def start_envoy(procs: Processes, run_dir: Path, nginx: Nginx, *, name: str, jwt: bool,
-                cpus: set[int] | None) -> Target:
+                cpus: set[int] | None, concurrency: int = 1) -> Target:
     port, admin_port = free_port(), free_port()
     conf = run_dir / f"{name}.yaml"
     conf.write_text(yaml.safe_dump(envoy_config(port=port, admin_port=admin_port, upstream_port=nginx.port,
                                                 jwks_url=nginx.jwks_url, jwks_port=nginx.jwks_port, jwt=jwt),
                                    sort_keys=False))
-    argv = [envoy_binary(), "-c", str(conf), "--concurrency", "1", "--disable-hot-restart",
+    argv = [envoy_binary(), "-c", str(conf), "--concurrency", str(concurrency), "--disable-hot-restart",
             "--log-level", "warn"]
     proc = procs.start(name, argv, run_dir / f"{name}.log", cpus=cpus)
     wait_ready(proc, admin_port, "/ready", timeout=30)
@@ -407,17 +407,20 @@ def sidecar_config(*, port: int, admin_port: int, upstream_port: int, jwks_url: 
     }
 
 
-def start_sidecar(procs: Processes, run_dir: Path, nginx: Nginx, *, cpus: set[int] | None) -> Target:
+def start_sidecar(procs: Processes, run_dir: Path, nginx: Nginx, *, cpus: set[int] | None,
+                  workers: int = 1) -> Target:
     port, admin_port = free_port(), free_port()
-    conf = run_dir / "sidecar.yaml"
-    conf.write_text(yaml.safe_dump(sidecar_config(port=port, admin_port=admin_port, upstream_port=nginx.port,
-                                                  jwks_url=nginx.jwks_url), sort_keys=False))
+    name = "jwt-sidecar" if workers == 1 else f"jwt-sidecar-{workers}w"
+    conf = run_dir / f"{name}.yaml"
+    settings = sidecar_config(port=port, admin_port=admin_port, upstream_port=nginx.port, jwks_url=nginx.jwks_url)
+    settings["workers"] = workers
+    conf.write_text(yaml.safe_dump(settings, sort_keys=False))
     exe = VENV_BIN / "jwt-sidecar"
     argv = [str(exe), "run", "--config", str(conf)] if exe.exists() else \
         [sys.executable, "-m", "proxy", "run", "--config", str(conf)]
-    proc = procs.start("jwt-sidecar", argv, run_dir / "sidecar.log", cpus=cpus, cwd=ROOT)
+    proc = procs.start(name, argv, run_dir / f"{name}.log", cpus=cpus, cwd=ROOT)
     wait_ready(proc, admin_port, "/readyz", timeout=30)
-    return Target("jwt-sidecar", proc, port, "sidecar")
+    return Target(name, proc, port, "sidecar")
 
 
 def event_loop_of_sidecar() -> str:

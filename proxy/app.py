@@ -1,6 +1,6 @@
 """The proxy's request entry and lifecycle: the one place errors become responses.
 
-Owns: `Proxy` — the handler aiohttp's low-level server calls for every request, `start()`
+Owns: `Proxy` — the handler our HTTP/1.1 server (http1.py) calls for every request, `start()`
 (the upstream client session, the key sources, the first snapshot) and `close()` — and the
 entry that wraps `pipeline.run`: every `ProxyError` becomes its status, a fixed JSON body
 and, for auth errors, an RFC 6750 challenge; anything unexpected becomes a 500 that
@@ -16,13 +16,13 @@ import time
 from typing import Any
 
 import aiohttp
-from aiohttp import web
 
 from .accesslog import AccessLog
 from .clock import Clock, SystemClock
 from .config import Settings
 from .errors import AuthError, KeysUnavailable, ProxyError, Reason, UpstreamUnavailable
 from .forward import new_session
+from .http1 import Request, Server
 from .upstream import Pool
 from .identity import request_id
 from .keys import KeyRing
@@ -30,17 +30,16 @@ from .metrics import Decision, Metrics
 from .pipeline import Exchange, run
 from .runtime import Runtime, build_snapshot
 
-__all__ = ["Proxy", "error_response"]
+__all__ = ["Proxy", "respond_error"]
 
 log = logging.getLogger("jwt_sidecar")
 
 
 class Proxy:
-    """The proxy: one request handler for aiohttp's low-level server, and its lifecycle.
+    """The proxy: one request handler for the HTTP/1.1 server, and its lifecycle.
 
-    No `web.Application`: its router and middleware chain would resolve every request only
-    to reach this one handler (a router miss even builds an HTTPNotFound), and `OPTIONS *`
-    or `CONNECT` would never reach us at all. `start()` opens what `close()` closes.
+    Every request reaches `handle`, `OPTIONS *` and `CONNECT` included (the router refuses
+    them). `start()` opens what `close()` closes.
     """
 
     def __init__(
@@ -78,22 +77,20 @@ class Proxy:
         if self._own_session and runtime.session is not None:
             await runtime.session.close()
 
-    def server(self, **kwargs: Any) -> web.Server:
-        """The low-level aiohttp server for this proxy (for a `ServerRunner` or a test server)."""
-        return web.Server(self.handle, max_field_size=16384, **kwargs)
+    def server(self, **kwargs: Any) -> Server:
+        """The HTTP/1.1 server for this proxy; `await server.listen(host, port)` opens it."""
+        return Server(self.handle, **kwargs)
 
-    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        return await _entry(request, self.runtime)
+    async def handle(self, request: Request) -> None:
+        await _entry(request, self.runtime)
 
 
-async def _entry(request: web.BaseRequest, runtime: Runtime) -> web.StreamResponse:
+async def _entry(request: Request, runtime: Runtime) -> None:
     metrics = runtime.metrics
     exchange = Exchange(request_id=request_id(request.headers.get("X-Request-Id")), started=time.perf_counter())
     metrics.in_flight.inc()
-    response: web.StreamResponse | None = None
     try:
-        response = await run(request, runtime, exchange)
-        return response
+        await run(request, runtime, exchange)
     except ProxyError as error:
         exchange.reason = str(error.reason)
         if exchange.decision is not Decision.ALLOWED:
@@ -103,24 +100,26 @@ async def _entry(request: web.BaseRequest, runtime: Runtime) -> web.StreamRespon
         log.log(logging.WARNING if error.status >= 500 else logging.DEBUG,
                 "request %s refused: %s: %s", exchange.request_id, error.reason, error.detail)
         realm = (exchange.snapshot or runtime).settings.realm
-        response = error_response(error, realm=realm, request_id_value=exchange.request_id)
-        return response
+        respond_error(request, error, realm=realm, request_id_value=exchange.request_id)
     except Exception:
         # Fail closed and say nothing: the traceback is for the operator's log only.
         log.exception("request %s failed unexpectedly", exchange.request_id)
         exchange.reason = str(Reason.INTERNAL)
         if exchange.decision is Decision.ALLOWED:
             exchange.decision = Decision.UPSTREAM_ERROR
-        response = web.json_response({"error": "server_error", "error_description": "Internal error"}, status=500,
-                                     headers={"X-Request-Id": exchange.request_id, "Server": "jwt-sidecar"})
-        return response
+        request.respond(500, None, [*_INTERNAL_HEADERS, ("X-Request-Id", exchange.request_id)], _INTERNAL_BODY)
     finally:
         metrics.in_flight.dec()
-        exchange.status = response.status if response is not None else 499  # cancelled: client went away
+        exchange.status = request.status or 499  # nothing written: the client went away
         _record(runtime, request, exchange)
 
 
-def error_response(error: ProxyError, *, realm: str, request_id_value: str) -> web.Response:
+_INTERNAL_BODY = b'{"error": "server_error", "error_description": "Internal error"}'
+_INTERNAL_HEADERS = (("Content-Type", "application/json; charset=utf-8"), ("Cache-Control", "no-store"),
+                     ("Server", "jwt-sidecar"))
+
+
+def respond_error(request: Request, error: ProxyError, *, realm: str, request_id_value: str) -> None:
     # The answer to a refusal depends only on its kind, reason, scope and realm (a closed set
     # and config values), so its body and fixed headers are built once and reused.
     key = (type(error), error.reason, getattr(error, "scope", None), realm)
@@ -130,24 +129,24 @@ def error_response(error: ProxyError, *, realm: str, request_id_value: str) -> w
             _ERROR_PARTS.clear()
         parts = _ERROR_PARTS[key] = _error_parts(error, realm)
     body, fixed = parts
-    return web.Response(body=body, status=error.status, headers={**fixed, "X-Request-Id": request_id_value})
+    request.respond(error.status, None, [*fixed, ("X-Request-Id", request_id_value)], body)
 
 
-_ERROR_PARTS: dict[tuple[object, ...], tuple[bytes, dict[str, str]]] = {}
+_ERROR_PARTS: dict[tuple[object, ...], tuple[bytes, tuple[tuple[str, str], ...]]] = {}
 
 
-def _error_parts(error: ProxyError, realm: str) -> tuple[bytes, dict[str, str]]:
-    # Server: aiohttp would announce "Python/3.x aiohttp/3.y" on our own answers; say less.
+def _error_parts(error: ProxyError, realm: str) -> tuple[bytes, tuple[tuple[str, str], ...]]:
+    # Server: our own answers name us, and no versions.
     headers = {"Content-Type": "application/json; charset=utf-8", "Cache-Control": "no-store", "Server": "jwt-sidecar"}
     if isinstance(error, AuthError):
         headers["WWW-Authenticate"] = error.challenge(realm)
     if isinstance(error, KeysUnavailable):
         headers["Retry-After"] = "5"
     body = json.dumps({"error": error.error_code, "error_description": error.description}).encode()
-    return body, headers
+    return body, tuple(headers.items())
 
 
-def _record(runtime: Runtime, request: web.BaseRequest, exchange: Exchange) -> None:
+def _record(runtime: Runtime, request: Request, exchange: Exchange) -> None:
     route_metrics = exchange.metrics
     if route_metrics is None and exchange.snapshot is not None:
         route_metrics = exchange.snapshot.unmatched

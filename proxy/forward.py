@@ -1,31 +1,35 @@
-"""The upstream client: stream a request to the upstream and its answer back, or a WebSocket both ways.
+"""The upstream client: stream a request to the upstream and its answer back, or tunnel an upgrade.
 
-Owns: sending a request through the pooled HTTP/1.1 client (`upstream.Pool`; aiohttp's
-`ClientSession` for WebSockets only), answers up to 64 KiB in one buffered write, streaming
-larger bodies both ways in bounded memory, the request-body limit (413), response hop-by-hop
-headers, and mapping upstream failures: timeout → 504, refused/reset → 502 (aiohttp's
-timeout error is also a `ClientConnectionError`, so `TimeoutError` is caught first). After
-the response has started nothing can change its status: a failure then aborts the
-connection, so the client sees a truncated answer, never a spliced one.
-Does not own: JWTs, routes or which headers to send (identity.py decides those).
+Owns: sending a request through the pooled HTTP/1.1 client (`upstream.Pool`), answers up to
+64 KiB in one write, streaming larger bodies both ways in bounded memory, the request-body
+limit (413), the answer's hop-by-hop headers, mapping upstream failures (timeout → 504,
+refused/reset/malformed → 502; `TimeoutError` is caught first, as it is also an OSError),
+and WebSocket handshakes: sent upstream on a connection of their own, and after a 101 the
+bytes relayed both ways, unparsed. After an answer has started nothing can change its
+status: a failure then aborts the connection, so the client sees a truncated answer, never
+a spliced one.
+Does not own: JWTs, routes or which headers to send (identity.py decides those), or the
+client side of the wire (http1.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
+import ssl
+from collections import deque
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from collections.abc import AsyncIterator, Iterator
 
 import aiohttp
-from aiohttp import web
+import httptools
 from multidict import CIMultiDict
 from yarl import URL
 
 from .config import Upstream
-from .errors import PayloadTooLarge, UpstreamTimeout, UpstreamUnavailable
-from .identity import connection_tokens, end_to_end
+from .errors import BadRequest, PayloadTooLarge, Reason, UpstreamTimeout, UpstreamUnavailable
+from .http1 import BodyError, Request
+from .identity import HOP_BY_HOP, connection_tokens
 from .upstream import Pool, UpstreamError
 
 __all__ = ["Origin", "SMALL_BODY", "forward", "forward_websocket", "is_websocket", "new_session"]
@@ -33,8 +37,6 @@ __all__ = ["Origin", "SMALL_BODY", "forward", "forward_websocket", "is_websocket
 SMALL_BODY = 64 * 1024
 """Answers up to this size (by Content-Length) are read whole and written in one go."""
 log = logging.getLogger("jwt_sidecar.forward")
-_WS_HEADERS = frozenset({"sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions",
-                         "sec-websocket-protocol", "sec-websocket-accept"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,8 +59,8 @@ class Origin:
 
 
 def new_session(*, limit: int = 1000) -> aiohttp.ClientSession:
-    """aiohttp's client, for what the pooled `upstream.Pool` does not do: WebSockets and key
-    fetches. Pooled keep-alive connections, no cookie jar."""
+    """aiohttp's client, for key fetches (JWKS, OIDC discovery): pooled keep-alive
+    connections, no cookie jar."""
     connector = aiohttp.TCPConnector(limit=limit, limit_per_host=0, enable_cleanup_closed=False)
     return aiohttp.ClientSession(
         connector=connector,
@@ -72,32 +74,40 @@ class _BodyTooLarge(Exception):
     pass
 
 
-async def _limited(request: web.BaseRequest, limit: int) -> AsyncIterator[bytes]:
+async def _limited(request: Request, limit: int) -> AsyncIterator[bytes]:
     """The request body as it arrives, failing once more than `limit` bytes came (0: no limit)."""
     seen = 0
-    async for chunk in request.content.iter_any():
+    async for chunk in request.iter_body():
         seen += len(chunk)
         if limit and seen > limit:
             raise _BodyTooLarge
         yield chunk
 
 
-@contextlib.contextmanager
-def _upstream_errors(url: URL, what: str) -> Iterator[None]:
-    """Map a failed upstream call: timeout → 504, anything else from the client → 502.
-
-    `TimeoutError` first: aiohttp's `ServerTimeoutError` is also a `ClientConnectionError`.
-    """
-    try:
-        yield
-    except TimeoutError:
-        raise UpstreamTimeout(f"{what} {url.origin()} did not answer in time") from None
-    except aiohttp.ClientError as error:
-        raise UpstreamUnavailable(f"{what} {url.origin()}: {type(error).__name__}") from None
+def _answer_headers(raw: list[tuple[str, str]], request_id: str) -> tuple[list[tuple[str, str]], int | None, bool]:
+    """The upstream's header fields for the client, in their order and spelling, less
+    hop-by-hop and Connection-named ones (RFC 9110 §7.6.1) and its X-Request-Id; with its
+    Content-Length apart (the framing is ours) and whether it sent a Date."""
+    kept: list[tuple[str, str, str]] = []
+    named: set[str] = set()
+    length: int | None = None
+    dated = False
+    for name, value in raw:
+        low = name.lower()
+        if low == "connection":
+            named.update(token.strip().lower() for token in value.split(","))
+        elif low == "content-length":
+            length = int(value)  # llhttp refused anything but digits
+        elif low not in HOP_BY_HOP and low != "x-request-id":
+            dated = dated or low == "date"
+            kept.append((low, name, value))
+    out = [(name, value) for low, name, value in kept if low not in named]
+    out.append(("X-Request-Id", request_id))
+    return out, length, dated
 
 
 async def forward(
-    request: web.BaseRequest,
+    request: Request,
     pool: Pool,
     *,
     origin: Origin,
@@ -105,7 +115,7 @@ async def forward(
     headers: CIMultiDict[str],
     upstream: Upstream,
     request_id: str,
-) -> web.StreamResponse:
+) -> None:
     """Send the request upstream and stream the answer back to the client."""
     length = request.content_length
     if upstream.max_body and length is not None and length > upstream.max_body:
@@ -118,38 +128,42 @@ async def forward(
         )
     except _BodyTooLarge:
         raise PayloadTooLarge(f"body exceeds max_body {upstream.max_body}") from None
+    except BodyError as error:
+        raise BadRequest(Reason.MALFORMED_REQUEST, f"request body unreadable: {error}") from None
     except TimeoutError:  # before UpstreamError's OSError-like cases: a timeout is a 504
         raise UpstreamTimeout(f"{origin} did not answer within {upstream.timeout:g}s") from None
     except UpstreamError as error:
         raise UpstreamUnavailable(f"{origin}: {type(error).__name__}") from None
     try:
-        out = end_to_end(CIMultiDict(answer.headers))
-        out["X-Request-Id"] = request_id
-        if answer.has_body():
-            small = await answer.read(SMALL_BODY)
-            if small is not None:
-                # One buffered write of head and body, and the connection back in the pool
-                # before the client is even written to.
-                answer.release()
-                return web.Response(body=small, status=answer.status, reason=answer.reason, headers=out)
-        response = web.StreamResponse(status=answer.status, reason=answer.reason, headers=out)
-        await response.prepare(request)
-        if answer.has_body():
-            try:
-                async for chunk in answer.iter_chunks():
-                    await response.write(chunk)
-            except (TimeoutError, UpstreamError) as error:
-                # Headers are gone already: all we can honestly do is cut the connection.
-                log.warning("upstream %s broke off mid-response: %s", origin, type(error).__name__)
-                answer.close()
-                if request.transport is not None:
-                    request.transport.abort()
-                return response
-            except (ConnectionError, asyncio.CancelledError):
-                answer.close()  # the client went away: stop pulling from the upstream
-                raise
-        await response.write_eof()
-        return response
+        out, answer_length, dated = _answer_headers(answer.headers, request_id)
+        if not answer.has_body():
+            # HEAD, 204, 304: the upstream's Content-Length (if any) describes the GET; relay it.
+            answer.release()
+            if answer_length is not None and answer.status != 204:
+                out.append(("Content-Length", str(answer_length)))
+            request.respond(answer.status, answer.reason, out, None, date=not dated)
+            return
+        small = await answer.read(SMALL_BODY)
+        if small is not None:
+            # One write of head and body, and the connection back in the pool before the
+            # client is even written to.
+            answer.release()
+            request.respond(answer.status, answer.reason, out, small, date=not dated)
+            return
+        await request.start(answer.status, answer.reason, out, answer_length, date=not dated)
+        try:
+            async for chunk in answer.iter_chunks():
+                await request.write(chunk)
+        except (TimeoutError, UpstreamError) as error:
+            # Headers are gone already: all we can honestly do is cut the connection.
+            log.warning("upstream %s broke off mid-response: %s", origin, type(error).__name__)
+            answer.close()
+            request.abort()
+            return
+        except (ConnectionError, asyncio.CancelledError):
+            answer.close()  # the client went away: stop pulling from the upstream
+            raise
+        await request.finish()
     except (TimeoutError, UpstreamError) as error:
         # Failed before anything was sent to the client: still a clean 502/504.
         answer.close()
@@ -160,54 +174,190 @@ async def forward(
         answer.release()
 
 
-def is_websocket(request: web.BaseRequest) -> bool:
-    return "upgrade" in connection_tokens(request.headers) and request.headers.get("Upgrade", "").lower() == "websocket"
+def is_websocket(request: Request) -> bool:
+    """A WebSocket handshake (RFC 6455 §4.1) that the parser has marked as an upgrade."""
+    return (request.upgrade and request.method == "GET" and "upgrade" in connection_tokens(request.headers)
+            and request.headers.get("Upgrade", "").lower() == "websocket")
+
+
+class _Tunnel(asyncio.Protocol):
+    """The upstream side of an upgraded connection: parse its answer's head, then relay bytes."""
+
+    def __init__(self, request: Request) -> None:
+        self._request = request
+        self._parser = httptools.HttpResponseParser(self)
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        self.status = 0
+        self.reason = b""
+        self.headers: list[tuple[str, str]] = []
+        self.body: list[bytes] = []
+        self.size = 0
+        self.answered = False  # the head (101) or the whole non-101 answer is here
+        self.upgraded = False
+        self.failed: str | None = None
+        self.closed = False
+        self._chunks: deque[bytes] = deque()
+        self._buffered = 0
+        self._paused = False
+        self._waiter: asyncio.Future[None] | None = None
+
+    # asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if not self.answered:
+            self.failed = self.failed or "closed before answering"
+        self._request.resume_reading()
+        self._wake()
+
+    def data_received(self, data: bytes) -> None:
+        if self.upgraded:
+            self._chunks.append(data)
+            self._buffered += len(data)
+            if self._buffered > _TUNNEL_HIGH_WATER and not self._paused:
+                self._paused = True
+                self.transport.pause_reading()
+        else:
+            try:
+                self._parser.feed_data(data)
+            except httptools.HttpParserUpgrade as upgrade:
+                self.upgraded = self.answered = True
+                rest = data[upgrade.args[0]:]
+                if rest:
+                    self._chunks.append(rest)
+                    self._buffered += len(rest)
+            except httptools.HttpParserError:
+                self.failed = "malformed answer"
+                self.transport.abort()
+        self._wake()
+
+    def pause_writing(self) -> None:
+        self._request.pause_reading()  # the upstream is not reading: stop reading the client
+
+    def resume_writing(self) -> None:
+        self._request.resume_reading()
+
+    # httptools callbacks
+
+    def on_status(self, reason: bytes) -> None:
+        self.reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape")))
+
+    def on_headers_complete(self) -> None:
+        self.status = self._parser.get_status_code()
+        if 100 <= self.status < 200 and self.status != 101:
+            self.headers.clear()  # an interim answer: the final one follows
+
+    def on_body(self, body: bytes) -> None:
+        self.size += len(body)
+        if self.size > SMALL_BODY:
+            self.failed = "refusal body too large"
+            self.transport.abort()
+        else:
+            self.body.append(body)
+
+    def on_message_complete(self) -> None:
+        if self.status >= 200:
+            self.answered = True
+
+    # the relay
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def wait(self) -> None:
+        waiter = self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+
+    def send(self, data: bytes) -> None:
+        if not self.closed:
+            self.transport.write(data)
+
+    async def relay(self) -> AsyncIterator[bytes]:
+        while True:
+            if self._chunks:
+                data = b"".join(self._chunks)
+                self._chunks.clear()
+                self._buffered = 0
+                if self._paused:
+                    self._paused = False
+                    self.transport.resume_reading()
+                yield data
+            elif self.closed:
+                return
+            else:
+                await self.wait()
 
 
 async def forward_websocket(
-    request: web.BaseRequest,
-    session: aiohttp.ClientSession,
+    request: Request,
     *,
-    url: URL,
+    origin: Origin,
+    target: str,
     headers: CIMultiDict[str],
     upstream: Upstream,
     request_id: str,
-) -> web.WebSocketResponse:
-    """Open the upstream WebSocket first (so failures are still a 502/504), then relay both ways."""
-    protocols = [p.strip() for v in request.headers.getall("Sec-WebSocket-Protocol", ()) for p in v.split(",") if p.strip()]
-    sent = CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in _WS_HEADERS)
-    ws_url = url.with_scheme("wss" if url.scheme == "https" else "ws")
-    with _upstream_errors(ws_url, "websocket"):
-        upstream_ws = await session.ws_connect(
-            ws_url, headers=sent, protocols=protocols, autoclose=False, autoping=True,
-            timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=upstream.timeout),
-        )
-    async with upstream_ws:
-        client_ws = web.WebSocketResponse(protocols=[upstream_ws.protocol] if upstream_ws.protocol else (),
-                                          autoclose=False, autoping=True)
-        client_ws.headers["X-Request-Id"] = request_id
-        await client_ws.prepare(request)
-        relays = [asyncio.create_task(_relay(client_ws, upstream_ws)), asyncio.create_task(_relay(upstream_ws, client_ws))]
+) -> None:
+    """Send the handshake upstream; relay its answer; on 101, relay raw bytes both ways.
+
+    Like Envoy, the frames are not parsed: after the 101 the connection is the two
+    endpoints' own, and the authentication was done on the handshake.
+    """
+    loop = asyncio.get_running_loop()
+    tunnel = _Tunnel(request)
+    context = _tls_context() if origin.scheme == "https" else None
+    try:
+        async with asyncio.timeout(upstream.connect_timeout):
+            await loop.create_connection(lambda: tunnel, origin.host.strip("[]"), origin.port, ssl=context,
+                                         server_hostname=origin.host.strip("[]") if context else None)
+    except TimeoutError:
+        raise UpstreamTimeout(f"websocket {origin}: no connection within {upstream.connect_timeout:g}s") from None
+    except OSError as error:
+        raise UpstreamUnavailable(f"websocket {origin}: {error.strerror or type(error).__name__}") from None
+    try:
+        lines = [f"GET {target} HTTP/1.1\r\n"]
+        if "Host" not in headers:
+            lines.append(f"Host: {origin.host}:{origin.port}\r\n")
+        lines += [f"{name}: {value}\r\n" for name, value in headers.items()]
+        lines.append(f"Connection: Upgrade\r\nUpgrade: {request.headers['Upgrade']}\r\n\r\n")
+        tunnel.send("".join(lines).encode("utf-8", "surrogateescape"))
         try:
-            await asyncio.wait(relays, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in relays:
-                task.cancel()
-            await asyncio.gather(*relays, return_exceptions=True)
-            await upstream_ws.close()
-            await client_ws.close()
-    return client_ws
+            async with asyncio.timeout(upstream.timeout):
+                while not tunnel.answered and tunnel.failed is None:
+                    await tunnel.wait()
+        except TimeoutError:
+            raise UpstreamTimeout(f"websocket {origin} did not answer within {upstream.timeout:g}s") from None
+        if tunnel.failed is not None:
+            raise UpstreamUnavailable(f"websocket {origin}: {tunnel.failed}")
+        reason = tunnel.reason.decode("utf-8", "surrogateescape")
+        if not tunnel.upgraded:
+            # Refused upstream (401, 403, 426...): relay the answer as any other.
+            out, _, dated = _answer_headers(tunnel.headers, request_id)
+            request.respond(tunnel.status, reason, out, b"".join(tunnel.body), date=not dated)
+            return
+        out = [(n, v) for n, v in tunnel.headers if n.lower() != "x-request-id"]
+        out.append(("X-Request-Id", request_id))
+        await request.tunnel(101, reason, out, tunnel.send, tunnel.relay())
+    finally:
+        tunnel.transport.close()
 
 
-async def _relay(source: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
-                 sink: web.WebSocketResponse | aiohttp.ClientWebSocketResponse) -> None:
-    async for message in source:
-        if message.type == aiohttp.WSMsgType.TEXT:
-            await sink.send_str(message.data)
-        elif message.type == aiohttp.WSMsgType.BINARY:
-            await sink.send_bytes(message.data)
-        elif message.type == aiohttp.WSMsgType.CLOSE:
-            await sink.close(code=source.close_code or aiohttp.WSCloseCode.OK)
-            return
-        else:
-            return
+_TUNNEL_HIGH_WATER = 256 * 1024
+_tls: ssl.SSLContext | None = None
+
+
+def _tls_context() -> ssl.SSLContext:
+    global _tls
+    if _tls is None:
+        _tls = ssl.create_default_context()
+    return _tls

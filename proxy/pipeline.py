@@ -12,12 +12,10 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from aiohttp import web
-from yarl import URL
-
 from .errors import NotFound, TokenMissing
 from .extract import extract, without_query_param
 from .forward import forward, forward_websocket, is_websocket
+from .http1 import Request
 from .identity import Forwarded, inject, strip_inbound
 from .metrics import Decision, RouteMetrics
 from .routing import normalize, split_target
@@ -43,7 +41,7 @@ class Exchange:
     status: int = 0
 
 
-async def run(request: web.BaseRequest, runtime: Runtime, exchange: Exchange) -> web.StreamResponse:
+async def run(request: Request, runtime: Runtime, exchange: Exchange) -> None:
     snapshot = exchange.snapshot = runtime.snapshot
     assert snapshot is not None  # the listener starts only after the first snapshot exists
     raw_path, query = split_target(request.raw_path)
@@ -81,18 +79,15 @@ async def run(request: web.BaseRequest, runtime: Runtime, exchange: Exchange) ->
     )
     exchange.decision = Decision.ALLOWED
     began = time.perf_counter()
+    # The target goes on the request line byte for byte: the path the router matched.
+    target = plan.origin.base_path + path + ("?" + query if query else "")
     try:
         if is_websocket(request):
-            assert runtime.session is not None
-            # encoded=True: the path is normalised and percent-encoded already; re-encoding
-            # it would make the upstream see a different path than the router matched.
-            url = URL(plan.base + path + ("?" + query if query else ""), encoded=True)
-            return await forward_websocket(request, runtime.session, url=url, headers=headers,
-                                           upstream=plan.upstream, request_id=exchange.request_id)
-        assert runtime.pool is not None
-        # The target goes on the request line byte for byte: the path the router matched.
-        target = plan.origin.base_path + path + ("?" + query if query else "")
-        return await forward(request, runtime.pool, origin=plan.origin, target=target, headers=headers,
-                             upstream=plan.upstream, request_id=exchange.request_id)
+            await forward_websocket(request, origin=plan.origin, target=target, headers=headers,
+                                    upstream=plan.upstream, request_id=exchange.request_id)
+        else:
+            assert runtime.pool is not None
+            await forward(request, runtime.pool, origin=plan.origin, target=target, headers=headers,
+                          upstream=plan.upstream, request_id=exchange.request_id)
     finally:
         plan.metrics.observe_upstream(time.perf_counter() - began)

@@ -63,20 +63,16 @@ async def serve(settings: Settings, *, config_path: str | None, stop: asyncio.Ev
     proxy = Proxy(settings, config_path=config_path, access_log=access_log)
     runtime = proxy.runtime
     await proxy.start()  # client session, first key fetches
-    # handler_cancellation: a client that goes away cancels its upstream request too.
-    runner = web.ServerRunner(proxy.server(handler_cancellation=True, access_log=None),
-                              handle_signals=False, shutdown_timeout=settings.drain_timeout)
+    server = proxy.server()
     admin_runner = web.AppRunner(create_admin_app(readiness=runtime.readiness, render=runtime.metrics.render),
                                  handle_signals=False, access_log=None)
     loop = asyncio.get_running_loop()
     watcher: asyncio.Task[None] | None = None
     publisher: asyncio.Task[None] | None = None
     try:
-        await runner.setup()
         await admin_runner.setup()
         # A port in use fails here, and the `finally` below still closes what was opened.
-        await web.TCPSite(runner, settings.listen.host, settings.listen.port, backlog=1024,
-                          reuse_port=worker or None).start()
+        await server.listen(settings.listen.host, settings.listen.port, backlog=1024, reuse_port=worker)
         if worker:
             publisher = loop.create_task(_publish(runtime))
         else:
@@ -107,7 +103,7 @@ async def serve(settings: Settings, *, config_path: str | None, stop: asyncio.Ev
                     await task
         # 2. Stop accepting, close idle keep-alives, wait up to drain_timeout for running
         #    handlers, cancel the rest; then close the client session and key sources.
-        await runner.cleanup()
+        await server.shutdown(settings.drain_timeout)
         await proxy.close()
         # 3. The admin listener goes last, so /readyz answers "draining" to the very end.
         await admin_runner.cleanup()

@@ -1,8 +1,8 @@
 """The real proxy on loopback, between a real recording upstream and a real JWKS server.
 
 `sidecar(yaml)` builds the config from YAML text (with `{upstream}` and `{jwks}` filled in),
-starts the proxy on pytest-aiohttp's low-level `aiohttp_raw_server` (as `jwt-sidecar run`
-serves it) and its admin app with `aiohttp_server`, and returns
+starts the proxy on its own HTTP/1.1 server on loopback (as `jwt-sidecar run` serves it)
+and its admin app with `aiohttp_server`, and returns
 a `Sidecar` with a client session. Tokens are minted per test with `tests.conftest.mint`.
 """
 
@@ -19,6 +19,7 @@ import pytest
 from proxy import config
 from proxy.admin import create_admin_app
 from proxy.app import Proxy
+from proxy.http1 import Server
 from proxy.runtime import Runtime
 from tests.conftest import AUDIENCE, ISSUER, TestKey, jwks_of
 from tests.support.jwks_server import JwksServer
@@ -71,10 +72,11 @@ class Sidecar:
 
 
 @pytest.fixture
-async def sidecar(aiohttp_server: Any, aiohttp_raw_server: Any, jwks_server: JwksServer, rsa_key: TestKey,
+async def sidecar(aiohttp_server: Any, jwks_server: JwksServer, rsa_key: TestKey,
                   tmp_path: Any) -> AsyncIterator[Callable[..., Awaitable[Sidecar]]]:
     sessions: list[aiohttp.ClientSession] = []
     proxies: list[Proxy] = []
+    servers: list[Server] = []
 
     async def make(yaml_text: str = BASE_CONFIG, **extra: str) -> Sidecar:
         jwks_server.document = jwks_of(rsa_key)
@@ -88,17 +90,22 @@ async def sidecar(aiohttp_server: Any, aiohttp_raw_server: Any, jwks_server: Jwk
         proxy = Proxy(settings, config_path=str(path))
         await proxy.start()
         proxies.append(proxy)
-        proxy_server = await aiohttp_raw_server(proxy.handle, max_field_size=16384)
+        proxy_server = proxy.server()
+        servers.append(proxy_server)
+        await proxy_server.listen("127.0.0.1", 0)
+        host, port = proxy_server.sockets[0]
         runtime = proxy.runtime
         admin_server = await aiohttp_server(create_admin_app(readiness=runtime.readiness, render=runtime.metrics.render))
         # auto_decompress off and no cookie jar: see the bytes and headers exactly as sent.
         client = aiohttp.ClientSession(auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar())
         sessions.append(client)
-        return Sidecar(url=str(proxy_server.make_url("")).rstrip("/"),
+        return Sidecar(url=f"http://{host}:{port}",
                        admin_url=str(admin_server.make_url("")).rstrip("/"),
                        client=client, upstream=upstream, jwks=jwks_server, runtime=runtime)
 
     yield make
+    for server in servers:
+        await server.shutdown(0)
     for session in sessions:
         await session.close()
     for proxy in proxies:

@@ -1,0 +1,655 @@
+"""The client-facing HTTP/1.1 server: one `asyncio.Protocol` per connection, parsed by httptools.
+
+Owns: reading requests with llhttp (through `httptools.HttpRequestParser`, in its strict
+mode: CL+TE, duplicate or signed Content-Length, bad chunk framing, bare LF, obs-fold and
+control characters are all refused by the parser), our own limits on the head (request
+target, field size, field count, total size: 414 and 431), HTTP/1.0 and 1.1 only (505),
+one Host (400), keep-alive and pipelining (answers in request order; reading pauses while
+a request waits its turn), request bodies streamed with back-pressure, `Expect:
+100-continue` answered when the body is first read, writing answers (one write for a
+whole answer, or a head and then a Content-Length, chunked or close-delimited body),
+upgrades (the bytes after the head are held for `Request.tunnel`, or the connection
+closes after the answer), an idle keep-alive timeout, cancelling the handler when the
+client goes away, and a graceful drain (`Server.shutdown`).
+Does not own: what a request means or what the answer says (app.py and pipeline.py), or
+any header beyond framing: `Content-Length`, `Transfer-Encoding`, `Connection` and `Date`.
+
+Why not aiohttp's server: its request object, response preparation and writer were more
+than half the proxy's CPU time per request (issue 5's profile); llhttp is the same parser
+aiohttp uses, and this module keeps to what a reverse proxy needs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from email.utils import formatdate
+from http import HTTPStatus
+
+import httptools
+from multidict import CIMultiDict, MultiDictProxy
+from yarl import URL
+
+__all__ = ["BodyError", "Request", "Server"]
+
+log = logging.getLogger("jwt_sidecar.http")
+
+MAX_TARGET = 8190
+"""Longest request target (aiohttp's and nginx's default line limit): 414 beyond it."""
+MAX_FIELD = 16384
+"""Longest single header field, name and value: 431 beyond it."""
+MAX_FIELDS = 128
+"""Most header fields in one request: 431 beyond it."""
+MAX_HEAD = 64 * 1024
+"""Most bytes of header fields in one request: 431 beyond it."""
+_HIGH_WATER = 256 * 1024  # request body bytes buffered before we stop reading the socket
+_UPGRADE_BUFFER = 64 * 1024  # bytes held after an upgrade request while its answer is decided
+_ENCODING = "utf-8"
+# The bytes a client sent, decoded so that encoding back gives the same bytes (aiohttp's
+# choice too): the upstream receives exactly what the client wrote.
+_ERRORS = "surrogateescape"
+_REASONS = {s.value: s.phrase for s in HTTPStatus}
+_BODILESS = frozenset({204, 304})
+
+Handler = Callable[["Request"], Awaitable[None]]
+
+
+class BodyError(Exception):
+    """The request body could not be read to its end: malformed framing, or the client left."""
+
+
+class _Refuse(Exception):
+    """Raised from a parser callback: answer this status, then close."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(status)
+        self.status = status
+
+
+_date: tuple[int, str] = (0, "")
+
+
+def _date_line() -> str:
+    # One formatted Date per second, shared by every connection.
+    global _date
+    now = int(time.time())
+    if _date[0] != now:
+        _date = (now, f"Date: {formatdate(now, usegmt=True)}\r\n")
+    return _date[1]
+
+
+class Request:
+    """One request: its head, its body as a stream, and the way to answer it.
+
+    The attribute names follow aiohttp's `BaseRequest` where they mean the same thing.
+    Answering is one of: `respond` (a whole answer in one write), or `start`, `write`...,
+    `finish` (streamed); after either has begun, a failure can only `abort`.
+    """
+
+    __slots__ = (
+        "_buffered", "_chunked", "_chunks", "_close", "_complete", "_conn", "_continue", "_error", "_query", "_started",
+        "_finished", "_waiter", "body_exists", "content_length", "headers", "keep_alive", "method", "raw_path",
+        "remote", "scheme", "status", "upgrade", "version",
+    )
+
+    def __init__(self, conn: _Connection, method: str, target: str, version: str, headers: CIMultiDict[str],
+                 *, keep_alive: bool, upgrade: bool, content_length: int | None, chunked: bool,
+                 expect_continue: bool) -> None:
+        self._conn = conn
+        self.method = method
+        self.raw_path = target
+        """The request target exactly as sent (decoded byte for byte)."""
+        self.version = version
+        self.headers = headers
+        self.remote: str | None = conn._remote
+        self.scheme = "http"
+        self.keep_alive = keep_alive
+        self.upgrade = upgrade
+        self.content_length = content_length
+        self.body_exists = chunked or bool(content_length)
+        self.status = 0
+        """The status of the answer once its head is written (0 before)."""
+        self._query: MultiDictProxy[str] | None = None
+        self._chunks: deque[bytes] = deque()
+        self._buffered = 0
+        self._complete = not self.body_exists
+        self._error: BaseException | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._continue = expect_continue
+        self._started = False
+        self._finished = False
+        self._close = False
+        self._chunked = False
+
+    @property
+    def query(self) -> MultiDictProxy[str]:
+        """The query string's parameters, decoded as aiohttp (through yarl) decodes them."""
+        if self._query is None:
+            _, _, query = self.raw_path.partition("?")
+            self._query = URL.build(query_string=query.partition("#")[0], encoded=True).query
+        return self._query
+
+    @property
+    def transport(self) -> asyncio.Transport | None:
+        conn = self._conn
+        return None if conn._lost else conn._transport
+
+    # the body
+
+    async def iter_body(self) -> AsyncIterator[bytes]:
+        """The body as it arrives (de-chunked); raises `BodyError` if it cannot be read to its end."""
+        conn = self._conn
+        if self._continue:
+            # RFC 9110 §10.1.1: the client waits for this before sending the body; sending it
+            # only now means a refused request never invites the upload.
+            self._continue = False
+            if not self._complete and not conn._lost:
+                conn._transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        while True:
+            if self._chunks:
+                chunks = self._chunks
+                data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
+                chunks.clear()
+                self._buffered = 0
+                conn._body_taken()
+                yield data
+            elif self._error is not None:
+                raise BodyError(str(self._error)) from self._error
+            elif self._complete:
+                return
+            else:
+                waiter = self._waiter = conn._loop.create_future()
+                try:
+                    await waiter
+                finally:
+                    self._waiter = None
+
+    def _feed(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self._buffered += len(data)
+        self._wake()
+
+    def _end(self, error: BaseException | None = None) -> None:
+        if error is None:
+            self._complete = True
+        elif not self._complete:
+            self._error = error
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # the answer
+
+    def respond(self, status: int, reason: str | None, headers: Iterable[tuple[str, str]], body: bytes | None,
+                *, date: bool = True) -> None:
+        """The whole answer in one write.
+
+        `body` bytes: framed with Content-Length (sent without the body to a HEAD).
+        `body` None: the head exactly as given, no framing added (a HEAD, 204 or 304 answer
+        relayed from the upstream, whose Content-Length, if any, describes the GET).
+        """
+        if self._started:
+            self.abort()  # a second answer would splice into the first: cut the connection instead
+            return
+        if body is None:
+            framing = ""
+        elif status in _BODILESS or status < 200:
+            framing, body = "", None
+        else:
+            framing = f"Content-Length: {len(body)}\r\n"
+            if self.method == "HEAD":
+                body = None
+        head = self._head(status, reason, headers, framing, date)
+        self._finished = True
+        conn = self._conn
+        if not conn._lost:
+            conn._transport.write(head + body if body else head)
+
+    async def start(self, status: int, reason: str | None, headers: Iterable[tuple[str, str]],
+                    length: int | None, *, date: bool = True) -> None:
+        """Write the head of a streamed answer: Content-Length when `length` is known, else
+        chunked (HTTP/1.1) or close-delimited (HTTP/1.0)."""
+        if self._started:
+            raise RuntimeError("the answer has started already")
+        if length is not None:
+            framing = f"Content-Length: {length}\r\n"
+        elif self.version == "1.1":
+            framing = "Transfer-Encoding: chunked\r\n"
+        else:
+            framing = ""
+            self._close = True  # the body ends where the connection does (RFC 9112 §6.3 item 8)
+        self._chunked = length is None and self.version == "1.1"
+        conn = self._conn
+        if not conn._lost:
+            conn._transport.write(self._head(status, reason, headers, framing, date))
+        await conn._drain()
+
+    async def write(self, data: bytes) -> None:
+        conn = self._conn
+        if conn._lost:
+            raise ConnectionResetError("the client went away")
+        if data and self.method != "HEAD":
+            conn._transport.write(b"%x\r\n%b\r\n" % (len(data), data) if self._chunked else data)
+        await conn._drain()
+
+    async def finish(self) -> None:
+        conn = self._conn
+        if self._chunked and not conn._lost and self.method != "HEAD":
+            conn._transport.write(b"0\r\n\r\n")
+        self._finished = True
+        await conn._drain()
+
+    def abort(self) -> None:
+        """Cut the connection: the client sees a truncated answer, never a spliced one."""
+        self._close = True
+        conn = self._conn
+        if not conn._lost:
+            conn._transport.abort()
+
+    async def tunnel(self, status: int, reason: str | None, headers: Iterable[tuple[str, str]],
+                     sink: Callable[[bytes], None], source: AsyncIterator[bytes]) -> None:
+        """Answer an upgrade with `status` (101) and relay raw bytes both ways until either side ends.
+
+        Client bytes (those already read after the request head first) go to `sink`;
+        chunks from `source` go to the client, with back-pressure on both.
+        """
+        conn = self._conn
+        if not self.upgrade or self._started:
+            raise RuntimeError("not an upgrade request, or already answered")
+        conn._transport.write(self._head(status, reason, headers, "", True))
+        self._finished = True
+        self._close = True  # after the tunnel, the connection is done
+        conn._tunnel_to(sink)
+        try:
+            async for data in source:
+                if conn._lost:
+                    break
+                conn._transport.write(data)
+                await conn._drain()
+        finally:
+            if not conn._lost:
+                conn._transport.close()
+
+    def pause_reading(self) -> None:
+        """Stop reading from the client (a tunnel's other side cannot take more yet)."""
+        self._conn._pause_reading()
+
+    def resume_reading(self) -> None:
+        self._conn._resume_reading()
+
+    def _head(self, status: int, reason: str | None, headers: Iterable[tuple[str, str]], framing: str,
+              date: bool) -> bytes:
+        self._started = True
+        self.status = status
+        conn = self._conn
+        if conn._closing or not self.keep_alive or (self.upgrade and status != 101) or not self._complete:
+            # An upgrade we did not take leaves the bytes after its head unparsed, and an
+            # unread body leaves the framing unknown: neither connection can carry another request.
+            self._close = True
+        parts = [f"HTTP/1.1 {status} {reason or _REASONS.get(status, 'Unknown')}\r\n"]
+        parts += [f"{name}: {value}\r\n" for name, value in headers]
+        parts.append(framing)
+        if date:
+            parts.append(_date_line())
+        if self._close and status != 101:
+            parts.append("Connection: close\r\n")
+        elif self.version == "1.0":
+            parts.append("Connection: keep-alive\r\n")
+        parts.append("\r\n")
+        return "".join(parts).encode(_ENCODING, _ERRORS)
+
+
+class _Connection(asyncio.Protocol):
+    """One client connection: its parser, its queue of requests, and the task answering one."""
+
+    def __init__(self, server: Server) -> None:
+        self._server = server
+        self._loop = server._loop
+        self._parser = httptools.HttpRequestParser(self)
+        self._transport: asyncio.Transport = None  # type: ignore[assignment]  # set by connection_made
+        self._remote: str | None = None
+        self._lost = False
+        self._closing = False
+        # the head being parsed
+        self._url: list[bytes] = []
+        self._url_size = 0
+        self._fields: list[tuple[bytes, bytes]] = []
+        self._head_size = 0
+        self._refusal = 0  # a status to answer once the requests before it are answered
+        self._parsing: Request | None = None  # the request whose body the parser is reading
+        # requests in order: the first is being answered, the rest wait (pipelining)
+        self._queue: deque[Request] = deque()
+        self._task: asyncio.Task[None] | None = None
+        self._upgraded = False
+        self._held = bytearray()  # bytes after an upgrade request's head
+        self._sink: Callable[[bytes], None] | None = None
+        self._read_paused = False
+        self._write_paused = False
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._eof = False
+
+    # asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        self._remote = peer[0] if isinstance(peer, tuple) else None
+        self._server._connections.add(self)
+        self._idle()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
+        self._server._connections.discard(self)
+        self._cancel_timer()
+        for request in self._queue:
+            request._end(ConnectionResetError("the client went away"))
+        task = self._task
+        if task is not None and not task.done():
+            task.cancel()  # the client went away: stop working for it (and its upstream request)
+        waiter = self._drain_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def data_received(self, data: bytes) -> None:
+        if self._sink is not None:
+            self._sink(data)
+            return
+        if self._upgraded or self._refusal:
+            if self._upgraded and len(self._held) < _UPGRADE_BUFFER:
+                self._held += data
+            else:
+                self._pause_reading()
+            return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            self._upgraded = True
+            self._held += data[upgrade.args[0]:]
+        except httptools.HttpParserCallbackError as error:
+            cause = error.__context__
+            self._refuse(cause.status if isinstance(cause, _Refuse) else 400)
+        except httptools.HttpParserError:
+            self._refuse(400)
+        self._dispatch()
+
+    def eof_received(self) -> bool:
+        # A client may half-close once it has sent its requests (`printf ... | nc`): answer
+        # what it asked, then close. A body still expected will never come.
+        self._eof = True
+        parsing = self._parsing
+        if parsing is not None:
+            parsing._end(BodyError("the client closed before the body ended"))
+        return self._sink is None and (self._task is not None or bool(self._queue))
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        waiter = self._drain_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # httptools callbacks
+
+    def on_message_begin(self) -> None:
+        self._url.clear()
+        self._url_size = 0
+        self._fields = []
+        self._head_size = 0
+
+    def on_url(self, url: bytes) -> None:
+        self._url_size += len(url)
+        if self._url_size > MAX_TARGET:
+            raise _Refuse(414)
+        self._url.append(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        size = len(name) + len(value)
+        self._head_size += size
+        if size > MAX_FIELD or self._head_size > MAX_HEAD or len(self._fields) >= MAX_FIELDS:
+            raise _Refuse(431)
+        self._fields.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        # The keep-alive timer also bounds how long a head may take to arrive (slow-header
+        # clients); a body is the handler's to wait for.
+        self._cancel_timer()
+        parser = self._parser
+        version = parser.get_http_version()
+        if version != "1.1" and version != "1.0":
+            raise _Refuse(505)  # 0.9 has no headers to carry a token; 2.0 is not spoken here
+        headers: CIMultiDict[str] = CIMultiDict()
+        length: int | None = None
+        chunked = expect = False
+        hosts = 0
+        for raw_name, raw_value in self._fields:
+            name = raw_name.decode(_ENCODING, _ERRORS)
+            value = raw_value.decode(_ENCODING, _ERRORS)
+            headers.add(name, value)
+            size = len(raw_name)
+            if size == 4 and raw_name.lower() == b"host":
+                hosts += 1
+            elif size == 14 and raw_name.lower() == b"content-length":
+                length = int(raw_value)  # llhttp refused non-digits, signs, lists and duplicates
+            elif size == 17 and raw_name.lower() == b"transfer-encoding":
+                chunked = True  # llhttp refused any coding list that does not end in chunked
+            elif size == 6 and raw_name.lower() == b"expect":
+                expect = raw_value.strip().lower() == b"100-continue"
+        if hosts > 1 or (hosts == 0 and version == "1.1"):
+            raise _Refuse(400)  # RFC 9112 §3.2: exactly one Host, or a 400
+        upgrade = parser.should_upgrade()
+        if upgrade and (chunked or length):
+            # llhttp would hand the body to the upgraded protocol unread; a handshake has none.
+            raise _Refuse(400)
+        request = Request(
+            self, parser.get_method().decode("ascii"), b"".join(self._url).decode(_ENCODING, _ERRORS), version,
+            headers, keep_alive=parser.should_keep_alive(), upgrade=upgrade, content_length=length,
+            chunked=chunked, expect_continue=expect and version == "1.1",
+        )
+        self._queue.append(request)
+        self._parsing = request
+        if len(self._queue) > 1:
+            self._pause_reading()  # pipelined: read on when the requests before it are answered
+
+    def on_body(self, body: bytes) -> None:
+        request = self._parsing
+        if request is not None:
+            request._feed(body)
+            if request._buffered > _HIGH_WATER:
+                self._pause_reading()
+
+    def on_message_complete(self) -> None:
+        request = self._parsing
+        self._parsing = None
+        if request is not None:
+            request._end()
+
+    # requests and answers
+
+    def _refuse(self, status: int) -> None:
+        """The parser stopped: answer `status` after the requests before it, then close."""
+        self._refusal = status
+        request = self._parsing
+        self._parsing = None
+        if request is not None:
+            if request is self._queue[-1] and (len(self._queue) > 1 or self._task is None):
+                # Its handler has not started: it never reaches the upstream; the refusal is its answer.
+                self._queue.pop()
+            else:
+                request._end(BodyError(f"malformed request body ({status})"))
+        self._pause_reading()
+
+    def _dispatch(self) -> None:
+        if self._task is not None or self._lost:
+            return
+        if self._queue:
+            self._task = self._loop.create_task(self._answer(self._queue[0]))
+        elif self._refusal:
+            self._write_refusal(self._refusal)
+
+    async def _answer(self, request: Request) -> None:
+        try:
+            if self._write_paused:
+                await self._drain()  # the client is not reading our answers: wait before the next
+            await self._server._handler(request)
+        except asyncio.CancelledError:
+            pass
+        except Exception:
+            log.exception("request handler failed")
+        finally:
+            self._task = None
+            self._done(request)
+
+    def _done(self, request: Request) -> None:
+        self._queue.popleft()
+        if self._lost:
+            return
+        if not request._finished or request._close or self._closing:
+            if not request._started:
+                # The handler answered nothing (it should always answer): fail closed.
+                self._transport.write(_refusal(500, close=True))
+            if request._finished:
+                self._transport.close()
+            else:
+                self._transport.abort()  # an answer cut short must not look complete
+            return
+        if self._upgraded:
+            self._transport.close()
+            return
+        self._update_reading()
+        self._dispatch()
+        if not self._queue and not self._refusal:
+            if self._eof:
+                self._transport.close()
+            else:
+                self._idle()
+
+    def _write_refusal(self, status: int) -> None:
+        self._transport.write(_refusal(status, close=True))
+        self._transport.close()
+
+    def _tunnel_to(self, sink: Callable[[bytes], None]) -> None:
+        held = bytes(self._held)
+        self._held.clear()
+        self._sink = sink
+        if held:
+            sink(held)
+        self._resume_reading()
+
+    # flow control and timers
+
+    def _pause_reading(self) -> None:
+        if not self._read_paused and not self._lost:
+            self._read_paused = True
+            self._transport.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if self._read_paused and not self._lost:
+            self._read_paused = False
+            self._transport.resume_reading()
+
+    def _body_taken(self) -> None:
+        if self._read_paused:
+            self._update_reading()
+
+    def _update_reading(self) -> None:
+        # Read on unless: a request waits behind another (pipelining; the first one's body
+        # is complete by then), a body is buffered past the mark, the parser has stopped,
+        # or the bytes after an upgrade head are being held.
+        parsing = self._parsing
+        if (len(self._queue) > 1 or self._refusal or (self._upgraded and self._sink is None)
+                or (parsing is not None and parsing._buffered > _HIGH_WATER)):
+            return
+        self._resume_reading()
+
+    async def _drain(self) -> None:
+        while self._write_paused and not self._lost:
+            waiter = self._drain_waiter = self._loop.create_future()
+            try:
+                await waiter
+            finally:
+                self._drain_waiter = None
+        if self._lost:
+            raise ConnectionResetError("the client went away")
+
+    def _idle(self) -> None:
+        """Waiting for a request head: close the connection if none completes in time."""
+        self._cancel_timer()
+        if self._closing:
+            self._transport.close()
+        else:
+            self._timer = self._loop.call_later(self._server.keepalive_timeout, self._transport.close)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _shut(self) -> None:
+        """The server is draining: close now if idle, else after the answer in progress."""
+        self._closing = True
+        if self._task is None and not self._queue and not self._lost:
+            self._transport.close()
+
+    @property
+    def _busy(self) -> bool:
+        return self._task is not None or self._sink is not None
+
+
+_REFUSALS: dict[int, bytes] = {}
+
+
+def _refusal(status: int, *, close: bool) -> bytes:
+    body = _REFUSALS.get(status)
+    if body is None:
+        body = _REFUSALS[status] = (
+            f'{{"error":"invalid_request","error_description":"{_REASONS.get(status, "Bad Request")}"}}'
+            if status < 500 else '{"error":"server_error","error_description":"Internal error"}'
+        ).encode()
+    head = (f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\nContent-Type: application/json; charset=utf-8\r\n"
+            f"Cache-Control: no-store\r\nServer: jwt-sidecar\r\nContent-Length: {len(body)}\r\n{_date_line()}"
+            + ("Connection: close\r\n" if close else "") + "\r\n")
+    return head.encode() + body
+
+
+class Server:
+    """The listener(s) and every open connection, with a graceful `shutdown`."""
+
+    def __init__(self, handler: Handler, *, keepalive_timeout: float = 75.0) -> None:
+        self._handler = handler
+        self.keepalive_timeout = keepalive_timeout
+        self._loop = asyncio.get_running_loop()
+        self._connections: set[_Connection] = set()
+        self._listeners: list[asyncio.AbstractServer] = []
+
+    async def listen(self, host: str, port: int, *, reuse_port: bool = False, backlog: int = 1024) -> None:
+        listener = await self._loop.create_server(lambda: _Connection(self), host, port, backlog=backlog,
+                                                  reuse_port=reuse_port or None)
+        self._listeners.append(listener)
+
+    @property
+    def sockets(self) -> list[tuple[str, int]]:
+        return [s.getsockname()[:2] for listener in self._listeners for s in listener.sockets]
+
+    async def shutdown(self, timeout: float) -> None:
+        """Stop accepting, close idle connections, give answers in progress `timeout`, then cut the rest."""
+        for listener in self._listeners:
+            listener.close()
+        for conn in list(self._connections):
+            conn._shut()
+        deadline = self._loop.time() + timeout
+        while any(c._busy for c in self._connections) and self._loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        for conn in list(self._connections):
+            conn._transport.abort()
+        await asyncio.sleep(0)  # let the cancelled handlers run their `finally`
+        for listener in self._listeners:
+            await listener.wait_closed()

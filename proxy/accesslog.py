@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import json.encoder
 import time
 from typing import BinaryIO
 
 __all__ = ["AccessLog"]
 
 _encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+# The C string encoder behind `json.dumps(ensure_ascii=False)`: a quoted, escaped JSON string.
+_quote = json.encoder.encode_basestring
 
 
 class AccessLog:
@@ -27,12 +30,30 @@ class AccessLog:
         self._stamp = ""
 
     def write(self, **fields: object) -> None:
+        """One line of any fields (JSON-encodable values), after the time."""
+        self._add(_encode({"time": self._now(), **fields}))
+
+    def request(self, *, request_id: str, client: str | None, method: str, path: str, route: str, status: int,
+                decision: str, reason: str, subject: str | None, latency_ms: float) -> None:
+        """The line for one request: the same JSON as `write(...)` with these fields, built
+        directly (a dict through the JSON encoder was the largest cost of a refused request)."""
+        self._add(
+            f'{{"time":"{self._now()}","request_id":{_quote(request_id)},'
+            f'"client":{"null" if client is None else _quote(client)},"method":{_quote(method)},'
+            f'"path":{_quote(path)},"route":{_quote(route)},"status":{status:d},"decision":{_quote(decision)},'
+            f'"reason":{_quote(reason)},"subject":{"null" if subject is None else _quote(subject)},'
+            f'"latency_ms":{latency_ms!r}}}'
+        )
+
+    def _now(self) -> str:
         now = time.time()
         second = int(now)
         if second != self._second:
             # An ISO-8601 UTC timestamp costs a strftime; one per second is enough.
             self._second, self._stamp = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        line = _encode({"time": f"{self._stamp}.{int((now - second) * 1000):03d}Z", **fields})
+        return f"{self._stamp}.{int((now - second) * 1000):03d}Z"
+
+    def _add(self, line: str) -> None:
         if not self._pending:
             try:
                 asyncio.get_running_loop().call_soon(self.flush)

@@ -154,7 +154,7 @@ def _record(runtime: Runtime, request: Request, exchange: Exchange) -> None:
         route_metrics.count(request.method, exchange.decision, exchange.reason, exchange.status)
     if runtime.access_log is not None:
         # Never the token, never the query string (it may hold one): the normalised path only.
-        runtime.access_log.write(
+        runtime.access_log.request(
             request_id=exchange.request_id,
             client=request.remote,
             method=request.method,

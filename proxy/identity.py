@@ -114,8 +114,17 @@ def request_id(inbound: str | None) -> str:
     """The client's X-Request-Id when it is a sane token, else a new one."""
     if inbound is not None and _REQUEST_ID.fullmatch(inbound):
         return inbound
-    # 128 random bits as 32 hex digits, like uuid4().hex, at a fraction of its cost.
-    return os.urandom(16).hex()
+    # 128 random bits as 32 hex digits, like uuid4().hex, at a fraction of its cost: one
+    # getrandom() call per 256 ids rather than per request.
+    global _random, _offset
+    if _offset >= len(_random):
+        _random, _offset = os.urandom(16 * 256), 0
+    _offset += 16
+    return _random[_offset - 16:_offset].hex()
+
+
+_random = b""
+_offset = 0
 
 
 def _append(headers: CIMultiDict[str], name: str, value: str | None) -> None:

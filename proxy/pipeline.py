@@ -66,7 +66,7 @@ async def run(request: Request, runtime: Runtime, exchange: Exchange) -> None:
                 check_route(route.auth, claims.payload)
                 payload = claims.payload
             elif not route.auth.optional:
-                raise TokenMissing(f"no token in {', '.join(s.kind for s in plan.sources)}")
+                raise TokenMissing(plan.missing)
         finally:
             plan.metrics.observe_auth(time.perf_counter() - began)
         if found is not None and found.source.kind == "query":

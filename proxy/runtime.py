@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 import aiohttp
-from yarl import URL
 
 from .accesslog import AccessLog
 from .clock import Clock
@@ -34,14 +33,15 @@ __all__ = ["RoutePlan", "Runtime", "Snapshot", "build_snapshot"]
 class RoutePlan:
     route: Route
     upstream: Upstream
-    base: str
-    """The upstream URL without a trailing slash; the normalised path is appended as is."""
     origin: Origin
+    """Where the upstream lives; the normalised path is appended to its base path as is."""
     sources: tuple[TokenSource, ...]
     header_map: HeaderMap | None
     verifier: Verifier | None
     """None on a public route."""
     metrics: RouteMetrics
+    missing: str
+    """The log detail of a `TokenMissing` here ("no token in bearer, cookie"), built once."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,15 +68,16 @@ def build_snapshot(settings: Settings, *, keyring: KeyRing, clock: Clock, metric
     for route in settings.routes:
         upstream = route.upstream or settings.upstream
         provider = settings.providers[route.auth.provider] if route.auth is not None else None
+        sources = route.token_sources or (provider.token_sources if provider else ())
         plans[route.name] = RoutePlan(
             route=route,
             upstream=upstream,
-            base=str(URL(upstream.url)).rstrip("/"),
             origin=Origin.parse(upstream.url),
-            sources=route.token_sources or (provider.token_sources if provider else ()),
+            sources=sources,
             header_map=route.headers or (provider.headers if provider else None),
             verifier=verifiers[provider.name] if provider else None,
             metrics=metrics.route(route.name),
+            missing="no token in " + ", ".join(source.kind for source in sources),
         )
     return Snapshot(
         settings=settings,

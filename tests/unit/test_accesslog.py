@@ -37,3 +37,30 @@ def test_without_a_loop_a_line_is_written_at_once() -> None:
     stream = io.BytesIO()
     AccessLog(stream).write(path="/x\n\"y")
     assert json.loads(stream.getvalue())["path"] == "/x\n\"y"
+
+
+async def test_the_request_line_is_the_json_of_its_fields_whatever_they_hold() -> None:
+    # `request` builds the line by hand for speed; it must parse to exactly these fields,
+    # in this order, with quotes, backslashes, control characters and non-ASCII escaped.
+    stream = io.BytesIO()
+    log = AccessLog(stream)
+    awkward = 'a"b\\c\nd\te\x00f\u00e9\U0001f600 \u2028'
+    cases = [
+        dict(request_id="0123abcd", client="127.0.0.1", method="GET", path="/x", route="api", status=200,
+             decision="allowed", reason="", subject="user-42", latency_ms=0.123),
+        dict(request_id="r", client=None, method="PROPFIND", path=awkward, route=awkward, status=401,
+             decision="denied", reason="token_missing", subject=None, latency_ms=12345.678),
+        dict(request_id="r", client="::1", method="POST", path="/", route="(none)", status=404,
+             decision="rejected", reason="no_route", subject=awkward, latency_ms=0.0),
+    ]
+    for fields in cases:
+        log.request(**fields)
+    await asyncio.sleep(0)
+    # One line each, split on "\n" only: U+2028 inside a string is not a line end to a log shipper.
+    lines = stream.getvalue().decode().split("\n")[:-1]
+    assert len(lines) == len(cases)
+    for line, fields in zip(lines, cases, strict=True):
+        parsed = json.loads(line)
+        assert list(parsed) == ["time", *fields], "field order as in the README"
+        assert {k: v for k, v in parsed.items() if k != "time"} == fields
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", parsed["time"])

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
-from cachetools import TLRUCache
+from cachetools import LRUCache
 from jwt import PyJWK, PyJWS
 from jwt.exceptions import DecodeError, InvalidKeyError, InvalidSignatureError, PyJWTError
 from jwt.utils import base64url_decode, base64url_encode
@@ -337,28 +337,31 @@ class TokenCache:
     """
 
     def __init__(self, settings: TokenCacheSettings, clock: Clock) -> None:
-        max_ttl = settings.max_ttl
-
-        def time_to_use(key: Any, claims: Claims, now: float) -> float:
-            exp = claims.expires
-            return min(now + max_ttl, exp) if exp is not None else now + max_ttl
-
-        self._cache: TLRUCache[tuple[str, str], Claims] = TLRUCache(
-            maxsize=settings.max_entries, ttu=time_to_use, timer=clock.time
-        )
+        # An LRU of (use-until, claims), the deadline checked on every read: what cachetools'
+        # TLRUCache does, without its expiry queue, whose upkeep made an insert into a full
+        # cache cost ~11 us against ~3 (under 10,000 distinct tokens every miss inserts).
+        # An expired entry is never returned; it waits for its turn to be evicted.
+        self._cache: LRUCache[tuple[str, str], tuple[float, Claims]] = LRUCache(maxsize=settings.max_entries)
+        self._max_ttl = settings.max_ttl
+        self._time = clock.time
         self.hits = 0
         self.misses = 0
 
     def get(self, provider: str, token: str) -> Claims | None:
-        claims = self._cache.get((provider, token))
-        if claims is None:
-            self.misses += 1
-        else:
-            self.hits += 1
-        return claims
+        key = (provider, token)
+        entry = self._cache.get(key)
+        if entry is not None:
+            if self._time() < entry[0]:
+                self.hits += 1
+                return entry[1]
+            self._cache.pop(key, None)
+        self.misses += 1
+        return None
 
     def put(self, token: str, claims: Claims) -> None:
-        self._cache[(claims.provider, token)] = claims
+        until = self._time() + self._max_ttl
+        exp = claims.expires
+        self._cache[(claims.provider, token)] = (min(until, exp) if exp is not None else until, claims)
 
     def __len__(self) -> int:
         return len(self._cache)

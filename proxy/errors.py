@@ -27,6 +27,7 @@ __all__ = [
     "KeysUnavailable",
     "ProxyError",
     "Reason",
+    "RequestTimeout",
     "TokenMissing",
     "UpstreamTimeout",
     "UpstreamUnavailable",
@@ -68,6 +69,7 @@ class Reason(enum.StrEnum):
     NO_ROUTE = "no_route"
     METHOD = "method"
     BODY_TOO_LARGE = "body_too_large"
+    BODY_TIMEOUT = "body_timeout"
     # our side, not the client's
     NO_KEYS = "no_keys"
     UPSTREAM_UNAVAILABLE = "upstream_unavailable"
@@ -103,6 +105,7 @@ _DESCRIPTIONS: dict[Reason, str] = {
     Reason.NO_ROUTE: "No route matches this request",
     Reason.METHOD: "The method is not allowed",
     Reason.BODY_TOO_LARGE: "The request body is too large",
+    Reason.BODY_TIMEOUT: "The request body did not arrive in time",
     Reason.NO_KEYS: "Signing keys are unavailable; try again later",
     Reason.UPSTREAM_UNAVAILABLE: "The upstream service is unavailable",
     Reason.UPSTREAM_TIMEOUT: "The upstream service did not answer in time",
@@ -198,6 +201,16 @@ class BadRequest(ProxyError):
 
     status = 400
     error_code = "invalid_request"
+
+
+class RequestTimeout(ProxyError):
+    """The client stopped sending its body: 408, and the connection closes."""
+
+    status = 408
+    error_code = "request_timeout"
+
+    def __init__(self, detail: str = "") -> None:
+        super().__init__(Reason.BODY_TIMEOUT, detail)
 
 
 class NotFound(ProxyError):

@@ -27,8 +27,8 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from .config import Upstream
-from .errors import BadRequest, PayloadTooLarge, Reason, UpstreamTimeout, UpstreamUnavailable
-from .http1 import BodyError, Request
+from .errors import BadRequest, PayloadTooLarge, Reason, RequestTimeout, UpstreamTimeout, UpstreamUnavailable
+from .http1 import BodyError, BodyTimeout, Request
 from .identity import HOP_BY_HOP, connection_tokens
 from .upstream import Pool, UpstreamError
 
@@ -74,10 +74,11 @@ class _BodyTooLarge(Exception):
     pass
 
 
-async def _limited(request: Request, limit: int) -> AsyncIterator[bytes]:
-    """The request body as it arrives, failing once more than `limit` bytes came (0: no limit)."""
+async def _limited(request: Request, limit: int, timeout: float) -> AsyncIterator[bytes]:
+    """The request body as it arrives, failing once more than `limit` bytes came (0: no limit)
+    or when none come for `timeout` seconds."""
     seen = 0
-    async for chunk in request.iter_body():
+    async for chunk in request.iter_body(timeout):
         seen += len(chunk)
         if limit and seen > limit:
             raise _BodyTooLarge
@@ -120,7 +121,8 @@ async def forward(
     length = request.content_length
     if upstream.max_body and length is not None and length > upstream.max_body:
         raise PayloadTooLarge(f"Content-Length {length} exceeds max_body {upstream.max_body}")
-    body = _limited(request, upstream.max_body) if request.body_exists else None
+    # The upstream's timeout also bounds each wait for the client's body bytes.
+    body = _limited(request, upstream.max_body, upstream.timeout) if request.body_exists else None
     try:
         answer = await pool.request(
             request.method, origin.scheme, origin.host, origin.port, target, headers.items(), body,
@@ -128,6 +130,8 @@ async def forward(
         )
     except _BodyTooLarge:
         raise PayloadTooLarge(f"body exceeds max_body {upstream.max_body}") from None
+    except BodyTimeout as error:
+        raise RequestTimeout(str(error)) from None
     except BodyError as error:
         raise BadRequest(Reason.MALFORMED_REQUEST, f"request body unreadable: {error}") from None
     except TimeoutError:  # before UpstreamError's OSError-like cases: a timeout is a 504
@@ -153,10 +157,11 @@ async def forward(
         await request.start(answer.status, answer.reason, out, answer_length, date=not dated)
         try:
             async for chunk in answer.iter_chunks():
-                await request.write(chunk)
+                # A client that stops reading gets the upstream's timeout, then is cut.
+                await request.write(chunk, timeout=upstream.timeout)
         except (TimeoutError, UpstreamError) as error:
             # Headers are gone already: all we can honestly do is cut the connection.
-            log.warning("upstream %s broke off mid-response: %s", origin, type(error).__name__)
+            log.warning("%s broke off mid-response: %s", origin, type(error).__name__)
             answer.close()
             request.abort()
             return
@@ -230,7 +235,8 @@ class _Tunnel(asyncio.Protocol):
                     self._chunks.append(rest)
                     self._buffered += len(rest)
             except httptools.HttpParserError:
-                self.failed = "malformed answer"
+                if not self.answered:
+                    self.failed = "malformed answer"
                 self.transport.abort()
         self._wake()
 
@@ -241,6 +247,13 @@ class _Tunnel(asyncio.Protocol):
         self._request.resume_reading()
 
     # httptools callbacks
+
+    def on_message_begin(self) -> None:
+        if self.answered:
+            # A second answer in the same read: the first one (a refusal) is the answer; what
+            # follows it is garbage, never a late 101 (upstream.py stops the same way).
+            raise UpstreamError("data after the end of the answer")
+        self.reason = b""  # a 100 Continue may come first; its phrase is not the answer's
 
     def on_status(self, reason: bytes) -> None:
         self.reason += reason
@@ -345,8 +358,11 @@ async def forward_websocket(
             out, _, dated = _answer_headers(tunnel.headers, request_id)
             request.respond(tunnel.status, reason, out, b"".join(tunnel.body), date=not dated)
             return
-        out = [(n, v) for n, v in tunnel.headers if n.lower() != "x-request-id"]
-        out.append(("X-Request-Id", request_id))
+        # The 101's own hop-by-hop fields go, as on any answer; the two that make it a switch
+        # are ours to say (RFC 9110 §7.8).
+        out, _, _ = _answer_headers(tunnel.headers, request_id)
+        upgrade = next((v for n, v in tunnel.headers if n.lower() == "upgrade"), "websocket")
+        out += [("Connection", "Upgrade"), ("Upgrade", upgrade)]
         await request.tunnel(101, reason, out, tunnel.send, tunnel.relay())
     finally:
         tunnel.transport.close()

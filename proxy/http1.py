@@ -33,7 +33,7 @@ import httptools
 from multidict import CIMultiDict, MultiDict, MultiDictProxy
 from yarl import URL
 
-__all__ = ["BodyError", "Request", "Server"]
+__all__ = ["BodyError", "BodyTimeout", "Request", "Server"]
 
 log = logging.getLogger("jwt_sidecar.http")
 
@@ -45,6 +45,12 @@ MAX_FIELDS = 128
 """Most header fields in one request: 431 beyond it."""
 MAX_HEAD = 64 * 1024
 """Most bytes of header fields in one request: 431 beyond it."""
+# Bytes the parser may take without progress (a head, body bytes, a message end): a request
+# line and every field with their CRLFs and colons, or a chunked body's trailer fields.
+_MAX_STALL = MAX_TARGET + MAX_HEAD + 8 * 1024
+_HEAD_SLICE = 4 * 1024  # reads are parsed this much at a time (a body: _BODY_SLICE)...
+_BODY_SLICE = 256 * 1024
+_BACKLOG = 16  # ...until this many requests wait (pipelining); the rest waits unparsed
 _HIGH_WATER = 256 * 1024  # request body bytes buffered before we stop reading the socket
 _UPGRADE_BUFFER = 64 * 1024  # bytes held after an upgrade request while its answer is decided
 _ENCODING = "utf-8"
@@ -60,6 +66,15 @@ _NO_QUERY: MultiDictProxy[str] = MultiDictProxy(MultiDict())
 
 class BodyError(Exception):
     """The request body could not be read to its end: malformed framing, or the client left."""
+
+
+class BodyTimeout(BodyError):
+    """No body bytes came for the time the reader allowed."""
+
+
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
 
 
 class _Refuse(Exception):
@@ -130,6 +145,7 @@ class Request:
         """The query string's parameters, decoded as aiohttp (through yarl) decodes them."""
         if self._query is None:
             _, _, query = self.raw_path.partition("?")
+            query = query.partition("#")[0]
             self._query = URL.build(query_string=query, encoded=True).query if query else _NO_QUERY
         return self._query
 
@@ -140,8 +156,10 @@ class Request:
 
     # the body
 
-    async def iter_body(self) -> AsyncIterator[bytes]:
-        """The body as it arrives (de-chunked); raises `BodyError` if it cannot be read to its end."""
+    async def iter_body(self, timeout: float | None = None) -> AsyncIterator[bytes]:
+        """The body as it arrives (de-chunked); raises `BodyError` if it cannot be read to its
+        end, `BodyTimeout` when no bytes come for `timeout` seconds (a stalled upload must not
+        hold a connection, a handler and an upstream request for as long as it likes)."""
         conn = self._conn
         if self._continue:
             # RFC 9110 §10.1.1: the client waits for this before sending the body; sending it
@@ -163,10 +181,15 @@ class Request:
                 return
             else:
                 waiter = self._waiter = conn._loop.create_future()
+                timer = conn._loop.call_later(timeout, _expire, waiter) if timeout else None
                 try:
                     await waiter
+                except TimeoutError:
+                    raise BodyTimeout(f"no body bytes for {timeout:g}s") from None
                 finally:
                     self._waiter = None
+                    if timer is not None:
+                        timer.cancel()
 
     def _feed(self, data: bytes) -> None:
         self._chunks.append(data)
@@ -231,13 +254,14 @@ class Request:
             conn._transport.write(self._head(status, reason, headers, framing, date))
         await conn._drain()
 
-    async def write(self, data: bytes) -> None:
+    async def write(self, data: bytes, *, timeout: float | None = None) -> None:
+        """Write body bytes; wait while the client's buffer is full, at most `timeout` (TimeoutError)."""
         conn = self._conn
         if conn._lost:
             raise ConnectionResetError("the client went away")
         if data and self.method != "HEAD":
             conn._transport.write(b"%x\r\n%b\r\n" % (len(data), data) if self._chunked else data)
-        await conn._drain()
+        await conn._drain(timeout)
 
     async def finish(self) -> None:
         conn = self._conn
@@ -322,6 +346,8 @@ class _Connection(asyncio.Protocol):
         self._url_size = 0
         self._fields: list[tuple[bytes, bytes]] = []
         self._head_size = 0
+        self._stalled = 0  # bytes fed since the parser last made progress (a head, body bytes, an end)
+        self._unparsed = b""  # bytes held back while pipelined requests wait (at most one read)
         self._refusal = 0  # a status to answer once the requests before it are answered
         self._parsing: Request | None = None  # the request whose body the parser is reading
         # requests in order: the first is being answered, the rest wait (pipelining)
@@ -334,7 +360,6 @@ class _Connection(asyncio.Protocol):
         self._write_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
         self._idle_since: float | None = None  # waiting for a head since (loop time); None: busy
-        self._eof = False
 
     # asyncio.Protocol
 
@@ -362,32 +387,54 @@ class _Connection(asyncio.Protocol):
         if self._sink is not None:
             self._sink(data)
             return
-        if self._upgraded or self._refusal:
-            if self._upgraded and len(self._held) < _UPGRADE_BUFFER:
-                self._held += data
-            else:
-                self._pause_reading()
+        if self._upgraded:
+            self._held += data
+            if len(self._held) >= _UPGRADE_BUFFER:
+                self._pause_reading()  # the answer to the upgrade is still being decided
             return
-        try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade as upgrade:
-            self._upgraded = True
-            self._held += data[upgrade.args[0]:]
-        except httptools.HttpParserCallbackError as error:
-            cause = error.__context__
-            self._refuse(cause.status if isinstance(cause, _Refuse) else 400)
-        except httptools.HttpParserError:
-            self._refuse(400)
+        if self._refusal or self._unparsed:
+            self._unparsed += data  # only until reading pauses: at most one more read
+            self._pause_reading()
+            return
+        self._feed(data)
         self._dispatch()
 
-    def eof_received(self) -> bool:
-        # A client may half-close once it has sent its requests (`printf ... | nc`): answer
-        # what it asked, then close. A body still expected will never come.
-        self._eof = True
-        parsing = self._parsing
-        if parsing is not None:
-            parsing._end(BodyError("the client closed before the body ended"))
-        return self._sink is None and (self._task is not None or bool(self._queue))
+    def _feed(self, data: bytes) -> None:
+        """Parse `data` in slices, holding back the rest once enough requests wait their turn.
+
+        llhttp parses all it is given: one 256 KiB read of tiny pipelined requests would
+        become thousands of queued requests, each far larger than its bytes.
+        """
+        size = len(data)
+        offset = 0
+        while offset < size:
+            if len(self._queue) >= _BACKLOG:
+                self._unparsed = data[offset:]
+                self._pause_reading()
+                return
+            # Heads in small slices (a slice of tiny requests is a few dozen of them), bodies in large.
+            step = _BODY_SLICE if self._parsing is not None else _HEAD_SLICE
+            piece = data if size <= step and not offset else data[offset:offset + step]
+            offset += len(piece)
+            # httptools holds a header or trailer field until it ends, and only then calls
+            # on_header: an endless field is refused by what arrived, not by what was parsed.
+            self._stalled += len(piece)
+            try:
+                self._parser.feed_data(piece)
+            except httptools.HttpParserUpgrade as upgrade:
+                self._upgraded = True
+                self._held += piece[upgrade.args[0]:] + data[offset:]
+                return
+            except httptools.HttpParserCallbackError as error:
+                cause = error.__context__
+                self._refuse(cause.status if isinstance(cause, _Refuse) else 400)
+                return
+            except httptools.HttpParserError:
+                self._refuse(400)
+                return
+            if self._stalled > _MAX_STALL:
+                self._refuse(431)
+                return
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -423,10 +470,15 @@ class _Connection(asyncio.Protocol):
         # The keep-alive timer also bounds how long a head may take to arrive (slow-header
         # clients); a body is the handler's to wait for.
         self._cancel_timer()
+        self._stalled = 0
         parser = self._parser
         version = parser.get_http_version()
         if version != "1.1" and version != "1.0":
             raise _Refuse(505)  # 0.9 has no headers to carry a token; 2.0 is not spoken here
+        if parser.get_method() == b"CONNECT":
+            # A reverse proxy has no tunnels to offer, and a 2xx to a forwarded CONNECT would
+            # turn a pooled upstream connection into one (RFC 9110 §9.3.6).
+            raise _Refuse(400)
         headers: CIMultiDict[str] = CIMultiDict()
         length: int | None = None
         chunked = expect = False
@@ -461,6 +513,7 @@ class _Connection(asyncio.Protocol):
             self._pause_reading()  # pipelined: read on when the requests before it are answered
 
     def on_body(self, body: bytes) -> None:
+        self._stalled = 0
         request = self._parsing
         if request is not None:
             request._feed(body)
@@ -468,6 +521,7 @@ class _Connection(asyncio.Protocol):
                 self._pause_reading()
 
     def on_message_complete(self) -> None:
+        self._stalled = 0
         request = self._parsing
         self._parsing = None
         if request is not None:
@@ -522,16 +576,16 @@ class _Connection(asyncio.Protocol):
             else:
                 self._transport.abort()  # an answer cut short must not look complete
             return
-        if self._upgraded:
-            self._transport.close()
+        if self._upgraded and not self._queue:
+            self._transport.close()  # the upgrade request was answered without a tunnel
             return
+        if self._unparsed and not self._refusal and len(self._queue) < _BACKLOG:
+            held, self._unparsed = self._unparsed, b""
+            self._feed(held)
         self._update_reading()
         self._dispatch()
         if not self._queue and not self._refusal:
-            if self._eof:
-                self._transport.close()
-            else:
-                self._idle()
+            self._idle()
 
     def _write_refusal(self, status: int) -> None:
         self._transport.write(_refusal(status, close=True))
@@ -566,18 +620,21 @@ class _Connection(asyncio.Protocol):
         # is complete by then), a body is buffered past the mark, the parser has stopped,
         # or the bytes after an upgrade head are being held.
         parsing = self._parsing
-        if (len(self._queue) > 1 or self._refusal or (self._upgraded and self._sink is None)
+        if (len(self._queue) > 1 or self._refusal or self._unparsed or (self._upgraded and self._sink is None)
                 or (parsing is not None and parsing._buffered > _HIGH_WATER)):
             return
         self._resume_reading()
 
-    async def _drain(self) -> None:
+    async def _drain(self, timeout: float | None = None) -> None:
         while self._write_paused and not self._lost:
             waiter = self._drain_waiter = self._loop.create_future()
+            timer = self._loop.call_later(timeout, _expire, waiter) if timeout else None
             try:
                 await waiter
             finally:
                 self._drain_waiter = None
+                if timer is not None:
+                    timer.cancel()
         if self._lost:
             raise ConnectionResetError("the client went away")
 
@@ -610,7 +667,7 @@ def _refusal(status: int, *, close: bool) -> bytes:
     if body is None:
         body = _REFUSALS[status] = (
             f'{{"error":"invalid_request","error_description":"{_REASONS.get(status, "Bad Request")}"}}'
-            if status < 500 else '{"error":"server_error","error_description":"Internal error"}'
+            if status < 500 or status == 505 else '{"error":"server_error","error_description":"Internal error"}'
         ).encode()
     head = (f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\nContent-Type: application/json; charset=utf-8\r\n"
             f"Cache-Control: no-store\r\nServer: jwt-sidecar\r\nContent-Length: {len(body)}\r\n{_date_line()}"

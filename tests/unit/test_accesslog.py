@@ -10,18 +10,30 @@ import re
 from proxy.accesslog import AccessLog
 
 
-async def test_lines_of_one_loop_turn_are_written_together_as_json() -> None:
+async def test_lines_are_written_together_as_json_within_the_interval() -> None:
     stream = io.BytesIO()
-    log = AccessLog(stream)
+    log = AccessLog(stream, interval=0.05)
     log.write(route="api", status=200, subject="alice")
     log.write(route="api", status=401, subject=None)
-    assert stream.getvalue() == b"", "nothing is written until the loop turn ends"
     await asyncio.sleep(0)
+    assert stream.getvalue() == b"", "nothing is written before the interval ends"
+    await asyncio.sleep(0.1)
     lines = stream.getvalue().decode().splitlines()
     assert [json.loads(line)["status"] for line in lines] == [200, 401]
     first = json.loads(lines[0])
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", first["time"])
     assert first == {"time": first["time"], "route": "api", "status": 200, "subject": "alice"}
+
+
+async def test_a_full_batch_is_written_at_once() -> None:
+    stream = io.BytesIO()
+    log = AccessLog(stream, interval=60)
+    for status in range(256):
+        log.write(status=status)
+    assert len(stream.getvalue().splitlines()) == 256, "256 waiting lines are written without waiting for the timer"
+    log.write(status=1)
+    log.flush()
+    assert len(stream.getvalue().splitlines()) == 257
 
 
 async def test_a_broken_stream_never_raises() -> None:
@@ -43,7 +55,7 @@ async def test_the_request_line_is_the_json_of_its_fields_whatever_they_hold() -
     # `request` builds the line by hand for speed; it must parse to exactly these fields,
     # in this order, with quotes, backslashes, control characters and non-ASCII escaped.
     stream = io.BytesIO()
-    log = AccessLog(stream)
+    log = AccessLog(stream, interval=0.01)
     awkward = 'a"b\\c\nd\te\x00f\u00e9\U0001f600 \u2028'
     cases = [
         dict(request_id="0123abcd", client="127.0.0.1", method="GET", path="/x", route="api", status=200,
@@ -55,7 +67,7 @@ async def test_the_request_line_is_the_json_of_its_fields_whatever_they_hold() -
     ]
     for fields in cases:
         log.request(**fields)
-    await asyncio.sleep(0)
+    await asyncio.sleep(0.05)
     # One line each, split on "\n" only: U+2028 inside a string is not a line end to a log shipper.
     lines = stream.getvalue().decode().split("\n")[:-1]
     assert len(lines) == len(cases)

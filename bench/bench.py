@@ -2,9 +2,11 @@
 
 Starts an nginx upstream (fixed 200 "ok", a 1 MiB file, a 1 MiB upload sink) that also
 serves the JWKS, Envoy with jwt_authn (remote RS256 JWKS, claim headers, a 100-entry JWT
-cache), Envoy with the router alone, and jwt-sidecar with the same rules; checks that each
-answers as it should; then runs every workload against every target in turn, interleaved
-over rounds, and prints a Markdown table (raw results: bench/results/latest.json).
+cache), Envoy with the router alone, jwt-sidecar with the same rules, and python-floor
+(bench/floor.py: HTTP in and out in Python and no token verification, the ceiling of any
+Python proxy here); checks that each answers as it should; then runs every workload against
+every target in turn, interleaved over rounds, and prints a Markdown table (raw results:
+bench/results/latest.json).
 
     bench/run                     # 3 rounds of 5 s per run
     bench/run --quick             # 1 round of 2 s
@@ -39,13 +41,15 @@ RESULTS = HERE / "results" / "latest.json"
 DISTINCT_TOKENS = 10_000
 RATE = 200.0
 
-PROXIES = ("envoy", "jwt-sidecar")
+# python-floor verifies nothing: it is there to show what HTTP alone costs in Python.
+FLOOR = "python-floor"
+PROXIES = ("envoy", "jwt-sidecar", FLOOR)
 # Two-way: Envoy --concurrency 2 against jwt-sidecar `workers: 2`, unpinned (they need both CPUs).
 PROXIES_2 = ("envoy-2", "jwt-sidecar-2w")
-TARGET_NAMES = ("envoy", "jwt-sidecar", "envoy-router", "nginx", *PROXIES_2)
+TARGET_NAMES = ("envoy", "jwt-sidecar", FLOOR, "envoy-router", "nginx", *PROXIES_2)
 ALIASES = {"sidecar": "jwt-sidecar", "jwt-sidecar": "jwt-sidecar", "envoy": "envoy", "envoy-router": "envoy-router",
            "router": "envoy-router", "nginx": "nginx", "upstream": "nginx",
-           "envoy-2": "envoy-2", "jwt-sidecar-2w": "jwt-sidecar-2w", "sidecar-2w": "jwt-sidecar-2w"}
+           FLOOR: FLOOR, "floor": FLOOR, "envoy-2": "envoy-2", "jwt-sidecar-2w": "jwt-sidecar-2w", "sidecar-2w": "jwt-sidecar-2w"}
 
 
 @dataclass(frozen=True)
@@ -93,7 +97,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, help="rounds (default 3; 1 with --quick)")
     p.add_argument("--duration", type=float, help="seconds per run (default 5; 2 with --quick)")
     p.add_argument("--targets", default=",".join(TARGET_NAMES),
-                   help="comma list of envoy, sidecar, envoy-router, nginx (default: all)")
+                   help="comma list of envoy, sidecar, python-floor, envoy-router, nginx, envoy-2, sidecar-2w (default: all)")
     p.add_argument("--workloads", default=",".join(w.key for w in WORKLOADS),
                    help="comma list of " + ", ".join(w.key for w in WORKLOADS) + " (default: all; e = e-down,e-up)")
     p.add_argument("--connections", type=int, default=32, help="wrk connections (default 32)")
@@ -163,6 +167,33 @@ def sanity(target: T.Target, toks: tokens.TokenSet) -> None:
     check(status == 200 and body == b"ok", f"{name}: GET {T.PUBLIC_PATH} without a token → {status} {body[:80]!r}, want 200 ok")
     if target.kind == "nginx" or name == "envoy-router":
         return
+    # python-floor verifies no token and rewrites no header: only the 401 without a token and
+    # the 1 MiB bodies apply to it.
+    verifies = target.kind != "floor"
+    if verifies:
+        sanity_identity(name, port, bearer)
+    status, headers, _ = T.http_get(port, T.PROTECTED_PATH)
+    check(status == 401, f"{name}: no token → {status}, want 401")
+    check(headers.get("www-authenticate", "").startswith("Bearer"),
+          f"{name}: no token → WWW-Authenticate {headers.get('www-authenticate')!r}, want a Bearer challenge")
+    if verifies:
+        head, payload, sig = toks.token.split(".")
+        forged = ".".join((head, payload, ("A" if sig[0] != "A" else "B") + sig[1:]))
+        status, _, _ = T.http_get(port, T.PROTECTED_PATH, {"Authorization": f"Bearer {forged}"})
+        check(status == 401, f"{name}: a bad signature → {status}, want 401")
+    lines = toks.tokens_path.read_text().split()
+    for tok in (lines[0], lines[len(lines) // 2], lines[-1]):
+        status, _, _ = T.http_get(port, T.PROTECTED_PATH, {"Authorization": f"Bearer {tok}"})
+        check(status == 200, f"{name}: a token from tokens.txt → {status}, want 200")
+    status, _, body = T.http_get(port, T.BIG_PATH, bearer)
+    check(status == 200 and len(body) == T.MIB, f"{name}: GET {T.BIG_PATH} → {status}, {len(body)} bytes, want 200, 1 MiB")
+    status, _, body = T.http_get(port, T.UPLOAD_PATH, {**bearer, "Content-Type": "application/octet-stream"},
+                                 method="POST", body=b"x" * T.MIB)
+    check(status == 200 and body == b"ok", f"{name}: POST {T.UPLOAD_PATH} (1 MiB) → {status} {body[:80]!r}, want 200 ok")
+
+
+def sanity_identity(name: str, port: int, bearer: dict[str, str]) -> None:
+    """Claims to headers, the token not forwarded, a client's identity headers removed."""
     status, headers, _ = T.http_get(port, T.WHOAMI_PATH, {**bearer, "X-User-Id": "mallory"})
     check(status == 200, f"{name}: GET {T.WHOAMI_PATH} with the token → {status}, want 200")
     check(headers.get("x-seen-user-id") == "alice",
@@ -174,23 +205,6 @@ def sanity(target: T.Target, toks: tokens.TokenSet) -> None:
     status, headers, _ = T.http_get(port, "/public" + T.WHOAMI_PATH, {"X-User-Id": "mallory", "X-User-Email": "m@x"})
     check(status == 200 and "x-seen-user-id" not in headers and "x-seen-user-email" not in headers,
           f"{name}: a client's X-User-Id reached the upstream on the public route ({status}, {headers.get('x-seen-user-id')!r})")
-    status, headers, _ = T.http_get(port, T.PROTECTED_PATH)
-    check(status == 401, f"{name}: no token → {status}, want 401")
-    check(headers.get("www-authenticate", "").startswith("Bearer"),
-          f"{name}: no token → WWW-Authenticate {headers.get('www-authenticate')!r}, want a Bearer challenge")
-    head, payload, sig = toks.token.split(".")
-    forged = ".".join((head, payload, ("A" if sig[0] != "A" else "B") + sig[1:]))
-    status, _, _ = T.http_get(port, T.PROTECTED_PATH, {"Authorization": f"Bearer {forged}"})
-    check(status == 401, f"{name}: a bad signature → {status}, want 401")
-    lines = toks.tokens_path.read_text().split()
-    for tok in (lines[0], lines[len(lines) // 2], lines[-1]):
-        status, _, _ = T.http_get(port, T.PROTECTED_PATH, {"Authorization": f"Bearer {tok}"})
-        check(status == 200, f"{name}: a token from tokens.txt → {status}, want 200")
-    status, _, body = T.http_get(port, T.BIG_PATH, bearer)
-    check(status == 200 and len(body) == T.MIB, f"{name}: GET {T.BIG_PATH} → {status}, {len(body)} bytes, want 200, 1 MiB")
-    status, _, body = T.http_get(port, T.UPLOAD_PATH, {**bearer, "Content-Type": "application/octet-stream"},
-                                 method="POST", body=b"x" * T.MIB)
-    check(status == 200 and body == b"ok", f"{name}: POST {T.UPLOAD_PATH} (1 MiB) → {status} {body[:80]!r}, want 200 ok")
 
 
 # -- one run ----------------------------------------------------------------------------------
@@ -289,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
                 running[name] = T.start_envoy(procs, tmp, nginx, name="envoy-router", jwt=False, cpus=target_cpus)
             elif name == "jwt-sidecar":
                 running[name] = T.start_sidecar(procs, tmp, nginx, cpus=target_cpus)
+            elif name == FLOOR:
+                running[name] = T.start_floor(procs, tmp, nginx, cpus=target_cpus)
             elif name == "envoy-2":
                 running[name] = T.start_envoy(procs, tmp, nginx, name="envoy-2", jwt=True, cpus=None, concurrency=2)
             elif name == "jwt-sidecar-2w":
@@ -299,7 +315,8 @@ def main(argv: list[str] | None = None) -> int:
         for target in running.values():
             sanity(target, toks)
         print("bench: sanity checks passed (claim headers, token stripped, spoofed headers removed, 401s, "
-              "1 MiB both ways)", flush=True)
+              "1 MiB both ways" + (f"; {FLOOR}: 401 and 1 MiB only, it verifies nothing" if FLOOR in running else "")
+              + ")", flush=True)
 
         # Warm-up, not recorded: connection pools, caches, lazy initialisation.
         warm = min(1.0, args.duration / 2)

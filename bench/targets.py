@@ -1,4 +1,4 @@
-"""What the benchmark runs: the nginx upstream (and JWKS server), Envoy, jwt-sidecar.
+"""What the benchmark runs: the nginx upstream (and JWKS server), Envoy, jwt-sidecar, python-floor.
 
 Each server is written a config into the run's temp dir, started in a process group of its
 own bound to 127.0.0.1 on a free port, waited on until it answers, and stopped (SIGTERM to
@@ -255,7 +255,7 @@ class Target:
     proc: Proc | None
     port: int
     kind: str
-    """`envoy`, `sidecar` or `nginx` (the upstream alone)."""
+    """`envoy`, `sidecar`, `floor` (bench/floor.py) or `nginx` (the upstream alone)."""
 
     @property
     def pid(self) -> int:
@@ -421,6 +421,17 @@ def start_sidecar(procs: Processes, run_dir: Path, nginx: Nginx, *, cpus: set[in
     proc = procs.start(name, argv, run_dir / f"{name}.log", cpus=cpus, cwd=ROOT)
     wait_ready(proc, admin_port, "/readyz", timeout=30)
     return Target(name, proc, port, "sidecar")
+
+
+# -- python-floor ---------------------------------------------------------------------------
+def start_floor(procs: Processes, run_dir: Path, nginx: Nginx, *, cpus: set[int] | None) -> Target:
+    """bench/floor.py: HTTP in and out in Python and nothing else (it verifies no token)."""
+    port = free_port()
+    argv = [sys.executable, str(ROOT / "bench" / "floor.py"), "--listen", f"127.0.0.1:{port}",
+            "--upstream", f"127.0.0.1:{nginx.port}"]
+    proc = procs.start("python-floor", argv, run_dir / "python-floor.log", cpus=cpus, cwd=ROOT)
+    wait_ready(proc, port, "/readyz", timeout=30)
+    return Target("python-floor", proc, port, "floor")
 
 
 def event_loop_of_sidecar() -> str:

@@ -22,7 +22,7 @@ from .clock import Clock, SystemClock
 from .config import Settings
 from .errors import AuthError, KeysUnavailable, ProxyError, Reason, UpstreamUnavailable
 from .forward import new_session
-from .http1 import Request, Server
+from .http1 import Prepared, Request, Server
 from .upstream import Pool
 from .identity import request_id
 from .keys import KeyRing
@@ -121,21 +121,20 @@ _INTERNAL_HEADERS = (("Content-Type", "application/json; charset=utf-8"), ("Cach
 
 def respond_error(request: Request, error: ProxyError, *, realm: str, request_id_value: str) -> None:
     # The answer to a refusal depends only on its kind, reason, scope and realm (a closed set
-    # and config values), so its body and fixed headers are built once and reused.
+    # and config values), so it is built and encoded once; only X-Request-Id and Date vary.
     key = (type(error), error.reason, getattr(error, "scope", None), realm)
-    parts = _ERROR_PARTS.get(key)
-    if parts is None:
-        if len(_ERROR_PARTS) > 1024:  # only a pathological config could get here; stay bounded
-            _ERROR_PARTS.clear()
-        parts = _ERROR_PARTS[key] = _error_parts(error, realm)
-    body, fixed = parts
-    request.respond(error.status, None, [*fixed, ("X-Request-Id", request_id_value)], body)
+    answer = _ANSWERS.get(key)
+    if answer is None:
+        if len(_ANSWERS) > 1024:  # only a pathological config could get here; stay bounded
+            _ANSWERS.clear()
+        answer = _ANSWERS[key] = _prepare(error, realm)
+    request.send(answer, f"X-Request-Id: {request_id_value}\r\n")
 
 
-_ERROR_PARTS: dict[tuple[object, ...], tuple[bytes, tuple[tuple[str, str], ...]]] = {}
+_ANSWERS: dict[tuple[object, ...], Prepared] = {}
 
 
-def _error_parts(error: ProxyError, realm: str) -> tuple[bytes, tuple[tuple[str, str], ...]]:
+def _prepare(error: ProxyError, realm: str) -> Prepared:
     # Server: our own answers name us, and no versions.
     headers = {"Content-Type": "application/json; charset=utf-8", "Cache-Control": "no-store", "Server": "jwt-sidecar"}
     if isinstance(error, AuthError):
@@ -143,7 +142,7 @@ def _error_parts(error: ProxyError, realm: str) -> tuple[bytes, tuple[tuple[str,
     if isinstance(error, KeysUnavailable):
         headers["Retry-After"] = "5"
     body = json.dumps({"error": error.error_code, "error_description": error.description}).encode()
-    return body, tuple(headers.items())
+    return Prepared(error.status, headers.items(), body)
 
 
 def _record(runtime: Runtime, request: Request, exchange: Exchange) -> None:

@@ -33,7 +33,7 @@ import httptools
 from multidict import CIMultiDict, MultiDict, MultiDictProxy
 from yarl import URL
 
-__all__ = ["BodyError", "BodyTimeout", "Request", "Server"]
+__all__ = ["BodyError", "BodyTimeout", "Prepared", "Request", "Server"]
 
 log = logging.getLogger("jwt_sidecar.http")
 
@@ -308,26 +308,53 @@ class Request:
     def resume_reading(self) -> None:
         self._conn._resume_reading()
 
-    def _head(self, status: int, reason: str | None, headers: Iterable[tuple[str, str]], framing: str,
-              date: bool) -> bytes:
+    def send(self, answer: Prepared, field: str = "") -> None:
+        """A prepared answer in one write, with one more header field (`"Name: value\\r\\n"`) and Date."""
+        if self._started:
+            self.abort()
+            return
+        end = _date_line() + self._connection_field(answer.status) + "\r\n"
+        self._finished = True
+        conn = self._conn
+        if not conn._lost:
+            tail = (field + end).encode(_ENCODING, _ERRORS)
+            conn._transport.write(answer.head + tail if self.method == "HEAD" else answer.head + tail + answer.body)
+
+    def _connection_field(self, status: int) -> str:
         self._started = True
         self.status = status
-        conn = self._conn
-        if conn._closing or not self.keep_alive or (self.upgrade and status != 101) or not self._complete:
+        if self._conn._closing or not self.keep_alive or (self.upgrade and status != 101) or not self._complete:
             # An upgrade we did not take leaves the bytes after its head unparsed, and an
             # unread body leaves the framing unknown: neither connection can carry another request.
             self._close = True
+        if self._close and status != 101:
+            return "Connection: close\r\n"
+        return "Connection: keep-alive\r\n" if self.version == "1.0" else ""
+
+    def _head(self, status: int, reason: str | None, headers: Iterable[tuple[str, str]], framing: str,
+              date: bool) -> bytes:
         parts = [f"HTTP/1.1 {status} {reason or _REASONS.get(status, 'Unknown')}\r\n"]
         parts += [f"{name}: {value}\r\n" for name, value in headers]
         parts.append(framing)
         if date:
             parts.append(_date_line())
-        if self._close and status != 101:
-            parts.append("Connection: close\r\n")
-        elif self.version == "1.0":
-            parts.append("Connection: keep-alive\r\n")
+        parts.append(self._connection_field(status))
         parts.append("\r\n")
         return "".join(parts).encode(_ENCODING, _ERRORS)
+
+
+class Prepared:
+    """An answer built once and sent many times (`Request.send`): status line, fixed header
+    fields, Content-Length and body, already encoded."""
+
+    __slots__ = ("body", "head", "status")
+
+    def __init__(self, status: int, headers: Iterable[tuple[str, str]], body: bytes) -> None:
+        self.status = status
+        self.body = body
+        self.head = "".join([f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\n",
+                             *(f"{name}: {value}\r\n" for name, value in headers),
+                             f"Content-Length: {len(body)}\r\n"]).encode(_ENCODING, _ERRORS)
 
 
 class _Connection(asyncio.Protocol):

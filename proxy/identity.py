@@ -18,7 +18,7 @@ import json
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -49,6 +49,8 @@ class StripPlan:
     prefixes: tuple[str, ...]
     keep: frozenset[str]
     """Token-source headers: a client sends its token there, so they survive the identity strip."""
+    _verdicts: dict[str, bool] = field(default_factory=dict, compare=False, repr=False)
+    """`strips` remembered per lower-cased name (bounded): the same few names come on every request."""
 
     @classmethod
     def build(cls, settings: Settings) -> StripPlan:
@@ -67,6 +69,14 @@ class StripPlan:
                    keep=frozenset(k.replace("_", "-") for k in keep))
 
     def strips(self, lower_name: str) -> bool:
+        verdict = self._verdicts.get(lower_name)
+        if verdict is None:
+            if len(self._verdicts) >= 4096:  # names are the client's choice: stay bounded
+                self._verdicts.clear()
+            verdict = self._verdicts[lower_name] = self._strips(lower_name)
+        return verdict
+
+    def _strips(self, lower_name: str) -> bool:
         # `X_User_Id` is `X-User-Id` to WSGI, CGI and PHP (both become HTTP_X_USER_ID), so
         # names are compared with `_` read as `-` (the hole of oauth2-proxy CVE-2025-64484).
         name = lower_name.replace("_", "-")

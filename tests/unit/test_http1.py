@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 from multidict import CIMultiDict
 
-from proxy.http1 import MAX_FIELD, MAX_FIELDS, MAX_HEAD, MAX_TARGET, BodyError, BodyTimeout, Request, Server
+from proxy.http1 import MAX_FIELD, MAX_FIELDS, MAX_HEAD, MAX_TARGET, BodyError, BodyTimeout, Prepared, Request, Server
 
 LIMIT = 5.0  # seconds any one test may take
 KiB = 1024
@@ -1245,3 +1245,24 @@ async def test_next_pipelined_request_waits_until_the_client_reads(harness: Harn
     second = await read_answer(reader)
     assert len(first.body) == len(big) and second.body == b"small"
     assert called == ["/big", "/second"]
+
+
+@bounded
+async def test_a_prepared_answer_is_sent_whole_with_its_extra_field_and_date(harness: Harness) -> None:
+    answer = Prepared(401, [("Content-Type", "application/json"), ("WWW-Authenticate", 'Bearer realm="r"')], b'{"e":1}')
+
+    async def refuse(request: Request) -> None:
+        request.send(answer, f"X-Request-Id: {request.raw_path[1:]}\r\n")
+
+    server = await harness.serve(refuse)
+    reader, writer = await harness.connect(server)
+    writer.write(request_bytes("/one") + request_bytes("/two", method="HEAD") + request_bytes("/three"))
+    first = await read_answer(reader)
+    second = await read_answer(reader, method="HEAD")
+    third = await read_answer(reader)
+    assert (first.status, first.reason, first.body) == (401, "Unauthorized", b'{"e":1}')
+    assert first.headers["WWW-Authenticate"] == 'Bearer realm="r"' and first.headers["X-Request-Id"] == "one"
+    assert first.headers["Content-Length"] == "7" and "Date" in first.headers and "Connection" not in first.headers
+    assert second.headers["X-Request-Id"] == "two" and second.headers["Content-Length"] == "7"
+    assert third.headers["X-Request-Id"] == "three" and third.body == b'{"e":1}', "HEAD sent no body bytes"
+    writer.close()

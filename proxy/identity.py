@@ -94,9 +94,8 @@ def end_to_end(headers: CIMultiDictProxy[str] | CIMultiDict[str], plan: StripPla
     """A new multidict without hop-by-hop and Connection-named headers (and what `plan` strips)."""
     named = connection_tokens(headers)
     out: CIMultiDict[str] = CIMultiDict()
-    # One spelling per name: aiohttp's client keeps only the last of `X-A`, `x-a` (it
-    # dedupes by exact spelling, then sets case-insensitively), so every repeat takes the
-    # first spelling seen.
+    # One spelling per name (the first seen): `X-A` and `x-a` are one field (RFC 9110 §5.1),
+    # and the upstream gets it under one name, every value in order.
     spelling: dict[str, str] = {}
     for name, value in headers.items():
         low = name.lower()

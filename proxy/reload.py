@@ -4,7 +4,7 @@ Owns: reloading on demand (SIGHUP) and when the file changes (a Kubernetes Confi
 swaps the `..data` symlink, so the resolved target and its mtime are what is watched);
 keeping the old snapshot when the new file is invalid (logged, counted); reusing key
 sources of providers that did not change, and closing those no longer used.
-Does not own: editing the running aiohttp app (it is frozen; only `Runtime.snapshot` moves).
+Does not own: editing the running server (only `Runtime.snapshot` moves).
 """
 
 from __future__ import annotations

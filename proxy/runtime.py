@@ -100,7 +100,7 @@ class Runtime:
     metrics: Metrics = field(default_factory=Metrics)
     config_path: str | None = None
     session: aiohttp.ClientSession | None = None
-    """aiohttp's client: key fetches and WebSockets."""
+    """aiohttp's client, for key fetches."""
     pool: Pool | None = None
     """The pooled HTTP/1.1 client every proxied request goes through."""
     snapshot: Snapshot | None = None

@@ -33,8 +33,8 @@ log = logging.getLogger("jwt_sidecar")
 
 
 class _NoRequestEcho(logging.Filter):
-    """aiohttp logs a malformed request with its parser's message, which quotes the request
-    line or a header (a token among them). Keep the kind of error, drop the quote."""
+    """aiohttp (the admin listener) logs a malformed request with its parser's message, which
+    quotes the request line or a header. Keep the kind of error, drop the quote."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.exc_info and record.exc_info[1] is not None:

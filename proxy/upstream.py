@@ -50,9 +50,9 @@ _DEFAULT_PORT = {"http": 80, "https": 443}
 # are lower-cased and compared, in the request's hot loop.
 _SPECIAL_LENGTHS = frozenset({4, 14, 17})
 _ENCODING = "utf-8"
-# aiohttp's server decodes header bytes as UTF-8 with surrogateescape: encoding the same way
-# hands the upstream exactly the bytes the client sent, and decoding the answer the same way
-# gives forward.py what aiohttp's own client would have.
+# http1.py decodes header bytes as UTF-8 with surrogateescape (as aiohttp does): encoding the
+# same way hands the upstream exactly the bytes the client sent, and decoding the answer the
+# same way gives the client back exactly the upstream's bytes.
 _ERRORS = "surrogateescape"
 
 
@@ -211,7 +211,8 @@ class _Connection(asyncio.Protocol):
         status = self._parser.get_status_code()
         if status == 101:
             # RFC 9110 §15.2.2: the bytes that follow are another protocol; upgrades take
-            # forward.py's aiohttp path, so here it is an error. Raising stops llhttp.
+            # forward.py's tunnel on a connection of their own, so here it is an error.
+            # Raising stops llhttp.
             self._error = UpstreamProtocolError("upstream switched protocols (101); upgrades are not proxied here")
             raise self._error
         if status < 200:

@@ -79,7 +79,20 @@ class Proxy:
 
     def server(self, **kwargs: Any) -> Server:
         """The HTTP/1.1 server for this proxy; `await server.listen(host, port)` opens it."""
-        return Server(self.handle, **kwargs)
+        return Server(self.handle, on_refusal=self._refused, **kwargs)
+
+    def _refused(self, status: int, client: str | None) -> None:
+        # The parser refused the request (400, 414, 431, 505): no route, no method we can
+        # trust; counted under the unmatched route so a flood of them shows on dashboards.
+        runtime = self.runtime
+        exchange = Exchange(request_id=request_id(None), started=time.perf_counter(), status=status,
+                            reason=str(Reason.MALFORMED_REQUEST))
+        if runtime.snapshot is not None:
+            runtime.snapshot.unmatched.count("", exchange.decision, exchange.reason, status)
+        if runtime.access_log is not None:
+            runtime.access_log.request(request_id=exchange.request_id, client=client, method="", path="",
+                                       route=exchange.route, status=status, decision=str(exchange.decision),
+                                       reason=exchange.reason, subject=None, latency_ms=0.0)
 
     async def handle(self, request: Request) -> None:
         await _entry(request, self.runtime)

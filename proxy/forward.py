@@ -201,6 +201,7 @@ class _Tunnel(asyncio.Protocol):
         self.upgraded = False
         self.failed: str | None = None
         self.closed = False
+        self._taken = 0  # bytes read before the answer was known
         self._chunks: deque[bytes] = deque()
         self._buffered = 0
         self._paused = False
@@ -226,6 +227,12 @@ class _Tunnel(asyncio.Protocol):
                 self._paused = True
                 self.transport.pause_reading()
         else:
+            self._taken += len(data)
+            if self._taken > _TUNNEL_HIGH_WATER:  # an endless head, or a refusal far past SMALL_BODY
+                self.failed = self.failed or "answer too large"
+                self.transport.abort()
+                self._wake()
+                return
             try:
                 self._parser.feed_data(data)
             except httptools.HttpParserUpgrade as upgrade:

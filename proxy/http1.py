@@ -617,6 +617,11 @@ class _Connection(asyncio.Protocol):
     def _write_refusal(self, status: int) -> None:
         self._transport.write(_refusal(status, close=True))
         self._transport.close()
+        if self._server._on_refusal is not None:
+            try:
+                self._server._on_refusal(status, self._remote)
+            except Exception:  # counting a refusal must never fail the connection's teardown
+                log.exception("recording a refused request failed")
 
     def _tunnel_to(self, sink: Callable[[bytes], None]) -> None:
         held = bytes(self._held)
@@ -705,8 +710,12 @@ def _refusal(status: int, *, close: bool) -> bytes:
 class Server:
     """The listener(s) and every open connection, with a graceful `shutdown`."""
 
-    def __init__(self, handler: Handler, *, keepalive_timeout: float = 75.0) -> None:
+    def __init__(self, handler: Handler, *, keepalive_timeout: float = 75.0,
+                 on_refusal: Callable[[int, str | None], None] | None = None) -> None:
+        """`on_refusal(status, client)` is told of every request the parser refused (it never
+        reached `handler`), so that metrics and the access log can count it."""
         self._handler = handler
+        self._on_refusal = on_refusal
         self.keepalive_timeout = keepalive_timeout
         self._loop = asyncio.get_running_loop()
         self._connections: set[_Connection] = set()

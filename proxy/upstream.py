@@ -45,6 +45,9 @@ _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 # consumer, so a slow client never makes us buffer a large upstream answer (the kernel's
 # socket buffers and TCP's window then push back on the upstream).
 _HIGH_WATER = 256 * 1024
+# The most bytes taken while the answer's head (with any 1xx before it) is incomplete; one
+# read that also holds the start of the body may exceed it, so it is checked before parsing.
+_MAX_HEAD = 256 * 1024
 _DEFAULT_PORT = {"http": 80, "https": 443}
 # len("Host"), len("Content-Length"), len("Transfer-Encoding"): only names of these lengths
 # are lower-cased and compared, in the request's hot loop.
@@ -86,7 +89,7 @@ class _Connection(asyncio.Protocol):
 
     __slots__ = (
         "_buffered", "_chunked", "_chunks", "_done", "_drain_waiter", "_error",
-        "_got_bytes", "_head_done", "_headers", "_idle", "_idle_since", "_interim", "_keep_alive",
+        "_got_bytes", "_head_bytes", "_head_done", "_headers", "_idle", "_idle_since", "_interim", "_keep_alive",
         "_length", "_lost", "_origin", "_parser", "_pool", "_reading_paused", "_reason", "_status",
         "_transport", "_waiter", "_write_paused", "_is_head",
     )
@@ -124,6 +127,7 @@ class _Connection(asyncio.Protocol):
         self._done = False
         self._keep_alive = False
         self._got_bytes = False
+        self._head_bytes = 0
         self._error = None
 
     # asyncio.Protocol
@@ -164,6 +168,14 @@ class _Connection(asyncio.Protocol):
                 self._transport.abort()
             return
         self._got_bytes = True
+        if not self._head_done:
+            # httptools holds a header field until it ends: an upstream that never ends one
+            # would grow this process without bound (the read timeout bounds time, not bytes).
+            self._head_bytes += len(data)
+            if self._head_bytes > _MAX_HEAD:
+                self._fail(UpstreamProtocolError("response head too large"))
+                self._wake()
+                return
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:

@@ -293,6 +293,23 @@ async def test_a_refused_handshake_never_becomes_a_tunnel_because_of_bytes_after
 
 
 @bounded
+async def test_an_endless_handshake_answer_is_cut_by_its_size(sidecar: Any, raw_upstream: Any) -> None:
+    """httptools holds a header field until it ends; the upstream timeout (2 s here) bounds
+    time, not bytes, so the tunnel caps what it reads before the answer is known: a 502."""
+    async def endless(conn: RawConn, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nX-Endless: ")
+        with suppress(ConnectionError):
+            for _ in range(64):
+                writer.write(b"a" * 65536)
+                await writer.drain()
+
+    upstream = await raw_upstream(endless)
+    s = await sidecar(RAW_CONFIG, raw=upstream.url)
+    raw = await send_raw(s, ws_head(), timeout=1.5)
+    assert statuses(raw)[:1] == [502], raw[:300]
+
+
+@bounded
 async def test_the_101_answer_carries_no_hop_by_hop_or_connection_named_field_of_the_upstream(
         sidecar: Any, raw_upstream: Any) -> None:
     """Every other answer goes through `_answer_headers` (hop-by-hop and Connection-named fields

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -12,7 +13,9 @@ from typing import Any
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
+from yarl import URL
 
+from proxy.accesslog import AccessLog
 from proxy.reload import reload
 from tests.conftest import TestKey, mint
 from tests.integration.conftest import BASE_CONFIG
@@ -55,6 +58,32 @@ async def test_requests_are_counted_by_route_decision_and_reason(sidecar: Any, r
     assert samples[("jwt_sidecar_auth_duration_seconds_count", (("route", "api"),))] == 4
     assert samples[("jwt_sidecar_upstream_duration_seconds_count", (("route", "api"),))] == 2
     assert samples[("jwt_sidecar_in_flight_requests", ())] == 0
+
+
+async def test_requests_the_parser_refuses_are_counted_and_logged(sidecar: Any, capsys: Any) -> None:
+    # They never reach a route, but a flood of them must show on dashboards and in the log.
+    s = await sidecar()
+    s.runtime.access_log = AccessLog(sys.stdout.buffer, interval=0.01)
+    for request in (b"GET /x HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n",  # 431
+                    b"GET /x HTTP/1.1\r\n\r\n",  # no Host: 400
+                    b"GET /x HTTP/2.0\r\nHost: x\r\n\r\n"):  # 505
+        reader, writer = await asyncio.open_connection(URL(s.url).host, URL(s.url).port)
+        writer.write(request)
+        await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+    samples = await scrape(s)
+    counted = {labels: value for (name, labels), value in samples.items()
+               if name == "jwt_sidecar_requests_total" and dict(labels)["reason"] == "malformed_request"}
+    assert counted == {
+        (("decision", "rejected"), ("method", "other"), ("reason", "malformed_request"), ("route", "(none)"),
+         ("status", "4xx")): 2.0,
+        (("decision", "rejected"), ("method", "other"), ("reason", "malformed_request"), ("route", "(none)"),
+         ("status", "5xx")): 1.0,
+    }
+    await asyncio.sleep(0.05)
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert sorted(line["status"] for line in lines) == [400, 431, 505]
+    assert all(line["reason"] == "malformed_request" and line["route"] == "(none)" for line in lines)
 
 
 async def test_health_and_readiness(sidecar: Any) -> None:

@@ -1134,3 +1134,22 @@ async def test_https(tmp_path: Path) -> None:
         await default.close()
         server.close()
         await server.wait_closed()
+
+
+@bounded
+async def test_an_endless_answer_head_is_refused_by_its_size(pool: Pool, raw_server: Any) -> None:
+    # httptools holds a header field until it ends; the read timeout (10 s here) bounds time,
+    # not bytes, so the size of an unfinished head must be capped on its own.
+    async def endless(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, index: int) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nX-Endless: ")
+        with contextlib.suppress(ConnectionError):
+            for _ in range(64):
+                writer.write(b"a" * 65536)
+                await writer.drain()
+        await reader.read()
+
+    server = await raw_server(endless)
+    with pytest.raises(UpstreamProtocolError, match="head too large"):
+        await send(pool, server.port, read_timeout=10.0)
+    assert pool.idle_count() == 0

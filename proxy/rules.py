@@ -10,6 +10,7 @@ grant this. Does not own: where claims came from or whether they are genuine (ve
 from __future__ import annotations
 
 from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any
 
 from .config import ClaimRule, RouteAuth, ScopeRule
@@ -28,11 +29,15 @@ class _Absent:
 ABSENT: Any = _Absent()
 
 
+_PLAIN_MAPPINGS = (dict, MappingProxyType)
+
+
 def claim_at(payload: Mapping[str, Any], path: tuple[str, ...]) -> Any:
     """The value at a dotted path (`realm_access.roles`), or ABSENT."""
     value: Any = payload
     for part in path:
-        if not isinstance(value, Mapping) or part not in value:
+        # The plain types first: an isinstance against the Mapping ABC is several times slower.
+        if not (isinstance(value, _PLAIN_MAPPINGS) or isinstance(value, Mapping)) or part not in value:
             return ABSENT
         value = value[part]
     return value

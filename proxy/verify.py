@@ -140,7 +140,7 @@ def read_header(token: str, *, max_bytes: int) -> TokenHeader:
         raise InvalidToken(Reason.MALFORMED, f"a JWS compact token has 3 segments, this one {token.count('.') + 1}")
     try:
         raw = _JWS._decode_base64url_segment(token[:token.index(".")].encode("ascii"), "header")
-        fields = json.loads(raw)
+        fields = json.loads(raw.decode("utf-8"))  # RFC 7515 §5.2: UTF-8, so no encoding sniffing
     except (DecodeError, UnicodeEncodeError, ValueError, RecursionError):
         raise InvalidToken(Reason.MALFORMED, "header: not base64url-encoded JSON") from None
     if not isinstance(fields, dict):
@@ -250,7 +250,7 @@ def decode_unverified(token: str) -> tuple[dict[str, Any], bytes]:
 
 def parse_payload(raw: bytes) -> dict[str, Any]:
     try:
-        payload = json.loads(raw)
+        payload = json.loads(raw.decode("utf-8"))  # RFC 7519 §7.2: UTF-8, so no encoding sniffing
     except (ValueError, RecursionError):
         raise InvalidToken(Reason.MALFORMED, "payload is not JSON") from None
     if not isinstance(payload, dict):
@@ -315,10 +315,13 @@ def _check_iss(payload: Mapping[str, Any], provider: Provider, now: float) -> No
 
 def _check_aud(payload: Mapping[str, Any], provider: Provider, now: float) -> None:
     aud = payload.get("aud")
-    values = [aud] if isinstance(aud, str) else aud
-    if not isinstance(values, list) or not values or not all(isinstance(v, str) for v in values):
+    if isinstance(aud, str):  # the common case, without building a list
+        if aud in provider.audiences:
+            return
+        raise InvalidToken(Reason.AUDIENCE, f"aud {aud!r} contains none of {list(provider.audiences)}")
+    if not isinstance(aud, list) or not aud or not all(isinstance(v, str) for v in aud):
         raise InvalidToken(Reason.AUDIENCE, f"aud {aud!r} is not a string or a non-empty list of strings")
-    if not any(v in provider.audiences for v in values):
+    if not any(v in provider.audiences for v in aud):
         raise InvalidToken(Reason.AUDIENCE, f"aud {aud!r} contains none of {list(provider.audiences)}")
 
 

@@ -85,26 +85,29 @@ async def _limited(request: Request, limit: int, timeout: float) -> AsyncIterato
         yield chunk
 
 
-def _answer_headers(raw: list[tuple[str, str]], request_id: str) -> tuple[list[tuple[str, str]], int | None, bool]:
-    """The upstream's header fields for the client, in their order and spelling, less
-    hop-by-hop and Connection-named ones (RFC 9110 §7.6.1) and its X-Request-Id; with its
-    Content-Length apart (the framing is ours) and whether it sent a Date."""
-    kept: list[tuple[str, str, str]] = []
-    named: set[str] = set()
+def _answer_fields(raw: list[tuple[bytes, bytes]], request_id: str) -> tuple[bytes, int | None, bool]:
+    """The upstream's header lines for the client, as they came (order, spelling, bytes), less
+    hop-by-hop and Connection-named fields (RFC 9110 §7.6.1) and its X-Request-Id, plus ours;
+    with its Content-Length apart (the framing is ours) and whether it sent a Date."""
+    kept: list[tuple[bytes, bytes]] = []
+    named: set[bytes] = set()
     length: int | None = None
     dated = False
     for name, value in raw:
         low = name.lower()
-        if low == "connection":
-            named.update(token.strip().lower() for token in value.split(","))
-        elif low == "content-length":
+        if low == b"connection":
+            named.update(token.strip().lower() for token in value.split(b","))
+        elif low == b"content-length":
             length = int(value)  # llhttp refused anything but digits
-        elif low not in HOP_BY_HOP and low != "x-request-id":
-            dated = dated or low == "date"
-            kept.append((low, name, value))
-    out = [(name, value) for low, name, value in kept if low not in named]
-    out.append(("X-Request-Id", request_id))
-    return out, length, dated
+        elif low not in _DROPPED:
+            dated = dated or low == b"date"
+            kept.append((low, b"%b: %b\r\n" % (name, value)))
+    lines = [line for low, line in kept if low not in named] if named else [line for _, line in kept]
+    lines.append(b"X-Request-Id: %b\r\n" % request_id.encode("ascii"))  # [A-Za-z0-9._:-] only
+    return b"".join(lines), length, dated
+
+
+_DROPPED = frozenset(name.encode("ascii") for name in HOP_BY_HOP) | {b"x-request-id"}
 
 
 async def forward(
@@ -139,22 +142,22 @@ async def forward(
     except UpstreamError as error:
         raise UpstreamUnavailable(f"{origin}: {type(error).__name__}") from None
     try:
-        out, answer_length, dated = _answer_headers(answer.headers, request_id)
+        fields, answer_length, dated = _answer_fields(answer.raw_headers, request_id)
         if not answer.has_body():
             # HEAD, 204, 304: the upstream's Content-Length (if any) describes the GET; relay it.
             answer.release()
             if answer_length is not None and answer.status != 204:
-                out.append(("Content-Length", str(answer_length)))
-            request.respond(answer.status, answer.reason, out, None, date=not dated)
+                fields += b"Content-Length: %d\r\n" % answer_length
+            request.respond(answer.status, answer.reason, (), None, date=not dated, fields=fields)
             return
         small = await answer.read(SMALL_BODY)
         if small is not None:
             # One write of head and body, and the connection back in the pool before the
             # client is even written to.
             answer.release()
-            request.respond(answer.status, answer.reason, out, small, date=not dated)
+            request.respond(answer.status, answer.reason, (), small, date=not dated, fields=fields)
             return
-        await request.start(answer.status, answer.reason, out, answer_length, date=not dated)
+        await request.start(answer.status, answer.reason, (), answer_length, date=not dated, fields=fields)
         try:
             async for chunk in answer.iter_chunks():
                 # A client that stops reading gets the upstream's timeout, then is cut.
@@ -194,7 +197,7 @@ class _Tunnel(asyncio.Protocol):
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.status = 0
         self.reason = b""
-        self.headers: list[tuple[str, str]] = []
+        self.headers: list[tuple[bytes, bytes]] = []
         self.body: list[bytes] = []
         self.size = 0
         self.answered = False  # the head (101) or the whole non-101 answer is here
@@ -266,7 +269,7 @@ class _Tunnel(asyncio.Protocol):
         self.reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape")))
+        self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         self.status = self._parser.get_status_code()
@@ -362,15 +365,15 @@ async def forward_websocket(
         reason = tunnel.reason.decode("utf-8", "surrogateescape")
         if not tunnel.upgraded:
             # Refused upstream (401, 403, 426...): relay the answer as any other.
-            out, _, dated = _answer_headers(tunnel.headers, request_id)
-            request.respond(tunnel.status, reason, out, b"".join(tunnel.body), date=not dated)
+            fields, _, dated = _answer_fields(tunnel.headers, request_id)
+            request.respond(tunnel.status, reason, (), b"".join(tunnel.body), date=not dated, fields=fields)
             return
         # The 101's own hop-by-hop fields go, as on any answer; the two that make it a switch
         # are ours to say (RFC 9110 §7.8).
-        out, _, _ = _answer_headers(tunnel.headers, request_id)
-        upgrade = next((v for n, v in tunnel.headers if n.lower() == "upgrade"), "websocket")
-        out += [("Connection", "Upgrade"), ("Upgrade", upgrade)]
-        await request.tunnel(101, reason, out, tunnel.send, tunnel.relay())
+        fields, _, _ = _answer_fields(tunnel.headers, request_id)
+        upgrade = next((v for n, v in tunnel.headers if n.lower() == b"upgrade"), b"websocket")
+        fields += b"Connection: Upgrade\r\nUpgrade: %b\r\n" % upgrade
+        await request.tunnel(101, reason, (), tunnel.send, tunnel.relay(), fields=fields)
     finally:
         tunnel.transport.close()
 

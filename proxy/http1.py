@@ -211,12 +211,14 @@ class Request:
     # the answer
 
     def respond(self, status: int, reason: str | None, headers: Iterable[tuple[str, str]], body: bytes | None,
-                *, date: bool = True) -> None:
+                *, date: bool = True, fields: bytes = b"") -> None:
         """The whole answer in one write.
 
         `body` bytes: framed with Content-Length (sent without the body to a HEAD).
         `body` None: the head exactly as given, no framing added (a HEAD, 204 or 304 answer
         relayed from the upstream, whose Content-Length, if any, describes the GET).
+        `fields`: header lines already encoded, each ending in CRLF, written after `headers`
+        (an upstream's fields relayed as they came, with no CR or LF inside a line).
         """
         if self._started:
             self.abort()  # a second answer would splice into the first: cut the connection instead
@@ -229,14 +231,14 @@ class Request:
             framing = f"Content-Length: {len(body)}\r\n"
             if self.method == "HEAD":
                 body = None
-        head = self._head(status, reason, headers, framing, date)
+        head = self._head(status, reason, headers, framing, date, fields)
         self._finished = True
         conn = self._conn
         if not conn._lost:
             conn._transport.write(head + body if body else head)
 
     async def start(self, status: int, reason: str | None, headers: Iterable[tuple[str, str]],
-                    length: int | None, *, date: bool = True) -> None:
+                    length: int | None, *, date: bool = True, fields: bytes = b"") -> None:
         """Write the head of a streamed answer: Content-Length when `length` is known, else
         chunked (HTTP/1.1) or close-delimited (HTTP/1.0)."""
         if self._started:
@@ -251,7 +253,7 @@ class Request:
         self._chunked = length is None and self.version == "1.1"
         conn = self._conn
         if not conn._lost:
-            conn._transport.write(self._head(status, reason, headers, framing, date))
+            conn._transport.write(self._head(status, reason, headers, framing, date, fields))
         await conn._drain()
 
     async def write(self, data: bytes, *, timeout: float | None = None) -> None:
@@ -278,7 +280,7 @@ class Request:
             conn._transport.abort()
 
     async def tunnel(self, status: int, reason: str | None, headers: Iterable[tuple[str, str]],
-                     sink: Callable[[bytes], None], source: AsyncIterator[bytes]) -> None:
+                     sink: Callable[[bytes], None], source: AsyncIterator[bytes], *, fields: bytes = b"") -> None:
         """Answer an upgrade with `status` (101) and relay raw bytes both ways until either side ends.
 
         Client bytes (those already read after the request head first) go to `sink`;
@@ -287,7 +289,7 @@ class Request:
         conn = self._conn
         if not self.upgrade or self._started:
             raise RuntimeError("not an upgrade request, or already answered")
-        conn._transport.write(self._head(status, reason, headers, "", True))
+        conn._transport.write(self._head(status, reason, headers, "", True, fields))
         self._finished = True
         self._close = True  # after the tunnel, the connection is done
         conn._tunnel_to(sink)
@@ -332,15 +334,12 @@ class Request:
         return "Connection: keep-alive\r\n" if self.version == "1.0" else ""
 
     def _head(self, status: int, reason: str | None, headers: Iterable[tuple[str, str]], framing: str,
-              date: bool) -> bytes:
+              date: bool, fields: bytes = b"") -> bytes:
         parts = [f"HTTP/1.1 {status} {reason or _REASONS.get(status, 'Unknown')}\r\n"]
         parts += [f"{name}: {value}\r\n" for name, value in headers]
-        parts.append(framing)
-        if date:
-            parts.append(_date_line())
-        parts.append(self._connection_field(status))
-        parts.append("\r\n")
-        return "".join(parts).encode(_ENCODING, _ERRORS)
+        start = "".join(parts).encode(_ENCODING, _ERRORS)
+        end = framing + (_date_line() if date else "") + self._connection_field(status) + "\r\n"
+        return start + fields + end.encode(_ENCODING, _ERRORS)
 
 
 class Prepared:

@@ -94,7 +94,7 @@ class _Connection(asyncio.Protocol):
         "_transport", "_waiter", "_write_paused", "_is_head",
     )
 
-    _headers: list[tuple[str, str]]
+    _headers: list[tuple[bytes, bytes]]
     _length: int | None
     _error: UpstreamError | None
 
@@ -217,7 +217,7 @@ class _Connection(asyncio.Protocol):
             # RFC 9112 §6.3 item 4: chunked only when it is the final coding; any other
             # coding on a response means "read until close", which llhttp also does.
             self._chunked = value.rstrip().lower().endswith(b"chunked")
-        self._headers.append((name.decode(_ENCODING, _ERRORS), value.decode(_ENCODING, _ERRORS)))
+        self._headers.append((name, value))  # bytes: relayed as they came, decoded only if asked
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
@@ -244,7 +244,7 @@ class _Connection(asyncio.Protocol):
             # be wrong for a HEAD answer without Content-Length, so decide from the headers.
             self._done = True
             self._keep_alive = self._parser.get_http_version() == "1.1" and not any(
-                name.lower() == "connection" and "close" in [token.strip() for token in value.lower().split(",")]
+                name.lower() == b"connection" and b"close" in [token.strip() for token in value.lower().split(b",")]
                 for name, value in self._headers)
         else:
             # RFC 9112 §9.3: HTTP/1.1 persists unless "close"; an HTTP/1.0 answer is not reused
@@ -336,15 +336,21 @@ class _Connection(asyncio.Protocol):
 class Response:
     """The head of an upstream answer, and its body to stream, read or drop."""
 
-    __slots__ = ("_bodiless", "_conn", "_read_timeout", "headers", "reason", "status")
+    __slots__ = ("_bodiless", "_conn", "_read_timeout", "raw_headers", "reason", "status")
 
     def __init__(self, conn: _Connection, read_timeout: float) -> None:
         self._conn: _Connection | None = conn
         self._read_timeout = read_timeout
         status = self.status = conn._status
         self.reason: str = conn._reason.decode(_ENCODING, _ERRORS)
-        self.headers: list[tuple[str, str]] = conn._headers
+        self.raw_headers: list[tuple[bytes, bytes]] = conn._headers
+        """The answer's header fields as they came off the wire (llhttp allows no CR or LF in them)."""
         self._bodiless = conn._is_head or status == 204 or status == 304
+
+    @property
+    def headers(self) -> list[tuple[str, str]]:
+        """The header fields decoded (UTF-8 with surrogateescape: encoding gives the same bytes)."""
+        return [(name.decode(_ENCODING, _ERRORS), value.decode(_ENCODING, _ERRORS)) for name, value in self.raw_headers]
 
     def has_body(self) -> bool:
         """False for answers that never carry content: to HEAD, 204 and 304 (RFC 9112 §6.3 item 1)."""

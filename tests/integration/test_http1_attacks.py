@@ -312,7 +312,7 @@ async def test_an_endless_handshake_answer_is_cut_by_its_size(sidecar: Any, raw_
 @bounded
 async def test_the_101_answer_carries_no_hop_by_hop_or_connection_named_field_of_the_upstream(
         sidecar: Any, raw_upstream: Any) -> None:
-    """Every other answer goes through `_answer_headers` (hop-by-hop and Connection-named fields
+    """Every other answer goes through `_answer_fields` (hop-by-hop and Connection-named fields
     dropped, X-Request-Id ours); the 101 relays the upstream's fields as they are, so its
     `Connection: X-Request-Id` tells the next hop to drop our request id, and its Keep-Alive,
     Transfer-Encoding and Connection-named fields reach the client."""

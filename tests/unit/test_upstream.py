@@ -409,9 +409,14 @@ async def test_concurrent_requests_get_their_own_answers(pool: Pool, upstream: A
         response.release()
         assert (seen["target"], seen["body"], seen["headers"][0]) == (f"/echo?i={i}", body.decode(), ["X-I", str(i)])
 
-    for _ in range(2):  # the second round runs on the pooled connections
-        await asyncio.gather(*(one(i) for i in range(40)))
-    assert 1 <= pool.idle_count() <= 40
+    seen = upstream.app[SEEN]
+    await asyncio.gather(*(one(i) for i in range(40)))
+    first_round = set(seen.peers)
+    assert 1 <= len(first_round) <= 40
+    assert pool.idle_count() == len(first_round), "every connection came back to the pool"
+    await asyncio.gather(*(one(i) for i in range(40)))  # the second round runs on the pooled connections
+    assert seen.peers == first_round, "the second round opened no new connection"
+    assert pool.idle_count() == len(first_round)
     assert len(upstream.app[SEEN].peers) == pool.idle_count()
 
 

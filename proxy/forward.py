@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import ssl
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -324,6 +323,7 @@ class _Tunnel(asyncio.Protocol):
 
 async def forward_websocket(
     request: Request,
+    pool: Pool,
     *,
     origin: Origin,
     target: str,
@@ -338,7 +338,7 @@ async def forward_websocket(
     """
     loop = asyncio.get_running_loop()
     tunnel = _Tunnel(request)
-    context = _tls_context() if origin.scheme == "https" else None
+    context = pool.tls_context() if origin.scheme == "https" else None
     try:
         async with asyncio.timeout(upstream.connect_timeout):
             await loop.create_connection(lambda: tunnel, origin.host.strip("[]"), origin.port, ssl=context,
@@ -348,12 +348,8 @@ async def forward_websocket(
     except OSError as error:
         raise UpstreamUnavailable(f"websocket {origin}: {error.strerror or type(error).__name__}") from None
     try:
-        lines = [f"GET {target} HTTP/1.1\r\n"]
-        if "Host" not in headers:
-            lines.append(f"Host: {origin.host}:{origin.port}\r\n")
-        lines += [f"{name}: {value}\r\n" for name, value in headers.items()]
-        lines.append(f"Connection: Upgrade\r\nUpgrade: {request.headers['Upgrade']}\r\n\r\n")
-        tunnel.send("".join(lines).encode("utf-8", "surrogateescape"))
+        tunnel.send(pool.upgrade_head(origin.scheme, origin.host, origin.port, target, headers.items(),
+                                      request.headers["Upgrade"]))
         try:
             async with asyncio.timeout(upstream.timeout):
                 while not tunnel.answered and tunnel.failed is None:
@@ -379,11 +375,3 @@ async def forward_websocket(
 
 
 _TUNNEL_HIGH_WATER = 256 * 1024
-_tls: ssl.SSLContext | None = None
-
-
-def _tls_context() -> ssl.SSLContext:
-    global _tls
-    if _tls is None:
-        _tls = ssl.create_default_context()
-    return _tls

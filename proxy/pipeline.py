@@ -82,11 +82,11 @@ async def run(request: Request, runtime: Runtime, exchange: Exchange) -> None:
     # The target goes on the request line byte for byte: the path the router matched.
     target = plan.origin.base_path + path + ("?" + query if query else "")
     try:
+        assert runtime.pool is not None
         if is_websocket(request):
-            await forward_websocket(request, origin=plan.origin, target=target, headers=headers,
+            await forward_websocket(request, runtime.pool, origin=plan.origin, target=target, headers=headers,
                                     upstream=plan.upstream, request_id=exchange.request_id)
         else:
-            assert runtime.pool is not None
             await forward(request, runtime.pool, origin=plan.origin, target=target, headers=headers,
                           upstream=plan.upstream, request_id=exchange.request_id)
     finally:

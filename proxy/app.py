@@ -101,7 +101,7 @@ class Proxy:
 async def _entry(request: Request, runtime: Runtime) -> None:
     metrics = runtime.metrics
     exchange = Exchange(request_id=request_id(request.headers.get("X-Request-Id")), started=time.perf_counter())
-    metrics.in_flight.inc()
+    metrics.in_flight += 1
     try:
         await run(request, runtime, exchange)
     except ProxyError as error:
@@ -122,7 +122,7 @@ async def _entry(request: Request, runtime: Runtime) -> None:
             exchange.decision = Decision.UPSTREAM_ERROR
         request.respond(500, None, [*_INTERNAL_HEADERS, ("X-Request-Id", exchange.request_id)], _INTERNAL_BODY)
     finally:
-        metrics.in_flight.dec()
+        metrics.in_flight -= 1
         exchange.status = request.status or 499  # nothing written: the client went away
         _record(runtime, request, exchange)
 

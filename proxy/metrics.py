@@ -46,8 +46,11 @@ jwt_sidecar_token_cache_requests_total{result="hit"|"miss"}                  cou
 jwt_sidecar_token_cache_entries                                              gauge
     Verified tokens held in the cache (no sample when the cache is disabled).
 
-The `jwks_*`, `provider_ready` and `token_cache_*` families are read from the live objects at
-each scrape (`Metrics.watch`), so a hot reload that swaps the key ring or the cache is seen at
+The per-request families (`requests_total`, `in_flight_requests` and the two durations) are
+plain Python numbers, read at scrape time: a prometheus-client Counter or Histogram takes a
+lock per increment and walks its buckets in Python, which was an eighth of a refused
+request's instructions (bench/instructions). The `jwks_*`, `provider_ready` and
+`token_cache_*` families are read from the live objects at each scrape (`Metrics.watch`), so a hot reload that swaps the key ring or the cache is seen at
 the next scrape. A key source or cache that a reload replaces starts its counters again from
 0, which Prometheus' `rate()` and `increase()` treat as an ordinary counter reset.
 """
@@ -57,13 +60,15 @@ from __future__ import annotations
 import enum
 import logging
 import math
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.exposition import choose_encoder
-from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.utils import floatToGoString
 
 from .config import StaticKeys
 from .errors import Reason
@@ -126,60 +131,79 @@ _log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 
+class _Durations:
+    """One histogram series as plain numbers: a count per bucket (not cumulative) and a sum."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last is +Inf
+        self.sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        # bisect_left: the first bound >= seconds, as Prometheus buckets are `le` (<=).
+        self.counts[bisect_left(self.bounds, seconds)] += 1
+        self.sum += seconds
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        total = 0
+        buckets = []
+        for bound, count in zip((*self.bounds, math.inf), self.counts):
+            total += count
+            buckets.append((floatToGoString(bound), float(total)))
+        return buckets
+
+
 class RouteMetrics:
-    """The recording side for one route: label children resolved once, reused per request.
+    """The recording side for one route: plain numbers, added to on every request.
 
     Made by `Metrics.route`, once per route name; keep it with the route and call it on every
     request. A method, decision, reason or status outside its closed set is recorded as
     `other` rather than raising: the request has been answered by then.
     """
 
-    __slots__ = ("name", "_requests", "_counts", "_auth", "_upstream")
+    __slots__ = ("name", "counts", "auth", "upstream")
 
-    def __init__(self, name: str, *, requests: Counter, auth: Histogram, upstream: Histogram) -> None:
+    def __init__(self, name: str) -> None:
         self.name = name
-        self._requests = requests
-        # `labels()` takes a lock, builds a tuple of str() values and looks it up: once per
-        # distinct label set here, never once per request.
-        self._counts: dict[tuple[str, str, str, str], Counter] = {}
-        # Resolved now so both histograms are exported (at zero) before the first request.
-        self._auth = auth.labels(name)
-        self._upstream = upstream.labels(name)
+        self.counts: dict[tuple[str, str, str, str], int] = {}
+        """(method, decision, reason, status class) -> requests answered."""
+        self.auth = _Durations(AUTH_BUCKETS)
+        self.upstream = _Durations(UPSTREAM_BUCKETS)
 
     def observe_auth(self, seconds: float) -> None:
-        self._auth.observe(seconds)
+        self.auth.observe(seconds)
 
     def observe_upstream(self, seconds: float) -> None:
-        self._upstream.observe(seconds)
+        self.upstream.observe(seconds)
 
     def count(self, method: str, decision: Decision, reason: str, status: int) -> None:
         """One answered request. `reason` is an `errors.Reason` value, or "" for none."""
-        # Method and status are normalised before the lookup, so the cache stays as bounded
+        # Method and status are normalised before the lookup, so the dict stays as bounded
         # as the labels are, whatever a client sends.
         key = (method if method in _METHODS else OTHER, decision, reason,
                _STATUS_CLASSES.get(status // 100, OTHER))
-        child = self._counts.get(key)
-        if child is None:
-            child = self._child(key)
-        child.inc()
+        counts = self.counts
+        seen = counts.get(key)
+        if seen is None:
+            key = self._checked(key)
+            seen = counts.get(key, 0)
+        counts[key] = seen + 1
 
-    def _child(self, key: tuple[str, str, str, str]) -> Counter:
-        method, decision, reason, status = key
+    @staticmethod
+    def _checked(key: tuple[str, str, str, str]) -> tuple[str, str, str, str]:
         # A decision or reason outside the closed sets is a bug in the caller; record it as
-        # `other` (and cache it only under that key, so bogus values cannot grow the dict)
-        # rather than fail a request that has already been answered.
-        if decision not in _DECISIONS or reason not in _REASONS:
-            key = (method, decision if decision in _DECISIONS else OTHER,
-                   reason if reason in _REASONS else OTHER, status)
-            child = self._counts.get(key)
-            if child is not None:
-                return child
-        child = self._requests.labels(self.name, *key)
-        self._counts[key] = child
-        return child
+        # `other` (so bogus values cannot grow the dict) rather than fail a request that has
+        # already been answered.
+        method, decision, reason, status = key
+        if decision in _DECISIONS and reason in _REASONS:
+            return key
+        return (method, decision if decision in _DECISIONS else OTHER, reason if reason in _REASONS else OTHER,
+                status)
 
     def __repr__(self) -> str:
-        return f"<RouteMetrics {self.name} series={len(self._counts)}>"
+        return f"<RouteMetrics {self.name} series={len(self.counts)}>"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -198,39 +222,17 @@ class Metrics:
     """Every metric of one app, in its own registry."""
 
     registry: CollectorRegistry
-    in_flight: Gauge
+    in_flight: int
+    """Requests being handled right now: the handler adds and subtracts 1."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         # CPU, memory and open files of this process (process_*), which the default registry
         # would have given us; the sizing advice in the README is read from these.
         ProcessCollector(registry=self.registry)
-        self.in_flight = Gauge(
-            _PREFIX + "in_flight_requests",
-            "Requests being handled right now.",
-            registry=self.registry,
-            multiprocess_mode="livesum",  # with `workers`, the sum over the live workers
-        )
-        self._requests = Counter(
-            _PREFIX + "requests",
-            "Requests answered, by route, method class, decision, refusal reason and status class.",
-            ("route", "method", "decision", "reason", "status"),
-            registry=self.registry,
-        )
-        self._auth = Histogram(
-            _PREFIX + "auth_duration_seconds",
-            "Time spent deciding whether a request may pass (token extraction, keys, verification, rules).",
-            ("route",),
-            buckets=AUTH_BUCKETS,
-            registry=self.registry,
-        )
-        self._upstream = Histogram(
-            _PREFIX + "upstream_duration_seconds",
-            "Time spent waiting for the upstream's response, or for it to fail.",
-            ("route",),
-            buckets=UPSTREAM_BUCKETS,
-            registry=self.registry,
-        )
+        self.in_flight = 0
+        self._routes: dict[str, RouteMetrics] = {}
+        self.registry.register(_RequestCollector(self))
         reloads = Counter(
             _PREFIX + "config_reloads",
             "Config reload attempts, by result.",
@@ -241,7 +243,6 @@ class Metrics:
         # (an alert on increase() needs a previous sample to compare against).
         self._reload_ok = reloads.labels("success")
         self._reload_failed = reloads.labels("failure")
-        self._routes: dict[str, RouteMetrics] = {}
         self._collector: _ViewCollector | None = None
         self._mirror: _Mirror | None = None
 
@@ -249,9 +250,7 @@ class Metrics:
         """The recorder for route `name` (`NO_ROUTE` for unmatched requests), made once."""
         found = self._routes.get(name)
         if found is None:
-            found = self._routes[name] = RouteMetrics(
-                name, requests=self._requests, auth=self._auth, upstream=self._upstream
-            )
+            found = self._routes[name] = RouteMetrics(name)
         return found
 
     def count_reload(self, ok: bool) -> None:
@@ -279,13 +278,15 @@ class Metrics:
 
         With `workers: N` the supervisor scrapes the files every worker writes
         (`MultiProcessCollector`); a scrape-time collector in a worker is never asked. So each
-        worker calls this every second: counters advance by what they grew, gauges are set.
+        worker calls this every second (and once more as it stops): counters and histograms
+        advance by what they grew, gauges are set.
         """
-        if self._collector is None:
-            return
         if self._mirror is None:
             self._mirror = _Mirror()
-        self._mirror.copy(self._collector.collect())
+        families = list(_request_families(self))
+        if self._collector is not None:
+            families += self._collector.collect()
+        self._mirror.copy(families)
 
 
 # -- scrape time -------------------------------------------------------------------------------
@@ -299,6 +300,48 @@ _AGE = _PREFIX + "jwks_age_seconds"
 _READY = _PREFIX + "provider_ready"
 _CACHE_REQUESTS = _PREFIX + "token_cache_requests"
 _CACHE_ENTRIES = _PREFIX + "token_cache_entries"
+
+
+_REQUESTS = _PREFIX + "requests"
+_IN_FLIGHT = _PREFIX + "in_flight_requests"
+_AUTH = _PREFIX + "auth_duration_seconds"
+_UPSTREAM = _PREFIX + "upstream_duration_seconds"
+_REQUEST_LABELS = ("route", "method", "decision", "reason", "status")
+
+
+def _request_families(metrics: Metrics) -> Iterator[Metric]:
+    """The per-request families, from the numbers `RouteMetrics` keeps."""
+    requests = CounterMetricFamily(
+        _REQUESTS, "Requests answered, by route, method class, decision, refusal reason and status class.",
+        labels=_REQUEST_LABELS)
+    auth = HistogramMetricFamily(
+        _AUTH, "Time spent deciding whether a request may pass (token extraction, keys, verification, rules).",
+        labels=("route",))
+    upstream = HistogramMetricFamily(
+        _UPSTREAM, "Time spent waiting for the upstream's response, or for it to fail.", labels=("route",))
+    # Copies: a request landing between two reads must not change a dict being iterated.
+    for route in list(metrics._routes.values()):
+        for key, count in list(route.counts.items()):
+            requests.add_metric((route.name, *key), count)
+        for family, durations in ((auth, route.auth), (upstream, route.upstream)):
+            family.add_metric((route.name,), durations.cumulative(), durations.sum)
+    yield requests
+    yield GaugeMetricFamily(_IN_FLIGHT, "Requests being handled right now.", value=metrics.in_flight)
+    yield auth
+    yield upstream
+
+
+class _RequestCollector:
+    """Exports the per-request numbers of one `Metrics` at scrape time."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def describe(self) -> Iterable[Metric]:
+        return self.collect()
+
+    def collect(self) -> Iterator[Metric]:
+        return _request_families(self._metrics)
 
 
 def _families() -> dict[str, Metric]:
@@ -431,15 +474,21 @@ def _cache(families: dict[str, Metric], cache: Any) -> None:
 _GAUGE_MODES = {_KEYS: "livemin", _AGE: "livemax", _READY: "livemin", _CACHE_ENTRIES: "livesum"}
 
 
+_HISTOGRAM_BOUNDS = {_AUTH: AUTH_BUCKETS, _UPSTREAM: UPSTREAM_BUCKETS}
+
+
 class _Mirror:
     """Real, multiprocess-backed metrics shadowing the scrape-time families of one worker."""
 
     def __init__(self) -> None:
-        self._metrics: dict[str, Counter | Gauge] = {}
+        self._metrics: dict[str, Counter | Gauge | Histogram] = {}
         self._last: dict[tuple[str, tuple[str, ...]], float] = {}
 
     def copy(self, families: Iterable[Metric]) -> None:
         for family in families:
+            if family.type == "histogram":
+                self._copy_histogram(family)
+                continue
             for sample in family.samples:
                 if sample.name.endswith("_created"):
                     continue
@@ -448,15 +497,45 @@ class _Mirror:
                 values = tuple(sample.labels[name] for name in labels)
                 child = metric.labels(*values) if labels else metric
                 if isinstance(metric, Counter):
-                    key = (family.name, values)
-                    grown = sample.value - self._last.get(key, 0.0)
-                    # A source replaced by a reload starts from 0 again: count it anew.
-                    child.inc(grown if grown >= 0 else sample.value)
-                    self._last[key] = sample.value
+                    child.inc(self._grown((family.name, values), sample.value))
                 else:
                     child.set(sample.value)
 
-    def _metric(self, family: Metric, labels: tuple[str, ...]) -> Counter | Gauge:
+    def _grown(self, key: tuple[str, tuple[str, ...]], value: float) -> float:
+        grown = value - self._last.get(key, 0.0)
+        self._last[key] = value
+        # A source replaced by a reload starts from 0 again: count it anew.
+        return grown if grown >= 0 else value
+
+    def _copy_histogram(self, family: Metric) -> None:
+        # One series per route: its cumulative buckets (in bound order) and its sum. A
+        # multiprocess Histogram child has no call to add n observations at once, so the
+        # mirror adds to its bucket and sum values (`_buckets`, `_sum`: prometheus-client's
+        # own attributes, which tests/integration/test_workers.py reads back through the
+        # supervisor's scrape, so a change there fails loudly).
+        series: dict[str, tuple[list[float], float]] = {}
+        for sample in family.samples:
+            route = sample.labels["route"]
+            buckets, total = series.setdefault(route, ([], 0.0))
+            if sample.name.endswith("_bucket"):
+                buckets.append(sample.value)
+            elif sample.name.endswith("_sum"):
+                series[route] = (buckets, sample.value)
+        metric = self._metrics.get(family.name)
+        if metric is None:
+            metric = self._metrics[family.name] = Histogram(
+                family.name, family.documentation, ("route",), buckets=_HISTOGRAM_BOUNDS[family.name], registry=None)
+        for route, (buckets, total) in series.items():
+            child = metric.labels(route)
+            below = 0.0
+            for i, cumulative in enumerate(buckets):
+                grown = self._grown((family.name, (route, str(i))), cumulative - below)
+                below = cumulative
+                if grown:
+                    child._buckets[i].inc(grown)
+            child._sum.inc(self._grown((family.name, (route, "sum")), total))
+
+    def _metric(self, family: Metric, labels: tuple[str, ...]) -> Counter | Gauge | Histogram:
         found = self._metrics.get(family.name)
         if found is None:
             # registry=None: these exist for the multiprocess files only; the worker's own

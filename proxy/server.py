@@ -104,6 +104,8 @@ async def serve(settings: Settings, *, config_path: str | None, stop: asyncio.Ev
         # 2. Stop accepting, close idle keep-alives, wait up to drain_timeout for running
         #    handlers, cancel the rest; then close the client session and key sources.
         await server.shutdown(settings.drain_timeout)
+        if worker:
+            runtime.metrics.mirror()  # the requests of its last second, before the worker exits
         await proxy.close()
         # 3. The admin listener goes last, so /readyz answers "draining" to the very end.
         await admin_runner.cleanup()

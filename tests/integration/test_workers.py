@@ -64,6 +64,12 @@ async def test_two_workers_serve_one_port_and_report_one_set_of_metrics(
                    for f in text_string_to_metric_families(text) for s in f.samples}
         allowed = (("decision", "allowed"), ("method", "GET"), ("reason", ""), ("route", "api"), ("status", "2xx"))
         assert samples[("jwt_sidecar_requests_total", allowed)] == 40
+        # Histograms too: each worker's durations reach the files through its mirror.
+        for family in ("jwt_sidecar_auth_duration_seconds", "jwt_sidecar_upstream_duration_seconds"):
+            assert samples[(f"{family}_count", (("route", "api"),))] == 40
+            assert samples[(f"{family}_bucket", (("le", "+Inf"), ("route", "api")))] == 40
+            assert samples[(f"{family}_sum", (("route", "api"),))] > 0
+        assert samples[("jwt_sidecar_auth_duration_seconds_bucket", (("le", "1.0"), ("route", "api")))] == 40
         assert samples[("jwt_sidecar_workers_ready", ())] == 2
         assert samples[("jwt_sidecar_provider_ready", (("provider", "main"),))] == 1
         hits = samples[("jwt_sidecar_token_cache_requests_total", (("result", "hit"),))]

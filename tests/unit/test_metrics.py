@@ -159,11 +159,11 @@ def test_repeated_counts_reuse_one_cached_child() -> None:
     for _ in range(500):
         api.count("GET", Decision.DENIED, Reason.BAD_SIGNATURE, 401)
     assert requests(metrics) == {("api", "GET", "denied", "bad_signature", "4xx"): 500.0}
-    assert len(api._counts) == 1
+    assert len(api.counts) == 1
     # Unknown methods all share the one "other" child: a client cannot grow the cache.
     for verb in ("PROPFIND", "MKCOL", "BREW", "get"):
         api.count(verb, Decision.DENIED, Reason.BAD_SIGNATURE, 401)
-    assert len(api._counts) == 2
+    assert len(api.counts) == 2
 
 
 def test_values_outside_the_closed_sets_are_recorded_as_other_without_growing_the_cache() -> None:
@@ -177,7 +177,7 @@ def test_values_outside_the_closed_sets_are_recorded_as_other_without_growing_th
         ("api", "GET", "denied", "other", "4xx"): 50.0,
         ("api", "GET", "other", "", "2xx"): 1.0,
     }
-    assert len(api._counts) == 2
+    assert len(api.counts) == 2
 
 
 def test_route_recorders_are_made_once_and_export_their_histograms_at_zero() -> None:
@@ -215,13 +215,27 @@ def test_auth_and_upstream_durations_land_in_their_buckets() -> None:
     assert value(metrics, f"{upstream}_count", route="api") == 1.0
 
 
+def test_a_duration_on_a_bound_counts_in_that_bucket_and_beyond_the_last_in_inf_only() -> None:
+    # Prometheus buckets are `le`: a value equal to a bound belongs to it.
+    metrics = Metrics()
+    api = metrics.route("api")
+    api.observe_auth(0.001)
+    api.observe_auth(5.0)
+    auth = "jwt_sidecar_auth_duration_seconds"
+    assert value(metrics, f"{auth}_bucket", route="api", le="0.0005") == 0.0
+    assert value(metrics, f"{auth}_bucket", route="api", le="0.001") == 1.0
+    assert value(metrics, f"{auth}_bucket", route="api", le="1.0") == 1.0
+    assert value(metrics, f"{auth}_bucket", route="api", le="+Inf") == 2.0
+    assert value(metrics, f"{auth}_count", route="api") == 2.0
+
+
 def test_in_flight_goes_up_and_down() -> None:
     metrics = Metrics()
     assert value(metrics, "jwt_sidecar_in_flight_requests") == 0.0
-    metrics.in_flight.inc()
-    metrics.in_flight.inc()
+    metrics.in_flight += 1
+    metrics.in_flight += 1
     assert value(metrics, "jwt_sidecar_in_flight_requests") == 2.0
-    metrics.in_flight.dec()
+    metrics.in_flight -= 1
     assert value(metrics, "jwt_sidecar_in_flight_requests") == 1.0
 
 
@@ -239,7 +253,7 @@ def test_two_instances_share_nothing_and_never_touch_the_default_registry() -> N
     first, second = Metrics(), Metrics()
     assert first.registry is not second.registry
     first.route("api").count("GET", Decision.ALLOWED, "", 200)
-    first.in_flight.inc()
+    first.in_flight += 1
     first.count_reload(True)
 
     assert requests(first) == {("api", "GET", "allowed", "", "2xx"): 1.0}

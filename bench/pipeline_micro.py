@@ -1,0 +1,255 @@
+"""Micro-benchmark of one sidecar process's own work per request, without the client's sockets.
+
+The whole request path runs as it ships: our HTTP/1.1 server's connection protocol
+(`http1._Connection`, parser included), `app.Proxy.handle`, the pipeline, metrics and the
+access log (to /dev/null), and for allowed requests the pooled upstream client over real
+loopback sockets to a minimal upstream in another process (its CPU is not counted). Only
+the client's socket is replaced: request bytes go straight into `data_received` and the
+answer is taken from `write`, so the figure is the sidecar's CPU per request minus the two
+client-side syscalls, and it moves far less than wrk's req/s on a shared 2-core VM.
+
+Workloads as bench/run's: (a) one valid RS256 token, (b) distinct tokens through a
+100-entry cache, (c) no token (401), (d) a public route. Reported: µs of process CPU
+(`time.process_time`, user+system) per request, the least and the median of interleaved
+rounds. The VM's noise only ever adds time, so the least is the steadier figure for
+comparing two versions of the code.
+
+    .venv/bin/python bench/pipeline_micro.py [--requests 2000] [--concurrency 8] [--rounds 15] [--json]
+
+For figures that do not move at all, count instructions instead (`bench/instructions` runs
+one round of a workload under callgrind, counting the round alone).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import os
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import jwt  # noqa: E402
+import yaml  # noqa: E402
+from cryptography.hazmat.primitives import serialization  # noqa: E402
+
+from proxy.accesslog import AccessLog  # noqa: E402
+from proxy.app import Proxy  # noqa: E402
+from proxy.config import parse  # noqa: E402
+from proxy.http1 import _Connection  # noqa: E402
+from proxy.keygen import generate  # noqa: E402
+
+ISSUER = "https://issuer.bench.local/"
+AUDIENCE = "bench-api"
+# What nginx's `return 200` answers in bench/run: five fields and a short body.
+_ANSWER = (b"HTTP/1.1 200 OK\r\nServer: nginx\r\nDate: Mon, 23 Nov 2026 12:00:00 GMT\r\n"
+           b"Content-Type: text/plain\r\nContent-Length: 3\r\nConnection: keep-alive\r\n\r\nok\n")
+
+
+def _upstream(sock: socket.socket) -> None:
+    """A minimal keep-alive upstream: every request head (no bodies here) gets `_ANSWER`."""
+    class Upstream(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport, self.buffer = transport, b""
+
+        def data_received(self, data: bytes) -> None:
+            self.buffer += data
+            count = self.buffer.count(b"\r\n\r\n")
+            if count:
+                self.buffer = self.buffer[self.buffer.rindex(b"\r\n\r\n") + 4:]
+                self.transport.write(_ANSWER * count)  # type: ignore[attr-defined]
+
+    async def serve() -> None:
+        server = await asyncio.get_running_loop().create_server(Upstream, sock=sock)
+        await server.serve_forever()
+    asyncio.run(serve())
+
+
+class _Client(asyncio.Transport):
+    """The client's side of one connection: takes our answers, and wakes whoever waits for one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waiter: asyncio.Future[bytes] | None = None
+        self.closed = False
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return ("127.0.0.1", 40000) if name == "peername" else default
+
+    def write(self, data: bytes) -> None:  # type: ignore[override]
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(bytes(data))
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    abort = close
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+
+def _settings(upstream_port: int, jwks_file: Path):  # noqa: ANN202
+    doc = {
+        "listen": "127.0.0.1:8080", "admin": "127.0.0.1:9901", "realm": "bench",
+        "upstream": {"url": f"http://127.0.0.1:{upstream_port}", "connect_timeout": "2s", "timeout": "30s",
+                     "max_body": "10MB"},
+        "access_log": True,
+        "providers": {"main": {
+            "issuer": ISSUER, "audiences": [AUDIENCE], "algorithms": ["RS256"], "leeway": "30s",
+            "required_claims": ["exp"], "jwks_file": str(jwks_file),
+            "headers": {"claims": {"sub": "X-User-Id", "email": "X-User-Email"}, "forward_token": False},
+        }},
+        "routes": [
+            {"name": "public", "match": {"path_prefix": "/public/"}, "auth": "none"},
+            {"name": "api", "match": {"path_prefix": "/"}, "auth": {"provider": "main"}},
+        ],
+        "token_cache": {"enabled": True, "max_entries": 100, "max_ttl": "5m"},
+    }
+    return parse(yaml.safe_dump(doc))
+
+
+def _request(path: str, token: str | None) -> bytes:
+    # wrk's request, plus the token: the same few fields every load generator sends.
+    auth = f"Authorization: Bearer {token}\r\n" if token else ""
+    return f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n{auth}\r\n".encode()
+
+
+async def _drive(proxy: Proxy, requests: list[bytes], total: int, concurrency: int) -> float:
+    """CPU µs per request over `total` requests on `concurrency` connections."""
+    server = proxy.server()
+    next_index = 0
+
+    async def one_connection() -> None:
+        nonlocal next_index
+        conn = _Connection(server)
+        client = _Client()
+        conn.connection_made(client)
+        loop = asyncio.get_running_loop()
+        while next_index < total:
+            data = requests[next_index % len(requests)]
+            next_index += 1
+            client.waiter = loop.create_future()
+            conn.data_received(data)
+            answer = await client.waiter
+            if not answer.startswith((b"HTTP/1.1 200 ", b"HTTP/1.1 401 ")):
+                raise SystemExit(f"unexpected answer: {answer[:200]!r}")
+        conn.connection_lost(None)
+
+    before = time.process_time()
+    await asyncio.gather(*(one_connection() for _ in range(concurrency)))
+    return (time.process_time() - before) / total * 1e6
+
+
+def _from_pem(pem: bytes):  # noqa: ANN202
+    """A GeneratedKey-like holder for a stored RS256 key (kid fixed)."""
+    from jwt.algorithms import RSAAlgorithm
+    private = serialization.load_pem_private_key(pem, None)
+    jwk = json.loads(RSAAlgorithm.to_jwk(private.public_key()))
+    jwk.update(kid="bench-rs256", alg="RS256", use="sig")
+    return argparse.Namespace(private_pem=pem, public_jwk=jwk, kid="bench-rs256")
+
+
+def _workloads(key, count: int, only: str | None) -> dict[str, list[bytes]]:  # noqa: ANN001
+    signing = serialization.load_pem_private_key(key.private_pem, None)
+    now = int(time.time())
+
+    def token(i: int) -> str:
+        return jwt.encode({"iss": ISSUER, "aud": AUDIENCE, "sub": f"user-{i}", "iat": now, "exp": now + 3600,
+                           "jti": f"j{i}", "email": f"user-{i}@example.com"}, signing, algorithm="RS256",
+                          headers={"kid": key.kid})
+    makers = {
+        "a_one_token": lambda: [_request("/whoami", token(0))],
+        "b_distinct_tokens": lambda: [_request("/whoami", token(i)) for i in range(count)],
+        "c_no_token": lambda: [_request("/whoami", None)],
+        "d_public": lambda: [_request("/public/whoami", None)],
+    }
+    # Only the workloads asked for: signing thousands of unused tokens would swamp a count.
+    return {name: make() for name, make in makers.items() if not only or name.startswith(only)}
+
+
+def _run(args: argparse.Namespace) -> dict[str, list[float]]:
+    if args.key:  # the same key on every run: callgrind counts then differ only by the code
+        path = Path(args.key)
+        if not path.exists():
+            path.write_bytes(generate("RS256", "bench-rs256").private_pem)
+        key = _from_pem(path.read_bytes())
+    else:
+        key = generate("RS256", "bench-rs256")
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    with tempfile.TemporaryDirectory() as tmp:
+        jwks_file = Path(tmp) / "jwks.json"
+        jwks_file.write_text(json.dumps({"keys": [dict(key.public_jwk)]}))
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(128)
+        child = multiprocessing.Process(target=_upstream, args=(sock,), daemon=True)
+        child.start()
+        sink = open(os.devnull, "wb")  # noqa: SIM115
+        proxy = Proxy(_settings(sock.getsockname()[1], jwks_file), access_log=AccessLog(sink))
+        loop.run_until_complete(proxy.start())
+        try:
+            workloads = _workloads(key, 500, args.only)  # (b): 500 tokens cycled through 100 entries
+            for name, requests in workloads.items():  # warm-up: caches, pool, code paths
+                loop.run_until_complete(_drive(proxy, requests, args.warmup, args.concurrency))
+            results: dict[str, list[float]] = {name: [] for name in workloads}
+            for _ in range(args.rounds):
+                for name, requests in workloads.items():
+                    # sys.call_tracing only wraps the call in a C function that nothing else
+                    # uses, so that `callgrind --toggle-collect=_PyEval_CallTracing` counts
+                    # the rounds alone (bench/instructions).
+                    figure = sys.call_tracing(loop.run_until_complete,
+                                              (_drive(proxy, requests, args.requests, args.concurrency),))
+                    results[name].append(figure)
+            return results
+        finally:
+            loop.run_until_complete(proxy.close())
+            loop.close()
+            child.terminate()
+            sink.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="sidecar CPU µs per request, in process, per workload")
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--warmup", type=int, default=1000, help="requests per workload before the rounds")
+    parser.add_argument("--only", help="run only the workloads whose name starts with this (a, b, c, d)")
+    parser.add_argument("--key", help="a PEM file to keep the RS256 key in across runs (made on first use)")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        import uvloop
+        uvloop.install()
+    except ImportError:
+        pass
+    results = _run(args)
+    if args.json:
+        print(json.dumps(results))
+    else:
+        for name, figures in results.items():
+            print(f"{name:<18} least {min(figures):6.1f}  median {statistics.median(figures):6.1f} "
+                  "µs CPU/request")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

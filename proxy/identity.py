@@ -28,8 +28,8 @@ from .errors import InvalidToken, Reason
 from .extract import Found, without_cookie
 from .rules import ABSENT, claim_at
 
-__all__ = ["HOP_BY_HOP", "Forwarded", "StripPlan", "connection_tokens", "end_to_end", "inject", "request_id",
-           "strip_inbound"]
+__all__ = ["HOP_BY_HOP", "Forwarded", "StripPlan", "claim_headers", "connection_tokens", "end_to_end", "inject",
+           "request_id", "strip_inbound"]
 
 # RFC 9110 §7.6.1 and the de-facto ones (Keep-Alive, Proxy-Connection); Expect is answered
 # by our own server, so the upstream must not be asked to answer it again.
@@ -139,8 +139,10 @@ _offset = 0
 def _append(headers: CIMultiDict[str], name: str, value: str | None) -> None:
     if value is None:
         return
-    previous = ", ".join(headers.getall(name, ()))
-    headers[name] = f"{previous}, {value}" if previous else value
+    if name not in headers:
+        headers.add(name, value)
+        return
+    headers[name] = f"{', '.join(headers.getall(name))}, {value}"
 
 
 def render_claim(value: Any) -> str | None:
@@ -169,6 +171,27 @@ def render_claim(value: Any) -> str | None:
     return text
 
 
+def claim_headers(payload: Mapping[str, Any], header_map: HeaderMap,
+                  memo: dict[int, Any] | None = None) -> tuple[tuple[str, str], ...]:
+    """The identity headers for a verified payload: each claim header present, and the
+    payload header if configured. `memo` (a cached token's `Claims.rendered`) keeps them per
+    header map, so a token seen again is not rendered again."""
+    if memo is not None:
+        entry = memo.get(id(header_map))
+        # The entry holds the map itself, so its id cannot be reused while the entry lives.
+        if entry is not None and entry[0] is header_map:
+            return entry[1]
+    values = [(c.header, render_claim(claim_at(payload, c.path))) for c in header_map.claims]
+    rendered = [(name, value) for name, value in values if value is not None]
+    if header_map.payload:
+        raw = json.dumps(dict(payload), separators=(",", ":"), ensure_ascii=False).encode()
+        rendered.append((header_map.payload, base64.urlsafe_b64encode(raw).rstrip(b"=").decode()))
+    result = tuple(rendered)
+    if memo is not None and len(memo) < 16:  # a handful of routes with their own maps at most
+        memo[id(header_map)] = (header_map, result)
+    return result
+
+
 def inject(
     headers: CIMultiDict[str],
     *,
@@ -177,16 +200,13 @@ def inject(
     found: Found | None,
     forwarded: Forwarded,
     request_id_value: str,
+    memo: dict[int, Any] | None = None,
 ) -> CIMultiDict[str]:
-    """Fill the stripped headers with identity and forwarding information; returns them."""
+    """Fill the stripped headers with identity and forwarding information; returns them.
+    `memo`: where `claim_headers` may keep the rendered identity (a cached token's)."""
     if payload is not None and header_map is not None:
-        values = [(c.header, render_claim(claim_at(payload, c.path))) for c in header_map.claims]
-        for name, value in values:
-            if value is not None:
-                headers[name] = value
-        if header_map.payload:
-            raw = json.dumps(dict(payload), separators=(",", ":"), ensure_ascii=False).encode()
-            headers[header_map.payload] = base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+        for name, value in claim_headers(payload, header_map, memo):
+            headers[name] = value
     if found is not None and not (header_map is not None and header_map.forward_token):
         _remove_token(headers, found)
     _append(headers, "X-Forwarded-For", forwarded.client)

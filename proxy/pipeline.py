@@ -56,6 +56,7 @@ async def run(request: Request, runtime: Runtime, exchange: Exchange) -> None:
     headers = strip_inbound(request.headers, snapshot.strip)
     found = None
     payload: Any = None
+    memo = None
     if plan.verifier is not None and route.auth is not None:
         began = time.perf_counter()
         try:
@@ -64,7 +65,7 @@ async def run(request: Request, runtime: Runtime, exchange: Exchange) -> None:
                 claims = await plan.verifier.verify(found.token)
                 exchange.subject = claims.subject
                 check_route(route.auth, claims.payload)
-                payload = claims.payload
+                payload, memo = claims.payload, claims.rendered
             elif not route.auth.optional:
                 raise TokenMissing(plan.missing)
         finally:
@@ -75,7 +76,7 @@ async def run(request: Request, runtime: Runtime, exchange: Exchange) -> None:
     inject(
         headers, payload=payload, header_map=plan.header_map, found=found,
         forwarded=Forwarded(client=request.remote, proto=request.scheme, host=request.headers.get("Host")),
-        request_id_value=exchange.request_id,
+        request_id_value=exchange.request_id, memo=memo,
     )
     exchange.decision = Decision.ALLOWED
     began = time.perf_counter()

@@ -22,7 +22,7 @@ import binascii
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
@@ -69,6 +69,9 @@ class Claims:
     provider: str
     header: Mapping[str, Any]
     payload: Mapping[str, Any]
+    rendered: dict[int, Any] = field(default_factory=dict, compare=False, repr=False)
+    """The identity headers made from this payload, per header map (`identity.claim_headers`):
+    a cached token renders them once, not on every request."""
 
     @property
     def subject(self) -> str | None:

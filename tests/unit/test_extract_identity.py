@@ -12,7 +12,7 @@ from proxy import config
 from proxy.config import BEARER, HeaderMap, TokenSource
 from proxy.errors import InvalidRequest, InvalidToken, Reason
 from proxy.extract import Found, extract, without_cookie, without_query_param
-from proxy.identity import Forwarded, StripPlan, inject, render_claim, request_id, strip_inbound
+from proxy.identity import Forwarded, StripPlan, claim_headers, inject, render_claim, request_id, strip_inbound
 
 QUERY = TokenSource(kind="query", name="access_token")
 COOKIE = TokenSource(kind="cookie", name="at")
@@ -116,6 +116,22 @@ def test_inject_writes_identity_after_the_strip_and_removes_the_token() -> None:
     assert json.loads(base64.urlsafe_b64decode(headers["X-Payload"] + "==")) == payload
     assert headers["X-Forwarded-For"] == "10.0.0.1, 127.0.0.1"
     assert (headers["X-Forwarded-Proto"], headers["X-Forwarded-Host"], headers["X-Request-Id"]) == ("http", "api.test", "rid")
+
+
+def test_a_cached_tokens_identity_is_rendered_once_per_header_map_and_never_shared_between_maps() -> None:
+    # Two routes with their own header maps share one cached token (one Claims, one memo).
+    memo: dict = {}
+    payload = {"sub": "u1", "email": "u1@example.com"}
+    by_sub = HeaderMap(claims=(config.ClaimHeader(claim="sub", path=("sub",), header="X-User-Id"),))
+    by_email = HeaderMap(claims=(config.ClaimHeader(claim="email", path=("email",), header="X-User-Id"),))
+    first = claim_headers(payload, by_sub, memo)
+    assert first == (("X-User-Id", "u1"),)
+    assert claim_headers(payload, by_sub, memo) is first
+    assert claim_headers(payload, by_email, memo) == (("X-User-Id", "u1@example.com"),)
+    # An equal map that is another object (a reload) renders afresh rather than trusting an id.
+    again = HeaderMap(claims=by_sub.claims)
+    assert claim_headers(payload, again, memo) == first
+    assert memo[id(again)][0] is again
 
 
 def test_forward_token_keeps_it() -> None:

@@ -88,25 +88,51 @@ def _answer_fields(raw: list[tuple[bytes, bytes]], request_id: str) -> tuple[byt
     """The upstream's header lines for the client, as they came (order, spelling, bytes), less
     hop-by-hop and Connection-named fields (RFC 9110 §7.6.1) and its X-Request-Id, plus ours;
     with its Content-Length apart (the framing is ours) and whether it sent a Date."""
-    kept: list[tuple[bytes, bytes]] = []
+    parts: list[bytes] = []
     named: set[bytes] = set()
     length: int | None = None
     dated = False
     for name, value in raw:
-        low = name.lower()
-        if low == b"connection":
+        role = _ROLES.get(name)
+        if role is None:
+            role = _role(name)
+        if role <= _DATE:  # _KEEP or _DATE
+            dated = dated or role == _DATE
+            parts += (name, b": ", value, b"\r\n")
+        elif role == _CONNECTION:
             named.update(token.strip().lower() for token in value.split(b","))
-        elif low == b"content-length":
+        elif role == _LENGTH:
             length = int(value)  # llhttp refused anything but digits
-        elif low not in _DROPPED:
-            dated = dated or low == b"date"
-            kept.append((low, b"%b: %b\r\n" % (name, value)))
-    lines = [line for low, line in kept if low not in named] if named else [line for _, line in kept]
-    lines.append(b"X-Request-Id: %b\r\n" % request_id.encode("ascii"))  # [A-Za-z0-9._:-] only
-    return b"".join(lines), length, dated
+    named -= _DROPPED
+    if named:  # rare: the upstream named end-to-end fields as hop-by-hop; drop those too
+        parts = []
+        for name, value in raw:
+            if _role(name) <= _DATE and name.lower() not in named:
+                parts += (name, b": ", value, b"\r\n")
+    parts.append(b"X-Request-Id: %b\r\n" % request_id.encode("ascii"))  # [A-Za-z0-9._:-] only
+    return b"".join(parts), length, dated
 
 
 _DROPPED = frozenset(name.encode("ascii") for name in HOP_BY_HOP) | {b"x-request-id"}
+_KEEP, _DATE, _DROP, _CONNECTION, _LENGTH = range(5)
+_ROLES: dict[bytes, int] = {}
+"""An answer field's role by its name as spelt on the wire: the same few names come back on
+every answer, so each is lower-cased and classified once."""
+
+
+def _role(name: bytes) -> int:
+    low = name.lower()
+    if low == b"connection":
+        role = _CONNECTION
+    elif low == b"content-length":
+        role = _LENGTH
+    elif low in _DROPPED:
+        role = _DROP
+    else:
+        role = _DATE if low == b"date" else _KEEP
+    if len(_ROLES) < 4096:  # names are the upstream's choice: stay bounded
+        _ROLES[name] = role
+    return role
 
 
 async def forward(

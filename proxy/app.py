@@ -100,7 +100,9 @@ class Proxy:
 
 async def _entry(request: Request, runtime: Runtime) -> None:
     metrics = runtime.metrics
-    exchange = Exchange(request_id=request_id(request.headers.get("X-Request-Id")), started=time.perf_counter())
+    inbound = request.header(b"x-request-id")
+    exchange = Exchange(request_id=request_id(None if inbound is None else inbound.decode("latin-1")),
+                        started=time.perf_counter())
     metrics.in_flight += 1
     try:
         await run(request, runtime, exchange)

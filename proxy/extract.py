@@ -12,9 +12,10 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any, Protocol
 from urllib.parse import unquote_plus
 
-from multidict import CIMultiDict, MultiMapping
+from multidict import MultiMapping
 
 from .config import TokenSource
 from .errors import InvalidRequest, Reason
@@ -25,14 +26,20 @@ __all__ = ["Found", "cookie_values", "extract", "without_cookie", "without_query
 _B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 
 
-@dataclass(frozen=True, slots=True)
+class Fields(Protocol):
+    """Header fields by name, any case: a multidict, or `identity.Outbound` on the proxy's path."""
+
+    def getall(self, name: str, default: Any = ...) -> Any: ...
+
+
+@dataclass(slots=True)  # not frozen: a frozen dataclass's __init__ costs twice as much, per request
 class Found:
     token: str
     source: TokenSource
 
 
 def extract(
-    headers: CIMultiDict[str],
+    headers: Fields,
     query: MultiMapping[str],
     sources: Iterable[TokenSource],
 ) -> Found | None:
@@ -97,7 +104,7 @@ def _cookie_pairs(header: str) -> list[tuple[str, str]]:
     return pairs
 
 
-def cookie_values(headers: CIMultiDict[str], name: str) -> list[str]:
+def cookie_values(headers: Fields, name: str) -> list[str]:
     """Every value of cookie `name` across all Cookie headers (two are two tokens, not one)."""
     return [value for header in headers.getall("Cookie", ()) for key, value in _cookie_pairs(header) if key == name]
 

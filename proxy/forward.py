@@ -22,14 +22,13 @@ from dataclasses import dataclass
 
 import aiohttp
 import httptools
-from multidict import CIMultiDict
 from yarl import URL
 
 from .config import Upstream
 from .errors import BadRequest, PayloadTooLarge, Reason, RequestTimeout, UpstreamTimeout, UpstreamUnavailable
 from .http1 import BodyError, BodyTimeout, Request
 from .identity import HOP_BY_HOP, connection_tokens
-from .upstream import Pool, UpstreamError
+from .upstream import Fields, Pool, UpstreamError
 
 __all__ = ["Origin", "SMALL_BODY", "forward", "forward_websocket", "is_websocket", "new_session"]
 
@@ -141,7 +140,7 @@ async def forward(
     *,
     origin: Origin,
     target: str,
-    headers: CIMultiDict[str],
+    headers: Fields,
     upstream: Upstream,
     request_id: str,
 ) -> None:
@@ -153,7 +152,7 @@ async def forward(
     body = _limited(request, upstream.max_body, upstream.timeout) if request.body_exists else None
     try:
         answer = await pool.request(
-            request.method, origin.scheme, origin.host, origin.port, target, headers.items(), body,
+            request.method, origin.scheme, origin.host, origin.port, target, headers, body,
             content_length=length, connect_timeout=upstream.connect_timeout, read_timeout=upstream.timeout,
         )
     except _BodyTooLarge:
@@ -353,7 +352,7 @@ async def forward_websocket(
     *,
     origin: Origin,
     target: str,
-    headers: CIMultiDict[str],
+    headers: Fields,
     upstream: Upstream,
     request_id: str,
 ) -> None:
@@ -374,7 +373,7 @@ async def forward_websocket(
     except OSError as error:
         raise UpstreamUnavailable(f"websocket {origin}: {error.strerror or type(error).__name__}") from None
     try:
-        tunnel.send(pool.upgrade_head(origin.scheme, origin.host, origin.port, target, headers.items(),
+        tunnel.send(pool.upgrade_head(origin.scheme, origin.host, origin.port, target, headers,
                                       request.headers["Upgrade"]))
         try:
             async with asyncio.timeout(upstream.timeout):

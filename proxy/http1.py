@@ -107,11 +107,11 @@ class Request:
 
     __slots__ = (
         "_buffered", "_chunked", "_chunks", "_close", "_complete", "_conn", "_continue", "_error", "_query", "_started",
-        "_finished", "_waiter", "body_exists", "content_length", "headers", "keep_alive", "method", "raw_path",
-        "remote", "scheme", "status", "upgrade", "version",
+        "_finished", "_headers", "_waiter", "body_exists", "content_length", "fields", "keep_alive", "method",
+        "raw_path", "remote", "scheme", "status", "upgrade", "version",
     )
 
-    def __init__(self, conn: _Connection, method: str, target: str, version: str, headers: CIMultiDict[str],
+    def __init__(self, conn: _Connection, method: str, target: str, version: str, fields: list[tuple[bytes, bytes]],
                  *, keep_alive: bool, upgrade: bool, content_length: int | None, chunked: bool,
                  expect_continue: bool) -> None:
         self._conn = conn
@@ -119,7 +119,10 @@ class Request:
         self.raw_path = target
         """The request target exactly as sent (decoded byte for byte)."""
         self.version = version
-        self.headers = headers
+        self.fields = fields
+        """The header fields as they came off the wire, in order: (name, value) bytes. llhttp
+        (strict) allowed no CR, LF or NUL in them, and no obs-fold."""
+        self._headers: CIMultiDict[str] | None = None
         self.remote: str | None = conn._remote
         self.scheme = "http"
         self.keep_alive = keep_alive
@@ -139,6 +142,22 @@ class Request:
         self._finished = False
         self._close = False
         self._chunked = False
+
+    @property
+    def headers(self) -> CIMultiDict[str]:
+        """The header fields decoded (UTF-8 with surrogateescape: encoding gives back the same
+        bytes), made on first use: the proxy's own path reads `fields`."""
+        if self._headers is None:
+            self._headers = CIMultiDict((name.decode(_ENCODING, _ERRORS), value.decode(_ENCODING, _ERRORS))
+                                        for name, value in self.fields)
+        return self._headers
+
+    def header(self, lower_name: bytes) -> bytes | None:
+        """The first value of a field, by its lower-case name, without decoding anything."""
+        for name, value in self.fields:
+            if len(name) == len(lower_name) and name.lower() == lower_name:
+                return value
+        return None
 
     @property
     def query(self) -> MultiDictProxy[str]:
@@ -505,14 +524,10 @@ class _Connection(asyncio.Protocol):
             # A reverse proxy has no tunnels to offer, and a 2xx to a forwarded CONNECT would
             # turn a pooled upstream connection into one (RFC 9110 §9.3.6).
             raise _Refuse(400)
-        headers: CIMultiDict[str] = CIMultiDict()
         length: int | None = None
         chunked = expect = False
         hosts = 0
         for raw_name, raw_value in self._fields:
-            name = raw_name.decode(_ENCODING, _ERRORS)
-            value = raw_value.decode(_ENCODING, _ERRORS)
-            headers.add(name, value)
             size = len(raw_name)
             if size == 4 and raw_name.lower() == b"host":
                 hosts += 1
@@ -530,9 +545,11 @@ class _Connection(asyncio.Protocol):
             raise _Refuse(400)
         request = Request(
             self, parser.get_method().decode("ascii"), b"".join(self._url).decode(_ENCODING, _ERRORS), version,
-            headers, keep_alive=parser.should_keep_alive(), upgrade=upgrade, content_length=length,
+            self._fields, keep_alive=parser.should_keep_alive(), upgrade=upgrade, content_length=length,
             chunked=chunked, expect_continue=expect and version == "1.1",
         )
+        # Trailer fields come through on_header too: they must never join the request's.
+        self._fields = []
         self._queue.append(request)
         self._parsing = request
         if len(self._queue) > 1:

@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
-
 from .errors import NotFound, TokenMissing
 from .extract import extract, without_query_param
 from .forward import forward, forward_websocket, is_websocket
 from .http1 import Request
-from .identity import Forwarded, inject, strip_inbound
+from .identity import claim_headers, inject, strip_inbound
 from .metrics import Decision, RouteMetrics
 from .routing import normalize, split_target
 from .rules import check_route
@@ -53,19 +51,19 @@ async def run(request: Request, runtime: Runtime, exchange: Exchange) -> None:
     exchange.route, exchange.metrics = route.name, plan.metrics
 
     # Identity headers go first, on every route, before anything is decided.
-    headers = strip_inbound(request.headers, snapshot.strip)
+    outbound = strip_inbound(request.fields, snapshot.strip)
     found = None
-    payload: Any = None
-    memo = None
+    identity: tuple[tuple[str, str], ...] = ()
     if plan.verifier is not None and route.auth is not None:
         began = time.perf_counter()
         try:
-            found = extract(headers, request.query, plan.sources)
+            found = extract(outbound, request.query, plan.sources)
             if found is not None:
                 claims = await plan.verifier.verify(found.token)
                 exchange.subject = claims.subject
                 check_route(route.auth, claims.payload)
-                payload, memo = claims.payload, claims.rendered
+                if plan.header_map is not None:
+                    identity = claim_headers(claims.payload, plan.header_map, claims.rendered)
             elif not route.auth.optional:
                 raise TokenMissing(plan.missing)
         finally:
@@ -73,10 +71,10 @@ async def run(request: Request, runtime: Runtime, exchange: Exchange) -> None:
         if found is not None and found.source.kind == "query":
             query = without_query_param(query, found.source.name)
 
-    inject(
-        headers, payload=payload, header_map=plan.header_map, found=found,
-        forwarded=Forwarded(client=request.remote, proto=request.scheme, host=request.headers.get("Host")),
-        request_id_value=exchange.request_id, memo=memo,
+    fields = inject(
+        outbound, identity=identity, found=found,
+        forward_token=plan.header_map is not None and plan.header_map.forward_token,
+        client=request.remote, proto=request.scheme, request_id_value=exchange.request_id,
     )
     exchange.decision = Decision.ALLOWED
     began = time.perf_counter()
@@ -85,10 +83,10 @@ async def run(request: Request, runtime: Runtime, exchange: Exchange) -> None:
     try:
         assert runtime.pool is not None
         if is_websocket(request):
-            await forward_websocket(request, runtime.pool, origin=plan.origin, target=target, headers=headers,
+            await forward_websocket(request, runtime.pool, origin=plan.origin, target=target, headers=fields,
                                     upstream=plan.upstream, request_id=exchange.request_id)
         else:
-            await forward(request, runtime.pool, origin=plan.origin, target=target, headers=headers,
+            await forward(request, runtime.pool, origin=plan.origin, target=target, headers=fields,
                           upstream=plan.upstream, request_id=exchange.request_id)
     finally:
         plan.metrics.observe_upstream(time.perf_counter() - began)

@@ -12,7 +12,8 @@ from proxy import config
 from proxy.config import BEARER, HeaderMap, TokenSource
 from proxy.errors import InvalidRequest, InvalidToken, Reason
 from proxy.extract import Found, extract, without_cookie, without_query_param
-from proxy.identity import Forwarded, StripPlan, claim_headers, inject, render_claim, request_id, strip_inbound
+from proxy.identity import StripPlan, claim_headers, inject, render_claim, request_id, strip_inbound
+from proxy.upstream import Fields
 
 QUERY = TokenSource(kind="query", name="access_token")
 COOKIE = TokenSource(kind="cookie", name="at")
@@ -91,31 +92,79 @@ def plan(**strip: object) -> StripPlan:
     return StripPlan.build(settings)
 
 
+def raw(pairs: list[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
+    return [(name.encode(), value.encode()) for name, value in pairs]
+
+
+def lines(fields: Fields) -> list[str]:
+    """The header lines an upstream would receive, checked to be exactly `count` CRLF lines."""
+    text = fields.lines.decode()
+    assert text.endswith("\r\n") and text.count("\r\n") == fields.count
+    return text.split("\r\n")[:-1]
+
+
 def test_strip_drops_hop_by_hop_connection_named_and_identity_headers() -> None:
-    inbound = CIMultiDict([
+    inbound = raw([
         ("Host", "h"), ("Connection", "keep-alive, X-Custom"), ("Keep-Alive", "5"), ("TE", "trailers"),
         ("Upgrade", "h2c"), ("Proxy-Authorization", "x"), ("X-Custom", "1"), ("x-user-id", "root"),
         ("X-USER-ROLES", "admin"), ("X-Jwt-Claims", "{}"), ("X-Org", "evil"), ("X-Payload", "e30"),
-        ("X-Internal-Secret", "s"), ("X-Auth-Token", "tok"), ("Accept", "*/*"), ("Accept", "text/html"),
+        ("X-Internal-Secret", "s"), ("X-Auth-Token", "tok"), ("Accept", "*/*"), ("accept", "text/html"),
+        ("Content-Length", "3"), ("X-Request-Id", "client-chosen"),
     ])
     out = strip_inbound(inbound, plan())
-    assert list(out.items()) == [("Host", "h"), ("X-Auth-Token", "tok"), ("Accept", "*/*"), ("Accept", "text/html")]
-    assert inbound["x-user-id"] == "root", "the inbound headers are never mutated"
+    # Duplicates go out under the first spelling seen, in order; framing and request ids are ours.
+    assert out.items() == [("Host", "h"), ("X-Auth-Token", "tok"), ("Accept", "*/*"), ("Accept", "text/html")]
+    assert out.getall("accept") == ["*/*", "text/html"] and out.getall("X-Custom") == ()
+    fields = inject(out, identity=(), found=None, forward_token=False,
+                    client="10.1.1.1", proto="http", request_id_value="rid")
+    assert lines(fields) == ["Host: h", "X-Auth-Token: tok", "Accept: */*", "Accept: text/html",
+                             "X-Forwarded-For: 10.1.1.1", "X-Forwarded-Proto: http", "X-Forwarded-Host: h",
+                             "X-Request-Id: rid"]
+    assert fields.has_host
+
+
+def test_a_field_the_client_names_in_connection_goes_even_if_it_is_host_or_a_forwarded_chain() -> None:
+    out = strip_inbound(raw([("Host", "h"), ("Connection", "Host, X-Forwarded-For"), ("X-Forwarded-For", "6.6.6.6")]),
+                        plan())
+    fields = inject(out, identity=(), found=None, forward_token=False,
+                    client="10.1.1.1", proto="https", request_id_value="rid")
+    assert lines(fields) == ["X-Forwarded-For: 10.1.1.1", "X-Forwarded-Proto: https", "X-Forwarded-Host: h",
+                             "X-Request-Id: rid"]
+    assert not fields.has_host, "the upstream client then writes the origin's Host"
 
 
 def test_inject_writes_identity_after_the_strip_and_removes_the_token() -> None:
-    headers = CIMultiDict([("Authorization", "Bearer t"), ("X-Forwarded-For", "10.0.0.1")])
+    out = strip_inbound(raw([("Host", "api.test"), ("Authorization", "Bearer t"), ("X-Forwarded-For", "10.0.0.1"),
+                             ("X-Forwarded-Proto", "https")]), plan())
     header_map = HeaderMap(claims=(config.ClaimHeader(claim="sub", path=("sub",), header="X-User-Id"),
                                    config.ClaimHeader(claim="r", path=("realm", "roles"), header="X-Roles")),
                            payload="X-Payload")
     payload = {"sub": "u1", "realm": {"roles": ["a", "b"]}}
-    inject(headers, payload=payload, header_map=header_map, found=Found("t", BEARER),
-           forwarded=Forwarded(client="127.0.0.1", proto="http", host="api.test"), request_id_value="rid")
-    assert "Authorization" not in headers
-    assert headers["X-User-Id"] == "u1" and headers["X-Roles"] == "a,b"
-    assert json.loads(base64.urlsafe_b64decode(headers["X-Payload"] + "==")) == payload
-    assert headers["X-Forwarded-For"] == "10.0.0.1, 127.0.0.1"
-    assert (headers["X-Forwarded-Proto"], headers["X-Forwarded-Host"], headers["X-Request-Id"]) == ("http", "api.test", "rid")
+    fields = inject(out, identity=claim_headers(payload, header_map), found=Found("t", BEARER), forward_token=False,
+                    client="127.0.0.1", proto="http", request_id_value="rid")
+    sent = lines(fields)
+    encoded = next(line for line in sent if line.startswith("X-Payload: ")).removeprefix("X-Payload: ")
+    assert json.loads(base64.urlsafe_b64decode(encoded + "==")) == payload
+    assert [line for line in sent if not line.startswith("X-Payload: ")] == [
+        "Host: api.test", "X-User-Id: u1", "X-Roles: a,b", "X-Forwarded-For: 10.0.0.1, 127.0.0.1",
+        "X-Forwarded-Proto: https, http", "X-Forwarded-Host: api.test", "X-Request-Id: rid"]
+
+
+def test_a_cookie_token_leaves_only_its_own_cookie() -> None:
+    cookie = TokenSource(kind="cookie", name="at")
+    out = strip_inbound(raw([("Host", "h"), ("Cookie", "a=1; at=tok; b=2"), ("Cookie", "at=tok")]), plan())
+    fields = inject(out, identity=(), found=Found("tok", cookie), forward_token=False,
+                    client=None, proto="http", request_id_value="r")
+    assert lines(fields)[:2] == ["Host: h", "Cookie: a=1; b=2"]
+    assert not any(line.startswith("Cookie: at") for line in lines(fields))
+
+
+def test_forward_token_keeps_it() -> None:
+    out = strip_inbound(raw([("Authorization", "Bearer t")]), plan())
+    fields = inject(out, identity=(), found=Found("t", BEARER), forward_token=True,
+                    client=None, proto="http", request_id_value="r")
+    assert lines(fields) == ["Authorization: Bearer t", "X-Forwarded-Proto: http", "X-Request-Id: r"]
+    assert not fields.has_host
 
 
 def test_a_cached_tokens_identity_is_rendered_once_per_header_map_and_never_shared_between_maps() -> None:
@@ -132,13 +181,6 @@ def test_a_cached_tokens_identity_is_rendered_once_per_header_map_and_never_shar
     again = HeaderMap(claims=by_sub.claims)
     assert claim_headers(payload, again, memo) == first
     assert memo[id(again)][0] is again
-
-
-def test_forward_token_keeps_it() -> None:
-    headers = CIMultiDict([("Authorization", "Bearer t")])
-    inject(headers, payload={}, header_map=HeaderMap(forward_token=True), found=Found("t", BEARER),
-           forwarded=Forwarded(client=None, proto="http", host=None), request_id_value="r")
-    assert headers["Authorization"] == "Bearer t"
 
 
 @pytest.mark.parametrize("value, text", [

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Coroutine
 from typing import Any
 
 import aiohttp
@@ -27,7 +28,7 @@ from .upstream import Pool
 from .identity import request_id
 from .keys import KeyRing
 from .metrics import Decision, Metrics
-from .pipeline import Exchange, run
+from .pipeline import Exchange, begin
 from .runtime import Runtime, build_snapshot
 
 __all__ = ["Proxy", "respond_error"]
@@ -94,19 +95,42 @@ class Proxy:
                                        route=exchange.route, status=status, decision=str(exchange.decision),
                                        reason=exchange.reason, subject=None, latency_ms=0.0)
 
-    async def handle(self, request: Request) -> None:
-        await _entry(request, self.runtime)
+    def handle(self, request: Request) -> Coroutine[Any, Any, None] | None:
+        """Answer `request` now (a refusal: None), or return the rest of its handling to await."""
+        return _entry(request, self.runtime)
 
 
-async def _entry(request: Request, runtime: Runtime) -> None:
-    metrics = runtime.metrics
+def _entry(request: Request, runtime: Runtime) -> Coroutine[Any, Any, None] | None:
     inbound = request.header(b"x-request-id")
     exchange = Exchange(request_id=request_id(None if inbound is None else inbound.decode("latin-1")),
                         started=time.perf_counter())
-    metrics.in_flight += 1
+    runtime.metrics.in_flight += 1
     try:
-        await run(request, runtime, exchange)
-    except ProxyError as error:
+        rest = begin(request, runtime, exchange)
+    except Exception as error:
+        try:
+            _failed(request, runtime, exchange, error)
+        finally:
+            _end(runtime, request, exchange)
+        return None
+    except BaseException:
+        _end(runtime, request, exchange)
+        raise
+    return _finish(rest, request, runtime, exchange)
+
+
+async def _finish(rest: Coroutine[Any, Any, None], request: Request, runtime: Runtime, exchange: Exchange) -> None:
+    try:
+        await rest
+    except Exception as error:
+        _failed(request, runtime, exchange, error)
+    finally:
+        _end(runtime, request, exchange)
+
+
+def _failed(request: Request, runtime: Runtime, exchange: Exchange, error: Exception) -> None:
+    """Answer a request the pipeline failed on (call it from the `except` that caught `error`)."""
+    if isinstance(error, ProxyError):
         exchange.reason = str(error.reason)
         if exchange.decision is not Decision.ALLOWED:
             exchange.decision = Decision.DENIED if isinstance(error, (AuthError, KeysUnavailable)) else Decision.REJECTED
@@ -116,17 +140,19 @@ async def _entry(request: Request, runtime: Runtime) -> None:
                 "request %s refused: %s: %s", exchange.request_id, error.reason, error.detail)
         realm = (exchange.snapshot or runtime).settings.realm
         respond_error(request, error, realm=realm, request_id_value=exchange.request_id)
-    except Exception:
-        # Fail closed and say nothing: the traceback is for the operator's log only.
-        log.exception("request %s failed unexpectedly", exchange.request_id)
-        exchange.reason = str(Reason.INTERNAL)
-        if exchange.decision is Decision.ALLOWED:
-            exchange.decision = Decision.UPSTREAM_ERROR
-        request.respond(500, None, [*_INTERNAL_HEADERS, ("X-Request-Id", exchange.request_id)], _INTERNAL_BODY)
-    finally:
-        metrics.in_flight -= 1
-        exchange.status = request.status or 499  # nothing written: the client went away
-        _record(runtime, request, exchange)
+        return
+    # Fail closed and say nothing: the traceback is for the operator's log only.
+    log.exception("request %s failed unexpectedly", exchange.request_id)
+    exchange.reason = str(Reason.INTERNAL)
+    if exchange.decision is Decision.ALLOWED:
+        exchange.decision = Decision.UPSTREAM_ERROR
+    request.respond(500, None, [*_INTERNAL_HEADERS, ("X-Request-Id", exchange.request_id)], _INTERNAL_BODY)
+
+
+def _end(runtime: Runtime, request: Request, exchange: Exchange) -> None:
+    runtime.metrics.in_flight -= 1
+    exchange.status = request.status or 499  # nothing written: the client went away
+    _record(runtime, request, exchange)
 
 
 _INTERNAL_BODY = b'{"error": "server_error", "error_description": "Internal error"}'

@@ -60,7 +60,8 @@ _ERRORS = "surrogateescape"
 _REASONS = {s.value: s.phrase for s in HTTPStatus}
 _BODILESS = frozenset({204, 304})
 
-Handler = Callable[["Request"], Awaitable[None]]
+Handler = Callable[["Request"], Awaitable[None] | None]
+"""Answers a request at once and returns None, or returns the rest of its work to await."""
 _NO_QUERY: MultiDictProxy[str] = MultiDictProxy(MultiDict())
 
 
@@ -398,6 +399,9 @@ class _Connection(asyncio.Protocol):
         # requests in order: the first is being answered, the rest wait (pipelining)
         self._queue: deque[Request] = deque()
         self._task: asyncio.Task[None] | None = None
+        self._running = False  # the task has started (a task cancelled before that runs nothing)
+        self._dispatching = False
+        self._again = False
         self._upgraded = False
         self._held = bytearray()  # bytes after an upgrade request's head
         self._sink: Callable[[bytes], None] | None = None
@@ -422,7 +426,7 @@ class _Connection(asyncio.Protocol):
         for request in self._queue:
             request._end(ConnectionResetError("the client went away"))
         task = self._task
-        if task is not None and not task.done():
+        if task is not None and not task.done() and self._running:
             task.cancel()  # the client went away: stop working for it (and its upstream request)
         waiter = self._drain_waiter
         if waiter is not None and not waiter.done():
@@ -586,23 +590,61 @@ class _Connection(asyncio.Protocol):
         self._pause_reading()
 
     def _dispatch(self) -> None:
-        if self._task is not None or self._lost:
+        """Answer the first waiting request. The handler may answer at once (it returns None)
+        or return what is left to do, which runs as this connection's task."""
+        if self._dispatching:
+            self._again = True  # called from _done below: the loop goes on instead of recursing
             return
-        if self._queue:
-            self._task = self._loop.create_task(self._answer(self._queue[0]))
-        elif self._refusal:
-            self._write_refusal(self._refusal)
-
-    async def _answer(self, request: Request) -> None:
+        self._dispatching = True
         try:
-            if self._write_paused:
-                await self._drain()  # the client is not reading our answers: wait before the next
-            await self._server._handler(request)
+            again = True
+            while again:
+                again = self._again = False
+                if self._task is not None or self._lost:
+                    return
+                if self._queue:
+                    request = self._queue[0]
+                    if self._write_paused:
+                        # The client is not reading our answers: wait for it before the next.
+                        self._task = self._loop.create_task(self._answer(request, None))
+                        return
+                    try:
+                        rest = self._server._handler(request)
+                    except Exception:
+                        log.exception("request handler failed")
+                        rest = None
+                    if rest is not None:
+                        self._task = self._loop.create_task(self._answer(request, rest))
+                        return
+                    self._done(request)
+                    again = self._again
+                elif self._refusal:
+                    self._write_refusal(self._refusal)
+        finally:
+            self._dispatching = False
+
+    async def _answer(self, request: Request, rest: Awaitable[None] | None) -> None:
+        """The rest of a request's handling (`rest`), or all of it after a drain (None)."""
+        self._running = True
+        try:
+            if self._lost:
+                # The client left before this task first ran: the task was not cancelled then
+                # (that would have skipped `rest` entirely, and whatever its `finally` owes),
+                # so cancel it now, where `rest` sees it at its first wait.
+                if rest is None:
+                    return
+                asyncio.current_task().cancel()  # type: ignore[union-attr]
+            if rest is None:
+                await self._drain()
+                rest = self._server._handler(request)
+            if rest is not None:
+                await rest
         except asyncio.CancelledError:
             pass
         except Exception:
             log.exception("request handler failed")
         finally:
+            self._running = False
             self._task = None
             self._done(request)
 

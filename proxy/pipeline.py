@@ -1,7 +1,9 @@
 """One request, start to end: route → strip → extract → verify → rules → inject → forward.
 
 Owns: the order of the steps and the per-request record (`Exchange`) that the access log
-and metrics read. It reads the config snapshot once, at entry, so a reload mid-request
+and metrics read. `begin` runs every step that needs no I/O at once, so a refusal (no
+route, no token, a cached token the rules refuse) is raised before any task exists; the
+rest (verifying a token not in the cache, forwarding) is the coroutine it returns. It reads the config snapshot once, at entry, so a reload mid-request
 cannot mix two configs. Does not own: building anything (runtime.py), or turning errors
 into responses (app.py catches every `ProxyError` this raises).
 """
@@ -9,18 +11,23 @@ into responses (app.py catches every `ProxyError` this raises).
 from __future__ import annotations
 
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass
+from typing import Any
+
+from .config import Route
 from .errors import NotFound, TokenMissing
-from .extract import extract, without_query_param
+from .extract import Found, extract, without_query_param
 from .forward import forward, forward_websocket, is_websocket
 from .http1 import Request
-from .identity import claim_headers, inject, strip_inbound
+from .identity import Outbound, claim_headers, inject, strip_inbound
 from .metrics import Decision, RouteMetrics
 from .routing import normalize, split_target
 from .rules import check_route
-from .runtime import Runtime, Snapshot
+from .runtime import RoutePlan, Runtime, Snapshot
+from .verify import Claims
 
-__all__ = ["Exchange", "run"]
+__all__ = ["Exchange", "begin"]
 
 
 @dataclass(slots=True)
@@ -39,7 +46,10 @@ class Exchange:
     status: int = 0
 
 
-async def run(request: Request, runtime: Runtime, exchange: Exchange) -> None:
+def begin(request: Request, runtime: Runtime, exchange: Exchange) -> Coroutine[Any, Any, None]:
+    """Every step that needs no I/O, now: a refusal raises here, before any task exists (a
+    401 is answered in the same loop turn that read it). What is left (verification on a
+    cache miss, and forwarding) comes back as a coroutine for the caller to run."""
     snapshot = exchange.snapshot = runtime.snapshot
     assert snapshot is not None  # the listener starts only after the first snapshot exists
     raw_path, query = split_target(request.raw_path)
@@ -52,25 +62,52 @@ async def run(request: Request, runtime: Runtime, exchange: Exchange) -> None:
 
     # Identity headers go first, on every route, before anything is decided.
     outbound = strip_inbound(request.fields, snapshot.strip)
-    found = None
-    identity: tuple[tuple[str, str], ...] = ()
-    if plan.verifier is not None and route.auth is not None:
-        began = time.perf_counter()
-        try:
-            found = extract(outbound, request.query, plan.sources)
-            if found is not None:
-                claims = await plan.verifier.verify(found.token)
-                exchange.subject = claims.subject
-                check_route(route.auth, claims.payload)
-                if plan.header_map is not None:
-                    identity = claim_headers(claims.payload, plan.header_map, claims.rendered)
-            elif not route.auth.optional:
-                raise TokenMissing(plan.missing)
-        finally:
-            plan.metrics.observe_auth(time.perf_counter() - began)
-        if found is not None and found.source.kind == "query":
-            query = without_query_param(query, found.source.name)
+    if plan.verifier is None or route.auth is None:
+        return _forward(request, runtime, exchange, plan, outbound, path, query, None, ())
+    began = time.perf_counter()
+    try:
+        found = extract(outbound, request.query, plan.sources)
+        claims = None if found is None else plan.verifier.cached(found.token)
+        if found is not None and claims is None:
+            # Not verified lately: verifying may fetch keys, so it is left to the coroutine,
+            # which observes the auth time once it is done.
+            return _verify_and_forward(request, runtime, exchange, plan, outbound, path, query, found, began)
+        identity = _admit(route, plan, exchange, found, claims)
+    except BaseException:
+        plan.metrics.observe_auth(time.perf_counter() - began)
+        raise
+    plan.metrics.observe_auth(time.perf_counter() - began)
+    return _forward(request, runtime, exchange, plan, outbound, path, query, found, identity)
 
+
+def _admit(route: Route, plan: RoutePlan, exchange: Exchange, found: Found | None,
+           claims: Claims | None) -> tuple[tuple[str, str], ...]:
+    """The route's rules on a verified token (or on its absence): the identity headers to send."""
+    if claims is None:
+        if not route.auth.optional:  # type: ignore[union-attr]  # only routes with auth get here
+            raise TokenMissing(plan.missing)
+        return ()
+    exchange.subject = claims.subject
+    check_route(route.auth, claims.payload)  # type: ignore[arg-type]
+    if plan.header_map is None:
+        return ()
+    return claim_headers(claims.payload, plan.header_map, claims.rendered)
+
+
+async def _verify_and_forward(request: Request, runtime: Runtime, exchange: Exchange, plan: RoutePlan,
+                              outbound: Outbound, path: str, query: str, found: Found, began: float) -> None:
+    try:
+        claims = await plan.verifier.verify_uncached(found.token)  # type: ignore[union-attr]
+        identity = _admit(plan.route, plan, exchange, found, claims)
+    finally:
+        plan.metrics.observe_auth(time.perf_counter() - began)
+    await _forward(request, runtime, exchange, plan, outbound, path, query, found, identity)
+
+
+async def _forward(request: Request, runtime: Runtime, exchange: Exchange, plan: RoutePlan, outbound: Outbound,
+                   path: str, query: str, found: Found | None, identity: tuple[tuple[str, str], ...]) -> None:
+    if found is not None and found.source.kind == "query":
+        query = without_query_param(query, found.source.name)
     fields = inject(
         outbound, identity=identity, found=found,
         forward_token=plan.header_map is not None and plan.header_map.forward_token,

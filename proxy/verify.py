@@ -418,14 +418,22 @@ class Verifier:
         self.cache = cache
         self.max_token_bytes = max_token_bytes
 
+    def cached(self, token: str) -> Claims | None:
+        """The claims of a token verified lately (the cache's checks: still before its use-by
+        time), else None: `verify_uncached` it."""
+        if self.cache is None or len(token) > self.max_token_bytes:  # too large: never cached
+            return None
+        return self.cache.get(self.provider.name, token)
+
     async def verify(self, token: str) -> Claims:
         """The token's claims when every check passes; `InvalidToken` (or `KeysUnavailable`) otherwise."""
+        claims = self.cached(token)
+        return claims if claims is not None else await self.verify_uncached(token)
+
+    async def verify_uncached(self, token: str) -> Claims:
+        """`verify` for a token `cached` did not hold: every check, then into the cache."""
         if len(token) > self.max_token_bytes:
             raise InvalidToken(Reason.TOO_LARGE, f"token is {len(token)} bytes; the limit is {self.max_token_bytes}")
-        if self.cache is not None:
-            cached = self.cache.get(self.provider.name, token)
-            if cached is not None:
-                return cached
         header = read_header(token, max_bytes=self.max_token_bytes)
         check_header(header, self.provider)
         keys = await self.source.key_for(header.kid, header.alg)

@@ -364,6 +364,58 @@ async def test_many_pipelined_requests_in_one_write_all_answered(harness: Harnes
     assert count == n
 
 
+@bounded
+async def test_a_handler_that_answers_at_once_serves_a_long_pipeline_in_order_without_tasks(harness: Harness) -> None:
+    """A handler may answer in the loop turn that read the request and return None (app.py's
+    refusals do): no task is made, and 2000 pipelined requests, parsed 16 at a time as each
+    is answered, are served by a loop, not by recursion."""
+    targets: list[str] = []
+    in_tasks = 0
+
+    def answer_now(request: Request) -> None:
+        nonlocal in_tasks
+        in_tasks += asyncio.current_task() is not None
+        targets.append(request.raw_path)
+        request.respond(200, None, [("X-Target", request.raw_path)], b"ok")
+
+    server = await harness.serve(answer_now)  # type: ignore[arg-type]
+    reader, writer = await harness.connect(server)
+    n = 2000
+    writer.write(b"".join(request_bytes(f"/{i}") for i in range(n)))
+    answers = [await read_answer(reader) for _ in range(n)]
+    assert [a.headers["X-Target"] for a in answers] == [f"/{i}" for i in range(n)]
+    assert targets == [f"/{i}" for i in range(n)] and in_tasks == 0
+
+
+@bounded
+async def test_the_rest_of_a_handler_still_runs_its_finally_when_the_client_left_before_it_began(
+        harness: Harness) -> None:
+    """What the handler returns runs as a task; if the client is gone before that task first
+    runs, the rest must still start (and be cancelled at its first wait), or its `finally`
+    (app.py's in-flight count and access-log line) would never run."""
+    ended, cancelled = asyncio.Event(), asyncio.Event()
+
+    async def the_rest() -> None:
+        try:
+            await asyncio.sleep(5)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        finally:
+            ended.set()
+
+    def handler(request: Request) -> Awaitable[None]:
+        assert request.transport is not None
+        request.transport.abort()  # connection_lost is now scheduled ahead of the task
+        return the_rest()
+
+    server = await harness.serve(handler)  # type: ignore[arg-type]
+    reader, writer = await harness.connect(server)
+    writer.write(request_bytes("/"))
+    await asyncio.wait_for(ended.wait(), 2)
+    assert cancelled.is_set(), "the rest was cancelled, not left to finish for nobody"
+
+
 # --- request bodies ------------------------------------------------------------------
 
 @bounded

@@ -46,7 +46,7 @@ HOP_BY_HOP = frozenset({
 _ENCODING = "utf-8"
 _ERRORS = "surrogateescape"
 # What a client field is to the upstream request, by its name (StripPlan.role).
-_FORWARD, _DROP, _CONNECTION, _HOST, _FORWARDED_FOR, _FORWARDED_PROTO, _FORWARDED_HOST = range(7)
+_FORWARD, _SOURCE, _DROP, _CONNECTION, _HOST, _FORWARDED_FOR, _FORWARDED_PROTO, _FORWARDED_HOST = range(8)
 _ROLES = {"connection": _CONNECTION, "host": _HOST, "x-forwarded-for": _FORWARDED_FOR,
           "x-forwarded-proto": _FORWARDED_PROTO, "x-forwarded-host": _FORWARDED_HOST,
           # The framing is the upstream client's to write; our X-Request-Id replaces the client's.
@@ -61,8 +61,9 @@ class StripPlan:
 
     names: frozenset[str]
     prefixes: tuple[str, ...]
-    keep: frozenset[str]
-    """Token-source headers: a client sends its token there, so they survive the identity strip."""
+    sources: frozenset[str]
+    """Token-source headers, lower-cased as configured: a client sends its token there, so they
+    survive the strip long enough to be read (`inject` decides whether they go on)."""
     _roles: dict[bytes, tuple[int, bytes]] = field(default_factory=dict, compare=False, repr=False)
     """`role` remembered per name as spelt on the wire (bounded): the same few come on every request."""
 
@@ -77,10 +78,10 @@ class StripPlan:
                 names.add(header_map.payload.lower())
         sources = [s for p in settings.providers.values() for s in p.token_sources]
         sources += [s for r in settings.routes for s in (r.token_sources or ())]
-        keep = frozenset(s.name.lower() for s in sources if s.kind == "header") - names
-        return cls(names=frozenset(n.replace("_", "-") for n in names),
-                   prefixes=tuple(p.lower().replace("_", "-") for p in settings.strip.prefixes),
-                   keep=frozenset(k.replace("_", "-") for k in keep))
+        dashed = frozenset(n.replace("_", "-") for n in names)
+        return cls(names=dashed, prefixes=tuple(p.lower().replace("_", "-") for p in settings.strip.prefixes),
+                   sources=frozenset(s.name.lower() for s in sources
+                                     if s.kind == "header" and s.name.lower().replace("_", "-") not in dashed))
 
     def role(self, name: bytes) -> tuple[int, bytes]:
         """What a client field named `name` is to the upstream request, and its lower-case name."""
@@ -89,27 +90,23 @@ class StripPlan:
             if len(self._roles) >= 4096:  # names are the client's choice: stay bounded
                 self._roles.clear()
             low = name.lower()
-            text = low.decode(_ENCODING, _ERRORS)
-            if text in HOP_BY_HOP:
-                role = _CONNECTION if text == "connection" else _DROP
-            elif self.strips(text):
-                role = _DROP
-            else:
-                role = _ROLES.get(text, _FORWARD)
-            found = self._roles[name] = (role, low)
+            found = self._roles[name] = (self._role(low.decode(_ENCODING, _ERRORS)), low)
         return found
 
-    def strips(self, lower_name: str) -> bool:
-        """Whether a client field of this (lower-case) name is an identity header we remove."""
-        return self._strips(lower_name)
-
-    def _strips(self, lower_name: str) -> bool:
+    def _role(self, text: str) -> int:
+        if text in HOP_BY_HOP:
+            return _CONNECTION if text == "connection" else _DROP
         # `X_User_Id` is `X-User-Id` to WSGI, CGI and PHP (both become HTTP_X_USER_ID), so
         # names are compared with `_` read as `-` (the hole of oauth2-proxy CVE-2025-64484).
-        name = lower_name.replace("_", "-")
-        if name in self.keep:
-            return False
-        return name in self.names or name.startswith(self.prefixes)
+        dashed = text.replace("_", "-")
+        identity = dashed in self.names or dashed.startswith(self.prefixes)
+        if text in self.sources:
+            # A token source inside the identity namespace (X-Auth-Token under X-Auth-) goes on
+            # only as the token of a route that forwards it; elsewhere it is as any header.
+            return _SOURCE if identity else _FORWARD
+        if any(dashed == source.replace("_", "-") for source in self.sources):
+            return _DROP  # another spelling of a token source: a second token nobody checked
+        return _DROP if identity else _ROLES.get(text, _FORWARD)
 
 
 def connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set[str]:
@@ -251,12 +248,14 @@ def inject(
     client's values first, then the peer address, our scheme and the client's Host) and our
     X-Request-Id."""
     drop = b""  # the field the token came in, when it must not reach the upstream
+    source = b""  # the field the token came in
     cookie: str | None = None  # the cookie that held it
+    if found is not None and found.source.kind in ("bearer", "header"):
+        source = found.source.name.lower().encode(_ENCODING, _ERRORS)
     if found is not None and not forward_token:
-        kind = found.source.kind
-        if kind == "bearer" or kind == "header":
-            drop = found.source.name.lower().encode(_ENCODING, _ERRORS)
-        elif kind == "cookie":
+        if source:
+            drop = source
+        elif found.source.kind == "cookie":
             cookie = found.source.name
         # A query token is removed from the URL by the pipeline (extract.without_query_param).
     parts: list[bytes] = []
@@ -269,7 +268,7 @@ def inject(
                 chains = [[], [], []]
             chains[role - _FORWARDED_FOR].append(value)
             continue
-        if low == drop:
+        if low == drop or (role == _SOURCE and not (forward_token and found is not None and low == source)):
             continue
         if cookie is not None and low == b"cookie":
             value = without_cookie(value.decode(_ENCODING, _ERRORS), cookie).encode(_ENCODING, _ERRORS)

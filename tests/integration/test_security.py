@@ -297,6 +297,24 @@ async def test_underscore_variants_of_identity_headers_never_reach_the_upstream(
         assert seen.headers["x-user-id"] == ["user-42"]
 
 
+async def test_a_token_source_header_under_an_identity_prefix_never_carries_a_client_value_upstream(
+        sidecar: Any, rsa_key: TestKey) -> None:
+    # /xa/ takes its token from X-Auth-Token, which sits under the X-Auth- strip prefix. The
+    # header must not become a way to hand the upstream an X-Auth-* value (on a route that
+    # does not read it), nor to send a second, unverified token spelt X_Auth_Token.
+    s = await sidecar(SOURCES_CONFIG)
+    token = mint(key=rsa_key)
+    status, _, _ = await get(s, "/xa/x", [("X-Auth-Token", token), ("X_Auth_Token", token)])
+    assert status == 200
+    seen = s.upstream.last()
+    assert seen.header("X-Auth-Token") is None and seen.header("X_Auth_Token") is None
+    assert seen.headers["x-user-id"] == ["user-42"]
+    status, _, _ = await get(s, "/public/x", [("X-Auth-Token", "spoof"), ("X_Api_Token", "Token " + token)])
+    assert status == 200
+    seen = s.upstream.last()
+    assert seen.header("X-Auth-Token") is None and seen.header("X_Api_Token") is None
+
+
 # -- 2. hop-by-hop and Connection-named headers -----------------------------------------
 HOP_CASES = [
     pytest.param([("Connection", "X-User-Id"), ("X-User-Id", "admin")], ["connection"], id="Connection-names-X-User-Id"),

@@ -117,10 +117,31 @@ def test_strip_drops_hop_by_hop_connection_named_and_identity_headers() -> None:
     assert out.getall("accept") == ["*/*", "text/html"] and out.getall("X-Custom") == ()
     fields = inject(out, identity=(), found=None, forward_token=False,
                     client="10.1.1.1", proto="http", request_id_value="rid")
-    assert lines(fields) == ["Host: h", "X-Auth-Token: tok", "Accept: */*", "Accept: text/html",
+    # X-Auth-Token is a token source, read by extract, but it is also under the X-Auth- prefix:
+    # with no token found in it here, a client-chosen X-Auth-* must not reach the upstream.
+    assert lines(fields) == ["Host: h", "Accept: */*", "Accept: text/html",
                              "X-Forwarded-For: 10.1.1.1", "X-Forwarded-Proto: http", "X-Forwarded-Host: h",
                              "X-Request-Id: rid"]
     assert fields.has_host
+
+
+def test_another_spelling_of_a_token_source_header_is_dropped_and_never_read() -> None:
+    # A WSGI app reads X_Auth_Token as X-Auth-Token: a second token that nobody verified.
+    out = strip_inbound(raw([("X-Auth-Token", "good"), ("X_Auth_Token", "evil"), ("x_auth-token", "evil")]), plan())
+    assert out.getall("X-Auth-Token") == ["good"]
+    assert out.items() == [("X-Auth-Token", "good")]
+
+
+@pytest.mark.parametrize("forward_token, found, expected", [
+    (False, True, []), (True, True, ["X-Auth-Token: tok"]), (True, False, []), (False, False, []),
+])
+def test_a_token_source_in_the_identity_namespace_goes_on_only_as_a_forwarded_token(
+        forward_token: bool, found: bool, expected: list[str]) -> None:
+    source = TokenSource(kind="header", name="X-Auth-Token")
+    out = strip_inbound(raw([("X-Auth-Token", "tok")]), plan())
+    fields = inject(out, identity=(), found=Found("tok", source) if found else None, forward_token=forward_token,
+                    client=None, proto="http", request_id_value="r")
+    assert [line for line in lines(fields) if line.startswith("X-Auth")] == expected
 
 
 def test_a_field_the_client_names_in_connection_goes_even_if_it_is_host_or_a_forwarded_chain() -> None:

@@ -121,6 +121,11 @@ def _entry(request: Request, runtime: Runtime) -> Coroutine[Any, Any, None] | No
 
 async def _finish(rest: Coroutine[Any, Any, None], request: Request, runtime: Runtime, exchange: Exchange) -> None:
     try:
+        if request.transport is None:
+            # The client left before this task first ran: send nothing upstream for it (the
+            # rest would write its head to a pooled connection before its first wait).
+            rest.close()
+            return
         await rest
     except Exception as error:
         _failed(request, runtime, exchange, error)

@@ -582,7 +582,8 @@ class _Connection(asyncio.Protocol):
         request = self._parsing
         self._parsing = None
         if request is not None:
-            if request is self._queue[-1] and (len(self._queue) > 1 or self._task is None):
+            # (It may be gone from the queue already: answered at once while its body came.)
+            if self._queue and request is self._queue[-1] and (len(self._queue) > 1 or self._task is None):
                 # Its handler has not started: it never reaches the upstream; the refusal is its answer.
                 self._queue.pop()
             else:

@@ -63,6 +63,7 @@ class Sidecar:
     upstream: Upstream
     jwks: JwksServer
     runtime: Runtime
+    proxy: Proxy
 
     async def get(self, path: str, **kwargs: Any) -> aiohttp.ClientResponse:
         return await self.client.get(self.url + path, allow_redirects=False, **kwargs)
@@ -101,7 +102,7 @@ async def sidecar(aiohttp_server: Any, jwks_server: JwksServer, rsa_key: TestKey
         sessions.append(client)
         return Sidecar(url=f"http://{host}:{port}",
                        admin_url=str(admin_server.make_url("")).rstrip("/"),
-                       client=client, upstream=upstream, jwks=jwks_server, runtime=runtime)
+                       client=client, upstream=upstream, jwks=jwks_server, runtime=runtime, proxy=proxy)
 
     yield make
     for server in servers:

@@ -9,6 +9,7 @@ from typing import Any
 
 import aiohttp
 
+from proxy.http1 import Request, Server
 from tests.conftest import AUDIENCE, ISSUER, TestKey, mint
 
 STREAM_CONFIG = f"""\
@@ -144,3 +145,36 @@ async def test_websocket_without_a_token_is_refused_before_the_upgrade(sidecar: 
     except aiohttp.WSServerHandshakeError as refused:
         assert refused.status == 401
     assert s.upstream.seen == []
+
+
+async def test_a_client_gone_before_its_request_is_forwarded_sends_nothing_upstream(sidecar: Any) -> None:
+    """The proxy answers what it can at once and forwards the rest in a task. A client that
+    leaves in between (its reset read in the same loop turn) must cost the upstream nothing,
+    and the request is still counted and logged (499), with nothing left in flight."""
+    s = await sidecar()
+    async with await s.get("/public/warm") as response:  # an idle upstream connection to reuse
+        assert response.status == 200
+
+    def leave_then_forward(request: Request) -> Any:
+        rest = s.proxy.handle(request)
+        assert rest is not None, "a public route is forwarded"
+        assert request.transport is not None
+        request.transport.abort()  # its connection_lost now runs before the task
+        return rest
+
+    server = Server(leave_then_forward)
+    await server.listen("127.0.0.1", 0)
+    try:
+        host, port = server.sockets[0]
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(b"GET /public/gone HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert await asyncio.wait_for(reader.read(), 2) == b""
+        writer.close()
+        async with asyncio.timeout(2):
+            while s.runtime.metrics.in_flight:
+                await asyncio.sleep(0.01)
+        assert not any(seen.raw_path.startswith("/public/gone") for seen in s.upstream.seen)
+        counts = s.runtime.metrics.route("public").counts
+        assert {key[3]: n for key, n in counts.items()} == {"2xx": 1, "4xx": 1}, "the warm-up, then a 499"
+    finally:
+        await server.shutdown(0)

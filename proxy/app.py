@@ -2,9 +2,11 @@
 
 Owns: `Proxy` — the handler our HTTP/1.1 server (http1.py) calls for every request, `start()`
 (the upstream client session, the key sources, the first snapshot) and `close()` — and the
-entry that wraps `pipeline.run`: every `ProxyError` becomes its status, a fixed JSON body
-and, for auth errors, an RFC 6750 challenge; anything unexpected becomes a 500 that
-reveals nothing; every request gets its metrics and one access-log line.
+entry that wraps `pipeline.begin` and the coroutine it returns: every `ProxyError` becomes
+its status, a fixed JSON body and, for auth errors, an RFC 6750 challenge; anything
+unexpected becomes a 500 that reveals nothing; every request gets its metrics and one
+access-log line. A refusal is answered within `handle` itself (no task); an allowed request
+comes back to the server as a coroutine to run.
 Does not own: any decision (pipeline.py and the modules it calls decide).
 """
 

@@ -7,6 +7,7 @@ repository; tokens are minted per test, never pasted.
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,6 +16,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
+
+from tests.support.raw import Handler, RawServer
 
 ISSUER = "https://issuer.test"
 AUDIENCE = "api://orders"
@@ -146,3 +149,18 @@ from tests.support.jwks_server import JwksServer, start_jwks_server  # noqa: E40
 async def jwks_server(aiohttp_server: Any) -> JwksServer:
     """A JWKS server on loopback (tests/support/jwks_server.py), serving an empty set until told."""
     return await start_jwks_server(aiohttp_server)
+
+
+@pytest.fixture
+async def raw_server() -> AsyncIterator[Callable[[Handler], Awaitable[RawServer]]]:
+    """Starts hand-written loopback servers (tests/support/raw.py); all are stopped after the test."""
+    servers: list[RawServer] = []
+
+    async def start(handler: Handler) -> RawServer:
+        server = await RawServer(handler).start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        await server.stop()

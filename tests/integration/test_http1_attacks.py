@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import functools
 import hashlib
 import socket
 import time
 import tracemalloc
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from typing import Any
 
@@ -31,7 +30,9 @@ from proxy.app import _entry
 from proxy.http1 import Server
 from tests.conftest import TestKey, mint
 from tests.integration.conftest import BASE_CONFIG, Sidecar
-from tests.integration.test_security import RawResponse, first_response, raw_get, send_raw, upstream_paths
+from tests.integration.test_security import (RawResponse, first_response, parse_head, raw_get, send_raw,
+                                             upstream_paths)
+from tests.support.raw import bounded_by
 
 LIMIT = 8.0  # seconds any one test may take, start to end
 RAW_CONFIG = BASE_CONFIG.replace("{upstream}", "{raw}")
@@ -42,12 +43,7 @@ FRAME = b"\x81\x85\x37\xfa\x21\x3d\x7f\x9f\x4d\x51\x58"
 WS_KEY = "dGhlIHNhbXBsZSBub25jZQ=="
 
 
-def bounded(test: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None]]:
-    @functools.wraps(test)
-    async def run(*args: Any, **kwargs: Any) -> None:
-        await asyncio.wait_for(test(*args, **kwargs), LIMIT)
-
-    return run
+bounded = bounded_by(LIMIT)
 
 
 def ws_head(path: str = "/public/ws", extra: str = "", host: str = "sidecar.test") -> bytes:
@@ -62,12 +58,7 @@ def responses(raw: bytes) -> list[RawResponse]:
         head, sep, rest = raw.partition(b"\r\n\r\n")
         if not sep:
             break
-        lines = head.decode("latin-1").split("\r\n")
-        status = int(lines[0].split(" ", 2)[1])
-        headers: CIMultiDict[str] = CIMultiDict()
-        for line in lines[1:]:
-            name, _, value = line.partition(":")
-            headers.add(name.strip(), value.strip())
+        status, headers = parse_head(head)
         length = 0 if status < 200 or status in (204, 304) else int(headers.get("Content-Length", len(rest)))
         out.append(RawResponse(status=status, headers=headers, body=rest[:length], raw=head + sep + rest[:length]))
         raw = rest[length:]
@@ -106,29 +97,18 @@ class RawUpstream:
     def __init__(self, answer: Answer) -> None:
         self.answer = answer
         self.conns: list[RawConn] = []
-        self._writers: list[asyncio.StreamWriter] = []
-        self._server: asyncio.AbstractServer | None = None
         self.url = ""
 
-    async def start(self) -> RawUpstream:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0, backlog=1024)
-        host, port = self._server.sockets[0].getsockname()[:2]
-        self.url = f"http://{host}:{port}"
-        return self
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
         conn = RawConn(len(self.conns))
         self.conns.append(conn)
-        self._writers.append(writer)
         try:
             conn.head = await reader.readuntil(b"\r\n\r\n")
             await self.answer(conn, writer)
             while chunk := await reader.read(65536):
                 conn.after += chunk
-        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+        except asyncio.LimitOverrunError:
             pass
-        finally:
-            writer.close()
 
     async def wait_after(self, index: int, size: int, timeout: float = 2.0) -> bytes:
         """The bytes after connection `index`'s head once there are `size` of them (or at `timeout`)."""
@@ -138,14 +118,6 @@ class RawUpstream:
                 break
             await asyncio.sleep(0.02)
         return bytes(self.conns[index].after) if len(self.conns) > index else b""
-
-    async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        for writer in self._writers:
-            writer.close()
-        with suppress(Exception):
-            await asyncio.wait_for(self._server.wait_closed(), 1.0)  # type: ignore[union-attr]
 
 
 def accept_key(head: bytes) -> bytes:
@@ -181,17 +153,16 @@ OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
 
 @pytest.fixture
-async def raw_upstream() -> AsyncIterator[Callable[[Answer], Awaitable[RawUpstream]]]:
-    made: list[RawUpstream] = []
+def raw_upstream(raw_server: Any) -> Callable[[Answer], Awaitable[RawUpstream]]:
+    """Starts `RawUpstream`s on `raw_server` (tests/support/raw.py), which stops them after the test."""
 
     async def make(answer: Answer) -> RawUpstream:
-        upstream = await RawUpstream(answer).start()
-        made.append(upstream)
+        upstream = RawUpstream(answer)
+        server = await raw_server(upstream.serve)
+        upstream.url = f"http://127.0.0.1:{server.port}"
         return upstream
 
-    yield make
-    for upstream in made:
-        await upstream.close()
+    return make
 
 
 async def open_client(s: Sidecar | str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:

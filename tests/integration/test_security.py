@@ -172,14 +172,19 @@ def first_response(raw: bytes) -> RawResponse:
         raw = raw.partition(b"\r\n\r\n")[2]
     head, sep, rest = raw.partition(b"\r\n\r\n")
     assert sep, f"no complete response head in {raw[:200]!r}"
+    status, headers = parse_head(head)
+    length = int(headers.get("Content-Length", len(rest)))
+    return RawResponse(status=status, headers=headers, body=rest[:length], raw=raw)
+
+
+def parse_head(head: bytes) -> tuple[int, CIMultiDict[str]]:
+    """The status and header fields of a response head (without its blank line)."""
     lines = head.decode("latin-1").split("\r\n")
-    status = int(lines[0].split(" ", 2)[1])
     headers: CIMultiDict[str] = CIMultiDict()
     for line in lines[1:]:
         name, _, value = line.partition(":")
         headers.add(name.strip(), value.strip())
-    length = int(headers.get("Content-Length", len(rest)))
-    return RawResponse(status=status, headers=headers, body=rest[:length], raw=raw)
+    return int(lines[0].split(" ", 2)[1]), headers
 
 
 async def raw_get(s: Sidecar, target: str, headers: Sequence[tuple[str, str]] = (), method: str = "GET",

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import hashlib
 import json
 import socket
@@ -24,24 +23,14 @@ import pytest
 from multidict import CIMultiDict
 
 from proxy.http1 import MAX_FIELD, MAX_FIELDS, MAX_HEAD, MAX_TARGET, BodyError, BodyTimeout, Prepared, Request, Server
+from tests.support.raw import bounded_by, eventually
 
 LIMIT = 5.0  # seconds any one test may take
 KiB = 1024
 MiB = 1024 * KiB
 
 
-def bounded(test: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None]]:
-    @functools.wraps(test)
-    async def run(*args: Any, **kwargs: Any) -> None:
-        await asyncio.wait_for(test(*args, **kwargs), LIMIT)
-    return run
-
-
-async def eventually(condition: Callable[[], bool], timeout: float = 2.0) -> None:
-    """Poll until `condition()` holds: for what the server does after the client moved on."""
-    async with asyncio.timeout(timeout):
-        while not condition():
-            await asyncio.sleep(0.01)
+bounded = bounded_by(LIMIT)
 
 
 # --- the client side: raw bytes out, answers split -------------------------------------

@@ -15,7 +15,6 @@ from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
 
-from .config import Route
 from .errors import NotFound, TokenMissing
 from .extract import Found, extract, without_query_param
 from .forward import forward, forward_websocket, is_websocket
@@ -72,7 +71,7 @@ def begin(request: Request, runtime: Runtime, exchange: Exchange) -> Coroutine[A
             # Not verified lately: verifying may fetch keys, so it is left to the coroutine,
             # which observes the auth time once it is done.
             return _verify_and_forward(request, runtime, exchange, plan, outbound, path, query, found, began)
-        identity = _admit(route, plan, exchange, found, claims)
+        identity = _admit(plan, exchange, claims)
     except BaseException:
         plan.metrics.observe_auth(time.perf_counter() - began)
         raise
@@ -80,15 +79,16 @@ def begin(request: Request, runtime: Runtime, exchange: Exchange) -> Coroutine[A
     return _forward(request, runtime, exchange, plan, outbound, path, query, found, identity)
 
 
-def _admit(route: Route, plan: RoutePlan, exchange: Exchange, found: Found | None,
-           claims: Claims | None) -> tuple[tuple[str, str], ...]:
+def _admit(plan: RoutePlan, exchange: Exchange, claims: Claims | None) -> tuple[tuple[str, str], ...]:
     """The route's rules on a verified token (or on its absence): the identity headers to send."""
+    auth = plan.route.auth
+    assert auth is not None  # only routes with auth get here
     if claims is None:
-        if not route.auth.optional:  # type: ignore[union-attr]  # only routes with auth get here
+        if not auth.optional:
             raise TokenMissing(plan.missing)
         return ()
     exchange.subject = claims.subject
-    check_route(route.auth, claims.payload)  # type: ignore[arg-type]
+    check_route(auth, claims.payload)
     if plan.header_map is None:
         return ()
     return claim_headers(claims.payload, plan.header_map, claims.rendered)
@@ -98,7 +98,7 @@ async def _verify_and_forward(request: Request, runtime: Runtime, exchange: Exch
                               outbound: Outbound, path: str, query: str, found: Found, began: float) -> None:
     try:
         claims = await plan.verifier.verify_uncached(found.token)  # type: ignore[union-attr]
-        identity = _admit(plan.route, plan, exchange, found, claims)
+        identity = _admit(plan, exchange, claims)
     finally:
         plan.metrics.observe_auth(time.perf_counter() - began)
     await _forward(request, runtime, exchange, plan, outbound, path, query, found, identity)

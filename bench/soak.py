@@ -140,6 +140,7 @@ async def _load(url: str, tokens: dict[str, list[str]], concurrency: int, durati
     ours_5xx: Counter[str] = Counter()
     upstream_5xx: Counter[str] = Counter()
     errors: Counter[str] = Counter()
+    unmarked: Counter[str] = Counter()
     deadline = time.monotonic() + duration
     host, port = url.removeprefix("http://").split(":")
     timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT)
@@ -153,6 +154,8 @@ async def _load(url: str, tokens: dict[str, list[str]], concurrency: int, durati
 
     def record(kind: str, status: int, marked: bool) -> None:
         counts[(kind, status)] += 1
+        if status == 200 and not marked:
+            unmarked[kind] += 1  # then the mark cannot tell our 5xx from the upstream's
         if status >= 500:
             (upstream_5xx if marked else ours_5xx)[kind] += 1
 
@@ -210,7 +213,7 @@ async def _load(url: str, tokens: dict[str, list[str]], concurrency: int, durati
             aiohttp.ClientSession(connector=fresh_connector, timeout=timeout) as fresh:
         await asyncio.gather(*(worker(i, session, fresh) for i in range(concurrency)))
     return {"counts": {f"{k}|{s}": n for (k, s), n in counts.items()}, "ours_5xx": dict(ours_5xx),
-            "upstream_5xx": dict(upstream_5xx), "errors": dict(errors)}
+            "upstream_5xx": dict(upstream_5xx), "errors": dict(errors), "unmarked": dict(unmarked)}
 
 
 # -- tokens ---------------------------------------------------------------------------------------
@@ -398,7 +401,7 @@ def report(args: argparse.Namespace, results: dict[str, Any] | None, samples: li
     print(f"soak: {args.duration:g} s, concurrency {args.concurrency}, config changed {reloads} times")
     if results is None:
         failures.append("the load process sent no results")
-        results = {"counts": {}, "ours_5xx": {}, "upstream_5xx": {}, "errors": {}}
+        results = {"counts": {}, "ours_5xx": {}, "upstream_5xx": {}, "errors": {}, "unmarked": {}}
     counts = Counter({tuple(k.split("|")): n for k, n in results["counts"].items()})
     total = sum(counts.values())
     by_status = Counter()
@@ -418,6 +421,8 @@ def report(args: argparse.Namespace, results: dict[str, Any] | None, samples: li
     print(f"5xx: {ours} ours, {theirs} the upstream's")
     if ours:
         failures.append(f"{ours} 5xx answers of our own: {results['ours_5xx']}")
+    if results["unmarked"]:
+        failures.append(f"200s without the upstream's {MARK} header, so 5xx cannot be told apart: {results['unmarked']}")
     if results["errors"]:
         print("client-side errors: " + ", ".join(f"{k}: {n}" for k, n in sorted(results["errors"].items())))
     tracebacks = log.count("Traceback (most recent call last)")

@@ -3,7 +3,10 @@
 Owns: `RepeatFilter`, the logging filter server.configure_logging puts on the operator log
 handler (stderr), so every logger that reaches it (the package's, aiohttp's, asyncio's) is
 limited. A kind is (logger name, level, message template): `record.msg` before its arguments
-are filled in, so "request %s refused" is one kind whatever the request. The first line of a
+are filled in, so "request %s refused" is one kind whatever the request; numbers and hex
+addresses in the template are ignored too, so a message formatted before it was logged
+(asyncio's "Task exception was never retrieved" names a task at 0x7f…) is still one kind,
+whatever address or port it names. The first line of a
 kind is written at once; more of the same kind within `interval` are counted, not written,
 and the next line of that kind that is written says how many were left out, e.g.
 "... (1,234 similar suppressed)". Every level is limited, ERROR and CRITICAL too: a flood of
@@ -18,11 +21,14 @@ identical WARNING lines in 4 s.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 
 from .clock import Clock, SystemClock
 
 __all__ = ["RepeatFilter"]
+
+_VARYING = re.compile(r"0x[0-9a-fA-F]+|\d+")
 
 
 class RepeatFilter(logging.Filter):
@@ -40,7 +46,7 @@ class RepeatFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         msg = record.msg if isinstance(record.msg, str) else type(record.msg).__qualname__
-        kind = (record.name, record.levelno, msg)
+        kind = (record.name, record.levelno, _VARYING.sub("#", msg))
         now = self._clock.monotonic()
         with self._lock:
             state = self._kinds.get(kind)

@@ -73,6 +73,20 @@ def test_a_kind_is_logger_level_and_template(logs: Logs, clock: FakeClock) -> No
     assert logs.lines() == ["WARNING test_logthrottle.a: fetch failed: x (2 similar suppressed)"]
 
 
+def test_messages_formatted_before_logging_are_one_kind_whatever_numbers_they_hold(
+        logs: Logs, clock: FakeClock) -> None:
+    log = logs.logger("asyncio")
+    for i in range(100):  # what asyncio's exception handler logs: text built per task
+        log.error(f"Task exception was never retrieved\nfuture: <Task finished name='Task-{i}' at 0x{7 * i + 4096:x}>")
+    log.error("Error handling request from 127.0.0.1:%d" % 40000)  # noqa: UP031 - formatted on purpose
+    log.error("Unclosed connection")
+    assert len(logs.lines()) == 2 + 1 + 1  # the first task message (two lines), the address, unclosed
+    clock.advance(1)
+    log.error("Task exception was never retrieved\nfuture: <Task finished name='Task-101' at 0xabc>")
+    assert logs.lines() == ["ERROR test_logthrottle.asyncio: Task exception was never retrieved",
+                            "future: <Task finished name='Task-101' at 0xabc> (99 similar suppressed)"]
+
+
 @pytest.mark.parametrize("level", [logging.DEBUG, logging.INFO, logging.ERROR, logging.CRITICAL])
 def test_every_level_is_limited(logs: Logs, clock: FakeClock, level: int) -> None:
     log = logs.logger("levels")

@@ -11,7 +11,7 @@ rules catch what a person types or copies, not weak randomness: a secret that pa
 proven strong, but one that fails is certainly not random. Each rule is calibrated so that
 random bytes (32 to 128 of them) pass, raw or as hex, base64 or base64url text, with a
 probability of a false refusal below about 1e-5 per secret even for the weakest of those
-forms (hex text), and far below that for what `keys generate` writes (tests/unit/test_secretcheck.py).
+forms (hex text); `keys generate` never writes one that fails (tests/unit/test_secretcheck.py).
 """
 
 from __future__ import annotations
@@ -44,6 +44,12 @@ def _word_pattern(word: str, leet: bool) -> str:
 _PLACEHOLDER = re.compile("|".join([_word_pattern(w, True) for w in _WORDS_LEET]
                                    + [_word_pattern(w, False) for w in _WORDS_PLAIN]).encode())
 
+# A PEM block, an OpenSSH public key or a JWK pasted where a shared secret belongs. An
+# issuer's public key used as an HMAC secret is the algorithm-confusion attack set up by hand
+# (RFC 8725 §2.1): anyone can fetch it and sign.
+_KEY_MATERIAL = re.compile(rb"-----BEGIN [A-Z0-9 ]+-----|\A\s*(?:ssh-(?:rsa|ed25519|dss)|ecdsa-sha2-nistp\d+) |"
+                           rb'\A\s*\{.*"kty"\s*:', re.DOTALL)
+
 _RUN = 8
 """A run of this many identical or consecutive bytes (aaaaaaaa, abcdefgh, 87654321) is refused:
 in hex text of 32 random bytes one turns up about once in 10^7 secrets."""
@@ -71,6 +77,12 @@ def weakness(secret: bytes, *, written: bytes | None = None) -> str | None:
 def _weakness(secret: bytes) -> str | None:
     sample = secret[:_JUDGED]
     n = len(sample)
+    key = _KEY_MATERIAL.search(sample)
+    if key:
+        # The PEM label or the OpenSSH key type, never more: a JWK's other members may be secret.
+        what = repr(key.group().strip().decode()) if not key.group().lstrip().startswith(b"{") else "a JWK"
+        return (f"key material: it holds {what}, a key or certificate, not a shared secret; a public key "
+                "is public (give it as `pem_file`), and HMAC with one is forgeable by anyone")
     found = _PLACEHOLDER.search(sample)
     if found:
         return f"placeholder word: it contains {found.group().decode()!r}, as example and default secrets do"
@@ -85,7 +97,7 @@ def _weakness(secret: bytes) -> str | None:
     counts = Counter(sample)
     # Hex text (16 symbols) is the least varied form a random secret takes: 32 random hex
     # characters use 7 or fewer distinct symbols about once in 3*10^7 secrets, 5 or fewer about
-    # once in 3*10^12; 48 and more use 8 or fewer about once in 10^10.
+    # once in 3*10^12; 48 of them use 7 or fewer about once in 10^13.
     need = 8 if n >= 48 else 6
     if len(counts) < need:
         return f"few distinct bytes: it uses only {len(counts)} different characters (a random one uses {need} or more)"
@@ -113,10 +125,12 @@ def _repeated_unit(s: bytes) -> int:
     """
     n = len(s)
     half = (n + 1) // 2
+    whole = int.from_bytes(s, "big")
     for p in range(1, n // 2 + 1):
-        # Positions where s[i] == s[i + p]: a stretch of r of them is a repeat covering r + p bytes.
+        # Positions where s[i] == s[i + p]: a stretch of r of them is a repeat covering r + p
+        # bytes. As integers, s[:-p] is `whole` shifted right by p bytes, s[p:] its low bytes.
         need = max(p, half - p)
-        diff = (int.from_bytes(s[:-p], "big") ^ int.from_bytes(s[p:], "big")).to_bytes(n - p, "big")
+        diff = ((whole >> (8 * p)) ^ (whole & ((1 << (8 * (n - p))) - 1))).to_bytes(n - p, "big")
         if b"\0" * need in diff:
             return p
     return 0
@@ -124,15 +138,15 @@ def _repeated_unit(s: bytes) -> int:
 
 def _longest_run(s: bytes) -> int:
     """The longest run of bytes that step by 0, +1 or -1 from one to the next."""
-    best = 1 if s else 0
-    run, step = 1, None
-    for a, b in zip(s, s[1:]):
-        d = (b - a) & 0xFF
-        if d in (0, 1, 0xFF) and d == step:
-            run += 1
-        elif d in (0, 1, 0xFF):
-            run, step = 2, d
-        else:
-            run, step = 1, None
-        best = max(best, run)
+    if len(s) < 2:
+        return len(s)
+    best = 1
+    for step in _STEPS:
+        # Where s[i + 1] == s[i] + step the XOR is a zero byte: a run of k zeros is k + 1 bytes.
+        diff = (int.from_bytes(s[1:], "big") ^ int.from_bytes(s[:-1].translate(step), "big")).to_bytes(len(s) - 1, "big")
+        best = max(best, 1 + max(map(len, _ZEROS.findall(diff)), default=0))
     return best
+
+
+_STEPS = (bytes(range(256)), bytes((b + 1) & 0xFF for b in range(256)), bytes((b - 1) & 0xFF for b in range(256)))
+_ZEROS = re.compile(b"\0+")

@@ -4,11 +4,13 @@ random secrets, in every form an operator writes them, never are."""
 from __future__ import annotations
 
 import base64
+import json
 import secrets
 import textwrap
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
 
 from proxy.config import ConfigError, parse
 from proxy.keygen import SECRET_ENCODINGS, generate, read_secret, write
@@ -38,7 +40,7 @@ def test_what_keys_generate_writes_always_passes_in_every_encoding(tmp_path: Pat
 
 
 @pytest.mark.parametrize("form", ["raw", "hex", "base64", "base64url", "base64url-text"])
-@pytest.mark.parametrize("size", [32, 48, 64])
+@pytest.mark.parametrize("size", [32, 64])
 def test_random_secrets_pass_in_every_common_form(form: str, size: int) -> None:
     # What operators paste: `openssl rand -hex 32` (hex text, the least varied random form),
     # `openssl rand -base64 32`, or bytes from a secret manager.
@@ -84,6 +86,26 @@ def test_each_rule_refuses_and_is_named(secret: bytes, rule: str) -> None:
     assert found is not None and found.startswith(rule), found
 
 
+def test_key_material_is_no_shared_secret_and_its_secret_parts_are_never_quoted() -> None:
+    # An issuer's public key as the HMAC secret: anyone can fetch it and sign (RFC 8725 §2.1).
+    key = generate("ES256", "issuer-1")
+    assert key.private_pem is not None and key.public_jwk is not None
+    public = serialization.load_pem_private_key(key.private_pem, None).public_key()
+    forms = {
+        public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo):
+            "'-----BEGIN PUBLIC KEY-----'",
+        key.private_pem: "'-----BEGIN PRIVATE KEY-----'",
+        public.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH):
+            "'ecdsa-sha2-nistp256'",
+        json.dumps(key.public_jwk).encode(): "a JWK",
+        json.dumps({"k": "c2VjcmV0LXZhbHVlLWhlcmUtbm90LXRvLXF1b3Rl", "kty": "oct"}).encode(): "a JWK",
+    }
+    for text, what in forms.items():
+        found = weakness(text)
+        assert found == (f"key material: it holds {what}, a key or certificate, not a shared secret; a public "
+                         "key is public (give it as `pem_file`), and HMAC with one is forgeable by anyone"), found
+
+
 def test_a_placeholder_written_in_base64_is_refused_for_its_text() -> None:
     # Decoded, it is 34 bytes that look random enough; the text is what gives it away.
     text = b"REPLACE-ME-REPLACE-ME-REPLACE-ME-REPLACE-ME-00\n"
@@ -122,6 +144,20 @@ def test_config_load_refuses_a_weak_secret_file_naming_the_line_and_rule(
     issues = [str(issue) for issue in refused.value.issues]
     assert any(issue.startswith(expected) for issue in issues), issues
     assert any("make one with `jwt-sidecar keys generate --alg HS256" in issue for issue in issues)
+
+
+def test_config_load_refuses_a_public_key_given_as_the_secret(tmp_path: Path) -> None:
+    key = generate("RS256", "issuer-1")
+    assert key.private_pem is not None
+    public = serialization.load_pem_private_key(key.private_pem, None).public_key()
+    (tmp_path / "issuer.pem").write_bytes(
+        public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    with pytest.raises(ConfigError) as refused:
+        parse("providers:\n  p:\n    issuer: i\n    audiences: [a]\n    secret: {file: issuer.pem}\n",
+              file="c.yaml", base_dir=tmp_path)
+    assert [str(i).split(" (")[0] for i in refused.value.issues] == [
+        "c.yaml:5: providers.p.secret.file: refused, this is no random secret"]
+    assert "key material: it holds '-----BEGIN PUBLIC KEY-----'" in str(refused.value)
 
 
 def test_config_load_refuses_a_weak_secret_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 
 import aiohttp
 
-from tests.conftest import TestKey, mint
+from tests.conftest import TestKey, jwks_of, mint
 from tests.integration.conftest import BASE_CONFIG
 from tests.integration.test_lifecycle import free_port
 from tests.support.upstream import start_upstream
@@ -23,14 +23,12 @@ REQUESTS = 300
 SUPPRESSED = re.compile(r" \(([\d,]+) similar suppressed\)$")
 
 
-async def flood_with_the_issuer_down(tmp_path: Path, aiohttp_server: Any, rsa_key: TestKey,
-                                     log_level: str) -> tuple[list[str], list[int], float]:
-    """Run the sidecar with nothing listening at its JWKS URL, send REQUESTS tokens over about
-    2.5 s, then one more after a pause, stop it; its stderr lines, the statuses, and how many
-    seconds the sidecar ran."""
-    upstream = await start_upstream(aiohttp_server)
-    listen, admin, nowhere = free_port(), free_port(), free_port()
-    text = (BASE_CONFIG.replace("{upstream}", upstream.url).replace("{jwks}", f"http://127.0.0.1:{nowhere}/jwks.json")
+async def flood(tmp_path: Path, upstream_url: str, jwks_url: str, rsa_key: TestKey,
+                log_level: str) -> tuple[list[str], list[int], float]:
+    """Run the sidecar, send REQUESTS tokens over about 2.5 s, then one more after a pause,
+    stop it; its stderr lines, the statuses, and how many seconds the sidecar ran."""
+    listen, admin = free_port(), free_port()
+    text = (BASE_CONFIG.replace("{upstream}", upstream_url).replace("{jwks}", jwks_url)
             + f"listen: 127.0.0.1:{listen}\nadmin: 127.0.0.1:{admin}\naccess_log: false\n")
     (tmp_path / "config.yaml").write_text(text)
     proc = await asyncio.create_subprocess_exec(
@@ -42,7 +40,7 @@ async def flood_with_the_issuer_down(tmp_path: Path, aiohttp_server: Any, rsa_ke
     try:
         token = mint(key=rsa_key)
         async with aiohttp.ClientSession() as session:
-            for _ in range(150):  # up (healthz), but never ready: it has no keys
+            for _ in range(150):  # up (healthz); ready or not depends on the keys
                 try:
                     async with session.get(f"http://127.0.0.1:{admin}/healthz") as response:
                         if response.status == 200:
@@ -72,6 +70,13 @@ async def flood_with_the_issuer_down(tmp_path: Path, aiohttp_server: Any, rsa_ke
     return err.decode().splitlines(), statuses, ran
 
 
+async def flood_with_the_issuer_down(tmp_path: Path, aiohttp_server: Any, rsa_key: TestKey,
+                                     log_level: str) -> tuple[list[str], list[int], float]:
+    """`flood` with nothing listening at the JWKS URL."""
+    upstream = await start_upstream(aiohttp_server)
+    return await flood(tmp_path, upstream.url, f"http://127.0.0.1:{free_port()}/jwks.json", rsa_key, log_level)
+
+
 async def test_an_issuer_outage_writes_a_handful_of_lines_not_one_per_request(
         tmp_path: Path, aiohttp_server: Any, rsa_key: TestKey) -> None:
     lines, statuses, ran = await flood_with_the_issuer_down(tmp_path, aiohttp_server, rsa_key, "INFO")
@@ -97,3 +102,17 @@ async def test_repeats_are_limited_to_one_a_second_and_counted(
     # Every refusal is accounted for: written, or counted on a later line of its kind.
     assert len(refused) + sum(counts) == REQUESTS + 1
     assert len(lines) <= 10 * (ran + 1), f"{len(lines)} lines in {ran:.1f} s"
+
+
+async def test_an_upstream_outage_writes_a_line_a_second_with_the_count(
+        tmp_path: Path, jwks_server: Any, rsa_key: TestKey) -> None:
+    # Every request is refused 502 and logged as a WARNING: limited, and every one counted.
+    jwks_server.document = jwks_of(rsa_key)
+    lines, statuses, ran = await flood(tmp_path, f"http://127.0.0.1:{free_port()}", jwks_server.url(), rsa_key,
+                                       "INFO")
+    assert statuses == [502] * (REQUESTS + 1)
+    refused = [line for line in lines if " refused: " in line]
+    assert refused and len(refused) <= ran + 1, "\n".join(lines)
+    counts = [int(m.group(1).replace(",", "")) if (m := SUPPRESSED.search(line)) else 0 for line in refused]
+    assert len(refused) + sum(counts) == REQUESTS + 1, "\n".join(refused)
+    assert len(lines) <= 2 * (ran + 1) + 3, "\n".join(lines)

@@ -143,7 +143,8 @@ def _failed(request: Request, runtime: Runtime, exchange: Exchange, error: Excep
             exchange.decision = Decision.DENIED if isinstance(error, (AuthError, KeysUnavailable)) else Decision.REJECTED
         if isinstance(error, UpstreamUnavailable):
             exchange.decision = Decision.UPSTREAM_ERROR
-        log.log(logging.WARNING if error.status >= 500 else logging.DEBUG,
+        # A key outage is keys.py's to report, once per fetch: per request it is only a count.
+        log.log(logging.WARNING if error.status >= 500 and not isinstance(error, KeysUnavailable) else logging.DEBUG,
                 "request %s refused: %s: %s", exchange.request_id, error.reason, error.detail)
         realm = (exchange.snapshot or runtime).settings.realm
         respond_error(request, error, realm=realm, request_id_value=exchange.request_id)

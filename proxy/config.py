@@ -26,6 +26,7 @@ from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
 from .errors import ConfigError, ConfigIssue
 from .keygen import KeyToolError, read_secret
+from .secretcheck import weakness
 from .jwks import ASYMMETRIC_ALGORITHMS, FAMILIES, SUPPORTED_ALGORITHMS, SYMMETRIC_ALGORITHMS, KeySet, fits
 from .yamlsource import Issues, Section, load_yaml
 
@@ -565,6 +566,9 @@ class _Builder:
         try:
             # The same reader as `keys generate` writes for, so the two can never disagree.
             secret = read_secret(data, encoding)
+            if (weak := weakness(secret, written=data)) is not None:
+                raise KeyToolError(f"refused, this is no random secret ({weak}); make one with "
+                                   "`jwt-sidecar keys generate --alg HS256 --kid NAME --out DIR`")
         except KeyToolError as error:
             sub.error("env" if env_name is not None else "file", str(error))
             return None

@@ -1,11 +1,11 @@
 """Operator key material: make signing keys, publish their public halves, mint tokens with them.
 
-Owns: generating RS256/ES256/EdDSA key pairs and HS256 secrets, writing private material
-with mode 0600 (never overwriting a key), writing or extending a public JWK Set for a key
-rotation, reading a secret file the way a provider's `secret: {file:, encoding:}` does, and
-minting a signed token from a private key or secret. Does not own: argument parsing or
-printing (cli.py), loading keys for the proxy (config.py, keys.py) or verifying tokens
-(verify.py).
+Owns: generating RS256/ES256/EdDSA key pairs and HS256 secrets (never one secretcheck.py
+refuses), writing private material with mode 0600 (never overwriting a key), writing or
+extending a public JWK Set for a key rotation, reading a secret file the way a provider's
+`secret: {file:, encoding:}` does, and minting a signed token from a private key or secret.
+Does not own: argument parsing or printing (cli.py), loading keys for the proxy (config.py,
+keys.py) or verifying tokens (verify.py).
 
 Every failure is a `KeyToolError` whose message is meant for the operator as it stands.
 """
@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
 from .jwks import FAMILIES, SUPPORTED_ALGORITHMS, SYMMETRIC_ALGORITHMS, fits
+from .secretcheck import weakness
 
 __all__ = [
     "GENERATE_ALGORITHMS",
@@ -100,7 +101,7 @@ def generate(alg: str, kid: str, *, bits: int | None = None) -> GeneratedKey:
     if bits is not None and alg != "RS256":
         raise KeyToolError(f"a key size only applies to RS256; {alg} keys have a fixed size")
     if alg == "HS256":
-        return GeneratedKey(kid=kid, alg=alg, secret=secrets.token_bytes(_SECRET_BYTES))
+        return GeneratedKey(kid=kid, alg=alg, secret=_random_secret())
     private: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
     if alg == "RS256":
         size = _DEFAULT_RSA_BITS if bits is None else bits
@@ -261,6 +262,20 @@ def mint(
 
 
 # -- helpers ------------------------------------------------------------------------------
+
+
+def _random_secret() -> bytes:
+    """Random bytes that config.py's secret check accepts, read as written or as plain text.
+
+    About one random draw in a million happens to spell a placeholder word in its base64url
+    text (secretcheck.py); drawing again costs nothing and keeps `keys generate` from ever
+    writing a secret that `jwt-sidecar run` refuses, even read with the default `utf-8`.
+    """
+    while True:
+        secret = secrets.token_bytes(_SECRET_BYTES)
+        text = base64.urlsafe_b64encode(secret).rstrip(b"=")
+        if weakness(secret, written=text) is None and weakness(text) is None:
+            return secret
 
 
 def _check_kid(kid: str) -> None:

@@ -23,6 +23,7 @@ from prometheus_client import Gauge
 from .accesslog import AccessLog
 from .app import Proxy
 from .config import Settings
+from .logthrottle import RepeatFilter
 from .reload import reload, watch
 from .runtime import Runtime
 from .workers import WORKERS_READY, supervise
@@ -46,8 +47,10 @@ class _NoRequestEcho(logging.Filter):
 
 
 def configure_logging(level: str = "INFO") -> None:
-    """Operator logs on stderr (the access log is accesslog.py's, on stdout)."""
-    logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    """Operator logs on stderr, one line per kind per second (the access log is accesslog.py's, on stdout)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(RepeatFilter())
+    logging.basicConfig(level=level, handlers=[handler], format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("aiohttp.server").addFilter(_NoRequestEcho())
 
 

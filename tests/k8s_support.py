@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from proxy.keygen import generate
 
 REPO = Path(__file__).parents[1]
 K8S = REPO / "k8s"
@@ -39,9 +43,36 @@ def kustomization() -> dict[str, Any]:
     return yaml.safe_load((K8S / "kustomization.yaml").read_text())
 
 
-def built() -> list[dict[str, Any]]:
-    """What `kubectl kustomize k8s/` prints for a kustomization of plain resources."""
-    return manifests(*kustomization()["resources"])
+GENERATED_SECRET = generate("HS256", "internal").file_bytes()
+"""What `jwt-sidecar keys generate --alg HS256 --kid internal` writes, as the operator runs it
+(the real file under k8s/secrets/ is never committed, so the tests bring their own)."""
+
+
+def generated_secrets(files: Mapping[str, bytes] | None = None) -> list[dict[str, Any]]:
+    """The Secrets of the kustomization's `secretGenerator`, as kustomize makes them.
+
+    `files` holds each generator file's content by its path in the generator (a missing one
+    fails, as `kubectl apply -k` does); without it, every file holds GENERATED_SECRET.
+    """
+    secrets = []
+    for generator in kustomization().get("secretGenerator", []):
+        options = generator.get("options", {})
+        assert options.get("disableNameSuffixHash") is True, "the Deployment refers to the Secret by its plain name"
+        data = {}
+        for spec in generator["files"]:
+            key, _, path = spec.partition("=")
+            content = GENERATED_SECRET if files is None else files[path]
+            data[key] = base64.b64encode(content).decode()
+        metadata = {"name": generator["name"], "labels": dict(options.get("labels", {}))}
+        secrets.append({"apiVersion": "v1", "kind": "Secret", "metadata": metadata,
+                        "type": generator.get("type", "Opaque"), "data": data})
+    return secrets
+
+
+def built(files: Mapping[str, bytes] | None = None) -> list[dict[str, Any]]:
+    """What `kubectl kustomize k8s/` prints (in the kustomization's order, not kustomize's):
+    the plain resources, then the generated Secrets (see `generated_secrets`)."""
+    return manifests(*kustomization()["resources"]) + generated_secrets(files)
 
 
 def one(kind: str, docs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
@@ -68,7 +99,7 @@ def sidecar_env(docs: list[dict[str, Any]] | None = None) -> dict[str, str]:
         else:
             ref = item["valueFrom"]["secretKeyRef"]
             assert ref["name"] == secret["metadata"]["name"]
-            env[item["name"]] = secret["stringData"][ref["key"]]
+            env[item["name"]] = base64.b64decode(secret["data"][ref["key"]]).decode()
     return env
 
 

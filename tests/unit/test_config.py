@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
+import secrets
 import textwrap
 from pathlib import Path
 
@@ -165,8 +166,9 @@ def test_static_key_sources(tmp_path: Path, rsa_key: TestKey, ec_key: TestKey, m
     (tmp_path / "jwks.json").write_text(json.dumps(jwks_of(rsa_key, ec_key)))
     (tmp_path / "rsa.pem").write_bytes(rsa_key.public_pem())
     (tmp_path / "ec.pem").write_bytes(ec_key.public_pem())
-    (tmp_path / "hs.secret").write_text(base64.urlsafe_b64encode(b"k" * 64).decode().rstrip("=") + "\n")
-    monkeypatch.setenv("JWT_SIDECAR_TEST_SECRET", "x" * 32)
+    (tmp_path / "hs.secret").write_text(base64.urlsafe_b64encode(secrets.token_bytes(64)).decode().rstrip("=") + "\n")
+    env_secret = secrets.token_urlsafe(32)
+    monkeypatch.setenv("JWT_SIDECAR_TEST_SECRET", env_secret)
     (tmp_path / "c.yaml").write_text(textwrap.dedent("""\
         providers:
           file: {issuer: i, audiences: [a], jwks_file: jwks.json}
@@ -181,7 +183,7 @@ def test_static_key_sources(tmp_path: Path, rsa_key: TestKey, ec_key: TestKey, m
     assert s.providers["ec"].algorithms == ("ES256",)
     assert s.providers["env"].keys.jwks["keys"][0]["kty"] == "oct"
     assert s.providers["filesecret"].algorithms == ("HS256", "HS384", "HS512")
-    assert "x" * 32 not in repr(s), "secrets never appear in a repr or a log line"
+    assert env_secret not in repr(s), "secrets never appear in a repr or a log line"
 
 
 @pytest.mark.parametrize(
@@ -224,13 +226,16 @@ def test_env_expansion(monkeypatch: pytest.MonkeyPatch) -> None:
     assert s.providers["m"].issuers == ("https://login.example/",)
 
 
+RANDOM_32 = secrets.token_bytes(32)
+
+
 @pytest.mark.parametrize("encoding, text", [
-    ("base64", base64.b64encode(bytes(range(32))).decode() + "\n"),              # openssl rand -base64 32
-    ("base64url", base64.urlsafe_b64encode(bytes(range(32))).decode().rstrip("=")),  # unpadded, 43 chars
+    ("base64", base64.b64encode(RANDOM_32).decode() + "\n"),              # openssl rand -base64 32
+    ("base64url", base64.urlsafe_b64encode(RANDOM_32).decode().rstrip("=")),  # unpadded, 43 chars
 ])
 def test_base64_secrets_padded_or_not(tmp_path: Path, encoding: str, text: str) -> None:
     (tmp_path / "s").write_text(text)
     s = parse(f"providers: {{p: {{issuer: i, audiences: [a], algorithms: [HS256], secret: {{file: s, encoding: {encoding}}}}}}}",
               base_dir=tmp_path)
     k = s.providers["p"].keys.jwks["keys"][0]["k"]
-    assert base64.urlsafe_b64decode(k + "=") == bytes(range(32))
+    assert base64.urlsafe_b64decode(k + "=") == RANDOM_32

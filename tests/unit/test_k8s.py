@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import kubernetes_validate
 import pytest
+import yaml
 
-from proxy import config
+from proxy import cli, config
 from tests.k8s_support import (
-    K8S, built, configmap_config, dockerfile_instruction, entrypoint, kustomization, manifests, one,
+    K8S, REPO, built, configmap_config, dockerfile_instruction, entrypoint, kustomization, manifests, one,
     sidecar_container, sidecar_env,
 )
 
@@ -25,10 +27,18 @@ def test_every_manifest_validates_against_the_kubernetes_schema(name: str, versi
         kubernetes_validate.validate(doc, version, strict=True)
 
 
+@pytest.mark.parametrize("version", ["1.29", "1.37"])
+def test_what_kustomize_builds_validates_against_the_kubernetes_schema(version: str) -> None:
+    # The generated Secret included: it is shipped as a generator, not as a file.
+    for doc in built():
+        kubernetes_validate.validate(doc, version, strict=True)
+
+
 def test_kustomization_is_plain_resources_and_lists_every_manifest() -> None:
     k = kustomization()
-    # No transformers, so the kustomize output is exactly the listed files (see tests.k8s_support.built).
-    assert set(k) == {"apiVersion", "kind", "resources"}
+    # No transformers, so the kustomize output is exactly the listed files plus the generated
+    # Secret (see tests.k8s_support.built).
+    assert set(k) == {"apiVersion", "kind", "resources", "secretGenerator"}
     top_level = sorted(p.name for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
     assert sorted(k["resources"]) == top_level
     kinds = [d["kind"] for d in built()]
@@ -126,3 +136,67 @@ def test_the_pod_monitor_scrapes_the_sidecars_admin_port() -> None:
     k = manifests("monitoring/kustomization.yaml")[0]
     listed = k["resources"] + [f for g in k.get("configMapGenerator", []) for f in g["files"]]
     assert all((K8S / "monitoring" / name).is_file() for name in listed)
+
+
+# -- the HS256 secret: shipped as a recipe, never as a value ---------------------------------
+
+
+def test_no_manifest_in_the_repository_holds_a_secret_value() -> None:
+    # `kubectl apply -k k8s/` used to deploy secret.yaml's placeholder, a key everyone knows.
+    for path in sorted(K8S.rglob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if isinstance(doc, dict):
+                assert doc.get("kind") != "Secret", f"{path.relative_to(K8S)} ships a Secret"
+    for generator in kustomization()["secretGenerator"]:
+        assert set(generator) <= {"name", "type", "files", "options"}, "no literals, no env files"
+
+
+def test_the_generated_secret_file_is_kept_out_of_git() -> None:
+    paths = [K8S / spec.partition("=")[2] for g in kustomization()["secretGenerator"] for spec in g["files"]]
+    assert paths
+    found = subprocess.run(["git", "check-ignore", "--no-index", *(str(p.relative_to(REPO)) for p in paths)], cwd=REPO,
+                           capture_output=True, text=True, check=False)
+    assert sorted(found.stdout.split()) == sorted(str(p.relative_to(REPO)) for p in paths), found
+
+
+def test_the_documented_command_makes_the_file_the_generator_reads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The command in kustomization.yaml's comment, run as written from the repository root.
+    command = next(line.strip("# ").split() for line in (K8S / "kustomization.yaml").read_text().splitlines()
+                   if "jwt-sidecar keys generate" in line)
+    assert command[:3] == ["jwt-sidecar", "keys", "generate"]
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(command[1:]) == 0
+    capsys.readouterr()
+    files = {spec.partition("=")[2]: (tmp_path / "k8s" / spec.partition("=")[2]).read_bytes()
+             for g in kustomization()["secretGenerator"] for spec in g["files"]}
+    for name, value in sidecar_env(built(files)).items():
+        monkeypatch.setenv(name, value)
+    key, text = configmap_config()
+    (tmp_path / key).write_text(text)
+    settings = config.load(tmp_path / key)
+    assert settings.providers["internal"].keys.kind == "secret"
+
+
+@pytest.mark.parametrize("value", [
+    "REPLACE-ME-REPLACE-ME-REPLACE-ME-REPLACE-ME-00",  # what k8s/secret.yaml shipped
+    "Y2hhbmdlbWVjaGFuZ2VtZWNoYW5nZW1lY2hhbmdlbWU",     # base64url of changemechangeme...
+    "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",     # 32 zero bytes
+])
+def test_a_placeholder_secret_in_the_pod_refuses_to_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    env = sidecar_env(built({path: value.encode() + b"\n" for path in generator_files()}))
+    for name, text in env.items():
+        monkeypatch.setenv(name, text)
+    key, text = configmap_config()
+    (tmp_path / key).write_text(text)
+    with pytest.raises(config.ConfigError) as refused:
+        config.load(tmp_path / key)
+    line = next(n for n, row in enumerate(text.splitlines(), 1) if "INTERNAL_JWT_SECRET" in row)
+    assert f"{key}:{line}: providers.internal.secret.env: refused, this is no random secret (" in str(refused.value)
+
+
+def generator_files() -> list[str]:
+    return [spec.partition("=")[2] for g in kustomization()["secretGenerator"] for spec in g["files"]]

@@ -182,6 +182,8 @@ class RouteMatch:
     path_regex: re.Pattern[str] | None = None
     methods: frozenset[str] | None = None
     """None means every method."""
+    ignore_case: bool = False
+    """Match the path case-insensitively (for upstreams that fold case); it is sent as is."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -602,6 +604,7 @@ class _Builder:
         exact = s.string("path_exact")
         pattern = s.string("path_regex")
         methods = s.strings("methods")
+        ignore_case = s.boolean("ignore_case", False)
         s.done()
         given = [v for v in (prefix, exact, pattern) if v is not None]
         if len(given) != 1:
@@ -610,9 +613,9 @@ class _Builder:
         for key, value in (("path_prefix", prefix), ("path_exact", exact)):
             if value is not None and not value.startswith("/"):
                 s.error(key, f"{value!r} must start with /")
-        compiled = _regex(s, "path_regex", pattern) if pattern is not None else None
+        compiled = _regex(s, "path_regex", pattern, re.IGNORECASE if ignore_case else 0) if pattern is not None else None
         return RouteMatch(
-            path_prefix=prefix, path_exact=exact, path_regex=compiled,
+            path_prefix=prefix, path_exact=exact, path_regex=compiled, ignore_case=ignore_case,
             methods=_with_head(frozenset(m.upper() for m in methods)) if methods else None,
         )
 
@@ -805,9 +808,9 @@ def _url(s: Section, key: str, *, required: bool = False) -> str | None:
     return url
 
 
-def _regex(s: Section, key: str, pattern: str) -> re.Pattern[str] | None:
+def _regex(s: Section, key: str, pattern: str, flags: int = 0) -> re.Pattern[str] | None:
     try:
-        return re.compile(pattern)
+        return re.compile(pattern, flags)
     except re.error as error:
         s.error(key, f"{pattern!r} is not a valid regular expression: {error}")
         return None

@@ -10,6 +10,7 @@ environment. Does not own: YAML line tracking (yamlsource.py), fetching remote k
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import os
 import re
@@ -247,6 +248,8 @@ class Settings:
     """The file these settings came from (or `<string>`)."""
     providers: Mapping[str, Provider]
     routes: tuple[Route, ...] = ()
+    warnings: tuple[ConfigIssue, ...] = ()
+    """Route-table warnings (routecheck.py): loaded anyway, printed by check-config and logged."""
     token_cache: TokenCacheSettings = TokenCacheSettings()
     max_token_bytes: int = 8192
     """Tokens longer than this are refused before any decoding work."""
@@ -285,8 +288,11 @@ def parse(text: str, *, file: str = "<string>", base_dir: Path | None = None) ->
     root = Section(issues, document, "")
     builder = _Builder(issues, base_dir or Path.cwd())
     settings = builder.settings(root, file)
+    from . import routecheck  # it reads the finished routes (and imports this module)
+
+    warnings = routecheck.check(settings.routes, builder.route_places, issues)
     issues.raise_if_any()
-    return settings
+    return dataclasses.replace(settings, warnings=tuple(warnings)) if warnings else settings
 
 
 class _Builder:
@@ -310,10 +316,12 @@ class _Builder:
             if not provider_section.data:
                 provider_section.error(None, "at least one provider is required")
         routes: list[Route] = []
+        self.route_places: list[tuple[str, int | None]] = []  # each route's dotted path and line
         for i, item, path, line in root.items("routes"):
             route = self.route(i, Section(self.issues, item, path, line), item, providers)
             if route is None:
                 continue
+            self.route_places.append((path, line))
             if route.name == "(none)":
                 self.issues.add(line, f"{path}.name", "'(none)' is reserved for requests that match no route")
             elif any(r.name == route.name for r in routes):

@@ -219,6 +219,10 @@ def _not_normal(route: Route, area: _Area) -> str:
     key, value = ("path_prefix", m.path_prefix) if m.path_prefix is not None else ("path_exact", m.path_exact)
     if value is None or area.kind == "all":
         return ""
+    if not value.isascii():
+        # A request target is ASCII on the wire: other characters arrive percent-encoded.
+        encoded = "".join(ch if ch.isascii() else "".join(f"%{b:02X}" for b in ch.encode()) for ch in value)
+        return f"{key} {value!r}: request paths are ASCII, so write it as {encoded!r}"
     try:
         normal = normalize(value)
     except BadRequest as error:

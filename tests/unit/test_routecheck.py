@@ -214,8 +214,12 @@ def test_an_exact_path_leaves_its_trailing_slash_spelling_to_a_weaker_route() ->
      - {name: a, match: {path_prefix: '/a;b'}, auth: none}
      """, "c.yaml:5: routes[0].match: route 'a' can never match: path_prefix '/a;b': a request path like it "
           "is refused with 400 (a path segment holds ; (path parameters are refused))"),
+    ("""\
+     - {name: a, match: {path_prefix: '/café'}, auth: none}
+     """, "c.yaml:5: routes[0].match: route 'a' can never match: path_prefix '/café': request paths are ASCII, "
+          "so write it as '/caf%C3%A9'"),
 ], ids=["prefix-after-catch-all", "methods-shared-out", "ignore-case-prefix-covers-regex", "same-regex",
-        "regex-covers-exact", "double-slash", "escaped-unreserved", "dot-segment", "encoded-slash", "path-parameter"])
+        "regex-covers-exact", "double-slash", "escaped-unreserved", "dot-segment", "encoded-slash", "path-parameter", "non-ascii"])
 def test_a_route_that_can_never_match_is_an_error_naming_its_line(routes: str, error: str) -> None:
     assert errors(routes) == [error]
 

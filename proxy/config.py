@@ -3,8 +3,9 @@
 Owns: the meaning and defaults of every config key (the README's reference is written from
 the dataclass fields below), cross-checks between keys (route → provider, algorithm → key
 type), compiled regexes, and reading the key material a provider names on disk or in the
-environment. Does not own: YAML line tracking (yamlsource.py), fetching remote keys
-(keys.py), or anything that runs per request.
+environment. Does not own: YAML line tracking (yamlsource.py), the route table read as a
+whole (routecheck.py, which `parse` runs), fetching remote keys (keys.py), or anything that
+runs per request.
 """
 
 from __future__ import annotations

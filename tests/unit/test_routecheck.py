@@ -269,13 +269,15 @@ def test_check_config_prints_the_warnings_and_strict_fails_on_them(tmp_path: Pat
 
     path = tmp_path / "c.yaml"
     path.write_text(PROVIDERS + textwrap.indent(textwrap.dedent(f"""\
+        - {{name: docs, match: {{path_prefix: /Docs/, ignore_case: true}}, auth: none}}
         - {{name: admin, match: {{path_prefix: /admin/, methods: [GET, POST]}}, {ADMIN}}}
         - {{name: api, match: {{path_prefix: /}}, auth: {{provider: main}}}}
         """), "  "))
     assert main(["check-config", str(path)]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0] == f"{path}: OK (1 warning(s) below)"
-    assert out[-1].startswith(f"{path}:5: warning: routes[0]: route 'admin' guards /admin and below for GET, HEAD, "
-                              "POST only: every method but GET, HEAD, POST there fall through to route 'api' (line 6)")
+    assert "  docs: prefix /Docs/ (any case) [any method] -> public (no token)" in out
+    assert out[-1].startswith(f"{path}:6: warning: routes[1]: route 'admin' guards /admin and below for GET, HEAD, "
+                              "POST only: every method but GET, HEAD, POST there fall through to route 'api' (line 7)")
     assert main(["check-config", "--strict", str(path)]) == 1
     assert main(["check-config", "--strict", str(REPO / "config.yaml")]) == 0

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import sys
 import time
@@ -23,7 +24,7 @@ from typing import Any, NoReturn
 import aiohttp
 import prometheus_client
 
-from . import __version__, config, server, workers
+from . import __version__, config, routecheck, server, workers
 from . import explain as explain_mod
 from .clock import SystemClock
 from .errors import ConfigError
@@ -126,6 +127,9 @@ def _add_run(commands: Any) -> None:
 def _run(args: argparse.Namespace) -> int:
     settings = config.load(args.config)
     server.configure_logging(args.log_level)
+    if not os.environ.get(workers.WORKER_ENV):  # once, not once per worker
+        for warning in settings.warnings:
+            logging.getLogger("jwt_sidecar.config").warning("%s", routecheck.format_warning(warning))
     # `_created` samples double the /metrics output and no dashboard here reads them.
     prometheus_client.disable_created_metrics()
     if os.environ.get(workers.WORKER_ENV):  # started by the supervisor of `workers: N`
@@ -165,22 +169,27 @@ def _add_check_config(commands: Any) -> None:
         "check-config",
         help="validate a config file and summarise it",
         description="Report every mistake in FILE as file:line: path: problem (exit 1), or print a summary "
-        "of providers, key sources and routes (exit 0). Nothing is fetched.",
+        "of providers, key sources and routes, then any warnings as file:line: warning: path: problem "
+        "(exit 0). Nothing is fetched.",
     )
     p.add_argument("file", nargs="?", type=Path, default=Path("config.yaml"), metavar="FILE",
                    help="the config file (default ./config.yaml)")
+    p.add_argument("--strict", action="store_true", help="exit 1 when there are warnings too (for CI)")
     p.set_defaults(run=_check_config, parser=p)
 
 
 def _check_config(args: argparse.Namespace) -> int:
     settings = config.load(args.file)
     print(summary(settings))
-    return 0
+    for warning in settings.warnings:
+        print(routecheck.format_warning(warning))
+    return 1 if args.strict and settings.warnings else 0
 
 
 def summary(settings: config.Settings) -> str:
     """One screen: what this config trusts and protects."""
-    lines = [f"{settings.source}: OK"]
+    warned = f" ({len(settings.warnings)} warning(s) below)" if settings.warnings else ""
+    lines = [f"{settings.source}: OK{warned}"]
     lines.append(f"providers ({len(settings.providers)}):")
     for p in settings.providers.values():
         lines.append(f"  {p.name}: iss {', '.join(p.issuers)}; aud {', '.join(p.audiences)}")
@@ -196,6 +205,7 @@ def summary(settings: config.Settings) -> str:
         m = r.match
         where = (f"prefix {m.path_prefix}" if m.path_prefix is not None else
                  f"exact {m.path_exact}" if m.path_exact is not None else f"regex {m.path_regex.pattern}")  # type: ignore[union-attr]
+        where += " (any case)" if m.ignore_case else ""
         methods = ",".join(sorted(m.methods)) if m.methods else "any method"
         if r.auth is None:
             rule = "public (no token)"

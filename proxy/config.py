@@ -3,13 +3,15 @@
 Owns: the meaning and defaults of every config key (the README's reference is written from
 the dataclass fields below), cross-checks between keys (route → provider, algorithm → key
 type), compiled regexes, and reading the key material a provider names on disk or in the
-environment. Does not own: YAML line tracking (yamlsource.py), fetching remote keys
-(keys.py), or anything that runs per request.
+environment. Does not own: YAML line tracking (yamlsource.py), the route table read as a
+whole (routecheck.py, which `parse` runs), fetching remote keys (keys.py), or anything that
+runs per request.
 """
 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import os
 import re
@@ -183,6 +185,8 @@ class RouteMatch:
     path_regex: re.Pattern[str] | None = None
     methods: frozenset[str] | None = None
     """None means every method."""
+    ignore_case: bool = False
+    """Match the path case-insensitively (for upstreams that fold case); it is sent as is."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -246,6 +250,8 @@ class Settings:
     """The file these settings came from (or `<string>`)."""
     providers: Mapping[str, Provider]
     routes: tuple[Route, ...] = ()
+    warnings: tuple[ConfigIssue, ...] = ()
+    """Route-table warnings (routecheck.py): loaded anyway, printed by check-config and logged."""
     token_cache: TokenCacheSettings = TokenCacheSettings()
     max_token_bytes: int = 8192
     """Tokens longer than this are refused before any decoding work."""
@@ -284,8 +290,11 @@ def parse(text: str, *, file: str = "<string>", base_dir: Path | None = None) ->
     root = Section(issues, document, "")
     builder = _Builder(issues, base_dir or Path.cwd())
     settings = builder.settings(root, file)
+    from . import routecheck  # it reads the finished routes (and imports this module)
+
+    warnings = routecheck.check(settings.routes, builder.route_places, issues)
     issues.raise_if_any()
-    return settings
+    return dataclasses.replace(settings, warnings=tuple(warnings)) if warnings else settings
 
 
 class _Builder:
@@ -309,10 +318,12 @@ class _Builder:
             if not provider_section.data:
                 provider_section.error(None, "at least one provider is required")
         routes: list[Route] = []
+        self.route_places: list[tuple[str, int | None]] = []  # each route's dotted path and line
         for i, item, path, line in root.items("routes"):
             route = self.route(i, Section(self.issues, item, path, line), item, providers)
             if route is None:
                 continue
+            self.route_places.append((path, line))
             if route.name == "(none)":
                 self.issues.add(line, f"{path}.name", "'(none)' is reserved for requests that match no route")
             elif any(r.name == route.name for r in routes):
@@ -606,6 +617,7 @@ class _Builder:
         exact = s.string("path_exact")
         pattern = s.string("path_regex")
         methods = s.strings("methods")
+        ignore_case = s.boolean("ignore_case", False)
         s.done()
         given = [v for v in (prefix, exact, pattern) if v is not None]
         if len(given) != 1:
@@ -614,9 +626,9 @@ class _Builder:
         for key, value in (("path_prefix", prefix), ("path_exact", exact)):
             if value is not None and not value.startswith("/"):
                 s.error(key, f"{value!r} must start with /")
-        compiled = _regex(s, "path_regex", pattern) if pattern is not None else None
+        compiled = _regex(s, "path_regex", pattern, re.IGNORECASE if ignore_case else 0) if pattern is not None else None
         return RouteMatch(
-            path_prefix=prefix, path_exact=exact, path_regex=compiled,
+            path_prefix=prefix, path_exact=exact, path_regex=compiled, ignore_case=ignore_case,
             methods=_with_head(frozenset(m.upper() for m in methods)) if methods else None,
         )
 
@@ -809,9 +821,9 @@ def _url(s: Section, key: str, *, required: bool = False) -> str | None:
     return url
 
 
-def _regex(s: Section, key: str, pattern: str) -> re.Pattern[str] | None:
+def _regex(s: Section, key: str, pattern: str, flags: int = 0) -> re.Pattern[str] | None:
     try:
-        return re.compile(pattern)
+        return re.compile(pattern, flags)
     except re.error as error:
         s.error(key, f"{pattern!r} is not a valid regular expression: {error}")
         return None

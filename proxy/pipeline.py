@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import NotFound, TokenMissing
-from .extract import Found, extract, without_query_param
+from .extract import Found, extract, refuse_repeated_authorization, without_query_param
 from .forward import forward, forward_websocket, is_websocket
 from .http1 import Request
 from .identity import Outbound, claim_headers, inject, strip_inbound
@@ -62,6 +62,14 @@ def begin(request: Request, runtime: Runtime, exchange: Exchange) -> Coroutine[A
     # Identity headers go first, on every route, before anything is decided.
     outbound = strip_inbound(request.fields, snapshot.strip)
     if plan.verifier is None or route.auth is None:
+        # A public route forwards Authorization as sent: two lines would be read differently
+        # by different upstream stacks, so they are refused here as on every other route.
+        lines = 0
+        for field in outbound.kept:  # a plain scan: this runs on every public request
+            if field[1] == b"authorization":
+                lines += 1
+        if lines > 1:
+            refuse_repeated_authorization(outbound.getall("Authorization"), bearer=False)
         return _forward(request, runtime, exchange, plan, outbound, path, query, None, ())
     began = time.perf_counter()
     try:

@@ -13,7 +13,7 @@ import asyncio
 import logging
 import os
 
-from . import config
+from . import config, routecheck
 from .errors import ConfigError, ConfigIssue
 from .keys import KeyRing
 from .runtime import Runtime, build_snapshot
@@ -45,6 +45,8 @@ async def reload(runtime: Runtime) -> bool:
     await old.keyring.close(keep=keyring)
     runtime.metrics.count_reload(ok=True)
     log.info("config reloaded from %s", path)
+    for warning in settings.warnings:
+        log.warning("%s", routecheck.format_warning(warning))
     return True
 
 

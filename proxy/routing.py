@@ -3,7 +3,8 @@
 Owns: RFC 3986 path normalisation (unreserved percent-escapes decoded, dot segments removed,
 repeated slashes merged), the refusals that keep the router and the upstream from ever
 disagreeing about a path (`%2F`, `%5C`, NUL, `\\`, `..;`, climbing above the root), and
-first-match routing. The normalised path is what the upstream receives. Does not own:
+first-match routing (prefixes on whole segments, `ignore_case` folding the path for matching
+only). The normalised path is what the upstream receives. Does not own:
 tokens, headers or the query string (kept exactly as sent).
 """
 
@@ -98,25 +99,55 @@ def _decode_unreserved(path: str) -> str:
 
 
 class Router:
-    """The ordered route table: the first route whose path and method match wins."""
+    """The ordered route table: the first route whose path and method match wins.
 
-    __slots__ = ("routes",)
+    `path_prefix` matches whole segments, as Envoy's `path_separated_prefix`: `/admin` and
+    `/admin/` both cover `/admin` and `/admin/...`, never `/administrator` (a prefix that
+    stops mid-segment let `/admin` fall through to a weaker route). `/` covers every path.
+    `ignore_case` folds the path for matching only; the upstream still gets it as sent.
+    """
+
+    __slots__ = ("routes", "_table", "_fold")
 
     def __init__(self, routes: Sequence[Route]) -> None:
         self.routes = tuple(routes)
+        # Per route, what `match` compares, worked out once: (kind, methods, value, value + "/"
+        # or a pattern, fold, route). Kinds: 0 every path, 1 segment prefix, 2 exact, 3 regex.
+        table = []
+        for route in self.routes:
+            m = route.match
+            fold = m.ignore_case
+            if m.path_prefix is not None:
+                base = m.path_prefix.rstrip("/")
+                base = base.lower() if fold else base
+                table.append((1, m.methods, base, base + "/", fold, route) if base else
+                             (0, m.methods, "", "", False, route))
+            elif m.path_exact is not None:
+                table.append((2, m.methods, m.path_exact.lower() if fold else m.path_exact, "", fold, route))
+            elif m.path_regex is not None:
+                pattern = m.path_regex
+                if fold and not pattern.flags & re.IGNORECASE:
+                    pattern = re.compile(pattern.pattern, pattern.flags | re.IGNORECASE)
+                # The regex sees the path as sent; IGNORECASE does the folding for it.
+                table.append((3, m.methods, pattern, "", False, route))
+        self._table = tuple(table)
+        self._fold = any(entry[4] for entry in table)
 
     def match(self, method: str, path: str) -> Route | None:
         """The route for a normalised path, or None (a 404)."""
-        for route in self.routes:
-            m = route.match
-            if m.methods is not None and method not in m.methods:
+        folded = path.lower() if self._fold else path
+        for kind, methods, value, below, fold, route in self._table:
+            if methods is not None and method not in methods:
                 continue
-            if m.path_prefix is not None:
-                if path.startswith(m.path_prefix):
+            if kind == 1:
+                p = folded if fold else path
+                if p == value or p.startswith(below):
                     return route
-            elif m.path_exact is not None:
-                if path == m.path_exact:
+            elif kind == 0:
+                return route
+            elif kind == 2:
+                if (folded if fold else path) == value:
                     return route
-            elif m.path_regex is not None and m.path_regex.search(path) is not None:
+            elif value.search(path) is not None:
                 return route
         return None

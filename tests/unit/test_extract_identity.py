@@ -34,9 +34,47 @@ def test_bearer_scheme_is_case_insensitive() -> None:
 
 def test_other_schemes_are_not_tokens() -> None:
     assert find([("Authorization", "Basic dXNlcjpwdw==")]) is None
+    assert find([("Authorization", "Bearerx abc")]) is None  # a longer scheme name
+    assert find([("Authorization", "Bear abc")]) is None
 
 
-@pytest.mark.parametrize("value", ["Bearer", "Bearer ", "Bearer a b", "Bearer  x", "Bearer a,b", "Bearer é"])
+@pytest.mark.parametrize("value", ["Bearer  abc", "Bearer   abc", "bEaReR       abc", "BEARER abc", "Bearer abc ",
+                                   "Bearer abc\t", "Bearer  abc \t "])
+def test_any_number_of_spaces_separates_the_scheme(value: str) -> None:
+    # RFC 9110 §11.4: credentials = auth-scheme [ 1*SP ( token68 / #auth-param ) ]
+    assert find([("Authorization", value)]).token == "abc"
+
+
+@pytest.mark.parametrize("value", ["Bearer abc=", "Bearer abc==", "Bearer  a.b.c=="])
+def test_b64token_padding_is_a_token_for_the_verifier_to_judge(value: str) -> None:
+    assert find([("Authorization", value)]).token == value.split()[-1]
+
+
+@pytest.mark.parametrize("values, sources, reason", [
+    (["Bearer a", "Basic dXNlcjpwdw=="], (BEARER,), Reason.MALFORMED_REQUEST),
+    (["Basic dXNlcjpwdw==", "Bearer a"], (BEARER,), Reason.MALFORMED_REQUEST),
+    (["Basic dXNlcjpwdw==", "Basic dXNlcjpwdw=="], (BEARER,), Reason.MALFORMED_REQUEST),
+    (["Digest x", "Negotiate y"], (BEARER,), Reason.MALFORMED_REQUEST),
+    (["Bearer a", "Bearer b"], (BEARER,), Reason.MULTIPLE_TOKENS),
+    (["Bearer a", "bearer  a"], (BEARER,), Reason.MULTIPLE_TOKENS),
+    (["Bearer a", "Bearer a", "Bearer a"], (BEARER,), Reason.MULTIPLE_TOKENS),
+    (["Bearer a", ""], (BEARER,), Reason.MALFORMED_REQUEST),
+    # A route that reads its token elsewhere still refuses an ambiguous Authorization.
+    (["Bearer a", "Bearer b"], (COOKIE,), Reason.MALFORMED_REQUEST),
+    (["Basic x", "Basic y"], (QUERY,), Reason.MALFORMED_REQUEST),
+], ids=["bearer-basic", "basic-bearer", "basic-twice", "digest-negotiate", "bearer-twice", "bearer-casings",
+        "bearer-thrice", "bearer-and-empty", "cookie-route", "query-route"])
+def test_authorization_is_a_singleton_whatever_its_schemes(values: list[str], sources: tuple, reason: Reason) -> None:
+    for names in (["Authorization"] * len(values), ["authorization", "AUTHORIZATION", "Authorization"][:len(values)]):
+        with pytest.raises(InvalidRequest) as caught:
+            find(list(zip(names, values, strict=True)), sources, cookies={"at": "c"} if COOKIE in sources else None)
+        assert caught.value.reason is reason and caught.value.status == 400
+
+
+@pytest.mark.parametrize("value", [
+    "Bearer", "Bearer ", "Bearer  ", "Bearer a b", "Bearer a,b", "Bearer é", "Bearer\tx", "Bearer \tx",
+    "Bearer\t x", "Bearer x\ty", "Bearer,x", "Bearer=x", "Bearer\x0bx", "Bearer\xa0x", "bearer\tx",
+])
 def test_malformed_bearer_is_invalid_request(value: str) -> None:
     with pytest.raises(InvalidRequest) as caught:
         find([("Authorization", value)])
@@ -228,3 +266,32 @@ def test_request_id_is_kept_when_sane_and_replaced_otherwise() -> None:
     assert len(request_id(None)) == 32
     assert request_id("evil\r\nheader") != "evil\r\nheader"
     assert len(request_id("x" * 500)) == 32
+
+
+@pytest.mark.parametrize("query", [
+    [("access_token", "a"), ("ACCESS_TOKEN", "b")],
+    [("access_token", "a"), ("Access_Token", "a")],
+], ids=["upper-case-name", "mixed-case-same-value"])
+def test_a_query_name_in_another_case_is_a_second_token(query: list) -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        find([], (QUERY,), query=query)
+    assert caught.value.reason is Reason.MULTIPLE_TOKENS
+
+
+def test_a_query_name_in_another_case_alone_is_the_token_and_is_removed() -> None:
+    assert find([], (QUERY,), query=[("ACCESS_TOKEN", "q")]) == Found("q", QUERY)
+    assert without_query_param("a=1&ACCESS_TOKEN=q&Access%5FToken=r&b=2", "access_token") == "a=1&b=2"
+
+
+@pytest.mark.parametrize("cookies", [
+    ["at=a; %61t=b"], ["at=a; AT=b"], ["at=a", "a%74=b"], ["At=a", "aT=a"], ["at=a, at=b"],
+], ids=["percent-encoded-name", "upper-case-name", "two-headers-encoded", "two-casings", "comma"])
+def test_cookie_name_variants_are_the_token_cookie(cookies: list[str]) -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        find([("Cookie", value) for value in cookies], (COOKIE,))
+    assert caught.value.reason is Reason.MULTIPLE_TOKENS
+
+
+def test_a_cookie_name_variant_alone_is_the_token_and_is_removed() -> None:
+    assert find([("Cookie", "lang=en; %61T=c")], (COOKIE,)) == Found("c", COOKIE)
+    assert without_cookie("lang=en; %61T=c; x=1", "at") == "lang=en; x=1"

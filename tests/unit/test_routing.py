@@ -68,3 +68,63 @@ def test_first_match_wins_with_methods_prefix_exact_and_regex() -> None:
 
 def test_no_match_is_none() -> None:
     assert Router([route("only", path_prefix="/only/")]).match("GET", "/other") is None
+
+
+@pytest.mark.parametrize("prefix", ["/admin", "/admin/"])
+@pytest.mark.parametrize("path, covered", [
+    ("/admin", True), ("/admin/", True), ("/admin/users", True), ("/admin/a/b/", True),
+    ("/administrator", False), ("/admin.php", False), ("/admin-x/y", False), ("/adm", False), ("/", False),
+    ("/x/admin", False), ("/Admin/x", False),
+])
+def test_a_prefix_covers_whole_segments_with_or_without_its_trailing_slash(prefix: str, path: str, covered: bool) -> None:
+    # `/admin/` once left `/admin` to the next (weaker) route; `/admin` once took `/administrator`.
+    router = Router([route("admin", path_prefix=prefix), route("rest", path_prefix="/")])
+    assert router.match("GET", path).name == ("admin" if covered else "rest")
+
+
+@pytest.mark.parametrize("prefix, path, covered", [
+    ("/api/v1", "/api/v1/orders", True), ("/api/v1", "/api/v10/orders", False), ("/api/v1/", "/api/v1", True),
+    ("/a/b", "/a", False), ("/a/b", "/a/bc", False), ("/a/b", "/a/b/c", True),
+])
+def test_multi_segment_prefixes(prefix: str, path: str, covered: bool) -> None:
+    assert (Router([route("p", path_prefix=prefix)]).match("GET", path) is not None) is covered
+
+
+def test_the_root_prefix_covers_every_path() -> None:
+    router = Router([route("all", path_prefix="/")])
+    for path in ("/", "/x", "/x/", "/a/b/c", "/ADMIN"):
+        assert router.match("DELETE", path).name == "all"
+
+
+@pytest.mark.parametrize("path", ["/ADMIN/x", "/Admin", "/aDmIn/", "/admin/X"])
+def test_ignore_case_judges_every_casing_by_the_same_route(path: str) -> None:
+    router = Router([
+        route("admin", path_prefix="/admin/", ignore_case=True),
+        route("rest", path_prefix="/"),
+    ])
+    assert router.match("GET", path).name == "admin"
+    assert router.match("GET", "/ADMINistrator").name == "rest"
+
+
+def test_ignore_case_for_exact_and_regex_and_its_absence() -> None:
+    router = Router([
+        route("health", path_exact="/Health", ignore_case=True),
+        route("versioned", path_regex=re.compile(r"^/v[0-9]+/orders"), ignore_case=True),
+        route("strict", path_exact="/Strict"),
+        route("rest", path_prefix="/"),
+    ])
+    assert router.match("GET", "/HEALTH").name == "health"
+    assert router.match("GET", "/health/x").name == "rest"
+    assert router.match("GET", "/V2/ORDERS/1").name == "versioned"
+    assert router.match("GET", "/strict").name == "rest"
+    assert router.match("GET", "/Strict").name == "strict"
+
+
+def test_ignore_case_routes_and_case_sensitive_routes_mix_in_order() -> None:
+    router = Router([
+        route("exact-case", path_prefix="/Docs"),
+        route("folded", path_prefix="/docs", ignore_case=True),
+    ])
+    assert router.match("GET", "/Docs/a").name == "exact-case"
+    assert router.match("GET", "/DOCS/a").name == "folded"
+    assert router.match("GET", "/docs").name == "folded"

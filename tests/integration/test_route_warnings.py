@@ -1,0 +1,107 @@
+"""Route-table warnings and errors where an operator sees them: the startup log, a reload, a refused start.
+
+A request a guarded route does not take (a method it does not list) may land on a later
+route with weaker auth; the sidecar starts anyway but says so, naming both routes. A route
+that can never match refuses the start, naming its line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from proxy.reload import reload
+from tests.conftest import AUDIENCE, ISSUER, TestKey, jwks_of, mint
+from tests.integration.test_lifecycle import free_port, wait_ready
+from tests.support.upstream import start_upstream
+
+REPO = Path(__file__).parents[2]
+
+CONFIG = f"""\
+upstream: {{url: "{{upstream}}"}}
+providers:
+  main: {{issuer: "{ISSUER}", audiences: ["{AUDIENCE}"], jwks: {{url: "{{jwks}}"}}}}
+routes:
+  - name: admin
+    match: {{path_prefix: /admin/, methods: [GET]}}
+    auth: {{provider: main, scopes: {{all_of: [admin]}}}}
+  - name: api
+    match: {{path_prefix: /}}
+    auth: {{provider: main}}
+"""
+WARNING = ("warning: routes[0]: route 'admin' guards /admin and below for GET, HEAD only: every method but GET, HEAD "
+           "there fall through to route 'api' (line 8), whose auth is weaker: scope admin is not required.")
+
+
+async def test_the_start_log_names_both_routes_and_the_request_it_warns_of_is_real(
+        aiohttp_server: Any, jwks_server: Any, rsa_key: TestKey, tmp_path: Path) -> None:
+    jwks_server.document = jwks_of(rsa_key)
+    upstream = await start_upstream(aiohttp_server)
+    listen, admin = free_port(), free_port()
+    path = tmp_path / "config.yaml"
+    path.write_text(CONFIG.replace("{upstream}", upstream.url).replace("{jwks}", jwks_server.url())
+                    + f"listen: 127.0.0.1:{listen}\nadmin: 127.0.0.1:{admin}\ndrain_timeout: 1s\n")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", "run", "--config", str(path),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        async with aiohttp.ClientSession() as session:
+            await wait_ready(session, f"http://127.0.0.1:{admin}/readyz", proc)
+            # What the warning is about: a token without the admin scope may DELETE under /admin/.
+            headers = {"Authorization": f"Bearer {mint(key=rsa_key)}"}
+            async with session.delete(f"http://127.0.0.1:{listen}/admin/x", headers=headers) as response:
+                assert response.status == 200
+            async with session.get(f"http://127.0.0.1:{listen}/admin/x", headers=headers) as response:
+                assert response.status == 403
+        proc.send_signal(signal.SIGTERM)
+        _, err = await asyncio.wait_for(proc.communicate(), 15)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    logged = [line for line in err.decode().splitlines() if "warning: routes[0]" in line]
+    assert len(logged) == 1, err.decode()
+    assert f"{path}:5: {WARNING}" in logged[0] and "WARNING" in logged[0]
+
+
+async def test_a_route_that_can_never_match_refuses_the_start_naming_its_line(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(CONFIG.replace("{upstream}", "http://127.0.0.1:1").replace("{jwks}", "http://127.0.0.1:1/jwks")
+                    + "  - {name: late, match: {path_prefix: /late}, auth: none}\n")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", "run", "--config", str(path),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        _, err = await asyncio.wait_for(proc.communicate(), 15)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 1
+    assert err.decode().splitlines() == [
+        f"{path}:11: routes[2].match: route 'late' can never match: every request it matches is taken first by "
+        "'api' (line 8); remove it, or move it before them",
+        "jwt-sidecar: error: the config has 1 problem(s); nothing was started",
+    ]
+
+
+async def test_a_reload_logs_the_warnings_of_the_new_config(
+        sidecar: Any, caplog: pytest.LogCaptureFixture) -> None:
+    s = await sidecar(CONFIG.replace("methods: [GET]", "methods: [GET, POST, PUT, PATCH, DELETE]"))
+    path = Path(s.runtime.config_path)
+    assert s.runtime.settings.warnings != ()  # OPTIONS and the rest still fall through
+    path.write_text(path.read_text().replace("methods: [GET, POST, PUT, PATCH, DELETE]", "methods: [GET]"))
+    with caplog.at_level(logging.WARNING, logger="jwt_sidecar"):
+        assert await reload(s.runtime) is True
+    logged = [record.getMessage() for record in caplog.records if "warning: routes[0]" in record.getMessage()]
+    assert len(logged) == 1 and f"{path}:5: {WARNING}" in logged[0]

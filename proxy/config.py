@@ -262,6 +262,11 @@ class Settings:
     """One JSON line per request on stdout (never the token)."""
     workers: int = 1
     """Proxy processes sharing the listening port (SO_REUSEPORT); one is usually enough per core."""
+    max_connections: int | None = None
+    """Client connections open at once on the proxy port (per process); over it, a new one is
+    closed at accept. None: derived from the open-file limit at start (limits.py)."""
+    header_timeout: float = 10.0
+    """Longest time from the first byte of a request head to its end; then 408 and close."""
 
 
 def load(path: str | os.PathLike[str]) -> Settings:
@@ -330,6 +335,10 @@ class _Builder:
         drain = root.duration("drain_timeout", defaults.drain_timeout)
         access_log = root.boolean("access_log", defaults.access_log)
         workers = root.integer("workers", defaults.workers, minimum=1)
+        max_connections = root.integer("max_connections", None, minimum=1)  # type: ignore[arg-type]
+        header_timeout = root.duration("header_timeout", defaults.header_timeout)
+        if header_timeout <= 0:
+            root.error("header_timeout", "must be more than 0s")
         root.done()
         if listen == admin and listen is not None:
             root.error("admin", f"{admin} is also `listen`; the admin endpoints need their own port")
@@ -347,6 +356,8 @@ class _Builder:
             drain_timeout=drain,
             access_log=access_log,
             workers=workers,
+            max_connections=max_connections,
+            header_timeout=header_timeout,
         )
 
     # -- providers ------------------------------------------------------------------------

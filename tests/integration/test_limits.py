@@ -1,11 +1,12 @@
 """Bounded waits and bounded connections, on the real proxy.
 
-In process (the `sidecar` fixture): a request head slower than `header_timeout` (408, counted),
-and a reload that would change the limits (refused: they need a restart). As `jwt-sidecar run`
-in a subprocess with a small open-file limit: the proxy port saturated up to `max_connections`
-and past it, with the admin port still answering; and running out of descriptors at accept,
-which must neither spin nor flood the log. The upstreams here are raw servers
-(tests/support/raw.py), so a test sees exactly what reaches them.
+In process (the `sidecar` fixture): a request body that trickles in past `upstream.body_timeout`
+(408, and the upstream request aborted), and WebSocket tunnels closed by `websocket.idle_timeout`,
+`max_lifetime` and `close_on_token_expiry`. As `jwt-sidecar run` in a subprocess with a small
+open-file limit: the proxy port saturated up to `max_connections` and past it, with the admin
+port still answering; and running out of descriptors at accept, which must neither spin nor
+flood the log. The upstreams here are raw servers (tests/support/raw.py), so a test sees
+exactly when the proxy closes its side.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ REPO = Path(__file__).parents[2]
 bounded = bounded_by(20.0)
 
 CONFIG = f"""\
-upstream: {{url: "{{raw}}", timeout: 2s, connect_timeout: 1s}}
+upstream: {{url: "{{raw}}", timeout: 2s, connect_timeout: 1s, body_timeout: {{body}}}}
+websocket: {{idle_timeout: {{idle}}, max_lifetime: {{life}}}}
 providers:
   main:
     issuer: {ISSUER}
@@ -44,6 +46,10 @@ routes:
   - name: public
     match: {{path_prefix: /public/}}
     auth: none
+  - name: expiring
+    match: {{path_prefix: /expiring/}}
+    auth: {{provider: main}}
+    websocket: {{close_on_token_expiry: true}}
   - name: api
     match: {{path_prefix: /}}
     auth: {{provider: main}}
@@ -90,10 +96,10 @@ class Upstream:
         return f"http://127.0.0.1:{self.server.port}"
 
 
-async def start(sidecar: Any, raw_server: Any) -> tuple[Any, Upstream]:
+async def start(sidecar: Any, raw_server: Any, *, body: str = "1s", idle: str = "0", life: str = "0") -> tuple[Any, Upstream]:
     upstream = Upstream()
     upstream.server = await raw_server(upstream.serve)
-    s = await sidecar(CONFIG, raw=upstream.url)
+    s = await sidecar(CONFIG, raw=upstream.url, body=body, idle=idle, life=life)
     return s, upstream
 
 
@@ -115,13 +121,66 @@ async def closed_within(reader: asyncio.StreamReader, timeout: float) -> bool:
     return True
 
 
-# -- request heads ----------------------------------------------------------------------------------
+# -- the request body's deadline -------------------------------------------------------------------
+
+@bounded
+async def test_a_trickled_body_gets_408_at_body_timeout_and_the_upstream_request_is_aborted(
+        sidecar: Any, raw_server: Any) -> None:
+    # A byte every 0.25 s never trips the per-read timeout (2 s): only the deadline ends it.
+    s, upstream = await start(sidecar, raw_server, body="1s")
+    reader, writer = await open_client(s)
+
+    async def trickle() -> None:
+        with suppress(ConnectionError):
+            for _ in range(1000):
+                writer.write(b"x")
+                await asyncio.sleep(0.25)
+
+    writer.write(b"POST /public/upload HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n")
+    began = time.monotonic()
+    trickling = asyncio.ensure_future(trickle())
+    try:
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        answered = time.monotonic() - began
+    finally:
+        trickling.cancel()
+        writer.close()
+    assert head.startswith(b"HTTP/1.1 408 "), head
+    assert b"\r\nConnection: close\r\n" in head
+    assert 0.7 <= answered < 3.0, f"answered after {answered:.2f}s for a body_timeout of 1s"
+    # The upstream had the head and the first bytes: its request is aborted, not left waiting.
+    for _ in range(300):
+        if upstream.closed:
+            break
+        await asyncio.sleep(0.01)
+    assert upstream.closed, "the upstream connection is still open after the 408"
+    assert upstream.heads[0].startswith(b"POST /public/upload ")
+    assert 0 < len(upstream.bodies[0]) < 1000
+
+
+@bounded
+async def test_a_slow_body_that_completes_within_body_timeout_is_forwarded_whole(
+        sidecar: Any, raw_server: Any) -> None:
+    s, upstream = await start(sidecar, raw_server, body="3s")
+    reader, writer = await open_client(s)
+    writer.write(b"POST /public/upload HTTP/1.1\r\nHost: x\r\nContent-Length: 8\r\nConnection: close\r\n\r\n")
+    for piece in (b"ab", b"cd", b"ef", b"gh"):  # 0.9 s in all, under 3 s
+        await asyncio.sleep(0.3)
+        writer.write(piece)
+    await asyncio.sleep(0.3)
+    writer.close()
+    for _ in range(300):
+        if upstream.bodies:
+            break
+        await asyncio.sleep(0.01)
+    assert upstream.bodies == [b"abcdefgh"]
+
 
 @bounded
 async def test_a_slow_head_gets_408_at_header_timeout_and_is_counted(sidecar: Any, raw_server: Any) -> None:
     upstream = Upstream()
     upstream.server = await raw_server(upstream.serve)
-    s = await sidecar(CONFIG + "header_timeout: 300ms\n", raw=upstream.url)
+    s = await sidecar(CONFIG + "header_timeout: 300ms\n", raw=upstream.url, body="1s", idle="0", life="0")
     reader, writer = await open_client(s)
     writer.write(b"GET /public/slow HTTP/1.1\r\nHost: x\r\nX-Pad: ")
     began = time.monotonic()
@@ -150,6 +209,85 @@ async def test_a_reload_that_changes_the_connection_limits_is_refused_as_needing
         assert s.runtime.settings.header_timeout == 10 and s.runtime.settings.max_connections is None
 
 
+# -- WebSocket tunnels -----------------------------------------------------------------------------
+
+async def handshake(s: Any, path: str, token: str | None = None) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await open_client(s)
+    auth = f"Authorization: Bearer {token}\r\n" if token else ""
+    writer.write((f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+                  f"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{auth}\r\n").encode())
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 101 "), head
+    return reader, writer
+
+
+async def echoes(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, data: bytes = b"ping") -> bool:
+    """True when `data` comes back through the tunnel (the upstream echoes raw bytes)."""
+    try:
+        writer.write(data)
+        return await asyncio.wait_for(reader.readexactly(len(data)), 2) == data
+    except (ConnectionError, asyncio.IncompleteReadError):
+        return False
+
+
+@bounded
+async def test_an_idle_tunnel_is_closed_after_idle_timeout_and_traffic_keeps_it_open(
+        sidecar: Any, raw_server: Any) -> None:
+    s, upstream = await start(sidecar, raw_server, idle="500ms")
+    reader, writer = await handshake(s, "/public/ws")
+    try:
+        for _ in range(6):  # 1.2 s of traffic every 0.2 s: never idle for 0.5 s
+            await asyncio.sleep(0.2)
+            assert await echoes(reader, writer)
+        silent = time.monotonic()  # the echo just came back: the last byte either way
+        assert await closed_within(reader, 3.0), "the idle tunnel was not closed"
+        after = time.monotonic() - silent
+    finally:
+        writer.close()
+    assert 0.4 <= after < 2.5, f"closed {after:.2f}s after the last byte, idle_timeout 0.5s"
+    await asyncio.sleep(0.1)
+    assert len(upstream.closed) == 1, "the upstream side of the tunnel is still open"
+
+
+@bounded
+async def test_a_busy_tunnel_is_closed_at_max_lifetime(sidecar: Any, raw_server: Any) -> None:
+    s, upstream = await start(sidecar, raw_server, life="1s")
+    reader, writer = await handshake(s, "/public/ws")
+    opened = time.monotonic()
+    try:
+        while await echoes(reader, writer):
+            assert time.monotonic() - opened < 4.0, "the tunnel outlived max_lifetime"
+            await asyncio.sleep(0.1)
+        lived = time.monotonic() - opened
+    finally:
+        writer.close()
+    assert 0.8 <= lived < 3.0, f"closed after {lived:.2f}s, max_lifetime 1s"
+    await asyncio.sleep(0.1)
+    assert len(upstream.closed) == 1
+
+
+@bounded
+async def test_a_tunnel_closes_when_its_token_expires_where_the_route_asks_for_it(
+        sidecar: Any, raw_server: Any, rsa_key: TestKey) -> None:
+    # exp 28 s ago: still accepted with the provider's default 30 s leeway, for about 2 s more.
+    s, upstream = await start(sidecar, raw_server)
+    token = mint({"exp": int(time.time()) - 28}, key=rsa_key)
+    expiring = await handshake(s, "/expiring/ws", token)
+    lasting = await handshake(s, "/api/ws", token)  # the same token, a route without the option
+    opened = time.monotonic()
+    try:
+        while await echoes(*expiring):
+            assert time.monotonic() - opened < 5.0, "the tunnel outlived its token"
+            await asyncio.sleep(0.1)
+        lived = time.monotonic() - opened
+        assert 0.3 <= lived < 3.5, f"closed after {lived:.2f}s; the token had at most 2 s left"
+        assert await echoes(*lasting), "close_on_token_expiry is off on this route"
+    finally:
+        expiring[1].close()
+        lasting[1].close()
+    assert len(upstream.closed) >= 1
+
+
 # -- the connection limit, in a process with few descriptors --------------------------------------
 
 def _nofile(limit: int) -> Any:
@@ -163,7 +301,9 @@ async def run_sidecar(tmp_path: Path, jwks_server: Any, rsa_key: TestKey, upstre
                       nofile: int) -> tuple[asyncio.subprocess.Process, int, str, Path]:
     jwks_server.document = jwks_of(rsa_key)
     listen, admin = free_port(), free_port()
-    text = (CONFIG.replace("{raw}", upstream).replace("{jwks}", jwks_server.url()) + f"listen: 127.0.0.1:{listen}\nadmin: 127.0.0.1:{admin}\naccess_log: false\n{extra}")
+    text = (CONFIG.replace("{raw}", upstream).replace("{jwks}", jwks_server.url()).replace("{body}", "5s")
+            .replace("{idle}", "0").replace("{life}", "0")
+            + f"listen: 127.0.0.1:{listen}\nadmin: 127.0.0.1:{admin}\naccess_log: false\n{extra}")
     path = tmp_path / "config.yaml"
     path.write_text(text)
     stderr = tmp_path / "stderr"

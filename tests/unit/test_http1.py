@@ -1089,6 +1089,62 @@ async def test_connections_over_max_connections_are_closed_at_accept_and_counted
 
 
 @bounded
+async def test_a_body_total_counts_only_the_waits_for_the_client(harness: Harness) -> None:
+    # The reader is slow (0.8 s on the first piece: an upstream taking its time); the client
+    # is not. Only the 0.1 s spent waiting for the second piece counts against the 0.5 s.
+    async def slow_reader(request: Request) -> None:
+        chunks = []
+        async for chunk in request.iter_body(timeout=1.0, total=0.5):
+            chunks.append(chunk)
+            if len(chunks) == 1:
+                await asyncio.sleep(0.8)
+        request.respond(200, None, [], b"".join(chunks))
+
+    server = await harness.serve(slow_reader)
+    reader, writer = await harness.connect(server)
+    writer.write(request_bytes("/", method="POST", headers=(("Content-Length", "8"),)) + b"abcd")
+    await asyncio.sleep(0.9)
+    writer.write(b"efgh")
+    answer = await read_answer(reader)
+    assert answer.status == 200 and answer.body == b"abcdefgh"
+
+
+@bounded
+async def test_a_trickled_body_times_out_at_its_deadline(harness: Harness) -> None:
+    # A byte every 0.1 s never trips the per-read timeout (1 s); the total (0.5 s) ends it.
+    errors: list[BaseException] = []
+
+    async def reader_handler(request: Request) -> None:
+        try:
+            async for _ in request.iter_body(timeout=1.0, total=0.5):
+                pass
+        except BodyTimeout as error:
+            errors.append(error)
+            request.respond(408, None, [], b"too slow")
+            return
+        request.respond(200, None, [], b"complete?")
+
+    server = await harness.serve(reader_handler)
+    reader, writer = await harness.connect(server)
+    writer.write(request_bytes("/", method="POST", headers=(("Content-Length", "100"),)))
+    began = time.monotonic()
+
+    async def trickle() -> None:
+        with contextlib.suppress(ConnectionError):
+            for _ in range(100):
+                writer.write(b"x")
+                await asyncio.sleep(0.1)
+
+    trickling = asyncio.ensure_future(trickle())
+    try:
+        answer = await read_answer(reader, timeout=3.0)
+    finally:
+        trickling.cancel()
+    assert answer.status == 408 and "not all here after 0.5s" in str(errors[0])
+    assert time.monotonic() - began < 1.5
+
+
+@bounded
 async def test_keepalive_timeout_does_not_cut_slow_handlers_or_bodies(harness: Harness) -> None:
     echo = Echo(delay=0.5)
     server = await harness.serve(echo, keepalive_timeout=0.3)

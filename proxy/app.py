@@ -81,15 +81,23 @@ class Proxy:
             await runtime.session.close()
 
     def server(self, **kwargs: Any) -> Server:
-        """The HTTP/1.1 server for this proxy; `await server.listen(host, port)` opens it."""
-        return Server(self.handle, on_refusal=self._refused, **kwargs)
+        """The HTTP/1.1 server for this proxy; `await server.listen(host, port)` opens it.
+
+        `header_timeout` and `max_connections` come from the config unless given (`serve`
+        passes the connection limit derived from the open-file limit when none is set)."""
+        settings = self.runtime.settings
+        kwargs.setdefault("header_timeout", settings.header_timeout)
+        kwargs.setdefault("max_connections", settings.max_connections)
+        return Server(self.handle, on_refusal=self._refused, counts=self.runtime.metrics.connections, **kwargs)
 
     def _refused(self, status: int, client: str | None) -> None:
-        # The parser refused the request (400, 414, 431, 505): no route, no method we can
-        # trust; counted under the unmatched route so a flood of them shows on dashboards.
+        # The parser refused the request (400, 414, 431, 505), or its head did not arrive in
+        # time (408): no route, no method we can trust; counted under the unmatched route so
+        # a flood of them shows on dashboards.
         runtime = self.runtime
+        reason = Reason.HEADER_TIMEOUT if status == 408 else Reason.MALFORMED_REQUEST
         exchange = Exchange(request_id=request_id(None), started=time.perf_counter(), status=status,
-                            reason=str(Reason.MALFORMED_REQUEST))
+                            reason=str(reason))
         if runtime.snapshot is not None:
             runtime.snapshot.unmatched.count("", exchange.decision, exchange.reason, status)
         if runtime.access_log is not None:

@@ -50,6 +50,7 @@ __all__ = [
     "Settings",
     "StaticKeys",
     "TokenCacheSettings",
+    "WebSocketSettings",
     "load",
     "parse",
 ]
@@ -198,6 +199,23 @@ class Upstream:
     """Longest wait for the upstream's answer, and between two reads of its body."""
     max_body: int = 10 * 1000**2
     """Largest request body accepted; larger is a 413 (0 means no limit)."""
+    body_timeout: float = 60.0
+    """Longest time a client may take to send a whole request body: the waits for its bytes,
+    added up (the time the upstream takes to read them does not count). Then 408 and the
+    upstream request is aborted. `timeout` bounds each wait for body bytes; this their sum."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WebSocketSettings:
+    """How long a WebSocket tunnel may stay open (the frames are never parsed)."""
+
+    idle_timeout: float = 300.0
+    """Close the tunnel after this long without a byte either way (0: never)."""
+    max_lifetime: float = 86400.0
+    """Close the tunnel this long after the upgrade, whatever passes through it (0: never)."""
+    close_on_token_expiry: bool = False
+    """Close the tunnel when the token that opened it would no longer be accepted (its `exp`
+    plus the provider's leeway)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -212,6 +230,8 @@ class Route:
     """Overrides the provider's token sources."""
     headers: HeaderMap | None = None
     """Overrides the provider's header mapping."""
+    websocket: WebSocketSettings | None = None
+    """Overrides the top-level `websocket` settings (keys it leaves out are the top-level's)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -269,6 +289,12 @@ class Settings:
     """One JSON line per request on stdout (never the token)."""
     workers: int = 1
     """Proxy processes sharing the listening port (SO_REUSEPORT); one is usually enough per core."""
+    max_connections: int | None = None
+    """Client connections open at once on the proxy port (per process); over it, a new one is
+    closed at accept. None: derived from the open-file limit at start (limits.py)."""
+    header_timeout: float = 10.0
+    """Longest time from the first byte of a request head to its end; then 408 and close."""
+    websocket: WebSocketSettings = WebSocketSettings()
 
 
 def load(path: str | os.PathLike[str]) -> Settings:
@@ -317,6 +343,8 @@ class _Builder:
                         providers[str(name)] = provider
             if not provider_section.data:
                 provider_section.error(None, "at least one provider is required")
+        # Before the routes: a route's `websocket` keys default to the top-level ones.
+        self.websocket_defaults = self.websocket(root.section("websocket"), WebSocketSettings())
         routes: list[Route] = []
         self.route_places: list[tuple[str, int | None]] = []  # each route's dotted path and line
         for i, item, path, line in root.items("routes"):
@@ -342,6 +370,10 @@ class _Builder:
         drain = root.duration("drain_timeout", defaults.drain_timeout)
         access_log = root.boolean("access_log", defaults.access_log)
         workers = root.integer("workers", defaults.workers, minimum=1)
+        max_connections = root.integer("max_connections", None, minimum=1)  # type: ignore[arg-type]
+        header_timeout = root.duration("header_timeout", defaults.header_timeout)
+        if header_timeout <= 0:
+            root.error("header_timeout", "must be more than 0s")
         root.done()
         if listen == admin and listen is not None:
             root.error("admin", f"{admin} is also `listen`; the admin endpoints need their own port")
@@ -359,6 +391,9 @@ class _Builder:
             drain_timeout=drain,
             access_log=access_log,
             workers=workers,
+            max_connections=max_connections,
+            header_timeout=header_timeout,
+            websocket=self.websocket_defaults,
         )
 
     # -- providers ------------------------------------------------------------------------
@@ -605,10 +640,13 @@ class _Builder:
         upstream = self.upstream(upstream_section) if upstream_section is not None else None
         sources = self.token_sources(s, "token_sources")
         headers = self.header_map(s.section("headers"))
+        websocket_section = s.section("websocket")
+        websocket = self.websocket(websocket_section, self.websocket_defaults) if websocket_section else None
         s.done()
         if match is None:
             return None
-        return Route(name=name, match=match, auth=auth, upstream=upstream, token_sources=sources, headers=headers)
+        return Route(name=name, match=match, auth=auth, upstream=upstream, token_sources=sources, headers=headers,
+                     websocket=websocket)
 
     def route_match(self, s: Section | None) -> RouteMatch | None:
         if s is None:
@@ -696,14 +734,26 @@ class _Builder:
             connect_timeout=s.duration("connect_timeout", defaults.connect_timeout),
             timeout=s.duration("timeout", defaults.timeout),
             max_body=s.size("max_body", defaults.max_body),
+            body_timeout=s.duration("body_timeout", defaults.body_timeout),
         )
         s.done()
         if url is not None and (urlsplit(url).query or urlsplit(url).fragment):
             s.error("url", f"{url!r}: an upstream URL has no query or fragment")
-        for key in ("connect_timeout", "timeout"):
+        for key in ("connect_timeout", "timeout", "body_timeout"):
             if getattr(upstream, key) <= 0:
                 s.error(key, "must be more than 0s")
         return upstream if url is not None else None
+
+    def websocket(self, s: Section | None, defaults: WebSocketSettings) -> WebSocketSettings:
+        if s is None:
+            return defaults
+        settings = WebSocketSettings(
+            idle_timeout=s.duration("idle_timeout", defaults.idle_timeout),
+            max_lifetime=s.duration("max_lifetime", defaults.max_lifetime),
+            close_on_token_expiry=s.boolean("close_on_token_expiry", defaults.close_on_token_expiry),
+        )
+        s.done()
+        return settings
 
     def token_sources(self, s: Section, key: str) -> tuple[TokenSource, ...] | None:
         if not s.has(key):

@@ -70,6 +70,7 @@ class Reason(enum.StrEnum):
     METHOD = "method"
     BODY_TOO_LARGE = "body_too_large"
     BODY_TIMEOUT = "body_timeout"
+    HEADER_TIMEOUT = "header_timeout"
     # our side, not the client's
     NO_KEYS = "no_keys"
     UPSTREAM_UNAVAILABLE = "upstream_unavailable"
@@ -106,6 +107,7 @@ _DESCRIPTIONS: dict[Reason, str] = {
     Reason.METHOD: "The method is not allowed",
     Reason.BODY_TOO_LARGE: "The request body is too large",
     Reason.BODY_TIMEOUT: "The request body did not arrive in time",
+    Reason.HEADER_TIMEOUT: "The request head did not arrive in time",
     Reason.NO_KEYS: "Signing keys are unavailable; try again later",
     Reason.UPSTREAM_UNAVAILABLE: "The upstream service is unavailable",
     Reason.UPSTREAM_TIMEOUT: "The upstream service did not answer in time",

@@ -2,10 +2,11 @@
 
 Owns: sending a request through the pooled HTTP/1.1 client (`upstream.Pool`), answers up to
 64 KiB in one write, streaming larger bodies both ways in bounded memory, the request-body
-limit (413), the answer's hop-by-hop headers, mapping upstream failures (timeout → 504,
+limit (413) and deadline (408, `upstream.body_timeout`), the answer's hop-by-hop headers, mapping upstream failures (timeout → 504,
 refused/reset/malformed → 502; `TimeoutError` is caught first, as it is also an OSError),
 and WebSocket handshakes: sent upstream on a connection of their own, and after a 101 the
-bytes relayed both ways, unparsed. After an answer has started nothing can change its
+bytes relayed both ways, unparsed, until either side ends or a `websocket` limit closes the
+tunnel (idle time, lifetime, the token's expiry). After an answer has started nothing can change its
 status: a failure then aborts the connection, so the client sees a truncated answer, never
 a spliced one.
 Does not own: JWTs, routes or which headers to send (identity.py decides those), or the
@@ -24,7 +25,7 @@ import aiohttp
 import httptools
 from yarl import URL
 
-from .config import Upstream
+from .config import Upstream, WebSocketSettings
 from .errors import BadRequest, PayloadTooLarge, Reason, RequestTimeout, UpstreamTimeout, UpstreamUnavailable
 from .http1 import BodyError, BodyTimeout, Request
 from .identity import HOP_BY_HOP, connection_tokens
@@ -72,11 +73,12 @@ class _BodyTooLarge(Exception):
     pass
 
 
-async def _limited(request: Request, limit: int, timeout: float) -> AsyncIterator[bytes]:
-    """The request body as it arrives, failing once more than `limit` bytes came (0: no limit)
-    or when none come for `timeout` seconds."""
+async def _limited(request: Request, limit: int, timeout: float, total: float) -> AsyncIterator[bytes]:
+    """The request body as it arrives, failing once more than `limit` bytes came (0: no limit),
+    when none come for `timeout` seconds, or when waiting for them has taken `total` seconds
+    in all (a byte every few seconds would otherwise hold the upstream request)."""
     seen = 0
-    async for chunk in request.iter_body(timeout):
+    async for chunk in request.iter_body(timeout, total=total):
         seen += len(chunk)
         if limit and seen > limit:
             raise _BodyTooLarge
@@ -148,8 +150,9 @@ async def forward(
     length = request.content_length
     if upstream.max_body and length is not None and length > upstream.max_body:
         raise PayloadTooLarge(f"Content-Length {length} exceeds max_body {upstream.max_body}")
-    # The upstream's timeout also bounds each wait for the client's body bytes.
-    body = _limited(request, upstream.max_body, upstream.timeout) if request.body_exists else None
+    # The upstream's timeout also bounds each wait for the client's body bytes, and
+    # body_timeout the whole body; on either, the upstream request is aborted (Pool._exchange).
+    body = _limited(request, upstream.max_body, upstream.timeout, upstream.body_timeout) if request.body_exists else None
     try:
         answer = await pool.request(
             request.method, origin.scheme, origin.host, origin.port, target, headers, body,
@@ -233,6 +236,9 @@ class _Tunnel(asyncio.Protocol):
         self._buffered = 0
         self._paused = False
         self._waiter: asyncio.Future[None] | None = None
+        self._loop = asyncio.get_running_loop()
+        self.active = self._loop.time()
+        """When a byte last went through the tunnel, either way (loop time): the idle timeout's start."""
 
     # asyncio.Protocol
 
@@ -248,6 +254,7 @@ class _Tunnel(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.upgraded:
+            self.active = self._loop.time()
             self._chunks.append(data)
             self._buffered += len(data)
             if self._buffered > _TUNNEL_HIGH_WATER and not self._paused:
@@ -328,6 +335,7 @@ class _Tunnel(asyncio.Protocol):
 
     def send(self, data: bytes) -> None:
         if not self.closed:
+            self.active = self._loop.time()
             self.transport.write(data)
 
     async def relay(self) -> AsyncIterator[bytes]:
@@ -346,6 +354,59 @@ class _Tunnel(asyncio.Protocol):
                 await self.wait()
 
 
+class _TunnelLimits:
+    """Closes a tunnel that has been idle `idle_timeout`, open `max_lifetime`, or has outlived
+    its token: one timer, set again for the next time any of them could be due.
+
+    Both sides are cut (`abort`): the frames are not parsed, so no close frame can be slipped
+    in between two of theirs; a client that is not reading would never let a graceful close
+    finish; and the upstream must not keep serving a tunnel whose token ran out."""
+
+    def __init__(self, request: Request, tunnel: _Tunnel, settings: WebSocketSettings,
+                 expires_in: float | None, origin: Origin) -> None:
+        self._request = request
+        self._tunnel = tunnel
+        self._idle = settings.idle_timeout
+        self._origin = origin
+        loop = self._loop = asyncio.get_running_loop()
+        now = loop.time()
+        ends: list[tuple[float, str]] = []
+        if settings.max_lifetime:
+            ends.append((now + settings.max_lifetime, f"open for max_lifetime {settings.max_lifetime:g}s"))
+        if settings.close_on_token_expiry and expires_in is not None:
+            ends.append((now + expires_in, "its token expired"))
+        self._end = min(ends) if ends else None
+        self._timer: asyncio.TimerHandle | None = None
+        self.closed_because: str | None = None
+        self._arm()
+
+    def _arm(self) -> None:
+        due = self._end[0] if self._end is not None else None
+        if self._idle:
+            idle_at = self._tunnel.active + self._idle
+            due = idle_at if due is None else min(due, idle_at)
+        if due is not None:
+            self._timer = self._loop.call_at(due, self._check)
+
+    def _check(self) -> None:
+        now = self._loop.time() + 0.001  # call_at may run a hair early
+        if self._end is not None and now >= self._end[0]:
+            because = self._end[1]
+        elif self._idle and now >= self._tunnel.active + self._idle:
+            because = f"idle for idle_timeout {self._idle:g}s"
+        else:
+            self._arm()  # bytes went through since the timer was set
+            return
+        self.closed_because = because
+        log.debug("websocket %s closed: %s", self._origin, because)
+        self._tunnel.transport.abort()
+        self._request.abort()
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+
 async def forward_websocket(
     request: Request,
     pool: Pool,
@@ -355,11 +416,15 @@ async def forward_websocket(
     headers: Fields,
     upstream: Upstream,
     request_id: str,
+    websocket: WebSocketSettings = WebSocketSettings(),
+    expires_in: float | None = None,
 ) -> None:
     """Send the handshake upstream; relay its answer; on 101, relay raw bytes both ways.
 
     Like Envoy, the frames are not parsed: after the 101 the connection is the two
-    endpoints' own, and the authentication was done on the handshake.
+    endpoints' own, and the authentication was done on the handshake. `websocket` bounds
+    the tunnel's idle time and lifetime; `expires_in` is how long the token that opened it
+    stays acceptable (None: no token, or no `exp`), for `close_on_token_expiry`.
     """
     loop = asyncio.get_running_loop()
     tunnel = _Tunnel(request)
@@ -394,7 +459,12 @@ async def forward_websocket(
         fields, _, _ = _answer_fields(tunnel.headers, request_id)
         upgrade = next((v for n, v in tunnel.headers if n.lower() == b"upgrade"), b"websocket")
         fields += b"Connection: Upgrade\r\nUpgrade: %b\r\n" % upgrade
-        await request.tunnel(101, reason, (), tunnel.send, tunnel.relay(), fields=fields)
+        tunnel.active = loop.time()
+        limits = _TunnelLimits(request, tunnel, websocket, expires_in, origin)
+        try:
+            await request.tunnel(101, reason, (), tunnel.send, tunnel.relay(), fields=fields)
+        finally:
+            limits.cancel()
     finally:
         tunnel.transport.close()
 

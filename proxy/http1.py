@@ -9,8 +9,9 @@ a request waits its turn), request bodies streamed with back-pressure, `Expect:
 100-continue` answered when the body is first read, writing answers (one write for a
 whole answer, or a head and then a Content-Length, chunked or close-delimited body),
 upgrades (the bytes after the head are held for `Request.tunnel`, or the connection
-closes after the answer), an idle keep-alive timeout, cancelling the handler when the
-client goes away, and a graceful drain (`Server.shutdown`).
+closes after the answer), an idle keep-alive timeout, a time limit on each request head
+from its first byte (408), a limit on open connections (those over it are closed at accept),
+cancelling the handler when the client goes away, and a graceful drain (`Server.shutdown`).
 Does not own: what a request means or what the answer says (app.py and pipeline.py), or
 any header beyond framing: `Content-Length`, `Transfer-Encoding`, `Connection` and `Date`.
 
@@ -23,6 +24,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
+import struct
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
@@ -33,7 +36,7 @@ import httptools
 from multidict import CIMultiDict, MultiDict, MultiDictProxy
 from yarl import URL
 
-__all__ = ["BodyError", "BodyTimeout", "Prepared", "Request", "Server"]
+__all__ = ["BodyError", "BodyTimeout", "ConnectionCounts", "Prepared", "Request", "Server"]
 
 log = logging.getLogger("jwt_sidecar.http")
 
@@ -176,11 +179,15 @@ class Request:
 
     # the body
 
-    async def iter_body(self, timeout: float | None = None) -> AsyncIterator[bytes]:
+    async def iter_body(self, timeout: float | None = None, *, total: float | None = None) -> AsyncIterator[bytes]:
         """The body as it arrives (de-chunked); raises `BodyError` if it cannot be read to its
         end, `BodyTimeout` when no bytes come for `timeout` seconds (a stalled upload must not
-        hold a connection, a handler and an upstream request for as long as it likes)."""
+        hold a connection, a handler and an upstream request for as long as it likes), or
+        when the waits for its bytes add up to more than `total` seconds (a body trickled a
+        byte at a time never trips `timeout`). Only the time spent waiting for the client
+        counts: not the time its bytes wait for the reader (an upstream slow to take them)."""
         conn = self._conn
+        left = total
         if self._continue:
             # RFC 9110 §10.1.1: the client waits for this before sending the body; sending it
             # only now means a refused request never invites the upload.
@@ -200,13 +207,23 @@ class Request:
             elif self._complete:
                 return
             else:
+                wait, by_total = timeout, False
+                if left is not None:
+                    if left <= 0:
+                        raise BodyTimeout(f"the body was not all here after {total:g}s")
+                    if not wait or left < wait:
+                        wait, by_total = left, True
+                    began = conn._loop.time()
                 waiter = self._waiter = conn._loop.create_future()
-                timer = conn._loop.call_later(timeout, _expire, waiter) if timeout else None
+                timer = conn._loop.call_later(wait, _expire, waiter) if wait else None
                 try:
                     await waiter
                 except TimeoutError:
-                    raise BodyTimeout(f"no body bytes for {timeout:g}s") from None
+                    raise BodyTimeout(f"the body was not all here after {total:g}s" if by_total
+                                      else f"no body bytes for {timeout:g}s") from None
                 finally:
+                    if left is not None:
+                        left -= conn._loop.time() - began
                     self._waiter = None
                     if timer is not None:
                         timer.cancel()
@@ -409,6 +426,7 @@ class _Connection(asyncio.Protocol):
         self._write_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
         self._idle_since: float | None = None  # waiting for a head since (loop time); None: busy
+        self._head_begun: float | None = None  # the first byte of the head being parsed came (loop time)
 
     # asyncio.Protocol
 
@@ -422,6 +440,7 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
         self._server._connections.discard(self)
+        self._server.counts.open -= 1
         self._cancel_timer()
         for request in self._queue:
             request._end(ConnectionResetError("the client went away"))
@@ -497,6 +516,7 @@ class _Connection(asyncio.Protocol):
     # httptools callbacks
 
     def on_message_begin(self) -> None:
+        self._head_begun = self._loop.time()  # `header_timeout` counts from here
         self._url.clear()
         self._url_size = 0
         self._fields = []
@@ -516,9 +536,10 @@ class _Connection(asyncio.Protocol):
         self._fields.append((name, value))
 
     def on_headers_complete(self) -> None:
-        # The keep-alive timer also bounds how long a head may take to arrive (slow-header
-        # clients); a body is the handler's to wait for.
+        # The head is complete: `header_timeout` and the keep-alive timer stop here; a body is
+        # the handler's to wait for (`Request.iter_body`'s timeout and deadline).
         self._cancel_timer()
+        self._head_begun = None
         self._stalled = 0
         parser = self._parser
         version = parser.get_http_version()
@@ -739,6 +760,16 @@ class _Connection(asyncio.Protocol):
     def _cancel_timer(self) -> None:
         self._idle_since = None
 
+    def _head_expired(self) -> None:
+        """A head began and did not complete within `header_timeout`: 408, then close
+        (RFC 9110 §15.5.9), counted like any request the parser refused."""
+        self._idle_since = self._head_begun = None
+        if self._lost or self._refusal or self._transport.is_closing():
+            return
+        self._refusal = 408
+        self._pause_reading()
+        self._write_refusal(408)
+
     def _shut(self) -> None:
         """The server is draining: close now if idle, else after the answer in progress."""
         self._closing = True
@@ -766,37 +797,105 @@ def _refusal(status: int, *, close: bool) -> bytes:
     return head.encode() + body
 
 
+class ConnectionCounts:
+    """Client connections as plain numbers, kept by a `Server` and read by the metrics."""
+
+    __slots__ = ("open", "rejected")
+
+    def __init__(self) -> None:
+        self.open = 0
+        """Accepted and not yet closed (those being accepted included)."""
+        self.rejected = 0
+        """Closed at accept because `max_connections` were open."""
+
+
+class _Rejected(asyncio.Protocol):
+    """A connection over `max_connections`: closed as soon as it is accepted, nothing read.
+
+    A reset (SO_LINGER 0) rather than a FIN: no TIME_WAIT socket is left behind for each
+    one, and the client learns at once that it must go elsewhere or retry."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            except OSError:
+                pass  # gone already: closing it is all that is left to do
+        transport.abort()
+
+
 class Server:
     """The listener(s) and every open connection, with a graceful `shutdown`."""
 
-    def __init__(self, handler: Handler, *, keepalive_timeout: float = 75.0,
+    def __init__(self, handler: Handler, *, keepalive_timeout: float = 75.0, header_timeout: float = 10.0,
+                 max_connections: int | None = None, counts: ConnectionCounts | None = None,
                  on_refusal: Callable[[int, str | None], None] | None = None) -> None:
         """`on_refusal(status, client)` is told of every request the parser refused (it never
-        reached `handler`), so that metrics and the access log can count it."""
+        reached `handler`), so that metrics and the access log can count it.
+
+        `keepalive_timeout`: how long a connection may wait, sending nothing, for its next
+        request (the first one included). `header_timeout`: how long a request head may take
+        from its first byte to its end (then 408 and close). `max_connections`: connections
+        over it are closed at accept (None: no limit); `counts` keeps the open and rejected
+        numbers for the metrics."""
         self._handler = handler
         self._on_refusal = on_refusal
         self.keepalive_timeout = keepalive_timeout
+        self.header_timeout = header_timeout
+        self.max_connections = max_connections
+        self.counts = counts if counts is not None else ConnectionCounts()
         self._loop = asyncio.get_running_loop()
         self._connections: set[_Connection] = set()
         self._listeners: list[asyncio.AbstractServer] = []
-        # One timer for every connection's keep-alive deadline, rather than one per request
-        # (a TimerHandle made and cancelled per request was 3% of a refused request's time).
-        self._sweep_every = min(1.0, keepalive_timeout / 4)
+        # One timer for every connection's keep-alive and head deadlines, rather than one per
+        # request (a TimerHandle made and cancelled per request was 3% of a refused request's time).
+        self._sweep_every = min(1.0, keepalive_timeout / 4, header_timeout / 4)
         self._sweeper: asyncio.TimerHandle | None = None
 
+    def _accept(self) -> asyncio.Protocol:
+        # Counted here, not in connection_made: asyncio accepts up to `backlog` connections in
+        # one loop turn and makes each protocol before any of them is told it is connected.
+        counts = self.counts
+        limit = self.max_connections
+        if limit is not None and counts.open >= limit:
+            counts.rejected += 1
+            return _Rejected()
+        counts.open += 1  # connection_lost takes it off again
+        return _Connection(self)
+
     async def listen(self, host: str, port: int, *, reuse_port: bool = False, backlog: int = 1024) -> None:
-        listener = await self._loop.create_server(lambda: _Connection(self), host, port, backlog=backlog,
+        listener = await self._loop.create_server(self._accept, host, port, backlog=backlog,
                                                   reuse_port=reuse_port or None)
         self._listeners.append(listener)
         if self._sweeper is None:
             self._sweeper = self._loop.call_later(self._sweep_every, self._sweep)
 
     def _sweep(self) -> None:
-        """Close connections that have waited longer than `keepalive_timeout` for a request head."""
-        deadline = self._loop.time() - self.keepalive_timeout
-        for conn in [c for c in self._connections if c._idle_since is not None and c._idle_since <= deadline]:
+        """Close connections that have waited longer than `keepalive_timeout` for a request
+        head to begin, and answer 408 to those whose head began longer than `header_timeout`
+        ago (counted from when the connection last had nothing to do, if that is later: the
+        head of a request sent while the one before it was being answered)."""
+        now = self._loop.time()
+        idle_deadline = now - self.keepalive_timeout
+        head_deadline = now - self.header_timeout
+        idle: list[_Connection] = []
+        slow: list[_Connection] = []
+        for conn in self._connections:
+            since = conn._idle_since
+            if since is None:
+                continue
+            begun = conn._head_begun
+            if begun is None:
+                if since <= idle_deadline:
+                    idle.append(conn)
+            elif max(begun, since) <= head_deadline:
+                slow.append(conn)
+        for conn in idle:
             conn._idle_since = None
             conn._transport.close()
+        for conn in slow:
+            conn._head_expired()
         self._sweeper = self._loop.call_later(self._sweep_every, self._sweep)
 
     @property

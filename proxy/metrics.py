@@ -21,6 +21,10 @@ jwt_sidecar_requests_total{route, method, decision, reason, status}          cou
     "" for none; status: the status class, `1xx`..`5xx`.
 jwt_sidecar_in_flight_requests                                               gauge
     Requests being handled right now.
+jwt_sidecar_connections_open                                                 gauge
+    Client connections open on the proxy port (per process; summed over workers).
+jwt_sidecar_connections_rejected_total{reason="limit"}                       counter
+    Client connections closed at accept: `max_connections` were open.
 jwt_sidecar_auth_duration_seconds{route}                                     histogram
     Time deciding whether a request may pass: extraction, keys, verification, rules.
 jwt_sidecar_upstream_duration_seconds{route}                                 histogram
@@ -46,8 +50,9 @@ jwt_sidecar_token_cache_requests_total{result="hit"|"miss"}                  cou
 jwt_sidecar_token_cache_entries                                              gauge
     Verified tokens held in the cache (no sample when the cache is disabled).
 
-The per-request families (`requests_total`, `in_flight_requests` and the two durations) are
-plain Python numbers, read at scrape time: a prometheus-client Counter or Histogram takes a
+The per-request families (`requests_total`, `in_flight_requests` and the two durations) and
+the connection families (`connections_open`, `connections_rejected_total`: the proxy's
+`http1.Server` adds to `Metrics.connections`) are plain Python numbers, read at scrape time: a prometheus-client Counter or Histogram takes a
 lock per increment and walks its buckets in Python, which was an eighth of a refused
 request's instructions (bench/instructions). The `jwks_*`, `provider_ready` and
 `token_cache_*` families are read from the live objects at each scrape (`Metrics.watch`), so a hot reload that swaps the key ring or the cache is seen at
@@ -72,6 +77,7 @@ from prometheus_client.utils import floatToGoString
 
 from .config import StaticKeys
 from .errors import Reason
+from .http1 import ConnectionCounts
 
 if TYPE_CHECKING:
     from .keys import KeySource
@@ -224,6 +230,8 @@ class Metrics:
     registry: CollectorRegistry
     in_flight: int
     """Requests being handled right now: the handler adds and subtracts 1."""
+    connections: ConnectionCounts
+    """Client connections open and rejected: the proxy's server keeps these (`Proxy.server`)."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -231,6 +239,7 @@ class Metrics:
         # would have given us; the sizing advice in the README is read from these.
         ProcessCollector(registry=self.registry)
         self.in_flight = 0
+        self.connections = ConnectionCounts()
         self._routes: dict[str, RouteMetrics] = {}
         self.registry.register(_RequestCollector(self))
         reloads = Counter(
@@ -307,6 +316,8 @@ _IN_FLIGHT = _PREFIX + "in_flight_requests"
 _AUTH = _PREFIX + "auth_duration_seconds"
 _UPSTREAM = _PREFIX + "upstream_duration_seconds"
 _REQUEST_LABELS = ("route", "method", "decision", "reason", "status")
+_CONNECTIONS_OPEN = _PREFIX + "connections_open"
+_CONNECTIONS_REJECTED = _PREFIX + "connections_rejected"
 
 
 def _request_families(metrics: Metrics) -> Iterator[Metric]:
@@ -329,6 +340,13 @@ def _request_families(metrics: Metrics) -> Iterator[Metric]:
     yield GaugeMetricFamily(_IN_FLIGHT, "Requests being handled right now.", value=metrics.in_flight)
     yield auth
     yield upstream
+    connections = metrics.connections
+    yield GaugeMetricFamily(_CONNECTIONS_OPEN, "Client connections open on the proxy port.", value=connections.open)
+    rejected = CounterMetricFamily(
+        _CONNECTIONS_REJECTED, "Client connections closed at accept, by reason (limit: max_connections were open).",
+        labels=("reason",))
+    rejected.add_metric(("limit",), connections.rejected)
+    yield rejected
 
 
 class _RequestCollector:

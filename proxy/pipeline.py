@@ -84,7 +84,7 @@ def begin(request: Request, runtime: Runtime, exchange: Exchange) -> Coroutine[A
         plan.metrics.observe_auth(time.perf_counter() - began)
         raise
     plan.metrics.observe_auth(time.perf_counter() - began)
-    return _forward(request, runtime, exchange, plan, outbound, path, query, found, identity)
+    return _forward(request, runtime, exchange, plan, outbound, path, query, found, identity, claims)
 
 
 def _admit(plan: RoutePlan, exchange: Exchange, claims: Claims | None) -> tuple[tuple[str, str], ...]:
@@ -109,11 +109,21 @@ async def _verify_and_forward(request: Request, runtime: Runtime, exchange: Exch
         identity = _admit(plan, exchange, claims)
     finally:
         plan.metrics.observe_auth(time.perf_counter() - began)
-    await _forward(request, runtime, exchange, plan, outbound, path, query, found, identity)
+    await _forward(request, runtime, exchange, plan, outbound, path, query, found, identity, claims)
+
+
+def _expires_in(plan: RoutePlan, claims: Claims | None, runtime: Runtime) -> float | None:
+    """Seconds until the token would be refused (`exp` plus the provider's leeway), for a
+    WebSocket tunnel that closes then; None without a token or an `exp`."""
+    exp = claims.payload.get("exp") if claims is not None else None
+    if plan.verifier is None or isinstance(exp, bool) or not isinstance(exp, int | float):
+        return None
+    return exp + plan.verifier.provider.leeway - runtime.clock.time()
 
 
 async def _forward(request: Request, runtime: Runtime, exchange: Exchange, plan: RoutePlan, outbound: Outbound,
-                   path: str, query: str, found: Found | None, identity: tuple[tuple[str, str], ...]) -> None:
+                   path: str, query: str, found: Found | None, identity: tuple[tuple[str, str], ...],
+                   claims: Claims | None = None) -> None:
     if found is not None and found.source.kind == "query":
         query = without_query_param(query, found.source.name)
     fields = inject(
@@ -128,8 +138,11 @@ async def _forward(request: Request, runtime: Runtime, exchange: Exchange, plan:
     try:
         assert runtime.pool is not None
         if is_websocket(request):
+            assert exchange.snapshot is not None
             await forward_websocket(request, runtime.pool, origin=plan.origin, target=target, headers=fields,
-                                    upstream=plan.upstream, request_id=exchange.request_id)
+                                    upstream=plan.upstream, request_id=exchange.request_id,
+                                    websocket=plan.route.websocket or exchange.snapshot.settings.websocket,
+                                    expires_in=_expires_in(plan, claims, runtime))
         else:
             await forward(request, runtime.pool, origin=plan.origin, target=target, headers=fields,
                           upstream=plan.upstream, request_id=exchange.request_id)

@@ -1,6 +1,7 @@
 """The running process: listeners, signals, reload triggers and a graceful drain.
 
-Owns: binding the proxy and admin listeners, SIGTERM/SIGINT (readiness goes false, the
+Owns: binding the proxy and admin listeners, the open-file limit raised at start and the
+connection limit that follows from it (limits.py), SIGTERM/SIGINT (readiness goes false, the
 listener stops accepting, in-flight requests get `drain_timeout` to finish, exit 0),
 SIGHUP and file changes (reload), and uvloop when it is installed. Mirrors uvicorn's
 `Server.shutdown`: a short run of steps, one comment each. Does not own: what a request
@@ -23,6 +24,7 @@ from prometheus_client import Gauge
 from .accesslog import AccessLog
 from .app import Proxy
 from .config import Settings
+from .limits import default_max_connections, quiet_accept_errors, raise_fd_limit
 from .logthrottle import RepeatFilter
 from .reload import reload, watch
 from .runtime import Runtime
@@ -62,14 +64,24 @@ async def serve(settings: Settings, *, config_path: str | None, stop: asyncio.Ev
     no admin listener (the supervisor has it), and metrics go to the multiprocess files.
     """
     stop = stop or asyncio.Event()
+    # Descriptors first: a container starts with a soft limit of 1024 and a far higher hard one.
+    nofile = raise_fd_limit()
+    max_connections = settings.max_connections or default_max_connections(nofile)
+    log.info("open-file limit %d; at most %d client connections%s", nofile, max_connections,
+             "" if settings.max_connections else " (derived: (limit - 128) / 2)")
+    if settings.max_connections and settings.max_connections > default_max_connections(nofile):
+        log.warning("max_connections %d leaves too few of the %d descriptors for the admin port and the upstream "
+                    "connections (at most %d would): at the limit /healthz and /readyz may go unanswered",
+                    settings.max_connections, nofile, default_max_connections(nofile))
+    loop = asyncio.get_running_loop()
+    quiet_accept_errors(loop)
     access_log = AccessLog(sys.stdout.buffer) if settings.access_log else None
     proxy = Proxy(settings, config_path=config_path, access_log=access_log)
     runtime = proxy.runtime
     await proxy.start()  # client session, first key fetches
-    server = proxy.server()
+    server = proxy.server(max_connections=max_connections)
     admin_runner = web.AppRunner(create_admin_app(readiness=runtime.readiness, render=runtime.metrics.render),
                                  handle_signals=False, access_log=None)
-    loop = asyncio.get_running_loop()
     watcher: asyncio.Task[None] | None = None
     publisher: asyncio.Task[None] | None = None
     try:

@@ -3,7 +3,8 @@
 Owns: starting the workers (each `jwt-sidecar run` with `JWT_SIDECAR_WORKER` set, binding the
 proxy port with SO_REUSEPORT so the kernel spreads connections), the admin listener on the
 supervisor (`/metrics` aggregated with prometheus-client's multiprocess mode, `/readyz` true
-only while every worker is alive and ready), passing SIGHUP on and SIGTERM/SIGINT down
+only while every worker is alive and ready, its open-file limit raised as in server.py),
+passing SIGHUP on and SIGTERM/SIGINT down
 (each worker drains itself), and the multiprocess directory's life. A worker that dies
 unexpectedly stops the whole set with exit status 1, so the platform restarts the container.
 Does not own: serving requests (server.py runs each worker) or any metric's meaning.
@@ -26,6 +27,7 @@ from prometheus_client.exposition import choose_encoder
 
 from .admin import create_admin_app
 from .config import Settings
+from .limits import quiet_accept_errors, raise_fd_limit
 
 __all__ = ["WORKER_ENV", "WORKERS_READY", "supervise"]
 
@@ -36,6 +38,9 @@ log = logging.getLogger("jwt_sidecar.workers")
 
 async def supervise(settings: Settings, *, config_path: str) -> int:
     count = settings.workers
+    # The admin port is the supervisor's; the workers inherit the raised limit (and log it).
+    raise_fd_limit()
+    quiet_accept_errors(asyncio.get_running_loop())
     directory = tempfile.mkdtemp(prefix="jwt-sidecar-metrics-")  # /tmp: writable even with a read-only root
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": directory}
     procs = [

@@ -624,7 +624,7 @@ async def test_an_endless_head_is_refused_by_what_arrived(sidecar: Any, head: by
 @bounded
 async def test_a_slowloris_head_is_cut_at_the_keepalive_timeout(sidecar: Any) -> None:
     s = await sidecar()
-    server = await own_server(s, keepalive_timeout=0.4)
+    server = await own_server(s, keepalive_timeout=0.4, header_timeout=0.4)
     try:
         for warm in (False, True):
             reader, writer = await open_client(server_url(server))

@@ -129,7 +129,7 @@ def test_the_repository_config_is_valid() -> None:
         ("providers:\n  main: {issuer: i, audiences: [a], jwks: {url: 'https://x'}}\nroutes:\n  - match: {path_prefix: /}\n",
          "c.yaml:4: routes[0].auth: is required: `none`, or a mapping with `provider` (and scopes, claims, optional)"),
         ("providers:\n  main: {issuer: i, audiences: [a], jwks: {url: 'https://x'}}\nlisten_port: 8080\n",
-         "c.yaml:3: listen_port: unknown key; allowed here: access_log, admin, drain_timeout, listen, max_token_bytes, providers, realm, routes, strip_headers, token_cache, upstream"),
+         "c.yaml:3: listen_port: unknown key; allowed here: access_log, admin, "),
         ("providers:\n  main: {issuer: i, audiences: [a], jwks: {url: 'https://x'}}\n  main: {}\n",
          "c.yaml:3: invalid YAML: while reading a mapping found duplicate key 'main'"),
         ("providers: [\n", "c.yaml:2: invalid YAML:"),
@@ -239,3 +239,40 @@ def test_base64_secrets_padded_or_not(tmp_path: Path, encoding: str, text: str) 
               base_dir=tmp_path)
     k = s.providers["p"].keys.jwks["keys"][0]["k"]
     assert base64.urlsafe_b64decode(k + "=") == RANDOM_32
+
+
+_LIMITS_BASE = "providers:\n  main: {issuer: i, audiences: [a], jwks: {url: 'https://x'}}\n"
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("header_timeout: 0\n", "c.yaml:3: header_timeout: must be more than 0s"),
+    ("header_timeout: soon\n", "c.yaml:3: header_timeout: 'soon' is not a duration"),
+    ("max_connections: 0\n", "c.yaml:3: max_connections: 0 is not a whole number ≥ 1"),
+    ("max_connections: 1.5\n", "c.yaml:3: max_connections: 1.5 is not a whole number ≥ 1"),
+    ("upstream: {url: 'http://u', body_timeout: 0}\n", "c.yaml:3: upstream.body_timeout: must be more than 0s"),
+    ("websocket: {idle_timeout: -1s}\n", "c.yaml:3: websocket.idle_timeout:"),
+    ("websocket: {max_lifetime: forever}\n", "c.yaml:3: websocket.max_lifetime:"),
+    ("websocket: {close_on_token_expiry: sometimes}\n", "c.yaml:3: websocket.close_on_token_expiry:"),
+    ("websocket: {idle: 5m}\n", "c.yaml:3: websocket.idle: unknown key; allowed here: close_on_token_expiry, "
+                                "idle_timeout, max_lifetime"),
+    ("routes:\n  - match: {path_prefix: /}\n    auth: none\n    websocket: {lifetime: 1h}\n",
+     "c.yaml:6: routes[0].websocket.lifetime: unknown key"),
+], ids=["header 0", "header word", "max 0", "max float", "body 0", "idle negative", "lifetime word", "expiry word",
+        "websocket unknown key", "route websocket unknown key"])
+def test_connection_limits_and_timeouts_are_checked_with_their_line(text: str, expected: str) -> None:
+    found = issues_of(_LIMITS_BASE + text)
+    assert any(issue.startswith(expected) for issue in found), found
+
+
+def test_connection_limits_and_timeouts_defaults_and_route_websocket_inherits_the_top_level() -> None:
+    s = parse(_LIMITS_BASE)
+    assert (s.max_connections, s.header_timeout, s.upstream.body_timeout) == (None, 10.0, 60.0)
+    assert (s.websocket.idle_timeout, s.websocket.max_lifetime, s.websocket.close_on_token_expiry) == (300.0, 86400.0, False)
+    s = parse(_LIMITS_BASE + "max_connections: 5000\nheader_timeout: 2s\nwebsocket: {idle_timeout: 1m, max_lifetime: 0}\n"
+              "routes:\n  - match: {path_prefix: /ws/}\n    auth: none\n    websocket: {close_on_token_expiry: true}\n"
+              "  - match: {path_prefix: /}\n    auth: none\n")
+    assert (s.max_connections, s.header_timeout) == (5000, 2.0)
+    assert s.routes[0].websocket is not None
+    assert (s.routes[0].websocket.idle_timeout, s.routes[0].websocket.max_lifetime,
+            s.routes[0].websocket.close_on_token_expiry) == (60.0, 0.0, True)
+    assert s.routes[1].websocket is None and s.websocket.close_on_token_expiry is False

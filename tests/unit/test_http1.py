@@ -1012,17 +1012,136 @@ async def test_idle_connection_closed_after_keepalive_timeout(harness: Harness) 
 
 
 @bounded
-async def test_incomplete_head_closed_after_keepalive_timeout(harness: Harness) -> None:
+async def test_incomplete_head_gets_408_after_header_timeout(harness: Harness) -> None:
+    # The head's own deadline, from its first byte, and far shorter than the keep-alive one.
     echo = Echo()
-    server = await harness.serve(echo, keepalive_timeout=0.3)
+    refused: list[int] = []
+    server = await harness.serve(echo, keepalive_timeout=30, header_timeout=0.3,
+                                 on_refusal=lambda status, client: refused.append(status))
     reader, writer = await harness.connect(server)
-    connected = time.monotonic()
     writer.write(b"GET / HTTP/1.1\r\nHost: test\r\n")
+    began = time.monotonic()
     await asyncio.sleep(0.15)
     writer.write(b"X-Slow: 1\r\n")  # more bytes do not restart the timer
+    answer = await read_answer(reader)
+    assert answer.status == 408 and answer.headers.getall("Connection") == ["close"]
+    assert 0.2 <= time.monotonic() - began < 1.5
     assert await rest(reader) == b""
-    assert 0.2 <= time.monotonic() - connected < 1.5
-    assert echo.calls == []
+    assert echo.calls == [] and refused == [408]
+
+
+@bounded
+async def test_header_timeout_counts_from_the_first_byte_not_from_accept(harness: Harness) -> None:
+    # A connection that sends nothing is idle (keep-alive timeout), not slow: a client that
+    # connects ahead of its first request gets the whole header_timeout once it begins.
+    echo = Echo()
+    server = await harness.serve(echo, keepalive_timeout=30, header_timeout=0.4)
+    reader, writer = await harness.connect(server)
+    await asyncio.sleep(0.6)
+    writer.write(b"GET /late HTTP/1.1\r\nHost: test\r\n")
+    await asyncio.sleep(0.1)
+    writer.write(b"\r\n")
+    answer = await read_answer(reader)
+    assert answer.status == 200 and echo.targets == ["/late"]
+
+
+@bounded
+async def test_a_silent_connection_is_closed_at_the_keepalive_timeout_without_an_answer(harness: Harness) -> None:
+    server = await harness.serve(answer_ok, keepalive_timeout=0.5, header_timeout=0.2)
+    reader, _ = await harness.connect(server)
+    connected = time.monotonic()
+    assert await rest(reader) == b""  # closed, and no 408: no request was begun
+    assert 0.4 <= time.monotonic() - connected < 2.0
+
+
+@bounded
+async def test_a_head_sent_during_the_previous_answer_is_timed_from_that_answer(harness: Harness) -> None:
+    # Half of the second head arrives while the first request is still being answered (1.2 s):
+    # its header_timeout (1 s) counts from the first answer, not from its first byte.
+    echo = Echo(delay=1.2)
+    server = await harness.serve(echo, header_timeout=1.0)
+    reader, writer = await harness.connect(server)
+    writer.write(request_bytes("/first") + b"GET /second HTTP/1.1\r\nHost: test\r\n")
+    first = await read_answer(reader)
+    assert first.status == 200
+    await asyncio.sleep(0.2)
+    writer.write(b"\r\n")
+    second = await read_answer(reader, timeout=3.0)
+    assert second.status == 200 and echo.targets == ["/first", "/second"]
+
+
+@bounded
+async def test_connections_over_max_connections_are_closed_at_accept_and_counted(harness: Harness) -> None:
+    server = await harness.serve(answer_ok, max_connections=2)
+    kept = [await harness.connect(server) for _ in range(2)]
+    await eventually(lambda: len(server._connections) == 2)
+    reader, writer = await harness.connect(server)
+    writer.write(request_bytes("/"))
+    assert await rest(reader) == b"", "a connection over the limit must be closed unanswered"
+    assert server.counts.rejected == 1 and server.counts.open == 2
+    for kept_reader, kept_writer in kept:  # those within the limit are served as usual
+        kept_writer.write(request_bytes("/"))
+        assert (await read_answer(kept_reader)).status == 200
+    kept[0][1].close()
+    await eventually(lambda: server.counts.open == 1)
+    answer = await harness.exchange(server, request_bytes("/"))  # room again
+    assert answer.status == 200 and server.counts.rejected == 1
+
+
+@bounded
+async def test_a_body_total_counts_only_the_waits_for_the_client(harness: Harness) -> None:
+    # The reader is slow (0.8 s on the first piece: an upstream taking its time); the client
+    # is not. Only the 0.1 s spent waiting for the second piece counts against the 0.5 s.
+    async def slow_reader(request: Request) -> None:
+        chunks = []
+        async for chunk in request.iter_body(timeout=1.0, total=0.5):
+            chunks.append(chunk)
+            if len(chunks) == 1:
+                await asyncio.sleep(0.8)
+        request.respond(200, None, [], b"".join(chunks))
+
+    server = await harness.serve(slow_reader)
+    reader, writer = await harness.connect(server)
+    writer.write(request_bytes("/", method="POST", headers=(("Content-Length", "8"),)) + b"abcd")
+    await asyncio.sleep(0.9)
+    writer.write(b"efgh")
+    answer = await read_answer(reader)
+    assert answer.status == 200 and answer.body == b"abcdefgh"
+
+
+@bounded
+async def test_a_trickled_body_times_out_at_its_deadline(harness: Harness) -> None:
+    # A byte every 0.1 s never trips the per-read timeout (1 s); the total (0.5 s) ends it.
+    errors: list[BaseException] = []
+
+    async def reader_handler(request: Request) -> None:
+        try:
+            async for _ in request.iter_body(timeout=1.0, total=0.5):
+                pass
+        except BodyTimeout as error:
+            errors.append(error)
+            request.respond(408, None, [], b"too slow")
+            return
+        request.respond(200, None, [], b"complete?")
+
+    server = await harness.serve(reader_handler)
+    reader, writer = await harness.connect(server)
+    writer.write(request_bytes("/", method="POST", headers=(("Content-Length", "100"),)))
+    began = time.monotonic()
+
+    async def trickle() -> None:
+        with contextlib.suppress(ConnectionError):
+            for _ in range(100):
+                writer.write(b"x")
+                await asyncio.sleep(0.1)
+
+    trickling = asyncio.ensure_future(trickle())
+    try:
+        answer = await read_answer(reader, timeout=3.0)
+    finally:
+        trickling.cancel()
+    assert answer.status == 408 and "not all here after 0.5s" in str(errors[0])
+    assert time.monotonic() - began < 1.5
 
 
 @bounded

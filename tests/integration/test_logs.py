@@ -85,9 +85,10 @@ async def test_an_issuer_outage_writes_a_handful_of_lines_not_one_per_request(
     fetches = [line for line in lines if "key fetch failed" in line]
     assert fetches and all("no keys held: requests for this provider get 503" in line for line in fetches)
     assert len(fetches) <= ran + 1, "\n".join(lines)
-    # The test config's admin route lists methods, so the route table check warns at start.
-    route_warnings = [line for line in lines if " WARNING jwt_sidecar.config: " in line]
-    assert len(lines) <= len(fetches) + len(route_warnings) + 3, "\n".join(lines)
+    # Besides the fetches, only start-up and stop lines (the route-table warning, the fd limit,
+    # the listeners, drain, stop): a handful, never one per request.
+    others = [line for line in lines if "key fetch failed" not in line]
+    assert len(others) <= 6, "\n".join(lines)
     assert not any("Traceback" in line for line in lines)
 
 

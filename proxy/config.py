@@ -624,6 +624,12 @@ class _Builder:
         if scopes_section is not None:
             scopes = ScopeRule(all_of=scopes_section.strings("all_of"), any_of=scopes_section.strings("any_of"))
             scopes_section.done()
+            for key, names in (("all_of", scopes.all_of), ("any_of", scopes.any_of)):
+                for bad in (n for n in names if not _SCOPE_TOKEN.fullmatch(n)):
+                    # A token's scope string splits on SP alone (rules.scopes_of), so such a
+                    # scope could never be granted: the route would refuse everyone.
+                    scopes_section.error(key, f"{bad!r} is not one scope token (RFC 6749 §3.3: printable "
+                                         "ASCII but space, \" and \\); list several scopes separately")
         claims = tuple(
             rule for _, item, path, line in s.items("claims")
             if (rule := self.claim_rule(Section(self.issues, item, path, line), item)) is not None
@@ -767,6 +773,7 @@ class _Builder:
 
 # RFC 9110 §5.1: a field name is a token.
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")  # RFC 6749 §3.3 scope-token: 1*NQCHAR
 # Headers whose meaning belongs to HTTP or to this proxy: never a claim's carrier.
 _RESERVED_HEADERS = frozenset({
     "host", "content-length", "content-type", "transfer-encoding", "connection", "keep-alive", "upgrade",

@@ -44,14 +44,22 @@ def claim_at(payload: Mapping[str, Any], path: tuple[str, ...]) -> Any:
 
 
 def scopes_of(payload: Mapping[str, Any]) -> frozenset[str]:
-    """Every scope the token grants, from `scope` and `scp`, string or list."""
+    """Every scope the token grants, from `scope` and `scp`, string or list.
+
+    A string is split on SP (U+0020) alone: RFC 6749 §3.3 separates scope tokens with
+    %x20 and nothing else, so `read<TAB>admin` or `read<NBSP>admin` is one scope token
+    (which no route names: config.py admits only RFC 6749 scope tokens), never `admin`.
+    `str.split()` would split on every Unicode whitespace. A list item is one scope token,
+    verbatim (`["read admin"]` grants neither), and items that are not strings grant nothing.
+    """
     found: set[str] = set()
     for name in ("scope", "scp"):
         value = payload.get(name)
         if isinstance(value, str):
-            found.update(value.split())
+            found.update(value.split(" "))
         elif isinstance(value, list):
             found.update(v for v in value if isinstance(v, str))
+    found.discard("")  # between two spaces, or before or after: not a scope
     return frozenset(found)
 
 

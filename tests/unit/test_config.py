@@ -234,3 +234,21 @@ def test_base64_secrets_padded_or_not(tmp_path: Path, encoding: str, text: str) 
               base_dir=tmp_path)
     k = s.providers["p"].keys.jwks["keys"][0]["k"]
     assert base64.urlsafe_b64decode(k + "=") == bytes(range(32))
+
+
+@pytest.mark.parametrize("scope", ["read admin", "read\\tadmin", "", " admin", "admin\\u00a0", "caf\\u00e9", 'a\\"b', "a\\\\b"])
+def test_a_scope_that_no_token_could_grant_is_refused_with_its_line(scope: str) -> None:
+    # A token's scope string splits on SP alone (RFC 6749 §3.3), so "read admin" in a route
+    # would refuse every caller; it is a config mistake (meant: [read, admin]).
+    found = issues_of("providers: {main: {issuer: i, audiences: [a], jwks: {url: 'https://x'}}}\n"
+                      "routes:\n  - match: {path_prefix: /}\n    auth:\n      provider: main\n"
+                      f'      scopes:\n        any_of: [ok]\n        all_of: [ok, "{scope}"]\n')
+    assert any(issue.startswith("c.yaml:8: routes[0].auth.scopes.all_of: ") and "is not one scope token" in issue
+               for issue in found), found
+
+
+def test_rfc_6749_scope_tokens_are_accepted() -> None:
+    s = parse("providers: {main: {issuer: i, audiences: [a], jwks: {url: 'https://x'}}}\n"
+              "routes:\n  - match: {path_prefix: /}\n    auth:\n      provider: main\n"
+              "      scopes: {all_of: ['orders:read', 'https://graph.example/User.Read', '!#[]~'], any_of: [a]}\n")
+    assert s.routes[0].auth.scopes.all_of == ("orders:read", "https://graph.example/User.Read", "!#[]~")

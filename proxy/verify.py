@@ -91,12 +91,17 @@ class _HeaderChecksAreOurs(PyJWS):
       unknown `crit` and b64 misuse; we check all of those in `HEADER_CHECKS` first, each
       with its own `Reason`. If PyJWT renames the hook, its own checks come back and the
       crit case in test_verify (which asserts Reason.CRIT) fails.
-    - The base64url segment decoder is PyJWT's own in what it accepts, with its Python
-      steps done in C: the alphabet check is one `bytes.translate` (PyJWT's generator over
-      every character was half of a cache miss), the decode one `binascii.a2b_base64`, and
-      the canonical-encoding check one table lookup instead of a re-encode.
-      tests/unit/test_verify.py compares the two on thousands of segments, and fails if the
-      hook is not ours.
+    - The base64url segment decoder is stricter than PyJWT's, and faster. Strict: one token
+      has one spelling (RFC 7515 §2: base64url "with all trailing '=' characters omitted"),
+      so padding is refused (PyJWT accepts `==` after a signature, which made two texts of
+      one token verify; caches and deny-lists keyed on the text must not see two), as is any
+      character outside [A-Za-z0-9_-], a length of 1 mod 4 (no byte ends there) and a
+      last character with non-zero unused bits (`...Q` vs `...R`). Fast: the alphabet check
+      is one `bytes.translate` (PyJWT's generator over every character was half of a cache
+      miss), the decode one `binascii.a2b_base64`, and the canonical-encoding check one table
+      lookup instead of a re-encode. tests/unit/test_verify.py compares it with PyJWT's on
+      thousands of segments (same answer but for padding, which only PyJWT accepts), and
+      fails if the hook is not ours.
     """
 
     def _validate_headers(self, headers: dict[str, Any], *, encoding: bool = False) -> None:
@@ -104,23 +109,20 @@ class _HeaderChecksAreOurs(PyJWS):
 
     @staticmethod
     def _decode_base64url_segment(segment: bytes, name: str) -> bytes:
-        stripped = segment.rstrip(b"=")
-        padding = len(segment) - len(stripped)
-        if padding > 2 or (padding and len(segment) % 4 != 0):
-            raise DecodeError(f"Invalid {name} padding")
-        # translate(None, alphabet) deletes every allowed byte: anything left is not base64url.
-        if len(stripped) % 4 == 1 or stripped.translate(None, _BASE64URL_ALPHABET):
-            raise DecodeError(f"Invalid {name} padding")
-        tail = len(stripped) % 4
+        # translate(None, alphabet) deletes every allowed byte: anything left ('=', '+', '/',
+        # whitespace, non-ASCII) is not base64url.
+        if len(segment) % 4 == 1 or segment.translate(None, _BASE64URL_ALPHABET):
+            raise DecodeError(f"{name} segment is not unpadded base64url (RFC 7515 §2)")
+        tail = len(segment) % 4
         # Canonical: re-encoding must give the same text, i.e. the bits of the last character
         # that no byte uses are zero (4 of them after 2 characters, 2 after 3). PyJWT
         # re-encodes to find out; one table lookup says the same.
-        if tail and _SEXTET[stripped[-1]] & (0x0F if tail == 2 else 0x03):
-            raise DecodeError(f"Invalid {name} padding")
+        if tail and _SEXTET[segment[-1]] & (0x0F if tail == 2 else 0x03):
+            raise DecodeError(f"{name} segment is not canonical base64url: its last character has unused bits set")
         try:
-            return binascii.a2b_base64(stripped.translate(_TO_STANDARD) + b"==="[:(4 - tail) % 4])
+            return binascii.a2b_base64(segment.translate(_TO_STANDARD) + b"==="[:(4 - tail) % 4])
         except binascii.Error as err:
-            raise DecodeError(f"Invalid {name} padding") from err
+            raise DecodeError(f"{name} segment is not base64url") from err
 
 
 _BASE64URL_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
@@ -218,7 +220,7 @@ def check_signature(token: str, header: TokenHeader, keys: Sequence[PyJWK]) -> d
     payload_segment = signing_input.partition(b".")[2]
     try:
         payload = _JWS._decode_base64url_segment(payload_segment, "payload")
-        signature = _JWS._decode_base64url_segment(crypto_segment, "crypto")
+        signature = _JWS._decode_base64url_segment(crypto_segment, "signature")
     except DecodeError as error:
         raise InvalidToken(Reason.MALFORMED, _phrase(error)) from None
     failures: list[str] = []

@@ -131,6 +131,43 @@ _TO_STANDARD = bytes.maketrans(b"-_", b"+/")
 _JWS = _HeaderChecksAreOurs()
 
 
+class _NotStrictJson(ValueError):
+    """JSON that Python's parser takes but RFC 8259 / RFC 7519 §4 make us refuse."""
+
+
+def _one_member_per_name(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # RFC 7519 §4 lets a parser reject duplicate member names or keep the last; we reject,
+    # at every depth (the claims set and any object inside it), so nothing that reads the
+    # JSON after us (an upstream reading X-Jwt-Payload, a parser that keeps the first) can
+    # see another value than the one we checked. dict() is C; the hook is one call per object.
+    members = dict(pairs)
+    if len(members) != len(pairs):
+        seen: set[str] = set()
+        for name, _ in pairs:
+            if name in seen:
+                raise _NotStrictJson(f"duplicate member name {name!r}")
+            seen.add(name)
+    return members
+
+
+def _no_constant(name: str) -> Any:
+    # Python reads NaN, Infinity and -Infinity; JSON (RFC 8259 §6) has no such numbers.
+    raise _NotStrictJson(f"{name} is not JSON")
+
+
+_STRICT_JSON = json.JSONDecoder(object_pairs_hook=_one_member_per_name, parse_constant=_no_constant).decode
+"""`json.loads` for token JSON: refuses duplicate member names and NaN/Infinity. A str only
+(RFC 7515 §5.2 / RFC 7519 §7.2: UTF-8, decoded by the caller, so no encoding sniffing)."""
+
+
+def _json_problem(error: ValueError | RecursionError) -> str:
+    if isinstance(error, _NotStrictJson):
+        return str(error)
+    if isinstance(error, RecursionError):
+        return "nested too deeply"
+    return "not UTF-8 JSON"
+
+
 # -- header --------------------------------------------------------------------------------
 def read_header(token: str, *, max_bytes: int) -> TokenHeader:
     """Decode the header without trusting it. Size and form only; see HEADER_CHECKS for the rest.
@@ -145,9 +182,12 @@ def read_header(token: str, *, max_bytes: int) -> TokenHeader:
         raise InvalidToken(Reason.MALFORMED, f"a JWS compact token has 3 segments, this one {token.count('.') + 1}")
     try:
         raw = _JWS._decode_base64url_segment(token[:token.index(".")].encode("ascii"), "header")
-        fields = json.loads(raw.decode("utf-8"))  # RFC 7515 §5.2: UTF-8, so no encoding sniffing
-    except (DecodeError, UnicodeEncodeError, ValueError, RecursionError):
-        raise InvalidToken(Reason.MALFORMED, "header: not base64url-encoded JSON") from None
+    except (DecodeError, UnicodeEncodeError):
+        raise InvalidToken(Reason.MALFORMED, "header: not unpadded, canonical base64url (RFC 7515 §2)") from None
+    try:
+        fields = _STRICT_JSON(raw.decode("utf-8"))
+    except (ValueError, RecursionError) as error:
+        raise InvalidToken(Reason.MALFORMED, f"header: {_json_problem(error)}") from None
     if not isinstance(fields, dict):
         raise InvalidToken(Reason.MALFORMED, "header: not a JSON object")
     return TokenHeader(alg=fields.get("alg"), kid=fields.get("kid"), fields=fields)
@@ -255,9 +295,9 @@ def decode_unverified(token: str) -> tuple[dict[str, Any], bytes]:
 
 def parse_payload(raw: bytes) -> dict[str, Any]:
     try:
-        payload = json.loads(raw.decode("utf-8"))  # RFC 7519 §7.2: UTF-8, so no encoding sniffing
-    except (ValueError, RecursionError):
-        raise InvalidToken(Reason.MALFORMED, "payload is not JSON") from None
+        payload = _STRICT_JSON(raw.decode("utf-8"))
+    except (ValueError, RecursionError) as error:
+        raise InvalidToken(Reason.MALFORMED, f"payload: {_json_problem(error)}") from None
     if not isinstance(payload, dict):
         raise InvalidToken(Reason.MALFORMED, "payload is not a JSON object (RFC 7519 §7.2)")
     return payload

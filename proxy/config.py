@@ -513,15 +513,26 @@ class _Builder:
         return StaticKeys(kind="jwks_file", origin=f"jwks_file {path}", jwks=MappingProxyType(document))
 
     def pem_file(self, s: Section) -> StaticKeys | None:
-        path = self._path(s, "pem_file")
-        data = self._read(s, "pem_file", path) if path else None
+        # `pem_file: PATH`, or `pem_file: {file: PATH, kid: KID}` to give the key a kid.
+        kid = None
+        if isinstance(s.raw("pem_file"), dict):
+            sub = s.section("pem_file")
+            assert sub is not None  # a mapping
+            s, key_name = sub, "file"
+            path = self._path(s, "file")
+            kid = self._kid(s)
+            s.done()
+        else:
+            key_name = "pem_file"
+            path = self._path(s, "pem_file")
+        data = self._read(s, key_name, path) if path else None
         if data is None:
             return None
         try:
             key = load_pem_public_key(data)
         except ValueError:
             hint = " (it holds a private key; give the public key)" if b"PRIVATE KEY" in data else ""
-            s.error("pem_file", f"{path} is not a PEM public key{hint}")
+            s.error(key_name, f"{path} is not a PEM public key{hint}")
             return None
         if isinstance(key, rsa.RSAPublicKey):
             jwk = RSAAlgorithm.to_jwk(key, as_dict=True)
@@ -530,9 +541,21 @@ class _Builder:
         elif isinstance(key, ed25519.Ed25519PublicKey):
             jwk = OKPAlgorithm.to_jwk(key, as_dict=True)
         else:
-            s.error("pem_file", f"{path}: unsupported key type {type(key).__name__}; use RSA, EC or Ed25519")
+            s.error(key_name, f"{path}: unsupported key type {type(key).__name__}; use RSA, EC or Ed25519")
             return None
-        return StaticKeys(kind="pem_file", origin=f"pem_file {path}", jwks=MappingProxyType({"keys": [jwk]}))
+        if kid is not None:
+            jwk["kid"] = kid
+        return StaticKeys(kind="pem_file", origin=f"pem_file {path}" + _kid_note(kid),
+                          jwks=MappingProxyType({"keys": [jwk]}))
+
+    @staticmethod
+    def _kid(s: Section) -> str | None:
+        """A static key's optional `kid`: then only tokens naming it (or no kid) use the key."""
+        kid = s.string("kid")
+        if kid == "":
+            s.error("kid", "must not be empty; leave it out to try the key for any kid")
+            return None
+        return kid
 
     def secret(self, s: Section) -> StaticKeys | None:
         sub = s.section("secret")
@@ -542,6 +565,7 @@ class _Builder:
         env_name = sub.string("env")
         file_name = sub.string("file")
         encoding = sub.string("encoding", "utf-8")
+        kid = self._kid(sub)
         sub.done()
         if has_env == has_file:
             sub.error(None, "give exactly one of `env: NAME` or `file: PATH`")
@@ -569,7 +593,8 @@ class _Builder:
             sub.error("env" if env_name is not None else "file", str(error))
             return None
         k = base64.urlsafe_b64encode(secret).rstrip(b"=").decode()
-        return StaticKeys(kind="secret", origin=origin, jwks=MappingProxyType({"keys": [{"kty": "oct", "k": k}]}))
+        jwk = {"kty": "oct", "k": k, **({"kid": kid} if kid is not None else {})}
+        return StaticKeys(kind="secret", origin=origin + _kid_note(kid), jwks=MappingProxyType({"keys": [jwk]}))
 
     # -- routes ---------------------------------------------------------------------------
     def route(self, index: int, s: Section, raw: Any, providers: Mapping[str, Provider]) -> Route | None:
@@ -769,6 +794,10 @@ class _Builder:
         )
         s.done()
         return cache
+
+
+def _kid_note(kid: str | None) -> str:
+    return "" if kid is None else f" (kid {kid!r})"
 
 
 # RFC 9110 §5.1: a field name is a token.

@@ -197,3 +197,50 @@ async def test_an_exp_too_large_for_a_double_is_a_malformed_claim(sidecar: Any, 
     await refused(s, "/orders", signed_text(rsa_key, text), Reason.MALFORMED_CLAIM)
     await refused(s, "/orders", signed_text(rsa_key, text.replace("1e400", "Infinity")), Reason.MALFORMED)
     assert s.upstream.seen == []
+
+
+# -- item 9: kid is a hint ---------------------------------------------------------------------
+async def test_a_kid_reaches_a_secret_without_kid_and_a_configured_kid_only_its_own(
+        sidecar: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Any, rsa_key: TestKey) -> None:
+    import secrets
+
+    secret = secrets.token_urlsafe(48)
+    monkeypatch.setenv("JWT_SIDECAR_EDGE_SECRET", secret)
+    pem = tmp_path / "rsa.pem"
+    pem.write_bytes(rsa_key.public_pem())
+    s = await sidecar(f"""\
+        realm: api
+        upstream: {{url: "{{upstream}}", timeout: 2s, connect_timeout: 1s}}
+        providers:
+          hs: {{issuer: "https://hs.test", audiences: [{AUDIENCE}], secret: {{env: JWT_SIDECAR_EDGE_SECRET}}}}
+          hs-kid:
+            issuer: "https://hs-kid.test"
+            audiences: [{AUDIENCE}]
+            secret: {{env: JWT_SIDECAR_EDGE_SECRET, kid: "2024-05"}}
+          pem: {{issuer: "https://pem.test", audiences: [{AUDIENCE}], pem_file: {{file: "{pem}", kid: pem-1}}}}
+        routes:
+          - {{name: hs, match: {{path_prefix: /hs/}}, auth: {{provider: hs}}}}
+          - {{name: hs-kid, match: {{path_prefix: /hk/}}, auth: {{provider: hs-kid}}}}
+          - {{name: pem, match: {{path_prefix: /pem/}}, auth: {{provider: pem}}}}
+        """)
+    key = secret.encode()
+    cases = [
+        ("/hs/x", mint({"iss": "https://hs.test"}, secret=key, headers={"kid": "whatever"}), 200),
+        ("/hs/x", mint({"iss": "https://hs.test"}, secret=key), 200),
+        ("/hk/x", mint({"iss": "https://hs-kid.test"}, secret=key, headers={"kid": "2024-05"}), 200),
+        ("/hk/x", mint({"iss": "https://hs-kid.test"}, secret=key), 200),
+        ("/hk/x", mint({"iss": "https://hs-kid.test"}, secret=key, headers={"kid": "2024-06"}), 401),
+        ("/pem/x", mint({"iss": "https://pem.test"}, key=rsa_key, headers={"kid": "pem-1"}), 200),
+        ("/pem/x", mint({"iss": "https://pem.test"}, key=rsa_key, headers={"kid": None}), 200),
+        ("/pem/x", mint({"iss": "https://pem.test"}, key=rsa_key), 401),  # kid rsa-1, not pem-1
+    ]
+    for path, token, expected in cases:
+        status, headers, _ = await get(s, path, bearer(token))
+        assert status == expected, (path, jwt_header(token), status)
+        if expected == 401:
+            assert headers["WWW-Authenticate"] == challenge(Reason.UNKNOWN_KID)
+
+
+def jwt_header(token: str) -> Any:
+    segment = token.split(".")[0]
+    return json.loads(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))

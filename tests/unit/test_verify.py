@@ -524,3 +524,57 @@ async def test_non_base64url_or_non_canonical_segments_are_malformed(
     canonical = segment in ("", "QUI")
     expected = Reason.BAD_SIGNATURE if canonical and index > 0 else Reason.MALFORMED
     assert await reason_of(verifier(provider(keys), clock), token) is expected
+
+
+# -- kid is a hint (RFC 7515 §4.1.4): secret and pem_file keys, with or without a kid -------------
+@pytest.mark.parametrize("source, key_kid, token_kid, reason", [
+    ("secret", None, "any-kid", None),  # was unknown_kid: a secret has no kid, so never matched
+    ("secret", None, None, None),
+    ("secret", "hs-1", "hs-1", None),
+    ("secret", "hs-1", None, None),  # a token without kid tries every key, as with a JWKS
+    ("secret", "hs-1", "hs-2", Reason.UNKNOWN_KID),
+    ("pem_file", None, "any-kid", None),
+    ("pem_file", None, None, None),
+    ("pem_file", "p-1", "p-1", None),
+    ("pem_file", "p-1", None, None),
+    ("pem_file", "p-1", "rsa-1", Reason.UNKNOWN_KID),
+])
+async def test_a_static_key_without_kid_verifies_any_kid_and_with_one_only_its_own(
+        tmp_path: Any, rsa_key: TestKey, clock: FakeClock, monkeypatch: pytest.MonkeyPatch,
+        source: str, key_kid: str | None, token_kid: str | None, reason: Reason | None) -> None:
+    import secrets
+
+    from proxy.config import parse
+
+    secret = secrets.token_bytes(64)
+    (tmp_path / "hs.secret").write_text(base64.b64encode(secret).decode())
+    (tmp_path / "rsa.pem").write_bytes(rsa_key.public_pem())
+    kid = f", kid: {key_kid}" if key_kid else ""
+    keys = (f"secret: {{file: hs.secret, encoding: base64{kid}}}" if source == "secret"
+            else f"pem_file: {{file: rsa.pem{kid}}}" if key_kid else "pem_file: rsa.pem")
+    settings = parse(f"providers:\n  main: {{issuer: '{ISSUER}', audiences: ['{AUDIENCE}'], {keys}}}\n",
+                     base_dir=tmp_path)
+    v = verifier(settings.providers["main"], clock)
+    headers = {"kid": token_kid}
+    token = (mint(secret=secret, headers=headers, now=clock.time()) if source == "secret"
+             else mint(key=rsa_key, headers=headers, now=clock.time()))
+    if reason is None:
+        assert (await v.verify(token)).subject == "user-42"
+    else:
+        assert await reason_of(v, token) is reason
+    # Another key under the same kid is never taken for this one.
+    impostor = (mint(secret=secrets.token_bytes(64), headers=headers, now=clock.time()) if source == "secret"
+                else mint(key=_rsa_impostor(), headers=headers, now=clock.time()))
+    assert await reason_of(v, impostor) is (reason or Reason.BAD_SIGNATURE)
+
+
+def _rsa_impostor() -> TestKey:
+    from tests.conftest import _rsa
+
+    global _IMPOSTOR
+    if _IMPOSTOR is None:
+        _IMPOSTOR = _rsa("impostor")
+    return _IMPOSTOR
+
+
+_IMPOSTOR: TestKey | None = None

@@ -3,7 +3,8 @@
 Owns: dropping hop-by-hop headers (RFC 9110 §7.6.1), headers named in `Connection`, and
 every identity header the proxy may inject (configured names and prefixes, plus every claim
 and payload header any provider or route writes), on every route, before any decision;
-then writing the verified identity (claim headers, the payload header), removing the token
+then writing the verified identity (claim headers, the payload header; a claim with no
+exact header form is refused as `unsafe_claim`, never sanitised), removing the token
 from where it came from, and the `X-Forwarded-*` and `X-Request-Id` headers.
 The fields stay the bytes the client sent, end to end: `strip_inbound` makes one pass over
 the request's raw fields (classifying each name once per spelling, `StripPlan.role`) into an

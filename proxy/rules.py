@@ -1,7 +1,8 @@
 """A route's authorisation rules, applied to claims that are already verified.
 
-Owns: reading scopes from a payload (RFC 9068 §2.2.3 / RFC 8693 §4.2 `scope` string, or a
-`scp`/`scope` list as Azure AD and Okta issue them), walking dotted claim paths, and the
+Owns: reading scopes from a payload (RFC 9068 §2.2.3 / RFC 8693 §4.2 `scope` string, split
+on SP alone as RFC 6749 §3.3 says, or a `scp`/`scope` list as Azure AD and Okta issue
+them), walking dotted claim paths, and the
 claim operators (equals, one_of, contains, matches, present). A failure is an
 `InsufficientScope` (403), never an `InvalidToken`: the token is fine, it just does not
 grant this. Does not own: where claims came from or whether they are genuine (verify.py).

@@ -1,8 +1,9 @@
 """Token + provider + keys + now → verified `Claims`, or an `InvalidToken` that says which check failed.
 
 Owns: the order and content of every check RFC 7515/7519/8725/9068 asks of a JWS access
-token (size, header, alg allow-list, typ, crit, signature, NumericDate types, exp, nbf, iat,
-token age, iss, aud, required claims), the mapping of PyJWT's exceptions onto our `Reason`s,
+token (size, one canonical base64url spelling, strict JSON with no duplicate member names,
+header, alg allow-list, typ, crit, signature, NumericDate types, exp, nbf, iat, token age,
+iss, aud, required claims), the mapping of PyJWT's exceptions onto our `Reason`s,
 and the verified-token cache. Does not own: fetching keys (keys.py hands us candidates),
 route rules (rules.py), or where the token came from (extract.py).
 

@@ -92,7 +92,10 @@ class AccessLog:
             return
         lines, self._pending = self._pending, []
         try:
-            self._stream.write(("\n".join(lines) + "\n").encode())
+            # backslashreplace: a lone surrogate (a token's `sub` of "\ud800", a path byte
+            # kept by surrogateescape) has no UTF-8 form; strict encoding raised and lost the
+            # whole batch. Inside a JSON string, `\ud800` is that same character's escape.
+            self._stream.write(("\n".join(lines) + "\n").encode("utf-8", "backslashreplace"))
             self._stream.flush()
         except (OSError, ValueError):
             pass  # a closed or broken stdout must never take the proxy down

@@ -560,15 +560,26 @@ class _Builder:
         return StaticKeys(kind="jwks_file", origin=f"jwks_file {path}", jwks=MappingProxyType(document))
 
     def pem_file(self, s: Section) -> StaticKeys | None:
-        path = self._path(s, "pem_file")
-        data = self._read(s, "pem_file", path) if path else None
+        # `pem_file: PATH`, or `pem_file: {file: PATH, kid: KID}` to give the key a kid.
+        kid = None
+        if isinstance(s.raw("pem_file"), dict):
+            sub = s.section("pem_file")
+            assert sub is not None  # a mapping
+            s, key_name = sub, "file"
+            path = self._path(s, "file")
+            kid = self._kid(s)
+            s.done()
+        else:
+            key_name = "pem_file"
+            path = self._path(s, "pem_file")
+        data = self._read(s, key_name, path) if path else None
         if data is None:
             return None
         try:
             key = load_pem_public_key(data)
         except ValueError:
             hint = " (it holds a private key; give the public key)" if b"PRIVATE KEY" in data else ""
-            s.error("pem_file", f"{path} is not a PEM public key{hint}")
+            s.error(key_name, f"{path} is not a PEM public key{hint}")
             return None
         if isinstance(key, rsa.RSAPublicKey):
             jwk = RSAAlgorithm.to_jwk(key, as_dict=True)
@@ -577,9 +588,21 @@ class _Builder:
         elif isinstance(key, ed25519.Ed25519PublicKey):
             jwk = OKPAlgorithm.to_jwk(key, as_dict=True)
         else:
-            s.error("pem_file", f"{path}: unsupported key type {type(key).__name__}; use RSA, EC or Ed25519")
+            s.error(key_name, f"{path}: unsupported key type {type(key).__name__}; use RSA, EC or Ed25519")
             return None
-        return StaticKeys(kind="pem_file", origin=f"pem_file {path}", jwks=MappingProxyType({"keys": [jwk]}))
+        if kid is not None:
+            jwk["kid"] = kid
+        return StaticKeys(kind="pem_file", origin=f"pem_file {path}" + _kid_note(kid),
+                          jwks=MappingProxyType({"keys": [jwk]}))
+
+    @staticmethod
+    def _kid(s: Section) -> str | None:
+        """A static key's optional `kid`: then only tokens naming it (or no kid) use the key."""
+        kid = s.string("kid")
+        if kid == "":
+            s.error("kid", "must not be empty; leave it out to try the key for any kid")
+            return None
+        return kid
 
     def secret(self, s: Section) -> StaticKeys | None:
         sub = s.section("secret")
@@ -589,6 +612,7 @@ class _Builder:
         env_name = sub.string("env")
         file_name = sub.string("file")
         encoding = sub.string("encoding", "utf-8")
+        kid = self._kid(sub)
         sub.done()
         if has_env == has_file:
             sub.error(None, "give exactly one of `env: NAME` or `file: PATH`")
@@ -619,7 +643,8 @@ class _Builder:
             sub.error("env" if env_name is not None else "file", str(error))
             return None
         k = base64.urlsafe_b64encode(secret).rstrip(b"=").decode()
-        return StaticKeys(kind="secret", origin=origin, jwks=MappingProxyType({"keys": [{"kty": "oct", "k": k}]}))
+        jwk = {"kty": "oct", "k": k, **({"kid": kid} if kid is not None else {})}
+        return StaticKeys(kind="secret", origin=origin + _kid_note(kid), jwks=MappingProxyType({"keys": [jwk]}))
 
     # -- routes ---------------------------------------------------------------------------
     def route(self, index: int, s: Section, raw: Any, providers: Mapping[str, Provider]) -> Route | None:
@@ -678,6 +703,12 @@ class _Builder:
         if scopes_section is not None:
             scopes = ScopeRule(all_of=scopes_section.strings("all_of"), any_of=scopes_section.strings("any_of"))
             scopes_section.done()
+            for key, names in (("all_of", scopes.all_of), ("any_of", scopes.any_of)):
+                for bad in (n for n in names if not _SCOPE_TOKEN.fullmatch(n)):
+                    # A token's scope string splits on SP alone (rules.scopes_of), so such a
+                    # scope could never be granted: the route would refuse everyone.
+                    scopes_section.error(key, f"{bad!r} is not one scope token (RFC 6749 §3.3: printable "
+                                         "ASCII but space, \" and \\); list several scopes separately")
         claims = tuple(
             rule for _, item, path, line in s.items("claims")
             if (rule := self.claim_rule(Section(self.issues, item, path, line), item)) is not None
@@ -831,8 +862,13 @@ class _Builder:
         return cache
 
 
+def _kid_note(kid: str | None) -> str:
+    return "" if kid is None else f" (kid {kid!r})"
+
+
 # RFC 9110 §5.1: a field name is a token.
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")  # RFC 6749 §3.3 scope-token: 1*NQCHAR
 # Headers whose meaning belongs to HTTP or to this proxy: never a claim's carrier.
 _RESERVED_HEADERS = frozenset({
     "host", "content-length", "content-type", "transfer-encoding", "connection", "keep-alive", "upgrade",

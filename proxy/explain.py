@@ -1,8 +1,9 @@
 """`token explain`: run every check on one token and report each, instead of stopping at the first.
 
 Owns: choosing the provider for a token (by name, or by its unverified `iss`), and the
-step-by-step report. The checks themselves are verify.py's tables, run one by one, so the
-explanation can never disagree with what the proxy decides. Does not own: printing (cli.py).
+step-by-step report. The checks themselves are verify.py's tables, run one by one, then the
+provider's claim headers are rendered by identity.py, so the explanation can never disagree
+with what the proxy decides. Does not own: printing (cli.py).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from jwt.exceptions import PyJWTError
 
 from .config import Provider, Settings
 from .errors import InvalidToken, KeysUnavailable, Reason
+from .identity import claim_headers
 from .keys import KeySource
 from .verify import CLAIM_CHECKS, HEADER_CHECKS, check_signature, decode_unverified, parse_payload, read_header
 
@@ -50,7 +52,9 @@ def unverified_parts(token: str) -> tuple[dict[str, Any] | None, dict[str, Any] 
     """Header and payload decoded without any check, for display and provider choice only."""
     try:
         header, raw_payload = decode_unverified(token)
-    except PyJWTError:
+    except (PyJWTError, ValueError, RecursionError):
+        # Also what PyJWT lets through: a token that is not UTF-8 (a surrogate from the command
+        # line) and a header nested deeper than its JSON parser goes.
         return None, None
     try:
         return header, parse_payload(raw_payload)
@@ -112,8 +116,12 @@ async def explain(token: str, provider: Provider, source: KeySource, *, now: flo
         # Claims are still checked, so one run shows everything wrong, but they prove nothing.
         payload = unverified_payload
     if payload is None:
-        steps.extend(Step(name, None, "payload does not decode") for name, _ in CLAIM_CHECKS)
+        steps.extend(Step(name, None, "payload does not decode") for name, _ in (*CLAIM_CHECKS, ("headers", None)))
         return report
     for name, check in CLAIM_CHECKS:
         record(name, lambda check=check: check(payload, provider, now))
+    # Then the proxy writes the claim headers and the payload header: a claim with no exact
+    # header form (a control character, a lone surrogate, NaN) is a 401 unsafe_claim there.
+    # The provider's map; a route with its own `headers:` renders that one instead.
+    record("headers", lambda: claim_headers(payload, provider.headers))
     return report

@@ -3,7 +3,8 @@
 Owns: dropping hop-by-hop headers (RFC 9110 §7.6.1), headers named in `Connection`, and
 every identity header the proxy may inject (configured names and prefixes, plus every claim
 and payload header any provider or route writes), on every route, before any decision;
-then writing the verified identity (claim headers, the payload header), removing the token
+then writing the verified identity (claim headers, the payload header; a claim with no
+exact header form is refused as `unsafe_claim`, never sanitised), removing the token
 from where it came from, and the `X-Forwarded-*` and `X-Request-Id` headers.
 The fields stay the bytes the client sent, end to end: `strip_inbound` makes one pass over
 the request's raw fields (classifying each name once per spelling, `StripPlan.role`) into an
@@ -51,7 +52,14 @@ _ROLES = {"connection": _CONNECTION, "host": _HOST, "x-forwarded-for": _FORWARDE
           "x-forwarded-proto": _FORWARDED_PROTO, "x-forwarded-host": _FORWARDED_HOST,
           # The framing is the upstream client's to write; our X-Request-Id replaces the client's.
           "content-length": _DROP, "x-request-id": _DROP}
-_UNSAFE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # C0 controls but HTAB: CR, LF and NUL among them
+# C0 controls but HTAB (CR, LF and NUL among them), DEL, and lone surrogates: JSON's
+# "\ud800" escape decodes to a str no UTF-8 encoder takes, so the header could not be
+# written at all (it was a 500) or, under surrogateescape, would become bytes that are not
+# UTF-8, which no upstream decodes back to the claim.
+_UNSAFE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f\ud800-\udfff]")
+# JSON for a header: compact, UTF-8 as is, and no NaN or Infinity (not JSON, RFC 8259 §6;
+# a float too large for a double, such as 1e400, reads as inf). Built once, not per call.
+_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
@@ -187,29 +195,47 @@ _offset = 0
 
 
 def render_claim(value: Any) -> str | None:
-    """A claim as a header value: lists joined with ',', objects as JSON; None when absent."""
+    """A claim as a header value: lists joined with ',', objects as JSON; None when absent.
+
+    Whatever the token holds, the answer is a str that encodes to UTF-8 and arrives as it
+    is, or `InvalidToken(UNSAFE_CLAIM)`: never another exception (no token may cause a 5xx).
+    """
     if value is ABSENT or value is None:
         return None
     if isinstance(value, bool):
         text = "true" if value else "false"
     elif isinstance(value, str):
         text = value
-    elif isinstance(value, list):
-        if any(isinstance(v, str) and "," in v for v in value):
-            # ["dev,admin"] would read upstream as two roles, dev and admin.
-            raise InvalidToken(Reason.UNSAFE_CLAIM, "a list claim item holds the ',' that joins items")
-        text = ",".join(v if isinstance(v, str) else json.dumps(v, separators=(",", ":"), ensure_ascii=False)
-                        for v in value)
     else:
-        text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+        try:
+            if isinstance(value, list):
+                if any(isinstance(v, str) and "," in v for v in value):
+                    # ["dev,admin"] would read upstream as two roles, dev and admin.
+                    raise InvalidToken(Reason.UNSAFE_CLAIM, "a list claim item holds the ',' that joins items")
+                text = ",".join(v if isinstance(v, str) else _JSON(v) for v in value)
+            else:
+                text = _JSON(value)
+        except (ValueError, RecursionError) as error:
+            # NaN/Infinity, an int too long to print, nesting deeper than the encoder goes.
+            raise InvalidToken(Reason.UNSAFE_CLAIM, f"a claim cannot be written as JSON: {_why(error)}") from None
     if _UNSAFE.search(text):
         # Header injection or response splitting through a claim: deny, never sanitise.
-        raise InvalidToken(Reason.UNSAFE_CLAIM, "a claim holds CR, LF, NUL or another control character")
+        raise InvalidToken(Reason.UNSAFE_CLAIM,
+                           "a claim holds CR, LF, NUL or another control character, or a lone surrogate")
     if text != text.strip(" \t"):
         # Header parsers drop surrounding whitespace (RFC 9110 §5.5): " admin" would arrive
         # as "admin", a different identity.
         raise InvalidToken(Reason.UNSAFE_CLAIM, "a claim starts or ends with whitespace")
     return text
+
+
+def _why(error: ValueError | RecursionError) -> str:
+    # Operator text only (logs, explain): neither the claim nor the library's message.
+    if isinstance(error, UnicodeEncodeError):
+        return "a lone surrogate (no UTF-8 form)"
+    if isinstance(error, RecursionError):
+        return "nested too deeply"
+    return "NaN, Infinity or a number too long to write as JSON"
 
 
 def claim_headers(payload: Mapping[str, Any], header_map: HeaderMap,
@@ -225,7 +251,12 @@ def claim_headers(payload: Mapping[str, Any], header_map: HeaderMap,
     values = [(c.header, render_claim(claim_at(payload, c.path))) for c in header_map.claims]
     rendered = [(name, value) for name, value in values if value is not None]
     if header_map.payload:
-        raw = json.dumps(dict(payload), separators=(",", ":"), ensure_ascii=False).encode()
+        try:
+            # Strict UTF-8: a lone surrogate anywhere (a value, a member name, however deep)
+            # has no UTF-8 form, so the upstream could not get this payload back exactly.
+            raw = _JSON(dict(payload)).encode("utf-8")
+        except (ValueError, RecursionError) as error:  # UnicodeEncodeError is a ValueError
+            raise InvalidToken(Reason.UNSAFE_CLAIM, f"the payload cannot be forwarded exactly: {_why(error)}") from None
         rendered.append((header_map.payload, base64.urlsafe_b64encode(raw).rstrip(b"=").decode()))
     result = tuple(rendered)
     if memo is not None and len(memo) < 16:  # a handful of routes with their own maps at most

@@ -1,7 +1,8 @@
 """JSON Web Key Sets (RFC 7517) turned into an immutable index of usable verification keys.
 
 Owns: which algorithm fits which key type (RFC 7518 §3.1, RFC 8037), which JWKs are usable
-for verifying signatures, and the (kid, alg) → keys index that verification reads.
+for verifying signatures, and the (kid, alg) → keys index that verification reads (a key
+without a kid is a candidate for any kid: `KeySet.candidates`).
 Does not own: fetching key sets, caching them in time, or anything about tokens.
 
 Each JWK is bound by PyJWT to exactly one algorithm (`PyJWK(jwk, algorithm=...)`), and
@@ -74,7 +75,7 @@ class KeySet:
 
     def __init__(
         self,
-        by_kid: dict[tuple[str, str], tuple[PyJWK, ...]],
+        by_kid: dict[tuple[str | None, str], tuple[PyJWK, ...]],
         by_alg: dict[str, tuple[PyJWK, ...]],
         kids: frozenset[str],
         skipped: tuple[SkippedKey, ...],
@@ -101,8 +102,9 @@ class KeySet:
         if not isinstance(document, Mapping) or not isinstance(document.get("keys"), list):
             raise ValueError('not a JWK Set: expected a JSON object with a "keys" array')
         allowed = tuple(algorithms)
-        by_kid: dict[tuple[str, str], list[PyJWK]] = {}
+        by_kid: dict[tuple[str | None, str], list[PyJWK]] = {}
         by_alg: dict[str, list[PyJWK]] = {}
+        anonymous: dict[str, list[PyJWK]] = {}
         kids: set[str] = set()
         skipped: list[SkippedKey] = []
         size = 0
@@ -118,6 +120,13 @@ class KeySet:
                 by_alg.setdefault(alg, []).append(key)
                 if kid is not None:
                     by_kid.setdefault((kid, alg), []).append(key)
+                else:
+                    anonymous.setdefault(alg, []).append(key)
+        # A key without a kid is a candidate for every kid of its algorithm, after the keys
+        # that carry that kid; the key `(None, alg)` holds them alone, for kids we do not know.
+        for (_, alg), keys in by_kid.items():
+            keys += anonymous.get(alg, ())
+        by_kid.update(((None, alg), keys) for alg, keys in anonymous.items())
         return cls(
             {k: tuple(v) for k, v in by_kid.items()},
             {k: tuple(v) for k, v in by_alg.items()},
@@ -129,12 +138,15 @@ class KeySet:
     def candidates(self, kid: str | None, alg: str) -> tuple[PyJWK, ...]:
         """The keys that may verify a token with this `kid` (or none) and `alg`.
 
-        With a kid, only keys carrying that kid; without one, every key that fits the
-        algorithm (RFC 7515 §4.1.4 makes kid optional).
+        The kid is a hint (RFC 7515 §4.1.4), and a key may be published without one. A token
+        without a kid: every key that fits the algorithm. A token with a kid: the keys that
+        carry that kid, then every key without a kid that fits the algorithm; never a key
+        that carries another kid.
         """
         if kid is None:
             return self._by_alg.get(alg, ())
-        return self._by_kid.get((kid, alg), ())
+        found = self._by_kid.get((kid, alg))
+        return found if found is not None else self._by_kid.get((None, alg), ())
 
     def __len__(self) -> int:
         return self.size

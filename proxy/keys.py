@@ -116,7 +116,7 @@ class KeySource:
         :raises InvalidToken: (`Reason.UNKNOWN_KID`) no key fits the kid and alg.
         """
         found = self.keyset.candidates(kid, alg)
-        if found:
+        if found and (kid is None or kid in self.keyset.kids):
             return found
         if self.keyset.size == 0:
             await self._refetch()
@@ -127,11 +127,13 @@ class KeySource:
                 raise KeysUnavailable(f"provider {self.name}: no usable keys from {self.provider.keys.origin}")
         elif kid is not None and kid not in self.keyset.kids:
             # A kid we have never seen may be a freshly rotated key (RFC 7517 §5 leaves
-            # rotation to the issuer); a kid we know with the wrong alg never will be.
+            # rotation to the issuer); a kid we know with the wrong alg never will be. Keys
+            # without a kid are candidates for it meanwhile (`found`), but the new key, once
+            # fetched, comes first. The refetch is rate-limited; a static source has none.
             await self._refetch()
             found = self.keyset.candidates(kid, alg)
-            if found:
-                return found
+        if found:
+            return found
         if kid is None:
             raise InvalidToken(Reason.UNKNOWN_KID, f"no key without kid fits alg {alg}")
         raise InvalidToken(Reason.UNKNOWN_KID, f"no key with kid {kid!r} for alg {alg}")

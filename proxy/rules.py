@@ -1,7 +1,8 @@
 """A route's authorisation rules, applied to claims that are already verified.
 
-Owns: reading scopes from a payload (RFC 9068 §2.2.3 / RFC 8693 §4.2 `scope` string, or a
-`scp`/`scope` list as Azure AD and Okta issue them), walking dotted claim paths, and the
+Owns: reading scopes from a payload (RFC 9068 §2.2.3 / RFC 8693 §4.2 `scope` string, split
+on SP alone as RFC 6749 §3.3 says, or a `scp`/`scope` list as Azure AD and Okta issue
+them), walking dotted claim paths, and the
 claim operators (equals, one_of, contains, matches, present). A failure is an
 `InsufficientScope` (403), never an `InvalidToken`: the token is fine, it just does not
 grant this. Does not own: where claims came from or whether they are genuine (verify.py).
@@ -44,14 +45,22 @@ def claim_at(payload: Mapping[str, Any], path: tuple[str, ...]) -> Any:
 
 
 def scopes_of(payload: Mapping[str, Any]) -> frozenset[str]:
-    """Every scope the token grants, from `scope` and `scp`, string or list."""
+    """Every scope the token grants, from `scope` and `scp`, string or list.
+
+    A string is split on SP (U+0020) alone: RFC 6749 §3.3 separates scope tokens with
+    %x20 and nothing else, so `read<TAB>admin` or `read<NBSP>admin` is one scope token
+    (which no route names: config.py admits only RFC 6749 scope tokens), never `admin`.
+    `str.split()` would split on every Unicode whitespace. A list item is one scope token,
+    verbatim (`["read admin"]` grants neither), and items that are not strings grant nothing.
+    """
     found: set[str] = set()
     for name in ("scope", "scp"):
         value = payload.get(name)
         if isinstance(value, str):
-            found.update(value.split())
+            found.update(value.split(" "))
         elif isinstance(value, list):
             found.update(v for v in value if isinstance(v, str))
+    found.discard("")  # between two spaces, or before or after: not a scope
     return frozenset(found)
 
 

@@ -1,8 +1,9 @@
 """Token + provider + keys + now → verified `Claims`, or an `InvalidToken` that says which check failed.
 
 Owns: the order and content of every check RFC 7515/7519/8725/9068 asks of a JWS access
-token (size, header, alg allow-list, typ, crit, signature, NumericDate types, exp, nbf, iat,
-token age, iss, aud, required claims), the mapping of PyJWT's exceptions onto our `Reason`s,
+token (size, one canonical base64url spelling, strict JSON with no duplicate member names,
+header, alg allow-list, typ, crit, signature, NumericDate types, exp, nbf, iat, token age,
+iss, aud, required claims), the mapping of PyJWT's exceptions onto our `Reason`s,
 and the verified-token cache. Does not own: fetching keys (keys.py hands us candidates),
 route rules (rules.py), or where the token came from (extract.py).
 
@@ -91,12 +92,17 @@ class _HeaderChecksAreOurs(PyJWS):
       unknown `crit` and b64 misuse; we check all of those in `HEADER_CHECKS` first, each
       with its own `Reason`. If PyJWT renames the hook, its own checks come back and the
       crit case in test_verify (which asserts Reason.CRIT) fails.
-    - The base64url segment decoder is PyJWT's own in what it accepts, with its Python
-      steps done in C: the alphabet check is one `bytes.translate` (PyJWT's generator over
-      every character was half of a cache miss), the decode one `binascii.a2b_base64`, and
-      the canonical-encoding check one table lookup instead of a re-encode.
-      tests/unit/test_verify.py compares the two on thousands of segments, and fails if the
-      hook is not ours.
+    - The base64url segment decoder is stricter than PyJWT's, and faster. Strict: one token
+      has one spelling (RFC 7515 §2: base64url "with all trailing '=' characters omitted"),
+      so padding is refused (PyJWT accepts `==` after a signature, which made two texts of
+      one token verify; caches and deny-lists keyed on the text must not see two), as is any
+      character outside [A-Za-z0-9_-], a length of 1 mod 4 (no byte ends there) and a
+      last character with non-zero unused bits (`...Q` vs `...R`). Fast: the alphabet check
+      is one `bytes.translate` (PyJWT's generator over every character was half of a cache
+      miss), the decode one `binascii.a2b_base64`, and the canonical-encoding check one table
+      lookup instead of a re-encode. tests/unit/test_verify.py compares it with PyJWT's on
+      thousands of segments (same answer but for padding, which only PyJWT accepts), and
+      fails if the hook is not ours.
     """
 
     def _validate_headers(self, headers: dict[str, Any], *, encoding: bool = False) -> None:
@@ -104,29 +110,63 @@ class _HeaderChecksAreOurs(PyJWS):
 
     @staticmethod
     def _decode_base64url_segment(segment: bytes, name: str) -> bytes:
-        stripped = segment.rstrip(b"=")
-        padding = len(segment) - len(stripped)
-        if padding > 2 or (padding and len(segment) % 4 != 0):
-            raise DecodeError(f"Invalid {name} padding")
-        # translate(None, alphabet) deletes every allowed byte: anything left is not base64url.
-        if len(stripped) % 4 == 1 or stripped.translate(None, _BASE64URL_ALPHABET):
-            raise DecodeError(f"Invalid {name} padding")
-        tail = len(stripped) % 4
+        # translate(None, alphabet) deletes every allowed byte: anything left ('=', '+', '/',
+        # whitespace, non-ASCII) is not base64url.
+        if len(segment) % 4 == 1 or segment.translate(None, _BASE64URL_ALPHABET):
+            raise DecodeError(f"{name} segment is not unpadded base64url (RFC 7515 §2)")
+        tail = len(segment) % 4
         # Canonical: re-encoding must give the same text, i.e. the bits of the last character
         # that no byte uses are zero (4 of them after 2 characters, 2 after 3). PyJWT
         # re-encodes to find out; one table lookup says the same.
-        if tail and _SEXTET[stripped[-1]] & (0x0F if tail == 2 else 0x03):
-            raise DecodeError(f"Invalid {name} padding")
+        if tail and _SEXTET[segment[-1]] & (0x0F if tail == 2 else 0x03):
+            raise DecodeError(f"{name} segment is not canonical base64url: its last character has unused bits set")
         try:
-            return binascii.a2b_base64(stripped.translate(_TO_STANDARD) + b"==="[:(4 - tail) % 4])
+            return binascii.a2b_base64(segment.translate(_TO_STANDARD) + b"==="[:(4 - tail) % 4])
         except binascii.Error as err:
-            raise DecodeError(f"Invalid {name} padding") from err
+            raise DecodeError(f"{name} segment is not base64url") from err
 
 
 _BASE64URL_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
 _SEXTET = {byte: value for value, byte in enumerate(_BASE64URL_ALPHABET)}
 _TO_STANDARD = bytes.maketrans(b"-_", b"+/")
 _JWS = _HeaderChecksAreOurs()
+
+
+class _NotStrictJson(ValueError):
+    """JSON that Python's parser takes but RFC 8259 / RFC 7519 §4 make us refuse."""
+
+
+def _one_member_per_name(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # RFC 7519 §4 lets a parser reject duplicate member names or keep the last; we reject,
+    # at every depth (the claims set and any object inside it), so nothing that reads the
+    # JSON after us (an upstream reading X-Jwt-Payload, a parser that keeps the first) can
+    # see another value than the one we checked. dict() is C; the hook is one call per object.
+    members = dict(pairs)
+    if len(members) != len(pairs):
+        seen: set[str] = set()
+        for name, _ in pairs:
+            if name in seen:
+                raise _NotStrictJson(f"duplicate member name {name!r}")
+            seen.add(name)
+    return members
+
+
+def _no_constant(name: str) -> Any:
+    # Python reads NaN, Infinity and -Infinity; JSON (RFC 8259 §6) has no such numbers.
+    raise _NotStrictJson(f"{name} is not JSON")
+
+
+_STRICT_JSON = json.JSONDecoder(object_pairs_hook=_one_member_per_name, parse_constant=_no_constant).decode
+"""`json.loads` for token JSON: refuses duplicate member names and NaN/Infinity. A str only
+(RFC 7515 §5.2 / RFC 7519 §7.2: UTF-8, decoded by the caller, so no encoding sniffing)."""
+
+
+def _json_problem(error: ValueError | RecursionError) -> str:
+    if isinstance(error, _NotStrictJson):
+        return str(error)
+    if isinstance(error, RecursionError):
+        return "nested too deeply"
+    return "not UTF-8 JSON"
 
 
 # -- header --------------------------------------------------------------------------------
@@ -143,9 +183,12 @@ def read_header(token: str, *, max_bytes: int) -> TokenHeader:
         raise InvalidToken(Reason.MALFORMED, f"a JWS compact token has 3 segments, this one {token.count('.') + 1}")
     try:
         raw = _JWS._decode_base64url_segment(token[:token.index(".")].encode("ascii"), "header")
-        fields = json.loads(raw.decode("utf-8"))  # RFC 7515 §5.2: UTF-8, so no encoding sniffing
-    except (DecodeError, UnicodeEncodeError, ValueError, RecursionError):
-        raise InvalidToken(Reason.MALFORMED, "header: not base64url-encoded JSON") from None
+    except (DecodeError, UnicodeEncodeError):
+        raise InvalidToken(Reason.MALFORMED, "header: not unpadded, canonical base64url (RFC 7515 §2)") from None
+    try:
+        fields = _STRICT_JSON(raw.decode("utf-8"))
+    except (ValueError, RecursionError) as error:
+        raise InvalidToken(Reason.MALFORMED, f"header: {_json_problem(error)}") from None
     if not isinstance(fields, dict):
         raise InvalidToken(Reason.MALFORMED, "header: not a JSON object")
     return TokenHeader(alg=fields.get("alg"), kid=fields.get("kid"), fields=fields)
@@ -218,7 +261,7 @@ def check_signature(token: str, header: TokenHeader, keys: Sequence[PyJWK]) -> d
     payload_segment = signing_input.partition(b".")[2]
     try:
         payload = _JWS._decode_base64url_segment(payload_segment, "payload")
-        signature = _JWS._decode_base64url_segment(crypto_segment, "crypto")
+        signature = _JWS._decode_base64url_segment(crypto_segment, "signature")
     except DecodeError as error:
         raise InvalidToken(Reason.MALFORMED, _phrase(error)) from None
     failures: list[str] = []
@@ -253,9 +296,9 @@ def decode_unverified(token: str) -> tuple[dict[str, Any], bytes]:
 
 def parse_payload(raw: bytes) -> dict[str, Any]:
     try:
-        payload = json.loads(raw.decode("utf-8"))  # RFC 7519 §7.2: UTF-8, so no encoding sniffing
-    except (ValueError, RecursionError):
-        raise InvalidToken(Reason.MALFORMED, "payload is not JSON") from None
+        payload = _STRICT_JSON(raw.decode("utf-8"))
+    except (ValueError, RecursionError) as error:
+        raise InvalidToken(Reason.MALFORMED, f"payload: {_json_problem(error)}") from None
     if not isinstance(payload, dict):
         raise InvalidToken(Reason.MALFORMED, "payload is not a JSON object (RFC 7519 §7.2)")
     return payload

@@ -76,3 +76,19 @@ async def test_the_request_line_is_the_json_of_its_fields_whatever_they_hold() -
         assert list(parsed) == ["time", *fields], "field order as in the README"
         assert {k: v for k, v in parsed.items() if k != "time"} == fields
         assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", parsed["time"])
+
+
+async def test_a_lone_surrogate_costs_no_line_and_stays_valid_json() -> None:
+    # A token's `sub` of "\ud800" (JSON escape) is a str with no UTF-8 form; a path byte
+    # kept by surrogateescape is another. Strict encoding raised in flush and the whole
+    # batch, every other request's line with it, was lost.
+    stream = io.BytesIO()
+    log = AccessLog(stream, interval=60)
+    log.write(status=200, subject="alice")
+    log.request(request_id="r1", client="127.0.0.1", method="GET", path="/x\udc80", route="api", status=401,
+                decision="denied", reason="unsafe_claim", subject="a\ud800b", latency_ms=1.0)
+    log.write(status=200, subject="bob")
+    log.flush()
+    lines = [json.loads(line) for line in stream.getvalue().decode("utf-8").splitlines()]
+    assert [line["status"] for line in lines] == [200, 401, 200]
+    assert lines[1]["subject"] == "a\ud800b" and lines[1]["path"] == "/x\udc80"

@@ -133,3 +133,63 @@ async def test_explain_against_a_remote_jwks_as_a_subprocess(tmp_path: Path, rsa
     out, err = await asyncio.wait_for(proc.communicate(f"Bearer {mint(key=rsa_key)}\n".encode()), timeout=30)
     assert proc.returncode == 0, (out, err)
     assert out.decode().rstrip().endswith("VALID")
+
+
+# -- explain and the proxy agree on what a token is (issue 10 items 2, 3, 4) --------------------
+def _b64(raw: bytes) -> str:
+    import base64
+
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def signed_text(key: TestKey, header: str, payload: str) -> str:
+    """A token signed (RS256) over JSON texts as given: duplicate names and all."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import padding
+
+    signing_input = f"{_b64(header.encode())}.{_b64(payload.encode())}"
+    return f"{signing_input}.{_b64(key.private.sign(signing_input.encode(), padding.PKCS1v15(), hashes.SHA256()))}"
+
+
+def _claims_text(key: TestKey, extra: str = "") -> str:
+    import time
+
+    now = int(time.time())
+    return f'{{"iss":"{ISSUER}","aud":"{AUDIENCE}","sub":"user-1","iat":{now},"exp":{now + 300}{extra}}}'
+
+
+@pytest.mark.parametrize("make, failing, reason", [
+    (lambda k: mint(key=k) + "==", "signature", "malformed"),  # 2048-bit RSA: 342 characters, so == pads it
+    (lambda k: signed_text(k, f'{{"alg":"RS256","kid":"{k.kid}"}}', _claims_text(k, ',"sub":"admin"')),
+     "signature", "malformed"),
+    (lambda k: signed_text(k, f'{{"alg":"RS256","kid":"{k.kid}"}}', _claims_text(k, ',"o":{"r":1,"r":2}')),
+     "signature", "malformed"),
+    (lambda k: signed_text(k, f'{{"alg":"RS256","kid":"{k.kid}","kid":"{k.kid}"}}', _claims_text(k)), "form", "malformed"),
+    (lambda k: signed_text(k, f'{{"alg":"RS256","kid":"{k.kid}"}}', _claims_text(k, ',"n":NaN')), "signature", "malformed"),
+    (lambda k: mint({"sub": "user-\ud800"}, key=k), "headers", "unsafe_claim"),
+], ids=["padded-signature", "duplicate-sub", "nested-duplicate", "duplicate-in-header", "NaN", "lone-surrogate-sub"])
+def test_explain_refuses_for_the_reason_the_proxy_does(config_file: Path, rsa_key: TestKey, make: Any, failing: str,
+                                                       reason: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["token", "explain", make(rsa_key), "--config", str(config_file), "--provider", "main"]) == 1
+    out = capsys.readouterr().out
+    assert steps(out)[failing] == "FAIL", out
+    assert out.rstrip().splitlines()[-1] == f"INVALID: {reason}", out
+
+
+async def test_explain_prints_any_token_content_to_a_strict_utf8_stdout(config_file: Path, rsa_key: TestKey) -> None:
+    # A real process whose stdout refuses what is not UTF-8: a lone surrogate in a claim, a
+    # header nested past the JSON parser's depth, a command-line token that is not UTF-8.
+    deep = "[" * 2500 + "]" * 2500  # under max_token_bytes once encoded
+    cases = [
+        (mint({"sub": "\ud800", "o": {"\udc80": ["\ud83d"]}}, key=rsa_key).encode(), "INVALID: unsafe_claim"),
+        (f"{_b64(deep.encode())}.{_b64(b'{}')}.AA".encode(), "INVALID: malformed"),
+        (mint(key=rsa_key).encode()[:-3] + b"\xff\xfe", "INVALID: malformed"),
+    ]
+    for token, verdict in cases:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "proxy", "token", "explain", token, "--config", str(config_file),
+            "--provider", "main", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=REPO,
+            env={"PATH": "/usr/bin:/bin", "PYTHONIOENCODING": "utf-8:strict", "PYTHONPATH": str(REPO)})
+        out, err = await asyncio.wait_for(proc.communicate(), timeout=60)
+        assert proc.returncode == 1, (token[:40], out, err)
+        assert b"Traceback" not in err and out.decode("utf-8").rstrip().endswith(verdict), (out, err)

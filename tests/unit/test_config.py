@@ -276,3 +276,73 @@ def test_connection_limits_and_timeouts_defaults_and_route_websocket_inherits_th
     assert (s.routes[0].websocket.idle_timeout, s.routes[0].websocket.max_lifetime,
             s.routes[0].websocket.close_on_token_expiry) == (60.0, 0.0, True)
     assert s.routes[1].websocket is None and s.websocket.close_on_token_expiry is False
+
+
+@pytest.mark.parametrize("scope", ["read admin", "read\\tadmin", "", " admin", "admin\\u00a0", "caf\\u00e9", 'a\\"b', "a\\\\b"])
+def test_a_scope_that_no_token_could_grant_is_refused_with_its_line(scope: str) -> None:
+    # A token's scope string splits on SP alone (RFC 6749 §3.3), so "read admin" in a route
+    # would refuse every caller; it is a config mistake (meant: [read, admin]).
+    found = issues_of("providers: {main: {issuer: i, audiences: [a], jwks: {url: 'https://x'}}}\n"
+                      "routes:\n  - match: {path_prefix: /}\n    auth:\n      provider: main\n"
+                      f'      scopes:\n        any_of: [ok]\n        all_of: [ok, "{scope}"]\n')
+    assert any(issue.startswith("c.yaml:8: routes[0].auth.scopes.all_of: ") and "is not one scope token" in issue
+               for issue in found), found
+
+
+def test_rfc_6749_scope_tokens_are_accepted() -> None:
+    s = parse("providers: {main: {issuer: i, audiences: [a], jwks: {url: 'https://x'}}}\n"
+              "routes:\n  - match: {path_prefix: /}\n    auth:\n      provider: main\n"
+              "      scopes: {all_of: ['orders:read', 'https://graph.example/User.Read', '!#[]~'], any_of: [a]}\n")
+    assert s.routes[0].auth.scopes.all_of == ("orders:read", "https://graph.example/User.Read", "!#[]~")
+
+
+# -- a kid for `secret` and `pem_file` keys (issue 10 item 9) ------------------------------------
+def test_secret_and_pem_file_take_an_optional_kid(tmp_path: Path, rsa_key: TestKey,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import secrets
+
+    (tmp_path / "rsa.pem").write_bytes(rsa_key.public_pem())
+    monkeypatch.setenv("JWT_SIDECAR_TEST_SECRET", secrets.token_urlsafe(48))
+    s = parse(textwrap.dedent("""\
+        providers:
+          hs: {issuer: i, audiences: [a], secret: {env: JWT_SIDECAR_TEST_SECRET, kid: hs-2024}}
+          hs-any: {issuer: i, audiences: [a], secret: {env: JWT_SIDECAR_TEST_SECRET}}
+          pem: {issuer: i, audiences: [a], pem_file: {file: rsa.pem, kid: "2024"}}
+          pem-any: {issuer: i, audiences: [a], pem_file: rsa.pem}
+        """), file="c.yaml", base_dir=tmp_path)
+    assert s.providers["hs"].keys.jwks["keys"][0]["kid"] == "hs-2024"
+    assert "kid" not in s.providers["hs-any"].keys.jwks["keys"][0]
+    assert s.providers["pem"].keys.jwks["keys"][0]["kid"] == "2024"
+    assert s.providers["pem"].keys.origin.endswith("rsa.pem (kid '2024')")
+    assert "kid" not in s.providers["pem-any"].keys.jwks["keys"][0]
+    assert s.providers["pem"].algorithms == s.providers["pem-any"].algorithms
+
+
+@pytest.mark.parametrize("provider, expected", [
+    ("{issuer: i, audiences: [a], secret: {file: s.secret, kid: ''}}",
+     "c.yaml:3: providers.p.secret.kid: must not be empty"),
+    ("{issuer: i, audiences: [a], secret: {file: s.secret, kid: [a, b]}}",
+     "c.yaml:3: providers.p.secret.kid: a list is not a string"),
+    ("{issuer: i, audiences: [a], pem_file: {file: rsa.pem, kid: ''}}",
+     "c.yaml:3: providers.p.pem_file.kid: must not be empty"),
+    ("{issuer: i, audiences: [a], pem_file: {file: rsa.pem, kdi: x}}",
+     "c.yaml:3: providers.p.pem_file.kdi: unknown key; allowed here: file, kid"),
+    ("{issuer: i, audiences: [a], pem_file: {kid: x}}",
+     "c.yaml:3: providers.p.pem_file.file: is required"),
+    ("{issuer: i, audiences: [a], pem_file: {file: missing.pem, kid: x}}",
+     "c.yaml:3: providers.p.pem_file.file: cannot read"),
+    ("{issuer: i, audiences: [a], pem_file: {file: private.pem}}",
+     "c.yaml:3: providers.p.pem_file.file: "),
+    ("{issuer: i, audiences: [a], jwks_file: k.json, kid: x}",
+     "c.yaml:3: providers.p.kid: unknown key"),
+], ids=["empty-secret-kid", "list-kid", "empty-pem-kid", "misspelt-key", "no-file", "missing-file", "private-pem",
+        "kid-beside-jwks_file"])
+def test_kid_mistakes_are_named_with_their_line(tmp_path: Path, rsa_key: TestKey, provider: str, expected: str) -> None:
+    import secrets
+
+    (tmp_path / "s.secret").write_text(secrets.token_urlsafe(48))
+    (tmp_path / "rsa.pem").write_bytes(rsa_key.public_pem())
+    (tmp_path / "private.pem").write_bytes(rsa_key.private_pem())
+    (tmp_path / "k.json").write_text(json.dumps(jwks_of(rsa_key)))
+    found = issues_of(f"realm: r\nproviders:\n  p: {provider}\n", base_dir=tmp_path)
+    assert any(issue.startswith(expected) for issue in found), found

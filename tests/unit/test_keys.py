@@ -474,9 +474,12 @@ async def test_static_source_is_ready_without_network(
     await source.start()
     (key,) = await source.key_for(kid, alg)
     assert key.algorithm_name == alg
-    with pytest.raises(InvalidToken) as refused:
-        await source.key_for(unknown_kid(), alg)
-    assert refused.value.reason is Reason.UNKNOWN_KID
+    if kind == "jwks_file":  # its keys carry kids: another kid names none of them
+        with pytest.raises(InvalidToken) as refused:
+            await source.key_for(unknown_kid(), alg)
+        assert refused.value.reason is Reason.UNKNOWN_KID
+    else:  # a key without a kid is tried for any kid (RFC 7515 §4.1.4: a hint)
+        assert await source.key_for(unknown_kid(), alg) == (key,)
     await source.close()
     assert source.fetches == 0
 
@@ -517,3 +520,42 @@ async def test_key_ring_starts_every_provider_and_reports_readiness_by_name(
         assert ring.ready()
     finally:
         await ring.close()
+
+
+# -- kid is a hint: keys without one (issue 10 item 9) ----------------------------------------------
+def _without_kid(key: TestKey) -> dict[str, Any]:
+    return {k: v for k, v in key.public_jwk.items() if k != "kid"}
+
+
+async def test_a_key_without_kid_is_tried_for_any_kid_after_the_keys_that_carry_it(
+        clock: FakeClock, rsa_key: TestKey, rsa_key_2: TestKey, ec_key: TestKey) -> None:
+    # rsa_key carries kid rsa-1; rsa_key_2 and ec_key are published without one.
+    jwks = {"keys": [rsa_key.public_jwk, _without_kid(rsa_key_2), _without_kid(ec_key)]}
+    source = key_source_for(static_provider("jwks_file", jwks, ASYMMETRIC), session=None, clock=clock)
+    named = await source.key_for("rsa-1", "RS256")
+    assert [k.key_id for k in named] == ["rsa-1", None], "the kid's own key first, then the kid-less one"
+    for kid in ("anything", "rsa-2", "", None):
+        found = await source.key_for(kid, "RS256")
+        assert {k.key_id for k in found} <= {None, "rsa-1"} and None in {k.key_id for k in found}, kid
+    assert [k.key_id for k in await source.key_for("other", "RS256")] == [None], "never a key of another kid"
+    assert [k.key_id for k in await source.key_for("other", "ES256")] == [None]
+    with pytest.raises(InvalidToken) as refused:
+        await source.key_for("other", "EdDSA")  # allowed, but no key of that family at all
+    assert refused.value.reason is Reason.UNKNOWN_KID
+
+
+async def test_an_unknown_kid_still_refetches_before_falling_back_to_kid_less_keys(
+        jwks_server: JwksServer, make_source: Make, clock: FakeClock, rsa_key: TestKey, rsa_key_2: TestKey) -> None:
+    # A rotation in a set that also holds a kid-less key: the new kid's key is fetched and
+    # tried first, not only the kid-less one that cannot verify its tokens.
+    jwks_server.document = {"keys": [_without_kid(rsa_key)]}
+    source = make_source(remote_provider(jwks_server.url(), min_refresh_interval=30.0))
+    await source.start()
+    assert [k.key_id for k in await source.key_for("rsa-2", "RS256")] == [None]
+    assert jwks_server.requests[JWKS_PATH] == 2, "the unknown kid asked for a refetch"
+    jwks_server.document = {"keys": [_without_kid(rsa_key), rsa_key_2.public_jwk]}
+    clock.advance(31)
+    assert [k.key_id for k in await source.key_for("rsa-2", "RS256")] == ["rsa-2", None]
+    assert jwks_server.requests[JWKS_PATH] == 3
+    await source.key_for("rsa-2", "RS256")
+    assert jwks_server.requests[JWKS_PATH] == 3, "a known kid fetches nothing"

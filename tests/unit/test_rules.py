@@ -106,3 +106,67 @@ def test_claim_rule_failure_is_a_claim_rule_reason() -> None:
         check_route(auth, {**PAYLOAD, "tenant": "evil"})
     assert caught.value.reason is Reason.CLAIM_RULE
     assert "tenant" in caught.value.detail
+
+
+# -- scope strings split on SP alone (RFC 6749 §3.3) ----------------------------------------
+def _separators_that_are_not_sp() -> list[str]:
+    """Every character some splitter might take for a separator: Unicode whitespace
+    (str.isspace), separators (Zs, Zl, Zp), controls (Cc) and format characters (Cf, e.g.
+    ZERO WIDTH SPACE, BOM), but SP itself."""
+    import sys
+    import unicodedata
+    found = [chr(c) for c in range(sys.maxunicode + 1)
+             if chr(c).isspace() or unicodedata.category(chr(c)) in ("Zs", "Zl", "Zp", "Cc", "Cf")]
+    found.remove(" ")
+    return found
+
+
+_NOT_SP = _separators_that_are_not_sp()
+
+
+def test_the_separator_battery_holds_the_usual_suspects() -> None:
+    for char in "\t\n\v\f\r\x1c\x1d\x1e\x1f\x85\xa0\u1680\u2000\u2003\u200b\u2028\u2029\u202f\u205f\u3000\ufeff":
+        assert char in _NOT_SP, hex(ord(char))
+
+
+@pytest.mark.parametrize("claim", ["scope", "scp"])
+def test_no_character_but_sp_separates_scopes(claim: str) -> None:
+    admin = RouteAuth(provider="main", scopes=ScopeRule(all_of=("admin",)))
+    read = RouteAuth(provider="main", scopes=ScopeRule(any_of=("read",)))
+    for char in _NOT_SP:
+        payload = {claim: f"read{char}admin"}
+        assert scopes_of(payload) == {f"read{char}admin"}, hex(ord(char))
+        for auth in (admin, read):
+            with pytest.raises(InsufficientScope):
+                check_route(auth, payload)
+        # Around a real separator too: the scope next to it is not trimmed into another.
+        assert scopes_of({claim: f"read {char}admin"}) == {"read", f"{char}admin"}, hex(ord(char))
+        assert scopes_of({claim: f"read admin{char}"}) == {"read", f"admin{char}"}, hex(ord(char))
+
+
+@pytest.mark.parametrize(
+    "payload, scopes",
+    [
+        ({"scope": "read  admin"}, {"read", "admin"}),  # more than one SP: no empty scope either
+        ({"scope": "   read admin   "}, {"read", "admin"}),
+        ({"scope": " "}, set()),
+        ({"scope": ""}, set()),
+        ({"scope": "read\t admin"}, {"read\t", "admin"}),
+        ({"scp": ["read admin"]}, {"read admin"}),  # a list item is one scope, never split
+        ({"scp": [" admin"]}, {" admin"}),
+        ({"scp": ["admin\t"]}, {"admin\t"}),
+        ({"scp": ["", "ok"]}, {"ok"}),
+        ({"scp": [1, None, True, 2.5, ["admin"], {"admin": True}, "ok"]}, {"ok"}),  # non-strings grant nothing
+        ({"scope": {"admin": True}}, set()),
+        ({"scope": None, "scp": "a b"}, {"a", "b"}),
+        ({"scope": ["admin"], "scp": "read"}, {"admin", "read"}),
+    ],
+)
+def test_scope_edge_cases(payload: dict, scopes: set) -> None:
+    assert scopes_of(payload) == scopes
+
+
+def test_a_list_item_holding_a_space_grants_neither_half() -> None:
+    for claim in ("scope", "scp"):
+        with pytest.raises(InsufficientScope):
+            check_route(RouteAuth(provider="main", scopes=ScopeRule(all_of=("admin",))), {claim: ["read admin"]})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import hmac
 import json
@@ -332,7 +333,7 @@ async def test_refused_tokens_are_not_cached(keys: dict, rsa_key: TestKey, clock
 
 
 # -- the PyJWT internals we replace ---------------------------------------------------------
-def test_our_segment_decoder_is_the_one_pyjws_calls_and_agrees_with_pyjwts_own() -> None:
+def test_our_segment_decoder_is_the_one_pyjws_calls_and_agrees_with_pyjwts_own_but_for_padding() -> None:
     import random
 
     from jwt.exceptions import DecodeError
@@ -347,14 +348,23 @@ def test_our_segment_decoder_is_the_one_pyjws_calls_and_agrees_with_pyjwts_own()
     samples += [s.rstrip(b"=") for s in samples]
     samples += [bytes(rng.choice(alphabet) for _ in range(rng.randrange(0, 12))) for _ in range(3000)]
 
-    def outcome(decoder: Any, segment: bytes) -> bytes | str:
+    def outcome(decoder: Any, segment: bytes) -> bytes | None:
         try:
             return decoder(segment, "payload")
-        except DecodeError as error:
-            return str(error)
+        except DecodeError:
+            return None
 
+    padded_accepted = 0
     for segment in samples:
-        assert outcome(_JWS._decode_base64url_segment, segment) == outcome(PyJWS._decode_base64url_segment, segment), segment
+        ours, pyjwt = outcome(_JWS._decode_base64url_segment, segment), outcome(PyJWS._decode_base64url_segment, segment)
+        if b"=" in segment:
+            # RFC 7515 §2: no padding. PyJWT takes it; one token with two spellings is what
+            # issue 10 item 3 removed.
+            assert ours is None, segment
+            padded_accepted += pyjwt is not None
+        else:
+            assert ours == pyjwt, segment
+    assert padded_accepted >= 20, "the corpus holds padded segments PyJWT accepts"
 
 
 def test_our_signature_check_agrees_with_pyjws_decode_complete_on_a_corpus(
@@ -443,3 +453,128 @@ def test_our_signature_check_agrees_with_pyjws_decode_complete_on_a_corpus(
     # b64=false (RFC 7797) is refused by both (PyJWS wants a detached payload; we never take one).
     detached = raw_token({"alg": "RS256", "kid": rsa_key.kid, "b64": False, "crit": ["b64"]}, {"sub": "x"})
     assert ours(detached, keys_for(rsa_key))[0] == reference(detached, keys_for(rsa_key))[0] == "refused"
+
+
+# -- one token, one spelling (RFC 7515 §2 base64url: unpadded, canonical) ---------------------
+_B64URL = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+
+
+def _same_bytes_other_spellings(segment: str) -> list[str]:
+    """The other texts a lenient decoder reads as this segment's bytes: padding, the
+    standard alphabet, whitespace, and a last character with unused bits set."""
+    decoded = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+    variants = [segment + "=" * (-len(segment) % 4)] if len(segment) % 4 else []  # what PyJWT accepted
+    variants += [segment.replace("-", "+").replace("_", "/")] if ("-" in segment or "_" in segment) else []
+    variants += [segment[:5] + ws + segment[5:] for ws in (" ", "\t", "\n", "\r\n", "\x0b", "\x0c")]
+    variants += [" " + segment, segment + " ", segment + "\n"]
+    tail = len(segment) % 4
+    if tail:
+        unused = 0x0F if tail == 2 else 0x03
+        last = _B64URL.index(segment[-1])
+        variants += [segment[:-1] + _B64URL[(last & ~unused) | bits] for bits in range(1, unused + 1)]
+    for variant in variants:  # each really is the same bytes to a lenient decoder
+        assert variant != segment
+        lenient = variant.replace("-", "+").replace("_", "/").rstrip("=")
+        letters = sum(c.isalnum() or c in "+/" for c in lenient)  # a2b_base64 skips the rest
+        assert binascii.a2b_base64(lenient + "=" * (-letters % 4)) == decoded, variant
+    # and more padding than any decoder takes
+    return variants + [segment + "=", segment + "==", segment + "===", segment + "=" * (-len(segment) % 4) + "===="]
+
+
+def _other_spellings(token: str) -> list[tuple[str, str]]:
+    parts = token.split(".")
+    return [(f"{name}: {variant!r}", ".".join(parts[:i] + [variant] + parts[i + 1:]))
+            for i, name in enumerate(("header", "payload", "signature"))
+            for variant in _same_bytes_other_spellings(parts[i])]
+
+
+@pytest.mark.parametrize("which", ["rsa_key", "ec_key", "ed_key", "hs"])
+async def test_a_token_has_one_spelling_every_other_is_malformed_and_never_cached(
+        which: str, keys: dict, clock: FakeClock, request: pytest.FixtureRequest) -> None:
+    if which == "hs":
+        p = provider({"keys": [{"kty": "oct", "k": b64(HS_SECRET)}]}, algorithms=("HS256",))
+        token = mint(now=clock.time())
+    else:
+        p = provider(keys)
+        token = mint(key=request.getfixturevalue(which), now=clock.time())
+    cache = TokenCache(TokenCacheSettings(), clock)
+    v = verifier(p, clock, cache)
+    canonical = await v.verify(token)  # verified and cached under its one spelling
+    variants = _other_spellings(token)
+    assert len(variants) > 40
+    for name, variant in variants:
+        assert await reason_of(v, variant) is Reason.MALFORMED, name
+    assert len(cache) == 1 and cache.get("main", token) is canonical, "no other spelling got in"
+    assert cache.misses == len(variants) + 1, "every other spelling missed the cache, then was refused"
+
+
+@pytest.mark.parametrize("segment", [
+    "", "A", "AAAAA", "QQ=", "QQ==", "QUI=", "QR", "QUJ", "QUI", "+w", "/w", "Q\u00c9", "\uff21\uff21",
+    "\u0660\u0661", "Q\x00Q", "QQ\udc80",
+])
+@pytest.mark.parametrize("index", [0, 1, 2])
+async def test_non_base64url_or_non_canonical_segments_are_malformed(
+        segment: str, index: int, keys: dict, rsa_key: TestKey, clock: FakeClock) -> None:
+    # Empty header or payload (no JSON), a length of 1 mod 4, padding, a set unused bit (QR
+    # for QQ, QUJ for QUI), the standard alphabet, non-ASCII look-alikes (fullwidth A,
+    # Arabic-Indic digits), NUL, a byte kept by surrogateescape. "" and "QUI" are canonical
+    # (no bytes, "AB"): as a header they are no JSON; as a payload or a signature they are
+    # well-formed and fail the signature (a payload is read only once its signature holds).
+    token = _replace_segment(mint(key=rsa_key, now=clock.time()), index, segment)
+    canonical = segment in ("", "QUI")
+    expected = Reason.BAD_SIGNATURE if canonical and index > 0 else Reason.MALFORMED
+    assert await reason_of(verifier(provider(keys), clock), token) is expected
+
+
+# -- kid is a hint (RFC 7515 §4.1.4): secret and pem_file keys, with or without a kid -------------
+@pytest.mark.parametrize("source, key_kid, token_kid, reason", [
+    ("secret", None, "any-kid", None),  # was unknown_kid: a secret has no kid, so never matched
+    ("secret", None, None, None),
+    ("secret", "hs-1", "hs-1", None),
+    ("secret", "hs-1", None, None),  # a token without kid tries every key, as with a JWKS
+    ("secret", "hs-1", "hs-2", Reason.UNKNOWN_KID),
+    ("pem_file", None, "any-kid", None),
+    ("pem_file", None, None, None),
+    ("pem_file", "p-1", "p-1", None),
+    ("pem_file", "p-1", None, None),
+    ("pem_file", "p-1", "rsa-1", Reason.UNKNOWN_KID),
+])
+async def test_a_static_key_without_kid_verifies_any_kid_and_with_one_only_its_own(
+        tmp_path: Any, rsa_key: TestKey, clock: FakeClock, monkeypatch: pytest.MonkeyPatch,
+        source: str, key_kid: str | None, token_kid: str | None, reason: Reason | None) -> None:
+    import secrets
+
+    from proxy.config import parse
+
+    secret = secrets.token_bytes(64)
+    (tmp_path / "hs.secret").write_text(base64.b64encode(secret).decode())
+    (tmp_path / "rsa.pem").write_bytes(rsa_key.public_pem())
+    kid = f", kid: {key_kid}" if key_kid else ""
+    keys = (f"secret: {{file: hs.secret, encoding: base64{kid}}}" if source == "secret"
+            else f"pem_file: {{file: rsa.pem{kid}}}" if key_kid else "pem_file: rsa.pem")
+    settings = parse(f"providers:\n  main: {{issuer: '{ISSUER}', audiences: ['{AUDIENCE}'], {keys}}}\n",
+                     base_dir=tmp_path)
+    v = verifier(settings.providers["main"], clock)
+    headers = {"kid": token_kid}
+    token = (mint(secret=secret, headers=headers, now=clock.time()) if source == "secret"
+             else mint(key=rsa_key, headers=headers, now=clock.time()))
+    if reason is None:
+        assert (await v.verify(token)).subject == "user-42"
+    else:
+        assert await reason_of(v, token) is reason
+    # Another key under the same kid is never taken for this one.
+    impostor = (mint(secret=secrets.token_bytes(64), headers=headers, now=clock.time()) if source == "secret"
+                else mint(key=_rsa_impostor(), headers=headers, now=clock.time()))
+    assert await reason_of(v, impostor) is (reason or Reason.BAD_SIGNATURE)
+
+
+def _rsa_impostor() -> TestKey:
+    from tests.conftest import _rsa
+
+    global _IMPOSTOR
+    if _IMPOSTOR is None:
+        _IMPOSTOR = _rsa("impostor")
+    return _IMPOSTOR
+
+
+_IMPOSTOR: TestKey | None = None

@@ -1,0 +1,246 @@
+"""Through the real proxy: what a token holds never makes a 5xx, never has two spellings, never
+has two values for one claim, and its scope string splits on SP alone (issue 10 items 1-4).
+
+Each case asserts the status and challenge the client got and what the recording upstream
+received (nothing, for a refusal). Requests go over a raw socket (test_security's `get`).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import time
+from typing import Any
+from urllib.parse import quote
+
+import pytest
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding
+
+from proxy.errors import ProxyError, Reason
+from tests.conftest import AUDIENCE, ISSUER, TestKey, mint
+from tests.integration.test_security import INVALID_REQUEST_MALFORMED, bearer, get
+
+CONFIG = f"""\
+realm: api
+upstream: {{url: "{{upstream}}", timeout: 2s, connect_timeout: 1s}}
+providers:
+  main:
+    issuer: {ISSUER}
+    audiences: [{AUDIENCE}]
+    jwks: {{url: "{{jwks}}", min_refresh_interval: 1s}}
+    headers:
+      claims: {{sub: X-User-Id, roles: X-User-Roles}}
+routes:
+  - name: admin
+    match: {{path_prefix: /admin/}}
+    auth: {{provider: main, scopes: {{all_of: [admin]}}}}
+  - name: payload
+    match: {{path_prefix: /p/}}
+    auth: {{provider: main}}
+    headers: {{claims: {{sub: X-User-Id}}, payload: X-Jwt-Payload}}
+  - name: query
+    match: {{path_prefix: /q/}}
+    auth: {{provider: main}}
+    token_sources: [{{query: access_token}}]
+  - name: api
+    match: {{path_prefix: /}}
+    auth: {{provider: main}}
+"""
+
+
+def challenge(reason: Reason) -> str:
+    return f'Bearer realm="api", error="invalid_token", error_description="{ProxyError(reason).description}"'
+
+
+def b64url(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def signed_text(key: TestKey, payload: str, header: str | None = None) -> str:
+    """An RS256 token signed over the JSON texts as given (duplicate names, NaN and all)."""
+    header = header if header is not None else json.dumps({"alg": "RS256", "kid": key.kid})
+    signing_input = f"{b64url(header.encode())}.{b64url(payload.encode())}"
+    signature = key.private.sign(signing_input.encode(), padding.PKCS1v15(), hashes.SHA256())
+    return f"{signing_input}.{b64url(signature)}"
+
+
+def claims_text(extra: str = "") -> str:
+    now = int(time.time())
+    return f'{{"iss":"{ISSUER}","aud":"{AUDIENCE}","sub":"user-1","iat":{now},"exp":{now + 300}{extra}}}'
+
+
+async def refused(s: Any, path: str, token: str, reason: Reason) -> None:
+    status, headers, body = await get(s, path, bearer(token))
+    assert status == 401, (status, body)
+    assert headers["WWW-Authenticate"] == challenge(reason)
+    assert json.loads(body) == {"error": "invalid_token", "error_description": ProxyError(reason).description}
+
+
+# -- item 1: scopes -------------------------------------------------------------------------
+@pytest.mark.parametrize("separator", ["\t", "\u00a0", "\u3000", "\u2003", "\x0b", "\x1f", "\u200b", "\ufeff",
+                                       "\u2028"])
+async def test_a_scope_string_grants_admin_only_when_sp_separates_it(sidecar: Any, rsa_key: TestKey,
+                                                                    separator: str) -> None:
+    s = await sidecar(CONFIG)
+    status, headers, _ = await get(s, "/admin/x", bearer(mint({"scope": f"read{separator}admin"}, key=rsa_key)))
+    assert status == 403 and 'error="insufficient_scope"' in headers["WWW-Authenticate"]
+    assert s.upstream.seen == []
+    status, _, _ = await get(s, "/admin/x", bearer(mint({"scope": "read  admin "}, key=rsa_key)))
+    assert status == 200 and len(s.upstream.seen) == 1
+
+
+# -- item 2: no token content makes a 5xx ----------------------------------------------------
+@pytest.mark.parametrize("path, claims", [
+    ("/orders", {"sub": "\ud800"}),
+    ("/orders", {"sub": "user-\udfff-1"}),
+    ("/orders", {"roles": ["dev", "\udc80"]}),
+    ("/orders", {"roles": {"\ud800": 1}}),
+    ("/p/x", {"note": "\ud800"}),  # not a claim header, but in the payload header
+    ("/p/x", {"o": {"k": [{"\udfff": 1}]}}),
+    ("/p/x", ',"big":1e400'),  # JSON, but Python reads it as inf, which has no JSON form
+    ("/orders", ',"roles":[1,1e999]'),
+], ids=["sub", "sub-inner", "list-item", "object-name", "payload-value", "payload-nested-name", "payload-1e400",
+        "list-1e999"])
+async def test_a_claim_with_no_exact_header_form_is_a_401_unsafe_claim_not_a_500(
+        sidecar: Any, rsa_key: TestKey, path: str, claims: dict[str, Any] | str) -> None:
+    s = await sidecar(CONFIG)
+    token = mint(claims, key=rsa_key) if isinstance(claims, dict) else signed_text(rsa_key, claims_text(claims))
+    for _ in range(2):  # the second time from the verified-token cache: the same answer
+        await refused(s, path, token, Reason.UNSAFE_CLAIM)
+    assert s.upstream.seen == []
+
+
+async def test_a_lone_surrogate_in_a_claim_nothing_renders_is_no_reason_to_refuse(
+        sidecar: Any, rsa_key: TestKey) -> None:
+    s = await sidecar(CONFIG)
+    status, _, _ = await get(s, "/orders", bearer(mint({"note": "\ud800", "n": {"\udc80": 1}}, key=rsa_key)))
+    assert status == 200
+    assert s.upstream.last().headers["x-user-id"] == ["user-42"]
+
+
+@pytest.mark.parametrize("depth", [50, 400, 900, 2000])
+async def test_deeply_nested_claims_never_make_a_5xx(sidecar: Any, rsa_key: TestKey, depth: int) -> None:
+    s = await sidecar(CONFIG)
+    token = signed_text(rsa_key, claims_text(',"deep":' + "[" * depth + "]" * depth))
+    for path in ("/orders", "/p/x"):
+        status, headers, _ = await get(s, path, bearer(token))
+        assert status in (200, 401), status
+        if status == 401:
+            assert headers["WWW-Authenticate"] in (challenge(Reason.MALFORMED), challenge(Reason.UNSAFE_CLAIM))
+        elif path == "/p/x":
+            sent = s.upstream.last().headers["x-jwt-payload"][0]
+            assert json.loads(base64.urlsafe_b64decode(sent + "=" * (-len(sent) % 4)))["deep"] is not None
+    if depth <= 50:
+        assert len(s.upstream.seen) == 2, "shallow nesting is forwarded"
+
+
+# -- item 3: one token, one spelling -----------------------------------------------------------
+async def test_only_the_canonical_spelling_of_a_token_is_accepted_even_once_it_is_cached(
+        sidecar: Any, rsa_key: TestKey) -> None:
+    s = await sidecar(CONFIG)
+    token = mint(key=rsa_key)
+    header, payload, signature = token.split(".")
+    status, _, _ = await get(s, "/orders", bearer(token))
+    assert status == 200  # verified and cached under this text
+    assert len(signature) % 4 == 2, "2048-bit RSA: 342 characters"
+    standard = signature.replace("-", "+").replace("_", "/")
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    last = alphabet.index(signature[-1])
+    others = [
+        f"{header}.{payload}.{signature}==",  # padded: what PyJWT accepted
+        f"{header}.{payload}.{signature}=",
+        f"{header}.{payload}.{signature}===",
+        f"{header}{'=' * (-len(header) % 4) or '===='}.{payload}.{signature}",
+        f"{header}.{payload}{'=' * (-len(payload) % 4) or '===='}.{signature}",
+        # a last character with unused bits set: the same bytes to a lenient decoder
+        f"{header}.{payload}.{signature[:-1]}{alphabet[(last & ~0x0F) | 0x01]}",
+        *([f"{header}.{payload}.{standard}"] if standard != signature else []),  # base64, not base64url
+    ]
+    for other in others:
+        # A '=' inside the token is no RFC 6750 §2.1 b64token: that is a 400 before any token
+        # check. Every other spelling reaches the verifier, which refuses it.
+        b64token = re.fullmatch(r"[A-Za-z0-9\-._~+/]+=*", other) is not None
+        for path, headers in (("/orders", bearer(other)), ("/q/x?access_token=" + quote(other, safe=""), {})):
+            status, answer, _ = await get(s, path, headers)
+            assert (status, answer["WWW-Authenticate"]) == (
+                (401, challenge(Reason.MALFORMED)) if b64token else (400, INVALID_REQUEST_MALFORMED)), (path, other)
+    assert len(s.upstream.seen) == 1
+    status, _, _ = await get(s, "/orders", bearer(token))
+    assert status == 200 and len(s.upstream.seen) == 2, "the token itself still passes, from the cache"
+
+
+# -- item 4: one value per claim ------------------------------------------------------------
+@pytest.mark.parametrize("make", [
+    lambda k: signed_text(k, claims_text(',"sub":"admin"')),
+    lambda k: signed_text(k, claims_text(',"s\\u0075b":"admin"')),
+    lambda k: signed_text(k, claims_text(',"roles":{"r":["user"],"r":["admin"]}')),
+    lambda k: signed_text(k, claims_text(), header=f'{{"alg":"RS256","kid":"{k.kid}","kid":"{k.kid}"}}'),
+    lambda k: signed_text(k, claims_text(',"n":NaN')),
+], ids=["sub-twice", "sub-twice-escaped", "nested-twice", "header-kid-twice", "NaN"])
+async def test_a_duplicate_member_name_at_any_depth_is_malformed(sidecar: Any, rsa_key: TestKey, make: Any) -> None:
+    s = await sidecar(CONFIG)
+    for path in ("/orders", "/p/x"):
+        await refused(s, path, make(rsa_key), Reason.MALFORMED)
+    assert s.upstream.seen == []
+    status, _, _ = await get(s, "/p/x", bearer(signed_text(rsa_key, claims_text(',"a":{"x":1},"b":{"x":2}'))))
+    assert status == 200, "one name in two objects is no duplicate"
+
+
+async def test_an_exp_too_large_for_a_double_is_a_malformed_claim(sidecar: Any, rsa_key: TestKey) -> None:
+    # 1e400 is JSON (RFC 8259 §6 leaves the range to the reader); Python reads inf, which is
+    # no NumericDate. `Infinity` itself is not JSON at all: malformed.
+    s = await sidecar(CONFIG)
+    now = int(time.time())
+    text = f'{{"iss":"{ISSUER}","aud":"{AUDIENCE}","sub":"u","iat":{now},"exp":1e400}}'
+    await refused(s, "/orders", signed_text(rsa_key, text), Reason.MALFORMED_CLAIM)
+    await refused(s, "/orders", signed_text(rsa_key, text.replace("1e400", "Infinity")), Reason.MALFORMED)
+    assert s.upstream.seen == []
+
+
+# -- item 9: kid is a hint ---------------------------------------------------------------------
+async def test_a_kid_reaches_a_secret_without_kid_and_a_configured_kid_only_its_own(
+        sidecar: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Any, rsa_key: TestKey) -> None:
+    import secrets
+
+    secret = secrets.token_urlsafe(48)
+    monkeypatch.setenv("JWT_SIDECAR_EDGE_SECRET", secret)
+    pem = tmp_path / "rsa.pem"
+    pem.write_bytes(rsa_key.public_pem())
+    s = await sidecar(f"""\
+        realm: api
+        upstream: {{url: "{{upstream}}", timeout: 2s, connect_timeout: 1s}}
+        providers:
+          hs: {{issuer: "https://hs.test", audiences: [{AUDIENCE}], secret: {{env: JWT_SIDECAR_EDGE_SECRET}}}}
+          hs-kid:
+            issuer: "https://hs-kid.test"
+            audiences: [{AUDIENCE}]
+            secret: {{env: JWT_SIDECAR_EDGE_SECRET, kid: "2024-05"}}
+          pem: {{issuer: "https://pem.test", audiences: [{AUDIENCE}], pem_file: {{file: "{pem}", kid: pem-1}}}}
+        routes:
+          - {{name: hs, match: {{path_prefix: /hs/}}, auth: {{provider: hs}}}}
+          - {{name: hs-kid, match: {{path_prefix: /hk/}}, auth: {{provider: hs-kid}}}}
+          - {{name: pem, match: {{path_prefix: /pem/}}, auth: {{provider: pem}}}}
+        """)
+    key = secret.encode()
+    cases = [
+        ("/hs/x", mint({"iss": "https://hs.test"}, secret=key, headers={"kid": "whatever"}), 200),
+        ("/hs/x", mint({"iss": "https://hs.test"}, secret=key), 200),
+        ("/hk/x", mint({"iss": "https://hs-kid.test"}, secret=key, headers={"kid": "2024-05"}), 200),
+        ("/hk/x", mint({"iss": "https://hs-kid.test"}, secret=key), 200),
+        ("/hk/x", mint({"iss": "https://hs-kid.test"}, secret=key, headers={"kid": "2024-06"}), 401),
+        ("/pem/x", mint({"iss": "https://pem.test"}, key=rsa_key, headers={"kid": "pem-1"}), 200),
+        ("/pem/x", mint({"iss": "https://pem.test"}, key=rsa_key, headers={"kid": None}), 200),
+        ("/pem/x", mint({"iss": "https://pem.test"}, key=rsa_key), 401),  # kid rsa-1, not pem-1
+    ]
+    for path, token, expected in cases:
+        status, headers, _ = await get(s, path, bearer(token))
+        assert status == expected, (path, jwt_header(token), status)
+        if expected == 401:
+            assert headers["WWW-Authenticate"] == challenge(Reason.UNKNOWN_KID)
+
+
+def jwt_header(token: str) -> Any:
+    segment = token.split(".")[0]
+    return json.loads(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))

@@ -6,8 +6,9 @@ chunked, awaiting the transport's drain); parsing the answer with llhttp (throug
 `httptools.HttpResponseParser`): 1xx interim answers skipped, bodiless answers (HEAD, 204,
 304) recognised, chunked and close-delimited bodies; flow control both ways; the one retry
 RFC 9112 §9.3.1 allows (an idempotent, body-less request whose reused connection the server
-closed before answering); and the client's failure vocabulary: `UpstreamConnectError`,
-`UpstreamProtocolError`, builtin `TimeoutError`.
+closed before answering); and the client's failure vocabulary: `UpstreamConnectError`
+(nothing was sent: refused, unreachable, connect timeout), `UpstreamProtocolError`, builtin
+`TimeoutError` (the request was sent and the answer did not come in time).
 Does not own: which headers are sent (the caller strips hop-by-hop ones and injects identity;
 only framing is ours: Host when absent, Content-Length or Transfer-Encoding), redirects,
 cookies, decompression, proxies, upgrades and WebSockets (a `101` is a protocol error
@@ -32,7 +33,8 @@ class UpstreamError(Exception):
 
 
 class UpstreamConnectError(UpstreamError):
-    """No answer at all: refused, unreachable, TLS failure, or reset before the first byte of the answer."""
+    """No answer at all: refused, unreachable, no connection within the connect timeout, DNS
+    or TLS failure, or reset before the first byte of the answer."""
 
 
 class UpstreamProtocolError(UpstreamError):
@@ -643,7 +645,9 @@ class Pool:
                     ssl=context, server_hostname=origin.host if context is not None else None,
                 )
         except TimeoutError:
-            raise  # builtin TimeoutError is an OSError too: let it through as a timeout
+            # Nothing was sent: the upstream is unreachable (502), not slow to answer (504).
+            # Caught first, as builtin TimeoutError is an OSError too.
+            raise UpstreamConnectError(f"no connection to {origin.host}:{origin.port} within {timeout:g}s") from None
         except OSError as error:  # refused, unreachable, DNS, TLS (ssl.SSLError is an OSError)
             raise UpstreamConnectError(
                 f"cannot connect to {origin.host}:{origin.port}: {error.strerror or type(error).__name__}") from error

@@ -85,7 +85,7 @@ class Proxy:
         return Server(self.handle, on_refusal=self._refused, **kwargs)
 
     def _refused(self, status: int, client: str | None) -> None:
-        # The parser refused the request (400, 414, 431, 505): no route, no method we can
+        # The parser refused the request (400, 414, 431, 501, 505): no route, no method we can
         # trust; counted under the unmatched route so a flood of them shows on dashboards.
         runtime = self.runtime
         exchange = Exchange(request_id=request_id(None), started=time.perf_counter(), status=status,

@@ -7,6 +7,7 @@ Requests are raw bytes on a socket (`send_raw`), so each header goes out exactly
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -97,3 +98,25 @@ async def test_underscore_spellings_of_framing_and_forwarding_headers_never_reac
     assert seen.headers["content-length"] == ["5"] and "transfer-encoding" not in names
     assert "6.6.6.6" not in seen.header("x-forwarded-for") and "6.6.6.7" not in seen.header("x-forwarded-for")
     assert seen.header("x-request-id") != "evil"
+
+
+RAW_CONFIG = BASE_CONFIG.replace("{upstream}", "{raw}")
+
+
+@pytest.mark.parametrize("coding", [b"gzip", b"gzip, chunked", b"chunked, gzip", b"identity", b"chunked\t"])
+@bounded
+async def test_an_upstream_answer_with_another_transfer_coding_is_a_502(sidecar: Any, raw_server: Any,
+                                                                       coding: bytes) -> None:
+    # We decode chunked and nothing else, and Transfer-Encoding is hop-by-hop: relayed without
+    # it, the coded bytes would reach the client as the content. A 502, never a guess.
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, index: int) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: %b\r\n\r\n5\r\nhello\r\n0\r\n\r\n" % coding)
+        await reader.read()
+
+    upstream = await raw_server(handler)
+    s = await sidecar(RAW_CONFIG, raw=f"http://127.0.0.1:{upstream.port}")
+    raw = await send_raw(s, b"GET /public/x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", timeout=2.0)
+    answer = first_response(raw)
+    assert answer.status == 502, raw[:300]
+    assert b"hello" not in raw

@@ -717,7 +717,8 @@ class Pool:
         while idle:
             conn = idle.pop()  # the most recently used: the least likely to be closed by the server
             conn._idle = False
-            if conn._idle_since > deadline and not conn._transport.is_closing() and conn._clean():
+            poll = conn._poll  # `_clean`, inlined: this runs for every request
+            if conn._idle_since > deadline and not conn._transport.is_closing() and (poll is None or not poll.poll(0)):
                 return conn
             conn._transport.abort()
         return None

@@ -379,6 +379,12 @@ class _Connection(asyncio.Protocol):
             log.warning("upstream %s:%d sent %s; its connections are not reused for %gs",
                         origin.host, origin.port, what, _DISTRUST)
         origin.distrusted_until = now + _DISTRUST
+        # Its other idle connections may have stray bytes of their own on the way: closed too.
+        idle = origin.idle
+        while idle:
+            conn = idle.pop()
+            conn._idle = False
+            conn._transport.abort()
 
     def _clean(self) -> bool:
         """No byte (nor EOF) waits on the idle socket. Bytes the loop has not yet delivered to

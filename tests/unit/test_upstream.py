@@ -1090,6 +1090,29 @@ async def test_an_origin_on_probation_reuses_a_connection_once_it_sat_idle_witho
 
 
 @bounded
+async def test_a_stray_on_one_connection_closes_the_origins_other_idle_connections(pool: Pool, raw_server: Any) -> None:
+    writers: list[asyncio.StreamWriter] = []
+    both = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, index: int) -> None:
+        writers.append(writer)
+        while (request := await read_request(reader)) is not None:
+            if len(writers) < 2:
+                await asyncio.wait_for(both.wait(), 2)  # two requests in flight: two connections
+            both.set()
+            writer.write(whole(request[0].split(b" ", 2)[1].rpartition(b"/")[2]))
+
+    server = await raw_server(handler)
+    assert await asyncio.gather(*(one_marked(pool, server.port, "GET", m) for m in ("alice", "carol"))) == ["ok"] * 2
+    assert pool.idle_count() == 2
+    writers[0].write(whole(b"alice"))  # one of them misbehaves while idle
+    await eventually(lambda: pool.idle_count() == 0)  # both are closed: the other may be next
+    assert await one_marked(pool, server.port, "GET", "bob") == "ok"
+    assert server.connections == 3
+    await eventually(lambda: server.closed == 3)  # and bob's connection was not pooled either
+
+
+@bounded
 async def test_bytes_that_landed_before_reuse_are_seen_before_the_request_is_sent(pool: Pool, raw_server: Any) -> None:
     # Bytes in the socket that the event loop has not yet delivered (they landed in this loop
     # turn) must keep the connection from carrying the next request, or they become its answer.

@@ -91,8 +91,8 @@ class Proxy:
         return Server(self.handle, on_refusal=self._refused, counts=self.runtime.metrics.connections, **kwargs)
 
     def _refused(self, status: int, client: str | None) -> None:
-        # The parser refused the request (400, 414, 431, 505), or its head did not arrive in
-        # time (408): no route, no method we can trust; counted under the unmatched route so
+        # The parser refused the request (400, 414, 431, 501, 505), or its head did not arrive
+        # in time (408): no route, no method we can trust; counted under the unmatched route so
         # a flood of them shows on dashboards.
         runtime = self.runtime
         reason = Reason.HEADER_TIMEOUT if status == 408 else Reason.MALFORMED_REQUEST

@@ -2,8 +2,10 @@
 
 Owns: sending a request through the pooled HTTP/1.1 client (`upstream.Pool`), answers up to
 64 KiB in one write, streaming larger bodies both ways in bounded memory, the request-body
-limit (413) and deadline (408, `upstream.body_timeout`), the answer's hop-by-hop headers, mapping upstream failures (timeout → 504,
-refused/reset/malformed → 502; `TimeoutError` is caught first, as it is also an OSError),
+limit (413) and deadline (408, `upstream.body_timeout`), the answer's hop-by-hop headers,
+mapping upstream failures (502 for anything before the request was sent: refused,
+unreachable, connect timeout; and for a reset or malformed answer; 504 only when the request
+was sent and its answer timed out; `TimeoutError` is caught first, as it is also an OSError),
 and WebSocket handshakes: sent upstream on a connection of their own, and after a 101 the
 bytes relayed both ways, unparsed, until either side ends or a `websocket` limit closes the
 tunnel (idle time, lifetime, the token's expiry). After an answer has started nothing can change its
@@ -434,7 +436,8 @@ async def forward_websocket(
             await loop.create_connection(lambda: tunnel, origin.host.strip("[]"), origin.port, ssl=context,
                                          server_hostname=origin.host.strip("[]") if context else None)
     except TimeoutError:
-        raise UpstreamTimeout(f"websocket {origin}: no connection within {upstream.connect_timeout:g}s") from None
+        # Nothing was sent: an unreachable upstream is a 502, as in `forward` (504 is for an answer that is late).
+        raise UpstreamUnavailable(f"websocket {origin}: no connection within {upstream.connect_timeout:g}s") from None
     except OSError as error:
         raise UpstreamUnavailable(f"websocket {origin}: {error.strerror or type(error).__name__}") from None
     try:

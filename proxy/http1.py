@@ -4,6 +4,8 @@ Owns: reading requests with llhttp (through `httptools.HttpRequestParser`, in it
 mode: CL+TE, duplicate or signed Content-Length, bad chunk framing, bare LF, obs-fold and
 control characters are all refused by the parser), our own limits on the head (request
 target, field size, field count, total size: 414 and 431), HTTP/1.0 and 1.1 only (505),
+no transfer coding but `chunked` alone (501; 400 when chunked is not the last), none at
+all in HTTP/1.0 (400),
 one Host (400), keep-alive and pipelining (answers in request order; reading pauses while
 a request waits its turn), request bodies streamed with back-pressure, `Expect:
 100-continue` answered when the body is first read, writing answers (one write for a
@@ -79,6 +81,13 @@ class BodyTimeout(BodyError):
 def _expire(waiter: asyncio.Future[None]) -> None:
     if not waiter.done():
         waiter.set_exception(TimeoutError())
+
+
+def _codings(values: list[bytes]) -> list[bytes]:
+    """The transfer codings named by Transfer-Encoding field values, lower-cased, in order:
+    one list however many lines carry it (RFC 9110 §5.3), empty elements ignored (§5.6.1)."""
+    return [coding for value in values for coding in (part.strip(b" \t").lower() for part in value.split(b","))
+            if coding]
 
 
 class _Refuse(Exception):
@@ -551,6 +560,7 @@ class _Connection(asyncio.Protocol):
             raise _Refuse(400)
         length: int | None = None
         chunked = expect = False
+        codings: list[bytes] | None = None
         hosts = 0
         for raw_name, raw_value in self._fields:
             size = len(raw_name)
@@ -559,11 +569,27 @@ class _Connection(asyncio.Protocol):
             elif size == 14 and raw_name.lower() == b"content-length":
                 length = int(raw_value)  # llhttp refused non-digits, signs, lists and duplicates
             elif size == 17 and raw_name.lower() == b"transfer-encoding":
-                chunked = True  # llhttp refused any coding list that does not end in chunked
+                # llhttp refused a coding list that does not end in chunked (RFC 9112 §6.3: 400)
+                # and chunked twice, but lets `gzip, chunked` through, on one line or two.
+                codings = [raw_value] if codings is None else [*codings, raw_value]
             elif size == 6 and raw_name.lower() == b"expect":
                 expect = raw_value.strip().lower() == b"100-continue"
         if hosts > 1 or (hosts == 0 and version == "1.1"):
             raise _Refuse(400)  # RFC 9112 §3.2: exactly one Host, or a 400
+        if codings is not None:
+            if version == "1.0":
+                # RFC 9112 §6.1: Transfer-Encoding in an HTTP/1.0 message means its framing is faulty.
+                raise _Refuse(400)
+            listed = _codings(codings)
+            if not listed or listed[-1] != b"chunked":
+                # RFC 9112 §6.3: no length can be known (llhttp takes `xchunked` for chunked).
+                raise _Refuse(400)
+            if len(listed) > 1:
+                # RFC 9112 §6.1: a coding we do not implement is a 501. We decode chunked and
+                # nothing else: the upstream, told only `chunked`, would take gzip'd bytes
+                # for the content.
+                raise _Refuse(501)
+            chunked = True
         upgrade = parser.should_upgrade()
         if upgrade and (chunked or length):
             # llhttp would hand the body to the upgraded protocol unread; a handshake has none.
@@ -789,7 +815,7 @@ def _refusal(status: int, *, close: bool) -> bytes:
     if body is None:
         body = _REFUSALS[status] = (
             f'{{"error":"invalid_request","error_description":"{_REASONS.get(status, "Bad Request")}"}}'
-            if status < 500 or status == 505 else '{"error":"server_error","error_description":"Internal error"}'
+            if status < 500 or status in (501, 505) else '{"error":"server_error","error_description":"Internal error"}'
         ).encode()
     head = (f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\nContent-Type: application/json; charset=utf-8\r\n"
             f"Cache-Control: no-store\r\nServer: jwt-sidecar\r\nContent-Length: {len(body)}\r\n{_date_line()}"

@@ -1,6 +1,8 @@
 """The headers the upstream receives: what a client sent, minus what it must not control, plus who it is.
 
-Owns: dropping hop-by-hop headers (RFC 9110 §7.6.1), headers named in `Connection`, and
+Owns: dropping hop-by-hop headers (RFC 9110 §7.6.1), headers named in `Connection`, the
+underscore spellings of those and of the framing and forwarding headers we write
+(`Transfer_Encoding`, `Content_Length`, `X_Forwarded_For`...), and
 every identity header the proxy may inject (configured names and prefixes, plus every claim
 and payload header any provider or route writes), on every route, before any decision;
 then writing the verified identity (claim headers, the payload header; a claim with no
@@ -107,6 +109,12 @@ class StripPlan:
         # `X_User_Id` is `X-User-Id` to WSGI, CGI and PHP (both become HTTP_X_USER_ID), so
         # names are compared with `_` read as `-` (the hole of oauth2-proxy CVE-2025-64484).
         dashed = text.replace("_", "-")
+        if dashed != text and (dashed in HOP_BY_HOP or dashed in _ROLES):
+            # The same reading makes `Transfer_Encoding` or `Content_Length` framing to such an
+            # upstream (a second, unchecked body length: smuggling), `Connection`/`Upgrade`/
+            # `Keep_Alive` its hop-by-hop fields, and `X_Forwarded_For` or `X_Request_Id` a
+            # rival to ours: only the proxy writes these, so no spelling of them passes.
+            return _DROP
         identity = dashed in self.names or dashed.startswith(self.prefixes)
         if text in self.sources:
             # A token source inside the identity namespace (X-Auth-Token under X-Auth-) goes on

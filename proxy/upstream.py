@@ -4,10 +4,15 @@ Owns: per-origin pools of idle keep-alive connections (LIFO reuse, a cap, an idl
 writing one request (the head in one write, the body streamed with `Content-Length` or
 chunked, awaiting the transport's drain); parsing the answer with llhttp (through
 `httptools.HttpResponseParser`): 1xx interim answers skipped, bodiless answers (HEAD, 204,
-304) recognised, chunked and close-delimited bodies; flow control both ways; the one retry
+304) recognised, chunked and close-delimited bodies, any other transfer coding refused;
+keeping one client's answer from another: a connection whose answer's framing is in doubt
+is never reused, a byte no request asked for closes it and makes its origin distrusted
+(no reuse for `_DISTRUST`), an idle socket is checked for unread bytes before reuse, and a
+new origin is on probation (`_PROBATION`); flow control both ways; the one retry
 RFC 9112 §9.3.1 allows (an idempotent, body-less request whose reused connection the server
-closed before answering); and the client's failure vocabulary: `UpstreamConnectError`,
-`UpstreamProtocolError`, builtin `TimeoutError`.
+closed before answering); and the client's failure vocabulary: `UpstreamConnectError`
+(nothing was sent: refused, unreachable, connect timeout), `UpstreamProtocolError`, builtin
+`TimeoutError` (the request was sent and the answer did not come in time).
 Does not own: which headers are sent (the caller strips hop-by-hop ones and injects identity;
 only framing is ours: Host when absent, Content-Length or Transfer-Encoding), redirects,
 cookies, decompression, proxies, upgrades and WebSockets (a `101` is a protocol error
@@ -17,6 +22,8 @@ here), HTTP statuses of our own (forward.py maps the errors), or any knowledge o
 from __future__ import annotations
 
 import asyncio
+import logging
+import select
 import ssl
 from collections import deque
 from collections.abc import AsyncIterator, Iterable
@@ -32,7 +39,8 @@ class UpstreamError(Exception):
 
 
 class UpstreamConnectError(UpstreamError):
-    """No answer at all: refused, unreachable, TLS failure, or reset before the first byte of the answer."""
+    """No answer at all: refused, unreachable, no connection within the connect timeout, DNS
+    or TLS failure, or reset before the first byte of the answer."""
 
 
 class UpstreamProtocolError(UpstreamError):
@@ -57,6 +65,18 @@ _ENCODING = "utf-8"
 # same way hands the upstream exactly the bytes the client sent, and decoding the answer the
 # same way gives the client back exactly the upstream's bytes.
 _ERRORS = "surrogateescape"
+# After an origin sends a byte no request asked for (bytes after a complete answer, a body
+# after a bodiless one), none of its connections is reused for this long: such bytes can
+# arrive after the connection has carried the next request, where nothing tells them from
+# its answer (one user's answer to another). Every request then has a connection of its own.
+_DISTRUST = 60.0
+# Until one of its connections has sat idle this long after an answer with no stray byte, an
+# origin is on probation: a connection is reused only once it has been idle this long, so an
+# upstream that sends such bytes (up to this late) after every answer is caught before any
+# reuse (and distrusted), not after the first connections in flight have crossed. It costs a
+# well-behaved origin new connections for its first ~0.1 s of traffic, then nothing.
+_PROBATION = 0.1
+log = logging.getLogger("jwt_sidecar.upstream")
 
 
 def _expire(waiter: asyncio.Future[None]) -> None:
@@ -111,7 +131,7 @@ def _encode_head(method: str, target: str, fields: Fields, host_line: bytes, fra
 class _Origin:
     """What one (scheme, host, port) shares: its idle connections and its default Host line."""
 
-    __slots__ = ("host", "host_line", "idle", "port", "tls")
+    __slots__ = ("distrusted_until", "host", "host_line", "idle", "port", "proven", "tls")
 
     def __init__(self, scheme: str, host: str, port: int) -> None:
         self.host = host.strip("[]")  # connect with the bare address; the Host line keeps brackets
@@ -122,6 +142,10 @@ class _Origin:
             authority = f"{authority}:{port}"
         self.host_line = f"Host: {authority}\r\n".encode(_ENCODING, _ERRORS)
         self.idle: deque[_Connection] = deque()
+        self.distrusted_until = 0.0
+        """Loop time until which no connection to this origin is pooled (`_DISTRUST`)."""
+        self.proven = False
+        """Past its probation (`_PROBATION`), and no stray byte since."""
 
 
 class _Connection(asyncio.Protocol):
@@ -132,8 +156,8 @@ class _Connection(asyncio.Protocol):
     """
 
     __slots__ = (
-        "_buffered", "_chunked", "_chunks", "_done", "_drain_waiter", "_error",
-        "_got_bytes", "_head_bytes", "_head_done", "_headers", "_idle", "_idle_since", "_interim", "_keep_alive",
+        "_buffered", "_chunked", "_chunks", "_codings", "_done", "_drain_waiter", "_error",
+        "_got_bytes", "_poll", "_head_bytes", "_head_done", "_headers", "_idle", "_idle_since", "_interim", "_keep_alive",
         "_length", "_lost", "_origin", "_parser", "_pool", "_reading_paused", "_reason", "_status",
         "_transport", "_waiter", "_write_paused", "_is_head",
     )
@@ -146,6 +170,7 @@ class _Connection(asyncio.Protocol):
         self._pool = pool
         self._origin = origin
         self._transport: asyncio.Transport = None  # type: ignore[assignment]  # set by connection_made
+        self._poll: select.poll | None = None  # the socket, to look for bytes before reuse (`_clean`)
         self._parser = httptools.HttpResponseParser(self)
         self._idle = False
         self._idle_since = 0.0
@@ -166,6 +191,7 @@ class _Connection(asyncio.Protocol):
         self._headers = []
         self._length = None
         self._chunked = False
+        self._codings: bytes | None = None
         self._interim = False
         self._head_done = False
         self._done = False
@@ -178,6 +204,10 @@ class _Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            self._poll = select.poll()
+            self._poll.register(sock.fileno(), select.POLLIN)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
@@ -205,9 +235,12 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self._done or self._idle:
-            # Bytes after the end of the answer (or on an idle connection, e.g. an unsolicited
-            # 408) mean we no longer know where the next message starts: RFC 9112 §9.3.2.
-            self._keep_alive = False
+            # Bytes after the end of the answer (or on an idle connection) mean we no longer
+            # know where the next message starts (RFC 9112 §9.3.2), and whoever sent them may
+            # send more once the connection carries someone else's request. An unsolicited
+            # 408 on an idle connection is only a server closing it (some do), not a stray.
+            self._stray("bytes after a complete answer",
+                        trust=self._idle and data.startswith((b"HTTP/1.1 408 ", b"HTTP/1.0 408 ")))
             if self._idle:
                 self._transport.abort()
             return
@@ -243,12 +276,13 @@ class _Connection(asyncio.Protocol):
         if self._done:
             # A second message in the same read: we never pipeline (RFC 9112 §9.3.2), so this
             # is garbage. Raising stops llhttp before it overwrites the answer we hold.
-            self._keep_alive = False
+            self._stray("a second answer after the answer")
             raise UpstreamProtocolError("data after the end of the answer")
         self._reason = b""
         self._headers = []
         self._length = None
         self._chunked = False
+        self._codings = None
 
     def on_status(self, reason: bytes) -> None:
         self._reason += reason  # llhttp may deliver the reason phrase in pieces
@@ -258,9 +292,8 @@ class _Connection(asyncio.Protocol):
         if size == 14 and name.lower() == b"content-length":
             self._length = int(value)  # llhttp has already refused non-digits and duplicates
         elif size == 17 and name.lower() == b"transfer-encoding":
-            # RFC 9112 §6.3 item 4: chunked only when it is the final coding; any other
-            # coding on a response means "read until close", which llhttp also does.
-            self._chunked = value.rstrip().lower().endswith(b"chunked")
+            # One list, however many lines carry it (RFC 9110 §5.3); judged once the head is whole.
+            self._codings = value if self._codings is None else self._codings + b"," + value
         self._headers.append((name, value))  # bytes: relayed as they came, decoded only if asked
 
     def on_headers_complete(self) -> None:
@@ -276,6 +309,19 @@ class _Connection(asyncio.Protocol):
             # (103's hints are an optimisation the client can live without).
             self._interim = True
             return
+        bodiless = self._is_head or status == 204 or status == 304
+        codings = self._codings
+        if codings is not None:
+            # Chunked alone, as we read the list and as llhttp does: it reads `chunked\t` and
+            # `chunked,` (chunked, to RFC 9110's list rules) as another coding, so they are refused.
+            listed = [c for c in (part.strip(b" \t").lower() for part in codings.split(b",")) if c]
+            self._chunked = listed == [b"chunked"] and codings.rstrip(b" ").lower().endswith(b"chunked")
+            if not self._chunked and not bodiless:
+                # RFC 9112 §6.3 item 4 would read such a body until close, but we decode chunked
+                # and nothing else: relayed without its Transfer-Encoding (hop-by-hop, ours to
+                # write), gzip'd bytes would reach the client as the content. Refused instead.
+                self._error = UpstreamProtocolError("upstream used a transfer coding other than chunked")
+                raise self._error
         self._status = status
         self._head_done = True
         drain = self._drain_waiter
@@ -283,13 +329,16 @@ class _Connection(asyncio.Protocol):
             drain.set_result(None)  # an upload blocked on a closing server stops now (RFC 9112 §9.5)
         if self._is_head:
             # llhttp cannot be told this answer is to a HEAD (httptools gives no way to return
-            # "skip body" from this callback), so the message ends here for us and the parser
-            # is replaced on release (RFC 9112 §6.3 item 1). Its keep-alive verdict would also
-            # be wrong for a HEAD answer without Content-Length, so decide from the headers.
+            # "skip body" from this callback), so the message ends here for us (RFC 9112 §6.3
+            # item 1). The connection is never reused: the one kind of upstream bug that is
+            # common here, sending the GET's body anyway, would put that body (which may arrive
+            # later than the head) in front of the next request's answer.
             self._done = True
-            self._keep_alive = self._parser.get_http_version() == "1.1" and not any(
-                name.lower() == b"connection" and b"close" in [token.strip() for token in value.lower().split(b",")]
-                for name, value in self._headers)
+            self._keep_alive = False
+        elif bodiless and (self._length or codings is not None):
+            # A 204 or 304 that announces content (204: RFC 9110 §8.6 forbids it; 304: legal but
+            # rare) is the same bet on a body that must not come: not worth a connection.
+            self._keep_alive = False
         else:
             # RFC 9112 §9.3: HTTP/1.1 persists unless "close"; an HTTP/1.0 answer is not reused
             # (we never asked for the 1.0 keep-alive extension). llhttp also says no for a
@@ -299,7 +348,7 @@ class _Connection(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         if self._is_head:
             # A body after a HEAD answer: the framing is broken, so never reuse the connection.
-            self._keep_alive = False
+            self._stray("a body after the answer to a HEAD")
             return
         if self._interim:
             return  # content on a 1xx (which has none, RFC 9110 §15.2) is not the answer's
@@ -316,6 +365,33 @@ class _Connection(asyncio.Protocol):
         self._done = True
 
     # helpers
+
+    def _stray(self, what: str, *, trust: bool = False) -> None:
+        """Bytes no request asked for: this connection is done, and unless `trust`, no
+        connection to its origin is reused for a while (`_DISTRUST`)."""
+        self._keep_alive = False
+        if trust:
+            return
+        origin = self._origin
+        origin.proven = False
+        now = self._pool._loop.time()
+        if origin.distrusted_until <= now:
+            log.warning("upstream %s:%d sent %s; its connections are not reused for %gs",
+                        origin.host, origin.port, what, _DISTRUST)
+        origin.distrusted_until = now + _DISTRUST
+        # Its other idle connections may have stray bytes of their own on the way: closed too.
+        idle = origin.idle
+        while idle:
+            conn = idle.pop()
+            conn._idle = False
+            conn._transport.abort()
+
+    def _clean(self) -> bool:
+        """No byte (nor EOF) waits on the idle socket. Bytes the loop has not yet delivered to
+        `data_received` (they landed in this loop turn) would otherwise be read as the next
+        request's answer."""
+        poll = self._poll
+        return poll is None or not poll.poll(0)
 
     def _wake(self) -> None:
         waiter = self._waiter
@@ -370,8 +446,6 @@ class _Connection(asyncio.Protocol):
         if self._done and self._keep_alive and self._error is None and not self._lost:
             if self._chunks:
                 self._take()  # an unread but complete body: drop it, the connection is still sound
-            if self._is_head:
-                self._parser = httptools.HttpResponseParser(self)
             self._pool._put(self)
         else:
             self._transport.abort()
@@ -459,8 +533,10 @@ class Pool:
     """Keep-alive connections to any number of upstream origins, shared by every request of a process."""
 
     def __init__(self, *, max_idle_per_origin: int = 64, idle_timeout: float = 30.0,
-                 ssl_context: ssl.SSLContext | None = None) -> None:
+                 ssl_context: ssl.SSLContext | None = None, probation: float = _PROBATION) -> None:
+        """`probation`: see `_PROBATION` (0: none, a connection is reused as soon as it is back)."""
         self._max_idle = max_idle_per_origin
+        self._probation = probation
         self._idle_timeout = idle_timeout
         self._ssl = ssl_context  # None: ssl.create_default_context() on the first https origin
         self._origins: dict[tuple[str, str, int], _Origin] = {}
@@ -569,6 +645,10 @@ class Pool:
                 transport.write(head)
             else:
                 await self._send_body(conn, head, body, chunked, content_length, read_timeout)
+                if conn._got_bytes:
+                    # The answer began before the request ended: whether the server read the
+                    # rest of the body, or will read it as a request, is unknown. Not reused.
+                    conn._keep_alive = False
             while not conn._head_done:
                 if conn._error is not None:
                     raise conn._error
@@ -625,11 +705,26 @@ class Pool:
         idle = origin.idle
         if not idle:
             return None
-        deadline = self._loop.time() - self._idle_timeout
+        now = self._loop.time()
+        deadline = now - self._idle_timeout
+        if not origin.proven and self._probation:
+            # On probation: only a connection idle long enough, with nothing read meanwhile
+            # (data_received would have closed it), and that one proves the origin.
+            conn = idle[0]  # the oldest
+            if conn._idle_since > now - self._probation:
+                return None
+            idle.popleft()
+            conn._idle = False
+            if conn._idle_since > deadline and not conn._transport.is_closing() and conn._clean():
+                origin.proven = True
+                return conn
+            conn._transport.abort()
+            return None
         while idle:
             conn = idle.pop()  # the most recently used: the least likely to be closed by the server
             conn._idle = False
-            if conn._idle_since > deadline and not conn._transport.is_closing():
+            poll = conn._poll  # `_clean`, inlined: this runs for every request
+            if conn._idle_since > deadline and not conn._transport.is_closing() and (poll is None or not poll.poll(0)):
                 return conn
             conn._transport.abort()
         return None
@@ -643,15 +738,19 @@ class Pool:
                     ssl=context, server_hostname=origin.host if context is not None else None,
                 )
         except TimeoutError:
-            raise  # builtin TimeoutError is an OSError too: let it through as a timeout
+            # Nothing was sent: the upstream is unreachable (502), not slow to answer (504).
+            # Caught first, as builtin TimeoutError is an OSError too.
+            raise UpstreamConnectError(f"no connection to {origin.host}:{origin.port} within {timeout:g}s") from None
         except OSError as error:  # refused, unreachable, DNS, TLS (ssl.SSLError is an OSError)
             raise UpstreamConnectError(
                 f"cannot connect to {origin.host}:{origin.port}: {error.strerror or type(error).__name__}") from error
         return conn
 
     def _put(self, conn: _Connection) -> None:
-        idle = conn._origin.idle
-        if self._closed or len(idle) >= self._max_idle:
+        origin = conn._origin
+        idle = origin.idle
+        distrusted = origin.distrusted_until
+        if self._closed or len(idle) >= self._max_idle or (distrusted and distrusted > self._loop.time()):
             conn._transport.abort()
             return
         conn._idle = True

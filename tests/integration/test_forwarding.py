@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import resource
-from collections.abc import AsyncIterator
+import socket
+import time
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import aiohttp
@@ -100,6 +103,48 @@ async def test_upstream_timeout_is_504(sidecar: Any, rsa_key: TestKey) -> None:
     async with await s.get("/slow?seconds=3", headers=bearer(rsa_key)) as response:
         assert response.status == 504
         assert (await response.json())["error"] == "gateway_timeout"
+
+
+@contextlib.contextmanager
+def unreachable_port() -> Iterator[int]:
+    """A loopback port whose connects neither succeed nor fail: a listener with a full accept
+    queue (backlog 0, filled by connections it never accepts) drops further SYNs on Linux."""
+    with socket.create_server(("127.0.0.1", 0), backlog=0) as listener:
+        port = listener.getsockname()[1]
+        fillers = []
+        try:
+            for _ in range(4):
+                filler = socket.socket()
+                filler.setblocking(False)
+                with contextlib.suppress(BlockingIOError):
+                    filler.connect(("127.0.0.1", port))
+                fillers.append(filler)
+            time.sleep(0.05)  # let the handshakes fill the queue
+            yield port
+        finally:
+            for filler in fillers:
+                filler.close()
+
+
+async def test_upstream_connect_timeout_is_502_not_504(sidecar: Any, rsa_key: TestKey) -> None:
+    # Nothing was sent, so the upstream is unavailable (502); 504 says an answer was late.
+    with unreachable_port() as port:
+        s = await sidecar(STREAM_CONFIG.replace('"{upstream}"', f'"http://127.0.0.1:{port}"')
+                          .replace("connect_timeout: 1s", "connect_timeout: 200ms").replace("timeout: 1s", "timeout: 5s"),
+                          max_body="0")
+        started = time.monotonic()
+        async with await s.get("/x", headers=bearer(rsa_key)) as response:
+            assert response.status == 502
+            assert await response.json() == {"error": "bad_gateway",
+                                             "error_description": "The upstream service is unavailable"}
+        assert 0.19 <= time.monotonic() - started < 3.0  # the connect timeout ended it, not the 5s answer timeout
+        # A WebSocket handshake opens its own connection: the same answer.
+        with contextlib.suppress(aiohttp.WSServerHandshakeError):
+            async with s.client.ws_connect(s.url + "/ws", headers=bearer(rsa_key)):
+                raise AssertionError("the upgrade must fail")
+        counts = s.runtime.metrics.route("api").counts
+        assert {key[3]: n for key, n in counts.items()} == {"5xx": 2}
+        assert {key[2] for key in counts} == {"upstream_unavailable"}
 
 
 async def test_upstream_status_and_bodyless_answers_pass_through(sidecar: Any, rsa_key: TestKey) -> None:

@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +18,9 @@ from yarl import URL
 
 from proxy.accesslog import AccessLog
 from proxy.reload import reload
-from tests.conftest import TestKey, mint
+from tests.conftest import AUDIENCE, ISSUER, TestKey, jwks_of, mint
 from tests.integration.conftest import BASE_CONFIG
+from tests.support.jwks_server import JwksServer, start_jwks_server
 
 REPO = Path(__file__).parents[2]
 
@@ -230,3 +232,179 @@ async def test_run_reloads_on_file_change_and_sighup_and_drains_on_sigterm(
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+# A reload during an issuer outage (issue 10, item 14): key sources are identified by their
+# key settings alone, a replaced source serves until its successor has keys, and a reload
+# never makes a ready sidecar unready.
+
+async def ready(s: Any) -> tuple[int, dict[str, Any]]:
+    async with s.client.get(s.admin_url + "/readyz") as response:
+        return response.status, await response.json()
+
+
+async def statuses(s: Any, key: TestKey, count: int = 20, path: str = "/orders") -> list[int]:
+    """Answers to `count` distinct tokens (distinct, so no answer comes from the token cache)."""
+    found = []
+    for index in range(count):
+        async with await s.get(path, headers=bearer(mint({"sub": f"user-{index}"}, key=key))) as response:
+            found.append(response.status)
+    return found
+
+
+async def take_down(jwks: Any) -> None:
+    """The issuer's JWKS host goes away: connections to it are refused from now on."""
+    await jwks.server.close()
+
+
+async def test_a_reload_that_changes_only_leeway_during_an_issuer_outage_keeps_the_keys(
+        sidecar: Any, rsa_key: TestKey) -> None:
+    s = await sidecar()
+    source = s.runtime.snapshot.keyring["main"]
+    assert await statuses(s, rsa_key, 3) == [200] * 3
+    await take_down(s.jwks)
+    path = Path(s.runtime.config_path)
+    path.write_text(path.read_text().replace("    audiences:", "    leeway: 5s\n    audiences:"))
+    assert await reload(s.runtime) is True
+    assert s.runtime.snapshot.settings.providers["main"].leeway == 5
+    assert await statuses(s, rsa_key) == [200] * 20
+    assert await ready(s) == (200, {"ready": True, "reason": "ready"})
+    assert s.runtime.snapshot.keyring["main"] is source, "same key settings: the same source, no refetch"
+    assert s.jwks.requests["/jwks.json"] == 1
+    # The other checks did change: a token 20 s past its exp is now outside the leeway.
+    late = mint({"exp": int(time.time()) - 20}, key=rsa_key)
+    async with await s.get("/orders", headers=bearer(late)) as response:
+        assert response.status == 401
+
+
+async def test_every_non_key_change_to_a_provider_keeps_its_key_source(sidecar: Any, rsa_key: TestKey) -> None:
+    s = await sidecar()
+    source = s.runtime.snapshot.keyring["main"]
+    await take_down(s.jwks)
+    path = Path(s.runtime.config_path)
+    original = path.read_text()
+    changes = [
+        ("    audiences:", "    leeway: 1s\n    audiences:"),
+        ("    audiences: [api://orders]", "    audiences: [api://orders, api://other]"),
+        ("      claims: {sub: X-User-Id,", "      claims: {sub: X-Subject,"),
+        ("    audiences:", "    required_claims: [exp, iat]\n    audiences:"),
+        ("    audiences:", "    max_token_age: 1h\n    audiences:"),
+        ("    issuer: https://issuer.test", "    issuer: [https://issuer.test, https://other.test]"),
+    ]
+    for old, new in changes:
+        assert old in original, old
+        path.write_text(original.replace(old, new, 1))
+        assert await reload(s.runtime) is True, new
+        assert s.runtime.snapshot.keyring["main"] is source, new
+        assert await statuses(s, rsa_key, 3) == [200] * 3, new
+        assert (await ready(s))[0] == 200
+    assert not source._closed
+
+
+async def test_a_reload_that_changes_algorithms_reindexes_the_held_keys_without_the_issuer(
+        sidecar: Any, rsa_key: TestKey, ec_key: TestKey) -> None:
+    s = await sidecar(BASE_CONFIG.replace("min_refresh_interval: 1s}", "min_refresh_interval: 1s}\n    algorithms: [RS256]"))
+    s.jwks.document = jwks_of(rsa_key, ec_key)
+    await s.runtime.snapshot.keyring["main"]._fetch()  # the issuer published an EC key too
+    assert await statuses(s, ec_key, 1) == [401]  # ES256 is not allowed yet
+    await take_down(s.jwks)
+    path = Path(s.runtime.config_path)
+    path.write_text(path.read_text().replace("algorithms: [RS256]", "algorithms: [RS256, ES256]"))
+    assert await reload(s.runtime) is True
+    assert await statuses(s, ec_key, 5) == [200] * 5
+    assert await statuses(s, rsa_key, 5) == [200] * 5
+    assert (await ready(s))[0] == 200
+    # And narrowed again: the EC key no longer verifies anything.
+    path.write_text(path.read_text().replace("algorithms: [RS256, ES256]", "algorithms: [RS256]"))
+    assert await reload(s.runtime) is True
+    assert await statuses(s, ec_key, 2) == [401] * 2
+    assert await statuses(s, rsa_key, 2) == [200] * 2
+
+
+async def test_a_reload_to_a_dead_jwks_url_serves_the_old_keys_until_the_new_host_has_keys(
+        sidecar: Any, aiohttp_server: Any, rsa_key: TestKey, rsa_key_2: TestKey) -> None:
+    s = await sidecar()
+    first = s.runtime.snapshot.keyring["main"]
+    path = Path(s.runtime.config_path)
+    original = path.read_text()
+    old_url = s.jwks.url()
+    # Two reloads in a row to hosts that are down: the keys of the first source still serve.
+    dead, next_dead = free_port(), free_port()
+    for port in (dead, next_dead):
+        path.write_text(original.replace(old_url, f"http://127.0.0.1:{port}/jwks.json"))
+        assert await reload(s.runtime) is True
+        assert await statuses(s, rsa_key, 10) == [200] * 10
+        status, body = await ready(s)
+        assert status == 200 and body["ready"] is True, body
+    replacement = s.runtime.snapshot.keyring["main"]
+    assert replacement is not first and replacement.fallback is not None
+    # The old issuer goes down too: its last good keys still serve.
+    await take_down(s.jwks)
+    assert await statuses(s, rsa_key, 5) == [200] * 5
+    # The new host comes up, with the new issuer's key: the new source swaps in by itself.
+    newcomer = JwksServer(jwks_of(rsa_key_2))
+    newcomer.server = await aiohttp_server(newcomer.app(), port=next_dead)
+    for _ in range(100):
+        if replacement.fallback is None and replacement.keyset.size:
+            break
+        await asyncio.sleep(0.1)
+    assert replacement.fallback is None, "the new source never swapped in"
+    assert await statuses(s, rsa_key_2, 5) == [200] * 5
+    assert await statuses(s, rsa_key, 5) == [401] * 5, "the old keys no longer verify anything"
+    await asyncio.sleep(0.05)  # the release closes the replaced sources in the background
+    assert first._closed and first._refresher.done(), "the first source was closed"
+    assert (await ready(s))[0] == 200
+
+
+async def test_a_reload_to_another_discovery_issuer_is_a_new_source(sidecar: Any, rsa_key: TestKey) -> None:
+    """With discovery, the issuers vouch for the jwks_uri: changing them means a new look-up."""
+    s = await sidecar()
+    path = Path(s.runtime.config_path)
+    discovery = s.jwks.url("/.well-known/openid-configuration")
+    path.write_text(path.read_text().replace(f'jwks: {{url: "{s.jwks.url()}", min_refresh_interval: 1s}}',
+                                             f'discovery: "{discovery}"'))
+    assert await reload(s.runtime) is True
+    source = s.runtime.snapshot.keyring["main"]
+    assert source.fallback is None and source.keyset.size == 1  # discovery worked at once
+    assert await statuses(s, rsa_key, 2) == [200] * 2
+    path.write_text(path.read_text().replace("issuer: https://issuer.test", "issuer: [https://issuer.test, x]"))
+    assert await reload(s.runtime) is True
+    assert s.runtime.snapshot.keyring["main"] is not source
+    assert await statuses(s, rsa_key, 2) == [200] * 2
+
+
+async def test_a_removed_providers_key_source_is_closed_and_never_fetches_again(
+        sidecar: Any, jwks_server: Any, aiohttp_server: Any, rsa_key: TestKey) -> None:
+    other = await start_jwks_server(aiohttp_server, jwks_of(rsa_key))
+    two = BASE_CONFIG.replace("routes:", f'  other:\n    issuer: {ISSUER}\n    audiences: [{AUDIENCE}]\n'
+                                          f'    jwks: {{url: "{other.url()}", cache_ttl: 1s, min_refresh_interval: 1s}}\n'
+                                          "routes:")
+    s = await sidecar(two)
+    removed = s.runtime.snapshot.keyring["other"]
+    assert removed.ready
+    path = Path(s.runtime.config_path)
+    path.write_text(path.read_text().replace("  other:\n", "  gone_from_here:\n").split("  gone_from_here:")[0]
+                    + "routes:" + path.read_text().split("routes:", 1)[1])
+    assert await reload(s.runtime) is True
+    assert "other" not in s.runtime.snapshot.keyring.sources
+    assert removed._closed and removed._refresher.done()
+    fetched = other.requests["/jwks.json"]
+    await asyncio.sleep(1.5)  # longer than its cache_ttl: an open source would have refreshed
+    assert other.requests["/jwks.json"] == fetched
+
+
+async def test_a_provider_a_reload_adds_without_keys_does_not_make_the_sidecar_unready(
+        sidecar: Any, rsa_key: TestKey) -> None:
+    s = await sidecar()
+    path = Path(s.runtime.config_path)
+    text = path.read_text().replace("routes:", f'  late:\n    issuer: {ISSUER}\n    audiences: [{AUDIENCE}]\n'
+                                               f'    jwks: {{url: "http://127.0.0.1:{free_port()}/jwks.json", '
+                                               "timeout: 1s, min_refresh_interval: 1s}\nroutes:")
+    text = text.replace("  - name: optional", "  - name: late\n    match: {path_prefix: /late/}\n"
+                                             "    auth: {provider: late}\n  - name: optional")
+    path.write_text(text)
+    assert await reload(s.runtime) is True
+    status, body = await ready(s)
+    assert status == 200 and "late" in body["reason"], body
+    assert await statuses(s, rsa_key, 3) == [200] * 3
+    assert await statuses(s, rsa_key, 1, path="/late/x") == [503]

@@ -86,7 +86,8 @@ async def supervise(settings: Settings, *, config_path: str) -> int:
         # Each worker drains its own in-flight requests on SIGTERM; give them that long.
         _signal_all(procs, signal.SIGTERM)
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.gather(*exits, return_exceptions=True), settings.drain_timeout + 5)
+            await asyncio.wait_for(asyncio.gather(*exits, return_exceptions=True),
+                                   settings.drain_delay + settings.drain_timeout + 5)
         _signal_all(procs, signal.SIGKILL)
         await asyncio.gather(*exits, return_exceptions=True)
         stopping.cancel()

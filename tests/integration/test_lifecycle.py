@@ -5,14 +5,19 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import select
 import signal
 import socket
 import sys
+import threading
 import time
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from yarl import URL
 
@@ -408,3 +413,168 @@ async def test_a_provider_a_reload_adds_without_keys_does_not_make_the_sidecar_u
     assert status == 200 and "late" in body["reason"], body
     assert await statuses(s, rsa_key, 3) == [200] * 3
     assert await statuses(s, rsa_key, 1, path="/late/x") == [503]
+
+
+# Drain without dropping (issue 10, item 17): a SIGTERM under steady keep-alive load loses no
+# request that was sent on an established connection.
+
+@dataclass
+class LoadResults:
+    answered: Counter = field(default_factory=Counter)
+    """Complete answers, by status."""
+    told_to_close: int = 0
+    """Answers that carried `Connection: close` (the client then opens a new connection)."""
+    closed_before_send: int = 0
+    """Connections we found closed by the sidecar before writing a request on them: safe to retry."""
+    refused: int = 0
+    """Connection attempts that failed: nothing was sent."""
+    lost: list[str] = field(default_factory=list)
+    """Requests written to a connection that ended without a complete answer."""
+    errors: list[str] = field(default_factory=list)
+
+
+def read_http_answer(sock: socket.socket) -> tuple[int, bool]:
+    """(status, whether it said Connection: close) of one Content-Length-framed answer; EOFError when cut."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise EOFError(f"the connection ended after {len(data)} bytes of the answer's head")
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    fields = [line.split(":", 1) for line in lines[1:]]
+    length = int(next(v for n, v in fields if n.strip().lower() == "content-length"))
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise EOFError(f"the connection ended after {len(body)} of {length} body bytes")
+        body += chunk
+    close = any(n.strip().lower() == "connection" and v.strip().lower() == "close" for n, v in fields)
+    return int(lines[0].split(" ")[1]), close
+
+
+def keep_alive_client(port: int, request: bytes, results: LoadResults, stop: threading.Event,
+                      term_sent: threading.Event, *, most: int, until: float, per_connection: int) -> None:
+    """Requests back to back on a keep-alive connection, `per_connection` of them (then the
+    client closes it and opens another, so some connections are always just accepted), or
+    fewer when told to close."""
+    sock: socket.socket | None = None
+    sent = 0
+    on_this = 0
+    try:
+        while sent < most and time.monotonic() < until and not stop.is_set():
+            if sock is None:
+                try:
+                    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+                    on_this = 0
+                except OSError:
+                    results.refused += 1
+                    if term_sent.is_set():
+                        return  # the listener is closed: the drain is under way
+                    time.sleep(0.01)
+                    continue
+            # Did the sidecar close this connection before our request? Then nothing is lost
+            # (RFC 9112 §9.3.1: a client may retry a request it never sent).
+            readable, _, _ = select.select([sock], [], [], 0)
+            if readable:
+                try:
+                    early = sock.recv(1, socket.MSG_PEEK)
+                except OSError:
+                    early = b""
+                if early:
+                    results.errors.append(f"bytes before any request: {early!r}")
+                    return
+                results.closed_before_send += 1
+                sock.close()
+                sock = None
+                continue
+            sent += 1
+            try:
+                sock.sendall(request)
+                status, close = read_http_answer(sock)
+            except (OSError, EOFError) as error:
+                results.lost.append(f"{type(error).__name__}: {error} (after SIGTERM: {term_sent.is_set()}, "
+                                    f"answers before on this connection: {on_this})")
+                sock.close()
+                sock = None
+                continue
+            results.answered[status] += 1
+            on_this += 1
+            if close or on_this >= per_connection:
+                results.told_to_close += close
+                sock.close()
+                sock = None
+    finally:
+        if sock is not None:
+            sock.close()
+
+
+async def start_run(tmp_path: Path, aiohttp_server: Any, jwks_server: Any, rsa_key: TestKey,
+                    extra: str) -> tuple[asyncio.subprocess.Process, int, str]:
+    from tests.support.upstream import start_upstream
+
+    jwks_server.document = jwks_of(rsa_key)
+    upstream = await start_upstream(aiohttp_server)
+    listen, admin = free_port(), free_port()
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(BASE_CONFIG.replace("{upstream}", upstream.url).replace("{jwks}", jwks_server.url())
+                           + f"listen: 127.0.0.1:{listen}\nadmin: 127.0.0.1:{admin}\naccess_log: false\n" + extra)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", "run", "--config", str(config_file), cwd=REPO,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(REPO)})
+    admin_base = f"http://127.0.0.1:{admin}"
+    async with aiohttp.ClientSession() as session:
+        await wait_ready(session, admin_base + "/readyz", proc)
+    return proc, listen, admin_base
+
+
+@pytest.mark.parametrize("drain_delay", [0.0, 1.0])
+async def test_sigterm_under_steady_keep_alive_load_loses_no_request(
+        drain_delay: float, aiohttp_server: Any, jwks_server: Any, rsa_key: TestKey, tmp_path: Path) -> None:
+    proc, port, admin = await start_run(tmp_path, aiohttp_server, jwks_server, rsa_key,
+                                        f"drain_timeout: 5s\ndrain_delay: {drain_delay}s\n")
+    request = (f"GET /status/200 HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {mint(key=rsa_key)}\r\n\r\n"
+               .encode())
+    results = LoadResults()
+    stop, term_sent = threading.Event(), threading.Event()
+    until = time.monotonic() + 15
+    clients = [threading.Thread(target=keep_alive_client, args=(port, request, results, stop, term_sent),
+                                kwargs={"most": 3000, "until": until, "per_connection": 1 + index % 4 * 10},
+                                daemon=True) for index in range(12)]
+    try:
+        for client in clients:
+            client.start()
+        await asyncio.sleep(1.0)  # steady load
+        before = sum(results.answered.values())
+        proc.send_signal(signal.SIGTERM)
+        term_sent.set()
+        if drain_delay:
+            await asyncio.sleep(drain_delay / 3)
+            async with aiohttp.ClientSession() as session:
+                async with session.get(admin + "/readyz") as response:
+                    assert response.status == 503  # not ready...
+                # ...but a client the platform still sends here is served, and told to go.
+                async with session.get(f"http://127.0.0.1:{port}/public/x") as response:
+                    assert response.status == 200 and response.headers["Connection"] == "close"
+        assert await asyncio.wait_for(proc.wait(), 15) == 0
+        stop.set()
+        for client in clients:
+            await asyncio.to_thread(client.join, 10)
+        assert not any(client.is_alive() for client in clients)
+        stderr = (await proc.stderr.read()).decode()
+        assert "Traceback" not in stderr
+        assert results.errors == []
+        assert results.lost == [], f"{len(results.lost)} requests lost: {results.lost[:3]}\n{stderr}"
+        assert set(results.answered) == {200}, (results, stderr)
+        assert before >= 50, f"too little load to show anything: {before} answers"
+        assert results.told_to_close >= 12, "every connection was told to close"
+        if drain_delay:
+            # Served during the delay: many connections, each told to close after one answer.
+            assert sum(results.answered.values()) - before >= 12
+    finally:
+        stop.set()
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()

@@ -128,7 +128,7 @@ def test_the_repository_config_is_valid() -> None:
         ("providers:\n  main: {issuer: i, audiences: [a], jwks: {url: 'https://x'}}\nroutes:\n  - match: {path_prefix: /}\n",
          "c.yaml:4: routes[0].auth: is required: `none`, or a mapping with `provider` (and scopes, claims, optional)"),
         ("providers:\n  main: {issuer: i, audiences: [a], jwks: {url: 'https://x'}}\nlisten_port: 8080\n",
-         "c.yaml:3: listen_port: unknown key; allowed here: access_log, admin, drain_timeout, listen, max_token_bytes, providers, realm, routes, strip_headers, token_cache, upstream"),
+         "c.yaml:3: listen_port: unknown key; allowed here: access_log, admin, drain_delay, drain_timeout, listen, max_token_bytes, providers, realm, routes, strip_headers, token_cache, upstream"),
         ("providers:\n  main: {issuer: i, audiences: [a], jwks: {url: 'https://x'}}\n  main: {}\n",
          "c.yaml:3: invalid YAML: while reading a mapping found duplicate key 'main'"),
         ("providers: [\n", "c.yaml:2: invalid YAML:"),

@@ -244,7 +244,9 @@ class RemoteKeySource(KeySource):
         self._document: Any = None
         """The last good JWK Set as fetched, kept to re-index it when only algorithms change."""
         self._seeded = False
-        if isinstance(seed, RemoteKeySource) and seed._remote == remote and seed._document is not None:
+        if (isinstance(seed, RemoteKeySource) and seed._remote == remote and seed._document is not None
+                # A jwks_uri found by discovery was vouched for by the old issuers only.
+                and (remote.discovery_url is None or seed.provider.issuers == provider.issuers)):
             self._seed(seed)
 
     def _seed(self, seed: RemoteKeySource) -> None:

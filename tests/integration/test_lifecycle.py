@@ -372,9 +372,17 @@ async def test_a_reload_to_another_discovery_issuer_is_a_new_source(sidecar: Any
     source = s.runtime.snapshot.keyring["main"]
     assert source.fallback is None and source.keyset.size == 1  # discovery worked at once
     assert await statuses(s, rsa_key, 2) == [200] * 2
+    looked_up = s.jwks.requests["/.well-known/openid-configuration"]
     path.write_text(path.read_text().replace("issuer: https://issuer.test", "issuer: [https://issuer.test, x]"))
     assert await reload(s.runtime) is True
-    assert s.runtime.snapshot.keyring["main"] is not source
+    replacement = s.runtime.snapshot.keyring["main"]
+    assert replacement is not source and replacement.discovery_fetches == 1
+    assert s.jwks.requests["/.well-known/openid-configuration"] == looked_up + 1
+    assert await statuses(s, rsa_key, 2) == [200] * 2
+    # Same issuers again, other algorithms: the discovered keys are re-indexed, no look-up.
+    path.write_text(path.read_text().replace("discovery:", "algorithms: [RS256, PS256]\n    discovery:"))
+    assert await reload(s.runtime) is True
+    assert s.runtime.snapshot.keyring["main"].discovery_fetches == 0
     assert await statuses(s, rsa_key, 2) == [200] * 2
 
 

@@ -114,10 +114,17 @@ async def supervise(settings: Settings, *, config_path: str) -> int:
                 break
             for task in [t for t in done if t in restarts]:
                 index = restarts.pop(task)
-                procs[index] = task.result()
+                try:
+                    procs[index] = task.result()
+                except OSError as error:  # no process can be started (fd or memory limits): give up
+                    log.error("worker %d could not be started again: %s; stopping the set", index, error)
+                    status = 1
+                    break
                 exits[asyncio.ensure_future(procs[index].wait())] = index
                 restarting.pop(index, None)
                 log.info("worker %d started again (pid %d)", index, procs[index].pid)
+            if status:
+                break
             for exit_ in [f for f in done if f in exits]:
                 index = exits.pop(exit_)
                 dead = procs[index]

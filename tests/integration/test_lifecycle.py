@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import secrets
 import select
 import signal
 import socket
@@ -359,6 +360,41 @@ async def test_a_reload_to_a_dead_jwks_url_serves_the_old_keys_until_the_new_hos
     await asyncio.sleep(0.05)  # the release closes the replaced sources in the background
     assert first._closed and first._refresher.done(), "the first source was closed"
     assert (await ready(s))[0] == 200
+
+
+async def test_a_new_key_source_that_has_keys_replaces_the_old_one_at_once(
+        sidecar: Any, aiohttp_server: Any, rsa_key: TestKey, rsa_key_2: TestKey, tmp_path: Path) -> None:
+    """The old keys serve only while the new source has none: never beside the new ones."""
+    s = await sidecar()
+    first = s.runtime.snapshot.keyring["main"]
+    rotated = await start_jwks_server(aiohttp_server, jwks_of(rsa_key_2))
+    path = Path(s.runtime.config_path)
+    path.write_text(path.read_text().replace(s.jwks.url(), rotated.url()))
+    assert await reload(s.runtime) is True
+    assert s.runtime.snapshot.keyring["main"].fallback is None
+    assert await statuses(s, rsa_key_2, 3) == [200] * 3
+    assert await statuses(s, rsa_key, 3) == [401] * 3
+    assert first._closed
+    # A leaked HMAC secret replaced by another: tokens signed with the old one fail at once.
+    old_secret, new_secret = secrets.token_bytes(64), secrets.token_bytes(64)
+    secret_file = tmp_path / "hs.key"
+    secret_file.write_bytes(old_secret)
+    text = path.read_text().replace(f'jwks: {{url: "{rotated.url()}", min_refresh_interval: 1s}}',
+                                    f'secret: {{file: "{secret_file}"}}')
+    path.write_text(text)
+    assert await reload(s.runtime) is True
+    hs = [mint({"sub": f"hs-{i}"}, secret=old_secret) for i in range(2)]
+    for token in hs:
+        async with await s.get("/orders", headers=bearer(token)) as response:
+            assert response.status == 200
+    secret_file.write_bytes(new_secret)
+    path.write_text(text + "\n")  # the file that names the secret changed too: a reload
+    assert await reload(s.runtime) is True
+    for token in [mint({"sub": "hs-new"}, secret=old_secret), *hs]:
+        async with await s.get("/orders", headers=bearer(token)) as response:
+            assert response.status == 401
+    async with await s.get("/orders", headers=bearer(mint(secret=new_secret))) as response:
+        assert response.status == 200
 
 
 async def test_a_reload_to_another_discovery_issuer_is_a_new_source(sidecar: Any, rsa_key: TestKey) -> None:

@@ -154,3 +154,25 @@ async def test_a_worker_that_dies_on_every_start_stops_the_set_with_status_1(
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def test_a_stop_while_a_worker_waits_to_be_restarted_is_a_clean_stop(
+        tmp_path: Path, aiohttp_server: Any, jwks_server: Any, rsa_key: TestKey) -> None:
+    proc, _, admin = await start(tmp_path, aiohttp_server, jwks_server, rsa_key, stderr=asyncio.subprocess.PIPE)
+    try:
+        async with aiohttp.ClientSession() as session:
+            await wait_ready(session, admin + "/readyz", proc)
+        path = tmp_path / "config.yaml"
+        path.write_text(path.read_text().replace("providers:", "providers:\n  broken: {issuer: i}\n", 1))
+        workers = children(proc.pid)
+        os.kill(workers[0], signal.SIGKILL)  # its restarts fail: the set is between two of them
+        await asyncio.sleep(1.0)
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 20) == 0
+        assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
+        stderr = (await proc.stderr.read()).decode()
+        assert "starting it again in" in stderr and "Traceback" not in stderr and "never awaited" not in stderr
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()

@@ -285,6 +285,9 @@ class Settings:
     strip: StripSettings = StripSettings()
     drain_timeout: float = 20.0
     """On SIGTERM: how long in-flight requests may take to finish."""
+    drain_delay: float = 0.0
+    """On SIGTERM: how long to keep accepting after readiness turns false (endpoint removal
+    lags behind it), before the listener closes and `drain_timeout` starts."""
     access_log: bool = True
     """One JSON line per request on stdout (never the token)."""
     workers: int = 1
@@ -368,6 +371,7 @@ class _Builder:
         strip = self.strip(root.section("strip_headers"))
         realm = root.string("realm", defaults.realm)
         drain = root.duration("drain_timeout", defaults.drain_timeout)
+        drain_delay = root.duration("drain_delay", defaults.drain_delay)
         access_log = root.boolean("access_log", defaults.access_log)
         workers = root.integer("workers", defaults.workers, minimum=1)
         max_connections = root.integer("max_connections", None, minimum=1)  # type: ignore[arg-type]
@@ -389,6 +393,7 @@ class _Builder:
             realm=realm,
             strip=strip,
             drain_timeout=drain,
+            drain_delay=drain_delay,
             access_log=access_log,
             workers=workers,
             max_connections=max_connections,

@@ -13,7 +13,10 @@ whole answer, or a head and then a Content-Length, chunked or close-delimited bo
 upgrades (the bytes after the head are held for `Request.tunnel`, or the connection
 closes after the answer), an idle keep-alive timeout, a time limit on each request head
 from its first byte (408), a limit on open connections (those over it are closed at accept),
-cancelling the handler when the client goes away, and a graceful drain (`Server.shutdown`).
+cancelling the handler when the client goes away, and a graceful drain (`Server.start_drain`,
+`Server.shutdown`): answers carry `Connection: close`, the listen queue is served before the
+listener closes, and a connection is closed only between requests, never once a request's
+first byte has arrived.
 Does not own: what a request means or what the answer says (app.py and pipeline.py), or
 any header beyond framing: `Content-Length`, `Transfer-Encoding`, `Connection` and `Date`.
 
@@ -26,6 +29,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import select
 import socket
 import struct
 import time
@@ -64,6 +69,9 @@ _ENCODING = "utf-8"
 _ERRORS = "surrogateescape"
 _REASONS = {s.value: s.phrase for s in HTTPStatus}
 _BODILESS = frozenset({204, 304})
+_DRAIN_IDLE = 1.0
+"""While draining, a connection idle this long (no byte of a next request) is closed. A client
+sending continuously is never idle that long: it gets `Connection: close` on an answer instead."""
 
 Handler = Callable[["Request"], Awaitable[None] | None]
 """Answers a request at once and returns None, or returns the rest of its work to await."""
@@ -371,7 +379,10 @@ class Request:
     def _connection_field(self, status: int) -> str:
         self._started = True
         self.status = status
-        if self._conn._closing or not self.keep_alive or (self.upgrade and status != 101) or not self._complete:
+        conn = self._conn
+        if (conn._closing or not self.keep_alive or (self.upgrade and status != 101) or not self._complete
+                or (conn._server._draining and conn._nothing_more())):
+            # Draining: the last answer we owe says so, so the client sends nothing more here.
             # An upgrade we did not take leaves the bytes after its head unparsed, and an
             # unread body leaves the framing unknown: neither connection can carry another request.
             self._close = True
@@ -407,6 +418,7 @@ class _Connection(asyncio.Protocol):
 
     def __init__(self, server: Server) -> None:
         self._server = server
+        server._opening += 1  # until connection_made: the drain must wait for us too
         self._loop = server._loop
         self._parser = httptools.HttpRequestParser(self)
         self._transport: asyncio.Transport = None  # type: ignore[assignment]  # set by connection_made
@@ -443,7 +455,12 @@ class _Connection(asyncio.Protocol):
         self._transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
         self._remote = peer[0] if isinstance(peer, tuple) else None
+        self._server._opening -= 1
         self._server._connections.add(self)
+        if self._server._filtered:
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                _accept_handshakes(sock)  # type: ignore[arg-type]
         self._idle()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -796,15 +813,68 @@ class _Connection(asyncio.Protocol):
         self._pause_reading()
         self._write_refusal(408)
 
-    def _shut(self) -> None:
-        """The server is draining: close now if idle, else after the answer in progress."""
-        self._closing = True
-        if self._task is None and not self._queue and not self._lost:
+    def _nothing_more(self) -> bool:
+        """Draining: whether no byte of a request after the one being answered has come,
+        neither parsed nor waiting in the socket (then this connection may close after it)."""
+        return (len(self._queue) <= 1 and self._head_begun is None and not self._unparsed
+                and not self._lost and not _readable(self._transport))
+
+    def _shut_if_idle(self, idle_before: float) -> None:
+        """Draining: close if waiting for a head since before `idle_before`, with no byte of one."""
+        since = self._idle_since
+        if (since is not None and since <= idle_before and self._task is None and not self._queue
+                and not self._refusal and not self._upgraded and self._nothing_more()):
+            self._closing = True
             self._transport.close()
 
-    @property
-    def _busy(self) -> bool:
-        return self._task is not None or self._sink is not None
+
+def _readable(transport: asyncio.Transport) -> bool:
+    """Whether the socket holds bytes (or an end) we have not read yet; asked only while draining."""
+    sock = transport.get_extra_info("socket")
+    fd = sock.fileno() if sock is not None else -1
+    if fd < 0:
+        return False
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(0))
+
+
+# A classic BPF program of one instruction, `ret #0`: every packet to the socket is dropped.
+_DROP_ALL = struct.pack("HBBI", 0x06, 0, 0, 0)
+_SO_ATTACH_FILTER = getattr(socket, "SO_ATTACH_FILTER", 26)
+_SO_DETACH_FILTER = getattr(socket, "SO_DETACH_FILTER", 27)
+
+
+def _refuse_handshakes(sock: socket.socket) -> None:
+    """Let no new connection complete on this listening socket (Linux; elsewhere a no-op).
+
+    A dropped SYN is sent again by the client about a second later, when the socket is
+    closed and the kernel refuses it (or, with SO_REUSEPORT, another process takes it): the
+    client never holds a connection we would reset.
+    """
+    if not hasattr(socket, "AF_PACKET"):  # not Linux: SO_ATTACH_FILTER means something else, if anything
+        return
+    import ctypes
+
+    program = ctypes.create_string_buffer(_DROP_ALL)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER, struct.pack("HL", 1, ctypes.addressof(program)))
+    except OSError:
+        pass
+
+
+def _accept_handshakes(sock: socket.socket) -> None:
+    """Undo `_refuse_handshakes` on a connection accepted from that socket.
+
+    A connection whose handshake completed just as the filter went on inherits it (the
+    kernel copies a listener's filter to the connections it makes): its packets would be
+    dropped. Once detached, the client's TCP sends them again and the request arrives.
+    """
+    if hasattr(socket, "AF_PACKET"):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, _SO_DETACH_FILTER, 0)
+        except OSError:  # ENOENT: it has no filter, the usual case
+            pass
 
 
 _REFUSALS: dict[int, bytes] = {}
@@ -878,6 +948,11 @@ class Server:
         # request (a TimerHandle made and cancelled per request was 3% of a refused request's time).
         self._sweep_every = min(1.0, keepalive_timeout / 4, header_timeout / 4)
         self._sweeper: asyncio.TimerHandle | None = None
+        self._draining = False
+        self._opening = 0
+        """Connections accepted, their protocol made, but not yet `connection_made` (the loop
+        does that a step or two later): a drain that ended without them would drop them."""
+        self._filtered = False  # the listening sockets refuse handshakes (see _stop_accepting)
 
     def _accept(self) -> asyncio.Protocol:
         # Counted here, not in connection_made: asyncio accepts up to `backlog` connections in
@@ -924,21 +999,84 @@ class Server:
             conn._head_expired()
         self._sweeper = self._loop.call_later(self._sweep_every, self._sweep)
 
+    async def _stop_accepting(self) -> None:
+        """Close the listeners without resetting the connections their queues hold.
+
+        Closing a listening socket resets every connection the kernel completed but we have
+        not accepted yet, and their clients may have sent a request already; asyncio also
+        drops a connection it accepted but had not yet made a transport for. So: stop new
+        handshakes (`_refuse_handshakes`), stop the loop accepting, let the accepts under way
+        finish, keep each socket open through a duplicate while the listener closes, then
+        accept what the queue still holds and serve it like any other connection.
+        """
+        self._filtered = True
+        held: list[socket.socket] = []
+        for listener in self._listeners:
+            for sock in listener.sockets:
+                try:
+                    dup = socket.socket(fileno=os.dup(sock.fileno()))
+                except OSError:
+                    continue
+                _refuse_handshakes(dup)
+                held.append(dup)
+                self._loop.remove_reader(dup.fileno())  # same socket: the loop's accept callback goes
+        loop = self._loop
+        began = loop.time()
+        for _ in range(3):  # an accept's task makes the protocol, then the loop calls connection_made
+            await asyncio.sleep(0)
+        # (An accept whose transport failed never reaches connection_made: a second at most.)
+        while self._opening > 0 and loop.time() < began + 1.0:
+            await asyncio.sleep(0.001)
+        for listener in self._listeners:
+            listener.close()
+        queued: list[socket.socket] = []
+        for dup in held:
+            dup.setblocking(False)
+            while True:
+                try:
+                    conn, _ = dup.accept()
+                except OSError:  # BlockingIOError: the queue is empty
+                    break
+                conn.setblocking(False)
+                _accept_handshakes(conn)
+                queued.append(conn)
+            dup.close()
+        # Adopted before the drain goes on, so that it waits for them like for any other.
+        await asyncio.gather(*(self._adopt(conn) for conn in queued))
+
+    async def _adopt(self, sock: socket.socket) -> None:
+        try:
+            await self._loop.connect_accepted_socket(self._accept, sock)  # counted, and limited, like any accept
+        except OSError:
+            sock.close()
+
     @property
     def sockets(self) -> list[tuple[str, int]]:
         return [s.getsockname()[:2] for listener in self._listeners for s in listener.sockets]
 
+    def start_drain(self) -> None:
+        """From now on each connection's last answer carries `Connection: close` (still accepting)."""
+        self._draining = True
+
     async def shutdown(self, timeout: float) -> None:
-        """Stop accepting, close idle connections, give answers in progress `timeout`, then cut the rest."""
-        for listener in self._listeners:
-            listener.close()
+        """Stop accepting (serving what the listen queue holds), give connections `timeout`, cut the rest.
+
+        No request whose first byte has arrived is dropped: a connection closes after an
+        answer that said `Connection: close`, or once it has been idle `_DRAIN_IDLE` seconds
+        with nothing to read. Only what is left at the deadline is cut.
+        """
+        self.start_drain()
+        await self._stop_accepting()
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
-        for conn in list(self._connections):
-            conn._shut()
-        deadline = self._loop.time() + timeout
-        while any(c._busy for c in self._connections) and self._loop.time() < deadline:
+        loop = self._loop
+        deadline = loop.time() + timeout
+        idle = min(_DRAIN_IDLE, timeout)
+        while self._connections and loop.time() < deadline:
+            idle_before = loop.time() - idle
+            for conn in list(self._connections):
+                conn._shut_if_idle(idle_before)
             await asyncio.sleep(0.05)
         for conn in list(self._connections):
             conn._transport.abort()

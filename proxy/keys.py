@@ -4,8 +4,11 @@ Owns: fetching a provider's JWK Set over HTTP (a configured JWKS URL, or the `jw
 an OpenID Connect discovery document) with the shared client session; how long a fetched
 set counts as fresh and refreshing it ahead of expiry; single-flight and rate-limited
 refetches when a token names an unknown `kid`; keeping the last good keys when a refresh
-fails; static keys (a JWKS file, a PEM key, an HS secret) read once by the config; and
-whether a provider is `ready` (holds at least one usable key).
+fails; static keys (a JWKS file, a PEM key, an HS secret) read once by the config;
+whether a provider is `ready` (holds at least one usable key); and, across a reload, which
+sources carry over: a source is identified by its key-source settings alone (`same_source`),
+a source whose algorithms changed is re-indexed from the last good document, and a replaced
+source keeps serving through its successor (`fall_back_on`) until the successor has keys.
 Does not own: turning a JWK Set into usable keys (jwks.py's `KeySet`), reading key files
 (config.py), or anything about requests, routes, tokens or claims.
 
@@ -41,6 +44,7 @@ __all__ = [
     "RemoteKeySource",
     "StaticKeySource",
     "key_source_for",
+    "same_source",
 ]
 
 MAX_DOCUMENT_BYTES = 1024 * 1024
@@ -88,6 +92,8 @@ class KeySource:
         self.last_success = None
         self._clock = clock
         self._log = logger or logging.getLogger(__name__)
+        self._fallback: KeySource | None = None
+        self._releasing: asyncio.Task[None] | None = None
 
     @property
     def name(self) -> str:
@@ -95,8 +101,25 @@ class KeySource:
 
     @property
     def ready(self) -> bool:
-        """True once at least one usable key is held (and for good: stale keys still count)."""
-        return self.keyset.size > 0
+        """True once at least one usable key is held (and for good: stale keys still count),
+        here or in the source this one replaced and still serves through (`fall_back_on`)."""
+        return self.keyset.size > 0 or (self._fallback is not None and self._fallback.ready)
+
+    @property
+    def fallback(self) -> KeySource | None:
+        """The source this one replaced, serving until this one has keys of its own."""
+        return self._fallback
+
+    def fall_back_on(self, previous: KeySource) -> None:
+        """Serve `previous`'s keys until this source loads its own (then close `previous`).
+
+        A reload that changes where a provider's keys come from must not take the provider
+        down while the new place is unreachable: the old keys keep verifying its tokens.
+        """
+        if self.keyset.size == 0 and previous.ready and previous is not self:
+            self._fallback = previous
+            self._log.warning("provider %s: no keys yet from %s; the keys from %s keep serving until there are",
+                              self.name, self.provider.keys.origin, previous.provider.keys.origin)
 
     @property
     def fresh(self) -> bool:
@@ -107,7 +130,10 @@ class KeySource:
         """Load the first keys. Never raises for an unreachable key source."""
 
     async def close(self) -> None:
-        """Stop background work; safe to call more than once."""
+        """Stop background work (and the fallback's); safe to call more than once."""
+        fallback, self._fallback = self._fallback, None
+        if fallback is not None:
+            await fallback.close()
 
     async def key_for(self, kid: str | None, alg: str) -> tuple[PyJWK, ...]:
         """The keys that may verify a token with this `kid` (or none) and an allowed `alg`.
@@ -118,6 +144,11 @@ class KeySource:
         found = self.keyset.candidates(kid, alg)
         if found and (kid is None or kid in self.keyset.kids):
             return found
+        fallback = self._fallback
+        if self.keyset.size == 0 and fallback is not None and fallback.ready:
+            # Not our own refetch: that would hold every request for a fetch timeout while
+            # the new key location is down. The refresh task keeps trying it meanwhile.
+            return await fallback.key_for(kid, alg)
         if self.keyset.size == 0:
             await self._refetch()
             found = self.keyset.candidates(kid, alg)
@@ -156,6 +187,13 @@ class KeySource:
                 self.name, len(keyset.skipped), self.provider.keys.origin,
                 "; ".join(f"{k.kid or '(no kid)'}: {k.reason}" for k in keyset.skipped),
             )
+        fallback = self._fallback
+        if fallback is not None and keyset.size > 0:
+            # Our own keys have arrived: the source we replaced is done.
+            self._fallback = None
+            self._log.info("provider %s: keys loaded from %s; the previous key source (%s) is closed",
+                           self.name, self.provider.keys.origin, fallback.provider.keys.origin)
+            self._releasing = asyncio.get_running_loop().create_task(fallback.close())
 
     def __repr__(self) -> str:
         return (f"<{type(self).__name__} {self.name} keys={self.keyset.size} "
@@ -186,6 +224,7 @@ class RemoteKeySource(KeySource):
         session: aiohttp.ClientSession,
         clock: Clock,
         logger: logging.Logger | None = None,
+        seed: KeySource | None = None,
     ) -> None:
         super().__init__(provider, clock=clock, logger=logger)
         remote = provider.keys
@@ -204,6 +243,31 @@ class RemoteKeySource(KeySource):
         self._refresher: asyncio.Task[None] | None = None
         self._last_refetch: float | None = None
         self._closed = False
+        self._document: Any = None
+        """The last good JWK Set as fetched, kept to re-index it when only algorithms change."""
+        self._seeded = False
+        if (isinstance(seed, RemoteKeySource) and seed._remote == remote and seed._document is not None
+                # A jwks_uri found by discovery was vouched for by the old issuers only.
+                and (remote.discovery_url is None or seed.provider.issuers == provider.issuers)):
+            self._seed(seed)
+
+    def _seed(self, seed: RemoteKeySource) -> None:
+        """Start from `seed`'s last good document, indexed for this provider's algorithms.
+
+        Same fetch settings, other algorithms (a reload): the keys are the same keys, only
+        which algorithms they may verify changed, so nothing needs fetching to serve.
+        """
+        try:
+            keyset = KeySet.from_jwks(seed._document, self.provider.algorithms)
+        except ValueError:
+            return
+        self._jwks_uri = seed._jwks_uri
+        self._last_refetch = seed._last_refetch
+        if keyset.size > 0:
+            self._document = seed._document
+            self._load(keyset)
+            self.last_success = seed.last_success
+            self._seeded = True
 
     @property
     def fresh(self) -> bool:
@@ -218,8 +282,12 @@ class RemoteKeySource(KeySource):
     async def start(self) -> None:
         if self._refresher is not None or self._closed:
             return
-        await _wait(self._fetch_shared())
-        self._refresher = asyncio.create_task(self._refresh_loop(), name=f"jwks-refresh:{self.name}")
+        if not self._seeded:
+            await _wait(self._fetch_shared())
+        # A seeded source serves at once and refreshes in the background right away: its
+        # keys were loaded by the source it replaces, so they may be near the end of their TTL.
+        self._refresher = asyncio.create_task(self._refresh_loop(first_delay=0.0 if self._seeded else None),
+                                              name=f"jwks-refresh:{self.name}")
 
     async def close(self) -> None:
         self._closed = True
@@ -228,6 +296,7 @@ class RemoteKeySource(KeySource):
             task.cancel()
         # return_exceptions: the tasks end cancelled, and close() must not raise for that.
         await asyncio.gather(*tasks, return_exceptions=True)
+        await super().close()
 
     async def _refetch(self) -> None:
         task = self._inflight
@@ -249,18 +318,22 @@ class RemoteKeySource(KeySource):
             self._inflight = asyncio.create_task(self._fetch(), name=f"jwks-fetch:{self.name}")
         return self._inflight
 
-    async def _refresh_loop(self) -> None:
+    async def _refresh_loop(self, first_delay: float | None = None) -> None:
         # Started right after the first load: a failed one is the first failure in a row.
-        failed_in_row = 0 if self.ready else 1
+        # Only keys of our own count here: a source serving through its fallback must keep
+        # trying its own location at the steady interval.
+        failed_in_row = 0 if self.keyset.size > 0 else 1
         while True:
-            if failed_in_row == 0:
+            if first_delay is not None:
+                delay, first_delay = first_delay, None
+            elif failed_in_row == 0:
                 delay = self._remote.cache_ttl * random.uniform(*_REFRESH_AHEAD)
             else:
                 # Back off while the issuer is down, but keep trying at the steady interval
                 # when we hold no keys at all: a not-ready pod gets no traffic, so nothing
                 # else would ever fetch for it.
                 base = max(self._remote.min_refresh_interval, _MIN_RETRY)
-                cap = self._remote.cache_ttl if self.ready else base
+                cap = self._remote.cache_ttl if self.keyset.size > 0 else base
                 delay = min(base * 2 ** min(failed_in_row - 1, 16), cap, self._remote.cache_ttl)
             await asyncio.sleep(delay)
             try:
@@ -293,6 +366,7 @@ class RemoteKeySource(KeySource):
         except Exception as error:  # noqa: BLE001 - a refresh must never take the process down
             self._failed(f"{self._remote.origin}: unexpected {type(error).__name__}", jwks_uri)
             return False
+        self._document = document
         self._load(keyset)
         self._fresh[_FRESH] = keyset
         return True
@@ -302,7 +376,8 @@ class RemoteKeySource(KeySource):
         if self._remote.discovery_url is not None and jwks_uri is not None:
             # The issuer may have moved its jwks_uri: look it up again next time.
             self._jwks_uri = None
-        held = (f"keeping {self.keyset.size} key(s) from the last good fetch" if self.ready
+        held = (f"keeping {self.keyset.size} key(s) from the last good fetch" if self.keyset.size > 0
+                else f"the keys from {self._fallback.provider.keys.origin} keep serving" if self.ready
                 else "no keys held: requests for this provider get 503")
         self._log.warning("provider %s: key fetch failed: %s; %s", self.name, why, held)
 
@@ -379,13 +454,34 @@ def key_source_for(
     session: aiohttp.ClientSession | None,
     clock: Clock,
     logger: logging.Logger | None = None,
+    seed: KeySource | None = None,
 ) -> KeySource:
-    """The key source a provider's config asks for; remote ones need the shared `session`."""
+    """The key source a provider's config asks for; remote ones need the shared `session`.
+
+    `seed`: the source this one replaces; a remote source with the same fetch settings
+    starts from its last good document (see `RemoteKeySource._seed`).
+    """
     if isinstance(provider.keys, StaticKeys):
         return StaticKeySource(provider, clock=clock, logger=logger)
     if session is None:
         raise ValueError(f"provider {provider.name}: fetching {provider.keys.origin} needs a client session")
-    return RemoteKeySource(provider, session=session, clock=clock, logger=logger)
+    return RemoteKeySource(provider, session=session, clock=clock, logger=logger, seed=seed)
+
+
+def same_source(old: Provider, new: Provider) -> bool:
+    """Whether a reload may keep `old`'s key source for `new`: same keys, same algorithms.
+
+    Only what decides which keys a source holds counts: the key settings (JWKS URL and its
+    timeouts and cache settings, discovery URL, static key material) and the algorithms the
+    keys are indexed for. Leeway, audiences, headers, claims and the rest are checked by the
+    verifier with whatever keys the source holds, so changing them keeps the keys. With a
+    discovery URL the accepted issuers count too: the discovery document is checked against
+    them (OpenID Connect Discovery §4.3), so new issuers mean a new look-up.
+    """
+    if old.keys != new.keys or old.algorithms != new.algorithms:
+        return False
+    return not (isinstance(new.keys, RemoteJwks) and new.keys.discovery_url is not None
+                and old.issuers != new.issuers)
 
 
 class KeyRing:
@@ -404,13 +500,18 @@ class KeyRing:
     ) -> None:
         sources: dict[str, KeySource] = {}
         for name, provider in providers.items():
-            # On reload, a provider whose config did not change keeps its source: its keys,
-            # its refresh task and its rate limit carry over, and nothing is refetched.
+            # On reload, a provider whose key settings did not change keeps its source: its
+            # keys, its refresh task and its rate limit carry over, and nothing is refetched.
             old = reuse.sources.get(name) if reuse is not None else None
-            if old is not None and old.provider == provider:
+            if old is not None and same_source(old.provider, provider):
                 sources[name] = old
-            else:
-                sources[name] = key_source_for(provider, session=session, clock=clock, logger=logger)
+                continue
+            source = key_source_for(provider, session=session, clock=clock, logger=logger, seed=old)
+            if old is not None:
+                # Until the new source has keys of its own, the old keys keep serving: a
+                # reload during an issuer outage must not turn every request into a 503.
+                source.fall_back_on(old)
+            sources[name] = source
         self.sources = MappingProxyType(sources)
 
     def __getitem__(self, name: str) -> KeySource:
@@ -428,7 +529,12 @@ class KeyRing:
 
     async def close(self, *, keep: KeyRing | None = None) -> None:
         """Close every source, except those `keep` (the ring that replaced this one) still uses."""
-        kept = {id(source) for source in keep.sources.values()} if keep is not None else set()
+        kept: set[int] = set()
+        for source in keep.sources.values() if keep is not None else ():
+            chain: KeySource | None = source
+            while chain is not None:  # a source and the ones it still falls back on
+                kept.add(id(chain))
+                chain = chain.fallback
         await asyncio.gather(*(s.close() for s in self.sources.values() if id(s) not in kept))
 
     def ready(self, names: Iterable[str] | None = None) -> bool:

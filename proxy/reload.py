@@ -3,7 +3,8 @@
 Owns: reloading on demand (SIGHUP) and when the file changes (a Kubernetes ConfigMap update
 swaps the `..data` symlink, so the resolved target and its mtime are what is watched);
 keeping the old snapshot when the new file is invalid (logged, counted); reusing key
-sources of providers that did not change, and closing those no longer used.
+sources of providers whose key settings did not change (keys.py's `same_source`), letting a
+replaced source serve until its successor has keys, and closing those no longer used.
 Does not own: editing the running server (only `Runtime.snapshot` moves).
 """
 
@@ -36,6 +37,7 @@ async def reload(runtime: Runtime) -> bool:
         runtime.metrics.count_reload(ok=False)
         log.error("config reload refused; the previous config keeps serving:\n%s", error)
         return False
+    runtime.readiness()  # a sidecar ready before the reload stays ready after it (see Runtime.readiness)
     keyring = KeyRing(settings.providers, session=runtime.session, clock=runtime.clock, reuse=old.keyring)
     await keyring.start()
     runtime.snapshot = build_snapshot(settings, keyring=keyring, clock=runtime.clock, metrics=runtime.metrics)

@@ -3,7 +3,8 @@
 Owns: `Snapshot` — the router, the strip plan, and for each route a `RoutePlan` with its
 resolved upstream, token sources, header map, verifier and metric children — built once per
 config so the request path does no lookups or parsing; and `Runtime`, the process-wide
-holder (client session, clock, metrics, the current snapshot, draining flag, readiness).
+holder (client session, clock, metrics, the current snapshot, draining flag, readiness,
+which a reload never takes away).
 Does not own: reading config files (config.py, reload.py) or handling requests (pipeline.py).
 """
 
@@ -105,6 +106,8 @@ class Runtime:
     """The pooled HTTP/1.1 client every proxied request goes through."""
     snapshot: Snapshot | None = None
     draining: bool = False
+    was_ready: bool = False
+    """Set the first time `readiness` finds every provider in use with keys (see there)."""
     access_log: AccessLog | None = None
     """None when the access log is off (or in tests that do not read it)."""
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("jwt_sidecar"))
@@ -118,7 +121,13 @@ class Runtime:
                            monotonic=self.clock.monotonic)
 
     def readiness(self) -> tuple[bool, str]:
-        """Ready when not draining and every provider a route uses holds keys."""
+        """Ready when not draining and every provider a route uses holds keys.
+
+        Once ready, only draining makes the sidecar unready: a source never loses the keys
+        it has, a replaced one serves until its successor has keys, and a provider that a
+        reload added without keys yet costs its own routes a 503 each, not the whole pod
+        its traffic (every pod of a fleet reloads the same config at once).
+        """
         if self.draining:
             return False, "draining: shutting down"
         snap = self.snapshot
@@ -126,5 +135,8 @@ class Runtime:
             return False, "starting: config not loaded"
         missing = sorted(name for name in snap.providers_in_use if not snap.keyring[name].ready)
         if missing:
+            if self.was_ready:
+                return True, f"ready, but no signing keys yet for provider(s): {', '.join(missing)}"
             return False, f"no signing keys yet for provider(s): {', '.join(missing)}"
+        self.was_ready = True
         return True, "ready"

@@ -1,8 +1,9 @@
 """The running process: listeners, signals, reload triggers and a graceful drain.
 
 Owns: binding the proxy and admin listeners, the open-file limit raised at start and the
-connection limit that follows from it (limits.py), SIGTERM/SIGINT (readiness goes false, the
-listener stops accepting, in-flight requests get `drain_timeout` to finish, exit 0),
+connection limit that follows from it (limits.py), SIGTERM/SIGINT (readiness goes false and
+answers carry `Connection: close`; after `drain_delay` the listener stops accepting, and
+connections get `drain_timeout` to finish what they were sent; exit 0),
 SIGHUP and file changes (reload), and uvloop when it is installed. Mirrors uvicorn's
 `Server.shutdown`: a short run of steps, one comment each. Does not own: what a request
 does (app.py) or what a reload does (reload.py).
@@ -108,21 +109,28 @@ async def serve(settings: Settings, *, config_path: str | None, stop: asyncio.Ev
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
-        # 1. Readiness goes false first, so the platform stops sending new requests.
+        # 1. Readiness goes false first, so the platform stops sending new requests; each
+        #    connection's next answer says `Connection: close`, so clients move elsewhere.
         runtime.draining = True
-        log.info("draining: up to %gs for in-flight requests", settings.drain_timeout)
+        server.start_drain()
+        log.info("draining: accepting for %gs more, then up to %gs for in-flight requests",
+                 settings.drain_delay, settings.drain_timeout)
         for task in (watcher, publisher):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        # 2. Stop accepting, close idle keep-alives, wait up to drain_timeout for running
-        #    handlers, cancel the rest; then close the client session and key sources.
+        # 2. Keep accepting while the platform's endpoint removal catches up with readiness
+        #    (in Kubernetes it lags by seconds): a client sent here meanwhile is still served.
+        if settings.drain_delay > 0:
+            await asyncio.sleep(settings.drain_delay)
+        # 3. Stop accepting (serving what the listen queue holds), close connections between
+        #    requests, wait up to drain_timeout, cut the rest; then the session and key sources.
         await server.shutdown(settings.drain_timeout)
         if worker:
             runtime.metrics.mirror()  # the requests of its last second, before the worker exits
         await proxy.close()
-        # 3. The admin listener goes last, so /readyz answers "draining" to the very end.
+        # 4. The admin listener goes last, so /readyz answers "draining" to the very end.
         await admin_runner.cleanup()
         if access_log is not None:
             access_log.flush()

@@ -6,7 +6,10 @@ supervisor (`/metrics` aggregated with prometheus-client's multiprocess mode, `/
 only while every worker is alive and ready, its open-file limit raised as in server.py),
 passing SIGHUP on and SIGTERM/SIGINT down
 (each worker drains itself), and the multiprocess directory's life. A worker that dies
-unexpectedly stops the whole set with exit status 1, so the platform restarts the container.
+unexpectedly is started again after a back-off (`_FIRST_DELAY`, doubling up to `_MAX_DELAY`)
+while the others keep serving; when workers keep dying (`_GIVE_UP` deaths within
+`_WINDOW` seconds) the whole set stops with exit status 1, so the platform restarts the
+container.
 Does not own: serving requests (server.py runs each worker) or any metric's meaning.
 """
 
@@ -20,6 +23,10 @@ import shutil
 import signal
 import sys
 import tempfile
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import TypeVar
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, multiprocess
@@ -34,6 +41,16 @@ __all__ = ["WORKER_ENV", "WORKERS_READY", "supervise"]
 WORKER_ENV = "JWT_SIDECAR_WORKER"
 WORKERS_READY = "jwt_sidecar_workers_ready"
 log = logging.getLogger("jwt_sidecar.workers")
+T = TypeVar("T")
+
+_FIRST_DELAY = 0.25
+"""Seconds before a dead worker is started again; doubled for each further death in `_WINDOW`."""
+_MAX_DELAY = 10.0
+_GIVE_UP = 5
+"""Worker deaths within `_WINDOW` seconds (all workers together) that stop the whole set:
+one that dies on every start (a config that no longer loads, a crash at start-up) gets
+there in about ten seconds, while an occasional death is only ever restarted."""
+_WINDOW = 60.0
 
 
 async def supervise(settings: Settings, *, config_path: str) -> int:
@@ -43,11 +60,18 @@ async def supervise(settings: Settings, *, config_path: str) -> int:
     quiet_accept_errors(asyncio.get_running_loop())
     directory = tempfile.mkdtemp(prefix="jwt-sidecar-metrics-")  # /tmp: writable even with a read-only root
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": directory}
-    procs = [
-        await asyncio.create_subprocess_exec(sys.executable, "-m", "proxy", "run", "--config", config_path,
-                                             env={**env, WORKER_ENV: str(index)})
-        for index in range(count)
-    ]
+
+    async def spawn(index: int) -> asyncio.subprocess.Process:
+        # A restarted worker reads the config file as it is now, like a reload would.
+        return await asyncio.create_subprocess_exec(sys.executable, "-m", "proxy", "run", "--config", config_path,
+                                                    env={**env, WORKER_ENV: str(index)})
+
+    async def respawn(index: int, delay: float) -> asyncio.subprocess.Process:
+        await asyncio.sleep(delay)
+        return await spawn(index)
+
+    procs = [await spawn(index) for index in range(count)]
+    restarting: dict[int, int | None] = {}  # worker index -> the exit status it is restarting from
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry, path=directory)
     draining = False
@@ -55,16 +79,23 @@ async def supervise(settings: Settings, *, config_path: str) -> int:
     def readiness() -> tuple[bool, str]:
         if draining:
             return False, "draining: shutting down"
+        if restarting:
+            return False, "restarting " + ", ".join(f"worker {i} (exited with {status})"
+                                                    for i, status in sorted(restarting.items()))
         if any(p.returncode is not None for p in procs):
             return False, "a worker has exited"
-        ready = _gauge(registry, WORKERS_READY)
+        try:
+            ready = _settled(lambda: _gauge(registry, WORKERS_READY))
+        except Exception:  # noqa: BLE001 - /readyz answers, whatever the files hold
+            log.warning("reading the workers' readiness failed", exc_info=True)
+            return False, "the workers' readiness could not be read"
         if ready < count:
             return False, f"{int(ready)} of {count} workers ready"
         return True, "ready"
 
     def render(accept: str | None) -> tuple[bytes, str]:
         encoder, content_type = choose_encoder(accept or "")
-        return encoder(registry), content_type
+        return _settled(lambda: encoder(registry)), content_type
 
     admin = web.AppRunner(create_admin_app(readiness=readiness, render=render), handle_signals=False, access_log=None)
     await admin.setup()
@@ -76,22 +107,67 @@ async def supervise(settings: Settings, *, config_path: str) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: _signal_all(procs, signal.SIGHUP))
-    exits = [asyncio.ensure_future(p.wait()) for p in procs]
+    exits: dict[asyncio.Future[int], int] = {asyncio.ensure_future(p.wait()): i for i, p in enumerate(procs)}
+    restarts: dict[asyncio.Task[asyncio.subprocess.Process], int] = {}
+    deaths: deque[float] = deque()
     stopping = asyncio.ensure_future(stop.wait())
     status = 0
     try:
-        done, _ = await asyncio.wait([stopping, *exits], return_when=asyncio.FIRST_COMPLETED)
-        if stopping not in done:
-            log.error("a worker exited unexpectedly; stopping the others")
-            status = 1
+        while True:
+            done, _ = await asyncio.wait([stopping, *exits, *restarts], return_when=asyncio.FIRST_COMPLETED)
+            if stopping in done:
+                break
+            for task in [t for t in done if t in restarts]:
+                index = restarts.pop(task)
+                try:
+                    procs[index] = task.result()
+                except OSError as error:  # no process can be started (fd or memory limits): give up
+                    log.error("worker %d could not be started again: %s; stopping the set", index, error)
+                    status = 1
+                    break
+                exits[asyncio.ensure_future(procs[index].wait())] = index
+                restarting.pop(index, None)
+                log.info("worker %d started again (pid %d)", index, procs[index].pid)
+            if status:
+                break
+            for exit_ in [f for f in done if f in exits]:
+                index = exits.pop(exit_)
+                dead = procs[index]
+                # Its live gauges (ready, in flight) must stop counting; its counters stay summed.
+                multiprocess.mark_process_dead(dead.pid, directory)
+                now = loop.time()
+                deaths.append(now)
+                while deaths[0] < now - _WINDOW:
+                    deaths.popleft()
+                if len(deaths) >= _GIVE_UP:
+                    log.error("worker %d (pid %d) exited with %s: %d worker deaths within %gs; stopping the set",
+                              index, dead.pid, dead.returncode, len(deaths), _WINDOW)
+                    status = 1
+                    break
+                delay = min(_FIRST_DELAY * 2 ** (len(deaths) - 1), _MAX_DELAY)
+                log.error("worker %d (pid %d) exited with %s; starting it again in %gs (the others keep serving)",
+                          index, dead.pid, dead.returncode, delay)
+                restarting[index] = dead.returncode
+                restarts[asyncio.ensure_future(respawn(index, delay))] = index
+            if status:
+                break
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
         draining = True
+        for task in restarts:
+            task.cancel()
+        await asyncio.gather(*restarts, return_exceptions=True)
+        for task, index in restarts.items():  # one that had started its worker before the cancel: stop it too
+            if not task.cancelled() and task.exception() is None:
+                procs[index] = task.result()
+                exits[asyncio.ensure_future(procs[index].wait())] = index
+                restarting.pop(index, None)
         # Each worker drains its own in-flight requests on SIGTERM; give them that long.
         _signal_all(procs, signal.SIGTERM)
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.gather(*exits, return_exceptions=True), settings.drain_timeout + 5)
+            await asyncio.wait_for(asyncio.gather(*exits, return_exceptions=True),
+                                   settings.drain_delay + settings.drain_timeout + 5)
         _signal_all(procs, signal.SIGKILL)
         await asyncio.gather(*exits, return_exceptions=True)
         stopping.cancel()
@@ -99,9 +175,21 @@ async def supervise(settings: Settings, *, config_path: str) -> int:
             multiprocess.mark_process_dead(proc.pid, directory)
         await admin.cleanup()
         shutil.rmtree(directory, ignore_errors=True)
-    if any(p.returncode not in (0, -signal.SIGTERM) for p in procs) and status == 0:
+    # A worker stopped while waiting to be restarted is not a failure of the stop.
+    if any(p.returncode not in (0, -signal.SIGTERM) for i, p in enumerate(procs) if i not in restarting) \
+            and status == 0:
         status = 1
     return status
+
+
+def _settled(read: Callable[[], T]) -> T:
+    """`read()` of the multiprocess files, once more if it fails: a worker starting right now
+    may have created its file without its first value (prometheus-client then raises)."""
+    try:
+        return read()
+    except Exception:  # noqa: BLE001
+        time.sleep(0.01)
+        return read()
 
 
 def _signal_all(procs: list[asyncio.subprocess.Process], sig: int) -> None:

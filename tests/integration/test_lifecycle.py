@@ -5,20 +5,28 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import secrets
+import select
 import signal
 import socket
 import sys
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from yarl import URL
 
 from proxy.accesslog import AccessLog
 from proxy.reload import reload
-from tests.conftest import TestKey, mint
+from tests.conftest import AUDIENCE, ISSUER, TestKey, jwks_of, mint
 from tests.integration.conftest import BASE_CONFIG
+from tests.support.jwks_server import JwksServer, start_jwks_server
 
 REPO = Path(__file__).parents[2]
 
@@ -227,6 +235,390 @@ async def test_run_reloads_on_file_change_and_sighup_and_drains_on_sigterm(
         assert any('"route":"public"' in line and '"status":200' in line for line in lines)
         assert all("Bearer" not in line and "eyJ" not in line for line in lines), "the access log never holds a token"
     finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+# A reload during an issuer outage (issue 10, item 14): key sources are identified by their
+# key settings alone, a replaced source serves until its successor has keys, and a reload
+# never makes a ready sidecar unready.
+
+async def ready(s: Any) -> tuple[int, dict[str, Any]]:
+    async with s.client.get(s.admin_url + "/readyz") as response:
+        return response.status, await response.json()
+
+
+async def statuses(s: Any, key: TestKey, count: int = 20, path: str = "/orders") -> list[int]:
+    """Answers to `count` distinct tokens (distinct, so no answer comes from the token cache)."""
+    found = []
+    for index in range(count):
+        async with await s.get(path, headers=bearer(mint({"sub": f"user-{index}"}, key=key))) as response:
+            found.append(response.status)
+    return found
+
+
+async def take_down(jwks: Any) -> None:
+    """The issuer's JWKS host goes away: connections to it are refused from now on."""
+    await jwks.server.close()
+
+
+async def test_a_reload_that_changes_only_leeway_during_an_issuer_outage_keeps_the_keys(
+        sidecar: Any, rsa_key: TestKey) -> None:
+    s = await sidecar()
+    source = s.runtime.snapshot.keyring["main"]
+    assert await statuses(s, rsa_key, 3) == [200] * 3
+    await take_down(s.jwks)
+    path = Path(s.runtime.config_path)
+    path.write_text(path.read_text().replace("    audiences:", "    leeway: 5s\n    audiences:"))
+    assert await reload(s.runtime) is True
+    assert s.runtime.snapshot.settings.providers["main"].leeway == 5
+    assert await statuses(s, rsa_key) == [200] * 20
+    assert await ready(s) == (200, {"ready": True, "reason": "ready"})
+    assert s.runtime.snapshot.keyring["main"] is source, "same key settings: the same source, no refetch"
+    assert s.jwks.requests["/jwks.json"] == 1
+    # The other checks did change: a token 20 s past its exp is now outside the leeway.
+    late = mint({"exp": int(time.time()) - 20}, key=rsa_key)
+    async with await s.get("/orders", headers=bearer(late)) as response:
+        assert response.status == 401
+
+
+async def test_every_non_key_change_to_a_provider_keeps_its_key_source(sidecar: Any, rsa_key: TestKey) -> None:
+    s = await sidecar()
+    source = s.runtime.snapshot.keyring["main"]
+    await take_down(s.jwks)
+    path = Path(s.runtime.config_path)
+    original = path.read_text()
+    changes = [
+        ("    audiences:", "    leeway: 1s\n    audiences:"),
+        ("    audiences: [api://orders]", "    audiences: [api://orders, api://other]"),
+        ("      claims: {sub: X-User-Id,", "      claims: {sub: X-Subject,"),
+        ("    audiences:", "    required_claims: [exp, iat]\n    audiences:"),
+        ("    audiences:", "    max_token_age: 1h\n    audiences:"),
+        ("    issuer: https://issuer.test", "    issuer: [https://issuer.test, https://other.test]"),
+    ]
+    for old, new in changes:
+        assert old in original, old
+        path.write_text(original.replace(old, new, 1))
+        assert await reload(s.runtime) is True, new
+        assert s.runtime.snapshot.keyring["main"] is source, new
+        assert await statuses(s, rsa_key, 3) == [200] * 3, new
+        assert (await ready(s))[0] == 200
+    assert not source._closed
+
+
+async def test_a_reload_that_changes_algorithms_reindexes_the_held_keys_without_the_issuer(
+        sidecar: Any, rsa_key: TestKey, ec_key: TestKey) -> None:
+    s = await sidecar(BASE_CONFIG.replace("min_refresh_interval: 1s}", "min_refresh_interval: 1s}\n    algorithms: [RS256]"))
+    s.jwks.document = jwks_of(rsa_key, ec_key)
+    await s.runtime.snapshot.keyring["main"]._fetch()  # the issuer published an EC key too
+    assert await statuses(s, ec_key, 1) == [401]  # ES256 is not allowed yet
+    await take_down(s.jwks)
+    path = Path(s.runtime.config_path)
+    path.write_text(path.read_text().replace("algorithms: [RS256]", "algorithms: [RS256, ES256]"))
+    assert await reload(s.runtime) is True
+    assert await statuses(s, ec_key, 5) == [200] * 5
+    assert await statuses(s, rsa_key, 5) == [200] * 5
+    assert (await ready(s))[0] == 200
+    # And narrowed again: the EC key no longer verifies anything.
+    path.write_text(path.read_text().replace("algorithms: [RS256, ES256]", "algorithms: [RS256]"))
+    assert await reload(s.runtime) is True
+    assert await statuses(s, ec_key, 2) == [401] * 2
+    assert await statuses(s, rsa_key, 2) == [200] * 2
+
+
+async def test_a_reload_to_a_dead_jwks_url_serves_the_old_keys_until_the_new_host_has_keys(
+        sidecar: Any, aiohttp_server: Any, rsa_key: TestKey, rsa_key_2: TestKey) -> None:
+    s = await sidecar()
+    first = s.runtime.snapshot.keyring["main"]
+    path = Path(s.runtime.config_path)
+    original = path.read_text()
+    old_url = s.jwks.url()
+    # Two reloads in a row to hosts that are down: the keys of the first source still serve.
+    dead, next_dead = free_port(), free_port()
+    for port in (dead, next_dead):
+        path.write_text(original.replace(old_url, f"http://127.0.0.1:{port}/jwks.json"))
+        assert await reload(s.runtime) is True
+        assert await statuses(s, rsa_key, 10) == [200] * 10
+        status, body = await ready(s)
+        assert status == 200 and body["ready"] is True, body
+    replacement = s.runtime.snapshot.keyring["main"]
+    assert replacement is not first and replacement.fallback is not None
+    # The old issuer goes down too: its last good keys still serve.
+    await take_down(s.jwks)
+    assert await statuses(s, rsa_key, 5) == [200] * 5
+    # The new host comes up, with the new issuer's key: the new source swaps in by itself.
+    newcomer = JwksServer(jwks_of(rsa_key_2))
+    newcomer.server = await aiohttp_server(newcomer.app(), port=next_dead)
+    for _ in range(100):
+        if replacement.fallback is None and replacement.keyset.size:
+            break
+        await asyncio.sleep(0.1)
+    assert replacement.fallback is None, "the new source never swapped in"
+    assert await statuses(s, rsa_key_2, 5) == [200] * 5
+    assert await statuses(s, rsa_key, 5) == [401] * 5, "the old keys no longer verify anything"
+    await asyncio.sleep(0.05)  # the release closes the replaced sources in the background
+    assert first._closed and first._refresher.done(), "the first source was closed"
+    assert (await ready(s))[0] == 200
+
+
+async def test_a_new_key_source_that_has_keys_replaces_the_old_one_at_once(
+        sidecar: Any, aiohttp_server: Any, rsa_key: TestKey, rsa_key_2: TestKey, tmp_path: Path) -> None:
+    """The old keys serve only while the new source has none: never beside the new ones."""
+    s = await sidecar()
+    first = s.runtime.snapshot.keyring["main"]
+    rotated = await start_jwks_server(aiohttp_server, jwks_of(rsa_key_2))
+    path = Path(s.runtime.config_path)
+    path.write_text(path.read_text().replace(s.jwks.url(), rotated.url()))
+    assert await reload(s.runtime) is True
+    assert s.runtime.snapshot.keyring["main"].fallback is None
+    assert await statuses(s, rsa_key_2, 3) == [200] * 3
+    assert await statuses(s, rsa_key, 3) == [401] * 3
+    assert first._closed
+    # A leaked HMAC secret replaced by another: tokens signed with the old one fail at once.
+    old_secret, new_secret = secrets.token_bytes(64), secrets.token_bytes(64)
+    secret_file = tmp_path / "hs.key"
+    secret_file.write_bytes(old_secret)
+    text = path.read_text().replace(f'jwks: {{url: "{rotated.url()}", min_refresh_interval: 1s}}',
+                                    f'secret: {{file: "{secret_file}"}}')
+    path.write_text(text)
+    assert await reload(s.runtime) is True
+    hs = [mint({"sub": f"hs-{i}"}, secret=old_secret) for i in range(2)]
+    for token in hs:
+        async with await s.get("/orders", headers=bearer(token)) as response:
+            assert response.status == 200
+    secret_file.write_bytes(new_secret)
+    path.write_text(text + "\n")  # the file that names the secret changed too: a reload
+    assert await reload(s.runtime) is True
+    for token in [mint({"sub": "hs-new"}, secret=old_secret), *hs]:
+        async with await s.get("/orders", headers=bearer(token)) as response:
+            assert response.status == 401
+    async with await s.get("/orders", headers=bearer(mint(secret=new_secret))) as response:
+        assert response.status == 200
+
+
+async def test_a_reload_to_another_discovery_issuer_is_a_new_source(sidecar: Any, rsa_key: TestKey) -> None:
+    """With discovery, the issuers vouch for the jwks_uri: changing them means a new look-up."""
+    s = await sidecar()
+    path = Path(s.runtime.config_path)
+    discovery = s.jwks.url("/.well-known/openid-configuration")
+    path.write_text(path.read_text().replace(f'jwks: {{url: "{s.jwks.url()}", min_refresh_interval: 1s}}',
+                                             f'discovery: "{discovery}"'))
+    assert await reload(s.runtime) is True
+    source = s.runtime.snapshot.keyring["main"]
+    assert source.fallback is None and source.keyset.size == 1  # discovery worked at once
+    assert await statuses(s, rsa_key, 2) == [200] * 2
+    looked_up = s.jwks.requests["/.well-known/openid-configuration"]
+    path.write_text(path.read_text().replace("issuer: https://issuer.test", "issuer: [https://issuer.test, x]"))
+    assert await reload(s.runtime) is True
+    replacement = s.runtime.snapshot.keyring["main"]
+    assert replacement is not source and replacement.discovery_fetches == 1
+    assert s.jwks.requests["/.well-known/openid-configuration"] == looked_up + 1
+    assert await statuses(s, rsa_key, 2) == [200] * 2
+    # Same issuers again, other algorithms: the discovered keys are re-indexed, no look-up.
+    path.write_text(path.read_text().replace("discovery:", "algorithms: [RS256, PS256]\n    discovery:"))
+    assert await reload(s.runtime) is True
+    assert s.runtime.snapshot.keyring["main"].discovery_fetches == 0
+    assert await statuses(s, rsa_key, 2) == [200] * 2
+
+
+async def test_a_removed_providers_key_source_is_closed_and_never_fetches_again(
+        sidecar: Any, jwks_server: Any, aiohttp_server: Any, rsa_key: TestKey) -> None:
+    other = await start_jwks_server(aiohttp_server, jwks_of(rsa_key))
+    two = BASE_CONFIG.replace("routes:", f'  other:\n    issuer: {ISSUER}\n    audiences: [{AUDIENCE}]\n'
+                                          f'    jwks: {{url: "{other.url()}", cache_ttl: 1s, min_refresh_interval: 1s}}\n'
+                                          "routes:")
+    s = await sidecar(two)
+    removed = s.runtime.snapshot.keyring["other"]
+    assert removed.ready
+    path = Path(s.runtime.config_path)
+    path.write_text(path.read_text().replace("  other:\n", "  gone_from_here:\n").split("  gone_from_here:")[0]
+                    + "routes:" + path.read_text().split("routes:", 1)[1])
+    assert await reload(s.runtime) is True
+    assert "other" not in s.runtime.snapshot.keyring.sources
+    assert removed._closed and removed._refresher.done()
+    fetched = other.requests["/jwks.json"]
+    await asyncio.sleep(1.5)  # longer than its cache_ttl: an open source would have refreshed
+    assert other.requests["/jwks.json"] == fetched
+
+
+async def test_a_provider_a_reload_adds_without_keys_does_not_make_the_sidecar_unready(
+        sidecar: Any, rsa_key: TestKey) -> None:
+    s = await sidecar()
+    path = Path(s.runtime.config_path)
+    text = path.read_text().replace("routes:", f'  late:\n    issuer: {ISSUER}\n    audiences: [{AUDIENCE}]\n'
+                                               f'    jwks: {{url: "http://127.0.0.1:{free_port()}/jwks.json", '
+                                               "timeout: 1s, min_refresh_interval: 1s}\nroutes:")
+    text = text.replace("  - name: optional", "  - name: late\n    match: {path_prefix: /late/}\n"
+                                             "    auth: {provider: late}\n  - name: optional")
+    path.write_text(text)
+    assert await reload(s.runtime) is True
+    status, body = await ready(s)
+    assert status == 200 and "late" in body["reason"], body
+    assert await statuses(s, rsa_key, 3) == [200] * 3
+    assert await statuses(s, rsa_key, 1, path="/late/x") == [503]
+
+
+# Drain without dropping (issue 10, item 17): a SIGTERM under steady keep-alive load loses no
+# request that was sent on an established connection.
+
+@dataclass
+class LoadResults:
+    answered: Counter = field(default_factory=Counter)
+    """Complete answers, by status."""
+    told_to_close: int = 0
+    """Answers that carried `Connection: close` (the client then opens a new connection)."""
+    closed_before_send: int = 0
+    """Connections we found closed by the sidecar before writing a request on them: safe to retry."""
+    refused: int = 0
+    """Connection attempts that failed: nothing was sent."""
+    lost: list[str] = field(default_factory=list)
+    """Requests written to a connection that ended without a complete answer."""
+    errors: list[str] = field(default_factory=list)
+
+
+def read_http_answer(sock: socket.socket) -> tuple[int, bool]:
+    """(status, whether it said Connection: close) of one Content-Length-framed answer; EOFError when cut."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise EOFError(f"the connection ended after {len(data)} bytes of the answer's head")
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    fields = [line.split(":", 1) for line in lines[1:]]
+    length = int(next(v for n, v in fields if n.strip().lower() == "content-length"))
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise EOFError(f"the connection ended after {len(body)} of {length} body bytes")
+        body += chunk
+    close = any(n.strip().lower() == "connection" and v.strip().lower() == "close" for n, v in fields)
+    return int(lines[0].split(" ")[1]), close
+
+
+def keep_alive_client(port: int, request: bytes, results: LoadResults, stop: threading.Event,
+                      term_sent: threading.Event, *, most: int, until: float, per_connection: int) -> None:
+    """Requests back to back on a keep-alive connection, `per_connection` of them (then the
+    client closes it and opens another, so some connections are always just accepted), or
+    fewer when told to close."""
+    sock: socket.socket | None = None
+    sent = 0
+    on_this = 0
+    try:
+        while sent < most and time.monotonic() < until and not stop.is_set():
+            if sock is None:
+                try:
+                    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+                    on_this = 0
+                except OSError:
+                    results.refused += 1
+                    if term_sent.is_set():
+                        return  # the listener is closed: the drain is under way
+                    time.sleep(0.01)
+                    continue
+            # Did the sidecar close this connection before our request? Then nothing is lost
+            # (RFC 9112 §9.3.1: a client may retry a request it never sent).
+            readable, _, _ = select.select([sock], [], [], 0)
+            if readable:
+                try:
+                    early = sock.recv(1, socket.MSG_PEEK)
+                except OSError:
+                    early = b""
+                if early:
+                    results.errors.append(f"bytes before any request: {early!r}")
+                    return
+                results.closed_before_send += 1
+                sock.close()
+                sock = None
+                continue
+            sent += 1
+            try:
+                sock.sendall(request)
+                status, close = read_http_answer(sock)
+            except (OSError, EOFError) as error:
+                results.lost.append(f"{type(error).__name__}: {error} (after SIGTERM: {term_sent.is_set()}, "
+                                    f"answers before on this connection: {on_this})")
+                sock.close()
+                sock = None
+                continue
+            results.answered[status] += 1
+            on_this += 1
+            if close or on_this >= per_connection:
+                results.told_to_close += close
+                sock.close()
+                sock = None
+    finally:
+        if sock is not None:
+            sock.close()
+
+
+async def start_run(tmp_path: Path, aiohttp_server: Any, jwks_server: Any, rsa_key: TestKey,
+                    extra: str) -> tuple[asyncio.subprocess.Process, int, str]:
+    from tests.support.upstream import start_upstream
+
+    jwks_server.document = jwks_of(rsa_key)
+    upstream = await start_upstream(aiohttp_server)
+    listen, admin = free_port(), free_port()
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(BASE_CONFIG.replace("{upstream}", upstream.url).replace("{jwks}", jwks_server.url())
+                           + f"listen: 127.0.0.1:{listen}\nadmin: 127.0.0.1:{admin}\naccess_log: false\n" + extra)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", "run", "--config", str(config_file), cwd=REPO,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(REPO)})
+    admin_base = f"http://127.0.0.1:{admin}"
+    async with aiohttp.ClientSession() as session:
+        await wait_ready(session, admin_base + "/readyz", proc)
+    return proc, listen, admin_base
+
+
+@pytest.mark.parametrize("drain_delay", [0.0, 1.0])
+async def test_sigterm_under_steady_keep_alive_load_loses_no_request(
+        drain_delay: float, aiohttp_server: Any, jwks_server: Any, rsa_key: TestKey, tmp_path: Path) -> None:
+    proc, port, admin = await start_run(tmp_path, aiohttp_server, jwks_server, rsa_key,
+                                        f"drain_timeout: 5s\ndrain_delay: {drain_delay}s\n")
+    request = (f"GET /status/200 HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {mint(key=rsa_key)}\r\n\r\n"
+               .encode())
+    results = LoadResults()
+    stop, term_sent = threading.Event(), threading.Event()
+    until = time.monotonic() + 15
+    clients = [threading.Thread(target=keep_alive_client, args=(port, request, results, stop, term_sent),
+                                kwargs={"most": 3000, "until": until, "per_connection": 1 + index % 4 * 10},
+                                daemon=True) for index in range(12)]
+    try:
+        for client in clients:
+            client.start()
+        await asyncio.sleep(1.0)  # steady load
+        before = sum(results.answered.values())
+        proc.send_signal(signal.SIGTERM)
+        term_sent.set()
+        if drain_delay:
+            await asyncio.sleep(drain_delay / 3)
+            async with aiohttp.ClientSession() as session:
+                async with session.get(admin + "/readyz") as response:
+                    assert response.status == 503  # not ready...
+                # ...but a client the platform still sends here is served, and told to go.
+                async with session.get(f"http://127.0.0.1:{port}/public/x") as response:
+                    assert response.status == 200 and response.headers["Connection"] == "close"
+        assert await asyncio.wait_for(proc.wait(), 15) == 0
+        stop.set()
+        for client in clients:
+            await asyncio.to_thread(client.join, 10)
+        assert not any(client.is_alive() for client in clients)
+        stderr = (await proc.stderr.read()).decode()
+        assert "Traceback" not in stderr
+        assert results.errors == []
+        assert results.lost == [], f"{len(results.lost)} requests lost: {results.lost[:3]}\n{stderr}"
+        assert set(results.answered) == {200}, (results, stderr)
+        assert before >= 50, f"too little load to show anything: {before} answers"
+        assert results.told_to_close >= 12, "every connection was told to close"
+        if drain_delay:
+            # Served during the delay: many connections, each told to close after one answer.
+            assert sum(results.answered.values()) - before >= 12
+    finally:
+        stop.set()
         if proc.returncode is None:
             proc.kill()
             await proc.wait()

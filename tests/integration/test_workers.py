@@ -28,7 +28,8 @@ def children(pid: int) -> list[int]:
     return found
 
 
-async def start(tmp_path: Path, aiohttp_server: Any, jwks_server: Any, rsa_key: TestKey) -> tuple[Any, str, str]:
+async def start(tmp_path: Path, aiohttp_server: Any, jwks_server: Any, rsa_key: TestKey,
+                stderr: int = asyncio.subprocess.DEVNULL) -> tuple[Any, str, str]:
     jwks_server.document = jwks_of(rsa_key)
     upstream = await start_upstream(aiohttp_server)
     listen, admin = free_port(), free_port()
@@ -38,7 +39,7 @@ async def start(tmp_path: Path, aiohttp_server: Any, jwks_server: Any, rsa_key: 
     path.write_text(text)
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "proxy", "run", "--config", str(path), cwd=REPO,
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL, stderr=stderr,
         env={**os.environ, "PYTHONPATH": str(REPO)})
     return proc, f"http://127.0.0.1:{listen}", f"http://127.0.0.1:{admin}"
 
@@ -84,14 +85,93 @@ async def test_two_workers_serve_one_port_and_report_one_set_of_metrics(
             await proc.wait()
 
 
-async def test_a_worker_that_dies_stops_the_set_with_status_1(
+async def readyz(session: aiohttp.ClientSession, admin: str) -> tuple[int, str]:
+    async with session.get(admin + "/readyz") as response:
+        return response.status, (await response.json())["reason"]
+
+
+async def test_a_killed_worker_is_started_again_while_the_other_keeps_serving(
         tmp_path: Path, aiohttp_server: Any, jwks_server: Any, rsa_key: TestKey) -> None:
-    proc, _, admin = await start(tmp_path, aiohttp_server, jwks_server, rsa_key)
+    proc, base, admin = await start(tmp_path, aiohttp_server, jwks_server, rsa_key)
+    token = {"Authorization": f"Bearer {mint(key=rsa_key)}"}
     try:
         async with aiohttp.ClientSession() as session:
             await wait_ready(session, admin + "/readyz", proc)
-        os.kill(children(proc.pid)[0], signal.SIGKILL)
-        assert await asyncio.wait_for(proc.wait(), 20) == 1
+            before = children(proc.pid)
+            assert len(before) == 2
+            os.kill(before[0], signal.SIGKILL)
+            # The supervisor notices, and says so until the new worker is ready.
+            for _ in range(100):
+                status, reason = await readyz(session, admin)
+                if status == 503:
+                    break
+                await asyncio.sleep(0.05)
+            assert status == 503 and ("restarting worker 0" in reason or "1 of 2 workers ready" in reason), reason
+            # Meanwhile every request is answered, by the worker that is left (new connections
+            # each time: the kernel would otherwise keep one on the same worker).
+            answered_while_restarting = 0
+            for _ in range(200):
+                async with aiohttp.ClientSession() as fresh:
+                    async with fresh.get(base + "/orders", headers=token) as response:
+                        assert response.status == 200
+                answered_while_restarting += 1
+                if (await readyz(session, admin))[0] == 200:
+                    break
+            assert answered_while_restarting >= 3
+            await wait_ready(session, admin + "/readyz", proc)
+            after = children(proc.pid)
+            assert len(after) == 2 and before[1] in after and before[0] not in after
+            for _ in range(10):
+                async with aiohttp.ClientSession() as fresh:
+                    async with fresh.get(base + "/orders", headers=token) as response:
+                        assert response.status == 200
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 20) == 0, "a restarted set stops cleanly"
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def test_a_worker_that_dies_on_every_start_stops_the_set_with_status_1(
+        tmp_path: Path, aiohttp_server: Any, jwks_server: Any, rsa_key: TestKey) -> None:
+    proc, base, admin = await start(tmp_path, aiohttp_server, jwks_server, rsa_key, stderr=asyncio.subprocess.PIPE)
+    try:
+        async with aiohttp.ClientSession() as session:
+            await wait_ready(session, admin + "/readyz", proc)
+        # The config file is broken (the running workers refuse to reload it and keep
+        # serving); then a worker dies: every new one fails to load the file and exits.
+        path = tmp_path / "config.yaml"
+        path.write_text(path.read_text().replace("providers:", "providers:\n  broken: {issuer: i}\n", 1))
+        workers = children(proc.pid)
+        os.kill(workers[0], signal.SIGKILL)
+        assert await asyncio.wait_for(proc.wait(), 60) == 1
+        assert not Path(f"/proc/{workers[1]}").exists(), "the worker still serving was stopped too"
+        stderr = (await proc.stderr.read()).decode()
+        assert stderr.count("starting it again in") == 4, stderr[-3000:]
+        assert "5 worker deaths within 60s; stopping the set" in stderr, stderr[-3000:]
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def test_a_stop_while_a_worker_waits_to_be_restarted_is_a_clean_stop(
+        tmp_path: Path, aiohttp_server: Any, jwks_server: Any, rsa_key: TestKey) -> None:
+    proc, _, admin = await start(tmp_path, aiohttp_server, jwks_server, rsa_key, stderr=asyncio.subprocess.PIPE)
+    try:
+        async with aiohttp.ClientSession() as session:
+            await wait_ready(session, admin + "/readyz", proc)
+        path = tmp_path / "config.yaml"
+        path.write_text(path.read_text().replace("providers:", "providers:\n  broken: {issuer: i}\n", 1))
+        workers = children(proc.pid)
+        os.kill(workers[0], signal.SIGKILL)  # its restarts fail: the set is between two of them
+        await asyncio.sleep(1.0)
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 20) == 0
+        assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
+        stderr = (await proc.stderr.read()).decode()
+        assert "starting it again in" in stderr and "Traceback" not in stderr and "never awaited" not in stderr
     finally:
         if proc.returncode is None:
             proc.kill()

@@ -1158,7 +1158,9 @@ async def test_keepalive_timeout_does_not_cut_slow_handlers_or_bodies(harness: H
 
 
 @bounded
-async def test_shutdown_closes_idle_connections_at_once(harness: Harness) -> None:
+async def test_shutdown_closes_idle_connections_once_idle_for_a_second(harness: Harness) -> None:
+    # Not at once: a keep-alive client whose last answer came just before the drain may be
+    # sending its next request right now. Idle a second with nothing sent, it is not.
     server = await harness.serve(answer_ok)
     reader, writer = await harness.connect(server)
     writer.write(request_bytes("/"))
@@ -1168,7 +1170,7 @@ async def test_shutdown_closes_idle_connections_at_once(harness: Harness) -> Non
     host, port = server.sockets[0]
     began = time.monotonic()
     await server.shutdown(3.0)
-    assert time.monotonic() - began < 0.5
+    assert time.monotonic() - began < 1.0 + 0.5
     assert await rest(reader, 0.5) == b""
     assert await rest(silent_reader, 0.5) == b""
     with pytest.raises(OSError):
@@ -1194,13 +1196,13 @@ async def test_shutdown_lets_an_answer_in_progress_finish(harness: Harness) -> N
     await asyncio.wait_for(started.wait(), 2)
     began = time.monotonic()
     shutting = asyncio.create_task(server.shutdown(3.0))
-    assert await rest(idle_reader, 0.3) == b""  # the idle one closed before the slow one answered
     answer = await read_answer(reader)
     assert answer.status == 200 and answer.body == b"/slow"
     assert answer.headers.getall("Connection") == ["close"]
     assert await rest(reader) == b""
+    assert await rest(idle_reader, 1.5) == b""  # the idle one, once idle for a second, unanswered
     await asyncio.wait_for(shutting, 2)
-    assert 0.3 <= time.monotonic() - began < 1.5
+    assert 0.3 <= time.monotonic() - began < 2.0
 
 
 @bounded
@@ -1225,6 +1227,86 @@ async def test_shutdown_cuts_an_answer_that_overruns(harness: Harness) -> None:
     assert 0.25 <= time.monotonic() - began < 1.0
     assert await rest(reader) == b""  # cut: no answer at all
     await asyncio.wait_for(cancelled.wait(), 1)
+
+
+# --- draining without dropping a request (issue 10, item 17) -------------------------------
+
+@bounded
+async def test_shutdown_serves_connections_waiting_in_the_listen_queue(harness: Harness) -> None:
+    server = await harness.serve(answer_ok)
+    host, port = server.sockets[0]
+    # Connected and sent, but not accepted by us yet: the loop has not run since the connect
+    # (the kernel completed the handshake). Closing the listener would reset these.
+    waiting = []
+    for _ in range(5):
+        sock = socket.create_connection((host, port))
+        sock.sendall(request_bytes("/queued"))
+        waiting.append(sock)
+    shutting = asyncio.create_task(server.shutdown(3.0))
+    for sock in waiting:
+        sock.setblocking(False)
+        reader, writer = await asyncio.open_connection(sock=sock)
+        harness.writers.append(writer)
+        answer = await read_answer(reader)
+        assert answer.status == 200 and answer.headers.getall("Connection") == ["close"]
+        assert await rest(reader) == b""
+    await asyncio.wait_for(shutting, 3)
+    with pytest.raises(OSError):
+        await asyncio.open_connection(host, port)
+
+
+@bounded
+async def test_shutdown_serves_a_request_whose_first_bytes_have_arrived(harness: Harness) -> None:
+    server = await harness.serve(answer_ok)
+    reader, writer = await harness.connect(server)
+    writer.write(request_bytes("/"))
+    await read_answer(reader)
+    whole = request_bytes("/late")
+    writer.write(whole[:7])  # "GET /la": the head has begun
+    await asyncio.sleep(0.1)
+    shutting = asyncio.create_task(server.shutdown(3.0))
+    await asyncio.sleep(1.3)  # longer than an idle connection is given
+    writer.write(whole[7:])
+    answer = await read_answer(reader)
+    assert answer.status == 200 and answer.headers.getall("Connection") == ["close"]
+    assert await rest(reader) == b""
+    await asyncio.wait_for(shutting, 3)
+
+
+@bounded
+async def test_shutdown_serves_a_request_sent_just_before_it_began(harness: Harness) -> None:
+    # The bytes are in the socket, not yet read by us, when the drain looks at the connection.
+    server = await harness.serve(answer_ok)
+    reader, writer = await harness.connect(server)
+    writer.write(request_bytes("/"))
+    await read_answer(reader)
+    await asyncio.sleep(1.2)  # idle long enough to be closed at once...
+    sock = writer.get_extra_info("socket")
+    sock_fd = socket.socket(fileno=sock.fileno())  # ...but a request is sent first, synchronously
+    try:
+        sock_fd.send(request_bytes("/next"))
+    finally:
+        sock_fd.detach()
+    shutting = asyncio.create_task(server.shutdown(3.0))
+    answer = await read_answer(reader)
+    assert answer.status == 200 and answer.headers.getall("Connection") == ["close"]
+    await asyncio.wait_for(shutting, 3)
+
+
+@bounded
+async def test_while_draining_the_last_answer_says_close_and_pipelined_requests_are_all_served(
+        harness: Harness) -> None:
+    async def echo_path(request: Request) -> None:
+        request.respond(200, None, [], request.raw_path.encode())
+
+    server = await harness.serve(echo_path)
+    server.start_drain()
+    reader, writer = await harness.connect(server)  # still accepted: the listener is open
+    writer.write(request_bytes("/one") + request_bytes("/two") + request_bytes("/three"))
+    answers = [await read_answer(reader) for _ in range(3)]
+    assert [a.body for a in answers] == [b"/one", b"/two", b"/three"]
+    assert [a.headers.getall("Connection", []) for a in answers] == [[], [], ["close"]]
+    assert await rest(reader) == b""
 
 
 # --- headers http1 writes itself ---------------------------------------------------------

@@ -112,7 +112,7 @@ def test_native_sidecar_with_a_locked_down_security_context(settings: config.Set
     assert context["seccompProfile"]["type"] == "RuntimeDefault"
     user, group = dockerfile_instruction("USER")[0].split(":")
     assert (context["runAsUser"], context["runAsGroup"]) == (int(user), int(group))
-    assert pod["terminationGracePeriodSeconds"] > settings.drain_timeout
+    assert pod["terminationGracePeriodSeconds"] > settings.drain_delay + settings.drain_timeout
     resources = sidecar["resources"]
     assert resources["requests"]["memory"] and resources["limits"]["memory"]
 

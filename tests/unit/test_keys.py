@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import logging
 import secrets
 import time
@@ -18,7 +19,7 @@ import pytest
 
 from proxy.config import Provider, RemoteJwks, StaticKeys
 from proxy.errors import InvalidToken, KeysUnavailable, Reason
-from proxy.keys import MAX_DOCUMENT_BYTES, KeyRing, KeySource, RemoteKeySource, key_source_for
+from proxy.keys import MAX_DOCUMENT_BYTES, KeyRing, KeySource, RemoteKeySource, key_source_for, same_source
 from tests.conftest import AUDIENCE, HS_SECRET, ISSUER, FakeClock, TestKey, jwks_of
 from tests.support.jwks_server import DISCOVERY_PATH, JWKS_PATH, JwksServer
 
@@ -559,3 +560,57 @@ async def test_an_unknown_kid_still_refetches_before_falling_back_to_kid_less_ke
     assert jwks_server.requests[JWKS_PATH] == 3
     await source.key_for("rsa-2", "RS256")
     assert jwks_server.requests[JWKS_PATH] == 3, "a known kid fetches nothing"
+
+
+# -- which reloads keep a provider's key source (issue 10, item 14) ------------------------
+
+BASE_REMOTE = remote_provider("https://issuer.test/jwks", algorithms=("RS256",))
+BASE_DISCOVERY = remote_provider(discovery_url="https://issuer.test/.well-known/openid-configuration",
+                                 algorithms=("RS256",))
+
+
+@pytest.mark.parametrize("change", [
+    {"leeway": 5.0}, {"audiences": ("other",)}, {"required_claims": ("exp", "iat")}, {"max_token_age": 60.0},
+    {"typ": "at+jwt"}, {"issuers": (ISSUER, "https://other.test")}, {"name": "renamed"},
+], ids=lambda change: next(iter(change)))
+def test_a_change_that_does_not_touch_the_keys_keeps_the_source(change: dict[str, Any]) -> None:
+    assert same_source(BASE_REMOTE, dataclasses.replace(BASE_REMOTE, **change))
+
+
+@pytest.mark.parametrize(("base", "changed"), [
+    (BASE_REMOTE, dataclasses.replace(BASE_REMOTE, keys=RemoteJwks(url="https://issuer.test/other"))),
+    (BASE_REMOTE, dataclasses.replace(BASE_REMOTE, keys=RemoteJwks(url="https://issuer.test/jwks", cache_ttl=60))),
+    (BASE_REMOTE, dataclasses.replace(BASE_REMOTE,
+                                      keys=RemoteJwks(url="https://issuer.test/jwks", min_refresh_interval=5))),
+    (BASE_REMOTE, dataclasses.replace(BASE_REMOTE, keys=RemoteJwks(url="https://issuer.test/jwks", timeout=1))),
+    (BASE_REMOTE, BASE_DISCOVERY),
+    (BASE_REMOTE, dataclasses.replace(BASE_REMOTE, algorithms=("RS256", "ES256"))),
+    (BASE_DISCOVERY, dataclasses.replace(BASE_DISCOVERY, issuers=(ISSUER, "https://other.test"))),
+    (BASE_REMOTE, static_provider("secret", {"keys": []}, ("HS256",), name="corp")),
+], ids=["url", "cache_ttl", "min_refresh_interval", "timeout", "discovery", "algorithms", "discovery-issuers",
+        "static"])
+def test_a_change_of_where_or_how_keys_come_from_is_a_new_source(base: Provider, changed: Provider) -> None:
+    assert not same_source(base, changed)
+
+
+def test_static_key_material_is_compared_by_content(rsa_key: TestKey, rsa_key_2: TestKey) -> None:
+    one = static_provider("jwks_file", jwks_of(rsa_key), ("RS256",))
+    assert same_source(one, static_provider("jwks_file", jwks_of(rsa_key), ("RS256",)))
+    assert not same_source(one, static_provider("jwks_file", jwks_of(rsa_key_2), ("RS256",)))
+
+
+async def test_a_replaced_source_serves_until_closed_with_its_successor(
+        jwks_server: JwksServer, session: aiohttp.ClientSession, clock: FakeClock, rsa_key: TestKey) -> None:
+    jwks_server.document = jwks_of(rsa_key)
+    old = KeyRing({"corp": remote_provider(jwks_server.url())}, session=session, clock=clock)
+    await old.start()
+    dead = remote_provider("http://127.0.0.1:9/jwks.json", timeout=0.5)  # port 9: nothing listens
+    new = KeyRing({"corp": dead}, session=session, clock=clock, reuse=old)
+    await new.start()
+    source = new["corp"]
+    assert source.fallback is old["corp"] and source.ready and source.keyset.size == 0
+    assert await source.key_for(rsa_key.kid, "RS256")
+    await old.close(keep=new)  # the reload is done: the old ring goes, its source stays in use
+    assert not old["corp"]._closed
+    await new.close()  # e.g. the provider is removed by the next reload: both close
+    assert old["corp"]._closed and source._closed

@@ -241,6 +241,7 @@ class _Tunnel(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self._parser = None  # it holds our bound callbacks: a cycle left for the garbage collector
         if not self.answered:
             self.failed = self.failed or "closed before answering"
         self._request.resume_reading()

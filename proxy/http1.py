@@ -73,9 +73,12 @@ class BodyTimeout(BodyError):
     """No body bytes came for the time the reader allowed."""
 
 
-def _expire(waiter: asyncio.Future[None]) -> None:
+def _expire(waiter: asyncio.Future[bool | None]) -> None:
+    # A True result means the wait timed out. An exception set on the waiter would hold, by
+    # its traceback, the frame that holds the waiter: a cycle (with the connection in it)
+    # that only a full garbage collection frees.
     if not waiter.done():
-        waiter.set_exception(TimeoutError())
+        waiter.set_result(True)
 
 
 class _Refuse(Exception):
@@ -137,7 +140,7 @@ class Request:
         self._buffered = 0
         self._complete = not self.body_exists
         self._error: BaseException | None = None
-        self._waiter: asyncio.Future[None] | None = None
+        self._waiter: asyncio.Future[bool | None] | None = None
         self._continue = expect_continue
         self._started = False
         self._finished = False
@@ -203,13 +206,13 @@ class Request:
                 waiter = self._waiter = conn._loop.create_future()
                 timer = conn._loop.call_later(timeout, _expire, waiter) if timeout else None
                 try:
-                    await waiter
-                except TimeoutError:
-                    raise BodyTimeout(f"no body bytes for {timeout:g}s") from None
+                    timed_out = await waiter
                 finally:
                     self._waiter = None
                     if timer is not None:
                         timer.cancel()
+                if timed_out:
+                    raise BodyTimeout(f"no body bytes for {timeout:g}s")
 
     def _feed(self, data: bytes) -> None:
         self._chunks.append(data)
@@ -407,7 +410,7 @@ class _Connection(asyncio.Protocol):
         self._sink: Callable[[bytes], None] | None = None
         self._read_paused = False
         self._write_paused = False
-        self._drain_waiter: asyncio.Future[None] | None = None
+        self._drain_waiter: asyncio.Future[bool | None] | None = None
         self._idle_since: float | None = None  # waiting for a head since (loop time); None: busy
 
     # asyncio.Protocol
@@ -421,10 +424,20 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
+        # The parser holds our bound callbacks: without this the pair is a reference cycle,
+        # and every closed connection (with the unfinished head the parser buffers) would
+        # wait for a full garbage collection. Nothing is parsed after the connection is lost.
+        self._parser = None  # type: ignore[assignment]
         self._server._connections.discard(self)
         self._cancel_timer()
         for request in self._queue:
             request._end(ConnectionResetError("the client went away"))
+        # Requests refer to their connection: the queue and the body being read must let go
+        # of them for the same reason (the one a task answers leaves the queue in `_done`).
+        self._parsing = None
+        if self._task is None:
+            self._queue.clear()
+        self._sink = None  # a tunnel's upstream side, which refers to its request
         task = self._task
         if task is not None and not task.done() and self._running:
             task.cancel()  # the client went away: stop working for it (and its upstream request)
@@ -475,8 +488,9 @@ class _Connection(asyncio.Protocol):
                 self._held += piece[upgrade.args[0]:] + data[offset:]
                 return
             except httptools.HttpParserCallbackError as error:
-                cause = error.__context__
-                self._refuse(cause.status if isinstance(cause, _Refuse) else 400)
+                # No local may hold the _Refuse: its traceback holds this frame, and the cycle
+                # (with `self` and `data` in it) would wait for a full garbage collection.
+                self._refuse(error.__context__.status if isinstance(error.__context__, _Refuse) else 400)
                 return
             except httptools.HttpParserError:
                 self._refuse(400)
@@ -652,6 +666,7 @@ class _Connection(asyncio.Protocol):
     def _done(self, request: Request) -> None:
         self._queue.popleft()
         if self._lost:
+            self._queue.clear()  # pipelined requests never to be answered (see connection_lost)
             return
         if not request._finished or request._close or self._closing:
             if not request._started:
@@ -721,11 +736,13 @@ class _Connection(asyncio.Protocol):
             waiter = self._drain_waiter = self._loop.create_future()
             timer = self._loop.call_later(timeout, _expire, waiter) if timeout else None
             try:
-                await waiter
+                timed_out = await waiter
             finally:
                 self._drain_waiter = None
                 if timer is not None:
                     timer.cancel()
+            if timed_out:
+                raise TimeoutError("the client read nothing for the time allowed")
         if self._lost:
             raise ConnectionResetError("the client went away")
 

@@ -59,9 +59,11 @@ _ENCODING = "utf-8"
 _ERRORS = "surrogateescape"
 
 
-def _expire(waiter: asyncio.Future[None]) -> None:
+def _expire(waiter: asyncio.Future[bool | None]) -> None:
+    # A True result means the wait timed out (not an exception set on the waiter: by its
+    # traceback it would hold the frame holding the waiter, a cycle only a full collection frees).
     if not waiter.done():
-        waiter.set_exception(TimeoutError())
+        waiter.set_result(True)
 
 
 class Fields:
@@ -151,8 +153,8 @@ class _Connection(asyncio.Protocol):
         self._idle_since = 0.0
         self._lost = False
         self._write_paused = False
-        self._drain_waiter: asyncio.Future[None] | None = None
-        self._waiter: asyncio.Future[None] | None = None
+        self._drain_waiter: asyncio.Future[bool | None] | None = None
+        self._waiter: asyncio.Future[bool | None] | None = None
         self._chunks: list[bytes] = []
         self._buffered = 0
         self._reading_paused = False
@@ -181,6 +183,9 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
+        # The parser holds our bound callbacks: drop it, or the pair is a cycle that waits for
+        # a full garbage collection. Nothing is parsed after the connection is lost.
+        self._parser = None  # type: ignore[assignment]
         if self._idle:
             self._idle = False
             try:
@@ -270,7 +275,7 @@ class _Connection(asyncio.Protocol):
             # forward.py's tunnel on a connection of their own, so here it is an error.
             # Raising stops llhttp.
             self._error = UpstreamProtocolError("upstream switched protocols (101); upgrades are not proxied here")
-            raise self._error
+            raise self._failure()
         if status < 200:
             # RFC 9110 §15.2: any number of 1xx may precede the final answer; we drop them
             # (103's hints are an optimisation the client can live without).
@@ -328,6 +333,13 @@ class _Connection(asyncio.Protocol):
         self._keep_alive = False
         self._transport.abort()
 
+    def _failure(self) -> UpstreamError:
+        """The exchange's error, to raise: a copy, for the one we hold would hold, once raised,
+        the frames that hold us (a cycle that waits for a full garbage collection)."""
+        error = self._error
+        assert error is not None
+        return type(error)(*error.args)
+
     def _take(self) -> bytes:
         """Everything buffered, as one bytes, and resume reading if we had paused it."""
         chunks = self._chunks
@@ -346,10 +358,12 @@ class _Connection(asyncio.Protocol):
         self._waiter = waiter
         timer = self._pool._loop.call_later(timeout, _expire, waiter)
         try:
-            await waiter
+            timed_out = await waiter
         finally:
             timer.cancel()
             self._waiter = None
+        if timed_out:
+            raise TimeoutError
 
     async def _drain(self, timeout: float) -> None:
         """Like `StreamWriter.drain`: wait until the transport's write buffer is below its low mark.
@@ -361,10 +375,12 @@ class _Connection(asyncio.Protocol):
             self._drain_waiter = waiter
             timer = self._pool._loop.call_later(timeout, _expire, waiter)
             try:
-                await waiter
+                timed_out = await waiter
             finally:
                 timer.cancel()
                 self._drain_waiter = None
+            if timed_out:
+                raise TimeoutError
 
     def _release(self) -> None:
         if self._done and self._keep_alive and self._error is None and not self._lost:
@@ -411,7 +427,7 @@ class Response:
             elif conn._done:
                 return
             elif conn._error is not None:
-                raise conn._error
+                raise conn._failure()
             else:
                 await conn._wait(self._read_timeout)
 
@@ -435,7 +451,7 @@ class Response:
             return None
         while not conn._done:
             if conn._error is not None:
-                raise conn._error
+                raise conn._failure()
             await conn._wait(self._read_timeout)
         return conn._take() if conn._chunks else b""
 
@@ -571,7 +587,7 @@ class Pool:
                 await self._send_body(conn, head, body, chunked, content_length, read_timeout)
             while not conn._head_done:
                 if conn._error is not None:
-                    raise conn._error
+                    raise conn._failure()
                 await conn._wait(read_timeout)
         except BaseException:
             # A timeout, a cancelled task, a failing body or a broken answer: the connection's

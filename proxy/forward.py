@@ -1,7 +1,8 @@
 """The upstream client: stream a request to the upstream and its answer back, or tunnel an upgrade.
 
 Owns: sending a request through the pooled HTTP/1.1 client (`upstream.Pool`), answers up to
-64 KiB in one write, streaming larger bodies both ways in bounded memory, the request-body
+64 KiB in one write, streaming larger bodies both ways in bounded memory (the upstream is
+not read while the client's write buffer is full), the request-body
 limit (413), the answer's hop-by-hop headers, mapping upstream failures (timeout → 504,
 refused/reset/malformed → 502; `TimeoutError` is caught first, as it is also an OSError),
 and WebSocket handshakes: sent upstream on a connection of their own, and after a 101 the
@@ -184,8 +185,12 @@ async def forward(
         await request.start(answer.status, answer.reason, (), answer_length, date=not dated, fields=fields)
         try:
             async for chunk in answer.iter_chunks():
-                # A client that stops reading gets the upstream's timeout, then is cut.
-                await request.write(chunk, timeout=upstream.timeout)
+                # A client that stops reading gets the upstream's timeout, then is cut; while
+                # its buffer is full the upstream is not read either, so a slow client costs
+                # this process its buffer and one chunk, whatever the upstream's pace.
+                writing = request.write(chunk, timeout=upstream.timeout, on_full=answer.pause_reading)
+                del chunk  # the transport has it (or a copy) while the client drains: no second one here
+                await writing
         except (TimeoutError, UpstreamError) as error:
             # Headers are gone already: all we can honestly do is cut the connection.
             log.warning("%s broke off mid-response: %s", origin, type(error).__name__)

@@ -5,7 +5,8 @@ mode: CL+TE, duplicate or signed Content-Length, bad chunk framing, bare LF, obs
 control characters are all refused by the parser), our own limits on the head (request
 target, field size, field count, total size: 414 and 431), HTTP/1.0 and 1.1 only (505),
 one Host (400), keep-alive and pipelining (answers in request order; reading pauses while
-a request waits its turn), request bodies streamed with back-pressure, `Expect:
+a request waits its turn), request bodies streamed with back-pressure (reading stops at
+64 KiB buffered), the client's write buffer capped at 16 KiB (a streamed answer waits), `Expect:
 100-continue` answered when the body is first read, writing answers (one write for a
 whole answer, or a head and then a Content-Length, chunked or close-delimited body),
 upgrades (the bytes after the head are held for `Request.tunnel`, or the connection
@@ -51,7 +52,11 @@ _MAX_STALL = MAX_TARGET + MAX_HEAD + 8 * 1024
 _HEAD_SLICE = 4 * 1024  # reads are parsed this much at a time (a body: _BODY_SLICE)...
 _BODY_SLICE = 256 * 1024
 _BACKLOG = 16  # ...until this many requests wait (pipelining); the rest waits unparsed
-_HIGH_WATER = 256 * 1024  # request body bytes buffered before we stop reading the socket
+_HIGH_WATER = 64 * 1024  # request body bytes buffered before we stop reading the socket
+# The client transport's write buffer beyond which a streamed answer waits for the client
+# (the event loops' default is 64 KiB): with a client that reads slowly or not at all, this
+# and the chunk being written are what its connection holds, past the kernel's socket buffer.
+WRITE_HIGH_WATER = 16 * 1024
 _UPGRADE_BUFFER = 64 * 1024  # bytes held after an upgrade request while its answer is decided
 _ENCODING = "utf-8"
 # The bytes a client sent, decoded so that encoding back gives the same bytes (aiohttp's
@@ -279,13 +284,22 @@ class Request:
             conn._transport.write(self._head(status, reason, headers, framing, date, fields))
         await conn._drain()
 
-    async def write(self, data: bytes, *, timeout: float | None = None) -> None:
-        """Write body bytes; wait while the client's buffer is full, at most `timeout` (TimeoutError)."""
+    async def write(self, data: bytes, *, timeout: float | None = None,
+                    on_full: Callable[[], None] | None = None) -> None:
+        """Write body bytes; wait while the client's buffer is full, at most `timeout` (TimeoutError).
+
+        `on_full` is called before that wait (a proxy stops reading its source meanwhile).
+        """
         conn = self._conn
         if conn._lost:
             raise ConnectionResetError("the client went away")
         if data and self.method != "HEAD":
             conn._transport.write(b"%x\r\n%b\r\n" % (len(data), data) if self._chunked else data)
+        # The transport holds what the client has not taken yet (a copy): not holding `data`
+        # too while waiting halves what a slow client costs.
+        del data
+        if conn._write_paused and on_full is not None:
+            on_full()
         await conn._drain(timeout)
 
     async def finish(self) -> None:
@@ -417,6 +431,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
+        transport.set_write_buffer_limits(WRITE_HIGH_WATER)  # type: ignore[attr-defined]
         peer = transport.get_extra_info("peername")
         self._remote = peer[0] if isinstance(peer, tuple) else None
         self._server._connections.add(self)

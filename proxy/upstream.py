@@ -4,7 +4,9 @@ Owns: per-origin pools of idle keep-alive connections (LIFO reuse, a cap, an idl
 writing one request (the head in one write, the body streamed with `Content-Length` or
 chunked, awaiting the transport's drain); parsing the answer with llhttp (through
 `httptools.HttpResponseParser`): 1xx interim answers skipped, bodiless answers (HEAD, 204,
-304) recognised, chunked and close-delimited bodies; flow control both ways; the one retry
+304) recognised, chunked and close-delimited bodies; flow control both ways (reads of 16 KiB
+into one buffer per pool, reading paused at 16 KiB buffered or when the consumer asks, a
+16 KiB write buffer for request bodies); the one retry
 RFC 9112 §9.3.1 allows (an idempotent, body-less request whose reused connection the server
 closed before answering); and the client's failure vocabulary: `UpstreamConnectError`,
 `UpstreamProtocolError`, builtin `TimeoutError`.
@@ -43,8 +45,17 @@ class UpstreamProtocolError(UpstreamError):
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 # Flow control of the answer: stop reading the socket once this much body waits for the
 # consumer, so a slow client never makes us buffer a large upstream answer (the kernel's
-# socket buffers and TCP's window then push back on the upstream).
-_HIGH_WATER = 256 * 1024
+# socket buffers and TCP's window then push back on the upstream). forward.py also stops
+# reading while the client's own buffer is full (`Response.pause_reading`). `read` lifts the
+# mark to its limit (64 KiB): an answer it waits for is known to fit.
+_HIGH_WATER = 16 * 1024
+# The most bytes one read takes from an upstream socket: reads go into one buffer per pool
+# (`asyncio.BufferedProtocol`), so a paused answer holds at most the mark plus one read,
+# where the event loop's own reads are up to 256 KiB each.
+_READ_SIZE = 16 * 1024
+_READ_LIMIT = 64 * 1024  # the most `read` waits for
+# The upstream transport's write buffer (a request body) beyond which the sender waits.
+WRITE_HIGH_WATER = 16 * 1024
 # The most bytes taken while the answer's head (with any 1xx before it) is incomplete; one
 # read that also holds the start of the body may exceed it, so it is checked before parsing.
 _MAX_HEAD = 256 * 1024
@@ -126,17 +137,19 @@ class _Origin:
         self.idle: deque[_Connection] = deque()
 
 
-class _Connection(asyncio.Protocol):
+class _Connection(asyncio.BufferedProtocol):
     """One upstream connection and the state of the exchange it is carrying.
 
     The parser's callbacks write straight into this object, so answering a request costs
-    no objects beyond the headers list, the body chunks and one Response.
+    no objects beyond the headers list, the body chunks and one Response. Reads land in the
+    pool's read buffer and are parsed at once: `data_received` is given a view of it that
+    must not be kept (the parser's callbacks get bytes of their own).
     """
 
     __slots__ = (
         "_buffered", "_chunked", "_chunks", "_done", "_drain_waiter", "_error",
         "_got_bytes", "_head_bytes", "_head_done", "_headers", "_idle", "_idle_since", "_interim", "_keep_alive",
-        "_length", "_lost", "_origin", "_parser", "_pool", "_reading_paused", "_reason", "_status",
+        "_length", "_lost", "_mark", "_origin", "_parser", "_pool", "_reading_paused", "_reason", "_status",
         "_transport", "_waiter", "_write_paused", "_is_head",
     )
 
@@ -163,6 +176,7 @@ class _Connection(asyncio.Protocol):
     def _begin(self, is_head: bool) -> None:
         """Reset the exchange state for a new request on this connection."""
         self._is_head = is_head
+        self._mark = _HIGH_WATER
         self._status = 0
         self._reason = b""
         self._headers = []
@@ -180,6 +194,13 @@ class _Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
+        transport.set_write_buffer_limits(WRITE_HIGH_WATER)  # type: ignore[attr-defined]
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._pool._read_buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(self._pool._read_buffer[:nbytes])
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
@@ -208,7 +229,7 @@ class _Connection(asyncio.Protocol):
         if drain is not None and not drain.done():
             drain.set_result(None)
 
-    def data_received(self, data: bytes) -> None:
+    def data_received(self, data: bytes | memoryview) -> None:
         if self._done or self._idle:
             # Bytes after the end of the answer (or on an idle connection, e.g. an unsolicited
             # 408) mean we no longer know where the next message starts: RFC 9112 §9.3.2.
@@ -310,7 +331,7 @@ class _Connection(asyncio.Protocol):
             return  # content on a 1xx (which has none, RFC 9110 §15.2) is not the answer's
         self._chunks.append(body)
         self._buffered += len(body)
-        if self._buffered > _HIGH_WATER and not self._reading_paused:
+        if self._buffered > self._mark and not self._reading_paused:
             self._reading_paused = True
             self._transport.pause_reading()
 
@@ -347,10 +368,13 @@ class _Connection(asyncio.Protocol):
         chunks.clear()
         self._buffered = 0
         if self._reading_paused:
-            self._reading_paused = False
-            if not self._lost:
-                self._transport.resume_reading()
+            self._resume_reading()
         return data
+
+    def _resume_reading(self) -> None:
+        self._reading_paused = False
+        if not self._lost:
+            self._transport.resume_reading()
 
     async def _wait(self, timeout: float) -> None:
         """Wait for the next callback from the parser or the transport, at most `timeout`."""
@@ -429,26 +453,39 @@ class Response:
             elif conn._error is not None:
                 raise conn._failure()
             else:
+                if conn._reading_paused:
+                    conn._resume_reading()  # paused by `pause_reading`, with nothing left to take
                 await conn._wait(self._read_timeout)
+
+    def pause_reading(self) -> None:
+        """Stop reading the upstream until the next chunk is asked for (the consumer cannot
+        pass more on yet): what waits here is then at most one read."""
+        conn = self._conn
+        if conn is not None and not conn._reading_paused and not conn._lost and not conn._done:
+            conn._reading_paused = True
+            conn._transport.pause_reading()
 
     async def read(self, limit: int) -> bytes | None:
         """The whole body if it is known to fit in `limit` bytes, else None with nothing consumed.
 
         Known means a Content-Length, or an answer that has already ended. `limit` is capped at
-        the flow-control mark (256 KiB): waiting for more would stall the paused socket.
+        64 KiB: while this waits, the flow-control mark is lifted to it.
         """
         conn = self._conn
         if conn is None:
             raise RuntimeError("response already released")
         if self._bodiless:
             return b""
-        limit = min(limit, _HIGH_WATER)
+        limit = min(limit, _READ_LIMIT)
         if conn._done:
             if conn._buffered > limit:
                 return None
             return conn._take() if conn._chunks else b""
         if conn._chunked or conn._length is None or conn._length > limit:
             return None
+        conn._mark = limit
+        if conn._reading_paused:
+            conn._resume_reading()
         while not conn._done:
             if conn._error is not None:
                 raise conn._failure()
@@ -483,6 +520,8 @@ class Pool:
         self._loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # bound on first use
         self._sweeper: asyncio.TimerHandle | None = None
         self._closed = False
+        # Every connection's reads land here and are parsed at once (one event loop thread).
+        self._read_buffer = memoryview(bytearray(_READ_SIZE))
 
     def _origin(self, scheme: str, host: str, port: int) -> _Origin:
         key = (scheme, host, port)

@@ -12,16 +12,22 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
+import resource
 import socket
-from collections.abc import Iterator
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 from yarl import URL
 
 from proxy import forward, http1, upstream
-from tests.conftest import TestKey, mint
+from tests.conftest import TestKey, jwks_of, mint
 from tests.integration.conftest import BASE_CONFIG
 from tests.support.raw import RawServer, bounded_by
 
@@ -40,6 +46,7 @@ ROUTES = """\
     upstream: {url: "{upstream}", timeout: 400ms, connect_timeout: 500ms, max_body: 1MB}
 """
 CONFIG = BASE_CONFIG.replace("routes:\n", "routes:\n" + ROUTES)
+REPO = Path(__file__).parents[2]
 
 
 def live(kind: type) -> int:
@@ -253,3 +260,164 @@ async def test_websocket_tunnels_are_freed_without_a_collection(sidecar: Any, rs
                                   "Upgrade: websocket", "Sec-WebSocket-Version: 13",
                                   "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==", close=False), abort_after=0.2)
         await all_freed(s, collections)
+
+
+# The running process: `jwt-sidecar run` in a subprocess, its memory read from /proc.
+
+LIMIT_MIB = 128  # k8s/deployment.yaml: resources.limits.memory of the sidecar container
+SLOW_READERS = 1000
+ANSWER = 8 * 1024 * 1024  # each slow reader's answer: 8 MiB, chunked, far more than any buffer
+
+
+def memory_mib(pid: int) -> dict[str, float]:
+    """VmRSS (resident now) and VmHWM (the peak) of a process, in MiB."""
+    found = {}
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            name, _, value = line.partition(":")
+            if name in ("VmRSS", "VmHWM"):
+                found[name] = int(value.split()[0]) / 1024
+    return found
+
+
+def _all_files() -> None:
+    # In the sidecar's process, before exec: a connection costs it two descriptors (client and
+    # upstream), more than some environments' default soft limit of 1024.
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+class StreamingUpstream:
+    """Answers /public/small with a few bytes and anything else with `ANSWER` bytes, chunked,
+    written as fast as the sidecar takes them; counts the answers begun and the bytes sent."""
+
+    def __init__(self) -> None:
+        self.begun = 0
+        self.sent = 0
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            if head.startswith(b"GET /public/small "):
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nsmall")
+                continue
+            self.begun += 1
+            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+            chunk = b"%x\r\n%b\r\n" % (65536, b"x" * 65536)
+            for _ in range(ANSWER // 65536):
+                writer.write(chunk)
+                self.sent += 65536
+                await writer.drain()
+            writer.write(b"0\r\n\r\n")
+
+
+@pytest.fixture
+async def running(jwks_server: Any, rsa_key: TestKey, raw_server: Any, tmp_path: Path) -> AsyncIterator[Any]:
+    """`jwt-sidecar run` in a subprocess, in front of a `StreamingUpstream`; yields (process, upstream, url)."""
+    jwks_server.document = jwks_of(rsa_key)
+    upstream = StreamingUpstream()
+    port = (await raw_server(upstream.serve)).port
+    listen, admin = closed_port(), closed_port()
+    # The upstream timeout also bounds how long a client may leave its buffer full: longer than the test.
+    text = (BASE_CONFIG.replace("{upstream}", f"http://127.0.0.1:{port}").replace("{jwks}", jwks_server.url())
+            .replace("timeout: 2s", "timeout: 120s") + f"listen: 127.0.0.1:{listen}\nadmin: 127.0.0.1:{admin}\n")
+    (tmp_path / "config.yaml").write_text(text)
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # this process holds both ends' other sides
+    proc = subprocess.Popen([sys.executable, "-m", "proxy", "run", "--config", str(tmp_path / "config.yaml")],
+                            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, preexec_fn=_all_files,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        async with aiohttp.ClientSession() as session:
+            for _ in range(200):
+                assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+                try:
+                    async with session.get(f"http://127.0.0.1:{admin}/readyz") as response:
+                        if response.status == 200:
+                            break
+                except aiohttp.ClientConnectionError:
+                    pass
+                await asyncio.sleep(0.1)
+            else:
+                raise AssertionError("the sidecar never became ready")
+        yield proc, upstream, f"http://127.0.0.1:{listen}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+@bounded_by(60)
+async def test_a_thousand_slow_readers_fit_in_the_manifest_memory_limit(running: Any) -> None:
+    proc, upstream, url = running
+    port = URL(url).port
+    clients: list[socket.socket] = []
+    try:
+        for _ in range(SLOW_READERS):
+            client = socket.socket()
+            # A small receive window, so the kernel (not the sidecar) holds little of each answer.
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            client.connect(("127.0.0.1", port))
+            client.setblocking(False)
+            client.send(b"GET /public/big HTTP/1.1\r\nHost: x\r\n\r\n")
+            clients.append(client)
+        # All in flight: every answer begun, and the upstream blocked (nothing more is taken);
+        # or over the limit already, or out of time.
+        sent = -1
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        while ((upstream.begun < SLOW_READERS or upstream.sent != sent) and loop.time() < deadline
+               and memory_mib(proc.pid)["VmHWM"] < LIMIT_MIB):
+            sent = upstream.sent
+            for client in clients[::10]:  # one in ten reads, slowly
+                try:
+                    client.recv(1024)
+                except BlockingIOError:
+                    pass
+            await asyncio.sleep(0.5)
+        memory = memory_mib(proc.pid)
+        assert memory["VmHWM"] < LIMIT_MIB, f"{memory} with {upstream.begun} answers begun"
+        assert upstream.begun == SLOW_READERS
+        assert upstream.sent < SLOW_READERS * ANSWER / 2, "the clients were not slow: the test proves nothing"
+        # It still answers, at once.
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /public/small HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        answer = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"small"), answer[:200]
+    finally:
+        for client in clients:
+            client.close()
+
+
+@bounded_by(60)
+async def test_unfinished_and_refused_heads_give_their_memory_back(running: Any) -> None:
+    # The process as it runs, collector on: 100 connections sending 60 KB of a head that never
+    # ends, then closing, took it from 54 to 155 MiB when the connections waited for a full
+    # collection.
+    proc, _, url = running
+    port = URL(url).port
+    heads = (b"GET /x HTTP/1.1\r\nHost: x\r\nX-Unfinished: " + b"a" * 60000,
+             b"GET /x HTTP/1.1\r\nHost: x\r\nX-Refused: " + b"a" * 60000 + b"\r\n\r\n")  # 431
+
+    async def one(head: bytes) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(head)
+        await writer.drain()
+        if head.endswith(b"\r\n\r\n"):
+            assert (await asyncio.wait_for(reader.read(), 5)).startswith(b"HTTP/1.1 431 ")
+        else:
+            await asyncio.sleep(0.2)  # read by the sidecar, then the client leaves
+        writer.transport.abort()
+
+    await asyncio.gather(*(one(heads[0]) for _ in range(100)))  # what a first round leaves is the baseline
+    before = memory_mib(proc.pid)["VmRSS"]
+    for _ in range(3):
+        await asyncio.gather(*(one(head) for head in heads for _ in range(100)))
+    after = memory_mib(proc.pid)["VmRSS"]
+    assert after - before < 4, f"{before:.1f} MiB before, {after:.1f} MiB after 600 heads of 60 KB"

@@ -73,15 +73,30 @@ class _BodyTooLarge(Exception):
     pass
 
 
-async def _limited(request: Request, limit: int, timeout: float) -> AsyncIterator[bytes]:
+class _Limited:
     """The request body as it arrives, failing once more than `limit` bytes came (0: no limit)
-    or when none come for `timeout` seconds."""
-    seen = 0
-    async for chunk in request.iter_body(timeout):
-        seen += len(chunk)
-        if limit and seen > limit:
+    or when none come for `timeout` seconds.
+
+    Not an async generator: its frame would hold the chunk it yielded while the upstream
+    drains, beside the transport's copy.
+    """
+
+    __slots__ = ("_body", "_limit", "_seen")
+
+    def __init__(self, request: Request, limit: int, timeout: float) -> None:
+        self._body = request.iter_body(timeout)
+        self._limit = limit
+        self._seen = 0
+
+    def __aiter__(self) -> _Limited:
+        return self
+
+    async def __anext__(self) -> bytes:
+        chunk = await self._body.__anext__()
+        self._seen += len(chunk)
+        if self._limit and self._seen > self._limit:
             raise _BodyTooLarge
-        yield chunk
+        return chunk
 
 
 def _answer_fields(raw: list[tuple[bytes, bytes]], request_id: str) -> tuple[bytes, int | None, bool]:
@@ -150,7 +165,7 @@ async def forward(
     if upstream.max_body and length is not None and length > upstream.max_body:
         raise PayloadTooLarge(f"Content-Length {length} exceeds max_body {upstream.max_body}")
     # The upstream's timeout also bounds each wait for the client's body bytes.
-    body = _limited(request, upstream.max_body, upstream.timeout) if request.body_exists else None
+    body = _Limited(request, upstream.max_body, upstream.timeout) if request.body_exists else None
     try:
         answer = await pool.request(
             request.method, origin.scheme, origin.host, origin.port, target, headers, body,

@@ -5,8 +5,9 @@ mode: CL+TE, duplicate or signed Content-Length, bad chunk framing, bare LF, obs
 control characters are all refused by the parser), our own limits on the head (request
 target, field size, field count, total size: 414 and 431), HTTP/1.0 and 1.1 only (505),
 one Host (400), keep-alive and pipelining (answers in request order; reading pauses while
-a request waits its turn), request bodies streamed with back-pressure (reading stops at
-64 KiB buffered), the client's write buffer capped at 16 KiB (a streamed answer waits), `Expect:
+a request waits its turn), request bodies streamed with back-pressure (reads of at most
+16 KiB into one buffer per server, reading stopped at 8 KiB buffered), the client's write
+buffer capped at 16 KiB (a streamed answer waits), `Expect:
 100-continue` answered when the body is first read, writing answers (one write for a
 whole answer, or a head and then a Content-Length, chunked or close-delimited body),
 upgrades (the bytes after the head are held for `Request.tunnel`, or the connection
@@ -52,7 +53,11 @@ _MAX_STALL = MAX_TARGET + MAX_HEAD + 8 * 1024
 _HEAD_SLICE = 4 * 1024  # reads are parsed this much at a time (a body: _BODY_SLICE)...
 _BODY_SLICE = 256 * 1024
 _BACKLOG = 16  # ...until this many requests wait (pipelining); the rest waits unparsed
-_HIGH_WATER = 64 * 1024  # request body bytes buffered before we stop reading the socket
+_HIGH_WATER = 8 * 1024  # request body bytes buffered before we stop reading the socket
+# The most bytes one read takes from a client's socket (the event loops read up to 256 KiB):
+# reads land in one buffer per server (`asyncio.BufferedProtocol`), so a request body waiting
+# for a slow upstream holds at most the mark above plus one read.
+_READ_SIZE = 16 * 1024
 # The client transport's write buffer beyond which a streamed answer waits for the client
 # (the event loops' default is 64 KiB): with a client that reads slowly or not at all, this
 # and the chunk being written are what its connection holds, past the kernel's socket buffer.
@@ -197,12 +202,9 @@ class Request:
                 conn._transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         while True:
             if self._chunks:
-                chunks = self._chunks
-                data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
-                chunks.clear()
-                self._buffered = 0
-                conn._body_taken()
-                yield data
+                # No local holds what is yielded: while the consumer waits for the upstream to
+                # take it, the transport's copy is the only one.
+                yield self._take_body()
             elif self._error is not None:
                 raise BodyError(str(self._error)) from self._error
             elif self._complete:
@@ -218,6 +220,14 @@ class Request:
                         timer.cancel()
                 if timed_out:
                     raise BodyTimeout(f"no body bytes for {timeout:g}s")
+
+    def _take_body(self) -> bytes:
+        chunks = self._chunks
+        data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        self._buffered = 0
+        self._conn._body_taken()
+        return data
 
     def _feed(self, data: bytes) -> None:
         self._chunks.append(data)
@@ -393,7 +403,7 @@ class Prepared:
                              f"Content-Length: {len(body)}\r\n"]).encode(_ENCODING, _ERRORS)
 
 
-class _Connection(asyncio.Protocol):
+class _Connection(asyncio.BufferedProtocol):
     """One client connection: its parser, its queue of requests, and the task answering one."""
 
     def __init__(self, server: Server) -> None:
@@ -459,6 +469,13 @@ class _Connection(asyncio.Protocol):
         waiter = self._drain_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._server._read_buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        # bytes of their own: the read buffer is the next read's, and `data` may be kept.
+        self.data_received(bytes(self._server._read_buffer[:nbytes]))
 
     def data_received(self, data: bytes) -> None:
         if self._sink is not None:
@@ -811,6 +828,8 @@ class Server:
         self._loop = asyncio.get_running_loop()
         self._connections: set[_Connection] = set()
         self._listeners: list[asyncio.AbstractServer] = []
+        # Every connection's reads land here and are handled at once (one event loop thread).
+        self._read_buffer = memoryview(bytearray(_READ_SIZE))
         # One timer for every connection's keep-alive deadline, rather than one per request
         # (a TimerHandle made and cancelled per request was 3% of a refused request's time).
         self._sweep_every = min(1.0, keepalive_timeout / 4)

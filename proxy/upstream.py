@@ -6,7 +6,7 @@ chunked, awaiting the transport's drain); parsing the answer with llhttp (throug
 `httptools.HttpResponseParser`): 1xx interim answers skipped, bodiless answers (HEAD, 204,
 304) recognised, chunked and close-delimited bodies; flow control both ways (reads of 16 KiB
 into one buffer per pool, reading paused at 16 KiB buffered or when the consumer asks, a
-16 KiB write buffer for request bodies); the one retry
+4 KiB write buffer for request bodies); the one retry
 RFC 9112 §9.3.1 allows (an idempotent, body-less request whose reused connection the server
 closed before answering); and the client's failure vocabulary: `UpstreamConnectError`,
 `UpstreamProtocolError`, builtin `TimeoutError`.
@@ -55,7 +55,7 @@ _HIGH_WATER = 16 * 1024
 _READ_SIZE = 16 * 1024
 _READ_LIMIT = 64 * 1024  # the most `read` waits for
 # The upstream transport's write buffer (a request body) beyond which the sender waits.
-WRITE_HIGH_WATER = 16 * 1024
+WRITE_HIGH_WATER = 4 * 1024
 # The most bytes taken while the answer's head (with any 1xx before it) is incomplete; one
 # read that also holds the start of the body may exceed it, so it is checked before parsing.
 _MAX_HEAD = 256 * 1024
@@ -653,8 +653,8 @@ class Pool:
                 return
             sent += len(chunk)
             if chunked:
-                framed = (b"%x\r\n" % len(chunk), chunk, b"\r\n")
-                transport.writelines(framed if pending is None else (pending, *framed))
+                size = b"%x\r\n" % len(chunk)
+                transport.writelines((size, chunk, b"\r\n") if pending is None else (pending, size, chunk, b"\r\n"))
             else:
                 if content_length is not None and sent > content_length:
                     # Bytes past the declared length would be read as the next request.
@@ -665,6 +665,7 @@ class Pool:
                     transport.writelines((pending, chunk))
             pending = None
             if conn._write_paused:
+                del chunk  # the transport holds a copy while the upstream drains: none here
                 await conn._drain(read_timeout)
         if conn._lost or (conn._head_done and not conn._keep_alive):
             return

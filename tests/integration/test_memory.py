@@ -288,11 +288,13 @@ def _all_files() -> None:
 
 
 class StreamingUpstream:
-    """Answers /public/small with a few bytes and anything else with `ANSWER` bytes, chunked,
-    written as fast as the sidecar takes them; counts the answers begun and the bytes sent."""
+    """Answers /public/small with a few bytes, never reads the body of a POST (nor answers
+    it), and answers anything else with `ANSWER` bytes, chunked, written as fast as the
+    sidecar takes them; counts the uploads and answers begun and the bytes sent."""
 
     def __init__(self) -> None:
         self.begun = 0
+        self.uploads = 0
         self.sent = 0
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
@@ -301,6 +303,9 @@ class StreamingUpstream:
             if head.startswith(b"GET /public/small "):
                 writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nsmall")
                 continue
+            if head.startswith(b"POST "):
+                self.uploads += 1
+                await asyncio.sleep(60)  # until the test ends
             self.begun += 1
             writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
             chunk = b"%x\r\n%b\r\n" % (65536, b"x" * 65536)
@@ -320,7 +325,7 @@ async def running(jwks_server: Any, rsa_key: TestKey, raw_server: Any, tmp_path:
     listen, admin = closed_port(), closed_port()
     # The upstream timeout also bounds how long a client may leave its buffer full: longer than the test.
     text = (BASE_CONFIG.replace("{upstream}", f"http://127.0.0.1:{port}").replace("{jwks}", jwks_server.url())
-            .replace("timeout: 2s", "timeout: 120s") + f"listen: 127.0.0.1:{listen}\nadmin: 127.0.0.1:{admin}\n")
+            .replace("timeout: 2s", "timeout: 120s").replace("max_body: 1MB", "max_body: 0") + f"listen: 127.0.0.1:{listen}\nadmin: 127.0.0.1:{admin}\n")
     (tmp_path / "config.yaml").write_text(text)
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
@@ -384,12 +389,51 @@ async def test_a_thousand_slow_readers_fit_in_the_manifest_memory_limit(running:
         assert memory["VmHWM"] < LIMIT_MIB, f"{memory} with {upstream.begun} answers begun"
         assert upstream.begun == SLOW_READERS
         assert upstream.sent < SLOW_READERS * ANSWER / 2, "the clients were not slow: the test proves nothing"
-        # It still answers, at once.
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(b"GET /public/small HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        answer = await asyncio.wait_for(reader.read(), 5)
-        writer.close()
-        assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"small"), answer[:200]
+        await answers_at_once(port)  # and it still answers, at once
+    finally:
+        for client in clients:
+            client.close()
+
+
+async def answers_at_once(port: int) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /public/small HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    answer = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"small"), answer[:200]
+
+
+@bounded_by(60)
+async def test_a_thousand_slow_uploads_fit_in_the_manifest_memory_limit(running: Any) -> None:
+    # The other way: bodies sent as fast as the clients can, to an upstream that never reads them.
+    proc, upstream, url = running
+    port = URL(url).port
+    clients: list[socket.socket] = []
+    body = b"u" * 65536
+    try:
+        for _ in range(SLOW_READERS):
+            client = socket.socket()
+            client.connect(("127.0.0.1", port))
+            client.setblocking(False)
+            client.send(b"POST /public/upload HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % ANSWER)
+            clients.append(client)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        pushed = 1
+        # Until every upload reached the upstream and no client can push more (or out of time).
+        while ((upstream.uploads < SLOW_READERS or pushed) and loop.time() < deadline
+               and memory_mib(proc.pid)["VmHWM"] < LIMIT_MIB):
+            pushed = 0
+            for client in clients:
+                try:
+                    pushed += client.send(body)
+                except BlockingIOError:
+                    pass
+            await asyncio.sleep(0.2)
+        memory = memory_mib(proc.pid)
+        assert memory["VmHWM"] < LIMIT_MIB, f"{memory} with {upstream.uploads} uploads begun"
+        assert upstream.uploads == SLOW_READERS and not pushed
+        await answers_at_once(port)
     finally:
         for client in clients:
             client.close()

@@ -1,4 +1,4 @@
-"""A small pooled HTTP/1.1 client for the upstream: one `asyncio.Protocol` per connection, parsed by httptools.
+"""A small pooled HTTP/1.1 client for the upstream: one `asyncio.BufferedProtocol` per connection, parsed by httptools.
 
 Owns: per-origin pools of idle keep-alive connections (LIFO reuse, a cap, an idle timeout);
 writing one request (the head in one write, the body streamed with `Content-Length` or

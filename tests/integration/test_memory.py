@@ -267,6 +267,43 @@ async def test_websocket_tunnels_are_freed_without_a_collection(sidecar: Any, rs
         await all_freed(s, collections)
 
 
+@bounded_by(60)
+async def test_a_client_that_reads_in_fits_and_starts_gets_every_byte(sidecar: Any, raw_server: Any) -> None:
+    # The upstream's reading stops and starts with the client's: nothing is lost, duplicated
+    # or reordered, for a chunked answer and one with a Content-Length.
+    size = 3 * 1024 * 1024 + 12345
+    pattern = bytes(range(256)) * 4
+
+    async def numbered(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        chunked = b"/raw/chunked" in head
+        writer.write(b"HTTP/1.1 200 OK\r\n" + (b"Transfer-Encoding: chunked\r\n\r\n" if chunked
+                                                 else b"Content-Length: %d\r\n\r\n" % size))
+        for offset in range(0, size, 7000):  # pieces that straddle every buffer boundary
+            piece = (pattern * 8)[offset % 1024:][:min(7000, size - offset)]
+            writer.write(b"%x\r\n%b\r\n" % (len(piece), piece) if chunked else piece)
+            await writer.drain()
+        if chunked:
+            writer.write(b"0\r\n\r\n")
+        await writer.drain()
+
+    raw = await raw_server(numbered)
+    s = await sidecar(CONFIG, raw=f"http://127.0.0.1:{raw.port}", closed=str(closed_port()))
+    expected = (pattern * (size // len(pattern) + 1))[:size]
+    for path in ("/raw/chunked", "/raw/length"):
+        async with await s.get(path) as response:
+            assert response.status == 200
+            got = bytearray()
+            while True:
+                piece = await response.content.read(50000)
+                if not piece:
+                    break
+                got += piece
+                if len(got) % 7 == 0 or len(got) < 400000:
+                    await asyncio.sleep(0.01)  # the client's buffer fills, the upstream waits
+        assert len(got) == size and got == expected, path
+
+
 # The running process: `jwt-sidecar run` in a subprocess, its memory read from /proc.
 
 LIMIT_MIB = 128  # k8s/deployment.yaml: resources.limits.memory of the sidecar container

@@ -486,7 +486,8 @@ async def test_a_thousand_slow_uploads_fit_in_the_manifest_memory_limit(running:
 async def test_unfinished_and_refused_heads_give_their_memory_back(running: Any) -> None:
     # The process as it runs, collector on: 100 connections sending 60 KB of a head that never
     # ends, then closing, took it from 54 to 155 MiB when the connections waited for a full
-    # collection.
+    # collection. (Measured here: 19 to 24 MiB more after the rounds below then; 0 to 7 now,
+    # the allocator's free lists settling.)
     proc, _, url = running
     port = URL(url).port
     heads = (b"GET /x HTTP/1.1\r\nHost: x\r\nX-Unfinished: " + b"a" * 60000,
@@ -502,9 +503,14 @@ async def test_unfinished_and_refused_heads_give_their_memory_back(running: Any)
             await asyncio.sleep(0.2)  # read by the sidecar, then the client leaves
         writer.transport.abort()
 
-    await asyncio.gather(*(one(heads[0]) for _ in range(100)))  # what a first round leaves is the baseline
-    before = memory_mib(proc.pid)["VmRSS"]
-    for _ in range(3):
-        await asyncio.gather(*(one(head) for head in heads for _ in range(100)))
-    after = memory_mib(proc.pid)["VmRSS"]
-    assert after - before < 4, f"{before:.1f} MiB before, {after:.1f} MiB after 600 heads of 60 KB"
+    async def rounds(count: int) -> float:
+        # 200 at a time, as a flood comes: they live long enough to reach the collector's
+        # oldest generation, where a cycle waits longest.
+        for _ in range(count):
+            await asyncio.gather(*(one(head) for head in heads for _ in range(100)))
+        await asyncio.sleep(0.5)  # the sidecar sees the last ones close
+        return memory_mib(proc.pid)["VmRSS"]
+
+    before = await rounds(2)  # what these leave (the allocator's free lists, grown to fit) is the baseline
+    after = await rounds(6)
+    assert after - before < 12, f"{before:.1f} MiB before, {after:.1f} MiB after 1,200 more heads of 60 KB"

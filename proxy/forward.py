@@ -1,7 +1,8 @@
 """The upstream client: stream a request to the upstream and its answer back, or tunnel an upgrade.
 
 Owns: sending a request through the pooled HTTP/1.1 client (`upstream.Pool`), answers up to
-64 KiB in one write, streaming larger bodies both ways in bounded memory, the request-body
+64 KiB in one write, streaming larger bodies both ways in bounded memory (the upstream is
+not read while the client's write buffer is full), the request-body
 limit (413) and deadline (408, `upstream.body_timeout`), the answer's hop-by-hop headers,
 mapping upstream failures (502 for anything before the request was sent: refused,
 unreachable, connect timeout; and for a reset or malformed answer; 504 only when the request
@@ -75,16 +76,31 @@ class _BodyTooLarge(Exception):
     pass
 
 
-async def _limited(request: Request, limit: int, timeout: float, total: float) -> AsyncIterator[bytes]:
+class _Limited:
     """The request body as it arrives, failing once more than `limit` bytes came (0: no limit),
-    when none come for `timeout` seconds, or when waiting for them has taken `total` seconds
-    in all (a byte every few seconds would otherwise hold the upstream request)."""
-    seen = 0
-    async for chunk in request.iter_body(timeout, total=total):
-        seen += len(chunk)
-        if limit and seen > limit:
+    when none come for `timeout` seconds, or when waiting for them has taken `total`
+    seconds in all (a byte every few seconds would otherwise hold the upstream request).
+
+    Not an async generator: its frame would hold the chunk it yielded while the upstream
+    drains, beside the transport's copy.
+    """
+
+    __slots__ = ("_body", "_limit", "_seen")
+
+    def __init__(self, request: Request, limit: int, timeout: float, total: float) -> None:
+        self._body = request.iter_body(timeout, total=total)
+        self._limit = limit
+        self._seen = 0
+
+    def __aiter__(self) -> _Limited:
+        return self
+
+    async def __anext__(self) -> bytes:
+        chunk = await self._body.__anext__()
+        self._seen += len(chunk)
+        if self._limit and self._seen > self._limit:
             raise _BodyTooLarge
-        yield chunk
+        return chunk
 
 
 def _answer_fields(raw: list[tuple[bytes, bytes]], request_id: str) -> tuple[bytes, int | None, bool]:
@@ -154,7 +170,7 @@ async def forward(
         raise PayloadTooLarge(f"Content-Length {length} exceeds max_body {upstream.max_body}")
     # The upstream's timeout also bounds each wait for the client's body bytes, and
     # body_timeout the whole body; on either, the upstream request is aborted (Pool._exchange).
-    body = _limited(request, upstream.max_body, upstream.timeout, upstream.body_timeout) if request.body_exists else None
+    body = _Limited(request, upstream.max_body, upstream.timeout, upstream.body_timeout) if request.body_exists else None
     try:
         answer = await pool.request(
             request.method, origin.scheme, origin.host, origin.port, target, headers, body,
@@ -189,8 +205,12 @@ async def forward(
         await request.start(answer.status, answer.reason, (), answer_length, date=not dated, fields=fields)
         try:
             async for chunk in answer.iter_chunks():
-                # A client that stops reading gets the upstream's timeout, then is cut.
-                await request.write(chunk, timeout=upstream.timeout)
+                # A client that stops reading gets the upstream's timeout, then is cut; while
+                # its buffer is full the upstream is not read either, so a slow client costs
+                # this process its buffer and one chunk, whatever the upstream's pace.
+                writing = request.write(chunk, timeout=upstream.timeout, on_full=answer.pause_reading)
+                del chunk  # the transport has it (or a copy) while the client drains: no second one here
+                await writing
         except (TimeoutError, UpstreamError) as error:
             # Headers are gone already: all we can honestly do is cut the connection.
             log.warning("%s broke off mid-response: %s", origin, type(error).__name__)
@@ -249,6 +269,7 @@ class _Tunnel(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self._parser = None  # it holds our bound callbacks: a cycle left for the garbage collector
         if not self.answered:
             self.failed = self.failed or "closed before answering"
         self._request.resume_reading()

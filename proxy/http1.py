@@ -1,4 +1,4 @@
-"""The client-facing HTTP/1.1 server: one `asyncio.Protocol` per connection, parsed by httptools.
+"""The client-facing HTTP/1.1 server: one `asyncio.BufferedProtocol` per connection, parsed by httptools.
 
 Owns: reading requests with llhttp (through `httptools.HttpRequestParser`, in its strict
 mode: CL+TE, duplicate or signed Content-Length, bad chunk framing, bare LF, obs-fold and
@@ -7,7 +7,9 @@ target, field size, field count, total size: 414 and 431), HTTP/1.0 and 1.1 only
 no transfer coding but `chunked` alone (501; 400 when chunked is not the last), none at
 all in HTTP/1.0 (400),
 one Host (400), keep-alive and pipelining (answers in request order; reading pauses while
-a request waits its turn), request bodies streamed with back-pressure, `Expect:
+a request waits its turn), request bodies streamed with back-pressure (reads of at most
+16 KiB into one buffer per server, reading stopped at 8 KiB buffered), the client's write
+buffer capped at 16 KiB (a streamed answer waits), `Expect:
 100-continue` answered when the body is first read, writing answers (one write for a
 whole answer, or a head and then a Content-Length, chunked or close-delimited body),
 upgrades (the bytes after the head are held for `Request.tunnel`, or the connection
@@ -61,7 +63,15 @@ _MAX_STALL = MAX_TARGET + MAX_HEAD + 8 * 1024
 _HEAD_SLICE = 4 * 1024  # reads are parsed this much at a time (a body: _BODY_SLICE)...
 _BODY_SLICE = 256 * 1024
 _BACKLOG = 16  # ...until this many requests wait (pipelining); the rest waits unparsed
-_HIGH_WATER = 256 * 1024  # request body bytes buffered before we stop reading the socket
+_HIGH_WATER = 8 * 1024  # request body bytes buffered before we stop reading the socket
+# The most bytes one read takes from a client's socket (the event loops read up to 256 KiB):
+# reads land in one buffer per server (`asyncio.BufferedProtocol`), so a request body waiting
+# for a slow upstream holds at most the mark above plus one read.
+_READ_SIZE = 16 * 1024
+# The client transport's write buffer beyond which a streamed answer waits for the client
+# (the event loops' default is 64 KiB): with a client that reads slowly or not at all, this
+# and the chunk being written are what its connection holds, past the kernel's socket buffer.
+WRITE_HIGH_WATER = 16 * 1024
 _UPGRADE_BUFFER = 64 * 1024  # bytes held after an upgrade request while its answer is decided
 _ENCODING = "utf-8"
 # The bytes a client sent, decoded so that encoding back gives the same bytes (aiohttp's
@@ -86,9 +96,12 @@ class BodyTimeout(BodyError):
     """No body bytes came for the time the reader allowed."""
 
 
-def _expire(waiter: asyncio.Future[None]) -> None:
+def _expire(waiter: asyncio.Future[bool | None]) -> None:
+    # A True result means the wait timed out. An exception set on the waiter would hold, by
+    # its traceback, the frame that holds the waiter: a cycle (with the connection in it)
+    # that only a full garbage collection frees.
     if not waiter.done():
-        waiter.set_exception(TimeoutError())
+        waiter.set_result(True)
 
 
 def _codings(values: list[bytes]) -> list[bytes]:
@@ -157,7 +170,7 @@ class Request:
         self._buffered = 0
         self._complete = not self.body_exists
         self._error: BaseException | None = None
-        self._waiter: asyncio.Future[None] | None = None
+        self._waiter: asyncio.Future[bool | None] | None = None
         self._continue = expect_continue
         self._started = False
         self._finished = False
@@ -213,12 +226,9 @@ class Request:
                 conn._transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         while True:
             if self._chunks:
-                chunks = self._chunks
-                data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
-                chunks.clear()
-                self._buffered = 0
-                conn._body_taken()
-                yield data
+                # No local holds what is yielded: while the consumer waits for the upstream to
+                # take it, the transport's copy is the only one.
+                yield self._take_body()
             elif self._error is not None:
                 raise BodyError(str(self._error)) from self._error
             elif self._complete:
@@ -234,16 +244,24 @@ class Request:
                 waiter = self._waiter = conn._loop.create_future()
                 timer = conn._loop.call_later(wait, _expire, waiter) if wait else None
                 try:
-                    await waiter
-                except TimeoutError:
-                    raise BodyTimeout(f"the body was not all here after {total:g}s" if by_total
-                                      else f"no body bytes for {timeout:g}s") from None
+                    timed_out = await waiter
                 finally:
                     if left is not None:
                         left -= conn._loop.time() - began
                     self._waiter = None
                     if timer is not None:
                         timer.cancel()
+                if timed_out:
+                    raise BodyTimeout(f"the body was not all here after {total:g}s" if by_total
+                                      else f"no body bytes for {timeout:g}s")
+
+    def _take_body(self) -> bytes:
+        chunks = self._chunks
+        data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        self._buffered = 0
+        self._conn._body_taken()
+        return data
 
     def _feed(self, data: bytes) -> None:
         self._chunks.append(data)
@@ -310,13 +328,22 @@ class Request:
             conn._transport.write(self._head(status, reason, headers, framing, date, fields))
         await conn._drain()
 
-    async def write(self, data: bytes, *, timeout: float | None = None) -> None:
-        """Write body bytes; wait while the client's buffer is full, at most `timeout` (TimeoutError)."""
+    async def write(self, data: bytes, *, timeout: float | None = None,
+                    on_full: Callable[[], None] | None = None) -> None:
+        """Write body bytes; wait while the client's buffer is full, at most `timeout` (TimeoutError).
+
+        `on_full` is called before that wait (a proxy stops reading its source meanwhile).
+        """
         conn = self._conn
         if conn._lost:
             raise ConnectionResetError("the client went away")
         if data and self.method != "HEAD":
             conn._transport.write(b"%x\r\n%b\r\n" % (len(data), data) if self._chunked else data)
+        # The transport holds what the client has not taken yet (a copy): not holding `data`
+        # too while waiting halves what a slow client costs.
+        del data
+        if conn._write_paused and on_full is not None:
+            on_full()
         await conn._drain(timeout)
 
     async def finish(self) -> None:
@@ -413,7 +440,7 @@ class Prepared:
                              f"Content-Length: {len(body)}\r\n"]).encode(_ENCODING, _ERRORS)
 
 
-class _Connection(asyncio.Protocol):
+class _Connection(asyncio.BufferedProtocol):
     """One client connection: its parser, its queue of requests, and the task answering one."""
 
     def __init__(self, server: Server) -> None:
@@ -445,7 +472,7 @@ class _Connection(asyncio.Protocol):
         self._sink: Callable[[bytes], None] | None = None
         self._read_paused = False
         self._write_paused = False
-        self._drain_waiter: asyncio.Future[None] | None = None
+        self._drain_waiter: asyncio.Future[bool | None] | None = None
         self._idle_since: float | None = None  # waiting for a head since (loop time); None: busy
         self._head_begun: float | None = None  # the first byte of the head being parsed came (loop time)
 
@@ -453,6 +480,10 @@ class _Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
+        try:
+            transport.set_write_buffer_limits(WRITE_HIGH_WATER)  # type: ignore[attr-defined]
+        except NotImplementedError:
+            pass  # a transport with no write buffer of its own (bench/pipeline_micro.py's)
         peer = transport.get_extra_info("peername")
         self._remote = peer[0] if isinstance(peer, tuple) else None
         self._server._opening -= 1
@@ -465,17 +496,34 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
+        # The parser holds our bound callbacks: without this the pair is a reference cycle,
+        # and every closed connection (with the unfinished head the parser buffers) would
+        # wait for a full garbage collection. Nothing is parsed after the connection is lost.
+        self._parser = None  # type: ignore[assignment]
         self._server._connections.discard(self)
         self._server.counts.open -= 1
         self._cancel_timer()
         for request in self._queue:
             request._end(ConnectionResetError("the client went away"))
+        # Requests refer to their connection: the queue and the body being read must let go
+        # of them for the same reason (the one a task answers leaves the queue in `_done`).
+        self._parsing = None
+        if self._task is None:
+            self._queue.clear()
+        self._sink = None  # a tunnel's upstream side, which refers to its request
         task = self._task
         if task is not None and not task.done() and self._running:
             task.cancel()  # the client went away: stop working for it (and its upstream request)
         waiter = self._drain_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._server._read_buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        # bytes of their own: the read buffer is the next read's, and `data` may be kept.
+        self.data_received(bytes(self._server._read_buffer[:nbytes]))
 
     def data_received(self, data: bytes) -> None:
         if self._sink is not None:
@@ -520,8 +568,9 @@ class _Connection(asyncio.Protocol):
                 self._held += piece[upgrade.args[0]:] + data[offset:]
                 return
             except httptools.HttpParserCallbackError as error:
-                cause = error.__context__
-                self._refuse(cause.status if isinstance(cause, _Refuse) else 400)
+                # No local may hold the _Refuse: its traceback holds this frame, and the cycle
+                # (with `self` and `data` in it) would wait for a full garbage collection.
+                self._refuse(error.__context__.status if isinstance(error.__context__, _Refuse) else 400)
                 return
             except httptools.HttpParserError:
                 self._refuse(400)
@@ -716,6 +765,7 @@ class _Connection(asyncio.Protocol):
     def _done(self, request: Request) -> None:
         self._queue.popleft()
         if self._lost:
+            self._queue.clear()  # pipelined requests never to be answered (see connection_lost)
             return
         if not request._finished or request._close or self._closing:
             if not request._started:
@@ -785,11 +835,13 @@ class _Connection(asyncio.Protocol):
             waiter = self._drain_waiter = self._loop.create_future()
             timer = self._loop.call_later(timeout, _expire, waiter) if timeout else None
             try:
-                await waiter
+                timed_out = await waiter
             finally:
                 self._drain_waiter = None
                 if timer is not None:
                     timer.cancel()
+            if timed_out:
+                raise TimeoutError("the client read nothing for the time allowed")
         if self._lost:
             raise ConnectionResetError("the client went away")
 
@@ -944,6 +996,8 @@ class Server:
         self._loop = asyncio.get_running_loop()
         self._connections: set[_Connection] = set()
         self._listeners: list[asyncio.AbstractServer] = []
+        # Every connection's reads land here and are handled at once (one event loop thread).
+        self._read_buffer = memoryview(bytearray(_READ_SIZE))
         # One timer for every connection's keep-alive and head deadlines, rather than one per
         # request (a TimerHandle made and cancelled per request was 3% of a refused request's time).
         self._sweep_every = min(1.0, keepalive_timeout / 4, header_timeout / 4)

@@ -1,4 +1,4 @@
-"""A small pooled HTTP/1.1 client for the upstream: one `asyncio.Protocol` per connection, parsed by httptools.
+"""A small pooled HTTP/1.1 client for the upstream: one `asyncio.BufferedProtocol` per connection, parsed by httptools.
 
 Owns: per-origin pools of idle keep-alive connections (LIFO reuse, a cap, an idle timeout);
 writing one request (the head in one write, the body streamed with `Content-Length` or
@@ -8,7 +8,9 @@ chunked, awaiting the transport's drain); parsing the answer with llhttp (throug
 keeping one client's answer from another: a connection whose answer's framing is in doubt
 is never reused, a byte no request asked for closes it and makes its origin distrusted
 (no reuse for `_DISTRUST`), an idle socket is checked for unread bytes before reuse, and a
-new origin is on probation (`_PROBATION`); flow control both ways; the one retry
+new origin is on probation (`_PROBATION`); flow control both ways (reads of 16 KiB into one
+buffer per pool, reading paused at 16 KiB buffered or when the consumer asks, a 4 KiB write
+buffer for request bodies); the one retry
 RFC 9112 §9.3.1 allows (an idempotent, body-less request whose reused connection the server
 closed before answering); and the client's failure vocabulary: `UpstreamConnectError`
 (nothing was sent: refused, unreachable, connect timeout), `UpstreamProtocolError`, builtin
@@ -51,8 +53,17 @@ class UpstreamProtocolError(UpstreamError):
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 # Flow control of the answer: stop reading the socket once this much body waits for the
 # consumer, so a slow client never makes us buffer a large upstream answer (the kernel's
-# socket buffers and TCP's window then push back on the upstream).
-_HIGH_WATER = 256 * 1024
+# socket buffers and TCP's window then push back on the upstream). forward.py also stops
+# reading while the client's own buffer is full (`Response.pause_reading`). `read` lifts the
+# mark to its limit (64 KiB): an answer it waits for is known to fit.
+_HIGH_WATER = 16 * 1024
+# The most bytes one read takes from an upstream socket: reads go into one buffer per pool
+# (`asyncio.BufferedProtocol`), so a paused answer holds at most the mark plus one read,
+# where the event loop's own reads are up to 256 KiB each.
+_READ_SIZE = 16 * 1024
+_READ_LIMIT = 64 * 1024  # the most `read` waits for
+# The upstream transport's write buffer (a request body) beyond which the sender waits.
+WRITE_HIGH_WATER = 4 * 1024
 # The most bytes taken while the answer's head (with any 1xx before it) is incomplete; one
 # read that also holds the start of the body may exceed it, so it is checked before parsing.
 _MAX_HEAD = 256 * 1024
@@ -79,9 +90,11 @@ _PROBATION = 0.1
 log = logging.getLogger("jwt_sidecar.upstream")
 
 
-def _expire(waiter: asyncio.Future[None]) -> None:
+def _expire(waiter: asyncio.Future[bool | None]) -> None:
+    # A True result means the wait timed out (not an exception set on the waiter: by its
+    # traceback it would hold the frame holding the waiter, a cycle only a full collection frees).
     if not waiter.done():
-        waiter.set_exception(TimeoutError())
+        waiter.set_result(True)
 
 
 class Fields:
@@ -148,17 +161,19 @@ class _Origin:
         """Past its probation (`_PROBATION`), and no stray byte since."""
 
 
-class _Connection(asyncio.Protocol):
+class _Connection(asyncio.BufferedProtocol):
     """One upstream connection and the state of the exchange it is carrying.
 
     The parser's callbacks write straight into this object, so answering a request costs
-    no objects beyond the headers list, the body chunks and one Response.
+    no objects beyond the headers list, the body chunks and one Response. Reads land in the
+    pool's read buffer and are parsed at once: `data_received` is given a view of it that
+    must not be kept (the parser's callbacks get bytes of their own).
     """
 
     __slots__ = (
         "_buffered", "_chunked", "_chunks", "_codings", "_done", "_drain_waiter", "_error",
         "_got_bytes", "_poll", "_head_bytes", "_head_done", "_headers", "_idle", "_idle_since", "_interim", "_keep_alive",
-        "_length", "_lost", "_origin", "_parser", "_pool", "_reading_paused", "_reason", "_status",
+        "_length", "_lost", "_mark", "_origin", "_parser", "_pool", "_reading_paused", "_reason", "_status",
         "_transport", "_waiter", "_write_paused", "_is_head",
     )
 
@@ -176,8 +191,8 @@ class _Connection(asyncio.Protocol):
         self._idle_since = 0.0
         self._lost = False
         self._write_paused = False
-        self._drain_waiter: asyncio.Future[None] | None = None
-        self._waiter: asyncio.Future[None] | None = None
+        self._drain_waiter: asyncio.Future[bool | None] | None = None
+        self._waiter: asyncio.Future[bool | None] | None = None
         self._chunks: list[bytes] = []
         self._buffered = 0
         self._reading_paused = False
@@ -186,6 +201,7 @@ class _Connection(asyncio.Protocol):
     def _begin(self, is_head: bool) -> None:
         """Reset the exchange state for a new request on this connection."""
         self._is_head = is_head
+        self._mark = _HIGH_WATER
         self._status = 0
         self._reason = b""
         self._headers = []
@@ -208,9 +224,19 @@ class _Connection(asyncio.Protocol):
         if sock is not None:
             self._poll = select.poll()
             self._poll.register(sock.fileno(), select.POLLIN)
+        transport.set_write_buffer_limits(WRITE_HIGH_WATER)  # type: ignore[attr-defined]
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._pool._read_buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(self._pool._read_buffer[:nbytes])
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
+        # The parser holds our bound callbacks: drop it, or the pair is a cycle that waits for
+        # a full garbage collection. Nothing is parsed after the connection is lost.
+        self._parser = None  # type: ignore[assignment]
         if self._idle:
             self._idle = False
             try:
@@ -233,14 +259,14 @@ class _Connection(asyncio.Protocol):
         if drain is not None and not drain.done():
             drain.set_result(None)
 
-    def data_received(self, data: bytes) -> None:
+    def data_received(self, data: bytes | memoryview) -> None:
         if self._done or self._idle:
             # Bytes after the end of the answer (or on an idle connection) mean we no longer
             # know where the next message starts (RFC 9112 §9.3.2), and whoever sent them may
             # send more once the connection carries someone else's request. An unsolicited
             # 408 on an idle connection is only a server closing it (some do), not a stray.
             self._stray("bytes after a complete answer",
-                        trust=self._idle and data.startswith((b"HTTP/1.1 408 ", b"HTTP/1.0 408 ")))
+                        trust=self._idle and bytes(data[:13]) in (b"HTTP/1.1 408 ", b"HTTP/1.0 408 "))
             if self._idle:
                 self._transport.abort()
             return
@@ -303,7 +329,7 @@ class _Connection(asyncio.Protocol):
             # forward.py's tunnel on a connection of their own, so here it is an error.
             # Raising stops llhttp.
             self._error = UpstreamProtocolError("upstream switched protocols (101); upgrades are not proxied here")
-            raise self._error
+            raise self._failure()
         if status < 200:
             # RFC 9110 §15.2: any number of 1xx may precede the final answer; we drop them
             # (103's hints are an optimisation the client can live without).
@@ -354,7 +380,7 @@ class _Connection(asyncio.Protocol):
             return  # content on a 1xx (which has none, RFC 9110 §15.2) is not the answer's
         self._chunks.append(body)
         self._buffered += len(body)
-        if self._buffered > _HIGH_WATER and not self._reading_paused:
+        if self._buffered > self._mark and not self._reading_paused:
             self._reading_paused = True
             self._transport.pause_reading()
 
@@ -404,6 +430,13 @@ class _Connection(asyncio.Protocol):
         self._keep_alive = False
         self._transport.abort()
 
+    def _failure(self) -> UpstreamError:
+        """The exchange's error, to raise: a copy, for the one we hold would hold, once raised,
+        the frames that hold us (a cycle that waits for a full garbage collection)."""
+        error = self._error
+        assert error is not None
+        return type(error)(*error.args)
+
     def _take(self) -> bytes:
         """Everything buffered, as one bytes, and resume reading if we had paused it."""
         chunks = self._chunks
@@ -411,10 +444,13 @@ class _Connection(asyncio.Protocol):
         chunks.clear()
         self._buffered = 0
         if self._reading_paused:
-            self._reading_paused = False
-            if not self._lost:
-                self._transport.resume_reading()
+            self._resume_reading()
         return data
+
+    def _resume_reading(self) -> None:
+        self._reading_paused = False
+        if not self._lost:
+            self._transport.resume_reading()
 
     async def _wait(self, timeout: float) -> None:
         """Wait for the next callback from the parser or the transport, at most `timeout`."""
@@ -422,10 +458,12 @@ class _Connection(asyncio.Protocol):
         self._waiter = waiter
         timer = self._pool._loop.call_later(timeout, _expire, waiter)
         try:
-            await waiter
+            timed_out = await waiter
         finally:
             timer.cancel()
             self._waiter = None
+        if timed_out:
+            raise TimeoutError
 
     async def _drain(self, timeout: float) -> None:
         """Like `StreamWriter.drain`: wait until the transport's write buffer is below its low mark.
@@ -437,10 +475,12 @@ class _Connection(asyncio.Protocol):
             self._drain_waiter = waiter
             timer = self._pool._loop.call_later(timeout, _expire, waiter)
             try:
-                await waiter
+                timed_out = await waiter
             finally:
                 timer.cancel()
                 self._drain_waiter = None
+            if timed_out:
+                raise TimeoutError
 
     def _release(self) -> None:
         if self._done and self._keep_alive and self._error is None and not self._lost:
@@ -485,31 +525,44 @@ class Response:
             elif conn._done:
                 return
             elif conn._error is not None:
-                raise conn._error
+                raise conn._failure()
             else:
+                if conn._reading_paused:
+                    conn._resume_reading()  # paused by `pause_reading`, with nothing left to take
                 await conn._wait(self._read_timeout)
+
+    def pause_reading(self) -> None:
+        """Stop reading the upstream until the next chunk is asked for (the consumer cannot
+        pass more on yet): what waits here is then at most one read."""
+        conn = self._conn
+        if conn is not None and not conn._reading_paused and not conn._lost and not conn._done:
+            conn._reading_paused = True
+            conn._transport.pause_reading()
 
     async def read(self, limit: int) -> bytes | None:
         """The whole body if it is known to fit in `limit` bytes, else None with nothing consumed.
 
         Known means a Content-Length, or an answer that has already ended. `limit` is capped at
-        the flow-control mark (256 KiB): waiting for more would stall the paused socket.
+        64 KiB: while this waits, the flow-control mark is lifted to it.
         """
         conn = self._conn
         if conn is None:
             raise RuntimeError("response already released")
         if self._bodiless:
             return b""
-        limit = min(limit, _HIGH_WATER)
+        limit = min(limit, _READ_LIMIT)
         if conn._done:
             if conn._buffered > limit:
                 return None
             return conn._take() if conn._chunks else b""
         if conn._chunked or conn._length is None or conn._length > limit:
             return None
+        conn._mark = limit
+        if conn._reading_paused:
+            conn._resume_reading()
         while not conn._done:
             if conn._error is not None:
-                raise conn._error
+                raise conn._failure()
             await conn._wait(self._read_timeout)
         return conn._take() if conn._chunks else b""
 
@@ -543,6 +596,8 @@ class Pool:
         self._loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # bound on first use
         self._sweeper: asyncio.TimerHandle | None = None
         self._closed = False
+        # Every connection's reads land here and are parsed at once (one event loop thread).
+        self._read_buffer = memoryview(bytearray(_READ_SIZE))
 
     def _origin(self, scheme: str, host: str, port: int) -> _Origin:
         key = (scheme, host, port)
@@ -651,7 +706,7 @@ class Pool:
                     conn._keep_alive = False
             while not conn._head_done:
                 if conn._error is not None:
-                    raise conn._error
+                    raise conn._failure()
                 await conn._wait(read_timeout)
         except BaseException:
             # A timeout, a cancelled task, a failing body or a broken answer: the connection's
@@ -678,8 +733,8 @@ class Pool:
                 return
             sent += len(chunk)
             if chunked:
-                framed = (b"%x\r\n" % len(chunk), chunk, b"\r\n")
-                transport.writelines(framed if pending is None else (pending, *framed))
+                size = b"%x\r\n" % len(chunk)
+                transport.writelines((size, chunk, b"\r\n") if pending is None else (pending, size, chunk, b"\r\n"))
             else:
                 if content_length is not None and sent > content_length:
                     # Bytes past the declared length would be read as the next request.
@@ -690,6 +745,7 @@ class Pool:
                     transport.writelines((pending, chunk))
             pending = None
             if conn._write_paused:
+                del chunk  # the transport holds a copy while the upstream drains: none here
                 await conn._drain(read_timeout)
         if conn._lost or (conn._head_done and not conn._keep_alive):
             return

@@ -24,9 +24,9 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .config import ClaimRule, Route, RouteAuth
 from .errors import BadRequest, ConfigIssue
 from .routing import Router, normalize
+from .settings import ClaimRule, Route, RouteAuth
 from .yamlsource import Issues
 
 __all__ = ["check", "format_warning"]

@@ -14,8 +14,8 @@ import re
 import string
 from collections.abc import Sequence
 
-from .config import Route
 from .errors import BadRequest, Reason
+from .settings import Route
 
 __all__ = ["Router", "normalize", "split_target"]
 

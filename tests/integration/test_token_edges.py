@@ -244,3 +244,36 @@ async def test_a_kid_reaches_a_secret_without_kid_and_a_configured_kid_only_its_
 def jwt_header(token: str) -> Any:
     segment = token.split(".")[0]
     return json.loads(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))
+
+
+# -- widened by the review: odd types and values in dates, claims, headers and token text ------
+@pytest.mark.parametrize("claim", ["exp", "nbf", "iat"])
+@pytest.mark.parametrize("value", ["true", "false", '"1700000000"', "[1]", "{}", "1e400", "-1e400",
+                                   "1" + "0" * 400, "-1" + "0" * 400], ids=[
+    "true", "false", "string", "list", "object", "1e400", "-1e400", "int-1e400", "int--1e400"])
+async def test_a_numeric_date_of_another_type_or_beyond_a_double_is_a_malformed_claim(
+        sidecar: Any, rsa_key: TestKey, claim: str, value: str) -> None:
+    # True is an int to Python and 10**400 an int no float holds (math.isfinite raises on it):
+    # neither is a NumericDate, and neither may be a 500.
+    s = await sidecar(CONFIG)
+    now = int(time.time())
+    dates = {"iat": str(now), "exp": str(now + 300), claim: value}
+    text = (f'{{"iss":"{ISSUER}","aud":"{AUDIENCE}","sub":"u",'
+            + ",".join(f'"{name}":{v}' for name, v in dates.items()) + "}")
+    for _ in range(2):
+        await refused(s, "/orders", signed_text(rsa_key, text), Reason.MALFORMED_CLAIM)
+    assert s.upstream.seen == []
+
+
+@pytest.mark.parametrize("roles, sent", [
+    (True, "true"), (False, "false"), (1, "1"), (0, "0"), (1e16, "1e+16"), (-0.0, "-0.0"), (2.5, "2.5"),
+    (10 ** 30, str(10 ** 30)), (["a", 1, True, None], "a,1,true,null"), ({"k": "v"}, '{"k":"v"}'),
+    ("é-ü", "é-ü"), ([], ""), (["", "a"], ",a"),
+], ids=["true", "false", "1", "0", "1e16", "-0.0", "2.5", "big-int", "mixed-list", "object", "non-ascii",
+        "empty-list", "empty-item"])
+async def test_claims_of_every_json_type_are_rendered_exactly(sidecar: Any, rsa_key: TestKey, roles: Any,
+                                                              sent: str) -> None:
+    s = await sidecar(CONFIG)
+    status, _, body = await get(s, "/orders", bearer(mint({"roles": roles}, key=rsa_key)))
+    assert status == 200, body
+    assert s.upstream.last().headers.get("x-user-roles") == [sent]

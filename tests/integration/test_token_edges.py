@@ -265,6 +265,29 @@ async def test_a_numeric_date_of_another_type_or_beyond_a_double_is_a_malformed_
     assert s.upstream.seen == []
 
 
+@pytest.mark.parametrize("roles", [
+    [["dev", "admin"]], [{"a": [1, 2]}], ["dev", [0, True, 5]], [{"a": 1, "b": 2}],
+], ids=["nested-list", "object-with-list", "bare-numbers", "object-two-members"])
+async def test_a_list_claim_whose_item_renders_with_a_comma_is_unsafe(
+        sidecar: Any, rsa_key: TestKey, roles: list[Any]) -> None:
+    # Items are joined with ','; an item whose own text holds one (a nested list or object as
+    # JSON) reads upstream as several items: [[0,true,5]] would grant role "5" and "true".
+    s = await sidecar(CONFIG)
+    await refused(s, "/orders", mint({"roles": roles}, key=rsa_key), Reason.UNSAFE_CLAIM)
+    assert s.upstream.seen == []
+
+
+@pytest.mark.parametrize("roles", [["dev", " admin"], ["dev ", "admin"], ["dev", "\tadmin"]],
+                         ids=["leading-sp", "trailing-sp", "leading-tab"])
+async def test_a_list_claim_item_with_surrounding_whitespace_is_unsafe(
+        sidecar: Any, rsa_key: TestKey, roles: list[str]) -> None:
+    # A list field's parser trims OWS around each item (RFC 9110 §5.6.1): " admin" would
+    # arrive as "admin", another role than the token holds.
+    s = await sidecar(CONFIG)
+    await refused(s, "/orders", mint({"roles": roles}, key=rsa_key), Reason.UNSAFE_CLAIM)
+    assert s.upstream.seen == []
+
+
 @pytest.mark.parametrize("roles, sent", [
     (True, "true"), (False, "false"), (1, "1"), (0, "0"), (1e16, "1e+16"), (-0.0, "-0.0"), (2.5, "2.5"),
     (10 ** 30, str(10 ** 30)), (["a", 1, True, None], "a,1,true,null"), ({"k": "v"}, '{"k":"v"}'),

@@ -175,7 +175,13 @@ def _cookie_pairs(header: str) -> list[tuple[str, str]]:
     for part in header.replace(",", ";").split(";"):
         name, sep, value = part.partition("=")
         if sep:
-            pairs.append((_cookie_name(name), value.strip().strip('"')))
+            # OWS is SP and HTAB (RFC 6265 §4.2.1), not str.strip's Unicode whitespace (NBSP
+            # before a token is no part of a cookie's syntax); one pair of DQUOTEs may
+            # enclose a value, and an unbalanced or doubled quote is not a token (a 400).
+            value = value.strip(" \t")
+            if len(value) >= 2 and value[0] == value[-1] == '"':
+                value = value[1:-1]
+            pairs.append((_cookie_name(name), value))
     return pairs
 
 

@@ -300,3 +300,164 @@ async def test_claims_of_every_json_type_are_rendered_exactly(sidecar: Any, rsa_
     status, _, body = await get(s, "/orders", bearer(mint({"roles": roles}, key=rsa_key)))
     assert status == 200, body
     assert s.upstream.last().headers.get("x-user-roles") == [sent]
+
+
+def _header(**fields: Any) -> str:
+    return json.dumps({"alg": "RS256", "kid": "rsa-1", **fields})
+
+
+@pytest.mark.parametrize("header, reason", [
+    ('{"alg":"rs256","kid":"rsa-1"}', Reason.ALG_NOT_ALLOWED),
+    ('{"alg":"RS256 ","kid":"rsa-1"}', Reason.ALG_NOT_ALLOWED),
+    ('{"alg":"RS256\\u0000","kid":"rsa-1"}', Reason.ALG_NOT_ALLOWED),
+    ('{"alg":null,"kid":"rsa-1"}', Reason.ALG_NOT_ALLOWED),
+    ('{"alg":"RS256","kid":1}', Reason.MALFORMED),
+    ('{"alg":"RS256","kid":true}', Reason.MALFORMED),
+    ('{"alg":"RS256","kid":{"k":"rsa-1"}}', Reason.MALFORMED),
+    ('{"alg":"RS256","kid":["rsa-1"]}', Reason.MALFORMED),
+    ('{"alg":"RS256","kid":""}', Reason.UNKNOWN_KID),
+    ('{"alg":"RS256","kid":"rsa-1 "}', Reason.UNKNOWN_KID),
+    ('{"alg":"RS256","kid":"RSA-1"}', Reason.UNKNOWN_KID),
+    ('{"alg":"RS256","kid":"' + "k" * 5000 + '"}', Reason.UNKNOWN_KID),
+    (_header(crit=[]), Reason.CRIT),
+    (_header(crit="exp"), Reason.CRIT),
+    (_header(b64=True), Reason.CRIT),
+    ("[]", Reason.MALFORMED),
+    ('"RS256"', Reason.MALFORMED),
+    ("\ufeff" + _header(), Reason.MALFORMED),
+    (_header() + " x", Reason.MALFORMED),
+], ids=["alg-lower", "alg-trailing-space", "alg-nul", "alg-null", "kid-number", "kid-bool", "kid-object",
+        "kid-list", "kid-empty", "kid-trailing-space", "kid-other-case", "kid-long", "crit-empty", "crit-string",
+        "b64-true", "header-list", "header-string", "header-bom", "header-trailing-garbage"])
+async def test_a_header_trick_is_refused_for_its_reason(sidecar: Any, rsa_key: TestKey, header: str,
+                                                         reason: Reason) -> None:
+    s = await sidecar(CONFIG)
+    await refused(s, "/orders", signed_text(rsa_key, claims_text(), header=header), reason)
+    assert s.upstream.seen == []
+
+
+async def test_a_kid_of_null_is_no_kid(sidecar: Any, rsa_key: TestKey) -> None:
+    s = await sidecar(CONFIG)
+    status, _, _ = await get(s, "/orders", bearer(signed_text(rsa_key, claims_text(), header='{"alg":"RS256","kid":null}')))
+    assert status == 200
+
+
+@pytest.mark.parametrize("make", [
+    lambda k: "eyJhbGciOiJSUzI1NiJ9.e30",
+    lambda k: mint(key=k) + ".AAAA",
+    lambda k: mint(key=k) + "." + mint(key=k).split(".")[1] + ".x.y",
+    lambda k: "..",
+    lambda k: "...",
+    lambda k: ".".join(mint(key=k).split(".")[:2]) + ".",
+    lambda k: signed_text(k, json.dumps(mint(key=k)), header=_header(cty="JWT")),
+    lambda k: signed_text(k, "[" + claims_text() + "]"),
+    lambda k: signed_text(k, "\ufeff" + claims_text()),
+    lambda k: signed_text(k, claims_text() + "\x00"),
+], ids=["two-segments", "four-segments", "five-segments", "empty-segments", "four-empty", "no-signature",
+        "nested-jwt", "payload-list", "payload-bom", "payload-trailing-nul"])
+async def test_a_token_of_another_shape_is_a_401_never_forwarded(sidecar: Any, rsa_key: TestKey, make: Any) -> None:
+    s = await sidecar(CONFIG)
+    status, headers, _ = await get(s, "/orders", bearer(make(rsa_key)))
+    assert status == 401
+    assert headers["WWW-Authenticate"] in (challenge(Reason.MALFORMED), challenge(Reason.BAD_SIGNATURE))
+    assert s.upstream.seen == []
+
+
+SOURCES = f"""\
+realm: api
+upstream: {{url: "{{upstream}}", timeout: 2s, connect_timeout: 1s}}
+providers:
+  main:
+    issuer: {ISSUER}
+    audiences: [{AUDIENCE}]
+    jwks: {{url: "{{jwks}}", min_refresh_interval: 1s}}
+routes:
+  - {{name: cookie, match: {{path_prefix: /c}}, auth: {{provider: main}}, token_sources: [{{cookie: access_token}}]}}
+  - {{name: query, match: {{path_prefix: /q}}, auth: {{provider: main}}, token_sources: [{{query: access_token}}]}}
+  - name: header
+    match: {{path_prefix: /h}}
+    auth: {{provider: main}}
+    token_sources: [{{header: X-Api-Token, prefix: "Token "}}]
+  - {{name: api, match: {{path_prefix: /}}, auth: {{provider: main}}}}
+"""
+
+
+def _in_source(kind: str, text: str) -> tuple[str, list[tuple[str, str]]]:
+    if kind == "bearer":
+        return "/x", [("Authorization", f"Bearer {text}")]
+    if kind == "header":
+        return "/h/x", [("X-Api-Token", f"Token {text}")]
+    if kind == "cookie":
+        return "/c/x", [("Cookie", f"access_token={text}")]
+    return "/q/x?access_token=" + quote(text, safe=""), []
+
+
+STRAY = {
+    "zwsp-after": lambda t: t + "\u200b", "bom-before": lambda t: "\ufeff" + t,
+    "non-ascii-inside": lambda t: t[:10] + "\u00e9" + t[10:], "vt-after": lambda t: t + "\x0b",
+    "space-inside": lambda t: t[:10] + " " + t[10:], "tab-inside": lambda t: t[:10] + "\t" + t[10:],
+    "del-after": lambda t: t + "\x7f", "fullwidth-dot": lambda t: t.replace(".", "\uff0e", 1),
+    "comma-two": lambda t: t + "," + t, "semicolon-after": lambda t: t + ";", "nbsp-before": lambda t: "\u00a0" + t,
+}
+
+
+@pytest.mark.parametrize("kind, around", [
+    pytest.param(kind, around, id=f"{name}-{kind}") for kind in ("bearer", "header", "cookie", "query")
+    for name, around in STRAY.items()
+    if not (kind == "cookie" and name in ("comma-two", "semicolon-after"))  # ';' and ',' end a cookie pair
+])
+async def test_token_text_with_a_stray_character_is_never_accepted_nor_a_5xx(
+        sidecar: Any, rsa_key: TestKey, kind: str, around: Any) -> None:
+    s = await sidecar(SOURCES)
+    target, headers = _in_source(kind, around(mint(key=rsa_key)))
+    status, _, _ = await get(s, target, headers)
+    assert status in (400, 401), status
+    assert s.upstream.seen == []
+
+
+@pytest.mark.parametrize("kind", ["bearer", "header", "cookie", "query"])
+async def test_the_plain_token_passes_in_every_source(sidecar: Any, rsa_key: TestKey, kind: str) -> None:
+    s = await sidecar(SOURCES)
+    target, headers = _in_source(kind, mint(key=rsa_key))
+    status, _, _ = await get(s, target, headers)
+    assert status == 200 and len(s.upstream.seen) == 1
+
+
+@pytest.mark.parametrize("headers", [
+    [("Authorization", "Bearer {t}"), ("authorization", "Bearer {t}")],
+    [("authorization", "Basic dXNlcjpwYXNz"), ("AUTHORIZATION", "Bearer {t}")],
+    [("Authorization", "Bearer {t}"), ("Authorization", "")],
+    [("Authorization", ""), ("Authorization", "Bearer {t}")],
+], ids=["two-casings", "basic-and-bearer-casings", "bearer-then-empty", "empty-then-bearer"])
+async def test_authorization_twice_in_any_casing_is_a_400_on_every_route(
+        sidecar: Any, rsa_key: TestKey, headers: list[tuple[str, str]]) -> None:
+    s = await sidecar(SOURCES)
+    token = mint(key=rsa_key)
+    for target in ("/x", "/c/x", "/q/x?access_token=" + token):
+        status, _, _ = await get(s, target, [(k, v.format(t=token)) for k, v in headers])
+        assert status == 400, (target, status)
+    assert s.upstream.seen == []
+
+
+async def test_an_obs_folded_authorization_is_a_400(sidecar: Any, rsa_key: TestKey) -> None:
+    # RFC 9112 §5.2 lets a server reject obs-fold or unfold it; the parser rejects it, so a
+    # folded line never reaches the token check as some other text.
+    s = await sidecar(SOURCES)
+    token = mint(key=rsa_key)
+    for value in (f"Bearer\r\n {token}", f"Bearer {token}\r\n x", f"Bearer\r\n\t{token}"):
+        status, _, _ = await get(s, "/x", [("Authorization", value)])
+        assert status == 400, (value[:20], status)
+    assert s.upstream.seen == []
+
+
+@pytest.mark.parametrize("cookie, status", [
+    ('access_token="{t}"', 200), ("access_token= {t}\t", 200), ('access_token="{t}', 400), ('access_token={t}"', 400),
+    ('access_token=""{t}""', 400), ("access_token=\u00a0{t}", 400), ("access_token={t}\u3000", 400),
+], ids=["quoted", "ows", "open-quote", "close-quote", "doubled-quotes", "nbsp-before", "ideographic-space-after"])
+async def test_a_cookie_value_is_the_token_only_in_its_one_syntax(sidecar: Any, rsa_key: TestKey, cookie: str,
+                                                                  status: int) -> None:
+    # RFC 6265 §4.2.1: OWS is SP/HTAB, and one DQUOTE pair may enclose the value.
+    s = await sidecar(SOURCES)
+    got, _, _ = await get(s, "/c/x", [("Cookie", cookie.format(t=mint(key=rsa_key)))])
+    assert got == status
+    assert len(s.upstream.seen) == (status == 200)

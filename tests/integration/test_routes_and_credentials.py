@@ -217,6 +217,11 @@ async def test_what_follows_bearer_is_judged_exactly(
     pytest.param("/REPORT", 403, None, id="ignore-case-exact"),
     pytest.param("/REPORT/1", 200, "/REPORT/1", id="ignore-case-exact-is-exact"),
     pytest.param("/ADMIN/x", 200, "/ADMIN/x", id="case-sensitive-by-default"),
+    # Java's equalsIgnoreCase and .NET's OrdinalIgnoreCase fold U+017F (long s) to S, once
+    # the upstream has decoded the path: /op%C5%BF is /ops to it.
+    pytest.param("/op%C5%BF/x", 403, None, id="ignore-case-long-s-escaped"),
+    pytest.param("/op%c5%bf", 403, None, id="ignore-case-long-s-escaped-lower-hex"),
+    pytest.param("/op%C5%BFx", 200, "/op%C5%BFx", id="ignore-case-long-s-still-whole-segments"),
 ])
 async def test_which_route_judges_a_path(
         sidecar: Any, rsa_key: TestKey, target: str, status: int, arrives: str | None) -> None:

@@ -461,3 +461,42 @@ async def test_a_cookie_value_is_the_token_only_in_its_one_syntax(sidecar: Any, 
     got, _, _ = await get(s, "/c/x", [("Cookie", cookie.format(t=mint(key=rsa_key)))])
     assert got == status
     assert len(s.upstream.seen) == (status == 200)
+
+
+@pytest.mark.parametrize("claims, status", [
+    ({"scope": ["admin"]}, 200), ({"scp": ["read", "admin"]}, 200), ({"scp": "read admin"}, 200),
+    ({"scope": "read", "scp": ["admin"]}, 200),
+    ({"scope": [["admin"]]}, 403), ({"scope": {"admin": True}}, 403), ({"scope": ["read admin"]}, 403),
+    ({"scope": "read,admin"}, 403), ({"scope": "ADMIN"}, 403), ({"scope": "admin\u0000"}, 403),
+    ({"scope": True}, 403), ({"scope": 1}, 403), ({"scope": None}, 403), ({"scope": ""}, 403),
+    ({"scope": [1, True, None, {"a": "admin"}]}, 403), ({"scp": "admin\u200b"}, 403), ({"scope": "adm in"}, 403),
+], ids=["list", "scp-list", "scp-string", "scope-and-scp", "nested-list", "object", "list-item-with-space",
+        "comma", "other-case", "nul", "bool", "number", "null", "empty", "non-strings", "zwsp", "split-word"])
+async def test_a_scope_of_any_json_type_grants_admin_only_as_an_exact_scope_token(
+        sidecar: Any, rsa_key: TestKey, claims: dict[str, Any], status: int) -> None:
+    s = await sidecar(CONFIG)
+    got, headers, _ = await get(s, "/admin/x", bearer(mint(claims, key=rsa_key)))
+    assert got == status
+    assert len(s.upstream.seen) == (status == 200)
+
+
+@pytest.mark.parametrize("dates, status, reason", [
+    ('"exp":1e16', 200, None), ('"exp":{now}.5', 200, None), ('"exp":' + "9" * 300, 200, None),
+    ('"exp":-0.0', 401, Reason.EXPIRED), ('"exp":-1e308', 401, Reason.EXPIRED), ('"exp":0', 401, Reason.EXPIRED),
+    ('"exp":{later},"nbf":-1e308', 200, None), ('"exp":{later},"nbf":1e308', 401, Reason.NOT_YET_VALID),
+    ('"exp":{later},"iat":1e16', 401, Reason.ISSUED_IN_FUTURE), ('"exp":{later},"iat":-0.0', 200, None),
+], ids=["exp-1e16", "exp-fraction", "exp-300-digits", "exp-minus-zero", "exp-most-negative", "exp-zero",
+        "nbf-most-negative", "nbf-1e308", "iat-1e16", "iat-minus-zero"])
+async def test_numeric_dates_at_the_edges_of_a_double_compare_as_numbers(
+        sidecar: Any, rsa_key: TestKey, dates: str, status: int, reason: Reason | None) -> None:
+    s = await sidecar(CONFIG)
+    now = int(time.time())
+    text = f'{{"iss":"{ISSUER}","aud":"{AUDIENCE}","sub":"u",' + dates.format(now=now + 60, later=now + 300) + "}"
+    if status == 200:
+        for _ in range(2):  # and again from the cache
+            got, _, body = await get(s, "/orders", bearer(signed_text(rsa_key, text)))
+            assert got == 200, body
+    else:
+        assert reason is not None
+        await refused(s, "/orders", signed_text(rsa_key, text), reason)
+        assert s.upstream.seen == []

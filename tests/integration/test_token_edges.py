@@ -291,9 +291,10 @@ async def test_a_list_claim_item_with_surrounding_whitespace_is_unsafe(
 @pytest.mark.parametrize("roles, sent", [
     (True, "true"), (False, "false"), (1, "1"), (0, "0"), (1e16, "1e+16"), (-0.0, "-0.0"), (2.5, "2.5"),
     (10 ** 30, str(10 ** 30)), (["a", 1, True, None], "a,1,true,null"), ({"k": "v"}, '{"k":"v"}'),
-    ("é-ü", "é-ü"), ([], ""), (["", "a"], ",a"),
+    ("é-ü", "é-ü"), ([], ""), (["", "a"], ",a"), ({"a\r\nX-User-Id: admin": 1}, '{"a\\r\\nX-User-Id: admin":1}'),
+    ({"k": " v "}, '{"k":" v "}'),
 ], ids=["true", "false", "1", "0", "1e16", "-0.0", "2.5", "big-int", "mixed-list", "object", "non-ascii",
-        "empty-list", "empty-item"])
+        "empty-list", "empty-item", "object-key-with-crlf", "object-value-with-spaces"])
 async def test_claims_of_every_json_type_are_rendered_exactly(sidecar: Any, rsa_key: TestKey, roles: Any,
                                                               sent: str) -> None:
     s = await sidecar(CONFIG)

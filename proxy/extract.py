@@ -5,7 +5,8 @@ request that offers more than one (RFC 6750 §2: "Clients MUST NOT use more than
 method to transmit the token in each request"), a repeated Authorization field of any
 schemes (a singleton, RFC 9110 §11.6.2; checked on public routes too), or a malformed
 Bearer credential (400 invalid_request). Cookie and query names are compared as the most
-lenient upstream reads them (percent-decoded, any case). Also removes a query-parameter or
+lenient upstream reads them (percent-decoded, any case, ' ', '.' and '[' as '_'), and the
+query token's name after a ';' is refused (a separator to some servers). Also removes a query-parameter or
 cookie token before forwarding. Does not own: decoding or trusting the token.
 """
 
@@ -124,15 +125,36 @@ def _token68(value: str, where: str) -> str:
 _CHECKED: dict[str, None] = {}
 
 
+# PHP reads ' ', '.' and '[' in a query or cookie name as '_' ($_GET, $_COOKIE): `access.token`
+# is its `access_token`.
+_PHP_NAME = str.maketrans(" .[", "___")
+
+
+def _param_name(decoded: str) -> str:
+    """A decoded query or cookie name as the most lenient upstream reads it, for comparing."""
+    return decoded.lower().translate(_PHP_NAME)
+
+
 def query_values(query: MultiMapping[str], name: str) -> list[str]:
     """Every value of query parameter `name`, its name compared after decoding and in any case.
 
     yarl has decoded the names (`access%5Ftoken` is `access_token`); case is folded here
     because ASP.NET and others read query names case-insensitively, so `ACCESS_TOKEN=…` next
-    to our token is a second token to them, and alone it is the token.
+    to our token is a second token to them, and alone it is the token; ' ', '.' and '[' are
+    read as '_' as PHP reads them. The name after a ';' inside a parameter (Go before 1.17
+    and Python before 3.9.2 split on ';' too) is a 400: we would neither verify nor remove it.
     """
-    low = name.lower()
-    return [value for key, value in query.items() if key.lower() == low]
+    low = _param_name(name)
+    found = []
+    for key, value in query.items():
+        if _param_name(key) == low:
+            found.append(value)
+        if ";" in key or ";" in value:
+            for part in f"{key}={value}".split(";")[1:]:
+                if _param_name(part.partition("=")[0].strip()) == low:
+                    raise InvalidRequest(Reason.MALFORMED_REQUEST,
+                                         f"query parameter {name} follows a ';' (a separator to some servers)")
+    return found
 
 
 def without_query_param(raw_query: str, name: str) -> str:
@@ -140,8 +162,8 @@ def without_query_param(raw_query: str, name: str) -> str:
     byte for byte as sent."""
     if not raw_query:
         return raw_query
-    low = name.lower()
-    kept = [part for part in raw_query.split("&") if unquote_plus(part.split("=", 1)[0]).lower() != low]
+    low = _param_name(name)
+    kept = [part for part in raw_query.split("&") if _param_name(unquote_plus(part.split("=", 1)[0])) != low]
     return "&".join(kept)
 
 
@@ -153,7 +175,13 @@ def _cookie_pairs(header: str) -> list[tuple[str, str]]:
     for part in header.replace(",", ";").split(";"):
         name, sep, value = part.partition("=")
         if sep:
-            pairs.append((_cookie_name(name), value.strip().strip('"')))
+            # OWS is SP and HTAB (RFC 6265 §4.2.1), not str.strip's Unicode whitespace (NBSP
+            # before a token is no part of a cookie's syntax); one pair of DQUOTEs may
+            # enclose a value, and an unbalanced or doubled quote is not a token (a 400).
+            value = value.strip(" \t")
+            if len(value) >= 2 and value[0] == value[-1] == '"':
+                value = value[1:-1]
+            pairs.append((_cookie_name(name), value))
     return pairs
 
 
@@ -163,17 +191,17 @@ def _cookie_name(name: str) -> str:
     # are the token cookie to them: here too (found, counted and removed), never a second,
     # unchecked token that the upstream reads. Compared lower-cased.
     name = name.strip()
-    return (unquote(name) if "%" in name else name).lower()
+    return _param_name(unquote(name) if "%" in name else name)
 
 
 def cookie_values(headers: Fields, name: str) -> list[str]:
     """Every value of cookie `name` across all Cookie headers (two are two tokens, not one)."""
-    low = name.lower()
+    low = _param_name(name)
     return [value for header in headers.getall("Cookie", ()) for key, value in _cookie_pairs(header) if key == low]
 
 
 def without_cookie(cookie_header: str, name: str) -> str:
     """A Cookie header value (RFC 6265 §5.4) without the named cookie."""
     kept = [part.strip() for part in cookie_header.replace(",", ";").split(";")
-            if part.strip() and _cookie_name(part.partition("=")[0]) != name.lower()]
+            if part.strip() and _cookie_name(part.partition("=")[0]) != _param_name(name)]
     return "; ".join(kept)

@@ -217,10 +217,15 @@ def render_claim(value: Any) -> str | None:
     else:
         try:
             if isinstance(value, list):
-                if any(isinstance(v, str) and "," in v for v in value):
-                    # ["dev,admin"] would read upstream as two roles, dev and admin.
-                    raise InvalidToken(Reason.UNSAFE_CLAIM, "a list claim item holds the ',' that joins items")
-                text = ",".join(v if isinstance(v, str) else _JSON(v) for v in value)
+                items = [v if isinstance(v, str) else _JSON(v) for v in value]
+                # The upstream splits the field on ',' and trims SP/HTAB around each item
+                # (RFC 9110 §5.6.1): ["dev,admin"] would read as dev and admin, [[0,5]] (JSON
+                # "[0,5]") as "[0" and "5]", [{"a":[1,2,3]}] as a bare "2", and " admin" as
+                # admin. Each item must arrive as one item, exactly.
+                if any("," in item or item != item.strip(" \t") for item in items):
+                    raise InvalidToken(Reason.UNSAFE_CLAIM,
+                                       "a list claim item holds the ',' that joins items, or surrounding whitespace")
+                text = ",".join(items)
             else:
                 text = _JSON(value)
         except (ValueError, RecursionError) as error:

@@ -4,7 +4,7 @@ Owns: RFC 3986 path normalisation (unreserved percent-escapes decoded, dot segme
 repeated slashes merged), the refusals that keep the router and the upstream from ever
 disagreeing about a path (`%2F`, `%5C`, NUL, `\\`, `..;`, climbing above the root), and
 first-match routing (prefixes on whole segments, `ignore_case` folding the path for matching
-only). The normalised path is what the upstream receives. Does not own:
+only, as Java's and .NET's case-insensitive comparisons fold it: `_fold`). The normalised path is what the upstream receives. Does not own:
 tokens, headers or the query string (kept exactly as sent).
 """
 
@@ -26,6 +26,28 @@ _HEX = frozenset(string.hexdigits)
 _FORBIDDEN_BYTES = {0x2F: "%2F (an encoded /)", 0x5C: "%5C (an encoded \\)", 0x00: "%00 (NUL)"}
 # Anything that could need work; a plain path like /api/v1/orders skips all of it.
 _NEEDS_WORK = re.compile(r"[%;\\\x00-\x20\x7f]|//|/\.|\.$")
+
+
+# The letters outside ASCII that case-insensitive upstreams fold onto ASCII ones: Java's
+# equalsIgnoreCase (Spring) and .NET's OrdinalIgnoreCase (IIS) compare a character's upper
+# and lower case, so İ (U+0130) and ı (U+0131) are i, ſ (U+017F) is s, the Kelvin sign
+# (U+212A) is k, raw or (once the upstream decodes the path) percent-encoded in UTF-8.
+# str.lower() leaves ı and ſ alone and makes İ two characters: `/adm%C4%B1n` would miss an
+# ignore_case `/admin` route and reach the upstream's admin pages by a weaker route.
+_RAW_FOLD = str.maketrans({"\u0130": "i", "\u0131": "i", "\u017f": "s", "\u212a": "k"})
+_ESCAPED_FOLD = (("%c4%b0", "i"), ("%c4%b1", "i"), ("%c5%bf", "s"), ("%e2%84%aa", "k"))
+
+
+def _fold(path: str) -> str:
+    """A path as a case-insensitive upstream compares it, for ignore_case matching only."""
+    if path.isascii():
+        folded = path.lower()
+    else:
+        folded = path.translate(_RAW_FOLD).lower()
+    if "%" in folded:
+        for escaped, letter in _ESCAPED_FOLD:
+            folded = folded.replace(escaped, letter)
+    return folded
 
 
 def _bad(detail: str) -> BadRequest:
@@ -128,14 +150,15 @@ class Router:
                 pattern = m.path_regex
                 if fold and not pattern.flags & re.IGNORECASE:
                     pattern = re.compile(pattern.pattern, pattern.flags | re.IGNORECASE)
-                # The regex sees the path as sent; IGNORECASE does the folding for it.
-                table.append((3, m.methods, pattern, "", False, route))
+                # The regex sees the folded path (escaped ı, ſ... as their ASCII letters),
+                # IGNORECASE doing the rest of the folding; without ignore_case, the path.
+                table.append((3, m.methods, pattern, "", fold, route))
         self._table = tuple(table)
         self._fold = any(entry[4] for entry in table)
 
     def match(self, method: str, path: str) -> Route | None:
         """The route for a normalised path, or None (a 404)."""
-        folded = path.lower() if self._fold else path
+        folded = _fold(path) if self._fold else path
         for kind, methods, value, below, fold, route in self._table:
             if methods is not None and method not in methods:
                 continue
@@ -148,6 +171,6 @@ class Router:
             elif kind == 2:
                 if (folded if fold else path) == value:
                     return route
-            elif value.search(path) is not None:
+            elif value.search(folded if fold else path) is not None:
                 return route
         return None

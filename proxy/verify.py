@@ -22,6 +22,7 @@ from __future__ import annotations
 import binascii
 import json
 import math
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -306,7 +307,15 @@ def parse_payload(raw: bytes) -> dict[str, Any]:
 
 # -- claims ------------------------------------------------------------------------------
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    # bool is an int to Python and no JSON number; an int beyond a double (10**400, which JSON
+    # allows and Python reads exactly) makes math.isfinite raise OverflowError: neither is a
+    # NumericDate we can compare with the clock.
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return type(value) is int and -_DOUBLE_MAX <= value <= _DOUBLE_MAX
+
+
+_DOUBLE_MAX = int(sys.float_info.max)
 
 
 def _check_dates_are_numbers(payload: Mapping[str, Any], provider: Provider, now: float) -> None:

@@ -110,6 +110,14 @@ TWICE_ELSEWHERE = [
     pytest.param("/q/x?access_token={t}&access%5ftoken={t}", [], id="query-percent-encoded-name"),
     pytest.param("/q/x?access_token={t}&%61ccess_token={t}", [], id="query-encoded-first-letter"),
     pytest.param("/q/x?access_token={t}&Access_Token={t}", [], id="query-other-case"),
+    # PHP reads '.', ' ' and '[' in a query or cookie name as '_' ($_GET, $_COOKIE):
+    # `access.token` is a second access_token to it.
+    pytest.param("/c/x", [("Cookie", "access_token={t}; access.token={t}")], id="cookie-dot-for-underscore"),
+    pytest.param("/c/x", [("Cookie", "access_token={t}; access%20token={t}")], id="cookie-space-for-underscore"),
+    pytest.param("/q/x?access_token={t}&access.token={t}", [], id="query-dot-for-underscore"),
+    pytest.param("/q/x?access_token={t}&access+token={t}", [], id="query-plus-for-underscore"),
+    pytest.param("/q/x?access_token={t}&access%20token={t}", [], id="query-space-for-underscore"),
+    pytest.param("/q/x?access_token={t}&access[token={t}", [], id="query-bracket-for-underscore"),
 ]
 
 
@@ -127,6 +135,8 @@ async def test_a_cookie_or_query_token_source_twice_is_a_400(
 @pytest.mark.parametrize(("target", "headers", "arrives"), [
     pytest.param("/c/x", [("Cookie", "lang=en; ACCESS%5FTOKEN={t}")], ("cookie", ["lang=en"]), id="cookie"),
     pytest.param("/q/x?a=1&Access_Token={t}", [], ("raw_path", "/q/x?a=1"), id="query"),
+    pytest.param("/c/x", [("Cookie", "lang=en; access.token={t}")], ("cookie", ["lang=en"]), id="cookie-php-name"),
+    pytest.param("/q/x?access.token={t}&a=1", [], ("raw_path", "/q/x?a=1"), id="query-php-name"),
 ])
 async def test_a_token_under_another_spelling_of_its_name_is_verified_and_removed(
         sidecar: Any, rsa_key: TestKey, target: str, headers: list[tuple[str, str]], arrives: tuple[str, Any]) -> None:
@@ -137,6 +147,22 @@ async def test_a_token_under_another_spelling_of_its_name_is_verified_and_remove
     seen = s.upstream.last()
     what, value = arrives
     assert (seen.raw_path if what == "raw_path" else seen.headers.get(what)) == value
+
+
+@pytest.mark.parametrize("target", [
+    "/q/x?access_token={t}&a=1;access_token={t}", "/q/x?a=1;access_token={t}", "/q/x?a;access_token={t}",
+    "/q/x?access_token={t};a=1&b=2;ACCESS.TOKEN=x",
+], ids=["second-after-semicolon", "only-after-semicolon", "in-a-name", "other-spelling-after-semicolon"])
+async def test_the_query_token_name_after_a_semicolon_is_a_400(sidecar: Any, rsa_key: TestKey, target: str) -> None:
+    # Go before 1.17 and Python before 3.9.2 split a query on ';' as well as '&': there
+    # `a=1;access_token=…` is a token parameter that we would neither verify nor remove.
+    s = await sidecar(CONFIG)
+    status, got = await send(s, target.format(t=mint(key=rsa_key)), [])
+    assert status == 400
+    assert got["WWW-Authenticate"] == MALFORMED
+    assert s.upstream.seen == []
+    status, _ = await send(s, "/q/x?a=1;b=2&access_token=" + mint(key=rsa_key), [])
+    assert status == 200 and s.upstream.last().raw_path == "/q/x?a=1;b=2", "another ';' is no concern of ours"
 
 
 # -- 6. Bearer, then one or more spaces --------------------------------------------------------
@@ -191,6 +217,11 @@ async def test_what_follows_bearer_is_judged_exactly(
     pytest.param("/REPORT", 403, None, id="ignore-case-exact"),
     pytest.param("/REPORT/1", 200, "/REPORT/1", id="ignore-case-exact-is-exact"),
     pytest.param("/ADMIN/x", 200, "/ADMIN/x", id="case-sensitive-by-default"),
+    # Java's equalsIgnoreCase and .NET's OrdinalIgnoreCase fold U+017F (long s) to S, once
+    # the upstream has decoded the path: /op%C5%BF is /ops to it.
+    pytest.param("/op%C5%BF/x", 403, None, id="ignore-case-long-s-escaped"),
+    pytest.param("/op%c5%bf", 403, None, id="ignore-case-long-s-escaped-lower-hex"),
+    pytest.param("/op%C5%BFx", 200, "/op%C5%BFx", id="ignore-case-long-s-still-whole-segments"),
 ])
 async def test_which_route_judges_a_path(
         sidecar: Any, rsa_key: TestKey, target: str, status: int, arrives: str | None) -> None:

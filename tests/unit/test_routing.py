@@ -120,6 +120,28 @@ def test_ignore_case_for_exact_and_regex_and_its_absence() -> None:
     assert router.match("GET", "/Strict").name == "strict"
 
 
+@pytest.mark.parametrize("path, expected", [
+    ("/adm%C4%B1n/x", "admin"), ("/ADM%C4%B0N", "admin"), ("/%E2%84%AAit", "kit"), ("/adm\u0131n/x", "admin"),
+    ("/ADM\u0130N", "admin"), ("/\u212Ait", "kit"), ("/k\u0131t/x", "kit"), ("/v1/%C5%BFtatus", "status"),
+    ("/v1/\u017ftatus", "status"), ("/KI%C5%BF", "kis"), ("/kit%C5%BF", "rest"), ("/adm%C4%B1nistrator", "rest"),
+    ("/adm%C3%ADn", "rest"),
+], ids=["dotless-i-escaped", "dotted-I-escaped", "kelvin-escaped", "dotless-i-raw", "dotted-I-raw", "kelvin-raw",
+        "kit-dotless", "regex-long-s-escaped", "regex-long-s-raw", "exact-long-s", "still-whole-segments",
+        "longer-segment", "i-acute-is-another-letter"])
+def test_ignore_case_folds_the_letters_case_insensitive_upstreams_fold_to_ascii(path: str, expected: str) -> None:
+    # Java's equalsIgnoreCase (Spring), .NET's OrdinalIgnoreCase (IIS) compare per character
+    # through upper and lower case: ı and İ are i, ſ is s, the Kelvin sign is k, once the
+    # upstream has decoded the path. str.lower() leaves ı and ſ as they are.
+    router = Router([
+        route("admin", path_prefix="/admin", ignore_case=True),
+        route("kit", path_prefix="/kit", ignore_case=True),
+        route("kis", path_exact="/kis", ignore_case=True),
+        route("status", path_regex=re.compile(r"^/v[0-9]+/status$"), ignore_case=True),
+        route("rest", path_prefix="/"),
+    ])
+    assert router.match("GET", path).name == expected
+
+
 def test_ignore_case_routes_and_case_sensitive_routes_mix_in_order() -> None:
     router = Router([
         route("exact-case", path_prefix="/Docs"),

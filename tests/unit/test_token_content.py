@@ -132,11 +132,14 @@ def test_a_claim_is_rendered_exactly_or_refused_as_unsafe(value: Any) -> None:
     elif isinstance(value, bool):
         expected = "true" if value else "false"
     elif isinstance(value, list):
-        if any(isinstance(v, str) and "," in v for v in value) or not _has_utf8_form(value):
+        parts = [v if isinstance(v, str) else json.dumps(v, separators=(",", ":"), ensure_ascii=False)
+                 for v in value]
+        # An item must reach the upstream as one item: no ',' inside (a string's, or a nested
+        # list's or object's JSON), no SP/HTAB around it (a list parser trims them).
+        if any("," in p or p != p.strip(" \t") for p in parts) or not _has_utf8_form(value):
             expected = None
         else:
-            joined = ",".join(v if isinstance(v, str) else json.dumps(v, separators=(",", ":"), ensure_ascii=False)
-                              for v in value)
+            joined = ",".join(parts)
             expected = joined if _field_safe(joined) else None
     else:
         # JSON escapes C0 controls but not DEL, which no header value may hold either.
@@ -153,6 +156,11 @@ def test_a_claim_is_rendered_exactly_or_refused_as_unsafe(value: Any) -> None:
         assert _strict_loads(wire.decode("utf-8")) == value
     if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
         assert wire.decode("utf-8").split(",") == value
+    if isinstance(value, list) and value:
+        # As a list-field parser reads it (RFC 9110 §5.6.1): one item per claim item, exactly.
+        items = [item.strip(" \t") for item in wire.decode("utf-8").split(",")]
+        assert items == [v if isinstance(v, str) else json.dumps(v, separators=(",", ":"), ensure_ascii=False)
+                         for v in value]
 
 
 @pytest.mark.parametrize("value", [

@@ -435,3 +435,67 @@ async def test_a_tunnel_open_at_shutdown_is_cut_and_uncounted(sidecar: Any, rsa_
     writer.close()
     assert closed
     await eventually(lambda: counts.open == 0, 3.0)
+
+
+@pytest.mark.parametrize("trailer", [b"X-Trailer: t", b"Set-Cookie: session=attacker", b"X-User-Id: root",
+                                     b"Transfer-Encoding: chunked", b"Connection: keep-alive"])
+@bounded
+async def test_an_upstream_trailer_field_never_becomes_a_header_field_of_the_answer(
+        sidecar: Any, raw_upstream: Any, trailer: bytes) -> None:
+    """RFC 9110 §6.5.1: trailer fields are not merged into the head. They were: `Set-Cookie`
+    in the trailer became a cookie, and `Content-Length: 50` reframed a 2-byte answer as a
+    chunked one cut short."""
+    upstream = await raw_upstream(fixed(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n"
+                                        + trailer + b"\r\n\r\n", OK))
+    s = await sidecar(RAW_CONFIG, raw=upstream.url)
+    raw = await send_raw(s, b"GET /public/x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", timeout=3.0)
+    answer = first_response(raw)
+    assert (answer.status, answer.body) == (200, b"ok"), raw[:300]
+    assert answer.headers.get("Content-Length") == "2"
+    assert trailer.split(b":")[0].decode() not in {k for k in answer.headers if k not in ("Content-Length", "Connection")}
+    assert trailer not in raw
+
+
+@pytest.mark.parametrize("trailer", [b"Content-Length: 50", b"Content-Length: nope"])
+@bounded
+async def test_a_content_length_in_an_upstream_trailer_never_reframes_the_answer(
+        sidecar: Any, raw_upstream: Any, trailer: bytes) -> None:
+    """llhttp refuses a Content-Length in a chunked message's trailer: the answer whose head
+    already went out is cut (a chunked body without its last chunk, then close), never ended
+    as if complete, and the connection is not reused."""
+    upstream = await raw_upstream(fixed(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n"
+                                        + trailer + b"\r\n\r\n", OK))
+    s = await sidecar(RAW_CONFIG, raw=upstream.url)
+    raw = await send_raw(s, b"GET /public/x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", timeout=3.0)
+    answer = first_response(raw)
+    assert answer.status == 502 or (answer.headers.get("Transfer-Encoding") == "chunked"
+                                    and not raw.endswith(b"0\r\n\r\n")), raw[:300]
+    assert trailer not in raw and "Content-Length" not in answer.headers
+    after = first_response(await send_raw(s, b"GET /public/y HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"))
+    assert (after.status, after.body) == (200, b"ok")
+    assert len(upstream.conns) == 2
+
+
+@bounded
+async def test_an_endless_upstream_trailer_field_is_cut_by_its_size(sidecar: Any, raw_upstream: Any) -> None:
+    """httptools holds a field until it ends: a trailer field that never ends, after the last
+    chunk, is refused by the bytes that came (as an endless head is), not held without bound."""
+
+    async def answer(conn: Any, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\nX-Endless: ")
+        with suppress(ConnectionError):
+            for _ in range(64):  # 4 MiB at most
+                writer.write(b"a" * 65536)
+                await writer.drain()
+
+    upstream = await raw_upstream(answer)
+    s = await sidecar(RAW_CONFIG, raw=upstream.url)
+    reader, writer = await open_client(s)
+    writer.write(b"GET /public/x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    # Well before the upstream read timeout (2 s): cut by size. The head may have gone out
+    # already (the answer is streamed): then the cut shows as a chunked body without its end.
+    raw, closed = await read_to_end(reader, 1.2)
+    writer.close()
+    assert closed, raw[:300]
+    answer = first_response(raw)
+    assert answer.status == 502 or (answer.status == 200 and not raw.endswith(b"0\r\n\r\n")), raw[:300]

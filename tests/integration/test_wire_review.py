@@ -499,3 +499,17 @@ async def test_an_endless_upstream_trailer_field_is_cut_by_its_size(sidecar: Any
     assert closed, raw[:300]
     answer = first_response(raw)
     assert answer.status == 502 or (answer.status == 200 and not raw.endswith(b"0\r\n\r\n")), raw[:300]
+
+
+@bounded
+async def test_a_refused_handshakes_trailer_fields_never_join_its_head(sidecar: Any, raw_upstream: Any) -> None:
+    """The WebSocket side (`_Tunnel`) read a chunked refusal's trailer fields into its head."""
+    upstream = await raw_upstream(fixed(b"HTTP/1.1 403 Forbidden\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                        b"2\r\nno\r\n0\r\nSet-Cookie: session=attacker\r\nX-Trailer: t\r\n\r\n"))
+    s = await sidecar(RAW_CONFIG, raw=upstream.url)
+    raw = await send_raw(s, b"GET /public/ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+                            b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+                         timeout=2.0)
+    answer = first_response(raw)
+    assert answer.status == 403, raw[:300]
+    assert b"session=attacker" not in raw and b"X-Trailer" not in raw

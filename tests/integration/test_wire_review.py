@@ -513,3 +513,77 @@ async def test_a_refused_handshakes_trailer_fields_never_join_its_head(sidecar: 
     answer = first_response(raw)
     assert answer.status == 403, raw[:300]
     assert b"session=attacker" not in raw and b"X-Trailer" not in raw
+
+
+@bounded
+async def test_pipelined_requests_sent_before_a_drain_are_all_answered_the_last_with_close(sidecar: Any) -> None:
+    """Requests already on an established connection when the drain starts (pipelined, some
+    parsed and some still unread) are answered; only the last answer says `Connection: close`."""
+    s = await sidecar()
+    server = s.proxy.server()
+    await server.listen("127.0.0.1", 0)
+    try:
+        reader, writer = await open_client(server_url(server))
+        writer.write(b"GET /public/warm HTTP/1.1\r\nHost: x\r\n\r\n")
+        warm = responses(await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 3.0))
+        await asyncio.wait_for(reader.readexactly(int(warm[0].headers["Content-Length"])), 1.0)
+        server.start_drain()
+        many = b"".join(f"GET /public/p{n} HTTP/1.1\r\nHost: x\r\n\r\n".encode() for n in range(40))
+        writer.write(many)
+        raw, closed = await read_to_end(reader, 4.0)
+        writer.close()
+        assert closed
+        got = responses(raw)
+        assert [r.status for r in got] == [200] * 40, raw[-400:]
+        assert [r.headers.get("Connection") for r in got][-1] == "close"
+        assert all(r.headers.get("Connection") != "close" for r in got[-40:-1])
+    finally:
+        await server.shutdown(0)
+
+
+# -- 5. no request makes a 500 of ours --------------------------------------------------------------
+@pytest.mark.parametrize("data", [
+    b"GET http://sidecar.test/public/a HTTP/1.1\r\nHost: sidecar.test\r\n\r\n",
+    b"GET http://other.test:99/orders HTTP/1.1\r\nHost: sidecar.test\r\n\r\n",
+    b"GET * HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET /public/a#frag HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET /public/%00%ff%c0%af/../../orders HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET /public/\xff\xfe HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET /public/a?\xff=\xfe&%zz HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"get /public/a HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"FOO /public/a HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET /public/a HTTP/1.1\r\nHost:\r\n\r\n",
+    b"GET /public/a HTTP/1.1\r\nHost: a b\r\n\r\n",
+    b"GET /public/a HTTP/1.1\r\nHost: \xff\xfe\r\n\r\n",
+    b"GET /public/a HTTP/1.1\r\nHost: x\r\nX-A: \xff\xfe\x80\r\n\r\n",
+    b"GET /public/a HTTP/1.1\r\nHost: x\r\nX-A: a\x00b\r\n\r\n",
+    b"GET /public/a HTTP/1.1\r\nHost: x\r\nX-A: a\x7fb\r\n\r\n",
+    b"GET /public/a HTTP/1.1\r\nHost: x\r\n\xff: 1\r\n\r\n",
+    b"GET /public/a HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc",
+    b"GET /orders HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xff\xfe.\x80.\x81\r\n\r\n",
+    b"GET /orders HTTP/1.1\r\nHost: x\r\nAuthorization: \r\n\r\n",
+    b"GET /orders HTTP/1.1\r\nHost: x\r\nCookie: \xff=\xfe; ;;=\r\n\r\n",
+    b"GET /public/a HTTP/1.1\r\nHost: x\r\nConnection: \xff, close\r\n\r\n",
+    b"GET /public/a HTTP/1.1\r\nHost: x\r\nConnection: Host, X-Forwarded-For, Authorization\r\n\r\n",
+    b"GET /public/a HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\r\n",
+    b"GET /public/a HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: \xff\r\n\r\n",
+    b"POST /public/a HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 0\r\n\r\n",
+    b"POST /public/a HTTP/1.1\r\nHost: x\r\nExpect: \xff\r\nContent-Length: 1\r\n\r\na",
+    b"GET /public/a HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: \xff, 999.1.1.1, ::zz\r\n\r\n",
+    b"GET /public/a HTTP/1.1\r\nHost: x\r\nX-Request-Id: \xff\x80\r\n\r\n",
+    b"GET /public/a HTTP/1.1\r\nHost: x\r\nX-Request-Id: " + b"r" * 8000 + b"\r\n\r\n",
+    b"GET /public/a HTTP/1.1\r\nHost: [::1\r\n\r\n",
+    b"GET /public/a HTTP/1.1\r\nHost: x:99999999999\r\n\r\n",
+    b"GET //public/a HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET /public/a HTTP/1.1\r\nHost: x\r\nTE: trailers\r\nTrailer: X-A\r\n\r\n",
+])
+@bounded
+async def test_no_request_gets_a_500_of_ours(sidecar: Any, data: bytes, caplog: Any) -> None:
+    s = await sidecar()
+    raw = await send_raw(s, data[:-2] + b"Connection: close\r\n\r\n" if data.endswith(b"\r\n\r\n") else data,
+                         timeout=2.0)
+    got = [r.status for r in responses(raw)]
+    assert got, raw[:300]
+    assert all(status < 500 or status in (501, 505) for status in got), raw[:400]
+    assert "Traceback" not in caplog.text and "Unhandled" not in caplog.text

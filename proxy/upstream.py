@@ -4,7 +4,8 @@ Owns: per-origin pools of idle keep-alive connections (LIFO reuse, a cap, an idl
 writing one request (the head in one write, the body streamed with `Content-Length` or
 chunked, awaiting the transport's drain); parsing the answer with llhttp (through
 `httptools.HttpResponseParser`): 1xx interim answers skipped, bodiless answers (HEAD, 204,
-304) recognised, chunked and close-delimited bodies, any other transfer coding refused;
+304) recognised, chunked and close-delimited bodies, any other transfer coding refused,
+a chunked answer's trailer fields dropped (never merged into its head, RFC 9110 §6.5.1);
 keeping one client's answer from another: a connection whose answer's framing is in doubt
 is never reused, a byte no request asked for closes it and makes its origin distrusted
 (no reuse for `_DISTRUST`), an idle socket is checked for unread bytes before reuse, and a

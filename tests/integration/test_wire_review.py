@@ -336,6 +336,17 @@ async def test_a_content_length_with_leading_zeros_is_its_number(sidecar: Any, v
     pytest.param("GET", b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok", 200, id="http10-answer"),
     pytest.param("GET", b"HTTP/1.1 999 Weird\r\nContent-Length: 2\r\n\r\nok", None, id="status-999"),
     pytest.param("GET", b"HTTP/1.1 200 OK\r\n X-Folded: 1\r\nContent-Length: 2\r\n\r\nok", None, id="leading-fold"),
+    pytest.param("GET", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nfffffffffffffffffff\r\nok\r\n0\r\n\r\n",
+                 None, id="chunk-size-overflow"),
+    pytest.param("GET", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2;" + b"e" * 70000 + b"\r\nok\r\n0\r\n\r\n",
+                 None, id="long-chunk-extension"),
+    pytest.param("GET", b"HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n", None,
+                 id="chunked-http10-answer"),
+    pytest.param("GET", b"HTTP/1.1 100 Continue\r\nContent-Length: 5\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n"
+                 b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", 200, id="1xx-with-length-then-103"),
+    pytest.param("GET", b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok\r\n", 200, id="CRLF-after-body"),
+    pytest.param("GET", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+                 None, id="chunked-twice"),
 ])
 @bounded
 async def test_an_anomalous_upstream_answer_never_reaches_another_client_nor_makes_a_500(

@@ -598,3 +598,24 @@ async def test_no_request_gets_a_500_of_ours(sidecar: Any, data: bytes, caplog: 
     assert got, raw[:300]
     assert all(status < 500 or status in (501, 505) for status in got), raw[:400]
     assert "Traceback" not in caplog.text and "Unhandled" not in caplog.text
+
+
+@bounded
+async def test_an_upstream_trailer_in_a_later_read_is_dropped_too(sidecar: Any, raw_upstream: Any) -> None:
+    """The trailer section arriving on its own, after the head and the content: still no header."""
+
+    async def answer(conn: Any, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.2)
+        writer.write(b"Set-Cookie: session=attacker\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.1)
+        writer.write(b"\r\n")
+
+    upstream = await raw_upstream(answer)
+    s = await sidecar(RAW_CONFIG, raw=upstream.url)
+    raw = await send_raw(s, b"GET /public/x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", timeout=3.0)
+    answer_ = first_response(raw)
+    assert answer_.status == 200 and b"session=attacker" not in raw, raw[:300]
+    assert raw.endswith(b"ok") or raw.endswith(b"0\r\n\r\n"), raw[-50:]

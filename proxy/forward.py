@@ -323,6 +323,8 @@ class _Tunnel(asyncio.Protocol):
         self.reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self.status >= 200:
+            return  # a trailer field of a chunked refusal: never merged into its head (RFC 9110 §6.5.1)
         self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:

@@ -4,7 +4,8 @@ Owns: per-origin pools of idle keep-alive connections (LIFO reuse, a cap, an idl
 writing one request (the head in one write, the body streamed with `Content-Length` or
 chunked, awaiting the transport's drain); parsing the answer with llhttp (through
 `httptools.HttpResponseParser`): 1xx interim answers skipped, bodiless answers (HEAD, 204,
-304) recognised, chunked and close-delimited bodies, any other transfer coding refused;
+304) recognised, chunked and close-delimited bodies, any other transfer coding refused,
+a chunked answer's trailer fields dropped (never merged into its head, RFC 9110 §6.5.1);
 keeping one client's answer from another: a connection whose answer's framing is in doubt
 is never reused, a byte no request asked for closes it and makes its origin distrusted
 (no reuse for `_DISTRUST`), an idle socket is checked for unread bytes before reuse, and a
@@ -271,12 +272,15 @@ class _Connection(asyncio.BufferedProtocol):
                 self._transport.abort()
             return
         self._got_bytes = True
-        if not self._head_done:
+        if not self._head_done or self._chunked:
             # httptools holds a header field until it ends: an upstream that never ends one
             # would grow this process without bound (the read timeout bounds time, not bytes).
+            # The same goes for a chunked answer's trailer fields: there, what counts is what
+            # came since the last byte of content (`on_body` starts the count again).
             self._head_bytes += len(data)
             if self._head_bytes > _MAX_HEAD:
-                self._fail(UpstreamProtocolError("response head too large"))
+                self._fail(UpstreamProtocolError("response head too large" if not self._head_done
+                                                 else "response trailer section too large"))
                 self._wake()
                 return
         try:
@@ -314,6 +318,11 @@ class _Connection(asyncio.BufferedProtocol):
         self._reason += reason  # llhttp may deliver the reason phrase in pieces
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self._head_done:
+            # A trailer field of a chunked answer (llhttp reports them like header fields). It
+            # must not join the head (RFC 9110 §6.5.1): a `Content-Length` here would reframe
+            # the answer, a `Set-Cookie` would become a cookie. We relay no trailers: dropped.
+            return
         size = len(name)
         if size == 14 and name.lower() == b"content-length":
             self._length = int(value)  # llhttp has already refused non-digits and duplicates
@@ -378,6 +387,7 @@ class _Connection(asyncio.BufferedProtocol):
             return
         if self._interim:
             return  # content on a 1xx (which has none, RFC 9110 §15.2) is not the answer's
+        self._head_bytes = 0
         self._chunks.append(body)
         self._buffered += len(body)
         if self._buffered > self._mark and not self._reading_paused:

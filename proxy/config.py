@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
-from . import routecheck
+from . import routecheck, settings
 from .errors import ConfigError, ConfigIssue
 from .jwks import (
     ASYMMETRIC_ALGORITHMS,
@@ -60,28 +60,8 @@ from .settings import (
 )
 from .yamlsource import Issues, Section, load_yaml
 
-__all__ = [
-    "BEARER",
-    "ClaimHeader",
-    "ClaimRule",
-    "HeaderMap",
-    "Listen",
-    "StripSettings",
-    "TokenSource",
-    "Upstream",
-    "Provider",
-    "RemoteJwks",
-    "Route",
-    "RouteAuth",
-    "RouteMatch",
-    "ScopeRule",
-    "Settings",
-    "StaticKeys",
-    "TokenCacheSettings",
-    "WebSocketSettings",
-    "load",
-    "parse",
-]
+# The settings are re-exported: callers name them as config.X, as before settings.py existed.
+__all__ = [*settings.__all__, "load", "parse"]
 
 CLAIM_OPERATORS = ("equals", "one_of", "contains", "matches", "present")
 _MIN_HMAC_BYTES = {"HS256": 32, "HS384": 48, "HS512": 64}  # RFC 7518 §3.2

@@ -201,7 +201,9 @@ def cookie_values(headers: Fields, name: str) -> list[str]:
 
 
 def without_cookie(cookie_header: str, name: str) -> str:
-    """A Cookie header value (RFC 6265 §5.4) without the named cookie."""
+    """A Cookie header value (RFC 6265 §5.4) without the named cookie (in any spelling
+    `cookie_values` reads as it)."""
+    low = _param_name(name)
     kept = [part.strip() for part in cookie_header.replace(",", ";").split(";")
-            if part.strip() and _cookie_name(part.partition("=")[0]) != _param_name(name)]
+            if part.strip() and _cookie_name(part.partition("=")[0]) != low]
     return "; ".join(kept)

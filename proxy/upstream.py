@@ -236,8 +236,10 @@ class _Connection(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
         # The parser holds our bound callbacks: drop it, or the pair is a cycle that waits for
-        # a full garbage collection. Nothing is parsed after the connection is lost.
+        # a full garbage collection. Nothing is parsed after the connection is lost, and the
+        # poll goes too: its fd number may soon name another socket.
         self._parser = None  # type: ignore[assignment]
+        self._poll = None
         if self._idle:
             self._idle = False
             try:

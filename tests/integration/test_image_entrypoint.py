@@ -18,7 +18,7 @@ from typing import Any
 
 import aiohttp
 
-from tests.k8s_support import REPO, configmap_config, entrypoint, sidecar_env
+from tests.k8s_support import REPO, edit_config, entrypoint, pod_config
 
 
 def build_and_install(tmp: Path) -> Path:
@@ -38,9 +38,7 @@ async def test_the_image_entrypoint_serves_the_configmap_config_and_becomes_read
     from tests.conftest import jwks_of
 
     bin_dir = await asyncio.to_thread(build_and_install, tmp_path)
-    key, text = configmap_config()
-    config_file = tmp_path / key
-    config_file.write_text(text)
+    config_file = pod_config(tmp_path / "pod")  # the files the Pod mounts, the secret included
     argv = entrypoint()
     argv[argv.index("--config") + 1] = str(config_file)
     argv[0] = str(bin_dir / argv[0])  # the console script the wheel installed
@@ -48,8 +46,8 @@ async def test_the_image_entrypoint_serves_the_configmap_config_and_becomes_read
     issuer = jwks_server.url("").rstrip("/")
     jwks_server.issuer = issuer
     jwks_server.document = jwks_of(rsa_key)
-    env = {**sidecar_env(), "OIDC_ISSUER": issuer, "PATH": f"{bin_dir}:{os.environ['PATH']}",
-           "PYTHONDONTWRITEBYTECODE": "1"}
+    edit_config(config_file, lambda c: c["providers"]["sso"].update(issuer=issuer))
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHONDONTWRITEBYTECODE": "1"}
     proc = await asyncio.create_subprocess_exec(*argv, env=env, cwd=tmp_path, stdout=asyncio.subprocess.DEVNULL,
                                                 stderr=asyncio.subprocess.PIPE)
     try:

@@ -83,8 +83,15 @@ def test_ports_probes_service_and_policy_agree_with_the_config(settings: config.
     sidecar = sidecar_container(deployment)
     ports = ports_by_name(sidecar)
     assert ports == {"http": settings.listen.port, "admin": settings.admin.port}
-    for probe, path in (("startupProbe", "/healthz"), ("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")):
+    # The startup probe holds the app back until keys are loaded (tests/integration/
+    # test_k8s_startup.py runs it); liveness never asks about keys or draining.
+    for probe, path in (("startupProbe", "/readyz"), ("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")):
         assert sidecar[probe]["httpGet"] == {"path": path, "port": "admin"}
+    # An issuer down at start: the sidecar retries every min_refresh_interval while it holds no
+    # keys, and the kubelet restarts it only after several of those retries have failed.
+    startup = sidecar["startupProbe"]
+    retry = max(p.keys.min_refresh_interval for p in settings.providers.values() if isinstance(p.keys, config.RemoteJwks))
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 5 * retry
     service = one("Service", docs)
     assert [p["targetPort"] for p in service["spec"]["ports"]] == ["http"]
     policy_ports = sorted(p["port"] for rule in one("NetworkPolicy", docs)["spec"]["ingress"] for p in rule["ports"])

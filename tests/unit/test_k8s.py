@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from proxy import cli, config
+from proxy.yamlsource import parse_duration
 from tests.k8s_support import (
     K8S, REPO, built, dockerfile_instruction, entrypoint, kustomization, manifests, mounted_files, one, pod_config,
     pod_containers, sidecar_container, split_image,
@@ -27,14 +28,16 @@ DEPLOYMENTS = ["deployment.yaml", *VARIANTS]
 """The Deployment and the variants that replace it in kustomization.yaml."""
 
 
-@pytest.mark.parametrize("version", ["1.29", "1.37"])
+# 1.30: the oldest release with all the manifests use on by default (native sidecars from
+# 1.29, the preStop `sleep` action from 1.30), as the README says.
+@pytest.mark.parametrize("version", ["1.30", "1.37"])
 @pytest.mark.parametrize("name", FILES)
 def test_every_manifest_validates_against_the_kubernetes_schema(name: str, version: str) -> None:
     for doc in manifests(name):
         kubernetes_validate.validate(doc, version, strict=True)
 
 
-@pytest.mark.parametrize("version", ["1.29", "1.37"])
+@pytest.mark.parametrize("version", ["1.30", "1.37"])
 @pytest.mark.parametrize("deployment", DEPLOYMENTS)
 def test_what_kustomize_builds_validates_against_the_kubernetes_schema(version: str, deployment: str) -> None:
     # The generated ConfigMap and Secret included: they are shipped as generators, not as files.
@@ -209,6 +212,59 @@ def test_native_sidecar_with_a_locked_down_security_context(tmp_path: Path) -> N
     assert pod["terminationGracePeriodSeconds"] > settings.drain_delay + settings.drain_timeout
     resources = sidecar["resources"]
     assert resources["requests"]["memory"] and resources["limits"]["memory"]
+
+
+MARGIN = 5
+"""Seconds of the grace period left once every step of the stop has used its whole budget."""
+
+
+def app_stop_budget(app: dict[str, Any]) -> tuple[float, float]:
+    """(preStop sleep, SHUTDOWN_TIMEOUT) of the app container, in seconds."""
+    pre_stop = app["lifecycle"]["preStop"]
+    assert set(pre_stop) == {"sleep"}, "the kubelet sleeps: nothing needed in the app image"
+    env = {e["name"]: e["value"] for e in app["env"]}
+    return float(pre_stop["sleep"]["seconds"]), parse_duration(env["SHUTDOWN_TIMEOUT"])
+
+
+@pytest.mark.parametrize("deployment", DEPLOYMENTS)
+def test_the_grace_period_covers_the_apps_drain_and_the_sidecars(tmp_path: Path, deployment: str) -> None:
+    docs = built(deployment=deployment)
+    settings = config.load(pod_config(tmp_path, docs))
+    pod_doc = one("Deployment", docs)
+    pod = pod_doc["spec"]["template"]["spec"]
+    grace = pod["terminationGracePeriodSeconds"]
+    (app,) = [c for c in pod["containers"] if c["name"] == "app"]
+    sleep, shutdown = app_stop_budget(app)
+    sidecar_drain = settings.drain_delay + settings.drain_timeout
+    if sidecar_container(pod_doc) in pod.get("initContainers", []):
+        # Native: the app is stopped first (preStop, then SIGTERM) and the sidecar only once the
+        # app has exited, one after the other within the one grace period.
+        assert sleep >= settings.drain_delay, "the app keeps serving while the endpoint is removed"
+        assert grace >= sleep + shutdown + sidecar_drain + MARGIN
+    else:
+        # Classic: both are stopped together, so the app must outlive the sidecar's drain.
+        assert sleep >= sidecar_drain
+        assert grace >= max(sleep + shutdown, sidecar_drain) + MARGIN
+    for container in pod_containers(pod_doc):
+        assert "exec" not in container.get("lifecycle", {}).get("preStop", {}), "no binary needed in any image"
+
+
+def test_the_readme_states_the_shutdown_numbers_the_manifests_use(tmp_path: Path) -> None:
+    docs = built()
+    settings = config.load(pod_config(tmp_path, docs))
+    pod = one("Deployment", docs)["spec"]["template"]["spec"]
+    sleep, shutdown = app_stop_budget(pod["containers"][0])
+    grace = pod["terminationGracePeriodSeconds"]
+    readme = " ".join((REPO / "README.md").read_text().split())
+    spare = grace - (sleep + shutdown + settings.drain_delay + settings.drain_timeout)
+    assert (f"`terminationGracePeriodSeconds: {grace}` covers it all: {sleep:g} s preStop + {shutdown:g} s app + "
+            f"{settings.drain_delay:g} s `drain_delay` + {settings.drain_timeout:g} s `drain_timeout` + "
+            f"{spare:g} s to spare") in readme
+    assert (f"(k8s/ uses {settings.drain_delay:g}s + {settings.drain_timeout:g}s and {grace}s") in readme
+    classic = one("Deployment", manifests(*VARIANTS))["spec"]["template"]["spec"]
+    (classic_app,) = [c for c in classic["containers"] if c["name"] == "app"]
+    assert f"`preStop` sleeps {app_stop_budget(classic_app)[0]:g} s" in readme
+    assert classic["terminationGracePeriodSeconds"] == grace, "the README gives both the same grace period"
 
 
 def test_classic_variant_is_the_same_pod_without_native_sidecars() -> None:

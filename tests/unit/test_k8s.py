@@ -93,7 +93,8 @@ def test_ports_probes_service_and_policy_agree_with_the_config(settings: config.
     # An issuer down at start: the sidecar retries every min_refresh_interval while it holds no
     # keys, and the kubelet restarts it only after several of those retries have failed.
     startup = sidecar["startupProbe"]
-    retry = max(p.keys.min_refresh_interval for p in settings.providers.values() if isinstance(p.keys, config.RemoteJwks))
+    remote = [p.keys for p in settings.providers.values() if isinstance(p.keys, config.RemoteJwks)]
+    retry = max(keys.min_refresh_interval for keys in remote)
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 5 * retry
     service = one("Service", docs)
     assert [p["targetPort"] for p in service["spec"]["ports"]] == ["http"]
@@ -323,7 +324,8 @@ def test_the_documented_command_makes_the_file_the_generator_reads(
              for g in kustomization()["secretGenerator"] for spec in g["files"]}
     settings = config.load(pod_config(tmp_path / "pod", built(files)))
     assert settings.providers["internal"].keys.kind == "secret"
-    assert settings.providers["internal"].keys.jwks["keys"][0]["k"] == (tmp_path / "k8s" / generator_files()[0]).read_text().strip()
+    made = (tmp_path / "k8s" / generator_files()[0]).read_text().strip()
+    assert settings.providers["internal"].keys.jwks["keys"][0]["k"] == made, "the Pod verifies with the file made"
 
 
 @pytest.mark.parametrize("value", [

@@ -9,7 +9,10 @@ from __future__ import annotations
 import base64
 import copy
 import json
+import os
 import re
+import shutil
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -171,9 +174,9 @@ def configmap_config() -> tuple[str, str]:
     return next(iter(data.items()))
 
 
-def mounted_files(docs: list[dict[str, Any]] | None = None) -> dict[PurePosixPath, bytes]:
-    """Every file the sidecar container sees in its ConfigMap, Secret and projected volumes, by
-    its absolute path in the container (emptyDirs hold nothing to read)."""
+def mounted_volumes(docs: list[dict[str, Any]] | None = None) -> dict[PurePosixPath, dict[str, bytes]]:
+    """The files of each ConfigMap, Secret or projected volume the sidecar container mounts:
+    by mount path, each file's content by its path in the volume (emptyDirs hold nothing)."""
     docs = docs or built()
     deployment = one("Deployment", docs)
     volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
@@ -191,7 +194,7 @@ def mounted_files(docs: list[dict[str, Any]] | None = None) -> dict[PurePosixPat
             return data
         return {item["path"]: data[item["key"]] for item in ref["items"]}
 
-    files: dict[PurePosixPath, bytes] = {}
+    mounted: dict[PurePosixPath, dict[str, bytes]] = {}
     for mount in sidecar_container(deployment).get("volumeMounts", []):
         volume = volumes[mount["name"]]
         assert "subPath" not in mount, "a subPath mount never sees a ConfigMap update"
@@ -206,18 +209,41 @@ def mounted_files(docs: list[dict[str, Any]] | None = None) -> dict[PurePosixPat
                 found.update(items("ConfigMap" if kind == "configMap" else "Secret", ref))
         else:
             continue
-        for path, content in found.items():
-            files[PurePosixPath(mount["mountPath"]) / path] = content
-    return files
+        mounted[PurePosixPath(mount["mountPath"])] = found
+    return mounted
+
+
+def mounted_files(docs: list[dict[str, Any]] | None = None) -> dict[PurePosixPath, bytes]:
+    """Every file the sidecar container reads from its volumes, by its absolute path there."""
+    return {mount / path: content for mount, files in mounted_volumes(docs).items() for path, content in files.items()}
+
+
+def kubelet_write(volume_dir: Path, files: Mapping[str, bytes]) -> None:
+    """Write a volume's files as the kubelet does (its AtomicWriter): into a new hidden
+    timestamped directory, then one rename of the `..data` symlink onto it, the old directory
+    removed; each top-level name is a symlink through `..data`. So an update is atomic, and a
+    reader that resolves the config path sees the whole new set or the whole old one."""
+    volume_dir.mkdir(parents=True, exist_ok=True)
+    old = (volume_dir / "..data").resolve() if (volume_dir / "..data").is_symlink() else None
+    fresh = volume_dir / f"..{time.strftime('%Y_%m_%d_%H_%M_%S')}.{time.monotonic_ns()}"
+    for path, content in files.items():
+        target = fresh / path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(content)
+    (volume_dir / "..data_tmp").symlink_to(fresh.name)
+    os.rename(volume_dir / "..data_tmp", volume_dir / "..data")
+    for top in {PurePosixPath(path).parts[0] for path in files}:
+        if not (volume_dir / top).is_symlink():
+            (volume_dir / top).symlink_to(Path("..data") / top)
+    if old is not None:
+        shutil.rmtree(old)
 
 
 def pod_config(root: Path, docs: list[dict[str, Any]] | None = None) -> Path:
-    """Lay the sidecar's mounted files out under `root` (the container's / moved there) and
-    return where the image's ENTRYPOINT reads its config, under `root`."""
-    for path, content in mounted_files(docs).items():
-        target = root / path.relative_to("/")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(content)
+    """Lay the sidecar's mounted volumes out under `root` (the container's / moved there), as
+    the kubelet writes them, and return where the image's ENTRYPOINT reads its config."""
+    for mount, files in mounted_volumes(docs).items():
+        kubelet_write(root / mount.relative_to("/"), files)
     argv = entrypoint()
     return root / PurePosixPath(argv[argv.index("--config") + 1]).relative_to("/")
 
@@ -227,4 +253,4 @@ def edit_config(path: Path, edit: Callable[[dict[str, Any]], None]) -> None:
     loopback ports and a local issuer; comments and line numbers are lost)."""
     data = yaml.safe_load(path.read_text())
     edit(data)
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    path.write_text(yaml.safe_dump(data, sort_keys=False))  # through the symlinks, in place

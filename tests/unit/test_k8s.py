@@ -134,6 +134,27 @@ def test_the_configmap_is_generated_from_k8s_config_yaml_and_mounted_by_its_name
         assert refs == {"configMap": generator["name"], "secret": kustomization()["secretGenerator"][0]["name"]}
 
 
+@pytest.mark.parametrize("deployment", DEPLOYMENTS)
+def test_the_sidecar_user_can_read_every_file_it_mounts(deployment: str) -> None:
+    # A "hardened" defaultMode: 0400 would leave the files to root, and the sidecar (UID 10001)
+    # could not read its config or its secret: it would refuse to start.
+    pod = one("Deployment", built(deployment=deployment))["spec"]["template"]["spec"]
+    sidecar = sidecar_container(one("Deployment", built(deployment=deployment)))
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    in_group = pod.get("securityContext", {}).get("fsGroup") is not None
+    for mount in sidecar["volumeMounts"]:
+        volume = volumes[mount["name"]]
+        kind = next((k for k in ("configMap", "secret", "projected") if k in volume), None)
+        if kind is None:
+            continue
+        refs = [src[k] for src in volume[kind]["sources"] for k in src] if kind == "projected" else [volume[kind]]
+        default = volume[kind].get("defaultMode", 0o644)
+        for ref in refs:
+            for item in ref.get("items", [{}]):
+                mode = item.get("mode", default)
+                assert mode & 0o004 or (in_group and mode & 0o040), f"{mount['name']}: mode {mode:o}"
+
+
 def readme_deploy_commands() -> list[list[str]]:
     """The command lines of the README's "Deploy on Kubernetes" code block, comments cut."""
     section = (REPO / "README.md").read_text().split("## Deploy on Kubernetes", 1)[1].split("\n## ", 1)[0]

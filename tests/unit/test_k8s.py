@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import shlex
 import shutil
 import subprocess
@@ -329,6 +330,20 @@ def test_the_generated_secret_file_is_kept_out_of_git() -> None:
     found = subprocess.run(["git", "check-ignore", "--no-index", *(str(p.relative_to(REPO)) for p in paths)], cwd=REPO,
                            capture_output=True, text=True, check=False)
     assert sorted(found.stdout.split()) == sorted(str(p.relative_to(REPO)) for p in paths), found
+
+
+def test_the_generated_secret_file_never_enters_the_image_build() -> None:
+    # The README has the operator make k8s/secrets/internal.secret and then run `docker build .`
+    # in the same checkout: the build context is an allow-list that leaves k8s/ out.
+    rules = [line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()
+             if line.strip() and not line.startswith("#")]
+    assert rules[0] == "*", "everything is excluded first"
+    allowed = [rule[1:].rstrip("/") for rule in rules if rule.startswith("!")]
+    for path in generator_files():
+        in_repo = PurePosixPath("k8s") / path
+        for rule in allowed:
+            assert not (fnmatch.fnmatch(str(in_repo), rule) or in_repo.is_relative_to(rule)
+                        or any(fnmatch.fnmatch(str(parent), rule) for parent in in_repo.parents)), rule
 
 
 def test_the_documented_command_makes_the_file_the_generator_reads(

@@ -2,7 +2,9 @@
 
 No Docker engine runs here, so this does what the image does: install the wheel into a clean
 Python, then run exactly the Dockerfile's ENTRYPOINT with the Pod's environment. The only
-thing changed is where the mounted config file lives (a temp dir instead of /etc/...).
+things changed are where the mounted files live (a temp dir instead of /etc/...), the issuer
+(a local one) and the two ports (free loopback ones: the Pod's fixed 8080 and 9901 may be
+taken on a machine that runs other tests, and a probe would then ask someone else's sidecar).
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from typing import Any
 
 import aiohttp
 
-from tests.k8s_support import REPO, configmap_config, entrypoint, sidecar_env
+from tests.integration.test_lifecycle import free_port
+from tests.k8s_support import REPO, edit_config, entrypoint, pod_config
 
 
 def build_and_install(tmp: Path) -> Path:
@@ -38,9 +41,7 @@ async def test_the_image_entrypoint_serves_the_configmap_config_and_becomes_read
     from tests.conftest import jwks_of
 
     bin_dir = await asyncio.to_thread(build_and_install, tmp_path)
-    key, text = configmap_config()
-    config_file = tmp_path / key
-    config_file.write_text(text)
+    config_file = pod_config(tmp_path / "pod")  # the files the Pod mounts, the secret included
     argv = entrypoint()
     argv[argv.index("--config") + 1] = str(config_file)
     argv[0] = str(bin_dir / argv[0])  # the console script the wheel installed
@@ -48,8 +49,14 @@ async def test_the_image_entrypoint_serves_the_configmap_config_and_becomes_read
     issuer = jwks_server.url("").rstrip("/")
     jwks_server.issuer = issuer
     jwks_server.document = jwks_of(rsa_key)
-    env = {**sidecar_env(), "OIDC_ISSUER": issuer, "PATH": f"{bin_dir}:{os.environ['PATH']}",
-           "PYTHONDONTWRITEBYTECODE": "1"}
+    listen, admin = free_port(), free_port()
+
+    def local(c: dict[str, Any]) -> None:
+        c["providers"]["sso"]["issuer"] = issuer
+        c["listen"], c["admin"] = f"127.0.0.1:{listen}", f"127.0.0.1:{admin}"
+
+    edit_config(config_file, local)
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHONDONTWRITEBYTECODE": "1"}
     proc = await asyncio.create_subprocess_exec(*argv, env=env, cwd=tmp_path, stdout=asyncio.subprocess.DEVNULL,
                                                 stderr=asyncio.subprocess.PIPE)
     try:
@@ -58,7 +65,7 @@ async def test_the_image_entrypoint_serves_the_configmap_config_and_becomes_read
             for _ in range(200):
                 assert proc.returncode is None, (await proc.stderr.read()).decode()
                 try:
-                    async with session.get("http://127.0.0.1:9901/readyz") as response:
+                    async with session.get(f"http://127.0.0.1:{admin}/readyz") as response:
                         if response.status == 200:
                             ready = True
                             break

@@ -255,13 +255,9 @@ def test_a_route_that_can_match_is_not_an_error(routes: str) -> None:
 
 
 def test_the_kubernetes_example_config_has_no_warnings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from tests.k8s_support import configmap_config, sidecar_env
+    from tests.k8s_support import pod_config
 
-    for name, value in sidecar_env().items():
-        monkeypatch.setenv(name, value)
-    key, text = configmap_config()
-    (tmp_path / key).write_text(text)
-    assert config.load(tmp_path / key).warnings == ()
+    assert config.load(pod_config(tmp_path)).warnings == ()
 
 
 def test_check_config_prints_the_warnings_and_strict_fails_on_them(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -58,7 +58,7 @@ from .settings import (
     Upstream,
     WebSocketSettings,
 )
-from .yamlsource import Issues, Section, describe, list_example, load_yaml
+from .yamlsource import Issues, Section, closest, describe, list_example, load_yaml
 
 # The settings are re-exported: callers name them as config.X, as before settings.py existed.
 __all__ = [*settings.__all__, "load", "parse"]
@@ -101,7 +101,8 @@ class _Builder:
 
     def settings(self, root: Section, file: str) -> Settings:
         providers: dict[str, Provider] = {}
-        provider_section = root.section("providers", required=True)
+        provider_section = root.section("providers", required=True,
+                                        example="{main: {issuer: URL, audiences: [NAME], jwks: {url: URL}}}")
         # Routes are checked against every provider named, even one with its own mistakes,
         # so a typo in a provider is not reported a second time as an unknown reference.
         self.provider_names = set(map(str, provider_section.data)) if provider_section else set()
@@ -115,7 +116,8 @@ class _Builder:
             if not provider_section.data:
                 provider_section.error(None, "at least one provider is required")
         # Before the routes: a route's `websocket` keys default to the top-level ones.
-        self.websocket_defaults = self.websocket(root.section("websocket"), WebSocketSettings())
+        websocket = root.section("websocket", example=_WEBSOCKET_EXAMPLE)
+        self.websocket_defaults = self.websocket(websocket, WebSocketSettings())
         routes: list[Route] = []
         self.route_places: list[tuple[str, int | None]] = []  # each route's dotted path and line
         for i, item, path, line in root.items("routes", "routes", "- {match: {path_prefix: /}, auth: none}"):
@@ -129,14 +131,14 @@ class _Builder:
                 # Names label metrics and logs: two routes sharing one would blur both.
                 self.issues.add(line, f"{path}.name", f"{route.name!r} is the name of an earlier route; names must be unique")
             routes.append(route)
-        cache = self.token_cache(root.section("token_cache"))
+        cache = self.token_cache(root.section("token_cache", example="{enabled: true, max_entries: 10000, max_ttl: 5m}"))
         max_token_bytes = root.integer("max_token_bytes", 8192, minimum=256)
         defaults = Settings(source=file, providers={})
         listen = _listen(root, "listen", defaults.listen)
         admin = _listen(root, "admin", defaults.admin)
-        upstream_section = root.section("upstream")
+        upstream_section = root.section("upstream", example=_UPSTREAM_EXAMPLE, meant=_url_mapping)
         upstream = self.upstream(upstream_section) if upstream_section is not None else defaults.upstream
-        strip = self.strip(root.section("strip_headers"))
+        strip = self.strip(root.section("strip_headers", example="{prefixes: [X-User-], names: [X-Internal-Role]}"))
         realm = root.string("realm", defaults.realm)
         drain = root.duration("drain_timeout", defaults.drain_timeout)
         drain_delay = root.duration("drain_delay", defaults.drain_delay)
@@ -194,7 +196,7 @@ class _Builder:
         default_algs = self._default_algorithms(keys)
         algorithms = self.algorithms(s, default_algs, keys)
         sources = self.token_sources(s, "token_sources") or (BEARER,)
-        headers = self.header_map(s.section("headers")) or HeaderMap()
+        headers = self.header_map(s.section("headers", example=_HEADERS_EXAMPLE)) or HeaderMap()
         s.done()
         if keys is None or not issuers or not audiences:
             return None
@@ -271,7 +273,8 @@ class _Builder:
 
     def key_source(self, kind: str, s: Section, issuers: tuple[str, ...]) -> RemoteJwks | StaticKeys | None:
         if kind == "jwks":
-            sub = s.section("jwks", required=True, example="{url: https://login.example.com/jwks.json}")
+            sub = s.section("jwks", required=True, example="{url: https://login.example.com/jwks.json}",
+                            meant=_url_mapping)
             return self.remote(sub, discovery=False) if sub is not None else None
         if kind == "discovery":
             return self.discovery(s, issuers)
@@ -462,13 +465,15 @@ class _Builder:
             s.missing("auth", "is required: `none`, or a mapping with `provider` (and scopes, claims, optional)", at="auth")
         elif isinstance(auth_value, str) and auth_value in self.provider_names:
             s.error("auth", f"{auth_value!r} is a provider: write `auth: {{provider: {auth_value}}}`")
+        elif isinstance(auth_value, str) and auth_value.lower() == "none":
+            s.error("auth", f"{auth_value!r} is not `none`: write none in lower case")
         else:
             s.error("auth", f"{describe(auth_value)} is not `none` or a mapping like {{provider: NAME}}")
-        upstream_section = s.section("upstream")
+        upstream_section = s.section("upstream", example=_UPSTREAM_EXAMPLE, meant=_url_mapping)
         upstream = self.upstream(upstream_section) if upstream_section is not None else None
         sources = self.token_sources(s, "token_sources")
-        headers = self.header_map(s.section("headers"))
-        websocket_section = s.section("websocket")
+        headers = self.header_map(s.section("headers", example=_HEADERS_EXAMPLE))
+        websocket_section = s.section("websocket", example=_WEBSOCKET_EXAMPLE)
         websocket = self.websocket(websocket_section, self.websocket_defaults) if websocket_section else None
         s.done()
         if match is None:
@@ -484,6 +489,8 @@ class _Builder:
         pattern = s.string("path_regex")
         methods = s.string_list("methods", "methods", "[GET, POST]")
         ignore_case = s.boolean("ignore_case", False)
+        if any(m in ("*", "ANY", "ALL") for m in (m.upper() for m in methods)):
+            s.error("methods", "a method list has no wildcard: leave `methods` out to match every method")
         given = [k for k in _MATCH_KEYS if s.data.get(k) is not None]
         if not given:
             s.missing(_MATCH_KEYS, f"needs one of {', '.join(_MATCH_KEYS)}")
@@ -497,6 +504,12 @@ class _Builder:
         for key, value in (("path_prefix", prefix), ("path_exact", exact)):
             if value is not None and not value.startswith("/"):
                 s.error(key, f"{value!r} must start with /")
+            elif value is not None and "*" in value:
+                # `/api/*` would match only a path holding a literal `*`: a guarded route that
+                # never guards what it was written for.
+                s.error(key, f"{value!r}: a path has no wildcards here; path_prefix matches whole segments "
+                        f"({value.split('*')[0].rstrip('/') or '/'} covers everything below it), path_regex takes "
+                        "a pattern")
         compiled = _regex(s, "path_regex", pattern, re.IGNORECASE if ignore_case else 0) if pattern is not None else None
         return RouteMatch(
             path_prefix=prefix, path_exact=exact, path_regex=compiled, ignore_case=ignore_case,
@@ -506,7 +519,7 @@ class _Builder:
     def route_auth(self, s: Section, providers: Mapping[str, Provider]) -> RouteAuth | None:
         provider = s.string("provider", required=True)
         optional = s.boolean("optional", False)
-        scopes_section = s.section("scopes", example="{all_of: [admin], any_of: [ops, sre]}")
+        scopes_section = s.section("scopes", example="{all_of: [admin], any_of: [ops, sre]}", meant=_scopes_mapping)
         scopes = ScopeRule()
         if scopes_section is not None:
             scopes = ScopeRule(all_of=scopes_section.string_list("all_of", "scopes", "[admin, ops]"),
@@ -525,7 +538,9 @@ class _Builder:
         s.done()
         if provider is not None and provider not in self.provider_names:
             known = ", ".join(sorted(self.provider_names)) or "none are configured"
-            s.error("provider", f"unknown provider {provider!r}; known providers: {known}")
+            guess = closest(provider, self.provider_names)
+            mean = f"did you mean {guess}? " if guess is not None else ""
+            s.error("provider", f"unknown provider {provider!r}; {mean}known providers: {known}")
         if provider is None:
             return None
         return RouteAuth(provider=provider, optional=optional, scopes=scopes, claims=claims)
@@ -533,6 +548,15 @@ class _Builder:
     def claim_rule(self, s: Section, raw: Any) -> ClaimRule | None:
         if not isinstance(raw, dict):
             s.error(None, "a claim rule must be a mapping like {claim: email_verified, equals: true}")
+            return None
+        if "claim" not in raw and not any(op in raw for op in CLAIM_OPERATORS):
+            # `{email_verified: true}`: the claim written as the key. One error with the rule it
+            # means, not three (claim missing, no operator, unknown key).
+            value = next(iter(raw.values()), None)
+            shown = describe(value).strip("'") if len(raw) == 1 and isinstance(value, (str, int, float)) else ""
+            meant = f"write {{claim: {next(iter(raw))}, equals: {shown}}}" if shown else (
+                "e.g. {claim: email_verified, equals: true}")
+            s.error(None, f"a claim rule names the claim and one of {', '.join(CLAIM_OPERATORS)}: {meant}")
             return None
         claim = s.string("claim", required=True)
         ops = [op for op in CLAIM_OPERATORS if s.has(op)]
@@ -633,7 +657,7 @@ class _Builder:
         if s is None:
             return None
         defaults = HeaderMap()
-        claims_section = s.section("claims")
+        claims_section = s.section("claims", example="{sub: X-User-Id, email: X-User-Email}")
         claims: tuple[ClaimHeader, ...] = defaults.claims
         if claims_section is not None:
             mapped = []
@@ -678,6 +702,22 @@ class _Builder:
         )
         s.done()
         return cache
+
+
+_UPSTREAM_EXAMPLE = "{url: http://127.0.0.1:8000}"
+_HEADERS_EXAMPLE = "{claims: {sub: X-User-Id}, forward_token: false}"
+_WEBSOCKET_EXAMPLE = "{idle_timeout: 5m, max_lifetime: 24h}"
+
+
+def _url_mapping(value: Any) -> str:
+    """`jwks: https://…` or `upstream: http://…`: the URL alone was meant as `{url: …}`."""
+    return f"{{url: {value}}}" if isinstance(value, str) and "://" in value else ""
+
+
+def _scopes_mapping(value: Any) -> str:
+    """`scopes: [admin]` or `scopes: admin`: meant as every one of them, `{all_of: [admin]}`."""
+    listed = list_example(value, "")
+    return f"{{all_of: {listed}}} (each needed) or {{any_of: {listed}}} (one of them)" if listed else ""
 
 
 def _kid_note(kid: str | None) -> str:

@@ -3,7 +3,9 @@
 Owns: turning YAML text into plain dicts and lists that remember the line of each value, and
 `Section`, the typed getter that `config.py` walks with: each getter records the dotted path,
 so every problem becomes a `ConfigIssue` naming file, line, path, bad value and what was
-expected. Unknown keys are found by `Section.done()` (the keys nobody asked for).
+expected. Unknown keys are found by `Section.done()` (the keys nobody asked for), with the key
+each most likely meant; an "is required" error that a misspelt key explains is taken back, so
+one mistake is one error. A scalar where a list belongs is refused (`Section.string_list`).
 Does not own: what the keys mean (config.py does).
 """
 
@@ -12,14 +14,14 @@ from __future__ import annotations
 import difflib
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
 import yaml
 
 from .errors import ConfigError, ConfigIssue
 
-__all__ = ["Issues", "Section", "describe", "list_example", "load_yaml", "parse_duration", "parse_size"]
+__all__ = ["Issues", "Section", "closest", "describe", "list_example", "load_yaml", "parse_duration", "parse_size"]
 
 T = TypeVar("T")
 _MISSING: Any = object()
@@ -81,19 +83,22 @@ def load_yaml(text: str, file: str) -> Any:
         mark = error.problem_mark or error.context_mark
         line = mark.line + 1 if mark is not None else None
         message = " ".join(str(p) for p in (error.context, error.problem) if p)
-        hint = _flow_env_hint(text, error.problem_mark)
+        hint = _syntax_hint(text, error.problem_mark)
         raise ConfigError([ConfigIssue(file, line, "", f"invalid YAML: {message}{hint}")]) from None
     except yaml.YAMLError as error:
         raise ConfigError([ConfigIssue(file, None, "", f"invalid YAML: {error}")]) from None
 
 
-def _flow_env_hint(text: str, mark: Any) -> str:
-    """A `${VAR}` unquoted inside `{ }` or `[ ]`: YAML reads its `{` as a mapping, a puzzling error."""
+def _syntax_hint(text: str, mark: Any) -> str:
+    """The fix for two puzzling syntax errors: a tab in the indentation, and a `${VAR}` unquoted
+    inside `{ }` or `[ ]` (YAML reads its `{` as the start of a mapping)."""
     if mark is None:
         return ""
     lines = text.splitlines()
     if mark.line >= len(lines):
         return ""
+    if lines[mark.line][mark.column : mark.column + 1] == "\t":
+        return "; indent with spaces: YAML does not allow tabs"
     found = _ENV.match(lines[mark.line], max(mark.column - 1, 0))
     if found is None:
         return ""
@@ -180,7 +185,7 @@ def _quoted_hint(value: Any, convert: Callable[[Any], Any]) -> str:
         if isinstance(unquoted, str):
             return ""
         convert(unquoted)
-    except (ValueError, yaml.YAMLError):
+    except (ValueError, TypeError, RecursionError, yaml.YAMLError):
         return ""
     return " (it is in quotes, so it is text: write it without quotes)"
 
@@ -206,9 +211,10 @@ def _duration_hint(value: Any) -> str:
 
 
 def list_example(value: Any, fallback: str) -> str:
-    """A YAML flow list of the words in a scalar given where a list belongs: `admin ops` → [admin, ops]."""
-    if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-        words = [w for w in re.split(r"[\s,]+", str(value)) if w]
+    """A YAML flow list of the words given where a list belongs: `admin ops` → [admin, ops]."""
+    items = value if isinstance(value, list) else [value]
+    if all(isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in items):
+        words = [w for v in items for w in re.split(r"[\s,]+", str(v)) if w]
         if words:
             return yaml.safe_dump(words, default_flow_style=True, width=1 << 16).strip()
     return fallback
@@ -350,18 +356,19 @@ class Section:
                 raise ValueError
             return seconds
 
-        value = self.data.get(key)
-        before = len(self.issues.items)
-        result = self._typed(key, default, required, convert, "a duration like 30s, 5m, 1h or 250ms")
-        if len(self.issues.items) == before + 1 and (hint := _duration_hint(value)):
-            self.issues.items[-1].message += hint
-        return result
+        expected = "a duration like 30s, 5m, 1h or 250ms" + _duration_hint(self.data.get(key))
+        return self._typed(key, default, required, convert, expected)
 
     def size(self, key: str, default: int) -> int:
         return self._typed(key, default, False, parse_size, "a size like 10MB, 512KiB or 1024")
 
-    def section(self, key: str, *, required: bool = False, example: str = "") -> Section | None:
-        """A nested mapping; `example` (like `{path_prefix: /}`) is shown when it is missing or not one."""
+    def section(self, key: str, *, required: bool = False, example: str = "",
+                meant: Callable[[Any], str] | None = None) -> Section | None:
+        """A nested mapping; `example` (like `{path_prefix: /}`) is shown when it is missing or not one.
+
+        `meant` turns a value given in place of the mapping into the mapping it was likely
+        meant as (`upstream: http://u` → `{url: http://u}`), or "" when there is none.
+        """
         self._known.append(key)
         value = self.data.get(key)
         e_g = f", e.g. {example}" if example else ""
@@ -370,7 +377,9 @@ class Section:
                 self.missing(key, f"is required: a mapping{e_g}", at=key)
             return None
         if not isinstance(value, dict):
-            self.error(key, f"{describe(value)} is not a mapping{e_g or ' of keys and values'}")
+            guess = meant(value) if meant is not None else ""
+            fix = f": write {key}: {guess}" if guess else (e_g or " of keys and values")
+            self.error(key, f"{describe(value)} is not a mapping{fix}")
             return None
         return Section(self.issues, value, self.at(key), self.line_of(key))
 
@@ -397,11 +406,14 @@ class Section:
         for key in self.data:
             if key in self._known:
                 continue
-            guess = _closest(str(key), allowed)
+            # A key YAML read as a boolean or number (`yes:`, `on:`, `1:`) is shown as written.
+            spelled = str(key) if isinstance(key, str) else describe(key).strip("'")
+            guess = closest(spelled, allowed) if isinstance(key, str) else None
             if guess is not None and guess in self._missing:
                 self.issues.retract(self._missing[guess])
             mean = f"did you mean {guess}? " if guess is not None else ""
-            self.error(str(key), f"unknown key; {mean}allowed here: {', '.join(allowed)}")
+            self.issues.add(self._lines.get(key, self.line), self.at(spelled),
+                            f"unknown key; {mean}allowed here: {', '.join(allowed)}")
 
     def _expand(self, value: Any) -> str:
         """A scalar as a string, with `${VAR}` replaced from the environment."""
@@ -423,11 +435,15 @@ class _MissingEnv(ValueError):
         self.names = names
 
 
-def _closest(key: str, allowed: list[str]) -> str | None:
-    """The allowed key a misspelt one most likely meant (case, a letter or two, - for _)."""
+def closest(key: str, allowed: Iterable[str]) -> str | None:
+    """The allowed name a misspelt one most likely meant (case, - for _, a letter or two, two swapped)."""
     folded = {a.lower().replace("-", "_"): a for a in allowed}
     plain = key.lower().replace("-", "_")
     if plain in folded:
         return folded[plain]
-    close = difflib.get_close_matches(plain, list(folded), n=1, cutoff=0.6)
-    return folded[close[0]] if close else None
+    close = difflib.get_close_matches(plain, list(folded), n=1, cutoff=0.75)
+    if close:
+        return folded[close[0]]
+    # Short names swap letters (`evn`, `kdi`) far below any useful ratio: same letters, reordered.
+    swapped = [a for f, a in folded.items() if len(plain) >= 3 and sorted(f) == sorted(plain)]
+    return swapped[0] if len(swapped) == 1 else None

@@ -116,7 +116,7 @@ def test_the_repository_config_is_valid() -> None:
          "c.yaml:5: providers.main.discovery: `discovery: true` needs exactly one issuer; give the discovery URL instead"),
         ("providers:\n  main: {issuer: i, audiences: [a], jwks: {url: 'https://x'}}\n"
          "routes:\n  - match: {path_prefix: /}\n    auth: {provider: mian}\n",
-         "c.yaml:5: routes[0].auth.provider: unknown provider 'mian'; known providers: main"),
+         "c.yaml:5: routes[0].auth.provider: unknown provider 'mian'; did you mean main? known providers: main"),
         ("providers:\n  main: {issuer: i, audiences: [a], jwks: {url: 'https://x'}}\n"
          "routes:\n  - match: {path_prefix: /}\n    auth:\n      provider: main\n      claims:\n        - {claim: e, matches: '(['}\n",
          "c.yaml:8: routes[0].auth.claims[0].matches: '([' is not a valid regular expression: "
@@ -131,7 +131,7 @@ def test_the_repository_config_is_valid() -> None:
         ("providers:\n  main: {issuer: i, audiences: [a], jwks: {url: 'https://x'}}\nroutes:\n  - match: {path_prefix: /}\n",
          "c.yaml:4: routes[0].auth: is required: `none`, or a mapping with `provider` (and scopes, claims, optional)"),
         ("providers:\n  main: {issuer: i, audiences: [a], jwks: {url: 'https://x'}}\nlisten_port: 8080\n",
-         "c.yaml:3: listen_port: unknown key; did you mean listen? allowed here: access_log, admin, "),
+         "c.yaml:3: listen_port: unknown key; allowed here: access_log, admin, "),
         ("providers:\n  main: {issuer: i, audiences: [a], jwks: {url: 'https://x'}}\n  main: {}\n",
          "c.yaml:3: invalid YAML: while reading a mapping found duplicate key 'main'"),
         ("providers: [\n", "c.yaml:2: invalid YAML:"),

@@ -106,6 +106,9 @@ class _Builder:
         # Routes are checked against every provider named, even one with its own mistakes,
         # so a typo in a provider is not reported a second time as an unknown reference.
         self.provider_names = set(map(str, provider_section.data)) if provider_section else set()
+        # Without a readable `providers` mapping its own error says so; no route is then
+        # told that its provider is unknown as well.
+        self.providers_readable = bool(provider_section is not None and provider_section.data)
         if provider_section is not None:
             for name in list(provider_section.keys()):
                 sub = provider_section.section(str(name))
@@ -536,7 +539,7 @@ class _Builder:
             if (rule := self.claim_rule(Section(self.issues, item, path, line), item)) is not None
         )
         s.done()
-        if provider is not None and provider not in self.provider_names:
+        if provider is not None and provider not in self.provider_names and self.providers_readable:
             known = ", ".join(sorted(self.provider_names)) or "none are configured"
             guess = closest(provider, self.provider_names)
             mean = f"did you mean {guess}? " if guess is not None else ""
@@ -649,7 +652,7 @@ class _Builder:
                 sub.error(kind, f"{name!r} is not a valid header name")
                 continue
             found.append(TokenSource(kind=kind, name=name, prefix=prefix))
-        if not found and s.has(key):
+        if s.data.get(key) == []:  # not when its items had errors of their own: those say why
             s.error(key, "must list at least one token source")
         return tuple(found) or None
 

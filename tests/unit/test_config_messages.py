@@ -213,6 +213,19 @@ ONE_MISTAKE = [
     ("no providers",
      "listen: 127.0.0.1:8080\n",
      "c.yaml:1: providers: is required: a mapping, e.g. {main: {issuer: URL, audiences: [NAME], jwks: {url: URL}}}"),
+    ("providers misspelt, a route names one",
+     "provider:\n  main: {issuer: i, audiences: [a], jwks: {url: 'https://x'}}\n"
+     "routes:\n  - {match: {path_prefix: /}, auth: {provider: main}}\n",
+     "c.yaml:1: provider: unknown key; did you mean providers? allowed here: access_log, admin, drain_delay, "
+     "drain_timeout, header_timeout, listen, max_connections, max_token_bytes, providers, realm, routes, "
+     "strip_headers, token_cache, upstream, websocket, workers"),
+    ("providers a list, a route names one",
+     "providers:\n  - main: {issuer: i, audiences: [a], jwks: {url: 'https://x'}}\n"
+     "routes:\n  - {match: {path_prefix: /}, auth: {provider: main}}\n",
+     "c.yaml:1: providers: a list is not a mapping, e.g. {main: {issuer: URL, audiences: [NAME], jwks: {url: URL}}}"),
+    ("providers empty, a route names one",
+     "providers: {}\nroutes:\n  - {match: {path_prefix: /}, auth: {provider: main}}\n",
+     "c.yaml:1: providers: at least one provider is required"),
     ("a key YAML reads as a boolean",
      PROVIDER + "yes: 1\n",
      "c.yaml:3: true: unknown key; allowed here: access_log, admin, drain_delay, drain_timeout, header_timeout, "
@@ -222,6 +235,13 @@ ONE_MISTAKE = [
      PROVIDER + "routes:\n\t- match: {path_prefix: /}\n",
      "c.yaml:4: invalid YAML: while scanning for the next token found character '\\t' that cannot start any token; "
      "indent with spaces: YAML does not allow tabs"),
+    ("an unset ${VAR} in a token source",
+     "providers:\n  main:\n    issuer: i\n    audiences: [a]\n    jwks: {url: 'https://x'}\n"
+     "    token_sources: [{header: '${JWT_SIDECAR_TEST_UNSET_H}'}]\n",
+     "c.yaml:6: providers.main.token_sources[0].header: environment variable JWT_SIDECAR_TEST_UNSET_H is not set"),
+    ("a ${VAR} in a duration is read as written (README: Configuration)",
+     PROVIDER + "drain_timeout: ${JWT_SIDECAR_TEST_DRAIN}\n",
+     "c.yaml:3: drain_timeout: '${JWT_SIDECAR_TEST_DRAIN}' is not a duration like 30s, 5m, 1h or 250ms"),
     ("a list item that is a list",
      PROVIDER + "routes:\n  - match: {path_prefix: /, methods: [GET, [POST]]}\n    auth: none\n",
      "c.yaml:4: routes[0].match.methods[1]: a list cannot be an item here: each item is one value, e.g. [GET, POST]"),

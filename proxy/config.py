@@ -507,6 +507,7 @@ class _Builder:
         for key, value in (("path_prefix", prefix), ("path_exact", exact)):
             if value is not None and not value.startswith("/"):
                 s.error(key, f"{value!r} must start with /")
+                return None  # not also "can never match" from the route table's check
             elif value is not None and "*" in value:
                 # `/api/*` would match only a path holding a literal `*`: a guarded route that
                 # never guards what it was written for.

@@ -92,6 +92,9 @@ ONE_MISTAKE = [
      PROVIDER + "routes:\n  - match: {path_prefix: /a, path_exact: /b}\n    auth: none\n",
      "c.yaml:4: routes[0].match.path_exact: path_prefix and path_exact are mutually exclusive: a match has exactly "
      "one of path_prefix, path_exact, path_regex"),
+    ("a relative path_prefix",
+     PROVIDER + "routes:\n  - match: {path_prefix: api/}\n    auth: none\n",
+     "c.yaml:4: routes[0].match.path_prefix: 'api/' must start with /"),
     ("empty path_prefix",
      PROVIDER + "routes:\n  - match: {path_prefix: }\n    auth: none\n",
      "c.yaml:4: routes[0].match: needs one of path_prefix, path_exact, path_regex"),

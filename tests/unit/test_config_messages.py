@@ -542,3 +542,44 @@ def test_every_warning_kind_is_in_the_readme() -> None:
             assert kinds, f"a warning the README does not list: {warning.message}"
             seen.update(kinds)
     assert seen == set(documented), "a README warning no code gives"
+
+
+# -- any value in any place: an error with a line, never a crash ----------------------------------
+ODD_VALUES = [None, True, -1, 1.5, "", [], {}, ["x"], [[1]], {"a": 1}, "${JWT_SIDECAR_TEST_UNSET_ODD}"]
+
+
+def _places(node: object, prefix: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+    found: list[tuple[object, ...]] = []
+    children = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else []
+    for key, value in children:
+        found += [prefix + (key,), *_places(value, prefix + (key,))]
+    return found
+
+
+def test_any_odd_value_in_any_place_is_an_error_naming_its_line_never_a_crash(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import copy
+
+    import yaml
+
+    from tests.unit.test_config import GOOD
+
+    monkeypatch.delenv("JWT_SIDECAR_TEST_UNSET_ODD", raising=False)
+    good = yaml.safe_load(GOOD)
+    good["providers"]["main"]["token_sources"] = ["bearer", {"header": "X-T", "prefix": "T "}]
+    good["providers"]["main"]["headers"] = {"claims": {"sub": "X-User-Id"}, "payload": "X-Jwt-Payload"}
+    good.update(strip_headers={"names": ["X-A"], "prefixes": ["X-B-"]}, listen="127.0.0.1:8080",
+                upstream={"url": "http://127.0.0.1:8000", "timeout": "5s", "max_body": "1MB"})
+    for place in _places(good):
+        for value in ODD_VALUES:
+            document = copy.deepcopy(good)
+            parent = document
+            for step in place[:-1]:
+                parent = parent[step]
+            parent[place[-1]] = value
+            try:
+                parse(yaml.safe_dump(document, sort_keys=False), file="c.yaml")
+            except ConfigError as error:
+                for issue in error.issues:
+                    assert issue.line, (place, value, str(issue))
+                    assert "None" not in issue.message and "True" not in issue.message, (place, value, str(issue))

@@ -58,12 +58,14 @@ from .settings import (
     Upstream,
     WebSocketSettings,
 )
-from .yamlsource import Issues, Section, load_yaml
+from .yamlsource import Issues, Section, closest, describe, list_example, load_yaml
 
 # The settings are re-exported: callers name them as config.X, as before settings.py existed.
 __all__ = [*settings.__all__, "load", "parse"]
 
 CLAIM_OPERATORS = ("equals", "one_of", "contains", "matches", "present")
+KEY_SOURCES = ("jwks", "discovery", "jwks_file", "pem_file", "secret")
+_MATCH_KEYS = ("path_prefix", "path_exact", "path_regex")
 _MIN_HMAC_BYTES = {"HS256": 32, "HS384": 48, "HS512": 64}  # RFC 7518 §3.2
 
 
@@ -86,7 +88,8 @@ def parse(text: str, *, file: str = "<string>", base_dir: Path | None = None) ->
     root = Section(issues, document, "")
     builder = _Builder(issues, base_dir or Path.cwd())
     settings = builder.settings(root, file)
-    warnings = routecheck.check(settings.routes, builder.route_places, issues)
+    routes_line = root.line_of("routes") if root.has("routes") else None
+    warnings = routecheck.check(settings.routes, builder.route_places, issues, table_line=routes_line)
     issues.raise_if_any()
     return dataclasses.replace(settings, warnings=tuple(warnings)) if warnings else settings
 
@@ -98,10 +101,14 @@ class _Builder:
 
     def settings(self, root: Section, file: str) -> Settings:
         providers: dict[str, Provider] = {}
-        provider_section = root.section("providers", required=True)
+        provider_section = root.section("providers", required=True,
+                                        example="{main: {issuer: URL, audiences: [NAME], jwks: {url: URL}}}")
         # Routes are checked against every provider named, even one with its own mistakes,
         # so a typo in a provider is not reported a second time as an unknown reference.
         self.provider_names = set(map(str, provider_section.data)) if provider_section else set()
+        # Without a readable `providers` mapping its own error says so; no route is then
+        # told that its provider is unknown as well.
+        self.providers_readable = bool(provider_section is not None and provider_section.data)
         if provider_section is not None:
             for name in list(provider_section.keys()):
                 sub = provider_section.section(str(name))
@@ -112,10 +119,11 @@ class _Builder:
             if not provider_section.data:
                 provider_section.error(None, "at least one provider is required")
         # Before the routes: a route's `websocket` keys default to the top-level ones.
-        self.websocket_defaults = self.websocket(root.section("websocket"), WebSocketSettings())
+        websocket = root.section("websocket", example=_WEBSOCKET_EXAMPLE)
+        self.websocket_defaults = self.websocket(websocket, WebSocketSettings())
         routes: list[Route] = []
         self.route_places: list[tuple[str, int | None]] = []  # each route's dotted path and line
-        for i, item, path, line in root.items("routes"):
+        for i, item, path, line in root.items("routes", "routes", "- {match: {path_prefix: /}, auth: none}"):
             route = self.route(i, Section(self.issues, item, path, line), item, providers)
             if route is None:
                 continue
@@ -126,14 +134,14 @@ class _Builder:
                 # Names label metrics and logs: two routes sharing one would blur both.
                 self.issues.add(line, f"{path}.name", f"{route.name!r} is the name of an earlier route; names must be unique")
             routes.append(route)
-        cache = self.token_cache(root.section("token_cache"))
+        cache = self.token_cache(root.section("token_cache", example="{enabled: true, max_entries: 10000, max_ttl: 5m}"))
         max_token_bytes = root.integer("max_token_bytes", 8192, minimum=256)
         defaults = Settings(source=file, providers={})
         listen = _listen(root, "listen", defaults.listen)
         admin = _listen(root, "admin", defaults.admin)
-        upstream_section = root.section("upstream")
+        upstream_section = root.section("upstream", example=_UPSTREAM_EXAMPLE, meant=_url_mapping)
         upstream = self.upstream(upstream_section) if upstream_section is not None else defaults.upstream
-        strip = self.strip(root.section("strip_headers"))
+        strip = self.strip(root.section("strip_headers", example="{prefixes: [X-User-], names: [X-Internal-Role]}"))
         realm = root.string("realm", defaults.realm)
         drain = root.duration("drain_timeout", defaults.drain_timeout)
         drain_delay = root.duration("drain_delay", defaults.drain_delay)
@@ -169,22 +177,29 @@ class _Builder:
     # -- providers ------------------------------------------------------------------------
     def provider(self, name: str, s: Section) -> Provider | None:
         issuers = s.strings("issuer", required=True)
-        audiences = s.strings("audiences", required=True)
+        audiences = s.string_list("audiences", "audiences", "[api://orders]", required=True)
         leeway = s.duration("leeway", 30.0)
-        required = s.strings("required_claims", ("exp",))
+        required = s.string_list("required_claims", "claim names", "[exp, sub]", ("exp",))
         max_age = s.duration("max_token_age", None)
         typ = s.string("typ")
-        sources = [k for k in ("jwks", "discovery", "jwks_file", "pem_file", "secret") if s.has(k)]
+        sources = [k for k in s.keys() if k in KEY_SOURCES]
         keys: RemoteJwks | StaticKeys | None = None
-        if len(sources) != 1:
-            s.error(None, "needs exactly one key source: jwks, discovery, jwks_file, pem_file or secret"
-                    + (f" (found {', '.join(sources)})" if sources else ""))
+        if not sources:
+            s.missing(KEY_SOURCES, f"needs a key source: one of {', '.join(KEY_SOURCES)}")
+        elif len(sources) > 1:
+            # They are alternatives, not parts of one source: one error for the choice, and
+            # none for each of them (reading neither, they are still known keys here).
+            for k in sources:
+                s.raw(k)
+            named = " and ".join(sorted(sources, key=KEY_SOURCES.index))
+            s.error(sources[-1], f"{named} are mutually exclusive: a provider has exactly one key source "
+                    f"({', '.join(KEY_SOURCES)}); keep one of them")
         else:
             keys = self.key_source(sources[0], s, issuers)
         default_algs = self._default_algorithms(keys)
         algorithms = self.algorithms(s, default_algs, keys)
         sources = self.token_sources(s, "token_sources") or (BEARER,)
-        headers = self.header_map(s.section("headers")) or HeaderMap()
+        headers = self.header_map(s.section("headers", example=_HEADERS_EXAMPLE)) or HeaderMap()
         s.done()
         if keys is None or not issuers or not audiences:
             return None
@@ -195,7 +210,7 @@ class _Builder:
         )
 
     def algorithms(self, s: Section, default: tuple[str, ...], keys: RemoteJwks | StaticKeys | None) -> tuple[str, ...]:
-        algorithms = s.strings("algorithms", default)
+        algorithms = s.string_list("algorithms", "algorithms", "[RS256, ES256]", default)
         for alg in algorithms:
             if alg.lower() == "none":
                 s.error("algorithms", "'none' is never allowed: unsigned tokens are refused (RFC 8725 §3.1)")
@@ -208,7 +223,7 @@ class _Builder:
             if wrong:
                 s.error("algorithms", f"{', '.join(wrong)} cannot be used with a shared secret; "
                         f"a secret verifies only {', '.join(SYMMETRIC_ALGORITHMS)}")
-            self._check_secret_length(s, keys, algorithms)
+            self._check_secret_length(s, keys, algorithms, chosen=s.has("algorithms"))
         else:
             wrong = [a for a in algorithms if a in SYMMETRIC_ALGORITHMS]
             if wrong:
@@ -229,12 +244,26 @@ class _Builder:
                         + (f", curve {crv}" if crv else "") + ")")
         return algorithms
 
-    def _check_secret_length(self, s: Section, keys: StaticKeys, algorithms: tuple[str, ...]) -> None:
-        secret = base64.urlsafe_b64decode(keys.jwks["keys"][0]["k"] + "==")
-        for alg in algorithms:
-            need = _MIN_HMAC_BYTES.get(alg)
-            if need and len(secret) < need:
-                s.error("secret", f"is {len(secret)} bytes; {alg} needs at least {need} (RFC 7518 §3.2)")
+    def _check_secret_length(self, s: Section, keys: StaticKeys, algorithms: tuple[str, ...], *, chosen: bool) -> None:
+        """One error for a secret too short for some of the algorithms, with the way out.
+
+        A 32-byte secret (the usual `openssl rand`) is right for HS256 but too short for the
+        default HS384 and HS512: the fix is `algorithms: [HS256]`, not another error per alg.
+        """
+        size = len(base64.urlsafe_b64decode(keys.jwks["keys"][0]["k"] + "=="))
+        short = [a for a in algorithms if size < _MIN_HMAC_BYTES.get(a, 0)]
+        if not short:
+            return
+        fit = [a for a in algorithms if a in _MIN_HMAC_BYTES and a not in short]  # an RS256 here has its own error
+        needs = ", ".join(f"{a} needs at least {_MIN_HMAC_BYTES[a]}" for a in short)
+        if not fit:
+            fix = "make a longer one with `jwt-sidecar keys generate --alg HS256`"
+        elif chosen:
+            fix = f"drop {' and '.join(short)} (`algorithms: [{', '.join(fit)}]`) or use a longer secret"
+        else:
+            fix = (f"the default algorithms are {', '.join(algorithms)}: set `algorithms: [{', '.join(fit)}]` "
+                   "or use a longer secret")
+        s.error("secret", f"is {size} bytes; {needs} (RFC 7518 §3.2): {fix}")
 
     @staticmethod
     def _default_algorithms(keys: RemoteJwks | StaticKeys | None) -> tuple[str, ...]:
@@ -247,7 +276,8 @@ class _Builder:
 
     def key_source(self, kind: str, s: Section, issuers: tuple[str, ...]) -> RemoteJwks | StaticKeys | None:
         if kind == "jwks":
-            sub = s.section("jwks")
+            sub = s.section("jwks", required=True, example="{url: https://login.example.com/jwks.json}",
+                            meant=_url_mapping)
             return self.remote(sub, discovery=False) if sub is not None else None
         if kind == "discovery":
             return self.discovery(s, issuers)
@@ -292,7 +322,8 @@ class _Builder:
                                discovery=True, derived=derived)
         if value is True:
             if derived is None:
-                s.error("discovery", "`discovery: true` needs exactly one issuer; give the discovery URL instead")
+                if issuers:  # none: the issuer's own error says why (an unset ${VAR}, say)
+                    s.error("discovery", "`discovery: true` needs exactly one issuer; give the discovery URL instead")
                 return None
             return RemoteJwks(discovery_url=derived)
         if isinstance(value, str):
@@ -375,7 +406,7 @@ class _Builder:
         return kid
 
     def secret(self, s: Section) -> StaticKeys | None:
-        sub = s.section("secret")
+        sub = s.section("secret", required=True, example="{env: NAME} or {file: PATH}")
         if sub is None:
             return None
         has_env, has_file = sub.has("env"), sub.has("file")
@@ -383,9 +414,13 @@ class _Builder:
         file_name = sub.string("file")
         encoding = sub.string("encoding", "utf-8")
         kid = self._kid(sub)
+        if not has_env and not has_file:
+            sub.missing(("env", "file"), "give exactly one of `env: NAME` or `file: PATH`")
         sub.done()
-        if has_env == has_file:
-            sub.error(None, "give exactly one of `env: NAME` or `file: PATH`")
+        if has_env and has_file:
+            sub.error("file", "env and file are mutually exclusive: give exactly one of `env: NAME` or `file: PATH`")
+            return None
+        if not has_env and not has_file:
             return None
         if encoding not in ("utf-8", "base64", "base64url"):
             sub.error("encoding", f"{encoding!r} is not one of utf-8, base64, base64url")
@@ -422,20 +457,26 @@ class _Builder:
             s.error(None, "a route must be a mapping with `match` and `auth`")
             return None
         name = s.string("name", f"route{index}")
-        match = self.route_match(s.section("match", required=True))
+        match = self.route_match(s.section("match", required=True, example="{path_prefix: /api/}"))
         auth_value = s.raw("auth")
         auth: RouteAuth | None = None
         if auth_value == "none":
             auth = None
         elif isinstance(auth_value, dict):
             auth = self.route_auth(Section(self.issues, auth_value, s.at("auth"), s.line_of("auth")), providers)
+        elif auth_value is None:
+            s.missing("auth", "is required: `none`, or a mapping with `provider` (and scopes, claims, optional)", at="auth")
+        elif isinstance(auth_value, str) and auth_value in self.provider_names:
+            s.error("auth", f"{auth_value!r} is a provider: write `auth: {{provider: {auth_value}}}`")
+        elif isinstance(auth_value, str) and auth_value.lower() == "none":
+            s.error("auth", f"{auth_value!r} is not `none`: write none in lower case")
         else:
-            s.error("auth", "is required: `none`, or a mapping with `provider` (and scopes, claims, optional)")
-        upstream_section = s.section("upstream")
+            s.error("auth", f"{describe(auth_value)} is not `none` or a mapping like {{provider: NAME}}")
+        upstream_section = s.section("upstream", example=_UPSTREAM_EXAMPLE, meant=_url_mapping)
         upstream = self.upstream(upstream_section) if upstream_section is not None else None
         sources = self.token_sources(s, "token_sources")
-        headers = self.header_map(s.section("headers"))
-        websocket_section = s.section("websocket")
+        headers = self.header_map(s.section("headers", example=_HEADERS_EXAMPLE))
+        websocket_section = s.section("websocket", example=_WEBSOCKET_EXAMPLE)
         websocket = self.websocket(websocket_section, self.websocket_defaults) if websocket_section else None
         s.done()
         if match is None:
@@ -449,16 +490,30 @@ class _Builder:
         prefix = s.string("path_prefix")
         exact = s.string("path_exact")
         pattern = s.string("path_regex")
-        methods = s.strings("methods")
+        methods = s.string_list("methods", "methods", "[GET, POST]")
         ignore_case = s.boolean("ignore_case", False)
+        if any(m in ("*", "ANY", "ALL") for m in (m.upper() for m in methods)):
+            s.error("methods", "a method list has no wildcard: leave `methods` out to match every method")
+        given = [k for k in _MATCH_KEYS if s.data.get(k) is not None]
+        if not given:
+            s.missing(_MATCH_KEYS, f"needs one of {', '.join(_MATCH_KEYS)}")
         s.done()
-        given = [v for v in (prefix, exact, pattern) if v is not None]
-        if len(given) != 1:
-            s.error(None, "needs exactly one of path_prefix, path_exact, path_regex")
+        if len(given) > 1:
+            s.error(given[-1], f"{' and '.join(given)} are mutually exclusive: a match has exactly one of "
+                    f"{', '.join(_MATCH_KEYS)}")
+            return None
+        if len(given) != 1 or (prefix, exact, pattern) == (None, None, None):
             return None
         for key, value in (("path_prefix", prefix), ("path_exact", exact)):
             if value is not None and not value.startswith("/"):
                 s.error(key, f"{value!r} must start with /")
+                return None  # not also "can never match" from the route table's check
+            elif value is not None and "*" in value:
+                # `/api/*` would match only a path holding a literal `*`: a guarded route that
+                # never guards what it was written for.
+                s.error(key, f"{value!r}: a path has no wildcards here; path_prefix matches whole segments "
+                        f"({value.split('*')[0].rstrip('/') or '/'} covers everything below it), path_regex takes "
+                        "a pattern")
         compiled = _regex(s, "path_regex", pattern, re.IGNORECASE if ignore_case else 0) if pattern is not None else None
         return RouteMatch(
             path_prefix=prefix, path_exact=exact, path_regex=compiled, ignore_case=ignore_case,
@@ -468,10 +523,11 @@ class _Builder:
     def route_auth(self, s: Section, providers: Mapping[str, Provider]) -> RouteAuth | None:
         provider = s.string("provider", required=True)
         optional = s.boolean("optional", False)
-        scopes_section = s.section("scopes")
+        scopes_section = s.section("scopes", example="{all_of: [admin], any_of: [ops, sre]}", meant=_scopes_mapping)
         scopes = ScopeRule()
         if scopes_section is not None:
-            scopes = ScopeRule(all_of=scopes_section.strings("all_of"), any_of=scopes_section.strings("any_of"))
+            scopes = ScopeRule(all_of=scopes_section.string_list("all_of", "scopes", "[admin, ops]"),
+                               any_of=scopes_section.string_list("any_of", "scopes", "[admin, ops]"))
             scopes_section.done()
             for key, names in (("all_of", scopes.all_of), ("any_of", scopes.any_of)):
                 for bad in (n for n in names if not _SCOPE_TOKEN.fullmatch(n)):
@@ -480,13 +536,15 @@ class _Builder:
                     scopes_section.error(key, f"{bad!r} is not one scope token (RFC 6749 §3.3: printable "
                                          "ASCII but space, \" and \\); list several scopes separately")
         claims = tuple(
-            rule for _, item, path, line in s.items("claims")
+            rule for _, item, path, line in s.items("claims", "claim rules", "[{claim: email_verified, equals: true}]")
             if (rule := self.claim_rule(Section(self.issues, item, path, line), item)) is not None
         )
         s.done()
-        if provider is not None and provider not in self.provider_names:
+        if provider is not None and provider not in self.provider_names and self.providers_readable:
             known = ", ".join(sorted(self.provider_names)) or "none are configured"
-            s.error("provider", f"unknown provider {provider!r}; known providers: {known}")
+            guess = closest(provider, self.provider_names)
+            mean = f"did you mean {guess}? " if guess is not None else ""
+            s.error("provider", f"unknown provider {provider!r}; {mean}known providers: {known}")
         if provider is None:
             return None
         return RouteAuth(provider=provider, optional=optional, scopes=scopes, claims=claims)
@@ -495,19 +553,32 @@ class _Builder:
         if not isinstance(raw, dict):
             s.error(None, "a claim rule must be a mapping like {claim: email_verified, equals: true}")
             return None
+        if "claim" not in raw and not any(op in raw for op in CLAIM_OPERATORS):
+            # `{email_verified: true}`: the claim written as the key. One error with the rule it
+            # means, not three (claim missing, no operator, unknown key).
+            value = next(iter(raw.values()), None)
+            shown = describe(value).strip("'") if len(raw) == 1 and isinstance(value, (str, int, float)) else ""
+            meant = f"write {{claim: {next(iter(raw))}, equals: {shown}}}" if shown else (
+                "e.g. {claim: email_verified, equals: true}")
+            s.error(None, f"a claim rule names the claim and one of {', '.join(CLAIM_OPERATORS)}: {meant}")
+            return None
         claim = s.string("claim", required=True)
         ops = [op for op in CLAIM_OPERATORS if s.has(op)]
         values = {op: s.raw(op) for op in CLAIM_OPERATORS}
+        if not ops:
+            s.missing(CLAIM_OPERATORS, f"needs one of {', '.join(CLAIM_OPERATORS)}")
         s.done()
         if len(ops) != 1:
-            s.error(None, f"needs exactly one of {', '.join(CLAIM_OPERATORS)}")
+            if ops:
+                s.error(ops[-1], f"{' and '.join(ops)} are mutually exclusive: a claim rule has exactly one of "
+                        f"{', '.join(CLAIM_OPERATORS)}")
             return None
         if claim is None:
             return None
         op, value = ops[0], values[ops[0]]
         if op == "one_of":
             if not isinstance(value, list) or not value:
-                s.error(op, "must be a non-empty list")
+                s.error(op, f"must be a non-empty list of values, e.g. {list_example(value, '[gold, silver]')}")
                 return None
             value = tuple(value)
         elif op == "matches":
@@ -561,6 +632,9 @@ class _Builder:
             s.raw(key)
             return None
         found: list[TokenSource] = []
+        if not isinstance(s.data.get(key), list):
+            s.items(key, "token sources", "[bearer, {cookie: access_token}]")  # the one error
+            return None
         for _, item, path, line in s.items(key):
             if item == "bearer":
                 found.append(BEARER)
@@ -579,7 +653,7 @@ class _Builder:
                 sub.error(kind, f"{name!r} is not a valid header name")
                 continue
             found.append(TokenSource(kind=kind, name=name, prefix=prefix))
-        if not found and s.has(key):
+        if s.data.get(key) == []:  # not when its items had errors of their own: those say why
             s.error(key, "must list at least one token source")
         return tuple(found) or None
 
@@ -587,7 +661,7 @@ class _Builder:
         if s is None:
             return None
         defaults = HeaderMap()
-        claims_section = s.section("claims")
+        claims_section = s.section("claims", example="{sub: X-User-Id, email: X-User-Email}")
         claims: tuple[ClaimHeader, ...] = defaults.claims
         if claims_section is not None:
             mapped = []
@@ -614,7 +688,9 @@ class _Builder:
         if s is None:
             return defaults
         # Names add to the built-in list (never weaken it by accident); prefixes replace theirs.
-        strip = StripSettings(names=defaults.names + s.strings("names"), prefixes=s.strings("prefixes", defaults.prefixes))
+        strip = StripSettings(names=defaults.names + s.string_list("names", "header names", "[X-Internal-Role]"),
+                              prefixes=s.string_list("prefixes", "header name prefixes", "[X-User-, X-Jwt-]",
+                                                     defaults.prefixes))
         s.done()
         return strip
 
@@ -630,6 +706,22 @@ class _Builder:
         )
         s.done()
         return cache
+
+
+_UPSTREAM_EXAMPLE = "{url: http://127.0.0.1:8000}"
+_HEADERS_EXAMPLE = "{claims: {sub: X-User-Id}, forward_token: false}"
+_WEBSOCKET_EXAMPLE = "{idle_timeout: 5m, max_lifetime: 24h}"
+
+
+def _url_mapping(value: Any) -> str:
+    """`jwks: https://…` or `upstream: http://…`: the URL alone was meant as `{url: …}`."""
+    return f"{{url: {value}}}" if isinstance(value, str) and "://" in value else ""
+
+
+def _scopes_mapping(value: Any) -> str:
+    """`scopes: [admin]` or `scopes: admin`: meant as every one of them, `{all_of: [admin]}`."""
+    listed = list_example(value, "")
+    return f"{{all_of: {listed}}} (each needed) or {{any_of: {listed}}} (one of them)" if listed else ""
 
 
 def _kid_note(kid: str | None) -> str:
@@ -660,7 +752,13 @@ def _listen(s: Section, key: str, default: Listen) -> Listen | None:
         return default
     host, sep, port = value.rpartition(":")
     host = host.strip("[]") if host else "0.0.0.0"
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep and value.isdigit():
+        s.error(key, f"{value!r} has no host: write :{value} (every interface) or 127.0.0.1:{value}")
+        return None
+    if sep and port.isdigit() and not 0 < int(port) < 65536:
+        s.error(key, f"{value!r}: port {int(port)} is out of range; a port is 1 to 65535")
+        return None
+    if not sep or not port.isdigit():
         s.error(key, f"{value!r} is not host:port (e.g. 0.0.0.0:8080, 127.0.0.1:9901, [::]:8080)")
         return None
     return Listen(host=host, port=int(port))
@@ -670,7 +768,15 @@ def _url(s: Section, key: str, *, required: bool = False) -> str | None:
     url = s.string(key, required=required)
     if url is None:
         return None
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number or out of range
+    except ValueError:
+        s.error(key, f"{url!r} is not an http(s) URL with a host: its port is not a number from 1 to 65535")
+        return None
+    if not parts.scheme and not url.startswith("/") and "." in url.split("/")[0]:
+        s.error(key, f"{url!r} is not an http(s) URL with a host: it has no scheme; write https://{url}")
+        return None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         s.error(key, f"{url!r} is not an http(s) URL with a host")
         return None

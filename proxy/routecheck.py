@@ -9,7 +9,8 @@ at start and on reload) whenever a request on a path that an authenticated route
 land on another route with weaker auth: a method the route does not list falls through to a
 later route, or the other spelling of a `path_exact` (with or without its trailing slash)
 goes elsewhere. Weaker is: no auth, an optional token, another provider, fewer scopes or
-fewer claim rules.
+fewer claim rules. A WARNING too for a table that protects nothing: no routes (every request
+is a 404), or no route that requires a token (every route `auth: none` or `optional`).
 
 The analysis is exact for prefixes and exact paths. A regex is compared by its literal
 start (`^/api/v` → every path under `/api/v…`); when that is unknown it is assumed to
@@ -38,10 +39,12 @@ def format_warning(issue: ConfigIssue) -> str:
     return f"{where}: warning: {issue.path}: {issue.message}"
 
 
-def check(routes: Sequence[Route], places: Sequence[tuple[str, int | None]], issues: Issues) -> list[ConfigIssue]:
+def check(routes: Sequence[Route], places: Sequence[tuple[str, int | None]], issues: Issues, *,
+          table_line: int | None = None) -> list[ConfigIssue]:
     """Add an error to `issues` for each route that can never match; return the warnings.
 
-    `places` holds each route's dotted path (`routes[2]`) and line, in the same order.
+    `places` holds each route's dotted path (`routes[2]`) and line, in the same order;
+    `table_line` is the line of the `routes` key (None when there is none).
     """
     line_of = {route.name: line for route, (_, line) in zip(routes, places, strict=True)}
     areas = [_area(route) for route in routes]
@@ -64,7 +67,7 @@ def check(routes: Sequence[Route], places: Sequence[tuple[str, int | None]], iss
                     break
     if issues.items:
         return []
-    warnings: list[ConfigIssue] = []
+    warnings: list[ConfigIssue] = _unguarded(routes, table_line, issues.file)
     router = Router(routes)
     for i, (route, area, (path, line)) in enumerate(zip(routes, areas, places, strict=True)):
         if route.auth is None:
@@ -72,6 +75,25 @@ def check(routes: Sequence[Route], places: Sequence[tuple[str, int | None]], iss
         warnings += _fall_through(i, routes, areas, line_of, path, line, issues.file)
         warnings += _other_spelling(route, area, routes, router, line_of, path, line, issues.file)
     return warnings
+
+
+def _unguarded(routes: Sequence[Route], line: int | None, file: str) -> list[ConfigIssue]:
+    """A table that protects nothing: no routes at all, or none that requires a token.
+
+    Both load (a sidecar that only strips identity headers is a choice), but a first config
+    or a copied example often ends up like this by mistake.
+    """
+    if not routes:
+        return [ConfigIssue(file, line, "routes", "there are no routes, so every request is refused with 404 "
+                            "(no_route); add one, e.g. - {match: {path_prefix: /}, auth: {provider: NAME}}")]
+    if all(route.auth is None for route in routes):
+        return [ConfigIssue(file, line, "routes", "no route needs a token (every route is `auth: none`): "
+                            "every request reaches the upstream unauthenticated; give the routes to protect "
+                            "`auth: {provider: NAME}`")]
+    if all(route.auth is None or route.auth.optional for route in routes):
+        return [ConfigIssue(file, line, "routes", "no route requires a token (every route is `auth: none` or "
+                            "`optional: true`): a request without a token reaches the upstream on every route")]
+    return []
 
 
 # -- methods: every method, or a finite set, or every method but a finite set -------------------

@@ -89,7 +89,8 @@ def test_the_repository_config_is_valid() -> None:
         ("providers: {main: {issuer: i, audiences: [a], jwks: {url: 'ftp://x'}}}",
          "c.yaml:1: providers.main.jwks.url: 'ftp://x' is not an http(s) URL with a host"),
         ("providers:\n  main:\n    issuer: i\n    audiences: [a]\n    jwks: {url: 'https://x', cahce_ttl: 5m}\n",
-         "c.yaml:5: providers.main.jwks.cahce_ttl: unknown key; allowed here: cache_ttl, min_refresh_interval, timeout, url"),
+         "c.yaml:5: providers.main.jwks.cahce_ttl: unknown key; did you mean cache_ttl? allowed here: cache_ttl, "
+         "min_refresh_interval, timeout, url"),
         ("providers:\n  main:\n    issuer: i\n    audiences: [a]\n    jwks: {url: 'https://x'}\n    leeway: 5 minutes\n",
          "c.yaml:6: providers.main.leeway: '5 minutes' is not a duration like 30s, 5m, 1h or 250ms"),
         ("providers:\n  main:\n    issuer: i\n    audiences: [a]\n    jwks: {url: 'https://x'}\n    algorithms: [RS256, none]\n",
@@ -103,10 +104,10 @@ def test_the_repository_config_is_valid() -> None:
         ("providers:\n  main:\n    audiences: [a]\n    jwks: {url: 'https://x'}\n",
          "c.yaml:2: providers.main.issuer: is required: a string or a list of strings"),
         ("providers:\n  main:\n    issuer: i\n    audiences: [a]\n",
-         "c.yaml:2: providers.main: needs exactly one key source: jwks, discovery, jwks_file, pem_file or secret"),
+         "c.yaml:2: providers.main: needs a key source: one of jwks, discovery, jwks_file, pem_file, secret"),
         ("providers:\n  main:\n    issuer: i\n    audiences: [a]\n    jwks: {url: 'https://x'}\n    jwks_file: k.json\n",
-         "c.yaml:2: providers.main: needs exactly one key source: jwks, discovery, jwks_file, pem_file or secret "
-         "(found jwks, jwks_file)"),
+         "c.yaml:6: providers.main.jwks_file: jwks and jwks_file are mutually exclusive: a provider has exactly one key "
+         "source (jwks, discovery, jwks_file, pem_file, secret); keep one of them"),
         ("providers:\n  main:\n    issuer: i\n    audiences: [a]\n    secret: {env: JWT_SIDECAR_TEST_UNSET}\n",
          "c.yaml:5: providers.main.secret.env: environment variable JWT_SIDECAR_TEST_UNSET is not set"),
         ("providers:\n  main:\n    issuer: '${JWT_SIDECAR_TEST_UNSET}'\n    audiences: [a]\n    jwks: {url: 'https://x'}\n",
@@ -115,14 +116,15 @@ def test_the_repository_config_is_valid() -> None:
          "c.yaml:5: providers.main.discovery: `discovery: true` needs exactly one issuer; give the discovery URL instead"),
         ("providers:\n  main: {issuer: i, audiences: [a], jwks: {url: 'https://x'}}\n"
          "routes:\n  - match: {path_prefix: /}\n    auth: {provider: mian}\n",
-         "c.yaml:5: routes[0].auth.provider: unknown provider 'mian'; known providers: main"),
+         "c.yaml:5: routes[0].auth.provider: unknown provider 'mian'; did you mean main? known providers: main"),
         ("providers:\n  main: {issuer: i, audiences: [a], jwks: {url: 'https://x'}}\n"
          "routes:\n  - match: {path_prefix: /}\n    auth:\n      provider: main\n      claims:\n        - {claim: e, matches: '(['}\n",
          "c.yaml:8: routes[0].auth.claims[0].matches: '([' is not a valid regular expression: "
          "unterminated character set at position 1"),
         ("providers:\n  main: {issuer: i, audiences: [a], jwks: {url: 'https://x'}}\n"
          "routes:\n  - match: {path_prefix: /}\n    auth:\n      provider: main\n      claims:\n        - {claim: e, equals: 1, one_of: [1]}\n",
-         "c.yaml:8: routes[0].auth.claims[0]: needs exactly one of equals, one_of, contains, matches, present"),
+         "c.yaml:8: routes[0].auth.claims[0].one_of: equals and one_of are mutually exclusive: a claim rule has exactly "
+         "one of equals, one_of, contains, matches, present"),
         ("providers:\n  main: {issuer: i, audiences: [a], jwks: {url: 'https://x'}}\n"
          "routes:\n  - match: {path_prefix: admin/}\n    auth: none\n",
          "c.yaml:4: routes[0].match.path_prefix: 'admin/' must start with /"),
@@ -326,7 +328,7 @@ def test_secret_and_pem_file_take_an_optional_kid(tmp_path: Path, rsa_key: TestK
     ("{issuer: i, audiences: [a], pem_file: {file: rsa.pem, kid: ''}}",
      "c.yaml:3: providers.p.pem_file.kid: must not be empty"),
     ("{issuer: i, audiences: [a], pem_file: {file: rsa.pem, kdi: x}}",
-     "c.yaml:3: providers.p.pem_file.kdi: unknown key; allowed here: file, kid"),
+     "c.yaml:3: providers.p.pem_file.kdi: unknown key; did you mean kid? allowed here: file, kid"),
     ("{issuer: i, audiences: [a], pem_file: {kid: x}}",
      "c.yaml:3: providers.p.pem_file.file: is required"),
     ("{issuer: i, audiences: [a], pem_file: {file: missing.pem, kid: x}}",

@@ -341,16 +341,27 @@ def _token_mint(args: argparse.Namespace) -> int:
     return 0
 
 
+EXPLAIN_EXIT_STATUSES: dict[int, str] = {
+    0: "VALID: every check the proxy runs passed",
+    1: "INVALID: the proxy refuses this token, or the input is not a JWT; the last line names the reason",
+    2: "usage error (an unknown option or --provider, --provider without a config)",
+    3: "NOT VERIFIED: decoded only: no config, a config with problems, or the provider's keys could not be loaded",
+}
+"""`token explain`'s exit statuses, as its help and README.md list them."""
+
+
 def _add_token_explain(actions: Any) -> None:
     p = actions.add_parser(
         "explain",
-        help="run every check on a token and say which pass and which fail",
-        description="Decode TOKEN without trusting it, then run every check the proxy runs, printing each "
-        "with PASS/FAIL and the reason. Exit 0 only if the token is valid. Remote keys are fetched once.",
+        help="say what a token is and run every check on it, saying which pass and which fail",
+        description="Say what TOKEN is (\"not a JWT: ...\" stops there), decode it WITHOUT trusting it, then run "
+        "every check the proxy runs, in its order, printing each with PASS/FAIL/---- and the reason the proxy "
+        "would log. With no config, only decode and run the checks no config changes. Remote keys are fetched once.",
+        epilog="exit status: " + "; ".join(f"{code} {text}" for code, text in EXPLAIN_EXIT_STATUSES.items()),
     )
-    p.add_argument("token", metavar="TOKEN", help="the token ('-' reads it from stdin)")
-    p.add_argument("--config", type=Path, default=Path("config.yaml"), metavar="FILE",
-                   help="the config file (default ./config.yaml)")
+    p.add_argument("token", metavar="TOKEN", help="the token ('-' reads it from stdin; a leading 'Bearer ' is ignored)")
+    p.add_argument("--config", type=Path, default=None, metavar="FILE",
+                   help="the config file (default $JWT_SIDECAR_CONFIG, else ./config.yaml if it exists, else none)")
     p.add_argument("--provider", metavar="NAME", help="the provider to check against (default: by the token's iss)")
     p.set_defaults(run=_token_explain, parser=p)
 
@@ -360,20 +371,77 @@ def _token_explain(args: argparse.Namespace) -> int:
     # Accept a pasted "Bearer xyz" too: the scheme is not part of the token.
     if token[:7].lower() == "bearer ":
         token = token[7:].strip()
-    settings = config.load(args.config)
-    header, payload = explain_mod.unverified_parts(token)
-    provider = explain_mod.choose_provider(settings, payload, args.provider)
+    settings, no_config = _explain_settings(args.config)
+    if settings is None and args.provider is not None:
+        raise _UsageError(f"--provider needs a config; {no_config}", args.parser)
+    form = explain_mod.inspect(token)
+    if form.problem is not None:
+        # What the input is comes first, and nothing else is said about something that is no JWT.
+        print(form.problem)
+        limit = settings.max_token_bytes if settings is not None else explain_mod.DEFAULT_MAX_TOKEN_BYTES
+        if len(token) > limit:
+            print(f"it is also {len(token)} bytes, over the limit of {limit}, which the proxy checks first")
+            print(f"INVALID: {explain_mod.Reason.TOO_LARGE}")
+        else:
+            print(f"INVALID: {explain_mod.Reason.MALFORMED}")
+        return 1
+    now = time.time()
+    print(_render_form(form, now))
+    if settings is None:
+        report = explain_mod.explain_without_config(form)
+        print(f"{no_config}; only the checks every config makes the same were run:")
+        print(_render_steps(report))
+        print("a config is needed to check " + ", ".join(explain_mod.CONFIG_CHECKS))
+        failure = report.first_failure
+        if failure is not None:
+            print(f"refused whatever the config ({failure.name}: {failure.detail})")
+            print(f"INVALID: {failure.reason}")
+            return 1
+        print("NOT VERIFIED: no config")
+        return 3
+    if args.provider is not None and args.provider not in settings.providers:
+        raise _UsageError(f"unknown provider {args.provider!r}; known: {', '.join(settings.providers) or '(none)'}",
+                          args.parser)
+    provider = explain_mod.choose_provider(settings, form.payload, args.provider)
     if provider is None:
-        if args.provider is not None:
-            raise _UsageError(f"unknown provider {args.provider!r}; known: {', '.join(settings.providers)}", args.parser)
-        iss = payload.get("iss") if payload else None
-        print(f"no provider accepts iss {iss!r}; known issuers: "
-              + "; ".join(f"{p.name}: {', '.join(p.issuers)}" for p in settings.providers.values()))
-        print("give --provider NAME to check against one anyway")
+        problem, reason = explain_mod.provider_problem(settings, form.payload)
+        print(f"provider: none chosen: {problem}")
+        print("give --provider NAME to run every check against one of them")
+        print(f"INVALID: {reason}")
         return 1
     report = asyncio.run(_explain(token, provider, settings))
-    print(_render(report, provider))
-    return 0 if report.valid else 1
+    chosen = "as named" if args.provider is not None else (
+        "by the token's iss" if form.payload is not None and form.payload.get("iss") in provider.issuers
+        else "the config's only provider")
+    print(f"provider: {provider.name} ({provider.keys.origin}), {chosen}")
+    print(_render_steps(report))
+    if report.valid:
+        print("VALID")
+        return 0
+    failure = report.first_failure
+    if failure is None or failure.reason is explain_mod.Reason.NO_KEYS:
+        print(f"NOT VERIFIED: {failure.reason if failure else 'not every check could run'}")
+        return 3
+    print(f"INVALID: {failure.reason}")
+    return 1
+
+
+def _explain_settings(path: Path | None) -> tuple[config.Settings | None, str]:
+    """The config `token explain` checks against, or None and why there is none."""
+    if path is None:
+        named = os.environ.get("JWT_SIDECAR_CONFIG")
+        if named:
+            path = Path(named)
+        else:
+            path = Path("config.yaml")
+            if not path.exists():
+                return None, "no config: ./config.yaml does not exist and no --config FILE was given"
+    try:
+        return config.load(path), ""
+    except ConfigError as error:
+        for issue in error.issues:
+            print(issue, file=sys.stderr)
+        return None, f"no config: {path} has {len(error.issues)} problem(s), listed on stderr"
 
 
 async def _explain(token: str, provider: config.Provider, settings: config.Settings) -> explain_mod.Report:
@@ -388,17 +456,25 @@ async def _explain(token: str, provider: config.Provider, settings: config.Setti
             await source.close()
 
 
-def _render(report: explain_mod.Report, provider: config.Provider) -> str:
-    lines = ["token (decoded WITHOUT verification):"]
-    lines.append(f"  header:  {json.dumps(report.header, sort_keys=True) if report.header is not None else '(does not decode)'}")
-    lines.append(f"  payload: {json.dumps(report.payload, sort_keys=True) if report.payload is not None else '(does not decode)'}")
-    lines.append(f"provider: {provider.name} ({provider.keys.origin})")
+def _render_form(form: explain_mod.Form, now: float) -> str:
+    lines = [f"input: {form.summary}", "decoded WITHOUT verification (nothing here is trusted until the signature verifies):"]
+    lines.append(f"  header:  {json.dumps(form.header, sort_keys=True)}")
+    if form.payload is None:
+        lines.append(f"  payload: does not decode: {(form.payload_problem or '').removeprefix('payload: ')}")
+    else:
+        lines.append(f"  payload: {json.dumps(form.payload, sort_keys=True)}")
+        for name in ("iat", "nbf", "exp"):
+            if name in form.payload:
+                lines.append(f"  {name}:     {explain_mod.when(form.payload[name], now)}")
+    return "\n".join(lines)
+
+
+def _render_steps(report: explain_mod.Report) -> str:
     marks = {True: "PASS", False: "FAIL", None: "----"}
+    lines = []
     for step in report.steps:
         reason = f"   [{step.reason}]" if step.reason is not None else ""
         lines.append(f"  {marks[step.ok]}  {step.name:<16}{step.detail}{reason}".rstrip())
-    failure = report.first_failure
-    lines.append("VALID" if report.valid else f"INVALID: {failure.reason if failure else 'not every check could run'}")
     return "\n".join(lines)
 
 

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime
 import json
 import logging
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -30,7 +32,8 @@ from .clock import SystemClock
 from .errors import ConfigError
 from .keys import key_source_for
 from .jwks import SUPPORTED_ALGORITHMS
-from .keygen import GENERATE_ALGORITHMS, SECRET_ENCODINGS, KeyToolError, generate, mint, parse_claim, read_secret, write
+from .keygen import (GENERATE_ALGORITHMS, SECRET_ENCODINGS, KeyToolError, generate, mint, parse_claim,
+                     secret_for_minting, write)
 from .yamlsource import parse_duration
 
 __all__ = ["build_parser", "main"]
@@ -262,8 +265,7 @@ def _keys_generate(args: argparse.Namespace) -> int:
         print(f"  algorithms: [{key.alg}]")
         print()
         print("Mint a test token:")
-        print(f"  {PROG} token mint --secret-file {private} --secret-encoding base64url "
-              "--iss ISSUER --aud AUDIENCE --sub SUBJECT")
+        print(f"  {PROG} token mint --secret-file {private} --iss ISSUER --aud AUDIENCE --sub SUBJECT")
         return 0
     jwks = written[1]
     print(f"wrote {private}: the private key (PKCS#8, mode 0600); keep it secret, never commit it")
@@ -302,23 +304,40 @@ def _add_token_mint(actions: Any) -> None:
         "mint",
         help="sign a token with a private key or shared secret",
         description="Print a signed token, alone, on stdout: TOKEN=$(jwt-sidecar token mint ...). "
-        "It carries iss, aud, sub, iat, exp and a random jti, then every --claim.",
+        "It carries iss, aud, sub, iat, exp, nbf with --not-before, a random jti, then every --claim. "
+        "Exit 0 printed, 1 the key, secret or claims cannot make a token, 2 usage error.",
     )
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--key", type=Path, metavar="PEM", help="PEM private key (RSA, EC or Ed25519)")
-    source.add_argument("--secret-file", type=Path, metavar="FILE", help="file holding an HMAC secret")
+    source.add_argument("--secret-file", type=Path, metavar="FILE",
+                        help="file holding an HMAC secret; one written by `keys generate` needs no --secret-encoding")
     p.add_argument("--secret-encoding", choices=SECRET_ENCODINGS,
-                   help="how --secret-file is written, as in the provider's `secret:` (default utf-8)")
+                   help="how --secret-file is written, as in the provider's `secret: encoding:`; needed only when "
+                        "the file could be read more than one way (default: the one way it reads)")
     p.add_argument("--alg", choices=SUPPORTED_ALGORITHMS, help="signing algorithm (default: implied by the key)")
     p.add_argument("--kid", help="key id for the token header")
     p.add_argument("--iss", required=True, help="issuer")
     p.add_argument("--aud", required=True, action="append", metavar="AUD", help="audience (repeatable)")
     p.add_argument("--sub", help="subject")
-    p.add_argument("--ttl", type=_duration, default=300.0, metavar="DURATION",
-                   help="lifetime, e.g. 30s, 5m, 1h (default 5m)")
+    p.add_argument("--ttl", type=_ttl, default=300.0, metavar="DURATION",
+                   help="exp from now: 60 (seconds), 30s, 5m, 1h30m (default 5m); negative for a token that "
+                        "expired that long ago: --ttl=-5m")
+    p.add_argument("--not-before", type=_not_before, metavar="WHEN",
+                   help="set nbf: an offset from now (5m, 90, --not-before=-1m) or a time with its zone "
+                        "(2026-12-03T10:00:00Z); after now makes a token that is not valid yet")
     p.add_argument("--claim", type=_claim, action="append", default=[], metavar="NAME=VALUE",
                    help="extra claim; VALUE is JSON when it parses (true, 3, [\"a\"]), else a string (repeatable)")
     p.set_defaults(run=_token_mint, parser=p)
+    usage_error = p.error
+
+    def error(message: str) -> NoReturn:
+        # argparse reads `--ttl -5m` as two options; say how to give a negative value.
+        if message in ("argument --ttl: expected one argument", "argument --not-before: expected one argument"):
+            option = message.split(":")[0].removeprefix("argument ")
+            message += f" (write a negative value with '=': {option}={'-5m' if option == '--ttl' else '-1m'})"
+        usage_error(message)
+
+    p.error = error  # type: ignore[method-assign]
 
 
 def _token_mint(args: argparse.Namespace) -> int:
@@ -332,10 +351,19 @@ def _token_mint(args: argparse.Namespace) -> int:
     if args.key is not None:
         private_key_pem, secret = _read(args.key), None
     else:
-        private_key_pem, secret = None, read_secret(_read(args.secret_file), args.secret_encoding or "utf-8")
+        secret, encoding = secret_for_minting(_read(args.secret_file), args.secret_encoding,
+                                              source=str(args.secret_file), alg=args.alg)
+        private_key_pem = None
+        if args.secret_encoding is None and encoding != "utf-8":
+            # Not silent: the provider that checks these tokens must read the file the same way.
+            print(f"{PROG}: note: read {args.secret_file} as {encoding} text, the form `keys generate` writes; "
+                  f"the provider needs `secret: {{file: ..., encoding: {encoding}}}`", file=sys.stderr)
+    now = time.time()
+    kind, when = args.not_before if args.not_before is not None else (None, 0.0)
     token = mint(
         private_key_pem=private_key_pem, secret=secret, alg=args.alg, kid=args.kid,
-        iss=args.iss, aud=args.aud, sub=args.sub, ttl_seconds=args.ttl, claims=claims, now=time.time(),
+        iss=args.iss, aud=args.aud, sub=args.sub, ttl_seconds=args.ttl, claims=claims, now=now,
+        not_before=None if kind is None else now + when if kind == "offset" else when,
     )
     print(token)
     return 0
@@ -481,14 +509,41 @@ def _render_steps(report: explain_mod.Report) -> str:
 # -- argument types -----------------------------------------------------------------------
 
 
-def _duration(text: str) -> float:
+def _offset(text: str) -> float:
+    """Seconds from a signed duration: 60, -300, 30s, -5m, +1h30m (a plain number is seconds, as in the config)."""
+    body = text.strip()
+    sign = -1.0 if body.startswith("-") else 1.0
+    body = body[1:] if body[:1] in "+-" else body
     try:
-        seconds = parse_duration(text)
+        return sign * float(body) if _PLAIN_SECONDS.fullmatch(body) else sign * parse_duration(body)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a duration; use e.g. 30s, 5m, 1h30m") from None
-    if seconds < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is too short; use at least 1s")
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration; use e.g. 60, 30s, 5m, 1h30m, -5m") from None
+
+
+_PLAIN_SECONDS = re.compile(r"\d+(?:\.\d+)?")
+
+
+def _ttl(text: str) -> float:
+    seconds = _offset(text)
+    if abs(seconds) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is too short; use at least 1s (or -1s for an expired token)")
     return seconds
+
+
+def _not_before(text: str) -> tuple[str, float]:
+    """("offset", seconds from now) or ("at", a Unix time)."""
+    try:
+        return "offset", _offset(text)
+    except argparse.ArgumentTypeError:
+        pass
+    try:
+        moment = datetime.datetime.fromisoformat(text.strip().replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither an offset (5m, -1m, 90) nor a time "
+                                         "(2026-12-03T10:00:00Z)") from None
+    if moment.tzinfo is None:
+        raise argparse.ArgumentTypeError(f"{text!r} has no time zone; add one, e.g. {text.strip()}Z for UTC")
+    return "at", moment.timestamp()
 
 
 def _claim(text: str) -> tuple[str, Any]:

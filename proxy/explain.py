@@ -155,7 +155,8 @@ def _header_words(segment: str, detail: str) -> str:
         return detail
     what = detail.removeprefix("header: ")
     if what == "not a JSON object":  # say what it is instead
-        kind = _JSON_KINDS.get(type(json.loads(_JWS._decode_base64url_segment(segment.encode(), "header"))), "a JSON value")
+        value = json.loads(_JWS._decode_base64url_segment(segment.encode(), "header"))
+        kind = _JSON_KINDS.get(type(value), "a JSON value")
         return f"not a JWT: the header is {kind}, not a JSON object"
     if what == "empty":
         return "not a JWT: the header segment is empty"
@@ -195,7 +196,8 @@ def provider_problem(settings: Settings, payload: Mapping[str, Any] | None) -> t
     if not settings.providers:
         return "the config has no providers, so no token is accepted", Reason.ISSUER
     if payload is None:
-        return f"the payload does not decode, so its iss cannot choose a provider (issuers: {issuers})", Reason.MALFORMED
+        return (f"the payload does not decode, so its iss cannot choose a provider (issuers: {issuers})",
+                Reason.MALFORMED)
     if "iss" not in payload or payload["iss"] is None:
         return f"the token has no iss, so no provider can be chosen by it (issuers: {issuers})", Reason.MISSING_CLAIM
     return f"no provider accepts iss {shown(payload['iss'])} (issuers: {issuers})", Reason.ISSUER
@@ -360,7 +362,8 @@ def explain_without_config(form: Form) -> Report:
     header = TokenHeader(alg=form.header.get("alg"), kid=form.header.get("kid"), fields=form.header)
     alg = header.alg
     if not isinstance(alg, str) or alg not in SUPPORTED_ALGORITHMS:
-        what = "the header has no alg" if "alg" not in form.header else f"alg {shown(alg)} is not one the proxy supports"
+        what = ("the header has no alg" if "alg" not in form.header
+                else f"alg {shown(alg)} is not one the proxy supports")
         report.steps.append(Step("alg", False, f"{what}; no config can allow it ({', '.join(SUPPORTED_ALGORITHMS)} "
                                                "are supported)", Reason.ALG_NOT_ALLOWED))
     else:

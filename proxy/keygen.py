@@ -312,8 +312,9 @@ def mint(
         if "nbf" in extra:
             raise KeyToolError("nbf is given twice: as a not-before time and as a claim")
         if int(not_before) >= expires:
-            raise KeyToolError(f"the token would never be valid: its nbf ({int(not_before) - issued:+d}s from now) is "
-                               f"not before its exp ({int(ttl_seconds):+d}s); give a longer ttl or an earlier not-before")
+            raise KeyToolError(f"the token would never be valid: its nbf ({int(not_before) - issued:+d}s from now) "
+                               f"is not before its exp ({int(ttl_seconds):+d}s); give a longer ttl or an earlier "
+                               "not-before")
         payload["nbf"] = int(not_before)
     payload["jti"] = secrets.token_urlsafe(16)
     payload.update(extra)

@@ -4,7 +4,9 @@ Owns: the order and content of every check RFC 7515/7519/8725/9068 asks of a JWS
 token (size, one canonical base64url spelling, strict JSON with no duplicate member names,
 header, alg allow-list, typ, crit, signature, NumericDate types, exp, nbf, iat, token age,
 iss, aud, required claims), the mapping of PyJWT's exceptions onto our `Reason`s,
-and the verified-token cache. Does not own: fetching keys (keys.py hands us candidates),
+the operator text of every refusal (the `detail` the proxy logs and `token explain` prints:
+our own phrases, a token's values via `shown`, never `None` or a library's message;
+`segment_problem` names what is wrong with a segment), and the verified-token cache. Does not own: fetching keys (keys.py hands us candidates),
 route rules (rules.py), or where the token came from (extract.py).
 
 The checks are small named functions in two tables, `HEADER_CHECKS` and `CLAIM_CHECKS`:
@@ -247,8 +249,8 @@ def read_header(token: str, *, max_bytes: int) -> TokenHeader:
     try:
         raw = _JWS._decode_base64url_segment(segment.encode("ascii"), "header")
     except (DecodeError, UnicodeEncodeError):
-        raise InvalidToken(Reason.MALFORMED,
-                           f"not a JWT: {segment_problem(segment, 'header') or 'the header is not base64url'}") from None
+        problem = segment_problem(segment, "header") or "the header is not base64url"
+        raise InvalidToken(Reason.MALFORMED, f"not a JWT: {problem}") from None
     try:
         fields = _STRICT_JSON(raw.decode("utf-8"))
     except (ValueError, RecursionError) as error:
@@ -263,7 +265,8 @@ def _check_alg(header: TokenHeader, provider: Provider) -> None:
     # (RFC 7515 §4.1.1), so "none", "None" and "NONE" are all refused.
     if not isinstance(header.alg, str) or header.alg not in provider.algorithms:
         if "alg" not in header.fields:
-            raise InvalidToken(Reason.ALG_NOT_ALLOWED, f"the header has no alg; the allow-list is {list(provider.algorithms)}")
+            raise InvalidToken(Reason.ALG_NOT_ALLOWED,
+                               f"the header has no alg; the allow-list is {list(provider.algorithms)}")
         raise InvalidToken(Reason.ALG_NOT_ALLOWED,
                            f"alg {shown(header.alg)} is not in the allow-list {list(provider.algorithms)}")
 
@@ -338,8 +341,8 @@ def verify_signature(token: str, header: TokenHeader, keys: Sequence[PyJWK]) -> 
         signature = _JWS._decode_base64url_segment(crypto_segment, "signature")
     except DecodeError:
         parts = token.split(".")
-        raise InvalidToken(Reason.MALFORMED, segment_problem(parts[1], "payload") or segment_problem(parts[2], "signature")
-                           or "the payload or signature segment is not base64url") from None
+        problem = segment_problem(parts[1], "payload") or segment_problem(parts[2], "signature")
+        raise InvalidToken(Reason.MALFORMED, problem or "the payload or signature segment is not base64url") from None
     failures: list[str] = []
     for key in keys:
         name = f"key {key.key_id!r}" if key.key_id else "the key without kid"

@@ -148,7 +148,7 @@ def test_a_secret_file_that_does_not_read_as_said_is_refused(
     (["--ttl", "60"], 60), (["--ttl=60"], 60), (["--ttl", "90.5"], 90), (["--ttl", "5m"], 300),
     (["--ttl", "1h30m"], 5400), (["--ttl", "+2m"], 120), ([], 300),
     (["--ttl=-5m"], -300), (["--ttl", "-300"], -300), (["--ttl=-1s"], -1),
-], ids=lambda v: " ".join(v) if isinstance(v, list) else str(v))
+], ids=lambda v: (" ".join(v) or "default") if isinstance(v, list) else str(v))
 def test_ttl_forms_round_trip(capsys: pytest.CaptureFixture[str], tmp_path: Path, argv: list[str],
                               lifetime: int) -> None:
     secret_file = generated_secret(capsys, tmp_path / "keys")

@@ -396,9 +396,9 @@ def _add_token_explain(actions: Any) -> None:
 
 def _token_explain(args: argparse.Namespace) -> int:
     token = (sys.stdin.readline() if args.token == "-" else args.token).strip()
-    # Accept a pasted "Bearer xyz" too: the scheme is not part of the token.
-    if token[:7].lower() == "bearer ":
-        token = token[7:].strip()
+    # Accept a pasted "Bearer xyz" or a whole "Authorization: Bearer xyz" line too: neither
+    # the header name nor the scheme is part of the token.
+    token = _PASTED_PREFIX.sub("", token, count=1).strip()
     settings, no_config = _explain_settings(args.config)
     if settings is None and args.provider is not None:
         raise _UsageError(f"--provider needs a config; {no_config}", args.parser)
@@ -452,6 +452,9 @@ def _token_explain(args: argparse.Namespace) -> int:
         return 3
     print(f"INVALID: {failure.reason}")
     return 1
+
+
+_PASTED_PREFIX = re.compile(r"\A(?:authorization:[ \t]*)?bearer[ \t]+", re.IGNORECASE)
 
 
 def _explain_settings(path: Path | None) -> tuple[config.Settings | None, str]:

@@ -127,6 +127,8 @@ def inspect(token: str) -> Form:
     size = len(token)
     if not token:
         return Form(size, "not a JWT: the input is empty")
+    if len(token) > 1 and token[0] == token[-1] and token[0] in "\"'":
+        return Form(size, "not a JWT: it is in quotes; give the token without them")
     parts = token.split(".")
     if len(parts) != 3:
         if len(parts) == 5:
@@ -207,7 +209,8 @@ def provider_problem(settings: Settings, payload: Mapping[str, Any] | None) -> t
 def when(value: Any, now: float) -> str:
     """A NumericDate as an operator reads it: `2026-12-03T09:13:09Z (in 4m 59s)`."""
     if not _is_number(value):
-        return f"{shown(value)} (not a JSON number)"
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return f"{shown(value)} ({'a number beyond any date' if number else 'not a JSON number'})"
     try:
         stamp = datetime.datetime.fromtimestamp(value, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     except (OverflowError, OSError, ValueError):

@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding
 
 from proxy.cli import main
-from proxy.errors import InvalidToken
+from proxy.errors import InvalidToken, Reason
 from proxy.keygen import generate, write
 from tests.conftest import AUDIENCE, ISSUER, TestKey, _rsa, jwks_of, mint
 
@@ -222,6 +222,17 @@ CASES: list[tuple[str, Callable[[Keys], str], str, str, str | None]] = [
      "malformed"),
     ("json-instead-of-a-token", lambda k: '{"sub":"x"}', "/a", "main", "malformed"),
 ]
+
+
+def test_the_table_covers_every_reason_the_token_path_can_give() -> None:
+    # What verify.py, keys.py and identity.py (the claim headers) can refuse a token for: each
+    # is in the table above. (A key outage, KeysUnavailable's no_keys, is
+    # tests/unit/test_explain_inputs.py::test_keys_that_cannot_be_loaded_are_not_verified.)
+    root = Path(__file__).resolve().parents[2] / "proxy"
+    raised = {Reason[name].value for file in ("verify.py", "keys.py", "identity.py")
+              for name in re.findall(r"Reason\.([A-Z_]+)", (root / file).read_text())}
+    covered = {reason for *_, expected in CASES if expected for reason in expected.split("|")}
+    assert raised and raised <= covered, raised - covered
 
 
 def signed_hs(secret: bytes, header: str, payload: str) -> str:

@@ -50,6 +50,8 @@ def no_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 @pytest.mark.parametrize("text, first_line", [
     ("hello world", f"not a JWT: {ONE_SEGMENT}; it contains whitespace, which no JWT does"),
     ("Bearer hello", f"not a JWT: {ONE_SEGMENT}"),
+    ("Authorization: bearer  hello", f"not a JWT: {ONE_SEGMENT}"),
+    ('"e30.e30.AAAA"', "not a JWT: it is in quotes; give the token without them"),
     ("", "not a JWT: the input is empty"),
     ("abc", f"not a JWT: {ONE_SEGMENT}"),
     ('{"alg":"RS256"}', f"not a JWT: {ONE_SEGMENT}; it is JSON text, not a token (a JWT's parts are base64url-encoded)"),
@@ -76,7 +78,7 @@ def no_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     (f"{b64('null')}.e30.AAAA", "not a JWT: the header is JSON null, not a JSON object"),
     (b64('{"a":1,"a":1}') + ".e30.AAAA",
      "not a JWT: the header is not strict JSON: duplicate member name 'a'"),
-], ids=["hello-world", "bearer-word", "empty", "one-word", "json", "two", "four", "five", "jwe", "base64-plus", "padded",
+], ids=["hello-world", "bearer-word", "authorization-line", "quoted", "empty", "one-word", "json", "two", "four", "five", "jwe", "base64-plus", "padded",
         "unused-bits", "not-json", "length-1-mod-4", "punctuation", "not-utf8", "empty-header", "array", "number",
         "null", "duplicate"])
 @pytest.mark.parametrize("with_config", [True, False], ids=["config", "no-config"])

@@ -59,7 +59,8 @@ _SECRET_BYTES = 64
 _MIN_HMAC_BYTES = {"HS256": 32, "HS384": 48, "HS512": 64}
 # What `keys generate` writes for a secret (`GeneratedKey.file_bytes`): the unpadded base64url
 # text of _SECRET_BYTES bytes and a newline. `token mint` reads this shape as base64url.
-_GENERATED = re.compile(rb"[A-Za-z0-9_-]{%d}\n?" % len(base64.urlsafe_b64encode(bytes(_SECRET_BYTES)).rstrip(b"=")))
+_GENERATED = re.compile(rb"[A-Za-z0-9_-]{%d}(?:\r?\n)?"
+                        % len(base64.urlsafe_b64encode(bytes(_SECRET_BYTES)).rstrip(b"=")))
 # The kid names the key's file, so it must be a plain file name.
 _KID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _CURVES = {"secp256r1": ("P-256", "ES256"), "secp384r1": ("P-384", "ES384"), "secp521r1": ("P-521", "ES512")}
@@ -199,8 +200,12 @@ def secret_for_minting(data: bytes, encoding: str | None, *, source: str, alg: s
     line) is base64url; any other file must read one way only, counting only readings long
     enough for `alg` (default HS256): a file that is also valid base64 or base64url text
     decoding to another usable secret is refused, since a wrong guess signs tokens no
-    provider accepts. So a secret is never signed with silently guessed bytes.
+    provider accepts. So a secret is never signed with silently guessed bytes. A PEM key is
+    refused in any case: it belongs to --key, and as an HMAC secret it is the algorithm
+    confusion of RFC 8725 §2.1.
     """
+    if b"-----BEGIN " in data:
+        raise KeyToolError(f"{source} holds a PEM key, not a shared secret; sign with --key {source}")
     if encoding is not None:
         try:
             return read_secret(data, encoding), encoding

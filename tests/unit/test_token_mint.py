@@ -103,6 +103,16 @@ def test_a_generated_secret_in_every_encoding_verifies_against_a_provider_readin
     assert explain(capsys, out.strip(), config) == (0, "VALID")
 
 
+def test_a_generated_secret_with_windows_line_ends_still_reads_as_written(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    secret_file = generated_secret(capsys, tmp_path / "keys")
+    copied = tmp_path / "copied.secret"
+    copied.write_bytes(secret_file.read_bytes().replace(b"\n", b"\r\n"))
+    status, out, err = run(capsys, *mint_args("--secret-file", copied))
+    assert status == 0, err
+    assert explain(capsys, out.strip(), provider_config(tmp_path, secret_file, "base64url")) == (0, "VALID")
+
+
 def test_a_generated_secret_read_as_text_by_its_provider_needs_the_encoding_said(
         capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     # A provider with no `encoding:` reads the file's text as the secret (utf-8, the default).
@@ -130,8 +140,10 @@ def test_a_generated_secret_read_as_text_by_its_provider_needs_the_encoding_said
     (b"\n", None, "the secret is empty"),
     (b"a-shared-text-secret-31-bytes!!\n", None, "the secret is 31 bytes; HS256 needs at least 32"),
     (b"YWJjZGVmZ2hpamtsbW5vcHFyc3R1dnd4eXoxMjM0NTY3ODkw\n", None, "can be read more than one way"),
+    (b"-----BEGIN PUBLIC KEY-----\nMFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAE\n-----END PUBLIC KEY-----\n", "utf-8",
+     "{path} holds a PEM key, not a shared secret; sign with --key {path}"),
 ], ids=["text-as-base64url", "base64url-as-base64", "text-as-base64", "empty-utf8", "empty", "too-short",
-        "ambiguous"])
+        "ambiguous", "pem"])
 def test_a_secret_file_that_does_not_read_as_said_is_refused(
         capsys: pytest.CaptureFixture[str], tmp_path: Path, content: bytes, encoding: str | None, message: str) -> None:
     path = tmp_path / "secret"

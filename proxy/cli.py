@@ -1,7 +1,7 @@
 """The `jwt-sidecar` command: parse the command line, call the module that owns the work, report.
 
 Owns: the commands, their options and help, reading the files a command names, what is
-printed, and the exit status (0 done, 1 failed, 2 usage). Does not own: any of the work
+printed, and the exit status (0 done, 1 failed, 2 usage, 3 not verified). Does not own: any of the work
 itself (keygen.py makes keys and tokens) or exiting the process: `main` returns the status,
 and `python -m proxy` or the console script hands it to `SystemExit`.
 

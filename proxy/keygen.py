@@ -3,7 +3,8 @@
 Owns: generating RS256/ES256/EdDSA key pairs and HS256 secrets (never one secretcheck.py
 refuses), writing private material with mode 0600 (never overwriting a key), writing or
 extending a public JWK Set for a key rotation, reading a secret file the way a provider's
-`secret: {file:, encoding:}` does, and minting a signed token from a private key or secret.
+`secret: {file:, encoding:}` does (and, for `token mint`, the one way a file can be read:
+`secret_for_minting`), and minting a signed token from a private key or secret.
 Does not own: argument parsing or printing (cli.py), loading keys for the proxy (config.py,
 keys.py) or verifying tokens (verify.py).
 

@@ -489,7 +489,7 @@ async def _explain(token: str, provider: config.Provider, settings: config.Setti
 
 def _render_form(form: explain_mod.Form, now: float) -> str:
     lines = [f"input: {form.summary}",
-             "decoded WITHOUT verification (nothing here is trusted until the signature verifies):"]
+             "decoded, UNVERIFIED (nothing here is trusted until the signature verifies):"]
     lines.append(f"  header:  {json.dumps(form.header, sort_keys=True)}")
     if form.payload is None:
         lines.append(f"  payload: does not decode: {(form.payload_problem or '').removeprefix('payload: ')}")

@@ -106,7 +106,7 @@ def test_without_a_config_the_token_is_decoded_and_marked_unverified(
     lines = out.splitlines()
     assert err == ""
     assert lines[0] == f"input: a JWT (JWS compact serialization, 3 segments, {len(token)} bytes): alg 'RS256', no kid"
-    assert lines[1] == "decoded WITHOUT verification (nothing here is trusted until the signature verifies):"
+    assert lines[1] == "decoded, UNVERIFIED (nothing here is trusted until the signature verifies):"
     assert lines[2] == '  header:  {"alg": "RS256", "typ": "JWT"}'
     assert lines[3].startswith('  payload: {"aud": "api://orders", "exp": ') and '"sub": "alice"' in lines[3]
     exp = next(line for line in lines if line.startswith("  exp:"))

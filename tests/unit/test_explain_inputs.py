@@ -225,3 +225,58 @@ def test_readme_lists_every_mint_flag() -> None:
     section = readme_section("### `jwt-sidecar token mint`")
     documented = set(re.findall(r"^\| `(--[a-z-]+)", section, re.MULTILINE))
     assert documented == options(subcommand("token", "mint"))
+
+
+# -- mutated tokens: explain never crashes and agrees with the proxy's verifier ----------------
+def proxy_verdict(config_path: Path, token: str) -> tuple[str | None, str]:
+    """What the proxy's own Verifier (the code `run` uses) says: (reason, detail) or (None, "")."""
+    from proxy import config
+    from proxy.clock import SystemClock
+    from proxy.errors import InvalidToken
+    from proxy.keys import key_source_for
+    from proxy.verify import Verifier
+
+    settings = config.load(config_path)
+    provider = settings.providers["main"]
+
+    async def verify() -> tuple[str | None, str]:
+        source = key_source_for(provider, session=None, clock=SystemClock())  # type: ignore[arg-type]
+        await source.start()
+        try:
+            await Verifier(provider, source, clock=SystemClock(), max_token_bytes=settings.max_token_bytes).verify(token)
+        except InvalidToken as error:
+            return str(error.reason), error.detail
+        finally:
+            await source.close()
+        return None, ""
+
+    return asyncio.run(verify())
+
+
+def test_mutated_tokens(capsys: pytest.CaptureFixture[str], config_file: Path, rsa_key: TestKey) -> None:
+    import random
+
+    rng = random.Random(11)
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_=+/. \t{}\"'\x00é\udcff"
+    base = mint(key=rsa_key)
+    for _ in range(300):
+        token = list(base)
+        for _ in range(rng.randint(1, 3)):
+            at = rng.randrange(len(token))
+            what = rng.random()
+            if what < 0.5:
+                token[at] = rng.choice(alphabet)
+            elif what < 0.75:
+                del token[at]
+            else:
+                token.insert(at, rng.choice(alphabet))
+        text = "".join(token)
+        status = main(["token", "explain", text, "--config", str(config_file), "--provider", "main"])
+        out, err = capsys.readouterr()
+        assert "Traceback" not in err and not re.search(r"""(?<!['"])\bNone\b""", out), (text, out, err)
+        reason, detail = proxy_verdict(config_file, text.strip())
+        last = out.rstrip("\n").splitlines()[-1]
+        assert (status, last) == ((0, "VALID") if reason is None else (1, f"INVALID: {reason}")), (text, out)
+        failures = [line for line in out.splitlines() if line.startswith("  FAIL")]
+        if failures:
+            assert failures[0].endswith(f"{detail}   [{reason}]"), (text, out, detail)

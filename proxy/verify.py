@@ -6,8 +6,9 @@ header, alg allow-list, typ, crit, signature, NumericDate types, exp, nbf, iat, 
 iss, aud, required claims), the mapping of PyJWT's exceptions onto our `Reason`s,
 the operator text of every refusal (the `detail` the proxy logs and `token explain` prints:
 our own phrases, a token's values via `shown`, never `None` or a library's message;
-`segment_problem` names what is wrong with a segment), and the verified-token cache. Does not own: fetching keys (keys.py hands us candidates),
-route rules (rules.py), or where the token came from (extract.py).
+`segment_problem` names what is wrong with a segment), and the verified-token cache. Does
+not own: fetching keys (keys.py hands us candidates), route rules (rules.py), or where the
+token came from (extract.py).
 
 The checks are small named functions in two tables, `HEADER_CHECKS` and `CLAIM_CHECKS`:
 `verify` stops at the first failure; `explain` runs every one of them and reports each.
@@ -212,8 +213,7 @@ def segment_problem(segment: str, name: str) -> str | None:
         return f"the {name} segment has {ascii(char)} {at}, which is not base64url"
     if len(segment) % 4 == 1:
         return (f"the {name} segment is {len(segment)} character{'s' if len(segment) != 1 else ''} long, "
-                "which no base64url text is "
-                "(a character is missing or extra)")
+                "which no base64url text is (a character is missing or extra)")
     tail = len(segment) % 4
     unused = 0x0F if tail == 2 else 0x03 if tail == 3 else 0
     last = _SEXTET[ord(segment[-1])] if unused else 0
@@ -358,7 +358,7 @@ def verify_signature(token: str, header: TokenHeader, keys: Sequence[PyJWK]) -> 
             if algorithm.verify(signing_input, prepared, signature):
                 return payload
         except PyJWTError:
-            failures.append(f"{name} cannot be used as an {header.alg} key")
+            failures.append(f"{name} cannot be used for {header.alg}")
             continue
         failures.append(f"{name} does not match the signature")
     raise InvalidToken(Reason.BAD_SIGNATURE, f"signature ({header.alg}) does not verify: " + "; ".join(failures))

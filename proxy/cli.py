@@ -402,6 +402,9 @@ def _token_explain(args: argparse.Namespace) -> int:
     settings, no_config = _explain_settings(args.config)
     if settings is None and args.provider is not None:
         raise _UsageError(f"--provider needs a config; {no_config}", args.parser)
+    if settings is not None and args.provider is not None and args.provider not in settings.providers:
+        raise _UsageError(f"unknown provider {args.provider!r}; known: {', '.join(settings.providers) or '(none)'}",
+                          args.parser)
     form = explain_mod.inspect(token)
     if form.problem is not None:
         # What the input is comes first, and nothing else is said about something that is no JWT.
@@ -427,9 +430,6 @@ def _token_explain(args: argparse.Namespace) -> int:
             return 1
         print("NOT VERIFIED: no config")
         return 3
-    if args.provider is not None and args.provider not in settings.providers:
-        raise _UsageError(f"unknown provider {args.provider!r}; known: {', '.join(settings.providers) or '(none)'}",
-                          args.parser)
     provider = explain_mod.choose_provider(settings, form.payload, args.provider)
     if provider is None:
         problem, reason = explain_mod.provider_problem(settings, form.payload)

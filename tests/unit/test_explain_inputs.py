@@ -280,3 +280,10 @@ def test_mutated_tokens(capsys: pytest.CaptureFixture[str], config_file: Path, r
         failures = [line for line in out.splitlines() if line.startswith("  FAIL")]
         if failures:
             assert failures[0].endswith(f"{detail}   [{reason}]"), (text, out, detail)
+
+
+def test_an_unknown_provider_is_a_usage_error_before_anything_is_printed(
+        capsys: pytest.CaptureFixture[str], config_file: Path, rsa_key: TestKey) -> None:
+    assert main(["token", "explain", mint(key=rsa_key), "--config", str(config_file), "--provider", "nope"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "jwt-sidecar: error: unknown provider 'nope'; known: main" in err

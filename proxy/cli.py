@@ -1,7 +1,7 @@
 """The `jwt-sidecar` command: parse the command line, call the module that owns the work, report.
 
 Owns: the commands, their options and help, reading the files a command names, what is
-printed, and the exit status (0 done, 1 failed, 2 usage). Does not own: any of the work
+printed, and the exit status (0 done, 1 failed, 2 usage, 3 not verified). Does not own: any of the work
 itself (keygen.py makes keys and tokens) or exiting the process: `main` returns the status,
 and `python -m proxy` or the console script hands it to `SystemExit`.
 
@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime
 import json
 import logging
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -30,7 +32,8 @@ from .clock import SystemClock
 from .errors import ConfigError
 from .keys import key_source_for
 from .jwks import SUPPORTED_ALGORITHMS
-from .keygen import GENERATE_ALGORITHMS, SECRET_ENCODINGS, KeyToolError, generate, mint, parse_claim, read_secret, write
+from .keygen import (GENERATE_ALGORITHMS, SECRET_ENCODINGS, KeyToolError, generate, mint, parse_claim,
+                     secret_for_minting, write)
 from .yamlsource import parse_duration
 
 __all__ = ["build_parser", "main"]
@@ -262,8 +265,7 @@ def _keys_generate(args: argparse.Namespace) -> int:
         print(f"  algorithms: [{key.alg}]")
         print()
         print("Mint a test token:")
-        print(f"  {PROG} token mint --secret-file {private} --secret-encoding base64url "
-              "--iss ISSUER --aud AUDIENCE --sub SUBJECT")
+        print(f"  {PROG} token mint --secret-file {private} --iss ISSUER --aud AUDIENCE --sub SUBJECT")
         return 0
     jwks = written[1]
     print(f"wrote {private}: the private key (PKCS#8, mode 0600); keep it secret, never commit it")
@@ -302,23 +304,40 @@ def _add_token_mint(actions: Any) -> None:
         "mint",
         help="sign a token with a private key or shared secret",
         description="Print a signed token, alone, on stdout: TOKEN=$(jwt-sidecar token mint ...). "
-        "It carries iss, aud, sub, iat, exp and a random jti, then every --claim.",
+        "It carries iss, aud, sub, iat, exp, nbf with --not-before, a random jti, then every --claim. "
+        "Exit 0 printed, 1 the key, secret or claims cannot make a token, 2 usage error.",
     )
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--key", type=Path, metavar="PEM", help="PEM private key (RSA, EC or Ed25519)")
-    source.add_argument("--secret-file", type=Path, metavar="FILE", help="file holding an HMAC secret")
+    source.add_argument("--secret-file", type=Path, metavar="FILE",
+                        help="file holding an HMAC secret; one written by `keys generate` needs no --secret-encoding")
     p.add_argument("--secret-encoding", choices=SECRET_ENCODINGS,
-                   help="how --secret-file is written, as in the provider's `secret:` (default utf-8)")
+                   help="how --secret-file is written, as in the provider's `secret: encoding:`; needed only when "
+                        "the file could be read more than one way (default: the one way it reads)")
     p.add_argument("--alg", choices=SUPPORTED_ALGORITHMS, help="signing algorithm (default: implied by the key)")
     p.add_argument("--kid", help="key id for the token header")
     p.add_argument("--iss", required=True, help="issuer")
     p.add_argument("--aud", required=True, action="append", metavar="AUD", help="audience (repeatable)")
     p.add_argument("--sub", help="subject")
-    p.add_argument("--ttl", type=_duration, default=300.0, metavar="DURATION",
-                   help="lifetime, e.g. 30s, 5m, 1h (default 5m)")
+    p.add_argument("--ttl", type=_ttl, default=300.0, metavar="DURATION",
+                   help="exp from now: 60 (seconds), 30s, 5m, 1h30m (default 5m); negative for a token that "
+                        "expired that long ago: --ttl=-5m")
+    p.add_argument("--not-before", type=_not_before, metavar="WHEN",
+                   help="set nbf: an offset from now (5m, 90, --not-before=-1m) or a time with its zone "
+                        "(2026-12-03T10:00:00Z); after now makes a token that is not valid yet")
     p.add_argument("--claim", type=_claim, action="append", default=[], metavar="NAME=VALUE",
                    help="extra claim; VALUE is JSON when it parses (true, 3, [\"a\"]), else a string (repeatable)")
     p.set_defaults(run=_token_mint, parser=p)
+    usage_error = p.error
+
+    def error(message: str) -> NoReturn:
+        # argparse reads `--ttl -5m` as two options; say how to give a negative value.
+        if message in ("argument --ttl: expected one argument", "argument --not-before: expected one argument"):
+            option = message.split(":")[0].removeprefix("argument ")
+            message += f" (write a negative value with '=': {option}={'-5m' if option == '--ttl' else '-1m'})"
+        usage_error(message)
+
+    p.error = error  # type: ignore[method-assign]
 
 
 def _token_mint(args: argparse.Namespace) -> int:
@@ -332,48 +351,128 @@ def _token_mint(args: argparse.Namespace) -> int:
     if args.key is not None:
         private_key_pem, secret = _read(args.key), None
     else:
-        private_key_pem, secret = None, read_secret(_read(args.secret_file), args.secret_encoding or "utf-8")
+        secret, encoding = secret_for_minting(_read(args.secret_file), args.secret_encoding,
+                                              source=str(args.secret_file), alg=args.alg)
+        private_key_pem = None
+        if args.secret_encoding is None and encoding != "utf-8":
+            # Not silent: the provider that checks these tokens must read the file the same way.
+            print(f"{PROG}: note: read {args.secret_file} as {encoding} text, the form `keys generate` writes; "
+                  f"the provider needs `secret: {{file: ..., encoding: {encoding}}}`", file=sys.stderr)
+    now = time.time()
+    kind, when = args.not_before if args.not_before is not None else (None, 0.0)
     token = mint(
         private_key_pem=private_key_pem, secret=secret, alg=args.alg, kid=args.kid,
-        iss=args.iss, aud=args.aud, sub=args.sub, ttl_seconds=args.ttl, claims=claims, now=time.time(),
+        iss=args.iss, aud=args.aud, sub=args.sub, ttl_seconds=args.ttl, claims=claims, now=now,
+        not_before=None if kind is None else now + when if kind == "offset" else when,
     )
     print(token)
     return 0
 
 
+EXPLAIN_EXIT_STATUSES: dict[int, str] = {
+    0: "VALID: every check the proxy runs passed",
+    1: "INVALID: the proxy refuses this token, or the input is not a JWT; the last line names the reason",
+    2: "usage error (an unknown option or --provider, --provider without a config)",
+    3: "NOT VERIFIED: decoded only: no config, a config with problems, or the provider's keys could not be loaded",
+}
+"""`token explain`'s exit statuses, as its help and README.md list them."""
+
+
 def _add_token_explain(actions: Any) -> None:
     p = actions.add_parser(
         "explain",
-        help="run every check on a token and say which pass and which fail",
-        description="Decode TOKEN without trusting it, then run every check the proxy runs, printing each "
-        "with PASS/FAIL and the reason. Exit 0 only if the token is valid. Remote keys are fetched once.",
+        help="say what a token is and run every check on it, saying which pass and which fail",
+        description="Say what TOKEN is (\"not a JWT: ...\" stops there), decode it WITHOUT trusting it, then run "
+        "every check the proxy runs, in its order, printing each with PASS/FAIL/---- and the reason the proxy "
+        "would log. With no config, only decode and run the checks no config changes. Remote keys are fetched once.",
+        epilog="exit status: " + "; ".join(f"{code} {text}" for code, text in EXPLAIN_EXIT_STATUSES.items()),
     )
-    p.add_argument("token", metavar="TOKEN", help="the token ('-' reads it from stdin)")
-    p.add_argument("--config", type=Path, default=Path("config.yaml"), metavar="FILE",
-                   help="the config file (default ./config.yaml)")
+    p.add_argument("token", metavar="TOKEN", help="the token ('-' reads it from stdin; a leading 'Bearer ' is ignored)")
+    p.add_argument("--config", type=Path, default=None, metavar="FILE",
+                   help="the config file (default $JWT_SIDECAR_CONFIG, else ./config.yaml if it exists, else none)")
     p.add_argument("--provider", metavar="NAME", help="the provider to check against (default: by the token's iss)")
     p.set_defaults(run=_token_explain, parser=p)
 
 
 def _token_explain(args: argparse.Namespace) -> int:
     token = (sys.stdin.readline() if args.token == "-" else args.token).strip()
-    # Accept a pasted "Bearer xyz" too: the scheme is not part of the token.
-    if token[:7].lower() == "bearer ":
-        token = token[7:].strip()
-    settings = config.load(args.config)
-    header, payload = explain_mod.unverified_parts(token)
-    provider = explain_mod.choose_provider(settings, payload, args.provider)
+    # Accept a pasted "Bearer xyz" or a whole "Authorization: Bearer xyz" line too: neither
+    # the header name nor the scheme is part of the token.
+    token = _PASTED_PREFIX.sub("", token, count=1).strip()
+    settings, no_config = _explain_settings(args.config)
+    if settings is None and args.provider is not None:
+        raise _UsageError(f"--provider needs a config; {no_config}", args.parser)
+    if settings is not None and args.provider is not None and args.provider not in settings.providers:
+        raise _UsageError(f"unknown provider {args.provider!r}; known: {', '.join(settings.providers) or '(none)'}",
+                          args.parser)
+    form = explain_mod.inspect(token)
+    if form.problem is not None:
+        # What the input is comes first, and nothing else is said about something that is no JWT.
+        print(form.problem)
+        limit = settings.max_token_bytes if settings is not None else explain_mod.DEFAULT_MAX_TOKEN_BYTES
+        if len(token) > limit:
+            print(f"it is also {len(token)} bytes, over the limit of {limit}, which the proxy checks first")
+            print(f"INVALID: {explain_mod.Reason.TOO_LARGE}")
+        else:
+            print(f"INVALID: {explain_mod.Reason.MALFORMED}")
+        return 1
+    now = time.time()
+    print(_render_form(form, now))
+    if settings is None:
+        report = explain_mod.explain_without_config(form)
+        print(f"{no_config}; only the checks every config makes the same were run:")
+        print(_render_steps(report))
+        print("a config is needed to check " + ", ".join(explain_mod.CONFIG_CHECKS))
+        failure = report.first_failure
+        if failure is not None:
+            print(f"refused whatever the config ({failure.name}: {failure.detail})")
+            print(f"INVALID: {failure.reason}")
+            return 1
+        print("NOT VERIFIED: no config")
+        return 3
+    provider = explain_mod.choose_provider(settings, form.payload, args.provider)
     if provider is None:
-        if args.provider is not None:
-            raise _UsageError(f"unknown provider {args.provider!r}; known: {', '.join(settings.providers)}", args.parser)
-        iss = payload.get("iss") if payload else None
-        print(f"no provider accepts iss {iss!r}; known issuers: "
-              + "; ".join(f"{p.name}: {', '.join(p.issuers)}" for p in settings.providers.values()))
-        print("give --provider NAME to check against one anyway")
+        problem, reason = explain_mod.provider_problem(settings, form.payload)
+        print(f"provider: none chosen: {problem}")
+        print("give --provider NAME to run every check against one of them")
+        print(f"INVALID: {reason}")
         return 1
     report = asyncio.run(_explain(token, provider, settings))
-    print(_render(report, provider))
-    return 0 if report.valid else 1
+    chosen = "as named" if args.provider is not None else (
+        "by the token's iss" if form.payload is not None and form.payload.get("iss") in provider.issuers
+        else "the config's only provider")
+    print(f"provider: {provider.name} ({provider.keys.origin}), {chosen}")
+    print(_render_steps(report))
+    if report.valid:
+        print("VALID")
+        return 0
+    failure = report.first_failure
+    if failure is None or failure.reason is explain_mod.Reason.NO_KEYS:
+        print(f"NOT VERIFIED: {failure.reason if failure else 'not every check could run'}")
+        return 3
+    print(f"INVALID: {failure.reason}")
+    return 1
+
+
+_PASTED_PREFIX = re.compile(r"\A(?:authorization:[ \t]*)?bearer[ \t]+", re.IGNORECASE)
+
+
+def _explain_settings(path: Path | None) -> tuple[config.Settings | None, str]:
+    """The config `token explain` checks against, or None and why there is none."""
+    if path is None:
+        named = os.environ.get("JWT_SIDECAR_CONFIG")
+        if named:
+            path = Path(named)
+        else:
+            path = Path("config.yaml")
+            if not path.exists():
+                return None, "no config: ./config.yaml does not exist and no --config FILE was given"
+    try:
+        return config.load(path), ""
+    except ConfigError as error:
+        for issue in error.issues:
+            print(issue, file=sys.stderr)
+        return None, f"no config: {path} has {len(error.issues)} problem(s), listed on stderr"
 
 
 async def _explain(token: str, provider: config.Provider, settings: config.Settings) -> explain_mod.Report:
@@ -388,31 +487,67 @@ async def _explain(token: str, provider: config.Provider, settings: config.Setti
             await source.close()
 
 
-def _render(report: explain_mod.Report, provider: config.Provider) -> str:
-    lines = ["token (decoded WITHOUT verification):"]
-    lines.append(f"  header:  {json.dumps(report.header, sort_keys=True) if report.header is not None else '(does not decode)'}")
-    lines.append(f"  payload: {json.dumps(report.payload, sort_keys=True) if report.payload is not None else '(does not decode)'}")
-    lines.append(f"provider: {provider.name} ({provider.keys.origin})")
+def _render_form(form: explain_mod.Form, now: float) -> str:
+    lines = [f"input: {form.summary}",
+             "decoded, UNVERIFIED (nothing here is trusted until the signature verifies):"]
+    lines.append(f"  header:  {json.dumps(form.header, sort_keys=True)}")
+    if form.payload is None:
+        lines.append(f"  payload: does not decode: {(form.payload_problem or '').removeprefix('payload: ')}")
+    else:
+        lines.append(f"  payload: {json.dumps(form.payload, sort_keys=True)}")
+        for name in ("iat", "nbf", "exp"):
+            if name in form.payload:
+                lines.append(f"  {name}:     {explain_mod.when(form.payload[name], now)}")
+    return "\n".join(lines)
+
+
+def _render_steps(report: explain_mod.Report) -> str:
     marks = {True: "PASS", False: "FAIL", None: "----"}
+    lines = []
     for step in report.steps:
         reason = f"   [{step.reason}]" if step.reason is not None else ""
         lines.append(f"  {marks[step.ok]}  {step.name:<16}{step.detail}{reason}".rstrip())
-    failure = report.first_failure
-    lines.append("VALID" if report.valid else f"INVALID: {failure.reason if failure else 'not every check could run'}")
     return "\n".join(lines)
 
 
 # -- argument types -----------------------------------------------------------------------
 
 
-def _duration(text: str) -> float:
+def _offset(text: str) -> float:
+    """Seconds from a signed duration: 60, -300, 30s, -5m, +1h30m (a plain number is seconds, as in the config)."""
+    body = text.strip()
+    sign = -1.0 if body.startswith("-") else 1.0
+    body = body[1:] if body[:1] in "+-" else body
     try:
-        seconds = parse_duration(text)
+        return sign * float(body) if _PLAIN_SECONDS.fullmatch(body) else sign * parse_duration(body)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a duration; use e.g. 30s, 5m, 1h30m") from None
-    if seconds < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is too short; use at least 1s")
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration; use e.g. 60, 30s, 5m, 1h30m, -5m") from None
+
+
+_PLAIN_SECONDS = re.compile(r"\d+(?:\.\d+)?")
+
+
+def _ttl(text: str) -> float:
+    seconds = _offset(text)
+    if abs(seconds) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is too short; use at least 1s (or -1s for an expired token)")
     return seconds
+
+
+def _not_before(text: str) -> tuple[str, float]:
+    """("offset", seconds from now) or ("at", a Unix time)."""
+    try:
+        return "offset", _offset(text)
+    except argparse.ArgumentTypeError:
+        pass
+    try:
+        moment = datetime.datetime.fromisoformat(text.strip().replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither an offset (5m, -1m, 90) nor a time "
+                                         "(2026-12-03T10:00:00Z)") from None
+    if moment.tzinfo is None:
+        raise argparse.ArgumentTypeError(f"{text!r} has no time zone; add one, e.g. {text.strip()}Z for UTC")
+    return "at", moment.timestamp()
 
 
 def _claim(text: str) -> tuple[str, Any]:

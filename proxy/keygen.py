@@ -3,7 +3,8 @@
 Owns: generating RS256/ES256/EdDSA key pairs and HS256 secrets (never one secretcheck.py
 refuses), writing private material with mode 0600 (never overwriting a key), writing or
 extending a public JWK Set for a key rotation, reading a secret file the way a provider's
-`secret: {file:, encoding:}` does, and minting a signed token from a private key or secret.
+`secret: {file:, encoding:}` does (and, for `token mint`, the one way a file can be read:
+`secret_for_minting`), and minting a signed token from a private key or secret.
 Does not own: argument parsing or printing (cli.py), loading keys for the proxy (config.py,
 keys.py) or verifying tokens (verify.py).
 
@@ -42,6 +43,7 @@ __all__ = [
     "mint",
     "parse_claim",
     "read_secret",
+    "secret_for_minting",
     "write",
 ]
 
@@ -56,6 +58,10 @@ _MAX_RSA_BITS = 16384
 # the default `algorithms` (HS256, HS384, HS512) accepts it.
 _SECRET_BYTES = 64
 _MIN_HMAC_BYTES = {"HS256": 32, "HS384": 48, "HS512": 64}
+# What `keys generate` writes for a secret (`GeneratedKey.file_bytes`): the unpadded base64url
+# text of _SECRET_BYTES bytes and a newline. `token mint` reads this shape as base64url.
+_GENERATED = re.compile(rb"[A-Za-z0-9_-]{%d}(?:\r?\n)?"
+                        % len(base64.urlsafe_b64encode(bytes(_SECRET_BYTES)).rstrip(b"=")))
 # The kid names the key's file, so it must be a plain file name.
 _KID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _CURVES = {"secp256r1": ("P-256", "ES256"), "secp384r1": ("P-384", "ES384"), "secp521r1": ("P-521", "ES512")}
@@ -186,6 +192,58 @@ def read_secret(data: bytes, encoding: str) -> bytes:
     return data
 
 
+def secret_for_minting(data: bytes, encoding: str | None, *, source: str, alg: str | None = None) -> tuple[bytes, str]:
+    """The HMAC secret a secret file holds for `token mint`, and the encoding it was read with.
+
+    With `encoding`: read exactly as a provider with that `encoding:` reads it, and a file
+    that is not that encoding is refused, naming the encodings it does read as. Without: the
+    form `keys generate` writes (the unpadded base64url text of its 64 random bytes, one
+    line) is base64url; any other file must read one way only, counting only readings long
+    enough for `alg` (default HS256): a file that is also valid base64 or base64url text
+    decoding to another usable secret is refused, since a wrong guess signs tokens no
+    provider accepts. So a secret is never signed with silently guessed bytes. A PEM key is
+    refused in any case: it belongs to --key, and as an HMAC secret it is the algorithm
+    confusion of RFC 8725 §2.1.
+    """
+    if b"-----BEGIN " in data:
+        raise KeyToolError(f"{source} holds a PEM key, not a shared secret; sign with --key {source}")
+    if encoding is not None:
+        try:
+            return read_secret(data, encoding), encoding
+        except KeyToolError as error:
+            if str(error) == "the secret is empty":
+                raise KeyToolError(f"{source} is empty") from None
+            others = [e for e in SECRET_ENCODINGS if e != encoding and _reads_as(data, e) is not None]
+            hint = f"; it reads as {' or '.join(others)}" if others else ""
+            raise KeyToolError(f"{source} is not {encoding} text{hint}; give the --secret-encoding that the "
+                               "provider's `secret: encoding:` names") from None
+    if _GENERATED.fullmatch(data) and _reads_as(data, "base64url") is not None:
+        return read_secret(data, "base64url"), "base64url"
+    need = _MIN_HMAC_BYTES.get(alg or "HS256", 32)
+    readings: dict[bytes, list[str]] = {}
+    for name in SECRET_ENCODINGS:
+        secret = _reads_as(data, name)
+        if secret is not None and len(secret) >= need:
+            readings.setdefault(secret, []).append(name)
+    if len(readings) > 1:
+        ways = "; ".join(f"as {' or '.join(names)} text: {len(secret)} bytes" for secret, names in readings.items())
+        raise KeyToolError(f"{source} can be read more than one way ({ways}), and a token signed with the wrong "
+                           "bytes verifies nowhere; give --secret-encoding as the provider's `secret: encoding:` "
+                           "says (utf-8 when it says none)")
+    if readings:
+        (names,) = readings.values()
+        return read_secret(data, names[0]), names[0]
+    # No reading is long enough: the provider's default, whose length mint then refuses in words.
+    return read_secret(data, "utf-8"), "utf-8"
+
+
+def _reads_as(data: bytes, encoding: str) -> bytes | None:
+    try:
+        return read_secret(data, encoding)
+    except KeyToolError:
+        return None
+
+
 def parse_claim(text: str) -> tuple[str, Any]:
     """`name=value` → (name, value): the value as JSON when it parses as JSON, else as a string.
 
@@ -218,14 +276,17 @@ def mint(
     aud: Sequence[str],
     sub: str | None = None,
     ttl_seconds: float,
+    not_before: float | None = None,
     claims: Mapping[str, Any] | None = None,
     now: float,
 ) -> str:
     """A signed token from a PEM private key or an HMAC secret (exactly one).
 
     The payload holds iss, aud (a string when there is one audience, RFC 7519 §4.1.3), sub
-    when given, iat, exp = iat + ttl, a random jti, then `claims`; a claim in `claims` may
-    replace iat, exp or jti (to mint an expired token, say) but not iss, aud or sub. `alg`
+    when given, iat (`now`), exp = iat + ttl, nbf when `not_before` (a time) is given, a random
+    jti, then `claims`. A negative ttl mints a token that expired that long ago, a
+    `not_before` after `now` one that is not valid yet: tokens to try a verifier's refusals
+    with. A claim in `claims` may replace iat, exp, nbf or jti but not iss, aud or sub. `alg`
     defaults to the one the key implies: RSA → RS256, EC → ES256/ES384/ES512 by curve,
     Ed25519 → EdDSA, a secret → HS256.
     """
@@ -241,8 +302,8 @@ def mint(
         signing_key, algorithm = _private_key_algorithm(private_key_pem, alg)
     if not aud:
         raise KeyToolError("give at least one audience")
-    if ttl_seconds < 1:
-        raise KeyToolError("the token's lifetime must be at least 1s")
+    if abs(ttl_seconds) < 1:
+        raise KeyToolError("the token's lifetime must be at least 1s (or, for an expired token, at most -1s)")
     extra = dict(claims or {})
     taken = [name for name in _OWN_ARGUMENT if name in extra]
     if taken:
@@ -251,7 +312,17 @@ def mint(
     payload: dict[str, Any] = {"iss": iss, "aud": aud[0] if len(aud) == 1 else list(aud)}
     if sub is not None:
         payload["sub"] = sub
-    payload.update(iat=issued, exp=issued + int(ttl_seconds), jti=secrets.token_urlsafe(16))
+    expires = issued + int(ttl_seconds)
+    payload.update(iat=issued, exp=expires)
+    if not_before is not None:
+        if "nbf" in extra:
+            raise KeyToolError("nbf is given twice: as a not-before time and as a claim")
+        if int(not_before) >= expires:
+            raise KeyToolError(f"the token would never be valid: its nbf ({int(not_before) - issued:+d}s from now) "
+                               f"is not before its exp ({int(ttl_seconds):+d}s); give a longer ttl or an earlier "
+                               "not-before")
+        payload["nbf"] = int(not_before)
+    payload["jti"] = secrets.token_urlsafe(16)
     payload.update(extra)
     headers = {"kid": kid} if kid is not None else None
     try:

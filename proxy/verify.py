@@ -4,8 +4,11 @@ Owns: the order and content of every check RFC 7515/7519/8725/9068 asks of a JWS
 token (size, one canonical base64url spelling, strict JSON with no duplicate member names,
 header, alg allow-list, typ, crit, signature, NumericDate types, exp, nbf, iat, token age,
 iss, aud, required claims), the mapping of PyJWT's exceptions onto our `Reason`s,
-and the verified-token cache. Does not own: fetching keys (keys.py hands us candidates),
-route rules (rules.py), or where the token came from (extract.py).
+the operator text of every refusal (the `detail` the proxy logs and `token explain` prints:
+our own phrases, a token's values via `shown`, never `None` or a library's message;
+`segment_problem` names what is wrong with a segment), and the verified-token cache. Does
+not own: fetching keys (keys.py hands us candidates), route rules (rules.py), or where the
+token came from (extract.py).
 
 The checks are small named functions in two tables, `HEADER_CHECKS` and `CLAIM_CHECKS`:
 `verify` stops at the first failure; `explain` runs every one of them and reports each.
@@ -30,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from cachetools import LRUCache
 from jwt import PyJWK, PyJWS
-from jwt.exceptions import DecodeError, InvalidKeyError, PyJWTError
+from jwt.exceptions import DecodeError, PyJWTError
 
 
 from .config import Provider, TokenCacheSettings
@@ -49,9 +52,12 @@ __all__ = [
     "Verifier",
     "check_claims",
     "check_signature",
-    "decode_unverified",
     "parse_payload",
     "read_header",
+    "segment_problem",
+    "segments_problem",
+    "shown",
+    "verify_signature",
 ]
 
 
@@ -162,12 +168,69 @@ _STRICT_JSON = json.JSONDecoder(object_pairs_hook=_one_member_per_name, parse_co
 (RFC 7515 §5.2 / RFC 7519 §7.2: UTF-8, decoded by the caller, so no encoding sniffing)."""
 
 
+def shown(value: Any, *, limit: int = 80) -> str:
+    """A value from a token in operator text: a string quoted, anything else as its JSON
+    (`null`, `true`, `[1, 2]`), never Python's spelling (`None`, `True`); long ones shortened."""
+    if isinstance(value, str):
+        text = repr(value)
+    else:
+        try:
+            text = json.dumps(value, ensure_ascii=True, allow_nan=False)
+        except (TypeError, ValueError, RecursionError):  # not from JSON: still no Python spelling
+            text = f"a {type(value).__name__}"
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def _json_problem(error: ValueError | RecursionError) -> str:
     if isinstance(error, _NotStrictJson):
         return str(error)
     if isinstance(error, RecursionError):
         return "nested too deeply"
     return "not UTF-8 JSON"
+
+
+# -- form, in words --------------------------------------------------------------------------
+_ALPHABET = frozenset(_BASE64URL_ALPHABET.decode())
+
+
+def segment_problem(segment: str, name: str) -> str | None:
+    """Why one segment is not the unpadded, canonical base64url the proxy reads, in words; or None.
+
+    The verdict is the decoder's (`_decode_base64url_segment`); this names what it objects
+    to, for the operator (logs, `token explain`). Only called once a segment was refused, or
+    by `token explain`: never on the path of a token that verifies."""
+    for index, char in enumerate(segment):
+        if char in _ALPHABET:
+            continue
+        at = f"at character {index + 1} of {len(segment)}"
+        if char == "=" and not segment[index:].strip("="):
+            return f"the {name} segment ends in '=' padding; a JWT's segments are unpadded base64url (RFC 7515 §2)"
+        if char in "+/":
+            return (f"the {name} segment has {char!r} {at}: that is base64, not base64url, which has "
+                    f"{'-' if char == '+' else '_'!r} instead (RFC 7515 §2)")
+        if char.isspace():
+            return f"the {name} segment has whitespace {at}"
+        return f"the {name} segment has {ascii(char)} {at}, which is not base64url"
+    if len(segment) % 4 == 1:
+        return (f"the {name} segment is {len(segment)} character{'s' if len(segment) != 1 else ''} long, "
+                "which no base64url text is (a character is missing or extra)")
+    tail = len(segment) % 4
+    unused = 0x0F if tail == 2 else 0x03 if tail == 3 else 0
+    last = _SEXTET[ord(segment[-1])] if unused else 0
+    if last & unused:
+        canonical = chr(_BASE64URL_ALPHABET[last & ~unused])
+        return (f"the {name} segment is not canonical base64url: its last character {segment[-1]!r} sets bits "
+                f"no byte uses (the one spelling ends in {canonical!r}; a token has one spelling, RFC 7515 §2)")
+    try:  # the proxy's decoder has the last word
+        _JWS._decode_base64url_segment(segment.encode("ascii"), name)
+    except (DecodeError, UnicodeEncodeError):
+        return f"the {name} segment is not base64url"
+    return None
+
+
+def segments_problem(count: int) -> str:
+    """A token of `count` segments, which is not 3, in words."""
+    return f"{count} segment{'s' if count != 1 else ''}, expected 3 (HEADER.PAYLOAD.SIGNATURE, each base64url)"
 
 
 # -- header --------------------------------------------------------------------------------
@@ -181,15 +244,17 @@ def read_header(token: str, *, max_bytes: int) -> TokenHeader:
         # Refuse before decoding: base64 and JSON on a huge input are work an attacker chooses.
         raise InvalidToken(Reason.TOO_LARGE, f"token is {len(token)} bytes; the limit is {max_bytes}")
     if token.count(".") != 2:
-        raise InvalidToken(Reason.MALFORMED, f"a JWS compact token has 3 segments, this one {token.count('.') + 1}")
+        raise InvalidToken(Reason.MALFORMED, f"not a JWT: {segments_problem(token.count('.') + 1)}")
+    segment = token[:token.index(".")]
     try:
-        raw = _JWS._decode_base64url_segment(token[:token.index(".")].encode("ascii"), "header")
+        raw = _JWS._decode_base64url_segment(segment.encode("ascii"), "header")
     except (DecodeError, UnicodeEncodeError):
-        raise InvalidToken(Reason.MALFORMED, "header: not unpadded, canonical base64url (RFC 7515 §2)") from None
+        problem = segment_problem(segment, "header") or "the header is not base64url"
+        raise InvalidToken(Reason.MALFORMED, f"not a JWT: {problem}") from None
     try:
         fields = _STRICT_JSON(raw.decode("utf-8"))
     except (ValueError, RecursionError) as error:
-        raise InvalidToken(Reason.MALFORMED, f"header: {_json_problem(error)}") from None
+        raise InvalidToken(Reason.MALFORMED, f"header: {_json_problem(error) if raw else 'empty'}") from None
     if not isinstance(fields, dict):
         raise InvalidToken(Reason.MALFORMED, "header: not a JSON object")
     return TokenHeader(alg=fields.get("alg"), kid=fields.get("kid"), fields=fields)
@@ -199,13 +264,16 @@ def _check_alg(header: TokenHeader, provider: Provider) -> None:
     # RFC 8725 §3.1: the allow-list decides, never the token; exact and case-sensitive
     # (RFC 7515 §4.1.1), so "none", "None" and "NONE" are all refused.
     if not isinstance(header.alg, str) or header.alg not in provider.algorithms:
+        if "alg" not in header.fields:
+            raise InvalidToken(Reason.ALG_NOT_ALLOWED,
+                               f"the header has no alg; the allow-list is {list(provider.algorithms)}")
         raise InvalidToken(Reason.ALG_NOT_ALLOWED,
-                           f"alg {header.alg!r} is not in the allow-list {list(provider.algorithms)}")
+                           f"alg {shown(header.alg)} is not in the allow-list {list(provider.algorithms)}")
 
 
 def _check_kid(header: TokenHeader, provider: Provider) -> None:
     if header.kid is not None and not isinstance(header.kid, str):
-        raise InvalidToken(Reason.MALFORMED, "kid is not a string (RFC 7515 §4.1.4)")
+        raise InvalidToken(Reason.MALFORMED, f"kid {shown(header.kid)} is not a string (RFC 7515 §4.1.4)")
 
 
 def _media_type(value: str) -> str:
@@ -219,14 +287,15 @@ def _check_typ(header: TokenHeader, provider: Provider) -> None:
         return
     typ = header.fields.get("typ")
     if not isinstance(typ, str) or _media_type(typ) != _media_type(provider.typ):
-        raise InvalidToken(Reason.TYP, f"typ {typ!r} is not {provider.typ!r} (RFC 8725 §3.11)")
+        what = "the header has no typ" if "typ" not in header.fields else f"typ {shown(typ)} is not accepted"
+        raise InvalidToken(Reason.TYP, f"{what}; the provider requires {provider.typ!r} (RFC 8725 §3.11)")
 
 
 def _check_crit(header: TokenHeader, provider: Provider) -> None:
     # RFC 7515 §4.1.11: a recipient that does not understand a listed extension must reject
     # the token. We understand none (b64=false, RFC 7797, is not for JWTs).
     if "crit" in header.fields:
-        raise InvalidToken(Reason.CRIT, f"crit {header.fields['crit']!r} names extensions we do not support")
+        raise InvalidToken(Reason.CRIT, f"crit {shown(header.fields['crit'])} names extensions we do not support")
     if "b64" in header.fields:
         raise InvalidToken(Reason.CRIT, "b64 header parameter is not allowed in a JWT (RFC 7797 §7)")
 
@@ -242,7 +311,12 @@ HEADER_CHECKS: tuple[tuple[str, HeaderCheck], ...] = (
 
 # -- signature ---------------------------------------------------------------------------
 def check_signature(token: str, header: TokenHeader, keys: Sequence[PyJWK]) -> dict[str, Any]:
-    """Verify the signature with each candidate key; return the payload of the first that verifies.
+    """Verify the signature with each candidate key; return the payload of the first that verifies."""
+    return parse_payload(verify_signature(token, header, keys))
+
+
+def verify_signature(token: str, header: TokenHeader, keys: Sequence[PyJWK]) -> bytes:
+    """Verify the signature with each candidate key; return the raw payload it signs.
 
     What `PyJWS.decode_complete` does for a key bound to one algorithm (a `PyJWK`), without
     its second decode of the header and its option merging, which were ~60% of a cache
@@ -251,10 +325,12 @@ def check_signature(token: str, header: TokenHeader, keys: Sequence[PyJWK]) -> d
     (RFC 7797) is refused; each key must be bound to the token's alg; the key is prepared
     and its length checked (`enforce_minimum_key_length`) by the key's own `Algorithm`; then
     `Algorithm.verify`. tests/unit/test_verify.py checks that this and `decode_complete`
-    agree on every token of a corpus of good, tampered and malformed ones.
+    agree on every token of a corpus of good, tampered and malformed ones. The payload is
+    parsed (`parse_payload`) only once the signature verified; `token explain` reports the
+    two steps apart. Every detail is our phrase: PyJWT's messages name its own internals.
     """
     if not keys:
-        raise InvalidToken(Reason.UNKNOWN_KID, f"no key for kid {header.kid!r} and alg {header.alg}")
+        raise InvalidToken(Reason.UNKNOWN_KID, f"no key for {_kid_words(header.kid)} and alg {shown(header.alg)}")
     if header.fields.get("b64", True) is False:
         raise InvalidToken(Reason.MALFORMED, "b64=false (RFC 7797): the payload is not base64url-encoded JSON")
     data = token.encode("utf-8", "surrogatepass")
@@ -263,43 +339,40 @@ def check_signature(token: str, header: TokenHeader, keys: Sequence[PyJWK]) -> d
     try:
         payload = _JWS._decode_base64url_segment(payload_segment, "payload")
         signature = _JWS._decode_base64url_segment(crypto_segment, "signature")
-    except DecodeError as error:
-        raise InvalidToken(Reason.MALFORMED, _phrase(error)) from None
+    except DecodeError:
+        parts = token.split(".")
+        problem = segment_problem(parts[1], "payload") or segment_problem(parts[2], "signature")
+        raise InvalidToken(Reason.MALFORMED, problem or "the payload or signature segment is not base64url") from None
     failures: list[str] = []
     for key in keys:
-        name = key.key_id or "(no kid)"
+        name = f"key {key.key_id!r}" if key.key_id else "the key without kid"
         if key.algorithm_name != header.alg:
-            failures.append(f"{name}: bound to {key.algorithm_name}, not {header.alg}")
+            failures.append(f"{name} is bound to {key.algorithm_name}, not {shown(header.alg)}")
             continue
         algorithm = key.Algorithm
         try:
             prepared = algorithm.prepare_key(key.key)
-            too_short = algorithm.check_key_length(prepared)
-            if too_short:  # e.g. an HMAC key shorter than RFC 7518 §3.2 allows
-                failures.append(f"{name}: {too_short}")
+            if algorithm.check_key_length(prepared):  # e.g. an HMAC key shorter than RFC 7518 §3.2 allows
+                failures.append(f"{name} is too short for {header.alg} (RFC 7518 §3)")
                 continue
             if algorithm.verify(signing_input, prepared, signature):
-                return parse_payload(payload)
-        except InvalidKeyError as error:
-            failures.append(f"{name}: {error}")
+                return payload
+        except PyJWTError:
+            failures.append(f"{name} cannot be used for {header.alg}")
             continue
-        except PyJWTError as error:
-            raise InvalidToken(Reason.BAD_SIGNATURE, _phrase(error)) from None
-        failures.append(f"{name}: signature mismatch")
-    raise InvalidToken(Reason.BAD_SIGNATURE, "signature does not verify: " + "; ".join(failures))
+        failures.append(f"{name} does not match the signature")
+    raise InvalidToken(Reason.BAD_SIGNATURE, f"signature ({header.alg}) does not verify: " + "; ".join(failures))
 
 
-def decode_unverified(token: str) -> tuple[dict[str, Any], bytes]:
-    """Header and raw payload with no check at all: for `token explain`'s display only."""
-    decoded = _JWS.decode_complete(token, options={"verify_signature": False})
-    return decoded["header"], decoded["payload"]
+def _kid_words(kid: Any) -> str:
+    return "this token (no kid)" if kid is None else f"kid {shown(kid)}"
 
 
 def parse_payload(raw: bytes) -> dict[str, Any]:
     try:
         payload = _STRICT_JSON(raw.decode("utf-8"))
     except (ValueError, RecursionError) as error:
-        raise InvalidToken(Reason.MALFORMED, f"payload: {_json_problem(error)}") from None
+        raise InvalidToken(Reason.MALFORMED, f"payload: {_json_problem(error) if raw else 'empty'}") from None
     if not isinstance(payload, dict):
         raise InvalidToken(Reason.MALFORMED, "payload is not a JSON object (RFC 7519 §7.2)")
     return payload
@@ -322,14 +395,15 @@ def _check_dates_are_numbers(payload: Mapping[str, Any], provider: Provider, now
     for name in ("exp", "nbf", "iat"):
         if name in payload and not _is_number(payload[name]):
             raise InvalidToken(Reason.MALFORMED_CLAIM,
-                               f"{name} is {payload[name]!r}; a NumericDate is a JSON number (RFC 7519 §2)")
+                               f"{name} is {shown(payload[name])}; a NumericDate is a JSON number (RFC 7519 §2)")
 
 
 def _check_required(payload: Mapping[str, Any], provider: Provider, now: float) -> None:
     # iss and aud are always required: RFC 8725 §3.8 and §3.9.
     for name in ("iss", "aud", *provider.required_claims):
         if payload.get(name) is None:
-            raise InvalidToken(Reason.MISSING_CLAIM, f"required claim {name!r} is missing")
+            what = "is missing" if name not in payload else "is null"
+            raise InvalidToken(Reason.MISSING_CLAIM, f"required claim {name!r} {what}")
 
 
 def _check_exp(payload: Mapping[str, Any], provider: Provider, now: float) -> None:
@@ -365,7 +439,8 @@ def _check_iss(payload: Mapping[str, Any], provider: Provider, now: float) -> No
     iss = payload.get("iss")
     # RFC 7519 §4.1.1: StringOrURI, compared as exact strings, no normalisation.
     if not isinstance(iss, str) or iss not in provider.issuers:
-        raise InvalidToken(Reason.ISSUER, f"iss {iss!r} is not one of {list(provider.issuers)}")
+        what = "the token has no iss" if iss is None else f"iss {shown(iss)} is not accepted"
+        raise InvalidToken(Reason.ISSUER, f"{what}; the provider accepts {list(provider.issuers)}")
 
 
 def _check_aud(payload: Mapping[str, Any], provider: Provider, now: float) -> None:
@@ -373,16 +448,18 @@ def _check_aud(payload: Mapping[str, Any], provider: Provider, now: float) -> No
     if isinstance(aud, str):  # the common case, without building a list
         if aud in provider.audiences:
             return
-        raise InvalidToken(Reason.AUDIENCE, f"aud {aud!r} contains none of {list(provider.audiences)}")
+        raise InvalidToken(Reason.AUDIENCE, f"aud {shown(aud)} is none of {list(provider.audiences)}")
+    if aud is None:
+        raise InvalidToken(Reason.AUDIENCE, f"the token has no aud; the provider accepts {list(provider.audiences)}")
     if not isinstance(aud, list) or not aud or not all(isinstance(v, str) for v in aud):
-        raise InvalidToken(Reason.AUDIENCE, f"aud {aud!r} is not a string or a non-empty list of strings")
+        raise InvalidToken(Reason.AUDIENCE, f"aud {shown(aud)} is not a string or a non-empty list of strings")
     if not any(v in provider.audiences for v in aud):
-        raise InvalidToken(Reason.AUDIENCE, f"aud {aud!r} contains none of {list(provider.audiences)}")
+        raise InvalidToken(Reason.AUDIENCE, f"aud {shown(aud)} contains none of {list(provider.audiences)}")
 
 
 def _check_sub(payload: Mapping[str, Any], provider: Provider, now: float) -> None:
     if "sub" in payload and not isinstance(payload["sub"], str):
-        raise InvalidToken(Reason.MALFORMED_CLAIM, "sub is not a string (RFC 7519 §4.1.2)")
+        raise InvalidToken(Reason.MALFORMED_CLAIM, f"sub {shown(payload['sub'])} is not a string (RFC 7519 §4.1.2)")
 
 
 ClaimCheck = Callable[[Mapping[str, Any], Provider, float], None]
@@ -407,11 +484,6 @@ def check_header(header: TokenHeader, provider: Provider) -> None:
 def check_claims(payload: Mapping[str, Any], provider: Provider, now: float) -> None:
     for _, check in CLAIM_CHECKS:
         check(payload, provider, now)
-
-
-def _phrase(error: PyJWTError) -> str:
-    # Operator text only (logs, explain); clients get the fixed description of the Reason.
-    return f"{type(error).__name__}: {error}"
 
 
 # -- cache and the whole check -----------------------------------------------------------

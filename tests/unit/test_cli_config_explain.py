@@ -79,7 +79,7 @@ def test_explain_valid_token(config_file: Path, rsa_key: TestKey, capsys: pytest
     out = capsys.readouterr().out
     assert out.rstrip().endswith("VALID")
     assert set(steps(out).values()) == {"PASS"}
-    assert {"form", "alg", "key", "signature", "exp", "iss", "aud"} <= set(steps(out))
+    assert {"size", "alg", "key", "signature", "payload", "exp", "iss", "aud"} <= set(steps(out))
 
 
 def test_explain_runs_every_check_past_the_first_failure(config_file: Path, rsa_key: TestKey,
@@ -93,14 +93,18 @@ def test_explain_runs_every_check_past_the_first_failure(config_file: Path, rsa_
     assert out.rstrip().splitlines()[-1] == "INVALID: expired"
 
 
-def test_explain_bad_signature_still_checks_claims_but_says_they_are_unverified(
+def test_explain_checks_no_claim_of_a_token_whose_signature_failed(
         config_file: Path, rsa_key: TestKey, capsys: pytest.CaptureFixture[str]) -> None:
     header, payload, sig = mint(key=rsa_key).split(".")
-    forged = mint({"sub": "admin"}, key=rsa_key).split(".")[1]
+    forged = mint({"sub": "admin", "exp": 1_000}, key=rsa_key).split(".")[1]
     assert main(["token", "explain", f"{header}.{forged}.{sig}", "--config", str(config_file)]) == 1
     out = capsys.readouterr().out
-    assert steps(out)["signature"] == "FAIL" and steps(out)["exp"] == "PASS"
-    assert "INVALID: bad_signature" in out
+    assert steps(out)["signature"] == "FAIL" and steps(out)["exp"] == "----"
+    lines = out.splitlines()
+    after = lines[next(i for i, line in enumerate(lines) if line.startswith("  FAIL  signature")) + 1:-1]
+    assert after and all(line.endswith("not checked: signature failed") for line in after), out
+    assert "signature (RS256) does not verify: key 'rsa-1' does not match the signature   [bad_signature]" in out
+    assert out.rstrip().splitlines()[-1] == "INVALID: bad_signature"
 
 
 def test_explain_picks_the_provider_by_iss(config_file: Path, rsa_key: TestKey, capsys: pytest.CaptureFixture[str]) -> None:
@@ -119,7 +123,7 @@ def test_explain_unknown_issuer_and_unknown_provider(config_file: Path, rsa_key:
 def test_explain_garbage(config_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["token", "explain", "not-a-token", "--config", str(config_file), "--provider", "main"]) == 1
     out = capsys.readouterr().out
-    assert steps(out)["form"] == "FAIL" and "INVALID: malformed" in out
+    assert out == "not a JWT: 1 segment, expected 3 (HEADER.PAYLOAD.SIGNATURE, each base64url)\nINVALID: malformed\n"
 
 
 async def test_explain_against_a_remote_jwks_as_a_subprocess(tmp_path: Path, rsa_key: TestKey, jwks_server: Any) -> None:
@@ -161,18 +165,22 @@ def _claims_text(key: TestKey, extra: str = "") -> str:
 @pytest.mark.parametrize("make, failing, reason", [
     (lambda k: mint(key=k) + "==", "signature", "malformed"),  # 2048-bit RSA: 342 characters, so == pads it
     (lambda k: signed_text(k, f'{{"alg":"RS256","kid":"{k.kid}"}}', _claims_text(k, ',"sub":"admin"')),
-     "signature", "malformed"),
+     "payload", "malformed"),
     (lambda k: signed_text(k, f'{{"alg":"RS256","kid":"{k.kid}"}}', _claims_text(k, ',"o":{"r":1,"r":2}')),
-     "signature", "malformed"),
-    (lambda k: signed_text(k, f'{{"alg":"RS256","kid":"{k.kid}","kid":"{k.kid}"}}', _claims_text(k)), "form", "malformed"),
-    (lambda k: signed_text(k, f'{{"alg":"RS256","kid":"{k.kid}"}}', _claims_text(k, ',"n":NaN')), "signature", "malformed"),
+     "payload", "malformed"),
+    (lambda k: signed_text(k, f'{{"alg":"RS256","kid":"{k.kid}","kid":"{k.kid}"}}', _claims_text(k)), None, "malformed"),
+    (lambda k: signed_text(k, f'{{"alg":"RS256","kid":"{k.kid}"}}', _claims_text(k, ',"n":NaN')), "payload", "malformed"),
     (lambda k: mint({"sub": "user-\ud800"}, key=k), "headers", "unsafe_claim"),
 ], ids=["padded-signature", "duplicate-sub", "nested-duplicate", "duplicate-in-header", "NaN", "lone-surrogate-sub"])
-def test_explain_refuses_for_the_reason_the_proxy_does(config_file: Path, rsa_key: TestKey, make: Any, failing: str,
-                                                       reason: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_explain_refuses_for_the_reason_the_proxy_does(config_file: Path, rsa_key: TestKey, make: Any,
+                                                       failing: str | None, reason: str,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["token", "explain", make(rsa_key), "--config", str(config_file), "--provider", "main"]) == 1
     out = capsys.readouterr().out
-    assert steps(out)[failing] == "FAIL", out
+    if failing is None:  # not a JWT: said first, and nothing is checked
+        assert out.startswith("not a JWT: the header is not strict JSON: duplicate member name 'kid'\n"), out
+    else:
+        assert steps(out)[failing] == "FAIL", out
     assert out.rstrip().splitlines()[-1] == f"INVALID: {reason}", out
 
 

@@ -123,7 +123,7 @@ def test_mint_ttl_and_claims(capsys: pytest.CaptureFixture[str], tmp_path: Path)
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--ttl", "5x"], "argument --ttl: '5x' is not a duration; use e.g. 30s, 5m, 1h30m"),
+        (["--ttl", "5x"], "argument --ttl: '5x' is not a duration; use e.g. 60, 30s, 5m, 1h30m, -5m"),
         (["--ttl", "250ms"], "argument --ttl: '250ms' is too short; use at least 1s"),
         (["--claim", "admin"], "argument --claim: 'admin' is not a claim; write NAME=VALUE"),
         (["--claim", "a=1", "--claim", "a=2"], "--claim a is given twice"),

@@ -10,7 +10,8 @@ whatever address or port it names. The first line of a
 kind is written at once; more of the same kind within `interval` are counted, not written,
 and the next line of that kind that is written says how many were left out, e.g.
 "... (1,234 similar suppressed)". Every level is limited, ERROR and CRITICAL too: a flood of
-identical tracebacks is no more useful than one a second. Does not own: the access log
+identical tracebacks is no more useful than one a second. The count is also left on the record
+as `record.suppressed`, for the JSON format (oplog.py) to give as a field of its own. Does not own: the access log
 (accesslog.py writes it without `logging`, one line per request, never limited) or what
 is logged where (each module).
 
@@ -26,9 +27,14 @@ import threading
 
 from .clock import Clock, SystemClock
 
-__all__ = ["RepeatFilter"]
+__all__ = ["RepeatFilter", "suppressed_suffix"]
 
 _VARYING = re.compile(r"0x[0-9a-fA-F]+|\d+")
+
+
+def suppressed_suffix(count: int) -> str:
+    """What a written line gains when `count` lines of its kind were held back."""
+    return f" ({count:,} similar suppressed)"
 
 
 class RepeatFilter(logging.Filter):
@@ -61,6 +67,7 @@ class RepeatFilter(logging.Filter):
                 del self._kinds[next(iter(self._kinds))]
         if suppressed:
             # The record is this handler's to change: it is the only handler on the root logger.
-            record.msg = f"{record.getMessage()} ({suppressed:,} similar suppressed)"
+            record.msg = record.getMessage() + suppressed_suffix(suppressed)
             record.args = None
+            record.suppressed = suppressed
         return True

@@ -280,3 +280,8 @@ class Settings:
     header_timeout: float = 10.0
     """Longest time from the first byte of a request head to its end; then 408 and close."""
     websocket: WebSocketSettings = WebSocketSettings()
+    log_format: str = "text"
+    """The operator log on stderr: `text`, `json` (one object per line) or `auto` (json when
+    stderr is not a terminal). Read at start; `run --log-format` overrides it."""
+    log_level: str = "INFO"
+    """The operator log's least level: DEBUG, INFO, WARNING or ERROR. `run --log-level` overrides it."""

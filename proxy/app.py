@@ -231,4 +231,5 @@ def _record(runtime: Runtime, request: Request, exchange: Exchange) -> None:
             reason=exchange.reason,
             subject=exchange.subject,
             latency_ms=(time.perf_counter() - exchange.started) * 1000,
+            provider=_provider(exchange),
         )

@@ -6,7 +6,9 @@ limited. A kind is (logger name, level, message template): `record.msg` before i
 are filled in, so "request %s refused" is one kind whatever the request; numbers and hex
 addresses in the template are ignored too, so a message formatted before it was logged
 (asyncio's "Task exception was never retrieved" names a task at 0x7f…) is still one kind,
-whatever address or port it names. The first line of a
+whatever address or port it names. An event (oplog.py) also has a subject, the provider,
+worker or peer it is about: six providers down are six kinds, so each one's failure is
+written, not only the first to fail in that second. The first line of a
 kind is written at once; more of the same kind within `interval` are counted, not written,
 and the next line of that kind that is written says how many were left out, e.g.
 "... (1,234 similar suppressed)". Every level is limited, ERROR and CRITICAL too: a flood of
@@ -47,12 +49,12 @@ class RepeatFilter(logging.Filter):
         # Bounded, because a template built with an f-string makes a kind per message: the
         # kind written longest ago is forgotten first (losing its pending count, if any).
         self._max_kinds = max_kinds
-        self._kinds: dict[tuple[str, int, str], list[float | int]] = {}
+        self._kinds: dict[tuple[str, int, str, str | None], list[float | int]] = {}
         self._lock = threading.Lock()  # records can come from a resolver or executor thread
 
     def filter(self, record: logging.LogRecord) -> bool:
         msg = record.msg if isinstance(record.msg, str) else type(record.msg).__qualname__
-        kind = (record.name, record.levelno, _VARYING.sub("#", msg))
+        kind = (record.name, record.levelno, _VARYING.sub("#", msg), getattr(record, "subject", None))
         now = self._clock.monotonic()
         with self._lock:
             state = self._kinds.get(kind)

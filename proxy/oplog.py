@@ -83,10 +83,11 @@ EVENTS: Mapping[str, tuple[frozenset[str], str]] = {
     "readiness_unknown": (frozenset({_W}), "the supervisor could not read its workers' readiness"),
 }
 
+_SUBJECTS = ("provider", "worker", "peer")
 _RESERVED = frozenset({"time", "level", "logger", "event", "message", "suppressed", "traceback"})
 
 
-def event(logger: logging.Logger, level: int, name: str, message: str, *, exc_info: Any = None,
+def event(logger: logging.Logger, level: int, name: str, message: str, /, *, exc_info: Any = None,
           **fields: Any) -> None:
     """Log the event `name` at `level`; `message` is a %-template over `fields` (`%(provider)s`).
 
@@ -94,7 +95,10 @@ def event(logger: logging.Logger, level: int, name: str, message: str, *, exc_in
     """
     if not logger.isEnabledFor(level):
         return
-    extra = {"event": name, "fields": fields}
+    # The subject makes each provider's (worker's, peer's) lines a kind of their own for
+    # the RepeatFilter: one provider failing every second must not hide another's failures.
+    subject = next((str(fields[key]) for key in _SUBJECTS if fields.get(key) is not None), None)
+    extra = {"event": name, "fields": fields, "subject": subject}
     if fields:
         logger.log(level, message, fields, extra=extra, exc_info=exc_info)
     else:

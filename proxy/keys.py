@@ -197,7 +197,8 @@ class KeySource:
         added, removed = sorted(keyset.kids - previous.kids), sorted(previous.kids - keyset.kids)
         # A refresh that brings the same keys is routine (every few minutes): DEBUG. The
         # first set, a rotation (kids added or removed, keys without a kid counted) is INFO.
-        changed = not carried and (previous.size == 0 or added or removed or previous.size != keyset.size)
+        changed = not carried and keyset.size > 0 and (previous.size == 0 or added or removed
+                                                        or previous.size != keyset.size)
         fields: dict[str, object] = {"provider": self.name, "source": self.provider.keys.origin}
         if url is not None:
             fields.update(url=url, peer=peer(url))
@@ -227,7 +228,7 @@ class KeySource:
                   "(%(previous_source)s) is closed",
                   provider=self.name, source=self.provider.keys.origin, previous_source=fallback.provider.keys.origin)
             self._releasing = asyncio.get_running_loop().create_task(fallback.close())
-        if not was_ready and self.ready:
+        if not was_ready and self.ready and not carried:  # carried: ready before the reload too
             self._said_unready = False
             event(self._log, logging.INFO, "provider_ready",
                   "provider %(provider)s is ready: %(keys)d usable key(s) from %(source)s",

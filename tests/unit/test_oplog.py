@@ -256,3 +256,20 @@ def test_the_package_logs_only_through_events() -> None:
                     and isinstance(node.func.value, ast.Attribute) and node.func.value.attr == "_log"):
                 bare.append(f"{path.name}:{node.lineno}")
     assert bare == [], "log through oplog.event"
+
+
+def test_the_readme_example_line_has_the_members_the_code_writes() -> None:
+    text = (REPO / "README.md").read_text()
+    section = text.split("\n### Operator log\n", 1)[1].split("\n#", 1)[0]
+    example = json.loads(section.split("```json\n", 1)[1].split("\n```", 1)[0])
+    assert list(example)[:5] == ["time", "level", "logger", "event", "message"]
+    assert RFC3339_UTC.fullmatch(example["time"])
+    name = example["event"]
+    assert example["level"] in oplog.EVENTS[name][0]
+    written = set()
+    for path in sorted((REPO / "proxy").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Call) and len(node.args) >= 4 and isinstance(node.args[2], ast.Constant)
+                    and node.args[2].value == name):
+                written |= {keyword.arg for keyword in node.keywords if keyword.arg != "exc_info"}
+    assert set(list(example)[5:]) == written

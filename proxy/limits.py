@@ -86,9 +86,9 @@ class _AcceptErrors:
             return
         error = context.get("exception")
         more = f" ({self.suppressed} more since the last report)" if self.suppressed else ""
+        why = cause(error) if isinstance(error, BaseException) else "out of system resources"
         event(log, logging.WARNING, "accept_failed", "cannot accept connections: %(cause)s; retrying every "
-              "second%(more)s", cause=cause(error) if isinstance(error, BaseException) else str(error), more=more,
-              more_since_last=self.suppressed)
+              "second%(more)s", cause=why, more=more, more_since_last=self.suppressed)
         self.last, self.suppressed = now, 0
 
 

@@ -273,3 +273,21 @@ def test_the_readme_example_line_has_the_members_the_code_writes() -> None:
                     and node.args[2].value == name):
                 written |= {keyword.arg for keyword in node.keywords if keyword.arg != "exc_info"}
     assert set(list(example)[5:]) == written
+
+
+def test_values_from_the_network_stay_inside_their_member(configured) -> None:  # type: ignore[no-untyped-def]
+    # A kid is the token's to choose: newlines, quotes, percent signs and a lone surrogate
+    # must neither start a line of their own nor break the JSON or the %-formatting.
+    logs = configured("json")
+    awkward = 'k"1\n{"level":"ERROR"}%s %(x)s\ud800'
+    oplog.event(logging.getLogger("jwt_sidecar"), logging.DEBUG, "request_refused",
+                "request %(request_id)s refused: %(reason)s: %(detail)s", request_id="r", reason="unknown_kid",
+                detail=f"no key with kid {awkward!r}", kid=awkward)
+    [text] = logs.lines()
+    line = json.loads(text)
+    assert line["kid"] == awkward and line["detail"] == f"no key with kid {awkward!r}"
+    logs = configured("text")
+    oplog.event(logging.getLogger("jwt_sidecar"), logging.DEBUG, "request_refused",
+                "request %(request_id)s refused: %(reason)s: %(detail)s", request_id="r", reason="unknown_kid",
+                detail=f"no key with kid {awkward!r}")
+    assert len(logs.lines()) == 1

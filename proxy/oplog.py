@@ -161,4 +161,7 @@ def configure(level: str = "INFO", log_format: str = "text", stream: TextIO | No
     handler.addFilter(RepeatFilter())
     handler.setFormatter(JsonFormatter() if resolve_format(log_format, stream) == "json" else TextFormatter())
     logging.basicConfig(level=level, handlers=[handler], force=False)
+    # A library's DeprecationWarning and the like go through the same handler (as
+    # `py.warnings` lines), not straight to stderr where they would break the JSON lines.
+    logging.captureWarnings(True)
     return handler

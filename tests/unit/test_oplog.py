@@ -291,3 +291,18 @@ def test_values_from_the_network_stay_inside_their_member(configured) -> None:  
                 "request %(request_id)s refused: %(reason)s: %(detail)s", request_id="r", reason="unknown_kid",
                 detail=f"no key with kid {awkward!r}")
     assert len(logs.lines()) == 1
+
+
+def test_a_python_warning_is_a_json_line_too(configured) -> None:  # type: ignore[no-untyped-def]
+    import warnings
+
+    logging.captureWarnings(False)  # an earlier configure_logging in this process may have left it on
+    logs = configured("json")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.warn("an old API", DeprecationWarning, stacklevel=1)
+    finally:
+        logging.captureWarnings(False)
+    [line] = logs.json()
+    assert line["logger"] == "py.warnings" and line["event"] == "library_message" and "an old API" in line["message"]

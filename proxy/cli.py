@@ -123,7 +123,7 @@ def _add_run(commands: Any) -> None:
     p.add_argument("--log-level", type=str.upper, choices=oplog.LEVELS,
                    help="operator log level (default: the config's log_level, else INFO; the access log is "
                    "separate, on stdout)")
-    p.add_argument("--log-format", choices=oplog.FORMATS,
+    p.add_argument("--log-format", type=str.lower, choices=oplog.FORMATS,
                    help="operator log on stderr as text, json (one object per line) or auto (json when stderr "
                    "is not a terminal); default: the config's log_format, else text")
     p.set_defaults(run=_run, parser=p)

@@ -671,11 +671,11 @@ def _listen(s: Section, key: str, default: Listen) -> Listen | None:
 
 
 def _choice(s: Section, key: str, default: str, choices: tuple[str, ...], *, upper: bool = False) -> str:
-    """One of `choices` (in any case when `upper`: log levels are written both ways)."""
+    """One of `choices`, in any case (`JSON` is json; log levels are written both ways)."""
     value = s.string(key)
     if value is None:
         return default
-    chosen = value.upper() if upper else value
+    chosen = value.upper() if upper else value.lower()
     if chosen not in choices:
         s.error(key, f"{value!r} is not one of {', '.join(choices)}")
         return default

@@ -177,11 +177,13 @@ def test_log_format_and_log_level_default_to_text_and_info() -> None:
     assert (settings.log_format, settings.log_level) == ("text", "INFO")
     settings = config.parse(BASE + "log_format: json\nlog_level: debug\n")
     assert (settings.log_format, settings.log_level) == ("json", "DEBUG")
+    settings = config.parse(BASE + "log_format: JSON\nlog_level: Warning\n")
+    assert (settings.log_format, settings.log_level) == ("json", "WARNING")
 
 
 @pytest.mark.parametrize(("line", "problem"), [
     ("log_format: yaml", "log_format: 'yaml' is not one of text, json, auto"),
-    ("log_format: JSON", "log_format: 'JSON' is not one of text, json, auto"),
+    ("log_format: jsonl", "log_format: 'jsonl' is not one of text, json, auto"),
     ("log_level: verbose", "log_level: 'verbose' is not one of DEBUG, INFO, WARNING, ERROR"),
     ("log_level: [INFO]", "log_level: "),
 ])
@@ -306,3 +308,23 @@ def test_a_python_warning_is_a_json_line_too(configured) -> None:  # type: ignor
         logging.captureWarnings(False)
     [line] = logs.json()
     assert line["logger"] == "py.warnings" and line["event"] == "library_message" and "an old API" in line["message"]
+
+
+def test_every_placeholder_of_an_event_message_is_one_of_its_fields() -> None:
+    # A placeholder without its field is a "--- Logging error ---" traceback on stderr at
+    # run time, in the middle of the JSON lines, and the event itself is lost.
+    for path in sorted((REPO / "proxy").glob("*.py")):
+        if path.name == "oplog.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(node, ast.Call) and len(node.args) >= 4 and isinstance(node.args[2], ast.Constant)
+                    and getattr(node.func, "id", getattr(node.func, "attr", "")) == "event"):
+                continue
+            texts = [n.value for n in ast.walk(node.args[3]) if isinstance(n, ast.Constant) and isinstance(n.value, str)]
+            placeholders = {name for text in texts for name in re.findall(r"%\((\w+)\)", text)}
+            fields = {keyword.arg for keyword in node.keywords}
+            if None in fields:  # **fields: checked where the dict is built
+                continue
+            assert placeholders <= fields, f"{path.name}:{node.lineno}: {placeholders - fields} have no field"
+            bare = [text for text in texts if re.search(r"%[^(%]", text)]
+            assert not bare, f"{path.name}:{node.lineno}: a %-placeholder without a name: {bare}"

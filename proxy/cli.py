@@ -136,7 +136,9 @@ def _run(args: argparse.Namespace) -> int:
     settings = dataclasses.replace(
         settings, log_level=args.log_level or settings.log_level,
         log_format=oplog.resolve_format(args.log_format or settings.log_format))
-    server.configure_logging(settings.log_level, settings.log_format)
+    worker = os.environ.get(workers.WORKER_ENV)
+    server.configure_logging(settings.log_level, settings.log_format,
+                             worker=int(worker) if worker and worker.isdigit() else None)
     if not os.environ.get(workers.WORKER_ENV):  # once, not once per worker
         for warning in settings.warnings:
             oplog.event(logging.getLogger("jwt_sidecar.config"), logging.WARNING, "config_warning", "%(warning)s",

@@ -84,7 +84,7 @@ EVENTS: Mapping[str, tuple[frozenset[str], str]] = {
 }
 
 _SUBJECTS = ("provider", "worker", "peer")
-_RESERVED = frozenset({"time", "level", "logger", "event", "message", "suppressed", "traceback"})
+_RESERVED = frozenset({"time", "level", "logger", "event", "message", "worker", "suppressed", "traceback"})
 
 
 def event(logger: logging.Logger, level: int, name: str, message: str, /, *, exc_info: Any = None,
@@ -113,7 +113,15 @@ class TextFormatter(logging.Formatter):
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per record, on one line (a traceback is a string member, not more lines)."""
+    """One JSON object per record, on one line (a traceback is a string member, not more lines).
+
+    `worker`: the index of this process among `workers: N` (a member of every line, after
+    `message`), None in the supervisor or a single process.
+    """
+
+    def __init__(self, worker: int | None = None) -> None:
+        super().__init__()
+        self._worker = worker
 
     def format(self, record: logging.LogRecord) -> str:
         message = record.getMessage()
@@ -128,6 +136,8 @@ class JsonFormatter(logging.Formatter):
             "event": getattr(record, "event", LIBRARY),
             "message": message,
         }
+        if self._worker is not None:
+            line["worker"] = self._worker
         fields = getattr(record, "fields", None)
         if isinstance(fields, Mapping):
             for key, value in fields.items():
@@ -154,12 +164,14 @@ def resolve_format(name: str, stream: TextIO | None = None) -> str:
         return "json"
 
 
-def configure(level: str = "INFO", log_format: str = "text", stream: TextIO | None = None) -> logging.Handler:
-    """One handler on the root logger writing to `stream` (stderr), throttled, in `log_format`."""
+def configure(level: str = "INFO", log_format: str = "text", stream: TextIO | None = None, *,
+              worker: int | None = None) -> logging.Handler:
+    """One handler on the root logger writing to `stream` (stderr), throttled, in `log_format`;
+    `worker`: this process's index among `workers: N` (JSON lines say it)."""
     stream = stream or sys.stderr
     handler = logging.StreamHandler(stream)
     handler.addFilter(RepeatFilter())
-    handler.setFormatter(JsonFormatter() if resolve_format(log_format, stream) == "json" else TextFormatter())
+    handler.setFormatter(JsonFormatter(worker) if resolve_format(log_format, stream) == "json" else TextFormatter())
     logging.basicConfig(level=level, handlers=[handler], force=False)
     # A library's DeprecationWarning and the like go through the same handler (as
     # `py.warnings` lines), not straight to stderr where they would break the JSON lines.

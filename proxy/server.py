@@ -49,10 +49,11 @@ class _NoRequestEcho(logging.Filter):
         return True
 
 
-def configure_logging(level: str = "INFO", log_format: str = "text") -> None:
+def configure_logging(level: str = "INFO", log_format: str = "text", *, worker: int | None = None) -> None:
     """Operator logs on stderr as text or JSON lines (oplog.py), one line per kind per second
-    (logthrottle.py); the access log is accesslog.py's, on stdout."""
-    oplog.configure(level, log_format, sys.stderr)
+    (logthrottle.py); the access log is accesslog.py's, on stdout. `worker`: this process's
+    index among `workers: N`, a member of its JSON lines."""
+    oplog.configure(level, log_format, sys.stderr, worker=worker)
     logging.getLogger("aiohttp.server").addFilter(_NoRequestEcho())
 
 

@@ -279,6 +279,8 @@ async def test_every_process_of_workers_writes_json(tmp_path: Path, aiohttp_serv
         for _ in range(2):
             await run.wait_for("provider_ready", lambda line: len(run.events("provider_ready")) >= 2)
     assert_every_line_is_a_full_json_record(run.err)
-    assert len(run.events("keys_loaded")) >= 2  # one per worker: each fetches its own keys
-    assert len(run.events("stopped")) == 2
+    # One per worker (each fetches its own keys), each saying which worker it is.
+    assert sorted(line["worker"] for line in run.events("keys_loaded")) == [0, 1]
+    assert sorted(line["worker"] for line in run.events("stopped")) == [0, 1]
+    assert "worker" not in run.events("workers_started")[0]  # the supervisor's own line
 

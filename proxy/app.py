@@ -153,10 +153,11 @@ def _failed(request: Request, runtime: Runtime, exchange: Exchange, error: Excep
         if isinstance(error, UpstreamUnavailable):
             exchange.decision = Decision.UPSTREAM_ERROR
         # A key outage is keys.py's to report, once per fetch: per request it is only a count.
-        event(log, logging.WARNING if error.status >= 500 and not isinstance(error, KeysUnavailable) else logging.DEBUG,
-              "request_refused", "request %(request_id)s refused: %(reason)s: %(detail)s",
-              request_id=exchange.request_id, reason=str(error.reason), detail=error.detail, status=error.status,
-              route=exchange.route, provider=_provider(exchange))
+        level = logging.WARNING if error.status >= 500 and not isinstance(error, KeysUnavailable) else logging.DEBUG
+        if log.isEnabledFor(level):  # a refused request's cost is measured: no fields built for nothing
+            event(log, level, "request_refused", "request %(request_id)s refused: %(reason)s: %(detail)s",
+                  request_id=exchange.request_id, reason=str(error.reason), detail=error.detail, status=error.status,
+                  route=exchange.route, provider=_provider(exchange))
         realm = (exchange.snapshot or runtime).settings.realm
         respond_error(request, error, realm=realm, request_id_value=exchange.request_id)
         return

@@ -4,7 +4,8 @@ Owns: `cause(error)`, the one phrase for why a connection or an HTTP exchange wi
 failed ("connection refused", "timed out after 5s", "TLS: certificate verify failed:
 self-signed certificate", "DNS: name not found", "HTTP 404"), for OSError errnos, timeouts,
 ssl errors, socket.gaierror, aiohttp's client errors and our upstream client's errors; and
-`peer(url)`, the `host:port` a URL connects to. Never just an exception class: a failure it
+`peer(url)`, the `host:port` a URL connects to; `shown(url)`, a URL as logs may show it (a
+password in it, `https://user:secret@host/`, is never written). Never just an exception class: a failure it
 does not know is "unexpected error (ClassName: message)".
 Does not own: deciding what a failure means for a request (forward.py) or a key source
 (keys.py), or logging it.
@@ -19,7 +20,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-__all__ = ["cause", "peer"]
+__all__ = ["cause", "peer", "shown"]
 
 # The errnos a connection meets, in the words `strerror` uses minus its capitals and jargon.
 _ERRNOS: dict[int, str] = {
@@ -107,6 +108,15 @@ def peer(url: str) -> str:
         return url
     host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
     return f"{host}:{port}" if port else host
+
+
+def shown(url: str) -> str:
+    """`url` without the credentials it may carry: `https://user:secret@host/x` is `https://***@host/x`."""
+    scheme, at, rest = url.partition("://")
+    authority, slash, path = rest.partition("/")
+    if not at or "@" not in authority:
+        return url
+    return f"{scheme}://***@{authority.rpartition('@')[2]}{slash}{path}"
 
 
 def _lower(text: str | None) -> str:

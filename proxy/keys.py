@@ -33,7 +33,7 @@ import aiohttp
 from cachetools import TTLCache
 from jwt import PyJWK
 
-from .causes import cause, peer
+from .causes import cause, peer, shown
 from .clock import Clock
 from .config import Provider, RemoteJwks, StaticKeys
 from .errors import InvalidToken, KeysUnavailable, Reason
@@ -67,6 +67,7 @@ class _FetchFailed(Exception):
     (never a response body)."""
 
     def __init__(self, what: str, url: str, why: str) -> None:
+        url = shown(url)
         super().__init__(f"{what}: {why}" if url in why else f"{what} {url}: {why}")
         self.url = url
         self.why = why
@@ -201,7 +202,7 @@ class KeySource:
                                                         or previous.size != keyset.size)
         fields: dict[str, object] = {"provider": self.name, "source": self.provider.keys.origin}
         if url is not None:
-            fields.update(url=url, peer=peer(url))
+            fields.update(url=shown(url), peer=peer(url))
         fields.update(keys=keyset.size, kids=sorted(keyset.kids), kids_added=added, kids_removed=removed)
         if duration_ms is not None:
             fields["duration_ms"] = round(duration_ms, 1)
@@ -462,7 +463,7 @@ class RemoteKeySource(KeySource):
                 url, timeout=self._timeout, headers={"Accept": "application/json"}
             ) as response:
                 if response.status != 200:
-                    raise _FetchFailed(what, url, f"HTTP {response.status} from {url}")
+                    raise _FetchFailed(what, url, f"HTTP {response.status} from {shown(url)}")
                 body = await _read_limited(response, MAX_DOCUMENT_BYTES)
         # aiohttp's timeout errors are also ClientErrors: catch them first, to say "timed out".
         except TimeoutError:

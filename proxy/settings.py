@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .causes import shown
 from .errors import ConfigIssue
 
 __all__ = [
@@ -58,7 +59,8 @@ class RemoteJwks:
 
     @property
     def origin(self) -> str:
-        return f"discovery {self.discovery_url}" if self.discovery_url else f"jwks {self.url}"
+        # Shown in logs and messages: a password in the URL never is.
+        return f"discovery {shown(self.discovery_url)}" if self.discovery_url else f"jwks {shown(self.url or '')}"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

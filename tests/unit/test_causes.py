@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import aiohttp
 import pytest
 
-from proxy.causes import cause, peer
+from proxy.causes import cause, peer, shown
 from proxy.upstream import Pool, UpstreamConnectError
 from tests.support.tls import self_signed_context
 
@@ -206,3 +206,13 @@ def test_anything_else_is_words_with_its_class_in_brackets(error: BaseException,
 ])
 def test_peer_is_host_and_port(url: str, expected: str) -> None:
     assert peer(url) == expected
+
+
+@pytest.mark.parametrize(("url", "expected"), [
+    ("https://user:s3cret@issuer.example/jwks.json", "https://***@issuer.example/jwks.json"),
+    ("https://token@issuer.example:8443/jwks", "https://***@issuer.example:8443/jwks"),
+    ("https://issuer.example/jwks.json?x=a@b", "https://issuer.example/jwks.json?x=a@b"),
+    ("https://issuer.example/a@b", "https://issuer.example/a@b"),
+])
+def test_a_password_in_a_url_is_never_shown(url: str, expected: str) -> None:
+    assert shown(url) == expected

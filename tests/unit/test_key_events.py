@@ -112,3 +112,21 @@ def test_changes_name_what_a_reload_adds_removes_and_changes() -> None:
                          .replace("  other: {issuer: https://other.test, audiences: [api], jwks: "
                                   "{url: https://other.test/jwks.json}}\n", ""))
     assert changes(old, fewer) == {"routes_removed": ["b"], "providers_removed": ["other"]}
+
+
+async def test_a_password_in_the_jwks_url_is_never_logged(jwks_server: JwksServer, clock: FakeClock,
+                                                         rsa_key: TestKey, caplog: pytest.LogCaptureFixture) -> None:
+    jwks_server.document = jwks_of(rsa_key)
+    url = jwks_server.url().replace("http://", "http://reader:s3cret@")
+    async with aiohttp.ClientSession() as session:
+        made = key_source_for(provider(url), session=session, clock=clock)
+        with caplog.at_level(logging.DEBUG, logger="proxy.keys"):
+            await made.start()
+            jwks_server.mode = "fail"
+            clock.advance(2)
+            with pytest.raises(InvalidToken):
+                await made.key_for("not-published", "RS256")
+        await made.close()
+    assert events(caplog, "keys_loaded") and events(caplog, "key_fetch_failed")
+    for record in caplog.records:
+        assert "s3cret" not in record.getMessage() and "s3cret" not in repr(getattr(record, "fields", {}))

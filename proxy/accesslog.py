@@ -43,20 +43,24 @@ class AccessLog:
         self._add(_encode({"time": self._now(), **fields}))
 
     def request(self, *, request_id: str, client: str | None, method: str, path: str, route: str, status: int,
-                decision: str, reason: str, subject: str | None, latency_ms: float) -> None:
+                decision: str, reason: str, subject: str | None, latency_ms: float,
+                provider: str | None = None) -> None:
         """The line for one request: the same JSON as `write(...)` with these fields, built
         directly (a dict through the JSON encoder was the largest cost of a refused request).
 
         `request_id`, `client`, `decision` and `reason` go in unescaped: they come from closed
         sets or were checked on the way in (`identity.request_id` allows [A-Za-z0-9._:-], the
         client is the socket's peer address, decision and reason are enum values). What a
-        client or the config chooses (method, path, route, subject) is escaped.
+        client or the config chooses (method, path, route, provider, subject) is escaped;
+        `provider` is the route's (null on a public route or before routing).
         """
         peer = "null" if client is None else f'"{client}"'
         self._add(
             f'{{"time":"{self._now()}","request_id":"{request_id}",'
             f'"client":{peer},"method":{_quote(method)},'
-            f'"path":{_quote(path)},"route":{_quote(route)},"status":{status:d},"decision":"{decision}",'
+            f'"path":{_quote(path)},"route":{_quote(route)},'
+            f'"provider":{"null" if provider is None else _quote(provider)},'
+            f'"status":{status:d},"decision":"{decision}",'
             f'"reason":"{reason}","subject":{"null" if subject is None else _quote(subject)},'
             f'"latency_ms":{latency_ms:.3f}}}'
         )

@@ -30,6 +30,7 @@ from .upstream import Pool
 from .identity import request_id
 from .keys import KeyRing
 from .metrics import Decision, Metrics
+from .oplog import event
 from .pipeline import Exchange, begin
 from .runtime import Runtime, build_snapshot
 
@@ -152,17 +153,27 @@ def _failed(request: Request, runtime: Runtime, exchange: Exchange, error: Excep
         if isinstance(error, UpstreamUnavailable):
             exchange.decision = Decision.UPSTREAM_ERROR
         # A key outage is keys.py's to report, once per fetch: per request it is only a count.
-        log.log(logging.WARNING if error.status >= 500 and not isinstance(error, KeysUnavailable) else logging.DEBUG,
-                "request %s refused: %s: %s", exchange.request_id, error.reason, error.detail)
+        level = logging.WARNING if error.status >= 500 and not isinstance(error, KeysUnavailable) else logging.DEBUG
+        if log.isEnabledFor(level):  # a refused request's cost is measured: no fields built for nothing
+            event(log, level, "request_refused", "request %(request_id)s refused: %(reason)s: %(detail)s",
+                  request_id=exchange.request_id, reason=str(error.reason), detail=error.detail, status=error.status,
+                  route=exchange.route, provider=_provider(exchange))
         realm = (exchange.snapshot or runtime).settings.realm
         respond_error(request, error, realm=realm, request_id_value=exchange.request_id)
         return
     # Fail closed and say nothing: the traceback is for the operator's log only.
-    log.exception("request %s failed unexpectedly", exchange.request_id)
+    event(log, logging.ERROR, "request_crashed", "request %(request_id)s failed unexpectedly",
+          request_id=exchange.request_id, route=exchange.route, exc_info=True)
     exchange.reason = str(Reason.INTERNAL)
     if exchange.decision is Decision.ALLOWED:
         exchange.decision = Decision.UPSTREAM_ERROR
     request.respond(500, None, [*_INTERNAL_HEADERS, ("X-Request-Id", exchange.request_id)], _INTERNAL_BODY)
+
+
+def _provider(exchange: Exchange) -> str | None:
+    """The provider of the request's route; None before routing or on a public route."""
+    plan = exchange.snapshot.plans.get(exchange.route) if exchange.snapshot is not None else None
+    return plan.route.auth.provider if plan is not None and plan.route.auth is not None else None
 
 
 def _end(runtime: Runtime, request: Request, exchange: Exchange) -> None:
@@ -221,4 +232,5 @@ def _record(runtime: Runtime, request: Request, exchange: Exchange) -> None:
             reason=exchange.reason,
             subject=exchange.subject,
             latency_ms=(time.perf_counter() - exchange.started) * 1000,
+            provider=_provider(exchange),
         )

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import datetime
 import json
 import logging
@@ -26,7 +27,7 @@ from typing import Any, NoReturn
 import aiohttp
 import prometheus_client
 
-from . import __version__, config, routecheck, server, workers
+from . import __version__, config, oplog, routecheck, server, workers
 from . import explain as explain_mod
 from .clock import SystemClock
 from .errors import ConfigError
@@ -122,17 +123,29 @@ def _add_run(commands: Any) -> None:
     )
     p.add_argument("--config", type=Path, default=Path(os.environ.get("JWT_SIDECAR_CONFIG", "config.yaml")),
                    metavar="FILE", help="the config file (default $JWT_SIDECAR_CONFIG or ./config.yaml)")
-    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-                   help="operator log level (the access log is separate, on stdout)")
+    p.add_argument("--log-level", type=str.upper, choices=oplog.LEVELS,
+                   help="operator log level (default: the config's log_level, else INFO; the access log is "
+                   "separate, on stdout)")
+    p.add_argument("--log-format", type=str.lower, choices=oplog.FORMATS,
+                   help="operator log on stderr as text, json (one object per line) or auto (json when stderr "
+                   "is not a terminal); default: the config's log_format, else text")
     p.set_defaults(run=_run, parser=p)
 
 
 def _run(args: argparse.Namespace) -> int:
     settings = config.load(args.config)
-    server.configure_logging(args.log_level)
+    # The command line wins over the file; `auto` is settled here, once, so the workers of
+    # `workers: N` (started with these two options) write exactly what their supervisor does.
+    settings = dataclasses.replace(
+        settings, log_level=args.log_level or settings.log_level,
+        log_format=oplog.resolve_format(args.log_format or settings.log_format))
+    worker = os.environ.get(workers.WORKER_ENV)
+    server.configure_logging(settings.log_level, settings.log_format,
+                             worker=int(worker) if worker and worker.isdigit() else None)
     if not os.environ.get(workers.WORKER_ENV):  # once, not once per worker
         for warning in settings.warnings:
-            logging.getLogger("jwt_sidecar.config").warning("%s", routecheck.format_warning(warning))
+            oplog.event(logging.getLogger("jwt_sidecar.config"), logging.WARNING, "config_warning", "%(warning)s",
+                        warning=routecheck.format_warning(warning), line=warning.line, key=warning.path)
     # `_created` samples double the /metrics output and no dashboard here reads them.
     prometheus_client.disable_created_metrics()
     if os.environ.get(workers.WORKER_ENV):  # started by the supervisor of `workers: N`

@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
-from . import routecheck, settings
+from . import oplog, routecheck, settings
 from .errors import ConfigError, ConfigIssue
 from .jwks import (
     ASYMMETRIC_ALGORITHMS,
@@ -151,6 +151,8 @@ class _Builder:
         header_timeout = root.duration("header_timeout", defaults.header_timeout)
         if header_timeout <= 0:
             root.error("header_timeout", "must be more than 0s")
+        log_format = _choice(root, "log_format", defaults.log_format, oplog.FORMATS)
+        log_level = _choice(root, "log_level", defaults.log_level, oplog.LEVELS, upper=True)
         root.done()
         if listen == admin and listen is not None:
             root.error("admin", f"{admin} is also `listen`; the admin endpoints need their own port")
@@ -172,6 +174,8 @@ class _Builder:
             max_connections=max_connections,
             header_timeout=header_timeout,
             websocket=self.websocket_defaults,
+            log_format=log_format,
+            log_level=log_level,
         )
 
     # -- providers ------------------------------------------------------------------------
@@ -762,6 +766,18 @@ def _listen(s: Section, key: str, default: Listen) -> Listen | None:
         s.error(key, f"{value!r} is not host:port (e.g. 0.0.0.0:8080, 127.0.0.1:9901, [::]:8080)")
         return None
     return Listen(host=host, port=int(port))
+
+
+def _choice(s: Section, key: str, default: str, choices: tuple[str, ...], *, upper: bool = False) -> str:
+    """One of `choices`, in any case (`JSON` is json; log levels are written both ways)."""
+    value = s.string(key)
+    if value is None:
+        return default
+    chosen = value.upper() if upper else value.lower()
+    if chosen not in choices:
+        s.error(key, f"{value!r} is not one of {', '.join(choices)}")
+        return default
+    return chosen
 
 
 def _url(s: Section, key: str, *, required: bool = False) -> str | None:

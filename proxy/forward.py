@@ -28,10 +28,12 @@ import aiohttp
 import httptools
 from yarl import URL
 
+from .causes import cause
 from .config import Upstream, WebSocketSettings
 from .errors import BadRequest, PayloadTooLarge, Reason, RequestTimeout, UpstreamTimeout, UpstreamUnavailable
 from .http1 import BodyError, BodyTimeout, Request
 from .identity import HOP_BY_HOP, connection_tokens
+from .oplog import event
 from .upstream import Fields, Pool, UpstreamError
 
 __all__ = ["Origin", "SMALL_BODY", "forward", "forward_websocket", "is_websocket", "new_session"]
@@ -185,7 +187,7 @@ async def forward(
     except TimeoutError:  # before UpstreamError's OSError-like cases: a timeout is a 504
         raise UpstreamTimeout(f"{origin} did not answer within {upstream.timeout:g}s") from None
     except UpstreamError as error:
-        raise UpstreamUnavailable(f"{origin}: {type(error).__name__}") from None
+        raise UpstreamUnavailable(f"{origin}: {cause(error)}") from None
     try:
         fields, answer_length, dated = _answer_fields(answer.raw_headers, request_id)
         if not answer.has_body():
@@ -213,7 +215,9 @@ async def forward(
                 await writing
         except (TimeoutError, UpstreamError) as error:
             # Headers are gone already: all we can honestly do is cut the connection.
-            log.warning("%s broke off mid-response: %s", origin, type(error).__name__)
+            event(log, logging.WARNING, "upstream_broke_off", "%(upstream)s broke off mid-response: %(cause)s",
+                  upstream=str(origin), peer=f"{origin.host}:{origin.port}",
+                  cause=cause(error, timeout=upstream.timeout), request_id=request_id)
             answer.close()
             request.abort()
             return
@@ -226,7 +230,7 @@ async def forward(
         answer.close()
         if isinstance(error, TimeoutError):
             raise UpstreamTimeout(f"{origin} stalled mid-answer") from None
-        raise UpstreamUnavailable(f"{origin}: {type(error).__name__}") from None
+        raise UpstreamUnavailable(f"{origin}: {cause(error)}") from None
     finally:
         answer.release()
 
@@ -423,7 +427,8 @@ class _TunnelLimits:
             self._arm()  # bytes went through since the timer was set
             return
         self.closed_because = because
-        log.debug("websocket %s closed: %s", self._origin, because)
+        event(log, logging.DEBUG, "websocket_closed", "websocket %(upstream)s closed: %(because)s",
+              upstream=str(self._origin), because=because)
         self._tunnel.transport.abort()
         self._request.abort()
 
@@ -462,7 +467,7 @@ async def forward_websocket(
         # Nothing was sent: an unreachable upstream is a 502, as in `forward` (504 is for an answer that is late).
         raise UpstreamUnavailable(f"websocket {origin}: no connection within {upstream.connect_timeout:g}s") from None
     except OSError as error:
-        raise UpstreamUnavailable(f"websocket {origin}: {error.strerror or type(error).__name__}") from None
+        raise UpstreamUnavailable(f"websocket {origin}: {cause(error)}") from None
     try:
         tunnel.send(pool.upgrade_head(origin.scheme, origin.host, origin.port, target, headers,
                                       request.headers["Upgrade"]))

@@ -45,6 +45,8 @@ import httptools
 from multidict import CIMultiDict, MultiDict, MultiDictProxy
 from yarl import URL
 
+from .oplog import event
+
 __all__ = ["BodyError", "BodyTimeout", "ConnectionCounts", "Prepared", "Request", "Server"]
 
 log = logging.getLogger("jwt_sidecar.http")
@@ -725,7 +727,7 @@ class _Connection(asyncio.BufferedProtocol):
                     try:
                         rest = self._server._handler(request)
                     except Exception:
-                        log.exception("request handler failed")
+                        event(log, logging.ERROR, "handler_crashed", "request handler failed", exc_info=True)
                         rest = None
                     if rest is not None:
                         self._task = self._loop.create_task(self._answer(request, rest))
@@ -756,7 +758,7 @@ class _Connection(asyncio.BufferedProtocol):
         except asyncio.CancelledError:
             pass
         except Exception:
-            log.exception("request handler failed")
+            event(log, logging.ERROR, "handler_crashed", "request handler failed", exc_info=True)
         finally:
             self._running = False
             self._task = None
@@ -794,7 +796,7 @@ class _Connection(asyncio.BufferedProtocol):
             try:
                 self._server._on_refusal(status, self._remote)
             except Exception:  # counting a refusal must never fail the connection's teardown
-                log.exception("recording a refused request failed")
+                event(log, logging.ERROR, "handler_crashed", "recording a refused request failed", exc_info=True)
 
     def _tunnel_to(self, sink: Callable[[bytes], None]) -> None:
         held = bytes(self._held)

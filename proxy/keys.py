@@ -23,6 +23,7 @@ import asyncio
 import json
 import logging
 import random
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from types import MappingProxyType
 from typing import Any
@@ -32,10 +33,12 @@ import aiohttp
 from cachetools import TTLCache
 from jwt import PyJWK
 
+from .causes import cause, peer, shown
 from .clock import Clock
 from .config import Provider, RemoteJwks, StaticKeys
 from .errors import InvalidToken, KeysUnavailable, Reason
 from .jwks import KeySet
+from .oplog import event
 
 __all__ = [
     "MAX_DOCUMENT_BYTES",
@@ -60,7 +63,14 @@ _FRESH = "keys"
 
 
 class _FetchFailed(Exception):
-    """One refresh attempt failed; the message is operator text (never a response body)."""
+    """One refresh attempt failed: what was fetched, from where, and why in operator words
+    (never a response body)."""
+
+    def __init__(self, what: str, url: str, why: str) -> None:
+        url = shown(url)
+        super().__init__(f"{what}: {why}" if url in why else f"{what} {url}: {why}")
+        self.url = url
+        self.why = why
 
 
 class KeySource:
@@ -94,6 +104,7 @@ class KeySource:
         self._log = logger or logging.getLogger(__name__)
         self._fallback: KeySource | None = None
         self._releasing: asyncio.Task[None] | None = None
+        self._said_unready = False
 
     @property
     def name(self) -> str:
@@ -118,8 +129,10 @@ class KeySource:
         """
         if self.keyset.size == 0 and previous.ready and previous is not self:
             self._fallback = previous
-            self._log.warning("provider %s: no keys yet from %s; the keys from %s keep serving until there are",
-                              self.name, self.provider.keys.origin, previous.provider.keys.origin)
+            event(self._log, logging.WARNING, "key_source_fallback",
+                  "provider %(provider)s: no keys yet from %(source)s; the keys from %(previous_source)s keep "
+                  "serving until there are",
+                  provider=self.name, source=self.provider.keys.origin, previous_source=previous.provider.keys.origin)
 
     @property
     def fresh(self) -> bool:
@@ -172,28 +185,55 @@ class KeySource:
     async def _refetch(self) -> None:
         """Try to get newer keys on demand; a static source has none to get."""
 
-    def _load(self, keyset: KeySet) -> None:
-        """Adopt a freshly parsed set: count and report what it left out."""
+    def _load(self, keyset: KeySet, *, url: str | None = None, duration_ms: float | None = None,
+              carried: bool = False) -> None:
+        """Adopt a freshly parsed set: say what changed, count and report what it left out.
+
+        `url`, `duration_ms`: where a fetched set came from and how long that took;
+        `carried`: the set is the one a reload carried over (nothing new to say at INFO).
+        """
+        was_ready = self.ready
         previous, self.keyset = self.keyset, keyset
         self.last_success = self._clock.monotonic()
+        added, removed = sorted(keyset.kids - previous.kids), sorted(previous.kids - keyset.kids)
+        # A refresh that brings the same keys is routine (every few minutes): DEBUG. The
+        # first set, a rotation (kids added or removed, keys without a kid counted) is INFO.
+        changed = not carried and keyset.size > 0 and (previous.size == 0 or added or removed
+                                                        or previous.size != keyset.size)
+        fields: dict[str, object] = {"provider": self.name, "source": self.provider.keys.origin}
+        if url is not None:
+            fields.update(url=shown(url), peer=peer(url))
+        fields.update(keys=keyset.size, kids=sorted(keyset.kids), kids_added=added, kids_removed=removed)
+        if duration_ms is not None:
+            fields["duration_ms"] = round(duration_ms, 1)
+        event(self._log, logging.INFO if changed else logging.DEBUG, "keys_loaded",
+              "provider %(provider)s: " + ("key set changed" if previous.size and changed else "key set loaded")
+              + " from %(source)s: %(keys)d key(s), kids added %(kids_added)s, removed %(kids_removed)s"
+              + (" in %(duration_ms)gms" if duration_ms is not None else ""),
+              **fields)
         if keyset.skipped:
             self.skipped += len(keyset.skipped)
             # Routine for some issuers (Keycloak publishes an RSA-OAEP `use: enc` key), so
             # not a warning, and said again only when it changes; the count is for dashboards.
             level = logging.DEBUG if keyset.skipped == previous.skipped else logging.INFO
-            self._log.log(
-                level,
-                "provider %s: %d key(s) skipped from %s: %s",
-                self.name, len(keyset.skipped), self.provider.keys.origin,
-                "; ".join(f"{k.kid or '(no kid)'}: {k.reason}" for k in keyset.skipped),
-            )
+            event(self._log, level, "keys_skipped",
+                  "provider %(provider)s: %(skipped)d key(s) skipped from %(source)s: %(why)s",
+                  provider=self.name, skipped=len(keyset.skipped), source=self.provider.keys.origin,
+                  why="; ".join(f"{k.kid or '(no kid)'}: {k.reason}" for k in keyset.skipped))
         fallback = self._fallback
         if fallback is not None and keyset.size > 0:
             # Our own keys have arrived: the source we replaced is done.
             self._fallback = None
-            self._log.info("provider %s: keys loaded from %s; the previous key source (%s) is closed",
-                           self.name, self.provider.keys.origin, fallback.provider.keys.origin)
+            event(self._log, logging.INFO, "key_source_replaced",
+                  "provider %(provider)s: keys loaded from %(source)s; the previous key source "
+                  "(%(previous_source)s) is closed",
+                  provider=self.name, source=self.provider.keys.origin, previous_source=fallback.provider.keys.origin)
             self._releasing = asyncio.get_running_loop().create_task(fallback.close())
+        if not was_ready and self.ready and not carried:  # carried: ready before the reload too
+            self._said_unready = False
+            event(self._log, logging.INFO, "provider_ready",
+                  "provider %(provider)s is ready: %(keys)d usable key(s) from %(source)s",
+                  provider=self.name, keys=keyset.size, source=self.provider.keys.origin)
 
     def __repr__(self) -> str:
         return (f"<{type(self).__name__} {self.name} keys={self.keyset.size} "
@@ -210,8 +250,9 @@ class StaticKeySource(KeySource):
             raise TypeError(f"provider {provider.name}: {type(keys).__name__} keys are not static")
         self._load(KeySet.from_jwks(keys.jwks, provider.algorithms))
         if not self.ready:
-            self._log.error("provider %s: %s holds no key usable with %s",
-                            self.name, keys.origin, ", ".join(provider.algorithms))
+            event(self._log, logging.ERROR, "no_usable_key",
+                  "provider %(provider)s: %(source)s holds no key usable with %(algorithms)s",
+                  provider=self.name, source=keys.origin, algorithms=", ".join(provider.algorithms))
 
 
 class RemoteKeySource(KeySource):
@@ -265,7 +306,7 @@ class RemoteKeySource(KeySource):
         self._last_refetch = seed._last_refetch
         if keyset.size > 0:
             self._document = seed._document
-            self._load(keyset)
+            self._load(keyset, carried=True)
             self.last_success = seed.last_success
             self._seeded = True
 
@@ -341,7 +382,8 @@ class RemoteKeySource(KeySource):
                 await _wait(task)
                 ok = not task.cancelled() and task.result()
             except Exception:  # noqa: BLE001 - the loop must outlive any surprise
-                self._log.exception("provider %s: key refresh failed unexpectedly", self.name)
+                event(self._log, logging.ERROR, "key_refresh_crashed",
+                      "provider %(provider)s: key refresh failed unexpectedly", provider=self.name, exc_info=True)
                 ok = False
             failed_in_row = 0 if ok else failed_in_row + 1
 
@@ -349,6 +391,7 @@ class RemoteKeySource(KeySource):
         """One refresh attempt: True when a usable set was loaded. Never raises (but cancels)."""
         self.fetches += 1
         jwks_uri = self._jwks_uri
+        started = time.monotonic()
         try:
             if jwks_uri is None:
                 jwks_uri = self._jwks_uri = await self._discover()
@@ -356,22 +399,24 @@ class RemoteKeySource(KeySource):
             try:
                 keyset = KeySet.from_jwks(document, self.provider.algorithms)
             except ValueError as error:
-                raise _FetchFailed(f"JWKS {jwks_uri}: {error}") from None
+                raise _FetchFailed("JWKS", jwks_uri, str(error)) from None
             if keyset.size == 0:
                 reasons = "; ".join(f"{k.kid or '(no kid)'}: {k.reason}" for k in keyset.skipped) or "empty"
-                raise _FetchFailed(f"JWKS {jwks_uri}: no usable key ({reasons})")
+                raise _FetchFailed("JWKS", jwks_uri, f"no usable key ({reasons})")
         except _FetchFailed as error:
-            self._failed(str(error), jwks_uri)
+            self._failed(error, jwks_uri, started)
             return False
         except Exception as error:  # noqa: BLE001 - a refresh must never take the process down
-            self._failed(f"{self._remote.origin}: unexpected {type(error).__name__}", jwks_uri)
+            url = jwks_uri or self._remote.discovery_url or ""
+            self._failed(_FetchFailed("JWKS" if jwks_uri else "discovery document", url, cause(error)),
+                         jwks_uri, started)
             return False
         self._document = document
-        self._load(keyset)
+        self._load(keyset, url=jwks_uri, duration_ms=(time.monotonic() - started) * 1000)
         self._fresh[_FRESH] = keyset
         return True
 
-    def _failed(self, why: str, jwks_uri: str | None) -> None:
+    def _failed(self, error: _FetchFailed, jwks_uri: str | None, started: float) -> None:
         self.failures += 1
         if self._remote.discovery_url is not None and jwks_uri is not None:
             # The issuer may have moved its jwks_uri: look it up again next time.
@@ -379,7 +424,18 @@ class RemoteKeySource(KeySource):
         held = (f"keeping {self.keyset.size} key(s) from the last good fetch" if self.keyset.size > 0
                 else f"the keys from {self._fallback.provider.keys.origin} keep serving" if self.ready
                 else "no keys held: requests for this provider get 503")
-        self._log.warning("provider %s: key fetch failed: %s; %s", self.name, why, held)
+        event(self._log, logging.WARNING, "key_fetch_failed",
+              "provider %(provider)s: key fetch failed: %(what)s; %(serving)s",
+              provider=self.name, url=error.url, peer=peer(error.url), cause=error.why, what=str(error),
+              duration_ms=round((time.monotonic() - started) * 1000, 1), keys_held=self.keyset.size,
+              serving=held)
+        if not self.ready and not self._said_unready:
+            # Said once until it is ready: the failures above repeat at every retry.
+            self._said_unready = True
+            event(self._log, logging.WARNING, "provider_unready",
+                  "provider %(provider)s is not ready: no usable keys (%(cause)s from %(peer)s); requests "
+                  "for its routes get 503 until a fetch succeeds",
+                  provider=self.name, url=error.url, peer=peer(error.url), cause=error.why)
 
     async def _discover(self) -> str:
         """The `jwks_uri` of the OIDC discovery document (OpenID Connect Discovery 1.0 §4)."""
@@ -388,17 +444,17 @@ class RemoteKeySource(KeySource):
         self.discovery_fetches += 1
         document = await self._get_json(url, "discovery document")
         if not isinstance(document, Mapping):
-            raise _FetchFailed(f"discovery document {url}: not a JSON object")
+            raise _FetchFailed("discovery document", url, "not a JSON object")
         issuer = document.get("issuer")
         # §4.3: the issuer must be identical to the one the document was found for, or a
         # document could vouch for keys of an issuer it does not speak for.
         if not isinstance(issuer, str) or issuer not in self.provider.issuers:
-            raise _FetchFailed(f"discovery document {url}: issuer {_short(issuer)} is not one of "
+            raise _FetchFailed("discovery document", url, f"issuer {_short(issuer)} is not one of "
                                f"{', '.join(self.provider.issuers)}")
         jwks_uri = document.get("jwks_uri")
         parts = urlsplit(jwks_uri) if isinstance(jwks_uri, str) else None
         if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
-            raise _FetchFailed(f"discovery document {url}: jwks_uri {_short(jwks_uri)} is not an http(s) URL")
+            raise _FetchFailed("discovery document", url, f"jwks_uri {_short(jwks_uri)} is not an http(s) URL")
         return jwks_uri
 
     async def _get_json(self, url: str, what: str) -> Any:
@@ -407,20 +463,20 @@ class RemoteKeySource(KeySource):
                 url, timeout=self._timeout, headers={"Accept": "application/json"}
             ) as response:
                 if response.status != 200:
-                    raise _FetchFailed(f"{what} {url}: HTTP {response.status}")
+                    raise _FetchFailed(what, url, f"HTTP {response.status} from {shown(url)}")
                 body = await _read_limited(response, MAX_DOCUMENT_BYTES)
         # aiohttp's timeout errors are also ClientErrors: catch them first, to say "timed out".
         except TimeoutError:
-            raise _FetchFailed(f"{what} {url}: no answer within {self._remote.timeout:g}s") from None
-        except aiohttp.ClientError as error:
-            raise _FetchFailed(f"{what} {url}: {type(error).__name__}") from None
+            raise _FetchFailed(what, url, f"timed out after {self._remote.timeout:g}s") from None
+        except (aiohttp.ClientError, OSError) as error:
+            raise _FetchFailed(what, url, cause(error, timeout=self._remote.timeout)) from None
         if body is None:
-            raise _FetchFailed(f"{what} {url}: larger than {MAX_DOCUMENT_BYTES} bytes")
+            raise _FetchFailed(what, url, f"larger than {MAX_DOCUMENT_BYTES} bytes")
         try:
             return json.loads(body)
         except (ValueError, RecursionError):
             # ValueError covers bad JSON and bad UTF-8; RecursionError, absurd nesting.
-            raise _FetchFailed(f"{what} {url}: not JSON ({len(body)} bytes)") from None
+            raise _FetchFailed(what, url, f"not JSON ({len(body)} bytes)") from None
 
 
 async def _read_limited(response: aiohttp.ClientResponse, limit: int) -> bytes | None:

@@ -18,6 +18,9 @@ try:
 except ImportError:  # not on Windows; the sidecar runs on Linux and macOS
     resource = None  # type: ignore[assignment]
 
+from .causes import cause
+from .oplog import event
+
 __all__ = ["FD_RESERVE", "default_max_connections", "quiet_accept_errors", "raise_fd_limit"]
 
 log = logging.getLogger("jwt_sidecar")
@@ -41,7 +44,9 @@ def raise_fd_limit() -> int:
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
             soft = target
         except (ValueError, OSError) as error:  # e.g. macOS caps the soft limit at OPEN_MAX
-            log.warning("could not raise the open-file limit from %d to %d: %s", soft, target, error)
+            event(log, logging.WARNING, "fd_limit_low",
+                  "could not raise the open-file limit from %(open_files)d to %(target)d: %(cause)s",
+                  open_files=soft, target=target, cause=cause(error))
     return soft if soft != resource.RLIM_INFINITY else _LINUX_CEILING
 
 
@@ -81,8 +86,9 @@ class _AcceptErrors:
             return
         error = context.get("exception")
         more = f" ({self.suppressed} more since the last report)" if self.suppressed else ""
-        log.warning("cannot accept connections: %s; retrying every second%s",
-                    getattr(error, "strerror", None) or error, more)
+        why = cause(error) if isinstance(error, BaseException) else "out of system resources"
+        event(log, logging.WARNING, "accept_failed", "cannot accept connections: %(cause)s; retrying every "
+              "second%(more)s", cause=why, more=more, more_since_last=self.suppressed)
         self.last, self.suppressed = now, 0
 
 

@@ -78,6 +78,7 @@ from prometheus_client.utils import floatToGoString
 from .config import StaticKeys
 from .errors import Reason
 from .http1 import ConnectionCounts
+from .oplog import event
 
 if TYPE_CHECKING:
     from .keys import KeySource
@@ -434,8 +435,8 @@ class _ViewCollector:
             return read()
         except Exception:  # noqa: BLE001 - a scrape must never fail for what it reads
             # Once at WARNING (someone should look), then quietly: scrapes come every few seconds.
-            _log.log(logging.DEBUG if self._warned else logging.WARNING,
-                     "metrics: reading key sources or the token cache failed", exc_info=True)
+            event(_log, logging.DEBUG if self._warned else logging.WARNING, "metrics_failed",
+                  "metrics: reading key sources or the token cache failed", exc_info=True)
             self._warned = True
             return None
 

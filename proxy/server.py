@@ -26,7 +26,7 @@ from .accesslog import AccessLog
 from .app import Proxy
 from .config import Settings
 from .limits import default_max_connections, quiet_accept_errors, raise_fd_limit
-from .logthrottle import RepeatFilter
+from . import oplog
 from .reload import reload, watch
 from .runtime import Runtime
 from .workers import WORKERS_READY, supervise
@@ -49,11 +49,11 @@ class _NoRequestEcho(logging.Filter):
         return True
 
 
-def configure_logging(level: str = "INFO") -> None:
-    """Operator logs on stderr, one line per kind per second (the access log is accesslog.py's, on stdout)."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.addFilter(RepeatFilter())
-    logging.basicConfig(level=level, handlers=[handler], format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def configure_logging(level: str = "INFO", log_format: str = "text", *, worker: int | None = None) -> None:
+    """Operator logs on stderr as text or JSON lines (oplog.py), one line per kind per second
+    (logthrottle.py); the access log is accesslog.py's, on stdout. `worker`: this process's
+    index among `workers: N`, a member of its JSON lines."""
+    oplog.configure(level, log_format, sys.stderr, worker=worker)
     logging.getLogger("aiohttp.server").addFilter(_NoRequestEcho())
 
 
@@ -68,12 +68,16 @@ async def serve(settings: Settings, *, config_path: str | None, stop: asyncio.Ev
     # Descriptors first: a container starts with a soft limit of 1024 and a far higher hard one.
     nofile = raise_fd_limit()
     max_connections = settings.max_connections or default_max_connections(nofile)
-    log.info("open-file limit %d; at most %d client connections%s", nofile, max_connections,
-             "" if settings.max_connections else " (derived: (limit - 128) / 2)")
+    oplog.event(log, logging.INFO, "fd_limit",
+                "open-file limit %(open_files)d; at most %(max_connections)d client connections%(derived)s",
+                open_files=nofile, max_connections=max_connections,
+                derived="" if settings.max_connections else " (derived: (limit - 128) / 2)")
     if settings.max_connections and settings.max_connections > default_max_connections(nofile):
-        log.warning("max_connections %d leaves too few of the %d descriptors for the admin port and the upstream "
-                    "connections (at most %d would): at the limit /healthz and /readyz may go unanswered",
-                    settings.max_connections, nofile, default_max_connections(nofile))
+        oplog.event(log, logging.WARNING, "fd_limit_low",
+                    "max_connections %(max_connections)d leaves too few of the %(open_files)d descriptors for the "
+                    "admin port and the upstream connections (at most %(at_most)d would): at the limit /healthz "
+                    "and /readyz may go unanswered", max_connections=settings.max_connections, open_files=nofile,
+                    at_most=default_max_connections(nofile))
     loop = asyncio.get_running_loop()
     quiet_accept_errors(loop)
     access_log = AccessLog(sys.stdout.buffer) if settings.access_log else None
@@ -93,7 +97,8 @@ async def serve(settings: Settings, *, config_path: str | None, stop: asyncio.Ev
             publisher = loop.create_task(_publish(runtime))
         else:
             await web.TCPSite(admin_runner, settings.admin.host, settings.admin.port).start()
-        log.info("proxying %s -> %s; admin on %s", settings.listen, settings.upstream.url, settings.admin)
+        oplog.event(log, logging.INFO, "listening", "proxying %(listen)s -> %(upstream)s; admin on %(admin)s",
+                    listen=str(settings.listen), upstream=settings.upstream.url, admin=str(settings.admin))
         reloads: set[asyncio.Task[bool]] = set()
 
         def on_hup() -> None:
@@ -113,8 +118,9 @@ async def serve(settings: Settings, *, config_path: str | None, stop: asyncio.Ev
         #    connection's next answer says `Connection: close`, so clients move elsewhere.
         runtime.draining = True
         server.start_drain()
-        log.info("draining: accepting for %gs more, then up to %gs for in-flight requests",
-                 settings.drain_delay, settings.drain_timeout)
+        oplog.event(log, logging.INFO, "draining",
+                    "draining: accepting for %(drain_delay)gs more, then up to %(drain_timeout)gs for in-flight "
+                    "requests", drain_delay=settings.drain_delay, drain_timeout=settings.drain_timeout)
         for task in (watcher, publisher):
             if task is not None:
                 task.cancel()
@@ -134,7 +140,7 @@ async def serve(settings: Settings, *, config_path: str | None, stop: asyncio.Ev
         await admin_runner.cleanup()
         if access_log is not None:
             access_log.flush()
-        log.info("stopped")
+        oplog.event(log, logging.INFO, "stopped", "stopped")
 
 
 async def _publish(runtime: Runtime, interval: float = 1.0) -> None:
@@ -145,7 +151,7 @@ async def _publish(runtime: Runtime, interval: float = 1.0) -> None:
             runtime.metrics.mirror()
             ready.set(1 if runtime.readiness()[0] else 0)
         except Exception:  # never let metrics take a worker down
-            log.exception("publishing worker metrics failed")
+            oplog.event(log, logging.ERROR, "metrics_failed", "publishing worker metrics failed", exc_info=True)
         await asyncio.sleep(interval)
 
 

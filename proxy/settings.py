@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .causes import shown
 from .errors import ConfigIssue
 
 __all__ = [
@@ -58,7 +59,8 @@ class RemoteJwks:
 
     @property
     def origin(self) -> str:
-        return f"discovery {self.discovery_url}" if self.discovery_url else f"jwks {self.url}"
+        # Shown in logs and messages: a password in the URL never is.
+        return f"discovery {shown(self.discovery_url)}" if self.discovery_url else f"jwks {shown(self.url or '')}"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -280,3 +282,8 @@ class Settings:
     header_timeout: float = 10.0
     """Longest time from the first byte of a request head to its end; then 408 and close."""
     websocket: WebSocketSettings = WebSocketSettings()
+    log_format: str = "text"
+    """The operator log on stderr: `text`, `json` (one object per line) or `auto` (json when
+    stderr is not a terminal). Read at start; `run --log-format` overrides it."""
+    log_level: str = "INFO"
+    """The operator log's least level: DEBUG, INFO, WARNING or ERROR. `run --log-level` overrides it."""

@@ -34,6 +34,9 @@ from functools import partial
 
 import httptools
 
+from .causes import cause
+from .oplog import event
+
 __all__ = ["Fields", "Pool", "Response", "UpstreamConnectError", "UpstreamError", "UpstreamProtocolError"]
 
 
@@ -414,8 +417,9 @@ class _Connection(asyncio.BufferedProtocol):
         origin.proven = False
         now = self._pool._loop.time()
         if origin.distrusted_until <= now:
-            log.warning("upstream %s:%d sent %s; its connections are not reused for %gs",
-                        origin.host, origin.port, what, _DISTRUST)
+            event(log, logging.WARNING, "upstream_distrusted",
+                  "upstream %(peer)s sent %(what)s; its connections are not reused for %(seconds)gs",
+                  peer=f"{origin.host}:{origin.port}", what=what, seconds=_DISTRUST)
         origin.distrusted_until = now + _DISTRUST
         # Its other idle connections may have stray bytes of their own on the way: closed too.
         idle = origin.idle
@@ -810,8 +814,7 @@ class Pool:
             # Caught first, as builtin TimeoutError is an OSError too.
             raise UpstreamConnectError(f"no connection to {origin.host}:{origin.port} within {timeout:g}s") from None
         except OSError as error:  # refused, unreachable, DNS, TLS (ssl.SSLError is an OSError)
-            raise UpstreamConnectError(
-                f"cannot connect to {origin.host}:{origin.port}: {error.strerror or type(error).__name__}") from error
+            raise UpstreamConnectError(f"cannot connect to {origin.host}:{origin.port}: {cause(error)}") from error
         return conn
 
     def _put(self, conn: _Connection) -> None:

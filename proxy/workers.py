@@ -34,7 +34,9 @@ from prometheus_client.exposition import choose_encoder
 
 from .admin import create_admin_app
 from .config import Settings
+from .causes import cause
 from .limits import quiet_accept_errors, raise_fd_limit
+from .oplog import event
 
 __all__ = ["WORKER_ENV", "WORKERS_READY", "supervise"]
 
@@ -63,7 +65,10 @@ async def supervise(settings: Settings, *, config_path: str) -> int:
 
     async def spawn(index: int) -> asyncio.subprocess.Process:
         # A restarted worker reads the config file as it is now, like a reload would.
+        # The supervisor's log format and level (its command line may have overridden the file's).
         return await asyncio.create_subprocess_exec(sys.executable, "-m", "proxy", "run", "--config", config_path,
+                                                    "--log-format", settings.log_format,
+                                                    "--log-level", settings.log_level,
                                                     env={**env, WORKER_ENV: str(index)})
 
     async def respawn(index: int, delay: float) -> asyncio.subprocess.Process:
@@ -87,7 +92,7 @@ async def supervise(settings: Settings, *, config_path: str) -> int:
         try:
             ready = _settled(lambda: _gauge(registry, WORKERS_READY))
         except Exception:  # noqa: BLE001 - /readyz answers, whatever the files hold
-            log.warning("reading the workers' readiness failed", exc_info=True)
+            event(log, logging.WARNING, "readiness_unknown", "reading the workers' readiness failed", exc_info=True)
             return False, "the workers' readiness could not be read"
         if ready < count:
             return False, f"{int(ready)} of {count} workers ready"
@@ -100,7 +105,8 @@ async def supervise(settings: Settings, *, config_path: str) -> int:
     admin = web.AppRunner(create_admin_app(readiness=readiness, render=render), handle_signals=False, access_log=None)
     await admin.setup()
     await web.TCPSite(admin, settings.admin.host, settings.admin.port).start()
-    log.info("%d workers on %s; admin on %s", count, settings.listen, settings.admin)
+    event(log, logging.INFO, "workers_started", "%(workers)d workers on %(listen)s; admin on %(admin)s",
+          workers=count, listen=str(settings.listen), admin=str(settings.admin))
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -122,12 +128,15 @@ async def supervise(settings: Settings, *, config_path: str) -> int:
                 try:
                     procs[index] = task.result()
                 except OSError as error:  # no process can be started (fd or memory limits): give up
-                    log.error("worker %d could not be started again: %s; stopping the set", index, error)
+                    event(log, logging.ERROR, "worker_died",
+                          "worker %(worker)d could not be started again: %(cause)s; stopping the set",
+                          worker=index, cause=cause(error))
                     status = 1
                     break
                 exits[asyncio.ensure_future(procs[index].wait())] = index
                 restarting.pop(index, None)
-                log.info("worker %d started again (pid %d)", index, procs[index].pid)
+                event(log, logging.INFO, "worker_restarted", "worker %(worker)d started again (pid %(pid)d)",
+                      worker=index, pid=procs[index].pid)
             if status:
                 break
             for exit_ in [f for f in done if f in exits]:
@@ -140,13 +149,16 @@ async def supervise(settings: Settings, *, config_path: str) -> int:
                 while deaths[0] < now - _WINDOW:
                     deaths.popleft()
                 if len(deaths) >= _GIVE_UP:
-                    log.error("worker %d (pid %d) exited with %s: %d worker deaths within %gs; stopping the set",
-                              index, dead.pid, dead.returncode, len(deaths), _WINDOW)
+                    event(log, logging.ERROR, "worker_died",
+                          "worker %(worker)d (pid %(pid)d) exited with %(status)s: %(deaths)d worker deaths within "
+                          "%(window)gs; stopping the set", worker=index, pid=dead.pid, status=dead.returncode,
+                          deaths=len(deaths), window=_WINDOW)
                     status = 1
                     break
                 delay = min(_FIRST_DELAY * 2 ** (len(deaths) - 1), _MAX_DELAY)
-                log.error("worker %d (pid %d) exited with %s; starting it again in %gs (the others keep serving)",
-                          index, dead.pid, dead.returncode, delay)
+                event(log, logging.ERROR, "worker_died",
+                      "worker %(worker)d (pid %(pid)d) exited with %(status)s; starting it again in %(delay)gs (the "
+                      "others keep serving)", worker=index, pid=dead.pid, status=dead.returncode, delay=delay)
                 restarting[index] = dead.returncode
                 restarts[asyncio.ensure_future(respawn(index, delay))] = index
             if status:

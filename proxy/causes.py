@@ -1,0 +1,126 @@
+"""A network failure in words: what an operator reads after "cannot fetch ..." or "cannot connect to ...".
+
+Owns: `cause(error)`, the one phrase for why a connection or an HTTP exchange with a peer
+failed ("connection refused", "timed out after 5s", "TLS: certificate verify failed:
+self-signed certificate", "DNS: name not found", "HTTP 404"), for OSError errnos, timeouts,
+ssl errors, socket.gaierror, aiohttp's client errors and our upstream client's errors; and
+`peer(url)`, the `host:port` a URL connects to; `shown(url)`, a URL as logs may show it (a
+password in it, `https://user:secret@host/`, is never written). Never just an exception class: a failure it
+does not know is "unexpected error (ClassName: message)".
+Does not own: deciding what a failure means for a request (forward.py) or a key source
+(keys.py), or logging it.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+import ssl
+from urllib.parse import urlsplit
+
+import aiohttp
+
+__all__ = ["cause", "peer", "shown"]
+
+# The errnos a connection meets, in the words `strerror` uses minus its capitals and jargon.
+_ERRNOS: dict[int, str] = {
+    errno.ECONNREFUSED: "connection refused",
+    errno.ECONNRESET: "connection reset by the peer",
+    errno.ECONNABORTED: "connection aborted",
+    errno.EPIPE: "connection closed by the peer while sending",
+    errno.ETIMEDOUT: "timed out",
+    errno.EHOSTUNREACH: "host unreachable",
+    errno.ENETUNREACH: "network unreachable",
+    errno.EHOSTDOWN: "host down",
+    errno.ENETDOWN: "network down",
+    errno.EADDRNOTAVAIL: "address not available",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted (a firewall?)",
+    errno.EMFILE: "too many open files in this process",
+    errno.ENFILE: "too many open files on this host",
+    errno.ENOBUFS: "no buffer space",
+}
+
+_DNS: dict[int, str] = {
+    socket.EAI_NONAME: "DNS: name not found",
+    socket.EAI_AGAIN: "DNS: temporary failure (try again)",
+    socket.EAI_FAIL: "DNS: the name server failed",
+}
+for _name in ("EAI_NODATA", "EAI_ADDRFAMILY"):  # glibc only
+    if hasattr(socket, _name):
+        _DNS[getattr(socket, _name)] = "DNS: the name has no address"
+
+
+def cause(error: BaseException, *, timeout: float | None = None) -> str:
+    """Why `error` happened, in words; `timeout` (seconds) completes "timed out after ...".
+
+    Follows the error's wrapped cause (aiohttp's `os_error` and `certificate_error`, an
+    exception's `__cause__`) to the most telling one.
+    """
+    # aiohttp's timeouts are ClientErrors too, and builtin TimeoutError an OSError: first.
+    if isinstance(error, TimeoutError):
+        return f"timed out after {timeout:g}s" if timeout is not None else "timed out"
+    if isinstance(error, aiohttp.ClientConnectorCertificateError):
+        return cause(error.certificate_error, timeout=timeout)
+    if isinstance(error, ssl.SSLCertVerificationError):
+        detail = error.verify_message or error.reason
+        return "TLS: certificate verify failed" + (f": {detail}" if detail else "")
+    if isinstance(error, ssl.SSLError):
+        reason = (error.reason or "").replace("_", " ").lower()
+        return "TLS: " + (f"handshake failed ({reason})" if reason else "handshake failed")
+    if isinstance(error, socket.gaierror):
+        return _DNS.get(error.errno or 0, f"DNS: {_lower(error.strerror) or 'lookup failed'}")
+    if isinstance(error, aiohttp.ClientConnectorError):
+        return cause(error.os_error, timeout=timeout)
+    if isinstance(error, aiohttp.ClientResponseError):
+        return f"HTTP {error.status}"
+    if isinstance(error, aiohttp.ServerDisconnectedError):
+        return "the server closed the connection without answering"
+    if isinstance(error, aiohttp.ClientPayloadError):
+        return "the answer's body was cut off or malformed"
+    if isinstance(error, aiohttp.InvalidURL):
+        return "not a valid URL"
+    if isinstance(error, aiohttp.ClientConnectionError) and error.__cause__ is not None:
+        return cause(error.__cause__, timeout=timeout)
+    if isinstance(error, OSError):
+        if error.errno in _ERRNOS:
+            return _ERRNOS[error.errno]  # type: ignore[index]
+        if error.strerror:
+            return _lower(error.strerror)
+        if error.__cause__ is not None:
+            return cause(error.__cause__, timeout=timeout)
+    from .upstream import UpstreamError  # not at the top: upstream.py uses this module
+
+    if isinstance(error, UpstreamError) and str(error):
+        return str(error)  # our own client's errors are written as operator text
+    text = str(error)
+    return f"unexpected error ({type(error).__name__}: {text})" if text else f"unexpected error ({type(error).__name__})"
+
+
+def peer(url: str) -> str:
+    """`host:port` of an http(s) URL (the scheme's port when none is given); the URL when it has no host."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
+    except ValueError:
+        return url
+    if not parts.hostname:
+        return url
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    return f"{host}:{port}" if port else host
+
+
+def shown(url: str) -> str:
+    """`url` without the credentials it may carry: `https://user:secret@host/x` is `https://***@host/x`."""
+    scheme, at, rest = url.partition("://")
+    authority, slash, path = rest.partition("/")
+    if not at or "@" not in authority:
+        return url
+    return f"{scheme}://***@{authority.rpartition('@')[2]}{slash}{path}"
+
+
+def _lower(text: str | None) -> str:
+    """`strerror` starts with a capital ("Connection refused"); a phrase inside a line does not."""
+    if not text:
+        return ""
+    return text[0].lower() + text[1:] if not text[:2].isupper() else text

@@ -279,7 +279,9 @@ async def test_explain_gives_the_proxys_reason_in_the_proxys_words(
     token = make(k)
     caplog.set_level(logging.DEBUG, logger="jwt_sidecar")
     response = await s.get(path, headers={"Authorization": f"Bearer {token}"})
-    refusals = [r.args[1:] for r in caplog.records if r.msg == "request %s refused: %s: %s"]
+    # The operator log's `request_refused` event (oplog.py) carries reason and detail as fields.
+    refusals = [(r.fields["reason"], r.fields["detail"]) for r in caplog.records
+                if getattr(r, "event", None) == "request_refused"]
     if refusals and str(refusals[0][0]) == "malformed_request":
         # Refused for the request's form (a token with '=' inside, JSON in a header), before
         # the token is read: ask the running proxy's own verifier for that route instead.

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 
@@ -29,7 +30,7 @@ from .limits import default_max_connections, quiet_accept_errors, raise_fd_limit
 from .logthrottle import RepeatFilter
 from .reload import reload, watch
 from .runtime import Runtime
-from .workers import WORKERS_READY, supervise
+from .workers import WORKER_ENV, WORKERS_READY, supervise
 
 __all__ = ["configure_logging", "run", "run_worker", "serve"]
 
@@ -93,7 +94,11 @@ async def serve(settings: Settings, *, config_path: str | None, stop: asyncio.Ev
             publisher = loop.create_task(_publish(runtime))
         else:
             await web.TCPSite(admin_runner, settings.admin.host, settings.admin.port).start()
-        log.info("proxying %s -> %s; admin on %s", settings.listen, settings.upstream.url, settings.admin)
+        if worker:  # the admin port is the supervisor's, and it says so
+            log.info("worker %s (pid %d) proxying %s -> %s", os.environ.get(WORKER_ENV, "?"), os.getpid(),
+                     settings.listen, settings.upstream.url)
+        else:
+            log.info("proxying %s -> %s; admin on %s", settings.listen, settings.upstream.url, settings.admin)
         reloads: set[asyncio.Task[bool]] = set()
 
         def on_hup() -> None:

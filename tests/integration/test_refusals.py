@@ -163,6 +163,7 @@ routes:
       provider: main
       scopes: {{all_of: [admin]}}
       claims: [{{claim: email_verified, equals: true}}]
+  - {{name: maybe, match: {{path_prefix: /maybe/}}, auth: {{provider: main, optional: true}}}}
   - {{name: api, match: {{path_prefix: /api/}}, auth: {{provider: main}}}}
 """
 
@@ -238,6 +239,9 @@ CASES = [
     Case("exp-is-text", Reason.MALFORMED_CLAIM, 401, lambda k, o: head("/api/x", bearer(token(k, {"exp": "soon"})))),
     Case("expired", Reason.EXPIRED, 401,
          lambda k, o: head("/api/x", bearer(token(k, {"exp": int(time.time()) - 600}, now=time.time() - 1200)))),
+    # Optional means "no token is fine", not "a bad token is fine": the same challenge.
+    Case("expired-on-an-optional-route", Reason.EXPIRED, 401,
+         lambda k, o: head("/maybe/x", bearer(token(k, {"exp": int(time.time()) - 600}, now=time.time() - 1200)))),
     Case("nbf-ahead", Reason.NOT_YET_VALID, 401,
          lambda k, o: head("/api/x", bearer(token(k, {"nbf": int(time.time()) + 600, "exp": int(time.time()) + 900})))),
     Case("iat-ahead", Reason.ISSUED_IN_FUTURE, 401,

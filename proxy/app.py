@@ -3,7 +3,8 @@
 Owns: `Proxy` — the handler our HTTP/1.1 server (http1.py) calls for every request, `start()`
 (the upstream client session, the key sources, the first snapshot) and `close()` — and the
 entry that wraps `pipeline.begin` and the coroutine it returns: every `ProxyError` becomes
-its status, a fixed JSON body and, for auth errors, an RFC 6750 challenge; anything
+its status, a fixed JSON body (`ProxyError.fields()`) and, for auth errors, an RFC 6750
+challenge built from the same fields; anything
 unexpected becomes a 500 that reveals nothing; every request gets its metrics and one
 access-log line. A refusal is answered within `handle` itself (no task); an allowed request
 comes back to the server as a coroutine to run.
@@ -182,7 +183,7 @@ def _end(runtime: Runtime, request: Request, exchange: Exchange) -> None:
     _record(runtime, request, exchange)
 
 
-_INTERNAL_BODY = b'{"error": "server_error", "error_description": "Internal error"}'
+_INTERNAL_BODY = json.dumps(ProxyError(Reason.INTERNAL).fields()).encode()
 _INTERNAL_HEADERS = (("Content-Type", "application/json; charset=utf-8"), ("Cache-Control", "no-store"),
                      ("Server", "jwt-sidecar"))
 
@@ -209,7 +210,9 @@ def _prepare(error: ProxyError, realm: str) -> Prepared:
         headers["WWW-Authenticate"] = error.challenge(realm)
     if isinstance(error, KeysUnavailable):
         headers["Retry-After"] = "5"
-    body = json.dumps({"error": error.error_code, "error_description": error.description}).encode()
+    # The body's error and error_description are the challenge's (errors.py builds both from
+    # `fields()`): for no token at all both are absent (RFC 6750 §3.1) and the body is {}.
+    body = json.dumps(error.fields()).encode()
     return Prepared(error.status, headers.items(), body)
 
 

@@ -5,7 +5,11 @@ fixed client-safe phrase for that reason, and the `WWW-Authenticate` value (RFC 
 Does not own: turning errors into responses (the app's error middleware does that),
 logging, or any knowledge of routes.
 
-Clients only ever see `status`, `error_code`, the fixed `description` and the challenge.
+Clients only ever see `status`, `fields()` (the JSON body: `error_code` and the fixed
+`description`) and, for an `AuthError`, the challenge, built from the same `fields()` so the
+body and `WWW-Authenticate` never disagree (RFC 6750 §3: 400 `invalid_request`, 401
+`invalid_token`, 403 `insufficient_scope`, and neither code nor description when the
+request carries no token at all, §3.1).
 `detail` is operator text for logs and `token explain`; it may name a claim or a key id but
 never holds the token, a key or a library message verbatim.
 """
@@ -67,7 +71,6 @@ class Reason(enum.StrEnum):
     # the request, before authentication
     BAD_PATH = "bad_path"
     NO_ROUTE = "no_route"
-    METHOD = "method"
     BODY_TOO_LARGE = "body_too_large"
     BODY_TIMEOUT = "body_timeout"
     HEADER_TIMEOUT = "header_timeout"
@@ -83,7 +86,8 @@ class Reason(enum.StrEnum):
 _DESCRIPTIONS: dict[Reason, str] = {
     Reason.TOKEN_MISSING: "No access token was presented",
     Reason.MULTIPLE_TOKENS: "More than one access token was presented",
-    Reason.MALFORMED_REQUEST: "The authorization request is malformed",
+    # Said of a malformed Authorization, token source or request body alike (one reason).
+    Reason.MALFORMED_REQUEST: "The request is malformed",
     Reason.TOO_LARGE: "The access token is too large",
     Reason.MALFORMED: "The access token is malformed",
     Reason.ALG_NOT_ALLOWED: "The token's signing algorithm is not accepted",
@@ -104,7 +108,6 @@ _DESCRIPTIONS: dict[Reason, str] = {
     Reason.UNSAFE_CLAIM: "The token has a claim that cannot be forwarded safely",
     Reason.BAD_PATH: "The request path is not allowed",
     Reason.NO_ROUTE: "No route matches this request",
-    Reason.METHOD: "The method is not allowed",
     Reason.BODY_TOO_LARGE: "The request body is too large",
     Reason.BODY_TIMEOUT: "The request body did not arrive in time",
     Reason.HEADER_TIMEOUT: "The request head did not arrive in time",
@@ -143,7 +146,7 @@ class ProxyError(Exception):
     """Root of everything the request path can raise on purpose."""
 
     status: int = 500
-    error_code: str = "server_error"
+    error_code: str | None = "server_error"
 
     def __init__(self, reason: Reason, detail: str = "") -> None:
         super().__init__(f"{reason}: {detail}" if detail else str(reason))
@@ -154,12 +157,20 @@ class ProxyError(Exception):
     def description(self) -> str:
         return _DESCRIPTIONS[self.reason]
 
+    def fields(self) -> dict[str, str]:
+        """What the client reads: the members of the JSON body, and the `error` and
+        `error_description` of an `AuthError`'s challenge (the same, so they cannot disagree)."""
+        if self.error_code is None:
+            return {}
+        return {"error": self.error_code, "error_description": self.description}
+
 
 class AuthError(ProxyError):
     """The client's credentials do not let it through: answered with a Bearer challenge."""
 
     def challenge(self, realm: str) -> str:
-        return bearer_challenge(realm, error=self.error_code, description=self.description)
+        fields = self.fields()
+        return bearer_challenge(realm, error=fields.get("error"), description=fields.get("error_description"))
 
 
 class InvalidRequest(AuthError):
@@ -168,15 +179,16 @@ class InvalidRequest(AuthError):
 
 
 class TokenMissing(AuthError):
+    """No token at all: 401 and a bare challenge. RFC 6750 §3.1: a request without
+    authentication information gets no error code or other error information, so the body
+    (`{}`) claims none either: a client must not read "invalid_token" and discard a token it
+    never sent."""
+
     status = 401
-    error_code = "invalid_token"
+    error_code = None
 
     def __init__(self, detail: str = "") -> None:
         super().__init__(Reason.TOKEN_MISSING, detail)
-
-    def challenge(self, realm: str) -> str:
-        # RFC 6750 §3.1: a request with no authentication information gets no error code.
-        return bearer_challenge(realm)
 
 
 class InvalidToken(AuthError):
@@ -193,9 +205,9 @@ class InsufficientScope(AuthError):
         self.scope = scope
 
     def challenge(self, realm: str) -> str:
-        return bearer_challenge(
-            realm, error=self.error_code, description=self.description, scope=self.scope
-        )
+        fields = self.fields()
+        return bearer_challenge(realm, error=fields.get("error"), description=fields.get("error_description"),
+                                scope=self.scope)
 
 
 class BadRequest(ProxyError):

@@ -938,7 +938,10 @@ def _refusal(status: int, *, close: bool) -> bytes:
     body = _REFUSALS.get(status)
     if body is None:
         body = _REFUSALS[status] = (
-            f'{{"error":"invalid_request","error_description":"{_REASONS.get(status, "Bad Request")}"}}'
+            # A head that did not arrive in time says what a body that did not (forward.py's
+            # RequestTimeout) says: one 408, one error code (errors.py's phrase for header_timeout).
+            '{"error":"request_timeout","error_description":"The request head did not arrive in time"}' if status == 408
+            else f'{{"error":"invalid_request","error_description":"{_REASONS.get(status, "Bad Request")}"}}'
             if status < 500 or status in (501, 505) else '{"error":"server_error","error_description":"Internal error"}'
         ).encode()
     head = (f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\nContent-Type: application/json; charset=utf-8\r\n"

@@ -50,6 +50,14 @@ jwt_sidecar_token_cache_requests_total{result="hit"|"miss"}                  cou
 jwt_sidecar_token_cache_entries                                              gauge
     Verified tokens held in the cache (no sample when the cache is disabled).
 
+process_cpu_seconds_total, process_resident_memory_bytes, process_virtual_memory_bytes,
+process_start_time_seconds, process_open_fds, process_max_fds
+    prometheus-client's own process metrics (read from /proc). One process: unlabelled, as
+    any Python exporter gives them. With `workers: N` the supervisor exports them for itself
+    and each worker, labelled `worker` ("supervisor", "0" .. "N-1"), read from /proc/PID at
+    scrape time (`ProcessesCollector`): prometheus-client's multiprocess mode has no process
+    metrics, and /proc is exact where copies in the multiprocess files would lag a second.
+
 The per-request families (`requests_total`, `in_flight_requests` and the two durations) and
 the connection families (`connections_open`, `connections_rejected_total`: the proxy's
 `http1.Server` adds to `Metrics.connections`) are plain Python numbers, read at scrape time: a prometheus-client Counter or Histogram takes a
@@ -92,6 +100,7 @@ __all__ = [
     "Decision",
     "Metrics",
     "MetricsView",
+    "ProcessesCollector",
     "RouteMetrics",
 ]
 
@@ -297,6 +306,39 @@ class Metrics:
         if self._collector is not None:
             families += self._collector.collect()
         self._mirror.copy(families)
+
+
+class ProcessesCollector:
+    """The process_* metrics of several processes, each labelled `worker`, read at scrape time.
+
+    `processes()` returns (label, pid) pairs: it is called at every scrape, so a restarted
+    worker is read under its new pid and keeps its label (its CPU counter starts again from
+    0, which `rate()` takes for a reset; `process_start_time_seconds` says when). A process
+    that has gone between the call and the read costs its own samples only.
+    """
+
+    def __init__(self, processes: Callable[[], Iterable[tuple[str, int]]]) -> None:
+        self._processes = processes
+        self._pid = 0
+        # One reader, pointed at each pid in turn: prometheus-client's own /proc parsing and names.
+        self._reader = ProcessCollector(pid=lambda: self._pid, registry=None)
+
+    def collect(self) -> Iterator[Metric]:
+        families: dict[str, Metric] = {}
+        for label, pid in list(self._processes()):
+            self._pid = pid
+            try:
+                read = list(self._reader.collect())
+            except Exception:  # noqa: BLE001 - one odd /proc file must cost its own samples, not the scrape
+                _log.debug("metrics: reading /proc/%d failed", pid, exc_info=True)
+                continue
+            for family in read:
+                merged = families.get(family.name)
+                if merged is None:
+                    merged = families[family.name] = Metric(family.name, family.documentation, family.type)
+                for sample in family.samples:
+                    merged.add_sample(sample.name, {**sample.labels, "worker": label}, sample.value)
+        yield from families.values()
 
 
 # -- scrape time -------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 
@@ -29,7 +30,7 @@ from .limits import default_max_connections, quiet_accept_errors, raise_fd_limit
 from . import oplog
 from .reload import reload, watch
 from .runtime import Runtime
-from .workers import WORKERS_READY, supervise
+from .workers import WORKER_ENV, WORKERS_READY, supervise
 
 __all__ = ["configure_logging", "run", "run_worker", "serve"]
 
@@ -97,8 +98,13 @@ async def serve(settings: Settings, *, config_path: str | None, stop: asyncio.Ev
             publisher = loop.create_task(_publish(runtime))
         else:
             await web.TCPSite(admin_runner, settings.admin.host, settings.admin.port).start()
-        oplog.event(log, logging.INFO, "listening", "proxying %(listen)s -> %(upstream)s; admin on %(admin)s",
-                    listen=str(settings.listen), upstream=settings.upstream.url, admin=str(settings.admin))
+        if worker:  # the admin port is the supervisor's, and it says so
+            oplog.event(log, logging.INFO, "listening", "worker %(index)s (pid %(pid)d) proxying %(listen)s -> %(upstream)s",
+                        index=os.environ.get(WORKER_ENV, "?"), pid=os.getpid(), listen=str(settings.listen),
+                        upstream=settings.upstream.url)
+        else:
+            oplog.event(log, logging.INFO, "listening", "proxying %(listen)s -> %(upstream)s; admin on %(admin)s",
+                        listen=str(settings.listen), upstream=settings.upstream.url, admin=str(settings.admin))
         reloads: set[asyncio.Task[bool]] = set()
 
         def on_hup() -> None:

@@ -2,7 +2,8 @@
 
 Owns: starting the workers (each `jwt-sidecar run` with `JWT_SIDECAR_WORKER` set, binding the
 proxy port with SO_REUSEPORT so the kernel spreads connections), the admin listener on the
-supervisor (`/metrics` aggregated with prometheus-client's multiprocess mode, `/readyz` true
+supervisor (`/metrics` aggregated with prometheus-client's multiprocess mode, plus the
+process_* metrics of the supervisor and of each live worker, labelled `worker`; `/readyz` true
 only while every worker is alive and ready, its open-file limit raised as in server.py),
 passing SIGHUP on and SIGTERM/SIGINT down
 (each worker drains itself), and the multiprocess directory's life. A worker that dies
@@ -36,6 +37,7 @@ from .admin import create_admin_app
 from .config import Settings
 from .causes import cause
 from .limits import quiet_accept_errors, raise_fd_limit
+from .metrics import ProcessesCollector
 from .oplog import event
 
 __all__ = ["WORKER_ENV", "WORKERS_READY", "supervise"]
@@ -79,6 +81,12 @@ async def supervise(settings: Settings, *, config_path: str) -> int:
     restarting: dict[int, int | None] = {}  # worker index -> the exit status it is restarting from
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry, path=directory)
+
+    def processes() -> list[tuple[str, int]]:
+        # Live workers only: a dead one's pid may already name another process.
+        return [("supervisor", os.getpid())] + [(str(i), p.pid) for i, p in enumerate(procs) if p.returncode is None]
+
+    registry.register(ProcessesCollector(processes))
     draining = False
 
     def readiness() -> tuple[bool, str]:

@@ -16,7 +16,7 @@ from tests.conftest import TestKey, mint
 from tests.integration.test_security import AUDIENCE, ISSUER, raw_get
 
 BARE = 'Bearer realm="api"'
-MALFORMED = 'Bearer realm="api", error="invalid_request", error_description="The authorization request is malformed"'
+MALFORMED = 'Bearer realm="api", error="invalid_request", error_description="The request is malformed"'
 MULTIPLE = 'Bearer realm="api", error="invalid_request", error_description="More than one access token was presented"'
 INVALID_TOKEN_MALFORMED = 'Bearer realm="api", error="invalid_token", error_description="The access token is malformed"'
 SCOPE = 'Bearer realm="api", error="insufficient_scope", error_description="The access token lacks a required scope"'

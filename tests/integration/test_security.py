@@ -103,7 +103,7 @@ routes:
 
 BARE = 'Bearer realm="api"'
 INVALID_REQUEST_MALFORMED = (
-    'Bearer realm="api", error="invalid_request", error_description="The authorization request is malformed"')
+    'Bearer realm="api", error="invalid_request", error_description="The request is malformed"')
 INVALID_REQUEST_MULTIPLE = (
     'Bearer realm="api", error="invalid_request", error_description="More than one access token was presented"')
 UNSAFE_CLAIM = (

@@ -1,0 +1,169 @@
+"""`workers: N`: the supervisor's /metrics has CPU and memory of every process, and one admin line.
+
+The real `run` with `workers: 2`, in a subprocess: process_* series labelled `worker`
+("supervisor", "0", "1") whose figures are each process's own (start times matched against
+/proc/PID/stat of the pid the test finds for each worker), and a stderr that names the admin
+port once, from the supervisor that owns it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import signal
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import TestKey
+from tests.integration.test_lifecycle import wait_ready
+from tests.integration.test_readme_metrics import exported, readme_metrics
+from tests.integration.test_workers import children, start
+from tests.support.raw import bounded_by
+
+PROCESS_FAMILIES = ("process_cpu_seconds_total", "process_resident_memory_bytes", "process_virtual_memory_bytes",
+                    "process_start_time_seconds", "process_open_fds", "process_max_fds")
+
+
+def start_time(pid: int) -> float:
+    """When `pid` started, in seconds since the epoch, as /proc says (proc(5): field 22, in ticks)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                if line.startswith("btime "))
+    return boot + float(fields[19]) / os.sysconf("SC_CLK_TCK")
+
+
+def workers(supervisor: int) -> dict[str, int]:
+    """Worker index -> pid of the supervisor's live children (a killed one not yet reaped has no environ)."""
+    found = {}
+    for pid in children(supervisor):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        for item in environ:
+            if item.startswith(b"JWT_SIDECAR_WORKER="):
+                found[item.partition(b"=")[2].decode()] = pid
+    return found
+
+
+async def process_samples(session: aiohttp.ClientSession, admin: str) -> dict[tuple[str, str], float]:
+    """(sample name, worker label) -> value, for every process_* sample of one scrape; every
+    metric of the scrape is in the README's Metrics table."""
+    async with session.get(admin + "/metrics") as response:
+        assert response.status == 200
+        text = await response.text()
+    assert exported(text) - readme_metrics() == set(), "exported, not in the README's Metrics table"
+    found: dict[tuple[str, str], float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name.startswith("process_"):
+                assert set(sample.labels) == {"worker"}, sample  # never an unlabelled sum of nothing
+                found[(sample.name, sample.labels["worker"])] = sample.value
+    return found
+
+
+class Supervised:
+    """`run` with `workers: 2` in a subprocess, its stderr read all along (the workers write to
+    the same pipe: EOF once every process has exited)."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, base: str, admin: str) -> None:
+        self.proc, self.base, self.admin = proc, base, admin
+        assert proc.stderr is not None
+        self._stderr = asyncio.ensure_future(proc.stderr.read())
+        self.seen: set[int] = set()
+        """Every worker pid seen, to kill should the test fail before a clean stop."""
+
+    def workers(self) -> dict[str, int]:
+        found = workers(self.proc.pid)
+        self.seen |= set(found.values())
+        return found
+
+    async def stop(self) -> str:
+        """SIGTERM, and the whole stderr once everything has exited (with status 0)."""
+        self.proc.send_signal(signal.SIGTERM)
+        stderr = (await asyncio.wait_for(self._stderr, 20)).decode()
+        assert await asyncio.wait_for(self.proc.wait(), 20) == 0
+        return stderr
+
+    async def kill(self) -> None:
+        if self.proc.returncode is None:
+            # The workers too: they hold the stderr pipe, and wait() waits for it to close.
+            for pid in [self.proc.pid, *self.seen]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            await self.proc.wait()
+        self._stderr.cancel()
+
+
+@contextlib.asynccontextmanager
+async def supervised(tmp_path: Path, aiohttp_server: Any, jwks_server: Any, rsa_key: TestKey
+                     ) -> AsyncIterator[tuple[Supervised, aiohttp.ClientSession]]:
+    proc, base, admin = await start(tmp_path, aiohttp_server, jwks_server, rsa_key, stderr=asyncio.subprocess.PIPE)
+    run = Supervised(proc, base, admin)
+    try:
+        async with aiohttp.ClientSession() as session:
+            await wait_ready(session, admin + "/readyz", proc)
+            run.workers()
+            yield run, session
+    finally:
+        await run.kill()
+
+
+@bounded_by(90)
+async def test_every_process_exports_its_own_cpu_and_memory(
+        tmp_path: Path, aiohttp_server: Any, jwks_server: Any, rsa_key: TestKey) -> None:
+    began = time.time()
+    async with supervised(tmp_path, aiohttp_server, jwks_server, rsa_key) as (run, session):
+        pids = run.workers()
+        assert set(pids) == {"0", "1"}
+        pids["supervisor"] = run.proc.pid
+        samples = await process_samples(session, run.admin)
+        assert set(samples) == {(name, label) for name in PROCESS_FAMILIES for label in pids}
+        now = time.time()
+        for label, pid in pids.items():
+            def value(name: str) -> float:
+                return samples[(name, label)]  # noqa: B023 - used at once, in this iteration
+
+            # Each series is its own process's, not one process's figures three times.
+            assert abs(value("process_start_time_seconds") - start_time(pid)) < 0.02, label
+            assert began - 2 <= value("process_start_time_seconds") <= now, label
+            assert 5 * 2**20 < value("process_resident_memory_bytes") < 2**30, label
+            assert value("process_virtual_memory_bytes") >= value("process_resident_memory_bytes"), label
+            assert 0 < value("process_cpu_seconds_total") <= (now - began + 1) * (os.cpu_count() or 1), label
+            assert 3 <= value("process_open_fds") <= value("process_max_fds"), label
+
+        # A worker started again is read under its new pid, keeping its label.
+        os.kill(pids["0"], signal.SIGKILL)
+        for _ in range(200):  # bounded: the restart back-off is 0.25 s, the start about a second
+            current = run.workers()
+            if current.get("0") not in (None, pids["0"]):
+                async with session.get(run.admin + "/readyz") as response:
+                    if response.status == 200:
+                        break
+            await asyncio.sleep(0.05)
+        assert current["0"] != pids["0"]
+        samples = await process_samples(session, run.admin)
+        assert abs(samples[("process_start_time_seconds", "0")] - start_time(current["0"])) < 0.02
+        assert {label for _, label in samples} == {"supervisor", "0", "1"}
+        await run.stop()
+
+
+@bounded_by(60)
+async def test_the_admin_port_is_logged_once_by_the_supervisor_that_owns_it(
+        tmp_path: Path, aiohttp_server: Any, jwks_server: Any, rsa_key: TestKey) -> None:
+    async with supervised(tmp_path, aiohttp_server, jwks_server, rsa_key) as (run, _):
+        stderr = await run.stop()
+    address = run.admin.removeprefix("http://")
+    admin_lines = [line for line in stderr.splitlines() if "admin on" in line or address in line]
+    assert len(admin_lines) == 1, stderr
+    assert f"2 workers on {run.base.removeprefix('http://')}; admin on {address}" in admin_lines[0]
+    # Each worker still says what it serves, once, under its own name.
+    serving = re.findall(r"worker (\d+) \(pid \d+\) proxying 127\.0\.0\.1:\d+ -> http://", stderr)
+    assert sorted(serving) == ["0", "1"], stderr

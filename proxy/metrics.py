@@ -330,7 +330,8 @@ class ProcessesCollector:
             try:
                 read = list(self._reader.collect())
             except Exception:  # noqa: BLE001 - one odd /proc file must cost its own samples, not the scrape
-                _log.debug("metrics: reading /proc/%d failed", pid, exc_info=True)
+                event(_log, logging.DEBUG, "metrics_failed", "metrics: reading /proc/%(pid)d failed", pid=pid,
+                      exc_info=True)
                 continue
             for family in read:
                 merged = families.get(family.name)

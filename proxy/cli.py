@@ -19,6 +19,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, NoReturn
 
 import aiohttp
@@ -28,6 +29,7 @@ from . import __version__, config, routecheck, server, workers
 from . import explain as explain_mod
 from .clock import SystemClock
 from .errors import ConfigError
+from .startup import StartupError
 from .keys import key_source_for
 from .jwks import SUPPORTED_ALGORITHMS
 from .keygen import GENERATE_ALGORITHMS, SECRET_ENCODINGS, KeyToolError, generate, mint, parse_claim, read_secret, write
@@ -125,6 +127,26 @@ def _add_run(commands: Any) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    return _starting(lambda: _start_run(args))
+
+
+def _starting(start: Callable[[], int]) -> int:
+    """`run` and `demo`: what stops a start that is the operator's to fix is one line, exit 1."""
+    try:
+        return start()
+    except StartupError as error:  # a port in use, a directory that cannot be written, ...
+        _complain(str(error))
+        return 1
+    except ConfigError as error:
+        if len(error.issues) != 1:
+            raise  # `main` lists them all, then counts them
+        _complain(str(error.issues[0]))  # a config file or key file that cannot be read, ...
+        return 1
+    except KeyboardInterrupt:  # Ctrl-C before the signal handlers are in place: a stop, not a crash
+        return 130
+
+
+def _start_run(args: argparse.Namespace) -> int:
     settings = config.load(args.config)
     server.configure_logging(args.log_level)
     if not os.environ.get(workers.WORKER_ENV):  # once, not once per worker
@@ -149,6 +171,14 @@ def _add_demo(commands: Any) -> None:
     )
     p.add_argument("--config", type=Path, default=None, metavar="FILE",
                    help="the config (default ./config.yaml, else the example shipped with the package)")
+    # Without these each listener takes the config's port, or a free one when that is taken;
+    # a port given here is used or the demo does not start.
+    p.add_argument("--port", type=_port, metavar="N", help="the sidecar's port (default: the config's listen, 8080)")
+    p.add_argument("--admin-port", type=_port, metavar="N", help="the admin port (default: the config's admin, 9901)")
+    p.add_argument("--issuer-port", type=_port, metavar="N",
+                   help="the demo issuer's port (default: the config's jwks.url, 8090)")
+    p.add_argument("--upstream-port", type=_port, metavar="N",
+                   help="the echo upstream's port (default: the config's upstream.url, 8000)")
     p.set_defaults(run=_demo, parser=p)
 
 
@@ -157,8 +187,15 @@ def _demo(args: argparse.Namespace) -> int:
 
     path = args.config or demo.default_config_path()
     server.configure_logging("WARNING")
-    asyncio.run(demo.run_demo(path, announce=lambda text: print(text, flush=True)))
-    return 0
+
+    ports = {role: getattr(args, option[2:].replace("-", "_")) for role, option in demo.OPTIONS.items()}
+
+    def start() -> int:
+        asyncio.run(demo.run_demo(path, announce=lambda text: print(text, flush=True),
+                                  ports={role: port for role, port in ports.items() if port is not None}))
+        return 0
+
+    return _starting(start)
 
 
 # -- check-config -------------------------------------------------------------------------
@@ -413,6 +450,12 @@ def _duration(text: str) -> float:
     if seconds < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is too short; use at least 1s")
     return seconds
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port (1 to 65535)")
+    return int(text)
 
 
 def _claim(text: str) -> tuple[str, Any]:

@@ -189,6 +189,11 @@ def _demo(args: argparse.Namespace) -> int:
     server.configure_logging("WARNING")
 
     ports = {role: getattr(args, option[2:].replace("-", "_")) for role, option in demo.OPTIONS.items()}
+    given = [(demo.OPTIONS[role], port) for role, port in ports.items() if port is not None]
+    for i, (option, port) in enumerate(given):
+        for other, same in given[i + 1:]:
+            if same == port:
+                raise _UsageError(f"{option} and {other} are both {port}; each listener needs its own port", args.parser)
 
     def start() -> int:
         asyncio.run(demo.run_demo(path, announce=lambda text: print(text, flush=True),

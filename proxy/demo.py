@@ -13,6 +13,7 @@ Does not own: any proxy behaviour; everything it shows is the real path.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import importlib.resources
 import os
@@ -35,7 +36,7 @@ from . import config
 from .config import Listen, Provider, RemoteJwks, Settings
 from .keygen import generate, mint
 from .server import serve
-from .startup import Sockets, StartupError, bind
+from .startup import Sockets, StartupError, bind, why
 
 __all__ = ["OPTIONS", "ROLES", "DemoInfo", "command", "default_config_path", "run_demo"]
 
@@ -203,18 +204,23 @@ async def run_demo(config_path: Path, *, stop: asyncio.Event | None = None,
     runners: list[web.AppRunner] = []
     directory: str | None = None
     try:
-        for role in ROLES:
+        avoid = {ports.get(role, wanted[role].port) for role in ROLES}
+        # The ports asked for first: a config port that is one of them gives way, not the other way round.
+        for role in sorted(ROLES, key=lambda role: role not in ports):
             address = wanted[role]
-            avoid = {ports.get(other, wanted[other].port) for other in ROLES}
             bound[role] = _bind(role, Listen(host=address.host, port=ports.get(role, address.port)), role in ports, avoid)
         chosen = {role: bound[role][0].getsockname()[1] for role in ROLES}
         moves = {wanted[role]: chosen[role] for role in ROLES if chosen[role] != wanted[role].port}
         served_path = config_path
         if moves:
             # The sidecar serves (and reloads, and `token explain` reads) a copy with the ports it has.
-            directory = tempfile.mkdtemp(prefix="jwt-sidecar-demo-")
-            served_path = Path(directory) / "config.yaml"
-            served_path.write_text(_with_ports(config_path.read_text(encoding="utf-8"), moves), encoding="utf-8")
+            try:
+                directory = tempfile.mkdtemp(prefix="jwt-sidecar-demo-")
+                served_path = Path(directory) / "config.yaml"
+                served_path.write_text(_with_ports(config_path.read_text(encoding="utf-8"), moves), encoding="utf-8")
+            except OSError as error:
+                raise StartupError(f"the demo moved ports but cannot write its copy of {config_path} to the "
+                                   f"temporary directory: {why(error)}; set TMPDIR to a writable directory") from None
             settings = config.load(served_path)
             provider = _demo_provider(settings)
             now_at = _addresses(settings, provider)
@@ -266,7 +272,13 @@ async def run_demo(config_path: Path, *, stop: asyncio.Event | None = None,
         stop = stop or asyncio.Event()
         sockets = Sockets(listen=bound.pop("listen"), admin=bound.pop("admin"))
         serving = asyncio.create_task(serve(settings, config_path=str(served_path), stop=stop, sockets=sockets))
-        await _wait_ready(settings, serving)
+        try:
+            await _wait_ready(settings, serving)
+        except StartupError:
+            stop.set()
+            with contextlib.suppress(Exception):
+                await serving
+            raise
         if not serving.done():  # not stopped (Ctrl-C) while it was starting
             announce(info.instructions())
         await serving
@@ -282,16 +294,19 @@ async def run_demo(config_path: Path, *, stop: asyncio.Event | None = None,
 
 async def _wait_ready(settings: Settings, serving: asyncio.Task[None]) -> None:
     url = _origin(settings.admin) + "/readyz"
+    reason = "no answer"
     async with aiohttp.ClientSession() as session:
         for _ in range(100):
             if serving.done():
-                serving.result()  # raises what stopped it (a port in use, …)
+                serving.result()  # raises what stopped it, if anything did
                 return
             try:
                 async with session.get(url) as response:
                     if response.status == 200:
                         return
-            except aiohttp.ClientConnectionError:
+                    reason = (await response.json(content_type=None)).get("reason", reason)
+            except (aiohttp.ClientError, ValueError, AttributeError):
                 pass
             await asyncio.sleep(0.1)
-    raise RuntimeError(f"the sidecar did not become ready at {url}")
+    # A config with a second provider whose issuer cannot be reached, say.
+    raise StartupError(f"the demo's sidecar was not ready after 10s: {reason}")

@@ -36,7 +36,7 @@ from prometheus_client.exposition import choose_encoder
 from .admin import create_admin_app
 from .config import Settings
 from .limits import quiet_accept_errors, raise_fd_limit
-from .startup import StartupError, bind_for, metrics_directory, why
+from .startup import StartupError, bind_for, check_stdout, metrics_directory, why
 
 __all__ = ["WORKER_ENV", "WORKERS_READY", "supervise"]
 
@@ -57,9 +57,11 @@ _WINDOW = 60.0
 
 async def supervise(settings: Settings, *, config_path: str) -> int:
     count = settings.workers
-    # The proxy port is tried as the workers will share it (SO_REUSEPORT), and let go; the
-    # admin port is the supervisor's to keep.
-    sockets = bind_for(settings, proxy_reuse_port=True)
+    # The proxy port is tried and let go: without SO_REUSEPORT, so that a port another set of
+    # workers holds (with it) counts as in use too, rather than its traffic being split with
+    # ours. The admin port is the supervisor's to keep. The workers need a stdout of their own.
+    check_stdout(settings)
+    sockets = bind_for(settings)
     for sock in sockets.listen:
         sock.close()
     try:

@@ -230,3 +230,75 @@ def test_the_readme_lists_the_demos_options() -> None:
     options = {option for action in demo._actions for option in action.option_strings  # noqa: SLF001
                if option.startswith("--") and option != "--help"}
     assert listed == options
+
+
+def demo_command(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "proxy", "demo", *args], capture_output=True, text=True, cwd=cwd,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=60)
+
+
+def test_a_demo_config_that_cannot_be_read_or_used_is_one_line(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.yaml"
+    result = demo_command("--config", str(missing))
+    assert (result.returncode, result.stderr) == (
+        1, f"jwt-sidecar: error: {missing}: cannot read the config file: no such file or directory\n")
+    remote = tmp_path / "remote.yaml"
+    remote.write_text((REPO / "config.yaml").read_text().replace(
+        "url: http://127.0.0.1:8090/.well-known/jwks.json", "url: https://issuer.example/.well-known/jwks.json"))
+    result = demo_command("--config", str(remote))
+    assert (result.returncode, result.stderr) == (
+        1, f"jwt-sidecar: error: {remote}: providers: the demo needs a provider whose jwks.url is on loopback "
+           "(127.0.0.1), as in the repository's config.yaml\n")
+
+
+def test_one_port_asked_for_twice_is_a_usage_error() -> None:
+    result = demo_command("--port", "9000", "--issuer-port", "9000")
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[-1] == ("jwt-sidecar: error: --port and --issuer-port are both 9000; "
+                                              "each listener needs its own port")
+
+
+async def test_a_config_port_that_is_asked_for_by_another_listener_gives_way(demo_config: Path) -> None:
+    listen = int(re.search(r"^listen: 127\.0\.0\.1:(\d+)", demo_config.read_text(), re.M).group(1))
+    stop = asyncio.Event()
+    printed: list[str] = []
+    task = asyncio.create_task(run_demo(demo_config, stop=stop, announce=printed.append, ports={"admin": listen}))
+    try:
+        for _ in range(200):
+            if printed or task.done():
+                break
+            await asyncio.sleep(0.05)
+        assert printed, task.result() if task.done() else "the demo announced nothing"
+        text = printed[0]
+        assert re.search(rf"^  admin    http://127\.0\.0\.1:{listen}/readyz$", text, re.M), text
+        moved = re.search(rf"^  sidecar  http://127\.0\.0\.1:(\d+)   \({listen} was taken\)$", text, re.M)
+        assert moved and int(moved.group(1)) != listen, text
+        async with aiohttp.ClientSession() as client:
+            async with client.get(f"http://127.0.0.1:{listen}/readyz") as response:
+                assert response.status == 200
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+
+
+def test_a_demo_that_never_becomes_ready_says_why_in_one_line(tmp_path: Path) -> None:
+    # A second provider, in use by a route, whose issuer does not answer: no keys, not ready.
+    text = (REPO / "config.yaml").read_text().replace("providers:\n", """providers:
+  elsewhere:
+    issuer: https://elsewhere.example/
+    audiences: [api]
+    jwks: {url: "https://elsewhere.invalid/jwks"}
+""").replace("routes:\n", """routes:
+  - name: elsewhere
+    match: {path_prefix: /elsewhere/}
+    auth: {provider: elsewhere}
+""")
+    for port in ("8080", "9901", "8000", "8090"):
+        text = text.replace(f"127.0.0.1:{port}", f"127.0.0.1:{free_port()}")
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    result = demo_command("--config", str(path))
+    # Above it, the key fetch failures the sidecar logged: they say why there are no keys.
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1] == ("jwt-sidecar: error: the demo's sidecar was not ready after 10s: "
+                                              "no signing keys yet for provider(s): elsewhere")

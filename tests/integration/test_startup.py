@@ -46,9 +46,11 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def held_port(host: str = "127.0.0.1", port: int = 0) -> Iterator[int]:
+def held_port(host: str = "127.0.0.1", port: int = 0, *, reuse_port: bool = False) -> Iterator[int]:
     """A port another process is listening on, as the operator's machine would have it."""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        if reuse_port:  # as another jwt-sidecar's workers hold it
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host, port))
         sock.listen()
         yield sock.getsockname()[1]
@@ -75,9 +77,18 @@ def without_privileges() -> None:
 
 def jwt_sidecar(*args: str, env: dict[str, str] | None = None, cwd: Path = REPO,
                 preexec: Callable[[], None] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "proxy", *args], capture_output=True, text=True, cwd=cwd,
-                          env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})}, preexec_fn=preexec,
-                          timeout=timeout)
+    """Run the command to its end. One that starts serving instead (the failure this file is
+    about) is killed at `timeout`, with its workers: it runs in a process group of its own."""
+    with subprocess.Popen([sys.executable, "-m", "proxy", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, cwd=cwd, env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
+                          preexec_fn=preexec, start_new_session=True) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def assert_one_line(result: subprocess.CompletedProcess[str], line: str) -> None:
@@ -98,6 +109,15 @@ def workers_line(workers: int) -> str:
 @WORKERS
 def test_a_listen_port_in_use_is_one_line_naming_address_and_port(tmp_path: Path, workers: int) -> None:
     with held_port() as port:
+        path = write_config(tmp_path, listen=f"127.0.0.1:{port}", extra=workers_line(workers))
+        result = jwt_sidecar("run", "--config", str(path))
+    assert_one_line(result, f"cannot listen on 127.0.0.1:{port} (listen): {IN_USE}")
+
+
+@WORKERS
+def test_a_listen_port_another_set_of_workers_shares_is_in_use_too(tmp_path: Path, workers: int) -> None:
+    # SO_REUSEPORT on both sides would let the kernel split the traffic between them, silently.
+    with held_port(reuse_port=True) as port:
         path = write_config(tmp_path, listen=f"127.0.0.1:{port}", extra=workers_line(workers))
         result = jwt_sidecar("run", "--config", str(path))
     assert_one_line(result, f"cannot listen on 127.0.0.1:{port} (listen): {IN_USE}")
@@ -240,8 +260,10 @@ def test_a_prometheus_multiproc_dir_that_cannot_be_written_is_one_line(tmp_path:
                             "denied; unset it (workers set their own) or make it a writable directory")
 
 
-def test_a_closed_stdout_with_the_access_log_on_is_one_line(tmp_path: Path) -> None:
-    result = jwt_sidecar("run", "--config", str(write_config(tmp_path)), preexec=lambda: os.close(1))
+@WORKERS
+def test_a_closed_stdout_with_the_access_log_on_is_one_line(tmp_path: Path, workers: int) -> None:
+    result = jwt_sidecar("run", "--config", str(write_config(tmp_path, extra=workers_line(workers))),
+                         preexec=lambda: os.close(1))
     assert_one_line(result, "stdout is closed and the access log is written there; give the process a stdout or "
                             "set access_log: false")
 

@@ -18,8 +18,8 @@ import logging
 import os
 import sys
 import time
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, NoReturn
 
 import aiohttp
@@ -193,7 +193,8 @@ def _demo(args: argparse.Namespace) -> int:
     for i, (option, port) in enumerate(given):
         for other, same in given[i + 1:]:
             if same == port:
-                raise _UsageError(f"{option} and {other} are both {port}; each listener needs its own port", args.parser)
+                raise _UsageError(f"{option} and {other} are both {port}; each listener needs its own port",
+                                  args.parser)
 
     def start() -> int:
         asyncio.run(demo.run_demo(path, announce=lambda text: print(text, flush=True),

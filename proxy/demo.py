@@ -143,9 +143,9 @@ def _addresses(settings: Settings, provider: Provider) -> dict[str, Listen]:
 
 def _bind(role: str, address: Listen, explicit: bool, avoid: set[int]) -> list[socket.socket]:
     """The port asked for on the command line, or else the config's, or else (when that one is
-    in use) a free one: a demo should start where common dev ports are taken. A free one is
-    the next port up when it is free (8081 for 8080: easy to read), else any; never one of
-    `avoid`, the other listeners' ports."""
+    in use) a free one: a demo should start where common dev ports are taken. The next ports
+    up are tried first (8081 for 8080: easy to read), except those in `avoid` (the other
+    listeners'), then any free one the system gives."""
     try:
         return bind(address, OPTIONS[role] if explicit else _CONFIG_KEYS[role])
     except StartupError as error:
@@ -207,8 +207,8 @@ async def run_demo(config_path: Path, *, stop: asyncio.Event | None = None,
         avoid = {ports.get(role, wanted[role].port) for role in ROLES}
         # The ports asked for first: a config port that is one of them gives way, not the other way round.
         for role in sorted(ROLES, key=lambda role: role not in ports):
-            address = wanted[role]
-            bound[role] = _bind(role, Listen(host=address.host, port=ports.get(role, address.port)), role in ports, avoid)
+            address = Listen(host=wanted[role].host, port=ports.get(role, wanted[role].port))
+            bound[role] = _bind(role, address, role in ports, avoid)
         chosen = {role: bound[role][0].getsockname()[1] for role in ROLES}
         moves = {wanted[role]: chosen[role] for role in ROLES if chosen[role] != wanted[role].port}
         served_path = config_path

@@ -130,6 +130,28 @@ def shell(*lines: str) -> subprocess.CompletedProcess[str]:
                           timeout=60, env={"PATH": "/usr/bin:/bin", "HOME": os.environ.get("HOME", "/")})
 
 
+def _shape(line: str) -> str:
+    # Which ports were taken depends on the machine (the test checks 8080's and 8000's itself).
+    line = re.sub(r"; \d+ was taken\)", ")", line.strip())
+    line = re.sub(r"\s*\(\d+ was taken\)", "", line)
+    line = re.sub(r"eyJ[\w.-]+", "TOKEN", line)
+    line = re.sub(r"a copy of \S+", "a copy of FILE", line)
+    line = re.sub(r"(/[\w.+-]+)+/?", "/PATH", line)
+    return re.sub(r"\d+", "N", line)
+
+
+def assert_the_readme_example_has_this_shape(printed: str) -> None:
+    """Every line of the README's "What the demo prints" block is a line the demo prints, up to
+    ports, tokens and paths (its `...` stands for lines left out)."""
+    readme = (REPO / "README.md").read_text()
+    block = readme[readme.index("What the demo prints"):]
+    block = block[block.index("```\n") + 4:]
+    block = block[:block.index("```")]
+    shapes = {_shape(line) for line in printed.splitlines()}
+    missing = [line for line in block.splitlines() if line.strip() != "..." and _shape(line) not in shapes]
+    assert not missing, (missing, printed)
+
+
 async def test_with_8080_and_8000_taken_the_demo_moves_and_its_printed_commands_work(tmp_path: Path) -> None:
     with holding(8080, 8000):
         # From a directory without a config.yaml: the example shipped in the package, real defaults.
@@ -143,9 +165,11 @@ async def test_with_8080_and_8000_taken_the_demo_moves_and_its_printed_commands_
             upstream = re.search(r"^\s*upstream\s+http://127\.0\.0\.1:(\d+)\s+\(echoes what it receives; "
                                  r"8000 was taken\)$", text, re.M)
             admin = re.search(r"^\s*admin\s+(http://127\.0\.0\.1:\d+/readyz)", text, re.M)
-            copy = re.search(r"^\s*config\s+(\S+)\s+\(a copy of \S+default_config\.yaml with these ports\)$", text, re.M)
+            copy = re.search(r"^\s*config\s+(\S+)\s+\(a copy of \S+default_config\.yaml with these ports\)$",
+                             text, re.M)
             assert sidecar and upstream and admin and copy, text
             assert sidecar.group(1) not in ("8080", "8000") and upstream.group(1) not in ("8080", "8000")
+            assert_the_readme_example_has_this_shape(text)
             tokens = [line for line in lines if line.startswith(("TOKEN=", "ADMIN="))]
             assert len(tokens) == 2
             allowed = next(line for line in lines if line.startswith('curl -s -H "Authorization: Bearer $TOKEN"'))

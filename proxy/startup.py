@@ -73,8 +73,10 @@ def bind(address: Listen, role: str, *, reuse_port: bool = False) -> list[socket
     except socket.gaierror:
         raise _cannot(address, role, f"the host name {address.host!r} does not resolve to an address") from None
     sockets: list[socket.socket] = []
+    ip = address.host
     try:
         for family, kind, proto, _, sockaddr in dict.fromkeys(infos):  # de-duplicated, in order
+            ip = sockaddr[0]
             sock = socket.socket(family, kind, proto)
             sockets.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -88,11 +90,12 @@ def bind(address: Listen, role: str, *, reuse_port: bool = False) -> list[socket
     except OSError as error:
         for sock in sockets:
             sock.close()
-        raise _cannot(address, role, _bind_failure(error, address), error.errno) from None
+        raise _cannot(address, role, _bind_failure(error, address, ip), error.errno) from None
     return sockets
 
 
-def _bind_failure(error: OSError, address: Listen) -> str:
+def _bind_failure(error: OSError, address: Listen, ip: str) -> str:
+    """Why `ip` (one of the addresses `address.host` names) could not be bound, in words."""
     if error.errno == errno.EADDRINUSE:
         return "address already in use (another process listens there; stop it or choose another port)"
     if error.errno in (errno.EACCES, errno.EPERM):
@@ -100,10 +103,11 @@ def _bind_failure(error: OSError, address: Listen) -> str:
             return (f"permission denied: port {address.port} is below 1024, which needs root or the "
                     "CAP_NET_BIND_SERVICE capability; choose a port of 1024 or more")
         return "permission denied"
+    named = address.host if ip == address.host else f"{address.host} ({ip})"  # localhost (::1)
     if error.errno == errno.EADDRNOTAVAIL:
-        return f"{address.host} is not an address of this machine"
+        return f"{named} is not an address of this machine"
     if error.errno == errno.EAFNOSUPPORT:
-        return "this machine has no IPv6" if ":" in address.host else "address family not supported"
+        return f"this machine has no IPv6 for {named}" if ":" in ip else "address family not supported"
     return why(error)
 
 

@@ -294,7 +294,7 @@ def test_a_stop_while_the_first_keys_load_ends_the_start_quietly(tmp_path: Path,
                 proc.wait()
             _, err = proc.communicate()
     assert "Traceback" not in err and "draining" not in err, err
-    assert err.splitlines()[-1].endswith("INFO jwt_sidecar: stopped while starting; nothing was served")
+    assert "stopped while starting; nothing was served" in err.splitlines()[-1]  # whatever the log format
 
 
 def test_the_readme_shows_the_line_a_port_in_use_gives(tmp_path: Path) -> None:

@@ -155,6 +155,14 @@ def test_listen_and_admin_spelled_differently_on_one_port_name_each_other(tmp_pa
                             f"(localhost:{port}) of this same config; give admin a port of its own")
 
 
+@WORKERS
+def test_admin_on_the_listen_address_itself_is_a_config_error_naming_its_line(tmp_path: Path, workers: int) -> None:
+    port = free_port()
+    path = write_config(tmp_path, listen=f"127.0.0.1:{port}", admin=f"127.0.0.1:{port}", extra=workers_line(workers))
+    assert_one_line(jwt_sidecar("run", "--config", str(path)),
+                    f"{path}:2: admin: 127.0.0.1:{port} is also `listen`; the admin endpoints need their own port")
+
+
 def test_admin_inside_listens_every_address_is_a_config_error_naming_its_line(tmp_path: Path) -> None:
     port = free_port()
     path = write_config(tmp_path, listen=f"0.0.0.0:{port}", admin=f"127.0.0.1:{port}")

@@ -21,6 +21,7 @@ import os
 import re
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -31,6 +32,7 @@ from . import __version__, config, oplog, routecheck, server, workers
 from . import explain as explain_mod
 from .clock import SystemClock
 from .errors import ConfigError
+from .startup import StartupError
 from .keys import key_source_for
 from .jwks import SUPPORTED_ALGORITHMS
 from .keygen import (GENERATE_ALGORITHMS, SECRET_ENCODINGS, KeyToolError, generate, mint, parse_claim,
@@ -133,6 +135,30 @@ def _add_run(commands: Any) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    return _starting(lambda: _start_run(args))
+
+
+def _starting(start: Callable[[], int]) -> int:
+    """`run` and `demo`: what stops a start that is the operator's to fix is one line, exit 1."""
+    try:
+        return start()
+    except StartupError as error:  # a port in use, a directory that cannot be written, ...
+        if oplog.writes_json():  # `log_format: json` was read: a log collector parses this line too
+            oplog.event(logging.getLogger("jwt_sidecar"), logging.ERROR, "startup_failed", "%(error)s",
+                        error=str(error))
+        else:
+            _complain(str(error))
+        return 1
+    except ConfigError as error:
+        if len(error.issues) != 1:
+            raise  # `main` lists them all, then counts them
+        _complain(str(error.issues[0]))  # a config file or key file that cannot be read, ...
+        return 1
+    except KeyboardInterrupt:  # Ctrl-C before the signal handlers are in place: a stop, not a crash
+        return 130
+
+
+def _start_run(args: argparse.Namespace) -> int:
     settings = config.load(args.config)
     # The command line wins over the file; `auto` is settled here, once, so the workers of
     # `workers: N` (started with these two options) write exactly what their supervisor does.
@@ -165,6 +191,14 @@ def _add_demo(commands: Any) -> None:
     )
     p.add_argument("--config", type=Path, default=None, metavar="FILE",
                    help="the config (default ./config.yaml, else the example shipped with the package)")
+    # Without these each listener takes the config's port, or a free one when that is taken;
+    # a port given here is used or the demo does not start.
+    p.add_argument("--port", type=_port, metavar="N", help="the sidecar's port (default: the config's listen, 8080)")
+    p.add_argument("--admin-port", type=_port, metavar="N", help="the admin port (default: the config's admin, 9901)")
+    p.add_argument("--issuer-port", type=_port, metavar="N",
+                   help="the demo issuer's port (default: the config's jwks.url, 8090)")
+    p.add_argument("--upstream-port", type=_port, metavar="N",
+                   help="the echo upstream's port (default: the config's upstream.url, 8000)")
     p.set_defaults(run=_demo, parser=p)
 
 
@@ -173,8 +207,21 @@ def _demo(args: argparse.Namespace) -> int:
 
     path = args.config or demo.default_config_path()
     server.configure_logging("WARNING")
-    asyncio.run(demo.run_demo(path, announce=lambda text: print(text, flush=True)))
-    return 0
+
+    ports = {role: getattr(args, option[2:].replace("-", "_")) for role, option in demo.OPTIONS.items()}
+    given = [(demo.OPTIONS[role], port) for role, port in ports.items() if port is not None]
+    for i, (option, port) in enumerate(given):
+        for other, same in given[i + 1:]:
+            if same == port:
+                raise _UsageError(f"{option} and {other} are both {port}; each listener needs its own port",
+                                  args.parser)
+
+    def start() -> int:
+        asyncio.run(demo.run_demo(path, announce=lambda text: print(text, flush=True),
+                                  ports={role: port for role, port in ports.items() if port is not None}))
+        return 0
+
+    return _starting(start)
 
 
 # -- check-config -------------------------------------------------------------------------
@@ -561,6 +608,12 @@ def _not_before(text: str) -> tuple[str, float]:
     if moment.tzinfo is None:
         raise argparse.ArgumentTypeError(f"{text!r} has no time zone; add one, e.g. {text.strip()}Z for UTC")
     return "at", moment.timestamp()
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port (1 to 65535)")
+    return int(text)
 
 
 def _claim(text: str) -> tuple[str, Any]:

@@ -74,8 +74,12 @@ def load(path: str | os.PathLike[str]) -> Settings:
     file = os.fspath(path)
     try:
         text = Path(file).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        raise ConfigError([ConfigIssue(file, None, "", f"cannot read: {error}")]) from None
+    except OSError as error:
+        why = (error.strerror or str(error)).lower()  # "no such file or directory", not "[Errno 2] ..."
+        raise ConfigError([ConfigIssue(file, None, "", f"cannot read the config file: {why}")]) from None
+    except UnicodeDecodeError as error:
+        raise ConfigError([ConfigIssue(file, None, "", f"cannot read the config file: not UTF-8 text "
+                                                       f"(byte {error.start})")]) from None
     return parse(text, file=file, base_dir=Path(file).resolve().parent)
 
 
@@ -156,6 +160,10 @@ class _Builder:
         root.done()
         if listen == admin and listen is not None:
             root.error("admin", f"{admin} is also `listen`; the admin endpoints need their own port")
+        elif listen is not None and admin is not None and _overlap(listen, admin):
+            # 0.0.0.0:8080 holds 127.0.0.1:8080 too: the second bind would fail at start.
+            root.error("admin", f"{admin} and `listen` {listen} share port {admin.port} on the same address "
+                       "(0.0.0.0 and :: are every address); the admin endpoints need their own port")
         return Settings(
             source=file,
             providers=MappingProxyType(providers),
@@ -778,6 +786,12 @@ def _choice(s: Section, key: str, default: str, choices: tuple[str, ...], *, upp
         s.error(key, f"{value!r} is not one of {', '.join(choices)}")
         return default
     return chosen
+
+
+def _overlap(a: Listen, b: Listen) -> bool:
+    """Whether binding both would collide: one port, one address family, one side every address."""
+    return (a.port == b.port and (":" in a.host) == (":" in b.host)
+            and (a.host in ("0.0.0.0", "::") or b.host in ("0.0.0.0", "::")))
 
 
 def _url(s: Section, key: str, *, required: bool = False) -> str | None:

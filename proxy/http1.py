@@ -1024,8 +1024,10 @@ class Server:
         counts.open += 1  # connection_lost takes it off again
         return _Connection(self)
 
-    async def listen(self, host: str, port: int, *, reuse_port: bool = False, backlog: int = 1024) -> None:
-        listener = await self._loop.create_server(self._accept, host, port, backlog=backlog,
+    async def listen(self, host: str | None = None, port: int | None = None, *, sock: socket.socket | None = None,
+                     reuse_port: bool = False, backlog: int = 1024) -> None:
+        """Serve on `host:port`, or on `sock`, a socket already bound (startup.py binds first)."""
+        listener = await self._loop.create_server(self._accept, host, port, sock=sock, backlog=backlog,
                                                   reuse_port=reuse_port or None)
         self._listeners.append(listener)
         if self._sweeper is None:

@@ -42,6 +42,9 @@ EVENTS: Mapping[str, tuple[frozenset[str], str]] = {
     "listening": (frozenset({_I}), "the proxy and admin listeners are open"),
     "draining": (frozenset({_I}), "SIGTERM or SIGINT: readiness is false, in-flight requests are finishing"),
     "stopped": (frozenset({_I}), "the drain is over; the process exits"),
+    "start_abandoned": (frozenset({_I}), "SIGTERM or SIGINT while the first keys loaded: nothing was served"),
+    "startup_failed": (frozenset({_E}), "a start the operator must fix (a port in use, a file that cannot be "
+                       "read): the one line, in JSON when the log is JSON; exit status 1"),
     "accept_failed": (frozenset({_W}), "the listener cannot accept connections (out of descriptors)"),
     # keys
     "keys_loaded": (frozenset({_D, _I}),
@@ -151,6 +154,11 @@ class JsonFormatter(logging.Formatter):
         if record.stack_info:
             line["stack"] = record.stack_info
         return json.dumps(line, ensure_ascii=False, default=str, separators=(",", ":"))
+
+
+def writes_json() -> bool:
+    """Whether the operator log is set up (`configure`) to write JSON lines."""
+    return any(isinstance(h.formatter, JsonFormatter) for h in logging.getLogger().handlers)
 
 
 def resolve_format(name: str, stream: TextIO | None = None) -> str:

@@ -1,6 +1,8 @@
 """The running process: listeners, signals, reload triggers and a graceful drain.
 
-Owns: binding the proxy and admin listeners, the open-file limit raised at start and the
+Owns: binding the proxy and admin listeners (first, through startup.py: a port that cannot
+be had ends the start in one line, nothing started; a SIGTERM/SIGINT while the first keys
+load ends it too, exit 0), the open-file limit raised at start and the
 connection limit that follows from it (limits.py), SIGTERM/SIGINT (readiness goes false and
 answers carry `Connection: close`; after `drain_delay` the listener stops accepting, and
 connections get `drain_timeout` to finish what they were sent; exit 0),
@@ -30,6 +32,7 @@ from .limits import default_max_connections, quiet_accept_errors, raise_fd_limit
 from . import oplog
 from .reload import reload, watch
 from .runtime import Runtime
+from .startup import Sockets, bind_for, check_multiproc_dir, check_stdout
 from .workers import WORKER_ENV, WORKERS_READY, supervise
 
 __all__ = ["configure_logging", "run", "run_worker", "serve"]
@@ -59,14 +62,30 @@ def configure_logging(level: str = "INFO", log_format: str = "text", *, worker: 
 
 
 async def serve(settings: Settings, *, config_path: str | None, stop: asyncio.Event | None = None,
-                watch_interval: float = 2.0, worker: bool = False) -> None:
+                watch_interval: float = 2.0, worker: bool = False, sockets: Sockets | None = None) -> None:
     """Serve until SIGTERM/SIGINT (or `stop` is set), then drain and return.
 
     As one of `workers: N` (`worker=True`): the proxy port is shared (SO_REUSEPORT), there is
     no admin listener (the supervisor has it), and metrics go to the multiprocess files.
+    `sockets`: listeners the caller bound already (the demo); by default they are bound here.
+    Raises `StartupError` (startup.py), before anything has started, when a port cannot be had.
     """
     stop = stop or asyncio.Event()
-    # Descriptors first: a container starts with a soft limit of 1024 and a far higher hard one.
+    # Ports first: one in use (or below 1024, or on an address not ours) ends the start here,
+    # before any key is fetched and before a line says we served.
+    check_stdout(settings)
+    if not worker:  # a worker's directory is the supervisor's, checked there
+        check_multiproc_dir()
+    sockets = sockets or bind_for(settings, proxy_reuse_port=worker, admin=not worker)
+    try:
+        await _serve(settings, config_path, stop, watch_interval, worker, sockets)
+    finally:
+        sockets.close()  # the servers closed their own; this closes them if a server never started
+
+
+async def _serve(settings: Settings, config_path: str | None, stop: asyncio.Event, watch_interval: float,
+                 worker: bool, sockets: Sockets) -> None:
+    # Then descriptors: a container starts with a soft limit of 1024 and a far higher hard one.
     nofile = raise_fd_limit()
     max_connections = settings.max_connections or default_max_connections(nofile)
     oplog.event(log, logging.INFO, "fd_limit",
@@ -84,7 +103,25 @@ async def serve(settings: Settings, *, config_path: str | None, stop: asyncio.Ev
     access_log = AccessLog(sys.stdout.buffer) if settings.access_log else None
     proxy = Proxy(settings, config_path=config_path, access_log=access_log)
     runtime = proxy.runtime
-    await proxy.start()  # client session, first key fetches
+    # A SIGTERM/SIGINT while the first keys load (an issuer that does not answer holds the start
+    # up to its timeout) stops the start at once: nothing was served, so nothing is drained.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    starting = loop.create_task(proxy.start())  # client session, first key fetches
+    stopped = loop.create_task(stop.wait())
+    await asyncio.wait((starting, stopped), return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    if not starting.done() or starting.exception() is not None:
+        starting.cancel()
+        try:
+            with contextlib.suppress(asyncio.CancelledError):
+                await starting  # raises what failed the start, if anything did
+        finally:
+            await proxy.close()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+        oplog.event(log, logging.INFO, "start_abandoned", "stopped while starting; nothing was served")
+        return
     server = proxy.server(max_connections=max_connections)
     admin_runner = web.AppRunner(create_admin_app(readiness=runtime.readiness, render=runtime.metrics.render),
                                  handle_signals=False, access_log=None)
@@ -92,12 +129,13 @@ async def serve(settings: Settings, *, config_path: str | None, stop: asyncio.Ev
     publisher: asyncio.Task[None] | None = None
     try:
         await admin_runner.setup()
-        # A port in use fails here, and the `finally` below still closes what was opened.
-        await server.listen(settings.listen.host, settings.listen.port, backlog=1024, reuse_port=worker)
+        for sock in sockets.listen:
+            await server.listen(sock=sock, backlog=1024)
         if worker:
             publisher = loop.create_task(_publish(runtime))
         else:
-            await web.TCPSite(admin_runner, settings.admin.host, settings.admin.port).start()
+            for sock in sockets.admin:
+                await web.SockSite(admin_runner, sock).start()
         if worker:  # the admin port is the supervisor's, and it says so
             oplog.event(log, logging.INFO, "listening", "worker %(index)s (pid %(pid)d) proxying %(listen)s -> %(upstream)s",
                         index=os.environ.get(WORKER_ENV, "?"), pid=os.getpid(), listen=str(settings.listen),

@@ -10,7 +10,9 @@ passing SIGHUP on and SIGTERM/SIGINT down
 unexpectedly is started again after a back-off (`_FIRST_DELAY`, doubling up to `_MAX_DELAY`)
 while the others keep serving; when workers keep dying (`_GIVE_UP` deaths within
 `_WINDOW` seconds) the whole set stops with exit status 1, so the platform restarts the
-container.
+container. Before any worker starts, what they need from the machine is checked once (the
+proxy port free to share, the admin port, a temporary directory; startup.py): a missing one
+is one line and exit status 1, not workers started again and again.
 Does not own: serving requests (server.py runs each worker) or any metric's meaning.
 """
 
@@ -23,7 +25,6 @@ import os
 import shutil
 import signal
 import sys
-import tempfile
 import time
 from collections import deque
 from collections.abc import Callable
@@ -39,6 +40,7 @@ from .causes import cause
 from .limits import quiet_accept_errors, raise_fd_limit
 from .metrics import ProcessesCollector
 from .oplog import event
+from .startup import StartupError, bind_for, check_stdout, metrics_directory, why
 
 __all__ = ["WORKER_ENV", "WORKERS_READY", "supervise"]
 
@@ -59,10 +61,21 @@ _WINDOW = 60.0
 
 async def supervise(settings: Settings, *, config_path: str) -> int:
     count = settings.workers
+    # The proxy port is tried and let go: without SO_REUSEPORT, so that a port another set of
+    # workers holds (with it) counts as in use too, rather than its traffic being split with
+    # ours. The admin port is the supervisor's to keep. The workers need a stdout of their own.
+    check_stdout(settings)
+    sockets = bind_for(settings)
+    for sock in sockets.listen:
+        sock.close()
+    try:
+        directory = metrics_directory()  # /tmp: writable even with a read-only root
+    except StartupError:
+        sockets.close()
+        raise
     # The admin port is the supervisor's; the workers inherit the raised limit (and log it).
     raise_fd_limit()
     quiet_accept_errors(asyncio.get_running_loop())
-    directory = tempfile.mkdtemp(prefix="jwt-sidecar-metrics-")  # /tmp: writable even with a read-only root
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": directory}
 
     async def spawn(index: int) -> asyncio.subprocess.Process:
@@ -77,7 +90,16 @@ async def supervise(settings: Settings, *, config_path: str) -> int:
         await asyncio.sleep(delay)
         return await spawn(index)
 
-    procs = [await spawn(index) for index in range(count)]
+    procs: list[asyncio.subprocess.Process] = []
+    try:
+        for index in range(count):
+            procs.append(await spawn(index))
+    except OSError as error:  # fd or process limits: nothing can serve, so nothing may keep running
+        _signal_all(procs, signal.SIGKILL)
+        await asyncio.gather(*(proc.wait() for proc in procs))
+        sockets.close()
+        shutil.rmtree(directory, ignore_errors=True)
+        raise StartupError(f"cannot start the worker processes: {why(error)}") from None
     restarting: dict[int, int | None] = {}  # worker index -> the exit status it is restarting from
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry, path=directory)
@@ -112,7 +134,8 @@ async def supervise(settings: Settings, *, config_path: str) -> int:
 
     admin = web.AppRunner(create_admin_app(readiness=readiness, render=render), handle_signals=False, access_log=None)
     await admin.setup()
-    await web.TCPSite(admin, settings.admin.host, settings.admin.port).start()
+    for sock in sockets.admin:
+        await web.SockSite(admin, sock).start()
     event(log, logging.INFO, "workers_started", "%(workers)d workers on %(listen)s; admin on %(admin)s",
           workers=count, listen=str(settings.listen), admin=str(settings.admin))
 

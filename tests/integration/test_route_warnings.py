@@ -88,10 +88,10 @@ async def test_a_route_that_can_never_match_refuses_the_start_naming_its_line(tm
             proc.kill()
             await proc.wait()
     assert proc.returncode == 1
+    # One problem is one line (startup: `run` says what stops a start in one line).
     assert err.decode().splitlines() == [
-        f"{path}:11: routes[2].match: route 'late' can never match: every request it matches is taken first by "
-        "'api' (line 8); remove it, or move it before them",
-        "jwt-sidecar: error: the config has 1 problem(s); nothing was started",
+        f"jwt-sidecar: error: {path}:11: routes[2].match: route 'late' can never match: every request it matches "
+        "is taken first by 'api' (line 8); remove it, or move it before them",
     ]
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import os
 import signal
 import socket
@@ -112,6 +113,23 @@ def test_a_listen_port_in_use_is_one_line_naming_address_and_port(tmp_path: Path
         path = write_config(tmp_path, listen=f"127.0.0.1:{port}", extra=workers_line(workers))
         result = jwt_sidecar("run", "--config", str(path))
     assert_one_line(result, f"cannot listen on 127.0.0.1:{port} (listen): {IN_USE}")
+
+
+@WORKERS
+@pytest.mark.parametrize("how", ["config", "option"])
+def test_with_json_logs_a_port_in_use_is_one_json_line(tmp_path: Path, workers: int, how: str) -> None:
+    # A log collector reading a JSON log must be able to parse the line that says why it stopped.
+    with held_port() as port:
+        extra = workers_line(workers) + ("log_format: json\n" if how == "config" else "")
+        path = write_config(tmp_path, listen=f"127.0.0.1:{port}", extra=extra)
+        args = ("--log-format", "json") if how == "option" else ()
+        result = jwt_sidecar("run", "--config", str(path), *args)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    line = json.loads(lines[0])
+    assert (line["event"], line["level"]) == ("startup_failed", "ERROR")
+    assert line["message"] == line["error"] == f"cannot listen on 127.0.0.1:{port} (listen): {IN_USE}"
 
 
 @WORKERS

@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-__all__ = ["cause", "peer", "shown"]
+__all__ = ["Worded", "cause", "peer", "shown"]
 
 # The errnos a connection meets, in the words `strerror` uses minus its capitals and jargon.
 _ERRNOS: dict[int, str] = {
@@ -89,12 +89,16 @@ def cause(error: BaseException, *, timeout: float | None = None) -> str:
             return _lower(error.strerror)
         if error.__cause__ is not None:
             return cause(error.__cause__, timeout=timeout)
-    from .upstream import UpstreamError  # not at the top: upstream.py uses this module
-
-    if isinstance(error, UpstreamError) and str(error):
+    if isinstance(error, Worded) and str(error):
         return str(error)  # our own client's errors are written as operator text
     text = str(error)
     return f"unexpected error ({type(error).__name__}: {text})" if text else f"unexpected error ({type(error).__name__})"
+
+
+class Worded(Exception):
+    """An error of ours whose text is already the operator's words (upstream.py's errors derive
+    from it), so `cause` repeats it instead of naming its class; the client's modules import
+    this one, never the other way round."""
 
 
 def peer(url: str) -> str:

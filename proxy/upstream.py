@@ -34,13 +34,13 @@ from functools import partial
 
 import httptools
 
-from .causes import cause
+from .causes import Worded, cause
 from .oplog import event
 
 __all__ = ["Fields", "Pool", "Response", "UpstreamConnectError", "UpstreamError", "UpstreamProtocolError"]
 
 
-class UpstreamError(Exception):
+class UpstreamError(Worded):
     """The upstream exchange failed; forward.py answers 502 (or aborts once the answer started)."""
 
 

@@ -77,6 +77,12 @@ def test_the_configmap_config_passes_check_config(settings: config.Settings) -> 
     assert any(r.auth is None for r in settings.routes), "a public health route"
 
 
+def test_the_deployed_sidecar_logs_json_lines_for_the_log_collector(settings: config.Settings) -> None:
+    # The README's "Issuer down at start" tells the operator to read JSON events from `kubectl logs`.
+    assert settings.log_format == "json"
+    assert settings.access_log
+
+
 def ports_by_name(container: dict[str, Any]) -> dict[str, int]:
     return {p["name"]: p["containerPort"] for p in container["ports"]}
 

@@ -84,6 +84,9 @@ class Form:
     payload: dict[str, Any] | None = None
     """The payload, decoded but not verified; None when it does not decode (`payload_problem`)."""
     payload_problem: str | None = None
+    signature_problem: str | None = None
+    """Why the signature segment is not the one base64url spelling the proxy reads, or None:
+    the proxy refuses that whatever its config, so it is said without one too."""
 
     @property
     def summary(self) -> str:
@@ -149,7 +152,7 @@ def inspect(token: str) -> Form:
             payload = parse_payload(_JWS._decode_base64url_segment(parts[1].encode("ascii"), "payload"))
         except InvalidToken as error:
             problem = error.detail
-    return Form(size, None, dict(header.fields), payload, problem)
+    return Form(size, None, dict(header.fields), payload, problem, segment_problem(parts[2], "signature"))
 
 
 def _header_words(segment: str, detail: str) -> str:
@@ -380,6 +383,10 @@ def explain_without_config(form: Form) -> Report:
             report.steps.append(Step(name, False, error.detail, error.reason))
         else:
             report.steps.append(Step(name, True, _HEADER_PASSED[name](header, None)))  # type: ignore[arg-type]
-    report.steps.append(Step("signature", None, "needs a config: the provider's keys"))
-    report.steps.append(Step("claims", None, "needs a config: iss, aud, required claims, exp/nbf/iat with leeway"))
+    if form.signature_problem is not None:  # no key can verify a segment the proxy cannot read
+        report.steps.append(Step("signature", False, form.signature_problem, Reason.MALFORMED))
+        report.steps.append(Step("claims", None, "not checked: signature failed"))
+    else:
+        report.steps.append(Step("signature", None, "needs a config: the provider's keys"))
+        report.steps.append(Step("claims", None, "needs a config: iss, aud, required claims, exp/nbf/iat with leeway"))
     return report

@@ -138,6 +138,26 @@ def test_without_a_config_what_every_config_refuses_is_invalid(
     assert f"[{reason}]" in out and "None" not in out
 
 
+@pytest.mark.parametrize("change", ["last-char", "padding", "base64-char", "one-char-too-many"])
+def test_without_a_config_a_signature_the_proxy_cannot_read_is_invalid(
+        capsys: pytest.CaptureFixture[str], no_config: Path, rsa_key: TestKey, change: str) -> None:
+    # No key can verify a segment that is not the one base64url spelling: the proxy refuses it
+    # as malformed whatever its config, so explain says so without one (not "needs a config").
+    token = mint({"sub": "alice"}, key=rsa_key)
+    head, _, signature = token.rpartition(".")
+    # A 256-byte RS256 signature's last character carries 2 bits and 4 zero bits: one up sets one.
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    flipped = alphabet[alphabet.index(signature[-1]) + 1]
+    signature = {"last-char": signature[:-1] + flipped, "padding": signature + "==",
+                 "base64-char": "+" + signature[1:], "one-char-too-many": signature + "AAA"}[change]
+    assert main(["token", "explain", f"{head}.{signature}"]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    failed = [line for line in lines if line.startswith("  FAIL")]
+    assert len(failed) == 1 and failed[0].startswith("  FAIL  signature       the signature segment ")
+    assert "  ----  claims          not checked: signature failed" in lines
+    assert lines[-1] == "INVALID: malformed"
+
+
 def test_a_config_that_does_not_load_still_decodes(capsys: pytest.CaptureFixture[str], tmp_path: Path,
                                                    rsa_key: TestKey) -> None:
     bad = tmp_path / "bad.yaml"

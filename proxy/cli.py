@@ -27,6 +27,7 @@ from typing import Any, NoReturn
 
 import aiohttp
 import prometheus_client
+import yaml
 
 from . import __version__, config, oplog, routecheck, server, workers
 from . import explain as explain_mod
@@ -159,7 +160,21 @@ def _starting(start: Callable[[], int]) -> int:
 
 
 def _start_run(args: argparse.Namespace) -> int:
-    settings = config.load(args.config)
+    try:
+        settings = config.load(args.config)
+    except ConfigError as error:
+        # A log collector that parses stderr as JSON must be able to read why the start
+        # failed. The config did not load, so the format is the command line's, else the
+        # file's own `log_format:` line when it has a readable one.
+        if oplog.resolve_format(args.log_format or _declared_log_format(args.config)) != "json":
+            raise  # `_starting` or `main` writes the text line(s)
+        server.configure_logging("INFO", "json")
+        problems = [str(issue) for issue in error.issues]
+        summary = problems[0] if len(problems) == 1 else (
+            f"the config has {len(problems)} problem(s); nothing was started: {'; '.join(problems)}")
+        oplog.event(logging.getLogger("jwt_sidecar"), logging.ERROR, "startup_failed", "%(error)s",
+                    error=summary, problems=problems)
+        return 1
     # The command line wins over the file; `auto` is settled here, once, so the workers of
     # `workers: N` (started with these two options) write exactly what their supervisor does.
     settings = dataclasses.replace(
@@ -177,6 +192,16 @@ def _start_run(args: argparse.Namespace) -> int:
     if os.environ.get(workers.WORKER_ENV):  # started by the supervisor of `workers: N`
         return server.run_worker(settings, config_path=str(args.config))
     return server.run(settings, config_path=str(args.config))
+
+
+def _declared_log_format(path: Path) -> str:
+    """The `log_format` a config file that did not load says, if it says one plainly; else text."""
+    try:
+        document = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError):
+        return "text"
+    declared = document.get("log_format") if isinstance(document, dict) else None
+    return declared.lower() if isinstance(declared, str) and declared.lower() in oplog.FORMATS else "text"
 
 
 # -- demo ---------------------------------------------------------------------------------

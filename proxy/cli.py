@@ -345,12 +345,12 @@ def _keys_generate(args: argparse.Namespace) -> int:
     if key.secret is not None:
         print(f"wrote {private}: the shared secret (base64url, mode 0600); keep it secret, never commit it")
         print()
-        print("Configure the provider that checks these tokens with:")
-        print(f"  secret: {{file: {private}, encoding: base64url}}")
+        print(f"Configure the provider that checks these tokens with ({_RELATIVE_NOTE}):")
+        print(f"  secret: {{file: {_absolute(private)}, encoding: base64url}}")
         print(f"  algorithms: [{key.alg}]")
         print()
         print("Mint a test token:")
-        print(f"  {PROG} token mint --secret-file {private} --iss ISSUER --aud AUDIENCE --sub SUBJECT")
+        print(f"  {_program()} token mint --secret-file {private} --iss ISSUER --aud AUDIENCE --sub SUBJECT")
         return 0
     jwks = written[1]
     print(f"wrote {private}: the private key (PKCS#8, mode 0600); keep it secret, never commit it")
@@ -359,8 +359,8 @@ def _keys_generate(args: argparse.Namespace) -> int:
         print()
         print(f"Serve {jwks} at your issuer's JWKS URL and configure the provider with")
         print("  jwks: {url: https://ISSUER/.well-known/jwks.json}")
-        print("or read the file directly with")
-        print(f"  jwks_file: {jwks}")
+        print(f"or read the file directly with ({_RELATIVE_NOTE})")
+        print(f"  jwks_file: {_absolute(jwks)}")
         print(f"  algorithms: [{key.alg}]")
     else:
         print(f"added kid {key.kid} to {jwks}; it now serves the old keys and the new one")
@@ -370,8 +370,24 @@ def _keys_generate(args: argparse.Namespace) -> int:
         print("remove the old key from the set once the last token it signed has expired.")
     print()
     print("Mint a test token:")
-    print(f"  {PROG} token mint --key {private} --kid {key.kid} --iss ISSUER --aud AUDIENCE --sub SUBJECT")
+    print(f"  {_program()} token mint --key {private} --kid {key.kid} --iss ISSUER --aud AUDIENCE --sub SUBJECT")
     return 0
+
+
+# The snippets are pasted into a config that may live elsewhere, and a config reads a relative
+# path from its own directory, not from where this command ran: so they name the file absolutely.
+_RELATIVE_NOTE = "the path is absolute: a config reads a relative path from its own directory"
+
+
+def _program() -> str:
+    """This `jwt-sidecar` by a path that works without activating its venv, as the demo prints it."""
+    from .demo import command
+
+    return command()
+
+
+def _absolute(path: Path) -> Path:
+    return path if path.is_absolute() else Path.cwd() / path
 
 
 # -- token --------------------------------------------------------------------------------
@@ -435,6 +451,12 @@ def _token_mint(args: argparse.Namespace) -> int:
         claims[name] = value
     if args.key is not None:
         private_key_pem, secret = _read(args.key), None
+        if b"-----BEGIN" not in private_key_pem:
+            # As --secret-file names --key for a PEM file: say which option this file is for.
+            if not private_key_pem.strip():
+                raise KeyToolError(f"{args.key} is empty; give a PEM private key")
+            raise KeyToolError(f"{args.key} holds no PEM block, so no private key; a shared secret (as `keys "
+                               f"generate --alg HS256` writes) signs with --secret-file {args.key}")
     else:
         secret, encoding = secret_for_minting(_read(args.secret_file), args.secret_encoding,
                                               source=str(args.secret_file), alg=args.alg)

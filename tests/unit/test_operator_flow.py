@@ -1,0 +1,90 @@
+"""The README's operator tools used as a first-time operator does: paste what a command prints.
+
+`keys generate` prints the config lines for the key it wrote and a `token mint` command to
+try it with; an operator pastes the lines into a config that lives somewhere else (a config
+reads relative paths from its own directory) and runs the command in a shell where the
+virtual environment is not activated. Both must work as printed: the token then verifies
+through that config (`token explain` says VALID). Everything runs through the real `main`,
+in a working directory of its own.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from proxy.cli import main
+
+ISSUER, AUDIENCE = "https://issuer.example/", "orders-api"
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    status = main(list(argv))
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def printed_config_lines(out: str) -> list[str]:
+    """The indented YAML lines `keys generate` prints under "configure the provider ... with"."""
+    return [line.strip() for line in out.splitlines()
+            if re.match(r"  (secret|jwks_file|algorithms): ", line)]
+
+
+def printed_mint(out: str) -> list[str]:
+    [line] = [line for line in out.splitlines() if " token mint " in line]
+    words = shlex.split(line)
+    program = words[:words.index("token")]
+    # Not the bare name `jwt-sidecar`, which is on PATH only in an activated venv.
+    assert program and Path(program[0]).is_absolute() and os.access(program[0], os.X_OK), line
+    return words[words.index("token"):]
+
+
+@pytest.mark.parametrize("alg", ["HS256", "ES256", "RS256", "EdDSA"])
+def test_what_keys_generate_prints_works_pasted_into_a_config_elsewhere(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, alg: str) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("JWT_SIDECAR_CONFIG", raising=False)
+    status, out, err = run(capsys, "keys", "generate", "--alg", alg, "--kid", "k1", "--out", "keys/")
+    assert (status, err) == (0, "")
+    lines = printed_config_lines(out)
+    if alg != "HS256":  # the jwks_file alternative to serving the set, then its algorithms
+        lines = [line for line in lines if line.startswith(("jwks_file", "algorithms"))]
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    config = conf / "config.yaml"
+    config.write_text(
+        f"providers:\n  main:\n    issuer: {ISSUER}\n    audiences: [{AUDIENCE}]\n"
+        + "".join(f"    {line}\n" for line in lines)
+        + "routes:\n  - {match: {path_prefix: /}, auth: {provider: main}}\n")
+    status, out_check, err_check = run(capsys, "check-config", str(config))
+    assert status == 0, err_check
+
+    args = [a.replace("ISSUER", ISSUER).replace("AUDIENCE", AUDIENCE).replace("SUBJECT", "alice")
+            for a in printed_mint(out)]
+    status, token, err = run(capsys, *args)
+    assert status == 0, err
+    status, explained, _ = run(capsys, "token", "explain", token.strip(), "--config", str(config))
+    assert (status, explained.splitlines()[-1]) == (0, "VALID"), explained
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (None, "{path} holds no PEM block, so no private key; a shared secret (as `keys generate --alg HS256` writes) "
+           "signs with --secret-file {path}"),
+    (b"", "{path} is empty; give a PEM private key"),
+], ids=["a-secret-file", "empty"])
+def test_mint_with_key_naming_a_file_that_is_no_pem_says_which_option_it_is_for(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        content: bytes | None, message: str) -> None:
+    monkeypatch.chdir(tmp_path)
+    path = Path("keys/hs.secret")
+    if content is None:
+        assert run(capsys, "keys", "generate", "--alg", "HS256", "--kid", "hs", "--out", "keys")[0] == 0
+    else:
+        path.parent.mkdir()
+        path.write_bytes(content)
+    status, out, err = run(capsys, "token", "mint", "--key", str(path), "--iss", ISSUER, "--aud", AUDIENCE)
+    assert (status, out, err) == (1, "", f"jwt-sidecar: error: {message.format(path=path)}\n")

@@ -132,6 +132,11 @@ class _Builder:
         # Before the routes: a route's `websocket` keys default to the top-level ones.
         websocket = root.section("websocket", example=_WEBSOCKET_EXAMPLE)
         self.websocket_defaults = self.websocket(websocket, WebSocketSettings())
+        # And so do a route's `upstream` keys but `url` (its timeouts and max_body): a route
+        # that names its own URL must not quietly get a larger body limit than the config says.
+        upstream_section = root.section("upstream", example=_UPSTREAM_EXAMPLE, meant=_url_mapping)
+        upstream = self.upstream(upstream_section) if upstream_section is not None else None
+        self.upstream_defaults = upstream or Upstream()
         routes: list[Route] = []
         self.route_places: list[tuple[str, int | None]] = []  # each route's dotted path and line
         for i, item, path, line in root.items("routes", "routes", "- {match: {path_prefix: /}, auth: none}"):
@@ -150,8 +155,6 @@ class _Builder:
         defaults = Settings(source=file, providers={})
         listen = _listen(root, "listen", defaults.listen)
         admin = _listen(root, "admin", defaults.admin)
-        upstream_section = root.section("upstream", example=_UPSTREAM_EXAMPLE, meant=_url_mapping)
-        upstream = self.upstream(upstream_section) if upstream_section is not None else defaults.upstream
         strip = self.strip(root.section("strip_headers", example="{prefixes: [X-User-], names: [X-Internal-Role]}"))
         realm = root.string("realm", defaults.realm)
         drain = root.duration("drain_timeout", defaults.drain_timeout)
@@ -505,7 +508,7 @@ class _Builder:
         else:
             s.error("auth", f"{describe(auth_value)} is not `none` or a mapping like {{provider: NAME}}")
         upstream_section = s.section("upstream", example=_UPSTREAM_EXAMPLE, meant=_url_mapping)
-        upstream = self.upstream(upstream_section) if upstream_section is not None else None
+        upstream = self.upstream(upstream_section, self.upstream_defaults) if upstream_section is not None else None
         sources = self.token_sources(s, "token_sources")
         headers = self.header_map(s.section("headers", example=_HEADERS_EXAMPLE))
         websocket_section = s.section("websocket", example=_WEBSOCKET_EXAMPLE)
@@ -630,8 +633,9 @@ class _Builder:
         return ClaimRule(claim=claim, path=tuple(claim.split(".")), op=op, value=value)
 
     # -- proxying -------------------------------------------------------------------------
-    def upstream(self, s: Section) -> Upstream | None:
-        defaults = Upstream()
+    def upstream(self, s: Section, defaults: Upstream | None = None) -> Upstream | None:
+        """An `upstream` section; the keys it leaves out are `defaults`' (a route's: the top level's)."""
+        defaults = defaults or Upstream()
         url = _url(s, "url", required=True)
         upstream = Upstream(
             url=(url or defaults.url).rstrip("/"),

@@ -122,7 +122,9 @@ def _add_run(commands: Any) -> None:
         "run",
         help="run the proxy",
         description="Serve with the config FILE until SIGTERM/SIGINT, then drain in-flight requests and exit 0. "
-        "SIGHUP or a change of FILE reloads it; an invalid new config is refused and the old one keeps serving.",
+        "SIGHUP or a change of FILE reloads it; an invalid new config is refused and the old one keeps serving. "
+        "A start the operator must fix (a port in use, a file that cannot be read, a mistake in FILE) is refused "
+        "before anything is served: one line on stderr (a startup_failed JSON line with a JSON log), exit 1.",
     )
     p.add_argument("--config", type=Path, default=Path(os.environ.get("JWT_SIDECAR_CONFIG", "config.yaml")),
                    metavar="FILE", help="the config file (default $JWT_SIDECAR_CONFIG or ./config.yaml)")
@@ -212,18 +214,22 @@ def _add_demo(commands: Any) -> None:
         "demo",
         help="run the sidecar with a local key set and an echo upstream, and print tokens to try",
         description="Start, on loopback, an issuer serving a freshly generated key set, an upstream that echoes "
-        "what it receives, and the sidecar with FILE; print valid tokens and curl lines. Ctrl-C stops everything.",
+        "what it receives, and the sidecar with FILE; print valid tokens and curl lines. Ctrl-C stops everything. "
+        "A port the config names that is taken is replaced by a free one (the URLs and commands printed use the "
+        "ports chosen); a port given as an option is used as given, or the demo does not start.",
     )
     p.add_argument("--config", type=Path, default=None, metavar="FILE",
                    help="the config (default ./config.yaml, else the example shipped with the package)")
     # Without these each listener takes the config's port, or a free one when that is taken;
     # a port given here is used or the demo does not start.
-    p.add_argument("--port", type=_port, metavar="N", help="the sidecar's port (default: the config's listen, 8080)")
-    p.add_argument("--admin-port", type=_port, metavar="N", help="the admin port (default: the config's admin, 9901)")
+    p.add_argument("--port", type=_port, metavar="N",
+                   help="the sidecar's port (default: the config's listen, 8080, or a free one)")
+    p.add_argument("--admin-port", type=_port, metavar="N",
+                   help="the admin port (default: the config's admin, 9901, or a free one)")
     p.add_argument("--issuer-port", type=_port, metavar="N",
-                   help="the demo issuer's port (default: the config's jwks.url, 8090)")
+                   help="the demo issuer's port (default: the config's jwks.url, 8090, or a free one)")
     p.add_argument("--upstream-port", type=_port, metavar="N",
-                   help="the echo upstream's port (default: the config's upstream.url, 8000)")
+                   help="the echo upstream's port (default: the config's upstream.url, 8000, or a free one)")
     p.set_defaults(run=_demo, parser=p)
 
 
@@ -497,7 +503,9 @@ def _add_token_explain(actions: Any) -> None:
     p.add_argument("token", metavar="TOKEN", help="the token ('-' reads it from stdin; a leading 'Bearer ' is ignored)")
     p.add_argument("--config", type=Path, default=None, metavar="FILE",
                    help="the config file (default $JWT_SIDECAR_CONFIG, else ./config.yaml if it exists, else none)")
-    p.add_argument("--provider", metavar="NAME", help="the provider to check against (default: by the token's iss)")
+    p.add_argument("--provider", metavar="NAME",
+                   help="the provider to check against (default: the one whose issuer is the token's iss, else "
+                        "the config's only provider)")
     p.set_defaults(run=_token_explain, parser=p)
 
 

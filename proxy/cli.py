@@ -273,7 +273,14 @@ def _add_check_config(commands: Any) -> None:
 
 
 def _check_config(args: argparse.Namespace) -> int:
-    settings = config.load(args.file)
+    try:
+        settings = config.load(args.file)
+    except ConfigError as error:
+        # As `run` lists them, but this command starts nothing, so it does not say so.
+        for issue in error.issues:
+            print(issue, file=sys.stderr)
+        _complain(f"the config has {len(error.issues)} problem(s)")
+        return 1
     print(summary(settings))
     for warning in settings.warnings:
         print(routecheck.format_warning(warning))

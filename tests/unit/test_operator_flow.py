@@ -88,3 +88,24 @@ def test_mint_with_key_naming_a_file_that_is_no_pem_says_which_option_it_is_for(
         path.write_bytes(content)
     status, out, err = run(capsys, "token", "mint", "--key", str(path), "--iss", ISSUER, "--aud", AUDIENCE)
     assert (status, out, err) == (1, "", f"jwt-sidecar: error: {message.format(path=path)}\n")
+
+
+def test_explain_of_a_token_cut_after_its_last_dot_says_the_signature_is_empty(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A token copied without its signature (or stripped on purpose): no key "does not match" it.
+    monkeypatch.chdir(tmp_path)
+    assert run(capsys, "keys", "generate", "--alg", "ES256", "--kid", "k1", "--out", "keys")[0] == 0
+    config = tmp_path / "config.yaml"
+    config.write_text(f"providers:\n  main:\n    issuer: {ISSUER}\n    audiences: [{AUDIENCE}]\n"
+                      "    jwks_file: keys/jwks.json\n"
+                      "routes:\n  - {match: {path_prefix: /}, auth: {provider: main}}\n")
+    status, token, _ = run(capsys, "token", "mint", "--key", "keys/k1.pem", "--kid", "k1", "--iss", ISSUER,
+                           "--aud", AUDIENCE)
+    assert status == 0
+    unsigned = token.strip().rpartition(".")[0] + "."
+    status, out, _ = run(capsys, "token", "explain", unsigned, "--config", str(config))
+    assert status == 1
+    [line] = [line for line in out.splitlines() if line.startswith("  FAIL")]
+    assert line == ("  FAIL  signature       the signature segment is empty: the token is unsigned, and ES256 "
+                    "needs a signature   [bad_signature]")
+    assert out.splitlines()[-1] == "INVALID: bad_signature"

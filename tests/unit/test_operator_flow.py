@@ -109,3 +109,27 @@ def test_explain_of_a_token_cut_after_its_last_dot_says_the_signature_is_empty(
     assert line == ("  FAIL  signature       the signature segment is empty: the token is unsigned, and ES256 "
                     "needs a signature   [bad_signature]")
     assert out.splitlines()[-1] == "INVALID: bad_signature"
+
+
+def test_explain_says_why_a_providers_keys_could_not_be_had(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # An operator reading only the key line must learn the cause, not only that keys are missing.
+    import socket
+
+    with socket.socket() as sock:  # a port nobody listens on: connection refused
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.chdir(tmp_path)
+    assert run(capsys, "keys", "generate", "--alg", "RS256", "--kid", "k1", "--out", "keys")[0] == 0
+    config = tmp_path / "config.yaml"
+    config.write_text(f"providers:\n  main:\n    issuer: {ISSUER}\n    audiences: [{AUDIENCE}]\n"
+                      f"    jwks: {{url: 'http://127.0.0.1:{port}/jwks.json', timeout: 2s}}\n"
+                      "routes:\n  - {match: {path_prefix: /}, auth: {provider: main}}\n")
+    status, token, _ = run(capsys, "token", "mint", "--key", "keys/k1.pem", "--kid", "k1", "--iss", ISSUER,
+                           "--aud", AUDIENCE)
+    status, out, _ = run(capsys, "token", "explain", token.strip(), "--config", str(config))
+    assert status == 3
+    [line] = [line for line in out.splitlines() if line.startswith("  FAIL")]
+    assert line == (f"  FAIL  key             provider main: no usable keys from jwks http://127.0.0.1:{port}/jwks.json "
+                    f"(last fetch: connection refused from 127.0.0.1:{port})   [no_keys]")
+    assert out.splitlines()[-1] == "NOT VERIFIED: no_keys"

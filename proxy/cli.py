@@ -284,7 +284,11 @@ def _check_config(args: argparse.Namespace) -> int:
     print(summary(settings))
     for warning in settings.warnings:
         print(routecheck.format_warning(warning))
-    return 1 if args.strict and settings.warnings else 0
+    if args.strict and settings.warnings:
+        # Say why the status is 1 after a summary that says OK.
+        _complain(f"{len(settings.warnings)} warning(s), and --strict fails on any")
+        return 1
+    return 0
 
 
 def summary(settings: config.Settings) -> str:

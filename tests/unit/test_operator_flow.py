@@ -133,3 +133,15 @@ def test_explain_says_why_a_providers_keys_could_not_be_had(
     assert line == (f"  FAIL  key             provider main: no usable keys from jwks http://127.0.0.1:{port}/jwks.json "
                     f"(last fetch: connection refused from 127.0.0.1:{port})   [no_keys]")
     assert out.splitlines()[-1] == "NOT VERIFIED: no_keys"
+
+
+def test_check_config_strict_says_why_it_fails_after_a_summary_that_says_ok(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    config = tmp_path / "open.yaml"
+    config.write_text(f"providers:\n  main: {{issuer: {ISSUER}, audiences: [{AUDIENCE}], jwks: {{url: 'https://x/j'}}}}\n"
+                      "routes:\n  - {match: {path_prefix: /}, auth: none}\n")
+    status, out, err = run(capsys, "check-config", str(config))
+    assert (status, err) == (0, "") and out.startswith(f"{config}: OK (1 warning(s) below)\n")
+    status, out_strict, err = run(capsys, "check-config", "--strict", str(config))
+    assert (status, out_strict) == (1, out)
+    assert err == "jwt-sidecar: error: 1 warning(s), and --strict fails on any\n"

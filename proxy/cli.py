@@ -78,7 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     """Run one command line (default: `sys.argv[1:]`) and return its exit status."""
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, extras = parser.parse_known_args(argv)
+        if extras:  # named by the command they were given to, with its usage, not the top level's
+            raise _UsageError(f"unrecognized arguments: {' '.join(extras)}", getattr(args, "parser", parser))
         status: int = args.run(args)
         return status
     except _Exit as done:

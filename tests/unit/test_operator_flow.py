@@ -145,3 +145,15 @@ def test_check_config_strict_says_why_it_fails_after_a_summary_that_says_ok(
     status, out_strict, err = run(capsys, "check-config", "--strict", str(config))
     assert (status, out_strict) == (1, out)
     assert err == "jwt-sidecar: error: 1 warning(s), and --strict fails on any\n"
+
+
+@pytest.mark.parametrize("argv", [["run", "--bogus"], ["check-config", "a.yaml", "b.yaml"],
+                                  ["token", "explain", "TOKEN", "extra"], ["keys", "generate", "--alg", "RS256",
+                                                                           "--kid", "k", "--out", "d", "--force"]])
+def test_an_unknown_argument_shows_the_usage_of_the_command_it_was_given_to(
+        capsys: pytest.CaptureFixture[str], argv: list[str]) -> None:
+    status, out, err = run(capsys, *argv)
+    command = " ".join(argv[:2] if argv[0] in ("token", "keys") else argv[:1])
+    assert (status, out) == (2, "")
+    assert err.startswith(f"usage: jwt-sidecar {command} "), err
+    assert err.splitlines()[-1].startswith("jwt-sidecar: error: unrecognized arguments: ")

@@ -157,3 +157,13 @@ def test_an_unknown_argument_shows_the_usage_of_the_command_it_was_given_to(
     assert (status, out) == (2, "")
     assert err.startswith(f"usage: jwt-sidecar {command} "), err
     assert err.splitlines()[-1].startswith("jwt-sidecar: error: unrecognized arguments: ")
+
+
+def test_keys_generate_out_naming_a_file_says_it_needs_a_directory(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    existing = tmp_path / "jwks.json"
+    existing.write_text('{"keys": []}')
+    status, out, err = run(capsys, "keys", "generate", "--alg", "ES256", "--kid", "k1", "--out", str(existing))
+    assert (status, out) == (1, "")
+    assert err == f"jwt-sidecar: error: {existing} is a file; --out names the directory the key files go into\n"
+    assert existing.read_text() == '{"keys": []}'

@@ -510,7 +510,8 @@ def _add_token_explain(actions: Any) -> None:
         help="say what a token is and run every check on it, saying which pass and which fail",
         description="Say what TOKEN is (\"not a JWT: ...\" stops there), decode it WITHOUT trusting it, then run "
         "every check the proxy runs, in its order, printing each with PASS/FAIL/---- and the reason the proxy "
-        "would log. With no config, only decode and run the checks no config changes. Remote keys are fetched once.",
+        "would log. With no config, only decode and run the checks no config changes. Remote keys are fetched as "
+        "the proxy fetches them: at start, and once more when that brought none or the token's kid is not held.",
         epilog="exit status: " + "; ".join(f"{code} {text}" for code, text in EXPLAIN_EXIT_STATUSES.items()),
     )
     p.add_argument("token", metavar="TOKEN", help="the token ('-' reads it from stdin; a leading 'Bearer ' is ignored)")

@@ -27,6 +27,7 @@ from typing import Any, NoReturn
 
 import aiohttp
 import prometheus_client
+import yaml
 
 from . import __version__, config, oplog, routecheck, server, workers
 from . import explain as explain_mod
@@ -77,7 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     """Run one command line (default: `sys.argv[1:]`) and return its exit status."""
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, extras = parser.parse_known_args(argv)
+        if extras:  # named by the command they were given to, with its usage, not the top level's
+            raise _UsageError(f"unrecognized arguments: {' '.join(extras)}", getattr(args, "parser", parser))
         status: int = args.run(args)
         return status
     except _Exit as done:
@@ -121,7 +124,9 @@ def _add_run(commands: Any) -> None:
         "run",
         help="run the proxy",
         description="Serve with the config FILE until SIGTERM/SIGINT, then drain in-flight requests and exit 0. "
-        "SIGHUP or a change of FILE reloads it; an invalid new config is refused and the old one keeps serving.",
+        "SIGHUP or a change of FILE reloads it; an invalid new config is refused and the old one keeps serving. "
+        "A start the operator must fix (a port in use, a file that cannot be read, a mistake in FILE) is refused "
+        "before anything is served: one line on stderr (a startup_failed JSON line with a JSON log), exit 1.",
     )
     p.add_argument("--config", type=Path, default=Path(os.environ.get("JWT_SIDECAR_CONFIG", "config.yaml")),
                    metavar="FILE", help="the config file (default $JWT_SIDECAR_CONFIG or ./config.yaml)")
@@ -159,7 +164,21 @@ def _starting(start: Callable[[], int]) -> int:
 
 
 def _start_run(args: argparse.Namespace) -> int:
-    settings = config.load(args.config)
+    try:
+        settings = config.load(args.config)
+    except ConfigError as error:
+        # A log collector that parses stderr as JSON must be able to read why the start
+        # failed. The config did not load, so the format is the command line's, else the
+        # file's own `log_format:` line when it has a readable one.
+        if oplog.resolve_format(args.log_format or _declared_log_format(args.config)) != "json":
+            raise  # `_starting` or `main` writes the text line(s)
+        server.configure_logging("INFO", "json")
+        problems = [str(issue) for issue in error.issues]
+        summary = problems[0] if len(problems) == 1 else (
+            f"the config has {len(problems)} problem(s); nothing was started: {'; '.join(problems)}")
+        oplog.event(logging.getLogger("jwt_sidecar"), logging.ERROR, "startup_failed", "%(error)s",
+                    error=summary, problems=problems)
+        return 1
     # The command line wins over the file; `auto` is settled here, once, so the workers of
     # `workers: N` (started with these two options) write exactly what their supervisor does.
     settings = dataclasses.replace(
@@ -179,6 +198,16 @@ def _start_run(args: argparse.Namespace) -> int:
     return server.run(settings, config_path=str(args.config))
 
 
+def _declared_log_format(path: Path) -> str:
+    """The `log_format` a config file that did not load says, if it says one plainly; else text."""
+    try:
+        document = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError):
+        return "text"
+    declared = document.get("log_format") if isinstance(document, dict) else None
+    return declared.lower() if isinstance(declared, str) and declared.lower() in oplog.FORMATS else "text"
+
+
 # -- demo ---------------------------------------------------------------------------------
 
 
@@ -187,18 +216,22 @@ def _add_demo(commands: Any) -> None:
         "demo",
         help="run the sidecar with a local key set and an echo upstream, and print tokens to try",
         description="Start, on loopback, an issuer serving a freshly generated key set, an upstream that echoes "
-        "what it receives, and the sidecar with FILE; print valid tokens and curl lines. Ctrl-C stops everything.",
+        "what it receives, and the sidecar with FILE; print valid tokens and curl lines. Ctrl-C stops everything. "
+        "A port the config names that is taken is replaced by a free one (the URLs and commands printed use the "
+        "ports chosen); a port given as an option is used as given, or the demo does not start.",
     )
     p.add_argument("--config", type=Path, default=None, metavar="FILE",
                    help="the config (default ./config.yaml, else the example shipped with the package)")
     # Without these each listener takes the config's port, or a free one when that is taken;
     # a port given here is used or the demo does not start.
-    p.add_argument("--port", type=_port, metavar="N", help="the sidecar's port (default: the config's listen, 8080)")
-    p.add_argument("--admin-port", type=_port, metavar="N", help="the admin port (default: the config's admin, 9901)")
+    p.add_argument("--port", type=_port, metavar="N",
+                   help="the sidecar's port (default: the config's listen, 8080, or a free one)")
+    p.add_argument("--admin-port", type=_port, metavar="N",
+                   help="the admin port (default: the config's admin, 9901, or a free one)")
     p.add_argument("--issuer-port", type=_port, metavar="N",
-                   help="the demo issuer's port (default: the config's jwks.url, 8090)")
+                   help="the demo issuer's port (default: the config's jwks.url, 8090, or a free one)")
     p.add_argument("--upstream-port", type=_port, metavar="N",
-                   help="the echo upstream's port (default: the config's upstream.url, 8000)")
+                   help="the echo upstream's port (default: the config's upstream.url, 8000, or a free one)")
     p.set_defaults(run=_demo, parser=p)
 
 
@@ -242,11 +275,22 @@ def _add_check_config(commands: Any) -> None:
 
 
 def _check_config(args: argparse.Namespace) -> int:
-    settings = config.load(args.file)
+    try:
+        settings = config.load(args.file)
+    except ConfigError as error:
+        # As `run` lists them, but this command starts nothing, so it does not say so.
+        for issue in error.issues:
+            print(issue, file=sys.stderr)
+        _complain(f"the config has {len(error.issues)} problem(s)")
+        return 1
     print(summary(settings))
     for warning in settings.warnings:
         print(routecheck.format_warning(warning))
-    return 1 if args.strict and settings.warnings else 0
+    if args.strict and settings.warnings:
+        # Say why the status is 1 after a summary that says OK.
+        _complain(f"{len(settings.warnings)} warning(s), and --strict fails on any")
+        return 1
+    return 0
 
 
 def summary(settings: config.Settings) -> str:
@@ -320,12 +364,12 @@ def _keys_generate(args: argparse.Namespace) -> int:
     if key.secret is not None:
         print(f"wrote {private}: the shared secret (base64url, mode 0600); keep it secret, never commit it")
         print()
-        print("Configure the provider that checks these tokens with:")
-        print(f"  secret: {{file: {private}, encoding: base64url}}")
+        print(f"Configure the provider that checks these tokens with ({_RELATIVE_NOTE}):")
+        print(f"  secret: {{file: {_absolute(private)}, encoding: base64url}}")
         print(f"  algorithms: [{key.alg}]")
         print()
         print("Mint a test token:")
-        print(f"  {PROG} token mint --secret-file {private} --iss ISSUER --aud AUDIENCE --sub SUBJECT")
+        print(f"  {_program()} token mint --secret-file {private} --iss ISSUER --aud AUDIENCE --sub SUBJECT")
         return 0
     jwks = written[1]
     print(f"wrote {private}: the private key (PKCS#8, mode 0600); keep it secret, never commit it")
@@ -334,8 +378,8 @@ def _keys_generate(args: argparse.Namespace) -> int:
         print()
         print(f"Serve {jwks} at your issuer's JWKS URL and configure the provider with")
         print("  jwks: {url: https://ISSUER/.well-known/jwks.json}")
-        print("or read the file directly with")
-        print(f"  jwks_file: {jwks}")
+        print(f"or read the file directly with ({_RELATIVE_NOTE})")
+        print(f"  jwks_file: {_absolute(jwks)}")
         print(f"  algorithms: [{key.alg}]")
     else:
         print(f"added kid {key.kid} to {jwks}; it now serves the old keys and the new one")
@@ -345,8 +389,24 @@ def _keys_generate(args: argparse.Namespace) -> int:
         print("remove the old key from the set once the last token it signed has expired.")
     print()
     print("Mint a test token:")
-    print(f"  {PROG} token mint --key {private} --kid {key.kid} --iss ISSUER --aud AUDIENCE --sub SUBJECT")
+    print(f"  {_program()} token mint --key {private} --kid {key.kid} --iss ISSUER --aud AUDIENCE --sub SUBJECT")
     return 0
+
+
+# The snippets are pasted into a config that may live elsewhere, and a config reads a relative
+# path from its own directory, not from where this command ran: so they name the file absolutely.
+_RELATIVE_NOTE = "the path is absolute: a config reads a relative path from its own directory"
+
+
+def _program() -> str:
+    """This `jwt-sidecar` by a path that works without activating its venv, as the demo prints it."""
+    from .demo import command
+
+    return command()
+
+
+def _absolute(path: Path) -> Path:
+    return path if path.is_absolute() else Path.cwd() / path
 
 
 # -- token --------------------------------------------------------------------------------
@@ -410,6 +470,12 @@ def _token_mint(args: argparse.Namespace) -> int:
         claims[name] = value
     if args.key is not None:
         private_key_pem, secret = _read(args.key), None
+        if b"-----BEGIN" not in private_key_pem:
+            # As --secret-file names --key for a PEM file: say which option this file is for.
+            if not private_key_pem.strip():
+                raise KeyToolError(f"{args.key} is empty; give a PEM private key")
+            raise KeyToolError(f"{args.key} holds no PEM block, so no private key; a shared secret (as `keys "
+                               f"generate --alg HS256` writes) signs with --secret-file {args.key}")
     else:
         secret, encoding = secret_for_minting(_read(args.secret_file), args.secret_encoding,
                                               source=str(args.secret_file), alg=args.alg)
@@ -444,13 +510,16 @@ def _add_token_explain(actions: Any) -> None:
         help="say what a token is and run every check on it, saying which pass and which fail",
         description="Say what TOKEN is (\"not a JWT: ...\" stops there), decode it WITHOUT trusting it, then run "
         "every check the proxy runs, in its order, printing each with PASS/FAIL/---- and the reason the proxy "
-        "would log. With no config, only decode and run the checks no config changes. Remote keys are fetched once.",
+        "would log. With no config, only decode and run the checks no config changes. Remote keys are fetched as "
+        "the proxy fetches them: at start, and once more when that brought none or the token's kid is not held.",
         epilog="exit status: " + "; ".join(f"{code} {text}" for code, text in EXPLAIN_EXIT_STATUSES.items()),
     )
     p.add_argument("token", metavar="TOKEN", help="the token ('-' reads it from stdin; a leading 'Bearer ' is ignored)")
     p.add_argument("--config", type=Path, default=None, metavar="FILE",
                    help="the config file (default $JWT_SIDECAR_CONFIG, else ./config.yaml if it exists, else none)")
-    p.add_argument("--provider", metavar="NAME", help="the provider to check against (default: by the token's iss)")
+    p.add_argument("--provider", metavar="NAME",
+                   help="the provider to check against (default: the one whose issuer is the token's iss, else "
+                        "the config's only provider)")
     p.set_defaults(run=_token_explain, parser=p)
 
 

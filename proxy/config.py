@@ -83,11 +83,18 @@ def load(path: str | os.PathLike[str]) -> Settings:
     return parse(text, file=file, base_dir=Path(file).resolve().parent)
 
 
+_YAML_KINDS = ((list, "list"), (str, "string"), (bool, "boolean"), (int, "number"), (float, "number"))
+
+
 def parse(text: str, *, file: str = "<string>", base_dir: Path | None = None) -> Settings:
     document = load_yaml(text, file)
     issues = Issues(file)
     if not isinstance(document, dict):
-        issues.add(1, "", "the config must be a YAML mapping with a `providers` key")
+        # Say what the file is instead: an empty file, or a list pasted where a mapping belongs.
+        what = ("it is empty" if document is None else
+                f"it is a YAML {next((k for t, k in _YAML_KINDS if isinstance(document, t)), 'value')}, "
+                "not a mapping")
+        issues.add(1, "", f"the config must be a YAML mapping with a `providers` key; {what}")
         issues.raise_if_any()
     root = Section(issues, document, "")
     builder = _Builder(issues, base_dir or Path.cwd())
@@ -125,6 +132,11 @@ class _Builder:
         # Before the routes: a route's `websocket` keys default to the top-level ones.
         websocket = root.section("websocket", example=_WEBSOCKET_EXAMPLE)
         self.websocket_defaults = self.websocket(websocket, WebSocketSettings())
+        # And so do a route's `upstream` keys but `url` (its timeouts and max_body): a route
+        # that names its own URL must not quietly get a larger body limit than the config says.
+        upstream_section = root.section("upstream", example=_UPSTREAM_EXAMPLE, meant=_url_mapping)
+        upstream = self.upstream(upstream_section) if upstream_section is not None else None
+        self.upstream_defaults = upstream or Upstream()
         routes: list[Route] = []
         self.route_places: list[tuple[str, int | None]] = []  # each route's dotted path and line
         for i, item, path, line in root.items("routes", "routes", "- {match: {path_prefix: /}, auth: none}"):
@@ -143,8 +155,6 @@ class _Builder:
         defaults = Settings(source=file, providers={})
         listen = _listen(root, "listen", defaults.listen)
         admin = _listen(root, "admin", defaults.admin)
-        upstream_section = root.section("upstream", example=_UPSTREAM_EXAMPLE, meant=_url_mapping)
-        upstream = self.upstream(upstream_section) if upstream_section is not None else defaults.upstream
         strip = self.strip(root.section("strip_headers", example="{prefixes: [X-User-], names: [X-Internal-Role]}"))
         realm = root.string("realm", defaults.realm)
         drain = root.duration("drain_timeout", defaults.drain_timeout)
@@ -246,8 +256,11 @@ class _Builder:
             # algorithms would give a provider that is never ready.
             usable = KeySet.from_jwks(keys.jwks, algorithms)
             if not usable.size:
-                reasons = "; ".join(f"{k.kid or '(no kid)'}: {k.reason}" for k in usable.skipped) or "no keys"
-                s.error("jwks_file", f"holds no key usable with {', '.join(algorithms)} ({reasons})")
+                if usable.skipped:
+                    reasons = "; ".join(f"{k.kid or '(no kid)'}: {k.reason}" for k in usable.skipped)
+                    s.error("jwks_file", f"holds no key usable with {', '.join(algorithms)} ({reasons})")
+                else:
+                    s.error("jwks_file", 'holds no keys: its "keys" array is empty')
         if isinstance(keys, StaticKeys) and keys.kind == "pem_file":
             kty, crv = keys.jwks["keys"][0]["kty"], keys.jwks["keys"][0].get("crv")
             unfit = [a for a in algorithms if a in ASYMMETRIC_ALGORITHMS and not fits(a, kty, crv)]
@@ -366,9 +379,14 @@ class _Builder:
             return None
         try:
             document = json.loads(data)
+        except (ValueError, RecursionError):  # our words, not json's "Expecting value: line 1 column 1"
+            what = "empty" if not data.strip() else f"not JSON ({len(data)} bytes)"
+            s.error("jwks_file", f'{path} is {what}: a JWK Set is a JSON object with a "keys" array')
+            return None
+        try:
             KeySet.from_jwks(document, SUPPORTED_ALGORITHMS)
-        except ValueError as error:
-            s.error("jwks_file", f"{path} is not a JWK Set: {error}")
+        except ValueError as error:  # its message starts "not a JWK Set: ..."
+            s.error("jwks_file", f"{path} is {error}")
             return None
         return StaticKeys(kind="jwks_file", origin=f"jwks_file {path}", jwks=MappingProxyType(document))
 
@@ -391,7 +409,12 @@ class _Builder:
         try:
             key = load_pem_public_key(data)
         except ValueError:
-            hint = " (it holds a private key; give the public key)" if b"PRIVATE KEY" in data else ""
+            hint = (" (it holds a private key; give the public key)" if b"PRIVATE KEY" in data else
+                    # A certificate's key is the issuer's to vouch for, not ours to unwrap silently.
+                    f" (it holds a certificate; give its public key: openssl x509 -in {path} -pubkey -noout)"
+                    if b"-----BEGIN CERTIFICATE-----" in data else
+                    " (it is empty)" if not data.strip() else " (no PEM block in it)" if b"-----BEGIN" not in data
+                    else "")
             s.error(key_name, f"{path} is not a PEM public key{hint}")
             return None
         if isinstance(key, rsa.RSAPublicKey):
@@ -485,7 +508,7 @@ class _Builder:
         else:
             s.error("auth", f"{describe(auth_value)} is not `none` or a mapping like {{provider: NAME}}")
         upstream_section = s.section("upstream", example=_UPSTREAM_EXAMPLE, meant=_url_mapping)
-        upstream = self.upstream(upstream_section) if upstream_section is not None else None
+        upstream = self.upstream(upstream_section, self.upstream_defaults) if upstream_section is not None else None
         sources = self.token_sources(s, "token_sources")
         headers = self.header_map(s.section("headers", example=_HEADERS_EXAMPLE))
         websocket_section = s.section("websocket", example=_WEBSOCKET_EXAMPLE)
@@ -610,8 +633,9 @@ class _Builder:
         return ClaimRule(claim=claim, path=tuple(claim.split(".")), op=op, value=value)
 
     # -- proxying -------------------------------------------------------------------------
-    def upstream(self, s: Section) -> Upstream | None:
-        defaults = Upstream()
+    def upstream(self, s: Section, defaults: Upstream | None = None) -> Upstream | None:
+        """An `upstream` section; the keys it leaves out are `defaults`' (a route's: the top level's)."""
+        defaults = defaults or Upstream()
         url = _url(s, "url", required=True)
         upstream = Upstream(
             url=(url or defaults.url).rstrip("/"),

@@ -138,6 +138,8 @@ def write(key: GeneratedKey, out_dir: Path, *, jwks_path: Path | None = None) ->
     anything is written. Returns the paths written, the private file first.
     """
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():  # else mkdir's bare "File exists"
+        raise KeyToolError(f"{out_dir} is a file; --out names the directory the key files go into")
     private_path = out_dir / key.file_name
     if key.public_jwk is None and jwks_path is not None:
         raise KeyToolError(f"an {key.alg} secret is shared, never published, so it cannot join a JWK Set; "

@@ -91,6 +91,8 @@ class KeySource:
     """Keys left out of loaded sets (unusable for verification), summed over every load."""
     last_success: float | None
     """`clock.monotonic()` of the last good load; None until there has been one."""
+    last_failure: str | None
+    """What the last failed fetch met, in words (`connection refused from host:443`); None if none has."""
 
     def __init__(self, provider: Provider, *, clock: Clock, logger: logging.Logger | None = None) -> None:
         self.provider = provider
@@ -100,6 +102,7 @@ class KeySource:
         self.discovery_fetches = 0
         self.skipped = 0
         self.last_success = None
+        self.last_failure = None
         self._clock = clock
         self._log = logger or logging.getLogger(__name__)
         self._fallback: KeySource | None = None
@@ -168,7 +171,10 @@ class KeySource:
             if found:
                 return found
             if self.keyset.size == 0:
-                raise KeysUnavailable(f"provider {self.name}: no usable keys from {self.provider.keys.origin}")
+                # With the cause: `token explain` prints this as its key line, and an operator
+                # reading only that must learn why (DNS, refused, HTTP 404), not only that.
+                why = f" (last fetch: {self.last_failure})" if self.last_failure else ""
+                raise KeysUnavailable(f"provider {self.name}: no usable keys from {self.provider.keys.origin}{why}")
         elif kid is not None and kid not in self.keyset.kids:
             # A kid we have never seen may be a freshly rotated key (RFC 7517 §5 leaves
             # rotation to the issuer); a kid we know with the wrong alg never will be. Keys
@@ -418,6 +424,7 @@ class RemoteKeySource(KeySource):
 
     def _failed(self, error: _FetchFailed, jwks_uri: str | None, started: float) -> None:
         self.failures += 1
+        self.last_failure = f"{error.why} from {peer(error.url)}"  # as provider_unready words it
         if self._remote.discovery_url is not None and jwks_uri is not None:
             # The issuer may have moved its jwks_uri: look it up again next time.
             self._jwks_uri = None

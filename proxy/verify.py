@@ -343,6 +343,9 @@ def verify_signature(token: str, header: TokenHeader, keys: Sequence[PyJWK]) -> 
         parts = token.split(".")
         problem = segment_problem(parts[1], "payload") or segment_problem(parts[2], "signature")
         raise InvalidToken(Reason.MALFORMED, problem or "the payload or signature segment is not base64url") from None
+    if not signature:  # `HEADER.PAYLOAD.`: no key can match nothing, so say what is there instead
+        raise InvalidToken(Reason.BAD_SIGNATURE, f"the signature segment is empty: the token is unsigned, and "
+                                                 f"{header.alg} needs a signature")
     failures: list[str] = []
     for key in keys:
         name = f"key {key.key_id!r}" if key.key_id else "the key without kid"

@@ -53,7 +53,7 @@ def test_check_config_lists_every_problem_and_fails(tmp_path: Path, capsys: pyte
     err = capsys.readouterr().err.splitlines()
     assert err[0] == f"{bad}:5: providers.main.jwks.url: 'ftp://x' is not an http(s) URL with a host"
     assert err[1].startswith(f"{bad}:6: providers.main.leeway: 'soon' is not a duration")
-    assert err[-1] == "jwt-sidecar: error: the config has 2 problem(s); nothing was started"
+    assert err[-1] == "jwt-sidecar: error: the config has 2 problem(s)"  # check-config starts nothing
 
 
 def test_check_config_of_the_repository_default(capsys: pytest.CaptureFixture[str]) -> None:

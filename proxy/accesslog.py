@@ -17,11 +17,20 @@ import json.encoder
 import time
 from typing import BinaryIO
 
+from .safetext import json_line
+
 __all__ = ["AccessLog"]
 
 _encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 # The C string encoder behind `json.dumps(ensure_ascii=False)`: a quoted, escaped JSON string.
-_quote = json.encoder.encode_basestring
+_encode_basestring = json.encoder.encode_basestring
+
+
+def _quote(text: str) -> str:
+    """`text` as a JSON string with nothing a terminal or a line reader acts on left raw: the
+    encoder escapes C0 controls only, and a path or a `sub` may hold C1 controls (U+009B is
+    CSI), DEL, bidi overrides or U+2028 (safetext.json_line escapes them)."""
+    return json_line(_encode_basestring(text))
 
 
 _BATCH = 256
@@ -40,7 +49,7 @@ class AccessLog:
 
     def write(self, **fields: object) -> None:
         """One line of any fields (JSON-encodable values), after the time."""
-        self._add(_encode({"time": self._now(), **fields}))
+        self._add(json_line(_encode({"time": self._now(), **fields})))
 
     def request(self, *, request_id: str, client: str | None, method: str, path: str, route: str, status: int,
                 decision: str, reason: str, subject: str | None, latency_ms: float,

@@ -26,6 +26,7 @@ from datetime import UTC, datetime
 from typing import Any, TextIO
 
 from .logthrottle import RepeatFilter, suppressed_suffix
+from .safetext import LINE_LIMIT, bounded, cut, json_line, one_line
 
 __all__ = ["EVENTS", "FORMATS", "LEVELS", "JsonFormatter", "TextFormatter", "configure", "event", "resolve_format"]
 
@@ -101,6 +102,9 @@ def event(logger: logging.Logger, level: int, name: str, message: str, /, *, exc
     # The subject makes each provider's (worker's, peer's) lines a kind of their own for
     # the RepeatFilter: one provider failing every second must not hide another's failures.
     subject = next((str(fields[key]) for key in _SUBJECTS if fields.get(key) is not None), None)
+    # A field may hold what a peer chose (a token's kid, a JWKS server's kids, a path): a
+    # 64 KiB kid is not written whole. Escaping is the formatters' (they see every record).
+    fields = {key: bounded(value) for key, value in fields.items()}
     extra = {"event": name, "fields": fields, "subject": subject}
     if fields:
         logger.log(level, message, fields, extra=extra, exc_info=exc_info)
@@ -109,10 +113,25 @@ def event(logger: logging.Logger, level: int, name: str, message: str, /, *, exc
 
 
 class TextFormatter(logging.Formatter):
-    """`time LEVEL logger: message`, as the operator log has always been."""
+    """`time LEVEL logger: message`, as the operator log has always been, on one line.
+
+    The message (ours with its fields filled in, or a library's) has its control, bidi and
+    line-breaking characters escaped (safetext.one_line): no field can start a forged line
+    or drive the terminal. A traceback follows on lines of its own, each escaped and
+    indented with `  | `, so none of them can pass for a record.
+    """
 
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
+        return one_line(super().formatMessage(record))
+
+    def formatException(self, ei: Any) -> str:  # noqa: N802 - logging's name
+        return "\n".join("  | " + one_line(line) for line in super().formatException(ei).splitlines())
+
+    def formatStack(self, stack_info: str) -> str:  # noqa: N802 - logging's name
+        return "\n".join("  | " + one_line(line) for line in stack_info.splitlines())
 
 
 class JsonFormatter(logging.Formatter):
@@ -131,6 +150,7 @@ class JsonFormatter(logging.Formatter):
         suppressed = getattr(record, "suppressed", 0)
         if suppressed:
             message = message.removesuffix(suppressed_suffix(suppressed))
+        message = cut(message, LINE_LIMIT)  # a library's message has no bound of its own
         line: dict[str, Any] = {
             "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds").replace(
                 "+00:00", "Z"),
@@ -153,7 +173,9 @@ class JsonFormatter(logging.Formatter):
             line["traceback"] = record.exc_text
         if record.stack_info:
             line["stack"] = record.stack_info
-        return json.dumps(line, ensure_ascii=False, default=str, separators=(",", ":"))
+        # ensure_ascii=False keeps names readable; json_line then escapes what the encoder
+        # leaves raw (C1 controls, DEL, bidi and zero-width characters, U+2028).
+        return json_line(json.dumps(line, ensure_ascii=False, default=str, separators=(",", ":")))
 
 
 def writes_json() -> bool:

@@ -29,6 +29,7 @@ import pytest
 
 from tests.conftest import AUDIENCE, ISSUER, TestKey, jwks_of, mint
 from tests.integration.test_lifecycle import free_port
+from tests.integration.test_oplog_json import assert_every_line_is_a_full_json_record
 from tests.support.jwks_server import start_jwks_server
 
 REPO = Path(__file__).parents[2]
@@ -314,6 +315,8 @@ async def test_no_source_can_forge_escape_or_flood_a_log_line(
             else:
                 assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING|ERROR) \S+: ", line), line
     assert not problems, "\n".join(problems[:20])
+    if log_format == "json":
+        assert_every_line_is_a_full_json_record([json.loads(line) for line in stderr.splitlines()])
     # Not one forged record: the forged text is on the line of the record that carried it.
     assert not re.search(r"^2026-01-01", stderr, re.MULTILINE)
     for name, (_, markers) in SOURCES.items():

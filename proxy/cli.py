@@ -29,6 +29,7 @@ import aiohttp
 import prometheus_client
 
 from . import __version__, config, oplog, routecheck, server, workers
+from .safetext import one_line
 from . import explain as explain_mod
 from .clock import SystemClock
 from .errors import ConfigError
@@ -283,7 +284,8 @@ def summary(settings: config.Settings) -> str:
         lines.append(f"  {r.name}: {where} [{methods}] -> {rule}")
     cache = settings.token_cache
     lines.append(f"token cache: {'on' if cache.enabled else 'off'}, {cache.max_entries} entries, max ttl {cache.max_ttl:g}s")
-    return "\n".join(lines)
+    # Each entry is one line: a name or an issuer holding a newline or an escape sequence is shown escaped.
+    return "\n".join(one_line(line) for line in lines)
 
 
 # -- keys ---------------------------------------------------------------------------------

@@ -178,6 +178,23 @@ class JsonFormatter(logging.Formatter):
         return json_line(json.dumps(line, ensure_ascii=False, default=str, separators=(",", ":")))
 
 
+class _LastResort(logging.Formatter):
+    """A record logged before (or without) `configure`, as Python writes it (the message
+    alone), on one escaped line: `token explain` and `check-config` log key fetch failures
+    this way, and a JWKS or discovery server chooses part of their text."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = one_line(record.getMessage())
+        if record.exc_info and record.exc_info[1] is not None:
+            text += "".join("\n  | " + one_line(line) for line in self.formatException(record.exc_info).splitlines())
+        return text
+
+
+# Python's handler of last resort writes to stderr when no handler is configured.
+if logging.lastResort is not None:
+    logging.lastResort.setFormatter(_LastResort())
+
+
 def writes_json() -> bool:
     """Whether the operator log is set up (`configure`) to write JSON lines."""
     return any(isinstance(h.formatter, JsonFormatter) for h in logging.getLogger().handlers)

@@ -17,6 +17,7 @@ import json
 import os
 import re
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -322,3 +323,54 @@ async def test_no_source_can_forge_escape_or_flood_a_log_line(
     for name, (_, markers) in SOURCES.items():
         for needle in markers:
             assert needle in stderr + stdout, f"{name}: {needle} reached no line: the case tested nothing"
+
+
+async def test_check_config_and_token_explain_print_nothing_raw(
+        tmp_path: Path, aiohttp_server: Any, rsa_key: TestKey) -> None:
+    """The operator's commands print config values and what key servers send on escaped lines."""
+    bad_keys = await start_jwks_server(aiohttp_server, jwks_with_evil_kids(rsa_key))
+    discovery = await start_jwks_server(aiohttp_server, jwks_of(rsa_key))
+    discovery.jwks_uri = "http://127.0.0.1:1/" + evil("discovery")
+    # YAML reads JSON's escape of an astral character as two lone surrogates: none in the issuer.
+    issuer = evil("iss").replace("\U000e0041", "")
+    discovery.issuer = issuer
+    name = json.dumps(evil("route"))
+    config = (
+        "listen: 127.0.0.1:8080\nadmin: 127.0.0.1:9901\nupstream: {url: \"http://127.0.0.1:8000\"}\n"
+        "providers:\n"
+        f"  keys:\n    issuer: {ISSUER}\n    audiences: [{AUDIENCE}, {json.dumps(evil('aud'))}]\n"
+        f"    jwks: {{url: \"{bad_keys.url()}\"}}\n"
+        f"  disco:\n    issuer: {json.dumps(issuer)}\n    audiences: [{AUDIENCE}]\n"
+        f"    discovery: {{url: \"{discovery.url('/.well-known/openid-configuration')}\", timeout: 1s}}\n"
+        "routes:\n"
+        f"  - {{name: {name}, match: {{path_prefix: /a/}}, auth: {{provider: keys}}}}\n"
+        f"  - {{name: {json.dumps(evil('shadowed'))}, match: {{path_prefix: /b/}}, auth: {{provider: disco}}}}\n"
+        f"  - {{name: {json.dumps(evil('public'))}, match: {{path_prefix: /}}, auth: none}}\n")
+    path = tmp_path / "config.yaml"
+    path.write_text(config)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+
+    async def command(*args: str) -> tuple[int, list[str]]:
+        # In a thread: the key servers it fetches from run on this loop.
+        result = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "proxy", *args], cwd=REPO, env=env,
+                                         capture_output=True, text=True, timeout=60)
+        return result.returncode, result.stdout.splitlines() + result.stderr.splitlines()
+
+    status, lines = await command("check-config", str(path))
+    assert status == 0, lines
+    # A config with an error naming a value of its own: an unknown provider.
+    broken = tmp_path / "broken.yaml"
+    broken.write_text(config.replace("auth: {provider: keys}", "auth: {provider: " + json.dumps(evil("unknown")) + "}"))
+    status, more = await command("check-config", str(broken))
+    assert status == 1 and len(more) == 2, more  # the problem and the summary: no line more
+    lines += more
+    token = mint(key=rsa_key, headers={"kid": evil("kid")})
+    for provider_name in ("keys", "disco"):
+        explained, more = await command("token", "explain", "--config", str(path), "--provider", provider_name, token)
+        assert explained in (1, 3), more  # INVALID (unknown kid), NOT VERIFIED (no keys)
+        lines += more
+    text = "\n".join(lines)
+    for needle in ("route", "shadowed", "unknown", "aud", "iss", "kid", "discovery"):
+        assert marker(needle) in text, f"{needle} was not printed: the case tested nothing\n{text}"
+    assert [line for line in lines if unsafe_characters(line)] == []
+    assert [line for line in lines if line.startswith(("2026-01-01", "\",\"level\""))] == []

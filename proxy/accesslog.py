@@ -5,7 +5,8 @@ Owns: the line's fields and their encoding, and batching writes: lines are writt
 waiting, so a busy sidecar makes one syscall per batch, not per request. (Flushing at the
 end of every loop turn cost a 401 a fifth of its CPU: an extra loop iteration, an extra
 zero-timeout poll, and fewer ready sockets served per poll.) Never the token, never the
-query string (it may hold one).
+query string (it may hold one). What a client, a token or the config chose is escaped in its
+JSON string, C1 controls, DEL, bidi and zero-width characters too (safetext.json_line).
 Does not own: deciding what happened to a request (pipeline.py, app.py).
 """
 

@@ -144,3 +144,15 @@ def test_a_flood_of_refusals_hides_no_key_or_provider_event(configured, clock: F
                 request_id="r", reason="expired", detail="expired", status=401, route="api", provider="main")
     [line] = logs.json()
     assert line["suppressed"] == 999  # the flood is counted, on its own kind's next line
+
+
+def test_the_readme_states_the_bounds_the_code_applies() -> None:
+    from pathlib import Path
+    import re
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    section = readme[readme.index("### Operator log"):]
+    found = re.search(r"at most (\d+) characters of a string and (\d+) items of a list.*?message at\s+most (\d+) "
+                      r"characters", section, re.DOTALL)
+    assert found, "README's Operator log section no longer states the bounds"
+    assert tuple(map(int, found.groups())) == (safetext.FIELD_LIMIT, safetext.ITEMS_LIMIT, safetext.LINE_LIMIT)

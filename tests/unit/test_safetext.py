@@ -109,12 +109,15 @@ def test_the_access_log_escapes_what_the_json_encoder_leaves_raw() -> None:
     log.request(request_id="r1", client="127.0.0.1", method="GET", path="/a\u202e\x85\u2028", route=EVIL,
                 status=200, decision="allowed", reason="", subject="\u202euser\x9b", latency_ms=1.0,
                 provider="main")
+    log.request(request_id="r2", client=None, method="GET", path="/ascii\x7f", route="api", status=404,
+                decision="rejected", reason="no_route", subject=None, latency_ms=1.0)
     log.write(event="x", detail=EVIL)
     lines = b"".join(written).decode().splitlines()
-    assert len(lines) == 2 and all(raw_unsafe(line) == [] for line in lines)
+    assert len(lines) == 3 and all(raw_unsafe(line) == [] for line in lines)
     record = json.loads(lines[0])
     assert (record["path"], record["route"], record["subject"]) == ("/a\u202e\x85\u2028", EVIL, "\u202euser\x9b")
-    assert json.loads(lines[1])["detail"] == EVIL
+    assert json.loads(lines[1])["path"] == "/ascii\x7f"
+    assert json.loads(lines[2])["detail"] == EVIL
 
 
 def test_a_flood_of_refusals_hides_no_key_or_provider_event(configured, clock: FakeClock) -> None:  # noqa: F811

@@ -335,15 +335,16 @@ async def test_check_config_and_token_explain_print_nothing_raw(
     issuer = evil("iss").replace("\U000e0041", "")
     discovery.issuer = issuer
     name = json.dumps(evil("route"))
+    keys = marker("provider") + "\x1b[31m\u202e\n2026-01-01 00:00:00,000 ERROR forged"  # argv holds no NUL
     config = (
         "listen: 127.0.0.1:8080\nadmin: 127.0.0.1:9901\nupstream: {url: \"http://127.0.0.1:8000\"}\n"
         "providers:\n"
-        f"  keys:\n    issuer: {ISSUER}\n    audiences: [{AUDIENCE}, {json.dumps(evil('aud'))}]\n"
+        f"  {json.dumps(keys)}:\n    issuer: {ISSUER}\n    audiences: [{AUDIENCE}, {json.dumps(evil('aud'))}]\n"
         f"    jwks: {{url: \"{bad_keys.url()}\"}}\n"
         f"  disco:\n    issuer: {json.dumps(issuer)}\n    audiences: [{AUDIENCE}]\n"
         f"    discovery: {{url: \"{discovery.url('/.well-known/openid-configuration')}\", timeout: 1s}}\n"
         "routes:\n"
-        f"  - {{name: {name}, match: {{path_prefix: /a/}}, auth: {{provider: keys}}}}\n"
+        f"  - {{name: {name}, match: {{path_prefix: /a/}}, auth: {{provider: {json.dumps(keys)}}}}}\n"
         f"  - {{name: {json.dumps(evil('shadowed'))}, match: {{path_prefix: /b/}}, auth: {{provider: disco}}}}\n"
         f"  - {{name: {json.dumps(evil('public'))}, match: {{path_prefix: /}}, auth: none}}\n")
     path = tmp_path / "config.yaml"
@@ -360,17 +361,18 @@ async def test_check_config_and_token_explain_print_nothing_raw(
     assert status == 0, lines
     # A config with an error naming a value of its own: an unknown provider.
     broken = tmp_path / "broken.yaml"
-    broken.write_text(config.replace("auth: {provider: keys}", "auth: {provider: " + json.dumps(evil("unknown")) + "}"))
+    broken.write_text(config.replace(f"auth: {{provider: {json.dumps(keys)}}}",
+                                     "auth: {provider: " + json.dumps(evil("unknown")) + "}"))
     status, more = await command("check-config", str(broken))
     assert status == 1 and len(more) == 2, more  # the problem and the summary: no line more
     lines += more
     token = mint(key=rsa_key, headers={"kid": evil("kid")})
-    for provider_name in ("keys", "disco"):
+    for provider_name in (keys, "disco"):
         explained, more = await command("token", "explain", "--config", str(path), "--provider", provider_name, token)
         assert explained in (1, 3), more  # INVALID (unknown kid), NOT VERIFIED (no keys)
         lines += more
     text = "\n".join(lines)
-    for needle in ("route", "shadowed", "unknown", "aud", "iss", "kid", "discovery"):
+    for needle in ("route", "shadowed", "unknown", "aud", "iss", "kid", "discovery", "provider"):
         assert marker(needle) in text, f"{needle} was not printed: the case tested nothing\n{text}"
     assert [line for line in lines if unsafe_characters(line)] == []
     assert [line for line in lines if line.startswith(("2026-01-01", "\",\"level\""))] == []

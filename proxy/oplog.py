@@ -168,7 +168,10 @@ class JsonFormatter(logging.Formatter):
         if suppressed:
             line["suppressed"] = suppressed
         if record.exc_info and record.exc_info[1] is not None:
-            line["traceback"] = "".join(traceback.format_exception(*record.exc_info)).rstrip()
+            # Its end says what failed; an exception's message can hold a peer's long text.
+            text = "".join(traceback.format_exception(*record.exc_info)).rstrip()
+            line["traceback"] = text if len(text) <= 4 * LINE_LIMIT else (
+                f"...({len(text) - 4 * LINE_LIMIT:,} characters before)" + text[-4 * LINE_LIMIT:])
         elif record.exc_text:
             line["traceback"] = record.exc_text
         if record.stack_info:

@@ -159,3 +159,16 @@ def test_the_readme_states_the_bounds_the_code_applies() -> None:
                       r"characters", section, re.DOTALL)
     assert found, "README's Operator log section no longer states the bounds"
     assert tuple(map(int, found.groups())) == (safetext.FIELD_LIMIT, safetext.ITEMS_LIMIT, safetext.LINE_LIMIT)
+
+
+def test_a_traceback_holding_a_huge_message_keeps_its_end_within_bounds(configured) -> None:  # noqa: F811
+    logs = configured("json")
+    try:
+        raise ValueError("k" * 1_000_000 + " the end")
+    except ValueError:
+        oplog.event(logging.getLogger("jwt_sidecar"), logging.ERROR, "request_crashed",
+                    "request %(request_id)s failed unexpectedly", request_id="r1", exc_info=True)
+    [line] = logs.lines()
+    traceback = json.loads(line)["traceback"]
+    assert len(line) < 5 * safetext.LINE_LIMIT and traceback.endswith("k the end")
+    assert traceback.startswith("...(") and "characters before)" in traceback

@@ -12,7 +12,11 @@ Does not own: throttling (logthrottle.py's `RepeatFilter`, on the same handler),
 logged where (each module calls `event`), or the access log (accesslog.py, stdout).
 
 A record from a library (aiohttp, asyncio) has no event of ours: it is `library_message`.
-Fields are chosen by our code and never hold a token, a secret or a request's content.
+Fields are chosen by our code and never hold a token, a secret or a request's content; their
+values may still hold what a peer chose (a kid, a JWKS server's kids, a route name), so every
+field is bounded (`event`) and both formats escape what would end a line or drive a terminal
+(safetext.py), for the package's records and libraries' alike; Python's handler of last
+resort (a command that logs without `configure`) writes one escaped line too.
 """
 
 from __future__ import annotations

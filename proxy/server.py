@@ -54,6 +54,12 @@ class _NoRequestEcho(logging.Filter):
         return True
 
 
+def _worker_index() -> int | str:
+    """This worker's index among `workers: N` (a JSON number in its log lines), or "?"."""
+    index = os.environ.get(WORKER_ENV, "")
+    return int(index) if index.isdigit() else "?"
+
+
 def configure_logging(level: str = "INFO", log_format: str = "text", *, worker: int | None = None) -> None:
     """Operator logs on stderr as text or JSON lines (oplog.py), one line per kind per second
     (logthrottle.py); the access log is accesslog.py's, on stdout. `worker`: this process's
@@ -139,7 +145,7 @@ async def _serve(settings: Settings, config_path: str | None, stop: asyncio.Even
                 await web.SockSite(admin_runner, sock).start()
         if worker:  # the admin port is the supervisor's, and it says so
             oplog.event(log, logging.INFO, "listening", "worker %(index)s (pid %(pid)d) proxying %(listen)s -> %(upstream)s",
-                        index=os.environ.get(WORKER_ENV, "?"), pid=os.getpid(), listen=str(settings.listen),
+                        index=_worker_index(), pid=os.getpid(), listen=str(settings.listen),
                         upstream=shown(settings.upstream.url))
         else:
             oplog.event(log, logging.INFO, "listening", "proxying %(listen)s -> %(upstream)s; admin on %(admin)s",

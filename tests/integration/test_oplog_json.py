@@ -126,8 +126,8 @@ async def sidecar(tmp_path: Path, text: str, *args: str, listen: int, admin: int
 
 
 # Fields that are counts, durations or ids: JSON numbers, never their text.
-NUMBERS = ("at_most", "deaths", "delay", "drain_delay", "drain_timeout", "duration_ms", "keys", "keys_held",
-           "max_connections", "open_files", "pid", "seconds", "skipped", "status", "target", "window", "worker",
+NUMBERS = ("at_most", "deaths", "delay", "drain_delay", "drain_timeout", "duration_ms", "index", "keys", "keys_held",
+           "line", "max_connections", "open_files", "pid", "seconds", "skipped", "status", "target", "window", "worker",
            "workers", "suppressed")
 RFC3339_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 

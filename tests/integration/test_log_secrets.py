@@ -35,6 +35,7 @@ HS_SECRET = secrets.token_urlsafe(48)  # utf-8 text, long enough for HS256
 JWKS_PASSWORD = "JWKSPASSWORD42"
 DOWN_PASSWORD = "DOWNPASSWORD42"
 UPSTREAM_PASSWORD = "UPSTREAMPASSWORD42"
+DISCOVERED_PASSWORD = "DISCOVEREDPASSWORD42"
 QUERY_SECRET = "QUERYSECRET42"
 COOKIE_SECRET = "COOKIESECRET42"
 BASIC_SECRET = "QkFTSUNTRUNSRVQ0Mg"
@@ -45,7 +46,7 @@ async def _pump(stream: asyncio.StreamReader, into: bytearray) -> None:
         into += chunk
 
 
-def config(log_format: str, listen: int, admin: int, upstream: str, jwks: str, down: int) -> str:
+def config(log_format: str, listen: int, admin: int, upstream: str, jwks: str, down: int, discovery: str) -> str:
     def provider(name: str, source: str) -> str:
         return f"  {name}:\n    issuer: {ISSUER}\n    audiences: [{AUDIENCE}]\n    {source}\n"
 
@@ -57,9 +58,11 @@ def config(log_format: str, listen: int, admin: int, upstream: str, jwks: str, d
         + provider("hs", "secret: {env: LOG_SECRETS_HS}\n    algorithms: [HS256]")
         + provider("down", f"jwks: {{url: \"http://jwks:{DOWN_PASSWORD}@127.0.0.1:{down}/jwks.json\", "
                            "min_refresh_interval: 1s, timeout: 1s}")
+        + provider("disco", f"discovery: {{url: \"{discovery}\", min_refresh_interval: 1s, timeout: 1s}}")
         + "routes:\n"
         "  - {name: hs, match: {path_prefix: /hs/}, auth: {provider: hs}}\n"
         "  - {name: down, match: {path_prefix: /down/}, auth: {provider: down}}\n"
+        "  - {name: disco, match: {path_prefix: /disco/}, auth: {provider: disco}}\n"
         f"  - {{name: broken, match: {{path_prefix: /broken/}}, auth: none, upstream: {{url: "
         f"\"http://app:{UPSTREAM_PASSWORD}@127.0.0.1:{down}\"}}}}\n"
         "  - {name: api, match: {path_prefix: /}, auth: {provider: main},"
@@ -71,11 +74,14 @@ async def test_no_secret_reaches_a_log_line_or_explain(
         tmp_path: Path, aiohttp_server: Any, rsa_key: TestKey, log_format: str) -> None:
     upstream = await start_upstream(aiohttp_server)
     jwks = await start_jwks_server(aiohttp_server, jwks_of(rsa_key))
+    # An issuer whose discovery document names its JWKS URL with credentials in it.
+    jwks.jwks_uri = jwks.url().replace("http://", f"http://keys:{DISCOVERED_PASSWORD}@")
     listen, admin, down = free_port(), free_port(), free_port()
     upstream_url = upstream.url.replace("http://", f"http://app:{UPSTREAM_PASSWORD}@")
     jwks_url = jwks.url().replace("http://", f"http://keys:{JWKS_PASSWORD}@")
     path = tmp_path / "config.yaml"
-    text = config(log_format, listen, admin, upstream_url, jwks_url, down)
+    text = config(log_format, listen, admin, upstream_url, jwks_url, down,
+                  jwks.url("/.well-known/openid-configuration"))
     path.write_text(text)
     env = {**os.environ, "PYTHONPATH": str(REPO), "LOG_SECRETS_HS": HS_SECRET}
 
@@ -100,7 +106,7 @@ async def test_no_secret_reaches_a_log_line_or_explain(
     try:
         async with aiohttp.ClientSession() as session:
             for _ in range(200):
-                if b"provider main is ready" in err and b"provider hs is ready" in err:
+                if all(f"provider {name} is ready".encode() in err for name in ("main", "hs", "disco")):
                     break
                 await asyncio.sleep(0.05)
             statuses = []
@@ -146,8 +152,10 @@ async def test_no_secret_reaches_a_log_line_or_explain(
 
     logs = err.decode() + out.decode()
     assert "key fetch failed" in logs and "reload refused" in logs and "config reloaded" in logs
+    assert "provider disco is ready" in logs  # its keys came from the discovered URL, password and all
     secrets = {"HS secret": HS_SECRET, "JWKS password": JWKS_PASSWORD, "down JWKS password": DOWN_PASSWORD,
-               "upstream password": UPSTREAM_PASSWORD, "query string": QUERY_SECRET, "cookie": COOKIE_SECRET,
+               "upstream password": UPSTREAM_PASSWORD,
+               "discovered JWKS URL's password": DISCOVERED_PASSWORD, "query string": QUERY_SECRET, "cookie": COOKIE_SECRET,
                "Basic credential": BASIC_SECRET, "query separator": "?access_token", "Bearer": "Bearer "}
     for name, token in tokens.items():
         secrets[f"{name} token"] = token
@@ -168,7 +176,7 @@ async def test_no_secret_reaches_a_log_line_or_explain(
             cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
         shown = result.stdout + result.stderr
         assert ("VALID" in result.stdout.splitlines()) == (name in ("good", "hs_good", "down")), shown  # down: main by its iss
-        for secret in (HS_SECRET, JWKS_PASSWORD, DOWN_PASSWORD, UPSTREAM_PASSWORD):
+        for secret in (HS_SECRET, JWKS_PASSWORD, DOWN_PASSWORD, UPSTREAM_PASSWORD, DISCOVERED_PASSWORD):
             assert secret not in shown, f"explain {name} printed a secret: {shown}"
         if token.count(".") == 2:
             assert token not in shown and token.rsplit(".", 1)[-1] not in shown, f"explain {name}: {shown}"

@@ -167,8 +167,11 @@ class JsonFormatter(logging.Formatter):
             line["worker"] = self._worker
         fields = getattr(record, "fields", None)
         if isinstance(fields, Mapping):
+            # The supervisor's own lines have no `worker` member: its worker events' `worker`
+            # field (which worker died or restarted) is that member, not `field_worker`.
+            reserved = _RESERVED if self._worker is not None else _RESERVED - {"worker"}
             for key, value in fields.items():
-                line[key if key not in _RESERVED else f"field_{key}"] = value
+                line[key if key not in reserved else f"field_{key}"] = value
         if suppressed:
             line["suppressed"] = suppressed
         if record.exc_info and record.exc_info[1] is not None:

@@ -172,3 +172,16 @@ def test_a_traceback_holding_a_huge_message_keeps_its_end_within_bounds(configur
     traceback = json.loads(line)["traceback"]
     assert len(line) < 5 * safetext.LINE_LIMIT and traceback.endswith("k the end")
     assert traceback.startswith("...(") and "characters before)" in traceback
+
+
+def test_the_supervisors_worker_events_name_the_worker_as_worker(configured) -> None:  # noqa: F811
+    # The supervisor writes no `worker` member of its own: which worker died is `worker`.
+    logs = configured("json")
+    oplog.event(logging.getLogger("jwt_sidecar.workers"), logging.INFO, "worker_restarted",
+                "worker %(worker)d started again (pid %(pid)d)", worker=1, pid=4242)
+    [line] = logs.json()
+    assert line["worker"] == 1 and "field_worker" not in line
+    # In a worker, `worker` is the process's own index; a field of that name stays apart.
+    record = logging.LogRecord("jwt_sidecar", logging.INFO, __file__, 1, "x", None, None)
+    record.fields = {"worker": 5}
+    assert json.loads(oplog.JsonFormatter(worker=0).format(record))["field_worker"] == 5

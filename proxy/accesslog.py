@@ -5,7 +5,8 @@ Owns: the line's fields and their encoding, and batching writes: lines are writt
 waiting, so a busy sidecar makes one syscall per batch, not per request. (Flushing at the
 end of every loop turn cost a 401 a fifth of its CPU: an extra loop iteration, an extra
 zero-timeout poll, and fewer ready sockets served per poll.) Never the token, never the
-query string (it may hold one).
+query string (it may hold one). What a client, a token or the config chose is escaped in its
+JSON string, C1 controls, DEL, bidi and zero-width characters too (safetext.json_line).
 Does not own: deciding what happened to a request (pipeline.py, app.py).
 """
 
@@ -17,10 +18,15 @@ import json.encoder
 import time
 from typing import BinaryIO
 
+from .safetext import json_line
+
 __all__ = ["AccessLog"]
 
 _encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 # The C string encoder behind `json.dumps(ensure_ascii=False)`: a quoted, escaped JSON string.
+# It escapes C0 controls only: a path or a `sub` may hold C1 controls (U+009B is CSI), DEL,
+# bidi overrides or U+2028, which safetext.json_line escapes, once per line (one regex scan
+# of the whole line costs less than one per field).
 _quote = json.encoder.encode_basestring
 
 
@@ -40,7 +46,7 @@ class AccessLog:
 
     def write(self, **fields: object) -> None:
         """One line of any fields (JSON-encodable values), after the time."""
-        self._add(_encode({"time": self._now(), **fields}))
+        self._add(json_line(_encode({"time": self._now(), **fields})))
 
     def request(self, *, request_id: str, client: str | None, method: str, path: str, route: str, status: int,
                 decision: str, reason: str, subject: str | None, latency_ms: float,
@@ -55,7 +61,7 @@ class AccessLog:
         `provider` is the route's (null on a public route or before routing).
         """
         peer = "null" if client is None else f'"{client}"'
-        self._add(
+        self._add(json_line(
             f'{{"time":"{self._now()}","request_id":"{request_id}",'
             f'"client":{peer},"method":{_quote(method)},'
             f'"path":{_quote(path)},"route":{_quote(route)},'
@@ -63,7 +69,7 @@ class AccessLog:
             f'"status":{status:d},"decision":"{decision}",'
             f'"reason":"{reason}","subject":{"null" if subject is None else _quote(subject)},'
             f'"latency_ms":{latency_ms:.3f}}}'
-        )
+        ))
 
     def _now(self) -> str:
         now = time.time()

@@ -30,6 +30,7 @@ import prometheus_client
 import yaml
 
 from . import __version__, config, oplog, routecheck, server, workers
+from .safetext import one_line
 from . import explain as explain_mod
 from .clock import SystemClock
 from .errors import ConfigError
@@ -327,7 +328,8 @@ def summary(settings: config.Settings) -> str:
         lines.append(f"  {r.name}: {where} [{methods}] -> {rule}")
     cache = settings.token_cache
     lines.append(f"token cache: {'on' if cache.enabled else 'off'}, {cache.max_entries} entries, max ttl {cache.max_ttl:g}s")
-    return "\n".join(lines)
+    # Each entry is one line: a name or an issuer holding a newline or an escape sequence is shown escaped.
+    return "\n".join(one_line(line) for line in lines)
 
 
 # -- keys ---------------------------------------------------------------------------------
@@ -562,7 +564,7 @@ def _token_explain(args: argparse.Namespace) -> int:
     provider = explain_mod.choose_provider(settings, form.payload, args.provider)
     if provider is None:
         problem, reason = explain_mod.provider_problem(settings, form.payload)
-        print(f"provider: none chosen: {problem}")
+        print(one_line(f"provider: none chosen: {problem}"))
         print("give --provider NAME to run every check against one of them")
         print(f"INVALID: {reason}")
         return 1
@@ -570,7 +572,7 @@ def _token_explain(args: argparse.Namespace) -> int:
     chosen = "as named" if args.provider is not None else (
         "by the token's iss" if form.payload is not None and form.payload.get("iss") in provider.issuers
         else "the config's only provider")
-    print(f"provider: {provider.name} ({provider.keys.origin}), {chosen}")
+    print(one_line(f"provider: {provider.name} ({provider.keys.origin}), {chosen}"))  # a name may hold anything
     print(_render_steps(report))
     if report.valid:
         print("VALID")
@@ -635,7 +637,7 @@ def _render_steps(report: explain_mod.Report) -> str:
     lines = []
     for step in report.steps:
         reason = f"   [{step.reason}]" if step.reason is not None else ""
-        lines.append(f"  {marks[step.ok]}  {step.name:<16}{step.detail}{reason}".rstrip())
+        lines.append(one_line(f"  {marks[step.ok]}  {step.name:<16}{step.detail}{reason}".rstrip()))
     return "\n".join(lines)
 
 

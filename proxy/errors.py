@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import enum
 
+from .safetext import one_line
+
 __all__ = [
     "AuthError",
     "BadRequest",
@@ -282,7 +284,9 @@ class ConfigIssue:
 
     def __str__(self) -> str:
         where = f"{self.file}:{self.line}" if self.line else self.file
-        return f"{where}: {self.path}: {self.message}" if self.path else f"{where}: {self.message}"
+        # One line whatever the config holds: a name with a newline or an escape sequence
+        # (YAML's "\e", "\n") is shown escaped, by check-config, at start-up and in the log.
+        return one_line(f"{where}: {self.path}: {self.message}" if self.path else f"{where}: {self.message}")
 
 
 class ConfigError(Exception):

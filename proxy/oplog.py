@@ -12,7 +12,11 @@ Does not own: throttling (logthrottle.py's `RepeatFilter`, on the same handler),
 logged where (each module calls `event`), or the access log (accesslog.py, stdout).
 
 A record from a library (aiohttp, asyncio) has no event of ours: it is `library_message`.
-Fields are chosen by our code and never hold a token, a secret or a request's content.
+Fields are chosen by our code and never hold a token, a secret or a request's content; their
+values may still hold what a peer chose (a kid, a JWKS server's kids, a route name), so every
+field is bounded (`event`) and both formats escape what would end a line or drive a terminal
+(safetext.py), for the package's records and libraries' alike; Python's handler of last
+resort (a command that logs without `configure`) writes one escaped line too.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from datetime import UTC, datetime
 from typing import Any, TextIO
 
 from .logthrottle import RepeatFilter, suppressed_suffix
+from .safetext import LINE_LIMIT, bounded, cut, json_line, one_line
 
 __all__ = ["EVENTS", "FORMATS", "LEVELS", "JsonFormatter", "TextFormatter", "configure", "event", "resolve_format"]
 
@@ -101,6 +106,9 @@ def event(logger: logging.Logger, level: int, name: str, message: str, /, *, exc
     # The subject makes each provider's (worker's, peer's) lines a kind of their own for
     # the RepeatFilter: one provider failing every second must not hide another's failures.
     subject = next((str(fields[key]) for key in _SUBJECTS if fields.get(key) is not None), None)
+    # A field may hold what a peer chose (a token's kid, a JWKS server's kids, a path): a
+    # 64 KiB kid is not written whole. Escaping is the formatters' (they see every record).
+    fields = {key: bounded(value) for key, value in fields.items()}
     extra = {"event": name, "fields": fields, "subject": subject}
     if fields:
         logger.log(level, message, fields, extra=extra, exc_info=exc_info)
@@ -109,10 +117,25 @@ def event(logger: logging.Logger, level: int, name: str, message: str, /, *, exc
 
 
 class TextFormatter(logging.Formatter):
-    """`time LEVEL logger: message`, as the operator log has always been."""
+    """`time LEVEL logger: message`, as the operator log has always been, on one line.
+
+    The message (ours with its fields filled in, or a library's) has its control, bidi and
+    line-breaking characters escaped (safetext.one_line): no field can start a forged line
+    or drive the terminal. A traceback follows on lines of its own, each escaped and
+    indented with `  | `, so none of them can pass for a record.
+    """
 
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
+        return one_line(super().formatMessage(record))
+
+    def formatException(self, ei: Any) -> str:  # noqa: N802 - logging's name
+        return "\n".join("  | " + one_line(line) for line in super().formatException(ei).splitlines())
+
+    def formatStack(self, stack_info: str) -> str:  # noqa: N802 - logging's name
+        return "\n".join("  | " + one_line(line) for line in stack_info.splitlines())
 
 
 class JsonFormatter(logging.Formatter):
@@ -131,6 +154,7 @@ class JsonFormatter(logging.Formatter):
         suppressed = getattr(record, "suppressed", 0)
         if suppressed:
             message = message.removesuffix(suppressed_suffix(suppressed))
+        message = cut(message, LINE_LIMIT)  # a library's message has no bound of its own
         line: dict[str, Any] = {
             "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds").replace(
                 "+00:00", "Z"),
@@ -143,17 +167,42 @@ class JsonFormatter(logging.Formatter):
             line["worker"] = self._worker
         fields = getattr(record, "fields", None)
         if isinstance(fields, Mapping):
+            # The supervisor's own lines have no `worker` member: its worker events' `worker`
+            # field (which worker died or restarted) is that member, not `field_worker`.
+            reserved = _RESERVED if self._worker is not None else _RESERVED - {"worker"}
             for key, value in fields.items():
-                line[key if key not in _RESERVED else f"field_{key}"] = value
+                line[key if key not in reserved else f"field_{key}"] = value
         if suppressed:
             line["suppressed"] = suppressed
         if record.exc_info and record.exc_info[1] is not None:
-            line["traceback"] = "".join(traceback.format_exception(*record.exc_info)).rstrip()
+            # Its end says what failed; an exception's message can hold a peer's long text.
+            text = "".join(traceback.format_exception(*record.exc_info)).rstrip()
+            line["traceback"] = text if len(text) <= 4 * LINE_LIMIT else (
+                f"...({len(text) - 4 * LINE_LIMIT:,} characters before)" + text[-4 * LINE_LIMIT:])
         elif record.exc_text:
             line["traceback"] = record.exc_text
         if record.stack_info:
             line["stack"] = record.stack_info
-        return json.dumps(line, ensure_ascii=False, default=str, separators=(",", ":"))
+        # ensure_ascii=False keeps names readable; json_line then escapes what the encoder
+        # leaves raw (C1 controls, DEL, bidi and zero-width characters, U+2028).
+        return json_line(json.dumps(line, ensure_ascii=False, default=str, separators=(",", ":")))
+
+
+class _LastResort(logging.Formatter):
+    """A record logged before (or without) `configure`, as Python writes it (the message
+    alone), on one escaped line: `token explain` and `check-config` log key fetch failures
+    this way, and a JWKS or discovery server chooses part of their text."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = one_line(record.getMessage())
+        if record.exc_info and record.exc_info[1] is not None:
+            text += "".join("\n  | " + one_line(line) for line in self.formatException(record.exc_info).splitlines())
+        return text
+
+
+# Python's handler of last resort writes to stderr when no handler is configured.
+if logging.lastResort is not None:
+    logging.lastResort.setFormatter(_LastResort())
 
 
 def writes_json() -> bool:

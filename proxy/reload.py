@@ -44,8 +44,8 @@ async def reload(runtime: Runtime) -> bool:
         runtime.metrics.count_reload(ok=False)
         first = error.issues[0] if error.issues else None
         event(log, logging.ERROR, "reload_refused",
-              "config reload refused; the previous config keeps serving:\n%(problems)s",
-              file=path, line=first.line if first else None, problems=str(error),
+              "config reload refused; the previous config keeps serving: %(problems)s",
+              file=path, line=first.line if first else None, problems="; ".join(str(i) for i in error.issues),
               issues=[{"line": i.line, "key": i.path, "problem": i.message} for i in error.issues])
         return False
     runtime.readiness()  # a sidecar ready before the reload stays ready after it (see Runtime.readiness)

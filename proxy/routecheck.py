@@ -29,6 +29,7 @@ from .errors import BadRequest, ConfigIssue
 from .routing import Router, normalize
 from .settings import ClaimRule, Route, RouteAuth
 from .yamlsource import Issues
+from .safetext import one_line
 
 __all__ = ["check", "format_warning"]
 
@@ -36,7 +37,7 @@ __all__ = ["check", "format_warning"]
 def format_warning(issue: ConfigIssue) -> str:
     """`file:line: warning: path: message`, as check-config prints and the log writes it."""
     where = f"{issue.file}:{issue.line}" if issue.line else issue.file
-    return f"{where}: warning: {issue.path}: {issue.message}"
+    return one_line(f"{where}: warning: {issue.path}: {issue.message}")  # a route's name may hold anything
 
 
 def check(routes: Sequence[Route], places: Sequence[tuple[str, int | None]], issues: Issues, *,

@@ -25,6 +25,7 @@ from aiohttp import web
 from .admin import create_admin_app
 from prometheus_client import Gauge
 
+from .causes import shown
 from .accesslog import AccessLog
 from .app import Proxy
 from .config import Settings
@@ -51,6 +52,12 @@ class _NoRequestEcho(logging.Filter):
             record.exc_info = None
             record.exc_text = None
         return True
+
+
+def _worker_index() -> int | str:
+    """This worker's index among `workers: N` (a JSON number in its log lines), or "?"."""
+    index = os.environ.get(WORKER_ENV, "")
+    return int(index) if index.isdigit() else "?"
 
 
 def configure_logging(level: str = "INFO", log_format: str = "text", *, worker: int | None = None) -> None:
@@ -138,11 +145,11 @@ async def _serve(settings: Settings, config_path: str | None, stop: asyncio.Even
                 await web.SockSite(admin_runner, sock).start()
         if worker:  # the admin port is the supervisor's, and it says so
             oplog.event(log, logging.INFO, "listening", "worker %(index)s (pid %(pid)d) proxying %(listen)s -> %(upstream)s",
-                        index=os.environ.get(WORKER_ENV, "?"), pid=os.getpid(), listen=str(settings.listen),
-                        upstream=settings.upstream.url)
+                        index=_worker_index(), pid=os.getpid(), listen=str(settings.listen),
+                        upstream=shown(settings.upstream.url))
         else:
             oplog.event(log, logging.INFO, "listening", "proxying %(listen)s -> %(upstream)s; admin on %(admin)s",
-                        listen=str(settings.listen), upstream=settings.upstream.url, admin=str(settings.admin))
+                        listen=str(settings.listen), upstream=shown(settings.upstream.url), admin=str(settings.admin))
         reloads: set[asyncio.Task[bool]] = set()
 
         def on_hup() -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -24,6 +25,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from proxy import oplog
 from tests.conftest import AUDIENCE, ISSUER, TestKey, jwks_of, mint
 from tests.integration.test_lifecycle import free_port
 from tests.support.jwks_server import start_jwks_server
@@ -123,11 +125,29 @@ async def sidecar(tmp_path: Path, text: str, *args: str, listen: int, admin: int
     run.out = [json.loads(line) for line in out.decode().splitlines()]
 
 
+# Fields that are counts, durations or ids: JSON numbers, never their text.
+NUMBERS = ("at_most", "deaths", "delay", "drain_delay", "drain_timeout", "duration_ms", "index", "keys", "keys_held",
+           "line", "max_connections", "open_files", "pid", "seconds", "skipped", "status", "target", "window", "worker",
+           "workers", "suppressed")
+RFC3339_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
+
+
 def assert_every_line_is_a_full_json_record(lines: list[dict[str, Any]]) -> None:
+    """Each line: the documented members first, an RFC 3339 UTC time, an event of oplog.EVENTS
+    at one of its levels (or a library's message), numbers as numbers, tracebacks as a member."""
     assert lines
     for line in lines:
         assert list(line)[:5] == ["time", "level", "logger", "event", "message"], line
-        assert str(line["time"]).endswith("Z") and line["level"] in ("DEBUG", "INFO", "WARNING", "ERROR")
+        assert RFC3339_UTC.fullmatch(line["time"]), line
+        assert line["level"] in ("DEBUG", "INFO", "WARNING", "ERROR"), line
+        assert isinstance(line["message"], str) and isinstance(line["logger"], str), line
+        if line["event"] != oplog.LIBRARY:
+            assert line["level"] in oplog.EVENTS[line["event"]][0], line
+        for name in NUMBERS:
+            if line.get(name) is not None:
+                assert isinstance(line[name], int | float) and not isinstance(line[name], bool), (name, line)
+        assert "traceback" not in line or isinstance(line["traceback"], str)
+        assert "Traceback (most recent call last)" not in line["message"], line
 
 
 async def get(port: int, path: str, token: str | None = None) -> int:

@@ -175,8 +175,10 @@ def _start_run(args: argparse.Namespace) -> int:
             raise  # `_starting` or `main` writes the text line(s)
         server.configure_logging("INFO", "json")
         problems = [str(issue) for issue in error.issues]
+        # Several problems: the sentence counts them and `problems` lists each one whole (a
+        # field is bounded, safetext.FIELD_LIMIT, so a joined list would lose its end).
         summary = problems[0] if len(problems) == 1 else (
-            f"the config has {len(problems)} problem(s); nothing was started: {'; '.join(problems)}")
+            f"the config has {len(problems)} problem(s); nothing was started (see problems)")
         oplog.event(logging.getLogger("jwt_sidecar"), logging.ERROR, "startup_failed", "%(error)s",
                     error=summary, problems=problems)
         return 1

@@ -133,7 +133,7 @@ def test_with_json_logs_a_config_with_several_problems_is_one_json_line_listing_
     record = json_line(result.stderr)
     level = f"{path}:12: log_level: 'LOUD' is not one of DEBUG, INFO, WARNING, ERROR"
     assert record["problems"] == [line, level]
-    assert record["error"] == f"the config has 2 problem(s); nothing was started: {line}; {level}"
+    assert record["error"] == record["message"] == "the config has 2 problem(s); nothing was started (see problems)"
 
 
 def test_the_command_line_text_format_wins_over_the_files_json(tmp_path: Path) -> None:

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from proxy import config
-from proxy.cli import main
-from proxy.config import parse
-from proxy.errors import ConfigError
-from proxy.routecheck import format_warning
+from proxy.config import builder as config
+from proxy.tools.cli import main
+from proxy.config.builder import parse
+from proxy.base.errors import ConfigError
+from proxy.config.routecheck import format_warning
 
 REPO = Path(__file__).parents[2]
 PROVIDER = "providers:\n  main: {issuer: https://i.test, audiences: [api], jwks: {url: 'https://i.test/jwks'}}\n"
@@ -307,7 +307,7 @@ def test_a_scalar_where_a_list_belongs_is_one_error_asking_for_the_list(text: st
 
 def _list_keys_in_config_py() -> tuple[set[str], set[str]]:
     """The keys config.py reads as lists (string_list, items, a one_of check) and as string-or-list."""
-    tree = ast.parse((REPO / "proxy" / "config.py").read_text(encoding="utf-8"))
+    tree = ast.parse((REPO / "proxy" / "config" / "builder.py").read_text(encoding="utf-8"))
     lists, either = set(), set()
     for node in ast.walk(tree):
         if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):

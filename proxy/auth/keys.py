@@ -10,7 +10,7 @@ sources carry over: a source is identified by its key-source settings alone (`sa
 a source whose algorithms changed is re-indexed from the last good document, and a replaced
 source keeps serving through its successor (`fall_back_on`) until the successor has keys.
 Does not own: turning a JWK Set into usable keys (jwks.py's `KeySet`), reading key files
-(config.py), or anything about requests, routes, tokens or claims.
+(config/builder.py), or anything about requests, routes, tokens or claims.
 
 Only configured URLs are ever fetched. Token header parameters that name keys or key
 locations (`jku`, `x5u`, `jwk`, `x5c`, RFC 7515 §4.1.2-6) never reach this module: trusting

@@ -49,7 +49,7 @@ def scopes_of(payload: Mapping[str, Any]) -> frozenset[str]:
 
     A string is split on SP (U+0020) alone: RFC 6749 §3.3 separates scope tokens with
     %x20 and nothing else, so `read<TAB>admin` or `read<NBSP>admin` is one scope token
-    (which no route names: config.py admits only RFC 6749 scope tokens), never `admin`.
+    (which no route names: config/builder.py admits only RFC 6749 scope tokens), never `admin`.
     `str.split()` would split on every Unicode whitespace. A list item is one scope token,
     verbatim (`["read admin"]` grants neither), and items that are not strings grant nothing.
     """
@@ -83,7 +83,7 @@ def rule_holds(rule: ClaimRule, payload: Mapping[str, Any]) -> bool:
         return isinstance(value, list) and any(_same(item, rule.value) for item in value)
     if rule.op == "matches":
         return isinstance(value, str) and rule.value.fullmatch(value) is not None
-    raise ValueError(f"unknown claim operator {rule.op!r}")  # config.py admits none other
+    raise ValueError(f"unknown claim operator {rule.op!r}")  # config/builder.py admits none other
 
 
 def _check_scopes(rule: ScopeRule, payload: Mapping[str, Any]) -> None:

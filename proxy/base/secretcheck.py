@@ -57,7 +57,7 @@ _JUDGED = 512
 """Only the first bytes are judged: enough for every rule, and a huge secret file stays cheap."""
 _STATISTICS_FROM = 24
 """Shorter secrets are too short to judge by their statistics (and too short for any HS
-algorithm: config.py says so separately)."""
+algorithm: config/builder.py says so separately)."""
 
 
 def weakness(secret: bytes, *, written: bytes | None = None) -> str | None:

@@ -16,7 +16,7 @@ The analysis is exact for prefixes and exact paths. A regex is compared by its l
 start (`^/api/v` → every path under `/api/v…`); when that is unknown it is assumed to
 overlap everything (a warning too many rather than one too few) and to cover nothing (an
 unreachable route is only reported when that is certain).
-Does not own: parsing a route (config.py) or matching a request (routing.py).
+Does not own: parsing a route (config/builder.py) or matching a request (routing.py).
 """
 
 from __future__ import annotations

@@ -2,10 +2,10 @@
 
 Owns: the shape of every setting the running sidecar reads (providers, routes, upstreams,
 limits), their defaults, and the docstrings the README's reference is written from. Does
-not own: reading or checking a config file (config.py builds these and reports mistakes;
+not own: reading or checking a config file (config/builder.py builds these and reports mistakes;
 routecheck.py judges the route table as a whole), or anything that runs per request.
 
-Apart from config.py so that the modules that only read settings (routing.py, routecheck.py)
+Apart from config/builder.py so that the modules that only read settings (routing.py, routecheck.py)
 need not import the builder, and the builder can run the route-table check without an
 import cycle.
 """

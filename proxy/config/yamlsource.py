@@ -1,12 +1,12 @@
 """YAML read with line numbers, refusing duplicate keys, and a reader that reports every mistake.
 
 Owns: turning YAML text into plain dicts and lists that remember the line of each value, and
-`Section`, the typed getter that `config.py` walks with: each getter records the dotted path,
+`Section`, the typed getter that `config/builder.py` walks with: each getter records the dotted path,
 so every problem becomes a `ConfigIssue` naming file, line, path, bad value and what was
 expected. Unknown keys are found by `Section.done()` (the keys nobody asked for), with the key
 each most likely meant; an "is required" error that a misspelt key explains is taken back, so
 one mistake is one error. A scalar where a list belongs is refused (`Section.string_list`).
-Does not own: what the keys mean (config.py does).
+Does not own: what the keys mean (config/builder.py does).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ limit of 1024 and a hard one far above it; asking costs nothing), and the defaul
 client connections the proxy port accepts, derived from that limit so that at the limit the
 admin port (`/healthz`, `/readyz`, `/metrics`), the upstream connections and key fetches
 still find descriptors; and how running out of them at accept is reported. Does not own: refusing connections over the limit (http1.py) or
-reading the config (config.py).
+reading the config (config/builder.py).
 """
 
 from __future__ import annotations

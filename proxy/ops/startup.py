@@ -7,7 +7,7 @@ things a start needs from the machine (a writable `PROMETHEUS_MULTIPROC_DIR` whe
 a temporary directory for `workers`, a stdout for the access log); and `StartupError`, whose
 text is the whole line `jwt-sidecar run` and `demo` print after `jwt-sidecar: error: ` before
 exiting 1. Does not own: serving on the sockets (server.py, http1.py, aiohttp), mistakes in
-the config file (config.py's `ConfigError`), or printing (cli.py).
+the config file (config/builder.py's `ConfigError`), or printing (cli.py).
 """
 
 from __future__ import annotations

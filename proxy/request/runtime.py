@@ -5,7 +5,7 @@ resolved upstream, token sources, header map, verifier and metric children — b
 config so the request path does no lookups or parsing; and `Runtime`, the process-wide
 holder (client session, clock, metrics, the current snapshot, draining flag, readiness,
 which a reload never takes away).
-Does not own: reading config files (config.py, reload.py) or handling requests (pipeline.py).
+Does not own: reading config files (config/builder.py, reload.py) or handling requests (pipeline.py).
 """
 
 from __future__ import annotations

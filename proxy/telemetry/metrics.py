@@ -112,7 +112,7 @@ case-sensitive) is recorded as `other`, so a client cannot mint new series."""
 
 NO_ROUTE = "(none)"
 """The `route` label of a request no route matched. Parenthesised to stand apart from route
-names; config.py does not reserve it yet, so a route literally named `(none)` would share it."""
+names; config/builder.py does not reserve it yet, so a route literally named `(none)` would share it."""
 
 OTHER = "other"
 """The label value for anything outside a closed set."""

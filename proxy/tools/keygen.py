@@ -2,13 +2,13 @@
 
 Owns: generating RS256/ES256/EdDSA key pairs and HS256 secrets (never one secretcheck.py
 refuses), writing private material with mode 0600 (never overwriting a key), writing or
-extending a public JWK Set for a key rotation, reading a secret file the way a provider's
-`secret: {file:, encoding:}` does (and, for `token mint`, the one way a file can be read:
-`secret_for_minting`), and minting a signed token from a private key or secret.
-Does not own: argument parsing or printing (cli.py), loading keys for the proxy (config.py,
+extending a public JWK Set for a key rotation, the one way `token mint` reads a secret file
+(`secret_for_minting`, through base/secretfile.py's `read_secret`, which a provider's
+`secret: {file:, encoding:}` uses too), and minting a signed token from a private key or secret.
+Does not own: argument parsing or printing (cli.py), loading keys for the proxy (config/builder.py,
 keys.py) or verifying tokens (verify.py).
 
-Every failure is a `KeyToolError` whose message is meant for the operator as it stands.
+Every failure is a `KeyToolError` (base/secretfile.py) whose message is meant for the operator as it stands.
 """
 
 from __future__ import annotations
@@ -313,7 +313,7 @@ def mint(
 
 
 def _random_secret() -> bytes:
-    """Random bytes that config.py's secret check accepts, read as written or as plain text.
+    """Random bytes that config/builder.py's secret check accepts, read as written or as plain text.
 
     About one random draw in a million happens to spell a placeholder word in its base64url
     text (secretcheck.py); drawing again costs nothing and keeps `keys generate` from ever

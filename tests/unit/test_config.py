@@ -1,4 +1,4 @@
-"""config.py: good files become frozen settings; every mistake names file, line, path and the fix."""
+"""config/builder.py: good files become frozen settings; every mistake names file, line, path and the fix."""
 
 from __future__ import annotations
 

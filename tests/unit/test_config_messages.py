@@ -263,7 +263,7 @@ def _route_with(auth: str = "{provider: main}", match: str = "{path_prefix: /}",
     return PROVIDER + f"routes:\n  - match: {match}\n    auth: {auth}\n" + extra
 
 
-# (the key as config.py reads it, a config with a scalar there, the expected message)
+# (the key as config/builder.py reads it, a config with a scalar there, the expected message)
 LIST_KEYS = [
     ("audiences", "providers:\n  main:\n    issuer: i\n    audiences: orders web\n    jwks: {url: 'https://x'}\n",
      "c.yaml:4: providers.main.audiences: must be a list of audiences, e.g. [orders, web]"),
@@ -306,7 +306,7 @@ def test_a_scalar_where_a_list_belongs_is_one_error_asking_for_the_list(text: st
 
 
 def _list_keys_in_config_py() -> tuple[set[str], set[str]]:
-    """The keys config.py reads as lists (string_list, items, a one_of check) and as string-or-list."""
+    """The keys config/builder.py reads as lists (string_list, items, a one_of check) and as string-or-list."""
     tree = ast.parse((REPO / "proxy" / "config" / "builder.py").read_text(encoding="utf-8"))
     lists, either = set(), set()
     for node in ast.walk(tree):

@@ -30,8 +30,8 @@ from aiohttp import web  # noqa: E402
 from multidict import CIMultiDict  # noqa: E402
 from yarl import URL  # noqa: E402
 
-from proxy.request.forward import new_session  # noqa: E402
 from proxy.http.upstream import Pool  # noqa: E402
+from proxy.request.forward import new_session  # noqa: E402
 
 HEADERS = [
     ("Accept", "application/json"),

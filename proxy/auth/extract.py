@@ -20,8 +20,8 @@ from urllib.parse import unquote, unquote_plus
 
 from multidict import MultiMapping
 
-from ..config.settings import TokenSource
 from ..base.errors import InvalidRequest, Reason
+from ..config.settings import TokenSource
 
 __all__ = ["Found", "cookie_values", "extract", "query_values", "refuse_repeated_authorization", "without_cookie",
            "without_query_param"]

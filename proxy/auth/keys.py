@@ -33,12 +33,12 @@ import aiohttp
 from cachetools import TTLCache
 from jwt import PyJWK
 
-from ..http.causes import cause, peer, shown
 from ..base.clock import Clock
-from ..config.settings import Provider, RemoteJwks, StaticKeys
 from ..base.errors import InvalidToken, KeysUnavailable, Reason
 from ..base.jwks import KeySet
 from ..base.oplog import event
+from ..config.settings import Provider, RemoteJwks, StaticKeys
+from ..http.causes import cause, peer, shown
 
 __all__ = [
     "MAX_DOCUMENT_BYTES",

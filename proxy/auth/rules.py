@@ -14,8 +14,8 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
 
-from ..config.settings import ClaimRule, RouteAuth, ScopeRule
 from ..base.errors import InsufficientScope, Reason
+from ..config.settings import ClaimRule, RouteAuth, ScopeRule
 
 __all__ = ["ABSENT", "check_route", "claim_at", "rule_holds", "scopes_of"]
 

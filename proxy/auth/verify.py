@@ -36,8 +36,8 @@ from jwt import PyJWK, PyJWS
 from jwt.exceptions import DecodeError, PyJWTError
 
 
-from ..config.settings import Provider, TokenCacheSettings
 from ..base.errors import InvalidToken, Reason
+from ..config.settings import Provider, TokenCacheSettings
 
 if TYPE_CHECKING:
     from ..base.clock import Clock

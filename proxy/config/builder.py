@@ -27,8 +27,6 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
 from ..base import oplog
-
-from . import routecheck, settings
 from ..base.errors import ConfigError, ConfigIssue
 from ..base.jwks import (
     ASYMMETRIC_ALGORITHMS,
@@ -40,6 +38,7 @@ from ..base.jwks import (
 )
 from ..base.secretcheck import weakness
 from ..base.secretfile import MIN_HMAC_BYTES, KeyToolError, read_secret
+from . import routecheck, settings
 from .settings import (
     BEARER,
     ClaimHeader,

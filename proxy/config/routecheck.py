@@ -26,10 +26,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..base.errors import BadRequest, ConfigIssue
+from ..base.safetext import one_line
 from .routing import Router, normalize
 from .settings import ClaimRule, Route, RouteAuth
 from .yamlsource import Issues
-from ..base.safetext import one_line
 
 __all__ = ["check", "format_warning"]
 

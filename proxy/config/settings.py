@@ -17,8 +17,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..http.causes import shown
 from ..base.errors import ConfigIssue
+from ..http.causes import shown
 
 __all__ = [
     "BEARER",

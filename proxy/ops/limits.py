@@ -18,8 +18,8 @@ try:
 except ImportError:  # not on Windows; the sidecar runs on Linux and macOS
     resource = None  # type: ignore[assignment]
 
-from ..http.causes import cause
 from ..base.oplog import event
+from ..http.causes import cause
 
 __all__ = ["FD_RESERVE", "default_max_connections", "quiet_accept_errors", "raise_fd_limit"]
 

@@ -17,10 +17,10 @@ import dataclasses
 import logging
 import os
 
-from ..config import builder as config, routecheck
-from ..base.errors import ConfigError, ConfigIssue
 from ..auth.keys import KeyRing
+from ..base.errors import ConfigError, ConfigIssue
 from ..base.oplog import event
+from ..config import builder as config, routecheck
 from ..request.runtime import Runtime, build_snapshot
 
 __all__ = ["changes", "file_signature", "reload", "watch"]

@@ -25,14 +25,14 @@ from aiohttp import web
 from .admin import create_admin_app
 from prometheus_client import Gauge
 
-from ..http.causes import shown
-from ..telemetry.accesslog import AccessLog
-from ..request.app import Proxy
-from ..config.settings import Settings
-from .limits import default_max_connections, quiet_accept_errors, raise_fd_limit
 from ..base import oplog
-from .reload import reload, watch
+from ..config.settings import Settings
+from ..http.causes import shown
+from ..request.app import Proxy
 from ..request.runtime import Runtime
+from ..telemetry.accesslog import AccessLog
+from .limits import default_max_connections, quiet_accept_errors, raise_fd_limit
+from .reload import reload, watch
 from .startup import Sockets, bind_for, check_multiproc_dir, check_stdout
 from .workers import WORKER_ENV, WORKERS_READY, supervise
 

@@ -34,12 +34,12 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, multiprocess
 from prometheus_client.exposition import choose_encoder
 
-from .admin import create_admin_app
+from ..base.oplog import event
 from ..config.settings import Settings
 from ..http.causes import cause
-from .limits import quiet_accept_errors, raise_fd_limit
 from ..telemetry.metrics import ProcessesCollector
-from ..base.oplog import event
+from .admin import create_admin_app
+from .limits import quiet_accept_errors, raise_fd_limit
 from .startup import StartupError, bind_for, check_stdout, metrics_directory, why
 
 __all__ = ["WORKER_ENV", "WORKERS_READY", "supervise"]

@@ -21,17 +21,17 @@ from typing import Any
 
 import aiohttp
 
-from ..telemetry.accesslog import AccessLog
+from ..auth.keys import KeyRing
 from ..base.clock import Clock, SystemClock
-from ..config.settings import Settings
 from ..base.errors import AuthError, KeysUnavailable, ProxyError, Reason, UpstreamUnavailable
-from .forward import new_session
+from ..base.oplog import event
+from ..config.settings import Settings
 from ..http.http1 import Prepared, Request, Server
 from ..http.upstream import Pool
-from .identity import request_id
-from ..auth.keys import KeyRing
+from ..telemetry.accesslog import AccessLog
 from ..telemetry.metrics import Decision, Metrics
-from ..base.oplog import event
+from .forward import new_session
+from .identity import request_id
 from .pipeline import Exchange, begin
 from .runtime import Runtime, build_snapshot
 

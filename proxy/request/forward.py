@@ -28,13 +28,13 @@ import aiohttp
 import httptools
 from yarl import URL
 
-from ..http.causes import cause
-from ..config.settings import Upstream, WebSocketSettings
 from ..base.errors import BadRequest, PayloadTooLarge, Reason, RequestTimeout, UpstreamTimeout, UpstreamUnavailable
-from ..http.http1 import BodyError, BodyTimeout, Request
-from .identity import HOP_BY_HOP, connection_tokens
 from ..base.oplog import event
+from ..config.settings import Upstream, WebSocketSettings
+from ..http.causes import cause
+from ..http.http1 import BodyError, BodyTimeout, Request
 from ..http.upstream import Fields, Pool, UpstreamError
+from .identity import HOP_BY_HOP, connection_tokens
 
 __all__ = ["Origin", "SMALL_BODY", "forward", "forward_websocket", "is_websocket", "new_session"]
 

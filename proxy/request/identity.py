@@ -30,10 +30,10 @@ from typing import Any
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from ..config.settings import HeaderMap, Settings
-from ..base.errors import InvalidToken, Reason
 from ..auth.extract import Found, without_cookie
 from ..auth.rules import ABSENT, claim_at
+from ..base.errors import InvalidToken, Reason
+from ..config.settings import HeaderMap, Settings
 from ..http.upstream import Fields
 
 __all__ = ["HOP_BY_HOP", "Outbound", "StripPlan", "claim_headers", "connection_tokens", "inject",

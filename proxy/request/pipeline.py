@@ -15,16 +15,16 @@ from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
 
-from ..base.errors import NotFound, TokenMissing
 from ..auth.extract import Found, extract, refuse_repeated_authorization, without_query_param
-from .forward import forward, forward_websocket, is_websocket
-from ..http.http1 import Request
-from .identity import Outbound, claim_headers, inject, strip_inbound
-from ..telemetry.metrics import Decision, RouteMetrics
-from ..config.routing import normalize, split_target
 from ..auth.rules import check_route
-from .runtime import RoutePlan, Runtime, Snapshot
 from ..auth.verify import Claims
+from ..base.errors import NotFound, TokenMissing
+from ..config.routing import normalize, split_target
+from ..http.http1 import Request
+from ..telemetry.metrics import Decision, RouteMetrics
+from .forward import forward, forward_websocket, is_websocket
+from .identity import Outbound, claim_headers, inject, strip_inbound
+from .runtime import RoutePlan, Runtime, Snapshot
 
 __all__ = ["Exchange", "begin"]
 

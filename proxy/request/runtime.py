@@ -17,16 +17,16 @@ from types import MappingProxyType
 
 import aiohttp
 
-from ..telemetry.accesslog import AccessLog
+from ..auth.keys import KeyRing
+from ..auth.verify import TokenCache, Verifier
 from ..base.clock import Clock
+from ..config.routing import Router
 from ..config.settings import HeaderMap, Route, Settings, TokenSource, Upstream
+from ..http.upstream import Pool
+from ..telemetry.accesslog import AccessLog
+from ..telemetry.metrics import NO_ROUTE, Metrics, MetricsView, RouteMetrics
 from .forward import Origin
 from .identity import StripPlan
-from ..auth.keys import KeyRing
-from ..telemetry.metrics import NO_ROUTE, Metrics, MetricsView, RouteMetrics
-from ..config.routing import Router
-from ..http.upstream import Pool
-from ..auth.verify import TokenCache, Verifier
 
 __all__ = ["RoutePlan", "Runtime", "Snapshot", "build_snapshot"]
 

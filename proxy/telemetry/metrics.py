@@ -83,10 +83,10 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.utils import floatToGoString
 
-from ..config.settings import StaticKeys
 from ..base.errors import Reason
-from ..http.http1 import ConnectionCounts
 from ..base.oplog import event
+from ..config.settings import StaticKeys
+from ..http.http1 import ConnectionCounts
 
 if TYPE_CHECKING:
     from ..auth.keys import KeySource

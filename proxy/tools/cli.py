@@ -30,22 +30,19 @@ import prometheus_client
 import yaml
 
 from .. import __version__
-
-from ..config import builder as config, routecheck
-
+from ..auth.keys import key_source_for
 from ..base import oplog
-
-from ..ops import server, workers
-from ..base.safetext import one_line
-from . import explain as explain_mod
 from ..base.clock import SystemClock
 from ..base.errors import ConfigError
-from ..ops.startup import StartupError
-from ..auth.keys import key_source_for
 from ..base.jwks import SUPPORTED_ALGORITHMS
+from ..base.safetext import one_line
+from ..config import builder as config, routecheck
+from ..config.yamlsource import parse_duration
+from ..ops import server, workers
+from ..ops.startup import StartupError
+from . import explain as explain_mod
 from .keygen import (GENERATE_ALGORITHMS, SECRET_ENCODINGS, KeyToolError, generate, mint, parse_claim,
                      secret_for_minting, write)
-from ..config.yamlsource import parse_duration
 
 __all__ = ["build_parser", "main"]
 

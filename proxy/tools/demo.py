@@ -34,9 +34,9 @@ from aiohttp import web
 
 from ..config import builder as config
 from ..config.settings import Listen, Provider, RemoteJwks, Settings
-from .keygen import generate, mint
 from ..ops.server import serve
 from ..ops.startup import Sockets, StartupError, bind, why
+from .keygen import generate, mint
 
 __all__ = ["OPTIONS", "ROLES", "DemoInfo", "command", "default_config_path", "run_demo"]
 

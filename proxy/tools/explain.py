@@ -22,10 +22,6 @@ from typing import Any
 
 from jwt.exceptions import DecodeError
 
-from ..config.settings import Provider, Settings
-from ..base.errors import InvalidToken, KeysUnavailable, Reason
-from ..request.identity import claim_headers
-from ..base.jwks import SUPPORTED_ALGORITHMS
 from ..auth.keys import KeySource
 from ..auth.verify import (
     _JWS,
@@ -40,6 +36,10 @@ from ..auth.verify import (
     shown,
     verify_signature,
 )
+from ..base.errors import InvalidToken, KeysUnavailable, Reason
+from ..base.jwks import SUPPORTED_ALGORITHMS
+from ..config.settings import Provider, Settings
+from ..request.identity import claim_headers
 
 __all__ = [
     "CONFIG_CHECKS",

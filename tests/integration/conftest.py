@@ -17,9 +17,9 @@ import aiohttp
 import pytest
 
 from proxy.config import builder as config
+from proxy.http.http1 import Server
 from proxy.ops.admin import create_admin_app
 from proxy.request.app import Proxy
-from proxy.http.http1 import Server
 from proxy.request.runtime import Runtime
 from tests.conftest import AUDIENCE, ISSUER, TestKey, jwks_of
 from tests.support.jwks_server import JwksServer

@@ -26,8 +26,8 @@ import pytest
 from multidict import CIMultiDict
 from yarl import URL
 
-from proxy.request.app import _entry
 from proxy.http.http1 import Server
+from proxy.request.app import _entry
 from tests.conftest import TestKey, mint
 from tests.integration.conftest import BASE_CONFIG, Sidecar
 from tests.integration.test_security import (RawResponse, first_response, parse_head, raw_get, send_raw,

@@ -25,8 +25,8 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding
 
-from proxy.tools.cli import main
 from proxy.base.errors import InvalidToken, Reason
+from proxy.tools.cli import main
 from proxy.tools.keygen import generate, write
 from tests.conftest import AUDIENCE, ISSUER, TestKey, _rsa, jwks_of, mint
 

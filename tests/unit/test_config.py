@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from proxy.config.builder import RemoteJwks, StaticKeys, load, parse
 from proxy.base.errors import ConfigError
+from proxy.config.builder import RemoteJwks, StaticKeys, load, parse
 from tests.conftest import TestKey, jwks_of
 
 GOOD = """\

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from proxy.config import builder as config
-from proxy.tools.cli import main
-from proxy.config.builder import parse
 from proxy.base.errors import ConfigError
+from proxy.config import builder as config
+from proxy.config.builder import parse
 from proxy.config.routecheck import format_warning
+from proxy.tools.cli import main
 
 REPO = Path(__file__).parents[2]
 PROVIDER = "providers:\n  main: {issuer: https://i.test, audiences: [api], jwks: {url: 'https://i.test/jwks'}}\n"

@@ -14,10 +14,10 @@ from typing import Any
 import aiohttp
 import pytest
 
+from proxy.auth.keys import RemoteKeySource, key_source_for
+from proxy.base.errors import InvalidToken, KeysUnavailable
 from proxy.config import builder as config
 from proxy.config.builder import Provider, RemoteJwks
-from proxy.base.errors import InvalidToken, KeysUnavailable
-from proxy.auth.keys import RemoteKeySource, key_source_for
 from proxy.ops.reload import changes
 from tests.conftest import AUDIENCE, ISSUER, FakeClock, TestKey, jwks_of
 from tests.support.jwks_server import JwksServer

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from proxy.config import builder as config
 from proxy.base import oplog
+from proxy.base.logthrottle import RepeatFilter
+from proxy.config import builder as config
 from proxy.ops import server
 from proxy.tools.cli import build_parser
-from proxy.base.logthrottle import RepeatFilter
 from tests.conftest import FakeClock
 
 REPO = Path(__file__).parents[2]

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import pytest
 
-from proxy.config import builder as config
 from proxy.base import oplog
-from proxy.tools.cli import build_parser
 from proxy.base.errors import ConfigError
+from proxy.config import builder as config
+from proxy.tools.cli import build_parser
 from proxy.tools.keygen import GENERATE_ALGORITHMS, SECRET_ENCODINGS
 
 README = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from proxy.config import builder as config
 from proxy.base.errors import ConfigError
+from proxy.config import builder as config
 from proxy.config.routecheck import format_warning
 
 REPO = Path(__file__).parents[2]

@@ -6,8 +6,8 @@ import re
 
 import pytest
 
-from proxy.config.builder import Route, RouteMatch
 from proxy.base.errors import BadRequest, Reason
+from proxy.config.builder import Route, RouteMatch
 from proxy.config.routing import Router, normalize
 
 

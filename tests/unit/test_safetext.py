@@ -15,8 +15,8 @@ import unicodedata
 import pytest
 
 from proxy.base import oplog, safetext
-from proxy.telemetry.accesslog import AccessLog
 from proxy.base.logthrottle import RepeatFilter
+from proxy.telemetry.accesslog import AccessLog
 from tests.conftest import FakeClock
 from tests.unit.test_oplog import configured  # noqa: F401 - a fixture
 

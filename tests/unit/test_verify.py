@@ -13,10 +13,10 @@ import jwt
 import pytest
 from aiohttp import web
 
-from proxy.config.builder import Provider, StaticKeys, TokenCacheSettings
-from proxy.base.errors import InvalidToken, KeysUnavailable, Reason
 from proxy.auth.keys import key_source_for
 from proxy.auth.verify import TokenCache, Verifier
+from proxy.base.errors import InvalidToken, KeysUnavailable, Reason
+from proxy.config.builder import Provider, StaticKeys, TokenCacheSettings
 from jwt import PyJWS
 from tests.conftest import AUDIENCE, HS_SECRET, ISSUER, FakeClock, TestKey, jwks_of, mint
 

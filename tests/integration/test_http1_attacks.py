@@ -1,5 +1,5 @@
-"""Through the real proxy, as an attacker of its own HTTP/1.1 server (proxy/http1.py) and of the
-WebSocket tunnel (proxy/forward.py: `forward_websocket`, `_Tunnel`).
+"""Through the real proxy, as an attacker of its own HTTP/1.1 server (proxy/http/http1.py) and of the
+WebSocket tunnel (proxy/request/forward.py: `forward_websocket`, `_Tunnel`).
 
 Every request is raw bytes on a socket. Where what the upstream received matters byte for
 byte (WebSocket handshakes, what follows them, upstream answers that break HTTP framing), the

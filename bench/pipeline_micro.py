@@ -40,11 +40,11 @@ import jwt  # noqa: E402
 import yaml  # noqa: E402
 from cryptography.hazmat.primitives import serialization  # noqa: E402
 
-from proxy.accesslog import AccessLog  # noqa: E402
-from proxy.app import Proxy  # noqa: E402
-from proxy.config import parse  # noqa: E402
-from proxy.http1 import _Connection  # noqa: E402
-from proxy.keygen import generate  # noqa: E402
+from proxy.config.builder import parse  # noqa: E402
+from proxy.http.http1 import _Connection  # noqa: E402
+from proxy.request.app import Proxy  # noqa: E402
+from proxy.telemetry.accesslog import AccessLog  # noqa: E402
+from proxy.tools.keygen import generate  # noqa: E402
 
 ISSUER = "https://issuer.bench.local/"
 AUDIENCE = "bench-api"

@@ -52,7 +52,7 @@ import jwt  # noqa: E402
 from aiohttp import web  # noqa: E402
 from cryptography.hazmat.primitives import serialization  # noqa: E402
 
-from proxy.keygen import generate  # noqa: E402
+from proxy.tools.keygen import generate  # noqa: E402
 
 ISSUER = "https://issuer.soak.local/"
 AUDIENCE = "soak-api"

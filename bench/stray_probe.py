@@ -5,7 +5,7 @@ marked by its target `/m/<marker>`, with that marker in `X-Marker`, then sends `
 bytes up to `--gap` seconds later, before it reads the next request on the connection:
 a second answer (`second`), the GET's body after a HEAD answer (`head`), or a body after a
 204 (`204`). Each stray is itself a whole answer marked like the request it followed.
-`--requests` requests, `--concurrency` at a time, go through `proxy.upstream.Pool`; the
+`--requests` requests, `--concurrency` at a time, go through `proxy.http.upstream.Pool`; the
 figure is how many got an answer marked for another request ("crossed").
 
     .venv/bin/python bench/stray_probe.py [--mode second|head|204] [--gap 0.002] [--requests 300] [--concurrency 10]
@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from proxy.upstream import Pool, UpstreamError  # noqa: E402
+from proxy.http.upstream import Pool, UpstreamError  # noqa: E402
 
 
 def _whole(marker: bytes) -> bytes:

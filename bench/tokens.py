@@ -1,6 +1,6 @@
 """Key material and tokens for the benchmark: one RS256 key, its JWK Set, and tokens signed with it.
 
-The single "alice" token is minted with `proxy.keygen.mint`, the tool operators use. The
+The single "alice" token is minted with `proxy.tools.keygen.mint`, the tool operators use. The
 10,000 distinct tokens need a faster path: `mint` loads (and fully checks) the PEM key on
 every call, about 50 ms for RSA, so those are signed with PyJWT and the key loaded once, with
 the same payload layout `mint` writes (iss, aud, sub, iat, exp, jti, then extra claims).
@@ -19,7 +19,7 @@ from pathlib import Path
 import jwt
 from cryptography.hazmat.primitives import serialization
 
-from proxy.keygen import GeneratedKey, generate, mint
+from proxy.tools.keygen import GeneratedKey, generate, mint
 
 ISSUER = "https://issuer.bench.local/"
 AUDIENCE = "bench-api"

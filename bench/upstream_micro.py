@@ -1,4 +1,4 @@
-"""Micro-benchmark of the upstream client alone: `proxy.upstream.Pool` against aiohttp's `ClientSession`.
+"""Micro-benchmark of the upstream client alone: `proxy.http.upstream.Pool` against aiohttp's `ClientSession`.
 
 An aiohttp upstream runs in its own process (so its CPU is not counted) and answers a small
 GET; the client process sends the same requests with each client, with the headers a proxied
@@ -30,8 +30,8 @@ from aiohttp import web  # noqa: E402
 from multidict import CIMultiDict  # noqa: E402
 from yarl import URL  # noqa: E402
 
-from proxy.forward import new_session  # noqa: E402
-from proxy.upstream import Pool  # noqa: E402
+from proxy.http.upstream import Pool  # noqa: E402
+from proxy.request.forward import new_session  # noqa: E402
 
 HEADERS = [
     ("Accept", "application/json"),

@@ -1,5 +1,5 @@
 """`python -m proxy` is the `jwt-sidecar` command."""
 
-from .cli import main
+from .tools.cli import main
 
 raise SystemExit(main())

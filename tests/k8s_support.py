@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from proxy.keygen import generate
+from proxy.tools.keygen import generate
 
 REPO = Path(__file__).parents[1]
 K8S = REPO / "k8s"

@@ -16,11 +16,11 @@ from typing import Any
 import aiohttp
 import pytest
 
-from proxy import config
-from proxy.admin import create_admin_app
-from proxy.app import Proxy
-from proxy.http1 import Server
-from proxy.runtime import Runtime
+from proxy.config import builder as config
+from proxy.http.http1 import Server
+from proxy.ops.admin import create_admin_app
+from proxy.request.app import Proxy
+from proxy.request.runtime import Runtime
 from tests.conftest import AUDIENCE, ISSUER, TestKey, jwks_of
 from tests.support.jwks_server import JwksServer
 from tests.support.upstream import Upstream, start_upstream

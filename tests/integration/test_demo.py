@@ -18,8 +18,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from proxy.cli import build_parser
-from proxy.demo import ROLES, run_demo
+from proxy.tools.cli import build_parser
+from proxy.tools.demo import ROLES, run_demo
 
 REPO = Path(__file__).parents[2]
 

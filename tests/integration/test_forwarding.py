@@ -12,7 +12,7 @@ from typing import Any
 
 import aiohttp
 
-from proxy.http1 import Request, Server
+from proxy.http.http1 import Request, Server
 from tests.conftest import AUDIENCE, ISSUER, TestKey, mint
 
 STREAM_CONFIG = f"""\

@@ -1,6 +1,6 @@
-"""Through the real proxy: the framing headers, both ways (proxy/http1.py for the client's
-Transfer-Encoding, proxy/identity.py for spellings that only some upstreams read as framing,
-proxy/upstream.py for the upstream's Transfer-Encoding).
+"""Through the real proxy: the framing headers, both ways (proxy/http/http1.py for the client's
+Transfer-Encoding, proxy/request/identity.py for spellings that only some upstreams read as framing,
+proxy/http/upstream.py for the upstream's Transfer-Encoding).
 
 Requests are raw bytes on a socket (`send_raw`), so each header goes out exactly as written.
 """

@@ -1,5 +1,5 @@
-"""Through the real proxy, as an attacker of its own HTTP/1.1 server (proxy/http1.py) and of the
-WebSocket tunnel (proxy/forward.py: `forward_websocket`, `_Tunnel`).
+"""Through the real proxy, as an attacker of its own HTTP/1.1 server (proxy/http/http1.py) and of the
+WebSocket tunnel (proxy/request/forward.py: `forward_websocket`, `_Tunnel`).
 
 Every request is raw bytes on a socket. Where what the upstream received matters byte for
 byte (WebSocket handshakes, what follows them, upstream answers that break HTTP framing), the
@@ -26,8 +26,8 @@ import pytest
 from multidict import CIMultiDict
 from yarl import URL
 
-from proxy.app import _entry
-from proxy.http1 import Server
+from proxy.http.http1 import Server
+from proxy.request.app import _entry
 from tests.conftest import TestKey, mint
 from tests.integration.conftest import BASE_CONFIG, Sidecar
 from tests.integration.test_security import (RawResponse, first_response, parse_head, raw_get, send_raw,

@@ -24,7 +24,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from proxy import config
+from proxy.config import builder as config
 from tests.conftest import TestKey, jwks_of, mint
 from tests.integration.test_lifecycle import free_port
 from tests.k8s_support import K8S, REPO, built, edit_config, one, pod_config, sidecar_container

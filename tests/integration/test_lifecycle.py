@@ -22,8 +22,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from yarl import URL
 
-from proxy.accesslog import AccessLog
-from proxy.reload import reload
+from proxy.ops.reload import reload
+from proxy.telemetry.accesslog import AccessLog
 from tests.conftest import AUDIENCE, ISSUER, TestKey, jwks_of, mint
 from tests.integration.conftest import BASE_CONFIG
 from tests.support.jwks_server import JwksServer, start_jwks_server

@@ -26,7 +26,7 @@ from typing import Any
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.reload import reload
+from proxy.ops.reload import reload
 from tests.conftest import AUDIENCE, ISSUER, TestKey, jwks_of, mint
 from tests.integration.test_lifecycle import free_port, wait_ready
 from tests.support.raw import RawServer, bounded_by

@@ -31,7 +31,8 @@ import aiohttp
 import pytest
 from yarl import URL
 
-from proxy import forward, http1, upstream
+from proxy.http import http1, upstream
+from proxy.request import forward
 from tests.conftest import TestKey, jwks_of, mint
 from tests.integration.conftest import BASE_CONFIG
 from tests.support.raw import RawServer, bounded_by

@@ -25,7 +25,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from proxy import oplog
+from proxy.base import oplog
 from tests.conftest import AUDIENCE, ISSUER, TestKey, jwks_of, mint
 from tests.integration.test_lifecycle import free_port
 from tests.support.jwks_server import start_jwks_server

@@ -26,10 +26,10 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy import config
-from proxy.app import Proxy
-from proxy.errors import ProxyError, Reason
-from proxy.http1 import Server
+from proxy.base.errors import ProxyError, Reason
+from proxy.config import builder as config
+from proxy.http.http1 import Server
+from proxy.request.app import Proxy
 from tests.conftest import AUDIENCE, ISSUER, TestKey, jwks_of, mint
 from tests.integration.test_security import RawResponse, first_response, forge, valid_claims
 from tests.support.upstream import start_upstream

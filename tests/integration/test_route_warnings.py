@@ -18,7 +18,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from proxy.reload import reload
+from proxy.ops.reload import reload
 from tests.conftest import AUDIENCE, ISSUER, TestKey, jwks_of, mint
 from tests.integration.test_lifecycle import free_port, wait_ready
 from tests.support.upstream import start_upstream

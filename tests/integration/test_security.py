@@ -25,7 +25,7 @@ import pytest
 from multidict import CIMultiDict
 from yarl import URL
 
-from proxy.errors import ProxyError, Reason
+from proxy.base.errors import ProxyError, Reason
 from tests.conftest import AUDIENCE, ISSUER, TestKey, mint
 from tests.integration.conftest import Sidecar
 
@@ -820,7 +820,7 @@ async def test_parser_errors_reach_nothing_and_keep_the_token_out_of_the_logs(
         sidecar: Any, rsa_key: TestKey, template: str, status: int, caplog: pytest.LogCaptureFixture) -> None:
     # The parser refuses these before any routing: the upstream sees nothing, the answer is a
     # fixed body that never quotes the request back, and the operator log never holds the token.
-    from proxy.server import configure_logging
+    from proxy.ops.server import configure_logging
 
     configure_logging()
     s = await sidecar()

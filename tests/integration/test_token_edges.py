@@ -18,7 +18,7 @@ import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding
 
-from proxy.errors import ProxyError, Reason
+from proxy.base.errors import ProxyError, Reason
 from tests.conftest import AUDIENCE, ISSUER, TestKey, mint
 from tests.integration.test_security import INVALID_REQUEST_MALFORMED, bearer, get
 

@@ -25,9 +25,9 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding
 
-from proxy.cli import main
-from proxy.errors import InvalidToken, Reason
-from proxy.keygen import generate, write
+from proxy.base.errors import InvalidToken, Reason
+from proxy.tools.cli import main
+from proxy.tools.keygen import generate, write
 from tests.conftest import AUDIENCE, ISSUER, TestKey, _rsa, jwks_of, mint
 
 CONFIG = f"""\
@@ -229,7 +229,7 @@ def test_the_table_covers_every_reason_the_token_path_can_give() -> None:
     # is in the table above. (A key outage, KeysUnavailable's no_keys, is
     # tests/unit/test_explain_inputs.py::test_keys_that_cannot_be_loaded_are_not_verified.)
     root = Path(__file__).resolve().parents[2] / "proxy"
-    raised = {Reason[name].value for file in ("verify.py", "keys.py", "identity.py")
+    raised = {Reason[name].value for file in ("auth/verify.py", "auth/keys.py", "request/identity.py")
               for name in re.findall(r"Reason\.([A-Z_]+)", (root / file).read_text())}
     covered = {reason for *_, expected in CASES if expected for reason in expected.split("|")}
     assert raised and raised <= covered, raised - covered

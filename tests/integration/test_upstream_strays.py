@@ -1,5 +1,5 @@
 """Through the real proxy: an upstream that sends bytes nobody asked for never gives one user's
-answer to another (proxy/upstream.py: stray bytes, bodiless answers, the idle check at reuse).
+answer to another (proxy/http/upstream.py: stray bytes, bodiless answers, the idle check at reuse).
 
 The upstream (tests/support/raw.py) answers each request with the caller's identity, the
 `X-User-Id` the proxy injected from the token, in `X-Marker` (and the body), then misbehaves

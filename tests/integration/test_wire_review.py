@@ -1,5 +1,5 @@
 """Through the real proxy, after issue 10's wire changes were merged: the interactions between
-them (proxy/http1.py's and proxy/upstream.py's shared read buffers, pipelining, upgrades, the
+them (proxy/http/http1.py's and proxy/http/upstream.py's shared read buffers, pipelining, upgrades, the
 connection count under every kind of close, request framing, upstream answer anomalies).
 
 Each read of every client connection lands in one buffer per `Server` (and every upstream

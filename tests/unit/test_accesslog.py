@@ -7,7 +7,7 @@ import io
 import json
 import re
 
-from proxy.accesslog import AccessLog
+from proxy.telemetry.accesslog import AccessLog
 
 
 async def test_lines_are_written_together_as_json_within_the_interval() -> None:

@@ -17,8 +17,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import aiohttp
 import pytest
 
-from proxy.causes import cause, peer, shown
-from proxy.upstream import Pool, UpstreamConnectError
+from proxy.http.causes import cause, peer, shown
+from proxy.http.upstream import Pool, UpstreamConnectError
 from tests.support.tls import self_signed_context
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from proxy.cli import main
+from proxy.tools.cli import main
 from tests.conftest import AUDIENCE, ISSUER, TestKey, jwks_of, mint
 
 REPO = Path(__file__).parents[2]

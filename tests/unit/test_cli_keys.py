@@ -14,7 +14,7 @@ import jwt
 import pytest
 
 from proxy import __version__
-from proxy.cli import main
+from proxy.tools.cli import main
 from tests.conftest import AUDIENCE, ISSUER
 
 REPO = Path(__file__).resolve().parents[2]

@@ -1,4 +1,4 @@
-"""config.py: good files become frozen settings; every mistake names file, line, path and the fix."""
+"""config/builder.py: good files become frozen settings; every mistake names file, line, path and the fix."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from proxy.config import RemoteJwks, StaticKeys, load, parse
-from proxy.errors import ConfigError
+from proxy.base.errors import ConfigError
+from proxy.config.builder import RemoteJwks, StaticKeys, load, parse
 from tests.conftest import TestKey, jwks_of
 
 GOOD = """\

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from proxy import config
-from proxy.cli import main
-from proxy.config import parse
-from proxy.errors import ConfigError
-from proxy.routecheck import format_warning
+from proxy.base.errors import ConfigError
+from proxy.config import builder as config
+from proxy.config.builder import parse
+from proxy.config.routecheck import format_warning
+from proxy.tools.cli import main
 
 REPO = Path(__file__).parents[2]
 PROVIDER = "providers:\n  main: {issuer: https://i.test, audiences: [api], jwks: {url: 'https://i.test/jwks'}}\n"
@@ -263,7 +263,7 @@ def _route_with(auth: str = "{provider: main}", match: str = "{path_prefix: /}",
     return PROVIDER + f"routes:\n  - match: {match}\n    auth: {auth}\n" + extra
 
 
-# (the key as config.py reads it, a config with a scalar there, the expected message)
+# (the key as config/builder.py reads it, a config with a scalar there, the expected message)
 LIST_KEYS = [
     ("audiences", "providers:\n  main:\n    issuer: i\n    audiences: orders web\n    jwks: {url: 'https://x'}\n",
      "c.yaml:4: providers.main.audiences: must be a list of audiences, e.g. [orders, web]"),
@@ -306,8 +306,8 @@ def test_a_scalar_where_a_list_belongs_is_one_error_asking_for_the_list(text: st
 
 
 def _list_keys_in_config_py() -> tuple[set[str], set[str]]:
-    """The keys config.py reads as lists (string_list, items, a one_of check) and as string-or-list."""
-    tree = ast.parse((REPO / "proxy" / "config.py").read_text(encoding="utf-8"))
+    """The keys config/builder.py reads as lists (string_list, items, a one_of check) and as string-or-list."""
+    tree = ast.parse((REPO / "proxy" / "config" / "builder.py").read_text(encoding="utf-8"))
     lists, either = set(), set()
     for node in ast.walk(tree):
         if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):

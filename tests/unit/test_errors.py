@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.errors import (AuthError, InsufficientScope, InvalidRequest, InvalidToken, ProxyError, Reason,
+from proxy.base.errors import (AuthError, InsufficientScope, InvalidRequest, InvalidToken, ProxyError, Reason,
                           TokenMissing)
 from tests.integration.test_refusals import RFC6750_STATUS, parse_challenge
 

@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from proxy.cli import EXPLAIN_EXIT_STATUSES, build_parser, main
-from proxy.explain import CONFIG_CHECKS
+from proxy.tools.cli import EXPLAIN_EXIT_STATUSES, build_parser, main
+from proxy.tools.explain import CONFIG_CHECKS
 from tests.conftest import AUDIENCE, ISSUER, TestKey, jwks_of, mint
 
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -250,11 +250,11 @@ def test_readme_lists_every_mint_flag() -> None:
 # -- mutated tokens: explain never crashes and agrees with the proxy's verifier ----------------
 def proxy_verdict(config_path: Path, token: str) -> tuple[str | None, str]:
     """What the proxy's own Verifier (the code `run` uses) says: (reason, detail) or (None, "")."""
-    from proxy import config
-    from proxy.clock import SystemClock
-    from proxy.errors import InvalidToken
-    from proxy.keys import key_source_for
-    from proxy.verify import Verifier
+    from proxy.config import builder as config
+    from proxy.base.clock import SystemClock
+    from proxy.base.errors import InvalidToken
+    from proxy.auth.keys import key_source_for
+    from proxy.auth.verify import Verifier
 
     settings = config.load(config_path)
     provider = settings.providers["main"]

@@ -8,12 +8,12 @@ import json
 import pytest
 from multidict import CIMultiDict, MultiDict
 
-from proxy import config
-from proxy.config import BEARER, HeaderMap, TokenSource
-from proxy.errors import InvalidRequest, InvalidToken, Reason
-from proxy.extract import Found, extract, without_cookie, without_query_param
-from proxy.identity import StripPlan, claim_headers, inject, render_claim, request_id, strip_inbound
-from proxy.upstream import Fields
+from proxy.auth.extract import Found, extract, without_cookie, without_query_param
+from proxy.base.errors import InvalidRequest, InvalidToken, Reason
+from proxy.config import builder as config
+from proxy.config.builder import BEARER, HeaderMap, TokenSource
+from proxy.http.upstream import Fields
+from proxy.request.identity import StripPlan, claim_headers, inject, render_claim, request_id, strip_inbound
 
 QUERY = TokenSource(kind="query", name="access_token")
 COOKIE = TokenSource(kind="cookie", name="at")

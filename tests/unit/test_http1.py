@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 from multidict import CIMultiDict
 
-from proxy.http1 import MAX_FIELD, MAX_FIELDS, MAX_HEAD, MAX_TARGET, BodyError, BodyTimeout, Prepared, Request, Server
+from proxy.http.http1 import MAX_FIELD, MAX_FIELDS, MAX_HEAD, MAX_TARGET, BodyError, BodyTimeout, Prepared, Request, Server
 from tests.support.raw import bounded_by, eventually
 
 LIMIT = 5.0  # seconds any one test may take

@@ -13,8 +13,9 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from proxy import cli, config
-from proxy.yamlsource import parse_duration
+from proxy.config import builder as config
+from proxy.config.yamlsource import parse_duration
+from proxy.tools import cli
 from tests.k8s_support import (
     K8S, REPO, built, dockerfile_instruction, entrypoint, kustomization, manifests, mounted_files, one, pod_config,
     pod_containers, sidecar_container, split_image,

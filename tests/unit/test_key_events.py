@@ -14,11 +14,11 @@ from typing import Any
 import aiohttp
 import pytest
 
-from proxy import config
-from proxy.config import Provider, RemoteJwks
-from proxy.errors import InvalidToken, KeysUnavailable
-from proxy.keys import RemoteKeySource, key_source_for
-from proxy.reload import changes
+from proxy.auth.keys import RemoteKeySource, key_source_for
+from proxy.base.errors import InvalidToken, KeysUnavailable
+from proxy.config import builder as config
+from proxy.config.builder import Provider, RemoteJwks
+from proxy.ops.reload import changes
 from tests.conftest import AUDIENCE, ISSUER, FakeClock, TestKey, jwks_of
 from tests.support.jwks_server import JwksServer
 

@@ -13,8 +13,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from proxy import config
-from proxy.keygen import GeneratedKey, KeyToolError, generate, mint, parse_claim, read_secret, write
+from proxy.config import builder as config
+from proxy.tools.keygen import GeneratedKey, KeyToolError, generate, mint, parse_claim, read_secret, write
 from tests.conftest import AUDIENCE, ISSUER, TestKey
 
 NOW = 1_700_000_000.0

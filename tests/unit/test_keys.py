@@ -17,9 +17,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from proxy.config import Provider, RemoteJwks, StaticKeys
-from proxy.errors import InvalidToken, KeysUnavailable, Reason
-from proxy.keys import MAX_DOCUMENT_BYTES, KeyRing, KeySource, RemoteKeySource, key_source_for, same_source
+from proxy.auth.keys import MAX_DOCUMENT_BYTES, KeyRing, KeySource, RemoteKeySource, key_source_for, same_source
+from proxy.base.errors import InvalidToken, KeysUnavailable, Reason
+from proxy.config.builder import Provider, RemoteJwks, StaticKeys
 from tests.conftest import AUDIENCE, HS_SECRET, ISSUER, FakeClock, TestKey, jwks_of
 from tests.support.jwks_server import DISCOVERY_PATH, JWKS_PATH, JwksServer
 

@@ -8,8 +8,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from proxy import server
-from proxy.logthrottle import RepeatFilter
+from proxy.base.logthrottle import RepeatFilter
+from proxy.ops import server
 from tests.conftest import FakeClock
 
 

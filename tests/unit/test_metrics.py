@@ -17,11 +17,11 @@ import prometheus_client
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.config import Provider, RemoteJwks, StaticKeys, TokenCacheSettings
-from proxy.errors import InvalidToken, Reason
-from proxy.keys import KeySource, RemoteKeySource, key_source_for
-from proxy.metrics import METHODS, NO_ROUTE, Decision, Metrics, MetricsView
-from proxy.verify import TokenCache, Verifier
+from proxy.auth.keys import KeySource, RemoteKeySource, key_source_for
+from proxy.auth.verify import TokenCache, Verifier
+from proxy.base.errors import InvalidToken, Reason
+from proxy.config.builder import Provider, RemoteJwks, StaticKeys, TokenCacheSettings
+from proxy.telemetry.metrics import METHODS, NO_ROUTE, Decision, Metrics, MetricsView
 from tests.conftest import AUDIENCE, ISSUER, FakeClock, TestKey, jwks_of, mint
 from tests.support.jwks_server import JwksServer
 

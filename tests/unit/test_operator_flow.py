@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.cli import main
+from proxy.tools.cli import main
 
 ISSUER, AUDIENCE = "https://issuer.example/", "orders-api"
 

@@ -21,10 +21,11 @@ from pathlib import Path
 
 import pytest
 
-from proxy import config, oplog
-from proxy.cli import build_parser
-from proxy.errors import ConfigError
-from proxy.keygen import GENERATE_ALGORITHMS, SECRET_ENCODINGS
+from proxy.base import oplog
+from proxy.base.errors import ConfigError
+from proxy.config import builder as config
+from proxy.tools.cli import build_parser
+from proxy.tools.keygen import GENERATE_ALGORITHMS, SECRET_ENCODINGS
 
 README = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
 
@@ -319,7 +320,7 @@ def test_the_defaults_written_in_the_key_source_and_cache_examples_are_the_codes
 
 @pytest.mark.parametrize("name", list(SECTIONS))
 def test_every_command_has_a_help_that_describes_it(name: str, capsys: pytest.CaptureFixture[str]) -> None:
-    from proxy.cli import main
+    from proxy.tools.cli import main
 
     assert main([*name.split(), "--help"]) == 0
     out = capsys.readouterr().out

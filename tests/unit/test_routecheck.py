@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from proxy import config
-from proxy.errors import ConfigError
-from proxy.routecheck import format_warning
+from proxy.base.errors import ConfigError
+from proxy.config import builder as config
+from proxy.config.routecheck import format_warning
 
 REPO = Path(__file__).parents[2]
 
@@ -261,7 +261,7 @@ def test_the_kubernetes_example_config_has_no_warnings(tmp_path: Path, monkeypat
 
 
 def test_check_config_prints_the_warnings_and_strict_fails_on_them(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from proxy.cli import main
+    from proxy.tools.cli import main
 
     path = tmp_path / "c.yaml"
     path.write_text(PROVIDERS + textwrap.indent(textwrap.dedent(f"""\

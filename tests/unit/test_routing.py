@@ -6,9 +6,9 @@ import re
 
 import pytest
 
-from proxy.config import Route, RouteMatch
-from proxy.errors import BadRequest, Reason
-from proxy.routing import Router, normalize
+from proxy.base.errors import BadRequest, Reason
+from proxy.config.builder import Route, RouteMatch
+from proxy.config.routing import Router, normalize
 
 
 @pytest.mark.parametrize("raw, normal", [

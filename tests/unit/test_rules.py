@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from proxy.config import ClaimRule, RouteAuth, ScopeRule
-from proxy.errors import InsufficientScope, Reason
-from proxy.rules import ABSENT, check_route, claim_at, rule_holds, scopes_of
+from proxy.auth.rules import ABSENT, check_route, claim_at, rule_holds, scopes_of
+from proxy.base.errors import InsufficientScope, Reason
+from proxy.config.builder import ClaimRule, RouteAuth, ScopeRule
 
 
 def rule(claim: str, op: str, value: Any = None) -> ClaimRule:

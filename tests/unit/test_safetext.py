@@ -14,9 +14,9 @@ import unicodedata
 
 import pytest
 
-from proxy import oplog, safetext
-from proxy.accesslog import AccessLog
-from proxy.logthrottle import RepeatFilter
+from proxy.base import oplog, safetext
+from proxy.base.logthrottle import RepeatFilter
+from proxy.telemetry.accesslog import AccessLog
 from tests.conftest import FakeClock
 from tests.unit.test_oplog import configured  # noqa: F401 - a fixture
 

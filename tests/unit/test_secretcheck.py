@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from proxy.config import ConfigError, parse
-from proxy.keygen import SECRET_ENCODINGS, generate, read_secret, write
-from proxy.secretcheck import weakness
+from proxy.base.secretcheck import weakness
+from proxy.config.builder import ConfigError, parse
+from proxy.tools.keygen import SECRET_ENCODINGS, generate, read_secret, write
 
 ROUNDS = 2000
 

@@ -28,11 +28,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from proxy.config import ClaimHeader, HeaderMap, Provider, StaticKeys
-from proxy.errors import InvalidToken, Reason
-from proxy.identity import Outbound, claim_headers, inject, render_claim
-from proxy.keys import key_source_for
-from proxy.verify import Verifier, parse_payload, read_header
+from proxy.auth.keys import key_source_for
+from proxy.auth.verify import Verifier, parse_payload, read_header
+from proxy.base.errors import InvalidToken, Reason
+from proxy.config.builder import ClaimHeader, HeaderMap, Provider, StaticKeys
+from proxy.request.identity import Outbound, claim_headers, inject, render_claim
 from tests.conftest import AUDIENCE, ISSUER, FakeClock
 
 # No deadline: the machine is shared, and a slow example is not a wrong one.

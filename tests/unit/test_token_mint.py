@@ -16,8 +16,8 @@ from typing import Any
 import jwt
 import pytest
 
-from proxy.cli import main
-from proxy.keygen import SECRET_ENCODINGS
+from proxy.tools.cli import main
+from proxy.tools.keygen import SECRET_ENCODINGS
 
 ISS, AUD = "https://hs.test", "api://hs"
 

@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from proxy.upstream import Pool, Response, UpstreamConnectError, UpstreamError, UpstreamProtocolError
+from proxy.http.upstream import Pool, Response, UpstreamConnectError, UpstreamError, UpstreamProtocolError
 from tests.support.raw import Handler, bounded_by, eventually
 
 LIMIT = 10.0  # seconds any one test may take

@@ -13,10 +13,10 @@ import jwt
 import pytest
 from aiohttp import web
 
-from proxy.config import Provider, StaticKeys, TokenCacheSettings
-from proxy.errors import InvalidToken, KeysUnavailable, Reason
-from proxy.keys import key_source_for
-from proxy.verify import TokenCache, Verifier
+from proxy.auth.keys import key_source_for
+from proxy.auth.verify import TokenCache, Verifier
+from proxy.base.errors import InvalidToken, KeysUnavailable, Reason
+from proxy.config.builder import Provider, StaticKeys, TokenCacheSettings
 from jwt import PyJWS
 from tests.conftest import AUDIENCE, HS_SECRET, ISSUER, FakeClock, TestKey, jwks_of, mint
 
@@ -238,7 +238,7 @@ async def test_provider_without_keys_is_our_outage_not_a_bad_token(rsa_key: Test
                                                                     aiohttp_server: Any) -> None:
     from aiohttp import ClientSession
 
-    from proxy.config import RemoteJwks
+    from proxy.config.builder import RemoteJwks
 
     async def broken(request: web.Request) -> web.Response:
         return web.Response(status=500)
@@ -260,7 +260,7 @@ async def test_provider_without_keys_is_our_outage_not_a_bad_token(rsa_key: Test
 async def test_jku_and_x5u_headers_are_never_fetched(rsa_key: TestKey, clock: FakeClock, aiohttp_server: Any) -> None:
     from aiohttp import ClientSession
 
-    from proxy.config import RemoteJwks
+    from proxy.config.builder import RemoteJwks
 
     seen: list[str] = []
     attacker_key = __import__("tests.conftest", fromlist=["_rsa"])._rsa("attacker")
@@ -338,7 +338,7 @@ def test_our_segment_decoder_is_the_one_pyjws_calls_and_agrees_with_pyjwts_own_b
 
     from jwt.exceptions import DecodeError
 
-    from proxy.verify import _JWS
+    from proxy.auth.verify import _JWS
 
     assert type(_JWS)._decode_base64url_segment is not PyJWS._decode_base64url_segment, \
         "PyJWS renamed its segment decoder: our override is dead code"
@@ -374,7 +374,7 @@ def test_our_signature_check_agrees_with_pyjws_decode_complete_on_a_corpus(
     # must accept and refuse exactly the same tokens, with the same payload and Reason.
     from jwt.exceptions import DecodeError, InvalidKeyError, InvalidSignatureError, PyJWTError
 
-    from proxy.verify import _JWS, check_signature, read_header
+    from proxy.auth.verify import _JWS, check_signature, read_header
 
     def reference(token: str, keys: list[jwt.PyJWK]) -> tuple[str, Any]:
         # The check as it was, through PyJWS (InvalidSignatureError is a DecodeError: first).
@@ -544,7 +544,7 @@ async def test_a_static_key_without_kid_verifies_any_kid_and_with_one_only_its_o
         source: str, key_kid: str | None, token_kid: str | None, reason: Reason | None) -> None:
     import secrets
 
-    from proxy.config import parse
+    from proxy.config.builder import parse
 
     secret = secrets.token_bytes(64)
     (tmp_path / "hs.secret").write_text(base64.b64encode(secret).decode())

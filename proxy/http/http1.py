@@ -1,0 +1,1146 @@
+"""The client-facing HTTP/1.1 server: one `asyncio.BufferedProtocol` per connection, parsed by httptools.
+
+Owns: reading requests with llhttp (through `httptools.HttpRequestParser`, in its strict
+mode: CL+TE, duplicate or signed Content-Length, bad chunk framing, bare LF, obs-fold and
+control characters are all refused by the parser), our own limits on the head (request
+target, field size, field count, total size: 414 and 431), HTTP/1.0 and 1.1 only (505),
+no transfer coding but `chunked` alone (501; 400 when chunked is not the last), none at
+all in HTTP/1.0 (400),
+one Host (400), keep-alive and pipelining (answers in request order; reading pauses while
+a request waits its turn), request bodies streamed with back-pressure (reads of at most
+16 KiB into one buffer per server, reading stopped at 8 KiB buffered), the client's write
+buffer capped at 16 KiB (a streamed answer waits), `Expect:
+100-continue` answered when the body is first read, writing answers (one write for a
+whole answer, or a head and then a Content-Length, chunked or close-delimited body),
+upgrades (the bytes after the head are held for `Request.tunnel`, or the connection
+closes after the answer), an idle keep-alive timeout, a time limit on each request head
+from its first byte (408), a limit on open connections (those over it are closed at accept),
+cancelling the handler when the client goes away, and a graceful drain (`Server.start_drain`,
+`Server.shutdown`): answers carry `Connection: close`, the listen queue is served before the
+listener closes, and a connection is closed only between requests, never once a request's
+first byte has arrived.
+Does not own: what a request means or what the answer says (app.py and pipeline.py), or
+any header beyond framing: `Content-Length`, `Transfer-Encoding`, `Connection` and `Date`.
+
+Why not aiohttp's server: its request object, response preparation and writer were more
+than half the proxy's CPU time per request (issue 5's profile); llhttp is the same parser
+aiohttp uses, and this module keeps to what a reverse proxy needs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import select
+import socket
+import struct
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from email.utils import formatdate
+from http import HTTPStatus
+
+import httptools
+from multidict import CIMultiDict, MultiDict, MultiDictProxy
+from yarl import URL
+
+from .log import event
+
+__all__ = ["BodyError", "BodyTimeout", "ConnectionCounts", "Prepared", "Request", "Server"]
+
+log = logging.getLogger("jwt_sidecar.http")
+
+MAX_TARGET = 8190
+"""Longest request target (aiohttp's and nginx's default line limit): 414 beyond it."""
+MAX_FIELD = 16384
+"""Longest single header field, name and value: 431 beyond it."""
+MAX_FIELDS = 128
+"""Most header fields in one request: 431 beyond it."""
+MAX_HEAD = 64 * 1024
+"""Most bytes of header fields in one request: 431 beyond it."""
+# Bytes the parser may take without progress (a head, body bytes, a message end): a request
+# line and every field with their CRLFs and colons, or a chunked body's trailer fields.
+_MAX_STALL = MAX_TARGET + MAX_HEAD + 8 * 1024
+_HEAD_SLICE = 4 * 1024  # reads are parsed this much at a time (a body: _BODY_SLICE)...
+_BODY_SLICE = 256 * 1024
+_BACKLOG = 16  # ...until this many requests wait (pipelining); the rest waits unparsed
+_HIGH_WATER = 8 * 1024  # request body bytes buffered before we stop reading the socket
+# The most bytes one read takes from a client's socket (the event loops read up to 256 KiB):
+# reads land in one buffer per server (`asyncio.BufferedProtocol`), so a request body waiting
+# for a slow upstream holds at most the mark above plus one read.
+_READ_SIZE = 16 * 1024
+# The client transport's write buffer beyond which a streamed answer waits for the client
+# (the event loops' default is 64 KiB): with a client that reads slowly or not at all, this
+# and the chunk being written are what its connection holds, past the kernel's socket buffer.
+WRITE_HIGH_WATER = 16 * 1024
+_UPGRADE_BUFFER = 64 * 1024  # bytes held after an upgrade request while its answer is decided
+_ENCODING = "utf-8"
+# The bytes a client sent, decoded so that encoding back gives the same bytes (aiohttp's
+# choice too): the upstream receives exactly what the client wrote.
+_ERRORS = "surrogateescape"
+_REASONS = {s.value: s.phrase for s in HTTPStatus}
+_BODILESS = frozenset({204, 304})
+_DRAIN_IDLE = 1.0
+"""While draining, a connection idle this long (no byte of a next request) is closed. A client
+sending continuously is never idle that long: it gets `Connection: close` on an answer instead."""
+
+Handler = Callable[["Request"], Awaitable[None] | None]
+"""Answers a request at once and returns None, or returns the rest of its work to await."""
+_NO_QUERY: MultiDictProxy[str] = MultiDictProxy(MultiDict())
+
+
+class BodyError(Exception):
+    """The request body could not be read to its end: malformed framing, or the client left."""
+
+
+class BodyTimeout(BodyError):
+    """No body bytes came for the time the reader allowed."""
+
+
+def _expire(waiter: asyncio.Future[bool | None]) -> None:
+    # A True result means the wait timed out. An exception set on the waiter would hold, by
+    # its traceback, the frame that holds the waiter: a cycle (with the connection in it)
+    # that only a full garbage collection frees.
+    if not waiter.done():
+        waiter.set_result(True)
+
+
+def _codings(values: list[bytes]) -> list[bytes]:
+    """The transfer codings named by Transfer-Encoding field values, lower-cased, in order:
+    one list however many lines carry it (RFC 9110 §5.3), empty elements ignored (§5.6.1)."""
+    return [coding for value in values for coding in (part.strip(b" \t").lower() for part in value.split(b","))
+            if coding]
+
+
+class _Refuse(Exception):
+    """Raised from a parser callback: answer this status, then close."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(status)
+        self.status = status
+
+
+_date: tuple[int, str] = (0, "")
+
+
+def _date_line() -> str:
+    # One formatted Date per second, shared by every connection.
+    global _date
+    now = int(time.time())
+    if _date[0] != now:
+        _date = (now, f"Date: {formatdate(now, usegmt=True)}\r\n")
+    return _date[1]
+
+
+class Request:
+    """One request: its head, its body as a stream, and the way to answer it.
+
+    The attribute names follow aiohttp's `BaseRequest` where they mean the same thing.
+    Answering is one of: `respond` (a whole answer in one write), or `start`, `write`...,
+    `finish` (streamed); after either has begun, a failure can only `abort`.
+    """
+
+    __slots__ = (
+        "_buffered", "_chunked", "_chunks", "_close", "_complete", "_conn", "_continue", "_error", "_query", "_started",
+        "_finished", "_headers", "_waiter", "body_exists", "content_length", "fields", "keep_alive", "method",
+        "raw_path", "remote", "scheme", "status", "upgrade", "version",
+    )
+
+    def __init__(self, conn: _Connection, method: str, target: str, version: str, fields: list[tuple[bytes, bytes]],
+                 *, keep_alive: bool, upgrade: bool, content_length: int | None, chunked: bool,
+                 expect_continue: bool) -> None:
+        self._conn = conn
+        self.method = method
+        self.raw_path = target
+        """The request target exactly as sent (decoded byte for byte)."""
+        self.version = version
+        self.fields = fields
+        """The header fields as they came off the wire, in order: (name, value) bytes. llhttp
+        (strict) allowed no CR, LF or NUL in them, and no obs-fold."""
+        self._headers: CIMultiDict[str] | None = None
+        self.remote: str | None = conn._remote
+        self.scheme = "http"
+        self.keep_alive = keep_alive
+        self.upgrade = upgrade
+        self.content_length = content_length
+        self.body_exists = chunked or bool(content_length)
+        self.status = 0
+        """The status of the answer once its head is written (0 before)."""
+        self._query: MultiDictProxy[str] | None = None
+        self._chunks: deque[bytes] = deque()
+        self._buffered = 0
+        self._complete = not self.body_exists
+        self._error: BaseException | None = None
+        self._waiter: asyncio.Future[bool | None] | None = None
+        self._continue = expect_continue
+        self._started = False
+        self._finished = False
+        self._close = False
+        self._chunked = False
+
+    @property
+    def headers(self) -> CIMultiDict[str]:
+        """The header fields decoded (UTF-8 with surrogateescape: encoding gives back the same
+        bytes), made on first use: the proxy's own path reads `fields`."""
+        if self._headers is None:
+            self._headers = CIMultiDict((name.decode(_ENCODING, _ERRORS), value.decode(_ENCODING, _ERRORS))
+                                        for name, value in self.fields)
+        return self._headers
+
+    def header(self, lower_name: bytes) -> bytes | None:
+        """The first value of a field, by its lower-case name, without decoding anything."""
+        for name, value in self.fields:
+            if len(name) == len(lower_name) and name.lower() == lower_name:
+                return value
+        return None
+
+    @property
+    def query(self) -> MultiDictProxy[str]:
+        """The query string's parameters, decoded as aiohttp (through yarl) decodes them."""
+        if self._query is None:
+            _, _, query = self.raw_path.partition("?")
+            query = query.partition("#")[0]
+            self._query = URL.build(query_string=query, encoded=True).query if query else _NO_QUERY
+        return self._query
+
+    @property
+    def transport(self) -> asyncio.Transport | None:
+        conn = self._conn
+        return None if conn._lost else conn._transport
+
+    # the body
+
+    async def iter_body(self, timeout: float | None = None, *, total: float | None = None) -> AsyncIterator[bytes]:
+        """The body as it arrives (de-chunked); raises `BodyError` if it cannot be read to its
+        end, `BodyTimeout` when no bytes come for `timeout` seconds (a stalled upload must not
+        hold a connection, a handler and an upstream request for as long as it likes), or
+        when the waits for its bytes add up to more than `total` seconds (a body trickled a
+        byte at a time never trips `timeout`). Only the time spent waiting for the client
+        counts: not the time its bytes wait for the reader (an upstream slow to take them)."""
+        conn = self._conn
+        left = total
+        if self._continue:
+            # RFC 9110 §10.1.1: the client waits for this before sending the body; sending it
+            # only now means a refused request never invites the upload.
+            self._continue = False
+            if not self._complete and not conn._lost:
+                conn._transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        while True:
+            if self._chunks:
+                # No local holds what is yielded: while the consumer waits for the upstream to
+                # take it, the transport's copy is the only one.
+                yield self._take_body()
+            elif self._error is not None:
+                raise BodyError(str(self._error)) from self._error
+            elif self._complete:
+                return
+            else:
+                wait, by_total = timeout, False
+                if left is not None:
+                    if left <= 0:
+                        raise BodyTimeout(f"the body was not all here after {total:g}s")
+                    if not wait or left < wait:
+                        wait, by_total = left, True
+                    began = conn._loop.time()
+                waiter = self._waiter = conn._loop.create_future()
+                timer = conn._loop.call_later(wait, _expire, waiter) if wait else None
+                try:
+                    timed_out = await waiter
+                finally:
+                    if left is not None:
+                        left -= conn._loop.time() - began
+                    self._waiter = None
+                    if timer is not None:
+                        timer.cancel()
+                if timed_out:
+                    raise BodyTimeout(f"the body was not all here after {total:g}s" if by_total
+                                      else f"no body bytes for {timeout:g}s")
+
+    def _take_body(self) -> bytes:
+        chunks = self._chunks
+        data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        self._buffered = 0
+        self._conn._body_taken()
+        return data
+
+    def _feed(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self._buffered += len(data)
+        self._wake()
+
+    def _end(self, error: BaseException | None = None) -> None:
+        if error is None:
+            self._complete = True
+        elif not self._complete:
+            self._error = error
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # the answer
+
+    def respond(self, status: int, reason: str | None, headers: Iterable[tuple[str, str]], body: bytes | None,
+                *, date: bool = True, fields: bytes = b"") -> None:
+        """The whole answer in one write.
+
+        `body` bytes: framed with Content-Length (sent without the body to a HEAD).
+        `body` None: the head exactly as given, no framing added (a HEAD, 204 or 304 answer
+        relayed from the upstream, whose Content-Length, if any, describes the GET).
+        `fields`: header lines already encoded, each ending in CRLF, written after `headers`
+        (an upstream's fields relayed as they came, with no CR or LF inside a line).
+        """
+        if self._started:
+            self.abort()  # a second answer would splice into the first: cut the connection instead
+            return
+        if body is None:
+            framing = ""
+        elif status in _BODILESS or status < 200:
+            framing, body = "", None
+        else:
+            framing = f"Content-Length: {len(body)}\r\n"
+            if self.method == "HEAD":
+                body = None
+        head = self._head(status, reason, headers, framing, date, fields)
+        self._finished = True
+        conn = self._conn
+        if not conn._lost:
+            conn._transport.write(head + body if body else head)
+
+    async def start(self, status: int, reason: str | None, headers: Iterable[tuple[str, str]],
+                    length: int | None, *, date: bool = True, fields: bytes = b"") -> None:
+        """Write the head of a streamed answer: Content-Length when `length` is known, else
+        chunked (HTTP/1.1) or close-delimited (HTTP/1.0)."""
+        if self._started:
+            raise RuntimeError("the answer has started already")
+        if length is not None:
+            framing = f"Content-Length: {length}\r\n"
+        elif self.version == "1.1":
+            framing = "Transfer-Encoding: chunked\r\n"
+        else:
+            framing = ""
+            self._close = True  # the body ends where the connection does (RFC 9112 §6.3 item 8)
+        self._chunked = length is None and self.version == "1.1"
+        conn = self._conn
+        if not conn._lost:
+            conn._transport.write(self._head(status, reason, headers, framing, date, fields))
+        await conn._drain()
+
+    async def write(self, data: bytes, *, timeout: float | None = None,
+                    on_full: Callable[[], None] | None = None) -> None:
+        """Write body bytes; wait while the client's buffer is full, at most `timeout` (TimeoutError).
+
+        `on_full` is called before that wait (a proxy stops reading its source meanwhile).
+        """
+        conn = self._conn
+        if conn._lost:
+            raise ConnectionResetError("the client went away")
+        if data and self.method != "HEAD":
+            conn._transport.write(b"%x\r\n%b\r\n" % (len(data), data) if self._chunked else data)
+        # The transport holds what the client has not taken yet (a copy): not holding `data`
+        # too while waiting halves what a slow client costs.
+        del data
+        if conn._write_paused and on_full is not None:
+            on_full()
+        await conn._drain(timeout)
+
+    async def finish(self) -> None:
+        conn = self._conn
+        if self._chunked and not conn._lost and self.method != "HEAD":
+            conn._transport.write(b"0\r\n\r\n")
+        self._finished = True
+        await conn._drain()
+
+    def abort(self) -> None:
+        """Cut the connection: the client sees a truncated answer, never a spliced one."""
+        self._close = True
+        conn = self._conn
+        if not conn._lost:
+            conn._transport.abort()
+
+    async def tunnel(self, status: int, reason: str | None, headers: Iterable[tuple[str, str]],
+                     sink: Callable[[bytes], None], source: AsyncIterator[bytes], *, fields: bytes = b"") -> None:
+        """Answer an upgrade with `status` (101) and relay raw bytes both ways until either side ends.
+
+        Client bytes (those already read after the request head first) go to `sink`;
+        chunks from `source` go to the client, with back-pressure on both.
+        """
+        conn = self._conn
+        if not self.upgrade or self._started:
+            raise RuntimeError("not an upgrade request, or already answered")
+        conn._transport.write(self._head(status, reason, headers, "", True, fields))
+        self._finished = True
+        self._close = True  # after the tunnel, the connection is done
+        conn._tunnel_to(sink)
+        try:
+            async for data in source:
+                if conn._lost:
+                    break
+                conn._transport.write(data)
+                await conn._drain()
+        finally:
+            if not conn._lost:
+                conn._transport.close()
+
+    def pause_reading(self) -> None:
+        """Stop reading from the client (a tunnel's other side cannot take more yet)."""
+        self._conn._pause_reading()
+
+    def resume_reading(self) -> None:
+        self._conn._resume_reading()
+
+    def send(self, answer: Prepared, field: str = "") -> None:
+        """A prepared answer in one write, with one more header field (`"Name: value\\r\\n"`) and Date."""
+        if self._started:
+            self.abort()
+            return
+        end = _date_line() + self._connection_field(answer.status) + "\r\n"
+        self._finished = True
+        conn = self._conn
+        if not conn._lost:
+            tail = (field + end).encode(_ENCODING, _ERRORS)
+            conn._transport.write(answer.head + tail if self.method == "HEAD" else answer.head + tail + answer.body)
+
+    def _connection_field(self, status: int) -> str:
+        self._started = True
+        self.status = status
+        conn = self._conn
+        if (conn._closing or not self.keep_alive or (self.upgrade and status != 101) or not self._complete
+                or (conn._server._draining and conn._nothing_more())):
+            # Draining: the last answer we owe says so, so the client sends nothing more here.
+            # An upgrade we did not take leaves the bytes after its head unparsed, and an
+            # unread body leaves the framing unknown: neither connection can carry another request.
+            self._close = True
+        if self._close and status != 101:
+            return "Connection: close\r\n"
+        return "Connection: keep-alive\r\n" if self.version == "1.0" else ""
+
+    def _head(self, status: int, reason: str | None, headers: Iterable[tuple[str, str]], framing: str,
+              date: bool, fields: bytes = b"") -> bytes:
+        parts = [f"HTTP/1.1 {status} {reason or _REASONS.get(status, 'Unknown')}\r\n"]
+        parts += [f"{name}: {value}\r\n" for name, value in headers]
+        start = "".join(parts).encode(_ENCODING, _ERRORS)
+        end = framing + (_date_line() if date else "") + self._connection_field(status) + "\r\n"
+        return start + fields + end.encode(_ENCODING, _ERRORS)
+
+
+class Prepared:
+    """An answer built once and sent many times (`Request.send`): status line, fixed header
+    fields, Content-Length and body, already encoded."""
+
+    __slots__ = ("body", "head", "status")
+
+    def __init__(self, status: int, headers: Iterable[tuple[str, str]], body: bytes) -> None:
+        self.status = status
+        self.body = body
+        self.head = "".join([f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\n",
+                             *(f"{name}: {value}\r\n" for name, value in headers),
+                             f"Content-Length: {len(body)}\r\n"]).encode(_ENCODING, _ERRORS)
+
+
+class _Connection(asyncio.BufferedProtocol):
+    """One client connection: its parser, its queue of requests, and the task answering one."""
+
+    def __init__(self, server: Server) -> None:
+        self._server = server
+        server._opening += 1  # until connection_made: the drain must wait for us too
+        self._loop = server._loop
+        self._parser = httptools.HttpRequestParser(self)
+        self._transport: asyncio.Transport = None  # type: ignore[assignment]  # set by connection_made
+        self._remote: str | None = None
+        self._lost = False
+        self._closing = False
+        # the head being parsed
+        self._url: list[bytes] = []
+        self._url_size = 0
+        self._fields: list[tuple[bytes, bytes]] = []
+        self._head_size = 0
+        self._stalled = 0  # bytes fed since the parser last made progress (a head, body bytes, an end)
+        self._unparsed = b""  # bytes held back while pipelined requests wait (at most one read)
+        self._refusal = 0  # a status to answer once the requests before it are answered
+        self._parsing: Request | None = None  # the request whose body the parser is reading
+        # requests in order: the first is being answered, the rest wait (pipelining)
+        self._queue: deque[Request] = deque()
+        self._task: asyncio.Task[None] | None = None
+        self._running = False  # the task has started (a task cancelled before that runs nothing)
+        self._dispatching = False
+        self._again = False
+        self._upgraded = False
+        self._held = bytearray()  # bytes after an upgrade request's head
+        self._sink: Callable[[bytes], None] | None = None
+        self._read_paused = False
+        self._write_paused = False
+        self._drain_waiter: asyncio.Future[bool | None] | None = None
+        self._idle_since: float | None = None  # waiting for a head since (loop time); None: busy
+        self._head_begun: float | None = None  # the first byte of the head being parsed came (loop time)
+
+    # asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]
+        try:
+            transport.set_write_buffer_limits(WRITE_HIGH_WATER)  # type: ignore[attr-defined]
+        except NotImplementedError:
+            pass  # a transport with no write buffer of its own (bench/pipeline_micro.py's)
+        peer = transport.get_extra_info("peername")
+        self._remote = peer[0] if isinstance(peer, tuple) else None
+        self._server._opening -= 1
+        self._server._connections.add(self)
+        if self._server._filtered:
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                _accept_handshakes(sock)  # type: ignore[arg-type]
+        self._idle()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
+        # The parser holds our bound callbacks: without this the pair is a reference cycle,
+        # and every closed connection (with the unfinished head the parser buffers) would
+        # wait for a full garbage collection. Nothing is parsed after the connection is lost.
+        self._parser = None  # type: ignore[assignment]
+        self._server._connections.discard(self)
+        self._server.counts.open -= 1
+        self._cancel_timer()
+        for request in self._queue:
+            request._end(ConnectionResetError("the client went away"))
+        # Requests refer to their connection: the queue and the body being read must let go
+        # of them for the same reason (the one a task answers leaves the queue in `_done`).
+        self._parsing = None
+        if self._task is None:
+            self._queue.clear()
+        self._sink = None  # a tunnel's upstream side, which refers to its request
+        task = self._task
+        if task is not None and not task.done() and self._running:
+            task.cancel()  # the client went away: stop working for it (and its upstream request)
+        waiter = self._drain_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._server._read_buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        # bytes of their own: the read buffer is the next read's, and `data` may be kept.
+        self.data_received(bytes(self._server._read_buffer[:nbytes]))
+
+    def data_received(self, data: bytes) -> None:
+        if self._sink is not None:
+            self._sink(data)
+            return
+        if self._upgraded:
+            self._held += data
+            if len(self._held) >= _UPGRADE_BUFFER:
+                self._pause_reading()  # the answer to the upgrade is still being decided
+            return
+        if self._refusal or self._unparsed:
+            self._unparsed += data  # only until reading pauses: at most one more read
+            self._pause_reading()
+            return
+        self._feed(data)
+        self._dispatch()
+
+    def _feed(self, data: bytes) -> None:
+        """Parse `data` in slices, holding back the rest once enough requests wait their turn.
+
+        llhttp parses all it is given: one 256 KiB read of tiny pipelined requests would
+        become thousands of queued requests, each far larger than its bytes.
+        """
+        size = len(data)
+        offset = 0
+        while offset < size:
+            if len(self._queue) >= _BACKLOG:
+                self._unparsed = data[offset:]
+                self._pause_reading()
+                return
+            # Heads in small slices (a slice of tiny requests is a few dozen of them), bodies in large.
+            step = _BODY_SLICE if self._parsing is not None else _HEAD_SLICE
+            piece = data if size <= step and not offset else data[offset:offset + step]
+            offset += len(piece)
+            # httptools holds a header or trailer field until it ends, and only then calls
+            # on_header: an endless field is refused by what arrived, not by what was parsed.
+            self._stalled += len(piece)
+            try:
+                self._parser.feed_data(piece)
+            except httptools.HttpParserUpgrade as upgrade:
+                self._upgraded = True
+                self._held += piece[upgrade.args[0]:] + data[offset:]
+                return
+            except httptools.HttpParserCallbackError as error:
+                # No local may hold the _Refuse: its traceback holds this frame, and the cycle
+                # (with `self` and `data` in it) would wait for a full garbage collection.
+                self._refuse(error.__context__.status if isinstance(error.__context__, _Refuse) else 400)
+                return
+            except httptools.HttpParserError:
+                self._refuse(400)
+                return
+            if self._stalled > _MAX_STALL:
+                self._refuse(431)
+                return
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        waiter = self._drain_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # httptools callbacks
+
+    def on_message_begin(self) -> None:
+        self._head_begun = self._loop.time()  # `header_timeout` counts from here
+        self._url.clear()
+        self._url_size = 0
+        self._fields = []
+        self._head_size = 0
+
+    def on_url(self, url: bytes) -> None:
+        self._url_size += len(url)
+        if self._url_size > MAX_TARGET:
+            raise _Refuse(414)
+        self._url.append(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        size = len(name) + len(value)
+        self._head_size += size
+        if size > MAX_FIELD or self._head_size > MAX_HEAD or len(self._fields) >= MAX_FIELDS:
+            raise _Refuse(431)
+        self._fields.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        # The head is complete: `header_timeout` and the keep-alive timer stop here; a body is
+        # the handler's to wait for (`Request.iter_body`'s timeout and deadline).
+        self._cancel_timer()
+        self._head_begun = None
+        self._stalled = 0
+        parser = self._parser
+        version = parser.get_http_version()
+        if version != "1.1" and version != "1.0":
+            raise _Refuse(505)  # 0.9 has no headers to carry a token; 2.0 is not spoken here
+        if parser.get_method() == b"CONNECT":
+            # A reverse proxy has no tunnels to offer, and a 2xx to a forwarded CONNECT would
+            # turn a pooled upstream connection into one (RFC 9110 §9.3.6).
+            raise _Refuse(400)
+        length: int | None = None
+        chunked = expect = False
+        codings: list[bytes] | None = None
+        hosts = 0
+        for raw_name, raw_value in self._fields:
+            size = len(raw_name)
+            if size == 4 and raw_name.lower() == b"host":
+                hosts += 1
+            elif size == 14 and raw_name.lower() == b"content-length":
+                length = int(raw_value)  # llhttp refused non-digits, signs, lists and duplicates
+            elif size == 17 and raw_name.lower() == b"transfer-encoding":
+                # llhttp refused a coding list that does not end in chunked (RFC 9112 §6.3: 400)
+                # and chunked twice, but lets `gzip, chunked` through, on one line or two.
+                codings = [raw_value] if codings is None else [*codings, raw_value]
+            elif size == 6 and raw_name.lower() == b"expect":
+                expect = raw_value.strip().lower() == b"100-continue"
+        if hosts > 1 or (hosts == 0 and version == "1.1"):
+            raise _Refuse(400)  # RFC 9112 §3.2: exactly one Host, or a 400
+        if codings is not None:
+            if version == "1.0":
+                # RFC 9112 §6.1: Transfer-Encoding in an HTTP/1.0 message means its framing is faulty.
+                raise _Refuse(400)
+            listed = _codings(codings)
+            if not listed or listed[-1] != b"chunked":
+                # RFC 9112 §6.3: no length can be known (llhttp takes `xchunked` for chunked).
+                raise _Refuse(400)
+            if len(listed) > 1:
+                # RFC 9112 §6.1: a coding we do not implement is a 501. We decode chunked and
+                # nothing else: the upstream, told only `chunked`, would take gzip'd bytes
+                # for the content.
+                raise _Refuse(501)
+            chunked = True
+        upgrade = parser.should_upgrade()
+        if upgrade and (chunked or length):
+            # llhttp would hand the body to the upgraded protocol unread; a handshake has none.
+            raise _Refuse(400)
+        request = Request(
+            self, parser.get_method().decode("ascii"), b"".join(self._url).decode(_ENCODING, _ERRORS), version,
+            self._fields, keep_alive=parser.should_keep_alive(), upgrade=upgrade, content_length=length,
+            chunked=chunked, expect_continue=expect and version == "1.1",
+        )
+        # Trailer fields come through on_header too: they must never join the request's.
+        self._fields = []
+        self._queue.append(request)
+        self._parsing = request
+        if len(self._queue) > 1:
+            self._pause_reading()  # pipelined: read on when the requests before it are answered
+
+    def on_body(self, body: bytes) -> None:
+        self._stalled = 0
+        request = self._parsing
+        if request is not None:
+            request._feed(body)
+            if request._buffered > _HIGH_WATER:
+                self._pause_reading()
+
+    def on_message_complete(self) -> None:
+        self._stalled = 0
+        request = self._parsing
+        self._parsing = None
+        if request is not None:
+            request._end()
+
+    # requests and answers
+
+    def _refuse(self, status: int) -> None:
+        """The parser stopped: answer `status` after the requests before it, then close."""
+        self._refusal = status
+        request = self._parsing
+        self._parsing = None
+        if request is not None:
+            # (It may be gone from the queue already: answered at once while its body came.)
+            if self._queue and request is self._queue[-1] and (len(self._queue) > 1 or self._task is None):
+                # Its handler has not started: it never reaches the upstream; the refusal is its answer.
+                self._queue.pop()
+            else:
+                request._end(BodyError(f"malformed request body ({status})"))
+        self._pause_reading()
+
+    def _dispatch(self) -> None:
+        """Answer the first waiting request. The handler may answer at once (it returns None)
+        or return what is left to do, which runs as this connection's task."""
+        if self._dispatching:
+            self._again = True  # called from _done below: the loop goes on instead of recursing
+            return
+        self._dispatching = True
+        try:
+            again = True
+            while again:
+                again = self._again = False
+                if self._task is not None or self._lost:
+                    return
+                if self._queue:
+                    request = self._queue[0]
+                    if self._write_paused:
+                        # The client is not reading our answers: wait for it before the next.
+                        self._task = self._loop.create_task(self._answer(request, None))
+                        return
+                    try:
+                        rest = self._server._handler(request)
+                    except Exception:
+                        event(log, logging.ERROR, "handler_crashed", "request handler failed", exc_info=True)
+                        rest = None
+                    if rest is not None:
+                        self._task = self._loop.create_task(self._answer(request, rest))
+                        return
+                    self._done(request)
+                    again = self._again
+                elif self._refusal:
+                    self._write_refusal(self._refusal)
+        finally:
+            self._dispatching = False
+
+    async def _answer(self, request: Request, rest: Awaitable[None] | None) -> None:
+        """The rest of a request's handling (`rest`), or all of it after a drain (None)."""
+        self._running = True
+        try:
+            if self._lost:
+                # The client left before this task first ran: the task was not cancelled then
+                # (that would have skipped `rest` entirely, and whatever its `finally` owes),
+                # so cancel it now, where `rest` sees it at its first wait.
+                if rest is None:
+                    return
+                asyncio.current_task().cancel()  # type: ignore[union-attr]
+            if rest is None:
+                await self._drain()
+                rest = self._server._handler(request)
+            if rest is not None:
+                await rest
+        except asyncio.CancelledError:
+            pass
+        except Exception:
+            event(log, logging.ERROR, "handler_crashed", "request handler failed", exc_info=True)
+        finally:
+            self._running = False
+            self._task = None
+            self._done(request)
+
+    def _done(self, request: Request) -> None:
+        self._queue.popleft()
+        if self._lost:
+            self._queue.clear()  # pipelined requests never to be answered (see connection_lost)
+            return
+        if not request._finished or request._close or self._closing:
+            if not request._started:
+                # The handler answered nothing (it should always answer): fail closed.
+                self._transport.write(_refusal(500, close=True))
+            if request._finished:
+                self._transport.close()
+            else:
+                self._transport.abort()  # an answer cut short must not look complete
+            return
+        if self._upgraded and not self._queue:
+            self._transport.close()  # the upgrade request was answered without a tunnel
+            return
+        if self._unparsed and not self._refusal and len(self._queue) < _BACKLOG:
+            held, self._unparsed = self._unparsed, b""
+            self._feed(held)
+        self._update_reading()
+        self._dispatch()
+        if not self._queue and not self._refusal:
+            self._idle()
+
+    def _write_refusal(self, status: int) -> None:
+        self._transport.write(_refusal(status, close=True))
+        self._transport.close()
+        if self._server._on_refusal is not None:
+            try:
+                self._server._on_refusal(status, self._remote)
+            except Exception:  # counting a refusal must never fail the connection's teardown
+                event(log, logging.ERROR, "handler_crashed", "recording a refused request failed", exc_info=True)
+
+    def _tunnel_to(self, sink: Callable[[bytes], None]) -> None:
+        held = bytes(self._held)
+        self._held.clear()
+        self._sink = sink
+        if held:
+            sink(held)
+        self._resume_reading()
+
+    # flow control and timers
+
+    def _pause_reading(self) -> None:
+        if not self._read_paused and not self._lost:
+            self._read_paused = True
+            self._transport.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if self._read_paused and not self._lost:
+            self._read_paused = False
+            self._transport.resume_reading()
+
+    def _body_taken(self) -> None:
+        if self._read_paused:
+            self._update_reading()
+
+    def _update_reading(self) -> None:
+        # Read on unless: a request waits behind another (pipelining; the first one's body
+        # is complete by then), a body is buffered past the mark, the parser has stopped,
+        # or the bytes after an upgrade head are being held.
+        parsing = self._parsing
+        if (len(self._queue) > 1 or self._refusal or self._unparsed or (self._upgraded and self._sink is None)
+                or (parsing is not None and parsing._buffered > _HIGH_WATER)):
+            return
+        self._resume_reading()
+
+    async def _drain(self, timeout: float | None = None) -> None:
+        while self._write_paused and not self._lost:
+            waiter = self._drain_waiter = self._loop.create_future()
+            timer = self._loop.call_later(timeout, _expire, waiter) if timeout else None
+            try:
+                timed_out = await waiter
+            finally:
+                self._drain_waiter = None
+                if timer is not None:
+                    timer.cancel()
+            if timed_out:
+                raise TimeoutError("the client read nothing for the time allowed")
+        if self._lost:
+            raise ConnectionResetError("the client went away")
+
+    def _idle(self) -> None:
+        """Waiting for a request head: the server's sweep closes us if none completes in time."""
+        if self._closing:
+            self._transport.close()
+        else:
+            self._idle_since = self._loop.time()
+
+    def _cancel_timer(self) -> None:
+        self._idle_since = None
+
+    def _head_expired(self) -> None:
+        """A head began and did not complete within `header_timeout`: 408, then close
+        (RFC 9110 §15.5.9), counted like any request the parser refused."""
+        self._idle_since = self._head_begun = None
+        if self._lost or self._refusal or self._transport.is_closing():
+            return
+        self._refusal = 408
+        self._pause_reading()
+        self._write_refusal(408)
+
+    def _nothing_more(self) -> bool:
+        """Draining: whether no byte of a request after the one being answered has come,
+        neither parsed nor waiting in the socket (then this connection may close after it)."""
+        return (len(self._queue) <= 1 and self._head_begun is None and not self._unparsed
+                and not self._lost and not _readable(self._transport))
+
+    def _shut_if_idle(self, idle_before: float) -> None:
+        """Draining: close if waiting for a head since before `idle_before`, with no byte of one."""
+        since = self._idle_since
+        if (since is not None and since <= idle_before and self._task is None and not self._queue
+                and not self._refusal and not self._upgraded and self._nothing_more()):
+            self._closing = True
+            self._transport.close()
+
+
+def _readable(transport: asyncio.Transport) -> bool:
+    """Whether the socket holds bytes (or an end) we have not read yet; asked only while draining."""
+    sock = transport.get_extra_info("socket")
+    fd = sock.fileno() if sock is not None else -1
+    if fd < 0:
+        return False
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(0))
+
+
+# A classic BPF program of one instruction, `ret #0`: every packet to the socket is dropped.
+_DROP_ALL = struct.pack("HBBI", 0x06, 0, 0, 0)
+_SO_ATTACH_FILTER = getattr(socket, "SO_ATTACH_FILTER", 26)
+_SO_DETACH_FILTER = getattr(socket, "SO_DETACH_FILTER", 27)
+
+
+def _refuse_handshakes(sock: socket.socket) -> None:
+    """Let no new connection complete on this listening socket (Linux; elsewhere a no-op).
+
+    A dropped SYN is sent again by the client about a second later, when the socket is
+    closed and the kernel refuses it (or, with SO_REUSEPORT, another process takes it): the
+    client never holds a connection we would reset.
+    """
+    if not hasattr(socket, "AF_PACKET"):  # not Linux: SO_ATTACH_FILTER means something else, if anything
+        return
+    import ctypes
+
+    program = ctypes.create_string_buffer(_DROP_ALL)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER, struct.pack("HL", 1, ctypes.addressof(program)))
+    except OSError:
+        pass
+
+
+def _accept_handshakes(sock: socket.socket) -> None:
+    """Undo `_refuse_handshakes` on a connection accepted from that socket.
+
+    A connection whose handshake completed just as the filter went on inherits it (the
+    kernel copies a listener's filter to the connections it makes): its packets would be
+    dropped. Once detached, the client's TCP sends them again and the request arrives.
+    """
+    if hasattr(socket, "AF_PACKET"):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, _SO_DETACH_FILTER, 0)
+        except OSError:  # ENOENT: it has no filter, the usual case
+            pass
+
+
+_REFUSALS: dict[int, bytes] = {}
+
+
+def _refusal(status: int, *, close: bool) -> bytes:
+    body = _REFUSALS.get(status)
+    if body is None:
+        body = _REFUSALS[status] = (
+            # A head that did not arrive in time says what a body that did not (forward.py's
+            # RequestTimeout) says: one 408, one error code (errors.py's phrase for header_timeout).
+            '{"error":"request_timeout","error_description":"The request head did not arrive in time"}' if status == 408
+            else f'{{"error":"invalid_request","error_description":"{_REASONS.get(status, "Bad Request")}"}}'
+            if status < 500 or status in (501, 505) else '{"error":"server_error","error_description":"Internal error"}'
+        ).encode()
+    head = (f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\nContent-Type: application/json; charset=utf-8\r\n"
+            f"Cache-Control: no-store\r\nServer: jwt-sidecar\r\nContent-Length: {len(body)}\r\n{_date_line()}"
+            + ("Connection: close\r\n" if close else "") + "\r\n")
+    return head.encode() + body
+
+
+class ConnectionCounts:
+    """Client connections as plain numbers, kept by a `Server` and read by the metrics."""
+
+    __slots__ = ("open", "rejected")
+
+    def __init__(self) -> None:
+        self.open = 0
+        """Accepted and not yet closed (those being accepted included)."""
+        self.rejected = 0
+        """Closed at accept because `max_connections` were open."""
+
+
+class _Rejected(asyncio.Protocol):
+    """A connection over `max_connections`: closed as soon as it is accepted, nothing read.
+
+    A reset (SO_LINGER 0) rather than a FIN: no TIME_WAIT socket is left behind for each
+    one, and the client learns at once that it must go elsewhere or retry."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            except OSError:
+                pass  # gone already: closing it is all that is left to do
+        transport.abort()
+
+
+class Server:
+    """The listener(s) and every open connection, with a graceful `shutdown`."""
+
+    def __init__(self, handler: Handler, *, keepalive_timeout: float = 75.0, header_timeout: float = 10.0,
+                 max_connections: int | None = None, counts: ConnectionCounts | None = None,
+                 on_refusal: Callable[[int, str | None], None] | None = None) -> None:
+        """`on_refusal(status, client)` is told of every request the parser refused (it never
+        reached `handler`), so that metrics and the access log can count it.
+
+        `keepalive_timeout`: how long a connection may wait, sending nothing, for its next
+        request (the first one included). `header_timeout`: how long a request head may take
+        from its first byte to its end (then 408 and close). `max_connections`: connections
+        over it are closed at accept (None: no limit); `counts` keeps the open and rejected
+        numbers for the metrics."""
+        self._handler = handler
+        self._on_refusal = on_refusal
+        self.keepalive_timeout = keepalive_timeout
+        self.header_timeout = header_timeout
+        self.max_connections = max_connections
+        self.counts = counts if counts is not None else ConnectionCounts()
+        self._loop = asyncio.get_running_loop()
+        self._connections: set[_Connection] = set()
+        self._listeners: list[asyncio.AbstractServer] = []
+        # Every connection's reads land here and are handled at once (one event loop thread).
+        self._read_buffer = memoryview(bytearray(_READ_SIZE))
+        # One timer for every connection's keep-alive and head deadlines, rather than one per
+        # request (a TimerHandle made and cancelled per request was 3% of a refused request's time).
+        self._sweep_every = min(1.0, keepalive_timeout / 4, header_timeout / 4)
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._draining = False
+        self._opening = 0
+        """Connections accepted, their protocol made, but not yet `connection_made` (the loop
+        does that a step or two later): a drain that ended without them would drop them."""
+        self._filtered = False  # the listening sockets refuse handshakes (see _stop_accepting)
+
+    def _accept(self) -> asyncio.Protocol:
+        # Counted here, not in connection_made: asyncio accepts up to `backlog` connections in
+        # one loop turn and makes each protocol before any of them is told it is connected.
+        counts = self.counts
+        limit = self.max_connections
+        if limit is not None and counts.open >= limit:
+            counts.rejected += 1
+            return _Rejected()
+        counts.open += 1  # connection_lost takes it off again
+        return _Connection(self)
+
+    async def listen(self, host: str | None = None, port: int | None = None, *, sock: socket.socket | None = None,
+                     reuse_port: bool = False, backlog: int = 1024) -> None:
+        """Serve on `host:port`, or on `sock`, a socket already bound (startup.py binds first)."""
+        listener = await self._loop.create_server(self._accept, host, port, sock=sock, backlog=backlog,
+                                                  reuse_port=reuse_port or None)
+        self._listeners.append(listener)
+        if self._sweeper is None:
+            self._sweeper = self._loop.call_later(self._sweep_every, self._sweep)
+
+    def _sweep(self) -> None:
+        """Close connections that have waited longer than `keepalive_timeout` for a request
+        head to begin, and answer 408 to those whose head began longer than `header_timeout`
+        ago (counted from when the connection last had nothing to do, if that is later: the
+        head of a request sent while the one before it was being answered)."""
+        now = self._loop.time()
+        idle_deadline = now - self.keepalive_timeout
+        head_deadline = now - self.header_timeout
+        idle: list[_Connection] = []
+        slow: list[_Connection] = []
+        for conn in self._connections:
+            since = conn._idle_since
+            if since is None:
+                continue
+            begun = conn._head_begun
+            if begun is None:
+                if since <= idle_deadline:
+                    idle.append(conn)
+            elif max(begun, since) <= head_deadline:
+                slow.append(conn)
+        for conn in idle:
+            conn._idle_since = None
+            conn._transport.close()
+        for conn in slow:
+            conn._head_expired()
+        self._sweeper = self._loop.call_later(self._sweep_every, self._sweep)
+
+    async def _stop_accepting(self) -> None:
+        """Close the listeners without resetting the connections their queues hold.
+
+        Closing a listening socket resets every connection the kernel completed but we have
+        not accepted yet, and their clients may have sent a request already; asyncio also
+        drops a connection it accepted but had not yet made a transport for. So: stop new
+        handshakes (`_refuse_handshakes`), stop the loop accepting, let the accepts under way
+        finish, keep each socket open through a duplicate while the listener closes, then
+        accept what the queue still holds and serve it like any other connection.
+        """
+        self._filtered = True
+        held: list[socket.socket] = []
+        for listener in self._listeners:
+            for sock in listener.sockets:
+                try:
+                    dup = socket.socket(fileno=os.dup(sock.fileno()))
+                except OSError:
+                    continue
+                _refuse_handshakes(dup)
+                held.append(dup)
+                self._loop.remove_reader(dup.fileno())  # same socket: the loop's accept callback goes
+        loop = self._loop
+        began = loop.time()
+        for _ in range(3):  # an accept's task makes the protocol, then the loop calls connection_made
+            await asyncio.sleep(0)
+        # (An accept whose transport failed never reaches connection_made: a second at most.)
+        while self._opening > 0 and loop.time() < began + 1.0:
+            await asyncio.sleep(0.001)
+        for listener in self._listeners:
+            listener.close()
+        queued: list[socket.socket] = []
+        for dup in held:
+            dup.setblocking(False)
+            while True:
+                try:
+                    conn, _ = dup.accept()
+                except OSError:  # BlockingIOError: the queue is empty
+                    break
+                conn.setblocking(False)
+                _accept_handshakes(conn)
+                queued.append(conn)
+            dup.close()
+        # Adopted before the drain goes on, so that it waits for them like for any other.
+        await asyncio.gather(*(self._adopt(conn) for conn in queued))
+
+    async def _adopt(self, sock: socket.socket) -> None:
+        try:
+            await self._loop.connect_accepted_socket(self._accept, sock)  # counted, and limited, like any accept
+        except OSError:
+            sock.close()
+
+    @property
+    def sockets(self) -> list[tuple[str, int]]:
+        return [s.getsockname()[:2] for listener in self._listeners for s in listener.sockets]
+
+    def start_drain(self) -> None:
+        """From now on each connection's last answer carries `Connection: close` (still accepting)."""
+        self._draining = True
+
+    async def shutdown(self, timeout: float) -> None:
+        """Stop accepting (serving what the listen queue holds), give connections `timeout`, cut the rest.
+
+        No request whose first byte has arrived is dropped: a connection closes after an
+        answer that said `Connection: close`, or once it has been idle `_DRAIN_IDLE` seconds
+        with nothing to read. Only what is left at the deadline is cut.
+        """
+        self.start_drain()
+        await self._stop_accepting()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        loop = self._loop
+        deadline = loop.time() + timeout
+        idle = min(_DRAIN_IDLE, timeout)
+        while self._connections and loop.time() < deadline:
+            idle_before = loop.time() - idle
+            for conn in list(self._connections):
+                conn._shut_if_idle(idle_before)
+            await asyncio.sleep(0.05)
+        for conn in list(self._connections):
+            conn._transport.abort()
+        await asyncio.sleep(0)  # let the cancelled handlers run their `finally`
+        for listener in self._listeners:
+            await listener.wait_closed()

@@ -1,0 +1,848 @@
+"""A small pooled HTTP/1.1 client for the upstream: one `asyncio.BufferedProtocol` per connection, parsed by httptools.
+
+Owns: per-origin pools of idle keep-alive connections (LIFO reuse, a cap, an idle timeout);
+writing one request (the head in one write, the body streamed with `Content-Length` or
+chunked, awaiting the transport's drain); parsing the answer with llhttp (through
+`httptools.HttpResponseParser`): 1xx interim answers skipped, bodiless answers (HEAD, 204,
+304) recognised, chunked and close-delimited bodies, any other transfer coding refused,
+a chunked answer's trailer fields dropped (never merged into its head, RFC 9110 §6.5.1);
+keeping one client's answer from another: a connection whose answer's framing is in doubt
+is never reused, a byte no request asked for closes it and makes its origin distrusted
+(no reuse for `_DISTRUST`), an idle socket is checked for unread bytes before reuse, and a
+new origin is on probation (`_PROBATION`); flow control both ways (reads of 16 KiB into one
+buffer per pool, reading paused at 16 KiB buffered or when the consumer asks, a 4 KiB write
+buffer for request bodies); the one retry
+RFC 9112 §9.3.1 allows (an idempotent, body-less request whose reused connection the server
+closed before answering); and the client's failure vocabulary: `UpstreamConnectError`
+(nothing was sent: refused, unreachable, connect timeout), `UpstreamProtocolError`, builtin
+`TimeoutError` (the request was sent and the answer did not come in time).
+Does not own: which headers are sent (the caller strips hop-by-hop ones and injects identity;
+only framing is ours: Host when absent, Content-Length or Transfer-Encoding), redirects,
+cookies, decompression, proxies, upgrades and WebSockets (a `101` is a protocol error
+here), HTTP statuses of our own (forward.py maps the errors), or any knowledge of JWTs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import select
+import ssl
+from collections import deque
+from collections.abc import AsyncIterator, Iterable
+from functools import partial
+
+import httptools
+
+from .causes import Worded, cause
+from .log import event
+
+__all__ = ["Fields", "Pool", "Response", "UpstreamConnectError", "UpstreamError", "UpstreamProtocolError"]
+
+
+class UpstreamError(Worded):
+    """The upstream exchange failed; forward.py answers 502 (or aborts once the answer started)."""
+
+
+class UpstreamConnectError(UpstreamError):
+    """No answer at all: refused, unreachable, no connection within the connect timeout, DNS
+    or TLS failure, or reset before the first byte of the answer."""
+
+
+class UpstreamProtocolError(UpstreamError):
+    """The answer was malformed, cut short, or asked to switch protocols."""
+
+
+# RFC 9110 §9.2.2: only these may be replayed without the client's consent (RFC 9112 §9.3.1).
+_IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+# Flow control of the answer: stop reading the socket once this much body waits for the
+# consumer, so a slow client never makes us buffer a large upstream answer (the kernel's
+# socket buffers and TCP's window then push back on the upstream). forward.py also stops
+# reading while the client's own buffer is full (`Response.pause_reading`). `read` lifts the
+# mark to its limit (64 KiB): an answer it waits for is known to fit.
+_HIGH_WATER = 16 * 1024
+# The most bytes one read takes from an upstream socket: reads go into one buffer per pool
+# (`asyncio.BufferedProtocol`), so a paused answer holds at most the mark plus one read,
+# where the event loop's own reads are up to 256 KiB each.
+_READ_SIZE = 16 * 1024
+_READ_LIMIT = 64 * 1024  # the most `read` waits for
+# The upstream transport's write buffer (a request body) beyond which the sender waits.
+WRITE_HIGH_WATER = 4 * 1024
+# The most bytes taken while the answer's head (with any 1xx before it) is incomplete; one
+# read that also holds the start of the body may exceed it, so it is checked before parsing.
+_MAX_HEAD = 256 * 1024
+_DEFAULT_PORT = {"http": 80, "https": 443}
+# len("Host"), len("Content-Length"), len("Transfer-Encoding"): only names of these lengths
+# are lower-cased and compared, in the request's hot loop.
+_SPECIAL_LENGTHS = frozenset({4, 14, 17})
+_ENCODING = "utf-8"
+# http1.py decodes header bytes as UTF-8 with surrogateescape (as aiohttp does): encoding the
+# same way hands the upstream exactly the bytes the client sent, and decoding the answer the
+# same way gives the client back exactly the upstream's bytes.
+_ERRORS = "surrogateescape"
+# After an origin sends a byte no request asked for (bytes after a complete answer, a body
+# after a bodiless one), none of its connections is reused for this long: such bytes can
+# arrive after the connection has carried the next request, where nothing tells them from
+# its answer (one user's answer to another). Every request then has a connection of its own.
+_DISTRUST = 60.0
+# Until one of its connections has sat idle this long after an answer with no stray byte, an
+# origin is on probation: a connection is reused only once it has been idle this long, so an
+# upstream that sends such bytes (up to this late) after every answer is caught before any
+# reuse (and distrusted), not after the first connections in flight have crossed. It costs a
+# well-behaved origin new connections for its first ~0.1 s of traffic, then nothing.
+_PROBATION = 0.1
+log = logging.getLogger("jwt_sidecar.upstream")
+
+
+def _expire(waiter: asyncio.Future[bool | None]) -> None:
+    # A True result means the wait timed out (not an exception set on the waiter: by its
+    # traceback it would hold the frame holding the waiter, a cycle only a full collection frees).
+    if not waiter.done():
+        waiter.set_result(True)
+
+
+class Fields:
+    """A request's header lines, encoded: each `Name: value\r\n`, and none of them
+    Content-Length or Transfer-Encoding (the body's framing is the pool's to write)."""
+
+    __slots__ = ("count", "has_host", "lines")
+
+    def __init__(self, lines: bytes, count: int, *, has_host: bool) -> None:
+        self.lines = lines
+        self.count = count
+        """How many lines `lines` holds: the head's CR/LF check counts on it."""
+        self.has_host = has_host
+
+    @classmethod
+    def of(cls, headers: Iterable[tuple[str, str]]) -> Fields:
+        """`headers` in order, less any Content-Length or Transfer-Encoding."""
+        # One str join and one encode (measured faster than a b"".join of per-piece encodes).
+        parts = []
+        has_host = False
+        for name, value in headers:
+            if len(name) in _SPECIAL_LENGTHS:
+                lower = name.lower()
+                if lower == "host":
+                    has_host = True
+                elif lower == "content-length" or lower == "transfer-encoding":
+                    continue
+            parts.append(f"{name}: {value}\r\n")
+        return cls("".join(parts).encode(_ENCODING, _ERRORS), len(parts), has_host=has_host)
+
+
+def _encode_head(method: str, target: str, fields: Fields, host_line: bytes, framing: bytes) -> bytes:
+    """A request head: the request line, `fields`, `host_line` when they hold no Host, then
+    `framing` (whole lines)."""
+    host = b"" if fields.has_host else host_line
+    head = b"".join((f"{method} {target} HTTP/1.1\r\n".encode(_ENCODING, _ERRORS), fields.lines, host, framing,
+                     b"\r\n"))
+    # Every line ends in exactly one CRLF: a CR or LF inside a method, target, name or
+    # value (a claim rendered into a header, say) would split the message, RFC 9112 §2.2
+    # and §11.2 (request smuggling). Two C-speed counts check them all at once.
+    lines = 2 + fields.count + (0 if fields.has_host else 1) + framing.count(b"\n")
+    if head.count(b"\n") != lines or head.count(b"\r") != lines:
+        raise ValueError("CR or LF inside the request line or a header")
+    return head
+
+
+class _Origin:
+    """What one (scheme, host, port) shares: its idle connections and its default Host line."""
+
+    __slots__ = ("distrusted_until", "host", "host_line", "idle", "port", "proven", "tls")
+
+    def __init__(self, scheme: str, host: str, port: int) -> None:
+        self.host = host.strip("[]")  # connect with the bare address; the Host line keeps brackets
+        self.port = port
+        self.tls = scheme == "https"
+        authority = f"[{self.host}]" if ":" in self.host else self.host
+        if _DEFAULT_PORT.get(scheme) != port:
+            authority = f"{authority}:{port}"
+        self.host_line = f"Host: {authority}\r\n".encode(_ENCODING, _ERRORS)
+        self.idle: deque[_Connection] = deque()
+        self.distrusted_until = 0.0
+        """Loop time until which no connection to this origin is pooled (`_DISTRUST`)."""
+        self.proven = False
+        """Past its probation (`_PROBATION`), and no stray byte since."""
+
+
+class _Connection(asyncio.BufferedProtocol):
+    """One upstream connection and the state of the exchange it is carrying.
+
+    The parser's callbacks write straight into this object, so answering a request costs
+    no objects beyond the headers list, the body chunks and one Response. Reads land in the
+    pool's read buffer and are parsed at once: `data_received` is given a view of it that
+    must not be kept (the parser's callbacks get bytes of their own).
+    """
+
+    __slots__ = (
+        "_buffered", "_chunked", "_chunks", "_codings", "_done", "_drain_waiter", "_error",
+        "_got_bytes", "_poll", "_head_bytes", "_head_done", "_headers", "_idle", "_idle_since", "_interim", "_keep_alive",
+        "_length", "_lost", "_mark", "_origin", "_parser", "_pool", "_reading_paused", "_reason", "_status",
+        "_transport", "_waiter", "_write_paused", "_is_head",
+    )
+
+    _headers: list[tuple[bytes, bytes]]
+    _length: int | None
+    _error: UpstreamError | None
+
+    def __init__(self, pool: Pool, origin: _Origin) -> None:
+        self._pool = pool
+        self._origin = origin
+        self._transport: asyncio.Transport = None  # type: ignore[assignment]  # set by connection_made
+        self._poll: select.poll | None = None  # the socket, to look for bytes before reuse (`_clean`)
+        self._parser = httptools.HttpResponseParser(self)
+        self._idle = False
+        self._idle_since = 0.0
+        self._lost = False
+        self._write_paused = False
+        self._drain_waiter: asyncio.Future[bool | None] | None = None
+        self._waiter: asyncio.Future[bool | None] | None = None
+        self._chunks: list[bytes] = []
+        self._buffered = 0
+        self._reading_paused = False
+        self._begin(False)
+
+    def _begin(self, is_head: bool) -> None:
+        """Reset the exchange state for a new request on this connection."""
+        self._is_head = is_head
+        self._mark = _HIGH_WATER
+        self._status = 0
+        self._reason = b""
+        self._headers = []
+        self._length = None
+        self._chunked = False
+        self._codings: bytes | None = None
+        self._interim = False
+        self._head_done = False
+        self._done = False
+        self._keep_alive = False
+        self._got_bytes = False
+        self._head_bytes = 0
+        self._error = None
+
+    # asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            self._poll = select.poll()
+            self._poll.register(sock.fileno(), select.POLLIN)
+        transport.set_write_buffer_limits(WRITE_HIGH_WATER)  # type: ignore[attr-defined]
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._pool._read_buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(self._pool._read_buffer[:nbytes])
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
+        # The parser holds our bound callbacks: drop it, or the pair is a cycle that waits for
+        # a full garbage collection. Nothing is parsed after the connection is lost, and the
+        # poll goes too: its fd number may soon name another socket.
+        self._parser = None  # type: ignore[assignment]
+        self._poll = None
+        if self._idle:
+            self._idle = False
+            try:
+                self._origin.idle.remove(self)
+            except ValueError:
+                pass
+        elif not self._done and self._error is None:
+            if self._head_done and exc is None and self._length is None and not self._chunked:
+                # RFC 9112 §6.3 item 8: no Content-Length and no chunked coding, so the body
+                # ends where the connection does. A reset (exc set) is still a truncation.
+                self._done = True
+            elif not self._got_bytes:
+                self._error = UpstreamConnectError("connection closed before any byte of the answer")
+            elif not self._head_done:
+                self._error = UpstreamProtocolError("connection closed inside the response head")
+            else:
+                self._error = UpstreamProtocolError("response body cut short")
+        self._wake()
+        drain = self._drain_waiter
+        if drain is not None and not drain.done():
+            drain.set_result(None)
+
+    def data_received(self, data: bytes | memoryview) -> None:
+        if self._done or self._idle:
+            # Bytes after the end of the answer (or on an idle connection) mean we no longer
+            # know where the next message starts (RFC 9112 §9.3.2), and whoever sent them may
+            # send more once the connection carries someone else's request. An unsolicited
+            # 408 on an idle connection is only a server closing it (some do), not a stray.
+            self._stray("bytes after a complete answer",
+                        trust=self._idle and bytes(data[:13]) in (b"HTTP/1.1 408 ", b"HTTP/1.0 408 "))
+            if self._idle:
+                self._transport.abort()
+            return
+        self._got_bytes = True
+        if not self._head_done or self._chunked:
+            # httptools holds a header field until it ends: an upstream that never ends one
+            # would grow this process without bound (the read timeout bounds time, not bytes).
+            # The same goes for a chunked answer's trailer fields: there, what counts is what
+            # came since the last byte of content (`on_body` starts the count again).
+            self._head_bytes += len(data)
+            if self._head_bytes > _MAX_HEAD:
+                self._fail(UpstreamProtocolError("response head too large" if not self._head_done
+                                                 else "response trailer section too large"))
+                self._wake()
+                return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._fail(UpstreamProtocolError("upstream switched protocols (101); upgrades are not proxied here"))
+        except httptools.HttpParserError as error:
+            self._fail(UpstreamProtocolError(f"malformed response: {error}"))
+        self._wake()
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        drain = self._drain_waiter
+        if drain is not None and not drain.done():
+            drain.set_result(None)
+
+    # httptools callbacks
+
+    def on_message_begin(self) -> None:
+        if self._done:
+            # A second message in the same read: we never pipeline (RFC 9112 §9.3.2), so this
+            # is garbage. Raising stops llhttp before it overwrites the answer we hold.
+            self._stray("a second answer after the answer")
+            raise UpstreamProtocolError("data after the end of the answer")
+        self._reason = b""
+        self._headers = []
+        self._length = None
+        self._chunked = False
+        self._codings = None
+
+    def on_status(self, reason: bytes) -> None:
+        self._reason += reason  # llhttp may deliver the reason phrase in pieces
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._head_done:
+            # A trailer field of a chunked answer (llhttp reports them like header fields). It
+            # must not join the head (RFC 9110 §6.5.1): a `Content-Length` here would reframe
+            # the answer, a `Set-Cookie` would become a cookie. We relay no trailers: dropped.
+            return
+        size = len(name)
+        if size == 14 and name.lower() == b"content-length":
+            self._length = int(value)  # llhttp has already refused non-digits and duplicates
+        elif size == 17 and name.lower() == b"transfer-encoding":
+            # One list, however many lines carry it (RFC 9110 §5.3); judged once the head is whole.
+            self._codings = value if self._codings is None else self._codings + b"," + value
+        self._headers.append((name, value))  # bytes: relayed as they came, decoded only if asked
+
+    def on_headers_complete(self) -> None:
+        status = self._parser.get_status_code()
+        if status == 101:
+            # RFC 9110 §15.2.2: the bytes that follow are another protocol; upgrades take
+            # forward.py's tunnel on a connection of their own, so here it is an error.
+            # Raising stops llhttp.
+            self._error = UpstreamProtocolError("upstream switched protocols (101); upgrades are not proxied here")
+            raise self._failure()
+        if status < 200:
+            # RFC 9110 §15.2: any number of 1xx may precede the final answer; we drop them
+            # (103's hints are an optimisation the client can live without).
+            self._interim = True
+            return
+        bodiless = self._is_head or status == 204 or status == 304
+        codings = self._codings
+        if codings is not None:
+            # Chunked alone, as we read the list and as llhttp does: it reads `chunked\t` and
+            # `chunked,` (chunked, to RFC 9110's list rules) as another coding, so they are refused.
+            listed = [c for c in (part.strip(b" \t").lower() for part in codings.split(b",")) if c]
+            self._chunked = listed == [b"chunked"] and codings.rstrip(b" ").lower().endswith(b"chunked")
+            if not self._chunked and not bodiless:
+                # RFC 9112 §6.3 item 4 would read such a body until close, but we decode chunked
+                # and nothing else: relayed without its Transfer-Encoding (hop-by-hop, ours to
+                # write), gzip'd bytes would reach the client as the content. Refused instead.
+                self._error = UpstreamProtocolError("upstream used a transfer coding other than chunked")
+                raise self._error
+        self._status = status
+        self._head_done = True
+        drain = self._drain_waiter
+        if drain is not None and not drain.done():
+            drain.set_result(None)  # an upload blocked on a closing server stops now (RFC 9112 §9.5)
+        if self._is_head:
+            # llhttp cannot be told this answer is to a HEAD (httptools gives no way to return
+            # "skip body" from this callback), so the message ends here for us (RFC 9112 §6.3
+            # item 1). The connection is never reused: the one kind of upstream bug that is
+            # common here, sending the GET's body anyway, would put that body (which may arrive
+            # later than the head) in front of the next request's answer.
+            self._done = True
+            self._keep_alive = False
+        elif bodiless and (self._length or codings is not None):
+            # A 204 or 304 that announces content (204: RFC 9110 §8.6 forbids it; 304: legal but
+            # rare) is the same bet on a body that must not come: not worth a connection.
+            self._keep_alive = False
+        else:
+            # RFC 9112 §9.3: HTTP/1.1 persists unless "close"; an HTTP/1.0 answer is not reused
+            # (we never asked for the 1.0 keep-alive extension). llhttp also says no for a
+            # close-delimited body.
+            self._keep_alive = self._parser.should_keep_alive() and self._parser.get_http_version() == "1.1"
+
+    def on_body(self, body: bytes) -> None:
+        if self._is_head:
+            # A body after a HEAD answer: the framing is broken, so never reuse the connection.
+            self._stray("a body after the answer to a HEAD")
+            return
+        if self._interim:
+            return  # content on a 1xx (which has none, RFC 9110 §15.2) is not the answer's
+        self._head_bytes = 0
+        self._chunks.append(body)
+        self._buffered += len(body)
+        if self._buffered > self._mark and not self._reading_paused:
+            self._reading_paused = True
+            self._transport.pause_reading()
+
+    def on_message_complete(self) -> None:
+        if self._interim:
+            self._interim = False
+            return
+        self._done = True
+
+    # helpers
+
+    def _stray(self, what: str, *, trust: bool = False) -> None:
+        """Bytes no request asked for: this connection is done, and unless `trust`, no
+        connection to its origin is reused for a while (`_DISTRUST`)."""
+        self._keep_alive = False
+        if trust:
+            return
+        origin = self._origin
+        origin.proven = False
+        now = self._pool._loop.time()
+        if origin.distrusted_until <= now:
+            event(log, logging.WARNING, "upstream_distrusted",
+                  "upstream %(peer)s sent %(what)s; its connections are not reused for %(seconds)gs",
+                  peer=f"{origin.host}:{origin.port}", what=what, seconds=_DISTRUST)
+        origin.distrusted_until = now + _DISTRUST
+        # Its other idle connections may have stray bytes of their own on the way: closed too.
+        idle = origin.idle
+        while idle:
+            conn = idle.pop()
+            conn._idle = False
+            conn._transport.abort()
+
+    def _clean(self) -> bool:
+        """No byte (nor EOF) waits on the idle socket. Bytes the loop has not yet delivered to
+        `data_received` (they landed in this loop turn) would otherwise be read as the next
+        request's answer."""
+        poll = self._poll
+        return poll is None or not poll.poll(0)
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _fail(self, error: UpstreamError) -> None:
+        if self._error is None and not self._done:
+            self._error = error
+        self._keep_alive = False
+        self._transport.abort()
+
+    def _failure(self) -> UpstreamError:
+        """The exchange's error, to raise: a copy, for the one we hold would hold, once raised,
+        the frames that hold us (a cycle that waits for a full garbage collection)."""
+        error = self._error
+        assert error is not None
+        return type(error)(*error.args)
+
+    def _take(self) -> bytes:
+        """Everything buffered, as one bytes, and resume reading if we had paused it."""
+        chunks = self._chunks
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        self._buffered = 0
+        if self._reading_paused:
+            self._resume_reading()
+        return data
+
+    def _resume_reading(self) -> None:
+        self._reading_paused = False
+        if not self._lost:
+            self._transport.resume_reading()
+
+    async def _wait(self, timeout: float) -> None:
+        """Wait for the next callback from the parser or the transport, at most `timeout`."""
+        waiter = self._pool._loop.create_future()
+        self._waiter = waiter
+        timer = self._pool._loop.call_later(timeout, _expire, waiter)
+        try:
+            timed_out = await waiter
+        finally:
+            timer.cancel()
+            self._waiter = None
+        if timed_out:
+            raise TimeoutError
+
+    async def _drain(self, timeout: float) -> None:
+        """Like `StreamWriter.drain`: wait until the transport's write buffer is below its low mark.
+
+        A stalled upstream that never reads gets `timeout` as it would for an answer.
+        """
+        while self._write_paused and not self._lost and not (self._head_done and not self._keep_alive):
+            waiter = self._pool._loop.create_future()
+            self._drain_waiter = waiter
+            timer = self._pool._loop.call_later(timeout, _expire, waiter)
+            try:
+                timed_out = await waiter
+            finally:
+                timer.cancel()
+                self._drain_waiter = None
+            if timed_out:
+                raise TimeoutError
+
+    def _release(self) -> None:
+        if self._done and self._keep_alive and self._error is None and not self._lost:
+            if self._chunks:
+                self._take()  # an unread but complete body: drop it, the connection is still sound
+            self._pool._put(self)
+        else:
+            self._transport.abort()
+
+
+class Response:
+    """The head of an upstream answer, and its body to stream, read or drop."""
+
+    __slots__ = ("_bodiless", "_conn", "_read_timeout", "raw_headers", "reason", "status")
+
+    def __init__(self, conn: _Connection, read_timeout: float) -> None:
+        self._conn: _Connection | None = conn
+        self._read_timeout = read_timeout
+        status = self.status = conn._status
+        self.reason: str = conn._reason.decode(_ENCODING, _ERRORS)
+        self.raw_headers: list[tuple[bytes, bytes]] = conn._headers
+        """The answer's header fields as they came off the wire (llhttp allows no CR or LF in them)."""
+        self._bodiless = conn._is_head or status == 204 or status == 304
+
+    @property
+    def headers(self) -> list[tuple[str, str]]:
+        """The header fields decoded (UTF-8 with surrogateescape: encoding gives the same bytes)."""
+        return [(name.decode(_ENCODING, _ERRORS), value.decode(_ENCODING, _ERRORS)) for name, value in self.raw_headers]
+
+    def has_body(self) -> bool:
+        """False for answers that never carry content: to HEAD, 204 and 304 (RFC 9112 §6.3 item 1)."""
+        return not self._bodiless
+
+    async def iter_chunks(self) -> AsyncIterator[bytes]:
+        """The body as it arrives, de-chunked; each wait for data is bounded by the read timeout."""
+        conn = self._conn
+        if conn is None:
+            raise RuntimeError("response already released")
+        while True:
+            if conn._chunks:
+                yield conn._take()
+            elif conn._done:
+                return
+            elif conn._error is not None:
+                raise conn._failure()
+            else:
+                if conn._reading_paused:
+                    conn._resume_reading()  # paused by `pause_reading`, with nothing left to take
+                await conn._wait(self._read_timeout)
+
+    def pause_reading(self) -> None:
+        """Stop reading the upstream until the next chunk is asked for (the consumer cannot
+        pass more on yet): what waits here is then at most one read."""
+        conn = self._conn
+        if conn is not None and not conn._reading_paused and not conn._lost and not conn._done:
+            conn._reading_paused = True
+            conn._transport.pause_reading()
+
+    async def read(self, limit: int) -> bytes | None:
+        """The whole body if it is known to fit in `limit` bytes, else None with nothing consumed.
+
+        Known means a Content-Length, or an answer that has already ended. `limit` is capped at
+        64 KiB: while this waits, the flow-control mark is lifted to it.
+        """
+        conn = self._conn
+        if conn is None:
+            raise RuntimeError("response already released")
+        if self._bodiless:
+            return b""
+        limit = min(limit, _READ_LIMIT)
+        if conn._done:
+            if conn._buffered > limit:
+                return None
+            return conn._take() if conn._chunks else b""
+        if conn._chunked or conn._length is None or conn._length > limit:
+            return None
+        conn._mark = limit
+        if conn._reading_paused:
+            conn._resume_reading()
+        while not conn._done:
+            if conn._error is not None:
+                raise conn._failure()
+            await conn._wait(self._read_timeout)
+        return conn._take() if conn._chunks else b""
+
+    def release(self) -> None:
+        """Pool the connection if the answer ended and keep-alive holds, else close it. Idempotent."""
+        conn = self._conn
+        if conn is not None:
+            self._conn = None
+            conn._release()
+
+    def close(self) -> None:
+        """Drop the connection now, whatever state the answer is in (the client went away)."""
+        conn = self._conn
+        if conn is not None:
+            self._conn = None
+            conn._keep_alive = False
+            conn._transport.abort()
+
+
+class Pool:
+    """Keep-alive connections to any number of upstream origins, shared by every request of a process."""
+
+    def __init__(self, *, max_idle_per_origin: int = 64, idle_timeout: float = 30.0,
+                 ssl_context: ssl.SSLContext | None = None, probation: float = _PROBATION) -> None:
+        """`probation`: see `_PROBATION` (0: none, a connection is reused as soon as it is back)."""
+        self._max_idle = max_idle_per_origin
+        self._probation = probation
+        self._idle_timeout = idle_timeout
+        self._ssl = ssl_context  # None: ssl.create_default_context() on the first https origin
+        self._origins: dict[tuple[str, str, int], _Origin] = {}
+        self._loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # bound on first use
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._closed = False
+        # Every connection's reads land here and are parsed at once (one event loop thread).
+        self._read_buffer = memoryview(bytearray(_READ_SIZE))
+
+    def _origin(self, scheme: str, host: str, port: int) -> _Origin:
+        key = (scheme, host, port)
+        origin = self._origins.get(key)
+        if origin is None:
+            origin = self._origins[key] = _Origin(scheme, host, port)
+        return origin
+
+    def upgrade_head(self, scheme: str, host: str, port: int, target: str,
+                     headers: Fields | Iterable[tuple[str, str]], upgrade: str) -> bytes:
+        """The head of a GET asking to switch to `upgrade`, framed and checked as `request`
+        frames its heads, for a caller that sends it on a connection of its own (a tunnel)."""
+        fields = headers if isinstance(headers, Fields) else Fields.of(headers)
+        return _encode_head("GET", target, fields, self._origin(scheme, host, port).host_line,
+                            f"Connection: Upgrade\r\nUpgrade: {upgrade}\r\n".encode(_ENCODING, _ERRORS))
+
+    def tls_context(self) -> ssl.SSLContext:
+        """The context upstream TLS connections are made with (the system's defaults unless given)."""
+        if self._ssl is None:
+            self._ssl = ssl.create_default_context()
+        return self._ssl
+
+    def idle_count(self) -> int:
+        return sum(len(origin.idle) for origin in self._origins.values())
+
+    async def close(self) -> None:
+        """Close the idle connections; those in use close when their Response is released."""
+        self._closed = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        for origin in self._origins.values():
+            while origin.idle:
+                conn = origin.idle.pop()
+                conn._idle = False
+                conn._transport.abort()
+        await asyncio.sleep(0)  # let the transports run connection_lost
+
+    async def request(
+        self,
+        method: str,
+        scheme: str,
+        host: str,
+        port: int,
+        target: str,
+        headers: Fields | Iterable[tuple[str, str]],
+        body: AsyncIterator[bytes] | None,
+        *,
+        content_length: int | None,
+        connect_timeout: float,
+        read_timeout: float,
+    ) -> Response:
+        """Send one request and return the answer's head once it has arrived (1xx skipped).
+
+        `target` goes on the request line byte for byte (origin-form, RFC 9112 §3.2.1).
+        `headers` (pairs, or `Fields` already encoded) are written in order with duplicates;
+        Host is added only when absent (RFC 9112 §3.2), and the body's framing is ours:
+        `Content-Length` when `content_length` is given, else `Transfer-Encoding: chunked`
+        when there is a body (RFC 9112 §6.1-6.2), so any Content-Length or Transfer-Encoding
+        among `headers` is dropped rather than sent twice. An exception raised by `body` propagates unchanged.
+        """
+        if self._closed:
+            raise RuntimeError("pool is closed")
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        origin = self._origin(scheme, host, port)
+        chunked = False
+        if content_length is not None:
+            if body is None and content_length:
+                raise ValueError("content_length given without a body")
+            framing = b"Content-Length: %d\r\n" % content_length
+        elif body is not None:
+            framing = b"Transfer-Encoding: chunked\r\n"
+            chunked = True
+        else:
+            framing = b""
+        fields = headers if isinstance(headers, Fields) else Fields.of(headers)
+        head = _encode_head(method, target, fields, origin.host_line, framing)
+        is_head = method == "HEAD"
+        conn = self._take_idle(origin)
+        if conn is not None:
+            try:
+                return await self._exchange(conn, head, is_head, body, chunked, content_length, read_timeout)
+            except UpstreamConnectError:
+                # RFC 9112 §9.3.1: a reused connection the server closed before answering may be
+                # replayed once, on a fresh connection, if nothing (no body) makes that unsafe.
+                if body is not None or method not in _IDEMPOTENT:
+                    raise
+        conn = await self._connect(origin, connect_timeout)
+        return await self._exchange(conn, head, is_head, body, chunked, content_length, read_timeout)
+
+    async def _exchange(self, conn: _Connection, head: bytes, is_head: bool, body: AsyncIterator[bytes] | None,
+                        chunked: bool, content_length: int | None, read_timeout: float) -> Response:
+        conn._begin(is_head)
+        transport = conn._transport
+        if conn._lost:  # it went away while changing hands: nothing was sent
+            conn._error = UpstreamConnectError("connection closed before any byte of the answer")
+        try:
+            if body is None:
+                transport.write(head)
+            else:
+                await self._send_body(conn, head, body, chunked, content_length, read_timeout)
+                if conn._got_bytes:
+                    # The answer began before the request ended: whether the server read the
+                    # rest of the body, or will read it as a request, is unknown. Not reused.
+                    conn._keep_alive = False
+            while not conn._head_done:
+                if conn._error is not None:
+                    raise conn._failure()
+                await conn._wait(read_timeout)
+        except BaseException:
+            # A timeout, a cancelled task, a failing body or a broken answer: the connection's
+            # state is unknown, so it is never reused.
+            conn._keep_alive = False
+            transport.abort()
+            raise
+        return Response(conn, read_timeout)
+
+    async def _send_body(self, conn: _Connection, head: bytes, body: AsyncIterator[bytes], chunked: bool,
+                         content_length: int | None, read_timeout: float) -> None:
+        transport = conn._transport
+        # The head waits for the first chunk so the two leave in one write: a small body then
+        # costs one send, as a body-less request does.
+        pending: bytes | None = head
+        sent = 0
+        async for chunk in body:
+            if not chunk:
+                continue  # an empty chunk would end a chunked body early (RFC 9112 §7.1)
+            if conn._lost:
+                return  # the answer (or the lack of one) tells what happened
+            if conn._head_done and not conn._keep_alive:
+                # RFC 9112 §9.5: the server answered and is closing: stop sending the body.
+                return
+            sent += len(chunk)
+            if chunked:
+                size = b"%x\r\n" % len(chunk)
+                transport.writelines((size, chunk, b"\r\n") if pending is None else (pending, size, chunk, b"\r\n"))
+            else:
+                if content_length is not None and sent > content_length:
+                    # Bytes past the declared length would be read as the next request.
+                    raise UpstreamError(f"request body longer than its Content-Length {content_length}")
+                if pending is None:
+                    transport.write(chunk)
+                else:
+                    transport.writelines((pending, chunk))
+            pending = None
+            if conn._write_paused:
+                del chunk  # the transport holds a copy while the upstream drains: none here
+                await conn._drain(read_timeout)
+        if conn._lost or (conn._head_done and not conn._keep_alive):
+            return
+        if chunked:
+            # The last chunk, no trailers (RFC 9112 §7.1).
+            transport.write(b"0\r\n\r\n" if pending is None else pending + b"0\r\n\r\n")
+        elif content_length is not None and sent != content_length:
+            raise UpstreamError(f"request body ended after {sent} of {content_length} bytes")
+        elif pending is not None:
+            transport.write(pending)  # a body of zero bytes
+
+    def _take_idle(self, origin: _Origin) -> _Connection | None:
+        idle = origin.idle
+        if not idle:
+            return None
+        now = self._loop.time()
+        deadline = now - self._idle_timeout
+        if not origin.proven and self._probation:
+            # On probation: only a connection idle long enough, with nothing read meanwhile
+            # (data_received would have closed it), and that one proves the origin.
+            conn = idle[0]  # the oldest
+            if conn._idle_since > now - self._probation:
+                return None
+            idle.popleft()
+            conn._idle = False
+            if conn._idle_since > deadline and not conn._transport.is_closing() and conn._clean():
+                origin.proven = True
+                return conn
+            conn._transport.abort()
+            return None
+        while idle:
+            conn = idle.pop()  # the most recently used: the least likely to be closed by the server
+            conn._idle = False
+            poll = conn._poll  # `_clean`, inlined: this runs for every request
+            if conn._idle_since > deadline and not conn._transport.is_closing() and (poll is None or not poll.poll(0)):
+                return conn
+            conn._transport.abort()
+        return None
+
+    async def _connect(self, origin: _Origin, timeout: float) -> _Connection:
+        context = self.tls_context() if origin.tls else None
+        try:
+            async with asyncio.timeout(timeout):
+                _, conn = await self._loop.create_connection(
+                    partial(_Connection, self, origin), origin.host, origin.port,
+                    ssl=context, server_hostname=origin.host if context is not None else None,
+                )
+        except TimeoutError:
+            # Nothing was sent: the upstream is unreachable (502), not slow to answer (504).
+            # Caught first, as builtin TimeoutError is an OSError too.
+            raise UpstreamConnectError(f"no connection to {origin.host}:{origin.port} within {timeout:g}s") from None
+        except OSError as error:  # refused, unreachable, DNS, TLS (ssl.SSLError is an OSError)
+            raise UpstreamConnectError(f"cannot connect to {origin.host}:{origin.port}: {cause(error)}") from error
+        return conn
+
+    def _put(self, conn: _Connection) -> None:
+        origin = conn._origin
+        idle = origin.idle
+        distrusted = origin.distrusted_until
+        if self._closed or len(idle) >= self._max_idle or (distrusted and distrusted > self._loop.time()):
+            conn._transport.abort()
+            return
+        conn._idle = True
+        conn._idle_since = self._loop.time()
+        idle.append(conn)
+        if self._sweeper is None:
+            self._sweeper = self._loop.call_later(self._idle_timeout, self._sweep)
+
+    def _sweep(self) -> None:
+        """Close connections idle for longer than idle_timeout; oldest sit at the left of each deque."""
+        self._sweeper = None
+        now = self._loop.time()
+        deadline = now - self._idle_timeout
+        soonest: float | None = None
+        for origin in self._origins.values():
+            idle = origin.idle
+            while idle and idle[0]._idle_since <= deadline:
+                conn = idle.popleft()
+                conn._idle = False
+                conn._transport.abort()
+            if idle and (soonest is None or idle[0]._idle_since < soonest):
+                soonest = idle[0]._idle_since
+        if soonest is not None:
+            self._sweeper = self._loop.call_at(soonest + self._idle_timeout, self._sweep)

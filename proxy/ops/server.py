@@ -1,0 +1,226 @@
+"""The running process: listeners, signals, reload triggers and a graceful drain.
+
+Owns: binding the proxy and admin listeners (first, through startup.py: a port that cannot
+be had ends the start in one line, nothing started; a SIGTERM/SIGINT while the first keys
+load ends it too, exit 0), the open-file limit raised at start and the
+connection limit that follows from it (limits.py), SIGTERM/SIGINT (readiness goes false and
+answers carry `Connection: close`; after `drain_delay` the listener stops accepting, and
+connections get `drain_timeout` to finish what they were sent; exit 0),
+SIGHUP and file changes (reload), and uvloop when it is installed. Mirrors uvicorn's
+`Server.shutdown`: a short run of steps, one comment each. Does not own: what a request
+does (app.py) or what a reload does (reload.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+
+from aiohttp import web
+
+from .admin import create_admin_app
+from prometheus_client import Gauge
+
+from ..base import oplog
+from ..config.settings import Settings
+from ..http.causes import shown
+from ..request.app import Proxy
+from ..request.runtime import Runtime
+from ..telemetry.accesslog import AccessLog
+from .limits import default_max_connections, quiet_accept_errors, raise_fd_limit
+from .reload import reload, watch
+from .startup import Sockets, bind_for, check_multiproc_dir, check_stdout
+from .workers import WORKER_ENV, WORKERS_READY, supervise
+
+__all__ = ["configure_logging", "run", "run_worker", "serve"]
+
+log = logging.getLogger("jwt_sidecar")
+
+
+class _NoRequestEcho(logging.Filter):
+    """aiohttp (the admin listener) logs a malformed request with its parser's message, which
+    quotes the request line or a header. Keep the kind of error, drop the quote."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None:
+            record.msg = f"{record.getMessage()}: {type(record.exc_info[1]).__name__}"
+            record.args = None
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+def _worker_index() -> int | str:
+    """This worker's index among `workers: N` (a JSON number in its log lines), or "?"."""
+    index = os.environ.get(WORKER_ENV, "")
+    return int(index) if index.isdigit() else "?"
+
+
+def configure_logging(level: str = "INFO", log_format: str = "text", *, worker: int | None = None) -> None:
+    """Operator logs on stderr as text or JSON lines (oplog.py), one line per kind per second
+    (logthrottle.py); the access log is accesslog.py's, on stdout. `worker`: this process's
+    index among `workers: N`, a member of its JSON lines."""
+    oplog.configure(level, log_format, sys.stderr, worker=worker)
+    logging.getLogger("aiohttp.server").addFilter(_NoRequestEcho())
+
+
+async def serve(settings: Settings, *, config_path: str | None, stop: asyncio.Event | None = None,
+                watch_interval: float = 2.0, worker: bool = False, sockets: Sockets | None = None) -> None:
+    """Serve until SIGTERM/SIGINT (or `stop` is set), then drain and return.
+
+    As one of `workers: N` (`worker=True`): the proxy port is shared (SO_REUSEPORT), there is
+    no admin listener (the supervisor has it), and metrics go to the multiprocess files.
+    `sockets`: listeners the caller bound already (the demo); by default they are bound here.
+    Raises `StartupError` (startup.py), before anything has started, when a port cannot be had.
+    """
+    stop = stop or asyncio.Event()
+    # Ports first: one in use (or below 1024, or on an address not ours) ends the start here,
+    # before any key is fetched and before a line says we served.
+    check_stdout(settings)
+    if not worker:  # a worker's directory is the supervisor's, checked there
+        check_multiproc_dir()
+    sockets = sockets or bind_for(settings, proxy_reuse_port=worker, admin=not worker)
+    try:
+        await _serve(settings, config_path, stop, watch_interval, worker, sockets)
+    finally:
+        sockets.close()  # the servers closed their own; this closes them if a server never started
+
+
+async def _serve(settings: Settings, config_path: str | None, stop: asyncio.Event, watch_interval: float,
+                 worker: bool, sockets: Sockets) -> None:
+    # Then descriptors: a container starts with a soft limit of 1024 and a far higher hard one.
+    nofile = raise_fd_limit()
+    max_connections = settings.max_connections or default_max_connections(nofile)
+    oplog.event(log, logging.INFO, "fd_limit",
+                "open-file limit %(open_files)d; at most %(max_connections)d client connections%(derived)s",
+                open_files=nofile, max_connections=max_connections,
+                derived="" if settings.max_connections else " (derived: (limit - 128) / 2)")
+    if settings.max_connections and settings.max_connections > default_max_connections(nofile):
+        oplog.event(log, logging.WARNING, "fd_limit_low",
+                    "max_connections %(max_connections)d leaves too few of the %(open_files)d descriptors for the "
+                    "admin port and the upstream connections (at most %(at_most)d would): at the limit /healthz "
+                    "and /readyz may go unanswered", max_connections=settings.max_connections, open_files=nofile,
+                    at_most=default_max_connections(nofile))
+    loop = asyncio.get_running_loop()
+    quiet_accept_errors(loop)
+    access_log = AccessLog(sys.stdout.buffer) if settings.access_log else None
+    proxy = Proxy(settings, config_path=config_path, access_log=access_log)
+    runtime = proxy.runtime
+    # A SIGTERM/SIGINT while the first keys load (an issuer that does not answer holds the start
+    # up to its timeout) stops the start at once: nothing was served, so nothing is drained.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    starting = loop.create_task(proxy.start())  # client session, first key fetches
+    stopped = loop.create_task(stop.wait())
+    await asyncio.wait((starting, stopped), return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    if not starting.done() or starting.exception() is not None:
+        starting.cancel()
+        try:
+            with contextlib.suppress(asyncio.CancelledError):
+                await starting  # raises what failed the start, if anything did
+        finally:
+            await proxy.close()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+        oplog.event(log, logging.INFO, "start_abandoned", "stopped while starting; nothing was served")
+        return
+    server = proxy.server(max_connections=max_connections)
+    admin_runner = web.AppRunner(create_admin_app(readiness=runtime.readiness, render=runtime.metrics.render),
+                                 handle_signals=False, access_log=None)
+    watcher: asyncio.Task[None] | None = None
+    publisher: asyncio.Task[None] | None = None
+    try:
+        await admin_runner.setup()
+        for sock in sockets.listen:
+            await server.listen(sock=sock, backlog=1024)
+        if worker:
+            publisher = loop.create_task(_publish(runtime))
+        else:
+            for sock in sockets.admin:
+                await web.SockSite(admin_runner, sock).start()
+        if worker:  # the admin port is the supervisor's, and it says so
+            oplog.event(log, logging.INFO, "listening", "worker %(index)s (pid %(pid)d) proxying %(listen)s -> %(upstream)s",
+                        index=_worker_index(), pid=os.getpid(), listen=str(settings.listen),
+                        upstream=shown(settings.upstream.url))
+        else:
+            oplog.event(log, logging.INFO, "listening", "proxying %(listen)s -> %(upstream)s; admin on %(admin)s",
+                        listen=str(settings.listen), upstream=shown(settings.upstream.url), admin=str(settings.admin))
+        reloads: set[asyncio.Task[bool]] = set()
+
+        def on_hup() -> None:
+            task = loop.create_task(reload(runtime))
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, on_hup)
+        watcher = loop.create_task(watch(runtime, interval=watch_interval))
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+        # 1. Readiness goes false first, so the platform stops sending new requests; each
+        #    connection's next answer says `Connection: close`, so clients move elsewhere.
+        runtime.draining = True
+        server.start_drain()
+        oplog.event(log, logging.INFO, "draining",
+                    "draining: accepting for %(drain_delay)gs more, then up to %(drain_timeout)gs for in-flight "
+                    "requests", drain_delay=settings.drain_delay, drain_timeout=settings.drain_timeout)
+        for task in (watcher, publisher):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        # 2. Keep accepting while the platform's endpoint removal catches up with readiness
+        #    (in Kubernetes it lags by seconds): a client sent here meanwhile is still served.
+        if settings.drain_delay > 0:
+            await asyncio.sleep(settings.drain_delay)
+        # 3. Stop accepting (serving what the listen queue holds), close connections between
+        #    requests, wait up to drain_timeout, cut the rest; then the session and key sources.
+        await server.shutdown(settings.drain_timeout)
+        if worker:
+            runtime.metrics.mirror()  # the requests of its last second, before the worker exits
+        await proxy.close()
+        # 4. The admin listener goes last, so /readyz answers "draining" to the very end.
+        await admin_runner.cleanup()
+        if access_log is not None:
+            access_log.flush()
+        oplog.event(log, logging.INFO, "stopped", "stopped")
+
+
+async def _publish(runtime: Runtime, interval: float = 1.0) -> None:
+    """A worker's scrape-time metrics and readiness, copied into the multiprocess files."""
+    ready = Gauge(WORKERS_READY, "Workers that are ready (1 each).", registry=None, multiprocess_mode="livesum")
+    while True:
+        try:
+            runtime.metrics.mirror()
+            ready.set(1 if runtime.readiness()[0] else 0)
+        except Exception:  # never let metrics take a worker down
+            oplog.event(log, logging.ERROR, "metrics_failed", "publishing worker metrics failed", exc_info=True)
+        await asyncio.sleep(interval)
+
+
+def run_worker(settings: Settings, *, config_path: str) -> int:
+    _loop_runner()(serve(settings, config_path=config_path, worker=True))
+    return 0
+
+
+def _loop_runner():  # type: ignore[no-untyped-def]
+    try:
+        import uvloop  # the faster event loop, when installed (`pip install jwt-sidecar[fast]`)
+    except ImportError:
+        return asyncio.run
+    return uvloop.run
+
+
+def run(settings: Settings, *, config_path: str | None) -> int:
+    if settings.workers > 1 and config_path is not None:
+        return _loop_runner()(supervise(settings, config_path=config_path))
+    _loop_runner()(serve(settings, config_path=config_path))
+    return 0

@@ -1,0 +1,503 @@
+"""The upstream client: stream a request to the upstream and its answer back, or tunnel an upgrade.
+
+Owns: sending a request through the pooled HTTP/1.1 client (`upstream.Pool`), answers up to
+64 KiB in one write, streaming larger bodies both ways in bounded memory (the upstream is
+not read while the client's write buffer is full), the request-body
+limit (413) and deadline (408, `upstream.body_timeout`), the answer's hop-by-hop headers,
+mapping upstream failures (502 for anything before the request was sent: refused,
+unreachable, connect timeout; and for a reset or malformed answer; 504 only when the request
+was sent and its answer timed out; `TimeoutError` is caught first, as it is also an OSError),
+and WebSocket handshakes: sent upstream on a connection of their own, and after a 101 the
+bytes relayed both ways, unparsed, until either side ends or a `websocket` limit closes the
+tunnel (idle time, lifetime, the token's expiry). After an answer has started nothing can change its
+status: a failure then aborts the connection, so the client sees a truncated answer, never
+a spliced one.
+Does not own: JWTs, routes or which headers to send (identity.py decides those), or the
+client side of the wire (http1.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import aiohttp
+import httptools
+from yarl import URL
+
+from ..base.errors import BadRequest, PayloadTooLarge, Reason, RequestTimeout, UpstreamTimeout, UpstreamUnavailable
+from ..base.oplog import event
+from ..config.settings import Upstream, WebSocketSettings
+from ..http.causes import cause
+from ..http.http1 import BodyError, BodyTimeout, Request
+from ..http.upstream import Fields, Pool, UpstreamError
+from .identity import HOP_BY_HOP, connection_tokens
+
+__all__ = ["Origin", "SMALL_BODY", "forward", "forward_websocket", "is_websocket", "new_session"]
+
+SMALL_BODY = 64 * 1024
+"""Answers up to this size (by Content-Length) are read whole and written in one go."""
+log = logging.getLogger("jwt_sidecar.forward")
+
+
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """Where a route's upstream lives, parsed once per config."""
+
+    scheme: str
+    host: str
+    port: int
+    base_path: str
+    """The upstream URL's path without its trailing slash; the request path is appended."""
+
+    @classmethod
+    def parse(cls, url: str) -> Origin:
+        parts = URL(url)
+        return cls(parts.scheme, parts.host or "", parts.port or 80, parts.raw_path.rstrip("/"))
+
+    def __str__(self) -> str:
+        return f"{self.scheme}://{self.host}:{self.port}"
+
+
+def new_session(*, limit: int = 1000) -> aiohttp.ClientSession:
+    """aiohttp's client, for key fetches (JWKS, OIDC discovery): pooled keep-alive
+    connections, no cookie jar."""
+    connector = aiohttp.TCPConnector(limit=limit, limit_per_host=0, enable_cleanup_closed=False)
+    return aiohttp.ClientSession(
+        connector=connector,
+        cookie_jar=aiohttp.DummyCookieJar(),  # the upstream's cookies are the client's business
+        auto_decompress=False,
+        timeout=aiohttp.ClientTimeout(total=None),
+    )
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class _Limited:
+    """The request body as it arrives, failing once more than `limit` bytes came (0: no limit),
+    when none come for `timeout` seconds, or when waiting for them has taken `total`
+    seconds in all (a byte every few seconds would otherwise hold the upstream request).
+
+    Not an async generator: its frame would hold the chunk it yielded while the upstream
+    drains, beside the transport's copy.
+    """
+
+    __slots__ = ("_body", "_limit", "_seen")
+
+    def __init__(self, request: Request, limit: int, timeout: float, total: float) -> None:
+        self._body = request.iter_body(timeout, total=total)
+        self._limit = limit
+        self._seen = 0
+
+    def __aiter__(self) -> _Limited:
+        return self
+
+    async def __anext__(self) -> bytes:
+        chunk = await self._body.__anext__()
+        self._seen += len(chunk)
+        if self._limit and self._seen > self._limit:
+            raise _BodyTooLarge
+        return chunk
+
+
+def _answer_fields(raw: list[tuple[bytes, bytes]], request_id: str) -> tuple[bytes, int | None, bool]:
+    """The upstream's header lines for the client, as they came (order, spelling, bytes), less
+    hop-by-hop and Connection-named fields (RFC 9110 §7.6.1) and its X-Request-Id, plus ours;
+    with its Content-Length apart (the framing is ours) and whether it sent a Date."""
+    parts: list[bytes] = []
+    named: set[bytes] = set()
+    length: int | None = None
+    dated = False
+    for name, value in raw:
+        role = _ROLES.get(name)
+        if role is None:
+            role = _role(name)
+        if role <= _DATE:  # _KEEP or _DATE
+            dated = dated or role == _DATE
+            parts += (name, b": ", value, b"\r\n")
+        elif role == _CONNECTION:
+            named.update(token.strip().lower() for token in value.split(b","))
+        elif role == _LENGTH:
+            length = int(value)  # llhttp refused anything but digits
+    named -= _DROPPED
+    if named:  # rare: the upstream named end-to-end fields as hop-by-hop; drop those too
+        parts = []
+        for name, value in raw:
+            if _role(name) <= _DATE and name.lower() not in named:
+                parts += (name, b": ", value, b"\r\n")
+    parts.append(b"X-Request-Id: %b\r\n" % request_id.encode("ascii"))  # [A-Za-z0-9._:-] only
+    return b"".join(parts), length, dated
+
+
+_DROPPED = frozenset(name.encode("ascii") for name in HOP_BY_HOP) | {b"x-request-id"}
+_KEEP, _DATE, _DROP, _CONNECTION, _LENGTH = range(5)
+_ROLES: dict[bytes, int] = {}
+"""An answer field's role by its name as spelt on the wire: the same few names come back on
+every answer, so each is lower-cased and classified once."""
+
+
+def _role(name: bytes) -> int:
+    low = name.lower()
+    if low == b"connection":
+        role = _CONNECTION
+    elif low == b"content-length":
+        role = _LENGTH
+    elif low in _DROPPED:
+        role = _DROP
+    else:
+        role = _DATE if low == b"date" else _KEEP
+    if len(_ROLES) < 4096:  # names are the upstream's choice: stay bounded
+        _ROLES[name] = role
+    return role
+
+
+async def forward(
+    request: Request,
+    pool: Pool,
+    *,
+    origin: Origin,
+    target: str,
+    headers: Fields,
+    upstream: Upstream,
+    request_id: str,
+) -> None:
+    """Send the request upstream and stream the answer back to the client."""
+    length = request.content_length
+    if upstream.max_body and length is not None and length > upstream.max_body:
+        raise PayloadTooLarge(f"Content-Length {length} exceeds max_body {upstream.max_body}")
+    # The upstream's timeout also bounds each wait for the client's body bytes, and
+    # body_timeout the whole body; on either, the upstream request is aborted (Pool._exchange).
+    body = _Limited(request, upstream.max_body, upstream.timeout, upstream.body_timeout) if request.body_exists else None
+    try:
+        answer = await pool.request(
+            request.method, origin.scheme, origin.host, origin.port, target, headers, body,
+            content_length=length, connect_timeout=upstream.connect_timeout, read_timeout=upstream.timeout,
+        )
+    except _BodyTooLarge:
+        raise PayloadTooLarge(f"body exceeds max_body {upstream.max_body}") from None
+    except BodyTimeout as error:
+        raise RequestTimeout(str(error)) from None
+    except BodyError as error:
+        raise BadRequest(Reason.MALFORMED_REQUEST, f"request body unreadable: {error}") from None
+    except TimeoutError:  # before UpstreamError's OSError-like cases: a timeout is a 504
+        raise UpstreamTimeout(f"{origin} did not answer within {upstream.timeout:g}s") from None
+    except UpstreamError as error:
+        raise UpstreamUnavailable(f"{origin}: {cause(error)}") from None
+    try:
+        fields, answer_length, dated = _answer_fields(answer.raw_headers, request_id)
+        if not answer.has_body():
+            # HEAD, 204, 304: the upstream's Content-Length (if any) describes the GET; relay it.
+            answer.release()
+            if answer_length is not None and answer.status != 204:
+                fields += b"Content-Length: %d\r\n" % answer_length
+            request.respond(answer.status, answer.reason, (), None, date=not dated, fields=fields)
+            return
+        small = await answer.read(SMALL_BODY)
+        if small is not None:
+            # One write of head and body, and the connection back in the pool before the
+            # client is even written to.
+            answer.release()
+            request.respond(answer.status, answer.reason, (), small, date=not dated, fields=fields)
+            return
+        await request.start(answer.status, answer.reason, (), answer_length, date=not dated, fields=fields)
+        try:
+            async for chunk in answer.iter_chunks():
+                # A client that stops reading gets the upstream's timeout, then is cut; while
+                # its buffer is full the upstream is not read either, so a slow client costs
+                # this process its buffer and one chunk, whatever the upstream's pace.
+                writing = request.write(chunk, timeout=upstream.timeout, on_full=answer.pause_reading)
+                del chunk  # the transport has it (or a copy) while the client drains: no second one here
+                await writing
+        except (TimeoutError, UpstreamError) as error:
+            # Headers are gone already: all we can honestly do is cut the connection.
+            event(log, logging.WARNING, "upstream_broke_off", "%(upstream)s broke off mid-response: %(cause)s",
+                  upstream=str(origin), peer=f"{origin.host}:{origin.port}",
+                  cause=cause(error, timeout=upstream.timeout), request_id=request_id)
+            answer.close()
+            request.abort()
+            return
+        except (ConnectionError, asyncio.CancelledError):
+            answer.close()  # the client went away: stop pulling from the upstream
+            raise
+        await request.finish()
+    except (TimeoutError, UpstreamError) as error:
+        # Failed before anything was sent to the client: still a clean 502/504.
+        answer.close()
+        if isinstance(error, TimeoutError):
+            raise UpstreamTimeout(f"{origin} stalled mid-answer") from None
+        raise UpstreamUnavailable(f"{origin}: {cause(error)}") from None
+    finally:
+        answer.release()
+
+
+def is_websocket(request: Request) -> bool:
+    """A WebSocket handshake (RFC 6455 §4.1) that the parser has marked as an upgrade."""
+    return (request.upgrade and request.method == "GET" and "upgrade" in connection_tokens(request.headers)
+            and request.headers.get("Upgrade", "").lower() == "websocket")
+
+
+class _Tunnel(asyncio.Protocol):
+    """The upstream side of an upgraded connection: parse its answer's head, then relay bytes."""
+
+    def __init__(self, request: Request) -> None:
+        self._request = request
+        self._parser = httptools.HttpResponseParser(self)
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        self.status = 0
+        self.reason = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.body: list[bytes] = []
+        self.size = 0
+        self.answered = False  # the head (101) or the whole non-101 answer is here
+        self.upgraded = False
+        self.failed: str | None = None
+        self.closed = False
+        self._taken = 0  # bytes read before the answer was known
+        self._chunks: deque[bytes] = deque()
+        self._buffered = 0
+        self._paused = False
+        self._waiter: asyncio.Future[None] | None = None
+        self._loop = asyncio.get_running_loop()
+        self.active = self._loop.time()
+        """When a byte last went through the tunnel, either way (loop time): the idle timeout's start."""
+
+    # asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._parser = None  # it holds our bound callbacks: a cycle left for the garbage collector
+        if not self.answered:
+            self.failed = self.failed or "closed before answering"
+        self._request.resume_reading()
+        self._wake()
+
+    def data_received(self, data: bytes) -> None:
+        if self.upgraded:
+            self.active = self._loop.time()
+            self._chunks.append(data)
+            self._buffered += len(data)
+            if self._buffered > _TUNNEL_HIGH_WATER and not self._paused:
+                self._paused = True
+                self.transport.pause_reading()
+        else:
+            self._taken += len(data)
+            if self._taken > _TUNNEL_HIGH_WATER:  # an endless head, or a refusal far past SMALL_BODY
+                self.failed = self.failed or "answer too large"
+                self.transport.abort()
+                self._wake()
+                return
+            try:
+                self._parser.feed_data(data)
+            except httptools.HttpParserUpgrade as upgrade:
+                self.upgraded = self.answered = True
+                rest = data[upgrade.args[0]:]
+                if rest:
+                    self._chunks.append(rest)
+                    self._buffered += len(rest)
+            except httptools.HttpParserError:
+                if not self.answered:
+                    self.failed = "malformed answer"
+                self.transport.abort()
+        self._wake()
+
+    def pause_writing(self) -> None:
+        self._request.pause_reading()  # the upstream is not reading: stop reading the client
+
+    def resume_writing(self) -> None:
+        self._request.resume_reading()
+
+    # httptools callbacks
+
+    def on_message_begin(self) -> None:
+        if self.answered:
+            # A second answer in the same read: the first one (a refusal) is the answer; what
+            # follows it is garbage, never a late 101 (upstream.py stops the same way).
+            raise UpstreamError("data after the end of the answer")
+        self.reason = b""  # a 100 Continue may come first; its phrase is not the answer's
+
+    def on_status(self, reason: bytes) -> None:
+        self.reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self.status >= 200:
+            return  # a trailer field of a chunked refusal: never merged into its head (RFC 9110 §6.5.1)
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self.status = self._parser.get_status_code()
+        if 100 <= self.status < 200 and self.status != 101:
+            self.headers.clear()  # an interim answer: the final one follows
+
+    def on_body(self, body: bytes) -> None:
+        self.size += len(body)
+        if self.size > SMALL_BODY:
+            self.failed = "refusal body too large"
+            self.transport.abort()
+        else:
+            self.body.append(body)
+
+    def on_message_complete(self) -> None:
+        if self.status >= 200:
+            self.answered = True
+
+    # the relay
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def wait(self) -> None:
+        waiter = self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+
+    def send(self, data: bytes) -> None:
+        if not self.closed:
+            self.active = self._loop.time()
+            self.transport.write(data)
+
+    async def relay(self) -> AsyncIterator[bytes]:
+        while True:
+            if self._chunks:
+                data = b"".join(self._chunks)
+                self._chunks.clear()
+                self._buffered = 0
+                if self._paused:
+                    self._paused = False
+                    self.transport.resume_reading()
+                yield data
+            elif self.closed:
+                return
+            else:
+                await self.wait()
+
+
+class _TunnelLimits:
+    """Closes a tunnel that has been idle `idle_timeout`, open `max_lifetime`, or has outlived
+    its token: one timer, set again for the next time any of them could be due.
+
+    Both sides are cut (`abort`): the frames are not parsed, so no close frame can be slipped
+    in between two of theirs; a client that is not reading would never let a graceful close
+    finish; and the upstream must not keep serving a tunnel whose token ran out."""
+
+    def __init__(self, request: Request, tunnel: _Tunnel, settings: WebSocketSettings,
+                 expires_in: float | None, origin: Origin) -> None:
+        self._request = request
+        self._tunnel = tunnel
+        self._idle = settings.idle_timeout
+        self._origin = origin
+        loop = self._loop = asyncio.get_running_loop()
+        now = loop.time()
+        ends: list[tuple[float, str]] = []
+        if settings.max_lifetime:
+            ends.append((now + settings.max_lifetime, f"open for max_lifetime {settings.max_lifetime:g}s"))
+        if settings.close_on_token_expiry and expires_in is not None:
+            ends.append((now + expires_in, "its token expired"))
+        self._end = min(ends) if ends else None
+        self._timer: asyncio.TimerHandle | None = None
+        self.closed_because: str | None = None
+        self._arm()
+
+    def _arm(self) -> None:
+        due = self._end[0] if self._end is not None else None
+        if self._idle:
+            idle_at = self._tunnel.active + self._idle
+            due = idle_at if due is None else min(due, idle_at)
+        if due is not None:
+            self._timer = self._loop.call_at(due, self._check)
+
+    def _check(self) -> None:
+        now = self._loop.time() + 0.001  # call_at may run a hair early
+        if self._end is not None and now >= self._end[0]:
+            because = self._end[1]
+        elif self._idle and now >= self._tunnel.active + self._idle:
+            because = f"idle for idle_timeout {self._idle:g}s"
+        else:
+            self._arm()  # bytes went through since the timer was set
+            return
+        self.closed_because = because
+        event(log, logging.DEBUG, "websocket_closed", "websocket %(upstream)s closed: %(because)s",
+              upstream=str(self._origin), because=because)
+        self._tunnel.transport.abort()
+        self._request.abort()
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+
+async def forward_websocket(
+    request: Request,
+    pool: Pool,
+    *,
+    origin: Origin,
+    target: str,
+    headers: Fields,
+    upstream: Upstream,
+    request_id: str,
+    websocket: WebSocketSettings = WebSocketSettings(),
+    expires_in: float | None = None,
+) -> None:
+    """Send the handshake upstream; relay its answer; on 101, relay raw bytes both ways.
+
+    Like Envoy, the frames are not parsed: after the 101 the connection is the two
+    endpoints' own, and the authentication was done on the handshake. `websocket` bounds
+    the tunnel's idle time and lifetime; `expires_in` is how long the token that opened it
+    stays acceptable (None: no token, or no `exp`), for `close_on_token_expiry`.
+    """
+    loop = asyncio.get_running_loop()
+    tunnel = _Tunnel(request)
+    context = pool.tls_context() if origin.scheme == "https" else None
+    try:
+        async with asyncio.timeout(upstream.connect_timeout):
+            await loop.create_connection(lambda: tunnel, origin.host.strip("[]"), origin.port, ssl=context,
+                                         server_hostname=origin.host.strip("[]") if context else None)
+    except TimeoutError:
+        # Nothing was sent: an unreachable upstream is a 502, as in `forward` (504 is for an answer that is late).
+        raise UpstreamUnavailable(f"websocket {origin}: no connection within {upstream.connect_timeout:g}s") from None
+    except OSError as error:
+        raise UpstreamUnavailable(f"websocket {origin}: {cause(error)}") from None
+    try:
+        tunnel.send(pool.upgrade_head(origin.scheme, origin.host, origin.port, target, headers,
+                                      request.headers["Upgrade"]))
+        try:
+            async with asyncio.timeout(upstream.timeout):
+                while not tunnel.answered and tunnel.failed is None:
+                    await tunnel.wait()
+        except TimeoutError:
+            raise UpstreamTimeout(f"websocket {origin} did not answer within {upstream.timeout:g}s") from None
+        if tunnel.failed is not None:
+            raise UpstreamUnavailable(f"websocket {origin}: {tunnel.failed}")
+        reason = tunnel.reason.decode("utf-8", "surrogateescape")
+        if not tunnel.upgraded:
+            # Refused upstream (401, 403, 426...): relay the answer as any other.
+            fields, _, dated = _answer_fields(tunnel.headers, request_id)
+            request.respond(tunnel.status, reason, (), b"".join(tunnel.body), date=not dated, fields=fields)
+            return
+        # The 101's own hop-by-hop fields go, as on any answer; the two that make it a switch
+        # are ours to say (RFC 9110 §7.8).
+        fields, _, _ = _answer_fields(tunnel.headers, request_id)
+        upgrade = next((v for n, v in tunnel.headers if n.lower() == b"upgrade"), b"websocket")
+        fields += b"Connection: Upgrade\r\nUpgrade: %b\r\n" % upgrade
+        tunnel.active = loop.time()
+        limits = _TunnelLimits(request, tunnel, websocket, expires_in, origin)
+        try:
+            await request.tunnel(101, reason, (), tunnel.send, tunnel.relay(), fields=fields)
+        finally:
+            limits.cancel()
+    finally:
+        tunnel.transport.close()
+
+
+_TUNNEL_HIGH_WATER = 256 * 1024

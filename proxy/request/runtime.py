@@ -1,0 +1,142 @@
+"""Everything built from one config, and the one holder a reload swaps it in.
+
+Owns: `Snapshot` — the router, the strip plan, and for each route a `RoutePlan` with its
+resolved upstream, token sources, header map, verifier and metric children — built once per
+config so the request path does no lookups or parsing; and `Runtime`, the process-wide
+holder (client session, clock, metrics, the current snapshot, draining flag, readiness,
+which a reload never takes away).
+Does not own: reading config files (config/builder.py, reload.py) or handling requests (pipeline.py).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+import aiohttp
+
+from ..auth.keys import KeyRing
+from ..auth.verify import TokenCache, Verifier
+from ..base.clock import Clock
+from ..config.routing import Router
+from ..config.settings import HeaderMap, Route, Settings, TokenSource, Upstream
+from ..http.upstream import Pool
+from ..telemetry.accesslog import AccessLog
+from ..telemetry.metrics import NO_ROUTE, Metrics, MetricsView, RouteMetrics
+from .forward import Origin
+from .identity import StripPlan
+
+__all__ = ["RoutePlan", "Runtime", "Snapshot", "build_snapshot"]
+
+@dataclass(frozen=True, slots=True)
+class RoutePlan:
+    route: Route
+    upstream: Upstream
+    origin: Origin
+    """Where the upstream lives; the normalised path is appended to its base path as is."""
+    sources: tuple[TokenSource, ...]
+    header_map: HeaderMap | None
+    verifier: Verifier | None
+    """None on a public route."""
+    metrics: RouteMetrics
+    missing: str
+    """The log detail of a `TokenMissing` here ("no token in bearer, cookie"), built once."""
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    settings: Settings
+    router: Router
+    plans: Mapping[str, RoutePlan]
+    strip: StripPlan
+    keyring: KeyRing
+    cache: TokenCache | None
+    unmatched: RouteMetrics
+    providers_in_use: frozenset[str]
+
+
+def build_snapshot(settings: Settings, *, keyring: KeyRing, clock: Clock, metrics: Metrics) -> Snapshot:
+    # A fresh cache per config: a token verified under the old rules (audiences, leeway…)
+    # must be verified again under the new ones.
+    cache = TokenCache(settings.token_cache, clock) if settings.token_cache.enabled else None
+    verifiers = {
+        name: Verifier(provider, keyring[name], clock=clock, cache=cache, max_token_bytes=settings.max_token_bytes)
+        for name, provider in settings.providers.items()
+    }
+    plans: dict[str, RoutePlan] = {}
+    for route in settings.routes:
+        upstream = route.upstream or settings.upstream
+        provider = settings.providers[route.auth.provider] if route.auth is not None else None
+        sources = route.token_sources or (provider.token_sources if provider else ())
+        plans[route.name] = RoutePlan(
+            route=route,
+            upstream=upstream,
+            origin=Origin.parse(upstream.url),
+            sources=sources,
+            header_map=route.headers or (provider.headers if provider else None),
+            verifier=verifiers[provider.name] if provider else None,
+            metrics=metrics.route(route.name),
+            missing="no token in " + ", ".join(source.kind for source in sources),
+        )
+    return Snapshot(
+        settings=settings,
+        router=Router(settings.routes),
+        plans=MappingProxyType(plans),
+        strip=StripPlan.build(settings),
+        keyring=keyring,
+        cache=cache,
+        unmatched=metrics.route(NO_ROUTE),
+        providers_in_use=frozenset(r.auth.provider for r in settings.routes if r.auth is not None),
+    )
+
+
+@dataclass(eq=False)
+class Runtime:
+    """The process-wide state. `snapshot` is replaced whole by a reload, never edited."""
+
+    settings: Settings
+    clock: Clock
+    metrics: Metrics = field(default_factory=Metrics)
+    config_path: str | None = None
+    session: aiohttp.ClientSession | None = None
+    """aiohttp's client, for key fetches."""
+    pool: Pool | None = None
+    """The pooled HTTP/1.1 client every proxied request goes through."""
+    snapshot: Snapshot | None = None
+    draining: bool = False
+    was_ready: bool = False
+    """Set the first time `readiness` finds every provider in use with keys (see there)."""
+    access_log: AccessLog | None = None
+    """None when the access log is off (or in tests that do not read it)."""
+    log: logging.Logger = field(default_factory=lambda: logging.getLogger("jwt_sidecar"))
+
+    def __post_init__(self) -> None:
+        self.metrics.watch(self._view)
+
+    def _view(self) -> MetricsView:
+        snap = self.snapshot
+        return MetricsView(sources=snap.keyring.sources if snap else {}, cache=snap.cache if snap else None,
+                           monotonic=self.clock.monotonic)
+
+    def readiness(self) -> tuple[bool, str]:
+        """Ready when not draining and every provider a route uses holds keys.
+
+        Once ready, only draining makes the sidecar unready: a source never loses the keys
+        it has, a replaced one serves until its successor has keys, and a provider that a
+        reload added without keys yet costs its own routes a 503 each, not the whole pod
+        its traffic (every pod of a fleet reloads the same config at once).
+        """
+        if self.draining:
+            return False, "draining: shutting down"
+        snap = self.snapshot
+        if snap is None:
+            return False, "starting: config not loaded"
+        missing = sorted(name for name in snap.providers_in_use if not snap.keyring[name].ready)
+        if missing:
+            if self.was_ready:
+                return True, f"ready, but no signing keys yet for provider(s): {', '.join(missing)}"
+            return False, f"no signing keys yet for provider(s): {', '.join(missing)}"
+        self.was_ready = True
+        return True, "ready"

@@ -1,0 +1,611 @@
+"""Prometheus metrics: every name and label the sidecar exports, in one private registry.
+
+Owns: a `CollectorRegistry` per `Metrics` instance (never prometheus_client's global default,
+so two apps in one process, or two tests, never share a count); every metric name, type,
+label and bucket layout, declared once below; the per-request recording path (`RouteMetrics`,
+label children resolved once and cached); a scrape-time collector that reads key sources and
+the token cache through a `MetricsView`; and rendering the exposition body for `/metrics`.
+Does not own: serving `/metrics` (admin.py), deciding what a request's decision or reason is
+(pipeline.py), or the counters it reads at scrape time (keys.py and verify.py keep those).
+
+Labels are bounded by construction: route and provider names come from the config, methods,
+decisions, reasons and status classes from closed sets (anything else is recorded as
+`other`). Never a path, a subject, a claim or a token: each distinct label value is a time
+series kept for the life of the process.
+
+Metrics (durations in seconds, Prometheus base units):
+
+jwt_sidecar_requests_total{route, method, decision, reason, status}          counter
+    Requests answered. route: the route name, `(none)` when none matched; method: one of
+    METHODS, else `other`; decision: a `Decision` value; reason: an `errors.Reason` value,
+    "" for none; status: the status class, `1xx`..`5xx`.
+jwt_sidecar_in_flight_requests                                               gauge
+    Requests being handled right now.
+jwt_sidecar_connections_open                                                 gauge
+    Client connections open on the proxy port (per process; summed over workers).
+jwt_sidecar_connections_rejected_total{reason="limit"}                       counter
+    Client connections closed at accept: `max_connections` were open.
+jwt_sidecar_auth_duration_seconds{route}                                     histogram
+    Time deciding whether a request may pass: extraction, keys, verification, rules.
+jwt_sidecar_upstream_duration_seconds{route}                                 histogram
+    Time waiting for the upstream's response (or its failure).
+jwt_sidecar_config_reloads_total{result="success"|"failure"}                 counter
+    Config reload attempts.
+jwt_sidecar_jwks_fetches_total{provider}                                     counter
+    Key refresh attempts, counted as they start (remote providers only).
+jwt_sidecar_jwks_fetch_failures_total{provider}                              counter
+    Attempts that yielded no usable key set (remote providers only).
+jwt_sidecar_jwks_discovery_fetches_total{provider}                           counter
+    GETs of the OIDC discovery document (remote providers only).
+jwt_sidecar_jwks_keys{provider}                                              gauge
+    Usable verification keys held.
+jwt_sidecar_jwks_keys_skipped_total{provider}                                counter
+    Keys left out of loaded sets as unusable, summed over every load.
+jwt_sidecar_jwks_age_seconds{provider}                                       gauge
+    Seconds since the last good key load (remote providers that have had one).
+jwt_sidecar_provider_ready{provider}                                         gauge
+    1 when the provider holds at least one usable key, else 0.
+jwt_sidecar_token_cache_requests_total{result="hit"|"miss"}                  counter
+    Verified-token cache lookups (no samples when the cache is disabled).
+jwt_sidecar_token_cache_entries                                              gauge
+    Verified tokens held in the cache (no sample when the cache is disabled).
+
+process_cpu_seconds_total, process_resident_memory_bytes, process_virtual_memory_bytes,
+process_start_time_seconds, process_open_fds, process_max_fds
+    prometheus-client's own process metrics (read from /proc). One process: unlabelled, as
+    any Python exporter gives them. With `workers: N` the supervisor exports them for itself
+    and each worker, labelled `worker` ("supervisor", "0" .. "N-1"), read from /proc/PID at
+    scrape time (`ProcessesCollector`): prometheus-client's multiprocess mode has no process
+    metrics, and /proc is exact where copies in the multiprocess files would lag a second.
+
+The per-request families (`requests_total`, `in_flight_requests` and the two durations) and
+the connection families (`connections_open`, `connections_rejected_total`: the proxy's
+`http1.Server` adds to `Metrics.connections`) are plain Python numbers, read at scrape time: a prometheus-client Counter or Histogram takes a
+lock per increment and walks its buckets in Python, which was an eighth of a refused
+request's instructions (bench/instructions). The `jwks_*`, `provider_ready` and
+`token_cache_*` families are read from the live objects at each scrape (`Metrics.watch`), so a hot reload that swaps the key ring or the cache is seen at
+the next scrape. A key source or cache that a reload replaces starts its counters again from
+0, which Prometheus' `rate()` and `increase()` treat as an ordinary counter reset.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import math
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.utils import floatToGoString
+
+from ..base.errors import Reason
+from ..base.oplog import event
+from ..config.settings import StaticKeys
+from ..http.http1 import ConnectionCounts
+
+if TYPE_CHECKING:
+    from ..auth.keys import KeySource
+    from ..auth.verify import TokenCache
+
+__all__ = [
+    "AUTH_BUCKETS",
+    "METHODS",
+    "NO_ROUTE",
+    "UPSTREAM_BUCKETS",
+    "Decision",
+    "Metrics",
+    "MetricsView",
+    "ProcessesCollector",
+    "RouteMetrics",
+]
+
+_PREFIX = "jwt_sidecar_"
+
+METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+"""Methods recorded by name; any other (including lower case: RFC 9110 §9.1 methods are
+case-sensitive) is recorded as `other`, so a client cannot mint new series."""
+
+NO_ROUTE = "(none)"
+"""The `route` label of a request no route matched. Parenthesised to stand apart from route
+names; config/builder.py does not reserve it yet, so a route literally named `(none)` would share it."""
+
+OTHER = "other"
+"""The label value for anything outside a closed set."""
+
+AUTH_BUCKETS = (.00005, .0001, .00025, .0005, .001, .0025, .005, .01, .025, .05, .1, .25, 1.0)
+"""A cached token costs tens of microseconds, an RSA verify well under a millisecond, a key
+refetch on an unknown kid up to the JWKS timeout: 50µs to 1s covers all three."""
+
+UPSTREAM_BUCKETS = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1.0, 2.5, 5.0, 10.0, 30.0)
+"""Loopback upstreams answer in about a millisecond; 30s is the default upstream timeout."""
+
+
+class Decision(enum.StrEnum):
+    """What became of a request: the `decision` label."""
+
+    ALLOWED = "allowed"
+    DENIED = "denied"
+    """Refused for its credentials (400/401/403 with a Bearer challenge) or our key outage (503)."""
+    UPSTREAM_ERROR = "upstream_error"
+    """Allowed, but the upstream failed or timed out (502/504)."""
+    REJECTED = "rejected"
+    """Refused before authentication: a bad request, no route, a body too large."""
+
+
+_METHODS = frozenset(METHODS)
+_DECISIONS = frozenset(Decision)
+# StrEnum members hash and compare as their values, so plain strings match too.
+_REASONS = frozenset(Reason) | {""}
+_STATUS_CLASSES = {1: "1xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
+
+_log = logging.getLogger("proxy.metrics")  # the name it has always logged under
+_T = TypeVar("_T")
+
+
+class _Durations:
+    """One histogram series as plain numbers: a count per bucket (not cumulative) and a sum."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last is +Inf
+        self.sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        # bisect_left: the first bound >= seconds, as Prometheus buckets are `le` (<=).
+        self.counts[bisect_left(self.bounds, seconds)] += 1
+        self.sum += seconds
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        total = 0
+        buckets = []
+        for bound, count in zip((*self.bounds, math.inf), self.counts):
+            total += count
+            buckets.append((floatToGoString(bound), float(total)))
+        return buckets
+
+
+class RouteMetrics:
+    """The recording side for one route: plain numbers, added to on every request.
+
+    Made by `Metrics.route`, once per route name; keep it with the route and call it on every
+    request. A method, decision, reason or status outside its closed set is recorded as
+    `other` rather than raising: the request has been answered by then.
+    """
+
+    __slots__ = ("name", "counts", "auth", "upstream")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.counts: dict[tuple[str, str, str, str], int] = {}
+        """(method, decision, reason, status class) -> requests answered."""
+        self.auth = _Durations(AUTH_BUCKETS)
+        self.upstream = _Durations(UPSTREAM_BUCKETS)
+
+    def observe_auth(self, seconds: float) -> None:
+        self.auth.observe(seconds)
+
+    def observe_upstream(self, seconds: float) -> None:
+        self.upstream.observe(seconds)
+
+    def count(self, method: str, decision: Decision, reason: str, status: int) -> None:
+        """One answered request. `reason` is an `errors.Reason` value, or "" for none."""
+        # Method and status are normalised before the lookup, so the dict stays as bounded
+        # as the labels are, whatever a client sends.
+        key = (method if method in _METHODS else OTHER, decision, reason,
+               _STATUS_CLASSES.get(status // 100, OTHER))
+        counts = self.counts
+        seen = counts.get(key)
+        if seen is None:
+            key = self._checked(key)
+            seen = counts.get(key, 0)
+        counts[key] = seen + 1
+
+    @staticmethod
+    def _checked(key: tuple[str, str, str, str]) -> tuple[str, str, str, str]:
+        # A decision or reason outside the closed sets is a bug in the caller; record it as
+        # `other` (so bogus values cannot grow the dict) rather than fail a request that has
+        # already been answered.
+        method, decision, reason, status = key
+        if decision in _DECISIONS and reason in _REASONS:
+            return key
+        return (method, decision if decision in _DECISIONS else OTHER, reason if reason in _REASONS else OTHER,
+                status)
+
+    def __repr__(self) -> str:
+        return f"<RouteMetrics {self.name} series={len(self.counts)}>"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MetricsView:
+    """What the scrape-time collector reads: the live key sources, token cache and clock."""
+
+    sources: Mapping[str, KeySource]
+    """Provider name → key source (a `KeyRing.sources`)."""
+    cache: TokenCache | None
+    """The verified-token cache, or None when it is disabled."""
+    monotonic: Callable[[], float]
+    """The clock the key sources stamp `last_success` with (`clock.monotonic`)."""
+
+
+class Metrics:
+    """Every metric of one app, in its own registry."""
+
+    registry: CollectorRegistry
+    in_flight: int
+    """Requests being handled right now: the handler adds and subtracts 1."""
+    connections: ConnectionCounts
+    """Client connections open and rejected: the proxy's server keeps these (`Proxy.server`)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        # CPU, memory and open files of this process (process_*), which the default registry
+        # would have given us; the sizing advice in the README is read from these.
+        ProcessCollector(registry=self.registry)
+        self.in_flight = 0
+        self.connections = ConnectionCounts()
+        self._routes: dict[str, RouteMetrics] = {}
+        self.registry.register(_RequestCollector(self))
+        reloads = Counter(
+            _PREFIX + "config_reloads",
+            "Config reload attempts, by result.",
+            ("result",),
+            registry=self.registry,
+        )
+        # Both resolved now, so a failure series exists at 0 before the first failure
+        # (an alert on increase() needs a previous sample to compare against).
+        self._reload_ok = reloads.labels("success")
+        self._reload_failed = reloads.labels("failure")
+        self._collector: _ViewCollector | None = None
+        self._mirror: _Mirror | None = None
+
+    def route(self, name: str) -> RouteMetrics:
+        """The recorder for route `name` (`NO_ROUTE` for unmatched requests), made once."""
+        found = self._routes.get(name)
+        if found is None:
+            found = self._routes[name] = RouteMetrics(name)
+        return found
+
+    def count_reload(self, ok: bool) -> None:
+        (self._reload_ok if ok else self._reload_failed).inc()
+
+    def watch(self, view: Callable[[], MetricsView]) -> None:
+        """Export key-source and token-cache metrics, read through `view()` at every scrape.
+
+        `view` is called at scrape time, so it should return whatever is current (the key
+        ring of the running config snapshot). Calling `watch` again replaces it.
+        """
+        if self._collector is None:
+            self._collector = _ViewCollector(view)
+            self.registry.register(self._collector)
+        else:
+            self._collector.view = view
+
+    def render(self, accept: str | None = None) -> tuple[bytes, str]:
+        """The exposition body and its content type, in the format the `Accept` header asks for."""
+        encoder, content_type = choose_encoder(accept or "")
+        return encoder(self.registry), content_type
+
+    def mirror(self) -> None:
+        """Copy the scrape-time families into prometheus-client's multiprocess files.
+
+        With `workers: N` the supervisor scrapes the files every worker writes
+        (`MultiProcessCollector`); a scrape-time collector in a worker is never asked. So each
+        worker calls this every second (and once more as it stops): counters and histograms
+        advance by what they grew, gauges are set.
+        """
+        if self._mirror is None:
+            self._mirror = _Mirror()
+        families = list(_request_families(self))
+        if self._collector is not None:
+            families += self._collector.collect()
+        self._mirror.copy(families)
+
+
+class ProcessesCollector:
+    """The process_* metrics of several processes, each labelled `worker`, read at scrape time.
+
+    `processes()` returns (label, pid) pairs: it is called at every scrape, so a restarted
+    worker is read under its new pid and keeps its label (its CPU counter starts again from
+    0, which `rate()` takes for a reset; `process_start_time_seconds` says when). A process
+    that has gone between the call and the read costs its own samples only.
+    """
+
+    def __init__(self, processes: Callable[[], Iterable[tuple[str, int]]]) -> None:
+        self._processes = processes
+        self._pid = 0
+        # One reader, pointed at each pid in turn: prometheus-client's own /proc parsing and names.
+        self._reader = ProcessCollector(pid=lambda: self._pid, registry=None)
+
+    def collect(self) -> Iterator[Metric]:
+        families: dict[str, Metric] = {}
+        for label, pid in list(self._processes()):
+            self._pid = pid
+            try:
+                read = list(self._reader.collect())
+            except Exception:  # noqa: BLE001 - one odd /proc file must cost its own samples, not the scrape
+                event(_log, logging.DEBUG, "metrics_failed", "metrics: reading /proc/%(pid)d failed", pid=pid,
+                      exc_info=True)
+                continue
+            for family in read:
+                merged = families.get(family.name)
+                if merged is None:
+                    merged = families[family.name] = Metric(family.name, family.documentation, family.type)
+                for sample in family.samples:
+                    merged.add_sample(sample.name, {**sample.labels, "worker": label}, sample.value)
+        yield from families.values()
+
+
+# -- scrape time -------------------------------------------------------------------------------
+
+_FETCHES = _PREFIX + "jwks_fetches"
+_FETCH_FAILURES = _PREFIX + "jwks_fetch_failures"
+_DISCOVERY_FETCHES = _PREFIX + "jwks_discovery_fetches"
+_KEYS = _PREFIX + "jwks_keys"
+_SKIPPED = _PREFIX + "jwks_keys_skipped"
+_AGE = _PREFIX + "jwks_age_seconds"
+_READY = _PREFIX + "provider_ready"
+_CACHE_REQUESTS = _PREFIX + "token_cache_requests"
+_CACHE_ENTRIES = _PREFIX + "token_cache_entries"
+
+
+_REQUESTS = _PREFIX + "requests"
+_IN_FLIGHT = _PREFIX + "in_flight_requests"
+_AUTH = _PREFIX + "auth_duration_seconds"
+_UPSTREAM = _PREFIX + "upstream_duration_seconds"
+_REQUEST_LABELS = ("route", "method", "decision", "reason", "status")
+_CONNECTIONS_OPEN = _PREFIX + "connections_open"
+_CONNECTIONS_REJECTED = _PREFIX + "connections_rejected"
+
+
+def _request_families(metrics: Metrics) -> Iterator[Metric]:
+    """The per-request families, from the numbers `RouteMetrics` keeps."""
+    requests = CounterMetricFamily(
+        _REQUESTS, "Requests answered, by route, method class, decision, refusal reason and status class.",
+        labels=_REQUEST_LABELS)
+    auth = HistogramMetricFamily(
+        _AUTH, "Time spent deciding whether a request may pass (token extraction, keys, verification, rules).",
+        labels=("route",))
+    upstream = HistogramMetricFamily(
+        _UPSTREAM, "Time spent waiting for the upstream's response, or for it to fail.", labels=("route",))
+    # Copies: a request landing between two reads must not change a dict being iterated.
+    for route in list(metrics._routes.values()):
+        for key, count in list(route.counts.items()):
+            requests.add_metric((route.name, *key), count)
+        for family, durations in ((auth, route.auth), (upstream, route.upstream)):
+            family.add_metric((route.name,), durations.cumulative(), durations.sum)
+    yield requests
+    yield GaugeMetricFamily(_IN_FLIGHT, "Requests being handled right now.", value=metrics.in_flight)
+    yield auth
+    yield upstream
+    connections = metrics.connections
+    yield GaugeMetricFamily(_CONNECTIONS_OPEN, "Client connections open on the proxy port.", value=connections.open)
+    rejected = CounterMetricFamily(
+        _CONNECTIONS_REJECTED, "Client connections closed at accept, by reason (limit: max_connections were open).",
+        labels=("reason",))
+    rejected.add_metric(("limit",), connections.rejected)
+    yield rejected
+
+
+class _RequestCollector:
+    """Exports the per-request numbers of one `Metrics` at scrape time."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def describe(self) -> Iterable[Metric]:
+        return self.collect()
+
+    def collect(self) -> Iterator[Metric]:
+        return _request_families(self._metrics)
+
+
+def _families() -> dict[str, Metric]:
+    """Fresh, empty families of every metric the collector exports (one set per scrape)."""
+    return {
+        # Attempts and failures rather than a success/failure label: KeySource counts an
+        # attempt when it starts and a failure when it ends, so "attempts - failures" read
+        # during a fetch that then fails would go down, which Prometheus takes for a reset.
+        # (Prometheus's own metrics follow this shape, e.g. rule_evaluations_total and
+        # rule_evaluation_failures_total.)
+        _FETCHES: CounterMetricFamily(
+            _FETCHES, "Key refresh attempts (each one GET of the JWKS), counted as they start.",
+            labels=("provider",)),
+        _FETCH_FAILURES: CounterMetricFamily(
+            _FETCH_FAILURES, "Key refresh attempts that yielded no usable key set.", labels=("provider",)),
+        _DISCOVERY_FETCHES: CounterMetricFamily(
+            _DISCOVERY_FETCHES, "GETs of the OpenID Connect discovery document.", labels=("provider",)),
+        _KEYS: GaugeMetricFamily(_KEYS, "Usable verification keys held.", labels=("provider",)),
+        _SKIPPED: CounterMetricFamily(
+            _SKIPPED, "Keys left out of loaded key sets as unusable, summed over every load.",
+            labels=("provider",)),
+        _AGE: GaugeMetricFamily(_AGE, "Seconds since the last good key load.", labels=("provider",)),
+        _READY: GaugeMetricFamily(_READY, "1 when the provider holds at least one usable key.",
+                                  labels=("provider",)),
+        _CACHE_REQUESTS: CounterMetricFamily(
+            _CACHE_REQUESTS, "Verified-token cache lookups, by result.", labels=("result",)),
+        _CACHE_ENTRIES: GaugeMetricFamily(_CACHE_ENTRIES, "Verified tokens held in the cache."),
+    }
+
+
+def _number(read: Callable[[], Any]) -> float | None:
+    """`read()` as a finite number, or None for anything else (or an exception)."""
+    try:
+        value = read()
+    except Exception:  # noqa: BLE001 - one odd attribute must cost one sample, not the scrape
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+class _ViewCollector:
+    """Reads a `MetricsView` at scrape time. Never raises: a reload may swap objects mid-scrape.
+
+    Each part (the view, each provider, the cache) is read on its own, so one that fails
+    costs its own samples and the rest of the scrape still renders.
+    """
+
+    def __init__(self, view: Callable[[], MetricsView]) -> None:
+        self.view = view
+        self._warned = False
+
+    def describe(self) -> Iterable[Metric]:
+        # Lets the registry refuse a name clash with the metrics above at register time,
+        # without calling the view (which may not be ready yet).
+        return _families().values()
+
+    def collect(self) -> Iterator[Metric]:
+        families = _families()
+        view = self._guard(self.view)
+        if view is not None:
+            now = self._guard(lambda: _number(view.monotonic))
+            sources = self._guard(lambda: _items(view.sources)) or ()
+            for name, source in sources:
+                self._guard(lambda: _source(families, str(name), source, now))
+            self._guard(lambda: _cache(families, view.cache))
+        yield from families.values()
+
+    def _guard(self, read: Callable[[], _T]) -> _T | None:
+        try:
+            return read()
+        except Exception:  # noqa: BLE001 - a scrape must never fail for what it reads
+            # Once at WARNING (someone should look), then quietly: scrapes come every few seconds.
+            event(_log, logging.DEBUG if self._warned else logging.WARNING, "metrics_failed",
+                  "metrics: reading key sources or the token cache failed", exc_info=True)
+            self._warned = True
+            return None
+
+
+def _items(sources: Any) -> list[tuple[Any, Any]]:
+    if not isinstance(sources, Mapping):
+        raise TypeError(f"MetricsView.sources is a {type(sources).__name__}, not a mapping")
+    # A copy, so a mapping that changes under us cannot break the loop.
+    return list(sources.items())
+
+
+def _is_static(source: Any) -> bool:
+    try:
+        return isinstance(source.provider.keys, StaticKeys)
+    except Exception:  # noqa: BLE001 - an odd object is treated as fetched, and read defensively
+        return False
+
+
+def _source(families: dict[str, Metric], name: str, source: Any, now: float | None) -> None:
+    labels = (name,)
+    samples: list[tuple[str, float | None]] = [
+        (_KEYS, _number(lambda: source.keyset.size)),
+        (_SKIPPED, _number(lambda: source.skipped)),
+        (_READY, _number(lambda: 1 if source.ready else 0)),
+    ]
+    # Static keys (a file, a PEM, a secret) are read once with the config: they are never
+    # fetched, so fetch counts and key age would be noise (and an age alert a false alarm).
+    if not _is_static(source):
+        last = _number(lambda: source.last_success)
+        samples += [
+            (_FETCHES, _number(lambda: source.fetches)),
+            (_FETCH_FAILURES, _number(lambda: source.failures)),
+            (_DISCOVERY_FETCHES, _number(lambda: source.discovery_fetches)),
+            # max(0, …): a clock that is not the sources' own must not give a negative age.
+            (_AGE, max(0.0, now - last) if now is not None and last is not None else None),
+        ]
+    for family, value in samples:
+        if value is not None:
+            families[family].add_metric(labels, value)
+
+
+def _cache(families: dict[str, Metric], cache: Any) -> None:
+    if cache is None:  # disabled: no samples rather than zeros that look like a cold cache
+        return
+    for result, value in (("hit", _number(lambda: cache.hits)), ("miss", _number(lambda: cache.misses))):
+        if value is not None:
+            families[_CACHE_REQUESTS].add_metric((result,), value)
+    entries = _number(lambda: len(cache))
+    if entries is not None:
+        families[_CACHE_ENTRIES].add_metric((), entries)
+
+
+# How the supervisor combines one gauge over the workers (prometheus-client multiprocess modes).
+_GAUGE_MODES = {_KEYS: "livemin", _AGE: "livemax", _READY: "livemin", _CACHE_ENTRIES: "livesum"}
+
+
+_HISTOGRAM_BOUNDS = {_AUTH: AUTH_BUCKETS, _UPSTREAM: UPSTREAM_BUCKETS}
+
+
+class _Mirror:
+    """Real, multiprocess-backed metrics shadowing the scrape-time families of one worker."""
+
+    def __init__(self) -> None:
+        self._metrics: dict[str, Counter | Gauge | Histogram] = {}
+        self._last: dict[tuple[str, tuple[str, ...]], float] = {}
+
+    def copy(self, families: Iterable[Metric]) -> None:
+        for family in families:
+            if family.type == "histogram":
+                self._copy_histogram(family)
+                continue
+            for sample in family.samples:
+                if sample.name.endswith("_created"):
+                    continue
+                labels = tuple(sorted(sample.labels))
+                metric = self._metric(family, labels)
+                values = tuple(sample.labels[name] for name in labels)
+                child = metric.labels(*values) if labels else metric
+                if isinstance(metric, Counter):
+                    child.inc(self._grown((family.name, values), sample.value))
+                else:
+                    child.set(sample.value)
+
+    def _grown(self, key: tuple[str, tuple[str, ...]], value: float) -> float:
+        grown = value - self._last.get(key, 0.0)
+        self._last[key] = value
+        # A source replaced by a reload starts from 0 again: count it anew.
+        return grown if grown >= 0 else value
+
+    def _copy_histogram(self, family: Metric) -> None:
+        # One series per route: its cumulative buckets (in bound order) and its sum. A
+        # multiprocess Histogram child has no call to add n observations at once, so the
+        # mirror adds to its bucket and sum values (`_buckets`, `_sum`: prometheus-client's
+        # own attributes, which tests/integration/test_workers.py reads back through the
+        # supervisor's scrape, so a change there fails loudly).
+        series: dict[str, tuple[list[float], float]] = {}
+        for sample in family.samples:
+            route = sample.labels["route"]
+            buckets, total = series.setdefault(route, ([], 0.0))
+            if sample.name.endswith("_bucket"):
+                buckets.append(sample.value)
+            elif sample.name.endswith("_sum"):
+                series[route] = (buckets, sample.value)
+        metric = self._metrics.get(family.name)
+        if metric is None:
+            metric = self._metrics[family.name] = Histogram(
+                family.name, family.documentation, ("route",), buckets=_HISTOGRAM_BOUNDS[family.name], registry=None)
+        for route, (buckets, total) in series.items():
+            child = metric.labels(route)
+            below = 0.0
+            for i, cumulative in enumerate(buckets):
+                grown = self._grown((family.name, (route, str(i))), cumulative - below)
+                below = cumulative
+                if grown:
+                    child._buckets[i].inc(grown)
+            child._sum.inc(self._grown((family.name, (route, "sum")), total))
+
+    def _metric(self, family: Metric, labels: tuple[str, ...]) -> Counter | Gauge | Histogram:
+        found = self._metrics.get(family.name)
+        if found is None:
+            # registry=None: these exist for the multiprocess files only; the worker's own
+            # registry already exports the same names through the scrape-time collector.
+            if family.type == "counter":
+                found = Counter(family.name, family.documentation, labels, registry=None)
+            else:
+                found = Gauge(family.name, family.documentation, labels, registry=None,
+                              multiprocess_mode=_GAUGE_MODES.get(family.name, "livesum"))
+            self._metrics[family.name] = found
+        return found

@@ -1,0 +1,706 @@
+"""The `jwt-sidecar` command: parse the command line, call the module that owns the work, report.
+
+Owns: the commands, their options and help, reading the files a command names, what is
+printed, and the exit status (0 done, 1 failed, 2 usage, 3 not verified). Does not own: any of the work
+itself (keygen.py makes keys and tokens) or exiting the process: `main` returns the status,
+and `python -m proxy` or the console script hands it to `SystemExit`.
+
+Each command is one `_add_<command>(commands)` function that builds its subparser and sets
+`run=` to a handler taking the parsed arguments and returning the exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import datetime
+import json
+import logging
+import os
+import re
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NoReturn
+
+import aiohttp
+import prometheus_client
+import yaml
+
+from .. import __version__
+from ..auth.keys import key_source_for
+from ..base import oplog
+from ..base.clock import SystemClock
+from ..base.errors import ConfigError
+from ..base.jwks import SUPPORTED_ALGORITHMS
+from ..base.safetext import one_line
+from ..config import builder as config, routecheck
+from ..config.yamlsource import parse_duration
+from ..ops import server, workers
+from ..ops.startup import StartupError
+from . import explain as explain_mod
+from .keygen import (GENERATE_ALGORITHMS, SECRET_ENCODINGS, KeyToolError, generate, mint, parse_claim,
+                     secret_for_minting, write)
+
+__all__ = ["build_parser", "main"]
+
+PROG = "jwt-sidecar"
+
+
+class _UsageError(Exception):
+    """The command line itself is wrong: exit status 2, with the usage of the command at fault."""
+
+    def __init__(self, message: str, parser: argparse.ArgumentParser | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.parser = parser
+
+
+class _Exit(Exception):
+    """argparse finished the command itself (--help, --version)."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(status)
+        self.status = status
+
+
+class _Parser(argparse.ArgumentParser):
+    # argparse exits the process on a usage error or --help; `main` returns a status instead,
+    # so it stays callable in-process (tests, embedding) and sys.exit lives in one place.
+    def error(self, message: str) -> NoReturn:
+        raise _UsageError(message, self)
+
+    def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
+        if message:
+            sys.stderr.write(message)
+        raise _Exit(status)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command line (default: `sys.argv[1:]`) and return its exit status."""
+    parser = build_parser()
+    try:
+        args, extras = parser.parse_known_args(argv)
+        if extras:  # named by the command they were given to, with its usage, not the top level's
+            raise _UsageError(f"unrecognized arguments: {' '.join(extras)}", getattr(args, "parser", parser))
+        status: int = args.run(args)
+        return status
+    except _Exit as done:
+        return done.status
+    except _UsageError as error:
+        if error.parser is not None:
+            error.parser.print_usage(sys.stderr)
+        _complain(error.message)
+        return 2
+    except KeyToolError as error:
+        _complain(str(error))
+        return 1
+    except ConfigError as error:
+        for issue in error.issues:
+            print(issue, file=sys.stderr)
+        _complain(f"the config has {len(error.issues)} problem(s); nothing was started")
+        return 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="A reverse proxy that verifies bearer JWTs, and its operator tools.")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
+    _add_run(commands)
+    _add_demo(commands)
+    _add_check_config(commands)
+    _add_keys(commands)
+    _add_token(commands)
+    return parser
+
+
+def _complain(message: str) -> None:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+
+
+# -- run ----------------------------------------------------------------------------------
+
+
+def _add_run(commands: Any) -> None:
+    p = commands.add_parser(
+        "run",
+        help="run the proxy",
+        description="Serve with the config FILE until SIGTERM/SIGINT, then drain in-flight requests and exit 0. "
+        "SIGHUP or a change of FILE reloads it; an invalid new config is refused and the old one keeps serving. "
+        "A start the operator must fix (a port in use, a file that cannot be read, a mistake in FILE) is refused "
+        "before anything is served: one line on stderr (a startup_failed JSON line with a JSON log), exit 1.",
+    )
+    p.add_argument("--config", type=Path, default=Path(os.environ.get("JWT_SIDECAR_CONFIG", "config.yaml")),
+                   metavar="FILE", help="the config file (default $JWT_SIDECAR_CONFIG or ./config.yaml)")
+    p.add_argument("--log-level", type=str.upper, choices=oplog.LEVELS,
+                   help="operator log level (default: the config's log_level, else INFO; the access log is "
+                   "separate, on stdout)")
+    p.add_argument("--log-format", type=str.lower, choices=oplog.FORMATS,
+                   help="operator log on stderr as text, json (one object per line) or auto (json when stderr "
+                   "is not a terminal); default: the config's log_format, else text")
+    p.set_defaults(run=_run, parser=p)
+
+
+def _run(args: argparse.Namespace) -> int:
+    return _starting(lambda: _start_run(args))
+
+
+def _starting(start: Callable[[], int]) -> int:
+    """`run` and `demo`: what stops a start that is the operator's to fix is one line, exit 1."""
+    try:
+        return start()
+    except StartupError as error:  # a port in use, a directory that cannot be written, ...
+        if oplog.writes_json():  # `log_format: json` was read: a log collector parses this line too
+            oplog.event(logging.getLogger("jwt_sidecar"), logging.ERROR, "startup_failed", "%(error)s",
+                        error=str(error))
+        else:
+            _complain(str(error))
+        return 1
+    except ConfigError as error:
+        if len(error.issues) != 1:
+            raise  # `main` lists them all, then counts them
+        _complain(str(error.issues[0]))  # a config file or key file that cannot be read, ...
+        return 1
+    except KeyboardInterrupt:  # Ctrl-C before the signal handlers are in place: a stop, not a crash
+        return 130
+
+
+def _start_run(args: argparse.Namespace) -> int:
+    try:
+        settings = config.load(args.config)
+    except ConfigError as error:
+        # A log collector that parses stderr as JSON must be able to read why the start
+        # failed. The config did not load, so the format is the command line's, else the
+        # file's own `log_format:` line when it has a readable one.
+        if oplog.resolve_format(args.log_format or _declared_log_format(args.config)) != "json":
+            raise  # `_starting` or `main` writes the text line(s)
+        server.configure_logging("INFO", "json")
+        problems = [str(issue) for issue in error.issues]
+        # Several problems: the sentence counts them and `problems` lists each one whole (a
+        # field is bounded, safetext.FIELD_LIMIT, so a joined list would lose its end).
+        summary = problems[0] if len(problems) == 1 else (
+            f"the config has {len(problems)} problem(s); nothing was started (see problems)")
+        oplog.event(logging.getLogger("jwt_sidecar"), logging.ERROR, "startup_failed", "%(error)s",
+                    error=summary, problems=problems)
+        return 1
+    # The command line wins over the file; `auto` is settled here, once, so the workers of
+    # `workers: N` (started with these two options) write exactly what their supervisor does.
+    settings = dataclasses.replace(
+        settings, log_level=args.log_level or settings.log_level,
+        log_format=oplog.resolve_format(args.log_format or settings.log_format))
+    worker = os.environ.get(workers.WORKER_ENV)
+    server.configure_logging(settings.log_level, settings.log_format,
+                             worker=int(worker) if worker and worker.isdigit() else None)
+    if not os.environ.get(workers.WORKER_ENV):  # once, not once per worker
+        for warning in settings.warnings:
+            oplog.event(logging.getLogger("jwt_sidecar.config"), logging.WARNING, "config_warning", "%(warning)s",
+                        warning=routecheck.format_warning(warning), line=warning.line, key=warning.path)
+    # `_created` samples double the /metrics output and no dashboard here reads them.
+    prometheus_client.disable_created_metrics()
+    if os.environ.get(workers.WORKER_ENV):  # started by the supervisor of `workers: N`
+        return server.run_worker(settings, config_path=str(args.config))
+    return server.run(settings, config_path=str(args.config))
+
+
+def _declared_log_format(path: Path) -> str:
+    """The `log_format` a config file that did not load says, if it says one plainly; else text."""
+    try:
+        document = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError):
+        return "text"
+    declared = document.get("log_format") if isinstance(document, dict) else None
+    return declared.lower() if isinstance(declared, str) and declared.lower() in oplog.FORMATS else "text"
+
+
+# -- demo ---------------------------------------------------------------------------------
+
+
+def _add_demo(commands: Any) -> None:
+    p = commands.add_parser(
+        "demo",
+        help="run the sidecar with a local key set and an echo upstream, and print tokens to try",
+        description="Start, on loopback, an issuer serving a freshly generated key set, an upstream that echoes "
+        "what it receives, and the sidecar with FILE; print valid tokens and curl lines. Ctrl-C stops everything. "
+        "A port the config names that is taken is replaced by a free one (the URLs and commands printed use the "
+        "ports chosen); a port given as an option is used as given, or the demo does not start.",
+    )
+    p.add_argument("--config", type=Path, default=None, metavar="FILE",
+                   help="the config (default ./config.yaml, else the example shipped with the package)")
+    # Without these each listener takes the config's port, or a free one when that is taken;
+    # a port given here is used or the demo does not start.
+    p.add_argument("--port", type=_port, metavar="N",
+                   help="the sidecar's port (default: the config's listen, 8080, or a free one)")
+    p.add_argument("--admin-port", type=_port, metavar="N",
+                   help="the admin port (default: the config's admin, 9901, or a free one)")
+    p.add_argument("--issuer-port", type=_port, metavar="N",
+                   help="the demo issuer's port (default: the config's jwks.url, 8090, or a free one)")
+    p.add_argument("--upstream-port", type=_port, metavar="N",
+                   help="the echo upstream's port (default: the config's upstream.url, 8000, or a free one)")
+    p.set_defaults(run=_demo, parser=p)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from . import demo
+
+    path = args.config or demo.default_config_path()
+    server.configure_logging("WARNING")
+
+    ports = {role: getattr(args, option[2:].replace("-", "_")) for role, option in demo.OPTIONS.items()}
+    given = [(demo.OPTIONS[role], port) for role, port in ports.items() if port is not None]
+    for i, (option, port) in enumerate(given):
+        for other, same in given[i + 1:]:
+            if same == port:
+                raise _UsageError(f"{option} and {other} are both {port}; each listener needs its own port",
+                                  args.parser)
+
+    def start() -> int:
+        asyncio.run(demo.run_demo(path, announce=lambda text: print(text, flush=True),
+                                  ports={role: port for role, port in ports.items() if port is not None}))
+        return 0
+
+    return _starting(start)
+
+
+# -- check-config -------------------------------------------------------------------------
+
+
+def _add_check_config(commands: Any) -> None:
+    p = commands.add_parser(
+        "check-config",
+        help="validate a config file and summarise it",
+        description="Report every mistake in FILE as file:line: path: problem (exit 1), or print a summary "
+        "of providers, key sources and routes, then any warnings as file:line: warning: path: problem "
+        "(exit 0). Nothing is fetched.",
+    )
+    p.add_argument("file", nargs="?", type=Path, default=Path("config.yaml"), metavar="FILE",
+                   help="the config file (default ./config.yaml)")
+    p.add_argument("--strict", action="store_true", help="exit 1 when there are warnings too (for CI)")
+    p.set_defaults(run=_check_config, parser=p)
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    try:
+        settings = config.load(args.file)
+    except ConfigError as error:
+        # As `run` lists them, but this command starts nothing, so it does not say so.
+        for issue in error.issues:
+            print(issue, file=sys.stderr)
+        _complain(f"the config has {len(error.issues)} problem(s)")
+        return 1
+    print(summary(settings))
+    for warning in settings.warnings:
+        print(routecheck.format_warning(warning))
+    if args.strict and settings.warnings:
+        # Say why the status is 1 after a summary that says OK.
+        _complain(f"{len(settings.warnings)} warning(s), and --strict fails on any")
+        return 1
+    return 0
+
+
+def summary(settings: config.Settings) -> str:
+    """One screen: what this config trusts and protects."""
+    warned = f" ({len(settings.warnings)} warning(s) below)" if settings.warnings else ""
+    lines = [f"{settings.source}: OK{warned}"]
+    lines.append(f"providers ({len(settings.providers)}):")
+    for p in settings.providers.values():
+        lines.append(f"  {p.name}: iss {', '.join(p.issuers)}; aud {', '.join(p.audiences)}")
+        lines.append(f"    keys: {p.keys.origin}")
+        extras = [f"leeway {p.leeway:g}s", f"required {', '.join(p.required_claims) or '-'}"]
+        if p.max_token_age is not None:
+            extras.append(f"max age {p.max_token_age:g}s")
+        if p.typ:
+            extras.append(f"typ {p.typ}")
+        lines.append(f"    algorithms: {', '.join(p.algorithms)}; " + "; ".join(extras))
+    lines.append(f"routes ({len(settings.routes)}, first match wins):")
+    for r in settings.routes:
+        m = r.match
+        where = (f"prefix {m.path_prefix}" if m.path_prefix is not None else
+                 f"exact {m.path_exact}" if m.path_exact is not None else f"regex {m.path_regex.pattern}")  # type: ignore[union-attr]
+        where += " (any case)" if m.ignore_case else ""
+        methods = ",".join(sorted(m.methods)) if m.methods else "any method"
+        if r.auth is None:
+            rule = "public (no token)"
+        else:
+            rule = f"{r.auth.provider}{' (optional)' if r.auth.optional else ''}"
+            if r.auth.scopes.all_of:
+                rule += f"; scopes all of {' '.join(r.auth.scopes.all_of)}"
+            if r.auth.scopes.any_of:
+                rule += f"; scopes any of {' '.join(r.auth.scopes.any_of)}"
+            if r.auth.claims:
+                rule += f"; {len(r.auth.claims)} claim rule(s)"
+        lines.append(f"  {r.name}: {where} [{methods}] -> {rule}")
+    cache = settings.token_cache
+    lines.append(f"token cache: {'on' if cache.enabled else 'off'}, {cache.max_entries} entries, max ttl {cache.max_ttl:g}s")
+    # Each entry is one line: a name or an issuer holding a newline or an escape sequence is shown escaped.
+    return "\n".join(one_line(line) for line in lines)
+
+
+# -- keys ---------------------------------------------------------------------------------
+
+
+def _add_keys(commands: Any) -> None:
+    keys = commands.add_parser("keys", help="make signing keys and publish their public halves")
+    actions = keys.add_subparsers(title="actions", metavar="ACTION", required=True)
+    _add_keys_generate(actions)
+
+
+def _add_keys_generate(actions: Any) -> None:
+    p = actions.add_parser(
+        "generate",
+        help="generate a signing key and its public JWK Set",
+        description="Write a new private key (mode 0600) as OUT/KID.pem and its public JWK to OUT/jwks.json, "
+        "or, with --jwks, add it to an existing JWK Set so old and new keys are served together during a "
+        "rotation. HS256 writes a shared secret, OUT/KID.secret, as base64url text instead.",
+    )
+    p.add_argument("--alg", required=True, choices=GENERATE_ALGORITHMS, help="the signing algorithm")
+    p.add_argument("--kid", required=True, help="the key id; also names the private file")
+    p.add_argument("--out", required=True, type=Path, metavar="DIR", help="directory for the new files")
+    p.add_argument("--jwks", type=Path, metavar="FILE", help="existing JWK Set to add the public key to (rotation)")
+    p.add_argument("--bits", type=int, metavar="N", help="RSA key size (default 2048)")
+    p.set_defaults(run=_keys_generate, parser=p)
+
+
+def _keys_generate(args: argparse.Namespace) -> int:
+    if args.bits is not None and args.alg != "RS256":
+        raise _UsageError("--bits only applies to --alg RS256", args.parser)
+    key = generate(args.alg, args.kid, bits=args.bits)
+    written = write(key, args.out, jwks_path=args.jwks)
+    private = written[0]
+    if key.secret is not None:
+        print(f"wrote {private}: the shared secret (base64url, mode 0600); keep it secret, never commit it")
+        print()
+        print(f"Configure the provider that checks these tokens with ({_RELATIVE_NOTE}):")
+        print(f"  secret: {{file: {_absolute(private)}, encoding: base64url}}")
+        print(f"  algorithms: [{key.alg}]")
+        print()
+        print("Mint a test token:")
+        print(f"  {_program()} token mint --secret-file {private} --iss ISSUER --aud AUDIENCE --sub SUBJECT")
+        return 0
+    jwks = written[1]
+    print(f"wrote {private}: the private key (PKCS#8, mode 0600); keep it secret, never commit it")
+    if args.jwks is None:
+        print(f"wrote {jwks}: the public JWK Set, kid {key.kid}")
+        print()
+        print(f"Serve {jwks} at your issuer's JWKS URL and configure the provider with")
+        print("  jwks: {url: https://ISSUER/.well-known/jwks.json}")
+        print(f"or read the file directly with ({_RELATIVE_NOTE})")
+        print(f"  jwks_file: {_absolute(jwks)}")
+        print(f"  algorithms: [{key.alg}]")
+    else:
+        print(f"added kid {key.kid} to {jwks}; it now serves the old keys and the new one")
+        print()
+        print(f"Rotation: publish {jwks} and keep signing with the old key until every verifier has")
+        print("fetched the new set (at most the provider's cache_ttl); then sign with the new key, and")
+        print("remove the old key from the set once the last token it signed has expired.")
+    print()
+    print("Mint a test token:")
+    print(f"  {_program()} token mint --key {private} --kid {key.kid} --iss ISSUER --aud AUDIENCE --sub SUBJECT")
+    return 0
+
+
+# The snippets are pasted into a config that may live elsewhere, and a config reads a relative
+# path from its own directory, not from where this command ran: so they name the file absolutely.
+_RELATIVE_NOTE = "the path is absolute: a config reads a relative path from its own directory"
+
+
+def _program() -> str:
+    """This `jwt-sidecar` by a path that works without activating its venv, as the demo prints it."""
+    from .demo import command
+
+    return command()
+
+
+def _absolute(path: Path) -> Path:
+    return path if path.is_absolute() else Path.cwd() / path
+
+
+# -- token --------------------------------------------------------------------------------
+
+
+def _add_token(commands: Any) -> None:
+    token = commands.add_parser("token", help="mint tokens for testing, explain why a token is refused")
+    actions = token.add_subparsers(title="actions", metavar="ACTION", required=True)
+    _add_token_mint(actions)
+    _add_token_explain(actions)
+
+
+def _add_token_mint(actions: Any) -> None:
+    p = actions.add_parser(
+        "mint",
+        help="sign a token with a private key or shared secret",
+        description="Print a signed token, alone, on stdout: TOKEN=$(jwt-sidecar token mint ...). "
+        "It carries iss, aud, sub, iat, exp, nbf with --not-before, a random jti, then every --claim. "
+        "Exit 0 printed, 1 the key, secret or claims cannot make a token, 2 usage error.",
+    )
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--key", type=Path, metavar="PEM", help="PEM private key (RSA, EC or Ed25519)")
+    source.add_argument("--secret-file", type=Path, metavar="FILE",
+                        help="file holding an HMAC secret; one written by `keys generate` needs no --secret-encoding")
+    p.add_argument("--secret-encoding", choices=SECRET_ENCODINGS,
+                   help="how --secret-file is written, as in the provider's `secret: encoding:`; needed only when "
+                        "the file could be read more than one way (default: the one way it reads)")
+    p.add_argument("--alg", choices=SUPPORTED_ALGORITHMS, help="signing algorithm (default: implied by the key)")
+    p.add_argument("--kid", help="key id for the token header")
+    p.add_argument("--iss", required=True, help="issuer")
+    p.add_argument("--aud", required=True, action="append", metavar="AUD", help="audience (repeatable)")
+    p.add_argument("--sub", help="subject")
+    p.add_argument("--ttl", type=_ttl, default=300.0, metavar="DURATION",
+                   help="exp from now: 60 (seconds), 30s, 5m, 1h30m (default 5m); negative for a token that "
+                        "expired that long ago: --ttl=-5m")
+    p.add_argument("--not-before", type=_not_before, metavar="WHEN",
+                   help="set nbf: an offset from now (5m, 90, --not-before=-1m) or a time with its zone "
+                        "(2026-12-03T10:00:00Z); after now makes a token that is not valid yet")
+    p.add_argument("--claim", type=_claim, action="append", default=[], metavar="NAME=VALUE",
+                   help="extra claim; VALUE is JSON when it parses (true, 3, [\"a\"]), else a string (repeatable)")
+    p.set_defaults(run=_token_mint, parser=p)
+    usage_error = p.error
+
+    def error(message: str) -> NoReturn:
+        # argparse reads `--ttl -5m` as two options; say how to give a negative value.
+        if message in ("argument --ttl: expected one argument", "argument --not-before: expected one argument"):
+            option = message.split(":")[0].removeprefix("argument ")
+            message += f" (write a negative value with '=': {option}={'-5m' if option == '--ttl' else '-1m'})"
+        usage_error(message)
+
+    p.error = error  # type: ignore[method-assign]
+
+
+def _token_mint(args: argparse.Namespace) -> int:
+    if args.secret_encoding is not None and args.secret_file is None:
+        raise _UsageError("--secret-encoding only applies to --secret-file", args.parser)
+    claims: dict[str, Any] = {}
+    for name, value in args.claim:
+        if name in claims:
+            raise _UsageError(f"--claim {name} is given twice", args.parser)
+        claims[name] = value
+    if args.key is not None:
+        private_key_pem, secret = _read(args.key), None
+        if b"-----BEGIN" not in private_key_pem:
+            # As --secret-file names --key for a PEM file: say which option this file is for.
+            if not private_key_pem.strip():
+                raise KeyToolError(f"{args.key} is empty; give a PEM private key")
+            raise KeyToolError(f"{args.key} holds no PEM block, so no private key; a shared secret (as `keys "
+                               f"generate --alg HS256` writes) signs with --secret-file {args.key}")
+    else:
+        secret, encoding = secret_for_minting(_read(args.secret_file), args.secret_encoding,
+                                              source=str(args.secret_file), alg=args.alg)
+        private_key_pem = None
+        if args.secret_encoding is None and encoding != "utf-8":
+            # Not silent: the provider that checks these tokens must read the file the same way.
+            print(f"{PROG}: note: read {args.secret_file} as {encoding} text, the form `keys generate` writes; "
+                  f"the provider needs `secret: {{file: ..., encoding: {encoding}}}`", file=sys.stderr)
+    now = time.time()
+    kind, when = args.not_before if args.not_before is not None else (None, 0.0)
+    token = mint(
+        private_key_pem=private_key_pem, secret=secret, alg=args.alg, kid=args.kid,
+        iss=args.iss, aud=args.aud, sub=args.sub, ttl_seconds=args.ttl, claims=claims, now=now,
+        not_before=None if kind is None else now + when if kind == "offset" else when,
+    )
+    print(token)
+    return 0
+
+
+EXPLAIN_EXIT_STATUSES: dict[int, str] = {
+    0: "VALID: every check the proxy runs passed",
+    1: "INVALID: the proxy refuses this token, or the input is not a JWT; the last line names the reason",
+    2: "usage error (an unknown option or --provider, --provider without a config)",
+    3: "NOT VERIFIED: decoded only: no config, a config with problems, or the provider's keys could not be loaded",
+}
+"""`token explain`'s exit statuses, as its help and README.md list them."""
+
+
+def _add_token_explain(actions: Any) -> None:
+    p = actions.add_parser(
+        "explain",
+        help="say what a token is and run every check on it, saying which pass and which fail",
+        description="Say what TOKEN is (\"not a JWT: ...\" stops there), decode it WITHOUT trusting it, then run "
+        "every check the proxy runs, in its order, printing each with PASS/FAIL/---- and the reason the proxy "
+        "would log. With no config, only decode and run the checks no config changes. Remote keys are fetched as "
+        "the proxy fetches them: at start, and once more when that brought none or the token's kid is not held.",
+        epilog="exit status: " + "; ".join(f"{code} {text}" for code, text in EXPLAIN_EXIT_STATUSES.items()),
+    )
+    p.add_argument("token", metavar="TOKEN", help="the token ('-' reads it from stdin; a leading 'Bearer ' is ignored)")
+    p.add_argument("--config", type=Path, default=None, metavar="FILE",
+                   help="the config file (default $JWT_SIDECAR_CONFIG, else ./config.yaml if it exists, else none)")
+    p.add_argument("--provider", metavar="NAME",
+                   help="the provider to check against (default: the one whose issuer is the token's iss, else "
+                        "the config's only provider)")
+    p.set_defaults(run=_token_explain, parser=p)
+
+
+def _token_explain(args: argparse.Namespace) -> int:
+    token = (sys.stdin.readline() if args.token == "-" else args.token).strip()
+    # Accept a pasted "Bearer xyz" or a whole "Authorization: Bearer xyz" line too: neither
+    # the header name nor the scheme is part of the token.
+    token = _PASTED_PREFIX.sub("", token, count=1).strip()
+    settings, no_config = _explain_settings(args.config)
+    if settings is None and args.provider is not None:
+        raise _UsageError(f"--provider needs a config; {no_config}", args.parser)
+    if settings is not None and args.provider is not None and args.provider not in settings.providers:
+        raise _UsageError(f"unknown provider {args.provider!r}; known: {', '.join(settings.providers) or '(none)'}",
+                          args.parser)
+    form = explain_mod.inspect(token)
+    if form.problem is not None:
+        # What the input is comes first, and nothing else is said about something that is no JWT.
+        print(form.problem)
+        limit = settings.max_token_bytes if settings is not None else explain_mod.DEFAULT_MAX_TOKEN_BYTES
+        if len(token) > limit:
+            print(f"it is also {len(token)} bytes, over the limit of {limit}, which the proxy checks first")
+            print(f"INVALID: {explain_mod.Reason.TOO_LARGE}")
+        else:
+            print(f"INVALID: {explain_mod.Reason.MALFORMED}")
+        return 1
+    now = time.time()
+    print(_render_form(form, now))
+    if settings is None:
+        report = explain_mod.explain_without_config(form)
+        print(f"{no_config}; only the checks every config makes the same were run:")
+        print(_render_steps(report))
+        print("a config is needed to check " + ", ".join(explain_mod.CONFIG_CHECKS))
+        failure = report.first_failure
+        if failure is not None:
+            print(f"refused whatever the config ({failure.name}: {failure.detail})")
+            print(f"INVALID: {failure.reason}")
+            return 1
+        print("NOT VERIFIED: no config")
+        return 3
+    provider = explain_mod.choose_provider(settings, form.payload, args.provider)
+    if provider is None:
+        problem, reason = explain_mod.provider_problem(settings, form.payload)
+        print(one_line(f"provider: none chosen: {problem}"))
+        print("give --provider NAME to run every check against one of them")
+        print(f"INVALID: {reason}")
+        return 1
+    report = asyncio.run(_explain(token, provider, settings))
+    chosen = "as named" if args.provider is not None else (
+        "by the token's iss" if form.payload is not None and form.payload.get("iss") in provider.issuers
+        else "the config's only provider")
+    print(one_line(f"provider: {provider.name} ({provider.keys.origin}), {chosen}"))  # a name may hold anything
+    print(_render_steps(report))
+    if report.valid:
+        print("VALID")
+        return 0
+    failure = report.first_failure
+    if failure is None or failure.reason is explain_mod.Reason.NO_KEYS:
+        print(f"NOT VERIFIED: {failure.reason if failure else 'not every check could run'}")
+        return 3
+    print(f"INVALID: {failure.reason}")
+    return 1
+
+
+_PASTED_PREFIX = re.compile(r"\A(?:authorization:[ \t]*)?bearer[ \t]+", re.IGNORECASE)
+
+
+def _explain_settings(path: Path | None) -> tuple[config.Settings | None, str]:
+    """The config `token explain` checks against, or None and why there is none."""
+    if path is None:
+        named = os.environ.get("JWT_SIDECAR_CONFIG")
+        if named:
+            path = Path(named)
+        else:
+            path = Path("config.yaml")
+            if not path.exists():
+                return None, "no config: ./config.yaml does not exist and no --config FILE was given"
+    try:
+        return config.load(path), ""
+    except ConfigError as error:
+        for issue in error.issues:
+            print(issue, file=sys.stderr)
+        return None, f"no config: {path} has {len(error.issues)} problem(s), listed on stderr"
+
+
+async def _explain(token: str, provider: config.Provider, settings: config.Settings) -> explain_mod.Report:
+    clock = SystemClock()
+    async with aiohttp.ClientSession() as session:
+        source = key_source_for(provider, session=session, clock=clock)
+        await source.start()
+        try:
+            return await explain_mod.explain(token, provider, source, now=clock.time(),
+                                             max_token_bytes=settings.max_token_bytes)
+        finally:
+            await source.close()
+
+
+def _render_form(form: explain_mod.Form, now: float) -> str:
+    lines = [f"input: {form.summary}",
+             "decoded, UNVERIFIED (nothing here is trusted until the signature verifies):"]
+    lines.append(f"  header:  {json.dumps(form.header, sort_keys=True)}")
+    if form.payload is None:
+        lines.append(f"  payload: does not decode: {(form.payload_problem or '').removeprefix('payload: ')}")
+    else:
+        lines.append(f"  payload: {json.dumps(form.payload, sort_keys=True)}")
+        for name in ("iat", "nbf", "exp"):
+            if name in form.payload:
+                lines.append(f"  {name}:     {explain_mod.when(form.payload[name], now)}")
+    return "\n".join(lines)
+
+
+def _render_steps(report: explain_mod.Report) -> str:
+    marks = {True: "PASS", False: "FAIL", None: "----"}
+    lines = []
+    for step in report.steps:
+        reason = f"   [{step.reason}]" if step.reason is not None else ""
+        lines.append(one_line(f"  {marks[step.ok]}  {step.name:<16}{step.detail}{reason}".rstrip()))
+    return "\n".join(lines)
+
+
+# -- argument types -----------------------------------------------------------------------
+
+
+def _offset(text: str) -> float:
+    """Seconds from a signed duration: 60, -300, 30s, -5m, +1h30m (a plain number is seconds, as in the config)."""
+    body = text.strip()
+    sign = -1.0 if body.startswith("-") else 1.0
+    body = body[1:] if body[:1] in "+-" else body
+    try:
+        return sign * float(body) if _PLAIN_SECONDS.fullmatch(body) else sign * parse_duration(body)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration; use e.g. 60, 30s, 5m, 1h30m, -5m") from None
+
+
+_PLAIN_SECONDS = re.compile(r"\d+(?:\.\d+)?")
+
+
+def _ttl(text: str) -> float:
+    seconds = _offset(text)
+    if abs(seconds) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is too short; use at least 1s (or -1s for an expired token)")
+    return seconds
+
+
+def _not_before(text: str) -> tuple[str, float]:
+    """("offset", seconds from now) or ("at", a Unix time)."""
+    try:
+        return "offset", _offset(text)
+    except argparse.ArgumentTypeError:
+        pass
+    try:
+        moment = datetime.datetime.fromisoformat(text.strip().replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither an offset (5m, -1m, 90) nor a time "
+                                         "(2026-12-03T10:00:00Z)") from None
+    if moment.tzinfo is None:
+        raise argparse.ArgumentTypeError(f"{text!r} has no time zone; add one, e.g. {text.strip()}Z for UTC")
+    return "at", moment.timestamp()
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port (1 to 65535)")
+    return int(text)
+
+
+def _claim(text: str) -> tuple[str, Any]:
+    try:
+        return parse_claim(text)
+    except KeyToolError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as error:
+        raise KeyToolError(f"cannot read {path}: {error.strerror or error}") from None

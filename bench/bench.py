@@ -278,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     load_cpus = T.LOAD_CPUS if pin else None
     ver = versions()
     meta = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "rounds": args.rounds, "duration_s": args.duration, "connections": args.connections,
         "connections_large": args.connections_large, "wrk_threads": 1, "rate": RATE, "pinned": pin,
         "cpus": os.cpu_count(), "machine": platform.machine(), "kernel": platform.release(),

@@ -38,7 +38,7 @@ RESP_502 = b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\nConnection: close\
 
 
 class Req:
-    __slots__ = ("client", "head", "fixed", "chunked", "keep_alive", "pending", "up", "done", "answered")
+    __slots__ = ("answered", "chunked", "client", "done", "fixed", "head", "keep_alive", "pending", "up")
 
     def __init__(self, client: Client) -> None:
         self.client, self.fixed, self.chunked, self.up, self.done, self.answered = client, None, False, None, False, False
@@ -61,6 +61,7 @@ class Pool:
             if not up.transport.is_closing():
                 return up.start(req)
         asyncio.get_running_loop().create_task(self.connect(req))
+        return None
 
     async def connect(self, req: Req) -> None:
         try:
@@ -70,6 +71,7 @@ class Pool:
         if req.client.transport.is_closing():
             return self.idle.append(up)  # the client left while we connected
         up.start(req)
+        return None
 
 
 class Upstream(asyncio.Protocol):
@@ -147,6 +149,7 @@ class Upstream(asyncio.Protocol):
             req.client.fail(req)
         if self.paused_client is not None:
             self.resume_writing()
+        return None
 
     def pause_writing(self) -> None:  # a 1 MiB upload faster than the upstream reads it
         if self.req is not None:

@@ -16,9 +16,10 @@ import shutil
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 LUA = HERE / "lua"
@@ -167,7 +168,7 @@ def parse_wrk(out: str) -> WrkResult:
     r.non_2xx_3xx = int(m.group(1)) if m else 0
     m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     if m:
-        r.socket_errors = {k: int(v) for k, v in zip(("connect", "read", "write", "timeout"), m.groups()) if int(v)}
+        r.socket_errors = {k: int(v) for k, v in zip(("connect", "read", "write", "timeout"), m.groups(), strict=True) if int(v)}
     for code, count in re.findall(r"^STATUS (\d+) (\d+)$", out, re.M):
         r.statuses[code] = r.statuses.get(code, 0) + int(count)
     return r

@@ -36,15 +36,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import jwt  # noqa: E402
-import yaml  # noqa: E402
-from cryptography.hazmat.primitives import serialization  # noqa: E402
+import jwt
+import yaml
+from cryptography.hazmat.primitives import serialization
 
-from proxy.config.builder import parse  # noqa: E402
-from proxy.http.http1 import _Connection  # noqa: E402
-from proxy.request.app import Proxy  # noqa: E402
-from proxy.telemetry.accesslog import AccessLog  # noqa: E402
-from proxy.tools.keygen import generate  # noqa: E402
+from proxy.config.builder import parse
+from proxy.http.http1 import _Connection
+from proxy.request.app import Proxy
+from proxy.telemetry.accesslog import AccessLog
+from proxy.tools.keygen import generate
 
 ISSUER = "https://issuer.bench.local/"
 AUDIENCE = "bench-api"
@@ -207,7 +207,7 @@ def _run(args: argparse.Namespace) -> dict[str, list[float]]:
         loop.run_until_complete(proxy.start())
         try:
             workloads = _workloads(key, 500, args.only)  # (b): 500 tokens cycled through 100 entries
-            for name, requests in workloads.items():  # warm-up: caches, pool, code paths
+            for requests in workloads.values():  # warm-up: caches, pool, code paths
                 loop.run_until_complete(_drive(proxy, requests, args.warmup, args.concurrency))
             results: dict[str, list[float]] = {name: [] for name in workloads}
             for _ in range(args.rounds):

@@ -77,7 +77,7 @@ async def run(url: str, rate: float, duration: float, headers: list[str], timeou
     parts = urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    head = [f"GET {path} HTTP/1.1", f"Host: {parts.netloc}"] + headers
+    head = [f"GET {path} HTTP/1.1", f"Host: {parts.netloc}", *headers]
     request = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1")
 
     idle: list[Conn] = []
@@ -89,7 +89,7 @@ async def run(url: str, rate: float, duration: float, headers: list[str], timeou
         conn = idle.pop() if idle else Conn(*await asyncio.open_connection(host, port))
         try:
             status = await asyncio.wait_for(conn.roundtrip(request), timeout)
-        except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, ValueError) as error:
+        except (TimeoutError, OSError, asyncio.IncompleteReadError, ValueError) as error:
             conn.close()
             if due is not None:
                 errors[type(error).__name__] = errors.get(type(error).__name__, 0) + 1
@@ -113,7 +113,7 @@ async def run(url: str, rate: float, duration: float, headers: list[str], timeou
             await asyncio.sleep(delay)
         tasks.append(asyncio.create_task(one(due)))
     sent_for = time.perf_counter() - start
-    done, pending = await asyncio.wait(tasks, timeout=timeout) if tasks else (set(), set())
+    _done, pending = await asyncio.wait(tasks, timeout=timeout) if tasks else (set(), set())
     for task in pending:
         task.cancel()
     if pending:

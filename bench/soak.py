@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import json
 import multiprocessing
 import os
 import random
@@ -308,7 +307,7 @@ def slope_mib_per_min(samples: list[tuple[float, float]]) -> float:
     xs, ys = [t for t, _ in samples], [r for _, r in samples]
     mx, my = statistics.fmean(xs), statistics.fmean(ys)
     var = sum((x - mx) ** 2 for x in xs)
-    return 60 * sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var if var else 0.0
+    return 60 * sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / var if var else 0.0
 
 
 # -- main -----------------------------------------------------------------------------------------

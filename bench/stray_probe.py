@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from proxy.http.upstream import Pool, UpstreamError  # noqa: E402
+from proxy.http.upstream import Pool, UpstreamError
 
 
 def _whole(marker: bytes) -> bytes:

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
-
 from tokens import AUDIENCE, ISSUER
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -62,7 +62,7 @@ def mint_many(key: GeneratedKey, count: int, *, now: int | None = None) -> list[
     if len(ranges) == 1:
         return _sign_range(key.private_pem, 0, count, now)
     with ProcessPoolExecutor(len(ranges)) as pool:
-        parts = pool.map(_sign_range, [key.private_pem] * len(ranges), *zip(*ranges), [now] * len(ranges))
+        parts = pool.map(_sign_range, [key.private_pem] * len(ranges), *zip(*ranges, strict=True), [now] * len(ranges))
         return [t for part in parts for t in part]
 
 

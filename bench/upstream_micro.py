@@ -25,13 +25,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import aiohttp  # noqa: E402
-from aiohttp import web  # noqa: E402
-from multidict import CIMultiDict  # noqa: E402
-from yarl import URL  # noqa: E402
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+from yarl import URL
 
-from proxy.http.upstream import Pool  # noqa: E402
-from proxy.request.forward import new_session  # noqa: E402
+from proxy.http.upstream import Pool
+from proxy.request.forward import new_session
 
 HEADERS = [
     ("Accept", "application/json"),

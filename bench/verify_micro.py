@@ -24,14 +24,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import jwt  # noqa: E402
-from cryptography.hazmat.primitives import serialization  # noqa: E402
+import jwt
+from cryptography.hazmat.primitives import serialization
 
-from proxy.auth.keys import key_source_for  # noqa: E402
-from proxy.auth.verify import TokenCache, Verifier  # noqa: E402
-from proxy.base.clock import SystemClock  # noqa: E402
-from proxy.config.builder import Provider, StaticKeys, TokenCacheSettings  # noqa: E402
-from proxy.tools.keygen import generate, mint  # noqa: E402
+from proxy.auth.keys import key_source_for
+from proxy.auth.verify import TokenCache, Verifier
+from proxy.base.clock import SystemClock
+from proxy.config.builder import Provider, StaticKeys, TokenCacheSettings
+from proxy.tools.keygen import generate, mint
 
 ALGORITHMS = ("RS256", "ES256", "EdDSA", "HS256")
 ISSUER = "https://issuer.bench.local/"

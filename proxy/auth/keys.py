@@ -429,7 +429,8 @@ class RemoteKeySource(KeySource):
             # The issuer may have moved its jwks_uri: look it up again next time.
             self._jwks_uri = None
         held = (f"keeping {self.keyset.size} key(s) from the last good fetch" if self.keyset.size > 0
-                else f"the keys from {self._fallback.provider.keys.origin} keep serving" if self.ready
+                else f"the keys from {self._fallback.provider.keys.origin} keep serving"
+                if self._fallback is not None and self.ready
                 else "no keys held: requests for this provider get 503")
         event(self._log, logging.WARNING, "key_fetch_failed",
               "provider %(provider)s: key fetch failed: %(what)s; %(serving)s",
@@ -459,8 +460,8 @@ class RemoteKeySource(KeySource):
             raise _FetchFailed("discovery document", url, f"issuer {_short(issuer)} is not one of "
                                f"{', '.join(self.provider.issuers)}")
         jwks_uri = document.get("jwks_uri")
-        parts = urlsplit(jwks_uri) if isinstance(jwks_uri, str) else None
-        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        if (not isinstance(jwks_uri, str) or (parts := urlsplit(jwks_uri)).scheme not in ("http", "https")
+                or not parts.hostname):
             raise _FetchFailed("discovery document", url, f"jwks_uri {_short(jwks_uri)} is not an http(s) URL")
         return jwks_uri
 

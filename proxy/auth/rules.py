@@ -38,7 +38,7 @@ def claim_at(payload: Mapping[str, Any], path: tuple[str, ...]) -> Any:
     value: Any = payload
     for part in path:
         # The plain types first: an isinstance against the Mapping ABC is several times slower.
-        if not (isinstance(value, _PLAIN_MAPPINGS) or isinstance(value, Mapping)) or part not in value:
+        if not (isinstance(value, (_PLAIN_MAPPINGS, Mapping))) or part not in value:
             return ABSENT
         value = value[part]
     return value

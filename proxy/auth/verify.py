@@ -29,12 +29,11 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 from cachetools import LRUCache
 from jwt import PyJWK, PyJWS
 from jwt.exceptions import DecodeError, PyJWTError
-
 
 from ..base.errors import InvalidToken, Reason
 from ..config.settings import Provider, TokenCacheSettings
@@ -210,7 +209,7 @@ def segment_problem(segment: str, name: str) -> str | None:
                     f"{'-' if char == '+' else '_'!r} instead (RFC 7515 §2)")
         if char.isspace():
             return f"the {name} segment has whitespace {at}"
-        return f"the {name} segment has {ascii(char)} {at}, which is not base64url"
+        return f"the {name} segment has {char!a} {at}, which is not base64url"
     if len(segment) % 4 == 1:
         return (f"the {name} segment is {len(segment)} character{'s' if len(segment) != 1 else ''} long, "
                 "which no base64url text is (a character is missing or extra)")
@@ -382,7 +381,7 @@ def parse_payload(raw: bytes) -> dict[str, Any]:
 
 
 # -- claims ------------------------------------------------------------------------------
-def _is_number(value: Any) -> bool:
+def _is_number(value: Any) -> TypeGuard[int | float]:
     # bool is an int to Python and no JSON number; an int beyond a double (10**400, which JSON
     # allows and Python reads exactly) makes math.isfinite raise OverflowError: neither is a
     # NumericDate we can compare with the clock.

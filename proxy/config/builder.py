@@ -62,7 +62,7 @@ from .settings import (
 from .yamlsource import Issues, Section, closest, describe, list_example, load_yaml
 
 # The settings are re-exported: callers name them as config.X, as before settings.py existed.
-__all__ = [*settings.__all__, "load", "parse"]
+__all__ = [*settings.__all__, "load", "parse"]  # noqa: PLE0604 - settings.__all__ is a list of str
 
 CLAIM_OPERATORS = ("equals", "one_of", "contains", "matches", "present")
 KEY_SOURCES = ("jwks", "discovery", "jwks_file", "pem_file", "secret")
@@ -204,7 +204,7 @@ class _Builder:
         required = s.string_list("required_claims", "claim names", "[exp, sub]", ("exp",))
         max_age = s.duration("max_token_age", None)
         typ = s.string("typ")
-        sources = [k for k in s.keys() if k in KEY_SOURCES]
+        sources = [k for k in s.keys() if k in KEY_SOURCES]  # noqa: SIM118 - a Section, not a dict: no __iter__
         keys: RemoteJwks | StaticKeys | None = None
         if not sources:
             s.missing(KEY_SOURCES, f"needs a key source: one of {', '.join(KEY_SOURCES)}")
@@ -220,7 +220,7 @@ class _Builder:
             keys = self.key_source(sources[0], s, issuers)
         default_algs = self._default_algorithms(keys)
         algorithms = self.algorithms(s, default_algs, keys)
-        sources = self.token_sources(s, "token_sources") or (BEARER,)
+        token_sources = self.token_sources(s, "token_sources") or (BEARER,)
         headers = self.header_map(s.section("headers", example=_HEADERS_EXAMPLE)) or HeaderMap()
         s.done()
         if keys is None or not issuers or not audiences:
@@ -228,7 +228,7 @@ class _Builder:
         return Provider(
             name=name, issuers=issuers, audiences=audiences, algorithms=algorithms, keys=keys,
             leeway=leeway, required_claims=required, max_token_age=max_age, typ=typ,
-            token_sources=sources, headers=headers,
+            token_sources=token_sources, headers=headers,
         )
 
     def algorithms(self, s: Section, default: tuple[str, ...], keys: RemoteJwks | StaticKeys | None) -> tuple[str, ...]:
@@ -543,7 +543,7 @@ class _Builder:
             if value is not None and not value.startswith("/"):
                 s.error(key, f"{value!r} must start with /")
                 return None  # not also "can never match" from the route table's check
-            elif value is not None and "*" in value:
+            if value is not None and "*" in value:
                 # `/api/*` would match only a path holding a literal `*`: a guarded route that
                 # never guards what it was written for.
                 s.error(key, f"{value!r}: a path has no wildcards here; path_prefix matches whole segments "

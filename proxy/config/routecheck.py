@@ -164,7 +164,7 @@ def _literal_start(pattern: re.Pattern[str]) -> str:
     text = pattern.pattern
     if "|" in text or not text.startswith("^"):
         return ""  # an alternation or an unanchored search can match anywhere
-    literal = []
+    literal: list[str] = []
     for ch in text[1:]:
         if ch in _REGEX_SPECIAL:
             if ch in "*?{" and literal:
@@ -326,7 +326,7 @@ def _other_spelling(route: Route, area: _Area, routes: Sequence[Route], router: 
     methods = sorted(route.match.methods) if route.match.methods else ["GET"]
     landed = {router.match(method, sibling) for method in methods} - {None, route}
     found = []
-    for other in sorted(landed, key=lambda r: routes.index(r)):  # type: ignore[arg-type]
+    for other in sorted(landed, key=lambda r: routes.index(r)):
         assert other is not None
         reasons = _weaker(route.auth, other.auth)
         if reasons:

@@ -27,14 +27,18 @@ T = TypeVar("T")
 _MISSING: Any = object()
 
 
-class _Map(dict):  # type: ignore[type-arg]
+class _Map(dict[Any, Any]):
     """A YAML mapping that remembers its own line and each value's line."""
 
     __slots__ = ("line", "lines")
+    line: int
+    lines: dict[Any, int]
 
 
-class _Seq(list):  # type: ignore[type-arg]
+class _Seq(list[Any]):
     __slots__ = ("line", "lines")
+    line: int
+    lines: list[int]
 
 
 class _Loader(yaml.SafeLoader):

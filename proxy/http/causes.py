@@ -84,7 +84,7 @@ def cause(error: BaseException, *, timeout: float | None = None) -> str:
         return cause(error.__cause__, timeout=timeout)
     if isinstance(error, OSError):
         if error.errno in _ERRNOS:
-            return _ERRNOS[error.errno]  # type: ignore[index]
+            return _ERRNOS[error.errno]
         if error.strerror:
             return _lower(error.strerror)
         if error.__cause__ is not None:

@@ -40,6 +40,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from email.utils import formatdate
 from http import HTTPStatus
+from typing import cast
 
 import httptools
 from multidict import CIMultiDict, MultiDict, MultiDictProxy
@@ -142,9 +143,30 @@ class Request:
     """
 
     __slots__ = (
-        "_buffered", "_chunked", "_chunks", "_close", "_complete", "_conn", "_continue", "_error", "_query", "_started",
-        "_finished", "_headers", "_waiter", "body_exists", "content_length", "fields", "keep_alive", "method",
-        "raw_path", "remote", "scheme", "status", "upgrade", "version",
+        "_buffered",
+        "_chunked",
+        "_chunks",
+        "_close",
+        "_complete",
+        "_conn",
+        "_continue",
+        "_error",
+        "_finished",
+        "_headers",
+        "_query",
+        "_started",
+        "_waiter",
+        "body_exists",
+        "content_length",
+        "fields",
+        "keep_alive",
+        "method",
+        "raw_path",
+        "remote",
+        "scheme",
+        "status",
+        "upgrade",
+        "version",
     )
 
     def __init__(self, conn: _Connection, method: str, target: str, version: str, fields: list[tuple[bytes, bytes]],
@@ -493,7 +515,7 @@ class _Connection(asyncio.BufferedProtocol):
         if self._server._filtered:
             sock = transport.get_extra_info("socket")
             if sock is not None:
-                _accept_handshakes(sock)  # type: ignore[arg-type]
+                _accept_handshakes(sock)
         self._idle()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -975,7 +997,9 @@ class _Rejected(asyncio.Protocol):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             except OSError:
                 pass  # gone already: closing it is all that is left to do
-        transport.abort()
+        # A server connection's transport is always a full Transport (BaseTransport is only
+        # what the Protocol interface declares).
+        cast(asyncio.Transport, transport).abort()
 
 
 class Server:
@@ -1000,7 +1024,7 @@ class Server:
         self.counts = counts if counts is not None else ConnectionCounts()
         self._loop = asyncio.get_running_loop()
         self._connections: set[_Connection] = set()
-        self._listeners: list[asyncio.AbstractServer] = []
+        self._listeners: list[asyncio.Server] = []
         # Every connection's reads land here and are handled at once (one event loop thread).
         self._read_buffer = memoryview(bytearray(_READ_SIZE))
         # One timer for every connection's keep-alive and head deadlines, rather than one per
@@ -1013,7 +1037,7 @@ class Server:
         does that a step or two later): a drain that ended without them would drop them."""
         self._filtered = False  # the listening sockets refuse handshakes (see _stop_accepting)
 
-    def _accept(self) -> asyncio.Protocol:
+    def _accept(self) -> asyncio.BaseProtocol:
         # Counted here, not in connection_made: asyncio accepts up to `backlog` connections in
         # one loop turn and makes each protocol before any of them is told it is connected.
         counts = self.counts
@@ -1027,8 +1051,10 @@ class Server:
     async def listen(self, host: str | None = None, port: int | None = None, *, sock: socket.socket | None = None,
                      reuse_port: bool = False, backlog: int = 1024) -> None:
         """Serve on `host:port`, or on `sock`, a socket already bound (startup.py binds first)."""
-        listener = await self._loop.create_server(self._accept, host, port, sock=sock, backlog=backlog,
-                                                  reuse_port=reuse_port or None)
+        # Either host and port or sock: asyncio refuses any other mix, which typeshed's two
+        # overloads cannot say for arguments that may each be None.
+        listener = await self._loop.create_server(self._accept, host, port, sock=sock,  # type: ignore[arg-type]
+                                                  backlog=backlog, reuse_port=reuse_port or None)
         self._listeners.append(listener)
         if self._sweeper is None:
             self._sweeper = self._loop.call_later(self._sweep_every, self._sweep)

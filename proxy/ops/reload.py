@@ -20,7 +20,8 @@ import os
 from ..auth.keys import KeyRing
 from ..base.errors import ConfigError, ConfigIssue
 from ..base.oplog import event
-from ..config import builder as config, routecheck
+from ..config import builder as config
+from ..config import routecheck
 from ..request.runtime import Runtime, build_snapshot
 
 __all__ = ["changes", "file_signature", "reload", "watch"]

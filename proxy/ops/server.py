@@ -19,10 +19,10 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from aiohttp import web
-
-from .admin import create_admin_app
 from prometheus_client import Gauge
 
 from ..base import oplog
@@ -31,6 +31,7 @@ from ..http.causes import shown
 from ..request.app import Proxy
 from ..request.runtime import Runtime
 from ..telemetry.accesslog import AccessLog
+from .admin import create_admin_app
 from .limits import default_max_connections, quiet_accept_errors, raise_fd_limit
 from .reload import reload, watch
 from .startup import Sockets, bind_for, check_multiproc_dir, check_stdout
@@ -211,7 +212,7 @@ def run_worker(settings: Settings, *, config_path: str) -> int:
     return 0
 
 
-def _loop_runner():  # type: ignore[no-untyped-def]
+def _loop_runner() -> Callable[[Coroutine[Any, Any, Any]], Any]:
     try:
         import uvloop  # the faster event loop, when installed (`pip install jwt-sidecar[fast]`)
     except ImportError:

@@ -21,8 +21,16 @@ from dataclasses import dataclass, field
 
 from ..config.settings import Listen, Settings
 
-__all__ = ["StartupError", "Sockets", "bind", "bind_for", "check_multiproc_dir", "check_stdout",
-           "metrics_directory", "why"]
+__all__ = [
+    "Sockets",
+    "StartupError",
+    "bind",
+    "bind_for",
+    "check_multiproc_dir",
+    "check_stdout",
+    "metrics_directory",
+    "why",
+]
 
 BACKLOG = 1024
 _WILDCARDS = ("0.0.0.0", "::", "")
@@ -76,7 +84,7 @@ def bind(address: Listen, role: str, *, reuse_port: bool = False) -> list[socket
     ip = address.host
     try:
         for family, kind, proto, _, sockaddr in dict.fromkeys(infos):  # de-duplicated, in order
-            ip = sockaddr[0]
+            ip = str(sockaddr[0])  # a str for IPv4 and IPv6, the only families asked for
             sock = socket.socket(family, kind, proto)
             sockets.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

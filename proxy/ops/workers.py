@@ -28,7 +28,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, multiprocess
@@ -42,7 +42,7 @@ from .admin import create_admin_app
 from .limits import quiet_accept_errors, raise_fd_limit
 from .startup import StartupError, bind_for, check_stdout, metrics_directory, why
 
-__all__ = ["WORKER_ENV", "WORKERS_READY", "supervise"]
+__all__ = ["WORKERS_READY", "WORKER_ENV", "supervise"]
 
 WORKER_ENV = "JWT_SIDECAR_WORKER"
 WORKERS_READY = "jwt_sidecar_workers_ready"
@@ -151,7 +151,8 @@ async def supervise(settings: Settings, *, config_path: str) -> int:
     status = 0
     try:
         while True:
-            done, _ = await asyncio.wait([stopping, *exits, *restarts], return_when=asyncio.FIRST_COMPLETED)
+            waiting: list[asyncio.Future[Any]] = [stopping, *exits, *restarts]
+            done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
             if stopping in done:
                 break
             for task in [t for t in done if t in restarts]:

@@ -36,7 +36,7 @@ from ..http.http1 import BodyError, BodyTimeout, Request
 from ..http.upstream import Fields, Pool, UpstreamError
 from .identity import HOP_BY_HOP, connection_tokens
 
-__all__ = ["Origin", "SMALL_BODY", "forward", "forward_websocket", "is_websocket", "new_session"]
+__all__ = ["SMALL_BODY", "Origin", "forward", "forward_websocket", "is_websocket", "new_session"]
 
 SMALL_BODY = 64 * 1024
 """Answers up to this size (by Content-Length) are read whole and written in one go."""
@@ -135,6 +135,8 @@ def _answer_fields(raw: list[tuple[bytes, bytes]], request_id: str) -> tuple[byt
 
 
 _DROPPED = frozenset(name.encode("ascii") for name in HOP_BY_HOP) | {b"x-request-id"}
+# The default of `forward`'s websocket settings: frozen, so one shared instance is safe.
+_DEFAULT_WEBSOCKET = WebSocketSettings()
 _KEEP, _DATE, _DROP, _CONNECTION, _LENGTH = range(5)
 _ROLES: dict[bytes, int] = {}
 """An answer field's role by its name as spelt on the wire: the same few names come back on
@@ -273,7 +275,10 @@ class _Tunnel(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        self._parser = None  # it holds our bound callbacks: a cycle left for the garbage collector
+        # It holds our bound callbacks: a cycle left for the garbage collector. Typed as never
+        # None (ignore below): asyncio calls nothing on a protocol after connection_lost, and an
+        # Optional would put a check on every data_received.
+        self._parser = None  # type: ignore[assignment]
         if not self.answered:
             self.failed = self.failed or "closed before answering"
         self._request.resume_reading()
@@ -446,7 +451,7 @@ async def forward_websocket(
     headers: Fields,
     upstream: Upstream,
     request_id: str,
-    websocket: WebSocketSettings = WebSocketSettings(),
+    websocket: WebSocketSettings = _DEFAULT_WEBSOCKET,
     expires_in: float | None = None,
 ) -> None:
     """Send the handshake upstream; relay its answer; on 101, relay raw bytes both ways.

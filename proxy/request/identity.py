@@ -328,13 +328,13 @@ def inject(
         count += 3
     else:
         chains = chains or [[], [], []]
-        for header, chain, value in (("X-Forwarded-For", chains[0], client), ("X-Forwarded-Proto", chains[1], proto),
+        for header, chain, given in (("X-Forwarded-For", chains[0], client), ("X-Forwarded-Proto", chains[1], proto),
                                      ("X-Forwarded-Host", chains[2], host)):
             if chain:
                 previous = b", ".join(chain).decode(_ENCODING, _ERRORS)
-                value = previous if value is None else f"{previous}, {value}"
-            if value is not None:
-                ours.append(f"{header}: {value}\r\n")
+                given = previous if given is None else f"{previous}, {given}"
+            if given is not None:
+                ours.append(f"{header}: {given}\r\n")
                 count += 1
     ours.append(f"X-Request-Id: {request_id_value}\r\n")
     parts.append("".join(ours).encode(_ENCODING, _ERRORS))

@@ -76,7 +76,7 @@ import math
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.exposition import choose_encoder
@@ -165,7 +165,7 @@ class _Durations:
     def cumulative(self) -> list[tuple[str, float]]:
         total = 0
         buckets = []
-        for bound, count in zip((*self.bounds, math.inf), self.counts):
+        for bound, count in zip((*self.bounds, math.inf), self.counts, strict=False):
             total += count
             buckets.append((floatToGoString(bound), float(total)))
         return buckets
@@ -179,7 +179,7 @@ class RouteMetrics:
     `other` rather than raising: the request has been answered by then.
     """
 
-    __slots__ = ("name", "counts", "auth", "upstream")
+    __slots__ = ("auth", "counts", "name", "upstream")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -198,7 +198,7 @@ class RouteMetrics:
         """One answered request. `reason` is an `errors.Reason` value, or "" for none."""
         # Method and status are normalised before the lookup, so the dict stays as bounded
         # as the labels are, whatever a client sends.
-        key = (method if method in _METHODS else OTHER, decision, reason,
+        key: tuple[str, str, str, str] = (method if method in _METHODS else OTHER, decision, reason,
                _STATUS_CLASSES.get(status // 100, OTHER))
         counts = self.counts
         seen = counts.get(key)
@@ -406,7 +406,7 @@ class _RequestCollector:
         return _request_families(self._metrics)
 
 
-def _families() -> dict[str, Metric]:
+def _families() -> dict[str, CounterMetricFamily | GaugeMetricFamily]:
     """Fresh, empty families of every metric the collector exports (one set per scrape)."""
     return {
         # Attempts and failures rather than a success/failure label: KeySource counts an
@@ -469,7 +469,8 @@ class _ViewCollector:
             now = self._guard(lambda: _number(view.monotonic))
             sources = self._guard(lambda: _items(view.sources)) or ()
             for name, source in sources:
-                self._guard(lambda: _source(families, str(name), source, now))
+                # Called at once by _guard, so the loop variables are the current ones.
+                self._guard(lambda: _source(families, str(name), source, now))  # noqa: B023
             self._guard(lambda: _cache(families, view.cache))
         yield from families.values()
 
@@ -498,7 +499,7 @@ def _is_static(source: Any) -> bool:
         return False
 
 
-def _source(families: dict[str, Metric], name: str, source: Any, now: float | None) -> None:
+def _source(families: dict[str, CounterMetricFamily | GaugeMetricFamily], name: str, source: Any, now: float | None) -> None:
     labels = (name,)
     samples: list[tuple[str, float | None]] = [
         (_KEYS, _number(lambda: source.keyset.size)),
@@ -521,7 +522,7 @@ def _source(families: dict[str, Metric], name: str, source: Any, now: float | No
             families[family].add_metric(labels, value)
 
 
-def _cache(families: dict[str, Metric], cache: Any) -> None:
+def _cache(families: dict[str, CounterMetricFamily | GaugeMetricFamily], cache: Any) -> None:
     if cache is None:  # disabled: no samples rather than zeros that look like a cold cache
         return
     for result, value in (("hit", _number(lambda: cache.hits)), ("miss", _number(lambda: cache.misses))):
@@ -533,7 +534,8 @@ def _cache(families: dict[str, Metric], cache: Any) -> None:
 
 
 # How the supervisor combines one gauge over the workers (prometheus-client multiprocess modes).
-_GAUGE_MODES = {_KEYS: "livemin", _AGE: "livemax", _READY: "livemin", _CACHE_ENTRIES: "livesum"}
+_GaugeMode = Literal["livemin", "livemax", "livesum"]
+_GAUGE_MODES: dict[str, _GaugeMode] = {_KEYS: "livemin", _AGE: "livemax", _READY: "livemin", _CACHE_ENTRIES: "livesum"}
 
 
 _HISTOGRAM_BOUNDS = {_AUTH: AUTH_BUCKETS, _UPSTREAM: UPSTREAM_BUCKETS}
@@ -543,7 +545,8 @@ class _Mirror:
     """Real, multiprocess-backed metrics shadowing the scrape-time families of one worker."""
 
     def __init__(self) -> None:
-        self._metrics: dict[str, Counter | Gauge | Histogram] = {}
+        self._metrics: dict[str, Counter | Gauge] = {}
+        self._histograms: dict[str, Histogram] = {}
         self._last: dict[tuple[str, tuple[str, ...]], float] = {}
 
     def copy(self, families: Iterable[Metric]) -> None:
@@ -558,7 +561,7 @@ class _Mirror:
                 metric = self._metric(family, labels)
                 values = tuple(sample.labels[name] for name in labels)
                 child = metric.labels(*values) if labels else metric
-                if isinstance(metric, Counter):
+                if isinstance(child, Counter):
                     child.inc(self._grown((family.name, values), sample.value))
                 else:
                     child.set(sample.value)
@@ -583,9 +586,9 @@ class _Mirror:
                 buckets.append(sample.value)
             elif sample.name.endswith("_sum"):
                 series[route] = (buckets, sample.value)
-        metric = self._metrics.get(family.name)
+        metric = self._histograms.get(family.name)
         if metric is None:
-            metric = self._metrics[family.name] = Histogram(
+            metric = self._histograms[family.name] = Histogram(
                 family.name, family.documentation, ("route",), buckets=_HISTOGRAM_BOUNDS[family.name], registry=None)
         for route, (buckets, total) in series.items():
             child = metric.labels(route)
@@ -597,7 +600,7 @@ class _Mirror:
                     child._buckets[i].inc(grown)
             child._sum.inc(self._grown((family.name, (route, "sum")), total))
 
-    def _metric(self, family: Metric, labels: tuple[str, ...]) -> Counter | Gauge | Histogram:
+    def _metric(self, family: Metric, labels: tuple[str, ...]) -> Counter | Gauge:
         found = self._metrics.get(family.name)
         if found is None:
             # registry=None: these exist for the multiprocess files only; the worker's own

@@ -36,13 +36,22 @@ from ..base.clock import SystemClock
 from ..base.errors import ConfigError
 from ..base.jwks import SUPPORTED_ALGORITHMS
 from ..base.safetext import one_line
-from ..config import builder as config, routecheck
+from ..config import builder as config
+from ..config import routecheck
 from ..config.yamlsource import parse_duration
 from ..ops import server, workers
 from ..ops.startup import StartupError
 from . import explain as explain_mod
-from .keygen import (GENERATE_ALGORITHMS, SECRET_ENCODINGS, KeyToolError, generate, mint, parse_claim,
-                     secret_for_minting, write)
+from .keygen import (
+    GENERATE_ALGORITHMS,
+    SECRET_ENCODINGS,
+    KeyToolError,
+    generate,
+    mint,
+    parse_claim,
+    secret_for_minting,
+    write,
+)
 
 __all__ = ["build_parser", "main"]
 
@@ -427,7 +436,7 @@ def _add_token(commands: Any) -> None:
 
 
 def _add_token_mint(actions: Any) -> None:
-    p = actions.add_parser(
+    p: argparse.ArgumentParser = actions.add_parser(
         "mint",
         help="sign a token with a private key or shared secret",
         description="Print a signed token, alone, on stdout: TOKEN=$(jwt-sidecar token mint ...). "
@@ -464,7 +473,7 @@ def _add_token_mint(actions: Any) -> None:
             message += f" (write a negative value with '=': {option}={'-5m' if option == '--ttl' else '-1m'})"
         usage_error(message)
 
-    p.error = error  # type: ignore[method-assign]
+    p.error = error  # type: ignore[method-assign]  # argparse has no hook for this message but its method
 
 
 def _token_mint(args: argparse.Namespace) -> int:

@@ -111,6 +111,12 @@ def _demo_provider(settings: Settings) -> Provider:
         "the demo needs a provider whose jwks.url is on loopback (127.0.0.1), as in the repository's config.yaml")])
 
 
+def _jwks_url(provider: Provider) -> str:
+    """The JWKS URL of the provider `_demo_provider` chose, which has one."""
+    assert isinstance(provider.keys, RemoteJwks) and provider.keys.url is not None
+    return provider.keys.url
+
+
 def _loopback(url: str) -> bool:
     return urlsplit(url).hostname in ("127.0.0.1", "localhost", "::1")
 
@@ -135,7 +141,7 @@ _CONFIG_KEYS = {"listen": "listen", "admin": "admin", "issuer": "jwks.url", "ups
 
 
 def _addresses(settings: Settings, provider: Provider) -> dict[str, Listen]:
-    issuer, upstream = urlsplit(provider.keys.url), urlsplit(settings.upstream.url)  # type: ignore[union-attr]
+    issuer, upstream = urlsplit(_jwks_url(provider)), urlsplit(settings.upstream.url)
     return {"listen": settings.listen, "admin": settings.admin,
             "issuer": Listen(host=issuer.hostname or "127.0.0.1", port=issuer.port or 80),
             "upstream": Listen(host=upstream.hostname or "127.0.0.1", port=upstream.port or 80)}
@@ -235,7 +241,7 @@ async def run_demo(config_path: Path, *, stop: asyncio.Event | None = None,
             return web.json_response({"keys": [key.public_jwk]})
 
         issuer_app = web.Application()
-        issuer_app.router.add_get(urlsplit(provider.keys.url).path, serve_jwks)  # type: ignore[union-attr]
+        issuer_app.router.add_get(urlsplit(_jwks_url(provider)).path, serve_jwks)
         upstream_app = web.Application(client_max_size=0)
         upstream_app.router.add_route("*", "/{tail:.*}", _echo)
         for app, role in ((issuer_app, "issuer"), (upstream_app, "upstream")):
@@ -264,7 +270,7 @@ async def run_demo(config_path: Path, *, stop: asyncio.Event | None = None,
             places=(
                 place("sidecar", "listen", _origin(at["listen"])),
                 place("admin", "admin", _origin(at["admin"]) + "/readyz"),
-                place("issuer", "issuer", provider.keys.url),  # type: ignore[union-attr]
+                place("issuer", "issuer", _jwks_url(provider)),
                 place("upstream", "upstream", settings.upstream.url, "echoes what it receives"),
                 f"{'config':<9}{served_path.resolve()}"
                 + (f"   (a copy of {config_path} with these ports)" if moves else ""),

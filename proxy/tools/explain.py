@@ -18,9 +18,7 @@ import datetime
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any
-
-from jwt.exceptions import DecodeError
+from typing import Any, cast
 
 from ..auth.keys import KeySource
 from ..auth.verify import (
@@ -60,7 +58,8 @@ CONFIG_CHECKS = ("the size limit (max_token_bytes)", "the alg allow-list", "typ"
                  "iss", "aud", "required claims", "exp, nbf and iat with the provider's leeway", "max_token_age",
                  "the claim headers", "each route's rules (methods, scopes, claims)")
 """What `token explain` cannot check without a config, in the words it prints."""
-DEFAULT_MAX_TOKEN_BYTES: int = next(f.default for f in fields(Settings) if f.name == "max_token_bytes")
+# cast: the field has a default (dataclasses types it "or MISSING").
+DEFAULT_MAX_TOKEN_BYTES = cast(int, next(f.default for f in fields(Settings) if f.name == "max_token_bytes"))
 """The size limit of a config that sets none: the one `token explain` applies without a config."""
 
 
@@ -135,10 +134,10 @@ def inspect(token: str) -> Form:
     parts = token.split(".")
     if len(parts) != 3:
         if len(parts) == 5:
-            header = _json_object(parts[0])
-            if header is not None and "enc" in header:
+            jwe_header = _json_object(parts[0])
+            if jwe_header is not None and "enc" in jwe_header:
                 return Form(size, f"not a JWT the proxy accepts: 5 segments, an encrypted JWT (JWE, RFC 7516, "
-                                  f"enc {shown(header['enc'])}); the proxy accepts only signed JWTs (JWS, 3 segments)")
+                                  f"enc {shown(jwe_header['enc'])}); the proxy accepts only signed JWTs (JWS, 3 segments)")
         hint = _looks_like(token) if len(parts) == 1 else ""
         return Form(size, f"not a JWT: {segments_problem(len(parts))}{hint}")
     try:
@@ -223,7 +222,7 @@ def when(value: Any, now: float) -> str:
 
 
 def _span(seconds: float) -> str:
-    seconds = int(round(seconds))
+    seconds = round(seconds)
     for unit, size, smaller, small_size in (("d", 86400, "h", 3600), ("h", 3600, "m", 60), ("m", 60, "s", 1)):
         if seconds >= size:
             rest = (seconds % size) // small_size

@@ -30,8 +30,7 @@ from proxy.http.http1 import Server
 from proxy.request.app import _entry
 from tests.conftest import TestKey, mint
 from tests.integration.conftest import BASE_CONFIG, Sidecar
-from tests.integration.test_security import (RawResponse, first_response, parse_head, raw_get, send_raw,
-                                             upstream_paths)
+from tests.integration.test_security import RawResponse, first_response, parse_head, raw_get, send_raw, upstream_paths
 from tests.support.raw import bounded_by
 
 LIMIT = 8.0  # seconds any one test may take, start to end
@@ -615,7 +614,7 @@ async def test_an_endless_head_is_refused_by_what_arrived(sidecar: Any, head: by
     s = await sidecar()
     sent, answer, closed = await stream_endless(s, head)
     assert sent <= 1024 * 1024, f"{sent} bytes of one head taken without an answer"
-    assert answer.startswith(b"HTTP/1.1 431") or answer.startswith(b"HTTP/1.1 414"), answer[:100]
+    assert answer.startswith((b"HTTP/1.1 431", b"HTTP/1.1 414")), answer[:100]
     assert closed
     assert s.upstream.seen == []
 

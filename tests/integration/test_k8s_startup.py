@@ -47,7 +47,7 @@ async def status(session: aiohttp.ClientSession, url: str, **kwargs: Any) -> int
     try:
         async with session.get(url, timeout=aiohttp.ClientTimeout(total=5), **kwargs) as response:
             return response.status
-    except (aiohttp.ClientConnectionError, asyncio.TimeoutError):
+    except (TimeoutError, aiohttp.ClientConnectionError):
         return None
 
 

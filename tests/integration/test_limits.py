@@ -162,7 +162,7 @@ async def test_a_trickled_body_gets_408_at_body_timeout_and_the_upstream_request
 async def test_a_slow_body_that_completes_within_body_timeout_is_forwarded_whole(
         sidecar: Any, raw_server: Any) -> None:
     s, upstream = await start(sidecar, raw_server, body="3s")
-    reader, writer = await open_client(s)
+    _reader, writer = await open_client(s)
     writer.write(b"POST /public/upload HTTP/1.1\r\nHost: x\r\nContent-Length: 8\r\nConnection: close\r\n\r\n")
     for piece in (b"ab", b"cd", b"ef", b"gh"):  # 0.9 s in all, under 3 s
         await asyncio.sleep(0.3)

@@ -280,7 +280,7 @@ async def test_no_source_can_forge_escape_or_flood_a_log_line(
         for name in ("main", *TOKENS):
             await run.wait_for(f"provider {name} is ready")
         ctx = {"listen": listen, "key": rsa_key, "run": run}
-        for name, (action, _) in SOURCES.items():
+        for action, _ in SOURCES.values():
             await action(ctx)
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 20) == 0

@@ -48,7 +48,7 @@ async def flood(tmp_path: Path, upstream_url: str, jwks_url: str, rsa_key: TestK
                 except aiohttp.ClientConnectionError:
                     pass
                 await asyncio.sleep(0.1)
-            for batch in range(10):
+            for _batch in range(10):
                 for _ in range(REQUESTS // 10):
                     async with session.get(f"http://127.0.0.1:{listen}/orders",
                                            headers={"Authorization": f"Bearer {token}"}) as response:

@@ -35,7 +35,7 @@ from proxy.http import http1, upstream
 from proxy.request import forward
 from tests.conftest import TestKey, jwks_of, mint
 from tests.integration.conftest import BASE_CONFIG
-from tests.support.raw import RawServer, bounded_by
+from tests.support.raw import bounded_by
 
 ROUTES = """\
   - name: raw

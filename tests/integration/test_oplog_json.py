@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
 
 from proxy.base import oplog
 from tests.conftest import AUDIENCE, ISSUER, TestKey, jwks_of, mint

@@ -16,8 +16,14 @@ from typing import Any
 
 from tests.conftest import TestKey, jwks_of, mint
 from tests.integration.test_lifecycle import free_port
-from tests.integration.test_oplog_json import (ROUTES, assert_every_line_is_a_full_json_record, config_text, get,
-                                               provider, sidecar)
+from tests.integration.test_oplog_json import (
+    ROUTES,
+    assert_every_line_is_a_full_json_record,
+    config_text,
+    get,
+    provider,
+    sidecar,
+)
 from tests.support.jwks_server import start_jwks_server
 from tests.support.upstream import start_upstream
 

@@ -476,7 +476,7 @@ async def test_a_cookie_value_is_the_token_only_in_its_one_syntax(sidecar: Any, 
 async def test_a_scope_of_any_json_type_grants_admin_only_as_an_exact_scope_token(
         sidecar: Any, rsa_key: TestKey, claims: dict[str, Any], status: int) -> None:
     s = await sidecar(CONFIG)
-    got, headers, _ = await get(s, "/admin/x", bearer(mint(claims, key=rsa_key)))
+    got, _headers, _ = await get(s, "/admin/x", bearer(mint(claims, key=rsa_key)))
     assert got == status
     assert len(s.upstream.seen) == (status == 200)
 

@@ -20,9 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import jwt
 import pytest
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding
 
 from proxy.base.errors import InvalidToken, Reason
@@ -315,7 +314,7 @@ async def test_explain_gives_the_proxys_reason_in_the_proxys_words(
     assert lines[0].startswith("input: a JWT (JWS compact serialization, 3 segments"), out
     failures = [step for step in steps if step[0] == "FAIL"]
     assert failures, out
-    _, step_name, detail, reason = failures[0]
+    _, _step_name, detail, reason = failures[0]
     seconds = re.compile(r"\b\d+s\b")
     # The proxy's reason, in the words of its log (a count of seconds may have ticked on since).
     assert (reason, seconds.sub("Ns", detail)) == (proxy_reason, seconds.sub("Ns", proxy_detail)), out

@@ -136,7 +136,7 @@ async def test_a_killed_worker_is_started_again_while_the_other_keeps_serving(
 
 async def test_a_worker_that_dies_on_every_start_stops_the_set_with_status_1(
         tmp_path: Path, aiohttp_server: Any, jwks_server: Any, rsa_key: TestKey) -> None:
-    proc, base, admin = await start(tmp_path, aiohttp_server, jwks_server, rsa_key, stderr=asyncio.subprocess.PIPE)
+    proc, _base, admin = await start(tmp_path, aiohttp_server, jwks_server, rsa_key, stderr=asyncio.subprocess.PIPE)
     try:
         async with aiohttp.ClientSession() as session:
             await wait_ready(session, admin + "/readyz", proc)

@@ -17,7 +17,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-__all__ = ["JWKS_PATH", "DISCOVERY_PATH", "MODES", "JwksServer", "start_jwks_server"]
+__all__ = ["DISCOVERY_PATH", "JWKS_PATH", "MODES", "JwksServer", "start_jwks_server"]
 
 JWKS_PATH = "/jwks.json"
 DISCOVERY_PATH = "/.well-known/openid-configuration"

@@ -95,7 +95,7 @@ def test_explain_runs_every_check_past_the_first_failure(config_file: Path, rsa_
 
 def test_explain_checks_no_claim_of_a_token_whose_signature_failed(
         config_file: Path, rsa_key: TestKey, capsys: pytest.CaptureFixture[str]) -> None:
-    header, payload, sig = mint(key=rsa_key).split(".")
+    header, _payload, sig = mint(key=rsa_key).split(".")
     forged = mint({"sub": "admin", "exp": 1_000}, key=rsa_key).split(".")[1]
     assert main(["token", "explain", f"{header}.{forged}.{sig}", "--config", str(config_file)]) == 1
     out = capsys.readouterr().out

@@ -550,7 +550,7 @@ def _places(node: object, prefix: tuple[object, ...] = ()) -> list[tuple[object,
     found: list[tuple[object, ...]] = []
     children = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else []
     for key, value in children:
-        found += [prefix + (key,), *_places(value, prefix + (key,))]
+        found += [(*prefix, key), *_places(value, (*prefix, key))]
     return found
 
 

@@ -250,11 +250,11 @@ def test_readme_lists_every_mint_flag() -> None:
 # -- mutated tokens: explain never crashes and agrees with the proxy's verifier ----------------
 def proxy_verdict(config_path: Path, token: str) -> tuple[str | None, str]:
     """What the proxy's own Verifier (the code `run` uses) says: (reason, detail) or (None, "")."""
-    from proxy.config import builder as config
-    from proxy.base.clock import SystemClock
-    from proxy.base.errors import InvalidToken
     from proxy.auth.keys import key_source_for
     from proxy.auth.verify import Verifier
+    from proxy.base.clock import SystemClock
+    from proxy.base.errors import InvalidToken
+    from proxy.config import builder as config
 
     settings = config.load(config_path)
     provider = settings.providers["main"]

@@ -22,7 +22,17 @@ from typing import Any
 import pytest
 from multidict import CIMultiDict
 
-from proxy.http.http1 import MAX_FIELD, MAX_FIELDS, MAX_HEAD, MAX_TARGET, BodyError, BodyTimeout, Prepared, Request, Server
+from proxy.http.http1 import (
+    MAX_FIELD,
+    MAX_FIELDS,
+    MAX_HEAD,
+    MAX_TARGET,
+    BodyError,
+    BodyTimeout,
+    Prepared,
+    Request,
+    Server,
+)
 from tests.support.raw import bounded_by, eventually
 
 LIMIT = 5.0  # seconds any one test may take
@@ -399,7 +409,7 @@ async def test_the_rest_of_a_handler_still_runs_its_finally_when_the_client_left
         return the_rest()
 
     server = await harness.serve(handler)  # type: ignore[arg-type]
-    reader, writer = await harness.connect(server)
+    _reader, writer = await harness.connect(server)
     writer.write(request_bytes("/"))
     await asyncio.wait_for(ended.wait(), 2)
     assert cancelled.is_set(), "the rest was cancelled, not left to finish for nobody"
@@ -919,7 +929,7 @@ async def test_client_reset_cancels_the_handler(harness: Harness) -> None:
             raise
 
     server = await harness.serve(forever)
-    reader, writer = await harness.connect(server)
+    _reader, writer = await harness.connect(server)
     writer.write(request_bytes("/"))
     await asyncio.wait_for(started.wait(), 2)
     reset(writer)

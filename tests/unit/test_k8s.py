@@ -17,8 +17,19 @@ from proxy.config import builder as config
 from proxy.config.yamlsource import parse_duration
 from proxy.tools import cli
 from tests.k8s_support import (
-    K8S, REPO, built, dockerfile_instruction, entrypoint, kustomization, manifests, mounted_files, one, pod_config,
-    pod_containers, sidecar_container, split_image,
+    K8S,
+    REPO,
+    built,
+    dockerfile_instruction,
+    entrypoint,
+    kustomization,
+    manifests,
+    mounted_files,
+    one,
+    pod_config,
+    pod_containers,
+    sidecar_container,
+    split_image,
 )
 
 CONFIG = "config.yaml"

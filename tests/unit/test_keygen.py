@@ -178,7 +178,7 @@ def test_an_existing_private_file_is_never_overwritten(tmp_path: Path) -> None:
     write(first, tmp_path)
     jwks_before = (tmp_path / "jwks.json").read_bytes()
     for jwks_path in (None, tmp_path / "jwks.json"):
-        with pytest.raises(KeyToolError, match="ed-1.pem already exists; refusing to overwrite"):
+        with pytest.raises(KeyToolError, match=r"ed-1\.pem already exists; refusing to overwrite"):
             write(generate("EdDSA", "ed-1"), tmp_path, jwks_path=jwks_path)
     assert (tmp_path / "ed-1.pem").read_bytes() == first.private_pem
     assert (tmp_path / "jwks.json").read_bytes() == jwks_before
@@ -186,7 +186,7 @@ def test_an_existing_private_file_is_never_overwritten(tmp_path: Path) -> None:
 
 def test_an_existing_jwks_is_not_replaced_without_jwks_path(tmp_path: Path) -> None:
     write(generate("EdDSA", "ed-1"), tmp_path)
-    with pytest.raises(KeyToolError, match="jwks.json already exists; to add this key to it"):
+    with pytest.raises(KeyToolError, match=r"jwks\.json already exists; to add this key to it"):
         write(generate("EdDSA", "ed-2"), tmp_path)
     assert not (tmp_path / "ed-2.pem").exists()
 

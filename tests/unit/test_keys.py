@@ -249,9 +249,8 @@ async def test_failed_refetch_keeps_the_last_good_keys(
     break_server(jwks_server)
     clock.advance(started.provider.keys.min_refresh_interval + 1)
 
-    with caplog.at_level(logging.WARNING, logger="proxy.keys"):
-        with pytest.raises(InvalidToken):
-            await started.key_for(unknown_kid(), "RS256")
+    with caplog.at_level(logging.WARNING, logger="proxy.keys"), pytest.raises(InvalidToken):
+        await started.key_for(unknown_kid(), "RS256")
 
     assert jwks_server.requests[JWKS_PATH] == 2
     assert (started.fetches, started.failures) == (2, 1)

@@ -60,7 +60,7 @@ def test_what_keys_generate_prints_works_pasted_into_a_config_elsewhere(
         f"providers:\n  main:\n    issuer: {ISSUER}\n    audiences: [{AUDIENCE}]\n"
         + "".join(f"    {line}\n" for line in lines)
         + "routes:\n  - {match: {path_prefix: /}, auth: {provider: main}}\n")
-    status, out_check, err_check = run(capsys, "check-config", str(config))
+    status, _out_check, err_check = run(capsys, "check-config", str(config))
     assert status == 0, err_check
 
     args = [a.replace("ISSUER", ISSUER).replace("AUDIENCE", AUDIENCE).replace("SUBJECT", "alice")

@@ -150,8 +150,8 @@ def test_a_flood_of_refusals_hides_no_key_or_provider_event(configured, clock: F
 
 
 def test_the_readme_states_the_bounds_the_code_applies() -> None:
-    from pathlib import Path
     import re
+    from pathlib import Path
 
     readme = (Path(__file__).parents[2] / "README.md").read_text()
     section = readme[readme.index("### Operator log"):]

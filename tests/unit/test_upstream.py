@@ -338,7 +338,7 @@ async def test_close_delimited_body_ends_at_eof(pool: Pool, raw_server: Any, ans
 async def test_sequential_requests_share_one_connection(pool: Pool, raw_server: Any) -> None:
     server = await raw_server(answering(OK, OK, OK))
     for _ in range(3):
-        response, body = await fetch(pool, server.port)
+        _response, body = await fetch(pool, server.port)
         assert body == b"ok"
     assert server.connections == 1
     assert pool.idle_count() == 1
@@ -673,7 +673,7 @@ async def test_upload_streams_before_the_body_ends(pool: Pool, raw_server: Any) 
         yield b"second"
 
     server = await raw_server(handler)
-    response, body = await fetch(pool, server.port, method="POST", body=slow_body())
+    _response, body = await fetch(pool, server.port, method="POST", body=slow_body())
     assert body == b"ok"
     assert bytes(received) == b"5\r\nfirst\r\n6\r\nsecond\r\n0\r\n\r\n"
 
@@ -748,7 +748,7 @@ async def test_upload_waits_for_the_upstream_to_drain(pool: Pool, raw_server: An
             yield block
 
     server = await raw_server(handler)
-    response, body = await fetch(pool, server.port, method="PUT", body=big_body(), content_length=size)
+    _response, body = await fetch(pool, server.port, method="PUT", body=big_body(), content_length=size)
     assert body == b"ok"
     assert 0 < produced_while_stalled < 16 * MiB
 
@@ -839,7 +839,7 @@ async def test_connect_timeout(pool: Pool) -> None:
             started = loop.time()
             # Nothing was sent: an upstream we cannot reach, not one slow to answer (forward.py:
             # 502, where a TimeoutError, an answer that did not come, is a 504).
-            with pytest.raises(UpstreamConnectError, match="within 0.2s"):
+            with pytest.raises(UpstreamConnectError, match=r"within 0\.2s"):
                 await send(pool, port, connect_timeout=0.2)
             assert 0.19 <= loop.time() - started < 2.0  # it was the connect timeout that ended it
         finally:
@@ -1330,7 +1330,7 @@ async def test_a_failing_body_propagates_unchanged(pool: Pool, raw_server: Any) 
 def _self_signed(tmp: Path) -> tuple[Path, Path]:
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(hours=1))
@@ -1371,7 +1371,7 @@ async def test_https(tmp_path: Path) -> None:
     default = Pool()
     try:
         for _ in range(2):
-            response, body = await fetch(pool, port, "/secure", scheme="https", host="localhost")
+            _response, body = await fetch(pool, port, "/secure", scheme="https", host="localhost")
             assert body.startswith(b"GET /secure HTTP/1.1\r\n") and f"Host: localhost:{port}".encode() in body
         assert connections == 1
         # The default context checks the certificate: a self-signed one is refused (502).

@@ -12,12 +12,12 @@ from typing import Any
 import jwt
 import pytest
 from aiohttp import web
+from jwt import PyJWS
 
 from proxy.auth.keys import key_source_for
 from proxy.auth.verify import TokenCache, Verifier
 from proxy.base.errors import InvalidToken, KeysUnavailable, Reason
 from proxy.config.builder import Provider, StaticKeys, TokenCacheSettings
-from jwt import PyJWS
 from tests.conftest import AUDIENCE, HS_SECRET, ISSUER, FakeClock, TestKey, jwks_of, mint
 
 
@@ -478,12 +478,12 @@ def _same_bytes_other_spellings(segment: str) -> list[str]:
         letters = sum(c.isalnum() or c in "+/" for c in lenient)  # a2b_base64 skips the rest
         assert binascii.a2b_base64(lenient + "=" * (-letters % 4)) == decoded, variant
     # and more padding than any decoder takes
-    return variants + [segment + "=", segment + "==", segment + "===", segment + "=" * (-len(segment) % 4) + "===="]
+    return [*variants, segment + "=", segment + "==", segment + "===", segment + "=" * (-len(segment) % 4) + "===="]
 
 
 def _other_spellings(token: str) -> list[tuple[str, str]]:
     parts = token.split(".")
-    return [(f"{name}: {variant!r}", ".".join(parts[:i] + [variant] + parts[i + 1:]))
+    return [(f"{name}: {variant!r}", ".".join([*parts[:i], variant, *parts[i + 1:]]))
             for i, name in enumerate(("header", "payload", "signature"))
             for variant in _same_bytes_other_spellings(parts[i])]
 

@@ -122,7 +122,7 @@ async def test_bytes_held_behind_concurrent_websocket_handshakes_reach_each_ones
 
 @bounded
 async def test_upstream_answers_read_into_the_shared_buffer_go_to_their_own_clients(
-        sidecar: Any, raw_upstream: Any) -> None:  # noqa: F811 - the fixture imported above
+        sidecar: Any, raw_upstream: Any) -> None:
     """Many upstream connections answer at once, in small pieces: each client gets exactly its
     own answer (the upstream echoes the request line), chunked and with a Content-Length."""
 
@@ -358,7 +358,7 @@ async def test_a_content_length_with_leading_zeros_is_its_number(sidecar: Any, v
 ])
 @bounded
 async def test_an_anomalous_upstream_answer_never_reaches_another_client_nor_makes_a_500(
-        sidecar: Any, raw_upstream: Any, method: str, answer: bytes, status: int | None) -> None:  # noqa: F811 - the fixture imported above
+        sidecar: Any, raw_upstream: Any, method: str, answer: bytes, status: int | None) -> None:
     """The first connection answers oddly; every later one answers `OK`. The odd answer is
     relayed or refused with a 502 or 504 (never a 500 of ours; a status outside 100-599, which
     llhttp reads, is relayed as it came), the HEAD answer comes without waiting
@@ -385,7 +385,7 @@ async def test_an_anomalous_upstream_answer_never_reaches_another_client_nor_mak
 
 
 @bounded
-async def test_a_head_answer_with_a_length_comes_back_at_once(sidecar: Any, raw_upstream: Any) -> None:  # noqa: F811 - the fixture imported above
+async def test_a_head_answer_with_a_length_comes_back_at_once(sidecar: Any, raw_upstream: Any) -> None:
     """An answer to HEAD ends at its head (RFC 9112 §6.3 item 1): the proxy never waits for the
     1000 bytes its Content-Length announces (the upstream keeps the connection open)."""
     upstream = await raw_upstream(fixed(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n"))
@@ -460,7 +460,7 @@ async def test_a_tunnel_open_at_shutdown_is_cut_and_uncounted(sidecar: Any, rsa_
                                      b"Transfer-Encoding: chunked", b"Connection: keep-alive"])
 @bounded
 async def test_an_upstream_trailer_field_never_becomes_a_header_field_of_the_answer(
-        sidecar: Any, raw_upstream: Any, trailer: bytes) -> None:  # noqa: F811 - the fixture imported above
+        sidecar: Any, raw_upstream: Any, trailer: bytes) -> None:
     """RFC 9110 §6.5.1: trailer fields are not merged into the head. They were: `Set-Cookie`
     in the trailer became a cookie, and `Content-Length: 50` reframed a 2-byte answer as a
     chunked one cut short."""
@@ -478,7 +478,7 @@ async def test_an_upstream_trailer_field_never_becomes_a_header_field_of_the_ans
 @pytest.mark.parametrize("trailer", [b"Content-Length: 50", b"Content-Length: nope"])
 @bounded
 async def test_a_content_length_in_an_upstream_trailer_never_reframes_the_answer(
-        sidecar: Any, raw_upstream: Any, trailer: bytes) -> None:  # noqa: F811 - the fixture imported above
+        sidecar: Any, raw_upstream: Any, trailer: bytes) -> None:
     """llhttp refuses a Content-Length in a chunked message's trailer: the answer whose head
     already went out is cut (a chunked body without its last chunk, then close), never ended
     as if complete, and the connection is not reused."""
@@ -496,7 +496,7 @@ async def test_a_content_length_in_an_upstream_trailer_never_reframes_the_answer
 
 
 @bounded
-async def test_an_endless_upstream_trailer_field_is_cut_by_its_size(sidecar: Any, raw_upstream: Any) -> None:  # noqa: F811 - the fixture imported above
+async def test_an_endless_upstream_trailer_field_is_cut_by_its_size(sidecar: Any, raw_upstream: Any) -> None:
     """httptools holds a field until it ends: a trailer field that never ends, after the last
     chunk, is refused by the bytes that came (as an endless head is), not held without bound."""
 
@@ -521,7 +521,7 @@ async def test_an_endless_upstream_trailer_field_is_cut_by_its_size(sidecar: Any
 
 
 @bounded
-async def test_a_refused_handshakes_trailer_fields_never_join_its_head(sidecar: Any, raw_upstream: Any) -> None:  # noqa: F811 - the fixture imported above
+async def test_a_refused_handshakes_trailer_fields_never_join_its_head(sidecar: Any, raw_upstream: Any) -> None:
     """The WebSocket side (`_Tunnel`) read a chunked refusal's trailer fields into its head."""
     upstream = await raw_upstream(fixed(b"HTTP/1.1 403 Forbidden\r\nTransfer-Encoding: chunked\r\n\r\n"
                                         b"2\r\nno\r\n0\r\nSet-Cookie: session=attacker\r\nX-Trailer: t\r\n\r\n"))
@@ -609,7 +609,7 @@ async def test_no_request_gets_a_500_of_ours(sidecar: Any, data: bytes, caplog: 
 
 
 @bounded
-async def test_an_upstream_trailer_in_a_later_read_is_dropped_too(sidecar: Any, raw_upstream: Any) -> None:  # noqa: F811 - the fixture imported above
+async def test_an_upstream_trailer_in_a_later_read_is_dropped_too(sidecar: Any, raw_upstream: Any) -> None:
     """The trailer section arriving on its own, after the head and the content: still no header."""
 
     async def answer(conn: Any, writer: asyncio.StreamWriter) -> None:

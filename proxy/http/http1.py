@@ -40,7 +40,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from email.utils import formatdate
 from http import HTTPStatus
-from typing import cast
+from typing import Any, cast
 
 import httptools
 from multidict import CIMultiDict, MultiDict, MultiDictProxy
@@ -1052,9 +1052,10 @@ class Server:
                      reuse_port: bool = False, backlog: int = 1024) -> None:
         """Serve on `host:port`, or on `sock`, a socket already bound (startup.py binds first)."""
         # Either host and port or sock: asyncio refuses any other mix, which typeshed's two
-        # overloads cannot say for arguments that may each be None.
-        listener = await self._loop.create_server(self._accept, host, port, sock=sock,  # type: ignore[arg-type]
-                                                  backlog=backlog, reuse_port=reuse_port or None)
+        # overloads cannot say for arguments that may each be None (hence a dict of Any).
+        where: dict[str, Any] = {"host": host, "port": port, "sock": sock}
+        listener = await self._loop.create_server(self._accept, **where, backlog=backlog,
+                                                  reuse_port=reuse_port or None)
         self._listeners.append(listener)
         if self._sweeper is None:
             self._sweeper = self._loop.call_later(self._sweep_every, self._sweep)

@@ -23,7 +23,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 
 import aiohttp
 import prometheus_client
@@ -325,8 +325,10 @@ def summary(settings: config.Settings) -> str:
     lines.append(f"routes ({len(settings.routes)}, first match wins):")
     for r in settings.routes:
         m = r.match
+        # cast: a route matches by exactly one of prefix, exact or regex (the builder checks).
         where = (f"prefix {m.path_prefix}" if m.path_prefix is not None else
-                 f"exact {m.path_exact}" if m.path_exact is not None else f"regex {m.path_regex.pattern}")  # type: ignore[union-attr]
+                 f"exact {m.path_exact}" if m.path_exact is not None else
+                 f"regex {cast(re.Pattern[str], m.path_regex).pattern}")
         where += " (any case)" if m.ignore_case else ""
         methods = ",".join(sorted(m.methods)) if m.methods else "any method"
         if r.auth is None:

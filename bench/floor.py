@@ -31,8 +31,10 @@ import uvloop
 HOP = (b"connection", b"keep-alive")
 NO_BODY = (204, 304)
 BODY_401 = b'{"error":"invalid_token","error_description":"missing bearer token"}'
-RESP_401 = (b'HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Bearer realm="bench"\r\n'
-            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(BODY_401), BODY_401))
+RESP_401 = (
+    b'HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Bearer realm="bench"\r\n'
+    b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(BODY_401), BODY_401)
+)
 RESP_READY = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 RESP_502 = b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
 
@@ -41,7 +43,14 @@ class Req:
     __slots__ = ("answered", "chunked", "client", "done", "fixed", "head", "keep_alive", "pending", "up")
 
     def __init__(self, client: Client) -> None:
-        self.client, self.fixed, self.chunked, self.up, self.done, self.answered = client, None, False, None, False, False
+        self.client, self.fixed, self.chunked, self.up, self.done, self.answered = (
+            client,
+            None,
+            False,
+            None,
+            False,
+            False,
+        )
         self.pending: list[bytes] | None = []
 
     def send(self, data: bytes) -> None:  # a piece of the request body, to the upstream or held

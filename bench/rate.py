@@ -72,8 +72,7 @@ def percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[k]
 
 
-async def run(url: str, rate: float, duration: float, headers: list[str], timeout: float,
-              warmup: int) -> dict:
+async def run(url: str, rate: float, duration: float, headers: list[str], timeout: float, warmup: int) -> dict:
     parts = urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
@@ -123,11 +122,20 @@ async def run(url: str, rate: float, duration: float, headers: list[str], timeou
 
     ms = sorted(x * 1000 for x in latencies)
     return {
-        "url": url, "rate": rate, "duration": duration, "sent": total, "sent_for_s": round(sent_for, 3),
-        "requests": len(ms), "statuses": {str(k): v for k, v in sorted(statuses.items())}, "errors": errors,
+        "url": url,
+        "rate": rate,
+        "duration": duration,
+        "sent": total,
+        "sent_for_s": round(sent_for, 3),
+        "requests": len(ms),
+        "statuses": {str(k): v for k, v in sorted(statuses.items())},
+        "errors": errors,
         "latency_ms": {
-            "p50": percentile(ms, 50), "p90": percentile(ms, 90), "p99": percentile(ms, 99),
-            "p99.9": percentile(ms, 99.9), "max": ms[-1] if ms else float("nan"),
+            "p50": percentile(ms, 50),
+            "p90": percentile(ms, 90),
+            "p99": percentile(ms, 99),
+            "p99.9": percentile(ms, 99.9),
+            "max": ms[-1] if ms else float("nan"),
             "mean": sum(ms) / len(ms) if ms else float("nan"),
         },
     }
@@ -146,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--rate and --duration must be positive")
     try:
         import uvloop
+
         runner = uvloop.run
     except ImportError:
         runner = asyncio.run

@@ -46,8 +46,15 @@ def _sign_range(pem: bytes, start: int, stop: int, now: int) -> list[str]:
     out = []
     for i in range(start, stop):
         sub, extra = _claims(i)
-        payload = {"iss": ISSUER, "aud": AUDIENCE, "sub": sub, "iat": now, "exp": now + TTL,
-                   "jti": secrets.token_urlsafe(16), **extra}
+        payload = {
+            "iss": ISSUER,
+            "aud": AUDIENCE,
+            "sub": sub,
+            "iat": now,
+            "exp": now + TTL,
+            "jti": secrets.token_urlsafe(16),
+            **extra,
+        }
         out.append(jwt.encode(payload, key, algorithm="RS256", headers={"kid": KID}))
     return out
 
@@ -72,8 +79,16 @@ def make(directory: Path, *, distinct: int) -> TokenSet:
     assert key.private_pem is not None and key.public_jwk is not None
     jwks_path = directory / "jwks.json"
     jwks_path.write_text(json.dumps({"keys": [dict(key.public_jwk)]}, indent=2) + "\n")
-    token = mint(private_key_pem=key.private_pem, kid=KID, iss=ISSUER, aud=[AUDIENCE], sub="alice",
-                 ttl_seconds=TTL, claims={"email": "alice@example.com"}, now=time.time())
+    token = mint(
+        private_key_pem=key.private_pem,
+        kid=KID,
+        iss=ISSUER,
+        aud=[AUDIENCE],
+        sub="alice",
+        ttl_seconds=TTL,
+        claims={"email": "alice@example.com"},
+        now=time.time(),
+    )
     tokens = mint_many(key, distinct)
     if len(set(tokens)) != distinct:
         raise RuntimeError("minted tokens are not distinct")

@@ -95,7 +95,8 @@ def _check_scopes(rule: ScopeRule, payload: Mapping[str, Any]) -> None:
     if missing or not any_ok:
         required = " ".join((*rule.all_of, *rule.any_of))
         detail = (f"missing scopes {missing}" if missing else "") + (
-            f"{'; ' if missing else ''}none of {list(rule.any_of)}" if not any_ok else "")
+            f"{'; ' if missing else ''}none of {list(rule.any_of)}" if not any_ok else ""
+        )
         raise InsufficientScope(Reason.SCOPE, detail, scope=required)
 
 

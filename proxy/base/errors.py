@@ -208,8 +208,9 @@ class InsufficientScope(AuthError):
 
     def challenge(self, realm: str) -> str:
         fields = self.fields()
-        return bearer_challenge(realm, error=fields.get("error"), description=fields.get("error_description"),
-                                scope=self.scope)
+        return bearer_challenge(
+            realm, error=fields.get("error"), description=fields.get("error_description"), scope=self.scope
+        )
 
 
 class BadRequest(ProxyError):

@@ -106,7 +106,7 @@ def _decode_unreserved(path: str) -> str:
             out.append(ch)
             i += 1
             continue
-        digits = path[i + 1:i + 3]
+        digits = path[i + 1 : i + 3]
         if len(digits) != 2 or not _HEX.issuperset(digits):
             raise _bad("a malformed percent-escape")
         byte = int(digits, 16)
@@ -142,8 +142,9 @@ class Router:
             if m.path_prefix is not None:
                 base = m.path_prefix.rstrip("/")
                 base = base.lower() if fold else base
-                table.append((1, m.methods, base, base + "/", fold, route) if base else
-                             (0, m.methods, "", "", False, route))
+                table.append(
+                    (1, m.methods, base, base + "/", fold, route) if base else (0, m.methods, "", "", False, route)
+                )
             elif m.path_exact is not None:
                 table.append((2, m.methods, m.path_exact.lower() if fold else m.path_exact, "", fold, route))
             elif m.path_regex is not None:

@@ -92,7 +92,9 @@ def cause(error: BaseException, *, timeout: float | None = None) -> str:
     if isinstance(error, Worded) and str(error):
         return str(error)  # our own client's errors are written as operator text
     text = str(error)
-    return f"unexpected error ({type(error).__name__}: {text})" if text else f"unexpected error ({type(error).__name__})"
+    return (
+        f"unexpected error ({type(error).__name__}: {text})" if text else f"unexpected error ({type(error).__name__})"
+    )
 
 
 class Worded(Exception):

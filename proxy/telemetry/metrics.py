@@ -117,11 +117,11 @@ names; config/builder.py does not reserve it yet, so a route literally named `(n
 OTHER = "other"
 """The label value for anything outside a closed set."""
 
-AUTH_BUCKETS = (.00005, .0001, .00025, .0005, .001, .0025, .005, .01, .025, .05, .1, .25, 1.0)
+AUTH_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 """A cached token costs tens of microseconds, an RSA verify well under a millisecond, a key
 refetch on an unknown kid up to the JWKS timeout: 50µs to 1s covers all three."""
 
-UPSTREAM_BUCKETS = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1.0, 2.5, 5.0, 10.0, 30.0)
+UPSTREAM_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 """Loopback upstreams answer in about a millisecond; 30s is the default upstream timeout."""
 
 
@@ -198,8 +198,12 @@ class RouteMetrics:
         """One answered request. `reason` is an `errors.Reason` value, or "" for none."""
         # Method and status are normalised before the lookup, so the dict stays as bounded
         # as the labels are, whatever a client sends.
-        key: tuple[str, str, str, str] = (method if method in _METHODS else OTHER, decision, reason,
-               _STATUS_CLASSES.get(status // 100, OTHER))
+        key: tuple[str, str, str, str] = (
+            method if method in _METHODS else OTHER,
+            decision,
+            reason,
+            _STATUS_CLASSES.get(status // 100, OTHER),
+        )
         counts = self.counts
         seen = counts.get(key)
         if seen is None:
@@ -215,8 +219,7 @@ class RouteMetrics:
         method, decision, reason, status = key
         if decision in _DECISIONS and reason in _REASONS:
             return key
-        return (method, decision if decision in _DECISIONS else OTHER, reason if reason in _REASONS else OTHER,
-                status)
+        return (method, decision if decision in _DECISIONS else OTHER, reason if reason in _REASONS else OTHER, status)
 
     def __repr__(self) -> str:
         return f"<RouteMetrics {self.name} series={len(self.counts)}>"
@@ -330,8 +333,14 @@ class ProcessesCollector:
             try:
                 read = list(self._reader.collect())
             except Exception:  # noqa: BLE001 - one odd /proc file must cost its own samples, not the scrape
-                event(_log, logging.DEBUG, "metrics_failed", "metrics: reading /proc/%(pid)d failed", pid=pid,
-                      exc_info=True)
+                event(
+                    _log,
+                    logging.DEBUG,
+                    "metrics_failed",
+                    "metrics: reading /proc/%(pid)d failed",
+                    pid=pid,
+                    exc_info=True,
+                )
                 continue
             for family in read:
                 merged = families.get(family.name)
@@ -367,13 +376,18 @@ _CONNECTIONS_REJECTED = _PREFIX + "connections_rejected"
 def _request_families(metrics: Metrics) -> Iterator[Metric]:
     """The per-request families, from the numbers `RouteMetrics` keeps."""
     requests = CounterMetricFamily(
-        _REQUESTS, "Requests answered, by route, method class, decision, refusal reason and status class.",
-        labels=_REQUEST_LABELS)
+        _REQUESTS,
+        "Requests answered, by route, method class, decision, refusal reason and status class.",
+        labels=_REQUEST_LABELS,
+    )
     auth = HistogramMetricFamily(
-        _AUTH, "Time spent deciding whether a request may pass (token extraction, keys, verification, rules).",
-        labels=("route",))
+        _AUTH,
+        "Time spent deciding whether a request may pass (token extraction, keys, verification, rules).",
+        labels=("route",),
+    )
     upstream = HistogramMetricFamily(
-        _UPSTREAM, "Time spent waiting for the upstream's response, or for it to fail.", labels=("route",))
+        _UPSTREAM, "Time spent waiting for the upstream's response, or for it to fail.", labels=("route",)
+    )
     # Copies: a request landing between two reads must not change a dict being iterated.
     for route in list(metrics._routes.values()):
         for key, count in list(route.counts.items()):
@@ -387,8 +401,10 @@ def _request_families(metrics: Metrics) -> Iterator[Metric]:
     connections = metrics.connections
     yield GaugeMetricFamily(_CONNECTIONS_OPEN, "Client connections open on the proxy port.", value=connections.open)
     rejected = CounterMetricFamily(
-        _CONNECTIONS_REJECTED, "Client connections closed at accept, by reason (limit: max_connections were open).",
-        labels=("reason",))
+        _CONNECTIONS_REJECTED,
+        "Client connections closed at accept, by reason (limit: max_connections were open).",
+        labels=("reason",),
+    )
     rejected.add_metric(("limit",), connections.rejected)
     yield rejected
 
@@ -415,21 +431,23 @@ def _families() -> dict[str, CounterMetricFamily | GaugeMetricFamily]:
         # (Prometheus's own metrics follow this shape, e.g. rule_evaluations_total and
         # rule_evaluation_failures_total.)
         _FETCHES: CounterMetricFamily(
-            _FETCHES, "Key refresh attempts (each one GET of the JWKS), counted as they start.",
-            labels=("provider",)),
+            _FETCHES, "Key refresh attempts (each one GET of the JWKS), counted as they start.", labels=("provider",)
+        ),
         _FETCH_FAILURES: CounterMetricFamily(
-            _FETCH_FAILURES, "Key refresh attempts that yielded no usable key set.", labels=("provider",)),
+            _FETCH_FAILURES, "Key refresh attempts that yielded no usable key set.", labels=("provider",)
+        ),
         _DISCOVERY_FETCHES: CounterMetricFamily(
-            _DISCOVERY_FETCHES, "GETs of the OpenID Connect discovery document.", labels=("provider",)),
+            _DISCOVERY_FETCHES, "GETs of the OpenID Connect discovery document.", labels=("provider",)
+        ),
         _KEYS: GaugeMetricFamily(_KEYS, "Usable verification keys held.", labels=("provider",)),
         _SKIPPED: CounterMetricFamily(
-            _SKIPPED, "Keys left out of loaded key sets as unusable, summed over every load.",
-            labels=("provider",)),
+            _SKIPPED, "Keys left out of loaded key sets as unusable, summed over every load.", labels=("provider",)
+        ),
         _AGE: GaugeMetricFamily(_AGE, "Seconds since the last good key load.", labels=("provider",)),
-        _READY: GaugeMetricFamily(_READY, "1 when the provider holds at least one usable key.",
-                                  labels=("provider",)),
+        _READY: GaugeMetricFamily(_READY, "1 when the provider holds at least one usable key.", labels=("provider",)),
         _CACHE_REQUESTS: CounterMetricFamily(
-            _CACHE_REQUESTS, "Verified-token cache lookups, by result.", labels=("result",)),
+            _CACHE_REQUESTS, "Verified-token cache lookups, by result.", labels=("result",)
+        ),
         _CACHE_ENTRIES: GaugeMetricFamily(_CACHE_ENTRIES, "Verified tokens held in the cache."),
     }
 
@@ -479,8 +497,13 @@ class _ViewCollector:
             return read()
         except Exception:  # noqa: BLE001 - a scrape must never fail for what it reads
             # Once at WARNING (someone should look), then quietly: scrapes come every few seconds.
-            event(_log, logging.DEBUG if self._warned else logging.WARNING, "metrics_failed",
-                  "metrics: reading key sources or the token cache failed", exc_info=True)
+            event(
+                _log,
+                logging.DEBUG if self._warned else logging.WARNING,
+                "metrics_failed",
+                "metrics: reading key sources or the token cache failed",
+                exc_info=True,
+            )
             self._warned = True
             return None
 
@@ -499,7 +522,9 @@ def _is_static(source: Any) -> bool:
         return False
 
 
-def _source(families: dict[str, CounterMetricFamily | GaugeMetricFamily], name: str, source: Any, now: float | None) -> None:
+def _source(
+    families: dict[str, CounterMetricFamily | GaugeMetricFamily], name: str, source: Any, now: float | None
+) -> None:
     labels = (name,)
     samples: list[tuple[str, float | None]] = [
         (_KEYS, _number(lambda: source.keyset.size)),
@@ -589,7 +614,8 @@ class _Mirror:
         metric = self._histograms.get(family.name)
         if metric is None:
             metric = self._histograms[family.name] = Histogram(
-                family.name, family.documentation, ("route",), buckets=_HISTOGRAM_BOUNDS[family.name], registry=None)
+                family.name, family.documentation, ("route",), buckets=_HISTOGRAM_BOUNDS[family.name], registry=None
+            )
         for route, (buckets, total) in series.items():
             child = metric.labels(route)
             below = 0.0
@@ -608,7 +634,12 @@ class _Mirror:
             if family.type == "counter":
                 found = Counter(family.name, family.documentation, labels, registry=None)
             else:
-                found = Gauge(family.name, family.documentation, labels, registry=None,
-                              multiprocess_mode=_GAUGE_MODES.get(family.name, "livesum"))
+                found = Gauge(
+                    family.name,
+                    family.documentation,
+                    labels,
+                    registry=None,
+                    multiprocess_mode=_GAUGE_MODES.get(family.name, "livesum"),
+                )
             self._metrics[family.name] = found
         return found

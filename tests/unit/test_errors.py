@@ -27,8 +27,12 @@ REALM = 'a "quoted" \\ realm'
 def auth_errors() -> list[AuthError]:
     made: list[AuthError] = [TokenMissing(), TokenMissing("no Authorization")]
     for reason in Reason:
-        made += [InvalidRequest(reason), InvalidToken(reason, "detail"), InsufficientScope(reason),
-                 InsufficientScope(reason, scope='admin "ops"')]
+        made += [
+            InvalidRequest(reason),
+            InvalidToken(reason, "detail"),
+            InsufficientScope(reason),
+            InsufficientScope(reason, scope='admin "ops"'),
+        ]
     return made
 
 

@@ -47,9 +47,20 @@ PROXIES = ("envoy", "jwt-sidecar", FLOOR)
 # Two-way: Envoy --concurrency 2 against jwt-sidecar `workers: 2`, unpinned (they need both CPUs).
 PROXIES_2 = ("envoy-2", "jwt-sidecar-2w")
 TARGET_NAMES = ("envoy", "jwt-sidecar", FLOOR, "envoy-router", "nginx", *PROXIES_2)
-ALIASES = {"sidecar": "jwt-sidecar", "jwt-sidecar": "jwt-sidecar", "envoy": "envoy", "envoy-router": "envoy-router",
-           "router": "envoy-router", "nginx": "nginx", "upstream": "nginx",
-           FLOOR: FLOOR, "floor": FLOOR, "envoy-2": "envoy-2", "jwt-sidecar-2w": "jwt-sidecar-2w", "sidecar-2w": "jwt-sidecar-2w"}
+ALIASES = {
+    "sidecar": "jwt-sidecar",
+    "jwt-sidecar": "jwt-sidecar",
+    "envoy": "envoy",
+    "envoy-router": "envoy-router",
+    "router": "envoy-router",
+    "nginx": "nginx",
+    "upstream": "nginx",
+    FLOOR: FLOOR,
+    "floor": FLOOR,
+    "envoy-2": "envoy-2",
+    "jwt-sidecar-2w": "jwt-sidecar-2w",
+    "sidecar-2w": "jwt-sidecar-2w",
+}
 
 
 @dataclass(frozen=True)
@@ -72,12 +83,14 @@ class Workload:
 WORKLOADS = [
     Workload("a", "(a) one valid token", T.PROTECTED_PATH, PROXIES, script="status.lua"),
     Workload("a2", "(a) one valid token, 2 workers", T.PROTECTED_PATH, PROXIES_2, script="status.lua"),
-    Workload("b2", "(b) 10,000 distinct tokens, 2 workers", T.PROTECTED_PATH, PROXIES_2, token="cycle",
-             script="tokens.lua"),
+    Workload(
+        "b2", "(b) 10,000 distinct tokens, 2 workers", T.PROTECTED_PATH, PROXIES_2, token="cycle", script="tokens.lua"
+    ),
     Workload("b", "(b) 10,000 distinct tokens", T.PROTECTED_PATH, PROXIES, token="cycle", script="tokens.lua"),
     Workload("c", "(c) no token → 401", T.PROTECTED_PATH, PROXIES, expect=401, token="none", script="status.lua"),
-    Workload("d", "(d) public route", T.PUBLIC_PATH, (*PROXIES, "envoy-router", "nginx"), token="none",
-             script="status.lua"),
+    Workload(
+        "d", "(d) public route", T.PUBLIC_PATH, (*PROXIES, "envoy-router", "nginx"), token="none", script="status.lua"
+    ),
     # No status counting here: wrk would hand every 1 MiB body to Lua, loading the load
     # generator more than the proxies. wrk's own non-2xx/3xx count and the sanity check remain.
     Workload("e-down", "(e) 1 MiB response", T.BIG_PATH, (*PROXIES, "nginx"), large=True),
@@ -91,20 +104,32 @@ class Failure(Exception):
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="bench/run", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 2)[2])
+    p = argparse.ArgumentParser(
+        prog="bench/run",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 2)[2],
+    )
     p.add_argument("--quick", action="store_true", help="1 round of 2 s per run (and a quicker micro-benchmark)")
     p.add_argument("--rounds", type=int, help="rounds (default 3; 1 with --quick)")
     p.add_argument("--duration", type=float, help="seconds per run (default 5; 2 with --quick)")
-    p.add_argument("--targets", default=",".join(TARGET_NAMES),
-                   help="comma list of envoy, sidecar, python-floor, envoy-router, nginx, envoy-2, sidecar-2w (default: all)")
-    p.add_argument("--workloads", default=",".join(w.key for w in WORKLOADS),
-                   help="comma list of " + ", ".join(w.key for w in WORKLOADS) + " (default: all; e = e-down,e-up)")
+    p.add_argument(
+        "--targets",
+        default=",".join(TARGET_NAMES),
+        help="comma list of envoy, sidecar, python-floor, envoy-router, nginx, envoy-2, sidecar-2w (default: all)",
+    )
+    p.add_argument(
+        "--workloads",
+        default=",".join(w.key for w in WORKLOADS),
+        help="comma list of " + ", ".join(w.key for w in WORKLOADS) + " (default: all; e = e-down,e-up)",
+    )
     p.add_argument("--connections", type=int, default=32, help="wrk connections (default 32)")
     p.add_argument("--connections-large", type=int, default=8, help="wrk connections for 1 MiB bodies (default 8)")
     p.add_argument("--no-pin", action="store_true", help="do not pin the proxy and the load generator to separate CPUs")
     p.add_argument("--no-micro", action="store_true", help="skip bench/verify_micro.py")
-    p.add_argument("--output", type=Path, default=RESULTS, help=f"raw results (default {RESULTS.relative_to(HERE.parent)})")
+    p.add_argument(
+        "--output", type=Path, default=RESULTS, help=f"raw results (default {RESULTS.relative_to(HERE.parent)})"
+    )
     p.add_argument("--keep", action="store_true", help="keep the temp dir (configs, logs, tokens)")
     args = p.parse_args(argv)
     args.rounds = args.rounds or (1 if args.quick else 3)
@@ -148,8 +173,11 @@ def versions() -> dict[str, str]:
         "sidecar_loop": T.event_loop_of_sidecar(),
         "git": first_line(["git", "-C", str(HERE.parent), "rev-parse", "--short", "HEAD"]),
         # The sidecar measured is the working tree, which may differ from HEAD.
-        "proxy_dirty": "yes" if subprocess.run(["git", "-C", str(HERE.parent), "status", "--porcelain", "proxy"],
-                                               capture_output=True, text=True).stdout.strip() else "no",
+        "proxy_dirty": "yes"
+        if subprocess.run(
+            ["git", "-C", str(HERE.parent), "status", "--porcelain", "proxy"], capture_output=True, text=True
+        ).stdout.strip()
+        else "no",
     }
 
 
@@ -164,7 +192,10 @@ def sanity(target: T.Target, toks: tokens.TokenSet) -> None:
     name, port = target.name, target.port
     bearer = {"Authorization": f"Bearer {toks.token}"}
     status, _, body = T.http_get(port, T.PUBLIC_PATH)
-    check(status == 200 and body == b"ok", f"{name}: GET {T.PUBLIC_PATH} without a token → {status} {body[:80]!r}, want 200 ok")
+    check(
+        status == 200 and body == b"ok",
+        f"{name}: GET {T.PUBLIC_PATH} without a token → {status} {body[:80]!r}, want 200 ok",
+    )
     if target.kind == "nginx" or name == "envoy-router":
         return
     # python-floor verifies no token and rewrites no header: only the 401 without a token and
@@ -174,8 +205,10 @@ def sanity(target: T.Target, toks: tokens.TokenSet) -> None:
         sanity_identity(name, port, bearer)
     status, headers, _ = T.http_get(port, T.PROTECTED_PATH)
     check(status == 401, f"{name}: no token → {status}, want 401")
-    check(headers.get("www-authenticate", "").startswith("Bearer"),
-          f"{name}: no token → WWW-Authenticate {headers.get('www-authenticate')!r}, want a Bearer challenge")
+    check(
+        headers.get("www-authenticate", "").startswith("Bearer"),
+        f"{name}: no token → WWW-Authenticate {headers.get('www-authenticate')!r}, want a Bearer challenge",
+    )
     if verifies:
         head, payload, sig = toks.token.split(".")
         forged = ".".join((head, payload, ("A" if sig[0] != "A" else "B") + sig[1:]))
@@ -186,63 +219,114 @@ def sanity(target: T.Target, toks: tokens.TokenSet) -> None:
         status, _, _ = T.http_get(port, T.PROTECTED_PATH, {"Authorization": f"Bearer {tok}"})
         check(status == 200, f"{name}: a token from tokens.txt → {status}, want 200")
     status, _, body = T.http_get(port, T.BIG_PATH, bearer)
-    check(status == 200 and len(body) == T.MIB, f"{name}: GET {T.BIG_PATH} → {status}, {len(body)} bytes, want 200, 1 MiB")
-    status, _, body = T.http_get(port, T.UPLOAD_PATH, {**bearer, "Content-Type": "application/octet-stream"},
-                                 method="POST", body=b"x" * T.MIB)
-    check(status == 200 and body == b"ok", f"{name}: POST {T.UPLOAD_PATH} (1 MiB) → {status} {body[:80]!r}, want 200 ok")
+    check(
+        status == 200 and len(body) == T.MIB, f"{name}: GET {T.BIG_PATH} → {status}, {len(body)} bytes, want 200, 1 MiB"
+    )
+    status, _, body = T.http_get(
+        port, T.UPLOAD_PATH, {**bearer, "Content-Type": "application/octet-stream"}, method="POST", body=b"x" * T.MIB
+    )
+    check(
+        status == 200 and body == b"ok", f"{name}: POST {T.UPLOAD_PATH} (1 MiB) → {status} {body[:80]!r}, want 200 ok"
+    )
 
 
 def sanity_identity(name: str, port: int, bearer: dict[str, str]) -> None:
     """Claims to headers, the token not forwarded, a client's identity headers removed."""
     status, headers, _ = T.http_get(port, T.WHOAMI_PATH, {**bearer, "X-User-Id": "mallory"})
     check(status == 200, f"{name}: GET {T.WHOAMI_PATH} with the token → {status}, want 200")
-    check(headers.get("x-seen-user-id") == "alice",
-          f"{name}: upstream saw X-User-Id {headers.get('x-seen-user-id')!r}, want 'alice'")
-    check(headers.get("x-seen-user-email") == "alice@example.com",
-          f"{name}: upstream saw X-User-Email {headers.get('x-seen-user-email')!r}, want 'alice@example.com'")
-    check("x-seen-authorization" not in headers,
-          f"{name}: the token was forwarded to the upstream ({headers.get('x-seen-authorization', '')[:20]}…)")
+    check(
+        headers.get("x-seen-user-id") == "alice",
+        f"{name}: upstream saw X-User-Id {headers.get('x-seen-user-id')!r}, want 'alice'",
+    )
+    check(
+        headers.get("x-seen-user-email") == "alice@example.com",
+        f"{name}: upstream saw X-User-Email {headers.get('x-seen-user-email')!r}, want 'alice@example.com'",
+    )
+    check(
+        "x-seen-authorization" not in headers,
+        f"{name}: the token was forwarded to the upstream ({headers.get('x-seen-authorization', '')[:20]}…)",
+    )
     status, headers, _ = T.http_get(port, "/public" + T.WHOAMI_PATH, {"X-User-Id": "mallory", "X-User-Email": "m@x"})
-    check(status == 200 and "x-seen-user-id" not in headers and "x-seen-user-email" not in headers,
-          f"{name}: a client's X-User-Id reached the upstream on the public route ({status}, {headers.get('x-seen-user-id')!r})")
+    check(
+        status == 200 and "x-seen-user-id" not in headers and "x-seen-user-email" not in headers,
+        f"{name}: a client's X-User-Id reached the upstream on the public route ({status}, {headers.get('x-seen-user-id')!r})",
+    )
 
 
 # -- one run ----------------------------------------------------------------------------------
-def run_one(w: Workload, target: T.Target, toks: tokens.TokenSet, args: argparse.Namespace,
-            duration: float, load_cpus: set[int] | None, upstream_pid: int) -> dict:
+def run_one(
+    w: Workload,
+    target: T.Target,
+    toks: tokens.TokenSet,
+    args: argparse.Namespace,
+    duration: float,
+    load_cpus: set[int] | None,
+    upstream_pid: int,
+) -> dict:
     url = f"http://127.0.0.1:{target.port}{w.path}"
     headers = [f"Authorization: Bearer {toks.token}"] if w.token == "one" else []
     if w.kind == "rate":
-        res, usage = load.measure(target.pid, lambda: load.run_rate(url, rate=w.rate, duration=duration,
-                                                                      headers=headers, cpus=load_cpus),
-                                  also=(upstream_pid,))
+        res, usage = load.measure(
+            target.pid,
+            lambda: load.run_rate(url, rate=w.rate, duration=duration, headers=headers, cpus=load_cpus),
+            also=(upstream_pid,),
+        )
         requests = res["requests"]
         statuses = res["statuses"]
         errors = sum(res["errors"].values()) + sum(n for code, n in statuses.items() if code != str(w.expect))
-        record = {"rps": requests / duration, "latency_ms": res["latency_ms"], "requests": requests,
-                  "statuses": statuses, "socket_errors": res["errors"], "non_2xx_3xx": None, "sent": res["sent"]}
+        record = {
+            "rps": requests / duration,
+            "latency_ms": res["latency_ms"],
+            "requests": requests,
+            "statuses": statuses,
+            "socket_errors": res["errors"],
+            "non_2xx_3xx": None,
+            "sent": res["sent"],
+        }
         if res["sent"] != requests:
             errors += res["sent"] - requests
     else:
         script_args = [str(toks.tokens_path)] if w.token == "cycle" else []
-        res, usage = load.measure(target.pid, lambda: load.run_wrk(
-            url, duration=duration, connections=args.connections_large if w.large else args.connections,
-            headers=headers, script=w.script, script_args=script_args, cpus=load_cpus),
-            also=(upstream_pid,))
+        res, usage = load.measure(
+            target.pid,
+            lambda: load.run_wrk(
+                url,
+                duration=duration,
+                connections=args.connections_large if w.large else args.connections,
+                headers=headers,
+                script=w.script,
+                script_args=script_args,
+                cpus=load_cpus,
+            ),
+            also=(upstream_pid,),
+        )
         requests = res.requests
         if w.script is None:
             # No per-status counts: every answer must at least be a 2xx/3xx.
             unexpected = res.non_2xx_3xx if w.expect < 300 else requests
         else:
             unexpected = abs(requests - sum(res.statuses.values())) + sum(
-                n for code, n in res.statuses.items() if code != str(w.expect))
+                n for code, n in res.statuses.items() if code != str(w.expect)
+            )
         errors = unexpected + sum(res.socket_errors.values())
-        record = {"rps": res.rps, "latency_ms": res.latency_ms, "requests": requests, "statuses": res.statuses,
-                  "socket_errors": res.socket_errors, "non_2xx_3xx": res.non_2xx_3xx}
-    record.update(workload=w.key, target=target.name, errors=errors, cpu_s=usage.cpu_s,
-                  cpu_s_per_1k=usage.cpu_s / requests * 1000 if requests and target.pid else None,
-                  peak_rss_kib=usage.peak_rss_kib, duration_s=duration,
-                  other_cpu_share=usage.other_cpu_s / duration)
+        record = {
+            "rps": res.rps,
+            "latency_ms": res.latency_ms,
+            "requests": requests,
+            "statuses": res.statuses,
+            "socket_errors": res.socket_errors,
+            "non_2xx_3xx": res.non_2xx_3xx,
+        }
+    record.update(
+        workload=w.key,
+        target=target.name,
+        errors=errors,
+        cpu_s=usage.cpu_s,
+        cpu_s_per_1k=usage.cpu_s / requests * 1000 if requests and target.pid else None,
+        peak_rss_kib=usage.peak_rss_kib,
+        duration_s=duration,
+        other_cpu_share=usage.other_cpu_s / duration,
+    )
     if requests == 0:
         record["errors"] = record["errors"] or 1
     return record
@@ -278,12 +362,22 @@ def main(argv: list[str] | None = None) -> int:
     load_cpus = T.LOAD_CPUS if pin else None
     ver = versions()
     meta = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "rounds": args.rounds, "duration_s": args.duration, "connections": args.connections,
-        "connections_large": args.connections_large, "wrk_threads": 1, "rate": RATE, "pinned": pin,
-        "cpus": os.cpu_count(), "machine": platform.machine(), "kernel": platform.release(),
-        "envoy_version": ver["envoy"], "sidecar_loop": ver["sidecar_loop"], "versions": ver,
-        "distinct_tokens": DISTINCT_TOKENS, "targets": args.target_names,
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "rounds": args.rounds,
+        "duration_s": args.duration,
+        "connections": args.connections,
+        "connections_large": args.connections_large,
+        "wrk_threads": 1,
+        "rate": RATE,
+        "pinned": pin,
+        "cpus": os.cpu_count(),
+        "machine": platform.machine(),
+        "kernel": platform.release(),
+        "envoy_version": ver["envoy"],
+        "sidecar_loop": ver["sidecar_loop"],
+        "versions": ver,
+        "distinct_tokens": DISTINCT_TOKENS,
+        "targets": args.target_names,
         "workloads": [w.key for w in args.workload_list],
     }
     procs = T.Processes()
@@ -314,9 +408,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"bench: {name} on :{running[name].port} (pid {running[name].pid})", flush=True)
         for target in running.values():
             sanity(target, toks)
-        print("bench: sanity checks passed (claim headers, token stripped, spoofed headers removed, 401s, "
-              "1 MiB both ways" + (f"; {FLOOR}: 401 and 1 MiB only, it verifies nothing" if FLOOR in running else "")
-              + ")", flush=True)
+        print(
+            "bench: sanity checks passed (claim headers, token stripped, spoofed headers removed, 401s, "
+            "1 MiB both ways"
+            + (f"; {FLOOR}: 401 and 1 MiB only, it verifies nothing" if FLOOR in running else "")
+            + ")",
+            flush=True,
+        )
 
         # Warm-up, not recorded: connection pools, caches, lazy initialisation.
         warm = min(1.0, args.duration / 2)
@@ -342,11 +440,14 @@ def main(argv: list[str] | None = None) -> int:
                     r["round"] = rnd + 1
                     runs.append(r)
                     p50, p99 = r["latency_ms"].get("p50"), r["latency_ms"].get("p99")
-                    print(f"  [{n:>3}/{total}] round {rnd + 1} {w.key:<6} {name:<13} {r['rps']:>9,.0f} req/s  "
-                          f"p50 {p50 if p50 is not None else float('nan'):7.2f} ms  p99 {p99 if p99 is not None else float('nan'):7.2f} ms  "
-                          f"cpu/1k {r['cpu_s_per_1k'] or 0:.3f} s  rss {r['peak_rss_kib'] / 1024:6.1f} MiB"
-                          + (f"  other work {r['other_cpu_share']:.0%} of a CPU" if r["other_cpu_share"] > 0.1 else "")
-                          + (f"  ERRORS {r['errors']}" if r["errors"] else ""), flush=True)
+                    print(
+                        f"  [{n:>3}/{total}] round {rnd + 1} {w.key:<6} {name:<13} {r['rps']:>9,.0f} req/s  "
+                        f"p50 {p50 if p50 is not None else float('nan'):7.2f} ms  p99 {p99 if p99 is not None else float('nan'):7.2f} ms  "
+                        f"cpu/1k {r['cpu_s_per_1k'] or 0:.3f} s  rss {r['peak_rss_kib'] / 1024:6.1f} MiB"
+                        + (f"  other work {r['other_cpu_share']:.0%} of a CPU" if r["other_cpu_share"] > 0.1 else "")
+                        + (f"  ERRORS {r['errors']}" if r["errors"] else ""),
+                        flush=True,
+                    )
                     if r["errors"]:
                         msg = describe_failure(w, target, r)
                         failures.append(msg)
@@ -365,6 +466,7 @@ def main(argv: list[str] | None = None) -> int:
         procs.stop_all()
         if not args.keep:
             import shutil
+
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             print(f"bench: kept {tmp}")
@@ -373,8 +475,13 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_micro and not failures:
         print("bench: verification micro-benchmark…", flush=True)
         argv_micro = [sys.executable, str(HERE / "verify_micro.py"), "--json"] + (["--quick"] if args.quick else [])
-        proc = subprocess.run(argv_micro, capture_output=True, text=True, timeout=600,
-                              preexec_fn=(lambda: os.sched_setaffinity(0, T.TARGET_CPUS)) if pin else None)
+        proc = subprocess.run(
+            argv_micro,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            preexec_fn=(lambda: os.sched_setaffinity(0, T.TARGET_CPUS)) if pin else None,
+        )
         if proc.returncode != 0:
             failures.append(f"verify_micro.py failed:\n{proc.stderr}")
         else:

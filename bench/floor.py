@@ -31,17 +31,26 @@ import uvloop
 HOP = (b"connection", b"keep-alive")
 NO_BODY = (204, 304)
 BODY_401 = b'{"error":"invalid_token","error_description":"missing bearer token"}'
-RESP_401 = (b'HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Bearer realm="bench"\r\n'
-            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(BODY_401), BODY_401))
+RESP_401 = (
+    b'HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Bearer realm="bench"\r\n'
+    b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(BODY_401), BODY_401)
+)
 RESP_READY = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 RESP_502 = b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
 
 
 class Req:
-    __slots__ = ("client", "head", "fixed", "chunked", "keep_alive", "pending", "up", "done", "answered")
+    __slots__ = ("answered", "chunked", "client", "done", "fixed", "head", "keep_alive", "pending", "up")
 
     def __init__(self, client: Client) -> None:
-        self.client, self.fixed, self.chunked, self.up, self.done, self.answered = client, None, False, None, False, False
+        self.client, self.fixed, self.chunked, self.up, self.done, self.answered = (
+            client,
+            None,
+            False,
+            None,
+            False,
+            False,
+        )
         self.pending: list[bytes] | None = []
 
     def send(self, data: bytes) -> None:  # a piece of the request body, to the upstream or held
@@ -61,6 +70,7 @@ class Pool:
             if not up.transport.is_closing():
                 return up.start(req)
         asyncio.get_running_loop().create_task(self.connect(req))
+        return None
 
     async def connect(self, req: Req) -> None:
         try:
@@ -70,6 +80,7 @@ class Pool:
         if req.client.transport.is_closing():
             return self.idle.append(up)  # the client left while we connected
         up.start(req)
+        return None
 
 
 class Upstream(asyncio.Protocol):
@@ -147,6 +158,7 @@ class Upstream(asyncio.Protocol):
             req.client.fail(req)
         if self.paused_client is not None:
             self.resume_writing()
+        return None
 
     def pause_writing(self) -> None:  # a 1 MiB upload faster than the upstream reads it
         if self.req is not None:

@@ -16,9 +16,10 @@ import shutil
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 LUA = HERE / "lua"
@@ -48,7 +49,7 @@ def cpu_seconds(pid: int) -> float:
             stat = Path(f"/proc/{each}/stat").read_text()
         except OSError:
             continue
-        fields = stat[stat.rindex(")") + 2:].split()
+        fields = stat[stat.rindex(")") + 2 :].split()
         # fields[0] is field 3 (state); utime and stime are fields 14 and 15.
         total += (int(fields[11]) + int(fields[12])) / CLK_TCK
     return total
@@ -116,8 +117,7 @@ def measure(pid: int | None, fn: Callable[[], Any], *, also: tuple[int, ...] = (
         sampler.join()
     usage.cpu_s = cpu_seconds(pid) - before
     busy = machine_busy_seconds() - busy0
-    usage.other_cpu_s = max(0.0, busy - usage.cpu_s - (_ours() - ours0)
-                            - (sum(cpu_seconds(p) for p in also) - also0))
+    usage.other_cpu_s = max(0.0, busy - usage.cpu_s - (_ours() - ours0) - (sum(cpu_seconds(p) for p in also) - also0))
     usage.peak_rss_kib = max(usage.peak_rss_kib, status_kib(pid, "VmRSS"))
     return result, usage
 
@@ -167,7 +167,9 @@ def parse_wrk(out: str) -> WrkResult:
     r.non_2xx_3xx = int(m.group(1)) if m else 0
     m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     if m:
-        r.socket_errors = {k: int(v) for k, v in zip(("connect", "read", "write", "timeout"), m.groups()) if int(v)}
+        r.socket_errors = {
+            k: int(v) for k, v in zip(("connect", "read", "write", "timeout"), m.groups(), strict=True) if int(v)
+        }
     for code, count in re.findall(r"^STATUS (\d+) (\d+)$", out, re.M):
         r.statuses[code] = r.statuses.get(code, 0) + int(count)
     return r
@@ -180,8 +182,17 @@ def wrk_binary() -> str:
     return found
 
 
-def run_wrk(url: str, *, duration: float, connections: int, threads: int = 1, headers: list[str] = (),
-            script: str | None = None, script_args: list[str] = (), cpus: set[int] | None = None) -> WrkResult:
+def run_wrk(
+    url: str,
+    *,
+    duration: float,
+    connections: int,
+    threads: int = 1,
+    headers: list[str] = (),
+    script: str | None = None,
+    script_args: list[str] = (),
+    cpus: set[int] | None = None,
+) -> WrkResult:
     argv = [wrk_binary(), f"-t{threads}", f"-c{connections}", f"-d{duration:g}s", "--latency", "--timeout", "10s"]
     for h in headers:
         argv += ["-H", h]
@@ -202,8 +213,7 @@ def run_wrk(url: str, *, duration: float, connections: int, threads: int = 1, he
 
 
 # -- the fixed-rate generator ---------------------------------------------------------------
-def run_rate(url: str, *, rate: float, duration: float, headers: list[str] = (),
-             cpus: set[int] | None = None) -> dict:
+def run_rate(url: str, *, rate: float, duration: float, headers: list[str] = (), cpus: set[int] | None = None) -> dict:
     argv = [sys.executable, str(HERE / "rate.py"), "--url", url, "--rate", f"{rate:g}", "--duration", f"{duration:g}"]
     for h in headers:
         argv += ["-H", h]

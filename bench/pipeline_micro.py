@@ -36,25 +36,28 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import jwt  # noqa: E402
-import yaml  # noqa: E402
-from cryptography.hazmat.primitives import serialization  # noqa: E402
+import jwt
+import yaml
+from cryptography.hazmat.primitives import serialization
 
-from proxy.config.builder import parse  # noqa: E402
-from proxy.http.http1 import _Connection  # noqa: E402
-from proxy.request.app import Proxy  # noqa: E402
-from proxy.telemetry.accesslog import AccessLog  # noqa: E402
-from proxy.tools.keygen import generate  # noqa: E402
+from proxy.config.builder import parse
+from proxy.http.http1 import _Connection
+from proxy.request.app import Proxy
+from proxy.telemetry.accesslog import AccessLog
+from proxy.tools.keygen import generate
 
 ISSUER = "https://issuer.bench.local/"
 AUDIENCE = "bench-api"
 # What nginx's `return 200` answers in bench/run: five fields and a short body.
-_ANSWER = (b"HTTP/1.1 200 OK\r\nServer: nginx\r\nDate: Mon, 23 Nov 2026 12:00:00 GMT\r\n"
-           b"Content-Type: text/plain\r\nContent-Length: 3\r\nConnection: keep-alive\r\n\r\nok\n")
+_ANSWER = (
+    b"HTTP/1.1 200 OK\r\nServer: nginx\r\nDate: Mon, 23 Nov 2026 12:00:00 GMT\r\n"
+    b"Content-Type: text/plain\r\nContent-Length: 3\r\nConnection: keep-alive\r\n\r\nok\n"
+)
 
 
 def _upstream(sock: socket.socket) -> None:
     """A minimal keep-alive upstream: every request head (no bodies here) gets `_ANSWER`."""
+
     class Upstream(asyncio.Protocol):
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
             self.transport, self.buffer = transport, b""
@@ -63,12 +66,13 @@ def _upstream(sock: socket.socket) -> None:
             self.buffer += data
             count = self.buffer.count(b"\r\n\r\n")
             if count:
-                self.buffer = self.buffer[self.buffer.rindex(b"\r\n\r\n") + 4:]
+                self.buffer = self.buffer[self.buffer.rindex(b"\r\n\r\n") + 4 :]
                 self.transport.write(_ANSWER * count)  # type: ignore[attr-defined]
 
     async def serve() -> None:
         server = await asyncio.get_running_loop().create_server(Upstream, sock=sock)
         await server.serve_forever()
+
     asyncio.run(serve())
 
 
@@ -107,15 +111,27 @@ class _Client(asyncio.Transport):
 
 def _settings(upstream_port: int, jwks_file: Path):  # noqa: ANN202
     doc = {
-        "listen": "127.0.0.1:8080", "admin": "127.0.0.1:9901", "realm": "bench",
-        "upstream": {"url": f"http://127.0.0.1:{upstream_port}", "connect_timeout": "2s", "timeout": "30s",
-                     "max_body": "10MB"},
+        "listen": "127.0.0.1:8080",
+        "admin": "127.0.0.1:9901",
+        "realm": "bench",
+        "upstream": {
+            "url": f"http://127.0.0.1:{upstream_port}",
+            "connect_timeout": "2s",
+            "timeout": "30s",
+            "max_body": "10MB",
+        },
         "access_log": True,
-        "providers": {"main": {
-            "issuer": ISSUER, "audiences": [AUDIENCE], "algorithms": ["RS256"], "leeway": "30s",
-            "required_claims": ["exp"], "jwks_file": str(jwks_file),
-            "headers": {"claims": {"sub": "X-User-Id", "email": "X-User-Email"}, "forward_token": False},
-        }},
+        "providers": {
+            "main": {
+                "issuer": ISSUER,
+                "audiences": [AUDIENCE],
+                "algorithms": ["RS256"],
+                "leeway": "30s",
+                "required_claims": ["exp"],
+                "jwks_file": str(jwks_file),
+                "headers": {"claims": {"sub": "X-User-Id", "email": "X-User-Email"}, "forward_token": False},
+            }
+        },
         "routes": [
             {"name": "public", "match": {"path_prefix": "/public/"}, "auth": "none"},
             {"name": "api", "match": {"path_prefix": "/"}, "auth": {"provider": "main"}},
@@ -160,6 +176,7 @@ async def _drive(proxy: Proxy, requests: list[bytes], total: int, concurrency: i
 def _from_pem(pem: bytes):  # noqa: ANN202
     """A GeneratedKey-like holder for a stored RS256 key (kid fixed)."""
     from jwt.algorithms import RSAAlgorithm
+
     private = serialization.load_pem_private_key(pem, None)
     jwk = json.loads(RSAAlgorithm.to_jwk(private.public_key()))
     jwk.update(kid="bench-rs256", alg="RS256", use="sig")
@@ -171,9 +188,21 @@ def _workloads(key, count: int, only: str | None) -> dict[str, list[bytes]]:  # 
     now = int(time.time())
 
     def token(i: int) -> str:
-        return jwt.encode({"iss": ISSUER, "aud": AUDIENCE, "sub": f"user-{i}", "iat": now, "exp": now + 3600,
-                           "jti": f"j{i}", "email": f"user-{i}@example.com"}, signing, algorithm="RS256",
-                          headers={"kid": key.kid})
+        return jwt.encode(
+            {
+                "iss": ISSUER,
+                "aud": AUDIENCE,
+                "sub": f"user-{i}",
+                "iat": now,
+                "exp": now + 3600,
+                "jti": f"j{i}",
+                "email": f"user-{i}@example.com",
+            },
+            signing,
+            algorithm="RS256",
+            headers={"kid": key.kid},
+        )
+
     makers = {
         "a_one_token": lambda: [_request("/whoami", token(0))],
         "b_distinct_tokens": lambda: [_request("/whoami", token(i)) for i in range(count)],
@@ -207,7 +236,7 @@ def _run(args: argparse.Namespace) -> dict[str, list[float]]:
         loop.run_until_complete(proxy.start())
         try:
             workloads = _workloads(key, 500, args.only)  # (b): 500 tokens cycled through 100 entries
-            for name, requests in workloads.items():  # warm-up: caches, pool, code paths
+            for requests in workloads.values():  # warm-up: caches, pool, code paths
                 loop.run_until_complete(_drive(proxy, requests, args.warmup, args.concurrency))
             results: dict[str, list[float]] = {name: [] for name in workloads}
             for _ in range(args.rounds):
@@ -215,8 +244,9 @@ def _run(args: argparse.Namespace) -> dict[str, list[float]]:
                     # sys.call_tracing only wraps the call in a C function that nothing else
                     # uses, so that `callgrind --toggle-collect=_PyEval_CallTracing` counts
                     # the rounds alone (bench/instructions).
-                    figure = sys.call_tracing(loop.run_until_complete,
-                                              (_drive(proxy, requests, args.requests, args.concurrency),))
+                    figure = sys.call_tracing(
+                        loop.run_until_complete, (_drive(proxy, requests, args.requests, args.concurrency),)
+                    )
                     results[name].append(figure)
             return results
         finally:
@@ -238,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         import uvloop
+
         uvloop.install()
     except ImportError:
         pass
@@ -246,8 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(results))
     else:
         for name, figures in results.items():
-            print(f"{name:<18} least {min(figures):6.1f}  median {statistics.median(figures):6.1f} "
-                  "µs CPU/request")
+            print(f"{name:<18} least {min(figures):6.1f}  median {statistics.median(figures):6.1f} µs CPU/request")
     return 0
 
 

@@ -72,12 +72,11 @@ def percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[k]
 
 
-async def run(url: str, rate: float, duration: float, headers: list[str], timeout: float,
-              warmup: int) -> dict:
+async def run(url: str, rate: float, duration: float, headers: list[str], timeout: float, warmup: int) -> dict:
     parts = urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    head = [f"GET {path} HTTP/1.1", f"Host: {parts.netloc}"] + headers
+    head = [f"GET {path} HTTP/1.1", f"Host: {parts.netloc}", *headers]
     request = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1")
 
     idle: list[Conn] = []
@@ -89,7 +88,7 @@ async def run(url: str, rate: float, duration: float, headers: list[str], timeou
         conn = idle.pop() if idle else Conn(*await asyncio.open_connection(host, port))
         try:
             status = await asyncio.wait_for(conn.roundtrip(request), timeout)
-        except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, ValueError) as error:
+        except (TimeoutError, OSError, asyncio.IncompleteReadError, ValueError) as error:
             conn.close()
             if due is not None:
                 errors[type(error).__name__] = errors.get(type(error).__name__, 0) + 1
@@ -113,7 +112,7 @@ async def run(url: str, rate: float, duration: float, headers: list[str], timeou
             await asyncio.sleep(delay)
         tasks.append(asyncio.create_task(one(due)))
     sent_for = time.perf_counter() - start
-    done, pending = await asyncio.wait(tasks, timeout=timeout) if tasks else (set(), set())
+    _done, pending = await asyncio.wait(tasks, timeout=timeout) if tasks else (set(), set())
     for task in pending:
         task.cancel()
     if pending:
@@ -123,11 +122,20 @@ async def run(url: str, rate: float, duration: float, headers: list[str], timeou
 
     ms = sorted(x * 1000 for x in latencies)
     return {
-        "url": url, "rate": rate, "duration": duration, "sent": total, "sent_for_s": round(sent_for, 3),
-        "requests": len(ms), "statuses": {str(k): v for k, v in sorted(statuses.items())}, "errors": errors,
+        "url": url,
+        "rate": rate,
+        "duration": duration,
+        "sent": total,
+        "sent_for_s": round(sent_for, 3),
+        "requests": len(ms),
+        "statuses": {str(k): v for k, v in sorted(statuses.items())},
+        "errors": errors,
         "latency_ms": {
-            "p50": percentile(ms, 50), "p90": percentile(ms, 90), "p99": percentile(ms, 99),
-            "p99.9": percentile(ms, 99.9), "max": ms[-1] if ms else float("nan"),
+            "p50": percentile(ms, 50),
+            "p90": percentile(ms, 90),
+            "p99": percentile(ms, 99),
+            "p99.9": percentile(ms, 99.9),
+            "max": ms[-1] if ms else float("nan"),
             "mean": sum(ms) / len(ms) if ms else float("nan"),
         },
     }
@@ -146,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--rate and --duration must be positive")
     try:
         import uvloop
+
         runner = uvloop.run
     except ImportError:
         runner = asyncio.run

@@ -27,8 +27,13 @@ def summarise(runs: list[dict], workloads: list[Any], targets: list[str]) -> lis
                 continue
             rps = [r["rps"] for r in mine]
             row = {
-                "workload": w.key, "title": w.title, "target": t, "rounds": len(mine),
-                "rps_median": _median(rps), "rps_min": min(rps), "rps_max": max(rps),
+                "workload": w.key,
+                "title": w.title,
+                "target": t,
+                "rounds": len(mine),
+                "rps_median": _median(rps),
+                "rps_min": min(rps),
+                "rps_max": max(rps),
                 "p50_ms": _median([r["latency_ms"].get("p50") for r in mine]),
                 "p99_ms": _median([r["latency_ms"].get("p99") for r in mine]),
                 "peak_rss_mib": max(r["peak_rss_kib"] for r in mine) / 1024,
@@ -89,21 +94,28 @@ def _x(value: float | None) -> str:
 
 def markdown(rows: list[dict], workloads: list[Any], micro: list[dict] | None, meta: dict) -> str:
     out: list[str] = []
-    out.append(f"{meta['rounds']} round(s) of {meta['duration_s']:g} s per run, interleaved; "
-               f"wrk {meta['wrk_threads']} thread, {meta['connections']} connections "
-               f"({meta['connections_large']} for 1 MiB); "
-               + ("proxy pinned to CPU 1, wrk/nginx to CPU 0; " if meta["pinned"] else "no CPU pinning; ")
-               + f"Envoy {meta['envoy_version']} --concurrency 1; jwt-sidecar one process ({meta['sidecar_loop']}); "
-               f"{meta['cpus']} CPUs; git {meta['versions']['git']}"
-               + (" + uncommitted changes under proxy/" if meta["versions"].get("proxy_dirty") == "yes" else "") + ".")
+    out.append(
+        f"{meta['rounds']} round(s) of {meta['duration_s']:g} s per run, interleaved; "
+        f"wrk {meta['wrk_threads']} thread, {meta['connections']} connections "
+        f"({meta['connections_large']} for 1 MiB); "
+        + ("proxy pinned to CPU 1, wrk/nginx to CPU 0; " if meta["pinned"] else "no CPU pinning; ")
+        + f"Envoy {meta['envoy_version']} --concurrency 1; jwt-sidecar one process ({meta['sidecar_loop']}); "
+        f"{meta['cpus']} CPUs; git {meta['versions']['git']}"
+        + (" + uncommitted changes under proxy/" if meta["versions"].get("proxy_dirty") == "yes" else "")
+        + "."
+    )
     other = meta.get("other_cpu_share")
     if other and other["max"] > 0.1:
         out.append("")
-        out.append(f"Note: other work on this machine used {other['median']:.0%} of a CPU (median over runs, "
-                   f"max {other['max']:.0%}) while the runs ran; the numbers are noisier than on an idle machine.")
+        out.append(
+            f"Note: other work on this machine used {other['median']:.0%} of a CPU (median over runs, "
+            f"max {other['max']:.0%}) while the runs ran; the numbers are noisier than on an idle machine."
+        )
     out.append("")
-    out.append("| workload | target | req/s median (min–max) | vs Envoy | p50 ms | p99 ms | peak RSS MiB "
-               "| CPU s / 1k req | CPU vs Envoy | errors |")
+    out.append(
+        "| workload | target | req/s median (min–max) | vs Envoy | p50 ms | p99 ms | peak RSS MiB "
+        "| CPU s / 1k req | CPU vs Envoy | errors |"
+    )
     out.append("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for w in workloads:
         if w.kind != "wrk":
@@ -113,29 +125,37 @@ def markdown(rows: list[dict], workloads: list[Any], micro: list[dict] | None, m
                 f"| {w.title} | {row['target']} | {row['rps_median']:,.0f} ({row['rps_min']:,.0f}–{row['rps_max']:,.0f}) "
                 f"| {_x(row['rps_vs_envoy'])} | {_ms(row['p50_ms'])} | {_ms(row['p99_ms'])} "
                 f"| {row['peak_rss_mib']:.1f} | {_f(row['cpu_s_per_1k'], '.3f')} | {_x(row['cpu_vs_envoy'])} "
-                f"| {row['errors']} |")
+                f"| {row['errors']} |"
+            )
     rate = [w for w in workloads if w.kind == "rate"]
     for w in rate:
         mine = [r for r in rows if r["workload"] == w.key]
         if not mine:
             continue
         out.append("")
-        out.append(f"{w.title}: latency at a fixed {w.rate:g} req/s (bench/rate.py, open loop), median over rounds; "
-                   "\"added\" is the target's minus the upstream alone (nginx direct).")
+        out.append(
+            f"{w.title}: latency at a fixed {w.rate:g} req/s (bench/rate.py, open loop), median over rounds; "
+            '"added" is the target\'s minus the upstream alone (nginx direct).'
+        )
         out.append("")
-        out.append("| target | req/s | p50 ms | p99 ms | added p50 ms | added p99 ms | added p50 vs Envoy "
-                   "| peak RSS MiB | CPU s / 1k req | errors |")
+        out.append(
+            "| target | req/s | p50 ms | p99 ms | added p50 ms | added p99 ms | added p50 vs Envoy "
+            "| peak RSS MiB | CPU s / 1k req | errors |"
+        )
         out.append("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
         for row in mine:
             out.append(
                 f"| {row['target']} | {row['rps_median']:,.0f} | {_ms(row['p50_ms'])} | {_ms(row['p99_ms'])} "
                 f"| {_ms(row.get('added_p50_ms'))} | {_ms(row.get('added_p99_ms'))} "
                 f"| {_x(row.get('added_p50_vs_envoy'))} | {row['peak_rss_mib']:.1f} "
-                f"| {_f(row['cpu_s_per_1k'], '.3f')} | {row['errors']} |")
+                f"| {_f(row['cpu_s_per_1k'], '.3f')} | {row['errors']} |"
+            )
     hwm = meta.get("vm_hwm_mib")
     if hwm:
         out.append("")
-        out.append("Peak RSS over the whole run (VmHWM): " + ", ".join(f"{k} {v:.1f} MiB" for k, v in hwm.items()) + ".")
+        out.append(
+            "Peak RSS over the whole run (VmHWM): " + ", ".join(f"{k} {v:.1f} MiB" for k, v in hwm.items()) + "."
+        )
     if micro:
         out.append("")
         out.append("Verification alone (bench/verify_micro.py: `Verifier.verify`, static keys, no HTTP):")

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import json
 import multiprocessing
 import os
 import random
@@ -89,8 +88,7 @@ async def _serve_upstream(jwks: dict[str, Any], ports: Any, stop: Any) -> None:
     chunk = b"x" * 65536
 
     async def small(request: web.Request) -> web.Response:
-        return web.json_response({"path": request.path, "user": request.headers.get("X-User-Id")},
-                                 headers={MARK: "1"})
+        return web.json_response({"path": request.path, "user": request.headers.get("X-User-Id")}, headers={MARK: "1"})
 
     async def large(request: web.Request) -> web.StreamResponse:
         response = web.StreamResponse(headers={MARK: "1", "Content-Type": "application/octet-stream"})
@@ -128,13 +126,13 @@ async def _serve_upstream(jwks: dict[str, Any], ports: Any, stop: Any) -> None:
 # -- the load (its own process) ------------------------------------------------------------------
 
 
-def run_load(url: str, tokens: dict[str, list[str]], concurrency: int, duration: float, seed: int,
-             results: Any) -> None:
+def run_load(
+    url: str, tokens: dict[str, list[str]], concurrency: int, duration: float, seed: int, results: Any
+) -> None:
     results.send(asyncio.run(_load(url, tokens, concurrency, duration, seed)))
 
 
-async def _load(url: str, tokens: dict[str, list[str]], concurrency: int, duration: float,
-                seed: int) -> dict[str, Any]:
+async def _load(url: str, tokens: dict[str, list[str]], concurrency: int, duration: float, seed: int) -> dict[str, Any]:
     rng = random.Random(seed)
     counts: Counter[tuple[str, int]] = Counter()
     ours_5xx: Counter[str] = Counter()
@@ -178,8 +176,12 @@ async def _load(url: str, tokens: dict[str, list[str]], concurrency: int, durati
     async def slow_sender() -> None:
         reader, writer = await asyncio.open_connection(host, int(port))
         try:
-            writer.write((f"POST /upload HTTP/1.1\r\nHost: {host}\r\nAuthorization: {headers_for('valid')['Authorization']}"
-                          f"\r\nContent-Length: {UPLOAD}\r\nConnection: close\r\n\r\n").encode())
+            writer.write(
+                (
+                    f"POST /upload HTTP/1.1\r\nHost: {host}\r\nAuthorization: {headers_for('valid')['Authorization']}"
+                    f"\r\nContent-Length: {UPLOAD}\r\nConnection: close\r\n\r\n"
+                ).encode()
+            )
             for _ in range(UPLOAD // 8192):
                 writer.write(rng.randbytes(8192))
                 await writer.drain()
@@ -209,11 +211,18 @@ async def _load(url: str, tokens: dict[str, list[str]], concurrency: int, durati
 
     connector = aiohttp.TCPConnector(limit=concurrency)
     fresh_connector = aiohttp.TCPConnector(limit=concurrency, force_close=True)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session, \
-            aiohttp.ClientSession(connector=fresh_connector, timeout=timeout) as fresh:
+    async with (
+        aiohttp.ClientSession(connector=connector, timeout=timeout) as session,
+        aiohttp.ClientSession(connector=fresh_connector, timeout=timeout) as fresh,
+    ):
         await asyncio.gather(*(worker(i, session, fresh) for i in range(concurrency)))
-    return {"counts": {f"{k}|{s}": n for (k, s), n in counts.items()}, "ours_5xx": dict(ours_5xx),
-            "upstream_5xx": dict(upstream_5xx), "errors": dict(errors), "unmarked": dict(unmarked)}
+    return {
+        "counts": {f"{k}|{s}": n for (k, s), n in counts.items()},
+        "ours_5xx": dict(ours_5xx),
+        "upstream_5xx": dict(upstream_5xx),
+        "errors": dict(errors),
+        "unmarked": dict(unmarked),
+    }
 
 
 # -- tokens ---------------------------------------------------------------------------------------
@@ -224,8 +233,14 @@ def make_tokens(private_pem: bytes, count: int) -> dict[str, list[str]]:
     now = int(time.time())
 
     def sign(sub: str, iat: int, exp: int) -> str:
-        payload = {"iss": ISSUER, "aud": AUDIENCE, "sub": sub, "iat": iat, "exp": exp,
-                   "jti": base64.urlsafe_b64encode(os.urandom(12)).decode()}
+        payload = {
+            "iss": ISSUER,
+            "aud": AUDIENCE,
+            "sub": sub,
+            "iat": iat,
+            "exp": exp,
+            "jti": base64.urlsafe_b64encode(os.urandom(12)).decode(),
+        }
         return jwt.encode(payload, key, algorithm="RS256", headers={"kid": KID})
 
     valid = [sign(f"user-{i:05d}", now, now + 4 * 3600) for i in range(count)]
@@ -235,7 +250,7 @@ def make_tokens(private_pem: bytes, count: int) -> dict[str, list[str]]:
         head, payload, sig = token.split(".")
         middle = len(sig) // 2
         flipped = "A" if sig[middle] != "A" else "B"
-        bad.append(f"{head}.{payload}.{sig[:middle]}{flipped}{sig[middle + 1:]}")
+        bad.append(f"{head}.{payload}.{sig[:middle]}{flipped}{sig[middle + 1 :]}")
     return {"valid": valid, "expired": expired, "bad_signature": bad}
 
 
@@ -308,7 +323,7 @@ def slope_mib_per_min(samples: list[tuple[float, float]]) -> float:
     xs, ys = [t for t, _ in samples], [r for _, r in samples]
     mx, my = statistics.fmean(xs), statistics.fmean(ys)
     var = sum((x - mx) ** 2 for x in xs)
-    return 60 * sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var if var else 0.0
+    return 60 * sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / var if var else 0.0
 
 
 # -- main -----------------------------------------------------------------------------------------
@@ -334,8 +349,9 @@ def main(argv: list[str] | None = None) -> int:
 
     stop_upstream = ctx.Event()
     port_rx, port_tx = ctx.Pipe(duplex=False)
-    upstream = ctx.Process(target=serve_upstream, args=({"keys": [dict(key.public_jwk)]}, port_tx, stop_upstream),
-                           daemon=True)
+    upstream = ctx.Process(
+        target=serve_upstream, args=({"keys": [dict(key.public_jwk)]}, port_tx, stop_upstream), daemon=True
+    )
     upstream.start()
     if not port_rx.poll(30):
         raise SystemExit("the upstream did not start")
@@ -347,17 +363,24 @@ def main(argv: list[str] | None = None) -> int:
     config.write_text(config_text(listen, admin, upstream_port, leeways[0]))
     stderr_path = work / "sidecar.stderr"
     with open(stderr_path, "wb") as stderr:
-        sidecar = subprocess.Popen([sys.executable, "-m", "proxy", "run", "--config", str(config)], cwd=REPO,
-                                   stdout=subprocess.DEVNULL, stderr=stderr,
-                                   env={**os.environ, "PYTHONPATH": str(REPO)})
+        sidecar = subprocess.Popen(
+            [sys.executable, "-m", "proxy", "run", "--config", str(config)],
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
     exit_code: int | None = None
     samples: list[tuple[float, float]] = []
     reloads = 0
     try:
         wait_ready(admin, sidecar)
         results_rx, results_tx = ctx.Pipe(duplex=False)
-        load = ctx.Process(target=run_load, args=(f"http://127.0.0.1:{listen}", tokens, args.concurrency,
-                                                  args.duration, args.seed, results_tx), daemon=True)
+        load = ctx.Process(
+            target=run_load,
+            args=(f"http://127.0.0.1:{listen}", tokens, args.concurrency, args.duration, args.seed, results_tx),
+            daemon=True,
+        )
         started = time.monotonic()
         load.start()
         next_reload = started + args.reload_every
@@ -394,8 +417,14 @@ def main(argv: list[str] | None = None) -> int:
     return report(args, results, samples, stderr_path, exit_code, reloads)
 
 
-def report(args: argparse.Namespace, results: dict[str, Any] | None, samples: list[tuple[float, float]],
-           stderr_path: Path, exit_code: int | None, reloads: int) -> int:
+def report(
+    args: argparse.Namespace,
+    results: dict[str, Any] | None,
+    samples: list[tuple[float, float]],
+    stderr_path: Path,
+    exit_code: int | None,
+    reloads: int,
+) -> int:
     failures: list[str] = []
     log = stderr_path.read_text(errors="replace")
     print(f"soak: {args.duration:g} s, concurrency {args.concurrency}, config changed {reloads} times")
@@ -413,8 +442,11 @@ def report(args: argparse.Namespace, results: dict[str, Any] | None, samples: li
     for kind in expected:
         row = {s: n for (k, s), n in counts.items() if k == kind}
         wrong = {s: n for s, n in row.items() if int(s) != expected[kind]}
-        print(f"  {kind:22s} " + ", ".join(f"{s}: {n:,}" for s, n in sorted(row.items()))
-              + (f"   UNEXPECTED (want {expected[kind]})" if wrong else ""))
+        print(
+            f"  {kind:22s} "
+            + ", ".join(f"{s}: {n:,}" for s, n in sorted(row.items()))
+            + (f"   UNEXPECTED (want {expected[kind]})" if wrong else "")
+        )
         if wrong:
             failures.append(f"{kind}: unexpected statuses {wrong}")
     ours, theirs = sum(results["ours_5xx"].values()), sum(results["upstream_5xx"].values())
@@ -422,15 +454,19 @@ def report(args: argparse.Namespace, results: dict[str, Any] | None, samples: li
     if ours:
         failures.append(f"{ours} 5xx answers of our own: {results['ours_5xx']}")
     if results["unmarked"]:
-        failures.append(f"200s without the upstream's {MARK} header, so 5xx cannot be told apart: {results['unmarked']}")
+        failures.append(
+            f"200s without the upstream's {MARK} header, so 5xx cannot be told apart: {results['unmarked']}"
+        )
     if results["errors"]:
         print("client-side errors: " + ", ".join(f"{k}: {n}" for k, n in sorted(results["errors"].items())))
     tracebacks = log.count("Traceback (most recent call last)")
     print(f"tracebacks in the sidecar's stderr: {tracebacks}")
     if tracebacks:
-        failures.append(f"{tracebacks} traceback(s); the first:\n" + log[log.index("Traceback"):][:3000])
-    reloaded = sum(1 + int(m.group(1).replace(",", "")) if m.group(1) else 1
-                   for m in re.finditer(r"config reloaded from \S+(?: \(([\d,]+) similar suppressed\))?", log))
+        failures.append(f"{tracebacks} traceback(s); the first:\n" + log[log.index("Traceback") :][:3000])
+    reloaded = sum(
+        1 + int(m.group(1).replace(",", "")) if m.group(1) else 1
+        for m in re.finditer(r"config reloaded from \S+(?: \(([\d,]+) similar suppressed\))?", log)
+    )
     print(f"reloads logged by the sidecar: {reloaded} (config changed {reloads} times)")
     if reloads and not reloaded:
         failures.append("the sidecar logged no reload")
@@ -444,9 +480,11 @@ def report(args: argparse.Namespace, results: dict[str, Any] | None, samples: li
         end = statistics.median(r for _, r in samples[-5:])
         after = [(t, r) for t, r in samples if t >= warmup]
         limit = warm * 1.10 + 8
-        print(f"RSS MiB: start {start_rss:.1f}, after warm-up ({warmup:g} s) {warm:.1f}, end {end:.1f}, "
-              f"peak {max(r for _, r in samples):.1f}; slope after warm-up {slope_mib_per_min(after):+.2f} MiB/min; "
-              f"flat means end <= {limit:.1f}")
+        print(
+            f"RSS MiB: start {start_rss:.1f}, after warm-up ({warmup:g} s) {warm:.1f}, end {end:.1f}, "
+            f"peak {max(r for _, r in samples):.1f}; slope after warm-up {slope_mib_per_min(after):+.2f} MiB/min; "
+            f"flat means end <= {limit:.1f}"
+        )
         if end > limit:
             failures.append(f"RSS not flat: {end:.1f} MiB at the end > {limit:.1f}")
     else:

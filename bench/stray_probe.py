@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from proxy.http.upstream import Pool, UpstreamError  # noqa: E402
+from proxy.http.upstream import Pool, UpstreamError
 
 
 def _whole(marker: bytes) -> bytes:
@@ -36,8 +36,9 @@ def _whole(marker: bytes) -> bytes:
 
 def _answers(mode: str, marker: bytes) -> tuple[bytes, bytes]:
     if mode == "head":
-        return b"HTTP/1.1 200 X\r\nX-Marker: %b\r\nContent-Length: %d\r\n\r\n" % (marker, len(_whole(marker))), \
-            _whole(marker)
+        return b"HTTP/1.1 200 X\r\nX-Marker: %b\r\nContent-Length: %d\r\n\r\n" % (marker, len(_whole(marker))), _whole(
+            marker
+        )
     if mode == "204":
         return b"HTTP/1.1 204 X\r\nX-Marker: %b\r\n\r\n" % marker, _whole(marker)
     return _whole(marker), _whole(marker)
@@ -86,8 +87,18 @@ async def _probe(port: int, mode: str, total: int, concurrency: int) -> tuple[in
         marker = f"u{index}"
         async with slots:
             try:
-                answer = await pool.request(method, "http", "127.0.0.1", port, f"/m/{marker}", [], None,
-                                            content_length=None, connect_timeout=2, read_timeout=2)
+                answer = await pool.request(
+                    method,
+                    "http",
+                    "127.0.0.1",
+                    port,
+                    f"/m/{marker}",
+                    [],
+                    None,
+                    content_length=None,
+                    connect_timeout=2,
+                    read_timeout=2,
+                )
                 async for _ in answer.iter_chunks():
                     pass
                 answer.release()

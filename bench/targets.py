@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
-
 from tokens import AUDIENCE, ISSUER
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -84,8 +83,15 @@ class Processes:
                 os.sched_setaffinity(0, cpus)
 
         with open(log, "wb") as out:
-            popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                     cwd=cwd, start_new_session=True, preexec_fn=child_setup)
+            popen = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=cwd,
+                start_new_session=True,
+                preexec_fn=child_setup,
+            )
         proc = Proc(name, popen, log)
         self.procs.append(proc)
         return proc
@@ -114,8 +120,15 @@ def _stop(popen: subprocess.Popen[bytes], grace: float = 5.0) -> None:
         popen.wait(2)
 
 
-def http_get(port: int, path: str, headers: dict[str, str] | None = None, *, method: str = "GET",
-             body: bytes | None = None, timeout: float = 5.0) -> tuple[int, dict[str, str], bytes]:
+def http_get(
+    port: int,
+    path: str,
+    headers: dict[str, str] | None = None,
+    *,
+    method: str = "GET",
+    body: bytes | None = None,
+    timeout: float = 5.0,
+) -> tuple[int, dict[str, str], bytes]:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
         conn.request(method, path, body=body, headers=headers or {})
@@ -131,8 +144,10 @@ def wait_ready(proc: Proc, port: int, path: str, *, timeout: float = 30.0) -> No
     last = "no answer"
     while time.monotonic() < deadline:
         if not proc.alive():
-            raise RuntimeError(f"{proc.name} exited with {proc.popen.returncode} before it was ready; "
-                               f"its log ({proc.log}):\n{proc.log_tail()}")
+            raise RuntimeError(
+                f"{proc.name} exited with {proc.popen.returncode} before it was ready; "
+                f"its log ({proc.log}):\n{proc.log_tail()}"
+            )
         try:
             status, _, body = http_get(port, path, timeout=1.0)
             if status == 200:
@@ -141,8 +156,10 @@ def wait_ready(proc: Proc, port: int, path: str, *, timeout: float = 30.0) -> No
         except OSError as error:
             last = str(error)
         time.sleep(0.1)
-    raise RuntimeError(f"{proc.name} not ready after {timeout:.0f}s on :{port}{path} ({last}); "
-                       f"its log ({proc.log}):\n{proc.log_tail()}")
+    raise RuntimeError(
+        f"{proc.name} not ready after {timeout:.0f}s on :{port}{path} ({last}); "
+        f"its log ({proc.log}):\n{proc.log_tail()}"
+    )
 
 
 # -- nginx: the upstream and the JWKS server ------------------------------------------------
@@ -235,8 +252,17 @@ def start_nginx(procs: Processes, run_dir: Path, *, cpus: set[int] | None) -> Ng
         p.chmod(0o644)
     port, jwks_port = free_port(), free_port()
     conf = run_dir / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(dir=run_dir, port=port, jwks_port=jwks_port, whoami=WHOAMI_PATH,
-                                      big=BIG_PATH, upload=UPLOAD_PATH, jwks_path=JWKS_PATH))
+    conf.write_text(
+        NGINX_CONF.format(
+            dir=run_dir,
+            port=port,
+            jwks_port=jwks_port,
+            whoami=WHOAMI_PATH,
+            big=BIG_PATH,
+            upload=UPLOAD_PATH,
+            jwks_path=JWKS_PATH,
+        )
+    )
     proc = procs.start("nginx", [nginx, "-c", str(conf), "-p", str(run_dir)], run_dir / "nginx.log", cpus=cpus)
     wait_ready(proc, port, "/", timeout=10)
     wait_ready(proc, jwks_port, JWKS_PATH, timeout=10)
@@ -281,58 +307,73 @@ def _cluster(name: str, port: int) -> dict:
         "connect_timeout": "2s",
         "load_assignment": {
             "cluster_name": name,
-            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {
-                "socket_address": {"address": "127.0.0.1", "port_value": port}}}}]}],
+            "endpoints": [
+                {
+                    "lb_endpoints": [
+                        {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}}
+                    ]
+                }
+            ],
         },
     }
 
 
-def envoy_config(*, port: int, admin_port: int, upstream_port: int, jwks_url: str, jwks_port: int,
-                 jwt: bool) -> dict:
+def envoy_config(*, port: int, admin_port: int, upstream_port: int, jwks_url: str, jwks_port: int, jwt: bool) -> dict:
     """Envoy with jwt_authn equivalent to the sidecar's config, or (jwt=False) the router alone."""
-    router = {"name": "envoy.filters.http.router",
-              "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}
+    router = {
+        "name": "envoy.filters.http.router",
+        "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
+    }
     filters: list[dict] = []
     if jwt:
         # The sidecar removes identity headers a client sends (X-User-*, X-Jwt-*, X-Auth-*)
         # on every route; jwt_authn only overwrites the headers of claims the token has.
-        filters.append({
-            "name": "envoy.filters.http.header_mutation",
-            "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
-                "mutations": {"request_mutations": [
-                    {"remove_on_match": {"key_matcher": {"prefix": p}}} for p in ("x-user-", "x-jwt-", "x-auth-")
-                ]},
-            },
-        })
-        filters.append({
-            "name": "envoy.filters.http.jwt_authn",
-            "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication",
-                "providers": {"main": {
-                    "issuer": ISSUER,
-                    "audiences": [AUDIENCE],
-                    "require_expiration": True,
-                    "clock_skew_seconds": 30,
-                    "forward": False,
-                    "remote_jwks": {
-                        "http_uri": {"uri": jwks_url, "cluster": "jwks", "timeout": "5s"},
-                        "cache_duration": "300s",
-                        # Fetch at start, and open the listener only once it is done.
-                        "async_fetch": {"fast_listener": False},
+        filters.append(
+            {
+                "name": "envoy.filters.http.header_mutation",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
+                    "mutations": {
+                        "request_mutations": [
+                            {"remove_on_match": {"key_matcher": {"prefix": p}}}
+                            for p in ("x-user-", "x-jwt-", "x-auth-")
+                        ]
                     },
-                    "claim_to_headers": [
-                        {"header_name": "x-user-id", "claim_name": "sub"},
-                        {"header_name": "x-user-email", "claim_name": "email"},
+                },
+            }
+        )
+        filters.append(
+            {
+                "name": "envoy.filters.http.jwt_authn",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication",
+                    "providers": {
+                        "main": {
+                            "issuer": ISSUER,
+                            "audiences": [AUDIENCE],
+                            "require_expiration": True,
+                            "clock_skew_seconds": 30,
+                            "forward": False,
+                            "remote_jwks": {
+                                "http_uri": {"uri": jwks_url, "cluster": "jwks", "timeout": "5s"},
+                                "cache_duration": "300s",
+                                # Fetch at start, and open the listener only once it is done.
+                                "async_fetch": {"fast_listener": False},
+                            },
+                            "claim_to_headers": [
+                                {"header_name": "x-user-id", "claim_name": "sub"},
+                                {"header_name": "x-user-email", "claim_name": "email"},
+                            ],
+                            "jwt_cache_config": {"jwt_cache_size": 100},
+                        }
+                    },
+                    "rules": [
+                        {"match": {"prefix": "/public/"}},
+                        {"match": {"prefix": "/"}, "requires": {"provider_name": "main"}},
                     ],
-                    "jwt_cache_config": {"jwt_cache_size": 100},
-                }},
-                "rules": [
-                    {"match": {"prefix": "/public/"}},
-                    {"match": {"prefix": "/"}, "requires": {"provider_name": "main"}},
-                ],
-            },
-        })
+                },
+            }
+        )
     filters.append(router)
     route = {"cluster": "upstream", "timeout": "30s"}
     hcm = {
@@ -340,11 +381,19 @@ def envoy_config(*, port: int, admin_port: int, upstream_port: int, jwks_url: st
         "stat_prefix": "ingress",
         "codec_type": "HTTP1",
         "use_remote_address": True,  # append X-Forwarded-For, as the sidecar does
-        "route_config": {"name": "local", "virtual_hosts": [{
-            "name": "all", "domains": ["*"],
-            "routes": [{"match": {"prefix": "/public/"}, "route": route},
-                       {"match": {"prefix": "/"}, "route": route}],
-        }]},
+        "route_config": {
+            "name": "local",
+            "virtual_hosts": [
+                {
+                    "name": "all",
+                    "domains": ["*"],
+                    "routes": [
+                        {"match": {"prefix": "/public/"}, "route": route},
+                        {"match": {"prefix": "/"}, "route": route},
+                    ],
+                }
+            ],
+        },
         "http_filters": filters,
     }
     clusters = [_cluster("upstream", upstream_port)]
@@ -353,26 +402,48 @@ def envoy_config(*, port: int, admin_port: int, upstream_port: int, jwks_url: st
     return {
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
         "static_resources": {
-            "listeners": [{
-                "name": "ingress",
-                "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
-                "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager",
-                                                "typed_config": hcm}]}],
-            }],
+            "listeners": [
+                {
+                    "name": "ingress",
+                    "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
+                    "filter_chains": [
+                        {"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}
+                    ],
+                }
+            ],
             "clusters": clusters,
         },
     }
 
 
-def start_envoy(procs: Processes, run_dir: Path, nginx: Nginx, *, name: str, jwt: bool,
-                cpus: set[int] | None, concurrency: int = 1) -> Target:
+def start_envoy(
+    procs: Processes, run_dir: Path, nginx: Nginx, *, name: str, jwt: bool, cpus: set[int] | None, concurrency: int = 1
+) -> Target:
     port, admin_port = free_port(), free_port()
     conf = run_dir / f"{name}.yaml"
-    conf.write_text(yaml.safe_dump(envoy_config(port=port, admin_port=admin_port, upstream_port=nginx.port,
-                                                jwks_url=nginx.jwks_url, jwks_port=nginx.jwks_port, jwt=jwt),
-                                   sort_keys=False))
-    argv = [envoy_binary(), "-c", str(conf), "--concurrency", str(concurrency), "--disable-hot-restart",
-            "--log-level", "warn"]
+    conf.write_text(
+        yaml.safe_dump(
+            envoy_config(
+                port=port,
+                admin_port=admin_port,
+                upstream_port=nginx.port,
+                jwks_url=nginx.jwks_url,
+                jwks_port=nginx.jwks_port,
+                jwt=jwt,
+            ),
+            sort_keys=False,
+        )
+    )
+    argv = [
+        envoy_binary(),
+        "-c",
+        str(conf),
+        "--concurrency",
+        str(concurrency),
+        "--disable-hot-restart",
+        "--log-level",
+        "warn",
+    ]
     proc = procs.start(name, argv, run_dir / f"{name}.log", cpus=cpus)
     wait_ready(proc, admin_port, "/ready", timeout=30)
     wait_ready(proc, port, PUBLIC_PATH, timeout=10)
@@ -385,20 +456,26 @@ def sidecar_config(*, port: int, admin_port: int, upstream_port: int, jwks_url: 
         "listen": f"127.0.0.1:{port}",
         "admin": f"127.0.0.1:{admin_port}",
         "realm": "bench",
-        "upstream": {"url": f"http://127.0.0.1:{upstream_port}", "connect_timeout": "2s", "timeout": "30s",
-                     "max_body": "10MB"},
+        "upstream": {
+            "url": f"http://127.0.0.1:{upstream_port}",
+            "connect_timeout": "2s",
+            "timeout": "30s",
+            "max_body": "10MB",
+        },
         # Issue #5: measured with metrics, the access log and every security check on, as it
         # ships (Envoy here writes no access log, which only favours Envoy).
         "access_log": True,
-        "providers": {"main": {
-            "issuer": ISSUER,
-            "audiences": [AUDIENCE],
-            "algorithms": ["RS256"],
-            "leeway": "30s",
-            "required_claims": ["exp"],
-            "jwks": {"url": jwks_url, "cache_ttl": "5m", "timeout": "5s"},
-            "headers": {"claims": {"sub": "X-User-Id", "email": "X-User-Email"}, "forward_token": False},
-        }},
+        "providers": {
+            "main": {
+                "issuer": ISSUER,
+                "audiences": [AUDIENCE],
+                "algorithms": ["RS256"],
+                "leeway": "30s",
+                "required_claims": ["exp"],
+                "jwks": {"url": jwks_url, "cache_ttl": "5m", "timeout": "5s"},
+                "headers": {"claims": {"sub": "X-User-Id", "email": "X-User-Email"}, "forward_token": False},
+            }
+        },
         "routes": [
             {"name": "public", "match": {"path_prefix": "/public/"}, "auth": "none"},
             {"name": "api", "match": {"path_prefix": "/"}, "auth": {"provider": "main"}},
@@ -407,8 +484,7 @@ def sidecar_config(*, port: int, admin_port: int, upstream_port: int, jwks_url: 
     }
 
 
-def start_sidecar(procs: Processes, run_dir: Path, nginx: Nginx, *, cpus: set[int] | None,
-                  workers: int = 1) -> Target:
+def start_sidecar(procs: Processes, run_dir: Path, nginx: Nginx, *, cpus: set[int] | None, workers: int = 1) -> Target:
     port, admin_port = free_port(), free_port()
     name = "jwt-sidecar" if workers == 1 else f"jwt-sidecar-{workers}w"
     conf = run_dir / f"{name}.yaml"
@@ -416,8 +492,11 @@ def start_sidecar(procs: Processes, run_dir: Path, nginx: Nginx, *, cpus: set[in
     settings["workers"] = workers
     conf.write_text(yaml.safe_dump(settings, sort_keys=False))
     exe = VENV_BIN / "jwt-sidecar"
-    argv = [str(exe), "run", "--config", str(conf)] if exe.exists() else \
-        [sys.executable, "-m", "proxy", "run", "--config", str(conf)]
+    argv = (
+        [str(exe), "run", "--config", str(conf)]
+        if exe.exists()
+        else [sys.executable, "-m", "proxy", "run", "--config", str(conf)]
+    )
     proc = procs.start(name, argv, run_dir / f"{name}.log", cpus=cpus, cwd=ROOT)
     wait_ready(proc, admin_port, "/readyz", timeout=30)
     return Target(name, proc, port, "sidecar")
@@ -427,8 +506,14 @@ def start_sidecar(procs: Processes, run_dir: Path, nginx: Nginx, *, cpus: set[in
 def start_floor(procs: Processes, run_dir: Path, nginx: Nginx, *, cpus: set[int] | None) -> Target:
     """bench/floor.py: HTTP in and out in Python and nothing else (it verifies no token)."""
     port = free_port()
-    argv = [sys.executable, str(ROOT / "bench" / "floor.py"), "--listen", f"127.0.0.1:{port}",
-            "--upstream", f"127.0.0.1:{nginx.port}"]
+    argv = [
+        sys.executable,
+        str(ROOT / "bench" / "floor.py"),
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--upstream",
+        f"127.0.0.1:{nginx.port}",
+    ]
     proc = procs.start("python-floor", argv, run_dir / "python-floor.log", cpus=cpus, cwd=ROOT)
     wait_ready(proc, port, "/readyz", timeout=30)
     return Target("python-floor", proc, port, "floor")

@@ -46,8 +46,15 @@ def _sign_range(pem: bytes, start: int, stop: int, now: int) -> list[str]:
     out = []
     for i in range(start, stop):
         sub, extra = _claims(i)
-        payload = {"iss": ISSUER, "aud": AUDIENCE, "sub": sub, "iat": now, "exp": now + TTL,
-                   "jti": secrets.token_urlsafe(16), **extra}
+        payload = {
+            "iss": ISSUER,
+            "aud": AUDIENCE,
+            "sub": sub,
+            "iat": now,
+            "exp": now + TTL,
+            "jti": secrets.token_urlsafe(16),
+            **extra,
+        }
         out.append(jwt.encode(payload, key, algorithm="RS256", headers={"kid": KID}))
     return out
 
@@ -62,7 +69,7 @@ def mint_many(key: GeneratedKey, count: int, *, now: int | None = None) -> list[
     if len(ranges) == 1:
         return _sign_range(key.private_pem, 0, count, now)
     with ProcessPoolExecutor(len(ranges)) as pool:
-        parts = pool.map(_sign_range, [key.private_pem] * len(ranges), *zip(*ranges), [now] * len(ranges))
+        parts = pool.map(_sign_range, [key.private_pem] * len(ranges), *zip(*ranges, strict=True), [now] * len(ranges))
         return [t for part in parts for t in part]
 
 
@@ -72,8 +79,16 @@ def make(directory: Path, *, distinct: int) -> TokenSet:
     assert key.private_pem is not None and key.public_jwk is not None
     jwks_path = directory / "jwks.json"
     jwks_path.write_text(json.dumps({"keys": [dict(key.public_jwk)]}, indent=2) + "\n")
-    token = mint(private_key_pem=key.private_pem, kid=KID, iss=ISSUER, aud=[AUDIENCE], sub="alice",
-                 ttl_seconds=TTL, claims={"email": "alice@example.com"}, now=time.time())
+    token = mint(
+        private_key_pem=key.private_pem,
+        kid=KID,
+        iss=ISSUER,
+        aud=[AUDIENCE],
+        sub="alice",
+        ttl_seconds=TTL,
+        claims={"email": "alice@example.com"},
+        now=time.time(),
+    )
     tokens = mint_many(key, distinct)
     if len(set(tokens)) != distinct:
         raise RuntimeError("minted tokens are not distinct")

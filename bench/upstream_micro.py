@@ -25,13 +25,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import aiohttp  # noqa: E402
-from aiohttp import web  # noqa: E402
-from multidict import CIMultiDict  # noqa: E402
-from yarl import URL  # noqa: E402
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+from yarl import URL
 
-from proxy.http.upstream import Pool  # noqa: E402
-from proxy.request.forward import new_session  # noqa: E402
+from proxy.http.upstream import Pool
+from proxy.request.forward import new_session
 
 HEADERS = [
     ("Accept", "application/json"),
@@ -55,6 +55,7 @@ def _serve(port: int, use_uvloop: bool) -> None:
     app.router.add_get("/orders", hello)
     if use_uvloop:
         import uvloop
+
         uvloop.install()
     web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
 
@@ -102,8 +103,18 @@ async def _run(port: int, requests: int, concurrency: int) -> dict[str, dict[str
     pool = Pool()
 
     async def with_pool() -> None:
-        response = await pool.request("GET", "http", "127.0.0.1", port, "/orders", HEADERS, None,
-                                      content_length=None, connect_timeout=5.0, read_timeout=30.0)
+        response = await pool.request(
+            "GET",
+            "http",
+            "127.0.0.1",
+            port,
+            "/orders",
+            HEADERS,
+            None,
+            content_length=None,
+            connect_timeout=5.0,
+            read_timeout=30.0,
+        )
         body = await response.read(64 * 1024)
         if body is None:
             body = b"".join([chunk async for chunk in response.iter_chunks()])
@@ -115,8 +126,15 @@ async def _run(port: int, requests: int, concurrency: int) -> dict[str, dict[str
     timeout = aiohttp.ClientTimeout(total=None, connect=5.0, sock_read=30.0)
 
     async def with_aiohttp() -> None:
-        response = await session.request("GET", url, headers=CIMultiDict(HEADERS), allow_redirects=False,
-                                         skip_auto_headers=_SKIP_AUTO, timeout=timeout, compress=None)
+        response = await session.request(
+            "GET",
+            url,
+            headers=CIMultiDict(HEADERS),
+            allow_redirects=False,
+            skip_auto_headers=_SKIP_AUTO,
+            timeout=timeout,
+            compress=None,
+        )
         async with response:
             body = await response.read()
         assert body == BODY
@@ -132,10 +150,14 @@ async def _run(port: int, requests: int, concurrency: int) -> dict[str, dict[str
     finally:
         await pool.close()
         await session.close()
-    return {name: {"requests_per_s": statistics.median(r[0] for r in runs),
-                   "cpu_us_per_request": statistics.median(r[1] for r in runs),
-                   "user_cpu_us_per_request": statistics.median(r[2] for r in runs)}
-            for name, runs in rounds.items()}
+    return {
+        name: {
+            "requests_per_s": statistics.median(r[0] for r in runs),
+            "cpu_us_per_request": statistics.median(r[1] for r in runs),
+            "user_cpu_us_per_request": statistics.median(r[2] for r in runs),
+        }
+        for name, runs in rounds.items()
+    }
 
 
 def main() -> None:
@@ -152,6 +174,7 @@ def main() -> None:
     try:
         if args.uvloop:
             import uvloop
+
             uvloop.install()
         asyncio.run(_wait_listening(port))
         results = asyncio.run(_run(port, args.requests, args.concurrency))
@@ -160,13 +183,16 @@ def main() -> None:
         server.join(5)
     loop = "uvloop" if args.uvloop else "asyncio"
     if args.json:
-        print(json.dumps({"loop": loop, "requests": args.requests, "concurrency": args.concurrency,
-                          "results": results}))
+        print(
+            json.dumps({"loop": loop, "requests": args.requests, "concurrency": args.concurrency, "results": results})
+        )
         return
     print(f"upstream client, {args.requests} GETs x3, concurrency {args.concurrency}, {loop}")
     for name, numbers in results.items():
-        print(f"  {name:<22} {numbers['requests_per_s']:>9,.0f} req/s  {numbers['cpu_us_per_request']:>6.1f} µs CPU"
-              f"  ({numbers['user_cpu_us_per_request']:.1f} µs user) per request")
+        print(
+            f"  {name:<22} {numbers['requests_per_s']:>9,.0f} req/s  {numbers['cpu_us_per_request']:>6.1f} µs CPU"
+            f"  ({numbers['user_cpu_us_per_request']:.1f} µs user) per request"
+        )
 
 
 if __name__ == "__main__":

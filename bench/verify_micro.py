@@ -24,14 +24,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import jwt  # noqa: E402
-from cryptography.hazmat.primitives import serialization  # noqa: E402
+import jwt
+from cryptography.hazmat.primitives import serialization
 
-from proxy.auth.keys import key_source_for  # noqa: E402
-from proxy.auth.verify import TokenCache, Verifier  # noqa: E402
-from proxy.base.clock import SystemClock  # noqa: E402
-from proxy.config.builder import Provider, StaticKeys, TokenCacheSettings  # noqa: E402
-from proxy.tools.keygen import generate, mint  # noqa: E402
+from proxy.auth.keys import key_source_for
+from proxy.auth.verify import TokenCache, Verifier
+from proxy.base.clock import SystemClock
+from proxy.config.builder import Provider, StaticKeys, TokenCacheSettings
+from proxy.tools.keygen import generate, mint
 
 ALGORITHMS = ("RS256", "ES256", "EdDSA", "HS256")
 ISSUER = "https://issuer.bench.local/"
@@ -44,8 +44,14 @@ def _provider(alg: str, key) -> Provider:  # noqa: ANN001
         keys = StaticKeys(kind="secret", origin="bench", jwks={"keys": [{"kty": "oct", "k": k}]})
     else:
         keys = StaticKeys(kind="jwks_file", origin="bench", jwks={"keys": [dict(key.public_jwk)]})
-    return Provider(name="bench", issuers=(ISSUER,), audiences=(AUDIENCE,), algorithms=(alg,), keys=keys,
-                    required_claims=("exp", "sub"))
+    return Provider(
+        name="bench",
+        issuers=(ISSUER,),
+        audiences=(AUDIENCE,),
+        algorithms=(alg,),
+        keys=keys,
+        required_claims=("exp", "sub"),
+    )
 
 
 def _tokens(alg: str, key, count: int) -> list[str]:  # noqa: ANN001
@@ -54,12 +60,35 @@ def _tokens(alg: str, key, count: int) -> list[str]:  # noqa: ANN001
     kid = None if alg == "HS256" else key.kid
     # The first with the operator's tool; the rest with the key loaded once (mint reloads
     # and re-checks a PEM key on every call, ~50 ms for RSA), same payload layout.
-    first = mint(private_key_pem=key.private_pem, secret=key.secret, kid=kid, iss=ISSUER, aud=[AUDIENCE],
-                 sub="user-0", ttl_seconds=3600, claims={"email": "user-0@example.com"}, now=now)
+    first = mint(
+        private_key_pem=key.private_pem,
+        secret=key.secret,
+        kid=kid,
+        iss=ISSUER,
+        aud=[AUDIENCE],
+        sub="user-0",
+        ttl_seconds=3600,
+        claims={"email": "user-0@example.com"},
+        now=now,
+    )
     signing = key.secret if alg == "HS256" else serialization.load_pem_private_key(key.private_pem, None)
-    rest = [jwt.encode({"iss": ISSUER, "aud": AUDIENCE, "sub": f"user-{i}", "iat": int(now),
-                        "exp": int(now) + 3600, "jti": f"j{i}", "email": f"user-{i}@example.com"},
-                       signing, algorithm=alg, headers={"kid": kid} if kid else None) for i in range(1, count)]
+    rest = [
+        jwt.encode(
+            {
+                "iss": ISSUER,
+                "aud": AUDIENCE,
+                "sub": f"user-{i}",
+                "iat": int(now),
+                "exp": int(now) + 3600,
+                "jti": f"j{i}",
+                "email": f"user-{i}@example.com",
+            },
+            signing,
+            algorithm=alg,
+            headers={"kid": kid} if kid else None,
+        )
+        for i in range(1, count)
+    ]
     return [first, *rest]
 
 
@@ -87,22 +116,33 @@ async def _bench(alg: str, *, quick: bool) -> dict:
     miss = await _time(Verifier(provider, source, clock=clock, cache=TokenCache(settings, clock)), tokens, miss_ops)
     nocache = await _time(Verifier(provider, source, clock=clock, cache=None), tokens, miss_ops)
     hit = await _time(Verifier(provider, source, clock=clock, cache=TokenCache(settings, clock)), tokens[:1], hit_ops)
-    return {"alg": alg, "miss_us": miss, "no_cache_us": nocache, "hit_us": hit, "token_bytes": len(tokens[0]),
-            "miss_ops": miss_ops, "hit_ops": hit_ops}
+    return {
+        "alg": alg,
+        "miss_us": miss,
+        "no_cache_us": nocache,
+        "hit_us": hit,
+        "token_bytes": len(tokens[0]),
+        "miss_ops": miss_ops,
+        "hit_ops": hit_ops,
+    }
 
 
 def run(*, quick: bool = False) -> list[dict]:
     async def all_of() -> list[dict]:
         return [await _bench(alg, quick=quick) for alg in ALGORITHMS]
+
     return asyncio.run(all_of())
 
 
 def markdown(results: list[dict]) -> str:
-    lines = ["| algorithm | cache miss µs/op | no cache µs/op | cache hit µs/op | token bytes |",
-             "| --- | ---: | ---: | ---: | ---: |"]
+    lines = [
+        "| algorithm | cache miss µs/op | no cache µs/op | cache hit µs/op | token bytes |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
     for r in results:
-        lines.append(f"| {r['alg']} | {r['miss_us']:.1f} | {r['no_cache_us']:.1f} | {r['hit_us']:.2f} | "
-                     f"{r['token_bytes']} |")
+        lines.append(
+            f"| {r['alg']} | {r['miss_us']:.1f} | {r['no_cache_us']:.1f} | {r['hit_us']:.2f} | {r['token_bytes']} |"
+        )
     return "\n".join(lines)
 
 

@@ -89,8 +89,15 @@ def generated_secrets(files: Mapping[str, bytes] | None = None) -> list[dict[str
             content = GENERATED_SECRET if files is None else files[path]
             data[key] = base64.b64encode(content).decode()
         metadata = {"name": generator["name"], "labels": dict(options.get("labels", {}))}
-        secrets.append({"apiVersion": "v1", "kind": "Secret", "metadata": metadata,
-                        "type": generator.get("type", "Opaque"), "data": data})
+        secrets.append(
+            {
+                "apiVersion": "v1",
+                "kind": "Secret",
+                "metadata": metadata,
+                "type": generator.get("type", "Opaque"),
+                "data": data,
+            }
+        )
     return secrets
 
 
@@ -205,7 +212,7 @@ def mounted_volumes(docs: list[dict[str, Any]] | None = None) -> dict[PurePosixP
         elif "projected" in volume:
             found = {}
             for src in volume["projected"]["sources"]:
-                (kind, ref), = ((k, v) for k, v in src.items() if k in ("configMap", "secret"))
+                ((kind, ref),) = ((k, v) for k, v in src.items() if k in ("configMap", "secret"))
                 found.update(items("ConfigMap" if kind == "configMap" else "Secret", ref))
         else:
             continue

@@ -23,8 +23,15 @@ from multidict import MultiMapping
 from ..base.errors import InvalidRequest, Reason
 from ..config.settings import TokenSource
 
-__all__ = ["Found", "cookie_values", "extract", "query_values", "refuse_repeated_authorization", "without_cookie",
-           "without_query_param"]
+__all__ = [
+    "Found",
+    "cookie_values",
+    "extract",
+    "query_values",
+    "refuse_repeated_authorization",
+    "without_cookie",
+    "without_query_param",
+]
 
 # RFC 6750 §2.1: b64token = 1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"="
 _B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
@@ -65,7 +72,7 @@ def extract(
             for value in headers.getall(source.name, ()):
                 if not value.startswith(source.prefix):
                     raise InvalidRequest(Reason.MALFORMED_REQUEST, f"{source.name} lacks the prefix {source.prefix!r}")
-                found.append(Found(_token68(value[len(source.prefix):].rstrip(" \t"), source.name), source))
+                found.append(Found(_token68(value[len(source.prefix) :].rstrip(" \t"), source.name), source))
         elif source.kind == "cookie":
             for value in cookie_values(headers, source.name):
                 found.append(Found(_token68(value, f"cookie {source.name}"), source))
@@ -152,8 +159,9 @@ def query_values(query: MultiMapping[str], name: str) -> list[str]:
         if ";" in key or ";" in value:
             for part in f"{key}={value}".split(";")[1:]:
                 if _param_name(part.partition("=")[0].strip()) == low:
-                    raise InvalidRequest(Reason.MALFORMED_REQUEST,
-                                         f"query parameter {name} follows a ';' (a separator to some servers)")
+                    raise InvalidRequest(
+                        Reason.MALFORMED_REQUEST, f"query parameter {name} follows a ';' (a separator to some servers)"
+                    )
     return found
 
 
@@ -204,6 +212,9 @@ def without_cookie(cookie_header: str, name: str) -> str:
     """A Cookie header value (RFC 6265 §5.4) without the named cookie (in any spelling
     `cookie_values` reads as it)."""
     low = _param_name(name)
-    kept = [part.strip() for part in cookie_header.replace(",", ";").split(";")
-            if part.strip() and _cookie_name(part.partition("=")[0]) != low]
+    kept = [
+        part.strip()
+        for part in cookie_header.replace(",", ";").split(";")
+        if part.strip() and _cookie_name(part.partition("=")[0]) != low
+    ]
     return "; ".join(kept)

@@ -132,10 +132,16 @@ class KeySource:
         """
         if self.keyset.size == 0 and previous.ready and previous is not self:
             self._fallback = previous
-            event(self._log, logging.WARNING, "key_source_fallback",
-                  "provider %(provider)s: no keys yet from %(source)s; the keys from %(previous_source)s keep "
-                  "serving until there are",
-                  provider=self.name, source=self.provider.keys.origin, previous_source=previous.provider.keys.origin)
+            event(
+                self._log,
+                logging.WARNING,
+                "key_source_fallback",
+                "provider %(provider)s: no keys yet from %(source)s; the keys from %(previous_source)s keep "
+                "serving until there are",
+                provider=self.name,
+                source=self.provider.keys.origin,
+                previous_source=previous.provider.keys.origin,
+            )
 
     @property
     def fresh(self) -> bool:
@@ -191,8 +197,9 @@ class KeySource:
     async def _refetch(self) -> None:
         """Try to get newer keys on demand; a static source has none to get."""
 
-    def _load(self, keyset: KeySet, *, url: str | None = None, duration_ms: float | None = None,
-              carried: bool = False) -> None:
+    def _load(
+        self, keyset: KeySet, *, url: str | None = None, duration_ms: float | None = None, carried: bool = False
+    ) -> None:
         """Adopt a freshly parsed set: say what changed, count and report what it left out.
 
         `url`, `duration_ms`: where a fetched set came from and how long that took;
@@ -204,46 +211,72 @@ class KeySource:
         added, removed = sorted(keyset.kids - previous.kids), sorted(previous.kids - keyset.kids)
         # A refresh that brings the same keys is routine (every few minutes): DEBUG. The
         # first set, a rotation (kids added or removed, keys without a kid counted) is INFO.
-        changed = not carried and keyset.size > 0 and (previous.size == 0 or added or removed
-                                                        or previous.size != keyset.size)
+        changed = (
+            not carried and keyset.size > 0 and (previous.size == 0 or added or removed or previous.size != keyset.size)
+        )
         fields: dict[str, object] = {"provider": self.name, "source": self.provider.keys.origin}
         if url is not None:
             fields.update(url=shown(url), peer=peer(url))
         fields.update(keys=keyset.size, kids=sorted(keyset.kids), kids_added=added, kids_removed=removed)
         if duration_ms is not None:
             fields["duration_ms"] = round(duration_ms, 1)
-        event(self._log, logging.INFO if changed else logging.DEBUG, "keys_loaded",
-              "provider %(provider)s: " + ("key set changed" if previous.size and changed else "key set loaded")
-              + " from %(source)s: %(keys)d key(s), kids added %(kids_added)s, removed %(kids_removed)s"
-              + (" in %(duration_ms)gms" if duration_ms is not None else ""),
-              **fields)
+        event(
+            self._log,
+            logging.INFO if changed else logging.DEBUG,
+            "keys_loaded",
+            "provider %(provider)s: "
+            + ("key set changed" if previous.size and changed else "key set loaded")
+            + " from %(source)s: %(keys)d key(s), kids added %(kids_added)s, removed %(kids_removed)s"
+            + (" in %(duration_ms)gms" if duration_ms is not None else ""),
+            **fields,
+        )
         if keyset.skipped:
             self.skipped += len(keyset.skipped)
             # Routine for some issuers (Keycloak publishes an RSA-OAEP `use: enc` key), so
             # not a warning, and said again only when it changes; the count is for dashboards.
             level = logging.DEBUG if keyset.skipped == previous.skipped else logging.INFO
-            event(self._log, level, "keys_skipped",
-                  "provider %(provider)s: %(skipped)d key(s) skipped from %(source)s: %(why)s",
-                  provider=self.name, skipped=len(keyset.skipped), source=self.provider.keys.origin,
-                  why="; ".join(f"{k.kid or '(no kid)'}: {k.reason}" for k in keyset.skipped))
+            event(
+                self._log,
+                level,
+                "keys_skipped",
+                "provider %(provider)s: %(skipped)d key(s) skipped from %(source)s: %(why)s",
+                provider=self.name,
+                skipped=len(keyset.skipped),
+                source=self.provider.keys.origin,
+                why="; ".join(f"{k.kid or '(no kid)'}: {k.reason}" for k in keyset.skipped),
+            )
         fallback = self._fallback
         if fallback is not None and keyset.size > 0:
             # Our own keys have arrived: the source we replaced is done.
             self._fallback = None
-            event(self._log, logging.INFO, "key_source_replaced",
-                  "provider %(provider)s: keys loaded from %(source)s; the previous key source "
-                  "(%(previous_source)s) is closed",
-                  provider=self.name, source=self.provider.keys.origin, previous_source=fallback.provider.keys.origin)
+            event(
+                self._log,
+                logging.INFO,
+                "key_source_replaced",
+                "provider %(provider)s: keys loaded from %(source)s; the previous key source "
+                "(%(previous_source)s) is closed",
+                provider=self.name,
+                source=self.provider.keys.origin,
+                previous_source=fallback.provider.keys.origin,
+            )
             self._releasing = asyncio.get_running_loop().create_task(fallback.close())
         if not was_ready and self.ready and not carried:  # carried: ready before the reload too
             self._said_unready = False
-            event(self._log, logging.INFO, "provider_ready",
-                  "provider %(provider)s is ready: %(keys)d usable key(s) from %(source)s",
-                  provider=self.name, keys=keyset.size, source=self.provider.keys.origin)
+            event(
+                self._log,
+                logging.INFO,
+                "provider_ready",
+                "provider %(provider)s is ready: %(keys)d usable key(s) from %(source)s",
+                provider=self.name,
+                keys=keyset.size,
+                source=self.provider.keys.origin,
+            )
 
     def __repr__(self) -> str:
-        return (f"<{type(self).__name__} {self.name} keys={self.keyset.size} "
-                f"fetches={self.fetches} failures={self.failures}>")
+        return (
+            f"<{type(self).__name__} {self.name} keys={self.keyset.size} "
+            f"fetches={self.fetches} failures={self.failures}>"
+        )
 
 
 class StaticKeySource(KeySource):
@@ -256,9 +289,15 @@ class StaticKeySource(KeySource):
             raise TypeError(f"provider {provider.name}: {type(keys).__name__} keys are not static")
         self._load(KeySet.from_jwks(keys.jwks, provider.algorithms))
         if not self.ready:
-            event(self._log, logging.ERROR, "no_usable_key",
-                  "provider %(provider)s: %(source)s holds no key usable with %(algorithms)s",
-                  provider=self.name, source=keys.origin, algorithms=", ".join(provider.algorithms))
+            event(
+                self._log,
+                logging.ERROR,
+                "no_usable_key",
+                "provider %(provider)s: %(source)s holds no key usable with %(algorithms)s",
+                provider=self.name,
+                source=keys.origin,
+                algorithms=", ".join(provider.algorithms),
+            )
 
 
 class RemoteKeySource(KeySource):
@@ -293,9 +332,13 @@ class RemoteKeySource(KeySource):
         self._document: Any = None
         """The last good JWK Set as fetched, kept to re-index it when only algorithms change."""
         self._seeded = False
-        if (isinstance(seed, RemoteKeySource) and seed._remote == remote and seed._document is not None
-                # A jwks_uri found by discovery was vouched for by the old issuers only.
-                and (remote.discovery_url is None or seed.provider.issuers == provider.issuers)):
+        if (
+            isinstance(seed, RemoteKeySource)
+            and seed._remote == remote
+            and seed._document is not None
+            # A jwks_uri found by discovery was vouched for by the old issuers only.
+            and (remote.discovery_url is None or seed.provider.issuers == provider.issuers)
+        ):
             self._seed(seed)
 
     def _seed(self, seed: RemoteKeySource) -> None:
@@ -333,8 +376,9 @@ class RemoteKeySource(KeySource):
             await _wait(self._fetch_shared())
         # A seeded source serves at once and refreshes in the background right away: its
         # keys were loaded by the source it replaces, so they may be near the end of their TTL.
-        self._refresher = asyncio.create_task(self._refresh_loop(first_delay=0.0 if self._seeded else None),
-                                              name=f"jwks-refresh:{self.name}")
+        self._refresher = asyncio.create_task(
+            self._refresh_loop(first_delay=0.0 if self._seeded else None), name=f"jwks-refresh:{self.name}"
+        )
 
     async def close(self) -> None:
         self._closed = True
@@ -388,8 +432,14 @@ class RemoteKeySource(KeySource):
                 await _wait(task)
                 ok = not task.cancelled() and task.result()
             except Exception:  # noqa: BLE001 - the loop must outlive any surprise
-                event(self._log, logging.ERROR, "key_refresh_crashed",
-                      "provider %(provider)s: key refresh failed unexpectedly", provider=self.name, exc_info=True)
+                event(
+                    self._log,
+                    logging.ERROR,
+                    "key_refresh_crashed",
+                    "provider %(provider)s: key refresh failed unexpectedly",
+                    provider=self.name,
+                    exc_info=True,
+                )
                 ok = False
             failed_in_row = 0 if ok else failed_in_row + 1
 
@@ -414,8 +464,9 @@ class RemoteKeySource(KeySource):
             return False
         except Exception as error:  # noqa: BLE001 - a refresh must never take the process down
             url = jwks_uri or self._remote.discovery_url or ""
-            self._failed(_FetchFailed("JWKS" if jwks_uri else "discovery document", url, cause(error)),
-                         jwks_uri, started)
+            self._failed(
+                _FetchFailed("JWKS" if jwks_uri else "discovery document", url, cause(error)), jwks_uri, started
+            )
             return False
         self._document = document
         self._load(keyset, url=jwks_uri, duration_ms=(time.monotonic() - started) * 1000)
@@ -428,21 +479,41 @@ class RemoteKeySource(KeySource):
         if self._remote.discovery_url is not None and jwks_uri is not None:
             # The issuer may have moved its jwks_uri: look it up again next time.
             self._jwks_uri = None
-        held = (f"keeping {self.keyset.size} key(s) from the last good fetch" if self.keyset.size > 0
-                else f"the keys from {self._fallback.provider.keys.origin} keep serving" if self.ready
-                else "no keys held: requests for this provider get 503")
-        event(self._log, logging.WARNING, "key_fetch_failed",
-              "provider %(provider)s: key fetch failed: %(what)s; %(serving)s",
-              provider=self.name, url=error.url, peer=peer(error.url), cause=error.why, what=str(error),
-              duration_ms=round((time.monotonic() - started) * 1000, 1), keys_held=self.keyset.size,
-              serving=held)
+        held = (
+            f"keeping {self.keyset.size} key(s) from the last good fetch"
+            if self.keyset.size > 0
+            else f"the keys from {self._fallback.provider.keys.origin} keep serving"
+            if self._fallback is not None and self.ready
+            else "no keys held: requests for this provider get 503"
+        )
+        event(
+            self._log,
+            logging.WARNING,
+            "key_fetch_failed",
+            "provider %(provider)s: key fetch failed: %(what)s; %(serving)s",
+            provider=self.name,
+            url=error.url,
+            peer=peer(error.url),
+            cause=error.why,
+            what=str(error),
+            duration_ms=round((time.monotonic() - started) * 1000, 1),
+            keys_held=self.keyset.size,
+            serving=held,
+        )
         if not self.ready and not self._said_unready:
             # Said once until it is ready: the failures above repeat at every retry.
             self._said_unready = True
-            event(self._log, logging.WARNING, "provider_unready",
-                  "provider %(provider)s is not ready: no usable keys (%(cause)s from %(peer)s); requests "
-                  "for its routes get 503 until a fetch succeeds",
-                  provider=self.name, url=error.url, peer=peer(error.url), cause=error.why)
+            event(
+                self._log,
+                logging.WARNING,
+                "provider_unready",
+                "provider %(provider)s is not ready: no usable keys (%(cause)s from %(peer)s); requests "
+                "for its routes get 503 until a fetch succeeds",
+                provider=self.name,
+                url=error.url,
+                peer=peer(error.url),
+                cause=error.why,
+            )
 
     async def _discover(self) -> str:
         """The `jwks_uri` of the OIDC discovery document (OpenID Connect Discovery 1.0 §4)."""
@@ -456,11 +527,15 @@ class RemoteKeySource(KeySource):
         # §4.3: the issuer must be identical to the one the document was found for, or a
         # document could vouch for keys of an issuer it does not speak for.
         if not isinstance(issuer, str) or issuer not in self.provider.issuers:
-            raise _FetchFailed("discovery document", url, f"issuer {_short(issuer)} is not one of "
-                               f"{', '.join(self.provider.issuers)}")
+            raise _FetchFailed(
+                "discovery document", url, f"issuer {_short(issuer)} is not one of {', '.join(self.provider.issuers)}"
+            )
         jwks_uri = document.get("jwks_uri")
-        parts = urlsplit(jwks_uri) if isinstance(jwks_uri, str) else None
-        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        if (
+            not isinstance(jwks_uri, str)
+            or (parts := urlsplit(jwks_uri)).scheme not in ("http", "https")
+            or not parts.hostname
+        ):
             raise _FetchFailed("discovery document", url, f"jwks_uri {_short(jwks_uri)} is not an http(s) URL")
         return jwks_uri
 
@@ -543,8 +618,7 @@ def same_source(old: Provider, new: Provider) -> bool:
     """
     if old.keys != new.keys or old.algorithms != new.algorithms:
         return False
-    return not (isinstance(new.keys, RemoteJwks) and new.keys.discovery_url is not None
-                and old.issuers != new.issuers)
+    return not (isinstance(new.keys, RemoteJwks) and new.keys.discovery_url is not None and old.issuers != new.issuers)
 
 
 class KeyRing:

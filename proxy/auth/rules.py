@@ -38,7 +38,7 @@ def claim_at(payload: Mapping[str, Any], path: tuple[str, ...]) -> Any:
     value: Any = payload
     for part in path:
         # The plain types first: an isinstance against the Mapping ABC is several times slower.
-        if not (isinstance(value, _PLAIN_MAPPINGS) or isinstance(value, Mapping)) or part not in value:
+        if not (isinstance(value, (_PLAIN_MAPPINGS, Mapping))) or part not in value:
             return ABSENT
         value = value[part]
     return value
@@ -95,7 +95,8 @@ def _check_scopes(rule: ScopeRule, payload: Mapping[str, Any]) -> None:
     if missing or not any_ok:
         required = " ".join((*rule.all_of, *rule.any_of))
         detail = (f"missing scopes {missing}" if missing else "") + (
-            f"{'; ' if missing else ''}none of {list(rule.any_of)}" if not any_ok else "")
+            f"{'; ' if missing else ''}none of {list(rule.any_of)}" if not any_ok else ""
+        )
         raise InsufficientScope(Reason.SCOPE, detail, scope=required)
 
 

@@ -29,12 +29,11 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 from cachetools import LRUCache
 from jwt import PyJWK, PyJWS
 from jwt.exceptions import DecodeError, PyJWTError
-
 
 from ..base.errors import InvalidToken, Reason
 from ..config.settings import Provider, TokenCacheSettings
@@ -128,7 +127,7 @@ class _HeaderChecksAreOurs(PyJWS):
         if tail and _SEXTET[segment[-1]] & (0x0F if tail == 2 else 0x03):
             raise DecodeError(f"{name} segment is not canonical base64url: its last character has unused bits set")
         try:
-            return binascii.a2b_base64(segment.translate(_TO_STANDARD) + b"==="[:(4 - tail) % 4])
+            return binascii.a2b_base64(segment.translate(_TO_STANDARD) + b"==="[: (4 - tail) % 4])
         except binascii.Error as err:
             raise DecodeError(f"{name} segment is not base64url") from err
 
@@ -178,7 +177,7 @@ def shown(value: Any, *, limit: int = 80) -> str:
             text = json.dumps(value, ensure_ascii=True, allow_nan=False)
         except (TypeError, ValueError, RecursionError):  # not from JSON: still no Python spelling
             text = f"a {type(value).__name__}"
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _json_problem(error: ValueError | RecursionError) -> str:
@@ -206,21 +205,27 @@ def segment_problem(segment: str, name: str) -> str | None:
         if char == "=" and not segment[index:].strip("="):
             return f"the {name} segment ends in '=' padding; a JWT's segments are unpadded base64url (RFC 7515 §2)"
         if char in "+/":
-            return (f"the {name} segment has {char!r} {at}: that is base64, not base64url, which has "
-                    f"{'-' if char == '+' else '_'!r} instead (RFC 7515 §2)")
+            return (
+                f"the {name} segment has {char!r} {at}: that is base64, not base64url, which has "
+                f"{'-' if char == '+' else '_'!r} instead (RFC 7515 §2)"
+            )
         if char.isspace():
             return f"the {name} segment has whitespace {at}"
-        return f"the {name} segment has {ascii(char)} {at}, which is not base64url"
+        return f"the {name} segment has {char!a} {at}, which is not base64url"
     if len(segment) % 4 == 1:
-        return (f"the {name} segment is {len(segment)} character{'s' if len(segment) != 1 else ''} long, "
-                "which no base64url text is (a character is missing or extra)")
+        return (
+            f"the {name} segment is {len(segment)} character{'s' if len(segment) != 1 else ''} long, "
+            "which no base64url text is (a character is missing or extra)"
+        )
     tail = len(segment) % 4
     unused = 0x0F if tail == 2 else 0x03 if tail == 3 else 0
     last = _SEXTET[ord(segment[-1])] if unused else 0
     if last & unused:
         canonical = chr(_BASE64URL_ALPHABET[last & ~unused])
-        return (f"the {name} segment is not canonical base64url: its last character {segment[-1]!r} sets bits "
-                f"no byte uses (the one spelling ends in {canonical!r}; a token has one spelling, RFC 7515 §2)")
+        return (
+            f"the {name} segment is not canonical base64url: its last character {segment[-1]!r} sets bits "
+            f"no byte uses (the one spelling ends in {canonical!r}; a token has one spelling, RFC 7515 §2)"
+        )
     try:  # the proxy's decoder has the last word
         _JWS._decode_base64url_segment(segment.encode("ascii"), name)
     except (DecodeError, UnicodeEncodeError):
@@ -245,7 +250,7 @@ def read_header(token: str, *, max_bytes: int) -> TokenHeader:
         raise InvalidToken(Reason.TOO_LARGE, f"token is {len(token)} bytes; the limit is {max_bytes}")
     if token.count(".") != 2:
         raise InvalidToken(Reason.MALFORMED, f"not a JWT: {segments_problem(token.count('.') + 1)}")
-    segment = token[:token.index(".")]
+    segment = token[: token.index(".")]
     try:
         raw = _JWS._decode_base64url_segment(segment.encode("ascii"), "header")
     except (DecodeError, UnicodeEncodeError):
@@ -265,10 +270,12 @@ def _check_alg(header: TokenHeader, provider: Provider) -> None:
     # (RFC 7515 §4.1.1), so "none", "None" and "NONE" are all refused.
     if not isinstance(header.alg, str) or header.alg not in provider.algorithms:
         if "alg" not in header.fields:
-            raise InvalidToken(Reason.ALG_NOT_ALLOWED,
-                               f"the header has no alg; the allow-list is {list(provider.algorithms)}")
-        raise InvalidToken(Reason.ALG_NOT_ALLOWED,
-                           f"alg {shown(header.alg)} is not in the allow-list {list(provider.algorithms)}")
+            raise InvalidToken(
+                Reason.ALG_NOT_ALLOWED, f"the header has no alg; the allow-list is {list(provider.algorithms)}"
+            )
+        raise InvalidToken(
+            Reason.ALG_NOT_ALLOWED, f"alg {shown(header.alg)} is not in the allow-list {list(provider.algorithms)}"
+        )
 
 
 def _check_kid(header: TokenHeader, provider: Provider) -> None:
@@ -279,7 +286,7 @@ def _check_kid(header: TokenHeader, provider: Provider) -> None:
 def _media_type(value: str) -> str:
     # RFC 7515 §4.1.9: "application/" may be omitted; media types compare case-insensitively.
     value = value.lower()
-    return value[len("application/"):] if value.startswith("application/") else value
+    return value[len("application/") :] if value.startswith("application/") else value
 
 
 def _check_typ(header: TokenHeader, provider: Provider) -> None:
@@ -344,8 +351,10 @@ def verify_signature(token: str, header: TokenHeader, keys: Sequence[PyJWK]) -> 
         problem = segment_problem(parts[1], "payload") or segment_problem(parts[2], "signature")
         raise InvalidToken(Reason.MALFORMED, problem or "the payload or signature segment is not base64url") from None
     if not signature:  # `HEADER.PAYLOAD.`: no key can match nothing, so say what is there instead
-        raise InvalidToken(Reason.BAD_SIGNATURE, f"the signature segment is empty: the token is unsigned, and "
-                                                 f"{header.alg} needs a signature")
+        raise InvalidToken(
+            Reason.BAD_SIGNATURE,
+            f"the signature segment is empty: the token is unsigned, and {header.alg} needs a signature",
+        )
     failures: list[str] = []
     for key in keys:
         name = f"key {key.key_id!r}" if key.key_id else "the key without kid"
@@ -382,7 +391,7 @@ def parse_payload(raw: bytes) -> dict[str, Any]:
 
 
 # -- claims ------------------------------------------------------------------------------
-def _is_number(value: Any) -> bool:
+def _is_number(value: Any) -> TypeGuard[int | float]:
     # bool is an int to Python and no JSON number; an int beyond a double (10**400, which JSON
     # allows and Python reads exactly) makes math.isfinite raise OverflowError: neither is a
     # NumericDate we can compare with the clock.
@@ -397,8 +406,10 @@ _DOUBLE_MAX = int(sys.float_info.max)
 def _check_dates_are_numbers(payload: Mapping[str, Any], provider: Provider, now: float) -> None:
     for name in ("exp", "nbf", "iat"):
         if name in payload and not _is_number(payload[name]):
-            raise InvalidToken(Reason.MALFORMED_CLAIM,
-                               f"{name} is {shown(payload[name])}; a NumericDate is a JSON number (RFC 7519 §2)")
+            raise InvalidToken(
+                Reason.MALFORMED_CLAIM,
+                f"{name} is {shown(payload[name])}; a NumericDate is a JSON number (RFC 7519 §2)",
+            )
 
 
 def _check_required(payload: Mapping[str, Any], provider: Provider, now: float) -> None:
@@ -434,8 +445,9 @@ def _check_age(payload: Mapping[str, Any], provider: Provider, now: float) -> No
     if not (_is_number(exp) and _is_number(iat)):
         raise InvalidToken(Reason.MISSING_CLAIM, "max_token_age needs both exp and iat")
     if exp - iat > provider.max_token_age:
-        raise InvalidToken(Reason.TOO_OLD,
-                           f"lifetime exp - iat is {exp - iat:.0f}s; max_token_age is {provider.max_token_age:g}s")
+        raise InvalidToken(
+            Reason.TOO_OLD, f"lifetime exp - iat is {exp - iat:.0f}s; max_token_age is {provider.max_token_age:g}s"
+        )
 
 
 def _check_iss(payload: Mapping[str, Any], provider: Provider, now: float) -> None:
@@ -567,8 +579,9 @@ class Verifier:
         payload = check_signature(token, header, keys)
         check_claims(payload, self.provider, self.clock.time())
         # Read-only views: one Claims object is shared by every request that hits the cache.
-        claims = Claims(provider=self.provider.name, header=MappingProxyType(header.fields),
-                        payload=MappingProxyType(payload))
+        claims = Claims(
+            provider=self.provider.name, header=MappingProxyType(header.fields), payload=MappingProxyType(payload)
+        )
         if self.cache is not None:
             self.cache.put(token, claims)
         return claims

@@ -23,14 +23,14 @@ from .safetext import one_line
 __all__ = [
     "AuthError",
     "BadRequest",
-    "NotFound",
-    "PayloadTooLarge",
     "ConfigError",
     "ConfigIssue",
     "InsufficientScope",
     "InvalidRequest",
     "InvalidToken",
     "KeysUnavailable",
+    "NotFound",
+    "PayloadTooLarge",
     "ProxyError",
     "Reason",
     "RequestTimeout",
@@ -208,8 +208,9 @@ class InsufficientScope(AuthError):
 
     def challenge(self, realm: str) -> str:
         fields = self.fields()
-        return bearer_challenge(realm, error=fields.get("error"), description=fields.get("error_description"),
-                                scope=self.scope)
+        return bearer_challenge(
+            realm, error=fields.get("error"), description=fields.get("error_description"), scope=self.scope
+        )
 
 
 class BadRequest(ProxyError):
@@ -274,7 +275,7 @@ class UpstreamTimeout(UpstreamUnavailable):
 class ConfigIssue:
     """One mistake in a config file: where it is, and what was expected there."""
 
-    __slots__ = ("file", "line", "path", "message")
+    __slots__ = ("file", "line", "message", "path")
 
     def __init__(self, file: str, line: int | None, path: str, message: str) -> None:
         self.file = file

@@ -23,10 +23,10 @@ from jwt.exceptions import PyJWTError
 __all__ = [
     "ASYMMETRIC_ALGORITHMS",
     "FAMILIES",
-    "KeySet",
-    "SkippedKey",
     "SUPPORTED_ALGORITHMS",
     "SYMMETRIC_ALGORITHMS",
+    "KeySet",
+    "SkippedKey",
     "fits",
 ]
 
@@ -71,7 +71,7 @@ class SkippedKey:
 class KeySet:
     """The usable keys of one JWK Set, indexed for verification. Immutable once built."""
 
-    __slots__ = ("_by_kid", "_by_alg", "kids", "skipped", "size")
+    __slots__ = ("_by_alg", "_by_kid", "kids", "size", "skipped")
 
     def __init__(
         self,

@@ -50,39 +50,51 @@ EVENTS: Mapping[str, tuple[frozenset[str], str]] = {
     "draining": (frozenset({_I}), "SIGTERM or SIGINT: readiness is false, in-flight requests are finishing"),
     "stopped": (frozenset({_I}), "the drain is over; the process exits"),
     "start_abandoned": (frozenset({_I}), "SIGTERM or SIGINT while the first keys loaded: nothing was served"),
-    "startup_failed": (frozenset({_E}), "a start the operator must fix (a port in use, a file that cannot be "
-                       "read): the one line, in JSON when the log is JSON; exit status 1"),
+    "startup_failed": (
+        frozenset({_E}),
+        "a start the operator must fix (a port in use, a file that cannot be "
+        "read): the one line, in JSON when the log is JSON; exit status 1",
+    ),
     "accept_failed": (frozenset({_W}), "the listener cannot accept connections (out of descriptors)"),
     # keys
-    "keys_loaded": (frozenset({_D, _I}),
-                    "a provider's key set loaded: INFO the first time and when its kids change, DEBUG when a "
-                    "refresh brings the same kids"),
+    "keys_loaded": (
+        frozenset({_D, _I}),
+        "a provider's key set loaded: INFO the first time and when its kids change, DEBUG when a "
+        "refresh brings the same kids",
+    ),
     "keys_skipped": (frozenset({_D, _I}), "keys in a set that cannot verify (INFO when it changes, else DEBUG)"),
     "key_fetch_failed": (frozenset({_W}), "a JWKS or discovery fetch failed: peer, cause, and which keys serve"),
     "key_refresh_crashed": (frozenset({_E}), "a key refresh raised something unexpected (with a traceback)"),
-    "key_source_fallback": (frozenset({_W}), "after a reload, a provider's new key source has no keys yet: "
-                            "the old keys serve"),
+    "key_source_fallback": (
+        frozenset({_W}),
+        "after a reload, a provider's new key source has no keys yet: the old keys serve",
+    ),
     "key_source_replaced": (frozenset({_I}), "the new key source has keys; the old one is closed"),
     "no_usable_key": (frozenset({_E}), "a static key file or secret holds no key usable with the algorithms"),
     "provider_ready": (frozenset({_I}), "a provider holds usable keys for the first time"),
     "provider_unready": (frozenset({_W}), "a provider holds no usable key: its routes answer 503"),
     # config
     "config_warning": (frozenset({_W}), "a route-table warning of a config that loaded anyway"),
-    "reload_applied": (frozenset({_I}), "a reload took effect: routes, providers and settings added, removed, "
-                       "changed"),
-    "reload_refused": (frozenset({_E}), "a reload was refused (the config's problems, with their lines); the "
-                       "previous config keeps serving"),
+    "reload_applied": (frozenset({_I}), "a reload took effect: routes, providers and settings added, removed, changed"),
+    "reload_refused": (
+        frozenset({_E}),
+        "a reload was refused (the config's problems, with their lines); the previous config keeps serving",
+    ),
     "reload_crashed": (frozenset({_E}), "a reload raised something unexpected; the previous config keeps serving"),
     "config_missing": (frozenset({_W}), "the config file disappeared; the last good config keeps serving"),
     "config_back": (frozenset({_I}), "the config file is there again (it is reloaded)"),
     # requests
-    "request_refused": (frozenset({_D, _W}),
-                        "a refused request: DEBUG for the client's mistakes and key outages (the access log "
-                        "has them), WARNING for upstream failures"),
+    "request_refused": (
+        frozenset({_D, _W}),
+        "a refused request: DEBUG for the client's mistakes and key outages (the access log "
+        "has them), WARNING for upstream failures",
+    ),
     "request_crashed": (frozenset({_E}), "a request failed on a bug of ours: 500, with a traceback"),
     "upstream_broke_off": (frozenset({_W}), "the upstream's answer stopped midway; the client's connection is cut"),
-    "upstream_distrusted": (frozenset({_W}), "the upstream sent bytes no request asked for; its connections are "
-                            "not reused for a while"),
+    "upstream_distrusted": (
+        frozenset({_W}),
+        "the upstream sent bytes no request asked for; its connections are not reused for a while",
+    ),
     "websocket_closed": (frozenset({_D}), "a WebSocket tunnel closed, and why"),
     "handler_crashed": (frozenset({_E}), "the HTTP connection handler hit a bug of ours (with a traceback)"),
     # metrics and workers
@@ -96,8 +108,9 @@ EVENTS: Mapping[str, tuple[frozenset[str], str]] = {
 _RESERVED = frozenset({"time", "level", "logger", "event", "message", "worker", "suppressed", "traceback"})
 
 
-def event(logger: logging.Logger, level: int, name: str, message: str, /, *, exc_info: Any = None,
-          **fields: Any) -> None:
+def event(
+    logger: logging.Logger, level: int, name: str, message: str, /, *, exc_info: Any = None, **fields: Any
+) -> None:
     """Log the event `name` at `level`; `message` is a %-template over `fields` (`%(provider)s`).
 
     In text, the line is the message; in JSON, the message and each field as a member.
@@ -107,8 +120,9 @@ def event(logger: logging.Logger, level: int, name: str, message: str, /, *, exc
         return
     # A field may hold what a peer chose (a token's kid, a JWKS server's kids, a path): a
     # 64 KiB kid is not written whole. Escaping is the formatters' (they see every record).
-    record_event(logger, level, name, message, exc_info=exc_info,
-                 **{key: bounded(value) for key, value in fields.items()})
+    record_event(
+        logger, level, name, message, exc_info=exc_info, **{key: bounded(value) for key, value in fields.items()}
+    )
 
 
 class TextFormatter(logging.Formatter):
@@ -151,8 +165,9 @@ class JsonFormatter(logging.Formatter):
             message = message.removesuffix(suppressed_suffix(suppressed))
         message = cut(message, LINE_LIMIT)  # a library's message has no bound of its own
         line: dict[str, Any] = {
-            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds").replace(
-                "+00:00", "Z"),
+            "time": datetime.fromtimestamp(record.created, UTC)
+            .isoformat(timespec="milliseconds")
+            .replace("+00:00", "Z"),
             "level": record.levelname,
             "logger": record.name,
             "event": getattr(record, "event", LIBRARY),
@@ -172,8 +187,11 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info and record.exc_info[1] is not None:
             # Its end says what failed; an exception's message can hold a peer's long text.
             text = "".join(traceback.format_exception(*record.exc_info)).rstrip()
-            line["traceback"] = text if len(text) <= 4 * LINE_LIMIT else (
-                f"...({len(text) - 4 * LINE_LIMIT:,} characters before)" + text[-4 * LINE_LIMIT:])
+            line["traceback"] = (
+                text
+                if len(text) <= 4 * LINE_LIMIT
+                else (f"...({len(text) - 4 * LINE_LIMIT:,} characters before)" + text[-4 * LINE_LIMIT :])
+            )
         elif record.exc_text:
             line["traceback"] = record.exc_text
         if record.stack_info:
@@ -216,8 +234,9 @@ def resolve_format(name: str, stream: TextIO | None = None) -> str:
         return "json"
 
 
-def configure(level: str = "INFO", log_format: str = "text", stream: TextIO | None = None, *,
-              worker: int | None = None) -> logging.Handler:
+def configure(
+    level: str = "INFO", log_format: str = "text", stream: TextIO | None = None, *, worker: int | None = None
+) -> logging.Handler:
     """One handler on the root logger writing to `stream` (stderr), throttled, in `log_format`;
     `worker`: this process's index among `workers: N` (JSON lines say it)."""
     stream = stream or sys.stderr

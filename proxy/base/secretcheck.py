@@ -29,26 +29,47 @@ __all__ = ["weakness"]
 # `YourSecretHere` match), which random text rarely does; words of six or more also match in
 # leetspeak (`p4ssw0rd`, `S3CR3T`). All together they refuse about one random 86-character
 # base64 secret in a million, and `keys generate` draws again when they do.
-_WORDS_LEET = ("change", "replace", "placeholder", "example", "secret", "password", "passwd", "passphrase",
-               "insecure", "default", "sample", "letmein", "qwerty", "asdfgh", "hunter2")
+_WORDS_LEET = (
+    "change",
+    "replace",
+    "placeholder",
+    "example",
+    "secret",
+    "password",
+    "passwd",
+    "passphrase",
+    "insecure",
+    "default",
+    "sample",
+    "letmein",
+    "qwerty",
+    "asdfgh",
+    "hunter2",
+)
 _WORDS_PLAIN = ("dummy", "fixme", "your-", "your_", "xxxxx")
 _LEET = {"a": "4@", "e": "3", "i": "1", "l": "1", "o": "0", "s": "5$", "t": "7", "b": "8"}
 
 
 def _word_pattern(word: str, leet: bool) -> str:
     forms = {word.lower(), word.upper(), word[:1].upper() + word[1:].lower()}
-    return "|".join("".join(f"[{re.escape(c + (_LEET.get(c.lower(), '') if leet else ''))}]" for c in form)
-                    for form in sorted(forms))
+    return "|".join(
+        "".join(f"[{re.escape(c + (_LEET.get(c.lower(), '') if leet else ''))}]" for c in form)
+        for form in sorted(forms)
+    )
 
 
-_PLACEHOLDER = re.compile("|".join([_word_pattern(w, True) for w in _WORDS_LEET]
-                                   + [_word_pattern(w, False) for w in _WORDS_PLAIN]).encode())
+_PLACEHOLDER = re.compile(
+    "|".join([_word_pattern(w, True) for w in _WORDS_LEET] + [_word_pattern(w, False) for w in _WORDS_PLAIN]).encode()
+)
 
 # A PEM block, an OpenSSH public key or a JWK pasted where a shared secret belongs. An
 # issuer's public key used as an HMAC secret is the algorithm-confusion attack set up by hand
 # (RFC 8725 §2.1): anyone can fetch it and sign.
-_KEY_MATERIAL = re.compile(rb"-----BEGIN [A-Z0-9 ]+-----|\A\s*(?:ssh-(?:rsa|ed25519|dss)|ecdsa-sha2-nistp\d+) |"
-                           rb'\A\s*\{.*"kty"\s*:', re.DOTALL)
+_KEY_MATERIAL = re.compile(
+    rb"-----BEGIN [A-Z0-9 ]+-----|\A\s*(?:ssh-(?:rsa|ed25519|dss)|ecdsa-sha2-nistp\d+) |"
+    rb'\A\s*\{.*"kty"\s*:',
+    re.DOTALL,
+)
 
 _RUN = 8
 """A run of this many identical or consecutive bytes (aaaaaaaa, abcdefgh, 87654321) is refused:
@@ -81,8 +102,10 @@ def _weakness(secret: bytes) -> str | None:
     if key:
         # The PEM label or the OpenSSH key type, never more: a JWK's other members may be secret.
         what = repr(key.group().strip().decode()) if not key.group().lstrip().startswith(b"{") else "a JWK"
-        return (f"key material: it holds {what}, a key or certificate, not a shared secret; a public key "
-                "is public (give it as `pem_file`), and HMAC with one is forgeable by anyone")
+        return (
+            f"key material: it holds {what}, a key or certificate, not a shared secret; a public key "
+            "is public (give it as `pem_file`), and HMAC with one is forgeable by anyone"
+        )
     found = _PLACEHOLDER.search(sample)
     if found:
         return f"placeholder word: it contains {found.group().decode()!r}, as example and default secrets do"
@@ -104,8 +127,10 @@ def _weakness(secret: bytes) -> str | None:
     bits = -sum(c / n * math.log2(c / n) for c in counts.values())
     floor = _entropy_floor(n)
     if bits < floor:
-        return (f"low entropy: {bits:.2f} bits per character by character frequency, below the "
-                f"{floor:.2f} that even random hex text of this length reaches")
+        return (
+            f"low entropy: {bits:.2f} bits per character by character frequency, below the "
+            f"{floor:.2f} that even random hex text of this length reaches"
+        )
     return None
 
 
@@ -143,7 +168,9 @@ def _longest_run(s: bytes) -> int:
     best = 1
     for step in _STEPS:
         # Where s[i + 1] == s[i] + step the XOR is a zero byte: a run of k zeros is k + 1 bytes.
-        diff = (int.from_bytes(s[1:], "big") ^ int.from_bytes(s[:-1].translate(step), "big")).to_bytes(len(s) - 1, "big")
+        diff = (int.from_bytes(s[1:], "big") ^ int.from_bytes(s[:-1].translate(step), "big")).to_bytes(
+            len(s) - 1, "big"
+        )
         best = max(best, 1 + max(map(len, _ZEROS.findall(diff)), default=0))
     return best
 

@@ -37,8 +37,9 @@ def read_secret(data: bytes, encoding: str) -> bytes:
     if encoding != "utf-8":
         text = data.rstrip(b"=")
         try:
-            data = base64.b64decode(text + b"=" * (-len(text) % 4),
-                                    altchars=b"-_" if encoding == "base64url" else None, validate=True)
+            data = base64.b64decode(
+                text + b"=" * (-len(text) % 4), altchars=b"-_" if encoding == "base64url" else None, validate=True
+            )
         except (binascii.Error, ValueError):
             raise KeyToolError(f"the secret is not valid {encoding}") from None
     if not data:

@@ -62,7 +62,7 @@ from .settings import (
 from .yamlsource import Issues, Section, closest, describe, list_example, load_yaml
 
 # The settings are re-exported: callers name them as config.X, as before settings.py existed.
-__all__ = [*settings.__all__, "load", "parse"]
+__all__ = [*settings.__all__, "load", "parse"]  # noqa: PLE0604 - settings.__all__ is a list of str
 
 CLAIM_OPERATORS = ("equals", "one_of", "contains", "matches", "present")
 KEY_SOURCES = ("jwks", "discovery", "jwks_file", "pem_file", "secret")
@@ -78,8 +78,9 @@ def load(path: str | os.PathLike[str]) -> Settings:
         why = (error.strerror or str(error)).lower()  # "no such file or directory", not "[Errno 2] ..."
         raise ConfigError([ConfigIssue(file, None, "", f"cannot read the config file: {why}")]) from None
     except UnicodeDecodeError as error:
-        raise ConfigError([ConfigIssue(file, None, "", f"cannot read the config file: not UTF-8 text "
-                                                       f"(byte {error.start})")]) from None
+        raise ConfigError(
+            [ConfigIssue(file, None, "", f"cannot read the config file: not UTF-8 text (byte {error.start})")]
+        ) from None
     return parse(text, file=file, base_dir=Path(file).resolve().parent)
 
 
@@ -91,9 +92,11 @@ def parse(text: str, *, file: str = "<string>", base_dir: Path | None = None) ->
     issues = Issues(file)
     if not isinstance(document, dict):
         # Say what the file is instead: an empty file, or a list pasted where a mapping belongs.
-        what = ("it is empty" if document is None else
-                f"it is a YAML {next((k for t, k in _YAML_KINDS if isinstance(document, t)), 'value')}, "
-                "not a mapping")
+        what = (
+            "it is empty"
+            if document is None
+            else f"it is a YAML {next((k for t, k in _YAML_KINDS if isinstance(document, t)), 'value')}, not a mapping"
+        )
         issues.add(1, "", f"the config must be a YAML mapping with a `providers` key; {what}")
         issues.raise_if_any()
     root = Section(issues, document, "")
@@ -112,8 +115,9 @@ class _Builder:
 
     def settings(self, root: Section, file: str) -> Settings:
         providers: dict[str, Provider] = {}
-        provider_section = root.section("providers", required=True,
-                                        example="{main: {issuer: URL, audiences: [NAME], jwks: {url: URL}}}")
+        provider_section = root.section(
+            "providers", required=True, example="{main: {issuer: URL, audiences: [NAME], jwks: {url: URL}}}"
+        )
         # Routes are checked against every provider named, even one with its own mistakes,
         # so a typo in a provider is not reported a second time as an unknown reference.
         self.provider_names = set(map(str, provider_section.data)) if provider_section else set()
@@ -148,9 +152,13 @@ class _Builder:
                 self.issues.add(line, f"{path}.name", "'(none)' is reserved for requests that match no route")
             elif any(r.name == route.name for r in routes):
                 # Names label metrics and logs: two routes sharing one would blur both.
-                self.issues.add(line, f"{path}.name", f"{route.name!r} is the name of an earlier route; names must be unique")
+                self.issues.add(
+                    line, f"{path}.name", f"{route.name!r} is the name of an earlier route; names must be unique"
+                )
             routes.append(route)
-        cache = self.token_cache(root.section("token_cache", example="{enabled: true, max_entries: 10000, max_ttl: 5m}"))
+        cache = self.token_cache(
+            root.section("token_cache", example="{enabled: true, max_entries: 10000, max_ttl: 5m}")
+        )
         max_token_bytes = root.integer("max_token_bytes", 8192, minimum=256)
         defaults = Settings(source=file, providers={})
         listen = _listen(root, "listen", defaults.listen)
@@ -172,8 +180,11 @@ class _Builder:
             root.error("admin", f"{admin} is also `listen`; the admin endpoints need their own port")
         elif listen is not None and admin is not None and _overlap(listen, admin):
             # 0.0.0.0:8080 holds 127.0.0.1:8080 too: the second bind would fail at start.
-            root.error("admin", f"{admin} and `listen` {listen} share port {admin.port} on the same address "
-                       "(0.0.0.0 and :: are every address); the admin endpoints need their own port")
+            root.error(
+                "admin",
+                f"{admin} and `listen` {listen} share port {admin.port} on the same address "
+                "(0.0.0.0 and :: are every address); the admin endpoints need their own port",
+            )
         return Settings(
             source=file,
             providers=MappingProxyType(providers),
@@ -204,7 +215,7 @@ class _Builder:
         required = s.string_list("required_claims", "claim names", "[exp, sub]", ("exp",))
         max_age = s.duration("max_token_age", None)
         typ = s.string("typ")
-        sources = [k for k in s.keys() if k in KEY_SOURCES]
+        sources = [k for k in s.keys() if k in KEY_SOURCES]  # noqa: SIM118 - a Section, not a dict: no __iter__
         keys: RemoteJwks | StaticKeys | None = None
         if not sources:
             s.missing(KEY_SOURCES, f"needs a key source: one of {', '.join(KEY_SOURCES)}")
@@ -214,21 +225,32 @@ class _Builder:
             for k in sources:
                 s.raw(k)
             named = " and ".join(sorted(sources, key=KEY_SOURCES.index))
-            s.error(sources[-1], f"{named} are mutually exclusive: a provider has exactly one key source "
-                    f"({', '.join(KEY_SOURCES)}); keep one of them")
+            s.error(
+                sources[-1],
+                f"{named} are mutually exclusive: a provider has exactly one key source "
+                f"({', '.join(KEY_SOURCES)}); keep one of them",
+            )
         else:
             keys = self.key_source(sources[0], s, issuers)
         default_algs = self._default_algorithms(keys)
         algorithms = self.algorithms(s, default_algs, keys)
-        sources = self.token_sources(s, "token_sources") or (BEARER,)
+        token_sources = self.token_sources(s, "token_sources") or (BEARER,)
         headers = self.header_map(s.section("headers", example=_HEADERS_EXAMPLE)) or HeaderMap()
         s.done()
         if keys is None or not issuers or not audiences:
             return None
         return Provider(
-            name=name, issuers=issuers, audiences=audiences, algorithms=algorithms, keys=keys,
-            leeway=leeway, required_claims=required, max_token_age=max_age, typ=typ,
-            token_sources=sources, headers=headers,
+            name=name,
+            issuers=issuers,
+            audiences=audiences,
+            algorithms=algorithms,
+            keys=keys,
+            leeway=leeway,
+            required_claims=required,
+            max_token_age=max_age,
+            typ=typ,
+            token_sources=token_sources,
+            headers=headers,
         )
 
     def algorithms(self, s: Section, default: tuple[str, ...], keys: RemoteJwks | StaticKeys | None) -> tuple[str, ...]:
@@ -243,14 +265,20 @@ class _Builder:
         if isinstance(keys, StaticKeys) and keys.kind == "secret":
             wrong = [a for a in algorithms if a not in SYMMETRIC_ALGORITHMS]
             if wrong:
-                s.error("algorithms", f"{', '.join(wrong)} cannot be used with a shared secret; "
-                        f"a secret verifies only {', '.join(SYMMETRIC_ALGORITHMS)}")
+                s.error(
+                    "algorithms",
+                    f"{', '.join(wrong)} cannot be used with a shared secret; "
+                    f"a secret verifies only {', '.join(SYMMETRIC_ALGORITHMS)}",
+                )
             self._check_secret_length(s, keys, algorithms, chosen=s.has("algorithms"))
         else:
             wrong = [a for a in algorithms if a in SYMMETRIC_ALGORITHMS]
             if wrong:
-                s.error("algorithms", f"{', '.join(wrong)} needs a shared `secret`; this provider's keys are "
-                        "asymmetric, and HMAC with a public key is the algorithm-confusion attack (RFC 8725 §2.1)")
+                s.error(
+                    "algorithms",
+                    f"{', '.join(wrong)} needs a shared `secret`; this provider's keys are "
+                    "asymmetric, and HMAC with a public key is the algorithm-confusion attack (RFC 8725 §2.1)",
+                )
         if isinstance(keys, StaticKeys) and keys.kind == "jwks_file":
             # Checked against the final allow-list: a file whose keys fit none of the
             # algorithms would give a provider that is never ready.
@@ -265,8 +293,10 @@ class _Builder:
             kty, crv = keys.jwks["keys"][0]["kty"], keys.jwks["keys"][0].get("crv")
             unfit = [a for a in algorithms if a in ASYMMETRIC_ALGORITHMS and not fits(a, kty, crv)]
             if unfit:
-                s.error("algorithms", f"{', '.join(unfit)} do not fit the PEM key (kty {kty}"
-                        + (f", curve {crv}" if crv else "") + ")")
+                s.error(
+                    "algorithms",
+                    f"{', '.join(unfit)} do not fit the PEM key (kty {kty}" + (f", curve {crv}" if crv else "") + ")",
+                )
         return algorithms
 
     def _check_secret_length(self, s: Section, keys: StaticKeys, algorithms: tuple[str, ...], *, chosen: bool) -> None:
@@ -286,8 +316,10 @@ class _Builder:
         elif chosen:
             fix = f"drop {' and '.join(short)} (`algorithms: [{', '.join(fit)}]`) or use a longer secret"
         else:
-            fix = (f"the default algorithms are {', '.join(algorithms)}: set `algorithms: [{', '.join(fit)}]` "
-                   "or use a longer secret")
+            fix = (
+                f"the default algorithms are {', '.join(algorithms)}: set `algorithms: [{', '.join(fit)}]` "
+                "or use a longer secret"
+            )
         s.error("secret", f"is {size} bytes; {needs} (RFC 7518 §3.2): {fix}")
 
     @staticmethod
@@ -301,8 +333,9 @@ class _Builder:
 
     def key_source(self, kind: str, s: Section, issuers: tuple[str, ...]) -> RemoteJwks | StaticKeys | None:
         if kind == "jwks":
-            sub = s.section("jwks", required=True, example="{url: https://login.example.com/jwks.json}",
-                            meant=_url_mapping)
+            sub = s.section(
+                "jwks", required=True, example="{url: https://login.example.com/jwks.json}", meant=_url_mapping
+            )
             return self.remote(sub, discovery=False) if sub is not None else None
         if kind == "discovery":
             return self.discovery(s, issuers)
@@ -343,8 +376,9 @@ class _Builder:
         # OIDC Discovery §4: the document lives under the issuer, so one issuer names it.
         derived = issuers[0].rstrip("/") + "/.well-known/openid-configuration" if len(issuers) == 1 else None
         if isinstance(value, dict):
-            return self.remote(Section(self.issues, value, s.at("discovery"), s.line_of("discovery")),
-                               discovery=True, derived=derived)
+            return self.remote(
+                Section(self.issues, value, s.at("discovery"), s.line_of("discovery")), discovery=True, derived=derived
+            )
         if value is True:
             if derived is None:
                 if issuers:  # none: the issuer's own error says why (an unset ${VAR}, say)
@@ -354,8 +388,9 @@ class _Builder:
         if isinstance(value, str):
             url = _url(s, "discovery", required=True)
             return RemoteJwks(discovery_url=url) if url else None
-        s.error("discovery", "expected true, a discovery URL, or a mapping with url/cache_ttl/"
-                "min_refresh_interval/timeout")
+        s.error(
+            "discovery", "expected true, a discovery URL, or a mapping with url/cache_ttl/min_refresh_interval/timeout"
+        )
         return None
 
     def _path(self, s: Section, key: str) -> Path | None:
@@ -409,12 +444,18 @@ class _Builder:
         try:
             key = load_pem_public_key(data)
         except ValueError:
-            hint = (" (it holds a private key; give the public key)" if b"PRIVATE KEY" in data else
-                    # A certificate's key is the issuer's to vouch for, not ours to unwrap silently.
-                    f" (it holds a certificate; give its public key: openssl x509 -in {path} -pubkey -noout)"
-                    if b"-----BEGIN CERTIFICATE-----" in data else
-                    " (it is empty)" if not data.strip() else " (no PEM block in it)" if b"-----BEGIN" not in data
-                    else "")
+            hint = (
+                " (it holds a private key; give the public key)"
+                if b"PRIVATE KEY" in data
+                # A certificate's key is the issuer's to vouch for, not ours to unwrap silently.
+                else f" (it holds a certificate; give its public key: openssl x509 -in {path} -pubkey -noout)"
+                if b"-----BEGIN CERTIFICATE-----" in data
+                else " (it is empty)"
+                if not data.strip()
+                else " (no PEM block in it)"
+                if b"-----BEGIN" not in data
+                else ""
+            )
             s.error(key_name, f"{path} is not a PEM public key{hint}")
             return None
         if isinstance(key, rsa.RSAPublicKey):
@@ -428,8 +469,9 @@ class _Builder:
             return None
         if kid is not None:
             jwk["kid"] = kid
-        return StaticKeys(kind="pem_file", origin=f"pem_file {path}" + _kid_note(kid),
-                          jwks=MappingProxyType({"keys": [jwk]}))
+        return StaticKeys(
+            kind="pem_file", origin=f"pem_file {path}" + _kid_note(kid), jwks=MappingProxyType({"keys": [jwk]})
+        )
 
     @staticmethod
     def _kid(s: Section) -> str | None:
@@ -477,8 +519,10 @@ class _Builder:
             # The same reader as `keys generate` writes for, so the two can never disagree.
             secret = read_secret(data, encoding)
             if (weak := weakness(secret, written=data)) is not None:
-                raise KeyToolError(f"refused, this is no random secret ({weak}); make one with "
-                                   "`jwt-sidecar keys generate --alg HS256 --kid NAME --out DIR`")
+                raise KeyToolError(
+                    f"refused, this is no random secret ({weak}); make one with "
+                    "`jwt-sidecar keys generate --alg HS256 --kid NAME --out DIR`"
+                )
         except KeyToolError as error:
             sub.error("env" if env_name is not None else "file", str(error))
             return None
@@ -500,7 +544,9 @@ class _Builder:
         elif isinstance(auth_value, dict):
             auth = self.route_auth(Section(self.issues, auth_value, s.at("auth"), s.line_of("auth")), providers)
         elif auth_value is None:
-            s.missing("auth", "is required: `none`, or a mapping with `provider` (and scopes, claims, optional)", at="auth")
+            s.missing(
+                "auth", "is required: `none`, or a mapping with `provider` (and scopes, claims, optional)", at="auth"
+            )
         elif isinstance(auth_value, str) and auth_value in self.provider_names:
             s.error("auth", f"{auth_value!r} is a provider: write `auth: {{provider: {auth_value}}}`")
         elif isinstance(auth_value, str) and auth_value.lower() == "none":
@@ -516,8 +562,15 @@ class _Builder:
         s.done()
         if match is None:
             return None
-        return Route(name=name, match=match, auth=auth, upstream=upstream, token_sources=sources, headers=headers,
-                     websocket=websocket)
+        return Route(
+            name=name,
+            match=match,
+            auth=auth,
+            upstream=upstream,
+            token_sources=sources,
+            headers=headers,
+            websocket=websocket,
+        )
 
     def route_match(self, s: Section | None) -> RouteMatch | None:
         if s is None:
@@ -534,8 +587,10 @@ class _Builder:
             s.missing(_MATCH_KEYS, f"needs one of {', '.join(_MATCH_KEYS)}")
         s.done()
         if len(given) > 1:
-            s.error(given[-1], f"{' and '.join(given)} are mutually exclusive: a match has exactly one of "
-                    f"{', '.join(_MATCH_KEYS)}")
+            s.error(
+                given[-1],
+                f"{' and '.join(given)} are mutually exclusive: a match has exactly one of {', '.join(_MATCH_KEYS)}",
+            )
             return None
         if len(given) != 1 or (prefix, exact, pattern) == (None, None, None):
             return None
@@ -543,15 +598,23 @@ class _Builder:
             if value is not None and not value.startswith("/"):
                 s.error(key, f"{value!r} must start with /")
                 return None  # not also "can never match" from the route table's check
-            elif value is not None and "*" in value:
+            if value is not None and "*" in value:
                 # `/api/*` would match only a path holding a literal `*`: a guarded route that
                 # never guards what it was written for.
-                s.error(key, f"{value!r}: a path has no wildcards here; path_prefix matches whole segments "
-                        f"({value.split('*')[0].rstrip('/') or '/'} covers everything below it), path_regex takes "
-                        "a pattern")
-        compiled = _regex(s, "path_regex", pattern, re.IGNORECASE if ignore_case else 0) if pattern is not None else None
+                s.error(
+                    key,
+                    f"{value!r}: a path has no wildcards here; path_prefix matches whole segments "
+                    f"({value.split('*')[0].rstrip('/') or '/'} covers everything below it), path_regex takes "
+                    "a pattern",
+                )
+        compiled = (
+            _regex(s, "path_regex", pattern, re.IGNORECASE if ignore_case else 0) if pattern is not None else None
+        )
         return RouteMatch(
-            path_prefix=prefix, path_exact=exact, path_regex=compiled, ignore_case=ignore_case,
+            path_prefix=prefix,
+            path_exact=exact,
+            path_regex=compiled,
+            ignore_case=ignore_case,
             methods=_with_head(frozenset(m.upper() for m in methods)) if methods else None,
         )
 
@@ -561,17 +624,23 @@ class _Builder:
         scopes_section = s.section("scopes", example="{all_of: [admin], any_of: [ops, sre]}", meant=_scopes_mapping)
         scopes = ScopeRule()
         if scopes_section is not None:
-            scopes = ScopeRule(all_of=scopes_section.string_list("all_of", "scopes", "[admin, ops]"),
-                               any_of=scopes_section.string_list("any_of", "scopes", "[admin, ops]"))
+            scopes = ScopeRule(
+                all_of=scopes_section.string_list("all_of", "scopes", "[admin, ops]"),
+                any_of=scopes_section.string_list("any_of", "scopes", "[admin, ops]"),
+            )
             scopes_section.done()
             for key, names in (("all_of", scopes.all_of), ("any_of", scopes.any_of)):
                 for bad in (n for n in names if not _SCOPE_TOKEN.fullmatch(n)):
                     # A token's scope string splits on SP alone (rules.scopes_of), so such a
                     # scope could never be granted: the route would refuse everyone.
-                    scopes_section.error(key, f"{bad!r} is not one scope token (RFC 6749 §3.3: printable "
-                                         "ASCII but space, \" and \\); list several scopes separately")
+                    scopes_section.error(
+                        key,
+                        f"{bad!r} is not one scope token (RFC 6749 §3.3: printable "
+                        'ASCII but space, " and \\); list several scopes separately',
+                    )
         claims = tuple(
-            rule for _, item, path, line in s.items("claims", "claim rules", "[{claim: email_verified, equals: true}]")
+            rule
+            for _, item, path, line in s.items("claims", "claim rules", "[{claim: email_verified, equals: true}]")
             if (rule := self.claim_rule(Section(self.issues, item, path, line), item)) is not None
         )
         s.done()
@@ -593,8 +662,11 @@ class _Builder:
             # means, not three (claim missing, no operator, unknown key).
             value = next(iter(raw.values()), None)
             shown = describe(value).strip("'") if len(raw) == 1 and isinstance(value, (str, int, float)) else ""
-            meant = f"write {{claim: {next(iter(raw))}, equals: {shown}}}" if shown else (
-                "e.g. {claim: email_verified, equals: true}")
+            meant = (
+                f"write {{claim: {next(iter(raw))}, equals: {shown}}}"
+                if shown
+                else ("e.g. {claim: email_verified, equals: true}")
+            )
             s.error(None, f"a claim rule names the claim and one of {', '.join(CLAIM_OPERATORS)}: {meant}")
             return None
         claim = s.string("claim", required=True)
@@ -605,8 +677,11 @@ class _Builder:
         s.done()
         if len(ops) != 1:
             if ops:
-                s.error(ops[-1], f"{' and '.join(ops)} are mutually exclusive: a claim rule has exactly one of "
-                        f"{', '.join(CLAIM_OPERATORS)}")
+                s.error(
+                    ops[-1],
+                    f"{' and '.join(ops)} are mutually exclusive: a claim rule has exactly one of "
+                    f"{', '.join(CLAIM_OPERATORS)}",
+                )
             return None
         if claim is None:
             return None
@@ -676,7 +751,9 @@ class _Builder:
                 found.append(BEARER)
                 continue
             if not isinstance(item, dict) or len(set(item) & {"header", "cookie", "query"}) != 1:
-                self.issues.add(line, path, "expected `bearer`, {header: NAME[, prefix: P]}, {cookie: NAME} or {query: NAME}")
+                self.issues.add(
+                    line, path, "expected `bearer`, {header: NAME[, prefix: P]}, {cookie: NAME} or {query: NAME}"
+                )
                 continue
             sub = Section(self.issues, item, path, line)
             kind = next(k for k in ("header", "cookie", "query") if k in item)
@@ -706,8 +783,9 @@ class _Builder:
                 if header is None:
                     continue
                 if not _HEADER_NAME.fullmatch(header) or header.lower() in _RESERVED_HEADERS:
-                    claims_section.error(str(claim), f"{header!r} cannot carry a claim: not a header name, "
-                                         "or one the proxy owns")
+                    claims_section.error(
+                        str(claim), f"{header!r} cannot carry a claim: not a header name, or one the proxy owns"
+                    )
                     continue
                 mapped.append(ClaimHeader(claim=str(claim), path=tuple(str(claim).split(".")), header=header))
             claims_section.done()
@@ -724,9 +802,10 @@ class _Builder:
         if s is None:
             return defaults
         # Names add to the built-in list (never weaken it by accident); prefixes replace theirs.
-        strip = StripSettings(names=defaults.names + s.string_list("names", "header names", "[X-Internal-Role]"),
-                              prefixes=s.string_list("prefixes", "header name prefixes", "[X-User-, X-Jwt-]",
-                                                     defaults.prefixes))
+        strip = StripSettings(
+            names=defaults.names + s.string_list("names", "header names", "[X-Internal-Role]"),
+            prefixes=s.string_list("prefixes", "header name prefixes", "[X-User-, X-Jwt-]", defaults.prefixes),
+        )
         s.done()
         return strip
 
@@ -768,11 +847,28 @@ def _kid_note(kid: str | None) -> str:
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")  # RFC 6749 §3.3 scope-token: 1*NQCHAR
 # Headers whose meaning belongs to HTTP or to this proxy: never a claim's carrier.
-_RESERVED_HEADERS = frozenset({
-    "host", "content-length", "content-type", "transfer-encoding", "connection", "keep-alive", "upgrade",
-    "te", "trailer", "proxy-authorization", "proxy-authenticate", "authorization", "cookie",
-    "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-request-id", "forwarded",
-})
+_RESERVED_HEADERS = frozenset(
+    {
+        "host",
+        "content-length",
+        "content-type",
+        "transfer-encoding",
+        "connection",
+        "keep-alive",
+        "upgrade",
+        "te",
+        "trailer",
+        "proxy-authorization",
+        "proxy-authenticate",
+        "authorization",
+        "cookie",
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "x-request-id",
+        "forwarded",
+    }
+)
 
 
 def _with_head(methods: frozenset[str]) -> frozenset[str]:
@@ -814,8 +910,11 @@ def _choice(s: Section, key: str, default: str, choices: tuple[str, ...], *, upp
 
 def _overlap(a: Listen, b: Listen) -> bool:
     """Whether binding both would collide: one port, one address family, one side every address."""
-    return (a.port == b.port and (":" in a.host) == (":" in b.host)
-            and (a.host in ("0.0.0.0", "::") or b.host in ("0.0.0.0", "::")))
+    return (
+        a.port == b.port
+        and (":" in a.host) == (":" in b.host)
+        and (a.host in ("0.0.0.0", "::") or b.host in ("0.0.0.0", "::"))
+    )
 
 
 def _url(s: Section, key: str, *, required: bool = False) -> str | None:

@@ -40,8 +40,9 @@ def format_warning(issue: ConfigIssue) -> str:
     return one_line(f"{where}: warning: {issue.path}: {issue.message}")  # a route's name may hold anything
 
 
-def check(routes: Sequence[Route], places: Sequence[tuple[str, int | None]], issues: Issues, *,
-          table_line: int | None = None) -> list[ConfigIssue]:
+def check(
+    routes: Sequence[Route], places: Sequence[tuple[str, int | None]], issues: Issues, *, table_line: int | None = None
+) -> list[ConfigIssue]:
     """Add an error to `issues` for each route that can never match; return the warnings.
 
     `places` holds each route's dotted path (`routes[2]`) and line, in the same order;
@@ -63,8 +64,12 @@ def check(routes: Sequence[Route], places: Sequence[tuple[str, int | None]], iss
                 left = _minus(left, _methods(routes[k]))
                 if left.empty:
                     names = ", ".join(f"'{t.name}' (line {line_of[t.name]})" for t in takers)
-                    issues.add(line, f"{path}.match", f"route '{route.name}' can never match: every request it "
-                               f"matches is taken first by {names}; remove it, or move it before them")
+                    issues.add(
+                        line,
+                        f"{path}.match",
+                        f"route '{route.name}' can never match: every request it "
+                        f"matches is taken first by {names}; remove it, or move it before them",
+                    )
                     break
     if issues.items:
         return []
@@ -85,15 +90,36 @@ def _unguarded(routes: Sequence[Route], line: int | None, file: str) -> list[Con
     or a copied example often ends up like this by mistake.
     """
     if not routes:
-        return [ConfigIssue(file, line, "routes", "there are no routes, so every request is refused with 404 "
-                            "(no_route); add one, e.g. - {match: {path_prefix: /}, auth: {provider: NAME}}")]
+        return [
+            ConfigIssue(
+                file,
+                line,
+                "routes",
+                "there are no routes, so every request is refused with 404 "
+                "(no_route); add one, e.g. - {match: {path_prefix: /}, auth: {provider: NAME}}",
+            )
+        ]
     if all(route.auth is None for route in routes):
-        return [ConfigIssue(file, line, "routes", "no route needs a token (every route is `auth: none`): "
-                            "every request reaches the upstream unauthenticated; give the routes to protect "
-                            "`auth: {provider: NAME}`")]
+        return [
+            ConfigIssue(
+                file,
+                line,
+                "routes",
+                "no route needs a token (every route is `auth: none`): "
+                "every request reaches the upstream unauthenticated; give the routes to protect "
+                "`auth: {provider: NAME}`",
+            )
+        ]
     if all(route.auth is None or route.auth.optional for route in routes):
-        return [ConfigIssue(file, line, "routes", "no route requires a token (every route is `auth: none` or "
-                            "`optional: true`): a request without a token reaches the upstream on every route")]
+        return [
+            ConfigIssue(
+                file,
+                line,
+                "routes",
+                "no route requires a token (every route is `auth: none` or "
+                "`optional: true`): a request without a token reaches the upstream on every route",
+            )
+        ]
     return []
 
 
@@ -164,7 +190,7 @@ def _literal_start(pattern: re.Pattern[str]) -> str:
     text = pattern.pattern
     if "|" in text or not text.startswith("^"):
         return ""  # an alternation or an unanchored search can match anywhere
-    literal = []
+    literal: list[str] = []
     for ch in text[1:]:
         if ch in _REGEX_SPECIAL:
             if ch in "*?{" and literal:
@@ -232,8 +258,11 @@ def _covers(a: _Area, b: _Area) -> bool:
     assert a.pattern is not None
     if b.kind == "exact":
         return a.pattern.search(b.value) is not None
-    return b.kind == "regex" and b.pattern is not None and (a.pattern.pattern, a.pattern.flags) == (
-        b.pattern.pattern, b.pattern.flags)
+    return (
+        b.kind == "regex"
+        and b.pattern is not None
+        and (a.pattern.pattern, a.pattern.flags) == (b.pattern.pattern, b.pattern.flags)
+    )
 
 
 def _not_normal(route: Route, area: _Area) -> str:
@@ -286,8 +315,15 @@ def _rule_key(rule: ClaimRule) -> tuple[object, ...]:
     return (rule.path, rule.op, repr(value))
 
 
-def _fall_through(i: int, routes: Sequence[Route], areas: Sequence[_Area], line_of: dict[str, int | None],
-                  path: str, line: int | None, file: str) -> list[ConfigIssue]:
+def _fall_through(
+    i: int,
+    routes: Sequence[Route],
+    areas: Sequence[_Area],
+    line_of: dict[str, int | None],
+    path: str,
+    line: int | None,
+    file: str,
+) -> list[ConfigIssue]:
     """Methods the route does not list, on its paths, that later routes with weaker auth take."""
     guard = routes[i]
     if guard.match.methods is None:
@@ -304,11 +340,19 @@ def _fall_through(i: int, routes: Sequence[Route], areas: Sequence[_Area], line_
             continue
         reasons = _weaker(guard.auth, other.auth)
         if reasons:
-            found.append(ConfigIssue(file, line, path, (
-                f"route '{guard.name}' guards {areas[i]} for {_methods(guard)} only: {caught} there "
-                f"{'fall' if caught.but or len(caught.names) > 1 else 'falls'} through to route '{other.name}' "
-                f"(line {line_of[other.name]}), whose auth is weaker: {'; '.join(reasons)}. List every method "
-                f"on '{guard.name}', or add a route as strict for the others before '{other.name}'")))
+            found.append(
+                ConfigIssue(
+                    file,
+                    line,
+                    path,
+                    (
+                        f"route '{guard.name}' guards {areas[i]} for {_methods(guard)} only: {caught} there "
+                        f"{'fall' if caught.but or len(caught.names) > 1 else 'falls'} through to route '{other.name}' "
+                        f"(line {line_of[other.name]}), whose auth is weaker: {'; '.join(reasons)}. List every method "
+                        f"on '{guard.name}', or add a route as strict for the others before '{other.name}'"
+                    ),
+                )
+            )
         if _covers(areas[j], areas[i]):
             left = _minus(left, _methods(other))
             if left.empty:
@@ -316,8 +360,16 @@ def _fall_through(i: int, routes: Sequence[Route], areas: Sequence[_Area], line_
     return found
 
 
-def _other_spelling(route: Route, area: _Area, routes: Sequence[Route], router: Router,
-                    line_of: dict[str, int | None], path: str, line: int | None, file: str) -> list[ConfigIssue]:
+def _other_spelling(
+    route: Route,
+    area: _Area,
+    routes: Sequence[Route],
+    router: Router,
+    line_of: dict[str, int | None],
+    path: str,
+    line: int | None,
+    file: str,
+) -> list[ConfigIssue]:
     """`path_exact: /admin` leaves `/admin/` (and the reverse) to whatever route matches it."""
     if area.kind != "exact" or area.value == "/":
         return []
@@ -326,12 +378,20 @@ def _other_spelling(route: Route, area: _Area, routes: Sequence[Route], router: 
     methods = sorted(route.match.methods) if route.match.methods else ["GET"]
     landed = {router.match(method, sibling) for method in methods} - {None, route}
     found = []
-    for other in sorted(landed, key=lambda r: routes.index(r)):  # type: ignore[arg-type]
+    for other in sorted(landed, key=lambda r: routes.index(r)):
         assert other is not None
         reasons = _weaker(route.auth, other.auth)
         if reasons:
-            found.append(ConfigIssue(file, line, path, (
-                f"path_exact {area.value} does not cover {sibling}, which most upstreams serve alike: route "
-                f"'{other.name}' (line {line_of[other.name]}) judges it, and its auth is weaker: {'; '.join(reasons)}. "
-                f"Use path_prefix {area.value.rstrip('/')}, or add {sibling} to a route as strict")))
+            found.append(
+                ConfigIssue(
+                    file,
+                    line,
+                    path,
+                    (
+                        f"path_exact {area.value} does not cover {sibling}, which most upstreams serve alike: route "
+                        f"'{other.name}' (line {line_of[other.name]}) judges it, and its auth is weaker: {'; '.join(reasons)}. "
+                        f"Use path_prefix {area.value.rstrip('/')}, or add {sibling} to a route as strict"
+                    ),
+                )
+            )
     return found

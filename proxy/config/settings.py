@@ -233,7 +233,11 @@ class StripSettings:
 
     names: tuple[str, ...] = (
         # Headers some frameworks let override the method or the path after we routed it.
-        "X-HTTP-Method-Override", "X-HTTP-Method", "X-Method-Override", "X-Original-URL", "X-Rewrite-URL",
+        "X-HTTP-Method-Override",
+        "X-HTTP-Method",
+        "X-Method-Override",
+        "X-Original-URL",
+        "X-Rewrite-URL",
         # We append X-Forwarded-*; a client's own RFC 7239 header would contradict it.
         "Forwarded",
     )

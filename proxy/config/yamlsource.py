@@ -27,14 +27,18 @@ T = TypeVar("T")
 _MISSING: Any = object()
 
 
-class _Map(dict):  # type: ignore[type-arg]
+class _Map(dict[Any, Any]):
     """A YAML mapping that remembers its own line and each value's line."""
 
     __slots__ = ("line", "lines")
+    line: int
+    lines: dict[Any, int]
 
 
-class _Seq(list):  # type: ignore[type-arg]
+class _Seq(list[Any]):
     __slots__ = ("line", "lines")
+    line: int
+    lines: list[int]
 
 
 class _Loader(yaml.SafeLoader):
@@ -54,8 +58,10 @@ def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> _Map:
             )
         if key in mapping:
             raise yaml.constructor.ConstructorError(
-                "while reading a mapping", node.start_mark,
-                f"found duplicate key {key!r}", key_node.start_mark,
+                "while reading a mapping",
+                node.start_mark,
+                f"found duplicate key {key!r}",
+                key_node.start_mark,
             )
         mapping[key] = loader.construct_object(value_node, deep=True)
         # The key's line: for a nested block the value starts a line later, but users look
@@ -102,8 +108,7 @@ def _syntax_hint(text: str, mark: Any) -> str:
     found = _ENV.match(lines[mark.line], max(mark.column - 1, 0))
     if found is None:
         return ""
-    return (f"; inside {{ }} or [ ], a value holding {found.group()} must be quoted, "
-            f"e.g. \"{found.group()}\"")
+    return f'; inside {{ }} or [ ], a value holding {found.group()} must be quoted, e.g. "{found.group()}"'
 
 
 class Issues:
@@ -132,8 +137,7 @@ class Issues:
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _SIZE = re.compile(r"(\d+)\s*(B|KB|KiB|MB|MiB|GB|GiB)?", re.IGNORECASE)
-_SIZE_UNITS = {"": 1, "b": 1, "kb": 1000, "kib": 1024, "mb": 1000**2, "mib": 1024**2,
-               "gb": 1000**3, "gib": 1024**3}
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 1000, "kib": 1024, "mb": 1000**2, "mib": 1024**2, "gb": 1000**3, "gib": 1024**3}
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
@@ -192,7 +196,8 @@ def _quoted_hint(value: Any, convert: Callable[[Any], Any]) -> str:
 
 _DURATION_WORDS = re.compile(
     r"(\d+(?:\.\d+)?)\s*(milliseconds?|millis|msecs?|ms|seconds?|secs?|minutes?|mins?|hours?|hrs?|days?|[smhd])",
-    re.IGNORECASE)
+    re.IGNORECASE,
+)
 
 
 def _unit(word: str) -> str:
@@ -249,8 +254,11 @@ class Section:
 
     def missing(self, keys: str | tuple[str, ...], message: str, *, at: str | None = None) -> None:
         """Report that a required key (or one of `keys`) is absent; `at` names the key in the path."""
-        issue = (self.issues.add(self.line_of(at), self.at(at), message) if at is not None
-                 else self.issues.add(self.line, self.path, message))
+        issue = (
+            self.issues.add(self.line_of(at), self.at(at), message)
+            if at is not None
+            else self.issues.add(self.line, self.path, message)
+        )
         for key in (keys,) if isinstance(keys, str) else keys:
             self._missing[key] = issue
 
@@ -265,9 +273,7 @@ class Section:
         self._known.append(key)
         return self.data.get(key, default)
 
-    def _typed(
-        self, key: str, default: Any, required: bool, convert: Callable[[Any], T], expected: str
-    ) -> T | Any:
+    def _typed(self, key: str, default: Any, required: bool, convert: Callable[[Any], T], expected: str) -> T | Any:
         self._known.append(key)
         if key not in self.data or self.data[key] is None:
             if required:
@@ -300,8 +306,9 @@ class Section:
             self.error(key, "must not be empty")
         return result
 
-    def string_list(self, key: str, noun: str, example: str, default: tuple[str, ...] = (), *,
-                    required: bool = False) -> tuple[str, ...]:
+    def string_list(
+        self, key: str, noun: str, example: str, default: tuple[str, ...] = (), *, required: bool = False
+    ) -> tuple[str, ...]:
         """A YAML list of strings, as a tuple. A scalar is refused, naming the list it was meant as.
 
         `methods: GET POST` or `all_of: admin ops` is one string that no request or token could
@@ -329,8 +336,11 @@ class Section:
                 for name in missing.names:
                     self.issues.add(lines[i], f"{self.at(key)}[{i}]", f"environment variable {name} is not set")
             except ValueError:
-                self.issues.add(lines[i], f"{self.at(key)}[{i}]", f"{describe(item)} cannot be an item here: "
-                                f"each item is one value, e.g. {example}")
+                self.issues.add(
+                    lines[i],
+                    f"{self.at(key)}[{i}]",
+                    f"{describe(item)} cannot be an item here: each item is one value, e.g. {example}",
+                )
         return tuple(found) if len(found) == len(value) else default
 
     def boolean(self, key: str, default: bool, *, required: bool = False) -> bool:
@@ -362,8 +372,9 @@ class Section:
     def size(self, key: str, default: int) -> int:
         return self._typed(key, default, False, parse_size, "a size like 10MB, 512KiB or 1024")
 
-    def section(self, key: str, *, required: bool = False, example: str = "",
-                meant: Callable[[Any], str] | None = None) -> Section | None:
+    def section(
+        self, key: str, *, required: bool = False, example: str = "", meant: Callable[[Any], str] | None = None
+    ) -> Section | None:
         """A nested mapping; `example` (like `{path_prefix: /}`) is shown when it is missing or not one.
 
         `meant` turns a value given in place of the mapping into the mapping it was likely
@@ -412,8 +423,11 @@ class Section:
             if guess is not None and guess in self._missing:
                 self.issues.retract(self._missing[guess])
             mean = f"did you mean {guess}? " if guess is not None else ""
-            self.issues.add(self._lines.get(key, self.line), self.at(spelled),
-                            f"unknown key; {mean}allowed here: {', '.join(allowed)}")
+            self.issues.add(
+                self._lines.get(key, self.line),
+                self.at(spelled),
+                f"unknown key; {mean}allowed here: {', '.join(allowed)}",
+            )
 
     def _expand(self, value: Any) -> str:
         """A scalar as a string, with `${VAR}` replaced from the environment."""

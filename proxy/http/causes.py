@@ -84,7 +84,7 @@ def cause(error: BaseException, *, timeout: float | None = None) -> str:
         return cause(error.__cause__, timeout=timeout)
     if isinstance(error, OSError):
         if error.errno in _ERRNOS:
-            return _ERRNOS[error.errno]  # type: ignore[index]
+            return _ERRNOS[error.errno]
         if error.strerror:
             return _lower(error.strerror)
         if error.__cause__ is not None:
@@ -92,7 +92,9 @@ def cause(error: BaseException, *, timeout: float | None = None) -> str:
     if isinstance(error, Worded) and str(error):
         return str(error)  # our own client's errors are written as operator text
     text = str(error)
-    return f"unexpected error ({type(error).__name__}: {text})" if text else f"unexpected error ({type(error).__name__})"
+    return (
+        f"unexpected error ({type(error).__name__}: {text})" if text else f"unexpected error ({type(error).__name__})"
+    )
 
 
 class Worded(Exception):

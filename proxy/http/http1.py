@@ -40,6 +40,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from email.utils import formatdate
 from http import HTTPStatus
+from typing import Any, cast
 
 import httptools
 from multidict import CIMultiDict, MultiDict, MultiDictProxy
@@ -109,8 +110,9 @@ def _expire(waiter: asyncio.Future[bool | None]) -> None:
 def _codings(values: list[bytes]) -> list[bytes]:
     """The transfer codings named by Transfer-Encoding field values, lower-cased, in order:
     one list however many lines carry it (RFC 9110 §5.3), empty elements ignored (§5.6.1)."""
-    return [coding for value in values for coding in (part.strip(b" \t").lower() for part in value.split(b","))
-            if coding]
+    return [
+        coding for value in values for coding in (part.strip(b" \t").lower() for part in value.split(b",")) if coding
+    ]
 
 
 class _Refuse(Exception):
@@ -142,14 +144,46 @@ class Request:
     """
 
     __slots__ = (
-        "_buffered", "_chunked", "_chunks", "_close", "_complete", "_conn", "_continue", "_error", "_query", "_started",
-        "_finished", "_headers", "_waiter", "body_exists", "content_length", "fields", "keep_alive", "method",
-        "raw_path", "remote", "scheme", "status", "upgrade", "version",
+        "_buffered",
+        "_chunked",
+        "_chunks",
+        "_close",
+        "_complete",
+        "_conn",
+        "_continue",
+        "_error",
+        "_finished",
+        "_headers",
+        "_query",
+        "_started",
+        "_waiter",
+        "body_exists",
+        "content_length",
+        "fields",
+        "keep_alive",
+        "method",
+        "raw_path",
+        "remote",
+        "scheme",
+        "status",
+        "upgrade",
+        "version",
     )
 
-    def __init__(self, conn: _Connection, method: str, target: str, version: str, fields: list[tuple[bytes, bytes]],
-                 *, keep_alive: bool, upgrade: bool, content_length: int | None, chunked: bool,
-                 expect_continue: bool) -> None:
+    def __init__(
+        self,
+        conn: _Connection,
+        method: str,
+        target: str,
+        version: str,
+        fields: list[tuple[bytes, bytes]],
+        *,
+        keep_alive: bool,
+        upgrade: bool,
+        content_length: int | None,
+        chunked: bool,
+        expect_continue: bool,
+    ) -> None:
         self._conn = conn
         self.method = method
         self.raw_path = target
@@ -184,8 +218,9 @@ class Request:
         """The header fields decoded (UTF-8 with surrogateescape: encoding gives back the same
         bytes), made on first use: the proxy's own path reads `fields`."""
         if self._headers is None:
-            self._headers = CIMultiDict((name.decode(_ENCODING, _ERRORS), value.decode(_ENCODING, _ERRORS))
-                                        for name, value in self.fields)
+            self._headers = CIMultiDict(
+                (name.decode(_ENCODING, _ERRORS), value.decode(_ENCODING, _ERRORS)) for name, value in self.fields
+            )
         return self._headers
 
     def header(self, lower_name: bytes) -> bytes | None:
@@ -254,8 +289,9 @@ class Request:
                     if timer is not None:
                         timer.cancel()
                 if timed_out:
-                    raise BodyTimeout(f"the body was not all here after {total:g}s" if by_total
-                                      else f"no body bytes for {timeout:g}s")
+                    raise BodyTimeout(
+                        f"the body was not all here after {total:g}s" if by_total else f"no body bytes for {timeout:g}s"
+                    )
 
     def _take_body(self) -> bytes:
         chunks = self._chunks
@@ -284,8 +320,16 @@ class Request:
 
     # the answer
 
-    def respond(self, status: int, reason: str | None, headers: Iterable[tuple[str, str]], body: bytes | None,
-                *, date: bool = True, fields: bytes = b"") -> None:
+    def respond(
+        self,
+        status: int,
+        reason: str | None,
+        headers: Iterable[tuple[str, str]],
+        body: bytes | None,
+        *,
+        date: bool = True,
+        fields: bytes = b"",
+    ) -> None:
         """The whole answer in one write.
 
         `body` bytes: framed with Content-Length (sent without the body to a HEAD).
@@ -311,8 +355,16 @@ class Request:
         if not conn._lost:
             conn._transport.write(head + body if body else head)
 
-    async def start(self, status: int, reason: str | None, headers: Iterable[tuple[str, str]],
-                    length: int | None, *, date: bool = True, fields: bytes = b"") -> None:
+    async def start(
+        self,
+        status: int,
+        reason: str | None,
+        headers: Iterable[tuple[str, str]],
+        length: int | None,
+        *,
+        date: bool = True,
+        fields: bytes = b"",
+    ) -> None:
         """Write the head of a streamed answer: Content-Length when `length` is known, else
         chunked (HTTP/1.1) or close-delimited (HTTP/1.0)."""
         if self._started:
@@ -330,8 +382,9 @@ class Request:
             conn._transport.write(self._head(status, reason, headers, framing, date, fields))
         await conn._drain()
 
-    async def write(self, data: bytes, *, timeout: float | None = None,
-                    on_full: Callable[[], None] | None = None) -> None:
+    async def write(
+        self, data: bytes, *, timeout: float | None = None, on_full: Callable[[], None] | None = None
+    ) -> None:
         """Write body bytes; wait while the client's buffer is full, at most `timeout` (TimeoutError).
 
         `on_full` is called before that wait (a proxy stops reading its source meanwhile).
@@ -362,8 +415,16 @@ class Request:
         if not conn._lost:
             conn._transport.abort()
 
-    async def tunnel(self, status: int, reason: str | None, headers: Iterable[tuple[str, str]],
-                     sink: Callable[[bytes], None], source: AsyncIterator[bytes], *, fields: bytes = b"") -> None:
+    async def tunnel(
+        self,
+        status: int,
+        reason: str | None,
+        headers: Iterable[tuple[str, str]],
+        sink: Callable[[bytes], None],
+        source: AsyncIterator[bytes],
+        *,
+        fields: bytes = b"",
+    ) -> None:
         """Answer an upgrade with `status` (101) and relay raw bytes both ways until either side ends.
 
         Client bytes (those already read after the request head first) go to `sink`;
@@ -409,8 +470,13 @@ class Request:
         self._started = True
         self.status = status
         conn = self._conn
-        if (conn._closing or not self.keep_alive or (self.upgrade and status != 101) or not self._complete
-                or (conn._server._draining and conn._nothing_more())):
+        if (
+            conn._closing
+            or not self.keep_alive
+            or (self.upgrade and status != 101)
+            or not self._complete
+            or (conn._server._draining and conn._nothing_more())
+        ):
             # Draining: the last answer we owe says so, so the client sends nothing more here.
             # An upgrade we did not take leaves the bytes after its head unparsed, and an
             # unread body leaves the framing unknown: neither connection can carry another request.
@@ -419,8 +485,15 @@ class Request:
             return "Connection: close\r\n"
         return "Connection: keep-alive\r\n" if self.version == "1.0" else ""
 
-    def _head(self, status: int, reason: str | None, headers: Iterable[tuple[str, str]], framing: str,
-              date: bool, fields: bytes = b"") -> bytes:
+    def _head(
+        self,
+        status: int,
+        reason: str | None,
+        headers: Iterable[tuple[str, str]],
+        framing: str,
+        date: bool,
+        fields: bytes = b"",
+    ) -> bytes:
         parts = [f"HTTP/1.1 {status} {reason or _REASONS.get(status, 'Unknown')}\r\n"]
         parts += [f"{name}: {value}\r\n" for name, value in headers]
         start = "".join(parts).encode(_ENCODING, _ERRORS)
@@ -437,9 +510,13 @@ class Prepared:
     def __init__(self, status: int, headers: Iterable[tuple[str, str]], body: bytes) -> None:
         self.status = status
         self.body = body
-        self.head = "".join([f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\n",
-                             *(f"{name}: {value}\r\n" for name, value in headers),
-                             f"Content-Length: {len(body)}\r\n"]).encode(_ENCODING, _ERRORS)
+        self.head = "".join(
+            [
+                f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\n",
+                *(f"{name}: {value}\r\n" for name, value in headers),
+                f"Content-Length: {len(body)}\r\n",
+            ]
+        ).encode(_ENCODING, _ERRORS)
 
 
 class _Connection(asyncio.BufferedProtocol):
@@ -493,7 +570,7 @@ class _Connection(asyncio.BufferedProtocol):
         if self._server._filtered:
             sock = transport.get_extra_info("socket")
             if sock is not None:
-                _accept_handshakes(sock)  # type: ignore[arg-type]
+                _accept_handshakes(sock)
         self._idle()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -558,7 +635,7 @@ class _Connection(asyncio.BufferedProtocol):
                 return
             # Heads in small slices (a slice of tiny requests is a few dozen of them), bodies in large.
             step = _BODY_SLICE if self._parsing is not None else _HEAD_SLICE
-            piece = data if size <= step and not offset else data[offset:offset + step]
+            piece = data if size <= step and not offset else data[offset : offset + step]
             offset += len(piece)
             # httptools holds a header or trailer field until it ends, and only then calls
             # on_header: an endless field is refused by what arrived, not by what was parsed.
@@ -567,7 +644,7 @@ class _Connection(asyncio.BufferedProtocol):
                 self._parser.feed_data(piece)
             except httptools.HttpParserUpgrade as upgrade:
                 self._upgraded = True
-                self._held += piece[upgrade.args[0]:] + data[offset:]
+                self._held += piece[upgrade.args[0] :] + data[offset:]
                 return
             except httptools.HttpParserCallbackError as error:
                 # No local may hold the _Refuse: its traceback holds this frame, and the cycle
@@ -663,9 +740,16 @@ class _Connection(asyncio.BufferedProtocol):
             # llhttp would hand the body to the upgraded protocol unread; a handshake has none.
             raise _Refuse(400)
         request = Request(
-            self, parser.get_method().decode("ascii"), b"".join(self._url).decode(_ENCODING, _ERRORS), version,
-            self._fields, keep_alive=parser.should_keep_alive(), upgrade=upgrade, content_length=length,
-            chunked=chunked, expect_continue=expect and version == "1.1",
+            self,
+            parser.get_method().decode("ascii"),
+            b"".join(self._url).decode(_ENCODING, _ERRORS),
+            version,
+            self._fields,
+            keep_alive=parser.should_keep_alive(),
+            upgrade=upgrade,
+            content_length=length,
+            chunked=chunked,
+            expect_continue=expect and version == "1.1",
         )
         # Trailer fields come through on_header too: they must never join the request's.
         self._fields = []
@@ -827,8 +911,13 @@ class _Connection(asyncio.BufferedProtocol):
         # is complete by then), a body is buffered past the mark, the parser has stopped,
         # or the bytes after an upgrade head are being held.
         parsing = self._parsing
-        if (len(self._queue) > 1 or self._refusal or self._unparsed or (self._upgraded and self._sink is None)
-                or (parsing is not None and parsing._buffered > _HIGH_WATER)):
+        if (
+            len(self._queue) > 1
+            or self._refusal
+            or self._unparsed
+            or (self._upgraded and self._sink is None)
+            or (parsing is not None and parsing._buffered > _HIGH_WATER)
+        ):
             return
         self._resume_reading()
 
@@ -870,14 +959,26 @@ class _Connection(asyncio.BufferedProtocol):
     def _nothing_more(self) -> bool:
         """Draining: whether no byte of a request after the one being answered has come,
         neither parsed nor waiting in the socket (then this connection may close after it)."""
-        return (len(self._queue) <= 1 and self._head_begun is None and not self._unparsed
-                and not self._lost and not _readable(self._transport))
+        return (
+            len(self._queue) <= 1
+            and self._head_begun is None
+            and not self._unparsed
+            and not self._lost
+            and not _readable(self._transport)
+        )
 
     def _shut_if_idle(self, idle_before: float) -> None:
         """Draining: close if waiting for a head since before `idle_before`, with no byte of one."""
         since = self._idle_since
-        if (since is not None and since <= idle_before and self._task is None and not self._queue
-                and not self._refusal and not self._upgraded and self._nothing_more()):
+        if (
+            since is not None
+            and since <= idle_before
+            and self._task is None
+            and not self._queue
+            and not self._refusal
+            and not self._upgraded
+            and self._nothing_more()
+        ):
             self._closing = True
             self._transport.close()
 
@@ -940,13 +1041,18 @@ def _refusal(status: int, *, close: bool) -> bytes:
         body = _REFUSALS[status] = (
             # A head that did not arrive in time says what a body that did not (forward.py's
             # RequestTimeout) says: one 408, one error code (errors.py's phrase for header_timeout).
-            '{"error":"request_timeout","error_description":"The request head did not arrive in time"}' if status == 408
+            '{"error":"request_timeout","error_description":"The request head did not arrive in time"}'
+            if status == 408
             else f'{{"error":"invalid_request","error_description":"{_REASONS.get(status, "Bad Request")}"}}'
-            if status < 500 or status in (501, 505) else '{"error":"server_error","error_description":"Internal error"}'
+            if status < 500 or status in (501, 505)
+            else '{"error":"server_error","error_description":"Internal error"}'
         ).encode()
-    head = (f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\nContent-Type: application/json; charset=utf-8\r\n"
-            f"Cache-Control: no-store\r\nServer: jwt-sidecar\r\nContent-Length: {len(body)}\r\n{_date_line()}"
-            + ("Connection: close\r\n" if close else "") + "\r\n")
+    head = (
+        f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\nContent-Type: application/json; charset=utf-8\r\n"
+        f"Cache-Control: no-store\r\nServer: jwt-sidecar\r\nContent-Length: {len(body)}\r\n{_date_line()}"
+        + ("Connection: close\r\n" if close else "")
+        + "\r\n"
+    )
     return head.encode() + body
 
 
@@ -975,15 +1081,24 @@ class _Rejected(asyncio.Protocol):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             except OSError:
                 pass  # gone already: closing it is all that is left to do
-        transport.abort()
+        # A server connection's transport is always a full Transport (BaseTransport is only
+        # what the Protocol interface declares).
+        cast(asyncio.Transport, transport).abort()
 
 
 class Server:
     """The listener(s) and every open connection, with a graceful `shutdown`."""
 
-    def __init__(self, handler: Handler, *, keepalive_timeout: float = 75.0, header_timeout: float = 10.0,
-                 max_connections: int | None = None, counts: ConnectionCounts | None = None,
-                 on_refusal: Callable[[int, str | None], None] | None = None) -> None:
+    def __init__(
+        self,
+        handler: Handler,
+        *,
+        keepalive_timeout: float = 75.0,
+        header_timeout: float = 10.0,
+        max_connections: int | None = None,
+        counts: ConnectionCounts | None = None,
+        on_refusal: Callable[[int, str | None], None] | None = None,
+    ) -> None:
         """`on_refusal(status, client)` is told of every request the parser refused (it never
         reached `handler`), so that metrics and the access log can count it.
 
@@ -1000,7 +1115,7 @@ class Server:
         self.counts = counts if counts is not None else ConnectionCounts()
         self._loop = asyncio.get_running_loop()
         self._connections: set[_Connection] = set()
-        self._listeners: list[asyncio.AbstractServer] = []
+        self._listeners: list[asyncio.Server] = []
         # Every connection's reads land here and are handled at once (one event loop thread).
         self._read_buffer = memoryview(bytearray(_READ_SIZE))
         # One timer for every connection's keep-alive and head deadlines, rather than one per
@@ -1013,7 +1128,7 @@ class Server:
         does that a step or two later): a drain that ended without them would drop them."""
         self._filtered = False  # the listening sockets refuse handshakes (see _stop_accepting)
 
-    def _accept(self) -> asyncio.Protocol:
+    def _accept(self) -> asyncio.BaseProtocol:
         # Counted here, not in connection_made: asyncio accepts up to `backlog` connections in
         # one loop turn and makes each protocol before any of them is told it is connected.
         counts = self.counts
@@ -1024,11 +1139,20 @@ class Server:
         counts.open += 1  # connection_lost takes it off again
         return _Connection(self)
 
-    async def listen(self, host: str | None = None, port: int | None = None, *, sock: socket.socket | None = None,
-                     reuse_port: bool = False, backlog: int = 1024) -> None:
+    async def listen(
+        self,
+        host: str | None = None,
+        port: int | None = None,
+        *,
+        sock: socket.socket | None = None,
+        reuse_port: bool = False,
+        backlog: int = 1024,
+    ) -> None:
         """Serve on `host:port`, or on `sock`, a socket already bound (startup.py binds first)."""
-        listener = await self._loop.create_server(self._accept, host, port, sock=sock, backlog=backlog,
-                                                  reuse_port=reuse_port or None)
+        # Either host and port or sock: asyncio refuses any other mix, which typeshed's two
+        # overloads cannot say for arguments that may each be None (hence a dict of Any).
+        where: dict[str, Any] = {"host": host, "port": port, "sock": sock}
+        listener = await self._loop.create_server(self._accept, **where, backlog=backlog, reuse_port=reuse_port or None)
         self._listeners.append(listener)
         if self._sweeper is None:
             self._sweeper = self._loop.call_later(self._sweep_every, self._sweep)

@@ -21,8 +21,9 @@ __all__ = ["event"]
 _SUBJECTS = ("provider", "worker", "peer")
 
 
-def event(logger: logging.Logger, level: int, name: str, message: str, /, *, exc_info: Any = None,
-          **fields: Any) -> None:
+def event(
+    logger: logging.Logger, level: int, name: str, message: str, /, *, exc_info: Any = None, **fields: Any
+) -> None:
     """Log the event `name` at `level`; `message` is a %-template over `fields` (`%(provider)s`).
 
     In text, the line is the message; in JSON, the message and each field as a member.

@@ -134,8 +134,9 @@ def _encode_head(method: str, target: str, fields: Fields, host_line: bytes, fra
     """A request head: the request line, `fields`, `host_line` when they hold no Host, then
     `framing` (whole lines)."""
     host = b"" if fields.has_host else host_line
-    head = b"".join((f"{method} {target} HTTP/1.1\r\n".encode(_ENCODING, _ERRORS), fields.lines, host, framing,
-                     b"\r\n"))
+    head = b"".join(
+        (f"{method} {target} HTTP/1.1\r\n".encode(_ENCODING, _ERRORS), fields.lines, host, framing, b"\r\n")
+    )
     # Every line ends in exactly one CRLF: a CR or LF inside a method, target, name or
     # value (a claim rendered into a header, say) would split the message, RFC 9112 §2.2
     # and §11.2 (request smuggling). Two C-speed counts check them all at once.
@@ -175,10 +176,35 @@ class _Connection(asyncio.BufferedProtocol):
     """
 
     __slots__ = (
-        "_buffered", "_chunked", "_chunks", "_codings", "_done", "_drain_waiter", "_error",
-        "_got_bytes", "_poll", "_head_bytes", "_head_done", "_headers", "_idle", "_idle_since", "_interim", "_keep_alive",
-        "_length", "_lost", "_mark", "_origin", "_parser", "_pool", "_reading_paused", "_reason", "_status",
-        "_transport", "_waiter", "_write_paused", "_is_head",
+        "_buffered",
+        "_chunked",
+        "_chunks",
+        "_codings",
+        "_done",
+        "_drain_waiter",
+        "_error",
+        "_got_bytes",
+        "_head_bytes",
+        "_head_done",
+        "_headers",
+        "_idle",
+        "_idle_since",
+        "_interim",
+        "_is_head",
+        "_keep_alive",
+        "_length",
+        "_lost",
+        "_mark",
+        "_origin",
+        "_parser",
+        "_poll",
+        "_pool",
+        "_reading_paused",
+        "_reason",
+        "_status",
+        "_transport",
+        "_waiter",
+        "_write_paused",
     )
 
     _headers: list[tuple[bytes, bytes]]
@@ -271,8 +297,10 @@ class _Connection(asyncio.BufferedProtocol):
             # know where the next message starts (RFC 9112 §9.3.2), and whoever sent them may
             # send more once the connection carries someone else's request. An unsolicited
             # 408 on an idle connection is only a server closing it (some do), not a stray.
-            self._stray("bytes after a complete answer",
-                        trust=self._idle and bytes(data[:13]) in (b"HTTP/1.1 408 ", b"HTTP/1.0 408 "))
+            self._stray(
+                "bytes after a complete answer",
+                trust=self._idle and bytes(data[:13]) in (b"HTTP/1.1 408 ", b"HTTP/1.0 408 "),
+            )
             if self._idle:
                 self._transport.abort()
             return
@@ -284,8 +312,11 @@ class _Connection(asyncio.BufferedProtocol):
             # came since the last byte of content (`on_body` starts the count again).
             self._head_bytes += len(data)
             if self._head_bytes > _MAX_HEAD:
-                self._fail(UpstreamProtocolError("response head too large" if not self._head_done
-                                                 else "response trailer section too large"))
+                self._fail(
+                    UpstreamProtocolError(
+                        "response head too large" if not self._head_done else "response trailer section too large"
+                    )
+                )
                 self._wake()
                 return
         try:
@@ -417,9 +448,15 @@ class _Connection(asyncio.BufferedProtocol):
         origin.proven = False
         now = self._pool._loop.time()
         if origin.distrusted_until <= now:
-            event(log, logging.WARNING, "upstream_distrusted",
-                  "upstream %(peer)s sent %(what)s; its connections are not reused for %(seconds)gs",
-                  peer=f"{origin.host}:{origin.port}", what=what, seconds=_DISTRUST)
+            event(
+                log,
+                logging.WARNING,
+                "upstream_distrusted",
+                "upstream %(peer)s sent %(what)s; its connections are not reused for %(seconds)gs",
+                peer=f"{origin.host}:{origin.port}",
+                what=what,
+                seconds=_DISTRUST,
+            )
         origin.distrusted_until = now + _DISTRUST
         # Its other idle connections may have stray bytes of their own on the way: closed too.
         idle = origin.idle
@@ -601,8 +638,14 @@ class Response:
 class Pool:
     """Keep-alive connections to any number of upstream origins, shared by every request of a process."""
 
-    def __init__(self, *, max_idle_per_origin: int = 64, idle_timeout: float = 30.0,
-                 ssl_context: ssl.SSLContext | None = None, probation: float = _PROBATION) -> None:
+    def __init__(
+        self,
+        *,
+        max_idle_per_origin: int = 64,
+        idle_timeout: float = 30.0,
+        ssl_context: ssl.SSLContext | None = None,
+        probation: float = _PROBATION,
+    ) -> None:
         """`probation`: see `_PROBATION` (0: none, a connection is reused as soon as it is back)."""
         self._max_idle = max_idle_per_origin
         self._probation = probation
@@ -622,13 +665,19 @@ class Pool:
             origin = self._origins[key] = _Origin(scheme, host, port)
         return origin
 
-    def upgrade_head(self, scheme: str, host: str, port: int, target: str,
-                     headers: Fields | Iterable[tuple[str, str]], upgrade: str) -> bytes:
+    def upgrade_head(
+        self, scheme: str, host: str, port: int, target: str, headers: Fields | Iterable[tuple[str, str]], upgrade: str
+    ) -> bytes:
         """The head of a GET asking to switch to `upgrade`, framed and checked as `request`
         frames its heads, for a caller that sends it on a connection of its own (a tunnel)."""
         fields = headers if isinstance(headers, Fields) else Fields.of(headers)
-        return _encode_head("GET", target, fields, self._origin(scheme, host, port).host_line,
-                            f"Connection: Upgrade\r\nUpgrade: {upgrade}\r\n".encode(_ENCODING, _ERRORS))
+        return _encode_head(
+            "GET",
+            target,
+            fields,
+            self._origin(scheme, host, port).host_line,
+            f"Connection: Upgrade\r\nUpgrade: {upgrade}\r\n".encode(_ENCODING, _ERRORS),
+        )
 
     def tls_context(self) -> ssl.SSLContext:
         """The context upstream TLS connections are made with (the system's defaults unless given)."""
@@ -705,8 +754,16 @@ class Pool:
         conn = await self._connect(origin, connect_timeout)
         return await self._exchange(conn, head, is_head, body, chunked, content_length, read_timeout)
 
-    async def _exchange(self, conn: _Connection, head: bytes, is_head: bool, body: AsyncIterator[bytes] | None,
-                        chunked: bool, content_length: int | None, read_timeout: float) -> Response:
+    async def _exchange(
+        self,
+        conn: _Connection,
+        head: bytes,
+        is_head: bool,
+        body: AsyncIterator[bytes] | None,
+        chunked: bool,
+        content_length: int | None,
+        read_timeout: float,
+    ) -> Response:
         conn._begin(is_head)
         transport = conn._transport
         if conn._lost:  # it went away while changing hands: nothing was sent
@@ -732,8 +789,15 @@ class Pool:
             raise
         return Response(conn, read_timeout)
 
-    async def _send_body(self, conn: _Connection, head: bytes, body: AsyncIterator[bytes], chunked: bool,
-                         content_length: int | None, read_timeout: float) -> None:
+    async def _send_body(
+        self,
+        conn: _Connection,
+        head: bytes,
+        body: AsyncIterator[bytes],
+        chunked: bool,
+        content_length: int | None,
+        read_timeout: float,
+    ) -> None:
         transport = conn._transport
         # The head waits for the first chunk so the two leave in one write: a small body then
         # costs one send, as a body-less request does.
@@ -806,8 +870,11 @@ class Pool:
         try:
             async with asyncio.timeout(timeout):
                 _, conn = await self._loop.create_connection(
-                    partial(_Connection, self, origin), origin.host, origin.port,
-                    ssl=context, server_hostname=origin.host if context is not None else None,
+                    partial(_Connection, self, origin),
+                    origin.host,
+                    origin.port,
+                    ssl=context,
+                    server_hostname=origin.host if context is not None else None,
                 )
         except TimeoutError:
             # Nothing was sent: the upstream is unreachable (502), not slow to answer (504).

@@ -17,8 +17,8 @@ __all__ = ["create_admin_app"]
 
 Readiness = Callable[[], tuple[bool, str]]
 Render = Callable[[str | None], tuple[bytes, str]]
-_READINESS = web.AppKey("readiness", Readiness)  # type: ignore[arg-type]
-_RENDER = web.AppKey("render", Render)  # type: ignore[arg-type]
+_READINESS: web.AppKey[Readiness] = web.AppKey("readiness")
+_RENDER: web.AppKey[Render] = web.AppKey("render")
 
 
 def create_admin_app(*, readiness: Readiness, render: Render) -> web.Application:

@@ -44,9 +44,15 @@ def raise_fd_limit() -> int:
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
             soft = target
         except (ValueError, OSError) as error:  # e.g. macOS caps the soft limit at OPEN_MAX
-            event(log, logging.WARNING, "fd_limit_low",
-                  "could not raise the open-file limit from %(open_files)d to %(target)d: %(cause)s",
-                  open_files=soft, target=target, cause=cause(error))
+            event(
+                log,
+                logging.WARNING,
+                "fd_limit_low",
+                "could not raise the open-file limit from %(open_files)d to %(target)d: %(cause)s",
+                open_files=soft,
+                target=target,
+                cause=cause(error),
+            )
     return soft if soft != resource.RLIM_INFINITY else _LINUX_CEILING
 
 
@@ -87,8 +93,15 @@ class _AcceptErrors:
         error = context.get("exception")
         more = f" ({self.suppressed} more since the last report)" if self.suppressed else ""
         why = cause(error) if isinstance(error, BaseException) else "out of system resources"
-        event(log, logging.WARNING, "accept_failed", "cannot accept connections: %(cause)s; retrying every "
-              "second%(more)s", cause=why, more=more, more_since_last=self.suppressed)
+        event(
+            log,
+            logging.WARNING,
+            "accept_failed",
+            "cannot accept connections: %(cause)s; retrying every second%(more)s",
+            cause=why,
+            more=more,
+            more_since_last=self.suppressed,
+        )
         self.last, self.suppressed = now, 0
 
 

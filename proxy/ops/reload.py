@@ -20,7 +20,8 @@ import os
 from ..auth.keys import KeyRing
 from ..base.errors import ConfigError, ConfigIssue
 from ..base.oplog import event
-from ..config import builder as config, routecheck
+from ..config import builder as config
+from ..config import routecheck
 from ..request.runtime import Runtime, build_snapshot
 
 __all__ = ["changes", "file_signature", "reload", "watch"]
@@ -38,15 +39,20 @@ async def reload(runtime: Runtime) -> bool:
         settings = config.load(path)
         _check_unchangeable(settings, old.settings)
         # The operator log is set up once, at start (where `run --log-*` may override the file).
-        settings = dataclasses.replace(settings, log_format=old.settings.log_format,
-                                       log_level=old.settings.log_level)
+        settings = dataclasses.replace(settings, log_format=old.settings.log_format, log_level=old.settings.log_level)
     except ConfigError as error:
         runtime.metrics.count_reload(ok=False)
         first = error.issues[0] if error.issues else None
-        event(log, logging.ERROR, "reload_refused",
-              "config reload refused; the previous config keeps serving: %(problems)s",
-              file=path, line=first.line if first else None, problems="; ".join(str(i) for i in error.issues),
-              issues=[{"line": i.line, "key": i.path, "problem": i.message} for i in error.issues])
+        event(
+            log,
+            logging.ERROR,
+            "reload_refused",
+            "config reload refused; the previous config keeps serving: %(problems)s",
+            file=path,
+            line=first.line if first else None,
+            problems="; ".join(str(i) for i in error.issues),
+            issues=[{"line": i.line, "key": i.path, "problem": i.message} for i in error.issues],
+        )
         return False
     runtime.readiness()  # a sidecar ready before the reload stays ready after it (see Runtime.readiness)
     keyring = KeyRing(settings.providers, session=runtime.session, clock=runtime.clock, reuse=old.keyring)
@@ -59,11 +65,25 @@ async def reload(runtime: Runtime) -> bool:
     runtime.metrics.count_reload(ok=True)
     changed = changes(old.settings, settings)
     summary = "; ".join(f"{what}: {', '.join(names)}" for what, names in changed.items()) or "nothing changed"
-    event(log, logging.INFO, "reload_applied", "config reloaded from %(file)s: %(summary)s",
-          file=path, summary=summary, **changed)
+    event(
+        log,
+        logging.INFO,
+        "reload_applied",
+        "config reloaded from %(file)s: %(summary)s",
+        file=path,
+        summary=summary,
+        **changed,
+    )
     for warning in settings.warnings:
-        event(log, logging.WARNING, "config_warning", "%(warning)s", warning=routecheck.format_warning(warning),
-              line=warning.line, key=warning.path)
+        event(
+            log,
+            logging.WARNING,
+            "config_warning",
+            "%(warning)s",
+            warning=routecheck.format_warning(warning),
+            line=warning.line,
+            key=warning.path,
+        )
     return True
 
 
@@ -78,8 +98,10 @@ def changes(old: config.Settings, new: config.Settings) -> dict[str, list[str]]:
     same for providers, `settings_changed` (top-level keys) and `needs_restart` (keys read
     once at start, which keep their old value until then); only the non-empty ones."""
     out: dict[str, list[str]] = {}
-    for kind, before, after in (("routes", {r.name: r for r in old.routes}, {r.name: r for r in new.routes}),
-                                ("providers", dict(old.providers), dict(new.providers))):
+    for kind, before, after in (
+        ("routes", {r.name: r for r in old.routes}, {r.name: r for r in new.routes}),
+        ("providers", dict(old.providers), dict(new.providers)),
+    ):
         out[f"{kind}_added"] = [name for name in after if name not in before]
         out[f"{kind}_removed"] = [name for name in before if name not in after]
         out[f"{kind}_changed"] = [name for name in after if name in before and after[name] != before[name]]
@@ -95,8 +117,9 @@ def _check_unchangeable(new: config.Settings, old: config.Settings) -> None:
     # silently not take effect.
     for key in ("listen", "admin", "max_connections", "header_timeout"):
         if getattr(new, key) != getattr(old, key):
-            raise ConfigError([ConfigIssue(new.source, None, key,
-                                                  f"changed from {getattr(old, key)}; a restart is needed for that")])
+            raise ConfigError(
+                [ConfigIssue(new.source, None, key, f"changed from {getattr(old, key)}; a restart is needed for that")]
+            )
 
 
 def file_signature(path: str) -> tuple[float, int, int] | None:
@@ -121,9 +144,13 @@ async def watch(runtime: Runtime, *, interval: float = 2.0) -> None:
         if current is None:
             if not missing:  # said once: the file may stay away for long
                 missing = True
-                event(log, logging.WARNING, "config_missing",
-                      "config file %(file)s is gone or unreadable; the last good config keeps serving",
-                      file=path)
+                event(
+                    log,
+                    logging.WARNING,
+                    "config_missing",
+                    "config file %(file)s is gone or unreadable; the last good config keeps serving",
+                    file=path,
+                )
             continue
         if missing:
             missing = False
@@ -133,6 +160,11 @@ async def watch(runtime: Runtime, *, interval: float = 2.0) -> None:
             try:
                 await reload(runtime)
             except Exception:  # never let the watcher die: the next change must still reload
-                event(log, logging.ERROR, "reload_crashed",
-                      "config reload failed unexpectedly; the previous config keeps serving", file=path,
-                      exc_info=True)
+                event(
+                    log,
+                    logging.ERROR,
+                    "reload_crashed",
+                    "config reload failed unexpectedly; the previous config keeps serving",
+                    file=path,
+                    exc_info=True,
+                )

@@ -19,10 +19,10 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from aiohttp import web
-
-from .admin import create_admin_app
 from prometheus_client import Gauge
 
 from ..base import oplog
@@ -31,6 +31,7 @@ from ..http.causes import shown
 from ..request.app import Proxy
 from ..request.runtime import Runtime
 from ..telemetry.accesslog import AccessLog
+from .admin import create_admin_app
 from .limits import default_max_connections, quiet_accept_errors, raise_fd_limit
 from .reload import reload, watch
 from .startup import Sockets, bind_for, check_multiproc_dir, check_stdout
@@ -68,8 +69,15 @@ def configure_logging(level: str = "INFO", log_format: str = "text", *, worker: 
     logging.getLogger("aiohttp.server").addFilter(_NoRequestEcho())
 
 
-async def serve(settings: Settings, *, config_path: str | None, stop: asyncio.Event | None = None,
-                watch_interval: float = 2.0, worker: bool = False, sockets: Sockets | None = None) -> None:
+async def serve(
+    settings: Settings,
+    *,
+    config_path: str | None,
+    stop: asyncio.Event | None = None,
+    watch_interval: float = 2.0,
+    worker: bool = False,
+    sockets: Sockets | None = None,
+) -> None:
     """Serve until SIGTERM/SIGINT (or `stop` is set), then drain and return.
 
     As one of `workers: N` (`worker=True`): the proxy port is shared (SO_REUSEPORT), there is
@@ -90,21 +98,38 @@ async def serve(settings: Settings, *, config_path: str | None, stop: asyncio.Ev
         sockets.close()  # the servers closed their own; this closes them if a server never started
 
 
-async def _serve(settings: Settings, config_path: str | None, stop: asyncio.Event, watch_interval: float,
-                 worker: bool, sockets: Sockets) -> None:
+async def _serve(
+    settings: Settings,
+    config_path: str | None,
+    stop: asyncio.Event,
+    watch_interval: float,
+    worker: bool,
+    sockets: Sockets,
+) -> None:
     # Then descriptors: a container starts with a soft limit of 1024 and a far higher hard one.
     nofile = raise_fd_limit()
     max_connections = settings.max_connections or default_max_connections(nofile)
-    oplog.event(log, logging.INFO, "fd_limit",
-                "open-file limit %(open_files)d; at most %(max_connections)d client connections%(derived)s",
-                open_files=nofile, max_connections=max_connections,
-                derived="" if settings.max_connections else " (derived: (limit - 128) / 2)")
+    oplog.event(
+        log,
+        logging.INFO,
+        "fd_limit",
+        "open-file limit %(open_files)d; at most %(max_connections)d client connections%(derived)s",
+        open_files=nofile,
+        max_connections=max_connections,
+        derived="" if settings.max_connections else " (derived: (limit - 128) / 2)",
+    )
     if settings.max_connections and settings.max_connections > default_max_connections(nofile):
-        oplog.event(log, logging.WARNING, "fd_limit_low",
-                    "max_connections %(max_connections)d leaves too few of the %(open_files)d descriptors for the "
-                    "admin port and the upstream connections (at most %(at_most)d would): at the limit /healthz "
-                    "and /readyz may go unanswered", max_connections=settings.max_connections, open_files=nofile,
-                    at_most=default_max_connections(nofile))
+        oplog.event(
+            log,
+            logging.WARNING,
+            "fd_limit_low",
+            "max_connections %(max_connections)d leaves too few of the %(open_files)d descriptors for the "
+            "admin port and the upstream connections (at most %(at_most)d would): at the limit /healthz "
+            "and /readyz may go unanswered",
+            max_connections=settings.max_connections,
+            open_files=nofile,
+            at_most=default_max_connections(nofile),
+        )
     loop = asyncio.get_running_loop()
     quiet_accept_errors(loop)
     access_log = AccessLog(sys.stdout.buffer) if settings.access_log else None
@@ -130,8 +155,11 @@ async def _serve(settings: Settings, config_path: str | None, stop: asyncio.Even
         oplog.event(log, logging.INFO, "start_abandoned", "stopped while starting; nothing was served")
         return
     server = proxy.server(max_connections=max_connections)
-    admin_runner = web.AppRunner(create_admin_app(readiness=runtime.readiness, render=runtime.metrics.render),
-                                 handle_signals=False, access_log=None)
+    admin_runner = web.AppRunner(
+        create_admin_app(readiness=runtime.readiness, render=runtime.metrics.render),
+        handle_signals=False,
+        access_log=None,
+    )
     watcher: asyncio.Task[None] | None = None
     publisher: asyncio.Task[None] | None = None
     try:
@@ -144,12 +172,26 @@ async def _serve(settings: Settings, config_path: str | None, stop: asyncio.Even
             for sock in sockets.admin:
                 await web.SockSite(admin_runner, sock).start()
         if worker:  # the admin port is the supervisor's, and it says so
-            oplog.event(log, logging.INFO, "listening", "worker %(index)s (pid %(pid)d) proxying %(listen)s -> %(upstream)s",
-                        index=_worker_index(), pid=os.getpid(), listen=str(settings.listen),
-                        upstream=shown(settings.upstream.url))
+            oplog.event(
+                log,
+                logging.INFO,
+                "listening",
+                "worker %(index)s (pid %(pid)d) proxying %(listen)s -> %(upstream)s",
+                index=_worker_index(),
+                pid=os.getpid(),
+                listen=str(settings.listen),
+                upstream=shown(settings.upstream.url),
+            )
         else:
-            oplog.event(log, logging.INFO, "listening", "proxying %(listen)s -> %(upstream)s; admin on %(admin)s",
-                        listen=str(settings.listen), upstream=shown(settings.upstream.url), admin=str(settings.admin))
+            oplog.event(
+                log,
+                logging.INFO,
+                "listening",
+                "proxying %(listen)s -> %(upstream)s; admin on %(admin)s",
+                listen=str(settings.listen),
+                upstream=shown(settings.upstream.url),
+                admin=str(settings.admin),
+            )
         reloads: set[asyncio.Task[bool]] = set()
 
         def on_hup() -> None:
@@ -169,9 +211,14 @@ async def _serve(settings: Settings, config_path: str | None, stop: asyncio.Even
         #    connection's next answer says `Connection: close`, so clients move elsewhere.
         runtime.draining = True
         server.start_drain()
-        oplog.event(log, logging.INFO, "draining",
-                    "draining: accepting for %(drain_delay)gs more, then up to %(drain_timeout)gs for in-flight "
-                    "requests", drain_delay=settings.drain_delay, drain_timeout=settings.drain_timeout)
+        oplog.event(
+            log,
+            logging.INFO,
+            "draining",
+            "draining: accepting for %(drain_delay)gs more, then up to %(drain_timeout)gs for in-flight requests",
+            drain_delay=settings.drain_delay,
+            drain_timeout=settings.drain_timeout,
+        )
         for task in (watcher, publisher):
             if task is not None:
                 task.cancel()
@@ -211,7 +258,7 @@ def run_worker(settings: Settings, *, config_path: str) -> int:
     return 0
 
 
-def _loop_runner():  # type: ignore[no-untyped-def]
+def _loop_runner() -> Callable[[Coroutine[Any, Any, Any]], Any]:
     try:
         import uvloop  # the faster event loop, when installed (`pip install jwt-sidecar[fast]`)
     except ImportError:

@@ -21,8 +21,16 @@ from dataclasses import dataclass, field
 
 from ..config.settings import Listen, Settings
 
-__all__ = ["StartupError", "Sockets", "bind", "bind_for", "check_multiproc_dir", "check_stdout",
-           "metrics_directory", "why"]
+__all__ = [
+    "Sockets",
+    "StartupError",
+    "bind",
+    "bind_for",
+    "check_multiproc_dir",
+    "check_stdout",
+    "metrics_directory",
+    "why",
+]
 
 BACKLOG = 1024
 _WILDCARDS = ("0.0.0.0", "::", "")
@@ -68,15 +76,14 @@ def bind(address: Listen, role: str, *, reuse_port: bool = False) -> list[socket
     while neither listens, so only `listen()` proves the port is ours. A connection that
     arrives before the server runs waits in the backlog and is served once it does."""
     try:
-        infos = socket.getaddrinfo(address.host or None, address.port, type=socket.SOCK_STREAM,
-                                   flags=socket.AI_PASSIVE)
+        infos = socket.getaddrinfo(address.host or None, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror:
         raise _cannot(address, role, f"the host name {address.host!r} does not resolve to an address") from None
     sockets: list[socket.socket] = []
     ip = address.host
     try:
         for family, kind, proto, _, sockaddr in dict.fromkeys(infos):  # de-duplicated, in order
-            ip = sockaddr[0]
+            ip = str(sockaddr[0])  # a str for IPv4 and IPv6, the only families asked for
             sock = socket.socket(family, kind, proto)
             sockets.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -100,8 +107,10 @@ def _bind_failure(error: OSError, address: Listen, ip: str) -> str:
         return "address already in use (another process listens there; stop it or choose another port)"
     if error.errno in (errno.EACCES, errno.EPERM):
         if address.port < 1024:
-            return (f"permission denied: port {address.port} is below 1024, which needs root or the "
-                    "CAP_NET_BIND_SERVICE capability; choose a port of 1024 or more")
+            return (
+                f"permission denied: port {address.port} is below 1024, which needs root or the "
+                "CAP_NET_BIND_SERVICE capability; choose a port of 1024 or more"
+            )
         return "permission denied"
     named = address.host if ip == address.host else f"{address.host} ({ip})"  # localhost (::1)
     if error.errno == errno.EADDRNOTAVAIL:
@@ -121,8 +130,13 @@ def bind_for(settings: Settings, *, proxy_reuse_port: bool = False, admin: bool 
             bound.close()
             if settings.admin.port == settings.listen.port and error.errno == errno.EADDRINUSE:
                 # `localhost:8080` and `127.0.0.1:8080` look different to the config check.
-                raise _cannot(settings.admin, "admin", f"address already in use by `listen` ({settings.listen}) "
-                              "of this same config; give admin a port of its own", error.errno) from None
+                raise _cannot(
+                    settings.admin,
+                    "admin",
+                    f"address already in use by `listen` ({settings.listen}) "
+                    "of this same config; give admin a port of its own",
+                    error.errno,
+                ) from None
             raise
     return bound
 
@@ -138,8 +152,10 @@ def check_multiproc_dir() -> None:
         with tempfile.TemporaryFile(dir=directory):
             pass
     except OSError as error:
-        raise StartupError(f"PROMETHEUS_MULTIPROC_DIR is {directory}, where metrics cannot be written: "
-                           f"{why(error)}; unset it (workers set their own) or make it a writable directory") from None
+        raise StartupError(
+            f"PROMETHEUS_MULTIPROC_DIR is {directory}, where metrics cannot be written: "
+            f"{why(error)}; unset it (workers set their own) or make it a writable directory"
+        ) from None
 
 
 def metrics_directory() -> str:
@@ -147,11 +163,14 @@ def metrics_directory() -> str:
     try:
         return tempfile.mkdtemp(prefix="jwt-sidecar-metrics-")
     except OSError as error:
-        raise StartupError(f"`workers` needs a writable temporary directory for its metrics ({why(error)}); "
-                           "mount a writable /tmp (an emptyDir in Kubernetes) or set TMPDIR to one") from None
+        raise StartupError(
+            f"`workers` needs a writable temporary directory for its metrics ({why(error)}); "
+            "mount a writable /tmp (an emptyDir in Kubernetes) or set TMPDIR to one"
+        ) from None
 
 
 def check_stdout(settings: Settings) -> None:
     if settings.access_log and sys.stdout is None:
-        raise StartupError("stdout is closed and the access log is written there; "
-                           "give the process a stdout or set access_log: false")
+        raise StartupError(
+            "stdout is closed and the access log is written there; give the process a stdout or set access_log: false"
+        )

@@ -28,7 +28,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, multiprocess
@@ -42,7 +42,7 @@ from .admin import create_admin_app
 from .limits import quiet_accept_errors, raise_fd_limit
 from .startup import StartupError, bind_for, check_stdout, metrics_directory, why
 
-__all__ = ["WORKER_ENV", "WORKERS_READY", "supervise"]
+__all__ = ["WORKERS_READY", "WORKER_ENV", "supervise"]
 
 WORKER_ENV = "JWT_SIDECAR_WORKER"
 WORKERS_READY = "jwt_sidecar_workers_ready"
@@ -81,10 +81,19 @@ async def supervise(settings: Settings, *, config_path: str) -> int:
     async def spawn(index: int) -> asyncio.subprocess.Process:
         # A restarted worker reads the config file as it is now, like a reload would.
         # The supervisor's log format and level (its command line may have overridden the file's).
-        return await asyncio.create_subprocess_exec(sys.executable, "-m", "proxy", "run", "--config", config_path,
-                                                    "--log-format", settings.log_format,
-                                                    "--log-level", settings.log_level,
-                                                    env={**env, WORKER_ENV: str(index)})
+        return await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "proxy",
+            "run",
+            "--config",
+            config_path,
+            "--log-format",
+            settings.log_format,
+            "--log-level",
+            settings.log_level,
+            env={**env, WORKER_ENV: str(index)},
+        )
 
     async def respawn(index: int, delay: float) -> asyncio.subprocess.Process:
         await asyncio.sleep(delay)
@@ -115,8 +124,9 @@ async def supervise(settings: Settings, *, config_path: str) -> int:
         if draining:
             return False, "draining: shutting down"
         if restarting:
-            return False, "restarting " + ", ".join(f"worker {i} (exited with {status})"
-                                                    for i, status in sorted(restarting.items()))
+            return False, "restarting " + ", ".join(
+                f"worker {i} (exited with {status})" for i, status in sorted(restarting.items())
+            )
         if any(p.returncode is not None for p in procs):
             return False, "a worker has exited"
         try:
@@ -136,8 +146,15 @@ async def supervise(settings: Settings, *, config_path: str) -> int:
     await admin.setup()
     for sock in sockets.admin:
         await web.SockSite(admin, sock).start()
-    event(log, logging.INFO, "workers_started", "%(workers)d workers on %(listen)s; admin on %(admin)s",
-          workers=count, listen=str(settings.listen), admin=str(settings.admin))
+    event(
+        log,
+        logging.INFO,
+        "workers_started",
+        "%(workers)d workers on %(listen)s; admin on %(admin)s",
+        workers=count,
+        listen=str(settings.listen),
+        admin=str(settings.admin),
+    )
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -151,7 +168,8 @@ async def supervise(settings: Settings, *, config_path: str) -> int:
     status = 0
     try:
         while True:
-            done, _ = await asyncio.wait([stopping, *exits, *restarts], return_when=asyncio.FIRST_COMPLETED)
+            waiting: list[asyncio.Future[Any]] = [stopping, *exits, *restarts]
+            done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
             if stopping in done:
                 break
             for task in [t for t in done if t in restarts]:
@@ -159,15 +177,26 @@ async def supervise(settings: Settings, *, config_path: str) -> int:
                 try:
                     procs[index] = task.result()
                 except OSError as error:  # no process can be started (fd or memory limits): give up
-                    event(log, logging.ERROR, "worker_died",
-                          "worker %(worker)d could not be started again: %(cause)s; stopping the set",
-                          worker=index, cause=cause(error))
+                    event(
+                        log,
+                        logging.ERROR,
+                        "worker_died",
+                        "worker %(worker)d could not be started again: %(cause)s; stopping the set",
+                        worker=index,
+                        cause=cause(error),
+                    )
                     status = 1
                     break
                 exits[asyncio.ensure_future(procs[index].wait())] = index
                 restarting.pop(index, None)
-                event(log, logging.INFO, "worker_restarted", "worker %(worker)d started again (pid %(pid)d)",
-                      worker=index, pid=procs[index].pid)
+                event(
+                    log,
+                    logging.INFO,
+                    "worker_restarted",
+                    "worker %(worker)d started again (pid %(pid)d)",
+                    worker=index,
+                    pid=procs[index].pid,
+                )
             if status:
                 break
             for exit_ in [f for f in done if f in exits]:
@@ -180,16 +209,32 @@ async def supervise(settings: Settings, *, config_path: str) -> int:
                 while deaths[0] < now - _WINDOW:
                     deaths.popleft()
                 if len(deaths) >= _GIVE_UP:
-                    event(log, logging.ERROR, "worker_died",
-                          "worker %(worker)d (pid %(pid)d) exited with %(status)s: %(deaths)d worker deaths within "
-                          "%(window)gs; stopping the set", worker=index, pid=dead.pid, status=dead.returncode,
-                          deaths=len(deaths), window=_WINDOW)
+                    event(
+                        log,
+                        logging.ERROR,
+                        "worker_died",
+                        "worker %(worker)d (pid %(pid)d) exited with %(status)s: %(deaths)d worker deaths within "
+                        "%(window)gs; stopping the set",
+                        worker=index,
+                        pid=dead.pid,
+                        status=dead.returncode,
+                        deaths=len(deaths),
+                        window=_WINDOW,
+                    )
                     status = 1
                     break
                 delay = min(_FIRST_DELAY * 2 ** (len(deaths) - 1), _MAX_DELAY)
-                event(log, logging.ERROR, "worker_died",
-                      "worker %(worker)d (pid %(pid)d) exited with %(status)s; starting it again in %(delay)gs (the "
-                      "others keep serving)", worker=index, pid=dead.pid, status=dead.returncode, delay=delay)
+                event(
+                    log,
+                    logging.ERROR,
+                    "worker_died",
+                    "worker %(worker)d (pid %(pid)d) exited with %(status)s; starting it again in %(delay)gs (the "
+                    "others keep serving)",
+                    worker=index,
+                    pid=dead.pid,
+                    status=dead.returncode,
+                    delay=delay,
+                )
                 restarting[index] = dead.returncode
                 restarts[asyncio.ensure_future(respawn(index, delay))] = index
             if status:
@@ -209,8 +254,9 @@ async def supervise(settings: Settings, *, config_path: str) -> int:
         # Each worker drains its own in-flight requests on SIGTERM; give them that long.
         _signal_all(procs, signal.SIGTERM)
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.gather(*exits, return_exceptions=True),
-                                   settings.drain_delay + settings.drain_timeout + 5)
+            await asyncio.wait_for(
+                asyncio.gather(*exits, return_exceptions=True), settings.drain_delay + settings.drain_timeout + 5
+            )
         _signal_all(procs, signal.SIGKILL)
         await asyncio.gather(*exits, return_exceptions=True)
         stopping.cancel()
@@ -219,8 +265,10 @@ async def supervise(settings: Settings, *, config_path: str) -> int:
         await admin.cleanup()
         shutil.rmtree(directory, ignore_errors=True)
     # A worker stopped while waiting to be restarted is not a failure of the stop.
-    if any(p.returncode not in (0, -signal.SIGTERM) for i, p in enumerate(procs) if i not in restarting) \
-            and status == 0:
+    if (
+        any(p.returncode not in (0, -signal.SIGTERM) for i, p in enumerate(procs) if i not in restarting)
+        and status == 0
+    ):
         status = 1
     return status
 

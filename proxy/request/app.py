@@ -57,8 +57,13 @@ class Proxy:
         metrics: Metrics | None = None,
         access_log: AccessLog | None = None,
     ) -> None:
-        self.runtime = Runtime(settings=settings, clock=clock or SystemClock(), metrics=metrics or Metrics(),
-                               config_path=config_path, access_log=access_log)
+        self.runtime = Runtime(
+            settings=settings,
+            clock=clock or SystemClock(),
+            metrics=metrics or Metrics(),
+            config_path=config_path,
+            access_log=access_log,
+        )
         self._own_session = session is None
         self._session = session
 
@@ -70,8 +75,9 @@ class Proxy:
         # First key loads happen before the listener opens; a failed one only leaves the
         # provider not ready (503s and /readyz false) until the background refresh succeeds.
         await keyring.start()
-        runtime.snapshot = build_snapshot(runtime.settings, keyring=keyring, clock=runtime.clock,
-                                          metrics=runtime.metrics)
+        runtime.snapshot = build_snapshot(
+            runtime.settings, keyring=keyring, clock=runtime.clock, metrics=runtime.metrics
+        )
 
     async def close(self) -> None:
         runtime = self.runtime
@@ -98,14 +104,22 @@ class Proxy:
         # a flood of them shows on dashboards.
         runtime = self.runtime
         reason = Reason.HEADER_TIMEOUT if status == 408 else Reason.MALFORMED_REQUEST
-        exchange = Exchange(request_id=request_id(None), started=time.perf_counter(), status=status,
-                            reason=str(reason))
+        exchange = Exchange(request_id=request_id(None), started=time.perf_counter(), status=status, reason=str(reason))
         if runtime.snapshot is not None:
             runtime.snapshot.unmatched.count("", exchange.decision, exchange.reason, status)
         if runtime.access_log is not None:
-            runtime.access_log.request(request_id=exchange.request_id, client=client, method="", path="",
-                                       route=exchange.route, status=status, decision=str(exchange.decision),
-                                       reason=exchange.reason, subject=None, latency_ms=0.0)
+            runtime.access_log.request(
+                request_id=exchange.request_id,
+                client=client,
+                method="",
+                path="",
+                route=exchange.route,
+                status=status,
+                decision=str(exchange.decision),
+                reason=exchange.reason,
+                subject=None,
+                latency_ms=0.0,
+            )
 
     def handle(self, request: Request) -> Coroutine[Any, Any, None] | None:
         """Answer `request` now (a refusal: None), or return the rest of its handling to await."""
@@ -114,8 +128,9 @@ class Proxy:
 
 def _entry(request: Request, runtime: Runtime) -> Coroutine[Any, Any, None] | None:
     inbound = request.header(b"x-request-id")
-    exchange = Exchange(request_id=request_id(None if inbound is None else inbound.decode("latin-1")),
-                        started=time.perf_counter())
+    exchange = Exchange(
+        request_id=request_id(None if inbound is None else inbound.decode("latin-1")), started=time.perf_counter()
+    )
     runtime.metrics.in_flight += 1
     try:
         rest = begin(request, runtime, exchange)
@@ -150,21 +165,39 @@ def _failed(request: Request, runtime: Runtime, exchange: Exchange, error: Excep
     if isinstance(error, ProxyError):
         exchange.reason = str(error.reason)
         if exchange.decision is not Decision.ALLOWED:
-            exchange.decision = Decision.DENIED if isinstance(error, (AuthError, KeysUnavailable)) else Decision.REJECTED
+            exchange.decision = (
+                Decision.DENIED if isinstance(error, (AuthError, KeysUnavailable)) else Decision.REJECTED
+            )
         if isinstance(error, UpstreamUnavailable):
             exchange.decision = Decision.UPSTREAM_ERROR
         # A key outage is keys.py's to report, once per fetch: per request it is only a count.
         level = logging.WARNING if error.status >= 500 and not isinstance(error, KeysUnavailable) else logging.DEBUG
         if log.isEnabledFor(level):  # a refused request's cost is measured: no fields built for nothing
-            event(log, level, "request_refused", "request %(request_id)s refused: %(reason)s: %(detail)s",
-                  request_id=exchange.request_id, reason=str(error.reason), detail=error.detail, status=error.status,
-                  route=exchange.route, provider=_provider(exchange))
+            event(
+                log,
+                level,
+                "request_refused",
+                "request %(request_id)s refused: %(reason)s: %(detail)s",
+                request_id=exchange.request_id,
+                reason=str(error.reason),
+                detail=error.detail,
+                status=error.status,
+                route=exchange.route,
+                provider=_provider(exchange),
+            )
         realm = (exchange.snapshot or runtime).settings.realm
         respond_error(request, error, realm=realm, request_id_value=exchange.request_id)
         return
     # Fail closed and say nothing: the traceback is for the operator's log only.
-    event(log, logging.ERROR, "request_crashed", "request %(request_id)s failed unexpectedly",
-          request_id=exchange.request_id, route=exchange.route, exc_info=True)
+    event(
+        log,
+        logging.ERROR,
+        "request_crashed",
+        "request %(request_id)s failed unexpectedly",
+        request_id=exchange.request_id,
+        route=exchange.route,
+        exc_info=True,
+    )
     exchange.reason = str(Reason.INTERNAL)
     if exchange.decision is Decision.ALLOWED:
         exchange.decision = Decision.UPSTREAM_ERROR
@@ -184,8 +217,11 @@ def _end(runtime: Runtime, request: Request, exchange: Exchange) -> None:
 
 
 _INTERNAL_BODY = json.dumps(ProxyError(Reason.INTERNAL).fields()).encode()
-_INTERNAL_HEADERS = (("Content-Type", "application/json; charset=utf-8"), ("Cache-Control", "no-store"),
-                     ("Server", "jwt-sidecar"))
+_INTERNAL_HEADERS = (
+    ("Content-Type", "application/json; charset=utf-8"),
+    ("Cache-Control", "no-store"),
+    ("Server", "jwt-sidecar"),
+)
 
 
 def respond_error(request: Request, error: ProxyError, *, realm: str, request_id_value: str) -> None:

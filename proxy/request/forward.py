@@ -36,7 +36,7 @@ from ..http.http1 import BodyError, BodyTimeout, Request
 from ..http.upstream import Fields, Pool, UpstreamError
 from .identity import HOP_BY_HOP, connection_tokens
 
-__all__ = ["Origin", "SMALL_BODY", "forward", "forward_websocket", "is_websocket", "new_session"]
+__all__ = ["SMALL_BODY", "Origin", "forward", "forward_websocket", "is_websocket", "new_session"]
 
 SMALL_BODY = 64 * 1024
 """Answers up to this size (by Content-Length) are read whole and written in one go."""
@@ -135,6 +135,8 @@ def _answer_fields(raw: list[tuple[bytes, bytes]], request_id: str) -> tuple[byt
 
 
 _DROPPED = frozenset(name.encode("ascii") for name in HOP_BY_HOP) | {b"x-request-id"}
+# The default of `forward`'s websocket settings: frozen, so one shared instance is safe.
+_DEFAULT_WEBSOCKET = WebSocketSettings()
 _KEEP, _DATE, _DROP, _CONNECTION, _LENGTH = range(5)
 _ROLES: dict[bytes, int] = {}
 """An answer field's role by its name as spelt on the wire: the same few names come back on
@@ -172,11 +174,21 @@ async def forward(
         raise PayloadTooLarge(f"Content-Length {length} exceeds max_body {upstream.max_body}")
     # The upstream's timeout also bounds each wait for the client's body bytes, and
     # body_timeout the whole body; on either, the upstream request is aborted (Pool._exchange).
-    body = _Limited(request, upstream.max_body, upstream.timeout, upstream.body_timeout) if request.body_exists else None
+    body = (
+        _Limited(request, upstream.max_body, upstream.timeout, upstream.body_timeout) if request.body_exists else None
+    )
     try:
         answer = await pool.request(
-            request.method, origin.scheme, origin.host, origin.port, target, headers, body,
-            content_length=length, connect_timeout=upstream.connect_timeout, read_timeout=upstream.timeout,
+            request.method,
+            origin.scheme,
+            origin.host,
+            origin.port,
+            target,
+            headers,
+            body,
+            content_length=length,
+            connect_timeout=upstream.connect_timeout,
+            read_timeout=upstream.timeout,
         )
     except _BodyTooLarge:
         raise PayloadTooLarge(f"body exceeds max_body {upstream.max_body}") from None
@@ -215,9 +227,16 @@ async def forward(
                 await writing
         except (TimeoutError, UpstreamError) as error:
             # Headers are gone already: all we can honestly do is cut the connection.
-            event(log, logging.WARNING, "upstream_broke_off", "%(upstream)s broke off mid-response: %(cause)s",
-                  upstream=str(origin), peer=f"{origin.host}:{origin.port}",
-                  cause=cause(error, timeout=upstream.timeout), request_id=request_id)
+            event(
+                log,
+                logging.WARNING,
+                "upstream_broke_off",
+                "%(upstream)s broke off mid-response: %(cause)s",
+                upstream=str(origin),
+                peer=f"{origin.host}:{origin.port}",
+                cause=cause(error, timeout=upstream.timeout),
+                request_id=request_id,
+            )
             answer.close()
             request.abort()
             return
@@ -237,8 +256,12 @@ async def forward(
 
 def is_websocket(request: Request) -> bool:
     """A WebSocket handshake (RFC 6455 §4.1) that the parser has marked as an upgrade."""
-    return (request.upgrade and request.method == "GET" and "upgrade" in connection_tokens(request.headers)
-            and request.headers.get("Upgrade", "").lower() == "websocket")
+    return (
+        request.upgrade
+        and request.method == "GET"
+        and "upgrade" in connection_tokens(request.headers)
+        and request.headers.get("Upgrade", "").lower() == "websocket"
+    )
 
 
 class _Tunnel(asyncio.Protocol):
@@ -273,7 +296,10 @@ class _Tunnel(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        self._parser = None  # it holds our bound callbacks: a cycle left for the garbage collector
+        # It holds our bound callbacks: a cycle left for the garbage collector. Typed as never
+        # None (ignore below): asyncio calls nothing on a protocol after connection_lost, and an
+        # Optional would put a check on every data_received.
+        self._parser = None  # type: ignore[assignment]
         if not self.answered:
             self.failed = self.failed or "closed before answering"
         self._request.resume_reading()
@@ -298,7 +324,7 @@ class _Tunnel(asyncio.Protocol):
                 self._parser.feed_data(data)
             except httptools.HttpParserUpgrade as upgrade:
                 self.upgraded = self.answered = True
-                rest = data[upgrade.args[0]:]
+                rest = data[upgrade.args[0] :]
                 if rest:
                     self._chunks.append(rest)
                     self._buffered += len(rest)
@@ -391,8 +417,9 @@ class _TunnelLimits:
     in between two of theirs; a client that is not reading would never let a graceful close
     finish; and the upstream must not keep serving a tunnel whose token ran out."""
 
-    def __init__(self, request: Request, tunnel: _Tunnel, settings: WebSocketSettings,
-                 expires_in: float | None, origin: Origin) -> None:
+    def __init__(
+        self, request: Request, tunnel: _Tunnel, settings: WebSocketSettings, expires_in: float | None, origin: Origin
+    ) -> None:
         self._request = request
         self._tunnel = tunnel
         self._idle = settings.idle_timeout
@@ -427,8 +454,14 @@ class _TunnelLimits:
             self._arm()  # bytes went through since the timer was set
             return
         self.closed_because = because
-        event(log, logging.DEBUG, "websocket_closed", "websocket %(upstream)s closed: %(because)s",
-              upstream=str(self._origin), because=because)
+        event(
+            log,
+            logging.DEBUG,
+            "websocket_closed",
+            "websocket %(upstream)s closed: %(because)s",
+            upstream=str(self._origin),
+            because=because,
+        )
         self._tunnel.transport.abort()
         self._request.abort()
 
@@ -446,7 +479,7 @@ async def forward_websocket(
     headers: Fields,
     upstream: Upstream,
     request_id: str,
-    websocket: WebSocketSettings = WebSocketSettings(),
+    websocket: WebSocketSettings = _DEFAULT_WEBSOCKET,
     expires_in: float | None = None,
 ) -> None:
     """Send the handshake upstream; relay its answer; on 101, relay raw bytes both ways.
@@ -461,16 +494,22 @@ async def forward_websocket(
     context = pool.tls_context() if origin.scheme == "https" else None
     try:
         async with asyncio.timeout(upstream.connect_timeout):
-            await loop.create_connection(lambda: tunnel, origin.host.strip("[]"), origin.port, ssl=context,
-                                         server_hostname=origin.host.strip("[]") if context else None)
+            await loop.create_connection(
+                lambda: tunnel,
+                origin.host.strip("[]"),
+                origin.port,
+                ssl=context,
+                server_hostname=origin.host.strip("[]") if context else None,
+            )
     except TimeoutError:
         # Nothing was sent: an unreachable upstream is a 502, as in `forward` (504 is for an answer that is late).
         raise UpstreamUnavailable(f"websocket {origin}: no connection within {upstream.connect_timeout:g}s") from None
     except OSError as error:
         raise UpstreamUnavailable(f"websocket {origin}: {cause(error)}") from None
     try:
-        tunnel.send(pool.upgrade_head(origin.scheme, origin.host, origin.port, target, headers,
-                                      request.headers["Upgrade"]))
+        tunnel.send(
+            pool.upgrade_head(origin.scheme, origin.host, origin.port, target, headers, request.headers["Upgrade"])
+        )
         try:
             async with asyncio.timeout(upstream.timeout):
                 while not tunnel.answered and tunnel.failed is None:

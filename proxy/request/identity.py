@@ -36,24 +36,48 @@ from ..base.errors import InvalidToken, Reason
 from ..config.settings import HeaderMap, Settings
 from ..http.upstream import Fields
 
-__all__ = ["HOP_BY_HOP", "Outbound", "StripPlan", "claim_headers", "connection_tokens", "inject",
-           "request_id", "strip_inbound"]
+__all__ = [
+    "HOP_BY_HOP",
+    "Outbound",
+    "StripPlan",
+    "claim_headers",
+    "connection_tokens",
+    "inject",
+    "request_id",
+    "strip_inbound",
+]
 
 # RFC 9110 §7.6.1 and the de-facto ones (Keep-Alive, Proxy-Connection); Expect is answered
 # by our own server, so the upstream must not be asked to answer it again.
-HOP_BY_HOP = frozenset({
-    "connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
-    "upgrade", "proxy-authorization", "proxy-authenticate", "expect",
-})
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "proxy-authorization",
+        "proxy-authenticate",
+        "expect",
+    }
+)
 # Bytes as the client sent them; decoded so that encoding back gives the same bytes.
 _ENCODING = "utf-8"
 _ERRORS = "surrogateescape"
 # What a client field is to the upstream request, by its name (StripPlan.role).
 _FORWARD, _SOURCE, _DROP, _CONNECTION, _HOST, _FORWARDED_FOR, _FORWARDED_PROTO, _FORWARDED_HOST = range(8)
-_ROLES = {"connection": _CONNECTION, "host": _HOST, "x-forwarded-for": _FORWARDED_FOR,
-          "x-forwarded-proto": _FORWARDED_PROTO, "x-forwarded-host": _FORWARDED_HOST,
-          # The framing is the upstream client's to write; our X-Request-Id replaces the client's.
-          "content-length": _DROP, "x-request-id": _DROP}
+_ROLES = {
+    "connection": _CONNECTION,
+    "host": _HOST,
+    "x-forwarded-for": _FORWARDED_FOR,
+    "x-forwarded-proto": _FORWARDED_PROTO,
+    "x-forwarded-host": _FORWARDED_HOST,
+    # The framing is the upstream client's to write; our X-Request-Id replaces the client's.
+    "content-length": _DROP,
+    "x-request-id": _DROP,
+}
 # C0 controls but HTAB (CR, LF and NUL among them), DEL, and lone surrogates: JSON's
 # "\ud800" escape decodes to a str no UTF-8 encoder takes, so the header could not be
 # written at all (it was a 500) or, under surrogateescape, would become bytes that are not
@@ -89,9 +113,13 @@ class StripPlan:
         sources = [s for p in settings.providers.values() for s in p.token_sources]
         sources += [s for r in settings.routes for s in (r.token_sources or ())]
         dashed = frozenset(n.replace("_", "-") for n in names)
-        return cls(names=dashed, prefixes=tuple(p.lower().replace("_", "-") for p in settings.strip.prefixes),
-                   sources=frozenset(s.name.lower() for s in sources
-                                     if s.kind == "header" and s.name.lower().replace("_", "-") not in dashed))
+        return cls(
+            names=dashed,
+            prefixes=tuple(p.lower().replace("_", "-") for p in settings.strip.prefixes),
+            sources=frozenset(
+                s.name.lower() for s in sources if s.kind == "header" and s.name.lower().replace("_", "-") not in dashed
+            ),
+        )
 
     def role(self, name: bytes) -> tuple[int, bytes]:
         """What a client field named `name` is to the upstream request, and its lower-case name."""
@@ -195,7 +223,7 @@ def request_id(inbound: str | None) -> str:
     if _offset >= len(_random):
         _random, _offset = os.urandom(16 * 256), 0
     _offset += 16
-    return _random[_offset - 16:_offset].hex()
+    return _random[_offset - 16 : _offset].hex()
 
 
 _random = b""
@@ -223,8 +251,10 @@ def render_claim(value: Any) -> str | None:
                 # "[0,5]") as "[0" and "5]", [{"a":[1,2,3]}] as a bare "2", and " admin" as
                 # admin. Each item must arrive as one item, exactly.
                 if any("," in item or item != item.strip(" \t") for item in items):
-                    raise InvalidToken(Reason.UNSAFE_CLAIM,
-                                       "a list claim item holds the ',' that joins items, or surrounding whitespace")
+                    raise InvalidToken(
+                        Reason.UNSAFE_CLAIM,
+                        "a list claim item holds the ',' that joins items, or surrounding whitespace",
+                    )
                 text = ",".join(items)
             else:
                 text = _JSON(value)
@@ -233,8 +263,9 @@ def render_claim(value: Any) -> str | None:
             raise InvalidToken(Reason.UNSAFE_CLAIM, f"a claim cannot be written as JSON: {_why(error)}") from None
     if _UNSAFE.search(text):
         # Header injection or response splitting through a claim: deny, never sanitise.
-        raise InvalidToken(Reason.UNSAFE_CLAIM,
-                           "a claim holds CR, LF, NUL or another control character, or a lone surrogate")
+        raise InvalidToken(
+            Reason.UNSAFE_CLAIM, "a claim holds CR, LF, NUL or another control character, or a lone surrogate"
+        )
     if text != text.strip(" \t"):
         # Header parsers drop surrounding whitespace (RFC 9110 §5.5): " admin" would arrive
         # as "admin", a different identity.
@@ -251,8 +282,9 @@ def _why(error: ValueError | RecursionError) -> str:
     return "NaN, Infinity or a number too long to write as JSON"
 
 
-def claim_headers(payload: Mapping[str, Any], header_map: HeaderMap,
-                  memo: dict[int, Any] | None = None) -> tuple[tuple[str, str], ...]:
+def claim_headers(
+    payload: Mapping[str, Any], header_map: HeaderMap, memo: dict[int, Any] | None = None
+) -> tuple[tuple[str, str], ...]:
     """The identity headers for a verified payload: each claim header present, and the
     payload header if configured. `memo` (a cached token's `Claims.rendered`) keeps them per
     header map, so a token seen again is not rendered again."""
@@ -328,13 +360,16 @@ def inject(
         count += 3
     else:
         chains = chains or [[], [], []]
-        for header, chain, value in (("X-Forwarded-For", chains[0], client), ("X-Forwarded-Proto", chains[1], proto),
-                                     ("X-Forwarded-Host", chains[2], host)):
+        for header, chain, given in (
+            ("X-Forwarded-For", chains[0], client),
+            ("X-Forwarded-Proto", chains[1], proto),
+            ("X-Forwarded-Host", chains[2], host),
+        ):
             if chain:
                 previous = b", ".join(chain).decode(_ENCODING, _ERRORS)
-                value = previous if value is None else f"{previous}, {value}"
-            if value is not None:
-                ours.append(f"{header}: {value}\r\n")
+                given = previous if given is None else f"{previous}, {given}"
+            if given is not None:
+                ours.append(f"{header}: {given}\r\n")
                 count += 1
     ours.append(f"X-Request-Id: {request_id_value}\r\n")
     parts.append("".join(ours).encode(_ENCODING, _ERRORS))

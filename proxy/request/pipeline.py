@@ -102,8 +102,17 @@ def _admit(plan: RoutePlan, exchange: Exchange, claims: Claims | None) -> tuple[
     return claim_headers(claims.payload, plan.header_map, claims.rendered)
 
 
-async def _verify_and_forward(request: Request, runtime: Runtime, exchange: Exchange, plan: RoutePlan,
-                              outbound: Outbound, path: str, query: str, found: Found, began: float) -> None:
+async def _verify_and_forward(
+    request: Request,
+    runtime: Runtime,
+    exchange: Exchange,
+    plan: RoutePlan,
+    outbound: Outbound,
+    path: str,
+    query: str,
+    found: Found,
+    began: float,
+) -> None:
     try:
         claims = await plan.verifier.verify_uncached(found.token)  # type: ignore[union-attr]
         identity = _admit(plan, exchange, claims)
@@ -121,15 +130,28 @@ def _expires_in(plan: RoutePlan, claims: Claims | None, runtime: Runtime) -> flo
     return exp + plan.verifier.provider.leeway - runtime.clock.time()
 
 
-async def _forward(request: Request, runtime: Runtime, exchange: Exchange, plan: RoutePlan, outbound: Outbound,
-                   path: str, query: str, found: Found | None, identity: tuple[tuple[str, str], ...],
-                   claims: Claims | None = None) -> None:
+async def _forward(
+    request: Request,
+    runtime: Runtime,
+    exchange: Exchange,
+    plan: RoutePlan,
+    outbound: Outbound,
+    path: str,
+    query: str,
+    found: Found | None,
+    identity: tuple[tuple[str, str], ...],
+    claims: Claims | None = None,
+) -> None:
     if found is not None and found.source.kind == "query":
         query = without_query_param(query, found.source.name)
     fields = inject(
-        outbound, identity=identity, found=found,
+        outbound,
+        identity=identity,
+        found=found,
         forward_token=plan.header_map is not None and plan.header_map.forward_token,
-        client=request.remote, proto=request.scheme, request_id_value=exchange.request_id,
+        client=request.remote,
+        proto=request.scheme,
+        request_id_value=exchange.request_id,
     )
     exchange.decision = Decision.ALLOWED
     began = time.perf_counter()
@@ -139,12 +161,26 @@ async def _forward(request: Request, runtime: Runtime, exchange: Exchange, plan:
         assert runtime.pool is not None
         if is_websocket(request):
             assert exchange.snapshot is not None
-            await forward_websocket(request, runtime.pool, origin=plan.origin, target=target, headers=fields,
-                                    upstream=plan.upstream, request_id=exchange.request_id,
-                                    websocket=plan.route.websocket or exchange.snapshot.settings.websocket,
-                                    expires_in=_expires_in(plan, claims, runtime))
+            await forward_websocket(
+                request,
+                runtime.pool,
+                origin=plan.origin,
+                target=target,
+                headers=fields,
+                upstream=plan.upstream,
+                request_id=exchange.request_id,
+                websocket=plan.route.websocket or exchange.snapshot.settings.websocket,
+                expires_in=_expires_in(plan, claims, runtime),
+            )
         else:
-            await forward(request, runtime.pool, origin=plan.origin, target=target, headers=fields,
-                          upstream=plan.upstream, request_id=exchange.request_id)
+            await forward(
+                request,
+                runtime.pool,
+                origin=plan.origin,
+                target=target,
+                headers=fields,
+                upstream=plan.upstream,
+                request_id=exchange.request_id,
+            )
     finally:
         plan.metrics.observe_upstream(time.perf_counter() - began)

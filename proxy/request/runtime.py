@@ -30,6 +30,7 @@ from .identity import StripPlan
 
 __all__ = ["RoutePlan", "Runtime", "Snapshot", "build_snapshot"]
 
+
 @dataclass(frozen=True, slots=True)
 class RoutePlan:
     route: Route
@@ -117,8 +118,11 @@ class Runtime:
 
     def _view(self) -> MetricsView:
         snap = self.snapshot
-        return MetricsView(sources=snap.keyring.sources if snap else {}, cache=snap.cache if snap else None,
-                           monotonic=self.clock.monotonic)
+        return MetricsView(
+            sources=snap.keyring.sources if snap else {},
+            cache=snap.cache if snap else None,
+            monotonic=self.clock.monotonic,
+        )
 
     def readiness(self) -> tuple[bool, str]:
         """Ready when not draining and every provider a route uses holds keys.

@@ -48,9 +48,21 @@ class AccessLog:
         """One line of any fields (JSON-encodable values), after the time."""
         self._add(json_line(_encode({"time": self._now(), **fields})))
 
-    def request(self, *, request_id: str, client: str | None, method: str, path: str, route: str, status: int,
-                decision: str, reason: str, subject: str | None, latency_ms: float,
-                provider: str | None = None) -> None:
+    def request(
+        self,
+        *,
+        request_id: str,
+        client: str | None,
+        method: str,
+        path: str,
+        route: str,
+        status: int,
+        decision: str,
+        reason: str,
+        subject: str | None,
+        latency_ms: float,
+        provider: str | None = None,
+    ) -> None:
         """The line for one request: the same JSON as `write(...)` with these fields, built
         directly (a dict through the JSON encoder was the largest cost of a refused request).
 
@@ -61,15 +73,17 @@ class AccessLog:
         `provider` is the route's (null on a public route or before routing).
         """
         peer = "null" if client is None else f'"{client}"'
-        self._add(json_line(
-            f'{{"time":"{self._now()}","request_id":"{request_id}",'
-            f'"client":{peer},"method":{_quote(method)},'
-            f'"path":{_quote(path)},"route":{_quote(route)},'
-            f'"provider":{"null" if provider is None else _quote(provider)},'
-            f'"status":{status:d},"decision":"{decision}",'
-            f'"reason":"{reason}","subject":{"null" if subject is None else _quote(subject)},'
-            f'"latency_ms":{latency_ms:.3f}}}'
-        ))
+        self._add(
+            json_line(
+                f'{{"time":"{self._now()}","request_id":"{request_id}",'
+                f'"client":{peer},"method":{_quote(method)},'
+                f'"path":{_quote(path)},"route":{_quote(route)},'
+                f'"provider":{"null" if provider is None else _quote(provider)},'
+                f'"status":{status:d},"decision":"{decision}",'
+                f'"reason":"{reason}","subject":{"null" if subject is None else _quote(subject)},'
+                f'"latency_ms":{latency_ms:.3f}}}'
+            )
+        )
 
     def _now(self) -> str:
         now = time.time()

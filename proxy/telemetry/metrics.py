@@ -76,7 +76,7 @@ import math
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.exposition import choose_encoder
@@ -117,11 +117,11 @@ names; config/builder.py does not reserve it yet, so a route literally named `(n
 OTHER = "other"
 """The label value for anything outside a closed set."""
 
-AUTH_BUCKETS = (.00005, .0001, .00025, .0005, .001, .0025, .005, .01, .025, .05, .1, .25, 1.0)
+AUTH_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 """A cached token costs tens of microseconds, an RSA verify well under a millisecond, a key
 refetch on an unknown kid up to the JWKS timeout: 50µs to 1s covers all three."""
 
-UPSTREAM_BUCKETS = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1.0, 2.5, 5.0, 10.0, 30.0)
+UPSTREAM_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 """Loopback upstreams answer in about a millisecond; 30s is the default upstream timeout."""
 
 
@@ -165,7 +165,7 @@ class _Durations:
     def cumulative(self) -> list[tuple[str, float]]:
         total = 0
         buckets = []
-        for bound, count in zip((*self.bounds, math.inf), self.counts):
+        for bound, count in zip((*self.bounds, math.inf), self.counts, strict=False):
             total += count
             buckets.append((floatToGoString(bound), float(total)))
         return buckets
@@ -179,7 +179,7 @@ class RouteMetrics:
     `other` rather than raising: the request has been answered by then.
     """
 
-    __slots__ = ("name", "counts", "auth", "upstream")
+    __slots__ = ("auth", "counts", "name", "upstream")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -198,8 +198,12 @@ class RouteMetrics:
         """One answered request. `reason` is an `errors.Reason` value, or "" for none."""
         # Method and status are normalised before the lookup, so the dict stays as bounded
         # as the labels are, whatever a client sends.
-        key = (method if method in _METHODS else OTHER, decision, reason,
-               _STATUS_CLASSES.get(status // 100, OTHER))
+        key: tuple[str, str, str, str] = (
+            method if method in _METHODS else OTHER,
+            decision,
+            reason,
+            _STATUS_CLASSES.get(status // 100, OTHER),
+        )
         counts = self.counts
         seen = counts.get(key)
         if seen is None:
@@ -215,8 +219,7 @@ class RouteMetrics:
         method, decision, reason, status = key
         if decision in _DECISIONS and reason in _REASONS:
             return key
-        return (method, decision if decision in _DECISIONS else OTHER, reason if reason in _REASONS else OTHER,
-                status)
+        return (method, decision if decision in _DECISIONS else OTHER, reason if reason in _REASONS else OTHER, status)
 
     def __repr__(self) -> str:
         return f"<RouteMetrics {self.name} series={len(self.counts)}>"
@@ -330,8 +333,14 @@ class ProcessesCollector:
             try:
                 read = list(self._reader.collect())
             except Exception:  # noqa: BLE001 - one odd /proc file must cost its own samples, not the scrape
-                event(_log, logging.DEBUG, "metrics_failed", "metrics: reading /proc/%(pid)d failed", pid=pid,
-                      exc_info=True)
+                event(
+                    _log,
+                    logging.DEBUG,
+                    "metrics_failed",
+                    "metrics: reading /proc/%(pid)d failed",
+                    pid=pid,
+                    exc_info=True,
+                )
                 continue
             for family in read:
                 merged = families.get(family.name)
@@ -367,13 +376,18 @@ _CONNECTIONS_REJECTED = _PREFIX + "connections_rejected"
 def _request_families(metrics: Metrics) -> Iterator[Metric]:
     """The per-request families, from the numbers `RouteMetrics` keeps."""
     requests = CounterMetricFamily(
-        _REQUESTS, "Requests answered, by route, method class, decision, refusal reason and status class.",
-        labels=_REQUEST_LABELS)
+        _REQUESTS,
+        "Requests answered, by route, method class, decision, refusal reason and status class.",
+        labels=_REQUEST_LABELS,
+    )
     auth = HistogramMetricFamily(
-        _AUTH, "Time spent deciding whether a request may pass (token extraction, keys, verification, rules).",
-        labels=("route",))
+        _AUTH,
+        "Time spent deciding whether a request may pass (token extraction, keys, verification, rules).",
+        labels=("route",),
+    )
     upstream = HistogramMetricFamily(
-        _UPSTREAM, "Time spent waiting for the upstream's response, or for it to fail.", labels=("route",))
+        _UPSTREAM, "Time spent waiting for the upstream's response, or for it to fail.", labels=("route",)
+    )
     # Copies: a request landing between two reads must not change a dict being iterated.
     for route in list(metrics._routes.values()):
         for key, count in list(route.counts.items()):
@@ -387,8 +401,10 @@ def _request_families(metrics: Metrics) -> Iterator[Metric]:
     connections = metrics.connections
     yield GaugeMetricFamily(_CONNECTIONS_OPEN, "Client connections open on the proxy port.", value=connections.open)
     rejected = CounterMetricFamily(
-        _CONNECTIONS_REJECTED, "Client connections closed at accept, by reason (limit: max_connections were open).",
-        labels=("reason",))
+        _CONNECTIONS_REJECTED,
+        "Client connections closed at accept, by reason (limit: max_connections were open).",
+        labels=("reason",),
+    )
     rejected.add_metric(("limit",), connections.rejected)
     yield rejected
 
@@ -406,7 +422,7 @@ class _RequestCollector:
         return _request_families(self._metrics)
 
 
-def _families() -> dict[str, Metric]:
+def _families() -> dict[str, CounterMetricFamily | GaugeMetricFamily]:
     """Fresh, empty families of every metric the collector exports (one set per scrape)."""
     return {
         # Attempts and failures rather than a success/failure label: KeySource counts an
@@ -415,21 +431,23 @@ def _families() -> dict[str, Metric]:
         # (Prometheus's own metrics follow this shape, e.g. rule_evaluations_total and
         # rule_evaluation_failures_total.)
         _FETCHES: CounterMetricFamily(
-            _FETCHES, "Key refresh attempts (each one GET of the JWKS), counted as they start.",
-            labels=("provider",)),
+            _FETCHES, "Key refresh attempts (each one GET of the JWKS), counted as they start.", labels=("provider",)
+        ),
         _FETCH_FAILURES: CounterMetricFamily(
-            _FETCH_FAILURES, "Key refresh attempts that yielded no usable key set.", labels=("provider",)),
+            _FETCH_FAILURES, "Key refresh attempts that yielded no usable key set.", labels=("provider",)
+        ),
         _DISCOVERY_FETCHES: CounterMetricFamily(
-            _DISCOVERY_FETCHES, "GETs of the OpenID Connect discovery document.", labels=("provider",)),
+            _DISCOVERY_FETCHES, "GETs of the OpenID Connect discovery document.", labels=("provider",)
+        ),
         _KEYS: GaugeMetricFamily(_KEYS, "Usable verification keys held.", labels=("provider",)),
         _SKIPPED: CounterMetricFamily(
-            _SKIPPED, "Keys left out of loaded key sets as unusable, summed over every load.",
-            labels=("provider",)),
+            _SKIPPED, "Keys left out of loaded key sets as unusable, summed over every load.", labels=("provider",)
+        ),
         _AGE: GaugeMetricFamily(_AGE, "Seconds since the last good key load.", labels=("provider",)),
-        _READY: GaugeMetricFamily(_READY, "1 when the provider holds at least one usable key.",
-                                  labels=("provider",)),
+        _READY: GaugeMetricFamily(_READY, "1 when the provider holds at least one usable key.", labels=("provider",)),
         _CACHE_REQUESTS: CounterMetricFamily(
-            _CACHE_REQUESTS, "Verified-token cache lookups, by result.", labels=("result",)),
+            _CACHE_REQUESTS, "Verified-token cache lookups, by result.", labels=("result",)
+        ),
         _CACHE_ENTRIES: GaugeMetricFamily(_CACHE_ENTRIES, "Verified tokens held in the cache."),
     }
 
@@ -469,7 +487,8 @@ class _ViewCollector:
             now = self._guard(lambda: _number(view.monotonic))
             sources = self._guard(lambda: _items(view.sources)) or ()
             for name, source in sources:
-                self._guard(lambda: _source(families, str(name), source, now))
+                # Called at once by _guard, so the loop variables are the current ones.
+                self._guard(lambda: _source(families, str(name), source, now))  # noqa: B023
             self._guard(lambda: _cache(families, view.cache))
         yield from families.values()
 
@@ -478,8 +497,13 @@ class _ViewCollector:
             return read()
         except Exception:  # noqa: BLE001 - a scrape must never fail for what it reads
             # Once at WARNING (someone should look), then quietly: scrapes come every few seconds.
-            event(_log, logging.DEBUG if self._warned else logging.WARNING, "metrics_failed",
-                  "metrics: reading key sources or the token cache failed", exc_info=True)
+            event(
+                _log,
+                logging.DEBUG if self._warned else logging.WARNING,
+                "metrics_failed",
+                "metrics: reading key sources or the token cache failed",
+                exc_info=True,
+            )
             self._warned = True
             return None
 
@@ -498,7 +522,9 @@ def _is_static(source: Any) -> bool:
         return False
 
 
-def _source(families: dict[str, Metric], name: str, source: Any, now: float | None) -> None:
+def _source(
+    families: dict[str, CounterMetricFamily | GaugeMetricFamily], name: str, source: Any, now: float | None
+) -> None:
     labels = (name,)
     samples: list[tuple[str, float | None]] = [
         (_KEYS, _number(lambda: source.keyset.size)),
@@ -521,7 +547,7 @@ def _source(families: dict[str, Metric], name: str, source: Any, now: float | No
             families[family].add_metric(labels, value)
 
 
-def _cache(families: dict[str, Metric], cache: Any) -> None:
+def _cache(families: dict[str, CounterMetricFamily | GaugeMetricFamily], cache: Any) -> None:
     if cache is None:  # disabled: no samples rather than zeros that look like a cold cache
         return
     for result, value in (("hit", _number(lambda: cache.hits)), ("miss", _number(lambda: cache.misses))):
@@ -533,7 +559,8 @@ def _cache(families: dict[str, Metric], cache: Any) -> None:
 
 
 # How the supervisor combines one gauge over the workers (prometheus-client multiprocess modes).
-_GAUGE_MODES = {_KEYS: "livemin", _AGE: "livemax", _READY: "livemin", _CACHE_ENTRIES: "livesum"}
+_GaugeMode = Literal["livemin", "livemax", "livesum"]
+_GAUGE_MODES: dict[str, _GaugeMode] = {_KEYS: "livemin", _AGE: "livemax", _READY: "livemin", _CACHE_ENTRIES: "livesum"}
 
 
 _HISTOGRAM_BOUNDS = {_AUTH: AUTH_BUCKETS, _UPSTREAM: UPSTREAM_BUCKETS}
@@ -543,7 +570,8 @@ class _Mirror:
     """Real, multiprocess-backed metrics shadowing the scrape-time families of one worker."""
 
     def __init__(self) -> None:
-        self._metrics: dict[str, Counter | Gauge | Histogram] = {}
+        self._metrics: dict[str, Counter | Gauge] = {}
+        self._histograms: dict[str, Histogram] = {}
         self._last: dict[tuple[str, tuple[str, ...]], float] = {}
 
     def copy(self, families: Iterable[Metric]) -> None:
@@ -558,7 +586,7 @@ class _Mirror:
                 metric = self._metric(family, labels)
                 values = tuple(sample.labels[name] for name in labels)
                 child = metric.labels(*values) if labels else metric
-                if isinstance(metric, Counter):
+                if isinstance(child, Counter):
                     child.inc(self._grown((family.name, values), sample.value))
                 else:
                     child.set(sample.value)
@@ -583,10 +611,11 @@ class _Mirror:
                 buckets.append(sample.value)
             elif sample.name.endswith("_sum"):
                 series[route] = (buckets, sample.value)
-        metric = self._metrics.get(family.name)
+        metric = self._histograms.get(family.name)
         if metric is None:
-            metric = self._metrics[family.name] = Histogram(
-                family.name, family.documentation, ("route",), buckets=_HISTOGRAM_BOUNDS[family.name], registry=None)
+            metric = self._histograms[family.name] = Histogram(
+                family.name, family.documentation, ("route",), buckets=_HISTOGRAM_BOUNDS[family.name], registry=None
+            )
         for route, (buckets, total) in series.items():
             child = metric.labels(route)
             below = 0.0
@@ -597,7 +626,7 @@ class _Mirror:
                     child._buckets[i].inc(grown)
             child._sum.inc(self._grown((family.name, (route, "sum")), total))
 
-    def _metric(self, family: Metric, labels: tuple[str, ...]) -> Counter | Gauge | Histogram:
+    def _metric(self, family: Metric, labels: tuple[str, ...]) -> Counter | Gauge:
         found = self._metrics.get(family.name)
         if found is None:
             # registry=None: these exist for the multiprocess files only; the worker's own
@@ -605,7 +634,12 @@ class _Mirror:
             if family.type == "counter":
                 found = Counter(family.name, family.documentation, labels, registry=None)
             else:
-                found = Gauge(family.name, family.documentation, labels, registry=None,
-                              multiprocess_mode=_GAUGE_MODES.get(family.name, "livesum"))
+                found = Gauge(
+                    family.name,
+                    family.documentation,
+                    labels,
+                    registry=None,
+                    multiprocess_mode=_GAUGE_MODES.get(family.name, "livesum"),
+                )
             self._metrics[family.name] = found
         return found

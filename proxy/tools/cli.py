@@ -23,7 +23,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 
 import aiohttp
 import prometheus_client
@@ -36,13 +36,22 @@ from ..base.clock import SystemClock
 from ..base.errors import ConfigError
 from ..base.jwks import SUPPORTED_ALGORITHMS
 from ..base.safetext import one_line
-from ..config import builder as config, routecheck
+from ..config import builder as config
+from ..config import routecheck
 from ..config.yamlsource import parse_duration
 from ..ops import server, workers
 from ..ops.startup import StartupError
 from . import explain as explain_mod
-from .keygen import (GENERATE_ALGORITHMS, SECRET_ENCODINGS, KeyToolError, generate, mint, parse_claim,
-                     secret_for_minting, write)
+from .keygen import (
+    GENERATE_ALGORITHMS,
+    SECRET_ENCODINGS,
+    KeyToolError,
+    generate,
+    mint,
+    parse_claim,
+    secret_for_minting,
+    write,
+)
 
 __all__ = ["build_parser", "main"]
 
@@ -132,14 +141,26 @@ def _add_run(commands: Any) -> None:
         "A start the operator must fix (a port in use, a file that cannot be read, a mistake in FILE) is refused "
         "before anything is served: one line on stderr (a startup_failed JSON line with a JSON log), exit 1.",
     )
-    p.add_argument("--config", type=Path, default=Path(os.environ.get("JWT_SIDECAR_CONFIG", "config.yaml")),
-                   metavar="FILE", help="the config file (default $JWT_SIDECAR_CONFIG or ./config.yaml)")
-    p.add_argument("--log-level", type=str.upper, choices=oplog.LEVELS,
-                   help="operator log level (default: the config's log_level, else INFO; the access log is "
-                   "separate, on stdout)")
-    p.add_argument("--log-format", type=str.lower, choices=oplog.FORMATS,
-                   help="operator log on stderr as text, json (one object per line) or auto (json when stderr "
-                   "is not a terminal); default: the config's log_format, else text")
+    p.add_argument(
+        "--config",
+        type=Path,
+        default=Path(os.environ.get("JWT_SIDECAR_CONFIG", "config.yaml")),
+        metavar="FILE",
+        help="the config file (default $JWT_SIDECAR_CONFIG or ./config.yaml)",
+    )
+    p.add_argument(
+        "--log-level",
+        type=str.upper,
+        choices=oplog.LEVELS,
+        help="operator log level (default: the config's log_level, else INFO; the access log is separate, on stdout)",
+    )
+    p.add_argument(
+        "--log-format",
+        type=str.lower,
+        choices=oplog.FORMATS,
+        help="operator log on stderr as text, json (one object per line) or auto (json when stderr "
+        "is not a terminal); default: the config's log_format, else text",
+    )
     p.set_defaults(run=_run, parser=p)
 
 
@@ -153,8 +174,9 @@ def _starting(start: Callable[[], int]) -> int:
         return start()
     except StartupError as error:  # a port in use, a directory that cannot be written, ...
         if oplog.writes_json():  # `log_format: json` was read: a log collector parses this line too
-            oplog.event(logging.getLogger("jwt_sidecar"), logging.ERROR, "startup_failed", "%(error)s",
-                        error=str(error))
+            oplog.event(
+                logging.getLogger("jwt_sidecar"), logging.ERROR, "startup_failed", "%(error)s", error=str(error)
+            )
         else:
             _complain(str(error))
         return 1
@@ -180,23 +202,42 @@ def _start_run(args: argparse.Namespace) -> int:
         problems = [str(issue) for issue in error.issues]
         # Several problems: the sentence counts them and `problems` lists each one whole (a
         # field is bounded, safetext.FIELD_LIMIT, so a joined list would lose its end).
-        summary = problems[0] if len(problems) == 1 else (
-            f"the config has {len(problems)} problem(s); nothing was started (see problems)")
-        oplog.event(logging.getLogger("jwt_sidecar"), logging.ERROR, "startup_failed", "%(error)s",
-                    error=summary, problems=problems)
+        summary = (
+            problems[0]
+            if len(problems) == 1
+            else (f"the config has {len(problems)} problem(s); nothing was started (see problems)")
+        )
+        oplog.event(
+            logging.getLogger("jwt_sidecar"),
+            logging.ERROR,
+            "startup_failed",
+            "%(error)s",
+            error=summary,
+            problems=problems,
+        )
         return 1
     # The command line wins over the file; `auto` is settled here, once, so the workers of
     # `workers: N` (started with these two options) write exactly what their supervisor does.
     settings = dataclasses.replace(
-        settings, log_level=args.log_level or settings.log_level,
-        log_format=oplog.resolve_format(args.log_format or settings.log_format))
+        settings,
+        log_level=args.log_level or settings.log_level,
+        log_format=oplog.resolve_format(args.log_format or settings.log_format),
+    )
     worker = os.environ.get(workers.WORKER_ENV)
-    server.configure_logging(settings.log_level, settings.log_format,
-                             worker=int(worker) if worker and worker.isdigit() else None)
+    server.configure_logging(
+        settings.log_level, settings.log_format, worker=int(worker) if worker and worker.isdigit() else None
+    )
     if not os.environ.get(workers.WORKER_ENV):  # once, not once per worker
         for warning in settings.warnings:
-            oplog.event(logging.getLogger("jwt_sidecar.config"), logging.WARNING, "config_warning", "%(warning)s",
-                        warning=routecheck.format_warning(warning), line=warning.line, key=warning.path)
+            oplog.event(
+                logging.getLogger("jwt_sidecar.config"),
+                logging.WARNING,
+                "config_warning",
+                "%(warning)s",
+                warning=routecheck.format_warning(warning),
+                line=warning.line,
+                key=warning.path,
+            )
     # `_created` samples double the /metrics output and no dashboard here reads them.
     prometheus_client.disable_created_metrics()
     if os.environ.get(workers.WORKER_ENV):  # started by the supervisor of `workers: N`
@@ -226,18 +267,36 @@ def _add_demo(commands: Any) -> None:
         "A port the config names that is taken is replaced by a free one (the URLs and commands printed use the "
         "ports chosen); a port given as an option is used as given, or the demo does not start.",
     )
-    p.add_argument("--config", type=Path, default=None, metavar="FILE",
-                   help="the config (default ./config.yaml, else the example shipped with the package)")
+    p.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="the config (default ./config.yaml, else the example shipped with the package)",
+    )
     # Without these each listener takes the config's port, or a free one when that is taken;
     # a port given here is used or the demo does not start.
-    p.add_argument("--port", type=_port, metavar="N",
-                   help="the sidecar's port (default: the config's listen, 8080, or a free one)")
-    p.add_argument("--admin-port", type=_port, metavar="N",
-                   help="the admin port (default: the config's admin, 9901, or a free one)")
-    p.add_argument("--issuer-port", type=_port, metavar="N",
-                   help="the demo issuer's port (default: the config's jwks.url, 8090, or a free one)")
-    p.add_argument("--upstream-port", type=_port, metavar="N",
-                   help="the echo upstream's port (default: the config's upstream.url, 8000, or a free one)")
+    p.add_argument(
+        "--port", type=_port, metavar="N", help="the sidecar's port (default: the config's listen, 8080, or a free one)"
+    )
+    p.add_argument(
+        "--admin-port",
+        type=_port,
+        metavar="N",
+        help="the admin port (default: the config's admin, 9901, or a free one)",
+    )
+    p.add_argument(
+        "--issuer-port",
+        type=_port,
+        metavar="N",
+        help="the demo issuer's port (default: the config's jwks.url, 8090, or a free one)",
+    )
+    p.add_argument(
+        "--upstream-port",
+        type=_port,
+        metavar="N",
+        help="the echo upstream's port (default: the config's upstream.url, 8000, or a free one)",
+    )
     p.set_defaults(run=_demo, parser=p)
 
 
@@ -250,14 +309,20 @@ def _demo(args: argparse.Namespace) -> int:
     ports = {role: getattr(args, option[2:].replace("-", "_")) for role, option in demo.OPTIONS.items()}
     given = [(demo.OPTIONS[role], port) for role, port in ports.items() if port is not None]
     for i, (option, port) in enumerate(given):
-        for other, same in given[i + 1:]:
+        for other, same in given[i + 1 :]:
             if same == port:
-                raise _UsageError(f"{option} and {other} are both {port}; each listener needs its own port",
-                                  args.parser)
+                raise _UsageError(
+                    f"{option} and {other} are both {port}; each listener needs its own port", args.parser
+                )
 
     def start() -> int:
-        asyncio.run(demo.run_demo(path, announce=lambda text: print(text, flush=True),
-                                  ports={role: port for role, port in ports.items() if port is not None}))
+        asyncio.run(
+            demo.run_demo(
+                path,
+                announce=lambda text: print(text, flush=True),
+                ports={role: port for role, port in ports.items() if port is not None},
+            )
+        )
         return 0
 
     return _starting(start)
@@ -274,8 +339,14 @@ def _add_check_config(commands: Any) -> None:
         "of providers, key sources and routes, then any warnings as file:line: warning: path: problem "
         "(exit 0). Nothing is fetched.",
     )
-    p.add_argument("file", nargs="?", type=Path, default=Path("config.yaml"), metavar="FILE",
-                   help="the config file (default ./config.yaml)")
+    p.add_argument(
+        "file",
+        nargs="?",
+        type=Path,
+        default=Path("config.yaml"),
+        metavar="FILE",
+        help="the config file (default ./config.yaml)",
+    )
     p.add_argument("--strict", action="store_true", help="exit 1 when there are warnings too (for CI)")
     p.set_defaults(run=_check_config, parser=p)
 
@@ -316,8 +387,14 @@ def summary(settings: config.Settings) -> str:
     lines.append(f"routes ({len(settings.routes)}, first match wins):")
     for r in settings.routes:
         m = r.match
-        where = (f"prefix {m.path_prefix}" if m.path_prefix is not None else
-                 f"exact {m.path_exact}" if m.path_exact is not None else f"regex {m.path_regex.pattern}")  # type: ignore[union-attr]
+        # cast: a route matches by exactly one of prefix, exact or regex (the builder checks).
+        where = (
+            f"prefix {m.path_prefix}"
+            if m.path_prefix is not None
+            else f"exact {m.path_exact}"
+            if m.path_exact is not None
+            else f"regex {cast(re.Pattern[str], m.path_regex).pattern}"
+        )
         where += " (any case)" if m.ignore_case else ""
         methods = ",".join(sorted(m.methods)) if m.methods else "any method"
         if r.auth is None:
@@ -332,7 +409,9 @@ def summary(settings: config.Settings) -> str:
                 rule += f"; {len(r.auth.claims)} claim rule(s)"
         lines.append(f"  {r.name}: {where} [{methods}] -> {rule}")
     cache = settings.token_cache
-    lines.append(f"token cache: {'on' if cache.enabled else 'off'}, {cache.max_entries} entries, max ttl {cache.max_ttl:g}s")
+    lines.append(
+        f"token cache: {'on' if cache.enabled else 'off'}, {cache.max_entries} entries, max ttl {cache.max_ttl:g}s"
+    )
     # Each entry is one line: a name or an issuer holding a newline or an escape sequence is shown escaped.
     return "\n".join(one_line(line) for line in lines)
 
@@ -427,7 +506,7 @@ def _add_token(commands: Any) -> None:
 
 
 def _add_token_mint(actions: Any) -> None:
-    p = actions.add_parser(
+    p: argparse.ArgumentParser = actions.add_parser(
         "mint",
         help="sign a token with a private key or shared secret",
         description="Print a signed token, alone, on stdout: TOKEN=$(jwt-sidecar token mint ...). "
@@ -436,24 +515,46 @@ def _add_token_mint(actions: Any) -> None:
     )
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--key", type=Path, metavar="PEM", help="PEM private key (RSA, EC or Ed25519)")
-    source.add_argument("--secret-file", type=Path, metavar="FILE",
-                        help="file holding an HMAC secret; one written by `keys generate` needs no --secret-encoding")
-    p.add_argument("--secret-encoding", choices=SECRET_ENCODINGS,
-                   help="how --secret-file is written, as in the provider's `secret: encoding:`; needed only when "
-                        "the file could be read more than one way (default: the one way it reads)")
+    source.add_argument(
+        "--secret-file",
+        type=Path,
+        metavar="FILE",
+        help="file holding an HMAC secret; one written by `keys generate` needs no --secret-encoding",
+    )
+    p.add_argument(
+        "--secret-encoding",
+        choices=SECRET_ENCODINGS,
+        help="how --secret-file is written, as in the provider's `secret: encoding:`; needed only when "
+        "the file could be read more than one way (default: the one way it reads)",
+    )
     p.add_argument("--alg", choices=SUPPORTED_ALGORITHMS, help="signing algorithm (default: implied by the key)")
     p.add_argument("--kid", help="key id for the token header")
     p.add_argument("--iss", required=True, help="issuer")
     p.add_argument("--aud", required=True, action="append", metavar="AUD", help="audience (repeatable)")
     p.add_argument("--sub", help="subject")
-    p.add_argument("--ttl", type=_ttl, default=300.0, metavar="DURATION",
-                   help="exp from now: 60 (seconds), 30s, 5m, 1h30m (default 5m); negative for a token that "
-                        "expired that long ago: --ttl=-5m")
-    p.add_argument("--not-before", type=_not_before, metavar="WHEN",
-                   help="set nbf: an offset from now (5m, 90, --not-before=-1m) or a time with its zone "
-                        "(2026-12-03T10:00:00Z); after now makes a token that is not valid yet")
-    p.add_argument("--claim", type=_claim, action="append", default=[], metavar="NAME=VALUE",
-                   help="extra claim; VALUE is JSON when it parses (true, 3, [\"a\"]), else a string (repeatable)")
+    p.add_argument(
+        "--ttl",
+        type=_ttl,
+        default=300.0,
+        metavar="DURATION",
+        help="exp from now: 60 (seconds), 30s, 5m, 1h30m (default 5m); negative for a token that "
+        "expired that long ago: --ttl=-5m",
+    )
+    p.add_argument(
+        "--not-before",
+        type=_not_before,
+        metavar="WHEN",
+        help="set nbf: an offset from now (5m, 90, --not-before=-1m) or a time with its zone "
+        "(2026-12-03T10:00:00Z); after now makes a token that is not valid yet",
+    )
+    p.add_argument(
+        "--claim",
+        type=_claim,
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help='extra claim; VALUE is JSON when it parses (true, 3, ["a"]), else a string (repeatable)',
+    )
     p.set_defaults(run=_token_mint, parser=p)
     usage_error = p.error
 
@@ -464,7 +565,7 @@ def _add_token_mint(actions: Any) -> None:
             message += f" (write a negative value with '=': {option}={'-5m' if option == '--ttl' else '-1m'})"
         usage_error(message)
 
-    p.error = error  # type: ignore[method-assign]
+    p.error = error  # type: ignore[method-assign]  # argparse has no hook for this message but its method
 
 
 def _token_mint(args: argparse.Namespace) -> int:
@@ -481,21 +582,35 @@ def _token_mint(args: argparse.Namespace) -> int:
             # As --secret-file names --key for a PEM file: say which option this file is for.
             if not private_key_pem.strip():
                 raise KeyToolError(f"{args.key} is empty; give a PEM private key")
-            raise KeyToolError(f"{args.key} holds no PEM block, so no private key; a shared secret (as `keys "
-                               f"generate --alg HS256` writes) signs with --secret-file {args.key}")
+            raise KeyToolError(
+                f"{args.key} holds no PEM block, so no private key; a shared secret (as `keys "
+                f"generate --alg HS256` writes) signs with --secret-file {args.key}"
+            )
     else:
-        secret, encoding = secret_for_minting(_read(args.secret_file), args.secret_encoding,
-                                              source=str(args.secret_file), alg=args.alg)
+        secret, encoding = secret_for_minting(
+            _read(args.secret_file), args.secret_encoding, source=str(args.secret_file), alg=args.alg
+        )
         private_key_pem = None
         if args.secret_encoding is None and encoding != "utf-8":
             # Not silent: the provider that checks these tokens must read the file the same way.
-            print(f"{PROG}: note: read {args.secret_file} as {encoding} text, the form `keys generate` writes; "
-                  f"the provider needs `secret: {{file: ..., encoding: {encoding}}}`", file=sys.stderr)
+            print(
+                f"{PROG}: note: read {args.secret_file} as {encoding} text, the form `keys generate` writes; "
+                f"the provider needs `secret: {{file: ..., encoding: {encoding}}}`",
+                file=sys.stderr,
+            )
     now = time.time()
     kind, when = args.not_before if args.not_before is not None else (None, 0.0)
     token = mint(
-        private_key_pem=private_key_pem, secret=secret, alg=args.alg, kid=args.kid,
-        iss=args.iss, aud=args.aud, sub=args.sub, ttl_seconds=args.ttl, claims=claims, now=now,
+        private_key_pem=private_key_pem,
+        secret=secret,
+        alg=args.alg,
+        kid=args.kid,
+        iss=args.iss,
+        aud=args.aud,
+        sub=args.sub,
+        ttl_seconds=args.ttl,
+        claims=claims,
+        now=now,
         not_before=None if kind is None else now + when if kind == "offset" else when,
     )
     print(token)
@@ -515,18 +630,26 @@ def _add_token_explain(actions: Any) -> None:
     p = actions.add_parser(
         "explain",
         help="say what a token is and run every check on it, saying which pass and which fail",
-        description="Say what TOKEN is (\"not a JWT: ...\" stops there), decode it WITHOUT trusting it, then run "
+        description='Say what TOKEN is ("not a JWT: ..." stops there), decode it WITHOUT trusting it, then run '
         "every check the proxy runs, in its order, printing each with PASS/FAIL/---- and the reason the proxy "
         "would log. With no config, only decode and run the checks no config changes. Remote keys are fetched as "
         "the proxy fetches them: at start, and once more when that brought none or the token's kid is not held.",
         epilog="exit status: " + "; ".join(f"{code} {text}" for code, text in EXPLAIN_EXIT_STATUSES.items()),
     )
     p.add_argument("token", metavar="TOKEN", help="the token ('-' reads it from stdin; a leading 'Bearer ' is ignored)")
-    p.add_argument("--config", type=Path, default=None, metavar="FILE",
-                   help="the config file (default $JWT_SIDECAR_CONFIG, else ./config.yaml if it exists, else none)")
-    p.add_argument("--provider", metavar="NAME",
-                   help="the provider to check against (default: the one whose issuer is the token's iss, else "
-                        "the config's only provider)")
+    p.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="the config file (default $JWT_SIDECAR_CONFIG, else ./config.yaml if it exists, else none)",
+    )
+    p.add_argument(
+        "--provider",
+        metavar="NAME",
+        help="the provider to check against (default: the one whose issuer is the token's iss, else "
+        "the config's only provider)",
+    )
     p.set_defaults(run=_token_explain, parser=p)
 
 
@@ -539,8 +662,9 @@ def _token_explain(args: argparse.Namespace) -> int:
     if settings is None and args.provider is not None:
         raise _UsageError(f"--provider needs a config; {no_config}", args.parser)
     if settings is not None and args.provider is not None and args.provider not in settings.providers:
-        raise _UsageError(f"unknown provider {args.provider!r}; known: {', '.join(settings.providers) or '(none)'}",
-                          args.parser)
+        raise _UsageError(
+            f"unknown provider {args.provider!r}; known: {', '.join(settings.providers) or '(none)'}", args.parser
+        )
     form = explain_mod.inspect(token)
     if form.problem is not None:
         # What the input is comes first, and nothing else is said about something that is no JWT.
@@ -574,9 +698,15 @@ def _token_explain(args: argparse.Namespace) -> int:
         print(f"INVALID: {reason}")
         return 1
     report = asyncio.run(_explain(token, provider, settings))
-    chosen = "as named" if args.provider is not None else (
-        "by the token's iss" if form.payload is not None and form.payload.get("iss") in provider.issuers
-        else "the config's only provider")
+    chosen = (
+        "as named"
+        if args.provider is not None
+        else (
+            "by the token's iss"
+            if form.payload is not None and form.payload.get("iss") in provider.issuers
+            else "the config's only provider"
+        )
+    )
     print(one_line(f"provider: {provider.name} ({provider.keys.origin}), {chosen}"))  # a name may hold anything
     print(_render_steps(report))
     if report.valid:
@@ -617,15 +747,15 @@ async def _explain(token: str, provider: config.Provider, settings: config.Setti
         source = key_source_for(provider, session=session, clock=clock)
         await source.start()
         try:
-            return await explain_mod.explain(token, provider, source, now=clock.time(),
-                                             max_token_bytes=settings.max_token_bytes)
+            return await explain_mod.explain(
+                token, provider, source, now=clock.time(), max_token_bytes=settings.max_token_bytes
+            )
         finally:
             await source.close()
 
 
 def _render_form(form: explain_mod.Form, now: float) -> str:
-    lines = [f"input: {form.summary}",
-             "decoded, UNVERIFIED (nothing here is trusted until the signature verifies):"]
+    lines = [f"input: {form.summary}", "decoded, UNVERIFIED (nothing here is trusted until the signature verifies):"]
     lines.append(f"  header:  {json.dumps(form.header, sort_keys=True)}")
     if form.payload is None:
         lines.append(f"  payload: does not decode: {(form.payload_problem or '').removeprefix('payload: ')}")
@@ -679,8 +809,9 @@ def _not_before(text: str) -> tuple[str, float]:
     try:
         moment = datetime.datetime.fromisoformat(text.strip().replace("Z", "+00:00").replace("z", "+00:00"))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is neither an offset (5m, -1m, 90) nor a time "
-                                         "(2026-12-03T10:00:00Z)") from None
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither an offset (5m, -1m, 90) nor a time (2026-12-03T10:00:00Z)"
+        ) from None
     if moment.tzinfo is None:
         raise argparse.ArgumentTypeError(f"{text!r} has no time zone; add one, e.g. {text.strip()}Z for UTC")
     return "at", moment.timestamp()

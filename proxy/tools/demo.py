@@ -64,33 +64,35 @@ class DemoInfo:
     """One line per listener: what it is, its URL, and which taken port it replaced."""
 
     def instructions(self) -> str:
-        return "\n".join([
-            "",
-            "jwt-sidecar demo is running:",
-            *(f"  {place}" for place in self.places),
-            "",
-            "In another terminal:",
-            "",
-            f"  TOKEN={self.user_token}",
-            f"  ADMIN={self.admin_token}",
-            "",
-            "  # allowed: the echo upstream shows the identity headers the sidecar injected",
-            f'  curl -s -H "Authorization: Bearer $TOKEN" {self.base}/api/hello',
-            "  # 401: no token",
-            f"  curl -si {self.base}/api/hello",
-            "  # 403: a valid token without the admin scope",
-            f'  curl -si -H "Authorization: Bearer $TOKEN" {self.base}/admin/users',
-            "  # allowed on the admin route: this token has the admin scope",
-            f'  curl -s -H "Authorization: Bearer $ADMIN" {self.base}/admin/users',
-            "  # a spoofed identity header never reaches the upstream",
-            f'  curl -s -H "X-User-Id: root" {self.base}/public/info',
-            "",
-            "  # every check, one by one",
-            f"  {self.command} token explain --config {shlex.quote(self.config)} $TOKEN",
-            "",
-            "Ctrl-C stops everything.",
-            "",
-        ])
+        return "\n".join(
+            [
+                "",
+                "jwt-sidecar demo is running:",
+                *(f"  {place}" for place in self.places),
+                "",
+                "In another terminal:",
+                "",
+                f"  TOKEN={self.user_token}",
+                f"  ADMIN={self.admin_token}",
+                "",
+                "  # allowed: the echo upstream shows the identity headers the sidecar injected",
+                f'  curl -s -H "Authorization: Bearer $TOKEN" {self.base}/api/hello',
+                "  # 401: no token",
+                f"  curl -si {self.base}/api/hello",
+                "  # 403: a valid token without the admin scope",
+                f'  curl -si -H "Authorization: Bearer $TOKEN" {self.base}/admin/users',
+                "  # allowed on the admin route: this token has the admin scope",
+                f'  curl -s -H "Authorization: Bearer $ADMIN" {self.base}/admin/users',
+                "  # a spoofed identity header never reaches the upstream",
+                f'  curl -s -H "X-User-Id: root" {self.base}/public/info',
+                "",
+                "  # every check, one by one",
+                f"  {self.command} token explain --config {shlex.quote(self.config)} $TOKEN",
+                "",
+                "Ctrl-C stops everything.",
+                "",
+            ]
+        )
 
 
 def command() -> str:
@@ -106,9 +108,22 @@ def _demo_provider(settings: Settings) -> Provider:
     for provider in settings.providers.values():
         if isinstance(provider.keys, RemoteJwks) and provider.keys.url and _loopback(provider.keys.url):
             return provider
-    raise config.ConfigError([config.ConfigIssue(
-        settings.source, None, "providers",
-        "the demo needs a provider whose jwks.url is on loopback (127.0.0.1), as in the repository's config.yaml")])
+    raise config.ConfigError(
+        [
+            config.ConfigIssue(
+                settings.source,
+                None,
+                "providers",
+                "the demo needs a provider whose jwks.url is on loopback (127.0.0.1), as in the repository's config.yaml",
+            )
+        ]
+    )
+
+
+def _jwks_url(provider: Provider) -> str:
+    """The JWKS URL of the provider `_demo_provider` chose, which has one."""
+    assert isinstance(provider.keys, RemoteJwks) and provider.keys.url is not None
+    return provider.keys.url
 
 
 def _loopback(url: str) -> bool:
@@ -117,14 +132,16 @@ def _loopback(url: str) -> bool:
 
 async def _echo(request: web.Request) -> web.Response:
     body = await request.read()
-    return web.json_response({
-        "upstream": "jwt-sidecar demo echo",
-        "method": request.method,
-        "path": request.raw_path,
-        "identity": {k: v for k, v in request.headers.items() if k.lower().startswith(("x-user-", "x-jwt-"))},
-        "headers": dict(request.headers),
-        "body_bytes": len(body),
-    })
+    return web.json_response(
+        {
+            "upstream": "jwt-sidecar demo echo",
+            "method": request.method,
+            "path": request.raw_path,
+            "identity": {k: v for k, v in request.headers.items() if k.lower().startswith(("x-user-", "x-jwt-"))},
+            "headers": dict(request.headers),
+            "body_bytes": len(body),
+        }
+    )
 
 
 ROLES = ("listen", "admin", "issuer", "upstream")
@@ -135,10 +152,13 @@ _CONFIG_KEYS = {"listen": "listen", "admin": "admin", "issuer": "jwks.url", "ups
 
 
 def _addresses(settings: Settings, provider: Provider) -> dict[str, Listen]:
-    issuer, upstream = urlsplit(provider.keys.url), urlsplit(settings.upstream.url)  # type: ignore[union-attr]
-    return {"listen": settings.listen, "admin": settings.admin,
-            "issuer": Listen(host=issuer.hostname or "127.0.0.1", port=issuer.port or 80),
-            "upstream": Listen(host=upstream.hostname or "127.0.0.1", port=upstream.port or 80)}
+    issuer, upstream = urlsplit(_jwks_url(provider)), urlsplit(settings.upstream.url)
+    return {
+        "listen": settings.listen,
+        "admin": settings.admin,
+        "issuer": Listen(host=issuer.hostname or "127.0.0.1", port=issuer.port or 80),
+        "upstream": Listen(host=upstream.hostname or "127.0.0.1", port=upstream.port or 80),
+    }
 
 
 def _bind(role: str, address: Listen, explicit: bool, avoid: set[int]) -> list[socket.socket]:
@@ -187,16 +207,26 @@ def _origin(address: Listen) -> str:
     return f"http://{Listen(host=host, port=address.port)}"
 
 
-async def run_demo(config_path: Path, *, stop: asyncio.Event | None = None,
-                   announce: Callable[[str], None] = print, ports: Mapping[str, int] | None = None) -> None:
+async def run_demo(
+    config_path: Path,
+    *,
+    stop: asyncio.Event | None = None,
+    announce: Callable[[str], None] = print,
+    ports: Mapping[str, int] | None = None,
+) -> None:
     """Run the demo until `stop` (or SIGINT/SIGTERM). `ports` (keys from `ROLES`) must be had
     exactly; every other listener takes its config port, or a free one when that is in use."""
     ports = ports or {}
     settings = config.load(config_path)
     provider = _demo_provider(settings)
     if not _loopback(settings.upstream.url):
-        raise config.ConfigError([config.ConfigIssue(settings.source, None, "upstream.url",
-                                                     "the demo runs its echo upstream on loopback; use 127.0.0.1")])
+        raise config.ConfigError(
+            [
+                config.ConfigIssue(
+                    settings.source, None, "upstream.url", "the demo runs its echo upstream on loopback; use 127.0.0.1"
+                )
+            ]
+        )
     # Every port is had (bound and listening) before anything starts, so none can be lost to
     # another process between choosing it and using it.
     wanted = _addresses(settings, provider)
@@ -219,23 +249,27 @@ async def run_demo(config_path: Path, *, stop: asyncio.Event | None = None,
                 served_path = Path(directory) / "config.yaml"
                 served_path.write_text(_with_ports(config_path.read_text(encoding="utf-8"), moves), encoding="utf-8")
             except OSError as error:
-                raise StartupError(f"the demo moved ports but cannot write its copy of {config_path} to the "
-                                   f"temporary directory: {why(error)}; set TMPDIR to a writable directory") from None
+                raise StartupError(
+                    f"the demo moved ports but cannot write its copy of {config_path} to the "
+                    f"temporary directory: {why(error)}; set TMPDIR to a writable directory"
+                ) from None
             settings = config.load(served_path)
             provider = _demo_provider(settings)
             now_at = _addresses(settings, provider)
             for role in ROLES:
                 if now_at[role].port != chosen[role]:
-                    raise StartupError(f"the demo's {role} is on port {chosen[role]}, but {wanted[role]} is not "
-                                       f"written that way in {config_path}; give {_CONFIG_KEYS[role]} as "
-                                       f"host:port, or free port {wanted[role].port}")
+                    raise StartupError(
+                        f"the demo's {role} is on port {chosen[role]}, but {wanted[role]} is not "
+                        f"written that way in {config_path}; give {_CONFIG_KEYS[role]} as "
+                        f"host:port, or free port {wanted[role].port}"
+                    )
         key = generate("RS256", DEMO_KID)
 
         async def serve_jwks(request: web.Request) -> web.Response:
             return web.json_response({"keys": [key.public_jwk]})
 
         issuer_app = web.Application()
-        issuer_app.router.add_get(urlsplit(provider.keys.url).path, serve_jwks)  # type: ignore[union-attr]
+        issuer_app.router.add_get(urlsplit(_jwks_url(provider)).path, serve_jwks)
         upstream_app = web.Application(client_max_size=0)
         upstream_app.router.add_route("*", "/{tail:.*}", _echo)
         for app, role in ((issuer_app, "issuer"), (upstream_app, "upstream")):
@@ -247,9 +281,18 @@ async def run_demo(config_path: Path, *, stop: asyncio.Event | None = None,
         now = time.time()
 
         def token(scope: str) -> str:
-            return mint(private_key_pem=key.private_pem, secret=None, alg="RS256", kid=DEMO_KID,
-                        iss=provider.issuers[0], aud=[provider.audiences[0]], sub="alice", ttl_seconds=3600,
-                        claims={"email": "alice@example.com", "email_verified": True, "scope": scope}, now=now)
+            return mint(
+                private_key_pem=key.private_pem,
+                secret=None,
+                alg="RS256",
+                kid=DEMO_KID,
+                iss=provider.issuers[0],
+                aud=[provider.audiences[0]],
+                sub="alice",
+                ttl_seconds=3600,
+                claims={"email": "alice@example.com", "email_verified": True, "scope": scope},
+                now=now,
+            )
 
         at = _addresses(settings, provider)
 
@@ -259,16 +302,20 @@ async def run_demo(config_path: Path, *, stop: asyncio.Event | None = None,
             return f"{name:<9}{url}" + (f"   ({notes})" if notes else "")
 
         info = DemoInfo(
-            base=_origin(at["listen"]), user_token=token("orders:read"), admin_token=token("orders:read admin"),
-            command=command(), config=str(served_path.resolve()),
+            base=_origin(at["listen"]),
+            user_token=token("orders:read"),
+            admin_token=token("orders:read admin"),
+            command=command(),
+            config=str(served_path.resolve()),
             places=(
                 place("sidecar", "listen", _origin(at["listen"])),
                 place("admin", "admin", _origin(at["admin"]) + "/readyz"),
-                place("issuer", "issuer", provider.keys.url),  # type: ignore[union-attr]
+                place("issuer", "issuer", _jwks_url(provider)),
                 place("upstream", "upstream", settings.upstream.url, "echoes what it receives"),
                 f"{'config':<9}{served_path.resolve()}"
                 + (f"   (a copy of {config_path} with these ports)" if moves else ""),
-            ))
+            ),
+        )
         stop = stop or asyncio.Event()
         sockets = Sockets(listen=bound.pop("listen"), admin=bound.pop("admin"))
         serving = asyncio.create_task(serve(settings, config_path=str(served_path), stop=stop, sockets=sockets))

@@ -18,9 +18,7 @@ import datetime
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any
-
-from jwt.exceptions import DecodeError
+from typing import Any, cast
 
 from ..auth.keys import KeySource
 from ..auth.verify import (
@@ -56,11 +54,22 @@ __all__ = [
 ]
 
 NOT_CHECKED_SIGNATURE = "not checked: signature failed"
-CONFIG_CHECKS = ("the size limit (max_token_bytes)", "the alg allow-list", "typ", "the signature (the provider's keys)",
-                 "iss", "aud", "required claims", "exp, nbf and iat with the provider's leeway", "max_token_age",
-                 "the claim headers", "each route's rules (methods, scopes, claims)")
+CONFIG_CHECKS = (
+    "the size limit (max_token_bytes)",
+    "the alg allow-list",
+    "typ",
+    "the signature (the provider's keys)",
+    "iss",
+    "aud",
+    "required claims",
+    "exp, nbf and iat with the provider's leeway",
+    "max_token_age",
+    "the claim headers",
+    "each route's rules (methods, scopes, claims)",
+)
 """What `token explain` cannot check without a config, in the words it prints."""
-DEFAULT_MAX_TOKEN_BYTES: int = next(f.default for f in fields(Settings) if f.name == "max_token_bytes")
+# cast: the field has a default (dataclasses types it "or MISSING").
+DEFAULT_MAX_TOKEN_BYTES = cast(int, next(f.default for f in fields(Settings) if f.name == "max_token_bytes"))
 """The size limit of a config that sets none: the one `token explain` applies without a config."""
 
 
@@ -135,10 +144,13 @@ def inspect(token: str) -> Form:
     parts = token.split(".")
     if len(parts) != 3:
         if len(parts) == 5:
-            header = _json_object(parts[0])
-            if header is not None and "enc" in header:
-                return Form(size, f"not a JWT the proxy accepts: 5 segments, an encrypted JWT (JWE, RFC 7516, "
-                                  f"enc {shown(header['enc'])}); the proxy accepts only signed JWTs (JWS, 3 segments)")
+            jwe_header = _json_object(parts[0])
+            if jwe_header is not None and "enc" in jwe_header:
+                return Form(
+                    size,
+                    f"not a JWT the proxy accepts: 5 segments, an encrypted JWT (JWE, RFC 7516, "
+                    f"enc {shown(jwe_header['enc'])}); the proxy accepts only signed JWTs (JWS, 3 segments)",
+                )
         hint = _looks_like(token) if len(parts) == 1 else ""
         return Form(size, f"not a JWT: {segments_problem(len(parts))}{hint}")
     try:
@@ -170,8 +182,14 @@ def _header_words(segment: str, detail: str) -> str:
     return f"not a JWT: the header is not strict JSON: {what}"
 
 
-_JSON_KINDS = {list: "a JSON array", str: "a JSON string", int: "a JSON number", float: "a JSON number",
-               bool: "a JSON boolean", type(None): "JSON null"}
+_JSON_KINDS = {
+    list: "a JSON array",
+    str: "a JSON string",
+    int: "a JSON number",
+    float: "a JSON number",
+    bool: "a JSON boolean",
+    type(None): "JSON null",
+}
 
 
 def _json_object(segment: str) -> dict[str, Any] | None:
@@ -201,8 +219,10 @@ def provider_problem(settings: Settings, payload: Mapping[str, Any] | None) -> t
     if not settings.providers:
         return "the config has no providers, so no token is accepted", Reason.ISSUER
     if payload is None:
-        return (f"the payload does not decode, so its iss cannot choose a provider (issuers: {issuers})",
-                Reason.MALFORMED)
+        return (
+            f"the payload does not decode, so its iss cannot choose a provider (issuers: {issuers})",
+            Reason.MALFORMED,
+        )
     if "iss" not in payload or payload["iss"] is None:
         return f"the token has no iss, so no provider can be chosen by it (issuers: {issuers})", Reason.MISSING_CLAIM
     return f"no provider accepts iss {shown(payload['iss'])} (issuers: {issuers})", Reason.ISSUER
@@ -223,7 +243,7 @@ def when(value: Any, now: float) -> str:
 
 
 def _span(seconds: float) -> str:
-    seconds = int(round(seconds))
+    seconds = round(seconds)
     for unit, size, smaller, small_size in (("d", 86400, "h", 3600), ("h", 3600, "m", 60), ("m", 60, "s", 1)):
         if seconds >= size:
             rest = (seconds % size) // small_size
@@ -244,6 +264,7 @@ def _date_passed(name: str, verb: str) -> Callable[[Mapping[str, Any], Provider,
         if name not in payload:
             return f"no {name} claim"
         return f"{verb} {when(payload[name], now)}; leeway {provider.leeway:g}s"
+
     return passed
 
 
@@ -262,13 +283,17 @@ def _aud_passed(payload: Mapping[str, Any], provider: Provider, now: float) -> s
 _HEADER_PASSED: dict[str, Callable[[TokenHeader, Provider], str]] = {
     "alg": lambda h, p: f"{h.alg} is in the allow-list {list(p.algorithms)}",
     "kid": lambda h, p: f"kid {shown(h.kid)}" if h.kid is not None else "no kid: every key for the alg is tried",
-    "typ": lambda h, p: (f"typ {shown(h.fields['typ'])} is {p.typ!r}" if p.typ is not None
-                         else "the provider requires no typ"),
+    "typ": lambda h, p: (
+        f"typ {shown(h.fields['typ'])} is {p.typ!r}" if p.typ is not None else "the provider requires no typ"
+    ),
     "crit": lambda h, p: "no crit or b64 parameter",
 }
 _CLAIM_PASSED: dict[str, Callable[[Mapping[str, Any], Provider, float], str]] = {
-    "numeric dates": lambda c, p, n: (", ".join(d for d in ("exp", "nbf", "iat") if d in c) + " are JSON numbers"
-                                      if any(d in c for d in ("exp", "nbf", "iat")) else "no exp, nbf or iat"),
+    "numeric dates": lambda c, p, n: (
+        ", ".join(d for d in ("exp", "nbf", "iat") if d in c) + " are JSON numbers"
+        if any(d in c for d in ("exp", "nbf", "iat"))
+        else "no exp, nbf or iat"
+    ),
     "required claims": lambda c, p, n: ", ".join(("iss", "aud", *p.required_claims)) + " present",
     "exp": _date_passed("exp", "expires"),
     "nbf": _date_passed("nbf", "valid from"),
@@ -294,8 +319,9 @@ async def explain(token: str, provider: Provider, source: KeySource, *, now: flo
         steps.append(Step("form", False, form.problem, reason))
         return report
     if len(token) > max_token_bytes:
-        steps.append(Step("size", False, f"token is {len(token)} bytes; the limit is {max_token_bytes}",
-                          Reason.TOO_LARGE))
+        steps.append(
+            Step("size", False, f"token is {len(token)} bytes; the limit is {max_token_bytes}", Reason.TOO_LARGE)
+        )
     else:
         steps.append(Step("size", True, f"{len(token)} bytes; the limit is {max_token_bytes}"))
     header = read_header(token, max_bytes=len(token))  # `inspect` read it: this cannot fail
@@ -368,10 +394,17 @@ def explain_without_config(form: Form) -> Report:
     header = TokenHeader(alg=form.header.get("alg"), kid=form.header.get("kid"), fields=form.header)
     alg = header.alg
     if not isinstance(alg, str) or alg not in SUPPORTED_ALGORITHMS:
-        what = ("the header has no alg" if "alg" not in form.header
-                else f"alg {shown(alg)} is not one the proxy supports")
-        report.steps.append(Step("alg", False, f"{what}; no config can allow it ({', '.join(SUPPORTED_ALGORITHMS)} "
-                                               "are supported)", Reason.ALG_NOT_ALLOWED))
+        what = (
+            "the header has no alg" if "alg" not in form.header else f"alg {shown(alg)} is not one the proxy supports"
+        )
+        report.steps.append(
+            Step(
+                "alg",
+                False,
+                f"{what}; no config can allow it ({', '.join(SUPPORTED_ALGORITHMS)} are supported)",
+                Reason.ALG_NOT_ALLOWED,
+            )
+        )
     else:
         report.steps.append(Step("alg", None, f"needs a config: is {alg} in the provider's allow-list?"))
     for name, check in HEADER_CHECKS:

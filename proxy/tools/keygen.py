@@ -57,8 +57,9 @@ _MAX_RSA_BITS = 16384
 _SECRET_BYTES = 64
 # What `keys generate` writes for a secret (`GeneratedKey.file_bytes`): the unpadded base64url
 # text of _SECRET_BYTES bytes and a newline. `token mint` reads this shape as base64url.
-_GENERATED = re.compile(rb"[A-Za-z0-9_-]{%d}(?:\r?\n)?"
-                        % len(base64.urlsafe_b64encode(bytes(_SECRET_BYTES)).rstrip(b"=")))
+_GENERATED = re.compile(
+    rb"[A-Za-z0-9_-]{%d}(?:\r?\n)?" % len(base64.urlsafe_b64encode(bytes(_SECRET_BYTES)).rstrip(b"="))
+)
 # The kid names the key's file, so it must be a plain file name.
 _KID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _CURVES = {"secp256r1": ("P-256", "ES256"), "secp384r1": ("P-384", "ES384"), "secp521r1": ("P-521", "ES512")}
@@ -105,8 +106,10 @@ def generate(alg: str, kid: str, *, bits: int | None = None) -> GeneratedKey:
     if alg == "RS256":
         size = _DEFAULT_RSA_BITS if bits is None else bits
         if not _DEFAULT_RSA_BITS <= size <= _MAX_RSA_BITS:
-            raise KeyToolError(f"an RSA key of {size} bits is refused; use {_DEFAULT_RSA_BITS} to {_MAX_RSA_BITS} "
-                               "(RFC 7518 §3.3 asks for at least 2048)")
+            raise KeyToolError(
+                f"an RSA key of {size} bits is refused; use {_DEFAULT_RSA_BITS} to {_MAX_RSA_BITS} "
+                "(RFC 7518 §3.3 asks for at least 2048)"
+            )
         private = rsa.generate_private_key(public_exponent=65537, key_size=size)
         jwk = RSAAlgorithm.to_jwk(private.public_key(), as_dict=True)
     elif alg == "ES256":
@@ -135,11 +138,13 @@ def write(key: GeneratedKey, out_dir: Path, *, jwks_path: Path | None = None) ->
         raise KeyToolError(f"{out_dir} is a file; --out names the directory the key files go into")
     private_path = out_dir / key.file_name
     if key.public_jwk is None and jwks_path is not None:
-        raise KeyToolError(f"an {key.alg} secret is shared, never published, so it cannot join a JWK Set; "
-                           "leave out --jwks")
+        raise KeyToolError(
+            f"an {key.alg} secret is shared, never published, so it cannot join a JWK Set; leave out --jwks"
+        )
     if private_path.exists():
-        raise KeyToolError(f"{private_path} already exists; refusing to overwrite a key "
-                           "(choose another --kid or --out)")
+        raise KeyToolError(
+            f"{private_path} already exists; refusing to overwrite a key (choose another --kid or --out)"
+        )
     jwks_target: Path | None = None
     document: dict[str, Any] = {}
     mode = 0o644
@@ -147,8 +152,9 @@ def write(key: GeneratedKey, out_dir: Path, *, jwks_path: Path | None = None) ->
         if jwks_path is None:
             jwks_target = out_dir / "jwks.json"
             if jwks_target.exists():
-                raise KeyToolError(f"{jwks_target} already exists; to add this key to it for a rotation, "
-                                   f"pass --jwks {jwks_target}")
+                raise KeyToolError(
+                    f"{jwks_target} already exists; to add this key to it for a rotation, pass --jwks {jwks_target}"
+                )
             document = {"keys": [dict(key.public_jwk)]}
         else:
             jwks_target = Path(jwks_path)
@@ -192,8 +198,10 @@ def secret_for_minting(data: bytes, encoding: str | None, *, source: str, alg: s
                 raise KeyToolError(f"{source} is empty") from None
             others = [e for e in SECRET_ENCODINGS if e != encoding and _reads_as(data, e) is not None]
             hint = f"; it reads as {' or '.join(others)}" if others else ""
-            raise KeyToolError(f"{source} is not {encoding} text{hint}; give the --secret-encoding that the "
-                               "provider's `secret: encoding:` names") from None
+            raise KeyToolError(
+                f"{source} is not {encoding} text{hint}; give the --secret-encoding that the "
+                "provider's `secret: encoding:` names"
+            ) from None
     if _GENERATED.fullmatch(data) and _reads_as(data, "base64url") is not None:
         return read_secret(data, "base64url"), "base64url"
     need = MIN_HMAC_BYTES.get(alg or "HS256", 32)
@@ -204,9 +212,11 @@ def secret_for_minting(data: bytes, encoding: str | None, *, source: str, alg: s
             readings.setdefault(secret, []).append(name)
     if len(readings) > 1:
         ways = "; ".join(f"as {' or '.join(names)} text: {len(secret)} bytes" for secret, names in readings.items())
-        raise KeyToolError(f"{source} can be read more than one way ({ways}), and a token signed with the wrong "
-                           "bytes verifies nowhere; give --secret-encoding as the provider's `secret: encoding:` "
-                           "says (utf-8 when it says none)")
+        raise KeyToolError(
+            f"{source} can be read more than one way ({ways}), and a token signed with the wrong "
+            "bytes verifies nowhere; give --secret-encoding as the provider's `secret: encoding:` "
+            "says (utf-8 when it says none)"
+        )
     if readings:
         (names,) = readings.values()
         return read_secret(data, names[0]), names[0]
@@ -230,7 +240,7 @@ def parse_claim(text: str) -> tuple[str, Any]:
     name, sep, raw = text.partition("=")
     name = name.strip()
     if not sep or not name:
-        raise KeyToolError(f"{text!r} is not a claim; write NAME=VALUE, e.g. admin=true or roles='[\"a\",\"b\"]'")
+        raise KeyToolError(f'{text!r} is not a claim; write NAME=VALUE, e.g. admin=true or roles=\'["a","b"]\'')
     try:
         value: Any = json.loads(raw, parse_constant=_no_constant)
     except ValueError:
@@ -295,9 +305,11 @@ def mint(
         if "nbf" in extra:
             raise KeyToolError("nbf is given twice: as a not-before time and as a claim")
         if int(not_before) >= expires:
-            raise KeyToolError(f"the token would never be valid: its nbf ({int(not_before) - issued:+d}s from now) "
-                               f"is not before its exp ({int(ttl_seconds):+d}s); give a longer ttl or an earlier "
-                               "not-before")
+            raise KeyToolError(
+                f"the token would never be valid: its nbf ({int(not_before) - issued:+d}s from now) "
+                f"is not before its exp ({int(ttl_seconds):+d}s); give a longer ttl or an earlier "
+                "not-before"
+            )
         payload["nbf"] = int(not_before)
     payload["jti"] = secrets.token_urlsafe(16)
     payload.update(extra)
@@ -328,8 +340,10 @@ def _random_secret() -> bytes:
 
 def _check_kid(kid: str) -> None:
     if not _KID.fullmatch(kid):
-        raise KeyToolError(f"{kid!r} cannot be a kid here: it names the key's file, so use letters, digits, "
-                           "'.', '_' and '-' (up to 128, not starting with '.', '_' or '-')")
+        raise KeyToolError(
+            f"{kid!r} cannot be a kid here: it names the key's file, so use letters, digits, "
+            "'.', '_' and '-' (up to 128, not starting with '.', '_' or '-')"
+        )
 
 
 def _extended_jwks(path: Path, jwk: Mapping[str, Any]) -> tuple[dict[str, Any], int]:
@@ -349,8 +363,10 @@ def _extended_jwks(path: Path, jwk: Mapping[str, Any]) -> tuple[dict[str, Any], 
         raise KeyToolError(f'{path} is not a JWK Set: expected a JSON object with a "keys" array')
     kids = [k.get("kid") for k in document["keys"] if isinstance(k, dict)]
     if jwk["kid"] in kids:
-        raise KeyToolError(f"kid {jwk['kid']!r} is already in {path}; a new key needs a kid of its own, "
-                           "or verifiers cannot tell the keys apart")
+        raise KeyToolError(
+            f"kid {jwk['kid']!r} is already in {path}; a new key needs a kid of its own, "
+            "or verifiers cannot tell the keys apart"
+        )
     document["keys"].append(dict(jwk))
     return document, mode
 
@@ -408,8 +424,9 @@ def _private_key_algorithm(pem: bytes, alg: str | None) -> tuple[Any, str]:
     try:
         key = serialization.load_pem_private_key(pem, password=None)
     except TypeError:
-        raise KeyToolError("the private key is encrypted; give an unencrypted PEM key "
-                           "(`openssl pkey -in KEY -out PLAIN`)") from None
+        raise KeyToolError(
+            "the private key is encrypted; give an unencrypted PEM key (`openssl pkey -in KEY -out PLAIN`)"
+        ) from None
     except (ValueError, UnsupportedAlgorithm):
         hint = "; it holds a public key, and signing needs the private one" if b"PUBLIC KEY" in pem else ""
         raise KeyToolError(f"the key is not a PEM private key{hint}") from None
@@ -426,6 +443,8 @@ def _private_key_algorithm(pem: bytes, alg: str | None) -> tuple[Any, str]:
         return key, implied
     if not fits(alg, kty, crv):
         described = kty + (f" {crv}" if crv else "")
-        raise KeyToolError(f"{alg} cannot sign with this {described} key; it signs {implied}"
-                           + (" (or RS384, RS512, PS256, PS384, PS512)" if kty == "RSA" else ""))
+        raise KeyToolError(
+            f"{alg} cannot sign with this {described} key; it signs {implied}"
+            + (" (or RS384, RS512, PS256, PS384, PS512)" if kty == "RSA" else "")
+        )
     return key, alg

@@ -73,8 +73,9 @@ class Sidecar:
 
 
 @pytest.fixture
-async def sidecar(aiohttp_server: Any, jwks_server: JwksServer, rsa_key: TestKey,
-                  tmp_path: Any) -> AsyncIterator[Callable[..., Awaitable[Sidecar]]]:
+async def sidecar(
+    aiohttp_server: Any, jwks_server: JwksServer, rsa_key: TestKey, tmp_path: Any
+) -> AsyncIterator[Callable[..., Awaitable[Sidecar]]]:
     sessions: list[aiohttp.ClientSession] = []
     proxies: list[Proxy] = []
     servers: list[Server] = []
@@ -96,13 +97,21 @@ async def sidecar(aiohttp_server: Any, jwks_server: JwksServer, rsa_key: TestKey
         await proxy_server.listen("127.0.0.1", 0)
         host, port = proxy_server.sockets[0]
         runtime = proxy.runtime
-        admin_server = await aiohttp_server(create_admin_app(readiness=runtime.readiness, render=runtime.metrics.render))
+        admin_server = await aiohttp_server(
+            create_admin_app(readiness=runtime.readiness, render=runtime.metrics.render)
+        )
         # auto_decompress off and no cookie jar: see the bytes and headers exactly as sent.
         client = aiohttp.ClientSession(auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar())
         sessions.append(client)
-        return Sidecar(url=f"http://{host}:{port}",
-                       admin_url=str(admin_server.make_url("")).rstrip("/"),
-                       client=client, upstream=upstream, jwks=jwks_server, runtime=runtime, proxy=proxy)
+        return Sidecar(
+            url=f"http://{host}:{port}",
+            admin_url=str(admin_server.make_url("")).rstrip("/"),
+            client=client,
+            upstream=upstream,
+            jwks=jwks_server,
+            runtime=runtime,
+            proxy=proxy,
+        )
 
     yield make
     for server in servers:

@@ -23,7 +23,8 @@ REPO = Path(__file__).parents[2]
 
 
 async def test_a_config_whose_every_route_is_auth_none_starts_and_logs_one_warning(
-        aiohttp_server: Any, jwks_server: Any, rsa_key: TestKey, tmp_path: Path) -> None:
+    aiohttp_server: Any, jwks_server: Any, rsa_key: TestKey, tmp_path: Path
+) -> None:
     jwks_server.document = jwks_of(rsa_key)
     upstream = await start_upstream(aiohttp_server)
     listen, admin = free_port(), free_port()
@@ -32,11 +33,20 @@ async def test_a_config_whose_every_route_is_auth_none_starts_and_logs_one_warni
         f'upstream: {{url: "{upstream.url}"}}\n'
         f'providers:\n  main: {{issuer: "{ISSUER}", audiences: ["{AUDIENCE}"], jwks: {{url: "{jwks_server.url()}"}}}}\n'
         "routes:\n  - {match: {path_prefix: /public/}, auth: none}\n  - {match: {path_prefix: /}, auth: none}\n"
-        f"listen: 127.0.0.1:{listen}\nadmin: 127.0.0.1:{admin}\ndrain_timeout: 1s\n")
+        f"listen: 127.0.0.1:{listen}\nadmin: 127.0.0.1:{admin}\ndrain_timeout: 1s\n"
+    )
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "proxy", "run", "--config", str(path),
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)})
+        sys.executable,
+        "-m",
+        "proxy",
+        "run",
+        "--config",
+        str(path),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     try:
         async with aiohttp.ClientSession() as session:
             await wait_ready(session, f"http://127.0.0.1:{admin}/readyz", proc)

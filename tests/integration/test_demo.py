@@ -79,16 +79,24 @@ async def test_demo_prints_tokens_and_curl_lines_that_do_what_they_say(demo_conf
 
 async def test_jwt_sidecar_demo_command_runs_and_stops_on_ctrl_c(demo_config: Path) -> None:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "proxy", "demo", "--config", str(demo_config),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)})
+        sys.executable,
+        "-m",
+        "proxy",
+        "demo",
+        "--config",
+        str(demo_config),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     try:
         seen = b""
         while b"Ctrl-C stops everything." not in seen:
             line = await asyncio.wait_for(proc.stdout.readline(), 30)
             assert line, (seen, await proc.stderr.read())
             seen += line
-        assert b"curl -s -H \"Authorization: Bearer $TOKEN\"" in seen
+        assert b'curl -s -H "Authorization: Bearer $TOKEN"' in seen
         proc.send_signal(signal.SIGINT)
         assert await asyncio.wait_for(proc.wait(), 30) == 0
     finally:
@@ -126,8 +134,13 @@ async def read_instructions(proc: asyncio.subprocess.Process) -> str:
 
 def shell(*lines: str) -> subprocess.CompletedProcess[str]:
     """The printed lines, pasted into a shell that has not activated any virtual environment."""
-    return subprocess.run(["bash", "-c", "set -e\n" + "\n".join(lines)], capture_output=True, text=True,
-                          timeout=60, env={"PATH": "/usr/bin:/bin", "HOME": os.environ.get("HOME", "/")})
+    return subprocess.run(
+        ["bash", "-c", "set -e\n" + "\n".join(lines)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin", "HOME": os.environ.get("HOME", "/")},
+    )
 
 
 def _shape(line: str) -> str:
@@ -144,9 +157,9 @@ def assert_the_readme_example_has_this_shape(printed: str) -> None:
     """Every line of the README's "What the demo prints" block is a line the demo prints, up to
     ports, tokens and paths (its `...` stands for lines left out)."""
     readme = (REPO / "README.md").read_text()
-    block = readme[readme.index("What the demo prints"):]
-    block = block[block.index("```\n") + 4:]
-    block = block[:block.index("```")]
+    block = readme[readme.index("What the demo prints") :]
+    block = block[block.index("```\n") + 4 :]
+    block = block[: block.index("```")]
     shapes = {_shape(line) for line in printed.splitlines()}
     missing = [line for line in block.splitlines() if line.strip() != "..." and _shape(line) not in shapes]
     assert not missing, (missing, printed)
@@ -156,17 +169,29 @@ async def test_with_8080_and_8000_taken_the_demo_moves_and_its_printed_commands_
     with holding(8080, 8000):
         # From a directory without a config.yaml: the example shipped in the package, real defaults.
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "proxy", "demo", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-            cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)})
+            sys.executable,
+            "-m",
+            "proxy",
+            "demo",
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            cwd=tmp_path,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
         try:
             text = await read_instructions(proc)
             lines = [line.strip() for line in text.splitlines()]
             sidecar = re.search(r"^\s*sidecar\s+http://127\.0\.0\.1:(\d+)\s+\(8080 was taken\)$", text, re.M)
-            upstream = re.search(r"^\s*upstream\s+http://127\.0\.0\.1:(\d+)\s+\(echoes what it receives; "
-                                 r"8000 was taken\)$", text, re.M)
+            upstream = re.search(
+                r"^\s*upstream\s+http://127\.0\.0\.1:(\d+)\s+\(echoes what it receives; "
+                r"8000 was taken\)$",
+                text,
+                re.M,
+            )
             admin = re.search(r"^\s*admin\s+(http://127\.0\.0\.1:\d+/readyz)", text, re.M)
-            copy = re.search(r"^\s*config\s+(\S+)\s+\(a copy of \S+default_config\.yaml with these ports\)$",
-                             text, re.M)
+            copy = re.search(
+                r"^\s*config\s+(\S+)\s+\(a copy of \S+default_config\.yaml with these ports\)$", text, re.M
+            )
             assert sidecar and upstream and admin and copy, text
             assert sidecar.group(1) not in ("8080", "8000") and upstream.group(1) not in ("8080", "8000")
             assert_the_readme_example_has_this_shape(text)
@@ -207,12 +232,20 @@ def test_a_port_asked_for_that_is_taken_is_one_line(option: str) -> None:
         held.bind(("127.0.0.1", 0))
         held.listen()
         port = held.getsockname()[1]
-        result = subprocess.run([sys.executable, "-m", "proxy", "demo", option, str(port)], capture_output=True,
-                                text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=60)
+        result = subprocess.run(
+            [sys.executable, "-m", "proxy", "demo", option, str(port)],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+            timeout=60,
+        )
     assert "Traceback" not in result.stderr
     assert (result.returncode, result.stderr) == (
-        1, f"jwt-sidecar: error: cannot listen on 127.0.0.1:{port} ({option}): address already in use "
-           "(another process listens there; stop it or choose another port)\n")
+        1,
+        f"jwt-sidecar: error: cannot listen on 127.0.0.1:{port} ({option}): address already in use "
+        "(another process listens there; stop it or choose another port)\n",
+    )
 
 
 async def test_ports_asked_for_are_the_ones_printed_and_served() -> None:
@@ -230,12 +263,14 @@ async def test_ports_asked_for_are_the_ones_printed_and_served() -> None:
         assert re.search(rf"^  sidecar  http://127\.0\.0\.1:{ports['listen']}$", text, re.M), text
         assert re.search(rf"^  admin    http://127\.0\.0\.1:{ports['admin']}/readyz$", text, re.M), text
         assert re.search(rf"^  issuer   http://127\.0\.0\.1:{ports['issuer']}/\.well-known/jwks\.json$", text, re.M)
-        assert re.search(rf"^  upstream http://127\.0\.0\.1:{ports['upstream']}   \(echoes what it receives\)$",
-                         text, re.M), text
+        assert re.search(
+            rf"^  upstream http://127\.0\.0\.1:{ports['upstream']}   \(echoes what it receives\)$", text, re.M
+        ), text
         token = re.search(r"TOKEN=(\S+)", text).group(1)
         async with aiohttp.ClientSession() as client:
-            async with client.get(f"http://127.0.0.1:{ports['listen']}/api/hello",
-                                  headers={"Authorization": f"Bearer {token}"}) as response:
+            async with client.get(
+                f"http://127.0.0.1:{ports['listen']}/api/hello", headers={"Authorization": f"Bearer {token}"}
+            ) as response:
                 assert response.status == 200
                 assert (await response.json())["identity"]["X-User-Id"] == "alice"
             async with client.get(f"http://127.0.0.1:{ports['issuer']}/.well-known/jwks.json") as response:
@@ -247,39 +282,62 @@ async def test_ports_asked_for_are_the_ones_printed_and_served() -> None:
 
 def test_the_readme_lists_the_demos_options() -> None:
     readme = (REPO / "README.md").read_text()
-    section = readme[readme.index("## The two commands"):readme.index("## Running it")]
+    section = readme[readme.index("## The two commands") : readme.index("## Running it")]
     listed = set(re.findall(r"`(--[a-z-]+)", section))
-    demo = next(action for action in build_parser()._subparsers._group_actions[0].choices.values()  # noqa: SLF001
-                if action.prog.endswith(" demo"))
-    options = {option for action in demo._actions for option in action.option_strings  # noqa: SLF001
-               if option.startswith("--") and option != "--help"}
+    demo = next(
+        action
+        for action in build_parser()._subparsers._group_actions[0].choices.values()  # noqa: SLF001
+        if action.prog.endswith(" demo")
+    )
+    options = {
+        option
+        for action in demo._actions
+        for option in action.option_strings  # noqa: SLF001
+        if option.startswith("--") and option != "--help"
+    }
     assert listed == options
 
 
 def demo_command(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "proxy", "demo", *args], capture_output=True, text=True, cwd=cwd,
-                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "proxy", "demo", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        timeout=60,
+    )
 
 
 def test_a_demo_config_that_cannot_be_read_or_used_is_one_line(tmp_path: Path) -> None:
     missing = tmp_path / "nope.yaml"
     result = demo_command("--config", str(missing))
     assert (result.returncode, result.stderr) == (
-        1, f"jwt-sidecar: error: {missing}: cannot read the config file: no such file or directory\n")
+        1,
+        f"jwt-sidecar: error: {missing}: cannot read the config file: no such file or directory\n",
+    )
     remote = tmp_path / "remote.yaml"
-    remote.write_text((REPO / "config.yaml").read_text().replace(
-        "url: http://127.0.0.1:8090/.well-known/jwks.json", "url: https://issuer.example/.well-known/jwks.json"))
+    remote.write_text(
+        (REPO / "config.yaml")
+        .read_text()
+        .replace(
+            "url: http://127.0.0.1:8090/.well-known/jwks.json", "url: https://issuer.example/.well-known/jwks.json"
+        )
+    )
     result = demo_command("--config", str(remote))
     assert (result.returncode, result.stderr) == (
-        1, f"jwt-sidecar: error: {remote}: providers: the demo needs a provider whose jwks.url is on loopback "
-           "(127.0.0.1), as in the repository's config.yaml\n")
+        1,
+        f"jwt-sidecar: error: {remote}: providers: the demo needs a provider whose jwks.url is on loopback "
+        "(127.0.0.1), as in the repository's config.yaml\n",
+    )
 
 
 def test_one_port_asked_for_twice_is_a_usage_error() -> None:
     result = demo_command("--port", "9000", "--issuer-port", "9000")
     assert result.returncode == 2
-    assert result.stderr.splitlines()[-1] == ("jwt-sidecar: error: --port and --issuer-port are both 9000; "
-                                              "each listener needs its own port")
+    assert result.stderr.splitlines()[-1] == (
+        "jwt-sidecar: error: --port and --issuer-port are both 9000; each listener needs its own port"
+    )
 
 
 async def test_a_config_port_that_is_asked_for_by_another_listener_gives_way(demo_config: Path) -> None:
@@ -307,16 +365,27 @@ async def test_a_config_port_that_is_asked_for_by_another_listener_gives_way(dem
 
 def test_a_demo_that_never_becomes_ready_says_why_in_one_line(tmp_path: Path) -> None:
     # A second provider, in use by a route, whose issuer does not answer: no keys, not ready.
-    text = (REPO / "config.yaml").read_text().replace("providers:\n", """providers:
+    text = (
+        (REPO / "config.yaml")
+        .read_text()
+        .replace(
+            "providers:\n",
+            """providers:
   elsewhere:
     issuer: https://elsewhere.example/
     audiences: [api]
     jwks: {url: "https://elsewhere.invalid/jwks"}
-""").replace("routes:\n", """routes:
+""",
+        )
+        .replace(
+            "routes:\n",
+            """routes:
   - name: elsewhere
     match: {path_prefix: /elsewhere/}
     auth: {provider: elsewhere}
-""")
+""",
+        )
+    )
     for port in ("8080", "9901", "8000", "8090"):
         text = text.replace(f"127.0.0.1:{port}", f"127.0.0.1:{free_port()}")
     path = tmp_path / "config.yaml"
@@ -324,5 +393,6 @@ def test_a_demo_that_never_becomes_ready_says_why_in_one_line(tmp_path: Path) ->
     result = demo_command("--config", str(path))
     # Above it, the key fetch failures the sidecar logged: they say why there are no keys.
     assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert result.stderr.splitlines()[-1] == ("jwt-sidecar: error: the demo's sidecar was not ready after 10s: "
-                                              "no signing keys yet for provider(s): elsewhere")
+    assert result.stderr.splitlines()[-1] == (
+        "jwt-sidecar: error: the demo's sidecar was not ready after 10s: no signing keys yet for provider(s): elsewhere"
+    )

@@ -46,8 +46,9 @@ async def generated(total: int, chunk: int = MIB) -> AsyncIterator[bytes]:
 async def test_one_gib_upload_streams_in_bounded_memory(sidecar: Any, rsa_key: TestKey) -> None:
     s = await sidecar(STREAM_CONFIG, max_body="0")
     before = peak_rss_bytes()
-    async with await s.request("POST", "/upload", data=generated(GIB), headers=bearer(rsa_key),
-                               timeout=aiohttp.ClientTimeout(total=120)) as response:
+    async with await s.request(
+        "POST", "/upload", data=generated(GIB), headers=bearer(rsa_key), timeout=aiohttp.ClientTimeout(total=120)
+    ) as response:
         assert response.status == 200
         assert await response.json() == {"received": GIB}
     # Client, proxy and upstream share this process: buffering the body anywhere would add ~1 GiB.
@@ -59,8 +60,9 @@ async def test_one_gib_download_streams_in_bounded_memory(sidecar: Any, rsa_key:
     s = await sidecar(STREAM_CONFIG, max_body="0")
     before = peak_rss_bytes()
     received = 0
-    async with await s.get(f"/download?bytes={GIB}", headers=bearer(rsa_key),
-                           timeout=aiohttp.ClientTimeout(total=120)) as response:
+    async with await s.get(
+        f"/download?bytes={GIB}", headers=bearer(rsa_key), timeout=aiohttp.ClientTimeout(total=120)
+    ) as response:
         assert response.status == 200
         async for chunk in response.content.iter_chunked(MIB):
             received += len(chunk)
@@ -78,8 +80,9 @@ async def test_content_length_over_max_body_is_413_before_the_upstream_is_asked(
 
 async def test_chunked_body_over_max_body_is_413(sidecar: Any, rsa_key: TestKey) -> None:
     s = await sidecar(STREAM_CONFIG, max_body="1MB")
-    async with await s.request("POST", "/upload", data=generated(3 * MIB, 64 * 1024),
-                               headers=bearer(rsa_key)) as response:
+    async with await s.request(
+        "POST", "/upload", data=generated(3 * MIB, 64 * 1024), headers=bearer(rsa_key)
+    ) as response:
         assert response.status == 413
 
 
@@ -94,8 +97,10 @@ async def test_upstream_refused_is_502_with_a_json_body(sidecar: Any, rsa_key: T
     s = await sidecar(STREAM_CONFIG.replace('"{upstream}"', f'"http://127.0.0.1:{unused_tcp_port}"'), max_body="0")
     async with await s.get("/x", headers=bearer(rsa_key)) as response:
         assert response.status == 502
-        assert await response.json() == {"error": "bad_gateway",
-                                         "error_description": "The upstream service is unavailable"}
+        assert await response.json() == {
+            "error": "bad_gateway",
+            "error_description": "The upstream service is unavailable",
+        }
 
 
 async def test_upstream_timeout_is_504(sidecar: Any, rsa_key: TestKey) -> None:
@@ -129,14 +134,19 @@ def unreachable_port() -> Iterator[int]:
 async def test_upstream_connect_timeout_is_502_not_504(sidecar: Any, rsa_key: TestKey) -> None:
     # Nothing was sent, so the upstream is unavailable (502); 504 says an answer was late.
     with unreachable_port() as port:
-        s = await sidecar(STREAM_CONFIG.replace('"{upstream}"', f'"http://127.0.0.1:{port}"')
-                          .replace("connect_timeout: 1s", "connect_timeout: 200ms").replace("timeout: 1s", "timeout: 5s"),
-                          max_body="0")
+        s = await sidecar(
+            STREAM_CONFIG.replace('"{upstream}"', f'"http://127.0.0.1:{port}"')
+            .replace("connect_timeout: 1s", "connect_timeout: 200ms")
+            .replace("timeout: 1s", "timeout: 5s"),
+            max_body="0",
+        )
         started = time.monotonic()
         async with await s.get("/x", headers=bearer(rsa_key)) as response:
             assert response.status == 502
-            assert await response.json() == {"error": "bad_gateway",
-                                             "error_description": "The upstream service is unavailable"}
+            assert await response.json() == {
+                "error": "bad_gateway",
+                "error_description": "The upstream service is unavailable",
+            }
         assert 0.19 <= time.monotonic() - started < 3.0  # the connect timeout ended it, not the 5s answer timeout
         # A WebSocket handshake opens its own connection: the same answer.
         with contextlib.suppress(aiohttp.WSServerHandshakeError):

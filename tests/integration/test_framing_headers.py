@@ -22,31 +22,39 @@ BODY = b"5\r\nhello\r\n0\r\n\r\n"
 
 
 def post(*fields: bytes, version: bytes = b"1.1", body: bytes = BODY) -> bytes:
-    return b"POST /public/upload HTTP/%b\r\nHost: x\r\n%b\r\n%b" % (version, b"".join(f + b"\r\n" for f in fields), body)
+    return b"POST /public/upload HTTP/%b\r\nHost: x\r\n%b\r\n%b" % (
+        version,
+        b"".join(f + b"\r\n" for f in fields),
+        body,
+    )
 
 
-@pytest.mark.parametrize(("fields", "status"), [
-    # chunked is the last coding, so the length is known, but we would have to decode the
-    # others: RFC 9112 §6.1's 501. The upstream must never be told only `chunked`.
-    pytest.param([b"Transfer-Encoding: gzip, chunked"], 501, id="gzip-chunked"),
-    pytest.param([b"Transfer-Encoding: gzip", b"Transfer-Encoding: chunked"], 501, id="gzip-then-chunked-lines"),
-    pytest.param([b"Transfer-Encoding: deflate,chunked"], 501, id="deflate-chunked"),
-    pytest.param([b"Transfer-Encoding: x-custom, CHUNKED"], 501, id="unknown-chunked"),
-    pytest.param([b"Transfer-Encoding: identity, chunked"], 501, id="identity-chunked"),
-    # chunked not last (or not there): no length can be known, RFC 9112 §6.3's 400.
-    pytest.param([b"Transfer-Encoding: identity"], 400, id="identity"),
-    pytest.param([b"Transfer-Encoding: gzip"], 400, id="gzip"),
-    pytest.param([b"Transfer-Encoding: chunked, gzip"], 400, id="chunked-gzip"),
-    pytest.param([b"Transfer-Encoding: chunked, chunked"], 400, id="chunked-twice"),
-    pytest.param([b"Transfer-Encoding: chunked", b"Transfer-Encoding: chunked"], 400, id="chunked-two-lines"),
-    pytest.param([b"Transfer-Encoding: xchunked"], 400, id="xchunked"),
-    pytest.param([b"Transfer-Encoding: chunked;q=1"], 400, id="chunked-with-a-parameter"),
-    pytest.param([b"Transfer-Encoding: chunked\t"], 400, id="trailing-tab"),
-    pytest.param([b"Transfer-Encoding: chunked,"], 400, id="trailing-comma"),
-])
+@pytest.mark.parametrize(
+    ("fields", "status"),
+    [
+        # chunked is the last coding, so the length is known, but we would have to decode the
+        # others: RFC 9112 §6.1's 501. The upstream must never be told only `chunked`.
+        pytest.param([b"Transfer-Encoding: gzip, chunked"], 501, id="gzip-chunked"),
+        pytest.param([b"Transfer-Encoding: gzip", b"Transfer-Encoding: chunked"], 501, id="gzip-then-chunked-lines"),
+        pytest.param([b"Transfer-Encoding: deflate,chunked"], 501, id="deflate-chunked"),
+        pytest.param([b"Transfer-Encoding: x-custom, CHUNKED"], 501, id="unknown-chunked"),
+        pytest.param([b"Transfer-Encoding: identity, chunked"], 501, id="identity-chunked"),
+        # chunked not last (or not there): no length can be known, RFC 9112 §6.3's 400.
+        pytest.param([b"Transfer-Encoding: identity"], 400, id="identity"),
+        pytest.param([b"Transfer-Encoding: gzip"], 400, id="gzip"),
+        pytest.param([b"Transfer-Encoding: chunked, gzip"], 400, id="chunked-gzip"),
+        pytest.param([b"Transfer-Encoding: chunked, chunked"], 400, id="chunked-twice"),
+        pytest.param([b"Transfer-Encoding: chunked", b"Transfer-Encoding: chunked"], 400, id="chunked-two-lines"),
+        pytest.param([b"Transfer-Encoding: xchunked"], 400, id="xchunked"),
+        pytest.param([b"Transfer-Encoding: chunked;q=1"], 400, id="chunked-with-a-parameter"),
+        pytest.param([b"Transfer-Encoding: chunked\t"], 400, id="trailing-tab"),
+        pytest.param([b"Transfer-Encoding: chunked,"], 400, id="trailing-comma"),
+    ],
+)
 @bounded
-async def test_transfer_codings_other_than_chunked_alone_are_refused(sidecar: Any, fields: list[bytes],
-                                                                     status: int) -> None:
+async def test_transfer_codings_other_than_chunked_alone_are_refused(
+    sidecar: Any, fields: list[bytes], status: int
+) -> None:
     s = await sidecar()
     raw = await send_raw(s, post(*fields) + SMUGGLED, timeout=2.0)
     answer = first_response(raw)
@@ -84,12 +92,25 @@ async def test_underscore_spellings_of_framing_and_forwarding_headers_never_reac
     # WSGI, CGI and PHP read `_` as `-` (both are HTTP_TRANSFER_ENCODING): such an upstream
     # would take these as its framing (smuggling), its hop-by-hop fields, or rivals to ours.
     s = await sidecar()
-    spoofed = [b"Transfer_Encoding: chunked", b"transfer_encoding: gzip", b"Content_Length: 100",
-               b"CONTENT_LENGTH: 0", b"Keep_Alive: timeout=5", b"Proxy_Connection: keep-alive",
-               b"Proxy_Authorization: Basic eDp5", b"X_Forwarded_For: 6.6.6.6", b"x_forwarded_proto: https",
-               b"X_Forwarded_Host: evil", b"X_Request_Id: evil", b"X_Forwarded-For: 6.6.6.7"]
-    raw = await send_raw(s, post(b"Content-Length: 5", *spoofed, b"X_Custom_Name: kept", b"Connection: close",
-                                 body=b"hello"), timeout=2.0)
+    spoofed = [
+        b"Transfer_Encoding: chunked",
+        b"transfer_encoding: gzip",
+        b"Content_Length: 100",
+        b"CONTENT_LENGTH: 0",
+        b"Keep_Alive: timeout=5",
+        b"Proxy_Connection: keep-alive",
+        b"Proxy_Authorization: Basic eDp5",
+        b"X_Forwarded_For: 6.6.6.6",
+        b"x_forwarded_proto: https",
+        b"X_Forwarded_Host: evil",
+        b"X_Request_Id: evil",
+        b"X_Forwarded-For: 6.6.6.7",
+    ]
+    raw = await send_raw(
+        s,
+        post(b"Content-Length: 5", *spoofed, b"X_Custom_Name: kept", b"Connection: close", body=b"hello"),
+        timeout=2.0,
+    )
     assert first_response(raw).status == 200, raw[:300]
     seen = s.upstream.last()
     assert seen.body_size == 5
@@ -105,8 +126,9 @@ RAW_CONFIG = BASE_CONFIG.replace("{upstream}", "{raw}")
 
 @pytest.mark.parametrize("coding", [b"gzip", b"gzip, chunked", b"chunked, gzip", b"identity", b"chunked\t"])
 @bounded
-async def test_an_upstream_answer_with_another_transfer_coding_is_a_502(sidecar: Any, raw_server: Any,
-                                                                       coding: bytes) -> None:
+async def test_an_upstream_answer_with_another_transfer_coding_is_a_502(
+    sidecar: Any, raw_server: Any, coding: bytes
+) -> None:
     # We decode chunked and nothing else, and Transfer-Encoding is hop-by-hop: relayed without
     # it, the coded bytes would reach the client as the content. A 502, never a guess.
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, index: int) -> None:

@@ -26,18 +26,19 @@ from tests.k8s_support import REPO, edit_config, entrypoint, pod_config
 
 def build_and_install(tmp: Path) -> Path:
     wheels = tmp / "wheels"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheels), str(REPO)],
-                   check=True, timeout=300)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheels), str(REPO)], check=True, timeout=300
+    )
     env_dir = tmp / "venv"
     venv.create(env_dir, with_pip=True)
     wheel = next(wheels.glob("jwt_sidecar-*.whl"))
-    subprocess.run([str(env_dir / "bin" / "python"), "-m", "pip", "install", "-q", str(wheel)],
-                   check=True, timeout=600)
+    subprocess.run([str(env_dir / "bin" / "python"), "-m", "pip", "install", "-q", str(wheel)], check=True, timeout=600)
     return env_dir / "bin"
 
 
 async def test_the_image_entrypoint_serves_the_configmap_config_and_becomes_ready(
-        tmp_path: Path, jwks_server: Any, rsa_key: Any) -> None:
+    tmp_path: Path, jwks_server: Any, rsa_key: Any
+) -> None:
     from tests.conftest import jwks_of
 
     bin_dir = await asyncio.to_thread(build_and_install, tmp_path)
@@ -57,8 +58,9 @@ async def test_the_image_entrypoint_serves_the_configmap_config_and_becomes_read
 
     edit_config(config_file, local)
     env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHONDONTWRITEBYTECODE": "1"}
-    proc = await asyncio.create_subprocess_exec(*argv, env=env, cwd=tmp_path, stdout=asyncio.subprocess.DEVNULL,
-                                                stderr=asyncio.subprocess.PIPE)
+    proc = await asyncio.create_subprocess_exec(
+        *argv, env=env, cwd=tmp_path, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
+    )
     try:
         ready = False
         async with aiohttp.ClientSession() as session:

@@ -40,7 +40,8 @@ async def until(check: Any, what: str, seconds: float = 20) -> None:
 
 
 async def test_a_reapplied_configmap_is_reloaded_and_a_broken_one_refused(
-        aiohttp_server: Any, jwks_server: Any, rsa_key: TestKey, tmp_path: Path) -> None:
+    aiohttp_server: Any, jwks_server: Any, rsa_key: TestKey, tmp_path: Path
+) -> None:
     jwks_server.document = jwks_of(rsa_key)
     issuer = jwks_server.url("").rstrip("/")
     jwks_server.issuer = issuer
@@ -56,17 +57,27 @@ async def test_a_reapplied_configmap_is_reloaded_and_a_broken_one_refused(
 
     edit_config(config_file, local)
     running = config_file.read_text()
-    secret_files = {path: content for path, content in next(iter(mounted_volumes().values())).items()
-                    if path != config_file.name}
+    secret_files = {
+        path: content for path, content in next(iter(mounted_volumes().values())).items() if path != config_file.name
+    }
     assert secret_files, "the Secret is mounted beside the config"
 
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "proxy", "run", "--config", str(config_file), cwd=REPO,
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-        env={**os.environ, "PYTHONPATH": str(REPO)})
+        sys.executable,
+        "-m",
+        "proxy",
+        "run",
+        "--config",
+        str(config_file),
+        cwd=REPO,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     base, metrics = f"http://127.0.0.1:{listen}", f"http://127.0.0.1:{admin}/metrics"
     try:
         async with aiohttp.ClientSession() as session:
+
             async def health() -> int | None:
                 try:
                     async with session.get(base + "/health") as response:
@@ -93,6 +104,7 @@ async def test_a_reapplied_configmap_is_reloaded_and_a_broken_one_refused(
 
             async def guarded() -> bool:
                 return await health() == 401
+
             await until(guarded, "the updated ConfigMap was never applied")
             assert await metric(session, metrics, RELOADS % "success") >= 1
 
@@ -101,6 +113,7 @@ async def test_a_reapplied_configmap_is_reloaded_and_a_broken_one_refused(
 
             async def refused() -> bool:
                 return await metric(session, metrics, RELOADS % "failure") >= 1
+
             await until(refused, "the broken ConfigMap was never noticed")
             assert await health() == 401
             assert await ready()

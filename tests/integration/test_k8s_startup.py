@@ -47,7 +47,7 @@ async def status(session: aiohttp.ClientSession, url: str, **kwargs: Any) -> int
     try:
         async with session.get(url, timeout=aiohttp.ClientTimeout(total=5), **kwargs) as response:
             return response.status
-    except (aiohttp.ClientConnectionError, asyncio.TimeoutError):
+    except (TimeoutError, aiohttp.ClientConnectionError):
         return None
 
 
@@ -58,7 +58,8 @@ def passes(code: int | None) -> bool:
 @pytest.mark.parametrize("outage", ["refused", "http-500"])
 @pytest.mark.parametrize("deployment", DEPLOYMENTS)
 async def test_the_startup_probe_passes_only_once_requests_can_be_authorised(
-        aiohttp_server: Any, rsa_key: TestKey, tmp_path: Path, deployment: str, outage: str) -> None:
+    aiohttp_server: Any, rsa_key: TestKey, tmp_path: Path, deployment: str, outage: str
+) -> None:
     docs = built(deployment=deployment)
     config_file = pod_config(tmp_path / "pod", docs)
     deployed = config.load(config_file)
@@ -92,8 +93,17 @@ async def test_the_startup_probe_passes_only_once_requests_can_be_authorised(
     token = mint({"iss": issuer, "aud": "orders-api"}, key=rsa_key)
     stderr = open(tmp_path / "stderr", "wb")  # noqa: SIM115 - read after the process ends
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "proxy", "run", "--config", str(config_file), cwd=REPO,
-        stdout=asyncio.subprocess.DEVNULL, stderr=stderr, env={**os.environ, "PYTHONPATH": str(REPO)})
+        sys.executable,
+        "-m",
+        "proxy",
+        "run",
+        "--config",
+        str(config_file),
+        cwd=REPO,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=stderr,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     admin_url, api = f"http://127.0.0.1:{admin}", f"http://127.0.0.1:{listen}/api/orders"
     try:
         async with aiohttp.ClientSession() as session:

@@ -39,8 +39,11 @@ async def scrape(s: Any) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]
     async with s.client.get(s.admin_url + "/metrics") as response:
         assert response.status == 200
         text = await response.text()
-    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
-            for family in text_string_to_metric_families(text) for sample in family.samples}
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
 
 
 async def test_requests_are_counted_by_route_decision_and_reason(sidecar: Any, rsa_key: TestKey) -> None:
@@ -72,21 +75,36 @@ async def test_requests_the_parser_refuses_are_counted_and_logged(sidecar: Any, 
     # They never reach a route, but a flood of them must show on dashboards and in the log.
     s = await sidecar()
     s.runtime.access_log = AccessLog(sys.stdout.buffer, interval=0.01)
-    for request in (b"GET /x HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n",  # 431
-                    b"GET /x HTTP/1.1\r\n\r\n",  # no Host: 400
-                    b"GET /x HTTP/2.0\r\nHost: x\r\n\r\n"):  # 505
+    for request in (
+        b"GET /x HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n",  # 431
+        b"GET /x HTTP/1.1\r\n\r\n",  # no Host: 400
+        b"GET /x HTTP/2.0\r\nHost: x\r\n\r\n",
+    ):  # 505
         reader, writer = await asyncio.open_connection(URL(s.url).host, URL(s.url).port)
         writer.write(request)
         await asyncio.wait_for(reader.read(), 5)
         writer.close()
     samples = await scrape(s)
-    counted = {labels: value for (name, labels), value in samples.items()
-               if name == "jwt_sidecar_requests_total" and dict(labels)["reason"] == "malformed_request"}
+    counted = {
+        labels: value
+        for (name, labels), value in samples.items()
+        if name == "jwt_sidecar_requests_total" and dict(labels)["reason"] == "malformed_request"
+    }
     assert counted == {
-        (("decision", "rejected"), ("method", "other"), ("reason", "malformed_request"), ("route", "(none)"),
-         ("status", "4xx")): 2.0,
-        (("decision", "rejected"), ("method", "other"), ("reason", "malformed_request"), ("route", "(none)"),
-         ("status", "5xx")): 1.0,
+        (
+            ("decision", "rejected"),
+            ("method", "other"),
+            ("reason", "malformed_request"),
+            ("route", "(none)"),
+            ("status", "4xx"),
+        ): 2.0,
+        (
+            ("decision", "rejected"),
+            ("method", "other"),
+            ("reason", "malformed_request"),
+            ("route", "(none)"),
+            ("status", "5xx"),
+        ): 1.0,
     }
     await asyncio.sleep(0.05)
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
@@ -105,7 +123,9 @@ async def test_health_and_readiness(sidecar: Any) -> None:
         assert response.status == 401
 
 
-async def test_not_ready_until_keys_arrive_then_ready_without_traffic(sidecar: Any, jwks_server: Any, rsa_key: TestKey) -> None:
+async def test_not_ready_until_keys_arrive_then_ready_without_traffic(
+    sidecar: Any, jwks_server: Any, rsa_key: TestKey
+) -> None:
     jwks_server.mode = "fail"  # the issuer is down when the sidecar starts
     s = await sidecar()
     async with s.client.get(s.admin_url + "/readyz") as response:
@@ -124,8 +144,9 @@ async def test_not_ready_until_keys_arrive_then_ready_without_traffic(sidecar: A
         assert response.status == 200
 
 
-async def test_reload_applies_a_valid_config_and_keeps_the_old_one_on_an_invalid(sidecar: Any, rsa_key: TestKey,
-                                                                                  tmp_path: Path) -> None:
+async def test_reload_applies_a_valid_config_and_keeps_the_old_one_on_an_invalid(
+    sidecar: Any, rsa_key: TestKey, tmp_path: Path
+) -> None:
     s = await sidecar()
     path = Path(s.runtime.config_path)
     token = mint(key=rsa_key)
@@ -171,22 +192,34 @@ async def wait_ready(session: aiohttp.ClientSession, url: str, proc: asyncio.sub
 
 
 async def test_run_reloads_on_file_change_and_sighup_and_drains_on_sigterm(
-        aiohttp_server: Any, jwks_server: Any, rsa_key: TestKey, tmp_path: Path) -> None:
+    aiohttp_server: Any, jwks_server: Any, rsa_key: TestKey, tmp_path: Path
+) -> None:
     from tests.conftest import jwks_of
     from tests.support.upstream import start_upstream
 
     jwks_server.document = jwks_of(rsa_key)
     upstream = await start_upstream(aiohttp_server)
     listen, admin = free_port(), free_port()
-    text = (BASE_CONFIG.replace("{upstream}", upstream.url).replace("{jwks}", jwks_server.url())
-            .replace("timeout: 2s", "timeout: 10s")
-            + f"listen: 127.0.0.1:{listen}\nadmin: 127.0.0.1:{admin}\ndrain_timeout: 5s\n")
+    text = (
+        BASE_CONFIG.replace("{upstream}", upstream.url)
+        .replace("{jwks}", jwks_server.url())
+        .replace("timeout: 2s", "timeout: 10s")
+        + f"listen: 127.0.0.1:{listen}\nadmin: 127.0.0.1:{admin}\ndrain_timeout: 5s\n"
+    )
     config_file = tmp_path / "config.yaml"
     config_file.write_text(text)
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "proxy", "run", "--config", str(config_file),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)})
+        sys.executable,
+        "-m",
+        "proxy",
+        "run",
+        "--config",
+        str(config_file),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     base, admin_base = f"http://127.0.0.1:{listen}", f"http://127.0.0.1:{admin}"
     try:
         async with aiohttp.ClientSession() as session:
@@ -244,6 +277,7 @@ async def test_run_reloads_on_file_change_and_sighup_and_drains_on_sigterm(
 # key settings alone, a replaced source serves until its successor has keys, and a reload
 # never makes a ready sidecar unready.
 
+
 async def ready(s: Any) -> tuple[int, dict[str, Any]]:
     async with s.client.get(s.admin_url + "/readyz") as response:
         return response.status, await response.json()
@@ -264,7 +298,8 @@ async def take_down(jwks: Any) -> None:
 
 
 async def test_a_reload_that_changes_only_leeway_during_an_issuer_outage_keeps_the_keys(
-        sidecar: Any, rsa_key: TestKey) -> None:
+    sidecar: Any, rsa_key: TestKey
+) -> None:
     s = await sidecar()
     source = s.runtime.snapshot.keyring["main"]
     assert await statuses(s, rsa_key, 3) == [200] * 3
@@ -308,8 +343,11 @@ async def test_every_non_key_change_to_a_provider_keeps_its_key_source(sidecar: 
 
 
 async def test_a_reload_that_changes_algorithms_reindexes_the_held_keys_without_the_issuer(
-        sidecar: Any, rsa_key: TestKey, ec_key: TestKey) -> None:
-    s = await sidecar(BASE_CONFIG.replace("min_refresh_interval: 1s}", "min_refresh_interval: 1s}\n    algorithms: [RS256]"))
+    sidecar: Any, rsa_key: TestKey, ec_key: TestKey
+) -> None:
+    s = await sidecar(
+        BASE_CONFIG.replace("min_refresh_interval: 1s}", "min_refresh_interval: 1s}\n    algorithms: [RS256]")
+    )
     s.jwks.document = jwks_of(rsa_key, ec_key)
     await s.runtime.snapshot.keyring["main"]._fetch()  # the issuer published an EC key too
     assert await statuses(s, ec_key, 1) == [401]  # ES256 is not allowed yet
@@ -328,7 +366,8 @@ async def test_a_reload_that_changes_algorithms_reindexes_the_held_keys_without_
 
 
 async def test_a_reload_to_a_dead_jwks_url_serves_the_old_keys_until_the_new_host_has_keys(
-        sidecar: Any, aiohttp_server: Any, rsa_key: TestKey, rsa_key_2: TestKey) -> None:
+    sidecar: Any, aiohttp_server: Any, rsa_key: TestKey, rsa_key_2: TestKey
+) -> None:
     s = await sidecar()
     first = s.runtime.snapshot.keyring["main"]
     path = Path(s.runtime.config_path)
@@ -363,7 +402,8 @@ async def test_a_reload_to_a_dead_jwks_url_serves_the_old_keys_until_the_new_hos
 
 
 async def test_a_new_key_source_that_has_keys_replaces_the_old_one_at_once(
-        sidecar: Any, aiohttp_server: Any, rsa_key: TestKey, rsa_key_2: TestKey, tmp_path: Path) -> None:
+    sidecar: Any, aiohttp_server: Any, rsa_key: TestKey, rsa_key_2: TestKey, tmp_path: Path
+) -> None:
     """The old keys serve only while the new source has none: never beside the new ones."""
     s = await sidecar()
     first = s.runtime.snapshot.keyring["main"]
@@ -379,8 +419,9 @@ async def test_a_new_key_source_that_has_keys_replaces_the_old_one_at_once(
     old_secret, new_secret = secrets.token_bytes(64), secrets.token_bytes(64)
     secret_file = tmp_path / "hs.key"
     secret_file.write_bytes(old_secret)
-    text = path.read_text().replace(f'jwks: {{url: "{rotated.url()}", min_refresh_interval: 1s}}',
-                                    f'secret: {{file: "{secret_file}"}}')
+    text = path.read_text().replace(
+        f'jwks: {{url: "{rotated.url()}", min_refresh_interval: 1s}}', f'secret: {{file: "{secret_file}"}}'
+    )
     path.write_text(text)
     assert await reload(s.runtime) is True
     hs = [mint({"sub": f"hs-{i}"}, secret=old_secret) for i in range(2)]
@@ -402,8 +443,11 @@ async def test_a_reload_to_another_discovery_issuer_is_a_new_source(sidecar: Any
     s = await sidecar()
     path = Path(s.runtime.config_path)
     discovery = s.jwks.url("/.well-known/openid-configuration")
-    path.write_text(path.read_text().replace(f'jwks: {{url: "{s.jwks.url()}", min_refresh_interval: 1s}}',
-                                             f'discovery: "{discovery}"'))
+    path.write_text(
+        path.read_text().replace(
+            f'jwks: {{url: "{s.jwks.url()}", min_refresh_interval: 1s}}', f'discovery: "{discovery}"'
+        )
+    )
     assert await reload(s.runtime) is True
     source = s.runtime.snapshot.keyring["main"]
     assert source.fallback is None and source.keyset.size == 1  # discovery worked at once
@@ -423,17 +467,24 @@ async def test_a_reload_to_another_discovery_issuer_is_a_new_source(sidecar: Any
 
 
 async def test_a_removed_providers_key_source_is_closed_and_never_fetches_again(
-        sidecar: Any, jwks_server: Any, aiohttp_server: Any, rsa_key: TestKey) -> None:
+    sidecar: Any, jwks_server: Any, aiohttp_server: Any, rsa_key: TestKey
+) -> None:
     other = await start_jwks_server(aiohttp_server, jwks_of(rsa_key))
-    two = BASE_CONFIG.replace("routes:", f'  other:\n    issuer: {ISSUER}\n    audiences: [{AUDIENCE}]\n'
-                                          f'    jwks: {{url: "{other.url()}", cache_ttl: 1s, min_refresh_interval: 1s}}\n'
-                                          "routes:")
+    two = BASE_CONFIG.replace(
+        "routes:",
+        f"  other:\n    issuer: {ISSUER}\n    audiences: [{AUDIENCE}]\n"
+        f'    jwks: {{url: "{other.url()}", cache_ttl: 1s, min_refresh_interval: 1s}}\n'
+        "routes:",
+    )
     s = await sidecar(two)
     removed = s.runtime.snapshot.keyring["other"]
     assert removed.ready
     path = Path(s.runtime.config_path)
-    path.write_text(path.read_text().replace("  other:\n", "  gone_from_here:\n").split("  gone_from_here:")[0]
-                    + "routes:" + path.read_text().split("routes:", 1)[1])
+    path.write_text(
+        path.read_text().replace("  other:\n", "  gone_from_here:\n").split("  gone_from_here:")[0]
+        + "routes:"
+        + path.read_text().split("routes:", 1)[1]
+    )
     assert await reload(s.runtime) is True
     assert "other" not in s.runtime.snapshot.keyring.sources
     assert removed._closed and removed._refresher.done()
@@ -443,14 +494,20 @@ async def test_a_removed_providers_key_source_is_closed_and_never_fetches_again(
 
 
 async def test_a_provider_a_reload_adds_without_keys_does_not_make_the_sidecar_unready(
-        sidecar: Any, rsa_key: TestKey) -> None:
+    sidecar: Any, rsa_key: TestKey
+) -> None:
     s = await sidecar()
     path = Path(s.runtime.config_path)
-    text = path.read_text().replace("routes:", f'  late:\n    issuer: {ISSUER}\n    audiences: [{AUDIENCE}]\n'
-                                               f'    jwks: {{url: "http://127.0.0.1:{free_port()}/jwks.json", '
-                                               "timeout: 1s, min_refresh_interval: 1s}\nroutes:")
-    text = text.replace("  - name: optional", "  - name: late\n    match: {path_prefix: /late/}\n"
-                                             "    auth: {provider: late}\n  - name: optional")
+    text = path.read_text().replace(
+        "routes:",
+        f"  late:\n    issuer: {ISSUER}\n    audiences: [{AUDIENCE}]\n"
+        f'    jwks: {{url: "http://127.0.0.1:{free_port()}/jwks.json", '
+        "timeout: 1s, min_refresh_interval: 1s}\nroutes:",
+    )
+    text = text.replace(
+        "  - name: optional",
+        "  - name: late\n    match: {path_prefix: /late/}\n    auth: {provider: late}\n  - name: optional",
+    )
     path.write_text(text)
     assert await reload(s.runtime) is True
     status, body = await ready(s)
@@ -461,6 +518,7 @@ async def test_a_provider_a_reload_adds_without_keys_does_not_make_the_sidecar_u
 
 # Drain without dropping (issue 10, item 17): a SIGTERM under steady keep-alive load loses no
 # request that was sent on an established connection.
+
 
 @dataclass
 class LoadResults:
@@ -498,8 +556,17 @@ def read_http_answer(sock: socket.socket) -> tuple[int, bool]:
     return int(lines[0].split(" ")[1]), close
 
 
-def keep_alive_client(port: int, request: bytes, results: LoadResults, stop: threading.Event,
-                      term_sent: threading.Event, *, most: int, until: float, per_connection: int) -> None:
+def keep_alive_client(
+    port: int,
+    request: bytes,
+    results: LoadResults,
+    stop: threading.Event,
+    term_sent: threading.Event,
+    *,
+    most: int,
+    until: float,
+    per_connection: int,
+) -> None:
     """Requests back to back on a keep-alive connection, `per_connection` of them (then the
     client closes it and opens another, so some connections are always just accepted), or
     fewer when told to close."""
@@ -538,8 +605,10 @@ def keep_alive_client(port: int, request: bytes, results: LoadResults, stop: thr
                 sock.sendall(request)
                 status, close = read_http_answer(sock)
             except (OSError, EOFError) as error:
-                results.lost.append(f"{type(error).__name__}: {error} (after SIGTERM: {term_sent.is_set()}, "
-                                    f"answers before on this connection: {on_this})")
+                results.lost.append(
+                    f"{type(error).__name__}: {error} (after SIGTERM: {term_sent.is_set()}, "
+                    f"answers before on this connection: {on_this})"
+                )
                 sock.close()
                 sock = None
                 continue
@@ -554,20 +623,32 @@ def keep_alive_client(port: int, request: bytes, results: LoadResults, stop: thr
             sock.close()
 
 
-async def start_run(tmp_path: Path, aiohttp_server: Any, jwks_server: Any, rsa_key: TestKey,
-                    extra: str) -> tuple[asyncio.subprocess.Process, int, str]:
+async def start_run(
+    tmp_path: Path, aiohttp_server: Any, jwks_server: Any, rsa_key: TestKey, extra: str
+) -> tuple[asyncio.subprocess.Process, int, str]:
     from tests.support.upstream import start_upstream
 
     jwks_server.document = jwks_of(rsa_key)
     upstream = await start_upstream(aiohttp_server)
     listen, admin = free_port(), free_port()
     config_file = tmp_path / "config.yaml"
-    config_file.write_text(BASE_CONFIG.replace("{upstream}", upstream.url).replace("{jwks}", jwks_server.url())
-                           + f"listen: 127.0.0.1:{listen}\nadmin: 127.0.0.1:{admin}\naccess_log: false\n" + extra)
+    config_file.write_text(
+        BASE_CONFIG.replace("{upstream}", upstream.url).replace("{jwks}", jwks_server.url())
+        + f"listen: 127.0.0.1:{listen}\nadmin: 127.0.0.1:{admin}\naccess_log: false\n"
+        + extra
+    )
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "proxy", "run", "--config", str(config_file), cwd=REPO,
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "PYTHONPATH": str(REPO)})
+        sys.executable,
+        "-m",
+        "proxy",
+        "run",
+        "--config",
+        str(config_file),
+        cwd=REPO,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     admin_base = f"http://127.0.0.1:{admin}"
     async with aiohttp.ClientSession() as session:
         await wait_ready(session, admin_base + "/readyz", proc)
@@ -576,17 +657,24 @@ async def start_run(tmp_path: Path, aiohttp_server: Any, jwks_server: Any, rsa_k
 
 @pytest.mark.parametrize("drain_delay", [0.0, 1.0])
 async def test_sigterm_under_steady_keep_alive_load_loses_no_request(
-        drain_delay: float, aiohttp_server: Any, jwks_server: Any, rsa_key: TestKey, tmp_path: Path) -> None:
-    proc, port, admin = await start_run(tmp_path, aiohttp_server, jwks_server, rsa_key,
-                                        f"drain_timeout: 5s\ndrain_delay: {drain_delay}s\n")
-    request = (f"GET /status/200 HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {mint(key=rsa_key)}\r\n\r\n"
-               .encode())
+    drain_delay: float, aiohttp_server: Any, jwks_server: Any, rsa_key: TestKey, tmp_path: Path
+) -> None:
+    proc, port, admin = await start_run(
+        tmp_path, aiohttp_server, jwks_server, rsa_key, f"drain_timeout: 5s\ndrain_delay: {drain_delay}s\n"
+    )
+    request = f"GET /status/200 HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {mint(key=rsa_key)}\r\n\r\n".encode()
     results = LoadResults()
     stop, term_sent = threading.Event(), threading.Event()
     until = time.monotonic() + 15
-    clients = [threading.Thread(target=keep_alive_client, args=(port, request, results, stop, term_sent),
-                                kwargs={"most": 3000, "until": until, "per_connection": 1 + index % 4 * 10},
-                                daemon=True) for index in range(12)]
+    clients = [
+        threading.Thread(
+            target=keep_alive_client,
+            args=(port, request, results, stop, term_sent),
+            kwargs={"most": 3000, "until": until, "per_connection": 1 + index % 4 * 10},
+            daemon=True,
+        )
+        for index in range(12)
+    ]
     try:
         for client in clients:
             client.start()

@@ -77,8 +77,10 @@ class Upstream:
             self.heads.append(head)
             key = re.search(rb"(?im)^sec-websocket-key: *(\S+)", head)
             if key:
-                writer.write(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
-                             b"Sec-WebSocket-Accept: " + accept_key(key.group(1)) + b"\r\n\r\n")
+                writer.write(
+                    b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+                    b"Sec-WebSocket-Accept: " + accept_key(key.group(1)) + b"\r\n\r\n"
+                )
             while data := await reader.read(65536):
                 if key:
                     writer.write(data)  # the tunnel is raw bytes: echo them
@@ -96,7 +98,9 @@ class Upstream:
         return f"http://127.0.0.1:{self.server.port}"
 
 
-async def start(sidecar: Any, raw_server: Any, *, body: str = "1s", idle: str = "0", life: str = "0") -> tuple[Any, Upstream]:
+async def start(
+    sidecar: Any, raw_server: Any, *, body: str = "1s", idle: str = "0", life: str = "0"
+) -> tuple[Any, Upstream]:
     upstream = Upstream()
     upstream.server = await raw_server(upstream.serve)
     s = await sidecar(CONFIG, raw=upstream.url, body=body, idle=idle, life=life)
@@ -123,9 +127,11 @@ async def closed_within(reader: asyncio.StreamReader, timeout: float) -> bool:
 
 # -- the request body's deadline -------------------------------------------------------------------
 
+
 @bounded
 async def test_a_trickled_body_gets_408_at_body_timeout_and_the_upstream_request_is_aborted(
-        sidecar: Any, raw_server: Any) -> None:
+    sidecar: Any, raw_server: Any
+) -> None:
     # A byte every 0.25 s never trips the per-read timeout (2 s): only the deadline ends it.
     s, upstream = await start(sidecar, raw_server, body="1s")
     reader, writer = await open_client(s)
@@ -159,10 +165,9 @@ async def test_a_trickled_body_gets_408_at_body_timeout_and_the_upstream_request
 
 
 @bounded
-async def test_a_slow_body_that_completes_within_body_timeout_is_forwarded_whole(
-        sidecar: Any, raw_server: Any) -> None:
+async def test_a_slow_body_that_completes_within_body_timeout_is_forwarded_whole(sidecar: Any, raw_server: Any) -> None:
     s, upstream = await start(sidecar, raw_server, body="3s")
-    reader, writer = await open_client(s)
+    _reader, writer = await open_client(s)
     writer.write(b"POST /public/upload HTTP/1.1\r\nHost: x\r\nContent-Length: 8\r\nConnection: close\r\n\r\n")
     for piece in (b"ab", b"cd", b"ef", b"gh"):  # 0.9 s in all, under 3 s
         await asyncio.sleep(0.3)
@@ -193,13 +198,24 @@ async def test_a_slow_head_gets_408_at_header_timeout_and_is_counted(sidecar: An
     assert upstream.heads == []
     async with s.client.get(s.admin_url + "/metrics") as response:
         text = await response.text()
-    assert sample(text, "jwt_sidecar_requests_total", route="(none)", method="other", decision="rejected",
-                  reason="header_timeout", status="4xx") == 1
+    assert (
+        sample(
+            text,
+            "jwt_sidecar_requests_total",
+            route="(none)",
+            method="other",
+            decision="rejected",
+            reason="header_timeout",
+            status="4xx",
+        )
+        == 1
+    )
 
 
 @bounded
 async def test_a_reload_that_changes_the_connection_limits_is_refused_as_needing_a_restart(
-        sidecar: Any, raw_server: Any, tmp_path: Path) -> None:
+    sidecar: Any, raw_server: Any, tmp_path: Path
+) -> None:
     s, _ = await start(sidecar, raw_server)
     path = Path(s.runtime.config_path)
     original = path.read_text()
@@ -211,11 +227,16 @@ async def test_a_reload_that_changes_the_connection_limits_is_refused_as_needing
 
 # -- WebSocket tunnels -----------------------------------------------------------------------------
 
+
 async def handshake(s: Any, path: str, token: str | None = None) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     reader, writer = await open_client(s)
     auth = f"Authorization: Bearer {token}\r\n" if token else ""
-    writer.write((f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
-                  f"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{auth}\r\n").encode())
+    writer.write(
+        (
+            f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+            f"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{auth}\r\n"
+        ).encode()
+    )
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
     assert head.startswith(b"HTTP/1.1 101 "), head
     return reader, writer
@@ -232,7 +253,8 @@ async def echoes(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, dat
 
 @bounded
 async def test_an_idle_tunnel_is_closed_after_idle_timeout_and_traffic_keeps_it_open(
-        sidecar: Any, raw_server: Any) -> None:
+    sidecar: Any, raw_server: Any
+) -> None:
     s, upstream = await start(sidecar, raw_server, idle="500ms")
     reader, writer = await handshake(s, "/public/ws")
     try:
@@ -268,7 +290,8 @@ async def test_a_busy_tunnel_is_closed_at_max_lifetime(sidecar: Any, raw_server:
 
 @bounded
 async def test_a_tunnel_closes_when_its_token_expires_where_the_route_asks_for_it(
-        sidecar: Any, raw_server: Any, rsa_key: TestKey) -> None:
+    sidecar: Any, raw_server: Any, rsa_key: TestKey
+) -> None:
     # exp 28 s ago: still accepted with the provider's default 30 s leeway, for about 2 s more.
     s, upstream = await start(sidecar, raw_server)
     token = mint({"exp": int(time.time()) - 28}, key=rsa_key)
@@ -290,6 +313,7 @@ async def test_a_tunnel_closes_when_its_token_expires_where_the_route_asks_for_i
 
 # -- the connection limit, in a process with few descriptors --------------------------------------
 
+
 def _nofile(limit: int) -> Any:
     def set_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
@@ -297,21 +321,36 @@ def _nofile(limit: int) -> Any:
     return set_limit
 
 
-async def run_sidecar(tmp_path: Path, jwks_server: Any, rsa_key: TestKey, upstream: str, extra: str,
-                      nofile: int) -> tuple[asyncio.subprocess.Process, int, str, Path]:
+async def run_sidecar(
+    tmp_path: Path, jwks_server: Any, rsa_key: TestKey, upstream: str, extra: str, nofile: int
+) -> tuple[asyncio.subprocess.Process, int, str, Path]:
     jwks_server.document = jwks_of(rsa_key)
     listen, admin = free_port(), free_port()
-    text = (CONFIG.replace("{raw}", upstream).replace("{jwks}", jwks_server.url()).replace("{body}", "5s")
-            .replace("{idle}", "0").replace("{life}", "0")
-            + f"listen: 127.0.0.1:{listen}\nadmin: 127.0.0.1:{admin}\naccess_log: false\n{extra}")
+    text = (
+        CONFIG.replace("{raw}", upstream)
+        .replace("{jwks}", jwks_server.url())
+        .replace("{body}", "5s")
+        .replace("{idle}", "0")
+        .replace("{life}", "0")
+        + f"listen: 127.0.0.1:{listen}\nadmin: 127.0.0.1:{admin}\naccess_log: false\n{extra}"
+    )
     path = tmp_path / "config.yaml"
     path.write_text(text)
     stderr = tmp_path / "stderr"
     with stderr.open("wb") as err:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "proxy", "run", "--config", str(path), cwd=REPO,
-            stdout=asyncio.subprocess.DEVNULL, stderr=err, preexec_fn=_nofile(nofile),
-            env={**os.environ, "PYTHONPATH": str(REPO)})
+            sys.executable,
+            "-m",
+            "proxy",
+            "run",
+            "--config",
+            str(path),
+            cwd=REPO,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=err,
+            preexec_fn=_nofile(nofile),
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
     return proc, listen, f"http://127.0.0.1:{admin}", stderr
 
 
@@ -342,7 +381,8 @@ async def stop(proc: asyncio.subprocess.Process) -> None:
 
 @bounded_by(60.0)
 async def test_at_max_connections_new_ones_are_closed_and_counted_and_the_admin_port_answers(
-        tmp_path: Path, raw_server: Any, jwks_server: Any, rsa_key: TestKey) -> None:
+    tmp_path: Path, raw_server: Any, jwks_server: Any, rsa_key: TestKey
+) -> None:
     upstream = Upstream()
     upstream.server = await raw_server(upstream.serve)
     # 256 descriptors, max_connections not set: (256 - 128) / 2 = 64.
@@ -413,12 +453,14 @@ def cpu_seconds(pid: int) -> float:
 
 @bounded_by(60.0)
 async def test_out_of_descriptors_at_accept_neither_spins_nor_floods_the_log_and_recovers(
-        tmp_path: Path, raw_server: Any, jwks_server: Any, rsa_key: TestKey) -> None:
+    tmp_path: Path, raw_server: Any, jwks_server: Any, rsa_key: TestKey
+) -> None:
     # max_connections set far past what 256 descriptors allow: accept itself fails (EMFILE).
     upstream = Upstream()
     upstream.server = await raw_server(upstream.serve)
-    proc, port, admin, stderr = await run_sidecar(tmp_path, jwks_server, rsa_key, upstream.url,
-                                                  "max_connections: 5000\n", nofile=256)
+    proc, port, admin, stderr = await run_sidecar(
+        tmp_path, jwks_server, rsa_key, upstream.url, "max_connections: 5000\n", nofile=256
+    )
     held: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
     try:
         async with aiohttp.ClientSession() as session:

@@ -39,8 +39,10 @@ REPO = Path(__file__).parents[2]
 # character, NEL, right-to-left override, line and paragraph separators, NUL, DEL, a
 # zero-width space, a tag character, a lone surrogate cannot travel in UTF-8 JSON so none;
 # and a try at closing a JSON string to forge a member.
-EVIL = ('\n2026-01-01 00:00:00,000 ERROR jwt_sidecar: forged\r\x1b[2J\x1b]0;pwned\x07\x9b31m\x85'
-        '\u202egnp.exe\u2028\u2029\x00\x7f\u200b\U000e0041","level":"FORGED"')
+EVIL = (
+    "\n2026-01-01 00:00:00,000 ERROR jwt_sidecar: forged\r\x1b[2J\x1b]0;pwned\x07\x9b31m\x85"
+    '\u202egnp.exe\u2028\u2029\x00\x7f\u200b\U000e0041","level":"FORGED"'
+)
 
 # Everything a log line must not hold raw (safetext.UNSAFE's classes, checked here from the
 # Unicode database rather than from our own list).
@@ -49,6 +51,7 @@ _CONTROL_CATEGORIES = ("Cc", "Cf", "Zl", "Zp", "Cs")
 
 def unsafe_characters(text: str) -> list[str]:
     import unicodedata
+
     return [f"U+{ord(c):04X}" for c in text if unicodedata.category(c) in _CONTROL_CATEGORIES]
 
 
@@ -76,8 +79,10 @@ async def raw_request(port: int, head: bytes) -> bytes:
 
 
 async def get(port: int, path: str, headers: dict[str, str] | None = None) -> int:
-    async with aiohttp.ClientSession() as session, \
-            session.get(f"http://127.0.0.1:{port}{path}", headers=headers or {}) as response:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{port}{path}", headers=headers or {}) as response,
+    ):
         await response.read()
         return response.status
 
@@ -117,7 +122,7 @@ async def _kid_long(ctx: Context) -> None:
 async def _alg(ctx: Context) -> None:
     token = mint(key=ctx["key"])
     header = jwt.utils.base64url_encode(json.dumps({"alg": evil("alg"), "kid": ctx["key"].kid}).encode()).decode()
-    assert await get(ctx["listen"], "/alg/x", bearer(header + token[token.index("."):])) == 401
+    assert await get(ctx["listen"], "/alg/x", bearer(header + token[token.index(".") :])) == 401
 
 
 async def _typ_and_crit(ctx: Context) -> None:
@@ -148,23 +153,31 @@ async def _path(ctx: Context) -> None:
     target = b"/api/" + marker("pathenc").encode() + b"%0a%1b%5b2J%c2%9b"
     await raw_request(ctx["listen"], b"GET " + target + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     # Raw control bytes: refused by the parser, but the refusal may be logged.
-    await raw_request(ctx["listen"], b"GET /" + marker("pathctl").encode()
-                      + b"\x1b[2J\x7f HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    await raw_request(
+        ctx["listen"],
+        b"GET /" + marker("pathctl").encode() + b"\x1b[2J\x7f HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
 
 
 async def _method(ctx: Context) -> None:
-    await raw_request(ctx["listen"], marker("method").encode() + b"\xc2\x9b31m /api/x HTTP/1.1\r\nHost: x\r\n"
-                      b"Connection: close\r\n\r\n")
+    await raw_request(
+        ctx["listen"],
+        marker("method").encode() + b"\xc2\x9b31m /api/x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
 
 
 async def _headers(ctx: Context) -> None:
     # Control bytes in a header value are refused by the parser (a 400 with nothing of them
     # logged); obs-text (RFC 9110 §5.5) gets through: bidi and line separators in UTF-8.
-    await raw_request(ctx["listen"], ("GET /api/" + marker("headers") + " HTTP/1.1\r\nHost: x\x1b[2J\r\n"
-                                      "Connection: close\r\n\r\n").encode())
-    head = ("GET /api/" + marker("headers2") + " HTTP/1.1\r\nHost: " + marker("host") + "\u202e\u2028\x85\r\n"
-            "X-Request-Id: " + marker("requestid") + "\u2028\u202e\r\nAuthorization: Bearer a b\r\n"
-            "Cookie: " + marker("cookie") + "\u202e\r\nConnection: close\r\n\r\n").encode()
+    await raw_request(
+        ctx["listen"],
+        ("GET /api/" + marker("headers") + " HTTP/1.1\r\nHost: x\x1b[2J\r\nConnection: close\r\n\r\n").encode(),
+    )
+    head = (
+        "GET /api/" + marker("headers2") + " HTTP/1.1\r\nHost: " + marker("host") + "\u202e\u2028\x85\r\n"
+        "X-Request-Id: " + marker("requestid") + "\u2028\u202e\r\nAuthorization: Bearer a b\r\n"
+        "Cookie: " + marker("cookie") + "\u202e\r\nConnection: close\r\n\r\n"
+    ).encode()
     await raw_request(ctx["listen"], head)
 
 
@@ -225,17 +238,20 @@ class Run:
 
 def jwks_with_evil_kids(key: TestKey) -> dict[str, Any]:
     [good] = jwks_of(key)["keys"]
-    keys = [{**good, "kid": evil("jwks")},
-            {**good, "kid": marker("jwks") + "K" * 65536},
-            {**good, "kid": evil("jwks_skipped"), "use": "enc"},
-            {**good, "kid": "skip2" + EVIL, "use": evil("jwks_use")}]
+    keys = [
+        {**good, "kid": evil("jwks")},
+        {**good, "kid": marker("jwks") + "K" * 65536},
+        {**good, "kid": evil("jwks_skipped"), "use": "enc"},
+        {**good, "kid": "skip2" + EVIL, "use": evil("jwks_use")},
+    ]
     keys += [{**good, "kid": f"many-{i}"} for i in range(300)]
     return {"keys": keys}
 
 
 @pytest.mark.parametrize("log_format", ["text", "json"])
 async def test_no_source_can_forge_escape_or_flood_a_log_line(
-        tmp_path: Path, aiohttp_server: Any, rsa_key: TestKey, log_format: str) -> None:
+    tmp_path: Path, aiohttp_server: Any, rsa_key: TestKey, log_format: str
+) -> None:
     good = await start_jwks_server(aiohttp_server, jwks_of(rsa_key))
     bad_keys = await start_jwks_server(aiohttp_server, jwks_with_evil_kids(rsa_key))
     discovery = await start_jwks_server(aiohttp_server, jwks_of(rsa_key))
@@ -245,33 +261,47 @@ async def test_no_source_can_forge_escape_or_flood_a_log_line(
     listen, admin = free_port(), free_port()
 
     def provider(name: str, source: str) -> str:
-        return (f"  {name}:\n    issuer: {ISSUER}\n    audiences: [{AUDIENCE}]\n    {source}\n")
+        return f"  {name}:\n    issuer: {ISSUER}\n    audiences: [{AUDIENCE}]\n    {source}\n"
 
     route_name = json.dumps(evil("route"))  # a YAML double-quoted string takes JSON's escapes
     config = (
         f"listen: 127.0.0.1:{listen}\nadmin: 127.0.0.1:{admin}\nlog_level: DEBUG\nlog_format: {log_format}\n"
-        f"upstream: {{url: \"http://127.0.0.1:{up_port}\", timeout: 2s, connect_timeout: 1s}}\n"
+        f'upstream: {{url: "http://127.0.0.1:{up_port}", timeout: 2s, connect_timeout: 1s}}\n'
         "providers:\n"
-        + provider("main", f"jwks: {{url: \"{good.url()}\", min_refresh_interval: 1s}}")
+        + provider("main", f'jwks: {{url: "{good.url()}", min_refresh_interval: 1s}}')
         # One provider per token source: request_refused lines are throttled per provider
         # (one a second), and each source's line must be written to be checked.
-        + "".join(provider(name, f"jwks: {{url: \"{good.url()}\", min_refresh_interval: 1s}}") for name in TOKENS)
-        + provider("evilkeys", f"jwks: {{url: \"{bad_keys.url()}\", min_refresh_interval: 1s}}")
-        + provider("disco", f"discovery: {{url: \"{discovery.url('/.well-known/openid-configuration')}\", "
-                            "min_refresh_interval: 1s, timeout: 1s}")
+        + "".join(provider(name, f'jwks: {{url: "{good.url()}", min_refresh_interval: 1s}}') for name in TOKENS)
+        + provider("evilkeys", f'jwks: {{url: "{bad_keys.url()}", min_refresh_interval: 1s}}')
+        + provider(
+            "disco",
+            f'discovery: {{url: "{discovery.url("/.well-known/openid-configuration")}", '
+            "min_refresh_interval: 1s, timeout: 1s}",
+        )
         + "routes:\n"
         "  - {name: pub, match: {path_prefix: /pub/}, auth: none}\n"
         "  - {name: up, match: {path_prefix: /up/}, auth: none}\n"
         f"  - {{name: {route_name}, match: {{path_prefix: /named/}}, auth: {{provider: evilkeys}}}}\n"
         "  - {name: disco, match: {path_prefix: /disco/}, auth: {provider: disco}}\n"
         "  - {name: api, match: {path_prefix: /api/}, auth: {provider: main}}\n"
-        + "".join(f"  - {{name: {name}, match: {{path_prefix: /{name}/}}, auth: {{provider: {name}}}}}\n"
-                  for name in TOKENS))
+        + "".join(
+            f"  - {{name: {name}, match: {{path_prefix: /{name}/}}, auth: {{provider: {name}}}}}\n" for name in TOKENS
+        )
+    )
     path = tmp_path / "config.yaml"
     path.write_text(config)
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "proxy", "run", "--config", str(path), cwd=REPO,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(REPO)})
+        sys.executable,
+        "-m",
+        "proxy",
+        "run",
+        "--config",
+        str(path),
+        cwd=REPO,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     err, out = bytearray(), bytearray()
     assert proc.stdout is not None and proc.stderr is not None
     pumps = [asyncio.ensure_future(_pump(proc.stderr, err)), asyncio.ensure_future(_pump(proc.stdout, out))]
@@ -280,7 +310,7 @@ async def test_no_source_can_forge_escape_or_flood_a_log_line(
         for name in ("main", *TOKENS):
             await run.wait_for(f"provider {name} is ready")
         ctx = {"listen": listen, "key": rsa_key, "run": run}
-        for name, (action, _) in SOURCES.items():
+        for action, _ in SOURCES.values():
             await action(ctx)
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 20) == 0
@@ -326,7 +356,8 @@ async def test_no_source_can_forge_escape_or_flood_a_log_line(
 
 
 async def test_check_config_and_token_explain_print_nothing_raw(
-        tmp_path: Path, aiohttp_server: Any, rsa_key: TestKey) -> None:
+    tmp_path: Path, aiohttp_server: Any, rsa_key: TestKey
+) -> None:
     """The operator's commands print config values and what key servers send on escaped lines."""
     bad_keys = await start_jwks_server(aiohttp_server, jwks_with_evil_kids(rsa_key))
     discovery = await start_jwks_server(aiohttp_server, jwks_of(rsa_key))
@@ -337,32 +368,43 @@ async def test_check_config_and_token_explain_print_nothing_raw(
     name = json.dumps(evil("route"))
     keys = marker("provider") + "\x1b[31m\u202e\n2026-01-01 00:00:00,000 ERROR forged"  # argv holds no NUL
     config = (
-        "listen: 127.0.0.1:8080\nadmin: 127.0.0.1:9901\nupstream: {url: \"http://127.0.0.1:8000\"}\n"
+        'listen: 127.0.0.1:8080\nadmin: 127.0.0.1:9901\nupstream: {url: "http://127.0.0.1:8000"}\n'
         "providers:\n"
         f"  {json.dumps(keys)}:\n    issuer: {ISSUER}\n    audiences: [{AUDIENCE}, {json.dumps(evil('aud'))}]\n"
-        f"    jwks: {{url: \"{bad_keys.url()}\"}}\n"
+        f'    jwks: {{url: "{bad_keys.url()}"}}\n'
         f"  disco:\n    issuer: {json.dumps(issuer)}\n    audiences: [{AUDIENCE}]\n"
-        f"    discovery: {{url: \"{discovery.url('/.well-known/openid-configuration')}\", timeout: 1s}}\n"
+        f'    discovery: {{url: "{discovery.url("/.well-known/openid-configuration")}", timeout: 1s}}\n'
         "routes:\n"
         f"  - {{name: {name}, match: {{path_prefix: /a/}}, auth: {{provider: {json.dumps(keys)}}}}}\n"
         f"  - {{name: {json.dumps(evil('shadowed'))}, match: {{path_prefix: /b/}}, auth: {{provider: disco}}}}\n"
-        f"  - {{name: {json.dumps(evil('public'))}, match: {{path_prefix: /}}, auth: none}}\n")
+        f"  - {{name: {json.dumps(evil('public'))}, match: {{path_prefix: /}}, auth: none}}\n"
+    )
     path = tmp_path / "config.yaml"
     path.write_text(config)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
 
     async def command(*args: str) -> tuple[int, list[str]]:
         # In a thread: the key servers it fetches from run on this loop.
-        result = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "proxy", *args], cwd=REPO, env=env,
-                                         capture_output=True, text=True, timeout=60)
+        result = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "proxy", *args],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         return result.returncode, result.stdout.splitlines() + result.stderr.splitlines()
 
     status, lines = await command("check-config", str(path))
     assert status == 0, lines
     # A config with an error naming a value of its own: an unknown provider.
     broken = tmp_path / "broken.yaml"
-    broken.write_text(config.replace(f"auth: {{provider: {json.dumps(keys)}}}",
-                                     "auth: {provider: " + json.dumps(evil("unknown")) + "}"))
+    broken.write_text(
+        config.replace(
+            f"auth: {{provider: {json.dumps(keys)}}}", "auth: {provider: " + json.dumps(evil("unknown")) + "}"
+        )
+    )
     status, more = await command("check-config", str(broken))
     assert status == 1 and len(more) == 2, more  # the problem and the summary: no line more
     lines += more
@@ -375,4 +417,4 @@ async def test_check_config_and_token_explain_print_nothing_raw(
     for needle in ("route", "shadowed", "unknown", "aud", "iss", "kid", "discovery", "provider"):
         assert marker(needle) in text, f"{needle} was not printed: the case tested nothing\n{text}"
     assert [line for line in lines if unsafe_characters(line)] == []
-    assert [line for line in lines if line.startswith(("2026-01-01", "\",\"level\""))] == []
+    assert [line for line in lines if line.startswith(("2026-01-01", '","level"'))] == []

@@ -52,26 +52,31 @@ def config(log_format: str, listen: int, admin: int, upstream: str, jwks: str, d
 
     return (
         f"listen: 127.0.0.1:{listen}\nadmin: 127.0.0.1:{admin}\nlog_level: DEBUG\nlog_format: {log_format}\n"
-        f"upstream: {{url: \"{upstream}\", timeout: 2s, connect_timeout: 1s}}\n"
+        f'upstream: {{url: "{upstream}", timeout: 2s, connect_timeout: 1s}}\n'
         "providers:\n"
-        + provider("main", f"jwks: {{url: \"{jwks}\", min_refresh_interval: 1s}}")
+        + provider("main", f'jwks: {{url: "{jwks}", min_refresh_interval: 1s}}')
         + provider("hs", "secret: {env: LOG_SECRETS_HS}\n    algorithms: [HS256]")
-        + provider("down", f"jwks: {{url: \"http://jwks:{DOWN_PASSWORD}@127.0.0.1:{down}/jwks.json\", "
-                           "min_refresh_interval: 1s, timeout: 1s}")
-        + provider("disco", f"discovery: {{url: \"{discovery}\", min_refresh_interval: 1s, timeout: 1s}}")
+        + provider(
+            "down",
+            f'jwks: {{url: "http://jwks:{DOWN_PASSWORD}@127.0.0.1:{down}/jwks.json", '
+            "min_refresh_interval: 1s, timeout: 1s}",
+        )
+        + provider("disco", f'discovery: {{url: "{discovery}", min_refresh_interval: 1s, timeout: 1s}}')
         + "routes:\n"
         "  - {name: hs, match: {path_prefix: /hs/}, auth: {provider: hs}}\n"
         "  - {name: down, match: {path_prefix: /down/}, auth: {provider: down}}\n"
         "  - {name: disco, match: {path_prefix: /disco/}, auth: {provider: disco}}\n"
         f"  - {{name: broken, match: {{path_prefix: /broken/}}, auth: none, upstream: {{url: "
-        f"\"http://app:{UPSTREAM_PASSWORD}@127.0.0.1:{down}\"}}}}\n"
+        f'"http://app:{UPSTREAM_PASSWORD}@127.0.0.1:{down}"}}}}\n'
         "  - {name: api, match: {path_prefix: /}, auth: {provider: main},"
-        " token_sources: [bearer, {cookie: access_token}, {query: access_token}]}\n")
+        " token_sources: [bearer, {cookie: access_token}, {query: access_token}]}\n"
+    )
 
 
 @pytest.mark.parametrize("log_format", ["text", "json"])
 async def test_no_secret_reaches_a_log_line_or_explain(
-        tmp_path: Path, aiohttp_server: Any, rsa_key: TestKey, log_format: str) -> None:
+    tmp_path: Path, aiohttp_server: Any, rsa_key: TestKey, log_format: str
+) -> None:
     upstream = await start_upstream(aiohttp_server)
     jwks = await start_jwks_server(aiohttp_server, jwks_of(rsa_key))
     # An issuer whose discovery document names its JWKS URL with credentials in it.
@@ -80,8 +85,9 @@ async def test_no_secret_reaches_a_log_line_or_explain(
     upstream_url = upstream.url.replace("http://", f"http://app:{UPSTREAM_PASSWORD}@")
     jwks_url = jwks.url().replace("http://", f"http://keys:{JWKS_PASSWORD}@")
     path = tmp_path / "config.yaml"
-    text = config(log_format, listen, admin, upstream_url, jwks_url, down,
-                  jwks.url("/.well-known/openid-configuration"))
+    text = config(
+        log_format, listen, admin, upstream_url, jwks_url, down, jwks.url("/.well-known/openid-configuration")
+    )
     path.write_text(text)
     env = {**os.environ, "PYTHONPATH": str(REPO), "LOG_SECRETS_HS": HS_SECRET}
 
@@ -98,8 +104,17 @@ async def test_no_secret_reaches_a_log_line_or_explain(
     }
 
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "proxy", "run", "--config", str(path), cwd=REPO,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env)
+        sys.executable,
+        "-m",
+        "proxy",
+        "run",
+        "--config",
+        str(path),
+        cwd=REPO,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+    )
     err, out = bytearray(), bytearray()
     assert proc.stdout is not None and proc.stderr is not None
     pumps = [asyncio.ensure_future(_pump(proc.stderr, err)), asyncio.ensure_future(_pump(proc.stdout, out))]
@@ -153,17 +168,28 @@ async def test_no_secret_reaches_a_log_line_or_explain(
     logs = err.decode() + out.decode()
     assert "key fetch failed" in logs and "reload refused" in logs and "config reloaded" in logs
     assert "provider disco is ready" in logs  # its keys came from the discovered URL, password and all
-    secrets = {"HS secret": HS_SECRET, "JWKS password": JWKS_PASSWORD, "down JWKS password": DOWN_PASSWORD,
-               "upstream password": UPSTREAM_PASSWORD, "discovered JWKS URL's password": DISCOVERED_PASSWORD,
-               "query string": QUERY_SECRET, "cookie": COOKIE_SECRET,
-               "Basic credential": BASIC_SECRET, "query separator": "?access_token", "Bearer": "Bearer "}
+    secrets = {
+        "HS secret": HS_SECRET,
+        "JWKS password": JWKS_PASSWORD,
+        "down JWKS password": DOWN_PASSWORD,
+        "upstream password": UPSTREAM_PASSWORD,
+        "discovered JWKS URL's password": DISCOVERED_PASSWORD,
+        "query string": QUERY_SECRET,
+        "cookie": COOKIE_SECRET,
+        "Basic credential": BASIC_SECRET,
+        "query separator": "?access_token",
+        "Bearer": "Bearer ",
+    }
     for name, token in tokens.items():
         secrets[f"{name} token"] = token
         secrets[f"{name} token's signature"] = token.rsplit(".", 1)[-1]
         if name != "garbage":
             secrets[f"{name} token's payload"] = token.split(".")[1]
-    leaked = {name: [line for line in logs.splitlines() if value in line][:2] for name, value in secrets.items()
-              if value in logs}
+    leaked = {
+        name: [line for line in logs.splitlines() if value in line][:2]
+        for name, value in secrets.items()
+        if value in logs
+    }
     assert not leaked, f"in the logs: {leaked}"
 
     # `token explain` decodes the token it is given, on purpose; nothing else secret.
@@ -171,9 +197,24 @@ async def test_no_secret_reaches_a_log_line_or_explain(
     for name, token in tokens.items():
         # In a thread: the JWKS server it fetches from runs on this loop.
         result = await asyncio.to_thread(
-            subprocess.run, [sys.executable, "-m", "proxy", "token", "explain", "--config", str(path), token,
-                             *(["--provider", "hs"] if name.startswith("hs") else [])],
-            cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+            subprocess.run,
+            [
+                sys.executable,
+                "-m",
+                "proxy",
+                "token",
+                "explain",
+                "--config",
+                str(path),
+                token,
+                *(["--provider", "hs"] if name.startswith("hs") else []),
+            ],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         shown = result.stdout + result.stderr
         # "down" is the good token: explain checks it against main, chosen by its iss.
         assert ("VALID" in result.stdout.splitlines()) == (name in ("good", "hs_good", "down")), shown

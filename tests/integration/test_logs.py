@@ -23,18 +23,31 @@ REQUESTS = 300
 SUPPRESSED = re.compile(r" \(([\d,]+) similar suppressed\)$")
 
 
-async def flood(tmp_path: Path, upstream_url: str, jwks_url: str, rsa_key: TestKey,
-                log_level: str) -> tuple[list[str], list[int], float]:
+async def flood(
+    tmp_path: Path, upstream_url: str, jwks_url: str, rsa_key: TestKey, log_level: str
+) -> tuple[list[str], list[int], float]:
     """Run the sidecar, send REQUESTS tokens over about 2.5 s, then one more after a pause,
     stop it; its stderr lines, the statuses, and how many seconds the sidecar ran."""
     listen, admin = free_port(), free_port()
-    text = (BASE_CONFIG.replace("{upstream}", upstream_url).replace("{jwks}", jwks_url)
-            + f"listen: 127.0.0.1:{listen}\nadmin: 127.0.0.1:{admin}\naccess_log: false\n")
+    text = (
+        BASE_CONFIG.replace("{upstream}", upstream_url).replace("{jwks}", jwks_url)
+        + f"listen: 127.0.0.1:{listen}\nadmin: 127.0.0.1:{admin}\naccess_log: false\n"
+    )
     (tmp_path / "config.yaml").write_text(text)
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "proxy", "run", "--config", str(tmp_path / "config.yaml"), "--log-level", log_level,
-        cwd=REPO, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "PYTHONPATH": str(REPO)})
+        sys.executable,
+        "-m",
+        "proxy",
+        "run",
+        "--config",
+        str(tmp_path / "config.yaml"),
+        "--log-level",
+        log_level,
+        cwd=REPO,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     statuses: list[int] = []
     started = time.monotonic()
     try:
@@ -48,15 +61,17 @@ async def flood(tmp_path: Path, upstream_url: str, jwks_url: str, rsa_key: TestK
                 except aiohttp.ClientConnectionError:
                     pass
                 await asyncio.sleep(0.1)
-            for batch in range(10):
+            for _batch in range(10):
                 for _ in range(REQUESTS // 10):
-                    async with session.get(f"http://127.0.0.1:{listen}/orders",
-                                           headers={"Authorization": f"Bearer {token}"}) as response:
+                    async with session.get(
+                        f"http://127.0.0.1:{listen}/orders", headers={"Authorization": f"Bearer {token}"}
+                    ) as response:
                         statuses.append(response.status)
                 await asyncio.sleep(0.25)
             await asyncio.sleep(1.1)  # past the window: the next line carries the count so far
-            async with session.get(f"http://127.0.0.1:{listen}/orders",
-                                   headers={"Authorization": f"Bearer {token}"}) as response:
+            async with session.get(
+                f"http://127.0.0.1:{listen}/orders", headers={"Authorization": f"Bearer {token}"}
+            ) as response:
                 statuses.append(response.status)
         proc.send_signal(signal.SIGTERM)
         assert proc.stderr is not None
@@ -70,15 +85,17 @@ async def flood(tmp_path: Path, upstream_url: str, jwks_url: str, rsa_key: TestK
     return err.decode().splitlines(), statuses, ran
 
 
-async def flood_with_the_issuer_down(tmp_path: Path, aiohttp_server: Any, rsa_key: TestKey,
-                                     log_level: str) -> tuple[list[str], list[int], float]:
+async def flood_with_the_issuer_down(
+    tmp_path: Path, aiohttp_server: Any, rsa_key: TestKey, log_level: str
+) -> tuple[list[str], list[int], float]:
     """`flood` with nothing listening at the JWKS URL."""
     upstream = await start_upstream(aiohttp_server)
     return await flood(tmp_path, upstream.url, f"http://127.0.0.1:{free_port()}/jwks.json", rsa_key, log_level)
 
 
 async def test_an_issuer_outage_writes_a_handful_of_lines_not_one_per_request(
-        tmp_path: Path, aiohttp_server: Any, rsa_key: TestKey) -> None:
+    tmp_path: Path, aiohttp_server: Any, rsa_key: TestKey
+) -> None:
     lines, statuses, ran = await flood_with_the_issuer_down(tmp_path, aiohttp_server, rsa_key, "INFO")
     assert statuses == [503] * (REQUESTS + 1)
     # Start, the failed fetches (at most one line a second), drain, stop: nothing per request.
@@ -93,7 +110,8 @@ async def test_an_issuer_outage_writes_a_handful_of_lines_not_one_per_request(
 
 
 async def test_repeats_are_limited_to_one_a_second_and_counted(
-        tmp_path: Path, aiohttp_server: Any, rsa_key: TestKey) -> None:
+    tmp_path: Path, aiohttp_server: Any, rsa_key: TestKey
+) -> None:
     # At DEBUG every refused request is logged: the same kind of line, limited, and counted.
     lines, statuses, ran = await flood_with_the_issuer_down(tmp_path, aiohttp_server, rsa_key, "DEBUG")
     assert statuses == [503] * (REQUESTS + 1)
@@ -108,11 +126,11 @@ async def test_repeats_are_limited_to_one_a_second_and_counted(
 
 
 async def test_an_upstream_outage_writes_a_line_a_second_with_the_count(
-        tmp_path: Path, jwks_server: Any, rsa_key: TestKey) -> None:
+    tmp_path: Path, jwks_server: Any, rsa_key: TestKey
+) -> None:
     # Every request is refused 502 and logged as a WARNING: limited, and every one counted.
     jwks_server.document = jwks_of(rsa_key)
-    lines, statuses, ran = await flood(tmp_path, f"http://127.0.0.1:{free_port()}", jwks_server.url(), rsa_key,
-                                       "INFO")
+    lines, statuses, ran = await flood(tmp_path, f"http://127.0.0.1:{free_port()}", jwks_server.url(), rsa_key, "INFO")
     assert statuses == [502] * (REQUESTS + 1)
     refused = [line for line in lines if " refused: " in line]
     assert refused and len(refused) <= ran + 1, "\n".join(lines)

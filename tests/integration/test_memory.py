@@ -35,7 +35,7 @@ from proxy.http import http1, upstream
 from proxy.request import forward
 from tests.conftest import TestKey, jwks_of, mint
 from tests.integration.conftest import BASE_CONFIG
-from tests.support.raw import RawServer, bounded_by
+from tests.support.raw import bounded_by
 
 ROUTES = """\
   - name: raw
@@ -86,9 +86,13 @@ async def all_freed(s: Any, collections: list[dict[str, Any]], timeout: float = 
     pool = s.runtime.pool
     counts: dict[str, int] = {}
     for _ in range(int(timeout / 0.05)):
-        counts = {"client": live(http1._Connection), "upstream": live(upstream._Connection) - pool.idle_count(),
-                  "tunnel": live(forward._Tunnel), "request": live(http1.Request),
-                  "response": live(upstream.Response)}
+        counts = {
+            "client": live(http1._Connection),
+            "upstream": live(upstream._Connection) - pool.idle_count(),
+            "tunnel": live(forward._Tunnel),
+            "request": live(http1.Request),
+            "response": live(upstream.Response),
+        }
         if not any(counts.values()):
             break
         await asyncio.sleep(0.05)
@@ -122,8 +126,14 @@ async def misbehaving(reader: asyncio.StreamReader, writer: asyncio.StreamWriter
         elif path == b"/raw/stall-head":  # no answer: the read timeout (504)
             await asyncio.sleep(2)
         elif path == b"/raw/stall-body":  # the answer starts, then stalls: cut after the timeout
-            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + b"10000\r\n" + b"y" * 65536
-                         + b"\r\n10000\r\n" + b"y" * 65536 + b"\r\n")
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                + b"10000\r\n"
+                + b"y" * 65536
+                + b"\r\n10000\r\n"
+                + b"y" * 65536
+                + b"\r\n"
+            )
             await writer.drain()
             await asyncio.sleep(2)
         elif path == b"/raw/trickle":  # a chunk at a time, within the read timeout
@@ -192,7 +202,8 @@ async def test_refused_and_unfinished_heads_are_freed_without_a_collection(sidec
 
 @bounded_by(60)
 async def test_answered_requests_and_clients_that_leave_are_freed_without_a_collection(
-        sidecar: Any, raw_server: Any, rsa_key: TestKey) -> None:
+    sidecar: Any, raw_server: Any, rsa_key: TestKey
+) -> None:
     raw = await raw_server(misbehaving)
     s = await sidecar(CONFIG, raw=f"http://127.0.0.1:{raw.port}", closed=str(closed_port()))
     token = f"Authorization: Bearer {mint(key=rsa_key)}"
@@ -202,8 +213,9 @@ async def test_answered_requests_and_clients_that_leave_are_freed_without_a_coll
             # Complete requests: answered at once (401), proxied (small and streamed), keep-alive then close.
             assert b" 401 " in await exchange(s.url, get("/orders"))
             assert b" 200 " in await exchange(s.url, get("/orders", token))
-            assert b" 200 " in await exchange(s.url, get("/public/x", close=False) + get("/download?bytes=300000",
-                                                                                         token))
+            assert b" 200 " in await exchange(
+                s.url, get("/public/x", close=False) + get("/download?bytes=300000", token)
+            )
             assert b" 200 " in await exchange(s.url, get("/public/a", close=False) * 20 + get("/public/b"))
             # Keep-alive, then the client closes between requests.
             await exchange(s.url, get("/public/a", close=False) * 3, abort_after=0.1)
@@ -212,13 +224,23 @@ async def test_answered_requests_and_clients_that_leave_are_freed_without_a_coll
             await exchange(s.url, get("/slow?seconds=0.3", token, close=False) + get("/public/a") * 3, abort_after=0.1)
             await exchange(s.url, get("/raw/trickle", close=False) + get("/public/a") * 3, abort_after=0.1)
             # Gone mid-body: while the upstream reads it, and before a refusal answer.
-            await exchange(s.url, b"POST /upload HTTP/1.1\r\nHost: x\r\n" + token.encode()
-                           + b"\r\nContent-Length: 100000\r\n\r\n" + b"z" * 5000, abort_after=0.1)
-            await exchange(s.url, b"POST /orders HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
-                           b"Content-Length: 100000\r\n\r\n", abort_after=0.05)
+            await exchange(
+                s.url,
+                b"POST /upload HTTP/1.1\r\nHost: x\r\n"
+                + token.encode()
+                + b"\r\nContent-Length: 100000\r\n\r\n"
+                + b"z" * 5000,
+                abort_after=0.1,
+            )
+            await exchange(
+                s.url,
+                b"POST /orders HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 100000\r\n\r\n",
+                abort_after=0.05,
+            )
             # A body that stalls: 408 after the route's timeout.
-            assert b" 408 " in await exchange(s.url, b"POST /quick/upload HTTP/1.1\r\nHost: x\r\n"
-                                              b"Content-Length: 10\r\nConnection: close\r\n\r\nab")
+            assert b" 408 " in await exchange(
+                s.url, b"POST /quick/upload HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\nConnection: close\r\n\r\nab"
+            )
             # Gone mid-answer, gone while the upstream has not answered yet.
             await exchange(s.url, get("/download?bytes=3000000", token), abort_after=0.1)
             await exchange(s.url, get("/slow?seconds=1", token), abort_after=0.1)
@@ -232,9 +254,17 @@ async def test_failed_upstream_exchanges_are_freed_without_a_collection(sidecar:
     raw = await raw_server(misbehaving)
     s = await sidecar(CONFIG, raw=f"http://127.0.0.1:{raw.port}", closed=str(closed_port()))
     await all_freed(s, [])
-    expected = {"/raw/ok": b" 200 ", "/raw/cut": b" 200 ", "/raw/garbage": b" 502 ", "/raw/switch": b" 502 ",
-                "/raw/endless-head": b" 502 ", "/raw/stall-head": b" 504 ", "/raw/stall-body": b" 200 ",
-                "/raw/extra": b" 200 ", "/down/x": b" 502 "}
+    expected = {
+        "/raw/ok": b" 200 ",
+        "/raw/cut": b" 200 ",
+        "/raw/garbage": b" 502 ",
+        "/raw/switch": b" 502 ",
+        "/raw/endless-head": b" 502 ",
+        "/raw/stall-head": b" 504 ",
+        "/raw/stall-body": b" 200 ",
+        "/raw/extra": b" 200 ",
+        "/down/x": b" 502 ",
+    }
     with no_collection() as collections:
         for _ in range(3):
             for path, status in expected.items():
@@ -252,19 +282,36 @@ async def test_websocket_tunnels_are_freed_without_a_collection(sidecar: Any, rs
     with no_collection() as collections:
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as client:
             for _ in range(5):
-                async with client.ws_connect(s.url + "/ws",
-                                             headers={"Authorization": f"Bearer {mint(key=rsa_key)}"}) as ws:
+                async with client.ws_connect(
+                    s.url + "/ws", headers={"Authorization": f"Bearer {mint(key=rsa_key)}"}
+                ) as ws:
                     assert (await ws.receive_str()).startswith("hello")
                     await ws.send_str("ping")
                     assert await ws.receive_str() == "ping"
             # Refused before the upgrade (no token), and a client gone mid-tunnel.
-            async with client.get(s.url + "/ws", headers={"Connection": "Upgrade", "Upgrade": "websocket",
-                                                          "Sec-WebSocket-Version": "13",
-                                                          "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}) as r:
+            async with client.get(
+                s.url + "/ws",
+                headers={
+                    "Connection": "Upgrade",
+                    "Upgrade": "websocket",
+                    "Sec-WebSocket-Version": "13",
+                    "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+                },
+            ) as r:
                 assert r.status == 401
-        await exchange(s.url, get("/ws", f"Authorization: Bearer {mint(key=rsa_key)}", "Connection: Upgrade",
-                                  "Upgrade: websocket", "Sec-WebSocket-Version: 13",
-                                  "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==", close=False), abort_after=0.2)
+        await exchange(
+            s.url,
+            get(
+                "/ws",
+                f"Authorization: Bearer {mint(key=rsa_key)}",
+                "Connection: Upgrade",
+                "Upgrade: websocket",
+                "Sec-WebSocket-Version: 13",
+                "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+                close=False,
+            ),
+            abort_after=0.2,
+        )
         await all_freed(s, collections)
 
 
@@ -278,10 +325,12 @@ async def test_a_client_that_reads_in_fits_and_starts_gets_every_byte(sidecar: A
     async def numbered(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
         head = await reader.readuntil(b"\r\n\r\n")
         chunked = b"/raw/chunked" in head
-        writer.write(b"HTTP/1.1 200 OK\r\n" + (b"Transfer-Encoding: chunked\r\n\r\n" if chunked
-                                                 else b"Content-Length: %d\r\n\r\n" % size))
+        writer.write(
+            b"HTTP/1.1 200 OK\r\n"
+            + (b"Transfer-Encoding: chunked\r\n\r\n" if chunked else b"Content-Length: %d\r\n\r\n" % size)
+        )
         for offset in range(0, size, 7000):  # pieces that straddle every buffer boundary
-            piece = (pattern * 8)[offset % 1024:][:min(7000, size - offset)]
+            piece = (pattern * 8)[offset % 1024 :][: min(7000, size - offset)]
             writer.write(b"%x\r\n%b\r\n" % (len(piece), piece) if chunked else piece)
             await writer.drain()
         if chunked:
@@ -367,16 +416,25 @@ async def running(jwks_server: Any, rsa_key: TestKey, raw_server: Any, tmp_path:
     port = (await raw_server(upstream.serve)).port
     listen, admin = closed_port(), closed_port()
     # The upstream timeout also bounds how long a client may leave its buffer full: longer than the test.
-    text = (BASE_CONFIG.replace("{upstream}", f"http://127.0.0.1:{port}").replace("{jwks}", jwks_server.url())
-            .replace("timeout: 2s", "timeout: 120s").replace("max_body: 1MB", "max_body: 0")
-            + f"listen: 127.0.0.1:{listen}\nadmin: 127.0.0.1:{admin}\n")
+    text = (
+        BASE_CONFIG.replace("{upstream}", f"http://127.0.0.1:{port}")
+        .replace("{jwks}", jwks_server.url())
+        .replace("timeout: 2s", "timeout: 120s")
+        .replace("max_body: 1MB", "max_body: 0")
+        + f"listen: 127.0.0.1:{listen}\nadmin: 127.0.0.1:{admin}\n"
+    )
     (tmp_path / "config.yaml").write_text(text)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     assert hard == resource.RLIM_INFINITY or hard > 2 * SLOW_READERS + 200, f"{hard} file descriptors at most"
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # this process holds both ends' other sides
-    proc = subprocess.Popen([sys.executable, "-m", "proxy", "run", "--config", str(tmp_path / "config.yaml")],
-                            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, preexec_fn=_all_files,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "proxy", "run", "--config", str(tmp_path / "config.yaml")],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        preexec_fn=_all_files,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         async with aiohttp.ClientSession() as session:
             for _ in range(200):
@@ -420,8 +478,11 @@ async def test_a_thousand_slow_readers_fit_in_the_manifest_memory_limit(running:
         sent = -1
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 30
-        while ((upstream.begun < SLOW_READERS or upstream.sent != sent) and loop.time() < deadline
-               and memory_mib(proc.pid)["VmHWM"] < LIMIT_MIB):
+        while (
+            (upstream.begun < SLOW_READERS or upstream.sent != sent)
+            and loop.time() < deadline
+            and memory_mib(proc.pid)["VmHWM"] < LIMIT_MIB
+        ):
             sent = upstream.sent
             for client in clients[::10]:  # one in ten reads, slowly
                 try:
@@ -465,8 +526,11 @@ async def test_a_thousand_slow_uploads_fit_in_the_manifest_memory_limit(running:
         deadline = loop.time() + 30
         pushed = 1
         # Until every upload reached the upstream and no client can push more (or out of time).
-        while ((upstream.uploads < SLOW_READERS or pushed) and loop.time() < deadline
-               and memory_mib(proc.pid)["VmHWM"] < LIMIT_MIB):
+        while (
+            (upstream.uploads < SLOW_READERS or pushed)
+            and loop.time() < deadline
+            and memory_mib(proc.pid)["VmHWM"] < LIMIT_MIB
+        ):
             pushed = 0
             for client in clients:
                 try:
@@ -491,8 +555,10 @@ async def test_unfinished_and_refused_heads_give_their_memory_back(running: Any)
     # the allocator's free lists settling.)
     proc, _, url = running
     port = URL(url).port
-    heads = (b"GET /x HTTP/1.1\r\nHost: x\r\nX-Unfinished: " + b"a" * 60000,
-             b"GET /x HTTP/1.1\r\nHost: x\r\nX-Refused: " + b"a" * 60000 + b"\r\n\r\n")  # 431
+    heads = (
+        b"GET /x HTTP/1.1\r\nHost: x\r\nX-Unfinished: " + b"a" * 60000,
+        b"GET /x HTTP/1.1\r\nHost: x\r\nX-Refused: " + b"a" * 60000 + b"\r\n\r\n",
+    )  # 431
 
     async def one(head: bytes) -> None:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)

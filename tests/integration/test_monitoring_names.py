@@ -50,11 +50,11 @@ async def scrape(sidecar: Any, rsa_key: TestKey) -> Scrape:
     s = await sidecar(CONFIG)
     token = mint(key=rsa_key)
     for path, headers, status in (
-        ("/orders", bearer(token), 200),            # allowed: a cache miss, then ...
-        ("/orders", bearer(token), 200),            # ... a cache hit
-        ("/orders", {}, 401),                       # denied: token_missing
-        ("/public/%2Fx", {}, 400),                  # rejected: bad_path, route "(none)"
-        ("/slow?seconds=1", bearer(token), 504),    # upstream_error: upstream_timeout
+        ("/orders", bearer(token), 200),  # allowed: a cache miss, then ...
+        ("/orders", bearer(token), 200),  # ... a cache hit
+        ("/orders", {}, 401),  # denied: token_missing
+        ("/public/%2Fx", {}, 400),  # rejected: bad_path, route "(none)"
+        ("/slow?seconds=1", bearer(token), 504),  # upstream_error: upstream_timeout
     ):
         async with await s.get(path, headers=headers) as response:
             assert response.status == status, path
@@ -65,18 +65,31 @@ async def scrape(sidecar: Any, rsa_key: TestKey) -> Scrape:
 
 async def test_the_scrape_has_every_labelled_family(scrape: Scrape) -> None:
     # If one of these is missing the checks below would be weaker than they look.
-    assert scrape.values[("jwt_sidecar_requests_total", "decision")] >= {"allowed", "denied", "rejected", "upstream_error"}
+    assert scrape.values[("jwt_sidecar_requests_total", "decision")] >= {
+        "allowed",
+        "denied",
+        "rejected",
+        "upstream_error",
+    }
     assert scrape.values[("jwt_sidecar_token_cache_requests_total", "result")] == {"hit", "miss"}
     assert scrape.values[("jwt_sidecar_config_reloads_total", "result")] == {"success", "failure"}
-    for family in ("jwt_sidecar_jwks_age_seconds", "jwt_sidecar_jwks_fetch_failures_total",
-                   "jwt_sidecar_provider_ready", "jwt_sidecar_jwks_keys"):
+    for family in (
+        "jwt_sidecar_jwks_age_seconds",
+        "jwt_sidecar_jwks_fetch_failures_total",
+        "jwt_sidecar_provider_ready",
+        "jwt_sidecar_jwks_keys",
+    ):
         assert scrape.values[(family, "provider")] == {"main"}, family
 
 
 async def test_every_metric_in_the_dashboard_and_alerts_is_exported(scrape: Scrape) -> None:
     exported = scrape.names()
-    missing = {(where, selector.metric) for where, expr in all_exprs() for selector in selectors(expr)
-               if selector.metric not in exported}
+    missing = {
+        (where, selector.metric)
+        for where, expr in all_exprs()
+        for selector in selectors(expr)
+        if selector.metric not in exported
+    }
     assert not missing, f"not exported by the sidecar: {sorted(missing)}"
 
 
@@ -93,14 +106,18 @@ async def test_every_label_matched_on_is_one_the_metric_has(scrape: Scrape) -> N
                     # An equality matcher on a value never exported selects nothing, silently.
                     seen = scrape.values[(selector.metric, matcher.label)]
                     if matcher.value not in seen:
-                        wrong.append(f"{where}: {selector.metric}{{{matcher.label}={matcher.value!r}}}: "
-                                     f"the sidecar exports only {sorted(seen)}")
+                        wrong.append(
+                            f"{where}: {selector.metric}{{{matcher.label}={matcher.value!r}}}: "
+                            f"the sidecar exports only {sorted(seen)}"
+                        )
                 elif matcher.op == "=~" and "$" not in matcher.value:
                     seen = scrape.values[(selector.metric, matcher.label)]
                     for value in matcher.value.split("|"):
                         if value not in seen:
-                            wrong.append(f"{where}: {selector.metric}{{{matcher.label}=~...{value}...}}: "
-                                         f"the sidecar exports only {sorted(seen)}")
+                            wrong.append(
+                                f"{where}: {selector.metric}{{{matcher.label}=~...{value}...}}: "
+                                f"the sidecar exports only {sorted(seen)}"
+                            )
     assert not wrong, "\n".join(wrong)
 
 

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
 
 from proxy.base import oplog
 from tests.conftest import AUDIENCE, ISSUER, TestKey, jwks_of, mint
@@ -36,14 +35,18 @@ REPO = Path(__file__).parents[2]
 
 
 def provider(name: str, url: str, timeout: str = "2s") -> str:
-    return (f"  {name}:\n    issuer: {ISSUER}\n    audiences: [{AUDIENCE}]\n"
-            f"    jwks: {{url: \"{url}\", min_refresh_interval: 1s, timeout: {timeout}}}\n")
+    return (
+        f"  {name}:\n    issuer: {ISSUER}\n    audiences: [{AUDIENCE}]\n"
+        f'    jwks: {{url: "{url}", min_refresh_interval: 1s, timeout: {timeout}}}\n'
+    )
 
 
 def config_text(upstream: str, providers: str, routes: str, *, listen: int, admin: int, extra: str = "") -> str:
-    return (f"listen: 127.0.0.1:{listen}\nadmin: 127.0.0.1:{admin}\n"
-            f"upstream: {{url: \"{upstream}\", timeout: 2s, connect_timeout: 1s}}\n"
-            f"providers:\n{providers}routes:\n{routes}{extra}")
+    return (
+        f"listen: 127.0.0.1:{listen}\nadmin: 127.0.0.1:{admin}\n"
+        f'upstream: {{url: "{upstream}", timeout: 2s, connect_timeout: 1s}}\n'
+        f"providers:\n{providers}routes:\n{routes}{extra}"
+    )
 
 
 @dataclass
@@ -62,7 +65,7 @@ class Run:
     def lines(self) -> list[dict[str, Any]]:
         """Every stderr line so far, each parsed as JSON (a line that is not fails the test)."""
         text = self._raw_err.decode()
-        complete = text[:text.rfind("\n") + 1]
+        complete = text[: text.rfind("\n") + 1]
         parsed = []
         for line in complete.splitlines():
             try:
@@ -71,8 +74,9 @@ class Run:
                 raise AssertionError(f"not a JSON line on stderr: {line!r}") from None
         return parsed
 
-    async def wait_for(self, name: str, check: Callable[[dict[str, Any]], bool] = lambda _: True,
-                       timeout: float = 10.0) -> dict[str, Any]:
+    async def wait_for(
+        self, name: str, check: Callable[[dict[str, Any]], bool] = lambda _: True, timeout: float = 10.0
+    ) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             for line in self.events(name):
@@ -92,9 +96,18 @@ async def sidecar(tmp_path: Path, text: str, *args: str, listen: int, admin: int
     path = tmp_path / "config.yaml"
     path.write_text(text)
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "proxy", "run", "--config", str(path), *args,
-        cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "PYTHONPATH": str(REPO)})
+        sys.executable,
+        "-m",
+        "proxy",
+        "run",
+        "--config",
+        str(path),
+        *args,
+        cwd=REPO,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     run = Run(proc, listen, admin, path)
     out = bytearray()
     assert proc.stdout is not None and proc.stderr is not None
@@ -126,9 +139,29 @@ async def sidecar(tmp_path: Path, text: str, *args: str, listen: int, admin: int
 
 
 # Fields that are counts, durations or ids: JSON numbers, never their text.
-NUMBERS = ("at_most", "deaths", "delay", "drain_delay", "drain_timeout", "duration_ms", "index", "keys", "keys_held",
-           "line", "max_connections", "open_files", "pid", "seconds", "skipped", "status", "target", "window", "worker",
-           "workers", "suppressed")
+NUMBERS = (
+    "at_most",
+    "deaths",
+    "delay",
+    "drain_delay",
+    "drain_timeout",
+    "duration_ms",
+    "index",
+    "keys",
+    "keys_held",
+    "line",
+    "max_connections",
+    "open_files",
+    "pid",
+    "seconds",
+    "skipped",
+    "status",
+    "target",
+    "window",
+    "worker",
+    "workers",
+    "suppressed",
+)
 RFC3339_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 
 
@@ -152,8 +185,10 @@ def assert_every_line_is_a_full_json_record(lines: list[dict[str, Any]]) -> None
 
 async def get(port: int, path: str, token: str | None = None) -> int:
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    async with aiohttp.ClientSession() as session, \
-            session.get(f"http://127.0.0.1:{port}{path}", headers=headers) as response:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{port}{path}", headers=headers) as response,
+    ):
         return response.status
 
 
@@ -161,12 +196,14 @@ ROUTES = "  - {name: api, match: {path_prefix: /}, auth: {provider: main}}\n"
 
 
 async def test_keys_rotation_reloads_and_a_vanished_config_are_json_events(
-        tmp_path: Path, aiohttp_server: Any, rsa_key: TestKey, rsa_key_2: TestKey) -> None:
+    tmp_path: Path, aiohttp_server: Any, rsa_key: TestKey, rsa_key_2: TestKey
+) -> None:
     upstream = await start_upstream(aiohttp_server)
     jwks = await start_jwks_server(aiohttp_server, jwks_of(rsa_key))
     listen, admin = free_port(), free_port()
-    text = config_text(upstream.url, provider("main", jwks.url()), ROUTES, listen=listen, admin=admin,
-                       extra="log_format: json\n")
+    text = config_text(
+        upstream.url, provider("main", jwks.url()), ROUTES, listen=listen, admin=admin, extra="log_format: json\n"
+    )
     async with sidecar(tmp_path, text, listen=listen, admin=admin) as run:
         loaded = await run.wait_for("keys_loaded")
         assert loaded["level"] == "INFO" and loaded["provider"] == "main" and loaded["url"] == jwks.url()
@@ -188,10 +225,17 @@ async def test_keys_rotation_reloads_and_a_vanished_config_are_json_events(
         assert await get(listen, "/x", mint(key=rsa_key)) == 401  # its key was rotated out
 
         # A reload that adds a route and changes the provider.
-        more = ("  - {name: health, match: {path_prefix: /health}, auth: none}\n" + ROUTES)
-        run.config.write_text(config_text(upstream.url, provider("main", jwks.url()).replace(
-            f"audiences: [{AUDIENCE}]", f"audiences: [{AUDIENCE}, other]"), more, listen=listen, admin=admin,
-            extra="log_format: json\n"))
+        more = "  - {name: health, match: {path_prefix: /health}, auth: none}\n" + ROUTES
+        run.config.write_text(
+            config_text(
+                upstream.url,
+                provider("main", jwks.url()).replace(f"audiences: [{AUDIENCE}]", f"audiences: [{AUDIENCE}, other]"),
+                more,
+                listen=listen,
+                admin=admin,
+                extra="log_format: json\n",
+            )
+        )
         run.proc.send_signal(signal.SIGHUP)
         applied = await run.wait_for("reload_applied")
         assert applied["routes_added"] == ["health"] and applied["providers_changed"] == ["main"]
@@ -202,7 +246,9 @@ async def test_keys_rotation_reloads_and_a_vanished_config_are_json_events(
         run.proc.send_signal(signal.SIGHUP)
         refused = await run.wait_for("reload_refused")
         assert refused["level"] == "ERROR" and refused["line"] == text.count("\n") + 1
-        assert refused["issues"] == [{"line": refused["line"], "key": "realm", "problem": refused["issues"][0]["problem"]}]
+        assert refused["issues"] == [
+            {"line": refused["line"], "key": "realm", "problem": refused["issues"][0]["problem"]}
+        ]
         assert "previous config keeps serving" in refused["message"]
 
         # The file goes away: said once, and the last good config keeps serving.
@@ -215,12 +261,15 @@ async def test_keys_rotation_reloads_and_a_vanished_config_are_json_events(
     assert len(run.events("config_missing")) == 1
     refusals = [line for line in run.out if line.get("status") == 401]
     assert [(r["reason"], r["route"], r["provider"]) for r in refusals] == [
-        ("expired", "api", "main"), ("unknown_kid", "api", "main")]
+        ("expired", "api", "main"),
+        ("unknown_kid", "api", "main"),
+    ]
     assert run.events("stopped")
 
 
 async def test_every_way_an_issuer_fails_is_named_with_its_peer_and_cause(
-        tmp_path: Path, aiohttp_server: Any, rsa_key: TestKey) -> None:
+    tmp_path: Path, aiohttp_server: Any, rsa_key: TestKey
+) -> None:
     upstream = await start_upstream(aiohttp_server)
     failing = await start_jwks_server(aiohttp_server, jwks_of(rsa_key))
     failing.mode = "fail"
@@ -235,21 +284,39 @@ async def test_every_way_an_issuer_fails_is_named_with_its_peer_and_cause(
     closed, silent_port, tls_port = free_port(), silent.sockets[0].getsockname()[1], tls.sockets[0].getsockname()[1]
     providers = {
         "refused": (f"http://127.0.0.1:{closed}/jwks.json", f"127.0.0.1:{closed}", "connection refused"),
-        "status": (failing.url(), f"127.0.0.1:{failing.server.port}",  # type: ignore[union-attr]
-                   f"HTTP 500 from {failing.url()}"),
-        "notset": (not_a_set.url(), f"127.0.0.1:{not_a_set.server.port}",  # type: ignore[union-attr]
-                   'not a JWK Set: expected a JSON object with a "keys" array'),
+        "status": (
+            failing.url(),
+            f"127.0.0.1:{failing.server.port}",  # type: ignore[union-attr]
+            f"HTTP 500 from {failing.url()}",
+        ),
+        "notset": (
+            not_a_set.url(),
+            f"127.0.0.1:{not_a_set.server.port}",  # type: ignore[union-attr]
+            'not a JWK Set: expected a JSON object with a "keys" array',
+        ),
         "silent": (f"http://127.0.0.1:{silent_port}/jwks.json", f"127.0.0.1:{silent_port}", "timed out after 0.5s"),
-        "selfsigned": (f"https://127.0.0.1:{tls_port}/jwks.json", f"127.0.0.1:{tls_port}",
-                       "TLS: certificate verify failed: self-signed certificate"),
-        "nodns": (f"http://nonexistent.invalid:{closed}/jwks.json", f"nonexistent.invalid:{closed}",
-                  "DNS: name not found"),
+        "selfsigned": (
+            f"https://127.0.0.1:{tls_port}/jwks.json",
+            f"127.0.0.1:{tls_port}",
+            "TLS: certificate verify failed: self-signed certificate",
+        ),
+        "nodns": (
+            f"http://nonexistent.invalid:{closed}/jwks.json",
+            f"nonexistent.invalid:{closed}",
+            "DNS: name not found",
+        ),
     }
     listen, admin = free_port(), free_port()
-    routes = "".join(f"  - {{name: {name}, match: {{path_prefix: /{name}/}}, auth: {{provider: {name}}}}}\n"
-                     for name in providers)
-    text = config_text(upstream.url, "".join(provider(name, url, "0.5s") for name, (url, _, _) in providers.items()),
-                       routes, listen=listen, admin=admin)
+    routes = "".join(
+        f"  - {{name: {name}, match: {{path_prefix: /{name}/}}, auth: {{provider: {name}}}}}\n" for name in providers
+    )
+    text = config_text(
+        upstream.url,
+        "".join(provider(name, url, "0.5s") for name, (url, _, _) in providers.items()),
+        routes,
+        listen=listen,
+        admin=admin,
+    )
     try:
         # The file says text; the command line wins.
         async with sidecar(tmp_path, text, "--log-format", "json", listen=listen, admin=admin) as run:
@@ -273,11 +340,18 @@ async def test_every_way_an_issuer_fails_is_named_with_its_peer_and_cause(
 
 
 async def test_an_unreachable_upstream_is_logged_with_its_peer_and_cause(
-        tmp_path: Path, aiohttp_server: Any, rsa_key: TestKey) -> None:
+    tmp_path: Path, aiohttp_server: Any, rsa_key: TestKey
+) -> None:
     jwks = await start_jwks_server(aiohttp_server, jwks_of(rsa_key))
     listen, admin, closed = free_port(), free_port(), free_port()
-    text = config_text(f"http://127.0.0.1:{closed}", provider("main", jwks.url()), ROUTES, listen=listen,
-                       admin=admin, extra="log_format: json\n")
+    text = config_text(
+        f"http://127.0.0.1:{closed}",
+        provider("main", jwks.url()),
+        ROUTES,
+        listen=listen,
+        admin=admin,
+        extra="log_format: json\n",
+    )
     async with sidecar(tmp_path, text, listen=listen, admin=admin) as run:
         await run.wait_for("provider_ready")
         assert await get(listen, "/x", mint(key=rsa_key)) == 502
@@ -292,8 +366,9 @@ async def test_every_process_of_workers_writes_json(tmp_path: Path, aiohttp_serv
     upstream = await start_upstream(aiohttp_server)
     jwks = await start_jwks_server(aiohttp_server, jwks_of(rsa_key))
     listen, admin = free_port(), free_port()
-    text = config_text(upstream.url, provider("main", jwks.url()), ROUTES, listen=listen, admin=admin,
-                       extra="workers: 2\n")
+    text = config_text(
+        upstream.url, provider("main", jwks.url()), ROUTES, listen=listen, admin=admin, extra="workers: 2\n"
+    )
     async with sidecar(tmp_path, text, "--log-format", "json", listen=listen, admin=admin) as run:
         await run.wait_for("workers_started")
         for _ in range(2):
@@ -303,4 +378,3 @@ async def test_every_process_of_workers_writes_json(tmp_path: Path, aiohttp_serv
     assert sorted(line["worker"] for line in run.events("keys_loaded")) == [0, 1]
     assert sorted(line["worker"] for line in run.events("stopped")) == [0, 1]
     assert "worker" not in run.events("workers_started")[0]  # the supervisor's own line
-

@@ -16,20 +16,33 @@ from typing import Any
 
 from tests.conftest import TestKey, jwks_of, mint
 from tests.integration.test_lifecycle import free_port
-from tests.integration.test_oplog_json import (ROUTES, assert_every_line_is_a_full_json_record, config_text, get,
-                                               provider, sidecar)
+from tests.integration.test_oplog_json import (
+    ROUTES,
+    assert_every_line_is_a_full_json_record,
+    config_text,
+    get,
+    provider,
+    sidecar,
+)
 from tests.support.jwks_server import start_jwks_server
 from tests.support.upstream import start_upstream
 
 
 async def test_every_line_of_a_day_with_two_workers_is_one_json_record(
-        tmp_path: Path, aiohttp_server: Any, rsa_key: TestKey) -> None:
+    tmp_path: Path, aiohttp_server: Any, rsa_key: TestKey
+) -> None:
     upstream = await start_upstream(aiohttp_server)
     jwks = await start_jwks_server(aiohttp_server, jwks_of(rsa_key))
     jwks.mode = "fail"
     listen, admin = free_port(), free_port()
-    text = config_text(upstream.url, provider("main", jwks.url(), "1s"), ROUTES, listen=listen, admin=admin,
-                       extra="workers: 2\nlog_format: json\nlog_level: DEBUG\n")
+    text = config_text(
+        upstream.url,
+        provider("main", jwks.url(), "1s"),
+        ROUTES,
+        listen=listen,
+        admin=admin,
+        extra="workers: 2\nlog_format: json\nlog_level: DEBUG\n",
+    )
     async with sidecar(tmp_path, text, listen=listen, admin=admin) as run:
         await run.wait_for("workers_started")
         await run.wait_for("key_fetch_failed", lambda line: "worker" in line)
@@ -50,8 +63,21 @@ async def test_every_line_of_a_day_with_two_workers_is_one_json_record(
         await run.wait_for("config_back", timeout=8)
     assert_every_line_is_a_full_json_record(run.err)
     seen = {line["event"] for line in run.err}
-    assert {"workers_started", "listening", "key_fetch_failed", "keys_loaded", "provider_ready", "request_refused",
-            "reload_applied", "reload_refused", "config_missing", "config_back", "draining", "stopped"} <= seen, seen
+    assert {
+        "workers_started",
+        "listening",
+        "key_fetch_failed",
+        "keys_loaded",
+        "provider_ready",
+        "request_refused",
+        "reload_applied",
+        "reload_refused",
+        "config_missing",
+        "config_back",
+        "draining",
+        "stopped",
+    } <= seen, seen
     assert {line["worker"] for line in run.err if "worker" in line} == {0, 1}
-    assert run.out and all(isinstance(line["status"], int) and isinstance(line["latency_ms"], float)
-                           for line in run.out)
+    assert run.out and all(
+        isinstance(line["status"], int) and isinstance(line["latency_ms"], float) for line in run.out
+    )

@@ -38,8 +38,11 @@ def readme_metrics() -> set[str]:
 def exported(text: str) -> set[str]:
     """Metric names as PromQL reads them: a counter with its `_total`, others as they are
     (`_created` samples left out: `run` turns them off, prometheus_client.disable_created_metrics)."""
-    return {family.name + "_total" if family.type == "counter" else family.name
-            for family in text_string_to_metric_families(text) if not family.name.endswith("_created")}
+    return {
+        family.name + "_total" if family.type == "counter" else family.name
+        for family in text_string_to_metric_families(text)
+        if not family.name.endswith("_created")
+    }
 
 
 async def test_the_readme_metrics_table_is_what_one_process_exports(sidecar: Any, rsa_key: TestKey) -> None:

@@ -53,7 +53,7 @@ def readme_reasons() -> dict[str, Row]:
     start = next(i for i, line in enumerate(lines) if line.startswith("| reason | status | `error` |"))
     assert set(lines[start + 1].replace("|", "").split()) == {"---"}, "a header row, then its --- row"
     rows: dict[str, Row] = {}
-    for line in lines[start + 2:]:
+    for line in lines[start + 2 :]:
         if not line.startswith("|"):
             break
         cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
@@ -178,8 +178,9 @@ def dead_port() -> int:
 
 
 def head(target: str, *fields: str, method: str = "GET", version: str = "1.1") -> bytes:
-    return "\r\n".join([f"{method} {target} HTTP/{version}", "Host: sidecar.test", *fields,
-                        "Connection: close", "", ""]).encode("latin-1")
+    return "\r\n".join(
+        [f"{method} {target} HTTP/{version}", "Host: sidecar.test", *fields, "Connection: close", "", ""]
+    ).encode("latin-1")
 
 
 def bearer(token: str) -> str:
@@ -212,56 +213,126 @@ def _chunked_then_garbage(key: TestKey, other: TestKey) -> list[bytes]:
 CASES = [
     Case("no-token", Reason.TOKEN_MISSING, 401, lambda k, o: head("/api/x")),
     Case("basic-is-no-token", Reason.TOKEN_MISSING, 401, lambda k, o: head("/api/x", "Authorization: Basic dTpw")),
-    Case("two-bearer-lines", Reason.MULTIPLE_TOKENS, 400,
-         lambda k, o: head("/api/x", bearer(token(k)), bearer(token(k, {"sub": "b"})))),
+    Case(
+        "two-bearer-lines",
+        Reason.MULTIPLE_TOKENS,
+        400,
+        lambda k, o: head("/api/x", bearer(token(k)), bearer(token(k, {"sub": "b"}))),
+    ),
     Case("bearer-two-words", Reason.MALFORMED_REQUEST, 400, lambda k, o: head("/api/x", "Authorization: Bearer a b")),
-    Case("authorization-twice", Reason.MALFORMED_REQUEST, 400,
-         lambda k, o: head("/public/x", "Authorization: Basic dTpw", "Authorization: Basic dTpx")),
+    Case(
+        "authorization-twice",
+        Reason.MALFORMED_REQUEST,
+        400,
+        lambda k, o: head("/public/x", "Authorization: Basic dTpw", "Authorization: Basic dTpx"),
+    ),
     Case("chunked-body-breaks", Reason.MALFORMED_REQUEST, 400, _chunked_then_garbage),
-    Case("parser-bad-framing", Reason.MALFORMED_REQUEST, 400,
-         lambda k, o: head("/public/x", "Content-Length: 3", "Transfer-Encoding: chunked", method="POST")),
+    Case(
+        "parser-bad-framing",
+        Reason.MALFORMED_REQUEST,
+        400,
+        lambda k, o: head("/public/x", "Content-Length: 3", "Transfer-Encoding: chunked", method="POST"),
+    ),
     Case("parser-long-target", Reason.MALFORMED_REQUEST, 414, lambda k, o: head("/public/" + "a" * 9000)),
     Case("parser-huge-field", Reason.MALFORMED_REQUEST, 431, lambda k, o: head("/public/x", "X-Big: " + "a" * 20000)),
-    Case("parser-gzip-coding", Reason.MALFORMED_REQUEST, 501,
-         lambda k, o: head("/public/x", "Transfer-Encoding: gzip, chunked", method="POST")),
+    Case(
+        "parser-gzip-coding",
+        Reason.MALFORMED_REQUEST,
+        501,
+        lambda k, o: head("/public/x", "Transfer-Encoding: gzip, chunked", method="POST"),
+    ),
     Case("parser-http-2.0", Reason.MALFORMED_REQUEST, 505, lambda k, o: head("/public/x", version="2.0")),
     Case("too-large", Reason.TOO_LARGE, 401, lambda k, o: head("/api/x", bearer("a" * 9000))),
     Case("two-segments", Reason.MALFORMED, 401, lambda k, o: head("/api/x", bearer("abc.def"))),
-    Case("hs256-on-jwks", Reason.ALG_NOT_ALLOWED, 401,
-         lambda k, o: head("/api/x", bearer(mint(valid_claims(), secret=b"k" * 32, headers=TYP)))),
+    Case(
+        "hs256-on-jwks",
+        Reason.ALG_NOT_ALLOWED,
+        401,
+        lambda k, o: head("/api/x", bearer(mint(valid_claims(), secret=b"k" * 32, headers=TYP))),
+    ),
     Case("typ", Reason.TYP, 401, lambda k, o: head("/api/x", bearer(mint(key=k, headers={"typ": "JWT"})))),
-    Case("crit", Reason.CRIT, 401, lambda k, o: head("/api/x", bearer(
-        forge({"alg": "RS256", "kid": k.kid, "typ": "at+jwt", "crit": ["exp"], "exp": 1}, valid_claims(),
-              b"x" * 256)))),
-    Case("unknown-kid", Reason.UNKNOWN_KID, 401,
-         lambda k, o: head("/api/x", bearer(token(k, headers={"kid": "nobody"})))),
-    Case("bad-signature", Reason.BAD_SIGNATURE, 401, lambda k, o: head("/api/x", bearer(token(o, headers={"kid": k.kid})))),
+    Case(
+        "crit",
+        Reason.CRIT,
+        401,
+        lambda k, o: head(
+            "/api/x",
+            bearer(
+                forge(
+                    {"alg": "RS256", "kid": k.kid, "typ": "at+jwt", "crit": ["exp"], "exp": 1},
+                    valid_claims(),
+                    b"x" * 256,
+                )
+            ),
+        ),
+    ),
+    Case(
+        "unknown-kid", Reason.UNKNOWN_KID, 401, lambda k, o: head("/api/x", bearer(token(k, headers={"kid": "nobody"})))
+    ),
+    Case(
+        "bad-signature",
+        Reason.BAD_SIGNATURE,
+        401,
+        lambda k, o: head("/api/x", bearer(token(o, headers={"kid": k.kid}))),
+    ),
     Case("exp-is-text", Reason.MALFORMED_CLAIM, 401, lambda k, o: head("/api/x", bearer(token(k, {"exp": "soon"})))),
-    Case("expired", Reason.EXPIRED, 401,
-         lambda k, o: head("/api/x", bearer(token(k, {"exp": int(time.time()) - 600}, now=time.time() - 1200)))),
+    Case(
+        "expired",
+        Reason.EXPIRED,
+        401,
+        lambda k, o: head("/api/x", bearer(token(k, {"exp": int(time.time()) - 600}, now=time.time() - 1200))),
+    ),
     # Optional means "no token is fine", not "a bad token is fine": the same challenge.
-    Case("expired-on-an-optional-route", Reason.EXPIRED, 401,
-         lambda k, o: head("/maybe/x", bearer(token(k, {"exp": int(time.time()) - 600}, now=time.time() - 1200)))),
-    Case("nbf-ahead", Reason.NOT_YET_VALID, 401,
-         lambda k, o: head("/api/x", bearer(token(k, {"nbf": int(time.time()) + 600, "exp": int(time.time()) + 900})))),
-    Case("iat-ahead", Reason.ISSUED_IN_FUTURE, 401,
-         lambda k, o: head("/api/x", bearer(token(k, {"exp": int(time.time()) + 1200}, now=time.time() + 600)))),
-    Case("lifetime-over-max-token-age", Reason.TOO_OLD, 401,
-         lambda k, o: head("/api/x", bearer(token(k, {"exp": int(time.time()) + 7200})))),
+    Case(
+        "expired-on-an-optional-route",
+        Reason.EXPIRED,
+        401,
+        lambda k, o: head("/maybe/x", bearer(token(k, {"exp": int(time.time()) - 600}, now=time.time() - 1200))),
+    ),
+    Case(
+        "nbf-ahead",
+        Reason.NOT_YET_VALID,
+        401,
+        lambda k, o: head("/api/x", bearer(token(k, {"nbf": int(time.time()) + 600, "exp": int(time.time()) + 900}))),
+    ),
+    Case(
+        "iat-ahead",
+        Reason.ISSUED_IN_FUTURE,
+        401,
+        lambda k, o: head("/api/x", bearer(token(k, {"exp": int(time.time()) + 1200}, now=time.time() + 600))),
+    ),
+    Case(
+        "lifetime-over-max-token-age",
+        Reason.TOO_OLD,
+        401,
+        lambda k, o: head("/api/x", bearer(token(k, {"exp": int(time.time()) + 7200}))),
+    ),
     Case("issuer", Reason.ISSUER, 401, lambda k, o: head("/api/x", bearer(token(k, {"iss": "https://evil.test"})))),
     Case("audience", Reason.AUDIENCE, 401, lambda k, o: head("/api/x", bearer(token(k, {"aud": "api://other"})))),
     Case("no-exp", Reason.MISSING_CLAIM, 401, lambda k, o: head("/api/x", bearer(token(k, omit=("exp",))))),
     Case("scope", Reason.SCOPE, 403, lambda k, o: head("/admin/x", bearer(token(k, {"email_verified": True})))),
     Case("claim-rule", Reason.CLAIM_RULE, 403, lambda k, o: head("/admin/x", bearer(token(k, {"scope": "admin"})))),
-    Case("newline-in-a-claim-header", Reason.UNSAFE_CLAIM, 401,
-         lambda k, o: head("/api/x", bearer(token(k, {"email": "a@b.test\r\nX-Admin: 1"})))),
+    Case(
+        "newline-in-a-claim-header",
+        Reason.UNSAFE_CLAIM,
+        401,
+        lambda k, o: head("/api/x", bearer(token(k, {"email": "a@b.test\r\nX-Admin: 1"}))),
+    ),
     Case("encoded-slash", Reason.BAD_PATH, 400, lambda k, o: head("/public/a%2Fb")),
     Case("options-asterisk", Reason.BAD_PATH, 400, lambda k, o: head("*", method="OPTIONS")),
     Case("no-route", Reason.NO_ROUTE, 404, lambda k, o: head("/elsewhere")),
-    Case("body-over-max-body", Reason.BODY_TOO_LARGE, 413,
-         lambda k, o: head("/public/upload", "Content-Length: 2000", method="POST") + b"x" * 2000),
-    Case("body-stalls", Reason.BODY_TIMEOUT, 408,
-         lambda k, o: head("/public/upload", "Content-Length: 100", method="POST") + b"x" * 10),
+    Case(
+        "body-over-max-body",
+        Reason.BODY_TOO_LARGE,
+        413,
+        lambda k, o: head("/public/upload", "Content-Length: 2000", method="POST") + b"x" * 2000,
+    ),
+    Case(
+        "body-stalls",
+        Reason.BODY_TIMEOUT,
+        408,
+        lambda k, o: head("/public/upload", "Content-Length: 100", method="POST") + b"x" * 10,
+    ),
     Case("head-stalls", Reason.HEADER_TIMEOUT, 408, lambda k, o: b"GET /public/x HTTP/1.1\r\nHost: x\r\nX-Pad: "),
     Case("provider-without-keys", Reason.NO_KEYS, 503, lambda k, o: head("/down/x", bearer(token(k)))),
     Case("upstream-refuses", Reason.UPSTREAM_UNAVAILABLE, 502, lambda k, o: head("/dead/x")),
@@ -312,8 +383,11 @@ async def refusing(aiohttp_server: Any, jwks_server: Any, rsa_key: TestKey, tmp_
     async def start() -> tuple[str, Any, BreakableClock]:
         jwks_server.document = jwks_of(rsa_key)
         upstream = await start_upstream(aiohttp_server)
-        text = (CONFIG.replace("{upstream}", upstream.url).replace("{jwks}", jwks_server.url())
-                .replace("{dead}", str(dead_port())))
+        text = (
+            CONFIG.replace("{upstream}", upstream.url)
+            .replace("{jwks}", jwks_server.url())
+            .replace("{dead}", str(dead_port()))
+        )
         path = tmp_path / "config.yaml"
         path.write_text(text)
         clock = BreakableClock()
@@ -356,7 +430,8 @@ async def send(url: str, data: bytes | list[bytes]) -> bytes:
 
 @pytest.mark.parametrize("case", [pytest.param(case, id=case.id) for case in CASES])
 async def test_each_refusal_is_answered_as_the_readme_and_rfc_6750_say(
-        refusing: Any, rsa_key: TestKey, rsa_key_2: TestKey, case: Case) -> None:
+    refusing: Any, rsa_key: TestKey, rsa_key_2: TestKey, case: Case
+) -> None:
     url, runtime, clock = await refusing()
     clock.broken = case.reason is Reason.INTERNAL
     before = requests_by_reason(runtime.metrics.render()[0].decode())
@@ -381,4 +456,3 @@ def test_every_reason_has_a_fixed_ascii_phrase() -> None:
     for reason in Reason:
         phrase = ProxyError(reason).description
         assert phrase and phrase.isascii() and not set(phrase) & {'"', "\\"} and phrase.isprintable(), reason
-

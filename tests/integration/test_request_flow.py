@@ -46,7 +46,8 @@ async def test_bad_token_is_401_invalid_token_with_a_fixed_description(sidecar: 
     async with await s.get("/orders", headers=bearer(token)) as response:
         assert response.status == 401
         assert response.headers["WWW-Authenticate"] == (
-            'Bearer realm="api", error="invalid_token", error_description="The access token expired"')
+            'Bearer realm="api", error="invalid_token", error_description="The access token expired"'
+        )
         body = await response.text()
     assert token not in body and "user-42" not in body
     assert s.upstream.seen == []
@@ -59,7 +60,8 @@ async def test_missing_scope_is_403_insufficient_scope_naming_the_scope(sidecar:
         assert response.status == 403
         assert response.headers["WWW-Authenticate"] == (
             'Bearer realm="api", error="insufficient_scope", '
-            'error_description="The access token lacks a required scope", scope="admin"')
+            'error_description="The access token lacks a required scope", scope="admin"'
+        )
     ok = mint({"scope": "read admin", "email_verified": True}, key=rsa_key)
     async with await s.get("/admin/users", headers=bearer(ok)) as response:
         assert response.status == 200
@@ -80,7 +82,9 @@ async def test_public_route_needs_no_token(sidecar: Any) -> None:
     assert s.upstream.last().header("X-User-Id") is None
 
 
-async def test_optional_route_passes_without_a_token_but_checks_one_that_is_there(sidecar: Any, rsa_key: TestKey) -> None:
+async def test_optional_route_passes_without_a_token_but_checks_one_that_is_there(
+    sidecar: Any, rsa_key: TestKey
+) -> None:
     s = await sidecar()
     async with await s.get("/maybe/x") as response:
         assert response.status == 200
@@ -111,8 +115,9 @@ async def test_no_matching_route_is_404(sidecar: Any) -> None:
         assert (await response.json())["error"] == "not_found"
 
 
-async def test_a_route_overrides_upstream_token_sources_and_headers(sidecar: Any, rsa_key: TestKey,
-                                                                     aiohttp_server: Any) -> None:
+async def test_a_route_overrides_upstream_token_sources_and_headers(
+    sidecar: Any, rsa_key: TestKey, aiohttp_server: Any
+) -> None:
     from tests.conftest import AUDIENCE, ISSUER
     from tests.support.upstream import start_upstream
 

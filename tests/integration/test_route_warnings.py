@@ -37,22 +37,35 @@ routes:
     match: {{path_prefix: /}}
     auth: {{provider: main}}
 """
-WARNING = ("warning: routes[0]: route 'admin' guards /admin and below for GET, HEAD only: every method but GET, HEAD "
-           "there fall through to route 'api' (line 8), whose auth is weaker: scope admin is not required.")
+WARNING = (
+    "warning: routes[0]: route 'admin' guards /admin and below for GET, HEAD only: every method but GET, HEAD "
+    "there fall through to route 'api' (line 8), whose auth is weaker: scope admin is not required."
+)
 
 
 async def test_the_start_log_names_both_routes_and_the_request_it_warns_of_is_real(
-        aiohttp_server: Any, jwks_server: Any, rsa_key: TestKey, tmp_path: Path) -> None:
+    aiohttp_server: Any, jwks_server: Any, rsa_key: TestKey, tmp_path: Path
+) -> None:
     jwks_server.document = jwks_of(rsa_key)
     upstream = await start_upstream(aiohttp_server)
     listen, admin = free_port(), free_port()
     path = tmp_path / "config.yaml"
-    path.write_text(CONFIG.replace("{upstream}", upstream.url).replace("{jwks}", jwks_server.url())
-                    + f"listen: 127.0.0.1:{listen}\nadmin: 127.0.0.1:{admin}\ndrain_timeout: 1s\n")
+    path.write_text(
+        CONFIG.replace("{upstream}", upstream.url).replace("{jwks}", jwks_server.url())
+        + f"listen: 127.0.0.1:{listen}\nadmin: 127.0.0.1:{admin}\ndrain_timeout: 1s\n"
+    )
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "proxy", "run", "--config", str(path),
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)})
+        sys.executable,
+        "-m",
+        "proxy",
+        "run",
+        "--config",
+        str(path),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     try:
         async with aiohttp.ClientSession() as session:
             await wait_ready(session, f"http://127.0.0.1:{admin}/readyz", proc)
@@ -75,12 +88,22 @@ async def test_the_start_log_names_both_routes_and_the_request_it_warns_of_is_re
 
 async def test_a_route_that_can_never_match_refuses_the_start_naming_its_line(tmp_path: Path) -> None:
     path = tmp_path / "config.yaml"
-    path.write_text(CONFIG.replace("{upstream}", "http://127.0.0.1:1").replace("{jwks}", "http://127.0.0.1:1/jwks")
-                    + "  - {name: late, match: {path_prefix: /late}, auth: none}\n")
+    path.write_text(
+        CONFIG.replace("{upstream}", "http://127.0.0.1:1").replace("{jwks}", "http://127.0.0.1:1/jwks")
+        + "  - {name: late, match: {path_prefix: /late}, auth: none}\n"
+    )
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "proxy", "run", "--config", str(path),
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)})
+        sys.executable,
+        "-m",
+        "proxy",
+        "run",
+        "--config",
+        str(path),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     try:
         _, err = await asyncio.wait_for(proc.communicate(), 15)
     finally:
@@ -95,8 +118,7 @@ async def test_a_route_that_can_never_match_refuses_the_start_naming_its_line(tm
     ]
 
 
-async def test_a_reload_logs_the_warnings_of_the_new_config(
-        sidecar: Any, caplog: pytest.LogCaptureFixture) -> None:
+async def test_a_reload_logs_the_warnings_of_the_new_config(sidecar: Any, caplog: pytest.LogCaptureFixture) -> None:
     s = await sidecar(CONFIG.replace("methods: [GET]", "methods: [GET, POST, PUT, PATCH, DELETE]"))
     path = Path(s.runtime.config_path)
     assert s.runtime.settings.warnings != ()  # OPTIONS and the rest still fall through

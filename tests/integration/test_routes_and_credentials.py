@@ -63,23 +63,33 @@ async def send(s: Any, target: str, headers: list[tuple[str, str]], method: str 
 
 # -- 5. Authorization is a singleton ----------------------------------------------------------
 TWO_AUTHORIZATIONS = [
-    pytest.param([("Authorization", "Bearer {t}"), ("Authorization", "Basic dXNlcjpwYXNz")], MALFORMED,
-                 id="bearer-then-basic"),
-    pytest.param([("Authorization", "Basic dXNlcjpwYXNz"), ("authorization", "Bearer {t}")], MALFORMED,
-                 id="basic-then-bearer-lower-case"),
-    pytest.param([("AUTHORIZATION", "Basic dXNlcjpwYXNz"), ("Authorization", "Basic Zm9vOmJhcg==")], MALFORMED,
-                 id="basic-twice"),
-    pytest.param([("Authorization", "Bearer {t}"), ("Authorization", "Digest username=x")], MALFORMED,
-                 id="bearer-then-digest"),
-    pytest.param([("Authorization", "Bearer {t}"), ("aUtHoRiZaTiOn", "bearer   {t}")], MULTIPLE,
-                 id="the-same-bearer-twice-any-spacing-and-casing"),
+    pytest.param(
+        [("Authorization", "Bearer {t}"), ("Authorization", "Basic dXNlcjpwYXNz")], MALFORMED, id="bearer-then-basic"
+    ),
+    pytest.param(
+        [("Authorization", "Basic dXNlcjpwYXNz"), ("authorization", "Bearer {t}")],
+        MALFORMED,
+        id="basic-then-bearer-lower-case",
+    ),
+    pytest.param(
+        [("AUTHORIZATION", "Basic dXNlcjpwYXNz"), ("Authorization", "Basic Zm9vOmJhcg==")], MALFORMED, id="basic-twice"
+    ),
+    pytest.param(
+        [("Authorization", "Bearer {t}"), ("Authorization", "Digest username=x")], MALFORMED, id="bearer-then-digest"
+    ),
+    pytest.param(
+        [("Authorization", "Bearer {t}"), ("aUtHoRiZaTiOn", "bearer   {t}")],
+        MULTIPLE,
+        id="the-same-bearer-twice-any-spacing-and-casing",
+    ),
 ]
 
 
 @pytest.mark.parametrize(("headers", "challenge"), TWO_AUTHORIZATIONS)
 @pytest.mark.parametrize("target", ["/orders/1", "/public/x", "/c/x", "/q/x"])
 async def test_two_authorization_lines_are_a_400_on_every_route(
-        sidecar: Any, rsa_key: TestKey, headers: list[tuple[str, str]], challenge: str, target: str) -> None:
+    sidecar: Any, rsa_key: TestKey, headers: list[tuple[str, str]], challenge: str, target: str
+) -> None:
     # On a public route Authorization is forwarded as sent; with two lines one upstream stack
     # reads the first and another the last, so it is refused there too (the cookie and query
     # routes do not read Authorization for their token, and refuse it as well).
@@ -102,8 +112,9 @@ async def test_one_authorization_line_of_another_scheme_still_passes_a_public_ro
 
 TWICE_ELSEWHERE = [
     pytest.param("/c/x", [("Cookie", "access_token={t}; access_token={t}")], id="cookie-twice-one-header"),
-    pytest.param("/c/x", [("Cookie", "access_token={t}"), ("Cookie", "lang=en; access_token={t}")],
-                 id="cookie-twice-two-headers"),
+    pytest.param(
+        "/c/x", [("Cookie", "access_token={t}"), ("Cookie", "lang=en; access_token={t}")], id="cookie-twice-two-headers"
+    ),
     pytest.param("/c/x", [("Cookie", "access_token={t}; access%5Ftoken={t}")], id="cookie-percent-encoded-name"),
     pytest.param("/c/x", [("Cookie", "access_token={t}; ACCESS_TOKEN={t}")], id="cookie-upper-case-name"),
     pytest.param("/q/x?access_token={t}&access_token={t}", [], id="query-twice"),
@@ -123,7 +134,8 @@ TWICE_ELSEWHERE = [
 
 @pytest.mark.parametrize(("target", "headers"), TWICE_ELSEWHERE)
 async def test_a_cookie_or_query_token_source_twice_is_a_400(
-        sidecar: Any, rsa_key: TestKey, target: str, headers: list[tuple[str, str]]) -> None:
+    sidecar: Any, rsa_key: TestKey, target: str, headers: list[tuple[str, str]]
+) -> None:
     s = await sidecar(CONFIG)
     token = mint(key=rsa_key)
     status, got = await send(s, target.format(t=token), [(k, v.format(t=token)) for k, v in headers])
@@ -132,14 +144,18 @@ async def test_a_cookie_or_query_token_source_twice_is_a_400(
     assert s.upstream.seen == []
 
 
-@pytest.mark.parametrize(("target", "headers", "arrives"), [
-    pytest.param("/c/x", [("Cookie", "lang=en; ACCESS%5FTOKEN={t}")], ("cookie", ["lang=en"]), id="cookie"),
-    pytest.param("/q/x?a=1&Access_Token={t}", [], ("raw_path", "/q/x?a=1"), id="query"),
-    pytest.param("/c/x", [("Cookie", "lang=en; access.token={t}")], ("cookie", ["lang=en"]), id="cookie-php-name"),
-    pytest.param("/q/x?access.token={t}&a=1", [], ("raw_path", "/q/x?a=1"), id="query-php-name"),
-])
+@pytest.mark.parametrize(
+    ("target", "headers", "arrives"),
+    [
+        pytest.param("/c/x", [("Cookie", "lang=en; ACCESS%5FTOKEN={t}")], ("cookie", ["lang=en"]), id="cookie"),
+        pytest.param("/q/x?a=1&Access_Token={t}", [], ("raw_path", "/q/x?a=1"), id="query"),
+        pytest.param("/c/x", [("Cookie", "lang=en; access.token={t}")], ("cookie", ["lang=en"]), id="cookie-php-name"),
+        pytest.param("/q/x?access.token={t}&a=1", [], ("raw_path", "/q/x?a=1"), id="query-php-name"),
+    ],
+)
 async def test_a_token_under_another_spelling_of_its_name_is_verified_and_removed(
-        sidecar: Any, rsa_key: TestKey, target: str, headers: list[tuple[str, str]], arrives: tuple[str, Any]) -> None:
+    sidecar: Any, rsa_key: TestKey, target: str, headers: list[tuple[str, str]], arrives: tuple[str, Any]
+) -> None:
     s = await sidecar(CONFIG)
     token = mint(key=rsa_key)
     status, _ = await send(s, target.format(t=token), [(k, v.format(t=token)) for k, v in headers])
@@ -149,10 +165,16 @@ async def test_a_token_under_another_spelling_of_its_name_is_verified_and_remove
     assert (seen.raw_path if what == "raw_path" else seen.headers.get(what)) == value
 
 
-@pytest.mark.parametrize("target", [
-    "/q/x?access_token={t}&a=1;access_token={t}", "/q/x?a=1;access_token={t}", "/q/x?a;access_token={t}",
-    "/q/x?access_token={t};a=1&b=2;ACCESS.TOKEN=x",
-], ids=["second-after-semicolon", "only-after-semicolon", "in-a-name", "other-spelling-after-semicolon"])
+@pytest.mark.parametrize(
+    "target",
+    [
+        "/q/x?access_token={t}&a=1;access_token={t}",
+        "/q/x?a=1;access_token={t}",
+        "/q/x?a;access_token={t}",
+        "/q/x?access_token={t};a=1&b=2;ACCESS.TOKEN=x",
+    ],
+    ids=["second-after-semicolon", "only-after-semicolon", "in-a-name", "other-spelling-after-semicolon"],
+)
 async def test_the_query_token_name_after_a_semicolon_is_a_400(sidecar: Any, rsa_key: TestKey, target: str) -> None:
     # Go before 1.17 and Python before 3.9.2 split a query on ';' as well as '&': there
     # `a=1;access_token=…` is a token parameter that we would neither verify nor remove.
@@ -166,34 +188,46 @@ async def test_the_query_token_name_after_a_semicolon_is_a_400(sidecar: Any, rsa
 
 
 # -- 6. Bearer, then one or more spaces --------------------------------------------------------
-@pytest.mark.parametrize("value", [
-    "Bearer {t}", "Bearer  {t}", "Bearer     {t}", "bearer  {t}", "BEARER {t}",
-    "Bearer {t}   ",  # trailing whitespace is not part of a field value (RFC 9110 §5.5)
-    "Bearer {t}\t",
-])
+@pytest.mark.parametrize(
+    "value",
+    [
+        "Bearer {t}",
+        "Bearer  {t}",
+        "Bearer     {t}",
+        "bearer  {t}",
+        "BEARER {t}",
+        "Bearer {t}   ",  # trailing whitespace is not part of a field value (RFC 9110 §5.5)
+        "Bearer {t}\t",
+    ],
+)
 async def test_bearer_and_its_token_are_separated_by_one_or_more_spaces(
-        sidecar: Any, rsa_key: TestKey, value: str) -> None:
+    sidecar: Any, rsa_key: TestKey, value: str
+) -> None:
     s = await sidecar(CONFIG)
     status, _ = await send(s, "/orders/1", [("Authorization", value.format(t=mint(key=rsa_key)))])
     assert status == 200
     assert s.upstream.last().header("Authorization") is None
 
 
-@pytest.mark.parametrize(("value", "status", "challenge"), [
-    pytest.param("Bearer\t{t}", 400, MALFORMED, id="tab"),
-    pytest.param("Bearer \t{t}", 400, MALFORMED, id="space-tab"),
-    pytest.param("Bearer\t {t}", 400, MALFORMED, id="tab-space"),
-    pytest.param("Bearer {t} {t}", 400, MALFORMED, id="two-credentials"),
-    pytest.param("Bearer {t}\t{t}", 400, MALFORMED, id="two-credentials-tab"),
-    pytest.param("Bearer,{t}", 400, MALFORMED, id="comma"),
-    pytest.param("Bearer", 400, MALFORMED, id="empty-credentials"),
-    pytest.param("Bearer    ", 400, MALFORMED, id="only-spaces"),
-    pytest.param("Bearer abc==", 401, INVALID_TOKEN_MALFORMED, id="b64token-padding-not-a-jws"),
-    pytest.param("Bearer a.b.c=", 401, INVALID_TOKEN_MALFORMED, id="three-segments-padding"),
-    pytest.param("Bearerx {t}", 401, BARE, id="longer-scheme-name"),
-])
+@pytest.mark.parametrize(
+    ("value", "status", "challenge"),
+    [
+        pytest.param("Bearer\t{t}", 400, MALFORMED, id="tab"),
+        pytest.param("Bearer \t{t}", 400, MALFORMED, id="space-tab"),
+        pytest.param("Bearer\t {t}", 400, MALFORMED, id="tab-space"),
+        pytest.param("Bearer {t} {t}", 400, MALFORMED, id="two-credentials"),
+        pytest.param("Bearer {t}\t{t}", 400, MALFORMED, id="two-credentials-tab"),
+        pytest.param("Bearer,{t}", 400, MALFORMED, id="comma"),
+        pytest.param("Bearer", 400, MALFORMED, id="empty-credentials"),
+        pytest.param("Bearer    ", 400, MALFORMED, id="only-spaces"),
+        pytest.param("Bearer abc==", 401, INVALID_TOKEN_MALFORMED, id="b64token-padding-not-a-jws"),
+        pytest.param("Bearer a.b.c=", 401, INVALID_TOKEN_MALFORMED, id="three-segments-padding"),
+        pytest.param("Bearerx {t}", 401, BARE, id="longer-scheme-name"),
+    ],
+)
 async def test_what_follows_bearer_is_judged_exactly(
-        sidecar: Any, rsa_key: TestKey, value: str, status: int, challenge: str) -> None:
+    sidecar: Any, rsa_key: TestKey, value: str, status: int, challenge: str
+) -> None:
     s = await sidecar(CONFIG)
     got, headers = await send(s, "/orders/1", [("Authorization", value.format(t=mint(key=rsa_key)))])
     assert got == status
@@ -202,29 +236,33 @@ async def test_what_follows_bearer_is_judged_exactly(
 
 
 # -- 7. route prefixes by path segment, ignore_case --------------------------------------------
-@pytest.mark.parametrize(("target", "status", "arrives"), [
-    pytest.param("/admin", 403, None, id="prefix-without-its-slash"),
-    pytest.param("/admin/", 403, None, id="prefix-itself"),
-    pytest.param("/admin/x", 403, None, id="below"),
-    pytest.param("/admin/../admin", 403, None, id="dot-segments"),
-    pytest.param("/%61dmin", 403, None, id="escaped-letter"),
-    pytest.param("/administrator", 200, "/administrator", id="longer-segment-is-another-route"),
-    pytest.param("/ops", 403, None, id="ignore-case-exact-prefix"),
-    pytest.param("/OPS/x", 403, None, id="ignore-case-upper"),
-    pytest.param("/oPs/", 403, None, id="ignore-case-mixed"),
-    pytest.param("/%4FPS/x", 403, None, id="ignore-case-escaped"),
-    pytest.param("/opsx", 200, "/opsx", id="ignore-case-still-whole-segments"),
-    pytest.param("/REPORT", 403, None, id="ignore-case-exact"),
-    pytest.param("/REPORT/1", 200, "/REPORT/1", id="ignore-case-exact-is-exact"),
-    pytest.param("/ADMIN/x", 200, "/ADMIN/x", id="case-sensitive-by-default"),
-    # Java's equalsIgnoreCase and .NET's OrdinalIgnoreCase fold U+017F (long s) to S, once
-    # the upstream has decoded the path: /op%C5%BF is /ops to it.
-    pytest.param("/op%C5%BF/x", 403, None, id="ignore-case-long-s-escaped"),
-    pytest.param("/op%c5%bf", 403, None, id="ignore-case-long-s-escaped-lower-hex"),
-    pytest.param("/op%C5%BFx", 200, "/op%C5%BFx", id="ignore-case-long-s-still-whole-segments"),
-])
+@pytest.mark.parametrize(
+    ("target", "status", "arrives"),
+    [
+        pytest.param("/admin", 403, None, id="prefix-without-its-slash"),
+        pytest.param("/admin/", 403, None, id="prefix-itself"),
+        pytest.param("/admin/x", 403, None, id="below"),
+        pytest.param("/admin/../admin", 403, None, id="dot-segments"),
+        pytest.param("/%61dmin", 403, None, id="escaped-letter"),
+        pytest.param("/administrator", 200, "/administrator", id="longer-segment-is-another-route"),
+        pytest.param("/ops", 403, None, id="ignore-case-exact-prefix"),
+        pytest.param("/OPS/x", 403, None, id="ignore-case-upper"),
+        pytest.param("/oPs/", 403, None, id="ignore-case-mixed"),
+        pytest.param("/%4FPS/x", 403, None, id="ignore-case-escaped"),
+        pytest.param("/opsx", 200, "/opsx", id="ignore-case-still-whole-segments"),
+        pytest.param("/REPORT", 403, None, id="ignore-case-exact"),
+        pytest.param("/REPORT/1", 200, "/REPORT/1", id="ignore-case-exact-is-exact"),
+        pytest.param("/ADMIN/x", 200, "/ADMIN/x", id="case-sensitive-by-default"),
+        # Java's equalsIgnoreCase and .NET's OrdinalIgnoreCase fold U+017F (long s) to S, once
+        # the upstream has decoded the path: /op%C5%BF is /ops to it.
+        pytest.param("/op%C5%BF/x", 403, None, id="ignore-case-long-s-escaped"),
+        pytest.param("/op%c5%bf", 403, None, id="ignore-case-long-s-escaped-lower-hex"),
+        pytest.param("/op%C5%BFx", 200, "/op%C5%BFx", id="ignore-case-long-s-still-whole-segments"),
+    ],
+)
 async def test_which_route_judges_a_path(
-        sidecar: Any, rsa_key: TestKey, target: str, status: int, arrives: str | None) -> None:
+    sidecar: Any, rsa_key: TestKey, target: str, status: int, arrives: str | None
+) -> None:
     # A valid token without any scope: a 403 means the guarded route judged the path.
     s = await sidecar(CONFIG)
     got, headers = await send(s, target, [("Authorization", f"Bearer {mint(key=rsa_key)}")])

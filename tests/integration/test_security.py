@@ -102,13 +102,14 @@ routes:
 """
 
 BARE = 'Bearer realm="api"'
-INVALID_REQUEST_MALFORMED = (
-    'Bearer realm="api", error="invalid_request", error_description="The request is malformed"')
+INVALID_REQUEST_MALFORMED = 'Bearer realm="api", error="invalid_request", error_description="The request is malformed"'
 INVALID_REQUEST_MULTIPLE = (
-    'Bearer realm="api", error="invalid_request", error_description="More than one access token was presented"')
+    'Bearer realm="api", error="invalid_request", error_description="More than one access token was presented"'
+)
 UNSAFE_CLAIM = (
     'Bearer realm="api", error="invalid_token", '
-    'error_description="The token has a claim that cannot be forwarded safely"')
+    'error_description="The token has a claim that cannot be forwarded safely"'
+)
 FIXED_PHRASES = frozenset(ProxyError(reason).description for reason in Reason)
 
 
@@ -187,15 +188,27 @@ def parse_head(head: bytes) -> tuple[int, CIMultiDict[str]]:
     return int(lines[0].split(" ", 2)[1]), headers
 
 
-async def raw_get(s: Sidecar, target: str, headers: Sequence[tuple[str, str]] = (), method: str = "GET",
-                  body: bytes = b"") -> RawResponse:
-    lines = [f"{method} {target} HTTP/1.1", "Host: sidecar.test", *(f"{k}: {v}" for k, v in headers),
-             "Connection: close", "", ""]
+async def raw_get(
+    s: Sidecar, target: str, headers: Sequence[tuple[str, str]] = (), method: str = "GET", body: bytes = b""
+) -> RawResponse:
+    lines = [
+        f"{method} {target} HTTP/1.1",
+        "Host: sidecar.test",
+        *(f"{k}: {v}" for k, v in headers),
+        "Connection: close",
+        "",
+        "",
+    ]
     return first_response(await send_raw(s, "\r\n".join(lines).encode("utf-8") + body))
 
 
-async def get(s: Sidecar, target: str, headers: Sequence[tuple[str, str]] | Mapping[str, str] = (),
-              method: str = "GET", body: bytes | None = None) -> tuple[int, CIMultiDict[str], bytes]:
+async def get(
+    s: Sidecar,
+    target: str,
+    headers: Sequence[tuple[str, str]] | Mapping[str, str] = (),
+    method: str = "GET",
+    body: bytes | None = None,
+) -> tuple[int, CIMultiDict[str], bytes]:
     """One request over a raw socket: status, headers, body. Header names, casings and
     duplicates go out exactly as listed (aiohttp's client merges `X-A` and `x-a` into one)."""
     pairs = list(headers.items()) if isinstance(headers, Mapping) else list(headers)
@@ -228,7 +241,9 @@ SPOOFS = [
 
 
 @pytest.mark.parametrize("spoofed", SPOOFS)
-async def test_spoofed_identity_headers_never_reach_a_public_route(sidecar: Any, spoofed: list[tuple[str, str]]) -> None:
+async def test_spoofed_identity_headers_never_reach_a_public_route(
+    sidecar: Any, spoofed: list[tuple[str, str]]
+) -> None:
     s = await sidecar()
     status, _, _ = await get(s, "/public/page", spoofed)
     assert status == 200
@@ -239,7 +254,8 @@ async def test_spoofed_identity_headers_never_reach_a_public_route(sidecar: Any,
 
 @pytest.mark.parametrize("spoofed", SPOOFS)
 async def test_spoofed_identity_headers_are_replaced_by_ours_on_a_protected_route(
-        sidecar: Any, rsa_key: TestKey, spoofed: list[tuple[str, str]]) -> None:
+    sidecar: Any, rsa_key: TestKey, spoofed: list[tuple[str, str]]
+) -> None:
     s = await sidecar()
     token = mint({"roles": ["dev"]}, key=rsa_key)  # no email claim: X-User-Email must be absent
     status, _, _ = await get(s, "/orders/1", [*spoofed, ("Authorization", f"Bearer {token}")])
@@ -255,7 +271,8 @@ async def test_spoofed_identity_headers_are_replaced_by_ours_on_a_protected_rout
 
 @pytest.mark.parametrize("spoofed", SPOOFS)
 async def test_spoofed_identity_headers_are_stripped_on_an_optional_route_without_a_token(
-        sidecar: Any, spoofed: list[tuple[str, str]]) -> None:
+    sidecar: Any, spoofed: list[tuple[str, str]]
+) -> None:
     s = await sidecar()
     status, _, _ = await get(s, "/maybe/x", spoofed)
     assert status == 200
@@ -265,7 +282,8 @@ async def test_spoofed_identity_headers_are_stripped_on_an_optional_route_withou
 
 @pytest.mark.parametrize("path", ["/public/page", "/q/x"], ids=["public", "other-route"])
 async def test_header_names_from_any_routes_map_are_stripped_on_every_route(
-        sidecar: Any, rsa_key: TestKey, path: str) -> None:
+    sidecar: Any, rsa_key: TestKey, path: str
+) -> None:
     # /own/ writes Remote-User and X-Claims (neither under a strip prefix): no route may let a
     # client set them, because the upstream behind /own/ trusts them.
     s = await sidecar(SOURCES_CONFIG)
@@ -290,7 +308,8 @@ UNDERSCORE_SPOOFS = [
 @pytest.mark.parametrize("name", UNDERSCORE_SPOOFS)
 @pytest.mark.parametrize("path", ["/public/page", "/orders/1"], ids=["public", "protected"])
 async def test_underscore_variants_of_identity_headers_never_reach_the_upstream(
-        sidecar: Any, rsa_key: TestKey, name: str, path: str) -> None:
+    sidecar: Any, rsa_key: TestKey, name: str, path: str
+) -> None:
     # WSGI/CGI (Django, Flask, PHP) read X_User_Id and X-User-Id as the same HTTP_X_USER_ID;
     # the same hole as oauth2-proxy's CVE-2025-64484 (GHSA-vjrc-mh2v-45x6).
     s = await sidecar()
@@ -303,7 +322,8 @@ async def test_underscore_variants_of_identity_headers_never_reach_the_upstream(
 
 
 async def test_a_token_source_header_under_an_identity_prefix_never_carries_a_client_value_upstream(
-        sidecar: Any, rsa_key: TestKey) -> None:
+    sidecar: Any, rsa_key: TestKey
+) -> None:
     # /xa/ takes its token from X-Auth-Token, which sits under the X-Auth- strip prefix. The
     # header must not become a way to hand the upstream an X-Auth-* value (on a route that
     # does not read it), nor to send a second, unverified token spelt X_Auth_Token.
@@ -322,13 +342,23 @@ async def test_a_token_source_header_under_an_identity_prefix_never_carries_a_cl
 
 # -- 2. hop-by-hop and Connection-named headers -----------------------------------------
 HOP_CASES = [
-    pytest.param([("Connection", "X-User-Id"), ("X-User-Id", "admin")], ["connection"], id="Connection-names-X-User-Id"),
-    pytest.param([("Connection", "close, X-User-Id"), ("X-User-Id", "admin")], ["connection"],
-                 id="Connection-close-and-X-User-Id"),
+    pytest.param(
+        [("Connection", "X-User-Id"), ("X-User-Id", "admin")], ["connection"], id="Connection-names-X-User-Id"
+    ),
+    pytest.param(
+        [("Connection", "close, X-User-Id"), ("X-User-Id", "admin")],
+        ["connection"],
+        id="Connection-close-and-X-User-Id",
+    ),
     pytest.param([("Connection", "x-user-id")], ["connection"], id="Connection-names-X-User-Id-alone"),
-    pytest.param([("Connection", "X-Custom"), ("X-Custom", "1")], ["connection", "x-custom"], id="Connection-names-custom"),
-    pytest.param([("Connection", "keep-alive, X-A"), ("Connection", "X-B"), ("X-A", "1"), ("X-B", "2")],
-                 ["connection", "x-a", "x-b"], id="two-Connection-headers"),
+    pytest.param(
+        [("Connection", "X-Custom"), ("X-Custom", "1")], ["connection", "x-custom"], id="Connection-names-custom"
+    ),
+    pytest.param(
+        [("Connection", "keep-alive, X-A"), ("Connection", "X-B"), ("X-A", "1"), ("X-B", "2")],
+        ["connection", "x-a", "x-b"],
+        id="two-Connection-headers",
+    ),
     pytest.param([("Keep-Alive", "timeout=5, max=100")], ["keep-alive"], id="Keep-Alive"),
     pytest.param([("TE", "trailers")], ["te"], id="TE"),
     pytest.param([("Trailer", "X-Checksum")], ["trailer"], id="Trailer"),
@@ -336,14 +366,18 @@ HOP_CASES = [
     pytest.param([("Proxy-Connection", "keep-alive")], ["proxy-connection"], id="Proxy-Connection"),
     pytest.param([("Upgrade", "websocket")], ["upgrade"], id="Upgrade-without-Connection-upgrade"),
     pytest.param([("Connection", "Upgrade"), ("Upgrade", "h2c")], ["upgrade", "connection"], id="Upgrade-h2c"),
-    pytest.param([("Connection", "X-Forwarded-For"), ("X-Forwarded-For", "10.0.0.1")], ["connection"],
-                 id="Connection-names-X-Forwarded-For"),
+    pytest.param(
+        [("Connection", "X-Forwarded-For"), ("X-Forwarded-For", "10.0.0.1")],
+        ["connection"],
+        id="Connection-names-X-Forwarded-For",
+    ),
 ]
 
 
 @pytest.mark.parametrize(("sent", "absent"), HOP_CASES)
 async def test_hop_by_hop_and_connection_named_headers_do_not_reach_the_upstream(
-        sidecar: Any, rsa_key: TestKey, sent: list[tuple[str, str]], absent: list[str]) -> None:
+    sidecar: Any, rsa_key: TestKey, sent: list[tuple[str, str]], absent: list[str]
+) -> None:
     s = await sidecar()
     status, _, _ = await get(s, "/orders/1", [*sent, *bearer(mint(key=rsa_key)).items()])
     assert status == 200
@@ -356,9 +390,12 @@ async def test_hop_by_hop_and_connection_named_headers_do_not_reach_the_upstream
 
 
 async def test_connection_naming_authorization_removes_the_token_and_fails_closed(
-        sidecar: Any, rsa_key: TestKey) -> None:
+    sidecar: Any, rsa_key: TestKey
+) -> None:
     s = await sidecar()
-    status, headers, _ = await get(s, "/orders/1", [("Connection", "Authorization"), *bearer(mint(key=rsa_key)).items()])
+    status, headers, _ = await get(
+        s, "/orders/1", [("Connection", "Authorization"), *bearer(mint(key=rsa_key)).items()]
+    )
     assert status == 401
     assert headers["WWW-Authenticate"] == BARE
     assert s.upstream.seen == []
@@ -367,8 +404,18 @@ async def test_connection_naming_authorization_removes_the_token_and_fails_close
 async def test_chunked_body_is_reframed_by_the_proxy_and_arrives_as_one_request(sidecar: Any, rsa_key: TestKey) -> None:
     s = await sidecar()
     chunked = b"a\r\naaaaaaaaaa\r\n14\r\n" + b"b" * 20 + b"\r\n1e\r\n" + b"c" * 30 + b"\r\n0\r\nX-Sum: 1\r\n\r\n"
-    response = await raw_get(s, "/orders/1", [*bearer(mint(key=rsa_key)).items(), ("Transfer-Encoding", "chunked"),
-                                              ("Trailer", "X-Sum"), ("TE", "trailers")], method="POST", body=chunked)
+    response = await raw_get(
+        s,
+        "/orders/1",
+        [
+            *bearer(mint(key=rsa_key)).items(),
+            ("Transfer-Encoding", "chunked"),
+            ("Trailer", "X-Sum"),
+            ("TE", "trailers"),
+        ],
+        method="POST",
+        body=chunked,
+    )
     assert response.status == 200
     assert len(s.upstream.seen) == 1
     seen = s.upstream.last()
@@ -419,7 +466,8 @@ PATH_CASES = [
 
 @pytest.mark.parametrize(("target", "outcome", "normalised"), PATH_CASES)
 async def test_path_attacks_are_refused_or_judged_by_the_route_of_the_normalised_path(
-        sidecar: Any, rsa_key: TestKey, target: str, outcome: str, normalised: str | None) -> None:
+    sidecar: Any, rsa_key: TestKey, target: str, outcome: str, normalised: str | None
+) -> None:
     s = await sidecar()
     anonymous = await raw_get(s, target)
     authorised = await raw_get(s, target, [("Authorization", f"Bearer {admin_token(rsa_key)}")])
@@ -439,10 +487,12 @@ async def test_a_path_that_stays_public_is_forwarded_as_normalised(sidecar: Any)
     s = await sidecar()
     # %25 is a literal % (not unreserved): it stays encoded, so the upstream decodes it once
     # to `%2e%2e`, a file name, never to `..`.
-    for target, expected in [("/public/%252e%252e/admin/x", "/public/%252e%252e/admin/x"),
-                             ("/public/a/../b", "/public/b"),
-                             ("/public/caf%C3%A9", "/public/caf%C3%A9"),
-                             ("/public/a%3bb", "/public/a%3Bb")]:
+    for target, expected in [
+        ("/public/%252e%252e/admin/x", "/public/%252e%252e/admin/x"),
+        ("/public/a/../b", "/public/b"),
+        ("/public/caf%C3%A9", "/public/caf%C3%A9"),
+        ("/public/a%3bb", "/public/a%3Bb"),
+    ]:
         response = await raw_get(s, target)
         assert response.status == 200, target
         assert s.upstream.last().raw_path == expected, target
@@ -458,7 +508,8 @@ QUERY_CASES = [
 
 @pytest.mark.parametrize(("target", "expected"), QUERY_CASES)
 async def test_query_strings_reach_the_upstream_byte_for_byte(
-        sidecar: Any, rsa_key: TestKey, target: str, expected: str) -> None:
+    sidecar: Any, rsa_key: TestKey, target: str, expected: str
+) -> None:
     s = await sidecar()
     response = await raw_get(s, target, [("Authorization", f"Bearer {admin_token(rsa_key)}")])
     assert response.status == 200
@@ -501,13 +552,17 @@ UNSAFE_CLAIMS = [
 
 
 @pytest.mark.parametrize("claims", UNSAFE_CLAIMS)
-async def test_a_claim_with_control_characters_is_denied(sidecar: Any, rsa_key: TestKey, claims: dict[str, Any]) -> None:
+async def test_a_claim_with_control_characters_is_denied(
+    sidecar: Any, rsa_key: TestKey, claims: dict[str, Any]
+) -> None:
     s = await sidecar()
     status, headers, body = await get(s, "/orders/1", bearer(mint(claims, key=rsa_key)))
     assert status == 401
     assert headers["WWW-Authenticate"] == UNSAFE_CLAIM
-    assert json.loads(body) == {"error": "invalid_token",
-                                "error_description": "The token has a claim that cannot be forwarded safely"}
+    assert json.loads(body) == {
+        "error": "invalid_token",
+        "error_description": "The token has a claim that cannot be forwarded safely",
+    }
     assert s.upstream.seen == []
 
 
@@ -523,7 +578,8 @@ FORWARDED_CLAIMS = [
 
 @pytest.mark.parametrize(("claims", "header", "arrives"), FORWARDED_CLAIMS)
 async def test_tab_and_non_ascii_claims_are_forwarded_as_utf8(
-        sidecar: Any, rsa_key: TestKey, claims: dict[str, Any], header: str, arrives: str) -> None:
+    sidecar: Any, rsa_key: TestKey, claims: dict[str, Any], header: str, arrives: str
+) -> None:
     s = await sidecar()
     status, _, _ = await get(s, "/orders/1", bearer(mint(claims, key=rsa_key)))
     assert status == 200
@@ -552,12 +608,19 @@ async def test_a_claim_that_would_not_arrive_unchanged_is_denied(sidecar: Any, r
 
 # -- 5. more than one token, malformed credentials -------------------------------------------
 TWO_TOKENS = [
-    pytest.param("/orders/1", [("Authorization", "Bearer {t1}"), ("Authorization", "Bearer {t2}")],
-                 id="two-Authorization-headers"),
-    pytest.param("/orders/1", [("Authorization", "Bearer {t1}"), ("authorization", "Bearer {t2}")],
-                 id="two-Authorization-headers-mixed-case"),
-    pytest.param("/orders/1", [("Authorization", "Bearer {t1}"), ("Authorization", "Bearer {t1}")],
-                 id="same-token-twice"),
+    pytest.param(
+        "/orders/1",
+        [("Authorization", "Bearer {t1}"), ("Authorization", "Bearer {t2}")],
+        id="two-Authorization-headers",
+    ),
+    pytest.param(
+        "/orders/1",
+        [("Authorization", "Bearer {t1}"), ("authorization", "Bearer {t2}")],
+        id="two-Authorization-headers-mixed-case",
+    ),
+    pytest.param(
+        "/orders/1", [("Authorization", "Bearer {t1}"), ("Authorization", "Bearer {t1}")], id="same-token-twice"
+    ),
     pytest.param("/bq/x?access_token={t2}", [("Authorization", "Bearer {t1}")], id="bearer-and-query"),
     pytest.param("/bq/x?access_token={t1}", [("Authorization", "Bearer {t1}")], id="same-token-bearer-and-query"),
     pytest.param("/bc/x", [("Authorization", "Bearer {t1}"), ("Cookie", "access_token={t2}")], id="bearer-and-cookie"),
@@ -569,15 +632,19 @@ TWO_TOKENS = [
 
 @pytest.mark.parametrize(("target", "headers"), TWO_TOKENS)
 async def test_two_tokens_are_a_400_and_nothing_moves(
-        sidecar: Any, rsa_key: TestKey, target: str, headers: list[tuple[str, str]]) -> None:
+    sidecar: Any, rsa_key: TestKey, target: str, headers: list[tuple[str, str]]
+) -> None:
     s = await sidecar(SOURCES_CONFIG)
     tokens = {"t1": mint(key=rsa_key), "t2": mint({"sub": "other"}, key=rsa_key)}
-    status, response_headers, body = await get(s, target.format(**tokens),
-                                               [(k, v.format(**tokens)) for k, v in headers])
+    status, response_headers, body = await get(
+        s, target.format(**tokens), [(k, v.format(**tokens)) for k, v in headers]
+    )
     assert status == 400
     assert response_headers["WWW-Authenticate"] == INVALID_REQUEST_MULTIPLE
-    assert json.loads(body) == {"error": "invalid_request",
-                                "error_description": "More than one access token was presented"}
+    assert json.loads(body) == {
+        "error": "invalid_request",
+        "error_description": "More than one access token was presented",
+    }
     assert s.upstream.seen == []
 
 
@@ -599,7 +666,7 @@ MALFORMED_AUTHORIZATION = [
     pytest.param("Bearer\t{token}", 400, INVALID_REQUEST_MALFORMED, id="tab"),
     pytest.param("Bearer {token}, Bearer {token}", 400, INVALID_REQUEST_MALFORMED, id="comma-list"),
     pytest.param("Bearer {token}%", 400, INVALID_REQUEST_MALFORMED, id="non-b64token-char"),
-    pytest.param("Bearer \"{token}\"", 400, INVALID_REQUEST_MALFORMED, id="quoted"),
+    pytest.param('Bearer "{token}"', 400, INVALID_REQUEST_MALFORMED, id="quoted"),
     pytest.param("Basic dXNlcjpwYXNz", 401, BARE, id="Basic"),
     pytest.param("Digest username=x", 401, BARE, id="Digest"),
     pytest.param("Bearer{token}", 401, BARE, id="no-space-is-another-scheme"),
@@ -608,7 +675,8 @@ MALFORMED_AUTHORIZATION = [
 
 @pytest.mark.parametrize(("value", "status", "challenge"), MALFORMED_AUTHORIZATION)
 async def test_malformed_authorization_is_refused_with_the_exact_challenge(
-        sidecar: Any, rsa_key: TestKey, value: str, status: int, challenge: str) -> None:
+    sidecar: Any, rsa_key: TestKey, value: str, status: int, challenge: str
+) -> None:
     s = await sidecar()
     got, headers, _ = await get(s, "/orders/1", [("Authorization", value.format(token=mint(key=rsa_key)))])
     assert got == status
@@ -632,15 +700,19 @@ QUERY_TOKENS = [
     pytest.param("/q/x?access_token={t}", "/q/x", id="alone"),
     pytest.param("/q/x?access_token={t}&z=..&a=%2e", "/q/x?z=..&a=%2e", id="first"),
     pytest.param("/q/x?b=%20&b=2&access%5Ftoken={t}&c", "/q/x?b=%20&b=2&c", id="encoded-name-last-then-bare-key"),
-    pytest.param("/q/x?x=access_token&access_token={t}&y=access_token%3D1", "/q/x?x=access_token&y=access_token%3D1",
-                 id="name-as-a-value-elsewhere"),
+    pytest.param(
+        "/q/x?x=access_token&access_token={t}&y=access_token%3D1",
+        "/q/x?x=access_token&y=access_token%3D1",
+        id="name-as-a-value-elsewhere",
+    ),
     pytest.param("/q/x?a=%2F&&access_token={t}&b=", "/q/x?a=%2F&&b=", id="empty-pairs-kept"),
 ]
 
 
 @pytest.mark.parametrize(("target", "expected"), QUERY_TOKENS)
 async def test_a_query_token_is_accepted_and_removed_with_the_rest_of_the_query_kept(
-        sidecar: Any, rsa_key: TestKey, target: str, expected: str) -> None:
+    sidecar: Any, rsa_key: TestKey, target: str, expected: str
+) -> None:
     s = await sidecar(SOURCES_CONFIG)
     status, _, _ = await get(s, target.format(t=mint(key=rsa_key)))
     assert status == 200
@@ -659,7 +731,8 @@ COOKIE_TOKENS = [
 
 @pytest.mark.parametrize(("cookie", "expected"), COOKIE_TOKENS)
 async def test_a_cookie_token_is_accepted_and_only_that_cookie_removed(
-        sidecar: Any, rsa_key: TestKey, cookie: str, expected: str | None) -> None:
+    sidecar: Any, rsa_key: TestKey, cookie: str, expected: str | None
+) -> None:
     s = await sidecar(SOURCES_CONFIG)
     status, _, _ = await get(s, "/c/x", [("Cookie", cookie.format(t=mint(key=rsa_key)))])
     assert status == 200
@@ -676,7 +749,8 @@ COOKIE_PARSER_EDGES = [
 
 @pytest.mark.parametrize("cookie", COOKIE_PARSER_EDGES)
 async def test_a_cookie_token_the_parser_accepts_never_reaches_the_upstream(
-        sidecar: Any, rsa_key: TestKey, cookie: str) -> None:
+    sidecar: Any, rsa_key: TestKey, cookie: str
+) -> None:
     # The token is read with aiohttp's cookie parser and removed with extract.without_cookie:
     # whatever the first accepts, the second must remove, or the token leaks upstream.
     s = await sidecar(SOURCES_CONFIG)
@@ -735,11 +809,14 @@ def unb64url(value: str) -> bytes:
     return base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
 
 
-@pytest.mark.parametrize("spoof", [[], [("X-Jwt-Payload", "eyJzdWIiOiJhZG1pbiJ9")],
-                                   [("x-jwt-payload", "e30"), ("X-JWT-PAYLOAD", "e30")]],
-                         ids=["no-spoof", "spoofed", "spoofed-twice"])
+@pytest.mark.parametrize(
+    "spoof",
+    [[], [("X-Jwt-Payload", "eyJzdWIiOiJhZG1pbiJ9")], [("x-jwt-payload", "e30"), ("X-JWT-PAYLOAD", "e30")]],
+    ids=["no-spoof", "spoofed", "spoofed-twice"],
+)
 async def test_the_payload_header_is_the_verified_payload_and_replaces_a_clients(
-        sidecar: Any, rsa_key: TestKey, spoof: list[tuple[str, str]]) -> None:
+    sidecar: Any, rsa_key: TestKey, spoof: list[tuple[str, str]]
+) -> None:
     s = await sidecar(SOURCES_CONFIG)
     token = mint({"roles": ["dev"], "name": "Zoë", "nested": {"a": [1, 2]}}, key=rsa_key)
     status, _, _ = await get(s, "/p/x", [*spoof, *bearer(token).items()])
@@ -761,17 +838,20 @@ def _auth(token: str) -> list[tuple[str, str]]:
 REFUSALS = [
     pytest.param(lambda k, a: ("/orders", _auth(mint({"exp": 1000, "iat": 0}, key=k))), 401, id="expired"),
     pytest.param(lambda k, a: ("/orders", _auth(mint(key=a, headers={"kid": "rsa-1"}))), 401, id="bad-signature"),
-    pytest.param(lambda k, a: ("/orders", _auth(forge({"alg": "none", "kid": "rsa-1"}, valid_claims()))), 401,
-                 id="alg-none"),
+    pytest.param(
+        lambda k, a: ("/orders", _auth(forge({"alg": "none", "kid": "rsa-1"}, valid_claims()))), 401, id="alg-none"
+    ),
     pytest.param(lambda k, a: ("/orders", _auth("abc.def.ghi")), 401, id="malformed"),
     pytest.param(lambda k, a: ("/orders", _auth(b64url(b"{nope") + ".e30.")), 401, id="bad-json-header"),
-    pytest.param(lambda k, a: ("/orders", _auth(mint(headers={"kid": "../../etc/passwd"}, key=k))), 401,
-                 id="unknown-kid"),
+    pytest.param(
+        lambda k, a: ("/orders", _auth(mint(headers={"kid": "../../etc/passwd"}, key=k))), 401, id="unknown-kid"
+    ),
     pytest.param(lambda k, a: ("/orders", _auth(mint({"aud": "evil"}, key=k))), 401, id="wrong-audience"),
     pytest.param(lambda k, a: ("/orders", _auth(mint({"sub": "a\r\nb"}, key=k))), 401, id="unsafe-claim"),
     pytest.param(lambda k, a: ("/orders", [*_auth(mint(key=k)), *_auth(mint(key=k))]), 400, id="two-tokens"),
-    pytest.param(lambda k, a: ("/orders", [("Authorization", "Bearer " + mint(key=k) + " x")]), 400,
-                 id="malformed-bearer"),
+    pytest.param(
+        lambda k, a: ("/orders", [("Authorization", "Bearer " + mint(key=k) + " x")]), 400, id="malformed-bearer"
+    ),
     pytest.param(lambda k, a: ("/admin/x", _auth(mint(key=k))), 403, id="missing-scope"),
     pytest.param(lambda k, a: ("/admin/x", _auth(mint({"scope": "admin"}, key=k))), 403, id="claim-rule"),
     pytest.param(lambda k, a: ("/public/%2e%2e/%2e%2e/x", _auth(mint(key=k))), 400, id="bad-path"),
@@ -781,7 +861,8 @@ REFUSALS = [
 
 @pytest.mark.parametrize(("build", "status"), REFUSALS)
 async def test_refusals_reveal_no_token_key_traceback_or_library_message(
-        sidecar: Any, rsa_key: TestKey, rsa_key_2: TestKey, build: Builder, status: int) -> None:
+    sidecar: Any, rsa_key: TestKey, rsa_key_2: TestKey, build: Builder, status: int
+) -> None:
     s = await sidecar()
     path, headers = build(rsa_key, rsa_key_2)
     response = await raw_get(s, path, headers)
@@ -790,34 +871,61 @@ async def test_refusals_reveal_no_token_key_traceback_or_library_message(
     assert set(body) == {"error", "error_description"}
     assert body["error_description"] in FIXED_PHRASES
     # The Server banner is ours ("jwt-sidecar") and left out of the comparison.
-    shown = "\n".join(line for line in response.raw.decode("latin-1").split("\r\n")
-                      if not line.lower().startswith("server:"))
+    shown = "\n".join(
+        line for line in response.raw.decode("latin-1").split("\r\n") if not line.lower().startswith("server:")
+    )
     for _, value in headers:
         for segment in value.removeprefix("Bearer ").split("."):
             if len(segment) >= 8:
                 assert segment not in shown, "a token segment was echoed"
-    for secret in ("user-42", str(rsa_key.public_jwk["n"])[:24], str(rsa_key_2.public_jwk["n"])[:24], "Traceback",
-                   "Exception", "PyJWT", "jwt.", "Signature verification", "Invalid", "Expecting", "padding",
-                   "passwd", "kid", "rsa-1", "\\r", "email_verified"):
+    for secret in (
+        "user-42",
+        str(rsa_key.public_jwk["n"])[:24],
+        str(rsa_key_2.public_jwk["n"])[:24],
+        "Traceback",
+        "Exception",
+        "PyJWT",
+        "jwt.",
+        "Signature verification",
+        "Invalid",
+        "Expecting",
+        "padding",
+        "passwd",
+        "kid",
+        "rsa-1",
+        "\\r",
+        "email_verified",
+    ):
         assert secret not in shown, f"{secret!r} in the response"
     assert s.upstream.seen == []
 
 
 PARSER_ERRORS = [
-    pytest.param("GET /orders HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}" + "A" * 20000 + "\r\n\r\n",
-                 431, id="oversized-authorization"),
-    pytest.param("GET /q/x?access_token={token}&q=\xe9 HTTP/1.1\r\nHost: x\r\n\r\n", 400,
-                 id="bad-char-after-query-token"),
-    pytest.param("GET /orders HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\x01\r\n\r\n", 400,
-                 id="control-char-in-authorization"),
-    pytest.param("GET /orders HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nBad Name: 1\r\n\r\n", 400,
-                 id="bad-header-name-after-authorization"),
+    pytest.param(
+        "GET /orders HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}" + "A" * 20000 + "\r\n\r\n",
+        431,
+        id="oversized-authorization",
+    ),
+    pytest.param(
+        "GET /q/x?access_token={token}&q=\xe9 HTTP/1.1\r\nHost: x\r\n\r\n", 400, id="bad-char-after-query-token"
+    ),
+    pytest.param(
+        "GET /orders HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\x01\r\n\r\n",
+        400,
+        id="control-char-in-authorization",
+    ),
+    pytest.param(
+        "GET /orders HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nBad Name: 1\r\n\r\n",
+        400,
+        id="bad-header-name-after-authorization",
+    ),
 ]
 
 
 @pytest.mark.parametrize(("template", "status"), PARSER_ERRORS)
 async def test_parser_errors_reach_nothing_and_keep_the_token_out_of_the_logs(
-        sidecar: Any, rsa_key: TestKey, template: str, status: int, caplog: pytest.LogCaptureFixture) -> None:
+    sidecar: Any, rsa_key: TestKey, template: str, status: int, caplog: pytest.LogCaptureFixture
+) -> None:
     # The parser refuses these before any routing: the upstream sees nothing, the answer is a
     # fixed body that never quotes the request back, and the operator log never holds the token.
     from proxy.ops.server import configure_logging
@@ -849,31 +957,64 @@ def _challenge(reason: Reason) -> str:
 
 ADMIN = {"scope": "admin", "email_verified": True}
 FORGED = [
-    pytest.param(lambda k, a: forge({"alg": "none", "kid": "rsa-1"}, valid_claims(**ADMIN)), Reason.ALG_NOT_ALLOWED,
-                 id="alg-none"),
+    pytest.param(
+        lambda k, a: forge({"alg": "none", "kid": "rsa-1"}, valid_claims(**ADMIN)),
+        Reason.ALG_NOT_ALLOWED,
+        id="alg-none",
+    ),
     pytest.param(lambda k, a: forge({"alg": "None"}, valid_claims(**ADMIN)), Reason.ALG_NOT_ALLOWED, id="alg-None"),
-    pytest.param(lambda k, a: forge({"alg": "none"}, valid_claims(**ADMIN), b"sig"), Reason.ALG_NOT_ALLOWED,
-                 id="alg-none-with-a-signature"),
+    pytest.param(
+        lambda k, a: forge({"alg": "none"}, valid_claims(**ADMIN), b"sig"),
+        Reason.ALG_NOT_ALLOWED,
+        id="alg-none-with-a-signature",
+    ),
     pytest.param(lambda k, a: forge({"kid": "rsa-1"}, valid_claims(**ADMIN)), Reason.ALG_NOT_ALLOWED, id="alg-missing"),
-    pytest.param(lambda k, a: forge({"alg": ["RS256"], "kid": "rsa-1"}, valid_claims(**ADMIN)), Reason.ALG_NOT_ALLOWED,
-                 id="alg-as-a-list"),
-    pytest.param(lambda k, a: hs256({"alg": "HS256", "kid": "rsa-1"}, valid_claims(**ADMIN), k.public_pem()),
-                 Reason.ALG_NOT_ALLOWED, id="HS256-signed-with-the-public-key"),
-    pytest.param(lambda k, a: mint(ADMIN, key=a, headers={"kid": "rsa-1", "jwk": a.public_jwk}),
-                 Reason.BAD_SIGNATURE, id="embedded-jwk"),
-    pytest.param(lambda k, a: mint(ADMIN, key=a, headers={"kid": "rsa-1", "jku": "http://127.0.0.1:9/jwks"}),
-                 Reason.BAD_SIGNATURE, id="jku-to-the-attacker"),
-    pytest.param(lambda k, a: mint(ADMIN, key=a, headers={"kid": "rsa-1", "x5u": "http://127.0.0.1:9/cert"}),
-                 Reason.BAD_SIGNATURE, id="x5u-to-the-attacker"),
-    pytest.param(lambda k, a: mint(ADMIN, key=a, headers={"kid": None}), Reason.BAD_SIGNATURE, id="no-kid-attacker-key"),
-    pytest.param(lambda k, a: mint(ADMIN, key=k).rsplit(".", 1)[0] + ".", Reason.BAD_SIGNATURE, id="signature-stripped"),
-    pytest.param(lambda k, a: ".".join([mint(key=k).split(".")[0], b64url(json.dumps(valid_claims(**ADMIN)).encode()),
-                                        mint(key=k).split(".")[2]]), Reason.BAD_SIGNATURE, id="payload-swapped"),
+    pytest.param(
+        lambda k, a: forge({"alg": ["RS256"], "kid": "rsa-1"}, valid_claims(**ADMIN)),
+        Reason.ALG_NOT_ALLOWED,
+        id="alg-as-a-list",
+    ),
+    pytest.param(
+        lambda k, a: hs256({"alg": "HS256", "kid": "rsa-1"}, valid_claims(**ADMIN), k.public_pem()),
+        Reason.ALG_NOT_ALLOWED,
+        id="HS256-signed-with-the-public-key",
+    ),
+    pytest.param(
+        lambda k, a: mint(ADMIN, key=a, headers={"kid": "rsa-1", "jwk": a.public_jwk}),
+        Reason.BAD_SIGNATURE,
+        id="embedded-jwk",
+    ),
+    pytest.param(
+        lambda k, a: mint(ADMIN, key=a, headers={"kid": "rsa-1", "jku": "http://127.0.0.1:9/jwks"}),
+        Reason.BAD_SIGNATURE,
+        id="jku-to-the-attacker",
+    ),
+    pytest.param(
+        lambda k, a: mint(ADMIN, key=a, headers={"kid": "rsa-1", "x5u": "http://127.0.0.1:9/cert"}),
+        Reason.BAD_SIGNATURE,
+        id="x5u-to-the-attacker",
+    ),
+    pytest.param(
+        lambda k, a: mint(ADMIN, key=a, headers={"kid": None}), Reason.BAD_SIGNATURE, id="no-kid-attacker-key"
+    ),
+    pytest.param(
+        lambda k, a: mint(ADMIN, key=k).rsplit(".", 1)[0] + ".", Reason.BAD_SIGNATURE, id="signature-stripped"
+    ),
+    pytest.param(
+        lambda k, a: ".".join(
+            [mint(key=k).split(".")[0], b64url(json.dumps(valid_claims(**ADMIN)).encode()), mint(key=k).split(".")[2]]
+        ),
+        Reason.BAD_SIGNATURE,
+        id="payload-swapped",
+    ),
     pytest.param(lambda k, a: mint(ADMIN, key=k, headers={"crit": ["exp"]}), Reason.CRIT, id="crit-unknown"),
     pytest.param(lambda k, a: mint(ADMIN, key=k, headers={"b64": False, "crit": ["b64"]}), Reason.CRIT, id="b64-false"),
     pytest.param(lambda k, a: mint({**ADMIN, "iss": "https://evil.test"}, key=k), Reason.ISSUER, id="foreign-iss"),
-    pytest.param(lambda k, a: mint({**ADMIN, "exp": str(int(time.time()) + 300)}, key=k), Reason.MALFORMED_CLAIM,
-                 id="exp-as-a-string"),
+    pytest.param(
+        lambda k, a: mint({**ADMIN, "exp": str(int(time.time()) + 300)}, key=k),
+        Reason.MALFORMED_CLAIM,
+        id="exp-as-a-string",
+    ),
     pytest.param(lambda k, a: mint({**ADMIN, "sub": 1}, key=k), Reason.MALFORMED_CLAIM, id="sub-as-a-number"),
     # PyJWT writes inf as `Infinity`, which is not JSON (RFC 8259 §6): the payload is malformed.
     pytest.param(lambda k, a: mint({**ADMIN, "exp": float("inf")}, key=k), Reason.MALFORMED, id="exp-infinite"),
@@ -881,8 +1022,9 @@ FORGED = [
 
 
 @pytest.mark.parametrize(("build", "reason"), FORGED)
-async def test_forged_tokens_are_refused(sidecar: Any, rsa_key: TestKey, rsa_key_2: TestKey,
-                                         build: Builder, reason: Reason) -> None:
+async def test_forged_tokens_are_refused(
+    sidecar: Any, rsa_key: TestKey, rsa_key_2: TestKey, build: Builder, reason: Reason
+) -> None:
     s = await sidecar()
     status, headers, _ = await get(s, "/admin/x", bearer(build(rsa_key, rsa_key_2)))
     assert status == 401
@@ -895,7 +1037,8 @@ async def test_oversized_tokens_and_headers_are_refused_before_any_work(sidecar:
     status, headers, _ = await get(s, "/orders", bearer(mint({"pad": "x" * 9000}, key=rsa_key)))
     assert status == 401, "over max_token_bytes (8192), under the header limit"
     assert headers["WWW-Authenticate"] == (
-        'Bearer realm="api", error="invalid_token", error_description="The access token is too large"')
+        'Bearer realm="api", error="invalid_token", error_description="The access token is too large"'
+    )
     status, _, _ = await get(s, "/orders", [("Authorization", "Bearer " + "A" * 20000)])
     assert status == 431, "over the 16 KiB field limit: Request Header Fields Too Large (RFC 6585)"
     status, _, _ = await get(s, "/public/x", [(f"X-Pad-{i}", "y" * 1000) for i in range(200)])
@@ -913,36 +1056,76 @@ async def test_a_flood_of_spoofed_identity_headers_leaves_exactly_ours(sidecar: 
 
 SMUGGLED = b"GET /admin/smuggled HTTP/1.1\r\nHost: x\r\n\r\n"
 SMUGGLING = [
-    pytest.param(b"POST /public/a HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"
-                 b"0\r\n\r\n" + SMUGGLED, 400, id="CL-and-TE"),
-    pytest.param(b"POST /public/a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Length: 40\r\n\r\n"
-                 b"0\r\n\r\n" + SMUGGLED, 400, id="TE-and-CL"),
-    pytest.param(b"POST /public/a HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nContent-Length: 41\r\n\r\n"
-                 + SMUGGLED, 400, id="two-different-CL"),
+    pytest.param(
+        b"POST /public/a HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"0\r\n\r\n" + SMUGGLED,
+        400,
+        id="CL-and-TE",
+    ),
+    pytest.param(
+        b"POST /public/a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Length: 40\r\n\r\n"
+        b"0\r\n\r\n" + SMUGGLED,
+        400,
+        id="TE-and-CL",
+    ),
+    pytest.param(
+        b"POST /public/a HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nContent-Length: 41\r\n\r\n" + SMUGGLED,
+        400,
+        id="two-different-CL",
+    ),
     pytest.param(b"POST /public/a HTTP/1.1\r\nHost: x\r\nContent-Length: 0, 41\r\n\r\n" + SMUGGLED, 400, id="CL-list"),
-    pytest.param(b"POST /public/a HTTP/1.1\r\nHost: x\r\nContent-Length: +41\r\n\r\n" + SMUGGLED, 400, id="CL-plus-sign"),
-    pytest.param(b"POST /public/a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, identity\r\n\r\n0\r\n\r\n"
-                 + SMUGGLED, 400, id="TE-chunked-not-last"),
-    pytest.param(b"POST /public/a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: xchunked\r\n\r\n0\r\n\r\n"
-                 + SMUGGLED, 400, id="TE-xchunked"),
-    pytest.param(b"POST /public/a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding : chunked\r\n\r\n0\r\n\r\n"
-                 + SMUGGLED, 400, id="TE-space-before-colon"),
-    pytest.param(b"POST /public/a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding:\tchunked\r\nContent-Length: 3\r\n\r\n"
-                 b"0\r\n\r\n" + SMUGGLED, 400, id="TE-tab"),
-    pytest.param(b"POST /public/a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
-                 b"5;ext=\"\r\n\"\r\nhello\r\n0\r\n\r\n" + SMUGGLED, 400, id="chunk-extension-with-CRLF"),
-    pytest.param(b"POST /public/a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
-                 b"5\nhello\n0\n\n" + SMUGGLED, 400, id="bare-LF-chunks"),
-    pytest.param(b"GET /public/a HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: foo\r\n\r\n" + SMUGGLED,
-                 200, id="upgrade-then-pipelined"),
-    pytest.param(b"GET /public/a HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 41\r\n\r\n"
-                 + SMUGGLED, 200, id="expect-continue-body"),
+    pytest.param(
+        b"POST /public/a HTTP/1.1\r\nHost: x\r\nContent-Length: +41\r\n\r\n" + SMUGGLED, 400, id="CL-plus-sign"
+    ),
+    pytest.param(
+        b"POST /public/a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, identity\r\n\r\n0\r\n\r\n" + SMUGGLED,
+        400,
+        id="TE-chunked-not-last",
+    ),
+    pytest.param(
+        b"POST /public/a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: xchunked\r\n\r\n0\r\n\r\n" + SMUGGLED,
+        400,
+        id="TE-xchunked",
+    ),
+    pytest.param(
+        b"POST /public/a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding : chunked\r\n\r\n0\r\n\r\n" + SMUGGLED,
+        400,
+        id="TE-space-before-colon",
+    ),
+    pytest.param(
+        b"POST /public/a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding:\tchunked\r\nContent-Length: 3\r\n\r\n"
+        b"0\r\n\r\n" + SMUGGLED,
+        400,
+        id="TE-tab",
+    ),
+    pytest.param(
+        b"POST /public/a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b'5;ext="\r\n"\r\nhello\r\n0\r\n\r\n' + SMUGGLED,
+        400,
+        id="chunk-extension-with-CRLF",
+    ),
+    pytest.param(
+        b"POST /public/a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\nhello\n0\n\n" + SMUGGLED,
+        400,
+        id="bare-LF-chunks",
+    ),
+    pytest.param(
+        b"GET /public/a HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: foo\r\n\r\n" + SMUGGLED,
+        200,
+        id="upgrade-then-pipelined",
+    ),
+    pytest.param(
+        b"GET /public/a HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 41\r\n\r\n" + SMUGGLED,
+        200,
+        id="expect-continue-body",
+    ),
 ]
 
 
 @pytest.mark.parametrize(("data", "status"), SMUGGLING)
 async def test_a_smuggled_request_never_reaches_the_upstream_unauthenticated(
-        sidecar: Any, data: bytes, status: int) -> None:
+    sidecar: Any, data: bytes, status: int
+) -> None:
     # 400: the parser (llhttp) refuses the framing. 200: the carrier request is answered and the
     # trailing bytes are swallowed (an upgraded stream, or the body announced by Content-Length).
     s = await sidecar()
@@ -955,18 +1138,25 @@ async def test_a_smuggled_request_never_reaches_the_upstream_unauthenticated(
     assert raw.count(b"HTTP/1.1 200") <= 1, "a second 200 came back on the same connection"
 
 
-@pytest.mark.parametrize(("request_line", "status"), [
-    pytest.param("GET http://evil/admin/x HTTP/1.1", 400, id="absolute-form"),
-    pytest.param("GET http://sidecar.test/public/x HTTP/1.1", 400, id="absolute-form-own-host"),
-    pytest.param("OPTIONS * HTTP/1.1", 400, id="asterisk-form"),
-    pytest.param("CONNECT evil:443 HTTP/1.1", 400, id="authority-form"),
-    pytest.param("GET /public/x HTTP/1.2", 400, id="unknown-minor-version"),
-    pytest.param("get /admin/x HTTP/1.1", 400, id="lower-case-method"),
-])
-async def test_unusual_request_targets_are_refused(sidecar: Any, rsa_key: TestKey, request_line: str, status: int) -> None:
+@pytest.mark.parametrize(
+    ("request_line", "status"),
+    [
+        pytest.param("GET http://evil/admin/x HTTP/1.1", 400, id="absolute-form"),
+        pytest.param("GET http://sidecar.test/public/x HTTP/1.1", 400, id="absolute-form-own-host"),
+        pytest.param("OPTIONS * HTTP/1.1", 400, id="asterisk-form"),
+        pytest.param("CONNECT evil:443 HTTP/1.1", 400, id="authority-form"),
+        pytest.param("GET /public/x HTTP/1.2", 400, id="unknown-minor-version"),
+        pytest.param("get /admin/x HTTP/1.1", 400, id="lower-case-method"),
+    ],
+)
+async def test_unusual_request_targets_are_refused(
+    sidecar: Any, rsa_key: TestKey, request_line: str, status: int
+) -> None:
     s = await sidecar()
-    data = (f"{request_line}\r\nHost: sidecar.test\r\nAuthorization: Bearer {mint(key=rsa_key)}\r\n"
-            "Connection: close\r\n\r\n").encode()
+    data = (
+        f"{request_line}\r\nHost: sidecar.test\r\nAuthorization: Bearer {mint(key=rsa_key)}\r\n"
+        "Connection: close\r\n\r\n"
+    ).encode()
     raw = await send_raw(s, data)
     assert first_response(raw).status == status, raw[:200]
     assert s.upstream.seen == []
@@ -999,8 +1189,16 @@ async def test_head_is_judged_like_get(sidecar: Any, rsa_key: TestKey) -> None:
 
 async def test_the_host_and_forwarded_chain_cannot_be_used_to_hide_the_client(sidecar: Any, rsa_key: TestKey) -> None:
     s = await sidecar()
-    status, _, _ = await get(s, "/orders", [("X-Forwarded-For", "10.0.0.1"), ("X-Forwarded-Proto", "https"),
-                                            ("X-Request-Id", "abc\tdef"), *bearer(mint(key=rsa_key)).items()])
+    status, _, _ = await get(
+        s,
+        "/orders",
+        [
+            ("X-Forwarded-For", "10.0.0.1"),
+            ("X-Forwarded-Proto", "https"),
+            ("X-Request-Id", "abc\tdef"),
+            *bearer(mint(key=rsa_key)).items(),
+        ],
+    )
     assert status == 200
     seen = s.upstream.last()
     # Appended, not replaced: the rightmost entry is always the peer this hop saw.

@@ -57,11 +57,14 @@ def held_port(host: str = "127.0.0.1", port: int = 0, *, reuse_port: bool = Fals
         yield sock.getsockname()[1]
 
 
-def write_config(tmp_path: Path, *, listen: str | None = None, admin: str | None = None, keys: str = JWKS,
-                 extra: str = "") -> Path:
+def write_config(
+    tmp_path: Path, *, listen: str | None = None, admin: str | None = None, keys: str = JWKS, extra: str = ""
+) -> Path:
     path = tmp_path / "config.yaml"
-    path.write_text(CONFIG.format(listen=listen or f"127.0.0.1:{free_port()}",
-                                  admin=admin or f"127.0.0.1:{free_port()}", keys=keys) + extra)
+    path.write_text(
+        CONFIG.format(listen=listen or f"127.0.0.1:{free_port()}", admin=admin or f"127.0.0.1:{free_port()}", keys=keys)
+        + extra
+    )
     return path
 
 
@@ -76,13 +79,25 @@ def without_privileges() -> None:
         libc.prctl(24, cap, 0, 0, 0)  # PR_CAPBSET_DROP; past the last capability it fails, harmlessly
 
 
-def jwt_sidecar(*args: str, env: dict[str, str] | None = None, cwd: Path = REPO,
-                preexec: Callable[[], None] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def jwt_sidecar(
+    *args: str,
+    env: dict[str, str] | None = None,
+    cwd: Path = REPO,
+    preexec: Callable[[], None] | None = None,
+    timeout: float = 60,
+) -> subprocess.CompletedProcess[str]:
     """Run the command to its end. One that starts serving instead (the failure this file is
     about) is killed at `timeout`, with its workers: it runs in a process group of its own."""
-    with subprocess.Popen([sys.executable, "-m", "proxy", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True, cwd=cwd, env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
-                          preexec_fn=preexec, start_new_session=True) as proc:
+    with subprocess.Popen(
+        [sys.executable, "-m", "proxy", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
+        preexec_fn=preexec,
+        start_new_session=True,
+    ) as proc:
         try:
             out, err = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -169,25 +184,33 @@ def test_listen_and_admin_spelled_differently_on_one_port_name_each_other(tmp_pa
     port = free_port()
     path = write_config(tmp_path, listen=f"localhost:{port}", admin=f"127.0.0.1:{port}", extra=workers_line(workers))
     result = jwt_sidecar("run", "--config", str(path))
-    assert_one_line(result, f"cannot listen on 127.0.0.1:{port} (admin): address already in use by `listen` "
-                            f"(localhost:{port}) of this same config; give admin a port of its own")
+    assert_one_line(
+        result,
+        f"cannot listen on 127.0.0.1:{port} (admin): address already in use by `listen` "
+        f"(localhost:{port}) of this same config; give admin a port of its own",
+    )
 
 
 @WORKERS
 def test_admin_on_the_listen_address_itself_is_a_config_error_naming_its_line(tmp_path: Path, workers: int) -> None:
     port = free_port()
     path = write_config(tmp_path, listen=f"127.0.0.1:{port}", admin=f"127.0.0.1:{port}", extra=workers_line(workers))
-    assert_one_line(jwt_sidecar("run", "--config", str(path)),
-                    f"{path}:2: admin: 127.0.0.1:{port} is also `listen`; the admin endpoints need their own port")
+    assert_one_line(
+        jwt_sidecar("run", "--config", str(path)),
+        f"{path}:2: admin: 127.0.0.1:{port} is also `listen`; the admin endpoints need their own port",
+    )
 
 
 def test_admin_inside_listens_every_address_is_a_config_error_naming_its_line(tmp_path: Path) -> None:
     port = free_port()
     path = write_config(tmp_path, listen=f"0.0.0.0:{port}", admin=f"127.0.0.1:{port}")
     result = jwt_sidecar("run", "--config", str(path))
-    assert_one_line(result, f"{path}:2: admin: 127.0.0.1:{port} and `listen` 0.0.0.0:{port} share port {port} on "
-                            "the same address (0.0.0.0 and :: are every address); the admin endpoints need their own "
-                            "port")
+    assert_one_line(
+        result,
+        f"{path}:2: admin: 127.0.0.1:{port} and `listen` 0.0.0.0:{port} share port {port} on "
+        "the same address (0.0.0.0 and :: are every address); the admin endpoints need their own "
+        "port",
+    )
     checked = jwt_sidecar("check-config", str(path))
     assert checked.returncode == 1 and f"{path}:2: admin: 127.0.0.1:{port} and `listen`" in checked.stderr
 
@@ -203,8 +226,11 @@ def test_a_host_name_that_does_not_resolve_is_one_line(tmp_path: Path) -> None:
     port = free_port()
     path = write_config(tmp_path, admin=f"nowhere.invalid:{port}")  # .invalid never resolves (RFC 6761)
     result = jwt_sidecar("run", "--config", str(path))
-    assert_one_line(result, f"cannot listen on nowhere.invalid:{port} (admin): the host name 'nowhere.invalid' "
-                            "does not resolve to an address")
+    assert_one_line(
+        result,
+        f"cannot listen on nowhere.invalid:{port} (admin): the host name 'nowhere.invalid' "
+        "does not resolve to an address",
+    )
 
 
 @WORKERS
@@ -214,9 +240,12 @@ def test_a_privileged_port_without_the_privilege_is_one_line_saying_what_to_do(t
     port = first_free - 1
     path = write_config(tmp_path, listen=f"127.0.0.1:{port}", extra=workers_line(workers))
     result = jwt_sidecar("run", "--config", str(path), preexec=without_privileges)
-    assert_one_line(result, f"cannot listen on 127.0.0.1:{port} (listen): permission denied: port {port} is below "
-                            "1024, which needs root or the CAP_NET_BIND_SERVICE capability; choose a port of 1024 or "
-                            "more")
+    assert_one_line(
+        result,
+        f"cannot listen on 127.0.0.1:{port} (listen): permission denied: port {port} is below "
+        "1024, which needs root or the CAP_NET_BIND_SERVICE capability; choose a port of 1024 or "
+        "more",
+    )
 
 
 # -- files ------------------------------------------------------------------------------------
@@ -224,41 +253,54 @@ def test_a_privileged_port_without_the_privilege_is_one_line_saying_what_to_do(t
 
 def test_a_missing_config_file_is_one_line(tmp_path: Path) -> None:
     missing = tmp_path / "nope.yaml"
-    assert_one_line(jwt_sidecar("run", "--config", str(missing)),
-                    f"{missing}: cannot read the config file: no such file or directory")
+    assert_one_line(
+        jwt_sidecar("run", "--config", str(missing)),
+        f"{missing}: cannot read the config file: no such file or directory",
+    )
     # $JWT_SIDECAR_CONFIG, the default ./config.yaml's replacement, says the same.
-    assert_one_line(jwt_sidecar("run", env={"JWT_SIDECAR_CONFIG": str(missing)}),
-                    f"{missing}: cannot read the config file: no such file or directory")
+    assert_one_line(
+        jwt_sidecar("run", env={"JWT_SIDECAR_CONFIG": str(missing)}),
+        f"{missing}: cannot read the config file: no such file or directory",
+    )
 
 
 def test_a_config_path_that_is_a_directory_is_one_line(tmp_path: Path) -> None:
-    assert_one_line(jwt_sidecar("run", "--config", str(tmp_path)),
-                    f"{tmp_path}: cannot read the config file: is a directory")
+    assert_one_line(
+        jwt_sidecar("run", "--config", str(tmp_path)), f"{tmp_path}: cannot read the config file: is a directory"
+    )
 
 
 def test_an_unreadable_config_file_is_one_line(tmp_path: Path) -> None:
     path = write_config(tmp_path)
     path.chmod(0)
-    assert_one_line(jwt_sidecar("run", "--config", str(path), preexec=without_privileges),
-                    f"{path}: cannot read the config file: permission denied")
+    assert_one_line(
+        jwt_sidecar("run", "--config", str(path), preexec=without_privileges),
+        f"{path}: cannot read the config file: permission denied",
+    )
 
 
 def test_a_config_file_that_is_not_text_is_one_line(tmp_path: Path) -> None:
     path = tmp_path / "config.yaml"
     path.write_bytes(b"listen: 127.0.0.1:1\n\xff\xfe")
-    assert_one_line(jwt_sidecar("run", "--config", str(path)),
-                    f"{path}: cannot read the config file: not UTF-8 text (byte 20)")
+    assert_one_line(
+        jwt_sidecar("run", "--config", str(path)), f"{path}: cannot read the config file: not UTF-8 text (byte 20)"
+    )
 
 
-@pytest.mark.parametrize(("keys", "where"), [
-    ("    pem_file: {key}", "8: providers.main.pem_file"),
-    ("    pem_file: {{file: {key}, kid: k1}}", "8: providers.main.pem_file.file"),
-    ("    jwks_file: {key}", "8: providers.main.jwks_file"),
-    ("    algorithms: [HS256]\n    secret: {{file: {key}}}", "9: providers.main.secret.file"),
-], ids=["pem_file", "pem_file-with-kid", "jwks_file", "secret-file"])
+@pytest.mark.parametrize(
+    ("keys", "where"),
+    [
+        ("    pem_file: {key}", "8: providers.main.pem_file"),
+        ("    pem_file: {{file: {key}, kid: k1}}", "8: providers.main.pem_file.file"),
+        ("    jwks_file: {key}", "8: providers.main.jwks_file"),
+        ("    algorithms: [HS256]\n    secret: {{file: {key}}}", "9: providers.main.secret.file"),
+    ],
+    ids=["pem_file", "pem_file-with-kid", "jwks_file", "secret-file"],
+)
 @pytest.mark.parametrize("state", ["missing", "unreadable"])
 def test_a_key_file_missing_or_unreadable_is_one_line_naming_the_config_line(
-        tmp_path: Path, keys: str, where: str, state: str) -> None:
+    tmp_path: Path, keys: str, where: str, state: str
+) -> None:
     key = tmp_path / "key-file"
     if state == "unreadable":
         key.write_text("whatever it holds, it cannot be read")
@@ -274,24 +316,37 @@ def test_a_key_file_missing_or_unreadable_is_one_line_naming_the_config_line(
 
 def test_a_prometheus_multiproc_dir_that_cannot_be_written_is_one_line(tmp_path: Path) -> None:
     missing = tmp_path / "no-such-dir"
-    result = jwt_sidecar("run", "--config", str(write_config(tmp_path)),
-                         env={"PROMETHEUS_MULTIPROC_DIR": str(missing)})
-    assert_one_line(result, f"PROMETHEUS_MULTIPROC_DIR is {missing}, where metrics cannot be written: no such file "
-                            "or directory; unset it (workers set their own) or make it a writable directory")
+    result = jwt_sidecar("run", "--config", str(write_config(tmp_path)), env={"PROMETHEUS_MULTIPROC_DIR": str(missing)})
+    assert_one_line(
+        result,
+        f"PROMETHEUS_MULTIPROC_DIR is {missing}, where metrics cannot be written: no such file "
+        "or directory; unset it (workers set their own) or make it a writable directory",
+    )
     read_only = tmp_path / "read-only"
     read_only.mkdir(mode=0o555)
-    result = jwt_sidecar("run", "--config", str(write_config(tmp_path)),
-                         env={"PROMETHEUS_MULTIPROC_DIR": str(read_only)}, preexec=without_privileges)
-    assert_one_line(result, f"PROMETHEUS_MULTIPROC_DIR is {read_only}, where metrics cannot be written: permission "
-                            "denied; unset it (workers set their own) or make it a writable directory")
+    result = jwt_sidecar(
+        "run",
+        "--config",
+        str(write_config(tmp_path)),
+        env={"PROMETHEUS_MULTIPROC_DIR": str(read_only)},
+        preexec=without_privileges,
+    )
+    assert_one_line(
+        result,
+        f"PROMETHEUS_MULTIPROC_DIR is {read_only}, where metrics cannot be written: permission "
+        "denied; unset it (workers set their own) or make it a writable directory",
+    )
 
 
 @WORKERS
 def test_a_closed_stdout_with_the_access_log_on_is_one_line(tmp_path: Path, workers: int) -> None:
-    result = jwt_sidecar("run", "--config", str(write_config(tmp_path, extra=workers_line(workers))),
-                         preexec=lambda: os.close(1))
-    assert_one_line(result, "stdout is closed and the access log is written there; give the process a stdout or "
-                            "set access_log: false")
+    result = jwt_sidecar(
+        "run", "--config", str(write_config(tmp_path, extra=workers_line(workers))), preexec=lambda: os.close(1)
+    )
+    assert_one_line(
+        result,
+        "stdout is closed and the access log is written there; give the process a stdout or set access_log: false",
+    )
 
 
 # -- a stop while starting ------------------------------------------------------------------
@@ -305,9 +360,14 @@ def test_a_stop_while_the_first_keys_load_ends_the_start_quietly(tmp_path: Path,
         issuer.listen()
         port = issuer.getsockname()[1]
         path = write_config(tmp_path, keys=f'    jwks: {{url: "http://127.0.0.1:{port}/jwks", timeout: 30s}}')
-        proc = subprocess.Popen([sys.executable, "-m", "proxy", "run", "--config", str(path)], cwd=REPO,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                env={**os.environ, "PYTHONPATH": str(REPO)})
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "proxy", "run", "--config", str(path)],
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
         try:
             issuer.settimeout(30)
             conn, _ = issuer.accept()  # the sidecar is now waiting for its first keys

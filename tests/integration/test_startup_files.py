@@ -31,32 +31,62 @@ def certificate_pem() -> bytes:
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "issuer.example")])
     now = datetime.datetime.now(datetime.UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now)
-            .not_valid_after(now + datetime.timedelta(days=1)).sign(key, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
 # Each case: (the config's key lines, what the key file holds, the message after "FILE:LINE: PATH: ").
 KEY_FILES: dict[str, tuple[str, Callable[[], bytes], str]] = {
-    "jwks-not-json": ("    jwks_file: {key}", lambda: b"not json\n",
-                      'providers.main.jwks_file: {key} is not JSON (9 bytes): a JWK Set is a JSON object with a '
-                      '"keys" array'),
-    "jwks-empty-file": ("    jwks_file: {key}", lambda: b"",
-                        'providers.main.jwks_file: {key} is empty: a JWK Set is a JSON object with a "keys" array'),
-    "jwks-a-list": ("    jwks_file: {key}", lambda: b"[1, 2]",
-                    'providers.main.jwks_file: {key} is not a JWK Set: expected a JSON object with a "keys" array'),
-    "jwks-no-keys": ("    jwks_file: {key}", lambda: b'{"keys": []}',
-                     'providers.main.jwks_file: holds no keys: its "keys" array is empty'),
-    "pem-certificate": ("    pem_file: {key}", certificate_pem,
-                        "providers.main.pem_file: {key} is not a PEM public key (it holds a certificate; give its "
-                        "public key: openssl x509 -in {key} -pubkey -noout)"),
-    "pem-empty": ("    pem_file: {key}", lambda: b"\n", "providers.main.pem_file: {key} is not a PEM public key "
-                  "(it is empty)"),
-    "pem-not-pem": ("    pem_file: {key}", lambda: b'{"kty": "RSA"}', "providers.main.pem_file: {key} is not a PEM "
-                    "public key (no PEM block in it)"),
-    "secret-empty": ("    algorithms: [HS256]\n    secret: {{file: {key}}}", lambda: b"",
-                     "providers.main.secret.file: the secret is empty"),
+    "jwks-not-json": (
+        "    jwks_file: {key}",
+        lambda: b"not json\n",
+        'providers.main.jwks_file: {key} is not JSON (9 bytes): a JWK Set is a JSON object with a "keys" array',
+    ),
+    "jwks-empty-file": (
+        "    jwks_file: {key}",
+        lambda: b"",
+        'providers.main.jwks_file: {key} is empty: a JWK Set is a JSON object with a "keys" array',
+    ),
+    "jwks-a-list": (
+        "    jwks_file: {key}",
+        lambda: b"[1, 2]",
+        'providers.main.jwks_file: {key} is not a JWK Set: expected a JSON object with a "keys" array',
+    ),
+    "jwks-no-keys": (
+        "    jwks_file: {key}",
+        lambda: b'{"keys": []}',
+        'providers.main.jwks_file: holds no keys: its "keys" array is empty',
+    ),
+    "pem-certificate": (
+        "    pem_file: {key}",
+        certificate_pem,
+        "providers.main.pem_file: {key} is not a PEM public key (it holds a certificate; give its "
+        "public key: openssl x509 -in {key} -pubkey -noout)",
+    ),
+    "pem-empty": (
+        "    pem_file: {key}",
+        lambda: b"\n",
+        "providers.main.pem_file: {key} is not a PEM public key (it is empty)",
+    ),
+    "pem-not-pem": (
+        "    pem_file: {key}",
+        lambda: b'{"kty": "RSA"}',
+        "providers.main.pem_file: {key} is not a PEM public key (no PEM block in it)",
+    ),
+    "secret-empty": (
+        "    algorithms: [HS256]\n    secret: {{file: {key}}}",
+        lambda: b"",
+        "providers.main.secret.file: the secret is empty",
+    ),
 }
 
 
@@ -79,18 +109,24 @@ def test_a_key_file_holding_the_wrong_thing_is_one_line_in_our_words(tmp_path: P
     assert result.stderr.splitlines()[0] == line
 
 
-@pytest.mark.parametrize(("text", "what"), [
-    ("", "it is empty"),
-    ("# only a comment\n", "it is empty"),
-    ("- listen: 127.0.0.1:8080\n- providers: {}\n", "it is a YAML list, not a mapping"),
-    ("config.yaml\n", "it is a YAML string, not a mapping"),
-    ("8080\n", "it is a YAML number, not a mapping"),
-], ids=["empty", "comment-only", "list", "string", "number"])
+@pytest.mark.parametrize(
+    ("text", "what"),
+    [
+        ("", "it is empty"),
+        ("# only a comment\n", "it is empty"),
+        ("- listen: 127.0.0.1:8080\n- providers: {}\n", "it is a YAML list, not a mapping"),
+        ("config.yaml\n", "it is a YAML string, not a mapping"),
+        ("8080\n", "it is a YAML number, not a mapping"),
+    ],
+    ids=["empty", "comment-only", "list", "string", "number"],
+)
 def test_a_config_that_is_not_a_mapping_says_what_it_is(tmp_path: Path, text: str, what: str) -> None:
     path = tmp_path / "config.yaml"
     path.write_text(text)
-    assert_one_line(jwt_sidecar("run", "--config", str(path)),
-                    f"{path}:1: the config must be a YAML mapping with a `providers` key; {what}")
+    assert_one_line(
+        jwt_sidecar("run", "--config", str(path)),
+        f"{path}:1: the config must be a YAML mapping with a `providers` key; {what}",
+    )
 
 
 def test_a_config_with_a_byte_order_mark_loads_and_counts_lines_as_written(tmp_path: Path) -> None:
@@ -99,9 +135,11 @@ def test_a_config_with_a_byte_order_mark_loads_and_counts_lines_as_written(tmp_p
     key.write_bytes(b"not json\n")
     path = write_config(tmp_path, keys=f"    jwks_file: {key}")
     path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
-    assert_one_line(jwt_sidecar("run", "--config", str(path)),
-                    f'{path}:8: providers.main.jwks_file: {key} is not JSON (9 bytes): a JWK Set is a JSON object '
-                    'with a "keys" array')
+    assert_one_line(
+        jwt_sidecar("run", "--config", str(path)),
+        f"{path}:8: providers.main.jwks_file: {key} is not JSON (9 bytes): a JWK Set is a JSON object "
+        'with a "keys" array',
+    )
 
 
 def json_line(stderr: str) -> dict[str, object]:

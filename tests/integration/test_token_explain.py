@@ -20,9 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import jwt
 import pytest
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding
 
 from proxy.base.errors import InvalidToken, Reason
@@ -59,10 +58,20 @@ routes:
 """
 
 # What must never reach an operator: PyJWT's messages, exception class names, Python's None.
-LIBRARY_TEXT = ("Invalid crypto padding", "Signature verification failed", "Invalid header padding",
-                "Invalid payload padding", "Not enough segments", "Invalid header string", "The HMAC key is",
-                "Expecting a PEM", "Could not deserialize", "Traceback", "Invalid token type",
-                "is not a supported algorithm")
+LIBRARY_TEXT = (
+    "Invalid crypto padding",
+    "Signature verification failed",
+    "Invalid header padding",
+    "Invalid payload padding",
+    "Not enough segments",
+    "Invalid header string",
+    "The HMAC key is",
+    "Expecting a PEM",
+    "Could not deserialize",
+    "Traceback",
+    "Invalid token type",
+    "is not a supported algorithm",
+)
 EXCEPTION_NAME = re.compile(r"\b[A-Z][A-Za-z]*(?:Error|Exception)\b")
 STEP = re.compile(r"^  (PASS|FAIL|----)  (\S+(?: \S+)?)\s+(.*?)(?:   \[([a-z_]+)\])?$")
 
@@ -104,8 +113,9 @@ def alter(index: int, char: str) -> Callable[[Keys], str]:
         token = mint(key=k.rsa)
         signature = token.rsplit(".", 1)[1]
         i = index % len(signature)
-        changed = signature[:i] + (char if signature[i] != char else ("B" if char == "A" else "A")) + signature[i + 1:]
+        changed = signature[:i] + (char if signature[i] != char else ("B" if char == "A" else "A")) + signature[i + 1 :]
         return with_signature(token, changed)
+
     return make
 
 
@@ -127,37 +137,91 @@ CASES: list[tuple[str, Callable[[Keys], str], str, str, str | None]] = [
     ("signature-extra-char", lambda k: mint(key=k.rsa) + "A", "/a", "main", "bad_signature|malformed"),
     ("signature-extra-char-Q", lambda k: mint(key=k.rsa) + "Q", "/a", "main", "bad_signature|malformed"),
     ("signature-padded", lambda k: mint(key=k.rsa) + "==", "/a", "main", "malformed"),
-    ("signature-base64-alphabet", lambda k: with_signature(mint(key=k.rsa), "ab+/" * 85 + "AA"), "/a", "main",
-     "malformed"),
+    (
+        "signature-base64-alphabet",
+        lambda k: with_signature(mint(key=k.rsa), "ab+/" * 85 + "AA"),
+        "/a",
+        "main",
+        "malformed",
+    ),
     ("signature-empty", lambda k: with_signature(mint(key=k.rsa), ""), "/a", "main", "bad_signature"),
-    ("signature-of-another-token", lambda k: with_signature(mint(key=k.rsa), mint({"sub": "x"}, key=k.rsa)
-                                                            .rsplit(".", 1)[1]), "/a", "main", "bad_signature"),
-    ("es256-signature-altered", lambda k: with_signature(mint(key=k.ec), b64(b"\x01" * 64)), "/a", "main",
-     "bad_signature"),
-    ("payload-padded", lambda k: (lambda h, p, s: f"{h}.{p}=.{s}")(*mint(key=k.rsa).split(".")), "/a", "main",
-     "malformed"),
-    ("header-padded", lambda k: (lambda h, p, s: f"{h}=.{p}.{s}")(*mint(key=k.rsa).split(".")), "/a", "main",
-     "malformed"),
-    ("alg-swapped-to-es256", lambda k: signed_text(k.rsa, '{"alg":"ES256","kid":"rsa-1"}', claims()), "/a", "main",
-     "unknown_kid"),
+    (
+        "signature-of-another-token",
+        lambda k: with_signature(mint(key=k.rsa), mint({"sub": "x"}, key=k.rsa).rsplit(".", 1)[1]),
+        "/a",
+        "main",
+        "bad_signature",
+    ),
+    (
+        "es256-signature-altered",
+        lambda k: with_signature(mint(key=k.ec), b64(b"\x01" * 64)),
+        "/a",
+        "main",
+        "bad_signature",
+    ),
+    (
+        "payload-padded",
+        lambda k: (lambda h, p, s: f"{h}.{p}=.{s}")(*mint(key=k.rsa).split(".")),
+        "/a",
+        "main",
+        "malformed",
+    ),
+    (
+        "header-padded",
+        lambda k: (lambda h, p, s: f"{h}=.{p}.{s}")(*mint(key=k.rsa).split(".")),
+        "/a",
+        "main",
+        "malformed",
+    ),
+    (
+        "alg-swapped-to-es256",
+        lambda k: signed_text(k.rsa, '{"alg":"ES256","kid":"rsa-1"}', claims()),
+        "/a",
+        "main",
+        "unknown_kid",
+    ),
     ("alg-rs384-not-allowed", lambda k: mint(key=k.rsa, alg="RS384"), "/a", "main", "alg_not_allowed"),
-    ("alg-confusion-hs256-with-public-key", lambda k: (lambda pem: signed_hs(pem, '{"alg":"HS256","kid":"rsa-1"}',
-                                                                             claims()))(k.rsa.public_pem()),
-     "/a", "main", "alg_not_allowed"),
-    ("kid-of-an-ec-key-on-rs256", lambda k: signed_text(k.rsa, '{"alg":"RS256","kid":"ec-1"}', claims()), "/a", "main",
-     "unknown_kid"),
+    (
+        "alg-confusion-hs256-with-public-key",
+        lambda k: (lambda pem: signed_hs(pem, '{"alg":"HS256","kid":"rsa-1"}', claims()))(k.rsa.public_pem()),
+        "/a",
+        "main",
+        "alg_not_allowed",
+    ),
+    (
+        "kid-of-an-ec-key-on-rs256",
+        lambda k: signed_text(k.rsa, '{"alg":"RS256","kid":"ec-1"}', claims()),
+        "/a",
+        "main",
+        "unknown_kid",
+    ),
     ("alg-none", lambda k: b64('{"alg":"none"}') + "." + b64(claims()) + ".", "/a", "main", "alg_not_allowed"),
     ("alg-None", lambda k: b64('{"alg":"None"}') + "." + b64(claims()) + ".", "/a", "main", "alg_not_allowed"),
     ("alg-missing", lambda k: signed_text(k.rsa, '{"kid":"rsa-1"}', claims()), "/a", "main", "alg_not_allowed"),
     ("alg-null", lambda k: signed_text(k.rsa, '{"alg":null,"kid":"rsa-1"}', claims()), "/a", "main", "alg_not_allowed"),
     ("alg-number", lambda k: signed_text(k.rsa, '{"alg":256}', claims()), "/a", "main", "alg_not_allowed"),
     ("expired", lambda k: mint({"iat": now() - 600, "exp": now() - 120}, key=k.rsa), "/a", "main", "expired"),
-    ("expired-and-wrong-aud", lambda k: mint({"iat": now() - 600, "exp": now() - 120, "aud": "x"}, key=k.rsa), "/a",
-     "main", "expired"),
-    ("nbf-in-the-future", lambda k: mint({"nbf": now() + 600, "exp": now() + 900}, key=k.rsa), "/a", "main",
-     "not_yet_valid"),
-    ("iat-in-the-future", lambda k: mint({"iat": now() + 600, "exp": now() + 900}, key=k.rsa), "/a", "main",
-     "issued_in_future"),
+    (
+        "expired-and-wrong-aud",
+        lambda k: mint({"iat": now() - 600, "exp": now() - 120, "aud": "x"}, key=k.rsa),
+        "/a",
+        "main",
+        "expired",
+    ),
+    (
+        "nbf-in-the-future",
+        lambda k: mint({"nbf": now() + 600, "exp": now() + 900}, key=k.rsa),
+        "/a",
+        "main",
+        "not_yet_valid",
+    ),
+    (
+        "iat-in-the-future",
+        lambda k: mint({"iat": now() + 600, "exp": now() + 900}, key=k.rsa),
+        "/a",
+        "main",
+        "issued_in_future",
+    ),
     ("too-old", lambda k: mint({"exp": now() + 7200}, key=k.rsa), "/a", "main", "too_old"),
     ("wrong-aud", lambda k: mint({"aud": "api://other"}, key=k.rsa), "/a", "main", "audience"),
     ("aud-list-without-ours", lambda k: mint({"aud": ["a", "b"]}, key=k.rsa), "/a", "main", "audience"),
@@ -165,61 +229,146 @@ CASES: list[tuple[str, Callable[[Keys], str], str, str, str | None]] = [
     ("aud-missing", lambda k: mint(key=k.rsa, omit=("aud",)), "/a", "main", "missing_claim"),
     ("wrong-iss", lambda k: mint({"iss": "https://evil.test"}, key=k.rsa), "/a", "main", "issuer"),
     ("iss-missing", lambda k: mint(key=k.rsa, omit=("iss",)), "/a", "main", "missing_claim"),
-    ("iss-null", lambda k: signed_text(k.rsa, '{"alg":"RS256","kid":"rsa-1"}', claims(iss=None)), "/a", "main",
-     "missing_claim"),
-    ("aud-null-iss-missing", lambda k: signed_text(k.rsa, '{"alg":"RS256","kid":"rsa-1"}', claims(aud=None, iss=_OMIT)),
-     "/a", "main", "missing_claim"),
+    (
+        "iss-null",
+        lambda k: signed_text(k.rsa, '{"alg":"RS256","kid":"rsa-1"}', claims(iss=None)),
+        "/a",
+        "main",
+        "missing_claim",
+    ),
+    (
+        "aud-null-iss-missing",
+        lambda k: signed_text(k.rsa, '{"alg":"RS256","kid":"rsa-1"}', claims(aud=None, iss=_OMIT)),
+        "/a",
+        "main",
+        "missing_claim",
+    ),
     ("sub-missing-but-required", lambda k: mint(key=k.rsa, omit=("sub",)), "/a", "main", "missing_claim"),
     ("sub-number", lambda k: mint({"sub": 5}, key=k.rsa), "/a", "main", "malformed_claim"),
     ("exp-string", lambda k: mint({"exp": "soon"}, key=k.rsa), "/a", "main", "malformed_claim"),
     ("exp-null", lambda k: mint({"exp": None}, key=k.rsa), "/a", "main", "malformed_claim"),
     ("exp-true", lambda k: mint({"exp": True}, key=k.rsa), "/a", "main", "malformed_claim"),
     ("unknown-kid", lambda k: mint(key=k.rsa, headers={"kid": "nope"}), "/a", "main", "unknown_kid"),
-    ("no-kid-several-keys-none-verifies", lambda k: mint(key=k.stranger, headers={"kid": None}), "/a", "main",
-     "bad_signature"),
+    (
+        "no-kid-several-keys-none-verifies",
+        lambda k: mint(key=k.stranger, headers={"kid": None}),
+        "/a",
+        "main",
+        "bad_signature",
+    ),
     ("known-kid-wrong-key", lambda k: mint(key=k.stranger), "/a", "main", "bad_signature"),
     ("kid-number", lambda k: signed_text(k.rsa, '{"alg":"RS256","kid":5}', claims()), "/a", "main", "malformed"),
     ("kid-null", lambda k: signed_text(k.rsa, '{"alg":"RS256","kid":null}', claims()), "/a", "main", None),
     ("crit", lambda k: mint(key=k.rsa, headers={"crit": ["exp"], "exp": 1}), "/a", "main", "crit"),
-    ("crit-null", lambda k: signed_text(k.rsa, '{"alg":"RS256","kid":"rsa-1","crit":null}', claims()), "/a", "main",
-     "crit"),
-    ("b64-false", lambda k: signed_text(k.rsa, '{"alg":"RS256","kid":"rsa-1","b64":false}', claims()), "/a", "main",
-     "crit"),
-    ("duplicate-in-header", lambda k: signed_text(k.rsa, '{"alg":"RS256","kid":"rsa-1","kid":"rsa-1"}', claims()),
-     "/a", "main", "malformed"),
-    ("duplicate-in-payload", lambda k: signed_text(k.rsa, '{"alg":"RS256","kid":"rsa-1"}',
-                                                   claims()[:-1] + ',"sub":"admin"}'), "/a", "main", "malformed"),
-    ("duplicate-in-payload-forged", lambda k: with_signature(signed_text(k.rsa, '{"alg":"RS256","kid":"rsa-1"}',
-                                                                         claims()[:-1] + ',"sub":"admin"}'), "AAAA"),
-     "/a", "main", "bad_signature"),
-    ("nan-in-payload", lambda k: signed_text(k.rsa, '{"alg":"RS256","kid":"rsa-1"}', claims()[:-1] + ',"n":NaN}'),
-     "/a", "main", "malformed"),
-    ("payload-array", lambda k: signed_text(k.rsa, '{"alg":"RS256","kid":"rsa-1"}', "[1,2]"), "/a", "main",
-     "malformed"),
-    ("payload-not-json", lambda k: signed_text(k.rsa, '{"alg":"RS256","kid":"rsa-1"}', "hello"), "/a", "main",
-     "malformed"),
+    (
+        "crit-null",
+        lambda k: signed_text(k.rsa, '{"alg":"RS256","kid":"rsa-1","crit":null}', claims()),
+        "/a",
+        "main",
+        "crit",
+    ),
+    (
+        "b64-false",
+        lambda k: signed_text(k.rsa, '{"alg":"RS256","kid":"rsa-1","b64":false}', claims()),
+        "/a",
+        "main",
+        "crit",
+    ),
+    (
+        "duplicate-in-header",
+        lambda k: signed_text(k.rsa, '{"alg":"RS256","kid":"rsa-1","kid":"rsa-1"}', claims()),
+        "/a",
+        "main",
+        "malformed",
+    ),
+    (
+        "duplicate-in-payload",
+        lambda k: signed_text(k.rsa, '{"alg":"RS256","kid":"rsa-1"}', claims()[:-1] + ',"sub":"admin"}'),
+        "/a",
+        "main",
+        "malformed",
+    ),
+    (
+        "duplicate-in-payload-forged",
+        lambda k: with_signature(
+            signed_text(k.rsa, '{"alg":"RS256","kid":"rsa-1"}', claims()[:-1] + ',"sub":"admin"}'), "AAAA"
+        ),
+        "/a",
+        "main",
+        "bad_signature",
+    ),
+    (
+        "nan-in-payload",
+        lambda k: signed_text(k.rsa, '{"alg":"RS256","kid":"rsa-1"}', claims()[:-1] + ',"n":NaN}'),
+        "/a",
+        "main",
+        "malformed",
+    ),
+    (
+        "payload-array",
+        lambda k: signed_text(k.rsa, '{"alg":"RS256","kid":"rsa-1"}', "[1,2]"),
+        "/a",
+        "main",
+        "malformed",
+    ),
+    (
+        "payload-not-json",
+        lambda k: signed_text(k.rsa, '{"alg":"RS256","kid":"rsa-1"}', "hello"),
+        "/a",
+        "main",
+        "malformed",
+    ),
     ("header-array", lambda k: f"{b64('[1]')}.{b64(claims())}.AAAA", "/a", "main", "malformed"),
     ("header-not-json", lambda k: f"{b64('alg')}.{b64(claims())}.AAAA", "/a", "main", "malformed"),
     ("control-character-in-sub", lambda k: mint({"sub": "user\x01"}, key=k.rsa), "/a", "main", "unsafe_claim"),
     ("too-large", lambda k: mint({"pad": "x" * 9000}, key=k.rsa), "/a", "main", "too_large"),
-    ("typ-jwt-where-at-jwt-is-required", lambda k: mint({"iss": "https://typed.test"}, key=k.rsa), "/typed/a",
-     "typed", "typ"),
-    ("typ-missing", lambda k: signed_text(k.rsa, '{"alg":"RS256","kid":"rsa-1"}', claims(iss="https://typed.test")),
-     "/typed/a", "typed", "typ"),
-    ("typ-at-jwt", lambda k: mint({"iss": "https://typed.test"}, key=k.rsa, headers={"typ": "at+jwt"}), "/typed/a",
-     "typed", None),
-    ("hs256-wrong-secret", lambda k: mint({"iss": "https://hs.test"}, secret=b"w" * 32 + k.secret), "/hs/a", "hs",
-     "bad_signature"),
-    ("hs384-not-allowed", lambda k: mint({"iss": "https://hs.test"}, secret=k.secret, alg="HS384"), "/hs/a", "hs",
-     "alg_not_allowed"),
-    ("rs256-on-the-hs-provider", lambda k: mint({"iss": "https://hs.test"}, key=k.rsa), "/hs/a", "hs",
-     "alg_not_allowed"),
+    (
+        "typ-jwt-where-at-jwt-is-required",
+        lambda k: mint({"iss": "https://typed.test"}, key=k.rsa),
+        "/typed/a",
+        "typed",
+        "typ",
+    ),
+    (
+        "typ-missing",
+        lambda k: signed_text(k.rsa, '{"alg":"RS256","kid":"rsa-1"}', claims(iss="https://typed.test")),
+        "/typed/a",
+        "typed",
+        "typ",
+    ),
+    (
+        "typ-at-jwt",
+        lambda k: mint({"iss": "https://typed.test"}, key=k.rsa, headers={"typ": "at+jwt"}),
+        "/typed/a",
+        "typed",
+        None,
+    ),
+    (
+        "hs256-wrong-secret",
+        lambda k: mint({"iss": "https://hs.test"}, secret=b"w" * 32 + k.secret),
+        "/hs/a",
+        "hs",
+        "bad_signature",
+    ),
+    (
+        "hs384-not-allowed",
+        lambda k: mint({"iss": "https://hs.test"}, secret=k.secret, alg="HS384"),
+        "/hs/a",
+        "hs",
+        "alg_not_allowed",
+    ),
+    (
+        "rs256-on-the-hs-provider",
+        lambda k: mint({"iss": "https://hs.test"}, key=k.rsa),
+        "/hs/a",
+        "hs",
+        "alg_not_allowed",
+    ),
     # Not a JWT at all: said first, and nothing else.
     ("one-segment", lambda k: "abcdef", "/a", "main", "malformed"),
     ("two-segments", lambda k: ".".join(mint(key=k.rsa).split(".")[:2]), "/a", "main", "malformed"),
     ("four-segments", lambda k: mint(key=k.rsa) + ".AAAA", "/a", "main", "malformed"),
-    ("jwe", lambda k: b64('{"alg":"RSA-OAEP","enc":"A256GCM"}') + ".AAAA.AAAA.AAAA.AAAA", "/a", "main",
-     "malformed"),
+    ("jwe", lambda k: b64('{"alg":"RSA-OAEP","enc":"A256GCM"}') + ".AAAA.AAAA.AAAA.AAAA", "/a", "main", "malformed"),
     ("json-instead-of-a-token", lambda k: '{"sub":"x"}', "/a", "main", "malformed"),
 ]
 
@@ -229,8 +378,11 @@ def test_the_table_covers_every_reason_the_token_path_can_give() -> None:
     # is in the table above. (A key outage, KeysUnavailable's no_keys, is
     # tests/unit/test_explain_inputs.py::test_keys_that_cannot_be_loaded_are_not_verified.)
     root = Path(__file__).resolve().parents[2] / "proxy"
-    raised = {Reason[name].value for file in ("auth/verify.py", "auth/keys.py", "request/identity.py")
-              for name in re.findall(r"Reason\.([A-Z_]+)", (root / file).read_text())}
+    raised = {
+        Reason[name].value
+        for file in ("auth/verify.py", "auth/keys.py", "request/identity.py")
+        for name in re.findall(r"Reason\.([A-Z_]+)", (root / file).read_text())
+    }
     covered = {reason for *_, expected in CASES if expected for reason in expected.split("|")}
     assert raised and raised <= covered, raised - covered
 
@@ -245,8 +397,9 @@ def signed_hs(secret: bytes, header: str, payload: str) -> str:
 @pytest.fixture
 def keys(tmp_path: Path, rsa_key: TestKey, rsa_key_2: TestKey, ec_key: TestKey) -> tuple[Keys, Path, Path]:
     jwks_file = tmp_path / "jwks.json"
-    jwks_file.write_text(json.dumps({"keys": jwks_of(rsa_key)["keys"] + jwks_of(rsa_key_2)["keys"]
-                                     + jwks_of(ec_key)["keys"]}))
+    jwks_file.write_text(
+        json.dumps({"keys": jwks_of(rsa_key)["keys"] + jwks_of(rsa_key_2)["keys"] + jwks_of(ec_key)["keys"]})
+    )
     secret = generate("HS256", "hs-1")  # as `keys generate` makes and writes it
     secret_file = write(secret, tmp_path / "secrets")[0]
     assert secret.secret is not None
@@ -271,8 +424,13 @@ def assert_operator_text(out: str) -> None:
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 async def test_explain_gives_the_proxys_reason_in_the_proxys_words(
-        sidecar: Any, keys: tuple[Keys, Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str],
-        caplog: pytest.LogCaptureFixture, case: tuple[str, Callable[[Keys], str], str, str, str | None]) -> None:
+    sidecar: Any,
+    keys: tuple[Keys, Path, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+    case: tuple[str, Callable[[Keys], str], str, str, str | None],
+) -> None:
     name, make, path, provider, expected = case
     k, jwks_file, secret_file = keys
     s = await sidecar(CONFIG, jwks_file=str(jwks_file), secret_file=str(secret_file))
@@ -280,8 +438,11 @@ async def test_explain_gives_the_proxys_reason_in_the_proxys_words(
     caplog.set_level(logging.DEBUG, logger="jwt_sidecar")
     response = await s.get(path, headers={"Authorization": f"Bearer {token}"})
     # The operator log's `request_refused` event (oplog.py) carries reason and detail as fields.
-    refusals = [(r.fields["reason"], r.fields["detail"]) for r in caplog.records
-                if getattr(r, "event", None) == "request_refused"]
+    refusals = [
+        (r.fields["reason"], r.fields["detail"])
+        for r in caplog.records
+        if getattr(r, "event", None) == "request_refused"
+    ]
     if refusals and str(refusals[0][0]) == "malformed_request":
         # Refused for the request's form (a token with '=' inside, JSON in a header), before
         # the token is read: ask the running proxy's own verifier for that route instead.
@@ -315,13 +476,13 @@ async def test_explain_gives_the_proxys_reason_in_the_proxys_words(
     assert lines[0].startswith("input: a JWT (JWS compact serialization, 3 segments"), out
     failures = [step for step in steps if step[0] == "FAIL"]
     assert failures, out
-    _, step_name, detail, reason = failures[0]
+    _, _step_name, detail, reason = failures[0]
     seconds = re.compile(r"\b\d+s\b")
     # The proxy's reason, in the words of its log (a count of seconds may have ticked on since).
     assert (reason, seconds.sub("Ns", detail)) == (proxy_reason, seconds.sub("Ns", proxy_detail)), out
     names = [step[1] for step in steps]
     if "signature" in names and steps[names.index("signature")][0] != "PASS":
-        after = steps[names.index("signature") + 1:]
+        after = steps[names.index("signature") + 1 :]
         assert after and all(mark == "----" for mark, *_ in after), out
         if steps[names.index("signature")][0] == "FAIL":
             assert all(detail == "not checked: signature failed" for _, _, detail, _ in after), out

@@ -72,8 +72,11 @@ def misbehaving(mode: str, delay: float | None) -> Handler:
                     head = await reader.readuntil(b"\r\n\r\n")
                 except asyncio.IncompleteReadError:
                     return
-                user = next(line.partition(b":")[2].strip() for line in head.split(b"\r\n")
-                            if line.lower().startswith(b"x-user-id:"))
+                user = next(
+                    line.partition(b":")[2].strip()
+                    for line in head.split(b"\r\n")
+                    if line.lower().startswith(b"x-user-id:")
+                )
                 answer, stray = make(user)
                 if delay is None:
                     writer.write(answer + stray)
@@ -85,14 +88,19 @@ def misbehaving(mode: str, delay: float | None) -> Handler:
         finally:
             for task in pending:
                 task.cancel()
+
     return handler
 
 
 async def as_user(s: Sidecar, key: TestKey, method: str, user: str) -> str:
     """One request by `user`: "ok" when the answer it got was made for it."""
     token = mint({"sub": user}, key=key)
-    raw = await send_raw(s, f"{method} /orders/{user} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
-                            f"Connection: close\r\n\r\n".encode(), timeout=3.0)
+    raw = await send_raw(
+        s,
+        f"{method} /orders/{user} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+        f"Connection: close\r\n\r\n".encode(),
+        timeout=3.0,
+    )
     if not raw:
         return f"{user}: no answer"
     answer = first_response(raw)
@@ -107,15 +115,17 @@ async def as_user(s: Sidecar, key: TestKey, method: str, user: str) -> str:
 async def users(s: Sidecar, key: TestKey, method: str, prefix: str, count: int, concurrency: int) -> list[str]:
     results: list[str] = []
     for start in range(0, count, concurrency):
-        results += await asyncio.gather(*(as_user(s, key, method, f"{prefix}{i}")
-                                          for i in range(start, min(count, start + concurrency))))
+        results += await asyncio.gather(
+            *(as_user(s, key, method, f"{prefix}{i}") for i in range(start, min(count, start + concurrency)))
+        )
     return results
 
 
 @pytest.mark.parametrize("mode", list(STRAYS))
 @bounded
 async def test_no_user_gets_another_users_answer_when_the_upstream_sends_stray_bytes(
-        sidecar: Any, raw_server: Any, rsa_key: TestKey, mode: str) -> None:
+    sidecar: Any, raw_server: Any, rsa_key: TestKey, mode: str
+) -> None:
     method = STRAYS[mode][0]
     upstream = await raw_server(misbehaving(mode, None))
     s = await sidecar(RAW_CONFIG, raw=f"http://127.0.0.1:{upstream.port}")
@@ -127,7 +137,8 @@ async def test_no_user_gets_another_users_answer_when_the_upstream_sends_stray_b
 @pytest.mark.parametrize("mode", ["second-answer", "head-body", "204-body", "after-chunked-end"])
 @bounded
 async def test_no_user_gets_another_users_answer_when_the_stray_bytes_come_late(
-        sidecar: Any, raw_server: Any, rsa_key: TestKey, mode: str) -> None:
+    sidecar: Any, raw_server: Any, rsa_key: TestKey, mode: str
+) -> None:
     # The stray bytes come 30 ms after the answer, into the idle pooled connection: it is
     # closed, and the origin's connections are no longer reused, so the users who come after,
     # one at a time or 15 at once, each get their own connection and their own answer.

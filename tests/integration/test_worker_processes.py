@@ -27,15 +27,22 @@ from tests.integration.test_readme_metrics import exported, readme_metrics
 from tests.integration.test_workers import children, start
 from tests.support.raw import bounded_by
 
-PROCESS_FAMILIES = ("process_cpu_seconds_total", "process_resident_memory_bytes", "process_virtual_memory_bytes",
-                    "process_start_time_seconds", "process_open_fds", "process_max_fds")
+PROCESS_FAMILIES = (
+    "process_cpu_seconds_total",
+    "process_resident_memory_bytes",
+    "process_virtual_memory_bytes",
+    "process_start_time_seconds",
+    "process_open_fds",
+    "process_max_fds",
+)
 
 
 def start_time(pid: int) -> float:
     """When `pid` started, in seconds since the epoch, as /proc says (proc(5): field 22, in ticks)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
-                if line.startswith("btime "))
+    boot = next(
+        float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines() if line.startswith("btime ")
+    )
     return boot + float(fields[19]) / os.sysconf("SC_CLK_TCK")
 
 
@@ -103,8 +110,9 @@ class Supervised:
 
 
 @contextlib.asynccontextmanager
-async def supervised(tmp_path: Path, aiohttp_server: Any, jwks_server: Any, rsa_key: TestKey
-                     ) -> AsyncIterator[tuple[Supervised, aiohttp.ClientSession]]:
+async def supervised(
+    tmp_path: Path, aiohttp_server: Any, jwks_server: Any, rsa_key: TestKey
+) -> AsyncIterator[tuple[Supervised, aiohttp.ClientSession]]:
     proc, base, admin = await start(tmp_path, aiohttp_server, jwks_server, rsa_key, stderr=asyncio.subprocess.PIPE)
     run = Supervised(proc, base, admin)
     try:
@@ -118,7 +126,8 @@ async def supervised(tmp_path: Path, aiohttp_server: Any, jwks_server: Any, rsa_
 
 @bounded_by(90)
 async def test_every_process_exports_its_own_cpu_and_memory(
-        tmp_path: Path, aiohttp_server: Any, jwks_server: Any, rsa_key: TestKey) -> None:
+    tmp_path: Path, aiohttp_server: Any, jwks_server: Any, rsa_key: TestKey
+) -> None:
     began = time.time()
     async with supervised(tmp_path, aiohttp_server, jwks_server, rsa_key) as (run, session):
         pids = run.workers()
@@ -128,6 +137,7 @@ async def test_every_process_exports_its_own_cpu_and_memory(
         assert set(samples) == {(name, label) for name in PROCESS_FAMILIES for label in pids}
         now = time.time()
         for label, pid in pids.items():
+
             def value(name: str) -> float:
                 return samples[(name, label)]  # noqa: B023 - used at once, in this iteration
 
@@ -157,7 +167,8 @@ async def test_every_process_exports_its_own_cpu_and_memory(
 
 @bounded_by(60)
 async def test_the_admin_port_is_logged_once_by_the_supervisor_that_owns_it(
-        tmp_path: Path, aiohttp_server: Any, jwks_server: Any, rsa_key: TestKey) -> None:
+    tmp_path: Path, aiohttp_server: Any, jwks_server: Any, rsa_key: TestKey
+) -> None:
     async with supervised(tmp_path, aiohttp_server, jwks_server, rsa_key) as (run, _):
         stderr = await run.stop()
     address = run.admin.removeprefix("http://")

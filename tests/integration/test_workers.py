@@ -29,24 +29,36 @@ def children(pid: int) -> list[int]:
     return found
 
 
-async def start(tmp_path: Path, aiohttp_server: Any, jwks_server: Any, rsa_key: TestKey,
-                stderr: int = asyncio.subprocess.DEVNULL) -> tuple[Any, str, str]:
+async def start(
+    tmp_path: Path, aiohttp_server: Any, jwks_server: Any, rsa_key: TestKey, stderr: int = asyncio.subprocess.DEVNULL
+) -> tuple[Any, str, str]:
     jwks_server.document = jwks_of(rsa_key)
     upstream = await start_upstream(aiohttp_server)
     listen, admin = free_port(), free_port()
-    text = (BASE_CONFIG.replace("{upstream}", upstream.url).replace("{jwks}", jwks_server.url())
-            + f"listen: 127.0.0.1:{listen}\nadmin: 127.0.0.1:{admin}\nworkers: 2\ndrain_timeout: 5s\n")
+    text = (
+        BASE_CONFIG.replace("{upstream}", upstream.url).replace("{jwks}", jwks_server.url())
+        + f"listen: 127.0.0.1:{listen}\nadmin: 127.0.0.1:{admin}\nworkers: 2\ndrain_timeout: 5s\n"
+    )
     path = tmp_path / "config.yaml"
     path.write_text(text)
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "proxy", "run", "--config", str(path), cwd=REPO,
-        stdout=asyncio.subprocess.DEVNULL, stderr=stderr,
-        env={**os.environ, "PYTHONPATH": str(REPO)})
+        sys.executable,
+        "-m",
+        "proxy",
+        "run",
+        "--config",
+        str(path),
+        cwd=REPO,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=stderr,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     return proc, f"http://127.0.0.1:{listen}", f"http://127.0.0.1:{admin}"
 
 
 async def test_two_workers_serve_one_port_and_report_one_set_of_metrics(
-        tmp_path: Path, aiohttp_server: Any, jwks_server: Any, rsa_key: TestKey) -> None:
+    tmp_path: Path, aiohttp_server: Any, jwks_server: Any, rsa_key: TestKey
+) -> None:
     proc, base, admin = await start(tmp_path, aiohttp_server, jwks_server, rsa_key)
     try:
         async with aiohttp.ClientSession() as session:
@@ -62,8 +74,11 @@ async def test_two_workers_serve_one_port_and_report_one_set_of_metrics(
             await asyncio.sleep(1.5)  # workers publish their scrape-time metrics every second
             async with session.get(admin + "/metrics") as response:
                 text = await response.text()
-        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
-                   for f in text_string_to_metric_families(text) for s in f.samples}
+        samples = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for f in text_string_to_metric_families(text)
+            for s in f.samples
+        }
         allowed = (("decision", "allowed"), ("method", "GET"), ("reason", ""), ("route", "api"), ("status", "2xx"))
         assert samples[("jwt_sidecar_requests_total", allowed)] == 40
         # Histograms too: each worker's durations reach the files through its mirror.
@@ -92,7 +107,8 @@ async def readyz(session: aiohttp.ClientSession, admin: str) -> tuple[int, str]:
 
 
 async def test_a_killed_worker_is_started_again_while_the_other_keeps_serving(
-        tmp_path: Path, aiohttp_server: Any, jwks_server: Any, rsa_key: TestKey) -> None:
+    tmp_path: Path, aiohttp_server: Any, jwks_server: Any, rsa_key: TestKey
+) -> None:
     proc, base, admin = await start(tmp_path, aiohttp_server, jwks_server, rsa_key)
     token = {"Authorization": f"Bearer {mint(key=rsa_key)}"}
     try:
@@ -135,8 +151,9 @@ async def test_a_killed_worker_is_started_again_while_the_other_keeps_serving(
 
 
 async def test_a_worker_that_dies_on_every_start_stops_the_set_with_status_1(
-        tmp_path: Path, aiohttp_server: Any, jwks_server: Any, rsa_key: TestKey) -> None:
-    proc, base, admin = await start(tmp_path, aiohttp_server, jwks_server, rsa_key, stderr=asyncio.subprocess.PIPE)
+    tmp_path: Path, aiohttp_server: Any, jwks_server: Any, rsa_key: TestKey
+) -> None:
+    proc, _base, admin = await start(tmp_path, aiohttp_server, jwks_server, rsa_key, stderr=asyncio.subprocess.PIPE)
     try:
         async with aiohttp.ClientSession() as session:
             await wait_ready(session, admin + "/readyz", proc)
@@ -151,8 +168,9 @@ async def test_a_worker_that_dies_on_every_start_stops_the_set_with_status_1(
         stderr = (await proc.stderr.read()).decode()
         # Four restarts; repeat lines are limited to one a second, the rest counted on the next.
         restarts = [line for line in stderr.splitlines() if "starting it again in" in line]
-        suppressed = sum(int(m.group(1)) for line in restarts
-                         if (m := re.search(r"\((\d+) similar suppressed\)$", line)))
+        suppressed = sum(
+            int(m.group(1)) for line in restarts if (m := re.search(r"\((\d+) similar suppressed\)$", line))
+        )
         assert len(restarts) + suppressed == 4, stderr[-3000:]
         assert "5 worker deaths within 60s; stopping the set" in stderr, stderr[-3000:]
     finally:
@@ -162,7 +180,8 @@ async def test_a_worker_that_dies_on_every_start_stops_the_set_with_status_1(
 
 
 async def test_a_stop_while_a_worker_waits_to_be_restarted_is_a_clean_stop(
-        tmp_path: Path, aiohttp_server: Any, jwks_server: Any, rsa_key: TestKey) -> None:
+    tmp_path: Path, aiohttp_server: Any, jwks_server: Any, rsa_key: TestKey
+) -> None:
     proc, _, admin = await start(tmp_path, aiohttp_server, jwks_server, rsa_key, stderr=asyncio.subprocess.PIPE)
     try:
         async with aiohttp.ClientSession() as session:

@@ -17,7 +17,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-__all__ = ["JWKS_PATH", "DISCOVERY_PATH", "MODES", "JwksServer", "start_jwks_server"]
+__all__ = ["DISCOVERY_PATH", "JWKS_PATH", "MODES", "JwksServer", "start_jwks_server"]
 
 JWKS_PATH = "/jwks.json"
 DISCOVERY_PATH = "/.well-known/openid-configuration"
@@ -73,7 +73,7 @@ class JwksServer:
         await response.prepare(request)
         data = json.dumps(body()).encode()
         for start in range(0, len(data), 64 * 1024):
-            await response.write(data[start:start + 64 * 1024])
+            await response.write(data[start : start + 64 * 1024])
         await response.write_eof()
         return response
 
@@ -81,10 +81,13 @@ class JwksServer:
         return await self._answer(request, lambda: self.document)
 
     async def _discovery(self, request: web.Request) -> web.StreamResponse:
-        return await self._answer(request, lambda: {
-            "issuer": self.issuer,
-            "jwks_uri": self.jwks_uri if self.jwks_uri is not None else self.url(JWKS_PATH),
-        })
+        return await self._answer(
+            request,
+            lambda: {
+                "issuer": self.issuer,
+                "jwks_uri": self.jwks_uri if self.jwks_uri is not None else self.url(JWKS_PATH),
+            },
+        )
 
 
 async def start_jwks_server(

@@ -73,8 +73,12 @@ def dashboard_panels(dashboard: dict[str, Any]) -> list[dict[str, Any]]:
 
 def dashboard_exprs(dashboard: dict[str, Any]) -> list[tuple[str, str]]:
     """(panel title, expr) for every target of every panel."""
-    return [(panel["title"], target["expr"])
-            for panel in dashboard_panels(dashboard) for target in panel.get("targets", []) if "expr" in target]
+    return [
+        (panel["title"], target["expr"])
+        for panel in dashboard_panels(dashboard)
+        for target in panel.get("targets", [])
+        if "expr" in target
+    ]
 
 
 def alert_rules(rules: dict[str, Any]) -> list[dict[str, Any]]:
@@ -90,8 +94,10 @@ def all_exprs() -> list[tuple[str, str]]:
 
 def selectors(expr: str) -> list[Selector]:
     """Every `jwt_sidecar_*` metric in `expr`, with its label matchers."""
-    return [Selector(m.group(1), tuple(Matcher(*found) for found in _MATCHER.findall(m.group(3) or "")))
-            for m in _METRIC.finditer(expr)]
+    return [
+        Selector(m.group(1), tuple(Matcher(*found) for found in _MATCHER.findall(m.group(3) or "")))
+        for m in _METRIC.finditer(expr)
+    ]
 
 
 def metric_names(expr: str) -> set[str]:
@@ -112,14 +118,14 @@ def groupings(expr: str) -> Iterator[Grouping]:
         if keyword in ("on", "ignoring"):
             scope = text
         else:
-            after = text[m.end():].lstrip()
-            before = text[:m.start()].rstrip()
+            after = text[m.end() :].lstrip()
+            before = text[: m.start()].rstrip()
             if after.startswith("("):
                 start = len(text) - len(after)
-                scope = text[start:_close(text, start) + 1]
+                scope = text[start : _close(text, start) + 1]
             elif before.endswith(")"):
                 end = len(before) - 1
-                scope = text[_open(text, end):end + 1]
+                scope = text[_open(text, end) : end + 1]
             else:
                 raise AssertionError(f"cannot tell what {keyword} ({m.group(2)}) applies to in: {expr}")
         yield Grouping(keyword, labels, tuple(sorted(metric_names(scope))))

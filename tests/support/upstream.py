@@ -65,8 +65,9 @@ class Upstream:
     async def _echo(self, request: web.Request) -> web.Response:
         body = await request.read()
         seen = self._record(request, len(body))
-        return web.json_response({"method": seen.method, "path": seen.raw_path, "headers": seen.headers,
-                                  "body_size": seen.body_size})
+        return web.json_response(
+            {"method": seen.method, "path": seen.raw_path, "headers": seen.headers, "body_size": seen.body_size}
+        )
 
     async def _slow(self, request: web.Request) -> web.Response:
         self._record(request, 0)

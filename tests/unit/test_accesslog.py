@@ -47,8 +47,8 @@ async def test_a_broken_stream_never_raises() -> None:
 
 def test_without_a_loop_a_line_is_written_at_once() -> None:
     stream = io.BytesIO()
-    AccessLog(stream).write(path="/x\n\"y")
-    assert json.loads(stream.getvalue())["path"] == "/x\n\"y"
+    AccessLog(stream).write(path='/x\n"y')
+    assert json.loads(stream.getvalue())["path"] == '/x\n"y'
 
 
 async def test_the_request_line_is_the_json_of_its_fields_whatever_they_hold() -> None:
@@ -58,12 +58,45 @@ async def test_the_request_line_is_the_json_of_its_fields_whatever_they_hold() -
     log = AccessLog(stream, interval=0.01)
     awkward = 'a"b\\c\nd\te\x00f\u00e9\U0001f600 \u2028'
     cases = [
-        dict(request_id="0123abcd", client="127.0.0.1", method="GET", path="/x", route="api", provider="main", status=200,
-             decision="allowed", reason="", subject="user-42", latency_ms=0.123),
-        dict(request_id="r", client=None, method="PROPFIND", path=awkward, route=awkward, provider=awkward, status=401,
-             decision="denied", reason="token_missing", subject=None, latency_ms=12345.678),
-        dict(request_id="r", client="::1", method="POST", path="/", route="(none)", provider=None, status=404,
-             decision="rejected", reason="no_route", subject=awkward, latency_ms=0.0),
+        {
+            "request_id": "0123abcd",
+            "client": "127.0.0.1",
+            "method": "GET",
+            "path": "/x",
+            "route": "api",
+            "provider": "main",
+            "status": 200,
+            "decision": "allowed",
+            "reason": "",
+            "subject": "user-42",
+            "latency_ms": 0.123,
+        },
+        {
+            "request_id": "r",
+            "client": None,
+            "method": "PROPFIND",
+            "path": awkward,
+            "route": awkward,
+            "provider": awkward,
+            "status": 401,
+            "decision": "denied",
+            "reason": "token_missing",
+            "subject": None,
+            "latency_ms": 12345.678,
+        },
+        {
+            "request_id": "r",
+            "client": "::1",
+            "method": "POST",
+            "path": "/",
+            "route": "(none)",
+            "provider": None,
+            "status": 404,
+            "decision": "rejected",
+            "reason": "no_route",
+            "subject": awkward,
+            "latency_ms": 0.0,
+        },
     ]
     for fields in cases:
         log.request(**fields)
@@ -85,8 +118,18 @@ async def test_a_lone_surrogate_costs_no_line_and_stays_valid_json() -> None:
     stream = io.BytesIO()
     log = AccessLog(stream, interval=60)
     log.write(status=200, subject="alice")
-    log.request(request_id="r1", client="127.0.0.1", method="GET", path="/x\udc80", route="api", status=401,
-                decision="denied", reason="unsafe_claim", subject="a\ud800b", latency_ms=1.0)
+    log.request(
+        request_id="r1",
+        client="127.0.0.1",
+        method="GET",
+        path="/x\udc80",
+        route="api",
+        status=401,
+        decision="denied",
+        reason="unsafe_claim",
+        subject="a\ud800b",
+        latency_ms=1.0,
+    )
     log.write(status=200, subject="bob")
     log.flush()
     lines = [json.loads(line) for line in stream.getvalue().decode("utf-8").splitlines()]

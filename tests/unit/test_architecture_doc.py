@@ -12,8 +12,11 @@ DOC = (REPO / "docs" / "ARCHITECTURE.md").read_text()
 
 
 def modules_on_disk() -> set[str]:
-    return {p.relative_to(REPO).as_posix() for p in (REPO / "proxy").rglob("*.py")
-            if p.name != "__init__.py" or p.parent.name == "proxy"}
+    return {
+        p.relative_to(REPO).as_posix()
+        for p in (REPO / "proxy").rglob("*.py")
+        if p.name != "__init__.py" or p.parent.name == "proxy"
+    }
 
 
 def test_the_document_names_every_module_and_no_other() -> None:

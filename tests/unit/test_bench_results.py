@@ -21,9 +21,9 @@ def section(text: str, heading: str) -> str:
     """From a heading line to the next heading of the same or a higher level."""
     level = heading.split()[0]
     start = text.index(f"\n{heading}\n")
-    rest = text[start + len(heading) + 2:]
+    rest = text[start + len(heading) + 2 :]
     ends = [m.start() for m in re.finditer(rf"^#{{1,{len(level)}}} ", rest, re.MULTILINE)]
-    return rest[:ends[0]] if ends else rest
+    return rest[: ends[0]] if ends else rest
 
 
 def tables(text: str) -> list[list[dict[str, str]]]:
@@ -75,10 +75,11 @@ def test_the_readme_table_is_the_newest_full_run() -> None:
         assert row["peak RSS MiB, jwt-sidecar / Envoy"] == f"{a['peak RSS MiB']} / {b['peak RSS MiB']}"
     fixed = {row["target"]: row for t in tables(run) if "added p99 ms" in t[0] for row in t}
     ours, envoy = fixed["jwt-sidecar"], fixed["envoy"]
-    assert (f"jwt-sidecar added {ours['added p50 ms']} ms at p50 and {ours['added p99 ms']} ms at p99 to the "
-            f"upstream's own latency (Envoy: {envoy['added p50 ms']} and {envoy['added p99 ms']} ms), at "
-            f"{ours['CPU s / 1k req']} s of CPU per 1k requests (Envoy: {envoy['CPU s / 1k req']})"
-            ) in " ".join(PERFORMANCE.split())
+    assert (
+        f"jwt-sidecar added {ours['added p50 ms']} ms at p50 and {ours['added p99 ms']} ms at p99 to the "
+        f"upstream's own latency (Envoy: {envoy['added p50 ms']} and {envoy['added p99 ms']} ms), at "
+        f"{ours['CPU s / 1k req']} s of CPU per 1k requests (Envoy: {envoy['CPU s / 1k req']})"
+    ) in " ".join(PERFORMANCE.split())
 
 
 def test_the_readme_soak_summary_is_the_newest_soak() -> None:

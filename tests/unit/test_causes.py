@@ -84,8 +84,9 @@ async def aiohttp_failure(url: str, timeout: float = 5.0) -> BaseException:
     raise AssertionError(f"{url} did not fail")
 
 
-async def connect_failure(port: int, *, tls: bool = False, host: str = "127.0.0.1",
-                          timeout: float = 5.0) -> BaseException:
+async def connect_failure(
+    port: int, *, tls: bool = False, host: str = "127.0.0.1", timeout: float = 5.0
+) -> BaseException:
     try:
         async with asyncio.timeout(timeout):
             _, writer = await asyncio.open_connection(host, port, ssl=ssl.create_default_context() if tls else None)
@@ -97,6 +98,7 @@ async def connect_failure(port: int, *, tls: bool = False, host: str = "127.0.0.
 
 # -- connection refused ---------------------------------------------------------------------------
 
+
 async def test_a_closed_port_is_connection_refused() -> None:
     port = closed_port()
     assert cause(await aiohttp_failure(f"http://127.0.0.1:{port}/jwks.json")) == "connection refused"
@@ -105,7 +107,10 @@ async def test_a_closed_port_is_connection_refused() -> None:
 
 # -- timeouts -------------------------------------------------------------------------------------
 
-async def test_a_server_that_never_answers_times_out_after_the_timeout_given(serve: Callable[..., Awaitable[int]]) -> None:
+
+async def test_a_server_that_never_answers_times_out_after_the_timeout_given(
+    serve: Callable[..., Awaitable[int]],
+) -> None:
     port = await serve(never_answers)
     error = await aiohttp_failure(f"http://127.0.0.1:{port}/jwks.json", timeout=0.3)
     assert isinstance(error, asyncio.TimeoutError)
@@ -115,8 +120,10 @@ async def test_a_server_that_never_answers_times_out_after_the_timeout_given(ser
 
 # -- TLS ------------------------------------------------------------------------------------------
 
-async def test_a_self_signed_certificate_fails_verification(serve: Callable[..., Awaitable[int]],
-                                                           self_signed: ssl.SSLContext) -> None:
+
+async def test_a_self_signed_certificate_fails_verification(
+    serve: Callable[..., Awaitable[int]], self_signed: ssl.SSLContext
+) -> None:
     port = await serve(never_answers, tls=self_signed)
     via_aiohttp = await aiohttp_failure(f"https://127.0.0.1:{port}/jwks.json")
     direct = await connect_failure(port, tls=True)
@@ -135,6 +142,7 @@ async def test_tls_to_a_plain_server_is_a_failed_handshake(serve: Callable[..., 
 
 # -- DNS ------------------------------------------------------------------------------------------
 
+
 async def test_an_unresolvable_name_is_dns_name_not_found() -> None:
     port = closed_port()
     via_aiohttp = await aiohttp_failure(f"http://nonexistent.invalid:{port}/jwks.json")
@@ -146,13 +154,15 @@ async def test_an_unresolvable_name_is_dns_name_not_found() -> None:
 
 # -- what an HTTP peer does -----------------------------------------------------------------------
 
+
 async def test_an_error_status_is_http_and_its_code(serve: Callable[..., Awaitable[int]]) -> None:
     port = await serve(not_found)
     assert cause(await aiohttp_failure(f"http://127.0.0.1:{port}/jwks.json")) == "HTTP 404"
 
 
 async def test_a_server_that_hangs_up_closed_the_connection_without_answering(
-        serve: Callable[..., Awaitable[int]]) -> None:
+    serve: Callable[..., Awaitable[int]],
+) -> None:
     port = await serve(hangs_up)
     error = await aiohttp_failure(f"http://127.0.0.1:{port}/jwks.json")
     assert cause(error) == "the server closed the connection without answering", repr(error)
@@ -160,59 +170,74 @@ async def test_a_server_that_hangs_up_closed_the_connection_without_answering(
 
 # -- the upstream client's own errors -------------------------------------------------------------
 
+
 async def upstream_failure(port: int, *, scheme: str = "http", host: str = "127.0.0.1") -> UpstreamConnectError:
     pool = Pool()
     try:
         with pytest.raises(UpstreamConnectError) as failed:
-            await pool.request("GET", scheme, host, port, "/", (), None, content_length=None, connect_timeout=2,
-                               read_timeout=2)
+            await pool.request(
+                "GET", scheme, host, port, "/", (), None, content_length=None, connect_timeout=2, read_timeout=2
+            )
     finally:
         await pool.close()
     assert cause(failed.value) == str(failed.value)  # already operator words
     return failed.value
 
 
-async def test_the_upstream_client_names_the_peer_and_the_cause(serve: Callable[..., Awaitable[int]],
-                                                              self_signed: ssl.SSLContext) -> None:
+async def test_the_upstream_client_names_the_peer_and_the_cause(
+    serve: Callable[..., Awaitable[int]], self_signed: ssl.SSLContext
+) -> None:
     port = closed_port()
     assert str(await upstream_failure(port)) == f"cannot connect to 127.0.0.1:{port}: connection refused"
     port = await serve(never_answers, tls=self_signed)
     assert str(await upstream_failure(port, scheme="https")) == (
-        f"cannot connect to 127.0.0.1:{port}: TLS: certificate verify failed: self-signed certificate")
+        f"cannot connect to 127.0.0.1:{port}: TLS: certificate verify failed: self-signed certificate"
+    )
     port = closed_port()
     assert str(await upstream_failure(port, host="nonexistent.invalid")) == (
-        f"cannot connect to nonexistent.invalid:{port}: DNS: name not found")
+        f"cannot connect to nonexistent.invalid:{port}: DNS: name not found"
+    )
 
 
 # -- never a bare class ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("error", "words"), [
-    (ValueError("odd"), "unexpected error (ValueError: odd)"),
-    (RuntimeError(), "unexpected error (RuntimeError)"),
-    (OSError(), "unexpected error (OSError)"),
-    (ConnectionResetError(104, "Connection reset by peer"), "connection reset by the peer"),
-    (OSError(9999, "Something Odd"), "something Odd"),
-])
+
+@pytest.mark.parametrize(
+    ("error", "words"),
+    [
+        (ValueError("odd"), "unexpected error (ValueError: odd)"),
+        (RuntimeError(), "unexpected error (RuntimeError)"),
+        (OSError(), "unexpected error (OSError)"),
+        (ConnectionResetError(104, "Connection reset by peer"), "connection reset by the peer"),
+        (OSError(9999, "Something Odd"), "something Odd"),
+    ],
+)
 def test_anything_else_is_words_with_its_class_in_brackets(error: BaseException, words: str) -> None:
     assert cause(error) == words
 
 
-@pytest.mark.parametrize(("url", "expected"), [
-    ("https://issuer.example/jwks.json", "issuer.example:443"),
-    ("http://issuer.example/jwks.json", "issuer.example:80"),
-    ("http://127.0.0.1:8081/x", "127.0.0.1:8081"),
-    ("https://[::1]:8443/x", "[::1]:8443"),
-    ("not a url", "not a url"),
-])
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("https://issuer.example/jwks.json", "issuer.example:443"),
+        ("http://issuer.example/jwks.json", "issuer.example:80"),
+        ("http://127.0.0.1:8081/x", "127.0.0.1:8081"),
+        ("https://[::1]:8443/x", "[::1]:8443"),
+        ("not a url", "not a url"),
+    ],
+)
 def test_peer_is_host_and_port(url: str, expected: str) -> None:
     assert peer(url) == expected
 
 
-@pytest.mark.parametrize(("url", "expected"), [
-    ("https://user:s3cret@issuer.example/jwks.json", "https://***@issuer.example/jwks.json"),
-    ("https://token@issuer.example:8443/jwks", "https://***@issuer.example:8443/jwks"),
-    ("https://issuer.example/jwks.json?x=a@b", "https://issuer.example/jwks.json?x=a@b"),
-    ("https://issuer.example/a@b", "https://issuer.example/a@b"),
-])
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("https://user:s3cret@issuer.example/jwks.json", "https://***@issuer.example/jwks.json"),
+        ("https://token@issuer.example:8443/jwks", "https://***@issuer.example:8443/jwks"),
+        ("https://issuer.example/jwks.json?x=a@b", "https://issuer.example/jwks.json?x=a@b"),
+        ("https://issuer.example/a@b", "https://issuer.example/a@b"),
+    ],
+)
 def test_a_password_in_a_url_is_never_shown(url: str, expected: str) -> None:
     assert shown(url) == expected

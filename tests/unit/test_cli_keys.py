@@ -36,8 +36,7 @@ def jwks_in(path: Path) -> dict[str, Any]:
 
 
 def verify(token: str, jwk: dict[str, Any], alg: str) -> dict[str, Any]:
-    claims: dict[str, Any] = jwt.decode(token, key=jwt.PyJWK(jwk), algorithms=[alg], audience=AUDIENCE,
-                                        issuer=ISSUER)
+    claims: dict[str, Any] = jwt.decode(token, key=jwt.PyJWK(jwk), algorithms=[alg], audience=AUDIENCE, issuer=ISSUER)
     return claims
 
 
@@ -80,8 +79,9 @@ def test_hs256_secret_round_trip(capsys: pytest.CaptureFixture[str], tmp_path: P
 def test_rotation(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     jwks = tmp_path / "v1" / "jwks.json"
     assert run(capsys, "keys", "generate", "--alg", "RS256", "--kid", "rsa-1", "--out", tmp_path / "v1")[0] == 0
-    status, out, _ = run(capsys, "keys", "generate", "--alg", "ES256", "--kid", "ec-2", "--out", tmp_path / "v2",
-                         "--jwks", jwks)
+    status, out, _ = run(
+        capsys, "keys", "generate", "--alg", "ES256", "--kid", "ec-2", "--out", tmp_path / "v2", "--jwks", jwks
+    )
     assert status == 0
     assert f"added kid ec-2 to {jwks}" in out
     assert [k.key_id for k in jwt.PyJWKSet.from_dict(jwks_in(jwks)).keys] == ["rsa-1", "ec-2"]
@@ -93,11 +93,14 @@ def test_rotation(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
         assert verify(out.strip(), jwk, alg)["iss"] == ISSUER
 
     before = jwks.read_bytes(), (tmp_path / "v2" / "ec-2.pem").read_bytes()
-    status, out, err = run(capsys, "keys", "generate", "--alg", "EdDSA", "--kid", "rsa-1", "--out", tmp_path / "v3",
-                           "--jwks", jwks)
+    status, out, err = run(
+        capsys, "keys", "generate", "--alg", "EdDSA", "--kid", "rsa-1", "--out", tmp_path / "v3", "--jwks", jwks
+    )
     assert (status, out) == (1, "")
-    assert err == f"jwt-sidecar: error: kid 'rsa-1' is already in {jwks}; a new key needs a kid of its own, " \
-                  "or verifiers cannot tell the keys apart\n"
+    assert (
+        err == f"jwt-sidecar: error: kid 'rsa-1' is already in {jwks}; a new key needs a kid of its own, "
+        "or verifiers cannot tell the keys apart\n"
+    )
     status, _, err = run(capsys, "keys", "generate", "--alg", "ES256", "--kid", "ec-2", "--out", tmp_path / "v2")
     assert status == 1
     assert err.startswith(f"jwt-sidecar: error: {tmp_path / 'v2' / 'ec-2.pem'} already exists; refusing to overwrite")
@@ -107,13 +110,29 @@ def test_rotation(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
 def test_mint_ttl_and_claims(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     secret = tmp_path / "secret"
     secret.write_text("a-shared-secret-that-is-32-bytes-long\n")
-    status, out, _ = run(capsys, *mint_args(
-        "--secret-file", secret, "--ttl", "5m", "--sub", "bob", "--aud", "second",
-        "--claim", "admin=true", "--claim", "n=3", "--claim", "name=bob", "--claim", 'roles=["a","b"]',
-    ))
+    status, out, _ = run(
+        capsys,
+        *mint_args(
+            "--secret-file",
+            secret,
+            "--ttl",
+            "5m",
+            "--sub",
+            "bob",
+            "--aud",
+            "second",
+            "--claim",
+            "admin=true",
+            "--claim",
+            "n=3",
+            "--claim",
+            "name=bob",
+            "--claim",
+            'roles=["a","b"]',
+        ),
+    )
     assert status == 0
-    claims = jwt.decode(out.strip(), b"a-shared-secret-that-is-32-bytes-long", algorithms=["HS256"],
-                        audience="second")
+    claims = jwt.decode(out.strip(), b"a-shared-secret-that-is-32-bytes-long", algorithms=["HS256"], audience="second")
     assert claims["exp"] - claims["iat"] == 300
     assert claims["aud"] == [AUDIENCE, "second"]
     assert (claims["admin"], claims["n"], claims["name"], claims["roles"]) == (True, 3, "bob", ["a", "b"])
@@ -147,12 +166,16 @@ def test_mint_usage_errors_exit_2(
     [
         ([], "the following arguments are required: COMMAND"),
         (["keys"], "the following arguments are required: ACTION"),
-        (["keys", "generate", "--alg", "ES256", "--kid", "k", "--out", ".", "--bits", "4096"],
-         "--bits only applies to --alg RS256"),
+        (
+            ["keys", "generate", "--alg", "ES256", "--kid", "k", "--out", ".", "--bits", "4096"],
+            "--bits only applies to --alg RS256",
+        ),
         (["keys", "generate", "--alg", "HS512", "--kid", "k", "--out", "."], "argument --alg: invalid choice"),
         (["token", "mint", "--iss", "i", "--aud", "a"], "one of the arguments --key --secret-file is required"),
-        (["token", "mint", "--key", "k.pem", "--secret-encoding", "base64url", "--iss", "i", "--aud", "a"],
-         "--secret-encoding only applies to --secret-file"),
+        (
+            ["token", "mint", "--key", "k.pem", "--secret-encoding", "base64url", "--iss", "i", "--aud", "a"],
+            "--secret-encoding only applies to --secret-file",
+        ),
         (["token", "mint", "--key", "k.pem", "--aud", "a"], "the following arguments are required: --iss"),
     ],
     ids=["no-command", "no-action", "bits-for-ec", "generate-hs512", "mint-no-key", "encoding-with-key", "mint-no-iss"],
@@ -191,13 +214,31 @@ def test_version_and_help(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_python_dash_m_proxy_is_the_command(tmp_path: Path) -> None:
     def sidecar(*argv: str | os.PathLike[str]) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "proxy", *(os.fspath(a) for a in argv)], check=False, cwd=REPO,
-                              capture_output=True, text=True, timeout=60)
+        return subprocess.run(
+            [sys.executable, "-m", "proxy", *(os.fspath(a) for a in argv)],
+            check=False,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
 
     generated = sidecar("keys", "generate", "--alg", "EdDSA", "--kid", "ed-1", "--out", tmp_path)
     assert generated.returncode == 0, generated.stderr
-    minted = sidecar("token", "mint", "--key", tmp_path / "ed-1.pem", "--kid", "ed-1", "--iss", ISSUER,
-                     "--aud", AUDIENCE, "--sub", "user-42")
+    minted = sidecar(
+        "token",
+        "mint",
+        "--key",
+        tmp_path / "ed-1.pem",
+        "--kid",
+        "ed-1",
+        "--iss",
+        ISSUER,
+        "--aud",
+        AUDIENCE,
+        "--sub",
+        "user-42",
+    )
     assert (minted.returncode, minted.stderr) == (0, "")
     jwk = jwks_in(tmp_path / "jwks.json")["keys"][0]
     assert verify(minted.stdout.strip(), jwk, "EdDSA")["sub"] == "user-42"

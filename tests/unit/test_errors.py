@@ -10,8 +10,15 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.base.errors import (AuthError, InsufficientScope, InvalidRequest, InvalidToken, ProxyError, Reason,
-                          TokenMissing)
+from proxy.base.errors import (
+    AuthError,
+    InsufficientScope,
+    InvalidRequest,
+    InvalidToken,
+    ProxyError,
+    Reason,
+    TokenMissing,
+)
 from tests.integration.test_refusals import RFC6750_STATUS, parse_challenge
 
 REALM = 'a "quoted" \\ realm'
@@ -20,8 +27,12 @@ REALM = 'a "quoted" \\ realm'
 def auth_errors() -> list[AuthError]:
     made: list[AuthError] = [TokenMissing(), TokenMissing("no Authorization")]
     for reason in Reason:
-        made += [InvalidRequest(reason), InvalidToken(reason, "detail"), InsufficientScope(reason),
-                 InsufficientScope(reason, scope='admin "ops"')]
+        made += [
+            InvalidRequest(reason),
+            InvalidToken(reason, "detail"),
+            InsufficientScope(reason),
+            InsufficientScope(reason, scope='admin "ops"'),
+        ]
     return made
 
 
@@ -41,7 +52,7 @@ def test_the_challenge_says_what_the_body_says(error: AuthError) -> None:
 
 
 def test_only_a_missing_token_has_no_error_code() -> None:
-    classes = {cls for cls in _subclasses(ProxyError)}
+    classes = set(_subclasses(ProxyError))
     assert {cls for cls in classes if cls.error_code is None} == {TokenMissing}
 
 

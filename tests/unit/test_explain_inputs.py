@@ -32,8 +32,9 @@ def b64(text: str) -> str:
 def config_file(tmp_path: Path, rsa_key: TestKey) -> Path:
     (tmp_path / "jwks.json").write_text(json.dumps(jwks_of(rsa_key)))
     path = tmp_path / "config.yaml"
-    path.write_text(f"providers:\n  main:\n    issuer: {ISSUER}\n    audiences: ['{AUDIENCE}']\n"
-                    "    jwks_file: jwks.json\n")
+    path.write_text(
+        f"providers:\n  main:\n    issuer: {ISSUER}\n    audiences: ['{AUDIENCE}']\n    jwks_file: jwks.json\n"
+    )
     return path
 
 
@@ -47,44 +48,93 @@ def no_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return empty
 
 
-@pytest.mark.parametrize("text, first_line", [
-    ("hello world", f"not a JWT: {ONE_SEGMENT}; it contains whitespace, which no JWT does"),
-    ("Bearer hello", f"not a JWT: {ONE_SEGMENT}"),
-    ("Authorization: bearer  hello", f"not a JWT: {ONE_SEGMENT}"),
-    ('"e30.e30.AAAA"', "not a JWT: it is in quotes; give the token without them"),
-    ("", "not a JWT: the input is empty"),
-    ("abc", f"not a JWT: {ONE_SEGMENT}"),
-    ('{"alg":"RS256"}', f"not a JWT: {ONE_SEGMENT}; it is JSON text, not a token (a JWT's parts are base64url-encoded)"),
-    ("a.b", "not a JWT: 2 segments, expected 3 (HEADER.PAYLOAD.SIGNATURE, each base64url)"),
-    ("a.b.c.d", "not a JWT: 4 segments, expected 3 (HEADER.PAYLOAD.SIGNATURE, each base64url)"),
-    ("a.b.c.d.e", "not a JWT: 5 segments, expected 3 (HEADER.PAYLOAD.SIGNATURE, each base64url)"),
-    (b64('{"alg":"RSA-OAEP","enc":"A256GCM"}') + ".AAAA.AAAA.AAAA.AAAA",
-     "not a JWT the proxy accepts: 5 segments, an encrypted JWT (JWE, RFC 7516, enc 'A256GCM'); the proxy "
-     "accepts only signed JWTs (JWS, 3 segments)"),
-    ("ab+c.e30.AAAA", "not a JWT: the header segment has '+' at character 3 of 4: that is base64, not base64url, "
-                      "which has '-' instead (RFC 7515 §2)"),
-    ("e30=.e30.AAAA", "not a JWT: the header segment ends in '=' padding; a JWT's segments are unpadded base64url "
-                      "(RFC 7515 §2)"),
-    ("e31.e30.AAAA", "not a JWT: the header segment is not canonical base64url: its last character '1' sets bits no "
-                     "byte uses (the one spelling ends in '0'; a token has one spelling, RFC 7515 §2)"),
-    ("ew.e30.AAAA", "not a JWT: the header is not UTF-8 JSON"),
-    ("e.e30.AAAA", "not a JWT: the header segment is 1 character long, which no base64url text is (a character is "
-                   "missing or extra)"),
-    ("!!!.e30.AAAA", "not a JWT: the header segment has '!' at character 1 of 3, which is not base64url"),
-    ("e\udcff0.e30.AAAA", "not a JWT: the header segment has '\\udcff' at character 2 of 3, which is not base64url"),
-    (".e30.AAAA", "not a JWT: the header segment is empty"),
-    (f"{b64('[1]')}.e30.AAAA", "not a JWT: the header is a JSON array, not a JSON object"),
-    (f"{b64('5')}.e30.AAAA", "not a JWT: the header is a JSON number, not a JSON object"),
-    (f"{b64('null')}.e30.AAAA", "not a JWT: the header is JSON null, not a JSON object"),
-    (b64('{"a":1,"a":1}') + ".e30.AAAA",
-     "not a JWT: the header is not strict JSON: duplicate member name 'a'"),
-], ids=["hello-world", "bearer-word", "authorization-line", "quoted", "empty", "one-word", "json", "two", "four", "five", "jwe", "base64-plus", "padded",
-        "unused-bits", "not-json", "length-1-mod-4", "punctuation", "not-utf8", "empty-header", "array", "number",
-        "null", "duplicate"])
+@pytest.mark.parametrize(
+    "text, first_line",
+    [
+        ("hello world", f"not a JWT: {ONE_SEGMENT}; it contains whitespace, which no JWT does"),
+        ("Bearer hello", f"not a JWT: {ONE_SEGMENT}"),
+        ("Authorization: bearer  hello", f"not a JWT: {ONE_SEGMENT}"),
+        ('"e30.e30.AAAA"', "not a JWT: it is in quotes; give the token without them"),
+        ("", "not a JWT: the input is empty"),
+        ("abc", f"not a JWT: {ONE_SEGMENT}"),
+        (
+            '{"alg":"RS256"}',
+            f"not a JWT: {ONE_SEGMENT}; it is JSON text, not a token (a JWT's parts are base64url-encoded)",
+        ),
+        ("a.b", "not a JWT: 2 segments, expected 3 (HEADER.PAYLOAD.SIGNATURE, each base64url)"),
+        ("a.b.c.d", "not a JWT: 4 segments, expected 3 (HEADER.PAYLOAD.SIGNATURE, each base64url)"),
+        ("a.b.c.d.e", "not a JWT: 5 segments, expected 3 (HEADER.PAYLOAD.SIGNATURE, each base64url)"),
+        (
+            b64('{"alg":"RSA-OAEP","enc":"A256GCM"}') + ".AAAA.AAAA.AAAA.AAAA",
+            "not a JWT the proxy accepts: 5 segments, an encrypted JWT (JWE, RFC 7516, enc 'A256GCM'); the proxy "
+            "accepts only signed JWTs (JWS, 3 segments)",
+        ),
+        (
+            "ab+c.e30.AAAA",
+            "not a JWT: the header segment has '+' at character 3 of 4: that is base64, not base64url, "
+            "which has '-' instead (RFC 7515 §2)",
+        ),
+        (
+            "e30=.e30.AAAA",
+            "not a JWT: the header segment ends in '=' padding; a JWT's segments are unpadded base64url (RFC 7515 §2)",
+        ),
+        (
+            "e31.e30.AAAA",
+            "not a JWT: the header segment is not canonical base64url: its last character '1' sets bits no "
+            "byte uses (the one spelling ends in '0'; a token has one spelling, RFC 7515 §2)",
+        ),
+        ("ew.e30.AAAA", "not a JWT: the header is not UTF-8 JSON"),
+        (
+            "e.e30.AAAA",
+            "not a JWT: the header segment is 1 character long, which no base64url text is (a character is "
+            "missing or extra)",
+        ),
+        ("!!!.e30.AAAA", "not a JWT: the header segment has '!' at character 1 of 3, which is not base64url"),
+        (
+            "e\udcff0.e30.AAAA",
+            "not a JWT: the header segment has '\\udcff' at character 2 of 3, which is not base64url",
+        ),
+        (".e30.AAAA", "not a JWT: the header segment is empty"),
+        (f"{b64('[1]')}.e30.AAAA", "not a JWT: the header is a JSON array, not a JSON object"),
+        (f"{b64('5')}.e30.AAAA", "not a JWT: the header is a JSON number, not a JSON object"),
+        (f"{b64('null')}.e30.AAAA", "not a JWT: the header is JSON null, not a JSON object"),
+        (b64('{"a":1,"a":1}') + ".e30.AAAA", "not a JWT: the header is not strict JSON: duplicate member name 'a'"),
+    ],
+    ids=[
+        "hello-world",
+        "bearer-word",
+        "authorization-line",
+        "quoted",
+        "empty",
+        "one-word",
+        "json",
+        "two",
+        "four",
+        "five",
+        "jwe",
+        "base64-plus",
+        "padded",
+        "unused-bits",
+        "not-json",
+        "length-1-mod-4",
+        "punctuation",
+        "not-utf8",
+        "empty-header",
+        "array",
+        "number",
+        "null",
+        "duplicate",
+    ],
+)
 @pytest.mark.parametrize("with_config", [True, False], ids=["config", "no-config"])
 def test_what_is_no_jwt_is_said_first_and_nothing_else(
-        capsys: pytest.CaptureFixture[str], config_file: Path, no_config: Path, text: str, first_line: str,
-        with_config: bool) -> None:
+    capsys: pytest.CaptureFixture[str],
+    config_file: Path,
+    no_config: Path,
+    text: str,
+    first_line: str,
+    with_config: bool,
+) -> None:
     argv = ["token", "explain", text] + (["--config", str(config_file)] if with_config else [])
     assert main(argv) == 1
     out, err = capsys.readouterr()
@@ -92,14 +142,18 @@ def test_what_is_no_jwt_is_said_first_and_nothing_else(
 
 
 def test_what_is_no_jwt_and_too_large_names_the_size_reason_the_proxy_gives(
-        capsys: pytest.CaptureFixture[str], config_file: Path) -> None:
+    capsys: pytest.CaptureFixture[str], config_file: Path
+) -> None:
     assert main(["token", "explain", "a" * 9000, "--config", str(config_file)]) == 1
-    assert capsys.readouterr().out == (f"not a JWT: {ONE_SEGMENT}\nit is also 9000 bytes, over the limit of 8192, "
-                                       "which the proxy checks first\nINVALID: too_large\n")
+    assert capsys.readouterr().out == (
+        f"not a JWT: {ONE_SEGMENT}\nit is also 9000 bytes, over the limit of 8192, "
+        "which the proxy checks first\nINVALID: too_large\n"
+    )
 
 
 def test_without_a_config_the_token_is_decoded_and_marked_unverified(
-        capsys: pytest.CaptureFixture[str], no_config: Path, rsa_key: TestKey) -> None:
+    capsys: pytest.CaptureFixture[str], no_config: Path, rsa_key: TestKey
+) -> None:
     token = mint({"sub": "alice"}, key=rsa_key, headers={"kid": None})
     assert main(["token", "explain", token]) == 3
     out, err = capsys.readouterr()
@@ -121,15 +175,19 @@ def test_without_a_config_the_token_is_decoded_and_marked_unverified(
     assert "None" not in out
 
 
-@pytest.mark.parametrize("header, reason", [
-    ({"alg": "none"}, "alg_not_allowed"),
-    ({"alg": "HS1"}, "alg_not_allowed"),
-    ({}, "alg_not_allowed"),
-    ({"alg": "RS256", "crit": ["exp"]}, "crit"),
-    ({"alg": "RS256", "kid": 7}, "malformed"),
-])
+@pytest.mark.parametrize(
+    "header, reason",
+    [
+        ({"alg": "none"}, "alg_not_allowed"),
+        ({"alg": "HS1"}, "alg_not_allowed"),
+        ({}, "alg_not_allowed"),
+        ({"alg": "RS256", "crit": ["exp"]}, "crit"),
+        ({"alg": "RS256", "kid": 7}, "malformed"),
+    ],
+)
 def test_without_a_config_what_every_config_refuses_is_invalid(
-        capsys: pytest.CaptureFixture[str], no_config: Path, header: dict[str, Any], reason: str) -> None:
+    capsys: pytest.CaptureFixture[str], no_config: Path, header: dict[str, Any], reason: str
+) -> None:
     token = f"{b64(json.dumps(header))}.{b64(json.dumps({'iss': ISSUER}))}.AAAA"
     assert main(["token", "explain", token]) == 1
     out = capsys.readouterr().out
@@ -140,7 +198,8 @@ def test_without_a_config_what_every_config_refuses_is_invalid(
 
 @pytest.mark.parametrize("change", ["last-char", "padding", "base64-char", "one-char-too-many"])
 def test_without_a_config_a_signature_the_proxy_cannot_read_is_invalid(
-        capsys: pytest.CaptureFixture[str], no_config: Path, rsa_key: TestKey, change: str) -> None:
+    capsys: pytest.CaptureFixture[str], no_config: Path, rsa_key: TestKey, change: str
+) -> None:
     # No key can verify a segment that is not the one base64url spelling: the proxy refuses it
     # as malformed whatever its config, so explain says so without one (not "needs a config").
     token = mint({"sub": "alice"}, key=rsa_key)
@@ -148,8 +207,12 @@ def test_without_a_config_a_signature_the_proxy_cannot_read_is_invalid(
     # A 256-byte RS256 signature's last character carries 2 bits and 4 zero bits: one up sets one.
     alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
     flipped = alphabet[alphabet.index(signature[-1]) + 1]
-    signature = {"last-char": signature[:-1] + flipped, "padding": signature + "==",
-                 "base64-char": "+" + signature[1:], "one-char-too-many": signature + "AAA"}[change]
+    signature = {
+        "last-char": signature[:-1] + flipped,
+        "padding": signature + "==",
+        "base64-char": "+" + signature[1:],
+        "one-char-too-many": signature + "AAA",
+    }[change]
     assert main(["token", "explain", f"{head}.{signature}"]) == 1
     lines = capsys.readouterr().out.splitlines()
     failed = [line for line in lines if line.startswith("  FAIL")]
@@ -158,8 +221,9 @@ def test_without_a_config_a_signature_the_proxy_cannot_read_is_invalid(
     assert lines[-1] == "INVALID: malformed"
 
 
-def test_a_config_that_does_not_load_still_decodes(capsys: pytest.CaptureFixture[str], tmp_path: Path,
-                                                   rsa_key: TestKey) -> None:
+def test_a_config_that_does_not_load_still_decodes(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, rsa_key: TestKey
+) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("providers:\n  main:\n    issuer: i\n")
     assert main(["token", "explain", mint(key=rsa_key), "--config", str(bad)]) == 3
@@ -170,41 +234,54 @@ def test_a_config_that_does_not_load_still_decodes(capsys: pytest.CaptureFixture
 
 
 def test_the_config_comes_from_the_environment_as_for_run(
-        capsys: pytest.CaptureFixture[str], config_file: Path, no_config: Path, rsa_key: TestKey,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    capsys: pytest.CaptureFixture[str],
+    config_file: Path,
+    no_config: Path,
+    rsa_key: TestKey,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.setenv("JWT_SIDECAR_CONFIG", str(config_file))
     assert main(["token", "explain", mint(key=rsa_key)]) == 0
     assert capsys.readouterr().out.splitlines()[-1] == "VALID"
 
 
-def test_provider_without_a_config_is_a_usage_error(capsys: pytest.CaptureFixture[str], no_config: Path,
-                                                    rsa_key: TestKey) -> None:
+def test_provider_without_a_config_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str], no_config: Path, rsa_key: TestKey
+) -> None:
     assert main(["token", "explain", mint(key=rsa_key), "--provider", "main"]) == 2
     assert "--provider needs a config; no config: ./config.yaml does not exist" in capsys.readouterr().err
 
 
-def test_a_token_without_iss_among_several_providers(capsys: pytest.CaptureFixture[str], tmp_path: Path,
-                                                     config_file: Path, rsa_key: TestKey) -> None:
-    config_file.write_text(config_file.read_text() + f"  other:\n    issuer: https://other.test\n"
-                           f"    audiences: ['{AUDIENCE}']\n    jwks_file: jwks.json\n")
+def test_a_token_without_iss_among_several_providers(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, config_file: Path, rsa_key: TestKey
+) -> None:
+    config_file.write_text(
+        config_file.read_text() + f"  other:\n    issuer: https://other.test\n"
+        f"    audiences: ['{AUDIENCE}']\n    jwks_file: jwks.json\n"
+    )
     assert main(["token", "explain", mint(key=rsa_key, omit=("iss",)), "--config", str(config_file)]) == 1
     out = capsys.readouterr().out
-    assert ("provider: none chosen: the token has no iss, so no provider can be chosen by it (issuers: main: "
-            f"{ISSUER}; other: https://other.test)") in out
+    assert (
+        "provider: none chosen: the token has no iss, so no provider can be chosen by it (issuers: main: "
+        f"{ISSUER}; other: https://other.test)"
+    ) in out
     assert out.splitlines()[-1] == "INVALID: missing_claim" and "None" not in out
 
 
-async def test_keys_that_cannot_be_loaded_are_not_verified(capsys: pytest.CaptureFixture[str], tmp_path: Path,
-                                                           rsa_key: TestKey, jwks_server: Any) -> None:
+async def test_keys_that_cannot_be_loaded_are_not_verified(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, rsa_key: TestKey, jwks_server: Any
+) -> None:
     jwks_server.mode = "fail"
     path = tmp_path / "remote.yaml"
-    path.write_text(textwrap.dedent(f"""\
+    path.write_text(
+        textwrap.dedent(f"""\
         providers:
           main:
             issuer: {ISSUER}
             audiences: ['{AUDIENCE}']
-            jwks: {{url: '{jwks_server.url('/jwks.json')}', timeout: 2s}}
-        """))
+            jwks: {{url: '{jwks_server.url("/jwks.json")}', timeout: 2s}}
+        """)
+    )
     status = await asyncio.to_thread(main, ["token", "explain", mint(key=rsa_key), "--config", str(path)])
     out = capsys.readouterr().out
     assert status == 3, out
@@ -250,11 +327,11 @@ def test_readme_lists_every_mint_flag() -> None:
 # -- mutated tokens: explain never crashes and agrees with the proxy's verifier ----------------
 def proxy_verdict(config_path: Path, token: str) -> tuple[str | None, str]:
     """What the proxy's own Verifier (the code `run` uses) says: (reason, detail) or (None, "")."""
-    from proxy.config import builder as config
-    from proxy.base.clock import SystemClock
-    from proxy.base.errors import InvalidToken
     from proxy.auth.keys import key_source_for
     from proxy.auth.verify import Verifier
+    from proxy.base.clock import SystemClock
+    from proxy.base.errors import InvalidToken
+    from proxy.config import builder as config
 
     settings = config.load(config_path)
     provider = settings.providers["main"]
@@ -263,7 +340,9 @@ def proxy_verdict(config_path: Path, token: str) -> tuple[str | None, str]:
         source = key_source_for(provider, session=None, clock=SystemClock())  # type: ignore[arg-type]
         await source.start()
         try:
-            await Verifier(provider, source, clock=SystemClock(), max_token_bytes=settings.max_token_bytes).verify(token)
+            await Verifier(provider, source, clock=SystemClock(), max_token_bytes=settings.max_token_bytes).verify(
+                token
+            )
         except InvalidToken as error:
             return str(error.reason), error.detail
         finally:
@@ -303,7 +382,8 @@ def test_mutated_tokens(capsys: pytest.CaptureFixture[str], config_file: Path, r
 
 
 def test_an_unknown_provider_is_a_usage_error_before_anything_is_printed(
-        capsys: pytest.CaptureFixture[str], config_file: Path, rsa_key: TestKey) -> None:
+    capsys: pytest.CaptureFixture[str], config_file: Path, rsa_key: TestKey
+) -> None:
     assert main(["token", "explain", mint(key=rsa_key), "--config", str(config_file), "--provider", "nope"]) == 2
     out, err = capsys.readouterr()
     assert out == "" and "jwt-sidecar: error: unknown provider 'nope'; known: main" in err

@@ -20,8 +20,13 @@ COOKIE = TokenSource(kind="cookie", name="at")
 HEADER = TokenSource(kind="header", name="X-Api-Token", prefix="Token ")
 
 
-def find(headers: list[tuple[str, str]], sources: tuple[TokenSource, ...] = (BEARER,), *,
-         cookies: dict[str, str] | None = None, query: list[tuple[str, str]] | None = None) -> Found | None:
+def find(
+    headers: list[tuple[str, str]],
+    sources: tuple[TokenSource, ...] = (BEARER,),
+    *,
+    cookies: dict[str, str] | None = None,
+    query: list[tuple[str, str]] | None = None,
+) -> Found | None:
     if cookies:
         headers = [*headers, ("Cookie", "; ".join(f"{k}={v}" for k, v in cookies.items()))]
     return extract(CIMultiDict(headers), MultiDict(query or []), sources)
@@ -38,8 +43,10 @@ def test_other_schemes_are_not_tokens() -> None:
     assert find([("Authorization", "Bear abc")]) is None
 
 
-@pytest.mark.parametrize("value", ["Bearer  abc", "Bearer   abc", "bEaReR       abc", "BEARER abc", "Bearer abc ",
-                                   "Bearer abc\t", "Bearer  abc \t "])
+@pytest.mark.parametrize(
+    "value",
+    ["Bearer  abc", "Bearer   abc", "bEaReR       abc", "BEARER abc", "Bearer abc ", "Bearer abc\t", "Bearer  abc \t "],
+)
 def test_any_number_of_spaces_separates_the_scheme(value: str) -> None:
     # RFC 9110 §11.4: credentials = auth-scheme [ 1*SP ( token68 / #auth-param ) ]
     assert find([("Authorization", value)]).token == "abc"
@@ -50,44 +57,78 @@ def test_b64token_padding_is_a_token_for_the_verifier_to_judge(value: str) -> No
     assert find([("Authorization", value)]).token == value.split()[-1]
 
 
-@pytest.mark.parametrize("values, sources, reason", [
-    (["Bearer a", "Basic dXNlcjpwdw=="], (BEARER,), Reason.MALFORMED_REQUEST),
-    (["Basic dXNlcjpwdw==", "Bearer a"], (BEARER,), Reason.MALFORMED_REQUEST),
-    (["Basic dXNlcjpwdw==", "Basic dXNlcjpwdw=="], (BEARER,), Reason.MALFORMED_REQUEST),
-    (["Digest x", "Negotiate y"], (BEARER,), Reason.MALFORMED_REQUEST),
-    (["Bearer a", "Bearer b"], (BEARER,), Reason.MULTIPLE_TOKENS),
-    (["Bearer a", "bearer  a"], (BEARER,), Reason.MULTIPLE_TOKENS),
-    (["Bearer a", "Bearer a", "Bearer a"], (BEARER,), Reason.MULTIPLE_TOKENS),
-    (["Bearer a", ""], (BEARER,), Reason.MALFORMED_REQUEST),
-    # A route that reads its token elsewhere still refuses an ambiguous Authorization.
-    (["Bearer a", "Bearer b"], (COOKIE,), Reason.MALFORMED_REQUEST),
-    (["Basic x", "Basic y"], (QUERY,), Reason.MALFORMED_REQUEST),
-], ids=["bearer-basic", "basic-bearer", "basic-twice", "digest-negotiate", "bearer-twice", "bearer-casings",
-        "bearer-thrice", "bearer-and-empty", "cookie-route", "query-route"])
+@pytest.mark.parametrize(
+    "values, sources, reason",
+    [
+        (["Bearer a", "Basic dXNlcjpwdw=="], (BEARER,), Reason.MALFORMED_REQUEST),
+        (["Basic dXNlcjpwdw==", "Bearer a"], (BEARER,), Reason.MALFORMED_REQUEST),
+        (["Basic dXNlcjpwdw==", "Basic dXNlcjpwdw=="], (BEARER,), Reason.MALFORMED_REQUEST),
+        (["Digest x", "Negotiate y"], (BEARER,), Reason.MALFORMED_REQUEST),
+        (["Bearer a", "Bearer b"], (BEARER,), Reason.MULTIPLE_TOKENS),
+        (["Bearer a", "bearer  a"], (BEARER,), Reason.MULTIPLE_TOKENS),
+        (["Bearer a", "Bearer a", "Bearer a"], (BEARER,), Reason.MULTIPLE_TOKENS),
+        (["Bearer a", ""], (BEARER,), Reason.MALFORMED_REQUEST),
+        # A route that reads its token elsewhere still refuses an ambiguous Authorization.
+        (["Bearer a", "Bearer b"], (COOKIE,), Reason.MALFORMED_REQUEST),
+        (["Basic x", "Basic y"], (QUERY,), Reason.MALFORMED_REQUEST),
+    ],
+    ids=[
+        "bearer-basic",
+        "basic-bearer",
+        "basic-twice",
+        "digest-negotiate",
+        "bearer-twice",
+        "bearer-casings",
+        "bearer-thrice",
+        "bearer-and-empty",
+        "cookie-route",
+        "query-route",
+    ],
+)
 def test_authorization_is_a_singleton_whatever_its_schemes(values: list[str], sources: tuple, reason: Reason) -> None:
-    for names in (["Authorization"] * len(values), ["authorization", "AUTHORIZATION", "Authorization"][:len(values)]):
+    for names in (["Authorization"] * len(values), ["authorization", "AUTHORIZATION", "Authorization"][: len(values)]):
         with pytest.raises(InvalidRequest) as caught:
             find(list(zip(names, values, strict=True)), sources, cookies={"at": "c"} if COOKIE in sources else None)
         assert caught.value.reason is reason and caught.value.status == 400
 
 
-@pytest.mark.parametrize("value", [
-    "Bearer", "Bearer ", "Bearer  ", "Bearer a b", "Bearer a,b", "Bearer é", "Bearer\tx", "Bearer \tx",
-    "Bearer\t x", "Bearer x\ty", "Bearer,x", "Bearer=x", "Bearer\x0bx", "Bearer\xa0x", "bearer\tx",
-])
+@pytest.mark.parametrize(
+    "value",
+    [
+        "Bearer",
+        "Bearer ",
+        "Bearer  ",
+        "Bearer a b",
+        "Bearer a,b",
+        "Bearer é",
+        "Bearer\tx",
+        "Bearer \tx",
+        "Bearer\t x",
+        "Bearer x\ty",
+        "Bearer,x",
+        "Bearer=x",
+        "Bearer\x0bx",
+        "Bearer\xa0x",
+        "bearer\tx",
+    ],
+)
 def test_malformed_bearer_is_invalid_request(value: str) -> None:
     with pytest.raises(InvalidRequest) as caught:
         find([("Authorization", value)])
     assert caught.value.reason is Reason.MALFORMED_REQUEST and caught.value.status == 400
 
 
-@pytest.mark.parametrize("headers, cookies, query", [
-    ([("Authorization", "Bearer a"), ("Authorization", "Bearer a")], {}, []),
-    ([("Authorization", "Bearer a")], {}, [("access_token", "b")]),
-    ([("Authorization", "Bearer a")], {"at": "b"}, []),
-    ([], {}, [("access_token", "a"), ("access_token", "a")]),
-    ([("Authorization", "Bearer a"), ("X-Api-Token", "Token b")], {}, []),
-], ids=["two headers", "header and query", "header and cookie", "query twice", "bearer and custom header"])
+@pytest.mark.parametrize(
+    "headers, cookies, query",
+    [
+        ([("Authorization", "Bearer a"), ("Authorization", "Bearer a")], {}, []),
+        ([("Authorization", "Bearer a")], {}, [("access_token", "b")]),
+        ([("Authorization", "Bearer a")], {"at": "b"}, []),
+        ([], {}, [("access_token", "a"), ("access_token", "a")]),
+        ([("Authorization", "Bearer a"), ("X-Api-Token", "Token b")], {}, []),
+    ],
+    ids=["two headers", "header and query", "header and cookie", "query twice", "bearer and custom header"],
+)
 def test_more_than_one_token_is_invalid_request(headers: list, cookies: dict, query: list) -> None:
     with pytest.raises(InvalidRequest) as caught:
         find(headers, (BEARER, QUERY, COOKIE, HEADER), cookies=cookies, query=query)
@@ -126,7 +167,8 @@ def plan(**strip: object) -> StripPlan:
     settings = config.parse(
         "providers: {m: {issuer: i, audiences: [a], jwks: {url: 'https://x'}, "
         "token_sources: [bearer, {header: X-Auth-Token}], headers: {claims: {sub: X-User-Id, org: X-Org}, payload: X-Payload}}}\n"
-        "strip_headers: {names: [X-Internal-Secret]}\n")
+        "strip_headers: {names: [X-Internal-Secret]}\n"
+    )
     return StripPlan.build(settings)
 
 
@@ -142,24 +184,46 @@ def lines(fields: Fields) -> list[str]:
 
 
 def test_strip_drops_hop_by_hop_connection_named_and_identity_headers() -> None:
-    inbound = raw([
-        ("Host", "h"), ("Connection", "keep-alive, X-Custom"), ("Keep-Alive", "5"), ("TE", "trailers"),
-        ("Upgrade", "h2c"), ("Proxy-Authorization", "x"), ("X-Custom", "1"), ("x-user-id", "root"),
-        ("X-USER-ROLES", "admin"), ("X-Jwt-Claims", "{}"), ("X-Org", "evil"), ("X-Payload", "e30"),
-        ("X-Internal-Secret", "s"), ("X-Auth-Token", "tok"), ("Accept", "*/*"), ("accept", "text/html"),
-        ("Content-Length", "3"), ("X-Request-Id", "client-chosen"),
-    ])
+    inbound = raw(
+        [
+            ("Host", "h"),
+            ("Connection", "keep-alive, X-Custom"),
+            ("Keep-Alive", "5"),
+            ("TE", "trailers"),
+            ("Upgrade", "h2c"),
+            ("Proxy-Authorization", "x"),
+            ("X-Custom", "1"),
+            ("x-user-id", "root"),
+            ("X-USER-ROLES", "admin"),
+            ("X-Jwt-Claims", "{}"),
+            ("X-Org", "evil"),
+            ("X-Payload", "e30"),
+            ("X-Internal-Secret", "s"),
+            ("X-Auth-Token", "tok"),
+            ("Accept", "*/*"),
+            ("accept", "text/html"),
+            ("Content-Length", "3"),
+            ("X-Request-Id", "client-chosen"),
+        ]
+    )
     out = strip_inbound(inbound, plan())
     # Duplicates go out under the first spelling seen, in order; framing and request ids are ours.
     assert out.items() == [("Host", "h"), ("X-Auth-Token", "tok"), ("Accept", "*/*"), ("Accept", "text/html")]
     assert out.getall("accept") == ["*/*", "text/html"] and out.getall("X-Custom") == ()
-    fields = inject(out, identity=(), found=None, forward_token=False,
-                    client="10.1.1.1", proto="http", request_id_value="rid")
+    fields = inject(
+        out, identity=(), found=None, forward_token=False, client="10.1.1.1", proto="http", request_id_value="rid"
+    )
     # X-Auth-Token is a token source, read by extract, but it is also under the X-Auth- prefix:
     # with no token found in it here, a client-chosen X-Auth-* must not reach the upstream.
-    assert lines(fields) == ["Host: h", "Accept: */*", "Accept: text/html",
-                             "X-Forwarded-For: 10.1.1.1", "X-Forwarded-Proto: http", "X-Forwarded-Host: h",
-                             "X-Request-Id: rid"]
+    assert lines(fields) == [
+        "Host: h",
+        "Accept: */*",
+        "Accept: text/html",
+        "X-Forwarded-For: 10.1.1.1",
+        "X-Forwarded-Proto: http",
+        "X-Forwarded-Host: h",
+        "X-Request-Id: rid",
+    ]
     assert fields.has_host
 
 
@@ -170,58 +234,112 @@ def test_another_spelling_of_a_token_source_header_is_dropped_and_never_read() -
     assert out.items() == [("X-Auth-Token", "good")]
 
 
-@pytest.mark.parametrize("forward_token, found, expected", [
-    (False, True, []), (True, True, ["X-Auth-Token: tok"]), (True, False, []), (False, False, []),
-])
+@pytest.mark.parametrize(
+    "forward_token, found, expected",
+    [
+        (False, True, []),
+        (True, True, ["X-Auth-Token: tok"]),
+        (True, False, []),
+        (False, False, []),
+    ],
+)
 def test_a_token_source_in_the_identity_namespace_goes_on_only_as_a_forwarded_token(
-        forward_token: bool, found: bool, expected: list[str]) -> None:
+    forward_token: bool, found: bool, expected: list[str]
+) -> None:
     source = TokenSource(kind="header", name="X-Auth-Token")
     out = strip_inbound(raw([("X-Auth-Token", "tok")]), plan())
-    fields = inject(out, identity=(), found=Found("tok", source) if found else None, forward_token=forward_token,
-                    client=None, proto="http", request_id_value="r")
+    fields = inject(
+        out,
+        identity=(),
+        found=Found("tok", source) if found else None,
+        forward_token=forward_token,
+        client=None,
+        proto="http",
+        request_id_value="r",
+    )
     assert [line for line in lines(fields) if line.startswith("X-Auth")] == expected
 
 
 def test_a_field_the_client_names_in_connection_goes_even_if_it_is_host_or_a_forwarded_chain() -> None:
-    out = strip_inbound(raw([("Host", "h"), ("Connection", "Host, X-Forwarded-For"), ("X-Forwarded-For", "6.6.6.6")]),
-                        plan())
-    fields = inject(out, identity=(), found=None, forward_token=False,
-                    client="10.1.1.1", proto="https", request_id_value="rid")
-    assert lines(fields) == ["X-Forwarded-For: 10.1.1.1", "X-Forwarded-Proto: https", "X-Forwarded-Host: h",
-                             "X-Request-Id: rid"]
+    out = strip_inbound(
+        raw([("Host", "h"), ("Connection", "Host, X-Forwarded-For"), ("X-Forwarded-For", "6.6.6.6")]), plan()
+    )
+    fields = inject(
+        out, identity=(), found=None, forward_token=False, client="10.1.1.1", proto="https", request_id_value="rid"
+    )
+    assert lines(fields) == [
+        "X-Forwarded-For: 10.1.1.1",
+        "X-Forwarded-Proto: https",
+        "X-Forwarded-Host: h",
+        "X-Request-Id: rid",
+    ]
     assert not fields.has_host, "the upstream client then writes the origin's Host"
 
 
 def test_inject_writes_identity_after_the_strip_and_removes_the_token() -> None:
-    out = strip_inbound(raw([("Host", "api.test"), ("Authorization", "Bearer t"), ("X-Forwarded-For", "10.0.0.1"),
-                             ("X-Forwarded-Proto", "https")]), plan())
-    header_map = HeaderMap(claims=(config.ClaimHeader(claim="sub", path=("sub",), header="X-User-Id"),
-                                   config.ClaimHeader(claim="r", path=("realm", "roles"), header="X-Roles")),
-                           payload="X-Payload")
+    out = strip_inbound(
+        raw(
+            [
+                ("Host", "api.test"),
+                ("Authorization", "Bearer t"),
+                ("X-Forwarded-For", "10.0.0.1"),
+                ("X-Forwarded-Proto", "https"),
+            ]
+        ),
+        plan(),
+    )
+    header_map = HeaderMap(
+        claims=(
+            config.ClaimHeader(claim="sub", path=("sub",), header="X-User-Id"),
+            config.ClaimHeader(claim="r", path=("realm", "roles"), header="X-Roles"),
+        ),
+        payload="X-Payload",
+    )
     payload = {"sub": "u1", "realm": {"roles": ["a", "b"]}}
-    fields = inject(out, identity=claim_headers(payload, header_map), found=Found("t", BEARER), forward_token=False,
-                    client="127.0.0.1", proto="http", request_id_value="rid")
+    fields = inject(
+        out,
+        identity=claim_headers(payload, header_map),
+        found=Found("t", BEARER),
+        forward_token=False,
+        client="127.0.0.1",
+        proto="http",
+        request_id_value="rid",
+    )
     sent = lines(fields)
     encoded = next(line for line in sent if line.startswith("X-Payload: ")).removeprefix("X-Payload: ")
     assert json.loads(base64.urlsafe_b64decode(encoded + "==")) == payload
     assert [line for line in sent if not line.startswith("X-Payload: ")] == [
-        "Host: api.test", "X-User-Id: u1", "X-Roles: a,b", "X-Forwarded-For: 10.0.0.1, 127.0.0.1",
-        "X-Forwarded-Proto: https, http", "X-Forwarded-Host: api.test", "X-Request-Id: rid"]
+        "Host: api.test",
+        "X-User-Id: u1",
+        "X-Roles: a,b",
+        "X-Forwarded-For: 10.0.0.1, 127.0.0.1",
+        "X-Forwarded-Proto: https, http",
+        "X-Forwarded-Host: api.test",
+        "X-Request-Id: rid",
+    ]
 
 
 def test_a_cookie_token_leaves_only_its_own_cookie() -> None:
     cookie = TokenSource(kind="cookie", name="at")
     out = strip_inbound(raw([("Host", "h"), ("Cookie", "a=1; at=tok; b=2"), ("Cookie", "at=tok")]), plan())
-    fields = inject(out, identity=(), found=Found("tok", cookie), forward_token=False,
-                    client=None, proto="http", request_id_value="r")
+    fields = inject(
+        out,
+        identity=(),
+        found=Found("tok", cookie),
+        forward_token=False,
+        client=None,
+        proto="http",
+        request_id_value="r",
+    )
     assert lines(fields)[:2] == ["Host: h", "Cookie: a=1; b=2"]
     assert not any(line.startswith("Cookie: at") for line in lines(fields))
 
 
 def test_forward_token_keeps_it() -> None:
     out = strip_inbound(raw([("Authorization", "Bearer t")]), plan())
-    fields = inject(out, identity=(), found=Found("t", BEARER), forward_token=True,
-                    client=None, proto="http", request_id_value="r")
+    fields = inject(
+        out, identity=(), found=Found("t", BEARER), forward_token=True, client=None, proto="http", request_id_value="r"
+    )
     assert lines(fields) == ["Authorization: Bearer t", "X-Forwarded-Proto: http", "X-Request-Id: r"]
     assert not fields.has_host
 
@@ -242,10 +360,20 @@ def test_a_cached_tokens_identity_is_rendered_once_per_header_map_and_never_shar
     assert memo[id(again)][0] is again
 
 
-@pytest.mark.parametrize("value, text", [
-    ("alice", "alice"), (True, "true"), (3, "3"), (1.5, "1.5"), (["a", 1, {"b": 2}], 'a,1,{"b":2}'),
-    ({"id": 7}, '{"id":7}'), (None, None), ("tab\there", "tab\there"), ("café", "café"),
-])
+@pytest.mark.parametrize(
+    "value, text",
+    [
+        ("alice", "alice"),
+        (True, "true"),
+        (3, "3"),
+        (1.5, "1.5"),
+        (["a", 1, {"b": 2}], 'a,1,{"b":2}'),
+        ({"id": 7}, '{"id":7}'),
+        (None, None),
+        ("tab\there", "tab\there"),
+        ("café", "café"),
+    ],
+)
 def test_render_claim(value: object, text: str | None) -> None:
     assert render_claim(value) == text
 
@@ -268,10 +396,14 @@ def test_request_id_is_kept_when_sane_and_replaced_otherwise() -> None:
     assert len(request_id("x" * 500)) == 32
 
 
-@pytest.mark.parametrize("query", [
-    [("access_token", "a"), ("ACCESS_TOKEN", "b")],
-    [("access_token", "a"), ("Access_Token", "a")],
-], ids=["upper-case-name", "mixed-case-same-value"])
+@pytest.mark.parametrize(
+    "query",
+    [
+        [("access_token", "a"), ("ACCESS_TOKEN", "b")],
+        [("access_token", "a"), ("Access_Token", "a")],
+    ],
+    ids=["upper-case-name", "mixed-case-same-value"],
+)
 def test_a_query_name_in_another_case_is_a_second_token(query: list) -> None:
     with pytest.raises(InvalidRequest) as caught:
         find([], (QUERY,), query=query)
@@ -283,9 +415,17 @@ def test_a_query_name_in_another_case_alone_is_the_token_and_is_removed() -> Non
     assert without_query_param("a=1&ACCESS_TOKEN=q&Access%5FToken=r&b=2", "access_token") == "a=1&b=2"
 
 
-@pytest.mark.parametrize("cookies", [
-    ["at=a; %61t=b"], ["at=a; AT=b"], ["at=a", "a%74=b"], ["At=a", "aT=a"], ["at=a, at=b"],
-], ids=["percent-encoded-name", "upper-case-name", "two-headers-encoded", "two-casings", "comma"])
+@pytest.mark.parametrize(
+    "cookies",
+    [
+        ["at=a; %61t=b"],
+        ["at=a; AT=b"],
+        ["at=a", "a%74=b"],
+        ["At=a", "aT=a"],
+        ["at=a, at=b"],
+    ],
+    ids=["percent-encoded-name", "upper-case-name", "two-headers-encoded", "two-casings", "comma"],
+)
 def test_cookie_name_variants_are_the_token_cookie(cookies: list[str]) -> None:
     with pytest.raises(InvalidRequest) as caught:
         find([("Cookie", value) for value in cookies], (COOKIE,))

@@ -22,7 +22,17 @@ from typing import Any
 import pytest
 from multidict import CIMultiDict
 
-from proxy.http.http1 import MAX_FIELD, MAX_FIELDS, MAX_HEAD, MAX_TARGET, BodyError, BodyTimeout, Prepared, Request, Server
+from proxy.http.http1 import (
+    MAX_FIELD,
+    MAX_FIELDS,
+    MAX_HEAD,
+    MAX_TARGET,
+    BodyError,
+    BodyTimeout,
+    Prepared,
+    Request,
+    Server,
+)
 from tests.support.raw import bounded_by, eventually
 
 LIMIT = 5.0  # seconds any one test may take
@@ -34,6 +44,7 @@ bounded = bounded_by(LIMIT)
 
 
 # --- the client side: raw bytes out, answers split -------------------------------------
+
 
 @dataclass
 class Answer:
@@ -102,8 +113,15 @@ async def assert_silent(reader: asyncio.StreamReader, seconds: float) -> None:
     pytest.fail(f"expected silence, got {data!r}" if data else "expected silence, the server closed")
 
 
-def request_bytes(target: str = "/", *, method: str = "GET", version: str = "1.1",
-                  headers: tuple[tuple[str, str], ...] = (), body: bytes = b"", host: bool = True) -> bytes:
+def request_bytes(
+    target: str = "/",
+    *,
+    method: str = "GET",
+    version: str = "1.1",
+    headers: tuple[tuple[str, str], ...] = (),
+    body: bytes = b"",
+    host: bool = True,
+) -> bytes:
     lines = [f"{method} {target} HTTP/{version}"]
     if host:
         lines.append("Host: test")
@@ -130,8 +148,9 @@ class Harness:
         self.servers.append(server)
         return server
 
-    async def connect(self, server: Server, *, rcvbuf: int | None = None
-                      ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    async def connect(
+        self, server: Server, *, rcvbuf: int | None = None
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         host, port = server.sockets[0]
         if rcvbuf is None:
             reader, writer = await asyncio.open_connection(host, port)
@@ -175,6 +194,7 @@ def reset(writer: asyncio.StreamWriter) -> None:
 
 # --- handlers ------------------------------------------------------------------------
 
+
 class Echo:
     """Reads the whole body, answers 200 with it; X-Method / X-Target / X-Version name the request."""
 
@@ -189,8 +209,12 @@ class Echo:
         self.bodies.append(body)
         if self.delay:
             await asyncio.sleep(self.delay)
-        request.respond(200, None, [("X-Method", request.method), ("X-Target", request.raw_path),
-                                    ("X-Version", request.version)], body)
+        request.respond(
+            200,
+            None,
+            [("X-Method", request.method), ("X-Target", request.raw_path), ("X-Version", request.version)],
+            body,
+        )
 
     @property
     def targets(self) -> list[str]:
@@ -202,6 +226,7 @@ async def answer_ok(request: Request) -> None:
 
 
 # --- keep-alive ----------------------------------------------------------------------
+
 
 @bounded
 async def test_two_requests_on_one_connection(harness: Harness) -> None:
@@ -263,6 +288,7 @@ async def test_connection_close_from_a_11_client(harness: Harness) -> None:
 
 # --- pipelining ----------------------------------------------------------------------
 
+
 @bounded
 async def test_pipelined_requests_answered_in_order(harness: Harness) -> None:
     events: list[str] = []
@@ -291,9 +317,12 @@ async def test_pipelined_post_after_get_gets_its_full_body(harness: Harness) -> 
     reader, writer = await harness.connect(server)
     big = bytes(range(256)) * (4 * KiB)  # 1 MiB: more than one read, and past the body high-water mark
     small = b"tail piece"
-    writer.write(request_bytes("/get") + request_bytes("/big", method="POST", body=big)
-                 + request_bytes("/chunked", method="POST", headers=(("Transfer-Encoding", "chunked"),))
-                 + chunked(small[:4], small[4:]))
+    writer.write(
+        request_bytes("/get")
+        + request_bytes("/big", method="POST", body=big)
+        + request_bytes("/chunked", method="POST", headers=(("Transfer-Encoding", "chunked"),))
+        + chunked(small[:4], small[4:])
+    )
     answers = [await read_answer(reader) for _ in range(3)]
     assert [a.headers["X-Target"] for a in answers] == ["/get", "/big", "/chunked"]
     assert echo.bodies == [b"", big, small]
@@ -378,7 +407,8 @@ async def test_a_handler_that_answers_at_once_serves_a_long_pipeline_in_order_wi
 
 @bounded
 async def test_the_rest_of_a_handler_still_runs_its_finally_when_the_client_left_before_it_began(
-        harness: Harness) -> None:
+    harness: Harness,
+) -> None:
     """What the handler returns runs as a task; if the client is gone before that task first
     runs, the rest must still start (and be cancelled at its first wait), or its `finally`
     (app.py's in-flight count and access-log line) would never run."""
@@ -399,13 +429,14 @@ async def test_the_rest_of_a_handler_still_runs_its_finally_when_the_client_left
         return the_rest()
 
     server = await harness.serve(handler)  # type: ignore[arg-type]
-    reader, writer = await harness.connect(server)
+    _reader, writer = await harness.connect(server)
     writer.write(request_bytes("/"))
     await asyncio.wait_for(ended.wait(), 2)
     assert cancelled.is_set(), "the rest was cancelled, not left to finish for nobody"
 
 
 # --- request bodies ------------------------------------------------------------------
+
 
 @bounded
 async def test_content_length_body_byte_for_byte(harness: Harness) -> None:
@@ -542,14 +573,16 @@ async def test_100_continue_not_sent_when_the_body_already_arrived(harness: Harn
     echo = Echo()
     server = await harness.serve(echo)
     reader, writer = await harness.connect(server)
-    writer.write(request_bytes("/up", method="PUT", body=b"eager",
-                               headers=(("Content-Length", "5"), ("Expect", "100-continue"))))
+    writer.write(
+        request_bytes("/up", method="PUT", body=b"eager", headers=(("Content-Length", "5"), ("Expect", "100-continue")))
+    )
     answer = await read_answer(reader)
     assert answer.status == 200 and answer.body == b"eager"
     await assert_silent(reader, 0.1)
 
 
 # --- answering without reading the body ------------------------------------------------
+
 
 @bounded
 async def test_unread_body_that_fully_arrived_keeps_the_connection(harness: Harness) -> None:
@@ -585,10 +618,10 @@ async def test_unread_body_still_arriving_closes_the_connection(harness: Harness
 
 # --- refusals by the parser and our limits ---------------------------------------------
 
+
 def _refusal_body(status: int) -> bytes:
     phrase = {400: "Bad Request", 414: "Request-URI Too Long", 431: "Request Header Fields Too Large"}
-    return json.dumps({"error": "invalid_request", "error_description": phrase[status]},
-                      separators=(",", ":")).encode()
+    return json.dumps({"error": "invalid_request", "error_description": phrase[status]}, separators=(",", ":")).encode()
 
 
 UPGRADE = (("Connection", "Upgrade"), ("Upgrade", "websocket"))
@@ -605,17 +638,30 @@ REFUSED = [
     pytest.param(request_bytes(version="1.2"), 400, id="http-1.2"),
     pytest.param(request_bytes(host=False), 400, id="no-host-1.1"),
     pytest.param(request_bytes(headers=(("Host", "other"),)), 400, id="two-hosts"),
-    pytest.param(request_bytes(method="POST", headers=(("Content-Length", "5"), ("Transfer-Encoding", "chunked")))
-                 + b"0\r\n\r\n", 400, id="cl-and-te"),
-    pytest.param(request_bytes(method="POST", headers=(("Content-Length", "1"), ("Content-Length", "1"))) + b"x",
-                 400, id="two-content-lengths"),
+    pytest.param(
+        request_bytes(method="POST", headers=(("Content-Length", "5"), ("Transfer-Encoding", "chunked")))
+        + b"0\r\n\r\n",
+        400,
+        id="cl-and-te",
+    ),
+    pytest.param(
+        request_bytes(method="POST", headers=(("Content-Length", "1"), ("Content-Length", "1"))) + b"x",
+        400,
+        id="two-content-lengths",
+    ),
     pytest.param(request_bytes(method="POST", headers=(("Content-Length", "+1"),)) + b"x", 400, id="signed-cl"),
-    pytest.param(request_bytes(method="POST", headers=(("Transfer-Encoding", "chunked"),)) + b"zz\r\nabc\r\n0\r\n\r\n",
-                 400, id="bad-chunk-size"),
+    pytest.param(
+        request_bytes(method="POST", headers=(("Transfer-Encoding", "chunked"),)) + b"zz\r\nabc\r\n0\r\n\r\n",
+        400,
+        id="bad-chunk-size",
+    ),
     pytest.param(request_bytes(headers=(("X-Folded", "a\r\n b"),)), 400, id="obs-fold"),
     pytest.param(request_bytes(headers=(*UPGRADE, ("Content-Length", "5"))) + b"hello", 400, id="upgrade-with-body"),
-    pytest.param(request_bytes(headers=(*UPGRADE, ("Transfer-Encoding", "chunked"))) + chunked(b"hello"), 400,
-                 id="upgrade-with-chunked-body"),
+    pytest.param(
+        request_bytes(headers=(*UPGRADE, ("Transfer-Encoding", "chunked"))) + chunked(b"hello"),
+        400,
+        id="upgrade-with-chunked-body",
+    ),
 ]
 
 
@@ -637,10 +683,13 @@ async def test_refused_with_a_fixed_answer_and_closed(harness: Harness, data: by
 
 
 @bounded
-@pytest.mark.parametrize("data", [
-    pytest.param(request_bytes(version="2.0"), id="http-2.0"),
-    pytest.param(b"GET /\r\n\r\n", id="http-0.9"),
-])
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param(request_bytes(version="2.0"), id="http-2.0"),
+        pytest.param(b"GET /\r\n\r\n", id="http-0.9"),
+    ],
+)
 async def test_unsupported_versions_get_505(harness: Harness, data: bytes) -> None:
     echo = Echo()
     server = await harness.serve(echo)
@@ -658,8 +707,11 @@ async def test_limits_are_inclusive(harness: Harness) -> None:
     server = await harness.serve(echo)
     target = "/" + "t" * (MAX_TARGET - 1)
     fields = tuple((f"X-{i}", "v") for i in range(MAX_FIELDS - 1))  # with Host: exactly the most fields
-    for data in (request_bytes(target), request_bytes(headers=(("X", "v" * (MAX_FIELD - 1)),)),
-                 request_bytes(headers=fields)):
+    for data in (
+        request_bytes(target),
+        request_bytes(headers=(("X", "v" * (MAX_FIELD - 1)),)),
+        request_bytes(headers=fields),
+    ):
         answer = await harness.exchange(server, data)
         assert answer.status == 200
     assert echo.calls[0].raw_path == target
@@ -705,6 +757,7 @@ async def test_malformed_request_after_a_good_one(harness: Harness) -> None:
 
 
 # --- streamed answers ------------------------------------------------------------------
+
 
 @bounded
 async def test_streamed_answer_with_length(harness: Harness) -> None:
@@ -764,6 +817,7 @@ async def test_streamed_answer_close_delimited_for_10(harness: Harness, keep_ali
 
 # --- HEAD and bodiless statuses ----------------------------------------------------------
 
+
 @bounded
 async def test_head_answer_has_length_but_no_body(harness: Harness) -> None:
     async def handler(request: Request) -> None:
@@ -815,6 +869,7 @@ async def test_bodiless_statuses(harness: Harness, status: int) -> None:
 
 
 # --- answers that go wrong ---------------------------------------------------------------
+
 
 @bounded
 async def test_respond_after_start_aborts(harness: Harness) -> None:
@@ -872,6 +927,7 @@ async def test_handler_error_mid_answer_truncates(harness: Harness, length: int 
 
 # --- the client going away ---------------------------------------------------------------
 
+
 @bounded
 async def test_a_fin_while_a_request_runs_cancels_it_and_closes(harness: Harness) -> None:
     # As nginx, Envoy and aiohttp do: a client that closes its side has gone away, so its
@@ -919,7 +975,7 @@ async def test_client_reset_cancels_the_handler(harness: Harness) -> None:
             raise
 
     server = await harness.serve(forever)
-    reader, writer = await harness.connect(server)
+    _reader, writer = await harness.connect(server)
     writer.write(request_bytes("/"))
     await asyncio.wait_for(started.wait(), 2)
     reset(writer)
@@ -999,6 +1055,7 @@ async def test_bad_chunk_framing_mid_body_reaches_the_handler_as_body_error(harn
 
 # --- timers and shutdown -----------------------------------------------------------------
 
+
 @bounded
 async def test_idle_connection_closed_after_keepalive_timeout(harness: Harness) -> None:
     server = await harness.serve(answer_ok, keepalive_timeout=0.3)
@@ -1016,8 +1073,9 @@ async def test_incomplete_head_gets_408_after_header_timeout(harness: Harness) -
     # The head's own deadline, from its first byte, and far shorter than the keep-alive one.
     echo = Echo()
     refused: list[int] = []
-    server = await harness.serve(echo, keepalive_timeout=30, header_timeout=0.3,
-                                 on_refusal=lambda status, client: refused.append(status))
+    server = await harness.serve(
+        echo, keepalive_timeout=30, header_timeout=0.3, on_refusal=lambda status, client: refused.append(status)
+    )
     reader, writer = await harness.connect(server)
     writer.write(b"GET / HTTP/1.1\r\nHost: test\r\n")
     began = time.monotonic()
@@ -1231,6 +1289,7 @@ async def test_shutdown_cuts_an_answer_that_overruns(harness: Harness) -> None:
 
 # --- draining without dropping a request (issue 10, item 17) -------------------------------
 
+
 @bounded
 async def test_shutdown_serves_connections_waiting_in_the_listen_queue(harness: Harness) -> None:
     server = await harness.serve(answer_ok)
@@ -1295,7 +1354,8 @@ async def test_shutdown_serves_a_request_sent_just_before_it_began(harness: Harn
 
 @bounded
 async def test_while_draining_the_last_answer_says_close_and_pipelined_requests_are_all_served(
-        harness: Harness) -> None:
+    harness: Harness,
+) -> None:
     async def echo_path(request: Request) -> None:
         request.respond(200, None, [], request.raw_path.encode())
 
@@ -1310,6 +1370,7 @@ async def test_while_draining_the_last_answer_says_close_and_pipelined_requests_
 
 
 # --- headers http1 writes itself ---------------------------------------------------------
+
 
 @bounded
 async def test_date_present_and_no_server_header(harness: Harness) -> None:
@@ -1338,6 +1399,7 @@ async def test_date_present_and_no_server_header(harness: Harness) -> None:
 
 # --- what the handler sees -------------------------------------------------------------
 
+
 @bounded
 async def test_request_attributes_and_bytes_kept_exactly(harness: Harness) -> None:
     seen: list[Request] = []
@@ -1348,8 +1410,10 @@ async def test_request_attributes_and_bytes_kept_exactly(harness: Harness) -> No
 
     server = await harness.serve(handler)
     reader, writer = await harness.connect(server)
-    writer.write(b"GET /p/a%20th?x=1&y=%20z&x=2 HTTP/1.1\r\nHost: h.test\r\nX-Dup: 1\r\nx-dup: 2\r\n"
-                 b"X-Raw: caf\xc3\xa9 \xff\xfe\r\n\r\n")
+    writer.write(
+        b"GET /p/a%20th?x=1&y=%20z&x=2 HTTP/1.1\r\nHost: h.test\r\nX-Dup: 1\r\nx-dup: 2\r\n"
+        b"X-Raw: caf\xc3\xa9 \xff\xfe\r\n\r\n"
+    )
     answer = await read_answer(reader)
     assert b"\r\nX-Raw: caf\xc3\xa9 \xff\xfe\r\n" in answer.head  # every byte back as it came
     request = seen[0]
@@ -1381,6 +1445,7 @@ async def test_query_leaves_out_a_fragment(harness: Harness) -> None:
 
 # --- upgrades ----------------------------------------------------------------------------
 
+
 @bounded
 async def test_declined_upgrade_closes(harness: Harness) -> None:
     echo = Echo()
@@ -1405,8 +1470,13 @@ async def test_tunnel_relays_both_ways(harness: Harness) -> None:
                 yield data.upper()
 
         try:
-            await request.tunnel(101, "Switching Protocols", [("Upgrade", "shout"), ("Connection", "Upgrade")],
-                                 inbox.put_nowait, source())
+            await request.tunnel(
+                101,
+                "Switching Protocols",
+                [("Upgrade", "shout"), ("Connection", "Upgrade")],
+                inbox.put_nowait,
+                source(),
+            )
         finally:
             finished.set()
 
@@ -1445,6 +1515,7 @@ async def test_pipelined_upgrade_after_a_request_is_answered(harness: Harness) -
 
 
 # --- back-pressure on answers --------------------------------------------------------------
+
 
 @bounded
 async def test_streamed_answer_waits_for_a_slow_client(harness: Harness) -> None:

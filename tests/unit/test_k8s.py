@@ -17,14 +17,28 @@ from proxy.config import builder as config
 from proxy.config.yamlsource import parse_duration
 from proxy.tools import cli
 from tests.k8s_support import (
-    K8S, REPO, built, dockerfile_instruction, entrypoint, kustomization, manifests, mounted_files, one, pod_config,
-    pod_containers, sidecar_container, split_image,
+    K8S,
+    REPO,
+    built,
+    dockerfile_instruction,
+    entrypoint,
+    kustomization,
+    manifests,
+    mounted_files,
+    one,
+    pod_config,
+    pod_containers,
+    sidecar_container,
+    split_image,
 )
 
 CONFIG = "config.yaml"
 """The sidecar's config in k8s/: the source of the generated ConfigMap, not a manifest."""
-FILES = sorted(str(p.relative_to(K8S)) for p in K8S.rglob("*.yaml")
-               if p.name != "kustomization.yaml" and p != K8S / CONFIG and "monitoring" not in p.parts)
+FILES = sorted(
+    str(p.relative_to(K8S))
+    for p in K8S.rglob("*.yaml")
+    if p.name != "kustomization.yaml" and p != K8S / CONFIG and "monitoring" not in p.parts
+)
 VARIANTS = sorted(str(p.relative_to(K8S)) for p in (K8S / "variants").glob("*.yaml"))
 DEPLOYMENTS = ["deployment.yaml", *VARIANTS]
 """The Deployment and the variants that replace it in kustomization.yaml."""
@@ -55,8 +69,9 @@ def test_kustomization_is_plain_resources_and_lists_every_manifest() -> None:
     top_level = sorted(p.name for p in K8S.glob("*.yaml") if p.name not in ("kustomization.yaml", CONFIG))
     assert sorted(k["resources"]) == top_level
     kinds = [d["kind"] for d in built()]
-    assert sorted(kinds) == sorted(["ConfigMap", "Secret", "Deployment", "Service", "NetworkPolicy",
-                                    "PodDisruptionBudget"])
+    assert sorted(kinds) == sorted(
+        ["ConfigMap", "Secret", "Deployment", "Service", "NetworkPolicy", "PodDisruptionBudget"]
+    )
 
 
 @pytest.fixture(params=DEPLOYMENTS)
@@ -212,17 +227,22 @@ def test_images_are_set_once_in_the_kustomization(deployment: str) -> None:
     for image in placeholders:
         assert split_image(image) == (image, None, None) and "/" not in image and "." not in image
     images = {c["name"]: c["image"] for c in pod_containers(one("Deployment", built(deployment=deployment)))}
-    assert images == {"jwt-sidecar": f"{entries['jwt-sidecar']['newName']}:{entries['jwt-sidecar']['newTag']}",
-                      "app": f"{entries['orders-api']['newName']}:{entries['orders-api']['newTag']}"}
+    assert images == {
+        "jwt-sidecar": f"{entries['jwt-sidecar']['newName']}:{entries['jwt-sidecar']['newTag']}",
+        "app": f"{entries['orders-api']['newName']}:{entries['orders-api']['newTag']}",
+    }
     assert all(isinstance(e["newTag"], str) for e in entries.values()), "a tag such as 1.10 must stay text"
 
 
-@pytest.mark.parametrize(("image", "parts"), [
-    ("jwt-sidecar", ("jwt-sidecar", None, None)),
-    ("ghcr.io/you/jwt-sidecar:0.1.0", ("ghcr.io/you/jwt-sidecar", "0.1.0", None)),
-    ("registry.local:5000/jwt-sidecar", ("registry.local:5000/jwt-sidecar", None, None)),
-    ("registry.local:5000/jwt-sidecar:1@sha256:ab", ("registry.local:5000/jwt-sidecar", "1", "sha256:ab")),
-])
+@pytest.mark.parametrize(
+    ("image", "parts"),
+    [
+        ("jwt-sidecar", ("jwt-sidecar", None, None)),
+        ("ghcr.io/you/jwt-sidecar:0.1.0", ("ghcr.io/you/jwt-sidecar", "0.1.0", None)),
+        ("registry.local:5000/jwt-sidecar", ("registry.local:5000/jwt-sidecar", None, None)),
+        ("registry.local:5000/jwt-sidecar:1@sha256:ab", ("registry.local:5000/jwt-sidecar", "1", "sha256:ab")),
+    ],
+)
 def test_image_references_split_as_kustomize_reads_them(image: str, parts: tuple[str, str | None, str | None]) -> None:
     assert split_image(image) == parts
 
@@ -287,9 +307,11 @@ def test_the_readme_states_the_shutdown_numbers_the_manifests_use(tmp_path: Path
     grace = pod["terminationGracePeriodSeconds"]
     readme = " ".join((REPO / "README.md").read_text().split())
     spare = grace - (sleep + shutdown + settings.drain_delay + settings.drain_timeout)
-    assert (f"`terminationGracePeriodSeconds: {grace}` covers it all: {sleep:g} s preStop + {shutdown:g} s app + "
-            f"{settings.drain_delay:g} s `drain_delay` + {settings.drain_timeout:g} s `drain_timeout` + "
-            f"{spare:g} s to spare") in readme
+    assert (
+        f"`terminationGracePeriodSeconds: {grace}` covers it all: {sleep:g} s preStop + {shutdown:g} s app + "
+        f"{settings.drain_delay:g} s `drain_delay` + {settings.drain_timeout:g} s `drain_timeout` + "
+        f"{spare:g} s to spare"
+    ) in readme
     assert (f"(k8s/ uses {settings.drain_delay:g}s + {settings.drain_timeout:g}s and {grace}s") in readme
     classic = one("Deployment", manifests(*VARIANTS))["spec"]["template"]["spec"]
     (classic_app,) = [c for c in classic["containers"] if c["name"] == "app"]
@@ -334,48 +356,68 @@ def test_no_manifest_in_the_repository_holds_a_secret_value() -> None:
 def test_the_generated_secret_file_is_kept_out_of_git() -> None:
     paths = [K8S / spec.partition("=")[2] for g in kustomization()["secretGenerator"] for spec in g["files"]]
     assert paths
-    found = subprocess.run(["git", "check-ignore", "--no-index", *(str(p.relative_to(REPO)) for p in paths)], cwd=REPO,
-                           capture_output=True, text=True, check=False)
+    found = subprocess.run(
+        ["git", "check-ignore", "--no-index", *(str(p.relative_to(REPO)) for p in paths)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert sorted(found.stdout.split()) == sorted(str(p.relative_to(REPO)) for p in paths), found
 
 
 def test_the_generated_secret_file_never_enters_the_image_build() -> None:
     # The README has the operator make k8s/secrets/internal.secret and then run `docker build .`
     # in the same checkout: the build context is an allow-list that leaves k8s/ out.
-    rules = [line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()
-             if line.strip() and not line.startswith("#")]
+    rules = [
+        line.strip()
+        for line in (REPO / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
     assert rules[0] == "*", "everything is excluded first"
     allowed = [rule[1:].rstrip("/") for rule in rules if rule.startswith("!")]
     for path in generator_files():
         in_repo = PurePosixPath("k8s") / path
         for rule in allowed:
-            assert not (fnmatch.fnmatch(str(in_repo), rule) or in_repo.is_relative_to(rule)
-                        or any(fnmatch.fnmatch(str(parent), rule) for parent in in_repo.parents)), rule
+            assert not (
+                fnmatch.fnmatch(str(in_repo), rule)
+                or in_repo.is_relative_to(rule)
+                or any(fnmatch.fnmatch(str(parent), rule) for parent in in_repo.parents)
+            ), rule
 
 
 def test_the_documented_command_makes_the_file_the_generator_reads(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # The command in kustomization.yaml's comment, run as written from the repository root.
-    command = next(line.strip("# ").split() for line in (K8S / "kustomization.yaml").read_text().splitlines()
-                   if "jwt-sidecar keys generate" in line)
+    command = next(
+        line.strip("# ").split()
+        for line in (K8S / "kustomization.yaml").read_text().splitlines()
+        if "jwt-sidecar keys generate" in line
+    )
     assert command[:3] == ["jwt-sidecar", "keys", "generate"]
     monkeypatch.chdir(tmp_path)
     assert cli.main(command[1:]) == 0
     capsys.readouterr()
-    files = {spec.partition("=")[2]: (tmp_path / "k8s" / spec.partition("=")[2]).read_bytes()
-             for g in kustomization()["secretGenerator"] for spec in g["files"]}
+    files = {
+        spec.partition("=")[2]: (tmp_path / "k8s" / spec.partition("=")[2]).read_bytes()
+        for g in kustomization()["secretGenerator"]
+        for spec in g["files"]
+    }
     settings = config.load(pod_config(tmp_path / "pod", built(files)))
     assert settings.providers["internal"].keys.kind == "secret"
     made = (tmp_path / "k8s" / generator_files()[0]).read_text().strip()
     assert settings.providers["internal"].keys.jwks["keys"][0]["k"] == made, "the Pod verifies with the file made"
 
 
-@pytest.mark.parametrize("value", [
-    "REPLACE-ME-REPLACE-ME-REPLACE-ME-REPLACE-ME-00",  # what k8s/secret.yaml shipped
-    "Y2hhbmdlbWVjaGFuZ2VtZWNoYW5nZW1lY2hhbmdlbWU",     # base64url of changemechangeme...
-    "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",     # 32 zero bytes
-])
+@pytest.mark.parametrize(
+    "value",
+    [
+        "REPLACE-ME-REPLACE-ME-REPLACE-ME-REPLACE-ME-00",  # what k8s/secret.yaml shipped
+        "Y2hhbmdlbWVjaGFuZ2VtZWNoYW5nZW1lY2hhbmdlbWU",  # base64url of changemechangeme...
+        "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",  # 32 zero bytes
+    ],
+)
 def test_a_placeholder_secret_in_the_pod_refuses_to_start(tmp_path: Path, value: str) -> None:
     path = pod_config(tmp_path, built({name: value.encode() + b"\n" for name in generator_files()}))
     with pytest.raises(config.ConfigError) as refused:

@@ -24,8 +24,13 @@ from tests.support.jwks_server import JwksServer
 
 
 def provider(url: str) -> Provider:
-    return Provider(name="corp", issuers=(ISSUER,), audiences=(AUDIENCE,), algorithms=("RS256",),
-                    keys=RemoteJwks(url=url, min_refresh_interval=1.0))
+    return Provider(
+        name="corp",
+        issuers=(ISSUER,),
+        audiences=(AUDIENCE,),
+        algorithms=("RS256",),
+        keys=RemoteJwks(url=url, min_refresh_interval=1.0),
+    )
 
 
 @pytest.fixture
@@ -42,8 +47,13 @@ def events(caplog: pytest.LogCaptureFixture, name: str) -> list[tuple[int, dict[
 
 
 async def test_a_set_loaded_then_rotated_is_info_and_the_same_set_again_is_debug(
-        source: RemoteKeySource, jwks_server: JwksServer, clock: FakeClock, rsa_key: TestKey,
-        rsa_key_2: TestKey, caplog: pytest.LogCaptureFixture) -> None:
+    source: RemoteKeySource,
+    jwks_server: JwksServer,
+    clock: FakeClock,
+    rsa_key: TestKey,
+    rsa_key_2: TestKey,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     jwks_server.document = jwks_of(rsa_key)
     with caplog.at_level(logging.DEBUG, logger="proxy.keys"):
         await source.start()
@@ -66,8 +76,12 @@ async def test_a_set_loaded_then_rotated_is_info_and_the_same_set_again_is_debug
 
 
 async def test_an_issuer_down_at_start_is_unready_once_then_ready_when_it_answers(
-        source: RemoteKeySource, jwks_server: JwksServer, clock: FakeClock, rsa_key: TestKey,
-        caplog: pytest.LogCaptureFixture) -> None:
+    source: RemoteKeySource,
+    jwks_server: JwksServer,
+    clock: FakeClock,
+    rsa_key: TestKey,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     jwks_server.document = jwks_of(rsa_key)
     jwks_server.mode = "fail"
     with caplog.at_level(logging.DEBUG, logger="proxy.keys"):
@@ -102,20 +116,30 @@ routes:
 def test_changes_name_what_a_reload_adds_removes_and_changes() -> None:
     old = config.parse(BASE)
     assert changes(old, config.parse(BASE)) == {}
-    new = config.parse(BASE.replace("/b/", "/bee/").replace("audiences: [api], jwks: {url: https://issuer",
-                                                             "audiences: [api, x], jwks: {url: https://issuer")
-                       .replace("  - {name: a,", "  - {name: c, match: {path_prefix: /c/}, auth: none}\n  - {name: a,")
-                       + "realm: new\nworkers: 2\n")
-    assert changes(old, new) == {"routes_added": ["c"], "routes_changed": ["b"], "providers_changed": ["main"],
-                                 "settings_changed": ["realm"], "needs_restart": ["workers"]}
-    fewer = config.parse(BASE.replace("  - {name: b, match: {path_prefix: /b/}, auth: {provider: other}}\n", "")
-                         .replace("  other: {issuer: https://other.test, audiences: [api], jwks: "
-                                  "{url: https://other.test/jwks.json}}\n", ""))
+    new = config.parse(
+        BASE.replace("/b/", "/bee/")
+        .replace("audiences: [api], jwks: {url: https://issuer", "audiences: [api, x], jwks: {url: https://issuer")
+        .replace("  - {name: a,", "  - {name: c, match: {path_prefix: /c/}, auth: none}\n  - {name: a,")
+        + "realm: new\nworkers: 2\n"
+    )
+    assert changes(old, new) == {
+        "routes_added": ["c"],
+        "routes_changed": ["b"],
+        "providers_changed": ["main"],
+        "settings_changed": ["realm"],
+        "needs_restart": ["workers"],
+    }
+    fewer = config.parse(
+        BASE.replace("  - {name: b, match: {path_prefix: /b/}, auth: {provider: other}}\n", "").replace(
+            "  other: {issuer: https://other.test, audiences: [api], jwks: {url: https://other.test/jwks.json}}\n", ""
+        )
+    )
     assert changes(old, fewer) == {"routes_removed": ["b"], "providers_removed": ["other"]}
 
 
-async def test_a_password_in_the_jwks_url_is_never_logged(jwks_server: JwksServer, clock: FakeClock,
-                                                         rsa_key: TestKey, caplog: pytest.LogCaptureFixture) -> None:
+async def test_a_password_in_the_jwks_url_is_never_logged(
+    jwks_server: JwksServer, clock: FakeClock, rsa_key: TestKey, caplog: pytest.LogCaptureFixture
+) -> None:
     jwks_server.document = jwks_of(rsa_key)
     url = jwks_server.url().replace("http://", "http://reader:s3cret@")
     async with aiohttp.ClientSession() as session:

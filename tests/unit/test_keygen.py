@@ -30,14 +30,21 @@ def oct_jwk(secret: bytes) -> dict[str, Any]:
 
 
 def decode(token: str, jwk: dict[str, Any], alg: str, **options: Any) -> dict[str, Any]:
-    return jwt.decode(token, key=jwt.PyJWK(jwk, algorithm=alg), algorithms=[alg], audience=AUDIENCE,
-                      issuer=ISSUER, **options)
+    return jwt.decode(
+        token, key=jwt.PyJWK(jwk, algorithm=alg), algorithms=[alg], audience=AUDIENCE, issuer=ISSUER, **options
+    )
 
 
 def mint_with(key: GeneratedKey, **overrides: Any) -> str:
     arguments: dict[str, Any] = {
-        "private_key_pem": key.private_pem, "secret": key.secret, "kid": key.kid,
-        "iss": ISSUER, "aud": [AUDIENCE], "sub": "user-42", "ttl_seconds": 300, "now": NOW,
+        "private_key_pem": key.private_pem,
+        "secret": key.secret,
+        "kid": key.kid,
+        "iss": ISSUER,
+        "aud": [AUDIENCE],
+        "sub": "user-42",
+        "ttl_seconds": 300,
+        "now": NOW,
     }
     arguments.update(overrides)
     return mint(**arguments)
@@ -158,7 +165,9 @@ def test_rotation_adds_the_new_key_beside_the_old(tmp_path: Path) -> None:
 def test_rotation_in_place_keeps_both_keys_in_one_directory(tmp_path: Path) -> None:
     write(generate("EdDSA", "ed-1"), tmp_path)
     assert write(generate("EdDSA", "ed-2"), tmp_path, jwks_path=tmp_path / "jwks.json") == [
-        tmp_path / "ed-2.pem", tmp_path / "jwks.json"]
+        tmp_path / "ed-2.pem",
+        tmp_path / "jwks.json",
+    ]
     assert [k["kid"] for k in json.loads((tmp_path / "jwks.json").read_text())["keys"]] == ["ed-1", "ed-2"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ed-1.pem", "ed-2.pem", "jwks.json"]
 
@@ -178,7 +187,7 @@ def test_an_existing_private_file_is_never_overwritten(tmp_path: Path) -> None:
     write(first, tmp_path)
     jwks_before = (tmp_path / "jwks.json").read_bytes()
     for jwks_path in (None, tmp_path / "jwks.json"):
-        with pytest.raises(KeyToolError, match="ed-1.pem already exists; refusing to overwrite"):
+        with pytest.raises(KeyToolError, match=r"ed-1\.pem already exists; refusing to overwrite"):
             write(generate("EdDSA", "ed-1"), tmp_path, jwks_path=jwks_path)
     assert (tmp_path / "ed-1.pem").read_bytes() == first.private_pem
     assert (tmp_path / "jwks.json").read_bytes() == jwks_before
@@ -186,7 +195,7 @@ def test_an_existing_private_file_is_never_overwritten(tmp_path: Path) -> None:
 
 def test_an_existing_jwks_is_not_replaced_without_jwks_path(tmp_path: Path) -> None:
     write(generate("EdDSA", "ed-1"), tmp_path)
-    with pytest.raises(KeyToolError, match="jwks.json already exists; to add this key to it"):
+    with pytest.raises(KeyToolError, match=r"jwks\.json already exists; to add this key to it"):
         write(generate("EdDSA", "ed-2"), tmp_path)
     assert not (tmp_path / "ed-2.pem").exists()
 
@@ -221,8 +230,9 @@ def test_a_secret_is_never_published(tmp_path: Path) -> None:
 
 
 def pem_of(private: Any) -> bytes:
-    pem: bytes = private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                       serialization.NoEncryption())
+    pem: bytes = private.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
     return pem
 
 
@@ -255,13 +265,28 @@ def test_mint_with_a_secret_defaults_to_hs256_and_honours_alg() -> None:
 
 
 def test_mint_payload() -> None:
-    token = mint(secret=b"x" * 32, kid="hs-1", iss=ISSUER, aud=[AUDIENCE], sub="bob", ttl_seconds=300.9,
-                 claims={"admin": True, "roles": ["a", "b"]}, now=NOW + 0.7)
+    token = mint(
+        secret=b"x" * 32,
+        kid="hs-1",
+        iss=ISSUER,
+        aud=[AUDIENCE],
+        sub="bob",
+        ttl_seconds=300.9,
+        claims={"admin": True, "roles": ["a", "b"]},
+        now=NOW + 0.7,
+    )
     payload = jwt.decode(token, options={"verify_signature": False})
     jti = payload.pop("jti")
     assert isinstance(jti, str) and len(jti) >= 16
-    assert payload == {"iss": ISSUER, "aud": AUDIENCE, "sub": "bob", "iat": int(NOW), "exp": int(NOW) + 300,
-                       "admin": True, "roles": ["a", "b"]}
+    assert payload == {
+        "iss": ISSUER,
+        "aud": AUDIENCE,
+        "sub": "bob",
+        "iat": int(NOW),
+        "exp": int(NOW) + 300,
+        "admin": True,
+        "roles": ["a", "b"],
+    }
     assert jwt.get_unverified_header(token)["kid"] == "hs-1"
     again = mint(secret=b"x" * 32, iss=ISSUER, aud=[AUDIENCE], ttl_seconds=300, now=NOW)
     assert jwt.decode(again, options={"verify_signature": False})["jti"] != jti
@@ -274,8 +299,14 @@ def test_mint_audiences_make_a_list_when_more_than_one() -> None:
 
 
 def test_mint_claims_may_replace_timestamps_to_make_a_bad_token() -> None:
-    token = mint(secret=b"x" * 32, iss=ISSUER, aud=[AUDIENCE], ttl_seconds=60, now=NOW,
-                 claims={"exp": 1, "nbf": 2, "jti": "fixed"})
+    token = mint(
+        secret=b"x" * 32,
+        iss=ISSUER,
+        aud=[AUDIENCE],
+        ttl_seconds=60,
+        now=NOW,
+        claims={"exp": 1, "nbf": 2, "jti": "fixed"},
+    )
     payload = jwt.decode(token, options={"verify_signature": False})
     assert (payload["exp"], payload["nbf"], payload["jti"]) == (1, 2, "fixed")
 
@@ -295,8 +326,19 @@ def test_mint_claims_may_replace_timestamps_to_make_a_bad_token() -> None:
         ({"secret": b"x" * 32, "claims": {"aud": "other"}}, "set aud with --aud, not as a claim"),
         ({"secret": b"x" * 32, "claims": {"iss": "x", "sub": "y"}}, "set iss, sub with --iss, --sub"),
     ],
-    ids=["short-hs256", "short-hs384", "secret-with-rsa-alg", "alg-none", "no-key", "two-keys", "not-pem",
-         "no-audience", "ttl-too-short", "claim-aud", "claim-iss-sub"],
+    ids=[
+        "short-hs256",
+        "short-hs384",
+        "secret-with-rsa-alg",
+        "alg-none",
+        "no-key",
+        "two-keys",
+        "not-pem",
+        "no-audience",
+        "ttl-too-short",
+        "claim-aud",
+        "claim-iss-sub",
+    ],
 )
 def test_mint_refuses(arguments: dict[str, Any], message: str) -> None:
     base: dict[str, Any] = {"iss": ISSUER, "aud": [AUDIENCE], "ttl_seconds": 60, "now": NOW}
@@ -309,16 +351,18 @@ def test_mint_refuses_an_alg_that_does_not_fit_the_key(ec_key: TestKey, rsa_key:
         mint(private_key_pem=ec_key.private_pem(), alg="RS256", iss=ISSUER, aud=[AUDIENCE], ttl_seconds=60, now=NOW)
     with pytest.raises(KeyToolError, match="ES256 cannot sign with this RSA key"):
         mint(private_key_pem=rsa_key.private_pem(), alg="ES256", iss=ISSUER, aud=[AUDIENCE], ttl_seconds=60, now=NOW)
-    token = mint(private_key_pem=rsa_key.private_pem(), alg="PS256", iss=ISSUER, aud=[AUDIENCE], ttl_seconds=60,
-                 now=NOW)
+    token = mint(
+        private_key_pem=rsa_key.private_pem(), alg="PS256", iss=ISSUER, aud=[AUDIENCE], ttl_seconds=60, now=NOW
+    )
     assert jwt.get_unverified_header(token)["alg"] == "PS256"
 
 
 def test_mint_explains_a_public_or_encrypted_key(ed_key: TestKey) -> None:
     with pytest.raises(KeyToolError, match="it holds a public key, and signing needs the private one"):
         mint(private_key_pem=ed_key.public_pem(), iss=ISSUER, aud=[AUDIENCE], ttl_seconds=60, now=NOW)
-    encrypted = ed_key.private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                             serialization.BestAvailableEncryption(b"pw"))
+    encrypted = ed_key.private.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.BestAvailableEncryption(b"pw")
+    )
     with pytest.raises(KeyToolError, match="the private key is encrypted"):
         mint(private_key_pem=encrypted, iss=ISSUER, aud=[AUDIENCE], ttl_seconds=60, now=NOW)
 

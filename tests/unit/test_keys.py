@@ -234,7 +234,9 @@ FAILURES: dict[str, Callable[[JwksServer], None]] = {
     "keys-not-a-list": lambda s: setattr(s, "document", {"keys": {"kid": "x"}}),
     "over-1-mib": lambda s: setattr(s, "document", {**s.document, "pad": "x" * MAX_DOCUMENT_BYTES}),
     "over-1-mib-chunked": lambda s: (
-        setattr(s, "document", {**s.document, "pad": "x" * MAX_DOCUMENT_BYTES}), setattr(s, "chunked", True)),
+        setattr(s, "document", {**s.document, "pad": "x" * MAX_DOCUMENT_BYTES}),
+        setattr(s, "chunked", True),
+    ),
 }
 
 
@@ -249,9 +251,8 @@ async def test_failed_refetch_keeps_the_last_good_keys(
     break_server(jwks_server)
     clock.advance(started.provider.keys.min_refresh_interval + 1)
 
-    with caplog.at_level(logging.WARNING, logger="proxy.keys"):
-        with pytest.raises(InvalidToken):
-            await started.key_for(unknown_kid(), "RS256")
+    with caplog.at_level(logging.WARNING, logger="proxy.keys"), pytest.raises(InvalidToken):
+        await started.key_for(unknown_kid(), "RS256")
 
     assert jwks_server.requests[JWKS_PATH] == 2
     assert (started.fetches, started.failures) == (2, 1)
@@ -280,9 +281,7 @@ async def test_slow_server_beyond_the_timeout_is_a_failure_not_a_hang(
     jwks_server.delay = 0.0  # let the server's sleeping handler be quick about the next one
 
 
-async def test_source_that_never_got_keys_raises_keys_unavailable(
-    jwks_server: JwksServer, make_source: Make
-) -> None:
+async def test_source_that_never_got_keys_raises_keys_unavailable(jwks_server: JwksServer, make_source: Make) -> None:
     jwks_server.mode = "fail"
     source = make_source(remote_provider(jwks_server.url()))
     await source.start()
@@ -351,7 +350,9 @@ async def test_discovery_is_repeated_after_a_failed_jwks_fetch(
 
 
 @pytest.mark.parametrize(
-    "issuer", ["https://evil.test", ISSUER + "/", ISSUER.upper(), None], ids=["other", "trailing-slash", "case", "missing"]
+    "issuer",
+    ["https://evil.test", ISSUER + "/", ISSUER.upper(), None],
+    ids=["other", "trailing-slash", "case", "missing"],
 )
 async def test_discovery_with_another_issuer_is_refused(
     jwks_server: JwksServer, make_source: Make, rsa_key: TestKey, issuer: str | None
@@ -428,7 +429,9 @@ async def test_not_ready_source_recovers_in_the_background_without_traffic(
     assert source.failures == 1
 
 
-async def test_closed_source_fetches_no_more(started: RemoteKeySource, jwks_server: JwksServer, clock: FakeClock) -> None:
+async def test_closed_source_fetches_no_more(
+    started: RemoteKeySource, jwks_server: JwksServer, clock: FakeClock
+) -> None:
     await started.close()
     clock.advance(3600)
     with pytest.raises(InvalidToken):
@@ -529,7 +532,8 @@ def _without_kid(key: TestKey) -> dict[str, Any]:
 
 
 async def test_a_key_without_kid_is_tried_for_any_kid_after_the_keys_that_carry_it(
-        clock: FakeClock, rsa_key: TestKey, rsa_key_2: TestKey, ec_key: TestKey) -> None:
+    clock: FakeClock, rsa_key: TestKey, rsa_key_2: TestKey, ec_key: TestKey
+) -> None:
     # rsa_key carries kid rsa-1; rsa_key_2 and ec_key are published without one.
     jwks = {"keys": [rsa_key.public_jwk, _without_kid(rsa_key_2), _without_kid(ec_key)]}
     source = key_source_for(static_provider("jwks_file", jwks, ASYMMETRIC), session=None, clock=clock)
@@ -546,7 +550,8 @@ async def test_a_key_without_kid_is_tried_for_any_kid_after_the_keys_that_carry_
 
 
 async def test_an_unknown_kid_still_refetches_before_falling_back_to_kid_less_keys(
-        jwks_server: JwksServer, make_source: Make, clock: FakeClock, rsa_key: TestKey, rsa_key_2: TestKey) -> None:
+    jwks_server: JwksServer, make_source: Make, clock: FakeClock, rsa_key: TestKey, rsa_key_2: TestKey
+) -> None:
     # A rotation in a set that also holds a kid-less key: the new kid's key is fetched and
     # tried first, not only the kid-less one that cannot verify its tokens.
     jwks_server.document = {"keys": [_without_kid(rsa_key)]}
@@ -565,30 +570,54 @@ async def test_an_unknown_kid_still_refetches_before_falling_back_to_kid_less_ke
 # -- which reloads keep a provider's key source (issue 10, item 14) ------------------------
 
 BASE_REMOTE = remote_provider("https://issuer.test/jwks", algorithms=("RS256",))
-BASE_DISCOVERY = remote_provider(discovery_url="https://issuer.test/.well-known/openid-configuration",
-                                 algorithms=("RS256",))
+BASE_DISCOVERY = remote_provider(
+    discovery_url="https://issuer.test/.well-known/openid-configuration", algorithms=("RS256",)
+)
 
 
-@pytest.mark.parametrize("change", [
-    {"leeway": 5.0}, {"audiences": ("other",)}, {"required_claims": ("exp", "iat")}, {"max_token_age": 60.0},
-    {"typ": "at+jwt"}, {"issuers": (ISSUER, "https://other.test")}, {"name": "renamed"},
-], ids=lambda change: next(iter(change)))
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"leeway": 5.0},
+        {"audiences": ("other",)},
+        {"required_claims": ("exp", "iat")},
+        {"max_token_age": 60.0},
+        {"typ": "at+jwt"},
+        {"issuers": (ISSUER, "https://other.test")},
+        {"name": "renamed"},
+    ],
+    ids=lambda change: next(iter(change)),
+)
 def test_a_change_that_does_not_touch_the_keys_keeps_the_source(change: dict[str, Any]) -> None:
     assert same_source(BASE_REMOTE, dataclasses.replace(BASE_REMOTE, **change))
 
 
-@pytest.mark.parametrize(("base", "changed"), [
-    (BASE_REMOTE, dataclasses.replace(BASE_REMOTE, keys=RemoteJwks(url="https://issuer.test/other"))),
-    (BASE_REMOTE, dataclasses.replace(BASE_REMOTE, keys=RemoteJwks(url="https://issuer.test/jwks", cache_ttl=60))),
-    (BASE_REMOTE, dataclasses.replace(BASE_REMOTE,
-                                      keys=RemoteJwks(url="https://issuer.test/jwks", min_refresh_interval=5))),
-    (BASE_REMOTE, dataclasses.replace(BASE_REMOTE, keys=RemoteJwks(url="https://issuer.test/jwks", timeout=1))),
-    (BASE_REMOTE, BASE_DISCOVERY),
-    (BASE_REMOTE, dataclasses.replace(BASE_REMOTE, algorithms=("RS256", "ES256"))),
-    (BASE_DISCOVERY, dataclasses.replace(BASE_DISCOVERY, issuers=(ISSUER, "https://other.test"))),
-    (BASE_REMOTE, static_provider("secret", {"keys": []}, ("HS256",), name="corp")),
-], ids=["url", "cache_ttl", "min_refresh_interval", "timeout", "discovery", "algorithms", "discovery-issuers",
-        "static"])
+@pytest.mark.parametrize(
+    ("base", "changed"),
+    [
+        (BASE_REMOTE, dataclasses.replace(BASE_REMOTE, keys=RemoteJwks(url="https://issuer.test/other"))),
+        (BASE_REMOTE, dataclasses.replace(BASE_REMOTE, keys=RemoteJwks(url="https://issuer.test/jwks", cache_ttl=60))),
+        (
+            BASE_REMOTE,
+            dataclasses.replace(BASE_REMOTE, keys=RemoteJwks(url="https://issuer.test/jwks", min_refresh_interval=5)),
+        ),
+        (BASE_REMOTE, dataclasses.replace(BASE_REMOTE, keys=RemoteJwks(url="https://issuer.test/jwks", timeout=1))),
+        (BASE_REMOTE, BASE_DISCOVERY),
+        (BASE_REMOTE, dataclasses.replace(BASE_REMOTE, algorithms=("RS256", "ES256"))),
+        (BASE_DISCOVERY, dataclasses.replace(BASE_DISCOVERY, issuers=(ISSUER, "https://other.test"))),
+        (BASE_REMOTE, static_provider("secret", {"keys": []}, ("HS256",), name="corp")),
+    ],
+    ids=[
+        "url",
+        "cache_ttl",
+        "min_refresh_interval",
+        "timeout",
+        "discovery",
+        "algorithms",
+        "discovery-issuers",
+        "static",
+    ],
+)
 def test_a_change_of_where_or_how_keys_come_from_is_a_new_source(base: Provider, changed: Provider) -> None:
     assert not same_source(base, changed)
 
@@ -600,7 +629,8 @@ def test_static_key_material_is_compared_by_content(rsa_key: TestKey, rsa_key_2:
 
 
 async def test_a_replaced_source_serves_until_closed_with_its_successor(
-        jwks_server: JwksServer, session: aiohttp.ClientSession, clock: FakeClock, rsa_key: TestKey) -> None:
+    jwks_server: JwksServer, session: aiohttp.ClientSession, clock: FakeClock, rsa_key: TestKey
+) -> None:
     jwks_server.document = jwks_of(rsa_key)
     old = KeyRing({"corp": remote_provider(jwks_server.url())}, session=session, clock=clock)
     await old.start()

@@ -28,8 +28,11 @@ def contracts() -> list[dict[str, object]]:
 def test_the_readme_places_every_module_in_its_wing() -> None:
     wings = readme_wings()
     assert len(wings) == 8
-    on_disk = {path.name: {p.stem for p in path.glob("*.py") if p.name != "__init__.py"}
-               for path in (REPO / "proxy").iterdir() if (path / "__init__.py").exists()}
+    on_disk = {
+        path.name: {p.stem for p in path.glob("*.py") if p.name != "__init__.py"}
+        for path in (REPO / "proxy").iterdir()
+        if (path / "__init__.py").exists()
+    }
     assert dict(wings) == on_disk
     loose = {p.name for p in (REPO / "proxy").glob("*.py")}
     assert loose == {"__init__.py", "__main__.py"}, "a module outside every wing"

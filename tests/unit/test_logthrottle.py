@@ -44,7 +44,8 @@ def logs(clock: FakeClock) -> Iterator[Logs]:
 
 
 def test_one_line_per_kind_per_second_and_the_next_one_says_how_many_were_left_out(
-        logs: Logs, clock: FakeClock) -> None:
+    logs: Logs, clock: FakeClock
+) -> None:
     log = logs.logger("keys")
     for i in range(5000):
         log.warning("request %s refused: %s", f"id-{i}", "no_keys")
@@ -64,9 +65,9 @@ def test_a_kind_is_logger_level_and_template(logs: Logs, clock: FakeClock) -> No
     a, b = logs.logger("a"), logs.logger("b")
     for _ in range(3):
         a.warning("fetch failed: %s", "x")
-        a.error("fetch failed: %s", "x")          # another level
-        a.warning("upstream %s broke off", "y")    # another template
-        b.warning("fetch failed: %s", "x")         # another logger
+        a.error("fetch failed: %s", "x")  # another level
+        a.warning("upstream %s broke off", "y")  # another template
+        b.warning("fetch failed: %s", "x")  # another logger
     assert len(logs.lines()) == 4
     clock.advance(1)
     a.warning("fetch failed: %s", "x")
@@ -74,7 +75,8 @@ def test_a_kind_is_logger_level_and_template(logs: Logs, clock: FakeClock) -> No
 
 
 def test_messages_formatted_before_logging_are_one_kind_whatever_numbers_they_hold(
-        logs: Logs, clock: FakeClock) -> None:
+    logs: Logs, clock: FakeClock
+) -> None:
     log = logs.logger("asyncio")
     for i in range(100):  # what asyncio's exception handler logs: text built per task
         log.error(f"Task exception was never retrieved\nfuture: <Task finished name='Task-{i}' at 0x{7 * i + 4096:x}>")
@@ -83,8 +85,10 @@ def test_messages_formatted_before_logging_are_one_kind_whatever_numbers_they_ho
     assert len(logs.lines()) == 2 + 1 + 1  # the first task message (two lines), the address, unclosed
     clock.advance(1)
     log.error("Task exception was never retrieved\nfuture: <Task finished name='Task-101' at 0xabc>")
-    assert logs.lines() == ["ERROR test_logthrottle.asyncio: Task exception was never retrieved",
-                            "future: <Task finished name='Task-101' at 0xabc> (99 similar suppressed)"]
+    assert logs.lines() == [
+        "ERROR test_logthrottle.asyncio: Task exception was never retrieved",
+        "future: <Task finished name='Task-101' at 0xabc> (99 similar suppressed)",
+    ]
 
 
 @pytest.mark.parametrize("level", [logging.DEBUG, logging.INFO, logging.ERROR, logging.CRITICAL])
@@ -116,14 +120,16 @@ def test_tracebacks_are_limited_too_and_keep_theirs(logs: Logs, clock: FakeClock
 
 def test_a_message_with_percent_signs_and_no_arguments(logs: Logs, clock: FakeClock) -> None:
     log = logs.logger("pct")
-    log.warning("100% of %s")       # no args: the text is taken as it is
+    log.warning("100% of %s")  # no args: the text is taken as it is
     log.warning("100% of %s")
     clock.advance(1)
     log.warning("100% of %s")
     log.warning(RuntimeError("not a str message"))
-    assert logs.lines() == ["WARNING test_logthrottle.pct: 100% of %s",
-                            "WARNING test_logthrottle.pct: 100% of %s (1 similar suppressed)",
-                            "WARNING test_logthrottle.pct: not a str message"]
+    assert logs.lines() == [
+        "WARNING test_logthrottle.pct: 100% of %s",
+        "WARNING test_logthrottle.pct: 100% of %s (1 similar suppressed)",
+        "WARNING test_logthrottle.pct: not a str message",
+    ]
 
 
 def test_kinds_are_bounded_the_longest_unwritten_forgotten_first(clock: FakeClock) -> None:
@@ -131,8 +137,12 @@ def test_kinds_are_bounded_the_longest_unwritten_forgotten_first(clock: FakeCloc
     log = logs.logger("bounded")
     for name in ("a", "b", "c", "a", "d"):  # d pushes out a (written first), though a repeated since
         log.warning(f"kind {name}")
-    assert logs.lines() == ["WARNING test_logthrottle.bounded: kind a", "WARNING test_logthrottle.bounded: kind b",
-                            "WARNING test_logthrottle.bounded: kind c", "WARNING test_logthrottle.bounded: kind d"]
+    assert logs.lines() == [
+        "WARNING test_logthrottle.bounded: kind a",
+        "WARNING test_logthrottle.bounded: kind b",
+        "WARNING test_logthrottle.bounded: kind c",
+        "WARNING test_logthrottle.bounded: kind d",
+    ]
     log.warning("kind a")  # forgotten, so written again, without its lost count
     log.warning("kind d")  # remembered: held back
     assert logs.lines() == ["WARNING test_logthrottle.bounded: kind a"]

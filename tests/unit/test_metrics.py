@@ -143,8 +143,7 @@ def test_method_is_one_of_the_known_methods_or_other(method: str, label: str) ->
 
 @pytest.mark.parametrize(
     ("status", "label"),
-    [(101, "1xx"), (200, "2xx"), (302, "3xx"), (413, "4xx"), (502, "5xx"), (599, "5xx"),
-     (0, "other"), (600, "other")],
+    [(101, "1xx"), (200, "2xx"), (302, "3xx"), (413, "4xx"), (502, "5xx"), (599, "5xx"), (0, "other"), (600, "other")],
     ids=lambda v: str(v),
 )
 def test_status_is_recorded_as_its_class(status: int, label: str) -> None:
@@ -279,8 +278,12 @@ async def test_static_providers_export_keys_and_readiness_but_no_fetches(
     assert by_provider(metrics, "jwt_sidecar_jwks_keys") == {"local": 3.0, "hs": 0.0}
     assert by_provider(metrics, "jwt_sidecar_jwks_keys_skipped_total") == {"local": 0.0, "hs": 1.0}
     # Static keys are never fetched: no fetch counts, and no age to alert on.
-    for name in ("jwt_sidecar_jwks_fetches_total", "jwt_sidecar_jwks_fetch_failures_total",
-                 "jwt_sidecar_jwks_discovery_fetches_total", "jwt_sidecar_jwks_age_seconds"):
+    for name in (
+        "jwt_sidecar_jwks_fetches_total",
+        "jwt_sidecar_jwks_fetch_failures_total",
+        "jwt_sidecar_jwks_discovery_fetches_total",
+        "jwt_sidecar_jwks_age_seconds",
+    ):
         assert series(metrics, name) == {}, name
 
 
@@ -343,12 +346,16 @@ async def test_fetch_counters_never_go_down_while_a_failing_fetch_is_in_flight(
     refetch = asyncio.create_task(source.key_for("rotated-away", "RS256"))
     while source.fetches < 2:
         await asyncio.sleep(0.01)
-    during = (by_provider(metrics, "jwt_sidecar_jwks_fetches_total"),
-              by_provider(metrics, "jwt_sidecar_jwks_fetch_failures_total"))
+    during = (
+        by_provider(metrics, "jwt_sidecar_jwks_fetches_total"),
+        by_provider(metrics, "jwt_sidecar_jwks_fetch_failures_total"),
+    )
     with pytest.raises(InvalidToken):
         await refetch
-    after = (by_provider(metrics, "jwt_sidecar_jwks_fetches_total"),
-             by_provider(metrics, "jwt_sidecar_jwks_fetch_failures_total"))
+    after = (
+        by_provider(metrics, "jwt_sidecar_jwks_fetches_total"),
+        by_provider(metrics, "jwt_sidecar_jwks_fetch_failures_total"),
+    )
     jwks_server.delay = 0.0  # let the server's sleeping handler be quick about it
 
     assert during == ({"corp": 2.0}, {"corp": 0.0})
@@ -448,13 +455,19 @@ BROKEN_VIEWS: dict[str, Callable[[dict[str, KeySource], FakeClock], Any]] = {
     "view-raises": lambda good, clock: _raise,
     "view-returns-none": lambda good, clock: lambda: None,
     "view-returns-a-string": lambda good, clock: lambda: "view",
-    "sources-not-a-mapping": lambda good, clock: lambda: MetricsView(
-        sources=[1, 2], cache=None, monotonic=clock.monotonic),  # type: ignore[arg-type]
-    "sources-raise-on-read": lambda good, clock: lambda: MetricsView(
-        sources=_Raises(), cache=_Raises(), monotonic=clock.monotonic),  # type: ignore[arg-type]
-    "odd-source-beside-a-good-one": lambda good, clock: lambda: MetricsView(
-        sources={**good, "odd": _OddSource(), "gone": _Raises(), "none": None},  # type: ignore[dict-item]
-        cache=_OddCache(), monotonic=clock.monotonic),  # type: ignore[arg-type]
+    "sources-not-a-mapping": lambda good, clock: (
+        lambda: MetricsView(sources=[1, 2], cache=None, monotonic=clock.monotonic)
+    ),  # type: ignore[arg-type]
+    "sources-raise-on-read": lambda good, clock: (
+        lambda: MetricsView(sources=_Raises(), cache=_Raises(), monotonic=clock.monotonic)
+    ),  # type: ignore[arg-type]
+    "odd-source-beside-a-good-one": lambda good, clock: (
+        lambda: MetricsView(
+            sources={**good, "odd": _OddSource(), "gone": _Raises(), "none": None},  # type: ignore[dict-item]
+            cache=_OddCache(),
+            monotonic=clock.monotonic,
+        )
+    ),  # type: ignore[arg-type]
     "clock-raises": lambda good, clock: lambda: MetricsView(sources=good, cache=None, monotonic=_raising_clock),
 }
 

@@ -39,6 +39,7 @@ def rules() -> dict[str, Any]:
 
 # -- dashboard -----------------------------------------------------------------------------------
 
+
 def test_dashboard_is_importable_as_is(dashboard: dict[str, Any]) -> None:
     assert DASHBOARD.is_file()
     assert dashboard["id"] is None  # Grafana assigns it; a fixed id would clash on import
@@ -125,6 +126,7 @@ def test_dashboard_grouping_clauses_are_readable(dashboard: dict[str, Any]) -> N
 
 # -- PrometheusRule ------------------------------------------------------------------------------
 
+
 def test_rule_file_is_a_prometheus_rule(rules: dict[str, Any]) -> None:
     assert RULES.is_file()
     assert rules["apiVersion"] == "monitoring.coreos.com/v1"
@@ -155,8 +157,12 @@ def test_every_rule_is_a_complete_alert(rules: dict[str, Any]) -> None:
 def test_the_asked_for_alerts_are_there(rules: dict[str, Any]) -> None:
     by_name = {rule["alert"]: rule for rule in alert_rules(rules)}
     assert set(by_name) == {
-        "JwtSidecarKeySetStale", "JwtSidecarProviderNotReady", "JwtSidecarDenyRateSpike",
-        "JwtSidecarUpstreamErrors", "JwtSidecarJwksFetchFailing", "JwtSidecarConfigReloadFailed",
+        "JwtSidecarKeySetStale",
+        "JwtSidecarProviderNotReady",
+        "JwtSidecarDenyRateSpike",
+        "JwtSidecarUpstreamErrors",
+        "JwtSidecarJwksFetchFailing",
+        "JwtSidecarConfigReloadFailed",
     }
 
     def expr(name: str) -> str:
@@ -172,8 +178,9 @@ def test_the_asked_for_alerts_are_there(rules: dict[str, Any]) -> None:
     assert 'decision="upstream_error"' in upstream and upstream.endswith("> 0.05")
     assert by_name["JwtSidecarUpstreamErrors"]["for"] == "10m"
     assert expr("JwtSidecarJwksFetchFailing") == "increase(jwt_sidecar_jwks_fetch_failures_total[15m]) > 3"
-    assert expr("JwtSidecarConfigReloadFailed") == \
-        'increase(jwt_sidecar_config_reloads_total{result="failure"}[10m]) > 0'
+    assert (
+        expr("JwtSidecarConfigReloadFailed") == 'increase(jwt_sidecar_config_reloads_total{result="failure"}[10m]) > 0'
+    )
 
 
 def test_annotations_only_name_labels_the_alert_keeps(rules: dict[str, Any]) -> None:

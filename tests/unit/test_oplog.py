@@ -66,24 +66,50 @@ def configured(monkeypatch: pytest.MonkeyPatch) -> Iterator[callable]:  # type: 
 
 def test_json_lines_carry_time_level_logger_event_message_and_the_fields(configured) -> None:  # type: ignore[no-untyped-def]
     logs = configured("json")
-    oplog.event(logging.getLogger("jwt_sidecar.keys"), logging.INFO, "keys_loaded",
-                "provider %(provider)s: %(keys)d key(s)", provider="main", keys=2, kids_added=["k2"],
-                duration_ms=12.5, url="https://issuer.example/jwks.json")
+    oplog.event(
+        logging.getLogger("jwt_sidecar.keys"),
+        logging.INFO,
+        "keys_loaded",
+        "provider %(provider)s: %(keys)d key(s)",
+        provider="main",
+        keys=2,
+        kids_added=["k2"],
+        duration_ms=12.5,
+        url="https://issuer.example/jwks.json",
+    )
     [line] = logs.json()
     assert list(line)[:5] == ["time", "level", "logger", "event", "message"]
     assert RFC3339_UTC.fullmatch(str(line["time"]))
-    assert line == {"time": line["time"], "level": "INFO", "logger": "jwt_sidecar.keys", "event": "keys_loaded",
-                    "message": "provider main: 2 key(s)", "provider": "main", "keys": 2, "kids_added": ["k2"],
-                    "duration_ms": 12.5, "url": "https://issuer.example/jwks.json"}
+    assert line == {
+        "time": line["time"],
+        "level": "INFO",
+        "logger": "jwt_sidecar.keys",
+        "event": "keys_loaded",
+        "message": "provider main: 2 key(s)",
+        "provider": "main",
+        "keys": 2,
+        "kids_added": ["k2"],
+        "duration_ms": 12.5,
+        "url": "https://issuer.example/jwks.json",
+    }
 
 
 def test_text_stays_the_sentence_the_log_has_always_had(configured) -> None:  # type: ignore[no-untyped-def]
     logs = configured("text")
-    oplog.event(logging.getLogger("jwt_sidecar.keys"), logging.WARNING, "key_fetch_failed",
-                "provider %(provider)s: key fetch failed: %(cause)s", provider="main", cause="connection refused")
+    oplog.event(
+        logging.getLogger("jwt_sidecar.keys"),
+        logging.WARNING,
+        "key_fetch_failed",
+        "provider %(provider)s: key fetch failed: %(cause)s",
+        provider="main",
+        cause="connection refused",
+    )
     [line] = logs.lines()
-    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} WARNING jwt_sidecar.keys: "
-                        r"provider main: key fetch failed: connection refused", line), line
+    assert re.fullmatch(
+        r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} WARNING jwt_sidecar.keys: "
+        r"provider main: key fetch failed: connection refused",
+        line,
+    ), line
 
 
 def test_the_suppressed_count_is_a_field_and_not_in_the_json_message(configured, clock: FakeClock) -> None:  # type: ignore[no-untyped-def]
@@ -120,8 +146,14 @@ def test_a_traceback_stays_inside_its_one_line(configured) -> None:  # type: ign
     try:
         raise RuntimeError("boom")
     except RuntimeError:
-        oplog.event(logging.getLogger("jwt_sidecar"), logging.ERROR, "request_crashed",
-                    "request %(request_id)s failed unexpectedly", request_id="r1", exc_info=True)
+        oplog.event(
+            logging.getLogger("jwt_sidecar"),
+            logging.ERROR,
+            "request_crashed",
+            "request %(request_id)s failed unexpectedly",
+            request_id="r1",
+            exc_info=True,
+        )
     [text] = logs.lines()
     line = json.loads(text)
     assert line["message"] == "request r1 failed unexpectedly"
@@ -183,12 +215,15 @@ def test_log_format_and_log_level_default_to_text_and_info() -> None:
     assert (settings.log_format, settings.log_level) == ("json", "WARNING")
 
 
-@pytest.mark.parametrize(("line", "problem"), [
-    ("log_format: yaml", "log_format: 'yaml' is not one of text, json, auto"),
-    ("log_format: jsonl", "log_format: 'jsonl' is not one of text, json, auto"),
-    ("log_level: verbose", "log_level: 'verbose' is not one of DEBUG, INFO, WARNING, ERROR"),
-    ("log_level: [INFO]", "log_level: "),
-])
+@pytest.mark.parametrize(
+    ("line", "problem"),
+    [
+        ("log_format: yaml", "log_format: 'yaml' is not one of text, json, auto"),
+        ("log_format: jsonl", "log_format: 'jsonl' is not one of text, json, auto"),
+        ("log_level: verbose", "log_level: 'verbose' is not one of DEBUG, INFO, WARNING, ERROR"),
+        ("log_level: [INFO]", "log_level: "),
+    ],
+)
 def test_a_wrong_log_setting_names_its_line(line: str, problem: str) -> None:
     with pytest.raises(config.ConfigError) as refused:
         config.parse(BASE + line + "\n", file="c.yaml")
@@ -204,6 +239,7 @@ def test_run_takes_log_format_and_log_level_options() -> None:
 
 
 # -- README and code agree --------------------------------------------------------------------
+
 
 def readme_events() -> dict[str, frozenset[str]]:
     text = (REPO / "README.md").read_text()
@@ -251,13 +287,21 @@ def test_the_package_logs_only_through_events() -> None:
         if path.name == "oplog.py" or path.relative_to(REPO).as_posix() == "proxy/http/log.py":
             continue  # the two places that call the logger itself (oplog.event through http/log.py)
         for node in ast.walk(ast.parse(path.read_text())):
-            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-                    and node.func.attr in ("debug", "info", "warning", "error", "exception", "critical", "log")
-                    and isinstance(node.func.value, ast.Name) and node.func.value.id in ("log", "_log", "logger")):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr in ("debug", "info", "warning", "error", "exception", "critical", "log")
+                and isinstance(node.func.value, ast.Name)
+                and node.func.value.id in ("log", "_log", "logger")
+            ):
                 bare.append(f"{path.name}:{node.lineno}")
-            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-                    and node.func.attr in ("debug", "info", "warning", "error", "exception", "critical")
-                    and isinstance(node.func.value, ast.Attribute) and node.func.value.attr == "_log"):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr in ("debug", "info", "warning", "error", "exception", "critical")
+                and isinstance(node.func.value, ast.Attribute)
+                and node.func.value.attr == "_log"
+            ):
                 bare.append(f"{path.name}:{node.lineno}")
     assert bare == [], "log through oplog.event"
 
@@ -273,8 +317,12 @@ def test_the_readme_example_line_has_the_members_the_code_writes() -> None:
     written = set()
     for path in sorted((REPO / "proxy").rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
-            if (isinstance(node, ast.Call) and len(node.args) >= 4 and isinstance(node.args[2], ast.Constant)
-                    and node.args[2].value == name):
+            if (
+                isinstance(node, ast.Call)
+                and len(node.args) >= 4
+                and isinstance(node.args[2], ast.Constant)
+                and node.args[2].value == name
+            ):
                 written |= {keyword.arg for keyword in node.keywords if keyword.arg != "exc_info"}
     assert set(list(example)[5:]) == written
 
@@ -284,16 +332,29 @@ def test_values_from_the_network_stay_inside_their_member(configured) -> None:  
     # must neither start a line of their own nor break the JSON or the %-formatting.
     logs = configured("json")
     awkward = 'k"1\n{"level":"ERROR"}%s %(x)s\ud800'
-    oplog.event(logging.getLogger("jwt_sidecar"), logging.DEBUG, "request_refused",
-                "request %(request_id)s refused: %(reason)s: %(detail)s", request_id="r", reason="unknown_kid",
-                detail=f"no key with kid {awkward!r}", kid=awkward)
+    oplog.event(
+        logging.getLogger("jwt_sidecar"),
+        logging.DEBUG,
+        "request_refused",
+        "request %(request_id)s refused: %(reason)s: %(detail)s",
+        request_id="r",
+        reason="unknown_kid",
+        detail=f"no key with kid {awkward!r}",
+        kid=awkward,
+    )
     [text] = logs.lines()
     line = json.loads(text)
     assert line["kid"] == awkward and line["detail"] == f"no key with kid {awkward!r}"
     logs = configured("text")
-    oplog.event(logging.getLogger("jwt_sidecar"), logging.DEBUG, "request_refused",
-                "request %(request_id)s refused: %(reason)s: %(detail)s", request_id="r", reason="unknown_kid",
-                detail=f"no key with kid {awkward!r}")
+    oplog.event(
+        logging.getLogger("jwt_sidecar"),
+        logging.DEBUG,
+        "request_refused",
+        "request %(request_id)s refused: %(reason)s: %(detail)s",
+        request_id="r",
+        reason="unknown_kid",
+        detail=f"no key with kid {awkward!r}",
+    )
     assert len(logs.lines()) == 1
 
 
@@ -319,10 +380,16 @@ def test_every_placeholder_of_an_event_message_is_one_of_its_fields() -> None:
         if path.name == "oplog.py":
             continue
         for node in ast.walk(ast.parse(path.read_text())):
-            if not (isinstance(node, ast.Call) and len(node.args) >= 4 and isinstance(node.args[2], ast.Constant)
-                    and getattr(node.func, "id", getattr(node.func, "attr", "")) == "event"):
+            if not (
+                isinstance(node, ast.Call)
+                and len(node.args) >= 4
+                and isinstance(node.args[2], ast.Constant)
+                and getattr(node.func, "id", getattr(node.func, "attr", "")) == "event"
+            ):
                 continue
-            texts = [n.value for n in ast.walk(node.args[3]) if isinstance(n, ast.Constant) and isinstance(n.value, str)]
+            texts = [
+                n.value for n in ast.walk(node.args[3]) if isinstance(n, ast.Constant) and isinstance(n.value, str)
+            ]
             placeholders = {name for text in texts for name in re.findall(r"%\((\w+)\)", text)}
             fields = {keyword.arg for keyword in node.keywords}
             if None in fields:  # **fields: checked where the dict is built

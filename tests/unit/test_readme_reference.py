@@ -94,8 +94,13 @@ def readme_command_lines() -> list[str]:
         for line in body.replace("\\\n", " ").splitlines():
             start = line.find("jwt-sidecar ")
             before = line[:start].strip()
-            if start < 0 or not (before == "$" or (language == "sh" and (
-                    before in ("", "TOKEN=$(") or before.endswith(("&&", "/.venv/bin/", ".venv/bin/"))))):
+            if start < 0 or not (
+                before == "$"
+                or (
+                    language == "sh"
+                    and (before in ("", "TOKEN=$(") or before.endswith(("&&", "/.venv/bin/", ".venv/bin/")))
+                )
+            ):
                 continue
             command = re.split(r"\s#\s|\s{3,}#", line[start:])[0]
             depth = 0
@@ -110,8 +115,11 @@ def readme_command_lines() -> list[str]:
 
 def test_the_readme_shows_a_command_line_for_every_command() -> None:
     lines = readme_command_lines()
-    shown = {name for name in commands() if any(line.startswith(f"jwt-sidecar {name} ") or
-                                                line == f"jwt-sidecar {name}" for line in lines)}
+    shown = {
+        name
+        for name in commands()
+        if any(line.startswith(f"jwt-sidecar {name} ") or line == f"jwt-sidecar {name}" for line in lines)
+    }
     assert shown == set(commands())
 
 
@@ -137,8 +145,10 @@ SECTIONS = {
 def test_every_command_has_its_readme_section() -> None:
     assert set(SECTIONS) == set(commands())
     tools = section("## Operator tools")
-    headings = {re.match(r"### `jwt-sidecar ([a-z -]+?)(?: [A-Z\[]|`)", h).group(1)  # type: ignore[union-attr]
-                for h in re.findall(r"^### `jwt-sidecar .*$", tools, re.MULTILINE)}
+    headings = {
+        re.match(r"### `jwt-sidecar ([a-z -]+?)(?: [A-Z\[]|`)", h).group(1)  # type: ignore[union-attr]
+        for h in re.findall(r"^### `jwt-sidecar .*$", tools, re.MULTILINE)
+    }
     assert headings == set(commands()) - {"run", "demo"}
 
 
@@ -241,8 +251,11 @@ def test_every_config_key_is_documented() -> None:
     for where, keys in allowed_keys().items():
         for key in keys:
             if where == "":  # a row of its own, or a key with a section of its own
-                ok = key in tables or any(t.startswith(f"{key}.") for t in tables) or (
-                    key in own_sections and f"\n{own_sections[key]}\n" in CONFIGURATION)
+                ok = (
+                    key in tables
+                    or any(t.startswith(f"{key}.") for t in tables)
+                    or (key in own_sections and f"\n{own_sections[key]}\n" in CONFIGURATION)
+                )
             elif where in ("upstream", "websocket", "providers.p.headers", "strip_headers"):
                 dotted = f"{where.rsplit('.', 1)[-1]}.{key}"
                 ok = dotted in tables or (where == "strip_headers" and f"`{key}`" in CONFIGURATION)
@@ -257,9 +270,16 @@ def test_every_config_key_is_documented() -> None:
 
 def test_every_key_a_config_table_names_exists() -> None:
     allowed = allowed_keys()
-    known = set(allowed[""]) | set(allowed["providers.p"]) | {
-        f"{section.rsplit('.', 1)[-1]}.{key}" for section in ("upstream", "websocket", "providers.p.headers")
-        for key in allowed[section]} | {f"routes[].{key}" for key in allowed["routes[]"]}
+    known = (
+        set(allowed[""])
+        | set(allowed["providers.p"])
+        | {
+            f"{section.rsplit('.', 1)[-1]}.{key}"
+            for section in ("upstream", "websocket", "providers.p.headers")
+            for key in allowed[section]
+        }
+        | {f"routes[].{key}" for key in allowed["routes[]"]}
+    )
     unknown = table_keys(CONFIG_TABLES) - known
     assert not unknown, f"keys in the README's config tables that the code does not accept: {unknown}"
 
@@ -276,8 +296,17 @@ def default_rows() -> list[tuple[str, str]]:
 
 
 def with_key(key: str, value: str) -> str:
-    provider_keys = {"issuer", "audiences", "algorithms", "leeway", "required_claims", "max_token_age", "typ",
-                     "token_sources", "headers"}
+    provider_keys = {
+        "issuer",
+        "audiences",
+        "algorithms",
+        "leeway",
+        "required_claims",
+        "max_token_age",
+        "typ",
+        "token_sources",
+        "headers",
+    }
     head, _, tail = key.partition(".")
     yaml_value = f'"{value}"' if ":" in value and not value.startswith(("{", "[")) else value
     if head in provider_keys:
@@ -297,14 +326,30 @@ def test_each_default_in_the_config_tables_is_the_codes(key: str, default: str) 
 def test_the_defaults_checked_cover_the_tables() -> None:
     # So that a reworded table cannot make the comparison above check nothing.
     checked = {key for key, _ in default_rows()}
-    assert {"listen", "admin", "upstream.url", "upstream.timeout", "leeway", "required_claims", "drain_timeout",
-            "log_format", "log_level", "workers", "max_token_bytes", "headers.claims", "token_sources"} <= checked
+    assert {
+        "listen",
+        "admin",
+        "upstream.url",
+        "upstream.timeout",
+        "leeway",
+        "required_claims",
+        "drain_timeout",
+        "log_format",
+        "log_level",
+        "workers",
+        "max_token_bytes",
+        "headers.claims",
+        "token_sources",
+    } <= checked
 
 
-@pytest.mark.parametrize("example", [
-    "jwks: {url: 'https://issuer.example/jwks', cache_ttl: 5m, min_refresh_interval: 30s, timeout: 5s}",
-    "token_cache: {enabled: true, max_entries: 10000, max_ttl: 5m}",
-])
+@pytest.mark.parametrize(
+    "example",
+    [
+        "jwks: {url: 'https://issuer.example/jwks', cache_ttl: 5m, min_refresh_interval: 30s, timeout: 5s}",
+        "token_cache: {enabled: true, max_entries: 10000, max_ttl: 5m}",
+    ],
+)
 def test_the_defaults_written_in_the_key_source_and_cache_examples_are_the_codes(example: str) -> None:
     readme_form = example.replace("url: 'https://issuer.example/jwks', ", "url, ")
     assert readme_form.split(": ", 1)[1].replace("'", "") in CONFIGURATION, readme_form

@@ -11,36 +11,56 @@ from proxy.config.builder import Route, RouteMatch
 from proxy.config.routing import Router, normalize
 
 
-@pytest.mark.parametrize("raw, normal", [
-    ("/", "/"),
-    ("/api/v1/orders", "/api/v1/orders"),
-    ("/a/b/", "/a/b/"),
-    ("//admin/x", "/admin/x"),
-    ("/a//b///c", "/a/b/c"),
-    ("/public/../admin/x", "/admin/x"),
-    ("/public/%2e%2e/admin/x", "/admin/x"),
-    ("/public/%2E%2E/admin/x", "/admin/x"),
-    ("/public/.%2e/admin/x", "/admin/x"),
-    ("/a/./b/.", "/a/b/"),
-    ("/a/b/..", "/a/"),
-    ("/%61dmin/x", "/admin/x"),            # an escaped unreserved character is that character
-    ("/a%20b/%7e", "/a%20b/~"),
-    ("/a%2fb".replace("2f", "3a"), "/a%3Ab"),  # reserved escapes stay escaped, upper-cased
-    ("/caf%c3%a9", "/caf%C3%A9"),
-    ("/x.", "/x."),
-    ("/..x/y", "/..x/y"),
-])
+@pytest.mark.parametrize(
+    "raw, normal",
+    [
+        ("/", "/"),
+        ("/api/v1/orders", "/api/v1/orders"),
+        ("/a/b/", "/a/b/"),
+        ("//admin/x", "/admin/x"),
+        ("/a//b///c", "/a/b/c"),
+        ("/public/../admin/x", "/admin/x"),
+        ("/public/%2e%2e/admin/x", "/admin/x"),
+        ("/public/%2E%2E/admin/x", "/admin/x"),
+        ("/public/.%2e/admin/x", "/admin/x"),
+        ("/a/./b/.", "/a/b/"),
+        ("/a/b/..", "/a/"),
+        ("/%61dmin/x", "/admin/x"),  # an escaped unreserved character is that character
+        ("/a%20b/%7e", "/a%20b/~"),
+        ("/a%2fb".replace("2f", "3a"), "/a%3Ab"),  # reserved escapes stay escaped, upper-cased
+        ("/caf%c3%a9", "/caf%C3%A9"),
+        ("/x.", "/x."),
+        ("/..x/y", "/..x/y"),
+    ],
+)
 def test_normalize(raw: str, normal: str) -> None:
     assert normalize(raw) == normal
 
 
-@pytest.mark.parametrize("raw", [
-    "/admin/%2Fx", "/public%2F..%2Fadmin", "/public/..%2Fadmin/x", "/a%2fb",
-    "/public/%5C../admin", "/public/\\..\\admin", "/x%00", "/x\x00", "/a b",
-    "/..", "/public/../../x", "/%2e%2e/x",
-    "/public/..;/admin/x", "/public/.;x/admin",
-    "/bad%zz", "/bad%2", "admin/x", "http://evil/admin", "*",
-])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "/admin/%2Fx",
+        "/public%2F..%2Fadmin",
+        "/public/..%2Fadmin/x",
+        "/a%2fb",
+        "/public/%5C../admin",
+        "/public/\\..\\admin",
+        "/x%00",
+        "/x\x00",
+        "/a b",
+        "/..",
+        "/public/../../x",
+        "/%2e%2e/x",
+        "/public/..;/admin/x",
+        "/public/.;x/admin",
+        "/bad%zz",
+        "/bad%2",
+        "admin/x",
+        "http://evil/admin",
+        "*",
+    ],
+)
 def test_refused_paths(raw: str) -> None:
     with pytest.raises(BadRequest) as caught:
         normalize(raw)
@@ -52,12 +72,14 @@ def route(name: str, **match: object) -> Route:
 
 
 def test_first_match_wins_with_methods_prefix_exact_and_regex() -> None:
-    router = Router([
-        route("exact", path_exact="/health"),
-        route("admin-read", path_prefix="/admin/", methods=frozenset({"GET"})),
-        route("versioned", path_regex=re.compile(r"^/v[0-9]+/")),
-        route("all", path_prefix="/"),
-    ])
+    router = Router(
+        [
+            route("exact", path_exact="/health"),
+            route("admin-read", path_prefix="/admin/", methods=frozenset({"GET"})),
+            route("versioned", path_regex=re.compile(r"^/v[0-9]+/")),
+            route("all", path_prefix="/"),
+        ]
+    )
     assert router.match("GET", "/health").name == "exact"
     assert router.match("GET", "/health/x").name == "all"
     assert router.match("GET", "/admin/users").name == "admin-read"
@@ -71,21 +93,41 @@ def test_no_match_is_none() -> None:
 
 
 @pytest.mark.parametrize("prefix", ["/admin", "/admin/"])
-@pytest.mark.parametrize("path, covered", [
-    ("/admin", True), ("/admin/", True), ("/admin/users", True), ("/admin/a/b/", True),
-    ("/administrator", False), ("/admin.php", False), ("/admin-x/y", False), ("/adm", False), ("/", False),
-    ("/x/admin", False), ("/Admin/x", False),
-])
-def test_a_prefix_covers_whole_segments_with_or_without_its_trailing_slash(prefix: str, path: str, covered: bool) -> None:
+@pytest.mark.parametrize(
+    "path, covered",
+    [
+        ("/admin", True),
+        ("/admin/", True),
+        ("/admin/users", True),
+        ("/admin/a/b/", True),
+        ("/administrator", False),
+        ("/admin.php", False),
+        ("/admin-x/y", False),
+        ("/adm", False),
+        ("/", False),
+        ("/x/admin", False),
+        ("/Admin/x", False),
+    ],
+)
+def test_a_prefix_covers_whole_segments_with_or_without_its_trailing_slash(
+    prefix: str, path: str, covered: bool
+) -> None:
     # `/admin/` once left `/admin` to the next (weaker) route; `/admin` once took `/administrator`.
     router = Router([route("admin", path_prefix=prefix), route("rest", path_prefix="/")])
     assert router.match("GET", path).name == ("admin" if covered else "rest")
 
 
-@pytest.mark.parametrize("prefix, path, covered", [
-    ("/api/v1", "/api/v1/orders", True), ("/api/v1", "/api/v10/orders", False), ("/api/v1/", "/api/v1", True),
-    ("/a/b", "/a", False), ("/a/b", "/a/bc", False), ("/a/b", "/a/b/c", True),
-])
+@pytest.mark.parametrize(
+    "prefix, path, covered",
+    [
+        ("/api/v1", "/api/v1/orders", True),
+        ("/api/v1", "/api/v10/orders", False),
+        ("/api/v1/", "/api/v1", True),
+        ("/a/b", "/a", False),
+        ("/a/b", "/a/bc", False),
+        ("/a/b", "/a/b/c", True),
+    ],
+)
 def test_multi_segment_prefixes(prefix: str, path: str, covered: bool) -> None:
     assert (Router([route("p", path_prefix=prefix)]).match("GET", path) is not None) is covered
 
@@ -98,21 +140,25 @@ def test_the_root_prefix_covers_every_path() -> None:
 
 @pytest.mark.parametrize("path", ["/ADMIN/x", "/Admin", "/aDmIn/", "/admin/X"])
 def test_ignore_case_judges_every_casing_by_the_same_route(path: str) -> None:
-    router = Router([
-        route("admin", path_prefix="/admin/", ignore_case=True),
-        route("rest", path_prefix="/"),
-    ])
+    router = Router(
+        [
+            route("admin", path_prefix="/admin/", ignore_case=True),
+            route("rest", path_prefix="/"),
+        ]
+    )
     assert router.match("GET", path).name == "admin"
     assert router.match("GET", "/ADMINistrator").name == "rest"
 
 
 def test_ignore_case_for_exact_and_regex_and_its_absence() -> None:
-    router = Router([
-        route("health", path_exact="/Health", ignore_case=True),
-        route("versioned", path_regex=re.compile(r"^/v[0-9]+/orders"), ignore_case=True),
-        route("strict", path_exact="/Strict"),
-        route("rest", path_prefix="/"),
-    ])
+    router = Router(
+        [
+            route("health", path_exact="/Health", ignore_case=True),
+            route("versioned", path_regex=re.compile(r"^/v[0-9]+/orders"), ignore_case=True),
+            route("strict", path_exact="/Strict"),
+            route("rest", path_prefix="/"),
+        ]
+    )
     assert router.match("GET", "/HEALTH").name == "health"
     assert router.match("GET", "/health/x").name == "rest"
     assert router.match("GET", "/V2/ORDERS/1").name == "versioned"
@@ -120,33 +166,62 @@ def test_ignore_case_for_exact_and_regex_and_its_absence() -> None:
     assert router.match("GET", "/Strict").name == "strict"
 
 
-@pytest.mark.parametrize("path, expected", [
-    ("/adm%C4%B1n/x", "admin"), ("/ADM%C4%B0N", "admin"), ("/%E2%84%AAit", "kit"), ("/adm\u0131n/x", "admin"),
-    ("/ADM\u0130N", "admin"), ("/\u212Ait", "kit"), ("/k\u0131t/x", "kit"), ("/v1/%C5%BFtatus", "status"),
-    ("/v1/\u017ftatus", "status"), ("/KI%C5%BF", "kis"), ("/kit%C5%BF", "rest"), ("/adm%C4%B1nistrator", "rest"),
-    ("/adm%C3%ADn", "rest"),
-], ids=["dotless-i-escaped", "dotted-I-escaped", "kelvin-escaped", "dotless-i-raw", "dotted-I-raw", "kelvin-raw",
-        "kit-dotless", "regex-long-s-escaped", "regex-long-s-raw", "exact-long-s", "still-whole-segments",
-        "longer-segment", "i-acute-is-another-letter"])
+@pytest.mark.parametrize(
+    "path, expected",
+    [
+        ("/adm%C4%B1n/x", "admin"),
+        ("/ADM%C4%B0N", "admin"),
+        ("/%E2%84%AAit", "kit"),
+        ("/adm\u0131n/x", "admin"),
+        ("/ADM\u0130N", "admin"),
+        ("/\u212ait", "kit"),
+        ("/k\u0131t/x", "kit"),
+        ("/v1/%C5%BFtatus", "status"),
+        ("/v1/\u017ftatus", "status"),
+        ("/KI%C5%BF", "kis"),
+        ("/kit%C5%BF", "rest"),
+        ("/adm%C4%B1nistrator", "rest"),
+        ("/adm%C3%ADn", "rest"),
+    ],
+    ids=[
+        "dotless-i-escaped",
+        "dotted-I-escaped",
+        "kelvin-escaped",
+        "dotless-i-raw",
+        "dotted-I-raw",
+        "kelvin-raw",
+        "kit-dotless",
+        "regex-long-s-escaped",
+        "regex-long-s-raw",
+        "exact-long-s",
+        "still-whole-segments",
+        "longer-segment",
+        "i-acute-is-another-letter",
+    ],
+)
 def test_ignore_case_folds_the_letters_case_insensitive_upstreams_fold_to_ascii(path: str, expected: str) -> None:
     # Java's equalsIgnoreCase (Spring), .NET's OrdinalIgnoreCase (IIS) compare per character
     # through upper and lower case: ı and İ are i, ſ is s, the Kelvin sign is k, once the
     # upstream has decoded the path. str.lower() leaves ı and ſ as they are.
-    router = Router([
-        route("admin", path_prefix="/admin", ignore_case=True),
-        route("kit", path_prefix="/kit", ignore_case=True),
-        route("kis", path_exact="/kis", ignore_case=True),
-        route("status", path_regex=re.compile(r"^/v[0-9]+/status$"), ignore_case=True),
-        route("rest", path_prefix="/"),
-    ])
+    router = Router(
+        [
+            route("admin", path_prefix="/admin", ignore_case=True),
+            route("kit", path_prefix="/kit", ignore_case=True),
+            route("kis", path_exact="/kis", ignore_case=True),
+            route("status", path_regex=re.compile(r"^/v[0-9]+/status$"), ignore_case=True),
+            route("rest", path_prefix="/"),
+        ]
+    )
     assert router.match("GET", path).name == expected
 
 
 def test_ignore_case_routes_and_case_sensitive_routes_mix_in_order() -> None:
-    router = Router([
-        route("exact-case", path_prefix="/Docs"),
-        route("folded", path_prefix="/docs", ignore_case=True),
-    ])
+    router = Router(
+        [
+            route("exact-case", path_prefix="/Docs"),
+            route("folded", path_prefix="/docs", ignore_case=True),
+        ]
+    )
     assert router.match("GET", "/Docs/a").name == "exact-case"
     assert router.match("GET", "/DOCS/a").name == "folded"
     assert router.match("GET", "/docs").name == "folded"

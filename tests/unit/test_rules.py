@@ -89,7 +89,8 @@ def test_all_of_scopes_missing_one_is_insufficient_scope_naming_what_is_required
     assert caught.value.reason is Reason.SCOPE and caught.value.status == 403
     assert caught.value.challenge("api") == (
         'Bearer realm="api", error="insufficient_scope", '
-        'error_description="The access token lacks a required scope", scope="orders:read orders:write"')
+        'error_description="The access token lacks a required scope", scope="orders:read orders:write"'
+    )
 
 
 def test_any_of_scopes() -> None:
@@ -115,8 +116,12 @@ def _separators_that_are_not_sp() -> list[str]:
     ZERO WIDTH SPACE, BOM), but SP itself."""
     import sys
     import unicodedata
-    found = [chr(c) for c in range(sys.maxunicode + 1)
-             if chr(c).isspace() or unicodedata.category(chr(c)) in ("Zs", "Zl", "Zp", "Cc", "Cf")]
+
+    found = [
+        chr(c)
+        for c in range(sys.maxunicode + 1)
+        if chr(c).isspace() or unicodedata.category(chr(c)) in ("Zs", "Zl", "Zp", "Cc", "Cf")
+    ]
     found.remove(" ")
     return found
 

@@ -36,26 +36,52 @@ from proxy.request.identity import Outbound, claim_headers, inject, render_claim
 from tests.conftest import AUDIENCE, ISSUER, FakeClock
 
 # No deadline: the machine is shared, and a slow example is not a wrong one.
-PROPERTY = settings(deadline=None, max_examples=300,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+PROPERTY = settings(
+    deadline=None, max_examples=300, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
+)
 FEWER = settings(PROPERTY, max_examples=150)  # each example is a whole payload, or a whole verification
 
 # -- strategies -----------------------------------------------------------------------------
 # Every code point, lone surrogates included (hypothesis leaves out category Cs by default).
 ANY_CHAR = st.characters(exclude_categories=())
-TRICKY = ["\ud800", "\udfff", "a\udc80b", "\ud83d", "\ude00\ud83d", "\ud83d\ude00", "\x00", "\r\n", "\t", " x",
-          "x ", "\u2028", "\x85", "\ufeff", "a,b", "", "\x7f", "\u00e9", "\U0010ffff"]
-TEXT = st.one_of(st.text(ANY_CHAR, max_size=10), st.sampled_from(TRICKY),
-                 st.lists(st.sampled_from(TRICKY), min_size=1, max_size=3).map("".join))
+TRICKY = [
+    "\ud800",
+    "\udfff",
+    "a\udc80b",
+    "\ud83d",
+    "\ude00\ud83d",
+    "\ud83d\ude00",
+    "\x00",
+    "\r\n",
+    "\t",
+    " x",
+    "x ",
+    "\u2028",
+    "\x85",
+    "\ufeff",
+    "a,b",
+    "",
+    "\x7f",
+    "\u00e9",
+    "\U0010ffff",
+]
+TEXT = st.one_of(
+    st.text(ANY_CHAR, max_size=10),
+    st.sampled_from(TRICKY),
+    st.lists(st.sampled_from(TRICKY), min_size=1, max_size=3).map("".join),
+)
 NUMBER = st.one_of(
-    st.integers(), st.integers(min_value=-(10**400), max_value=10**400),
+    st.integers(),
+    st.integers(min_value=-(10**400), max_value=10**400),
     st.floats(),  # NaN and ±inf included: Python's json reads NaN, Infinity and 1e400 (inf)
     st.sampled_from([0, -0.0, 0.0, 1e308, 5e-324, 2**53 + 1, -(2**63), 10**4299]),
 )
 SCALAR = st.one_of(st.none(), st.booleans(), NUMBER, TEXT)
-VALUE = st.recursive(SCALAR, lambda inner: st.one_of(st.lists(inner, max_size=4),
-                                                     st.dictionaries(TEXT, inner, max_size=4)),
-                     max_leaves=25)
+VALUE = st.recursive(
+    SCALAR,
+    lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(TEXT, inner, max_size=4)),
+    max_leaves=25,
+)
 PAYLOAD = st.dictionaries(TEXT, VALUE, max_size=6)
 
 
@@ -90,16 +116,24 @@ def _field_safe(text: str) -> bool:
 
 def _on_the_wire(name: str, value: str) -> bytes:
     """The bytes of the field value in the upstream request `inject` writes."""
-    fields = inject(Outbound([], None), identity=((name, value),), found=None, forward_token=False,
-                    client=None, proto="http", request_id_value="r")
+    fields = inject(
+        Outbound([], None),
+        identity=((name, value),),
+        found=None,
+        forward_token=False,
+        client=None,
+        proto="http",
+        request_id_value="r",
+    )
     line = fields.lines.split(b"\r\n")[0]
     prefix = name.encode() + b": "
     assert line.startswith(prefix), line
-    return line[len(prefix):]
+    return line[len(prefix) :]
 
 
 def _strict_loads(text: str) -> Any:
     """An independent strict reader: duplicate names and NaN/Infinity raise."""
+
     def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
         names = [n for n, _ in items]
         if len(set(names)) != len(names):
@@ -132,8 +166,7 @@ def test_a_claim_is_rendered_exactly_or_refused_as_unsafe(value: Any) -> None:
     elif isinstance(value, bool):
         expected = "true" if value else "false"
     elif isinstance(value, list):
-        parts = [v if isinstance(v, str) else json.dumps(v, separators=(",", ":"), ensure_ascii=False)
-                 for v in value]
+        parts = [v if isinstance(v, str) else json.dumps(v, separators=(",", ":"), ensure_ascii=False) for v in value]
         # An item must reach the upstream as one item: no ',' inside (a string's, or a nested
         # list's or object's JSON), no SP/HTAB around it (a list parser trims them).
         if any("," in p or p != p.strip(" \t") for p in parts) or not _has_utf8_form(value):
@@ -159,15 +192,32 @@ def test_a_claim_is_rendered_exactly_or_refused_as_unsafe(value: Any) -> None:
     if isinstance(value, list) and value:
         # As a list-field parser reads it (RFC 9110 §5.6.1): one item per claim item, exactly.
         items = [item.strip(" \t") for item in wire.decode("utf-8").split(",")]
-        assert items == [v if isinstance(v, str) else json.dumps(v, separators=(",", ":"), ensure_ascii=False)
-                         for v in value]
+        assert items == [
+            v if isinstance(v, str) else json.dumps(v, separators=(",", ":"), ensure_ascii=False) for v in value
+        ]
 
 
-@pytest.mark.parametrize("value", [
-    "\ud800", "user-\udfff", "\udc80", "\ud83d", "ok\ude00\ud83d", ["dev", "\ud800"], {"name": "\ud800"},
-    {"\ud800": 1}, [{"a": ["\udc80"]}], float("nan"), float("inf"), -float("inf"), [1, float("nan")],
-    {"x": float("-inf")}, 10**4400,
-], ids=lambda v: "10**4400" if isinstance(v, int) else ascii(v))
+@pytest.mark.parametrize(
+    "value",
+    [
+        "\ud800",
+        "user-\udfff",
+        "\udc80",
+        "\ud83d",
+        "ok\ude00\ud83d",
+        ["dev", "\ud800"],
+        {"name": "\ud800"},
+        {"\ud800": 1},
+        [{"a": ["\udc80"]}],
+        float("nan"),
+        float("inf"),
+        -float("inf"),
+        [1, float("nan")],
+        {"x": float("-inf")},
+        10**4400,
+    ],
+    ids=lambda v: "10**4400" if isinstance(v, int) else ascii(v),
+)
 def test_what_has_no_exact_header_form_is_an_unsafe_claim(value: Any) -> None:
     with pytest.raises(InvalidToken) as caught:
         render_claim(value)
@@ -175,11 +225,20 @@ def test_what_has_no_exact_header_form_is_an_unsafe_claim(value: Any) -> None:
     assert caught.value.detail and "\ud800" not in caught.value.detail
 
 
-@pytest.mark.parametrize("value, text", [
-    ("\ud83d\ude00", "\U0001f600"),  # a surrogate pair is one character, not two lone ones
-    (-0.0, "-0.0"), (0, "0"), (10**300, "1" + "0" * 300), (1e308, "1e+308"), (5e-324, "5e-324"),
-    ({"a": {"b": [None, True, 1.5]}}, '{"a":{"b":[null,true,1.5]}}'), ("\u2028x\x85", "\u2028x\x85"),
-], ids=lambda v: ascii(v)[:40])
+@pytest.mark.parametrize(
+    "value, text",
+    [
+        ("\ud83d\ude00", "\U0001f600"),  # a surrogate pair is one character, not two lone ones
+        (-0.0, "-0.0"),
+        (0, "0"),
+        (10**300, "1" + "0" * 300),
+        (1e308, "1e+308"),
+        (5e-324, "5e-324"),
+        ({"a": {"b": [None, True, 1.5]}}, '{"a":{"b":[null,true,1.5]}}'),
+        ("\u2028x\x85", "\u2028x\x85"),
+    ],
+    ids=lambda v: ascii(v)[:40],
+)
 def test_what_has_one_is_rendered(value: Any, text: str) -> None:
     assert render_claim(json.loads(json.dumps(value))) == text
 
@@ -233,9 +292,12 @@ NAMES = st.sampled_from(["sub", "a", "\\u0073ub", "s\\u0075b", "Sub", "\\u00e9",
 
 
 def _json_text(depth: int = 3) -> st.SearchStrategy[str]:
-    scalar = st.one_of(st.sampled_from(["1", "-0", "1.5e3", "1e400", "true", "null", '"x"', '"\\ud800"', "NaN",
-                                        "Infinity", "-Infinity", '"a\\"b"']),
-                       st.integers().map(str))
+    scalar = st.one_of(
+        st.sampled_from(
+            ["1", "-0", "1.5e3", "1e400", "true", "null", '"x"', '"\\ud800"', "NaN", "Infinity", "-Infinity", '"a\\"b"']
+        ),
+        st.integers().map(str),
+    )
     if depth == 0:
         return scalar
     inner = _json_text(depth - 1)
@@ -246,7 +308,8 @@ def _json_text(depth: int = 3) -> st.SearchStrategy[str]:
 
 
 OBJECT_TEXT = st.lists(st.tuples(NAMES, _json_text()), max_size=5).map(
-    lambda ms: "{" + ",".join(f'"{n}":{v}' for n, v in ms) + "}")
+    lambda ms: "{" + ",".join(f'"{n}":{v}' for n, v in ms) + "}"
+)
 
 
 @PROPERTY
@@ -282,41 +345,59 @@ def test_the_jose_header_parses_as_strict_json_or_is_malformed(text: str) -> Non
     assert got == expected and expected is not None, text
 
 
-@pytest.mark.parametrize("text, detail", [
-    ('{"sub":"a","sub":"admin"}', "duplicate member name 'sub'"),
-    ('{"sub":"a","\\u0073ub":"admin"}', "duplicate member name 'sub'"),  # the same name, escaped
-    ('{"realm_access":{"roles":["x"],"roles":["admin"]}}', "duplicate member name 'roles'"),
-    ('{"x":[1,{"a":1,"b":2,"a":3}]}', "duplicate member name 'a'"),
-    ('{"exp":NaN}', "NaN is not JSON"),
-    ('{"exp":Infinity}', "Infinity is not JSON"),
-    ('{"a":[-Infinity]}', "-Infinity is not JSON"),
-])
+@pytest.mark.parametrize(
+    "text, detail",
+    [
+        ('{"sub":"a","sub":"admin"}', "duplicate member name 'sub'"),
+        ('{"sub":"a","\\u0073ub":"admin"}', "duplicate member name 'sub'"),  # the same name, escaped
+        ('{"realm_access":{"roles":["x"],"roles":["admin"]}}', "duplicate member name 'roles'"),
+        ('{"x":[1,{"a":1,"b":2,"a":3}]}', "duplicate member name 'a'"),
+        ('{"exp":NaN}', "NaN is not JSON"),
+        ('{"exp":Infinity}', "Infinity is not JSON"),
+        ('{"a":[-Infinity]}', "-Infinity is not JSON"),
+    ],
+)
 def test_duplicate_names_at_any_depth_and_nan_are_malformed(text: str, detail: str) -> None:
     with pytest.raises(InvalidToken) as caught:
         parse_payload(text.encode())
     assert caught.value.reason is Reason.MALFORMED and caught.value.detail == f"payload: {detail}"
 
 
-@pytest.mark.parametrize("text", [
-    '{"sub":"a","Sub":"b"}',  # names are case-sensitive
-    '{"\u00e9":1,"e\u0301":2}',  # and compared as code points, never normalised (RFC 7159 §8.3)
-    '{"a":{"x":1},"b":{"x":2}}',  # one name in two objects is no duplicate
-    '{"a":[{"x":1},{"x":2}]}',
-    '{"n":1e400,"m":-0}',
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"sub":"a","Sub":"b"}',  # names are case-sensitive
+        '{"\u00e9":1,"e\u0301":2}',  # and compared as code points, never normalised (RFC 7159 §8.3)
+        '{"a":{"x":1},"b":{"x":2}}',  # one name in two objects is no duplicate
+        '{"a":[{"x":1},{"x":2}]}',
+        '{"n":1e400,"m":-0}',
+    ],
+)
 def test_what_is_no_duplicate_parses(text: str) -> None:
     assert parse_payload(text.encode()) == json.loads(text)
 
 
 # -- items 2 and 4 together: any payload, correctly signed, through the verifier ------------------
 SECRET = bytes(range(7, 71))  # 64 bytes, not a pattern anyone would choose
-_PROVIDER = Provider(name="p", issuers=(ISSUER,), audiences=(AUDIENCE,), algorithms=("HS256",),
-                     keys=StaticKeys(kind="secret", origin="test", jwks={"keys": [{
-                         "kty": "oct", "k": base64.urlsafe_b64encode(SECRET).rstrip(b"=").decode()}]}))
-_MAP = HeaderMap(claims=(ClaimHeader(claim="sub", path=("sub",), header="X-User-Id"),
-                         ClaimHeader(claim="roles", path=("roles",), header="X-Roles"),
-                         ClaimHeader(claim="org", path=("org", "name"), header="X-Org")),
-                 payload="X-Jwt-Payload")
+_PROVIDER = Provider(
+    name="p",
+    issuers=(ISSUER,),
+    audiences=(AUDIENCE,),
+    algorithms=("HS256",),
+    keys=StaticKeys(
+        kind="secret",
+        origin="test",
+        jwks={"keys": [{"kty": "oct", "k": base64.urlsafe_b64encode(SECRET).rstrip(b"=").decode()}]},
+    ),
+)
+_MAP = HeaderMap(
+    claims=(
+        ClaimHeader(claim="sub", path=("sub",), header="X-User-Id"),
+        ClaimHeader(claim="roles", path=("roles",), header="X-Roles"),
+        ClaimHeader(claim="org", path=("org", "name"), header="X-Org"),
+    ),
+    payload="X-Jwt-Payload",
+)
 
 
 def _b64(raw: bytes) -> str:

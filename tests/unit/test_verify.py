@@ -12,12 +12,12 @@ from typing import Any
 import jwt
 import pytest
 from aiohttp import web
+from jwt import PyJWS
 
 from proxy.auth.keys import key_source_for
 from proxy.auth.verify import TokenCache, Verifier
 from proxy.base.errors import InvalidToken, KeysUnavailable, Reason
 from proxy.config.builder import Provider, StaticKeys, TokenCacheSettings
-from jwt import PyJWS
 from tests.conftest import AUDIENCE, HS_SECRET, ISSUER, FakeClock, TestKey, jwks_of, mint
 
 
@@ -61,8 +61,9 @@ async def reason_of(v: Verifier, token: str) -> Reason:
 
 # -- tokens that pass ----------------------------------------------------------------------
 @pytest.mark.parametrize("which", ["rsa_key", "ec_key", "ed_key"])
-async def test_valid_token_for_each_asymmetric_algorithm(which: str, keys: dict, clock: FakeClock,
-                                                          request: pytest.FixtureRequest) -> None:
+async def test_valid_token_for_each_asymmetric_algorithm(
+    which: str, keys: dict, clock: FakeClock, request: pytest.FixtureRequest
+) -> None:
     key: TestKey = request.getfixturevalue(which)
     claims = await verifier(provider(keys), clock).verify(mint({"email": "a@b.c"}, key=key, now=clock.time()))
     assert claims.subject == "user-42"
@@ -80,14 +81,18 @@ async def test_ps256_with_an_rsa_key_that_declares_no_alg(rsa_key: TestKey, cloc
 @pytest.mark.parametrize("alg", ["HS256", "HS384", "HS512"])
 async def test_hmac_secret_provider(alg: str, clock: FakeClock) -> None:
     k = b64(HS_SECRET)
-    p = provider({"keys": [{"kty": "oct", "k": k}]}, algorithms=("HS256", "HS384", "HS512"),
-                 keys=StaticKeys(kind="secret", origin="test", jwks={"keys": [{"kty": "oct", "k": k}]}))
+    p = provider(
+        {"keys": [{"kty": "oct", "k": k}]},
+        algorithms=("HS256", "HS384", "HS512"),
+        keys=StaticKeys(kind="secret", origin="test", jwks={"keys": [{"kty": "oct", "k": k}]}),
+    )
     claims = await verifier(p, clock).verify(mint(alg=alg, now=clock.time(), headers={"kid": None}))
     assert claims.provider == "main"
 
 
-async def test_token_without_kid_is_tried_against_every_key_of_its_type(rsa_key: TestKey, rsa_key_2: TestKey,
-                                                                         clock: FakeClock) -> None:
+async def test_token_without_kid_is_tried_against_every_key_of_its_type(
+    rsa_key: TestKey, rsa_key_2: TestKey, clock: FakeClock
+) -> None:
     p = provider(jwks_of(rsa_key, rsa_key_2))
     token = mint(key=rsa_key_2, now=clock.time(), headers={"kid": None})
     assert (await verifier(p, clock).verify(token)).subject == "user-42"
@@ -121,10 +126,26 @@ def _now() -> int:
 
 BAD_TOKENS: list[tuple[str, Any, Reason]] = [
     # (id, factory(rsa_key, now) -> token, reason)
-    ("alg none", lambda k, n: raw_token({"alg": "none"}, {"iss": ISSUER, "aud": AUDIENCE, "exp": n + 60}), Reason.ALG_NOT_ALLOWED),
-    ("alg None", lambda k, n: raw_token({"alg": "None"}, {"iss": ISSUER, "aud": AUDIENCE, "exp": n + 60}), Reason.ALG_NOT_ALLOWED),
-    ("alg NONE", lambda k, n: raw_token({"alg": "NONE"}, {"iss": ISSUER, "aud": AUDIENCE, "exp": n + 60}), Reason.ALG_NOT_ALLOWED),
-    ("alg nOnE with kid", lambda k, n: raw_token({"alg": "nOnE", "kid": k.kid}, {"iss": ISSUER, "aud": AUDIENCE, "exp": n + 60}), Reason.ALG_NOT_ALLOWED),
+    (
+        "alg none",
+        lambda k, n: raw_token({"alg": "none"}, {"iss": ISSUER, "aud": AUDIENCE, "exp": n + 60}),
+        Reason.ALG_NOT_ALLOWED,
+    ),
+    (
+        "alg None",
+        lambda k, n: raw_token({"alg": "None"}, {"iss": ISSUER, "aud": AUDIENCE, "exp": n + 60}),
+        Reason.ALG_NOT_ALLOWED,
+    ),
+    (
+        "alg NONE",
+        lambda k, n: raw_token({"alg": "NONE"}, {"iss": ISSUER, "aud": AUDIENCE, "exp": n + 60}),
+        Reason.ALG_NOT_ALLOWED,
+    ),
+    (
+        "alg nOnE with kid",
+        lambda k, n: raw_token({"alg": "nOnE", "kid": k.kid}, {"iss": ISSUER, "aud": AUDIENCE, "exp": n + 60}),
+        Reason.ALG_NOT_ALLOWED,
+    ),
     ("no alg", lambda k, n: raw_token({"kid": k.kid}, {"iss": ISSUER}), Reason.ALG_NOT_ALLOWED),
     ("HS256 signed with the RSA public PEM", lambda k, n: _hs_with_pem(k, n), Reason.ALG_NOT_ALLOWED),
     ("unknown kid", lambda k, n: mint(key=k, now=n, headers={"kid": "nobody"}), Reason.UNKNOWN_KID),
@@ -138,9 +159,19 @@ BAD_TOKENS: list[tuple[str, Any, Reason]] = [
     ("header is a JSON list", lambda k, n: b64("[1]") + "." + mint(key=k, now=n).split(".", 1)[1], Reason.MALFORMED),
     ("non-JSON payload", lambda k, n: _sign_raw(k, b"not json"), Reason.MALFORMED),
     ("payload is a JSON list", lambda k, n: _sign_raw(k, b"[1, 2]"), Reason.MALFORMED),
-    ("tampered payload", lambda k, n: _replace_segment(mint(key=k, now=n), 1, b64(json.dumps({"iss": ISSUER, "aud": AUDIENCE, "sub": "admin", "exp": n + 60}))), Reason.BAD_SIGNATURE),
+    (
+        "tampered payload",
+        lambda k, n: _replace_segment(
+            mint(key=k, now=n), 1, b64(json.dumps({"iss": ISSUER, "aud": AUDIENCE, "sub": "admin", "exp": n + 60}))
+        ),
+        Reason.BAD_SIGNATURE,
+    ),
     ("signature of another key, same kid", lambda k, n: _other_key_same_kid(k, n), Reason.BAD_SIGNATURE),
-    ("crit unknown extension", lambda k, n: mint(key=k, now=n, headers={"crit": ["exp-ext"], "exp-ext": 1}), Reason.CRIT),
+    (
+        "crit unknown extension",
+        lambda k, n: mint(key=k, now=n, headers={"crit": ["exp-ext"], "exp-ext": 1}),
+        Reason.CRIT,
+    ),
     ("exp as a string", lambda k, n: mint({"exp": str(n + 60)}, key=k, now=n), Reason.MALFORMED_CLAIM),
     ("iat as a string", lambda k, n: mint({"iat": str(n)}, key=k, now=n), Reason.MALFORMED_CLAIM),
     ("exp as a boolean", lambda k, n: mint({"exp": True}, key=k, now=n), Reason.MALFORMED_CLAIM),
@@ -172,8 +203,11 @@ def _hs_with_pem(key: TestKey, now: int) -> str:
     import hashlib
     import hmac
 
-    signing_input = b64(json.dumps({"alg": "HS256", "kid": key.kid})) + "." + b64(
-        json.dumps({"iss": ISSUER, "aud": AUDIENCE, "sub": "admin", "exp": now + 60}))
+    signing_input = (
+        b64(json.dumps({"alg": "HS256", "kid": key.kid}))
+        + "."
+        + b64(json.dumps({"iss": ISSUER, "aud": AUDIENCE, "sub": "admin", "exp": now + 60}))
+    )
     mac = hmac.new(key.public_pem(), signing_input.encode(), hashlib.sha256).digest()
     return signing_input + "." + b64(mac)
 
@@ -190,13 +224,16 @@ def _other_key_same_kid(key: TestKey, now: int) -> str:
 
 
 @pytest.mark.parametrize("make, reason", [(m, r) for _, m, r in BAD_TOKENS], ids=[i for i, _, _ in BAD_TOKENS])
-async def test_bad_token_is_refused_for_the_right_reason(make: Any, reason: Reason, keys: dict,
-                                                         rsa_key: TestKey, clock: FakeClock) -> None:
+async def test_bad_token_is_refused_for_the_right_reason(
+    make: Any, reason: Reason, keys: dict, rsa_key: TestKey, clock: FakeClock
+) -> None:
     v = verifier(provider(keys), clock)
     assert await reason_of(v, make(rsa_key, int(clock.time()))) is reason
 
 
-async def test_hmac_allowed_on_paper_still_never_verifies_against_an_rsa_key(rsa_key: TestKey, clock: FakeClock) -> None:
+async def test_hmac_allowed_on_paper_still_never_verifies_against_an_rsa_key(
+    rsa_key: TestKey, clock: FakeClock
+) -> None:
     # Even a provider built by hand with RS256 and HS256 (config.py refuses that mix) has no
     # HS256-bound key for an RSA JWK: the confusion attack finds no key at all.
     p = provider(jwks_of(rsa_key), algorithms=("RS256", "HS256"))
@@ -230,12 +267,14 @@ async def test_refusal_never_leaks_the_token_into_client_text(keys: dict, rsa_ke
         await verifier(provider(keys), clock).verify(token)
     client_text = caught.value.description + caught.value.challenge("r")
     assert token not in client_text and "evil" not in client_text
-    assert caught.value.challenge("r") == ('Bearer realm="r", error="invalid_token", '
-                                           'error_description="The token\'s issuer is not accepted"')
+    assert caught.value.challenge("r") == (
+        'Bearer realm="r", error="invalid_token", error_description="The token\'s issuer is not accepted"'
+    )
 
 
-async def test_provider_without_keys_is_our_outage_not_a_bad_token(rsa_key: TestKey, clock: FakeClock,
-                                                                    aiohttp_server: Any) -> None:
+async def test_provider_without_keys_is_our_outage_not_a_bad_token(
+    rsa_key: TestKey, clock: FakeClock, aiohttp_server: Any
+) -> None:
     from aiohttp import ClientSession
 
     from proxy.config.builder import RemoteJwks
@@ -277,9 +316,15 @@ async def test_jku_and_x5u_headers_are_never_fetched(rsa_key: TestKey, clock: Fa
     good_app.router.add_get("/jwks.json", real)
     evil, good = await aiohttp_server(evil_app), await aiohttp_server(good_app)
     p = provider({}, keys=RemoteJwks(url=str(good.make_url("/jwks.json")), min_refresh_interval=0.0))
-    token = mint(key=attacker_key, now=clock.time(), headers={
-        "jku": str(evil.make_url("/jwks.json")), "x5u": str(evil.make_url("/cert.pem")),
-        "jwk": attacker_key.public_jwk})
+    token = mint(
+        key=attacker_key,
+        now=clock.time(),
+        headers={
+            "jku": str(evil.make_url("/jwks.json")),
+            "x5u": str(evil.make_url("/cert.pem")),
+            "jwk": attacker_key.public_jwk,
+        },
+    )
     async with ClientSession() as session:
         source = key_source_for(p, session=session, clock=clock)
         await source.start()
@@ -291,8 +336,9 @@ async def test_jku_and_x5u_headers_are_never_fetched(rsa_key: TestKey, clock: Fa
 
 
 # -- the verified-token cache ---------------------------------------------------------------
-async def test_cache_hit_skips_verification_and_expires_with_the_token(keys: dict, rsa_key: TestKey,
-                                                                       clock: FakeClock) -> None:
+async def test_cache_hit_skips_verification_and_expires_with_the_token(
+    keys: dict, rsa_key: TestKey, clock: FakeClock
+) -> None:
     cache = TokenCache(TokenCacheSettings(max_entries=10, max_ttl=300.0), clock)
     p = provider(keys, leeway=0.0)
     v = verifier(p, clock, cache)
@@ -340,8 +386,9 @@ def test_our_segment_decoder_is_the_one_pyjws_calls_and_agrees_with_pyjwts_own_b
 
     from proxy.auth.verify import _JWS
 
-    assert type(_JWS)._decode_base64url_segment is not PyJWS._decode_base64url_segment, \
+    assert type(_JWS)._decode_base64url_segment is not PyJWS._decode_base64url_segment, (
         "PyJWS renamed its segment decoder: our override is dead code"
+    )
     rng = random.Random(7)
     alphabet = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_=+/!. \x00\xe9"
     samples = [base64.urlsafe_b64encode(rng.randbytes(n)) for n in range(40)]  # canonical, padded
@@ -356,7 +403,10 @@ def test_our_segment_decoder_is_the_one_pyjws_calls_and_agrees_with_pyjwts_own_b
 
     padded_accepted = 0
     for segment in samples:
-        ours, pyjwt = outcome(_JWS._decode_base64url_segment, segment), outcome(PyJWS._decode_base64url_segment, segment)
+        ours, pyjwt = (
+            outcome(_JWS._decode_base64url_segment, segment),
+            outcome(PyJWS._decode_base64url_segment, segment),
+        )
         if b"=" in segment:
             # RFC 7515 §2: no padding. PyJWT takes it; one token with two spellings is what
             # issue 10 item 3 removed.
@@ -368,7 +418,8 @@ def test_our_segment_decoder_is_the_one_pyjws_calls_and_agrees_with_pyjwts_own_b
 
 
 def test_our_signature_check_agrees_with_pyjws_decode_complete_on_a_corpus(
-        rsa_key: TestKey, rsa_key_2: TestKey, ec_key: TestKey, ed_key: TestKey) -> None:
+    rsa_key: TestKey, rsa_key_2: TestKey, ec_key: TestKey, ed_key: TestKey
+) -> None:
     # check_signature calls each PyJWK's Algorithm directly rather than PyJWS.decode_complete
     # (which decoded the header a second time and merged options: ~60% of a miss). Both
     # must accept and refuse exactly the same tokens, with the same payload and Reason.
@@ -381,8 +432,12 @@ def test_our_signature_check_agrees_with_pyjws_decode_complete_on_a_corpus(
         header = read_header(token, max_bytes=65536)
         for key in keys:
             try:
-                decoded = _JWS.decode_complete(token, key=key, algorithms=[header.alg],
-                                               options={"verify_signature": True, "enforce_minimum_key_length": True})
+                decoded = _JWS.decode_complete(
+                    token,
+                    key=key,
+                    algorithms=[header.alg],
+                    options={"verify_signature": True, "enforce_minimum_key_length": True},
+                )
             except (InvalidSignatureError, InvalidKeyError):
                 continue
             except DecodeError:
@@ -416,34 +471,37 @@ def test_our_signature_check_agrees_with_pyjws_decode_complete_on_a_corpus(
         head, body, sig = good.split(".")
         cases += [
             (good, keys_for(test_key)),
-            (f"{head}.{body}.{flip(sig, 3)}", keys_for(test_key)),                      # tampered signature
-            (f"{head}.{flip(body, 5)}.{sig}", keys_for(test_key)),                      # tampered payload
+            (f"{head}.{body}.{flip(sig, 3)}", keys_for(test_key)),  # tampered signature
+            (f"{head}.{flip(body, 5)}.{sig}", keys_for(test_key)),  # tampered payload
             (f"{head}.{body}.{sig[:-1] + ('A' if sig[-1] != 'A' else 'Q')}", keys_for(test_key)),  # last char
-            (f"{head}.{body}.{sig}=", keys_for(test_key)),                              # stray padding
+            (f"{head}.{body}.{sig}=", keys_for(test_key)),  # stray padding
             (f"{head}.{body}.{sig}==", keys_for(test_key)),
-            (f"{head}.{body}.{sig[:-2]}+/", keys_for(test_key)),                        # base64, not base64url
-            (f"{head}.{body}.", keys_for(test_key)),                                    # no signature
-            (f"{head}..{sig}", keys_for(test_key)),                                     # no payload
-            (f"{head}.{body}.{sig}\u00e9", keys_for(test_key)),                         # non-ASCII
+            (f"{head}.{body}.{sig[:-2]}+/", keys_for(test_key)),  # base64, not base64url
+            (f"{head}.{body}.", keys_for(test_key)),  # no signature
+            (f"{head}..{sig}", keys_for(test_key)),  # no payload
+            (f"{head}.{body}.{sig}\u00e9", keys_for(test_key)),  # non-ASCII
             (f"{head}.{body}!.{sig}", keys_for(test_key)),
         ]
         if other is not None:
             cases += [(good, keys_for(other)), (good, [*keys_for(other), *keys_for(test_key)])]
     rs = mint(key=rsa_key)
     cases += [
-        (rs, keys_for(rsa_key, "PS256")),                                               # key bound to another alg
+        (rs, keys_for(rsa_key, "PS256")),  # key bound to another alg
         (mint(key=rsa_key, alg="PS256"), keys_for(rsa_key, "PS256")),
         (mint(secret=HS_SECRET, headers={"kid": "hs"}), [jwt.PyJWK(long_secret, algorithm="HS256")]),
         (short_signed, [jwt.PyJWK(short_secret, algorithm="HS256")]),  # correctly signed, key too short
         (short_signed, [jwt.PyJWK(short_secret, algorithm="HS256"), jwt.PyJWK(long_secret, algorithm="HS256")]),
         (raw_token({"alg": "RS256", "kid": rsa_key.kid}, ["not", "an", "object"]), keys_for(rsa_key)),
-        (".".join((b64(json.dumps({"alg": "RS256", "kid": rsa_key.kid})), b64(b"not json"), rs.split(".")[2])),
-         keys_for(rsa_key)),
+        (
+            ".".join((b64(json.dumps({"alg": "RS256", "kid": rsa_key.kid})), b64(b"not json"), rs.split(".")[2])),
+            keys_for(rsa_key),
+        ),
     ]
     # A payload that is valid JSON but not an object, correctly signed: both refuse (ours as
     # MALFORMED at parse time, PyJWS accepts the signature; the caller's parse_payload refuses).
-    list_payload = jwt.api_jws.PyJWS().encode(b'["a"]', rsa_key.private, algorithm="RS256",
-                                               headers={"kid": rsa_key.kid})
+    list_payload = jwt.api_jws.PyJWS().encode(
+        b'["a"]', rsa_key.private, algorithm="RS256", headers={"kid": rsa_key.kid}
+    )
     for token, keys in cases:
         expected, got = reference(token, keys), ours(token, keys)
         assert expected == got, (token, expected, got)
@@ -478,19 +536,22 @@ def _same_bytes_other_spellings(segment: str) -> list[str]:
         letters = sum(c.isalnum() or c in "+/" for c in lenient)  # a2b_base64 skips the rest
         assert binascii.a2b_base64(lenient + "=" * (-letters % 4)) == decoded, variant
     # and more padding than any decoder takes
-    return variants + [segment + "=", segment + "==", segment + "===", segment + "=" * (-len(segment) % 4) + "===="]
+    return [*variants, segment + "=", segment + "==", segment + "===", segment + "=" * (-len(segment) % 4) + "===="]
 
 
 def _other_spellings(token: str) -> list[tuple[str, str]]:
     parts = token.split(".")
-    return [(f"{name}: {variant!r}", ".".join(parts[:i] + [variant] + parts[i + 1:]))
-            for i, name in enumerate(("header", "payload", "signature"))
-            for variant in _same_bytes_other_spellings(parts[i])]
+    return [
+        (f"{name}: {variant!r}", ".".join([*parts[:i], variant, *parts[i + 1 :]]))
+        for i, name in enumerate(("header", "payload", "signature"))
+        for variant in _same_bytes_other_spellings(parts[i])
+    ]
 
 
 @pytest.mark.parametrize("which", ["rsa_key", "ec_key", "ed_key", "hs"])
 async def test_a_token_has_one_spelling_every_other_is_malformed_and_never_cached(
-        which: str, keys: dict, clock: FakeClock, request: pytest.FixtureRequest) -> None:
+    which: str, keys: dict, clock: FakeClock, request: pytest.FixtureRequest
+) -> None:
     if which == "hs":
         p = provider({"keys": [{"kty": "oct", "k": b64(HS_SECRET)}]}, algorithms=("HS256",))
         token = mint(now=clock.time())
@@ -508,13 +569,31 @@ async def test_a_token_has_one_spelling_every_other_is_malformed_and_never_cache
     assert cache.misses == len(variants) + 1, "every other spelling missed the cache, then was refused"
 
 
-@pytest.mark.parametrize("segment", [
-    "", "A", "AAAAA", "QQ=", "QQ==", "QUI=", "QR", "QUJ", "QUI", "+w", "/w", "Q\u00c9", "\uff21\uff21",
-    "\u0660\u0661", "Q\x00Q", "QQ\udc80",
-])
+@pytest.mark.parametrize(
+    "segment",
+    [
+        "",
+        "A",
+        "AAAAA",
+        "QQ=",
+        "QQ==",
+        "QUI=",
+        "QR",
+        "QUJ",
+        "QUI",
+        "+w",
+        "/w",
+        "Q\u00c9",
+        "\uff21\uff21",
+        "\u0660\u0661",
+        "Q\x00Q",
+        "QQ\udc80",
+    ],
+)
 @pytest.mark.parametrize("index", [0, 1, 2])
 async def test_non_base64url_or_non_canonical_segments_are_malformed(
-        segment: str, index: int, keys: dict, rsa_key: TestKey, clock: FakeClock) -> None:
+    segment: str, index: int, keys: dict, rsa_key: TestKey, clock: FakeClock
+) -> None:
     # Empty header or payload (no JSON), a length of 1 mod 4, padding, a set unused bit (QR
     # for QQ, QUJ for QUI), the standard alphabet, non-ASCII look-alikes (fullwidth A,
     # Arabic-Indic digits), NUL, a byte kept by surrogateescape. "" and "QUI" are canonical
@@ -527,21 +606,31 @@ async def test_non_base64url_or_non_canonical_segments_are_malformed(
 
 
 # -- kid is a hint (RFC 7515 §4.1.4): secret and pem_file keys, with or without a kid -------------
-@pytest.mark.parametrize("source, key_kid, token_kid, reason", [
-    ("secret", None, "any-kid", None),  # was unknown_kid: a secret has no kid, so never matched
-    ("secret", None, None, None),
-    ("secret", "hs-1", "hs-1", None),
-    ("secret", "hs-1", None, None),  # a token without kid tries every key, as with a JWKS
-    ("secret", "hs-1", "hs-2", Reason.UNKNOWN_KID),
-    ("pem_file", None, "any-kid", None),
-    ("pem_file", None, None, None),
-    ("pem_file", "p-1", "p-1", None),
-    ("pem_file", "p-1", None, None),
-    ("pem_file", "p-1", "rsa-1", Reason.UNKNOWN_KID),
-])
+@pytest.mark.parametrize(
+    "source, key_kid, token_kid, reason",
+    [
+        ("secret", None, "any-kid", None),  # was unknown_kid: a secret has no kid, so never matched
+        ("secret", None, None, None),
+        ("secret", "hs-1", "hs-1", None),
+        ("secret", "hs-1", None, None),  # a token without kid tries every key, as with a JWKS
+        ("secret", "hs-1", "hs-2", Reason.UNKNOWN_KID),
+        ("pem_file", None, "any-kid", None),
+        ("pem_file", None, None, None),
+        ("pem_file", "p-1", "p-1", None),
+        ("pem_file", "p-1", None, None),
+        ("pem_file", "p-1", "rsa-1", Reason.UNKNOWN_KID),
+    ],
+)
 async def test_a_static_key_without_kid_verifies_any_kid_and_with_one_only_its_own(
-        tmp_path: Any, rsa_key: TestKey, clock: FakeClock, monkeypatch: pytest.MonkeyPatch,
-        source: str, key_kid: str | None, token_kid: str | None, reason: Reason | None) -> None:
+    tmp_path: Any,
+    rsa_key: TestKey,
+    clock: FakeClock,
+    monkeypatch: pytest.MonkeyPatch,
+    source: str,
+    key_kid: str | None,
+    token_kid: str | None,
+    reason: Reason | None,
+) -> None:
     import secrets
 
     from proxy.config.builder import parse
@@ -550,21 +639,33 @@ async def test_a_static_key_without_kid_verifies_any_kid_and_with_one_only_its_o
     (tmp_path / "hs.secret").write_text(base64.b64encode(secret).decode())
     (tmp_path / "rsa.pem").write_bytes(rsa_key.public_pem())
     kid = f", kid: {key_kid}" if key_kid else ""
-    keys = (f"secret: {{file: hs.secret, encoding: base64{kid}}}" if source == "secret"
-            else f"pem_file: {{file: rsa.pem{kid}}}" if key_kid else "pem_file: rsa.pem")
-    settings = parse(f"providers:\n  main: {{issuer: '{ISSUER}', audiences: ['{AUDIENCE}'], {keys}}}\n",
-                     base_dir=tmp_path)
+    keys = (
+        f"secret: {{file: hs.secret, encoding: base64{kid}}}"
+        if source == "secret"
+        else f"pem_file: {{file: rsa.pem{kid}}}"
+        if key_kid
+        else "pem_file: rsa.pem"
+    )
+    settings = parse(
+        f"providers:\n  main: {{issuer: '{ISSUER}', audiences: ['{AUDIENCE}'], {keys}}}\n", base_dir=tmp_path
+    )
     v = verifier(settings.providers["main"], clock)
     headers = {"kid": token_kid}
-    token = (mint(secret=secret, headers=headers, now=clock.time()) if source == "secret"
-             else mint(key=rsa_key, headers=headers, now=clock.time()))
+    token = (
+        mint(secret=secret, headers=headers, now=clock.time())
+        if source == "secret"
+        else mint(key=rsa_key, headers=headers, now=clock.time())
+    )
     if reason is None:
         assert (await v.verify(token)).subject == "user-42"
     else:
         assert await reason_of(v, token) is reason
     # Another key under the same kid is never taken for this one.
-    impostor = (mint(secret=secrets.token_bytes(64), headers=headers, now=clock.time()) if source == "secret"
-                else mint(key=_rsa_impostor(), headers=headers, now=clock.time()))
+    impostor = (
+        mint(secret=secrets.token_bytes(64), headers=headers, now=clock.time())
+        if source == "secret"
+        else mint(key=_rsa_impostor(), headers=headers, now=clock.time())
+    )
     assert await reason_of(v, impostor) is (reason or Reason.BAD_SIGNATURE)
 
 

@@ -125,6 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _startup_failed(error: str, **fields: Any) -> None:
+    """The one `startup_failed` event: a failed start, as a JSON log line (text logs use `_complain`)."""
+    oplog.event(logging.getLogger("jwt_sidecar"), logging.ERROR, "startup_failed", "%(error)s", error=error, **fields)
+
+
 def _complain(message: str) -> None:
     print(f"{PROG}: error: {message}", file=sys.stderr)
 
@@ -174,9 +179,7 @@ def _starting(start: Callable[[], int]) -> int:
         return start()
     except StartupError as error:  # a port in use, a directory that cannot be written, ...
         if oplog.writes_json():  # `log_format: json` was read: a log collector parses this line too
-            oplog.event(
-                logging.getLogger("jwt_sidecar"), logging.ERROR, "startup_failed", "%(error)s", error=str(error)
-            )
+            _startup_failed(str(error))
         else:
             _complain(str(error))
         return 1
@@ -207,14 +210,7 @@ def _start_run(args: argparse.Namespace) -> int:
             if len(problems) == 1
             else (f"the config has {len(problems)} problem(s); nothing was started (see problems)")
         )
-        oplog.event(
-            logging.getLogger("jwt_sidecar"),
-            logging.ERROR,
-            "startup_failed",
-            "%(error)s",
-            error=summary,
-            problems=problems,
-        )
+        _startup_failed(summary, problems=problems)
         return 1
     # The command line wins over the file; `auto` is settled here, once, so the workers of
     # `workers: N` (started with these two options) write exactly what their supervisor does.

@@ -2,8 +2,8 @@
 
 Owns: each family's name, type, label names, help text, how the supervisor of `workers: N`
 combines the workers' values (`Family.workers`), and its histogram buckets; building the
-empty prometheus-client family objects a scrape fills (`Family.counter`, `gauge`, `histogram`); and the sample names
-a query may use (`sample_labels`). The exposition (metrics.py), the workers' mirror and the
+empty prometheus-client family objects a scrape fills (`Family.counter`, `gauge`,
+`histogram`); and the sample names a query may use (`sample_labels`). The exposition (metrics.py), the workers' mirror and the
 supervisor's view of it (metrics.py), the README's Metrics table, the Grafana dashboard and
 the alerts in k8s/monitoring/ are made from or checked against this table (tests/unit/
 test_metric_families.py, tests/integration/test_metric_families.py).

@@ -31,11 +31,12 @@ from ..http.causes import shown
 from ..request.app import Proxy
 from ..request.runtime import Runtime
 from ..telemetry.accesslog import AccessLog
+from ..telemetry.families import WORKERS_READY as WORKERS_READY_FAMILY
 from .admin import create_admin_app
 from .limits import default_max_connections, quiet_accept_errors, raise_fd_limit
 from .reload import reload, watch
 from .startup import Sockets, bind_for, check_multiproc_dir, check_stdout
-from .workers import WORKER_ENV, WORKERS_READY, supervise
+from .workers import WORKER_ENV, supervise
 
 __all__ = ["configure_logging", "run", "run_worker", "serve"]
 
@@ -243,7 +244,8 @@ async def _serve(
 
 async def _publish(runtime: Runtime, interval: float = 1.0) -> None:
     """A worker's scrape-time metrics and readiness, copied into the multiprocess files."""
-    ready = Gauge(WORKERS_READY, "Workers that are ready (1 each).", registry=None, multiprocess_mode="livesum")
+    family = WORKERS_READY_FAMILY
+    ready = Gauge(family.name, family.help, registry=None, multiprocess_mode=family.gauge_mode)
     while True:
         try:
             runtime.metrics.mirror()

@@ -2,7 +2,8 @@
 
 Owns: starting the workers (each `jwt-sidecar run` with `JWT_SIDECAR_WORKER` set, binding the
 proxy port with SO_REUSEPORT so the kernel spreads connections), the admin listener on the
-supervisor (`/metrics` aggregated with prometheus-client's multiprocess mode, plus the
+supervisor (`/metrics` aggregated from prometheus-client's multiprocess files by
+telemetry's `WorkersCollector`, plus the
 process_* metrics of the supervisor and of each live worker, labelled `worker`; `/readyz` true
 only while every worker is alive and ready, its open-file limit raised as in server.py),
 passing SIGHUP on and SIGTERM/SIGINT down
@@ -37,7 +38,8 @@ from prometheus_client.exposition import choose_encoder
 from ..base.oplog import event
 from ..config.settings import Settings
 from ..http.causes import cause
-from ..telemetry.metrics import ProcessesCollector
+from ..telemetry.families import WORKERS_READY as _READY_FAMILY
+from ..telemetry.metrics import ProcessesCollector, WorkersCollector
 from .admin import create_admin_app
 from .limits import quiet_accept_errors, raise_fd_limit
 from .startup import StartupError, bind_for, check_stdout, metrics_directory, why
@@ -45,7 +47,7 @@ from .startup import StartupError, bind_for, check_stdout, metrics_directory, wh
 __all__ = ["WORKERS_READY", "WORKER_ENV", "supervise"]
 
 WORKER_ENV = "JWT_SIDECAR_WORKER"
-WORKERS_READY = "jwt_sidecar_workers_ready"
+WORKERS_READY = _READY_FAMILY.name
 log = logging.getLogger("jwt_sidecar.workers")
 T = TypeVar("T")
 
@@ -111,7 +113,7 @@ async def supervise(settings: Settings, *, config_path: str) -> int:
         raise StartupError(f"cannot start the worker processes: {why(error)}") from None
     restarting: dict[int, int | None] = {}  # worker index -> the exit status it is restarting from
     registry = CollectorRegistry()
-    multiprocess.MultiProcessCollector(registry, path=directory)
+    registry.register(WorkersCollector(directory))
 
     def processes() -> list[tuple[str, int]]:
         # Live workers only: a dead one's pid may already name another process.

@@ -1,11 +1,15 @@
-"""Prometheus metrics: every name and label the sidecar exports, in one private registry.
+"""Prometheus metrics: recording and exporting the families of families.py, in one private registry.
 
 Owns: a `CollectorRegistry` per `Metrics` instance (never prometheus_client's global default,
-so two apps in one process, or two tests, never share a count); every metric name, type,
-label and bucket layout, declared once below; the per-request recording path (`RouteMetrics`,
-label children resolved once and cached); a scrape-time collector that reads key sources and
-the token cache through a `MetricsView`; and rendering the exposition body for `/metrics`.
-Does not own: serving `/metrics` (admin.py), deciding what a request's decision or reason is
+so two apps in one process, or two tests, never share a count); the per-request recording
+path (`RouteMetrics`, label children resolved once and cached); a scrape-time collector that
+reads key sources and the token cache through a `MetricsView`; rendering the exposition body
+for `/metrics`; and,
+with `workers: N`, each worker's copy of its metrics into prometheus-client's multiprocess
+files (`Metrics.mirror`) and the supervisor's reading of them (`WorkersCollector`), through
+prometheus-client's public API only.
+Does not own: the names, labels and help of the families (families.py), serving `/metrics`
+(admin.py), deciding what a request's decision or reason is
 (pipeline.py), or the counters it reads at scrape time (keys.py and verify.py keep those).
 
 Labels are bounded by construction: route and provider names come from the config, methods,
@@ -13,50 +17,15 @@ decisions, reasons and status classes from closed sets (anything else is recorde
 `other`). Never a path, a subject, a claim or a token: each distinct label value is a time
 series kept for the life of the process.
 
-Metrics (durations in seconds, Prometheus base units):
+Every family (name, type, labels, help, how `workers: N` combines it, buckets) is declared
+once, in families.py; this module builds the exposition from those declarations. Durations
+are in seconds, Prometheus base units.
 
-jwt_sidecar_requests_total{route, method, decision, reason, status}          counter
-    Requests answered. route: the route name, `(none)` when none matched; method: one of
-    METHODS, else `other`; decision: a `Decision` value; reason: an `errors.Reason` value,
-    "" for none; status: the status class, `1xx`..`5xx`.
-jwt_sidecar_in_flight_requests                                               gauge
-    Requests being handled right now.
-jwt_sidecar_connections_open                                                 gauge
-    Client connections open on the proxy port (per process; summed over workers).
-jwt_sidecar_connections_rejected_total{reason="limit"}                       counter
-    Client connections closed at accept: `max_connections` were open.
-jwt_sidecar_auth_duration_seconds{route}                                     histogram
-    Time deciding whether a request may pass: extraction, keys, verification, rules.
-jwt_sidecar_upstream_duration_seconds{route}                                 histogram
-    Time waiting for the upstream's response (or its failure).
-jwt_sidecar_config_reloads_total{result="success"|"failure"}                 counter
-    Config reload attempts.
-jwt_sidecar_jwks_fetches_total{provider}                                     counter
-    Key refresh attempts, counted as they start (remote providers only).
-jwt_sidecar_jwks_fetch_failures_total{provider}                              counter
-    Attempts that yielded no usable key set (remote providers only).
-jwt_sidecar_jwks_discovery_fetches_total{provider}                           counter
-    GETs of the OIDC discovery document (remote providers only).
-jwt_sidecar_jwks_keys{provider}                                              gauge
-    Usable verification keys held.
-jwt_sidecar_jwks_keys_skipped_total{provider}                                counter
-    Keys left out of loaded sets as unusable, summed over every load.
-jwt_sidecar_jwks_age_seconds{provider}                                       gauge
-    Seconds since the last good key load (remote providers that have had one).
-jwt_sidecar_provider_ready{provider}                                         gauge
-    1 when the provider holds at least one usable key, else 0.
-jwt_sidecar_token_cache_requests_total{result="hit"|"miss"}                  counter
-    Verified-token cache lookups (no samples when the cache is disabled).
-jwt_sidecar_token_cache_entries                                              gauge
-    Verified tokens held in the cache (no sample when the cache is disabled).
-
-process_cpu_seconds_total, process_resident_memory_bytes, process_virtual_memory_bytes,
-process_start_time_seconds, process_open_fds, process_max_fds
-    prometheus-client's own process metrics (read from /proc). One process: unlabelled, as
-    any Python exporter gives them. With `workers: N` the supervisor exports them for itself
-    and each worker, labelled `worker` ("supervisor", "0" .. "N-1"), read from /proc/PID at
-    scrape time (`ProcessesCollector`): prometheus-client's multiprocess mode has no process
-    metrics, and /proc is exact where copies in the multiprocess files would lag a second.
+The process_* families are prometheus-client's own (read from /proc). One process: unlabelled,
+as any Python exporter gives them. With `workers: N` the supervisor exports them for itself
+and each worker, labelled `worker` ("supervisor", "0" .. "N-1"), read from /proc/PID at
+scrape time (`ProcessesCollector`): prometheus-client's multiprocess mode has no process
+metrics, and /proc is exact where copies in the multiprocess files would lag a second.
 
 The per-request families (`requests_total`, `in_flight_requests` and the two durations) and
 the connection families (`connections_open`, `connections_rejected_total`: the proxy's
@@ -76,17 +45,20 @@ import math
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.utils import floatToGoString
 
 from ..base.errors import Reason
 from ..base.oplog import event
 from ..config.settings import StaticKeys
 from ..http.http1 import ConnectionCounts
+from . import families as F
+from .families import AUTH_BUCKETS, UPSTREAM_BUCKETS, Family
 
 if TYPE_CHECKING:
     from ..auth.keys import KeySource
@@ -102,9 +74,8 @@ __all__ = [
     "MetricsView",
     "ProcessesCollector",
     "RouteMetrics",
+    "WorkersCollector",
 ]
-
-_PREFIX = "jwt_sidecar_"
 
 METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 """Methods recorded by name; any other (including lower case: RFC 9110 §9.1 methods are
@@ -116,13 +87,6 @@ names; config/builder.py does not reserve it yet, so a route literally named `(n
 
 OTHER = "other"
 """The label value for anything outside a closed set."""
-
-AUTH_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
-"""A cached token costs tens of microseconds, an RSA verify well under a millisecond, a key
-refetch on an unknown kid up to the JWKS timeout: 50µs to 1s covers all three."""
-
-UPSTREAM_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-"""Loopback upstreams answer in about a millisecond; 30s is the default upstream timeout."""
 
 
 class Decision(enum.StrEnum):
@@ -256,10 +220,7 @@ class Metrics:
         self._routes: dict[str, RouteMetrics] = {}
         self.registry.register(_RequestCollector(self))
         reloads = Counter(
-            _PREFIX + "config_reloads",
-            "Config reload attempts, by result.",
-            ("result",),
-            registry=self.registry,
+            F.CONFIG_RELOADS.family, F.CONFIG_RELOADS.help, F.CONFIG_RELOADS.labels, registry=self.registry
         )
         # Both resolved now, so a failure series exists at 0 before the first failure
         # (an alert on increase() needs a previous sample to compare against).
@@ -353,41 +314,12 @@ class ProcessesCollector:
 
 # -- scrape time -------------------------------------------------------------------------------
 
-_FETCHES = _PREFIX + "jwks_fetches"
-_FETCH_FAILURES = _PREFIX + "jwks_fetch_failures"
-_DISCOVERY_FETCHES = _PREFIX + "jwks_discovery_fetches"
-_KEYS = _PREFIX + "jwks_keys"
-_SKIPPED = _PREFIX + "jwks_keys_skipped"
-_AGE = _PREFIX + "jwks_age_seconds"
-_READY = _PREFIX + "provider_ready"
-_CACHE_REQUESTS = _PREFIX + "token_cache_requests"
-_CACHE_ENTRIES = _PREFIX + "token_cache_entries"
-
-
-_REQUESTS = _PREFIX + "requests"
-_IN_FLIGHT = _PREFIX + "in_flight_requests"
-_AUTH = _PREFIX + "auth_duration_seconds"
-_UPSTREAM = _PREFIX + "upstream_duration_seconds"
-_REQUEST_LABELS = ("route", "method", "decision", "reason", "status")
-_CONNECTIONS_OPEN = _PREFIX + "connections_open"
-_CONNECTIONS_REJECTED = _PREFIX + "connections_rejected"
-
 
 def _request_families(metrics: Metrics) -> Iterator[Metric]:
     """The per-request families, from the numbers `RouteMetrics` keeps."""
-    requests = CounterMetricFamily(
-        _REQUESTS,
-        "Requests answered, by route, method class, decision, refusal reason and status class.",
-        labels=_REQUEST_LABELS,
-    )
-    auth = HistogramMetricFamily(
-        _AUTH,
-        "Time spent deciding whether a request may pass (token extraction, keys, verification, rules).",
-        labels=("route",),
-    )
-    upstream = HistogramMetricFamily(
-        _UPSTREAM, "Time spent waiting for the upstream's response, or for it to fail.", labels=("route",)
-    )
+    requests = F.REQUESTS.counter()
+    auth = F.AUTH_DURATION.histogram()
+    upstream = F.UPSTREAM_DURATION.histogram()
     # Copies: a request landing between two reads must not change a dict being iterated.
     for route in list(metrics._routes.values()):
         for key, count in list(route.counts.items()):
@@ -395,16 +327,16 @@ def _request_families(metrics: Metrics) -> Iterator[Metric]:
         for family, durations in ((auth, route.auth), (upstream, route.upstream)):
             family.add_metric((route.name,), durations.cumulative(), durations.sum)
     yield requests
-    yield GaugeMetricFamily(_IN_FLIGHT, "Requests being handled right now.", value=metrics.in_flight)
+    in_flight = F.IN_FLIGHT.gauge()
+    in_flight.add_metric((), metrics.in_flight)
+    yield in_flight
     yield auth
     yield upstream
     connections = metrics.connections
-    yield GaugeMetricFamily(_CONNECTIONS_OPEN, "Client connections open on the proxy port.", value=connections.open)
-    rejected = CounterMetricFamily(
-        _CONNECTIONS_REJECTED,
-        "Client connections closed at accept, by reason (limit: max_connections were open).",
-        labels=("reason",),
-    )
+    opened = F.CONNECTIONS_OPEN.gauge()
+    opened.add_metric((), connections.open)
+    yield opened
+    rejected = F.CONNECTIONS_REJECTED.counter()
     rejected.add_metric(("limit",), connections.rejected)
     yield rejected
 
@@ -422,34 +354,22 @@ class _RequestCollector:
         return _request_families(self._metrics)
 
 
-def _families() -> dict[str, CounterMetricFamily | GaugeMetricFamily]:
+_VIEW_FAMILIES = (
+    F.JWKS_FETCHES,
+    F.JWKS_FETCH_FAILURES,
+    F.JWKS_DISCOVERY_FETCHES,
+    F.JWKS_KEYS,
+    F.JWKS_KEYS_SKIPPED,
+    F.JWKS_AGE,
+    F.PROVIDER_READY,
+    F.TOKEN_CACHE_REQUESTS,
+    F.TOKEN_CACHE_ENTRIES,
+)
+
+
+def _families() -> dict[Family, CounterMetricFamily | GaugeMetricFamily]:
     """Fresh, empty families of every metric the collector exports (one set per scrape)."""
-    return {
-        # Attempts and failures rather than a success/failure label: KeySource counts an
-        # attempt when it starts and a failure when it ends, so "attempts - failures" read
-        # during a fetch that then fails would go down, which Prometheus takes for a reset.
-        # (Prometheus's own metrics follow this shape, e.g. rule_evaluations_total and
-        # rule_evaluation_failures_total.)
-        _FETCHES: CounterMetricFamily(
-            _FETCHES, "Key refresh attempts (each one GET of the JWKS), counted as they start.", labels=("provider",)
-        ),
-        _FETCH_FAILURES: CounterMetricFamily(
-            _FETCH_FAILURES, "Key refresh attempts that yielded no usable key set.", labels=("provider",)
-        ),
-        _DISCOVERY_FETCHES: CounterMetricFamily(
-            _DISCOVERY_FETCHES, "GETs of the OpenID Connect discovery document.", labels=("provider",)
-        ),
-        _KEYS: GaugeMetricFamily(_KEYS, "Usable verification keys held.", labels=("provider",)),
-        _SKIPPED: CounterMetricFamily(
-            _SKIPPED, "Keys left out of loaded key sets as unusable, summed over every load.", labels=("provider",)
-        ),
-        _AGE: GaugeMetricFamily(_AGE, "Seconds since the last good key load.", labels=("provider",)),
-        _READY: GaugeMetricFamily(_READY, "1 when the provider holds at least one usable key.", labels=("provider",)),
-        _CACHE_REQUESTS: CounterMetricFamily(
-            _CACHE_REQUESTS, "Verified-token cache lookups, by result.", labels=("result",)
-        ),
-        _CACHE_ENTRIES: GaugeMetricFamily(_CACHE_ENTRIES, "Verified tokens held in the cache."),
-    }
+    return {family: family.counter() if family.kind == "counter" else family.gauge() for family in _VIEW_FAMILIES}
 
 
 def _number(read: Callable[[], Any]) -> float | None:
@@ -523,55 +443,68 @@ def _is_static(source: Any) -> bool:
 
 
 def _source(
-    families: dict[str, CounterMetricFamily | GaugeMetricFamily], name: str, source: Any, now: float | None
+    families: dict[Family, CounterMetricFamily | GaugeMetricFamily], name: str, source: Any, now: float | None
 ) -> None:
     labels = (name,)
-    samples: list[tuple[str, float | None]] = [
-        (_KEYS, _number(lambda: source.keyset.size)),
-        (_SKIPPED, _number(lambda: source.skipped)),
-        (_READY, _number(lambda: 1 if source.ready else 0)),
+    samples: list[tuple[Family, float | None]] = [
+        (F.JWKS_KEYS, _number(lambda: source.keyset.size)),
+        (F.JWKS_KEYS_SKIPPED, _number(lambda: source.skipped)),
+        (F.PROVIDER_READY, _number(lambda: 1 if source.ready else 0)),
     ]
     # Static keys (a file, a PEM, a secret) are read once with the config: they are never
     # fetched, so fetch counts and key age would be noise (and an age alert a false alarm).
     if not _is_static(source):
         last = _number(lambda: source.last_success)
         samples += [
-            (_FETCHES, _number(lambda: source.fetches)),
-            (_FETCH_FAILURES, _number(lambda: source.failures)),
-            (_DISCOVERY_FETCHES, _number(lambda: source.discovery_fetches)),
+            (F.JWKS_FETCHES, _number(lambda: source.fetches)),
+            (F.JWKS_FETCH_FAILURES, _number(lambda: source.failures)),
+            (F.JWKS_DISCOVERY_FETCHES, _number(lambda: source.discovery_fetches)),
             # max(0, …): a clock that is not the sources' own must not give a negative age.
-            (_AGE, max(0.0, now - last) if now is not None and last is not None else None),
+            (F.JWKS_AGE, max(0.0, now - last) if now is not None and last is not None else None),
         ]
     for family, value in samples:
         if value is not None:
             families[family].add_metric(labels, value)
 
 
-def _cache(families: dict[str, CounterMetricFamily | GaugeMetricFamily], cache: Any) -> None:
+def _cache(families: dict[Family, CounterMetricFamily | GaugeMetricFamily], cache: Any) -> None:
     if cache is None:  # disabled: no samples rather than zeros that look like a cold cache
         return
     for result, value in (("hit", _number(lambda: cache.hits)), ("miss", _number(lambda: cache.misses))):
         if value is not None:
-            families[_CACHE_REQUESTS].add_metric((result,), value)
+            families[F.TOKEN_CACHE_REQUESTS].add_metric((result,), value)
     entries = _number(lambda: len(cache))
     if entries is not None:
-        families[_CACHE_ENTRIES].add_metric((), entries)
+        families[F.TOKEN_CACHE_ENTRIES].add_metric((), entries)
 
 
-# How the supervisor combines one gauge over the workers (prometheus-client multiprocess modes).
-_GaugeMode = Literal["livemin", "livemax", "livesum"]
-_GAUGE_MODES: dict[str, _GaugeMode] = {_KEYS: "livemin", _AGE: "livemax", _READY: "livemin", _CACHE_ENTRIES: "livesum"}
+_DECLARED = {family.family: family for family in F.FAMILIES if family.ours}
+"""Exposition family name -> declaration, for the families a worker mirrors."""
+
+_HISTOGRAMS = tuple(family for family in F.FAMILIES if family.kind == "histogram")
 
 
-_HISTOGRAM_BOUNDS = {_AUTH: AUTH_BUCKETS, _UPSTREAM: UPSTREAM_BUCKETS}
+def _carriers(family: Family) -> tuple[str, str]:
+    """The names of the two counters that carry histogram `family` through the multiprocess
+    files: its cumulative buckets (labelled `le` as well) and its sum. Never exported as they
+    are: `WorkersCollector` turns them back into the histogram."""
+    return family.name + "_mirrored_bucket", family.name + "_mirrored_sum"
+
+
+_CARRIED = {name: family for family in _HISTOGRAMS for name in _carriers(family)}
 
 
 class _Mirror:
-    """Real, multiprocess-backed metrics shadowing the scrape-time families of one worker."""
+    """Real, multiprocess-backed metrics shadowing the scrape-time families of one worker.
+
+    Counters grow by what their scrape-time values grew, gauges are set (in the mode the
+    family declares). A histogram is carried as two counters (`_carriers`): prometheus-client's
+    public API adds one observation at a time, not a second's worth of bucket counts, and
+    its internals (a child's bucket and sum values) are not ours to write.
+    """
 
     def __init__(self) -> None:
         self._metrics: dict[str, Counter | Gauge] = {}
-        self._histograms: dict[str, Histogram] = {}
         self._last: dict[tuple[str, tuple[str, ...]], float] = {}
 
     def copy(self, families: Iterable[Metric]) -> None:
@@ -583,7 +516,7 @@ class _Mirror:
                 if sample.name.endswith("_created"):
                     continue
                 labels = tuple(sorted(sample.labels))
-                metric = self._metric(family, labels)
+                metric = self._metric(family.name, family.documentation, family.type, labels)
                 values = tuple(sample.labels[name] for name in labels)
                 child = metric.labels(*values) if labels else metric
                 if isinstance(child, Counter):
@@ -598,48 +531,70 @@ class _Mirror:
         return grown if grown >= 0 else value
 
     def _copy_histogram(self, family: Metric) -> None:
-        # One series per route: its cumulative buckets (in bound order) and its sum. A
-        # multiprocess Histogram child has no call to add n observations at once, so the
-        # mirror adds to its bucket and sum values (`_buckets`, `_sum`: prometheus-client's
-        # own attributes, which tests/integration/test_workers.py reads back through the
-        # supervisor's scrape, so a change there fails loudly).
-        series: dict[str, tuple[list[float], float]] = {}
+        declared = _DECLARED[family.name]
+        buckets_name, sum_name = _carriers(declared)
+        buckets = self._metric(buckets_name, family.documentation, "counter", (*declared.labels, "le"))
+        sums = self._metric(sum_name, family.documentation, "counter", declared.labels)
+        # HistogramMetricFamily lists each series' buckets before its sum, so a series'
+        # buckets exist in the files before its sum does (WorkersCollector waits for both).
         for sample in family.samples:
-            route = sample.labels["route"]
-            buckets, total = series.setdefault(route, ([], 0.0))
+            values = tuple(sample.labels[name] for name in declared.labels)
             if sample.name.endswith("_bucket"):
-                buckets.append(sample.value)
+                key = (*values, sample.labels["le"])
+                buckets.labels(*key).inc(self._grown((buckets_name, key), sample.value))
             elif sample.name.endswith("_sum"):
-                series[route] = (buckets, sample.value)
-        metric = self._histograms.get(family.name)
-        if metric is None:
-            metric = self._histograms[family.name] = Histogram(
-                family.name, family.documentation, ("route",), buckets=_HISTOGRAM_BOUNDS[family.name], registry=None
-            )
-        for route, (buckets, total) in series.items():
-            child = metric.labels(route)
-            below = 0.0
-            for i, cumulative in enumerate(buckets):
-                grown = self._grown((family.name, (route, str(i))), cumulative - below)
-                below = cumulative
-                if grown:
-                    child._buckets[i].inc(grown)
-            child._sum.inc(self._grown((family.name, (route, "sum")), total))
+                sums.labels(*values).inc(self._grown((sum_name, values), sample.value))
 
-    def _metric(self, family: Metric, labels: tuple[str, ...]) -> Counter | Gauge:
-        found = self._metrics.get(family.name)
+    def _metric(self, name: str, documentation: str, kind: str, labels: tuple[str, ...]) -> Counter | Gauge:
+        found = self._metrics.get(name)
         if found is None:
             # registry=None: these exist for the multiprocess files only; the worker's own
             # registry already exports the same names through the scrape-time collector.
-            if family.type == "counter":
-                found = Counter(family.name, family.documentation, labels, registry=None)
+            if kind == "counter":
+                found = Counter(name, documentation, labels, registry=None)
             else:
-                found = Gauge(
-                    family.name,
-                    family.documentation,
-                    labels,
-                    registry=None,
-                    multiprocess_mode=_GAUGE_MODES.get(family.name, "livesum"),
-                )
-            self._metrics[family.name] = found
+                mode = _DECLARED[name].gauge_mode
+                found = Gauge(name, documentation, labels, registry=None, multiprocess_mode=mode)
+            self._metrics[name] = found
         return found
+
+
+class WorkersCollector:
+    """The supervisor's `/metrics` for `workers: N`: what the workers wrote to the multiprocess files.
+
+    prometheus-client's `MultiProcessCollector` reads and combines them (counters summed over
+    every worker that has run, gauges in their declared mode over the live ones); each
+    histogram, carried as two counters (`_Mirror`), is rebuilt here as the histogram it is.
+    """
+
+    def __init__(self, path: str) -> None:
+        self._files = MultiProcessCollector(None, path=path)
+
+    def collect(self) -> Iterator[Metric]:
+        carried: dict[str, Metric] = {}
+        for family in self._files.collect():
+            if family.name in _CARRIED:
+                carried[family.name] = family
+            else:
+                yield family
+        for declared in _HISTOGRAMS:
+            buckets_name, sum_name = _carriers(declared)
+            buckets, sums = carried.get(buckets_name), carried.get(sum_name)
+            if buckets is not None:  # as before: no family until a worker has written one
+                yield _histogram(declared, buckets, sums)
+
+
+def _histogram(declared: Family, buckets: Metric, sums: Metric | None) -> HistogramMetricFamily:
+    labels = declared.labels
+    totals = {tuple(s.labels[name] for name in labels): s.value for s in (sums.samples if sums else ())}
+    series: dict[tuple[str, ...], dict[str, float]] = {}
+    for sample in buckets.samples:
+        series.setdefault(tuple(sample.labels[name] for name in labels), {})[sample.labels["le"]] = sample.value
+    bounds = {floatToGoString(bound) for bound in (*declared.buckets, math.inf)}
+    histogram = declared.histogram()
+    for key, by_bound in series.items():
+        # A worker part-way through its first copy of a series: shown from the next scrape.
+        if set(by_bound) != bounds or key not in totals:
+            continue
+        histogram.add_metric(key, sorted(by_bound.items(), key=lambda item: float(item[0])), totals[key])
+    return histogram

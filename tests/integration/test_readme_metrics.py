@@ -15,10 +15,11 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from proxy.telemetry.families import FAMILIES
 from tests.conftest import TestKey, mint
 
 README = Path(__file__).parents[2] / "README.md"
-WORKERS_ONLY = {"jwt_sidecar_workers_ready"}
+WORKERS_ONLY = {family.name for family in FAMILIES if family.workers_only}
 
 
 def readme_metrics() -> set[str]:

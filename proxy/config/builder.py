@@ -565,7 +565,8 @@ class _Builder:
         headers = self.header_map(s.section("headers", example=_HEADERS_EXAMPLE))
         websocket_section = s.section("websocket", example=_WEBSOCKET_EXAMPLE)
         websocket = self.websocket(websocket_section, self.websocket_defaults) if websocket_section else None
-        cors = self.cors_policy(s, route=True) if s.has("cors") else self.cors_default
+        own_cors = self.cors_policy(s, route=True)  # read even when absent: a known key of a route
+        cors = own_cors if s.has("cors") else self.cors_default
         s.done()
         if match is None:
             return None

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import importlib
 import json
 import os
 import re
@@ -41,8 +42,10 @@ from ..base.secretfile import MIN_HMAC_BYTES, KeyToolError, read_secret
 from . import routecheck, settings
 from .settings import (
     BEARER,
+    ORIGIN,
     ClaimHeader,
     ClaimRule,
+    CorsSettings,
     HeaderMap,
     Listen,
     Provider,
@@ -141,6 +144,8 @@ class _Builder:
         upstream_section = root.section("upstream", example=_UPSTREAM_EXAMPLE, meant=_url_mapping)
         upstream = self.upstream(upstream_section) if upstream_section is not None else None
         self.upstream_defaults = upstream or Upstream()
+        # And a route's `cors`: the top-level policy unless the route sets its own (or false).
+        self.cors_default = self.cors_policy(root)
         routes: list[Route] = []
         self.route_places: list[tuple[str, int | None]] = []  # each route's dotted path and line
         for i, item, path, line in root.items("routes", "routes", "- {match: {path_prefix: /}, auth: none}"):
@@ -205,6 +210,7 @@ class _Builder:
             websocket=self.websocket_defaults,
             log_format=log_format,
             log_level=log_level,
+            cors=self.cors_default,
         )
 
     # -- providers ------------------------------------------------------------------------
@@ -559,6 +565,8 @@ class _Builder:
         headers = self.header_map(s.section("headers", example=_HEADERS_EXAMPLE))
         websocket_section = s.section("websocket", example=_WEBSOCKET_EXAMPLE)
         websocket = self.websocket(websocket_section, self.websocket_defaults) if websocket_section else None
+        own_cors = self.cors_policy(s, route=True)  # read even when absent: a known key of a route
+        cors = own_cors if s.has("cors") else self.cors_default
         s.done()
         if match is None:
             return None
@@ -570,6 +578,7 @@ class _Builder:
             token_sources=sources,
             headers=headers,
             websocket=websocket,
+            cors=cors,
         )
 
     def route_match(self, s: Section | None) -> RouteMatch | None:
@@ -809,6 +818,48 @@ class _Builder:
         s.done()
         return strip
 
+    # -- CORS -----------------------------------------------------------------------------
+    def cors_policy(self, parent: Section, *, route: bool = False) -> CorsSettings | None:
+        """`cors:` at the top level or on a route (where it replaces the top-level one whole,
+        and `false` turns CORS off); None when there is none."""
+        value = parent.raw("cors")
+        if value is None or value is False:
+            return None
+        if not isinstance(value, dict):
+            inherit = " (leave it out to use the top-level one)" if route else ""
+            parent.error(
+                "cors",
+                f"{describe(value)} is not a mapping: write {_CORS_EXAMPLE}, or false for no CORS{inherit}",
+            )
+            return None
+        s = Section(self.issues, value, parent.at("cors"), parent.line_of("cors"))
+        defaults = CorsSettings()
+        origins = s.string_list("allow_origins", "origins", "[https://app.example.com]", required=True)
+        methods = s.string_list("allow_methods", "methods", "[GET, POST, PUT]", defaults.allow_methods)
+        headers = s.string_list(
+            "allow_headers", "header names", "[Authorization, Content-Type]", defaults.allow_headers
+        )
+        expose = s.string_list("expose_headers", "header names", "[X-Request-Id]", defaults.expose_headers)
+        credentials = s.boolean("allow_credentials", defaults.allow_credentials)
+        max_age = s.duration("max_age", defaults.max_age)
+        s.done()
+        exact, patterns, any_origin = _cors_origins(s, origins, credentials)
+        _cors_methods(s, methods, credentials)
+        for key, names in (("allow_headers", headers), ("expose_headers", expose)):
+            _cors_header_names(s, key, names, credentials)
+        if not origins and not s.has("allow_origins"):
+            return None  # its own error says so
+        return CorsSettings(
+            allow_origins=exact,
+            any_origin=any_origin,
+            origin_patterns=patterns,
+            allow_methods=methods,
+            allow_headers=headers,
+            expose_headers=expose,
+            allow_credentials=credentials,
+            max_age=max_age,
+        )
+
     # -- the rest -------------------------------------------------------------------------
     def token_cache(self, s: Section | None) -> TokenCacheSettings:
         defaults = TokenCacheSettings()
@@ -942,3 +993,261 @@ def _regex(s: Section, key: str, pattern: str, flags: int = 0) -> re.Pattern[str
     except re.error as error:
         s.error(key, f"{pattern!r} is not a valid regular expression: {error}")
         return None
+
+
+# -- CORS (the Fetch standard's CORS protocol; request/cors.py compiles the settings) --------
+_CORS_EXAMPLE = "{allow_origins: [https://app.example.com]}"
+_DEFAULT_PORTS = {"http": "80", "https": "443", "ws": "80", "wss": "443"}
+# Fetch "normalize a method": browsers upper-case these six, and send every other as written.
+_NORMALISED_METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "POST", "PUT")
+# Fetch "forbidden method": a page cannot send these at all.
+_FORBIDDEN_METHODS = ("CONNECT", "TRACE", "TRACK")
+
+
+def _cors_origins(
+    s: Section, origins: tuple[str, ...], credentials: bool
+) -> tuple[tuple[str, ...], tuple[re.Pattern[str], ...], bool]:
+    """`allow_origins` → (exact origins, compiled `regex:` patterns, whether `*`), each mistake
+    reported on its item's line."""
+    lines = getattr(s.data.get("allow_origins"), "lines", [s.line_of("allow_origins")] * len(origins))
+    exact: list[str] = []
+    patterns: list[re.Pattern[str]] = []
+    any_origin = False
+    for i, entry in enumerate(origins):
+        at = f"{s.at('allow_origins')}[{i}]"
+
+        def error(message: str, line: int | None = lines[i], at: str = at) -> None:
+            s.issues.add(line, at, message)
+
+        if entry == "*":
+            any_origin = True
+            if credentials:
+                error(
+                    "`*` cannot be used with allow_credentials: true: the Fetch standard forbids a browser to "
+                    "pass a credentialed answer that says `Access-Control-Allow-Origin: *`, and echoing every "
+                    "origin instead would let any site act as the user; list the origins (or a regex:)"
+                )
+            elif len(origins) > 1:
+                error("`*` already allows every origin: list either `*` alone or the origins")
+        elif entry.lower() == "null":
+            error(
+                "the origin `null` cannot be allowed: any site can send `Origin: null` (a sandboxed iframe, "
+                "a data: URL, a redirect), so allowing it allows every site; use `*` (without credentials) "
+                "if every site may call this"
+            )
+        elif entry.startswith("regex:"):
+            pattern = _cors_pattern(entry[len("regex:") :], error)
+            if pattern is not None:
+                patterns.append(pattern)
+        else:
+            problem = _origin_problem(entry)
+            if problem is not None:
+                error(problem)
+            elif entry in exact:
+                error(f"{entry!r} is listed twice")
+            else:
+                exact.append(entry)
+    return tuple(exact), tuple(patterns), any_origin
+
+
+def _origin_problem(entry: str) -> str | None:
+    """Why `entry` is not an origin a browser could send, with the spelling it would send; None if it is."""
+    if ORIGIN.fullmatch(entry):
+        scheme, _, port = ORIGIN.fullmatch(entry).groups()  # type: ignore[union-attr]
+        if port is not None and (port == _DEFAULT_PORTS.get(scheme) or not 0 < int(port) < 65536):
+            if not 0 < int(port) < 65536:
+                return f"{entry!r}: port {int(port)} is out of range; a port is 1 to 65535"
+            return f"{entry!r}: browsers leave out the default port; write {entry.rsplit(':', 1)[0]}"
+        return None
+    if "*" in entry:
+        return (
+            f"{entry!r}: an exact origin has no wildcards; for every subdomain write "
+            r"regex:https://[a-z0-9-]+\.example\.com (with your domain, the dots escaped)"
+        )
+    scheme, sep, rest = entry.partition("://")
+    if not sep:
+        return f"{entry!r} is not an origin: it has no scheme; write https://{entry.rstrip('/')}"
+    host_port, slash, path = rest.partition("/")
+    if slash:
+        shown = f"{scheme}://{host_port}"
+        what = "a trailing slash" if not path else "a path"
+        return (
+            f"{entry!r}: an origin has no path, and browsers send it without {what}; write {shown} "
+            "(the route's match decides the paths)"
+        )
+    if any(c in rest for c in "?#@"):
+        return f"{entry!r} is not an origin: an origin is scheme://host[:port], nothing else"
+    if entry != entry.lower() and ORIGIN.fullmatch(entry.lower()):
+        return f"{entry!r}: browsers send the scheme and host in lower case; write {entry.lower()}"
+    if not entry.isascii():
+        host, colon, port = host_port.partition(":") if not host_port.startswith("[") else (host_port, "", "")
+        try:
+            puny = host.lower().encode("idna").decode("ascii")
+        except UnicodeError:
+            return f"{entry!r}: the host is not a valid international domain name"
+        return f"{entry!r}: browsers send an international domain name in punycode; write {scheme.lower()}://{puny}{colon}{port}"
+    return f"{entry!r} is not an origin like https://app.example.com or http://localhost:3000 (scheme://host[:port])"
+
+
+def _cors_pattern(text: str, error: Any) -> re.Pattern[str] | None:
+    """A `regex:` origin: compiled once, matched against the whole origin, and refused when it
+    lets a site that anyone can register through (its dots unescaped, its end or the start of
+    its domain open)."""
+    try:
+        pattern = re.compile(text)
+    except re.error as invalid:
+        error(f"{text!r} is not a valid regular expression: {invalid}")
+        return None
+    problem = _pattern_problem(pattern)
+    if problem is not None:
+        error(f"regex:{text}: {problem}")
+        return None
+    return pattern
+
+
+def _pattern_problem(pattern: re.Pattern[str]) -> str | None:
+    """What a pattern lets through that its author cannot have meant, found by trying it on
+    origins built from the ones it describes; None when none of those get through."""
+    samples = _samples(pattern)
+    if samples is None:
+        return None  # lookarounds, back-references: nothing to build from; the operator's own
+    for sample, loose in samples:
+        found = ORIGIN.fullmatch(sample) if pattern.fullmatch(sample) else None
+        if found is None:
+            if pattern.fullmatch(sample):
+                return (
+                    f"it matches {sample!r}, which is not an origin: a pattern describes whole origins "
+                    "like https://app.example.com (scheme://host[:port], no path), matched from start to end"
+                )
+            continue
+        scheme, host, port = found.groups()
+        tail = f":{port}" if port else ""
+        if loose != sample and pattern.fullmatch(loose) and ORIGIN.fullmatch(loose):
+            return (
+                f"a `.` matches any character, so it also matches {loose!r}, a name anyone can register; "
+                r"write `\.` for a dot"
+            )
+        extended = f"{scheme}://{host}.attacker.example{tail}"
+        if pattern.fullmatch(extended):
+            return (
+                f"it is open at the end: it also matches {extended!r}; end it with the host "
+                r"(and `(:[0-9]+)?` for any port)"
+            )
+        labels = host.split(".")
+        if len(labels) >= 2 and not host.startswith("["):
+            bought = f"{scheme}://attacker{'.'.join(labels[-2:])}{tail}"
+            if pattern.fullmatch(bought):
+                return (
+                    f"the start of its domain is open: it also matches {bought!r}, a domain anyone can "
+                    r"register; put `\.` before the domain, e.g. https://([a-z0-9-]+\.)*example\.com"
+                )
+    return None
+
+
+def _samples(pattern: re.Pattern[str]) -> list[tuple[str, str]] | None:
+    """Shortest strings the pattern matches, one per alternative (at most 16): (with each
+    unrepeated `.` written as a dot, with it written as `x`). None for what it cannot build."""
+    # The stdlib's own regex parser (private, untyped: its stubs are those of the deprecated
+    # sre_parse), loaded only when a config has a regex origin.
+    sre: Any = importlib.import_module("re._parser")
+    constants: Any = importlib.import_module("re._constants")
+
+    def build(items: Any, repeated: bool = False) -> list[tuple[str, str]] | None:
+        out = [("", "")]
+        for op, arg in items:
+            step: list[tuple[str, str]] | None
+            if op is constants.LITERAL:
+                step = [(chr(arg), chr(arg))]
+            elif op is constants.NOT_LITERAL:
+                step = [("b", "b")] if arg == ord("a") else [("a", "a")]
+            elif op is constants.ANY:
+                # A lone `.` between letters is a dot meant literally (x: what else it lets in);
+                # one repeated (`.*`, `.+`) is a wildcard, written as a letter.
+                step = [("a", "a")] if repeated else [(".", "x")]
+            elif op is constants.IN:
+                char = _class_char(arg, constants)
+                step = None if char is None else [(char, char)]
+            elif op in (constants.MAX_REPEAT, constants.MIN_REPEAT, getattr(constants, "POSSESSIVE_REPEAT", None)):
+                low, _, sub = arg
+                inner = build(sub, repeated=True) if low else [("", "")]
+                step = None if inner is None else [(a * low, b * low) for a, b in inner]
+            elif op in (constants.SUBPATTERN, getattr(constants, "ATOMIC_GROUP", None)):
+                step = build(arg[-1] if op is constants.SUBPATTERN else arg, repeated)
+            elif op is constants.BRANCH:
+                step = []
+                for alternative in arg[1]:
+                    inner = build(alternative, repeated)
+                    if inner is None:
+                        return None
+                    step += inner
+            elif op is constants.AT:
+                step = [("", "")]
+            else:
+                return None
+            if step is None:
+                return None
+            out = [(a + c, b + d) for a, b in out for c, d in step][:16]
+        return out
+
+    try:
+        return build(sre.parse(pattern.pattern, pattern.flags))
+    except (RecursionError, ValueError, TypeError, re.error):
+        return None
+
+
+def _class_char(items: Any, constants: Any) -> str | None:
+    """A character a `[...]` class admits, preferring those of a host name."""
+    for char in "a0-.":
+        code = ord(char)
+        inside = False
+        negate = False
+        for op, arg in items:
+            if op is constants.NEGATE:
+                negate = True
+            elif (op is constants.LITERAL and arg == code) or (op is constants.RANGE and arg[0] <= code <= arg[1]):
+                inside = True
+            elif op is constants.CATEGORY:
+                name = str(arg)
+                if ("DIGIT" in name and char.isdigit() and "NOT" not in name) or (
+                    "WORD" in name and char.isalnum() and "NOT" not in name
+                ):
+                    inside = True
+        if inside != negate:
+            return char
+    return None
+
+
+def _cors_methods(s: Section, methods: tuple[str, ...], credentials: bool) -> None:
+    for method in methods:
+        if method == "*":
+            if credentials:
+                s.error(
+                    "allow_methods",
+                    "`*` is no wildcard with allow_credentials: true (the Fetch standard reads it as a method "
+                    "named `*`); list the methods",
+                )
+        elif not _HEADER_NAME.fullmatch(method):
+            s.error("allow_methods", f"{method!r} is not a method name (an HTTP token: no spaces or commas)")
+        elif method.upper() in _FORBIDDEN_METHODS:
+            s.error("allow_methods", f"{method!r}: a browser never sends it (a forbidden method in the Fetch standard)")
+        elif method != method.upper() and method.upper() in _NORMALISED_METHODS:
+            s.error("allow_methods", f"{method!r}: browsers send it upper-cased, as {method.upper()}; write that")
+        elif method != method.upper() and method.upper() == "PATCH":
+            s.error(
+                "allow_methods",
+                f"{method!r}: methods are compared as sent, and a page that writes patch sends `patch`, "
+                "which servers do not take for PATCH; write PATCH",
+            )
+
+
+def _cors_header_names(s: Section, key: str, names: tuple[str, ...], credentials: bool) -> None:
+    for name in names:
+        if name == "*":
+            if credentials:
+                s.error(
+                    key,
+                    "`*` is no wildcard with allow_credentials: true (the Fetch standard reads it as a header "
+                    "named `*`); list the header names",
+                )
+        elif not _HEADER_NAME.fullmatch(name):
+            s.error(key, f"{name!r} is not a header name (an HTTP token: no spaces, colons or commas)")

@@ -22,8 +22,10 @@ from ..http.causes import shown
 
 __all__ = [
     "BEARER",
+    "ORIGIN",
     "ClaimHeader",
     "ClaimRule",
+    "CorsSettings",
     "HeaderMap",
     "Listen",
     "Provider",
@@ -202,6 +204,39 @@ class WebSocketSettings:
     plus the provider's leeway)."""
 
 
+# What a browser sends as `Origin` (Fetch: "serialization of an origin"): scheme "://" host
+# [":" port], in lower case and ASCII (an international name in punycode), the default port
+# left out, no path. The config's exact origins must have this form, and a request's Origin
+# must have it before any `regex:` is tried on it (so `https://evil.test/.example.com` never
+# reaches a pattern). `_` stays: browsers keep it in host names.
+ORIGIN = re.compile(r"([a-z][a-z0-9+.-]*)://([a-z0-9_-]+(?:\.[a-z0-9_-]+)*|\[[0-9a-f:.]+\])(?::([0-9]{1,5}))?")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CorsSettings:
+    """Which browser origins may call a route cross-origin, and how (the Fetch standard's CORS
+    protocol); request/cors.py compiles it. Origins are serialised origins, compared byte for
+    byte as browsers send them (lower-case scheme and host, no default port, no path)."""
+
+    allow_origins: tuple[str, ...] = ()
+    """Exact origins, e.g. `https://app.example.com`."""
+    any_origin: bool = False
+    """`allow_origins: ["*"]`: every origin (never with `allow_credentials`)."""
+    origin_patterns: tuple[re.Pattern[str], ...] = ()
+    """`regex:` entries, matched against the whole origin (fullmatch)."""
+    allow_methods: tuple[str, ...] = ("GET", "HEAD", "POST")
+    """Methods a preflight may ask for (case-sensitive, as browsers send them); `*`: any."""
+    allow_headers: tuple[str, ...] = ("Authorization", "Content-Type")
+    """Request headers a preflight may ask for (compared case-insensitively); `*`: any but
+    `Authorization`, which the Fetch standard never lets `*` cover."""
+    expose_headers: tuple[str, ...] = ()
+    """Answer headers the page's script may read beyond the CORS-safelisted ones; `*`: all."""
+    allow_credentials: bool = False
+    """Let the page send cookies (and read answers to requests that carry them)."""
+    max_age: float | None = None
+    """How long a browser may reuse a preflight's answer; None: not sent (browsers: 5 s)."""
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Route:
     name: str
@@ -216,6 +251,9 @@ class Route:
     """Overrides the provider's header mapping."""
     websocket: WebSocketSettings | None = None
     """Overrides the top-level `websocket` settings (keys it leaves out are the top-level's)."""
+    cors: CorsSettings | None = None
+    """The CORS policy in force on this route: its own `cors`, else the top-level one; None
+    when neither is set or the route says `cors: false`."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -291,3 +329,5 @@ class Settings:
     stderr is not a terminal). Read at start; `run --log-format` overrides it."""
     log_level: str = "INFO"
     """The operator log's least level: DEBUG, INFO, WARNING or ERROR. `run --log-level` overrides it."""
+    cors: CorsSettings | None = None
+    """The top-level `cors`: the policy of every route that does not set its own."""

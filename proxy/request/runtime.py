@@ -1,7 +1,7 @@
 """Everything built from one config, and the one holder a reload swaps it in.
 
 Owns: `Snapshot` — the router, the strip plan, and for each route a `RoutePlan` with its
-resolved upstream, token sources, header map, verifier and metric children — built once per
+resolved upstream, token sources, header map, verifier, compiled CORS policy and metric children — built once per
 config so the request path does no lookups or parsing; and `Runtime`, the process-wide
 holder (client session, clock, metrics, the current snapshot, draining flag, readiness,
 which a reload never takes away).
@@ -21,10 +21,11 @@ from ..auth.keys import KeyRing
 from ..auth.verify import TokenCache, Verifier
 from ..base.clock import Clock
 from ..config.routing import Router
-from ..config.settings import HeaderMap, Route, Settings, TokenSource, Upstream
+from ..config.settings import CorsSettings, HeaderMap, Route, Settings, TokenSource, Upstream
 from ..http.upstream import Pool
 from ..telemetry.accesslog import AccessLog
 from ..telemetry.metrics import NO_ROUTE, Metrics, MetricsView, RouteMetrics
+from .cors import CorsPolicy
 from .forward import Origin
 from .identity import StripPlan
 
@@ -44,6 +45,9 @@ class RoutePlan:
     metrics: RouteMetrics
     missing: str
     """The log detail of a `TokenMissing` here ("no token in bearer, cookie"), built once."""
+    cors: CorsPolicy | None = None
+    """The route's CORS policy (its own `cors` or the top-level one); None: no CORS, and
+    nothing on this route's path costs more than this one test."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +60,8 @@ class Snapshot:
     cache: TokenCache | None
     unmatched: RouteMetrics
     providers_in_use: frozenset[str]
+    cors: bool = False
+    """Whether any route has CORS: without, no request is looked at as a preflight."""
 
 
 def build_snapshot(settings: Settings, *, keyring: KeyRing, clock: Clock, metrics: Metrics) -> Snapshot:
@@ -67,6 +73,17 @@ def build_snapshot(settings: Settings, *, keyring: KeyRing, clock: Clock, metric
         for name, provider in settings.providers.items()
     }
     plans: dict[str, RoutePlan] = {}
+    # One compiled policy per `cors` section: every route that inherits the top-level one shares it.
+    policies: dict[int, CorsPolicy] = {}
+
+    def compiled(cors: CorsSettings | None) -> CorsPolicy | None:
+        if cors is None:
+            return None
+        found = policies.get(id(cors))
+        if found is None:
+            found = policies[id(cors)] = CorsPolicy(cors)
+        return found
+
     for route in settings.routes:
         upstream = route.upstream or settings.upstream
         provider = settings.providers[route.auth.provider] if route.auth is not None else None
@@ -80,6 +97,7 @@ def build_snapshot(settings: Settings, *, keyring: KeyRing, clock: Clock, metric
             verifier=verifiers[provider.name] if provider else None,
             metrics=metrics.route(route.name),
             missing="no token in " + ", ".join(source.kind for source in sources),
+            cors=compiled(route.cors),
         )
     return Snapshot(
         settings=settings,
@@ -90,6 +108,7 @@ def build_snapshot(settings: Settings, *, keyring: KeyRing, clock: Clock, metric
         cache=cache,
         unmatched=metrics.route(NO_ROUTE),
         providers_in_use=frozenset(r.auth.provider for r in settings.routes if r.auth is not None),
+        cors=any(plan.cors is not None for plan in plans.values()),
     )
 
 

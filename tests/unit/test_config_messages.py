@@ -75,18 +75,18 @@ ONE_MISTAKE = [
     (
         "misspelt top-level key",
         PROVIDER + "upsteam: {url: 'http://127.0.0.1:8000'}\n",
-        "c.yaml:3: upsteam: unknown key; did you mean upstream? allowed here: access_log, admin, drain_delay, …",
+        "c.yaml:3: upsteam: unknown key; did you mean upstream? allowed here: access_log, admin, …",
     ),
     (
         "misspelt match",
         PROVIDER + "routes:\n  - mach: {path_prefix: /}\n    auth: none\n",
-        "c.yaml:4: routes[0].mach: unknown key; did you mean match? allowed here: auth, headers, match, name, "
+        "c.yaml:4: routes[0].mach: unknown key; did you mean match? allowed here: auth, cors, headers, match, name, "
         "token_sources, upstream, websocket",
     ),
     (
         "misspelt auth",
         PROVIDER + "routes:\n  - match: {path_prefix: /}\n    auht: none\n",
-        "c.yaml:5: routes[0].auht: unknown key; did you mean auth? allowed here: auth, headers, match, name, "
+        "c.yaml:5: routes[0].auht: unknown key; did you mean auth? allowed here: auth, cors, headers, match, name, "
         "token_sources, upstream, websocket",
     ),
     (
@@ -323,7 +323,7 @@ ONE_MISTAKE = [
         "providers misspelt, a route names one",
         "provider:\n  main: {issuer: i, audiences: [a], jwks: {url: 'https://x'}}\n"
         "routes:\n  - {match: {path_prefix: /}, auth: {provider: main}}\n",
-        "c.yaml:1: provider: unknown key; did you mean providers? allowed here: access_log, admin, drain_delay, …",
+        "c.yaml:1: provider: unknown key; did you mean providers? allowed here: access_log, admin, …",
     ),
     (
         "providers a list, a route names one",
@@ -339,7 +339,7 @@ ONE_MISTAKE = [
     (
         "a key YAML reads as a boolean",
         PROVIDER + "yes: 1\n",
-        "c.yaml:3: true: unknown key; allowed here: access_log, admin, drain_delay, …",
+        "c.yaml:3: true: unknown key; allowed here: access_log, admin, …",
     ),
     (
         "a tab in the indentation",
@@ -458,6 +458,27 @@ LIST_KEYS = [
         "prefixes",
         PROVIDER + "strip_headers: {prefixes: X-User-}\n",
         "c.yaml:3: strip_headers.prefixes: must be a list of header name prefixes, e.g. [X-User-]",
+    ),
+    (
+        "allow_origins",
+        PROVIDER + "cors: {allow_origins: https://app.example.com https://admin.example.com}\n",
+        "c.yaml:3: cors.allow_origins: must be a list of origins, e.g. ['https://app.example.com', "
+        "'https://admin.example.com']",
+    ),
+    (
+        "allow_methods",
+        PROVIDER + "cors: {allow_origins: [https://app.example.com], allow_methods: GET PUT}\n",
+        "c.yaml:3: cors.allow_methods: must be a list of methods, e.g. [GET, PUT]",
+    ),
+    (
+        "allow_headers",
+        PROVIDER + "cors: {allow_origins: [https://app.example.com], allow_headers: Authorization}\n",
+        "c.yaml:3: cors.allow_headers: must be a list of header names, e.g. [Authorization]",
+    ),
+    (
+        "expose_headers",
+        PROVIDER + "cors: {allow_origins: [https://app.example.com], expose_headers: X-Request-Id ETag}\n",
+        "c.yaml:3: cors.expose_headers: must be a list of header names, e.g. [X-Request-Id, ETag]",
     ),
 ]
 
@@ -810,7 +831,16 @@ def test_any_odd_value_in_any_place_is_an_error_naming_its_line_never_a_crash(mo
         strip_headers={"names": ["X-A"], "prefixes": ["X-B-"]},
         listen="127.0.0.1:8080",
         upstream={"url": "http://127.0.0.1:8000", "timeout": "5s", "max_body": "1MB"},
+        cors={
+            "allow_origins": ["https://app.example.com", "regex:https://[a-z]+\\.example\\.com"],
+            "allow_methods": ["GET", "PUT"],
+            "allow_headers": ["Authorization"],
+            "expose_headers": ["ETag"],
+            "allow_credentials": True,
+            "max_age": "10m",
+        },
     )
+    good["routes"][0]["cors"] = {"allow_origins": ["*"], "allow_headers": ["*", "Authorization"]}
     for place in _places(good):
         for value in ODD_VALUES:
             document = copy.deepcopy(good)

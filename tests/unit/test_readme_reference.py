@@ -185,6 +185,7 @@ def test_the_value_lists_the_readme_gives_are_the_codes() -> None:
 
 PROVIDER = "    issuer: i\n    audiences: [a]\n    jwks: {url: 'https://issuer.example/jwks'}\n"
 BASE = "providers:\n  p:\n" + PROVIDER + "routes:\n  - {match: {path_prefix: /}, auth: {provider: p}}\n"
+CORS_BASE = "cors: {allow_origins: ['https://app.example.com']}\n" + BASE
 
 # One unknown key in every section: the error lists the keys that section allows.
 PROBE = """\
@@ -193,6 +194,7 @@ upstream: {url: 'http://127.0.0.1:1', zz_unknown: 1}
 websocket: {zz_unknown: 1}
 strip_headers: {zz_unknown: 1}
 token_cache: {zz_unknown: 1}
+cors: {allow_origins: ['https://app.example.com'], zz_unknown: 1}
 providers:
   p:
     zz_unknown: 1
@@ -221,7 +223,9 @@ def allowed_keys() -> dict[str, set[str]]:
 
 CONFIGURATION = section("## Configuration")
 # The reference tables (not the reasons and metrics tables further down).
-CONFIG_TABLES = section("### Providers") + section("### Listener, upstream and what the upstream receives")
+CONFIG_TABLES = (
+    section("### Providers") + section("### Listener, upstream and what the upstream receives") + section("### CORS")
+)
 
 
 def table_keys(text: str) -> set[str]:
@@ -246,7 +250,12 @@ def mentioned(text: str) -> set[str]:
 
 def test_every_config_key_is_documented() -> None:
     tables, yaml_names = table_keys(CONFIG_TABLES), yaml_keys(CONFIGURATION)
-    own_sections = {"providers": "### Providers", "routes": "### Routes", "token_cache": "### Verified-token cache"}
+    own_sections = {
+        "providers": "### Providers",
+        "routes": "### Routes",
+        "token_cache": "### Verified-token cache",
+        "cors": "### CORS",
+    }
     missing = []
     for where, keys in allowed_keys().items():
         for key in keys:
@@ -256,7 +265,7 @@ def test_every_config_key_is_documented() -> None:
                     or any(t.startswith(f"{key}.") for t in tables)
                     or (key in own_sections and f"\n{own_sections[key]}\n" in CONFIGURATION)
                 )
-            elif where in ("upstream", "websocket", "providers.p.headers", "strip_headers"):
+            elif where in ("upstream", "websocket", "providers.p.headers", "strip_headers", "cors"):
                 dotted = f"{where.rsplit('.', 1)[-1]}.{key}"
                 ok = dotted in tables or (where == "strip_headers" and f"`{key}`" in CONFIGURATION)
             elif where == "providers.p":  # the Providers tables, or a row under Listener
@@ -275,7 +284,7 @@ def test_every_key_a_config_table_names_exists() -> None:
         | set(allowed["providers.p"])
         | {
             f"{section.rsplit('.', 1)[-1]}.{key}"
-            for section in ("upstream", "websocket", "providers.p.headers")
+            for section in ("upstream", "websocket", "providers.p.headers", "cors")
             for key in allowed[section]
         }
         | {f"routes[].{key}" for key in allowed["routes[]"]}
@@ -315,12 +324,15 @@ def with_key(key: str, value: str) -> str:
     if head == "upstream" and tail != "url":  # an upstream section needs its url
         tail_value = f"url: http://127.0.0.1:8000, {tail}: {yaml_value}"
         return f"upstream: {{{tail_value}}}\n" + BASE
+    if head == "cors":  # a cors section needs its origins: compared with CORS_BASE
+        return f"cors: {{allow_origins: ['https://app.example.com'], {tail}: {yaml_value}}}\n" + BASE
     return (f"{head}: {{{tail}: {yaml_value}}}\n" if tail else f"{head}: {yaml_value}\n") + BASE
 
 
 @pytest.mark.parametrize(("key", "default"), default_rows())
 def test_each_default_in_the_config_tables_is_the_codes(key: str, default: str) -> None:
-    assert config.parse(with_key(key, default), file="c.yaml") == config.parse(BASE, file="c.yaml")
+    base = CORS_BASE if key.startswith("cors.") else BASE
+    assert config.parse(with_key(key, default), file="c.yaml") == config.parse(base, file="c.yaml")
 
 
 def test_the_defaults_checked_cover_the_tables() -> None:
@@ -340,6 +352,9 @@ def test_the_defaults_checked_cover_the_tables() -> None:
         "max_token_bytes",
         "headers.claims",
         "token_sources",
+        "cors.allow_methods",
+        "cors.allow_headers",
+        "cors.allow_credentials",
     } <= checked
 
 

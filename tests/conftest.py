@@ -6,6 +6,7 @@ repository; tokens are minted per test, never pasted.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -119,11 +120,16 @@ def mint(
 
 
 class FakeClock:
-    """A clock the test sets: `time()` is wall-clock seconds, `monotonic()` moves with it."""
+    """A clock the test sets: `time()` is wall-clock seconds, `monotonic()` moves with it.
+
+    `sleep()` returns only when `advance` has moved the clock past its end, so a background
+    timer (the key refresh) runs exactly when the test says, without real waiting.
+    """
 
     def __init__(self, start: float | None = None) -> None:
         self.now = start if start is not None else time.time()
         self._mono = 1000.0
+        self._sleepers: list[tuple[float, asyncio.Future[None]]] = []
 
     def time(self) -> float:
         return self.now
@@ -134,6 +140,34 @@ class FakeClock:
     def advance(self, seconds: float) -> None:
         self.now += seconds
         self._mono += seconds
+        for deadline, waiter in self._sleepers:
+            if deadline <= self._mono and not waiter.done():
+                waiter.set_result(None)
+        self._sleepers = [(d, w) for d, w in self._sleepers if not w.done()]
+
+    async def sleep(self, seconds: float) -> None:
+        if seconds <= 0:
+            await asyncio.sleep(0)
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._sleepers.append((self._mono + seconds, waiter))
+        try:
+            await waiter
+        finally:
+            self._sleepers = [(d, w) for d, w in self._sleepers if w is not waiter]
+
+    async def sleeping(self, within: float = 5.0) -> float:
+        """Seconds until the first pending `sleep()` ends, once something sleeps on this clock.
+
+        Waits (in real time, at most `within`) for a sleeper: a background task started a
+        moment ago may not have reached its `sleep()` yet, and advancing before it has
+        would not wake it.
+        """
+        deadline = time.monotonic() + within
+        while not any(not w.done() for _, w in self._sleepers):
+            assert time.monotonic() < deadline, f"nothing slept on the clock within {within}s"
+            await asyncio.sleep(0.005)
+        return min(d for d, w in self._sleepers if not w.done()) - self._mono
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ from yarl import URL
 
 from proxy.ops.reload import reload
 from proxy.telemetry.accesslog import AccessLog
-from tests.conftest import AUDIENCE, ISSUER, TestKey, jwks_of, mint
+from tests.conftest import AUDIENCE, ISSUER, FakeClock, TestKey, jwks_of, mint
 from tests.integration.conftest import BASE_CONFIG
 from tests.support.jwks_server import JwksServer, start_jwks_server
 
@@ -467,7 +467,7 @@ async def test_a_reload_to_another_discovery_issuer_is_a_new_source(sidecar: Any
 
 
 async def test_a_removed_providers_key_source_is_closed_and_never_fetches_again(
-    sidecar: Any, jwks_server: Any, aiohttp_server: Any, rsa_key: TestKey
+    sidecar: Any, jwks_server: Any, aiohttp_server: Any, rsa_key: TestKey, clock: FakeClock
 ) -> None:
     other = await start_jwks_server(aiohttp_server, jwks_of(rsa_key))
     two = BASE_CONFIG.replace(
@@ -476,7 +476,7 @@ async def test_a_removed_providers_key_source_is_closed_and_never_fetches_again(
         f'    jwks: {{url: "{other.url()}", cache_ttl: 1s, min_refresh_interval: 1s}}\n'
         "routes:",
     )
-    s = await sidecar(two)
+    s = await sidecar(two, clock=clock)
     removed = s.runtime.snapshot.keyring["other"]
     assert removed.ready
     path = Path(s.runtime.config_path)
@@ -488,8 +488,16 @@ async def test_a_removed_providers_key_source_is_closed_and_never_fetches_again(
     assert await reload(s.runtime) is True
     assert "other" not in s.runtime.snapshot.keyring.sources
     assert removed._closed and removed._refresher.done()
-    fetched = other.requests["/jwks.json"]
-    await asyncio.sleep(1.5)  # longer than its cache_ttl: an open source would have refreshed
+    fetched, main_fetched = other.requests["/jwks.json"], jwks_server.requests["/jwks.json"]
+    # Far past every refresh interval (the refresh sleeps on the injected clock): the kept
+    # provider refreshes, which shows the clock moved the loops on; the removed one does not.
+    await clock.sleeping()
+    clock.advance(3600)
+    deadline = time.monotonic() + 5
+    while jwks_server.requests["/jwks.json"] == main_fetched and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    assert jwks_server.requests["/jwks.json"] == main_fetched + 1
+    await asyncio.sleep(0.05)
     assert other.requests["/jwks.json"] == fetched
 
 

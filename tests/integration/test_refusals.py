@@ -373,6 +373,9 @@ class BreakableClock:
     def monotonic(self) -> float:
         return time.monotonic()
 
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
 
 @pytest.fixture
 async def refusing(aiohttp_server: Any, jwks_server: Any, rsa_key: TestKey, tmp_path: Path) -> Any:

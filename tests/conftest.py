@@ -7,6 +7,7 @@ repository; tokens are minted per test, never pasted.
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -173,6 +174,24 @@ class FakeClock:
 @pytest.fixture
 def clock() -> FakeClock:
     return FakeClock()
+
+
+_REFUSING: list[socket.socket] = []
+
+
+def refused_port(which: int = 0) -> int:
+    """A loopback port that refuses connections for the whole test run, whatever else runs
+    (`which`: another one, for a test that needs two different dead addresses).
+
+    Bound by this process and never listening: a connection to it is refused, and no other
+    process can listen on it meanwhile. (Port 1 or 9, or a port bound and closed again, is
+    refused only while nothing else happens to listen there.)
+    """
+    while len(_REFUSING) <= which:
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        _REFUSING.append(sock)
+    return int(_REFUSING[which].getsockname()[1])
 
 
 # Appended with keys.py; imported here, not at the top, to leave the fixtures above untouched.

@@ -19,7 +19,7 @@ import pytest
 from proxy.auth.keys import MAX_DOCUMENT_BYTES, KeyRing, KeySource, RemoteKeySource, key_source_for, same_source
 from proxy.base.errors import InvalidToken, KeysUnavailable, Reason
 from proxy.config.builder import Provider, RemoteJwks, StaticKeys
-from tests.conftest import AUDIENCE, HS_SECRET, ISSUER, FakeClock, TestKey, jwks_of
+from tests.conftest import AUDIENCE, HS_SECRET, ISSUER, FakeClock, TestKey, jwks_of, refused_port
 from tests.support.jwks_server import DISCOVERY_PATH, JWKS_PATH, JwksServer
 
 ASYMMETRIC = ("RS256", "PS256", "ES256", "EdDSA")
@@ -300,7 +300,7 @@ async def test_source_that_never_got_keys_raises_keys_unavailable(jwks_server: J
 
 
 async def test_unreachable_server_is_counted_not_raised(make_source: Make) -> None:
-    source = make_source(remote_provider("http://127.0.0.1:1/jwks.json", timeout=1.0))
+    source = make_source(remote_provider(f"http://127.0.0.1:{refused_port()}/jwks.json", timeout=1.0))
     await source.start()
     assert (source.fetches, source.failures) == (1, 1)
     assert not source.ready
@@ -676,7 +676,7 @@ async def test_a_replaced_source_serves_until_closed_with_its_successor(
     jwks_server.document = jwks_of(rsa_key)
     old = KeyRing({"corp": remote_provider(jwks_server.url())}, session=session, clock=clock)
     await old.start()
-    dead = remote_provider("http://127.0.0.1:9/jwks.json", timeout=0.5)  # port 9: nothing listens
+    dead = remote_provider(f"http://127.0.0.1:{refused_port()}/jwks.json", timeout=0.5)
     new = KeyRing({"corp": dead}, session=session, clock=clock, reuse=old)
     await new.start()
     source = new["corp"]

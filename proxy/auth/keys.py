@@ -3,9 +3,10 @@
 Owns: fetching a provider's JWK Set over HTTP (a configured JWKS URL, or the `jwks_uri` of
 an OpenID Connect discovery document) with the shared client session; how long a fetched
 set counts as fresh and refreshing it ahead of expiry (timed, like every interval here, on
-the injected clock); single-flight and rate-limited refetches when a token names an unknown `kid`; keeping the last good keys when a refresh
-fails; static keys (a JWKS file, a PEM key, an HS secret) read once by the config;
-whether a provider is `ready` (holds at least one usable key); and, across a reload, which
+the injected clock); single-flight and rate-limited refetches when a token names an unknown
+`kid`; keeping the last good keys when a refresh fails; static keys (a JWKS file, a PEM
+key, an HS secret) read once by the config; whether a provider is `ready` (holds at least
+one usable key); and, across a reload, which
 sources carry over: a source is identified by its key-source settings alone (`same_source`),
 a source whose algorithms changed is re-indexed from the last good document, and a replaced
 source keeps serving through its successor (`fall_back_on`) until the successor has keys.

@@ -194,6 +194,12 @@ def refused_port(which: int = 0) -> int:
     return int(_REFUSING[which].getsockname()[1])
 
 
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """The refused ports are held until the run ends, then given back."""
+    while _REFUSING:
+        _REFUSING.pop().close()
+
+
 # Appended with keys.py; imported here, not at the top, to leave the fixtures above untouched.
 from tests.support.jwks_server import JwksServer, start_jwks_server  # noqa: E402
 

@@ -6,6 +6,8 @@ repository; tokens are minted per test, never pasted.
 
 from __future__ import annotations
 
+import asyncio
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -119,11 +121,16 @@ def mint(
 
 
 class FakeClock:
-    """A clock the test sets: `time()` is wall-clock seconds, `monotonic()` moves with it."""
+    """A clock the test sets: `time()` is wall-clock seconds, `monotonic()` moves with it.
+
+    `sleep()` returns only when `advance` has moved the clock past its end, so a background
+    timer (the key refresh) runs exactly when the test says, without real waiting.
+    """
 
     def __init__(self, start: float | None = None) -> None:
         self.now = start if start is not None else time.time()
         self._mono = 1000.0
+        self._sleepers: list[tuple[float, asyncio.Future[None]]] = []
 
     def time(self) -> float:
         return self.now
@@ -134,11 +141,63 @@ class FakeClock:
     def advance(self, seconds: float) -> None:
         self.now += seconds
         self._mono += seconds
+        for deadline, waiter in self._sleepers:
+            if deadline <= self._mono and not waiter.done():
+                waiter.set_result(None)
+        self._sleepers = [(d, w) for d, w in self._sleepers if not w.done()]
+
+    async def sleep(self, seconds: float) -> None:
+        if seconds <= 0:
+            await asyncio.sleep(0)
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._sleepers.append((self._mono + seconds, waiter))
+        try:
+            await waiter
+        finally:
+            self._sleepers = [(d, w) for d, w in self._sleepers if w is not waiter]
+
+    async def sleeping(self, within: float = 5.0) -> float:
+        """Seconds until the first pending `sleep()` ends, once something sleeps on this clock.
+
+        Waits (in real time, at most `within`) for a sleeper: a background task started a
+        moment ago may not have reached its `sleep()` yet, and advancing before it has
+        would not wake it.
+        """
+        deadline = time.monotonic() + within
+        while not any(not w.done() for _, w in self._sleepers):
+            assert time.monotonic() < deadline, f"nothing slept on the clock within {within}s"
+            await asyncio.sleep(0.005)
+        return min(d for d, w in self._sleepers if not w.done()) - self._mono
 
 
 @pytest.fixture
 def clock() -> FakeClock:
     return FakeClock()
+
+
+_REFUSING: list[socket.socket] = []
+
+
+def refused_port(which: int = 0) -> int:
+    """A loopback port that refuses connections for the whole test run, whatever else runs
+    (`which`: another one, for a test that needs two different dead addresses).
+
+    Bound by this process and never listening: a connection to it is refused, and no other
+    process can listen on it meanwhile. (Port 1 or 9, or a port bound and closed again, is
+    refused only while nothing else happens to listen there.)
+    """
+    while len(_REFUSING) <= which:
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        _REFUSING.append(sock)
+    return int(_REFUSING[which].getsockname()[1])
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """The refused ports are held until the run ends, then given back."""
+    while _REFUSING:
+        _REFUSING.pop().close()
 
 
 # Appended with keys.py; imported here, not at the top, to leave the fixtures above untouched.

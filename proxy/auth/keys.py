@@ -2,10 +2,11 @@
 
 Owns: fetching a provider's JWK Set over HTTP (a configured JWKS URL, or the `jwks_uri` of
 an OpenID Connect discovery document) with the shared client session; how long a fetched
-set counts as fresh and refreshing it ahead of expiry; single-flight and rate-limited
-refetches when a token names an unknown `kid`; keeping the last good keys when a refresh
-fails; static keys (a JWKS file, a PEM key, an HS secret) read once by the config;
-whether a provider is `ready` (holds at least one usable key); and, across a reload, which
+set counts as fresh and refreshing it ahead of expiry (timed, like every interval here, on
+the injected clock); single-flight and rate-limited refetches when a token names an unknown
+`kid`; keeping the last good keys when a refresh fails; static keys (a JWKS file, a PEM
+key, an HS secret) read once by the config; whether a provider is `ready` (holds at least
+one usable key); and, across a reload, which
 sources carry over: a source is identified by its key-source settings alone (`same_source`),
 a source whose algorithms changed is re-indexed from the last good document, and a replaced
 source keeps serving through its successor (`fall_back_on`) until the successor has keys.
@@ -426,7 +427,9 @@ class RemoteKeySource(KeySource):
                 base = max(self._remote.min_refresh_interval, _MIN_RETRY)
                 cap = self._remote.cache_ttl if self.keyset.size > 0 else base
                 delay = min(base * 2 ** min(failed_in_row - 1, 16), cap, self._remote.cache_ttl)
-            await asyncio.sleep(delay)
+            # On the injected clock, like the TTL and the rate limit it serves: a test clock
+            # moves the refresh on at once (the system clock sleeps in real time).
+            await self._clock.sleep(delay)
             try:
                 task = self._fetch_shared()
                 await _wait(task)

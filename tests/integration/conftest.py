@@ -1,6 +1,7 @@
 """The real proxy on loopback, between a real recording upstream and a real JWKS server.
 
-`sidecar(yaml)` builds the config from YAML text (with `{upstream}` and `{jwks}` filled in),
+`sidecar(yaml)` builds the config from YAML text (with `{upstream}` and `{jwks}` filled in;
+`clock=` a FakeClock to move key refreshes on without waiting),
 starts the proxy on its own HTTP/1.1 server on loopback (as `jwt-sidecar run` serves it)
 and its admin app with `aiohttp_server`, and returns
 a `Sidecar` with a client session. Tokens are minted per test with `tests.conftest.mint`.
@@ -16,6 +17,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from proxy.base.clock import Clock
 from proxy.config import builder as config
 from proxy.http.http1 import Server
 from proxy.ops.admin import create_admin_app
@@ -80,7 +82,7 @@ async def sidecar(
     proxies: list[Proxy] = []
     servers: list[Server] = []
 
-    async def make(yaml_text: str = BASE_CONFIG, **extra: str) -> Sidecar:
+    async def make(yaml_text: str = BASE_CONFIG, *, clock: Clock | None = None, **extra: str) -> Sidecar:
         jwks_server.document = jwks_of(rsa_key)
         upstream = await start_upstream(aiohttp_server)
         text = textwrap.dedent(yaml_text).replace("{upstream}", upstream.url).replace("{jwks}", jwks_server.url())
@@ -89,7 +91,7 @@ async def sidecar(
         path = tmp_path / "config.yaml"
         path.write_text(text)
         settings = config.load(path)
-        proxy = Proxy(settings, config_path=str(path))
+        proxy = Proxy(settings, config_path=str(path), clock=clock)
         await proxy.start()
         proxies.append(proxy)
         proxy_server = proxy.server()

@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -109,17 +110,30 @@ async def test_jwt_sidecar_demo_command_runs_and_stops_on_ctrl_c(demo_config: Pa
 
 
 @contextlib.contextmanager
-def holding(*ports: int) -> Iterator[None]:
-    """Listen on each port that is free; one already taken is taken all the same, which is
-    what the demo must cope with."""
+def holding(*ports: int, within: float = 60.0) -> Iterator[None]:
+    """Listen on each port, so it stays taken for as long as the test needs it to be.
+
+    A port another process holds is taken too, but only for as long as that process keeps
+    it: a run of this same test from another checkout frees it seconds later, and the demo
+    would then find it free and the test fail at random. So wait (bounded) until the port is
+    ours; a holder that keeps it longer than `within` is a long-lived listener (an
+    operator's running demo or service): the port stays taken, which is what the demo must
+    cope with, and the test goes on with it.
+    """
     with contextlib.ExitStack() as stack:
+        deadline = time.monotonic() + within
         for port in ports:
             sock = stack.enter_context(socket.socket())
-            try:
-                sock.bind(("127.0.0.1", port))
-                sock.listen()
-            except OSError as error:
-                assert error.errno == errno.EADDRINUSE, error
+            while True:
+                try:
+                    sock.bind(("127.0.0.1", port))
+                    sock.listen()
+                    break
+                except OSError as error:
+                    assert error.errno == errno.EADDRINUSE, error
+                    if time.monotonic() > deadline:
+                        break
+                    time.sleep(0.1)
         yield
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 
 from tests.integration.test_lifecycle import free_port
 from tests.k8s_support import REPO, edit_config, entrypoint, pod_config
@@ -36,6 +37,7 @@ def build_and_install(tmp: Path) -> Path:
     return env_dir / "bin"
 
 
+@pytest.mark.package
 async def test_the_image_entrypoint_serves_the_configmap_config_and_becomes_ready(
     tmp_path: Path, jwks_server: Any, rsa_key: Any
 ) -> None:

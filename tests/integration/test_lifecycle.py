@@ -24,7 +24,7 @@ from yarl import URL
 
 from proxy.ops.reload import reload
 from proxy.telemetry.accesslog import AccessLog
-from tests.conftest import AUDIENCE, ISSUER, TestKey, jwks_of, mint
+from tests.conftest import AUDIENCE, ISSUER, FakeClock, TestKey, jwks_of, mint, refused_port
 from tests.integration.conftest import BASE_CONFIG
 from tests.support.jwks_server import JwksServer, start_jwks_server
 
@@ -124,21 +124,27 @@ async def test_health_and_readiness(sidecar: Any) -> None:
 
 
 async def test_not_ready_until_keys_arrive_then_ready_without_traffic(
-    sidecar: Any, jwks_server: Any, rsa_key: TestKey
+    sidecar: Any, jwks_server: Any, rsa_key: TestKey, clock: FakeClock
 ) -> None:
     jwks_server.mode = "fail"  # the issuer is down when the sidecar starts
-    s = await sidecar()
+    s = await sidecar(clock=clock)
     async with s.client.get(s.admin_url + "/readyz") as response:
         body = await response.json()
     assert response.status == 503 and "main" in body["reason"], body
     async with await s.get("/orders", headers=bearer(mint(key=rsa_key))) as response:
         assert response.status == 503 and response.headers["Retry-After"]
     s.jwks.mode = "ok"
-    for _ in range(60):
+    # Without keys the refresh retries every min_refresh_interval (1 s here), on the injected
+    # clock: no request triggers it, the clock moving on does.
+    assert await clock.sleeping() == 1.0
+    async with s.client.get(s.admin_url + "/readyz") as response:
+        assert response.status == 503
+    clock.advance(1.0)
+    for _ in range(300):
         async with s.client.get(s.admin_url + "/readyz") as response:
             if response.status == 200:
                 break
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.02)
     assert response.status == 200
     async with await s.get("/orders", headers=bearer(mint(key=rsa_key))) as response:
         assert response.status == 200
@@ -284,10 +290,12 @@ async def ready(s: Any) -> tuple[int, dict[str, Any]]:
 
 
 async def statuses(s: Any, key: TestKey, count: int = 20, path: str = "/orders") -> list[int]:
-    """Answers to `count` distinct tokens (distinct, so no answer comes from the token cache)."""
+    """Answers to `count` distinct tokens (distinct, so no answer comes from the token cache:
+    a `jti` of their own, so two calls within one second of `iat` do not repeat a token)."""
     found = []
     for index in range(count):
-        async with await s.get(path, headers=bearer(mint({"sub": f"user-{index}"}, key=key))) as response:
+        claims = {"sub": f"user-{index}", "jti": secrets.token_hex(8)}
+        async with await s.get(path, headers=bearer(mint(claims, key=key))) as response:
             found.append(response.status)
     return found
 
@@ -366,15 +374,20 @@ async def test_a_reload_that_changes_algorithms_reindexes_the_held_keys_without_
 
 
 async def test_a_reload_to_a_dead_jwks_url_serves_the_old_keys_until_the_new_host_has_keys(
-    sidecar: Any, aiohttp_server: Any, rsa_key: TestKey, rsa_key_2: TestKey
+    sidecar: Any, aiohttp_server: Any, rsa_key: TestKey, rsa_key_2: TestKey, clock: FakeClock
 ) -> None:
-    s = await sidecar()
+    s = await sidecar(clock=clock)
     first = s.runtime.snapshot.keyring["main"]
     path = Path(s.runtime.config_path)
     original = path.read_text()
     old_url = s.jwks.url()
     # Two reloads in a row to hosts that are down: the keys of the first source still serve.
-    dead, next_dead = free_port(), free_port()
+    # The second host comes up later on its port: held until then (bound, not listening, so
+    # refused), and with SO_REUSEADDR so that the newcomer can bind it beside this socket.
+    held = socket.socket()
+    held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    held.bind(("127.0.0.1", 0))
+    dead, next_dead = refused_port(), held.getsockname()[1]
     for port in (dead, next_dead):
         path.write_text(original.replace(old_url, f"http://127.0.0.1:{port}/jwks.json"))
         assert await reload(s.runtime) is True
@@ -388,11 +401,16 @@ async def test_a_reload_to_a_dead_jwks_url_serves_the_old_keys_until_the_new_hos
     assert await statuses(s, rsa_key, 5) == [200] * 5
     # The new host comes up, with the new issuer's key: the new source swaps in by itself.
     newcomer = JwksServer(jwks_of(rsa_key_2))
-    newcomer.server = await aiohttp_server(newcomer.app(), port=next_dead)
-    for _ in range(100):
+    with held:
+        newcomer.server = await aiohttp_server(newcomer.app(), port=next_dead)
+    # Holding no keys, the new source retries every min_refresh_interval (1 s here), on the
+    # injected clock: its next retry is now, and then only the fetch over loopback is waited for.
+    assert await clock.sleeping() <= 1.0
+    clock.advance(1.0)
+    for _ in range(500):
         if replacement.fallback is None and replacement.keyset.size:
             break
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.01)
     assert replacement.fallback is None, "the new source never swapped in"
     assert await statuses(s, rsa_key_2, 5) == [200] * 5
     assert await statuses(s, rsa_key, 5) == [401] * 5, "the old keys no longer verify anything"
@@ -467,7 +485,7 @@ async def test_a_reload_to_another_discovery_issuer_is_a_new_source(sidecar: Any
 
 
 async def test_a_removed_providers_key_source_is_closed_and_never_fetches_again(
-    sidecar: Any, jwks_server: Any, aiohttp_server: Any, rsa_key: TestKey
+    sidecar: Any, jwks_server: Any, aiohttp_server: Any, rsa_key: TestKey, clock: FakeClock
 ) -> None:
     other = await start_jwks_server(aiohttp_server, jwks_of(rsa_key))
     two = BASE_CONFIG.replace(
@@ -476,7 +494,7 @@ async def test_a_removed_providers_key_source_is_closed_and_never_fetches_again(
         f'    jwks: {{url: "{other.url()}", cache_ttl: 1s, min_refresh_interval: 1s}}\n'
         "routes:",
     )
-    s = await sidecar(two)
+    s = await sidecar(two, clock=clock)
     removed = s.runtime.snapshot.keyring["other"]
     assert removed.ready
     path = Path(s.runtime.config_path)
@@ -488,8 +506,16 @@ async def test_a_removed_providers_key_source_is_closed_and_never_fetches_again(
     assert await reload(s.runtime) is True
     assert "other" not in s.runtime.snapshot.keyring.sources
     assert removed._closed and removed._refresher.done()
-    fetched = other.requests["/jwks.json"]
-    await asyncio.sleep(1.5)  # longer than its cache_ttl: an open source would have refreshed
+    fetched, main_fetched = other.requests["/jwks.json"], jwks_server.requests["/jwks.json"]
+    # Far past every refresh interval (the refresh sleeps on the injected clock): the kept
+    # provider refreshes, which shows the clock moved the loops on; the removed one does not.
+    await clock.sleeping()
+    clock.advance(3600)
+    deadline = time.monotonic() + 5
+    while jwks_server.requests["/jwks.json"] == main_fetched and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    assert jwks_server.requests["/jwks.json"] == main_fetched + 1
+    await asyncio.sleep(0.05)
     assert other.requests["/jwks.json"] == fetched
 
 
@@ -501,7 +527,7 @@ async def test_a_provider_a_reload_adds_without_keys_does_not_make_the_sidecar_u
     text = path.read_text().replace(
         "routes:",
         f"  late:\n    issuer: {ISSUER}\n    audiences: [{AUDIENCE}]\n"
-        f'    jwks: {{url: "http://127.0.0.1:{free_port()}/jwks.json", '
+        f'    jwks: {{url: "http://127.0.0.1:{refused_port()}/jwks.json", '
         "timeout: 1s, min_refresh_interval: 1s}\nroutes:",
     )
     text = text.replace(

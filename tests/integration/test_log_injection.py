@@ -28,7 +28,7 @@ import aiohttp
 import jwt
 import pytest
 
-from tests.conftest import AUDIENCE, ISSUER, TestKey, jwks_of, mint
+from tests.conftest import AUDIENCE, ISSUER, TestKey, jwks_of, mint, refused_port
 from tests.integration.test_lifecycle import free_port
 from tests.integration.test_oplog_json import assert_every_line_is_a_full_json_record
 from tests.support.jwks_server import start_jwks_server
@@ -255,7 +255,7 @@ async def test_no_source_can_forge_escape_or_flood_a_log_line(
     good = await start_jwks_server(aiohttp_server, jwks_of(rsa_key))
     bad_keys = await start_jwks_server(aiohttp_server, jwks_with_evil_kids(rsa_key))
     discovery = await start_jwks_server(aiohttp_server, jwks_of(rsa_key))
-    discovery.jwks_uri = "http://127.0.0.1:1/" + evil("discovery")
+    discovery.jwks_uri = f"http://127.0.0.1:{refused_port()}/" + evil("discovery")
     upstream = await asyncio.start_server(_evil_upstream, "127.0.0.1", 0)
     up_port = upstream.sockets[0].getsockname()[1]
     listen, admin = free_port(), free_port()
@@ -361,7 +361,7 @@ async def test_check_config_and_token_explain_print_nothing_raw(
     """The operator's commands print config values and what key servers send on escaped lines."""
     bad_keys = await start_jwks_server(aiohttp_server, jwks_with_evil_kids(rsa_key))
     discovery = await start_jwks_server(aiohttp_server, jwks_of(rsa_key))
-    discovery.jwks_uri = "http://127.0.0.1:1/" + evil("discovery")
+    discovery.jwks_uri = f"http://127.0.0.1:{refused_port()}/" + evil("discovery")
     # YAML reads JSON's escape of an astral character as two lone surrogates: none in the issuer.
     issuer = evil("iss").replace("\U000e0041", "")
     discovery.issuer = issuer

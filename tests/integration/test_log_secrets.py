@@ -24,7 +24,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.conftest import AUDIENCE, ISSUER, TestKey, jwks_of, mint
+from tests.conftest import AUDIENCE, ISSUER, TestKey, jwks_of, mint, refused_port
 from tests.integration.test_lifecycle import free_port
 from tests.support.jwks_server import start_jwks_server
 from tests.support.upstream import start_upstream
@@ -81,7 +81,7 @@ async def test_no_secret_reaches_a_log_line_or_explain(
     jwks = await start_jwks_server(aiohttp_server, jwks_of(rsa_key))
     # An issuer whose discovery document names its JWKS URL with credentials in it.
     jwks.jwks_uri = jwks.url().replace("http://", f"http://keys:{DISCOVERED_PASSWORD}@")
-    listen, admin, down = free_port(), free_port(), free_port()
+    listen, admin, down = free_port(), free_port(), refused_port()
     upstream_url = upstream.url.replace("http://", f"http://app:{UPSTREAM_PASSWORD}@")
     jwks_url = jwks.url().replace("http://", f"http://keys:{JWKS_PASSWORD}@")
     path = tmp_path / "config.yaml"

@@ -13,7 +13,7 @@ from typing import Any
 
 import aiohttp
 
-from tests.conftest import TestKey, jwks_of, mint
+from tests.conftest import TestKey, jwks_of, mint, refused_port
 from tests.integration.conftest import BASE_CONFIG
 from tests.integration.test_lifecycle import free_port
 from tests.support.upstream import start_upstream
@@ -90,7 +90,7 @@ async def flood_with_the_issuer_down(
 ) -> tuple[list[str], list[int], float]:
     """`flood` with nothing listening at the JWKS URL."""
     upstream = await start_upstream(aiohttp_server)
-    return await flood(tmp_path, upstream.url, f"http://127.0.0.1:{free_port()}/jwks.json", rsa_key, log_level)
+    return await flood(tmp_path, upstream.url, f"http://127.0.0.1:{refused_port()}/jwks.json", rsa_key, log_level)
 
 
 async def test_an_issuer_outage_writes_a_handful_of_lines_not_one_per_request(
@@ -130,7 +130,9 @@ async def test_an_upstream_outage_writes_a_line_a_second_with_the_count(
 ) -> None:
     # Every request is refused 502 and logged as a WARNING: limited, and every one counted.
     jwks_server.document = jwks_of(rsa_key)
-    lines, statuses, ran = await flood(tmp_path, f"http://127.0.0.1:{free_port()}", jwks_server.url(), rsa_key, "INFO")
+    lines, statuses, ran = await flood(
+        tmp_path, f"http://127.0.0.1:{refused_port()}", jwks_server.url(), rsa_key, "INFO"
+    )
     assert statuses == [502] * (REQUESTS + 1)
     refused = [line for line in lines if " refused: " in line]
     assert refused and len(refused) <= ran + 1, "\n".join(lines)

@@ -33,7 +33,7 @@ from yarl import URL
 
 from proxy.http import http1, upstream
 from proxy.request import forward
-from tests.conftest import TestKey, jwks_of, mint
+from tests.conftest import TestKey, jwks_of, mint, refused_port
 from tests.integration.conftest import BASE_CONFIG
 from tests.support.raw import bounded_by
 
@@ -178,7 +178,7 @@ def get(path: str, *extra: str, close: bool = True) -> bytes:
 @bounded_by(60)
 async def test_refused_and_unfinished_heads_are_freed_without_a_collection(sidecar: Any, raw_server: Any) -> None:
     raw = await raw_server(misbehaving)
-    s = await sidecar(CONFIG, raw=f"http://127.0.0.1:{raw.port}", closed=str(closed_port()))
+    s = await sidecar(CONFIG, raw=f"http://127.0.0.1:{raw.port}", closed=str(refused_port()))
     await all_freed(s, [])  # the fixture's own connections are gone
     heads = [
         b"GET /x HTTP/1.1\r\nHost: x\r\nX-Unfinished: " + b"a" * 60000,  # the head never ends
@@ -205,7 +205,7 @@ async def test_answered_requests_and_clients_that_leave_are_freed_without_a_coll
     sidecar: Any, raw_server: Any, rsa_key: TestKey
 ) -> None:
     raw = await raw_server(misbehaving)
-    s = await sidecar(CONFIG, raw=f"http://127.0.0.1:{raw.port}", closed=str(closed_port()))
+    s = await sidecar(CONFIG, raw=f"http://127.0.0.1:{raw.port}", closed=str(refused_port()))
     token = f"Authorization: Bearer {mint(key=rsa_key)}"
     await all_freed(s, [])
     with no_collection() as collections:
@@ -252,7 +252,7 @@ async def test_answered_requests_and_clients_that_leave_are_freed_without_a_coll
 @bounded_by(60)
 async def test_failed_upstream_exchanges_are_freed_without_a_collection(sidecar: Any, raw_server: Any) -> None:
     raw = await raw_server(misbehaving)
-    s = await sidecar(CONFIG, raw=f"http://127.0.0.1:{raw.port}", closed=str(closed_port()))
+    s = await sidecar(CONFIG, raw=f"http://127.0.0.1:{raw.port}", closed=str(refused_port()))
     await all_freed(s, [])
     expected = {
         "/raw/ok": b" 200 ",
@@ -338,7 +338,7 @@ async def test_a_client_that_reads_in_fits_and_starts_gets_every_byte(sidecar: A
         await writer.drain()
 
     raw = await raw_server(numbered)
-    s = await sidecar(CONFIG, raw=f"http://127.0.0.1:{raw.port}", closed=str(closed_port()))
+    s = await sidecar(CONFIG, raw=f"http://127.0.0.1:{raw.port}", closed=str(refused_port()))
     expected = (pattern * (size // len(pattern) + 1))[:size]
     for path in ("/raw/chunked", "/raw/length"):
         async with await s.get(path) as response:
@@ -422,6 +422,9 @@ async def running(jwks_server: Any, rsa_key: TestKey, raw_server: Any, tmp_path:
         .replace("timeout: 2s", "timeout: 120s")
         .replace("max_body: 1MB", "max_body: 0")
         + f"listen: 127.0.0.1:{listen}\nadmin: 127.0.0.1:{admin}\n"
+        # The uploads' upstream never answers: at the end, cut them after 1 s rather than
+        # wait the default 20 s (the stop is not what these tests are about).
+        + "drain_timeout: 1s\n"
     )
     (tmp_path / "config.yaml").write_text(text)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

@@ -25,7 +25,7 @@ from typing import Any
 import aiohttp
 
 from proxy.base import oplog
-from tests.conftest import AUDIENCE, ISSUER, TestKey, jwks_of, mint
+from tests.conftest import AUDIENCE, ISSUER, TestKey, jwks_of, mint, refused_port
 from tests.integration.test_lifecycle import free_port
 from tests.support.jwks_server import start_jwks_server
 from tests.support.tls import self_signed_context
@@ -281,7 +281,7 @@ async def test_every_way_an_issuer_fails_is_named_with_its_peer_and_cause(
 
     silent = await asyncio.start_server(never_answers, "127.0.0.1", 0)
     tls = await asyncio.start_server(never_answers, "127.0.0.1", 0, ssl=self_signed_context(tmp_path))
-    closed, silent_port, tls_port = free_port(), silent.sockets[0].getsockname()[1], tls.sockets[0].getsockname()[1]
+    closed, silent_port, tls_port = refused_port(), silent.sockets[0].getsockname()[1], tls.sockets[0].getsockname()[1]
     providers = {
         "refused": (f"http://127.0.0.1:{closed}/jwks.json", f"127.0.0.1:{closed}", "connection refused"),
         "status": (

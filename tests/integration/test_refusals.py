@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import socket
 import time
 from collections.abc import Callable
 from contextlib import suppress
@@ -30,7 +29,7 @@ from proxy.base.errors import ProxyError, Reason
 from proxy.config import builder as config
 from proxy.http.http1 import Server
 from proxy.request.app import Proxy
-from tests.conftest import AUDIENCE, ISSUER, TestKey, jwks_of, mint
+from tests.conftest import AUDIENCE, ISSUER, TestKey, jwks_of, mint, refused_port
 from tests.integration.test_security import RawResponse, first_response, forge, valid_claims
 from tests.support.upstream import start_upstream
 
@@ -171,10 +170,8 @@ TYP = {"typ": "at+jwt"}
 
 
 def dead_port() -> int:
-    """A loopback port nothing listens on (bound, then closed: connections are refused)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A loopback port nothing listens on, for the whole run (tests.conftest.refused_port)."""
+    return refused_port()
 
 
 def head(target: str, *fields: str, method: str = "GET", version: str = "1.1") -> bytes:
@@ -372,6 +369,9 @@ class BreakableClock:
 
     def monotonic(self) -> float:
         return time.monotonic()
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
 
 
 @pytest.fixture

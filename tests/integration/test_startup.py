@@ -22,13 +22,15 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import refused_port
+
 REPO = Path(__file__).parents[2]
 IN_USE = "address already in use (another process listens there; stop it or choose another port)"
 
 CONFIG = """\
 listen: {listen}
 admin: {admin}
-upstream: {{url: "http://127.0.0.1:1"}}
+upstream: {{url: "http://127.0.0.1:{refused}"}}
 providers:
   main:
     issuer: https://issuer.example/
@@ -37,7 +39,8 @@ providers:
 routes:
   - {{name: api, match: {{path_prefix: /}}, auth: {{provider: main}}}}
 """
-JWKS = '    jwks: {url: "http://127.0.0.1:1/jwks"}'  # connection refused: the start goes on without keys
+# Connection refused (tests.conftest.refused_port): the start goes on without keys.
+JWKS = f'    jwks: {{url: "http://127.0.0.1:{refused_port()}/jwks"}}'
 
 
 def free_port() -> int:
@@ -62,7 +65,12 @@ def write_config(
 ) -> Path:
     path = tmp_path / "config.yaml"
     path.write_text(
-        CONFIG.format(listen=listen or f"127.0.0.1:{free_port()}", admin=admin or f"127.0.0.1:{free_port()}", keys=keys)
+        CONFIG.format(
+            listen=listen or f"127.0.0.1:{free_port()}",
+            admin=admin or f"127.0.0.1:{free_port()}",
+            keys=keys,
+            refused=refused_port(),
+        )
         + extra
     )
     return path

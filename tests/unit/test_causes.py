@@ -19,15 +19,14 @@ import pytest
 
 from proxy.http.causes import cause, peer, shown
 from proxy.http.upstream import Pool, UpstreamConnectError
+from tests.conftest import refused_port
 from tests.support.tls import self_signed_context
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
 def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return refused_port()  # held for the whole run: nothing else can listen there meanwhile
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import re
 import tomllib
 from pathlib import Path
@@ -40,3 +41,28 @@ def test_each_check_before_the_tests_is_declared_configured_and_named_in_the_rea
     note = " ".join(readme[readme.index("`.ci/run` runs exactly this command") :].split("\n\n")[0].split())
     for check in checks:
         assert f"`{check.removeprefix('.venv/bin/')}`" in note
+
+
+def test_every_test_that_builds_the_wheel_is_marked_package_and_the_default_run_includes_it() -> None:
+    # `-m "not package"` (README) must skip every wheel build, and only a marker declared in
+    # pyproject passes --strict-markers; CI runs plain `pytest`, so nothing may deselect them.
+    builds = re.compile(r"""["'](wheel|bdist_wheel|sdist)["']|-m["'], ["']build["']""")
+    tests = [path for path in (REPO / "tests").rglob("test_*.py") if path.resolve() != Path(__file__).resolve()]
+    building = [path for path in tests if builds.search(path.read_text())]
+    assert building, "no test builds the wheel: the pattern above no longer finds them"
+    for path in building:
+        tree = ast.parse(path.read_text())
+        if "pytest.mark.package" in {ast.unparse(node.value) for node in tree.body if isinstance(node, ast.Assign)}:
+            continue  # the whole module is marked
+        unmarked = [
+            node.name
+            for node in tree.body
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and node.name.startswith("test_")
+            and "pytest.mark.package" not in {ast.unparse(d) for d in node.decorator_list}
+        ]
+        assert not unmarked, f"{path.relative_to(REPO)} builds the wheel; not marked package: {unmarked}"
+    pytest_config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
+    assert "--strict-markers" in pytest_config["addopts"] and "-m" not in pytest_config["addopts"].split()
+    assert any(marker.startswith("package:") for marker in pytest_config["markers"])
+    assert readme_test_command().endswith(" -m pytest")  # no -m "..." marker filter after it

@@ -1,6 +1,5 @@
-"""keys.py against a real JWKS server on loopback; a FakeClock for rate limits and TTLs.
-
-Real time is used only where the background refresh is the subject, and kept to a second or two.
+"""keys.py against a real JWKS server on loopback; a FakeClock for rate limits, TTLs and the
+background refresh, which sleeps on the injected clock: no test here waits for a refresh in real time.
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ import pytest
 from proxy.auth.keys import MAX_DOCUMENT_BYTES, KeyRing, KeySource, RemoteKeySource, key_source_for, same_source
 from proxy.base.errors import InvalidToken, KeysUnavailable, Reason
 from proxy.config.builder import Provider, RemoteJwks, StaticKeys
-from tests.conftest import AUDIENCE, HS_SECRET, ISSUER, FakeClock, TestKey, jwks_of
+from tests.conftest import AUDIENCE, HS_SECRET, ISSUER, FakeClock, TestKey, jwks_of, refused_port
 from tests.support.jwks_server import DISCOVERY_PATH, JWKS_PATH, JwksServer
 
 ASYMMETRIC = ("RS256", "PS256", "ES256", "EdDSA")
@@ -301,7 +300,7 @@ async def test_source_that_never_got_keys_raises_keys_unavailable(jwks_server: J
 
 
 async def test_unreachable_server_is_counted_not_raised(make_source: Make) -> None:
-    source = make_source(remote_provider("http://127.0.0.1:1/jwks.json", timeout=1.0))
+    source = make_source(remote_provider(f"http://127.0.0.1:{refused_port()}/jwks.json", timeout=1.0))
     await source.start()
     assert (source.fetches, source.failures) == (1, 1)
     assert not source.ready
@@ -382,51 +381,94 @@ async def test_discovery_with_a_jwks_uri_that_is_not_http_is_refused(
     assert jwks_server.requests[JWKS_PATH] == 0
 
 
-# -- background refresh (real time) --------------------------------------------------------------
+# -- background refresh (on the FakeClock: the refresh loop sleeps on the injected clock) ----------
 
 
 async def wait_for(condition: Callable[[], bool], within: float) -> bool:
+    """Poll (real time, bounded) for what a background fetch over loopback does next."""
     deadline = time.monotonic() + within
     while not condition():
         if time.monotonic() > deadline:
             return False
-        await asyncio.sleep(0.02)
+        await asyncio.sleep(0.005)
     return True
 
 
 async def test_background_refresh_fetches_ahead_of_the_ttl_and_close_stops_it(
-    jwks_server: JwksServer, make_source: Make, rsa_key: TestKey, rsa_key_2: TestKey
+    jwks_server: JwksServer, make_source: Make, clock: FakeClock, rsa_key: TestKey, rsa_key_2: TestKey
 ) -> None:
     jwks_server.document = jwks_of(rsa_key)
-    source = make_source(remote_provider(jwks_server.url(), cache_ttl=1.0))
+    source = make_source(remote_provider(jwks_server.url(), cache_ttl=100.0))
     await source.start()
     jwks_server.document = jwks_of(rsa_key_2)
 
-    # No key_for call: the refresh task alone picks up the new set, before the 1 s TTL ends.
-    assert await wait_for(lambda: jwks_server.requests[JWKS_PATH] >= 2, within=1.0)
-    assert await wait_for(lambda: "rsa-2" in source.keyset.kids, within=0.5)
+    # No key_for call: the refresh task alone picks up the new set, at 75-85% of the TTL.
+    delay = await clock.sleeping()
+    assert 75.0 <= delay <= 85.0
+    clock.advance(delay - 0.001)
+    await asyncio.sleep(0.05)
+    assert jwks_server.requests[JWKS_PATH] == 1, "not before its time"
+    clock.advance(0.001)
+    assert await wait_for(lambda: "rsa-2" in source.keyset.kids, within=5.0)
+    assert jwks_server.requests[JWKS_PATH] == 2
+    assert source.fresh
+    # ...and again, a whole refresh interval later (the loop goes on).
+    delay = await clock.sleeping()
+    assert 75.0 <= delay <= 85.0
+    clock.advance(delay)
+    assert await wait_for(lambda: jwks_server.requests[JWKS_PATH] == 3, within=5.0)
 
+    await clock.sleeping()
     await source.close()
     seen = jwks_server.requests[JWKS_PATH]
-    await asyncio.sleep(1.0)
+    clock.advance(3600)
+    await asyncio.sleep(0.1)
     assert jwks_server.requests[JWKS_PATH] == seen
     await source.close()  # idempotent
 
 
 async def test_not_ready_source_recovers_in_the_background_without_traffic(
-    jwks_server: JwksServer, make_source: Make, rsa_key: TestKey
+    jwks_server: JwksServer, make_source: Make, clock: FakeClock, rsa_key: TestKey
 ) -> None:
     jwks_server.mode = "fail"
-    source = make_source(remote_provider(jwks_server.url(), cache_ttl=1.0, min_refresh_interval=0.0))
+    source = make_source(remote_provider(jwks_server.url(), cache_ttl=100.0, min_refresh_interval=0.0))
     await source.start()
     assert not source.ready
 
     jwks_server.document, jwks_server.mode = jwks_of(rsa_key), "ok"
     # After a failed first load the retry comes at the short interval (1 s floor), not at 80% of the TTL.
-    began = time.monotonic()
-    assert await wait_for(lambda: source.ready, within=1.5)
-    assert time.monotonic() - began > 0.9
+    assert await clock.sleeping() == 1.0
+    clock.advance(0.999)
+    await asyncio.sleep(0.05)
+    assert not source.ready and jwks_server.requests[JWKS_PATH] == 1
+    clock.advance(0.001)
+    assert await wait_for(lambda: source.ready, within=5.0)
     assert source.failures == 1
+
+
+async def test_refresh_backs_off_while_the_issuer_is_down_and_recovers(
+    started: RemoteKeySource, jwks_server: JwksServer, clock: FakeClock, rsa_key_2: TestKey
+) -> None:
+    # Holding keys, each failure in a row doubles the wait from min_refresh_interval, capped
+    # at cache_ttl; one success brings the refresh back to 75-85% of the TTL.
+    remote = started.provider.keys
+    assert isinstance(remote, RemoteJwks)
+    jwks_server.mode = "fail"
+    clock.advance(await clock.sleeping())
+    expected = [remote.min_refresh_interval * 2**n for n in range(5)]  # 30, 60, 120, 240, 480
+    waits = []
+    for failed in range(1, len(expected) + 1):
+        assert await wait_for(lambda failed=failed: started.failures == failed, within=5.0)
+        waits.append(await clock.sleeping())
+        clock.advance(waits[-1])
+    assert waits == [min(w, remote.cache_ttl) for w in expected]
+    assert await wait_for(lambda: started.failures == len(expected) + 1, within=5.0)
+    assert started.ready, "the last good keys are kept throughout"
+
+    jwks_server.mode, jwks_server.document = "ok", jwks_of(rsa_key_2)
+    clock.advance(await clock.sleeping())
+    assert await wait_for(lambda: "rsa-2" in started.keyset.kids, within=5.0)
+    assert 0.75 * remote.cache_ttl <= await clock.sleeping() <= 0.85 * remote.cache_ttl
 
 
 async def test_closed_source_fetches_no_more(
@@ -634,7 +676,7 @@ async def test_a_replaced_source_serves_until_closed_with_its_successor(
     jwks_server.document = jwks_of(rsa_key)
     old = KeyRing({"corp": remote_provider(jwks_server.url())}, session=session, clock=clock)
     await old.start()
-    dead = remote_provider("http://127.0.0.1:9/jwks.json", timeout=0.5)  # port 9: nothing listens
+    dead = remote_provider(f"http://127.0.0.1:{refused_port()}/jwks.json", timeout=0.5)
     new = KeyRing({"corp": dead}, session=session, clock=clock, reuse=old)
     await new.start()
     source = new["corp"]

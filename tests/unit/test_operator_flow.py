@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from proxy.tools.cli import main
+from tests.conftest import refused_port
 
 ISSUER, AUDIENCE = "https://issuer.example/", "orders-api"
 
@@ -134,11 +135,7 @@ def test_explain_says_why_a_providers_keys_could_not_be_had(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # An operator reading only the key line must learn the cause, not only that keys are missing.
-    import socket
-
-    with socket.socket() as sock:  # a port nobody listens on: connection refused
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = refused_port()  # a port nobody listens on: connection refused
     monkeypatch.chdir(tmp_path)
     assert run(capsys, "keys", "generate", "--alg", "RS256", "--kid", "k1", "--out", "keys")[0] == 0
     config = tmp_path / "config.yaml"

@@ -412,8 +412,20 @@ def summary(settings: config.Settings) -> str:
     lines.append(
         f"token cache: {'on' if cache.enabled else 'off'}, {cache.max_entries} entries, max ttl {cache.max_ttl:g}s"
     )
+    lines.append(_revocation_summary(settings))
     # Each entry is one line: a name or an issuer holding a newline or an escape sequence is shown escaped.
     return "\n".join(one_line(line) for line in lines)
+
+
+def _revocation_summary(settings: config.Settings) -> str:
+    store = settings.revocation
+    if store is None:
+        return "revocation: off (no `revocation:` section)"
+    where = f"Redis {shown(store.redis.url)}" if store.redis is not None else f"file {store.file}"
+    line = f"revocation: {where}; max staleness {store.max_staleness:g}s, fail {store.fail}"
+    exempt = [f"provider {p.name}" for p in settings.providers.values() if not p.revocation]
+    exempt += [f"route {r.name}" for r in settings.routes if r.auth is not None and not r.auth.revocation]
+    return line + (f"; not checked for {', '.join(exempt)}" if exempt else "")
 
 
 # -- keys ---------------------------------------------------------------------------------

@@ -139,6 +139,7 @@ SECTIONS = {
     "keys generate": ("### `jwt-sidecar keys generate`",),
     "token mint": ("### `jwt-sidecar token mint`",),
     "token explain": ("### `jwt-sidecar token explain TOKEN [--config FILE] [--provider NAME]`",),
+    "revoke": ("### `jwt-sidecar revoke [--jti ID | --sub SUB | --before TIME | --list] --config FILE`",),
 }
 
 
@@ -193,6 +194,7 @@ upstream: {url: 'http://127.0.0.1:1', zz_unknown: 1}
 websocket: {zz_unknown: 1}
 strip_headers: {zz_unknown: 1}
 token_cache: {zz_unknown: 1}
+revocation: {zz_unknown: 1, redis: {url: 'redis://127.0.0.1:6379/0', zz_unknown: 1}}
 providers:
   p:
     zz_unknown: 1
@@ -246,7 +248,12 @@ def mentioned(text: str) -> set[str]:
 
 def test_every_config_key_is_documented() -> None:
     tables, yaml_names = table_keys(CONFIG_TABLES), yaml_keys(CONFIGURATION)
-    own_sections = {"providers": "### Providers", "routes": "### Routes", "token_cache": "### Verified-token cache"}
+    own_sections = {
+        "providers": "### Providers",
+        "routes": "### Routes",
+        "token_cache": "### Verified-token cache",
+        "revocation": "### Revocation",
+    }
     missing = []
     for where, keys in allowed_keys().items():
         for key in keys:

@@ -36,6 +36,7 @@ __all__ = [
     "parse_time",
     "render_rules",
     "revoked",
+    "rule_from_mapping",
     "rules_problem",
 ]
 
@@ -316,9 +317,85 @@ def parse_time(value: Any) -> float:
 _RULE_EXAMPLE = "{sub: alice, expires: 2026-12-04T12:00:00Z}"
 
 
+_RULE_KEYS = frozenset({"jti", "sub", "iss", "provider", "before", "expires", "note"})
+
+
+def rule_from_mapping(data: Any) -> Rule:
+    """A rule from its file or Redis form (a mapping); raises ValueError when it is not one."""
+    if not isinstance(data, dict):
+        raise ValueError("a rule is a mapping")
+    unknown = [key for key in data if key not in _RULE_KEYS]
+    if unknown:
+        raise ValueError(f"unknown key {unknown[0]!r}")
+    strings: dict[str, str | None] = {}
+    for name in ("jti", "sub", "iss", "provider"):
+        value = data.get(name)
+        if value is not None and value.__class__ is not str:
+            if value.__class__ is not int:
+                raise ValueError(f"{name} is not a string")
+            value = str(value)
+        strings[name] = value
+    before, expires = data.get("before"), data.get("expires")
+    rule = make_rule(
+        jti=strings["jti"],
+        sub=strings["sub"],
+        iss=strings["iss"],
+        provider=strings["provider"],
+        before=parse_time(before) if before is not None else None,
+        expires=parse_time(expires) if expires is not None else None,
+    )
+    problem = rule.problem()
+    if problem is not None:
+        raise ValueError(problem)
+    return rule
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    found = dict(pairs)
+    if len(found) != len(pairs):
+        raise ValueError("a duplicate key")
+    return found
+
+
+class _FastLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
+    """libyaml's safe loader (when PyYAML has it), refusing duplicate keys; no line numbers."""
+
+
+def _fast_mapping(loader: Any, node: yaml.MappingNode) -> dict[Any, Any]:
+    pairs = loader.construct_pairs(node, deep=True)
+    found = dict(pairs)
+    if len(found) != len(pairs):
+        raise ValueError("a duplicate key")
+    return found
+
+
+_FastLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _fast_mapping)
+
+
+def _fast_rules(text: str, now: float | None) -> list[Rule]:
+    """The rules of a file with no mistake, quickly (100,000 rules: C parsers, no line
+    tracking); ValueError (or a YAML error) at the first doubt, and the careful reader says why."""
+    if text.lstrip().startswith("{"):
+        document = json.loads(text, object_pairs_hook=_no_duplicates)
+    else:
+        document = yaml.load(text, Loader=_FastLoader)  # noqa: S506 - a safe loader
+    if document is None:
+        return []
+    if not isinstance(document, dict) or set(document) - {"rules"} or not isinstance(document.get("rules", []), list):
+        raise ValueError("not a mapping with a rules list")
+    rules = (rule_from_mapping(item) for item in document.get("rules") or [])
+    return [rule for rule in rules if now is None or rule.expires is None or rule.expires > now]
+
+
 def parse_rules(text: str, *, file: str, now: float | None = None) -> list[Rule]:
     """The rules of a revocation file (`rules: [...]`; an empty file has none); raises
-    `ConfigError` naming the line of every mistake. Rules expired at `now` are left out."""
+    `ConfigError` naming the line of every mistake. Rules expired at `now` are left out.
+
+    Values are data, never expanded: a subject named `${HOME}` is that text."""
+    try:
+        return _fast_rules(text, now)
+    except (ValueError, TypeError, RecursionError, yaml.YAMLError):
+        pass  # read again, carefully, to say where and what
     document = load_yaml(text, file)
     if document is None:
         return []
@@ -333,7 +410,7 @@ def parse_rules(text: str, *, file: str, now: float | None = None) -> list[Rule]
         if not isinstance(item, dict):
             s.error(None, f"a rule is a mapping, e.g. {_RULE_EXAMPLE}")
             continue
-        values = {name: s.string(name) for name in ("jti", "sub", "iss", "provider")}
+        values = {name: _text_value(s, name) for name in ("jti", "sub", "iss", "provider")}
         times: dict[str, float | None] = {}
         for name in ("before", "expires"):
             raw = s.raw(name)
@@ -357,6 +434,17 @@ def parse_rules(text: str, *, file: str, now: float | None = None) -> list[Rule]
     root.done()
     issues.raise_if_any()
     return rules
+
+
+def _text_value(s: Section, key: str) -> str | None:
+    """A rule's string as written (a number as its digits); never `${VAR}`-expanded: it is data."""
+    value = s.raw(key)
+    if value is None or value.__class__ is str:
+        return value
+    if value.__class__ is int:
+        return str(value)
+    s.error(key, f"{describe(value)} is not a string")
+    return None
 
 
 def render_rules(rules: Iterable[Rule], *, json_form: bool = False) -> str:

@@ -41,7 +41,7 @@ from ..base.errors import ConfigError, ConfigIssue
 from ..base.oplog import event
 from ..config.settings import RedisStore, RevocationSettings
 from ..http.causes import shown
-from .revocation import RevocationIndex, Rule, make_rule, parse_rules, parse_time, render_rules, rules_problem
+from .revocation import RevocationIndex, Rule, parse_rules, render_rules, rule_from_mapping, rules_problem
 
 __all__ = [
     "FileRevocations",
@@ -209,6 +209,7 @@ class FileRevocations(Revocations):
     async def start(self) -> None:
         self._seen = _signature(self.path)
         self._missing = False
+        self._had_file = False
         await self.load()
         self._spawn(self._watch())
         self._spawn(self._maintain())
@@ -234,18 +235,27 @@ class FileRevocations(Revocations):
             )
             return False
         if rules is None:
-            if not self._missing:  # said once: the first `jwt-sidecar revoke` creates it
+            if not self._missing:  # said once: the file may stay away for long
                 self._missing = True
                 event(
                     log,
                     logging.WARNING,
                     "revocation_file_missing",
-                    "revocation file %(file)s does not exist: no rules in force until it does",
+                    "revocation file %(file)s does not exist: %(serving)s",
                     file=self.path,
+                    serving="the last list keeps serving"
+                    if self._had_file
+                    else "no rules in force until it does (`jwt-sidecar revoke` creates it)",
                 )
+            if self._had_file:
+                # Gone after it was read (a mistaken delete, a volume unmounted): as with the
+                # config, the last good list keeps serving; `rules: []` is how a list is emptied.
+                self.problem = "the file is gone"
+                return False
             rules = []
         else:
             self._missing = False
+            self._had_file = True
         self.index = RevocationIndex(rules)
         self.fresh_at = self.clock.monotonic()
         self.problem = None
@@ -345,28 +355,7 @@ def _client(store: RedisStore) -> aioredis.Redis:
 
 def rule_from_json(text: str) -> Rule:
     """A rule as Redis holds it; raises ValueError when it is not one."""
-    data = json.loads(text)
-    if not isinstance(data, dict):
-        raise ValueError("not a JSON object")
-    strings = {}
-    for name in ("jti", "sub", "iss", "provider"):
-        value = data.get(name)
-        if value is not None and not isinstance(value, str):
-            raise ValueError(f"{name} is not a string")
-        strings[name] = value
-    times = {name: parse_time(data[name]) if data.get(name) is not None else None for name in ("before", "expires")}
-    rule = make_rule(
-        jti=strings["jti"],
-        sub=strings["sub"],
-        iss=strings["iss"],
-        provider=strings["provider"],
-        before=times["before"],
-        expires=times["expires"],
-    )
-    problem = rule.problem()
-    if problem is not None:
-        raise ValueError(problem)
-    return rule
+    return rule_from_mapping(json.loads(text))
 
 
 def _cause(error: BaseException) -> str:

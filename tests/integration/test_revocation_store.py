@@ -236,7 +236,7 @@ async def test_an_entry_in_redis_that_is_not_a_rule_is_skipped_and_logged(
     settings = redis_settings(redis.url)
     client = aioredis.Redis.from_url(redis.url, decode_responses=True)
     try:
-        await client.hset("test:revocation:rules", mapping={"a": "not json", "b": '{"iss": "x"}', "c": '{"jti": 5}'})
+        await client.hset("test:revocation:rules", mapping={"a": "not json", "b": '{"iss": "x"}', "c": '{"jti": [5]}'})
         now = time.time()
         await add_rules(settings, [make_rule(jti="ok", expires=now + 60)], now=now)
         store = await follow(stores, settings)
@@ -352,3 +352,20 @@ async def test_revoke_says_when_the_store_cannot_be_written(tmp_path: Path) -> N
     settings = redis_settings(f"redis://127.0.0.1:{free_port()}/0")
     with pytest.raises(StoreError, match="connection refused"):
         await add_rules(settings, [make_rule(jti="x", expires=time.time() + 60)], now=time.time())
+
+
+async def test_a_file_that_disappears_keeps_the_last_list(
+    tmp_path: Path, stores: list[Revocations], caplog: pytest.LogCaptureFixture
+) -> None:
+    file = tmp_path / "revoked.yaml"
+    file.write_text("rules:\n  - {sub: alice}\n")
+    store = await follow(stores, RevocationSettings(file=str(file), fail="closed", max_staleness=1.0))
+    assert store.size == 1
+    file.unlink()
+    assert await eventually(lambda: store.problem == "the file is gone", 2)
+    assert revoked(store.index, "main", claims()) is not None
+    [missing] = events(caplog, "revocation_file_missing")
+    assert "the last list keeps serving" in missing.getMessage()
+    assert await eventually(lambda: store.ready() is not None, 5)  # fail: closed, past max_staleness
+    file.write_text("rules: []\n")  # how a list is emptied
+    assert await eventually(lambda: store.size == 0 and store.ready() is None, 3)

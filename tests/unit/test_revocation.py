@@ -152,3 +152,25 @@ def test_an_empty_file_has_no_rules_and_expired_rules_are_left_out() -> None:
     assert parse_rules("", file="r", now=T) == []
     assert parse_rules("rules: []\n", file="r", now=T) == []
     assert parse_rules("rules:\n  - {sub: a, expires: 2020-01-01T00:00:00Z}\n", file="r", now=T) == []
+
+
+@pytest.mark.parametrize(
+    "sub", ["${HOME}", "yes", "123", "null", "- a", "a: b", "#x", "'\"", "line\nbreak", "\u202eevil", "ı", " x ", "{x}"]
+)
+def test_any_subject_survives_the_file_form_as_written(sub: str) -> None:
+    # A subject is data: `${HOME}` is not expanded, `yes` is not a boolean, `123` stays text,
+    # and nothing a user chose as a name can break the file for everyone else's rules.
+    rules = [make_rule(sub=sub, expires=LATER), make_rule(jti="after", expires=LATER)]
+    for json_form in (False, True):
+        assert parse_rules(render_rules(rules, json_form=json_form), file="r", now=T) == rules
+
+
+def test_a_hand_written_file_without_lines_to_spare_still_names_them() -> None:
+    # The fast reader and the careful one agree: a mistake found by the careful one has its line.
+    with pytest.raises(ConfigError, match=r"r:3: rules\[1\]: a jti rule revokes one token"):
+        parse_rules("rules:\n  - {jti: a}\n  - {jti: b, before: 2026-01-01T00:00:00Z}\n", file="r", now=T)
+    with pytest.raises(ConfigError, match=r"r:2: .*duplicate key 'sub'"):
+        parse_rules("rules:\n  - {sub: a, sub: b}\n", file="r", now=T)
+    with pytest.raises(ConfigError, match="duplicate key"):
+        parse_rules('{"rules": [{"sub": "a", "sub": "b"}]}', file="r", now=T)
+    assert parse_rules("rules:\n  - {jti: 42, note: from the ticket}\n", file="r", now=T)[0].jti == "42"

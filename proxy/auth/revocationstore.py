@@ -81,6 +81,7 @@ class Revocations:
         self.unavailable: str | None = None
         """With `fail: closed`, why the list is too old to serve with (set every TICK), else None."""
         self._stale = False
+        self._closing = False
         self._tasks: list[asyncio.Task[None]] = []
 
     @property
@@ -117,11 +118,13 @@ class Revocations:
         raise NotImplementedError
 
     async def close(self) -> None:
+        """Stop following; bounded: a client library that turned the cancellation into an
+        error of its own cannot keep the process from stopping (the loop also sees `_closing`)."""
+        self._closing = True
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=5)
         self._tasks.clear()
 
     def _spawn(self, coroutine: Any) -> None:
@@ -405,7 +408,7 @@ class RedisRevocations(Revocations):
 
     async def _follow(self) -> None:
         backoff = 0.2
-        while True:
+        while not self._closing:
             client = _client(self.redis)
             pubsub = client.pubsub(ignore_subscribe_messages=True)
             try:
@@ -455,17 +458,18 @@ class RedisRevocations(Revocations):
                 )
             finally:
                 self._attempted.set()
+                # Bounded: closing must never hang on a connection in a bad state.
                 with contextlib.suppress(Exception):
-                    await pubsub.aclose()
+                    await asyncio.wait_for(pubsub.aclose(), self.redis.timeout)
                 with contextlib.suppress(Exception):
-                    await client.aclose()
+                    await asyncio.wait_for(client.aclose(), self.redis.timeout)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 5.0)
 
     async def _listen(self, client: aioredis.Redis, pubsub: Any) -> None:
         next_beat = self.clock.monotonic() + self.heartbeat
         next_sync = self.clock.monotonic() + self.redis.resync_interval
-        while True:
+        while not self._closing:
             message = await pubsub.get_message(timeout=self.heartbeat)
             if message is not None and message.get("type") == "message":
                 self._apply(message["data"])

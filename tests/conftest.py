@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -223,3 +223,25 @@ async def raw_server() -> AsyncIterator[Callable[[Handler], Awaitable[RawServer]
     yield start
     for server in servers:
         await server.stop()
+
+
+# The revocation store's tests: one real redis-server for the whole run (tests/support/redis.py).
+from tests.support.redis import RedisServer  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A real `redis-server` on a free loopback port, started once per run and stopped at its end."""
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis(redis_server: RedisServer) -> RedisServer:
+    """The session's Redis, running and empty (a test that stopped it gets it back up)."""
+    if redis_server.process is None:
+        redis_server.start()
+    redis_server.flush()
+    return redis_server

@@ -103,6 +103,35 @@ EVENTS: Mapping[str, tuple[frozenset[str], str]] = {
     "worker_restarted": (frozenset({_I}), "a worker that died was started again"),
     "worker_died": (frozenset({_E}), "a worker exited unexpectedly (restarted, or the set stops)"),
     "readiness_unknown": (frozenset({_W}), "the supervisor could not read its workers' readiness"),
+    # revocation
+    "revocation_loaded": (
+        frozenset({_D, _I}),
+        "the revocation list was (re)loaded: rules in force (DEBUG for a periodic re-sync that changed nothing)",
+    ),
+    "revocation_refused": (
+        frozenset({_E}),
+        "the revocation file has mistakes (with their lines); the last good list keeps serving",
+    ),
+    "revocation_file_missing": (frozenset({_W}), "the revocation file does not exist: no rules in force until it does"),
+    "revocation_store_unreachable": (
+        frozenset({_W}),
+        "Redis cannot be reached or the connection broke; the last list keeps serving, reconnecting",
+    ),
+    "revocation_store_connected": (
+        frozenset({_I}),
+        "connected (again) to Redis: the whole list loaded, changes followed",
+    ),
+    "revocation_stale": (
+        frozenset({_W, _E}),
+        "the revocation list is older than max_staleness: WARNING with fail: open (it keeps serving), "
+        "ERROR with fail: closed (not ready)",
+    ),
+    "revocation_fresh": (frozenset({_I}), "the revocation list is current again"),
+    "revocation_rule_skipped": (frozenset({_W}), "an entry in Redis that is not a rule was skipped"),
+    "revocation_follow_crashed": (
+        frozenset({_E}),
+        "following Redis raised something unexpected (with a traceback); it reconnects",
+    ),
 }
 
 _RESERVED = frozenset({"time", "level", "logger", "event", "message", "worker", "suppressed", "traceback"})

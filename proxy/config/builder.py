@@ -39,6 +39,7 @@ from ..base.jwks import (
 )
 from ..base.secretcheck import weakness
 from ..base.secretfile import MIN_HMAC_BYTES, KeyToolError, read_secret
+from ..http.causes import shown
 from . import routecheck, settings
 from .settings import (
     BEARER,
@@ -49,7 +50,9 @@ from .settings import (
     HeaderMap,
     Listen,
     Provider,
+    RedisStore,
     RemoteJwks,
+    RevocationSettings,
     Route,
     RouteAuth,
     RouteMatch,
@@ -180,6 +183,7 @@ class _Builder:
             root.error("header_timeout", "must be more than 0s")
         log_format = _choice(root, "log_format", defaults.log_format, oplog.FORMATS)
         log_level = _choice(root, "log_level", defaults.log_level, oplog.LEVELS, upper=True)
+        revocation = self.revocation(root)
         root.done()
         if listen == admin and listen is not None:
             root.error("admin", f"{admin} is also `listen`; the admin endpoints need their own port")
@@ -211,6 +215,7 @@ class _Builder:
             log_format=log_format,
             log_level=log_level,
             cors=self.cors_default,
+            revocation=revocation,
         )
 
     # -- providers ------------------------------------------------------------------------
@@ -242,6 +247,7 @@ class _Builder:
         algorithms = self.algorithms(s, default_algs, keys)
         token_sources = self.token_sources(s, "token_sources") or (BEARER,)
         headers = self.header_map(s.section("headers", example=_HEADERS_EXAMPLE)) or HeaderMap()
+        revocation = s.boolean("revocation", True)
         s.done()
         if keys is None or not issuers or not audiences:
             return None
@@ -257,6 +263,7 @@ class _Builder:
             typ=typ,
             token_sources=token_sources,
             headers=headers,
+            revocation=revocation,
         )
 
     def algorithms(self, s: Section, default: tuple[str, ...], keys: RemoteJwks | StaticKeys | None) -> tuple[str, ...]:
@@ -652,6 +659,7 @@ class _Builder:
             for _, item, path, line in s.items("claims", "claim rules", "[{claim: email_verified, equals: true}]")
             if (rule := self.claim_rule(Section(self.issues, item, path, line), item)) is not None
         )
+        revocation = s.boolean("revocation", True)
         s.done()
         if provider is not None and provider not in self.provider_names and self.providers_readable:
             known = ", ".join(sorted(self.provider_names)) or "none are configured"
@@ -660,7 +668,7 @@ class _Builder:
             s.error("provider", f"unknown provider {provider!r}; {mean}known providers: {known}")
         if provider is None:
             return None
-        return RouteAuth(provider=provider, optional=optional, scopes=scopes, claims=claims)
+        return RouteAuth(provider=provider, optional=optional, scopes=scopes, claims=claims, revocation=revocation)
 
     def claim_rule(self, s: Section, raw: Any) -> ClaimRule | None:
         if not isinstance(raw, dict):
@@ -860,6 +868,78 @@ class _Builder:
             max_age=max_age,
         )
 
+    # -- revocation -----------------------------------------------------------------------
+    def revocation(self, root: Section) -> RevocationSettings | None:
+        """The top-level `revocation:` (absent or `false`: no list); the store is `file` or `redis`."""
+        if root.data.get("revocation") is False:
+            root.raw("revocation")
+            return None
+        if root.data.get("revocation") is True:
+            root.raw("revocation")
+            root.error(
+                "revocation", f"true does not say where the list is kept: write revocation: {_REVOCATION_EXAMPLE}"
+            )
+            return None
+        s = root.section("revocation", example=_REVOCATION_EXAMPLE, meant=_revocation_mapping)
+        if s is None:
+            return None
+        defaults = RevocationSettings()
+        file = self.revocation_file(s)
+        redis_section = s.section("redis", example=_REDIS_EXAMPLE, meant=_redis_mapping)
+        redis = self.redis_store(redis_section) if redis_section is not None else None
+        max_staleness = s.duration("max_staleness", defaults.max_staleness)
+        fail = _choice(s, "fail", defaults.fail, ("open", "closed"))
+        default_ttl = s.duration("default_ttl", defaults.default_ttl)
+        given = [key for key in ("file", "redis") if s.data.get(key) is not None]
+        if not given:
+            s.missing(("file", "redis"), f"needs a store: file: PATH or redis: {_REDIS_EXAMPLE}")
+        s.done()
+        if len(given) > 1:
+            s.error("redis", "file and redis are mutually exclusive: the list is kept in one store; keep one of them")
+        if max_staleness <= 0:
+            s.error("max_staleness", "must be more than 0s")
+        if default_ttl is not None and default_ttl < 1:
+            s.error("default_ttl", "must be at least 1s: a rule that expires at once revokes nothing")
+        if len(given) != 1 or (file is None and redis is None):
+            return None
+        return RevocationSettings(
+            file=file, redis=redis, max_staleness=max_staleness, fail=fail, default_ttl=default_ttl
+        )
+
+    def revocation_file(self, s: Section) -> str | None:
+        """The file's absolute path; it need not exist yet (`jwt-sidecar revoke` creates it), its folder must."""
+        value = s.string("file")
+        if value is None:
+            return None
+        if not value.strip():
+            s.error("file", "must not be empty: the path of a YAML or JSON file of rules")
+            return None
+        path = (self.base_dir / value).resolve() if not os.path.isabs(value) else Path(value)
+        if path.is_dir():
+            s.error("file", f"{value!r} is a directory; name a file in it, e.g. {Path(value) / 'revoked.yaml'}")
+            return None
+        if not path.parent.is_dir():
+            s.error("file", f"{value!r}: the folder {str(path.parent)!r} does not exist")
+            return None
+        return str(path)
+
+    def redis_store(self, s: Section) -> RedisStore | None:
+        defaults = RedisStore(url="")
+        url = _redis_url(s, "url")
+        prefix = s.string("key_prefix", defaults.key_prefix)
+        timeout = s.duration("timeout", defaults.timeout)
+        resync = s.duration("resync_interval", defaults.resync_interval)
+        s.done()
+        if not prefix or not _KEY_PREFIX.fullmatch(prefix):
+            s.error("key_prefix", f"{prefix!r} is not a key prefix: printable characters, no spaces, e.g. jwt-sidecar")
+        if timeout <= 0:
+            s.error("timeout", "must be more than 0s")
+        if resync < 1:
+            s.error("resync_interval", "must be at least 1s")
+        if url is None:
+            return None
+        return RedisStore(url=url, key_prefix=prefix, timeout=timeout, resync_interval=resync)
+
     # -- the rest -------------------------------------------------------------------------
     def token_cache(self, s: Section | None) -> TokenCacheSettings:
         defaults = TokenCacheSettings()
@@ -877,6 +957,59 @@ class _Builder:
 _UPSTREAM_EXAMPLE = "{url: http://127.0.0.1:8000}"
 _HEADERS_EXAMPLE = "{claims: {sub: X-User-Id}, forward_token: false}"
 _WEBSOCKET_EXAMPLE = "{idle_timeout: 5m, max_lifetime: 24h}"
+_REDIS_EXAMPLE = "{url: redis://HOST:6379/0}"
+_REVOCATION_EXAMPLE = "{file: revoked.yaml} or {redis: {url: redis://HOST:6379/0}}"
+_REDIS_SCHEMES = ("redis", "rediss", "unix")
+_KEY_PREFIX = re.compile(r"[!-~]+")
+
+
+def _revocation_mapping(value: Any) -> str:
+    """`revocation: redis://…` or `revocation: revoked.yaml`: the store alone, meant as its mapping."""
+    if not isinstance(value, str):
+        return ""
+    return f"{{redis: {{url: {value}}}}}" if "://" in value else f"{{file: {value}}}"
+
+
+def _redis_mapping(value: Any) -> str:
+    """`redis: redis://…`: the URL alone, meant as `{url: …}`."""
+    return f"{{url: {value}}}" if isinstance(value, str) and "://" in value else ""
+
+
+def _redis_url(s: Section, key: str) -> str | None:
+    """`redis://[:PASSWORD@]HOST[:PORT][/DB]`, `rediss://…` (TLS) or `unix:///PATH`."""
+    url = s.string(key, required=True)
+    if url is None:
+        return None
+    form = "write redis://HOST:PORT/DB (rediss:// for TLS, unix:///PATH for a socket)"
+    shown_url = repr(shown(url))
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # raises ValueError for a port that is not a number or out of range
+    except ValueError:
+        s.error(key, f"{shown_url} is not a Redis URL: its port is not a number from 1 to 65535")
+        return None
+    if "://" not in url:
+        s.error(key, f"{shown_url} is not a Redis URL: it has no scheme; write redis://{url}")
+        return None
+    if parts.scheme not in _REDIS_SCHEMES:
+        s.error(key, f"{shown_url} is not a Redis URL ({parts.scheme}://): {form}")
+        return None
+    if parts.scheme == "unix":
+        if not parts.path:
+            s.error(key, f"{shown_url} names no socket: write unix:///PATH/redis.sock")
+            return None
+        return url
+    if not parts.hostname:
+        s.error(key, f"{shown_url} has no host: {form}")
+        return None
+    if port == 0:
+        s.error(key, f"{shown_url} is not a Redis URL: its port is not a number from 1 to 65535")
+        return None
+    db = parts.path.lstrip("/")
+    if db and not db.isdigit():
+        s.error(key, f"{shown_url}: the path is the database number (/0, /1, ...), not {parts.path!r}")
+        return None
+    return url
 
 
 def _url_mapping(value: Any) -> str:

@@ -29,7 +29,9 @@ __all__ = [
     "HeaderMap",
     "Listen",
     "Provider",
+    "RedisStore",
     "RemoteJwks",
+    "RevocationSettings",
     "Route",
     "RouteAuth",
     "RouteMatch",
@@ -134,6 +136,8 @@ class Provider:
     token_sources: tuple[TokenSource, ...] = (BEARER,)
     """Where this provider's tokens are looked for; more than one found is a 400."""
     headers: HeaderMap = HeaderMap()
+    revocation: bool = True
+    """`revocation: false`: this provider's tokens are not checked against the revocation list."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -163,6 +167,8 @@ class RouteAuth:
     """Validate a token when one is present, let the request through when none is."""
     scopes: ScopeRule = ScopeRule()
     claims: tuple[ClaimRule, ...] = ()
+    revocation: bool = True
+    """`revocation: false`: this route does not check tokens against the revocation list."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -291,6 +297,43 @@ class TokenCacheSettings:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class RedisStore:
+    """The revocation list in Redis, shared by every sidecar that names the same URL and prefix."""
+
+    url: str
+    """`redis://[:PASSWORD@]HOST[:PORT][/DB]`, `rediss://` for TLS, or `unix:///PATH[?db=N]`."""
+    key_prefix: str = "jwt-sidecar"
+    """The Redis keys are `PREFIX:revocation:rules` (a hash), `PREFIX:revocation:expiry` (a
+    sorted set by expiry) and the pub/sub channel `PREFIX:revocation`."""
+    timeout: float = 2.0
+    """Longest wait to connect to Redis, and for one answer."""
+    resync_interval: float = 300.0
+    """Reload the whole list this often, besides after every reconnect."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RevocationSettings:
+    """The revocation list: where it is kept, and what to do when it cannot be kept current."""
+
+    file: str | None = None
+    """A YAML or JSON file of rules (absolute path), reloaded when it changes."""
+    redis: RedisStore | None = None
+    """Or Redis: the list shared by every replica."""
+    max_staleness: float = 30.0
+    """How old the list may get (the store unreachable, the file unreadable) before `fail` applies."""
+    fail: str = "open"
+    """Past `max_staleness`: `open` keeps serving with the last list; `closed` turns /readyz false
+    and the routes that check revocation answer 503."""
+    default_ttl: float | None = None
+    """How long a rule written by `jwt-sidecar revoke` lasts without `--ttl`; None: the
+    provider's `max_token_age` plus its `leeway` (the longest a token it accepts can live)."""
+
+    @property
+    def store(self) -> str:
+        return "redis" if self.redis is not None else "file"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Settings:
     source: str
     """The file these settings came from (or `<string>`)."""
@@ -331,3 +374,5 @@ class Settings:
     """The operator log's least level: DEBUG, INFO, WARNING or ERROR. `run --log-level` overrides it."""
     cors: CorsSettings | None = None
     """The top-level `cors`: the policy of every route that does not set its own."""
+    revocation: RevocationSettings | None = None
+    """The revocation list (`revocation:`); None: no token is checked against one."""

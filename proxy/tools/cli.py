@@ -31,6 +31,8 @@ import yaml
 
 from .. import __version__
 from ..auth.keys import key_source_for
+from ..auth.revocation import Rule, format_time, make_rule, parse_time
+from ..auth.revocationstore import StoreError, add_rules, list_rules
 from ..base import oplog
 from ..base.clock import SystemClock
 from ..base.errors import ConfigError
@@ -39,6 +41,7 @@ from ..base.safetext import one_line
 from ..config import builder as config
 from ..config import routecheck
 from ..config.yamlsource import parse_duration
+from ..http.causes import shown
 from ..ops import server, workers
 from ..ops.startup import StartupError
 from . import explain as explain_mod
@@ -122,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_check_config(commands)
     _add_keys(commands)
     _add_token(commands)
+    _add_revoke(commands)
     return parser
 
 
@@ -408,8 +412,20 @@ def summary(settings: config.Settings) -> str:
     lines.append(
         f"token cache: {'on' if cache.enabled else 'off'}, {cache.max_entries} entries, max ttl {cache.max_ttl:g}s"
     )
+    lines.append(_revocation_summary(settings))
     # Each entry is one line: a name or an issuer holding a newline or an escape sequence is shown escaped.
     return "\n".join(one_line(line) for line in lines)
+
+
+def _revocation_summary(settings: config.Settings) -> str:
+    store = settings.revocation
+    if store is None:
+        return "revocation: off (no `revocation:` section)"
+    where = f"Redis {shown(store.redis.url)}" if store.redis is not None else f"file {store.file}"
+    line = f"revocation: {where}; max staleness {store.max_staleness:g}s, fail {store.fail}"
+    exempt = [f"provider {p.name}" for p in settings.providers.values() if not p.revocation]
+    exempt += [f"route {r.name}" for r in settings.routes if r.auth is not None and not r.auth.revocation]
+    return line + (f"; not checked for {', '.join(exempt)}" if exempt else "")
 
 
 # -- keys ---------------------------------------------------------------------------------
@@ -772,6 +788,148 @@ def _render_steps(report: explain_mod.Report) -> str:
     return "\n".join(lines)
 
 
+# -- revoke -------------------------------------------------------------------------------
+
+
+def _add_revoke(commands: Any) -> None:
+    p = commands.add_parser(
+        "revoke",
+        help="revoke tokens in the configured store (file or Redis), or list the rules in force",
+        description="Write a revocation rule to the store the config's `revocation:` names; every sidecar "
+        "reading it refuses the tokens it matches within a second (401 invalid_token, reason revoked). "
+        "--jti ID: one token. --sub SUB [--iss ISS]: every token of a subject. --before TIME [--sub SUB]: "
+        "every token issued before TIME, of one subject or (without --sub) of every subject. --provider NAME "
+        "narrows any of them to one provider's tokens. A rule lasts --ttl, else revocation.default_ttl, else "
+        "the providers' longest token lifetime (max_token_age plus leeway), counted from TIME for --before. "
+        "--list prints the rules in force. Nothing on the proxy port can revoke.",
+    )
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--jti", metavar="ID", help="revoke the one token whose jti claim is ID")
+    what.add_argument(
+        "--before",
+        metavar="TIME",
+        type=_instant,
+        help="revoke the tokens issued (iat) before TIME: now, 2026-12-03T12:00:00Z, or Unix seconds; "
+        "a token without iat counts as issued before",
+    )
+    what.add_argument("--list", action="store_true", help="print the rules in force and exit")
+    # Not in the group: --sub alone revokes a subject, with --before only its older tokens.
+    p.add_argument("--sub", metavar="SUB", help="revoke the tokens of this subject (with --before: only older ones)")
+    p.add_argument("--iss", metavar="ISS", help="with --sub or --before: only tokens of this issuer")
+    p.add_argument("--provider", metavar="NAME", help="only tokens this provider admits (default: every provider's)")
+    p.add_argument("--ttl", metavar="D", type=_rule_ttl, help="how long the rule lasts: 30m, 24h, 7d (at least 1s)")
+    p.add_argument(
+        "--config",
+        type=Path,
+        default=Path(os.environ.get("JWT_SIDECAR_CONFIG", "config.yaml")),
+        metavar="FILE",
+        help="the config file naming the store (default $JWT_SIDECAR_CONFIG or ./config.yaml)",
+    )
+    p.set_defaults(run=_revoke, parser=p)
+
+
+def _revoke(args: argparse.Namespace) -> int:
+    parser = args.parser
+    if args.jti is None and args.sub is None and args.before is None and not args.list:
+        raise _UsageError(
+            "say what to revoke: --jti ID, --sub SUB or --before TIME (or --list what is in force)", parser
+        )
+    if args.list and any(v is not None for v in (args.sub, args.iss, args.provider, args.ttl)):
+        raise _UsageError("--list takes no other option but --config", parser)
+    if args.jti is not None and args.sub is not None:
+        raise _UsageError("--jti revokes one token; --sub all of a subject's: give one of them", parser)
+    if args.iss is not None and args.jti is not None:
+        raise _UsageError("--iss narrows --sub or --before, not --jti", parser)
+    for name in ("jti", "sub", "iss", "provider"):
+        value = getattr(args, name)
+        if value is not None and not value.strip():
+            raise _UsageError(f"--{name} must not be empty", parser)
+    settings = config.load(args.config)
+    store = settings.revocation
+    if store is None:
+        _complain(
+            f"{args.config} has no `revocation:` section, so no sidecar reads a revocation list; add one, "
+            "e.g. revocation: {file: revoked.yaml} or revocation: {redis: {url: redis://HOST:6379/0}}"
+        )
+        return 1
+    where = f"Redis {shown(store.redis.url)}" if store.redis is not None else f"file {store.file}"
+    now = time.time()
+    if args.list:
+        try:
+            rules = asyncio.run(list_rules(store, now=now))
+        except StoreError as error:
+            _complain(str(error))
+            return 1
+        print(one_line(f"{len(rules)} rule(s) in force in {where}"))
+        for rule in rules:
+            print(_rule_line(rule))
+        return 0
+    if args.provider is not None and args.provider not in settings.providers:
+        known = ", ".join(settings.providers)
+        raise _UsageError(f"unknown provider {args.provider!r}; known providers: {known}", parser)
+    chosen = [settings.providers[args.provider]] if args.provider else list(settings.providers.values())
+    if args.iss is not None:
+        chosen = [p for p in chosen if args.iss in p.issuers]
+        if not chosen:
+            known = ", ".join(sorted({i for p in settings.providers.values() for i in p.issuers}))
+            raise _UsageError(
+                f"no provider{' ' + args.provider if args.provider else ''} trusts issuer "
+                f"{args.iss!r}; issuers: {known}",
+                parser,
+            )
+    if args.ttl is not None:
+        expires = now + args.ttl
+    else:
+        ttl = store.default_ttl
+        if ttl is None:
+            unbounded = [p.name for p in chosen if p.max_token_age is None]
+            if unbounded:
+                _complain(
+                    f"provider {', '.join(unbounded)} has no max_token_age, so how long its tokens live is not "
+                    "known: give --ttl (longer than they live, e.g. --ttl 24h), or set revocation.default_ttl"
+                )
+                return 1
+            ttl = max((p.max_token_age or 0) + p.leeway for p in chosen)
+        # Tokens issued before TIME are all expired by TIME plus their lifetime.
+        expires = (args.before if args.before is not None else now) + ttl
+    if expires <= now:
+        _complain(
+            f"the rule would expire at {format_time(expires)}, already past: every token it names has expired "
+            "(give --ttl to keep it anyway)"
+        )
+        return 1
+    rule = make_rule(
+        jti=args.jti, sub=args.sub, iss=args.iss, provider=args.provider, before=args.before, expires=expires
+    )
+    try:
+        [written] = asyncio.run(add_rules(store, [rule], now=now))
+    except StoreError as error:
+        _complain(str(error))
+        return 1
+    print(one_line(f"revoked in {where}: {_rule_words(written)}"))
+    print("every sidecar reading this store refuses these tokens within a second (401 invalid_token, reason revoked)")
+    return 0
+
+
+def _rule_words(rule: Rule) -> str:
+    if rule.jti is not None:
+        what = f"the token with jti {rule.jti!r}"
+    elif rule.sub is not None:
+        what = f"every token of sub {rule.sub!r}"
+    else:
+        what = "every token"
+    if rule.iss is not None:
+        what += f" of issuer {rule.iss!r}"
+    what += f" of provider {rule.provider}" if rule.provider is not None else " of every provider"
+    if rule.before is not None:
+        what += f" issued before {format_time(rule.before)}"
+    return what + (f", until {format_time(rule.expires)}" if rule.expires is not None else ", with no expiry")
+
+
+def _rule_line(rule: Rule) -> str:
+    return one_line(f"  {rule.kind:<6} {_rule_words(rule)}")
+
+
 # -- argument types -----------------------------------------------------------------------
 
 
@@ -811,6 +969,25 @@ def _not_before(text: str) -> tuple[str, float]:
     if moment.tzinfo is None:
         raise argparse.ArgumentTypeError(f"{text!r} has no time zone; add one, e.g. {text.strip()}Z for UTC")
     return "at", moment.timestamp()
+
+
+def _instant(text: str) -> float:
+    if text.strip().lower() == "now":
+        return time.time()
+    try:
+        return parse_time(float(text) if _PLAIN_SECONDS.fullmatch(text.strip()) else text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"{error}; or now") from None
+
+
+def _rule_ttl(text: str) -> float:
+    try:
+        seconds = parse_duration(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration; use e.g. 30m, 24h, 7d") from None
+    if seconds < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is too short; a rule lasts at least 1s")
+    return seconds
 
 
 def _port(text: str) -> int:

@@ -58,19 +58,19 @@ ONE_MISTAKE = [
         "misspelt key source",
         "providers:\n  main:\n    issuer: i\n    audiences: [a]\n    jwsk: {url: 'https://x'}\n",
         "c.yaml:5: providers.main.jwsk: unknown key; did you mean jwks? allowed here: algorithms, audiences, discovery, "
-        "headers, issuer, jwks, jwks_file, leeway, max_token_age, pem_file, required_claims, secret, token_sources, typ",
+        "headers, issuer, jwks, jwks_file, leeway, max_token_age, pem_file, required_claims, revocation, secret, token_sources, typ",
     ),
     (
         "misspelt required key",
         "providers:\n  main:\n    issuer: i\n    audience: [a]\n    jwks: {url: 'https://x'}\n",
         "c.yaml:4: providers.main.audience: unknown key; did you mean audiences? allowed here: algorithms, audiences, "
-        "headers, issuer, jwks, leeway, max_token_age, required_claims, token_sources, typ",
+        "headers, issuer, jwks, leeway, max_token_age, required_claims, revocation, token_sources, typ",
     ),
     (
         "key in the wrong case",
         "providers:\n  main:\n    Issuer: i\n    audiences: [a]\n    jwks: {url: 'https://x'}\n",
         "c.yaml:3: providers.main.Issuer: unknown key; did you mean issuer? allowed here: algorithms, audiences, "
-        "headers, issuer, jwks, leeway, max_token_age, required_claims, token_sources, typ",
+        "headers, issuer, jwks, leeway, max_token_age, required_claims, revocation, token_sources, typ",
     ),
     (
         "misspelt top-level key",
@@ -110,7 +110,7 @@ ONE_MISTAKE = [
         "misspelt provider in auth",
         PROVIDER + "routes:\n  - match: {path_prefix: /}\n    auth: {provder: main}\n",
         "c.yaml:5: routes[0].auth.provder: unknown key; did you mean provider? allowed here: claims, optional, "
-        "provider, scopes",
+        "provider, revocation, scopes",
     ),
     (
         "two paths in one match",

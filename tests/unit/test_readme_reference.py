@@ -139,6 +139,7 @@ SECTIONS = {
     "keys generate": ("### `jwt-sidecar keys generate`",),
     "token mint": ("### `jwt-sidecar token mint`",),
     "token explain": ("### `jwt-sidecar token explain TOKEN [--config FILE] [--provider NAME]`",),
+    "revoke": ("### `jwt-sidecar revoke [--jti ID | --sub SUB | --before TIME | --list] --config FILE`",),
 }
 
 
@@ -195,6 +196,7 @@ websocket: {zz_unknown: 1}
 strip_headers: {zz_unknown: 1}
 token_cache: {zz_unknown: 1}
 cors: {allow_origins: ['https://app.example.com'], zz_unknown: 1}
+revocation: {zz_unknown: 1, redis: {url: 'redis://127.0.0.1:6379/0', zz_unknown: 1}}
 providers:
   p:
     zz_unknown: 1
@@ -255,6 +257,7 @@ def test_every_config_key_is_documented() -> None:
         "routes": "### Routes",
         "token_cache": "### Verified-token cache",
         "cors": "### CORS",
+        "revocation": "### Revocation",
     }
     missing = []
     for where, keys in allowed_keys().items():

@@ -9,7 +9,7 @@ all in HTTP/1.0 (400),
 one Host (400), keep-alive and pipelining (answers in request order; reading pauses while
 a request waits its turn), request bodies streamed with back-pressure (reads of at most
 16 KiB into one buffer per server, reading stopped at 8 KiB buffered), the client's write
-buffer capped at 16 KiB (a streamed answer waits), `Expect:
+buffer capped at 16 KiB (a streamed answer waits, through flow.py's `WriteFlow`), `Expect:
 100-continue` answered when the body is first read, writing answers (one write for a
 whole answer, or a head and then a Content-Length, chunked or close-delimited body),
 upgrades (the bytes after the head are held for `Request.tunnel`, or the connection
@@ -46,6 +46,7 @@ import httptools
 from multidict import CIMultiDict, MultiDict, MultiDictProxy
 from yarl import URL
 
+from .flow import Wakeup, WriteFlow
 from .log import event
 
 __all__ = ["BodyError", "BodyTimeout", "ConnectionCounts", "Prepared", "Request", "Server"]
@@ -99,14 +100,6 @@ class BodyTimeout(BodyError):
     """No body bytes came for the time the reader allowed."""
 
 
-def _expire(waiter: asyncio.Future[bool | None]) -> None:
-    # A True result means the wait timed out. An exception set on the waiter would hold, by
-    # its traceback, the frame that holds the waiter: a cycle (with the connection in it)
-    # that only a full garbage collection frees.
-    if not waiter.done():
-        waiter.set_result(True)
-
-
 def _codings(values: list[bytes]) -> list[bytes]:
     """The transfer codings named by Transfer-Encoding field values, lower-cased, in order:
     one list however many lines carry it (RFC 9110 §5.3), empty elements ignored (§5.6.1)."""
@@ -156,7 +149,7 @@ class Request:
         "_headers",
         "_query",
         "_started",
-        "_waiter",
+        "_wakeup",
         "body_exists",
         "content_length",
         "fields",
@@ -206,7 +199,7 @@ class Request:
         self._buffered = 0
         self._complete = not self.body_exists
         self._error: BaseException | None = None
-        self._waiter: asyncio.Future[bool | None] | None = None
+        self._wakeup: Wakeup | None = None  # made when the handler first waits for body bytes
         self._continue = expect_continue
         self._started = False
         self._finished = False
@@ -278,16 +271,12 @@ class Request:
                     if not wait or left < wait:
                         wait, by_total = left, True
                     began = conn._loop.time()
-                waiter = self._waiter = conn._loop.create_future()
-                timer = conn._loop.call_later(wait, _expire, waiter) if wait else None
-                try:
-                    timed_out = await waiter
-                finally:
-                    if left is not None:
-                        left -= conn._loop.time() - began
-                    self._waiter = None
-                    if timer is not None:
-                        timer.cancel()
+                wakeup = self._wakeup
+                if wakeup is None:
+                    wakeup = self._wakeup = Wakeup(conn._loop)
+                timed_out = await wakeup.wait(wait or None)
+                if left is not None:
+                    left -= conn._loop.time() - began
                 if timed_out:
                     raise BodyTimeout(
                         f"the body was not all here after {total:g}s" if by_total else f"no body bytes for {timeout:g}s"
@@ -314,9 +303,9 @@ class Request:
         self._wake()
 
     def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        wakeup = self._wakeup
+        if wakeup is not None:
+            wakeup.wake()
 
     # the answer
 
@@ -397,7 +386,7 @@ class Request:
         # The transport holds what the client has not taken yet (a copy): not holding `data`
         # too while waiting halves what a slow client costs.
         del data
-        if conn._write_paused and on_full is not None:
+        if conn._flow.paused and on_full is not None:
             on_full()
         await conn._drain(timeout)
 
@@ -550,8 +539,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._held = bytearray()  # bytes after an upgrade request's head
         self._sink: Callable[[bytes], None] | None = None
         self._read_paused = False
-        self._write_paused = False
-        self._drain_waiter: asyncio.Future[bool | None] | None = None
+        self._flow = WriteFlow(self._loop)
         self._idle_since: float | None = None  # waiting for a head since (loop time); None: busy
         self._head_begun: float | None = None  # the first byte of the head being parsed came (loop time)
 
@@ -593,9 +581,7 @@ class _Connection(asyncio.BufferedProtocol):
         task = self._task
         if task is not None and not task.done() and self._running:
             task.cancel()  # the client went away: stop working for it (and its upstream request)
-        waiter = self._drain_waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        self._flow.end()
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self._server._read_buffer
@@ -659,13 +645,10 @@ class _Connection(asyncio.BufferedProtocol):
                 return
 
     def pause_writing(self) -> None:
-        self._write_paused = True
+        self._flow.pause()
 
     def resume_writing(self) -> None:
-        self._write_paused = False
-        waiter = self._drain_waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        self._flow.resume()
 
     # httptools callbacks
 
@@ -804,7 +787,7 @@ class _Connection(asyncio.BufferedProtocol):
                     return
                 if self._queue:
                     request = self._queue[0]
-                    if self._write_paused:
+                    if self._flow.paused:
                         # The client is not reading our answers: wait for it before the next.
                         self._task = self._loop.create_task(self._answer(request, None))
                         return
@@ -922,18 +905,8 @@ class _Connection(asyncio.BufferedProtocol):
         self._resume_reading()
 
     async def _drain(self, timeout: float | None = None) -> None:
-        while self._write_paused and not self._lost:
-            waiter = self._drain_waiter = self._loop.create_future()
-            timer = self._loop.call_later(timeout, _expire, waiter) if timeout else None
-            try:
-                timed_out = await waiter
-            finally:
-                self._drain_waiter = None
-                if timer is not None:
-                    timer.cancel()
-            if timed_out:
-                raise TimeoutError("the client read nothing for the time allowed")
-        if self._lost:
+        """Wait while the client's buffer is full, at most `timeout` without it reading (TimeoutError)."""
+        if not await self._flow.drain(timeout or None):
             raise ConnectionResetError("the client went away")
 
     def _idle(self) -> None:

@@ -11,7 +11,7 @@ is never reused, a byte no request asked for closes it and makes its origin dist
 (no reuse for `_DISTRUST`), an idle socket is checked for unread bytes before reuse, and a
 new origin is on probation (`_PROBATION`); flow control both ways (reads of 16 KiB into one
 buffer per pool, reading paused at 16 KiB buffered or when the consumer asks, a 4 KiB write
-buffer for request bodies); the one retry
+buffer for request bodies; the waits are flow.py's); the one retry
 RFC 9112 §9.3.1 allows (an idempotent, body-less request whose reused connection the server
 closed before answering); and the client's failure vocabulary: `UpstreamConnectError`
 (nothing was sent: refused, unreachable, connect timeout), `UpstreamProtocolError`, builtin
@@ -35,6 +35,7 @@ from functools import partial
 import httptools
 
 from .causes import Worded, cause
+from .flow import Wakeup, WriteFlow
 from .log import event
 
 __all__ = ["Fields", "Pool", "Response", "UpstreamConnectError", "UpstreamError", "UpstreamProtocolError"]
@@ -92,13 +93,6 @@ _DISTRUST = 60.0
 # well-behaved origin new connections for its first ~0.1 s of traffic, then nothing.
 _PROBATION = 0.1
 log = logging.getLogger("jwt_sidecar.upstream")
-
-
-def _expire(waiter: asyncio.Future[bool | None]) -> None:
-    # A True result means the wait timed out (not an exception set on the waiter: by its
-    # traceback it would hold the frame holding the waiter, a cycle only a full collection frees).
-    if not waiter.done():
-        waiter.set_result(True)
 
 
 class Fields:
@@ -181,8 +175,8 @@ class _Connection(asyncio.BufferedProtocol):
         "_chunks",
         "_codings",
         "_done",
-        "_drain_waiter",
         "_error",
+        "_flow",
         "_got_bytes",
         "_head_bytes",
         "_head_done",
@@ -203,8 +197,7 @@ class _Connection(asyncio.BufferedProtocol):
         "_reason",
         "_status",
         "_transport",
-        "_waiter",
-        "_write_paused",
+        "_wakeup",
     )
 
     _headers: list[tuple[bytes, bytes]]
@@ -220,9 +213,8 @@ class _Connection(asyncio.BufferedProtocol):
         self._idle = False
         self._idle_since = 0.0
         self._lost = False
-        self._write_paused = False
-        self._drain_waiter: asyncio.Future[bool | None] | None = None
-        self._waiter: asyncio.Future[bool | None] | None = None
+        self._flow = WriteFlow(pool._loop)  # a request body waits here for the upstream to take it
+        self._wakeup = Wakeup(pool._loop)  # the consumer waits here for the answer
         self._chunks: list[bytes] = []
         self._buffered = 0
         self._reading_paused = False
@@ -286,10 +278,8 @@ class _Connection(asyncio.BufferedProtocol):
                 self._error = UpstreamProtocolError("connection closed inside the response head")
             else:
                 self._error = UpstreamProtocolError("response body cut short")
-        self._wake()
-        drain = self._drain_waiter
-        if drain is not None and not drain.done():
-            drain.set_result(None)
+        self._wakeup.wake()
+        self._flow.end()
 
     def data_received(self, data: bytes | memoryview) -> None:
         if self._done or self._idle:
@@ -317,7 +307,7 @@ class _Connection(asyncio.BufferedProtocol):
                         "response head too large" if not self._head_done else "response trailer section too large"
                     )
                 )
-                self._wake()
+                self._wakeup.wake()
                 return
         try:
             self._parser.feed_data(data)
@@ -325,16 +315,13 @@ class _Connection(asyncio.BufferedProtocol):
             self._fail(UpstreamProtocolError("upstream switched protocols (101); upgrades are not proxied here"))
         except httptools.HttpParserError as error:
             self._fail(UpstreamProtocolError(f"malformed response: {error}"))
-        self._wake()
+        self._wakeup.wake()
 
     def pause_writing(self) -> None:
-        self._write_paused = True
+        self._flow.pause()
 
     def resume_writing(self) -> None:
-        self._write_paused = False
-        drain = self._drain_waiter
-        if drain is not None and not drain.done():
-            drain.set_result(None)
+        self._flow.resume()
 
     # httptools callbacks
 
@@ -395,9 +382,6 @@ class _Connection(asyncio.BufferedProtocol):
                 raise self._error
         self._status = status
         self._head_done = True
-        drain = self._drain_waiter
-        if drain is not None and not drain.done():
-            drain.set_result(None)  # an upload blocked on a closing server stops now (RFC 9112 §9.5)
         if self._is_head:
             # llhttp cannot be told this answer is to a HEAD (httptools gives no way to return
             # "skip body" from this callback), so the message ends here for us (RFC 9112 §6.3
@@ -415,6 +399,8 @@ class _Connection(asyncio.BufferedProtocol):
             # (we never asked for the 1.0 keep-alive extension). llhttp also says no for a
             # close-delimited body.
             self._keep_alive = self._parser.should_keep_alive() and self._parser.get_http_version() == "1.1"
+        if not self._keep_alive:
+            self._flow.end()  # the server answered and is closing: an upload blocked on it stops now (RFC 9112 §9.5)
 
     def on_body(self, body: bytes) -> None:
         if self._is_head:
@@ -472,11 +458,6 @@ class _Connection(asyncio.BufferedProtocol):
         poll = self._poll
         return poll is None or not poll.poll(0)
 
-    def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
     def _fail(self, error: UpstreamError) -> None:
         if self._error is None and not self._done:
             self._error = error
@@ -507,33 +488,8 @@ class _Connection(asyncio.BufferedProtocol):
 
     async def _wait(self, timeout: float) -> None:
         """Wait for the next callback from the parser or the transport, at most `timeout`."""
-        waiter = self._pool._loop.create_future()
-        self._waiter = waiter
-        timer = self._pool._loop.call_later(timeout, _expire, waiter)
-        try:
-            timed_out = await waiter
-        finally:
-            timer.cancel()
-            self._waiter = None
-        if timed_out:
+        if await self._wakeup.wait(timeout):
             raise TimeoutError
-
-    async def _drain(self, timeout: float) -> None:
-        """Like `StreamWriter.drain`: wait until the transport's write buffer is below its low mark.
-
-        A stalled upstream that never reads gets `timeout` as it would for an answer.
-        """
-        while self._write_paused and not self._lost and not (self._head_done and not self._keep_alive):
-            waiter = self._pool._loop.create_future()
-            self._drain_waiter = waiter
-            timer = self._pool._loop.call_later(timeout, _expire, waiter)
-            try:
-                timed_out = await waiter
-            finally:
-                timer.cancel()
-                self._drain_waiter = None
-            if timed_out:
-                raise TimeoutError
 
     def _release(self) -> None:
         if self._done and self._keep_alive and self._error is None and not self._lost:
@@ -824,9 +780,10 @@ class Pool:
                 else:
                     transport.writelines((pending, chunk))
             pending = None
-            if conn._write_paused:
+            if conn._flow.paused:
                 del chunk  # the transport holds a copy while the upstream drains: none here
-                await conn._drain(read_timeout)
+                # A stalled upstream that never reads gets `read_timeout`, as it would for an answer.
+                await conn._flow.drain(read_timeout)
         if conn._lost or (conn._head_done and not conn._keep_alive):
             return
         if chunked:

@@ -32,6 +32,7 @@ from ..base.errors import BadRequest, PayloadTooLarge, Reason, RequestTimeout, U
 from ..base.oplog import event
 from ..config.settings import Upstream, WebSocketSettings
 from ..http.causes import cause
+from ..http.flow import Wakeup
 from ..http.http1 import BodyError, BodyTimeout, Request
 from ..http.upstream import Fields, Pool, UpstreamError
 from .identity import HOP_BY_HOP, connection_tokens
@@ -284,8 +285,8 @@ class _Tunnel(asyncio.Protocol):
         self._chunks: deque[bytes] = deque()
         self._buffered = 0
         self._paused = False
-        self._waiter: asyncio.Future[None] | None = None
         self._loop = asyncio.get_running_loop()
+        self._wakeup = Wakeup(self._loop)  # `wait`: the answer's head, or bytes to relay, or the end
         self.active = self._loop.time()
         """When a byte last went through the tunnel, either way (loop time): the idle timeout's start."""
 
@@ -377,16 +378,10 @@ class _Tunnel(asyncio.Protocol):
     # the relay
 
     def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        self._wakeup.wake()
 
     async def wait(self) -> None:
-        waiter = self._waiter = asyncio.get_running_loop().create_future()
-        try:
-            await waiter
-        finally:
-            self._waiter = None
+        await self._wakeup.wait()
 
     def send(self, data: bytes) -> None:
         if not self.closed:

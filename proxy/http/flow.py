@@ -1,0 +1,115 @@
+"""Flow control for the wire code: a task waits on its peer, and a protocol callback wakes it.
+
+Owns: `Wakeup`, the one way a task here waits for a protocol callback (body bytes came, the
+answer arrived, the peer took what was written), one waiter at a time, at most a timeout;
+and `WriteFlow`, one connection's write side under asyncio's flow control: the transport's
+`pause_writing` and `resume_writing` recorded, `drain` waiting while its buffer is over the
+high-water mark, and `end` releasing a waiting writer when there is no more point in
+writing (the connection was lost, or the peer answered and is closing). The client-facing
+server (http1.py), the upstream client (upstream.py) and forward.py's WebSocket tunnel all
+wait through these.
+Does not own: the marks (each protocol sets its transport's), when to pause or resume
+reading (each protocol decides that from its own buffers), or what a timeout or a lost
+connection means to the caller (a `TimeoutError` and a False from `drain` are all it says).
+
+Why not `asyncio.Event` with `asyncio.wait_for`: `wait_for` makes a task per wait, and a
+timeout raised into the waiter would hold, through its traceback, the frame that holds the
+waiter, a reference cycle (with the connection in it) that only a full garbage collection
+frees (tests/integration/test_memory.py runs with the collector off). A timeout here is a
+result, and the future and its timer are let go on every way out of a wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+__all__ = ["Wakeup", "WriteFlow"]
+
+
+def _expire(waiter: asyncio.Future[bool | None]) -> None:
+    # True means the wait timed out: a result, not an exception set on the waiter (see above).
+    if not waiter.done():
+        waiter.set_result(True)
+
+
+class Wakeup:
+    """One task waits (`wait`) until a protocol callback calls `wake`, or a timeout passes.
+
+    A wake with no one waiting is not remembered: the waiter looks at the state it waits on
+    (bytes buffered, writing paused) before each wait, and again after it.
+    """
+
+    __slots__ = ("_loop", "_waiter")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._waiter: asyncio.Future[bool | None] | None = None
+
+    @property
+    def waiting(self) -> bool:
+        """Whether a task waits now."""
+        return self._waiter is not None
+
+    def wake(self) -> None:
+        """The task waiting, if any, goes on (at its next turn of the loop)."""
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def wait(self, timeout: float | None = None) -> bool:
+        """Until the next `wake`: False; or until `timeout` seconds have passed first: True.
+        None: no limit. A cancelled wait raises `CancelledError` and leaves nothing behind."""
+        loop = self._loop
+        waiter = self._waiter = loop.create_future()
+        timer = loop.call_later(timeout, _expire, waiter) if timeout is not None else None
+        try:
+            timed_out = await waiter
+        finally:
+            self._waiter = None
+            if timer is not None:
+                timer.cancel()
+        return timed_out is True
+
+
+class WriteFlow:
+    """A connection's write side: whether asyncio has paused writing, and waiting until it resumes.
+
+    The protocol's `pause_writing` and `resume_writing` call `pause` and `resume`; its
+    `connection_lost` calls `end`, and so may anything else after which a writer must stop
+    waiting for the peer to take bytes.
+    """
+
+    __slots__ = ("_wakeup", "ended", "paused")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.paused = False
+        """The transport's write buffer is over its high-water mark: a writer should wait (`drain`)."""
+        self.ended = False
+        """`end` was called: waiting for the peer to take bytes is pointless from now on."""
+        self._wakeup = Wakeup(loop)
+
+    def pause(self) -> None:
+        """asyncio's `pause_writing`: the transport's write buffer is over its high-water mark."""
+        self.paused = True
+
+    def resume(self) -> None:
+        """asyncio's `resume_writing`: the buffer is down to its low-water mark; a waiting writer goes on."""
+        self.paused = False
+        self._wakeup.wake()
+
+    def end(self) -> None:
+        """No more waiting for the peer (the connection was lost, or the peer answered and is
+        closing): a waiting writer returns now, and every later `drain` at once."""
+        self.ended = True
+        self._wakeup.wake()
+
+    async def drain(self, timeout: float | None = None) -> bool:
+        """Wait while writing is paused: True when the writer may go on, False once `end` was called.
+
+        Raises `TimeoutError` when the peer takes nothing for `timeout` seconds (None: no limit).
+        """
+        wakeup = self._wakeup
+        while self.paused and not self.ended:
+            if await wakeup.wait(timeout):
+                raise TimeoutError(f"the peer took nothing for {timeout:g}s")
+        return not self.ended

@@ -177,17 +177,13 @@ every answer, so each is lower-cased and classified once. Names are the upstream
 hence the bound."""
 
 
-def _target(ex: Exchange, origin: Origin) -> str:
-    # The target goes on the request line byte for byte: the path the router matched.
-    return origin.base_path + ex.path + ("?" + ex.query if ex.query else "")
-
-
 async def forward(ex: Exchange) -> None:
     """Send the request upstream and stream the answer back to the client."""
     request, pool, plan = ex.request, ex.runtime.pool, ex.plan
     assert pool is not None and plan is not None  # started, and routed
     origin, upstream, request_id = plan.origin, plan.upstream, ex.request_id
-    target = _target(ex, origin)
+    # The target goes on the request line byte for byte: the path the router matched.
+    target = origin.base_path + ex.path + ("?" + ex.query if ex.query else "")
     headers = Fields.of_bytes(ex.fields, ex.added)
     length = request.content_length
     if upstream.max_body and length is not None and length > upstream.max_body:
@@ -502,7 +498,7 @@ async def forward_websocket(ex: Exchange, *, expires_in: float | None = None) ->
     request, pool, plan = ex.request, ex.runtime.pool, ex.plan
     assert pool is not None and plan is not None  # started, and routed
     origin, upstream, request_id = plan.origin, plan.upstream, ex.request_id
-    target = _target(ex, origin)
+    target = origin.base_path + ex.path + ("?" + ex.query if ex.query else "")
     headers = Fields.of_bytes(ex.fields, ex.added)
     settings = ex.snapshot.settings.websocket if ex.snapshot is not None else _DEFAULT_WEBSOCKET
     websocket = plan.route.websocket or settings

@@ -6,8 +6,11 @@ entry that wraps `pipeline.begin` and the coroutine it returns: every `ProxyErro
 its status, a fixed JSON body (`ProxyError.fields()`) and, for auth errors, an RFC 6750
 challenge built from the same fields; anything
 unexpected becomes a 500 that reveals nothing; every request gets its metrics and one
-access-log line. A refusal is answered within `handle` itself (no task); an allowed request
-comes back to the server as a coroutine to run.
+access-log line, from the request's `Exchange` (exchange.py), which `handle` makes. A refusal
+is answered within `handle` itself (no task); an allowed request comes back to the server as
+a coroutine to run, and if the client left before that coroutine began, it sends nothing
+upstream and records a 499 (`_finish`: the one place this is handled; the server runs the
+coroutine regardless).
 Does not own: any decision (pipeline.py and the modules it calls decide).
 """
 

@@ -195,13 +195,18 @@ class Outbound:
     """A request's header fields on their way upstream: the client's, as bytes, less what it
     must not control (`strip_inbound`); `inject` adds ours and encodes the lot."""
 
-    __slots__ = ("host", "kept")
+    __slots__ = ("authorizations", "host", "kept")
 
-    def __init__(self, kept: list[tuple[int, bytes, bytes, bytes]], host: bytes | None) -> None:
+    def __init__(
+        self, kept: list[tuple[int, bytes, bytes, bytes]], host: bytes | None, authorizations: int = 0
+    ) -> None:
         self.kept = kept
         """(role, lower-case name, name, value) of each field kept, in the client's order."""
         self.host = host
         """The client's Host, as sent (X-Forwarded-Host is made from it)."""
+        self.authorizations = authorizations
+        """How many Authorization lines were kept: counted in the strip's one pass, so a request
+        with at most one need not be read again for extract.authorization's singleton rule."""
 
     def getall(self, name: str, default: Any = ()) -> Any:
         """Every value of a kept field, decoded, by name in any case (what `extract` reads)."""
@@ -235,6 +240,7 @@ def strip_inbound(fields: list[tuple[bytes, bytes]], plan: StripPlan) -> Outboun
     # One spelling per name (the first seen): `X-A` and `x-a` are one field (RFC 9110 §5.1),
     # and the upstream gets it under one name, every value in order.
     spelling: dict[bytes, bytes] = {}
+    authorizations = 0
     roles, classify = plan.roles.get, plan.roles.make_for
     for name, value in fields:
         found = roles(name)
@@ -248,10 +254,13 @@ def strip_inbound(fields: list[tuple[bytes, bytes]], plan: StripPlan) -> Outboun
             continue
         if role == _HOST and host is None:
             host = value
+        elif low == b"authorization":
+            authorizations += 1
         kept.append((role, low, spelling.setdefault(low, name), value))
     if named:
         kept = [entry for entry in kept if entry[1] not in named]
-    return Outbound(kept, host)
+        authorizations = sum(1 for entry in kept if entry[1] == b"authorization")
+    return Outbound(kept, host, authorizations)
 
 
 def request_id(inbound: str | None) -> str:

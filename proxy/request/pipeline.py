@@ -48,8 +48,10 @@ def begin(ex: Exchange) -> Coroutine[Any, Any, None]:
     verifier = plan.verifier
     if verifier is None or route.auth is None:
         # A public route forwards Authorization as sent: two lines would be read differently
-        # by different upstream stacks, so they are refused here as on every other route.
-        authorization(outbound)
+        # by different upstream stacks, so they are refused here as on every other route
+        # (extract.authorization is the rule; the strip counted the lines).
+        if outbound.authorizations > 1:
+            authorization(outbound)
         return _forward(ex)
     began = time.perf_counter()
     try:

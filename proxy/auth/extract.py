@@ -4,10 +4,12 @@ Owns: finding the one token in a request under the route's token sources, and re
 request that offers more than one (RFC 6750 §2: "Clients MUST NOT use more than one
 method to transmit the token in each request"), a repeated Authorization field of any
 schemes (a singleton, RFC 9110 §11.6.2; checked on public routes too), or a malformed
-Bearer credential (400 invalid_request). Cookie and query names are compared as the most
+Bearer credential (400 invalid_request); `authorization` is the one place the Authorization
+singleton rule is checked, for `extract` and for public routes alike. Cookie and query names are compared as the most
 lenient upstream reads them (percent-decoded, any case, ' ', '.' and '[' as '_'), and the
-query token's name after a ';' is refused (a separator to some servers). Also removes a query-parameter or
-cookie token before forwarding. Does not own: decoding or trusting the token.
+query token's name after a ';' is refused (a separator to some servers). Also parses a query
+string or Cookie header without the token, so one parser both finds and removes it (identity.py
+decides when and calls them). Does not own: decoding or trusting the token.
 """
 
 from __future__ import annotations
@@ -21,14 +23,15 @@ from urllib.parse import unquote, unquote_plus
 from multidict import MultiMapping
 
 from ..base.errors import InvalidRequest, Reason
+from ..base.memo import Memo
 from ..config.settings import TokenSource
 
 __all__ = [
     "Found",
+    "authorization",
     "cookie_values",
     "extract",
     "query_values",
-    "refuse_repeated_authorization",
     "without_cookie",
     "without_query_param",
 ]
@@ -58,12 +61,10 @@ def extract(
 ) -> Found | None:
     """The token offered under `sources`, None when there is none, `InvalidRequest` when two."""
     found: list[Found] = []
-    authorization = headers.getall("Authorization", ())
-    if len(authorization) > 1:
-        refuse_repeated_authorization(authorization, any(source.kind == "bearer" for source in sources))
+    lines = authorization(headers, sources)
     for source in sources:
         if source.kind == "bearer":
-            for value in authorization:
+            for value in lines:
                 credentials = _bearer_credentials(value)
                 if credentials is None:
                     continue  # another scheme (Basic, …) is not a bearer token
@@ -84,16 +85,24 @@ def extract(
     return found[0] if found else None
 
 
-def refuse_repeated_authorization(values: list[str], bearer: bool) -> None:
-    """`InvalidRequest` for two or more Authorization field lines, on any route.
+def authorization(headers: Fields, sources: Iterable[TokenSource] = ()) -> list[str]:
+    """The Authorization field's values, or `InvalidRequest` for two or more lines: on every
+    route, a public one (no `sources`) too, since it forwards the field as sent.
 
     Authorization is a singleton (RFC 9110 §11.6.2, §5.3): with two lines, of any schemes,
     one reader takes the first and another the last, so neither may be trusted. Two Bearer
     tokens on a route that reads Bearer are reported as two tokens, anything else as malformed.
     """
-    if bearer and all(_bearer_credentials(value) is not None for value in values):
-        raise InvalidRequest(Reason.MULTIPLE_TOKENS, f"{len(values)} Authorization: Bearer lines")
-    raise InvalidRequest(Reason.MALFORMED_REQUEST, f"Authorization sent {len(values)} times; it is a singleton field")
+    values: list[str] = headers.getall("Authorization", ())
+    if len(values) > 1:
+        if any(source.kind == "bearer" for source in sources) and all(
+            _bearer_credentials(value) is not None for value in values
+        ):
+            raise InvalidRequest(Reason.MULTIPLE_TOKENS, f"{len(values)} Authorization: Bearer lines")
+        raise InvalidRequest(
+            Reason.MALFORMED_REQUEST, f"Authorization sent {len(values)} times; it is a singleton field"
+        )
+    return values
 
 
 def _bearer_credentials(value: str) -> str | None:
@@ -117,19 +126,18 @@ def _bearer_credentials(value: str) -> str | None:
 
 
 def _token68(value: str, where: str) -> str:
-    if value in _CHECKED:
-        return value
-    if _B64TOKEN.fullmatch(value) is None:
+    well_formed = _IS_TOKEN68.get(value)
+    if well_formed is None:  # (every request misses under many distinct tokens: no `make` call here)
+        well_formed = _IS_TOKEN68.remember(value, _B64TOKEN.fullmatch(value) is not None)
+    if not well_formed:
         raise InvalidRequest(Reason.MALFORMED_REQUEST, f"{where} does not hold exactly one token")
-    if len(_CHECKED) >= 128:  # bounded: distinct tokens only clear it (and are scanned as before)
-        _CHECKED.clear()
-    _CHECKED[value] = None
     return value
 
 
-# Values that matched _B64TOKEN lately. The scan is ~24k instructions for a 1 KB token, a
-# lookup a few hundred (its hash is computed once per string, and reused by the token cache).
-_CHECKED: dict[str, None] = {}
+_IS_TOKEN68: Memo[str, bool] = Memo(128)
+"""Whether a value is one b64token, for the values offered lately: the same token comes on
+request after request, and a lookup costs far less than the scan (bench/FIGURES.md); its
+hash is computed once per string and reused by the token cache."""
 
 
 # PHP reads ' ', '.' and '[' in a query or cookie name as '_' ($_GET, $_COOKIE): `access.token`

@@ -27,7 +27,7 @@ import json
 import math
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, TypeGuard
 
@@ -69,16 +69,16 @@ class TokenHeader:
     fields: Mapping[str, Any]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class Claims:
-    """A verified token: its provider, header and payload. Immutable and safe to cache."""
+    """A verified token: its provider, header and payload. Immutable and safe to cache.
+
+    Compared and hashed by identity (`eq=False`): a cached token comes back as the same
+    object, which is how identity.py's `Renderer` knows it rendered its headers already."""
 
     provider: str
     header: Mapping[str, Any]
     payload: Mapping[str, Any]
-    rendered: dict[int, Any] = field(default_factory=dict, compare=False, repr=False)
-    """The identity headers made from this payload, per header map (`identity.claim_headers`):
-    a cached token renders them once, not on every request."""
 
     @property
     def subject(self) -> str | None:
@@ -326,8 +326,8 @@ def verify_signature(token: str, header: TokenHeader, keys: Sequence[PyJWK]) -> 
     """Verify the signature with each candidate key; return the raw payload it signs.
 
     What `PyJWS.decode_complete` does for a key bound to one algorithm (a `PyJWK`), without
-    its second decode of the header and its option merging, which were ~60% of a cache
-    miss's time beside a ~33 us RSA check: the header was read strictly by `read_header`;
+    its second decode of the header and its option merging, which were most of a cache
+    miss's time beside the RSA check (bench/FIGURES.md): the header was read strictly by `read_header`;
     the payload and signature segments go through the same strict decoder; `b64: false`
     (RFC 7797) is refused; each key must be bound to the token's alg; the key is prepared
     and its length checked (`enforce_minimum_key_length`) by the key's own `Algorithm`; then
@@ -510,8 +510,9 @@ class TokenCache:
 
     def __init__(self, settings: TokenCacheSettings, clock: Clock) -> None:
         # An LRU of (use-until, claims), the deadline checked on every read: what cachetools'
-        # TLRUCache does, without its expiry queue, whose upkeep made an insert into a full
-        # cache cost ~11 us against ~3 (under 10,000 distinct tokens every miss inserts).
+        # TLRUCache does, without its expiry queue, whose upkeep makes an insert into a full
+        # cache cost several times as much (bench/FIGURES.md; under many distinct tokens
+        # every miss inserts).
         # An expired entry is never returned; it waits for its turn to be evicted.
         self._cache: LRUCache[tuple[str, str], tuple[float, Claims]] = LRUCache(maxsize=settings.max_entries)
         self._max_ttl = settings.max_ttl

@@ -88,7 +88,9 @@ _DRAIN_IDLE = 1.0
 sending continuously is never idle that long: it gets `Connection: close` on an answer instead."""
 
 Handler = Callable[["Request"], Awaitable[None] | None]
-"""Answers a request at once and returns None, or returns the rest of its work to await."""
+"""Answers a request at once and returns None, or returns the rest of its work to await. The
+rest always runs, even for a client that left before it began (`request.transport` is then
+None: the rest decides what it still owes)."""
 _NO_QUERY: MultiDictProxy[str] = MultiDictProxy(MultiDict())
 
 
@@ -810,13 +812,11 @@ class _Connection(asyncio.BufferedProtocol):
         """The rest of a request's handling (`rest`), or all of it after a drain (None)."""
         self._running = True
         try:
-            if self._lost:
-                # The client left before this task first ran: the task was not cancelled then
-                # (that would have skipped `rest` entirely, and whatever its `finally` owes),
-                # so cancel it now, where `rest` sees it at its first wait.
-                if rest is None:
-                    return
-                asyncio.current_task().cancel()  # type: ignore[union-attr]
+            if self._lost and rest is None:
+                return  # the client left before the handler was called: nothing is owed
+            # A `rest` runs even when the client left before this task began: only the handler
+            # knows what its `finally` owes and what must not be done for a client that is gone
+            # (app.py sends nothing upstream then); `request.transport` is None to tell it.
             if rest is None:
                 await self._drain()
                 rest = self._server._handler(request)
@@ -1005,21 +1005,25 @@ def _accept_handshakes(sock: socket.socket) -> None:
             pass
 
 
-_REFUSALS: dict[int, bytes] = {}
+def _refusal_body(status: int) -> bytes:
+    return (
+        # A head that did not arrive in time says what a body that did not (forward.py's
+        # RequestTimeout) says: one 408, one error code (errors.py's phrase for header_timeout).
+        '{"error":"request_timeout","error_description":"The request head did not arrive in time"}'
+        if status == 408
+        else f'{{"error":"invalid_request","error_description":"{_REASONS.get(status, "Bad Request")}"}}'
+        if status < 500 or status in (501, 505)
+        else '{"error":"server_error","error_description":"Internal error"}'
+    ).encode()
+
+
+# The bodies of the statuses this module refuses with, built once: a fixed table, not a memo
+# (its keys are this module's own status codes, so it cannot grow).
+_REFUSALS = {status: _refusal_body(status) for status in (400, 408, 414, 431, 500, 501, 505)}
 
 
 def _refusal(status: int, *, close: bool) -> bytes:
-    body = _REFUSALS.get(status)
-    if body is None:
-        body = _REFUSALS[status] = (
-            # A head that did not arrive in time says what a body that did not (forward.py's
-            # RequestTimeout) says: one 408, one error code (errors.py's phrase for header_timeout).
-            '{"error":"request_timeout","error_description":"The request head did not arrive in time"}'
-            if status == 408
-            else f'{{"error":"invalid_request","error_description":"{_REASONS.get(status, "Bad Request")}"}}'
-            if status < 500 or status in (501, 505)
-            else '{"error":"server_error","error_description":"Internal error"}'
-        ).encode()
+    body = _REFUSALS.get(status) or _refusal_body(status)
     head = (
         f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\nContent-Type: application/json; charset=utf-8\r\n"
         f"Cache-Control: no-store\r\nServer: jwt-sidecar\r\nContent-Length: {len(body)}\r\n{_date_line()}"

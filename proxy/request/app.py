@@ -6,8 +6,11 @@ entry that wraps `pipeline.begin` and the coroutine it returns: every `ProxyErro
 its status, a fixed JSON body (`ProxyError.fields()`) and, for auth errors, an RFC 6750
 challenge built from the same fields; anything
 unexpected becomes a 500 that reveals nothing; every request gets its metrics and one
-access-log line. A refusal is answered within `handle` itself (no task); an allowed request
-comes back to the server as a coroutine to run.
+access-log line, from the request's `Exchange` (exchange.py), which `handle` makes. A refusal
+is answered within `handle` itself (no task); an allowed request comes back to the server as
+a coroutine to run, and if the client left before that coroutine began, it sends nothing
+upstream and records a 499 (`_finish`: the one place this is handled; the server runs the
+coroutine regardless).
 Does not own: any decision (pipeline.py and the modules it calls decide).
 """
 
@@ -24,15 +27,17 @@ import aiohttp
 from ..auth.keys import KeyRing
 from ..base.clock import Clock, SystemClock
 from ..base.errors import AuthError, KeysUnavailable, ProxyError, Reason, UpstreamUnavailable
+from ..base.memo import Memo
 from ..base.oplog import event
 from ..config.settings import Settings
 from ..http.http1 import Prepared, Request, Server
 from ..http.upstream import Pool
 from ..telemetry.accesslog import AccessLog
-from ..telemetry.metrics import Decision, Metrics
+from ..telemetry.metrics import Decision, Metrics, RouteMetrics
+from .exchange import NO_ROUTE_NAME, Exchange
 from .forward import new_session
 from .identity import request_id
-from .pipeline import Exchange, begin
+from .pipeline import begin
 from .runtime import Runtime, build_snapshot
 
 __all__ = ["Proxy", "respond_error"]
@@ -103,20 +108,19 @@ class Proxy:
         # in time (408): no route, no method we can trust; counted under the unmatched route so
         # a flood of them shows on dashboards.
         runtime = self.runtime
-        reason = Reason.HEADER_TIMEOUT if status == 408 else Reason.MALFORMED_REQUEST
-        exchange = Exchange(request_id=request_id(None), started=time.perf_counter(), status=status, reason=str(reason))
+        reason = str(Reason.HEADER_TIMEOUT if status == 408 else Reason.MALFORMED_REQUEST)
         if runtime.snapshot is not None:
-            runtime.snapshot.unmatched.count("", exchange.decision, exchange.reason, status)
+            runtime.snapshot.unmatched.count("", Decision.REJECTED, reason, status)
         if runtime.access_log is not None:
             runtime.access_log.request(
-                request_id=exchange.request_id,
+                request_id=request_id(None),
                 client=client,
                 method="",
                 path="",
-                route=exchange.route,
+                route=NO_ROUTE_NAME,
                 status=status,
-                decision=str(exchange.decision),
-                reason=exchange.reason,
+                decision=str(Decision.REJECTED),
+                reason=reason,
                 subject=None,
                 latency_ms=0.0,
             )
@@ -128,40 +132,42 @@ class Proxy:
 
 def _entry(request: Request, runtime: Runtime) -> Coroutine[Any, Any, None] | None:
     inbound = request.header(b"x-request-id")
-    exchange = Exchange(
-        request_id=request_id(None if inbound is None else inbound.decode("latin-1")), started=time.perf_counter()
+    ex = Exchange(
+        request, runtime, request_id(None if inbound is None else inbound.decode("latin-1")), time.perf_counter()
     )
     runtime.metrics.in_flight += 1
     try:
-        rest = begin(request, runtime, exchange)
+        rest = begin(ex)
     except Exception as error:
         try:
-            _failed(request, runtime, exchange, error)
+            _failed(ex, error)
         finally:
-            _end(runtime, request, exchange)
+            _end(ex)
         return None
     except BaseException:
-        _end(runtime, request, exchange)
+        _end(ex)
         raise
-    return _finish(rest, request, runtime, exchange)
+    return _finish(ex, rest)
 
 
-async def _finish(rest: Coroutine[Any, Any, None], request: Request, runtime: Runtime, exchange: Exchange) -> None:
+async def _finish(ex: Exchange, rest: Coroutine[Any, Any, None]) -> None:
     try:
-        if request.transport is None:
-            # The client left before this task first ran: send nothing upstream for it (the
-            # rest would write its head to a pooled connection before its first wait).
+        if ex.request.transport is None:
+            # The client left before this task first ran (the one place this is handled: the
+            # server runs the rest regardless, see http1.Handler): send nothing upstream for
+            # it (the rest would write its head to a pooled connection before its first wait).
             rest.close()
             return
         await rest
     except Exception as error:
-        _failed(request, runtime, exchange, error)
+        _failed(ex, error)
     finally:
-        _end(runtime, request, exchange)
+        _end(ex)
 
 
-def _failed(request: Request, runtime: Runtime, exchange: Exchange, error: Exception) -> None:
+def _failed(exchange: Exchange, error: Exception) -> None:
     """Answer a request the pipeline failed on (call it from the `except` that caught `error`)."""
+    request = exchange.request
     if isinstance(error, ProxyError):
         exchange.reason = str(error.reason)
         if exchange.decision is not Decision.ALLOWED:
@@ -183,9 +189,9 @@ def _failed(request: Request, runtime: Runtime, exchange: Exchange, error: Excep
                 detail=error.detail,
                 status=error.status,
                 route=exchange.route,
-                provider=_provider(exchange),
+                provider=exchange.provider,
             )
-        realm = (exchange.snapshot or runtime).settings.realm
+        realm = (exchange.snapshot or exchange.runtime).settings.realm
         respond_error(request, error, realm=realm, request_id_value=exchange.request_id)
         return
     # Fail closed and say nothing: the traceback is for the operator's log only.
@@ -204,16 +210,10 @@ def _failed(request: Request, runtime: Runtime, exchange: Exchange, error: Excep
     request.respond(500, None, [*_INTERNAL_HEADERS, ("X-Request-Id", exchange.request_id)], _INTERNAL_BODY)
 
 
-def _provider(exchange: Exchange) -> str | None:
-    """The provider of the request's route; None before routing or on a public route."""
-    plan = exchange.snapshot.plans.get(exchange.route) if exchange.snapshot is not None else None
-    return plan.route.auth.provider if plan is not None and plan.route.auth is not None else None
-
-
-def _end(runtime: Runtime, request: Request, exchange: Exchange) -> None:
-    runtime.metrics.in_flight -= 1
-    exchange.status = request.status or 499  # nothing written: the client went away
-    _record(runtime, request, exchange)
+def _end(ex: Exchange) -> None:
+    ex.runtime.metrics.in_flight -= 1
+    ex.status = ex.request.status or 499  # nothing written: the client went away
+    _record(ex)
 
 
 _INTERNAL_BODY = json.dumps(ProxyError(Reason.INTERNAL).fields()).encode()
@@ -230,13 +230,13 @@ def respond_error(request: Request, error: ProxyError, *, realm: str, request_id
     key = (type(error), error.reason, getattr(error, "scope", None), realm)
     answer = _ANSWERS.get(key)
     if answer is None:
-        if len(_ANSWERS) > 1024:  # only a pathological config could get here; stay bounded
-            _ANSWERS.clear()
-        answer = _ANSWERS[key] = _prepare(error, realm)
+        answer = _ANSWERS.remember(key, _prepare(error, realm))
     request.send(answer, f"X-Request-Id: {request_id_value}\r\n")
 
 
-_ANSWERS: dict[tuple[object, ...], Prepared] = {}
+_ANSWERS: Memo[tuple[object, ...], Prepared] = Memo(1024)
+"""Prepared refusals by (kind, reason, scope, realm): a few dozen with any sane config; the
+bound is for a config with a great many realms."""
 
 
 def _prepare(error: ProxyError, realm: str) -> Prepared:
@@ -252,24 +252,29 @@ def _prepare(error: ProxyError, realm: str) -> Prepared:
     return Prepared(error.status, headers.items(), body)
 
 
-def _record(runtime: Runtime, request: Request, exchange: Exchange) -> None:
-    route_metrics = exchange.metrics
-    if route_metrics is None and exchange.snapshot is not None:
-        route_metrics = exchange.snapshot.unmatched
+def _record(exchange: Exchange) -> None:
+    # The plan's parts are read here, not through Exchange's properties: this runs on every request.
+    runtime, request, plan = exchange.runtime, exchange.request, exchange.plan
+    if plan is not None:
+        route_metrics: RouteMetrics | None = plan.metrics
+    else:
+        route_metrics = exchange.snapshot.unmatched if exchange.snapshot is not None else None
     if route_metrics is not None:
         route_metrics.count(request.method, exchange.decision, exchange.reason, exchange.status)
     if runtime.access_log is not None:
+        route = plan.route if plan is not None else None
+        claims = exchange.claims
         # Never the token, never the query string (it may hold one): the normalised path only.
         runtime.access_log.request(
             request_id=exchange.request_id,
             client=request.remote,
             method=request.method,
             path=exchange.path or request.raw_path.partition("?")[0][:256],
-            route=exchange.route,
+            route=route.name if route is not None else NO_ROUTE_NAME,
             status=exchange.status,
             decision=str(exchange.decision),
             reason=exchange.reason,
-            subject=exchange.subject,
+            subject=claims.subject if claims is not None else None,
             latency_ms=(time.perf_counter() - exchange.started) * 1000,
-            provider=_provider(exchange),
+            provider=route.auth.provider if route is not None and route.auth is not None else None,
         )

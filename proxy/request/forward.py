@@ -12,6 +12,8 @@ bytes relayed both ways, unparsed, until either side ends or a `websocket` limit
 tunnel (idle time, lifetime, the token's expiry). After an answer has started nothing can change its
 status: a failure then aborts the connection, so the client sees a truncated answer, never
 a spliced one.
+Both steps take the request's `Exchange` (its route plan, path and query, and the header
+pairs identity.py made, which the HTTP layer encodes: `upstream.Fields.of_bytes`).
 Does not own: JWTs, routes or which headers to send (identity.py decides those), or the
 client side of the wire (http1.py).
 """
@@ -23,19 +25,24 @@ import logging
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import aiohttp
 import httptools
 from yarl import URL
 
 from ..base.errors import BadRequest, PayloadTooLarge, Reason, RequestTimeout, UpstreamTimeout, UpstreamUnavailable
+from ..base.memo import Memo
 from ..base.oplog import event
-from ..config.settings import Upstream, WebSocketSettings
+from ..config.settings import WebSocketSettings
 from ..http.causes import cause
 from ..http.flow import Wakeup
 from ..http.http1 import BodyError, BodyTimeout, Request
-from ..http.upstream import Fields, Pool, UpstreamError
+from ..http.upstream import Fields, UpstreamError
 from .identity import HOP_BY_HOP, connection_tokens
+
+if TYPE_CHECKING:
+    from .exchange import Exchange
 
 __all__ = ["SMALL_BODY", "Origin", "forward", "forward_websocket", "is_websocket", "new_session"]
 
@@ -114,10 +121,11 @@ def _answer_fields(raw: list[tuple[bytes, bytes]], request_id: str) -> tuple[byt
     named: set[bytes] = set()
     length: int | None = None
     dated = False
+    roles = _ROLES.get
     for name, value in raw:
-        role = _ROLES.get(name)
+        role = roles(name)
         if role is None:
-            role = _role(name)
+            role = _ROLES.make_for(name)
         if role <= _DATE:  # _KEEP or _DATE
             dated = dated or role == _DATE
             parts += (name, b": ", value, b"\r\n")
@@ -138,38 +146,46 @@ def _answer_fields(raw: list[tuple[bytes, bytes]], request_id: str) -> tuple[byt
 _DROPPED = frozenset(name.encode("ascii") for name in HOP_BY_HOP) | {b"x-request-id"}
 # The default of `forward`'s websocket settings: frozen, so one shared instance is safe.
 _DEFAULT_WEBSOCKET = WebSocketSettings()
+# What an answer field is to the client's answer, by its name (`_role`): plain ints, compared
+# in `_answer_fields`'s per-field loop.
+#
+#   code  role          the field                          what becomes of it
+#   0     _KEEP         any other field                    sent on as it came
+#   1     _DATE         Date                               sent on (and ours is not added)
+#   2     _DROP         hop-by-hop, X-Request-Id           never sent (ours replaces X-Request-Id)
+#   3     _CONNECTION   Connection                         its options are dropped too
+#   4     _LENGTH       Content-Length                     read: the framing is ours to write
+#
+# The order is part of the code: `_answer_fields` sends every role up to _DATE (`role <= _DATE`),
+# so the two roles that are sent stay first.
 _KEEP, _DATE, _DROP, _CONNECTION, _LENGTH = range(5)
-_ROLES: dict[bytes, int] = {}
-"""An answer field's role by its name as spelt on the wire: the same few names come back on
-every answer, so each is lower-cased and classified once."""
 
 
 def _role(name: bytes) -> int:
     low = name.lower()
     if low == b"connection":
-        role = _CONNECTION
-    elif low == b"content-length":
-        role = _LENGTH
-    elif low in _DROPPED:
-        role = _DROP
-    else:
-        role = _DATE if low == b"date" else _KEEP
-    if len(_ROLES) < 4096:  # names are the upstream's choice: stay bounded
-        _ROLES[name] = role
-    return role
+        return _CONNECTION
+    if low == b"content-length":
+        return _LENGTH
+    if low in _DROPPED:
+        return _DROP
+    return _DATE if low == b"date" else _KEEP
 
 
-async def forward(
-    request: Request,
-    pool: Pool,
-    *,
-    origin: Origin,
-    target: str,
-    headers: Fields,
-    upstream: Upstream,
-    request_id: str,
-) -> None:
+_ROLES: Memo[bytes, int] = Memo(4096, _role)
+"""An answer field's role by its name as spelt on the wire: the same few names come back on
+every answer, so each is lower-cased and classified once. Names are the upstream's choice,
+hence the bound."""
+
+
+async def forward(ex: Exchange) -> None:
     """Send the request upstream and stream the answer back to the client."""
+    request, pool, plan = ex.request, ex.runtime.pool, ex.plan
+    assert pool is not None and plan is not None  # started, and routed
+    origin, upstream, request_id = plan.origin, plan.upstream, ex.request_id
+    # The target goes on the request line byte for byte: the path the router matched.
+    target = origin.base_path + ex.path + ("?" + ex.query if ex.query else "")
+    headers = Fields.of_bytes(ex.fields, ex.added)
     length = request.content_length
     if upstream.max_body and length is not None and length > upstream.max_body:
         raise PayloadTooLarge(f"Content-Length {length} exceeds max_body {upstream.max_body}")
@@ -465,25 +481,22 @@ class _TunnelLimits:
             self._timer.cancel()
 
 
-async def forward_websocket(
-    request: Request,
-    pool: Pool,
-    *,
-    origin: Origin,
-    target: str,
-    headers: Fields,
-    upstream: Upstream,
-    request_id: str,
-    websocket: WebSocketSettings = _DEFAULT_WEBSOCKET,
-    expires_in: float | None = None,
-) -> None:
+async def forward_websocket(ex: Exchange, *, expires_in: float | None = None) -> None:
     """Send the handshake upstream; relay its answer; on 101, relay raw bytes both ways.
 
     Like Envoy, the frames are not parsed: after the 101 the connection is the two
-    endpoints' own, and the authentication was done on the handshake. `websocket` bounds
-    the tunnel's idle time and lifetime; `expires_in` is how long the token that opened it
-    stays acceptable (None: no token, or no `exp`), for `close_on_token_expiry`.
+    endpoints' own, and the authentication was done on the handshake. The route's (else the
+    config's) `websocket` settings bound the tunnel's idle time and lifetime; `expires_in` is
+    how long the token that opened it stays acceptable (None: no token, or no `exp`), for
+    `close_on_token_expiry`.
     """
+    request, pool, plan = ex.request, ex.runtime.pool, ex.plan
+    assert pool is not None and plan is not None  # started, and routed
+    origin, upstream, request_id = plan.origin, plan.upstream, ex.request_id
+    target = origin.base_path + ex.path + ("?" + ex.query if ex.query else "")
+    headers = Fields.of_bytes(ex.fields, ex.added)
+    settings = ex.snapshot.settings.websocket if ex.snapshot is not None else _DEFAULT_WEBSOCKET
+    websocket = plan.route.websocket or settings
     loop = asyncio.get_running_loop()
     tunnel = _Tunnel(request)
     context = pool.tls_context() if origin.scheme == "https" else None

@@ -7,15 +7,19 @@ every identity header the proxy may inject (configured names and prefixes, plus 
 and payload header any provider or route writes), on every route, before any decision;
 then writing the verified identity (claim headers, the payload header; a claim with no
 exact header form is refused as `unsafe_claim`, never sanitised), removing the token
-from where it came from, and the `X-Forwarded-*` and `X-Request-Id` headers.
+from wherever it came (a header, a cookie, the query string: every token removal is here),
+and the `X-Forwarded-*` and `X-Request-Id` headers.
 The fields stay the bytes the client sent, end to end: `strip_inbound` makes one pass over
 the request's raw fields (classifying each name once per spelling, `StripPlan.role`) into an
-`Outbound`, which `extract` reads, and `inject` turns it with our fields into the encoded
-lines of the upstream request (`upstream.Fields`): no multidict, no decoding and encoding
-again (that was ~60k of a proxied request's ~310k instructions). Because the strip comes
-first, a client's `Connection: X-User-Id` can only remove its own spoofed copy, never the
-header we inject.
-Does not own: sending anything (forward.py) or deciding anything (pipeline.py).
+`Outbound`, which `extract` reads, and `inject` turns it with our fields into the header
+pairs (name, value) of the upstream request, as bytes, which the HTTP layer encodes
+(`upstream.Fields.of_bytes`): no multidict, no decoding and encoding again (what that saves:
+bench/FIGURES.md). A verified token's identity headers are rendered once per route plan's
+header map (`Renderer`), not per request. Because the strip comes first, a client's
+`Connection: X-User-Id` can only remove its own spoofed copy, never the header we inject.
+Does not own: sending anything (forward.py), deciding anything (pipeline.py), or finding the
+token (extract.py; its removal from a cookie or the query string is written there too, so
+one parser both finds and removes it).
 """
 
 from __future__ import annotations
@@ -25,26 +29,33 @@ import json
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from ..auth.extract import Found, without_cookie
+from ..auth.extract import Found, without_cookie, without_query_param
 from ..auth.rules import ABSENT, claim_at
 from ..base.errors import InvalidToken, Reason
+from ..base.memo import Memo
 from ..config.settings import HeaderMap, Settings
-from ..http.upstream import Fields
+from .exchange import Pairs
+
+if TYPE_CHECKING:
+    from ..auth.verify import Claims
+    from .exchange import Exchange
 
 __all__ = [
     "HOP_BY_HOP",
     "Outbound",
+    "Renderer",
     "StripPlan",
     "claim_headers",
     "connection_tokens",
+    "encode_headers",
     "inject",
     "request_id",
     "strip_inbound",
+    "upstream_fields",
 ]
 
 # RFC 9110 §7.6.1 and the de-facto ones (Keep-Alive, Proxy-Connection); Expect is answered
@@ -66,7 +77,23 @@ HOP_BY_HOP = frozenset(
 # Bytes as the client sent them; decoded so that encoding back gives the same bytes.
 _ENCODING = "utf-8"
 _ERRORS = "surrogateescape"
-# What a client field is to the upstream request, by its name (StripPlan.role).
+# What a client field is to the upstream request, by its name (`StripPlan.role`): plain ints,
+# compared in the per-field loops of `strip_inbound` and `upstream_fields`.
+#
+#   code  role               the field                              what becomes of it
+#   0     _FORWARD           any other field                        sent on as it came
+#   1     _SOURCE            a token-source header inside the       sent on only as the token of a
+#                            identity namespace (X-Auth-Token)      route that forwards it
+#   2     _DROP              hop-by-hop, identity, framing, ours    never sent (strip_inbound)
+#   3     _CONNECTION        Connection                             its options are dropped too
+#   4     _HOST              Host                                   sent on; X-Forwarded-Host from it
+#   5     _FORWARDED_FOR     X-Forwarded-For                        the client's chain, ours appended
+#   6     _FORWARDED_PROTO   X-Forwarded-Proto                      the client's chain, ours appended
+#   7     _FORWARDED_HOST    X-Forwarded-Host                       the client's chain, ours appended
+#
+# The order is part of the code: `upstream_fields` takes every role from _FORWARDED_FOR up as
+# one of the three chains, indexed by `role - _FORWARDED_FOR` (so these three stay last, in
+# this order), and sends every role below it as a field.
 _FORWARD, _SOURCE, _DROP, _CONNECTION, _HOST, _FORWARDED_FOR, _FORWARDED_PROTO, _FORWARDED_HOST = range(8)
 _ROLES = {
     "connection": _CONNECTION,
@@ -89,17 +116,24 @@ _JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=Fa
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
-@dataclass(frozen=True, slots=True)
 class StripPlan:
-    """Which client headers never reach the upstream, lower-cased, built once per config."""
+    """Which client headers never reach the upstream, lower-cased, built once per config.
 
-    names: frozenset[str]
-    prefixes: tuple[str, ...]
-    sources: frozenset[str]
-    """Token-source headers, lower-cased as configured: a client sends its token there, so they
-    survive the strip long enough to be read (`inject` decides whether they go on)."""
-    _roles: dict[bytes, tuple[int, bytes]] = field(default_factory=dict, compare=False, repr=False)
-    """`role` remembered per name as spelt on the wire (bounded): the same few come on every request."""
+    The rule (`names`, `prefixes`, `sources`) is fixed when built; `roles` is a bounded memo
+    of its answer per name as spelt on the wire (the same few names come on every request),
+    its only mutable state."""
+
+    __slots__ = ("names", "prefixes", "roles", "sources")
+
+    def __init__(self, names: frozenset[str], prefixes: tuple[str, ...], sources: frozenset[str]) -> None:
+        self.names = names
+        self.prefixes = prefixes
+        self.sources = sources
+        """Token-source headers, lower-cased as configured: a client sends its token there, so they
+        survive the strip long enough to be read (`inject` decides whether they go on)."""
+        self.roles: Memo[bytes, tuple[int, bytes]] = Memo(_NAMES_BOUND, self._classify)
+        """By name as spelt on the wire: what a client field named so is to the upstream request, and its
+        lower-case name. Names are the client's choice, hence the bound."""
 
     @classmethod
     def build(cls, settings: Settings) -> StripPlan:
@@ -123,13 +157,12 @@ class StripPlan:
 
     def role(self, name: bytes) -> tuple[int, bytes]:
         """What a client field named `name` is to the upstream request, and its lower-case name."""
-        found = self._roles.get(name)
-        if found is None:
-            if len(self._roles) >= 4096:  # names are the client's choice: stay bounded
-                self._roles.clear()
-            low = name.lower()
-            found = self._roles[name] = (self._role(low.decode(_ENCODING, _ERRORS)), low)
-        return found
+        found = self.roles.get(name)
+        return found if found is not None else self.roles.make_for(name)
+
+    def _classify(self, name: bytes) -> tuple[int, bytes]:
+        low = name.lower()
+        return self._role(low.decode(_ENCODING, _ERRORS)), low
 
     def _role(self, text: str) -> int:
         if text in HOP_BY_HOP:
@@ -162,22 +195,28 @@ class Outbound:
     """A request's header fields on their way upstream: the client's, as bytes, less what it
     must not control (`strip_inbound`); `inject` adds ours and encodes the lot."""
 
-    __slots__ = ("host", "kept")
+    __slots__ = ("authorizations", "host", "kept")
 
-    def __init__(self, kept: list[tuple[int, bytes, bytes, bytes]], host: bytes | None) -> None:
+    def __init__(
+        self, kept: list[tuple[int, bytes, bytes, bytes]], host: bytes | None, authorizations: int = 0
+    ) -> None:
         self.kept = kept
         """(role, lower-case name, name, value) of each field kept, in the client's order."""
         self.host = host
         """The client's Host, as sent (X-Forwarded-Host is made from it)."""
+        self.authorizations = authorizations
+        """How many Authorization lines were kept: counted in the strip's one pass, so a request
+        with at most one need not be read again for extract.authorization's singleton rule."""
 
     def getall(self, name: str, default: Any = ()) -> Any:
         """Every value of a kept field, decoded, by name in any case (what `extract` reads)."""
-        low = _LOWER.get(name)
-        if low is None:
-            low = name.lower().encode(_ENCODING, _ERRORS)
-            if len(_LOWER) < 1024:  # the config's token-source names, on every request
-                _LOWER[name] = low
-        values = [value.decode(_ENCODING, _ERRORS) for _, field_low, _, value in self.kept if field_low == low]
+        low = _LOWER.get(name) or _LOWER.make_for(name)
+        values = None
+        for field in self.kept:  # a plain loop: a comprehension's own call costs more on 1-10 fields
+            if field[1] == low:
+                if values is None:
+                    values = []
+                values.append(field[3].decode(_ENCODING, _ERRORS))
         return values or default
 
     def items(self) -> list[tuple[str, str]]:
@@ -185,7 +224,12 @@ class Outbound:
         return [(name.decode(_ENCODING, _ERRORS), value.decode(_ENCODING, _ERRORS)) for _, _, name, value in self.kept]
 
 
-_LOWER: dict[str, bytes] = {}
+_NAMES_BOUND = 4096
+"""How many header-name spellings a memo of them keeps: far more than any client sends, few
+enough that a flood of invented names costs a bounded memory."""
+_LOWER: Memo[str, bytes] = Memo(1024, lambda name: name.lower().encode(_ENCODING, _ERRORS))
+"""A field name `Outbound.getall` is asked for, as the lower-case bytes it compares: the
+config's token-source names, on every request."""
 
 
 def strip_inbound(fields: list[tuple[bytes, bytes]], plan: StripPlan) -> Outbound:
@@ -196,8 +240,11 @@ def strip_inbound(fields: list[tuple[bytes, bytes]], plan: StripPlan) -> Outboun
     # One spelling per name (the first seen): `X-A` and `x-a` are one field (RFC 9110 §5.1),
     # and the upstream gets it under one name, every value in order.
     spelling: dict[bytes, bytes] = {}
+    authorizations = 0
+    roles, classify = plan.roles.get, plan.roles.make_for
     for name, value in fields:
-        role, low = plan.role(name)
+        found = roles(name)
+        role, low = found if found is not None else classify(name)
         if role == _DROP:
             continue
         if role == _CONNECTION:
@@ -207,10 +254,13 @@ def strip_inbound(fields: list[tuple[bytes, bytes]], plan: StripPlan) -> Outboun
             continue
         if role == _HOST and host is None:
             host = value
+        elif low == b"authorization":
+            authorizations += 1
         kept.append((role, low, spelling.setdefault(low, name), value))
     if named:
         kept = [entry for entry in kept if entry[1] not in named]
-    return Outbound(kept, host)
+        authorizations = sum(1 for entry in kept if entry[1] == b"authorization")
+    return Outbound(kept, host, authorizations)
 
 
 def request_id(inbound: str | None) -> str:
@@ -282,17 +332,9 @@ def _why(error: ValueError | RecursionError) -> str:
     return "NaN, Infinity or a number too long to write as JSON"
 
 
-def claim_headers(
-    payload: Mapping[str, Any], header_map: HeaderMap, memo: dict[int, Any] | None = None
-) -> tuple[tuple[str, str], ...]:
+def claim_headers(payload: Mapping[str, Any], header_map: HeaderMap) -> tuple[tuple[str, str], ...]:
     """The identity headers for a verified payload: each claim header present, and the
-    payload header if configured. `memo` (a cached token's `Claims.rendered`) keeps them per
-    header map, so a token seen again is not rendered again."""
-    if memo is not None:
-        entry = memo.get(id(header_map))
-        # The entry holds the map itself, so its id cannot be reused while the entry lives.
-        if entry is not None and entry[0] is header_map:
-            return entry[1]
+    payload header if configured."""
     values = [(c.header, render_claim(claim_at(payload, c.path))) for c in header_map.claims]
     rendered = [(name, value) for name, value in values if value is not None]
     if header_map.payload:
@@ -303,40 +345,84 @@ def claim_headers(
         except (ValueError, RecursionError) as error:  # UnicodeEncodeError is a ValueError
             raise InvalidToken(Reason.UNSAFE_CLAIM, f"the payload cannot be forwarded exactly: {_why(error)}") from None
         rendered.append((header_map.payload, base64.urlsafe_b64encode(raw).rstrip(b"=").decode()))
-    result = tuple(rendered)
-    if memo is not None and len(memo) < 16:  # a handful of routes with their own maps at most
-        memo[id(header_map)] = (header_map, result)
-    return result
+    return tuple(rendered)
 
 
-def inject(
+def encode_headers(headers: tuple[tuple[str, str], ...]) -> tuple[tuple[bytes, bytes], ...]:
+    """Header pairs as the bytes that go on the wire (`claim_headers` made each value UTF-8-safe)."""
+    return tuple([(name.encode(_ENCODING, _ERRORS), value.encode(_ENCODING, _ERRORS)) for name, value in headers])
+
+
+class Renderer:
+    """A header map's identity headers per verified token, for the route plans that use the map.
+
+    A cached token comes back as the same `Claims` object, so its headers are rendered and
+    encoded once and then looked up (`headers`); a reload builds new renderers with its
+    new snapshot, so a changed map never serves an old rendering."""
+
+    __slots__ = ("header_map", "rendered")
+
+    def __init__(self, header_map: HeaderMap, bound: int) -> None:
+        self.header_map = header_map
+        self.rendered: Memo[Claims, tuple[tuple[bytes, bytes], ...]] = Memo(bound)
+        """By `Claims` object (compared by identity). `bound` is the token cache's size: the
+        tokens that can come back as the same `Claims`; 0 (no cache) keeps nothing."""
+
+    def headers(self, claims: Claims) -> tuple[tuple[bytes, bytes], ...]:
+        """The identity headers for `claims`, encoded; `InvalidToken(UNSAFE_CLAIM)` when a claim has no exact header form."""
+        found = self.rendered.get(claims)
+        if found is None:  # every request misses when each verifies its own token: no `make` call
+            found = self.rendered.remember(claims, encode_headers(claim_headers(claims.payload, self.header_map)))
+        return found
+
+
+_PROTO = {"http": b"http", "https": b"https"}
+
+
+def inject(ex: Exchange) -> None:
+    """Make the upstream request's header fields from the strip's `ex.outbound` and the
+    admitted `ex.identity` (`ex.fields`, the client's that go on, and `ex.added`, ours), and
+    take a query-string token out of `ex.query`."""
+    plan = ex.plan
+    out = ex.outbound
+    assert plan is not None and out is not None  # routed and stripped before any forwarding
+    found = ex.found
+    request = ex.request
+    # (positional: a keyword call costs more, on every request)
+    ex.fields, ex.added = upstream_fields(
+        out, ex.identity, found, plan.forward_token, request.remote, request.scheme, ex.request_id
+    )
+    if found is not None and found.source.kind == "query":
+        # Always, forward_token or not: a token in a URL ends up in every log it passes.
+        ex.query = without_query_param(ex.query, found.source.name)
+
+
+def upstream_fields(
     out: Outbound,
-    *,
-    identity: tuple[tuple[str, str], ...],
+    identity: tuple[tuple[bytes, bytes], ...],
     found: Found | None,
     forward_token: bool,
     client: str | None,
     proto: str,
     request_id_value: str,
-) -> Fields:
-    """The upstream request's header lines: the kept client fields, less the token unless
-    `forward_token`, then `identity` (`claim_headers`), X-Forwarded-For/Proto/Host (the
-    client's values first, then the peer address, our scheme and the client's Host) and our
-    X-Request-Id."""
+) -> tuple[Pairs, Pairs]:
+    """The upstream request's header fields, as (name, value) pairs the HTTP layer encodes
+    (`upstream.Fields.of_bytes(kept, ours)`): the kept client fields as the client sent them,
+    less the token (from its header or its cookie) unless `forward_token`; then ours:
+    `identity` (`Renderer.headers`), X-Forwarded-For/Proto/Host (the client's values first,
+    then the peer address, our scheme and the client's Host) and our X-Request-Id. None of
+    ours is Host or a framing field (config/builder.py refuses those names for claims)."""
     drop = b""  # the field the token came in, when it must not reach the upstream
     source = b""  # the field the token came in
     cookie: str | None = None  # the cookie that held it
     if found is not None and found.source.kind in ("bearer", "header"):
-        source = found.source.name.lower().encode(_ENCODING, _ERRORS)
+        source = _LOWER.get(found.source.name) or _LOWER.make_for(found.source.name)
     if found is not None and not forward_token:
         if source:
             drop = source
         elif found.source.kind == "cookie":
             cookie = found.source.name
-        # A query token is removed from the URL by the pipeline (extract.without_query_param).
-    parts: list[bytes] = []
-    count = 0
-    has_host = False
+    fields: Pairs = []
     chains: list[list[bytes]] | None = None  # the client's X-Forwarded-For, -Proto, -Host
     for role, low, name, value in out.kept:
         if role >= _FORWARDED_FOR:
@@ -350,27 +436,30 @@ def inject(
             value = without_cookie(value.decode(_ENCODING, _ERRORS), cookie).encode(_ENCODING, _ERRORS)
             if not value:
                 continue
-        has_host = has_host or role == _HOST
-        parts += (name, b": ", value, b"\r\n")
-        count += 1
-    ours = [f"{name}: {value}\r\n" for name, value in identity]
-    host = None if out.host is None else out.host.decode(_ENCODING, _ERRORS)
-    if chains is None and client is not None and host is not None:
-        ours.append(f"X-Forwarded-For: {client}\r\nX-Forwarded-Proto: {proto}\r\nX-Forwarded-Host: {host}\r\n")
-        count += 3
-    else:
-        chains = chains or [[], [], []]
-        for header, chain, given in (
-            ("X-Forwarded-For", chains[0], client),
-            ("X-Forwarded-Proto", chains[1], proto),
-            ("X-Forwarded-Host", chains[2], host),
-        ):
-            if chain:
-                previous = b", ".join(chain).decode(_ENCODING, _ERRORS)
-                given = previous if given is None else f"{previous}, {given}"
-            if given is not None:
-                ours.append(f"{header}: {given}\r\n")
-                count += 1
-    ours.append(f"X-Request-Id: {request_id_value}\r\n")
-    parts.append("".join(ours).encode(_ENCODING, _ERRORS))
-    return Fields(b"".join(parts), count + len(identity) + 1, has_host=has_host)
+        fields.append((name, value))
+    host = out.host
+    scheme = _PROTO.get(proto) or proto.encode(_ENCODING, _ERRORS)
+    peer = None if client is None else client.encode(_ENCODING, _ERRORS)
+    request_id = (b"X-Request-Id", request_id_value.encode(_ENCODING, _ERRORS))
+    if chains is None and peer is not None and host is not None:
+        return fields, [
+            *identity,
+            (b"X-Forwarded-For", peer),
+            (b"X-Forwarded-Proto", scheme),
+            (b"X-Forwarded-Host", host),
+            request_id,
+        ]
+    ours = [*identity]
+    chains = chains or [[], [], []]
+    for header, chain, given in (
+        (b"X-Forwarded-For", chains[0], peer),
+        (b"X-Forwarded-Proto", chains[1], scheme),
+        (b"X-Forwarded-Host", chains[2], host),
+    ):
+        if chain:
+            previous = b", ".join(chain)
+            given = previous if given is None else previous + b", " + given
+        if given is not None:
+            ours.append((header, given))
+    ours.append(request_id)
+    return fields, ours

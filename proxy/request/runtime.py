@@ -1,7 +1,8 @@
 """Everything built from one config, and the one holder a reload swaps it in.
 
 Owns: `Snapshot` — the router, the strip plan, and for each route a `RoutePlan` with its
-resolved upstream, token sources, header map, verifier, compiled CORS policy and metric children — built once per
+resolved upstream, token sources, header map and its renderer (one per header map, shared by
+the routes that use it), verifier, compiled CORS policy and metric children — built once per
 config so the request path does no lookups or parsing; and `Runtime`, the process-wide
 holder (client session, clock, metrics, the current snapshot, draining flag, readiness,
 which a reload never takes away).
@@ -27,7 +28,7 @@ from ..telemetry.accesslog import AccessLog
 from ..telemetry.metrics import NO_ROUTE, Metrics, MetricsView, RouteMetrics
 from .cors import CorsPolicy
 from .forward import Origin
-from .identity import StripPlan
+from .identity import Renderer, StripPlan
 
 __all__ = ["RoutePlan", "Runtime", "Snapshot", "build_snapshot"]
 
@@ -40,6 +41,10 @@ class RoutePlan:
     """Where the upstream lives; the normalised path is appended to its base path as is."""
     sources: tuple[TokenSource, ...]
     header_map: HeaderMap | None
+    renderer: Renderer | None
+    """The header map's identity headers per verified token; None without a header map."""
+    forward_token: bool
+    """The header map's `forward_token`: the token goes on to the upstream as it came."""
     verifier: Verifier | None
     """None on a public route."""
     metrics: RouteMetrics
@@ -84,16 +89,28 @@ def build_snapshot(settings: Settings, *, keyring: KeyRing, clock: Clock, metric
             found = policies[id(cors)] = CorsPolicy(cors)
         return found
 
+    # One renderer per header map, keyed by the map object: routes that share their
+    # provider's map share its renderings.
+    renderers: dict[int, Renderer] = {}
+    remembered = settings.token_cache.max_entries if cache is not None else 0
     for route in settings.routes:
         upstream = route.upstream or settings.upstream
         provider = settings.providers[route.auth.provider] if route.auth is not None else None
         sources = route.token_sources or (provider.token_sources if provider else ())
+        header_map = route.headers or (provider.headers if provider else None)
+        renderer = None
+        if header_map is not None:
+            renderer = renderers.get(id(header_map))
+            if renderer is None:
+                renderer = renderers[id(header_map)] = Renderer(header_map, remembered)
         plans[route.name] = RoutePlan(
             route=route,
             upstream=upstream,
             origin=Origin.parse(upstream.url),
             sources=sources,
-            header_map=route.headers or (provider.headers if provider else None),
+            header_map=header_map,
+            renderer=renderer,
+            forward_token=header_map is not None and header_map.forward_token,
             verifier=verifiers[provider.name] if provider else None,
             metrics=metrics.route(route.name),
             missing="no token in " + ", ".join(source.kind for source in sources),

@@ -9,11 +9,21 @@ import pytest
 from multidict import CIMultiDict, MultiDict
 
 from proxy.auth.extract import Found, extract, without_cookie, without_query_param
+from proxy.auth.verify import Claims
 from proxy.base.errors import InvalidRequest, InvalidToken, Reason
 from proxy.config import builder as config
 from proxy.config.builder import BEARER, HeaderMap, TokenSource
 from proxy.http.upstream import Fields
-from proxy.request.identity import StripPlan, claim_headers, inject, render_claim, request_id, strip_inbound
+from proxy.request.identity import (
+    Renderer,
+    StripPlan,
+    claim_headers,
+    encode_headers,
+    render_claim,
+    request_id,
+    strip_inbound,
+    upstream_fields,
+)
 
 QUERY = TokenSource(kind="query", name="access_token")
 COOKIE = TokenSource(kind="cookie", name="at")
@@ -176,11 +186,18 @@ def raw(pairs: list[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
     return [(name.encode(), value.encode()) for name, value in pairs]
 
 
-def lines(fields: Fields) -> list[str]:
-    """The header lines an upstream would receive, checked to be exactly `count` CRLF lines."""
+def lines(pairs: tuple[list[tuple[bytes, bytes]], list[tuple[bytes, bytes]]]) -> list[str]:
+    """The header lines an upstream would receive (the pairs as the HTTP layer encodes them),
+    checked to be exactly `count` CRLF lines."""
+    fields = encoded(pairs)
     text = fields.lines.decode()
     assert text.endswith("\r\n") and text.count("\r\n") == fields.count
     return text.split("\r\n")[:-1]
+
+
+def encoded(pairs: tuple[list[tuple[bytes, bytes]], list[tuple[bytes, bytes]]]) -> Fields:
+    kept, ours = pairs
+    return Fields.of_bytes(kept, ours)
 
 
 def test_strip_drops_hop_by_hop_connection_named_and_identity_headers() -> None:
@@ -210,7 +227,7 @@ def test_strip_drops_hop_by_hop_connection_named_and_identity_headers() -> None:
     # Duplicates go out under the first spelling seen, in order; framing and request ids are ours.
     assert out.items() == [("Host", "h"), ("X-Auth-Token", "tok"), ("Accept", "*/*"), ("Accept", "text/html")]
     assert out.getall("accept") == ["*/*", "text/html"] and out.getall("X-Custom") == ()
-    fields = inject(
+    fields = upstream_fields(
         out, identity=(), found=None, forward_token=False, client="10.1.1.1", proto="http", request_id_value="rid"
     )
     # X-Auth-Token is a token source, read by extract, but it is also under the X-Auth- prefix:
@@ -224,7 +241,7 @@ def test_strip_drops_hop_by_hop_connection_named_and_identity_headers() -> None:
         "X-Forwarded-Host: h",
         "X-Request-Id: rid",
     ]
-    assert fields.has_host
+    assert encoded(fields).has_host
 
 
 def test_another_spelling_of_a_token_source_header_is_dropped_and_never_read() -> None:
@@ -248,7 +265,7 @@ def test_a_token_source_in_the_identity_namespace_goes_on_only_as_a_forwarded_to
 ) -> None:
     source = TokenSource(kind="header", name="X-Auth-Token")
     out = strip_inbound(raw([("X-Auth-Token", "tok")]), plan())
-    fields = inject(
+    fields = upstream_fields(
         out,
         identity=(),
         found=Found("tok", source) if found else None,
@@ -264,7 +281,7 @@ def test_a_field_the_client_names_in_connection_goes_even_if_it_is_host_or_a_for
     out = strip_inbound(
         raw([("Host", "h"), ("Connection", "Host, X-Forwarded-For"), ("X-Forwarded-For", "6.6.6.6")]), plan()
     )
-    fields = inject(
+    fields = upstream_fields(
         out, identity=(), found=None, forward_token=False, client="10.1.1.1", proto="https", request_id_value="rid"
     )
     assert lines(fields) == [
@@ -273,7 +290,7 @@ def test_a_field_the_client_names_in_connection_goes_even_if_it_is_host_or_a_for
         "X-Forwarded-Host: h",
         "X-Request-Id: rid",
     ]
-    assert not fields.has_host, "the upstream client then writes the origin's Host"
+    assert not encoded(fields).has_host, "the upstream client then writes the origin's Host"
 
 
 def test_inject_writes_identity_after_the_strip_and_removes_the_token() -> None:
@@ -296,9 +313,9 @@ def test_inject_writes_identity_after_the_strip_and_removes_the_token() -> None:
         payload="X-Payload",
     )
     payload = {"sub": "u1", "realm": {"roles": ["a", "b"]}}
-    fields = inject(
+    fields = upstream_fields(
         out,
-        identity=claim_headers(payload, header_map),
+        identity=encode_headers(claim_headers(payload, header_map)),
         found=Found("t", BEARER),
         forward_token=False,
         client="127.0.0.1",
@@ -322,7 +339,7 @@ def test_inject_writes_identity_after_the_strip_and_removes_the_token() -> None:
 def test_a_cookie_token_leaves_only_its_own_cookie() -> None:
     cookie = TokenSource(kind="cookie", name="at")
     out = strip_inbound(raw([("Host", "h"), ("Cookie", "a=1; at=tok; b=2"), ("Cookie", "at=tok")]), plan())
-    fields = inject(
+    fields = upstream_fields(
         out,
         identity=(),
         found=Found("tok", cookie),
@@ -337,27 +354,29 @@ def test_a_cookie_token_leaves_only_its_own_cookie() -> None:
 
 def test_forward_token_keeps_it() -> None:
     out = strip_inbound(raw([("Authorization", "Bearer t")]), plan())
-    fields = inject(
+    fields = upstream_fields(
         out, identity=(), found=Found("t", BEARER), forward_token=True, client=None, proto="http", request_id_value="r"
     )
     assert lines(fields) == ["Authorization: Bearer t", "X-Forwarded-Proto: http", "X-Request-Id: r"]
-    assert not fields.has_host
+    assert not encoded(fields).has_host
 
 
 def test_a_cached_tokens_identity_is_rendered_once_per_header_map_and_never_shared_between_maps() -> None:
-    # Two routes with their own header maps share one cached token (one Claims, one memo).
-    memo: dict = {}
+    # Two routes with their own header maps share one cached token (one Claims object).
     payload = {"sub": "u1", "email": "u1@example.com"}
-    by_sub = HeaderMap(claims=(config.ClaimHeader(claim="sub", path=("sub",), header="X-User-Id"),))
-    by_email = HeaderMap(claims=(config.ClaimHeader(claim="email", path=("email",), header="X-User-Id"),))
-    first = claim_headers(payload, by_sub, memo)
-    assert first == (("X-User-Id", "u1"),)
-    assert claim_headers(payload, by_sub, memo) is first
-    assert claim_headers(payload, by_email, memo) == (("X-User-Id", "u1@example.com"),)
-    # An equal map that is another object (a reload) renders afresh rather than trusting an id.
-    again = HeaderMap(claims=by_sub.claims)
-    assert claim_headers(payload, again, memo) == first
-    assert memo[id(again)][0] is again
+    claims = Claims(provider="m", header={}, payload=payload)
+    by_sub = Renderer(HeaderMap(claims=(config.ClaimHeader(claim="sub", path=("sub",), header="X-User-Id"),)), 8)
+    by_email = Renderer(HeaderMap(claims=(config.ClaimHeader(claim="email", path=("email",), header="X-User-Id"),)), 8)
+    first = by_sub.headers(claims)
+    assert first == ((b"X-User-Id", b"u1"),)
+    assert by_sub.headers(claims) is first, "a cached token is rendered once"
+    assert by_email.headers(claims) == ((b"X-User-Id", b"u1@example.com"),)
+    # The same token verified again (after the cache let it go) is another Claims: rendered afresh.
+    again = Claims(provider="m", header={}, payload={"sub": "u2"})
+    assert by_sub.headers(again) == ((b"X-User-Id", b"u2"),)
+    # Without a token cache (bound 0) nothing is kept: no token comes back as the same Claims.
+    uncached = Renderer(by_sub.header_map, 0)
+    assert uncached.headers(claims) == first and len(uncached.rendered) == 0
 
 
 @pytest.mark.parametrize(

@@ -32,7 +32,8 @@ from proxy.auth.keys import key_source_for
 from proxy.auth.verify import Verifier, parse_payload, read_header
 from proxy.base.errors import InvalidToken, Reason
 from proxy.config.builder import ClaimHeader, HeaderMap, Provider, StaticKeys
-from proxy.request.identity import Outbound, claim_headers, inject, render_claim
+from proxy.http.upstream import Fields
+from proxy.request.identity import Outbound, Renderer, claim_headers, encode_headers, render_claim, upstream_fields
 from tests.conftest import AUDIENCE, ISSUER, FakeClock
 
 # No deadline: the machine is shared, and a slow example is not a wrong one.
@@ -116,16 +117,16 @@ def _field_safe(text: str) -> bool:
 
 def _on_the_wire(name: str, value: str) -> bytes:
     """The bytes of the field value in the upstream request `inject` writes."""
-    fields = inject(
+    kept, ours = upstream_fields(
         Outbound([], None),
-        identity=((name, value),),
+        identity=encode_headers(((name, value),)),
         found=None,
         forward_token=False,
         client=None,
         proto="http",
         request_id_value="r",
     )
-    line = fields.lines.split(b"\r\n")[0]
+    line = Fields.of_bytes(kept, ours).lines.split(b"\r\n")[0]
     prefix = name.encode() + b": "
     assert line.startswith(prefix), line
     return line[len(prefix) :]
@@ -421,7 +422,8 @@ def test_any_signed_payload_ends_in_claims_or_a_401_reason(extra: dict[str, Any]
     verifier = Verifier(_PROVIDER, key_source_for(_PROVIDER, session=None, clock=clock), clock=clock)
     try:
         claims = asyncio.run(verifier.verify(_signed(text)))
-        rendered = claim_headers(claims.payload, _MAP, claims.rendered)
+        rendered = claim_headers(claims.payload, _MAP)
+        assert Renderer(_MAP, 1).headers(claims) == encode_headers(rendered)
     except InvalidToken as error:
         assert error.status == 401 and error.reason in set(Reason)
         return

@@ -507,11 +507,6 @@ class _Connection(asyncio.BufferedProtocol):
         if not self._lost:
             self._transport.resume_reading()
 
-    async def _wait(self, timeout: float) -> None:
-        """Wait for the next callback from the parser or the transport, at most `timeout`."""
-        if await self._wakeup.wait(timeout):
-            raise TimeoutError
-
     def _release(self) -> None:
         if self._done and self._keep_alive and self._error is None and not self._lost:
             if self._chunks:
@@ -559,7 +554,8 @@ class Response:
             else:
                 if conn._reading_paused:
                     conn._resume_reading()  # paused by `pause_reading`, with nothing left to take
-                await conn._wait(self._read_timeout)
+                if await conn._wakeup.wait(self._read_timeout):  # the next callback, at most the read timeout
+                    raise TimeoutError
 
     def pause_reading(self) -> None:
         """Stop reading the upstream until the next chunk is asked for (the consumer cannot
@@ -593,7 +589,8 @@ class Response:
         while not conn._done:
             if conn._error is not None:
                 raise conn._failure()
-            await conn._wait(self._read_timeout)
+            if await conn._wakeup.wait(self._read_timeout):  # the next callback, at most the read timeout
+                raise TimeoutError
         return conn._take() if conn._chunks else b""
 
     def release(self) -> None:
@@ -757,7 +754,8 @@ class Pool:
             while not conn._head_done:
                 if conn._error is not None:
                     raise conn._failure()
-                await conn._wait(read_timeout)
+                if await conn._wakeup.wait(read_timeout):  # the next callback, at most the read timeout
+                    raise TimeoutError
         except BaseException:
             # A timeout, a cancelled task, a failing body or a broken answer: the connection's
             # state is unknown, so it is never reused.

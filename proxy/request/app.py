@@ -169,8 +169,11 @@ def _failed(exchange: Exchange, error: Exception) -> None:
     """Answer a request the pipeline failed on (call it from the `except` that caught `error`)."""
     request = exchange.request
     if isinstance(error, ProxyError):
-        exchange.reason = str(error.reason)
-        if exchange.decision is not Decision.ALLOWED:
+        if exchange.decision is not Decision.WOULD_DENY or isinstance(error, UpstreamUnavailable):
+            # A would-deny (report mode) keeps the reason it was forwarded with, whatever then
+            # befalls its body; an upstream failure is counted as one whatever the mode.
+            exchange.reason = str(error.reason)
+        if exchange.decision is Decision.REJECTED:  # not yet forwarded (allowed or would_deny)
             exchange.decision = (
                 Decision.DENIED if isinstance(error, (AuthError, KeysUnavailable)) else Decision.REJECTED
             )
@@ -205,7 +208,7 @@ def _failed(exchange: Exchange, error: Exception) -> None:
         exc_info=True,
     )
     exchange.reason = str(Reason.INTERNAL)
-    if exchange.decision is Decision.ALLOWED:
+    if exchange.decision is not Decision.REJECTED:  # forwarded (allowed or would_deny)
         exchange.decision = Decision.UPSTREAM_ERROR
     request.respond(500, None, [*_INTERNAL_HEADERS, ("X-Request-Id", exchange.request_id)], _INTERNAL_BODY)
 

@@ -8,7 +8,7 @@ the config snapshot once, at entry, so a reload mid-request cannot mix two confi
 
 A route in report mode (`auth.mode: report`, `RoutePlan.report`) runs every check as in
 enforce mode; a refusal of the token checks (no token, a bad token, the route's rules, a key
-outage: an `AuthError` or `KeysUnavailable`, whatever its reason) is then not raised but
+outage: any `ProxyError` they raise, whatever its reason) is then not raised but
 reported (`_would_deny`: decision `would_deny` with its reason, one operator-log event) and
 the request goes on as an anonymous one: no identity headers, and no token (identity.inject).
 A malformed request (`InvalidRequest`: two Authorization lines, two tokens, a malformed
@@ -30,7 +30,7 @@ from typing import Any
 from ..auth.extract import authorization, extract
 from ..auth.rules import check_route
 from ..auth.verify import Claims
-from ..base.errors import AuthError, InvalidRequest, KeysUnavailable, NotFound, TokenMissing
+from ..base.errors import InvalidRequest, NotFound, ProxyError, TokenMissing
 from ..base.oplog import event
 from ..config.routing import normalize, split_target
 from ..telemetry.metrics import Decision
@@ -41,6 +41,9 @@ from .identity import inject, strip_inbound
 __all__ = ["begin"]
 
 log = logging.getLogger("jwt_sidecar")
+# Module globals: an enum member read off its class costs a Python-level attribute lookup
+# (about 150 ns on 3.11), and these are read per request.
+_ALLOWED, _WOULD_DENY = Decision.ALLOWED, Decision.WOULD_DENY
 
 
 def begin(ex: Exchange) -> Coroutine[Any, Any, None]:
@@ -79,7 +82,7 @@ def begin(ex: Exchange) -> Coroutine[Any, Any, None]:
     except BaseException as error:
         plan.metrics.observe_auth(time.perf_counter() - began)
         if plan.report and _would_deny(ex, error):
-            return _forward(ex, Decision.WOULD_DENY)
+            return _forward(ex, _WOULD_DENY)
         raise
     plan.metrics.observe_auth(time.perf_counter() - began)
     return _forward(ex)
@@ -109,9 +112,9 @@ async def _verify_and_forward(ex: Exchange, began: float) -> None:
     except Exception as error:
         if not (plan.report and _would_deny(ex, error)):
             raise
-        decision = Decision.WOULD_DENY
+        decision = _WOULD_DENY
     else:
-        decision = Decision.ALLOWED
+        decision = _ALLOWED
     finally:
         plan.metrics.observe_auth(time.perf_counter() - began)
     await _forward(ex, decision)
@@ -120,9 +123,9 @@ async def _verify_and_forward(ex: Exchange, began: float) -> None:
 def _would_deny(ex: Exchange, error: BaseException) -> bool:
     """Report mode: whether `error` is only reported, the request going on anonymous (then it
     is recorded on `ex` and logged); False for what is refused in both modes."""
-    if not isinstance(error, (AuthError, KeysUnavailable)) or isinstance(error, InvalidRequest):
+    if not isinstance(error, ProxyError) or isinstance(error, InvalidRequest):
         return False  # a malformed request, or a bug: refused (or a 500) as in enforce mode
-    ex.decision = Decision.WOULD_DENY
+    ex.decision = _WOULD_DENY
     ex.reason = str(error.reason)
     ex.identity = ()  # never set when a check refused; said here, since the strip relies on it
     if log.isEnabledFor(logging.INFO):
@@ -146,7 +149,7 @@ def _expires_in(ex: Exchange) -> float | None:
     """Seconds until the token would be refused (`exp` plus the provider's leeway), for a
     WebSocket tunnel that closes then; None without a token or an `exp`."""
     claims, plan = ex.claims, ex.plan
-    if ex.decision is not Decision.ALLOWED:
+    if ex.decision is not _ALLOWED:
         return None  # a would-deny (report mode) carries no identity that could expire
     exp = claims.payload.get("exp") if claims is not None else None
     if plan is None or plan.verifier is None or isinstance(exp, bool) or not isinstance(exp, int | float):
@@ -154,7 +157,7 @@ def _expires_in(ex: Exchange) -> float | None:
     return exp + plan.verifier.provider.leeway - ex.runtime.clock.time()
 
 
-async def _forward(ex: Exchange, decision: Decision = Decision.ALLOWED) -> None:
+async def _forward(ex: Exchange, decision: Decision = _ALLOWED) -> None:
     plan = ex.plan
     assert plan is not None
     inject(ex)

@@ -132,6 +132,12 @@ EVENTS: Mapping[str, tuple[frozenset[str], str]] = {
         frozenset({_E}),
         "following Redis raised something unexpected (with a traceback); it reconnects",
     ),
+    # report mode
+    "request_would_deny": (
+        frozenset({_I}),
+        "a route in report mode let through a request enforce mode would refuse (its reason and "
+        "detail), without identity headers",
+    ),
 }
 
 _RESERVED = frozenset({"time", "level", "logger", "event", "message", "worker", "suppressed", "traceback"})

@@ -660,6 +660,7 @@ class _Builder:
             if (rule := self.claim_rule(Section(self.issues, item, path, line), item)) is not None
         )
         revocation = s.boolean("revocation", True)
+        mode = _auth_mode(s)
         s.done()
         if provider is not None and provider not in self.provider_names and self.providers_readable:
             known = ", ".join(sorted(self.provider_names)) or "none are configured"
@@ -668,7 +669,9 @@ class _Builder:
             s.error("provider", f"unknown provider {provider!r}; {mean}known providers: {known}")
         if provider is None:
             return None
-        return RouteAuth(provider=provider, optional=optional, scopes=scopes, claims=claims, revocation=revocation)
+        return RouteAuth(
+            provider=provider, optional=optional, scopes=scopes, claims=claims, revocation=revocation, mode=mode
+        )
 
     def claim_rule(self, s: Section, raw: Any) -> ClaimRule | None:
         if not isinstance(raw, dict):
@@ -1384,3 +1387,65 @@ def _cors_header_names(s: Section, key: str, names: tuple[str, ...], credentials
                 )
         elif not _HEADER_NAME.fullmatch(name):
             s.error(key, f"{name!r} is not a header name (an HTTP token: no spaces, colons or commas)")
+
+
+AUTH_MODES = ("enforce", "report")
+# What other tools call these modes (Istio's and Gatekeeper's dry-run, Envoy's shadow rules,
+# Kyverno's Audit, SELinux's permissive, CSP's report-only, ModSecurity's DetectionOnly), read
+# with `-` for `_` and spaces: a word that is no misspelling still gets its "did you mean".
+_MODE_WORDS = {
+    **dict.fromkeys(
+        (
+            "dry-run",
+            "dryrun",
+            "shadow",
+            "audit",
+            "monitor",
+            "monitoring",
+            "observe",
+            "log",
+            "log-only",
+            "logonly",
+            "warn",
+            "permissive",
+            "passive",
+            "report-only",
+            "reportonly",
+            "detect",
+            "detection-only",
+            "detectiononly",
+            "test",
+        ),
+        "report",
+    ),
+    **dict.fromkeys(
+        ("enforcing", "enforced", "enforcement", "deny", "block", "strict", "active", "require", "required"),
+        "enforce",
+    ),
+}
+
+
+def _auth_mode(s: Section) -> str:
+    """A route's `auth.mode`: `enforce` (the default) or `report`, in any case."""
+    value = s.raw("mode")
+    if value is None:
+        return "enforce"
+    choices = "write enforce (the default: refuse what fails a check) or report (refuse nothing: log and count it)"
+    if isinstance(value, bool):
+        # YAML 1.1 reads on/off/yes/no/true/false unquoted as a boolean: `mode: off` is no mode.
+        s.error("mode", f"{describe(value)} is a boolean (YAML reads on, off, yes and no so), not a mode; {choices}")
+        return "enforce"
+    if not isinstance(value, str):
+        s.error("mode", f"{describe(value)} is not a mode; {choices}")
+        return "enforce"
+    text = s.string("mode")  # `${VAR}` read as everywhere else
+    if text is None:
+        return "enforce"  # an unset variable, reported
+    chosen = text.strip().lower()
+    if chosen in AUTH_MODES:
+        return chosen
+    folded = re.sub(r"[\s_]+", "-", chosen)
+    guess = _MODE_WORDS.get(folded) or closest(folded, AUTH_MODES)
+    mean = f"did you mean {guess}? " if guess is not None else ""
+    s.error("mode", f"{text!r} is not a mode; {mean}{choices}")
+    return "enforce"

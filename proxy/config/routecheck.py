@@ -9,8 +9,9 @@ at start and on reload) whenever a request on a path that an authenticated route
 land on another route with weaker auth: a method the route does not list falls through to a
 later route, or the other spelling of a `path_exact` (with or without its trailing slash)
 goes elsewhere. Weaker is: no auth, an optional token, another provider, fewer scopes or
-fewer claim rules. A WARNING too for a table that protects nothing: no routes (every request
-is a 404), or no route that requires a token (every route `auth: none` or `optional`).
+fewer claim rules, or report mode. A WARNING too for a table that protects nothing: no routes (every request
+is a 404), or no route that requires a token (every route `auth: none` or `optional`); and
+one for each route in report mode (`auth.mode: report`), which refuses nothing.
 
 The analysis is exact for prefixes and exact paths. A regex is compared by its literal
 start (`^/api/v` → every path under `/api/v…`); when that is unknown it is assumed to
@@ -80,6 +81,7 @@ def check(
             continue  # a public route guards nothing
         warnings += _fall_through(i, routes, areas, line_of, path, line, issues.file)
         warnings += _other_spelling(route, area, routes, router, line_of, path, line, issues.file)
+    warnings += _report_mode(routes, places, issues.file)
     return warnings
 
 
@@ -121,6 +123,23 @@ def _unguarded(routes: Sequence[Route], line: int | None, file: str) -> list[Con
             )
         ]
     return []
+
+
+def _report_mode(routes: Sequence[Route], places: Sequence[tuple[str, int | None]], file: str) -> list[ConfigIssue]:
+    """Each route in report mode: it loads (a rollout is a choice), but nothing on it is refused,
+    so `check-config --strict` in CI stops a config that would ship it to production unnoticed."""
+    return [
+        ConfigIssue(
+            file,
+            line,
+            path,
+            f"route '{route.name}' is in report mode (auth.mode: report): nothing is refused on it; a request "
+            "that fails a check reaches the upstream without identity headers, logged and counted as "
+            "decision would_deny. Remove `mode: report` to enforce",
+        )
+        for route, (path, line) in zip(routes, places, strict=True)
+        if route.auth is not None and route.auth.mode == "report"
+    ]
 
 
 # -- methods: every method, or a finite set, or every method but a finite set -------------------
@@ -305,6 +324,8 @@ def _weaker(guard: RouteAuth, other: RouteAuth | None) -> list[str]:
     for rule in guard.claims:
         if _rule_key(rule) not in kept:
             reasons.append(f"claim rule {rule.claim} {rule.op} is not applied")
+    if other.mode == "report" and guard.mode != "report":
+        reasons.append("it is in report mode (it refuses nothing)")
     return reasons
 
 

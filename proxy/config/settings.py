@@ -169,6 +169,10 @@ class RouteAuth:
     claims: tuple[ClaimRule, ...] = ()
     revocation: bool = True
     """`revocation: false`: this route does not check tokens against the revocation list."""
+    mode: str = "enforce"
+    """`enforce` (refuse what fails a check) or `report`: every check runs, but a refusal is
+    only logged and counted (decision `would_deny`) and the request goes on without identity
+    headers (request/pipeline.py)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

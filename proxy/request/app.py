@@ -169,8 +169,11 @@ def _failed(exchange: Exchange, error: Exception) -> None:
     """Answer a request the pipeline failed on (call it from the `except` that caught `error`)."""
     request = exchange.request
     if isinstance(error, ProxyError):
-        exchange.reason = str(error.reason)
-        if exchange.decision is not Decision.ALLOWED:
+        if exchange.decision is not _WOULD_DENY or isinstance(error, UpstreamUnavailable):
+            # A would-deny (report mode) keeps the reason it was forwarded with, whatever then
+            # befalls its body; an upstream failure is counted as one whatever the mode.
+            exchange.reason = str(error.reason)
+        if exchange.decision is _REJECTED:  # not yet forwarded (allowed or would_deny)
             exchange.decision = (
                 Decision.DENIED if isinstance(error, (AuthError, KeysUnavailable)) else Decision.REJECTED
             )
@@ -205,7 +208,7 @@ def _failed(exchange: Exchange, error: Exception) -> None:
         exc_info=True,
     )
     exchange.reason = str(Reason.INTERNAL)
-    if exchange.decision is Decision.ALLOWED:
+    if exchange.decision is not _REJECTED:  # forwarded (allowed or would_deny)
         exchange.decision = Decision.UPSTREAM_ERROR
     request.respond(500, None, [*_INTERNAL_HEADERS, ("X-Request-Id", exchange.request_id)], _INTERNAL_BODY)
 
@@ -216,6 +219,9 @@ def _end(ex: Exchange) -> None:
     _record(ex)
 
 
+# An enum member read off its class costs a Python-level attribute lookup (about 150 ns on
+# 3.11); a module global, a fraction of it: the two _failed reads on every refusal.
+_REJECTED, _WOULD_DENY = Decision.REJECTED, Decision.WOULD_DENY
 _INTERNAL_BODY = json.dumps(ProxyError(Reason.INTERNAL).fields()).encode()
 _INTERNAL_HEADERS = (
     ("Content-Type", "application/json; charset=utf-8"),

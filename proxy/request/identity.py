@@ -7,7 +7,8 @@ every identity header the proxy may inject (configured names and prefixes, plus 
 and payload header any provider or route writes), on every route, before any decision;
 then writing the verified identity (claim headers, the payload header; a claim with no
 exact header form is refused as `unsafe_claim`, never sanitised), removing the token
-from wherever it came (a header, a cookie, the query string: every token removal is here),
+from wherever it came (a header, a cookie, the query string: every token removal is here;
+a would-deny of report mode never takes it on, whatever `forward_token` says),
 and the `X-Forwarded-*` and `X-Request-Id` headers.
 The fields stay the bytes the client sent, end to end: `strip_inbound` makes one pass over
 the request's raw fields (classifying each name once per spelling, `StripPlan.role`) into an
@@ -38,6 +39,7 @@ from ..auth.rules import ABSENT, claim_at
 from ..base.errors import InvalidToken, Reason
 from ..base.memo import Memo
 from ..config.settings import HeaderMap, Settings
+from ..telemetry.metrics import Decision
 from .exchange import Pairs
 
 if TYPE_CHECKING:
@@ -377,6 +379,7 @@ class Renderer:
 
 
 _PROTO = {"http": b"http", "https": b"https"}
+_WOULD_DENY = Decision.WOULD_DENY  # a module global: an enum member read off its class costs more
 
 
 def inject(ex: Exchange) -> None:
@@ -388,9 +391,12 @@ def inject(ex: Exchange) -> None:
     assert plan is not None and out is not None  # routed and stripped before any forwarding
     found = ex.found
     request = ex.request
+    # A would-deny of report mode (pipeline.py) never takes its token on, `forward_token` or
+    # not: the upstream only ever receives a token the route admitted.
+    forward_token = plan.forward_token and ex.decision is not _WOULD_DENY
     # (positional: a keyword call costs more, on every request)
     ex.fields, ex.added = upstream_fields(
-        out, ex.identity, found, plan.forward_token, request.remote, request.scheme, ex.request_id
+        out, ex.identity, found, forward_token, request.remote, request.scheme, ex.request_id
     )
     if found is not None and found.source.kind == "query":
         # Always, forward_token or not: a token in a URL ends up in every log it passes.

@@ -5,6 +5,16 @@ Owns: the order of the steps, each of which reads and fills in the request's `Ex
 route, no token, a cached token the rules refuse) is raised before any task exists; the
 rest (verifying a token not in the cache, forwarding) is the coroutine it returns. It reads
 the config snapshot once, at entry, so a reload mid-request cannot mix two configs.
+
+A route in report mode (`auth.mode: report`, `RoutePlan.report`) runs every check as in
+enforce mode; a refusal of the token checks (no token, a bad token, the route's rules, a key
+outage: any `ProxyError` they raise, whatever its reason) is then not raised but
+reported (`_would_deny`: decision `would_deny` with its reason, one operator-log event) and
+the request goes on as an anonymous one: no identity headers, and no token (identity.inject).
+A malformed request (`InvalidRequest`: two Authorization lines, two tokens, a malformed
+token source) is refused in both modes: where its token is cannot be told, so it could be
+neither checked nor taken out of what the upstream receives. Enforce-mode routes read
+`plan.report` only once a check has refused.
 Does not own: building anything (runtime.py), the steps' own work (identity.py, extract.py,
 verify.py, rules.py, forward.py), or turning errors into responses (app.py catches every
 `ProxyError` this raises).
@@ -12,6 +22,7 @@ verify.py, rules.py, forward.py), or turning errors into responses (app.py catch
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Coroutine
 from typing import Any
@@ -19,7 +30,8 @@ from typing import Any
 from ..auth.extract import authorization, extract
 from ..auth.rules import check_route
 from ..auth.verify import Claims
-from ..base.errors import NotFound, TokenMissing
+from ..base.errors import InvalidRequest, NotFound, ProxyError, TokenMissing
+from ..base.oplog import event
 from ..config.routing import normalize, split_target
 from ..telemetry.metrics import Decision
 from .exchange import Exchange
@@ -27,6 +39,11 @@ from .forward import forward, forward_websocket, is_websocket
 from .identity import inject, strip_inbound
 
 __all__ = ["begin"]
+
+log = logging.getLogger("jwt_sidecar")
+# Module globals: an enum member read off its class costs a Python-level attribute lookup
+# (about 150 ns on 3.11), and these are read per request.
+_ALLOWED, _WOULD_DENY = Decision.ALLOWED, Decision.WOULD_DENY
 
 
 def begin(ex: Exchange) -> Coroutine[Any, Any, None]:
@@ -62,8 +79,10 @@ def begin(ex: Exchange) -> Coroutine[Any, Any, None]:
             # which observes the auth time once it is done.
             return _verify_and_forward(ex, began)
         _admit(ex, claims)
-    except BaseException:
+    except BaseException as error:
         plan.metrics.observe_auth(time.perf_counter() - began)
+        if plan.report and _would_deny(ex, error):
+            return _forward(ex, _WOULD_DENY)
         raise
     plan.metrics.observe_auth(time.perf_counter() - began)
     return _forward(ex)
@@ -90,26 +109,59 @@ async def _verify_and_forward(ex: Exchange, began: float) -> None:
     assert plan is not None and plan.verifier is not None and ex.found is not None
     try:
         _admit(ex, await plan.verifier.verify_uncached(ex.found.token))
+    except Exception as error:
+        if not (plan.report and _would_deny(ex, error)):
+            raise
+        decision = _WOULD_DENY
+    else:
+        decision = _ALLOWED
     finally:
         plan.metrics.observe_auth(time.perf_counter() - began)
-    await _forward(ex)
+    await _forward(ex, decision)
+
+
+def _would_deny(ex: Exchange, error: BaseException) -> bool:
+    """Report mode: whether `error` is only reported, the request going on anonymous (then it
+    is recorded on `ex` and logged); False for what is refused in both modes."""
+    if not isinstance(error, ProxyError) or isinstance(error, InvalidRequest):
+        return False  # a malformed request, or a bug: refused (or a 500) as in enforce mode
+    ex.decision = _WOULD_DENY
+    ex.reason = str(error.reason)
+    ex.identity = ()  # never set when a check refused; said here, since the strip relies on it
+    if log.isEnabledFor(logging.INFO):
+        event(
+            log,
+            logging.INFO,
+            "request_would_deny",
+            "request %(request_id)s would be refused (%(would_answer)d, report mode): %(reason)s: %(detail)s; "
+            "forwarded without identity headers",
+            request_id=ex.request_id,
+            reason=ex.reason,
+            detail=error.detail,
+            would_answer=error.status,
+            route=ex.route,
+            provider=ex.provider,
+        )
+    return True
 
 
 def _expires_in(ex: Exchange) -> float | None:
     """Seconds until the token would be refused (`exp` plus the provider's leeway), for a
     WebSocket tunnel that closes then; None without a token or an `exp`."""
     claims, plan = ex.claims, ex.plan
+    if ex.decision is not _ALLOWED:
+        return None  # a would-deny (report mode) carries no identity that could expire
     exp = claims.payload.get("exp") if claims is not None else None
     if plan is None or plan.verifier is None or isinstance(exp, bool) or not isinstance(exp, int | float):
         return None
     return exp + plan.verifier.provider.leeway - ex.runtime.clock.time()
 
 
-async def _forward(ex: Exchange) -> None:
+async def _forward(ex: Exchange, decision: Decision = _ALLOWED) -> None:
     plan = ex.plan
     assert plan is not None
     inject(ex)
-    ex.decision = Decision.ALLOWED
+    ex.decision = decision
     began = time.perf_counter()
     try:
         if is_websocket(ex.request):

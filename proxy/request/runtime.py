@@ -53,6 +53,9 @@ class RoutePlan:
     cors: CorsPolicy | None = None
     """The route's CORS policy (its own `cors` or the top-level one); None: no CORS, and
     nothing on this route's path costs more than this one test."""
+    report: bool = False
+    """`auth.mode: report`: a refusal of the token checks is a `would_deny`, forwarded without
+    identity (pipeline.py); read only once a check has refused, so enforce mode pays nothing."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +118,7 @@ def build_snapshot(settings: Settings, *, keyring: KeyRing, clock: Clock, metric
             metrics=metrics.route(route.name),
             missing="no token in " + ", ".join(source.kind for source in sources),
             cors=compiled(route.cors),
+            report=route.auth is not None and route.auth.mode == "report",
         )
     return Snapshot(
         settings=settings,
@@ -124,7 +128,11 @@ def build_snapshot(settings: Settings, *, keyring: KeyRing, clock: Clock, metric
         keyring=keyring,
         cache=cache,
         unmatched=metrics.route(NO_ROUTE),
-        providers_in_use=frozenset(r.auth.provider for r in settings.routes if r.auth is not None),
+        # A provider only report-mode routes use does not hold readiness back: without keys,
+        # its requests are would_deny (no_keys) and still served.
+        providers_in_use=frozenset(
+            r.auth.provider for r in settings.routes if r.auth is not None and r.auth.mode != "report"
+        ),
         cors=any(plan.cors is not None for plan in plans.values()),
     )
 

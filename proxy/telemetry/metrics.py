@@ -99,6 +99,9 @@ class Decision(enum.StrEnum):
     """Allowed, but the upstream failed or timed out (502/504)."""
     REJECTED = "rejected"
     """Refused before authentication: a bad request, no route, a body too large."""
+    WOULD_DENY = "would_deny"
+    """A route in report mode (`auth: {mode: report}`): refused by a check, as `denied` would be
+    in enforce mode (the reason says which), and forwarded without identity headers."""
 
 
 _METHODS = frozenset(METHODS)

@@ -401,6 +401,8 @@ def summary(settings: config.Settings) -> str:
             rule = "public (no token)"
         else:
             rule = f"{r.auth.provider}{' (optional)' if r.auth.optional else ''}"
+            if r.auth.mode == "report":
+                rule += " (report mode: refuses nothing)"
             if r.auth.scopes.all_of:
                 rule += f"; scopes all of {' '.join(r.auth.scopes.all_of)}"
             if r.auth.scopes.any_of:

@@ -20,9 +20,13 @@ from tests.conftest import TestKey, mint
 from tests.integration.conftest import BASE_CONFIG
 from tests.support.monitoring import SCRAPE_LABELS, all_exprs, groupings, selectors
 
-# A short upstream timeout, so /slow gives a 504 (decision upstream_error) quickly.
-CONFIG = BASE_CONFIG.replace("timeout: 2s", "timeout: 250ms")
-assert CONFIG != BASE_CONFIG
+# A short upstream timeout, so /slow gives a 504 (decision upstream_error) quickly; a route in
+# report mode, so a request without a token there is a would_deny.
+CONFIG = BASE_CONFIG.replace("timeout: 2s", "timeout: 250ms").replace(
+    "  - name: api\n",
+    "  - name: rollout\n    match: {path_prefix: /rollout/}\n    auth: {provider: main, mode: report}\n  - name: api\n",
+)
+assert CONFIG.count("mode: report") == 1 and "timeout: 250ms" in CONFIG
 
 
 def bearer(token: str) -> dict[str, str]:
@@ -55,6 +59,7 @@ async def scrape(sidecar: Any, rsa_key: TestKey) -> Scrape:
         ("/orders", {}, 401),  # denied: token_missing
         ("/public/%2Fx", {}, 400),  # rejected: bad_path, route "(none)"
         ("/slow?seconds=1", bearer(token), 504),  # upstream_error: upstream_timeout
+        ("/rollout/x", {}, 200),  # would_deny: token_missing (report mode)
     ):
         async with await s.get(path, headers=headers) as response:
             assert response.status == status, path
@@ -70,6 +75,7 @@ async def test_the_scrape_has_every_labelled_family(scrape: Scrape) -> None:
         "denied",
         "rejected",
         "upstream_error",
+        "would_deny",
     }
     assert scrape.values[("jwt_sidecar_token_cache_requests_total", "result")] == {"hit", "miss"}
     assert scrape.values[("jwt_sidecar_config_reloads_total", "result")] == {"success", "failure"}

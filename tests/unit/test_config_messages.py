@@ -109,8 +109,8 @@ ONE_MISTAKE = [
     (
         "misspelt provider in auth",
         PROVIDER + "routes:\n  - match: {path_prefix: /}\n    auth: {provder: main}\n",
-        "c.yaml:5: routes[0].auth.provder: unknown key; did you mean provider? allowed here: claims, optional, "
-        "provider, revocation, scopes",
+        "c.yaml:5: routes[0].auth.provder: unknown key; did you mean provider? allowed here: claims, mode, "
+        "optional, provider, revocation, scopes",
     ),
     (
         "two paths in one match",
@@ -745,6 +745,12 @@ WARNED = {
         "  - {match: {path_prefix: /}, auth: {provider: main, optional: true}}\n",
         "c.yaml:3: warning: routes: no route requires a token (every route is `auth: none` or "
         "`optional: true`): a request without a token reaches the upstream on every route",
+    ),
+    "report mode": (
+        PROVIDER + "routes:\n  - {name: orders, match: {path_prefix: /}, auth: {provider: main, mode: report}}\n",
+        "c.yaml:4: warning: routes[0]: route 'orders' is in report mode (auth.mode: report): nothing is refused "
+        "on it; a request that fails a check reaches the upstream without identity headers, logged and counted "
+        "as decision would_deny. Remove `mode: report` to enforce",
     ),
 }
 

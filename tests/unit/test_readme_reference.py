@@ -291,6 +291,7 @@ def test_every_key_a_config_table_names_exists() -> None:
             for key in allowed[section]
         }
         | {f"routes[].{key}" for key in allowed["routes[]"]}
+        | {f"routes[].auth.{key}" for key in allowed["routes[].auth"]}
     )
     unknown = table_keys(CONFIG_TABLES) - known
     assert not unknown, f"keys in the README's config tables that the code does not accept: {unknown}"
@@ -300,7 +301,7 @@ def default_rows() -> list[tuple[str, str]]:
     """(key, default) for every table row whose default is one backticked value."""
     rows = []
     for names, default in re.findall(r"^\| ([^|]+?) \| ([^|]+?) \|", CONFIG_TABLES, re.MULTILINE):
-        keys = re.findall(r"`([a-z_.]+)`", names)
+        keys = re.findall(r"`([a-z_.\[\]]+)`", names)
         defaults = re.findall(r"`([^`]+)`", default)
         if re.fullmatch(r"(`[^`]+`)( / `[^`]+`)*", default.strip()) and len(keys) == len(defaults):
             rows += zip(keys, defaults, strict=True)
@@ -327,6 +328,8 @@ def with_key(key: str, value: str) -> str:
     if head == "upstream" and tail != "url":  # an upstream section needs its url
         tail_value = f"url: http://127.0.0.1:8000, {tail}: {yaml_value}"
         return f"upstream: {{{tail_value}}}\n" + BASE
+    if key.startswith("routes[].auth."):  # a key of the route's auth mapping
+        return BASE.replace("auth: {provider: p}", f"auth: {{provider: p, {key.rsplit('.', 1)[1]}: {yaml_value}}}")
     if head == "cors":  # a cors section needs its origins: compared with CORS_BASE
         return f"cors: {{allow_origins: ['https://app.example.com'], {tail}: {yaml_value}}}\n" + BASE
     return (f"{head}: {{{tail}: {yaml_value}}}\n" if tail else f"{head}: {yaml_value}\n") + BASE
@@ -358,6 +361,7 @@ def test_the_defaults_checked_cover_the_tables() -> None:
         "cors.allow_methods",
         "cors.allow_headers",
         "cors.allow_credentials",
+        "routes[].auth.mode",
     } <= checked
 
 

@@ -233,7 +233,7 @@ from tests.support.redis import RedisServer  # noqa: E402
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     """A real `redis-server` on a free loopback port, started once per run and stopped at its end."""
     server = RedisServer(tmp_path_factory.mktemp("redis"))
-    server.start()
+    server.start_on_a_free_port()
     yield server
     server.stop()
 

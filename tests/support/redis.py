@@ -99,6 +99,7 @@ class RedisServer:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 log = (self.folder / "redis.log").read_text(errors="replace")[-2000:]
+                self.process = None
                 raise RuntimeError(f"redis-server exited with {self.process.returncode}: {log}")
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=1) as conn:
@@ -124,6 +125,19 @@ class RedisServer:
     def restart(self) -> None:
         self.stop()
         self.start()
+
+    def start_on_a_free_port(self, attempts: int = 5) -> None:
+        """The first start: a port found free can be taken by another process before
+        redis-server binds it (parallel test runs); then try another, not fail the run."""
+        for attempt in range(attempts):
+            try:
+                self.start()
+                return
+            except RuntimeError as error:
+                self.stop()
+                if "Address already in use" not in str(error) or attempt == attempts - 1:
+                    raise
+                self.port = _free_port()
 
     def flush(self) -> None:
         """Empty every database (between tests), over the wire as a client would."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import sys
 from contextlib import suppress
@@ -213,6 +214,25 @@ async def test_a_refused_preflight_is_a_403_counted_with_its_reason_and_never_fo
     assert "WWW-Authenticate" not in answer.headers
     assert s.upstream.seen == []
     assert grown(before, requests_total(s)) == {("api", "OPTIONS", "rejected", reason, "4xx"): 1.0}
+
+
+@bounded
+async def test_a_refused_preflight_tells_the_operator_what_was_refused(
+    cors_sidecar: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    s = await cors_sidecar()
+    caplog.set_level(logging.DEBUG, logger="jwt_sidecar")
+    await raw_get(s, "/orders/7", preflight(origin="https://evil.example\\x"), method="OPTIONS")
+    await raw_get(s, "/orders/7", preflight(headers="x-secret"), method="OPTIONS")
+    refusals = [
+        (r.fields["reason"], r.fields["route"], r.fields["detail"])
+        for r in caplog.records
+        if getattr(r, "event", None) == "request_refused"
+    ]
+    assert refusals == [
+        ("cors_origin", "api", "origin 'https://evil.example\\\\x' is not in allow_origins"),
+        ("cors_headers", "api", "header 'x-secret' is not in allow_headers"),
+    ]
 
 
 @bounded

@@ -9,7 +9,9 @@ answer is taken from `write`, so the figure is the sidecar's CPU per request min
 client-side syscalls, and it moves far less than wrk's req/s on a shared 2-core VM.
 
 Workloads as bench/run's: (a) one valid RS256 token, (b) distinct tokens through a
-100-entry cache, (c) no token (401), (d) a public route. Reported: µs of process CPU
+100-entry cache, (c) no token (401), (d) a public route; and two with CORS, served by a second
+proxy whose only difference is a `cors` policy on the token route (so a-d never pay for it):
+(e) workload a from an allowed `Origin`, (f) a CORS preflight (204). Reported: µs of process CPU
 (`time.process_time`, user+system) per request, the least and the median of interleaved
 rounds. The VM's noise only ever adds time, so the least is the steadier figure for
 comparing two versions of the code.
@@ -109,8 +111,8 @@ class _Client(asyncio.Transport):
         return 0
 
 
-def _settings(upstream_port: int, jwks_file: Path):  # noqa: ANN202
-    doc = {
+def _settings(upstream_port: int, jwks_file: Path, *, cors: bool = False):  # noqa: ANN202
+    doc: dict = {
         "listen": "127.0.0.1:8080",
         "admin": "127.0.0.1:9901",
         "realm": "bench",
@@ -138,13 +140,24 @@ def _settings(upstream_port: int, jwks_file: Path):  # noqa: ANN202
         ],
         "token_cache": {"enabled": True, "max_entries": 100, "max_ttl": "5m"},
     }
+    if cors:  # workloads e and f: a browser app's origin, as the README's CORS example
+        doc["routes"][1]["cors"] = {
+            "allow_origins": ["https://app.example.com"],
+            "allow_methods": ["GET", "POST", "PUT", "DELETE"],
+            "expose_headers": ["X-Request-Id"],
+            "max_age": "10m",
+        }
     return parse(yaml.safe_dump(doc))
 
 
-def _request(path: str, token: str | None) -> bytes:
+def _request(path: str, token: str | None, extra: str = "", method: str = "GET") -> bytes:
     # wrk's request, plus the token: the same few fields every load generator sends.
     auth = f"Authorization: Bearer {token}\r\n" if token else ""
-    return f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n{auth}\r\n".encode()
+    return f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n{auth}{extra}\r\n".encode()
+
+
+_ORIGIN = "Origin: https://app.example.com\r\n"
+_PREFLIGHT = _ORIGIN + "Access-Control-Request-Method: PUT\r\nAccess-Control-Request-Headers: authorization\r\n"
 
 
 async def _drive(proxy: Proxy, requests: list[bytes], total: int, concurrency: int) -> float:
@@ -164,7 +177,7 @@ async def _drive(proxy: Proxy, requests: list[bytes], total: int, concurrency: i
             client.waiter = loop.create_future()
             conn.data_received(data)
             answer = await client.waiter
-            if not answer.startswith((b"HTTP/1.1 200 ", b"HTTP/1.1 401 ")):
+            if not answer.startswith((b"HTTP/1.1 200 ", b"HTTP/1.1 401 ", b"HTTP/1.1 204 ")):
                 raise SystemExit(f"unexpected answer: {answer[:200]!r}")
         conn.connection_lost(None)
 
@@ -208,6 +221,8 @@ def _workloads(key, count: int, only: str | None) -> dict[str, list[bytes]]:  # 
         "b_distinct_tokens": lambda: [_request("/whoami", token(i)) for i in range(count)],
         "c_no_token": lambda: [_request("/whoami", None)],
         "d_public": lambda: [_request("/public/whoami", None)],
+        "e_cors_origin": lambda: [_request("/whoami", token(0), _ORIGIN)],
+        "f_cors_preflight": lambda: [_request("/whoami", None, _PREFLIGHT, "OPTIONS")],
     }
     # Only the workloads asked for: signing thousands of unused tokens would swamp a count.
     return {name: make() for name, make in makers.items() if not only or name.startswith(only)}
@@ -234,10 +249,15 @@ def _run(args: argparse.Namespace) -> dict[str, list[float]]:
         sink = open(os.devnull, "wb")  # noqa: SIM115
         proxy = Proxy(_settings(sock.getsockname()[1], jwks_file), access_log=AccessLog(sink))
         loop.run_until_complete(proxy.start())
+        workloads = _workloads(key, 500, args.only)  # (b): 500 tokens cycled through 100 entries
+        proxies = dict.fromkeys(workloads, proxy)
+        if any(name.startswith(("e", "f")) for name in workloads):
+            with_cors = Proxy(_settings(sock.getsockname()[1], jwks_file, cors=True), access_log=AccessLog(sink))
+            loop.run_until_complete(with_cors.start())
+            proxies.update((name, with_cors) for name in workloads if name.startswith(("e", "f")))
         try:
-            workloads = _workloads(key, 500, args.only)  # (b): 500 tokens cycled through 100 entries
-            for requests in workloads.values():  # warm-up: caches, pool, code paths
-                loop.run_until_complete(_drive(proxy, requests, args.warmup, args.concurrency))
+            for name, requests in workloads.items():  # warm-up: caches, pool, code paths
+                loop.run_until_complete(_drive(proxies[name], requests, args.warmup, args.concurrency))
             results: dict[str, list[float]] = {name: [] for name in workloads}
             for _ in range(args.rounds):
                 for name, requests in workloads.items():
@@ -245,12 +265,13 @@ def _run(args: argparse.Namespace) -> dict[str, list[float]]:
                     # uses, so that `callgrind --toggle-collect=_PyEval_CallTracing` counts
                     # the rounds alone (bench/instructions).
                     figure = sys.call_tracing(
-                        loop.run_until_complete, (_drive(proxy, requests, args.requests, args.concurrency),)
+                        loop.run_until_complete, (_drive(proxies[name], requests, args.requests, args.concurrency),)
                     )
                     results[name].append(figure)
             return results
         finally:
-            loop.run_until_complete(proxy.close())
+            for each in set(proxies.values()) | {proxy}:
+                loop.run_until_complete(each.close())
             loop.close()
             child.terminate()
             sink.close()
@@ -262,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=1000, help="requests per workload before the rounds")
-    parser.add_argument("--only", help="run only the workloads whose name starts with this (a, b, c, d)")
+    parser.add_argument("--only", help="run only the workloads whose name starts with this (a .. f)")
     parser.add_argument("--key", help="a PEM file to keep the RS256 key in across runs (made on first use)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)

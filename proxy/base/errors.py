@@ -81,6 +81,10 @@ class Reason(enum.StrEnum):
     UPSTREAM_UNAVAILABLE = "upstream_unavailable"
     UPSTREAM_TIMEOUT = "upstream_timeout"
     INTERNAL = "internal"
+    # a CORS preflight the route's `cors` refuses (request/cors.py judges it)
+    CORS_ORIGIN = "cors_origin"
+    CORS_METHOD = "cors_method"
+    CORS_HEADERS = "cors_headers"
 
 
 # The only text a client ever reads about a refused token (RFC 6750 §3 error_description:
@@ -117,6 +121,9 @@ _DESCRIPTIONS: dict[Reason, str] = {
     Reason.UPSTREAM_UNAVAILABLE: "The upstream service is unavailable",
     Reason.UPSTREAM_TIMEOUT: "The upstream service did not answer in time",
     Reason.INTERNAL: "Internal error",
+    Reason.CORS_ORIGIN: "This origin may not call this resource",
+    Reason.CORS_METHOD: "This method is not allowed from another origin",
+    Reason.CORS_HEADERS: "A requested header is not allowed from another origin",
 }
 
 

@@ -4,13 +4,14 @@ Owns: `Proxy` — the handler our HTTP/1.1 server (http1.py) calls for every req
 (the upstream client session, the key sources, the first snapshot) and `close()` — and the
 entry that wraps `pipeline.begin` and the coroutine it returns: every `ProxyError` becomes
 its status, a fixed JSON body (`ProxyError.fields()`) and, for auth errors, an RFC 6750
-challenge built from the same fields; anything
+challenge built from the same fields (plus, on a route with `cors`, the CORS header lines for
+the request's Origin, cors.py's, added per answer, never to a memoised one); anything
 unexpected becomes a 500 that reveals nothing; every request gets its metrics and one
 access-log line, from the request's `Exchange` (exchange.py), which `handle` makes. A refusal
-is answered within `handle` itself (no task); an allowed request comes back to the server as
-a coroutine to run, and if the client left before that coroutine began, it sends nothing
-upstream and records a 499 (`_finish`: the one place this is handled; the server runs the
-coroutine regardless).
+(and a CORS preflight, which `begin` answers) is answered within `handle` itself (no task);
+an allowed request comes back to the server as a coroutine to run, and if the client left
+before that coroutine began, it sends nothing upstream and records a 499 (`_finish`: the one
+place this is handled; the server runs the coroutine regardless).
 Does not own: any decision (pipeline.py and the modules it calls decide).
 """
 
@@ -147,6 +148,9 @@ def _entry(request: Request, runtime: Runtime) -> Coroutine[Any, Any, None] | No
     except BaseException:
         _end(ex)
         raise
+    if rest is None:  # answered already (a CORS preflight)
+        _end(ex)
+        return None
     return _finish(ex, rest)
 
 
@@ -195,7 +199,9 @@ def _failed(exchange: Exchange, error: Exception) -> None:
                 provider=exchange.provider,
             )
         realm = (exchange.snapshot or exchange.runtime).settings.realm
-        respond_error(request, error, realm=realm, request_id_value=exchange.request_id)
+        plan = exchange.plan
+        cors = "" if plan is None or plan.cors is None else _cors(exchange)
+        respond_error(request, error, realm=realm, request_id_value=exchange.request_id, cors=cors)
         return
     # Fail closed and say nothing: the traceback is for the operator's log only.
     event(
@@ -210,7 +216,19 @@ def _failed(exchange: Exchange, error: Exception) -> None:
     exchange.reason = str(Reason.INTERNAL)
     if exchange.decision is not _REJECTED:  # forwarded (allowed or would_deny)
         exchange.decision = Decision.UPSTREAM_ERROR
-    request.respond(500, None, [*_INTERNAL_HEADERS, ("X-Request-Id", exchange.request_id)], _INTERNAL_BODY)
+    lines = _cors(exchange).encode("ascii")
+    request.respond(
+        500, None, [*_INTERNAL_HEADERS, ("X-Request-Id", exchange.request_id)], _INTERNAL_BODY, fields=lines
+    )
+
+
+def _cors(exchange: Exchange) -> str:
+    """The CORS header lines of our own answer on a route with `cors` (cors.py), "" elsewhere:
+    a page on an allowed origin must be able to read a 401's body and challenge."""
+    plan = exchange.plan
+    if plan is None or plan.cors is None:
+        return ""
+    return plan.cors.response_fields(exchange.request.fields).decode("ascii")
 
 
 def _end(ex: Exchange) -> None:
@@ -230,14 +248,16 @@ _INTERNAL_HEADERS = (
 )
 
 
-def respond_error(request: Request, error: ProxyError, *, realm: str, request_id_value: str) -> None:
+def respond_error(request: Request, error: ProxyError, *, realm: str, request_id_value: str, cors: str = "") -> None:
     # The answer to a refusal depends only on its kind, reason, scope and realm (a closed set
-    # and config values), so it is built and encoded once; only X-Request-Id and Date vary.
+    # and config values), so it is built and encoded once; only X-Request-Id, Date and the
+    # CORS lines vary. `cors` (header lines, each ending in CRLF) depends on the request's
+    # Origin: it is added to this answer only, never to the prepared one another origin gets.
     key = (type(error), error.reason, getattr(error, "scope", None), realm)
     answer = _ANSWERS.get(key)
     if answer is None:
         answer = _ANSWERS.remember(key, _prepare(error, realm))
-    request.send(answer, f"X-Request-Id: {request_id_value}\r\n")
+    request.send(answer, f"X-Request-Id: {request_id_value}\r\n{cors}")
 
 
 _ANSWERS: Memo[tuple[object, ...], Prepared] = Memo(1024)

@@ -33,6 +33,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+from ..base.errors import ProxyError, Reason
 from ..config.settings import ORIGIN, CorsSettings
 
 if TYPE_CHECKING:
@@ -45,12 +46,11 @@ _TCHAR = frozenset(b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefgh
 _SAFELISTED_METHODS = frozenset({b"GET", b"HEAD", b"POST"})
 _LONGEST_ORIGIN = 512  # a scheme, a 253-byte host and a port fit well within it
 
-REFUSALS = {
-    "cors_origin": "This origin may not call this resource",
-    "cors_method": "This method is not allowed from another origin",
-    "cors_headers": "A requested header is not allowed from another origin",
+REFUSALS: dict[str, str] = {
+    reason: ProxyError(reason).description for reason in (Reason.CORS_ORIGIN, Reason.CORS_METHOD, Reason.CORS_HEADERS)
 }
-"""The reasons a preflight is refused, and the fixed phrase each answer's body gives."""
+"""The reasons a preflight is refused (`errors.Reason` values, the metric label and the log's
+reason), and the fixed phrase each answer's body gives (errors.py's, like every refusal's)."""
 
 UPSTREAM_FIELDS = frozenset(
     {

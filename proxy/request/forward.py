@@ -9,7 +9,9 @@ unreachable, connect timeout; and for a reset or malformed answer; 504 only when
 was sent and its answer timed out; `TimeoutError` is caught first, as it is also an OSError),
 and WebSocket handshakes: sent upstream on a connection of their own, and after a 101 the
 bytes relayed both ways, unparsed, until either side ends or a `websocket` limit closes the
-tunnel (idle time, lifetime, the token's expiry). After an answer has started nothing can change its
+tunnel (idle time, lifetime, the token's expiry). On a route with `cors`, the upstream's own
+`Access-Control-*` answer fields are dropped and the route's CORS lines (cors.py) added to
+every answer relayed. After an answer has started nothing can change its
 status: a failure then aborts the connection, so the client sees a truncated answer, never
 a spliced one.
 Both steps take the request's `Exchange` (its route plan, path and query, and the header
@@ -39,6 +41,7 @@ from ..http.causes import cause
 from ..http.flow import Wakeup
 from ..http.http1 import BodyError, BodyTimeout, Request
 from ..http.upstream import Fields, UpstreamError
+from .cors import without_upstream_cors
 from .identity import HOP_BY_HOP, connection_tokens
 
 if TYPE_CHECKING:
@@ -218,7 +221,12 @@ async def forward(ex: Exchange) -> None:
     except UpstreamError as error:
         raise UpstreamUnavailable(f"{origin}: {cause(error)}") from None
     try:
-        fields, answer_length, dated = _answer_fields(answer.raw_headers, request_id)
+        cors = plan.cors
+        if cors is None:
+            fields, answer_length, dated = _answer_fields(answer.raw_headers, request_id)
+        else:
+            fields, answer_length, dated = _answer_fields(without_upstream_cors(answer.raw_headers), request_id)
+            fields += cors.response_fields(request.fields)
         if not answer.has_body():
             # HEAD, 204, 304: the upstream's Content-Length (if any) describes the GET; relay it.
             answer.release()
@@ -527,14 +535,20 @@ async def forward_websocket(ex: Exchange, *, expires_in: float | None = None) ->
         if tunnel.failed is not None:
             raise UpstreamUnavailable(f"websocket {origin}: {tunnel.failed}")
         reason = tunnel.reason.decode("utf-8", "surrogateescape")
+        # On a route with `cors`, the handshake's answer is treated as any other answer there
+        # (browsers apply no CORS to WebSockets: the upstream judges the Origin it receives).
+        cors = plan.cors
+        raw = tunnel.headers if cors is None else without_upstream_cors(tunnel.headers)
+        added = b"" if cors is None else cors.response_fields(request.fields)
         if not tunnel.upgraded:
             # Refused upstream (401, 403, 426...): relay the answer as any other.
-            fields, _, dated = _answer_fields(tunnel.headers, request_id)
-            request.respond(tunnel.status, reason, (), b"".join(tunnel.body), date=not dated, fields=fields)
+            fields, _, dated = _answer_fields(raw, request_id)
+            request.respond(tunnel.status, reason, (), b"".join(tunnel.body), date=not dated, fields=fields + added)
             return
         # The 101's own hop-by-hop fields go, as on any answer; the two that make it a switch
         # are ours to say (RFC 9110 §7.8).
-        fields, _, _ = _answer_fields(tunnel.headers, request_id)
+        fields, _, _ = _answer_fields(raw, request_id)
+        fields += added
         upgrade = next((v for n, v in tunnel.headers if n.lower() == b"upgrade"), b"websocket")
         fields += b"Connection: Upgrade\r\nUpgrade: %b\r\n" % upgrade
         tunnel.active = loop.time()

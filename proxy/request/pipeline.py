@@ -4,7 +4,9 @@ Owns: the order of the steps, each of which reads and fills in the request's `Ex
 (exchange.py). `begin` runs every step that needs no I/O at once, so a refusal (no
 route, no token, a cached token the rules refuse) is raised before any task exists; the
 rest (verifying a token not in the cache, forwarding) is the coroutine it returns. It reads
-the config snapshot once, at entry, so a reload mid-request cannot mix two configs.
+the config snapshot once, at entry, so a reload mid-request cannot mix two configs. A CORS
+preflight (cors.py judges it) is answered in `begin` itself, before routing: no token, never
+forwarded.
 
 A route in report mode (`auth.mode: report`, `RoutePlan.report`) runs every check as in
 enforce mode; a refusal of the token checks (no token, a bad token, the route's rules, a key
@@ -34,6 +36,7 @@ from ..base.errors import InvalidRequest, NotFound, ProxyError, TokenMissing
 from ..base.oplog import event
 from ..config.routing import normalize, split_target
 from ..telemetry.metrics import Decision
+from .cors import Preflight, preflight
 from .exchange import Exchange
 from .forward import forward, forward_websocket, is_websocket
 from .identity import inject, strip_inbound
@@ -46,15 +49,22 @@ log = logging.getLogger("jwt_sidecar")
 _ALLOWED, _WOULD_DENY = Decision.ALLOWED, Decision.WOULD_DENY
 
 
-def begin(ex: Exchange) -> Coroutine[Any, Any, None]:
+def begin(ex: Exchange) -> Coroutine[Any, Any, None] | None:
     """Every step that needs no I/O, now: a refusal raises here, before any task exists (a
     401 is answered in the same loop turn that read it). What is left (verification on a
-    cache miss, and forwarding) comes back as a coroutine for the caller to run."""
+    cache miss, and forwarding) comes back as a coroutine for the caller to run; None when
+    the request was answered here (a CORS preflight)."""
     request = ex.request
     snapshot = ex.snapshot = ex.runtime.snapshot
     assert snapshot is not None  # the listener starts only after the first snapshot exists
     raw_path, ex.query = split_target(request.raw_path)
     path = ex.path = normalize(raw_path)
+    if snapshot.cors and request.method == "OPTIONS":
+        # A CORS preflight is judged by the route of the request it announces, before routing this one.
+        asked = preflight(request.method, request.fields, path, snapshot.router, snapshot.plans)
+        if asked is not None:
+            _answer_preflight(ex, asked)
+            return None
     route = snapshot.router.match(request.method, path)
     if route is None:
         raise NotFound(f"no route for {request.method} {path}")
@@ -170,3 +180,31 @@ async def _forward(ex: Exchange, decision: Decision = _ALLOWED) -> None:
             await forward(ex)
     finally:
         plan.metrics.observe_upstream(time.perf_counter() - began)
+
+
+def _answer_preflight(ex: Exchange, asked: Preflight) -> None:
+    """A CORS preflight, answered by the sidecar as cors.py judged it: no token asked, never
+    forwarded; counted and logged under the route that judged it (allowed 204, or rejected 403
+    with its cors reason, logged like any refusal)."""
+    snapshot = ex.snapshot
+    assert snapshot is not None
+    ex.plan = snapshot.plans[asked.route]
+    if asked.status == 204:
+        ex.decision = Decision.ALLOWED
+    else:
+        ex.reason = asked.reason
+        if log.isEnabledFor(logging.DEBUG):
+            event(
+                log,
+                logging.DEBUG,
+                "request_refused",
+                "request %(request_id)s refused: %(reason)s: %(detail)s",
+                request_id=ex.request_id,
+                reason=asked.reason,
+                detail=asked.detail,
+                status=asked.status,
+                route=asked.route,
+                provider=ex.provider,
+            )
+    fields = asked.fields + b"X-Request-Id: %b\r\n" % ex.request_id.encode("ascii")
+    ex.request.respond(asked.status, None, (), asked.body, fields=fields)

@@ -164,6 +164,10 @@ routes:
       claims: [{{claim: email_verified, equals: true}}]
   - {{name: maybe, match: {{path_prefix: /maybe/}}, auth: {{provider: main, optional: true}}}}
   - {{name: api, match: {{path_prefix: /api/}}, auth: {{provider: main}}}}
+  - name: cors
+    match: {{path_prefix: /cors/}}
+    auth: {{provider: main}}
+    cors: {{allow_origins: [https://app.test], allow_methods: [GET, PUT], allow_headers: [Authorization]}}
 """
 
 TYP = {"typ": "at+jwt"}
@@ -336,6 +340,35 @@ CASES = [
     Case("upstream-too-slow", Reason.UPSTREAM_TIMEOUT, 504, lambda k, o: head("/slow?seconds=2")),
     # An unexpected error of ours: the clock breaks once the proxy is up (see broken_sidecar).
     Case("unexpected-error", Reason.INTERNAL, 500, lambda k, o: head("/api/x", bearer(token(k)))),
+    # A CORS preflight the route's policy refuses: a 403 without a challenge (no credentials are involved).
+    Case(
+        "cors-origin",
+        Reason.CORS_ORIGIN,
+        403,
+        lambda k, o: head(
+            "/cors/x", "Origin: https://evil.test", "Access-Control-Request-Method: PUT", method="OPTIONS"
+        ),
+    ),
+    Case(
+        "cors-method",
+        Reason.CORS_METHOD,
+        403,
+        lambda k, o: head(
+            "/cors/x", "Origin: https://app.test", "Access-Control-Request-Method: DELETE", method="OPTIONS"
+        ),
+    ),
+    Case(
+        "cors-headers",
+        Reason.CORS_HEADERS,
+        403,
+        lambda k, o: head(
+            "/cors/x",
+            "Origin: https://app.test",
+            "Access-Control-Request-Method: PUT",
+            "Access-Control-Request-Headers: authorization, x-secret",
+            method="OPTIONS",
+        ),
+    ),
 ]
 
 

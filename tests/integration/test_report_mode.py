@@ -144,6 +144,11 @@ NOT_TOKEN_CHECKS = {
     Reason.UPSTREAM_TIMEOUT,
     Reason.INTERNAL,
     Reason.NO_KEYS,  # a would_deny too: its own test, on a provider without keys
+    # A CORS preflight is judged before any token check, and report mode is about the token:
+    # a preflight is answered in pipeline.begin before the route's mode is read.
+    Reason.CORS_ORIGIN,
+    Reason.CORS_METHOD,
+    Reason.CORS_HEADERS,
 }
 
 

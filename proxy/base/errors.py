@@ -34,6 +34,7 @@ __all__ = [
     "ProxyError",
     "Reason",
     "RequestTimeout",
+    "RevocationUnavailable",
     "TokenMissing",
     "UpstreamTimeout",
     "UpstreamUnavailable",
@@ -81,6 +82,9 @@ class Reason(enum.StrEnum):
     UPSTREAM_UNAVAILABLE = "upstream_unavailable"
     UPSTREAM_TIMEOUT = "upstream_timeout"
     INTERNAL = "internal"
+    # the revocation list (auth/revocation.py): after the signature and claims
+    REVOKED = "revoked"
+    REVOCATION_UNAVAILABLE = "revocation_unavailable"
 
 
 # The only text a client ever reads about a refused token (RFC 6750 §3 error_description:
@@ -117,6 +121,8 @@ _DESCRIPTIONS: dict[Reason, str] = {
     Reason.UPSTREAM_UNAVAILABLE: "The upstream service is unavailable",
     Reason.UPSTREAM_TIMEOUT: "The upstream service did not answer in time",
     Reason.INTERNAL: "Internal error",
+    Reason.REVOKED: "The access token has been revoked",
+    Reason.REVOCATION_UNAVAILABLE: "The revocation list is unavailable; try again later",
 }
 
 
@@ -252,8 +258,17 @@ class KeysUnavailable(ProxyError):
     status = 503
     error_code = "temporarily_unavailable"
 
+    def __init__(self, detail: str = "", reason: Reason = Reason.NO_KEYS) -> None:
+        super().__init__(reason, detail)
+
+
+class RevocationUnavailable(KeysUnavailable):
+    """`revocation.fail: closed` and the list is older than `max_staleness`: the verdict cannot
+    be given, so a 503 answered as a key outage is (`Retry-After`, counted as denied, logged
+    once by the store rather than per request), never a 401 or a pass."""
+
     def __init__(self, detail: str = "") -> None:
-        super().__init__(Reason.NO_KEYS, detail)
+        super().__init__(detail, Reason.REVOCATION_UNAVAILABLE)
 
 
 class UpstreamUnavailable(ProxyError):

@@ -110,7 +110,11 @@ class Revocations:
         or not: `RevocationUnavailable` (503) while `fail: closed` applies, `InvalidToken`
         (401, reason `revoked`) when a rule names it. Reads `index` afresh: a re-sync replaces it."""
         if self.unavailable is not None:
-            raise RevocationUnavailable(self.unavailable)
+            # Judged again (only on this path): the list may be current again since the last
+            # tick, and /readyz, which judges it live, must not say ready while this says 503.
+            self.unavailable = self._too_old()
+            if self.unavailable is not None:
+                raise RevocationUnavailable(self.unavailable)
         why = revoked(self.index, provider, claims)
         if why is not None:
             raise InvalidToken(Reason.REVOKED, why)

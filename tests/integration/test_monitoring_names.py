@@ -23,6 +23,7 @@ from tests.support.monitoring import SCRAPE_LABELS, all_exprs, groupings, select
 # A short upstream timeout, so /slow gives a 504 (decision upstream_error) quickly.
 CONFIG = BASE_CONFIG.replace("timeout: 2s", "timeout: 250ms")
 assert CONFIG != BASE_CONFIG
+CONFIG += "revocation: {file: revoked.yaml}\n"  # an (empty) revocation list: its families have samples
 
 
 def bearer(token: str) -> dict[str, str]:

@@ -258,6 +258,10 @@ async def test_redis_down_at_start_fail_closed_is_503_and_not_ready_until_redis_
         )
         assert (await get(sidecar.url + "/public"))[0] != 503  # a public route does not check the list
         async with aiohttp.ClientSession() as session:
+            headers = {"Authorization": f"Bearer {token}"}
+            async with session.get(sidecar.url + "/orders", headers=headers) as response:
+                assert (response.status, response.headers.get("Retry-After")) == (503, "5")
+                assert "WWW-Authenticate" not in response.headers  # our outage, not the token's fault
             async with session.get(sidecar.admin + "/readyz") as response:
                 assert response.status == 503
                 reason = (await response.json())["reason"]

@@ -4,10 +4,10 @@ Owns: a throwaway signing key made at start, a tiny issuer that serves its JWK S
 config's demo provider looks for it, an echo upstream where the config sends traffic, the
 sidecar itself (the real `server.serve`, with the given config), and the tokens and curl
 lines it prints (with a `revocation:` in the config, a `jwt-sidecar revoke` line and the curl
-it turns into a 401; a revocation file named relative to the config is the demo's own, in its
-temporary copy of the config, empty at each start). Also its four ports: each is the config's unless given on the command line,
-and one of the config's that is taken gives way to a free one (then the sidecar serves a
-temporary copy of the config with the ports chosen); a port given that is taken stops the
+it turns into a 401; a revocation file is the demo's own: the sidecar serves a temporary copy
+of the config, so a relative file starts empty each time). Also its four ports: each is the
+config's unless given on the command line, and one of the config's that is taken gives way to
+a free one (then that copy has the ports chosen); a port given that is taken stops the
 demo (startup.py's one line). Printed commands name `jwt-sidecar` by its absolute path.
 Does not own: any proxy behaviour; everything it shows is the real path.
 """

@@ -270,7 +270,7 @@ async def run_demo(
                 served_path.write_text(_with_ports(text, moves) if moves else text, encoding="utf-8")
             except OSError as error:
                 raise StartupError(
-                    f"the demo cannot write its copy (with the ports it chose and a revocation list of its own) of {config_path} to the "
+                    f"the demo cannot write its copy of {config_path} (its ports, its own revocation list) to the "
                     f"temporary directory: {why(error)}; set TMPDIR to a writable directory"
                 ) from None
             settings = config.load(served_path)

@@ -36,6 +36,7 @@ __all__ = [
     "parse_time",
     "render_rules",
     "revoked",
+    "revoking_rules",
     "rule_from_mapping",
     "rules_problem",
 ]
@@ -266,6 +267,23 @@ def revoked(index: RevocationIndex, provider: str, claims: Mapping[str, Any]) ->
                     if rule.matches(provider, claims):
                         return f"every token of {'provider ' + provider if key else 'every provider'} is revoked{_issued_before(rule)}"
     return None
+
+
+def revoking_rules(index: RevocationIndex, provider: str, claims: Mapping[str, Any]) -> list[Rule]:
+    """Every rule that revokes a verified token of `provider`: what `token explain` names. A scan
+    of the list (not for the request path, which asks `revoked()`); the same rules, so the two agree."""
+    jti, sub = claims.get("jti"), claims.get("sub")
+    jti = jti if jti.__class__ is str else _text(jti)
+    sub = sub if sub.__class__ is str else _text(sub)
+    found = []
+    for rule in index:
+        if rule.jti is not None and rule.jti != jti:
+            continue
+        if rule.jti is None and rule.sub is not None and rule.sub != sub:
+            continue
+        if rule.matches(provider, claims):
+            found.append(rule)
+    return found
 
 
 def _text(value: Any) -> str | None:

@@ -13,9 +13,11 @@ ones; both keys expire with their last rule), and the channel `PREFIX:revocation
 writer publishes each rule it wrote. A rule written twice merges (the later time wins), so a
 message that crosses a re-sync changes nothing.
 
-Does not own: the rules and the index (revocation.py), the request's check (the pipeline
-calls revocation.revoked on `store.index`), /readyz or the metrics (they read `ready()`,
-`age()` and `size`).
+Also owns `check`, the one call a request makes (the pipeline, on a route whose plan has a
+store: `revoked()` on the current `index`, or the 503 of `fail: closed`), and `start_store`,
+which the process's lifecycle (request/app.py, ops/reload.py) uses to start a follower.
+Does not own: the rules and the index (revocation.py), whether a route checks (runtime.py's
+`RoutePlan.revocation`), /readyz or the metrics (they read `ready()`, `age()` and `size`).
 """
 
 from __future__ import annotations
@@ -27,21 +29,19 @@ import logging
 import math
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
-
-import redis.asyncio as aioredis
-from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
-from redis.retry import Retry
+from typing import TYPE_CHECKING, Any
 
 from ..base.clock import Clock, SystemClock
-from ..base.errors import ConfigError, ConfigIssue
+from ..base.errors import ConfigError, ConfigIssue, InvalidToken, Reason, RevocationUnavailable
 from ..base.oplog import event
 from ..config.settings import RedisStore, RevocationSettings
 from ..http.causes import shown
-from .revocation import RevocationIndex, Rule, parse_rules, render_rules, rule_from_mapping, rules_problem
+from .revocation import RevocationIndex, Rule, parse_rules, render_rules, revoked, rule_from_mapping, rules_problem
+
+if TYPE_CHECKING:
+    import redis.asyncio as aioredis
 
 __all__ = [
     "FileRevocations",
@@ -51,6 +51,7 @@ __all__ = [
     "add_rules",
     "list_rules",
     "open_store",
+    "start_store",
 ]
 
 log = logging.getLogger("jwt_sidecar.revocation")
@@ -101,6 +102,20 @@ class Revocations:
         if self.settings.fail != "closed":
             return None
         return self._too_old()
+
+    def check(self, provider: str, claims: Mapping[str, Any]) -> None:
+        """The request's check, on a verified token of `provider` (its payload `claims`), cached
+        or not: `RevocationUnavailable` (503) while `fail: closed` applies, `InvalidToken`
+        (401, reason `revoked`) when a rule names it. Reads `index` afresh: a re-sync replaces it."""
+        if self.unavailable is not None:
+            # Judged again (only on this path): the list may be current again since the last
+            # tick, and /readyz, which judges it live, must not say ready while this says 503.
+            self.unavailable = self._too_old()
+            if self.unavailable is not None:
+                raise RevocationUnavailable(self.unavailable)
+        why = revoked(self.index, provider, claims)
+        if why is not None:
+            raise InvalidToken(Reason.REVOKED, why)
 
     def _too_old(self) -> str | None:
         age = self.age()
@@ -344,7 +359,19 @@ class _Keys:
         self.channel = f"{prefix}:revocation"
 
 
+def _redis_error() -> type[Exception]:
+    """redis-py's root error. The package is imported only where Redis is used: a sidecar with
+    a file store, or with none, does not load it (about 3.6 MB of every process's memory)."""
+    from redis.exceptions import RedisError
+
+    return RedisError
+
+
 def _client(store: RedisStore) -> aioredis.Redis:
+    import redis.asyncio as aioredis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
     # No retries of our own inside a call: the follower reconnects on its own schedule, and
     # `revoke` says at once that Redis cannot be reached.
     return aioredis.Redis.from_url(
@@ -432,7 +459,7 @@ class RedisRevocations(Revocations):
                 await self._listen(client, pubsub)
             except asyncio.CancelledError:
                 raise
-            except (RedisError, OSError, TimeoutError) as error:
+            except (_redis_error(), OSError, TimeoutError) as error:
                 self.problem = f"Redis unreachable: {_cause(error)}"
                 if not self._down:
                     self._down = True
@@ -565,7 +592,7 @@ async def _redis_add(store: RedisStore, rules: list[Rule], now: float) -> list[R
 
         await client.transaction(write, keys.rules, keys.expiry)
         return written
-    except (RedisError, OSError) as error:
+    except (_redis_error(), OSError) as error:
         raise StoreError(f"Redis {shown(store.url)}: {_cause(error)}") from None
     finally:
         await client.aclose()
@@ -582,7 +609,7 @@ async def _redis_list(store: RedisStore, now: float) -> list[Rule]:
                 if rule.expires is None or rule.expires > now:
                     found.append(rule)
         return found
-    except (RedisError, OSError) as error:
+    except (_redis_error(), OSError) as error:
         raise StoreError(f"Redis {shown(store.url)}: {_cause(error)}") from None
     finally:
         await client.aclose()
@@ -617,3 +644,19 @@ def open_store(settings: RevocationSettings, *, clock: Clock | None = None) -> R
     if settings.redis is not None:
         return RedisRevocations(settings, clock=clock)
     return FileRevocations(settings, clock=clock)
+
+
+async def start_store(settings: RevocationSettings | None, *, clock: Clock | None = None) -> Revocations | None:
+    """The configured store's follower, started (its first load done or failed) and judged
+    once (`unavailable` is set from the start, not a tick later); None without `revocation:`.
+    The process's lifecycle calls this at start and on a reload that changes `revocation:`."""
+    if settings is None:
+        return None
+    store = open_store(settings, clock=clock)
+    try:
+        await store.start()
+    except BaseException:
+        await store.close()
+        raise
+    store.tick()
+    return store

@@ -34,6 +34,7 @@ __all__ = [
     "ProxyError",
     "Reason",
     "RequestTimeout",
+    "RevocationUnavailable",
     "TokenMissing",
     "UpstreamTimeout",
     "UpstreamUnavailable",
@@ -85,6 +86,9 @@ class Reason(enum.StrEnum):
     CORS_ORIGIN = "cors_origin"
     CORS_METHOD = "cors_method"
     CORS_HEADERS = "cors_headers"
+    # the revocation list (auth/revocation.py): after the signature and claims
+    REVOKED = "revoked"
+    REVOCATION_UNAVAILABLE = "revocation_unavailable"
 
 
 # The only text a client ever reads about a refused token (RFC 6750 §3 error_description:
@@ -124,6 +128,8 @@ _DESCRIPTIONS: dict[Reason, str] = {
     Reason.CORS_ORIGIN: "This origin may not call this resource",
     Reason.CORS_METHOD: "This method is not allowed from another origin",
     Reason.CORS_HEADERS: "A requested header is not allowed from another origin",
+    Reason.REVOKED: "The access token has been revoked",
+    Reason.REVOCATION_UNAVAILABLE: "The revocation list is unavailable; try again later",
 }
 
 
@@ -259,8 +265,17 @@ class KeysUnavailable(ProxyError):
     status = 503
     error_code = "temporarily_unavailable"
 
+    def __init__(self, detail: str = "", reason: Reason = Reason.NO_KEYS) -> None:
+        super().__init__(reason, detail)
+
+
+class RevocationUnavailable(KeysUnavailable):
+    """`revocation.fail: closed` and the list is older than `max_staleness`: the verdict cannot
+    be given, so a 503 answered as a key outage is (`Retry-After`, counted as denied, logged
+    once by the store rather than per request), never a 401 or a pass."""
+
     def __init__(self, detail: str = "") -> None:
-        super().__init__(Reason.NO_KEYS, detail)
+        super().__init__(detail, Reason.REVOCATION_UNAVAILABLE)
 
 
 class UpstreamUnavailable(ProxyError):

@@ -6,7 +6,9 @@ keeping the old snapshot when the new file is invalid (logged with the file's li
 saying what a reload changed (`changes`: routes, providers and other settings added, removed,
 changed) and when the watched file disappears or comes back; reusing key
 sources of providers whose key settings did not change (keys.py's `same_source`), letting a
-replaced source serve until its successor has keys, and closing those no longer used.
+replaced source serve until its successor has keys, and closing those no longer used; the
+revocation list's follower likewise: kept, or (when `revocation:` changed) a new one started
+before the swap and the old one closed after it.
 Does not own: editing the running server (only `Runtime.snapshot` moves).
 """
 
@@ -18,6 +20,7 @@ import logging
 import os
 
 from ..auth.keys import KeyRing
+from ..auth.revocationstore import start_store
 from ..base.errors import ConfigError, ConfigIssue
 from ..base.oplog import event
 from ..config import builder as config
@@ -57,11 +60,21 @@ async def reload(runtime: Runtime) -> bool:
     runtime.readiness()  # a sidecar ready before the reload stays ready after it (see Runtime.readiness)
     keyring = KeyRing(settings.providers, session=runtime.session, clock=runtime.clock, reuse=old.keyring)
     await keyring.start()
-    runtime.snapshot = build_snapshot(settings, keyring=keyring, clock=runtime.clock, metrics=runtime.metrics)
+    # The revocation list's follower is kept unless `revocation:` itself changed; a new one has
+    # loaded (or failed to) before the new snapshot serves with it.
+    previous = revocation = runtime.revocation
+    if settings.revocation != old.settings.revocation:
+        revocation = await start_store(settings.revocation, clock=runtime.clock)
+    runtime.snapshot = build_snapshot(
+        settings, keyring=keyring, clock=runtime.clock, metrics=runtime.metrics, revocation=revocation
+    )
+    runtime.revocation = revocation
     runtime.settings = settings
     # Requests already running hold the old snapshot and finish with it; its sources that
-    # the new ring does not share can go.
+    # the new ring does not share can go, and so can a follower the new config replaced.
     await old.keyring.close(keep=keyring)
+    if previous is not None and previous is not revocation:
+        await previous.close()
     runtime.metrics.count_reload(ok=True)
     changed = changes(old.settings, settings)
     summary = "; ".join(f"{what}: {', '.join(names)}" for what, names in changed.items()) or "nothing changed"

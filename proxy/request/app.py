@@ -1,7 +1,8 @@
 """The proxy's request entry and lifecycle: the one place errors become responses.
 
 Owns: `Proxy` — the handler our HTTP/1.1 server (http1.py) calls for every request, `start()`
-(the upstream client session, the key sources, the first snapshot) and `close()` — and the
+(the upstream client session, the key sources, the revocation list's follower, the first
+snapshot) and `close()` — and the
 entry that wraps `pipeline.begin` and the coroutine it returns: every `ProxyError` becomes
 its status, a fixed JSON body (`ProxyError.fields()`) and, for auth errors, an RFC 6750
 challenge built from the same fields (plus, on a route with `cors`, the CORS header lines for
@@ -26,6 +27,7 @@ from typing import Any
 import aiohttp
 
 from ..auth.keys import KeyRing
+from ..auth.revocationstore import start_store
 from ..base.clock import Clock, SystemClock
 from ..base.errors import AuthError, KeysUnavailable, ProxyError, Reason, UpstreamUnavailable
 from ..base.memo import Memo
@@ -81,12 +83,21 @@ class Proxy:
         # First key loads happen before the listener opens; a failed one only leaves the
         # provider not ready (503s and /readyz false) until the background refresh succeeds.
         await keyring.start()
+        # The revocation list's first load, like the keys' (a store that cannot be read leaves
+        # an empty list: `fail: open` serves, `fail: closed` is not ready until it loads).
+        runtime.revocation = await start_store(runtime.settings.revocation, clock=runtime.clock)
         runtime.snapshot = build_snapshot(
-            runtime.settings, keyring=keyring, clock=runtime.clock, metrics=runtime.metrics
+            runtime.settings,
+            keyring=keyring,
+            clock=runtime.clock,
+            metrics=runtime.metrics,
+            revocation=runtime.revocation,
         )
 
     async def close(self) -> None:
         runtime = self.runtime
+        if runtime.revocation is not None:
+            await runtime.revocation.close()
         if runtime.snapshot is not None:
             await runtime.snapshot.keyring.close()
         if runtime.pool is not None:

@@ -99,7 +99,8 @@ def begin(ex: Exchange) -> Coroutine[Any, Any, None] | None:
 
 
 def _admit(ex: Exchange, claims: Claims | None) -> None:
-    """The route's rules on a verified token (or on its absence); the identity headers to send."""
+    """The revocation list and the route's rules on a verified token, cached or not (or on its
+    absence); the identity headers to send."""
     plan = ex.plan
     assert plan is not None
     auth = plan.route.auth
@@ -109,6 +110,8 @@ def _admit(ex: Exchange, claims: Claims | None) -> None:
             raise TokenMissing(plan.missing)
         return
     ex.claims = claims
+    if plan.revocation is not None:  # a route without revocation pays this one test
+        plan.revocation.check(claims.provider, claims.payload)
     check_route(auth, claims.payload)
     if plan.renderer is not None:
         ex.identity = plan.renderer.headers(claims)

@@ -2,10 +2,11 @@
 
 Owns: `Snapshot` — the router, the strip plan, and for each route a `RoutePlan` with its
 resolved upstream, token sources, header map and its renderer (one per header map, shared by
-the routes that use it), verifier, compiled CORS policy and metric children — built once per
-config so the request path does no lookups or parsing; and `Runtime`, the process-wide
-holder (client session, clock, metrics, the current snapshot, draining flag, readiness,
-which a reload never takes away).
+the routes that use it), verifier, compiled CORS policy, the revocation list it checks (or
+None) and metric children — built once per config so the request path does no lookups or
+parsing; and `Runtime`, the process-wide
+holder (client session, clock, metrics, the revocation list's follower, the current
+snapshot, draining flag, readiness, which a reload never takes away).
 Does not own: reading config files (config/builder.py, reload.py) or handling requests (pipeline.py).
 """
 
@@ -19,6 +20,7 @@ from types import MappingProxyType
 import aiohttp
 
 from ..auth.keys import KeyRing
+from ..auth.revocationstore import Revocations
 from ..auth.verify import TokenCache, Verifier
 from ..base.clock import Clock
 from ..config.routing import Router
@@ -56,6 +58,9 @@ class RoutePlan:
     report: bool = False
     """`auth.mode: report`: a refusal of the token checks is a `would_deny`, forwarded without
     identity (pipeline.py); read only once a check has refused, so enforce mode pays nothing."""
+    revocation: Revocations | None = None
+    """The revocation list this route checks every token against (cached ones too); None: no
+    `revocation:`, or the route or its provider opts out, and the check is this one test."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,7 +77,9 @@ class Snapshot:
     """Whether any route has CORS: without, no request is looked at as a preflight."""
 
 
-def build_snapshot(settings: Settings, *, keyring: KeyRing, clock: Clock, metrics: Metrics) -> Snapshot:
+def build_snapshot(
+    settings: Settings, *, keyring: KeyRing, clock: Clock, metrics: Metrics, revocation: Revocations | None = None
+) -> Snapshot:
     # A fresh cache per config: a token verified under the old rules (audiences, leeway…)
     # must be verified again under the new ones.
     cache = TokenCache(settings.token_cache, clock) if settings.token_cache.enabled else None
@@ -119,6 +126,9 @@ def build_snapshot(settings: Settings, *, keyring: KeyRing, clock: Clock, metric
             missing="no token in " + ", ".join(source.kind for source in sources),
             cors=compiled(route.cors),
             report=route.auth is not None and route.auth.mode == "report",
+            revocation=revocation
+            if provider is not None and route.auth is not None and route.auth.revocation and provider.revocation
+            else None,
         )
     return Snapshot(
         settings=settings,
@@ -155,6 +165,9 @@ class Runtime:
     """Set the first time `readiness` finds every provider in use with keys (see there)."""
     access_log: AccessLog | None = None
     """None when the access log is off (or in tests that do not read it)."""
+    revocation: Revocations | None = None
+    """The revocation list's follower, one per process, outside the snapshot (a reload keeps it
+    unless `revocation:` changed); each snapshot's route plans point at the one they check."""
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("jwt_sidecar"))
 
     def __post_init__(self) -> None:
@@ -166,10 +179,12 @@ class Runtime:
             sources=snap.keyring.sources if snap else {},
             cache=snap.cache if snap else None,
             monotonic=self.clock.monotonic,
+            revocation=self.revocation,
         )
 
     def readiness(self) -> tuple[bool, str]:
-        """Ready when not draining and every provider a route uses holds keys.
+        """Ready when not draining, every provider a route uses holds keys, and the revocation
+        list is current enough (only `fail: closed` makes that a condition).
 
         Once ready, only draining makes the sidecar unready: a source never loses the keys
         it has, a replaced one serves until its successor has keys, and a provider that a
@@ -181,6 +196,10 @@ class Runtime:
         snap = self.snapshot
         if snap is None:
             return False, "starting: config not loaded"
+        # `fail: closed` and a list too old: not ready whatever came before, with the store's reason.
+        stale = self.revocation.ready() if self.revocation is not None else None
+        if stale is not None:
+            return False, stale
         missing = sorted(name for name in snap.providers_in_use if not snap.keyring[name].ready)
         if missing:
             if self.was_ready:

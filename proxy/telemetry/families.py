@@ -38,6 +38,8 @@ __all__ = [
     "PROCESS_FAMILIES",
     "PROVIDER_READY",
     "REQUESTS",
+    "REVOCATION_AGE",
+    "REVOCATION_RULES",
     "TOKEN_CACHE_ENTRIES",
     "TOKEN_CACHE_REQUESTS",
     "UPSTREAM_BUCKETS",
@@ -246,6 +248,22 @@ WORKERS_READY = Family(
     workers_only=True,
 )
 
+# -- the revocation list (no samples without `revocation:`), read from its follower at scrape time --
+REVOCATION_AGE = Family(
+    name=_P + "revocation_age_seconds",
+    kind="gauge",
+    help="Seconds since the revocation list was last known current (no sample until it first loads).",
+    labels=("store",),  # file, redis
+    workers="livemax",  # the stalest worker is the one a staleness alert is for
+)
+REVOCATION_RULES = Family(
+    name=_P + "revocation_rules",
+    kind="gauge",
+    help="Revocation rules in force in the in-memory list.",
+    labels=("store",),
+    workers="livemin",  # a worker behind the others holds fewer
+)
+
 
 def _process(name: str, kind: Kind, text: str) -> Family:
     return Family(name=name, kind=kind, help=text, workers="per_process", ours=False)
@@ -280,6 +298,8 @@ FAMILIES: tuple[Family, ...] = (
     TOKEN_CACHE_ENTRIES,
     CONFIG_RELOADS,
     WORKERS_READY,
+    REVOCATION_AGE,
+    REVOCATION_RULES,
     *PROCESS_FAMILIES,
 )
 """Every family, in the README's order."""

@@ -31,8 +31,8 @@ The per-request families (`requests_total`, `in_flight_requests` and the two dur
 the connection families (`connections_open`, `connections_rejected_total`: the proxy's
 `http1.Server` adds to `Metrics.connections`) are plain Python numbers, read at scrape time: a prometheus-client Counter or Histogram takes a
 lock per increment and walks its buckets in Python, which was an eighth of a refused
-request's instructions (bench/instructions). The `jwks_*`, `provider_ready` and
-`token_cache_*` families are read from the live objects at each scrape (`Metrics.watch`), so a hot reload that swaps the key ring or the cache is seen at
+request's instructions (bench/instructions). The `jwks_*`, `provider_ready`,
+`token_cache_*` and `revocation_*` families are read from the live objects at each scrape (`Metrics.watch`), so a hot reload that swaps the key ring or the cache is seen at
 the next scrape. A key source or cache that a reload replaces starts its counters again from
 0, which Prometheus' `rate()` and `increase()` treat as an ordinary counter reset.
 """
@@ -202,6 +202,9 @@ class MetricsView:
     """The verified-token cache, or None when it is disabled."""
     monotonic: Callable[[], float]
     """The clock the key sources stamp `last_success` with (`clock.monotonic`)."""
+    revocation: Any = None
+    """The revocation list's follower (`auth.revocationstore.Revocations`: `store`, `size`,
+    `age()`), or None without `revocation:`."""
 
 
 class Metrics:
@@ -367,6 +370,8 @@ _VIEW_FAMILIES = (
     F.PROVIDER_READY,
     F.TOKEN_CACHE_REQUESTS,
     F.TOKEN_CACHE_ENTRIES,
+    F.REVOCATION_AGE,
+    F.REVOCATION_RULES,
 )
 
 
@@ -413,6 +418,7 @@ class _ViewCollector:
                 # Called at once by _guard, so the loop variables are the current ones.
                 self._guard(lambda: _source(families, str(name), source, now))  # noqa: B023
             self._guard(lambda: _cache(families, view.cache))
+            self._guard(lambda: _revocation(families, view.revocation))
         yield from families.values()
 
     def _guard(self, read: Callable[[], _T]) -> _T | None:
@@ -479,6 +485,18 @@ def _cache(families: dict[Family, CounterMetricFamily | GaugeMetricFamily], cach
     entries = _number(lambda: len(cache))
     if entries is not None:
         families[F.TOKEN_CACHE_ENTRIES].add_metric((), entries)
+
+
+def _revocation(families: dict[Family, CounterMetricFamily | GaugeMetricFamily], store: Any) -> None:
+    if store is None:  # no `revocation:`: no samples
+        return
+    labels = (str(store.store),)
+    rules = _number(lambda: store.size)
+    if rules is not None:
+        families[F.REVOCATION_RULES].add_metric(labels, rules)
+    age = _number(store.age)
+    if age is not None:
+        families[F.REVOCATION_AGE].add_metric(labels, age)
 
 
 _DECLARED = {family.family: family for family in F.FAMILIES if family.ours}

@@ -31,7 +31,7 @@ import yaml
 
 from .. import __version__
 from ..auth.keys import key_source_for
-from ..auth.revocation import Rule, format_time, make_rule, parse_time
+from ..auth.revocation import RevocationIndex, Rule, format_time, make_rule, parse_time
 from ..auth.revocationstore import StoreError, add_rules, list_rules
 from ..base import oplog
 from ..base.clock import SystemClock
@@ -423,7 +423,7 @@ def _revocation_summary(settings: config.Settings) -> str:
     store = settings.revocation
     if store is None:
         return "revocation: off (no `revocation:` section)"
-    where = f"Redis {shown(store.redis.url)}" if store.redis is not None else f"file {store.file}"
+    where = _store_words(store)
     line = f"revocation: {where}; max staleness {store.max_staleness:g}s, fail {store.fail}"
     exempt = [f"provider {p.name}" for p in settings.providers.values() if not p.revocation]
     exempt += [f"route {r.name}" for r in settings.routes if r.auth is not None and not r.auth.revocation]
@@ -635,7 +635,8 @@ EXPLAIN_EXIT_STATUSES: dict[int, str] = {
     0: "VALID: every check the proxy runs passed",
     1: "INVALID: the proxy refuses this token, or the input is not a JWT; the last line names the reason",
     2: "usage error (an unknown option or --provider, --provider without a config)",
-    3: "NOT VERIFIED: decoded only: no config, a config with problems, or the provider's keys could not be loaded",
+    3: "NOT VERIFIED: decoded only: no config, a config with problems, or the provider's keys (or the revocation "
+    "list) could not be loaded",
 }
 """`token explain`'s exit statuses, as its help and README.md list them."""
 
@@ -757,15 +758,38 @@ def _explain_settings(path: Path | None) -> tuple[config.Settings | None, str]:
 
 async def _explain(token: str, provider: config.Provider, settings: config.Settings) -> explain_mod.Report:
     clock = SystemClock()
+    revocation = await _revocation_list(settings.revocation, clock.time()) if provider.revocation else None
+    if settings.revocation is not None and revocation is None:  # the provider opts out: no read
+        revocation = explain_mod.RevocationList(_store_words(settings.revocation), None)
     async with aiohttp.ClientSession() as session:
         source = key_source_for(provider, session=session, clock=clock)
         await source.start()
         try:
             return await explain_mod.explain(
-                token, provider, source, now=clock.time(), max_token_bytes=settings.max_token_bytes
+                token,
+                provider,
+                source,
+                now=clock.time(),
+                max_token_bytes=settings.max_token_bytes,
+                revocation=revocation,
             )
         finally:
             await source.close()
+
+
+def _store_words(store: config.RevocationSettings) -> str:
+    return f"Redis {shown(store.redis.url)}" if store.redis is not None else f"file {store.file}"
+
+
+async def _revocation_list(store: config.RevocationSettings | None, now: float) -> explain_mod.RevocationList | None:
+    """The configured revocation list, read once (as a sidecar loads it at start), or why it could not be."""
+    if store is None:
+        return None
+    try:
+        rules = await list_rules(store, now=now)
+    except StoreError as error:
+        return explain_mod.RevocationList(_store_words(store), None, str(error))
+    return explain_mod.RevocationList(_store_words(store), RevocationIndex(rules))
 
 
 def _render_form(form: explain_mod.Form, now: float) -> str:
@@ -854,7 +878,7 @@ def _revoke(args: argparse.Namespace) -> int:
             "e.g. revocation: {file: revoked.yaml} or revocation: {redis: {url: redis://HOST:6379/0}}"
         )
         return 1
-    where = f"Redis {shown(store.redis.url)}" if store.redis is not None else f"file {store.file}"
+    where = _store_words(store)
     now = time.time()
     if args.list:
         try:

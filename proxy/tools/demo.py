@@ -3,9 +3,11 @@
 Owns: a throwaway signing key made at start, a tiny issuer that serves its JWK Set where the
 config's demo provider looks for it, an echo upstream where the config sends traffic, the
 sidecar itself (the real `server.serve`, with the given config), and the tokens and curl
-lines it prints. Also its four ports: each is the config's unless given on the command line,
-and one of the config's that is taken gives way to a free one (then the sidecar serves a
-temporary copy of the config with the ports chosen); a port given that is taken stops the
+lines it prints (with a `revocation:` in the config, a `jwt-sidecar revoke` line and the curl
+it turns into a 401; a revocation file is the demo's own: the sidecar serves a temporary copy
+of the config, so a relative file starts empty each time). Also its four ports: each is the
+config's unless given on the command line, and one of the config's that is taken gives way to
+a free one (then that copy has the ports chosen); a port given that is taken stops the
 demo (startup.py's one line). Printed commands name `jwt-sidecar` by its absolute path.
 Does not own: any proxy behaviour; everything it shows is the real path.
 """
@@ -62,6 +64,8 @@ class DemoInfo:
     """The config the sidecar serves (a copy with the ports it chose, when it moved any)."""
     places: tuple[str, ...] = ()
     """One line per listener: what it is, its URL, and which taken port it replaced."""
+    revocation: bool = False
+    """Whether the config keeps a revocation file: then the demo shows a revocation too."""
 
     def instructions(self) -> str:
         return "\n".join(
@@ -89,6 +93,16 @@ class DemoInfo:
                 "  # every check, one by one",
                 f"  {self.command} token explain --config {shlex.quote(self.config)} $TOKEN",
                 "",
+                *(
+                    [
+                        "  # revoke alice's tokens: within a second the same curl is refused (401, reason revoked)",
+                        f"  {self.command} revoke --sub alice --ttl 1h --config {shlex.quote(self.config)}",
+                        f'  curl -si -H "Authorization: Bearer $TOKEN" {self.base}/api/hello',
+                        "",
+                    ]
+                    if self.revocation
+                    else []
+                ),
                 "Ctrl-C stops everything.",
                 "",
             ]
@@ -242,15 +256,21 @@ async def run_demo(
         chosen = {role: bound[role][0].getsockname()[1] for role in ROLES}
         moves = {wanted[role]: chosen[role] for role in ROLES if chosen[role] != wanted[role].port}
         served_path = config_path
-        if moves:
-            # The sidecar serves (and reloads, and `token explain` reads) a copy with the ports it has.
+        # A revocation file named relative to the config: the demo's own, in its copy's folder,
+        # empty at each start (a revocation from an earlier demo must not refuse today's tokens,
+        # and the package's folder is no place to write).
+        own_list = settings.revocation is not None and settings.revocation.file is not None
+        if moves or own_list:
+            # The sidecar serves (and reloads, and `token explain` and `revoke` read) a copy with
+            # the ports it has.
             try:
                 directory = tempfile.mkdtemp(prefix="jwt-sidecar-demo-")
                 served_path = Path(directory) / "config.yaml"
-                served_path.write_text(_with_ports(config_path.read_text(encoding="utf-8"), moves), encoding="utf-8")
+                text = config_path.read_text(encoding="utf-8")
+                served_path.write_text(_with_ports(text, moves) if moves else text, encoding="utf-8")
             except OSError as error:
                 raise StartupError(
-                    f"the demo moved ports but cannot write its copy of {config_path} to the "
+                    f"the demo cannot write its copy of {config_path} (its ports, its own revocation list) to the "
                     f"temporary directory: {why(error)}; set TMPDIR to a writable directory"
                 ) from None
             settings = config.load(served_path)
@@ -313,8 +333,15 @@ async def run_demo(
                 place("issuer", "issuer", _jwks_url(provider)),
                 place("upstream", "upstream", settings.upstream.url, "echoes what it receives"),
                 f"{'config':<9}{served_path.resolve()}"
-                + (f"   (a copy of {config_path} with these ports)" if moves else ""),
+                + (
+                    f"   (a copy of {config_path} with these ports)"
+                    if moves
+                    else f"   (a copy of {config_path} with a revocation list of its own)"
+                    if own_list
+                    else ""
+                ),
             ),
+            revocation=settings.revocation is not None,
         )
         stop = stop or asyncio.Event()
         sockets = Sockets(listen=bound.pop("listen"), admin=bound.pop("admin"))

@@ -6,7 +6,9 @@ choosing the provider for a token (by name, or by its unverified `iss`); the che
 no config (`explain_without_config`); and the step-by-step report in the proxy's order, with a
 phrase for each step that passes. The checks themselves are verify.py's (the same functions,
 in the proxy's order, so a failing step carries the very reason and detail the proxy logs as
-"request ... refused: REASON: DETAIL"), then identity.py renders the provider's claim headers,
+"request ... refused: REASON: DETAIL"), then the revocation list's (revocation.py's `revoked`,
+on the list the caller read once, naming the rules that revoke it), then identity.py renders
+the provider's claim headers,
 so the explanation can never disagree with what the proxy decides. Nothing after a signature
 that did not verify is checked: its claims are "not checked". Does not own: reading files,
 choosing the exit status or printing (cli.py).
@@ -21,6 +23,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, cast
 
 from ..auth.keys import KeySource
+from ..auth.revocation import RevocationIndex, format_time, revoked, revoking_rules
 from ..auth.verify import (
     _JWS,
     CLAIM_CHECKS,
@@ -44,6 +47,7 @@ __all__ = [
     "DEFAULT_MAX_TOKEN_BYTES",
     "Form",
     "Report",
+    "RevocationList",
     "Step",
     "choose_provider",
     "explain",
@@ -106,6 +110,17 @@ class Form:
         what = f"alg {shown(alg)}" if "alg" in self.header else "no alg"
         kid = f"kid {shown(self.header['kid'])}" if "kid" in self.header else "no kid"
         return f"a JWT (JWS compact serialization, 3 segments, {self.size} bytes): {what}, {kid}"
+
+
+@dataclass(frozen=True, slots=True)
+class RevocationList:
+    """The configured revocation list as `token explain` read it, once: its rules, or why not."""
+
+    origin: str
+    """Where it is kept, in words (`file /etc/jwt-sidecar/revoked.yaml`, `Redis redis://h:6379/0`)."""
+    index: RevocationIndex | None
+    problem: str = ""
+    """Why it could not be read (index None)."""
 
 
 @dataclass(slots=True)
@@ -305,8 +320,17 @@ _CLAIM_PASSED: dict[str, Callable[[Mapping[str, Any], Provider, float], str]] = 
 }
 
 
-async def explain(token: str, provider: Provider, source: KeySource, *, now: float, max_token_bytes: int) -> Report:
-    """Every check the proxy runs for `provider`, in its order, each reported.
+async def explain(
+    token: str,
+    provider: Provider,
+    source: KeySource,
+    *,
+    now: float,
+    max_token_bytes: int,
+    revocation: RevocationList | None = None,
+) -> Report:
+    """Every check the proxy runs for `provider`, in its order, each reported (the revocation
+    list's after the claims, when the config has one: `revocation`, read once by the caller).
 
     The header checks all run (they are independent); the key, the signature, the payload
     and the claims each run only once everything before them passed, as in the proxy, so
@@ -361,7 +385,8 @@ async def explain(token: str, provider: Provider, source: KeySource, *, now: flo
         why = NOT_CHECKED_SIGNATURE if failed.name == "signature" else f"not checked: the {failed.name} check failed"
         done = {s.name for s in steps}
         steps.extend(Step(name, None, why) for name in ("key", "signature", "payload") if name not in done)
-        steps.extend(Step(name, None, why) for name, _ in (*CLAIM_CHECKS, ("headers", None)))
+        later = (*CLAIM_CHECKS, ("revocation", None)) if revocation is not None else CLAIM_CHECKS
+        steps.extend(Step(name, None, why) for name, _ in (*later, ("headers", None)))
         return report
     for name, claim_check in CLAIM_CHECKS:
         try:
@@ -370,6 +395,8 @@ async def explain(token: str, provider: Provider, source: KeySource, *, now: flo
             steps.append(Step(name, False, error.detail, error.reason))
         else:
             steps.append(Step(name, True, _CLAIM_PASSED[name](payload, provider, now)))
+    if revocation is not None:
+        steps.append(_revocation_step(revocation, provider, payload))
     # Then the proxy writes the claim headers and the payload header: a claim with no exact
     # header form (a control character, a lone surrogate, NaN) is a 401 unsafe_claim there.
     # The provider's map; a route with its own `headers:` renders that one instead.
@@ -381,6 +408,28 @@ async def explain(token: str, provider: Provider, source: KeySource, *, now: flo
         names = ", ".join(name for name, _ in rendered)
         steps.append(Step("headers", True, f"forwarded as {names}" if names else "no claim header to forward"))
     return report
+
+
+def _revocation_step(revocation: RevocationList, provider: Provider, payload: Mapping[str, Any]) -> Step:
+    """Whether the configured list revokes the token, and by which rule (never its sub or jti)."""
+    if not provider.revocation:
+        return Step("revocation", True, f"provider {shown(provider.name)} opts out (revocation: false)")
+    if revocation.index is None:
+        return Step("revocation", None, f"the list in {revocation.origin} could not be read: {revocation.problem}")
+    why = revoked(revocation.index, provider.name, payload)
+    if why is None:
+        rules = len(revocation.index)
+        return Step(
+            "revocation",
+            True,
+            f"not revoked by the {rules} rule{'' if rules == 1 else 's'} in {revocation.origin} "
+            "(routes with revocation: false do not check)",
+        )
+    words = "; ".join(
+        rule.describe() + (f", until {format_time(rule.expires)}" if rule.expires is not None else ", no expiry")
+        for rule in revoking_rules(revocation.index, provider.name, payload)
+    )
+    return Step("revocation", False, f"{why}, by the list in {revocation.origin}: rule: {words}", Reason.REVOKED)
 
 
 def explain_without_config(form: Form) -> Report:

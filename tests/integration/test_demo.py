@@ -231,6 +231,28 @@ async def test_with_8080_and_8000_taken_the_demo_moves_and_its_printed_commands_
             assert checked.returncode == 0, checked
             assert Path(copy.group(1)).is_file()
 
+            # The revocation, as printed: `jwt-sidecar revoke`, then the same curl is refused
+            # (within a second: the demo's list is a file, checked twice a second).
+            at = next(i for i, line in enumerate(lines) if " revoke --" in line)
+            revoke, again = lines[at], lines[at + 1]
+            assert revoke.startswith(("/", "'/")) and f"--config {copy.group(1)}" in revoke, revoke
+            assert again == allowed.replace("curl -s ", "curl -si ", 1), again  # the same, with its head shown
+            written = shell(revoke)
+            assert written.returncode == 0 and "revoked in file " in written.stdout, written
+            for _ in range(40):  # bounded: 2 s
+                refused_now = shell(*tokens, again)
+                if refused_now.stdout.startswith("HTTP/1.1 401 "):
+                    break
+                time.sleep(0.05)
+            assert refused_now.stdout.startswith("HTTP/1.1 401 "), refused_now
+            assert 'error="invalid_token", error_description="The access token has been revoked"' in refused_now.stdout
+            # and the demo's access log (its stdout) says why: reason revoked.
+            logged = ""
+            while '"reason":"revoked"' not in logged.replace(" ", ""):
+                line = await asyncio.wait_for(proc.stdout.readline(), 10)
+                assert line, logged
+                logged = line.decode()
+
             proc.send_signal(signal.SIGINT)
             assert await asyncio.wait_for(proc.wait(), 30) == 0
             assert not Path(copy.group(1)).exists()  # the copy goes with the demo

@@ -43,6 +43,8 @@ async def run(tmp_path: Path, aiohttp_server: Any, jwks_server: Any, rsa_key: Te
     listen, admin = free_port(), free_port()
     text = CONFIG.replace("{upstream}", upstream.url).replace("{jwks}", jwks_server.url())
     text += f"listen: 127.0.0.1:{listen}\nadmin: 127.0.0.1:{admin}\ndrain_timeout: 5s\n"
+    # A revocation list (empty), so its families have samples too.
+    text += f"revocation: {{file: {tmp_path / f'revoked-{workers}.yaml'}}}\n"
     if workers:
         text += f"workers: {workers}\n"
     path = tmp_path / f"config-{workers}.yaml"

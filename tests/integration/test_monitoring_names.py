@@ -27,6 +27,7 @@ CONFIG = BASE_CONFIG.replace("timeout: 2s", "timeout: 250ms").replace(
     "  - name: rollout\n    match: {path_prefix: /rollout/}\n    auth: {provider: main, mode: report}\n  - name: api\n",
 )
 assert CONFIG.count("mode: report") == 1 and "timeout: 250ms" in CONFIG
+CONFIG += "revocation: {file: revoked.yaml}\n"  # an (empty) revocation list: its families have samples
 
 
 def bearer(token: str) -> dict[str, str]:

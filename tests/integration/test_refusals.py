@@ -168,7 +168,10 @@ routes:
     match: {{path_prefix: /cors/}}
     auth: {{provider: main}}
     cors: {{allow_origins: [https://app.test], allow_methods: [GET, PUT], allow_headers: [Authorization]}}
+# The list names one subject; `fail: closed`, so a list too old is a 503 (the case moves the clock).
+revocation: {{file: "{{revoked}}", fail: closed, max_staleness: 30s}}
 """
+REVOKED_RULES = "rules: [{sub: revoked-user}]\n"
 
 TYP = {"typ": "at+jwt"}
 
@@ -338,6 +341,9 @@ CASES = [
     Case("provider-without-keys", Reason.NO_KEYS, 503, lambda k, o: head("/down/x", bearer(token(k)))),
     Case("upstream-refuses", Reason.UPSTREAM_UNAVAILABLE, 502, lambda k, o: head("/dead/x")),
     Case("upstream-too-slow", Reason.UPSTREAM_TIMEOUT, 504, lambda k, o: head("/slow?seconds=2")),
+    Case("revoked", Reason.REVOKED, 401, lambda k, o: head("/api/x", bearer(token(k, {"sub": "revoked-user"})))),
+    # The list last known current an hour ago (the clock moves; see the test), fail: closed.
+    Case("revocation-list-too-old", Reason.REVOCATION_UNAVAILABLE, 503, lambda k, o: head("/api/x", bearer(token(k)))),
     # An unexpected error of ours: the clock breaks once the proxy is up (see broken_sidecar).
     Case("unexpected-error", Reason.INTERNAL, 500, lambda k, o: head("/api/x", bearer(token(k)))),
     # A CORS preflight the route's policy refuses: a 403 without a challenge (no credentials are involved).
@@ -394,6 +400,8 @@ class BreakableClock:
 
     def __init__(self) -> None:
         self.broken = False
+        self.ahead = 0.0
+        """Seconds the monotonic clock jumps ahead (what a store unreachable that long looks like)."""
 
     def time(self) -> float:
         if self.broken:
@@ -401,7 +409,7 @@ class BreakableClock:
         return time.time()
 
     def monotonic(self) -> float:
-        return time.monotonic()
+        return time.monotonic() + self.ahead
 
     async def sleep(self, seconds: float) -> None:
         await asyncio.sleep(seconds)
@@ -420,7 +428,9 @@ async def refusing(aiohttp_server: Any, jwks_server: Any, rsa_key: TestKey, tmp_
             CONFIG.replace("{upstream}", upstream.url)
             .replace("{jwks}", jwks_server.url())
             .replace("{dead}", str(dead_port()))
+            .replace("{revoked}", str(tmp_path / "revoked.yaml"))
         )
+        (tmp_path / "revoked.yaml").write_text(REVOKED_RULES)
         path = tmp_path / "config.yaml"
         path.write_text(text)
         clock = BreakableClock()
@@ -467,6 +477,19 @@ async def test_each_refusal_is_answered_as_the_readme_and_rfc_6750_say(
 ) -> None:
     url, runtime, clock = await refusing()
     clock.broken = case.reason is Reason.INTERNAL
+    if case.reason is Reason.REVOCATION_UNAVAILABLE:
+        # The file goes (the last list keeps serving, no longer current), and it has been gone
+        # "an hour": older than max_staleness. The store judges its age every second.
+        Path(runtime.revocation.path).unlink()
+        for _ in range(100):
+            if runtime.revocation.problem is not None:
+                break
+            await asyncio.sleep(0.05)
+        clock.ahead = 3600.0
+        for _ in range(100):
+            if runtime.revocation.unavailable is not None:
+                break
+            await asyncio.sleep(0.05)
     before = requests_by_reason(runtime.metrics.render()[0].decode())
     raw = await send(url, case.build(rsa_key, rsa_key_2))
     answer = first_response(raw)

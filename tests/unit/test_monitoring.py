@@ -163,6 +163,7 @@ def test_the_asked_for_alerts_are_there(rules: dict[str, Any]) -> None:
         "JwtSidecarUpstreamErrors",
         "JwtSidecarJwksFetchFailing",
         "JwtSidecarConfigReloadFailed",
+        "JwtSidecarRevocationListStale",
     }
 
     def expr(name: str) -> str:
@@ -178,6 +179,9 @@ def test_the_asked_for_alerts_are_there(rules: dict[str, Any]) -> None:
     assert 'decision="upstream_error"' in upstream and upstream.endswith("> 0.05")
     assert by_name["JwtSidecarUpstreamErrors"]["for"] == "10m"
     assert expr("JwtSidecarJwksFetchFailing") == "increase(jwt_sidecar_jwks_fetch_failures_total[15m]) > 3"
+    assert expr("JwtSidecarRevocationListStale") == (
+        "max by (namespace, pod, store) (jwt_sidecar_revocation_age_seconds) > 60"
+    )
     assert (
         expr("JwtSidecarConfigReloadFailed") == 'increase(jwt_sidecar_config_reloads_total{result="failure"}[10m]) > 0'
     )

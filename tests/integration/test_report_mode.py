@@ -85,9 +85,12 @@ routes:
   - name: api
     match: {{path_prefix: /}}
     auth: {{provider: main}}
+# Next to config.yaml; a test that writes no list gets an empty one.
+revocation: {{file: revoked.yaml}}
 """
 
 IDENTITY = ("X-User-Id", "X-User-Email", "X-User-Roles")
+REVOKED_RULES = "rules: [{sub: revoked-user}]\n"
 
 
 def bearer(token: str) -> dict[str, str]:
@@ -127,6 +130,7 @@ def cases(key: TestKey, other: TestKey) -> dict[str, dict[str, str]]:
         Reason.SCOPE: bearer(good({"scope": "read"}, key=key)),
         Reason.CLAIM_RULE: bearer(good({"email_verified": False}, key=key)),
         Reason.UNSAFE_CLAIM: bearer(good({"email": "ann@example.com\r\nX-User-Id: admin"}, key=key)),
+        Reason.REVOKED: bearer(good({"sub": "revoked-user"}, key=key)),  # REVOKED_RULES names it
     }
 
 
@@ -144,6 +148,9 @@ NOT_TOKEN_CHECKS = {
     Reason.UPSTREAM_TIMEOUT,
     Reason.INTERNAL,
     Reason.NO_KEYS,  # a would_deny too: its own test, on a provider without keys
+    # The list too old with `fail: closed` is our outage, like NO_KEYS; its 503 needs the
+    # clock moved (test_refusals.py).
+    Reason.REVOCATION_UNAVAILABLE,
     # A CORS preflight is judged before any token check, and report mode is about the token:
     # a preflight is answered in pipeline.begin before the route's mode is read.
     Reason.CORS_ORIGIN,
@@ -179,8 +186,9 @@ def assert_anonymous(seen: Any, where: str) -> None:
 
 
 async def test_every_refusal_of_the_token_checks_reaches_the_upstream_anonymous_and_is_counted(
-    sidecar: Any, rsa_key: TestKey, rsa_key_2: TestKey
+    sidecar: Any, rsa_key: TestKey, rsa_key_2: TestKey, tmp_path: Path
 ) -> None:
+    (tmp_path / "revoked.yaml").write_text(REVOKED_RULES)  # beside the fixture's config.yaml
     s = await start(sidecar)
     table = cases(rsa_key, rsa_key_2)
     # Every reason a token check can give has its case here (a new reason needs one).

@@ -106,7 +106,7 @@ class _HeaderChecksAreOurs(PyJWS):
       last character with non-zero unused bits (`...Q` vs `...R`). Fast: the alphabet check
       is one `bytes.translate` (PyJWT's generator over every character was half of a cache
       miss), the decode one `binascii.a2b_base64`, and the canonical-encoding check one table
-      lookup instead of a re-encode. tests/unit/test_verify.py compares it with PyJWT's on
+      lookup instead of a re-encode. tests/unit/auth/test_verify.py compares it with PyJWT's on
       thousands of segments (same answer but for padding, which only PyJWT accepts), and
       fails if the hook is not ours.
     """
@@ -331,7 +331,7 @@ def verify_signature(token: str, header: TokenHeader, keys: Sequence[PyJWK]) -> 
     the payload and signature segments go through the same strict decoder; `b64: false`
     (RFC 7797) is refused; each key must be bound to the token's alg; the key is prepared
     and its length checked (`enforce_minimum_key_length`) by the key's own `Algorithm`; then
-    `Algorithm.verify`. tests/unit/test_verify.py checks that this and `decode_complete`
+    `Algorithm.verify`. tests/unit/auth/test_verify.py checks that this and `decode_complete`
     agree on every token of a corpus of good, tampered and malformed ones. The payload is
     parsed (`parse_payload`) only once the signature verified; `token explain` reports the
     two steps apart. Every detail is our phrase: PyJWT's messages name its own internals.

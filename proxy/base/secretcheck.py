@@ -11,7 +11,7 @@ rules catch what a person types or copies, not weak randomness: a secret that pa
 proven strong, but one that fails is certainly not random. Each rule is calibrated so that
 random bytes (32 to 128 of them) pass, raw or as hex, base64 or base64url text, with a
 probability of a false refusal below about 1e-5 per secret even for the weakest of those
-forms (hex text); `keys generate` never writes one that fails (tests/unit/test_secretcheck.py).
+forms (hex text); `keys generate` never writes one that fails (tests/unit/base/test_secretcheck.py).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """A config that protects nothing starts, and says so once in the start log.
 
-`check-config` prints the same warning (tests/unit/test_config_messages.py); here it is the
+`check-config` prints the same warning (tests/unit/config/test_config_messages.py); here it is the
 operator who only reads the logs of `run`, and the request the warning is about is real.
 """
 

@@ -8,7 +8,7 @@ route, the upstream's and the sidecar's own refusals alike, carries the CORS hea
 request's own origin and nobody else's (the refusals are memoised, the origins are not), with
 `Vary: Origin`; the upstream's own `Access-Control-*` fields are replaced; a route without
 `cors` is untouched (its OPTIONS is an ordinary request). Unit cases of the policy itself are
-in tests/unit/test_cors.py.
+in tests/unit/request/test_cors.py.
 """
 
 from __future__ import annotations
@@ -569,7 +569,7 @@ async def test_run_answers_preflights_and_logs_them_under_the_judging_route(
 async def test_the_readme_example_is_what_the_proxy_answers(sidecar: Any) -> None:
     import re
 
-    from tests.unit.test_readme_reference import fenced_blocks, section
+    from tests.project.test_readme_reference import fenced_blocks, section
 
     text = section("### CORS")
     example = next(body for language, body in fenced_blocks(text) if language == "yaml")

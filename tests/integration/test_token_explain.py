@@ -376,7 +376,7 @@ CASES: list[tuple[str, Callable[[Keys], str], str, str, str | None]] = [
 def test_the_table_covers_every_reason_the_token_path_can_give() -> None:
     # What verify.py, keys.py and identity.py (the claim headers) can refuse a token for: each
     # is in the table above. (A key outage, KeysUnavailable's no_keys, is
-    # tests/unit/test_explain_inputs.py::test_keys_that_cannot_be_loaded_are_not_verified.)
+    # tests/unit/tools/test_explain_inputs.py::test_keys_that_cannot_be_loaded_are_not_verified.)
     root = Path(__file__).resolve().parents[2] / "proxy"
     raised = {
         Reason[name].value

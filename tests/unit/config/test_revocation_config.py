@@ -15,7 +15,7 @@ from proxy.base.errors import ConfigError
 from proxy.config.builder import parse
 from proxy.config.settings import RedisStore, RevocationSettings
 from proxy.tools.cli import main
-from tests.unit.test_config_messages import ODD_VALUES, _places
+from tests.unit.config.test_config_messages import ODD_VALUES, _places
 
 BASE = """\
 providers:

@@ -17,7 +17,7 @@ from proxy import __version__
 from proxy.tools.cli import main
 from tests.conftest import AUDIENCE, ISSUER
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str | os.PathLike[str]) -> tuple[int, str, str]:

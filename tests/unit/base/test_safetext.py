@@ -18,7 +18,7 @@ from proxy.base import oplog, safetext
 from proxy.base.logthrottle import RepeatFilter
 from proxy.telemetry.accesslog import AccessLog
 from tests.conftest import FakeClock
-from tests.unit.test_oplog import configured  # noqa: F401 - a fixture
+from tests.unit.base.test_oplog import configured  # noqa: F401 - a fixture
 
 UNSAFE_CATEGORIES = ("Cc", "Cf", "Zl", "Zp", "Cs")
 EVIL = (
@@ -235,7 +235,7 @@ def test_the_readme_states_the_bounds_the_code_applies() -> None:
     import re
     from pathlib import Path
 
-    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    readme = (Path(__file__).parents[3] / "README.md").read_text()
     section = readme[readme.index("### Operator log") :]
     found = re.search(
         r"at most (\d+) characters of a string and (\d+) items of a list.*?message at\s+most (\d+) "

@@ -11,7 +11,7 @@ from proxy.base.errors import ConfigError
 from proxy.config import builder as config
 from proxy.config.routecheck import format_warning
 
-REPO = Path(__file__).parents[2]
+REPO = Path(__file__).parents[3]
 
 PROVIDERS = """\
 providers:

@@ -55,3 +55,16 @@ def test_the_import_contracts_hold() -> None:
     result = subprocess.run([str(lint)], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "0 broken" in result.stdout
+
+
+def test_the_unit_tests_mirror_the_wings() -> None:
+    """Every test of `tests/unit/` sits in a folder named for the wing it tests."""
+    wings = {wing for wing, _ in readme_wings()}
+    unit = REPO / "tests" / "unit"
+    loose = sorted(p.name for p in unit.glob("test_*.py"))
+    assert not loose, f"tests/unit/ holds tests outside every wing's folder: {loose}"
+    folders = {p.name for p in unit.iterdir() if p.is_dir() and p.name != "__pycache__"}
+    assert folders <= wings, f"folders of tests/unit/ that are no wing: {sorted(folders - wings)}"
+    assert {"http", "base", "config", "auth", "telemetry", "request", "tools"} <= folders
+    for folder in folders:
+        assert (unit / folder / "__init__.py").exists(), f"tests/unit/{folder}/ is not a package"

@@ -22,7 +22,7 @@ from proxy.config.builder import parse
 from proxy.config.routecheck import format_warning
 from proxy.tools.cli import main
 
-REPO = Path(__file__).parents[2]
+REPO = Path(__file__).parents[3]
 PROVIDER = "providers:\n  main: {issuer: https://i.test, audiences: [api], jwks: {url: 'https://i.test/jwks'}}\n"
 
 
@@ -827,7 +827,7 @@ def test_any_odd_value_in_any_place_is_an_error_naming_its_line_never_a_crash(mo
 
     import yaml
 
-    from tests.unit.test_config import GOOD
+    from tests.unit.config.test_config import GOOD
 
     monkeypatch.delenv("JWT_SIDECAR_TEST_UNSET_ODD", raising=False)
     good = yaml.safe_load(GOOD)

@@ -27,7 +27,7 @@ from proxy.telemetry.families import FAMILIES, by_name
 from tests.support.families import README, query_problems, readme_problems, readme_rows
 from tests.support.monitoring import all_exprs, load_dashboard
 
-REPO = Path(__file__).parents[2]
+REPO = Path(__file__).parents[3]
 
 
 # -- the table itself ------------------------------------------------------------------------------

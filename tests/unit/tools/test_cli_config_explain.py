@@ -14,7 +14,7 @@ import pytest
 from proxy.tools.cli import main
 from tests.conftest import AUDIENCE, ISSUER, TestKey, jwks_of, mint
 
-REPO = Path(__file__).parents[2]
+REPO = Path(__file__).parents[3]
 
 
 @pytest.fixture

@@ -25,7 +25,7 @@ from proxy.ops import server
 from proxy.tools.cli import build_parser
 from tests.conftest import FakeClock
 
-REPO = Path(__file__).parents[2]
+REPO = Path(__file__).parents[3]
 RFC3339_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 
 

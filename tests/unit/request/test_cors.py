@@ -444,7 +444,7 @@ def test_any_fields_get_a_204_or_a_403_and_only_a_listed_origin_is_ever_allowed(
 
 
 def test_the_readme_example_answers_as_the_readme_shows() -> None:
-    from tests.unit.test_readme_reference import fenced_blocks, section
+    from tests.project.test_readme_reference import fenced_blocks, section
 
     text = section("### CORS")
     config = next(body for language, body in fenced_blocks(text) if language == "yaml")

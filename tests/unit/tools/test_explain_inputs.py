@@ -20,7 +20,7 @@ from proxy.tools.cli import EXPLAIN_EXIT_STATUSES, build_parser, main
 from proxy.tools.explain import CONFIG_CHECKS
 from tests.conftest import AUDIENCE, ISSUER, TestKey, jwks_of, mint
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+README = Path(__file__).resolve().parents[3] / "README.md"
 ONE_SEGMENT = "1 segment, expected 3 (HEADER.PAYLOAD.SIGNATURE, each base64url)"
 
 

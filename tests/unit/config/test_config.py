@@ -80,7 +80,7 @@ def test_good_config_parses_into_frozen_typed_settings() -> None:
 
 
 def test_the_repository_config_is_valid() -> None:
-    settings = load(Path(__file__).parents[2] / "config.yaml")
+    settings = load(Path(__file__).parents[3] / "config.yaml")
     assert settings.providers
 
 

@@ -37,6 +37,7 @@ __all__ = [
     "JWKS_KEYS_SKIPPED",
     "PROCESS_FAMILIES",
     "PROVIDER_READY",
+    "PROVIDER_REQUESTS",
     "REQUESTS",
     "TOKEN_CACHE_ENTRIES",
     "TOKEN_CACHE_REQUESTS",
@@ -150,6 +151,16 @@ UPSTREAM_DURATION = Family(
     labels=("route",),
     workers="sum",
     buckets=UPSTREAM_BUCKETS,
+)
+PROVIDER_REQUESTS = Family(
+    name=_P + "provider_requests_total",
+    kind="counter",
+    # Only routes with `providers:` (a `provider:` route's provider is its config's); a request
+    # whose iss named none of the route's providers is in requests_total alone.
+    help="Requests on routes with several providers, by route, the provider the token's iss chose, "
+    "decision and refusal reason.",
+    labels=("route", "provider", "decision", "reason"),
+    workers="sum",
 )
 # -- connections (the proxy's http1.Server counts them) --------------------------------------------
 CONNECTIONS_OPEN = Family(
@@ -280,6 +291,7 @@ FAMILIES: tuple[Family, ...] = (
     TOKEN_CACHE_ENTRIES,
     CONFIG_RELOADS,
     WORKERS_READY,
+    PROVIDER_REQUESTS,
     *PROCESS_FAMILIES,
 )
 """Every family, in the README's order."""

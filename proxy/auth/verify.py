@@ -3,7 +3,8 @@
 Owns: the order and content of every check RFC 7515/7519/8725/9068 asks of a JWS access
 token (size, one canonical base64url spelling, strict JSON with no duplicate member names,
 header, alg allow-list, typ, crit, signature, NumericDate types, exp, nbf, iat, token age,
-iss, aud, required claims), the mapping of PyJWT's exceptions onto our `Reason`s,
+iss, aud, required claims), the mapping of PyJWT's exceptions onto our `Reason`s, choosing
+among a route's several providers by the token's unverified `iss` (`by_issuer`),
 the operator text of every refusal (the `detail` the proxy logs and `token explain` prints:
 our own phrases, a token's values via `shown`, never `None` or a library's message;
 `segment_problem` names what is wrong with a segment), and the verified-token cache. Does

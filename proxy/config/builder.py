@@ -671,12 +671,17 @@ class _Builder:
         if several is not None:  # `providers:` (its own mistakes reported, and `provider` with it refused)
             if not several:
                 return None
-            return RouteAuth(
-                provider="", providers=several, optional=optional, scopes=scopes, claims=claims, revocation=revocation
-            )
+            provider = ""
         if provider is None:
             return None
-        return RouteAuth(provider=provider, optional=optional, scopes=scopes, claims=claims, revocation=revocation)
+        return RouteAuth(
+            provider=provider,
+            optional=optional,
+            scopes=scopes,
+            claims=claims,
+            revocation=revocation,
+            providers=several or (),
+        )
 
     def route_providers(self, s: Section, providers: Mapping[str, Provider]) -> tuple[str, ...] | None:
         """`auth: {providers: [A, B]}`: the names, in order; None without the key, () when it is

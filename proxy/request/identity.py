@@ -5,7 +5,8 @@ underscore spellings of those and of the framing and forwarding headers we write
 (`Transfer_Encoding`, `Content_Length`, `X_Forwarded_For`...), and
 every identity header the proxy may inject (configured names and prefixes, plus every claim
 and payload header any provider or route writes), on every route, before any decision;
-then writing the verified identity (claim headers, the payload header; a claim with no
+then writing the verified identity (claim headers, the payload header, the admitting
+provider's name if the map asks; a claim with no
 exact header form is refused as `unsafe_claim`, never sanitised), removing the token
 from wherever it came (a header, a cookie, the query string: every token removal is here),
 and the `X-Forwarded-*` and `X-Request-Id` headers.

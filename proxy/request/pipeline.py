@@ -3,7 +3,9 @@
 Owns: the order of the steps, each of which reads and fills in the request's `Exchange`
 (exchange.py). `begin` runs every step that needs no I/O at once, so a refusal (no
 route, no token, a cached token the rules refuse) is raised before any task exists; the
-rest (verifying a token not in the cache, forwarding) is the coroutine it returns. It reads
+rest (verifying a token not in the cache, forwarding) is the coroutine it returns. On a
+route with `providers:` the token's unverified `iss` first chooses its provider's plan
+(`ex.plan` becomes it), so every later step is that provider's. It reads
 the config snapshot once, at entry, so a reload mid-request cannot mix two configs.
 Does not own: building anything (runtime.py), the steps' own work (identity.py, extract.py,
 verify.py, rules.py, forward.py), or turning errors into responses (app.py catches every

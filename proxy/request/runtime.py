@@ -2,8 +2,9 @@
 
 Owns: `Snapshot` — the router, the strip plan, and for each route a `RoutePlan` with its
 resolved upstream, token sources, header map and its renderer (one per header map, shared by
-the routes that use it), verifier, compiled CORS policy and metric children — built once per
-config so the request path does no lookups or parsing; and `Runtime`, the process-wide
+the routes that use it), verifier, compiled CORS policy and metric children (a route with
+`providers:`: one such plan per provider, by issuer, which the token's `iss` chooses) — built
+once per config so the request path does no lookups or parsing; and `Runtime`, the process-wide
 holder (client session, clock, metrics, the current snapshot, draining flag, readiness,
 which a reload never takes away).
 Does not own: reading config files (config/builder.py, reload.py) or handling requests (pipeline.py).

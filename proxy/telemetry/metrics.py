@@ -2,7 +2,8 @@
 
 Owns: a `CollectorRegistry` per `Metrics` instance (never prometheus_client's global default,
 so two apps in one process, or two tests, never share a count); the per-request recording
-path (`RouteMetrics`, label children resolved once and cached); a scrape-time collector that
+path (`RouteMetrics`, label children resolved once and cached; `ProviderMetrics` for a route
+with several providers, by the provider chosen); a scrape-time collector that
 reads key sources and the token cache through a `MetricsView`; rendering the exposition body
 for `/metrics`; and,
 with `workers: N`, each worker's copy of its metrics into prometheus-client's multiprocess

@@ -637,7 +637,8 @@ def _token_mint(args: argparse.Namespace) -> int:
 EXPLAIN_EXIT_STATUSES: dict[int, str] = {
     0: "VALID: every check the proxy runs passed",
     1: "INVALID: the proxy refuses this token, or the input is not a JWT; the last line names the reason",
-    2: "usage error (an unknown option or --provider, --provider without a config)",
+    2: "usage error (an unknown option, --provider or --route, either without a config, both at once, or --route "
+    "naming a public route)",
     3: "NOT VERIFIED: decoded only: no config, a config with problems, or the provider's keys could not be loaded",
 }
 """`token explain`'s exit statuses, as its help and README.md list them."""

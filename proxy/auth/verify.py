@@ -3,7 +3,8 @@
 Owns: the order and content of every check RFC 7515/7519/8725/9068 asks of a JWS access
 token (size, one canonical base64url spelling, strict JSON with no duplicate member names,
 header, alg allow-list, typ, crit, signature, NumericDate types, exp, nbf, iat, token age,
-iss, aud, required claims), the mapping of PyJWT's exceptions onto our `Reason`s,
+iss, aud, required claims), the mapping of PyJWT's exceptions onto our `Reason`s, choosing
+among a route's several providers by the token's unverified `iss` (`by_issuer`),
 the operator text of every refusal (the `detail` the proxy logs and `token explain` prints:
 our own phrases, a token's values via `shown`, never `None` or a library's message;
 `segment_problem` names what is wrong with a segment), and the verified-token cache. Does
@@ -29,7 +30,7 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, TypeGuard
+from typing import TYPE_CHECKING, Any, TypeGuard, TypeVar
 
 from cachetools import LRUCache
 from jwt import PyJWK, PyJWS
@@ -49,8 +50,10 @@ __all__ = [
     "TokenCache",
     "TokenHeader",
     "Verifier",
+    "by_issuer",
     "check_claims",
     "check_signature",
+    "issuers_in_words",
     "parse_payload",
     "read_header",
     "segment_problem",
@@ -499,6 +502,45 @@ def check_header(header: TokenHeader, provider: Provider) -> None:
 def check_claims(payload: Mapping[str, Any], provider: Provider, now: float) -> None:
     for _, check in CLAIM_CHECKS:
         check(payload, provider, now)
+
+
+# -- choosing among several providers -----------------------------------------------------
+_T = TypeVar("_T")
+
+
+def by_issuer(token: str, table: Mapping[str, _T], accepted: str, *, max_bytes: int) -> _T:
+    """What `table` holds for the unverified `iss` of `token`: a route with `providers:`
+    chooses its provider so, once, never by trying each provider's keys.
+
+    Nothing read here is trusted: the provider chosen verifies the very bytes read here
+    (signature, then its own iss check), with the rules verification reads them by (size
+    first, the strict base64url decoder, strict JSON: duplicate members are refused, so no
+    second `iss` can be read otherwise there). Refusals carry verification's reasons;
+    `accepted` says, for the detail, which issuers the route's providers accept."""
+    if len(token) > max_bytes:
+        raise InvalidToken(Reason.TOO_LARGE, f"token is {len(token)} bytes; the limit is {max_bytes}")
+    parts = token.split(".")
+    if len(parts) != 3:
+        raise InvalidToken(Reason.MALFORMED, f"not a JWT: {segments_problem(len(parts))}")
+    try:
+        raw = _JWS._decode_base64url_segment(parts[1].encode("ascii"), "payload")
+    except (DecodeError, UnicodeEncodeError):
+        problem = segment_problem(parts[1], "payload") or "the payload segment is not base64url"
+        raise InvalidToken(Reason.MALFORMED, f"not a JWT: {problem}") from None
+    iss = parse_payload(raw).get("iss")
+    found = table.get(iss) if isinstance(iss, str) else None
+    if found is None:
+        if iss is None:
+            raise InvalidToken(
+                Reason.MISSING_CLAIM, f"required claim 'iss' is missing or null; it chooses the provider: {accepted}"
+            )
+        raise InvalidToken(Reason.ISSUER, f"iss {shown(iss)} is none of this route's providers' issuers: {accepted}")
+    return found
+
+
+def issuers_in_words(providers: Sequence[Provider]) -> str:
+    """`by_issuer`'s `accepted`: each provider's issuers, for a refusal's detail."""
+    return "; ".join(f"{p.name}: {', '.join(map(shown, p.issuers))}" for p in providers)
 
 
 # -- cache and the whole check -----------------------------------------------------------

@@ -569,6 +569,7 @@ class _Builder:
         upstream_section = s.section("upstream", example=_UPSTREAM_EXAMPLE, meant=_url_mapping)
         upstream = self.upstream(upstream_section, self.upstream_defaults) if upstream_section is not None else None
         sources = self.token_sources(s, "token_sources")
+        self.route_providers_sources(s, auth, sources, providers)
         headers = self.header_map(s.section("headers", example=_HEADERS_EXAMPLE))
         websocket_section = s.section("websocket", example=_WEBSOCKET_EXAMPLE)
         websocket = self.websocket(websocket_section, self.websocket_defaults) if websocket_section else None
@@ -635,7 +636,8 @@ class _Builder:
         )
 
     def route_auth(self, s: Section, providers: Mapping[str, Provider]) -> RouteAuth | None:
-        provider = s.string("provider", required=True)
+        several = self.route_providers(s, providers)
+        provider = s.string("provider", required=several is None)
         optional = s.boolean("optional", False)
         scopes_section = s.section("scopes", example="{all_of: [admin], any_of: [ops, sre]}", meant=_scopes_mapping)
         scopes = ScopeRule()
@@ -667,11 +669,102 @@ class _Builder:
             guess = closest(provider, self.provider_names)
             mean = f"did you mean {guess}? " if guess is not None else ""
             s.error("provider", f"unknown provider {provider!r}; {mean}known providers: {known}")
+        if several is not None:  # `providers:` (its own mistakes reported, and `provider` with it refused)
+            if not several:
+                return None
+            provider = ""
         if provider is None:
             return None
         return RouteAuth(
-            provider=provider, optional=optional, scopes=scopes, claims=claims, revocation=revocation, mode=mode
+            provider=provider,
+            optional=optional,
+            scopes=scopes,
+            claims=claims,
+            revocation=revocation,
+            mode=mode,
+            providers=several or (),
         )
+
+    def route_providers(self, s: Section, providers: Mapping[str, Provider]) -> tuple[str, ...] | None:
+        """`auth: {providers: [A, B]}`: the names, in order; None without the key, () when it is
+        wrong (each mistake reported on its item's line).
+
+        The token's `iss` chooses the provider at run time, so no token may be one that two
+        of them accept: their issuers must be disjoint. Issuers are compared as exact strings
+        (verify.py, RFC 7519 §4.1.1), so a token can match two providers exactly when their
+        issuer lists share a string; two spellings of one URL (`https://a` and `https://a/`)
+        are two issuers to the proxy as to any token."""
+        if not s.has("providers"):
+            return None
+        value = s.raw("providers")
+        names = s.string_list("providers", "provider names", "[users, services]", required=True)
+        if s.has("provider"):
+            s.error(
+                "providers",
+                "`provider` and `providers` are mutually exclusive: name one provider with `provider: NAME`, "
+                "or several with `providers: [A, B]` (the token's iss chooses among them)",
+            )
+            return ()
+        if not names or not isinstance(value, list) or len(names) != len(value):
+            return ()  # string_list said why (empty, not a list, an item that is no name)
+        lines = getattr(value, "lines", [s.line_of("providers")] * len(names))
+        path = s.at("providers")
+        ok = True
+        first: dict[str, int] = {}
+        for index, name in enumerate(names):
+            if name in first:
+                self.issues.add(
+                    lines[index],
+                    f"{path}[{index}]",
+                    f"provider {name!r} is listed twice (items {first[name]} and {index}): name each once",
+                )
+                ok = False
+                continue
+            first[name] = index
+            if name not in self.provider_names and self.providers_readable:
+                known = ", ".join(sorted(self.provider_names)) or "none are configured"
+                guess = closest(name, self.provider_names)
+                mean = f"did you mean {guess}? " if guess is not None else ""
+                self.issues.add(
+                    lines[index], f"{path}[{index}]", f"unknown provider {name!r}; {mean}known providers: {known}"
+                )
+                ok = False
+        built = [providers[name] for name in first if name in providers]  # a provider with its own errors: skipped
+        for i, one in enumerate(built):
+            for other in built[i + 1 :]:
+                shared = [iss for iss in one.issuers if iss in other.issuers]
+                if shared:
+                    s.error(
+                        "providers",
+                        f"providers {one.name} and {other.name} both accept iss {', '.join(map(repr, shared))}: a "
+                        "token naming it could be either's, and the iss is what chooses; give each provider of "
+                        "a route its own issuers (or split the route)",
+                    )
+                    ok = False
+        return tuple(names) if ok else ()
+
+    def route_providers_sources(
+        self,
+        s: Section,
+        auth: RouteAuth | None,
+        sources: tuple[TokenSource, ...] | None,
+        providers: Mapping[str, Provider],
+    ) -> None:
+        """A `providers:` route looks for its token where its providers do; when they look in
+        different places, the route must say where (`token_sources`): a token in one
+        provider's place must not be taken for another's, and the union would do that."""
+        if auth is None or not auth.providers or sources is not None:
+            return
+        built = [providers[name] for name in auth.providers if name in providers]
+        places = {frozenset(p.token_sources) for p in built}
+        if len(places) > 1:
+            where = "; ".join(f"{p.name}: {', '.join(_source_words(x) for x in p.token_sources)}" for p in built)
+            s.error(
+                "auth",
+                f"the providers of this route look for tokens in different places ({where}); give the route its "
+                "own `token_sources` (e.g. [bearer]): the token is looked for there, whichever provider its iss "
+                "names",
+            )
 
     def claim_rule(self, s: Section, raw: Any) -> ClaimRule | None:
         if not isinstance(raw, dict):
@@ -814,8 +907,23 @@ class _Builder:
         if payload is not None and (not _HEADER_NAME.fullmatch(payload) or payload.lower() in _RESERVED_HEADERS):
             s.error("payload", f"{payload!r} is not a header name the proxy may set")
         forward = s.boolean("forward_token", defaults.forward_token)
+        provider = self.provider_header(s, claims, payload)
         s.done()
-        return HeaderMap(claims=claims, payload=payload, forward_token=forward)
+        return HeaderMap(claims=claims, payload=payload, forward_token=forward, provider=provider)
+
+    def provider_header(self, s: Section, claims: tuple[ClaimHeader, ...], payload: str | None) -> str | None:
+        """`headers: {provider: X-Auth-Provider}`: the header that names the admitting provider."""
+        name = s.string("provider")
+        if name is None:
+            return None
+        if not _HEADER_NAME.fullmatch(name) or name.lower() in _RESERVED_HEADERS:
+            s.error("provider", f"{name!r} is not a header name the proxy may set")
+            return None
+        taken = [c.header for c in claims] + ([payload] if payload else [])
+        if any(name.lower() == other.lower() for other in taken):
+            s.error("provider", f"{name!r} already carries a claim or the payload: give the provider its own header")
+            return None
+        return name
 
     def strip(self, s: Section | None) -> StripSettings:
         defaults = StripSettings()
@@ -1033,7 +1141,13 @@ def _kid_note(kid: str | None) -> str:
 # RFC 9110 §5.1: a field name is a token.
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")  # RFC 6749 §3.3 scope-token: 1*NQCHAR
+
+
 # Headers whose meaning belongs to HTTP or to this proxy: never a claim's carrier.
+def _source_words(source: TokenSource) -> str:
+    return "bearer" if source.kind == "bearer" else f"{source.kind} {source.name}"
+
+
 _RESERVED_HEADERS = frozenset(
     {
         "host",

@@ -309,8 +309,9 @@ def _weaker(guard: RouteAuth, other: RouteAuth | None) -> list[str]:
     if other is None:
         return ["no token is needed (auth: none)"]
     reasons = []
-    if other.provider != guard.provider:
-        reasons.append(f"another provider ({other.provider}, not {guard.provider})")
+    extra = [name for name in other.names if name not in guard.names]  # `providers:` routes: any name more
+    if extra:
+        reasons.append(f"another provider ({', '.join(extra)}, not {' or '.join(guard.names)})")
     if other.optional and not guard.optional:
         reasons.append("a token is optional")
     missing = sorted(set(guard.scopes.all_of) - set(other.scopes.all_of))

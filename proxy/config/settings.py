@@ -111,6 +111,9 @@ class HeaderMap:
     """A header that carries the whole verified payload as base64url JSON."""
     forward_token: bool = False
     """Keep the token where it came from (stripped by default)."""
+    provider: str | None = None
+    """A header naming the provider that admitted the request (its name in the config), e.g.
+    `X-Auth-Provider`: on a route with `providers:`, which issuer's token this was."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -173,6 +176,15 @@ class RouteAuth:
     """`enforce` (refuse what fails a check) or `report`: every check runs, but a refusal is
     only logged and counted (decision `would_deny`) and the request goes on without identity
     headers (request/pipeline.py)."""
+    providers: tuple[str, ...] = ()
+    """`providers: [A, B]`: the providers whose tokens this route accepts, the token's `iss`
+    choosing one (their issuers are disjoint: the builder refuses an overlap); `provider` is
+    then "". Empty for `provider: NAME`."""
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Every provider this route accepts tokens of, in the config's order."""
+        return self.providers or (self.provider,)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -313,5 +313,5 @@ def _record(exchange: Exchange) -> None:
             reason=exchange.reason,
             subject=claims.subject if claims is not None else None,
             latency_ms=(time.perf_counter() - exchange.started) * 1000,
-            provider=route.auth.provider if route is not None and route.auth is not None else None,
+            provider=plan.verifier.provider.name if plan is not None and plan.verifier is not None else None,
         )

@@ -108,6 +108,7 @@ class Exchange:
 
     @property
     def provider(self) -> str | None:
-        """The provider of the matched route; None before routing or on a public route."""
-        auth = self.plan.route.auth if self.plan is not None else None
-        return auth.provider if auth is not None else None
+        """The provider of the matched route (on a route with `providers:`, the one the token's
+        iss chose); None before routing, on a public route, and before a choice."""
+        verifier = self.plan.verifier if self.plan is not None else None
+        return verifier.provider.name if verifier is not None else None

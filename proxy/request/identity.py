@@ -5,7 +5,8 @@ underscore spellings of those and of the framing and forwarding headers we write
 (`Transfer_Encoding`, `Content_Length`, `X_Forwarded_For`...), and
 every identity header the proxy may inject (configured names and prefixes, plus every claim
 and payload header any provider or route writes), on every route, before any decision;
-then writing the verified identity (claim headers, the payload header; a claim with no
+then writing the verified identity (claim headers, the payload header, the admitting
+provider's name if the map asks; a claim with no
 exact header form is refused as `unsafe_claim`, never sanitised), removing the token
 from wherever it came (a header, a cookie, the query string: every token removal is here;
 a would-deny of report mode never takes it on, whatever `forward_token` says),
@@ -146,6 +147,8 @@ class StripPlan:
             names.update(c.header.lower() for c in header_map.claims)
             if header_map.payload:
                 names.add(header_map.payload.lower())
+            if header_map.provider:  # only the proxy says which provider admitted a request
+                names.add(header_map.provider.lower())
         sources = [s for p in settings.providers.values() for s in p.token_sources]
         sources += [s for r in settings.routes for s in (r.token_sources or ())]
         dashed = frozenset(n.replace("_", "-") for n in names)
@@ -334,9 +337,11 @@ def _why(error: ValueError | RecursionError) -> str:
     return "NaN, Infinity or a number too long to write as JSON"
 
 
-def claim_headers(payload: Mapping[str, Any], header_map: HeaderMap) -> tuple[tuple[str, str], ...]:
-    """The identity headers for a verified payload: each claim header present, and the
-    payload header if configured."""
+def claim_headers(
+    payload: Mapping[str, Any], header_map: HeaderMap, provider: str | None = None
+) -> tuple[tuple[str, str], ...]:
+    """The identity headers for a verified payload: each claim header present, the payload
+    header if configured, and the header naming `provider` (the admitting one) if configured."""
     values = [(c.header, render_claim(claim_at(payload, c.path))) for c in header_map.claims]
     rendered = [(name, value) for name, value in values if value is not None]
     if header_map.payload:
@@ -347,6 +352,10 @@ def claim_headers(payload: Mapping[str, Any], header_map: HeaderMap) -> tuple[tu
         except (ValueError, RecursionError) as error:  # UnicodeEncodeError is a ValueError
             raise InvalidToken(Reason.UNSAFE_CLAIM, f"the payload cannot be forwarded exactly: {_why(error)}") from None
         rendered.append((header_map.payload, base64.urlsafe_b64encode(raw).rstrip(b"=").decode()))
+    if header_map.provider and provider is not None:
+        name = render_claim(provider)  # a config name, made header-safe as a claim is
+        if name is not None:
+            rendered.append((header_map.provider, name))
     return tuple(rendered)
 
 
@@ -374,7 +383,9 @@ class Renderer:
         """The identity headers for `claims`, encoded; `InvalidToken(UNSAFE_CLAIM)` when a claim has no exact header form."""
         found = self.rendered.get(claims)
         if found is None:  # every request misses when each verifies its own token: no `make` call
-            found = self.rendered.remember(claims, encode_headers(claim_headers(claims.payload, self.header_map)))
+            found = self.rendered.remember(
+                claims, encode_headers(claim_headers(claims.payload, self.header_map, claims.provider))
+            )
         return found
 
 

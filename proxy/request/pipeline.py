@@ -3,7 +3,9 @@
 Owns: the order of the steps, each of which reads and fills in the request's `Exchange`
 (exchange.py). `begin` runs every step that needs no I/O at once, so a refusal (no
 route, no token, a cached token the rules refuse) is raised before any task exists; the
-rest (verifying a token not in the cache, forwarding) is the coroutine it returns. It reads
+rest (verifying a token not in the cache, forwarding) is the coroutine it returns. On a
+route with `providers:` the token's unverified `iss` first chooses its provider's plan
+(`ex.plan` becomes it), so every later step is that provider's. It reads
 the config snapshot once, at entry, so a reload mid-request cannot mix two configs. A CORS
 preflight (cors.py judges it) is answered in `begin` itself, before routing: no token, never
 forwarded.
@@ -31,7 +33,7 @@ from typing import Any
 
 from ..auth.extract import authorization, extract
 from ..auth.rules import check_route
-from ..auth.verify import Claims
+from ..auth.verify import Claims, by_issuer
 from ..base.errors import InvalidRequest, NotFound, ProxyError, TokenMissing
 from ..base.oplog import event
 from ..config.routing import normalize, split_target
@@ -73,7 +75,7 @@ def begin(ex: Exchange) -> Coroutine[Any, Any, None] | None:
     # Identity headers go first, on every route, before anything is decided.
     outbound = ex.outbound = strip_inbound(request.fields, snapshot.strip)
     verifier = plan.verifier
-    if verifier is None or route.auth is None:
+    if verifier is None and route.auth is None:
         # A public route forwards Authorization as sent: two lines would be read differently
         # by different upstream stacks, so they are refused here as on every other route
         # (extract.authorization is the rule; the strip counted the lines).
@@ -83,11 +85,24 @@ def begin(ex: Exchange) -> Coroutine[Any, Any, None] | None:
     began = time.perf_counter()
     try:
         found = ex.found = extract(outbound, request.query, plan.sources)
-        claims = None if found is None else verifier.cached(found.token)
-        if found is not None and claims is None:
-            # Not verified lately: verifying may fetch keys, so it is left to the coroutine,
-            # which observes the auth time once it is done.
-            return _verify_and_forward(ex, began)
+        if found is None:
+            claims = None
+        else:
+            if verifier is None:
+                # `providers:`: the token's unverified iss chooses its provider's plan, once,
+                # by one lookup (verify.by_issuer); from here on the request is that plan's,
+                # as on a `provider:` route (its keys, checks, cache entries and headers).
+                assert plan.by_issuer is not None
+                plan = ex.plan = by_issuer(
+                    found.token, plan.by_issuer, plan.accepted, max_bytes=snapshot.settings.max_token_bytes
+                )
+                verifier = plan.verifier
+                assert verifier is not None
+            claims = verifier.cached(found.token)
+            if claims is None:
+                # Not verified lately: verifying may fetch keys, so it is left to the coroutine,
+                # which observes the auth time once it is done.
+                return _verify_and_forward(ex, began)
         _admit(ex, claims)
     except BaseException as error:
         plan.metrics.observe_auth(time.perf_counter() - began)

@@ -3,7 +3,8 @@
 Owns: `Snapshot` — the router, the strip plan, and for each route a `RoutePlan` with its
 resolved upstream, token sources, header map and its renderer (one per header map, shared by
 the routes that use it), verifier, compiled CORS policy, the revocation list it checks (or
-None) and metric children — built once per config so the request path does no lookups or
+None) and metric children (a route with `providers:`: one such plan per provider, by issuer,
+which the token's `iss` chooses) — built once per config so the request path does no lookups or
 parsing; and `Runtime`, the process-wide
 holder (client session, clock, metrics, the revocation list's follower, the current
 snapshot, draining flag, readiness, which a reload never takes away).
@@ -13,15 +14,15 @@ Does not own: reading config files (config/builder.py, reload.py) or handling re
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
 import aiohttp
 
 from ..auth.keys import KeyRing
 from ..auth.revocationstore import Revocations
-from ..auth.verify import TokenCache, Verifier
+from ..auth.verify import TokenCache, Verifier, issuers_in_words
 from ..base.clock import Clock
 from ..config.routing import Router
 from ..config.settings import CorsSettings, HeaderMap, Route, Settings, TokenSource, Upstream
@@ -61,6 +62,13 @@ class RoutePlan:
     revocation: Revocations | None = None
     """The revocation list this route checks every token against (cached ones too); None: no
     `revocation:`, or the route or its provider opts out, and the check is this one test."""
+    by_issuer: Mapping[str, RoutePlan] | None = None
+    """A route with `providers:`: for each issuer its providers accept, the plan of the
+    provider accepting it (that provider's verifier, header map and renderer; the rest the
+    route's), which the token's `iss` chooses (pipeline.py); this plan has no verifier.
+    None on every other route."""
+    accepted: str = ""
+    """With `by_issuer`: the issuers each provider accepts, in words, for a refusal's detail."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +112,11 @@ def build_snapshot(
     renderers: dict[int, Renderer] = {}
     remembered = settings.token_cache.max_entries if cache is not None else 0
     for route in settings.routes:
+        if route.auth is not None and route.auth.providers:
+            plans[route.name] = _several(
+                route, settings, verifiers, renderers, remembered, metrics, compiled, revocation
+            )
+            continue
         upstream = route.upstream or settings.upstream
         provider = settings.providers[route.auth.provider] if route.auth is not None else None
         sources = route.token_sources or (provider.token_sources if provider else ())
@@ -141,10 +154,63 @@ def build_snapshot(
         # A provider only report-mode routes use does not hold readiness back: without keys,
         # its requests are would_deny (no_keys) and still served.
         providers_in_use=frozenset(
-            r.auth.provider for r in settings.routes if r.auth is not None and r.auth.mode != "report"
+            name for r in settings.routes if r.auth is not None and r.auth.mode != "report" for name in r.auth.names
         ),
         cors=any(plan.cors is not None for plan in plans.values()),
     )
+
+
+def _several(
+    route: Route,
+    settings: Settings,
+    verifiers: Mapping[str, Verifier],
+    renderers: dict[int, Renderer],
+    remembered: int,
+    metrics: Metrics,
+    compiled: Callable[[CorsSettings | None], CorsPolicy | None],
+    revocation: Revocations | None,
+) -> RoutePlan:
+    """The plan of a route with `providers:`, and one per provider that the token's `iss`
+    chooses: each the route's (upstream, metrics, CORS, token sources) with that provider's
+    verifier, header map and renderer, as a `provider:` route of that provider would have."""
+    assert route.auth is not None
+    upstream = route.upstream or settings.upstream
+    providers = [settings.providers[name] for name in route.auth.providers]
+    # The builder made the providers' sources the same, or the route says where to look.
+    sources = route.token_sources or providers[0].token_sources
+    base = RoutePlan(
+        route=route,
+        upstream=upstream,
+        origin=Origin.parse(upstream.url),
+        sources=sources,
+        header_map=None,
+        renderer=None,
+        forward_token=False,
+        verifier=None,
+        metrics=metrics.route(route.name),
+        missing="no token in " + ", ".join(source.kind for source in sources),
+        cors=compiled(route.cors),
+        report=route.auth.mode == "report",
+    )
+    by_issuer: dict[str, RoutePlan] = {}
+    for provider in providers:
+        header_map = route.headers or provider.headers
+        renderer = renderers.get(id(header_map))
+        if renderer is None:
+            renderer = renderers[id(header_map)] = Renderer(header_map, remembered)
+        chosen = replace(
+            base,
+            header_map=header_map,
+            renderer=renderer,
+            forward_token=header_map.forward_token,
+            verifier=verifiers[provider.name],
+            metrics=metrics.route_provider(route.name, provider.name),
+            # each provider's own opt-out, as on a `provider:` route of it
+            revocation=revocation if route.auth.revocation and provider.revocation else None,
+        )
+        for issuer in provider.issuers:  # disjoint across the route's providers (the builder checks)
+            by_issuer[issuer] = chosen
+    return replace(base, by_issuer=MappingProxyType(by_issuer), accepted=issuers_in_words(providers))
 
 
 @dataclass(eq=False)

@@ -37,6 +37,7 @@ __all__ = [
     "JWKS_KEYS_SKIPPED",
     "PROCESS_FAMILIES",
     "PROVIDER_READY",
+    "PROVIDER_REQUESTS",
     "REQUESTS",
     "REVOCATION_AGE",
     "REVOCATION_RULES",
@@ -152,6 +153,16 @@ UPSTREAM_DURATION = Family(
     labels=("route",),
     workers="sum",
     buckets=UPSTREAM_BUCKETS,
+)
+PROVIDER_REQUESTS = Family(
+    name=_P + "provider_requests_total",
+    kind="counter",
+    # Only routes with `providers:` (a `provider:` route's provider is its config's); a request
+    # whose iss named none of the route's providers is in requests_total alone.
+    help="Requests on routes with several providers, by route, the provider the token's iss chose, "
+    "decision and refusal reason.",
+    labels=("route", "provider", "decision", "reason"),
+    workers="sum",
 )
 # -- connections (the proxy's http1.Server counts them) --------------------------------------------
 CONNECTIONS_OPEN = Family(
@@ -300,6 +311,7 @@ FAMILIES: tuple[Family, ...] = (
     WORKERS_READY,
     REVOCATION_AGE,
     REVOCATION_RULES,
+    PROVIDER_REQUESTS,
     *PROCESS_FAMILIES,
 )
 """Every family, in the README's order."""

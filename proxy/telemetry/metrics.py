@@ -2,7 +2,8 @@
 
 Owns: a `CollectorRegistry` per `Metrics` instance (never prometheus_client's global default,
 so two apps in one process, or two tests, never share a count); the per-request recording
-path (`RouteMetrics`, label children resolved once and cached); a scrape-time collector that
+path (`RouteMetrics`, label children resolved once and cached; `ProviderMetrics` for a route
+with several providers, by the provider chosen); a scrape-time collector that
 reads key sources and the token cache through a `MetricsView`; rendering the exposition body
 for `/metrics`; and,
 with `workers: N`, each worker's copy of its metrics into prometheus-client's multiprocess
@@ -73,6 +74,7 @@ __all__ = [
     "Metrics",
     "MetricsView",
     "ProcessesCollector",
+    "ProviderMetrics",
     "RouteMetrics",
     "WorkersCollector",
 ]
@@ -192,6 +194,28 @@ class RouteMetrics:
         return f"<RouteMetrics {self.name} series={len(self.counts)}>"
 
 
+class ProviderMetrics(RouteMetrics):
+    """A route with `providers:`, as one of its providers records it: into the route's own
+    numbers (shared with its `RouteMetrics`), and by provider (`provider_requests_total`).
+
+    The route plan the token's `iss` chose holds this in place of the route's recorder, so
+    other routes record nothing more."""
+
+    __slots__ = ("decisions", "provider")
+
+    def __init__(self, route: RouteMetrics, provider: str) -> None:
+        # The route's numbers, shared: requests_total and the durations stay one series per route.
+        self.name, self.counts, self.auth, self.upstream = route.name, route.counts, route.auth, route.upstream
+        self.provider = provider
+        self.decisions: dict[tuple[str, str], int] = {}
+        """(decision, reason) -> requests answered."""
+
+    def count(self, method: str, decision: Decision, reason: str, status: int) -> None:
+        super().count(method, decision, reason, status)
+        key = (decision, reason) if decision in _DECISIONS and reason in _REASONS else (OTHER, OTHER)
+        self.decisions[key] = self.decisions.get(key, 0) + 1
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class MetricsView:
     """What the scrape-time collector reads: the live key sources, token cache and clock."""
@@ -224,6 +248,7 @@ class Metrics:
         self.in_flight = 0
         self.connections = ConnectionCounts()
         self._routes: dict[str, RouteMetrics] = {}
+        self._providers: dict[tuple[str, str], ProviderMetrics] = {}
         self.registry.register(_RequestCollector(self))
         reloads = Counter(
             F.CONFIG_RELOADS.family, F.CONFIG_RELOADS.help, F.CONFIG_RELOADS.labels, registry=self.registry
@@ -240,6 +265,13 @@ class Metrics:
         found = self._routes.get(name)
         if found is None:
             found = self._routes[name] = RouteMetrics(name)
+        return found
+
+    def route_provider(self, route: str, provider: str) -> ProviderMetrics:
+        """The recorder of route `route` (one with `providers:`) for the requests `provider` decided, made once."""
+        found = self._providers.get((route, provider))
+        if found is None:
+            found = self._providers[(route, provider)] = ProviderMetrics(self.route(route), provider)
         return found
 
     def count_reload(self, ok: bool) -> None:
@@ -345,6 +377,11 @@ def _request_families(metrics: Metrics) -> Iterator[Metric]:
     rejected = F.CONNECTIONS_REJECTED.counter()
     rejected.add_metric(("limit",), connections.rejected)
     yield rejected
+    by_provider = F.PROVIDER_REQUESTS.counter()
+    for recorder in list(metrics._providers.values()):
+        for (decision, reason), count in list(recorder.decisions.items()):
+            by_provider.add_metric((recorder.name, recorder.provider, decision, reason), count)
+    yield by_provider
 
 
 class _RequestCollector:

@@ -35,12 +35,12 @@ from ..auth.revocation import RevocationIndex, Rule, format_time, make_rule, par
 from ..auth.revocationstore import StoreError, add_rules, list_rules
 from ..base import oplog
 from ..base.clock import SystemClock
-from ..base.errors import ConfigError
+from ..base.errors import ConfigError, InvalidToken
 from ..base.jwks import SUPPORTED_ALGORITHMS
 from ..base.safetext import one_line
 from ..config import builder as config
 from ..config import routecheck
-from ..config.yamlsource import parse_duration
+from ..config.yamlsource import closest, parse_duration
 from ..http.causes import shown
 from ..ops import server, workers
 from ..ops.startup import StartupError
@@ -400,7 +400,12 @@ def summary(settings: config.Settings) -> str:
         if r.auth is None:
             rule = "public (no token)"
         else:
-            rule = f"{r.auth.provider}{' (optional)' if r.auth.optional else ''}"
+            who = (
+                f"providers {', '.join(r.auth.providers)} (the token's iss chooses)"
+                if r.auth.providers
+                else r.auth.provider
+            )
+            rule = f"{who}{' (optional)' if r.auth.optional else ''}"
             if r.auth.mode == "report":
                 rule += " (report mode: refuses nothing)"
             if r.auth.scopes.all_of:
@@ -634,7 +639,8 @@ def _token_mint(args: argparse.Namespace) -> int:
 EXPLAIN_EXIT_STATUSES: dict[int, str] = {
     0: "VALID: every check the proxy runs passed",
     1: "INVALID: the proxy refuses this token, or the input is not a JWT; the last line names the reason",
-    2: "usage error (an unknown option or --provider, --provider without a config)",
+    2: "usage error (an unknown option, --provider or --route, either without a config, both at once, or --route "
+    "naming a public route)",
     3: "NOT VERIFIED: decoded only: no config, a config with problems, or the provider's keys (or the revocation "
     "list) could not be loaded",
 }
@@ -665,6 +671,12 @@ def _add_token_explain(actions: Any) -> None:
         help="the provider to check against (default: the one whose issuer is the token's iss, else "
         "the config's only provider)",
     )
+    p.add_argument(
+        "--route",
+        metavar="NAME",
+        help="check as a request on this route would be: its provider, or with `providers:` the one its "
+        "token's iss names among them (and its header map)",
+    )
     p.set_defaults(run=_token_explain, parser=p)
 
 
@@ -680,6 +692,7 @@ def _token_explain(args: argparse.Namespace) -> int:
         raise _UsageError(
             f"unknown provider {args.provider!r}; known: {', '.join(settings.providers) or '(none)'}", args.parser
         )
+    route = _explain_route(args, settings, no_config)
     form = explain_mod.inspect(token)
     if form.problem is not None:
         # What the input is comes first, and nothing else is said about something that is no JWT.
@@ -705,6 +718,8 @@ def _token_explain(args: argparse.Namespace) -> int:
             return 1
         print("NOT VERIFIED: no config")
         return 3
+    if route is not None:
+        return _explain_on_route(token, route, settings)
     provider = explain_mod.choose_provider(settings, form.payload, args.provider)
     if provider is None:
         problem, reason = explain_mod.provider_problem(settings, form.payload)
@@ -713,12 +728,19 @@ def _token_explain(args: argparse.Namespace) -> int:
         print(f"INVALID: {reason}")
         return 1
     report = asyncio.run(_explain(token, provider, settings))
-    chosen = (
+    return _explained(report, provider, args.provider is not None, form)
+
+
+def _explained(
+    report: explain_mod.Report, provider: config.Provider, named: bool, form: explain_mod.Form | None, chosen: str = ""
+) -> int:
+    """Print the provider line and the steps; the exit status."""
+    chosen = chosen or (
         "as named"
-        if args.provider is not None
+        if named
         else (
             "by the token's iss"
-            if form.payload is not None and form.payload.get("iss") in provider.issuers
+            if form is not None and form.payload is not None and form.payload.get("iss") in provider.issuers
             else "the config's only provider"
         )
     )
@@ -733,6 +755,41 @@ def _token_explain(args: argparse.Namespace) -> int:
         return 3
     print(f"INVALID: {failure.reason}")
     return 1
+
+
+def _explain_route(args: argparse.Namespace, settings: config.Settings | None, no_config: str) -> config.Route | None:
+    """`--route NAME`: the route, after the mistakes an operator can make naming it."""
+    if args.route is None:
+        return None
+    if settings is None:
+        raise _UsageError(f"--route needs a config; {no_config}", args.parser)
+    if args.provider is not None:
+        raise _UsageError("--route and --provider are exclusive: the route says which provider(s)", args.parser)
+    routes = {r.name: r for r in settings.routes}
+    route = routes.get(args.route)
+    if route is None:
+        guess = closest(args.route, routes)
+        mean = f"did you mean {guess}? " if guess is not None else ""
+        raise _UsageError(f"unknown route {args.route!r}; {mean}known: {', '.join(routes) or '(none)'}", args.parser)
+    if route.auth is None:
+        raise _UsageError(f"route {args.route!r} is public (auth: none): no token is checked there", args.parser)
+    return route
+
+
+def _explain_on_route(token: str, route: config.Route, settings: config.Settings) -> int:
+    assert route.auth is not None
+    try:
+        provider = explain_mod.route_provider(settings, route, token)
+    except InvalidToken as error:
+        print(one_line(f"provider: none of route {route.name}'s chosen: {error.detail}"))
+        print(f"INVALID: {error.reason}")
+        return 1
+    if route.auth.providers:
+        chosen = f"chosen by the token's iss among route {route.name}'s providers ({', '.join(route.auth.providers)})"
+    else:
+        chosen = f"route {route.name}'s provider"
+    report = asyncio.run(_explain(token, provider, settings, route.headers))
+    return _explained(report, provider, False, None, chosen)
 
 
 _PASTED_PREFIX = re.compile(r"\A(?:authorization:[ \t]*)?bearer[ \t]+", re.IGNORECASE)
@@ -756,7 +813,9 @@ def _explain_settings(path: Path | None) -> tuple[config.Settings | None, str]:
         return None, f"no config: {path} has {len(error.issues)} problem(s), listed on stderr"
 
 
-async def _explain(token: str, provider: config.Provider, settings: config.Settings) -> explain_mod.Report:
+async def _explain(
+    token: str, provider: config.Provider, settings: config.Settings, headers: config.HeaderMap | None = None
+) -> explain_mod.Report:
     clock = SystemClock()
     revocation = await _revocation_list(settings.revocation, clock.time()) if provider.revocation else None
     if settings.revocation is not None and revocation is None:  # the provider opts out: no read
@@ -772,6 +831,7 @@ async def _explain(token: str, provider: config.Provider, settings: config.Setti
                 now=clock.time(),
                 max_token_bytes=settings.max_token_bytes,
                 revocation=revocation,
+                headers=headers,
             )
         finally:
             await source.close()

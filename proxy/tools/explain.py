@@ -2,7 +2,8 @@
 
 Owns: recognising what a pasted input is before any check (`inspect`: a signed JWT, or "not a
 JWT" and why, in words); decoding its header and payload for display WITHOUT trusting them;
-choosing the provider for a token (by name, or by its unverified `iss`); the checks that need
+choosing the provider for a token (by name, by its unverified `iss`, or as a route's request
+would: `route_provider`); the checks that need
 no config (`explain_without_config`); and the step-by-step report in the proxy's order, with a
 phrase for each step that passes. The checks themselves are verify.py's (the same functions,
 in the proxy's order, so a failing step carries the very reason and detail the proxy logs as
@@ -30,6 +31,8 @@ from ..auth.verify import (
     HEADER_CHECKS,
     TokenHeader,
     _is_number,
+    by_issuer,
+    issuers_in_words,
     parse_payload,
     read_header,
     segment_problem,
@@ -39,7 +42,7 @@ from ..auth.verify import (
 )
 from ..base.errors import InvalidToken, KeysUnavailable, Reason
 from ..base.jwks import SUPPORTED_ALGORITHMS
-from ..config.settings import Provider, Settings
+from ..config.settings import HeaderMap, Provider, Route, Settings
 from ..request.identity import claim_headers
 
 __all__ = [
@@ -54,6 +57,7 @@ __all__ = [
     "explain_without_config",
     "inspect",
     "provider_problem",
+    "route_provider",
     "when",
 ]
 
@@ -243,6 +247,18 @@ def provider_problem(settings: Settings, payload: Mapping[str, Any] | None) -> t
     return f"no provider accepts iss {shown(payload['iss'])} (issuers: {issuers})", Reason.ISSUER
 
 
+def route_provider(settings: Settings, route: Route, token: str) -> Provider:
+    """The provider that verifies `token` on `route`, chosen as the proxy chooses: the route's
+    `provider`, or with `providers:` the one the token's unverified iss names (`by_issuer`,
+    the proxy's own function); `InvalidToken` with the proxy's reason when it names none."""
+    assert route.auth is not None
+    if not route.auth.providers:
+        return settings.providers[route.auth.provider]
+    providers = [settings.providers[name] for name in route.auth.providers]
+    table = {iss: provider for provider in providers for iss in provider.issuers}
+    return by_issuer(token, table, issuers_in_words(providers), max_bytes=settings.max_token_bytes)
+
+
 # -- the checks ----------------------------------------------------------------------------
 def when(value: Any, now: float) -> str:
     """A NumericDate as an operator reads it: `2026-12-03T09:13:09Z (in 4m 59s)`."""
@@ -328,9 +344,11 @@ async def explain(
     now: float,
     max_token_bytes: int,
     revocation: RevocationList | None = None,
+    headers: HeaderMap | None = None,
 ) -> Report:
     """Every check the proxy runs for `provider`, in its order, each reported (the revocation
-    list's after the claims, when the config has one: `revocation`, read once by the caller).
+    list's after the claims, when the config has one: `revocation`, read once by the caller;
+    `headers`: the map a route renders instead of the provider's own).
 
     The header checks all run (they are independent); the key, the signature, the payload
     and the claims each run only once everything before them passed, as in the proxy, so
@@ -401,7 +419,7 @@ async def explain(
     # header form (a control character, a lone surrogate, NaN) is a 401 unsafe_claim there.
     # The provider's map; a route with its own `headers:` renders that one instead.
     try:
-        rendered = claim_headers(payload, provider.headers)
+        rendered = claim_headers(payload, headers or provider.headers, provider.name)
     except InvalidToken as error:
         steps.append(Step("headers", False, error.detail, error.reason))
     else:

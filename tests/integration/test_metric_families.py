@@ -32,6 +32,15 @@ REPO = Path(__file__).parents[2]
 # A short upstream timeout, so /slow gives a 504 (decision upstream_error) quickly.
 CONFIG = BASE_CONFIG.replace("timeout: 2s", "timeout: 250ms")
 assert CONFIG != BASE_CONFIG
+# A route of two providers, for jwt_sidecar_provider_requests_total (ahead of the catch-all `api`).
+CONFIG = CONFIG.replace(
+    "routes:\n",
+    '  other:\n    issuer: https://other.test\n    audiences: [x]\n    jwks: {url: "{jwks}"}\nroutes:\n',
+).replace(
+    "  - name: api\n",
+    "  - name: several\n    match: {path_prefix: /several/}\n    auth: {providers: [main, other]}\n  - name: api\n",
+)
+assert "providers: [main, other]" in CONFIG and "  other:" in CONFIG
 
 Key = tuple[str, tuple[tuple[str, str], ...]]
 
@@ -71,17 +80,18 @@ async def run(tmp_path: Path, aiohttp_server: Any, jwks_server: Any, rsa_key: Te
                 ("/orders", {}, 401),  # denied
                 ("/public/%2Fx", {}, 400),  # rejected, route "(none)"
                 ("/slow?seconds=1", token, 504),  # upstream_error
+                ("/several/x", token, 200),  # allowed by the provider the iss chose
             ):
                 # A new connection each time, so `workers: 2` spreads them.
                 async with aiohttp.ClientSession() as fresh:
                     async with fresh.get(f"http://127.0.0.1:{listen}{target}", headers=headers) as response:
                         assert response.status == status, target
-            # Workers copy their numbers into the shared files every second: wait for all five.
+            # Workers copy their numbers into the shared files every second: wait for all six.
             for _ in range(100):
                 async with session.get(f"http://127.0.0.1:{admin}/metrics") as response:
                     assert response.status == 200
                     scrape = await response.text()
-                if counts(scrape).get(("requests", ())) == 5:
+                if counts(scrape).get(("requests", ())) == 6:
                     break
                 await asyncio.sleep(0.1)
         return scrape
@@ -131,8 +141,8 @@ async def test_two_workers_export_the_declared_families_with_the_same_counts(
     supervisor = await run(tmp_path, aiohttp_server, jwks_server, rsa_key, workers=2)
     assert scrape_problems(supervisor, workers=True) == []
     single, shared = counts(one_process), counts(supervisor)
-    assert single[("requests", ())] == 5
-    assert single[("cache lookups", ())] == 3  # the two allowed requests and the slow one
+    assert single[("requests", ())] == 6
+    assert single[("cache lookups", ())] == 4  # the three allowed requests and the slow one
     assert shared == single
 
 

@@ -138,7 +138,7 @@ SECTIONS = {
     "check-config": ("### `jwt-sidecar check-config [FILE]`",),
     "keys generate": ("### `jwt-sidecar keys generate`",),
     "token mint": ("### `jwt-sidecar token mint`",),
-    "token explain": ("### `jwt-sidecar token explain TOKEN [--config FILE] [--provider NAME]`",),
+    "token explain": ("### `jwt-sidecar token explain TOKEN [--config FILE] [--provider NAME | --route NAME]`",),
     "revoke": ("### `jwt-sidecar revoke [--jti ID | --sub SUB | --before TIME | --list] --config FILE`",),
 }
 

@@ -480,6 +480,11 @@ LIST_KEYS = [
         PROVIDER + "cors: {allow_origins: [https://app.example.com], expose_headers: X-Request-Id ETag}\n",
         "c.yaml:3: cors.expose_headers: must be a list of header names, e.g. [X-Request-Id, ETag]",
     ),
+    (
+        "providers",
+        _route_with(auth="{providers: main}"),
+        "c.yaml:5: routes[0].auth.providers: must be a list of provider names, e.g. [main]",
+    ),
 ]
 
 

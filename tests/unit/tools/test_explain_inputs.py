@@ -314,8 +314,8 @@ def test_readme_lists_explains_exit_statuses() -> None:
     section = readme_section("### `jwt-sidecar token explain")
     rows = dict(re.findall(r"^\| (\d) \| (.+?) \|$", section, re.MULTILINE))
     assert {int(code): text for code, text in rows.items()} == EXPLAIN_EXIT_STATUSES
-    assert options(subcommand("token", "explain")) == {"--config", "--provider"}
-    assert "`jwt-sidecar token explain TOKEN [--config FILE] [--provider NAME]`" in section
+    assert options(subcommand("token", "explain")) == {"--config", "--provider", "--route"}
+    assert "`jwt-sidecar token explain TOKEN [--config FILE] [--provider NAME | --route NAME]`" in section
 
 
 def test_readme_lists_every_mint_flag() -> None:

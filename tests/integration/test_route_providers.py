@@ -372,3 +372,71 @@ async def test_readiness_waits_for_every_provider_of_a_route(
     s = await sidecar(CONFIG, services_jwks=services.url(), secret=str(secret))
     ready, why = s.runtime.readiness()
     assert not ready and "services" in why
+
+
+ROLLOUT = f"""\
+realm: api
+upstream: {{url: "{{upstream}}", timeout: 2s, connect_timeout: 1s}}
+providers:
+  users:
+    issuer: {USERS}
+    audiences: [{AUDIENCE}]
+    algorithms: [RS256]
+    jwks: {{url: "{{jwks}}", min_refresh_interval: 1s}}
+    headers:
+      claims: {{sub: X-User-Id}}
+      provider: X-Admitted-By
+  services:
+    issuer: {SERVICES}
+    audiences: [{AUDIENCE}]
+    algorithms: [ES256]
+    jwks: {{url: "{{services_jwks}}", min_refresh_interval: 1s}}
+    revocation: false
+    headers:
+      claims: {{sub: X-User-Id}}
+      provider: X-Admitted-By
+routes:
+  - name: rollout
+    match: {{path_prefix: /rollout/}}
+    auth: {{providers: [users, services], mode: report}}
+  - name: api
+    match: {{path_prefix: /}}
+    auth: {{providers: [users, services]}}
+revocation: {{file: revoked.yaml}}
+"""
+
+
+async def test_a_providers_route_takes_report_mode_and_each_providers_revocation_opt_out(
+    sidecar: Any, aiohttp_server: Any, rsa_key: TestKey, ec_key: TestKey, tmp_path: Any
+) -> None:
+    # The two features meet on a `providers:` route: its per-provider plans keep the route's
+    # mode, and each provider's own `revocation: false`, as a `provider:` route of it would.
+    (tmp_path / "revoked.yaml").write_text("rules: [{sub: gone}]\n")  # beside the fixture's config.yaml
+    services = await start_jwks_server(aiohttp_server, jwks_of(ec_key))
+    s = await sidecar(ROLLOUT, services_jwks=services.url())
+    s.jwks.document = jwks_of(rsa_key)
+
+    # users checks the list: refused on the enforcing route, a would_deny on the report route.
+    response = await s.get("/orders", headers=bearer(user_token(rsa_key, sub="gone")))
+    assert response.status == 401
+    assert 'error="invalid_token"' in response.headers["WWW-Authenticate"]
+    assert "revoked" in response.headers["WWW-Authenticate"]
+    response = await s.get("/rollout/orders", headers=bearer(user_token(rsa_key, sub="gone")))
+    assert response.status == 200
+    seen = s.upstream.last()
+    assert seen.header("X-User-Id") is None and seen.header("X-Admitted-By") is None
+    assert seen.header("Authorization") is None
+
+    # services opts out: the same subject is admitted by it, on both routes.
+    for path in ("/orders", "/rollout/orders"):
+        response = await s.get(path, headers=bearer(service_token(ec_key, sub="gone")))
+        assert response.status == 200, path
+        seen = s.upstream.last()
+        assert seen.header("X-User-Id") == "gone" and seen.header("X-Admitted-By") == "services", path
+
+    # An iss no provider of the route accepts: refused when enforcing, anonymous in report mode.
+    stranger = mint({"iss": "https://stranger.test"}, key=rsa_key)
+    response = await s.get("/orders", headers=bearer(stranger))
+    assert response.status == 401
+    response = await s.get("/rollout/orders", headers=bearer(stranger))
+    assert response.status == 200 and s.upstream.last().header("X-User-Id") is None

@@ -1,7 +1,7 @@
 """One request on its way through the proxy: the object every step reads and fills in.
 
 Owns: `Exchange`, made once per request by app.py and handed from step to step
-(pipeline.py's, identity.py's `inject`, forward.py's), so a step takes the request and
+(pipeline.py's, forward.py's), so a step takes the request and
 returns nothing beside it: where it goes (route plan, normalised path, raw query), what is
 sent (the client's fields after the strip, the token found, the verified claims, our identity
 headers, the header pairs for the upstream), and how it ended (decision, reason, status),
@@ -21,14 +21,12 @@ if TYPE_CHECKING:
     from ..auth.verify import Claims
     from ..http.http1 import Request
     from ..telemetry.metrics import RouteMetrics
-    from .identity import Outbound
+    from .identity import Outbound, Pairs
     from .runtime import RoutePlan, Runtime, Snapshot
 
-__all__ = ["NO_ROUTE_NAME", "Exchange", "Pairs"]
+__all__ = ["NO_ROUTE_NAME", "Exchange"]
 
-Pairs = list[tuple[bytes, bytes]]
-"""Header fields as (name, value) bytes, in order: what identity.py makes and the HTTP layer encodes."""
-_NONE: list[Any] = []  # shared, never appended to: identity.inject sets fresh lists
+_NONE: list[Any] = []  # shared, never appended to: pipeline._inject sets fresh lists
 NO_ROUTE_NAME = "(none)"
 """The route the log names for a request that matched none."""
 
@@ -72,7 +70,7 @@ class Exchange:
         self.path = ""
         """The normalised path: the one the router matched and the one forwarded."""
         self.query = ""
-        """The raw query string, as sent; without the token once identity.inject removed it."""
+        """The raw query string, as sent; without the token once identity took it out (pipeline._inject)."""
         self.outbound: Outbound | None = None
         """The client's fields less what it must not control (identity.strip_inbound)."""
         self.found: Found | None = None
@@ -82,10 +80,10 @@ class Exchange:
         self.identity: tuple[tuple[bytes, bytes], ...] = ()
         """The identity headers the route's rules admitted (identity.Renderer), encoded."""
         self.fields: Pairs = _NONE
-        """The client's fields that go upstream, as it sent them (identity.inject)."""
+        """The client's fields that go upstream, as it sent them (pipeline._inject, by identity.upstream_fields)."""
         self.added: Pairs = _NONE
         """The fields the proxy adds after them: identity, X-Forwarded-*, X-Request-Id
-        (identity.inject). The HTTP layer encodes both (`upstream.Fields.of_bytes`)."""
+        (pipeline._inject, by identity.upstream_fields). The HTTP layer encodes both (`upstream.Fields.of_bytes`)."""
         self.decision = Decision.REJECTED
         self.reason = ""
         self.status = 0

@@ -26,12 +26,10 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import aiohttp
 import httptools
-from yarl import URL
 
 from ..base.errors import BadRequest, PayloadTooLarge, Reason, RequestTimeout, UpstreamTimeout, UpstreamUnavailable
 from ..base.memo import Memo
@@ -46,31 +44,13 @@ from .identity import HOP_BY_HOP, connection_tokens
 
 if TYPE_CHECKING:
     from .exchange import Exchange
+    from .runtime import Origin
 
-__all__ = ["SMALL_BODY", "Origin", "forward", "forward_websocket", "is_websocket", "new_session"]
+__all__ = ["SMALL_BODY", "forward", "forward_websocket", "is_websocket", "new_session"]
 
 SMALL_BODY = 64 * 1024
 """Answers up to this size (by Content-Length) are read whole and written in one go."""
 log = logging.getLogger("jwt_sidecar.forward")
-
-
-@dataclass(frozen=True, slots=True)
-class Origin:
-    """Where a route's upstream lives, parsed once per config."""
-
-    scheme: str
-    host: str
-    port: int
-    base_path: str
-    """The upstream URL's path without its trailing slash; the request path is appended."""
-
-    @classmethod
-    def parse(cls, url: str) -> Origin:
-        parts = URL(url)
-        return cls(parts.scheme, parts.host or "", parts.port or 80, parts.raw_path.rstrip("/"))
-
-    def __str__(self) -> str:
-        return f"{self.scheme}://{self.host}:{self.port}"
 
 
 def new_session(*, limit: int = 1000) -> aiohttp.ClientSession:

@@ -8,12 +8,13 @@ and payload header any provider or route writes), on every route, before any dec
 then writing the verified identity (claim headers, the payload header, the admitting
 provider's name if the map asks; a claim with no
 exact header form is refused as `unsafe_claim`, never sanitised), removing the token
-from wherever it came (a header, a cookie, the query string: every token removal is here;
-a would-deny of report mode never takes it on, whatever `forward_token` says),
+from wherever it came (a header, a cookie, the query string: every token removal is here,
+`upstream_fields` and `without_query_token`; pipeline.py's `_inject` hands them the request's
+`Exchange`, so this module knows no request object and the snapshot can import it),
 and the `X-Forwarded-*` and `X-Request-Id` headers.
 The fields stay the bytes the client sent, end to end: `strip_inbound` makes one pass over
 the request's raw fields (classifying each name once per spelling, `StripPlan.role`) into an
-`Outbound`, which `extract` reads, and `inject` turns it with our fields into the header
+`Outbound`, which `extract` reads, and `upstream_fields` turns it with our fields into the header
 pairs (name, value) of the upstream request, as bytes, which the HTTP layer encodes
 (`upstream.Fields.of_bytes`): no multidict, no decoding and encoding again (what that saves:
 bench/FIGURES.md). A verified token's identity headers are rendered once per route plan's
@@ -40,25 +41,23 @@ from ..auth.rules import ABSENT, claim_at
 from ..base.errors import InvalidToken, Reason
 from ..base.memo import Memo
 from ..config.settings import HeaderMap, Settings
-from ..telemetry.metrics import Decision
-from .exchange import Pairs
 
 if TYPE_CHECKING:
     from ..auth.verify import Claims
-    from .exchange import Exchange
 
 __all__ = [
     "HOP_BY_HOP",
     "Outbound",
+    "Pairs",
     "Renderer",
     "StripPlan",
     "claim_headers",
     "connection_tokens",
     "encode_headers",
-    "inject",
     "request_id",
     "strip_inbound",
     "upstream_fields",
+    "without_query_token",
 ]
 
 # RFC 9110 §7.6.1 and the de-facto ones (Keep-Alive, Proxy-Connection); Expect is answered
@@ -133,7 +132,7 @@ class StripPlan:
         self.prefixes = prefixes
         self.sources = sources
         """Token-source headers, lower-cased as configured: a client sends its token there, so they
-        survive the strip long enough to be read (`inject` decides whether they go on)."""
+        survive the strip long enough to be read (`upstream_fields` decides whether they go on)."""
         self.roles: Memo[bytes, tuple[int, bytes]] = Memo(_NAMES_BOUND, self._classify)
         """By name as spelt on the wire: what a client field named so is to the upstream request, and its
         lower-case name. Names are the client's choice, hence the bound."""
@@ -198,7 +197,7 @@ def connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set[
 
 class Outbound:
     """A request's header fields on their way upstream: the client's, as bytes, less what it
-    must not control (`strip_inbound`); `inject` adds ours and encodes the lot."""
+    must not control (`strip_inbound`); `upstream_fields` adds ours."""
 
     __slots__ = ("authorizations", "host", "kept")
 
@@ -389,29 +388,17 @@ class Renderer:
         return found
 
 
+Pairs = list[tuple[bytes, bytes]]
+"""Header fields as (name, value) bytes, in order: what this module makes and the HTTP layer encodes."""
 _PROTO = {"http": b"http", "https": b"https"}
-_WOULD_DENY = Decision.WOULD_DENY  # a module global: an enum member read off its class costs more
 
 
-def inject(ex: Exchange) -> None:
-    """Make the upstream request's header fields from the strip's `ex.outbound` and the
-    admitted `ex.identity` (`ex.fields`, the client's that go on, and `ex.added`, ours), and
-    take a query-string token out of `ex.query`."""
-    plan = ex.plan
-    out = ex.outbound
-    assert plan is not None and out is not None  # routed and stripped before any forwarding
-    found = ex.found
-    request = ex.request
-    # A would-deny of report mode (pipeline.py) never takes its token on, `forward_token` or
-    # not: the upstream only ever receives a token the route admitted.
-    forward_token = plan.forward_token and ex.decision is not _WOULD_DENY
-    # (positional: a keyword call costs more, on every request)
-    ex.fields, ex.added = upstream_fields(
-        out, ex.identity, found, forward_token, request.remote, request.scheme, ex.request_id
-    )
+def without_query_token(query: str, found: Found | None) -> str:
+    """The query string without the token, when the token came in it; always, forward_token
+    or not: a token in a URL ends up in every log it passes."""
     if found is not None and found.source.kind == "query":
-        # Always, forward_token or not: a token in a URL ends up in every log it passes.
-        ex.query = without_query_param(ex.query, found.source.name)
+        return without_query_param(query, found.source.name)
+    return query
 
 
 def upstream_fields(

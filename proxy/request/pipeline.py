@@ -14,7 +14,7 @@ A route in report mode (`auth.mode: report`, `RoutePlan.report`) runs every chec
 enforce mode; a refusal of the token checks (no token, a bad token, the route's rules, a key
 outage: any `ProxyError` they raise, whatever its reason) is then not raised but
 reported (`_would_deny`: decision `would_deny` with its reason, one operator-log event) and
-the request goes on as an anonymous one: no identity headers, and no token (identity.inject).
+the request goes on as an anonymous one: no identity headers, and no token (`_inject`).
 A malformed request (`InvalidRequest`: two Authorization lines, two tokens, a malformed
 token source) is refused in both modes: where its token is cannot be told, so it could be
 neither checked nor taken out of what the upstream receives. Enforce-mode routes read
@@ -41,7 +41,7 @@ from ..telemetry.metrics import Decision
 from .cors import Preflight, preflight
 from .exchange import Exchange
 from .forward import forward, forward_websocket, is_websocket
-from .identity import inject, strip_inbound
+from .identity import strip_inbound, upstream_fields, without_query_token
 
 __all__ = ["begin"]
 
@@ -188,7 +188,7 @@ def _expires_in(ex: Exchange) -> float | None:
 async def _forward(ex: Exchange, decision: Decision = _ALLOWED) -> None:
     plan = ex.plan
     assert plan is not None
-    inject(ex)
+    _inject(ex)
     ex.decision = decision
     began = time.perf_counter()
     try:
@@ -226,3 +226,23 @@ def _answer_preflight(ex: Exchange, asked: Preflight) -> None:
             )
     fields = asked.fields + b"X-Request-Id: %b\r\n" % ex.request_id.encode("ascii")
     ex.request.respond(asked.status, None, (), asked.body, fields=fields)
+
+
+def _inject(ex: Exchange) -> None:
+    """The upstream request's header fields from the strip's `ex.outbound` and the admitted
+    `ex.identity` (`ex.fields`, the client's that go on, and `ex.added`, ours), and the query
+    without a token that came in it: identity.py decides each (it owns every token removal)."""
+    plan = ex.plan
+    out = ex.outbound
+    assert plan is not None and out is not None  # routed and stripped before any forwarding
+    found = ex.found
+    request = ex.request
+    # A would-deny of report mode never takes its token on, `forward_token` or not: the
+    # upstream only ever receives a token the route admitted.
+    forward_token = plan.forward_token and ex.decision is not _WOULD_DENY
+    # (positional: a keyword call costs more, on every request)
+    ex.fields, ex.added = upstream_fields(
+        out, ex.identity, found, forward_token, request.remote, request.scheme, ex.request_id
+    )
+    if found is not None:
+        ex.query = without_query_token(ex.query, found)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
 import aiohttp
+from yarl import URL
 
 from ..auth.keys import KeyRing
 from ..auth.revocationstore import Revocations
@@ -30,10 +31,28 @@ from ..http.upstream import Pool
 from ..telemetry.accesslog import AccessLog
 from ..telemetry.metrics import NO_ROUTE, Metrics, MetricsView, RouteMetrics
 from .cors import CorsPolicy
-from .forward import Origin
 from .identity import Renderer, StripPlan
 
-__all__ = ["RoutePlan", "Runtime", "Snapshot", "build_snapshot"]
+__all__ = ["Origin", "RoutePlan", "Runtime", "Snapshot", "build_snapshot"]
+
+
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """Where a route's upstream lives, parsed once per config."""
+
+    scheme: str
+    host: str
+    port: int
+    base_path: str
+    """The upstream URL's path without its trailing slash; the request path is appended."""
+
+    @classmethod
+    def parse(cls, url: str) -> Origin:
+        parts = URL(url)
+        return cls(parts.scheme, parts.host or "", parts.port or 80, parts.raw_path.rstrip("/"))
+
+    def __str__(self) -> str:
+        return f"{self.scheme}://{self.host}:{self.port}"
 
 
 @dataclass(frozen=True, slots=True)

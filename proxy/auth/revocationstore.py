@@ -110,8 +110,12 @@ class Revocations:
         if self.unavailable is not None:
             # Judged again (only on this path): the list may be current again since the last
             # tick, and /readyz, which judges it live, must not say ready while this says 503.
-            self.unavailable = self._too_old()
-            if self.unavailable is not None:
+            # A number compared per request; the words are the tick's (at most a second old),
+            # not formatted again for every refused request of an outage.
+            age = self.age()
+            if age is not None and age <= self.settings.max_staleness:
+                self.unavailable = None
+            else:
                 raise RevocationUnavailable(self.unavailable)
         why = revoked(self.index, provider, claims)
         if why is not None:

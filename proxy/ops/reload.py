@@ -39,7 +39,8 @@ async def reload(runtime: Runtime) -> bool:
     if path is None or old is None:
         return False
     try:
-        settings = config.load(path)
+        # Off the serving loop: the load reads the config, key and secret files.
+        settings = await asyncio.to_thread(config.load, path)
         _check_unchangeable(settings, old.settings)
         # The operator log is set up once, at start (where `run --log-*` may override the file).
         settings = dataclasses.replace(settings, log_format=old.settings.log_format, log_level=old.settings.log_level)

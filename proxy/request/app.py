@@ -40,7 +40,7 @@ from ..telemetry.metrics import Decision, Metrics, RouteMetrics
 from .exchange import NO_ROUTE_NAME, Exchange
 from .forward import new_session
 from .identity import request_id
-from .pipeline import begin
+from .pipeline import begin, log_refused
 from .runtime import Runtime, build_snapshot
 
 __all__ = ["Proxy", "respond_error"]
@@ -196,23 +196,9 @@ def _failed(exchange: Exchange, error: Exception) -> None:
             exchange.decision = Decision.UPSTREAM_ERROR
         # A key outage is keys.py's to report, once per fetch: per request it is only a count.
         level = logging.WARNING if error.status >= 500 and not isinstance(error, KeysUnavailable) else logging.DEBUG
-        if log.isEnabledFor(level):  # a refused request's cost is measured: no fields built for nothing
-            event(
-                log,
-                level,
-                "request_refused",
-                "request %(request_id)s refused: %(reason)s: %(detail)s",
-                request_id=exchange.request_id,
-                reason=str(error.reason),
-                detail=error.detail,
-                status=error.status,
-                route=exchange.route,
-                provider=exchange.provider,
-            )
+        log_refused(exchange, level, str(error.reason), error.detail, error.status)
         realm = (exchange.snapshot or exchange.runtime).settings.realm
-        plan = exchange.plan
-        cors = "" if plan is None or plan.cors is None else _cors(exchange)
-        respond_error(request, error, realm=realm, request_id_value=exchange.request_id, cors=cors)
+        respond_error(request, error, realm=realm, request_id_value=exchange.request_id, cors=_cors(exchange))
         return
     # Fail closed and say nothing: the traceback is for the operator's log only.
     event(

@@ -31,6 +31,8 @@ import time
 from collections.abc import Coroutine
 from typing import Any
 
+from multidict import MultiDict, MultiDictProxy
+
 from ..auth.extract import authorization, extract
 from ..auth.rules import check_route
 from ..auth.verify import Claims, by_issuer
@@ -43,12 +45,13 @@ from .exchange import Exchange
 from .forward import forward, forward_websocket, is_websocket
 from .identity import strip_inbound, upstream_fields, without_query_token
 
-__all__ = ["begin"]
+__all__ = ["begin", "log_refused"]
 
 log = logging.getLogger("jwt_sidecar")
 # Module globals: an enum member read off its class costs a Python-level attribute lookup
 # (about 150 ns on 3.11), and these are read per request.
 _ALLOWED, _WOULD_DENY = Decision.ALLOWED, Decision.WOULD_DENY
+_NO_QUERY: MultiDictProxy[str] = MultiDictProxy(MultiDict())
 
 
 def begin(ex: Exchange) -> Coroutine[Any, Any, None] | None:
@@ -84,7 +87,8 @@ def begin(ex: Exchange) -> Coroutine[Any, Any, None] | None:
         return _forward(ex)
     began = time.perf_counter()
     try:
-        found = ex.found = extract(outbound, request.query, plan.sources)
+        # The query's parameters are parsed (http1's `Request.query`) only where a source reads them.
+        found = ex.found = extract(outbound, request.query if plan.reads_query else _NO_QUERY, plan.sources)
         if found is None:
             claims = None
         else:
@@ -211,21 +215,27 @@ def _answer_preflight(ex: Exchange, asked: Preflight) -> None:
         ex.decision = Decision.ALLOWED
     else:
         ex.reason = asked.reason
-        if log.isEnabledFor(logging.DEBUG):
-            event(
-                log,
-                logging.DEBUG,
-                "request_refused",
-                "request %(request_id)s refused: %(reason)s: %(detail)s",
-                request_id=ex.request_id,
-                reason=asked.reason,
-                detail=asked.detail,
-                status=asked.status,
-                route=asked.route,
-                provider=ex.provider,
-            )
+        log_refused(ex, logging.DEBUG, asked.reason, asked.detail, asked.status)
     fields = asked.fields + b"X-Request-Id: %b\r\n" % ex.request_id.encode("ascii")
     ex.request.respond(asked.status, None, (), asked.body, fields=fields)
+
+
+def log_refused(ex: Exchange, level: int, reason: str, detail: str, status: int) -> None:
+    """The `request_refused` event of a refused request (here for a preflight, app.py for
+    every `ProxyError`); nothing is built when `level` is off (a refusal's cost is measured)."""
+    if log.isEnabledFor(level):
+        event(
+            log,
+            level,
+            "request_refused",
+            "request %(request_id)s refused: %(reason)s: %(detail)s",
+            request_id=ex.request_id,
+            reason=reason,
+            detail=detail,
+            status=status,
+            route=ex.route,
+            provider=ex.provider,
+        )
 
 
 def _inject(ex: Exchange) -> None:

@@ -72,6 +72,8 @@ class RoutePlan:
     metrics: RouteMetrics
     missing: str
     """The log detail of a `TokenMissing` here ("no token in bearer, cookie"), built once."""
+    reads_query: bool = False
+    """Whether a token source is the query string: only then are its parameters parsed."""
     cors: CorsPolicy | None = None
     """The route's CORS policy (its own `cors` or the top-level one); None: no CORS, and
     nothing on this route's path costs more than this one test."""
@@ -156,6 +158,7 @@ def build_snapshot(
             verifier=verifiers[provider.name] if provider else None,
             metrics=metrics.route(route.name),
             missing="no token in " + ", ".join(source.kind for source in sources),
+            reads_query=any(source.kind == "query" for source in sources),
             cors=compiled(route.cors),
             report=route.auth is not None and route.auth.mode == "report",
             revocation=revocation
@@ -208,6 +211,7 @@ def _several(
         verifier=None,
         metrics=metrics.route(route.name),
         missing="no token in " + ", ".join(source.kind for source in sources),
+        reads_query=any(source.kind == "query" for source in sources),
         cors=compiled(route.cors),
         report=route.auth.mode == "report",
     )

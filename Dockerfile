@@ -8,7 +8,7 @@ FROM python:3.11-slim AS build
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY proxy ./proxy
-RUN pip wheel --no-cache-dir --wheel-dir /wheels '.[fast]'
+RUN pip wheel --no-cache-dir --wheel-dir /wheels .
 
 # --- runtime: only the installed wheels; no compiler, no pip cache, no source tree ---------
 FROM python:3.11-slim

@@ -178,14 +178,14 @@ _ORIGIN = "Origin: https://app.example.com\r\n"
 _PREFLIGHT = _ORIGIN + "Access-Control-Request-Method: PUT\r\nAccess-Control-Request-Headers: authorization\r\n"
 
 
-async def _drive(proxy: Proxy, requests: list[bytes], total: int, concurrency: int) -> float:
+async def _drive(proxy: Proxy | _Floor, requests: list[bytes], total: int, concurrency: int) -> float:
     """CPU µs per request over `total` requests on `concurrency` connections."""
     server = proxy.server()
     next_index = 0
 
     async def one_connection() -> None:
         nonlocal next_index
-        conn = _Connection(server)
+        conn = server() if isinstance(proxy, _Floor) else _Connection(server)
         client = _Client()
         conn.connection_made(client)
         loop = asyncio.get_running_loop()
@@ -202,6 +202,21 @@ async def _drive(proxy: Proxy, requests: list[bytes], total: int, concurrency: i
     before = time.process_time()
     await asyncio.gather(*(one_connection() for _ in range(concurrency)))
     return (time.process_time() - before) / total * 1e6
+
+
+class _Floor:
+    """bench/floor.py's bare proxy driven the same way as ours, so `bench/instructions floor-a`
+    counts the floor's work per request exactly as it counts ours (same client, same upstream)."""
+
+    def __init__(self, upstream_port: int) -> None:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import floor
+
+        self._floor = floor
+        self._pool = floor.Pool("127.0.0.1", upstream_port)
+
+    def server(self):  # noqa: ANN201
+        return lambda: self._floor.Client(self._pool)
 
 
 def _from_pem(pem: bytes):  # noqa: ANN202
@@ -272,7 +287,9 @@ def _run(args: argparse.Namespace) -> dict[str, list[float]]:
         proxy = Proxy(_settings(sock.getsockname()[1], jwks_file, revoked=revoked), access_log=AccessLog(sink))
         loop.run_until_complete(proxy.start())
         workloads = _workloads(key, 500, args.only)  # (b): 500 tokens cycled through 100 entries
-        proxies = dict.fromkeys(workloads, proxy)
+        proxies: dict[str, Proxy | _Floor] = dict.fromkeys(workloads, proxy)
+        if args.floor:  # the same workloads through bench/floor.py's bare proxy
+            proxies = dict.fromkeys(workloads, _Floor(sock.getsockname()[1]))
         if any(name.startswith(("e", "f")) for name in workloads):
             with_cors = Proxy(_settings(sock.getsockname()[1], jwks_file, cors=True), access_log=AccessLog(sink))
             loop.run_until_complete(with_cors.start())
@@ -292,7 +309,7 @@ def _run(args: argparse.Namespace) -> dict[str, list[float]]:
                     results[name].append(figure)
             return results
         finally:
-            for each in set(proxies.values()) | {proxy}:
+            for each in {p for p in proxies.values() if isinstance(p, Proxy)} | {proxy}:
                 loop.run_until_complete(each.close())
             loop.close()
             child.terminate()
@@ -308,6 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", help="run only the workloads whose name starts with this (a .. f; g only this way)")
     parser.add_argument("--key", help="a PEM file to keep the RS256 key in across runs (made on first use)")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--floor", action="store_true", help="drive bench/floor.py's bare proxy instead of ours")
     args = parser.parse_args(argv)
     try:
         import uvloop

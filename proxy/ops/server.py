@@ -6,8 +6,8 @@ load ends it too, exit 0), the open-file limit raised at start and the
 connection limit that follows from it (limits.py), SIGTERM/SIGINT (readiness goes false and
 answers carry `Connection: close`; after `drain_delay` the listener stops accepting, and
 connections get `drain_timeout` to finish what they were sent; exit 0),
-SIGHUP and file changes (reload), and uvloop when it is installed. Mirrors uvicorn's
-`Server.shutdown`: a short run of steps, one comment each. Does not own: what a request
+SIGHUP and file changes (reload), and uvloop (a regular dependency where it runs; asyncio's
+own loop where it is missing). Mirrors uvicorn's `Server.shutdown`: a short run of steps, one comment each. Does not own: what a request
 does (app.py) or what a reload does (reload.py).
 """
 
@@ -262,7 +262,7 @@ def run_worker(settings: Settings, *, config_path: str) -> int:
 
 def _loop_runner() -> Callable[[Coroutine[Any, Any, Any]], Any]:
     try:
-        import uvloop  # the faster event loop, when installed (`pip install jwt-sidecar[fast]`)
+        import uvloop  # the faster event loop (a regular dependency on Linux and macOS)
     except ImportError:
         return asyncio.run
     return uvloop.run

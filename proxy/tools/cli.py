@@ -90,8 +90,27 @@ class _Parser(argparse.ArgumentParser):
         raise _Exit(status)
 
 
+def _hold_standard_descriptors() -> None:
+    """Open /dev/null on any of descriptors 0-2 the process was started without.
+
+    Otherwise the first socket or event-loop descriptor opened takes that number: bytes meant
+    for stdout would go to a client, and uvloop (libuv) aborts the process when it closes a
+    descriptor <= 2. `sys.stdout` stays None (Python saw the descriptor closed at start), so
+    `startup.check_stdout` still refuses an access log with nowhere to go, in one line.
+    """
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            held = os.open(os.devnull, os.O_RDWR)
+            if held != fd:  # (the lowest free number: `fd` itself, unless a lower one was closed too)
+                os.dup2(held, fd)
+                os.close(held)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command line (default: `sys.argv[1:]`) and return its exit status."""
+    _hold_standard_descriptors()
     parser = build_parser()
     try:
         args, extras = parser.parse_known_args(argv)

@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -355,6 +356,45 @@ def test_a_closed_stdout_with_the_access_log_on_is_one_line(tmp_path: Path, work
         result,
         "stdout is closed and the access log is written there; give the process a stdout or set access_log: false",
     )
+
+
+@pytest.mark.parametrize("closed", [(0,), (0, 1)], ids=["stdin", "stdin-and-stdout"])
+def test_a_process_started_without_standard_descriptors_serves_and_stops_cleanly(
+    tmp_path: Path, closed: tuple[int, ...]
+) -> None:
+    # Started with descriptor 0 (and 1) closed, the first socket would take its number: with
+    # uvloop, closing it later aborted the process (libuv asserts fd > 2), and bytes for stdout
+    # would go to a client. The command holds /dev/null there first.
+    port = free_port()
+    config = write_config(tmp_path, listen=f"127.0.0.1:{port}", extra="access_log: false\n")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "proxy", "run", "--config", str(config)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        preexec_fn=lambda: [os.close(fd) for fd in closed],
+    )
+    try:
+        for _ in range(300):  # up to 30 s for the listener
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1) as conn:
+                conn.sendall(b"GET /anything HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                answer = conn.recv(65536)
+                break
+            assert proc.poll() is None, proc.communicate()[1]
+            time.sleep(0.1)
+        else:
+            raise AssertionError("the sidecar never listened")
+        assert answer.startswith(b"HTTP/1.1 "), answer  # (no keys: 503; a token route either way)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    assert "Assertion" not in err and "Traceback" not in err
 
 
 # -- a stop while starting ------------------------------------------------------------------

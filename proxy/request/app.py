@@ -74,12 +74,13 @@ class Proxy:
         )
         self._own_session = session is None
         self._session = session
+        self._keyring: KeyRing | None = None  # held from the start on, so a start stopped midway closes it
 
     async def start(self) -> None:
         runtime = self.runtime
         runtime.session = self._session or new_session()
         runtime.pool = Pool()
-        keyring = KeyRing(runtime.settings.providers, session=runtime.session, clock=runtime.clock)
+        keyring = self._keyring = KeyRing(runtime.settings.providers, session=runtime.session, clock=runtime.clock)
         # First key loads happen before the listener opens; a failed one only leaves the
         # provider not ready (503s and /readyz false) until the background refresh succeeds.
         await keyring.start()
@@ -100,6 +101,10 @@ class Proxy:
             await runtime.revocation.close()
         if runtime.snapshot is not None:
             await runtime.snapshot.keyring.close()
+        elif self._keyring is not None:
+            # A start stopped while the first keys load (SIGTERM): its fetches end here, before
+            # the client they use closes under them (and logs a failed fetch nobody waits for).
+            await self._keyring.close()
         if runtime.pool is not None:
             await runtime.pool.close()
         if self._own_session and runtime.session is not None:

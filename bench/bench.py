@@ -14,7 +14,7 @@ Envoy and the floor in both passes, the latency at a fixed 200 req/s, the peak R
 issue's targets as PASS/FAIL lines (raw results: bench/results/latest.json).
 
     bench/run                     # 2 rounds of 5 s per run, pinned and unpinned: ~12 min on 2 cores
-    bench/run --quick             # 1 round of 2 s per run: ~4 min, to check the tooling
+    bench/run --quick             # 1 round of 2 s per run: ~3.5 min, to check the tooling
     bench/run --modes unpinned --targets sidecar,envoy --workloads a,b
     bench/run --from bench/results/latest.json          # print the report of a saved run again
     bench/run --goals [--from bench/results/latest.json] # only the PASS/FAIL lines; exit 1 on a FAIL
@@ -162,6 +162,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="where Envoy and jwt-sidecar write their access logs: a file in the temp dir (default) or /dev/null",
     )
     p.add_argument("--no-micro", action="store_true", help="skip bench/verify_micro.py")
+    p.add_argument(
+        "--instructions",
+        action="store_true",
+        help="also count instructions per request for (a) and (c), ours and the floor's (bash bench/instructions "
+        "a c: ~3 min more), for the target of at most 2x the floor's",
+    )
     p.add_argument(
         "--output", type=Path, default=RESULTS, help=f"raw results (default {RESULTS.relative_to(HERE.parent)})"
     )
@@ -449,11 +455,11 @@ def estimate_s(passes: list[Pass], args: argparse.Namespace) -> float:
         names = set(args.target_names)
         for w in ps.workloads:
             n = len(set(w.targets) & names)
-            total += n * args.rounds * (args.duration + (1.5 if w.kind == "rate" else 0.4))
+            total += n * args.rounds * (args.duration + (1.0 if w.kind == "rate" else 0.2))
             if w.kind == "wrk":
-                total += n * (warm_s(args) + 0.4)
-        total += 20  # starting the servers, the sanity checks
-    return total + 15  # the tokens, the micro-benchmark
+                total += n * (warm_s(args) + 0.2)
+        total += 10  # starting the servers, the sanity checks
+    return total + (10 if args.quick else 20)  # the tokens, the micro-benchmark
 
 
 def warm_s(args: argparse.Namespace) -> float:
@@ -566,6 +572,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.from_file is not None:
         document = json.loads(args.from_file.read_text())
+        if "workload_info" in document["meta"]:
+            # Summarised again, so the report is what this version of report.py makes of the runs.
+            document["summary"] = report.summarise(document["runs"], document["meta"])
         return finish(document, args)
     started = time.monotonic()
     # Ctrl-C (even when started with SIGINT ignored, as `cmd &` does), SIGTERM and SIGHUP all
@@ -662,6 +671,15 @@ def main(argv: list[str] | None = None) -> int:
         else:
             micro = json.loads(proc.stdout)
 
+    counts = None
+    if args.instructions and not failures:
+        print("bench: instructions per request (bash bench/instructions a c)…", flush=True)
+        proc = subprocess.run(
+            ["bash", str(HERE / "instructions"), "a", "c"], capture_output=True, text=True, timeout=1800
+        )
+        counts = report.parse_instructions(proc.stdout)
+        if proc.returncode != 0 or not counts:
+            failures.append(f"bench/instructions failed:\n{proc.stdout}\n{proc.stderr}")
     if runs:
         shares = sorted(r["other_cpu_share"] for r in runs)
         meta["other_cpu_share"] = {"median": shares[len(shares) // 2], "max": shares[-1]}
@@ -671,6 +689,7 @@ def main(argv: list[str] | None = None) -> int:
         "summary": report.summarise(runs, meta),
         "runs": runs,
         "micro": micro,
+        "instructions": counts,
         "failures": failures,
     }
     report.write_json(args.output, document)

@@ -10,6 +10,7 @@ against the workload's `base`: Envoy with jwt_authn, Envoy's router alone for (d
 from __future__ import annotations
 
 import json
+import re
 import statistics
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,11 @@ GOALS = (
     ("(b) `workers: 2` ≥ 1.0× Envoy --concurrency 2", "rps", "b2", 1.0),
     ("peak RSS of the process tree, `workers: 2` ≤ 1.2× Envoy --concurrency 2", "rss2", "", 1.2),
     ("added p99 at a fixed 200 req/s ≤ Envoy's", "p99", "f", 1.0),
+)
+# With `--instructions`: bench/instructions' counts, the same in either pass.
+INSTRUCTION_GOALS = (
+    ("(a) instructions per request ≤ 2× the floor's", "a", 2.0),
+    ("(c) instructions per request ≤ 2× the floor's", "c", 2.0),
 )
 
 
@@ -167,6 +173,28 @@ def goals(document: dict) -> list[dict]:
             else:
                 verdict = "PASS" if value <= limit else "FAIL"
             found.append({"label": label, "mode": mode, "value": value, "text": text, "verdict": verdict})
+    counts = document.get("instructions") or {}
+    for label, key, limit in INSTRUCTION_GOALS:
+        if key in counts:
+            ours, floor = counts[key]["ours"], counts[key]["floor"]
+            value = ours / floor
+            found.append(
+                {
+                    "label": label,
+                    "mode": "both",
+                    "value": value,
+                    "text": f"{ours:,} / {floor:,} = {value:.2f}×",
+                    "verdict": "PASS" if value <= limit else "FAIL",
+                }
+            )
+    return found
+
+
+def parse_instructions(text: str) -> dict[str, dict[str, int]]:
+    """bench/instructions' lines: `a: 293237 instructions/request; python-floor 72755 (...)`."""
+    found = {}
+    for m in re.finditer(r"^(\w): (\d+) instructions/request; python-floor (\d+)", text, re.MULTILINE):
+        found[m.group(1)] = {"ours": int(m.group(2)), "floor": int(m.group(3))}
     return found
 
 
@@ -311,7 +339,8 @@ def goals_table(found: list[dict]) -> list[str]:
     for label in labels:
         cells = []
         for mode in MODES:
-            g = next((g for g in found if g["label"] == label and g["mode"] == mode), None)
+            # An instruction count is the same in either pass.
+            g = next((g for g in found if g["label"] == label and g["mode"] in (mode, "both")), None)
             cells.append("–" if g is None or g["verdict"] == "SKIP" else f"{g['verdict']}: {g['text']}")
         out.append(f"| {label} | {' | '.join(cells)} |")
     return out

@@ -379,6 +379,9 @@ def markdown(document: dict) -> str:
         out += ["", f"Not run: {s}."]
     out += [
         "",
+        "Envoy and jwt-sidecar each write a JSON access-log line per request"
+        + (" (to /dev/null)" if meta.get("access_log") == "null" else " (to a file)")
+        + "; python-floor logs nothing. "
         'Medians over the rounds. "vs Envoy": against Envoy with jwt_authn, for (d) against Envoy\'s '
         'router alone, for `workers: 2` against Envoy --concurrency 2; "vs floor": against python-floor '
         "(bench/floor.py, which verifies nothing), same pass. CPU and RSS are the proxy's process tree's.",

@@ -600,6 +600,14 @@ def main(argv: list[str] | None = None) -> int:
     meta = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "quick": args.quick,
+        # Every workload against every target in both passes, at the default rounds and duration
+        # (or more): what bench/RESULTS.md and the README may call a full run.
+        "full": not args.quick
+        and args.rounds >= 2
+        and args.duration >= 5
+        and len(args.workload_list) == len(WORKLOADS)
+        and args.target_names == list(TARGET_NAMES)
+        and args.mode_list == list(MODES),
         "rounds": args.rounds,
         "duration_s": args.duration,
         "connections": args.connections,

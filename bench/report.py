@@ -241,7 +241,12 @@ def _rss(row: dict | None) -> str:
 
 def header(meta: dict) -> str:
     ver = meta["versions"]
-    kind = "Quick run (`--quick`: to check the tooling, not to compare)" if meta.get("quick") else "Full run"
+    if meta.get("quick"):
+        kind = "Quick run (`--quick`: to check the tooling, not to compare)"
+    elif meta.get("full", True):
+        kind = "Full run"
+    else:
+        kind = "Partial run (a part of the workloads, targets or passes, or shorter: not a full run)"
     modes = meta.get("modes", ["pinned"] if meta.get("pinned") else ["unpinned"])
     passes = []
     if "pinned" in modes:

@@ -83,8 +83,12 @@ def test_results_sections_are_dated_newest_first() -> None:
     assert all(re.fullmatch(rf"## {DATE}: .+", line) for line in RESULTS.splitlines() if line.startswith("## "))
 
 
-def test_no_quick_run_is_taken_for_a_full_one() -> None:
+def test_no_quick_or_partial_run_is_taken_for_a_full_one() -> None:
     assert not FULL_RUN.search("Quick run (`--quick`: to check the tooling, not to compare): 1 round(s) of 2 s per run")
+    assert not FULL_RUN.search(
+        "Partial run (a part of the workloads, targets or passes, or shorter: not a full run): 2"
+    )
+    assert FULL_RUN.search("Full run: 2 round(s) of 5 s per run, interleaved")
 
 
 def test_the_readme_shows_the_newest_full_run_verbatim() -> None:

@@ -4,13 +4,20 @@ Starts an nginx upstream (fixed 200 "ok", a 1 MiB file, a 1 MiB upload sink) tha
 serves the JWKS, Envoy with jwt_authn (remote RS256 JWKS, claim headers, a 100-entry JWT
 cache), Envoy with the router alone, jwt-sidecar with the same rules, and python-floor
 (bench/floor.py: HTTP in and out in Python and no token verification, the ceiling of any
-Python proxy here); checks that each answers as it should; then runs every workload against
-every target in turn, interleaved over rounds, and prints a Markdown table (raw results:
-bench/results/latest.json).
+Python proxy here); Envoy --concurrency 2 and jwt-sidecar `workers: 2` for the two-way rows.
+Envoy and jwt-sidecar each write one JSON access-log line per request to a file (like for
+like, as a production sidecar does; targets.py). It checks that each answers as it should,
+then runs every workload against every target in turn, interleaved over rounds, twice: in
+the `pinned` pass the proxy has one CPU and the load generator and upstream the other; in
+the `unpinned` pass nothing is pinned. It prints one Markdown table of every workload against
+Envoy and the floor in both passes, the latency at a fixed 200 req/s, the peak RSS, and the
+issue's targets as PASS/FAIL lines (raw results: bench/results/latest.json).
 
-    bench/run                     # 3 rounds of 5 s per run
-    bench/run --quick             # 1 round of 2 s
-    bench/run --targets sidecar,envoy --workloads a,b
+    bench/run                     # 2 rounds of 5 s per run, pinned and unpinned: ~12 min on 2 cores
+    bench/run --quick             # 1 round of 2 s per run: ~3.5 min, to check the tooling
+    bench/run --modes unpinned --targets sidecar,envoy --workloads a,b
+    bench/run --from bench/results/latest.json          # print the report of a saved run again
+    bench/run --goals [--from bench/results/latest.json] # only the PASS/FAIL lines; exit 1 on a FAIL
 """
 
 from __future__ import annotations
@@ -20,12 +27,13 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -40,12 +48,14 @@ import tokens  # noqa: E402
 RESULTS = HERE / "results" / "latest.json"
 DISTINCT_TOKENS = 10_000
 RATE = 200.0
+MODES = ("pinned", "unpinned")
 
 # python-floor verifies nothing: it is there to show what HTTP alone costs in Python.
 FLOOR = "python-floor"
 PROXIES = ("envoy", "jwt-sidecar", FLOOR)
-# Two-way: Envoy --concurrency 2 against jwt-sidecar `workers: 2`, unpinned (they need both CPUs).
+# Two-way: Envoy --concurrency 2 against jwt-sidecar `workers: 2` (pinned only with 3+ CPUs).
 PROXIES_2 = ("envoy-2", "jwt-sidecar-2w")
+TWO_WAY = set(PROXIES_2)
 TARGET_NAMES = ("envoy", "jwt-sidecar", FLOOR, "envoy-router", "nginx", *PROXIES_2)
 ALIASES = {
     "sidecar": "jwt-sidecar",
@@ -78,23 +88,37 @@ class Workload:
     large: bool = False
     """1 MiB bodies: fewer connections."""
     rate: float = RATE
+    base: str = "envoy"
+    """What the ratios are taken against: Envoy with jwt_authn, its router alone, or --concurrency 2."""
 
 
 WORKLOADS = [
     Workload("a", "(a) one valid token", T.PROTECTED_PATH, PROXIES, script="status.lua"),
-    Workload("a2", "(a) one valid token, 2 workers", T.PROTECTED_PATH, PROXIES_2, script="status.lua"),
-    Workload(
-        "b2", "(b) 10,000 distinct tokens, 2 workers", T.PROTECTED_PATH, PROXIES_2, token="cycle", script="tokens.lua"
-    ),
     Workload("b", "(b) 10,000 distinct tokens", T.PROTECTED_PATH, PROXIES, token="cycle", script="tokens.lua"),
     Workload("c", "(c) no token → 401", T.PROTECTED_PATH, PROXIES, expect=401, token="none", script="status.lua"),
     Workload(
-        "d", "(d) public route", T.PUBLIC_PATH, (*PROXIES, "envoy-router", "nginx"), token="none", script="status.lua"
+        "d",
+        "(d) public route",
+        T.PUBLIC_PATH,
+        (*PROXIES, "envoy-router", "nginx"),
+        token="none",
+        script="status.lua",
+        base="envoy-router",
     ),
     # No status counting here: wrk would hand every 1 MiB body to Lua, loading the load
     # generator more than the proxies. wrk's own non-2xx/3xx count and the sanity check remain.
     Workload("e-down", "(e) 1 MiB response", T.BIG_PATH, (*PROXIES, "nginx"), large=True),
     Workload("e-up", "(e) 1 MiB upload", T.UPLOAD_PATH, (*PROXIES, "nginx"), script="upload.lua", large=True),
+    Workload("a2", "(a) one valid token, 2 workers", T.PROTECTED_PATH, PROXIES_2, script="status.lua", base="envoy-2"),
+    Workload(
+        "b2",
+        "(b) 10,000 distinct tokens, 2 workers",
+        T.PROTECTED_PATH,
+        PROXIES_2,
+        token="cycle",
+        script="tokens.lua",
+        base="envoy-2",
+    ),
     Workload("f", "(f) 200 req/s, one valid token", T.PROTECTED_PATH, (*PROXIES, "nginx"), kind="rate"),
 ]
 
@@ -111,8 +135,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         epilog=__doc__.split("\n\n", 2)[2],
     )
     p.add_argument("--quick", action="store_true", help="1 round of 2 s per run (and a quicker micro-benchmark)")
-    p.add_argument("--rounds", type=int, help="rounds (default 3; 1 with --quick)")
+    p.add_argument("--rounds", type=int, help="rounds (default 2; 1 with --quick)")
     p.add_argument("--duration", type=float, help="seconds per run (default 5; 2 with --quick)")
+    p.add_argument(
+        "--modes",
+        default=",".join(MODES),
+        help="comma list of pinned (the proxy on one CPU, load and upstream on the other) and unpinned (default: both)",
+    )
+    p.add_argument("--no-pin", action="store_true", help="the unpinned pass only (same as --modes unpinned)")
     p.add_argument(
         "--targets",
         default=",".join(TARGET_NAMES),
@@ -125,15 +155,42 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--connections", type=int, default=32, help="wrk connections (default 32)")
     p.add_argument("--connections-large", type=int, default=8, help="wrk connections for 1 MiB bodies (default 8)")
-    p.add_argument("--no-pin", action="store_true", help="do not pin the proxy and the load generator to separate CPUs")
+    p.add_argument(
+        "--access-log",
+        choices=("file", "null"),
+        default="file",
+        help="where Envoy and jwt-sidecar write their access logs: a file in the temp dir (default) or /dev/null",
+    )
     p.add_argument("--no-micro", action="store_true", help="skip bench/verify_micro.py")
+    p.add_argument(
+        "--instructions",
+        action="store_true",
+        help="also count instructions per request for (a) and (c), ours and the floor's (bash bench/instructions "
+        "a c: ~3 min more), for the target of at most 2x the floor's",
+    )
     p.add_argument(
         "--output", type=Path, default=RESULTS, help=f"raw results (default {RESULTS.relative_to(HERE.parent)})"
     )
     p.add_argument("--keep", action="store_true", help="keep the temp dir (configs, logs, tokens)")
+    p.add_argument(
+        "--from",
+        dest="from_file",
+        type=Path,
+        metavar="FILE",
+        help="run nothing: print the report of a saved run (bench/results/latest.json)",
+    )
+    p.add_argument(
+        "--goals",
+        action="store_true",
+        help="print only the issue's targets as PASS/FAIL lines (pinned and unpinned); exit 1 if one fails",
+    )
     args = p.parse_args(argv)
-    args.rounds = args.rounds or (1 if args.quick else 3)
+    args.rounds = args.rounds or (1 if args.quick else 2)
     args.duration = args.duration or (2.0 if args.quick else 5.0)
+    modes = [m.strip() for m in ("unpinned" if args.no_pin else args.modes).split(",") if m.strip()]
+    if not modes or set(modes) - set(MODES):
+        p.error(f"--modes: choose from {', '.join(MODES)}")
+    args.mode_list = [m for m in MODES if m in modes]
     names = []
     for raw in args.targets.split(","):
         name = ALIASES.get(raw.strip())
@@ -149,8 +206,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             p.error(f"unknown workload {raw!r}; choose from {', '.join(w.key for w in WORKLOADS)}")
         keys.update(matched)
     args.workload_list = [w for w in WORKLOADS if w.key in keys and set(w.targets) & set(args.target_names)]
-    if args.rounds < 1 or args.duration <= 0:
-        p.error("--rounds and --duration must be positive")
+    if args.rounds < 1 or args.duration < 1 or args.duration != int(args.duration):
+        p.error("--rounds and --duration must be positive, --duration whole seconds (wrk's)")
     return args
 
 
@@ -343,9 +400,182 @@ def describe_failure(w: Workload, target: T.Target, r: dict) -> str:
     return f"{w.title} against {target.name}: {r['errors']} unexpected ({what}; every answer should be {w.expect})"
 
 
+def sanity_access_log(target: T.Target) -> None:
+    """Envoy and jwt-sidecar wrote a JSON access-log line for the sanity requests."""
+    path = target.access_log
+    if target.kind not in ("envoy", "sidecar") or path is None or path == os.devnull:
+        return
+    deadline = time.monotonic() + 5.0
+    while True:
+        try:
+            lines = Path(path).read_text(errors="replace").splitlines()
+        except OSError:
+            lines = []
+        if lines or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    check(bool(lines), f"{target.name}: no access-log line in {path} after the sanity checks")
+    try:
+        line = json.loads(lines[-1])
+    except ValueError:
+        raise Failure(f"{target.name}: its access-log line is not JSON: {lines[-1][:200]!r}") from None
+    missing = {"request_id", "method", "path", "status", "latency_ms"} - set(line)
+    check(not missing, f"{target.name}: its access-log line lacks {sorted(missing)}: {lines[-1][:200]!r}")
+
+
+# -- one pass (pinned or unpinned) ------------------------------------------------------------
+@dataclass
+class Pass:
+    mode: str
+    target_cpus: set[int] | None
+    load_cpus: set[int] | None
+    two_way_cpus: set[int] | None
+    workloads: list[Workload]
+    skipped: list[str]
+
+
+def plan_pass(mode: str, args: argparse.Namespace) -> Pass | None:
+    if mode == "unpinned":
+        return Pass(mode, None, None, None, list(args.workload_list), [])
+    if not T.pin_available():
+        return None
+    workloads, skipped = list(args.workload_list), []
+    two_way_cpus = T.TARGET_CPUS_2 if T.pin_available(3) else None
+    if two_way_cpus is None:
+        two = [w for w in workloads if set(w.targets) <= TWO_WAY]
+        workloads = [w for w in workloads if w not in two]
+        skipped += [f"{w.title}: pinned needs 3+ CPUs (2 for the proxy, 1 for the load)" for w in two]
+    return Pass(mode, T.TARGET_CPUS, T.LOAD_CPUS, two_way_cpus, workloads, skipped)
+
+
+def estimate_s(passes: list[Pass], args: argparse.Namespace) -> float:
+    """What the runs take, roughly: each run's duration plus its start-up, warm-ups, start-up."""
+    total = 0.0
+    for ps in passes:
+        names = set(args.target_names)
+        for w in ps.workloads:
+            n = len(set(w.targets) & names)
+            total += n * args.rounds * (args.duration + (1.0 if w.kind == "rate" else 0.2))
+            if w.kind == "wrk":
+                total += n * (warm_s(args) + 0.2)
+        total += 10  # starting the servers, the sanity checks
+    return total + (10 if args.quick else 20)  # the tokens, the micro-benchmark
+
+
+def warm_s(args: argparse.Namespace) -> float:
+    return 1.0  # wrk counts in whole seconds
+
+
+def start_targets(
+    procs: T.Processes, tmp: Path, nginx: T.Nginx, ps: Pass, args: argparse.Namespace, names: list[str]
+) -> dict[str, T.Target]:
+    running: dict[str, T.Target] = {}
+    for name in names:
+
+        def log(name: str = name) -> str:
+            return os.devnull if args.access_log == "null" else str(tmp / f"{ps.mode}.{name}.access.log")
+
+        if name == "envoy":
+            target = T.start_envoy(procs, tmp, nginx, name=name, jwt=True, cpus=ps.target_cpus, access_log=log())
+        elif name == "envoy-router":
+            target = T.start_envoy(procs, tmp, nginx, name=name, jwt=False, cpus=ps.target_cpus, access_log=log())
+        elif name == "jwt-sidecar":
+            target = T.start_sidecar(procs, tmp, nginx, cpus=ps.target_cpus, access_log=log())
+        elif name == FLOOR:
+            target = T.start_floor(procs, tmp, nginx, cpus=ps.target_cpus)
+        elif name == "envoy-2":
+            target = T.start_envoy(
+                procs, tmp, nginx, name=name, jwt=True, cpus=ps.two_way_cpus, access_log=log(), concurrency=2
+            )
+        elif name == "jwt-sidecar-2w":
+            target = T.start_sidecar(procs, tmp, nginx, cpus=ps.two_way_cpus, access_log=log(), workers=2)
+        else:
+            target = T.Target("nginx", nginx.proc, nginx.port, "nginx")
+        running[name] = target
+        print(f"bench: [{ps.mode}] {name} on :{target.port} (pid {target.pid})", flush=True)
+    return running
+
+
+def run_pass(
+    ps: Pass,
+    args: argparse.Namespace,
+    toks: tokens.TokenSet,
+    tmp: Path,
+    runs: list[dict],
+    failures: list[str],
+    meta: dict,
+    progress: list[int],
+) -> None:
+    """Start everything for one pass, check it, warm it up, run its rounds, stop it."""
+    procs = T.Processes()
+    try:
+        nginx = T.start_nginx(procs, tmp, cpus=ps.load_cpus)
+        print(f"bench: [{ps.mode}] nginx upstream :{nginx.port}, JWKS {nginx.jwks_url}", flush=True)
+        wanted = {name for w in ps.workloads for name in w.targets}
+        running = start_targets(procs, tmp, nginx, ps, args, [n for n in args.target_names if n in wanted])
+        for target in running.values():
+            sanity(target, toks)
+        for target in running.values():
+            sanity_access_log(target)
+        print(
+            f"bench: [{ps.mode}] sanity checks passed (claim headers, token stripped, spoofed headers removed, "
+            "401s, 1 MiB both ways, a JSON access-log line from Envoy and jwt-sidecar"
+            + (f"; {FLOOR}: 401 and 1 MiB only, it verifies nothing" if FLOOR in running else "")
+            + ")",
+            flush=True,
+        )
+        upstream = nginx.proc.measure_pid
+        # Warm-up, not recorded: connection pools, caches, lazy initialisation.
+        for w in ps.workloads:
+            for name in w.targets:
+                if name in running and w.kind == "wrk":
+                    run_one(w, running[name], toks, args, warm_s(args), ps.load_cpus, upstream)
+
+        for rnd in range(args.rounds):
+            for w in ps.workloads:
+                names = [name for name in w.targets if name in running]
+                # Rotate the order each round, so no target always runs first (or after the same one).
+                shift = rnd % len(names)
+                for name in names[shift:] + names[:shift]:
+                    progress[0] += 1
+                    target = running[name]
+                    if not target.proc or not target.proc.alive():
+                        raise Failure(f"{name} died; its log:\n{target.proc.log_tail() if target.proc else ''}")
+                    r = run_one(w, target, toks, args, args.duration, ps.load_cpus, upstream)
+                    r["round"] = rnd + 1
+                    r["mode"] = ps.mode
+                    runs.append(r)
+                    p50, p99 = r["latency_ms"].get("p50"), r["latency_ms"].get("p99")
+                    print(
+                        f"  [{progress[0]:>3}/{progress[1]}] {ps.mode:<8} round {rnd + 1} {w.key:<6} {name:<14} "
+                        f"{r['rps']:>9,.0f} req/s  p50 {p50 if p50 is not None else float('nan'):7.2f} ms  "
+                        f"p99 {p99 if p99 is not None else float('nan'):7.2f} ms  "
+                        f"cpu {r['cpu_s_per_1k'] or 0:.3f} ms/req  rss {r['peak_rss_kib'] / 1024:6.1f} MiB"
+                        + (f"  other work {r['other_cpu_share']:.0%} of a CPU" if r["other_cpu_share"] > 0.1 else "")
+                        + (f"  ERRORS {r['errors']}" if r["errors"] else ""),
+                        flush=True,
+                    )
+                    if r["errors"]:
+                        msg = f"[{ps.mode}] " + describe_failure(w, target, r)
+                        failures.append(msg)
+                        print(f"FAIL: {msg}", file=sys.stderr, flush=True)
+        hwm = meta["vm_hwm_mib"].setdefault(ps.mode, {})
+        for name, target in running.items():
+            if target.proc is not None:
+                hwm[name] = load.status_kib(target.pid, "VmHWM") / 1024
+    finally:
+        procs.stop_all()
+
+
 # -- main -------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.from_file is not None:
+        document = json.loads(args.from_file.read_text())
+        if "workload_info" in document["meta"]:
+            # Summarised again, so the report is what this version of report.py makes of the runs.
+            document["summary"] = report.summarise(document["runs"], document["meta"])
+        return finish(document, args)
     started = time.monotonic()
     # Ctrl-C (even when started with SIGINT ignored, as `cmd &` does), SIGTERM and SIGHUP all
     # unwind through the `finally` below, which stops everything this run started.
@@ -357,104 +587,68 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, interrupted)
 
-    pin = not args.no_pin and T.pin_available()
-    target_cpus = T.TARGET_CPUS if pin else None
-    load_cpus = T.LOAD_CPUS if pin else None
+    passes: list[Pass] = []
+    skipped: list[str] = []
+    for mode in args.mode_list:
+        ps = plan_pass(mode, args)
+        if ps is None:
+            skipped.append("the pinned pass: this machine has fewer than 2 CPUs to pin apart")
+        else:
+            passes.append(ps)
+            skipped += [f"[{mode}] {s}" for s in ps.skipped]
     ver = versions()
     meta = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "quick": args.quick,
+        # Every workload against every target in both passes, at the default rounds and duration
+        # (or more): what bench/RESULTS.md and the README may call a full run.
+        "full": not args.quick
+        and args.rounds >= 2
+        and args.duration >= 5
+        and len(args.workload_list) == len(WORKLOADS)
+        and args.target_names == list(TARGET_NAMES)
+        and args.mode_list == list(MODES),
         "rounds": args.rounds,
         "duration_s": args.duration,
         "connections": args.connections,
         "connections_large": args.connections_large,
         "wrk_threads": 1,
         "rate": RATE,
-        "pinned": pin,
+        "modes": [ps.mode for ps in passes],
+        "pinned": any(ps.mode == "pinned" for ps in passes),
         "cpus": os.cpu_count(),
         "machine": platform.machine(),
+        "cpu_model": cpu_model(),
         "kernel": platform.release(),
         "envoy_version": ver["envoy"],
         "sidecar_loop": ver["sidecar_loop"],
+        "access_log": args.access_log,
         "versions": ver,
         "distinct_tokens": DISTINCT_TOKENS,
         "targets": args.target_names,
         "workloads": [w.key for w in args.workload_list],
+        "workload_info": [asdict(w) for w in args.workload_list],
+        "skipped": skipped,
+        "vm_hwm_mib": {},
     }
-    procs = T.Processes()
     runs: list[dict] = []
     failures: list[str] = []
+    names = set(args.target_names)
+    total = sum(len(set(w.targets) & names) * args.rounds for ps in passes for w in ps.workloads)
+    progress = [0, total]
     tmp = Path(tempfile.mkdtemp(prefix="jwt-sidecar-bench-"))
     try:
-        print(f"bench: temp dir {tmp}; minting {DISTINCT_TOKENS:,} RS256 tokens…", flush=True)
-        toks = tokens.make(tmp, distinct=DISTINCT_TOKENS)
-        nginx = T.start_nginx(procs, tmp, cpus=load_cpus)
-        print(f"bench: nginx upstream :{nginx.port}, JWKS {nginx.jwks_url}", flush=True)
-        running: dict[str, T.Target] = {}
-        for name in args.target_names:
-            if name == "envoy":
-                running[name] = T.start_envoy(procs, tmp, nginx, name="envoy", jwt=True, cpus=target_cpus)
-            elif name == "envoy-router":
-                running[name] = T.start_envoy(procs, tmp, nginx, name="envoy-router", jwt=False, cpus=target_cpus)
-            elif name == "jwt-sidecar":
-                running[name] = T.start_sidecar(procs, tmp, nginx, cpus=target_cpus)
-            elif name == FLOOR:
-                running[name] = T.start_floor(procs, tmp, nginx, cpus=target_cpus)
-            elif name == "envoy-2":
-                running[name] = T.start_envoy(procs, tmp, nginx, name="envoy-2", jwt=True, cpus=None, concurrency=2)
-            elif name == "jwt-sidecar-2w":
-                running[name] = T.start_sidecar(procs, tmp, nginx, cpus=None, workers=2)
-            else:
-                running[name] = T.Target("nginx", nginx.proc, nginx.port, "nginx")
-            print(f"bench: {name} on :{running[name].port} (pid {running[name].pid})", flush=True)
-        for target in running.values():
-            sanity(target, toks)
         print(
-            "bench: sanity checks passed (claim headers, token stripped, spoofed headers removed, 401s, "
-            "1 MiB both ways"
-            + (f"; {FLOOR}: 401 and 1 MiB only, it verifies nothing" if FLOOR in running else "")
-            + ")",
+            f"bench: {total} runs ({' and '.join(ps.mode for ps in passes)}, {args.rounds} round(s) of "
+            f"{args.duration:g} s), about {estimate_s(passes, args) / 60:.0f} min",
             flush=True,
         )
-
-        # Warm-up, not recorded: connection pools, caches, lazy initialisation.
-        warm = min(1.0, args.duration / 2)
-        for w in args.workload_list:
-            for name in w.targets:
-                if name in running and w.kind == "wrk":
-                    run_one(w, running[name], toks, args, warm, load_cpus, nginx.proc.measure_pid)
-
-        plan = [(w, name) for w in args.workload_list for name in w.targets if name in running]
-        total = len(plan) * args.rounds
-        n = 0
-        for rnd in range(args.rounds):
-            for w in args.workload_list:
-                names = [name for name in w.targets if name in running]
-                # Rotate the order each round, so no target always runs first (or after the same one).
-                shift = rnd % len(names)
-                for name in names[shift:] + names[:shift]:
-                    n += 1
-                    target = running[name]
-                    if not target.proc or not target.proc.alive():
-                        raise Failure(f"{name} died; its log:\n{target.proc.log_tail() if target.proc else ''}")
-                    r = run_one(w, target, toks, args, args.duration, load_cpus, nginx.proc.measure_pid)
-                    r["round"] = rnd + 1
-                    runs.append(r)
-                    p50, p99 = r["latency_ms"].get("p50"), r["latency_ms"].get("p99")
-                    print(
-                        f"  [{n:>3}/{total}] round {rnd + 1} {w.key:<6} {name:<13} {r['rps']:>9,.0f} req/s  "
-                        f"p50 {p50 if p50 is not None else float('nan'):7.2f} ms  p99 {p99 if p99 is not None else float('nan'):7.2f} ms  "
-                        f"cpu/1k {r['cpu_s_per_1k'] or 0:.3f} s  rss {r['peak_rss_kib'] / 1024:6.1f} MiB"
-                        + (f"  other work {r['other_cpu_share']:.0%} of a CPU" if r["other_cpu_share"] > 0.1 else "")
-                        + (f"  ERRORS {r['errors']}" if r["errors"] else ""),
-                        flush=True,
-                    )
-                    if r["errors"]:
-                        msg = describe_failure(w, target, r)
-                        failures.append(msg)
-                        print(f"FAIL: {msg}", file=sys.stderr, flush=True)
-        for name, target in running.items():
-            if target.proc is not None:
-                meta.setdefault("vm_hwm_mib", {})[name] = load.status_kib(target.pid, "VmHWM") / 1024
+        for s in skipped:
+            print(f"bench: skipped {s}", flush=True)
+        print(f"bench: temp dir {tmp}; minting {DISTINCT_TOKENS:,} RS256 tokens…", flush=True)
+        toks = tokens.make(tmp, distinct=DISTINCT_TOKENS)
+        for ps in passes:
+            run_pass(ps, args, toks, tmp, runs, failures, meta, progress)
     except (Failure, RuntimeError) as error:
         # A failed check, or a server that would not start (its log tail is in the message).
         failures.append(str(error))
@@ -463,10 +657,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\nbench: interrupted; stopping everything it started", file=sys.stderr, flush=True)
         raise
     finally:
-        procs.stop_all()
         if not args.keep:
-            import shutil
-
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             print(f"bench: kept {tmp}")
@@ -475,6 +666,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_micro and not failures:
         print("bench: verification micro-benchmark…", flush=True)
         argv_micro = [sys.executable, str(HERE / "verify_micro.py"), "--json"] + (["--quick"] if args.quick else [])
+        pin = meta["pinned"]
         proc = subprocess.run(
             argv_micro,
             capture_output=True,
@@ -487,22 +679,64 @@ def main(argv: list[str] | None = None) -> int:
         else:
             micro = json.loads(proc.stdout)
 
-    rows = report.summarise(runs, args.workload_list, args.target_names)
+    counts = None
+    if args.instructions and not failures:
+        print("bench: instructions per request (bash bench/instructions a c)…", flush=True)
+        proc = subprocess.run(
+            ["bash", str(HERE / "instructions"), "a", "c"], capture_output=True, text=True, timeout=1800
+        )
+        counts = report.parse_instructions(proc.stdout)
+        if proc.returncode != 0 or not counts:
+            failures.append(f"bench/instructions failed:\n{proc.stdout}\n{proc.stderr}")
     if runs:
         shares = sorted(r["other_cpu_share"] for r in runs)
         meta["other_cpu_share"] = {"median": shares[len(shares) // 2], "max": shares[-1]}
     meta["elapsed_s"] = round(time.monotonic() - started, 1)
-    report.write_json(args.output, {"meta": meta, "summary": rows, "runs": runs, "micro": micro, "failures": failures})
-    print()
-    print(report.markdown(rows, args.workload_list, micro, meta))
-    print()
+    document = {
+        "meta": meta,
+        "summary": report.summarise(runs, meta),
+        "runs": runs,
+        "micro": micro,
+        "instructions": counts,
+        "failures": failures,
+    }
+    report.write_json(args.output, document)
+    code = finish(document, args)
     print(f"bench: {meta['elapsed_s']:.0f} s; raw results in {args.output}")
+    return code
+
+
+def finish(document: dict, args: argparse.Namespace) -> int:
+    """Print the report (or, with --goals, only the PASS/FAIL lines); the exit status."""
+    if "workload_info" not in document["meta"]:
+        print("bench: that file was written by an older bench/run (no workload_info): rerun it", file=sys.stderr)
+        return 2
+    if not args.goals:
+        print()
+        print(report.markdown(document))
+        print()
+    goals = report.goals(document)
+    print(report.goal_lines(goals))
+    print()
+    failures = document.get("failures") or []
     if failures:
         print(f"\nFAILED: {len(failures)} problem(s):", file=sys.stderr)
         for f in failures:
             print(f"  - {f}", file=sys.stderr)
         return 1
+    if args.goals and any(g["verdict"] == "FAIL" for g in goals):
+        return 1
     return 0
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "?"
 
 
 if __name__ == "__main__":

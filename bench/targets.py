@@ -3,6 +3,12 @@
 Each server is written a config into the run's temp dir, started in a process group of its
 own bound to 127.0.0.1 on a free port, waited on until it answers, and stopped (SIGTERM to
 the group, then SIGKILL) by `Processes.stop_all`, which bench.py calls in a `finally`.
+
+Like for like: every proxy that is compared writes one JSON access-log line per request to
+a file (or /dev/null, `--access-log null`), as a production sidecar does: jwt-sidecar's
+stdout (its own access log), Envoy's file access logger with the same fields (ACCESS_LOG_FORMAT).
+Both batch their writes: ours at most 0.1 s or 256 lines, Envoy by 64 KiB or every 0.1 s
+(`--file-flush-interval-msec 100`). python-floor logs nothing: it is the floor.
 """
 
 from __future__ import annotations
@@ -34,9 +40,28 @@ JWKS_PATH = "/.well-known/jwks.json"
 MIB = 1024 * 1024
 
 # Which CPU each side gets when pinning (2+ cores): the measured proxy alone on one core,
-# the load generator and the nginx upstream on the other.
+# the load generator and the nginx upstream on the other. Two-way targets (Envoy
+# --concurrency 2, `workers: 2`) are pinned only with 3+ cores: to CPUs 1 and 2.
 TARGET_CPUS = {1}
+TARGET_CPUS_2 = {1, 2}
 LOAD_CPUS = {0}
+
+# Envoy's access-log line: the fields of ours (proxy/telemetry/accesslog.py) that Envoy has.
+# The bench paths carry no query string, so the path logged is the same as ours (which never
+# logs a query string).
+ACCESS_LOG_FORMAT = {
+    "time": "%START_TIME%",
+    "request_id": "%REQ(X-REQUEST-ID)%",
+    "client": "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%",
+    "method": "%REQ(:METHOD)%",
+    "path": "%REQ(:PATH)%",
+    "route": "%ROUTE_NAME%",
+    "status": "%RESPONSE_CODE%",
+    "reason": "%RESPONSE_CODE_DETAILS%",
+    "subject": "%REQ(X-USER-ID)%",
+    "latency_ms": "%DURATION%",
+}
+ACCESS_LOG_FLUSH_MS = 100
 
 
 def free_port() -> int:
@@ -45,8 +70,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def pin_available() -> bool:
-    return hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) >= 2 and (os.cpu_count() or 1) >= 2
+def pin_available(cpus: int = 2) -> bool:
+    """Whether the proxy (on `cpus - 1` CPUs) and the load (on one) can be pinned apart."""
+    return hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) >= cpus and (os.cpu_count() or 1) >= cpus
 
 
 # -- processes ----------------------------------------------------------------------------
@@ -77,17 +103,28 @@ class Proc:
 class Processes:
     procs: list[Proc] = field(default_factory=list)
 
-    def start(self, name: str, argv: list[str], log: Path, *, cpus: set[int] | None, cwd: Path | None = None) -> Proc:
+    def start(
+        self,
+        name: str,
+        argv: list[str],
+        log: Path,
+        *,
+        cpus: set[int] | None,
+        cwd: Path | None = None,
+        stdout: str | None = None,
+    ) -> Proc:
+        """`stdout`: a file for the process's stdout apart from its log (stderr), e.g. an access log."""
+
         def child_setup() -> None:
             if cpus:
                 os.sched_setaffinity(0, cpus)
 
-        with open(log, "wb") as out:
+        with open(log, "wb") as out, open(stdout or os.devnull, "wb") as apart:
             popen = subprocess.Popen(
                 argv,
                 stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
+                stdout=apart if stdout else out,
+                stderr=out if stdout else subprocess.STDOUT,
                 cwd=cwd,
                 start_new_session=True,
                 preexec_fn=child_setup,
@@ -282,6 +319,8 @@ class Target:
     port: int
     kind: str
     """`envoy`, `sidecar`, `floor` (bench/floor.py) or `nginx` (the upstream alone)."""
+    access_log: str | None = None
+    """Where it writes its access log (Envoy and jwt-sidecar)."""
 
     @property
     def pid(self) -> int:
@@ -318,8 +357,11 @@ def _cluster(name: str, port: int) -> dict:
     }
 
 
-def envoy_config(*, port: int, admin_port: int, upstream_port: int, jwks_url: str, jwks_port: int, jwt: bool) -> dict:
-    """Envoy with jwt_authn equivalent to the sidecar's config, or (jwt=False) the router alone."""
+def envoy_config(
+    *, port: int, admin_port: int, upstream_port: int, jwks_url: str, jwks_port: int, jwt: bool, access_log: str
+) -> dict:
+    """Envoy with jwt_authn equivalent to the sidecar's config, or (jwt=False) the router alone;
+    either way with a JSON access-log line per request to `access_log` (a file, or /dev/null)."""
     router = {
         "name": "envoy.filters.http.router",
         "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
@@ -388,13 +430,23 @@ def envoy_config(*, port: int, admin_port: int, upstream_port: int, jwks_url: st
                     "name": "all",
                     "domains": ["*"],
                     "routes": [
-                        {"match": {"prefix": "/public/"}, "route": route},
-                        {"match": {"prefix": "/"}, "route": route},
+                        {"name": "public", "match": {"prefix": "/public/"}, "route": route},
+                        {"name": "api", "match": {"prefix": "/"}, "route": route},
                     ],
                 }
             ],
         },
         "http_filters": filters,
+        "access_log": [
+            {
+                "name": "envoy.access_loggers.file",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+                    "path": access_log,
+                    "log_format": {"json_format": ACCESS_LOG_FORMAT},
+                },
+            }
+        ],
     }
     clusters = [_cluster("upstream", upstream_port)]
     if jwt:
@@ -417,7 +469,15 @@ def envoy_config(*, port: int, admin_port: int, upstream_port: int, jwks_url: st
 
 
 def start_envoy(
-    procs: Processes, run_dir: Path, nginx: Nginx, *, name: str, jwt: bool, cpus: set[int] | None, concurrency: int = 1
+    procs: Processes,
+    run_dir: Path,
+    nginx: Nginx,
+    *,
+    name: str,
+    jwt: bool,
+    cpus: set[int] | None,
+    access_log: str,
+    concurrency: int = 1,
 ) -> Target:
     port, admin_port = free_port(), free_port()
     conf = run_dir / f"{name}.yaml"
@@ -430,6 +490,7 @@ def start_envoy(
                 jwks_url=nginx.jwks_url,
                 jwks_port=nginx.jwks_port,
                 jwt=jwt,
+                access_log=access_log,
             ),
             sort_keys=False,
         )
@@ -443,11 +504,14 @@ def start_envoy(
         "--disable-hot-restart",
         "--log-level",
         "warn",
+        # Flush the access log as often as ours does (under load both flush by size).
+        "--file-flush-interval-msec",
+        str(ACCESS_LOG_FLUSH_MS),
     ]
     proc = procs.start(name, argv, run_dir / f"{name}.log", cpus=cpus)
     wait_ready(proc, admin_port, "/ready", timeout=30)
     wait_ready(proc, port, PUBLIC_PATH, timeout=10)
-    return Target(name, proc, port, "envoy")
+    return Target(name, proc, port, "envoy", access_log)
 
 
 # -- jwt-sidecar ----------------------------------------------------------------------------
@@ -462,8 +526,8 @@ def sidecar_config(*, port: int, admin_port: int, upstream_port: int, jwks_url: 
             "timeout": "30s",
             "max_body": "10MB",
         },
-        # Issue #5: measured with metrics, the access log and every security check on, as it
-        # ships (Envoy here writes no access log, which only favours Envoy).
+        # Measured with metrics, the access log (on stdout: `access_log` of start_sidecar) and
+        # every security check on, as it ships; Envoy writes the same access-log line.
         "access_log": True,
         "providers": {
             "main": {
@@ -484,7 +548,9 @@ def sidecar_config(*, port: int, admin_port: int, upstream_port: int, jwks_url: 
     }
 
 
-def start_sidecar(procs: Processes, run_dir: Path, nginx: Nginx, *, cpus: set[int] | None, workers: int = 1) -> Target:
+def start_sidecar(
+    procs: Processes, run_dir: Path, nginx: Nginx, *, cpus: set[int] | None, access_log: str, workers: int = 1
+) -> Target:
     port, admin_port = free_port(), free_port()
     name = "jwt-sidecar" if workers == 1 else f"jwt-sidecar-{workers}w"
     conf = run_dir / f"{name}.yaml"
@@ -497,9 +563,9 @@ def start_sidecar(procs: Processes, run_dir: Path, nginx: Nginx, *, cpus: set[in
         if exe.exists()
         else [sys.executable, "-m", "proxy", "run", "--config", str(conf)]
     )
-    proc = procs.start(name, argv, run_dir / f"{name}.log", cpus=cpus, cwd=ROOT)
+    proc = procs.start(name, argv, run_dir / f"{name}.log", cpus=cpus, cwd=ROOT, stdout=access_log)
     wait_ready(proc, admin_port, "/readyz", timeout=30)
-    return Target(name, proc, port, "sidecar")
+    return Target(name, proc, port, "sidecar", access_log)
 
 
 # -- python-floor ---------------------------------------------------------------------------

@@ -31,7 +31,6 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from aiohttp import web
 from prometheus_client import CollectorRegistry, multiprocess
 from prometheus_client.exposition import choose_encoder
 
@@ -40,7 +39,7 @@ from ..config.settings import Settings
 from ..http.causes import cause
 from ..telemetry.families import WORKERS_READY as _READY_FAMILY
 from ..telemetry.metrics import ProcessesCollector, WorkersCollector
-from .admin import create_admin_app
+from .admin import admin_server
 from .limits import quiet_accept_errors, raise_fd_limit
 from .startup import StartupError, bind_for, check_stdout, metrics_directory, why
 
@@ -144,10 +143,9 @@ async def supervise(settings: Settings, *, config_path: str) -> int:
         encoder, content_type = choose_encoder(accept or "")
         return _settled(lambda: encoder(registry)), content_type
 
-    admin = web.AppRunner(create_admin_app(readiness=readiness, render=render), handle_signals=False, access_log=None)
-    await admin.setup()
+    admin = admin_server(readiness=readiness, render=render)
     for sock in sockets.admin:
-        await web.SockSite(admin, sock).start()
+        await admin.listen(sock=sock, backlog=128)
     event(
         log,
         logging.INFO,
@@ -264,7 +262,7 @@ async def supervise(settings: Settings, *, config_path: str) -> int:
         stopping.cancel()
         for proc in procs:
             multiprocess.mark_process_dead(proc.pid, directory)
-        await admin.cleanup()
+        await admin.shutdown(1.0)  # its answers are written at once: idle keep-alive connections only
         shutil.rmtree(directory, ignore_errors=True)
     # A worker stopped while waiting to be restarted is not a failure of the stop.
     if (

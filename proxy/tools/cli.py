@@ -25,7 +25,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn, cast
 
-import aiohttp
 import prometheus_client
 import yaml
 
@@ -42,6 +41,7 @@ from ..config import builder as config
 from ..config import routecheck
 from ..config.yamlsource import closest, parse_duration
 from ..http.causes import shown
+from ..http.fetch import Fetcher
 from ..ops import server, workers
 from ..ops.startup import StartupError
 from . import explain as explain_mod
@@ -820,8 +820,8 @@ async def _explain(
     revocation = await _revocation_list(settings.revocation, clock.time()) if provider.revocation else None
     if settings.revocation is not None and revocation is None:  # the provider opts out: no read
         revocation = explain_mod.RevocationList(_store_words(settings.revocation), None)
-    async with aiohttp.ClientSession() as session:
-        source = key_source_for(provider, session=session, clock=clock)
+    async with Fetcher() as fetcher:
+        source = key_source_for(provider, fetcher=fetcher, clock=clock)
         await source.start()
         try:
             return await explain_mod.explain(

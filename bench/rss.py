@@ -7,7 +7,10 @@ the process, then sends 10,000 requests of workload (a) (one valid RS256 token, 
 32 keep-alive connections from a raw-socket client in this process (no HTTP library: the
 figures are the sidecar's) and reads them again. `--workers 2` does the same for a supervisor
 and its two workers: the supervisor's own figure and the tree's sum. Prints one line per
-figure, in MiB, as bench/FIGURES.md quotes them.
+figure, in MiB, as bench/FIGURES.md quotes them. RSS counts a page shared between processes
+(the interpreter, OpenSSL, cryptography's library) in each of them, as the issue's targets
+do; PSS (`/proc/PID/smaps_rollup`) shares it out, closer to what a container's memory
+cgroup is charged for a tree.
 
     .venv/bin/python bench/rss.py                 # one process, then workers: 2
     .venv/bin/python bench/rss.py --workers 1
@@ -70,6 +73,17 @@ def _own_kib(pid: int, key: str) -> int:
     return 0
 
 
+def _pss_kib(pid: int) -> int:
+    total = 0
+    for each in load.tree(pid):
+        try:
+            lines = Path(f"/proc/{each}/smaps_rollup").read_text().splitlines()
+        except OSError:
+            continue
+        total += next((int(line.split()[1]) for line in lines if line.startswith("Pss:")), 0)
+    return total
+
+
 def measure(workers: int, run_dir: Path, toks: tokens.TokenSet, nginx: T.Nginx, procs: T.Processes) -> None:
     target = T.start_sidecar(procs, run_dir, nginx, cpus=None, workers=workers)
     pid = target.pid
@@ -77,12 +91,15 @@ def measure(workers: int, run_dir: Path, toks: tokens.TokenSet, nginx: T.Nginx, 
     label = "one process" if workers == 1 else f"workers: {workers}"
     if workers > 1:
         print(f"{label}: supervisor alone idle  VmRSS {_mib(_own_kib(pid, 'VmRSS'))} MiB")
-    print(f"{label}: idle                    VmRSS {_mib(load.status_kib(pid, 'VmRSS'))} MiB (tree)")
+    print(
+        f"{label}: idle                    VmRSS {_mib(load.status_kib(pid, 'VmRSS'))} MiB, "
+        f"PSS {_mib(_pss_kib(pid))} MiB (tree)"
+    )
     asyncio.run(_drive(target.port, toks.token, REQUESTS))
     time.sleep(0.5)
     print(
         f"{label}: after {REQUESTS:,} of (a)     VmRSS {_mib(load.status_kib(pid, 'VmRSS'))} MiB, "
-        f"peak VmHWM {_mib(load.status_kib(pid, 'VmHWM'))} MiB (tree)"
+        f"peak VmHWM {_mib(load.status_kib(pid, 'VmHWM'))} MiB, PSS {_mib(_pss_kib(pid))} MiB (tree)"
     )
     if workers > 1:
         print(f"{label}: supervisor alone after  VmRSS {_mib(_own_kib(pid, 'VmRSS'))} MiB")

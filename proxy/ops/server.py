@@ -35,7 +35,7 @@ from .admin import admin_server
 from .limits import default_max_connections, quiet_accept_errors, raise_fd_limit
 from .reload import reload, watch
 from .startup import Sockets, bind_for, check_multiproc_dir, check_stdout
-from .workers import WORKER_ENV, supervise
+from .workers import WORKER_ENV, become_supervisor
 
 __all__ = ["configure_logging", "run", "run_worker", "serve"]
 
@@ -253,6 +253,6 @@ def _loop_runner() -> Callable[[Coroutine[Any, Any, Any]], Any]:
 
 def run(settings: Settings, *, config_path: str | None) -> int:
     if settings.workers > 1 and config_path is not None:
-        return _loop_runner()(supervise(settings, config_path=config_path))
+        become_supervisor(settings, config_path=config_path)  # does not return: the process is replaced
     _loop_runner()(serve(settings, config_path=config_path))
     return 0

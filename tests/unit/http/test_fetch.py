@@ -264,3 +264,12 @@ async def test_tls_is_verified_against_the_context_given(serve: Callable[..., Aw
     async with Fetcher(ssl_context=trusting) as fetcher:
         fetched = await fetcher.get(url, timeout=5, limit=4096)
     assert (fetched.status, fetched.body) == (200, b'{"keys": []}')
+
+
+async def test_ssl_cert_file_names_the_trust_store(
+    serve: Callable[..., Awaitable[Peer]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What the README tells an operator with a private CA: the default context reads it.
+    peer = await serve(lambda head: ok(), tls=self_signed_context(tmp_path))
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "cert.pem"))
+    assert await get(f"https://127.0.0.1:{peer.port}/jwks.json") == (200, b'{"keys": []}')

@@ -32,7 +32,7 @@ from ..request.runtime import Runtime
 from ..telemetry.accesslog import AccessLog
 from ..telemetry.families import WORKERS_READY as WORKERS_READY_FAMILY
 from .admin import admin_server
-from .limits import default_max_connections, quiet_accept_errors, raise_fd_limit
+from .limits import default_max_connections, hold_standard_descriptors, quiet_accept_errors, raise_fd_limit
 from .reload import reload, watch
 from .startup import Sockets, bind_for, check_multiproc_dir, check_stdout
 from .workers import WORKER_ENV, become_supervisor
@@ -248,6 +248,7 @@ def _loop_runner() -> Callable[[Coroutine[Any, Any, Any]], Any]:
         import uvloop  # the faster event loop (a regular dependency on Linux and macOS)
     except ImportError:
         return asyncio.run
+    hold_standard_descriptors()
     return uvloop.run
 
 

@@ -47,7 +47,7 @@ from ..http.causes import cause
 from ..telemetry.families import WORKERS_READY as _READY_FAMILY
 from ..telemetry.metrics import ProcessesCollector, WorkersCollector
 from .admin import admin_server
-from .limits import quiet_accept_errors, raise_fd_limit
+from .limits import hold_standard_descriptors, quiet_accept_errors, raise_fd_limit
 from .startup import StartupError, bind_for, check_stdout, metrics_directory, why
 
 __all__ = ["SUPERVISOR_ENV", "WORKERS_READY", "WORKER_ENV", "become_supervisor", "main", "supervise"]
@@ -120,6 +120,7 @@ def main() -> int:
     try:
         import uvloop  # as server.py runs: the faster loop where it is installed
 
+        hold_standard_descriptors()
         runner: Callable[[Any], int] = uvloop.run
     except ImportError:
         runner = asyncio.run

@@ -31,7 +31,6 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from proxy.http.upstream import Pool
-from proxy.request.forward import new_session
 
 HEADERS = [
     ("Accept", "application/json"),
@@ -45,6 +44,17 @@ HEADERS = [
 ]
 _SKIP_AUTO = frozenset({"User-Agent", "Accept", "Accept-Encoding", "Content-Type"})  # as forward.py
 BODY = b'{"orders":[1,2,3],"ok":true}'
+
+
+def new_session() -> aiohttp.ClientSession:
+    """aiohttp's client as the proxy configured it when it used one: pooled keep-alive, no cookie jar."""
+    connector = aiohttp.TCPConnector(limit=1000, limit_per_host=0, enable_cleanup_closed=False)
+    return aiohttp.ClientSession(
+        connector=connector,
+        cookie_jar=aiohttp.DummyCookieJar(),
+        auto_decompress=False,
+        timeout=aiohttp.ClientTimeout(total=None),
+    )
 
 
 def _serve(port: int, use_uvloop: bool) -> None:

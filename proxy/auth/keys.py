@@ -1,7 +1,7 @@
 """Key sources per provider: where each provider's verification keys come from, and when.
 
 Owns: fetching a provider's JWK Set over HTTP (a configured JWKS URL, or the `jwks_uri` of
-an OpenID Connect discovery document) with the shared client session; how long a fetched
+an OpenID Connect discovery document) with the shared client (http/fetch.py's `Fetcher`); how long a fetched
 set counts as fresh and refreshing it ahead of expiry (timed, like every interval here, on
 the injected clock); single-flight and rate-limited refetches when a token names an unknown
 `kid`; keeping the last good keys when a refresh fails; static keys (a JWKS file, a PEM
@@ -30,7 +30,6 @@ from types import MappingProxyType
 from typing import Any
 from urllib.parse import urlsplit
 
-import aiohttp
 from cachetools import TTLCache
 from jwt import PyJWK
 
@@ -39,7 +38,8 @@ from ..base.errors import InvalidToken, KeysUnavailable, Reason
 from ..base.jwks import KeySet
 from ..base.oplog import event
 from ..config.settings import Provider, RemoteJwks, StaticKeys
-from ..http.causes import cause, peer, shown
+from ..http.causes import Worded, cause, peer, shown
+from ..http.fetch import Fetcher
 
 __all__ = [
     "MAX_DOCUMENT_BYTES",
@@ -308,7 +308,7 @@ class RemoteKeySource(KeySource):
         self,
         provider: Provider,
         *,
-        session: aiohttp.ClientSession,
+        fetcher: Fetcher,
         clock: Clock,
         logger: logging.Logger | None = None,
         seed: KeySource | None = None,
@@ -320,8 +320,7 @@ class RemoteKeySource(KeySource):
         if remote.url is None and remote.discovery_url is None:
             raise ValueError(f"provider {provider.name}: a remote key source needs a url or a discovery_url")
         self._remote = remote
-        self._session = session
-        self._timeout = aiohttp.ClientTimeout(total=remote.timeout)
+        self._fetcher = fetcher
         # Holds the last good set for cache_ttl after its load: present means fresh. The
         # set itself outlives it in `keyset`, because stale keys beat no keys (503 for all).
         self._fresh: TTLCache[str, KeySet] = TTLCache(maxsize=1, ttl=remote.cache_ttl, timer=clock.monotonic)
@@ -544,17 +543,17 @@ class RemoteKeySource(KeySource):
 
     async def _get_json(self, url: str, what: str) -> Any:
         try:
-            async with self._session.get(
-                url, timeout=self._timeout, headers={"Accept": "application/json"}
-            ) as response:
-                if response.status != 200:
-                    raise _FetchFailed(what, url, f"HTTP {response.status} from {shown(url)}")
-                body = await _read_limited(response, MAX_DOCUMENT_BYTES)
-        # aiohttp's timeout errors are also ClientErrors: catch them first, to say "timed out".
+            fetched = await self._fetcher.get(
+                url, timeout=self._remote.timeout, limit=MAX_DOCUMENT_BYTES, headers=(("Accept", "application/json"),)
+            )
+        # Builtin TimeoutError is an OSError too: caught first, to say "timed out".
         except TimeoutError:
             raise _FetchFailed(what, url, f"timed out after {self._remote.timeout:g}s") from None
-        except (aiohttp.ClientError, OSError) as error:
+        except (Worded, OSError) as error:  # the fetcher's errors are operator words (causes.py)
             raise _FetchFailed(what, url, cause(error, timeout=self._remote.timeout)) from None
+        if fetched.status != 200:
+            raise _FetchFailed(what, url, f"HTTP {fetched.status} from {shown(url)}")
+        body = fetched.body
         if body is None:
             raise _FetchFailed(what, url, f"larger than {MAX_DOCUMENT_BYTES} bytes")
         try:
@@ -562,18 +561,6 @@ class RemoteKeySource(KeySource):
         except (ValueError, RecursionError):
             # ValueError covers bad JSON and bad UTF-8; RecursionError, absurd nesting.
             raise _FetchFailed(what, url, f"not JSON ({len(body)} bytes)") from None
-
-
-async def _read_limited(response: aiohttp.ClientResponse, limit: int) -> bytes | None:
-    """The body, or None when it is longer than `limit` (read no further than that)."""
-    if response.content_length is not None and response.content_length > limit:
-        return None
-    body = bytearray()
-    async for chunk in response.content.iter_chunked(64 * 1024):
-        body += chunk
-        if len(body) > limit:
-            return None
-    return bytes(body)
 
 
 async def _wait(task: asyncio.Task[bool]) -> None:
@@ -592,21 +579,21 @@ def _short(value: Any) -> str:
 def key_source_for(
     provider: Provider,
     *,
-    session: aiohttp.ClientSession | None,
+    fetcher: Fetcher | None,
     clock: Clock,
     logger: logging.Logger | None = None,
     seed: KeySource | None = None,
 ) -> KeySource:
-    """The key source a provider's config asks for; remote ones need the shared `session`.
+    """The key source a provider's config asks for; remote ones need the shared `fetcher`.
 
     `seed`: the source this one replaces; a remote source with the same fetch settings
     starts from its last good document (see `RemoteKeySource._seed`).
     """
     if isinstance(provider.keys, StaticKeys):
         return StaticKeySource(provider, clock=clock, logger=logger)
-    if session is None:
+    if fetcher is None:
         raise ValueError(f"provider {provider.name}: fetching {provider.keys.origin} needs a client session")
-    return RemoteKeySource(provider, session=session, clock=clock, logger=logger, seed=seed)
+    return RemoteKeySource(provider, fetcher=fetcher, clock=clock, logger=logger, seed=seed)
 
 
 def same_source(old: Provider, new: Provider) -> bool:
@@ -633,7 +620,7 @@ class KeyRing:
         self,
         providers: Mapping[str, Provider],
         *,
-        session: aiohttp.ClientSession | None,
+        fetcher: Fetcher | None,
         clock: Clock,
         logger: logging.Logger | None = None,
         reuse: KeyRing | None = None,
@@ -646,7 +633,7 @@ class KeyRing:
             if old is not None and same_source(old.provider, provider):
                 sources[name] = old
                 continue
-            source = key_source_for(provider, session=session, clock=clock, logger=logger, seed=old)
+            source = key_source_for(provider, fetcher=fetcher, clock=clock, logger=logger, seed=old)
             if old is not None:
                 # Until the new source has keys of its own, the old keys keep serving: a
                 # reload during an issuer outage must not turn every request into a 503.

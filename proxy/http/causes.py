@@ -2,8 +2,8 @@
 
 Owns: `cause(error)`, the one phrase for why a connection or an HTTP exchange with a peer
 failed ("connection refused", "timed out after 5s", "TLS: certificate verify failed:
-self-signed certificate", "DNS: name not found", "HTTP 404"), for OSError errnos, timeouts,
-ssl errors, socket.gaierror, aiohttp's client errors and our upstream client's errors; and
+self-signed certificate", "DNS: name not found"), for OSError errnos, timeouts,
+ssl errors, socket.gaierror, and our own clients' errors (upstream.py's, fetch.py's); and
 `peer(url)`, the `host:port` a URL connects to; `shown(url)`, a URL as logs may show it (a
 password in it, `https://user:secret@host/`, is never written). Never just an exception class: a failure it
 does not know is "unexpected error (ClassName: message)".
@@ -17,8 +17,6 @@ import errno
 import socket
 import ssl
 from urllib.parse import urlsplit
-
-import aiohttp
 
 __all__ = ["Worded", "cause", "peer", "shown"]
 
@@ -54,14 +52,11 @@ for _name in ("EAI_NODATA", "EAI_ADDRFAMILY"):  # glibc only
 def cause(error: BaseException, *, timeout: float | None = None) -> str:
     """Why `error` happened, in words; `timeout` (seconds) completes "timed out after ...".
 
-    Follows the error's wrapped cause (aiohttp's `os_error` and `certificate_error`, an
-    exception's `__cause__`) to the most telling one.
+    Follows an OSError's `__cause__` to the most telling one.
     """
-    # aiohttp's timeouts are ClientErrors too, and builtin TimeoutError an OSError: first.
+    # Builtin TimeoutError is an OSError: first.
     if isinstance(error, TimeoutError):
         return f"timed out after {timeout:g}s" if timeout is not None else "timed out"
-    if isinstance(error, aiohttp.ClientConnectorCertificateError):
-        return cause(error.certificate_error, timeout=timeout)
     if isinstance(error, ssl.SSLCertVerificationError):
         detail = error.verify_message or error.reason
         return "TLS: certificate verify failed" + (f": {detail}" if detail else "")
@@ -70,18 +65,6 @@ def cause(error: BaseException, *, timeout: float | None = None) -> str:
         return "TLS: " + (f"handshake failed ({reason})" if reason else "handshake failed")
     if isinstance(error, socket.gaierror):
         return _DNS.get(error.errno or 0, f"DNS: {_lower(error.strerror) or 'lookup failed'}")
-    if isinstance(error, aiohttp.ClientConnectorError):
-        return cause(error.os_error, timeout=timeout)
-    if isinstance(error, aiohttp.ClientResponseError):
-        return f"HTTP {error.status}"
-    if isinstance(error, aiohttp.ServerDisconnectedError):
-        return "the server closed the connection without answering"
-    if isinstance(error, aiohttp.ClientPayloadError):
-        return "the answer's body was cut off or malformed"
-    if isinstance(error, aiohttp.InvalidURL):
-        return "not a valid URL"
-    if isinstance(error, aiohttp.ClientConnectionError) and error.__cause__ is not None:
-        return cause(error.__cause__, timeout=timeout)
     if isinstance(error, OSError):
         if error.errno in _ERRNOS:
             return _ERRNOS[error.errno]

@@ -4,7 +4,8 @@ Owns: raising the soft limit on open files to the hard limit (containers start w
 limit of 1024 and a hard one far above it; asking costs nothing), and the default number of
 client connections the proxy port accepts, derived from that limit so that at the limit the
 admin port (`/healthz`, `/readyz`, `/metrics`), the upstream connections and key fetches
-still find descriptors; and how running out of them at accept is reported. Does not own: refusing connections over the limit (http1.py) or
+still find descriptors; how running out of them at accept is reported; and the standard
+descriptors held open for libuv (`hold_standard_descriptors`). Does not own: refusing connections over the limit (http1.py) or
 reading the config (config/builder.py).
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 
 try:
     import resource
@@ -21,7 +23,13 @@ except ImportError:  # not on Windows; the sidecar runs on Linux and macOS
 from ..base.oplog import event
 from ..http.causes import cause
 
-__all__ = ["FD_RESERVE", "default_max_connections", "quiet_accept_errors", "raise_fd_limit"]
+__all__ = [
+    "FD_RESERVE",
+    "default_max_connections",
+    "hold_standard_descriptors",
+    "quiet_accept_errors",
+    "raise_fd_limit",
+]
 
 log = logging.getLogger("jwt_sidecar")
 
@@ -31,6 +39,24 @@ own connections, key fetches, the idle upstream connections the pool keeps (at m
 upstream), the config file and the standard streams."""
 
 _LINUX_CEILING = 1 << 20  # the kernel's default fs.nr_open, for a hard limit of "unlimited"
+
+
+def hold_standard_descriptors() -> None:
+    """Put /dev/null on descriptor 0, 1 or 2 when the process started with it closed.
+
+    uvloop's libuv must never be handed one of them for a socket or a pipe of its own: it
+    aborts the process when it closes one (`uv__close` asserts fd > 2), where a start with
+    stdout closed must end in one line (startup.py's `check_stdout`, which reads `sys.stdout`,
+    None whatever this does). Called before a uvloop loop is made.
+    """
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)  # the lowest free descriptor: `fd` itself, or below
+            if null != fd:
+                os.dup2(null, fd, inheritable=False)
+                os.close(null)
 
 
 def raise_fd_limit() -> int:

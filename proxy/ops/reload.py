@@ -59,7 +59,7 @@ async def reload(runtime: Runtime) -> bool:
         )
         return False
     runtime.readiness()  # a sidecar ready before the reload stays ready after it (see Runtime.readiness)
-    keyring = KeyRing(settings.providers, session=runtime.session, clock=runtime.clock, reuse=old.keyring)
+    keyring = KeyRing(settings.providers, fetcher=runtime.fetcher, clock=runtime.clock, reuse=old.keyring)
     await keyring.start()
     # The revocation list's follower is kept unless `revocation:` itself changed; a new one has
     # loaded (or failed to) before the new snapshot serves with it.

@@ -22,7 +22,6 @@ import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from aiohttp import web
 from prometheus_client import Gauge
 
 from ..base import oplog
@@ -32,28 +31,18 @@ from ..request.app import Proxy
 from ..request.runtime import Runtime
 from ..telemetry.accesslog import AccessLog
 from ..telemetry.families import WORKERS_READY as WORKERS_READY_FAMILY
-from .admin import create_admin_app
-from .limits import default_max_connections, quiet_accept_errors, raise_fd_limit
+from .admin import admin_server
+from .limits import default_max_connections, hold_standard_descriptors, quiet_accept_errors, raise_fd_limit
 from .reload import reload, watch
 from .startup import Sockets, bind_for, check_multiproc_dir, check_stdout
-from .workers import WORKER_ENV, supervise
+from .workers import WORKER_ENV, become_supervisor
 
 __all__ = ["configure_logging", "run", "run_worker", "serve"]
 
 log = logging.getLogger("jwt_sidecar")
-
-
-class _NoRequestEcho(logging.Filter):
-    """aiohttp (the admin listener) logs a malformed request with its parser's message, which
-    quotes the request line or a header. Keep the kind of error, drop the quote."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and record.exc_info[1] is not None:
-            record.msg = f"{record.getMessage()}: {type(record.exc_info[1]).__name__}"
-            record.args = None
-            record.exc_info = None
-            record.exc_text = None
-        return True
+_ADMIN_DRAIN = 1.0
+"""Seconds the admin listener's last connections get once the proxy has drained (its answers
+are written at once: only a probe's or a scraper's idle keep-alive connection is waited for)."""
 
 
 def _worker_index() -> int | str:
@@ -67,7 +56,6 @@ def configure_logging(level: str = "INFO", log_format: str = "text", *, worker: 
     (logthrottle.py); the access log is accesslog.py's, on stdout. `worker`: this process's
     index among `workers: N`, a member of its JSON lines."""
     oplog.configure(level, log_format, sys.stderr, worker=worker)
-    logging.getLogger("aiohttp.server").addFilter(_NoRequestEcho())
 
 
 async def serve(
@@ -140,7 +128,7 @@ async def _serve(
     # up to its timeout) stops the start at once: nothing was served, so nothing is drained.
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    starting = loop.create_task(proxy.start())  # client session, first key fetches
+    starting = loop.create_task(proxy.start())  # the clients, first key fetches
     stopped = loop.create_task(stop.wait())
     await asyncio.wait((starting, stopped), return_when=asyncio.FIRST_COMPLETED)
     stopped.cancel()
@@ -156,22 +144,17 @@ async def _serve(
         oplog.event(log, logging.INFO, "start_abandoned", "stopped while starting; nothing was served")
         return
     server = proxy.server(max_connections=max_connections)
-    admin_runner = web.AppRunner(
-        create_admin_app(readiness=runtime.readiness, render=runtime.metrics.render),
-        handle_signals=False,
-        access_log=None,
-    )
+    admin = admin_server(readiness=runtime.readiness, render=runtime.metrics.render)
     watcher: asyncio.Task[None] | None = None
     publisher: asyncio.Task[None] | None = None
     try:
-        await admin_runner.setup()
         for sock in sockets.listen:
             await server.listen(sock=sock, backlog=1024)
         if worker:
             publisher = loop.create_task(_publish(runtime))
         else:
             for sock in sockets.admin:
-                await web.SockSite(admin_runner, sock).start()
+                await admin.listen(sock=sock, backlog=128)
         if worker:  # the admin port is the supervisor's, and it says so
             oplog.event(
                 log,
@@ -230,13 +213,13 @@ async def _serve(
         if settings.drain_delay > 0:
             await asyncio.sleep(settings.drain_delay)
         # 3. Stop accepting (serving what the listen queue holds), close connections between
-        #    requests, wait up to drain_timeout, cut the rest; then the session and key sources.
+        #    requests, wait up to drain_timeout, cut the rest; then the clients and key sources.
         await server.shutdown(settings.drain_timeout)
         if worker:
             runtime.metrics.mirror()  # the requests of its last second, before the worker exits
         await proxy.close()
         # 4. The admin listener goes last, so /readyz answers "draining" to the very end.
-        await admin_runner.cleanup()
+        await admin.shutdown(_ADMIN_DRAIN)
         if access_log is not None:
             access_log.flush()
         oplog.event(log, logging.INFO, "stopped", "stopped")
@@ -265,11 +248,12 @@ def _loop_runner() -> Callable[[Coroutine[Any, Any, Any]], Any]:
         import uvloop  # the faster event loop (a regular dependency on Linux and macOS)
     except ImportError:
         return asyncio.run
+    hold_standard_descriptors()
     return uvloop.run
 
 
 def run(settings: Settings, *, config_path: str | None) -> int:
     if settings.workers > 1 and config_path is not None:
-        return _loop_runner()(supervise(settings, config_path=config_path))
+        become_supervisor(settings, config_path=config_path)  # does not return: the process is replaced
     _loop_runner()(serve(settings, config_path=config_path))
     return 0

@@ -6,7 +6,7 @@ start before a key is fetched or a log line claims the proxy served; checks of t
 things a start needs from the machine (a writable `PROMETHEUS_MULTIPROC_DIR` when one is set,
 a temporary directory for `workers`, a stdout for the access log); and `StartupError`, whose
 text is the whole line `jwt-sidecar run` and `demo` print after `jwt-sidecar: error: ` before
-exiting 1. Does not own: serving on the sockets (server.py, http1.py, aiohttp), mistakes in
+exiting 1. Does not own: serving on the sockets (server.py, http1.py, admin.py), mistakes in
 the config file (config/builder.py's `ConfigError`), or printing (cli.py).
 """
 

@@ -13,7 +13,11 @@ while the others keep serving; when workers keep dying (`_GIVE_UP` deaths within
 `_WINDOW` seconds) the whole set stops with exit status 1, so the platform restarts the
 container. Before any worker starts, what they need from the machine is checked once (the
 proxy port free to share, the admin port, a temporary directory; startup.py): a missing one
-is one line and exit status 1, not workers started again and again.
+is one line and exit status 1, not workers started again and again. The supervisor is a
+process of its own making: `run` checks the config, then replaces itself (`become_supervisor`,
+same pid and descriptors) with a fresh interpreter that is handed the few settings a
+supervisor needs and imports none of the config builder, the key code or the request path
+(`main`; its resident memory is in bench/FIGURES.md).
 Does not own: serving requests (server.py runs each worker) or any metric's meaning.
 """
 
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -29,24 +34,29 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
-from aiohttp import web
+import prometheus_client
 from prometheus_client import CollectorRegistry, multiprocess
 from prometheus_client.exposition import choose_encoder
 
+from ..base import oplog
 from ..base.oplog import event
-from ..config.settings import Settings
+from ..config.settings import Listen, Settings
 from ..http.causes import cause
 from ..telemetry.families import WORKERS_READY as _READY_FAMILY
 from ..telemetry.metrics import ProcessesCollector, WorkersCollector
-from .admin import create_admin_app
-from .limits import quiet_accept_errors, raise_fd_limit
+from .admin import admin_server
+from .limits import hold_standard_descriptors, quiet_accept_errors, raise_fd_limit
 from .startup import StartupError, bind_for, check_stdout, metrics_directory, why
 
-__all__ = ["WORKERS_READY", "WORKER_ENV", "supervise"]
+__all__ = ["SUPERVISOR_ENV", "WORKERS_READY", "WORKER_ENV", "become_supervisor", "main", "supervise"]
 
 WORKER_ENV = "JWT_SIDECAR_WORKER"
+SUPERVISOR_ENV = "JWT_SIDECAR_SUPERVISOR"
+"""Set by `become_supervisor` to the settings the supervisor needs (JSON): `python -m proxy`
+then runs `main` instead of the command line, and `main` takes it out of the environment
+before any worker is started."""
 WORKERS_READY = _READY_FAMILY.name
 log = logging.getLogger("jwt_sidecar.workers")
 T = TypeVar("T")
@@ -59,6 +69,71 @@ _GIVE_UP = 5
 one that dies on every start (a config that no longer loads, a crash at start-up) gets
 there in about ten seconds, while an occasional death is only ever restarted."""
 _WINDOW = 60.0
+
+
+def become_supervisor(settings: Settings, *, config_path: str) -> NoReturn:
+    """Become the supervisor of `settings.workers` workers: this process (its config checked,
+    its warnings logged) is replaced by a fresh interpreter running `main`, with the same pid,
+    descriptors and command line, so that the supervisor holds none of what loading the config
+    imported (the builder, PyJWT, cryptography: ~25 MiB it would never use)."""
+    needed = {
+        "config_path": config_path,
+        "source": settings.source,
+        "listen": [settings.listen.host, settings.listen.port],
+        "admin": [settings.admin.host, settings.admin.port],
+        "access_log": settings.access_log,
+        "workers": settings.workers,
+        "drain_delay": settings.drain_delay,
+        "drain_timeout": settings.drain_timeout,
+        "log_format": settings.log_format,
+        "log_level": settings.log_level,
+    }
+    argv = [sys.executable, "-m", "proxy", "run", "--config", config_path]
+    argv += ["--log-format", settings.log_format, "--log-level", settings.log_level]
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None:
+            stream.flush()  # what is buffered would be lost with this image
+    os.execve(sys.executable, argv, {**os.environ, SUPERVISOR_ENV: json.dumps(needed)})
+
+
+def main() -> int:
+    """The supervisor's process, made by `become_supervisor`: its exit status.
+
+    A start that fails here for a reason that is the operator's to fix (a port in use, no
+    temporary directory) is one line, as `run` words it (cli.py): text on stderr, or a
+    `startup_failed` JSON line."""
+    needed = json.loads(os.environ.pop(SUPERVISOR_ENV))
+    settings = Settings(
+        source=needed["source"],
+        providers={},
+        listen=Listen(host=needed["listen"][0], port=needed["listen"][1]),
+        admin=Listen(host=needed["admin"][0], port=needed["admin"][1]),
+        access_log=needed["access_log"],
+        workers=needed["workers"],
+        drain_delay=needed["drain_delay"],
+        drain_timeout=needed["drain_timeout"],
+        log_format=needed["log_format"],
+        log_level=needed["log_level"],
+    )
+    oplog.configure(settings.log_level, settings.log_format, sys.stderr)
+    prometheus_client.disable_created_metrics()  # as `run` does (cli.py)
+    try:
+        import uvloop  # as server.py runs: the faster loop where it is installed
+
+        hold_standard_descriptors()
+        runner: Callable[[Any], int] = uvloop.run
+    except ImportError:
+        runner = asyncio.run
+    try:
+        return runner(supervise(settings, config_path=needed["config_path"]))
+    except StartupError as error:
+        if oplog.writes_json():
+            event(logging.getLogger("jwt_sidecar"), logging.ERROR, "startup_failed", "%(error)s", error=str(error))
+        else:
+            print(f"jwt-sidecar: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # Ctrl-C before the signal handlers are in place: a stop, not a crash
+        return 130
 
 
 async def supervise(settings: Settings, *, config_path: str) -> int:
@@ -144,10 +219,9 @@ async def supervise(settings: Settings, *, config_path: str) -> int:
         encoder, content_type = choose_encoder(accept or "")
         return _settled(lambda: encoder(registry)), content_type
 
-    admin = web.AppRunner(create_admin_app(readiness=readiness, render=render), handle_signals=False, access_log=None)
-    await admin.setup()
+    admin = admin_server(readiness=readiness, render=render)
     for sock in sockets.admin:
-        await web.SockSite(admin, sock).start()
+        await admin.listen(sock=sock, backlog=128)
     event(
         log,
         logging.INFO,
@@ -264,7 +338,7 @@ async def supervise(settings: Settings, *, config_path: str) -> int:
         stopping.cancel()
         for proc in procs:
             multiprocess.mark_process_dead(proc.pid, directory)
-        await admin.cleanup()
+        await admin.shutdown(1.0)  # its answers are written at once: idle keep-alive connections only
         shutil.rmtree(directory, ignore_errors=True)
     # A worker stopped while waiting to be restarted is not a failure of the stop.
     if (

@@ -1,7 +1,7 @@
 """The proxy's request entry and lifecycle: the one place errors become responses.
 
 Owns: `Proxy` — the handler our HTTP/1.1 server (http1.py) calls for every request, `start()`
-(the upstream client session, the key sources, the revocation list's follower, the first
+(the upstream pool, the key fetcher, the key sources, the revocation list's follower, the first
 snapshot) and `close()` — and the
 entry that wraps `pipeline.begin` and the coroutine it returns: every `ProxyError` becomes
 its status, a fixed JSON body (`ProxyError.fields()`) and, for auth errors, an RFC 6750
@@ -24,8 +24,6 @@ import time
 from collections.abc import Coroutine
 from typing import Any
 
-import aiohttp
-
 from ..auth.keys import KeyRing
 from ..auth.revocationstore import start_store
 from ..base.clock import Clock, SystemClock
@@ -33,12 +31,12 @@ from ..base.errors import AuthError, KeysUnavailable, ProxyError, Reason, Upstre
 from ..base.memo import Memo
 from ..base.oplog import event
 from ..config.settings import Settings
+from ..http.fetch import Fetcher
 from ..http.http1 import Prepared, Request, Server
 from ..http.upstream import Pool
 from ..telemetry.accesslog import AccessLog
 from ..telemetry.metrics import Decision, Metrics, RouteMetrics
 from .exchange import NO_ROUTE_NAME, Exchange
-from .forward import new_session
 from .identity import request_id
 from .pipeline import begin, log_refused
 from .runtime import Runtime, build_snapshot
@@ -60,7 +58,7 @@ class Proxy:
         settings: Settings,
         *,
         clock: Clock | None = None,
-        session: aiohttp.ClientSession | None = None,
+        fetcher: Fetcher | None = None,
         config_path: str | None = None,
         metrics: Metrics | None = None,
         access_log: AccessLog | None = None,
@@ -72,15 +70,15 @@ class Proxy:
             config_path=config_path,
             access_log=access_log,
         )
-        self._own_session = session is None
-        self._session = session
+        self._own_fetcher = fetcher is None
+        self._fetcher = fetcher
         self._keyring: KeyRing | None = None  # held from the start on, so a start stopped midway closes it
 
     async def start(self) -> None:
         runtime = self.runtime
-        runtime.session = self._session or new_session()
+        runtime.fetcher = self._fetcher or Fetcher()
         runtime.pool = Pool()
-        keyring = self._keyring = KeyRing(runtime.settings.providers, session=runtime.session, clock=runtime.clock)
+        keyring = self._keyring = KeyRing(runtime.settings.providers, fetcher=runtime.fetcher, clock=runtime.clock)
         # First key loads happen before the listener opens; a failed one only leaves the
         # provider not ready (503s and /readyz false) until the background refresh succeeds.
         await keyring.start()
@@ -107,8 +105,8 @@ class Proxy:
             await self._keyring.close()
         if runtime.pool is not None:
             await runtime.pool.close()
-        if self._own_session and runtime.session is not None:
-            await runtime.session.close()
+        if self._own_fetcher and runtime.fetcher is not None:
+            await runtime.fetcher.close()
 
     def server(self, **kwargs: Any) -> Server:
         """The HTTP/1.1 server for this proxy; `await server.listen(host, port)` opens it.

@@ -28,7 +28,6 @@ from collections import deque
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
-import aiohttp
 import httptools
 
 from ..base.errors import BadRequest, PayloadTooLarge, Reason, RequestTimeout, UpstreamTimeout, UpstreamUnavailable
@@ -46,23 +45,11 @@ if TYPE_CHECKING:
     from .exchange import Exchange
     from .runtime import Origin
 
-__all__ = ["SMALL_BODY", "forward", "forward_websocket", "is_websocket", "new_session"]
+__all__ = ["SMALL_BODY", "forward", "forward_websocket", "is_websocket"]
 
 SMALL_BODY = 64 * 1024
 """Answers up to this size (by Content-Length) are read whole and written in one go."""
 log = logging.getLogger("jwt_sidecar.forward")
-
-
-def new_session(*, limit: int = 1000) -> aiohttp.ClientSession:
-    """aiohttp's client, for key fetches (JWKS, OIDC discovery): pooled keep-alive
-    connections, no cookie jar."""
-    connector = aiohttp.TCPConnector(limit=limit, limit_per_host=0, enable_cleanup_closed=False)
-    return aiohttp.ClientSession(
-        connector=connector,
-        cookie_jar=aiohttp.DummyCookieJar(),  # the upstream's cookies are the client's business
-        auto_decompress=False,
-        timeout=aiohttp.ClientTimeout(total=None),
-    )
 
 
 class _BodyTooLarge(Exception):

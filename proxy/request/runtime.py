@@ -6,7 +6,7 @@ the routes that use it), verifier, compiled CORS policy, the revocation list it 
 None) and metric children (a route with `providers:`: one such plan per provider, by issuer,
 which the token's `iss` chooses) — built once per config so the request path does no lookups or
 parsing; and `Runtime`, the process-wide
-holder (client session, clock, metrics, the revocation list's follower, the current
+holder (key fetcher, clock, metrics, the revocation list's follower, the current
 snapshot, draining flag, readiness, which a reload never takes away).
 Does not own: reading config files (config/builder.py, reload.py) or handling requests (pipeline.py).
 """
@@ -18,7 +18,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
-import aiohttp
 from yarl import URL
 
 from ..auth.keys import KeyRing
@@ -27,6 +26,7 @@ from ..auth.verify import TokenCache, Verifier, issuers_in_words
 from ..base.clock import Clock
 from ..config.routing import Router
 from ..config.settings import CorsSettings, HeaderMap, Route, Settings, TokenSource, Upstream
+from ..http.fetch import Fetcher
 from ..http.upstream import Pool
 from ..telemetry.accesslog import AccessLog
 from ..telemetry.metrics import NO_ROUTE, Metrics, MetricsView, RouteMetrics
@@ -244,8 +244,8 @@ class Runtime:
     clock: Clock
     metrics: Metrics = field(default_factory=Metrics)
     config_path: str | None = None
-    session: aiohttp.ClientSession | None = None
-    """aiohttp's client, for key fetches."""
+    fetcher: Fetcher | None = None
+    """The client of key fetches (JWKS, OIDC discovery), on a pool of its own."""
     pool: Pool | None = None
     """The pooled HTTP/1.1 client every proxied request goes through."""
     snapshot: Snapshot | None = None

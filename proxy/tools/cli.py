@@ -25,7 +25,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn, cast
 
-import aiohttp
 import prometheus_client
 import yaml
 
@@ -42,6 +41,7 @@ from ..config import builder as config
 from ..config import routecheck
 from ..config.yamlsource import closest, parse_duration
 from ..http.causes import shown
+from ..http.fetch import Fetcher
 from ..ops import server, workers
 from ..ops.startup import StartupError
 from . import explain as explain_mod
@@ -90,27 +90,8 @@ class _Parser(argparse.ArgumentParser):
         raise _Exit(status)
 
 
-def _hold_standard_descriptors() -> None:
-    """Open /dev/null on any of descriptors 0-2 the process was started without.
-
-    Otherwise the first socket or event-loop descriptor opened takes that number: bytes meant
-    for stdout would go to a client, and uvloop (libuv) aborts the process when it closes a
-    descriptor <= 2. `sys.stdout` stays None (Python saw the descriptor closed at start), so
-    `startup.check_stdout` still refuses an access log with nowhere to go, in one line.
-    """
-    for fd in (0, 1, 2):
-        try:
-            os.fstat(fd)
-        except OSError:
-            held = os.open(os.devnull, os.O_RDWR)
-            if held != fd:  # (the lowest free number: `fd` itself, unless a lower one was closed too)
-                os.dup2(held, fd)
-                os.close(held)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run one command line (default: `sys.argv[1:]`) and return its exit status."""
-    _hold_standard_descriptors()
     parser = build_parser()
     try:
         args, extras = parser.parse_known_args(argv)
@@ -839,8 +820,8 @@ async def _explain(
     revocation = await _revocation_list(settings.revocation, clock.time()) if provider.revocation else None
     if settings.revocation is not None and revocation is None:  # the provider opts out: no read
         revocation = explain_mod.RevocationList(_store_words(settings.revocation), None)
-    async with aiohttp.ClientSession() as session:
-        source = key_source_for(provider, session=session, clock=clock)
+    async with Fetcher() as fetcher:
+        source = key_source_for(provider, fetcher=fetcher, clock=clock)
         await source.start()
         try:
             return await explain_mod.explain(

@@ -3,7 +3,7 @@
 `sidecar(yaml)` builds the config from YAML text (with `{upstream}` and `{jwks}` filled in;
 `clock=` a FakeClock to move key refreshes on without waiting),
 starts the proxy on its own HTTP/1.1 server on loopback (as `jwt-sidecar run` serves it)
-and its admin app with `aiohttp_server`, and returns
+and its admin endpoints on their own server (as `run` serves them), and returns
 a `Sidecar` with a client session. Tokens are minted per test with `tests.conftest.mint`.
 """
 
@@ -20,7 +20,7 @@ import pytest
 from proxy.base.clock import Clock
 from proxy.config import builder as config
 from proxy.http.http1 import Server
-from proxy.ops.admin import create_admin_app
+from proxy.ops.admin import admin_server
 from proxy.request.app import Proxy
 from proxy.request.runtime import Runtime
 from tests.conftest import AUDIENCE, ISSUER, TestKey, jwks_of
@@ -99,15 +99,16 @@ async def sidecar(
         await proxy_server.listen("127.0.0.1", 0)
         host, port = proxy_server.sockets[0]
         runtime = proxy.runtime
-        admin_server = await aiohttp_server(
-            create_admin_app(readiness=runtime.readiness, render=runtime.metrics.render)
-        )
+        admin = admin_server(readiness=runtime.readiness, render=runtime.metrics.render)
+        servers.append(admin)
+        await admin.listen("127.0.0.1", 0)
+        admin_host, admin_port = admin.sockets[0]
         # auto_decompress off and no cookie jar: see the bytes and headers exactly as sent.
         client = aiohttp.ClientSession(auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar())
         sessions.append(client)
         return Sidecar(
             url=f"http://{host}:{port}",
-            admin_url=str(admin_server.make_url("")).rstrip("/"),
+            admin_url=f"http://{admin_host}:{admin_port}",
             client=client,
             upstream=upstream,
             jwks=jwks_server,

@@ -11,13 +11,13 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
-import aiohttp
 import pytest
 
 from proxy.auth.keys import RemoteKeySource, key_source_for
 from proxy.base.errors import InvalidToken, KeysUnavailable
 from proxy.config import builder as config
 from proxy.config.builder import Provider, RemoteJwks
+from proxy.http.fetch import Fetcher
 from proxy.ops.reload import changes
 from tests.conftest import AUDIENCE, ISSUER, FakeClock, TestKey, jwks_of
 from tests.support.jwks_server import JwksServer
@@ -35,8 +35,8 @@ def provider(url: str) -> Provider:
 
 @pytest.fixture
 async def source(jwks_server: JwksServer, clock: FakeClock) -> AsyncIterator[RemoteKeySource]:
-    async with aiohttp.ClientSession() as session:
-        made = key_source_for(provider(jwks_server.url()), session=session, clock=clock)
+    async with Fetcher() as fetcher:
+        made = key_source_for(provider(jwks_server.url()), fetcher=fetcher, clock=clock)
         assert isinstance(made, RemoteKeySource)
         yield made
         await made.close()
@@ -142,8 +142,8 @@ async def test_a_password_in_the_jwks_url_is_never_logged(
 ) -> None:
     jwks_server.document = jwks_of(rsa_key)
     url = jwks_server.url().replace("http://", "http://reader:s3cret@")
-    async with aiohttp.ClientSession() as session:
-        made = key_source_for(provider(url), session=session, clock=clock)
+    async with Fetcher() as fetcher:
+        made = key_source_for(provider(url), fetcher=fetcher, clock=clock)
         with caplog.at_level(logging.DEBUG, logger="proxy.keys"):
             await made.start()
             jwks_server.mode = "fail"

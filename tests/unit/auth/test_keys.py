@@ -13,12 +13,12 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-import aiohttp
 import pytest
 
 from proxy.auth.keys import MAX_DOCUMENT_BYTES, KeyRing, KeySource, RemoteKeySource, key_source_for, same_source
 from proxy.base.errors import InvalidToken, KeysUnavailable, Reason
 from proxy.config.builder import Provider, RemoteJwks, StaticKeys
+from proxy.http.fetch import Fetcher
 from tests.conftest import AUDIENCE, HS_SECRET, ISSUER, FakeClock, TestKey, jwks_of, refused_port
 from tests.support.jwks_server import DISCOVERY_PATH, JWKS_PATH, JwksServer
 
@@ -53,8 +53,8 @@ def static_provider(kind: str, jwks: dict[str, Any], algorithms: tuple[str, ...]
 
 
 @pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as client:
+async def fetcher() -> AsyncIterator[Fetcher]:
+    async with Fetcher() as client:
         yield client
 
 
@@ -62,12 +62,12 @@ Make = Callable[[Provider], RemoteKeySource]
 
 
 @pytest.fixture
-async def make_source(session: aiohttp.ClientSession, clock: FakeClock) -> AsyncIterator[Make]:
-    """Remote key sources on the shared session, closed at the end of the test."""
+async def make_source(fetcher: Fetcher, clock: FakeClock) -> AsyncIterator[Make]:
+    """Remote key sources on the shared fetcher, closed at the end of the test."""
     made: list[KeySource] = []
 
     def make(provider: Provider) -> RemoteKeySource:
-        source = key_source_for(provider, session=session, clock=clock)
+        source = key_source_for(provider, fetcher=fetcher, clock=clock)
         assert isinstance(source, RemoteKeySource)
         made.append(source)
         return source
@@ -514,7 +514,7 @@ async def test_static_source_is_ready_without_network(
     alg: str,
 ) -> None:
     jwks = {"pem": _pem_jwks(rsa_key), "jwks": jwks_of(rsa_key, ec_key, ed_key), "secret": _secret_jwks()}[document]
-    source = key_source_for(static_provider(kind, jwks, algorithms), session=None, clock=clock)
+    source = key_source_for(static_provider(kind, jwks, algorithms), fetcher=None, clock=clock)
 
     assert source.ready
     await source.start()
@@ -531,7 +531,7 @@ async def test_static_source_is_ready_without_network(
 
 
 async def test_static_source_with_no_key_for_its_algorithms_is_unavailable(clock: FakeClock, rsa_key: TestKey) -> None:
-    source = key_source_for(static_provider("jwks_file", jwks_of(rsa_key), ("ES256",)), session=None, clock=clock)
+    source = key_source_for(static_provider("jwks_file", jwks_of(rsa_key), ("ES256",)), fetcher=None, clock=clock)
     assert not source.ready
     with pytest.raises(KeysUnavailable):
         await source.key_for("rsa-1", "ES256")
@@ -539,21 +539,21 @@ async def test_static_source_with_no_key_for_its_algorithms_is_unavailable(clock
 
 def test_remote_source_needs_a_session(clock: FakeClock) -> None:
     with pytest.raises(ValueError, match="needs a client session"):
-        key_source_for(remote_provider("https://issuer.test/jwks"), session=None, clock=clock)
+        key_source_for(remote_provider("https://issuer.test/jwks"), fetcher=None, clock=clock)
 
 
 # -- the ring of all providers ---------------------------------------------------------------------
 
 
 async def test_key_ring_starts_every_provider_and_reports_readiness_by_name(
-    jwks_server: JwksServer, session: aiohttp.ClientSession, clock: FakeClock, rsa_key: TestKey
+    jwks_server: JwksServer, fetcher: Fetcher, clock: FakeClock, rsa_key: TestKey
 ) -> None:
     jwks_server.mode = "fail"
     providers = {
         "remote": remote_provider(jwks_server.url(), name="remote"),
         "local": static_provider("secret", _secret_jwks(), ("HS256",)),
     }
-    ring = KeyRing(providers, session=session, clock=clock)
+    ring = KeyRing(providers, fetcher=fetcher, clock=clock)
     try:
         await ring.start()
         assert set(ring.sources) == {"remote", "local"}
@@ -578,7 +578,7 @@ async def test_a_key_without_kid_is_tried_for_any_kid_after_the_keys_that_carry_
 ) -> None:
     # rsa_key carries kid rsa-1; rsa_key_2 and ec_key are published without one.
     jwks = {"keys": [rsa_key.public_jwk, _without_kid(rsa_key_2), _without_kid(ec_key)]}
-    source = key_source_for(static_provider("jwks_file", jwks, ASYMMETRIC), session=None, clock=clock)
+    source = key_source_for(static_provider("jwks_file", jwks, ASYMMETRIC), fetcher=None, clock=clock)
     named = await source.key_for("rsa-1", "RS256")
     assert [k.key_id for k in named] == ["rsa-1", None], "the kid's own key first, then the kid-less one"
     for kid in ("anything", "rsa-2", "", None):
@@ -671,13 +671,13 @@ def test_static_key_material_is_compared_by_content(rsa_key: TestKey, rsa_key_2:
 
 
 async def test_a_replaced_source_serves_until_closed_with_its_successor(
-    jwks_server: JwksServer, session: aiohttp.ClientSession, clock: FakeClock, rsa_key: TestKey
+    jwks_server: JwksServer, fetcher: Fetcher, clock: FakeClock, rsa_key: TestKey
 ) -> None:
     jwks_server.document = jwks_of(rsa_key)
-    old = KeyRing({"corp": remote_provider(jwks_server.url())}, session=session, clock=clock)
+    old = KeyRing({"corp": remote_provider(jwks_server.url())}, fetcher=fetcher, clock=clock)
     await old.start()
     dead = remote_provider(f"http://127.0.0.1:{refused_port()}/jwks.json", timeout=0.5)
-    new = KeyRing({"corp": dead}, session=session, clock=clock, reuse=old)
+    new = KeyRing({"corp": dead}, fetcher=fetcher, clock=clock, reuse=old)
     await new.start()
     source = new["corp"]
     assert source.fallback is old["corp"] and source.ready and source.keyset.size == 0

@@ -419,7 +419,7 @@ def test_any_signed_payload_ends_in_claims_or_a_401_reason(extra: dict[str, Any]
     # ensure_ascii=False writes a lone surrogate as itself; _signed then writes it as the
     # 3 bytes no UTF-8 decoder takes, so both spellings reach the parser.
     text = json.dumps(payload, ensure_ascii=ascii_only)
-    verifier = Verifier(_PROVIDER, key_source_for(_PROVIDER, session=None, clock=clock), clock=clock)
+    verifier = Verifier(_PROVIDER, key_source_for(_PROVIDER, fetcher=None, clock=clock), clock=clock)
     try:
         claims = asyncio.run(verifier.verify(_signed(text)))
         rendered = claim_headers(claims.payload, _MAP)

@@ -18,6 +18,7 @@ from proxy.auth.keys import key_source_for
 from proxy.auth.verify import TokenCache, Verifier
 from proxy.base.errors import InvalidToken, KeysUnavailable, Reason
 from proxy.config.builder import Provider, StaticKeys, TokenCacheSettings
+from proxy.http.fetch import Fetcher
 from tests.conftest import AUDIENCE, HS_SECRET, ISSUER, FakeClock, TestKey, jwks_of, mint
 
 
@@ -44,7 +45,7 @@ def provider(jwks: dict[str, Any], **overrides: Any) -> Provider:
 
 
 def verifier(p: Provider, clock: FakeClock, cache: TokenCache | None = None) -> Verifier:
-    return Verifier(p, key_source_for(p, session=None, clock=clock), clock=clock, cache=cache)
+    return Verifier(p, key_source_for(p, fetcher=None, clock=clock), clock=clock, cache=cache)
 
 
 @pytest.fixture
@@ -275,7 +276,6 @@ async def test_refusal_never_leaks_the_token_into_client_text(keys: dict, rsa_ke
 async def test_provider_without_keys_is_our_outage_not_a_bad_token(
     rsa_key: TestKey, clock: FakeClock, aiohttp_server: Any
 ) -> None:
-    from aiohttp import ClientSession
 
     from proxy.config.builder import RemoteJwks
 
@@ -286,8 +286,8 @@ async def test_provider_without_keys_is_our_outage_not_a_bad_token(
     app.router.add_get("/jwks.json", broken)
     server = await aiohttp_server(app)
     p = provider({}, keys=RemoteJwks(url=str(server.make_url("/jwks.json")), timeout=1.0))
-    async with ClientSession() as session:
-        source = key_source_for(p, session=session, clock=clock)
+    async with Fetcher() as fetcher:
+        source = key_source_for(p, fetcher=fetcher, clock=clock)
         await source.start()
         try:
             with pytest.raises(KeysUnavailable):
@@ -297,7 +297,6 @@ async def test_provider_without_keys_is_our_outage_not_a_bad_token(
 
 
 async def test_jku_and_x5u_headers_are_never_fetched(rsa_key: TestKey, clock: FakeClock, aiohttp_server: Any) -> None:
-    from aiohttp import ClientSession
 
     from proxy.config.builder import RemoteJwks
 
@@ -325,8 +324,8 @@ async def test_jku_and_x5u_headers_are_never_fetched(rsa_key: TestKey, clock: Fa
             "jwk": attacker_key.public_jwk,
         },
     )
-    async with ClientSession() as session:
-        source = key_source_for(p, session=session, clock=clock)
+    async with Fetcher() as fetcher:
+        source = key_source_for(p, fetcher=fetcher, clock=clock)
         await source.start()
         try:
             assert await reason_of(Verifier(p, source, clock=clock), token) is Reason.UNKNOWN_KID

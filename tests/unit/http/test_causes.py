@@ -3,8 +3,8 @@
 Every case is a real failure: a closed port, a server that never answers, one that hangs up,
 a TLS server with a self-signed certificate (made here with `cryptography`), a TLS client
 talking to a plain server, an unresolvable name (`.invalid` is reserved, RFC 6761 §6.4),
-and an HTTP error status. Each is met both through aiohttp (as keys.py fetches) and through
-asyncio's own connection (as upstream.py connects), since each wraps the failure its own way.
+and an HTTP error status. Each is met both through fetch.py's `Fetcher` (as keys.py fetches) and
+through asyncio's own connection (as upstream.py connects), since each wraps the failure its own way.
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ import socket
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-import aiohttp
 import pytest
 
 from proxy.http.causes import cause, peer, shown
+from proxy.http.fetch import Fetcher
 from proxy.http.upstream import Pool, UpstreamConnectError
 from tests.conftest import refused_port
 from tests.support.tls import self_signed_context
@@ -73,11 +73,10 @@ def self_signed(tmp_path_factory: pytest.TempPathFactory) -> ssl.SSLContext:
     return self_signed_context(tmp_path_factory.mktemp("tls"))
 
 
-async def aiohttp_failure(url: str, timeout: float = 5.0) -> BaseException:
-    async with aiohttp.ClientSession() as session:
+async def fetch_failure(url: str, timeout: float = 5.0) -> BaseException:
+    async with Fetcher() as fetcher:
         try:
-            async with session.get(url, timeout=aiohttp.ClientTimeout(total=timeout)) as response:
-                response.raise_for_status()
+            await fetcher.get(url, timeout=timeout, limit=1024)
         except Exception as error:  # noqa: BLE001 - the failure is what the test looks at
             return error
     raise AssertionError(f"{url} did not fail")
@@ -100,7 +99,7 @@ async def connect_failure(
 
 async def test_a_closed_port_is_connection_refused() -> None:
     port = closed_port()
-    assert cause(await aiohttp_failure(f"http://127.0.0.1:{port}/jwks.json")) == "connection refused"
+    assert cause(await fetch_failure(f"http://127.0.0.1:{port}/jwks.json")) == "connection refused"
     assert cause(await connect_failure(port)) == "connection refused"
 
 
@@ -111,7 +110,7 @@ async def test_a_server_that_never_answers_times_out_after_the_timeout_given(
     serve: Callable[..., Awaitable[int]],
 ) -> None:
     port = await serve(never_answers)
-    error = await aiohttp_failure(f"http://127.0.0.1:{port}/jwks.json", timeout=0.3)
+    error = await fetch_failure(f"http://127.0.0.1:{port}/jwks.json", timeout=0.3)
     assert isinstance(error, asyncio.TimeoutError)
     assert cause(error, timeout=0.3) == "timed out after 0.3s"
     assert cause(error) == "timed out"
@@ -124,10 +123,10 @@ async def test_a_self_signed_certificate_fails_verification(
     serve: Callable[..., Awaitable[int]], self_signed: ssl.SSLContext
 ) -> None:
     port = await serve(never_answers, tls=self_signed)
-    via_aiohttp = await aiohttp_failure(f"https://127.0.0.1:{port}/jwks.json")
+    via_fetcher = await fetch_failure(f"https://127.0.0.1:{port}/jwks.json")
     direct = await connect_failure(port, tls=True)
     assert isinstance(direct, ssl.SSLCertVerificationError)
-    for error in (via_aiohttp, direct):
+    for error in (via_fetcher, direct):
         assert cause(error) == "TLS: certificate verify failed: self-signed certificate", error
 
 
@@ -144,26 +143,29 @@ async def test_tls_to_a_plain_server_is_a_failed_handshake(serve: Callable[..., 
 
 async def test_an_unresolvable_name_is_dns_name_not_found() -> None:
     port = closed_port()
-    via_aiohttp = await aiohttp_failure(f"http://nonexistent.invalid:{port}/jwks.json")
+    via_fetcher = await fetch_failure(f"http://nonexistent.invalid:{port}/jwks.json")
     direct = await connect_failure(port, host="nonexistent.invalid")
     assert isinstance(direct, socket.gaierror)
-    for error in (via_aiohttp, direct):
+    for error in (via_fetcher, direct):
         assert cause(error) == "DNS: name not found", repr(error)
 
 
 # -- what an HTTP peer does -----------------------------------------------------------------------
 
 
-async def test_an_error_status_is_http_and_its_code(serve: Callable[..., Awaitable[int]]) -> None:
+async def test_an_error_status_is_no_failure_of_the_fetch_but_its_status(serve: Callable[..., Awaitable[int]]) -> None:
+    # keys.py words it "HTTP 404 from <url>" (test_key_events.py); the fetch itself succeeded.
     port = await serve(not_found)
-    assert cause(await aiohttp_failure(f"http://127.0.0.1:{port}/jwks.json")) == "HTTP 404"
+    async with Fetcher() as fetcher:
+        fetched = await fetcher.get(f"http://127.0.0.1:{port}/jwks.json", timeout=5, limit=1024)
+    assert (fetched.status, fetched.body) == (404, b"")
 
 
 async def test_a_server_that_hangs_up_closed_the_connection_without_answering(
     serve: Callable[..., Awaitable[int]],
 ) -> None:
     port = await serve(hangs_up)
-    error = await aiohttp_failure(f"http://127.0.0.1:{port}/jwks.json")
+    error = await fetch_failure(f"http://127.0.0.1:{port}/jwks.json")
     assert cause(error) == "the server closed the connection without answering", repr(error)
 
 

@@ -37,7 +37,7 @@ PROVIDER = (
 def snapshot_of(text: str) -> Snapshot:
     settings = parse(PROVIDER + textwrap.dedent(text), file="c.yaml")
     clock = SystemClock()
-    keyring = KeyRing(settings.providers, session=None, clock=clock)
+    keyring = KeyRing(settings.providers, fetcher=None, clock=clock)
     return build_snapshot(settings, keyring=keyring, clock=clock, metrics=Metrics())
 
 

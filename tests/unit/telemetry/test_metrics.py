@@ -12,7 +12,6 @@ import math
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-import aiohttp
 import prometheus_client
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -21,6 +20,7 @@ from proxy.auth.keys import KeySource, RemoteKeySource, key_source_for
 from proxy.auth.verify import TokenCache, Verifier
 from proxy.base.errors import InvalidToken, Reason
 from proxy.config.builder import Provider, RemoteJwks, StaticKeys, TokenCacheSettings
+from proxy.http.fetch import Fetcher
 from proxy.telemetry.metrics import METHODS, NO_ROUTE, Decision, Metrics, MetricsView
 from tests.conftest import AUDIENCE, ISSUER, FakeClock, TestKey, jwks_of, mint
 from tests.support.jwks_server import JwksServer
@@ -85,17 +85,17 @@ def view_of(sources: dict[str, KeySource], clock: FakeClock, cache: TokenCache |
 
 
 @pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as client:
+async def fetcher() -> AsyncIterator[Fetcher]:
+    async with Fetcher() as client:
         yield client
 
 
 @pytest.fixture
-async def remote(session: aiohttp.ClientSession, clock: FakeClock) -> AsyncIterator[Callable[..., RemoteKeySource]]:
+async def remote(fetcher: Fetcher, clock: FakeClock) -> AsyncIterator[Callable[..., RemoteKeySource]]:
     made: list[KeySource] = []
 
     def make(url: str, **options: float) -> RemoteKeySource:
-        source = key_source_for(remote_provider(url, **options), session=session, clock=clock)
+        source = key_source_for(remote_provider(url, **options), fetcher=fetcher, clock=clock)
         assert isinstance(source, RemoteKeySource)
         made.append(source)
         return source
@@ -267,9 +267,9 @@ def test_two_instances_share_nothing_and_never_touch_the_default_registry() -> N
 async def test_static_providers_export_keys_and_readiness_but_no_fetches(
     clock: FakeClock, rsa_key: TestKey, ec_key: TestKey, ed_key: TestKey
 ) -> None:
-    good = key_source_for(static_provider("local", jwks_of(rsa_key, ec_key, ed_key)), session=None, clock=clock)
+    good = key_source_for(static_provider("local", jwks_of(rsa_key, ec_key, ed_key)), fetcher=None, clock=clock)
     # An HS-only provider given an RSA key: nothing usable, so not ready, and the key skipped.
-    empty = key_source_for(static_provider("hs", jwks_of(rsa_key), algorithms=("HS256",)), session=None, clock=clock)
+    empty = key_source_for(static_provider("hs", jwks_of(rsa_key), algorithms=("HS256",)), fetcher=None, clock=clock)
     metrics = Metrics()
     metrics.watch(lambda: view_of({"local": good, "hs": empty}, clock))
     clock.advance(3600)
@@ -365,7 +365,7 @@ async def test_fetch_counters_never_go_down_while_a_failing_fetch_is_in_flight(
 async def test_token_cache_hits_misses_and_entries(clock: FakeClock, rsa_key: TestKey) -> None:
     provider = static_provider("local", jwks_of(rsa_key))
     cache = TokenCache(TokenCacheSettings(max_entries=10, max_ttl=60.0), clock)
-    source = key_source_for(provider, session=None, clock=clock)
+    source = key_source_for(provider, fetcher=None, clock=clock)
     verifier = Verifier(provider, source, clock=clock, cache=cache)
     metrics = Metrics()
     metrics.watch(lambda: view_of({"local": source}, clock, cache))
@@ -390,8 +390,8 @@ def test_no_token_cache_means_no_cache_samples(clock: FakeClock) -> None:
 
 def test_the_view_is_read_again_at_every_scrape(clock: FakeClock, rsa_key: TestKey, ec_key: TestKey) -> None:
     # What a hot reload does: the running snapshot, and with it the key ring, is swapped.
-    old = {"old": key_source_for(static_provider("old", jwks_of(rsa_key)), session=None, clock=clock)}
-    new = {"new": key_source_for(static_provider("new", jwks_of(rsa_key, ec_key)), session=None, clock=clock)}
+    old = {"old": key_source_for(static_provider("old", jwks_of(rsa_key)), fetcher=None, clock=clock)}
+    new = {"new": key_source_for(static_provider("new", jwks_of(rsa_key, ec_key)), fetcher=None, clock=clock)}
     current = [old]
     metrics = Metrics()
     metrics.watch(lambda: view_of(current[0], clock))
@@ -402,7 +402,7 @@ def test_the_view_is_read_again_at_every_scrape(clock: FakeClock, rsa_key: TestK
 
 
 def test_watching_again_replaces_the_view_and_registers_once(clock: FakeClock, rsa_key: TestKey) -> None:
-    source = key_source_for(static_provider("local", jwks_of(rsa_key)), session=None, clock=clock)
+    source = key_source_for(static_provider("local", jwks_of(rsa_key)), fetcher=None, clock=clock)
     metrics = Metrics()
     metrics.watch(lambda: view_of({"first": source}, clock))
     metrics.watch(lambda: view_of({"second": source}, clock))  # a second register would raise
@@ -477,7 +477,7 @@ def test_a_broken_view_never_breaks_the_scrape(
     make_view: Callable[[dict[str, KeySource], FakeClock], Any], clock: FakeClock, rsa_key: TestKey
 ) -> None:
     good: dict[str, KeySource] = {
-        "local": key_source_for(static_provider("local", jwks_of(rsa_key)), session=None, clock=clock)
+        "local": key_source_for(static_provider("local", jwks_of(rsa_key)), fetcher=None, clock=clock)
     }
     metrics = Metrics()
     metrics.route("api").count("GET", Decision.ALLOWED, "", 200)
@@ -492,7 +492,7 @@ def test_a_broken_view_never_breaks_the_scrape(
 
 
 def test_odd_values_drop_single_samples_and_keep_the_good_ones(clock: FakeClock, rsa_key: TestKey) -> None:
-    good = key_source_for(static_provider("local", jwks_of(rsa_key)), session=None, clock=clock)
+    good = key_source_for(static_provider("local", jwks_of(rsa_key)), fetcher=None, clock=clock)
     metrics = Metrics()
     metrics.watch(BROKEN_VIEWS["odd-source-beside-a-good-one"]({"local": good}, clock))
 

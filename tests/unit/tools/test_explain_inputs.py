@@ -337,7 +337,7 @@ def proxy_verdict(config_path: Path, token: str) -> tuple[str | None, str]:
     provider = settings.providers["main"]
 
     async def verify() -> tuple[str | None, str]:
-        source = key_source_for(provider, session=None, clock=SystemClock())  # type: ignore[arg-type]
+        source = key_source_for(provider, fetcher=None, clock=SystemClock())  # type: ignore[arg-type]
         await source.start()
         try:
             await Verifier(provider, source, clock=SystemClock(), max_token_bytes=settings.max_token_bytes).verify(

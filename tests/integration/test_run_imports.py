@@ -1,0 +1,111 @@
+"""`jwt-sidecar run` imports no aiohttp, and the supervisor of `workers: N` little else.
+
+`import aiohttp` alone costs ~23 MiB of resident memory (bench/FIGURES.md). The admin port
+and key fetches run on our own HTTP/1.1 code; aiohttp stays a dependency for the demo and the
+tests' fake servers only. Checked two ways: what importing the run path loads (a fresh
+interpreter), and what a running sidecar has mapped (aiohttp's C extensions are shared
+objects: a process that imported it has them in /proc/PID/maps), for one process and for a
+supervisor and its workers. The supervisor (`become_supervisor`) must also hold none of the
+config builder, PyJWT or cryptography.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.conftest import TestKey, jwks_of
+from tests.integration.conftest import BASE_CONFIG
+from tests.integration.test_lifecycle import free_port, wait_ready
+from tests.integration.test_workers import children
+from tests.support.upstream import start_upstream
+
+REPO = Path(__file__).parents[2]
+linux_only = pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/PID/maps")
+
+
+def imported_by(code: str, env: dict[str, str] | None = None) -> set[str]:
+    """The top-level packages a fresh interpreter holds after `code`."""
+    out = subprocess.run(
+        [sys.executable, "-c", code + "\nimport sys; print(' '.join(sorted({m.split('.')[0] for m in sys.modules})))"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
+    ).stdout
+    return set(out.split())
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        "import proxy.tools.cli",  # what `jwt-sidecar run` and `python -m proxy run` import
+        "import proxy.ops.server, proxy.ops.workers, proxy.ops.admin, proxy.http.fetch, proxy.request.app",
+    ],
+)
+def test_the_run_path_imports_no_aiohttp(code: str) -> None:
+    assert "aiohttp" not in imported_by(code)
+
+
+def test_the_supervisor_imports_neither_the_config_builder_nor_the_key_code() -> None:
+    loaded = imported_by("import proxy.ops.workers")
+    assert not loaded & {"aiohttp", "jwt", "cryptography", "yaml", "cachetools"}, loaded
+
+
+def mapped_aiohttp(pid: int) -> list[str]:
+    maps = Path(f"/proc/{pid}/maps").read_text()
+    return sorted({line.split()[-1] for line in maps.splitlines() if "/aiohttp/" in line})
+
+
+def mapped(pid: int, part: str) -> bool:
+    return part in Path(f"/proc/{pid}/maps").read_text()
+
+
+@linux_only
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_a_running_sidecar_has_no_aiohttp_loaded(
+    tmp_path: Path, aiohttp_server: Any, jwks_server: Any, rsa_key: TestKey, workers: int
+) -> None:
+    jwks_server.document = jwks_of(rsa_key)
+    upstream = await start_upstream(aiohttp_server)
+    listen, admin = free_port(), free_port()
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        BASE_CONFIG.replace("{upstream}", upstream.url).replace("{jwks}", jwks_server.url())
+        + f"listen: 127.0.0.1:{listen}\nadmin: 127.0.0.1:{admin}\nworkers: {workers}\ndrain_timeout: 2s\n"
+    )
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "proxy",
+        "run",
+        "--config",
+        str(path),
+        cwd=REPO,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    try:
+        async with aiohttp.ClientSession() as session:
+            await wait_ready(session, f"http://127.0.0.1:{admin}/readyz", proc)  # keys fetched, admin serving
+        pids = [proc.pid, *children(proc.pid)]
+        assert len(pids) == (1 if workers == 1 else 1 + workers)
+        for pid in pids:
+            assert mapped_aiohttp(pid) == [], pid
+        if workers > 1:
+            # The supervisor is a fresh image (same pid): cryptography's library never loaded in it,
+            # while each worker, which verifies tokens, has it.
+            assert not mapped(proc.pid, "/cryptography/")
+            assert all(mapped(pid, "/cryptography/") for pid in pids[1:])
+    finally:
+        proc.terminate()
+        assert await asyncio.wait_for(proc.wait(), 30) == 0

@@ -54,11 +54,13 @@ _ALLOWED, _WOULD_DENY = Decision.ALLOWED, Decision.WOULD_DENY
 _NO_QUERY: MultiDictProxy[str] = MultiDictProxy(MultiDict())
 
 
-def begin(ex: Exchange) -> Coroutine[Any, Any, None] | None:
+def begin(ex: Exchange) -> Coroutine[Any, Any, None] | type[TokenMissing] | None:
     """Every step that needs no I/O, now: a refusal raises here, before any task exists (a
     401 is answered in the same loop turn that read it). What is left (verification on a
     cache miss, and forwarding) comes back as a coroutine for the caller to run; None when
-    the request was answered here (a CORS preflight)."""
+    the request was answered here (a CORS preflight); the class `TokenMissing` (not raised)
+    for no token on a route that needs one in enforce mode, which the caller refuses as it
+    would `TokenMissing(plan.missing)` raised (the commonest refusal, without a raise)."""
     request = ex.request
     snapshot = ex.snapshot = ex.runtime.snapshot
     assert snapshot is not None  # the listener starts only after the first snapshot exists
@@ -86,6 +88,13 @@ def begin(ex: Exchange) -> Coroutine[Any, Any, None] | None:
             authorization(outbound)
         return _forward(ex)
     began = time.perf_counter()
+    if plan.bearer_only and not outbound.authorizations and not plan.report:
+        # No Authorization line on a route that reads Bearer alone: `extract` would find no
+        # token, so it is not called; and a missing token is said by a return value, not a
+        # raised `TokenMissing` (app.py answers it as one): bench/FIGURES.md, "The request side".
+        plan.metrics.observe_auth(time.perf_counter() - began)
+        assert route.auth is not None  # not a public route (above)
+        return _forward(ex) if route.auth.optional else TokenMissing
     try:
         # The query's parameters are parsed (http1's `Request.query`) only where a source reads them.
         found = ex.found = extract(outbound, request.query if plan.reads_query else _NO_QUERY, plan.sources)

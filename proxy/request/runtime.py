@@ -74,6 +74,9 @@ class RoutePlan:
     """The log detail of a `TokenMissing` here ("no token in bearer, cookie"), built once."""
     reads_query: bool = False
     """Whether a token source is the query string: only then are its parameters parsed."""
+    bearer_only: bool = False
+    """Whether the route reads Bearer alone: then a request with no Authorization line has no
+    token, and pipeline.py does not look further."""
     cors: CorsPolicy | None = None
     """The route's CORS policy (its own `cors` or the top-level one); None: no CORS, and
     nothing on this route's path costs more than this one test."""
@@ -159,6 +162,7 @@ def build_snapshot(
             metrics=metrics.route(route.name),
             missing="no token in " + ", ".join(source.kind for source in sources),
             reads_query=any(source.kind == "query" for source in sources),
+            bearer_only=all(source.kind == "bearer" for source in sources),
             cors=compiled(route.cors),
             report=route.auth is not None and route.auth.mode == "report",
             revocation=revocation
@@ -212,6 +216,7 @@ def _several(
         metrics=metrics.route(route.name),
         missing="no token in " + ", ".join(source.kind for source in sources),
         reads_query=any(source.kind == "query" for source in sources),
+        bearer_only=all(source.kind == "bearer" for source in sources),
         cors=compiled(route.cors),
         report=route.auth.mode == "report",
     )

@@ -16,9 +16,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..base.errors import BadRequest, Reason
+from ..base.memo import Memo
 from .settings import Route
 
-__all__ = ["Router", "normalize", "split_target"]
+__all__ = ["Router", "normalize", "split_target", "target"]
 
 _UNRESERVED = frozenset(string.ascii_letters + string.digits + "-._~")
 _HEX = frozenset(string.hexdigits)
@@ -63,6 +64,27 @@ def split_target(raw_target: str) -> tuple[str, str]:
         raise _bad("the request target holds a # (a fragment is never sent to a server)")
     path, _, query = raw_target.partition("?")
     return path, query
+
+
+def target(raw_target: str) -> tuple[str, str]:
+    """(normalised path, query as sent) of an origin-form request target: `split_target`, then
+    `normalize`, in one call, with the normal form of a short path remembered (`_NORMAL`)."""
+    if "#" in raw_target:
+        raise _bad("the request target holds a # (a fragment is never sent to a server)")
+    raw_path, _, query = raw_target.partition("?")
+    path = _NORMAL.get(raw_path)
+    if path is None:
+        path = normalize(raw_path)  # raises for a path refused: nothing is remembered then
+        if len(raw_path) <= _NORMAL_LONGEST:
+            _NORMAL.remember(raw_path, path)
+    return path, query
+
+
+_NORMAL: Memo[str, str] = Memo(512)
+"""`normalize`'s answer by raw path, for the paths requested lately (the same few come again and
+again): a lookup costs a fraction of the check (bench/FIGURES.md, "The request side"). Paths are
+the client's choice, hence the bound and the length limit: at most ~150 KB."""
+_NORMAL_LONGEST = 128
 
 
 def normalize(raw_path: str) -> str:

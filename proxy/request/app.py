@@ -143,10 +143,12 @@ class Proxy:
 
 
 def _entry(request: Request, runtime: Runtime) -> Coroutine[Any, Any, None] | None:
-    inbound = request.header(b"x-request-id")
-    ex = Exchange(
-        request, runtime, request_id(None if inbound is None else inbound.decode("latin-1")), time.perf_counter()
-    )
+    inbound = None
+    for name, value in request.fields:  # (`request.header(b"x-request-id")`, written out: once per request)
+        if len(name) == 12 and name.lower() == b"x-request-id":
+            inbound = value.decode("latin-1")
+            break
+    ex = Exchange(request, runtime, request_id(inbound), time.perf_counter())
     try:
         rest = begin(ex)
         if rest is TokenMissing:  # no token where one is needed: begin said so without raising
@@ -193,7 +195,8 @@ def _missing(ex: Exchange) -> None:
     assert plan is not None and snapshot is not None
     ex.decision = _DENIED
     ex.reason = _TOKEN_MISSING
-    log_refused(ex, logging.DEBUG, _TOKEN_MISSING, plan.missing, 401)
+    if log.isEnabledFor(logging.DEBUG):  # (log_refused asks too: asked here, a call is saved when it is off)
+        log_refused(ex, logging.DEBUG, _TOKEN_MISSING, plan.missing, 401)
     realm = snapshot.settings.realm
     if plan.cors is not None:
         respond_error(
@@ -312,15 +315,9 @@ def _record(exchange: Exchange) -> None:
     if access_log is not None:
         if plan is not None:
             verifier = plan.verifier
-            middle = access_log.middle(
-                plan.route.name,
-                verifier.provider.name if verifier is not None else None,
-                status,
-                exchange.decision,
-                exchange.reason,
-            )
+            route, provider = plan.route.name, verifier.provider.name if verifier is not None else None
         else:
-            middle = access_log.middle(NO_ROUTE_NAME, None, status, exchange.decision, exchange.reason)
+            route, provider = NO_ROUTE_NAME, None
         claims = exchange.claims
         # Never the token, never the query string (it may hold one): the normalised path only.
         # (positional: a keyword call costs more, on every request)
@@ -329,7 +326,11 @@ def _record(exchange: Exchange) -> None:
             request.remote,
             request.method,
             exchange.path or request.raw_path.partition("?")[0][:256],
-            middle,
+            route,
+            provider,
+            status,
+            exchange.decision,
+            exchange.reason,
             claims.subject if claims is not None else None,
             (time.perf_counter() - exchange.started) * 1000,
         )

@@ -38,7 +38,7 @@ from ..auth.rules import check_route
 from ..auth.verify import Claims, by_issuer
 from ..base.errors import InvalidRequest, NotFound, ProxyError, TokenMissing
 from ..base.oplog import event
-from ..config.routing import normalize, split_target
+from ..config.routing import target
 from ..telemetry.metrics import Decision
 from .cors import Preflight, preflight
 from .exchange import Exchange
@@ -64,8 +64,8 @@ def begin(ex: Exchange) -> Coroutine[Any, Any, None] | type[TokenMissing] | None
     request = ex.request
     snapshot = ex.snapshot = ex.runtime.snapshot
     assert snapshot is not None  # the listener starts only after the first snapshot exists
-    raw_path, ex.query = split_target(request.raw_path)
-    path = ex.path = normalize(raw_path)
+    path, ex.query = target(request.raw_path)
+    ex.path = path
     if snapshot.cors and request.method == "OPTIONS":
         # A CORS preflight is judged by the route of the request it announces, before routing this one.
         asked = preflight(request.method, request.fields, path, snapshot.router, snapshot.plans)
@@ -92,7 +92,7 @@ def begin(ex: Exchange) -> Coroutine[Any, Any, None] | type[TokenMissing] | None
         # No Authorization line on a route that reads Bearer alone: `extract` would find no
         # token, so it is not called; and a missing token is said by a return value, not a
         # raised `TokenMissing` (app.py answers it as one): bench/FIGURES.md, "The request side".
-        plan.metrics.observe_auth(time.perf_counter() - began)
+        plan.metrics.auth.observe(time.perf_counter() - began)  # (`observe_auth`, one call fewer)
         assert route.auth is not None  # not a public route (above)
         return _forward(ex) if route.auth.optional else TokenMissing
     try:

@@ -45,7 +45,7 @@ class AccessLog:
         self._millisecond = -1
         self._time = ""
         self._middles: Memo[tuple[str, str | None, int, str, str], str] = Memo(4096)
-        """`middle` by (route, provider, status, decision, reason): routes and providers are the
+        """`line`'s middle part by (route, provider, status, decision, reason): routes and providers are the
         config's, decisions and reasons closed sets, statuses at most 900; the bound is for a
         config with a great many routes."""
 
@@ -77,32 +77,7 @@ class AccessLog:
         client or the config chooses (method, path, route, provider, subject) is escaped;
         `provider` is the route's (null on a public route or before routing).
         """
-        self.line(
-            request_id,
-            client,
-            method,
-            path,
-            self.middle(route, provider, status, decision, reason),
-            subject,
-            latency_ms,
-        )
-
-    def middle(self, route: str, provider: str | None, status: int, decision: str, reason: str) -> str:
-        """The part of a line from `route` to `subject`'s name: the same for every request of one
-        (route, provider, status, decision, reason), so it is built and escaped once (a line is
-        escaped a character at a time: a part escaped alone is the same text as in the whole
-        line). Pass it to `line`."""
-        key = (route, provider, status, decision, reason)
-        found = self._middles.get(key)
-        if found is None:
-            found = self._middles.remember(
-                key,
-                json_line(
-                    f',"route":{_quote(route)},"provider":{"null" if provider is None else _quote(provider)},'
-                    f'"status":{status:d},"decision":"{decision}","reason":"{reason}","subject":'
-                ),
-            )
-        return found
+        self.line(request_id, client, method, path, route, provider, status, decision, reason, subject, latency_ms)
 
     def line(
         self,
@@ -110,13 +85,30 @@ class AccessLog:
         client: str | None,
         method: str,
         path: str,
-        middle: str,
+        route: str,
+        provider: str | None,
+        status: int,
+        decision: str,
+        reason: str,
         subject: str | None,
         latency_ms: float,
     ) -> None:
-        """`request`'s line from its `middle` (positional: a keyword call costs more, and this runs
-        for every request). `_now` and `_add` are written out here for the same reason
-        (bench/FIGURES.md, "The request side")."""
+        """`request`, positional (a keyword call costs more, and this runs for every request).
+
+        The part from `route` to `subject`'s name is the same for every request of one (route,
+        provider, status, decision, reason): it is built and escaped once (a line is escaped a
+        character at a time, so a part escaped alone is the same text as in the whole line).
+        `_now` and `_add` are written out here (bench/FIGURES.md, "The request side")."""
+        key = (route, provider, status, decision, reason)
+        middle = self._middles.get(key)
+        if middle is None:
+            middle = self._middles.remember(
+                key,
+                json_line(
+                    f',"route":{_quote(route)},"provider":{"null" if provider is None else _quote(provider)},'
+                    f'"status":{status:d},"decision":"{decision}","reason":"{reason}","subject":'
+                ),
+            )
         now = time.time()
         millisecond = int(now * 1000)
         stamp = self._time if millisecond == self._millisecond else self._stamp_for(millisecond)

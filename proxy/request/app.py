@@ -168,7 +168,7 @@ def _entry(request: Request, runtime: Runtime) -> Coroutine[Any, Any, None] | No
         return None
     # Counted only here: a request answered within `handle` is over before any scrape can run.
     runtime.metrics.in_flight += 1
-    return _finish(ex, rest)
+    return _finish(ex, rest)  # type: ignore[arg-type]  # not TokenMissing (above): mypy does not narrow a class by `is`
 
 
 async def _finish(ex: Exchange, rest: Coroutine[Any, Any, None]) -> None:

@@ -264,14 +264,7 @@ def strip_inbound(fields: list[tuple[bytes, bytes]], plan: StripPlan) -> Outboun
     if named:
         kept = [entry for entry in kept if entry[1] not in named]
         authorizations = sum(1 for entry in kept if entry[1] == b"authorization")
-    # `Outbound(kept, host, authorizations)`, without the class call's trip through
-    # `type.__call__` and a Python `__init__` entered from C (bench/FIGURES.md, "The request side").
-    out = _new(Outbound)
-    out.kept, out.host, out.authorizations = kept, host, authorizations
-    return out
-
-
-_new = object.__new__
+    return Outbound(kept, host, authorizations)
 
 
 def request_id(inbound: str | None) -> str:

@@ -77,6 +77,9 @@ class RoutePlan:
     bearer_only: bool = False
     """Whether the route reads Bearer alone: then a request with no Authorization line has no
     token, and pipeline.py does not look further."""
+    needs_bearer: bool = False
+    """`bearer_only` on a route that needs a token, in enforce mode: a request with no
+    Authorization field is a 401 whatever else it holds (pipeline.py tells it first)."""
     cors: CorsPolicy | None = None
     """The route's CORS policy (its own `cors` or the top-level one); None: no CORS, and
     nothing on this route's path costs more than this one test."""
@@ -163,6 +166,10 @@ def build_snapshot(
             missing="no token in " + ", ".join(source.kind for source in sources),
             reads_query=any(source.kind == "query" for source in sources),
             bearer_only=all(source.kind == "bearer" for source in sources),
+            needs_bearer=route.auth is not None
+            and not route.auth.optional
+            and route.auth.mode != "report"
+            and all(source.kind == "bearer" for source in sources),
             cors=compiled(route.cors),
             report=route.auth is not None and route.auth.mode == "report",
             revocation=revocation
@@ -217,6 +224,9 @@ def _several(
         missing="no token in " + ", ".join(source.kind for source in sources),
         reads_query=any(source.kind == "query" for source in sources),
         bearer_only=all(source.kind == "bearer" for source in sources),
+        needs_bearer=not route.auth.optional
+        and route.auth.mode != "report"
+        and all(source.kind == "bearer" for source in sources),
         cors=compiled(route.cors),
         report=route.auth.mode == "report",
     )

@@ -32,6 +32,7 @@ _quote = json.encoder.encode_basestring
 
 
 _BATCH = 256
+_FRACTIONS = [f".{fraction:03d}Z" for fraction in range(1000)]  # a stamp's end, by millisecond
 
 
 class AccessLog:
@@ -142,7 +143,7 @@ class AccessLog:
         if second != self._second:
             # An ISO-8601 UTC timestamp costs a strftime; one per second is enough.
             self._second, self._stamp = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        self._millisecond, self._time = millisecond, f"{self._stamp}.{fraction:03d}Z"
+        self._millisecond, self._time = millisecond, self._stamp + _FRACTIONS[fraction]
         return self._time
 
     def _add(self, line: str) -> None:

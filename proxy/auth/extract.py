@@ -29,6 +29,7 @@ from ..config.settings import TokenSource
 __all__ = [
     "Found",
     "authorization",
+    "bearer",
     "cookie_values",
     "extract",
     "query_values",
@@ -83,6 +84,15 @@ def extract(
     if len(found) > 1:
         raise InvalidRequest(Reason.MULTIPLE_TOKENS, f"{len(found)} tokens offered")
     return found[0] if found else None
+
+
+def bearer(value: str, source: TokenSource) -> Found | None:
+    """`extract` for a route whose one source is Bearer (`source`) and a request with one
+    Authorization line, `value`: the same answer, without looking for what cannot be there."""
+    credentials = _bearer_credentials(value)
+    if credentials is None:
+        return None  # another scheme (Basic, …) is not a bearer token
+    return Found(_token68(credentials, "Authorization: Bearer"), source)
 
 
 def authorization(headers: Fields, sources: Iterable[TokenSource] = ()) -> list[str]:

@@ -4,7 +4,8 @@ Owns: finding the one token in a request under the route's token sources, and re
 request that offers more than one (RFC 6750 §2: "Clients MUST NOT use more than one
 method to transmit the token in each request"), a repeated Authorization field of any
 schemes (a singleton, RFC 9110 §11.6.2; checked on public routes too), or a malformed
-Bearer credential (400 invalid_request); `authorization` is the one place the Authorization
+Bearer credential (400 invalid_request; `bearer` is `extract`'s answer for a route whose one
+source is Bearer and a request with one Authorization line); `authorization` is the one place the Authorization
 singleton rule is checked, for `extract` and for public routes alike. Cookie and query names are compared as the most
 lenient upstream reads them (percent-decoded, any case, ' ', '.' and '[' as '_'), and the
 query token's name after a ';' is refused (a separator to some servers). Also parses a query

@@ -3,6 +3,7 @@
 Owns: RFC 3986 path normalisation (unreserved percent-escapes decoded, dot segments removed,
 repeated slashes merged), the refusals that keep the router and the upstream from ever
 disagreeing about a path (`%2F`, `%5C`, NUL, `\\`, `..;`, climbing above the root), and
+`target` (split and normalise in one call, the normal form of a short path memoised), and
 first-match routing (prefixes on whole segments, `ignore_case` folding the path for matching
 only, as Java's and .NET's case-insensitive comparisons fold it: `_fold`). The normalised path is what the upstream receives. Does not own:
 tokens, headers or the query string (kept exactly as sent).

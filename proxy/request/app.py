@@ -9,7 +9,9 @@ challenge built from the same fields (plus, on a route with `cors`, the CORS hea
 the request's Origin, cors.py's, added per answer, never to a memoised one); anything
 unexpected becomes a 500 that reveals nothing; every request gets its metrics and one
 access-log line, from the request's `Exchange` (exchange.py), which `handle` makes. A refusal
-(and a CORS preflight, which `begin` answers) is answered within `handle` itself (no task);
+(and a CORS preflight, which `begin` answers; and a missing token, which `begin` returns
+rather than raises, answered by `_missing` as `_failed` answers a `TokenMissing`) is
+answered within `handle` itself (no task);
 an allowed request comes back to the server as a coroutine to run, and if the client left
 before that coroutine began, it sends nothing upstream and records a 499 (`_finish`: the one
 place this is handled; the server runs the coroutine regardless).

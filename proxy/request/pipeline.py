@@ -5,7 +5,9 @@ Owns: the order of the steps, each of which reads and fills in the request's `Ex
 route, no token, a cached token the rules refuse) is raised before any task exists; the
 rest (verifying a token not in the cache, forwarding) is the coroutine it returns. On a
 route with `providers:` the token's unverified `iss` first chooses its provider's plan
-(`ex.plan` becomes it), so every later step is that provider's. It reads
+(`ex.plan` becomes it), so every later step is that provider's. A missing token on a route
+that needs one (enforce mode) is not raised but returned (the class `TokenMissing`, which
+app.py answers as if raised): the commonest refusal, without a raise and a catch. It reads
 the config snapshot once, at entry, so a reload mid-request cannot mix two configs. A CORS
 preflight (cors.py judges it) is answered in `begin` itself, before routing: no token, never
 forwarded.

@@ -4,7 +4,8 @@ Owns: finding the one token in a request under the route's token sources, and re
 request that offers more than one (RFC 6750 §2: "Clients MUST NOT use more than one
 method to transmit the token in each request"), a repeated Authorization field of any
 schemes (a singleton, RFC 9110 §11.6.2; checked on public routes too), or a malformed
-Bearer credential (400 invalid_request); `authorization` is the one place the Authorization
+Bearer credential (400 invalid_request; `bearer` is `extract`'s answer for a route whose one
+source is Bearer and a request with one Authorization line); `authorization` is the one place the Authorization
 singleton rule is checked, for `extract` and for public routes alike. Cookie and query names are compared as the most
 lenient upstream reads them (percent-decoded, any case, ' ', '.' and '[' as '_'), and the
 query token's name after a ';' is refused (a separator to some servers). Also parses a query
@@ -29,6 +30,7 @@ from ..config.settings import TokenSource
 __all__ = [
     "Found",
     "authorization",
+    "bearer",
     "cookie_values",
     "extract",
     "query_values",
@@ -83,6 +85,15 @@ def extract(
     if len(found) > 1:
         raise InvalidRequest(Reason.MULTIPLE_TOKENS, f"{len(found)} tokens offered")
     return found[0] if found else None
+
+
+def bearer(value: str, source: TokenSource) -> Found | None:
+    """`extract` for a route whose one source is Bearer (`source`) and a request with one
+    Authorization line, `value`: the same answer, without looking for what cannot be there."""
+    credentials = _bearer_credentials(value)
+    if credentials is None:
+        return None  # another scheme (Basic, …) is not a bearer token
+    return Found(_token68(credentials, "Authorization: Bearer"), source)
 
 
 def authorization(headers: Fields, sources: Iterable[TokenSource] = ()) -> list[str]:

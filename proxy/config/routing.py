@@ -3,6 +3,7 @@
 Owns: RFC 3986 path normalisation (unreserved percent-escapes decoded, dot segments removed,
 repeated slashes merged), the refusals that keep the router and the upstream from ever
 disagreeing about a path (`%2F`, `%5C`, NUL, `\\`, `..;`, climbing above the root), and
+`target` (split and normalise in one call, the normal form of a short path memoised), and
 first-match routing (prefixes on whole segments, `ignore_case` folding the path for matching
 only, as Java's and .NET's case-insensitive comparisons fold it: `_fold`). The normalised path is what the upstream receives. Does not own:
 tokens, headers or the query string (kept exactly as sent).
@@ -16,9 +17,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..base.errors import BadRequest, Reason
+from ..base.memo import Memo
 from .settings import Route
 
-__all__ = ["Router", "normalize", "split_target"]
+__all__ = ["Router", "normalize", "split_target", "target"]
 
 _UNRESERVED = frozenset(string.ascii_letters + string.digits + "-._~")
 _HEX = frozenset(string.hexdigits)
@@ -63,6 +65,27 @@ def split_target(raw_target: str) -> tuple[str, str]:
         raise _bad("the request target holds a # (a fragment is never sent to a server)")
     path, _, query = raw_target.partition("?")
     return path, query
+
+
+def target(raw_target: str) -> tuple[str, str]:
+    """(normalised path, query as sent) of an origin-form request target: `split_target`, then
+    `normalize`, in one call, with the normal form of a short path remembered (`_NORMAL`)."""
+    if "#" in raw_target:
+        raise _bad("the request target holds a # (a fragment is never sent to a server)")
+    raw_path, _, query = raw_target.partition("?")
+    path = _NORMAL.get(raw_path)
+    if path is None:
+        path = normalize(raw_path)  # raises for a path refused: nothing is remembered then
+        if len(raw_path) <= _NORMAL_LONGEST:
+            _NORMAL.remember(raw_path, path)
+    return path, query
+
+
+_NORMAL: Memo[str, str] = Memo(512)
+"""`normalize`'s answer by raw path, for the paths requested lately (the same few come again and
+again): a lookup costs a fraction of the check (bench/FIGURES.md, "The request side"). Paths are
+the client's choice, hence the bound and the length limit: at most ~150 KB."""
+_NORMAL_LONGEST = 128
 
 
 def normalize(raw_path: str) -> str:

@@ -82,6 +82,9 @@ _ENCODING = "utf-8"
 # choice too): the upstream receives exactly what the client wrote.
 _ERRORS = "surrogateescape"
 _REASONS = {s.value: s.phrase for s in HTTPStatus}
+_METHOD_NAMES: dict[bytes, str] = {}
+"""A method as llhttp gave it (bytes) and as a request holds it (str): llhttp refuses any method
+outside its fixed table, so this holds a few dozen at most."""
 _BODILESS = frozenset({204, 304})
 _DRAIN_IDLE = 1.0
 """While draining, a connection idle this long (no byte of a next request) is closed. A client
@@ -172,13 +175,13 @@ class Request:
         target: str,
         version: str,
         fields: list[tuple[bytes, bytes]],
-        *,
         keep_alive: bool,
         upgrade: bool,
         content_length: int | None,
         chunked: bool,
         expect_continue: bool,
     ) -> None:
+        # Positional: made once per request, by on_headers_complete (a keyword call costs more).
         self._conn = conn
         self.method = method
         self.raw_path = target
@@ -450,11 +453,24 @@ class Request:
         if self._started:
             self.abort()
             return
-        end = _date_line() + self._connection_field(answer.status) + "\r\n"
-        self._finished = True
         conn = self._conn
+        if (
+            conn._closing
+            or not self.keep_alive
+            or self.upgrade
+            or not self._complete
+            or self._close
+            or conn._server._draining
+            or self.version != "1.1"
+        ):
+            end = self._connection_field(answer.status) + "\r\n"
+        else:  # what `_connection_field` says for a request that keeps its connection, written out
+            self._started = True
+            self.status = answer.status
+            end = "\r\n"
+        self._finished = True
         if not conn._lost:
-            tail = (field + end).encode(_ENCODING, _ERRORS)
+            tail = (field + _date_line() + end).encode(_ENCODING, _ERRORS)
             conn._transport.write(answer.head + tail if self.method == "HEAD" else answer.head + tail + answer.body)
 
     def _connection_field(self, status: int) -> str:
@@ -523,8 +539,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._lost = False
         self._closing = False
         # the head being parsed
-        self._url: list[bytes] = []
-        self._url_size = 0
+        self._url = b""
         self._fields: list[tuple[bytes, bytes]] = []
         self._head_size = 0
         self._stalled = 0  # bytes fed since the parser last made progress (a head, body bytes, an end)
@@ -656,16 +671,16 @@ class _Connection(asyncio.BufferedProtocol):
 
     def on_message_begin(self) -> None:
         self._head_begun = self._loop.time()  # `header_timeout` counts from here
-        self._url.clear()
-        self._url_size = 0
-        self._fields = []
+        self._url = b""
+        if self._fields:  # trailer fields of the request before (its own went with it)
+            self._fields = []
         self._head_size = 0
 
     def on_url(self, url: bytes) -> None:
-        self._url_size += len(url)
-        if self._url_size > MAX_TARGET:
+        # Usually one piece (b"" + url is url itself, no copy).
+        url = self._url = self._url + url
+        if len(url) > MAX_TARGET:
             raise _Refuse(414)
-        self._url.append(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         size = len(name) + len(value)
@@ -677,14 +692,14 @@ class _Connection(asyncio.BufferedProtocol):
     def on_headers_complete(self) -> None:
         # The head is complete: `header_timeout` and the keep-alive timer stop here; a body is
         # the handler's to wait for (`Request.iter_body`'s timeout and deadline).
-        self._cancel_timer()
-        self._head_begun = None
+        self._idle_since = self._head_begun = None  # (`_cancel_timer`, written out: once per request)
         self._stalled = 0
         parser = self._parser
         version = parser.get_http_version()
         if version != "1.1" and version != "1.0":
             raise _Refuse(505)  # 0.9 has no headers to carry a token; 2.0 is not spoken here
-        if parser.get_method() == b"CONNECT":
+        method = parser.get_method()
+        if method == b"CONNECT":
             # A reverse proxy has no tunnels to offer, and a 2xx to a forwarded CONNECT would
             # turn a pooled upstream connection into one (RFC 9110 §9.3.6).
             raise _Refuse(400)
@@ -724,17 +739,20 @@ class _Connection(asyncio.BufferedProtocol):
         if upgrade and (chunked or length):
             # llhttp would hand the body to the upgraded protocol unread; a handshake has none.
             raise _Refuse(400)
+        name = _METHOD_NAMES.get(method)
+        if name is None:  # llhttp knows a few dozen methods: each is decoded once
+            name = _METHOD_NAMES[method] = method.decode("ascii")
         request = Request(
             self,
-            parser.get_method().decode("ascii"),
-            b"".join(self._url).decode(_ENCODING, _ERRORS),
+            name,
+            self._url.decode(_ENCODING, _ERRORS),
             version,
             self._fields,
-            keep_alive=parser.should_keep_alive(),
-            upgrade=upgrade,
-            content_length=length,
-            chunked=chunked,
-            expect_continue=expect and version == "1.1",
+            parser.should_keep_alive(),
+            upgrade,
+            length,
+            chunked,
+            expect and version == "1.1",
         )
         # Trailer fields come through on_header too: they must never join the request's.
         self._fields = []
@@ -851,10 +869,15 @@ class _Connection(asyncio.BufferedProtocol):
         if self._unparsed and not self._refusal and len(self._queue) < _BACKLOG:
             held, self._unparsed = self._unparsed, b""
             self._feed(held)
-        self._update_reading()
-        self._dispatch()
-        if not self._queue and not self._refusal:
-            self._idle()
+        if self._read_paused:  # (`_update_reading` does nothing otherwise)
+            self._update_reading()
+        if self._queue or self._refusal:  # (`_dispatch` has nothing to do otherwise)
+            self._dispatch()
+        if not self._queue and not self._refusal:  # `_idle`, written out: once per request
+            if self._closing:
+                self._transport.close()
+            else:
+                self._idle_since = self._loop.time()
 
     def _write_refusal(self, status: int) -> None:
         self._transport.write(_refusal(status, close=True))

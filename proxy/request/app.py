@@ -9,7 +9,9 @@ challenge built from the same fields (plus, on a route with `cors`, the CORS hea
 the request's Origin, cors.py's, added per answer, never to a memoised one); anything
 unexpected becomes a 500 that reveals nothing; every request gets its metrics and one
 access-log line, from the request's `Exchange` (exchange.py), which `handle` makes. A refusal
-(and a CORS preflight, which `begin` answers) is answered within `handle` itself (no task);
+(and a CORS preflight, which `begin` answers; and a missing token, which `begin` returns
+rather than raises, answered by `_missing` as `_failed` answers a `TokenMissing`) is
+answered within `handle` itself (no task);
 an allowed request comes back to the server as a coroutine to run, and if the client left
 before that coroutine began, it sends nothing upstream and records a 499 (`_finish`: the one
 place this is handled; the server runs the coroutine regardless).
@@ -27,7 +29,7 @@ from typing import Any
 from ..auth.keys import KeyRing
 from ..auth.revocationstore import start_store
 from ..base.clock import Clock, SystemClock
-from ..base.errors import AuthError, KeysUnavailable, ProxyError, Reason, UpstreamUnavailable
+from ..base.errors import AuthError, KeysUnavailable, ProxyError, Reason, TokenMissing, UpstreamUnavailable
 from ..base.memo import Memo
 from ..base.oplog import event
 from ..config.settings import Settings
@@ -146,26 +148,32 @@ class Proxy:
 
 
 def _entry(request: Request, runtime: Runtime) -> Coroutine[Any, Any, None] | None:
-    inbound = request.header(b"x-request-id")
-    ex = Exchange(
-        request, runtime, request_id(None if inbound is None else inbound.decode("latin-1")), time.perf_counter()
-    )
-    runtime.metrics.in_flight += 1
+    inbound = None
+    for name, value in request.fields:  # (`request.header(b"x-request-id")`, written out: once per request)
+        if len(name) == 12 and name.lower() == b"x-request-id":
+            inbound = value.decode("latin-1")
+            break
+    ex = Exchange(request, runtime, request_id(inbound), time.perf_counter())
     try:
         rest = begin(ex)
+        if rest is TokenMissing:  # no token where one is needed: begin said so without raising
+            _missing(ex)
+            rest = None
     except Exception as error:
         try:
             _failed(ex, error)
         finally:
-            _end(ex)
+            _record(ex)
         return None
     except BaseException:
-        _end(ex)
+        _record(ex)
         raise
-    if rest is None:  # answered already (a CORS preflight)
-        _end(ex)
+    if rest is None:  # answered already (a refusal, a CORS preflight)
+        _record(ex)
         return None
-    return _finish(ex, rest)
+    # Counted only here: a request answered within `handle` is over before any scrape can run.
+    runtime.metrics.in_flight += 1
+    return _finish(ex, rest)  # type: ignore[arg-type]  # not TokenMissing (above): mypy does not narrow a class by `is`
 
 
 async def _finish(ex: Exchange, rest: Coroutine[Any, Any, None]) -> None:
@@ -180,7 +188,30 @@ async def _finish(ex: Exchange, rest: Coroutine[Any, Any, None]) -> None:
     except Exception as error:
         _failed(ex, error)
     finally:
-        _end(ex)
+        ex.runtime.metrics.in_flight -= 1
+        _record(ex)
+
+
+def _missing(ex: Exchange) -> None:
+    """The 401 for a request with no token on a route that needs one, as `_failed` answers a
+    `TokenMissing(plan.missing)`, without one being made, raised and caught (bench/FIGURES.md,
+    "The request side"): the same decision, reason, log event and answer."""
+    plan, snapshot = ex.plan, ex.snapshot
+    assert plan is not None and snapshot is not None
+    ex.decision = _DENIED
+    ex.reason = _TOKEN_MISSING
+    if log.isEnabledFor(logging.DEBUG):  # (log_refused asks too: asked here, a call is saved when it is off)
+        log_refused(ex, logging.DEBUG, _TOKEN_MISSING, plan.missing, 401)
+    realm = snapshot.settings.realm
+    if plan.cors is not None:
+        respond_error(
+            ex.request, TokenMissing(plan.missing), realm=realm, request_id_value=ex.request_id, cors=_cors(ex)
+        )
+        return
+    answer = _MISSING.get(realm)
+    if answer is None:
+        answer = _MISSING.remember(realm, _prepare(TokenMissing(), realm))
+    ex.request.send(answer, "X-Request-Id: " + ex.request_id + "\r\n")
 
 
 def _failed(exchange: Exchange, error: Exception) -> None:
@@ -231,15 +262,10 @@ def _cors(exchange: Exchange) -> str:
     return plan.cors.response_fields(exchange.request.fields).decode("ascii")
 
 
-def _end(ex: Exchange) -> None:
-    ex.runtime.metrics.in_flight -= 1
-    ex.status = ex.request.status or 499  # nothing written: the client went away
-    _record(ex)
-
-
 # An enum member read off its class costs a Python-level attribute lookup (about 150 ns on
 # 3.11); a module global, a fraction of it: the two _failed reads on every refusal.
-_REJECTED, _WOULD_DENY = Decision.REJECTED, Decision.WOULD_DENY
+_REJECTED, _WOULD_DENY, _DENIED = Decision.REJECTED, Decision.WOULD_DENY, Decision.DENIED
+_TOKEN_MISSING = str(Reason.TOKEN_MISSING)
 _INTERNAL_BODY = json.dumps(ProxyError(Reason.INTERNAL).fields()).encode()
 _INTERNAL_HEADERS = (
     ("Content-Type", "application/json; charset=utf-8"),
@@ -263,6 +289,8 @@ def respond_error(request: Request, error: ProxyError, *, realm: str, request_id
 _ANSWERS: Memo[tuple[object, ...], Prepared] = Memo(1024)
 """Prepared refusals by (kind, reason, scope, realm): a few dozen with any sane config; the
 bound is for a config with a great many realms."""
+_MISSING: Memo[str, Prepared] = Memo(64)
+"""The prepared 401 for no token (`_missing`), by realm: one per config's realm."""
 
 
 def _prepare(error: ProxyError, realm: str) -> Prepared:
@@ -281,26 +309,33 @@ def _prepare(error: ProxyError, realm: str) -> Prepared:
 def _record(exchange: Exchange) -> None:
     # The plan's parts are read here, not through Exchange's properties: this runs on every request.
     runtime, request, plan = exchange.runtime, exchange.request, exchange.plan
+    status = exchange.status = request.status or 499  # nothing written: the client went away
     if plan is not None:
         route_metrics: RouteMetrics | None = plan.metrics
     else:
         route_metrics = exchange.snapshot.unmatched if exchange.snapshot is not None else None
     if route_metrics is not None:
-        route_metrics.count(request.method, exchange.decision, exchange.reason, exchange.status)
-    if runtime.access_log is not None:
-        route = plan.route if plan is not None else None
+        route_metrics.count(request.method, exchange.decision, exchange.reason, status)
+    access_log = runtime.access_log
+    if access_log is not None:
+        if plan is not None:
+            verifier = plan.verifier
+            route, provider = plan.route.name, verifier.provider.name if verifier is not None else None
+        else:
+            route, provider = NO_ROUTE_NAME, None
         claims = exchange.claims
         # Never the token, never the query string (it may hold one): the normalised path only.
-        runtime.access_log.request(
-            request_id=exchange.request_id,
-            client=request.remote,
-            method=request.method,
-            path=exchange.path or request.raw_path.partition("?")[0][:256],
-            route=route.name if route is not None else NO_ROUTE_NAME,
-            status=exchange.status,
-            decision=str(exchange.decision),
-            reason=exchange.reason,
-            subject=claims.subject if claims is not None else None,
-            latency_ms=(time.perf_counter() - exchange.started) * 1000,
-            provider=plan.verifier.provider.name if plan is not None and plan.verifier is not None else None,
+        # (positional: a keyword call costs more, on every request)
+        access_log.line(
+            exchange.request_id,
+            request.remote,
+            request.method,
+            exchange.path or request.raw_path.partition("?")[0][:256],
+            route,
+            provider,
+            status,
+            exchange.decision,
+            exchange.reason,
+            claims.subject if claims is not None else None,
+            (time.perf_counter() - exchange.started) * 1000,
         )

@@ -199,10 +199,14 @@ class Outbound:
     """A request's header fields on their way upstream: the client's, as bytes, less what it
     must not control (`strip_inbound`); `upstream_fields` adds ours."""
 
-    __slots__ = ("authorizations", "host", "kept")
+    __slots__ = ("authorization", "authorizations", "host", "kept")
 
     def __init__(
-        self, kept: list[tuple[int, bytes, bytes, bytes]], host: bytes | None, authorizations: int = 0
+        self,
+        kept: list[tuple[int, bytes, bytes, bytes]],
+        host: bytes | None,
+        authorizations: int = 0,
+        authorization: bytes | None = None,
     ) -> None:
         self.kept = kept
         """(role, lower-case name, name, value) of each field kept, in the client's order."""
@@ -211,6 +215,9 @@ class Outbound:
         self.authorizations = authorizations
         """How many Authorization lines were kept: counted in the strip's one pass, so a request
         with at most one need not be read again for extract.authorization's singleton rule."""
+        self.authorization = authorization
+        """The value of the one Authorization line kept, when `authorizations` is 1 (pipeline.py
+        reads a Bearer token from it without looking through the fields again)."""
 
     def getall(self, name: str, default: Any = ()) -> Any:
         """Every value of a kept field, decoded, by name in any case (what `extract` reads)."""
@@ -245,6 +252,7 @@ def strip_inbound(fields: list[tuple[bytes, bytes]], plan: StripPlan) -> Outboun
     # and the upstream gets it under one name, every value in order.
     spelling: dict[bytes, bytes] = {}
     authorizations = 0
+    authorization = None
     roles, classify = plan.roles.get, plan.roles.make_for
     for name, value in fields:
         found = roles(name)
@@ -260,11 +268,13 @@ def strip_inbound(fields: list[tuple[bytes, bytes]], plan: StripPlan) -> Outboun
             host = value
         elif low == b"authorization":
             authorizations += 1
+            authorization = value
         kept.append((role, low, spelling.setdefault(low, name), value))
     if named:
         kept = [entry for entry in kept if entry[1] not in named]
-        authorizations = sum(1 for entry in kept if entry[1] == b"authorization")
-    return Outbound(kept, host, authorizations)
+        values = [entry[3] for entry in kept if entry[1] == b"authorization"]
+        authorizations, authorization = len(values), values[-1] if values else None
+    return Outbound(kept, host, authorizations, authorization if authorizations == 1 else None)
 
 
 def request_id(inbound: str | None) -> str:

@@ -5,7 +5,9 @@ Owns: the order of the steps, each of which reads and fills in the request's `Ex
 route, no token, a cached token the rules refuse) is raised before any task exists; the
 rest (verifying a token not in the cache, forwarding) is the coroutine it returns. On a
 route with `providers:` the token's unverified `iss` first chooses its provider's plan
-(`ex.plan` becomes it), so every later step is that provider's. It reads
+(`ex.plan` becomes it), so every later step is that provider's. A missing token on a route
+that needs one (enforce mode) is not raised but returned (the class `TokenMissing`, which
+app.py answers as if raised): the commonest refusal, without a raise and a catch. It reads
 the config snapshot once, at entry, so a reload mid-request cannot mix two configs. A CORS
 preflight (cors.py judges it) is answered in `begin` itself, before routing: no token, never
 forwarded.
@@ -33,12 +35,12 @@ from typing import Any
 
 from multidict import MultiDict, MultiDictProxy
 
-from ..auth.extract import authorization, extract
+from ..auth.extract import authorization, bearer, extract
 from ..auth.rules import check_route
 from ..auth.verify import Claims, by_issuer
 from ..base.errors import InvalidRequest, NotFound, ProxyError, TokenMissing
 from ..base.oplog import event
-from ..config.routing import normalize, split_target
+from ..config.routing import target
 from ..telemetry.metrics import Decision
 from .cors import Preflight, preflight
 from .exchange import Exchange
@@ -54,16 +56,18 @@ _ALLOWED, _WOULD_DENY = Decision.ALLOWED, Decision.WOULD_DENY
 _NO_QUERY: MultiDictProxy[str] = MultiDictProxy(MultiDict())
 
 
-def begin(ex: Exchange) -> Coroutine[Any, Any, None] | None:
+def begin(ex: Exchange) -> Coroutine[Any, Any, None] | type[TokenMissing] | None:
     """Every step that needs no I/O, now: a refusal raises here, before any task exists (a
     401 is answered in the same loop turn that read it). What is left (verification on a
     cache miss, and forwarding) comes back as a coroutine for the caller to run; None when
-    the request was answered here (a CORS preflight)."""
+    the request was answered here (a CORS preflight); the class `TokenMissing` (not raised)
+    for no token on a route that needs one in enforce mode, which the caller refuses as it
+    would `TokenMissing(plan.missing)` raised (the commonest refusal, without a raise)."""
     request = ex.request
     snapshot = ex.snapshot = ex.runtime.snapshot
     assert snapshot is not None  # the listener starts only after the first snapshot exists
-    raw_path, ex.query = split_target(request.raw_path)
-    path = ex.path = normalize(raw_path)
+    path, ex.query = target(request.raw_path)
+    ex.path = path
     if snapshot.cors and request.method == "OPTIONS":
         # A CORS preflight is judged by the route of the request it announces, before routing this one.
         asked = preflight(request.method, request.fields, path, snapshot.router, snapshot.plans)
@@ -74,6 +78,18 @@ def begin(ex: Exchange) -> Coroutine[Any, Any, None] | None:
     if route is None:
         raise NotFound(f"no route for {request.method} {path}")
     plan = ex.plan = snapshot.plans[route.name]
+    if plan.needs_bearer:
+        began = time.perf_counter()
+        for name, _ in request.fields:
+            if len(name) == 13 and name.lower() == b"authorization":
+                break
+        else:
+            # No Authorization field on a route that reads Bearer alone and needs a token: a
+            # 401, whatever else the request holds, told before the strip (which only shapes
+            # what goes on upstream) and said by a return value, not a raised `TokenMissing`
+            # (app.py answers it as one): bench/FIGURES.md, "The request side".
+            plan.metrics.auth.observe(time.perf_counter() - began)  # (`observe_auth`, one call fewer)
+            return TokenMissing
 
     # Identity headers go first, on every route, before anything is decided.
     outbound = ex.outbound = strip_inbound(request.fields, snapshot.strip)
@@ -86,9 +102,21 @@ def begin(ex: Exchange) -> Coroutine[Any, Any, None] | None:
             authorization(outbound)
         return _forward(ex)
     began = time.perf_counter()
+    if plan.bearer_only and not outbound.authorizations and not plan.report:
+        # No Authorization line on a route that reads Bearer alone: `extract` would find no
+        # token, so it is not called; and a missing token is said by a return value, not a
+        # raised `TokenMissing` (app.py answers it as one): bench/FIGURES.md, "The request side".
+        plan.metrics.auth.observe(time.perf_counter() - began)  # (`observe_auth`, one call fewer)
+        assert route.auth is not None  # not a public route (above)
+        return _forward(ex) if route.auth.optional else TokenMissing
     try:
-        # The query's parameters are parsed (http1's `Request.query`) only where a source reads them.
-        found = ex.found = extract(outbound, request.query if plan.reads_query else _NO_QUERY, plan.sources)
+        if plan.bearer_only and outbound.authorization is not None:
+            # One Authorization line on a route whose one source is Bearer: `extract`'s answer,
+            # read from that line alone (bench/FIGURES.md, "The request side").
+            found = ex.found = bearer(outbound.authorization.decode("utf-8", "surrogateescape"), plan.sources[0])
+        else:
+            # The query's parameters are parsed (http1's `Request.query`) only where a source reads them.
+            found = ex.found = extract(outbound, request.query if plan.reads_query else _NO_QUERY, plan.sources)
         if found is None:
             claims = None
         else:

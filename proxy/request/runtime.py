@@ -74,6 +74,12 @@ class RoutePlan:
     """The log detail of a `TokenMissing` here ("no token in bearer, cookie"), built once."""
     reads_query: bool = False
     """Whether a token source is the query string: only then are its parameters parsed."""
+    bearer_only: bool = False
+    """Whether the route's one token source is Bearer: then a request with no Authorization line
+    has no token, and one with one line has at most that one (pipeline.py looks no further)."""
+    needs_bearer: bool = False
+    """`bearer_only` on a route that needs a token, in enforce mode: a request with no
+    Authorization field is a 401 whatever else it holds (pipeline.py tells it first)."""
     cors: CorsPolicy | None = None
     """The route's CORS policy (its own `cors` or the top-level one); None: no CORS, and
     nothing on this route's path costs more than this one test."""
@@ -159,6 +165,11 @@ def build_snapshot(
             metrics=metrics.route(route.name),
             missing="no token in " + ", ".join(source.kind for source in sources),
             reads_query=any(source.kind == "query" for source in sources),
+            bearer_only=len(sources) == 1 and sources[0].kind == "bearer",
+            needs_bearer=route.auth is not None
+            and not route.auth.optional
+            and route.auth.mode != "report"
+            and all(source.kind == "bearer" for source in sources),
             cors=compiled(route.cors),
             report=route.auth is not None and route.auth.mode == "report",
             revocation=revocation
@@ -212,6 +223,10 @@ def _several(
         metrics=metrics.route(route.name),
         missing="no token in " + ", ".join(source.kind for source in sources),
         reads_query=any(source.kind == "query" for source in sources),
+        bearer_only=len(sources) == 1 and sources[0].kind == "bearer",
+        needs_bearer=not route.auth.optional
+        and route.auth.mode != "report"
+        and all(source.kind == "bearer" for source in sources),
         cors=compiled(route.cors),
         report=route.auth.mode == "report",
     )

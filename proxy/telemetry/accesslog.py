@@ -18,6 +18,7 @@ import json.encoder
 import time
 from typing import BinaryIO
 
+from ..base.memo import Memo
 from ..base.safetext import json_line
 
 __all__ = ["AccessLog"]
@@ -31,6 +32,7 @@ _quote = json.encoder.encode_basestring
 
 
 _BATCH = 256
+_FRACTIONS = [f".{fraction:03d}Z" for fraction in range(1000)]  # a stamp's end, by millisecond
 
 
 class AccessLog:
@@ -43,6 +45,10 @@ class AccessLog:
         self._stamp = ""
         self._millisecond = -1
         self._time = ""
+        self._middles: Memo[tuple[str, str | None, int, str, str], str] = Memo(4096)
+        """`line`'s middle part by (route, provider, status, decision, reason): routes and providers are the
+        config's, decisions and reasons closed sets, statuses at most 900; the bound is for a
+        config with a great many routes."""
 
     def write(self, **fields: object) -> None:
         """One line of any fields (JSON-encodable values), after the time."""
@@ -72,29 +78,72 @@ class AccessLog:
         client or the config chooses (method, path, route, provider, subject) is escaped;
         `provider` is the route's (null on a public route or before routing).
         """
-        peer = "null" if client is None else f'"{client}"'
-        self._add(
-            json_line(
-                f'{{"time":"{self._now()}","request_id":"{request_id}",'
-                f'"client":{peer},"method":{_quote(method)},'
-                f'"path":{_quote(path)},"route":{_quote(route)},'
-                f'"provider":{"null" if provider is None else _quote(provider)},'
-                f'"status":{status:d},"decision":"{decision}",'
-                f'"reason":"{reason}","subject":{"null" if subject is None else _quote(subject)},'
-                f'"latency_ms":{latency_ms:.3f}}}'
+        self.line(request_id, client, method, path, route, provider, status, decision, reason, subject, latency_ms)
+
+    def line(
+        self,
+        request_id: str,
+        client: str | None,
+        method: str,
+        path: str,
+        route: str,
+        provider: str | None,
+        status: int,
+        decision: str,
+        reason: str,
+        subject: str | None,
+        latency_ms: float,
+    ) -> None:
+        """`request`, positional (a keyword call costs more, and this runs for every request).
+
+        The part from `route` to `subject`'s name is the same for every request of one (route,
+        provider, status, decision, reason): it is built and escaped once (a line is escaped a
+        character at a time, so a part escaped alone is the same text as in the whole line).
+        `_now` and `_add` are written out here (bench/FIGURES.md, "The request side")."""
+        key = (route, provider, status, decision, reason)
+        middle = self._middles.get(key)
+        if middle is None:
+            middle = self._middles.remember(
+                key,
+                json_line(
+                    f',"route":{_quote(route)},"provider":{"null" if provider is None else _quote(provider)},'
+                    f'"status":{status:d},"decision":"{decision}","reason":"{reason}","subject":'
+                ),
             )
+        now = time.time()
+        millisecond = int(now * 1000)
+        stamp = self._time if millisecond == self._millisecond else self._stamp_for(millisecond)
+        peer = "null" if client is None else '"' + client + '"'
+        line = (
+            f'{{"time":"{stamp}","request_id":"{request_id}",'
+            f'"client":{peer},"method":{_quote(method)},'
+            f'"path":{_quote(path)}{middle}{"null" if subject is None else _quote(subject)},'
+            f'"latency_ms":{latency_ms:.3f}}}'
         )
+        if not line.isascii() or "\x7f" in line:
+            line = json_line(line)
+        pending = self._pending
+        pending.append(line)
+        if len(pending) >= _BATCH:
+            self.flush()
+        elif self._timer is None:
+            try:
+                self._timer = asyncio.get_running_loop().call_later(self._interval, self.flush)
+            except RuntimeError:  # no loop (a direct call): write at once
+                self.flush()
 
     def _now(self) -> str:
         now = time.time()
         millisecond = int(now * 1000)
-        if millisecond != self._millisecond:
-            # A busy sidecar logs several lines per millisecond: they share one stamp.
-            second, fraction = divmod(millisecond, 1000)
-            if second != self._second:
-                # An ISO-8601 UTC timestamp costs a strftime; one per second is enough.
-                self._second, self._stamp = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-            self._millisecond, self._time = millisecond, f"{self._stamp}.{fraction:03d}Z"
+        return self._time if millisecond == self._millisecond else self._stamp_for(millisecond)
+
+    def _stamp_for(self, millisecond: int) -> str:
+        # A busy sidecar logs several lines per millisecond: they share one stamp.
+        second, fraction = divmod(millisecond, 1000)
+        if second != self._second:
+            # An ISO-8601 UTC timestamp costs a strftime; one per second is enough.
+            self._second, self._stamp = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        self._millisecond, self._time = millisecond, self._stamp + _FRACTIONS[fraction]
         return self._time
 
     def _add(self, line: str) -> None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from proxy.base.errors import ProxyError
+from proxy.base.errors import ProxyError, TokenMissing
 from proxy.config import builder as config
 from proxy.http.http1 import Request, Server
 from proxy.request.app import Proxy
@@ -52,7 +52,7 @@ routes:
 """
 """No catch-all route: /elsewhere matches nothing."""
 
-Step = Callable[[Exchange], Awaitable[None] | None]
+Step = Callable[[Exchange], Awaitable[None] | type[TokenMissing] | None]
 
 
 @dataclass
@@ -119,6 +119,9 @@ async def run_step(parts: Parts, raw: bytes, step: Step, *, seen: tuple[str, ...
         made.append(ran)
         try:
             rest = step(ex)
+            if rest is TokenMissing:  # `begin` says so without raising (app.py answers it as raised)
+                assert ex.plan is not None
+                raise TokenMissing(ex.plan.missing)
         except ProxyError as error:
             answer_error(request, ran, error)
             return None

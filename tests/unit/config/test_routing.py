@@ -8,7 +8,7 @@ import pytest
 
 from proxy.base.errors import BadRequest, Reason
 from proxy.config.builder import Route, RouteMatch
-from proxy.config.routing import Router, normalize
+from proxy.config.routing import Router, normalize, split_target, target
 
 
 @pytest.mark.parametrize(
@@ -225,3 +225,38 @@ def test_ignore_case_routes_and_case_sensitive_routes_mix_in_order() -> None:
     assert router.match("GET", "/Docs/a").name == "exact-case"
     assert router.match("GET", "/DOCS/a").name == "folded"
     assert router.match("GET", "/docs").name == "folded"
+
+
+@pytest.mark.parametrize(
+    "raw_target",
+    [
+        "/api/v1/orders?x=1",
+        "/a//b/../c",
+        "/%61dmin/x?q=%2F",
+        "/",
+        "/x.?",
+        "/" + "a" * 200,
+        "/a b",
+        "/..",
+        "/x#",
+        "/x?y#z",
+    ],
+)
+def test_target_is_split_target_then_normalize_asked_twice(raw_target: str) -> None:
+    # `target` memoises a path's normal form: its first and second answers, and its refusals,
+    # are those of split_target then normalize (a refused path is never remembered, and a `#`
+    # in the query of a remembered path is still refused).
+    for _ in range(2):
+        try:
+            raw_path, query = split_target(raw_target)
+            expected: object = (normalize(raw_path), query)
+        except BadRequest as error:
+            expected = (type(error), error.reason, error.detail)
+        try:
+            got: object = target(raw_target)
+        except BadRequest as error:
+            got = (type(error), error.reason, error.detail)
+        assert got == expected
+    if "#" not in raw_target:  # a remembered path, then a fragment in the query
+        with pytest.raises(BadRequest):
+            target(raw_target.partition("?")[0] + "?q#f")

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Callable
 
 import pytest
 from multidict import CIMultiDict, MultiDict
 
-from proxy.auth.extract import Found, extract, without_cookie, without_query_param
+from proxy.auth.extract import Found, bearer, extract, without_cookie, without_query_param
 from proxy.auth.verify import Claims
 from proxy.base.errors import InvalidRequest, InvalidToken, Reason
 from proxy.config import builder as config
@@ -454,3 +455,48 @@ def test_cookie_name_variants_are_the_token_cookie(cookies: list[str]) -> None:
 def test_a_cookie_name_variant_alone_is_the_token_and_is_removed() -> None:
     assert find([("Cookie", "lang=en; %61T=c")], (COOKIE,)) == Found("c", COOKIE)
     assert without_cookie("lang=en; %61T=c; x=1", "at") == "lang=en; x=1"
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "Bearer abc.def-_~+/=",
+        "bearer  abc",
+        "BEARER abc \t",
+        "Bearer",
+        "Bearer ",
+        "Bearer\tabc",
+        "Bearer,abc",
+        "Bearerx abc",
+        "Basic dXNlcjpwdw==",
+        "Bearer abc def",
+        "Bearer a\udcffb",
+        "",
+    ],
+)
+def test_bearer_alone_answers_as_extract_does_for_one_authorization_line(value: str) -> None:
+    # pipeline.py reads the token of a route whose one source is Bearer from the request's one
+    # Authorization line (`extract.bearer`, from what the strip kept): the same token, or none,
+    # or the same refusal as `extract` over the stripped fields.
+    fields = [(b"Host", b"x"), (b"Authorization", value.encode("utf-8", "surrogateescape"))]
+    out = strip_inbound(fields, StripPlan(frozenset(), (), frozenset()))
+    assert out.authorizations == 1 and out.authorization is not None
+
+    def answer(find: Callable[[], Found | None]) -> object:
+        try:
+            return find()
+        except InvalidRequest as error:
+            return (error.reason, error.detail)
+
+    via_extract = answer(lambda: extract(out, MultiDict(), (BEARER,)))
+    assert answer(lambda: bearer(out.authorization.decode("utf-8", "surrogateescape"), BEARER)) == via_extract
+
+
+def test_the_strip_keeps_the_one_authorization_value_and_none_for_two_or_a_connection_named_one() -> None:
+    plan = StripPlan(frozenset(), (), frozenset())
+    one = strip_inbound([(b"authorization", b"Bearer a"), (b"X-A", b"1")], plan)
+    assert (one.authorizations, one.authorization) == (1, b"Bearer a")
+    two = strip_inbound([(b"Authorization", b"Bearer a"), (b"AUTHORIZATION", b"Bearer b")], plan)
+    assert (two.authorizations, two.authorization) == (2, None)
+    named = strip_inbound([(b"Authorization", b"Bearer a"), (b"Connection", b"authorization")], plan)
+    assert (named.authorizations, named.authorization) == (0, None)

@@ -107,3 +107,17 @@ async def test_no_route_and_no_token_are_refused_by_begin_before_any_task(parts:
     assert missing.exchange.provider == "main" and missing.exchange.found is None
     assert missing.exchange.decision is Decision.REJECTED
     assert parts.upstream.seen == []
+
+
+@bounded_by(10)
+async def test_the_authorization_field_is_found_in_any_case_before_a_missing_token_is_told(
+    parts: Parts, rsa_key: TestKey
+) -> None:
+    # A route whose one source is Bearer tells a request with no Authorization field before
+    # the strip (RoutePlan.needs_bearer): a field name in any case is that field.
+    token = mint(key=rsa_key)
+    ran = await run_step(parts, request_bytes("/api/orders", f"aUtHoRiZaTiOn: Bearer {token}"), begin)
+    assert ran.error is None and ran.status == 200 and ran.exchange.subject == "user-42"
+    spoofed = await run_step(parts, request_bytes("/api/orders", "X-User-Id: root", "Authorizatio: x"), begin)
+    assert isinstance(spoofed.error, TokenMissing) and spoofed.status == 401
+    assert spoofed.exchange.decision is Decision.REJECTED and len(parts.upstream.seen) == 1, "never forwarded"

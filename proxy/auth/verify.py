@@ -640,7 +640,8 @@ def by_issuer(
     if cache is not None:
         known = cache.lookup(token)
         if known is not None:
-            found = table.get(known.payload["iss"])
+            iss = known.payload.get("iss")  # verified, and always kept (rules._ALWAYS_READ)
+            found = table.get(iss) if isinstance(iss, str) else None
             if found is not None:
                 return found
     parts = token.split(".")

@@ -3,7 +3,9 @@
 Owns: reading scopes from a payload (RFC 9068 §2.2.3 / RFC 8693 §4.2 `scope` string, split
 on SP alone as RFC 6749 §3.3 says, or a `scp`/`scope` list as Azure AD and Okta issue
 them), walking dotted claim paths, and the
-claim operators (equals, one_of, contains, matches, present). A failure is an
+claim operators (equals, one_of, contains, matches, present), and which claims of a
+provider's verified tokens anything reads after verification (`claims_read`: what a cached
+token keeps). A failure is an
 `InsufficientScope` (403), never an `InvalidToken`: the token is fine, it just does not
 grant this. Does not own: where claims came from or whether they are genuine (verify.py).
 """
@@ -15,9 +17,9 @@ from types import MappingProxyType
 from typing import Any
 
 from ..base.errors import InsufficientScope, Reason
-from ..config.settings import ClaimRule, RouteAuth, ScopeRule
+from ..config.settings import ClaimRule, RouteAuth, ScopeRule, Settings
 
-__all__ = ["ABSENT", "check_route", "claim_at", "rule_holds", "scopes_of"]
+__all__ = ["ABSENT", "check_route", "claim_at", "claims_read", "rule_holds", "scopes_of"]
 
 
 class _Absent:
@@ -106,3 +108,40 @@ def check_route(auth: RouteAuth, payload: Mapping[str, Any]) -> None:
     for rule in auth.claims:
         if not rule_holds(rule, payload):
             raise InsufficientScope(Reason.CLAIM_RULE, f"claim rule {rule.claim} {rule.op} failed")
+
+
+# What reads a verified token's claims after verification, besides the routes' rules and the
+# header maps: by_issuer's choice from a cached entry (iss), the access log's subject (sub),
+# a WebSocket tunnel's deadline (exp), and the revocation list (jti, sub, iss, iat).
+_ALWAYS_READ = frozenset({"iss", "sub", "exp"})
+_REVOCATION_READS = frozenset({"jti", "sub", "iss", "iat"})
+
+
+def claims_read(settings: Settings, provider: str) -> frozenset[str] | None:
+    """The top-level claims of `provider`'s verified tokens that anything reads once they are
+    verified, on any route that accepts them; None: all of them (a header map forwards the
+    whole payload). A cached token keeps these alone (auth/verify.py `Verifier`): claims
+    nothing reads are not kept for the token's lifetime in the cache.
+
+    Every reader is named here: a route's scopes (`scope`, `scp`) and claim rules (the first
+    name of each path), the claim headers of every header map that renders these tokens (the
+    provider's, and each such route's own), the revocation list when one is configured, and
+    `_ALWAYS_READ`. tests/unit/auth/test_rules.py checks each against a token's full claims."""
+    read = set(_ALWAYS_READ)
+    if settings.revocation is not None:
+        read |= _REVOCATION_READS
+    maps = [settings.providers[provider].headers]
+    for route in settings.routes:
+        auth = route.auth
+        if auth is None or provider not in auth.names:
+            continue
+        if route.headers is not None:
+            maps.append(route.headers)
+        if auth.scopes.all_of or auth.scopes.any_of:
+            read |= {"scope", "scp"}
+        read.update(rule.path[0] for rule in auth.claims)
+    for header_map in maps:
+        if header_map.payload:
+            return None
+        read.update(claim.path[0] for claim in header_map.claims)
+    return frozenset(read)

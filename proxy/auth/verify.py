@@ -24,19 +24,27 @@ claims.
 from __future__ import annotations
 
 import binascii
+import hashlib
 import json
+import json.scanner
 import math
+import os
 import sys
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, TypeGuard, TypeVar
 
-from cachetools import LRUCache
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric import padding
+from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 from jwt import PyJWK, PyJWS
+from jwt.algorithms import RSAAlgorithm
 from jwt.exceptions import DecodeError, PyJWTError
 
 from ..base.errors import InvalidToken, Reason
+from ..base.memo import Memo
 from ..config.settings import Provider, TokenCacheSettings
 
 if TYPE_CHECKING:
@@ -72,16 +80,33 @@ class TokenHeader:
     fields: Mapping[str, Any]
 
 
-@dataclass(frozen=True, slots=True, eq=False)
 class Claims:
-    """A verified token: its provider, header and payload. Immutable and safe to cache.
+    """A verified token: its provider, header and payload; in the token cache, the entry itself.
 
-    Compared and hashed by identity (`eq=False`): a cached token comes back as the same
-    object, which is how identity.py's `Renderer` knows it rendered its headers already."""
+    Compared and hashed by identity: a cached token comes back as the same object, which is
+    how identity.py's `Renderer` knows it rendered its headers already. Nothing in it changes
+    once built but what the cache and the first `Renderer` note on it (`until`, `digest`,
+    `rendered_by`, `rendered`); the payload and header are read-only views. `__slots__` and
+    no other per-token object (the header view is shared by every token with the same header
+    segment, claim names and the provider's iss/aud are shared strings): a cached token
+    costs what bench/cache_memory.py measures (bench/FIGURES.md)."""
 
-    provider: str
-    header: Mapping[str, Any]
-    payload: Mapping[str, Any]
+    __slots__ = ("digest", "header", "payload", "provider", "rendered", "rendered_by", "until")
+
+    def __init__(
+        self, provider: str, header: Mapping[str, Any], payload: Mapping[str, Any], until: float = math.inf
+    ) -> None:
+        self.provider = provider
+        self.header = header
+        self.payload = payload
+        self.until = until
+        """`TokenCache`: not to be served from the cache from this `clock.time()` on."""
+        self.digest: bytes | None = None
+        """`TokenCache`: its key for this token."""
+        self.rendered_by: object = None
+        self.rendered: Any = None
+        """The identity headers the first `Renderer` (`rendered_by`) made for this token: they
+        live as long as the entry (other renderers keep theirs in their own memo)."""
 
     @property
     def subject(self) -> str | None:
@@ -92,6 +117,9 @@ class Claims:
     def expires(self) -> float | None:
         exp = self.payload.get("exp")
         return float(exp) if _is_number(exp) else None
+
+    def __repr__(self) -> str:
+        return f"Claims(provider={self.provider!r}, header={dict(self.header)!r}, payload={dict(self.payload)!r})"
 
 
 class _HeaderChecksAreOurs(PyJWS):
@@ -119,22 +147,37 @@ class _HeaderChecksAreOurs(PyJWS):
 
     @staticmethod
     def _decode_base64url_segment(segment: bytes, name: str) -> bytes:
-        # translate(None, alphabet) deletes every allowed byte: anything left ('=', '+', '/',
-        # whitespace, non-ASCII) is not base64url.
-        if len(segment) % 4 == 1 or segment.translate(None, _BASE64URL_ALPHABET):
-            raise DecodeError(f"{name} segment is not unpadded base64url (RFC 7515 §2)")
-        tail = len(segment) % 4
-        # Canonical: re-encoding must give the same text, i.e. the bits of the last character
-        # that no byte uses are zero (4 of them after 2 characters, 2 after 3). PyJWT
-        # re-encodes to find out; one table lookup says the same.
-        if tail and _SEXTET[segment[-1]] & (0x0F if tail == 2 else 0x03):
-            raise DecodeError(f"{name} segment is not canonical base64url: its last character has unused bits set")
-        try:
-            return binascii.a2b_base64(segment.translate(_TO_STANDARD) + b"==="[: (4 - tail) % 4])
-        except binascii.Error as err:
-            raise DecodeError(f"{name} segment is not base64url") from err
+        decoded = _unbase64url(segment)
+        if decoded is None:
+            raise DecodeError(f"{name} segment is not unpadded, canonical base64url (RFC 7515 §2)")
+        return decoded
 
 
+def _unbase64url(segment: bytes) -> bytes | None:
+    """A segment's bytes, or None when it is not unpadded, canonical base64url.
+
+    '=', '+' and '/' are refused by name (three memchr); `a2b_base64` in strict mode
+    refuses every other character outside the alphabet (whitespace, non-ASCII, '.'), after
+    '-_' are read as '+/'. A length of 1 mod 4 ends in no byte; the last character must
+    leave the bits no byte uses at zero (4 of them after 2 characters, 2 after 3): one table
+    lookup instead of PyJWT's re-encode. One `translate` and one `a2b_base64` per segment,
+    where an alphabet check by `translate(None, alphabet)` cost as much as the decode
+    (bench/FIGURES.md)."""
+    tail = len(segment) % 4
+    # An int, not b"=": `bytes in bytes` first tries its argument as an int, which raises and
+    # formats a TypeError inside (~1.3k instructions each); an int is one memchr.
+    if tail == 1 or _EQUALS in segment or _PLUS in segment or _SLASH in segment:
+        return None
+    if tail and _SEXTET.get(segment[-1], 0) & (0x0F if tail == 2 else 0x03):
+        return None
+    try:
+        return binascii.a2b_base64(segment.translate(_TO_STANDARD) + _PADDING[tail], strict_mode=True)
+    except binascii.Error:
+        return None
+
+
+_PADDING = (b"", b"", b"==", b"=")
+_EQUALS, _PLUS, _SLASH = b"=+/"
 _BASE64URL_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
 _SEXTET = {byte: value for value, byte in enumerate(_BASE64URL_ALPHABET)}
 _TO_STANDARD = bytes.maketrans(b"-_", b"+/")
@@ -149,8 +192,10 @@ def _one_member_per_name(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     # RFC 7519 §4 lets a parser reject duplicate member names or keep the last; we reject,
     # at every depth (the claims set and any object inside it), so nothing that reads the
     # JSON after us (an upstream reading X-Jwt-Payload, a parser that keeps the first) can
-    # see another value than the one we checked. dict() is C; the hook is one call per object.
-    members = dict(pairs)
+    # see another value than the one we checked. The hook is one call per object.
+    # Member names are interned: every cached token's `sub`, `exp`... is then one shared
+    # str, not a copy per token (~50 bytes a name, bench/FIGURES.md).
+    members = {_intern(name): value for name, value in pairs}
     if len(members) != len(pairs):
         seen: set[str] = set()
         for name, _ in pairs:
@@ -160,14 +205,35 @@ def _one_member_per_name(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return members
 
 
+_intern = sys.intern
+
+
 def _no_constant(name: str) -> Any:
     # Python reads NaN, Infinity and -Infinity; JSON (RFC 8259 §6) has no such numbers.
     raise _NotStrictJson(f"{name} is not JSON")
 
 
-_STRICT_JSON = json.JSONDecoder(object_pairs_hook=_one_member_per_name, parse_constant=_no_constant).decode
+_DECODER = json.JSONDecoder(object_pairs_hook=_one_member_per_name, parse_constant=_no_constant)
+_STRICT_JSON = _DECODER.decode
 """`json.loads` for token JSON: refuses duplicate member names and NaN/Infinity. A str only
 (RFC 7515 §5.2 / RFC 7519 §7.2: UTF-8, decoded by the caller, so no encoding sniffing)."""
+_SCAN = (json.scanner.c_make_scanner or json.scanner.py_make_scanner)(_DECODER)  # type: ignore[attr-defined]
+
+
+def _json_object(raw: bytes) -> dict[str, Any] | None:
+    """`raw` as a JSON object by the same decoder, when it is one with nothing around it; None
+    otherwise (then `_STRICT_JSON` says why, or accepts what this did not: surrounding
+    whitespace). The decoder's scanner called directly: `decode` adds two regex matches and
+    two Python calls per document (bench/FIGURES.md)."""
+    try:
+        text = raw.decode("utf-8")
+        if text[:1] == "{":
+            value, end = _SCAN(text, 0)
+            if end == len(text):
+                return value
+    except (ValueError, RecursionError, StopIteration):
+        pass
+    return None
 
 
 def shown(value: Any, *, limit: int = 80) -> str:
@@ -333,8 +399,9 @@ def verify_signature(token: str, header: TokenHeader, keys: Sequence[PyJWK]) -> 
     miss's time beside the RSA check (bench/FIGURES.md): the header was read strictly by `read_header`;
     the payload and signature segments go through the same strict decoder; `b64: false`
     (RFC 7797) is refused; each key must be bound to the token's alg; the key is prepared
-    and its length checked (`enforce_minimum_key_length`) by the key's own `Algorithm`; then
-    `Algorithm.verify`. tests/unit/auth/test_verify.py checks that this and `decode_complete`
+    and its length checked (`enforce_minimum_key_length`) by the key's own `Algorithm`, once
+    per key object (`_prepare`); then `Algorithm.verify`, or for RS256/384/512 cryptography's
+    `RSAPublicKey.verify` called as that does. tests/unit/auth/test_verify.py checks that this and `decode_complete`
     agree on every token of a corpus of good, tampered and malformed ones. The payload is
     parsed (`parse_payload`) only once the signature verified; `token explain` reports the
     two steps apart. Every detail is our phrase: PyJWT's messages name its own internals.
@@ -346,10 +413,8 @@ def verify_signature(token: str, header: TokenHeader, keys: Sequence[PyJWK]) -> 
     data = token.encode("utf-8", "surrogatepass")
     signing_input, _, crypto_segment = data.rpartition(b".")
     payload_segment = signing_input.partition(b".")[2]
-    try:
-        payload = _JWS._decode_base64url_segment(payload_segment, "payload")
-        signature = _JWS._decode_base64url_segment(crypto_segment, "signature")
-    except DecodeError:
+    payload, signature = _unbase64url(payload_segment), _unbase64url(crypto_segment)
+    if payload is None or signature is None:
         parts = token.split(".")
         problem = segment_problem(parts[1], "payload") or segment_problem(parts[2], "signature")
         raise InvalidToken(Reason.MALFORMED, problem or "the payload or signature segment is not base64url") from None
@@ -360,23 +425,64 @@ def verify_signature(token: str, header: TokenHeader, keys: Sequence[PyJWK]) -> 
         )
     failures: list[str] = []
     for key in keys:
-        name = f"key {key.key_id!r}" if key.key_id else "the key without kid"
         if key.algorithm_name != header.alg:
-            failures.append(f"{name} is bound to {key.algorithm_name}, not {shown(header.alg)}")
+            failures.append(f"{_key_words(key)} is bound to {key.algorithm_name}, not {shown(header.alg)}")
             continue
-        algorithm = key.Algorithm
-        try:
-            prepared = algorithm.prepare_key(key.key)
-            if algorithm.check_key_length(prepared):  # e.g. an HMAC key shorter than RFC 7518 §3.2 allows
-                failures.append(f"{name} is too short for {header.alg} (RFC 7518 §3)")
-                continue
-            if algorithm.verify(signing_input, prepared, signature):
+        prepared = _PREPARED.get(key) or _PREPARED.make_for(key)
+        public, problem, pkcs1, hashing = prepared
+        if problem is not None:
+            failures.append(
+                f"{_key_words(key)} {problem} {header.alg}{' (RFC 7518 §3)' if problem == _TOO_SHORT else ''}"
+            )
+            continue
+        if pkcs1 is not None:  # RS256/384/512: straight on cryptography's key (see `_prepare`)
+            try:
+                public.verify(signature, signing_input, pkcs1, hashing)
                 return payload
-        except PyJWTError:
-            failures.append(f"{name} cannot be used for {header.alg}")
-            continue
-        failures.append(f"{name} does not match the signature")
+            except InvalidSignature:
+                pass
+        else:
+            try:
+                if key.Algorithm.verify(signing_input, public, signature):
+                    return payload
+            except PyJWTError:
+                failures.append(f"{_key_words(key)} {_UNUSABLE} {header.alg}")
+                continue
+        failures.append(f"{_key_words(key)} does not match the signature")
     raise InvalidToken(Reason.BAD_SIGNATURE, f"signature ({header.alg}) does not verify: " + "; ".join(failures))
+
+
+def _key_words(key: PyJWK) -> str:
+    return f"key {key.key_id!r}" if key.key_id else "the key without kid"
+
+
+_TOO_SHORT = "is too short for"
+_UNUSABLE = "cannot be used for"
+
+
+def _prepare(key: PyJWK) -> tuple[Any, str | None, padding.PKCS1v15 | None, Any]:
+    """What checking a signature with `key` needs, once per key object rather than per token:
+    (the key as its `Algorithm` prepared it, what makes it unusable or None, and for
+    RS256/384/512 the padding and hash to call `RSAPublicKey.verify` with directly, the two
+    objects PyJWT's `RSAAlgorithm.verify` builds on every call). The key's length is checked
+    here (`check_key_length`: e.g. an HMAC key shorter than RFC 7518 §3.2 allows)."""
+    algorithm = key.Algorithm
+    try:
+        prepared = algorithm.prepare_key(key.key)
+        if algorithm.check_key_length(prepared):
+            return None, _TOO_SHORT, None, None
+    except PyJWTError:
+        return None, _UNUSABLE, None, None
+    if type(algorithm) is RSAAlgorithm and isinstance(prepared, RSAPublicKey):
+        return prepared, None, _PKCS1, algorithm.hash_alg()
+    return prepared, None, None, None
+
+
+_PKCS1 = padding.PKCS1v15()
+_PREPARED: Memo[PyJWK, tuple[Any, str | None, padding.PKCS1v15 | None, Any]] = Memo(256, _prepare)
+"""By key object (identity): the keys of the key sets in use, each prepared once. Only ever
+asked about a key a `KeySource` handed out for this token, so a key rotated out is never
+looked up again (it waits here for the memo's next start-over)."""
 
 
 def _kid_words(kid: Any) -> str:
@@ -384,6 +490,10 @@ def _kid_words(kid: Any) -> str:
 
 
 def parse_payload(raw: bytes) -> dict[str, Any]:
+    """The payload's JSON object (strict: `_STRICT_JSON`), or `InvalidToken(MALFORMED)` saying why."""
+    fast = _json_object(raw)
+    if fast is not None:
+        return fast
     try:
         payload = _STRICT_JSON(raw.decode("utf-8"))
     except (ValueError, RecursionError) as error:
@@ -400,10 +510,11 @@ def _is_number(value: Any) -> TypeGuard[int | float]:
     # NumericDate we can compare with the clock.
     if isinstance(value, float):
         return math.isfinite(value)
-    return type(value) is int and -_DOUBLE_MAX <= value <= _DOUBLE_MAX
+    return type(value) is int and _DOUBLE_MIN <= value <= _DOUBLE_MAX
 
 
 _DOUBLE_MAX = int(sys.float_info.max)
+_DOUBLE_MIN = -_DOUBLE_MAX
 
 
 def _check_dates_are_numbers(payload: Mapping[str, Any], provider: Provider, now: float) -> None:
@@ -508,7 +619,9 @@ def check_claims(payload: Mapping[str, Any], provider: Provider, now: float) -> 
 _T = TypeVar("_T")
 
 
-def by_issuer(token: str, table: Mapping[str, _T], accepted: str, *, max_bytes: int) -> _T:
+def by_issuer(
+    token: str, table: Mapping[str, _T], accepted: str, *, max_bytes: int, cache: TokenCache | None = None
+) -> _T:
     """What `table` holds for the unverified `iss` of `token`: a route with `providers:`
     chooses its provider so, once, never by trying each provider's keys.
 
@@ -516,18 +629,33 @@ def by_issuer(token: str, table: Mapping[str, _T], accepted: str, *, max_bytes: 
     (signature, then its own iss check), with the rules verification reads them by (size
     first, the strict base64url decoder, strict JSON: duplicate members are refused, so no
     second `iss` can be read otherwise there). Refusals carry verification's reasons;
-    `accepted` says, for the detail, which issuers the route's providers accept."""
+    `accepted` says, for the detail, which issuers the route's providers accept.
+
+    With the route's token `cache`, a token it holds (whatever its provider and age: the same
+    text has the same payload) is chosen by the `iss` its entry holds, without decoding; the
+    payload of one it does not hold is parsed here and handed to `verify_uncached` of the
+    same token, so a miss decodes it once (bench/FIGURES.md)."""
     if len(token) > max_bytes:
         raise InvalidToken(Reason.TOO_LARGE, f"token is {len(token)} bytes; the limit is {max_bytes}")
+    if cache is not None:
+        known = cache.lookup(token)
+        if known is not None:
+            iss = known.payload.get("iss")  # verified, and always kept (rules._ALWAYS_READ)
+            found = table.get(iss) if isinstance(iss, str) else None
+            if found is not None:
+                return found
     parts = token.split(".")
     if len(parts) != 3:
         raise InvalidToken(Reason.MALFORMED, f"not a JWT: {segments_problem(len(parts))}")
     try:
-        raw = _JWS._decode_base64url_segment(parts[1].encode("ascii"), "payload")
-    except (DecodeError, UnicodeEncodeError):
+        raw = _unbase64url(parts[1].encode("ascii"))
+    except UnicodeEncodeError:
+        raw = None
+    if raw is None:
         problem = segment_problem(parts[1], "payload") or "the payload segment is not base64url"
-        raise InvalidToken(Reason.MALFORMED, f"not a JWT: {problem}") from None
-    iss = parse_payload(raw).get("iss")
+        raise InvalidToken(Reason.MALFORMED, f"not a JWT: {problem}")
+    payload = parse_payload(raw)
+    iss = payload.get("iss")
     found = table.get(iss) if isinstance(iss, str) else None
     if found is None:
         if iss is None:
@@ -535,6 +663,8 @@ def by_issuer(token: str, table: Mapping[str, _T], accepted: str, *, max_bytes: 
                 Reason.MISSING_CLAIM, f"required claim 'iss' is missing or null; it chooses the provider: {accepted}"
             )
         raise InvalidToken(Reason.ISSUER, f"iss {shown(iss)} is none of this route's providers' issuers: {accepted}")
+    if cache is not None:
+        _PARSED.keep(token, raw, payload)
     return found
 
 
@@ -545,41 +675,93 @@ def issuers_in_words(providers: Sequence[Provider]) -> str:
 
 # -- cache and the whole check -----------------------------------------------------------
 class TokenCache:
-    """Verified tokens by (provider, token), bounded, an entry never outliving exp or max_ttl.
+    """Verified tokens, bounded, an entry never outliving exp or max_ttl, never served to
+    another provider than the one that verified it.
 
+    Keyed by a digest of the whole token text (header, payload and signature: a token that
+    differs in any one of them is another key, so a forged token never finds another's
+    entry): a keyed BLAKE2b of 128 bits, its key random per cache, so nobody can look for two
+    texts with one digest offline. Not by the text itself: that was ~700 of the ~3,200 bytes
+    a cached RS256 token cost (bench/FIGURES.md). The entry is the `Claims` itself (its
+    `until`, `digest`). Before the digest, a bounded memo by exact text (`_HOT`) answers for
+    the tokens seen lately: a hit is then a dict lookup on a str whose hash extract.py's memo
+    computed already, not a BLAKE2b of ~700 bytes (~15k instructions).
     Only the token's own checks are cached; route rules run on every request.
     """
 
     def __init__(self, settings: TokenCacheSettings, clock: Clock) -> None:
-        # An LRU of (use-until, claims), the deadline checked on every read: what cachetools'
-        # TLRUCache does, without its expiry queue, whose upkeep makes an insert into a full
-        # cache cost several times as much (bench/FIGURES.md; under many distinct tokens
-        # every miss inserts).
-        # An expired entry is never returned; it waits for its turn to be evicted.
-        self._cache: LRUCache[tuple[str, str], tuple[float, Claims]] = LRUCache(maxsize=settings.max_entries)
+        # An LRU (OrderedDict: C, one move_to_end per hit, one popitem per eviction) with the
+        # deadline checked on every read; an expired entry is never returned, and waits for
+        # its turn to be evicted. Not cachetools' TLRUCache: its expiry queue's upkeep made an
+        # insert into a full cache cost several times as much (bench/FIGURES.md).
+        self._entries: OrderedDict[bytes, Claims] = OrderedDict()
+        self._max_entries = settings.max_entries
         self._max_ttl = settings.max_ttl
         self._time = clock.time
+        self._hasher = hashlib.blake2b(key=os.urandom(32), digest_size=16)
+        self._hot: Memo[str, Claims] = Memo(min(_HOT, settings.max_entries))
+        self._last: tuple[str, bytes] = ("", b"")
         self.hits = 0
         self.misses = 0
 
+    def digest(self, token: str) -> bytes:
+        """The cache's key for `token`: its keyed BLAKE2b (the key block hashed once, copied)."""
+        last = self._last
+        if last[0] is token:  # the same str object just looked up (a miss, now stored): same text
+            return last[1]
+        hasher = self._hasher.copy()
+        hasher.update(token.encode("utf-8", "surrogatepass"))
+        digest = hasher.digest()
+        self._last = (token, digest)
+        return digest
+
     def get(self, provider: str, token: str) -> Claims | None:
-        key = (provider, token)
-        entry = self._cache.get(key)
-        if entry is not None:
-            if self._time() < entry[0]:
-                self.hits += 1
-                return entry[1]
-            self._cache.pop(key, None)
+        """The claims of `token` verified lately for `provider` and not past their use-by time, else None."""
+        claims = self._hot.get(token)
+        if claims is None or claims.provider != provider:
+            claims = self._lookup(token)
+            if claims is None or claims.provider != provider:
+                self.misses += 1
+                return None
+            self._hot.remember(token, claims)
+        if self._time() < claims.until:
+            self.hits += 1
+            return claims
+        self._entries.pop(claims.digest, None)  # type: ignore[arg-type]
         self.misses += 1
         return None
+
+    def lookup(self, token: str) -> Claims | None:
+        """The entry for `token` whatever its provider and use-by time (`get` checks both), else None."""
+        hot = self._hot.get(token)
+        return hot if hot is not None else self._lookup(token)
+
+    def _lookup(self, token: str) -> Claims | None:
+        digest = self.digest(token)
+        claims = self._entries.get(digest)
+        if claims is not None:
+            self._entries.move_to_end(digest)
+        return claims
 
     def put(self, token: str, claims: Claims) -> None:
         until = self._time() + self._max_ttl
         exp = claims.expires
-        self._cache[(claims.provider, token)] = (min(until, exp) if exp is not None else until, claims)
+        claims.until = min(until, exp) if exp is not None else until
+        claims.digest = digest = self.digest(token)
+        entries = self._entries
+        entries[digest] = claims
+        entries.move_to_end(digest)
+        if len(entries) > self._max_entries:
+            entries.popitem(last=False)
+        self._hot.remember(token, claims)
 
     def __len__(self) -> int:
-        return len(self._cache)
+        return len(self._entries)
+
+
+_HOT = 64
+"""How many tokens `TokenCache._HOT` knows by their text: the few that come again and again
+(a busy client's), at ~700 bytes each, a fixed cost whatever `max_entries` is."""
 
 
 class Verifier:
@@ -593,12 +775,24 @@ class Verifier:
         clock: Clock,
         cache: TokenCache | None = None,
         max_token_bytes: int = 8192,
+        keep: frozenset[str] | None = None,
     ) -> None:
         self.provider = provider
         self.source = source
         self.clock = clock
         self.cache = cache
         self.max_token_bytes = max_token_bytes
+        self._headers: Memo[str, tuple[TokenHeader, Mapping[str, Any]]] = Memo(_HEADERS)
+        """By header segment, as the token spells it: a header that passed `HEADER_CHECKS`
+        for this provider, and its read-only view (shared by the `Claims` of every token
+        with that header). An issuer signs every token with the same few headers."""
+        self.keep = keep if cache is not None else None
+        """The claims a verified token keeps (rules.py `claims_read`: every claim anything
+        reads after verification); None: all of them. With a cache only: a cached token then
+        costs its header map's claims, not every claim the issuer put in (bench/FIGURES.md)."""
+        self._shared = {name: name for name in (*provider.issuers, *provider.audiences)}
+        """The provider's issuers and audiences: a token's verified `iss` (and a string
+        `aud`) is kept as this str, not as its own copy."""
 
     def cached(self, token: str) -> Claims | None:
         """The claims of a token verified lately (the cache's checks: still before its use-by
@@ -616,15 +810,98 @@ class Verifier:
         """`verify` for a token `cached` did not hold: every check, then into the cache."""
         if len(token) > self.max_token_bytes:
             raise InvalidToken(Reason.TOO_LARGE, f"token is {len(token)} bytes; the limit is {self.max_token_bytes}")
-        header = read_header(token, max_bytes=self.max_token_bytes)
-        check_header(header, self.provider)
+        dot = token.find(".")
+        segment = token[:dot]
+        known = self._headers.get(segment)
+        # Two dots exactly (find: a memchr; count walks every character).
+        second = token.find(".", dot + 1)
+        if known is None or dot < 0 or second < 0 or token.find(".", second + 1) >= 0:
+            header = read_header(token, max_bytes=self.max_token_bytes)
+            check_header(header, self.provider)
+            known = self._headers.remember(segment, (header, MappingProxyType(header.fields)))
+        header, view = known
         keys = await self.source.key_for(header.kid, header.alg)
-        payload = check_signature(token, header, keys)
-        check_claims(payload, self.provider, self.clock.time())
+        raw = verify_signature(token, header, keys)
+        payload = _PARSED.take(token, raw)
+        if payload is None:
+            payload = parse_payload(raw)
+        now = self.clock.time()
+        if not _plainly_valid(payload, self.provider, now):
+            check_claims(payload, self.provider, now)  # raises the reason, or finds nothing wrong
+        shared = self._shared
+        iss, aud = payload.get("iss"), payload.get("aud")
+        payload["iss"] = shared.get(iss, iss)  # type: ignore[arg-type]  # iss is a str: checked
+        if aud.__class__ is str:
+            payload["aud"] = shared.get(aud, aud)
+        keep = self.keep
+        if keep is not None:
+            payload = {name: value for name, value in payload.items() if name in keep}
         # Read-only views: one Claims object is shared by every request that hits the cache.
-        claims = Claims(
-            provider=self.provider.name, header=MappingProxyType(header.fields), payload=MappingProxyType(payload)
-        )
+        claims = Claims(self.provider.name, view, MappingProxyType(payload))
         if self.cache is not None:
             self.cache.put(token, claims)
         return claims
+
+
+_HEADERS = 16
+"""How many header segments a `Verifier` knows as checked: an issuer's few (one per key and
+typ); more only start the memo over (a token's header is then read and checked again)."""
+
+
+def _plainly_valid(payload: dict[str, Any], provider: Provider, now: float) -> bool:
+    """True only when `check_claims` would find nothing wrong, for the usual token: exp (and
+    iat, nbf when present) an int within the leeway, iss one string and aud one string the
+    provider accepts, sub (when present) a string, every required claim there, no
+    max_token_age. False means "ask `check_claims`", which names the reason or passes the
+    token: this is the shortcut, never the rule (tests/unit/auth/test_verify.py holds the two
+    together). One function instead of nine (bench/FIGURES.md)."""
+    if provider.max_token_age is not None:
+        return False
+    leeway = provider.leeway
+    exp = payload.get("exp")
+    # The range first: an int beyond a double cannot be added to the leeway (OverflowError).
+    if exp.__class__ is not int or not _DOUBLE_MIN <= exp <= _DOUBLE_MAX or not now < exp + leeway:
+        return False
+    iss, aud = payload.get("iss"), payload.get("aud")
+    if iss.__class__ is not str or iss not in provider.issuers:
+        return False
+    if aud.__class__ is not str or aud not in provider.audiences:
+        return False
+    for name in ("iat", "nbf", "sub"):
+        if name in payload:
+            value = payload[name]
+            if name == "sub":
+                if value.__class__ is not str:
+                    return False
+            elif value.__class__ is not int or not _DOUBLE_MIN <= value <= now + leeway:
+                return False
+    for name in provider.required_claims:  # noqa: SIM110  (a loop: all()'s generator costs more)
+        if payload.get(name) is None:
+            return False
+    return True
+
+
+class _Parsed:
+    """The payload `by_issuer` parsed to read `iss`, for `verify_uncached` of the same token
+    (the same str object, hence the same text and the same bytes), so a `providers:` route's
+    cache miss decodes its payload once. One slot: another token's parse replaces it."""
+
+    __slots__ = ("payload", "raw", "token")
+
+    def __init__(self) -> None:
+        self.token: str | None = None
+        self.raw = b""
+        self.payload: dict[str, Any] = {}
+
+    def keep(self, token: str, raw: bytes, payload: dict[str, Any]) -> None:
+        self.token, self.raw, self.payload = token, raw, payload
+
+    def take(self, token: str, raw: bytes) -> dict[str, Any] | None:
+        """The payload parsed from `raw` of this very `token`, once; else None."""
+        if self.token is not token or self.raw != raw:
+            return None
+        payload, self.token, self.raw, self.payload = self.payload, None, b"", {}
+        return payload
+
+
+_PARSED = _Parsed()

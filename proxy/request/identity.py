@@ -378,24 +378,47 @@ class Renderer:
 
     A cached token comes back as the same `Claims` object, so its headers are rendered and
     encoded once and then looked up (`headers`); a reload builds new renderers with its
-    new snapshot, so a changed map never serves an old rendering."""
+    new snapshot, so a changed map never serves an old rendering.
 
-    __slots__ = ("header_map", "rendered")
+    The first renderer to render a token keeps its headers on the `Claims` itself
+    (`rendered_by`, `rendered`), so they live and die with the cache entry at no memo slot's
+    cost; any other renderer of the same token (a route with its own map) keeps them in its
+    memo (`rendered`). Header names are encoded once per map and shared by every token's
+    headers (bench/FIGURES.md: what a cached token costs)."""
+
+    __slots__ = ("_names", "header_map", "rendered")
 
     def __init__(self, header_map: HeaderMap, bound: int) -> None:
         self.header_map = header_map
         self.rendered: Memo[Claims, tuple[tuple[bytes, bytes], ...]] = Memo(bound)
         """By `Claims` object (compared by identity). `bound` is the token cache's size: the
         tokens that can come back as the same `Claims`; 0 (no cache) keeps nothing."""
+        self._names: dict[str, bytes] = {}
 
     def headers(self, claims: Claims) -> tuple[tuple[bytes, bytes], ...]:
         """The identity headers for `claims`, encoded; `InvalidToken(UNSAFE_CLAIM)` when a claim has no exact header form."""
+        if claims.rendered_by is self:
+            return claims.rendered
         found = self.rendered.get(claims)
         if found is None:  # every request misses when each verifies its own token: no `make` call
-            found = self.rendered.remember(
-                claims, encode_headers(claim_headers(claims.payload, self.header_map, claims.provider))
-            )
+            found = self._render(claims)
+            if not self.rendered.bound:
+                return found  # no cache: no token comes back as the same Claims
+            if claims.rendered_by is None:
+                claims.rendered_by, claims.rendered = self, found
+            else:
+                self.rendered.remember(claims, found)
         return found
+
+    def _render(self, claims: Claims) -> tuple[tuple[bytes, bytes], ...]:
+        names = self._names
+        pairs = []
+        for name, value in claim_headers(claims.payload, self.header_map, claims.provider):
+            encoded = names.get(name)
+            if encoded is None:
+                encoded = names[name] = name.encode(_ENCODING, _ERRORS)
+            pairs.append((encoded, value.encode(_ENCODING, _ERRORS)))
+        return tuple(pairs)
 
 
 Pairs = list[tuple[bytes, bytes]]

@@ -126,7 +126,11 @@ def begin(ex: Exchange) -> Coroutine[Any, Any, None] | type[TokenMissing] | None
                 # as on a `provider:` route (its keys, checks, cache entries and headers).
                 assert plan.by_issuer is not None
                 plan = ex.plan = by_issuer(
-                    found.token, plan.by_issuer, plan.accepted, max_bytes=snapshot.settings.max_token_bytes
+                    found.token,
+                    plan.by_issuer,
+                    plan.accepted,
+                    max_bytes=snapshot.settings.max_token_bytes,
+                    cache=snapshot.cache,
                 )
                 verifier = plan.verifier
                 assert verifier is not None

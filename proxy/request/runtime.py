@@ -22,6 +22,7 @@ from yarl import URL
 
 from ..auth.keys import KeyRing
 from ..auth.revocationstore import Revocations
+from ..auth.rules import claims_read
 from ..auth.verify import TokenCache, Verifier, issuers_in_words
 from ..base.clock import Clock
 from ..config.routing import Router
@@ -119,7 +120,14 @@ def build_snapshot(
     # must be verified again under the new ones.
     cache = TokenCache(settings.token_cache, clock) if settings.token_cache.enabled else None
     verifiers = {
-        name: Verifier(provider, keyring[name], clock=clock, cache=cache, max_token_bytes=settings.max_token_bytes)
+        name: Verifier(
+            provider,
+            keyring[name],
+            clock=clock,
+            cache=cache,
+            max_token_bytes=settings.max_token_bytes,
+            keep=claims_read(settings, name),
+        )
         for name, provider in settings.providers.items()
     }
     plans: dict[str, RoutePlan] = {}

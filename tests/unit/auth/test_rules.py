@@ -175,3 +175,94 @@ def test_a_list_item_holding_a_space_grants_neither_half() -> None:
     for claim in ("scope", "scp"):
         with pytest.raises(InsufficientScope):
             check_route(RouteAuth(provider="main", scopes=ScopeRule(all_of=("admin",))), {claim: ["read admin"]})
+
+
+# -- which claims a cached token keeps ---------------------------------------------------------
+def _config(tmp_path: Any, jwk: dict[str, Any], *, revocation: bool = False, payload_header: bool = False) -> Any:
+    import json as _json
+
+    import yaml
+
+    from proxy.config.builder import parse
+
+    jwks = tmp_path / "jwks.json"
+    jwks.write_text(_json.dumps({"keys": [jwk]}))
+    headers: dict[str, Any] = {"claims": {"sub": "X-User-Id", "realm_access.roles": "X-Roles"}}
+    if payload_header:
+        headers["payload"] = "X-Jwt-Payload"
+    provider = {"issuer": "https://a", "audiences": ["api"], "jwks_file": str(jwks), "algorithms": ["RS256"]}
+    doc: dict[str, Any] = {
+        "listen": "127.0.0.1:8080",
+        "admin": "127.0.0.1:9901",
+        "upstream": {"url": "http://127.0.0.1:9"},
+        "providers": {"main": {**provider, "headers": headers}, "other": {**provider, "issuer": "https://b"}},
+        "routes": [
+            {
+                "name": "admin",
+                "match": {"path_prefix": "/admin"},
+                "auth": {
+                    "provider": "main",
+                    "claims": [{"claim": "admin", "present": False}, {"claim": "org.id", "equals": 7}],
+                },
+            },
+            {
+                "name": "scoped",
+                "match": {"path_prefix": "/s"},
+                "auth": {"provider": "main", "scopes": {"all_of": ["read"]}},
+            },
+            {
+                "name": "own",
+                "match": {"path_prefix": "/o"},
+                "auth": {"provider": "main"},
+                "headers": {"claims": {"email": "X-Email"}},
+            },
+            {
+                "name": "theirs",
+                "match": {"path_prefix": "/"},
+                "auth": {"provider": "other", "claims": [{"claim": "tenant", "equals": "t"}]},
+            },
+        ],
+    }
+    if revocation:
+        doc["revocation"] = {"file": str(tmp_path / "revoked.json")}
+    return parse(yaml.safe_dump(doc))
+
+
+def test_a_cached_token_keeps_every_claim_a_route_a_header_map_or_the_revocation_list_reads(
+    tmp_path: Any, rsa_key: Any
+) -> None:
+    from proxy.auth.rules import claims_read
+
+    jwk = dict(rsa_key.public_jwk)
+    settings = _config(tmp_path, jwk)
+    kept = claims_read(settings, "main")
+    # Rules (the first name of a path: `present: false` must still see `admin`), scopes, both
+    # maps (the provider's and a route's own), and what the proxy always reads.
+    assert kept == {"admin", "org", "scope", "scp", "sub", "realm_access", "email", "iss", "exp"}
+    assert claims_read(settings, "other") == {"tenant", "iss", "sub", "exp"}, "another provider's routes are theirs"
+    assert claims_read(_config(tmp_path, jwk, revocation=True), "main") >= {"jti", "sub", "iss", "iat"}  # type: ignore[operator]
+    assert claims_read(_config(tmp_path, jwk, payload_header=True), "main") is None, "the whole payload is forwarded"
+    # What the routes decide and render on the kept claims is what they do on all of them.
+    from proxy.request.identity import claim_headers
+
+    payloads = [
+        {"sub": "u", "admin": True, "org": {"id": 7}, "scope": "read", "email": "e", "jti": "j", "extra": 1},
+        {"sub": "u", "org": {"id": 7}, "scp": ["read"], "realm_access": {"roles": ["a", "b"]}, "iss": "https://a"},
+        {"sub": "u", "org": {"id": 8}, "x": {"admin": 1}},
+    ]
+    for payload in payloads:
+        trimmed = {name: value for name, value in payload.items() if name in kept}  # type: ignore[operator]
+        for route in settings.routes:
+            if route.auth is None or route.auth.provider != "main":
+                continue
+
+            def outcome(claims: dict[str, Any], auth: Any = route.auth) -> str:
+                try:
+                    check_route(auth, claims)
+                except InsufficientScope as refused:
+                    return str(refused.reason)
+                return "admitted"
+
+            assert outcome(trimmed) == outcome(payload), (route.name, payload)
+            header_map = route.headers or settings.providers["main"].headers
+            assert claim_headers(trimmed, header_map) == claim_headers(payload, header_map)

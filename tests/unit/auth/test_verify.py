@@ -678,3 +678,87 @@ def _rsa_impostor() -> TestKey:
 
 
 _IMPOSTOR: TestKey | None = None
+
+
+# -- the cache's key: a digest of the whole token ---------------------------------------------
+async def test_a_token_differing_from_a_cached_one_in_any_one_segment_misses_the_cache(
+    keys: dict, rsa_key: TestKey, clock: FakeClock
+) -> None:
+    # The cache keeps a digest of the token, not its text: a key that did not cover the
+    # header, the payload and the signature would let a forged token find another's entry.
+    cache = TokenCache(TokenCacheSettings(max_entries=10, max_ttl=300.0), clock)
+    v = verifier(provider(keys), clock, cache)
+    token = mint({"role": "user"}, key=rsa_key, now=clock.time())
+    await v.verify(token)
+    head, body, sig = token.split(".")
+    admin = b64(json.dumps({**json.loads(base64.urlsafe_b64decode(body + "==")), "role": "admin"}))
+    forged = [
+        f"{b64(json.dumps({'alg': 'RS256', 'kid': rsa_key.kid, 'typ': 'JWT'}))}.{body}.{sig}",  # another header
+        f"{head}.{admin}.{sig}",  # another payload, the signature of the first
+        f"{head}.{body}.{sig[:10]}{'A' if sig[10] != 'A' else 'B'}{sig[11:]}",  # another signature
+    ]
+    for other in forged:
+        assert cache.get("main", other) is None, other
+        assert cache.lookup(other) is None, other
+        refused = await reason_of(v, other)
+        assert refused in (Reason.BAD_SIGNATURE, Reason.MALFORMED), other
+    assert cache.hits == 0 and len(cache) == 1
+    assert (await v.verify(token)).payload["role"] == "user" and cache.hits == 1
+    # Another cache (another process, another config) has another digest key.
+    other_cache = TokenCache(TokenCacheSettings(max_entries=10, max_ttl=300.0), clock)
+    assert other_cache.digest(token + "") != cache.digest(token + "")
+
+
+async def test_the_cache_never_serves_an_entry_to_another_provider_or_past_its_deadline(
+    keys: dict, rsa_key: TestKey, clock: FakeClock
+) -> None:
+    cache = TokenCache(TokenCacheSettings(max_entries=2, max_ttl=300.0), clock)
+    main = verifier(provider(keys, leeway=0.0), clock, cache)
+    token = mint({"exp": int(clock.time()) + 100}, key=rsa_key, now=clock.time())
+    claims = await main.verify(token)
+    assert claims.until == int(clock.time()) + 100, "the deadline is exp (before max_ttl)"
+    assert cache.get("other", token) is None, "an entry is its provider's only"
+    assert cache.get("main", token + "") is claims, "a new str of the same text finds it (not only the hot memo's)"
+    clock.advance(100)
+    assert cache.get("main", token) is None and len(cache) == 0, "at exp the entry is gone"
+    # Bounded: the least recently used entry goes first.
+    tokens = [mint({"n": i}, key=rsa_key, now=clock.time()) for i in range(3)]
+    first = await main.verify(tokens[0])
+    await main.verify(tokens[1])
+    assert await main.verify(tokens[0] + "") is first  # used: now the most recent
+    await main.verify(tokens[2])
+    assert len(cache) == 2 and cache.lookup(tokens[1] + "") is None and cache.lookup(tokens[0] + "") is first
+
+
+@pytest.mark.parametrize("max_token_age", [None, 600.0])
+@pytest.mark.parametrize("required", [("exp",), ("exp", "sub", "jti")])
+def test_the_claims_shortcut_passes_only_what_every_claim_check_passes(
+    max_token_age: float | None, required: tuple[str, ...]
+) -> None:
+    import itertools
+
+    from proxy.auth.verify import _plainly_valid, check_claims
+
+    now = 1_800_000_000.0
+    p = provider({"keys": []}, leeway=30.0, max_token_age=max_token_age, required_claims=required)
+    values: dict[str, list[Any]] = {
+        "exp": [None, now + 10, int(now) + 10, int(now) - 29, int(now) - 30, int(now) - 31, True, "9", 10**400],
+        "iat": [None, int(now), int(now) + 30, int(now) + 31, float(now), -(10**400), False],
+        "nbf": [None, int(now) + 29, int(now) + 31, 10**400],
+        "iss": [None, ISSUER, ISSUER + "/", [ISSUER], 1],
+        "aud": [None, AUDIENCE, "api://nobody", [AUDIENCE], []],
+        "sub": [None, "u", 7, ""],
+        "jti": [None, "j"],
+    }
+    absent = object()
+    shortcut = 0
+    for combination in itertools.product(*[[absent, *options] for options in values.values()]):
+        payload = {name: value for name, value in zip(values, combination, strict=True) if value is not absent}
+        if not _plainly_valid(payload, p, now):
+            continue
+        shortcut += 1
+        check_claims(payload, p, now)  # raises if the shortcut let through what a check refuses
+    if max_token_age is None:
+        assert shortcut > 10, "the usual token takes the shortcut"
+    else:
+        assert shortcut == 0, "max_token_age is left to its check"

@@ -82,6 +82,9 @@ _ENCODING = "utf-8"
 # choice too): the upstream receives exactly what the client wrote.
 _ERRORS = "surrogateescape"
 _REASONS = {s.value: s.phrase for s in HTTPStatus}
+_REASON_BYTES = {status: phrase.encode("ascii") for status, phrase in _REASONS.items()}
+# `Request._connection_field`'s three answers, as bytes (`Request.relay`).
+_CONNECTION_BYTES = {line: line.encode("ascii") for line in ("", "Connection: close\r\n", "Connection: keep-alive\r\n")}
 _BODILESS = frozenset({204, 304})
 _DRAIN_IDLE = 1.0
 """While draining, a connection idle this long (no byte of a next request) is closed. A client
@@ -118,7 +121,7 @@ class _Refuse(Exception):
         self.status = status
 
 
-_date: tuple[int, str] = (0, "")
+_date: tuple[int, str, bytes] = (0, "", b"")
 
 
 def _date_line() -> str:
@@ -126,8 +129,16 @@ def _date_line() -> str:
     global _date
     now = int(time.time())
     if _date[0] != now:
-        _date = (now, f"Date: {formatdate(now, usegmt=True)}\r\n")
+        line = f"Date: {formatdate(now, usegmt=True)}\r\n"
+        _date = (now, line, line.encode("ascii"))
     return _date[1]
+
+
+def _date_bytes() -> bytes:
+    """`_date_line`, encoded (once a second)."""
+    if _date[0] != int(time.time()):
+        _date_line()
+    return _date[2]
 
 
 class Request:
@@ -341,6 +352,35 @@ class Request:
             if self.method == "HEAD":
                 body = None
         head = self._head(status, reason, headers, framing, date, fields)
+        self._finished = True
+        conn = self._conn
+        if not conn._lost:
+            conn._transport.write(head + body if body else head)
+
+    def relay(self, status: int, reason: bytes, fields: bytes, body: bytes, *, date: bool) -> None:
+        """`respond` for an upstream's answer held whole, in bytes end to end: its status, its
+        reason phrase as it came (ours when it sent none), `fields` (encoded lines, each
+        ending in CRLF, no CR or LF inside one), `body` framed with Content-Length (sent
+        without it to a HEAD; none at all on a 204 or 304). No str is built or encoded on the
+        way: bench/FIGURES.md, "The upstream client's per-answer work"."""
+        if self._started:
+            self.abort()  # a second answer would splice into the first: cut the connection instead
+            return
+        if status in _BODILESS or status < 200:
+            framing = b""
+            body = b""
+        else:
+            framing = b"Content-Length: %d\r\n" % len(body)
+            if self.method == "HEAD":
+                body = b""
+        head = b"HTTP/1.1 %d %b\r\n%b%b%b%b\r\n" % (
+            status,
+            reason or _REASON_BYTES.get(status, b"Unknown"),
+            fields,
+            framing,
+            _date_bytes() if date else b"",
+            _CONNECTION_BYTES[self._connection_field(status)],
+        )
         self._finished = True
         conn = self._conn
         if not conn._lost:

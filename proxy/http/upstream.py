@@ -35,7 +35,7 @@ from functools import partial
 import httptools
 
 from .causes import Worded, cause
-from .flow import Wakeup, WriteFlow
+from .flow import Deadlines, Wakeup, WriteFlow
 from .log import event
 
 __all__ = ["Fields", "Pool", "Response", "UpstreamConnectError", "UpstreamError", "UpstreamProtocolError"]
@@ -201,7 +201,6 @@ class _Connection(asyncio.BufferedProtocol):
         "_got_bytes",
         "_head_bytes",
         "_head_done",
-        "_headers",
         "_idle",
         "_idle_since",
         "_interim",
@@ -210,6 +209,7 @@ class _Connection(asyncio.BufferedProtocol):
         "_length",
         "_lost",
         "_mark",
+        "_names",
         "_origin",
         "_parser",
         "_poll",
@@ -218,10 +218,12 @@ class _Connection(asyncio.BufferedProtocol):
         "_reason",
         "_status",
         "_transport",
+        "_values",
         "_wakeup",
     )
 
-    _headers: list[tuple[bytes, bytes]]
+    _names: list[bytes]
+    _values: list[bytes]
     _length: int | None
     _error: UpstreamError | None
 
@@ -235,10 +237,18 @@ class _Connection(asyncio.BufferedProtocol):
         self._idle_since = 0.0
         self._lost = False
         self._flow = WriteFlow(pool._loop)  # a request body waits here for the upstream to take it
-        self._wakeup = Wakeup(pool._loop)  # the consumer waits here for the answer
+        # The consumer waits here for the answer; its timeouts are the pool's one timer.
+        self._wakeup = Wakeup(pool._loop, pool._deadlines)
         self._chunks: list[bytes] = []
         self._buffered = 0
         self._reading_paused = False
+        # The answer's head (on_message_begin resets these for each message, 1xx included).
+        self._reason = b""
+        self._names = []
+        self._values = []
+        self._length = None
+        self._chunked = False
+        self._codings: bytes | None = None
         self._begin(False)
 
     def _begin(self, is_head: bool) -> None:
@@ -246,11 +256,6 @@ class _Connection(asyncio.BufferedProtocol):
         self._is_head = is_head
         self._mark = _HIGH_WATER
         self._status = 0
-        self._reason = b""
-        self._headers = []
-        self._length = None
-        self._chunked = False
-        self._codings: bytes | None = None
         self._interim = False
         self._head_done = False
         self._done = False
@@ -353,7 +358,8 @@ class _Connection(asyncio.BufferedProtocol):
             self._stray("a second answer after the answer")
             raise UpstreamProtocolError("data after the end of the answer")
         self._reason = b""
-        self._headers = []
+        self._names = []
+        self._values = []
         self._length = None
         self._chunked = False
         self._codings = None
@@ -373,7 +379,10 @@ class _Connection(asyncio.BufferedProtocol):
         elif size == 17 and name.lower() == b"transfer-encoding":
             # One list, however many lines carry it (RFC 9110 §5.3); judged once the head is whole.
             self._codings = value if self._codings is None else self._codings + b"," + value
-        self._headers.append((name, value))  # bytes: relayed as they came, decoded only if asked
+        # bytes: relayed as they came, decoded only if asked. Names and values apart: the
+        # names (a tuple of them) are the key to a consumer's plan for the whole head.
+        self._names.append(name)
+        self._values.append(value)
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
@@ -519,16 +528,41 @@ class _Connection(asyncio.BufferedProtocol):
 class Response:
     """The head of an upstream answer, and its body to stream, read or drop."""
 
-    __slots__ = ("_bodiless", "_conn", "_read_timeout", "raw_headers", "reason", "status")
+    __slots__ = ("_bodiless", "_conn", "_read_timeout", "length", "names", "raw_reason", "status", "values")
 
     def __init__(self, conn: _Connection, read_timeout: float) -> None:
         self._conn: _Connection | None = conn
         self._read_timeout = read_timeout
         status = self.status = conn._status
-        self.reason: str = conn._reason.decode(_ENCODING, _ERRORS)
-        self.raw_headers: list[tuple[bytes, bytes]] = conn._headers
-        """The answer's header fields as they came off the wire (llhttp allows no CR or LF in them)."""
+        self.raw_reason: bytes = conn._reason
+        """The reason phrase as it came (llhttp allows no CR or LF in it)."""
+        self.names: list[bytes] = conn._names
+        """The answer's field names as they came off the wire, in order (llhttp allows no CR or
+        LF in them); `values` holds their values, in the same order."""
+        self.values: list[bytes] = conn._values
+        self.length: int | None = conn._length
+        """The answer's Content-Length, if it sent one."""
         self._bodiless = conn._is_head or status == 204 or status == 304
+
+    @property
+    def raw_headers(self) -> list[tuple[bytes, bytes]]:
+        """The answer's header fields as they came off the wire: (name, value) bytes, in order."""
+        return list(zip(self.names, self.values, strict=True))
+
+    @property
+    def reason(self) -> str:
+        """The reason phrase, decoded (UTF-8 with surrogateescape: encoding gives the same bytes)."""
+        return self.raw_reason.decode(_ENCODING, _ERRORS)
+
+    def complete(self, limit: int) -> bytes | None:
+        """`read`'s answer when it needs no wait: the whole body if the answer has ended and
+        holds at most `limit` bytes, else None with nothing consumed (then `read` or
+        `iter_chunks`). A small answer usually comes whole in the read that brought its
+        head: this spares a coroutine per answer (bench/FIGURES.md)."""
+        conn = self._conn
+        if conn is None or self._bodiless or not conn._done or conn._buffered > limit:
+            return None
+        return conn._take() if conn._chunks else b""
 
     @property
     def headers(self) -> list[tuple[str, str]]:
@@ -628,6 +662,7 @@ class Pool:
         self._origins: dict[tuple[str, str, int], _Origin] = {}
         self._loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # bound on first use
         self._sweeper: asyncio.TimerHandle | None = None
+        self._deadlines: Deadlines | None = None  # the timeouts of every wait on an answer: one timer
         self._closed = False
         # Every connection's reads land here and are parsed at once (one event loop thread).
         self._read_buffer = memoryview(bytearray(_READ_SIZE))
@@ -668,6 +703,8 @@ class Pool:
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
+        if self._deadlines is not None and not self._deadlines.waits:
+            self._deadlines.close()  # (those in use keep it, for their timeouts)
         for origin in self._origins.values():
             while origin.idle:
                 conn = origin.idle.pop()
@@ -702,6 +739,7 @@ class Pool:
             raise RuntimeError("pool is closed")
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
+            self._deadlines = Deadlines(self._loop)
         origin = self._origin(scheme, host, port)
         chunked = False
         if content_length is not None:

@@ -86,6 +86,23 @@ class Wakeup:
                 deadlines.waits.pop(self, None)
         return timed_out is True
 
+    def arm(self, timeout: float) -> asyncio.Future[bool | None]:
+        """`wait` in two halves, for a hot caller that awaits the future itself (no coroutine
+        per wait): the future to await (its result True: timed out), then `disarm` in a
+        `finally`, whatever happened. Only with `deadlines`."""
+        deadlines = self._deadlines
+        assert deadlines is not None
+        waiter = self._waiter = self._loop.create_future()
+        deadlines.add(self, self._loop.time() + timeout)
+        return waiter
+
+    def disarm(self) -> None:
+        """The end of a wait begun by `arm`."""
+        self._waiter = None
+        deadlines = self._deadlines
+        assert deadlines is not None
+        deadlines.waits.pop(self, None)
+
     def _expire(self) -> None:
         waiter = self._waiter
         if waiter is not None:

@@ -29,8 +29,9 @@ import logging
 import select
 import ssl
 from collections import deque
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Coroutine, Iterable
 from functools import partial
+from typing import Any
 
 import httptools
 
@@ -712,7 +713,7 @@ class Pool:
                 conn._transport.abort()
         await asyncio.sleep(0)  # let the transports run connection_lost
 
-    async def request(
+    def request(
         self,
         method: str,
         scheme: str,
@@ -725,7 +726,7 @@ class Pool:
         content_length: int | None,
         connect_timeout: float,
         read_timeout: float,
-    ) -> Response:
+    ) -> Coroutine[Any, Any, Response]:
         """Send one request and return the answer's head once it has arrived (1xx skipped).
 
         `target` goes on the request line byte for byte (origin-form, RFC 9112 §3.2.1).
@@ -753,54 +754,85 @@ class Pool:
             framing = b""
         fields = headers if isinstance(headers, Fields) else Fields.of(headers)
         head = _encode_head(method, target, fields, origin.host_line, framing)
-        is_head = method == "HEAD"
         conn = self._take_idle(origin)
-        if conn is not None:
-            try:
-                return await self._exchange(conn, head, is_head, body, chunked, content_length, read_timeout)
-            except UpstreamConnectError:
-                # RFC 9112 §9.3.1: a reused connection the server closed before answering may be
-                # replayed once, on a fresh connection, if nothing (no body) makes that unsafe.
-                if body is not None or method not in _IDEMPOTENT:
-                    raise
-        conn = await self._connect(origin, connect_timeout)
-        return await self._exchange(conn, head, is_head, body, chunked, content_length, read_timeout)
+        # RFC 9112 §9.3.1: a reused connection the server closed before answering may be
+        # replayed once, on a fresh connection, if nothing (no body) makes that unsafe.
+        retry = conn is not None and body is None and method in _IDEMPOTENT
+        # Not a coroutine itself: the caller awaits `_exchange` straight, one coroutine (and
+        # one frame to resume) less per request (bench/FIGURES.md).
+        return self._exchange(
+            origin,
+            conn,
+            head,
+            method == "HEAD",
+            body,
+            chunked,
+            content_length,
+            connect_timeout,
+            read_timeout,
+            retry=retry,
+        )
 
     async def _exchange(
         self,
-        conn: _Connection,
+        origin: _Origin,
+        conn: _Connection | None,
         head: bytes,
         is_head: bool,
         body: AsyncIterator[bytes] | None,
         chunked: bool,
         content_length: int | None,
+        connect_timeout: float,
         read_timeout: float,
+        *,
+        retry: bool,
     ) -> Response:
-        conn._begin(is_head)
-        transport = conn._transport
-        if conn._lost:  # it went away while changing hands: nothing was sent
-            conn._error = UpstreamConnectError("connection closed before any byte of the answer")
-        try:
-            if body is None:
-                transport.write(head)
+        """Send `head` (and `body`) on `conn` (None: a new connection) and wait for the answer's
+        head; once more on a new connection when `retry` and `conn` turns out stale."""
+        if conn is None:
+            conn = await self._connect(origin, connect_timeout)
+        while True:
+            conn._begin(is_head)
+            transport = conn._transport
+            if conn._lost:  # it went away while changing hands: nothing was sent
+                conn._error = UpstreamConnectError("connection closed before any byte of the answer")
+            try:
+                if body is None:
+                    transport.write(head)
+                else:
+                    await self._send_body(conn, head, body, chunked, content_length, read_timeout)
+                    if conn._got_bytes:
+                        # The answer began before the request ended: whether the server read the
+                        # rest of the body, or will read it as a request, is unknown. Not reused.
+                        conn._keep_alive = False
+                wakeup = conn._wakeup
+                while not conn._head_done:
+                    if conn._error is not None:
+                        raise conn._failure()
+                    # `Wakeup.wait`, inlined: no coroutine per wait (bench/FIGURES.md).
+                    waiter = wakeup.arm(read_timeout)  # the next callback, at most the read timeout
+                    try:
+                        timed_out = await waiter
+                    finally:
+                        wakeup.disarm()
+                    if timed_out:
+                        raise TimeoutError
+            except UpstreamConnectError:
+                conn._keep_alive = False
+                transport.abort()
+                if not retry:
+                    raise
+            except BaseException:
+                # A timeout, a cancelled task, a failing body or a broken answer: the connection's
+                # state is unknown, so it is never reused.
+                conn._keep_alive = False
+                transport.abort()
+                raise
             else:
-                await self._send_body(conn, head, body, chunked, content_length, read_timeout)
-                if conn._got_bytes:
-                    # The answer began before the request ended: whether the server read the
-                    # rest of the body, or will read it as a request, is unknown. Not reused.
-                    conn._keep_alive = False
-            while not conn._head_done:
-                if conn._error is not None:
-                    raise conn._failure()
-                if await conn._wakeup.wait(read_timeout):  # the next callback, at most the read timeout
-                    raise TimeoutError
-        except BaseException:
-            # A timeout, a cancelled task, a failing body or a broken answer: the connection's
-            # state is unknown, so it is never reused.
-            conn._keep_alive = False
-            transport.abort()
-            raise
-        return Response(conn, read_timeout)
+                return Response(conn, read_timeout)
+            # Out of the `except` first: the error and its traceback are gone before this waits.
+            retry = False
+            conn = await self._connect(origin, connect_timeout)
 
     async def _send_body(
         self,

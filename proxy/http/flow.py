@@ -96,6 +96,14 @@ class Wakeup:
         deadlines.add(self, self._loop.time() + timeout)
         return waiter
 
+    def extend(self, timeout: float) -> None:
+        """The wait under way (begun by `arm`), if any, times out `timeout` seconds from now
+        instead: progress was made that did not need the waiter woken."""
+        if self._waiter is not None:
+            deadlines = self._deadlines
+            assert deadlines is not None
+            deadlines.waits[self] = self._loop.time() + timeout
+
     def disarm(self) -> None:
         """The end of a wait begun by `arm`."""
         self._waiter = None

@@ -432,6 +432,22 @@ class Request:
             on_full()
         await conn._drain(timeout)
 
+    def write_now(self, data: bytes) -> bool:
+        """`write` without the wait, for a caller in a protocol callback (an upstream's read
+        relayed as it comes): returns whether the client's buffer is full, when the caller
+        must stop passing more on and await `drain`. Nothing is written to a client gone."""
+        conn = self._conn
+        if conn._lost:
+            return True  # `drain` then says the client went away
+        if data and self.method != "HEAD":
+            conn._transport.write(b"%x\r\n%b\r\n" % (len(data), data) if self._chunked else data)
+        return conn._flow.paused
+
+    async def drain(self, timeout: float | None = None) -> None:
+        """Wait while the client's buffer is full, at most `timeout` without it reading
+        (TimeoutError); ConnectionResetError once the client has gone."""
+        await self._conn._drain(timeout)
+
     async def finish(self) -> None:
         conn = self._conn
         if self._chunked and not conn._lost and self.method != "HEAD":

@@ -29,7 +29,7 @@ import logging
 import select
 import ssl
 from collections import deque
-from collections.abc import AsyncIterator, Coroutine, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
 from functools import partial
 from typing import Any
 
@@ -217,6 +217,9 @@ class _Connection(asyncio.BufferedProtocol):
         "_pool",
         "_reading_paused",
         "_reason",
+        "_relay_timeout",
+        "_sink",
+        "_sink_full",
         "_status",
         "_transport",
         "_values",
@@ -243,6 +246,9 @@ class _Connection(asyncio.BufferedProtocol):
         self._chunks: list[bytes] = []
         self._buffered = 0
         self._reading_paused = False
+        self._sink: Callable[[bytes], bool] | None = None  # `Response.relay`'s consumer, while it relays
+        self._sink_full = False  # the sink said it is full: reading is paused until it drains
+        self._relay_timeout = 0.0
         # The answer's head (on_message_begin resets these for each message, 1xx included).
         self._reason = b""
         self._names = []
@@ -342,7 +348,12 @@ class _Connection(asyncio.BufferedProtocol):
             self._fail(UpstreamProtocolError("upstream switched protocols (101); upgrades are not proxied here"))
         except httptools.HttpParserError as error:
             self._fail(UpstreamProtocolError(f"malformed response: {error}"))
-        self._wakeup.wake()
+        if self._sink is None or self._done or self._error is not None or self._sink_full:
+            self._wakeup.wake()
+        else:
+            # Relaying (`Response.relay`): these bytes went on already; the waiting task has
+            # nothing to do but its read timeout starts again.
+            self._wakeup.extend(self._relay_timeout)
 
     def pause_writing(self) -> None:
         self._flow.pause()
@@ -441,6 +452,16 @@ class _Connection(asyncio.BufferedProtocol):
         if self._interim:
             return  # content on a 1xx (which has none, RFC 9110 §15.2) is not the answer's
         self._head_bytes = 0
+        sink = self._sink
+        if sink is not None:
+            # Straight on to the consumer from this callback (`Response.relay`); when it is
+            # full, reading stops until it has drained.
+            if sink(body) and not self._sink_full:
+                self._sink_full = True
+                if not self._reading_paused:
+                    self._reading_paused = True
+                    self._transport.pause_reading()
+            return
         self._chunks.append(body)
         self._buffered += len(body)
         if self._buffered > self._mark and not self._reading_paused:
@@ -573,6 +594,44 @@ class Response:
     def has_body(self) -> bool:
         """False for answers that never carry content: to HEAD, 204 and 304 (RFC 9112 §6.3 item 1)."""
         return not self._bodiless
+
+    async def relay(self, sink: Callable[[bytes], bool], drain: Callable[[], Awaitable[object]]) -> None:
+        """Pass the body on as it comes: `sink(data)` is called from the connection's read
+        callback for each piece, with no task woken per read (bench/FIGURES.md, "Bodies"), and
+        returns whether the consumer is full; then the upstream is not read until `drain()`
+        (awaited here: it raises what the consumer's timeout or absence mean) has returned.
+        Returns once the whole body has gone to `sink`; raises as `iter_chunks` does (the read
+        timeout bounds the time without a byte from the upstream while the consumer is not full)."""
+        conn = self._conn
+        if conn is None:
+            raise RuntimeError("response already released")
+        full = sink(conn._take()) if conn._chunks else False  # what came before the relay began
+        conn._sink = sink
+        conn._sink_full = full
+        conn._relay_timeout = self._read_timeout
+        wakeup = conn._wakeup
+        try:
+            while not conn._done:
+                if conn._error is not None:
+                    raise conn._failure()
+                if conn._sink_full:
+                    await drain()
+                    conn._sink_full = False
+                    if conn._reading_paused:
+                        conn._resume_reading()
+                    continue
+                if conn._reading_paused:
+                    conn._resume_reading()  # paused before the relay began
+                waiter = wakeup.arm(self._read_timeout)  # `Wakeup.wait`, inlined (see `_exchange`)
+                try:
+                    timed_out = await waiter
+                finally:
+                    wakeup.disarm()
+                if timed_out:
+                    raise TimeoutError
+        finally:
+            conn._sink = None
+            conn._sink_full = False
 
     async def iter_chunks(self) -> AsyncIterator[bytes]:
         """The body as it arrives, de-chunked; each wait for data is bounded by the read timeout."""

@@ -173,12 +173,13 @@ class WriteFlow:
 
     __slots__ = ("_wakeup", "ended", "paused")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, deadlines: Deadlines | None = None) -> None:
+        """`deadlines`: the shared timer for `drain`'s timeouts (None: a timer per wait)."""
         self.paused = False
         """The transport's write buffer is over its high-water mark: a writer should wait (`drain`)."""
         self.ended = False
         """`end` was called: waiting for the peer to take bytes is pointless from now on."""
-        self._wakeup = Wakeup(loop)
+        self._wakeup = Wakeup(loop, deadlines)
 
     def pause(self) -> None:
         """asyncio's `pause_writing`: the transport's write buffer is over its high-water mark."""

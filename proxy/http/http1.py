@@ -46,7 +46,7 @@ import httptools
 from multidict import CIMultiDict, MultiDict, MultiDictProxy
 from yarl import URL
 
-from .flow import Wakeup, WriteFlow
+from .flow import Deadlines, Wakeup, WriteFlow
 from .log import event
 
 __all__ = ["BodyError", "BodyTimeout", "ConnectionCounts", "Prepared", "Request", "Server"]
@@ -286,7 +286,8 @@ class Request:
                     began = conn._loop.time()
                 wakeup = self._wakeup
                 if wakeup is None:
-                    wakeup = self._wakeup = Wakeup(conn._loop)
+                    # Its timeouts on the server's one timer: no TimerHandle per wait (bench/FIGURES.md, "Bodies").
+                    wakeup = self._wakeup = Wakeup(conn._loop, conn._server._deadlines)
                 timed_out = await wakeup.wait(wait or None)
                 if left is not None:
                     left -= conn._loop.time() - began
@@ -1155,6 +1156,7 @@ class Server:
         # request (a TimerHandle made and cancelled per request was 3% of a refused request's time).
         self._sweep_every = min(1.0, keepalive_timeout / 4, header_timeout / 4)
         self._sweeper: asyncio.TimerHandle | None = None
+        self._deadlines = Deadlines(self._loop)  # the timeouts of every wait for request body bytes
         self._draining = False
         self._opening = 0
         """Connections accepted, their protocol made, but not yet `connection_made` (the loop
@@ -1299,5 +1301,7 @@ class Server:
         for conn in list(self._connections):
             conn._transport.abort()
         await asyncio.sleep(0)  # let the cancelled handlers run their `finally`
+        if not self._deadlines.waits:
+            self._deadlines.close()
         for listener in self._listeners:
             await listener.wait_closed()

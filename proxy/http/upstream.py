@@ -240,7 +240,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._idle = False
         self._idle_since = 0.0
         self._lost = False
-        self._flow = WriteFlow(pool._loop)  # a request body waits here for the upstream to take it
+        self._flow = WriteFlow(pool._loop, pool._deadlines)  # a request body waits here for the upstream to take it
         # The consumer waits here for the answer; its timeouts are the pool's one timer.
         self._wakeup = Wakeup(pool._loop, pool._deadlines)
         self._chunks: list[bytes] = []

@@ -11,7 +11,8 @@ is never reused, a byte no request asked for closes it and makes its origin dist
 (no reuse for `_DISTRUST`), an idle socket is checked for unread bytes before reuse, and a
 new origin is on probation (`_PROBATION`); flow control both ways (reads of 16 KiB into one
 buffer per pool, reading paused at 16 KiB buffered or when the consumer asks, a 4 KiB write
-buffer for request bodies; the waits are flow.py's); the one retry
+buffer for request bodies; the waits are flow.py's, their timeouts on one timer per pool);
+relaying a body from the read callback to a consumer's sink (`Response.relay`); the one retry
 RFC 9112 §9.3.1 allows (an idempotent, body-less request whose reused connection the server
 closed before answering); and the client's failure vocabulary: `UpstreamConnectError`
 (nothing was sent: refused, unreachable, connect timeout), `UpstreamProtocolError`, builtin

@@ -86,14 +86,15 @@ class Wakeup:
                 deadlines.waits.pop(self, None)
         return timed_out is True
 
-    def arm(self, timeout: float) -> asyncio.Future[bool | None]:
+    def arm(self, timeout: float | None) -> asyncio.Future[bool | None]:
         """`wait` in two halves, for a hot caller that awaits the future itself (no coroutine
-        per wait): the future to await (its result True: timed out), then `disarm` in a
-        `finally`, whatever happened. Only with `deadlines`."""
+        per wait): the future to await (its result True: timed out; `timeout` None: no
+        limit), then `disarm` in a `finally`, whatever happened. Only with `deadlines`."""
         deadlines = self._deadlines
         assert deadlines is not None
         waiter = self._waiter = self._loop.create_future()
-        deadlines.add(self, self._loop.time() + timeout)
+        if timeout is not None:
+            deadlines.add(self, self._loop.time() + timeout)
         return waiter
 
     def extend(self, timeout: float) -> None:

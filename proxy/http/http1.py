@@ -288,7 +288,11 @@ class Request:
                 if wakeup is None:
                     # Its timeouts on the server's one timer: no TimerHandle per wait (bench/FIGURES.md, "Bodies").
                     wakeup = self._wakeup = Wakeup(conn._loop, conn._server._deadlines)
-                timed_out = await wakeup.wait(wait or None)
+                waiter = wakeup.arm(wait or None)  # `Wakeup.wait`, inlined: no coroutine per wait
+                try:
+                    timed_out = await waiter
+                finally:
+                    wakeup.disarm()
                 if left is not None:
                     left -= conn._loop.time() - began
                 if timed_out:

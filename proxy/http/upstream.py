@@ -465,7 +465,7 @@ class _Connection(asyncio.BufferedProtocol):
         if sink is not None:
             # Straight on to the consumer from this callback (`Response.relay`); when it is
             # full, reading stops until it has drained.
-            if sink(body) and not self._sink_full:
+            if sink(body):
                 self._sink_full = True
                 if not self._reading_paused:
                     self._reading_paused = True
@@ -614,7 +614,12 @@ class Response:
         conn = self._conn
         if conn is None:
             raise RuntimeError("response already released")
-        full = sink(conn._take()) if conn._chunks else False  # what came before the relay began
+        # What came before the relay began (`_take` reads on): when that fills the consumer,
+        # reading stops again before the drain, as `on_body` stops it.
+        full = sink(conn._take()) if conn._chunks else False
+        if full and not conn._reading_paused and not conn._lost:
+            conn._reading_paused = True
+            conn._transport.pause_reading()
         conn._sink = sink
         conn._sink_full = full
         conn._relay_timeout = self._read_timeout

@@ -12,7 +12,10 @@ Workloads as bench/run's: (a) one valid RS256 token, (b) distinct tokens through
 100-entry cache, (c) no token (401), (d) a public route; and two with CORS, served by a second
 proxy whose only difference is a `cors` policy on the token route (so a-d never pay for it):
 (e) workload a from an allowed `Origin`, (f) a CORS preflight (204); and, only when asked for
-alone (`--only g`), (g) = (a) with a revocation list of 100,000 rules that does not name the token. Reported: µs of process CPU
+alone (`--only g`), (g) = (a) with a revocation list of 100,000 rules that does not name the token;
+and bodies, on the public route, only when asked for (`--only h`, `--only i`): (h) a 1 MiB
+answer, (i) a 1 MiB upload (its body fed in 16 KiB reads, as the event loop reads them, and
+no faster than the proxy reads: the driver honours `pause_reading`). Reported: µs of process CPU
 (`time.process_time`, user+system) per request, the least and the median of interleaved
 rounds. The VM's noise only ever adds time, so the least is the steadier figure for
 comparing two versions of the code.
@@ -58,19 +61,43 @@ _ANSWER = (
 )
 
 
+_MIB = 1024 * 1024
+# Workload (h)'s answer: nginx's head, 1 MiB of body.
+_BIG_ANSWER = (
+    b"HTTP/1.1 200 OK\r\nServer: nginx\r\nDate: Mon, 23 Nov 2026 12:00:00 GMT\r\n"
+    b"Content-Type: application/octet-stream\r\nContent-Length: %d\r\nConnection: keep-alive\r\n\r\n" % _MIB
+) + b"x" * _MIB
+_READ = 16 * 1024  # what one read of the event loop takes (ours: http1._READ_SIZE)
+
+
 def _upstream(sock: socket.socket) -> None:
-    """A minimal keep-alive upstream: every request head (no bodies here) gets `_ANSWER`."""
+    """A minimal keep-alive upstream: every request gets `_ANSWER` once its head and its
+    Content-Length body are in; a request for /public/big, `_BIG_ANSWER`."""
 
     class Upstream(asyncio.Protocol):
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
-            self.transport, self.buffer = transport, b""
+            self.transport, self.buffer, self.body_left, self.big = transport, b"", 0, False
 
         def data_received(self, data: bytes) -> None:
+            if self.body_left:  # a request body (workload i): read and dropped
+                taken = min(self.body_left, len(data))
+                self.body_left -= taken
+                data = data[taken:]
+                if self.body_left:
+                    return
+                self.transport.write(_BIG_ANSWER if self.big else _ANSWER)  # type: ignore[attr-defined]
             self.buffer += data
-            count = self.buffer.count(b"\r\n\r\n")
-            if count:
-                self.buffer = self.buffer[self.buffer.rindex(b"\r\n\r\n") + 4 :]
-                self.transport.write(_ANSWER * count)  # type: ignore[attr-defined]
+            while (end := self.buffer.find(b"\r\n\r\n")) >= 0:
+                head, self.buffer = self.buffer[:end], self.buffer[end + 4 :]
+                self.big = head.startswith(b"GET /public/big ")
+                marker = head.lower().find(b"\r\ncontent-length: ")
+                length = int(head[marker + 18 :].split(b"\r\n", 1)[0]) if marker >= 0 else 0
+                taken = min(length, len(self.buffer))
+                self.buffer = self.buffer[taken:]
+                self.body_left = length - taken
+                if self.body_left:
+                    return
+                self.transport.write(_BIG_ANSWER if self.big else _ANSWER)  # type: ignore[attr-defined]
 
     async def serve() -> None:
         server = await asyncio.get_running_loop().create_server(Upstream, sock=sock)
@@ -80,19 +107,43 @@ def _upstream(sock: socket.socket) -> None:
 
 
 class _Client(asyncio.Transport):
-    """The client's side of one connection: takes our answers, and wakes whoever waits for one."""
+    """The client's side of one connection: takes our answers, and wakes whoever waits for
+    one: at its first write, or with `large` (workloads h and i) once it is all here (a body's
+    bytes are counted, not kept). The first costs next to nothing: a-g count the proxy."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, large: bool = False) -> None:
         super().__init__()
+        self.large = large
         self.waiter: asyncio.Future[bytes] | None = None
         self.closed = False
+        self.paused = False  # the proxy paused reading: the driver feeds no more until resumed
+        self.resumed: asyncio.Future[None] | None = None
+        self._first = b""  # the answer's first write
+        self._left = -1  # bytes of the answer still to come (-1: none begun)
 
     def get_extra_info(self, name: str, default: object = None) -> object:
         return ("127.0.0.1", 40000) if name == "peername" else default
 
     def write(self, data: bytes) -> None:  # type: ignore[override]
-        if self.waiter is not None and not self.waiter.done():
-            self.waiter.set_result(bytes(data))
+        if not self.large:
+            if self.waiter is not None and not self.waiter.done():
+                self.waiter.set_result(bytes(data))
+            return
+        if self._left < 0:  # an answer begins: its head is in this write (ours and the floor's)
+            self._first = bytes(data[:512])
+            end = self._first.find(b"\r\n\r\n") + 4
+            marker = self._first.lower().find(b"\r\ncontent-length: ", 0, end)
+            length = int(self._first[marker + 18 :].split(b"\r\n", 1)[0]) if marker >= 0 else 0
+            self._left = end + length
+        self._left -= len(data)
+        if self._left <= 0:
+            self._left = -1
+            if self.waiter is not None and not self.waiter.done():
+                self.waiter.set_result(self._first)
+
+    def writelines(self, pieces) -> None:  # type: ignore[no-untyped-def, override]
+        for piece in pieces:
+            self.write(piece)
 
     def is_closing(self) -> bool:
         return self.closed
@@ -103,10 +154,12 @@ class _Client(asyncio.Transport):
     abort = close
 
     def pause_reading(self) -> None:
-        pass
+        self.paused = True
 
     def resume_reading(self) -> None:
-        pass
+        self.paused = False
+        if self.resumed is not None and not self.resumed.done():
+            self.resumed.set_result(None)
 
     def get_write_buffer_size(self) -> int:
         return 0
@@ -182,18 +235,28 @@ async def _drive(proxy: Proxy | _Floor, requests: list[bytes], total: int, concu
     """CPU µs per request over `total` requests on `concurrency` connections."""
     server = proxy.server()
     next_index = 0
+    # A request larger than one read is fed a read at a time (pieces cut once, here).
+    reads = {data: [data[i : i + _READ] for i in range(0, len(data), _READ)] for data in requests if len(data) > _READ}
 
     async def one_connection() -> None:
         nonlocal next_index
         conn = server() if isinstance(proxy, _Floor) else _Connection(server)
-        client = _Client()
+        client = _Client(large=bool(reads) or requests[0].startswith(b"GET /public/big "))
         conn.connection_made(client)
         loop = asyncio.get_running_loop()
         while next_index < total:
             data = requests[next_index % len(requests)]
             next_index += 1
             client.waiter = loop.create_future()
-            conn.data_received(data)
+            pieces = reads.get(data)
+            if pieces is None:
+                conn.data_received(data)
+            else:
+                for piece in pieces:
+                    while client.paused:
+                        client.resumed = loop.create_future()
+                        await client.resumed
+                    conn.data_received(piece)
             answer = await client.waiter
             if not answer.startswith((b"HTTP/1.1 200 ", b"HTTP/1.1 401 ", b"HTTP/1.1 204 ")):
                 raise SystemExit(f"unexpected answer: {answer[:200]!r}")
@@ -259,9 +322,14 @@ def _workloads(key, count: int, only: str | None) -> dict[str, list[bytes]]:  # 
         # (a) on a config whose revocation list holds 100,000 rules (`--only g` alone: the
         # other workloads measure a config without revocation).
         "g_revocation_100k": lambda: [_request("/whoami", token(0))],
+        # Bodies (`--only h`, `--only i` alone), on the public route: the relay, not the token.
+        "h_answer_1mib": lambda: [_request("/public/big", None)],
+        "i_upload_1mib": lambda: [
+            _request("/public/upload", None, f"Content-Length: {_MIB}\r\n", "POST") + b"x" * _MIB
+        ],
     }
     # Only the workloads asked for: signing thousands of unused tokens would swamp a count.
-    return {name: make() for name, make in makers.items() if (name.startswith(only) if only else name[0] != "g")}
+    return {name: make() for name, make in makers.items() if (name.startswith(only) if only else name[0] not in "ghi")}
 
 
 def _run(args: argparse.Namespace) -> dict[str, list[float]]:
@@ -322,7 +390,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=1000, help="requests per workload before the rounds")
-    parser.add_argument("--only", help="run only the workloads whose name starts with this (a .. f; g only this way)")
+    parser.add_argument(
+        "--only", help="run only the workloads whose name starts with this (a .. f; g, h, i only this way)"
+    )
     parser.add_argument("--key", help="a PEM file to keep the RS256 key in across runs (made on first use)")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--floor", action="store_true", help="drive bench/floor.py's bare proxy instead of ours")

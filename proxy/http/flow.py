@@ -2,6 +2,7 @@
 
 Owns: `Wakeup`, the one way a task here waits for a protocol callback (body bytes came, the
 answer arrived, the peer took what was written), one waiter at a time, at most a timeout;
+`Deadlines`, one timer for the timeouts of many such waits (the upstream pool's);
 and `WriteFlow`, one connection's write side under asyncio's flow control: the transport's
 `pause_writing` and `resume_writing` recorded, `drain` waiting while its buffer is over the
 high-water mark, and `end` releasing a waiting writer when there is no more point in
@@ -23,7 +24,12 @@ from __future__ import annotations
 
 import asyncio
 
-__all__ = ["Wakeup", "WriteFlow"]
+__all__ = ["Deadlines", "Wakeup", "WriteFlow"]
+
+# A timer may run a hair before its time (uvloop counts in whole milliseconds): a wait due
+# within this much of now has timed out, rather than the timer being set again for a
+# fraction of a millisecond (`_TunnelLimits` in forward.py allows the same).
+_EARLY = 0.001
 
 
 def _expire(waiter: asyncio.Future[bool | None]) -> None:
@@ -39,11 +45,13 @@ class Wakeup:
     (bytes buffered, writing paused) before each wait, and again after it.
     """
 
-    __slots__ = ("_loop", "_waiter")
+    __slots__ = ("_deadlines", "_loop", "_waiter")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, deadlines: Deadlines | None = None) -> None:
+        """`deadlines`: the shared timer that times this one's waits out (None: a timer per wait)."""
         self._loop = loop
         self._waiter: asyncio.Future[bool | None] | None = None
+        self._deadlines = deadlines
 
     @property
     def waiting(self) -> bool:
@@ -61,14 +69,99 @@ class Wakeup:
         None: no limit. A cancelled wait raises `CancelledError` and leaves nothing behind."""
         loop = self._loop
         waiter = self._waiter = loop.create_future()
-        timer = loop.call_later(timeout, _expire, waiter) if timeout is not None else None
+        deadlines = self._deadlines
+        timer = None
+        if timeout is not None:
+            if deadlines is None:
+                timer = loop.call_later(timeout, _expire, waiter)
+            else:
+                deadlines.add(self, loop.time() + timeout)
         try:
             timed_out = await waiter
         finally:
             self._waiter = None
             if timer is not None:
                 timer.cancel()
+            elif deadlines is not None:
+                deadlines.waits.pop(self, None)
         return timed_out is True
+
+    def arm(self, timeout: float | None) -> asyncio.Future[bool | None]:
+        """`wait` in two halves, for a hot caller that awaits the future itself (no coroutine
+        per wait): the future to await (its result True: timed out; `timeout` None: no
+        limit), then `disarm` in a `finally`, whatever happened. Only with `deadlines`."""
+        deadlines = self._deadlines
+        assert deadlines is not None
+        waiter = self._waiter = self._loop.create_future()
+        if timeout is not None:
+            deadlines.add(self, self._loop.time() + timeout)
+        return waiter
+
+    def extend(self, timeout: float) -> None:
+        """The wait under way (begun by `arm`), if any, times out `timeout` seconds from now
+        instead: progress was made that did not need the waiter woken."""
+        if self._waiter is not None:
+            deadlines = self._deadlines
+            assert deadlines is not None
+            deadlines.waits[self] = self._loop.time() + timeout
+
+    def disarm(self) -> None:
+        """The end of a wait begun by `arm`."""
+        self._waiter = None
+        deadlines = self._deadlines
+        assert deadlines is not None
+        deadlines.waits.pop(self, None)
+
+    def _expire(self) -> None:
+        waiter = self._waiter
+        if waiter is not None:
+            _expire(waiter)
+
+
+class Deadlines:
+    """The timeouts of many `Wakeup`s on one timer, set for the soonest one due: a wait costs
+    a dict entry rather than a timer of its own made and cancelled (bench/FIGURES.md, "The
+    upstream client's per-answer work"). The timer runs, finds what is due, and is set
+    again for the soonest of the rest; with one timeout for all, about once per timeout.
+    """
+
+    __slots__ = ("_loop", "_timer", "_when", "waits")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._timer: asyncio.TimerHandle | None = None
+        self._when = 0.0
+        self.waits: dict[Wakeup, float] = {}
+        """Each waiting `Wakeup` and when its wait times out (loop time)."""
+
+    def add(self, wakeup: Wakeup, due: float) -> None:
+        """Time out `wakeup`'s wait at `due` (loop time); it takes itself off when the wait ends."""
+        self.waits[wakeup] = due
+        if self._timer is None or due < self._when:
+            self._arm(due)
+
+    def _arm(self, due: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._when = due
+        self._timer = self._loop.call_at(due, self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        now = self._loop.time() + _EARLY
+        waits = self.waits
+        due_now = [wakeup for wakeup, due in waits.items() if due <= now]
+        for wakeup in due_now:
+            del waits[wakeup]
+            wakeup._expire()
+        if waits:
+            self._arm(min(waits.values()))
+
+    def close(self) -> None:
+        """Cancel the timer (the waits left, if any, are then bounded by nothing)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
 
 class WriteFlow:
@@ -81,12 +174,13 @@ class WriteFlow:
 
     __slots__ = ("_wakeup", "ended", "paused")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, deadlines: Deadlines | None = None) -> None:
+        """`deadlines`: the shared timer for `drain`'s timeouts (None: a timer per wait)."""
         self.paused = False
         """The transport's write buffer is over its high-water mark: a writer should wait (`drain`)."""
         self.ended = False
         """`end` was called: waiting for the peer to take bytes is pointless from now on."""
-        self._wakeup = Wakeup(loop)
+        self._wakeup = Wakeup(loop, deadlines)
 
     def pause(self) -> None:
         """asyncio's `pause_writing`: the transport's write buffer is over its high-water mark."""

@@ -46,7 +46,7 @@ import httptools
 from multidict import CIMultiDict, MultiDict, MultiDictProxy
 from yarl import URL
 
-from .flow import Wakeup, WriteFlow
+from .flow import Deadlines, Wakeup, WriteFlow
 from .log import event
 
 __all__ = ["BodyError", "BodyTimeout", "ConnectionCounts", "Prepared", "Request", "Server"]
@@ -85,6 +85,9 @@ _REASONS = {s.value: s.phrase for s in HTTPStatus}
 _METHOD_NAMES: dict[bytes, str] = {}
 """A method as llhttp gave it (bytes) and as a request holds it (str): llhttp refuses any method
 outside its fixed table, so this holds a few dozen at most."""
+_REASON_BYTES = {status: phrase.encode("ascii") for status, phrase in _REASONS.items()}
+# `Request._connection_field`'s three answers, as bytes (`Request.relay`).
+_CONNECTION_BYTES = {line: line.encode("ascii") for line in ("", "Connection: close\r\n", "Connection: keep-alive\r\n")}
 _BODILESS = frozenset({204, 304})
 _DRAIN_IDLE = 1.0
 """While draining, a connection idle this long (no byte of a next request) is closed. A client
@@ -121,7 +124,7 @@ class _Refuse(Exception):
         self.status = status
 
 
-_date: tuple[int, str] = (0, "")
+_date: tuple[int, str, bytes] = (0, "", b"")
 
 
 def _date_line() -> str:
@@ -129,8 +132,16 @@ def _date_line() -> str:
     global _date
     now = int(time.time())
     if _date[0] != now:
-        _date = (now, f"Date: {formatdate(now, usegmt=True)}\r\n")
+        line = f"Date: {formatdate(now, usegmt=True)}\r\n"
+        _date = (now, line, line.encode("ascii"))
     return _date[1]
+
+
+def _date_bytes() -> bytes:
+    """`_date_line`, encoded (once a second)."""
+    if _date[0] != int(time.time()):
+        _date_line()
+    return _date[2]
 
 
 class Request:
@@ -278,8 +289,13 @@ class Request:
                     began = conn._loop.time()
                 wakeup = self._wakeup
                 if wakeup is None:
-                    wakeup = self._wakeup = Wakeup(conn._loop)
-                timed_out = await wakeup.wait(wait or None)
+                    # Its timeouts on the server's one timer: no TimerHandle per wait (bench/FIGURES.md, "Bodies").
+                    wakeup = self._wakeup = Wakeup(conn._loop, conn._server._deadlines)
+                waiter = wakeup.arm(wait or None)  # `Wakeup.wait`, inlined: no coroutine per wait
+                try:
+                    timed_out = await waiter
+                finally:
+                    wakeup.disarm()
                 if left is not None:
                     left -= conn._loop.time() - began
                 if timed_out:
@@ -349,6 +365,35 @@ class Request:
         if not conn._lost:
             conn._transport.write(head + body if body else head)
 
+    def relay(self, status: int, reason: bytes, fields: bytes, body: bytes, *, date: bool) -> None:
+        """`respond` for an upstream's answer held whole, in bytes end to end: its status, its
+        reason phrase as it came (ours when it sent none), `fields` (encoded lines, each
+        ending in CRLF, no CR or LF inside one), `body` framed with Content-Length (sent
+        without it to a HEAD; none at all on a 204 or 304). No str is built or encoded on the
+        way: bench/FIGURES.md, "The upstream client's per-answer work"."""
+        if self._started:
+            self.abort()  # a second answer would splice into the first: cut the connection instead
+            return
+        if status in _BODILESS or status < 200:
+            framing = b""
+            body = b""
+        else:
+            framing = b"Content-Length: %d\r\n" % len(body)
+            if self.method == "HEAD":
+                body = b""
+        head = b"HTTP/1.1 %d %b\r\n%b%b%b%b\r\n" % (
+            status,
+            reason or _REASON_BYTES.get(status, b"Unknown"),
+            fields,
+            framing,
+            _date_bytes() if date else b"",
+            _CONNECTION_BYTES[self._connection_field(status)],
+        )
+        self._finished = True
+        conn = self._conn
+        if not conn._lost:
+            conn._transport.write(head + body if body else head)
+
     async def start(
         self,
         status: int,
@@ -394,6 +439,22 @@ class Request:
         if conn._flow.paused and on_full is not None:
             on_full()
         await conn._drain(timeout)
+
+    def write_now(self, data: bytes) -> bool:
+        """`write` without the wait, for a caller in a protocol callback (an upstream's read
+        relayed as it comes): returns whether the client's buffer is full, when the caller
+        must stop passing more on and await `drain`. Nothing is written to a client gone."""
+        conn = self._conn
+        if conn._lost:
+            return True  # `drain` then says the client went away
+        if data and self.method != "HEAD":
+            conn._transport.write(b"%x\r\n%b\r\n" % (len(data), data) if self._chunked else data)
+        return conn._flow.paused
+
+    async def drain(self, timeout: float | None = None) -> None:
+        """Wait while the client's buffer is full, at most `timeout` without it reading
+        (TimeoutError); ConnectionResetError once the client has gone."""
+        await self._conn._drain(timeout)
 
     async def finish(self) -> None:
         conn = self._conn
@@ -1122,6 +1183,7 @@ class Server:
         # request (a TimerHandle made and cancelled per request was 3% of a refused request's time).
         self._sweep_every = min(1.0, keepalive_timeout / 4, header_timeout / 4)
         self._sweeper: asyncio.TimerHandle | None = None
+        self._deadlines = Deadlines(self._loop)  # the timeouts of every wait for request body bytes
         self._draining = False
         self._opening = 0
         """Connections accepted, their protocol made, but not yet `connection_made` (the loop
@@ -1266,5 +1328,7 @@ class Server:
         for conn in list(self._connections):
             conn._transport.abort()
         await asyncio.sleep(0)  # let the cancelled handlers run their `finally`
+        if not self._deadlines.waits:
+            self._deadlines.close()
         for listener in self._listeners:
             await listener.wait_closed()

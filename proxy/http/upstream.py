@@ -11,7 +11,8 @@ is never reused, a byte no request asked for closes it and makes its origin dist
 (no reuse for `_DISTRUST`), an idle socket is checked for unread bytes before reuse, and a
 new origin is on probation (`_PROBATION`); flow control both ways (reads of 16 KiB into one
 buffer per pool, reading paused at 16 KiB buffered or when the consumer asks, a 4 KiB write
-buffer for request bodies; the waits are flow.py's); the one retry
+buffer for request bodies; the waits are flow.py's, their timeouts on one timer per pool);
+relaying a body from the read callback to a consumer's sink (`Response.relay`); the one retry
 RFC 9112 §9.3.1 allows (an idempotent, body-less request whose reused connection the server
 closed before answering); and the client's failure vocabulary: `UpstreamConnectError`
 (nothing was sent: refused, unreachable, connect timeout), `UpstreamProtocolError`, builtin
@@ -29,13 +30,14 @@ import logging
 import select
 import ssl
 from collections import deque
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
 from functools import partial
+from typing import Any
 
 import httptools
 
 from .causes import Worded, cause
-from .flow import Wakeup, WriteFlow
+from .flow import Deadlines, Wakeup, WriteFlow
 from .log import event
 
 __all__ = ["Fields", "Pool", "Response", "UpstreamConnectError", "UpstreamError", "UpstreamProtocolError"]
@@ -201,7 +203,6 @@ class _Connection(asyncio.BufferedProtocol):
         "_got_bytes",
         "_head_bytes",
         "_head_done",
-        "_headers",
         "_idle",
         "_idle_since",
         "_interim",
@@ -210,18 +211,24 @@ class _Connection(asyncio.BufferedProtocol):
         "_length",
         "_lost",
         "_mark",
+        "_names",
         "_origin",
         "_parser",
         "_poll",
         "_pool",
         "_reading_paused",
         "_reason",
+        "_relay_timeout",
+        "_sink",
+        "_sink_full",
         "_status",
         "_transport",
+        "_values",
         "_wakeup",
     )
 
-    _headers: list[tuple[bytes, bytes]]
+    _names: list[bytes]
+    _values: list[bytes]
     _length: int | None
     _error: UpstreamError | None
 
@@ -234,11 +241,22 @@ class _Connection(asyncio.BufferedProtocol):
         self._idle = False
         self._idle_since = 0.0
         self._lost = False
-        self._flow = WriteFlow(pool._loop)  # a request body waits here for the upstream to take it
-        self._wakeup = Wakeup(pool._loop)  # the consumer waits here for the answer
+        self._flow = WriteFlow(pool._loop, pool._deadlines)  # a request body waits here for the upstream to take it
+        # The consumer waits here for the answer; its timeouts are the pool's one timer.
+        self._wakeup = Wakeup(pool._loop, pool._deadlines)
         self._chunks: list[bytes] = []
         self._buffered = 0
         self._reading_paused = False
+        self._sink: Callable[[bytes], bool] | None = None  # `Response.relay`'s consumer, while it relays
+        self._sink_full = False  # the sink said it is full: reading is paused until it drains
+        self._relay_timeout = 0.0
+        # The answer's head (on_message_begin resets these for each message, 1xx included).
+        self._reason = b""
+        self._names = []
+        self._values = []
+        self._length = None
+        self._chunked = False
+        self._codings: bytes | None = None
         self._begin(False)
 
     def _begin(self, is_head: bool) -> None:
@@ -246,11 +264,6 @@ class _Connection(asyncio.BufferedProtocol):
         self._is_head = is_head
         self._mark = _HIGH_WATER
         self._status = 0
-        self._reason = b""
-        self._headers = []
-        self._length = None
-        self._chunked = False
-        self._codings: bytes | None = None
         self._interim = False
         self._head_done = False
         self._done = False
@@ -272,8 +285,14 @@ class _Connection(asyncio.BufferedProtocol):
     def get_buffer(self, sizehint: int) -> memoryview:
         return self._pool._read_buffer
 
-    def buffer_updated(self, nbytes: int) -> None:
-        self.data_received(self._pool._read_buffer[:nbytes])
+    def data_received(self, data: bytes | memoryview) -> None:
+        """What the event loop would hand `buffer_updated`, a read at a time (for a caller
+        with bytes of its own: the loop reads into `get_buffer`)."""
+        buffer = self._pool._read_buffer
+        for start in range(0, len(data), _READ_SIZE):
+            piece = data[start : start + _READ_SIZE]
+            buffer[: len(piece)] = piece
+            self.buffer_updated(len(piece))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
@@ -302,7 +321,9 @@ class _Connection(asyncio.BufferedProtocol):
         self._wakeup.wake()
         self._flow.end()
 
-    def data_received(self, data: bytes | memoryview) -> None:
+    def buffer_updated(self, nbytes: int) -> None:
+        # The read is parsed here, not handed to a `data_received`: a call less per read (bench/FIGURES.md, "Bodies").
+        data = self._pool._read_buffer[:nbytes]
         if self._done or self._idle:
             # Bytes after the end of the answer (or on an idle connection) mean we no longer
             # know where the next message starts (RFC 9112 §9.3.2), and whoever sent them may
@@ -336,7 +357,12 @@ class _Connection(asyncio.BufferedProtocol):
             self._fail(UpstreamProtocolError("upstream switched protocols (101); upgrades are not proxied here"))
         except httptools.HttpParserError as error:
             self._fail(UpstreamProtocolError(f"malformed response: {error}"))
-        self._wakeup.wake()
+        if self._sink is None or self._done or self._error is not None or self._sink_full:
+            self._wakeup.wake()
+        else:
+            # Relaying (`Response.relay`): these bytes went on already; the waiting task has
+            # nothing to do but its read timeout starts again.
+            self._wakeup.extend(self._relay_timeout)
 
     def pause_writing(self) -> None:
         self._flow.pause()
@@ -353,7 +379,8 @@ class _Connection(asyncio.BufferedProtocol):
             self._stray("a second answer after the answer")
             raise UpstreamProtocolError("data after the end of the answer")
         self._reason = b""
-        self._headers = []
+        self._names = []
+        self._values = []
         self._length = None
         self._chunked = False
         self._codings = None
@@ -373,7 +400,10 @@ class _Connection(asyncio.BufferedProtocol):
         elif size == 17 and name.lower() == b"transfer-encoding":
             # One list, however many lines carry it (RFC 9110 §5.3); judged once the head is whole.
             self._codings = value if self._codings is None else self._codings + b"," + value
-        self._headers.append((name, value))  # bytes: relayed as they came, decoded only if asked
+        # bytes: relayed as they came, decoded only if asked. Names and values apart: the
+        # names (a tuple of them) are the key to a consumer's plan for the whole head.
+        self._names.append(name)
+        self._values.append(value)
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
@@ -431,6 +461,16 @@ class _Connection(asyncio.BufferedProtocol):
         if self._interim:
             return  # content on a 1xx (which has none, RFC 9110 §15.2) is not the answer's
         self._head_bytes = 0
+        sink = self._sink
+        if sink is not None:
+            # Straight on to the consumer from this callback (`Response.relay`); when it is
+            # full, reading stops until it has drained.
+            if sink(body):
+                self._sink_full = True
+                if not self._reading_paused:
+                    self._reading_paused = True
+                    self._transport.pause_reading()
+            return
         self._chunks.append(body)
         self._buffered += len(body)
         if self._buffered > self._mark and not self._reading_paused:
@@ -519,16 +559,41 @@ class _Connection(asyncio.BufferedProtocol):
 class Response:
     """The head of an upstream answer, and its body to stream, read or drop."""
 
-    __slots__ = ("_bodiless", "_conn", "_read_timeout", "raw_headers", "reason", "status")
+    __slots__ = ("_bodiless", "_conn", "_read_timeout", "length", "names", "raw_reason", "status", "values")
 
     def __init__(self, conn: _Connection, read_timeout: float) -> None:
         self._conn: _Connection | None = conn
         self._read_timeout = read_timeout
         status = self.status = conn._status
-        self.reason: str = conn._reason.decode(_ENCODING, _ERRORS)
-        self.raw_headers: list[tuple[bytes, bytes]] = conn._headers
-        """The answer's header fields as they came off the wire (llhttp allows no CR or LF in them)."""
+        self.raw_reason: bytes = conn._reason
+        """The reason phrase as it came (llhttp allows no CR or LF in it)."""
+        self.names: list[bytes] = conn._names
+        """The answer's field names as they came off the wire, in order (llhttp allows no CR or
+        LF in them); `values` holds their values, in the same order."""
+        self.values: list[bytes] = conn._values
+        self.length: int | None = conn._length
+        """The answer's Content-Length, if it sent one."""
         self._bodiless = conn._is_head or status == 204 or status == 304
+
+    @property
+    def raw_headers(self) -> list[tuple[bytes, bytes]]:
+        """The answer's header fields as they came off the wire: (name, value) bytes, in order."""
+        return list(zip(self.names, self.values, strict=True))
+
+    @property
+    def reason(self) -> str:
+        """The reason phrase, decoded (UTF-8 with surrogateescape: encoding gives the same bytes)."""
+        return self.raw_reason.decode(_ENCODING, _ERRORS)
+
+    def complete(self, limit: int) -> bytes | None:
+        """`read`'s answer when it needs no wait: the whole body if the answer has ended and
+        holds at most `limit` bytes, else None with nothing consumed (then `read` or
+        `iter_chunks`). A small answer usually comes whole in the read that brought its
+        head: this spares a coroutine per answer (bench/FIGURES.md)."""
+        conn = self._conn
+        if conn is None or self._bodiless or not conn._done or conn._buffered > limit:
+            return None
+        return conn._take() if conn._chunks else b""
 
     @property
     def headers(self) -> list[tuple[str, str]]:
@@ -538,6 +603,49 @@ class Response:
     def has_body(self) -> bool:
         """False for answers that never carry content: to HEAD, 204 and 304 (RFC 9112 §6.3 item 1)."""
         return not self._bodiless
+
+    async def relay(self, sink: Callable[[bytes], bool], drain: Callable[[], Awaitable[object]]) -> None:
+        """Pass the body on as it comes: `sink(data)` is called from the connection's read
+        callback for each piece, with no task woken per read (bench/FIGURES.md, "Bodies"), and
+        returns whether the consumer is full; then the upstream is not read until `drain()`
+        (awaited here: it raises what the consumer's timeout or absence mean) has returned.
+        Returns once the whole body has gone to `sink`; raises as `iter_chunks` does (the read
+        timeout bounds the time without a byte from the upstream while the consumer is not full)."""
+        conn = self._conn
+        if conn is None:
+            raise RuntimeError("response already released")
+        # What came before the relay began (`_take` reads on): when that fills the consumer,
+        # reading stops again before the drain, as `on_body` stops it.
+        full = sink(conn._take()) if conn._chunks else False
+        if full and not conn._reading_paused and not conn._lost:
+            conn._reading_paused = True
+            conn._transport.pause_reading()
+        conn._sink = sink
+        conn._sink_full = full
+        conn._relay_timeout = self._read_timeout
+        wakeup = conn._wakeup
+        try:
+            while not conn._done:
+                if conn._error is not None:
+                    raise conn._failure()
+                if conn._sink_full:
+                    await drain()
+                    conn._sink_full = False
+                    if conn._reading_paused:
+                        conn._resume_reading()
+                    continue
+                if conn._reading_paused:
+                    conn._resume_reading()  # paused before the relay began
+                waiter = wakeup.arm(self._read_timeout)  # `Wakeup.wait`, inlined (see `_exchange`)
+                try:
+                    timed_out = await waiter
+                finally:
+                    wakeup.disarm()
+                if timed_out:
+                    raise TimeoutError
+        finally:
+            conn._sink = None
+            conn._sink_full = False
 
     async def iter_chunks(self) -> AsyncIterator[bytes]:
         """The body as it arrives, de-chunked; each wait for data is bounded by the read timeout."""
@@ -628,6 +736,7 @@ class Pool:
         self._origins: dict[tuple[str, str, int], _Origin] = {}
         self._loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # bound on first use
         self._sweeper: asyncio.TimerHandle | None = None
+        self._deadlines: Deadlines | None = None  # the timeouts of every wait on an answer: one timer
         self._closed = False
         # Every connection's reads land here and are parsed at once (one event loop thread).
         self._read_buffer = memoryview(bytearray(_READ_SIZE))
@@ -668,6 +777,8 @@ class Pool:
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
+        if self._deadlines is not None and not self._deadlines.waits:
+            self._deadlines.close()  # (those in use keep it, for their timeouts)
         for origin in self._origins.values():
             while origin.idle:
                 conn = origin.idle.pop()
@@ -675,7 +786,7 @@ class Pool:
                 conn._transport.abort()
         await asyncio.sleep(0)  # let the transports run connection_lost
 
-    async def request(
+    def request(
         self,
         method: str,
         scheme: str,
@@ -688,7 +799,7 @@ class Pool:
         content_length: int | None,
         connect_timeout: float,
         read_timeout: float,
-    ) -> Response:
+    ) -> Coroutine[Any, Any, Response]:
         """Send one request and return the answer's head once it has arrived (1xx skipped).
 
         `target` goes on the request line byte for byte (origin-form, RFC 9112 §3.2.1).
@@ -702,6 +813,7 @@ class Pool:
             raise RuntimeError("pool is closed")
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
+            self._deadlines = Deadlines(self._loop)
         origin = self._origin(scheme, host, port)
         chunked = False
         if content_length is not None:
@@ -715,54 +827,85 @@ class Pool:
             framing = b""
         fields = headers if isinstance(headers, Fields) else Fields.of(headers)
         head = _encode_head(method, target, fields, origin.host_line, framing)
-        is_head = method == "HEAD"
         conn = self._take_idle(origin)
-        if conn is not None:
-            try:
-                return await self._exchange(conn, head, is_head, body, chunked, content_length, read_timeout)
-            except UpstreamConnectError:
-                # RFC 9112 §9.3.1: a reused connection the server closed before answering may be
-                # replayed once, on a fresh connection, if nothing (no body) makes that unsafe.
-                if body is not None or method not in _IDEMPOTENT:
-                    raise
-        conn = await self._connect(origin, connect_timeout)
-        return await self._exchange(conn, head, is_head, body, chunked, content_length, read_timeout)
+        # RFC 9112 §9.3.1: a reused connection the server closed before answering may be
+        # replayed once, on a fresh connection, if nothing (no body) makes that unsafe.
+        retry = conn is not None and body is None and method in _IDEMPOTENT
+        # Not a coroutine itself: the caller awaits `_exchange` straight, one coroutine (and
+        # one frame to resume) less per request (bench/FIGURES.md).
+        return self._exchange(
+            origin,
+            conn,
+            head,
+            method == "HEAD",
+            body,
+            chunked,
+            content_length,
+            connect_timeout,
+            read_timeout,
+            retry=retry,
+        )
 
     async def _exchange(
         self,
-        conn: _Connection,
+        origin: _Origin,
+        conn: _Connection | None,
         head: bytes,
         is_head: bool,
         body: AsyncIterator[bytes] | None,
         chunked: bool,
         content_length: int | None,
+        connect_timeout: float,
         read_timeout: float,
+        *,
+        retry: bool,
     ) -> Response:
-        conn._begin(is_head)
-        transport = conn._transport
-        if conn._lost:  # it went away while changing hands: nothing was sent
-            conn._error = UpstreamConnectError("connection closed before any byte of the answer")
-        try:
-            if body is None:
-                transport.write(head)
+        """Send `head` (and `body`) on `conn` (None: a new connection) and wait for the answer's
+        head; once more on a new connection when `retry` and `conn` turns out stale."""
+        if conn is None:
+            conn = await self._connect(origin, connect_timeout)
+        while True:
+            conn._begin(is_head)
+            transport = conn._transport
+            if conn._lost:  # it went away while changing hands: nothing was sent
+                conn._error = UpstreamConnectError("connection closed before any byte of the answer")
+            try:
+                if body is None:
+                    transport.write(head)
+                else:
+                    await self._send_body(conn, head, body, chunked, content_length, read_timeout)
+                    if conn._got_bytes:
+                        # The answer began before the request ended: whether the server read the
+                        # rest of the body, or will read it as a request, is unknown. Not reused.
+                        conn._keep_alive = False
+                wakeup = conn._wakeup
+                while not conn._head_done:
+                    if conn._error is not None:
+                        raise conn._failure()
+                    # `Wakeup.wait`, inlined: no coroutine per wait (bench/FIGURES.md).
+                    waiter = wakeup.arm(read_timeout)  # the next callback, at most the read timeout
+                    try:
+                        timed_out = await waiter
+                    finally:
+                        wakeup.disarm()
+                    if timed_out:
+                        raise TimeoutError
+            except UpstreamConnectError:
+                conn._keep_alive = False
+                transport.abort()
+                if not retry:
+                    raise
+            except BaseException:
+                # A timeout, a cancelled task, a failing body or a broken answer: the connection's
+                # state is unknown, so it is never reused.
+                conn._keep_alive = False
+                transport.abort()
+                raise
             else:
-                await self._send_body(conn, head, body, chunked, content_length, read_timeout)
-                if conn._got_bytes:
-                    # The answer began before the request ended: whether the server read the
-                    # rest of the body, or will read it as a request, is unknown. Not reused.
-                    conn._keep_alive = False
-            while not conn._head_done:
-                if conn._error is not None:
-                    raise conn._failure()
-                if await conn._wakeup.wait(read_timeout):  # the next callback, at most the read timeout
-                    raise TimeoutError
-        except BaseException:
-            # A timeout, a cancelled task, a failing body or a broken answer: the connection's
-            # state is unknown, so it is never reused.
-            conn._keep_alive = False
-            transport.abort()
-            raise
-        return Response(conn, read_timeout)
+                return Response(conn, read_timeout)
+            # Out of the `except` first: the error and its traceback are gone before this waits.
+            retry = False
+            conn = await self._connect(origin, connect_timeout)
 
     async def _send_body(
         self,

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 
 import pytest
 
-from proxy.http.flow import Wakeup, WriteFlow
+from proxy.http.flow import Deadlines, Wakeup, WriteFlow
 from tests.support.raw import bounded_by
 
 LONG = 30.0  # a timeout no passing test reaches, and that ends a failing one (a lost wake)
@@ -144,6 +144,44 @@ async def test_no_way_out_of_a_wait_leaves_its_future_or_timer_behind() -> None:
         for _ in range(200):
             await every_way_out()
         assert futures() == before
+
+
+# Deadlines: one timer for the timeouts of many waits
+
+
+@bounded_by(10)
+async def test_waits_on_one_shared_timer_each_time_out_at_their_own_time() -> None:
+    loop = asyncio.get_running_loop()
+    deadlines = Deadlines(loop)
+    short, long, woken = (Wakeup(loop, deadlines) for _ in range(3))
+    began = loop.time()
+    waits = [asyncio.ensure_future(w.wait(t)) for w, t in ((long, 0.4), (short, 0.1), (woken, 0.2))]
+    await turns()
+    woken.wake()
+    assert await waits[2] is False, "woken before its time: not timed out"
+    assert await waits[1] is True and loop.time() - began < 0.35, "the shorter one is not held by the longer"
+    assert await waits[0] is True and loop.time() - began >= 0.39
+    assert deadlines.waits == {}, "no way out of a wait leaves it behind"
+    deadlines.close()
+
+
+@bounded_by(10)
+async def test_an_armed_wait_extended_times_out_that_long_after_the_extension() -> None:
+    loop = asyncio.get_running_loop()
+    deadlines = Deadlines(loop)
+    wakeup = Wakeup(loop, deadlines)
+    began = loop.time()
+    waiter = wakeup.arm(0.2)
+    for _ in range(3):
+        await asyncio.sleep(0.1)
+        wakeup.extend(0.2)  # progress that did not need the waiter woken
+    try:
+        assert await waiter is True
+    finally:
+        wakeup.disarm()
+    assert loop.time() - began >= 0.49, "timed out 0.2 s after the last extension, not after the first 0.2 s"
+    assert deadlines.waits == {}
+    deadlines.close()
 
 
 # WriteFlow

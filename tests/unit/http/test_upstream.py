@@ -1533,3 +1533,43 @@ async def test_an_endless_answer_head_is_refused_by_its_size(pool: Pool, raw_ser
     with pytest.raises(UpstreamProtocolError, match="head too large"):
         await send(pool, server.port, read_timeout=10.0)
     assert pool.idle_count() == 0
+
+
+@bounded_by(20)
+async def test_a_relay_whose_consumer_is_full_reads_no_more_of_the_upstream_until_it_has_drained(
+    pool: Pool, raw_server: Any
+) -> None:
+    # Response.relay: body bytes go to the sink from the read callback; once the sink says
+    # full, the upstream is not read until `drain` returns. Here the head comes with body
+    # bytes (buffered before the relay begins, so the first sink call is the relay's own
+    # flush) and the upstream has far more to send than one read.
+    size = 4 * 1024 * 1024
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size + b"x" * 8192)
+        await writer.drain()
+        await asyncio.sleep(0.1)  # the head (and those bytes) are read before the rest comes
+        writer.write(b"x" * (size - 8192))
+        await writer.drain()
+
+    server = await raw_server(handler)
+    response = await send(pool, server.port)
+    await asyncio.sleep(0.2)  # the rest is on its way: the socket has more than one read for us
+    passed: list[int] = []
+    drained = asyncio.get_running_loop().create_future()
+
+    def sink(data: bytes) -> bool:
+        passed.append(len(data))
+        return True  # always full: each piece must wait for a drain
+
+    async def drain() -> None:
+        await drained
+
+    relaying = asyncio.ensure_future(response.relay(sink, drain))
+    await asyncio.sleep(0.3)
+    assert sum(passed) <= 8192 + 16 * 1024, f"{sum(passed)} bytes passed on while the consumer was full"
+    relaying.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await relaying
+    response.close()

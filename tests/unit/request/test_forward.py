@@ -89,3 +89,90 @@ async def test_an_answers_hop_by_hop_fields_and_request_id_stop_at_the_proxy(
     assert b"x-secret" not in head and b"keep-alive" not in head and b"theirs" not in head
     assert b"\r\nx-kept: k" in head and head.count(b"\r\ndate: ") == 1
     assert b"\r\nx-request-id: rid-test" in head
+
+
+async def _answers(rsa_key: TestKey, aiohttp_server: Any, tmp_path: Path, raw_server: Any, upstream: Any) -> list[Any]:
+    """Two requests in turn through a proxy whose upstream is `upstream` (a raw handler)."""
+    server: RawServer = await raw_server(upstream)
+    parts = await start_parts(aiohttp_server, tmp_path, rsa_key, upstream_url=f"http://127.0.0.1:{server.port}")
+    try:
+        return [
+            await run_step(parts, request_bytes("/ignored"), lambda ex: routed(ex, "public", "/x", "", []))
+            for _ in range(2)
+        ]
+    finally:
+        await parts.proxy.close()
+
+
+@bounded_by(10)
+async def test_heads_with_the_same_field_names_are_relayed_each_with_its_own_values(
+    aiohttp_server: Any, tmp_path: Path, rsa_key: TestKey, raw_server: Any
+) -> None:
+    # The answer's fields go by a plan made once per list of names (forward._PLANS): the
+    # values, a name with a % in it and a plain `Connection: close` must all come out exact.
+    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        while True:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(
+                b"HTTP/1.1 200 Fine\r\nX-A: a%d\r\nX-%%d: %%s%d\r\nConnection: close\r\nX-B:\r\n"
+                b"Content-Length: 3\r\n\r\nok%d" % (n, n, n)
+            )
+            await writer.drain()
+
+    first, second = await _answers(rsa_key, aiohttp_server, tmp_path, raw_server, upstream)
+    for n, ran in enumerate((first, second), 1):
+        head, _, body = ran.answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 Fine\r\nX-A: a%d\r\nX-%%d: %%s%d\r\nX-B: \r\n" % (n, n)), head
+        assert body == b"ok%d" % n and b"\r\nX-Request-Id: rid-test\r\n" in head
+        assert head.count(b"\r\nDate: ") == 1 and b"Connection: close" in head  # ours: the client asked to close
+
+
+@bounded_by(15)
+async def test_a_large_answer_trickled_slower_than_the_timeout_in_all_but_faster_per_read_arrives_whole(
+    aiohttp_server: Any, tmp_path: Path, rsa_key: TestKey, raw_server: Any
+) -> None:
+    # Relayed from the read callback (Response.relay), the task is not woken per read: each
+    # read must still start the upstream's read timeout (2 s here) again.
+    size, pieces = 200_000, 4
+
+    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
+        for _ in range(pieces):
+            writer.write(b"x" * (size // pieces))
+            await writer.drain()
+            await asyncio.sleep(0.7)  # 2.8 s in all: past the timeout, never 2 s without a byte
+        await reader.read()
+
+    server: RawServer = await raw_server(upstream)
+    parts = await start_parts(aiohttp_server, tmp_path, rsa_key, upstream_url=f"http://127.0.0.1:{server.port}")
+    try:
+        ran = await run_step(parts, request_bytes("/ignored"), lambda ex: routed(ex, "public", "/x", "", []))
+    finally:
+        await parts.proxy.close()
+    head, _, body = ran.answer.partition(b"\r\n\r\n")
+    assert ran.status == 200 and b"Content-Length: 200000" in head
+    assert body == b"x" * size
+
+
+@bounded_by(15)
+async def test_a_large_answer_that_stalls_mid_relay_is_cut_at_the_timeout(
+    aiohttp_server: Any, tmp_path: Path, rsa_key: TestKey, raw_server: Any
+) -> None:
+    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 200000\r\n\r\n" + b"x" * 100_000)
+        await writer.drain()
+        await asyncio.sleep(30)  # never the rest
+
+    server: RawServer = await raw_server(upstream)
+    parts = await start_parts(aiohttp_server, tmp_path, rsa_key, upstream_url=f"http://127.0.0.1:{server.port}")
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    try:
+        ran = await run_step(parts, request_bytes("/ignored"), lambda ex: routed(ex, "public", "/x", "", []))
+    finally:
+        await parts.proxy.close()
+    _, _, body = ran.answer.partition(b"\r\n\r\n")
+    assert ran.status == 200 and len(body) == 100_000, "the head and what came, then the connection cut"
+    assert 1.9 <= loop.time() - began < 4.5, "cut at the upstream's 2 s timeout"

@@ -87,7 +87,10 @@ def _target(url: str) -> _Target:
             host = host.encode("idna").decode("ascii")
         except UnicodeError:
             raise FetchError("not a valid URL") from None
-    target = quote(parts.path or "/", safe=_SAFE) + (f"?{quote(parts.query, safe=_SAFE)}" if parts.query else "")
+    # A Location's bytes that are not UTF-8 come back as they were sent, %-escaped (as aiohttp
+    # followed them): `_location` kept them as surrogates, which a strict encode would raise on.
+    path, query = quote(parts.path or "/", safe=_SAFE, errors=_BYTES), quote(parts.query, safe=_SAFE, errors=_BYTES)
+    target = path + (f"?{query}" if query else "")
     authorization = None
     if parts.username is not None:
         # aiohttp's BasicAuth from the URL: the user and password unescaped, latin-1.
@@ -183,6 +186,9 @@ class Fetcher:
             raise FetchError("the server closed the connection without answering") from None
         except ValueError:  # a CR or LF in the request line or a field: the pool refuses it
             raise FetchError("not a valid URL") from None
+
+
+_BYTES = "surrogateescape"
 
 
 def _location(response: Response) -> str | None:

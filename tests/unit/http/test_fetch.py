@@ -273,3 +273,21 @@ async def test_ssl_cert_file_names_the_trust_store(
     peer = await serve(lambda head: ok(), tls=self_signed_context(tmp_path))
     monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "cert.pem"))
     assert await get(f"https://127.0.0.1:{peer.port}/jwks.json") == (200, b'{"keys": []}')
+
+
+async def test_a_location_that_is_not_utf8_is_followed_escaped(serve: Callable[..., Awaitable[Peer]]) -> None:
+    # A Latin-1 Location ("/clés.json"): aiohttp's client followed it to a %-escaped target; the
+    # Fetcher raised UnicodeEncodeError out of urllib.parse.quote, which keys.py logged as an
+    # "unexpected error" (the key set never loaded).
+    asked: list[bytes] = []
+
+    def answer(head: bytes) -> bytes:
+        asked.append(head.split(b"\r\n", 1)[0])
+        if head.startswith(b"GET /jwks.json "):
+            return b"HTTP/1.1 302 Found\r\nLocation: /cl\xe9s.json\r\nContent-Length: 0\r\n\r\n"
+        return ok()
+
+    peer = await serve(answer)
+    status, _ = await get(f"http://127.0.0.1:{peer.port}/jwks.json")
+    assert status == 200
+    assert asked == [b"GET /jwks.json HTTP/1.1", b"GET /cl%E9s.json HTTP/1.1"]

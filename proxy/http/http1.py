@@ -67,11 +67,17 @@ _MAX_STALL = MAX_TARGET + MAX_HEAD + 8 * 1024
 _HEAD_SLICE = 4 * 1024  # reads are parsed this much at a time (a body: _BODY_SLICE)...
 _BODY_SLICE = 256 * 1024
 _BACKLOG = 16  # ...until this many requests wait (pipelining); the rest waits unparsed
-_HIGH_WATER = 8 * 1024  # request body bytes buffered before we stop reading the socket
+# Request body bytes buffered before we stop reading the socket: one read's worth (_READ_SIZE),
+# so a read the handler has not taken yet does not pause the socket at once (at 8 KiB every
+# 16 KiB read paused and resumed it: bench/FIGURES.md, "Uploads"). 1,000 uploads to an upstream
+# that never reads peak at ~112 MiB (tests/integration/test_memory.py; 94 at 8 KiB; 129, over
+# the manifests' 128, at 32 KiB).
+_HIGH_WATER = 16 * 1024
 # The most bytes one read takes from a client's socket (the event loops read up to 256 KiB):
 # reads land in one buffer per server (`asyncio.BufferedProtocol`), so a request body waiting
 # for a slow upstream holds at most the mark above plus one read.
 _READ_SIZE = 16 * 1024
+_BIG_PIECE = 4 * 1024  # a body piece this large is handed on alone (`Request._take_body`)
 # The client transport's write buffer beyond which a streamed answer waits for the client
 # (the event loops' default is 64 KiB): with a client that reads slowly or not at all, this
 # and the chunk being written are what its connection holds, past the kernel's socket buffer.
@@ -305,9 +311,16 @@ class Request:
 
     def _take_body(self) -> bytes:
         chunks = self._chunks
-        data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
-        chunks.clear()
-        self._buffered = 0
+        if len(chunks) == 1 or len(chunks[0]) >= _BIG_PIECE:
+            # A read's worth at a time, as it came: joining them costs a copy, and the consumer
+            # takes the next one without waiting (bench/FIGURES.md, "Uploads").
+            data = chunks.popleft()
+            self._buffered -= len(data)
+        else:
+            # Small pieces (a chunked body's) leave together: one write upstream, not one each.
+            data = b"".join(chunks)
+            chunks.clear()
+            self._buffered = 0
         self._conn._body_taken()
         return data
 

@@ -519,6 +519,43 @@ async def test_large_body_is_read_with_back_pressure(harness: Harness) -> None:
     assert len(chunks) >= 8
 
 
+@bounded
+async def test_small_chunks_that_wait_together_are_handed_on_together(harness: Harness) -> None:
+    # A chunked body of many small chunks, all here before the handler reads: one piece for it
+    # (one write upstream), not one per chunk; a body of large reads comes a read at a time,
+    # each byte once and in order.
+    pieces: list[list[bytes]] = []
+    gate = asyncio.Event()
+
+    async def reader_after_gate(request: Request) -> None:
+        await gate.wait()
+        got = [chunk async for chunk in request.iter_body()]
+        pieces.append(got)
+        request.respond(200, None, [], b"".join(got))
+
+    server = await harness.serve(reader_after_gate)
+    reader, writer = await harness.connect(server)
+    small = [bytes([65 + i % 26]) * 10 for i in range(100)]
+    writer.write(request_bytes("/te", method="POST", headers=(("Transfer-Encoding", "chunked"),)))
+    writer.write(b"".join(b"%x\r\n%b\r\n" % (len(piece), piece) for piece in small) + b"0\r\n\r\n")
+    await asyncio.sleep(0.1)
+    gate.set()
+    answer = await read_answer(reader)
+    assert answer.body == b"".join(small)
+    assert pieces[0] == [b"".join(small)]
+
+    gate.clear()
+    big = bytes(range(256)) * 256  # 64 KiB, sent in 16 KiB writes while the handler waits
+    writer.write(request_bytes("/cl", method="PUT", headers=(("Content-Length", str(len(big))),)))
+    for at in range(0, len(big), 16 * KiB):
+        writer.write(big[at : at + 16 * KiB])
+        await asyncio.sleep(0.02)
+    gate.set()
+    answer = await read_answer(reader)
+    assert answer.body == big and b"".join(pieces[1]) == big
+    assert max(len(piece) for piece in pieces[1]) <= 32 * KiB, [len(piece) for piece in pieces[1]]
+
+
 # --- Expect: 100-continue --------------------------------------------------------------
 
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"

@@ -121,6 +121,10 @@ class Fetcher:
     async def close(self) -> None:
         await self._pool.close()
 
+    def idle_count(self) -> int:
+        """Connections kept open for the next fetch (one per key server, at most 4 each)."""
+        return self._pool.idle_count()
+
     async def get(self, url: str, *, timeout: float, limit: int, headers: Iterable[tuple[str, str]] = ()) -> Fetched:
         """GET `url`, following redirects, all within `timeout` seconds (else `TimeoutError`).
 

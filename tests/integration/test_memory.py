@@ -82,13 +82,15 @@ def no_collection() -> Iterator[list[dict[str, Any]]]:
 
 
 async def all_freed(s: Any, collections: list[dict[str, Any]], timeout: float = 5.0) -> None:
-    """Every client connection, every upstream connection but the pooled ones, every tunnel: freed."""
+    """Every client connection, every upstream connection but the pooled ones (the proxy's and the
+    key fetcher's), every tunnel: freed."""
     pool = s.runtime.pool
     counts: dict[str, int] = {}
     for _ in range(int(timeout / 0.05)):
         counts = {
             "client": live(http1._Connection),
-            "upstream": live(upstream._Connection) - pool.idle_count(),
+            # (the key fetcher's pool is an upstream.Pool too: its kept-alive JWKS connection is no garbage)
+            "upstream": live(upstream._Connection) - pool.idle_count() - s.runtime.fetcher.idle_count(),
             "tunnel": live(forward._Tunnel),
             "request": live(http1.Request),
             "response": live(upstream.Response),

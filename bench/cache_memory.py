@@ -118,10 +118,10 @@ async def _fill(settings: Settings, tokens: list[bytes], *, traced: bool) -> tup
     limits = TokenCacheSettings(enabled=True, max_entries=len(tokens), max_ttl=300.0)
     # One warm-up token through a throw-away verifier: imports, code paths and the key's
     # one-off state are not a cached token's cost.
-    warm = Verifier(provider, key_source_for(provider, session=None, clock=clock), clock=clock, cache=None)
+    warm = Verifier(provider, key_source_for(provider, fetcher=None, clock=clock), clock=clock, cache=None)
     Renderer(provider.headers, 1).headers(await warm.verify(tokens[0].decode()))
     cache = TokenCache(limits, clock)
-    source = key_source_for(provider, session=None, clock=clock)
+    source = key_source_for(provider, fetcher=None, clock=clock)
     verifier = Verifier(provider, source, clock=clock, cache=cache, keep=claims_read(settings, "bench"))
     renderer = Renderer(provider.headers, len(tokens))
     gc.collect()

@@ -107,7 +107,7 @@ async def _bench(alg: str, *, quick: bool) -> dict:
     key = generate(alg, f"bench-{alg.lower()}")
     provider = _provider(alg, key)
     clock = SystemClock()
-    source = key_source_for(provider, session=None, clock=clock)
+    source = key_source_for(provider, fetcher=None, clock=clock)
     distinct = 500 if quick else 2000
     tokens = _tokens(alg, key, distinct)
     miss_ops = 1000 if quick else 5000

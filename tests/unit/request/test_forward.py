@@ -175,4 +175,6 @@ async def test_a_large_answer_that_stalls_mid_relay_is_cut_at_the_timeout(
         await parts.proxy.close()
     _, _, body = ran.answer.partition(b"\r\n\r\n")
     assert ran.status == 200 and len(body) == 100_000, "the head and what came, then the connection cut"
-    assert 1.9 <= loop.time() - began < 4.5, "cut at the upstream's 2 s timeout"
+    # Not before the 2 s timeout, and not when the upstream would have gone on (30 s): the upper
+    # bound leaves room for a loaded machine, as a fixed 4.5 s did not.
+    assert 1.9 <= loop.time() - began < 10, "cut at the upstream's 2 s timeout"

@@ -13,6 +13,7 @@ import itertools
 import re
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -827,9 +828,30 @@ def _places(node: object, prefix: tuple[object, ...] = ()) -> list[tuple[object,
     return found
 
 
-def test_any_odd_value_in_any_place_is_an_error_naming_its_line_never_a_crash(monkeypatch: pytest.MonkeyPatch) -> None:
+def assert_odd_values_are_refused_by_line(good: dict[str, Any], places: list[tuple[object, ...]]) -> None:
+    """Each of ODD_VALUES put at each of `places` of the document `good`, one at a time: the
+    config parses, or is refused with issues that each name a line and show no Python value
+    (None, True); never a crash."""
     import copy
 
+    import yaml
+
+    for place in places:
+        for value in ODD_VALUES:
+            document = copy.deepcopy(good)
+            parent: Any = document
+            for step in place[:-1]:
+                parent = parent[step]
+            parent[place[-1]] = value
+            try:
+                parse(yaml.safe_dump(document, sort_keys=False), file="c.yaml")
+            except ConfigError as error:
+                for issue in error.issues:
+                    assert issue.line, (place, value, str(issue))
+                    assert "None" not in issue.message and "True" not in issue.message, (place, value, str(issue))
+
+
+def test_any_odd_value_in_any_place_is_an_error_naming_its_line_never_a_crash(monkeypatch: pytest.MonkeyPatch) -> None:
     import yaml
 
     from tests.unit.config.test_config import GOOD
@@ -852,16 +874,4 @@ def test_any_odd_value_in_any_place_is_an_error_naming_its_line_never_a_crash(mo
         },
     )
     good["routes"][0]["cors"] = {"allow_origins": ["*"], "allow_headers": ["*", "Authorization"]}
-    for place in _places(good):
-        for value in ODD_VALUES:
-            document = copy.deepcopy(good)
-            parent = document
-            for step in place[:-1]:
-                parent = parent[step]
-            parent[place[-1]] = value
-            try:
-                parse(yaml.safe_dump(document, sort_keys=False), file="c.yaml")
-            except ConfigError as error:
-                for issue in error.issues:
-                    assert issue.line, (place, value, str(issue))
-                    assert "None" not in issue.message and "True" not in issue.message, (place, value, str(issue))
+    assert_odd_values_are_refused_by_line(good, _places(good))

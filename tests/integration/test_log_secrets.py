@@ -34,6 +34,11 @@ JWKS_PASSWORD = "JWKSPASSWORD42"
 DOWN_PASSWORD = "DOWNPASSWORD42"
 UPSTREAM_PASSWORD = "UPSTREAMPASSWORD42"
 DISCOVERED_PASSWORD = "DISCOVEREDPASSWORD42"
+# Some issuers put an API key in the JWKS or discovery URL's query string.
+JWKS_QUERY_SECRET = "JWKSAPIKEY42"
+DOWN_QUERY_SECRET = "DOWNAPIKEY42"
+DISCOVERY_QUERY_SECRET = "DISCOVERYAPIKEY42"
+DISCOVERED_QUERY_SECRET = "DISCOVEREDAPIKEY42"
 QUERY_SECRET = "QUERYSECRET42"
 COOKIE_SECRET = "COOKIESECRET42"
 BASIC_SECRET = "QkFTSUNTRUNSRVQ0Mg"
@@ -51,7 +56,7 @@ def config(log_format: str, listen: int, admin: int, upstream: str, jwks: str, d
         + provider("hs", "secret: {env: LOG_SECRETS_HS}\n    algorithms: [HS256]")
         + provider(
             "down",
-            f'jwks: {{url: "http://jwks:{DOWN_PASSWORD}@127.0.0.1:{down}/jwks.json", '
+            f'jwks: {{url: "http://jwks:{DOWN_PASSWORD}@127.0.0.1:{down}/jwks.json?api_key={DOWN_QUERY_SECRET}", '
             "min_refresh_interval: 1s, timeout: 1s}",
         )
         + provider("disco", f'discovery: {{url: "{discovery}", min_refresh_interval: 1s, timeout: 1s}}')
@@ -74,12 +79,12 @@ async def test_no_secret_reaches_a_log_line_or_explain(
     jwks = await start_jwks_server(aiohttp_server, jwks_of(rsa_key))
     # An issuer whose discovery document names its JWKS URL with credentials in it.
     jwks.jwks_uri = jwks.url().replace("http://", f"http://keys:{DISCOVERED_PASSWORD}@")
+    jwks.jwks_uri += f"?api_key={DISCOVERED_QUERY_SECRET}"
     listen, admin, down = free_port(), free_port(), refused_port()
     upstream_url = upstream.url.replace("http://", f"http://app:{UPSTREAM_PASSWORD}@")
-    jwks_url = jwks.url().replace("http://", f"http://keys:{JWKS_PASSWORD}@")
-    text = config(
-        log_format, listen, admin, upstream_url, jwks_url, down, jwks.url("/.well-known/openid-configuration")
-    )
+    jwks_url = jwks.url().replace("http://", f"http://keys:{JWKS_PASSWORD}@") + f"?api_key={JWKS_QUERY_SECRET}"
+    discovery = jwks.url("/.well-known/openid-configuration") + f"?client={DISCOVERY_QUERY_SECRET}&x"
+    text = config(log_format, listen, admin, upstream_url, jwks_url, down, discovery)
     env = {**os.environ, "PYTHONPATH": str(REPO), "LOG_SECRETS_HS": HS_SECRET}
 
     good = mint(key=rsa_key)
@@ -142,6 +147,10 @@ async def test_no_secret_reaches_a_log_line_or_explain(
         "down JWKS password": DOWN_PASSWORD,
         "upstream password": UPSTREAM_PASSWORD,
         "discovered JWKS URL's password": DISCOVERED_PASSWORD,
+        "JWKS URL's query": JWKS_QUERY_SECRET,
+        "down JWKS URL's query": DOWN_QUERY_SECRET,
+        "discovery URL's query": DISCOVERY_QUERY_SECRET,
+        "discovered JWKS URL's query": DISCOVERED_QUERY_SECRET,
         "query string": QUERY_SECRET,
         "cookie": COOKIE_SECRET,
         "Basic credential": BASIC_SECRET,
@@ -186,7 +195,17 @@ async def test_no_secret_reaches_a_log_line_or_explain(
         shown = result.stdout + result.stderr
         # "down" is the good token: explain checks it against main, chosen by its iss.
         assert ("VALID" in result.stdout.splitlines()) == (name in ("good", "hs_good", "down")), shown
-        for secret in (HS_SECRET, JWKS_PASSWORD, DOWN_PASSWORD, UPSTREAM_PASSWORD, DISCOVERED_PASSWORD):
+        for secret in (
+            HS_SECRET,
+            JWKS_PASSWORD,
+            DOWN_PASSWORD,
+            UPSTREAM_PASSWORD,
+            DISCOVERED_PASSWORD,
+            JWKS_QUERY_SECRET,
+            DOWN_QUERY_SECRET,
+            DISCOVERY_QUERY_SECRET,
+            DISCOVERED_QUERY_SECRET,
+        ):
             assert secret not in shown, f"explain {name} printed a secret: {shown}"
         if token.count(".") == 2:
             assert token not in shown and token.rsplit(".", 1)[-1] not in shown, f"explain {name}: {shown}"

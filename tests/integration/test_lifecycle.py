@@ -110,6 +110,32 @@ async def test_requests_the_parser_refuses_are_counted_and_logged(sidecar: Any, 
     assert all(line["reason"] == "malformed_request" and line["route"] == "(none)" for line in lines)
 
 
+async def test_a_501_for_a_transfer_coding_is_the_clients_malformed_request_in_the_5xx_class(sidecar: Any) -> None:
+    # README, Metrics: `status` is the class of the status sent; the 501 is the client's doing,
+    # so it is told apart from our and the upstream's failures by decision and reason.
+    s = await sidecar()
+    for coding in (b"gzip, chunked", b"deflate, chunked"):  # a coding before chunked (gzip alone: 400)
+        reader, writer = await asyncio.open_connection(URL(s.url).host, URL(s.url).port)
+        writer.write(b"POST /public/x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: " + coding + b"\r\n\r\n")
+        answer = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 501 "), answer
+    samples = await scrape(s)
+    counted = {
+        labels: value for (name, labels), value in samples.items() if name == "jwt_sidecar_requests_total" and value
+    }
+    assert counted == {
+        (
+            ("decision", "rejected"),
+            ("method", "other"),
+            ("reason", "malformed_request"),
+            ("route", "(none)"),
+            ("status", "5xx"),
+        ): 2.0,
+    }
+    assert s.upstream.seen == []
+
+
 async def test_health_and_readiness(sidecar: Any) -> None:
     s = await sidecar()
     async with s.client.get(s.admin_url + "/healthz") as response:

@@ -181,6 +181,9 @@ class _Builder:
         header_timeout = root.duration("header_timeout", defaults.header_timeout)
         if header_timeout <= 0:
             root.error("header_timeout", "must be more than 0s")
+        keep_alive_timeout = root.duration("keep_alive_timeout", defaults.keep_alive_timeout)
+        if keep_alive_timeout <= 0:
+            root.error("keep_alive_timeout", "must be more than 0s")
         log_format = _choice(root, "log_format", defaults.log_format, oplog.FORMATS)
         log_level = _choice(root, "log_level", defaults.log_level, oplog.LEVELS, upper=True)
         revocation = self.revocation(root)
@@ -211,6 +214,7 @@ class _Builder:
             workers=workers,
             max_connections=max_connections,
             header_timeout=header_timeout,
+            keep_alive_timeout=keep_alive_timeout,
             websocket=self.websocket_defaults,
             log_format=log_format,
             log_level=log_level,

@@ -129,7 +129,7 @@ def changes(old: config.Settings, new: config.Settings) -> dict[str, list[str]]:
 def _check_unchangeable(new: config.Settings, old: config.Settings) -> None:
     # Listeners are bound once, and the connection limits set on them: a change would
     # silently not take effect.
-    for key in ("listen", "admin", "max_connections", "header_timeout"):
+    for key in ("listen", "admin", "max_connections", "header_timeout", "keep_alive_timeout"):
         if getattr(new, key) != getattr(old, key):
             raise ConfigError(
                 [ConfigIssue(new.source, None, key, f"changed from {getattr(old, key)}; a restart is needed for that")]

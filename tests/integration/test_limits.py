@@ -211,16 +211,43 @@ async def test_a_slow_head_gets_408_at_header_timeout_and_is_counted(sidecar: An
 
 
 @bounded
+async def test_keep_alive_timeout_closes_an_idle_connection_without_an_answer(sidecar: Any, raw_server: Any) -> None:
+    upstream = Upstream()
+    upstream.server = await raw_server(upstream.serve)
+    s = await sidecar(CONFIG + "keep_alive_timeout: 600ms\n", raw=upstream.url, body="1s", idle="0", life="0")
+    # After an answer (our 401, kept alive), and before any request at all: waiting for a
+    # request is idle, not slow.
+    reader, writer = await open_client(s)
+    writer.write(b"GET /orders HTTP/1.1\r\nHost: x\r\n\r\n")
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 401 ") and b"connection: close" not in head.lower()
+    length = int(head.lower().partition(b"content-length:")[2].split(b"\r\n")[0])
+    await reader.readexactly(length)
+    silent_reader, silent_writer = await open_client(s)
+    began = time.monotonic()
+    try:
+        assert not await closed_within(reader, 0.3), "closed before keep_alive_timeout"
+        assert await closed_within(reader, 3.0)
+        # Closed too, and never answered: nothing at all arrives before the end.
+        assert await asyncio.wait_for(silent_reader.read(), 1.0) == b""
+    finally:
+        writer.close()
+        silent_writer.close()
+    assert 0.5 <= time.monotonic() - began < 3.0
+
+
+@bounded
 async def test_a_reload_that_changes_the_connection_limits_is_refused_as_needing_a_restart(
     sidecar: Any, raw_server: Any, tmp_path: Path
 ) -> None:
     s, _ = await start(sidecar, raw_server)
     path = Path(s.runtime.config_path)
     original = path.read_text()
-    for change in ("header_timeout: 3s\n", "max_connections: 100\n"):
+    for change in ("header_timeout: 3s\n", "max_connections: 100\n", "keep_alive_timeout: 5s\n"):
         path.write_text(original + change)
         assert await reload(s.runtime) is False, change
         assert s.runtime.settings.header_timeout == 10 and s.runtime.settings.max_connections is None
+        assert s.runtime.settings.keep_alive_timeout == 75
 
 
 # -- WebSocket tunnels -----------------------------------------------------------------------------

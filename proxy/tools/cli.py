@@ -968,6 +968,9 @@ def _revoke(args: argparse.Namespace) -> int:
     else:
         ttl = store.default_ttl
         if ttl is None:
+            # A provider with `revocation: false` never reads the list: its tokens' life is no
+            # bound on the rule's (when every one opted out, the rule serves none: as before).
+            chosen = [p for p in chosen if p.revocation] or chosen
             unbounded = [p.name for p in chosen if p.max_token_age is None]
             if unbounded:
                 _complain(

@@ -875,3 +875,45 @@ def test_any_odd_value_in_any_place_is_an_error_naming_its_line_never_a_crash(mo
     )
     good["routes"][0]["cors"] = {"allow_origins": ["*"], "allow_headers": ["*", "Authorization"]}
     assert_odd_values_are_refused_by_line(good, _places(good))
+
+
+def test_any_odd_value_in_any_key_source_is_an_error_naming_its_line_never_a_crash(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Every way a provider gets its keys; `secret: {file: ${UNSET}}` (or a list, or null) was a
+    # TypeError out of the builder, a traceback instead of one line.
+    import yaml
+
+    monkeypatch.delenv("JWT_SIDECAR_TEST_UNSET_ODD", raising=False)
+    monkeypatch.setenv("JWT_SIDECAR_TEST_ODD_SECRET", "k" * 64)
+    good = yaml.safe_load(
+        "providers:\n"
+        "  hs: {issuer: i, audiences: [a], algorithms: [HS256], secret: {file: s.txt, encoding: utf-8, kid: k1}}\n"
+        "  envs: {issuer: j, audiences: [a], algorithms: [HS256], secret: {env: JWT_SIDECAR_TEST_ODD_SECRET}}\n"
+        "  pem: {issuer: k, audiences: [a], algorithms: [RS256], pem_file: key.pem, kid: p1}\n"
+        "  jf: {issuer: l, audiences: [a], jwks_file: keys.json}\n"
+        "  disc: {issuer: 'https://m', audiences: [a], discovery: {url: 'https://m/.well-known/x', timeout: 2s}}\n"
+        "  disc2: {issuer: 'https://n', audiences: [a], discovery: true}\n"
+        "routes:\n  - {match: {path_prefix: /}, auth: {provider: hs}}\n"
+    )
+    assert_odd_values_are_refused_by_line(good, _places(good))
+
+
+@pytest.mark.parametrize("key", ["file", "env"])
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ("null", "is required: a string"),
+        ("[a]", "a list is not a string"),
+        ('"${JWT_SIDECAR_TEST_UNSET_ODD}"', "environment variable JWT_SIDECAR_TEST_UNSET_ODD is not set"),
+    ],
+    ids=["null", "list", "unset-variable"],
+)
+def test_a_secret_without_a_usable_file_or_env_name_is_one_error(
+    monkeypatch: pytest.MonkeyPatch, key: str, value: str, problem: str
+) -> None:
+    monkeypatch.delenv("JWT_SIDECAR_TEST_UNSET_ODD", raising=False)
+    text = f"providers:\n  p: {{issuer: i, audiences: [a], algorithms: [HS256], secret: {{{key}: {value}}}}}\n"
+    with pytest.raises(ConfigError) as refused:
+        parse(text, file="c.yaml")
+    assert [str(issue) for issue in refused.value.issues] == [f"c.yaml:2: providers.p.secret.{key}: {problem}"]

@@ -97,11 +97,11 @@ class Upstream:
 
 
 async def start(
-    sidecar: Any, raw_server: Any, *, body: str = "1s", idle: str = "0", life: str = "0"
+    sidecar: Any, raw_server: Any, *, body: str = "1s", idle: str = "0", life: str = "0", extra: str = ""
 ) -> tuple[Any, Upstream]:
     upstream = Upstream()
     upstream.server = await raw_server(upstream.serve)
-    s = await sidecar(CONFIG, raw=upstream.url, body=body, idle=idle, life=life)
+    s = await sidecar(CONFIG + extra, raw=upstream.url, body=body, idle=idle, life=life)
     return s, upstream
 
 
@@ -181,9 +181,7 @@ async def test_a_slow_body_that_completes_within_body_timeout_is_forwarded_whole
 
 @bounded
 async def test_a_slow_head_gets_408_at_header_timeout_and_is_counted(sidecar: Any, raw_server: Any) -> None:
-    upstream = Upstream()
-    upstream.server = await raw_server(upstream.serve)
-    s = await sidecar(CONFIG + "header_timeout: 300ms\n", raw=upstream.url, body="1s", idle="0", life="0")
+    s, upstream = await start(sidecar, raw_server, extra="header_timeout: 300ms\n")
     reader, writer = await open_client(s)
     writer.write(b"GET /public/slow HTTP/1.1\r\nHost: x\r\nX-Pad: ")
     began = time.monotonic()
@@ -212,9 +210,7 @@ async def test_a_slow_head_gets_408_at_header_timeout_and_is_counted(sidecar: An
 
 @bounded
 async def test_keep_alive_timeout_closes_an_idle_connection_without_an_answer(sidecar: Any, raw_server: Any) -> None:
-    upstream = Upstream()
-    upstream.server = await raw_server(upstream.serve)
-    s = await sidecar(CONFIG + "keep_alive_timeout: 600ms\n", raw=upstream.url, body="1s", idle="0", life="0")
+    s, _ = await start(sidecar, raw_server, extra="keep_alive_timeout: 600ms\n")
     # After an answer (our 401, kept alive), and before any request at all: waiting for a
     # request is idle, not slow.
     reader, writer = await open_client(s)

@@ -65,7 +65,7 @@ from .settings import (
     Upstream,
     WebSocketSettings,
 )
-from .yamlsource import Issues, Section, closest, describe, list_example, load_yaml
+from .yamlsource import Issues, Section, closest, describe, did_you_mean, list_example, load_yaml
 
 # The settings are re-exported: callers name them as config.X, as before settings.py existed.
 __all__ = [*settings.__all__, "load", "parse"]  # noqa: PLE0604 - settings.__all__ is a list of str
@@ -126,10 +126,9 @@ class _Builder:
         )
         # Routes are checked against every provider named, even one with its own mistakes,
         # so a typo in a provider is not reported a second time as an unknown reference.
+        # Without a readable `providers` mapping (none, or empty) its own error says so, and
+        # the set is empty: no route is then told that its provider is unknown as well.
         self.provider_names = set(map(str, provider_section.data)) if provider_section else set()
-        # Without a readable `providers` mapping its own error says so; no route is then
-        # told that its provider is unknown as well.
-        self.providers_readable = bool(provider_section is not None and provider_section.data)
         if provider_section is not None:
             for name in list(provider_section.keys()):
                 sub = provider_section.section(str(name))
@@ -181,6 +180,9 @@ class _Builder:
         header_timeout = root.duration("header_timeout", defaults.header_timeout)
         if header_timeout <= 0:
             root.error("header_timeout", "must be more than 0s")
+        keep_alive_timeout = root.duration("keep_alive_timeout", defaults.keep_alive_timeout)
+        if keep_alive_timeout <= 0:
+            root.error("keep_alive_timeout", "must be more than 0s")
         log_format = _choice(root, "log_format", defaults.log_format, oplog.FORMATS)
         log_level = _choice(root, "log_level", defaults.log_level, oplog.LEVELS, upper=True)
         revocation = self.revocation(root)
@@ -211,6 +213,7 @@ class _Builder:
             workers=workers,
             max_connections=max_connections,
             header_timeout=header_timeout,
+            keep_alive_timeout=keep_alive_timeout,
             websocket=self.websocket_defaults,
             log_format=log_format,
             log_level=log_level,
@@ -408,8 +411,10 @@ class _Builder:
 
     def _path(self, s: Section, key: str) -> Path | None:
         name = s.string(key, required=True)
-        if name is None:
-            return None
+        return None if name is None else self._beside_config(name)
+
+    def _beside_config(self, name: str) -> Path:
+        """A file named in the config: a relative path is relative to the config's folder."""
         path = Path(name)
         return path if path.is_absolute() else self.base_dir / path
 
@@ -500,8 +505,9 @@ class _Builder:
         if sub is None:
             return None
         has_env, has_file = sub.has("env"), sub.has("file")
-        env_name = sub.string("env")
-        file_name = sub.string("file")
+        # Required once given: `file:` left empty (null) is a mistake, not "no file".
+        env_name = sub.string("env", required=has_env)
+        file_name = sub.string("file", required=has_file)
         encoding = sub.string("encoding", "utf-8")
         kid = self._kid(sub)
         if not has_env and not has_file:
@@ -515,6 +521,8 @@ class _Builder:
         if encoding not in ("utf-8", "base64", "base64url"):
             sub.error("encoding", f"{encoding!r} is not one of utf-8, base64, base64url")
             return None
+        if env_name is None and file_name is None:
+            return None  # not a name (a list, an unset ${VAR}...): `string` said why
         if env_name is not None:
             raw = os.environ.get(env_name)
             if raw is None:
@@ -522,8 +530,7 @@ class _Builder:
                 return None
             origin, data = f"secret env {env_name}", raw.encode()
         else:
-            path = Path(file_name)
-            path = path if path.is_absolute() else self.base_dir / path
+            path = self._beside_config(file_name)
             read = self._read(sub, "file", path)
             if read is None:
                 return None
@@ -664,11 +671,9 @@ class _Builder:
         revocation = s.boolean("revocation", True)
         mode = _auth_mode(s)
         s.done()
-        if provider is not None and provider not in self.provider_names and self.providers_readable:
-            known = ", ".join(sorted(self.provider_names)) or "none are configured"
-            guess = closest(provider, self.provider_names)
-            mean = f"did you mean {guess}? " if guess is not None else ""
-            s.error("provider", f"unknown provider {provider!r}; {mean}known providers: {known}")
+        unknown = self.unknown_provider(provider) if provider is not None else None
+        if unknown is not None:
+            s.error("provider", unknown)
         if several is not None:  # `providers:` (its own mistakes reported, and `provider` with it refused)
             if not several:
                 return None
@@ -683,6 +688,16 @@ class _Builder:
             revocation=revocation,
             mode=mode,
             providers=several or (),
+        )
+
+    def unknown_provider(self, name: str) -> str | None:
+        """The error for a route's reference to a provider the config does not name; None when
+        it names it, or when `providers` itself is unreadable (its own error says so)."""
+        if name in self.provider_names or not self.provider_names:
+            return None
+        guess = closest(name, self.provider_names)
+        return (
+            f"unknown provider {name!r}; {did_you_mean(guess)}known providers: {', '.join(sorted(self.provider_names))}"
         )
 
     def route_providers(self, s: Section, providers: Mapping[str, Provider]) -> tuple[str, ...] | None:
@@ -721,13 +736,9 @@ class _Builder:
                 ok = False
                 continue
             first[name] = index
-            if name not in self.provider_names and self.providers_readable:
-                known = ", ".join(sorted(self.provider_names)) or "none are configured"
-                guess = closest(name, self.provider_names)
-                mean = f"did you mean {guess}? " if guess is not None else ""
-                self.issues.add(
-                    lines[index], f"{path}[{index}]", f"unknown provider {name!r}; {mean}known providers: {known}"
-                )
+            unknown = self.unknown_provider(name)
+            if unknown is not None:
+                self.issues.add(lines[index], f"{path}[{index}]", unknown)
                 ok = False
         built = [providers[name] for name in first if name in providers]  # a provider with its own errors: skipped
         for i, one in enumerate(built):
@@ -1560,6 +1571,5 @@ def _auth_mode(s: Section) -> str:
         return chosen
     folded = re.sub(r"[\s_]+", "-", chosen)
     guess = _MODE_WORDS.get(folded) or closest(folded, AUTH_MODES)
-    mean = f"did you mean {guess}? " if guess is not None else ""
-    s.error("mode", f"{text!r} is not a mode; {mean}{choices}")
+    s.error("mode", f"{text!r} is not a mode; {did_you_mean(guess)}{choices}")
     return "enforce"

@@ -382,6 +382,9 @@ class Settings:
     closed at accept. None: derived from the open-file limit at start (limits.py)."""
     header_timeout: float = 10.0
     """Longest time from the first byte of a request head to its end; then 408 and close."""
+    keep_alive_timeout: float = 75.0
+    """How long a client connection may wait, sending nothing, for its next request; then it
+    is closed without an answer."""
     websocket: WebSocketSettings = WebSocketSettings()
     log_format: str = "text"
     """The operator log on stderr: `text`, `json` (one object per line) or `auto` (json when

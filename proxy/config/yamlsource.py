@@ -21,7 +21,17 @@ import yaml
 
 from ..base.errors import ConfigError, ConfigIssue
 
-__all__ = ["Issues", "Section", "closest", "describe", "list_example", "load_yaml", "parse_duration", "parse_size"]
+__all__ = [
+    "Issues",
+    "Section",
+    "closest",
+    "describe",
+    "did_you_mean",
+    "list_example",
+    "load_yaml",
+    "parse_duration",
+    "parse_size",
+]
 
 T = TypeVar("T")
 _MISSING: Any = object()
@@ -422,11 +432,10 @@ class Section:
             guess = closest(spelled, allowed) if isinstance(key, str) else None
             if guess is not None and guess in self._missing:
                 self.issues.retract(self._missing[guess])
-            mean = f"did you mean {guess}? " if guess is not None else ""
             self.issues.add(
                 self._lines.get(key, self.line),
                 self.at(spelled),
-                f"unknown key; {mean}allowed here: {', '.join(allowed)}",
+                f"unknown key; {did_you_mean(guess)}allowed here: {', '.join(allowed)}",
             )
 
     def _expand(self, value: Any) -> str:
@@ -461,3 +470,8 @@ def closest(key: str, allowed: Iterable[str]) -> str | None:
     # Short names swap letters (`evn`, `kdi`) far below any useful ratio: same letters, reordered.
     swapped = [a for f, a in folded.items() if len(plain) >= 3 and sorted(f) == sorted(plain)]
     return swapped[0] if len(swapped) == 1 else None
+
+
+def did_you_mean(guess: str | None) -> str:
+    """The words that offer `guess` (from `closest`) before the rest of a message; none without one."""
+    return f"did you mean {guess}? " if guess is not None else ""

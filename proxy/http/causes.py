@@ -5,8 +5,9 @@ failed ("connection refused", "timed out after 5s", "TLS: certificate verify fai
 self-signed certificate", "DNS: name not found"), for OSError errnos, timeouts,
 ssl errors, socket.gaierror, and our own clients' errors (upstream.py's, fetch.py's); and
 `peer(url)`, the `host:port` a URL connects to; `shown(url)`, a URL as logs may show it (a
-password in it, `https://user:secret@host/`, is never written). Never just an exception class: a failure it
-does not know is "unexpected error (ClassName: message)".
+password in it, `https://user:secret@host/`, or a query value, `?api_key=…`, is never
+written). Never just an exception class: a failure it does not know is "unexpected error
+(ClassName: message)".
 Does not own: deciding what a failure means for a request (forward.py) or a key source
 (keys.py), or logging it.
 """
@@ -100,12 +101,30 @@ def peer(url: str) -> str:
 
 
 def shown(url: str) -> str:
-    """`url` without the credentials it may carry: `https://user:secret@host/x` is `https://***@host/x`."""
-    scheme, at, rest = url.partition("://")
-    authority, slash, path = rest.partition("/")
-    if not at or "@" not in authority:
+    """`url` as logs may show it: no credentials (`https://user:secret@host/x` is
+    `https://***@host/x`), no query values (some issuers put an API key in a JWKS URL:
+    `?api_key=***`; a parameter's name is kept, an item without `=` is `***`) and no fragment."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
         return url
-    return f"{scheme}://***@{authority.rpartition('@')[2]}{slash}{path}"
+    ends = [i for i in (rest.find("/"), rest.find("?"), rest.find("#")) if i >= 0]
+    authority, tail = rest[: min(ends, default=len(rest))], rest[min(ends, default=len(rest)) :]
+    if "@" in authority:
+        authority = "***@" + authority.rpartition("@")[2]
+    tail, hashed, fragment = tail.partition("#")
+    path, asked, query = tail.partition("?")
+    if query:
+        path += "?" + "&".join(_hidden(item) for item in query.split("&"))
+    elif asked:
+        path += "?"
+    return f"{scheme}://{authority}{path}{hashed}{'***' if fragment else ''}"
+
+
+def _hidden(item: str) -> str:
+    name, equals, value = item.partition("=")
+    if not equals:
+        return "***" if item else item
+    return f"{name}=***" if value else item
 
 
 def _lower(text: str | None) -> str:

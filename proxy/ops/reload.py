@@ -102,8 +102,10 @@ async def reload(runtime: Runtime) -> bool:
 
 
 # Read once at start: a reload reports a change of these as needing a restart (and refuses
-# one of the listeners, above; the log settings it leaves as they were).
-_AT_START = ("workers",)
+# one of the listeners, above; the log settings it leaves as they were). The access log is
+# opened, and the drain timed (by each process and, with `workers`, by the supervisor), with
+# the values the process started with.
+_AT_START = ("workers", "access_log", "drain_delay", "drain_timeout")
 _NOT_SETTINGS = ("source", "warnings", "providers", "routes")
 
 
@@ -129,7 +131,7 @@ def changes(old: config.Settings, new: config.Settings) -> dict[str, list[str]]:
 def _check_unchangeable(new: config.Settings, old: config.Settings) -> None:
     # Listeners are bound once, and the connection limits set on them: a change would
     # silently not take effect.
-    for key in ("listen", "admin", "max_connections", "header_timeout"):
+    for key in ("listen", "admin", "max_connections", "header_timeout", "keep_alive_timeout"):
         if getattr(new, key) != getattr(old, key):
             raise ConfigError(
                 [ConfigIssue(new.source, None, key, f"changed from {getattr(old, key)}; a restart is needed for that")]

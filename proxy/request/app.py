@@ -113,10 +113,11 @@ class Proxy:
     def server(self, **kwargs: Any) -> Server:
         """The HTTP/1.1 server for this proxy; `await server.listen(host, port)` opens it.
 
-        `header_timeout` and `max_connections` come from the config unless given (`serve`
-        passes the connection limit derived from the open-file limit when none is set)."""
+        `header_timeout`, `keepalive_timeout` and `max_connections` come from the config unless
+        given (`serve` passes the connection limit derived from the open-file limit when none is set)."""
         settings = self.runtime.settings
         kwargs.setdefault("header_timeout", settings.header_timeout)
+        kwargs.setdefault("keepalive_timeout", settings.keep_alive_timeout)
         kwargs.setdefault("max_connections", settings.max_connections)
         return Server(self.handle, on_refusal=self._refused, counts=self.runtime.metrics.connections, **kwargs)
 

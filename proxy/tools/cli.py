@@ -39,7 +39,7 @@ from ..base.jwks import SUPPORTED_ALGORITHMS
 from ..base.safetext import one_line
 from ..config import builder as config
 from ..config import routecheck
-from ..config.yamlsource import closest, parse_duration
+from ..config.yamlsource import closest, did_you_mean, parse_duration
 from ..http.causes import shown
 from ..http.fetch import Fetcher
 from ..ops import server, workers
@@ -768,8 +768,7 @@ def _explain_route(args: argparse.Namespace, settings: config.Settings | None, n
     routes = {r.name: r for r in settings.routes}
     route = routes.get(args.route)
     if route is None:
-        guess = closest(args.route, routes)
-        mean = f"did you mean {guess}? " if guess is not None else ""
+        mean = did_you_mean(closest(args.route, routes))
         raise _UsageError(f"unknown route {args.route!r}; {mean}known: {', '.join(routes) or '(none)'}", args.parser)
     if route.auth is None:
         raise _UsageError(f"route {args.route!r} is public (auth: none): no token is checked there", args.parser)
@@ -968,6 +967,9 @@ def _revoke(args: argparse.Namespace) -> int:
     else:
         ttl = store.default_ttl
         if ttl is None:
+            # A provider with `revocation: false` never reads the list: its tokens' life is no
+            # bound on the rule's (when every one opted out, the rule serves none: as before).
+            chosen = [p for p in chosen if p.revocation] or chosen
             unbounded = [p.name for p in chosen if p.max_token_age is None]
             if unbounded:
                 _complain(

@@ -16,8 +16,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
-import sys
 from contextlib import suppress
 from pathlib import Path
 from typing import Any
@@ -30,12 +28,11 @@ from proxy.ops.reload import reload
 from tests.conftest import AUDIENCE, ISSUER, TestKey, mint
 from tests.integration.conftest import Sidecar
 from tests.integration.test_http1_attacks import FRAME, responses, ws_head
-from tests.integration.test_lifecycle import free_port, wait_ready
 from tests.integration.test_refusals import BreakableClock
 from tests.integration.test_security import RawResponse, raw_get, send_raw
+from tests.support.process import running
 from tests.support.raw import bounded_by
 
-REPO = Path(__file__).parents[2]
 APP = "https://app.example.com"
 PREVIEW = "https://pr-12.preview.example.com"
 EVIL = "https://evil.example"
@@ -510,30 +507,15 @@ async def test_run_answers_preflights_and_logs_them_under_the_judging_route(
     jwks_server.document = jwks_of(rsa_key)
     upstream = await start_upstream(aiohttp_server)
     stray = await raw_server(stray_upstream)
-    listen, admin = free_port(), free_port()
-    config_file = tmp_path / "config.yaml"
-    config_file.write_text(
+    text = (
         CONFIG.replace("{upstream}", upstream.url)
         .replace("{jwks}", jwks_server.url())
         .replace("{stray}", str(stray.port))
-        + f"listen: 127.0.0.1:{listen}\nadmin: 127.0.0.1:{admin}\naccess_log: true\n"
+        + "access_log: true\n"
     )
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "proxy",
-        "run",
-        "--config",
-        str(config_file),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
-    base = f"http://127.0.0.1:{listen}"
-    try:
+    async with running(tmp_path, text) as run:
+        base = run.url
         async with aiohttp.ClientSession() as session:
-            await wait_ready(session, f"http://127.0.0.1:{admin}/readyz", proc)
             ask = {"Origin": APP, "Access-Control-Request-Method": "PUT"}
             async with session.options(base + "/orders/7", headers=ask) as response:
                 assert response.status == 204
@@ -542,26 +524,20 @@ async def test_run_answers_preflights_and_logs_them_under_the_judging_route(
                 assert response.status == 403
             async with session.get(base + "/orders/7", headers={"Origin": APP}) as response:
                 assert response.status == 401 and response.headers["Access-Control-Allow-Origin"] == APP
-            async with session.get(f"http://127.0.0.1:{admin}/metrics") as response:
+            async with session.get(f"{run.admin_url}/metrics") as response:
                 metrics = await response.text()
         assert (
             'jwt_sidecar_requests_total{decision="rejected",method="OPTIONS",reason="cors_origin",'
             'route="api",status="4xx"} 1.0' in metrics
         )
-        proc.terminate()
-        assert await asyncio.wait_for(proc.wait(), 10) == 0
-        out, _ = await proc.communicate()
-        lines = [json.loads(line) for line in out.decode().splitlines() if line.startswith("{")]
+        assert await run.stop(timeout=10) == 0
+        lines = [json.loads(line) for line in run.out.decode().splitlines() if line.startswith("{")]
         options = [line for line in lines if line.get("method") == "OPTIONS"]
         assert [(o["route"], o["status"], o["decision"], o["reason"]) for o in options] == [
             ("api", 204, "allowed", ""),
             ("api", 403, "rejected", "cors_origin"),
         ]
         assert upstream.seen == [], "nothing reached the upstream"
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
 
 
 # -- the README's worked example, on the real proxy ----------------------------------------------

@@ -11,18 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import subprocess
 import sys
 import venv
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 
-from tests.integration.test_lifecycle import free_port
 from tests.k8s_support import REPO, edit_config, entrypoint, pod_config
+from tests.support.process import free_port, running
 
 
 def build_and_install(tmp: Path) -> Path:
@@ -60,27 +58,7 @@ async def test_the_image_entrypoint_serves_the_configmap_config_and_becomes_read
 
     edit_config(config_file, local)
     env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHONDONTWRITEBYTECODE": "1"}
-    proc = await asyncio.create_subprocess_exec(
-        *argv, env=env, cwd=tmp_path, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
-    )
-    try:
-        ready = False
-        async with aiohttp.ClientSession() as session:
-            for _ in range(200):
-                assert proc.returncode is None, (await proc.stderr.read()).decode()
-                try:
-                    async with session.get(f"http://127.0.0.1:{admin}/readyz") as response:
-                        if response.status == 200:
-                            ready = True
-                            break
-                except aiohttp.ClientConnectionError:
-                    pass
-                await asyncio.sleep(0.1)
-        assert ready, "the sidecar never answered /readyz with 200"
+    # The console script the wheel installed, as the image runs it: ready means /readyz 200.
+    async with running(tmp_path, config_file, command=argv, env=env, cwd=tmp_path, stdout=False) as run:
         assert jwks_server.requests["/.well-known/openid-configuration"] >= 1
-        proc.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(proc.wait(), 30) == 0
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+        assert await run.stop(timeout=30) == 0

@@ -10,8 +10,6 @@ volume laid out that way and swaps it, once with a good config and once with a b
 from __future__ import annotations
 
 import asyncio
-import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -19,8 +17,9 @@ from typing import Any
 import aiohttp
 
 from tests.conftest import TestKey, jwks_of
-from tests.integration.test_lifecycle import free_port
-from tests.k8s_support import REPO, edit_config, kubelet_write, mounted_volumes, pod_config
+from tests.k8s_support import edit_config, kubelet_write, mounted_volumes, pod_config
+from tests.support import process
+from tests.support.process import free_port
 from tests.support.upstream import start_upstream
 
 RELOADS = 'jwt_sidecar_config_reloads_total{result="%s"}'
@@ -62,20 +61,8 @@ async def test_a_reapplied_configmap_is_reloaded_and_a_broken_one_refused(
     }
     assert secret_files, "the Secret is mounted beside the config"
 
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "proxy",
-        "run",
-        "--config",
-        str(config_file),
-        cwd=REPO,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
     base, metrics = f"http://127.0.0.1:{listen}", f"http://127.0.0.1:{admin}/metrics"
-    try:
+    async with process.running(tmp_path, config_file, ready=None, stdout=False) as run:
         async with aiohttp.ClientSession() as session:
 
             async def health() -> int | None:
@@ -83,7 +70,7 @@ async def test_a_reapplied_configmap_is_reloaded_and_a_broken_one_refused(
                     async with session.get(base + "/health") as response:
                         return response.status
                 except aiohttp.ClientConnectionError:
-                    assert proc.returncode is None, "the sidecar exited"
+                    assert run.returncode is None, "the sidecar exited"
                     return None
 
             async def ready() -> bool:
@@ -91,7 +78,7 @@ async def test_a_reapplied_configmap_is_reloaded_and_a_broken_one_refused(
                     async with session.get(f"http://127.0.0.1:{admin}/readyz") as response:
                         return response.status == 200
                 except aiohttp.ClientConnectionError:
-                    assert proc.returncode is None, "the sidecar exited"
+                    assert run.returncode is None, "the sidecar exited"
                     return False
 
             await until(ready, "the sidecar never became ready", 60)
@@ -117,7 +104,3 @@ async def test_a_reapplied_configmap_is_reloaded_and_a_broken_one_refused(
             await until(refused, "the broken ConfigMap was never noticed")
             assert await health() == 401
             assert await ready()
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()

@@ -13,9 +13,7 @@ does not wait half a minute for the sidecar's next attempt.
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -26,9 +24,9 @@ from aiohttp import web
 
 from proxy.config import builder as config
 from tests.conftest import TestKey, jwks_of, mint
-from tests.integration.test_lifecycle import free_port
-from tests.k8s_support import K8S, REPO, built, edit_config, one, pod_config, sidecar_container
+from tests.k8s_support import K8S, built, edit_config, one, pod_config, sidecar_container
 from tests.support.jwks_server import JwksServer
+from tests.support.process import free_port, running
 from tests.support.upstream import start_upstream
 
 DEPLOYMENTS = ["deployment.yaml", *sorted(str(p.relative_to(K8S)) for p in (K8S / "variants").glob("*.yaml"))]
@@ -91,53 +89,40 @@ async def test_the_startup_probe_passes_only_once_requests_can_be_authorised(
 
     edit_config(config_file, local)
     token = mint({"iss": issuer, "aud": "orders-api"}, key=rsa_key)
-    stderr = open(tmp_path / "stderr", "wb")  # noqa: SIM115 - read after the process ends
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "proxy",
-        "run",
-        "--config",
-        str(config_file),
-        cwd=REPO,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=stderr,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
     admin_url, api = f"http://127.0.0.1:{admin}", f"http://127.0.0.1:{listen}/api/orders"
     try:
-        async with aiohttp.ClientSession() as session:
-            deadline = time.monotonic() + 60
-            while not passes(await status(session, admin_url + liveness)):
-                assert proc.returncode is None, (tmp_path / "stderr").read_text()
-                assert time.monotonic() < deadline, "the sidecar's admin port never answered"
-                await asyncio.sleep(0.1)
-            # The issuer is down: the process is alive, nothing can be authorised, and the
-            # startup probe keeps failing through several of the sidecar's retries.
-            for _ in range(6):
-                assert passes(await status(session, admin_url + liveness)), "an issuer outage must not fail liveness"
-                assert not passes(await status(session, admin_url + startup)), f"{startup} passed with no keys"
-                assert await status(session, api, headers={"Authorization": f"Bearer {token}"}) == 503
-                await asyncio.sleep(0.5)
-            if outage == "http-500":
-                assert jwks.requests["/.well-known/openid-configuration"] >= 2, "the sidecar retried"
-                jwks.mode = "ok"
-            else:
-                await web.SockSite(runner, issuer_socket).start()
-            # The issuer is back: the probe passes at the sidecar's next retry, and from then
-            # on (when the kubelet starts the app) a valid token is admitted.
-            deadline = time.monotonic() + 60
-            while not passes(await status(session, admin_url + startup)):
-                assert proc.returncode is None, (tmp_path / "stderr").read_text()
-                assert time.monotonic() < deadline, f"{startup} never passed after the issuer came back"
-                await asyncio.sleep(0.2)
-            assert await status(session, api, headers={"Authorization": f"Bearer {token}"}) == 200
-            assert upstream.last().headers["x-user-id"] == ["user-42"]
-            assert passes(await status(session, admin_url + liveness))
+        # How it stops is tests/integration/test_lifecycle.py's subject: killed at the end.
+        async with running(tmp_path, config_file, ready=None, stdout=False) as run:
+            async with aiohttp.ClientSession() as session:
+                deadline = time.monotonic() + 60
+                while not passes(await status(session, admin_url + liveness)):
+                    assert run.returncode is None, run.stderr()
+                    assert time.monotonic() < deadline, "the sidecar's admin port never answered"
+                    await asyncio.sleep(0.1)
+                # The issuer is down: the process is alive, nothing can be authorised, and the
+                # startup probe keeps failing through several of the sidecar's retries.
+                for _ in range(6):
+                    assert passes(await status(session, admin_url + liveness)), (
+                        "an issuer outage must not fail liveness"
+                    )
+                    assert not passes(await status(session, admin_url + startup)), f"{startup} passed with no keys"
+                    assert await status(session, api, headers={"Authorization": f"Bearer {token}"}) == 503
+                    await asyncio.sleep(0.5)
+                if outage == "http-500":
+                    assert jwks.requests["/.well-known/openid-configuration"] >= 2, "the sidecar retried"
+                    jwks.mode = "ok"
+                else:
+                    await web.SockSite(runner, issuer_socket).start()
+                # The issuer is back: the probe passes at the sidecar's next retry, and from then
+                # on (when the kubelet starts the app) a valid token is admitted.
+                deadline = time.monotonic() + 60
+                while not passes(await status(session, admin_url + startup)):
+                    assert run.returncode is None, run.stderr()
+                    assert time.monotonic() < deadline, f"{startup} never passed after the issuer came back"
+                    await asyncio.sleep(0.2)
+                assert await status(session, api, headers={"Authorization": f"Bearer {token}"}) == 200
+                assert upstream.last().headers["x-user-id"] == ["user-42"]
+                assert passes(await status(session, admin_url + liveness))
     finally:
-        if proc.returncode is None:
-            proc.kill()  # how it stops is tests/integration/test_lifecycle.py's subject
-            await proc.wait()
-        stderr.close()
         await runner.cleanup()
         issuer_socket.close()

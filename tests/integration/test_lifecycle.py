@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import secrets
 import select
 import signal
@@ -27,8 +26,7 @@ from proxy.telemetry.accesslog import AccessLog
 from tests.conftest import AUDIENCE, ISSUER, FakeClock, TestKey, jwks_of, mint, refused_port
 from tests.integration.conftest import BASE_CONFIG
 from tests.support.jwks_server import JwksServer, start_jwks_server
-
-REPO = Path(__file__).parents[2]
+from tests.support.process import running
 
 
 def bearer(token: str) -> dict[str, str]:
@@ -112,6 +110,32 @@ async def test_requests_the_parser_refuses_are_counted_and_logged(sidecar: Any, 
     assert all(line["reason"] == "malformed_request" and line["route"] == "(none)" for line in lines)
 
 
+async def test_a_501_for_a_transfer_coding_is_the_clients_malformed_request_in_the_5xx_class(sidecar: Any) -> None:
+    # README, Metrics: `status` is the class of the status sent; the 501 is the client's doing,
+    # so it is told apart from our and the upstream's failures by decision and reason.
+    s = await sidecar()
+    for coding in (b"gzip, chunked", b"deflate, chunked"):  # a coding before chunked (gzip alone: 400)
+        reader, writer = await asyncio.open_connection(URL(s.url).host, URL(s.url).port)
+        writer.write(b"POST /public/x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: " + coding + b"\r\n\r\n")
+        answer = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 501 "), answer
+    samples = await scrape(s)
+    counted = {
+        labels: value for (name, labels), value in samples.items() if name == "jwt_sidecar_requests_total" and value
+    }
+    assert counted == {
+        (
+            ("decision", "rejected"),
+            ("method", "other"),
+            ("reason", "malformed_request"),
+            ("route", "(none)"),
+            ("status", "5xx"),
+        ): 2.0,
+    }
+    assert s.upstream.seen == []
+
+
 async def test_health_and_readiness(sidecar: Any) -> None:
     s = await sidecar()
     async with s.client.get(s.admin_url + "/healthz") as response:
@@ -177,26 +201,6 @@ async def test_reload_applies_a_valid_config_and_keeps_the_old_one_on_an_invalid
     assert s.jwks.requests["/jwks.json"] == 1
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-async def wait_ready(session: aiohttp.ClientSession, url: str, proc: asyncio.subprocess.Process) -> None:
-    for _ in range(150):
-        if proc.returncode is not None:
-            raise AssertionError(f"the sidecar exited with {proc.returncode}")
-        try:
-            async with session.get(url) as response:
-                if response.status == 200:
-                    return
-        except aiohttp.ClientConnectionError:
-            pass
-        await asyncio.sleep(0.1)
-    raise AssertionError("the sidecar never became ready")
-
-
 async def test_run_reloads_on_file_change_and_sighup_and_drains_on_sigterm(
     aiohttp_server: Any, jwks_server: Any, rsa_key: TestKey, tmp_path: Path
 ) -> None:
@@ -205,31 +209,16 @@ async def test_run_reloads_on_file_change_and_sighup_and_drains_on_sigterm(
 
     jwks_server.document = jwks_of(rsa_key)
     upstream = await start_upstream(aiohttp_server)
-    listen, admin = free_port(), free_port()
     text = (
         BASE_CONFIG.replace("{upstream}", upstream.url)
         .replace("{jwks}", jwks_server.url())
         .replace("timeout: 2s", "timeout: 10s")
-        + f"listen: 127.0.0.1:{listen}\nadmin: 127.0.0.1:{admin}\ndrain_timeout: 5s\n"
+        + "drain_timeout: 5s\n"
     )
-    config_file = tmp_path / "config.yaml"
-    config_file.write_text(text)
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "proxy",
-        "run",
-        "--config",
-        str(config_file),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
-    base, admin_base = f"http://127.0.0.1:{listen}", f"http://127.0.0.1:{admin}"
-    try:
+    async with running(tmp_path, text) as run:
+        config_file, base, admin_base = run.config, run.url, run.admin_url
+        text = config_file.read_text()
         async with aiohttp.ClientSession() as session:
-            await wait_ready(session, admin_base + "/readyz", proc)
             async with session.get(base + "/public/x") as response:
                 assert response.status == 200
             # A file change is picked up without a signal (the watcher polls).
@@ -242,7 +231,7 @@ async def test_run_reloads_on_file_change_and_sighup_and_drains_on_sigterm(
             assert response.status == 401
             # SIGHUP reloads too.
             config_file.write_text(text)
-            proc.send_signal(signal.SIGHUP)
+            run.send_signal(signal.SIGHUP)
             for _ in range(60):
                 async with session.get(base + "/public/x") as response:
                     if response.status == 200:
@@ -252,7 +241,7 @@ async def test_run_reloads_on_file_change_and_sighup_and_drains_on_sigterm(
             # SIGTERM with a request in flight: it finishes, new connections are refused, exit 0.
             in_flight = asyncio.create_task(session.get(base + "/slow?seconds=1.5", headers=bearer(mint(key=rsa_key))))
             await asyncio.sleep(0.5)
-            proc.send_signal(signal.SIGTERM)
+            run.send_signal(signal.SIGTERM)
             await asyncio.sleep(0.3)
             async with aiohttp.ClientSession() as fresh:
                 try:
@@ -268,15 +257,10 @@ async def test_run_reloads_on_file_change_and_sighup_and_drains_on_sigterm(
             response = await asyncio.wait_for(in_flight, 10)
             assert response.status == 200
             response.release()
-        assert await asyncio.wait_for(proc.wait(), 10) == 0
-        out, _ = await proc.communicate()
-        lines = [line for line in out.decode().splitlines() if line.startswith("{")]
+        assert await run.exited(10) == 0
+        lines = [line for line in run.out.decode().splitlines() if line.startswith("{")]
         assert any('"route":"public"' in line and '"status":200' in line for line in lines)
         assert all("Bearer" not in line and "eyJ" not in line for line in lines), "the access log never holds a token"
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
 
 
 # A reload during an issuer outage (issue 10, item 14): key sources are identified by their
@@ -655,93 +639,64 @@ def keep_alive_client(
             sock.close()
 
 
-async def start_run(
-    tmp_path: Path, aiohttp_server: Any, jwks_server: Any, rsa_key: TestKey, extra: str
-) -> tuple[asyncio.subprocess.Process, int, str]:
-    from tests.support.upstream import start_upstream
-
-    jwks_server.document = jwks_of(rsa_key)
-    upstream = await start_upstream(aiohttp_server)
-    listen, admin = free_port(), free_port()
-    config_file = tmp_path / "config.yaml"
-    config_file.write_text(
-        BASE_CONFIG.replace("{upstream}", upstream.url).replace("{jwks}", jwks_server.url())
-        + f"listen: 127.0.0.1:{listen}\nadmin: 127.0.0.1:{admin}\naccess_log: false\n"
-        + extra
-    )
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "proxy",
-        "run",
-        "--config",
-        str(config_file),
-        cwd=REPO,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
-    admin_base = f"http://127.0.0.1:{admin}"
-    async with aiohttp.ClientSession() as session:
-        await wait_ready(session, admin_base + "/readyz", proc)
-    return proc, listen, admin_base
-
-
 @pytest.mark.parametrize("drain_delay", [0.0, 1.0])
 async def test_sigterm_under_steady_keep_alive_load_loses_no_request(
     drain_delay: float, aiohttp_server: Any, jwks_server: Any, rsa_key: TestKey, tmp_path: Path
 ) -> None:
-    proc, port, admin = await start_run(
-        tmp_path, aiohttp_server, jwks_server, rsa_key, f"drain_timeout: 5s\ndrain_delay: {drain_delay}s\n"
-    )
+    from tests.support.upstream import start_upstream
+
+    jwks_server.document = jwks_of(rsa_key)
+    upstream = await start_upstream(aiohttp_server)
+    text = BASE_CONFIG.replace("{upstream}", upstream.url).replace("{jwks}", jwks_server.url())
+    text += f"access_log: false\ndrain_timeout: 5s\ndrain_delay: {drain_delay}s\n"
     request = f"GET /status/200 HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {mint(key=rsa_key)}\r\n\r\n".encode()
     results = LoadResults()
     stop, term_sent = threading.Event(), threading.Event()
-    until = time.monotonic() + 15
-    clients = [
-        threading.Thread(
-            target=keep_alive_client,
-            args=(port, request, results, stop, term_sent),
-            kwargs={"most": 3000, "until": until, "per_connection": 1 + index % 4 * 10},
-            daemon=True,
-        )
-        for index in range(12)
-    ]
-    try:
-        for client in clients:
-            client.start()
-        await asyncio.sleep(1.0)  # steady load
-        before = sum(results.answered.values())
-        proc.send_signal(signal.SIGTERM)
-        term_sent.set()
-        if drain_delay:
-            await asyncio.sleep(drain_delay / 3)
-            async with aiohttp.ClientSession() as session:
-                async with session.get(admin + "/readyz") as response:
-                    assert response.status == 503  # not ready...
-                # ...but a client the platform still sends here is served, and told to go.
-                async with session.get(f"http://127.0.0.1:{port}/public/x") as response:
-                    assert response.status == 200 and response.headers["Connection"] == "close"
-        assert await asyncio.wait_for(proc.wait(), 15) == 0
-        stop.set()
-        for client in clients:
-            await asyncio.to_thread(client.join, 10)
-        assert not any(client.is_alive() for client in clients)
-        stderr = (await proc.stderr.read()).decode()
-        assert "Traceback" not in stderr
-        assert results.errors == []
-        assert results.lost == [], f"{len(results.lost)} requests lost: {results.lost[:3]}\n{stderr}"
-        assert set(results.answered) == {200}, (results, stderr)
-        assert before >= 50, f"too little load to show anything: {before} answers"
-        # Every client that held a connection when the drain began was told to close it; one
-        # that had just closed its own (per_connection reached) and found the listener gone
-        # had nothing to be told (with drain_delay 0 the listener closes at once).
-        assert results.told_to_close + results.between_connections >= 12, "every connection was told to close"
-        if drain_delay:
-            # Served during the delay: many connections, each told to close after one answer.
-            assert sum(results.answered.values()) - before >= 12
-    finally:
-        stop.set()
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+    async with running(tmp_path, text, stdout=False) as run:
+        port, admin = run.listen, run.admin_url
+        assert port is not None
+        until = time.monotonic() + 15
+        clients = [
+            threading.Thread(
+                target=keep_alive_client,
+                args=(port, request, results, stop, term_sent),
+                kwargs={"most": 3000, "until": until, "per_connection": 1 + index % 4 * 10},
+                daemon=True,
+            )
+            for index in range(12)
+        ]
+        try:
+            for client in clients:
+                client.start()
+            await asyncio.sleep(1.0)  # steady load
+            before = sum(results.answered.values())
+            run.send_signal(signal.SIGTERM)
+            term_sent.set()
+            if drain_delay:
+                await asyncio.sleep(drain_delay / 3)
+                async with aiohttp.ClientSession() as session:
+                    async with session.get(admin + "/readyz") as response:
+                        assert response.status == 503  # not ready...
+                    # ...but a client the platform still sends here is served, and told to go.
+                    async with session.get(f"http://127.0.0.1:{port}/public/x") as response:
+                        assert response.status == 200 and response.headers["Connection"] == "close"
+            assert await run.exited(15) == 0
+            stop.set()
+            for client in clients:
+                await asyncio.to_thread(client.join, 10)
+            assert not any(client.is_alive() for client in clients)
+            stderr = run.err.decode()
+            assert "Traceback" not in stderr
+            assert results.errors == []
+            assert results.lost == [], f"{len(results.lost)} requests lost: {results.lost[:3]}\n{stderr}"
+            assert set(results.answered) == {200}, (results, stderr)
+            assert before >= 50, f"too little load to show anything: {before} answers"
+            # Every client that held a connection when the drain began was told to close it; one
+            # that had just closed its own (per_connection reached) and found the listener gone
+            # had nothing to be told (with drain_delay 0 the listener closes at once).
+            assert results.told_to_close + results.between_connections >= 12, "every connection was told to close"
+            if drain_delay:
+                # Served during the delay: many connections, each told to close after one answer.
+                assert sum(results.answered.values()) - before >= 12
+        finally:
+            stop.set()

@@ -17,9 +17,8 @@ import hashlib
 import os
 import re
 import resource
-import sys
 import time
-from contextlib import suppress
+from contextlib import AbstractAsyncContextManager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +27,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.ops.reload import reload
 from tests.conftest import AUDIENCE, ISSUER, TestKey, jwks_of, mint
-from tests.integration.test_lifecycle import free_port, wait_ready
+from tests.support.process import Run, running
 from tests.support.raw import RawServer, bounded_by
 
-REPO = Path(__file__).parents[2]
 bounded = bounded_by(20.0)
 
 CONFIG = f"""\
@@ -99,11 +97,11 @@ class Upstream:
 
 
 async def start(
-    sidecar: Any, raw_server: Any, *, body: str = "1s", idle: str = "0", life: str = "0"
+    sidecar: Any, raw_server: Any, *, body: str = "1s", idle: str = "0", life: str = "0", extra: str = ""
 ) -> tuple[Any, Upstream]:
     upstream = Upstream()
     upstream.server = await raw_server(upstream.serve)
-    s = await sidecar(CONFIG, raw=upstream.url, body=body, idle=idle, life=life)
+    s = await sidecar(CONFIG + extra, raw=upstream.url, body=body, idle=idle, life=life)
     return s, upstream
 
 
@@ -183,9 +181,7 @@ async def test_a_slow_body_that_completes_within_body_timeout_is_forwarded_whole
 
 @bounded
 async def test_a_slow_head_gets_408_at_header_timeout_and_is_counted(sidecar: Any, raw_server: Any) -> None:
-    upstream = Upstream()
-    upstream.server = await raw_server(upstream.serve)
-    s = await sidecar(CONFIG + "header_timeout: 300ms\n", raw=upstream.url, body="1s", idle="0", life="0")
+    s, upstream = await start(sidecar, raw_server, extra="header_timeout: 300ms\n")
     reader, writer = await open_client(s)
     writer.write(b"GET /public/slow HTTP/1.1\r\nHost: x\r\nX-Pad: ")
     began = time.monotonic()
@@ -213,16 +209,41 @@ async def test_a_slow_head_gets_408_at_header_timeout_and_is_counted(sidecar: An
 
 
 @bounded
+async def test_keep_alive_timeout_closes_an_idle_connection_without_an_answer(sidecar: Any, raw_server: Any) -> None:
+    s, _ = await start(sidecar, raw_server, extra="keep_alive_timeout: 600ms\n")
+    # After an answer (our 401, kept alive), and before any request at all: waiting for a
+    # request is idle, not slow.
+    reader, writer = await open_client(s)
+    writer.write(b"GET /orders HTTP/1.1\r\nHost: x\r\n\r\n")
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 401 ") and b"connection: close" not in head.lower()
+    length = int(head.lower().partition(b"content-length:")[2].split(b"\r\n")[0])
+    await reader.readexactly(length)
+    silent_reader, silent_writer = await open_client(s)
+    began = time.monotonic()
+    try:
+        assert not await closed_within(reader, 0.3), "closed before keep_alive_timeout"
+        assert await closed_within(reader, 3.0)
+        # Closed too, and never answered: nothing at all arrives before the end.
+        assert await asyncio.wait_for(silent_reader.read(), 1.0) == b""
+    finally:
+        writer.close()
+        silent_writer.close()
+    assert 0.5 <= time.monotonic() - began < 3.0
+
+
+@bounded
 async def test_a_reload_that_changes_the_connection_limits_is_refused_as_needing_a_restart(
     sidecar: Any, raw_server: Any, tmp_path: Path
 ) -> None:
     s, _ = await start(sidecar, raw_server)
     path = Path(s.runtime.config_path)
     original = path.read_text()
-    for change in ("header_timeout: 3s\n", "max_connections: 100\n"):
+    for change in ("header_timeout: 3s\n", "max_connections: 100\n", "keep_alive_timeout: 5s\n"):
         path.write_text(original + change)
         assert await reload(s.runtime) is False, change
         assert s.runtime.settings.header_timeout == 10 and s.runtime.settings.max_connections is None
+        assert s.runtime.settings.keep_alive_timeout == 75
 
 
 # -- WebSocket tunnels -----------------------------------------------------------------------------
@@ -321,37 +342,20 @@ def _nofile(limit: int) -> Any:
     return set_limit
 
 
-async def run_sidecar(
+def run_sidecar(
     tmp_path: Path, jwks_server: Any, rsa_key: TestKey, upstream: str, extra: str, nofile: int
-) -> tuple[asyncio.subprocess.Process, int, str, Path]:
+) -> AbstractAsyncContextManager[Run]:
+    """`run` with at most `nofile` descriptors, ready (the context stops it)."""
     jwks_server.document = jwks_of(rsa_key)
-    listen, admin = free_port(), free_port()
     text = (
         CONFIG.replace("{raw}", upstream)
         .replace("{jwks}", jwks_server.url())
         .replace("{body}", "5s")
         .replace("{idle}", "0")
         .replace("{life}", "0")
-        + f"listen: 127.0.0.1:{listen}\nadmin: 127.0.0.1:{admin}\naccess_log: false\n{extra}"
+        + f"access_log: false\n{extra}"
     )
-    path = tmp_path / "config.yaml"
-    path.write_text(text)
-    stderr = tmp_path / "stderr"
-    with stderr.open("wb") as err:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "proxy",
-            "run",
-            "--config",
-            str(path),
-            cwd=REPO,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=err,
-            preexec_fn=_nofile(nofile),
-            env={**os.environ, "PYTHONPATH": str(REPO)},
-        )
-    return proc, listen, f"http://127.0.0.1:{admin}", stderr
+    return running(tmp_path, text, stdout=False, preexec_fn=_nofile(nofile))
 
 
 async def admin_get(admin: str, path: str) -> tuple[int, str]:
@@ -369,16 +373,6 @@ def sample(text: str, name: str, **labels: str) -> float | None:
     return None
 
 
-async def stop(proc: asyncio.subprocess.Process) -> None:
-    if proc.returncode is None:
-        proc.terminate()
-        try:
-            await asyncio.wait_for(proc.wait(), 10)
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
-
-
 @bounded_by(60.0)
 async def test_at_max_connections_new_ones_are_closed_and_counted_and_the_admin_port_answers(
     tmp_path: Path, raw_server: Any, jwks_server: Any, rsa_key: TestKey
@@ -386,64 +380,63 @@ async def test_at_max_connections_new_ones_are_closed_and_counted_and_the_admin_
     upstream = Upstream()
     upstream.server = await raw_server(upstream.serve)
     # 256 descriptors, max_connections not set: (256 - 128) / 2 = 64.
-    proc, port, admin, stderr = await run_sidecar(tmp_path, jwks_server, rsa_key, upstream.url, "", nofile=256)
     held: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
-    try:
-        async with aiohttp.ClientSession() as session:
-            await wait_ready(session, admin + "/readyz", proc)
-        assert "open-file limit 256; at most 64 client connections" in stderr.read_text()
-        for _ in range(64):
-            held.append(await asyncio.open_connection("127.0.0.1", port))
-        for _ in range(100):
+    async with run_sidecar(tmp_path, jwks_server, rsa_key, upstream.url, "", nofile=256) as run:
+        port, admin = run.listen, run.admin_url
+        try:
+            assert "open-file limit 256; at most 64 client connections" in run.stderr()
+            for _ in range(64):
+                held.append(await asyncio.open_connection("127.0.0.1", port))
+            for _ in range(100):
+                status, text = await admin_get(admin, "/metrics")
+                if sample(text, "jwt_sidecar_connections_open") == 64:
+                    break
+                await asyncio.sleep(0.05)
+            assert sample(text, "jwt_sidecar_connections_open") == 64
+            # Over the limit: closed at once, before a byte is read.
+            for _ in range(20):
+                try:
+                    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                except ConnectionResetError:
+                    continue  # reset before the connect even completed here: closed, as it should be
+                with suppress(ConnectionError):
+                    writer.write(b"GET /public/x HTTP/1.1\r\nHost: x\r\n\r\n")
+                assert await closed_within(reader, 3.0), "a connection over max_connections was kept"
+                writer.close()
+            # The admin port answers, on new connections, with the proxy port full.
+            assert (await admin_get(admin, "/healthz"))[0] == 200
+            assert (await admin_get(admin, "/readyz"))[0] == 200
             status, text = await admin_get(admin, "/metrics")
-            if sample(text, "jwt_sidecar_connections_open") == 64:
-                break
-            await asyncio.sleep(0.05)
-        assert sample(text, "jwt_sidecar_connections_open") == 64
-        # Over the limit: closed at once, before a byte is read.
-        for _ in range(20):
-            try:
-                reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            except ConnectionResetError:
-                continue  # reset before the connect even completed here: closed, as it should be
-            with suppress(ConnectionError):
-                writer.write(b"GET /public/x HTTP/1.1\r\nHost: x\r\n\r\n")
-            assert await closed_within(reader, 3.0), "a connection over max_connections was kept"
+            assert status == 200
+            assert sample(text, "jwt_sidecar_connections_rejected_total", reason="limit") == 20
+            assert sample(text, "jwt_sidecar_connections_open") == 64
+            # The connections within the limit still reach the upstream (their descriptors are reserved).
+            reader, writer = held[0]
+            writer.write(b"POST /public/up HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi")
+            for _ in range(300):
+                if upstream.heads:
+                    break
+                await asyncio.sleep(0.01)
+            assert upstream.heads and upstream.heads[0].startswith(b"POST /public/up ")
+            # Room again once some close.
+            for _, writer in held[32:]:
+                writer.close()
+            del held[32:]
+            for _ in range(100):
+                status, text = await admin_get(admin, "/metrics")
+                if sample(text, "jwt_sidecar_connections_open") == 32:
+                    break
+                await asyncio.sleep(0.05)
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET /orders HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            answer = await asyncio.wait_for(reader.read(), 5)
             writer.close()
-        # The admin port answers, on new connections, with the proxy port full.
-        assert (await admin_get(admin, "/healthz"))[0] == 200
-        assert (await admin_get(admin, "/readyz"))[0] == 200
-        status, text = await admin_get(admin, "/metrics")
-        assert status == 200
-        assert sample(text, "jwt_sidecar_connections_rejected_total", reason="limit") == 20
-        assert sample(text, "jwt_sidecar_connections_open") == 64
-        # The connections within the limit still reach the upstream (their descriptors are reserved).
-        reader, writer = held[0]
-        writer.write(b"POST /public/up HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi")
-        for _ in range(300):
-            if upstream.heads:
-                break
-            await asyncio.sleep(0.01)
-        assert upstream.heads and upstream.heads[0].startswith(b"POST /public/up ")
-        # Room again once some close.
-        for _, writer in held[32:]:
-            writer.close()
-        del held[32:]
-        for _ in range(100):
-            status, text = await admin_get(admin, "/metrics")
-            if sample(text, "jwt_sidecar_connections_open") == 32:
-                break
-            await asyncio.sleep(0.05)
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(b"GET /orders HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        answer = await asyncio.wait_for(reader.read(), 5)
-        writer.close()
-        assert answer.startswith(b"HTTP/1.1 401 "), answer[:100]
-    finally:
-        for _, writer in held:
-            writer.close()
-        await stop(proc)
-    assert "Traceback" not in stderr.read_text()
+            assert answer.startswith(b"HTTP/1.1 401 "), answer[:100]
+        finally:
+            for _, writer in held:
+                writer.close()
+            await run.stop()
+    assert "Traceback" not in run.stderr()
 
 
 def cpu_seconds(pid: int) -> float:
@@ -458,51 +451,48 @@ async def test_out_of_descriptors_at_accept_neither_spins_nor_floods_the_log_and
     # max_connections set far past what 256 descriptors allow: accept itself fails (EMFILE).
     upstream = Upstream()
     upstream.server = await raw_server(upstream.serve)
-    proc, port, admin, stderr = await run_sidecar(
-        tmp_path, jwks_server, rsa_key, upstream.url, "max_connections: 5000\n", nofile=256
-    )
     held: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
-    try:
-        async with aiohttp.ClientSession() as session:
-            await wait_ready(session, admin + "/readyz", proc)
-        assert "max_connections 5000 leaves too few" in stderr.read_text()
-        for _ in range(300):  # the kernel completes these handshakes whether or not we accept
-            held.append(await asyncio.open_connection("127.0.0.1", port))
-        await asyncio.sleep(0.5)
-        logged = len(stderr.read_text().splitlines())
-        cpu = cpu_seconds(proc.pid)
-        await asyncio.sleep(3.0)
-        spent = cpu_seconds(proc.pid) - cpu
-        lines = stderr.read_text().splitlines()[logged:]
-        assert spent < 1.5, f"{spent:.2f} s of CPU in 3 s while out of descriptors: the accept loop spins"
-        assert len(lines) <= 2, "out of descriptors, the log grows:\n" + "\n".join(lines[:20])
-        for _, writer in held:
-            writer.close()
-        held.clear()
-        # Descriptors free again: both ports accept (the listeners did not give up).
-        for _ in range(100):
-            try:
-                if (await admin_get(admin, "/healthz"))[0] == 200:
+    async with run_sidecar(tmp_path, jwks_server, rsa_key, upstream.url, "max_connections: 5000\n", nofile=256) as run:
+        port, admin = run.listen, run.admin_url
+        try:
+            assert "max_connections 5000 leaves too few" in run.stderr()
+            for _ in range(300):  # the kernel completes these handshakes whether or not we accept
+                held.append(await asyncio.open_connection("127.0.0.1", port))
+            await asyncio.sleep(0.5)
+            logged = len(run.stderr().splitlines())
+            cpu = cpu_seconds(run.pid)
+            await asyncio.sleep(3.0)
+            spent = cpu_seconds(run.pid) - cpu
+            lines = run.stderr().splitlines()[logged:]
+            assert spent < 1.5, f"{spent:.2f} s of CPU in 3 s while out of descriptors: the accept loop spins"
+            assert len(lines) <= 2, "out of descriptors, the log grows:\n" + "\n".join(lines[:20])
+            for _, writer in held:
+                writer.close()
+            held.clear()
+            # Descriptors free again: both ports accept (the listeners did not give up).
+            for _ in range(100):
+                try:
+                    if (await admin_get(admin, "/healthz"))[0] == 200:
+                        break
+                except (aiohttp.ClientError, TimeoutError):
+                    pass
+                await asyncio.sleep(0.1)
+            assert (await admin_get(admin, "/readyz"))[0] == 200
+            for _ in range(100):
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.write(b"GET /orders HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                try:
+                    answer = await asyncio.wait_for(reader.read(), 5)
+                except ConnectionError:
+                    answer = b""
+                writer.close()
+                if answer:
                     break
-            except (aiohttp.ClientError, TimeoutError):
-                pass
-            await asyncio.sleep(0.1)
-        assert (await admin_get(admin, "/readyz"))[0] == 200
-        for _ in range(100):
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.write(b"GET /orders HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            try:
-                answer = await asyncio.wait_for(reader.read(), 5)
-            except ConnectionError:
-                answer = b""
-            writer.close()
-            if answer:
-                break
-            await asyncio.sleep(0.1)
-        assert answer.startswith(b"HTTP/1.1 401 "), answer[:100]
-        assert proc.returncode is None
-    finally:
-        for _, writer in held:
-            writer.close()
-        await stop(proc)
-    assert "Traceback" not in stderr.read_text()
+                await asyncio.sleep(0.1)
+            assert answer.startswith(b"HTTP/1.1 401 "), answer[:100]
+            assert run.returncode is None
+        finally:
+            for _, writer in held:
+                writer.close()
+            await run.stop()
+    assert "Traceback" not in run.stderr()

@@ -16,10 +16,8 @@ import asyncio
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -29,11 +27,9 @@ import jwt
 import pytest
 
 from tests.conftest import AUDIENCE, ISSUER, TestKey, jwks_of, mint, refused_port
-from tests.integration.test_lifecycle import free_port
 from tests.integration.test_oplog_json import assert_every_line_is_a_full_json_record
 from tests.support.jwks_server import start_jwks_server
-
-REPO = Path(__file__).parents[2]
+from tests.support.process import REPO, free_port, running
 
 # Newline + a forged text record, CR, ESC sequences (clear screen, set title), CSI as one C1
 # character, NEL, right-to-left override, line and paragraph separators, NUL, DEL, a
@@ -61,11 +57,6 @@ def marker(name: str) -> str:
 
 def evil(name: str) -> str:
     return marker(name) + EVIL
-
-
-async def _pump(stream: asyncio.StreamReader, into: bytearray) -> None:
-    while chunk := await stream.read(65536):
-        into += chunk
 
 
 async def raw_request(port: int, head: bytes) -> bytes:
@@ -220,22 +211,6 @@ SOURCES: dict[str, tuple[Source, tuple[str, ...]]] = {
 TOKENS = ("kid", "kidlong", "alg", "crit", "iss", "aud", "sub")
 
 
-class Run:
-    def __init__(self, err: bytearray, out: bytearray) -> None:
-        self.err, self.out = err, out
-
-    def text(self) -> str:
-        return self.err.decode("utf-8", "replace") + self.out.decode("utf-8", "replace")
-
-    async def wait_for(self, needle: str, timeout: float = 10.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if needle in self.text():
-                return
-            await asyncio.sleep(0.05)
-        raise AssertionError(f"{needle} never logged; stderr ends {self.err.decode()[-2000:]}")
-
-
 def jwks_with_evil_kids(key: TestKey) -> dict[str, Any]:
     [good] = jwks_of(key)["keys"]
     keys = [
@@ -288,42 +263,18 @@ async def test_no_source_can_forge_escape_or_flood_a_log_line(
             f"  - {{name: {name}, match: {{path_prefix: /{name}/}}, auth: {{provider: {name}}}}}\n" for name in TOKENS
         )
     )
-    path = tmp_path / "config.yaml"
-    path.write_text(config)
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "proxy",
-        "run",
-        "--config",
-        str(path),
-        cwd=REPO,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
-    err, out = bytearray(), bytearray()
-    assert proc.stdout is not None and proc.stderr is not None
-    pumps = [asyncio.ensure_future(_pump(proc.stderr, err)), asyncio.ensure_future(_pump(proc.stdout, out))]
-    run = Run(err, out)
     try:
-        for name in ("main", *TOKENS):
-            await run.wait_for(f"provider {name} is ready")
-        ctx = {"listen": listen, "key": rsa_key, "run": run}
-        for action, _ in SOURCES.values():
-            await action(ctx)
-        proc.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(proc.wait(), 20) == 0
-        await asyncio.wait_for(asyncio.gather(*pumps), 10)
+        async with running(tmp_path, config, ready=None) as run:
+            for name in ("main", *TOKENS):
+                await run.wait_for(f"provider {name} is ready")
+            ctx = {"listen": listen, "key": rsa_key, "run": run}
+            for action, _ in SOURCES.values():
+                await action(ctx)
+            assert await run.stop() == 0
     finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-        for pump in pumps:
-            pump.cancel()
         upstream.close()
 
-    stderr, stdout = err.decode("utf-8"), out.decode("utf-8")
+    stderr, stdout = run.err.decode("utf-8"), run.out.decode("utf-8")
     problems = []
     for stream, text in (("stderr", stderr), ("stdout", stdout)):
         assert text.endswith("\n")

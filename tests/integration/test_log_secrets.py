@@ -25,25 +25,23 @@ import aiohttp
 import pytest
 
 from tests.conftest import AUDIENCE, ISSUER, TestKey, jwks_of, mint, refused_port
-from tests.integration.test_lifecycle import free_port
 from tests.support.jwks_server import start_jwks_server
+from tests.support.process import REPO, free_port, running
 from tests.support.upstream import start_upstream
-
-REPO = Path(__file__).parents[2]
 
 HS_SECRET = secrets.token_urlsafe(48)  # utf-8 text, long enough for HS256
 JWKS_PASSWORD = "JWKSPASSWORD42"
 DOWN_PASSWORD = "DOWNPASSWORD42"
 UPSTREAM_PASSWORD = "UPSTREAMPASSWORD42"
 DISCOVERED_PASSWORD = "DISCOVEREDPASSWORD42"
+# Some issuers put an API key in the JWKS or discovery URL's query string.
+JWKS_QUERY_SECRET = "JWKSAPIKEY42"
+DOWN_QUERY_SECRET = "DOWNAPIKEY42"
+DISCOVERY_QUERY_SECRET = "DISCOVERYAPIKEY42"
+DISCOVERED_QUERY_SECRET = "DISCOVEREDAPIKEY42"
 QUERY_SECRET = "QUERYSECRET42"
 COOKIE_SECRET = "COOKIESECRET42"
 BASIC_SECRET = "QkFTSUNTRUNSRVQ0Mg"
-
-
-async def _pump(stream: asyncio.StreamReader, into: bytearray) -> None:
-    while chunk := await stream.read(65536):
-        into += chunk
 
 
 def config(log_format: str, listen: int, admin: int, upstream: str, jwks: str, down: int, discovery: str) -> str:
@@ -58,7 +56,7 @@ def config(log_format: str, listen: int, admin: int, upstream: str, jwks: str, d
         + provider("hs", "secret: {env: LOG_SECRETS_HS}\n    algorithms: [HS256]")
         + provider(
             "down",
-            f'jwks: {{url: "http://jwks:{DOWN_PASSWORD}@127.0.0.1:{down}/jwks.json", '
+            f'jwks: {{url: "http://jwks:{DOWN_PASSWORD}@127.0.0.1:{down}/jwks.json?api_key={DOWN_QUERY_SECRET}", '
             "min_refresh_interval: 1s, timeout: 1s}",
         )
         + provider("disco", f'discovery: {{url: "{discovery}", min_refresh_interval: 1s, timeout: 1s}}')
@@ -81,14 +79,12 @@ async def test_no_secret_reaches_a_log_line_or_explain(
     jwks = await start_jwks_server(aiohttp_server, jwks_of(rsa_key))
     # An issuer whose discovery document names its JWKS URL with credentials in it.
     jwks.jwks_uri = jwks.url().replace("http://", f"http://keys:{DISCOVERED_PASSWORD}@")
+    jwks.jwks_uri += f"?api_key={DISCOVERED_QUERY_SECRET}"
     listen, admin, down = free_port(), free_port(), refused_port()
     upstream_url = upstream.url.replace("http://", f"http://app:{UPSTREAM_PASSWORD}@")
-    jwks_url = jwks.url().replace("http://", f"http://keys:{JWKS_PASSWORD}@")
-    path = tmp_path / "config.yaml"
-    text = config(
-        log_format, listen, admin, upstream_url, jwks_url, down, jwks.url("/.well-known/openid-configuration")
-    )
-    path.write_text(text)
+    jwks_url = jwks.url().replace("http://", f"http://keys:{JWKS_PASSWORD}@") + f"?api_key={JWKS_QUERY_SECRET}"
+    discovery = jwks.url("/.well-known/openid-configuration") + f"?client={DISCOVERY_QUERY_SECRET}&x"
+    text = config(log_format, listen, admin, upstream_url, jwks_url, down, discovery)
     env = {**os.environ, "PYTHONPATH": str(REPO), "LOG_SECRETS_HS": HS_SECRET}
 
     good = mint(key=rsa_key)
@@ -103,27 +99,12 @@ async def test_no_secret_reaches_a_log_line_or_explain(
         "garbage": "GARBAGETOKEN42.not.ajwt",
     }
 
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "proxy",
-        "run",
-        "--config",
-        str(path),
-        cwd=REPO,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=env,
-    )
-    err, out = bytearray(), bytearray()
-    assert proc.stdout is not None and proc.stderr is not None
-    pumps = [asyncio.ensure_future(_pump(proc.stderr, err)), asyncio.ensure_future(_pump(proc.stdout, out))]
-    try:
+    async with running(tmp_path, text, ready=None, env=env) as run:
+        path, err = run.config, run.err
         async with aiohttp.ClientSession() as session:
-            for _ in range(200):
-                if all(f"provider {name} is ready".encode() in err for name in ("main", "hs", "disco")):
-                    break
-                await asyncio.sleep(0.05)
+            await run.wait_for(
+                lambda logs: all(f"provider {name} is ready" in logs for name in ("main", "hs", "disco")), timeout=30
+            )
             statuses = []
 
             async def send(where: str, **options: Any) -> None:
@@ -144,28 +125,20 @@ async def test_no_secret_reaches_a_log_line_or_explain(
             assert {200, 401, 502, 503} <= set(statuses), statuses
             # A reload (applied, then refused) writes the providers' key sources again.
             path.write_text(text.replace("min_refresh_interval: 1s}", "min_refresh_interval: 2s}", 1))
-            proc.send_signal(signal.SIGHUP)
+            run.send_signal(signal.SIGHUP)
             for _ in range(100):
                 if b"config reloaded" in err or b"reload_applied" in err:
                     break
                 await asyncio.sleep(0.05)
             path.write_text(text + "realm: [no]\n")
-            proc.send_signal(signal.SIGHUP)
+            run.send_signal(signal.SIGHUP)
             for _ in range(100):
                 if b"reload refused" in err:
                     break
                 await asyncio.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(proc.wait(), 20) == 0
-        await asyncio.wait_for(asyncio.gather(*pumps), 10)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-        for pump in pumps:
-            pump.cancel()
+        assert await run.stop() == 0
 
-    logs = err.decode() + out.decode()
+    logs = run.err.decode() + run.out.decode()
     assert "key fetch failed" in logs and "reload refused" in logs and "config reloaded" in logs
     assert "provider disco is ready" in logs  # its keys came from the discovered URL, password and all
     secrets = {
@@ -174,6 +147,10 @@ async def test_no_secret_reaches_a_log_line_or_explain(
         "down JWKS password": DOWN_PASSWORD,
         "upstream password": UPSTREAM_PASSWORD,
         "discovered JWKS URL's password": DISCOVERED_PASSWORD,
+        "JWKS URL's query": JWKS_QUERY_SECRET,
+        "down JWKS URL's query": DOWN_QUERY_SECRET,
+        "discovery URL's query": DISCOVERY_QUERY_SECRET,
+        "discovered JWKS URL's query": DISCOVERED_QUERY_SECRET,
         "query string": QUERY_SECRET,
         "cookie": COOKIE_SECRET,
         "Basic credential": BASIC_SECRET,
@@ -218,7 +195,17 @@ async def test_no_secret_reaches_a_log_line_or_explain(
         shown = result.stdout + result.stderr
         # "down" is the good token: explain checks it against main, chosen by its iss.
         assert ("VALID" in result.stdout.splitlines()) == (name in ("good", "hs_good", "down")), shown
-        for secret in (HS_SECRET, JWKS_PASSWORD, DOWN_PASSWORD, UPSTREAM_PASSWORD, DISCOVERED_PASSWORD):
+        for secret in (
+            HS_SECRET,
+            JWKS_PASSWORD,
+            DOWN_PASSWORD,
+            UPSTREAM_PASSWORD,
+            DISCOVERED_PASSWORD,
+            JWKS_QUERY_SECRET,
+            DOWN_QUERY_SECRET,
+            DISCOVERY_QUERY_SECRET,
+            DISCOVERED_QUERY_SECRET,
+        ):
             assert secret not in shown, f"explain {name} printed a secret: {shown}"
         if token.count(".") == 2:
             assert token not in shown and token.rsplit(".", 1)[-1] not in shown, f"explain {name}: {shown}"

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import re
-import signal
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -15,10 +12,9 @@ import aiohttp
 
 from tests.conftest import TestKey, jwks_of, mint, refused_port
 from tests.integration.conftest import BASE_CONFIG
-from tests.integration.test_lifecycle import free_port
+from tests.support.process import running
 from tests.support.upstream import start_upstream
 
-REPO = Path(__file__).parents[2]
 REQUESTS = 300
 SUPPRESSED = re.compile(r" \(([\d,]+) similar suppressed\)$")
 
@@ -28,61 +24,26 @@ async def flood(
 ) -> tuple[list[str], list[int], float]:
     """Run the sidecar, send REQUESTS tokens over about 2.5 s, then one more after a pause,
     stop it; its stderr lines, the statuses, and how many seconds the sidecar ran."""
-    listen, admin = free_port(), free_port()
-    text = (
-        BASE_CONFIG.replace("{upstream}", upstream_url).replace("{jwks}", jwks_url)
-        + f"listen: 127.0.0.1:{listen}\nadmin: 127.0.0.1:{admin}\naccess_log: false\n"
-    )
-    (tmp_path / "config.yaml").write_text(text)
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "proxy",
-        "run",
-        "--config",
-        str(tmp_path / "config.yaml"),
-        "--log-level",
-        log_level,
-        cwd=REPO,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
+    text = BASE_CONFIG.replace("{upstream}", upstream_url).replace("{jwks}", jwks_url) + "access_log: false\n"
     statuses: list[int] = []
     started = time.monotonic()
-    try:
+    # Up (healthz); ready or not depends on the keys.
+    async with running(tmp_path, text, "--log-level", log_level, ready="/healthz", stdout=False) as run:
         token = mint(key=rsa_key)
         async with aiohttp.ClientSession() as session:
-            for _ in range(150):  # up (healthz); ready or not depends on the keys
-                try:
-                    async with session.get(f"http://127.0.0.1:{admin}/healthz") as response:
-                        if response.status == 200:
-                            break
-                except aiohttp.ClientConnectionError:
-                    pass
-                await asyncio.sleep(0.1)
             for _batch in range(10):
                 for _ in range(REQUESTS // 10):
                     async with session.get(
-                        f"http://127.0.0.1:{listen}/orders", headers={"Authorization": f"Bearer {token}"}
+                        f"{run.url}/orders", headers={"Authorization": f"Bearer {token}"}
                     ) as response:
                         statuses.append(response.status)
                 await asyncio.sleep(0.25)
             await asyncio.sleep(1.1)  # past the window: the next line carries the count so far
-            async with session.get(
-                f"http://127.0.0.1:{listen}/orders", headers={"Authorization": f"Bearer {token}"}
-            ) as response:
+            async with session.get(f"{run.url}/orders", headers={"Authorization": f"Bearer {token}"}) as response:
                 statuses.append(response.status)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.stderr is not None
-        err = await asyncio.wait_for(proc.stderr.read(), 20)
-        assert await asyncio.wait_for(proc.wait(), 20) == 0
+        assert await run.stop() == 0
         ran = time.monotonic() - started
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    return err.decode().splitlines(), statuses, ran
+    return run.err.decode().splitlines(), statuses, ran
 
 
 async def flood_with_the_issuer_down(

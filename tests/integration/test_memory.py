@@ -17,11 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import os
 import resource
 import socket
-import subprocess
-import sys
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,6 +32,7 @@ from proxy.http import http1, upstream
 from proxy.request import forward
 from tests.conftest import TestKey, jwks_of, mint, refused_port
 from tests.integration.conftest import BASE_CONFIG
+from tests.support import process
 from tests.support.raw import bounded_by
 
 ROUTES = """\
@@ -100,12 +98,6 @@ async def all_freed(s: Any, collections: list[dict[str, Any]], timeout: float = 
         await asyncio.sleep(0.05)
     assert collections == [], "a garbage collection ran: the test proves nothing"
     assert counts == dict.fromkeys(counts, 0), "left for the garbage collector"
-
-
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 async def misbehaving(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
@@ -412,55 +404,28 @@ class StreamingUpstream:
 
 @pytest.fixture
 async def running(jwks_server: Any, rsa_key: TestKey, raw_server: Any, tmp_path: Path) -> AsyncIterator[Any]:
-    """`jwt-sidecar run` in a subprocess, in front of a `StreamingUpstream`; yields (process, upstream, url)."""
+    """`jwt-sidecar run` in a subprocess, in front of a `StreamingUpstream`; yields (process.Run, upstream, url)."""
     jwks_server.document = jwks_of(rsa_key)
     upstream = StreamingUpstream()
     port = (await raw_server(upstream.serve)).port
-    listen, admin = closed_port(), closed_port()
     # The upstream timeout also bounds how long a client may leave its buffer full: longer than the test.
     text = (
         BASE_CONFIG.replace("{upstream}", f"http://127.0.0.1:{port}")
         .replace("{jwks}", jwks_server.url())
         .replace("timeout: 2s", "timeout: 120s")
         .replace("max_body: 1MB", "max_body: 0")
-        + f"listen: 127.0.0.1:{listen}\nadmin: 127.0.0.1:{admin}\n"
         # The uploads' upstream never answers: at the end, cut them after 1 s rather than
         # wait the default 20 s (the stop is not what these tests are about).
         + "drain_timeout: 1s\n"
     )
-    (tmp_path / "config.yaml").write_text(text)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     assert hard == resource.RLIM_INFINITY or hard > 2 * SLOW_READERS + 200, f"{hard} file descriptors at most"
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # this process holds both ends' other sides
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "proxy", "run", "--config", str(tmp_path / "config.yaml")],
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        preexec_fn=_all_files,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
     try:
-        async with aiohttp.ClientSession() as session:
-            for _ in range(200):
-                assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
-                try:
-                    async with session.get(f"http://127.0.0.1:{admin}/readyz") as response:
-                        if response.status == 200:
-                            break
-                except aiohttp.ClientConnectionError:
-                    pass
-                await asyncio.sleep(0.1)
-            else:
-                raise AssertionError("the sidecar never became ready")
-        yield proc, upstream, f"http://127.0.0.1:{listen}"
+        async with process.running(tmp_path, text, stdout=False, preexec_fn=_all_files) as run:
+            yield run, upstream, run.url
+            await run.stop(timeout=10)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 

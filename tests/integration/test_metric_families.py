@@ -11,8 +11,6 @@ depend on which worker took a connection.
 from __future__ import annotations
 
 import asyncio
-import os
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -23,12 +21,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import TestKey, jwks_of, mint
 from tests.integration.conftest import BASE_CONFIG
-from tests.integration.test_lifecycle import free_port, wait_ready
 from tests.support.families import scrape_problems
+from tests.support.process import running
 from tests.support.raw import bounded_by
 from tests.support.upstream import start_upstream
 
-REPO = Path(__file__).parents[2]
 # A short upstream timeout, so /slow gives a 504 (decision upstream_error) quickly.
 CONFIG = BASE_CONFIG.replace("timeout: 2s", "timeout: 250ms")
 assert CONFIG != BASE_CONFIG
@@ -49,31 +46,15 @@ async def run(tmp_path: Path, aiohttp_server: Any, jwks_server: Any, rsa_key: Te
     """Start `run`, send one request of each outcome, and return a scrape that has them all."""
     jwks_server.document = jwks_of(rsa_key)
     upstream = await start_upstream(aiohttp_server)
-    listen, admin = free_port(), free_port()
     text = CONFIG.replace("{upstream}", upstream.url).replace("{jwks}", jwks_server.url())
-    text += f"listen: 127.0.0.1:{listen}\nadmin: 127.0.0.1:{admin}\ndrain_timeout: 5s\n"
+    text += "drain_timeout: 5s\n"
     # A revocation list (empty), so its families have samples too.
     text += f"revocation: {{file: {tmp_path / f'revoked-{workers}.yaml'}}}\n"
     if workers:
         text += f"workers: {workers}\n"
-    path = tmp_path / f"config-{workers}.yaml"
-    path.write_text(text)
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "proxy",
-        "run",
-        "--config",
-        str(path),
-        cwd=REPO,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
     token = {"Authorization": f"Bearer {mint(key=rsa_key)}"}
-    try:
+    async with running(tmp_path, text, name=f"config-{workers}.yaml", stdout=False) as run:
         async with aiohttp.ClientSession() as session:
-            await wait_ready(session, f"http://127.0.0.1:{admin}/readyz", proc)
             for target, headers, status in (
                 ("/orders", token, 200),  # allowed (a cache miss, then ...)
                 ("/orders", token, 200),  # ... a hit, where the same worker takes it)
@@ -84,24 +65,18 @@ async def run(tmp_path: Path, aiohttp_server: Any, jwks_server: Any, rsa_key: Te
             ):
                 # A new connection each time, so `workers: 2` spreads them.
                 async with aiohttp.ClientSession() as fresh:
-                    async with fresh.get(f"http://127.0.0.1:{listen}{target}", headers=headers) as response:
+                    async with fresh.get(f"{run.url}{target}", headers=headers) as response:
                         assert response.status == status, target
             # Workers copy their numbers into the shared files every second: wait for all six.
             for _ in range(100):
-                async with session.get(f"http://127.0.0.1:{admin}/metrics") as response:
+                async with session.get(f"{run.admin_url}/metrics") as response:
                     assert response.status == 200
                     scrape = await response.text()
                 if counts(scrape).get(("requests", ())) == 6:
                     break
                 await asyncio.sleep(0.1)
-        return scrape
-    finally:
-        proc.terminate()
-        try:
-            await asyncio.wait_for(proc.wait(), 20)
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
+        await run.stop()
+    return scrape
 
 
 def counts(text: str) -> dict[Key, float | None]:

@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import signal
-import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -26,12 +24,10 @@ import aiohttp
 
 from proxy.base import oplog
 from tests.conftest import AUDIENCE, ISSUER, TestKey, jwks_of, mint, refused_port
-from tests.integration.test_lifecycle import free_port
 from tests.support.jwks_server import start_jwks_server
+from tests.support.process import free_port, running
 from tests.support.tls import self_signed_context
 from tests.support.upstream import start_upstream
-
-REPO = Path(__file__).parents[2]
 
 
 def provider(name: str, url: str, timeout: str = "2s") -> str:
@@ -86,56 +82,16 @@ class Run:
         raise AssertionError(f"no {name} event within {timeout}s; stderr: {self._raw_err.decode()[-3000:]}")
 
 
-async def _pump(stream: asyncio.StreamReader, into: bytearray) -> None:
-    while chunk := await stream.read(65536):
-        into += chunk
-
-
 @asynccontextmanager
 async def sidecar(tmp_path: Path, text: str, *args: str, listen: int, admin: int) -> AsyncIterator[Run]:
-    path = tmp_path / "config.yaml"
-    path.write_text(text)
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "proxy",
-        "run",
-        "--config",
-        str(path),
-        *args,
-        cwd=REPO,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
-    run = Run(proc, listen, admin, path)
-    out = bytearray()
-    assert proc.stdout is not None and proc.stderr is not None
-    pumps = [asyncio.ensure_future(_pump(proc.stderr, run._raw_err)), asyncio.ensure_future(_pump(proc.stdout, out))]
-    try:
-        async with aiohttp.ClientSession() as session:
-            for _ in range(200):
-                if proc.returncode is not None:
-                    break
-                try:
-                    async with session.get(f"http://127.0.0.1:{admin}/healthz") as response:
-                        if response.status == 200:
-                            break
-                except aiohttp.ClientConnectionError:
-                    pass
-                await asyncio.sleep(0.05)
+    """`run` with the config `text` (which names `listen` and `admin`), up (/healthz) whether or
+    not it has keys; stopped with SIGTERM (status 0) when the body ends, its lines parsed."""
+    async with running(tmp_path, text, *args, ready="/healthz") as process:
+        run = Run(process.proc, listen, admin, process.config, _raw_err=process.err)
         yield run
-        proc.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(proc.wait(), 20) == 0
-        await asyncio.wait_for(asyncio.gather(*pumps), 10)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-        for pump in pumps:
-            pump.cancel()
+        assert await process.stop() == 0
     run.err = run.lines()
-    run.out = [json.loads(line) for line in out.decode().splitlines()]
+    run.out = [json.loads(line) for line in process.out.decode().splitlines()]
 
 
 # Fields that are counts, durations or ids: JSON numbers, never their text.

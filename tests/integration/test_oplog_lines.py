@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 from tests.conftest import TestKey, jwks_of, mint
-from tests.integration.test_lifecycle import free_port
 from tests.integration.test_oplog_json import (
     ROUTES,
     assert_every_line_is_a_full_json_record,
@@ -25,6 +24,7 @@ from tests.integration.test_oplog_json import (
     sidecar,
 )
 from tests.support.jwks_server import start_jwks_server
+from tests.support.process import free_port
 from tests.support.upstream import start_upstream
 
 

@@ -10,13 +10,9 @@ Authorization lines, two tokens, a malformed credential) is refused in both mode
 
 from __future__ import annotations
 
-import asyncio
 import io
 import json
 import logging
-import os
-import signal
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -30,10 +26,8 @@ from proxy.base.logthrottle import RepeatFilter
 from proxy.ops.reload import reload
 from proxy.telemetry.accesslog import AccessLog
 from tests.conftest import AUDIENCE, ISSUER, FakeClock, TestKey, jwks_of, mint, refused_port
-from tests.integration.test_lifecycle import free_port, wait_ready
+from tests.support.process import running
 from tests.support.upstream import start_upstream
-
-REPO = Path(__file__).parents[2]
 
 TYP = "at+jwt"
 
@@ -468,42 +462,22 @@ async def test_run_says_at_start_which_routes_are_in_report_mode_and_logs_each_w
     # The real process (`python -m proxy run`): its start log, its operator log and its access log.
     jwks_server.document = jwks_of(rsa_key)
     upstream = await start_upstream(aiohttp_server)
-    listen, admin = free_port(), free_port()
-    path = tmp_path / "config.yaml"
-    path.write_text(
+    text = (
         f'upstream: {{url: "{upstream.url}"}}\n'
         f'providers:\n  main: {{issuer: "{ISSUER}", audiences: ["{AUDIENCE}"], jwks: {{url: "{jwks_server.url()}"}}}}\n'
         "routes:\n"
         "  - {name: orders, match: {path_prefix: /orders/}, auth: {provider: main, mode: report}}\n"
         "  - {name: api, match: {path_prefix: /}, auth: {provider: main}}\n"
-        f"listen: 127.0.0.1:{listen}\nadmin: 127.0.0.1:{admin}\ndrain_timeout: 1s\nlog_format: json\n"
+        "drain_timeout: 1s\nlog_format: json\n"
     )
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "proxy",
-        "run",
-        "--config",
-        str(path),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
-    try:
+    async with running(tmp_path, text) as run:
         async with aiohttp.ClientSession() as session:
-            await wait_ready(session, f"http://127.0.0.1:{admin}/readyz", proc)
-            async with session.get(f"http://127.0.0.1:{listen}/orders/1", headers={"X-User-Id": "admin"}) as response:
+            async with session.get(f"{run.url}/orders/1", headers={"X-User-Id": "admin"}) as response:
                 assert response.status == 200
-            async with session.get(f"http://127.0.0.1:{listen}/users/1") as response:
+            async with session.get(f"{run.url}/users/1") as response:
                 assert response.status == 401
-        proc.send_signal(signal.SIGTERM)
-        out, err = await asyncio.wait_for(proc.communicate(), 15)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    assert proc.returncode == 0
+        assert await run.stop(timeout=15) == 0
+    path, out, err = run.config, run.out, run.err
     assert upstream.last().header("X-User-Id") is None
     events = [json.loads(line) for line in err.decode().splitlines()]
     [warned] = [e for e in events if e["event"] == "config_warning"]

@@ -13,91 +13,44 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import sys
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from contextlib import AsyncExitStack
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import aiohttp
 import pytest
 
 from tests.conftest import TestKey, jwks_of, mint
 from tests.integration.conftest import BASE_CONFIG
-from tests.integration.test_lifecycle import free_port
+from tests.support.process import ENV, REPO, Run, running
 from tests.support.raw import bounded_by
 from tests.support.redis import RedisServer
 from tests.support.upstream import start_upstream
 
-REPO = Path(__file__).parents[2]
-ENV = {**os.environ, "PYTHONPATH": str(REPO)}
-
-
-@dataclass
-class Sidecar:
-    proc: asyncio.subprocess.Process
-    url: str
-    admin: str
-    config: Path
-    log: IO[bytes]
-
-    def stderr(self) -> str:
-        return Path(self.log.name).read_text(errors="replace")[-3000:]
-
 
 @pytest.fixture
 async def sidecars(tmp_path: Path, aiohttp_server: Any, jwks_server: Any, rsa_key: TestKey) -> AsyncIterator[Any]:
-    """start(revocation_yaml, name, workers=0) -> a running `jwt-sidecar run` (stopped at the end)."""
+    """start(revocation_yaml, name, workers=0) -> a running `jwt-sidecar run` (stopped at the end),
+    once /readyz answers (200 when `wait`)."""
     jwks_server.document = jwks_of(rsa_key)
     upstream = await start_upstream(aiohttp_server)
-    started: list[Sidecar] = []
+    async with AsyncExitStack() as stack:
 
-    async def start(revocation: str, name: str = "a", *, workers: int = 0, wait: bool = True) -> Sidecar:
-        listen, admin = free_port(), free_port()
-        text = BASE_CONFIG.replace("{upstream}", upstream.url).replace("{jwks}", jwks_server.url())
-        text += f"listen: 127.0.0.1:{listen}\nadmin: 127.0.0.1:{admin}\ndrain_timeout: 2s\naccess_log: false\n"
-        text += revocation
-        if workers:
-            text += f"workers: {workers}\n"
-        path = tmp_path / f"config-{name}.yaml"
-        path.write_text(text)
-        log = (tmp_path / f"stderr-{name}.log").open("wb")
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "proxy", "run", "--config", str(path), cwd=REPO, stdout=log, stderr=log, env=ENV
-        )
-        sidecar = Sidecar(proc, f"http://127.0.0.1:{listen}", f"http://127.0.0.1:{admin}", path, log)
-        started.append(sidecar)
-        await answering(sidecar, ready=wait)
-        return sidecar
+        async def start(revocation: str, name: str = "a", *, workers: int = 0, wait: bool = True) -> Run:
+            text = BASE_CONFIG.replace("{upstream}", upstream.url).replace("{jwks}", jwks_server.url())
+            text += "drain_timeout: 2s\naccess_log: false\n"
+            text += revocation
+            if workers:
+                text += f"workers: {workers}\n"
+            run = await stack.enter_async_context(running(tmp_path, text, name=f"config-{name}.yaml", ready=None))
+            stack.push_async_callback(run.stop)
+            await run.ready(status=200 if wait else None)
+            return run
 
-    yield start
-    for sidecar in started:
-        if sidecar.proc.returncode is None:
-            sidecar.proc.terminate()
-            try:
-                await asyncio.wait_for(sidecar.proc.wait(), 20)
-            except TimeoutError:
-                sidecar.proc.kill()
-                await sidecar.proc.wait()
-        sidecar.log.close()
-
-
-async def answering(sidecar: Sidecar, *, ready: bool) -> None:
-    """Until /readyz answers (200 when `ready`), bounded."""
-    async with aiohttp.ClientSession() as session:
-        for _ in range(300):
-            if sidecar.proc.returncode is not None:
-                raise AssertionError(f"the sidecar exited with {sidecar.proc.returncode}: {sidecar.stderr()}")
-            try:
-                async with session.get(sidecar.admin + "/readyz") as response:
-                    if response.status == 200 or not ready:
-                        return
-            except aiohttp.ClientConnectionError:
-                pass
-            await asyncio.sleep(0.1)
-    raise AssertionError(f"the sidecar never answered /readyz{' 200' if ready else ''}: {sidecar.stderr()}")
+        yield start
 
 
 async def revoke(config: Path, *args: str) -> str:
@@ -148,9 +101,9 @@ async def until_refused(urls: list[str], token: str, *, within: float) -> float:
     return time.monotonic() - began
 
 
-async def revoked_count(sidecar: Sidecar) -> float:
+async def revoked_count(sidecar: Run) -> float:
     async with aiohttp.ClientSession() as session:
-        async with session.get(sidecar.admin + "/metrics") as response:
+        async with session.get(sidecar.admin_url + "/metrics") as response:
             text = await response.text()
     return sum(
         float(line.rsplit(" ", 1)[1])
@@ -220,7 +173,7 @@ async def test_a_redis_restart_mid_traffic_fails_no_request_and_later_revocation
     await revoke(sidecar.config, "--jti", "keep", "--ttl", "1h")
     await until_refused([sidecar.url], token, within=15.0)
     async with aiohttp.ClientSession() as session:
-        async with session.get(sidecar.admin + "/readyz") as response:
+        async with session.get(sidecar.admin_url + "/readyz") as response:
             assert response.status == 200
 
 
@@ -234,7 +187,7 @@ async def test_redis_down_at_start_fail_open_serves_with_an_empty_list(
         token = mint(key=rsa_key)
         assert (await get(sidecar.url, token))[0] == 200
         async with aiohttp.ClientSession() as session:
-            async with session.get(sidecar.admin + "/readyz") as response:
+            async with session.get(sidecar.admin_url + "/readyz") as response:
                 assert response.status == 200
     finally:
         redis.start()
@@ -262,14 +215,14 @@ async def test_redis_down_at_start_fail_closed_is_503_and_not_ready_until_redis_
             async with session.get(sidecar.url + "/orders", headers=headers) as response:
                 assert (response.status, response.headers.get("Retry-After")) == (503, "5")
                 assert "WWW-Authenticate" not in response.headers  # our outage, not the token's fault
-            async with session.get(sidecar.admin + "/readyz") as response:
+            async with session.get(sidecar.admin_url + "/readyz") as response:
                 assert response.status == 503
                 reason = (await response.json())["reason"]
         assert reason.startswith(f"the revocation list has not loaded from Redis {redis.url}: Redis unreachable: ")
         assert "connection refused" in reason
     finally:
         redis.start()
-    await answering(sidecar, ready=True)  # recovers on its own (reconnect back-off: a few seconds)
+    await sidecar.ready()  # recovers on its own (reconnect back-off: a few seconds)
     assert (await get(sidecar.url, token))[0] == 200
 
 

@@ -7,11 +7,7 @@ that can never match refuses the start, naming its line.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import os
-import signal
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +16,8 @@ import pytest
 
 from proxy.ops.reload import reload
 from tests.conftest import AUDIENCE, ISSUER, TestKey, jwks_of, mint
-from tests.integration.test_lifecycle import free_port, wait_ready
+from tests.support.process import running
 from tests.support.upstream import start_upstream
-
-REPO = Path(__file__).parents[2]
 
 CONFIG = f"""\
 upstream: {{url: "{{upstream}}"}}
@@ -48,71 +42,32 @@ async def test_the_start_log_names_both_routes_and_the_request_it_warns_of_is_re
 ) -> None:
     jwks_server.document = jwks_of(rsa_key)
     upstream = await start_upstream(aiohttp_server)
-    listen, admin = free_port(), free_port()
-    path = tmp_path / "config.yaml"
-    path.write_text(
-        CONFIG.replace("{upstream}", upstream.url).replace("{jwks}", jwks_server.url())
-        + f"listen: 127.0.0.1:{listen}\nadmin: 127.0.0.1:{admin}\ndrain_timeout: 1s\n"
-    )
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "proxy",
-        "run",
-        "--config",
-        str(path),
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
-    try:
+    text = CONFIG.replace("{upstream}", upstream.url).replace("{jwks}", jwks_server.url()) + "drain_timeout: 1s\n"
+    async with running(tmp_path, text, stdout=False) as run:
         async with aiohttp.ClientSession() as session:
-            await wait_ready(session, f"http://127.0.0.1:{admin}/readyz", proc)
             # What the warning is about: a token without the admin scope may DELETE under /admin/.
             headers = {"Authorization": f"Bearer {mint(key=rsa_key)}"}
-            async with session.delete(f"http://127.0.0.1:{listen}/admin/x", headers=headers) as response:
+            async with session.delete(f"{run.url}/admin/x", headers=headers) as response:
                 assert response.status == 200
-            async with session.get(f"http://127.0.0.1:{listen}/admin/x", headers=headers) as response:
+            async with session.get(f"{run.url}/admin/x", headers=headers) as response:
                 assert response.status == 403
-        proc.send_signal(signal.SIGTERM)
-        _, err = await asyncio.wait_for(proc.communicate(), 15)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    logged = [line for line in err.decode().splitlines() if "warning: routes[0]" in line]
-    assert len(logged) == 1, err.decode()
+        await run.stop(timeout=15)
+    path = run.config
+    logged = [line for line in run.err.decode().splitlines() if "warning: routes[0]" in line]
+    assert len(logged) == 1, run.err.decode()
     assert f"{path}:5: {WARNING}" in logged[0] and "WARNING" in logged[0]
 
 
 async def test_a_route_that_can_never_match_refuses_the_start_naming_its_line(tmp_path: Path) -> None:
-    path = tmp_path / "config.yaml"
-    path.write_text(
+    text = (
         CONFIG.replace("{upstream}", "http://127.0.0.1:1").replace("{jwks}", "http://127.0.0.1:1/jwks")
         + "  - {name: late, match: {path_prefix: /late}, auth: none}\n"
     )
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "proxy",
-        "run",
-        "--config",
-        str(path),
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
-    try:
-        _, err = await asyncio.wait_for(proc.communicate(), 15)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    assert proc.returncode == 1
+    async with running(tmp_path, text, ready=None, stdout=False) as run:
+        assert await run.exited(15) == 1
+    path = run.config
     # One problem is one line (startup: `run` says what stops a start in one line).
-    assert err.decode().splitlines() == [
+    assert run.err.decode().splitlines() == [
         f"jwt-sidecar: error: {path}:11: routes[2].match: route 'late' can never match: every request it matches "
         "is taken first by 'api' (line 8); remove it, or move it before them",
     ]

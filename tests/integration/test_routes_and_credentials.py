@@ -187,6 +187,29 @@ async def test_the_query_token_name_after_a_semicolon_is_a_400(sidecar: Any, rsa
     assert status == 200 and s.upstream.last().raw_path == "/q/x?a=1;b=2", "another ';' is no concern of ours"
 
 
+@pytest.mark.parametrize("target", ["/c/x", "/q/x"])
+async def test_on_a_route_that_reads_no_bearer_token_authorization_is_an_ordinary_header(
+    sidecar: Any, rsa_key: TestKey, target: str
+) -> None:
+    # README, Routes ("Only the route's token sources are read"): as with Envoy's jwt_authn and a
+    # provider that reads cookies only, the client's one Authorization line is neither read
+    # nor removed on a cookie or query route; it reaches the upstream as sent, unchecked.
+    s = await sidecar(CONFIG)
+    token = mint({"sub": "cookie-user"}, key=rsa_key)
+    # A Bearer token does not stand in for the route's own source: no token there is a 401.
+    status, _ = await send(s, target, [("Authorization", f"Bearer {mint({'sub': 'bearer-user'}, key=rsa_key)}")])
+    assert status == 401 and s.upstream.seen == []
+    own = [("Cookie", f"access_token={token}")] if target == "/c/x" else []
+    status, _ = await send(
+        s, target if own else f"{target}?access_token={token}", [*own, ("Authorization", "Bearer x.y.z")]
+    )
+    assert status == 200
+    seen = s.upstream.last()
+    assert seen.header("X-User-Id") == "cookie-user", "the identity is the route's own token's"
+    assert seen.headers["authorization"] == ["Bearer x.y.z"], "forwarded as sent"
+    assert token not in str(seen.headers) and token not in seen.raw_path, "the checked token is removed"
+
+
 # -- 6. Bearer, then one or more spaces --------------------------------------------------------
 @pytest.mark.parametrize(
     "value",

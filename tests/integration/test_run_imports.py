@@ -11,23 +11,19 @@ config builder, PyJWT or cryptography.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 
 from tests.conftest import TestKey, jwks_of
 from tests.integration.conftest import BASE_CONFIG
-from tests.integration.test_lifecycle import free_port, wait_ready
-from tests.integration.test_workers import children
+from tests.support.process import REPO, children, running
 from tests.support.upstream import start_upstream
 
-REPO = Path(__file__).parents[2]
 linux_only = pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/PID/maps")
 
 
@@ -76,36 +72,16 @@ async def test_a_running_sidecar_has_no_aiohttp_loaded(
 ) -> None:
     jwks_server.document = jwks_of(rsa_key)
     upstream = await start_upstream(aiohttp_server)
-    listen, admin = free_port(), free_port()
-    path = tmp_path / "config.yaml"
-    path.write_text(
-        BASE_CONFIG.replace("{upstream}", upstream.url).replace("{jwks}", jwks_server.url())
-        + f"listen: 127.0.0.1:{listen}\nadmin: 127.0.0.1:{admin}\nworkers: {workers}\ndrain_timeout: 2s\n"
-    )
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "proxy",
-        "run",
-        "--config",
-        str(path),
-        cwd=REPO,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
-    try:
-        async with aiohttp.ClientSession() as session:
-            await wait_ready(session, f"http://127.0.0.1:{admin}/readyz", proc)  # keys fetched, admin serving
-        pids = [proc.pid, *children(proc.pid)]
+    text = BASE_CONFIG.replace("{upstream}", upstream.url).replace("{jwks}", jwks_server.url())
+    text += f"workers: {workers}\ndrain_timeout: 2s\n"
+    async with running(tmp_path, text, stdout=False) as run:  # ready: keys fetched, admin serving
+        pids = [run.pid, *children(run.pid)]
         assert len(pids) == (1 if workers == 1 else 1 + workers)
         for pid in pids:
             assert mapped_aiohttp(pid) == [], pid
         if workers > 1:
             # The supervisor is a fresh image (same pid): cryptography's library never loaded in it,
             # while each worker, which verifies tokens, has it.
-            assert not mapped(proc.pid, "/cryptography/")
+            assert not mapped(run.pid, "/cryptography/")
             assert all(mapped(pid, "/cryptography/") for pid in pids[1:])
-    finally:
-        proc.terminate()
-        assert await asyncio.wait_for(proc.wait(), 30) == 0
+        assert await run.stop(timeout=30) == 0

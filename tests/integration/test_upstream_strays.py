@@ -1,7 +1,7 @@
 """Through the real proxy: an upstream that sends bytes nobody asked for never gives one user's
 answer to another (proxy/http/upstream.py: stray bytes, bodiless answers, the idle check at reuse).
 
-The upstream (tests/support/raw.py) answers each request with the caller's identity, the
+The upstream (tests/support/strays.py) answers each request with the caller's identity, the
 `X-User-Id` the proxy injected from the token, in `X-Marker` (and the body), then misbehaves
 as the test says. Every client is a distinct user; each must get the answer made for it.
 Every test is bounded by `LIMIT`; every socket read by `send_raw`'s timeout.
@@ -10,7 +10,6 @@ Every test is bounded by `LIMIT`; every socket read by `send_raw`'s timeout.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -18,78 +17,20 @@ import pytest
 from tests.conftest import TestKey, mint
 from tests.integration.conftest import BASE_CONFIG, Sidecar
 from tests.integration.test_security import first_response, send_raw
+from tests.support import strays
 from tests.support.raw import Handler, bounded_by
+from tests.support.strays import STRAYS
 
 LIMIT = 20.0
 RAW_CONFIG = BASE_CONFIG.replace("{upstream}", "{raw}")
 bounded = bounded_by(LIMIT)
 
 
-def head_of(marker: bytes, status: int = 200, fields: bytes = b"") -> bytes:
-    return b"HTTP/1.1 %d X\r\nX-Marker: %b\r\n%b\r\n" % (status, marker, fields)
-
-
-def whole(marker: bytes) -> bytes:
-    return head_of(marker, 200, b"Content-Length: %d\r\n" % len(marker)) + marker
-
-
-def chunked(marker: bytes) -> bytes:
-    return head_of(marker, 200, b"Transfer-Encoding: chunked\r\n") + b"%x\r\n%b\r\n0\r\n\r\n" % (len(marker), marker)
-
-
-def length(marker: bytes) -> bytes:
-    return b"Content-Length: %d\r\n" % len(whole(marker))
-
-
-# The request's method, then for a request from user `m`: the answer, and the bytes nobody
-# asked for that follow it; read as the next request's answer, they are user m's answer.
-STRAYS: dict[str, tuple[str, Callable[[bytes], tuple[bytes, bytes]]]] = {
-    "second-answer": ("GET", lambda m: (whole(m), whole(m))),
-    "head-body": ("HEAD", lambda m: (head_of(m, 200, length(m)), whole(m))),
-    "204-body": ("GET", lambda m: (head_of(m, 204), whole(m))),
-    "304-length-body": ("GET", lambda m: (head_of(m, 304, length(m)), whole(m))),
-    "extra-after-content-length": ("GET", lambda m: (whole(m), b"\r\n" + whole(m))),
-    "after-chunked-end": ("GET", lambda m: (chunked(m), whole(m))),
-    "garbage-after-chunked-end": ("GET", lambda m: (chunked(m), b"garbage\r\n\r\n")),
-}
-
-
 def misbehaving(mode: str, delay: float | None) -> Handler:
-    """Answers every request on a connection as STRAYS[mode] says, the stray bytes in the same
-    write (`delay` None) or `delay` seconds later, while it goes on reading requests."""
-    _, make = STRAYS[mode]
-
-    async def later(writer: asyncio.StreamWriter, seconds: float, data: bytes) -> None:
-        await asyncio.sleep(seconds)
-        if not writer.is_closing():
-            writer.write(data)
-
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, index: int) -> None:
-        pending: set[asyncio.Task[None]] = set()
-        try:
-            while True:
-                try:
-                    head = await reader.readuntil(b"\r\n\r\n")
-                except asyncio.IncompleteReadError:
-                    return
-                user = next(
-                    line.partition(b":")[2].strip()
-                    for line in head.split(b"\r\n")
-                    if line.lower().startswith(b"x-user-id:")
-                )
-                answer, stray = make(user)
-                if delay is None:
-                    writer.write(answer + stray)
-                else:
-                    writer.write(answer)
-                    task = asyncio.create_task(later(writer, delay, stray))
-                    pending.add(task)
-                    task.add_done_callback(pending.discard)
-        finally:
-            for task in pending:
-                task.cancel()
-
-    return handler
+    """Answers every request on a connection as STRAYS[mode] says, marked by the user the
+    proxy injected (`X-User-Id`), the stray bytes in the same write (`delay` None) or `delay`
+    seconds later, while it goes on reading requests."""
+    return strays.misbehaving(mode, None if delay is None else lambda: delay, strays.by_field(b"x-user-id"))
 
 
 async def as_user(s: Sidecar, key: TestKey, method: str, user: str) -> str:

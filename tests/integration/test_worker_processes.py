@@ -22,9 +22,9 @@ import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import TestKey
-from tests.integration.test_lifecycle import wait_ready
 from tests.integration.test_readme_metrics import exported, readme_metrics
-from tests.integration.test_workers import children, start
+from tests.integration.test_workers import start
+from tests.support.process import Run, children
 from tests.support.raw import bounded_by
 
 PROCESS_FAMILIES = (
@@ -77,51 +77,28 @@ async def process_samples(session: aiohttp.ClientSession, admin: str) -> dict[tu
 
 
 class Supervised:
-    """`run` with `workers: 2` in a subprocess, its stderr read all along (the workers write to
-    the same pipe: EOF once every process has exited)."""
+    """`run` with `workers: 2` in a subprocess (tests/support/process.py reads its stderr all
+    along; the workers write to the same pipe: EOF once every process has exited)."""
 
-    def __init__(self, proc: asyncio.subprocess.Process, base: str, admin: str) -> None:
-        self.proc, self.base, self.admin = proc, base, admin
-        assert proc.stderr is not None
-        self._stderr = asyncio.ensure_future(proc.stderr.read())
-        self.seen: set[int] = set()
-        """Every worker pid seen, to kill should the test fail before a clean stop."""
+    def __init__(self, run: Run) -> None:
+        self.run, self.proc, self.base, self.admin = run, run.proc, run.url, run.admin_url
 
     def workers(self) -> dict[str, int]:
-        found = workers(self.proc.pid)
-        self.seen |= set(found.values())
-        return found
+        return workers(self.proc.pid)
 
     async def stop(self) -> str:
         """SIGTERM, and the whole stderr once everything has exited (with status 0)."""
-        self.proc.send_signal(signal.SIGTERM)
-        stderr = (await asyncio.wait_for(self._stderr, 20)).decode()
-        assert await asyncio.wait_for(self.proc.wait(), 20) == 0
-        return stderr
-
-    async def kill(self) -> None:
-        if self.proc.returncode is None:
-            # The workers too: they hold the stderr pipe, and wait() waits for it to close.
-            for pid in [self.proc.pid, *self.seen]:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            await self.proc.wait()
-        self._stderr.cancel()
+        assert await self.run.stop() == 0
+        return self.run.err.decode()
 
 
 @contextlib.asynccontextmanager
 async def supervised(
     tmp_path: Path, aiohttp_server: Any, jwks_server: Any, rsa_key: TestKey
 ) -> AsyncIterator[tuple[Supervised, aiohttp.ClientSession]]:
-    proc, base, admin = await start(tmp_path, aiohttp_server, jwks_server, rsa_key, stderr=asyncio.subprocess.PIPE)
-    run = Supervised(proc, base, admin)
-    try:
+    async with await start(tmp_path, aiohttp_server, jwks_server, rsa_key) as run:
         async with aiohttp.ClientSession() as session:
-            await wait_ready(session, admin + "/readyz", proc)
-            run.workers()
-            yield run, session
-    finally:
-        await run.kill()
+            yield Supervised(run), session
 
 
 @bounded_by(90)

@@ -6,7 +6,7 @@ import asyncio
 import os
 import re
 import signal
-import sys
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
@@ -15,55 +15,27 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import TestKey, jwks_of, mint
 from tests.integration.conftest import BASE_CONFIG
-from tests.integration.test_lifecycle import free_port, wait_ready
+from tests.support.process import Run, children, running
 from tests.support.upstream import start_upstream
-
-REPO = Path(__file__).parents[2]
-
-
-def children(pid: int) -> list[int]:
-    found = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        text = (task / "children").read_text().split()
-        found += [int(p) for p in text]
-    return found
 
 
 async def start(
-    tmp_path: Path, aiohttp_server: Any, jwks_server: Any, rsa_key: TestKey, stderr: int = asyncio.subprocess.DEVNULL
-) -> tuple[Any, str, str]:
+    tmp_path: Path, aiohttp_server: Any, jwks_server: Any, rsa_key: TestKey
+) -> AbstractAsyncContextManager[Run]:
+    """`run` with `workers: 2` in front of a real upstream, ready (the context stops it)."""
     jwks_server.document = jwks_of(rsa_key)
     upstream = await start_upstream(aiohttp_server)
-    listen, admin = free_port(), free_port()
-    text = (
-        BASE_CONFIG.replace("{upstream}", upstream.url).replace("{jwks}", jwks_server.url())
-        + f"listen: 127.0.0.1:{listen}\nadmin: 127.0.0.1:{admin}\nworkers: 2\ndrain_timeout: 5s\n"
-    )
-    path = tmp_path / "config.yaml"
-    path.write_text(text)
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "proxy",
-        "run",
-        "--config",
-        str(path),
-        cwd=REPO,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=stderr,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
-    return proc, f"http://127.0.0.1:{listen}", f"http://127.0.0.1:{admin}"
+    text = BASE_CONFIG.replace("{upstream}", upstream.url).replace("{jwks}", jwks_server.url())
+    return running(tmp_path, text + "workers: 2\ndrain_timeout: 5s\n", stdout=False)
 
 
 async def test_two_workers_serve_one_port_and_report_one_set_of_metrics(
     tmp_path: Path, aiohttp_server: Any, jwks_server: Any, rsa_key: TestKey
 ) -> None:
-    proc, base, admin = await start(tmp_path, aiohttp_server, jwks_server, rsa_key)
-    try:
+    async with await start(tmp_path, aiohttp_server, jwks_server, rsa_key) as run:
+        base, admin = run.url, run.admin_url
         async with aiohttp.ClientSession() as session:
-            await wait_ready(session, admin + "/readyz", proc)
-            workers = children(proc.pid)
+            workers = children(run.pid)
             assert len(workers) == 2
             token = mint(key=rsa_key)
             # New connections each time, so the kernel spreads them over both workers.
@@ -92,13 +64,8 @@ async def test_two_workers_serve_one_port_and_report_one_set_of_metrics(
         hits = samples[("jwt_sidecar_token_cache_requests_total", (("result", "hit"),))]
         misses = samples[("jwt_sidecar_token_cache_requests_total", (("result", "miss"),))]
         assert hits + misses == 40 and misses <= 2, "one miss per worker at most"
-        proc.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(proc.wait(), 20) == 0
+        assert await run.stop() == 0
         assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
 
 
 async def readyz(session: aiohttp.ClientSession, admin: str) -> tuple[int, str]:
@@ -109,12 +76,11 @@ async def readyz(session: aiohttp.ClientSession, admin: str) -> tuple[int, str]:
 async def test_a_killed_worker_is_started_again_while_the_other_keeps_serving(
     tmp_path: Path, aiohttp_server: Any, jwks_server: Any, rsa_key: TestKey
 ) -> None:
-    proc, base, admin = await start(tmp_path, aiohttp_server, jwks_server, rsa_key)
     token = {"Authorization": f"Bearer {mint(key=rsa_key)}"}
-    try:
+    async with await start(tmp_path, aiohttp_server, jwks_server, rsa_key) as run:
+        base, admin = run.url, run.admin_url
         async with aiohttp.ClientSession() as session:
-            await wait_ready(session, admin + "/readyz", proc)
-            before = children(proc.pid)
+            before = children(run.pid)
             assert len(before) == 2
             os.kill(before[0], signal.SIGKILL)
             # The supervisor notices, and says so until the new worker is ready.
@@ -135,37 +101,29 @@ async def test_a_killed_worker_is_started_again_while_the_other_keeps_serving(
                 if (await readyz(session, admin))[0] == 200:
                     break
             assert answered_while_restarting >= 3
-            await wait_ready(session, admin + "/readyz", proc)
-            after = children(proc.pid)
+            await run.ready()
+            after = children(run.pid)
             assert len(after) == 2 and before[1] in after and before[0] not in after
             for _ in range(10):
                 async with aiohttp.ClientSession() as fresh:
                     async with fresh.get(base + "/orders", headers=token) as response:
                         assert response.status == 200
-        proc.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(proc.wait(), 20) == 0, "a restarted set stops cleanly"
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+        assert await run.stop() == 0, "a restarted set stops cleanly"
 
 
 async def test_a_worker_that_dies_on_every_start_stops_the_set_with_status_1(
     tmp_path: Path, aiohttp_server: Any, jwks_server: Any, rsa_key: TestKey
 ) -> None:
-    proc, _base, admin = await start(tmp_path, aiohttp_server, jwks_server, rsa_key, stderr=asyncio.subprocess.PIPE)
-    try:
-        async with aiohttp.ClientSession() as session:
-            await wait_ready(session, admin + "/readyz", proc)
+    async with await start(tmp_path, aiohttp_server, jwks_server, rsa_key) as run:
         # The config file is broken (the running workers refuse to reload it and keep
         # serving); then a worker dies: every new one fails to load the file and exits.
-        path = tmp_path / "config.yaml"
+        path = run.config
         path.write_text(path.read_text().replace("providers:", "providers:\n  broken: {issuer: i}\n", 1))
-        workers = children(proc.pid)
+        workers = children(run.pid)
         os.kill(workers[0], signal.SIGKILL)
-        assert await asyncio.wait_for(proc.wait(), 60) == 1
+        assert await run.exited(60) == 1
         assert not Path(f"/proc/{workers[1]}").exists(), "the worker still serving was stopped too"
-        stderr = (await proc.stderr.read()).decode()
+        stderr = run.err.decode()
         # Four restarts; repeat lines are limited to one a second, the rest counted on the next.
         restarts = [line for line in stderr.splitlines() if "starting it again in" in line]
         suppressed = sum(
@@ -173,30 +131,18 @@ async def test_a_worker_that_dies_on_every_start_stops_the_set_with_status_1(
         )
         assert len(restarts) + suppressed == 4, stderr[-3000:]
         assert "5 worker deaths within 60s; stopping the set" in stderr, stderr[-3000:]
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
 
 
 async def test_a_stop_while_a_worker_waits_to_be_restarted_is_a_clean_stop(
     tmp_path: Path, aiohttp_server: Any, jwks_server: Any, rsa_key: TestKey
 ) -> None:
-    proc, _, admin = await start(tmp_path, aiohttp_server, jwks_server, rsa_key, stderr=asyncio.subprocess.PIPE)
-    try:
-        async with aiohttp.ClientSession() as session:
-            await wait_ready(session, admin + "/readyz", proc)
-        path = tmp_path / "config.yaml"
+    async with await start(tmp_path, aiohttp_server, jwks_server, rsa_key) as run:
+        path = run.config
         path.write_text(path.read_text().replace("providers:", "providers:\n  broken: {issuer: i}\n", 1))
-        workers = children(proc.pid)
+        workers = children(run.pid)
         os.kill(workers[0], signal.SIGKILL)  # its restarts fail: the set is between two of them
         await asyncio.sleep(1.0)
-        proc.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(proc.wait(), 20) == 0
+        assert await run.stop() == 0
         assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
-        stderr = (await proc.stderr.read()).decode()
+        stderr = run.err.decode()
         assert "starting it again in" in stderr and "Traceback" not in stderr and "never awaited" not in stderr
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()

@@ -137,6 +137,15 @@ def test_changes_name_what_a_reload_adds_removes_and_changes() -> None:
     assert changes(old, fewer) == {"routes_removed": ["b"], "providers_removed": ["other"]}
 
 
+@pytest.mark.parametrize("change", ["drain_timeout: 60s\n", "drain_delay: 5s\n", "access_log: false\n", "workers: 2\n"])
+def test_a_change_to_what_is_read_once_at_start_is_reported_as_needing_a_restart(change: str) -> None:
+    # The drain is timed and the access log opened with the values the process started with
+    # (ops/server.py, and the supervisor of `workers`): a reload must not say they changed.
+    old = config.parse(BASE)
+    key = change.partition(":")[0]
+    assert changes(old, config.parse(BASE + change)) == {"needs_restart": [key]}
+
+
 async def test_a_password_in_the_jwks_url_is_never_logged(
     jwks_server: JwksServer, clock: FakeClock, rsa_key: TestKey, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -404,6 +404,28 @@ def test_connection_limits_and_timeouts_defaults_and_route_websocket_inherits_th
 
 
 @pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("keep_alive_timeout: 0\n", "c.yaml:3: keep_alive_timeout: must be more than 0s"),
+        ("keep_alive_timeout: -5s\n", "c.yaml:3: keep_alive_timeout:"),
+        ("keep_alive_timeout: later\n", "c.yaml:3: keep_alive_timeout: 'later' is not a duration"),
+        # nginx's spelling
+        ("keepalive_timeout: 30s\n", "c.yaml:3: keepalive_timeout: unknown key; did you mean keep_alive_timeout?"),
+    ],
+    ids=["zero", "negative", "word", "nginx-spelling"],
+)
+def test_keep_alive_timeout_is_checked_with_its_line(text: str, expected: str) -> None:
+    found = issues_of(_LIMITS_BASE + text)
+    assert any(issue.startswith(expected) for issue in found), found
+
+
+def test_keep_alive_timeout_is_75s_unless_set() -> None:
+    assert parse(_LIMITS_BASE).keep_alive_timeout == 75.0
+    assert parse(_LIMITS_BASE + "keep_alive_timeout: 650s\n").keep_alive_timeout == 650.0
+    assert parse(_LIMITS_BASE + "keep_alive_timeout: 500ms\n").keep_alive_timeout == 0.5
+
+
+@pytest.mark.parametrize(
     "scope", ["read admin", "read\\tadmin", "", " admin", "admin\\u00a0", "caf\\u00e9", 'a\\"b', "a\\\\b"]
 )
 def test_a_scope_that_no_token_could_grant_is_refused_with_its_line(scope: str) -> None:

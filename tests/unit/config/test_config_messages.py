@@ -13,6 +13,7 @@ import itertools
 import re
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -827,9 +828,30 @@ def _places(node: object, prefix: tuple[object, ...] = ()) -> list[tuple[object,
     return found
 
 
-def test_any_odd_value_in_any_place_is_an_error_naming_its_line_never_a_crash(monkeypatch: pytest.MonkeyPatch) -> None:
+def assert_odd_values_are_refused_by_line(good: dict[str, Any], places: list[tuple[object, ...]]) -> None:
+    """Each of ODD_VALUES put at each of `places` of the document `good`, one at a time: the
+    config parses, or is refused with issues that each name a line and show no Python value
+    (None, True); never a crash."""
     import copy
 
+    import yaml
+
+    for place in places:
+        for value in ODD_VALUES:
+            document = copy.deepcopy(good)
+            parent: Any = document
+            for step in place[:-1]:
+                parent = parent[step]
+            parent[place[-1]] = value
+            try:
+                parse(yaml.safe_dump(document, sort_keys=False), file="c.yaml")
+            except ConfigError as error:
+                for issue in error.issues:
+                    assert issue.line, (place, value, str(issue))
+                    assert "None" not in issue.message and "True" not in issue.message, (place, value, str(issue))
+
+
+def test_any_odd_value_in_any_place_is_an_error_naming_its_line_never_a_crash(monkeypatch: pytest.MonkeyPatch) -> None:
     import yaml
 
     from tests.unit.config.test_config import GOOD
@@ -852,16 +874,46 @@ def test_any_odd_value_in_any_place_is_an_error_naming_its_line_never_a_crash(mo
         },
     )
     good["routes"][0]["cors"] = {"allow_origins": ["*"], "allow_headers": ["*", "Authorization"]}
-    for place in _places(good):
-        for value in ODD_VALUES:
-            document = copy.deepcopy(good)
-            parent = document
-            for step in place[:-1]:
-                parent = parent[step]
-            parent[place[-1]] = value
-            try:
-                parse(yaml.safe_dump(document, sort_keys=False), file="c.yaml")
-            except ConfigError as error:
-                for issue in error.issues:
-                    assert issue.line, (place, value, str(issue))
-                    assert "None" not in issue.message and "True" not in issue.message, (place, value, str(issue))
+    assert_odd_values_are_refused_by_line(good, _places(good))
+
+
+def test_any_odd_value_in_any_key_source_is_an_error_naming_its_line_never_a_crash(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Every way a provider gets its keys; `secret: {file: ${UNSET}}` (or a list, or null) was a
+    # TypeError out of the builder, a traceback instead of one line.
+    import yaml
+
+    monkeypatch.delenv("JWT_SIDECAR_TEST_UNSET_ODD", raising=False)
+    monkeypatch.setenv("JWT_SIDECAR_TEST_ODD_SECRET", "k" * 64)
+    good = yaml.safe_load(
+        "providers:\n"
+        "  hs: {issuer: i, audiences: [a], algorithms: [HS256], secret: {file: s.txt, encoding: utf-8, kid: k1}}\n"
+        "  envs: {issuer: j, audiences: [a], algorithms: [HS256], secret: {env: JWT_SIDECAR_TEST_ODD_SECRET}}\n"
+        "  pem: {issuer: k, audiences: [a], algorithms: [RS256], pem_file: key.pem, kid: p1}\n"
+        "  jf: {issuer: l, audiences: [a], jwks_file: keys.json}\n"
+        "  disc: {issuer: 'https://m', audiences: [a], discovery: {url: 'https://m/.well-known/x', timeout: 2s}}\n"
+        "  disc2: {issuer: 'https://n', audiences: [a], discovery: true}\n"
+        "routes:\n  - {match: {path_prefix: /}, auth: {provider: hs}}\n"
+    )
+    assert_odd_values_are_refused_by_line(good, _places(good))
+
+
+@pytest.mark.parametrize("key", ["file", "env"])
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ("null", "is required: a string"),
+        ("[a]", "a list is not a string"),
+        ('"${JWT_SIDECAR_TEST_UNSET_ODD}"', "environment variable JWT_SIDECAR_TEST_UNSET_ODD is not set"),
+    ],
+    ids=["null", "list", "unset-variable"],
+)
+def test_a_secret_without_a_usable_file_or_env_name_is_one_error(
+    monkeypatch: pytest.MonkeyPatch, key: str, value: str, problem: str
+) -> None:
+    monkeypatch.delenv("JWT_SIDECAR_TEST_UNSET_ODD", raising=False)
+    text = f"providers:\n  p: {{issuer: i, audiences: [a], algorithms: [HS256], secret: {{{key}: {value}}}}}\n"
+    with pytest.raises(ConfigError) as refused:
+        parse(text, file="c.yaml")
+    assert [str(issue) for issue in refused.value.issues] == [f"c.yaml:2: providers.p.secret.{key}: {problem}"]

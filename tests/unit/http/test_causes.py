@@ -236,9 +236,31 @@ def test_peer_is_host_and_port(url: str, expected: str) -> None:
     [
         ("https://user:s3cret@issuer.example/jwks.json", "https://***@issuer.example/jwks.json"),
         ("https://token@issuer.example:8443/jwks", "https://***@issuer.example:8443/jwks"),
-        ("https://issuer.example/jwks.json?x=a@b", "https://issuer.example/jwks.json?x=a@b"),
+        # An '@' in the path or query is not a password's: the host stays (the query's value goes, below).
+        ("https://issuer.example/jwks.json?x=a@b", "https://issuer.example/jwks.json?x=***"),
+        ("https://issuer.example?x=a@b", "https://issuer.example?x=***"),
         ("https://issuer.example/a@b", "https://issuer.example/a@b"),
     ],
 )
 def test_a_password_in_a_url_is_never_shown(url: str, expected: str) -> None:
     assert shown(url) == expected
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        # Some issuers put an API key in a JWKS URL: each value is hidden, the names stay.
+        ("https://issuer.example/jwks.json?api_key=s3cret", "https://issuer.example/jwks.json?api_key=***"),
+        (
+            "https://u:p@issuer.example/k?a=1&sig=s3cret&flag&empty=",
+            "https://***@issuer.example/k?a=***&sig=***&***&empty=",
+        ),
+        ("redis://:pw@redis.internal:6379/0?password=s3cret", "redis://***@redis.internal:6379/0?password=***"),
+        ("https://issuer.example/jwks.json#s3cret", "https://issuer.example/jwks.json#***"),
+        ("https://issuer.example/jwks.json?", "https://issuer.example/jwks.json?"),
+        ("unix:///var/run/redis.sock", "unix:///var/run/redis.sock"),
+    ],
+)
+def test_a_query_value_in_a_url_is_never_shown(url: str, expected: str) -> None:
+    assert shown(url) == expected
+    assert "s3cret" not in shown(url)

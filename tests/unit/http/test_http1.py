@@ -135,6 +135,16 @@ def chunked(*pieces: bytes) -> bytes:
     return b"".join(b"%x\r\n%b\r\n" % (len(p), p) for p in pieces) + b"0\r\n\r\n"
 
 
+@dataclass
+class Held:
+    """What `Harness.hold` made: a request whose handler is running and waiting."""
+
+    server: Server
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    cancelled: asyncio.Event
+
+
 class Harness:
     """Servers and client connections made by a test; all closed when it ends."""
 
@@ -162,6 +172,27 @@ class Harness:
             reader, writer = await asyncio.open_connection(sock=sock)
         self.writers.append(writer)
         return reader, writer
+
+    async def hold(self, target: str = "/") -> Held:
+        """A server and one connection whose request to `target` has reached a handler that then
+        waits (30 s, then answers b"late": a cancel that never came shows as that answer)
+        until it is cancelled, which it records in `Held.cancelled`."""
+        started, cancelled = asyncio.Event(), asyncio.Event()
+
+        async def waits(request: Request) -> None:
+            started.set()
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                cancelled.set()
+                raise
+            request.respond(200, None, [], b"late")
+
+        server = await self.serve(waits)
+        reader, writer = await self.connect(server)
+        writer.write(request_bytes(target))
+        await asyncio.wait_for(started.wait(), 2)
+        return Held(server, reader, writer, cancelled)
 
     async def exchange(self, server: Server, data: bytes, *, method: str = "GET") -> Answer:
         reader, writer = await self.connect(server)
@@ -193,6 +224,23 @@ def reset(writer: asyncio.StreamWriter) -> None:
 
 
 # --- handlers ------------------------------------------------------------------------
+
+
+def body_reader(errors: list[BaseException], **limits: float) -> Callable[[Request], Awaitable[None]]:
+    """A handler that reads the whole body with `iter_body(**limits)`: a BodyTimeout is kept in
+    `errors` and answered 408, a body that came whole 200."""
+
+    async def handler(request: Request) -> None:
+        try:
+            async for _ in request.iter_body(**limits):
+                pass
+        except BodyTimeout as error:
+            errors.append(error)
+            request.respond(408, None, [], b"too slow")
+            return
+        request.respond(200, None, [], b"complete?")
+
+    return handler
 
 
 class Echo:
@@ -969,24 +1017,10 @@ async def test_handler_error_mid_answer_truncates(harness: Harness, length: int 
 async def test_a_fin_while_a_request_runs_cancels_it_and_closes(harness: Harness) -> None:
     # As nginx, Envoy and aiohttp do: a client that closes its side has gone away, so its
     # handler (and the upstream request it holds, an abandoned long-poll say) stops now.
-    started, cancelled = asyncio.Event(), asyncio.Event()
-
-    async def slow(request: Request) -> None:
-        started.set()
-        try:
-            await asyncio.sleep(5)
-        except asyncio.CancelledError:
-            cancelled.set()
-            raise
-        request.respond(200, None, [], b"late")
-
-    server = await harness.serve(slow)
-    reader, writer = await harness.connect(server)
-    writer.write(request_bytes("/one"))  # alone: behind a pipelined request reading pauses, and a FIN waits unread
-    await asyncio.wait_for(started.wait(), 2)
-    writer.write_eof()
-    await asyncio.wait_for(cancelled.wait(), 2)
-    assert await rest(reader) == b"", "no answer after the client closed its side"
+    held = await harness.hold("/one")  # alone: behind a pipelined request reading pauses, and a FIN waits unread
+    held.writer.write_eof()
+    await asyncio.wait_for(held.cancelled.wait(), 2)
+    assert await rest(held.reader) == b"", "no answer after the client closed its side"
 
 
 @bounded
@@ -1001,22 +1035,9 @@ async def test_half_close_while_idle_closes(harness: Harness) -> None:
 
 @bounded
 async def test_client_reset_cancels_the_handler(harness: Harness) -> None:
-    started, cancelled = asyncio.Event(), asyncio.Event()
-
-    async def forever(request: Request) -> None:
-        started.set()
-        try:
-            await asyncio.Event().wait()
-        except asyncio.CancelledError:
-            cancelled.set()
-            raise
-
-    server = await harness.serve(forever)
-    _reader, writer = await harness.connect(server)
-    writer.write(request_bytes("/"))
-    await asyncio.wait_for(started.wait(), 2)
-    reset(writer)
-    await asyncio.wait_for(cancelled.wait(), 2)
+    held = await harness.hold()
+    reset(held.writer)
+    await asyncio.wait_for(held.cancelled.wait(), 2)
 
 
 @bounded
@@ -1047,17 +1068,7 @@ async def test_client_leaving_mid_body_stops_the_body_reader(harness: Harness) -
 async def test_a_stalled_body_times_out(harness: Harness) -> None:
     errors: list[BaseException] = []
 
-    async def reader_handler(request: Request) -> None:
-        try:
-            async for _ in request.iter_body(timeout=0.2):
-                pass
-        except BodyTimeout as error:
-            errors.append(error)
-            request.respond(408, None, [], b"too slow")
-            return
-        request.respond(200, None, [], b"complete?")
-
-    server = await harness.serve(reader_handler)
+    server = await harness.serve(body_reader(errors, timeout=0.2))
     reader, writer = await harness.connect(server)
     writer.write(request_bytes("/", method="POST", headers=(("Content-Length", "10"),)) + b"abc")
     answer = await read_answer(reader)
@@ -1209,17 +1220,7 @@ async def test_a_trickled_body_times_out_at_its_deadline(harness: Harness) -> No
     # A byte every 0.1 s never trips the per-read timeout (1 s); the total (0.5 s) ends it.
     errors: list[BaseException] = []
 
-    async def reader_handler(request: Request) -> None:
-        try:
-            async for _ in request.iter_body(timeout=1.0, total=0.5):
-                pass
-        except BodyTimeout as error:
-            errors.append(error)
-            request.respond(408, None, [], b"too slow")
-            return
-        request.respond(200, None, [], b"complete?")
-
-    server = await harness.serve(reader_handler)
+    server = await harness.serve(body_reader(errors, timeout=1.0, total=0.5))
     reader, writer = await harness.connect(server)
     writer.write(request_bytes("/", method="POST", headers=(("Content-Length", "100"),)))
     began = time.monotonic()
@@ -1302,26 +1303,12 @@ async def test_shutdown_lets_an_answer_in_progress_finish(harness: Harness) -> N
 
 @bounded
 async def test_shutdown_cuts_an_answer_that_overruns(harness: Harness) -> None:
-    started, cancelled = asyncio.Event(), asyncio.Event()
-
-    async def forever(request: Request) -> None:
-        started.set()
-        try:
-            await asyncio.sleep(30)
-        except asyncio.CancelledError:
-            cancelled.set()
-            raise
-        request.respond(200, None, [], b"too late")
-
-    server = await harness.serve(forever)
-    reader, writer = await harness.connect(server)
-    writer.write(request_bytes("/"))
-    await asyncio.wait_for(started.wait(), 2)
+    held = await harness.hold()
     began = time.monotonic()
-    await server.shutdown(0.3)
+    await held.server.shutdown(0.3)
     assert 0.25 <= time.monotonic() - began < 1.0
-    assert await rest(reader) == b""  # cut: no answer at all
-    await asyncio.wait_for(cancelled.wait(), 1)
+    assert await rest(held.reader) == b""  # cut: no answer at all
+    await asyncio.wait_for(held.cancelled.wait(), 1)
 
 
 # --- draining without dropping a request (issue 10, item 17) -------------------------------

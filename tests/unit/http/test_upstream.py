@@ -7,25 +7,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
-import ipaddress
 import json
 import socket
 import ssl
 import threading
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp import web
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from proxy.http.upstream import Pool, Response, UpstreamConnectError, UpstreamError, UpstreamProtocolError
 from tests.support.raw import Handler, bounded_by, eventually
+from tests.support.strays import STRAYS, misbehaving, read_request, whole
+from tests.support.tls import self_signed_files
 
 LIMIT = 10.0  # seconds any one test may take
 MiB = 1024 * 1024
@@ -35,34 +31,6 @@ bounded = bounded_by(LIMIT)
 
 
 # --- hand-written requests and answers (the server: tests/support/raw.py) --------------
-
-
-async def read_request(reader: asyncio.StreamReader) -> tuple[bytes, bytes] | None:
-    """One request: its head as sent and its de-chunked body; None at a clean EOF between requests."""
-    try:
-        head = await reader.readuntil(b"\r\n\r\n")
-    except asyncio.IncompleteReadError as error:
-        if error.partial:
-            raise
-        return None
-    fields = {}
-    for line in head.split(b"\r\n")[1:]:
-        if line:
-            name, _, value = line.partition(b":")
-            fields[name.strip().lower()] = value.strip()
-    if b"content-length" in fields:
-        return head, await reader.readexactly(int(fields[b"content-length"]))
-    if fields.get(b"transfer-encoding") == b"chunked":
-        body = bytearray()
-        while True:
-            size = int((await reader.readline()).split(b";")[0], 16)
-            if size == 0:
-                while await reader.readline() != b"\r\n":
-                    pass
-                return head, bytes(body)
-            body += await reader.readexactly(size)
-            assert await reader.readexactly(2) == b"\r\n"
-    return head, b""
 
 
 def answering(*answers: bytes, then_close: bool = False) -> Handler:
@@ -1034,77 +1002,6 @@ async def test_chunked_in_any_case_is_chunked(pool: Pool, raw_server: Any, codin
 # --- bytes nobody asked for: never another request's answer ----------------------------
 
 
-def head_of(marker: bytes, status: int = 200, fields: bytes = b"") -> bytes:
-    return b"HTTP/1.1 %d X\r\nX-Marker: %b\r\n%b\r\n" % (status, marker, fields)
-
-
-def whole(marker: bytes) -> bytes:
-    """A complete answer marked `marker`, in its X-Marker field and its body."""
-    return head_of(marker, 200, b"Content-Length: %d\r\n" % len(marker)) + marker
-
-
-def chunked(marker: bytes) -> bytes:
-    return head_of(marker, 200, b"Transfer-Encoding: chunked\r\n") + b"%x\r\n%b\r\n0\r\n\r\n" % (len(marker), marker)
-
-
-def length(marker: bytes) -> bytes:
-    return b"Content-Length: %d\r\n" % len(whole(marker))
-
-
-# For a request marked `m`: its method, then the answer and the bytes nobody asked for that a
-# misbehaving upstream sends after it. Read as the next request's answer, those bytes are a
-# whole answer marked `m`: one user's answer given to another.
-STRAYS: dict[str, tuple[str, Callable[[bytes], tuple[bytes, bytes]]]] = {
-    "second-answer": ("GET", lambda m: (whole(m), whole(m))),
-    "head-body": ("HEAD", lambda m: (head_of(m, 200, length(m)), whole(m))),
-    "204-body": ("GET", lambda m: (head_of(m, 204), whole(m))),
-    "204-length-body": ("GET", lambda m: (head_of(m, 204, length(m)), whole(m))),
-    "304-body": ("GET", lambda m: (head_of(m, 304), whole(m))),
-    "304-length-body": ("GET", lambda m: (head_of(m, 304, length(m)), whole(m))),
-    "304-chunked-body": (
-        "GET",
-        lambda m: (
-            head_of(m, 304, b"Transfer-Encoding: chunked\r\n"),
-            b"%x\r\n%b\r\n0\r\n\r\n" % (len(whole(m)), whole(m)),
-        ),
-    ),
-    "crlf-then-answer": ("GET", lambda m: (whole(m), b"\r\n" + whole(m))),  # llhttp skips CRLFs between messages
-    "after-chunked-end": ("GET", lambda m: (chunked(m), whole(m))),
-    "garbage-after-chunked-end": ("GET", lambda m: (chunked(m), b"garbage\r\n\r\n")),
-}
-
-
-def misbehaving(mode: str, delay: Callable[[], float] | None) -> Handler:
-    """An upstream that answers each request (marked by its target, `/m/<marker>`) as
-    STRAYS[mode] says: the stray bytes in the same write when `delay` is None, else that
-    many seconds after the answer, while it reads and answers the next request."""
-    _, make = STRAYS[mode]
-
-    async def later(writer: asyncio.StreamWriter, seconds: float, data: bytes) -> None:
-        await asyncio.sleep(seconds)
-        if not writer.is_closing():
-            writer.write(data)
-
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, index: int) -> None:
-        pending = set()
-        try:
-            while (request := await read_request(reader)) is not None:
-                marker = request[0].split(b" ", 2)[1].rpartition(b"/")[2]
-                answer, stray = make(marker)
-                if delay is None:
-                    writer.write(answer + stray)
-                else:
-                    writer.write(answer)
-                    task = asyncio.create_task(later(writer, delay(), stray))
-                    pending.add(task)
-                    task.add_done_callback(pending.discard)
-        finally:
-            for task in pending:
-                task.cancel()
-
-    return handler
-
-
 async def one_marked(pool: Pool, port: int, method: str, marker: str) -> str:
     """One request marked `marker`: what it got back ("ok" when it was its own answer)."""
     try:
@@ -1449,36 +1346,9 @@ async def test_a_failing_body_propagates_unchanged(pool: Pool, raw_server: Any) 
 # --- TLS -------------------------------------------------------------------------------
 
 
-def _self_signed(tmp: Path) -> tuple[Path, Path]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = tmp / "cert.pem", tmp / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    return cert_path, key_path
-
-
 @bounded
 async def test_https(tmp_path: Path) -> None:
-    cert, key = _self_signed(tmp_path)
+    cert, key = self_signed_files(tmp_path)
     server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     server_context.load_cert_chain(cert, key)
     connections = 0

@@ -72,6 +72,20 @@ def test_a_provider_without_max_token_age_needs_a_ttl(config: Path, capsys: pyte
     assert rule.expires == pytest.approx(time.time() + 7200, abs=5)
 
 
+def test_a_provider_that_opted_out_of_revocation_does_not_set_the_rules_life(config: Path) -> None:
+    # `partners` has no max_token_age but never reads the list: the rule lasts main's tokens' life.
+    config.write_text(
+        PROVIDERS.replace(
+            "jwks: {url: 'https://p.test/jwks'}}", "jwks: {url: 'https://p.test/jwks'}, revocation: false}"
+        )
+        + "revocation: {file: revoked.yaml}\n"
+    )
+    assert "revocation: false}" in config.read_text()
+    assert main(["revoke", "--sub", "alice", "--config", str(config)]) == 0
+    [rule] = list(rules_in(config))
+    assert rule.expires == pytest.approx(time.time() + 3600 + 30, abs=5)
+
+
 @pytest.mark.parametrize(
     ("argv", "problem"),
     [

@@ -85,7 +85,8 @@ def _pss_kib(pid: int) -> int:
 
 
 def measure(workers: int, run_dir: Path, toks: tokens.TokenSet, nginx: T.Nginx, procs: T.Processes) -> None:
-    target = T.start_sidecar(procs, run_dir, nginx, cpus=None, workers=workers)
+    access_log = str(run_dir / f"rss-{workers}w.access.log")  # one line per request, as bench/run writes
+    target = T.start_sidecar(procs, run_dir, nginx, cpus=None, access_log=access_log, workers=workers)
     pid = target.pid
     time.sleep(1.0)  # the first key fetch's and the start's garbage settle
     label = "one process" if workers == 1 else f"workers: {workers}"

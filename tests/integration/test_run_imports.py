@@ -7,6 +7,12 @@ interpreter), and what a running sidecar has mapped (aiohttp's C extensions are 
 objects: a process that imported it has them in /proc/PID/maps), for one process and for a
 supervisor and its workers. The supervisor (`become_supervisor`) must also hold none of the
 config builder, PyJWT or cryptography.
+
+No PyJWT either, in any process of a running sidecar: it cost 4.8 MiB each (base/jwk.py
+parses JWKs and auth/verify.py checks signatures on cryptography's keys). PyJWT is pure
+Python, so /proc/PID/maps cannot show it: the running sidecar is started with
+PYTHONPROFILEIMPORTTIME, which every process it makes inherits, and its stderr (every import
+of every process, at the time it happens) must not name it.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.conftest import TestKey, jwks_of
+from tests.conftest import TestKey, jwks_of, mint
 from tests.integration.conftest import BASE_CONFIG
 from tests.integration.test_lifecycle import free_port, wait_ready
 from tests.integration.test_workers import children
@@ -55,6 +61,14 @@ def test_the_run_path_imports_no_aiohttp(code: str) -> None:
     assert "aiohttp" not in imported_by(code)
 
 
+def test_the_run_path_imports_no_pyjwt() -> None:
+    loaded = imported_by(
+        "import proxy.tools.cli, proxy.ops.server, proxy.config.builder, proxy.auth.verify, proxy.base.jwks"
+    )
+    assert "jwt" not in loaded
+    assert "cryptography" in loaded  # what checks the signatures instead
+
+
 def test_the_supervisor_imports_neither_the_config_builder_nor_the_key_code() -> None:
     loaded = imported_by("import proxy.ops.workers")
     assert not loaded & {"aiohttp", "jwt", "cryptography", "yaml", "cachetools"}, loaded
@@ -82,6 +96,7 @@ async def test_a_running_sidecar_has_no_aiohttp_loaded(
         BASE_CONFIG.replace("{upstream}", upstream.url).replace("{jwks}", jwks_server.url())
         + f"listen: 127.0.0.1:{listen}\nadmin: 127.0.0.1:{admin}\nworkers: {workers}\ndrain_timeout: 2s\n"
     )
+    imports = tmp_path / "imports.txt"
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -91,8 +106,8 @@ async def test_a_running_sidecar_has_no_aiohttp_loaded(
         str(path),
         cwd=REPO,
         stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stderr=imports.open("wb"),
+        env={**os.environ, "PYTHONPATH": str(REPO), "PYTHONPROFILEIMPORTTIME": "1"},
     )
     try:
         async with aiohttp.ClientSession() as session:
@@ -101,6 +116,16 @@ async def test_a_running_sidecar_has_no_aiohttp_loaded(
         assert len(pids) == (1 if workers == 1 else 1 + workers)
         for pid in pids:
             assert mapped_aiohttp(pid) == [], pid
+        async with aiohttp.ClientSession() as session:  # a verified token: the whole check has run
+            token = mint(key=rsa_key)
+            async with session.get(
+                f"http://127.0.0.1:{listen}/api/x", headers={"Authorization": f"Bearer {token}"}
+            ) as r:
+                assert r.status == 200, await r.text()
+        imported = [line.rsplit("|", 1)[-1].strip() for line in imports.read_text().splitlines() if "|" in line]
+        # Each serving process imported it; with workers, `run` too (its config check, before it became the supervisor).
+        assert imported.count("proxy.auth.verify") == (1 if workers == 1 else 1 + workers)
+        assert not [name for name in imported if name == "jwt" or name.startswith("jwt.")]
         if workers > 1:
             # The supervisor is a fresh image (same pid): cryptography's library never loaded in it,
             # while each worker, which verifies tokens, has it.

@@ -131,6 +131,9 @@ async def test_a_running_sidecar_has_no_aiohttp_loaded(
             # while each worker, which verifies tokens, has it.
             assert not mapped(proc.pid, "/cryptography/")
             assert all(mapped(pid, "/cryptography/") for pid in pids[1:])
+            # It runs on asyncio's own loop (uvloop's library is 2.4 MiB of it); each worker on uvloop.
+            assert not mapped(proc.pid, "/uvloop/")
+            assert all(mapped(pid, "/uvloop/") for pid in pids[1:])
     finally:
         proc.terminate()
         assert await asyncio.wait_for(proc.wait(), 30) == 0

@@ -11,8 +11,9 @@ for the config's PEM files. Does not own: which JWKs of a set are usable or whic
 fits which key (jwks.py), or checking signatures (auth/verify.py).
 
 Why not PyJWT's `PyJWK`: importing PyJWT loads every algorithm module, its JWKS client
-(urllib.request, http.client, email) and its JWT API, 4.8 MiB of resident memory in every
-process (bench/FIGURES.md, "PyJWT out of the running sidecar"), for a parser of four key types.
+(urllib.request, http.client, email) and its JWT API: 4.8 MiB in a fresh interpreter, 2.6 MiB
+of every running process's peak RSS (bench/FIGURES.md, "Memory of one process and of
+`workers: 2`"), for a parser of four key types.
 PyJWT stays for the key tools (`jwt-sidecar keys`, `token mint`) and the tests, which compare
 this module with it (tests/unit/base/test_jwk.py). Error messages are PyJWT's, and every
 failure is one `InvalidKeyError` as `PyJWK` raised (jwks.py reports its name per key).

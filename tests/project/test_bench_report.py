@@ -207,9 +207,7 @@ def test_the_peak_pss_is_shown_beside_the_peak_rss_which_the_targets_keep_using(
     text = report.markdown(doc)
     rss_at, pss_at = text.index("Peak RSS over each pass"), text.index("Peak PSS over each pass")
     assert rss_at < pss_at
-    pss_rows = [
-        line for line in text[pss_at:].splitlines() if line.startswith("| pinned") or line.startswith("| unpinned")
-    ]
+    pss_rows = [line for line in text[pss_at:].splitlines() if line.startswith(("| pinned", "| unpinned"))]
     assert pss_rows[0].startswith("| pinned | 60.0 | 30.5 | 0.51× |")
     assert "| 75.2 |" in pss_rows[1]
     # The verdicts are the VmHWM figures' (42 / 70 one process; 90 / 70 for workers: 2), whatever PSS says.

@@ -423,14 +423,12 @@ def test_our_signature_check_agrees_with_pyjws_decode_complete_on_a_corpus(
 ) -> None:
     # check_signature checks on cryptography's key objects, with base/jwk.py's keys, rather
     # than PyJWS.decode_complete with PyJWT's PyJWK (which decoded the header a second time
-    # and merged options: ~60% of a miss; and importing PyJWT costs every process 4.8 MiB).
+    # and merged options: ~60% of a miss; and PyJWT cost every running process 2.6 MiB).
     # Both must accept and refuse exactly the same tokens, with the same payload and Reason.
     from jwt.exceptions import DecodeError, InvalidKeyError, InvalidSignatureError, PyJWTError
 
-    from proxy.auth.verify import check_signature, read_header
+    from proxy.auth.verify import _unbase64url, check_signature, read_header
     from proxy.base.jwk import Jwk
-
-    from proxy.auth.verify import _unbase64url
 
     class StrictPyJWS(PyJWS):  # the reference as it was: PyJWS with the header checks and segment decoder ours
         def _validate_headers(self, headers: dict[str, Any], *, encoding: bool = False) -> None:

@@ -20,7 +20,7 @@ from jwt.algorithms import ECAlgorithm, HMACAlgorithm, OKPAlgorithm, RSAAlgorith
 from jwt.exceptions import PyJWTError
 
 from proxy.base.jwk import InvalidKeyError, Jwk, public_jwk, unfit_secret
-from proxy.base.jwks import KeySet
+from proxy.base.jwks import FAMILIES, KeySet
 
 
 def b64(data: bytes) -> str:
@@ -220,3 +220,76 @@ def secrets_corpus() -> list[bytes]:
 def test_a_secret_is_unfit_exactly_when_pyjwt_refused_it(case: int) -> None:
     secret = secrets_corpus()[case]
     assert unfit_secret(secret) is unfit_by_pyjwt(secret), secret[:80]
+
+
+def _signing_key(alg: str) -> tuple[Any, dict[str, Any]]:
+    """A private key (or secret) for `alg` and its public JWK."""
+    if alg.startswith("HS"):
+        secret = bytes(range(64))
+        return secret, {"kty": "oct", "k": b64(secret)}
+    if alg.startswith(("RS", "PS")):
+        private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        return private, RSAAlgorithm.to_jwk(private.public_key(), as_dict=True)
+    if alg.startswith("ES"):
+        curve = {"ES256": ec.SECP256R1(), "ES384": ec.SECP384R1(), "ES512": ec.SECP521R1()}[alg]
+        private = ec.generate_private_key(curve)
+        return private, ECAlgorithm.to_jwk(private.public_key(), as_dict=True)
+    private = ed25519.Ed25519PrivateKey.generate()
+    return private, OKPAlgorithm.to_jwk(private.public_key(), as_dict=True)
+
+
+@pytest.mark.parametrize("alg", list(FAMILIES))
+def test_every_algorithm_checks_signatures_as_pyjwt_did(alg: str) -> None:
+    # verify.py checks each algorithm on cryptography's key (`_prepare`), as PyJWT's algorithms
+    # did: a good token verifies with our key and theirs; a changed signature, payload or a
+    # signature of another length is refused by both.
+    import jwt as pyjwt
+
+    from proxy.auth.verify import check_signature, read_header
+    from proxy.base.errors import InvalidToken
+
+    private, public = _signing_key(alg)
+    good = pyjwt.encode({"sub": "x"}, private, algorithm=alg, headers={"kid": "k"})
+    head, body, sig = good.split(".")
+    other_body = b64(json.dumps({"sub": "y"}).encode())
+    raw = base64.urlsafe_b64decode(sig + "==")
+    tokens = [
+        good,
+        f"{head}.{other_body}.{sig}",
+        f"{head}.{body}.{b64(raw[:-1] + bytes([raw[-1] ^ 1]))}",
+        f"{head}.{body}.{b64(raw[:-1])}",  # one byte short
+        f"{head}.{body}.{b64(raw + bytes(1))}",  # one byte long
+    ]
+    for token in tokens:
+        try:
+            pyjwt.api_jws.PyJWS().decode(token, PyJWK(dict(public), algorithm=alg), algorithms=[alg])
+            theirs = True
+        except PyJWTError:
+            theirs = False
+        try:
+            check_signature(token, read_header(token, max_bytes=65536), [Jwk(public, alg)])
+            ours = True
+        except InvalidToken:
+            ours = False
+        assert ours is theirs, (alg, token)
+    assert check_signature(good, read_header(good, max_bytes=65536), [Jwk(public, alg)]) == {"sub": "x"}
+
+
+@pytest.mark.parametrize(
+    ("alg", "key", "why"),
+    [
+        ("RS256", RSAAlgorithm.to_jwk(RSA_1024, as_dict=True), "is too short for RS256"),
+        ("PS256", RSAAlgorithm.to_jwk(RSA_1024, as_dict=True), "is too short for PS256"),
+        ("HS512", {"kty": "oct", "k": b64(bytes(range(48)))}, "is too short for HS512"),  # 48 < 64 bytes
+        ("HS256", {"kty": "oct", "k": b64(public_bytes(RSA_2048))}, "cannot be used for HS256"),  # a DER public key
+    ],
+)
+def test_a_key_pyjwt_would_not_use_is_refused_with_our_words(alg: str, key: dict[str, Any], why: str) -> None:
+    from proxy.auth.verify import check_signature, read_header
+    from proxy.base.errors import InvalidToken, Reason
+
+    token = f"{b64(json.dumps({'alg': alg}).encode())}.{b64(b'{}')}.{b64(b'x' * 32)}"
+    with pytest.raises(InvalidToken) as caught:
+        check_signature(token, read_header(token, max_bytes=65536), [Jwk(key, alg)])
+    assert caught.value.reason is Reason.BAD_SIGNATURE
+    assert f"the key without kid {why}" in caught.value.detail

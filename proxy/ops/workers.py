@@ -75,7 +75,7 @@ def become_supervisor(settings: Settings, *, config_path: str) -> NoReturn:
     """Become the supervisor of `settings.workers` workers: this process (its config checked,
     its warnings logged) is replaced by a fresh interpreter running `main`, with the same pid,
     descriptors and command line, so that the supervisor holds none of what loading the config
-    imported (the builder, PyJWT, cryptography: ~25 MiB it would never use)."""
+    imported (the builder, cryptography, the request path: ~15 MiB it would never use)."""
     needed = {
         "config_path": config_path,
         "source": settings.source,

@@ -381,6 +381,7 @@ def run_one(
         cpu_s=usage.cpu_s,
         cpu_s_per_1k=usage.cpu_s / requests * 1000 if requests and target.pid else None,
         peak_rss_kib=usage.peak_rss_kib,
+        peak_pss_kib=usage.peak_pss_kib,
         duration_s=duration,
         other_cpu_share=usage.other_cpu_s / duration,
     )
@@ -560,9 +561,13 @@ def run_pass(
                         failures.append(msg)
                         print(f"FAIL: {msg}", file=sys.stderr, flush=True)
         hwm = meta["vm_hwm_mib"].setdefault(ps.mode, {})
+        pss = meta.setdefault("pss_peak_mib", {}).setdefault(ps.mode, {})
         for name, target in running.items():
             if target.proc is not None:
                 hwm[name] = load.status_kib(target.pid, "VmHWM") / 1024
+                # The tree's PSS peak sampled over every run of the pass, beside VmHWM (bench/load.py).
+                peaks = [r.get("peak_pss_kib", 0) for r in runs if r["mode"] == ps.mode and r["target"] == name]
+                pss[name] = max([*peaks, load.pss_kib(target.pid)]) / 1024
     finally:
         procs.stop_all()
 

@@ -316,14 +316,16 @@ def rate_table(document: dict, w: dict) -> list[str]:
     return out
 
 
-def rss_table(meta: dict) -> list[str]:
+def rss_table(meta: dict, key: str = "vm_hwm_mib") -> list[str]:
+    """Peak memory per pass: VmHWM summed over the tree (what the targets use), or with
+    `key="pss_peak_mib"` the tree's PSS peak sampled during the runs."""
     out = [
         "| CPUs | Envoy | jwt-sidecar | jwt-sidecar vs Envoy | python-floor | Envoy --concurrency 2 "
         "| jwt-sidecar `workers: 2` | `workers: 2` vs Envoy |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for mode in MODES:
-        hwm = meta.get("vm_hwm_mib", {}).get(mode)
+        hwm = meta.get(key, {}).get(mode)
         if not hwm:
             continue
 
@@ -404,6 +406,14 @@ def markdown(document: dict) -> str:
             ]
     if meta.get("vm_hwm_mib"):
         out += ["", "Peak RSS over each pass (VmHWM, MiB; the process tree's for `workers: 2`):", "", *rss_table(meta)]
+    if meta.get("pss_peak_mib"):
+        out += [
+            "",
+            "Peak PSS over each pass (smaps_rollup, sampled every 0.5 s, MiB; the tree's): a page shared by "
+            "several processes counted once in all, as a memory cgroup charges it. The RSS targets use VmHWM above.",
+            "",
+            *rss_table(meta, "pss_peak_mib"),
+        ]
     out += ["", "The issue's targets, from the ratios above:", "", *goals_table(goals(document))]
     out += ["", "Every target of every workload (min–max over the rounds):", "", *detail_table(document)]
     if micro:

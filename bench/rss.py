@@ -9,8 +9,10 @@ figures are the sidecar's) and reads them again. `--workers 2` does the same for
 and its two workers: the supervisor's own figure and the tree's sum. Prints one line per
 figure, in MiB, as bench/FIGURES.md quotes them. RSS counts a page shared between processes
 (the interpreter, OpenSSL, cryptography's library) in each of them, as the issue's targets
-do; PSS (`/proc/PID/smaps_rollup`) shares it out, closer to what a container's memory
-cgroup is charged for a tree.
+do; PSS (`/proc/PID/smaps_rollup`, bench/load.py's `pss_kib`; its peak sampled every 0.5 s
+during the requests) shares it out, closer to what a container's memory cgroup is charged
+for a tree. Environment variables reach the sidecar (`MALLOC_ARENA_MAX=1 .venv/bin/python
+bench/rss.py` measures glibc's malloc settings).
 
     .venv/bin/python bench/rss.py                 # one process, then workers: 2
     .venv/bin/python bench/rss.py --workers 1
@@ -73,19 +75,9 @@ def _own_kib(pid: int, key: str) -> int:
     return 0
 
 
-def _pss_kib(pid: int) -> int:
-    total = 0
-    for each in load.tree(pid):
-        try:
-            lines = Path(f"/proc/{each}/smaps_rollup").read_text().splitlines()
-        except OSError:
-            continue
-        total += next((int(line.split()[1]) for line in lines if line.startswith("Pss:")), 0)
-    return total
-
-
 def measure(workers: int, run_dir: Path, toks: tokens.TokenSet, nginx: T.Nginx, procs: T.Processes) -> None:
-    target = T.start_sidecar(procs, run_dir, nginx, cpus=None, workers=workers)
+    access_log = str(run_dir / f"rss-{workers}w.access.log")  # one line per request, as bench/run writes
+    target = T.start_sidecar(procs, run_dir, nginx, cpus=None, access_log=access_log, workers=workers)
     pid = target.pid
     time.sleep(1.0)  # the first key fetch's and the start's garbage settle
     label = "one process" if workers == 1 else f"workers: {workers}"
@@ -93,13 +85,14 @@ def measure(workers: int, run_dir: Path, toks: tokens.TokenSet, nginx: T.Nginx, 
         print(f"{label}: supervisor alone idle  VmRSS {_mib(_own_kib(pid, 'VmRSS'))} MiB")
     print(
         f"{label}: idle                    VmRSS {_mib(load.status_kib(pid, 'VmRSS'))} MiB, "
-        f"PSS {_mib(_pss_kib(pid))} MiB (tree)"
+        f"PSS {_mib(load.pss_kib(pid))} MiB (tree)"
     )
-    asyncio.run(_drive(target.port, toks.token, REQUESTS))
+    _, usage = load.measure(pid, lambda: asyncio.run(_drive(target.port, toks.token, REQUESTS)))
     time.sleep(0.5)
     print(
         f"{label}: after {REQUESTS:,} of (a)     VmRSS {_mib(load.status_kib(pid, 'VmRSS'))} MiB, "
-        f"peak VmHWM {_mib(load.status_kib(pid, 'VmHWM'))} MiB, PSS {_mib(_pss_kib(pid))} MiB (tree)"
+        f"peak VmHWM {_mib(load.status_kib(pid, 'VmHWM'))} MiB, PSS {_mib(load.pss_kib(pid))} MiB, "
+        f"peak PSS {_mib(usage.peak_pss_kib)} MiB (tree)"
     )
     if workers > 1:
         print(f"{label}: supervisor alone after  VmRSS {_mib(_own_kib(pid, 'VmRSS'))} MiB")

@@ -31,10 +31,10 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from cachetools import TTLCache
-from jwt import PyJWK
 
 from ..base.clock import Clock
 from ..base.errors import InvalidToken, KeysUnavailable, Reason
+from ..base.jwk import Jwk
 from ..base.jwks import KeySet
 from ..base.oplog import event
 from ..config.settings import Provider, RemoteJwks, StaticKeys
@@ -158,7 +158,7 @@ class KeySource:
         if fallback is not None:
             await fallback.close()
 
-    async def key_for(self, kid: str | None, alg: str) -> tuple[PyJWK, ...]:
+    async def key_for(self, kid: str | None, alg: str) -> tuple[Jwk, ...]:
         """The keys that may verify a token with this `kid` (or none) and an allowed `alg`.
 
         :raises KeysUnavailable: the provider holds no usable keys at all (our outage: 503).

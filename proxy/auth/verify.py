@@ -3,7 +3,8 @@
 Owns: the order and content of every check RFC 7515/7519/8725/9068 asks of a JWS access
 token (size, one canonical base64url spelling, strict JSON with no duplicate member names,
 header, alg allow-list, typ, crit, signature, NumericDate types, exp, nbf, iat, token age,
-iss, aud, required claims), the mapping of PyJWT's exceptions onto our `Reason`s, choosing
+iss, aud, required claims), checking the signature with each candidate key on cryptography's
+key object (RSASSA-PKCS1-v1_5, RSASSA-PSS, ECDSA, EdDSA, HMAC; RFC 7518 §3), choosing
 among a route's several providers by the token's unverified `iss` (`by_issuer`),
 the operator text of every refusal (the `detail` the proxy logs and `token explain` prints:
 our own phrases, a token's values via `shown`, never `None` or a library's message;
@@ -16,15 +17,17 @@ The checks are small named functions in two tables, `HEADER_CHECKS` and `CLAIM_C
 
 Why not `jwt.decode` with its own claim checks: PyJWT reads `datetime.now()` (we inject a
 clock), accepts numeric strings for exp/nbf/iat (`int("1700000000")`; RFC 7519 §2 says a
-NumericDate is a JSON number), and raises one error type for several of our reasons. So
-PyJWT's algorithms check the signature (each key bound to one algorithm) and we check the
-claims.
+NumericDate is a JSON number), and raises one error type for several of our reasons. Its
+algorithms are not used either: the signature is checked straight on cryptography's key
+objects as PyJWT's algorithms did (`_prepare`), so that no running sidecar imports PyJWT
+(base/jwk.py says why; the tests compare both on a corpus).
 """
 
 from __future__ import annotations
 
 import binascii
 import hashlib
+import hmac
 import json
 import json.scanner
 import math
@@ -37,13 +40,15 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, TypeGuard, TypeVar
 
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric import padding
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, padding
+from cryptography.hazmat.primitives.asymmetric.ed448 import Ed448PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
-from jwt import PyJWK, PyJWS
-from jwt.algorithms import RSAAlgorithm
-from jwt.exceptions import DecodeError, PyJWTError
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from ..base.errors import InvalidToken, Reason
+from ..base.jwk import Jwk, unfit_secret
 from ..base.memo import Memo
 from ..config.settings import Provider, TokenCacheSettings
 
@@ -122,39 +127,16 @@ class Claims:
         return f"Claims(provider={self.provider!r}, header={dict(self.header)!r}, payload={dict(self.payload)!r})"
 
 
-class _HeaderChecksAreOurs(PyJWS):
-    """PyJWS with two of its internals replaced (PyJWT is pinned below 3 in pyproject).
-
-    - Header validation is ours: PyJWT raises one `InvalidTokenError` for a bad kid, an
-      unknown `crit` and b64 misuse; we check all of those in `HEADER_CHECKS` first, each
-      with its own `Reason`. If PyJWT renames the hook, its own checks come back and the
-      crit case in test_verify (which asserts Reason.CRIT) fails.
-    - The base64url segment decoder is stricter than PyJWT's, and faster. Strict: one token
-      has one spelling (RFC 7515 §2: base64url "with all trailing '=' characters omitted"),
-      so padding is refused (PyJWT accepts `==` after a signature, which made two texts of
-      one token verify; caches and deny-lists keyed on the text must not see two), as is any
-      character outside [A-Za-z0-9_-], a length of 1 mod 4 (no byte ends there) and a
-      last character with non-zero unused bits (`...Q` vs `...R`). Fast: the alphabet check
-      is one `bytes.translate` (PyJWT's generator over every character was half of a cache
-      miss), the decode one `binascii.a2b_base64`, and the canonical-encoding check one table
-      lookup instead of a re-encode. tests/unit/auth/test_verify.py compares it with PyJWT's on
-      thousands of segments (same answer but for padding, which only PyJWT accepts), and
-      fails if the hook is not ours.
-    """
-
-    def _validate_headers(self, headers: dict[str, Any], *, encoding: bool = False) -> None:
-        return None
-
-    @staticmethod
-    def _decode_base64url_segment(segment: bytes, name: str) -> bytes:
-        decoded = _unbase64url(segment)
-        if decoded is None:
-            raise DecodeError(f"{name} segment is not unpadded, canonical base64url (RFC 7515 §2)")
-        return decoded
-
-
 def _unbase64url(segment: bytes) -> bytes | None:
     """A segment's bytes, or None when it is not unpadded, canonical base64url.
+
+    Stricter than PyJWT's decoder, and faster. Strict: one token has one spelling (RFC 7515
+    §2: base64url "with all trailing '=' characters omitted"), so padding is refused (PyJWT
+    accepts `==` after a signature, which made two texts of one token verify; caches and
+    deny-lists keyed on the text must not see two), as is any character outside
+    [A-Za-z0-9_-], a length of 1 mod 4 (no byte ends there) and a last character with
+    non-zero unused bits (`...Q` vs `...R`). tests/unit/auth/test_verify.py compares it with
+    PyJWT's on thousands of segments (same answer but for padding, which only PyJWT accepts).
 
     '=', '+' and '/' are refused by name (three memchr); `a2b_base64` in strict mode
     refuses every other character outside the alphabet (whitespace, non-ASCII, '.'), after
@@ -181,7 +163,6 @@ _EQUALS, _PLUS, _SLASH = b"=+/"
 _BASE64URL_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
 _SEXTET = {byte: value for value, byte in enumerate(_BASE64URL_ALPHABET)}
 _TO_STANDARD = bytes.maketrans(b"-_", b"+/")
-_JWS = _HeaderChecksAreOurs()
 
 
 class _NotStrictJson(ValueError):
@@ -296,10 +277,10 @@ def segment_problem(segment: str, name: str) -> str | None:
             f"no byte uses (the one spelling ends in {canonical!r}; a token has one spelling, RFC 7515 §2)"
         )
     try:  # the proxy's decoder has the last word
-        _JWS._decode_base64url_segment(segment.encode("ascii"), name)
-    except (DecodeError, UnicodeEncodeError):
-        return f"the {name} segment is not base64url"
-    return None
+        decoded = _unbase64url(segment.encode("ascii"))
+    except UnicodeEncodeError:
+        decoded = None
+    return f"the {name} segment is not base64url" if decoded is None else None
 
 
 def segments_problem(count: int) -> str:
@@ -311,8 +292,7 @@ def segments_problem(count: int) -> str:
 def read_header(token: str, *, max_bytes: int) -> TokenHeader:
     """Decode the header without trusting it. Size and form only; see HEADER_CHECKS for the rest.
 
-    Only the header segment is decoded here; PyJWS decodes all three (strictly, the header
-    again included) when it checks the signature, so nothing is decoded twice but the header.
+    Only the header segment is decoded here; `verify_signature` decodes the other two.
     """
     if len(token) > max_bytes:
         # Refuse before decoding: base64 and JSON on a huge input are work an attacker chooses.
@@ -321,8 +301,10 @@ def read_header(token: str, *, max_bytes: int) -> TokenHeader:
         raise InvalidToken(Reason.MALFORMED, f"not a JWT: {segments_problem(token.count('.') + 1)}")
     segment = token[: token.index(".")]
     try:
-        raw = _JWS._decode_base64url_segment(segment.encode("ascii"), "header")
-    except (DecodeError, UnicodeEncodeError):
+        raw = _unbase64url(segment.encode("ascii"))
+    except UnicodeEncodeError:
+        raw = None
+    if raw is None:
         problem = segment_problem(segment, "header") or "the header is not base64url"
         raise InvalidToken(Reason.MALFORMED, f"not a JWT: {problem}") from None
     try:
@@ -386,23 +368,24 @@ HEADER_CHECKS: tuple[tuple[str, HeaderCheck], ...] = (
 
 
 # -- signature ---------------------------------------------------------------------------
-def check_signature(token: str, header: TokenHeader, keys: Sequence[PyJWK]) -> dict[str, Any]:
+def check_signature(token: str, header: TokenHeader, keys: Sequence[Jwk]) -> dict[str, Any]:
     """Verify the signature with each candidate key; return the payload of the first that verifies."""
     return parse_payload(verify_signature(token, header, keys))
 
 
-def verify_signature(token: str, header: TokenHeader, keys: Sequence[PyJWK]) -> bytes:
+def verify_signature(token: str, header: TokenHeader, keys: Sequence[Jwk]) -> bytes:
     """Verify the signature with each candidate key; return the raw payload it signs.
 
-    What `PyJWS.decode_complete` does for a key bound to one algorithm (a `PyJWK`), without
+    What PyJWT's `PyJWS.decode_complete` did for a key bound to one algorithm, without
     its second decode of the header and its option merging, which were most of a cache
     miss's time beside the RSA check (bench/FIGURES.md): the header was read strictly by `read_header`;
     the payload and signature segments go through the same strict decoder; `b64: false`
     (RFC 7797) is refused; each key must be bound to the token's alg; the key is prepared
-    and its length checked (`enforce_minimum_key_length`) by the key's own `Algorithm`, once
-    per key object (`_prepare`); then `Algorithm.verify`, or for RS256/384/512 cryptography's
-    `RSAPublicKey.verify` called as that does. tests/unit/auth/test_verify.py checks that this and `decode_complete`
-    agree on every token of a corpus of good, tampered and malformed ones. The payload is
+    and its length checked (as PyJWT's `enforce_minimum_key_length`), once per key object
+    (`_prepare`); then cryptography's verify, called as PyJWT's algorithms did.
+    tests/unit/auth/test_verify.py checks that this (with base/jwk.py's keys) and
+    `decode_complete` (with PyJWT's) agree on every token of a corpus of good, tampered and
+    malformed ones. The payload is
     parsed (`parse_payload`) only once the signature verified; `token explain` reports the
     two steps apart. Every detail is our phrase: PyJWT's messages name its own internals.
     """
@@ -429,7 +412,7 @@ def verify_signature(token: str, header: TokenHeader, keys: Sequence[PyJWK]) -> 
             failures.append(f"{_key_words(key)} is bound to {key.algorithm_name}, not {shown(header.alg)}")
             continue
         prepared = _PREPARED.get(key) or _PREPARED.make_for(key)
-        public, problem, pkcs1, hashing = prepared
+        public, problem, pkcs1, hashing, check = prepared
         if problem is not None:
             failures.append(
                 f"{_key_words(key)} {problem} {header.alg}{' (RFC 7518 §3)' if problem == _TOO_SHORT else ''}"
@@ -441,18 +424,13 @@ def verify_signature(token: str, header: TokenHeader, keys: Sequence[PyJWK]) -> 
                 return payload
             except InvalidSignature:
                 pass
-        else:
-            try:
-                if key.Algorithm.verify(signing_input, public, signature):
-                    return payload
-            except PyJWTError:
-                failures.append(f"{_key_words(key)} {_UNUSABLE} {header.alg}")
-                continue
+        elif check(signing_input, public, signature):
+            return payload
         failures.append(f"{_key_words(key)} does not match the signature")
     raise InvalidToken(Reason.BAD_SIGNATURE, f"signature ({header.alg}) does not verify: " + "; ".join(failures))
 
 
-def _key_words(key: PyJWK) -> str:
+def _key_words(key: Jwk) -> str:
     return f"key {key.key_id!r}" if key.key_id else "the key without kid"
 
 
@@ -460,26 +438,116 @@ _TOO_SHORT = "is too short for"
 _UNUSABLE = "cannot be used for"
 
 
-def _prepare(key: PyJWK) -> tuple[Any, str | None, padding.PKCS1v15 | None, Any]:
+_Prepared = tuple[Any, "str | None", "padding.PKCS1v15 | None", Any, "Callable[[bytes, Any, bytes], bool]"]
+
+
+def _prepare(key: Jwk) -> _Prepared:
     """What checking a signature with `key` needs, once per key object rather than per token:
-    (the key as its `Algorithm` prepared it, what makes it unusable or None, and for
-    RS256/384/512 the padding and hash to call `RSAPublicKey.verify` with directly, the two
-    objects PyJWT's `RSAAlgorithm.verify` builds on every call). The key's length is checked
-    here (`check_key_length`: e.g. an HMAC key shorter than RFC 7518 §3.2 allows)."""
-    algorithm = key.Algorithm
+    (the key, what makes it unusable or None, for RS256/384/512 the padding and hash to call
+    `RSAPublicKey.verify` with directly (the two objects PyJWT's `RSAAlgorithm.verify` built on
+    every call), and for the other algorithms a `check(message, key, signature)`). The checks
+    are PyJWT's `prepare_key` and `check_key_length` (`enforce_minimum_key_length`): an RSA
+    key of fewer than 2048 bits (NIST SP 800-131A), an HMAC secret shorter than its hash
+    (RFC 7518 §3.2), an EC key on another curve than the algorithm's, a secret that is a
+    PEM/SSH/DER key or a JWK (`unfit_secret`)."""
+    spec = _ALGORITHMS.get(key.algorithm_name)
+    public = key.key
+    if spec is None:
+        return None, _UNUSABLE, None, None, _never
+    family, hash_type = spec
+    if family in ("RS", "PS"):
+        if not isinstance(public, RSAPublicKey):
+            return None, _UNUSABLE, None, None, _never
+        if public.key_size < 2048:
+            return None, _TOO_SHORT, None, None, _never
+        if family == "RS":
+            return public, None, _PKCS1, hash_type(), _never
+        pss = padding.PSS(mgf=padding.MGF1(hash_type()), salt_length=hash_type.digest_size)
+        return public, None, None, None, _rsa_pss(pss, hash_type())
+    if family == "ES":
+        curve = _CURVE_OF.get(key.algorithm_name)
+        if not isinstance(public, ec.EllipticCurvePublicKey) or not isinstance(public.curve, curve or ()):
+            return None, _UNUSABLE, None, None, _never
+        return public, None, None, None, _ecdsa(ec.ECDSA(hash_type()), (public.curve.key_size + 7) // 8)
+    if family == "Ed":
+        if not isinstance(public, _OKP_KEYS):
+            return None, _UNUSABLE, None, None, _never
+        return public, None, None, None, _eddsa
+    # HS: the secret's bytes
+    if not isinstance(public, bytes) or unfit_secret(public):
+        return None, _UNUSABLE, None, None, _never
+    if len(public) < hash_type().digest_size:
+        return None, _TOO_SHORT, None, None, _never
+    return public, None, None, None, _hmac(hash_type)
+
+
+def _never(message: bytes, key: Any, signature: bytes) -> bool:
+    return False
+
+
+def _rsa_pss(pss: padding.PSS, hashing: hashes.HashAlgorithm) -> Callable[[bytes, Any, bytes], bool]:
+    def check(message: bytes, key: Any, signature: bytes) -> bool:
+        try:
+            key.verify(signature, message, pss, hashing)
+            return True
+        except InvalidSignature:
+            return False
+
+    return check
+
+
+def _ecdsa(ecdsa: ec.ECDSA, size: int) -> Callable[[bytes, Any, bytes], bool]:
+    def check(message: bytes, key: Any, signature: bytes) -> bool:
+        # JWS carries R || S, each `size` bytes (RFC 7518 §3.4); cryptography wants DER.
+        if len(signature) != 2 * size:
+            return False
+        der = encode_dss_signature(int.from_bytes(signature[:size], "big"), int.from_bytes(signature[size:], "big"))
+        try:
+            key.verify(der, message, ecdsa)
+            return True
+        except InvalidSignature:
+            return False
+
+    return check
+
+
+def _eddsa(message: bytes, key: Any, signature: bytes) -> bool:
     try:
-        prepared = algorithm.prepare_key(key.key)
-        if algorithm.check_key_length(prepared):
-            return None, _TOO_SHORT, None, None
-    except PyJWTError:
-        return None, _UNUSABLE, None, None
-    if type(algorithm) is RSAAlgorithm and isinstance(prepared, RSAPublicKey):
-        return prepared, None, _PKCS1, algorithm.hash_alg()
-    return prepared, None, None, None
+        key.verify(signature, message)
+        return True
+    except InvalidSignature:
+        return False
 
 
+def _hmac(hash_type: Any) -> Callable[[bytes, Any, bytes], bool]:
+    digest = {hashes.SHA256: hashlib.sha256, hashes.SHA384: hashlib.sha384, hashes.SHA512: hashlib.sha512}[hash_type]
+
+    def check(message: bytes, key: Any, signature: bytes) -> bool:
+        return hmac.compare_digest(signature, hmac.new(key, message, digest).digest())
+
+    return check
+
+
+_ALGORITHMS: dict[str, tuple[str, Any]] = {
+    "RS256": ("RS", hashes.SHA256),
+    "RS384": ("RS", hashes.SHA384),
+    "RS512": ("RS", hashes.SHA512),
+    "PS256": ("PS", hashes.SHA256),
+    "PS384": ("PS", hashes.SHA384),
+    "PS512": ("PS", hashes.SHA512),
+    "ES256": ("ES", hashes.SHA256),
+    "ES384": ("ES", hashes.SHA384),
+    "ES512": ("ES", hashes.SHA512),
+    "EdDSA": ("Ed", None),
+    "HS256": ("HS", hashes.SHA256),
+    "HS384": ("HS", hashes.SHA384),
+    "HS512": ("HS", hashes.SHA512),
+}
+"""Each algorithm jwks.py's `FAMILIES` allows: how it is checked, with which hash (RFC 7518 §3.1, RFC 8037)."""
+_CURVE_OF: dict[str, type[ec.EllipticCurve]] = {"ES256": ec.SECP256R1, "ES384": ec.SECP384R1, "ES512": ec.SECP521R1}
+_OKP_KEYS = (Ed25519PublicKey, Ed448PublicKey)
 _PKCS1 = padding.PKCS1v15()
-_PREPARED: Memo[PyJWK, tuple[Any, str | None, padding.PKCS1v15 | None, Any]] = Memo(256, _prepare)
+_PREPARED: Memo[Jwk, _Prepared] = Memo(256, _prepare)
 """By key object (identity): the keys of the key sets in use, each prepared once. Only ever
 asked about a key a `KeySource` handed out for this token, so a key rotated out is never
 looked up again (it waits here for the memo's next start-over)."""

@@ -5,8 +5,8 @@ for verifying signatures, and the (kid, alg) → keys index that verification re
 without a kid is a candidate for any kid: `KeySet.candidates`).
 Does not own: fetching key sets, caching them in time, or anything about tokens.
 
-Each JWK is bound by PyJWT to exactly one algorithm (`PyJWK(jwk, algorithm=...)`), and
-PyJWT refuses to verify a token whose `alg` differs from the key's bound algorithm. So an
+Each JWK is bound to exactly one algorithm (jwk.py's `Jwk(jwk, algorithm)`), and verify.py
+refuses to check a token whose `alg` differs from the key's bound algorithm. So an
 HMAC token can never be checked against an RSA public key (the CVE-2022-29217 class):
 there simply is no HS256-bound entry for an RSA key in this index.
 """
@@ -17,8 +17,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from jwt import PyJWK
-from jwt.exceptions import PyJWTError
+from .jwk import InvalidKeyError, Jwk
 
 __all__ = [
     "ASYMMETRIC_ALGORITHMS",
@@ -75,8 +74,8 @@ class KeySet:
 
     def __init__(
         self,
-        by_kid: dict[tuple[str | None, str], tuple[PyJWK, ...]],
-        by_alg: dict[str, tuple[PyJWK, ...]],
+        by_kid: dict[tuple[str | None, str], tuple[Jwk, ...]],
+        by_alg: dict[str, tuple[Jwk, ...]],
         kids: frozenset[str],
         skipped: tuple[SkippedKey, ...],
         size: int,
@@ -102,9 +101,9 @@ class KeySet:
         if not isinstance(document, Mapping) or not isinstance(document.get("keys"), list):
             raise ValueError('not a JWK Set: expected a JSON object with a "keys" array')
         allowed = tuple(algorithms)
-        by_kid: dict[tuple[str | None, str], list[PyJWK]] = {}
-        by_alg: dict[str, list[PyJWK]] = {}
-        anonymous: dict[str, list[PyJWK]] = {}
+        by_kid: dict[tuple[str | None, str], list[Jwk]] = {}
+        by_alg: dict[str, list[Jwk]] = {}
+        anonymous: dict[str, list[Jwk]] = {}
         kids: set[str] = set()
         skipped: list[SkippedKey] = []
         size = 0
@@ -135,7 +134,7 @@ class KeySet:
             size,
         )
 
-    def candidates(self, kid: str | None, alg: str) -> tuple[PyJWK, ...]:
+    def candidates(self, kid: str | None, alg: str) -> tuple[Jwk, ...]:
         """The keys that may verify a token with this `kid` (or none) and `alg`.
 
         The kid is a hint (RFC 7515 §4.1.4), and a key may be published without one. A token
@@ -152,7 +151,7 @@ class KeySet:
         return self.size
 
 
-def _bind(jwk: Any, allowed: tuple[str, ...]) -> tuple[str | None, list[tuple[str, PyJWK]], str]:
+def _bind(jwk: Any, allowed: tuple[str, ...]) -> tuple[str | None, list[tuple[str, Jwk]], str]:
     """Bind one JWK to each allowed algorithm it fits; the third item says why it is unusable."""
     if not isinstance(jwk, Mapping):
         return None, [], "not a JSON object"
@@ -171,14 +170,14 @@ def _bind(jwk: Any, allowed: tuple[str, ...]) -> tuple[str | None, list[tuple[st
         # A published private key is a leak on the issuer's side; never use it.
         return kid, [], "holds private key material"
     declared = jwk.get("alg")
-    bound: list[tuple[str, PyJWK]] = []
+    bound: list[tuple[str, Jwk]] = []
     errors: list[str] = []
     for alg in allowed:
         if not fits(alg, kty, crv) or (declared is not None and declared != alg):
             continue
         try:
-            bound.append((alg, PyJWK(dict(jwk), algorithm=alg)))
-        except PyJWTError as error:
+            bound.append((alg, Jwk(jwk, alg)))
+        except InvalidKeyError as error:
             errors.append(f"{alg}: {type(error).__name__}")
     if bound:
         return kid, bound, ""

@@ -25,10 +25,10 @@ from urllib.parse import urlsplit
 
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
-from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
 from ..base import oplog
 from ..base.errors import ConfigError, ConfigIssue
+from ..base.jwk import public_jwk
 from ..base.jwks import (
     ASYMMETRIC_ALGORITHMS,
     FAMILIES,
@@ -476,12 +476,8 @@ class _Builder:
             )
             s.error(key_name, f"{path} is not a PEM public key{hint}")
             return None
-        if isinstance(key, rsa.RSAPublicKey):
-            jwk = RSAAlgorithm.to_jwk(key, as_dict=True)
-        elif isinstance(key, ec.EllipticCurvePublicKey):
-            jwk = ECAlgorithm.to_jwk(key, as_dict=True)
-        elif isinstance(key, ed25519.Ed25519PublicKey):
-            jwk = OKPAlgorithm.to_jwk(key, as_dict=True)
+        if isinstance(key, (rsa.RSAPublicKey, ec.EllipticCurvePublicKey, ed25519.Ed25519PublicKey)):
+            jwk = public_jwk(key)
         else:
             s.error(key_name, f"{path}: unsupported key type {type(key).__name__}; use RSA, EC or Ed25519")
             return None

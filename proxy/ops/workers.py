@@ -17,7 +17,7 @@ is one line and exit status 1, not workers started again and again. The supervis
 process of its own making: `run` checks the config, then replaces itself (`become_supervisor`,
 same pid and descriptors) with a fresh interpreter that is handed the few settings a
 supervisor needs and imports none of the config builder, the key code or the request path
-(`main`; its resident memory is in bench/FIGURES.md).
+(`main`; it runs on asyncio's own loop; its resident memory is in bench/FIGURES.md).
 Does not own: serving requests (server.py runs each worker) or any metric's meaning.
 """
 
@@ -75,7 +75,7 @@ def become_supervisor(settings: Settings, *, config_path: str) -> NoReturn:
     """Become the supervisor of `settings.workers` workers: this process (its config checked,
     its warnings logged) is replaced by a fresh interpreter running `main`, with the same pid,
     descriptors and command line, so that the supervisor holds none of what loading the config
-    imported (the builder, PyJWT, cryptography: ~25 MiB it would never use)."""
+    imported (the builder, cryptography, the request path: ~15 MiB it would never use)."""
     needed = {
         "config_path": config_path,
         "source": settings.source,
@@ -117,15 +117,13 @@ def main() -> int:
     )
     oplog.configure(settings.log_level, settings.log_format, sys.stderr)
     prometheus_client.disable_created_metrics()  # as `run` does (cli.py)
+    # /dev/null on a closed 0-2, so that neither a socket of ours nor a worker's stdin/stdout
+    # (inherited as descriptors 0-2) is one of them.
+    hold_standard_descriptors()
     try:
-        import uvloop  # as server.py runs: the faster loop where it is installed
-
-        hold_standard_descriptors()
-        runner: Callable[[Any], int] = uvloop.run
-    except ImportError:
-        runner = asyncio.run
-    try:
-        return runner(supervise(settings, config_path=needed["config_path"]))
+        # asyncio's own loop, not uvloop: the supervisor serves a few admin requests, and
+        # uvloop's library is 2.4 MiB of its resident memory (bench/FIGURES.md).
+        return asyncio.run(supervise(settings, config_path=needed["config_path"]))
     except StartupError as error:
         if oplog.writes_json():
             event(logging.getLogger("jwt_sidecar"), logging.ERROR, "startup_failed", "%(error)s", error=str(error))

@@ -26,11 +26,11 @@ from typing import Any, cast
 from ..auth.keys import KeySource
 from ..auth.revocation import RevocationIndex, format_time, revoked, revoking_rules
 from ..auth.verify import (
-    _JWS,
     CLAIM_CHECKS,
     HEADER_CHECKS,
     TokenHeader,
     _is_number,
+    _unbase64url,
     by_issuer,
     issuers_in_words,
     parse_payload,
@@ -180,7 +180,7 @@ def inspect(token: str) -> Form:
     problem = segment_problem(parts[1], "payload")
     if problem is None:
         try:
-            payload = parse_payload(_JWS._decode_base64url_segment(parts[1].encode("ascii"), "payload"))
+            payload = parse_payload(_unbase64url(parts[1].encode("ascii")) or b"")  # segment_problem said it decodes
         except InvalidToken as error:
             problem = error.detail
     return Form(size, None, dict(header.fields), payload, problem, segment_problem(parts[2], "signature"))
@@ -191,7 +191,7 @@ def _header_words(segment: str, detail: str) -> str:
         return detail
     what = detail.removeprefix("header: ")
     if what == "not a JSON object":  # say what it is instead
-        value = json.loads(_JWS._decode_base64url_segment(segment.encode(), "header"))
+        value = json.loads(_unbase64url(segment.encode()) or b"")  # read_header decoded it
         kind = _JSON_KINDS.get(type(value), "a JSON value")
         return f"not a JWT: the header is {kind}, not a JSON object"
     if what == "empty":

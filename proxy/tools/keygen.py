@@ -24,12 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import jwt
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
-from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
+from ..base.jwk import public_jwk
 from ..base.jwks import FAMILIES, SUPPORTED_ALGORITHMS, SYMMETRIC_ALGORITHMS, fits
 from ..base.secretcheck import weakness
 from ..base.secretfile import MIN_HMAC_BYTES, SECRET_ENCODINGS, KeyToolError, read_secret
@@ -111,13 +110,13 @@ def generate(alg: str, kid: str, *, bits: int | None = None) -> GeneratedKey:
                 "(RFC 7518 §3.3 asks for at least 2048)"
             )
         private = rsa.generate_private_key(public_exponent=65537, key_size=size)
-        jwk = RSAAlgorithm.to_jwk(private.public_key(), as_dict=True)
+        jwk = public_jwk(private.public_key())
     elif alg == "ES256":
         private = ec.generate_private_key(ec.SECP256R1())
-        jwk = ECAlgorithm.to_jwk(private.public_key(), as_dict=True)
+        jwk = public_jwk(private.public_key())
     else:
         private = ed25519.Ed25519PrivateKey.generate()
-        jwk = OKPAlgorithm.to_jwk(private.public_key(), as_dict=True)
+        jwk = public_jwk(private.public_key())
     pem = private.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
@@ -314,6 +313,8 @@ def mint(
     payload["jti"] = secrets.token_urlsafe(16)
     payload.update(extra)
     headers = {"kid": kid} if kid is not None else None
+    import jwt  # here: `jwt-sidecar run` imports this module and must not load PyJWT (base/jwk.py)
+
     try:
         return jwt.encode(payload, signing_key, algorithm=algorithm, headers=headers)
     except (TypeError, ValueError) as error:

@@ -7,6 +7,12 @@ interpreter), and what a running sidecar has mapped (aiohttp's C extensions are 
 objects: a process that imported it has them in /proc/PID/maps), for one process and for a
 supervisor and its workers. The supervisor (`become_supervisor`) must also hold none of the
 config builder, PyJWT or cryptography.
+
+No PyJWT either, in any process of a running sidecar: it cost 4.8 MiB each (base/jwk.py
+parses JWKs and auth/verify.py checks signatures on cryptography's keys). PyJWT is pure
+Python, so /proc/PID/maps cannot show it: the running sidecar is started with
+PYTHONPROFILEIMPORTTIME, which every process it makes inherits, and its stderr (every import
+of every process, at the time it happens) must not name it.
 """
 
 from __future__ import annotations
@@ -17,11 +23,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
-from tests.conftest import TestKey, jwks_of
+from tests.conftest import TestKey, jwks_of, mint
 from tests.integration.conftest import BASE_CONFIG
-from tests.support.process import REPO, children, running
+from tests.support.process import ENV, REPO, children, running
 from tests.support.upstream import start_upstream
 
 linux_only = pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/PID/maps")
@@ -51,6 +58,14 @@ def test_the_run_path_imports_no_aiohttp(code: str) -> None:
     assert "aiohttp" not in imported_by(code)
 
 
+def test_the_run_path_imports_no_pyjwt() -> None:
+    loaded = imported_by(
+        "import proxy.tools.cli, proxy.ops.server, proxy.config.builder, proxy.auth.verify, proxy.base.jwks"
+    )
+    assert "jwt" not in loaded
+    assert "cryptography" in loaded  # what checks the signatures instead
+
+
 def test_the_supervisor_imports_neither_the_config_builder_nor_the_key_code() -> None:
     loaded = imported_by("import proxy.ops.workers")
     assert not loaded & {"aiohttp", "jwt", "cryptography", "yaml", "cachetools"}, loaded
@@ -74,14 +89,27 @@ async def test_a_running_sidecar_has_no_aiohttp_loaded(
     upstream = await start_upstream(aiohttp_server)
     text = BASE_CONFIG.replace("{upstream}", upstream.url).replace("{jwks}", jwks_server.url())
     text += f"workers: {workers}\ndrain_timeout: 2s\n"
-    async with running(tmp_path, text, stdout=False) as run:  # ready: keys fetched, admin serving
+    # Every import logged to stderr (the operator log's stream, read all along by `running`).
+    env = {**ENV, "PYTHONPROFILEIMPORTTIME": "1"}
+    async with running(tmp_path, text, stdout=False, env=env) as run:  # ready: keys fetched, admin serving
         pids = [run.pid, *children(run.pid)]
         assert len(pids) == (1 if workers == 1 else 1 + workers)
         for pid in pids:
             assert mapped_aiohttp(pid) == [], pid
+        async with aiohttp.ClientSession() as session:  # a verified token: the whole check has run
+            token = mint(key=rsa_key)
+            async with session.get(f"{run.url}/api/x", headers={"Authorization": f"Bearer {token}"}) as r:
+                assert r.status == 200, await r.text()
+        imported = [line.rsplit("|", 1)[-1].strip() for line in run.stderr().splitlines() if "|" in line]
+        # Each serving process imported it; with workers, `run` too (its config check, before it became the supervisor).
+        assert imported.count("proxy.auth.verify") == (1 if workers == 1 else 1 + workers)
+        assert not [name for name in imported if name == "jwt" or name.startswith("jwt.")]
         if workers > 1:
             # The supervisor is a fresh image (same pid): cryptography's library never loaded in it,
             # while each worker, which verifies tokens, has it.
             assert not mapped(run.pid, "/cryptography/")
             assert all(mapped(pid, "/cryptography/") for pid in pids[1:])
+            # It runs on asyncio's own loop (uvloop's library is 2.4 MiB of it); each worker on uvloop.
+            assert not mapped(run.pid, "/uvloop/")
+            assert all(mapped(pid, "/uvloop/") for pid in pids[1:])
         assert await run.stop(timeout=30) == 0

@@ -198,3 +198,19 @@ def test_envoy_writes_a_json_access_log_line_like_ours() -> None:
     assert log["typed_config"]["path"] == "/x"
     fields = log["typed_config"]["log_format"]["json_format"]
     assert {"request_id", "method", "path", "status", "latency_ms", "subject"} <= set(fields)
+
+
+def test_the_peak_pss_is_shown_beside_the_peak_rss_which_the_targets_keep_using() -> None:
+    doc = document()
+    assert "Peak PSS" not in report.markdown(doc)  # a run from before PSS was sampled
+    doc["meta"]["pss_peak_mib"] = {"pinned": {"jwt-sidecar": 30.5, "envoy": 60.0}, "unpinned": {"jwt-sidecar-2w": 75.2}}
+    text = report.markdown(doc)
+    rss_at, pss_at = text.index("Peak RSS over each pass"), text.index("Peak PSS over each pass")
+    assert rss_at < pss_at
+    pss_rows = [line for line in text[pss_at:].splitlines() if line.startswith(("| pinned", "| unpinned"))]
+    assert pss_rows[0].startswith("| pinned | 60.0 | 30.5 | 0.51× |")
+    assert "| 75.2 |" in pss_rows[1]
+    # The verdicts are the VmHWM figures' (42 / 70 one process; 90 / 70 for workers: 2), whatever PSS says.
+    rss, rss2 = (lab for lab, how, _, _ in report.GOALS if how in ("rss", "rss2"))
+    got = verdicts(doc)
+    assert got[(rss, "pinned")] == "PASS" and got[(rss2, "unpinned")] == "FAIL"

@@ -378,16 +378,15 @@ async def test_refused_tokens_are_not_cached(keys: dict, rsa_key: TestKey, clock
 
 
 # -- the PyJWT internals we replace ---------------------------------------------------------
-def test_our_segment_decoder_is_the_one_pyjws_calls_and_agrees_with_pyjwts_own_but_for_padding() -> None:
+def test_our_segment_decoder_agrees_with_pyjwts_own_but_for_padding() -> None:
+    # (It was an override of PyJWS's decoder; since no running sidecar imports PyJWT it is
+    # called directly, and compared with PyJWT's here.)
     import random
 
     from jwt.exceptions import DecodeError
 
-    from proxy.auth.verify import _JWS
+    from proxy.auth.verify import _unbase64url
 
-    assert type(_JWS)._decode_base64url_segment is not PyJWS._decode_base64url_segment, (
-        "PyJWS renamed its segment decoder: our override is dead code"
-    )
     rng = random.Random(7)
     alphabet = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_=+/!. \x00\xe9"
     samples = [base64.urlsafe_b64encode(rng.randbytes(n)) for n in range(40)]  # canonical, padded
@@ -400,10 +399,13 @@ def test_our_segment_decoder_is_the_one_pyjws_calls_and_agrees_with_pyjwts_own_b
         except DecodeError:
             return None
 
+    def ours_of(segment: bytes, name: str) -> bytes | None:
+        return _unbase64url(segment)
+
     padded_accepted = 0
     for segment in samples:
         ours, pyjwt = (
-            outcome(_JWS._decode_base64url_segment, segment),
+            outcome(ours_of, segment),
             outcome(PyJWS._decode_base64url_segment, segment),
         )
         if b"=" in segment:
@@ -419,12 +421,27 @@ def test_our_segment_decoder_is_the_one_pyjws_calls_and_agrees_with_pyjwts_own_b
 def test_our_signature_check_agrees_with_pyjws_decode_complete_on_a_corpus(
     rsa_key: TestKey, rsa_key_2: TestKey, ec_key: TestKey, ed_key: TestKey
 ) -> None:
-    # check_signature calls each PyJWK's Algorithm directly rather than PyJWS.decode_complete
-    # (which decoded the header a second time and merged options: ~60% of a miss). Both
-    # must accept and refuse exactly the same tokens, with the same payload and Reason.
+    # check_signature checks on cryptography's key objects, with base/jwk.py's keys, rather
+    # than PyJWS.decode_complete with PyJWT's PyJWK (which decoded the header a second time
+    # and merged options: ~60% of a miss; and PyJWT cost every running process 2.6 MiB).
+    # Both must accept and refuse exactly the same tokens, with the same payload and Reason.
     from jwt.exceptions import DecodeError, InvalidKeyError, InvalidSignatureError, PyJWTError
 
-    from proxy.auth.verify import _JWS, check_signature, read_header
+    from proxy.auth.verify import _unbase64url, check_signature, read_header
+    from proxy.base.jwk import Jwk
+
+    class StrictPyJWS(PyJWS):  # the reference as it was: PyJWS with the header checks and segment decoder ours
+        def _validate_headers(self, headers: dict[str, Any], *, encoding: bool = False) -> None:
+            return None
+
+        @staticmethod
+        def _decode_base64url_segment(segment: bytes, name: str) -> bytes:
+            decoded = _unbase64url(segment)
+            if decoded is None:
+                raise DecodeError(f"{name} segment is not unpadded, canonical base64url (RFC 7515 §2)")
+            return decoded
+
+    _JWS = StrictPyJWS()
 
     def reference(token: str, keys: list[jwt.PyJWK]) -> tuple[str, Any]:
         # The check as it was, through PyJWS (InvalidSignatureError is a DecodeError: first).
@@ -448,7 +465,8 @@ def test_our_signature_check_agrees_with_pyjws_decode_complete_on_a_corpus(
 
     def ours(token: str, keys: list[jwt.PyJWK]) -> tuple[str, Any]:
         try:
-            return ("accepted", check_signature(token, read_header(token, max_bytes=65536), keys))
+            ours_keys = [Jwk(key._jwk_data, key.algorithm_name) for key in keys]  # the same JWK, our parser
+            return ("accepted", check_signature(token, read_header(token, max_bytes=65536), ours_keys))
         except InvalidToken as error:
             return ("refused", error.reason)
 

@@ -39,6 +39,7 @@ from ..http.upstream import Pool
 from ..telemetry.accesslog import AccessLog
 from ..telemetry.metrics import Decision, Metrics, RouteMetrics
 from .exchange import NO_ROUTE_NAME, Exchange
+from .forward import Answering
 from .identity import request_id
 from .pipeline import begin, log_refused
 from .runtime import Runtime, build_snapshot
@@ -142,12 +143,12 @@ class Proxy:
                 latency_ms=0.0,
             )
 
-    def handle(self, request: Request) -> Coroutine[Any, Any, None] | None:
+    def handle(self, request: Request) -> Coroutine[Any, Any, None] | Answering | None:
         """Answer `request` now (a refusal: None), or return the rest of its handling to await."""
         return _entry(request, self.runtime)
 
 
-def _entry(request: Request, runtime: Runtime) -> Coroutine[Any, Any, None] | None:
+def _entry(request: Request, runtime: Runtime) -> Coroutine[Any, Any, None] | Answering | None:
     inbound = None
     for name, value in request.fields:  # (`request.header(b"x-request-id")`, written out: once per request)
         if len(name) == 12 and name.lower() == b"x-request-id":
@@ -173,6 +174,9 @@ def _entry(request: Request, runtime: Runtime) -> Coroutine[Any, Any, None] | No
         return None
     # Counted only here: a request answered within `handle` is over before any scrape can run.
     runtime.metrics.in_flight += 1
+    if rest.__class__ is Answering:  # forwarded with no task: it ends in `_settled`
+        rest.settle = _settled
+        return rest
     return _finish(ex, rest)  # type: ignore[arg-type]  # not TokenMissing (above): mypy does not narrow a class by `is`
 
 
@@ -187,6 +191,16 @@ async def _finish(ex: Exchange, rest: Coroutine[Any, Any, None]) -> None:
         await rest
     except Exception as error:
         _failed(ex, error)
+    finally:
+        ex.runtime.metrics.in_flight -= 1
+        _record(ex)
+
+
+def _settled(ex: Exchange, error: Exception | None) -> None:
+    """`_finish`'s end, for a request forwarded with no task (forward.py's `Answering`)."""
+    try:
+        if error is not None:
+            _failed(ex, error)
     finally:
         ex.runtime.metrics.in_flight -= 1
         _record(ex)

@@ -15,7 +15,8 @@ whole answer, or a head and then a Content-Length, chunked or close-delimited bo
 upgrades (the bytes after the head are held for `Request.tunnel`, or the connection
 closes after the answer), an idle keep-alive timeout, a time limit on each request head
 from its first byte (408), a limit on open connections (those over it are closed at accept),
-cancelling the handler when the client goes away, and a graceful drain (`Server.start_drain`,
+cancelling the handler when the client goes away (a task, or a `Later`: a request the
+handler answers from callbacks of its own, with no task), and a graceful drain (`Server.start_drain`,
 `Server.shutdown`): answers carry `Connection: close`, the listen queue is served before the
 listener closes, and a connection is closed only between requests, never once a request's
 first byte has arrived.

@@ -12,7 +12,9 @@ is never reused, a byte no request asked for closes it and makes its origin dist
 new origin is on probation (`_PROBATION`); flow control both ways (reads of 16 KiB into one
 buffer per pool, reading paused at 16 KiB buffered or when the consumer asks, a 4 KiB write
 buffer for request bodies; the waits are flow.py's, their timeouts on one timer per pool);
-relaying a body from the read callback to a consumer's sink (`Response.relay`); the one retry
+relaying a body from the read callback to a consumer's sink (`Response.relay`); a request
+with no body sent on an idle connection and its answer awaited by no task (`Pool.send`: the
+consumer is called from the read callback, the read timeout is the same pool timer); the one retry
 RFC 9112 §9.3.1 allows (an idempotent, body-less request whose reused connection the server
 closed before answering); and the client's failure vocabulary: `UpstreamConnectError`
 (nothing was sent: refused, unreachable, connect timeout), `UpstreamProtocolError`, builtin
@@ -552,6 +554,8 @@ class _Connection(asyncio.BufferedProtocol):
         the coroutine of the one retry RFC 9112 §9.3.1 allows, on a new connection (the pooled
         one closed before any byte of the answer; `_exchange`'s rule); raises `TimeoutError` or
         the `UpstreamError` `Pool.request` would have raised."""
+        resend = self._resend
+        self._resend = None  # (the head it holds is not kept beyond the answer)
         if self._late:
             raise TimeoutError
         if self._head_done:
@@ -559,7 +563,6 @@ class _Connection(asyncio.BufferedProtocol):
         # A broken answer, or none: the connection's state is unknown, so it is never reused.
         self._keep_alive = False
         self._transport.abort()
-        resend = self._resend
         if resend is not None and isinstance(self._error, UpstreamConnectError):
             origin, head, connect_timeout = resend
             return self._pool._exchange(
@@ -569,6 +572,7 @@ class _Connection(asyncio.BufferedProtocol):
 
     def cancel(self) -> None:
         """`Pool.send`'s consumer is gone (the client went away): the connection is dropped."""
+        self._resend = None
         if self._notify is not None:
             self._notify = None
             wakeup = self._wakeup

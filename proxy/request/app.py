@@ -14,7 +14,9 @@ rather than raises, answered by `_missing` as `_failed` answers a `TokenMissing`
 answered within `handle` itself (no task);
 an allowed request comes back to the server as a coroutine to run, and if the client left
 before that coroutine began, it sends nothing upstream and records a 499 (`_finish`: the one
-place this is handled; the server runs the coroutine regardless).
+place this is handled; the server runs the coroutine regardless). One forwarded with no task
+(forward.py's `Answering`, already sent upstream from `handle`) ends in `_settled`, which
+forward.py calls once it is answered or has failed, as `_finish` ends.
 Does not own: any decision (pipeline.py and the modules it calls decide).
 """
 

@@ -14,6 +14,10 @@ tunnel (idle time, lifetime, the token's expiry). On a route with `cors`, the up
 every answer relayed. After an answer has started nothing can change its
 status: a failure then aborts the connection, so the client sees a truncated answer, never
 a spliced one.
+A request with no body is forwarded with no task when an idle pooled connection to its
+upstream is at hand (`forward_now`, `Answering`: its head written from the handler, its
+answer relayed and the request ended from the upstream connection's read callback); what
+stops being simple goes on as a task from there, as `forward` would do it.
 Both steps take the request's `Exchange` (its route plan, path and query, and the header
 pairs identity.py made, which the HTTP layer encodes: `upstream.Fields.of_bytes`).
 Does not own: JWTs, routes or which headers to send (identity.py decides those), or the

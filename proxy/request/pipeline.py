@@ -3,7 +3,8 @@
 Owns: the order of the steps, each of which reads and fills in the request's `Exchange`
 (exchange.py). `begin` runs every step that needs no I/O at once, so a refusal (no
 route, no token, a cached token the rules refuse) is raised before any task exists; the
-rest (verifying a token not in the cache, forwarding) is the coroutine it returns. On a
+rest (verifying a token not in the cache, forwarding) is the coroutine it returns, or, for
+a request forwarded with no task (forward.py's `forward_now`), its `Answering`. On a
 route with `providers:` the token's unverified `iss` first chooses its provider's plan
 (`ex.plan` becomes it), so every later step is that provider's. A missing token on a route
 that needs one (enforce mode) is not raised but returned (the class `TokenMissing`, which

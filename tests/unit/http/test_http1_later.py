@@ -103,3 +103,28 @@ async def test_the_rest_handed_to_a_task_answers_and_ends_the_request() -> None:
         writer.close()
     finally:
         await server.shutdown(1)
+
+
+@bounded_by(10)
+async def test_a_drain_waits_for_a_request_answered_later_and_closes_after_it() -> None:
+    cancels: list[str] = []
+    made: list[Soon] = []
+
+    def handler(request: Request) -> Soon:
+        soon = Soon(request, cancels)
+        soon.handle.cancel()
+        soon.handle = asyncio.get_running_loop().call_later(0.3, soon.answer)
+        made.append(soon)
+        return soon
+
+    server, reader, writer = await serve(handler)
+    writer.write(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
+    async with asyncio.timeout(5):
+        while not made:
+            await asyncio.sleep(0.01)
+    draining = asyncio.create_task(server.shutdown(5))
+    answer = await asyncio.wait_for(reader.read(), 5)
+    await draining
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 200 ") and b"\r\nConnection: close\r\n" in answer and answer.endswith(b"/a")
+    assert cancels == []

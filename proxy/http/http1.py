@@ -15,7 +15,8 @@ whole answer, or a head and then a Content-Length, chunked or close-delimited bo
 upgrades (the bytes after the head are held for `Request.tunnel`, or the connection
 closes after the answer), an idle keep-alive timeout, a time limit on each request head
 from its first byte (408), a limit on open connections (those over it are closed at accept),
-cancelling the handler when the client goes away, and a graceful drain (`Server.start_drain`,
+cancelling the handler when the client goes away (a task, or a `Later`: a request the
+handler answers from callbacks of its own, with no task), and a graceful drain (`Server.start_drain`,
 `Server.shutdown`): answers carry `Connection: close`, the listen queue is served before the
 listener closes, and a connection is closed only between requests, never once a request's
 first byte has arrived.
@@ -49,7 +50,7 @@ from yarl import URL
 from .flow import Deadlines, Wakeup, WriteFlow
 from .log import event
 
-__all__ = ["BodyError", "BodyTimeout", "ConnectionCounts", "Prepared", "Request", "Server"]
+__all__ = ["BodyError", "BodyTimeout", "ConnectionCounts", "Later", "Prepared", "Request", "Server"]
 
 log = logging.getLogger("jwt_sidecar.http")
 
@@ -99,11 +100,26 @@ _DRAIN_IDLE = 1.0
 """While draining, a connection idle this long (no byte of a next request) is closed. A client
 sending continuously is never idle that long: it gets `Connection: close` on an answer instead."""
 
-Handler = Callable[["Request"], Awaitable[None] | None]
+Handler = Callable[["Request"], "Awaitable[None] | Later | None"]
 """Answers a request at once and returns None, or returns the rest of its work to await. The
 rest always runs, even for a client that left before it began (`request.transport` is then
-None: the rest decides what it still owes)."""
+None: the rest decides what it still owes). Or returns a `Later`: the handler finishes the
+request itself, from callbacks of its own, with no task (`Later`)."""
 _NO_QUERY: MultiDictProxy[str] = MultiDictProxy(MultiDict())
+
+
+class Later:
+    """What a handler returns for a request it answers later from callbacks of its own, with no
+    task (an upstream's answer relayed from the upstream connection's read callback: bench/FIGURES.md,
+    "The proxied request without a task"). The connection waits, as for a task, until the
+    handler calls `Request.done` (or hands the rest to a task: `Request.carry_on`); if the
+    client goes away first, `cancel` is called (from `connection_lost`), and must end in
+    `done` too, as a cancelled task ends in `_done`."""
+
+    __slots__ = ()
+
+    def cancel(self) -> None:
+        raise NotImplementedError
 
 
 class BodyError(Exception):
@@ -483,6 +499,20 @@ class Request:
         if not conn._lost:
             conn._transport.abort()
 
+    def done(self) -> None:
+        """The end of a request whose handler returned a `Later`: the connection goes on to the next."""
+        conn = self._conn
+        conn._later = None
+        conn._done(self)
+
+    def carry_on(self, rest: Awaitable[None]) -> None:
+        """The rest of a request whose handler returned a `Later`, as this connection's task from
+        here on (as if the handler had returned `rest`): it is cancelled if the client goes
+        away once it has begun, and the request is done when it ends."""
+        conn = self._conn
+        conn._later = None
+        conn._task = conn._loop.create_task(conn._answer(self, rest))
+
     async def tunnel(
         self,
         status: int,
@@ -623,6 +653,7 @@ class _Connection(asyncio.BufferedProtocol):
         # requests in order: the first is being answered, the rest wait (pipelining)
         self._queue: deque[Request] = deque()
         self._task: asyncio.Task[None] | None = None
+        self._later: Later | None = None  # the handler answers the first request from callbacks (`Later`)
         self._running = False  # the task has started (a task cancelled before that runs nothing)
         self._dispatching = False
         self._again = False
@@ -666,12 +697,15 @@ class _Connection(asyncio.BufferedProtocol):
         # Requests refer to their connection: the queue and the body being read must let go
         # of them for the same reason (the one a task answers leaves the queue in `_done`).
         self._parsing = None
-        if self._task is None:
+        if self._task is None and self._later is None:
             self._queue.clear()
         self._sink = None  # a tunnel's upstream side, which refers to its request
         task = self._task
         if task is not None and not task.done() and self._running:
             task.cancel()  # the client went away: stop working for it (and its upstream request)
+        later = self._later
+        if later is not None:
+            later.cancel()  # as a task is cancelled; it ends in `Request.done`
         self._flow.end()
 
     def get_buffer(self, sizehint: int) -> memoryview:
@@ -859,7 +893,11 @@ class _Connection(asyncio.BufferedProtocol):
         self._parsing = None
         if request is not None:
             # (It may be gone from the queue already: answered at once while its body came.)
-            if self._queue and request is self._queue[-1] and (len(self._queue) > 1 or self._task is None):
+            if (
+                self._queue
+                and request is self._queue[-1]
+                and (len(self._queue) > 1 or (self._task is None and self._later is None))
+            ):
                 # Its handler has not started: it never reaches the upstream; the refusal is its answer.
                 self._queue.pop()
             else:
@@ -877,7 +915,7 @@ class _Connection(asyncio.BufferedProtocol):
             again = True
             while again:
                 again = self._again = False
-                if self._task is not None or self._lost:
+                if self._task is not None or self._later is not None or self._lost:
                     return
                 if self._queue:
                     request = self._queue[0]
@@ -891,6 +929,9 @@ class _Connection(asyncio.BufferedProtocol):
                         event(log, logging.ERROR, "handler_crashed", "request handler failed", exc_info=True)
                         rest = None
                     if rest is not None:
+                        if isinstance(rest, Later):
+                            self._later = rest  # it calls `Request.done` (or `carry_on`) later
+                            return
                         self._task = self._loop.create_task(self._answer(request, rest))
                         return
                     self._done(request)
@@ -903,6 +944,7 @@ class _Connection(asyncio.BufferedProtocol):
     async def _answer(self, request: Request, rest: Awaitable[None] | None) -> None:
         """The rest of a request's handling (`rest`), or all of it after a drain (None)."""
         self._running = True
+        later = False
         try:
             if self._lost and rest is None:
                 return  # the client left before the handler was called: nothing is owed
@@ -911,7 +953,12 @@ class _Connection(asyncio.BufferedProtocol):
             # (app.py sends nothing upstream then); `request.transport` is None to tell it.
             if rest is None:
                 await self._drain()
-                rest = self._server._handler(request)
+                answer = self._server._handler(request)
+                if isinstance(answer, Later):
+                    later = True  # the handler ends it (`Request.done`), not this task
+                    self._later = answer
+                    return
+                rest = answer
             if rest is not None:
                 await rest
         except asyncio.CancelledError:
@@ -921,7 +968,8 @@ class _Connection(asyncio.BufferedProtocol):
         finally:
             self._running = False
             self._task = None
-            self._done(request)
+            if not later:
+                self._done(request)
 
     def _done(self, request: Request) -> None:
         self._queue.popleft()
@@ -1044,6 +1092,7 @@ class _Connection(asyncio.BufferedProtocol):
             since is not None
             and since <= idle_before
             and self._task is None
+            and self._later is None
             and not self._queue
             and not self._refusal
             and not self._upgraded

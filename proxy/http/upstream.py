@@ -12,7 +12,9 @@ is never reused, a byte no request asked for closes it and makes its origin dist
 new origin is on probation (`_PROBATION`); flow control both ways (reads of 16 KiB into one
 buffer per pool, reading paused at 16 KiB buffered or when the consumer asks, a 4 KiB write
 buffer for request bodies; the waits are flow.py's, their timeouts on one timer per pool);
-relaying a body from the read callback to a consumer's sink (`Response.relay`); the one retry
+relaying a body from the read callback to a consumer's sink (`Response.relay`); a request
+with no body sent on an idle connection and its answer awaited by no task (`Pool.send`: the
+consumer is called from the read callback, the read timeout is the same pool timer); the one retry
 RFC 9112 §9.3.1 allows (an idempotent, body-less request whose reused connection the server
 closed before answering); and the client's failure vocabulary: `UpstreamConnectError`
 (nothing was sent: refused, unreachable, connect timeout), `UpstreamProtocolError`, builtin
@@ -40,7 +42,7 @@ from .causes import Worded, cause
 from .flow import Deadlines, Wakeup, WriteFlow
 from .log import event
 
-__all__ = ["Fields", "Pool", "Response", "UpstreamConnectError", "UpstreamError", "UpstreamProtocolError"]
+__all__ = ["Fields", "InFlight", "Pool", "Response", "UpstreamConnectError", "UpstreamError", "UpstreamProtocolError"]
 
 
 class UpstreamError(Worded):
@@ -163,6 +165,25 @@ def _encode_head(method: str, target: str, fields: Fields, host_line: bytes, fra
     return head
 
 
+class _Wakeup(Wakeup):
+    """A connection's `Wakeup`, whose timeout also ends a wait no task makes: an answer awaited
+    from the connection's callbacks (`Pool.send`), when `conn` is set (only then: it and the
+    connection refer to each other)."""
+
+    __slots__ = ("conn",)
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, deadlines: Deadlines | None) -> None:
+        super().__init__(loop, deadlines)
+        self.conn: _Connection | None = None
+
+    def _expire(self) -> None:
+        conn = self.conn
+        if conn is not None:
+            conn._expired()
+        else:
+            super()._expire()
+
+
 class _Origin:
     """What one (scheme, host, port) shares: its idle connections and its default Host line."""
 
@@ -208,10 +229,12 @@ class _Connection(asyncio.BufferedProtocol):
         "_interim",
         "_is_head",
         "_keep_alive",
+        "_late",
         "_length",
         "_lost",
         "_mark",
         "_names",
+        "_notify",
         "_origin",
         "_parser",
         "_poll",
@@ -219,6 +242,7 @@ class _Connection(asyncio.BufferedProtocol):
         "_reading_paused",
         "_reason",
         "_relay_timeout",
+        "_resend",
         "_sink",
         "_sink_full",
         "_status",
@@ -243,7 +267,12 @@ class _Connection(asyncio.BufferedProtocol):
         self._lost = False
         self._flow = WriteFlow(pool._loop, pool._deadlines)  # a request body waits here for the upstream to take it
         # The consumer waits here for the answer; its timeouts are the pool's one timer.
-        self._wakeup = Wakeup(pool._loop, pool._deadlines)
+        self._wakeup = _Wakeup(pool._loop, pool._deadlines)
+        # `Pool.send`: the consumer told from these callbacks once the answer's head is here, it
+        # failed or it timed out (no task waits); the read timeout; what a retry resends.
+        self._notify: Callable[[], None] | None = None
+        self._late = False  # that answer timed out
+        self._resend: tuple[_Origin, bytes, float] | None = None
         self._chunks: list[bytes] = []
         self._buffered = 0
         self._reading_paused = False
@@ -318,7 +347,10 @@ class _Connection(asyncio.BufferedProtocol):
                 self._error = UpstreamProtocolError("connection closed inside the response head")
             else:
                 self._error = UpstreamProtocolError("response body cut short")
-        self._wakeup.wake()
+        if self._notify is not None:
+            self._progress()
+        else:
+            self._wakeup.wake()
         self._flow.end()
 
     def buffer_updated(self, nbytes: int) -> None:
@@ -349,7 +381,10 @@ class _Connection(asyncio.BufferedProtocol):
                         "response head too large" if not self._head_done else "response trailer section too large"
                     )
                 )
-                self._wakeup.wake()
+                if self._notify is not None:
+                    self._progress()
+                else:
+                    self._wakeup.wake()
                 return
         try:
             self._parser.feed_data(data)
@@ -357,7 +392,9 @@ class _Connection(asyncio.BufferedProtocol):
             self._fail(UpstreamProtocolError("upstream switched protocols (101); upgrades are not proxied here"))
         except httptools.HttpParserError as error:
             self._fail(UpstreamProtocolError(f"malformed response: {error}"))
-        if self._sink is None or self._done or self._error is not None or self._sink_full:
+        if self._notify is not None:
+            self._progress()  # last: what it calls may reuse this connection at once
+        elif self._sink is None or self._done or self._error is not None or self._sink_full:
             self._wakeup.wake()
         else:
             # Relaying (`Response.relay`): these bytes went on already; the waiting task has
@@ -482,6 +519,67 @@ class _Connection(asyncio.BufferedProtocol):
             self._interim = False
             return
         self._done = True
+
+    # an answer awaited from these callbacks (`Pool.send`)
+
+    def _progress(self) -> None:
+        """A read (or the end of the connection) while the consumer waits from callbacks: tell
+        it once the answer's head is here or the exchange failed, else the read timeout starts
+        again (as `_exchange`'s wait is armed again after each callback)."""
+        if self._head_done or self._error is not None:
+            notify = self._notify
+            assert notify is not None
+            self._notify = None
+            wakeup = self._wakeup
+            wakeup.conn = None
+            self._pool._deadlines.waits.pop(wakeup, None)  # type: ignore[union-attr]
+            notify()
+        else:
+            self._pool._deadlines.waits[self._wakeup] = self._pool._loop.time() + self._relay_timeout  # type: ignore[union-attr]
+
+    def _expired(self) -> None:
+        """The read timeout passed with no answer's head (the pool's timer took the wait off)."""
+        notify = self._notify
+        self._wakeup.conn = None
+        if notify is None:
+            return
+        self._notify = None
+        self._late = True
+        self._keep_alive = False  # its state is unknown: never reused (as in `_exchange`)
+        self._transport.abort()
+        notify()
+
+    def answer(self) -> Response | Coroutine[Any, Any, Response]:
+        """Once `Pool.send`'s consumer is told: the answer's head (`Pool.request`'s answer), or
+        the coroutine of the one retry RFC 9112 §9.3.1 allows, on a new connection (the pooled
+        one closed before any byte of the answer; `_exchange`'s rule); raises `TimeoutError` or
+        the `UpstreamError` `Pool.request` would have raised."""
+        resend = self._resend
+        self._resend = None  # (the head it holds is not kept beyond the answer)
+        if self._late:
+            raise TimeoutError
+        if self._head_done:
+            return Response(self, self._relay_timeout)
+        # A broken answer, or none: the connection's state is unknown, so it is never reused.
+        self._keep_alive = False
+        self._transport.abort()
+        if resend is not None and isinstance(self._error, UpstreamConnectError):
+            origin, head, connect_timeout = resend
+            return self._pool._exchange(
+                origin, None, head, self._is_head, None, False, None, connect_timeout, self._relay_timeout, retry=False
+            )
+        raise self._failure()
+
+    def cancel(self) -> None:
+        """`Pool.send`'s consumer is gone (the client went away): the connection is dropped."""
+        self._resend = None
+        if self._notify is not None:
+            self._notify = None
+            wakeup = self._wakeup
+            wakeup.conn = None
+            self._pool._deadlines.waits.pop(wakeup, None)  # type: ignore[union-attr]
+        self._keep_alive = False
+        self._transport.abort()
 
     # helpers
 
@@ -717,6 +815,10 @@ class Response:
             conn._transport.abort()
 
 
+InFlight = _Connection
+"""A request `Pool.send` sent, awaited from callbacks: `answer()` once told, or `cancel()`."""
+
+
 class Pool:
     """Keep-alive connections to any number of upstream origins, shared by every request of a process."""
 
@@ -845,6 +947,51 @@ class Pool:
             read_timeout,
             retry=retry,
         )
+
+    def send(
+        self,
+        method: str,
+        scheme: str,
+        host: str,
+        port: int,
+        target: str,
+        fields: Fields,
+        *,
+        content_length: int | None,
+        connect_timeout: float,
+        read_timeout: float,
+        notify: Callable[[], None],
+    ) -> InFlight | None:
+        """`request` for a request with no body, awaited by no task: on an idle pooled
+        connection, the head written now and `notify()` called from the connection's
+        callbacks once its answer's head has come, the exchange failed or `read_timeout`
+        passed without a byte (then `InFlight.answer` says which; `InFlight.cancel` if the
+        answer is no longer wanted). None when there is no such connection (nothing sent,
+        nothing taken: call `request`): bench/FIGURES.md, "The proxied request without a task".
+        `content_length`: None or 0 (a body of none, framed as `request` frames it)."""
+        if self._loop is None or self._closed or content_length:
+            return None
+        origin = self._origin(scheme, host, port)
+        try:
+            head = _encode_head(
+                method, target, fields, origin.host_line, b"" if content_length is None else b"Content-Length: 0\r\n"
+            )
+        except ValueError:
+            return None  # `request` raises it
+        conn = self._take_idle(origin)
+        if conn is None:
+            return None
+        conn._begin(method == "HEAD")
+        conn._transport.write(head)
+        conn._notify = notify
+        conn._relay_timeout = read_timeout
+        # RFC 9112 §9.3.1: a reused connection the server closed before answering may be
+        # replayed once (`_exchange`'s rule; no body here).
+        conn._resend = (origin, head, connect_timeout) if method in _IDEMPOTENT else None
+        wakeup = conn._wakeup
+        wakeup.conn = conn
+        self._deadlines.add(wakeup, self._loop.time() + read_timeout)  # type: ignore[union-attr]
+        return conn
 
     async def _exchange(
         self,

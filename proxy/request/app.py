@@ -14,7 +14,9 @@ rather than raises, answered by `_missing` as `_failed` answers a `TokenMissing`
 answered within `handle` itself (no task);
 an allowed request comes back to the server as a coroutine to run, and if the client left
 before that coroutine began, it sends nothing upstream and records a 499 (`_finish`: the one
-place this is handled; the server runs the coroutine regardless).
+place this is handled; the server runs the coroutine regardless). One forwarded with no task
+(forward.py's `Answering`, already sent upstream from `handle`) ends in `_settled`, which
+forward.py calls once it is answered or has failed, as `_finish` ends.
 Does not own: any decision (pipeline.py and the modules it calls decide).
 """
 
@@ -39,6 +41,7 @@ from ..http.upstream import Pool
 from ..telemetry.accesslog import AccessLog
 from ..telemetry.metrics import Decision, Metrics, RouteMetrics
 from .exchange import NO_ROUTE_NAME, Exchange
+from .forward import Answering
 from .identity import request_id
 from .pipeline import begin, log_refused
 from .runtime import Runtime, build_snapshot
@@ -143,12 +146,12 @@ class Proxy:
                 latency_ms=0.0,
             )
 
-    def handle(self, request: Request) -> Coroutine[Any, Any, None] | None:
+    def handle(self, request: Request) -> Coroutine[Any, Any, None] | Answering | None:
         """Answer `request` now (a refusal: None), or return the rest of its handling to await."""
         return _entry(request, self.runtime)
 
 
-def _entry(request: Request, runtime: Runtime) -> Coroutine[Any, Any, None] | None:
+def _entry(request: Request, runtime: Runtime) -> Coroutine[Any, Any, None] | Answering | None:
     inbound = None
     for name, value in request.fields:  # (`request.header(b"x-request-id")`, written out: once per request)
         if len(name) == 12 and name.lower() == b"x-request-id":
@@ -174,6 +177,9 @@ def _entry(request: Request, runtime: Runtime) -> Coroutine[Any, Any, None] | No
         return None
     # Counted only here: a request answered within `handle` is over before any scrape can run.
     runtime.metrics.in_flight += 1
+    if rest.__class__ is Answering:  # forwarded with no task: it ends in `_settled`
+        rest.settle = _settled
+        return rest
     return _finish(ex, rest)  # type: ignore[arg-type]  # not TokenMissing (above): mypy does not narrow a class by `is`
 
 
@@ -188,6 +194,16 @@ async def _finish(ex: Exchange, rest: Coroutine[Any, Any, None]) -> None:
         await rest
     except Exception as error:
         _failed(ex, error)
+    finally:
+        ex.runtime.metrics.in_flight -= 1
+        _record(ex)
+
+
+def _settled(ex: Exchange, error: Exception | None) -> None:
+    """`_finish`'s end, for a request forwarded with no task (forward.py's `Answering`)."""
+    try:
+        if error is not None:
+            _failed(ex, error)
     finally:
         ex.runtime.metrics.in_flight -= 1
         _record(ex)

@@ -14,6 +14,10 @@ tunnel (idle time, lifetime, the token's expiry). On a route with `cors`, the up
 every answer relayed. After an answer has started nothing can change its
 status: a failure then aborts the connection, so the client sees a truncated answer, never
 a spliced one.
+A request with no body is forwarded with no task when an idle pooled connection to its
+upstream is at hand (`forward_now`, `Answering`: its head written from the handler, its
+answer relayed and the request ended from the upstream connection's read callback); what
+stops being simple goes on as a task from there, as `forward` would do it.
 Both steps take the request's `Exchange` (its route plan, path and query, and the header
 pairs identity.py made, which the HTTP layer encodes: `upstream.Fields.of_bytes`).
 Does not own: JWTs, routes or which headers to send (identity.py decides those), or the
@@ -24,10 +28,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import httptools
 
@@ -37,8 +42,8 @@ from ..base.oplog import event
 from ..config.settings import WebSocketSettings
 from ..http.causes import cause
 from ..http.flow import Wakeup
-from ..http.http1 import BodyError, BodyTimeout, Request
-from ..http.upstream import Fields, Response, UpstreamError
+from ..http.http1 import BodyError, BodyTimeout, Later, Request
+from ..http.upstream import Fields, InFlight, Response, UpstreamError
 from .cors import without_upstream_cors
 from .identity import HOP_BY_HOP, connection_tokens
 
@@ -46,7 +51,7 @@ if TYPE_CHECKING:
     from .exchange import Exchange
     from .runtime import Origin
 
-__all__ = ["SMALL_BODY", "forward", "forward_websocket", "is_websocket"]
+__all__ = ["SMALL_BODY", "Answering", "forward", "forward_now", "forward_websocket", "is_websocket"]
 
 SMALL_BODY = 64 * 1024
 """Answers up to this size (by Content-Length) are read whole and written in one go."""
@@ -202,7 +207,7 @@ async def forward(ex: Exchange) -> None:
     """Send the request upstream and stream the answer back to the client."""
     request, pool, plan = ex.request, ex.runtime.pool, ex.plan
     assert pool is not None and plan is not None  # started, and routed
-    origin, upstream, request_id = plan.origin, plan.upstream, ex.request_id
+    origin, upstream = plan.origin, plan.upstream
     # The target goes on the request line byte for byte: the path the router matched.
     target = origin.base_path + ex.path + ("?" + ex.query if ex.query else "")
     headers = Fields.of_bytes(ex.fields, ex.added)
@@ -234,15 +239,29 @@ async def forward(ex: Exchange) -> None:
     except BodyError as error:
         raise BadRequest(Reason.MALFORMED_REQUEST, f"request body unreadable: {error}") from None
     except TimeoutError:  # before UpstreamError's OSError-like cases: a timeout is a 504
-        raise UpstreamTimeout(f"{origin} did not answer within {upstream.timeout:g}s") from None
+        raise _timed_out(origin, upstream.timeout) from None
     except UpstreamError as error:
         raise UpstreamUnavailable(f"{origin}: {cause(error)}") from None
+    rest = _answered(ex, answer)
+    if rest is not None:
+        await rest
+
+
+def _timed_out(origin: Origin, timeout: float) -> UpstreamTimeout:
+    return UpstreamTimeout(f"{origin} did not answer within {timeout:g}s")
+
+
+def _answered(ex: Exchange, answer: Response) -> Coroutine[Any, Any, None] | None:
+    """The answer's head is here: relayed now if it came whole (None), else the coroutine that
+    reads or streams the rest (it releases `answer`)."""
+    request, plan = ex.request, ex.plan
+    assert plan is not None
     try:
         cors = plan.cors
         if cors is None:
-            fields, answer_length, dated = _relayed_fields(answer, request_id)
+            fields, answer_length, dated = _relayed_fields(answer, ex.request_id)
         else:
-            fields, answer_length, dated = _answer_fields(without_upstream_cors(answer.raw_headers), request_id)
+            fields, answer_length, dated = _answer_fields(without_upstream_cors(answer.raw_headers), ex.request_id)
             fields += cors.response_fields(request.fields)
         if not answer.has_body():
             # HEAD, 204, 304: the upstream's Content-Length (if any) describes the GET; relay it.
@@ -250,13 +269,29 @@ async def forward(ex: Exchange) -> None:
             if answer_length is not None and answer.status != 204:
                 fields += b"Content-Length: %d\r\n" % answer_length
             request.respond(answer.status, answer.reason, (), None, date=not dated, fields=fields)
-            return
+            return None
         small = answer.complete(SMALL_BODY)  # it usually came whole with its head: no wait
-        if small is None:
-            small = await answer.read(SMALL_BODY)
         if small is not None:
             # One write of head and body, and the connection back in the pool before the
             # client is even written to.
+            answer.release()
+            request.relay(answer.status, answer.raw_reason, fields, small, date=not dated)
+            return None
+    except BaseException:
+        answer.release()
+        raise
+    return _streamed(ex, answer, fields, answer_length, dated)
+
+
+async def _streamed(ex: Exchange, answer: Response, fields: bytes, answer_length: int | None, dated: bool) -> None:
+    """The rest of an answer that did not come whole with its head: read (up to `SMALL_BODY`)
+    or streamed to the client."""
+    request, plan, request_id = ex.request, ex.plan, ex.request_id
+    assert plan is not None
+    origin, upstream = plan.origin, plan.upstream
+    try:
+        small = await answer.read(SMALL_BODY)
+        if small is not None:
             answer.release()
             request.relay(answer.status, answer.raw_reason, fields, small, date=not dated)
             return
@@ -295,6 +330,141 @@ async def forward(ex: Exchange) -> None:
         raise UpstreamUnavailable(f"{origin}: {cause(error)}") from None
     finally:
         answer.release()
+
+
+class Answering(Later):
+    """A request with no body forwarded on an idle pooled connection with no task and no
+    coroutine (bench/FIGURES.md, "The proxied request without a task"): `forward_now` writes
+    its head from the handler, and the upstream connection's read callback relays the answer
+    (`_answer`), observes the upstream time, and calls `settle` (app.py's: the metrics and
+    the access-log line, and the refusal for an error) before the client's connection goes
+    on (`Request.done`). What is not that simple goes on as a task from the point it stops
+    being simple (`Request.carry_on`), as `forward` would have: the one retry on a new
+    connection, an answer that did not come whole with its head. The client going away
+    (`cancel`) drops the upstream connection, as a cancelled task does."""
+
+    __slots__ = ("_began", "_conn", "_ex", "settle")
+
+    def __init__(self, ex: Exchange, began: float) -> None:
+        self._ex = ex
+        self._began = began
+        self._conn: InFlight = None  # type: ignore[assignment]  # set once sent (`forward_now`)
+        self.settle: Callable[[Exchange, Exception | None], None] = _unsettled
+        """The request's end for the caller (app.py sets it): its error, or None."""
+
+    def _answer(self) -> None:
+        """The upstream connection's callback: its answer's head came, it failed, or it timed out."""
+        ex = self._ex
+        try:
+            try:
+                answer = self._conn.answer()
+            except TimeoutError:  # before UpstreamError's OSError-like cases: a timeout is a 504
+                plan = ex.plan
+                assert plan is not None
+                failure: Exception = _timed_out(plan.origin, plan.upstream.timeout)
+            except UpstreamError as error:
+                assert ex.plan is not None
+                failure = UpstreamUnavailable(f"{ex.plan.origin}: {cause(error)}")
+            else:
+                if not isinstance(answer, Response):  # a retry, on a new connection: a task from here
+                    ex.request.carry_on(self._resumed(_retried(ex, answer), answer.close))
+                    return
+                rest = _answered(ex, answer)
+                if rest is not None:  # not whole: read or streamed by a task from here
+                    ex.request.carry_on(self._resumed(rest, answer.close))
+                    return
+                self._end(None)
+                return
+            self._end(failure)
+        except Exception as error:  # a bug: the request still ends (a 500, as `forward`'s task would give)
+            self._end(error)
+
+    def cancel(self) -> None:
+        self._conn.cancel()
+        self._end(None)  # recorded as `forward`'s cancelled task is: 499, nothing written
+
+    def _settle(self, error: Exception | None) -> None:
+        ex = self._ex
+        assert ex.plan is not None
+        ex.plan.metrics.observe_upstream(time.perf_counter() - self._began)  # (pipeline._forward's)
+        self.settle(ex, error)
+
+    def _end(self, error: Exception | None) -> None:
+        try:
+            self._settle(error)
+        except Exception:
+            event(log, logging.ERROR, "request_crashed", "ending a forwarded request failed", exc_info=True)
+        finally:
+            self._ex.request.done()
+
+    async def _resumed(self, rest: Coroutine[Any, Any, None], drop: Callable[[], object]) -> None:
+        """`rest` as the connection's task, then this request's end (the server's task ends it).
+        `drop`: what lets go of the upstream side (the answer, or the retry not yet begun)."""
+        if self._ex.request.transport is None:
+            # The client left before this task began (a cancel reaches only a task that runs):
+            # nothing more is sent or pulled for it.
+            rest.close()
+            drop()
+            self._settle(None)
+            return
+        try:
+            await rest
+        except Exception as error:
+            self._settle(error)
+            return
+        except BaseException:
+            self._settle(None)
+            raise
+        self._settle(None)
+
+
+def _unsettled(ex: Exchange, error: Exception | None) -> None:
+    raise RuntimeError("Answering.settle was not set")
+
+
+async def _retried(ex: Exchange, sent: Coroutine[Any, Any, Response]) -> None:
+    """`forward`'s wait and answer, for the one retry of a request `forward_now` sent."""
+    plan = ex.plan
+    assert plan is not None
+    try:
+        answer = await sent
+    except TimeoutError:  # before UpstreamError's OSError-like cases: a timeout is a 504
+        raise _timed_out(plan.origin, plan.upstream.timeout) from None
+    except UpstreamError as error:
+        raise UpstreamUnavailable(f"{plan.origin}: {cause(error)}") from None
+    rest = _answered(ex, answer)
+    if rest is not None:
+        await rest
+
+
+def forward_now(ex: Exchange, began: float) -> Answering | None:
+    """`forward` with no task, for a request with no body (not an upgrade) when an idle pooled
+    connection to its upstream is at hand: its head written now (`Answering` does the rest);
+    None (nothing sent) when that is not the case, for `forward` to do it all. `began`: when
+    the upstream time starts (pipeline.py's `observe_upstream`)."""
+    request = ex.request
+    if request.body_exists:
+        return None
+    pool, plan = ex.runtime.pool, ex.plan
+    assert pool is not None and plan is not None  # started, and routed
+    origin, upstream = plan.origin, plan.upstream
+    answering = Answering(ex, began)
+    conn = pool.send(
+        request.method,
+        origin.scheme,
+        origin.host,
+        origin.port,
+        origin.base_path + ex.path + ("?" + ex.query if ex.query else ""),
+        Fields.of_bytes(ex.fields, ex.added),
+        content_length=request.content_length,
+        connect_timeout=upstream.connect_timeout,
+        read_timeout=upstream.timeout,
+        notify=answering._answer,
+    )
+    if conn is None:
+        return None
+    answering._conn = conn
+    return answering
 
 
 def is_websocket(request: Request) -> bool:

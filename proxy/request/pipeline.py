@@ -3,7 +3,8 @@
 Owns: the order of the steps, each of which reads and fills in the request's `Exchange`
 (exchange.py). `begin` runs every step that needs no I/O at once, so a refusal (no
 route, no token, a cached token the rules refuse) is raised before any task exists; the
-rest (verifying a token not in the cache, forwarding) is the coroutine it returns. On a
+rest (verifying a token not in the cache, forwarding) is the coroutine it returns, or, for
+a request forwarded with no task (forward.py's `forward_now`), its `Answering`. On a
 route with `providers:` the token's unverified `iss` first chooses its provider's plan
 (`ex.plan` becomes it), so every later step is that provider's. A missing token on a route
 that needs one (enforce mode) is not raised but returned (the class `TokenMissing`, which
@@ -44,7 +45,7 @@ from ..config.routing import target
 from ..telemetry.metrics import Decision
 from .cors import Preflight, preflight
 from .exchange import Exchange
-from .forward import forward, forward_websocket, is_websocket
+from .forward import Answering, forward, forward_now, forward_websocket, is_websocket
 from .identity import strip_inbound, upstream_fields, without_query_token
 
 __all__ = ["begin", "log_refused"]
@@ -56,10 +57,11 @@ _ALLOWED, _WOULD_DENY = Decision.ALLOWED, Decision.WOULD_DENY
 _NO_QUERY: MultiDictProxy[str] = MultiDictProxy(MultiDict())
 
 
-def begin(ex: Exchange) -> Coroutine[Any, Any, None] | type[TokenMissing] | None:
+def begin(ex: Exchange) -> Coroutine[Any, Any, None] | Answering | type[TokenMissing] | None:
     """Every step that needs no I/O, now: a refusal raises here, before any task exists (a
     401 is answered in the same loop turn that read it). What is left (verification on a
-    cache miss, and forwarding) comes back as a coroutine for the caller to run; None when
+    cache miss, and forwarding) comes back as a coroutine for the caller to run, or as an
+    `Answering` (forwarded with no task: the caller sets its `settle`); None when
     the request was answered here (a CORS preflight); the class `TokenMissing` (not raised)
     for no token on a route that needs one in enforce mode, which the caller refuses as it
     would `TokenMissing(plan.missing)` raised (the commonest refusal, without a raise)."""
@@ -100,7 +102,7 @@ def begin(ex: Exchange) -> Coroutine[Any, Any, None] | type[TokenMissing] | None
         # (extract.authorization is the rule; the strip counted the lines).
         if outbound.authorizations > 1:
             authorization(outbound)
-        return _forward(ex)
+        return _forward_now(ex)
     began = time.perf_counter()
     if plan.bearer_only and not outbound.authorizations and not plan.report:
         # No Authorization line on a route that reads Bearer alone: `extract` would find no
@@ -108,7 +110,7 @@ def begin(ex: Exchange) -> Coroutine[Any, Any, None] | type[TokenMissing] | None
         # raised `TokenMissing` (app.py answers it as one): bench/FIGURES.md, "The request side".
         plan.metrics.auth.observe(time.perf_counter() - began)  # (`observe_auth`, one call fewer)
         assert route.auth is not None  # not a public route (above)
-        return _forward(ex) if route.auth.optional else TokenMissing
+        return _forward_now(ex) if route.auth.optional else TokenMissing
     try:
         if plan.bearer_only and outbound.authorization is not None:
             # One Authorization line on a route whose one source is Bearer: `extract`'s answer,
@@ -143,10 +145,10 @@ def begin(ex: Exchange) -> Coroutine[Any, Any, None] | type[TokenMissing] | None
     except BaseException as error:
         plan.metrics.observe_auth(time.perf_counter() - began)
         if plan.report and _would_deny(ex, error):
-            return _forward(ex, _WOULD_DENY)
+            return _forward_now(ex, _WOULD_DENY)
         raise
     plan.metrics.observe_auth(time.perf_counter() - began)
-    return _forward(ex)
+    return _forward_now(ex)
 
 
 def _admit(ex: Exchange, claims: Claims | None) -> None:
@@ -221,12 +223,28 @@ def _expires_in(ex: Exchange) -> float | None:
     return exp + plan.verifier.provider.leeway - ex.runtime.clock.time()
 
 
-async def _forward(ex: Exchange, decision: Decision = _ALLOWED) -> None:
-    plan = ex.plan
-    assert plan is not None
+def _forward_now(ex: Exchange, decision: Decision = _ALLOWED) -> Answering | Coroutine[Any, Any, None]:
+    """`_forward`, with no task when forward.py can (`forward_now`: a request with no body on
+    an idle pooled connection): its `Answering`; else the coroutine that forwards it."""
     _inject(ex)
     ex.decision = decision
     began = time.perf_counter()
+    if not ex.request.upgrade:  # (a WebSocket handshake or another upgrade: `_forwarded`)
+        answering = forward_now(ex, began)
+        if answering is not None:
+            return answering
+    return _forwarded(ex, began)
+
+
+async def _forward(ex: Exchange, decision: Decision = _ALLOWED) -> None:
+    _inject(ex)
+    ex.decision = decision
+    await _forwarded(ex, time.perf_counter())
+
+
+async def _forwarded(ex: Exchange, began: float) -> None:
+    plan = ex.plan
+    assert plan is not None
     try:
         if is_websocket(ex.request):
             await forward_websocket(ex, expires_in=_expires_in(ex))

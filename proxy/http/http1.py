@@ -49,7 +49,7 @@ from yarl import URL
 from .flow import Deadlines, Wakeup, WriteFlow
 from .log import event
 
-__all__ = ["BodyError", "BodyTimeout", "ConnectionCounts", "Prepared", "Request", "Server"]
+__all__ = ["BodyError", "BodyTimeout", "BodyTooLarge", "ConnectionCounts", "Prepared", "Request", "Server"]
 
 log = logging.getLogger("jwt_sidecar.http")
 
@@ -77,7 +77,11 @@ _HIGH_WATER = 16 * 1024
 # reads land in one buffer per server (`asyncio.BufferedProtocol`), so a request body waiting
 # for a slow upstream holds at most the mark above plus one read.
 _READ_SIZE = 16 * 1024
-_BIG_PIECE = 4 * 1024  # a body piece this large is handed on alone (`Request._take_body`)
+_BIG_PIECE = 4 * 1024  # a body piece this large is handed on alone (`Request._take_body`, `_Relay.take`)
+_NEVER = float("inf")
+# A timer may run a hair before its time (flow.py's `_EARLY`): a body's `total` this close to
+# spent when its wait timed out was spent.
+_EARLY = 0.001
 # The client transport's write buffer beyond which a streamed answer waits for the client
 # (the event loops' default is 64 KiB): with a client that reads slowly or not at all, this
 # and the chunk being written are what its connection holds, past the kernel's socket buffer.
@@ -112,6 +116,10 @@ class BodyError(Exception):
 
 class BodyTimeout(BodyError):
     """No body bytes came for the time the reader allowed."""
+
+
+class BodyTooLarge(BodyError):
+    """More body bytes came than the limit the reader set (`Request.relay_body`)."""
 
 
 def _codings(values: list[bytes]) -> list[bytes]:
@@ -308,6 +316,97 @@ class Request:
                     raise BodyTimeout(
                         f"the body was not all here after {total:g}s" if by_total else f"no body bytes for {timeout:g}s"
                     )
+
+    async def relay_body(
+        self,
+        sink: Callable[[bytes], bool],
+        drain: Callable[[], Awaitable[bool]],
+        timeout: float | None = None,
+        *,
+        total: float | None = None,
+        limit: int = 0,
+    ) -> bool:
+        """`iter_body` the other way round: the body is passed on as it is parsed, `sink(data)`
+        called from the connection's read callback for each read's worth (a chunked body's
+        small pieces of one read together), with no task woken per read (bench/FIGURES.md,
+        "Uploads"). `sink` returns whether its side is full: then the client is not read
+        until `drain()` (awaited here; it raises what a stalled or failed destination
+        means) has returned True; False from it means the destination wants nothing more,
+        and this returns False with the rest of the body unread. Returns True once the whole
+        body has gone to `sink`. Raises as `iter_body` does (`timeout`, `total`, counted
+        only while waiting for the client), and `BodyTooLarge` as soon as more than `limit`
+        bytes came (0: no limit): the bytes past it are never passed on."""
+        conn = self._conn
+        if self._continue:
+            # RFC 9110 §10.1.1 (as `iter_body`): only now is the client invited to send the body.
+            self._continue = False
+            if not self._complete and not conn._lost:
+                conn._transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        loop = conn._loop
+        wakeup = self._wakeup
+        if wakeup is None:
+            wakeup = self._wakeup = Wakeup(loop, conn._server._deadlines)
+        relay = _Relay(self, sink, limit, timeout, wakeup)
+        chunks = self._chunks
+        if chunks:  # what came before the relay began, passed on as if it came now
+            self._buffered = 0
+            while chunks:
+                relay.take(chunks.popleft())
+            relay.flush()
+            if conn._flush is relay:
+                conn._flush = None
+        if not self._complete and self._error is None and conn._parsing is self and not relay.over:
+            conn._relay = relay  # from now on, `on_body` passes each read on
+            if conn._read_paused and not relay.full:
+                conn._update_reading()  # paused while the body waited for us
+        left = total
+        try:
+            while True:
+                if relay.over:
+                    raise BodyTooLarge(f"the body exceeds {limit} bytes")
+                if relay.full:
+                    # The destination is full (or wants nothing more): the client is not read
+                    # meanwhile, and this wait is the destination's, not counted in `total`.
+                    if not await drain():
+                        return False
+                    relay.full = False
+                    if conn._read_paused:
+                        conn._update_reading()
+                    continue
+                if self._error is not None:
+                    raise BodyError(str(self._error)) from self._error
+                if self._complete:
+                    return True
+                wait = timeout
+                if left is not None:
+                    if left <= 0:
+                        raise BodyTimeout(f"the body was not all here after {total:g}s")
+                    if not wait or left < wait:
+                        wait = left
+                    began = loop.time()
+                    relay.due = began + left
+                waiter = wakeup.arm(wait or None)  # each read passed on moves its timeout (`_Relay.pass_on`)
+                relay.waiting = True
+                try:
+                    timed_out = await waiter
+                finally:
+                    relay.waiting = False
+                    wakeup.disarm()
+                if left is not None:
+                    left -= loop.time() - began
+                if timed_out and not relay.full and not relay.over:
+                    raise BodyTimeout(
+                        f"the body was not all here after {total:g}s"
+                        if left is not None and left <= _EARLY
+                        else f"no body bytes for {timeout:g}s"
+                    )
+        finally:
+            # (Neither may keep the relay: it refers to the request, and so back to the connection.)
+            relay.sink = None
+            if conn._relay is relay:
+                conn._relay = None
+            if conn._flush is relay:
+                conn._flush = None
 
     def _take_body(self) -> bytes:
         chunks = self._chunks
@@ -582,6 +681,87 @@ class Request:
         return start + fields + end.encode(_ENCODING, _ERRORS)
 
 
+class _Relay:
+    """A request body passed on from the connection's read callback (`Request.relay_body`):
+    `on_body` hands each piece to `take`, a read's worth goes to the sink in one call, and the
+    task that relays it is woken only when the sink is full, the body is over its limit, or
+    the body ends (the connection's `_end`), never per read."""
+
+    __slots__ = (
+        "_deadlines",
+        "_limit",
+        "_request",
+        "_seen",
+        "_timeout",
+        "_wakeup",
+        "due",
+        "full",
+        "held",
+        "over",
+        "sink",
+        "waiting",
+    )
+
+    def __init__(
+        self, request: Request, sink: Callable[[bytes], bool], limit: int, timeout: float | None, wakeup: Wakeup
+    ) -> None:
+        self._request = request
+        self.sink: Callable[[bytes], bool] | None = sink
+        self._limit = limit
+        self._seen = 0
+        self._timeout = timeout
+        self._wakeup = wakeup
+        self._deadlines = request._conn._server._deadlines.waits
+        self.held: list[bytes] = []  # small pieces of this read, passed on together at its end (`flush`)
+        self.full = False  # the sink said it is full: the client is not read until the task has drained it
+        self.over = False  # more than `limit` bytes came: nothing more is passed on
+        self.waiting = False  # the task waits for the client (its timeout moves with each read)
+        self.due = _NEVER  # when the body's `total` runs out, during such a wait (loop time)
+
+    def take(self, data: bytes) -> None:
+        """A piece of the body, as parsed."""
+        seen = self._seen = self._seen + len(data)
+        if self._limit and seen > self._limit:
+            # Not passed on, nor anything after it: the task raises `BodyTooLarge`. The rest
+            # is read (and held, up to the mark) as any body nobody takes.
+            self.over = True
+            self.held.clear()
+            conn = self._request._conn
+            if conn._relay is self:
+                conn._relay = None
+            self._request._wake()
+        elif self.held or len(data) < _BIG_PIECE:
+            # A chunked body's small pieces: the end of the read passes them on in one call
+            # (one write upstream, not one each).
+            self.held.append(data)
+            self._request._conn._flush = self
+        else:
+            self.pass_on(data)
+
+    def flush(self) -> None:
+        """The end of a read: what `take` held, passed on as one piece."""
+        held = self.held
+        if held:
+            data = held[0] if len(held) == 1 else b"".join(held)
+            held.clear()
+            self.pass_on(data)
+
+    def pass_on(self, data: bytes) -> None:
+        sink = self.sink
+        if sink is None:
+            return  # the relay has ended (it failed): nothing more goes on
+        if sink(data):
+            self.full = True
+            request = self._request
+            request._conn._pause_reading()
+            request._wake()
+        elif self.waiting and self._timeout:
+            # Bytes came: the wait for the next ones times out `timeout` from now (or when
+            # the body's `total` runs out, if sooner), as `Wakeup.extend` does.
+            due = self._request._conn._loop.time() + self._timeout
+            self._deadlines[self._wakeup] = due if due < self.due else self.due
+
+
 class Prepared:
     """An answer built once and sent many times (`Request.send`): status line, fixed header
     fields, Content-Length and body, already encoded."""
@@ -620,6 +800,8 @@ class _Connection(asyncio.BufferedProtocol):
         self._unparsed = b""  # bytes held back while pipelined requests wait (at most one read)
         self._refusal = 0  # a status to answer once the requests before it are answered
         self._parsing: Request | None = None  # the request whose body the parser is reading
+        self._relay: _Relay | None = None  # its body passed on as it is parsed (`Request.relay_body`)
+        self._flush: _Relay | None = None  # a relay holding small pieces of the read being parsed
         # requests in order: the first is being answered, the rest wait (pipelining)
         self._queue: deque[Request] = deque()
         self._task: asyncio.Task[None] | None = None
@@ -695,6 +877,10 @@ class _Connection(asyncio.BufferedProtocol):
             self._pause_reading()
             return
         self._feed(data)
+        relay = self._flush
+        if relay is not None:  # the read's small body pieces, passed on together
+            self._flush = None
+            relay.flush()
         self._dispatch()
 
     def _feed(self, data: bytes) -> None:
@@ -837,6 +1023,10 @@ class _Connection(asyncio.BufferedProtocol):
 
     def on_body(self, body: bytes) -> None:
         self._stalled = 0
+        relay = self._relay
+        if relay is not None:
+            relay.take(body)  # passed on from here (`Request.relay_body`)
+            return
         request = self._parsing
         if request is not None:
             request._feed(body)
@@ -845,6 +1035,12 @@ class _Connection(asyncio.BufferedProtocol):
 
     def on_message_complete(self) -> None:
         self._stalled = 0
+        relay = self._relay
+        if relay is not None:
+            # The body ends here: what this read held goes on before the relay learns it
+            # ended, and the next request's body (pipelined) is not this relay's.
+            self._relay = self._flush = None
+            relay.flush()
         request = self._parsing
         self._parsing = None
         if request is not None:
@@ -997,6 +1193,7 @@ class _Connection(asyncio.BufferedProtocol):
             or self._unparsed
             or (self._upgraded and self._sink is None)
             or (parsing is not None and parsing._buffered > _HIGH_WATER)
+            or (self._relay is not None and self._relay.full)
         ):
             return
         self._resume_reading()

@@ -40,7 +40,15 @@ from .causes import Worded, cause
 from .flow import Deadlines, Wakeup, WriteFlow
 from .log import event
 
-__all__ = ["Fields", "Pool", "Response", "UpstreamConnectError", "UpstreamError", "UpstreamProtocolError"]
+__all__ = [
+    "BodySource",
+    "Fields",
+    "Pool",
+    "Response",
+    "UpstreamConnectError",
+    "UpstreamError",
+    "UpstreamProtocolError",
+]
 
 
 class UpstreamError(Worded):
@@ -95,6 +103,22 @@ _DISTRUST = 60.0
 # well-behaved origin new connections for its first ~0.1 s of traffic, then nothing.
 _PROBATION = 0.1
 log = logging.getLogger("jwt_sidecar.upstream")
+
+
+class BodySource:
+    """A request body that passes itself on from its own read callback, rather than being
+    iterated by the sending task (http1's `Request.relay_body`, through forward.py).
+
+    `relay(sink, drain)` calls `sink(data)` for each piece as it comes; `sink` returns True
+    when the upstream cannot take more for now (or wants nothing more), and then the source
+    stops reading until `await drain()` has returned True (False: stop, the rest unsent).
+    It returns True once the whole body has gone to `sink`, False when it stopped early;
+    what it raises propagates unchanged."""
+
+    __slots__ = ()
+
+    def relay(self, sink: Callable[[bytes], bool], drain: Callable[[], Awaitable[bool]]) -> Awaitable[bool]:
+        raise NotImplementedError
 
 
 class Fields:
@@ -556,6 +580,86 @@ class _Connection(asyncio.BufferedProtocol):
             self._transport.abort()
 
 
+def _end_body(conn: _Connection, pending: bytes | None, sent: int, chunked: bool, content_length: int | None) -> None:
+    """The end of a request body `sent` bytes long (`pending`: the head, if no byte of the
+    body went with it): the last chunk, or the check that Content-Length held."""
+    if conn._lost or (conn._head_done and not conn._keep_alive):
+        return  # the answer (or the lack of one) tells what happened
+    transport = conn._transport
+    if chunked:
+        # The last chunk, no trailers (RFC 9112 §7.1).
+        transport.write(b"0\r\n\r\n" if pending is None else pending + b"0\r\n\r\n")
+    elif content_length is not None and sent != content_length:
+        raise UpstreamError(f"request body ended after {sent} of {content_length} bytes")
+    elif pending is not None:
+        transport.write(pending)  # a body of zero bytes
+
+
+class _Upload:
+    """A `BodySource`'s way to the upstream: `write` is its sink, called from the client's read
+    callback, so it never raises (a failure is kept for `drain` to raise in the task), and
+    `drain` is what the source awaits when `write` said the upstream is full."""
+
+    __slots__ = ("_chunked", "_conn", "_length", "_read_timeout", "_transport", "error", "pending", "sent", "stopped")
+
+    def __init__(
+        self, conn: _Connection, head: bytes, chunked: bool, content_length: int | None, read_timeout: float
+    ) -> None:
+        self._conn = conn
+        self._transport = conn._transport
+        self._chunked = chunked
+        self._length = content_length
+        self._read_timeout = read_timeout
+        # The head waits for the first piece so the two leave in one write: a small body then
+        # costs one send, as a body-less request does.
+        self.pending: bytes | None = head
+        self.sent = 0
+        self.stopped = False  # nothing more is sent: the upstream is gone, answered and closing, or failed
+        self.error: str | None = None  # why the body failed (raised, new, by `drain`: no cycle through a traceback)
+
+    def write(self, chunk: bytes) -> bool:
+        """Send a piece of the body; whether the source must stop and await `drain`."""
+        conn = self._conn
+        if self.stopped or conn._lost or (conn._head_done and not conn._keep_alive):
+            # Gone (the answer, or the lack of one, tells what happened), or answered and
+            # closing (RFC 9112 §9.5): nothing more of the body is sent.
+            self.stopped = True
+            return True
+        if not chunk:
+            return False  # an empty chunk would end a chunked body early (RFC 9112 §7.1)
+        sent = self.sent = self.sent + len(chunk)
+        pending = self.pending
+        if self._chunked:
+            size = b"%x\r\n" % len(chunk)
+            self._transport.writelines((size, chunk, b"\r\n") if pending is None else (pending, size, chunk, b"\r\n"))
+        else:
+            if self._length is not None and sent > self._length:
+                # Bytes past the declared length would be read as the next request.
+                self.error = f"request body longer than its Content-Length {self._length}"
+                self.stopped = True
+                return True
+            if pending is None:
+                self._transport.write(chunk)
+            else:
+                self._transport.writelines((pending, chunk))
+            self.pending = None
+            return conn._flow.paused
+        self.pending = None
+        return conn._flow.paused
+
+    async def drain(self) -> bool:
+        """Wait while the upstream's buffer is full: a stalled upstream that never reads gets
+        the read timeout (TimeoutError), as it would for an answer. False: send nothing more."""
+        if self.error is not None:
+            raise UpstreamError(self.error)
+        if self.stopped:
+            return False
+        flow = self._conn._flow
+        if flow.paused:
+            await flow.drain(self._read_timeout)
+        return True
+
+
 class Response:
     """The head of an upstream answer, and its body to stream, read or drop."""
 
@@ -794,7 +898,7 @@ class Pool:
         port: int,
         target: str,
         headers: Fields | Iterable[tuple[str, str]],
-        body: AsyncIterator[bytes] | None,
+        body: AsyncIterator[bytes] | BodySource | None,
         *,
         content_length: int | None,
         connect_timeout: float,
@@ -852,7 +956,7 @@ class Pool:
         conn: _Connection | None,
         head: bytes,
         is_head: bool,
-        body: AsyncIterator[bytes] | None,
+        body: AsyncIterator[bytes] | BodySource | None,
         chunked: bool,
         content_length: int | None,
         connect_timeout: float,
@@ -911,12 +1015,19 @@ class Pool:
         self,
         conn: _Connection,
         head: bytes,
-        body: AsyncIterator[bytes],
+        body: AsyncIterator[bytes] | BodySource,
         chunked: bool,
         content_length: int | None,
         read_timeout: float,
     ) -> None:
         transport = conn._transport
+        if isinstance(body, BodySource):
+            # Written from the client's read callback, no task woken per read (bench/FIGURES.md, "Uploads").
+            upload = _Upload(conn, head, chunked, content_length, read_timeout)
+            if not await body.relay(upload.write, upload.drain):
+                return  # the upstream went away or answered and is closing: the answer tells the rest
+            _end_body(conn, upload.pending, upload.sent, chunked, content_length)
+            return
         # The head waits for the first chunk so the two leave in one write: a small body then
         # costs one send, as a body-less request does.
         pending: bytes | None = head
@@ -946,15 +1057,7 @@ class Pool:
                 del chunk  # the transport holds a copy while the upstream drains: none here
                 # A stalled upstream that never reads gets `read_timeout`, as it would for an answer.
                 await conn._flow.drain(read_timeout)
-        if conn._lost or (conn._head_done and not conn._keep_alive):
-            return
-        if chunked:
-            # The last chunk, no trailers (RFC 9112 §7.1).
-            transport.write(b"0\r\n\r\n" if pending is None else pending + b"0\r\n\r\n")
-        elif content_length is not None and sent != content_length:
-            raise UpstreamError(f"request body ended after {sent} of {content_length} bytes")
-        elif pending is not None:
-            transport.write(pending)  # a body of zero bytes
+        _end_body(conn, pending, sent, chunked, content_length)
 
     def _take_idle(self, origin: _Origin) -> _Connection | None:
         idle = origin.idle

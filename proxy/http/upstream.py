@@ -600,7 +600,18 @@ class _Upload:
     callback, so it never raises (a failure is kept for `drain` to raise in the task), and
     `drain` is what the source awaits when `write` said the upstream is full."""
 
-    __slots__ = ("_chunked", "_conn", "_length", "_read_timeout", "_transport", "error", "pending", "sent", "stopped")
+    __slots__ = (
+        "_chunked",
+        "_conn",
+        "_length",
+        "_read_timeout",
+        "_transport",
+        "answered_early",
+        "error",
+        "pending",
+        "sent",
+        "stopped",
+    )
 
     def __init__(
         self, conn: _Connection, head: bytes, chunked: bool, content_length: int | None, read_timeout: float
@@ -616,6 +627,7 @@ class _Upload:
         self.sent = 0
         self.stopped = False  # nothing more is sent: the upstream is gone, answered and closing, or failed
         self.error: str | None = None  # why the body failed (raised, new, by `drain`: no cycle through a traceback)
+        self.answered_early = True  # the answer began before a Content-Length body's last byte was written
 
     def write(self, chunk: bytes) -> bool:
         """Send a piece of the body; whether the source must stop and await `drain`."""
@@ -643,6 +655,8 @@ class _Upload:
             else:
                 self._transport.writelines((pending, chunk))
             self.pending = None
+            if sent == self._length:
+                self.answered_early = conn._got_bytes
             return conn._flow.paused
         self.pending = None
         return conn._flow.paused
@@ -977,8 +991,7 @@ class Pool:
                 if body is None:
                     transport.write(head)
                 else:
-                    await self._send_body(conn, head, body, chunked, content_length, read_timeout)
-                    if conn._got_bytes:
+                    if await self._send_body(conn, head, body, chunked, content_length, read_timeout):
                         # The answer began before the request ended: whether the server read the
                         # rest of the body, or will read it as a request, is unknown. Not reused.
                         conn._keep_alive = False
@@ -1019,15 +1032,18 @@ class Pool:
         chunked: bool,
         content_length: int | None,
         read_timeout: float,
-    ) -> None:
+    ) -> bool:
+        """Send the body after `head`; whether the answer began before the whole request was written."""
         transport = conn._transport
         if isinstance(body, BodySource):
             # Written from the client's read callback, no task woken per read (bench/FIGURES.md, "Uploads").
             upload = _Upload(conn, head, chunked, content_length, read_timeout)
             if not await body.relay(upload.write, upload.drain):
-                return  # the upstream went away or answered and is closing: the answer tells the rest
+                return True  # the upstream went away or answered and is closing: the answer tells the rest
             _end_body(conn, upload.pending, upload.sent, chunked, content_length)
-            return
+            # (A Content-Length body ended with its last write, in the client's read callback:
+            # an answer that came after it, before this task ran, is no early answer.)
+            return upload.answered_early if content_length is not None else conn._got_bytes
         # The head waits for the first chunk so the two leave in one write: a small body then
         # costs one send, as a body-less request does.
         pending: bytes | None = head
@@ -1036,10 +1052,10 @@ class Pool:
             if not chunk:
                 continue  # an empty chunk would end a chunked body early (RFC 9112 §7.1)
             if conn._lost:
-                return  # the answer (or the lack of one) tells what happened
+                return True  # the answer (or the lack of one) tells what happened
             if conn._head_done and not conn._keep_alive:
                 # RFC 9112 §9.5: the server answered and is closing: stop sending the body.
-                return
+                return True
             sent += len(chunk)
             if chunked:
                 size = b"%x\r\n" % len(chunk)
@@ -1058,6 +1074,7 @@ class Pool:
                 # A stalled upstream that never reads gets `read_timeout`, as it would for an answer.
                 await conn._flow.drain(read_timeout)
         _end_body(conn, pending, sent, chunked, content_length)
+        return conn._got_bytes
 
     def _take_idle(self, origin: _Origin) -> _Connection | None:
         idle = origin.idle

@@ -162,3 +162,40 @@ async def test_a_failing_relayed_body_propagates_unchanged(pool: Pool, raw_serve
         await post(pool, server.port, Pieces(b"start", fail=ClientWentAway()))
     await eventually(lambda: server.closed == 1)
     assert pool.idle_count() == 0
+
+
+class Lingering(Pieces):
+    """`Pieces`, then a while before the relay returns: its task resumes after the answer came."""
+
+    async def _relay(self, sink: Callable[[bytes], bool], drain: Callable[[], Awaitable[bool]]) -> bool:
+        done = await super()._relay(sink, drain)
+        await asyncio.sleep(0.2)
+        return done
+
+
+@bounded
+async def test_an_answer_after_the_last_byte_but_before_the_relay_returns_keeps_the_connection(
+    pool: Pool, raw_server: Any
+) -> None:
+    # The last piece went out from the client's read callback; the upstream answered before the
+    # forwarding task ran again. That is an answer to a whole request: the connection is reused.
+    seen: list[bytes] = []
+    server = await raw_server(recording(seen))
+    response = await post(pool, server.port, Lingering(b"abcde", b"fghij"), length=10)
+    assert (response.status, await body_of(response)) == (200, b"ok")
+    response.release()
+    assert pool.idle_count() == 1
+
+
+@bounded
+async def test_an_answer_before_the_last_byte_does_not_keep_the_connection(pool: Pool, raw_server: Any) -> None:
+    async def early(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, index: int) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(OK)  # keep-alive, but before the body came
+        await reader.read()
+
+    server = await raw_server(early)
+    response = await post(pool, server.port, Pieces(b"abcde", b"fghij", pause=0.1), length=10)
+    assert (response.status, await body_of(response)) == (200, b"ok")
+    response.release()
+    assert pool.idle_count() == 0

@@ -692,6 +692,7 @@ class _Relay:
         "_limit",
         "_request",
         "_seen",
+        "_time",
         "_timeout",
         "_wakeup",
         "due",
@@ -712,6 +713,7 @@ class _Relay:
         self._timeout = timeout
         self._wakeup = wakeup
         self._deadlines = request._conn._server._deadlines.waits
+        self._time = request._conn._loop.time
         self.held: list[bytes] = []  # small pieces of this read, passed on together at its end (`flush`)
         self.full = False  # the sink said it is full: the client is not read until the task has drained it
         self.over = False  # more than `limit` bytes came: nothing more is passed on
@@ -719,8 +721,9 @@ class _Relay:
         self.due = _NEVER  # when the body's `total` runs out, during such a wait (loop time)
 
     def take(self, data: bytes) -> None:
-        """A piece of the body, as parsed."""
-        seen = self._seen = self._seen + len(data)
+        """A piece of the body, as parsed (once per read for a Content-Length body: kept lean)."""
+        size = len(data)
+        seen = self._seen = self._seen + size
         if self._limit and seen > self._limit:
             # Not passed on, nor anything after it: the task raises `BodyTooLarge`. The rest
             # is read (and held, up to the mark) as any body nobody takes.
@@ -730,13 +733,21 @@ class _Relay:
             if conn._relay is self:
                 conn._relay = None
             self._request._wake()
-        elif self.held or len(data) < _BIG_PIECE:
+        elif self.held or size < _BIG_PIECE:
             # A chunked body's small pieces: the end of the read passes them on in one call
             # (one write upstream, not one each).
             self.held.append(data)
             self._request._conn._flush = self
         else:
-            self.pass_on(data)
+            # `pass_on`, written out: this is the call made for each read of an upload.
+            sink = self.sink
+            if sink is None:
+                return
+            if sink(data):
+                self._full()
+            elif self.waiting and self._timeout:
+                due = self._time() + self._timeout
+                self._deadlines[self._wakeup] = due if due < self.due else self.due
 
     def flush(self) -> None:
         """The end of a read: what `take` held, passed on as one piece."""
@@ -751,15 +762,19 @@ class _Relay:
         if sink is None:
             return  # the relay has ended (it failed): nothing more goes on
         if sink(data):
-            self.full = True
-            request = self._request
-            request._conn._pause_reading()
-            request._wake()
+            self._full()
         elif self.waiting and self._timeout:
             # Bytes came: the wait for the next ones times out `timeout` from now (or when
             # the body's `total` runs out, if sooner), as `Wakeup.extend` does.
-            due = self._request._conn._loop.time() + self._timeout
+            due = self._time() + self._timeout
             self._deadlines[self._wakeup] = due if due < self.due else self.due
+
+    def _full(self) -> None:
+        """The sink can take no more for now: the client is not read until the task has drained it."""
+        self.full = True
+        request = self._request
+        request._conn._pause_reading()
+        request._wake()
 
 
 class Prepared:
@@ -881,7 +896,8 @@ class _Connection(asyncio.BufferedProtocol):
         if relay is not None:  # the read's small body pieces, passed on together
             self._flush = None
             relay.flush()
-        self._dispatch()
+        if self._task is None:  # (`_dispatch` does nothing while a task answers: a body's reads)
+            self._dispatch()
 
     def _feed(self, data: bytes) -> None:
         """Parse `data` in slices, holding back the rest once enough requests wait their turn.

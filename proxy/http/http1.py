@@ -8,9 +8,11 @@ no transfer coding but `chunked` alone (501; 400 when chunked is not the last), 
 all in HTTP/1.0 (400),
 one Host (400), keep-alive and pipelining (answers in request order; reading pauses while
 a request waits its turn), request bodies streamed with back-pressure (reads of at most
-16 KiB into one buffer per server, reading stopped at 8 KiB buffered), the client's write
-buffer capped at 16 KiB (a streamed answer waits, through flow.py's `WriteFlow`), `Expect:
-100-continue` answered when the body is first read, writing answers (one write for a
+32 KiB into one buffer per server, reading stopped at 16 KiB buffered) or relayed from the
+read callback to a sink (`Request.relay_body`: reading stopped while the sink is full, the
+body's limit and timeouts kept there), the client's write buffer capped at 16 KiB (a
+streamed answer waits, through flow.py's `WriteFlow`), `Expect: 100-continue` answered when
+the body is first read or relayed, writing answers (one write for a
 whole answer, or a head and then a Content-Length, chunked or close-delimited body),
 upgrades (the bytes after the head are held for `Request.tunnel`, or the connection
 closes after the answer), an idle keep-alive timeout, a time limit on each request head
@@ -67,18 +69,22 @@ _MAX_STALL = MAX_TARGET + MAX_HEAD + 8 * 1024
 _HEAD_SLICE = 4 * 1024  # reads are parsed this much at a time (a body: _BODY_SLICE)...
 _BODY_SLICE = 256 * 1024
 _BACKLOG = 16  # ...until this many requests wait (pipelining); the rest waits unparsed
-# Request body bytes buffered before we stop reading the socket: one read's worth (_READ_SIZE),
-# so a read the handler has not taken yet does not pause the socket at once (at 8 KiB every
-# 16 KiB read paused and resumed it: bench/FIGURES.md, "Uploads"). 1,000 uploads to an upstream
-# that never reads peak at ~112 MiB (tests/integration/test_memory.py; 94 at 8 KiB; 129, over
-# the manifests' 128, at 32 KiB).
+# Request body bytes buffered before we stop reading the socket, while nobody passes them on
+# yet (before `Request.relay_body` begins, or a reader of `iter_body`): 16 KiB, so a read the
+# handler has not taken yet does not pause the socket at once (at 8 KiB every 16 KiB read
+# paused and resumed it: bench/FIGURES.md, "Uploads").
 _HIGH_WATER = 16 * 1024
 # The most bytes one read takes from a client's socket (the event loops read up to 256 KiB):
-# reads land in one buffer per server (`asyncio.BufferedProtocol`), so a request body waiting
-# for a slow upstream holds at most the mark above plus one read.
-_READ_SIZE = 16 * 1024
+# reads land in one buffer per server (`asyncio.BufferedProtocol`). A relayed body goes on to
+# the upstream a read at a time, so an upload to an upstream that does not read holds about
+# one read in the upstream transport's buffer: 1,000 of them peak at ~95 MiB at 32 KiB
+# (tests/integration/test_memory.py; ~79 at 16 KiB, ~107 at 48, ~131, over the manifests'
+# 128, at 64), and each read costs a recv and a send (system time per 1 MiB upload roughly
+# halved from 16 to 32 KiB: bench/FIGURES.md, "Uploads").
+_READ_SIZE = 32 * 1024
 _BIG_PIECE = 4 * 1024  # a body piece this large is handed on alone (`Request._take_body`, `_Relay.take`)
 _NEVER = float("inf")
+_NO_LIMIT = 1 << 62  # `_Relay`'s allowance for a body with no limit
 # A timer may run a hair before its time (flow.py's `_EARLY`): a body's `total` this close to
 # spent when its wait timed out was spent.
 _EARLY = 0.001
@@ -346,7 +352,7 @@ class Request:
         wakeup = self._wakeup
         if wakeup is None:
             wakeup = self._wakeup = Wakeup(loop, conn._server._deadlines)
-        relay = _Relay(self, sink, limit, timeout, wakeup)
+        relay = _Relay(self, sink, limit, wakeup)
         chunks = self._chunks
         if chunks:  # what came before the relay began, passed on as if it came now
             self._buffered = 0
@@ -385,12 +391,12 @@ class Request:
                         wait = left
                     began = loop.time()
                     relay.due = began + left
-                waiter = wakeup.arm(wait or None)  # each read passed on moves its timeout (`_Relay.pass_on`)
-                relay.waiting = True
+                waiter = wakeup.arm(wait or None)
+                relay.extend = timeout or 0.0  # each read passed on moves this wait's timeout (`_Relay.take`)
                 try:
                     timed_out = await waiter
                 finally:
-                    relay.waiting = False
+                    relay.extend = 0.0
                     wakeup.disarm()
                 if left is not None:
                     left -= loop.time() - began
@@ -687,44 +693,27 @@ class _Relay:
     task that relays it is woken only when the sink is full, the body is over its limit, or
     the body ends (the connection's `_end`), never per read."""
 
-    __slots__ = (
-        "_deadlines",
-        "_limit",
-        "_request",
-        "_seen",
-        "_time",
-        "_timeout",
-        "_wakeup",
-        "due",
-        "full",
-        "held",
-        "over",
-        "sink",
-        "waiting",
-    )
+    __slots__ = ("_deadlines", "_left", "_request", "_time", "_wakeup", "due", "extend", "full", "held", "over", "sink")
 
-    def __init__(
-        self, request: Request, sink: Callable[[bytes], bool], limit: int, timeout: float | None, wakeup: Wakeup
-    ) -> None:
+    def __init__(self, request: Request, sink: Callable[[bytes], bool], limit: int, wakeup: Wakeup) -> None:
         self._request = request
-        self.sink: Callable[[bytes], bool] | None = sink
-        self._limit = limit
-        self._seen = 0
-        self._timeout = timeout
+        self.sink: Callable[[bytes], bool] | None = sink  # None once the relay has ended
+        self._left = limit or _NO_LIMIT  # bytes the body may still bring
         self._wakeup = wakeup
         self._deadlines = request._conn._server._deadlines.waits
         self._time = request._conn._loop.time
         self.held: list[bytes] = []  # small pieces of this read, passed on together at its end (`flush`)
         self.full = False  # the sink said it is full: the client is not read until the task has drained it
-        self.over = False  # more than `limit` bytes came: nothing more is passed on
-        self.waiting = False  # the task waits for the client (its timeout moves with each read)
+        self.over = False  # more than the limit came: nothing more is passed on
+        self.extend = 0.0  # while the task waits for the client: its per-read timeout (moved by each read)
         self.due = _NEVER  # when the body's `total` runs out, during such a wait (loop time)
 
     def take(self, data: bytes) -> None:
-        """A piece of the body, as parsed (once per read for a Content-Length body: kept lean)."""
+        """A piece of the body, as parsed: once per read for a Content-Length body, so it is
+        `pass_on` written out for a large piece (`sink` is never None while `on_body` calls this)."""
         size = len(data)
-        seen = self._seen = self._seen + size
-        if self._limit and seen > self._limit:
+        left = self._left = self._left - size
+        if left < 0:
             # Not passed on, nor anything after it: the task raises `BodyTooLarge`. The rest
             # is read (and held, up to the mark) as any body nobody takes.
             self.over = True
@@ -738,16 +727,11 @@ class _Relay:
             # (one write upstream, not one each).
             self.held.append(data)
             self._request._conn._flush = self
-        else:
-            # `pass_on`, written out: this is the call made for each read of an upload.
-            sink = self.sink
-            if sink is None:
-                return
-            if sink(data):
-                self._full()
-            elif self.waiting and self._timeout:
-                due = self._time() + self._timeout
-                self._deadlines[self._wakeup] = due if due < self.due else self.due
+        elif self.sink(data):  # type: ignore[misc]
+            self._full()
+        elif self.extend:
+            due = self._time() + self.extend
+            self._deadlines[self._wakeup] = due if due < self.due else self.due
 
     def flush(self) -> None:
         """The end of a read: what `take` held, passed on as one piece."""
@@ -763,10 +747,10 @@ class _Relay:
             return  # the relay has ended (it failed): nothing more goes on
         if sink(data):
             self._full()
-        elif self.waiting and self._timeout:
+        elif self.extend:
             # Bytes came: the wait for the next ones times out `timeout` from now (or when
             # the body's `total` runs out, if sooner), as `Wakeup.extend` does.
-            due = self._time() + self._timeout
+            due = self._time() + self.extend
             self._deadlines[self._wakeup] = due if due < self.due else self.due
 
     def _full(self) -> None:

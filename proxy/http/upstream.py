@@ -596,69 +596,80 @@ def _end_body(conn: _Connection, pending: bytes | None, sent: int, chunked: bool
 
 
 class _Upload:
-    """A `BodySource`'s way to the upstream: `write` is its sink, called from the client's read
-    callback, so it never raises (a failure is kept for `drain` to raise in the task), and
-    `drain` is what the source awaits when `write` said the upstream is full."""
+    """A `BodySource`'s way to the upstream: `write_length` or `write_chunked` is its sink,
+    called from the client's read callback, so it never raises (a failure is kept for `drain`
+    to raise in the task), and `drain` is what the source awaits when the sink said full."""
 
     __slots__ = (
-        "_chunked",
         "_conn",
         "_length",
         "_read_timeout",
         "_transport",
         "answered_early",
         "error",
+        "left",
         "pending",
-        "sent",
         "stopped",
     )
 
-    def __init__(
-        self, conn: _Connection, head: bytes, chunked: bool, content_length: int | None, read_timeout: float
-    ) -> None:
+    def __init__(self, conn: _Connection, head: bytes, content_length: int | None, read_timeout: float) -> None:
         self._conn = conn
         self._transport = conn._transport
-        self._chunked = chunked
-        self._length = content_length
         self._read_timeout = read_timeout
+        self._length = content_length
+        self.left = content_length or 0  # bytes of a Content-Length body still to send
         # The head waits for the first piece so the two leave in one write: a small body then
         # costs one send, as a body-less request does.
         self.pending: bytes | None = head
-        self.sent = 0
         self.stopped = False  # nothing more is sent: the upstream is gone, answered and closing, or failed
         self.error: str | None = None  # why the body failed (raised, new, by `drain`: no cycle through a traceback)
         self.answered_early = True  # the answer began before a Content-Length body's last byte was written
 
-    def write(self, chunk: bytes) -> bool:
-        """Send a piece of the body; whether the source must stop and await `drain`."""
+    def _stop(self) -> bool:
+        """Whether nothing more may be sent: the upstream is gone (the answer, or the lack of
+        one, tells what happened), or answered and is closing (RFC 9112 §9.5)."""
         conn = self._conn
-        if self.stopped or conn._lost or (conn._head_done and not conn._keep_alive):
-            # Gone (the answer, or the lack of one, tells what happened), or answered and
-            # closing (RFC 9112 §9.5): nothing more of the body is sent.
+        # (Called when the head is done, or when it is lost or stopped already.)
+        if self.stopped or conn._lost or not conn._keep_alive:
             self.stopped = True
+        return self.stopped
+
+    def write_length(self, chunk: bytes) -> bool:
+        """Send a piece of a Content-Length body; whether the source must stop and await `drain`."""
+        conn = self._conn
+        if (conn._head_done or conn._lost or self.stopped) and self._stop():
+            return True
+        left = self.left - len(chunk)
+        if left < 0:
+            # Bytes past the declared length would be read as the next request.
+            self.error = f"request body longer than its Content-Length {self._length}"
+            self.stopped = True
+            return True
+        self.left = left
+        pending = self.pending
+        if pending is None:
+            self._transport.write(chunk)
+        else:
+            self._transport.writelines((pending, chunk))
+            self.pending = None
+        if not left:
+            self.answered_early = conn._got_bytes
+        return conn._flow.paused
+
+    def write_chunked(self, chunk: bytes) -> bool:
+        """Send a piece of a chunked body; whether the source must stop and await `drain`."""
+        conn = self._conn
+        if (conn._head_done or conn._lost or self.stopped) and self._stop():
             return True
         if not chunk:
             return False  # an empty chunk would end a chunked body early (RFC 9112 §7.1)
-        sent = self.sent = self.sent + len(chunk)
+        size = b"%x\r\n" % len(chunk)
         pending = self.pending
-        if self._chunked:
-            size = b"%x\r\n" % len(chunk)
-            self._transport.writelines((size, chunk, b"\r\n") if pending is None else (pending, size, chunk, b"\r\n"))
+        if pending is None:
+            self._transport.writelines((size, chunk, b"\r\n"))
         else:
-            if self._length is not None and sent > self._length:
-                # Bytes past the declared length would be read as the next request.
-                self.error = f"request body longer than its Content-Length {self._length}"
-                self.stopped = True
-                return True
-            if pending is None:
-                self._transport.write(chunk)
-            else:
-                self._transport.writelines((pending, chunk))
+            self._transport.writelines((pending, size, chunk, b"\r\n"))
             self.pending = None
-            if sent == self._length:
-                self.answered_early = conn._got_bytes
-            return conn._flow.paused
-        self.pending = None
         return conn._flow.paused
 
     async def drain(self) -> bool:
@@ -1037,10 +1048,10 @@ class Pool:
         transport = conn._transport
         if isinstance(body, BodySource):
             # Written from the client's read callback, no task woken per read (bench/FIGURES.md, "Uploads").
-            upload = _Upload(conn, head, chunked, content_length, read_timeout)
-            if not await body.relay(upload.write, upload.drain):
+            upload = _Upload(conn, head, content_length, read_timeout)
+            if not await body.relay(upload.write_chunked if chunked else upload.write_length, upload.drain):
                 return True  # the upstream went away or answered and is closing: the answer tells the rest
-            _end_body(conn, upload.pending, upload.sent, chunked, content_length)
+            _end_body(conn, upload.pending, (content_length or 0) - upload.left, chunked, content_length)
             # (A Content-Length body ended with its last write, in the client's read callback:
             # an answer that came after it, before this task ran, is no early answer.)
             return upload.answered_early if content_length is not None else conn._got_bytes

@@ -14,7 +14,7 @@ proxy whose only difference is a `cors` policy on the token route (so a-d never 
 (e) workload a from an allowed `Origin`, (f) a CORS preflight (204); and, only when asked for
 alone (`--only g`), (g) = (a) with a revocation list of 100,000 rules that does not name the token;
 and bodies, on the public route, only when asked for (`--only h`, `--only i`): (h) a 1 MiB
-answer, (i) a 1 MiB upload (its body fed in 16 KiB reads, as the event loop reads them, and
+answer, (i) a 1 MiB upload (its body fed in reads of http1's size, as the event loop reads them, and
 no faster than the proxy reads: the driver honours `pause_reading`). Reported: µs of process CPU
 (`time.process_time`, user+system) per request, the least and the median of interleaved
 rounds. The VM's noise only ever adds time, so the least is the steadier figure for
@@ -47,7 +47,7 @@ import yaml
 from cryptography.hazmat.primitives import serialization
 
 from proxy.config.builder import parse
-from proxy.http.http1 import _Connection
+from proxy.http.http1 import _READ_SIZE, _Connection
 from proxy.request.app import Proxy
 from proxy.telemetry.accesslog import AccessLog
 from proxy.tools.keygen import generate
@@ -67,7 +67,7 @@ _BIG_ANSWER = (
     b"HTTP/1.1 200 OK\r\nServer: nginx\r\nDate: Mon, 23 Nov 2026 12:00:00 GMT\r\n"
     b"Content-Type: application/octet-stream\r\nContent-Length: %d\r\nConnection: keep-alive\r\n\r\n" % _MIB
 ) + b"x" * _MIB
-_READ = 16 * 1024  # what one read of the event loop takes (ours: http1._READ_SIZE)
+_READ = _READ_SIZE  # what one read of the event loop takes from a client's socket (http1's)
 
 
 def _upstream(sock: socket.socket) -> None:

@@ -8,9 +8,11 @@ no transfer coding but `chunked` alone (501; 400 when chunked is not the last), 
 all in HTTP/1.0 (400),
 one Host (400), keep-alive and pipelining (answers in request order; reading pauses while
 a request waits its turn), request bodies streamed with back-pressure (reads of at most
-16 KiB into one buffer per server, reading stopped at 8 KiB buffered), the client's write
-buffer capped at 16 KiB (a streamed answer waits, through flow.py's `WriteFlow`), `Expect:
-100-continue` answered when the body is first read, writing answers (one write for a
+32 KiB into one buffer per server, reading stopped at 16 KiB buffered) or relayed from the
+read callback to a sink (`Request.relay_body`: reading stopped while the sink is full, the
+body's limit and timeouts kept there), the client's write buffer capped at 16 KiB (a
+streamed answer waits, through flow.py's `WriteFlow`), `Expect: 100-continue` answered when
+the body is first read or relayed, writing answers (one write for a
 whole answer, or a head and then a Content-Length, chunked or close-delimited body),
 upgrades (the bytes after the head are held for `Request.tunnel`, or the connection
 closes after the answer), an idle keep-alive timeout, a time limit on each request head
@@ -50,7 +52,7 @@ from yarl import URL
 from .flow import Deadlines, Wakeup, WriteFlow
 from .log import event
 
-__all__ = ["BodyError", "BodyTimeout", "ConnectionCounts", "Later", "Prepared", "Request", "Server"]
+__all__ = ["BodyError", "BodyTimeout", "BodyTooLarge", "ConnectionCounts", "Later", "Prepared", "Request", "Server"]
 
 log = logging.getLogger("jwt_sidecar.http")
 
@@ -68,17 +70,25 @@ _MAX_STALL = MAX_TARGET + MAX_HEAD + 8 * 1024
 _HEAD_SLICE = 4 * 1024  # reads are parsed this much at a time (a body: _BODY_SLICE)...
 _BODY_SLICE = 256 * 1024
 _BACKLOG = 16  # ...until this many requests wait (pipelining); the rest waits unparsed
-# Request body bytes buffered before we stop reading the socket: one read's worth (_READ_SIZE),
-# so a read the handler has not taken yet does not pause the socket at once (at 8 KiB every
-# 16 KiB read paused and resumed it: bench/FIGURES.md, "Uploads"). 1,000 uploads to an upstream
-# that never reads peak at ~112 MiB (tests/integration/test_memory.py; 94 at 8 KiB; 129, over
-# the manifests' 128, at 32 KiB).
+# Request body bytes buffered before we stop reading the socket, while nobody passes them on
+# yet (before `Request.relay_body` begins, or a reader of `iter_body`): 16 KiB, so a read the
+# handler has not taken yet does not pause the socket at once (at 8 KiB every 16 KiB read
+# paused and resumed it: bench/FIGURES.md, "Uploads").
 _HIGH_WATER = 16 * 1024
 # The most bytes one read takes from a client's socket (the event loops read up to 256 KiB):
-# reads land in one buffer per server (`asyncio.BufferedProtocol`), so a request body waiting
-# for a slow upstream holds at most the mark above plus one read.
-_READ_SIZE = 16 * 1024
-_BIG_PIECE = 4 * 1024  # a body piece this large is handed on alone (`Request._take_body`)
+# reads land in one buffer per server (`asyncio.BufferedProtocol`). A relayed body goes on to
+# the upstream a read at a time, so an upload to an upstream that does not read holds about
+# one read in the upstream transport's buffer: 1,000 of them peak at ~95 MiB at 32 KiB
+# (tests/integration/test_memory.py; ~79 at 16 KiB, ~107 at 48, ~131, over the manifests'
+# 128, at 64), and each read costs a recv and a send (system time per 1 MiB upload roughly
+# halved from 16 to 32 KiB: bench/FIGURES.md, "Uploads").
+_READ_SIZE = 32 * 1024
+_BIG_PIECE = 4 * 1024  # a body piece this large is handed on alone (`Request._take_body`, `_Relay.take`)
+_NEVER = float("inf")
+_NO_LIMIT = 1 << 62  # `_Relay`'s allowance for a body with no limit
+# A timer may run a hair before its time (flow.py's `_EARLY`): a body's `total` this close to
+# spent when its wait timed out was spent.
+_EARLY = 0.001
 # The client transport's write buffer beyond which a streamed answer waits for the client
 # (the event loops' default is 64 KiB): with a client that reads slowly or not at all, this
 # and the chunk being written are what its connection holds, past the kernel's socket buffer.
@@ -128,6 +138,10 @@ class BodyError(Exception):
 
 class BodyTimeout(BodyError):
     """No body bytes came for the time the reader allowed."""
+
+
+class BodyTooLarge(BodyError):
+    """More body bytes came than the limit the reader set (`Request.relay_body`)."""
 
 
 def _codings(values: list[bytes]) -> list[bytes]:
@@ -324,6 +338,97 @@ class Request:
                     raise BodyTimeout(
                         f"the body was not all here after {total:g}s" if by_total else f"no body bytes for {timeout:g}s"
                     )
+
+    async def relay_body(
+        self,
+        sink: Callable[[bytes], bool],
+        drain: Callable[[], Awaitable[bool]],
+        timeout: float | None = None,
+        *,
+        total: float | None = None,
+        limit: int = 0,
+    ) -> bool:
+        """`iter_body` the other way round: the body is passed on as it is parsed, `sink(data)`
+        called from the connection's read callback for each read's worth (a chunked body's
+        small pieces of one read together), with no task woken per read (bench/FIGURES.md,
+        "Uploads"). `sink` returns whether its side is full: then the client is not read
+        until `drain()` (awaited here; it raises what a stalled or failed destination
+        means) has returned True; False from it means the destination wants nothing more,
+        and this returns False with the rest of the body unread. Returns True once the whole
+        body has gone to `sink`. Raises as `iter_body` does (`timeout`, `total`, counted
+        only while waiting for the client), and `BodyTooLarge` as soon as more than `limit`
+        bytes came (0: no limit): the bytes past it are never passed on."""
+        conn = self._conn
+        if self._continue:
+            # RFC 9110 §10.1.1 (as `iter_body`): only now is the client invited to send the body.
+            self._continue = False
+            if not self._complete and not conn._lost:
+                conn._transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        loop = conn._loop
+        wakeup = self._wakeup
+        if wakeup is None:
+            wakeup = self._wakeup = Wakeup(loop, conn._server._deadlines)
+        relay = _Relay(self, sink, limit, wakeup)
+        chunks = self._chunks
+        if chunks:  # what came before the relay began, passed on as if it came now
+            self._buffered = 0
+            while chunks:
+                relay.take(chunks.popleft())
+            relay.flush()
+            if conn._flush is relay:
+                conn._flush = None
+        if not self._complete and self._error is None and conn._parsing is self and not relay.over:
+            conn._relay = relay  # from now on, `on_body` passes each read on
+            if conn._read_paused and not relay.full:
+                conn._update_reading()  # paused while the body waited for us
+        left = total
+        try:
+            while True:
+                if relay.over:
+                    raise BodyTooLarge(f"the body exceeds {limit} bytes")
+                if relay.full:
+                    # The destination is full (or wants nothing more): the client is not read
+                    # meanwhile, and this wait is the destination's, not counted in `total`.
+                    if not await drain():
+                        return False
+                    relay.full = False
+                    if conn._read_paused:
+                        conn._update_reading()
+                    continue
+                if self._error is not None:
+                    raise BodyError(str(self._error)) from self._error
+                if self._complete:
+                    return True
+                wait = timeout
+                if left is not None:
+                    if left <= 0:
+                        raise BodyTimeout(f"the body was not all here after {total:g}s")
+                    if not wait or left < wait:
+                        wait = left
+                    began = loop.time()
+                    relay.due = began + left
+                waiter = wakeup.arm(wait or None)
+                relay.extend = timeout or 0.0  # each read passed on moves this wait's timeout (`_Relay.take`)
+                try:
+                    timed_out = await waiter
+                finally:
+                    relay.extend = 0.0
+                    wakeup.disarm()
+                if left is not None:
+                    left -= loop.time() - began
+                if timed_out and not relay.full and not relay.over:
+                    raise BodyTimeout(
+                        f"the body was not all here after {total:g}s"
+                        if left is not None and left <= _EARLY
+                        else f"no body bytes for {timeout:g}s"
+                    )
+        finally:
+            # (Neither may keep the relay: it refers to the request, and so back to the connection.)
+            relay.sink = None
+            if conn._relay is relay:
+                conn._relay = None
+            if conn._flush is relay:
+                conn._flush = None
 
     def _take_body(self) -> bytes:
         chunks = self._chunks
@@ -612,6 +717,80 @@ class Request:
         return start + fields + end.encode(_ENCODING, _ERRORS)
 
 
+class _Relay:
+    """A request body passed on from the connection's read callback (`Request.relay_body`):
+    `on_body` hands each piece to `take`, a read's worth goes to the sink in one call, and the
+    task that relays it is woken only when the sink is full, the body is over its limit, or
+    the body ends (the connection's `_end`), never per read."""
+
+    __slots__ = ("_deadlines", "_left", "_request", "_time", "_wakeup", "due", "extend", "full", "held", "over", "sink")
+
+    def __init__(self, request: Request, sink: Callable[[bytes], bool], limit: int, wakeup: Wakeup) -> None:
+        self._request = request
+        self.sink: Callable[[bytes], bool] | None = sink  # None once the relay has ended
+        self._left = limit or _NO_LIMIT  # bytes the body may still bring
+        self._wakeup = wakeup
+        self._deadlines = request._conn._server._deadlines.waits
+        self._time = request._conn._loop.time
+        self.held: list[bytes] = []  # small pieces of this read, passed on together at its end (`flush`)
+        self.full = False  # the sink said it is full: the client is not read until the task has drained it
+        self.over = False  # more than the limit came: nothing more is passed on
+        self.extend = 0.0  # while the task waits for the client: its per-read timeout (moved by each read)
+        self.due = _NEVER  # when the body's `total` runs out, during such a wait (loop time)
+
+    def take(self, data: bytes) -> None:
+        """A piece of the body, as parsed: once per read for a Content-Length body, so it is
+        `pass_on` written out for a large piece (`sink` is never None while `on_body` calls this)."""
+        size = len(data)
+        left = self._left = self._left - size
+        if left < 0:
+            # Not passed on, nor anything after it: the task raises `BodyTooLarge`. The rest
+            # is read (and held, up to the mark) as any body nobody takes.
+            self.over = True
+            self.held.clear()
+            conn = self._request._conn
+            if conn._relay is self:
+                conn._relay = None
+            self._request._wake()
+        elif self.held or size < _BIG_PIECE:
+            # A chunked body's small pieces: the end of the read passes them on in one call
+            # (one write upstream, not one each).
+            self.held.append(data)
+            self._request._conn._flush = self
+        elif self.sink(data):  # type: ignore[misc]
+            self._full()
+        elif self.extend:
+            due = self._time() + self.extend
+            self._deadlines[self._wakeup] = due if due < self.due else self.due
+
+    def flush(self) -> None:
+        """The end of a read: what `take` held, passed on as one piece."""
+        held = self.held
+        if held:
+            data = held[0] if len(held) == 1 else b"".join(held)
+            held.clear()
+            self.pass_on(data)
+
+    def pass_on(self, data: bytes) -> None:
+        sink = self.sink
+        if sink is None:
+            return  # the relay has ended (it failed): nothing more goes on
+        if sink(data):
+            self._full()
+        elif self.extend:
+            # Bytes came: the wait for the next ones times out `timeout` from now (or when
+            # the body's `total` runs out, if sooner), as `Wakeup.extend` does.
+            due = self._time() + self.extend
+            self._deadlines[self._wakeup] = due if due < self.due else self.due
+
+    def _full(self) -> None:
+        """The sink can take no more for now: the client is not read until the task has drained it."""
+        self.full = True
+        request = self._request
+        request._conn._pause_reading()
+        request._wake()
+
+
 class Prepared:
     """An answer built once and sent many times (`Request.send`): status line, fixed header
     fields, Content-Length and body, already encoded."""
@@ -650,6 +829,8 @@ class _Connection(asyncio.BufferedProtocol):
         self._unparsed = b""  # bytes held back while pipelined requests wait (at most one read)
         self._refusal = 0  # a status to answer once the requests before it are answered
         self._parsing: Request | None = None  # the request whose body the parser is reading
+        self._relay: _Relay | None = None  # its body passed on as it is parsed (`Request.relay_body`)
+        self._flush: _Relay | None = None  # a relay holding small pieces of the read being parsed
         # requests in order: the first is being answered, the rest wait (pipelining)
         self._queue: deque[Request] = deque()
         self._task: asyncio.Task[None] | None = None
@@ -729,7 +910,12 @@ class _Connection(asyncio.BufferedProtocol):
             self._pause_reading()
             return
         self._feed(data)
-        self._dispatch()
+        relay = self._flush
+        if relay is not None:  # the read's small body pieces, passed on together
+            self._flush = None
+            relay.flush()
+        if self._task is None:  # (`_dispatch` does nothing while a task answers: a body's reads)
+            self._dispatch()
 
     def _feed(self, data: bytes) -> None:
         """Parse `data` in slices, holding back the rest once enough requests wait their turn.
@@ -871,6 +1057,10 @@ class _Connection(asyncio.BufferedProtocol):
 
     def on_body(self, body: bytes) -> None:
         self._stalled = 0
+        relay = self._relay
+        if relay is not None:
+            relay.take(body)  # passed on from here (`Request.relay_body`)
+            return
         request = self._parsing
         if request is not None:
             request._feed(body)
@@ -879,6 +1069,12 @@ class _Connection(asyncio.BufferedProtocol):
 
     def on_message_complete(self) -> None:
         self._stalled = 0
+        relay = self._relay
+        if relay is not None:
+            # The body ends here: what this read held goes on before the relay learns it
+            # ended, and the next request's body (pipelined) is not this relay's.
+            self._relay = self._flush = None
+            relay.flush()
         request = self._parsing
         self._parsing = None
         if request is not None:
@@ -1045,6 +1241,7 @@ class _Connection(asyncio.BufferedProtocol):
             or self._unparsed
             or (self._upgraded and self._sink is None)
             or (parsing is not None and parsing._buffered > _HIGH_WATER)
+            or (self._relay is not None and self._relay.full)
         ):
             return
         self._resume_reading()

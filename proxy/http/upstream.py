@@ -2,7 +2,8 @@
 
 Owns: per-origin pools of idle keep-alive connections (LIFO reuse, a cap, an idle timeout);
 writing one request (the head in one write, the body streamed with `Content-Length` or
-chunked, awaiting the transport's drain); parsing the answer with llhttp (through
+chunked, awaiting the transport's drain; or written from its source's own read callback, a
+`BodySource`, the task waiting only while the transport's buffer is full); parsing the answer with llhttp (through
 `httptools.HttpResponseParser`): 1xx interim answers skipped, bodiless answers (HEAD, 204,
 304) recognised, chunked and close-delimited bodies, any other transfer coding refused,
 a chunked answer's trailer fields dropped (never merged into its head, RFC 9110 §6.5.1);
@@ -42,7 +43,16 @@ from .causes import Worded, cause
 from .flow import Deadlines, Wakeup, WriteFlow
 from .log import event
 
-__all__ = ["Fields", "InFlight", "Pool", "Response", "UpstreamConnectError", "UpstreamError", "UpstreamProtocolError"]
+__all__ = [
+    "BodySource",
+    "Fields",
+    "InFlight",
+    "Pool",
+    "Response",
+    "UpstreamConnectError",
+    "UpstreamError",
+    "UpstreamProtocolError",
+]
 
 
 class UpstreamError(Worded):
@@ -97,6 +107,22 @@ _DISTRUST = 60.0
 # well-behaved origin new connections for its first ~0.1 s of traffic, then nothing.
 _PROBATION = 0.1
 log = logging.getLogger("jwt_sidecar.upstream")
+
+
+class BodySource:
+    """A request body that passes itself on from its own read callback, rather than being
+    iterated by the sending task (http1's `Request.relay_body`, through forward.py).
+
+    `relay(sink, drain)` calls `sink(data)` for each piece as it comes; `sink` returns True
+    when the upstream cannot take more for now (or wants nothing more), and then the source
+    stops reading until `await drain()` has returned True (False: stop, the rest unsent).
+    It returns True once the whole body has gone to `sink`, False when it stopped early;
+    what it raises propagates unchanged."""
+
+    __slots__ = ()
+
+    def relay(self, sink: Callable[[bytes], bool], drain: Callable[[], Awaitable[bool]]) -> Awaitable[bool]:
+        raise NotImplementedError
 
 
 class Fields:
@@ -654,6 +680,111 @@ class _Connection(asyncio.BufferedProtocol):
             self._transport.abort()
 
 
+def _end_body(conn: _Connection, pending: bytes | None, sent: int, chunked: bool, content_length: int | None) -> None:
+    """The end of a request body `sent` bytes long (`pending`: the head, if no byte of the
+    body went with it): the last chunk, or the check that Content-Length held."""
+    if conn._lost or (conn._head_done and not conn._keep_alive):
+        return  # the answer (or the lack of one) tells what happened
+    transport = conn._transport
+    if chunked:
+        # The last chunk, no trailers (RFC 9112 §7.1).
+        transport.write(b"0\r\n\r\n" if pending is None else pending + b"0\r\n\r\n")
+    elif content_length is not None and sent != content_length:
+        raise UpstreamError(f"request body ended after {sent} of {content_length} bytes")
+    elif pending is not None:
+        transport.write(pending)  # a body of zero bytes
+
+
+class _Upload:
+    """A `BodySource`'s way to the upstream: `write_length` or `write_chunked` is its sink,
+    called from the client's read callback, so it never raises (a failure is kept for `drain`
+    to raise in the task), and `drain` is what the source awaits when the sink said full."""
+
+    __slots__ = (
+        "_conn",
+        "_length",
+        "_read_timeout",
+        "_transport",
+        "answered_early",
+        "error",
+        "left",
+        "pending",
+        "stopped",
+    )
+
+    def __init__(self, conn: _Connection, head: bytes, content_length: int | None, read_timeout: float) -> None:
+        self._conn = conn
+        self._transport = conn._transport
+        self._read_timeout = read_timeout
+        self._length = content_length
+        self.left = content_length or 0  # bytes of a Content-Length body still to send
+        # The head waits for the first piece so the two leave in one write: a small body then
+        # costs one send, as a body-less request does.
+        self.pending: bytes | None = head
+        self.stopped = False  # nothing more is sent: the upstream is gone, answered and closing, or failed
+        self.error: str | None = None  # why the body failed (raised, new, by `drain`: no cycle through a traceback)
+        self.answered_early = True  # the answer began before a Content-Length body's last byte was written
+
+    def _stop(self) -> bool:
+        """Whether nothing more may be sent: the upstream is gone (the answer, or the lack of
+        one, tells what happened), or answered and is closing (RFC 9112 §9.5)."""
+        conn = self._conn
+        # (Called when the head is done, or when it is lost or stopped already.)
+        if self.stopped or conn._lost or not conn._keep_alive:
+            self.stopped = True
+        return self.stopped
+
+    def write_length(self, chunk: bytes) -> bool:
+        """Send a piece of a Content-Length body; whether the source must stop and await `drain`."""
+        conn = self._conn
+        if (conn._head_done or conn._lost or self.stopped) and self._stop():
+            return True
+        left = self.left - len(chunk)
+        if left < 0:
+            # Bytes past the declared length would be read as the next request.
+            self.error = f"request body longer than its Content-Length {self._length}"
+            self.stopped = True
+            return True
+        self.left = left
+        pending = self.pending
+        if pending is None:
+            self._transport.write(chunk)
+        else:
+            self._transport.writelines((pending, chunk))
+            self.pending = None
+        if not left:
+            self.answered_early = conn._got_bytes
+        return conn._flow.paused
+
+    def write_chunked(self, chunk: bytes) -> bool:
+        """Send a piece of a chunked body; whether the source must stop and await `drain`."""
+        conn = self._conn
+        if (conn._head_done or conn._lost or self.stopped) and self._stop():
+            return True
+        if not chunk:
+            return False  # an empty chunk would end a chunked body early (RFC 9112 §7.1)
+        size = b"%x\r\n" % len(chunk)
+        pending = self.pending
+        if pending is None:
+            self._transport.writelines((size, chunk, b"\r\n"))
+        else:
+            self._transport.writelines((pending, size, chunk, b"\r\n"))
+            self.pending = None
+        return conn._flow.paused
+
+    async def drain(self) -> bool:
+        """Wait while the upstream's buffer is full: a stalled upstream that never reads gets
+        the read timeout (TimeoutError), as it would for an answer. False: send nothing more."""
+        if self.error is not None:
+            raise UpstreamError(self.error)
+        if self.stopped:
+            return False
+        flow = self._conn._flow
+        if flow.paused:
+            await flow.drain(self._read_timeout)
+        return True
+
+
 class Response:
     """The head of an upstream answer, and its body to stream, read or drop."""
 
@@ -896,7 +1027,7 @@ class Pool:
         port: int,
         target: str,
         headers: Fields | Iterable[tuple[str, str]],
-        body: AsyncIterator[bytes] | None,
+        body: AsyncIterator[bytes] | BodySource | None,
         *,
         content_length: int | None,
         connect_timeout: float,
@@ -999,7 +1130,7 @@ class Pool:
         conn: _Connection | None,
         head: bytes,
         is_head: bool,
-        body: AsyncIterator[bytes] | None,
+        body: AsyncIterator[bytes] | BodySource | None,
         chunked: bool,
         content_length: int | None,
         connect_timeout: float,
@@ -1020,8 +1151,7 @@ class Pool:
                 if body is None:
                     transport.write(head)
                 else:
-                    await self._send_body(conn, head, body, chunked, content_length, read_timeout)
-                    if conn._got_bytes:
+                    if await self._send_body(conn, head, body, chunked, content_length, read_timeout):
                         # The answer began before the request ended: whether the server read the
                         # rest of the body, or will read it as a request, is unknown. Not reused.
                         conn._keep_alive = False
@@ -1058,12 +1188,22 @@ class Pool:
         self,
         conn: _Connection,
         head: bytes,
-        body: AsyncIterator[bytes],
+        body: AsyncIterator[bytes] | BodySource,
         chunked: bool,
         content_length: int | None,
         read_timeout: float,
-    ) -> None:
+    ) -> bool:
+        """Send the body after `head`; whether the answer began before the whole request was written."""
         transport = conn._transport
+        if isinstance(body, BodySource):
+            # Written from the client's read callback, no task woken per read (bench/FIGURES.md, "Uploads").
+            upload = _Upload(conn, head, content_length, read_timeout)
+            if not await body.relay(upload.write_chunked if chunked else upload.write_length, upload.drain):
+                return True  # the upstream went away or answered and is closing: the answer tells the rest
+            _end_body(conn, upload.pending, (content_length or 0) - upload.left, chunked, content_length)
+            # (A Content-Length body ended with its last write, in the client's read callback:
+            # an answer that came after it, before this task ran, is no early answer.)
+            return upload.answered_early if content_length is not None else conn._got_bytes
         # The head waits for the first chunk so the two leave in one write: a small body then
         # costs one send, as a body-less request does.
         pending: bytes | None = head
@@ -1072,10 +1212,10 @@ class Pool:
             if not chunk:
                 continue  # an empty chunk would end a chunked body early (RFC 9112 §7.1)
             if conn._lost:
-                return  # the answer (or the lack of one) tells what happened
+                return True  # the answer (or the lack of one) tells what happened
             if conn._head_done and not conn._keep_alive:
                 # RFC 9112 §9.5: the server answered and is closing: stop sending the body.
-                return
+                return True
             sent += len(chunk)
             if chunked:
                 size = b"%x\r\n" % len(chunk)
@@ -1093,15 +1233,8 @@ class Pool:
                 del chunk  # the transport holds a copy while the upstream drains: none here
                 # A stalled upstream that never reads gets `read_timeout`, as it would for an answer.
                 await conn._flow.drain(read_timeout)
-        if conn._lost or (conn._head_done and not conn._keep_alive):
-            return
-        if chunked:
-            # The last chunk, no trailers (RFC 9112 §7.1).
-            transport.write(b"0\r\n\r\n" if pending is None else pending + b"0\r\n\r\n")
-        elif content_length is not None and sent != content_length:
-            raise UpstreamError(f"request body ended after {sent} of {content_length} bytes")
-        elif pending is not None:
-            transport.write(pending)  # a body of zero bytes
+        _end_body(conn, pending, sent, chunked, content_length)
+        return conn._got_bytes
 
     def _take_idle(self, origin: _Origin) -> _Connection | None:
         idle = origin.idle

@@ -30,7 +30,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -42,8 +42,8 @@ from ..base.oplog import event
 from ..config.settings import WebSocketSettings
 from ..http.causes import cause
 from ..http.flow import Wakeup
-from ..http.http1 import BodyError, BodyTimeout, Later, Request
-from ..http.upstream import Fields, InFlight, Response, UpstreamError
+from ..http.http1 import BodyError, BodyTimeout, BodyTooLarge, Later, Request
+from ..http.upstream import BodySource, Fields, InFlight, Response, UpstreamError
 from .cors import without_upstream_cors
 from .identity import HOP_BY_HOP, connection_tokens
 
@@ -58,35 +58,25 @@ SMALL_BODY = 64 * 1024
 log = logging.getLogger("jwt_sidecar.forward")
 
 
-class _BodyTooLarge(Exception):
-    pass
-
-
-class _Limited:
+class _Limited(BodySource):
     """The request body as it arrives, failing once more than `limit` bytes came (0: no limit),
     when none come for `timeout` seconds, or when waiting for them has taken `total`
     seconds in all (a byte every few seconds would otherwise hold the upstream request).
 
-    Not an async generator: its frame would hold the chunk it yielded while the upstream
-    drains, beside the transport's copy.
+    Relayed from the client's read callback straight to the upstream's transport
+    (`Request.relay_body`): no task is woken per read (bench/FIGURES.md, "Uploads").
     """
 
-    __slots__ = ("_body", "_limit", "_seen")
+    __slots__ = ("_limit", "_request", "_timeout", "_total")
 
     def __init__(self, request: Request, limit: int, timeout: float, total: float) -> None:
-        self._body = request.iter_body(timeout, total=total)
+        self._request = request
         self._limit = limit
-        self._seen = 0
+        self._timeout = timeout
+        self._total = total
 
-    def __aiter__(self) -> _Limited:
-        return self
-
-    async def __anext__(self) -> bytes:
-        chunk = await self._body.__anext__()
-        self._seen += len(chunk)
-        if self._limit and self._seen > self._limit:
-            raise _BodyTooLarge
-        return chunk
+    def relay(self, sink: Callable[[bytes], bool], drain: Callable[[], Awaitable[bool]]) -> Awaitable[bool]:
+        return self._request.relay_body(sink, drain, self._timeout, total=self._total, limit=self._limit)
 
 
 def _answer_fields(raw: list[tuple[bytes, bytes]], request_id: str) -> tuple[bytes, int | None, bool]:
@@ -232,7 +222,7 @@ async def forward(ex: Exchange) -> None:
             connect_timeout=upstream.connect_timeout,
             read_timeout=upstream.timeout,
         )
-    except _BodyTooLarge:
+    except BodyTooLarge:
         raise PayloadTooLarge(f"body exceeds max_body {upstream.max_body}") from None
     except BodyTimeout as error:
         raise RequestTimeout(str(error)) from None

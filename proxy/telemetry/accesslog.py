@@ -134,6 +134,49 @@ class AccessLog:
             except RuntimeError:  # no loop (a direct call): write at once
                 self.flush()
 
+    def constant(
+        self,
+        method: str,
+        path: str,
+        route: str,
+        provider: str | None,
+        status: int,
+        decision: str,
+        reason: str,
+        subject: str | None,
+    ) -> str:
+        """The part of `line` from `method` to `subject`, built and escaped once, for requests
+        that share all of it (app.py's prepared 401: one per method and target): `line_from`."""
+        return json_line(
+            f'"method":{_quote(method)},"path":{_quote(path)},"route":{_quote(route)},'
+            f'"provider":{"null" if provider is None else _quote(provider)},'
+            f'"status":{status:d},"decision":"{decision}","reason":"{reason}",'
+            f'"subject":{"null" if subject is None else _quote(subject)}'
+        )
+
+    def line_from(self, request_id: str, client: str | None, constant: str, latency_ms: float) -> None:
+        """`line` for a request whose method .. subject are `constant` (`constant`'s): the same
+        bytes, with only the time, id, client and latency put in (bench/FIGURES.md, "The
+        request side")."""
+        now = time.time()
+        millisecond = int(now * 1000)
+        stamp = self._time if millisecond == self._millisecond else self._stamp_for(millisecond)
+        peer = "null" if client is None else '"' + client + '"'
+        line = (
+            f'{{"time":"{stamp}","request_id":"{request_id}","client":{peer},{constant},"latency_ms":{latency_ms:.3f}}}'
+        )
+        if not line.isascii() or "\x7f" in line:  # (`constant` is escaped already: the client, if anything)
+            line = json_line(line)
+        pending = self._pending
+        pending.append(line)
+        if len(pending) >= _BATCH:
+            self.flush()
+        elif self._timer is None:
+            try:
+                self._timer = asyncio.get_running_loop().call_later(self._interval, self.flush)
+            except RuntimeError:  # no loop (a direct call): write at once
+                self.flush()
+
     def _now(self) -> str:
         now = time.time()
         millisecond = int(now * 1000)

@@ -135,3 +135,23 @@ async def test_a_lone_surrogate_costs_no_line_and_stays_valid_json() -> None:
     lines = [json.loads(line) for line in stream.getvalue().decode("utf-8").splitlines()]
     assert [line["status"] for line in lines] == [200, 401, 200]
     assert lines[1]["subject"] == "a\ud800b" and lines[1]["path"] == "/x\udc80"
+
+
+def test_a_line_from_a_prepared_constant_is_the_line_byte_for_byte() -> None:
+    # `constant` + `line_from` (app.py's prepared 401) against `line`, whatever the fields hold:
+    # only the time may differ (both lines are made within one millisecond or not).
+    awkward = 'a"b\\c\nd\x7f\u0085\u202e\u00e9\U0001f600 \u2028'
+    for method, path, route, provider, subject, client in [
+        ("GET", "/api/orders", "api", "main", None, "127.0.0.1"),
+        ("HEAD", "/" + awkward, awkward, None, awkward, None),
+        (awkward, "/x", "r", awkward, "alice", "::1"),
+        ("GET", "/x", "r", None, None, "fe80::1%\u00e9th0"),
+    ]:
+        stream = io.BytesIO()
+        log = AccessLog(stream)
+        log.line("rid-1", client, method, path, route, provider, 401, "denied", "token_missing", subject, 1.25)
+        constant = log.constant(method, path, route, provider, 401, "denied", "token_missing", subject)
+        log.line_from("rid-1", client, constant, 1.25)
+        first, second = (re.sub(rb'"time":"[^"]*"', b'"time":""', line) for line in stream.getvalue().splitlines())
+        assert first == second
+        assert json.loads(first.decode())["subject"] == subject

@@ -694,7 +694,20 @@ class _Connection(asyncio.BufferedProtocol):
             self._unparsed += data  # only until reading pauses: at most one more read
             self._pause_reading()
             return
-        self._feed(data)
+        size = len(data)
+        if size <= _HEAD_SLICE and len(self._queue) < _BACKLOG:
+            # One slice (a head, or a few pipelined ones): `_feed`'s loop for one turn, written
+            # out (bench/FIGURES.md, "The request side").
+            self._stalled += size
+            try:
+                self._parser.feed_data(data)
+            except (httptools.HttpParserUpgrade, httptools.HttpParserError) as error:
+                self._parse_failed(error, data, b"")
+            else:
+                if self._stalled > _MAX_STALL:
+                    self._refuse(431)
+        else:
+            self._feed(data)
         self._dispatch()
 
     def _feed(self, data: bytes) -> None:
@@ -719,21 +732,25 @@ class _Connection(asyncio.BufferedProtocol):
             self._stalled += len(piece)
             try:
                 self._parser.feed_data(piece)
-            except httptools.HttpParserUpgrade as upgrade:
-                self._upgraded = True
-                self._held += piece[upgrade.args[0] :] + data[offset:]
-                return
-            except httptools.HttpParserCallbackError as error:
-                # No local may hold the _Refuse: its traceback holds this frame, and the cycle
-                # (with `self` and `data` in it) would wait for a full garbage collection.
-                self._refuse(error.__context__.status if isinstance(error.__context__, _Refuse) else 400)
-                return
-            except httptools.HttpParserError:
-                self._refuse(400)
+            except (httptools.HttpParserUpgrade, httptools.HttpParserError) as error:
+                self._parse_failed(error, piece, data[offset:])
                 return
             if self._stalled > _MAX_STALL:
                 self._refuse(431)
                 return
+
+    def _parse_failed(self, error: Exception, piece: bytes, rest: bytes) -> None:
+        """The parser stopped in `piece` (`rest`: the bytes after it, not parsed): an upgrade
+        (the bytes after its head are held), or a refusal."""
+        if isinstance(error, httptools.HttpParserUpgrade):
+            self._upgraded = True
+            self._held += piece[error.args[0] :] + rest
+        elif isinstance(error, httptools.HttpParserCallbackError):
+            # No local may hold the _Refuse after this: its traceback holds the callback's
+            # frame, and the cycle (with `self` in it) would wait for a full garbage collection.
+            self._refuse(error.__context__.status if isinstance(error.__context__, _Refuse) else 400)
+        else:
+            self._refuse(400)
 
     def pause_writing(self) -> None:
         self._flow.pause()
@@ -769,16 +786,8 @@ class _Connection(asyncio.BufferedProtocol):
         self._idle_since = self._head_begun = None  # (`_cancel_timer`, written out: once per request)
         self._stalled = 0
         parser = self._parser
-        version = parser.get_http_version()
-        if version != "1.1" and version != "1.0":
-            raise _Refuse(505)  # 0.9 has no headers to carry a token; 2.0 is not spoken here
-        method = parser.get_method()
-        if method == b"CONNECT":
-            # A reverse proxy has no tunnels to offer, and a 2xx to a forwarded CONNECT would
-            # turn a pooled upstream connection into one (RFC 9110 §9.3.6).
-            raise _Refuse(400)
         length: int | None = None
-        chunked = expect = False
+        chunked = expect = connection = False
         codings: list[bytes] | None = None
         hosts = 0
         for raw_name, raw_value in self._fields:
@@ -793,6 +802,23 @@ class _Connection(asyncio.BufferedProtocol):
                 codings = [raw_value] if codings is None else [*codings, raw_value]
             elif size == 6 and raw_name.lower() == b"expect":
                 expect = raw_value.strip().lower() == b"100-continue"
+            elif (size == 10 and raw_name.lower() == b"connection") or (
+                size == 16 and raw_name.lower() == b"proxy-connection"  # (llhttp reads it as Connection)
+            ):
+                connection = True
+        keep_alive = parser.should_keep_alive()
+        # llhttp takes HTTP/0.9, 1.0, 1.1 and 2.0 (and refuses any other version). Without a
+        # Connection or Proxy-Connection field it keeps a request's connection alive for 1.1 alone
+        # (0.9, 1.0 and 2.0 only with `keep-alive` in one): then the version is 1.1 without asking for it
+        # (`get_http_version` formats a str, ~2,300 instructions: bench/FIGURES.md, "The request side").
+        version = "1.1" if keep_alive and not connection else parser.get_http_version()
+        if version != "1.1" and version != "1.0":
+            raise _Refuse(505)  # 0.9 has no headers to carry a token; 2.0 is not spoken here
+        method = parser.get_method()
+        if method == b"CONNECT":
+            # A reverse proxy has no tunnels to offer, and a 2xx to a forwarded CONNECT would
+            # turn a pooled upstream connection into one (RFC 9110 §9.3.6).
+            raise _Refuse(400)
         if hosts > 1 or (hosts == 0 and version == "1.1"):
             raise _Refuse(400)  # RFC 9112 §3.2: exactly one Host, or a 400
         if codings is not None:
@@ -822,7 +848,7 @@ class _Connection(asyncio.BufferedProtocol):
             self._url.decode(_ENCODING, _ERRORS),
             version,
             self._fields,
-            parser.should_keep_alive(),
+            keep_alive,
             upgrade,
             length,
             chunked,
@@ -830,9 +856,13 @@ class _Connection(asyncio.BufferedProtocol):
         )
         # Trailer fields come through on_header too: they must never join the request's.
         self._fields = []
-        self._queue.append(request)
-        self._parsing = request
-        if len(self._queue) > 1:
+        queue = self._queue
+        queue.append(request)
+        if chunked or length:
+            # A request without a body is complete already (llhttp ends its message at once):
+            # on_message_complete has nothing to tell it.
+            self._parsing = request
+        if len(queue) > 1:
             self._pause_reading()  # pipelined: read on when the requests before it are answered
 
     def on_body(self, body: bytes) -> None:

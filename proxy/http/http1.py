@@ -104,6 +104,8 @@ Handler = Callable[["Request"], Awaitable[None] | None]
 rest always runs, even for a client that left before it began (`request.transport` is then
 None: the rest decides what it still owes)."""
 _NO_QUERY: MultiDictProxy[str] = MultiDictProxy(MultiDict())
+_NO_CHUNKS = cast("deque[bytes]", ())
+"""The body pieces of a request without a body: none, ever (`Request.__init__`)."""
 
 
 class BodyError(Exception):
@@ -158,6 +160,9 @@ class Request:
     `finish` (streamed); after either has begun, a failure can only `abort`.
     """
 
+    scheme = "http"
+    """The scheme the client spoke to us (our server speaks no TLS)."""
+
     __slots__ = (
         "_buffered",
         "_chunked",
@@ -179,7 +184,6 @@ class Request:
         "method",
         "raw_path",
         "remote",
-        "scheme",
         "status",
         "upgrade",
         "version",
@@ -209,17 +213,18 @@ class Request:
         (strict) allowed no CR, LF or NUL in them, and no obs-fold."""
         self._headers: CIMultiDict[str] | None = None
         self.remote: str | None = conn._remote
-        self.scheme = "http"
         self.keep_alive = keep_alive
         self.upgrade = upgrade
         self.content_length = content_length
-        self.body_exists = chunked or bool(content_length)
+        body_exists = self.body_exists = chunked or bool(content_length)
         self.status = 0
         """The status of the answer once its head is written (0 before)."""
         self._query: MultiDictProxy[str] | None = None
-        self._chunks: deque[bytes] = deque()
+        # No body, no queue of its pieces: the parser gives it none (`_feed` is never called),
+        # and an empty tuple has no `append` to take one by mistake.
+        self._chunks: deque[bytes] = deque() if body_exists else _NO_CHUNKS
         self._buffered = 0
-        self._complete = not self.body_exists
+        self._complete = not body_exists
         self._error: BaseException | None = None
         self._wakeup: Wakeup | None = None  # made when the handler first waits for body bytes
         self._continue = expect_continue
@@ -544,7 +549,8 @@ class Request:
             end = "\r\n"
         self._finished = True
         if not conn._lost:
-            tail = (field + _date_line() + end).encode(_ENCODING, _ERRORS)
+            date = _date  # (`_date_line`, written out: once per request)
+            tail = (field + (date[1] if date[0] == int(time.time()) else _date_line()) + end).encode(_ENCODING, _ERRORS)
             conn._transport.write(answer.head + tail if self.method == "HEAD" else answer.head + tail + answer.body)
 
     def _connection_field(self, status: int) -> str:
@@ -977,11 +983,12 @@ class _Connection(asyncio.BufferedProtocol):
             self._update_reading()
         if self._queue or self._refusal:  # (`_dispatch` has nothing to do otherwise)
             self._dispatch()
-        if not self._queue and not self._refusal:  # `_idle`, written out: once per request
-            if self._closing:
-                self._transport.close()
-            else:
-                self._idle_since = self._loop.time()
+            if self._queue or self._refusal:
+                return
+        if self._closing:  # `_idle`, written out: once per request
+            self._transport.close()
+        else:
+            self._idle_since = self._loop.time()
 
     def _write_refusal(self, status: int) -> None:
         self._transport.write(_refusal(status, close=True))

@@ -49,7 +49,7 @@ from yarl import URL
 from .flow import Deadlines, Wakeup, WriteFlow
 from .log import event
 
-__all__ = ["BodyError", "BodyTimeout", "ConnectionCounts", "Prepared", "Request", "Server"]
+__all__ = ["BodyError", "BodyTimeout", "ConnectionCounts", "Prepared", "Quick", "Request", "Send", "Server"]
 
 log = logging.getLogger("jwt_sidecar.http")
 
@@ -104,6 +104,16 @@ Handler = Callable[["Request"], Awaitable[None] | None]
 rest always runs, even for a client that left before it began (`request.transport` is then
 None: the rest decides what it still owes)."""
 _NO_QUERY: MultiDictProxy[str] = MultiDictProxy(MultiDict())
+Send = Callable[["Prepared", str, bool], None]
+"""`send(answer, field, head)`: a prepared answer, one more header field (`"Name: value\\r\\n"`)
+and Date, in one write (`Request.send`'s); without the body when `head` (a HEAD request)."""
+Quick = Callable[[str, str, list[tuple[bytes, bytes]], str | None, Send], bool]
+"""`quick(method, target, fields, remote, send)`: answers a request from its head alone, with
+`send`, and returns True; or returns False, having done nothing, and the request goes to the
+handler as any other. Asked only of a request whose answer may be written at once and leave
+the connection open: HTTP/1.1 kept alive, no body, no upgrade, none before it still to
+answer, the client reading, no drain under way (`_Connection.on_headers_complete`). No
+`Request` is made for what it answers (bench/FIGURES.md, "The request side")."""
 _NO_CHUNKS = cast("deque[bytes]", ())
 """The body pieces of a request without a body: none, ever (`Request.__init__`)."""
 
@@ -714,7 +724,8 @@ class _Connection(asyncio.BufferedProtocol):
                     self._refuse(431)
         else:
             self._feed(data)
-        self._dispatch()
+        if self._queue or self._refusal:  # (`_dispatch` has nothing to do otherwise: a `Quick` answered)
+            self._dispatch()
 
     def _feed(self, data: bytes) -> None:
         """Parse `data` in slices, holding back the rest once enough requests wait their turn.
@@ -848,10 +859,32 @@ class _Connection(asyncio.BufferedProtocol):
         name = _METHOD_NAMES.get(method)
         if name is None:  # llhttp knows a few dozen methods: each is decoded once
             name = _METHOD_NAMES[method] = method.decode("ascii")
+        target = self._url.decode(_ENCODING, _ERRORS)
+        quick = self._server._quick
+        if (
+            quick is not None
+            and keep_alive
+            and version == "1.1"
+            and not (chunked or length or upgrade)
+            and not self._queue
+            and not self._closing
+            and not self._flow.paused
+            and not self._server._draining
+        ):
+            # Answered now or never by `quick`: nothing is queued or owed before it, and its
+            # answer leaves the connection open (what `_dispatch`, `send` and `_done` would do).
+            try:
+                answered = quick(name, target, self._fields, self._remote, self._send_now)
+            except Exception:
+                event(log, logging.ERROR, "handler_crashed", "request handler failed", exc_info=True)
+                answered = self._idle_since is not None  # (`_send_now` wrote the answer)
+            if answered:
+                self._fields = []
+                return
         request = Request(
             self,
             name,
-            self._url.decode(_ENCODING, _ERRORS),
+            target,
             version,
             self._fields,
             keep_alive,
@@ -870,6 +903,14 @@ class _Connection(asyncio.BufferedProtocol):
             self._parsing = request
         if len(queue) > 1:
             self._pause_reading()  # pipelined: read on when the requests before it are answered
+
+    def _send_now(self, answer: Prepared, field: str, head: bool) -> None:
+        """`Quick`'s `send`: `Request.send` on a request kept alive, then `_done`'s part for a
+        connection that waits for its next head (`_idle`)."""
+        date = _date  # (`_date_line`, written out)
+        tail = (field + (date[1] if date[0] == int(time.time()) else _date_line()) + "\r\n").encode(_ENCODING, _ERRORS)
+        self._transport.write(answer.head + tail if head else answer.head + tail + answer.body)
+        self._idle_since = self._loop.time()
 
     def on_body(self, body: bytes) -> None:
         self._stalled = 0
@@ -1209,6 +1250,7 @@ class Server:
         max_connections: int | None = None,
         counts: ConnectionCounts | None = None,
         on_refusal: Callable[[int, str | None], None] | None = None,
+        quick: Quick | None = None,
     ) -> None:
         """`on_refusal(status, client)` is told of every request the parser refused (it never
         reached `handler`), so that metrics and the access log can count it.
@@ -1217,9 +1259,11 @@ class Server:
         request (the first one included). `header_timeout`: how long a request head may take
         from its first byte to its end (then 408 and close). `max_connections`: connections
         over it are closed at accept (None: no limit); `counts` keeps the open and rejected
-        numbers for the metrics."""
+        numbers for the metrics. `quick`: asked first, for a request it may answer from its
+        head alone (see `Quick`)."""
         self._handler = handler
         self._on_refusal = on_refusal
+        self._quick = quick
         self.keepalive_timeout = keepalive_timeout
         self.header_timeout = header_timeout
         self.max_connections = max_connections

@@ -37,7 +37,7 @@ from ..base.memo import Memo
 from ..base.oplog import event
 from ..config.settings import Settings
 from ..http.fetch import Fetcher
-from ..http.http1 import Prepared, Request, Server
+from ..http.http1 import Prepared, Request, Send, Server
 from ..http.upstream import Pool
 from ..telemetry.accesslog import AccessLog
 from ..telemetry.metrics import Decision, Metrics, ProviderMetrics, RouteMetrics
@@ -122,8 +122,14 @@ class Proxy:
         kwargs.setdefault("header_timeout", settings.header_timeout)
         kwargs.setdefault("max_connections", settings.max_connections)
         # `_entry` itself with the runtime bound (a C partial): `handle`'s own frame costs every request.
-        handler = partial(_entry, self.runtime)
-        return Server(handler, on_refusal=self._refused, counts=self.runtime.metrics.connections, **kwargs)
+        runtime = self.runtime
+        return Server(
+            partial(_entry, runtime),
+            on_refusal=self._refused,
+            counts=runtime.metrics.connections,
+            quick=partial(_head, runtime),
+            **kwargs,
+        )
 
     def _refused(self, status: int, client: str | None) -> None:
         # The parser refused the request (400, 414, 431, 501, 505), or its head did not arrive
@@ -221,6 +227,36 @@ class _Quick:
             )
         )
         """The access-log line's part from method to subject (`AccessLog.constant`)."""
+
+
+def _head(
+    runtime: Runtime, method: str, target: str, fields: list[tuple[bytes, bytes]], remote: str | None, send: Send
+) -> bool:
+    """The server's `Quick`: a 401 that a `_Quick` prepared, answered from the request's head
+    alone (no `Request` made, bench/FIGURES.md, "The request side"); False for any other request,
+    which goes to `_entry`. `_entry`'s first part and `_refuse`, written for a head."""
+    snapshot = runtime.snapshot
+    quick = snapshot.refusals.get((method, target)) if snapshot is not None else None
+    if quick is None:
+        return False  # (every other request: this lookup is all it costs here)
+    started = time.perf_counter()
+    inbound = None
+    for name, value in fields:
+        size = len(name)
+        if size == 12 and inbound is None and name.lower() == b"x-request-id":
+            inbound = value.decode("latin-1")
+        elif size == 13 and name.lower() == b"authorization":
+            return False
+    if log.isEnabledFor(logging.DEBUG):  # (a DEBUG log names the route: `_missing` writes it)
+        return False
+    request_id_value = request_id(inbound)
+    quick.auth.observe(time.perf_counter() - started)
+    send(quick.answer, "X-Request-Id: " + request_id_value + "\r\n", method == "HEAD")
+    quick.cell.n += 1
+    access_log = runtime.access_log
+    if access_log is not None and quick.line is not None:
+        access_log.line_from(request_id_value, remote, quick.line, (time.perf_counter() - started) * 1000)
+    return True
 
 
 def _refuse(request: Request, runtime: Runtime, quick: _Quick, request_id_value: str, started: float) -> None:

@@ -602,11 +602,13 @@ class Prepared:
     """An answer built once and sent many times (`Request.send`): status line, fixed header
     fields, Content-Length and body, already encoded."""
 
-    __slots__ = ("body", "head", "status")
+    __slots__ = ("body", "end", "head", "status")
 
     def __init__(self, status: int, headers: Iterable[tuple[str, str]], body: bytes) -> None:
         self.status = status
         self.body = body
+        self.end = b"\r\n" + body
+        """The end of the head and the body (what follows the varying fields: `_send_now`)."""
         self.head = "".join(
             [
                 f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\n",
@@ -792,10 +794,11 @@ class _Connection(asyncio.BufferedProtocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         size = len(name) + len(value)
-        self._head_size += size
-        if size > MAX_FIELD or self._head_size > MAX_HEAD or len(self._fields) >= MAX_FIELDS:
+        total = self._head_size = self._head_size + size
+        fields = self._fields
+        if size > MAX_FIELD or total > MAX_HEAD or len(fields) >= MAX_FIELDS:
             raise _Refuse(431)
-        self._fields.append((name, value))
+        fields.append((name, value))
 
     def on_headers_complete(self) -> None:
         # The head is complete: `header_timeout` and the keep-alive timer stop here; a body is
@@ -869,8 +872,7 @@ class _Connection(asyncio.BufferedProtocol):
             and not self._queue
             and not self._closing
             and not self._flow.paused
-            and not self._server._draining
-        ):
+        ):  # (and no drain under way: `Server.start_drain` sets `_quick` to None)
             # Answered now or never by `quick`: nothing is queued or owed before it, and its
             # answer leaves the connection open (what `_dispatch`, `send` and `_done` would do).
             try:
@@ -907,9 +909,17 @@ class _Connection(asyncio.BufferedProtocol):
     def _send_now(self, answer: Prepared, field: str, head: bool) -> None:
         """`Quick`'s `send`: `Request.send` on a request kept alive, then `_done`'s part for a
         connection that waits for its next head (`_idle`)."""
-        date = _date  # (`_date_line`, written out)
-        tail = (field + (date[1] if date[0] == int(time.time()) else _date_line()) + "\r\n").encode(_ENCODING, _ERRORS)
-        self._transport.write(answer.head + tail if head else answer.head + tail + answer.body)
+        date = _date  # (`_date_bytes`, written out)
+        self._transport.write(
+            b"".join(
+                (
+                    answer.head,
+                    field.encode(_ENCODING, _ERRORS),
+                    date[2] if date[0] == int(time.time()) else _date_bytes(),
+                    b"\r\n" if head else answer.end,
+                )
+            )
+        )
         self._idle_since = self._loop.time()
 
     def on_body(self, body: bytes) -> None:
@@ -1398,6 +1408,7 @@ class Server:
     def start_drain(self) -> None:
         """From now on each connection's last answer carries `Connection: close` (still accepting)."""
         self._draining = True
+        self._quick = None  # a `Quick` answer leaves the connection open: none while draining
 
     async def shutdown(self, timeout: float) -> None:
         """Stop accepting (serving what the listen queue holds), give connections `timeout`, cut the rest.

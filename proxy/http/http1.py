@@ -626,6 +626,7 @@ class _Connection(asyncio.BufferedProtocol):
         server._opening += 1  # until connection_made: the drain must wait for us too
         self._loop = server._loop
         self._parser = httptools.HttpRequestParser(self)
+        self._send: Send = self._send_now  # (made once, not per request; let go in connection_lost)
         self._transport: asyncio.Transport = None  # type: ignore[assignment]  # set by connection_made
         self._remote: str | None = None
         self._lost = False
@@ -676,6 +677,7 @@ class _Connection(asyncio.BufferedProtocol):
         # and every closed connection (with the unfinished head the parser buffers) would
         # wait for a full garbage collection. Nothing is parsed after the connection is lost.
         self._parser = None  # type: ignore[assignment]
+        self._send = None  # type: ignore[assignment]  # (the same: a bound method of ours)
         self._server._connections.discard(self)
         self._server.counts.open -= 1
         self._cancel_timer()
@@ -812,7 +814,7 @@ class _Connection(asyncio.BufferedProtocol):
         hosts = 0
         for raw_name, raw_value in self._fields:
             size = len(raw_name)
-            if size == 4 and raw_name.lower() == b"host":
+            if size == 4 and (raw_name == b"Host" or raw_name.lower() == b"host"):  # (as most spell it: no lower())
                 hosts += 1
             elif size == 14 and raw_name.lower() == b"content-length":
                 length = int(raw_value)  # llhttp refused non-digits, signs, lists and duplicates
@@ -876,7 +878,7 @@ class _Connection(asyncio.BufferedProtocol):
             # Answered now or never by `quick`: nothing is queued or owed before it, and its
             # answer leaves the connection open (what `_dispatch`, `send` and `_done` would do).
             try:
-                answered = quick(name, target, self._fields, self._remote, self._send_now)
+                answered = quick(name, target, self._fields, self._remote, self._send)
             except Exception:
                 event(log, logging.ERROR, "handler_crashed", "request handler failed", exc_info=True)
                 answered = self._idle_since is not None  # (`_send_now` wrote the answer)

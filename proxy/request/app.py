@@ -128,7 +128,7 @@ class Proxy:
             partial(_entry, runtime),
             on_refusal=self._refused,
             counts=runtime.metrics.connections,
-            quick=partial(_head, runtime),
+            quick=self._head,  # (a bound method: called with no argument array made, where a partial of six would)
             **kwargs,
         )
 
@@ -157,6 +157,39 @@ class Proxy:
     def handle(self, request: Request) -> Coroutine[Any, Any, None] | None:
         """Answer `request` now (a refusal: None), or return the rest of its handling to await."""
         return _entry(self.runtime, request)
+
+    def _head(
+        self, method: str, target: str, fields: list[tuple[bytes, bytes]], remote: str | None, send: Send
+    ) -> bool:
+        """The server's `Quick`: a 401 that a `_Quick` prepared, answered from the request's head
+        alone (no `Request` made, bench/FIGURES.md, "The request side"); False for any other request,
+        which goes to `_entry`. `_entry`'s first part and `_refuse`, written for a head."""
+        runtime = self.runtime
+        snapshot = runtime.snapshot
+        quick = snapshot.refusals.get((method, target)) if snapshot is not None else None
+        if quick is None:
+            return False  # (every other request: this lookup is all it costs here)
+        started = time.perf_counter()
+        inbound = None
+        for name, value in fields:
+            size = len(name)
+            if size == 12 and inbound is None and name.lower() == b"x-request-id":
+                inbound = value.decode("latin-1")
+            elif size == 13 and name.lower() == b"authorization":
+                return False
+        if log.isEnabledFor(logging.DEBUG):  # (a DEBUG log names the route: `_missing` writes it)
+            return False
+        request_id_value = request_id(inbound)
+        # as `begin` observes the auth step of a missing token (`_Durations.observe`, written out)
+        auth, took = quick.auth, time.perf_counter() - started
+        auth.counts[bisect_left(auth.bounds, took)] += 1
+        auth.sum += took
+        send(quick.answer, f"X-Request-Id: {request_id_value}\r\n", method == "HEAD")
+        quick.cell.n += 1
+        access_log = runtime.access_log
+        if access_log is not None and quick.line is not None:
+            access_log.line_from(request_id_value, remote, quick.line, (time.perf_counter() - started) * 1000)
+        return True
 
 
 def _entry(runtime: Runtime, request: Request) -> Coroutine[Any, Any, None] | None:
@@ -228,39 +261,6 @@ class _Quick:
             )
         )
         """The access-log line's part from method to subject (`AccessLog.constant`)."""
-
-
-def _head(
-    runtime: Runtime, method: str, target: str, fields: list[tuple[bytes, bytes]], remote: str | None, send: Send
-) -> bool:
-    """The server's `Quick`: a 401 that a `_Quick` prepared, answered from the request's head
-    alone (no `Request` made, bench/FIGURES.md, "The request side"); False for any other request,
-    which goes to `_entry`. `_entry`'s first part and `_refuse`, written for a head."""
-    snapshot = runtime.snapshot
-    quick = snapshot.refusals.get((method, target)) if snapshot is not None else None
-    if quick is None:
-        return False  # (every other request: this lookup is all it costs here)
-    started = time.perf_counter()
-    inbound = None
-    for name, value in fields:
-        size = len(name)
-        if size == 12 and inbound is None and name.lower() == b"x-request-id":
-            inbound = value.decode("latin-1")
-        elif size == 13 and name.lower() == b"authorization":
-            return False
-    if log.isEnabledFor(logging.DEBUG):  # (a DEBUG log names the route: `_missing` writes it)
-        return False
-    request_id_value = request_id(inbound)
-    # as `begin` observes the auth step of a missing token (`_Durations.observe`, written out)
-    auth, took = quick.auth, time.perf_counter() - started
-    auth.counts[bisect_left(auth.bounds, took)] += 1
-    auth.sum += took
-    send(quick.answer, f"X-Request-Id: {request_id_value}\r\n", method == "HEAD")
-    quick.cell.n += 1
-    access_log = runtime.access_log
-    if access_log is not None and quick.line is not None:
-        access_log.line_from(request_id_value, remote, quick.line, (time.perf_counter() - started) * 1000)
-    return True
 
 
 def _refuse(request: Request, runtime: Runtime, quick: _Quick, request_id_value: str, started: float) -> None:

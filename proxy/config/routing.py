@@ -182,7 +182,7 @@ class Router:
         self._matched: Memo[tuple[str, str], Route] = Memo(512)
         """`match`'s route by (method, path), for the paths of at most 128 characters requested
         lately (as `_NORMAL`: the client's choice, hence the bound): a lookup instead of a walk
-        of the table (bench/FIGURES.md, "The request side"). A 404 is not remembered."""
+        of the table (bench/FIGURES.md, "The 401 from the head"). A 404 is not remembered."""
 
     def match(self, method: str, path: str) -> Route | None:
         """The route for a normalised path, or None (a 404)."""

@@ -15,7 +15,8 @@ whole answer, or a head and then a Content-Length, chunked or close-delimited bo
 upgrades (the bytes after the head are held for `Request.tunnel`, or the connection
 closes after the answer), an idle keep-alive timeout, a time limit on each request head
 from its first byte (408), a limit on open connections (those over it are closed at accept),
-cancelling the handler when the client goes away, and a graceful drain (`Server.start_drain`,
+cancelling the handler when the client goes away, a `Quick` hook asked to answer a request
+from its head alone when that answer may be written at once (no `Request` made), and a graceful drain (`Server.start_drain`,
 `Server.shutdown`): answers carry `Connection: close`, the listen queue is served before the
 listener closes, and a connection is closed only between requests, never once a request's
 first byte has arrived.
@@ -113,7 +114,7 @@ Quick = Callable[[str, str, list[tuple[bytes, bytes]], str | None, Send], bool]
 handler as any other. Asked only of a request whose answer may be written at once and leave
 the connection open: HTTP/1.1 kept alive, no body, no upgrade, none before it still to
 answer, the client reading, no drain under way (`_Connection.on_headers_complete`). No
-`Request` is made for what it answers (bench/FIGURES.md, "The request side")."""
+`Request` is made for what it answers (bench/FIGURES.md, "The 401 from the head")."""
 _NO_CHUNKS = cast("deque[bytes]", ())
 """The body pieces of a request without a body: none, ever (`Request.__init__`)."""
 
@@ -717,7 +718,7 @@ class _Connection(asyncio.BufferedProtocol):
         size = len(data)
         if size <= _HEAD_SLICE and len(self._queue) < _BACKLOG:
             # One slice (a head, or a few pipelined ones): `_feed`'s loop for one turn, written
-            # out (bench/FIGURES.md, "The request side").
+            # out (bench/FIGURES.md, "The 401 from the head").
             self._stalled += size
             try:
                 self._parser.feed_data(data)
@@ -832,7 +833,7 @@ class _Connection(asyncio.BufferedProtocol):
         # llhttp takes HTTP/0.9, 1.0, 1.1 and 2.0 (and refuses any other version). Without a
         # Connection or Proxy-Connection field it keeps a request's connection alive for 1.1 alone
         # (0.9, 1.0 and 2.0 only with `keep-alive` in one): then the version is 1.1 without asking for it
-        # (`get_http_version` formats a str, ~2,300 instructions: bench/FIGURES.md, "The request side").
+        # (`get_http_version` formats a str, ~2,300 instructions: bench/FIGURES.md, "The 401 from the head").
         version = "1.1" if keep_alive and not connection else parser.get_http_version()
         if version != "1.1" and version != "1.0":
             raise _Refuse(505)  # 0.9 has no headers to carry a token; 2.0 is not spoken here

@@ -35,7 +35,7 @@ _BATCH = 256
 _FRACTIONS = [f".{fraction:03d}Z" for fraction in range(1000)]  # a stamp's end, by millisecond
 # A latency's decimals by microsecond: `{micros // 1000}{_DECIMALS[micros % 1000]}` is
 # `f"{latency_ms:.3f}"` from an int, without formatting a float (~1,400 instructions a line:
-# bench/FIGURES.md, "The request side"). Rounded half up from the float's product: a latency
+# bench/FIGURES.md, "The 401 from the head"). Rounded half up from the float's product: a latency
 # on a rounding boundary may differ from `.3f` in its third decimal (a microsecond's noise).
 _DECIMALS = [f".{micros:03d}" for micros in range(1000)]
 
@@ -162,8 +162,8 @@ class AccessLog:
 
     def line_from(self, request_id: str, client: str | None, constant: str, latency_ms: float) -> None:
         """`line` for a request whose method .. subject are `constant` (`constant`'s): the same
-        bytes, with only the time, id, client and latency put in (bench/FIGURES.md, "The
-        request side")."""
+        bytes, with only the time, id, client and latency put in (bench/FIGURES.md, "The 401
+        from the head")."""
         millisecond = int(time.time() * 1000)
         stamp = self._time if millisecond == self._millisecond else self._stamp_for(millisecond)
         micros = int(latency_ms * 1000 + 0.5)

@@ -32,7 +32,8 @@ The per-request families (`requests_total`, `in_flight_requests` and the two dur
 the connection families (`connections_open`, `connections_rejected_total`: the proxy's
 `http1.Server` adds to `Metrics.connections`) are plain Python numbers, read at scrape time: a prometheus-client Counter or Histogram takes a
 lock per increment and walks its buckets in Python, which was an eighth of a refused
-request's instructions (bench/instructions). The `jwks_*`, `provider_ready`,
+request's instructions (bench/instructions); a caller that knows a series ahead counts into
+its `Cell` (`RouteMetrics.cell`), added to `requests_total` at scrape time. The `jwks_*`, `provider_ready`,
 `token_cache_*` and `revocation_*` families are read from the live objects at each scrape (`Metrics.watch`), so a hot reload that swaps the key ring or the cache is seen at
 the next scrape. A key source or cache that a reload replaces starts its counters again from
 0, which Prometheus' `rate()` and `increase()` treat as an ordinary counter reset.
@@ -128,8 +129,11 @@ class _Durations:
         self.sum = 0.0
 
     def observe(self, seconds: float) -> None:
-        # bisect_left: the first bound >= seconds, as Prometheus buckets are `le` (<=).
-        self.counts[bisect_left(self.bounds, seconds)] += 1
+        # bisect_left: the first bound >= seconds, as Prometheus buckets are `le` (<=); the first
+        # bound asked alone first: a refusal's auth step lands there, and a C call costs ~600
+        # instructions (bench/FIGURES.md, "The 401 from the head").
+        bounds = self.bounds
+        self.counts[0 if seconds <= bounds[0] else bisect_left(bounds, seconds)] += 1
         self.sum += seconds
 
     def cumulative(self) -> list[tuple[str, float]]:

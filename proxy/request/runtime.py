@@ -113,7 +113,9 @@ class Snapshot:
     providers_in_use: frozenset[str]
     cors: bool = False
     """Whether any route has CORS: without, no request is looked at as a preflight."""
-    refusals: Memo[tuple[str, str], Any] = field(default_factory=lambda: Memo(512))
+    refusals: Memo[tuple[str, str], Any] = field(
+        default_factory=lambda: Memo(512), init=False, compare=False, repr=False
+    )
     """app.py's prepared refusals by (method, request target), for this config's routes: what
     they hold is app.py's (`app._Quick`); here so that a reload starts afresh."""
 

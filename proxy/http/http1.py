@@ -18,7 +18,8 @@ upgrades (the bytes after the head are held for `Request.tunnel`, or the connect
 closes after the answer), an idle keep-alive timeout, a time limit on each request head
 from its first byte (408), a limit on open connections (those over it are closed at accept),
 cancelling the handler when the client goes away (a task, or a `Later`: a request the
-handler answers from callbacks of its own, with no task), and a graceful drain (`Server.start_drain`,
+handler answers from callbacks of its own, with no task), a `Quick` hook asked to answer a
+request from its head alone when that answer may be written at once (no `Request` made), and a graceful drain (`Server.start_drain`,
 `Server.shutdown`): answers carry `Connection: close`, the listen queue is served before the
 listener closes, and a connection is closed only between requests, never once a request's
 first byte has arrived.
@@ -52,7 +53,18 @@ from yarl import URL
 from .flow import Deadlines, Wakeup, WriteFlow
 from .log import event
 
-__all__ = ["BodyError", "BodyTimeout", "BodyTooLarge", "ConnectionCounts", "Later", "Prepared", "Request", "Server"]
+__all__ = [
+    "BodyError",
+    "BodyTimeout",
+    "BodyTooLarge",
+    "ConnectionCounts",
+    "Later",
+    "Prepared",
+    "Quick",
+    "Request",
+    "Send",
+    "Server",
+]
 
 log = logging.getLogger("jwt_sidecar.http")
 
@@ -116,6 +128,18 @@ rest always runs, even for a client that left before it began (`request.transpor
 None: the rest decides what it still owes). Or returns a `Later`: the handler finishes the
 request itself, from callbacks of its own, with no task (`Later`)."""
 _NO_QUERY: MultiDictProxy[str] = MultiDictProxy(MultiDict())
+Send = Callable[["Prepared", str, bool], None]
+"""`send(answer, field, head)`: a prepared answer, one more header field (`"Name: value\\r\\n"`)
+and Date, in one write (`Request.send`'s); without the body when `head` (a HEAD request)."""
+Quick = Callable[[str, str, list[tuple[bytes, bytes]], str | None, Send], bool]
+"""`quick(method, target, fields, remote, send)`: answers a request from its head alone, with
+`send`, and returns True; or returns False, having done nothing, and the request goes to the
+handler as any other. Asked only of a request whose answer may be written at once and leave
+the connection open: HTTP/1.1 kept alive, no body, no upgrade, none before it still to
+answer, the client reading, no drain under way (`_Connection.on_headers_complete`). No
+`Request` is made for what it answers (bench/FIGURES.md, "The 401 from the head")."""
+_NO_CHUNKS = cast("deque[bytes]", ())
+"""The body pieces of a request without a body: none, ever (`Request.__init__`)."""
 
 
 class Later:
@@ -188,6 +212,9 @@ class Request:
     `finish` (streamed); after either has begun, a failure can only `abort`.
     """
 
+    scheme = "http"
+    """The scheme the client spoke to us (our server speaks no TLS)."""
+
     __slots__ = (
         "_buffered",
         "_chunked",
@@ -209,7 +236,6 @@ class Request:
         "method",
         "raw_path",
         "remote",
-        "scheme",
         "status",
         "upgrade",
         "version",
@@ -239,17 +265,18 @@ class Request:
         (strict) allowed no CR, LF or NUL in them, and no obs-fold."""
         self._headers: CIMultiDict[str] | None = None
         self.remote: str | None = conn._remote
-        self.scheme = "http"
         self.keep_alive = keep_alive
         self.upgrade = upgrade
         self.content_length = content_length
-        self.body_exists = chunked or bool(content_length)
+        body_exists = self.body_exists = chunked or bool(content_length)
         self.status = 0
         """The status of the answer once its head is written (0 before)."""
         self._query: MultiDictProxy[str] | None = None
-        self._chunks: deque[bytes] = deque()
+        # No body, no queue of its pieces: the parser gives it none (`_feed` is never called),
+        # and an empty tuple has no `append` to take one by mistake.
+        self._chunks: deque[bytes] = deque() if body_exists else _NO_CHUNKS
         self._buffered = 0
-        self._complete = not self.body_exists
+        self._complete = not body_exists
         self._error: BaseException | None = None
         self._wakeup: Wakeup | None = None  # made when the handler first waits for body bytes
         self._continue = expect_continue
@@ -679,7 +706,8 @@ class Request:
             end = "\r\n"
         self._finished = True
         if not conn._lost:
-            tail = (field + _date_line() + end).encode(_ENCODING, _ERRORS)
+            date = _date  # (`_date_line`, written out: once per request)
+            tail = (field + (date[1] if date[0] == int(time.time()) else _date_line()) + end).encode(_ENCODING, _ERRORS)
             conn._transport.write(answer.head + tail if self.method == "HEAD" else answer.head + tail + answer.body)
 
     def _connection_field(self, status: int) -> str:
@@ -795,11 +823,13 @@ class Prepared:
     """An answer built once and sent many times (`Request.send`): status line, fixed header
     fields, Content-Length and body, already encoded."""
 
-    __slots__ = ("body", "head", "status")
+    __slots__ = ("body", "end", "head", "status")
 
     def __init__(self, status: int, headers: Iterable[tuple[str, str]], body: bytes) -> None:
         self.status = status
         self.body = body
+        self.end = b"\r\n" + body
+        """The end of the head and the body (what follows the varying fields: `_send_now`)."""
         self.head = "".join(
             [
                 f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\n",
@@ -817,6 +847,7 @@ class _Connection(asyncio.BufferedProtocol):
         server._opening += 1  # until connection_made: the drain must wait for us too
         self._loop = server._loop
         self._parser = httptools.HttpRequestParser(self)
+        self._send: Send = self._send_now  # (made once, not per request; let go in connection_lost)
         self._transport: asyncio.Transport = None  # type: ignore[assignment]  # set by connection_made
         self._remote: str | None = None
         self._lost = False
@@ -870,6 +901,7 @@ class _Connection(asyncio.BufferedProtocol):
         # and every closed connection (with the unfinished head the parser buffers) would
         # wait for a full garbage collection. Nothing is parsed after the connection is lost.
         self._parser = None  # type: ignore[assignment]
+        self._send = None  # type: ignore[assignment]  # (the same: a bound method of ours)
         self._server._connections.discard(self)
         self._server.counts.open -= 1
         self._cancel_timer()
@@ -909,12 +941,27 @@ class _Connection(asyncio.BufferedProtocol):
             self._unparsed += data  # only until reading pauses: at most one more read
             self._pause_reading()
             return
-        self._feed(data)
+        size = len(data)
+        if size <= _HEAD_SLICE and len(self._queue) < _BACKLOG:
+            # One slice (a head, or a few pipelined ones): `_feed`'s loop for one turn, written
+            # out (bench/FIGURES.md, "The 401 from the head").
+            self._stalled += size
+            try:
+                self._parser.feed_data(data)
+            except (httptools.HttpParserUpgrade, httptools.HttpParserError) as error:
+                self._parse_failed(error, data, b"")
+            else:
+                if self._stalled > _MAX_STALL:
+                    self._refuse(431)
+        else:
+            self._feed(data)
         relay = self._flush
         if relay is not None:  # the read's small body pieces, passed on together
             self._flush = None
             relay.flush()
-        if self._task is None:  # (`_dispatch` does nothing while a task answers: a body's reads)
+        # (`_dispatch` does nothing while a task answers (a body's reads), nor with nothing
+        # waiting: a `Quick` answered)
+        if self._task is None and (self._queue or self._refusal):
             self._dispatch()
 
     def _feed(self, data: bytes) -> None:
@@ -939,21 +986,25 @@ class _Connection(asyncio.BufferedProtocol):
             self._stalled += len(piece)
             try:
                 self._parser.feed_data(piece)
-            except httptools.HttpParserUpgrade as upgrade:
-                self._upgraded = True
-                self._held += piece[upgrade.args[0] :] + data[offset:]
-                return
-            except httptools.HttpParserCallbackError as error:
-                # No local may hold the _Refuse: its traceback holds this frame, and the cycle
-                # (with `self` and `data` in it) would wait for a full garbage collection.
-                self._refuse(error.__context__.status if isinstance(error.__context__, _Refuse) else 400)
-                return
-            except httptools.HttpParserError:
-                self._refuse(400)
+            except (httptools.HttpParserUpgrade, httptools.HttpParserError) as error:
+                self._parse_failed(error, piece, data[offset:])
                 return
             if self._stalled > _MAX_STALL:
                 self._refuse(431)
                 return
+
+    def _parse_failed(self, error: Exception, piece: bytes, rest: bytes) -> None:
+        """The parser stopped in `piece` (`rest`: the bytes after it, not parsed): an upgrade
+        (the bytes after its head are held), or a refusal."""
+        if isinstance(error, httptools.HttpParserUpgrade):
+            self._upgraded = True
+            self._held += piece[error.args[0] :] + rest
+        elif isinstance(error, httptools.HttpParserCallbackError):
+            # No local may hold the _Refuse after this: its traceback holds the callback's
+            # frame, and the cycle (with `self` in it) would wait for a full garbage collection.
+            self._refuse(error.__context__.status if isinstance(error.__context__, _Refuse) else 400)
+        else:
+            self._refuse(400)
 
     def pause_writing(self) -> None:
         self._flow.pause()
@@ -978,10 +1029,11 @@ class _Connection(asyncio.BufferedProtocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         size = len(name) + len(value)
-        self._head_size += size
-        if size > MAX_FIELD or self._head_size > MAX_HEAD or len(self._fields) >= MAX_FIELDS:
+        total = self._head_size = self._head_size + size
+        fields = self._fields
+        if size > MAX_FIELD or total > MAX_HEAD or len(fields) >= MAX_FIELDS:
             raise _Refuse(431)
-        self._fields.append((name, value))
+        fields.append((name, value))
 
     def on_headers_complete(self) -> None:
         # The head is complete: `header_timeout` and the keep-alive timer stop here; a body is
@@ -989,21 +1041,13 @@ class _Connection(asyncio.BufferedProtocol):
         self._idle_since = self._head_begun = None  # (`_cancel_timer`, written out: once per request)
         self._stalled = 0
         parser = self._parser
-        version = parser.get_http_version()
-        if version != "1.1" and version != "1.0":
-            raise _Refuse(505)  # 0.9 has no headers to carry a token; 2.0 is not spoken here
-        method = parser.get_method()
-        if method == b"CONNECT":
-            # A reverse proxy has no tunnels to offer, and a 2xx to a forwarded CONNECT would
-            # turn a pooled upstream connection into one (RFC 9110 §9.3.6).
-            raise _Refuse(400)
         length: int | None = None
-        chunked = expect = False
+        chunked = expect = connection = False
         codings: list[bytes] | None = None
         hosts = 0
         for raw_name, raw_value in self._fields:
             size = len(raw_name)
-            if size == 4 and raw_name.lower() == b"host":
+            if size == 4 and (raw_name == b"Host" or raw_name.lower() == b"host"):  # (as most spell it: no lower())
                 hosts += 1
             elif size == 14 and raw_name.lower() == b"content-length":
                 length = int(raw_value)  # llhttp refused non-digits, signs, lists and duplicates
@@ -1013,6 +1057,23 @@ class _Connection(asyncio.BufferedProtocol):
                 codings = [raw_value] if codings is None else [*codings, raw_value]
             elif size == 6 and raw_name.lower() == b"expect":
                 expect = raw_value.strip().lower() == b"100-continue"
+            elif (size == 10 and raw_name.lower() == b"connection") or (
+                size == 16 and raw_name.lower() == b"proxy-connection"  # (llhttp reads it as Connection)
+            ):
+                connection = True
+        keep_alive = parser.should_keep_alive()
+        # llhttp takes HTTP/0.9, 1.0, 1.1 and 2.0 (and refuses any other version). Without a
+        # Connection or Proxy-Connection field it keeps a request's connection alive for 1.1 alone
+        # (0.9, 1.0 and 2.0 only with `keep-alive` in one): then the version is 1.1 without asking for it
+        # (`get_http_version` formats a str, ~2,300 instructions: bench/FIGURES.md, "The 401 from the head").
+        version = "1.1" if keep_alive and not connection else parser.get_http_version()
+        if version != "1.1" and version != "1.0":
+            raise _Refuse(505)  # 0.9 has no headers to carry a token; 2.0 is not spoken here
+        method = parser.get_method()
+        if method == b"CONNECT":
+            # A reverse proxy has no tunnels to offer, and a 2xx to a forwarded CONNECT would
+            # turn a pooled upstream connection into one (RFC 9110 §9.3.6).
+            raise _Refuse(400)
         if hosts > 1 or (hosts == 0 and version == "1.1"):
             raise _Refuse(400)  # RFC 9112 §3.2: exactly one Host, or a 400
         if codings is not None:
@@ -1036,13 +1097,34 @@ class _Connection(asyncio.BufferedProtocol):
         name = _METHOD_NAMES.get(method)
         if name is None:  # llhttp knows a few dozen methods: each is decoded once
             name = _METHOD_NAMES[method] = method.decode("ascii")
+        target = self._url.decode(_ENCODING, _ERRORS)
+        quick = self._server._quick
+        if (
+            quick is not None
+            and keep_alive
+            and version == "1.1"
+            and not (chunked or length or upgrade)
+            and not self._queue
+            and not self._closing
+            and not self._flow.paused
+        ):  # (and no drain under way: `Server.start_drain` sets `_quick` to None)
+            # Answered now or never by `quick`: nothing is queued or owed before it, and its
+            # answer leaves the connection open (what `_dispatch`, `send` and `_done` would do).
+            try:
+                answered = quick(name, target, self._fields, self._remote, self._send)
+            except Exception:
+                event(log, logging.ERROR, "handler_crashed", "request handler failed", exc_info=True)
+                answered = self._idle_since is not None  # (`_send_now` wrote the answer)
+            if answered:
+                self._fields = []
+                return
         request = Request(
             self,
             name,
-            self._url.decode(_ENCODING, _ERRORS),
+            target,
             version,
             self._fields,
-            parser.should_keep_alive(),
+            keep_alive,
             upgrade,
             length,
             chunked,
@@ -1050,10 +1132,30 @@ class _Connection(asyncio.BufferedProtocol):
         )
         # Trailer fields come through on_header too: they must never join the request's.
         self._fields = []
-        self._queue.append(request)
-        self._parsing = request
-        if len(self._queue) > 1:
+        queue = self._queue
+        queue.append(request)
+        if chunked or length:
+            # A request without a body is complete already (llhttp ends its message at once):
+            # on_message_complete has nothing to tell it.
+            self._parsing = request
+        if len(queue) > 1:
             self._pause_reading()  # pipelined: read on when the requests before it are answered
+
+    def _send_now(self, answer: Prepared, field: str, head: bool) -> None:
+        """`Quick`'s `send`: `Request.send` on a request kept alive, then `_done`'s part for a
+        connection that waits for its next head (`_idle`)."""
+        date = _date  # (`_date_bytes`, written out)
+        self._transport.write(
+            b"".join(
+                (
+                    answer.head,
+                    field.encode(_ENCODING, _ERRORS),
+                    date[2] if date[0] == int(time.time()) else _date_bytes(),
+                    b"\r\n" if head else answer.end,
+                )
+            )
+        )
+        self._idle_since = self._loop.time()
 
     def on_body(self, body: bytes) -> None:
         self._stalled = 0
@@ -1191,11 +1293,12 @@ class _Connection(asyncio.BufferedProtocol):
             self._update_reading()
         if self._queue or self._refusal:  # (`_dispatch` has nothing to do otherwise)
             self._dispatch()
-        if not self._queue and not self._refusal:  # `_idle`, written out: once per request
-            if self._closing:
-                self._transport.close()
-            else:
-                self._idle_since = self._loop.time()
+            if self._queue or self._refusal:
+                return
+        if self._closing:  # `_idle`, written out: once per request
+            self._transport.close()
+        else:
+            self._idle_since = self._loop.time()
 
     def _write_refusal(self, status: int) -> None:
         self._transport.write(_refusal(status, close=True))
@@ -1418,6 +1521,7 @@ class Server:
         max_connections: int | None = None,
         counts: ConnectionCounts | None = None,
         on_refusal: Callable[[int, str | None], None] | None = None,
+        quick: Quick | None = None,
     ) -> None:
         """`on_refusal(status, client)` is told of every request the parser refused (it never
         reached `handler`), so that metrics and the access log can count it.
@@ -1426,9 +1530,11 @@ class Server:
         request (the first one included). `header_timeout`: how long a request head may take
         from its first byte to its end (then 408 and close). `max_connections`: connections
         over it are closed at accept (None: no limit); `counts` keeps the open and rejected
-        numbers for the metrics."""
+        numbers for the metrics. `quick`: asked first, for a request it may answer from its
+        head alone (see `Quick`)."""
         self._handler = handler
         self._on_refusal = on_refusal
+        self._quick = quick
         self.keepalive_timeout = keepalive_timeout
         self.header_timeout = header_timeout
         self.max_connections = max_connections
@@ -1563,6 +1669,7 @@ class Server:
     def start_drain(self) -> None:
         """From now on each connection's last answer carries `Connection: close` (still accepting)."""
         self._draining = True
+        self._quick = None  # a `Quick` answer leaves the connection open: none while draining
 
     async def shutdown(self, timeout: float) -> None:
         """Stop accepting (serving what the listen queue holds), give connections `timeout`, cut the rest.

@@ -11,7 +11,9 @@ unexpected becomes a 500 that reveals nothing; every request gets its metrics an
 access-log line, from the request's `Exchange` (exchange.py), which `handle` makes. A refusal
 (and a CORS preflight, which `begin` answers; and a missing token, which `begin` returns
 rather than raises, answered by `_missing` as `_failed` answers a `TokenMissing`) is
-answered within `handle` itself (no task);
+answered within `handle` itself (no task); and a 401 for no token on a (method, target) that
+`_missing` refused before is answered from what it prepared then (`_Quick`: no `Exchange`,
+no routing, the metric a `Cell`, the log line's middle part built once);
 an allowed request comes back to the server as a coroutine to run, and if the client left
 before that coroutine began, it sends nothing upstream and records a 499 (`_finish`: the one
 place this is handled; the server runs the coroutine regardless). One forwarded with no task
@@ -25,7 +27,9 @@ from __future__ import annotations
 import json
 import logging
 import time
+from bisect import bisect_left
 from collections.abc import Coroutine
+from functools import partial
 from typing import Any
 
 from ..auth.keys import KeyRing
@@ -36,10 +40,10 @@ from ..base.memo import Memo
 from ..base.oplog import event
 from ..config.settings import Settings
 from ..http.fetch import Fetcher
-from ..http.http1 import Prepared, Request, Server
+from ..http.http1 import Prepared, Request, Send, Server
 from ..http.upstream import Pool
 from ..telemetry.accesslog import AccessLog
-from ..telemetry.metrics import Decision, Metrics, RouteMetrics
+from ..telemetry.metrics import Decision, Metrics, ProviderMetrics, RouteMetrics
 from .exchange import NO_ROUTE_NAME, Exchange
 from .forward import Answering
 from .identity import request_id
@@ -122,7 +126,15 @@ class Proxy:
         kwargs.setdefault("header_timeout", settings.header_timeout)
         kwargs.setdefault("keepalive_timeout", settings.keep_alive_timeout)
         kwargs.setdefault("max_connections", settings.max_connections)
-        return Server(self.handle, on_refusal=self._refused, counts=self.runtime.metrics.connections, **kwargs)
+        # `_entry` itself with the runtime bound (a C partial): `handle`'s own frame costs every request.
+        runtime = self.runtime
+        return Server(
+            partial(_entry, runtime),
+            on_refusal=self._refused,
+            counts=runtime.metrics.connections,
+            quick=self._head,  # (a bound method: called with no argument array made, where a partial of six would)
+            **kwargs,
+        )
 
     def _refused(self, status: int, client: str | None) -> None:
         # The parser refused the request (400, 414, 431, 501, 505), or its head did not arrive
@@ -148,16 +160,60 @@ class Proxy:
 
     def handle(self, request: Request) -> Coroutine[Any, Any, None] | Answering | None:
         """Answer `request` now (a refusal: None), or return the rest of its handling to await."""
-        return _entry(request, self.runtime)
+        return _entry(self.runtime, request)
+
+    def _head(
+        self, method: str, target: str, fields: list[tuple[bytes, bytes]], remote: str | None, send: Send
+    ) -> bool:
+        """The server's `Quick`: a 401 that a `_Quick` prepared, answered from the request's head
+        alone (no `Request` made, bench/FIGURES.md, "The 401 from the head"); False for any other request,
+        which goes to `_entry`. `_entry`'s first part and `_refuse`, written for a head."""
+        runtime = self.runtime
+        snapshot = runtime.snapshot
+        quick = snapshot.refusals.get((method, target)) if snapshot is not None else None
+        if quick is None:
+            return False  # (every other request: this lookup is all it costs here)
+        started = time.perf_counter()
+        inbound = None
+        for name, value in fields:
+            size = len(name)
+            if size == 12 and inbound is None and name.lower() == b"x-request-id":
+                inbound = value.decode("latin-1")
+            elif size == 13 and name.lower() == b"authorization":
+                return False
+        if log.isEnabledFor(logging.DEBUG):  # (a DEBUG log names the route: `_missing` writes it)
+            return False
+        request_id_value = request_id(inbound)
+        # as `begin` observes the auth step of a missing token (`_Durations.observe`, written out)
+        auth, took = quick.auth, time.perf_counter() - started
+        bounds = auth.bounds
+        auth.counts[0 if took <= bounds[0] else bisect_left(bounds, took)] += 1
+        auth.sum += took
+        send(quick.answer, f"X-Request-Id: {request_id_value}\r\n", method == "HEAD")
+        quick.cell.n += 1
+        access_log = runtime.access_log
+        if access_log is not None and quick.line is not None:
+            access_log.line_from(request_id_value, remote, quick.line, (time.perf_counter() - started) * 1000)
+        return True
 
 
-def _entry(request: Request, runtime: Runtime) -> Coroutine[Any, Any, None] | Answering | None:
+def _entry(runtime: Runtime, request: Request) -> Coroutine[Any, Any, None] | Answering | None:
+    started = time.perf_counter()
+    snapshot = runtime.snapshot
+    # A 401 for no token, decided, counted and logged before for this method and target: only
+    # the absence of an Authorization field is left to tell (`_Quick`).
+    quick = snapshot.refusals.get((request.method, request.raw_path)) if snapshot is not None else None
     inbound = None
     for name, value in request.fields:  # (`request.header(b"x-request-id")`, written out: once per request)
-        if len(name) == 12 and name.lower() == b"x-request-id":
+        size = len(name)
+        if size == 12 and inbound is None and name.lower() == b"x-request-id":
             inbound = value.decode("latin-1")
-            break
-    ex = Exchange(request, runtime, request_id(inbound), time.perf_counter())
+        elif size == 13 and quick is not None and name.lower() == b"authorization":
+            quick = None
+    if quick is not None and not log.isEnabledFor(logging.DEBUG):  # (a DEBUG log names the route: below)
+        _refuse(request, runtime, quick, request_id(inbound), started)
+        return None
+    ex = Exchange(request, runtime, request_id(inbound), started)
     try:
         rest = begin(ex)
         if rest is TokenMissing:  # no token where one is needed: begin said so without raising
@@ -181,6 +237,51 @@ def _entry(request: Request, runtime: Runtime) -> Coroutine[Any, Any, None] | An
         rest.settle = _settled
         return rest
     return _finish(ex, rest)  # type: ignore[arg-type]  # not TokenMissing (above): mypy does not narrow a class by `is`
+
+
+class _Quick:
+    """The 401 for no token on one (method, request target), prepared by `_missing` the first
+    time: what `begin`, `_missing` and `_record` would do for it, less what varies per request.
+
+    Only for a route that tells a missing token before anything else (`RoutePlan.needs_bearer`:
+    a request with no Authorization field is refused whatever else it holds) and that has no
+    CORS, and for a target that is no CORS preflight: then the target and the method alone
+    (routing, normalising) decide it, and `_entry` only looks for an Authorization field.
+    (c) 83,275 -> 64,565 instructions per request (bench/FIGURES.md, "The 401 from the head")."""
+
+    __slots__ = ("answer", "auth", "cell", "line", "metrics")
+
+    def __init__(self, ex: Exchange, answer: Prepared) -> None:
+        plan = ex.plan
+        assert plan is not None
+        self.answer = answer
+        self.metrics: RouteMetrics = plan.metrics
+        self.auth = plan.metrics.auth
+        self.cell = plan.metrics.cell(ex.request.method, _DENIED, _TOKEN_MISSING, 401)
+        """`requests_total`'s series for this 401 (a `Cell`: `_record`'s count is one `+= 1`)."""
+        access_log = ex.runtime.access_log
+        provider = plan.verifier.provider.name if plan.verifier is not None else None
+        self.line = (
+            None
+            if access_log is None
+            else access_log.constant(
+                ex.request.method, ex.path, plan.route.name, provider, 401, _DENIED, _TOKEN_MISSING, None
+            )
+        )
+        """The access-log line's part from method to subject (`AccessLog.constant`)."""
+
+
+def _refuse(request: Request, runtime: Runtime, quick: _Quick, request_id_value: str, started: float) -> None:
+    """`_missing` and `_record` for a request `_Quick` decides, with no `Exchange`."""
+    quick.auth.observe(time.perf_counter() - started)  # as `begin` observes the auth step of a missing token
+    request.send(quick.answer, "X-Request-Id: " + request_id_value + "\r\n")
+    if request.status == 401:  # (always: `send` answers a request not yet answered)
+        quick.cell.n += 1
+    else:
+        quick.metrics.count(request.method, _DENIED, _TOKEN_MISSING, request.status or 499)
+    access_log = runtime.access_log
+    if access_log is not None and quick.line is not None:
+        access_log.line_from(request_id_value, request.remote, quick.line, (time.perf_counter() - started) * 1000)
 
 
 async def _finish(ex: Exchange, rest: Coroutine[Any, Any, None]) -> None:
@@ -212,23 +313,33 @@ def _settled(ex: Exchange, error: Exception | None) -> None:
 def _missing(ex: Exchange) -> None:
     """The 401 for a request with no token on a route that needs one, as `_failed` answers a
     `TokenMissing(plan.missing)`, without one being made, raised and caught (bench/FIGURES.md,
-    "The request side"): the same decision, reason, log event and answer."""
-    plan, snapshot = ex.plan, ex.snapshot
+    "The request side"): the same decision, reason, log event and answer. Prepares the
+    `_Quick` that answers the next such request for this method and target."""
+    plan, snapshot, request = ex.plan, ex.snapshot, ex.request
     assert plan is not None and snapshot is not None
     ex.decision = _DENIED
     ex.reason = _TOKEN_MISSING
-    if log.isEnabledFor(logging.DEBUG):  # (log_refused asks too: asked here, a call is saved when it is off)
-        log_refused(ex, logging.DEBUG, _TOKEN_MISSING, plan.missing, 401)
+    log_refused(ex, logging.DEBUG, _TOKEN_MISSING, plan.missing, 401)
     realm = snapshot.settings.realm
     if plan.cors is not None:
-        respond_error(
-            ex.request, TokenMissing(plan.missing), realm=realm, request_id_value=ex.request_id, cors=_cors(ex)
-        )
+        respond_error(request, TokenMissing(plan.missing), realm=realm, request_id_value=ex.request_id, cors=_cors(ex))
         return
-    answer = _MISSING.get(realm)
+    answer = _ANSWERS.get(realm)  # the realm-only entry: this 401's
     if answer is None:
-        answer = _MISSING.remember(realm, _prepare(TokenMissing(), realm))
-    ex.request.send(answer, "X-Request-Id: " + ex.request_id + "\r\n")
+        answer = _ANSWERS.remember(realm, _prepare(TokenMissing(), realm))
+    request.send(answer, "X-Request-Id: " + ex.request_id + "\r\n")
+    if (
+        plan.needs_bearer  # (told before anything else: see `_Quick`)
+        and not (snapshot.cors and request.method == "OPTIONS")
+        and len(request.raw_path) <= _QUICK_LONGEST
+        and not isinstance(plan.metrics, ProviderMetrics)
+    ):
+        snapshot.refusals.remember((request.method, request.raw_path), _Quick(ex, answer))
+
+
+_QUICK_LONGEST = 256
+"""The longest request target a `_Quick` is kept for: targets are the client's choice, and at
+most 512 are kept per config (`Snapshot.refusals`): ~150 KB at worst."""
 
 
 def _failed(exchange: Exchange, error: Exception) -> None:
@@ -303,11 +414,10 @@ def respond_error(request: Request, error: ProxyError, *, realm: str, request_id
     request.send(answer, f"X-Request-Id: {request_id_value}\r\n{cors}")
 
 
-_ANSWERS: Memo[tuple[object, ...], Prepared] = Memo(1024)
+_ANSWERS: Memo[object, Prepared] = Memo(1024)
 """Prepared refusals by (kind, reason, scope, realm): a few dozen with any sane config; the
-bound is for a config with a great many realms."""
-_MISSING: Memo[str, Prepared] = Memo(64)
-"""The prepared 401 for no token (`_missing`), by realm: one per config's realm."""
+bound is for a config with a great many realms. The 401 for no token at all is kept by its
+realm alone (a str: `_missing` looks it up without building a key or a `TokenMissing`)."""
 
 
 def _prepare(error: ProxyError, realm: str) -> Prepared:

@@ -17,6 +17,7 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
+from typing import Any
 
 from yarl import URL
 
@@ -25,6 +26,7 @@ from ..auth.revocationstore import Revocations
 from ..auth.rules import claims_read
 from ..auth.verify import TokenCache, Verifier, issuers_in_words
 from ..base.clock import Clock
+from ..base.memo import Memo
 from ..config.routing import Router
 from ..config.settings import CorsSettings, HeaderMap, Route, Settings, TokenSource, Upstream
 from ..http.fetch import Fetcher
@@ -111,6 +113,11 @@ class Snapshot:
     providers_in_use: frozenset[str]
     cors: bool = False
     """Whether any route has CORS: without, no request is looked at as a preflight."""
+    refusals: Memo[tuple[str, str], Any] = field(
+        default_factory=lambda: Memo(512), init=False, compare=False, repr=False
+    )
+    """app.py's prepared refusals by (method, request target), for this config's routes: what
+    they hold is app.py's (`app._Quick`); here so that a reload starts afresh."""
 
 
 def build_snapshot(

@@ -33,6 +33,11 @@ _quote = json.encoder.encode_basestring
 
 _BATCH = 256
 _FRACTIONS = [f".{fraction:03d}Z" for fraction in range(1000)]  # a stamp's end, by millisecond
+# A latency's decimals by microsecond: `{micros // 1000}{_DECIMALS[micros % 1000]}` is
+# `f"{latency_ms:.3f}"` from an int, without formatting a float (~1,400 instructions a line:
+# bench/FIGURES.md, "The 401 from the head"). Rounded half up from the float's product: a latency
+# on a rounding boundary may differ from `.3f` in its third decimal (a microsecond's noise).
+_DECIMALS = [f".{micros:03d}" for micros in range(1000)]
 
 
 class AccessLog:
@@ -116,13 +121,60 @@ class AccessLog:
         millisecond = int(now * 1000)
         stamp = self._time if millisecond == self._millisecond else self._stamp_for(millisecond)
         peer = "null" if client is None else '"' + client + '"'
+        micros = int(latency_ms * 1000 + 0.5)
         line = (
             f'{{"time":"{stamp}","request_id":"{request_id}",'
             f'"client":{peer},"method":{_quote(method)},'
             f'"path":{_quote(path)}{middle}{"null" if subject is None else _quote(subject)},'
-            f'"latency_ms":{latency_ms:.3f}}}'
+            f'"latency_ms":{micros // 1000}{_DECIMALS[micros % 1000]}}}'
         )
         if not line.isascii() or "\x7f" in line:
+            line = json_line(line)
+        pending = self._pending
+        pending.append(line)
+        if len(pending) >= _BATCH:
+            self.flush()
+        elif self._timer is None:
+            try:
+                self._timer = asyncio.get_running_loop().call_later(self._interval, self.flush)
+            except RuntimeError:  # no loop (a direct call): write at once
+                self.flush()
+
+    def constant(
+        self,
+        method: str,
+        path: str,
+        route: str,
+        provider: str | None,
+        status: int,
+        decision: str,
+        reason: str,
+        subject: str | None,
+    ) -> str:
+        """The part of `line` from `method` to `subject`, built and escaped once, for requests
+        that share all of it (app.py's prepared 401: one per method and target): `line_from`."""
+        return json_line(
+            f'"method":{_quote(method)},"path":{_quote(path)},"route":{_quote(route)},'
+            f'"provider":{"null" if provider is None else _quote(provider)},'
+            f'"status":{status:d},"decision":"{decision}","reason":"{reason}",'
+            f'"subject":{"null" if subject is None else _quote(subject)}'
+        )
+
+    def line_from(self, request_id: str, client: str | None, constant: str, latency_ms: float) -> None:
+        """`line` for a request whose method .. subject are `constant` (`constant`'s): the same
+        bytes, with only the time, id, client and latency put in (bench/FIGURES.md, "The 401
+        from the head")."""
+        millisecond = int(time.time() * 1000)
+        stamp = self._time if millisecond == self._millisecond else self._stamp_for(millisecond)
+        micros = int(latency_ms * 1000 + 0.5)
+        line = (
+            f'{{"time":"{stamp}","request_id":"{request_id}","client":"{client}",{constant},'
+            f'"latency_ms":{micros // 1000}{_DECIMALS[micros % 1000]}}}'
+            if client is not None  # (quoted here: two str concatenations fewer than a `peer` part)
+            else f'{{"time":"{stamp}","request_id":"{request_id}","client":null,{constant},'
+            f'"latency_ms":{micros // 1000}{_DECIMALS[micros % 1000]}}}'
+        )
+        if not line.isascii() or "\x7f" in line:  # (`constant` is escaped already: the client, if anything)
             line = json_line(line)
         pending = self._pending
         pending.append(line)

@@ -32,7 +32,8 @@ The per-request families (`requests_total`, `in_flight_requests` and the two dur
 the connection families (`connections_open`, `connections_rejected_total`: the proxy's
 `http1.Server` adds to `Metrics.connections`) are plain Python numbers, read at scrape time: a prometheus-client Counter or Histogram takes a
 lock per increment and walks its buckets in Python, which was an eighth of a refused
-request's instructions (bench/instructions). The `jwks_*`, `provider_ready`,
+request's instructions (bench/instructions); a caller that knows a series ahead counts into
+its `Cell` (`RouteMetrics.cell`), added to `requests_total` at scrape time. The `jwks_*`, `provider_ready`,
 `token_cache_*` and `revocation_*` families are read from the live objects at each scrape (`Metrics.watch`), so a hot reload that swaps the key ring or the cache is seen at
 the next scrape. A key source or cache that a reload replaces starts its counters again from
 0, which Prometheus' `rate()` and `increase()` treat as an ordinary counter reset.
@@ -70,6 +71,7 @@ __all__ = [
     "METHODS",
     "NO_ROUTE",
     "UPSTREAM_BUCKETS",
+    "Cell",
     "Decision",
     "Metrics",
     "MetricsView",
@@ -127,8 +129,11 @@ class _Durations:
         self.sum = 0.0
 
     def observe(self, seconds: float) -> None:
-        # bisect_left: the first bound >= seconds, as Prometheus buckets are `le` (<=).
-        self.counts[bisect_left(self.bounds, seconds)] += 1
+        # bisect_left: the first bound >= seconds, as Prometheus buckets are `le` (<=); the first
+        # bound asked alone first: a refusal's auth step lands there, and a C call costs ~600
+        # instructions (bench/FIGURES.md, "The 401 from the head").
+        bounds = self.bounds
+        self.counts[0 if seconds <= bounds[0] else bisect_left(bounds, seconds)] += 1
         self.sum += seconds
 
     def cumulative(self) -> list[tuple[str, float]]:
@@ -140,6 +145,17 @@ class _Durations:
         return buckets
 
 
+class Cell:
+    """The count of one `requests_total` series, kept by whoever counts into it often: one
+    `cell.n += 1` per request instead of `RouteMetrics.count`'s key and lookup (a caller that
+    knows the series ahead, e.g. app.py's prepared 401). Folded into the family at scrape time."""
+
+    __slots__ = ("n",)
+
+    def __init__(self) -> None:
+        self.n = 0
+
+
 class RouteMetrics:
     """The recording side for one route: plain numbers, added to on every request.
 
@@ -148,12 +164,14 @@ class RouteMetrics:
     `other` rather than raising: the request has been answered by then.
     """
 
-    __slots__ = ("auth", "counts", "name", "upstream")
+    __slots__ = ("auth", "cells", "counts", "name", "upstream")
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.counts: dict[tuple[str, str, str, str], int] = {}
         """(method, decision, reason, status class) -> requests answered."""
+        self.cells: dict[tuple[str, str, str, str], Cell] = {}
+        """The same keys -> requests counted in a `Cell` (`cell`): added to `counts` at scrape time."""
         self.auth = _Durations(AUTH_BUCKETS)
         self.upstream = _Durations(UPSTREAM_BUCKETS)
 
@@ -180,6 +198,25 @@ class RouteMetrics:
             seen = counts.get(key, 0)
         counts[key] = seen + 1
 
+    def cell(self, method: str, decision: Decision, reason: str, status: int) -> Cell:
+        """The series `count(method, decision, reason, status)` adds to, as a `Cell` to add to
+        directly (`cell.n += 1` is that `count`); one per series, made once."""
+        key = self._checked(
+            (method if method in _METHODS else OTHER, decision, reason, _STATUS_CLASSES.get(status // 100, OTHER))
+        )
+        found = self.cells.get(key)
+        if found is None:
+            found = self.cells[key] = Cell()
+        return found
+
+    def totals(self) -> dict[tuple[str, str, str, str], int]:
+        """Requests answered by series: `counts` and the cells together (a copy, for a scrape)."""
+        totals = dict(self.counts)
+        for key, cell in list(self.cells.items()):
+            if cell.n:
+                totals[key] = totals.get(key, 0) + cell.n
+        return totals
+
     @staticmethod
     def _checked(key: tuple[str, str, str, str]) -> tuple[str, str, str, str]:
         # A decision or reason outside the closed sets is a bug in the caller; record it as
@@ -199,13 +236,14 @@ class ProviderMetrics(RouteMetrics):
     numbers (shared with its `RouteMetrics`), and by provider (`provider_requests_total`).
 
     The route plan the token's `iss` chose holds this in place of the route's recorder, so
-    other routes record nothing more."""
+    other routes record nothing more. It has no cells (`cell`): its counts go by provider too."""
 
     __slots__ = ("decisions", "provider")
 
     def __init__(self, route: RouteMetrics, provider: str) -> None:
         # The route's numbers, shared: requests_total and the durations stay one series per route.
         self.name, self.counts, self.auth, self.upstream = route.name, route.counts, route.auth, route.upstream
+        self.cells = route.cells
         self.provider = provider
         self.decisions: dict[tuple[str, str], int] = {}
         """(decision, reason) -> requests answered."""
@@ -214,6 +252,9 @@ class ProviderMetrics(RouteMetrics):
         super().count(method, decision, reason, status)
         key = (decision, reason) if decision in _DECISIONS and reason in _REASONS else (OTHER, OTHER)
         self.decisions[key] = self.decisions.get(key, 0) + 1
+
+    def cell(self, method: str, decision: Decision, reason: str, status: int) -> Cell:
+        raise TypeError("a provider's requests are counted by `count` (by provider as well)")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -360,7 +401,7 @@ def _request_families(metrics: Metrics) -> Iterator[Metric]:
     upstream = F.UPSTREAM_DURATION.histogram()
     # Copies: a request landing between two reads must not change a dict being iterated.
     for route in list(metrics._routes.values()):
-        for key, count in list(route.counts.items()):
+        for key, count in route.totals().items():
             requests.add_metric((route.name, *key), count)
         for family, durations in ((auth, route.auth), (upstream, route.upstream)):
             family.add_metric((route.name,), durations.cumulative(), durations.sum)

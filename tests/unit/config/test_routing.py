@@ -260,3 +260,25 @@ def test_target_is_split_target_then_normalize_asked_twice(raw_target: str) -> N
     if "#" not in raw_target:  # a remembered path, then a fragment in the query
         with pytest.raises(BadRequest):
             target(raw_target.partition("?")[0] + "?q#f")
+
+
+def test_a_remembered_route_is_the_one_the_table_gives_for_every_method_and_path() -> None:
+    # `match` remembers its answer per (method, path); asked again (and after the memo overflows
+    # and starts over), it must answer what walking the table answers, methods and case folding included.
+    routes = [
+        route("get-only", path_prefix="/api/", methods=frozenset({"GET"})),
+        route("folded", path_prefix="/Admin", ignore_case=True),
+        route("exact", path_exact="/api/exact"),
+        route("regex", path_regex=re.compile(r"^/v[0-9]+/")),
+        route("rest", path_prefix="/rest/"),
+    ]
+    paths = ["/api/x", "/api/exact", "/ADMIN/a", "/adm\u0131n", "/v1/a", "/vx/a", "/rest", "/rest/a", "/none", "/"]
+    paths += [f"/v{i}/x" for i in range(600)] + ["/" + "a" * 200]
+    walked = Router(routes)
+    remembered = Router(routes)
+    for _ in range(3):
+        for method in ("GET", "POST", "get"):
+            for path in paths:
+                expected = walked._walk(method, path)
+                assert remembered.match(method, path) is expected, (method, path)
+    assert remembered.match("GET", "/none") is None

@@ -787,6 +787,42 @@ async def test_unsupported_versions_get_505(harness: Harness, data: bytes) -> No
 
 
 @bounded
+@pytest.mark.parametrize(
+    "fields",
+    [
+        (),
+        (("Connection", "keep-alive"),),
+        (("Proxy-Connection", "keep-alive"),),
+        (("proxy-connection", "Keep-Alive"),),
+        (("Connection", "x, keep-alive"),),
+        (("Connection", "close"),),
+        (("Proxy-Connection", "close"),),
+        (("Keep-Alive", "timeout=5"),),
+    ],
+    ids=lambda fields: "+".join(f"{n}:{v}" for n, v in fields) or "none",
+)
+async def test_each_version_is_told_as_llhttp_parsed_it_whatever_keeps_the_connection(
+    harness: Harness, fields: tuple[tuple[str, str], ...]
+) -> None:
+    # on_headers_complete tells HTTP/1.1 from llhttp's keep-alive answer when no Connection or
+    # Proxy-Connection field could have made it: a 1.0, 0.9 or 2.0 request with
+    # `Proxy-Connection: keep-alive` must still be 1.0, or refused with a 505.
+    echo = Echo()
+    server = await harness.serve(echo)
+    for version in ("1.1", "1.0", "2.0"):
+        answer = await harness.exchange(server, request_bytes(version=version, headers=fields))
+        if version == "2.0":
+            assert answer.status == 505
+        else:
+            assert answer.status == 200 and answer.headers["X-Version"] == version
+    answer = await harness.exchange(
+        server, b"GET / HTTP/0.9\r\n" + b"".join(b"%s: %s\r\n" % (n.encode(), v.encode()) for n, v in fields) + b"\r\n"
+    )
+    assert answer.status == 505
+    assert [request.version for request in echo.calls] == ["1.1", "1.0"]
+
+
+@bounded
 async def test_limits_are_inclusive(harness: Harness) -> None:
     echo = Echo()
     server = await harness.serve(echo)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import random
 import re
 
 from proxy.telemetry.accesslog import AccessLog
@@ -135,3 +136,38 @@ async def test_a_lone_surrogate_costs_no_line_and_stays_valid_json() -> None:
     lines = [json.loads(line) for line in stream.getvalue().decode("utf-8").splitlines()]
     assert [line["status"] for line in lines] == [200, 401, 200]
     assert lines[1]["subject"] == "a\ud800b" and lines[1]["path"] == "/x\udc80"
+
+
+def test_a_line_from_a_prepared_constant_is_the_line_byte_for_byte() -> None:
+    # `constant` + `line_from` (app.py's prepared 401) against `line`, whatever the fields hold:
+    # only the time may differ (both lines are made within one millisecond or not).
+    awkward = 'a"b\\c\nd\x7f\u0085\u202e\u00e9\U0001f600 \u2028'
+    for method, path, route, provider, subject, client in [
+        ("GET", "/api/orders", "api", "main", None, "127.0.0.1"),
+        ("HEAD", "/" + awkward, awkward, None, awkward, None),
+        (awkward, "/x", "r", awkward, "alice", "::1"),
+        ("GET", "/x", "r", None, None, "fe80::1%\u00e9th0"),
+    ]:
+        stream = io.BytesIO()
+        log = AccessLog(stream)
+        log.line("rid-1", client, method, path, route, provider, 401, "denied", "token_missing", subject, 1.25)
+        constant = log.constant(method, path, route, provider, 401, "denied", "token_missing", subject)
+        log.line_from("rid-1", client, constant, 1.25)
+        first, second = (re.sub(rb'"time":"[^"]*"', b'"time":""', line) for line in stream.getvalue().splitlines())
+        assert first == second
+        assert json.loads(first.decode())["subject"] == subject
+
+
+def test_the_latency_is_written_with_three_decimals_as_format_would() -> None:
+    # `line` writes the latency from an int of microseconds (no float formatting): the same
+    # text as f"{latency_ms:.3f}" (seeded: the same 20,000 values every run).
+    numbers = random.Random(14)
+    values = [0.0, 0.0005, 0.0015, 0.9994, 999.9995, 12345.6789, 1e-9, 86_400_000.25]
+    values += [numbers.choice((10, 1000, 0.01, 100_000)) * numbers.random() for _ in range(20_000)]
+    stream = io.BytesIO()
+    log = AccessLog(stream)
+    for value in values:
+        log.line("rid", None, "GET", "/", "r", None, 200, "allowed", "", None, value)
+        log.line_from("rid", None, log.constant("GET", "/", "r", None, 200, "allowed", "", None), value)
+    written = [line.rsplit(b'"latency_ms":', 1)[1][:-1].decode() for line in stream.getvalue().splitlines()]
+    assert written == [f"{value:.3f}" for value in values for _ in range(2)]

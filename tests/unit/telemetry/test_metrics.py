@@ -531,3 +531,29 @@ def test_render_speaks_openmetrics_when_asked() -> None:
     assert body.endswith(b"# EOF\n")
     sample = b'jwt_sidecar_requests_total{decision="allowed",method="GET",reason="",route="api",status="2xx"} 1.0'
     assert sample in body
+
+
+def test_a_cell_counts_into_the_same_series_as_count_at_scrape_time() -> None:
+    metrics = Metrics()
+    api = metrics.route("api")
+    api.count("GET", Decision.DENIED, "token_missing", 401)
+    cell = api.cell("GET", Decision.DENIED, "token_missing", 401)
+    assert api.cell("GET", Decision.DENIED, "token_missing", 403) is api.cell(
+        "GET", Decision.DENIED, "token_missing", 401
+    )
+    cell.n += 2
+    other = api.cell("BREW", "bogus", "nonsense", 999)  # type: ignore[arg-type]
+    other.n += 1
+    assert api.totals() == {
+        ("GET", "denied", "token_missing", "4xx"): 3,
+        ("other", "other", "other", "other"): 1,
+    }
+    text = metrics.render()[0].decode()
+    assert 'requests_total{decision="denied",method="GET",reason="token_missing",route="api",status="4xx"} 3.0' in text
+    unused = metrics.route("quiet")
+    unused.cell("GET", Decision.ALLOWED, "", 200)
+    assert 'route="quiet"' not in metrics.render()[0].decode().split("auth_duration")[0], (
+        "no series for a cell never added to"
+    )
+    with pytest.raises(TypeError):
+        metrics.route_provider("api", "main").cell("GET", Decision.DENIED, "token_missing", 401)

@@ -796,7 +796,7 @@ class Verifier:
 
     def cached(self, token: str) -> Claims | None:
         """The claims of a token verified lately (the cache's checks: still before its use-by
-        time), else None: `verify_uncached` it."""
+        time), else None: `verify_now` or `verify_uncached` it."""
         if self.cache is None or len(token) > self.max_token_bytes:  # too large: never cached
             return None
         return self.cache.get(self.provider.name, token)
@@ -804,10 +804,30 @@ class Verifier:
     async def verify(self, token: str) -> Claims:
         """The token's claims when every check passes; `InvalidToken` (or `KeysUnavailable`) otherwise."""
         claims = self.cached(token)
+        if claims is None:
+            claims = self.verify_now(token)
         return claims if claims is not None else await self.verify_uncached(token)
+
+    def verify_now(self, token: str) -> Claims | None:
+        """`verify_uncached` without a wait, for a token `cached` did not hold whose keys the
+        source holds now (the usual miss): its claims, or the `InvalidToken` of the check that
+        failed, as `verify_uncached` would answer; None when the keys must be waited for (a kid
+        not seen yet, no keys yet: `KeySource.key_for` fetches), then `verify_uncached` it (the
+        header, checked already, is remembered). pipeline.py calls this in `begin`, so a miss
+        costs no coroutine (bench/FIGURES.md, "Cache misses, session 5")."""
+        header, view = self._header(token)
+        keys = _held(self.source, header.kid, header.alg)
+        return None if keys is None else self._verified(token, header, view, keys)
 
     async def verify_uncached(self, token: str) -> Claims:
         """`verify` for a token `cached` did not hold: every check, then into the cache."""
+        header, view = self._header(token)
+        keys = await self.source.key_for(header.kid, header.alg)
+        return self._verified(token, header, view, keys)
+
+    def _header(self, token: str) -> tuple[TokenHeader, Mapping[str, Any]]:
+        """The size check, then the token's header read and checked (`HEADER_CHECKS`), and its
+        read-only view; remembered by segment, so a header seen before is one dict lookup."""
         if len(token) > self.max_token_bytes:
             raise InvalidToken(Reason.TOO_LARGE, f"token is {len(token)} bytes; the limit is {self.max_token_bytes}")
         dot = token.find(".")
@@ -819,8 +839,11 @@ class Verifier:
             header = read_header(token, max_bytes=self.max_token_bytes)
             check_header(header, self.provider)
             known = self._headers.remember(segment, (header, MappingProxyType(header.fields)))
-        header, view = known
-        keys = await self.source.key_for(header.kid, header.alg)
+        return known
+
+    def _verified(self, token: str, header: TokenHeader, view: Mapping[str, Any], keys: Sequence[PyJWK]) -> Claims:
+        """The rest of the checks once the keys are known: signature, payload, claims; the
+        verified token's `Claims`, into the cache."""
         raw = verify_signature(token, header, keys)
         payload = _PARSED.take(token, raw)
         if payload is None:
@@ -841,6 +864,17 @@ class Verifier:
         if self.cache is not None:
             self.cache.put(token, claims)
         return claims
+
+
+def _held(source: KeySource, kid: str | None, alg: str) -> tuple[PyJWK, ...] | None:
+    """What `source.key_for(kid, alg)` answers at once, without a wait: the candidates when
+    the held key set has some and knows the kid (or the token has none); None when `key_for`
+    would wait or decide otherwise (a kid not seen yet: a refetch; no keys: the fallback
+    source, a fetch or `KeysUnavailable`; no candidate: `UNKNOWN_KID`). keys.py's first
+    branch, read here: tests/unit/auth/test_verify.py holds the two together."""
+    keyset = source.keyset
+    found = keyset.candidates(kid, alg)
+    return found if found and (kid is None or kid in keyset.kids) else None
 
 
 _HEADERS = 16

@@ -762,3 +762,55 @@ def test_the_claims_shortcut_passes_only_what_every_claim_check_passes(
         assert shortcut > 10, "the usual token takes the shortcut"
     else:
         assert shortcut == 0, "max_token_age is left to its check"
+
+
+# -- a miss without a wait -----------------------------------------------------------------
+async def test_held_keys_are_what_key_for_answers_at_once_and_verify_now_waits_for_nothing_else(
+    rsa_key: TestKey, ec_key: TestKey, ed_key: TestKey, clock: FakeClock
+) -> None:
+    """`verify_now` (which pipeline.begin calls on a miss, so a miss needs no coroutine) reads
+    keys.py's `key_for` at once through `_held`: whenever `_held` answers, `key_for` answers
+    the same keys; a kid the source has never seen is left to `key_for` (its refetch)."""
+    from proxy.auth.verify import _held
+
+    kidless = dict(rsa_key.public_jwk)
+    del kidless["kid"]
+    p = provider({"keys": [rsa_key.public_jwk, ec_key.public_jwk, ed_key.public_jwk, kidless]})
+    source = key_source_for(p, fetcher=None, clock=clock)
+    answered = 0
+    for kid in (rsa_key.kid, ec_key.kid, ed_key.kid, None, "never-seen"):
+        for alg in (*p.algorithms, "HS256"):
+            held = _held(source, kid, alg)
+            if held is None:
+                continue
+            answered += 1
+            assert held == await source.key_for(kid, alg), (kid, alg)
+    assert answered >= 6
+    assert _held(source, "never-seen", "RS256") is None  # key_for would refetch first
+
+    v = verifier(p, clock, TokenCache(TokenCacheSettings(max_entries=10), clock))
+    token = mint(key=rsa_key, now=clock.time())
+    claims = v.verify_now(token)
+    assert claims is not None and claims.subject == "user-42"
+    assert v.cached(token) is claims  # into the cache, as verify_uncached puts it
+    with pytest.raises(InvalidToken) as caught:  # a refusal is raised at once, its reason as ever
+        v.verify_now(mint({"exp": clock.time() - 3600}, key=rsa_key, now=clock.time()))
+    assert caught.value.reason is Reason.EXPIRED
+    # A kid never seen: no answer now (nothing refused, nothing cached); verify_uncached decides.
+    unseen = mint(key=rsa_key, headers={"kid": "never-seen"}, now=clock.time())
+    assert v.verify_now(unseen) is None and v.cached(unseen) is None
+    assert (await v.verify_uncached(unseen)).subject == "user-42"  # the kid-less key, after key_for
+
+
+async def test_verify_now_leaves_a_source_without_keys_to_verify_uncached(rsa_key: TestKey, clock: FakeClock) -> None:
+    from proxy.config.builder import RemoteJwks
+
+    p = provider({}, keys=RemoteJwks(url="http://127.0.0.1:9/jwks.json", timeout=0.5))
+    async with Fetcher() as fetcher:
+        source = key_source_for(p, fetcher=fetcher, clock=clock)
+        v = Verifier(p, source, clock=clock)
+        token = mint(key=rsa_key, now=clock.time())
+        assert v.verify_now(token) is None  # no fetch here, no refusal: the wait is verify_uncached's
+        with pytest.raises(KeysUnavailable):
+            await v.verify(token)
+        await source.close()

@@ -192,10 +192,10 @@ def _one_member_per_name(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     # RFC 7519 §4 lets a parser reject duplicate member names or keep the last; we reject,
     # at every depth (the claims set and any object inside it), so nothing that reads the
     # JSON after us (an upstream reading X-Jwt-Payload, a parser that keeps the first) can
-    # see another value than the one we checked. The hook is one call per object.
-    # Member names are interned: every cached token's `sub`, `exp`... is then one shared
-    # str, not a copy per token (~50 bytes a name, bench/FIGURES.md).
-    members = {_intern(name): value for name, value in pairs}
+    # see another value than the one we checked. The hook is one call per object, the dict
+    # built in C: the names are interned only where a token is kept (`_shared_names`), not
+    # here for every token (bench/FIGURES.md, "Cache misses, session 5").
+    members = dict(pairs)
     if len(members) != len(pairs):
         seen: set[str] = set()
         for name, _ in pairs:
@@ -206,6 +206,20 @@ def _one_member_per_name(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 _intern = sys.intern
+
+
+def _shared_names(value: Any) -> Any:
+    """A claim's JSON value as the cache keeps it: every member name interned, at every depth,
+    so every cached token's `roles`, `name`... is one shared str, not a copy per token (~50
+    bytes a name, bench/FIGURES.md); strings, numbers and the like as they are."""
+    if value.__class__ is dict:
+        return {_intern(name): _shared_names(member) for name, member in value.items()}
+    if value.__class__ is list:
+        return [_shared_names(item) for item in value]
+    return value
+
+
+_BRACE = ord("{")
 
 
 def _no_constant(name: str) -> Any:
@@ -851,18 +865,27 @@ class Verifier:
         now = self.clock.time()
         if not _plainly_valid(payload, self.provider, now):
             check_claims(payload, self.provider, now)  # raises the reason, or finds nothing wrong
+        cache = self.cache
+        if cache is None:
+            return Claims(self.provider.name, view, MappingProxyType(payload))
         shared = self._shared
         iss, aud = payload.get("iss"), payload.get("aud")
         payload["iss"] = shared.get(iss, iss)  # type: ignore[arg-type]  # iss is a str: checked
         if aud.__class__ is str:
             payload["aud"] = shared.get(aud, aud)
+        # A cached token keeps its claims under shared names (one str per config or interned,
+        # not a copy per token: bench/FIGURES.md): the kept ones under `keep`'s own names; every
+        # claim (keep None) under interned names; an object inside, with its names interned.
         keep = self.keep
         if keep is not None:
-            payload = {name: value for name, value in payload.items() if name in keep}
+            payload = {name: payload[name] for name in keep if name in payload}
+        else:
+            payload = {_intern(name): value for name, value in payload.items()}
+        if raw.find(_BRACE, 1) >= 0:  # an object inside (or a '{' in a string)
+            payload = {name: _shared_names(value) for name, value in payload.items()}
         # Read-only views: one Claims object is shared by every request that hits the cache.
         claims = Claims(self.provider.name, view, MappingProxyType(payload))
-        if self.cache is not None:
-            self.cache.put(token, claims)
+        cache.put(token, claims)
         return claims
 
 

@@ -814,3 +814,35 @@ async def test_verify_now_leaves_a_source_without_keys_to_verify_uncached(rsa_ke
         with pytest.raises(KeysUnavailable):
             await v.verify(token)
         await source.close()
+
+
+@pytest.mark.parametrize("keep", [frozenset({"iss", "sub", "exp", "realm_access", "groups"}), None])
+async def test_cached_tokens_share_their_claim_names_at_every_depth(
+    keys: dict, rsa_key: TestKey, clock: FakeClock, keep: frozenset[str] | None
+) -> None:
+    """A cached token's member names are one str shared by every entry (interned, or the
+    config's own), top-level and inside objects, never a copy per token (bench/cache_memory.py
+    measures what that saves); the JSON parse itself no longer interns (bench/FIGURES.md)."""
+    p = provider(keys)
+    cache = TokenCache(TokenCacheSettings(max_entries=10), clock)
+    v = Verifier(p, key_source_for(p, fetcher=None, clock=clock), clock=clock, cache=cache, keep=keep)
+    payloads = []
+    for user in ("a", "b"):
+        # Built from text, as a token's JSON is parsed: no str is shared by the literals.
+        extra = json.loads(
+            '{"sub": "USER", "realm_access": {"roles": ["r"], "inner": [{"deep": 1}]}, "groups": [{"g": 1}], "x": "{"}'.replace(
+                "USER", user
+            )
+        )
+        payloads.append((await v.verify(mint(extra, key=rsa_key, now=clock.time()))).payload)
+    first, second = payloads
+    assert set(first) == (keep or {"iss", "aud", "sub", "iat", "exp", "realm_access", "groups", "x"})
+    for one, other in ((first, second), (first["realm_access"], second["realm_access"])):
+        for name in one:
+            (same,) = [n for n in other if n == name]
+            assert same is name, name
+    deep_a, deep_b = first["realm_access"]["inner"][0], second["realm_access"]["inner"][0]
+    assert next(iter(deep_a)) is next(iter(deep_b)) and next(iter(first["groups"][0])) is next(
+        iter(second["groups"][0])
+    )
+    assert first["realm_access"] == {"roles": ["r"], "inner": [{"deep": 1}]} and first["sub"] == "a"

@@ -846,3 +846,22 @@ async def test_cached_tokens_share_their_claim_names_at_every_depth(
         iter(second["groups"][0])
     )
     assert first["realm_access"] == {"roles": ["r"], "inner": [{"deep": 1}]} and first["sub"] == "a"
+
+
+@pytest.mark.parametrize("alg", ["RS256", "RS384", "RS512"])
+async def test_rs256_384_512_verify_with_their_own_hash_and_refuse_another(
+    rsa_key: TestKey, clock: FakeClock, alg: str
+) -> None:
+    """RS256/384/512 are checked on cryptography's key with the signing input digested by
+    hashlib (`_prepare`): each with its own hash, never another's."""
+    unbound = {name: value for name, value in rsa_key.public_jwk.items() if name != "alg"}
+    p = provider({"keys": [unbound]}, algorithms=("RS256", "RS384", "RS512"))
+    v = verifier(p, clock)
+    assert (await v.verify(mint(key=rsa_key, alg=alg, now=clock.time()))).subject == "user-42"
+    token = mint(key=rsa_key, alg=alg, now=clock.time())
+    other = {"RS256": "RS384", "RS384": "RS512", "RS512": "RS256"}[alg]
+    header = json.loads(base64.urlsafe_b64decode(token.split(".")[0] + "=="))
+    relabelled = _replace_segment(token, 0, b64(json.dumps({**header, "alg": other})))
+    assert await reason_of(v, relabelled) is Reason.BAD_SIGNATURE
+    tampered = _replace_segment(token, 1, b64(json.dumps({"iss": ISSUER, "aud": AUDIENCE, "sub": "root"})))
+    assert await reason_of(v, tampered) is Reason.BAD_SIGNATURE

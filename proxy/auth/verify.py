@@ -45,7 +45,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding
 from cryptography.hazmat.primitives.asymmetric.ed448 import Ed448PublicKey
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
-from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, encode_dss_signature
 
 from ..base.errors import InvalidToken, Reason
 from ..base.jwk import Jwk, unfit_secret
@@ -173,10 +173,10 @@ def _one_member_per_name(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     # RFC 7519 §4 lets a parser reject duplicate member names or keep the last; we reject,
     # at every depth (the claims set and any object inside it), so nothing that reads the
     # JSON after us (an upstream reading X-Jwt-Payload, a parser that keeps the first) can
-    # see another value than the one we checked. The hook is one call per object.
-    # Member names are interned: every cached token's `sub`, `exp`... is then one shared
-    # str, not a copy per token (~50 bytes a name, bench/FIGURES.md).
-    members = {_intern(name): value for name, value in pairs}
+    # see another value than the one we checked. The hook is one call per object, the dict
+    # built in C: the names are interned only where a token is kept (`_shared_names`), not
+    # here for every token (bench/FIGURES.md, "Cache misses, session 5").
+    members = dict(pairs)
     if len(members) != len(pairs):
         seen: set[str] = set()
         for name, _ in pairs:
@@ -187,6 +187,20 @@ def _one_member_per_name(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 _intern = sys.intern
+
+
+def _shared_names(value: Any) -> Any:
+    """A claim's JSON value as the cache keeps it: every member name interned, at every depth,
+    so every cached token's `roles`, `name`... is one shared str, not a copy per token (~50
+    bytes a name, bench/FIGURES.md); strings, numbers and the like as they are."""
+    if value.__class__ is dict:
+        return {_intern(name): _shared_names(member) for name, member in value.items()}
+    if value.__class__ is list:
+        return [_shared_names(item) for item in value]
+    return value
+
+
+_BRACE = ord("{")
 
 
 def _no_constant(name: str) -> Any:
@@ -420,7 +434,7 @@ def verify_signature(token: str, header: TokenHeader, keys: Sequence[Jwk]) -> by
             continue
         if pkcs1 is not None:  # RS256/384/512: straight on cryptography's key (see `_prepare`)
             try:
-                public.verify(signature, signing_input, pkcs1, hashing)
+                public.verify(signature, hashing[0](signing_input).digest(), pkcs1, hashing[1])
                 return payload
             except InvalidSignature:
                 pass
@@ -444,8 +458,11 @@ _Prepared = tuple[Any, "str | None", "padding.PKCS1v15 | None", Any, "Callable[[
 def _prepare(key: Jwk) -> _Prepared:
     """What checking a signature with `key` needs, once per key object rather than per token:
     (the key, what makes it unusable or None, for RS256/384/512 the padding and hash to call
-    `RSAPublicKey.verify` with directly (the two objects PyJWT's `RSAAlgorithm.verify` built on
-    every call), and for the other algorithms a `check(message, key, signature)`). The checks
+    `RSAPublicKey.verify` with directly (the objects PyJWT's `RSAAlgorithm.verify` built on
+    every call: the hash as hashlib's constructor and cryptography's `Prehashed` of it, so the
+    signing input is digested by hashlib and cryptography skips its own per-call digest set-up
+    and two ABC `isinstance` checks, ~2.8k instructions of a miss: bench/FIGURES.md), and for
+    the other algorithms a `check(message, key, signature)`). The checks
     are PyJWT's `prepare_key` and `check_key_length` (`enforce_minimum_key_length`): an RSA
     key of fewer than 2048 bits (NIST SP 800-131A), an HMAC secret shorter than its hash
     (RFC 7518 §3.2), an EC key on another curve than the algorithm's, a secret that is a
@@ -461,7 +478,8 @@ def _prepare(key: Jwk) -> _Prepared:
         if public.key_size < 2048:
             return None, _TOO_SHORT, None, None, _never
         if family == "RS":
-            return public, None, _PKCS1, hash_type(), _never
+            hashing = hash_type()
+            return public, None, _PKCS1, (getattr(hashlib, hashing.name), Prehashed(hashing)), _never
         pss = padding.PSS(mgf=padding.MGF1(hash_type()), salt_length=hash_type.digest_size)
         return public, None, None, None, _rsa_pss(pss, hash_type())
     if family == "ES":
@@ -813,7 +831,9 @@ class TokenCache:
 
     def put(self, token: str, claims: Claims) -> None:
         until = self._time() + self._max_ttl
-        exp = claims.expires
+        exp = claims.payload.get("exp")
+        if exp.__class__ is not int:  # (an int exp, the usual, without `Claims.expires`'s calls)
+            exp = claims.expires
         claims.until = min(until, exp) if exp is not None else until
         claims.digest = digest = self.digest(token)
         entries = self._entries
@@ -864,7 +884,7 @@ class Verifier:
 
     def cached(self, token: str) -> Claims | None:
         """The claims of a token verified lately (the cache's checks: still before its use-by
-        time), else None: `verify_uncached` it."""
+        time), else None: `verify_now` or `verify_uncached` it."""
         if self.cache is None or len(token) > self.max_token_bytes:  # too large: never cached
             return None
         return self.cache.get(self.provider.name, token)
@@ -872,10 +892,30 @@ class Verifier:
     async def verify(self, token: str) -> Claims:
         """The token's claims when every check passes; `InvalidToken` (or `KeysUnavailable`) otherwise."""
         claims = self.cached(token)
+        if claims is None:
+            claims = self.verify_now(token)
         return claims if claims is not None else await self.verify_uncached(token)
+
+    def verify_now(self, token: str) -> Claims | None:
+        """`verify_uncached` without a wait, for a token `cached` did not hold whose keys the
+        source holds now (the usual miss): its claims, or the `InvalidToken` of the check that
+        failed, as `verify_uncached` would answer; None when the keys must be waited for (a kid
+        not seen yet, no keys yet: `KeySource.key_for` fetches), then `verify_uncached` it (the
+        header, checked already, is remembered). pipeline.py calls this in `begin`, so a miss
+        costs no coroutine (bench/FIGURES.md, "Cache misses, session 5")."""
+        header, view = self._header(token)
+        keys = _held(self.source, header.kid, header.alg)
+        return None if keys is None else self._verified(token, header, view, keys)
 
     async def verify_uncached(self, token: str) -> Claims:
         """`verify` for a token `cached` did not hold: every check, then into the cache."""
+        header, view = self._header(token)
+        keys = await self.source.key_for(header.kid, header.alg)
+        return self._verified(token, header, view, keys)
+
+    def _header(self, token: str) -> tuple[TokenHeader, Mapping[str, Any]]:
+        """The size check, then the token's header read and checked (`HEADER_CHECKS`), and its
+        read-only view; remembered by segment, so a header seen before is one dict lookup."""
         if len(token) > self.max_token_bytes:
             raise InvalidToken(Reason.TOO_LARGE, f"token is {len(token)} bytes; the limit is {self.max_token_bytes}")
         dot = token.find(".")
@@ -887,28 +927,54 @@ class Verifier:
             header = read_header(token, max_bytes=self.max_token_bytes)
             check_header(header, self.provider)
             known = self._headers.remember(segment, (header, MappingProxyType(header.fields)))
-        header, view = known
-        keys = await self.source.key_for(header.kid, header.alg)
+        return known
+
+    def _verified(self, token: str, header: TokenHeader, view: Mapping[str, Any], keys: Sequence[Jwk]) -> Claims:
+        """The rest of the checks once the keys are known: signature, payload, claims; the
+        verified token's `Claims`, into the cache."""
         raw = verify_signature(token, header, keys)
-        payload = _PARSED.take(token, raw)
+        # (`_PARSED` asked only for the token it holds, `_json_object` first: a call each fewer)
+        payload = _PARSED.take(token, raw) if _PARSED.token is token else None
         if payload is None:
-            payload = parse_payload(raw)
+            payload = _json_object(raw)
+            if payload is None:
+                payload = parse_payload(raw)  # says why, or takes what the fast path did not
         now = self.clock.time()
         if not _plainly_valid(payload, self.provider, now):
             check_claims(payload, self.provider, now)  # raises the reason, or finds nothing wrong
+        cache = self.cache
+        if cache is None:
+            return Claims(self.provider.name, view, MappingProxyType(payload))
         shared = self._shared
         iss, aud = payload.get("iss"), payload.get("aud")
         payload["iss"] = shared.get(iss, iss)  # type: ignore[arg-type]  # iss is a str: checked
         if aud.__class__ is str:
             payload["aud"] = shared.get(aud, aud)
+        # A cached token keeps its claims under shared names (one str per config or interned,
+        # not a copy per token: bench/FIGURES.md): the kept ones under `keep`'s own names; every
+        # claim (keep None) under interned names; an object inside, with its names interned.
         keep = self.keep
         if keep is not None:
-            payload = {name: value for name, value in payload.items() if name in keep}
+            payload = {name: payload[name] for name in keep if name in payload}
+        else:
+            payload = {_intern(name): value for name, value in payload.items()}
+        if raw.find(_BRACE, 1) >= 0:  # an object inside (or a '{' in a string)
+            payload = {name: _shared_names(value) for name, value in payload.items()}
         # Read-only views: one Claims object is shared by every request that hits the cache.
         claims = Claims(self.provider.name, view, MappingProxyType(payload))
-        if self.cache is not None:
-            self.cache.put(token, claims)
+        cache.put(token, claims)
         return claims
+
+
+def _held(source: KeySource, kid: str | None, alg: str) -> tuple[Jwk, ...] | None:
+    """What `source.key_for(kid, alg)` answers at once, without a wait: the candidates when
+    the held key set has some and knows the kid (or the token has none); None when `key_for`
+    would wait or decide otherwise (a kid not seen yet: a refetch; no keys: the fallback
+    source, a fetch or `KeysUnavailable`; no candidate: `UNKNOWN_KID`). keys.py's first
+    branch, read here: tests/unit/auth/test_verify.py holds the two together."""
+    keyset = source.keyset
+    found = keyset.candidates(kid, alg)
+    return found if found and (kid is None or kid in keyset.kids) else None
 
 
 _HEADERS = 16
@@ -930,23 +996,30 @@ def _plainly_valid(payload: dict[str, Any], provider: Provider, now: float) -> b
     # The range first: an int beyond a double cannot be added to the leeway (OverflowError).
     if exp.__class__ is not int or not _DOUBLE_MIN <= exp <= _DOUBLE_MAX or not now < exp + leeway:
         return False
-    iss, aud = payload.get("iss"), payload.get("aud")
+    iss = payload.get("iss")
     if iss.__class__ is not str or iss not in provider.issuers:
         return False
+    aud = payload.get("aud")
     if aud.__class__ is not str or aud not in provider.audiences:
         return False
-    for name in ("iat", "nbf", "sub"):
-        if name in payload:
-            value = payload[name]
-            if name == "sub":
-                if value.__class__ is not str:
-                    return False
-            elif value.__class__ is not int or not _DOUBLE_MIN <= value <= now + leeway:
-                return False
+    # Written out, not a loop over the three names (bench/FIGURES.md); present as null is not absent.
+    latest = now + leeway
+    iat = payload.get("iat", _ABSENT)
+    if iat is not _ABSENT and (iat.__class__ is not int or not _DOUBLE_MIN <= iat <= latest):
+        return False
+    nbf = payload.get("nbf", _ABSENT)
+    if nbf is not _ABSENT and (nbf.__class__ is not int or not _DOUBLE_MIN <= nbf <= latest):
+        return False
+    sub = payload.get("sub", _ABSENT)
+    if sub is not _ABSENT and sub.__class__ is not str:
+        return False
     for name in provider.required_claims:  # noqa: SIM110  (a loop: all()'s generator costs more)
         if payload.get(name) is None:
             return False
     return True
+
+
+_ABSENT: Any = object()
 
 
 class _Parsed:

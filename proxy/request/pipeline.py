@@ -2,9 +2,10 @@
 
 Owns: the order of the steps, each of which reads and fills in the request's `Exchange`
 (exchange.py). `begin` runs every step that needs no I/O at once, so a refusal (no
-route, no token, a cached token the rules refuse) is raised before any task exists; the
-rest (verifying a token not in the cache, forwarding) is the coroutine it returns, or, for
-a request forwarded with no task (forward.py's `forward_now`), its `Answering`. On a
+route, no token, a token the checks or the rules refuse, cached or verified with keys held)
+is raised before any task exists; the rest (verifying a token whose keys must be fetched,
+forwarding) is the coroutine it returns, or, for a request forwarded with no task
+(forward.py's `forward_now`), its `Answering`. On a
 route with `providers:` the token's unverified `iss` first chooses its provider's plan
 (`ex.plan` becomes it), so every later step is that provider's. A missing token on a route
 that needs one (enforce mode) is not raised but returned (the class `TokenMissing`, which
@@ -60,8 +61,8 @@ _NO_QUERY: MultiDictProxy[str] = MultiDictProxy(MultiDict())
 def begin(ex: Exchange) -> Coroutine[Any, Any, None] | Answering | type[TokenMissing] | None:
     """Every step that needs no I/O, now: a refusal raises here, before any task exists (a
     401 is answered in the same loop turn that read it). What is left (verification on a
-    cache miss, and forwarding) comes back as a coroutine for the caller to run, or as an
-    `Answering` (forwarded with no task: the caller sets its `settle`); None when
+    cache miss whose keys must be fetched, and forwarding) comes back as a coroutine for the
+    caller to run, or as an `Answering` (forwarded with no task: the caller sets its `settle`); None when
     the request was answered here (a CORS preflight); the class `TokenMissing` (not raised)
     for no token on a route that needs one in enforce mode, which the caller refuses as it
     would `TokenMissing(plan.missing)` raised (the commonest refusal, without a raise)."""
@@ -138,9 +139,12 @@ def begin(ex: Exchange) -> Coroutine[Any, Any, None] | Answering | type[TokenMis
                 assert verifier is not None
             claims = verifier.cached(found.token)
             if claims is None:
-                # Not verified lately: verifying may fetch keys, so it is left to the coroutine,
-                # which observes the auth time once it is done.
-                return _verify_and_forward(ex, began)
+                # Not verified lately: verified here when its keys are held (no coroutine for a
+                # miss: bench/FIGURES.md, "Cache misses, session 5"); when they must be fetched,
+                # left to the coroutine, which observes the auth time once it is done.
+                claims = verifier.verify_now(found.token)
+                if claims is None:
+                    return _verify_and_forward(ex, began)
         _admit(ex, claims)
     except BaseException as error:
         plan.metrics.observe_auth(time.perf_counter() - began)

@@ -780,3 +780,106 @@ def test_the_claims_shortcut_passes_only_what_every_claim_check_passes(
         assert shortcut > 10, "the usual token takes the shortcut"
     else:
         assert shortcut == 0, "max_token_age is left to its check"
+
+
+# -- a miss without a wait -----------------------------------------------------------------
+async def test_held_keys_are_what_key_for_answers_at_once_and_verify_now_waits_for_nothing_else(
+    rsa_key: TestKey, ec_key: TestKey, ed_key: TestKey, clock: FakeClock
+) -> None:
+    """`verify_now` (which pipeline.begin calls on a miss, so a miss needs no coroutine) reads
+    keys.py's `key_for` at once through `_held`: whenever `_held` answers, `key_for` answers
+    the same keys; a kid the source has never seen is left to `key_for` (its refetch)."""
+    from proxy.auth.verify import _held
+
+    kidless = dict(rsa_key.public_jwk)
+    del kidless["kid"]
+    p = provider({"keys": [rsa_key.public_jwk, ec_key.public_jwk, ed_key.public_jwk, kidless]})
+    source = key_source_for(p, fetcher=None, clock=clock)
+    answered = 0
+    for kid in (rsa_key.kid, ec_key.kid, ed_key.kid, None, "never-seen"):
+        for alg in (*p.algorithms, "HS256"):
+            held = _held(source, kid, alg)
+            if held is None:
+                continue
+            answered += 1
+            assert held == await source.key_for(kid, alg), (kid, alg)
+    assert answered >= 6
+    assert _held(source, "never-seen", "RS256") is None  # key_for would refetch first
+
+    v = verifier(p, clock, TokenCache(TokenCacheSettings(max_entries=10), clock))
+    token = mint(key=rsa_key, now=clock.time())
+    claims = v.verify_now(token)
+    assert claims is not None and claims.subject == "user-42"
+    assert v.cached(token) is claims  # into the cache, as verify_uncached puts it
+    with pytest.raises(InvalidToken) as caught:  # a refusal is raised at once, its reason as ever
+        v.verify_now(mint({"exp": clock.time() - 3600}, key=rsa_key, now=clock.time()))
+    assert caught.value.reason is Reason.EXPIRED
+    # A kid never seen: no answer now (nothing refused, nothing cached); verify_uncached decides.
+    unseen = mint(key=rsa_key, headers={"kid": "never-seen"}, now=clock.time())
+    assert v.verify_now(unseen) is None and v.cached(unseen) is None
+    assert (await v.verify_uncached(unseen)).subject == "user-42"  # the kid-less key, after key_for
+
+
+async def test_verify_now_leaves_a_source_without_keys_to_verify_uncached(rsa_key: TestKey, clock: FakeClock) -> None:
+    from proxy.config.builder import RemoteJwks
+
+    p = provider({}, keys=RemoteJwks(url="http://127.0.0.1:9/jwks.json", timeout=0.5))
+    async with Fetcher() as fetcher:
+        source = key_source_for(p, fetcher=fetcher, clock=clock)
+        v = Verifier(p, source, clock=clock)
+        token = mint(key=rsa_key, now=clock.time())
+        assert v.verify_now(token) is None  # no fetch here, no refusal: the wait is verify_uncached's
+        with pytest.raises(KeysUnavailable):
+            await v.verify(token)
+        await source.close()
+
+
+@pytest.mark.parametrize("keep", [frozenset({"iss", "sub", "exp", "realm_access", "groups"}), None])
+async def test_cached_tokens_share_their_claim_names_at_every_depth(
+    keys: dict, rsa_key: TestKey, clock: FakeClock, keep: frozenset[str] | None
+) -> None:
+    """A cached token's member names are one str shared by every entry (interned, or the
+    config's own), top-level and inside objects, never a copy per token (bench/cache_memory.py
+    measures what that saves); the JSON parse itself no longer interns (bench/FIGURES.md)."""
+    p = provider(keys)
+    cache = TokenCache(TokenCacheSettings(max_entries=10), clock)
+    v = Verifier(p, key_source_for(p, fetcher=None, clock=clock), clock=clock, cache=cache, keep=keep)
+    payloads = []
+    for user in ("a", "b"):
+        # Built from text, as a token's JSON is parsed: no str is shared by the literals.
+        extra = json.loads(
+            '{"sub": "USER", "realm_access": {"roles": ["r"], "inner": [{"deep": 1}]}, "groups": [{"g": 1}], "x": "{"}'.replace(
+                "USER", user
+            )
+        )
+        payloads.append((await v.verify(mint(extra, key=rsa_key, now=clock.time()))).payload)
+    first, second = payloads
+    assert set(first) == (keep or {"iss", "aud", "sub", "iat", "exp", "realm_access", "groups", "x"})
+    for one, other in ((first, second), (first["realm_access"], second["realm_access"])):
+        for name in one:
+            (same,) = [n for n in other if n == name]
+            assert same is name, name
+    deep_a, deep_b = first["realm_access"]["inner"][0], second["realm_access"]["inner"][0]
+    assert next(iter(deep_a)) is next(iter(deep_b)) and next(iter(first["groups"][0])) is next(
+        iter(second["groups"][0])
+    )
+    assert first["realm_access"] == {"roles": ["r"], "inner": [{"deep": 1}]} and first["sub"] == "a"
+
+
+@pytest.mark.parametrize("alg", ["RS256", "RS384", "RS512"])
+async def test_rs256_384_512_verify_with_their_own_hash_and_refuse_another(
+    rsa_key: TestKey, clock: FakeClock, alg: str
+) -> None:
+    """RS256/384/512 are checked on cryptography's key with the signing input digested by
+    hashlib (`_prepare`): each with its own hash, never another's."""
+    unbound = {name: value for name, value in rsa_key.public_jwk.items() if name != "alg"}
+    p = provider({"keys": [unbound]}, algorithms=("RS256", "RS384", "RS512"))
+    v = verifier(p, clock)
+    assert (await v.verify(mint(key=rsa_key, alg=alg, now=clock.time()))).subject == "user-42"
+    token = mint(key=rsa_key, alg=alg, now=clock.time())
+    other = {"RS256": "RS384", "RS384": "RS512", "RS512": "RS256"}[alg]
+    header = json.loads(base64.urlsafe_b64decode(token.split(".")[0] + "=="))
+    relabelled = _replace_segment(token, 0, b64(json.dumps({**header, "alg": other})))
+    assert await reason_of(v, relabelled) is Reason.BAD_SIGNATURE
+    tampered = _replace_segment(token, 1, b64(json.dumps({"iss": ISSUER, "aud": AUDIENCE, "sub": "root"})))
+    assert await reason_of(v, tampered) is Reason.BAD_SIGNATURE

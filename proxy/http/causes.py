@@ -133,7 +133,10 @@ def _authority(rest: str) -> tuple[str, str]:
 
 
 def _host_and_port(authority: str) -> bool:
-    """Whether `authority` (with no '@') is a host, and a port of digits if any."""
+    """Whether `authority` (with no '@') is a host, and a port of digits if any; or none at all
+    (`unix:///path`)."""
+    if not authority:
+        return True
     host, _, port = (
         authority.rpartition("]")[2].partition(":") if authority.startswith("[") else authority.partition(":")
     )

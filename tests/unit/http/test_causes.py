@@ -280,6 +280,8 @@ def test_a_query_value_in_a_url_is_never_shown(url: str, expected: str) -> None:
         # No scheme (a config mistake an error message repeats): the same rules.
         (":s3cret@redis.internal:6379/0", "***@redis.internal:6379/0"),
         ("issuer.example/jwks?api_key=s3cret", "issuer.example/jwks?api_key=***"),
+        # No authority at all is no password cut short: a socket's path stays as it is.
+        ("unix:///var/run/a@b.sock", "unix:///var/run/a@b.sock"),
     ],
 )
 def test_a_password_that_holds_a_delimiter_is_never_shown(url: str, expected: str) -> None:

@@ -841,7 +841,7 @@ class _Builder:
         )
         s.done()
         if url is not None and (urlsplit(url).query or urlsplit(url).fragment):
-            s.error("url", f"{url!r}: an upstream URL has no query or fragment")
+            s.error("url", f"{shown(url)!r}: an upstream URL has no query or fragment")
         for key in ("connect_timeout", "timeout", "body_timeout"):
             if getattr(upstream, key) <= 0:
                 s.error(key, "must be more than 0s")
@@ -1107,7 +1107,7 @@ def _redis_url(s: Section, key: str) -> str | None:
         s.error(key, f"{shown_url} is not a Redis URL: its port is not a number from 1 to 65535")
         return None
     if "://" not in url:
-        s.error(key, f"{shown_url} is not a Redis URL: it has no scheme; write redis://{url}")
+        s.error(key, f"{shown_url} is not a Redis URL: it has no scheme; write redis://{shown(url)}")
         return None
     if parts.scheme not in _REDIS_SCHEMES:
         s.error(key, f"{shown_url} is not a Redis URL ({parts.scheme}://): {form}")
@@ -1229,17 +1229,18 @@ def _url(s: Section, key: str, *, required: bool = False) -> str | None:
     url = s.string(key, required=required)
     if url is None:
         return None
+    shown_url = repr(shown(url))  # as logs show it: no password, no query value
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError for a port that is not a number or out of range
     except ValueError:
-        s.error(key, f"{url!r} is not an http(s) URL with a host: its port is not a number from 1 to 65535")
+        s.error(key, f"{shown_url} is not an http(s) URL with a host: its port is not a number from 1 to 65535")
         return None
     if not parts.scheme and not url.startswith("/") and "." in url.split("/")[0]:
-        s.error(key, f"{url!r} is not an http(s) URL with a host: it has no scheme; write https://{url}")
+        s.error(key, f"{shown_url} is not an http(s) URL with a host: it has no scheme; write https://{shown(url)}")
         return None
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        s.error(key, f"{url!r} is not an http(s) URL with a host")
+        s.error(key, f"{shown_url} is not an http(s) URL with a host")
         return None
     return url
 

@@ -103,21 +103,44 @@ def peer(url: str) -> str:
 def shown(url: str) -> str:
     """`url` as logs may show it: no credentials (`https://user:secret@host/x` is
     `https://***@host/x`), no query values (some issuers put an API key in a JWKS URL:
-    `?api_key=***`; a parameter's name is kept, an item without `=` is `***`) and no fragment."""
+    `?api_key=***`; a parameter's name is kept, an item without `=` is `***`) and no fragment.
+    A URL without a scheme (a config mistake an error repeats) is read the same way."""
     scheme, sep, rest = url.partition("://")
     if not sep:
-        return url
-    ends = [i for i in (rest.find("/"), rest.find("?"), rest.find("#")) if i >= 0]
-    authority, tail = rest[: min(ends, default=len(rest))], rest[min(ends, default=len(rest)) :]
+        scheme, rest = "", url
+    authority, tail = _authority(rest)
     if "@" in authority:
         authority = "***@" + authority.rpartition("@")[2]
+    elif "@" in tail and not _host_and_port(authority):
+        # No userinfo holds '/', '?' or '#' (RFC 3986 §3.2.1), but a password in a config may
+        # (a base64 one): the authority then seems to end inside it, and what is left of it is
+        # no host[:port] (`u:Ab`, `:Ab`). Everything before the last '@' is hidden.
+        authority, tail = _authority(tail[tail.rindex("@") + 1 :])
+        authority = "***@" + authority
     tail, hashed, fragment = tail.partition("#")
     path, asked, query = tail.partition("?")
     if query:
         path += "?" + "&".join(_hidden(item) for item in query.split("&"))
     elif asked:
         path += "?"
-    return f"{scheme}://{authority}{path}{hashed}{'***' if fragment else ''}"
+    return f"{scheme}{sep}{authority}{path}{hashed}{'***' if fragment else ''}"
+
+
+def _authority(rest: str) -> tuple[str, str]:
+    """`rest` (a URL after its `scheme://`) cut where its authority ends: at the first '/', '?' or '#'."""
+    end = min((i for i in (rest.find("/"), rest.find("?"), rest.find("#")) if i >= 0), default=len(rest))
+    return rest[:end], rest[end:]
+
+
+def _host_and_port(authority: str) -> bool:
+    """Whether `authority` (with no '@') is a host, and a port of digits if any; or none at all
+    (`unix:///path`)."""
+    if not authority:
+        return True
+    host, _, port = (
+        authority.rpartition("]")[2].partition(":") if authority.startswith("[") else authority.partition(":")
+    )
+    return bool(authority.startswith("[") or host) and (not port or (port.isascii() and port.isdigit()))
 
 
 def _hidden(item: str) -> str:

@@ -155,9 +155,15 @@ class Run:
         return self.proc.returncode  # type: ignore[return-value]
 
     async def kill(self) -> None:
-        """SIGKILL to the process and its group (workers included), reaped; idempotent."""
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
+        """SIGKILL to the process and its group (workers included), reaped; idempotent.
+
+        The group only while it can still be ours: the process not yet reaped, or something
+        still holding its output (a worker left behind, which keeps the group's id in use).
+        Once both have ended, the pid may be given to another process, another group's leader
+        perhaps (pid_max can be 32768), and a signal to the group would kill strangers."""
+        if self.proc.returncode is None or not all(pump.done() for pump in self._pumps):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
         if self.proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 self.proc.kill()

@@ -293,3 +293,67 @@ def test_a_key_pyjwt_would_not_use_is_refused_with_our_words(alg: str, key: dict
         check_signature(token, read_header(token, max_bytes=65536), [Jwk(key, alg)])
     assert caught.value.reason is Reason.BAD_SIGNATURE
     assert f"the key without kid {why}" in caught.value.detail
+
+
+_ORDER = {
+    "ES256": 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551,
+    "ES384": int(
+        "FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFC7634D81F4372DDF581A0DB248B0A77AECEC196ACCC52973", 16
+    ),
+    "ES512": int(
+        "01FF" + "FFFFFFFF" * 7 + "FFFFFFFA51868783BF2F966B7FCC0148F709A5D03BB5C9B8899C47AEBB6FB71E91386409", 16
+    ),
+}
+_ED25519_ORDER = 2**252 + 27742317777372353535851937790883648493
+
+
+@pytest.mark.parametrize("alg", ["ES256", "ES384", "ES512", "EdDSA"])
+def test_odd_signature_forms_are_judged_as_pyjwt_judged_them(alg: str) -> None:
+    # RFC 7518 §3.4: an ECDSA signature is R || S, each exactly the curve's size; the DER form
+    # cryptography makes, a zero R or S, R + n, R and S swapped, a byte too many or too few are
+    # refused by both. S and n - S both verify (ECDSA's malleability: PyJWT and RFC 7518 accept
+    # it; nothing here keys on a token's text but the cache). Ed25519: S + L (not canonical) is
+    # refused by both (cryptography checks S < L).
+    import jwt as pyjwt
+    from cryptography.hazmat.primitives import hashes
+
+    from proxy.auth.verify import check_signature, read_header
+    from proxy.base.errors import InvalidToken
+
+    private, public = _signing_key(alg)
+    good = pyjwt.encode({"sub": "x"}, private, algorithm=alg)
+    head, body, sig = good.split(".")
+    raw = base64.urlsafe_b64decode(sig + "==")
+    if alg == "EdDSA":
+        s = int.from_bytes(raw[32:], "little")
+        forms = {"good": raw, "S+L": raw[:32] + (s + _ED25519_ORDER).to_bytes(32, "little"), "short": raw[:-1]}
+        expected = {"good": True}
+    else:
+        size, n = len(raw) // 2, _ORDER[alg]
+        r, s = int.from_bytes(raw[:size], "big"), int.from_bytes(raw[size:], "big")
+        digest = {"ES256": hashes.SHA256, "ES384": hashes.SHA384, "ES512": hashes.SHA512}[alg]
+        forms = {
+            "good": raw,
+            "high-S": r.to_bytes(size, "big") + (n - s).to_bytes(size, "big"),
+            "DER": private.sign(f"{head}.{body}".encode(), ec.ECDSA(digest())),
+            "R=0": bytes(size) + raw[size:],
+            "S=0": raw[:size] + bytes(size),
+            "R+n": ((r + n) % 2 ** (8 * size)).to_bytes(size, "big") + raw[size:],
+            "swapped": raw[size:] + raw[:size],
+            "padded": bytes(1) + raw,
+            "short": raw[1:],
+        }
+        expected = {"good": True, "high-S": True}
+    for name, signature in forms.items():
+        token = f"{head}.{body}.{b64(signature)}"
+        try:
+            pyjwt.api_jws.PyJWS().decode(token, PyJWK(dict(public), algorithm=alg), algorithms=[alg])
+            theirs = True
+        except PyJWTError:
+            theirs = False
+        try:
+            check_signature(token, read_header(token, max_bytes=65536), [Jwk(public, alg)])
+            ours = True
+        except InvalidToken:
+            ours = False
+        assert (ours, theirs) == (expected.get(name, False),) * 2, (alg, name)

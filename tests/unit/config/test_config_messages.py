@@ -917,3 +917,28 @@ def test_a_secret_without_a_usable_file_or_env_name_is_one_error(
     with pytest.raises(ConfigError) as refused:
         parse(text, file="c.yaml")
     assert [str(issue) for issue in refused.value.issues] == [f"c.yaml:2: providers.p.secret.{key}: {problem}"]
+
+
+@pytest.mark.parametrize(
+    ("where", "url"),
+    [
+        ("jwks", "https://u:hunter2@i.test:44x3/jwks"),  # a port that is no number
+        ("jwks", "https://u:Ab/hunter2@i.test/jwks"),  # a password with '/': the port seems to be `Ab`
+        ("jwks", "https://i.test:44x3/jwks?api_key=hunter2"),
+        ("jwks", "i.test/jwks?api_key=hunter2"),  # no scheme: the hint repeats it
+        ("jwks", "ftp://u:hunter2@i.test/jwks"),
+        ("discovery", "https://u:Ab?hunter2@i.test/.well-known/openid-configuration"),
+        ("upstream", "http://app.internal:8080/?token=hunter2"),  # an upstream URL has no query
+        ("upstream", "http://u:hunter2@app.internal:80800/"),
+    ],
+)
+def test_a_secret_in_a_url_is_never_shown_by_its_error(where: str, url: str) -> None:
+    # As logs show a URL (http/causes.py `shown`): no password, no query value.
+    if where == "upstream":
+        text = PROVIDER + f"upstream: {{url: '{url}'}}\n"
+    else:
+        key = f"jwks: {{url: '{url}'}}" if where == "jwks" else f"discovery: '{url}'"
+        text = f"providers:\n  main: {{issuer: https://i.test, audiences: [api], {key}}}\n"
+    issues = issues_of(text)
+    assert issues, "the URL is refused"
+    assert not [issue for issue in issues if "hunter2" in issue]

@@ -206,3 +206,16 @@ def test_check_config_validates_and_summarises_it(tmp_path: Path, capsys: pytest
     assert main(["check-config", str(good)]) == 0
     out = capsys.readouterr().out
     assert "revocation: Redis redis://***@h:6379/0; max staleness 30s, fail closed; not checked for route api" in out
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://:Ab/hunter2@h:6379/0",  # a password with '/': the port seems to be `Ab`
+        "redis://:Ab?hunter2@h:6379/0",
+        ":hunter2@h:6379/0",  # no scheme: the hint repeats it
+    ],
+)
+def test_a_password_in_a_redis_url_is_never_shown_even_when_the_url_is_wrong(url: str) -> None:
+    [issue] = issues_of(f"revocation: {{redis: {{url: '{url}'}}}}\n" + BASE)
+    assert "hunter2" not in issue

@@ -264,3 +264,26 @@ def test_a_password_in_a_url_is_never_shown(url: str, expected: str) -> None:
 def test_a_query_value_in_a_url_is_never_shown(url: str, expected: str) -> None:
     assert shown(url) == expected
     assert "s3cret" not in shown(url)
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        # RFC 3986 has no '/', '?' or '#' in a userinfo, but a password written in a config may
+        # hold them (a base64 one, or any random one): the authority then seems to end inside
+        # it, as a host and a port that is no number. What comes before the last '@' is hidden.
+        ("https://u:Ab/s3cret+x@issuer.example/jwks", "https://***@issuer.example/jwks"),
+        ("redis://:Ab/s3cret@redis.internal:6379/0", "redis://***@redis.internal:6379/0"),
+        ("https://u:Ab?s3cret@issuer.example/jwks", "https://***@issuer.example/jwks"),
+        ("https://u:Ab#s3cret@issuer.example/jwks", "https://***@issuer.example/jwks"),
+        ("redis://:/s3cret@redis.internal", "redis://***@redis.internal"),
+        # No scheme (a config mistake an error message repeats): the same rules.
+        (":s3cret@redis.internal:6379/0", "***@redis.internal:6379/0"),
+        ("issuer.example/jwks?api_key=s3cret", "issuer.example/jwks?api_key=***"),
+        # No authority at all is no password cut short: a socket's path stays as it is.
+        ("unix:///var/run/a@b.sock", "unix:///var/run/a@b.sock"),
+    ],
+)
+def test_a_password_that_holds_a_delimiter_is_never_shown(url: str, expected: str) -> None:
+    assert shown(url) == expected
+    assert "s3cret" not in shown(url)

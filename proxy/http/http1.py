@@ -1546,7 +1546,9 @@ class Server:
         self._read_buffer = memoryview(bytearray(_READ_SIZE))
         # One timer for every connection's keep-alive and head deadlines, rather than one per
         # request (a TimerHandle made and cancelled per request was 3% of a refused request's time).
-        self._sweep_every = min(1.0, keepalive_timeout / 4, header_timeout / 4)
+        # At most every 10 ms whatever the timeouts: a `header_timeout: 1us` would otherwise re-arm
+        # the sweep on every loop turn and spin the CPU (its deadlines are kept to within 10 ms).
+        self._sweep_every = max(0.01, min(1.0, keepalive_timeout / 4, header_timeout / 4))
         self._sweeper: asyncio.TimerHandle | None = None
         self._deadlines = Deadlines(self._loop)  # the timeouts of every wait for request body bytes
         self._draining = False

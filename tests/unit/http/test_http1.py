@@ -1153,6 +1153,19 @@ async def test_idle_connection_closed_after_keepalive_timeout(harness: Harness) 
 
 
 @bounded
+async def test_tiny_timeouts_still_close_an_idle_connection_without_spinning(harness: Harness) -> None:
+    # A config may say `keep_alive_timeout: 1us`: the connection is closed at once, and the one
+    # sweep timer does not re-arm on every loop turn meanwhile (it did: a second of waiting
+    # was a second of CPU).
+    server = await harness.serve(answer_ok, keepalive_timeout=1e-9, header_timeout=1e-9)
+    reader, _writer = await harness.connect(server)
+    assert await rest(reader) == b""  # closed, idle past its keep-alive timeout
+    cpu = time.process_time()
+    await asyncio.sleep(0.5)  # the listener open, the sweep armed
+    assert time.process_time() - cpu < 0.25
+
+
+@bounded
 async def test_incomplete_head_gets_408_after_header_timeout(harness: Harness) -> None:
     # The head's own deadline, from its first byte, and far shorter than the keep-alive one.
     echo = Echo()

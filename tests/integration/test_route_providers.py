@@ -31,7 +31,8 @@ from tests.support.jwks_server import JwksServer, start_jwks_server
 USERS = "https://users.test"
 SERVICES = "https://services.test"
 PARTNER = "https://partner.test"
-PARTNER_SECRET = secrets.token_bytes(48)
+# (ends in a letter: a secret file's line ending is stripped, so one ending in CR or LF read short)
+PARTNER_SECRET = secrets.token_bytes(47) + b"p"
 
 CONFIG = f"""\
 realm: api

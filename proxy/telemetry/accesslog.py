@@ -132,13 +132,8 @@ class AccessLog:
             line = json_line(line)
         pending = self._pending
         pending.append(line)
-        if len(pending) >= _BATCH:
-            self.flush()
-        elif self._timer is None:
-            try:
-                self._timer = asyncio.get_running_loop().call_later(self._interval, self.flush)
-            except RuntimeError:  # no loop (a direct call): write at once
-                self.flush()
+        if self._timer is None or len(pending) >= _BATCH:  # (`_add`, written out: the common case is no call)
+            self._schedule()
 
     def constant(
         self,
@@ -178,13 +173,8 @@ class AccessLog:
             line = json_line(line)
         pending = self._pending
         pending.append(line)
-        if len(pending) >= _BATCH:
-            self.flush()
-        elif self._timer is None:
-            try:
-                self._timer = asyncio.get_running_loop().call_later(self._interval, self.flush)
-            except RuntimeError:  # no loop (a direct call): write at once
-                self.flush()
+        if self._timer is None or len(pending) >= _BATCH:  # (`_add`, written out: the common case is no call)
+            self._schedule()
 
     def _now(self) -> str:
         now = time.time()
@@ -203,7 +193,13 @@ class AccessLog:
     def _add(self, line: str) -> None:
         pending = self._pending
         pending.append(line)
-        if len(pending) >= _BATCH:
+        if self._timer is None or len(pending) >= _BATCH:
+            self._schedule()
+
+    def _schedule(self) -> None:
+        """After a line is added: write the batch once it is full, else make sure one flush is
+        due within `interval` (the first line of a batch arms the timer)."""
+        if len(self._pending) >= _BATCH:
             self.flush()
         elif self._timer is None:
             try:

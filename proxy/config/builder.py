@@ -37,6 +37,7 @@ from ..base.jwks import (
     KeySet,
     fits,
 )
+from ..base.jwks import weakness as weakness_of_key
 from ..base.namedfile import CONFIG_BYTES, KEY_FILE_BYTES, NamedFileError, read_named
 from ..base.secretcheck import weakness
 from ..base.secretfile import MIN_HMAC_BYTES, KeyToolError, read_secret
@@ -74,6 +75,8 @@ __all__ = [*settings.__all__, "load", "parse"]  # noqa: PLE0604 - settings.__all
 CLAIM_OPERATORS = ("equals", "one_of", "contains", "matches", "present")
 KEY_SOURCES = ("jwks", "discovery", "jwks_file", "pem_file", "secret")
 _MATCH_KEYS = ("path_prefix", "path_exact", "path_regex")
+_ES_CURVES = ("secp256r1", "secp384r1", "secp521r1")
+"""cryptography's names of the curves ES256, ES384 and ES512 are defined on (P-256, P-384, P-521)."""
 
 
 def load(path: str | os.PathLike[str]) -> Settings:
@@ -483,6 +486,17 @@ class _Builder:
                 else ""
             )
             s.error(key_name, f"{path} is not a PEM public key{hint}")
+            return None
+        if isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name not in _ES_CURVES:
+            # secp256k1 made a provider with no algorithm at all; P-192 a traceback.
+            s.error(
+                key_name,
+                f"{path} holds an EC key on the curve {key.curve.name}; ES256, ES384 and ES512 use "
+                "P-256, P-384 and P-521 (RFC 7518 §3.4)",
+            )
+            return None
+        if isinstance(key, rsa.RSAPublicKey) and (weak := weakness_of_key(key, "RS256")) is not None:
+            s.error(key_name, f"{path} holds {weak}")  # left out of a JWK Set, but the only key here
             return None
         if isinstance(key, (rsa.RSAPublicKey, ec.EllipticCurvePublicKey, ed25519.Ed25519PublicKey)):
             jwk = public_jwk(key)

@@ -965,13 +965,35 @@ class _Builder:
         defaults = StripSettings()
         if s is None:
             return defaults
-        # Names add to the built-in list (never weaken it by accident); prefixes replace theirs.
-        strip = StripSettings(
-            names=defaults.names + s.string_list("names", "header names", "[X-Internal-Role]"),
-            prefixes=s.string_list("prefixes", "header name prefixes", "[X-User-, X-Jwt-]", defaults.prefixes),
-        )
+        # Names add to the built-in list (never weaken it by accident); prefixes replace theirs;
+        # `keep` takes a client-address header off the built-in list, by name, for an ingress
+        # in front that writes it (README "Listener, upstream and what the upstream receives").
+        names = s.string_list("names", "header names", "[X-Internal-Role]")
+        keep = s.string_list("keep", "header names", "[X-Real-IP]")
+        prefixes = s.string_list("prefixes", "header name prefixes", "[X-User-, X-Jwt-]", defaults.prefixes)
         s.done()
-        return strip
+        keepable = {name.lower(): name for name in StripSettings.KEEPABLE}
+        kept: list[str] = []
+        for name in keep:
+            if name.lower() not in keepable:
+                why = (
+                    "it is stripped because some frameworks let it change the method or the path after we routed"
+                    if any(name.lower() == n.lower() for n in defaults.names)
+                    else "it is not on the built-in list"
+                )
+                s.error(
+                    "keep",
+                    f"{name!r} cannot be kept ({why}); keep takes only {', '.join(StripSettings.KEEPABLE)}",
+                )
+            elif any(name.lower() == n.lower() for n in names):
+                s.error("keep", f"{name!r} is in both `names` and `keep`; it is either stripped or kept")
+            else:
+                kept.append(keepable[name.lower()])
+        return StripSettings(
+            names=tuple(n for n in defaults.names if n not in kept) + names,
+            prefixes=prefixes,
+            kept=tuple(kept),
+        )
 
     # -- CORS -----------------------------------------------------------------------------
     def cors_policy(self, parent: Section, *, route: bool = False) -> CorsSettings | None:

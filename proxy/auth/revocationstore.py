@@ -24,17 +24,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import math
 import os
 import tempfile
 from collections.abc import Iterable, Mapping
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..base.clock import Clock, SystemClock
 from ..base.errors import ConfigError, ConfigIssue, InvalidToken, Reason, RevocationUnavailable
+from ..base.namedfile import RULES_FILE_BYTES, NamedFileError, read_named
 from ..base.oplog import event
 from ..config.settings import RedisStore, RevocationSettings
 from ..http.causes import shown
@@ -201,11 +202,12 @@ def _signature(path: str) -> tuple[float, int, int] | None:
 def read_rules_file(path: str, now: float) -> list[Rule] | None:
     """The file's rules (None: there is no file); raises `ConfigError` for a bad one."""
     try:
-        data = Path(path).read_bytes()
-    except FileNotFoundError:
-        return None
-    except OSError as error:
-        why = (error.strerror or str(error)).lower()
+        # Bounded, and only a regular file: a FIFO or a device there is refused, not waited on.
+        data = read_named(path, RULES_FILE_BYTES)
+    except NamedFileError as error:
+        if error.errno == errno.ENOENT:
+            return None
+        why = str(error).lower() if error.cannot_read else str(error)
         raise ConfigError([ConfigIssue(path, None, "", f"cannot read the revocation file: {why}")]) from None
     try:
         text = data.decode("utf-8")

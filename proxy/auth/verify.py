@@ -130,13 +130,18 @@ class Claims:
 def _unbase64url(segment: bytes) -> bytes | None:
     """A segment's bytes, or None when it is not unpadded, canonical base64url.
 
-    Stricter than PyJWT's decoder, and faster. Strict: one token has one spelling (RFC 7515
+    Stricter than PyJWT's decoder, and faster. Strict: a byte string has one spelling (RFC 7515
     §2: base64url "with all trailing '=' characters omitted"), so padding is refused (PyJWT
-    accepts `==` after a signature, which made two texts of one token verify; caches and
-    deny-lists keyed on the text must not see two), as is any character outside
-    [A-Za-z0-9_-], a length of 1 mod 4 (no byte ends there) and a last character with
-    non-zero unused bits (`...Q` vs `...R`). tests/unit/auth/test_verify.py compares it with
-    PyJWT's on thousands of segments (same answer but for padding, which only PyJWT accepts).
+    accepts `==` after a signature, which made two texts of one token verify), as is any
+    character outside [A-Za-z0-9_-], a length of 1 mod 4 (no byte ends there) and a last
+    character with non-zero unused bits (`...Q` vs `...R`). tests/unit/auth/test_verify.py
+    compares it with PyJWT's on thousands of segments (same answer but for padding, which only
+    PyJWT accepts). That makes each segment one spelling of its bytes, not the token one text:
+    an ECDSA signature (r, s) has a twin (r, n - s) that verifies too (RFC 7518 §3.4 asks for
+    no low S; accepted, as PyJWT and OpenSSL accept it), so a holder of an ES token can write
+    a second text of it. Nothing here relies on one text per token: the token cache keys on
+    the text but verified each text it holds, and revocation keys on claims
+    (tests/unit/auth/test_signature_spellings.py; README "What is checked, in order").
 
     '=', '+' and '/' are refused by name (three memchr); `a2b_base64` in strict mode
     refuses every other character outside the alphabet (whitespace, non-ASCII, '.'), after

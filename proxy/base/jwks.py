@@ -1,7 +1,8 @@
 """JSON Web Key Sets (RFC 7517) turned into an immutable index of usable verification keys.
 
 Owns: which algorithm fits which key type (RFC 7518 §3.1, RFC 8037), which JWKs are usable
-for verifying signatures, and the (kid, alg) → keys index that verification reads (a key
+for verifying signatures (a key too weak for its algorithm is not: `weakness`), and the
+(kid, alg) → keys index that verification reads (a key
 without a kid is a candidate for any kid: `KeySet.candidates`).
 Does not own: fetching key sets, caching them in time, or anything about tokens.
 
@@ -17,16 +18,21 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
+
 from .jwk import InvalidKeyError, Jwk
+from .secretfile import MIN_HMAC_BYTES
 
 __all__ = [
     "ASYMMETRIC_ALGORITHMS",
     "FAMILIES",
+    "MIN_RSA_BITS",
     "SUPPORTED_ALGORITHMS",
     "SYMMETRIC_ALGORITHMS",
     "KeySet",
     "SkippedKey",
     "fits",
+    "weakness",
 ]
 
 # alg → (kty, crv or None): the only key type each algorithm may be verified with.
@@ -57,6 +63,23 @@ def fits(alg: str, kty: Any, crv: Any) -> bool:
         return False
     want_kty, want_crv = family
     return kty == want_kty and (want_crv is None or crv == want_crv)
+
+
+MIN_RSA_BITS = 2048
+"""RFC 7518 §3.3 (RS*) and §3.5 (PS*): "A key of size 2048 bits or larger MUST be used with
+these algorithms" (and NIST SP 800-131A: under 2048 bits is disallowed for signatures)."""
+
+
+def weakness(key: Any, alg: str) -> str | None:
+    """Why a key (cryptography's key object, or an HMAC secret's bytes) is too weak to verify
+    `alg`, or None. Checked when a key set is loaded, so such a key is left out (logged, a
+    provider with no other key is not ready) rather than held and failing token by token;
+    auth/verify.py keeps the same check per key as a second line."""
+    if isinstance(key, RSAPublicKey) and key.key_size < MIN_RSA_BITS:
+        return f"an RSA key of {key.key_size} bits; at least {MIN_RSA_BITS} are required (RFC 7518 §3.3)"
+    if isinstance(key, bytes) and len(key) < MIN_HMAC_BYTES.get(alg, 0):
+        return f"{alg} needs a secret of at least {MIN_HMAC_BYTES[alg]} bytes, this one has {len(key)} (RFC 7518 §3.2)"
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,15 +195,24 @@ def _bind(jwk: Any, allowed: tuple[str, ...]) -> tuple[str | None, list[tuple[st
     declared = jwk.get("alg")
     bound: list[tuple[str, Jwk]] = []
     errors: list[str] = []
+    weak: list[str] = []
     for alg in allowed:
         if not fits(alg, kty, crv) or (declared is not None and declared != alg):
             continue
         try:
-            bound.append((alg, Jwk(jwk, alg)))
+            key = Jwk(jwk, alg)
         except InvalidKeyError as error:
             errors.append(f"{alg}: {type(error).__name__}")
+            continue
+        why = weakness(key.key, alg)
+        if why is None:
+            bound.append((alg, key))
+        elif why not in weak:
+            weak.append(why)
     if bound:
         return kid, bound, ""
+    if weak:
+        return kid, [], "too weak: " + "; ".join(weak)
     if errors:
         return kid, [], "could not be loaded (" + ", ".join(errors) + ")"
     wanted = f"kty={kty!r}" + (f", crv={crv!r}" if crv else "") + (f", alg={declared!r}" if declared else "")

@@ -37,6 +37,8 @@ from ..base.jwks import (
     KeySet,
     fits,
 )
+from ..base.jwks import weakness as weakness_of_key
+from ..base.namedfile import CONFIG_BYTES, KEY_FILE_BYTES, NamedFileError, read_named
 from ..base.secretcheck import weakness
 from ..base.secretfile import MIN_HMAC_BYTES, KeyToolError, read_secret
 from ..http.causes import shown
@@ -73,15 +75,19 @@ __all__ = [*settings.__all__, "load", "parse"]  # noqa: PLE0604 - settings.__all
 CLAIM_OPERATORS = ("equals", "one_of", "contains", "matches", "present")
 KEY_SOURCES = ("jwks", "discovery", "jwks_file", "pem_file", "secret")
 _MATCH_KEYS = ("path_prefix", "path_exact", "path_regex")
+_ES_CURVES = ("secp256r1", "secp384r1", "secp521r1")
+"""cryptography's names of the curves ES256, ES384 and ES512 are defined on (P-256, P-384, P-521)."""
 
 
 def load(path: str | os.PathLike[str]) -> Settings:
     """Read and check a config file; raises `ConfigError` listing every problem."""
     file = os.fspath(path)
     try:
-        text = Path(file).read_text(encoding="utf-8")
-    except OSError as error:
-        why = (error.strerror or str(error)).lower()  # "no such file or directory", not "[Errno 2] ..."
+        # Bounded, and only a regular file: `--config /dev/zero` is an error, not a hang.
+        text = read_named(file, CONFIG_BYTES).decode("utf-8")
+    except NamedFileError as error:
+        # "no such file or directory" (not "[Errno 2] ..."), "is a device, not a regular file"
+        why = str(error).lower() if error.cannot_read else str(error)
         raise ConfigError([ConfigIssue(file, None, "", f"cannot read the config file: {why}")]) from None
     except UnicodeDecodeError as error:
         raise ConfigError(
@@ -411,6 +417,10 @@ class _Builder:
 
     def _path(self, s: Section, key: str) -> Path | None:
         name = s.string(key, required=True)
+        if name is not None and not name.strip():
+            # An empty name would read the config's own folder ("Is a directory").
+            s.error(key, "must not be empty: the path of a file (relative to the config's folder)")
+            return None
         return None if name is None else self._beside_config(name)
 
     def _beside_config(self, name: str) -> Path:
@@ -419,10 +429,11 @@ class _Builder:
         return path if path.is_absolute() else self.base_dir / path
 
     def _read(self, s: Section, key: str, path: Path) -> bytes | None:
+        """A key file's bytes (a regular file of at most `KEY_FILE_BYTES`), or None with the error at its line."""
         try:
-            return path.read_bytes()
-        except OSError as error:
-            s.error(key, f"cannot read {path}: {error.strerror or error}")
+            return read_named(path, KEY_FILE_BYTES)
+        except NamedFileError as error:
+            s.error(key, f"cannot read {path}: {error}" if error.cannot_read else f"{path} {error}")
             return None
 
     def jwks_file(self, s: Section) -> StaticKeys | None:
@@ -476,6 +487,17 @@ class _Builder:
             )
             s.error(key_name, f"{path} is not a PEM public key{hint}")
             return None
+        if isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name not in _ES_CURVES:
+            # secp256k1 made a provider with no algorithm at all; P-192 a traceback.
+            s.error(
+                key_name,
+                f"{path} holds an EC key on the curve {key.curve.name}; ES256, ES384 and ES512 use "
+                "P-256, P-384 and P-521 (RFC 7518 §3.4)",
+            )
+            return None
+        if isinstance(key, rsa.RSAPublicKey) and (weak := weakness_of_key(key, "RS256")) is not None:
+            s.error(key_name, f"{path} holds {weak}")  # left out of a JWK Set, but the only key here
+            return None
         if isinstance(key, (rsa.RSAPublicKey, ec.EllipticCurvePublicKey, ed25519.Ed25519PublicKey)):
             jwk = public_jwk(key)
         else:
@@ -519,12 +541,19 @@ class _Builder:
             return None
         if env_name is None and file_name is None:
             return None  # not a name (a list, an unset ${VAR}...): `string` said why
+        if env_name is not None and not env_name.strip():
+            sub.error("env", "must not be empty: the name of an environment variable that holds the secret")
+            return None
+        if file_name is not None and not file_name.strip():
+            sub.error("file", "must not be empty: the path of a file that holds the secret")
+            return None
         if env_name is not None:
             raw = os.environ.get(env_name)
             if raw is None:
                 sub.error("env", f"environment variable {env_name} is not set")
                 return None
-            origin, data = f"secret env {env_name}", raw.encode()
+            # The variable's bytes as the process got them (not UTF-8 needs no traceback).
+            origin, data = f"secret env {env_name}", os.fsencode(raw)
         else:
             path = self._beside_config(file_name)
             read = self._read(sub, "file", path)
@@ -936,13 +965,35 @@ class _Builder:
         defaults = StripSettings()
         if s is None:
             return defaults
-        # Names add to the built-in list (never weaken it by accident); prefixes replace theirs.
-        strip = StripSettings(
-            names=defaults.names + s.string_list("names", "header names", "[X-Internal-Role]"),
-            prefixes=s.string_list("prefixes", "header name prefixes", "[X-User-, X-Jwt-]", defaults.prefixes),
-        )
+        # Names add to the built-in list (never weaken it by accident); prefixes replace theirs;
+        # `keep` takes a client-address header off the built-in list, by name, for an ingress
+        # in front that writes it (README "Listener, upstream and what the upstream receives").
+        names = s.string_list("names", "header names", "[X-Internal-Role]")
+        keep = s.string_list("keep", "header names", "[X-Real-IP]")
+        prefixes = s.string_list("prefixes", "header name prefixes", "[X-User-, X-Jwt-]", defaults.prefixes)
         s.done()
-        return strip
+        keepable = {name.lower(): name for name in StripSettings.KEEPABLE}
+        kept: list[str] = []
+        for name in keep:
+            if name.lower() not in keepable:
+                why = (
+                    "it is stripped because some frameworks let it change the method or the path after we routed"
+                    if any(name.lower() == n.lower() for n in defaults.names)
+                    else "it is not on the built-in list"
+                )
+                s.error(
+                    "keep",
+                    f"{name!r} cannot be kept ({why}); keep takes only {', '.join(StripSettings.KEEPABLE)}",
+                )
+            elif any(name.lower() == n.lower() for n in names):
+                s.error("keep", f"{name!r} is in both `names` and `keep`; it is either stripped or kept")
+            else:
+                kept.append(keepable[name.lower()])
+        return StripSettings(
+            names=tuple(n for n in defaults.names if n not in kept) + names,
+            prefixes=prefixes,
+            kept=tuple(kept),
+        )
 
     # -- CORS -----------------------------------------------------------------------------
     def cors_policy(self, parent: Section, *, route: bool = False) -> CorsSettings | None:
@@ -1035,6 +1086,10 @@ class _Builder:
         path = (self.base_dir / value).resolve() if not os.path.isabs(value) else Path(value)
         if path.is_dir():
             s.error("file", f"{value!r} is a directory; name a file in it, e.g. {Path(value) / 'revoked.yaml'}")
+            return None
+        if path.exists() and not path.is_file():
+            # A FIFO or a device would be waited on or read forever at every poll.
+            s.error("file", f"{value!r} is not a regular file (a FIFO, a device or a socket); name a YAML or JSON file")
             return None
         if not path.parent.is_dir():
             s.error("file", f"{value!r}: the folder {str(path.parent)!r} does not exist")

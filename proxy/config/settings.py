@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from ..base.errors import ConfigIssue
 from ..http.causes import shown
@@ -291,6 +291,10 @@ class Listen:
 class StripSettings:
     """Client headers removed from every request before anything else (spoofable identity)."""
 
+    KEEPABLE: ClassVar[tuple[str, ...]] = ("Forwarded", "X-Real-IP", "True-Client-IP", "X-Client-IP")
+    """The built-in names `keep` may name: only the client-address headers, which an ingress in
+    front may write and overwrite; the method and path overrides are never kept."""
+
     names: tuple[str, ...] = (
         # Headers some frameworks let override the method or the path after we routed it.
         "X-HTTP-Method-Override",
@@ -300,8 +304,17 @@ class StripSettings:
         "X-Rewrite-URL",
         # We append X-Forwarded-*; a client's own RFC 7239 header would contradict it.
         "Forwarded",
+        # The client's address as an ingress or CDN writes it, which frameworks read in place of
+        # the peer (nginx's realip, Go's chi, Rails, Akamai): sent by a client, it is spoofed.
+        # `strip_headers.keep` lets a deployment behind an ingress that writes one keep it.
+        "X-Real-IP",
+        "True-Client-IP",
+        "X-Client-IP",
     )
     prefixes: tuple[str, ...] = ("X-User-", "X-Jwt-", "X-Auth-")
+    kept: tuple[str, ...] = ()
+    """Built-in names the config keeps (`strip_headers.keep`), already left out of `names`:
+    the client-address headers a trusted ingress in front writes itself."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -421,6 +421,7 @@ class Renderer:
         return tuple(pairs)
 
 
+_AUTHORIZATION = b"authorization"
 Pairs = list[tuple[bytes, bytes]]
 """Header fields as (name, value) bytes, in order: what this module makes and the HTTP layer encodes."""
 _PROTO = {"http": b"http", "https": b"https"}
@@ -442,13 +443,20 @@ def upstream_fields(
     client: str | None,
     proto: str,
     request_id_value: str,
+    guarded: bool = False,
 ) -> tuple[Pairs, Pairs]:
     """The upstream request's header fields, as (name, value) pairs the HTTP layer encodes
     (`upstream.Fields.of_bytes(kept, ours)`): the kept client fields as the client sent them,
     less the token (from its header or its cookie) unless `forward_token`; then ours:
     `identity` (`Renderer.headers`), X-Forwarded-For/Proto/Host (the client's values first,
     then the peer address, our scheme and the client's Host) and our X-Request-Id. None of
-    ours is Host or a framing field (config/builder.py refuses those names for claims)."""
+    ours is Host or a framing field (config/builder.py refuses those names for claims).
+
+    On a route with auth (`guarded`, or a token `found`), the client's Authorization reaches
+    the upstream only as the token we checked, forwarded (`forward_token`, the token having
+    come in Authorization): a token from a cookie, the query or another header, or none on
+    an optional route, never takes an unchecked Authorization (Basic, another Bearer) with it.
+    A public route passes Authorization on as sent."""
     drop = b""  # the field the token came in, when it must not reach the upstream
     source = b""  # the field the token came in
     cookie: str | None = None  # the cookie that held it
@@ -459,9 +467,20 @@ def upstream_fields(
             drop = source
         elif found.source.kind == "cookie":
             cookie = found.source.name
+    kept = out.kept
+    if (
+        out.authorizations
+        and drop != _AUTHORIZATION
+        and (guarded or found is not None)
+        and not (forward_token and source == _AUTHORIZATION)  # the one Authorization we checked, forwarded
+    ):
+        if drop:  # another header held the token (rare): both go
+            kept = [field for field in kept if field[1] != _AUTHORIZATION]
+        else:
+            drop = _AUTHORIZATION
     fields: Pairs = []
     chains: list[list[bytes]] | None = None  # the client's X-Forwarded-For, -Proto, -Host
-    for role, low, name, value in out.kept:
+    for role, low, name, value in kept:
         if role >= _FORWARDED_FOR:
             if chains is None:
                 chains = [[], [], []]

@@ -306,7 +306,7 @@ def _inject(ex: Exchange) -> None:
     forward_token = plan.forward_token and ex.decision is not _WOULD_DENY
     # (positional: a keyword call costs more, on every request)
     ex.fields, ex.added = upstream_fields(
-        out, ex.identity, found, forward_token, request.remote, request.scheme, ex.request_id
+        out, ex.identity, found, forward_token, request.remote, request.scheme, ex.request_id, plan.guarded
     )
     if found is not None:
         ex.query = without_query_token(ex.query, found)

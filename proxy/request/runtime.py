@@ -75,6 +75,9 @@ class RoutePlan:
     metrics: RouteMetrics
     missing: str
     """The log detail of a `TokenMissing` here ("no token in bearer, cookie"), built once."""
+    guarded: bool = False
+    """Whether the route has auth (`auth:` other than `none`): then the client's Authorization
+    reaches the upstream only as the checked, forwarded token (identity.upstream_fields)."""
     reads_query: bool = False
     """Whether a token source is the query string: only then are its parameters parsed."""
     bearer_only: bool = False
@@ -177,6 +180,7 @@ def build_snapshot(
             renderer=renderer,
             forward_token=header_map is not None and header_map.forward_token,
             verifier=verifiers[provider.name] if provider else None,
+            guarded=route.auth is not None,
             metrics=metrics.route(route.name),
             missing="no token in " + ", ".join(source.kind for source in sources),
             reads_query=any(source.kind == "query" for source in sources),
@@ -235,6 +239,7 @@ def _several(
         renderer=None,
         forward_token=False,
         verifier=None,
+        guarded=True,
         metrics=metrics.route(route.name),
         missing="no token in " + ", ".join(source.kind for source in sources),
         reads_query=any(source.kind == "query" for source in sources),

@@ -36,6 +36,7 @@ from ..base import oplog
 from ..base.clock import SystemClock
 from ..base.errors import ConfigError, InvalidToken
 from ..base.jwks import SUPPORTED_ALGORITHMS
+from ..base.namedfile import CONFIG_BYTES, KEY_FILE_BYTES, NamedFileError, read_named
 from ..base.safetext import one_line
 from ..config import builder as config
 from ..config import routecheck
@@ -248,8 +249,8 @@ def _start_run(args: argparse.Namespace) -> int:
 def _declared_log_format(path: Path) -> str:
     """The `log_format` a config file that did not load says, if it says one plainly; else text."""
     try:
-        document = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, yaml.YAMLError):
+        document = yaml.safe_load(read_named(path, CONFIG_BYTES).decode("utf-8"))
+    except (NamedFileError, ValueError, yaml.YAMLError):
         return "text"
     declared = document.get("log_format") if isinstance(document, dict) else None
     return declared.lower() if isinstance(declared, str) and declared.lower() in oplog.FORMATS else "text"
@@ -1093,6 +1094,6 @@ def _claim(text: str) -> tuple[str, Any]:
 
 def _read(path: Path) -> bytes:
     try:
-        return path.read_bytes()
-    except OSError as error:
-        raise KeyToolError(f"cannot read {path}: {error.strerror or error}") from None
+        return read_named(path, KEY_FILE_BYTES)  # a regular file, bounded: `--key /dev/zero` is an error
+    except NamedFileError as error:
+        raise KeyToolError(f"cannot read {path}: {error}" if error.cannot_read else f"{path} {error}") from None

@@ -237,6 +237,12 @@ SPOOFS = [
     pytest.param([("X-Auth-Whatever", "1")], id="X-Auth-prefix"),
     pytest.param([("X-AUTH-REQUEST-USER", "admin"), ("X-Auth-Request-User", "root")], id="X-Auth-prefix-twice"),
     pytest.param([("X-User-Id", "")], id="X-User-Id-empty"),
+    # The client's address as an ingress writes it: a client's own copy chooses its address.
+    pytest.param([("X-Real-IP", "10.0.0.1")], id="X-Real-IP"),
+    pytest.param([("x_real_ip", "10.0.0.1")], id="x_real_ip-underscores"),
+    pytest.param([("True-Client-IP", "10.0.0.1")], id="True-Client-IP"),
+    pytest.param([("X-Client-IP", "10.0.0.1")], id="X-Client-IP"),
+    pytest.param([("Forwarded", "for=10.0.0.1;proto=https")], id="Forwarded"),
 ]
 
 

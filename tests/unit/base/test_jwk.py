@@ -357,3 +357,27 @@ def test_odd_signature_forms_are_judged_as_pyjwt_judged_them(alg: str) -> None:
         except InvalidToken:
             ours = False
         assert (ours, theirs) == (expected.get(name, False),) * 2, (alg, name)
+
+
+def test_a_key_set_leaves_out_keys_too_weak_for_their_algorithm() -> None:
+    """jwks.py refuses at load what verify.py would refuse per token: an RSA key under 2048 bits
+    (RFC 7518 §3.3), and binds an HMAC secret only to the algorithms it is long enough for."""
+    from proxy.base.jwks import KeySet
+
+    weak = {**RSAAlgorithm.to_jwk(RSA_1024, as_dict=True), "kid": "weak"}
+    good = {**RSAAlgorithm.to_jwk(RSA_2048, as_dict=True), "kid": "good"}
+    keys = KeySet.from_jwks({"keys": [weak, good]}, ("RS256", "PS256"))
+    assert keys.size == 1 and keys.kids == {"good"}
+    assert [(k.kid, k.reason) for k in keys.skipped] == [
+        ("weak", "too weak: an RSA key of 1024 bits; at least 2048 are required (RFC 7518 §3.3)")
+    ]
+    assert keys.candidates("weak", "RS256") == ()
+    secret = {"kty": "oct", "k": b64(bytes(range(32)))}  # 32 bytes: HS256's length, short of HS384's
+    keys = KeySet.from_jwks({"keys": [secret]}, ("HS256", "HS384"))
+    assert [key.algorithm_name for key in keys.candidates(None, "HS256")] == ["HS256"]
+    assert keys.candidates(None, "HS384") == ()
+    only_short = KeySet.from_jwks({"keys": [secret]}, ("HS384", "HS512"))
+    assert [k.reason for k in only_short.skipped] == [
+        "too weak: HS384 needs a secret of at least 48 bytes, this one has 32 (RFC 7518 §3.2); "
+        "HS512 needs a secret of at least 64 bytes, this one has 32 (RFC 7518 §3.2)"
+    ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
+import os
 import secrets
 import textwrap
 from pathlib import Path
@@ -525,3 +526,14 @@ def test_kid_mistakes_are_named_with_their_line(tmp_path: Path, rsa_key: TestKey
     (tmp_path / "k.json").write_text(json.dumps(jwks_of(rsa_key)))
     found = issues_of(f"realm: r\nproviders:\n  p: {provider}\n", base_dir=tmp_path)
     assert any(issue.startswith(expected) for issue in found), found
+
+
+def test_a_secret_variable_that_is_not_utf8_is_read_as_its_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
+    # os.environ holds undecodable bytes as lone surrogates; encoding them strictly was a traceback.
+    raw = secrets.token_bytes(32).replace(b"\0", b"\1").replace(b"=", b"+") + b"\xff\xfe"
+    monkeypatch.setitem(os.environ, "JWT_SIDECAR_TEST_RAW_SECRET", os.fsdecode(raw))
+    s = parse(
+        "providers: {p: {issuer: i, audiences: [a], algorithms: [HS256], secret: {env: JWT_SIDECAR_TEST_RAW_SECRET}}}"
+    )
+    k = s.providers["p"].keys.jwks["keys"][0]["k"]
+    assert base64.urlsafe_b64decode(k + "==") == raw

@@ -456,6 +456,11 @@ LIST_KEYS = [
         "c.yaml:3: strip_headers.names: must be a list of header names, e.g. [X-Internal-Role, X-Tenant]",
     ),
     (
+        "keep",
+        PROVIDER + "strip_headers: {keep: X-Real-IP True-Client-IP}\n",
+        "c.yaml:3: strip_headers.keep: must be a list of header names, e.g. [X-Real-IP, True-Client-IP]",
+    ),
+    (
         "prefixes",
         PROVIDER + "strip_headers: {prefixes: X-User-}\n",
         "c.yaml:3: strip_headers.prefixes: must be a list of header name prefixes, e.g. [X-User-]",

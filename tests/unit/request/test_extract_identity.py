@@ -500,3 +500,28 @@ def test_the_strip_keeps_the_one_authorization_value_and_none_for_two_or_a_conne
     assert (two.authorizations, two.authorization) == (2, None)
     named = strip_inbound([(b"Authorization", b"Bearer a"), (b"Connection", b"authorization")], plan)
     assert (named.authorizations, named.authorization) == (0, None)
+
+
+@pytest.mark.parametrize(
+    ("found", "forward_token", "guarded", "authorization"),
+    [
+        (Found("tok", COOKIE), True, True, None),  # cookie token forwarded; the client's Authorization is not
+        (Found("tok", COOKIE), False, True, None),
+        (Found("tok", HEADER), True, True, None),
+        (Found("tok", HEADER), False, True, None),  # two fields go: the token's header and Authorization
+        (Found("t", BEARER), True, True, "Bearer t"),  # the checked token, forwarded
+        (Found("t", BEARER), False, True, None),
+        (None, False, True, None),  # an optional route that admitted no token
+        (None, False, False, "Bearer t"),  # a public route: as sent
+    ],
+    ids=["cookie-fwd", "cookie", "header-fwd", "header", "bearer-fwd", "bearer", "optional", "public"],
+)
+def test_authorization_goes_on_only_as_the_checked_forwarded_token(
+    found: Found | None, forward_token: bool, guarded: bool, authorization: str | None
+) -> None:
+    sent = [("Authorization", "Bearer t"), ("Cookie", "at=tok"), ("X-Api-Token", "Token tok"), ("X-Other", "1")]
+    out = strip_inbound(raw(sent), plan())
+    fields = upstream_fields(out, (), found, forward_token, None, "http", "r", guarded)
+    got = [line.removeprefix("Authorization: ") for line in lines(fields) if line.startswith("Authorization")]
+    assert got == ([authorization] if authorization else [])
+    assert "X-Other: 1" in lines(fields)

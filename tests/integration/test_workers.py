@@ -1,4 +1,7 @@
-"""`workers: N`: processes sharing the port, metrics aggregated on the supervisor's admin port."""
+"""`workers: N`: processes sharing the port, metrics aggregated on worker 0's admin port.
+
+The set is worker 0 (the process `run` started, which is also the set's supervisor) and its
+forked children, workers 1..N-1 (ops/workers.py): with `workers: 2`, one child."""
 
 from __future__ import annotations
 
@@ -36,7 +39,7 @@ async def test_two_workers_serve_one_port_and_report_one_set_of_metrics(
         base, admin = run.url, run.admin_url
         async with aiohttp.ClientSession() as session:
             workers = children(run.pid)
-            assert len(workers) == 2
+            assert len(workers) == 1  # worker 1; worker 0 is run.pid itself
             token = mint(key=rsa_key)
             # New connections each time, so the kernel spreads them over both workers.
             for _ in range(40):
@@ -68,6 +71,52 @@ async def test_two_workers_serve_one_port_and_report_one_set_of_metrics(
         assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
 
 
+async def test_a_set_of_three_is_worker_0_and_two_forked_workers(
+    tmp_path: Path, aiohttp_server: Any, jwks_server: Any, rsa_key: TestKey
+) -> None:
+    jwks_server.document = jwks_of(rsa_key)
+    upstream = await start_upstream(aiohttp_server)
+    text = BASE_CONFIG.replace("{upstream}", upstream.url).replace("{jwks}", jwks_server.url())
+    async with running(tmp_path, text + "workers: 3\ndrain_timeout: 5s\n", stdout=False) as run:
+        workers = children(run.pid)
+        assert len(workers) == 2
+        async with aiohttp.ClientSession() as session:
+            async with session.get(run.admin_url + "/metrics") as response:
+                text = await response.text()
+        ready = [
+            s.value
+            for f in text_string_to_metric_families(text)
+            for s in f.samples
+            if s.name == "jwt_sidecar_workers_ready"
+        ]
+        assert ready == [3]
+        assert await run.stop() == 0
+        assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
+
+
+async def test_when_worker_0_dies_the_others_drain_and_exit_rather_than_serve_orphaned(
+    tmp_path: Path, aiohttp_server: Any, jwks_server: Any, rsa_key: TestKey
+) -> None:
+    async with await start(tmp_path, aiohttp_server, jwks_server, rsa_key) as run:
+        workers = children(run.pid)
+        assert len(workers) == 1
+        # SIGKILL: worker 0 can tell no one. Its end of the pipe closes with it; worker 1 sees
+        # the end of file and stops as SIGTERM would stop it (its exit ends the shared output).
+        assert await run.stop(signal.SIGKILL, timeout=30) == -signal.SIGKILL
+        for _ in range(100):  # its output has ended: it is in its last steps of exiting
+            try:
+                if "zombie" in Path(f"/proc/{workers[0]}/status").read_text():
+                    break
+            except OSError:
+                break  # gone, reaped by init
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("worker 1 still runs with worker 0 gone")
+        stderr = run.err.decode()
+        assert "worker 0 has gone: stopping this worker too" in stderr, stderr[-3000:]
+        assert re.search(r"draining: accepting for 0s more", stderr), stderr[-3000:]
+
+
 async def readyz(session: aiohttp.ClientSession, admin: str) -> tuple[int, str]:
     async with session.get(admin + "/readyz") as response:
         return response.status, (await response.json())["reason"]
@@ -81,15 +130,15 @@ async def test_a_killed_worker_is_started_again_while_the_other_keeps_serving(
         base, admin = run.url, run.admin_url
         async with aiohttp.ClientSession() as session:
             before = children(run.pid)
-            assert len(before) == 2
+            assert len(before) == 1
             os.kill(before[0], signal.SIGKILL)
-            # The supervisor notices, and says so until the new worker is ready.
+            # Worker 0 (the set's supervisor) notices, and says so until the new worker is ready.
             for _ in range(100):
                 status, reason = await readyz(session, admin)
                 if status == 503:
                     break
                 await asyncio.sleep(0.05)
-            assert status == 503 and ("restarting worker 0" in reason or "1 of 2 workers ready" in reason), reason
+            assert status == 503 and ("restarting worker 1" in reason or "1 of 2 workers ready" in reason), reason
             # Meanwhile every request is answered, by the worker that is left (new connections
             # each time: the kernel would otherwise keep one on the same worker).
             answered_while_restarting = 0
@@ -103,7 +152,7 @@ async def test_a_killed_worker_is_started_again_while_the_other_keeps_serving(
             assert answered_while_restarting >= 3
             await run.ready()
             after = children(run.pid)
-            assert len(after) == 2 and before[1] in after and before[0] not in after
+            assert len(after) == 1 and before[0] not in after  # worker 0, run.pid, served throughout
             for _ in range(10):
                 async with aiohttp.ClientSession() as fresh:
                     async with fresh.get(base + "/orders", headers=token) as response:
@@ -121,8 +170,8 @@ async def test_a_worker_that_dies_on_every_start_stops_the_set_with_status_1(
         path.write_text(path.read_text().replace("providers:", "providers:\n  broken: {issuer: i}\n", 1))
         workers = children(run.pid)
         os.kill(workers[0], signal.SIGKILL)
+        # Worker 0, still serving, stopped too: it is the process `run` started.
         assert await run.exited(60) == 1
-        assert not Path(f"/proc/{workers[1]}").exists(), "the worker still serving was stopped too"
         stderr = run.err.decode()
         # Four restarts; repeat lines are limited to one a second, the rest counted on the next.
         restarts = [line for line in stderr.splitlines() if "starting it again in" in line]

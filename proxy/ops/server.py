@@ -7,8 +7,11 @@ connection limit that follows from it (limits.py), SIGTERM/SIGINT (readiness goe
 answers carry `Connection: close`; after `drain_delay` the listener stops accepting, and
 connections get `drain_timeout` to finish what they were sent; exit 0),
 SIGHUP and file changes (reload), and uvloop (a regular dependency where it runs; asyncio's
-own loop where it is missing). Mirrors uvicorn's `Server.shutdown`: a short run of steps, one comment each. Does not own: what a request
-does (app.py) or what a reload does (reload.py).
+own loop where it is missing). Mirrors uvicorn's `Server.shutdown`: a short run of steps, one comment each.
+With `workers: N`, each worker is served here on the sockets worker 0 bound; in worker 0 the
+set's supervisor (workers.py `Set`) is told when it serves, on SIGHUP and when it drains, and
+answers the admin port. Does not own: what a request does (app.py), what a reload does
+(reload.py), or the set's layout and life (workers.py).
 """
 
 from __future__ import annotations
@@ -82,7 +85,7 @@ async def serve(
     # Ports first: one in use (or below 1024, or on an address not ours) ends the start here,
     # before any key is fetched and before a line says we served.
     check_stdout(settings)
-    if not worker:  # a worker's directory is the supervisor's, checked there
+    if not worker:  # a worker's directory is the set's, made by `run` (workers.py)
         check_multiproc_dir()
     sockets = sockets or bind_for(settings, proxy_reuse_port=worker, admin=not worker)
     try:

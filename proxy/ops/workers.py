@@ -9,7 +9,7 @@ spreads connections as it does for Envoy's workers; the admin port), freezes wha
 for the collector (`gc.freeze()`) and forks workers 1..N-1 before any event loop, epoll or
 signal descriptor exists (`run_set`): the workers share its pages copy-on-write, so the set is
 N processes and no supervisor of its own (its memory is in bench/FIGURES.md, "Memory of
-`workers: 2`"). Worker 0 then serves like the others and is the set's supervisor (`Set`):
+one process and of `workers: 2`"). Worker 0 then serves like the others and is the set's supervisor (`Set`):
 the admin listener (`/metrics` aggregated from prometheus-client's multiprocess files by
 telemetry's `WorkersCollector`, plus the process_* metrics of each live worker, labelled
 `worker`; `/readyz` true only while every worker is alive and ready), SIGHUP passed on,
@@ -203,7 +203,7 @@ def _before_fork() -> None:
         if stream is not None:
             stream.flush()
     gc.collect()
-    gc.freeze()  # bench/FIGURES.md, "Memory of `workers: 2`"
+    gc.freeze()  # bench/FIGURES.md, "Memory of one process and of `workers: 2`"
     _trim()
 
 
@@ -305,7 +305,11 @@ class Set:
         self._signal(signal.SIGHUP)
 
     def stop(self) -> None:
-        """Worker 0 drains: so do the others (each on its own), and none is started again."""
+        """Worker 0 drains: so do the others (each on its own), and none is started again.
+
+        Once: a worker takes a second SIGTERM, arriving once its drain has begun, as a kill."""
+        if self._stopping:
+            return
         self._stopping = True
         for timer in self._timers.values():
             timer.cancel()
@@ -315,6 +319,7 @@ class Set:
     async def finish(self) -> None:
         """Wait for the others to have drained (as long as a drain may take), then kill the rest."""
         self.stop()
+        self._check_exited()  # none left (one waiting to be started again, say): no wait
         if self._exited is not None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._exited.wait(), self.settings.drain_delay + self.settings.drain_timeout + 5)

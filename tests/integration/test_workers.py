@@ -98,8 +98,13 @@ async def test_when_worker_0_dies_the_others_drain_and_exit_rather_than_serve_or
     tmp_path: Path, aiohttp_server: Any, jwks_server: Any, rsa_key: TestKey
 ) -> None:
     async with await start(tmp_path, aiohttp_server, jwks_server, rsa_key) as run:
+        # Worker 1 first dies and is started again (a fresh process: it is handed the pipe).
+        [forked] = children(run.pid)
+        os.kill(forked, signal.SIGKILL)
+        await run.wait_for("worker 1 started again")
+        await run.ready()
         workers = children(run.pid)
-        assert len(workers) == 1
+        assert len(workers) == 1 and workers[0] != forked
         # SIGKILL: worker 0 can tell no one. Its end of the pipe closes with it; worker 1 sees
         # the end of file and stops as SIGTERM would stop it (its exit ends the shared output).
         assert await run.stop(signal.SIGKILL, timeout=30) == -signal.SIGKILL

@@ -192,7 +192,9 @@ def _bind(settings: Settings, count: int) -> Sockets:
 def _before_fork() -> None:
     """What a fork needs: one thread, no event loop and no signal wakeup descriptor (a worker
     makes its own), nothing buffered twice; then the collector's freeze, so that what exists
-    now (modules, the config) is never traversed again and its pages stay shared."""
+    now (modules, the config) is never traversed again and its pages stay shared. A frozen
+    object dropped later is still freed by its reference count; only a cycle among them (the
+    first config's, once a reload replaced it) would stay."""
     if threading.active_count() != 1:
         raise RuntimeError("workers must be forked before any thread exists")
     previous = signal.set_wakeup_fd(-1)

@@ -211,6 +211,12 @@ async def _serve(
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
+        if worker and supervisor is None:
+            # One of the set's other workers: Ctrl-C signals the whole process group and worker 0
+            # passes the stop on as well, so a second signal is the same stop, not a kill (worker
+            # 0 bounds this drain: it kills a worker that outlives drain_delay + drain_timeout + 5 s).
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, stop.set)
         if parent is not None:
             loop.remove_reader(parent)
         if supervisor is not None:
@@ -248,6 +254,9 @@ async def _serve(
         await admin.shutdown(_ADMIN_DRAIN)
         if access_log is not None:
             access_log.flush()
+        if worker and supervisor is None:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
         oplog.event(log, logging.INFO, "stopped", "stopped")
 
 

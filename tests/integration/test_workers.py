@@ -122,6 +122,18 @@ async def test_when_worker_0_dies_the_others_drain_and_exit_rather_than_serve_or
         assert re.search(r"draining: accepting for 0s more", stderr), stderr[-3000:]
 
 
+async def test_ctrl_c_to_the_process_group_drains_every_worker_once(
+    tmp_path: Path, aiohttp_server: Any, jwks_server: Any, rsa_key: TestKey
+) -> None:
+    async with await start(tmp_path, aiohttp_server, jwks_server, rsa_key) as run:
+        # A terminal's Ctrl-C: SIGINT to every process of the group; worker 0 passes a SIGTERM
+        # on as well. Worker 1 takes the second signal as the same stop: it drains and says so.
+        os.killpg(run.pid, signal.SIGINT)
+        assert await run.exited(30) == 0
+    stderr = run.err.decode()
+    assert len(re.findall(r"(?m)^.*\bstopped$", stderr)) == 2, stderr[-3000:]
+
+
 async def readyz(session: aiohttp.ClientSession, admin: str) -> tuple[int, str]:
     async with session.get(admin + "/readyz") as response:
         return response.status, (await response.json())["reason"]

@@ -65,6 +65,7 @@ __all__ = [
     "WORKERS_READY",
     "WORKER_ENV",
     "Set",
+    "abandon_set",
     "become_first",
     "in_set",
     "parent_fd",
@@ -102,6 +103,14 @@ Runner = Callable[[Coroutine[Any, Any, None]], Any]
 def in_set() -> bool:
     """Is this process worker 0 of a set, made by `become_first`?"""
     return bool(os.environ.get(SET_ENV))
+
+
+def abandon_set() -> None:
+    """Worker 0 will not start (its config no longer loads): remove the set's metrics directory
+    `become_first` made. Nothing to do in any other process."""
+    directory = os.environ.get(SET_ENV)
+    if directory:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def parent_fd() -> int | None:

@@ -200,6 +200,7 @@ def _start_run(args: argparse.Namespace) -> int:
     try:
         settings = config.load(args.config)
     except ConfigError as error:
+        workers.abandon_set()  # worker 0 of a set, whose config broke while `run` re-executed it
         # A log collector that parses stderr as JSON must be able to read why the start
         # failed. The config did not load, so the format is the command line's, else the
         # file's own `log_format:` line when it has a readable one.

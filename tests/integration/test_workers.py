@@ -9,6 +9,8 @@ import asyncio
 import os
 import re
 import signal
+import subprocess
+import sys
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
@@ -16,9 +18,10 @@ from typing import Any
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
+from proxy.ops.workers import SET_ENV
 from tests.conftest import TestKey, jwks_of, mint
 from tests.integration.conftest import BASE_CONFIG
-from tests.support.process import Run, children, running
+from tests.support.process import ENV, REPO, Run, children, running
 from tests.support.upstream import start_upstream
 
 
@@ -132,6 +135,27 @@ async def test_ctrl_c_to_the_process_group_drains_every_worker_once(
         assert await run.exited(30) == 0
     stderr = run.err.decode()
     assert len(re.findall(r"(?m)^.*\bstopped$", stderr)) == 2, stderr[-3000:]
+
+
+def test_worker_0_whose_config_broke_during_the_re_exec_leaves_no_metrics_directory(tmp_path: Path) -> None:
+    # `run` checked the config and re-executed itself as worker 0 (workers.py `become_first`);
+    # the file broke in between: one line, exit 1, and the set's directory is gone.
+    directory = tmp_path / "metrics"
+    directory.mkdir()
+    config = tmp_path / "config.yaml"
+    config.write_text("workers: 2\nlisten: [not, an, address]\n")
+    env = {**ENV, SET_ENV: str(directory), "PROMETHEUS_MULTIPROC_DIR": str(directory)}
+    done = subprocess.run(
+        [sys.executable, "-m", "proxy", "run", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=60,
+    )
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    assert not directory.exists()
 
 
 async def readyz(session: aiohttp.ClientSession, admin: str) -> tuple[int, str]:

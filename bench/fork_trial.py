@@ -1,6 +1,8 @@
-"""A trial, not the sidecar's design: what `workers: 2` would cost in memory if its workers were
-forked from one parent that has imported everything `run` imports (their pages shared
-copy-on-write) instead of started as fresh interpreters under a small supervisor.
+"""A trial of layouts for `workers: 2`: what the set costs in memory when its workers are forked
+from one parent that has imported everything `run` imports (their pages shared copy-on-write)
+rather than started as fresh interpreters under a small supervisor. The `worker0+1` layout is
+the one ops/workers.py builds (with its supervision, the admin port and `malloc_trim`); this
+trial is kept to compare it with `parent+2`.
 
 Two layouts, each measured as bench/rss.py measures `workers: 2` (bench/targets.py's config
 and nginx, 10,000 requests of workload (a) over 32 connections; VmHWM summed over the tree,
@@ -15,7 +17,7 @@ and the tree's PSS, its peak sampled every 0.5 s during the requests):
     .venv/bin/python bench/fork_trial.py            # both layouts
     .venv/bin/python bench/fork_trial.py --layout worker0+1
 
-Today's layout (a fresh supervisor and two fresh workers) is `bench/rss.py --workers 2`.
+The sidecar's own layout is measured by `bench/rss.py --workers 2`.
 The figures are in bench/FIGURES.md ("Memory of `workers: 2`").
 """
 

@@ -1,12 +1,12 @@
 """Resident memory of `jwt-sidecar run`: one process idle, after 10,000 requests of workload (a),
-and a `workers: 2` tree (the supervisor alone, and the whole tree): `bench/rss.py`.
+and a `workers: 2` set (worker 0 alone, and the whole tree): `bench/rss.py`.
 
 Starts bench/targets.py's nginx (upstream and JWKS server) and the sidecar with bench's
 config (the 100-entry token cache), waits for /readyz, reads VmRSS (and VmHWM, the peak) of
 the process, then sends 10,000 requests of workload (a) (one valid RS256 token, proxied) over
 32 keep-alive connections from a raw-socket client in this process (no HTTP library: the
-figures are the sidecar's) and reads them again. `--workers 2` does the same for a supervisor
-and its two workers: the supervisor's own figure and the tree's sum. Prints one line per
+figures are the sidecar's) and reads them again. `--workers 2` does the same for worker 0 and
+the worker it forks (ops/workers.py): worker 0's own figure and the tree's sum. Prints one line per
 figure, in MiB, as bench/FIGURES.md quotes them. RSS counts a page shared between processes
 (the interpreter, OpenSSL, cryptography's library) in each of them, as the issue's targets
 do; PSS (`/proc/PID/smaps_rollup`, bench/load.py's `pss_kib`; its peak sampled every 0.5 s
@@ -82,7 +82,7 @@ def measure(workers: int, run_dir: Path, toks: tokens.TokenSet, nginx: T.Nginx, 
     time.sleep(1.0)  # the first key fetch's and the start's garbage settle
     label = "one process" if workers == 1 else f"workers: {workers}"
     if workers > 1:
-        print(f"{label}: supervisor alone idle  VmRSS {_mib(_own_kib(pid, 'VmRSS'))} MiB")
+        print(f"{label}: worker 0 alone idle    VmRSS {_mib(_own_kib(pid, 'VmRSS'))} MiB")
     print(
         f"{label}: idle                    VmRSS {_mib(load.status_kib(pid, 'VmRSS'))} MiB, "
         f"PSS {_mib(load.pss_kib(pid))} MiB (tree)"
@@ -95,7 +95,7 @@ def measure(workers: int, run_dir: Path, toks: tokens.TokenSet, nginx: T.Nginx, 
         f"peak PSS {_mib(usage.peak_pss_kib)} MiB (tree)"
     )
     if workers > 1:
-        print(f"{label}: supervisor alone after  VmRSS {_mib(_own_kib(pid, 'VmRSS'))} MiB")
+        print(f"{label}: worker 0 alone after   VmRSS {_mib(_own_kib(pid, 'VmRSS'))} MiB")
 
 
 def main(argv: list[str] | None = None) -> int:

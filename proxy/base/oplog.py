@@ -99,10 +99,12 @@ EVENTS: Mapping[str, tuple[frozenset[str], str]] = {
     "handler_crashed": (frozenset({_E}), "the HTTP connection handler hit a bug of ours (with a traceback)"),
     # metrics and workers
     "metrics_failed": (frozenset({_D, _W, _E}), "collecting or publishing metrics failed"),
-    "workers_started": (frozenset({_I}), "the supervisor of `workers: N` started its workers"),
+    "workers_started": (frozenset({_I}), "worker 0 of `workers: N` serves, with the workers it forked"),
     "worker_restarted": (frozenset({_I}), "a worker that died was started again"),
     "worker_died": (frozenset({_E}), "a worker exited unexpectedly (restarted, or the set stops)"),
-    "readiness_unknown": (frozenset({_W}), "the supervisor could not read its workers' readiness"),
+    "worker_failed": (frozenset({_E}), "a forked worker failed on a bug of ours (with a traceback) and exits 1"),
+    "worker_orphaned": (frozenset({_E}), "worker 0 has gone: this worker drains and exits"),
+    "readiness_unknown": (frozenset({_W}), "worker 0 could not read the workers' readiness"),
     # revocation
     "revocation_loaded": (
         frozenset({_D, _I}),
@@ -182,11 +184,15 @@ class TextFormatter(logging.Formatter):
         return "\n".join("  | " + one_line(line) for line in stack_info.splitlines())
 
 
+_ABOUT_A_WORKER = frozenset({"worker_died", "worker_restarted", "worker_failed"})
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per record, on one line (a traceback is a string member, not more lines).
 
     `worker`: the index of this process among `workers: N` (a member of every line, after
-    `message`), None in the supervisor or a single process.
+    `message`), None in a single process. A line about one worker of the set (`_ABOUT_A_WORKER`,
+    written by worker 0, which supervises the set) has that worker's index there instead.
     """
 
     def __init__(self, worker: int | None = None) -> None:
@@ -212,9 +218,10 @@ class JsonFormatter(logging.Formatter):
             line["worker"] = self._worker
         fields = getattr(record, "fields", None)
         if isinstance(fields, Mapping):
-            # The supervisor's own lines have no `worker` member: its worker events' `worker`
-            # field (which worker died or restarted) is that member, not `field_worker`.
-            reserved = _RESERVED if self._worker is not None else _RESERVED - {"worker"}
+            # A line about one worker (which died or restarted): its `worker` field is that
+            # member, not `field_worker`; elsewhere `worker` is the process's own index.
+            about = self._worker is None or getattr(record, "event", None) in _ABOUT_A_WORKER
+            reserved = _RESERVED - {"worker"} if about else _RESERVED
             for key, value in fields.items():
                 line[key if key not in reserved else f"field_{key}"] = value
         if suppressed:

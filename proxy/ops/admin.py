@@ -3,7 +3,7 @@
 Owns: the three endpoints and what they answer, served by our own HTTP/1.1 server (http1.py's
 `Server`, as the proxy port is; `admin_server`). Liveness says only that the event loop
 answers; readiness asks the runtime (config loaded, every provider in use holds keys, not
-draining) or, with `workers`, the supervisor; metrics renders the runtime's private registry
+draining) or, with `workers`, the set's (worker 0's); metrics renders the runtime's private registry
 or the workers' aggregate. GET and HEAD only (any other method: 405 with `Allow`); any other
 path: 404; the query string is ignored. The answers are those aiohttp's web server gave when
 it served this port (statuses, bodies, content types), so probes and scrapers see no change.
@@ -34,7 +34,7 @@ _ALIVE = json.dumps({"status": "alive"}).encode()
 
 
 def admin_server(*, readiness: Readiness, render: Render, **kwargs: Any) -> Server:
-    """The admin endpoints over two callables (the runtime's in one process, the supervisor's
+    """The admin endpoints over two callables (the runtime's in one process, the set's
     with `workers`), on a server of their own: `await server.listen(sock=...)` opens it.
     `kwargs` go to `Server` (its timeouts)."""
     return Server(admin_handler(readiness=readiness, render=render), **kwargs)

@@ -103,7 +103,7 @@ async def reload(runtime: Runtime) -> bool:
 
 # Read once at start: a reload reports a change of these as needing a restart (and refuses
 # one of the listeners, above; the log settings it leaves as they were). The access log is
-# opened, and the drain timed (by each process and, with `workers`, by the supervisor), with
+# opened, and the drain timed (by each process and, with `workers`, by worker 0 for the set), with
 # the values the process started with.
 _AT_START = ("workers", "access_log", "drain_delay", "drain_timeout")
 _NOT_SETTINGS = ("source", "warnings", "providers", "routes")

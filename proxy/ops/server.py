@@ -7,8 +7,11 @@ connection limit that follows from it (limits.py), SIGTERM/SIGINT (readiness goe
 answers carry `Connection: close`; after `drain_delay` the listener stops accepting, and
 connections get `drain_timeout` to finish what they were sent; exit 0),
 SIGHUP and file changes (reload), and uvloop (a regular dependency where it runs; asyncio's
-own loop where it is missing). Mirrors uvicorn's `Server.shutdown`: a short run of steps, one comment each. Does not own: what a request
-does (app.py) or what a reload does (reload.py).
+own loop where it is missing). Mirrors uvicorn's `Server.shutdown`: a short run of steps, one comment each.
+With `workers: N`, each worker is served here on the sockets worker 0 bound; in worker 0 the
+set's supervisor (workers.py `Set`) is told when it serves, on SIGHUP and when it drains, and
+answers the admin port. Does not own: what a request does (app.py), what a reload does
+(reload.py), or the set's layout and life (workers.py).
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from .admin import admin_server
 from .limits import default_max_connections, hold_standard_descriptors, quiet_accept_errors, raise_fd_limit
 from .reload import reload, watch
 from .startup import Sockets, bind_for, check_multiproc_dir, check_stdout
-from .workers import WORKER_ENV, become_supervisor
+from .workers import WORKER_ENV, Set, become_first, in_set, parent_fd, run_set
 
 __all__ = ["configure_logging", "run", "run_worker", "serve"]
 
@@ -66,23 +69,27 @@ async def serve(
     watch_interval: float = 2.0,
     worker: bool = False,
     sockets: Sockets | None = None,
+    supervisor: Set | None = None,
+    parent: int | None = None,
 ) -> None:
     """Serve until SIGTERM/SIGINT (or `stop` is set), then drain and return.
 
-    As one of `workers: N` (`worker=True`): the proxy port is shared (SO_REUSEPORT), there is
-    no admin listener (the supervisor has it), and metrics go to the multiprocess files.
-    `sockets`: listeners the caller bound already (the demo); by default they are bound here.
+    As one of `workers: N` (`worker=True`): the proxy port is shared (SO_REUSEPORT), metrics go
+    to the multiprocess files, and only worker 0 (`supervisor`, the set it supervises) has an
+    admin listener; the others stop as SIGTERM would stop them when the pipe `parent` (a
+    descriptor) reaches its end, worker 0 being gone (workers.py).
+    `sockets`: listeners the caller bound already (the demo, the set); by default they are bound here.
     Raises `StartupError` (startup.py), before anything has started, when a port cannot be had.
     """
     stop = stop or asyncio.Event()
     # Ports first: one in use (or below 1024, or on an address not ours) ends the start here,
     # before any key is fetched and before a line says we served.
     check_stdout(settings)
-    if not worker:  # a worker's directory is the supervisor's, checked there
+    if not worker:  # a worker's directory is the set's, made by `run` (workers.py)
         check_multiproc_dir()
     sockets = sockets or bind_for(settings, proxy_reuse_port=worker, admin=not worker)
     try:
-        await _serve(settings, config_path, stop, watch_interval, worker, sockets)
+        await _serve(settings, config_path, stop, watch_interval, worker, sockets, supervisor, parent)
     finally:
         sockets.close()  # the servers closed their own; this closes them if a server never started
 
@@ -94,6 +101,8 @@ async def _serve(
     watch_interval: float,
     worker: bool,
     sockets: Sockets,
+    supervisor: Set | None,
+    parent: int | None,
 ) -> None:
     # Then descriptors: a container starts with a soft limit of 1024 and a far higher hard one.
     nofile = raise_fd_limit()
@@ -128,6 +137,8 @@ async def _serve(
     # up to its timeout) stops the start at once: nothing was served, so nothing is drained.
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if parent is not None:  # worker 0 gone (its end of the pipe closed): stop as SIGTERM would
+        loop.add_reader(parent, _orphaned, loop, parent, stop)
     starting = loop.create_task(proxy.start())  # the clients, first key fetches
     stopped = loop.create_task(stop.wait())
     await asyncio.wait((starting, stopped), return_when=asyncio.FIRST_COMPLETED)
@@ -141,10 +152,16 @@ async def _serve(
             await proxy.close()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
+            if parent is not None:
+                loop.remove_reader(parent)
         oplog.event(log, logging.INFO, "start_abandoned", "stopped while starting; nothing was served")
         return
     server = proxy.server(max_connections=max_connections)
-    admin = admin_server(readiness=runtime.readiness, render=runtime.metrics.render)
+    if supervisor is not None:  # worker 0: the set's admin port
+        the_set = supervisor
+        admin = admin_server(readiness=lambda: the_set.readiness(runtime.readiness()), render=the_set.render)
+    else:
+        admin = admin_server(readiness=runtime.readiness, render=runtime.metrics.render)
     watcher: asyncio.Task[None] | None = None
     publisher: asyncio.Task[None] | None = None
     try:
@@ -152,10 +169,9 @@ async def _serve(
             await server.listen(sock=sock, backlog=1024)
         if worker:
             publisher = loop.create_task(_publish(runtime))
-        else:
-            for sock in sockets.admin:
-                await admin.listen(sock=sock, backlog=128)
-        if worker:  # the admin port is the supervisor's, and it says so
+        for sock in sockets.admin:
+            await admin.listen(sock=sock, backlog=128)
+        if worker:  # the admin port is worker 0's, and the set says so
             oplog.event(
                 log,
                 logging.INFO,
@@ -182,15 +198,29 @@ async def _serve(
             task = loop.create_task(reload(runtime))
             reloads.add(task)
             task.add_done_callback(reloads.discard)
+            if supervisor is not None:
+                supervisor.hup()
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         loop.add_signal_handler(signal.SIGHUP, on_hup)
         watcher = loop.create_task(watch(runtime, interval=watch_interval))
+        if supervisor is not None:
+            supervisor.started(stop=stop.set, mirror=runtime.metrics.mirror)
         await stop.wait()
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
+        if worker and supervisor is None:
+            # One of the set's other workers: Ctrl-C signals the whole process group and worker 0
+            # passes the stop on as well, so a second signal is the same stop, not a kill (worker
+            # 0 bounds this drain: it kills a worker that outlives drain_delay + drain_timeout + 5 s).
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, stop.set)
+        if parent is not None:
+            loop.remove_reader(parent)
+        if supervisor is not None:
+            supervisor.stop()  # the other workers drain at the same time, each on its own
         # 1. Readiness goes false first, so the platform stops sending new requests; each
         #    connection's next answer says `Connection: close`, so clients move elsewhere.
         runtime.draining = True
@@ -218,10 +248,15 @@ async def _serve(
         if worker:
             runtime.metrics.mirror()  # the requests of its last second, before the worker exits
         await proxy.close()
+        if supervisor is not None:  # and the set's /readyz answers "draining" until they have
+            await supervisor.finish()
         # 4. The admin listener goes last, so /readyz answers "draining" to the very end.
         await admin.shutdown(_ADMIN_DRAIN)
         if access_log is not None:
             access_log.flush()
+        if worker and supervisor is None:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
         oplog.event(log, logging.INFO, "stopped", "stopped")
 
 
@@ -238,8 +273,15 @@ async def _publish(runtime: Runtime, interval: float = 1.0) -> None:
         await asyncio.sleep(interval)
 
 
+def _orphaned(loop: asyncio.AbstractEventLoop, fd: int, stop: asyncio.Event) -> None:
+    loop.remove_reader(fd)
+    oplog.event(log, logging.ERROR, "worker_orphaned", "worker 0 has gone: stopping this worker too")
+    stop.set()
+
+
 def run_worker(settings: Settings, *, config_path: str) -> int:
-    _loop_runner()(serve(settings, config_path=config_path, worker=True))
+    """A worker that worker 0 of `workers: N` started again (a fresh process; workers.py)."""
+    _loop_runner()(serve(settings, config_path=config_path, worker=True, parent=parent_fd()))
     return 0
 
 
@@ -253,7 +295,16 @@ def _loop_runner() -> Callable[[Coroutine[Any, Any, Any]], Any]:
 
 
 def run(settings: Settings, *, config_path: str | None) -> int:
-    if settings.workers > 1 and config_path is not None:
-        become_supervisor(settings, config_path=config_path)  # does not return: the process is replaced
+    if config_path is not None and (settings.workers > 1 or in_set()):
+        if not in_set():
+            become_first(settings, config_path=config_path)  # does not return: the process is replaced
+        runner = _loop_runner()  # uvloop imported before the fork: its pages are shared too
+
+        def one(sockets: Sockets, supervisor: Set | None, parent: int | None) -> Coroutine[Any, Any, None]:
+            return serve(
+                settings, config_path=config_path, worker=True, sockets=sockets, supervisor=supervisor, parent=parent
+            )
+
+        return run_set(settings, config_path=config_path, serve=one, runner=runner)
     _loop_runner()(serve(settings, config_path=config_path))
     return 0

@@ -1,23 +1,33 @@
-"""`workers: N`: N proxy processes sharing the listening port, one supervisor answering for them.
+"""`workers: N`: N proxy processes on one port, the first of them also the set's supervisor.
 
-Owns: starting the workers (each `jwt-sidecar run` with `JWT_SIDECAR_WORKER` set, binding the
-proxy port with SO_REUSEPORT so the kernel spreads connections), the admin listener on the
-supervisor (`/metrics` aggregated from prometheus-client's multiprocess files by
-telemetry's `WorkersCollector`, plus the
-process_* metrics of the supervisor and of each live worker, labelled `worker`; `/readyz` true
-only while every worker is alive and ready, its open-file limit raised as in server.py),
-passing SIGHUP on and SIGTERM/SIGINT down
-(each worker drains itself), and the multiprocess directory's life. A worker that dies
-unexpectedly is started again after a back-off (`_FIRST_DELAY`, doubling up to `_MAX_DELAY`)
-while the others keep serving; when workers keep dying (`_GIVE_UP` deaths within
-`_WINDOW` seconds) the whole set stops with exit status 1, so the platform restarts the
-container. Before any worker starts, what they need from the machine is checked once (the
-proxy port free to share, the admin port, a temporary directory; startup.py): a missing one
-is one line and exit status 1, not workers started again and again. The supervisor is a
-process of its own making: `run` checks the config, then replaces itself (`become_supervisor`,
-same pid and descriptors) with a fresh interpreter that is handed the few settings a
-supervisor needs and imports none of the config builder, the key code or the request path
-(`main`; it runs on asyncio's own loop; its resident memory is in bench/FIGURES.md).
+Owns: the layout of the set and its life. `run` checks the config, makes the multiprocess
+metrics directory and replaces itself (`become_first`: same pid and descriptors) with a fresh
+interpreter that has `PROMETHEUS_MULTIPROC_DIR` in its environment before prometheus-client is
+imported (its multiprocess mode is fixed at import). That process, worker 0, loads the config
+once, binds every socket of the set (one SO_REUSEPORT listener per worker, so the kernel
+spreads connections as it does for Envoy's workers; the admin port), freezes what it holds
+for the collector (`gc.freeze()`) and forks workers 1..N-1 before any event loop, epoll or
+signal descriptor exists (`run_set`): the workers share its pages copy-on-write, so the set is
+N processes and no supervisor of its own (its memory is in bench/FIGURES.md, "Memory of
+one process and of `workers: 2`"). Worker 0 then serves like the others and is the set's supervisor (`Set`):
+the admin listener (`/metrics` aggregated from prometheus-client's multiprocess files by
+telemetry's `WorkersCollector`, plus the process_* metrics of each live worker, labelled
+`worker`; `/readyz` true only while every worker is alive and ready), SIGHUP passed on,
+SIGTERM/SIGINT passed on (each worker drains itself, worker 0 waits for them before its admin
+port closes), and the multiprocess directory's life.
+
+A worker other than 0 that dies unexpectedly is started again after a back-off
+(`_FIRST_DELAY`, doubling up to `_MAX_DELAY`) while the others keep serving; the new one is a
+fresh `jwt-sidecar run` (not a fork: worker 0 by then has a running loop, threads and
+descriptors a child must not inherit), which reads the config file as it is now and binds its
+own SO_REUSEPORT listener. When workers keep dying (`_GIVE_UP` deaths within `_WINDOW`
+seconds) the whole set stops with exit status 1, so the platform restarts the container.
+When worker 0 dies, the set ends, as Envoy's does when its main process goes: every worker
+holds the read end of a pipe whose only write end is worker 0's (`PARENT_FD_ENV`); its end of
+file (whatever killed worker 0, SIGKILL included) makes each worker drain and exit, so none
+is left serving orphaned, and the container (whose main process worker 0 is) is restarted.
+Before anything is forked, what the set needs from the machine is checked once (the ports,
+the temporary directory, stdout; startup.py): a missing one is one line and exit status 1.
 Does not own: serving requests (server.py runs each worker) or any metric's meaning.
 """
 
@@ -25,38 +35,51 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
+import gc
 import logging
 import os
 import shutil
 import signal
 import sys
+import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from typing import Any, NoReturn, TypeVar
 
-import prometheus_client
 from prometheus_client import CollectorRegistry, multiprocess
 from prometheus_client.exposition import choose_encoder
 
 from ..base import oplog
 from ..base.oplog import event
-from ..config.settings import Listen, Settings
+from ..config.settings import Settings
 from ..http.causes import cause
 from ..telemetry.families import WORKERS_READY as _READY_FAMILY
 from ..telemetry.metrics import ProcessesCollector, WorkersCollector
-from .admin import admin_server
-from .limits import hold_standard_descriptors, quiet_accept_errors, raise_fd_limit
-from .startup import StartupError, bind_for, check_stdout, metrics_directory, why
+from .startup import Sockets, StartupError, bind, bind_for, check_stdout, metrics_directory
 
-__all__ = ["SUPERVISOR_ENV", "WORKERS_READY", "WORKER_ENV", "become_supervisor", "main", "supervise"]
+__all__ = [
+    "PARENT_FD_ENV",
+    "SET_ENV",
+    "WORKERS_READY",
+    "WORKER_ENV",
+    "Set",
+    "abandon_set",
+    "become_first",
+    "in_set",
+    "parent_fd",
+    "run_set",
+]
 
 WORKER_ENV = "JWT_SIDECAR_WORKER"
-SUPERVISOR_ENV = "JWT_SIDECAR_SUPERVISOR"
-"""Set by `become_supervisor` to the settings the supervisor needs (JSON): `python -m proxy`
-then runs `main` instead of the command line, and `main` takes it out of the environment
-before any worker is started."""
+"""This worker's index, in a worker that worker 0 started again (`jwt-sidecar run` then serves
+as one worker of the set) and, once forked, in each worker's own environment."""
+SET_ENV = "JWT_SIDECAR_WORKERS_DIR"
+"""Set by `become_first` to the set's multiprocess metrics directory: the image it execs is
+worker 0 (`run_set`)."""
+PARENT_FD_ENV = "JWT_SIDECAR_PARENT_FD"
+"""In a restarted worker: the descriptor of the pipe whose end of file says worker 0 has gone."""
 WORKERS_READY = _READY_FAMILY.name
 log = logging.getLogger("jwt_sidecar.workers")
 T = TypeVar("T")
@@ -69,282 +92,438 @@ _GIVE_UP = 5
 one that dies on every start (a config that no longer loads, a crash at start-up) gets
 there in about ten seconds, while an occasional death is only ever restarted."""
 _WINDOW = 60.0
+_POLL = 0.1
+"""Seconds between checks of a worker's exit where the kernel has no pidfd (not Linux)."""
+
+Serve = Callable[[Sockets, "Set | None", "int | None"], Coroutine[Any, Any, None]]
+"""server.py's `serve` of one worker: its sockets, the set (worker 0 only) and the pipe to watch."""
+Runner = Callable[[Coroutine[Any, Any, None]], Any]
 
 
-def become_supervisor(settings: Settings, *, config_path: str) -> NoReturn:
-    """Become the supervisor of `settings.workers` workers: this process (its config checked,
-    its warnings logged) is replaced by a fresh interpreter running `main`, with the same pid,
-    descriptors and command line, so that the supervisor holds none of what loading the config
-    imported (the builder, cryptography, the request path: ~15 MiB it would never use)."""
-    needed = {
-        "config_path": config_path,
-        "source": settings.source,
-        "listen": [settings.listen.host, settings.listen.port],
-        "admin": [settings.admin.host, settings.admin.port],
-        "access_log": settings.access_log,
-        "workers": settings.workers,
-        "drain_delay": settings.drain_delay,
-        "drain_timeout": settings.drain_timeout,
-        "log_format": settings.log_format,
-        "log_level": settings.log_level,
-    }
+def in_set() -> bool:
+    """Is this process worker 0 of a set, made by `become_first`?"""
+    return bool(os.environ.get(SET_ENV))
+
+
+def abandon_set() -> None:
+    """Worker 0 will not start (its config no longer loads): remove the set's metrics directory
+    `become_first` made. Nothing to do in any other process."""
+    directory = os.environ.get(SET_ENV)
+    if directory:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def parent_fd() -> int | None:
+    """In a restarted worker: the pipe to watch for worker 0's end (`PARENT_FD_ENV`)."""
+    value = os.environ.get(PARENT_FD_ENV, "")
+    return int(value) if value.isdigit() else None
+
+
+def become_first(settings: Settings, *, config_path: str) -> NoReturn:
+    """Become worker 0 of `settings.workers`: this process (its config checked, its warnings
+    logged) is replaced by a fresh interpreter running `jwt-sidecar run` again, with the same
+    pid, descriptors and command line, whose environment names the set's metrics directory
+    before anything imports prometheus-client."""
+    check_stdout(settings)
+    directory = metrics_directory()  # /tmp: writable even with a read-only root
     argv = [sys.executable, "-m", "proxy", "run", "--config", config_path]
     argv += ["--log-format", settings.log_format, "--log-level", settings.log_level]
+    env = {**os.environ, SET_ENV: directory, "PROMETHEUS_MULTIPROC_DIR": directory}
+    env.pop(WORKER_ENV, None)
     for stream in (sys.stdout, sys.stderr):
         if stream is not None:
             stream.flush()  # what is buffered would be lost with this image
-    os.execve(sys.executable, argv, {**os.environ, SUPERVISOR_ENV: json.dumps(needed)})
-
-
-def main() -> int:
-    """The supervisor's process, made by `become_supervisor`: its exit status.
-
-    A start that fails here for a reason that is the operator's to fix (a port in use, no
-    temporary directory) is one line, as `run` words it (cli.py): text on stderr, or a
-    `startup_failed` JSON line."""
-    needed = json.loads(os.environ.pop(SUPERVISOR_ENV))
-    settings = Settings(
-        source=needed["source"],
-        providers={},
-        listen=Listen(host=needed["listen"][0], port=needed["listen"][1]),
-        admin=Listen(host=needed["admin"][0], port=needed["admin"][1]),
-        access_log=needed["access_log"],
-        workers=needed["workers"],
-        drain_delay=needed["drain_delay"],
-        drain_timeout=needed["drain_timeout"],
-        log_format=needed["log_format"],
-        log_level=needed["log_level"],
-    )
-    oplog.configure(settings.log_level, settings.log_format, sys.stderr)
-    prometheus_client.disable_created_metrics()  # as `run` does (cli.py)
-    # /dev/null on a closed 0-2, so that neither a socket of ours nor a worker's stdin/stdout
-    # (inherited as descriptors 0-2) is one of them.
-    hold_standard_descriptors()
     try:
-        # asyncio's own loop, not uvloop: the supervisor serves a few admin requests, and
-        # uvloop's library is 2.4 MiB of its resident memory (bench/FIGURES.md).
-        return asyncio.run(supervise(settings, config_path=needed["config_path"]))
-    except StartupError as error:
-        if oplog.writes_json():
-            event(logging.getLogger("jwt_sidecar"), logging.ERROR, "startup_failed", "%(error)s", error=str(error))
-        else:
-            print(f"jwt-sidecar: error: {error}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:  # Ctrl-C before the signal handlers are in place: a stop, not a crash
-        return 130
+        os.execve(sys.executable, argv, env)
+    except OSError:
+        shutil.rmtree(directory, ignore_errors=True)
+        raise
 
 
-async def supervise(settings: Settings, *, config_path: str) -> int:
-    count = settings.workers
-    # The proxy port is tried and let go: without SO_REUSEPORT, so that a port another set of
-    # workers holds (with it) counts as in use too, rather than its traffic being split with
-    # ours. The admin port is the supervisor's to keep. The workers need a stdout of their own.
+def run_set(settings: Settings, *, config_path: str, serve: Serve, runner: Runner) -> int:
+    """Worker 0 of the set (made by `become_first`): bind, fork the others, serve; the exit status.
+
+    Raises `StartupError`, with nothing forked, when a port cannot be had."""
+    directory = os.environ[SET_ENV]
+    count = max(settings.workers, 1)
+    try:
+        sockets = _bind(settings, count)
+    except StartupError:
+        shutil.rmtree(directory, ignore_errors=True)
+        raise
+    # A restarted worker is a fresh `run`: its own listener, this directory, no SET_ENV.
+    os.environ.pop(SET_ENV)
+    _name(0)
+    gone, alive = os.pipe()  # the workers' read ends see end of file once worker 0 is gone
+    os.set_inheritable(gone, True)  # kept by a restarted worker's exec (its number in PARENT_FD_ENV)
+    _before_fork()
+    children: list[_Child] = []
+    for index in range(1, count):
+        own = sockets.listen[index]
+        pid = os.fork()
+        if pid == 0:  # the worker: it never returns from here
+            os.close(alive)
+            for sock in (*sockets.listen, *sockets.admin):
+                if sock is not own:
+                    sock.close()
+            _worker(index, serve, Sockets(listen=[own]), gone, runner)
+        children.append(_Child(index, pid))
+    for sock in sockets.listen[1:]:
+        sock.close()  # each worker's own now
+    the_set = Set(settings, directory=directory, config_path=config_path, children=children, gone=gone)
+    try:
+        runner(serve(Sockets(listen=sockets.listen[:1], admin=sockets.admin), the_set, None))
+    finally:
+        sockets.close()
+        status = the_set.wind_up()
+        os.close(alive)
+        shutil.rmtree(directory, ignore_errors=True)
+    return status
+
+
+def _bind(settings: Settings, count: int) -> Sockets:
+    # The proxy port is tried first without SO_REUSEPORT and let go, so that a port another
+    # set of workers holds (with it) counts as in use too, rather than its traffic being
+    # split with ours. Then one listener per worker, and the admin port, worker 0's to keep.
     check_stdout(settings)
-    sockets = bind_for(settings)
-    for sock in sockets.listen:
+    for sock in bind(settings.listen, "listen"):
         sock.close()
+    sockets = bind_for(settings, proxy_reuse_port=True)
     try:
-        directory = metrics_directory()  # /tmp: writable even with a read-only root
+        for _ in range(1, count):
+            sockets.listen += bind(settings.listen, "listen", reuse_port=True)
     except StartupError:
         sockets.close()
         raise
-    # The admin port is the supervisor's; the workers inherit the raised limit (and log it).
-    raise_fd_limit()
-    quiet_accept_errors(asyncio.get_running_loop())
-    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": directory}
+    return sockets
 
-    async def spawn(index: int) -> asyncio.subprocess.Process:
-        # A restarted worker reads the config file as it is now, like a reload would.
-        # The supervisor's log format and level (its command line may have overridden the file's).
-        return await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "proxy",
-            "run",
-            "--config",
-            config_path,
-            "--log-format",
-            settings.log_format,
-            "--log-level",
-            settings.log_level,
-            env={**env, WORKER_ENV: str(index)},
+
+def _before_fork() -> None:
+    """What a fork needs: one thread, no event loop and no signal wakeup descriptor (a worker
+    makes its own), nothing buffered twice; then the collector's freeze, so that what exists
+    now (modules, the config) is never traversed again and its pages stay shared. A frozen
+    object dropped later is still freed by its reference count; only a cycle among them (the
+    first config's, once a reload replaced it) would stay."""
+    if threading.active_count() != 1:
+        raise RuntimeError("workers must be forked before any thread exists")
+    previous = signal.set_wakeup_fd(-1)
+    if previous != -1:
+        signal.set_wakeup_fd(previous)
+        raise RuntimeError("workers must be forked before any signal wakeup descriptor exists")
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None:
+            stream.flush()
+    gc.collect()
+    gc.freeze()  # bench/FIGURES.md, "Memory of one process and of `workers: 2`"
+    _trim()
+
+
+def _trim() -> None:
+    """Give the heap's free pages back to the system before the fork (glibc's `malloc_trim`):
+    what loading the config freed would otherwise be resident in every worker (RSS counts a
+    page in each process that maps it). Where there is no glibc, nothing is done."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).malloc_trim(0)
+    except (ImportError, OSError, AttributeError):
+        pass
+
+
+def _name(index: int) -> None:
+    """This process is worker `index`: its environment and its JSON log lines say so."""
+    os.environ[WORKER_ENV] = str(index)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler.formatter, oplog.JsonFormatter):
+            handler.setFormatter(oplog.JsonFormatter(index))
+
+
+def _worker(index: int, serve: Serve, sockets: Sockets, gone: int, runner: Runner) -> NoReturn:
+    """A forked worker: serve until stopped (or worker 0 is gone), then exit with its status."""
+    status = 1
+    try:
+        _name(index)
+        runner(serve(sockets, None, gone))
+        status = 0
+    except BaseException:  # noqa: BLE001 - a worker never returns into worker 0's code
+        with contextlib.suppress(Exception):
+            event(log, logging.ERROR, "worker_failed", "worker %(worker)d failed", worker=index, exc_info=True)
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                if stream is not None:
+                    stream.flush()
+        os._exit(status)
+
+
+@dataclass
+class _Child:
+    index: int
+    pid: int
+    returncode: int | None = None
+    pidfd: int | None = None
+
+
+class Set:
+    """Worker 0's other job: the supervisor of workers 1..N-1, inside its own loop.
+
+    server.py's `serve` calls `started` once it serves, `hup` on SIGHUP, `stop` when it starts
+    to drain and `finish` before its admin port closes; `readiness` and `render` are the admin
+    port's. `wind_up`, after the loop, makes sure no worker outlives worker 0's return."""
+
+    def __init__(self, settings: Settings, *, directory: str, config_path: str, children: list[_Child], gone: int):
+        self.settings = settings
+        self.count = max(settings.workers, 1)
+        self.directory = directory
+        self.config_path = config_path
+        self.children = {child.index: child for child in children}
+        self.status = 0
+        self._gone = gone
+        self._restarting: dict[int, int | None] = {}  # worker index -> the exit status it restarts from
+        self._timers: dict[int, asyncio.TimerHandle] = {}
+        self._deaths: deque[float] = deque()
+        self._stopping = False
+        self._stop: Callable[[], None] = lambda: None
+        self._mirror: Callable[[], None] = lambda: None
+        self._exited: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.registry = CollectorRegistry()
+        self.registry.register(WorkersCollector(directory))
+        self.registry.register(ProcessesCollector(self.processes))
+
+    # -- serve's calls ---------------------------------------------------------------------
+
+    def started(self, *, stop: Callable[[], None], mirror: Callable[[], None]) -> None:
+        """Worker 0 serves: watch the others; `stop()` ends worker 0 (so the set) when they keep
+        dying; `mirror()` copies worker 0's own metrics into the files before a scrape."""
+        self._loop = asyncio.get_running_loop()
+        self._exited = asyncio.Event()
+        self._stop, self._mirror = stop, mirror
+        for child in self.children.values():
+            self._watch(child)
+        self._check_exited()
+        event(
+            log,
+            logging.INFO,
+            "workers_started",
+            "%(workers)d workers on %(listen)s; admin on %(admin)s",
+            workers=self.count,
+            listen=str(self.settings.listen),
+            admin=str(self.settings.admin),
         )
 
-    async def respawn(index: int, delay: float) -> asyncio.subprocess.Process:
-        await asyncio.sleep(delay)
-        return await spawn(index)
+    def hup(self) -> None:
+        self._signal(signal.SIGHUP)
 
-    procs: list[asyncio.subprocess.Process] = []
-    try:
-        for index in range(count):
-            procs.append(await spawn(index))
-    except OSError as error:  # fd or process limits: nothing can serve, so nothing may keep running
-        _signal_all(procs, signal.SIGKILL)
-        await asyncio.gather(*(proc.wait() for proc in procs))
-        sockets.close()
-        shutil.rmtree(directory, ignore_errors=True)
-        raise StartupError(f"cannot start the worker processes: {why(error)}") from None
-    restarting: dict[int, int | None] = {}  # worker index -> the exit status it is restarting from
-    registry = CollectorRegistry()
-    registry.register(WorkersCollector(directory))
+    def stop(self) -> None:
+        """Worker 0 drains: so do the others (each on its own), and none is started again.
 
-    def processes() -> list[tuple[str, int]]:
+        Once: a worker takes a second SIGTERM, arriving once its drain has begun, as a kill."""
+        if self._stopping:
+            return
+        self._stopping = True
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
+        self._signal(signal.SIGTERM)
+
+    async def finish(self) -> None:
+        """Wait for the others to have drained (as long as a drain may take), then kill the rest."""
+        self.stop()
+        self._check_exited()  # none left (one waiting to be started again, say): no wait
+        if self._exited is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._exited.wait(), self.settings.drain_delay + self.settings.drain_timeout + 5)
+        self._signal(signal.SIGKILL)
+        while self._live():
+            await asyncio.sleep(0.01)
+            for child in self._live():
+                self._reap(child)
+
+    def processes(self) -> list[tuple[str, int]]:
         # Live workers only: a dead one's pid may already name another process.
-        return [("supervisor", os.getpid())] + [(str(i), p.pid) for i, p in enumerate(procs) if p.returncode is None]
+        return [("0", os.getpid())] + [(str(c.index), c.pid) for c in self.children.values() if c.returncode is None]
 
-    registry.register(ProcessesCollector(processes))
-    draining = False
-
-    def readiness() -> tuple[bool, str]:
-        if draining:
+    def readiness(self, own: tuple[bool, str]) -> tuple[bool, str]:
+        if not own[0]:
+            return own if own[1].startswith("draining") else (False, f"worker 0: {own[1]}")
+        if self._stopping:
             return False, "draining: shutting down"
-        if restarting:
+        if self._restarting:
             return False, "restarting " + ", ".join(
-                f"worker {i} (exited with {status})" for i, status in sorted(restarting.items())
+                f"worker {i} (exited with {status})" for i, status in sorted(self._restarting.items())
             )
-        if any(p.returncode is not None for p in procs):
+        if any(child.returncode is not None for child in self.children.values()):
             return False, "a worker has exited"
         try:
-            ready = _settled(lambda: _gauge(registry, WORKERS_READY))
+            self._mirror()
+            ready = _settled(lambda: _gauge(self.registry, WORKERS_READY))
         except Exception:  # noqa: BLE001 - /readyz answers, whatever the files hold
             event(log, logging.WARNING, "readiness_unknown", "reading the workers' readiness failed", exc_info=True)
             return False, "the workers' readiness could not be read"
-        if ready < count:
-            return False, f"{int(ready)} of {count} workers ready"
+        if ready < self.count:
+            return False, f"{int(ready)} of {self.count} workers ready"
         return True, "ready"
 
-    def render(accept: str | None) -> tuple[bytes, str]:
+    def render(self, accept: str | None) -> tuple[bytes, str]:
+        self._mirror()  # worker 0's own requests up to now, not as of its last second
         encoder, content_type = choose_encoder(accept or "")
-        return _settled(lambda: encoder(registry)), content_type
+        return _settled(lambda: encoder(self.registry)), content_type
 
-    admin = admin_server(readiness=readiness, render=render)
-    for sock in sockets.admin:
-        await admin.listen(sock=sock, backlog=128)
-    event(
-        log,
-        logging.INFO,
-        "workers_started",
-        "%(workers)d workers on %(listen)s; admin on %(admin)s",
-        workers=count,
-        listen=str(settings.listen),
-        admin=str(settings.admin),
-    )
+    def wind_up(self) -> int:
+        """After worker 0's loop (whatever ended it): no worker is left running; the set's status."""
+        live = self._live()
+        if live:  # worker 0 returned before `finish` (a start abandoned or failed)
+            self._signal(signal.SIGTERM)
+            deadline = time.monotonic() + self.settings.drain_delay + self.settings.drain_timeout + 5
+            while self._live() and time.monotonic() < deadline:
+                time.sleep(0.01)
+                for child in self._live():
+                    self._reap(child, forget=False)
+            self._signal(signal.SIGKILL)
+            for child in self._live():
+                _, status = os.waitpid(child.pid, 0)
+                child.returncode = os.waitstatus_to_exitcode(status)
+        for child in self.children.values():
+            if child.pidfd is not None:
+                os.close(child.pidfd)
+                child.pidfd = None
+            multiprocess.mark_process_dead(child.pid, self.directory)
+        multiprocess.mark_process_dead(os.getpid(), self.directory)
+        # A worker stopped while waiting to be restarted is not a failure of the stop.
+        failed = any(
+            c.returncode not in (0, -signal.SIGTERM) for c in self.children.values() if c.index not in self._restarting
+        )
+        return 1 if failed and self.status == 0 else self.status
 
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: _signal_all(procs, signal.SIGHUP))
-    exits: dict[asyncio.Future[int], int] = {asyncio.ensure_future(p.wait()): i for i, p in enumerate(procs)}
-    restarts: dict[asyncio.Task[asyncio.subprocess.Process], int] = {}
-    deaths: deque[float] = deque()
-    stopping = asyncio.ensure_future(stop.wait())
-    status = 0
-    try:
-        while True:
-            waiting: list[asyncio.Future[Any]] = [stopping, *exits, *restarts]
-            done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-            if stopping in done:
-                break
-            for task in [t for t in done if t in restarts]:
-                index = restarts.pop(task)
-                try:
-                    procs[index] = task.result()
-                except OSError as error:  # no process can be started (fd or memory limits): give up
-                    event(
-                        log,
-                        logging.ERROR,
-                        "worker_died",
-                        "worker %(worker)d could not be started again: %(cause)s; stopping the set",
-                        worker=index,
-                        cause=cause(error),
-                    )
-                    status = 1
-                    break
-                exits[asyncio.ensure_future(procs[index].wait())] = index
-                restarting.pop(index, None)
-                event(
-                    log,
-                    logging.INFO,
-                    "worker_restarted",
-                    "worker %(worker)d started again (pid %(pid)d)",
-                    worker=index,
-                    pid=procs[index].pid,
-                )
-            if status:
-                break
-            for exit_ in [f for f in done if f in exits]:
-                index = exits.pop(exit_)
-                dead = procs[index]
-                # Its live gauges (ready, in flight) must stop counting; its counters stay summed.
-                multiprocess.mark_process_dead(dead.pid, directory)
-                now = loop.time()
-                deaths.append(now)
-                while deaths[0] < now - _WINDOW:
-                    deaths.popleft()
-                if len(deaths) >= _GIVE_UP:
-                    event(
-                        log,
-                        logging.ERROR,
-                        "worker_died",
-                        "worker %(worker)d (pid %(pid)d) exited with %(status)s: %(deaths)d worker deaths within "
-                        "%(window)gs; stopping the set",
-                        worker=index,
-                        pid=dead.pid,
-                        status=dead.returncode,
-                        deaths=len(deaths),
-                        window=_WINDOW,
-                    )
-                    status = 1
-                    break
-                delay = min(_FIRST_DELAY * 2 ** (len(deaths) - 1), _MAX_DELAY)
-                event(
-                    log,
-                    logging.ERROR,
-                    "worker_died",
-                    "worker %(worker)d (pid %(pid)d) exited with %(status)s; starting it again in %(delay)gs (the "
-                    "others keep serving)",
-                    worker=index,
-                    pid=dead.pid,
-                    status=dead.returncode,
-                    delay=delay,
-                )
-                restarting[index] = dead.returncode
-                restarts[asyncio.ensure_future(respawn(index, delay))] = index
-            if status:
-                break
-    finally:
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            loop.remove_signal_handler(sig)
-        draining = True
-        for task in restarts:
-            task.cancel()
-        await asyncio.gather(*restarts, return_exceptions=True)
-        for task, index in restarts.items():  # one that had started its worker before the cancel: stop it too
-            if not task.cancelled() and task.exception() is None:
-                procs[index] = task.result()
-                exits[asyncio.ensure_future(procs[index].wait())] = index
-                restarting.pop(index, None)
-        # Each worker drains its own in-flight requests on SIGTERM; give them that long.
-        _signal_all(procs, signal.SIGTERM)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(
-                asyncio.gather(*exits, return_exceptions=True), settings.drain_delay + settings.drain_timeout + 5
+    # -- the others' lives -----------------------------------------------------------------
+
+    def _live(self) -> list[_Child]:
+        return [child for child in self.children.values() if child.returncode is None]
+
+    def _signal(self, sig: int) -> None:
+        for child in self._live():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child.pid, sig)
+
+    def _watch(self, child: _Child) -> None:
+        assert self._loop is not None
+        try:
+            child.pidfd = os.pidfd_open(child.pid)  # readable once the process has exited
+        except (AttributeError, OSError):  # not Linux (or no such process any more): poll
+            self._loop.call_later(_POLL, self._poll, child)
+            self._reap(child)
+        else:
+            self._loop.add_reader(child.pidfd, self._reap, child)
+
+    def _poll(self, child: _Child) -> None:
+        if child.returncode is None and self._reap(child) is None and self._loop is not None:
+            self._loop.call_later(_POLL, self._poll, child)
+
+    def _reap(self, child: _Child, *, forget: bool = True) -> int | None:
+        """The child's exit status if it has exited (then handled once), else None."""
+        if child.returncode is not None:
+            return child.returncode
+        try:
+            pid, status = os.waitpid(child.pid, os.WNOHANG)
+        except ChildProcessError:
+            pid, status = child.pid, 255 << 8
+        if pid == 0:
+            return None
+        child.returncode = os.waitstatus_to_exitcode(status)
+        if child.pidfd is not None:
+            if self._loop is not None and forget:
+                self._loop.remove_reader(child.pidfd)
+            os.close(child.pidfd)
+            child.pidfd = None
+        if forget:
+            self._died(child)
+        return child.returncode
+
+    def _check_exited(self) -> None:
+        if self._exited is not None and not self._live():
+            self._exited.set()
+
+    def _died(self, child: _Child) -> None:
+        # Its live gauges (ready, in flight) must stop counting; its counters stay summed.
+        multiprocess.mark_process_dead(child.pid, self.directory)
+        self._check_exited()
+        if self._stopping or self.status:
+            return
+        assert self._loop is not None
+        now = self._loop.time()
+        self._deaths.append(now)
+        while self._deaths[0] < now - _WINDOW:
+            self._deaths.popleft()
+        if len(self._deaths) >= _GIVE_UP:
+            event(
+                log,
+                logging.ERROR,
+                "worker_died",
+                "worker %(worker)d (pid %(pid)d) exited with %(status)s: %(deaths)d worker deaths within "
+                "%(window)gs; stopping the set",
+                worker=child.index,
+                pid=child.pid,
+                status=child.returncode,
+                deaths=len(self._deaths),
+                window=_WINDOW,
             )
-        _signal_all(procs, signal.SIGKILL)
-        await asyncio.gather(*exits, return_exceptions=True)
-        stopping.cancel()
-        for proc in procs:
-            multiprocess.mark_process_dead(proc.pid, directory)
-        await admin.shutdown(1.0)  # its answers are written at once: idle keep-alive connections only
-        shutil.rmtree(directory, ignore_errors=True)
-    # A worker stopped while waiting to be restarted is not a failure of the stop.
-    if (
-        any(p.returncode not in (0, -signal.SIGTERM) for i, p in enumerate(procs) if i not in restarting)
-        and status == 0
-    ):
-        status = 1
-    return status
+            self._give_up()
+            return
+        delay = min(_FIRST_DELAY * 2 ** (len(self._deaths) - 1), _MAX_DELAY)
+        event(
+            log,
+            logging.ERROR,
+            "worker_died",
+            "worker %(worker)d (pid %(pid)d) exited with %(status)s; starting it again in %(delay)gs (the "
+            "others keep serving)",
+            worker=child.index,
+            pid=child.pid,
+            status=child.returncode,
+            delay=delay,
+        )
+        self._restarting[child.index] = child.returncode
+        self._timers[child.index] = self._loop.call_later(delay, self._respawn, child.index)
+
+    def _give_up(self) -> None:
+        self.status = 1
+        self._stop()
+
+    def _respawn(self, index: int) -> None:
+        """A fresh `jwt-sidecar run` as worker `index`: it reads the config file as it is now,
+        like a reload would, with worker 0's log format and level (its command line may have
+        overridden the file's)."""
+        self._timers.pop(index, None)
+        if self._stopping:
+            return
+        argv = [sys.executable, "-m", "proxy", "run", "--config", self.config_path]
+        argv += ["--log-format", self.settings.log_format, "--log-level", self.settings.log_level]
+        env = {**os.environ, WORKER_ENV: str(index), PARENT_FD_ENV: str(self._gone)}
+        try:
+            pid = os.posix_spawn(sys.executable, argv, env, setsigmask=())
+        except OSError as error:  # no process can be started (fd or memory limits): give up
+            event(
+                log,
+                logging.ERROR,
+                "worker_died",
+                "worker %(worker)d could not be started again: %(cause)s; stopping the set",
+                worker=index,
+                cause=cause(error),
+            )
+            self._give_up()
+            return
+        child = self.children[index] = _Child(index, pid)
+        self._restarting.pop(index, None)
+        self._exited = asyncio.Event()
+        self._watch(child)
+        event(
+            log,
+            logging.INFO,
+            "worker_restarted",
+            "worker %(worker)d started again (pid %(pid)d)",
+            worker=index,
+            pid=pid,
+        )
 
 
 def _settled(read: Callable[[], T]) -> T:
@@ -355,13 +534,6 @@ def _settled(read: Callable[[], T]) -> T:
     except Exception:  # noqa: BLE001
         time.sleep(0.01)
         return read()
-
-
-def _signal_all(procs: list[asyncio.subprocess.Process], sig: int) -> None:
-    for proc in procs:
-        if proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(sig)
 
 
 def _gauge(registry: CollectorRegistry, name: str) -> float:

@@ -1,10 +1,10 @@
 """The metrics vocabulary: every family the sidecar exports, declared once in `FAMILIES`.
 
-Owns: each family's name, type, label names, help text, how the supervisor of `workers: N`
+Owns: each family's name, type, label names, help text, how worker 0 of `workers: N`
 combines the workers' values (`Family.workers`), and its histogram buckets; building the
 empty prometheus-client family objects a scrape fills (`Family.counter`, `gauge`,
-`histogram`); and the sample names a query may use (`sample_labels`). The exposition (metrics.py), the workers' mirror and the
-supervisor's view of it (metrics.py), the README's Metrics table, the Grafana dashboard and
+`histogram`); and the sample names a query may use (`sample_labels`). The exposition (metrics.py), the workers' mirror and
+worker 0's view of it (metrics.py), the README's Metrics table, the Grafana dashboard and
 the alerts in k8s/monitoring/ are made from or checked against this table (tests/unit/
 test_metric_families.py, tests/integration/test_metric_families.py).
 Does not own: recording or reading any value (metrics.py), or what a label value means
@@ -53,11 +53,11 @@ __all__ = [
 
 Kind = Literal["counter", "gauge", "histogram"]
 Combine = Literal["sum", "livesum", "livemin", "livemax", "per_process"]
-"""How the supervisor of `workers: N` shows one family (prometheus-client's multiprocess modes):
+"""How worker 0 of `workers: N` shows one family (prometheus-client's multiprocess modes):
 `sum`: counters and histograms, added over every worker that has run (an exited worker's
 counts stay, so a restart is not a counter reset); `livesum`/`livemin`/`livemax`: gauges, over
 the workers alive now; `per_process`: the process_* families, one series per process,
-labelled `worker` ("supervisor", "0" .. "N-1")."""
+labelled `worker` ("0" .. "N-1")."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -75,7 +75,7 @@ class Family:
     ours: bool = True
     """False for prometheus-client's own process_* families (ProcessCollector makes them)."""
     workers_only: bool = False
-    """Exported only by the supervisor of `workers: N`."""
+    """Exported only by worker 0 of `workers: N`, for the set."""
 
     @property
     def family(self) -> str:
@@ -97,7 +97,7 @@ class Family:
 
     @property
     def gauge_mode(self) -> Literal["livesum", "livemin", "livemax"]:
-        """A gauge's prometheus-client multiprocess mode (how the supervisor combines the workers)."""
+        """A gauge's prometheus-client multiprocess mode (how worker 0 combines the workers)."""
         mode = self.workers
         if self.kind != "gauge" or mode not in ("livesum", "livemin", "livemax"):
             raise TypeError(f"{self.name}: {mode!r} is not a gauge's multiprocess mode")
@@ -108,7 +108,7 @@ class Family:
             raise TypeError(f"{self.name} is a {self.kind}, not a {kind}")
 
     def samples(self, *, workers: bool = False) -> dict[str, frozenset[str]]:
-        """Sample name -> its label names, as a scrape (one process, or the supervisor) shows them."""
+        """Sample name -> its label names, as a scrape (one process, or worker 0 for the set) shows them."""
         labels = frozenset(self.labels) | ({"worker"} if workers and self.workers == "per_process" else set())
         if self.kind == "histogram":
             return {self.name + "_bucket": labels | {"le"}, self.name + "_count": labels, self.name + "_sum": labels}
@@ -250,7 +250,7 @@ TOKEN_CACHE_REQUESTS = Family(
 TOKEN_CACHE_ENTRIES = Family(
     name=_P + "token_cache_entries", kind="gauge", help="Verified tokens held in the cache.", workers="livesum"
 )
-# -- `workers: N` only: each worker sets its own 1 or 0 (ops/server.py), the supervisor sums -------
+# -- `workers: N` only: each worker sets its own 1 or 0 (ops/server.py), worker 0 sums ----------
 WORKERS_READY = Family(
     name=_P + "workers_ready",
     kind="gauge",
@@ -280,7 +280,7 @@ def _process(name: str, kind: Kind, text: str) -> Family:
     return Family(name=name, kind=kind, help=text, workers="per_process", ours=False)
 
 
-# prometheus-client's ProcessCollector (from /proc); with `workers: N` the supervisor reads
+# prometheus-client's ProcessCollector (from /proc); with `workers: N` worker 0 reads
 # each process's /proc/PID at scrape time (metrics.ProcessesCollector). Help as it words it.
 PROCESS_FAMILIES = (
     _process("process_cpu_seconds_total", "counter", "Total user and system CPU time spent in seconds."),
@@ -324,7 +324,7 @@ def by_name() -> dict[str, Family]:
 
 def sample_labels(*, workers: bool = False) -> dict[str, frozenset[str]]:
     """Every sample name a query may use -> its label names (`_bucket`, `_count`, `_sum` for
-    histograms), as one process (`workers=False`) or the supervisor of `workers: N` exports them."""
+    histograms), as one process (`workers=False`) or worker 0 of `workers: N` exports them."""
     found: dict[str, frozenset[str]] = {}
     for family in FAMILIES:
         found.update(family.samples(workers=workers))

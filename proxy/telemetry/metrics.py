@@ -7,7 +7,7 @@ with several providers, by the provider chosen); a scrape-time collector that
 reads key sources and the token cache through a `MetricsView`; rendering the exposition body
 for `/metrics`; and,
 with `workers: N`, each worker's copy of its metrics into prometheus-client's multiprocess
-files (`Metrics.mirror`) and the supervisor's reading of them (`WorkersCollector`), through
+files (`Metrics.mirror`) and worker 0's reading of them (`WorkersCollector`), through
 prometheus-client's public API only.
 Does not own: the names, labels and help of the families (families.py), serving `/metrics`
 (admin.py), deciding what a request's decision or reason is
@@ -23,8 +23,8 @@ once, in families.py; this module builds the exposition from those declarations.
 are in seconds, Prometheus base units.
 
 The process_* families are prometheus-client's own (read from /proc). One process: unlabelled,
-as any Python exporter gives them. With `workers: N` the supervisor exports them for itself
-and each worker, labelled `worker` ("supervisor", "0" .. "N-1"), read from /proc/PID at
+as any Python exporter gives them. With `workers: N` worker 0 exports them for each
+worker, itself included, labelled `worker` ("0" .. "N-1"), read from /proc/PID at
 scrape time (`ProcessesCollector`): prometheus-client's multiprocess mode has no process
 metrics, and /proc is exact where copies in the multiprocess files would lag a second.
 
@@ -338,7 +338,7 @@ class Metrics:
     def mirror(self) -> None:
         """Copy the scrape-time families into prometheus-client's multiprocess files.
 
-        With `workers: N` the supervisor scrapes the files every worker writes
+        With `workers: N` worker 0 scrapes the files every worker writes
         (`MultiProcessCollector`); a scrape-time collector in a worker is never asked. So each
         worker calls this every second (and once more as it stops): counters and histograms
         advance by what they grew, gauges are set.
@@ -659,7 +659,7 @@ class _Mirror:
 
 
 class WorkersCollector:
-    """The supervisor's `/metrics` for `workers: N`: what the workers wrote to the multiprocess files.
+    """Worker 0's `/metrics` for `workers: N`: what the workers wrote to the multiprocess files.
 
     prometheus-client's `MultiProcessCollector` reads and combines them (counters summed over
     every worker that has run, gauges in their declared mode over the live ones); each

@@ -201,6 +201,7 @@ def _start_run(args: argparse.Namespace) -> int:
     try:
         settings = config.load(args.config)
     except ConfigError as error:
+        workers.abandon_set()  # worker 0 of a set, whose config broke while `run` re-executed it
         # A log collector that parses stderr as JSON must be able to read why the start
         # failed. The config did not load, so the format is the command line's, else the
         # file's own `log_format:` line when it has a readable one.
@@ -218,7 +219,7 @@ def _start_run(args: argparse.Namespace) -> int:
         _startup_failed(summary, problems=problems)
         return 1
     # The command line wins over the file; `auto` is settled here, once, so the workers of
-    # `workers: N` (started with these two options) write exactly what their supervisor does.
+    # `workers: N` (started with these two options) write exactly what worker 0 does.
     settings = dataclasses.replace(
         settings,
         log_level=args.log_level or settings.log_level,
@@ -228,7 +229,7 @@ def _start_run(args: argparse.Namespace) -> int:
     server.configure_logging(
         settings.log_level, settings.log_format, worker=int(worker) if worker and worker.isdigit() else None
     )
-    if not os.environ.get(workers.WORKER_ENV):  # once, not once per worker
+    if not os.environ.get(workers.WORKER_ENV) and not workers.in_set():  # once, not once per worker
         for warning in settings.warnings:
             oplog.event(
                 logging.getLogger("jwt_sidecar.config"),
@@ -241,7 +242,7 @@ def _start_run(args: argparse.Namespace) -> int:
             )
     # `_created` samples double the /metrics output and no dashboard here reads them.
     prometheus_client.disable_created_metrics()
-    if os.environ.get(workers.WORKER_ENV):  # started by the supervisor of `workers: N`
+    if os.environ.get(workers.WORKER_ENV):  # started again by worker 0 of `workers: N`
         return server.run_worker(settings, config_path=str(args.config))
     return server.run(settings, config_path=str(args.config))
 

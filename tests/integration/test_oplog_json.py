@@ -333,4 +333,4 @@ async def test_every_process_of_workers_writes_json(tmp_path: Path, aiohttp_serv
     # One per worker (each fetches its own keys), each saying which worker it is.
     assert sorted(line["worker"] for line in run.events("keys_loaded")) == [0, 1]
     assert sorted(line["worker"] for line in run.events("stopped")) == [0, 1]
-    assert "worker" not in run.events("workers_started")[0]  # the supervisor's own line
+    assert run.events("workers_started")[0]["worker"] == 0  # the set's line, from worker 0 that supervises it

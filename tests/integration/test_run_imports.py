@@ -1,12 +1,13 @@
-"""`jwt-sidecar run` imports no aiohttp, and the supervisor of `workers: N` little else.
+"""`jwt-sidecar run` imports no aiohttp, and worker 0 of `workers: N` imports the run path once for all.
 
 `import aiohttp` alone costs ~23 MiB of resident memory (bench/FIGURES.md). The admin port
 and key fetches run on our own HTTP/1.1 code; aiohttp stays a dependency for the demo and the
 tests' fake servers only. Checked two ways: what importing the run path loads (a fresh
 interpreter), and what a running sidecar has mapped (aiohttp's C extensions are shared
 objects: a process that imported it has them in /proc/PID/maps), for one process and for a
-supervisor and its workers. The supervisor (`become_supervisor`) must also hold none of the
-config builder, PyJWT or cryptography.
+set of workers. The other workers of a set are forked from worker 0 (ops/workers.py): they
+import nothing themselves, holding what worker 0 imported before the fork (uvloop and
+cryptography included), shared copy-on-write.
 
 No PyJWT either, in any process of a running sidecar: it cost 4.8 MiB each (base/jwk.py
 parses JWKs and auth/verify.py checks signatures on cryptography's keys). PyJWT is pure
@@ -66,11 +67,6 @@ def test_the_run_path_imports_no_pyjwt() -> None:
     assert "cryptography" in loaded  # what checks the signatures instead
 
 
-def test_the_supervisor_imports_neither_the_config_builder_nor_the_key_code() -> None:
-    loaded = imported_by("import proxy.ops.workers")
-    assert not loaded & {"aiohttp", "jwt", "cryptography", "yaml", "cachetools"}, loaded
-
-
 def mapped_aiohttp(pid: int) -> list[str]:
     maps = Path(f"/proc/{pid}/maps").read_text()
     return sorted({line.split()[-1] for line in maps.splitlines() if "/aiohttp/" in line})
@@ -93,7 +89,7 @@ async def test_a_running_sidecar_has_no_aiohttp_loaded(
     env = {**ENV, "PYTHONPROFILEIMPORTTIME": "1"}
     async with running(tmp_path, text, stdout=False, env=env) as run:  # ready: keys fetched, admin serving
         pids = [run.pid, *children(run.pid)]
-        assert len(pids) == (1 if workers == 1 else 1 + workers)
+        assert len(pids) == workers  # worker 0 and its forked children
         for pid in pids:
             assert mapped_aiohttp(pid) == [], pid
         async with aiohttp.ClientSession() as session:  # a verified token: the whole check has run
@@ -101,15 +97,11 @@ async def test_a_running_sidecar_has_no_aiohttp_loaded(
             async with session.get(f"{run.url}/api/x", headers={"Authorization": f"Bearer {token}"}) as r:
                 assert r.status == 200, await r.text()
         imported = [line.rsplit("|", 1)[-1].strip() for line in run.stderr().splitlines() if "|" in line]
-        # Each serving process imported it; with workers, `run` too (its config check, before it became the supervisor).
-        assert imported.count("proxy.auth.verify") == (1 if workers == 1 else 1 + workers)
+        # Imported once per image: with workers, by `run` (its config check, before it became
+        # worker 0) and by worker 0, never by a forked worker.
+        assert imported.count("proxy.auth.verify") == (1 if workers == 1 else 2)
         assert not [name for name in imported if name == "jwt" or name.startswith("jwt.")]
-        if workers > 1:
-            # The supervisor is a fresh image (same pid): cryptography's library never loaded in it,
-            # while each worker, which verifies tokens, has it.
-            assert not mapped(run.pid, "/cryptography/")
-            assert all(mapped(pid, "/cryptography/") for pid in pids[1:])
-            # It runs on asyncio's own loop (uvloop's library is 2.4 MiB of it); each worker on uvloop.
-            assert not mapped(run.pid, "/uvloop/")
-            assert all(mapped(pid, "/uvloop/") for pid in pids[1:])
+        # Every worker verifies tokens on cryptography's keys, on uvloop (mapped before the fork).
+        assert all(mapped(pid, "/cryptography/") for pid in pids)
+        assert all(mapped(pid, "/uvloop/") for pid in pids)
         assert await run.stop(timeout=30) == 0

@@ -1,9 +1,9 @@
-"""`workers: N`: the supervisor's /metrics has CPU and memory of every process, and one admin line.
+"""`workers: N`: worker 0's /metrics has CPU and memory of every process, and one admin line.
 
 The real `run` with `workers: 2`, in a subprocess: process_* series labelled `worker`
-("supervisor", "0", "1") whose figures are each process's own (start times matched against
+("0", "1") whose figures are each process's own (start times matched against
 /proc/PID/stat of the pid the test finds for each worker), and a stderr that names the admin
-port once, from the supervisor that owns it.
+port once, from worker 0 that owns it (the set's supervisor: ops/workers.py).
 """
 
 from __future__ import annotations
@@ -46,17 +46,18 @@ def start_time(pid: int) -> float:
     return boot + float(fields[19]) / os.sysconf("SC_CLK_TCK")
 
 
-def workers(supervisor: int) -> dict[str, int]:
-    """Worker index -> pid of the supervisor's live children (a killed one not yet reaped has no environ)."""
-    found = {}
-    for pid in children(supervisor):
+def workers(first: int) -> dict[str, int]:
+    """Worker index -> pid, for a set of two: worker 0 is `first` (the process `run` started),
+    worker 1 its live child (forked, or started again: then its environment names it; a killed
+    one not yet reaped has no environ)."""
+    found = {"0": first}
+    for pid in children(first):
         try:
             environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        for item in environ:
-            if item.startswith(b"JWT_SIDECAR_WORKER="):
-                found[item.partition(b"=")[2].decode()] = pid
+        named = [item.partition(b"=")[2].decode() for item in environ if item.startswith(b"JWT_SIDECAR_WORKER=")]
+        found[named[0] if named else "1"] = pid  # a forked worker has worker 0's environ: the set's other one
     return found
 
 
@@ -108,8 +109,7 @@ async def test_every_process_exports_its_own_cpu_and_memory(
     began = time.time()
     async with supervised(tmp_path, aiohttp_server, jwks_server, rsa_key) as (run, session):
         pids = run.workers()
-        assert set(pids) == {"0", "1"}
-        pids["supervisor"] = run.proc.pid
+        assert set(pids) == {"0", "1"} and pids["0"] == run.proc.pid
         samples = await process_samples(session, run.admin)
         assert set(samples) == {(name, label) for name in PROCESS_FAMILIES for label in pids}
         now = time.time()
@@ -127,23 +127,23 @@ async def test_every_process_exports_its_own_cpu_and_memory(
             assert 3 <= value("process_open_fds") <= value("process_max_fds"), label
 
         # A worker started again is read under its new pid, keeping its label.
-        os.kill(pids["0"], signal.SIGKILL)
+        os.kill(pids["1"], signal.SIGKILL)
         for _ in range(200):  # bounded: the restart back-off is 0.25 s, the start about a second
             current = run.workers()
-            if current.get("0") not in (None, pids["0"]):
+            if current.get("1") not in (None, pids["1"]):
                 async with session.get(run.admin + "/readyz") as response:
                     if response.status == 200:
                         break
             await asyncio.sleep(0.05)
-        assert current["0"] != pids["0"]
+        assert current["1"] != pids["1"]
         samples = await process_samples(session, run.admin)
-        assert abs(samples[("process_start_time_seconds", "0")] - start_time(current["0"])) < 0.02
-        assert {label for _, label in samples} == {"supervisor", "0", "1"}
+        assert abs(samples[("process_start_time_seconds", "1")] - start_time(current["1"])) < 0.02
+        assert {label for _, label in samples} == {"0", "1"}
         await run.stop()
 
 
 @bounded_by(60)
-async def test_the_admin_port_is_logged_once_by_the_supervisor_that_owns_it(
+async def test_the_admin_port_is_logged_once_by_worker_0_that_owns_it(
     tmp_path: Path, aiohttp_server: Any, jwks_server: Any, rsa_key: TestKey
 ) -> None:
     async with supervised(tmp_path, aiohttp_server, jwks_server, rsa_key) as (run, _):

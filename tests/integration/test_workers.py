@@ -1,4 +1,7 @@
-"""`workers: N`: processes sharing the port, metrics aggregated on the supervisor's admin port."""
+"""`workers: N`: processes sharing the port, metrics aggregated on worker 0's admin port.
+
+The set is worker 0 (the process `run` started, which is also the set's supervisor) and its
+forked children, workers 1..N-1 (ops/workers.py): with `workers: 2`, one child."""
 
 from __future__ import annotations
 
@@ -6,6 +9,8 @@ import asyncio
 import os
 import re
 import signal
+import subprocess
+import sys
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
@@ -13,9 +18,10 @@ from typing import Any
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
+from proxy.ops.workers import SET_ENV
 from tests.conftest import TestKey, jwks_of, mint
 from tests.integration.conftest import BASE_CONFIG
-from tests.support.process import Run, children, running
+from tests.support.process import ENV, REPO, Run, children, running
 from tests.support.upstream import start_upstream
 
 
@@ -36,7 +42,7 @@ async def test_two_workers_serve_one_port_and_report_one_set_of_metrics(
         base, admin = run.url, run.admin_url
         async with aiohttp.ClientSession() as session:
             workers = children(run.pid)
-            assert len(workers) == 2
+            assert len(workers) == 1  # worker 1; worker 0 is run.pid itself
             token = mint(key=rsa_key)
             # New connections each time, so the kernel spreads them over both workers.
             for _ in range(40):
@@ -68,6 +74,90 @@ async def test_two_workers_serve_one_port_and_report_one_set_of_metrics(
         assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
 
 
+async def test_a_set_of_three_is_worker_0_and_two_forked_workers(
+    tmp_path: Path, aiohttp_server: Any, jwks_server: Any, rsa_key: TestKey
+) -> None:
+    jwks_server.document = jwks_of(rsa_key)
+    upstream = await start_upstream(aiohttp_server)
+    text = BASE_CONFIG.replace("{upstream}", upstream.url).replace("{jwks}", jwks_server.url())
+    async with running(tmp_path, text + "workers: 3\ndrain_timeout: 5s\n", stdout=False) as run:
+        workers = children(run.pid)
+        assert len(workers) == 2
+        async with aiohttp.ClientSession() as session:
+            async with session.get(run.admin_url + "/metrics") as response:
+                text = await response.text()
+        ready = [
+            s.value
+            for f in text_string_to_metric_families(text)
+            for s in f.samples
+            if s.name == "jwt_sidecar_workers_ready"
+        ]
+        assert ready == [3]
+        assert await run.stop() == 0
+        assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
+
+
+async def test_when_worker_0_dies_the_others_drain_and_exit_rather_than_serve_orphaned(
+    tmp_path: Path, aiohttp_server: Any, jwks_server: Any, rsa_key: TestKey
+) -> None:
+    async with await start(tmp_path, aiohttp_server, jwks_server, rsa_key) as run:
+        # Worker 1 first dies and is started again (a fresh process: it is handed the pipe).
+        [forked] = children(run.pid)
+        os.kill(forked, signal.SIGKILL)
+        await run.wait_for("worker 1 started again")
+        await run.ready()
+        workers = children(run.pid)
+        assert len(workers) == 1 and workers[0] != forked
+        # SIGKILL: worker 0 can tell no one. Its end of the pipe closes with it; worker 1 sees
+        # the end of file and stops as SIGTERM would stop it (its exit ends the shared output).
+        assert await run.stop(signal.SIGKILL, timeout=30) == -signal.SIGKILL
+        for _ in range(100):  # its output has ended: it is in its last steps of exiting
+            try:
+                if "zombie" in Path(f"/proc/{workers[0]}/status").read_text():
+                    break
+            except OSError:
+                break  # gone, reaped by init
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("worker 1 still runs with worker 0 gone")
+        stderr = run.err.decode()
+        assert "worker 0 has gone: stopping this worker too" in stderr, stderr[-3000:]
+        assert re.search(r"draining: accepting for 0s more", stderr), stderr[-3000:]
+
+
+async def test_ctrl_c_to_the_process_group_drains_every_worker_once(
+    tmp_path: Path, aiohttp_server: Any, jwks_server: Any, rsa_key: TestKey
+) -> None:
+    async with await start(tmp_path, aiohttp_server, jwks_server, rsa_key) as run:
+        # A terminal's Ctrl-C: SIGINT to every process of the group; worker 0 passes a SIGTERM
+        # on as well. Worker 1 takes the second signal as the same stop: it drains and says so.
+        os.killpg(run.pid, signal.SIGINT)
+        assert await run.exited(30) == 0
+    stderr = run.err.decode()
+    assert len(re.findall(r"(?m)^.*\bstopped$", stderr)) == 2, stderr[-3000:]
+
+
+def test_worker_0_whose_config_broke_during_the_re_exec_leaves_no_metrics_directory(tmp_path: Path) -> None:
+    # `run` checked the config and re-executed itself as worker 0 (workers.py `become_first`);
+    # the file broke in between: one line, exit 1, and the set's directory is gone.
+    directory = tmp_path / "metrics"
+    directory.mkdir()
+    config = tmp_path / "config.yaml"
+    config.write_text("workers: 2\nlisten: [not, an, address]\n")
+    env = {**ENV, SET_ENV: str(directory), "PROMETHEUS_MULTIPROC_DIR": str(directory)}
+    done = subprocess.run(
+        [sys.executable, "-m", "proxy", "run", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=60,
+    )
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    assert not directory.exists()
+
+
 async def readyz(session: aiohttp.ClientSession, admin: str) -> tuple[int, str]:
     async with session.get(admin + "/readyz") as response:
         return response.status, (await response.json())["reason"]
@@ -81,15 +171,15 @@ async def test_a_killed_worker_is_started_again_while_the_other_keeps_serving(
         base, admin = run.url, run.admin_url
         async with aiohttp.ClientSession() as session:
             before = children(run.pid)
-            assert len(before) == 2
+            assert len(before) == 1
             os.kill(before[0], signal.SIGKILL)
-            # The supervisor notices, and says so until the new worker is ready.
+            # Worker 0 (the set's supervisor) notices, and says so until the new worker is ready.
             for _ in range(100):
                 status, reason = await readyz(session, admin)
                 if status == 503:
                     break
                 await asyncio.sleep(0.05)
-            assert status == 503 and ("restarting worker 0" in reason or "1 of 2 workers ready" in reason), reason
+            assert status == 503 and ("restarting worker 1" in reason or "1 of 2 workers ready" in reason), reason
             # Meanwhile every request is answered, by the worker that is left (new connections
             # each time: the kernel would otherwise keep one on the same worker).
             answered_while_restarting = 0
@@ -103,7 +193,7 @@ async def test_a_killed_worker_is_started_again_while_the_other_keeps_serving(
             assert answered_while_restarting >= 3
             await run.ready()
             after = children(run.pid)
-            assert len(after) == 2 and before[1] in after and before[0] not in after
+            assert len(after) == 1 and before[0] not in after  # worker 0, run.pid, served throughout
             for _ in range(10):
                 async with aiohttp.ClientSession() as fresh:
                     async with fresh.get(base + "/orders", headers=token) as response:
@@ -121,8 +211,8 @@ async def test_a_worker_that_dies_on_every_start_stops_the_set_with_status_1(
         path.write_text(path.read_text().replace("providers:", "providers:\n  broken: {issuer: i}\n", 1))
         workers = children(run.pid)
         os.kill(workers[0], signal.SIGKILL)
+        # Worker 0, still serving, stopped too: it is the process `run` started.
         assert await run.exited(60) == 1
-        assert not Path(f"/proc/{workers[1]}").exists(), "the worker still serving was stopped too"
         stderr = run.err.decode()
         # Four restarts; repeat lines are limited to one a second, the rest counted on the next.
         restarts = [line for line in stderr.splitlines() if "starting it again in" in line]

@@ -267,7 +267,7 @@ def test_a_traceback_holding_a_huge_message_keeps_its_end_within_bounds(configur
 
 
 def test_the_supervisors_worker_events_name_the_worker_as_worker(configured) -> None:  # noqa: F811
-    # The supervisor writes no `worker` member of its own: which worker died is `worker`.
+    # Which worker died or restarted is `worker`, in a process without an index of its own...
     logs = configured("json")
     oplog.event(
         logging.getLogger("jwt_sidecar.workers"),
@@ -278,6 +278,12 @@ def test_the_supervisors_worker_events_name_the_worker_as_worker(configured) -> 
         pid=4242,
     )
     [line] = logs.json()
+    assert line["worker"] == 1 and "field_worker" not in line
+    # ... and in worker 0, which supervises the set (rewritten for the set without a
+    # supervisor process of its own: ops/workers.py).
+    record = logging.LogRecord("jwt_sidecar.workers", logging.ERROR, __file__, 1, "x", None, None)
+    record.event, record.fields = "worker_died", {"worker": 1, "pid": 4242}
+    line = json.loads(oplog.JsonFormatter(worker=0).format(record))
     assert line["worker"] == 1 and "field_worker" not in line
     # In a worker, `worker` is the process's own index; a field of that name stays apart.
     record = logging.LogRecord("jwt_sidecar", logging.INFO, __file__, 1, "x", None, None)

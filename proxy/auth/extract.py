@@ -148,10 +148,11 @@ def _token68(value: str, where: str) -> str:
 
 def _is_b64token(value: str) -> bool:
     """`_B64TOKEN.fullmatch(value)`, by one `bytes.translate` and one `find` instead of the
-    regex's scan (~8k instructions against ~15k for a 699-character token, bench/FIGURES.md):
-    ASCII only (`isascii` reads a flag), the '=' only at the end, at least one character
-    before them, and every character before them in the b64token alphabet (`_NOT_B64TOKEN`
-    maps each byte outside it to 1). tests/unit/auth/test_extract.py holds the two together."""
+    regex's scan (~8k instructions against ~15k for a 699-character token: bench/FIGURES.md,
+    "Cache misses, session 6"): ASCII only (`isascii` reads a flag), the '=' only at the end,
+    at least one character before them, and every character before them in the b64token
+    alphabet (`_NOT_B64TOKEN` maps each byte outside it to 1).
+    tests/unit/request/test_extract_identity.py holds the two together."""
     if not value.isascii():
         return False
     body = value.rstrip("=")

@@ -22,6 +22,7 @@ import json
 import math
 import re
 from collections.abc import Iterator
+from types import MappingProxyType
 from typing import Any
 
 import pytest
@@ -29,7 +30,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from proxy.auth.keys import key_source_for
-from proxy.auth.verify import Verifier, parse_payload, read_header
+from proxy.auth.verify import Claims, Verifier, parse_payload, read_header
 from proxy.base.errors import InvalidToken, Reason
 from proxy.config.builder import ClaimHeader, HeaderMap, Provider, StaticKeys
 from proxy.http.upstream import Fields
@@ -242,6 +243,44 @@ def test_what_has_no_exact_header_form_is_an_unsafe_claim(value: Any) -> None:
 )
 def test_what_has_one_is_rendered(value: Any, text: str) -> None:
     assert render_claim(json.loads(json.dumps(value))) == text
+
+
+# A map of claim headers alone: `Renderer` takes the usual claim (printable ASCII) by a
+# shortcut, and must give what `claim_headers` gives, refusals included.
+CLAIMS_ONLY_MAP = HeaderMap(
+    claims=(
+        ClaimHeader(claim="sub", path=("sub",), header="X-User-Id"),
+        ClaimHeader(claim="email", path=("email",), header="X-User-Email"),
+        ClaimHeader(claim="org.team", path=("org", "team"), header="X-Team"),
+    )
+)
+ABSENT_CLAIM = object()
+ASCII_EDGES = st.sampled_from(
+    ["", " ", "a b", " a", "a ", "a\t", "\ta", "a\x7f", "\x1fa", "~!", "a,b", "\x00", "x" * 300]
+)
+
+
+@PROPERTY
+@given(
+    sub=st.one_of(VALUE, ASCII_EDGES, st.text(st.characters(max_codepoint=0x7F), max_size=12)),
+    email=st.one_of(VALUE, ASCII_EDGES, st.none(), st.just(ABSENT_CLAIM)),
+    team=VALUE,
+    nested=st.booleans(),
+)
+def test_the_renderer_gives_what_claim_headers_gives(sub: Any, email: Any, team: Any, nested: bool) -> None:
+    payload: dict[str, Any] = {"sub": sub, "org": {"team": team} if nested else team}
+    if email is not ABSENT_CLAIM:
+        payload["email"] = email
+    claims = Claims("p", MappingProxyType({}), MappingProxyType(payload))
+    try:
+        expected: Any = encode_headers(claim_headers(claims.payload, CLAIMS_ONLY_MAP))
+    except InvalidToken as error:
+        expected = error.reason
+    try:
+        got: Any = Renderer(CLAIMS_ONLY_MAP, 1).headers(claims)
+    except InvalidToken as error:
+        got = error.reason
+    assert got == expected
 
 
 # -- item 2: the whole payload as one header ---------------------------------------------------

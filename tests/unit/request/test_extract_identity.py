@@ -7,8 +7,11 @@ import json
 from collections.abc import Callable
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from multidict import CIMultiDict, MultiDict
 
+from proxy.auth import extract as extract_module
 from proxy.auth.extract import Found, bearer, extract, without_cookie, without_query_param
 from proxy.auth.verify import Claims
 from proxy.base.errors import InvalidRequest, InvalidToken, Reason
@@ -66,6 +69,75 @@ def test_any_number_of_spaces_separates_the_scheme(value: str) -> None:
 @pytest.mark.parametrize("value", ["Bearer abc=", "Bearer abc==", "Bearer  a.b.c=="])
 def test_b64token_padding_is_a_token_for_the_verifier_to_judge(value: str) -> None:
     assert find([("Authorization", value)]).token == value.split()[-1]
+
+
+# The token's shape (RFC 6750 §2.1 b64token), checked by `extract._is_b64token`, must be the
+# rule as written (`_B64TOKEN`) on every input: '=' only at the end, at least one character
+# before it, the alphabet alone, no whitespace, ASCII only. Empty segments ('a..b') are a
+# b64token: the verifier judges them (401), not the shape (400).
+SHAPES = [
+    "abc",
+    "a.b.c",
+    "abc.def-_~+/",
+    "abc=",
+    "abc==",
+    "a.b.c==",
+    "=",
+    "==",
+    "=abc",
+    "a=bc",
+    "abc=d",
+    "abc=d=",
+    "ab=.c",
+    "a..b",
+    ".",
+    "..",
+    "a.",
+    ".a",
+    "",
+    " abc",
+    "abc ",
+    "a b",
+    "a\tb",
+    "abc\t",
+    "a\nb",
+    "abc\n",
+    "abc\r",
+    "\x00",
+    "abc\x7f",
+    "é",
+    "abc\u00e9",
+    "\uff41bc",  # a fullwidth 'a'
+    "\u0661\u0662",  # Arabic-Indic digits: not DIGIT
+    "a\udc80b",  # a non-UTF-8 byte as the header's decoding keeps it
+    "\u212a",  # the Kelvin sign, which lower-cases to 'k'
+    "abc%",
+    "abc,",
+    "a;b",
+    'a"b',
+    "x" * 9000,
+]
+
+
+@pytest.mark.parametrize("value", SHAPES, ids=ascii)
+def test_b64token_shape_is_the_rule_as_written(value: str) -> None:
+    assert extract_module._is_b64token(value) is (extract_module._B64TOKEN.fullmatch(value) is not None)
+    # As a credential (what follows `Bearer` and its spaces, trailing SP/HTAB removed: the
+    # field's own whitespace), a header token, a cookie's or a query parameter's value.
+    if extract_module._B64TOKEN.fullmatch(value) is None:
+        with pytest.raises(InvalidRequest) as caught:
+            extract_module._token68(value, "Authorization: Bearer")
+        assert caught.value.reason is Reason.MALFORMED_REQUEST
+    else:
+        assert extract_module._token68(value, "Authorization: Bearer") == value
+        found = bearer("Bearer " + value, BEARER)
+        assert found is not None and found.token == value
+
+
+@settings(deadline=None, max_examples=500)
+@given(st.text(st.one_of(st.sampled_from("Aa0-._~+/= \t"), st.characters(exclude_categories=())), max_size=12))
+def test_b64token_shape_on_any_text(value: str) -> None:
+    assert extract_module._is_b64token(value) is (extract_module._B64TOKEN.fullmatch(value) is not None)
 
 
 @pytest.mark.parametrize(

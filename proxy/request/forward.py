@@ -45,7 +45,7 @@ from ..http.flow import Wakeup
 from ..http.http1 import BodyError, BodyTimeout, BodyTooLarge, Later, Request
 from ..http.upstream import BodySource, Fields, InFlight, Response, UpstreamError, checked_head, encode_head
 from .cors import without_upstream_cors
-from .identity import HOP_BY_HOP, connection_tokens, planned_fields
+from .identity import HOP_BY_HOP, OurFields, connection_tokens
 
 if TYPE_CHECKING:
     from .exchange import Exchange
@@ -471,19 +471,26 @@ def _head_of(ex: Exchange, host_line: bytes) -> bytes:
 
 
 def planned_head(
-    ex: Exchange, line: bytes, fields: bytes, kept: int, values: tuple[bytes, ...], host: int, host_line: bytes
+    ex: Exchange,
+    line: bytes,
+    ours: OurFields,
+    fields: bytes,
+    kept: int,
+    values: tuple[bytes, ...],
+    host: int,
+    host_line: bytes,
 ) -> bytes:
     """The head `_head_of` writes, for a request pipeline.py's prepared forward and identity.py's
-    `HeadPlan` planned: `line`, its request line (prepared); the header fields
-    `planned_fields` writes from the format `fields` (`kept` lines), the request's `values`
-    and its Host (`values[host]`); its framing. The same CR/LF check (`checked_head`):
-    bench/FIGURES.md, "The prepared forward"."""
+    `HeadPlan` planned: `line`, its request line (prepared); the header fields `ours` writes
+    (`OurFields.lines`) after the client's, from the format `fields` (`kept` lines) and the
+    request's `values`, its Host `values[host]`; its framing. The same CR/LF check
+    (`checked_head`): bench/FIGURES.md, "The prepared forward"."""
     request = ex.request
     identity = ex.identity
     framed = request.content_length is not None  # (`Content-Length: 0`: no body, as `request` frames it)
     head = b"%b%b%b\r\n" % (
         line,
-        planned_fields(fields % values, identity, request.remote, request.scheme, values[host], ex.request_id),
+        ours.lines(fields % values, identity, request.remote, request.scheme, values[host], ex.request_id),
         b"Content-Length: 0\r\n" if framed else b"",
     )
     return checked_head(head, 6 + kept + len(identity) + framed)

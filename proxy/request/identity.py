@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 __all__ = [
     "HOP_BY_HOP",
     "HeadPlan",
+    "OurFields",
     "Outbound",
     "Pairs",
     "Renderer",
@@ -602,14 +603,49 @@ def planned_fields(
     """`upstream_fields` and then `upstream.Fields.of_bytes`, for a request `HeadPlan` planned:
     `fields`, its client fields encoded (`HeadPlan.keep` or `drop`, formatted), then ours as
     `upstream_fields` writes them for a request with no X-Forwarded-* of its own and a Host
-    (`host`, its value): `identity`, X-Forwarded-For, -Proto, -Host and our X-Request-Id. One
-    `bytes %` (bench/FIGURES.md, "The prepared forward")."""
-    assert client is not None  # (pipeline.py plans nothing for a request without a peer)
-    return b"%b%bX-Forwarded-For: %b\r\nX-Forwarded-Proto: %b\r\nX-Forwarded-Host: %b\r\nX-Request-Id: %b\r\n" % (
-        fields,
-        b"".join([b"%b: %b\r\n" % pair for pair in identity]) if identity else b"",
-        client.encode(_ENCODING, _ERRORS),
-        _PROTO.get(proto) or proto.encode(_ENCODING, _ERRORS),
-        host,
-        request_id_value.encode(_ENCODING, _ERRORS),
-    )
+    (`host`, its value): `identity`, X-Forwarded-For, -Proto, -Host and our X-Request-Id
+    (`OurFields.lines`, with nothing kept from before)."""
+    return OurFields().lines(fields, identity, client, proto, host, request_id_value)
+
+
+class OurFields:
+    """`planned_fields` for the requests of one prepared forward (pipeline.py's `ForwardPlan`),
+    keeping what the last one gave that the next one usually gives again: its identity lines
+    (a cached token's `Renderer.headers` is the same tuple, request after request) and its
+    peer address encoded (the same str for every request of a connection); each is used again
+    only for the very same object (`is`), which cannot have changed (bench/FIGURES.md, "The
+    prepared forward")."""
+
+    __slots__ = ("_client", "_identity", "_lines", "_peer")
+
+    def __init__(self) -> None:
+        self._identity: tuple[tuple[bytes, bytes], ...] = ()
+        self._lines = b""
+        self._client: str | None = None
+        self._peer = b""
+
+    def lines(
+        self,
+        fields: bytes,
+        identity: tuple[tuple[bytes, bytes], ...],
+        client: str | None,
+        proto: str,
+        host: bytes,
+        request_id_value: str,
+    ) -> bytes:
+        """`planned_fields`: `fields`, then ours (one `bytes %`)."""
+        if identity is not self._identity:
+            self._lines = b"".join([b"%b: %b\r\n" % pair for pair in identity])
+            self._identity = identity
+        if client is not self._client:
+            assert client is not None  # (pipeline.py plans nothing for a request without a peer)
+            self._peer = client.encode(_ENCODING, _ERRORS)
+            self._client = client
+        return b"%b%bX-Forwarded-For: %b\r\nX-Forwarded-Proto: %b\r\nX-Forwarded-Host: %b\r\nX-Request-Id: %b\r\n" % (
+            fields,
+            self._lines,
+            self._peer,
+            _PROTO.get(proto) or proto.encode(_ENCODING, _ERRORS),
+            host,
+            request_id_value.encode(_ENCODING, _ERRORS),
+        )

@@ -38,7 +38,7 @@ from typing import Any
 
 from multidict import MultiDict, MultiDictProxy
 
-from ..auth.extract import authorization, bearer, extract
+from ..auth.extract import Found, authorization, bearer, extract
 from ..auth.rules import check_route
 from ..auth.verify import Claims, by_issuer
 from ..base.errors import InvalidRequest, NotFound, ProxyError, TokenMissing
@@ -48,7 +48,7 @@ from ..telemetry.metrics import Decision
 from .cors import Preflight, preflight
 from .exchange import Exchange
 from .forward import Answering, forward, forward_now, forward_websocket, is_websocket, planned_head
-from .identity import HeadPlan, strip_inbound, upstream_fields, without_query_token
+from .identity import HeadPlan, OurFields, strip_inbound, upstream_fields, without_query_token
 
 __all__ = ["ForwardPlan", "begin", "begin_planned", "log_refused"]
 
@@ -165,7 +165,7 @@ class ForwardPlan:
     `Snapshot.forwards` (so none outlives its config), and used by `begin_planned`
     (bench/FIGURES.md, "The prepared forward")."""
 
-    __slots__ = ("line", "path", "plan", "public", "query")
+    __slots__ = ("found", "line", "ours", "path", "plan", "public", "query", "raw")
 
     def __init__(self, ex: Exchange) -> None:
         plan = ex.plan
@@ -178,8 +178,16 @@ class ForwardPlan:
         target = plan.origin.base_path + ex.path + ("?" + ex.query if ex.query else "")
         self.line = f"{ex.request.method} {target} HTTP/1.1\r\n".encode("utf-8", "surrogateescape")
         """The upstream request's line, as `upstream.encode_head` writes it."""
+        self.ours = OurFields()
+        """Our fields after the client's (identity.py's), with what the last request gave kept."""
+        self.raw = b""
+        self.found: Found | None = None
+        """The last Authorization value (`raw`, at most `_RAW_LONGEST` bytes) and what `bearer`
+        found in it: the same token comes again and again (bench/FIGURES.md, "The prepared forward")."""
 
 
+_RAW_LONGEST = 8192
+"""The longest Authorization value a `ForwardPlan` keeps (with its `Found`): ~4 MB at worst."""
 _PLANNED_LONGEST = 256
 """The longest request target a `ForwardPlan` is kept for: targets are the client's choice, and
 at most 512 plans are kept per config (`Snapshot.forwards`): ~200 KB at worst."""
@@ -210,7 +218,13 @@ def begin_planned(
             return begin(ex)  # no Authorization line (a 401) or several (a 400): `begin` says which
         began = time.perf_counter()
         try:
-            found = ex.found = bearer(values[head.authorization].decode("utf-8", "surrogateescape"), plan.sources[0])
+            raw = values[head.authorization]
+            if raw == forward.raw:  # (bytes compared: new bytes each request; a length apart at once)
+                found = ex.found = forward.found
+            else:
+                found = ex.found = bearer(raw.decode("utf-8", "surrogateescape"), plan.sources[0])
+                if len(raw) <= _RAW_LONGEST:
+                    forward.raw, forward.found = raw, found
             if found is None:
                 claims = None  # another scheme: no token (`_admit` refuses, or lets it on anonymous)
             else:
@@ -234,7 +248,9 @@ def begin_planned(
             fields, kept = head.drop, head.kept - 1  # type: ignore[assignment]
     ex.decision = _ALLOWED
     began = time.perf_counter()
-    answering = forward_now(ex, began, partial(planned_head, ex, forward.line, fields, kept, values, head.host))
+    answering = forward_now(
+        ex, began, partial(planned_head, ex, forward.line, forward.ours, fields, kept, values, head.host)
+    )
     if answering is not None:
         return answering
     # No idle pooled connection (or its head refused): forwarded as `_forward_now` does it.

@@ -165,7 +165,7 @@ class ForwardPlan:
     `Snapshot.forwards` (so none outlives its config), and used by `begin_planned`
     (bench/FIGURES.md, "The prepared forward")."""
 
-    __slots__ = ("found", "line", "ours", "path", "plan", "public", "query", "raw")
+    __slots__ = ("auth", "found", "line", "ours", "path", "plan", "public", "query", "raw", "rules")
 
     def __init__(self, ex: Exchange) -> None:
         plan = ex.plan
@@ -175,6 +175,9 @@ class ForwardPlan:
         self.query = ex.query
         self.public = plan.verifier is None
         """A public route: no token looked for, Authorization forwarded as sent."""
+        auth = self.auth = plan.route.auth
+        self.rules = auth is not None and bool(auth.scopes.all_of or auth.scopes.any_of or auth.claims)
+        """Whether the route has scopes or claim rules to check (`rules.check_route` does nothing otherwise)."""
         target = plan.origin.base_path + ex.path + ("?" + ex.query if ex.query else "")
         self.line = f"{ex.request.method} {target} HTTP/1.1\r\n".encode("utf-8", "surrogateescape")
         """The upstream request's line, as `upstream.encode_head` writes it."""
@@ -213,6 +216,7 @@ def begin_planned(
         if head.authorizations > 1:
             return begin(ex)  # refused there: forwarded as sent, two lines would be read two ways
         fields, kept = head.keep, head.kept
+        began = time.perf_counter()
     else:
         if head.authorization < 0:
             return begin(ex)  # no Authorization line (a 401) or several (a 400): `begin` says which
@@ -236,18 +240,28 @@ def begin_planned(
                     if claims is None:  # its keys must be fetched: `begin`'s coroutine, from its strip
                         ex.outbound = strip_inbound(request.fields, ex.snapshot.strip)  # type: ignore[union-attr]
                         return _verify_and_forward(ex, began)
-            # The revocation list and the route's rules, on every request (a cached token too).
-            _admit(ex, claims)
+            if claims is None:
+                _admit(ex, None)  # refused, or anonymous on an optional route
+            else:  # `_admit`, written out, its rules skipped where the route has none (`ForwardPlan.rules`)
+                ex.claims = claims
+                # The revocation list and the route's rules, on every request (a cached token too).
+                if plan.revocation is not None:
+                    plan.revocation.check(claims.provider, claims.payload)
+                if forward.rules:
+                    check_route(forward.auth, claims.payload)  # type: ignore[arg-type]
+                if plan.renderer is not None:
+                    ex.identity = plan.renderer.headers(claims)
         except BaseException:
             plan.metrics.observe_auth(time.perf_counter() - began)
             raise  # (no report mode here: `ForwardPlan` is for enforce mode)
-        plan.metrics.observe_auth(time.perf_counter() - began)
+        now = time.perf_counter()  # (the auth step's end and the upstream time's start: one reading)
+        plan.metrics.auth.observe(now - began)  # (`observe_auth`, one call fewer)
+        began = now
         if found is None or plan.forward_token:
             fields, kept = head.keep, head.kept
         else:  # the token's line goes no further (`upstream_fields`' `drop`)
             fields, kept = head.drop, head.kept - 1  # type: ignore[assignment]
     ex.decision = _ALLOWED
-    began = time.perf_counter()
     answering = forward_now(
         ex, began, partial(planned_head, ex, forward.line, forward.ours, fields, kept, values, head.host)
     )

@@ -40,6 +40,7 @@ routes:
     match: {{path_prefix: /fwd/}}
     auth: {{provider: main}}
     headers: {{claims: {{sub: X-User-Id}}, forward_token: true, payload: X-Jwt-Payload}}
+  - {{name: admin, match: {{path_prefix: /admin/}}, auth: {{provider: main, scopes: {{all_of: [admin]}}}}}}
   - {{name: api, match: {{path_prefix: /}}, auth: {{provider: main}}}}
 revocation: {{file: "{{revoked}}"}}
 """
@@ -196,6 +197,18 @@ async def test_refusals_on_a_prepared_target_are_as_before(
         assert (await exchange(s, raw))[0] == status, raw
     assert len(heads) == sent  # none of them reached the upstream
     assert await session(s, [ok]) == [200]
+
+
+@bounded_by(60)
+async def test_a_routes_rules_hold_on_a_prepared_target(
+    sidecar: Any, raw_server: Any, rsa_key: TestKey, tmp_path: Path, planned: list[tuple[str, str]]
+) -> None:
+    s, heads, _ = await start(sidecar, raw_server, tmp_path)
+    admin = request("GET", "/admin/a", f"Authorization: Bearer {mint({'scope': 'admin'}, key=rsa_key)}\r\n")
+    user = request("GET", "/admin/a", f"Authorization: Bearer {mint({'scope': 'read'}, key=rsa_key)}\r\n")
+    assert await session(s, [admin, admin, user, user, admin]) == [200, 200, 403, 403, 200]
+    assert planned == [("GET", "/admin/a")] * 4  # (the first one prepared it)
+    assert len(heads) == 3
 
 
 def revoke_sub(path: Path, sub: str) -> None:

@@ -13,7 +13,10 @@ access-log line, from the request's `Exchange` (exchange.py), which `handle` mak
 rather than raises, answered by `_missing` as `_failed` answers a `TokenMissing`) is
 answered within `handle` itself (no task); and a 401 for no token on a (method, target) that
 `_missing` refused before is answered from what it prepared then (`_Quick`: no `Exchange`,
-no routing, the metric a `Cell`, the log line's middle part built once);
+no routing, the metric a `Cell`, the log line's middle part built once); the request's
+fields are looked at once, by identity.py's `HeadPlan` for their names (its X-Request-Id,
+whether it sent an Authorization), and a (method, target) forwarded before goes to
+`pipeline.begin_planned` with what it prepared (`Snapshot.forwards`);
 an allowed request comes back to the server as a coroutine to run, and if the client left
 before that coroutine began, it sends nothing upstream and records a 499 (`_finish`: the one
 place this is handled; the server runs the coroutine regardless). One forwarded with no task

@@ -17,7 +17,9 @@ a spliced one.
 A request with no body is forwarded with no task when an idle pooled connection to its
 upstream is at hand (`forward_now`, `Answering`: its head written from the handler, its
 answer relayed and the request ended from the upstream connection's read callback); what
-stops being simple goes on as a task from there, as `forward` would do it.
+stops being simple goes on as a task from there, as `forward` would do it. Its head is made
+only once `Pool.send` has a connection in hand (`_head_of`; for pipeline.py's prepared
+forward, `planned_head`).
 Both steps take the request's `Exchange` (its route plan, path and query, and the header
 pairs identity.py made, which the HTTP layer encodes: `upstream.Fields.of_bytes`).
 Does not own: JWTs, routes or which headers to send (identity.py decides those), or the

@@ -12,7 +12,12 @@ that needs one (enforce mode) is not raised but returned (the class `TokenMissin
 app.py answers as if raised): the commonest refusal, without a raise and a catch. It reads
 the config snapshot once, at entry, so a reload mid-request cannot mix two configs. A CORS
 preflight (cors.py judges it) is answered in `begin` itself, before routing: no token, never
-forwarded.
+forwarded. The first request allowed on a (method, target) of a public route or one that
+reads Bearer alone (enforce mode) prepares a `ForwardPlan` (in the config's
+`Snapshot.forwards`); later ones take `begin_planned`: the same steps on the same terms (the
+token from its one Authorization line, the cache, the revocation list and the rules on every
+request), without routing again, their upstream head written at once from identity.py's
+`HeadPlan`; what it does not plan for goes to `begin` before any step is taken.
 
 A route in report mode (`auth.mode: report`, `RoutePlan.report`) runs every check as in
 enforce mode; a refusal of the token checks (no token, a bad token, the route's rules, a key
@@ -189,8 +194,8 @@ class ForwardPlan:
         found in it: the same token comes again and again (bench/FIGURES.md, "The prepared forward")."""
 
 
-_RAW_LONGEST = 8192
-"""The longest Authorization value a `ForwardPlan` keeps (with its `Found`): ~4 MB at worst."""
+_RAW_LONGEST = 4096
+"""The longest Authorization value a `ForwardPlan` keeps (with its `Found`): ~2 MB at worst."""
 _PLANNED_LONGEST = 256
 """The longest request target a `ForwardPlan` is kept for: targets are the client's choice, and
 at most 512 plans are kept per config (`Snapshot.forwards`): ~200 KB at worst."""

@@ -52,6 +52,8 @@ __all__ = [
     "UpstreamConnectError",
     "UpstreamError",
     "UpstreamProtocolError",
+    "checked_head",
+    "encode_head",
 ]
 
 
@@ -175,17 +177,21 @@ class Fields:
         return cls(b"\r\n".join(lines), len(lines) - 1, has_host=has_host)
 
 
-def _encode_head(method: str, target: str, fields: Fields, host_line: bytes, framing: bytes) -> bytes:
+def encode_head(method: str, target: str, fields: Fields, host_line: bytes, framing: bytes) -> bytes:
     """A request head: the request line, `fields`, `host_line` when they hold no Host, then
     `framing` (whole lines)."""
     host = b"" if fields.has_host else host_line
     head = b"".join(
         (f"{method} {target} HTTP/1.1\r\n".encode(_ENCODING, _ERRORS), fields.lines, host, framing, b"\r\n")
     )
-    # Every line ends in exactly one CRLF: a CR or LF inside a method, target, name or
-    # value (a claim rendered into a header, say) would split the message, RFC 9112 §2.2
-    # and §11.2 (request smuggling). Two C-speed counts check them all at once.
-    lines = 2 + fields.count + (0 if fields.has_host else 1) + framing.count(b"\n")
+    return checked_head(head, 2 + fields.count + (0 if fields.has_host else 1) + framing.count(b"\n"))
+
+
+def checked_head(head: bytes, lines: int) -> bytes:
+    """`head`, which its writer made of `lines` lines (the blank one that ends it included),
+    or `ValueError`: every line must end in exactly one CRLF. A CR or LF inside a method,
+    target, name or value (a claim rendered into a header, say) would split the message,
+    RFC 9112 §2.2 and §11.2 (request smuggling). Two C-speed counts check them all at once."""
     if head.count(b"\n") != lines or head.count(b"\r") != lines:
         raise ValueError("CR or LF inside the request line or a header")
     return head
@@ -987,7 +993,7 @@ class Pool:
         """The head of a GET asking to switch to `upgrade`, framed and checked as `request`
         frames its heads, for a caller that sends it on a connection of its own (a tunnel)."""
         fields = headers if isinstance(headers, Fields) else Fields.of(headers)
-        return _encode_head(
+        return encode_head(
             "GET",
             target,
             fields,
@@ -1059,7 +1065,7 @@ class Pool:
         else:
             framing = b""
         fields = headers if isinstance(headers, Fields) else Fields.of(headers)
-        head = _encode_head(method, target, fields, origin.host_line, framing)
+        head = encode_head(method, target, fields, origin.host_line, framing)
         conn = self._take_idle(origin)
         # RFC 9112 §9.3.1: a reused connection the server closed before answering may be
         # replayed once, on a fresh connection, if nothing (no body) makes that unsafe.
@@ -1085,40 +1091,42 @@ class Pool:
         scheme: str,
         host: str,
         port: int,
-        target: str,
-        fields: Fields,
+        head: Callable[[bytes], bytes],
         *,
-        content_length: int | None,
         connect_timeout: float,
         read_timeout: float,
         notify: Callable[[], None],
     ) -> InFlight | None:
         """`request` for a request with no body, awaited by no task: on an idle pooled
-        connection, the head written now and `notify()` called from the connection's
+        connection, its head written now and `notify()` called from the connection's
         callbacks once its answer's head has come, the exchange failed or `read_timeout`
         passed without a byte (then `InFlight.answer` says which; `InFlight.cancel` if the
         answer is no longer wanted). None when there is no such connection (nothing sent,
         nothing taken: call `request`): bench/FIGURES.md, "The proxied request without a task".
-        `content_length`: None or 0 (a body of none, framed as `request` frames it)."""
-        if self._loop is None or self._closed or content_length:
+        `head(host_line)` makes the head, asked only once a connection is in hand (so nothing
+        is encoded for a request that goes on by `request`): the bytes to write, whole (its
+        framing, if any, `Content-Length: 0`), `host_line` (the origin's `Host: ...` line) in
+        it when it has no Host of its own; a `ValueError` (`encode_head`'s CR/LF check) hands
+        the connection back, untouched, and the answer is None (`request` raises it)."""
+        if self._loop is None or self._closed:
             return None
         origin = self._origin(scheme, host, port)
-        try:
-            head = _encode_head(
-                method, target, fields, origin.host_line, b"" if content_length is None else b"Content-Length: 0\r\n"
-            )
-        except ValueError:
-            return None  # `request` raises it
         conn = self._take_idle(origin)
         if conn is None:
             return None
+        try:
+            data = head(origin.host_line)
+        except ValueError:
+            conn._idle = True  # back where it was, as it was (`_take_idle` changed nothing else of it)
+            origin.idle.append(conn)
+            return None
         conn._begin(method == "HEAD")
-        conn._transport.write(head)
+        conn._transport.write(data)
         conn._notify = notify
         conn._relay_timeout = read_timeout
         # RFC 9112 §9.3.1: a reused connection the server closed before answering may be
         # replayed once (`_exchange`'s rule; no body here).
-        conn._resend = (origin, head, connect_timeout) if method in _IDEMPOTENT else None
+        conn._resend = (origin, data, connect_timeout) if method in _IDEMPOTENT else None
         wakeup = conn._wakeup
         wakeup.conn = conn
         self._deadlines.add(wakeup, self._loop.time() + read_timeout)  # type: ignore[union-attr]

@@ -13,7 +13,10 @@ access-log line, from the request's `Exchange` (exchange.py), which `handle` mak
 rather than raises, answered by `_missing` as `_failed` answers a `TokenMissing`) is
 answered within `handle` itself (no task); and a 401 for no token on a (method, target) that
 `_missing` refused before is answered from what it prepared then (`_Quick`: no `Exchange`,
-no routing, the metric a `Cell`, the log line's middle part built once);
+no routing, the metric a `Cell`, the log line's middle part built once); the request's
+fields are looked at once, by identity.py's `HeadPlan` for their names (its X-Request-Id,
+whether it sent an Authorization), and a (method, target) forwarded before goes to
+`pipeline.begin_planned` with what it prepared (`Snapshot.forwards`);
 an allowed request comes back to the server as a coroutine to run, and if the client left
 before that coroutine began, it sends nothing upstream and records a 499 (`_finish`: the one
 place this is handled; the server runs the coroutine regardless). One forwarded with no task
@@ -47,7 +50,7 @@ from ..telemetry.metrics import Decision, Metrics, ProviderMetrics, RouteMetrics
 from .exchange import NO_ROUTE_NAME, Exchange
 from .forward import Answering
 from .identity import request_id
-from .pipeline import begin, log_refused
+from .pipeline import begin, begin_planned, log_refused
 from .runtime import Runtime, build_snapshot
 
 __all__ = ["Proxy", "respond_error"]
@@ -200,22 +203,31 @@ class Proxy:
 def _entry(runtime: Runtime, request: Request) -> Coroutine[Any, Any, None] | Answering | None:
     started = time.perf_counter()
     snapshot = runtime.snapshot
+    assert snapshot is not None  # the listener starts only after the first snapshot exists
+    # The request's fields looked at once, by their names (identity.py's `HeadPlan`, worked out
+    # once per list of names): where its X-Request-Id is, whether it sent an Authorization
+    # field, and what goes upstream (bench/FIGURES.md, "The prepared forward").
+    fields = request.fields
+    names, values = zip(*fields, strict=True) if fields else _NO_FIELDS
+    strip = snapshot.strip
+    head = strip.heads.get(names) or strip.head(names)
+    inbound = None if head.request_id < 0 else values[head.request_id].decode("latin-1")
+    key = (request.method, request.raw_path)
     # A 401 for no token, decided, counted and logged before for this method and target: only
     # the absence of an Authorization field is left to tell (`_Quick`).
-    quick = snapshot.refusals.get((request.method, request.raw_path)) if snapshot is not None else None
-    inbound = None
-    for name, value in request.fields:  # (`request.header(b"x-request-id")`, written out: once per request)
-        size = len(name)
-        if size == 12 and inbound is None and name.lower() == b"x-request-id":
-            inbound = value.decode("latin-1")
-        elif size == 13 and quick is not None and name.lower() == b"authorization":
-            quick = None
+    quick = None if head.asked else snapshot.refusals.get(key)
     if quick is not None and not log.isEnabledFor(logging.DEBUG):  # (a DEBUG log names the route: below)
         _refuse(request, runtime, quick, request_id(inbound), started)
         return None
     ex = Exchange(request, runtime, request_id(inbound), started)
+    # Forwarded before for this method and target: routed and prepared (`ForwardPlan`).
+    forward = snapshot.forwards.get(key)
     try:
-        rest = begin(ex)
+        if forward is None:
+            rest = begin(ex)
+        else:
+            ex.snapshot = snapshot  # (the config `forward` was prepared under)
+            rest = begin_planned(ex, forward, head, values)
         if rest is TokenMissing:  # no token where one is needed: begin said so without raising
             _missing(ex)
             rest = None
@@ -337,6 +349,8 @@ def _missing(ex: Exchange) -> None:
         snapshot.refusals.remember((request.method, request.raw_path), _Quick(ex, answer))
 
 
+_NO_FIELDS: tuple[tuple[bytes, ...], tuple[bytes, ...]] = ((), ())
+"""`zip(*fields)` of a request with no fields (which unpacks to nothing)."""
 _QUICK_LONGEST = 256
 """The longest request target a `_Quick` is kept for: targets are the client's choice, and at
 most 512 are kept per config (`Snapshot.refusals`): ~150 KB at worst."""

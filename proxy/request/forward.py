@@ -17,7 +17,9 @@ a spliced one.
 A request with no body is forwarded with no task when an idle pooled connection to its
 upstream is at hand (`forward_now`, `Answering`: its head written from the handler, its
 answer relayed and the request ended from the upstream connection's read callback); what
-stops being simple goes on as a task from there, as `forward` would do it.
+stops being simple goes on as a task from there, as `forward` would do it. Its head is made
+only once `Pool.send` has a connection in hand (`_head_of`; for pipeline.py's prepared
+forward, `planned_head`).
 Both steps take the request's `Exchange` (its route plan, path and query, and the header
 pairs identity.py made, which the HTTP layer encodes: `upstream.Fields.of_bytes`).
 Does not own: JWTs, routes or which headers to send (identity.py decides those), or the
@@ -43,15 +45,15 @@ from ..config.settings import WebSocketSettings
 from ..http.causes import cause
 from ..http.flow import Wakeup
 from ..http.http1 import BodyError, BodyTimeout, BodyTooLarge, Later, Request
-from ..http.upstream import BodySource, Fields, InFlight, Response, UpstreamError
+from ..http.upstream import BodySource, Fields, InFlight, Response, UpstreamError, checked_head, encode_head
 from .cors import without_upstream_cors
-from .identity import HOP_BY_HOP, connection_tokens
+from .identity import HOP_BY_HOP, OurFields, connection_tokens
 
 if TYPE_CHECKING:
     from .exchange import Exchange
     from .runtime import Origin
 
-__all__ = ["SMALL_BODY", "Answering", "forward", "forward_now", "forward_websocket", "is_websocket"]
+__all__ = ["SMALL_BODY", "Answering", "forward", "forward_now", "forward_websocket", "is_websocket", "planned_head"]
 
 SMALL_BODY = 64 * 1024
 """Answers up to this size (by Content-Length) are read whole and written in one go."""
@@ -427,11 +429,13 @@ async def _retried(ex: Exchange, sent: Coroutine[Any, Any, Response]) -> None:
         await rest
 
 
-def forward_now(ex: Exchange, began: float) -> Answering | None:
+def forward_now(ex: Exchange, began: float, head: Callable[[bytes], bytes] | None = None) -> Answering | None:
     """`forward` with no task, for a request with no body (not an upgrade) when an idle pooled
     connection to its upstream is at hand: its head written now (`Answering` does the rest);
     None (nothing sent) when that is not the case, for `forward` to do it all. `began`: when
-    the upstream time starts (pipeline.py's `observe_upstream`)."""
+    the upstream time starts (pipeline.py's `observe_upstream`). `head`: what writes the head
+    (`Pool.send`'s, called once a connection is in hand), by default from `ex.fields` and
+    `ex.added` (`_head_of`); pipeline.py's prepared forward gives its own (`planned_head`)."""
     request = ex.request
     if request.body_exists:
         return None
@@ -444,9 +448,7 @@ def forward_now(ex: Exchange, began: float) -> Answering | None:
         origin.scheme,
         origin.host,
         origin.port,
-        origin.base_path + ex.path + ("?" + ex.query if ex.query else ""),
-        Fields.of_bytes(ex.fields, ex.added),
-        content_length=request.content_length,
+        partial(_head_of, ex) if head is None else head,
         connect_timeout=upstream.connect_timeout,
         read_timeout=upstream.timeout,
         notify=answering._answer,
@@ -455,6 +457,45 @@ def forward_now(ex: Exchange, began: float) -> Answering | None:
         return None
     answering._conn = conn
     return answering
+
+
+def _head_of(ex: Exchange, host_line: bytes) -> bytes:
+    """The upstream request's head from `ex.fields` and `ex.added` (`forward`'s, for no body)."""
+    request, plan = ex.request, ex.plan
+    assert plan is not None
+    return encode_head(
+        request.method,
+        plan.origin.base_path + ex.path + ("?" + ex.query if ex.query else ""),
+        Fields.of_bytes(ex.fields, ex.added),
+        host_line,
+        b"" if request.content_length is None else b"Content-Length: 0\r\n",
+    )
+
+
+def planned_head(
+    ex: Exchange,
+    line: bytes,
+    ours: OurFields,
+    fields: bytes,
+    kept: int,
+    values: tuple[bytes, ...],
+    host: int,
+    host_line: bytes,
+) -> bytes:
+    """The head `_head_of` writes, for a request pipeline.py's prepared forward and identity.py's
+    `HeadPlan` planned: `line`, its request line (prepared); the header fields `ours` writes
+    (`OurFields.lines`) after the client's, from the format `fields` (`kept` lines) and the
+    request's `values`, its Host `values[host]`; its framing. The same CR/LF check
+    (`checked_head`): bench/FIGURES.md, "The prepared forward"."""
+    request = ex.request
+    identity = ex.identity
+    framed = request.content_length is not None  # (`Content-Length: 0`: no body, as `request` frames it)
+    head = b"%b%b%b\r\n" % (
+        line,
+        ours.lines(fields % values, identity, request.remote, request.scheme, values[host], ex.request_id),
+        b"Content-Length: 0\r\n" if framed else b"",
+    )
+    return checked_head(head, 6 + kept + len(identity) + framed)
 
 
 def is_websocket(request: Request) -> bool:

@@ -17,7 +17,10 @@ the request's raw fields (classifying each name once per spelling, `StripPlan.ro
 `Outbound`, which `extract` reads, and `upstream_fields` turns it with our fields into the header
 pairs (name, value) of the upstream request, as bytes, which the HTTP layer encodes
 (`upstream.Fields.of_bytes`): no multidict, no decoding and encoding again (what that saves:
-bench/FIGURES.md). A verified token's identity headers are rendered once per route plan's
+bench/FIGURES.md). For a request forwarded from a prepared plan (pipeline.py's `ForwardPlan`),
+`HeadPlan` is the strip and `upstream_fields` worked out once per list of field names (a
+`bytes %` of the values; `StripPlan.head`), and `OurFields` writes ours after them (tested
+against the field-by-field way). A verified token's identity headers are rendered once per route plan's
 header map (`Renderer`), not per request. Because the strip comes first, a client's
 `Connection: X-User-Id` can only remove its own spoofed copy, never the header we inject.
 Does not own: sending anything (forward.py), deciding anything (pipeline.py), or finding the
@@ -47,6 +50,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "HOP_BY_HOP",
+    "HeadPlan",
+    "OurFields",
     "Outbound",
     "Pairs",
     "Renderer",
@@ -54,6 +59,7 @@ __all__ = [
     "claim_headers",
     "connection_tokens",
     "encode_headers",
+    "planned_fields",
     "request_id",
     "strip_inbound",
     "upstream_fields",
@@ -125,7 +131,7 @@ class StripPlan:
     of its answer per name as spelt on the wire (the same few names come on every request),
     its only mutable state."""
 
-    __slots__ = ("names", "prefixes", "roles", "sources")
+    __slots__ = ("heads", "names", "prefixes", "roles", "sources")
 
     def __init__(self, names: frozenset[str], prefixes: tuple[str, ...], sources: frozenset[str]) -> None:
         self.names = names
@@ -136,6 +142,20 @@ class StripPlan:
         self.roles: Memo[bytes, tuple[int, bytes]] = Memo(_NAMES_BOUND, self._classify)
         """By name as spelt on the wire: what a client field named so is to the upstream request, and its
         lower-case name. Names are the client's choice, hence the bound."""
+        self.heads: Memo[tuple[bytes, ...], HeadPlan] = Memo(_HEADS_BOUND)
+        """`head`'s answers by the request's field names, in order (`head`)."""
+
+    def head(self, names: tuple[bytes, ...]) -> HeadPlan:
+        """The strip and `upstream_fields` for every request whose fields have these names, in
+        this order, worked out once (`HeadPlan`); kept only for a short list of short names
+        (the names are the client's choice: at most `_HEADS_BOUND` lists of `_HEAD_NAMES` bytes)."""
+        found = self.heads.get(names)
+        if found is not None:
+            return found
+        plan = HeadPlan(self, names)
+        if len(names) <= _HEAD_FIELDS and sum(map(len, names)) <= _HEAD_NAMES:
+            self.heads.remember(names, plan)
+        return plan
 
     @classmethod
     def build(cls, settings: Settings) -> StripPlan:
@@ -238,6 +258,11 @@ class Outbound:
 _NAMES_BOUND = 4096
 """How many header-name spellings a memo of them keeps: far more than any client sends, few
 enough that a flood of invented names costs a bounded memory."""
+_HEADS_BOUND = 256
+_HEAD_FIELDS = 32
+_HEAD_NAMES = 1024
+"""`StripPlan.head`'s bounds: lists of field names kept, fields in one, bytes of names in one
+(a few kinds of client send the same few lists; ~1.3 MB at worst, names and formats)."""
 _LOWER: Memo[str, bytes] = Memo(1024, lambda name: name.lower().encode(_ENCODING, _ERRORS))
 """A field name `Outbound.getall` is asked for, as the lower-case bytes it compares: the
 config's token-source names, on every request."""
@@ -277,20 +302,89 @@ def strip_inbound(fields: list[tuple[bytes, bytes]], plan: StripPlan) -> Outboun
     return Outbound(kept, host, authorizations, authorization if authorizations == 1 else None)
 
 
+class HeadPlan:
+    """What the strip (`strip_inbound`) and `upstream_fields` make of a request's fields, worked
+    out once per list of field names (`StripPlan.head`): for a request with no Connection
+    field, no X-Forwarded-For/-Proto/-Host of its own, no token-source header inside the
+    identity namespace and one Host, what goes upstream depends on the names alone, so the
+    client fields that go on are one `bytes %` of the request's values (`keep`, or `drop`
+    for a token taken out of its Authorization line): a kept field written `Name: %b` under its
+    first spelling, a dropped one `%.0b` (nothing). None for both when the names ask for the
+    field-by-field way. Whatever the names, where the first X-Request-Id is, and whether an
+    Authorization field was sent at all: app.py's one look at the fields (bench/FIGURES.md,
+    "The prepared forward")."""
+
+    __slots__ = ("asked", "authorization", "authorizations", "drop", "host", "keep", "kept", "request_id")
+
+    def __init__(self, strip: StripPlan, names: tuple[bytes, ...]) -> None:
+        self.request_id = -1
+        """The index of the first field named X-Request-Id (any case), -1: none."""
+        self.asked = False
+        """Whether a field is named Authorization (any case), before the strip."""
+        self.authorization = -1
+        """The index of the one Authorization field kept (-1: none, or more than one)."""
+        self.authorizations = 0
+        """How many Authorization fields the strip keeps (`Outbound.authorizations`)."""
+        self.host = -1
+        """The index of the Host field (X-Forwarded-Host is its value)."""
+        self.kept = 0
+        """How many lines `keep` writes (`drop` writes one fewer when `authorization` >= 0)."""
+        keep: list[bytes] = []
+        drop: list[bytes] = []
+        spelling: dict[bytes, bytes] = {}  # (`strip_inbound`'s: the first spelling of each name)
+        planned = True
+        for index, name in enumerate(names):
+            size = len(name)
+            if size == 12 and self.request_id < 0 and name.lower() == b"x-request-id":
+                self.request_id = index
+            elif size == 13 and name.lower() == b"authorization":
+                self.asked = True
+            role, low = strip.role(name)
+            if role == _DROP:
+                keep.append(b"%.0b")
+                drop.append(b"%.0b")
+                continue
+            if role in (_CONNECTION, _SOURCE) or role >= _FORWARDED_FOR:
+                planned = False  # what goes on depends on the values, or on the token found
+                continue
+            if role == _HOST:
+                if self.host >= 0:
+                    planned = False  # (http1 refuses a second Host: never planned for it)
+                self.host = index
+            line = spelling.setdefault(low, name).replace(b"%", b"%%") + b": %b\r\n"
+            keep.append(line)
+            self.kept += 1
+            if low == b"authorization":
+                self.authorizations += 1
+                self.authorization = index
+                drop.append(b"%.0b")
+            else:
+                drop.append(line)
+        if self.authorizations != 1:
+            self.authorization = -1
+        if self.host < 0:
+            planned = False
+        self.keep: bytes | None = b"".join(keep) if planned else None
+        """The client's fields as the upstream gets them, Authorization kept: a format of every value."""
+        self.drop: bytes | None = b"".join(drop) if planned else None
+        """`keep` less the Authorization line (a Bearer token the route does not forward)."""
+
+
 def request_id(inbound: str | None) -> str:
     """The client's X-Request-Id when it is a sane token, else a new one."""
     if inbound is not None and _REQUEST_ID.fullmatch(inbound):
         return inbound
     # 128 random bits as 32 hex digits, like uuid4().hex, at a fraction of its cost: one
-    # getrandom() call per 256 ids rather than per request.
+    # getrandom() call per 256 ids rather than per request, written in hex at once (a str
+    # slice per id, not a bytes slice and its `hex()`).
     global _random, _offset
     if _offset >= len(_random):
-        _random, _offset = os.urandom(16 * 256), 0
-    _offset += 16
-    return _random[_offset - 16 : _offset].hex()
+        _random, _offset = os.urandom(16 * 256).hex(), 0
+    _offset += 32
+    return _random[_offset - 32 : _offset]
 
 
-_random = b""
+_random = ""
 _offset = 0
 
 
@@ -551,3 +645,62 @@ def upstream_fields(
             ours.append((header, given))
     ours.append(request_id)
     return fields, ours
+
+
+def planned_fields(
+    fields: bytes,
+    identity: tuple[tuple[bytes, bytes], ...],
+    client: str | None,
+    proto: str,
+    host: bytes,
+    request_id_value: str,
+) -> bytes:
+    """`upstream_fields` and then `upstream.Fields.of_bytes`, for a request `HeadPlan` planned:
+    `fields`, its client fields encoded (`HeadPlan.keep` or `drop`, formatted), then ours as
+    `upstream_fields` writes them for a request with no X-Forwarded-* of its own and a Host
+    (`host`, its value): `identity`, X-Forwarded-For, -Proto, -Host and our X-Request-Id
+    (`OurFields.lines`, with nothing kept from before)."""
+    return OurFields().lines(fields, identity, client, proto, host, request_id_value)
+
+
+class OurFields:
+    """`planned_fields` for the requests of one prepared forward (pipeline.py's `ForwardPlan`),
+    keeping what the last one gave that the next one usually gives again: its identity lines
+    (a cached token's `Renderer.headers` is the same tuple, request after request) and its
+    peer address encoded (the same str for every request of a connection); each is used again
+    only for the very same object (`is`), which cannot have changed (bench/FIGURES.md, "The
+    prepared forward")."""
+
+    __slots__ = ("_client", "_identity", "_lines", "_peer")
+
+    def __init__(self) -> None:
+        self._identity: tuple[tuple[bytes, bytes], ...] = ()
+        self._lines = b""
+        self._client: str | None = None
+        self._peer = b""
+
+    def lines(
+        self,
+        fields: bytes,
+        identity: tuple[tuple[bytes, bytes], ...],
+        client: str | None,
+        proto: str,
+        host: bytes,
+        request_id_value: str,
+    ) -> bytes:
+        """`planned_fields`: `fields`, then ours (one `bytes %`)."""
+        if identity is not self._identity:
+            self._lines = b"".join([b"%b: %b\r\n" % pair for pair in identity])
+            self._identity = identity
+        if client is not self._client:
+            assert client is not None  # (pipeline.py plans nothing for a request without a peer)
+            self._peer = client.encode(_ENCODING, _ERRORS)
+            self._client = client
+        return b"%b%bX-Forwarded-For: %b\r\nX-Forwarded-Proto: %b\r\nX-Forwarded-Host: %b\r\nX-Request-Id: %b\r\n" % (
+            fields,
+            self._lines,
+            self._peer,
+            _PROTO.get(proto) or proto.encode(_ENCODING, _ERRORS),
+            host,
+            request_id_value.encode(_ENCODING, _ERRORS),
+        )

@@ -12,7 +12,12 @@ that needs one (enforce mode) is not raised but returned (the class `TokenMissin
 app.py answers as if raised): the commonest refusal, without a raise and a catch. It reads
 the config snapshot once, at entry, so a reload mid-request cannot mix two configs. A CORS
 preflight (cors.py judges it) is answered in `begin` itself, before routing: no token, never
-forwarded.
+forwarded. The first request allowed on a (method, target) of a public route or one that
+reads Bearer alone (enforce mode) prepares a `ForwardPlan` (in the config's
+`Snapshot.forwards`); later ones take `begin_planned`: the same steps on the same terms (the
+token from its one Authorization line, the cache, the revocation list and the rules on every
+request), without routing again, their upstream head written at once from identity.py's
+`HeadPlan`; what it does not plan for goes to `begin` before any step is taken.
 
 A route in report mode (`auth.mode: report`, `RoutePlan.report`) runs every check as in
 enforce mode; a refusal of the token checks (no token, a bad token, the route's rules, a key
@@ -33,11 +38,12 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Coroutine
+from functools import partial
 from typing import Any
 
 from multidict import MultiDict, MultiDictProxy
 
-from ..auth.extract import authorization, bearer, extract
+from ..auth.extract import Found, authorization, bearer, extract
 from ..auth.rules import check_route
 from ..auth.verify import Claims, by_issuer
 from ..base.errors import InvalidRequest, NotFound, ProxyError, TokenMissing
@@ -46,10 +52,10 @@ from ..config.routing import target
 from ..telemetry.metrics import Decision
 from .cors import Preflight, preflight
 from .exchange import Exchange
-from .forward import Answering, forward, forward_now, forward_websocket, is_websocket
-from .identity import strip_inbound, upstream_fields, without_query_token
+from .forward import Answering, forward, forward_now, forward_websocket, is_websocket, planned_head
+from .identity import HeadPlan, OurFields, strip_inbound, upstream_fields, without_query_token
 
-__all__ = ["begin", "log_refused"]
+__all__ = ["ForwardPlan", "begin", "begin_planned", "log_refused"]
 
 log = logging.getLogger("jwt_sidecar")
 # Module globals: an enum member read off its class costs a Python-level attribute lookup
@@ -155,6 +161,123 @@ def begin(ex: Exchange) -> Coroutine[Any, Any, None] | Answering | type[TokenMis
     return _forward_now(ex)
 
 
+class ForwardPlan:
+    """What `begin` decided for a request allowed on one (method, request target), less what
+    the request's fields and token decide: the route plan, the normalised path (the one the
+    router matched and the upstream receives) and the query, and the upstream request line.
+    Prepared by `_forward_now` for a route that is public or reads its token from Bearer alone
+    (enforce mode, its own plan, not one a token's `iss` chose), kept in the config's
+    `Snapshot.forwards` (so none outlives its config), and used by `begin_planned`
+    (bench/FIGURES.md, "The prepared forward")."""
+
+    __slots__ = ("auth", "found", "line", "ours", "path", "plan", "public", "query", "raw", "rules")
+
+    def __init__(self, ex: Exchange) -> None:
+        plan = ex.plan
+        assert plan is not None
+        self.plan = plan
+        self.path = ex.path
+        self.query = ex.query
+        self.public = plan.verifier is None
+        """A public route: no token looked for, Authorization forwarded as sent."""
+        auth = self.auth = plan.route.auth
+        self.rules = auth is not None and bool(auth.scopes.all_of or auth.scopes.any_of or auth.claims)
+        """Whether the route has scopes or claim rules to check (`rules.check_route` does nothing otherwise)."""
+        target = plan.origin.base_path + ex.path + ("?" + ex.query if ex.query else "")
+        self.line = f"{ex.request.method} {target} HTTP/1.1\r\n".encode("utf-8", "surrogateescape")
+        """The upstream request's line, as `upstream.encode_head` writes it."""
+        self.ours = OurFields()
+        """Our fields after the client's (identity.py's), with what the last request gave kept."""
+        self.raw = b""
+        self.found: Found | None = None
+        """The last Authorization value (`raw`, at most `_RAW_LONGEST` bytes) and what `bearer`
+        found in it: the same token comes again and again (bench/FIGURES.md, "The prepared forward")."""
+
+
+_RAW_LONGEST = 4096
+"""The longest Authorization value a `ForwardPlan` keeps (with its `Found`): ~2 MB at worst."""
+_PLANNED_LONGEST = 256
+"""The longest request target a `ForwardPlan` is kept for: targets are the client's choice, and
+at most 512 plans are kept per config (`Snapshot.forwards`): ~200 KB at worst."""
+
+
+def begin_planned(
+    ex: Exchange, forward: ForwardPlan, head: HeadPlan, values: tuple[bytes, ...]
+) -> Coroutine[Any, Any, None] | Answering | type[TokenMissing] | None:
+    """`begin` for a request whose (method, target) `forward` was prepared for, in the config
+    `ex.snapshot` (app.py read it at entry and found `forward` there), its field names planned
+    by `head` and `values` its field values: the same steps and the same answers, without
+    routing or normalising again, and with the upstream head written from `forward`, `head`
+    and `values` at once (`forward.planned_head`). Whatever these do not plan for (a request
+    with a body or an upgrade, fields `head` did not plan, no Authorization line or several
+    on a route that needs one, two on a public one) goes to `begin`, before any step is taken."""
+    request = ex.request
+    if head.keep is None or request.body_exists or request.upgrade or request.remote is None:
+        return begin(ex)
+    plan = ex.plan = forward.plan
+    ex.path = forward.path
+    ex.query = forward.query
+    if forward.public:
+        if head.authorizations > 1:
+            return begin(ex)  # refused there: forwarded as sent, two lines would be read two ways
+        fields, kept = head.keep, head.kept
+        began = time.perf_counter()
+    else:
+        if head.authorization < 0:
+            return begin(ex)  # no Authorization line (a 401) or several (a 400): `begin` says which
+        began = time.perf_counter()
+        try:
+            raw = values[head.authorization]
+            if raw == forward.raw:  # (bytes compared: new bytes each request; a length apart at once)
+                found = ex.found = forward.found
+            else:
+                found = ex.found = bearer(raw.decode("utf-8", "surrogateescape"), plan.sources[0])
+                if len(raw) <= _RAW_LONGEST:
+                    forward.raw, forward.found = raw, found
+            if found is None:
+                claims = None  # another scheme: no token (`_admit` refuses, or lets it on anonymous)
+            else:
+                verifier = plan.verifier
+                assert verifier is not None  # (a `ForwardPlan` of a route with a token has its own)
+                claims = verifier.cached(found.token)
+                if claims is None:
+                    claims = verifier.verify_now(found.token)
+                    if claims is None:  # its keys must be fetched: `begin`'s coroutine, from its strip
+                        ex.outbound = strip_inbound(request.fields, ex.snapshot.strip)  # type: ignore[union-attr]
+                        return _verify_and_forward(ex, began)
+            if claims is None:
+                _admit(ex, None)  # refused, or anonymous on an optional route
+            else:  # `_admit`, written out, its rules skipped where the route has none (`ForwardPlan.rules`)
+                ex.claims = claims
+                # The revocation list and the route's rules, on every request (a cached token too).
+                if plan.revocation is not None:
+                    plan.revocation.check(claims.provider, claims.payload)
+                if forward.rules:
+                    check_route(forward.auth, claims.payload)  # type: ignore[arg-type]
+                if plan.renderer is not None:
+                    ex.identity = plan.renderer.headers(claims)
+        except BaseException:
+            plan.metrics.observe_auth(time.perf_counter() - began)
+            raise  # (no report mode here: `ForwardPlan` is for enforce mode)
+        now = time.perf_counter()  # (the auth step's end and the upstream time's start: one reading)
+        plan.metrics.auth.observe(now - began)  # (`observe_auth`, one call fewer)
+        began = now
+        if found is None or plan.forward_token:
+            fields, kept = head.keep, head.kept
+        else:  # the token's line goes no further (`upstream_fields`' `drop`)
+            fields, kept = head.drop, head.kept - 1  # type: ignore[assignment]
+    ex.decision = _ALLOWED
+    answering = forward_now(
+        ex, began, partial(planned_head, ex, forward.line, forward.ours, fields, kept, values, head.host)
+    )
+    if answering is not None:
+        return answering
+    # No idle pooled connection (or its head refused): forwarded as `_forward_now` does it.
+    ex.outbound = strip_inbound(request.fields, ex.snapshot.strip)  # type: ignore[union-attr]
+    _inject(ex)
+    return _forwarded(ex, began)
+
+
 def _admit(ex: Exchange, claims: Claims | None) -> None:
     """The revocation list and the route's rules on a verified token, cached or not (or on its
     absence); the identity headers to send."""
@@ -229,7 +352,20 @@ def _expires_in(ex: Exchange) -> float | None:
 
 def _forward_now(ex: Exchange, decision: Decision = _ALLOWED) -> Answering | Coroutine[Any, Any, None]:
     """`_forward`, with no task when forward.py can (`forward_now`: a request with no body on
-    an idle pooled connection): its `Answering`; else the coroutine that forwards it."""
+    an idle pooled connection): its `Answering`; else the coroutine that forwards it. The
+    first request allowed on a (method, target) that `ForwardPlan` can serve prepares it."""
+    if decision is _ALLOWED:
+        plan, snapshot, request = ex.plan, ex.snapshot, ex.request
+        assert plan is not None and snapshot is not None
+        if (
+            not plan.report
+            and (plan.bearer_only if plan.verifier is not None else plan.route.auth is None)
+            and snapshot.plans.get(plan.route.name) is plan  # (not a plan a token's `iss` chose)
+            and not (snapshot.cors and request.method == "OPTIONS")  # (a preflight is told before routing)
+            and len(request.raw_path) <= _PLANNED_LONGEST
+            and (request.method, request.raw_path) not in snapshot.forwards
+        ):
+            snapshot.forwards.remember((request.method, request.raw_path), ForwardPlan(ex))
     _inject(ex)
     ex.decision = decision
     began = time.perf_counter()

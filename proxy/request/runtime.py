@@ -121,6 +121,11 @@ class Snapshot:
     )
     """app.py's prepared refusals by (method, request target), for this config's routes: what
     they hold is app.py's (`app._Quick`); here so that a reload starts afresh."""
+    forwards: Memo[tuple[str, str], Any] = field(
+        default_factory=lambda: Memo(512), init=False, compare=False, repr=False
+    )
+    """pipeline.py's prepared forwards by (method, request target) (`pipeline.ForwardPlan`):
+    here, as `refusals`, so that none outlives the config it was prepared under."""
 
 
 def build_snapshot(

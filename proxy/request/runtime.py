@@ -118,6 +118,11 @@ class Snapshot:
     )
     """app.py's prepared refusals by (method, request target), for this config's routes: what
     they hold is app.py's (`app._Quick`); here so that a reload starts afresh."""
+    answered: Memo[tuple[Any, ...], Any] = field(
+        default_factory=lambda: Memo(1024), init=False, compare=False, repr=False
+    )
+    """app.py's prepared records of forwarded answers by (route plan's metrics, method, status,
+    decision, reason): what they hold is app.py's (`app._Answered`); here so that a reload starts afresh."""
 
 
 def build_snapshot(

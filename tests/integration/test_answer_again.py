@@ -61,3 +61,28 @@ async def test_the_same_answer_again_reaches_the_client_as_the_first_did(
         del line["time"], line["latency_ms"]
     assert lines == [lines[0]] * 4
     assert lines[0]["status"] == int(answer[9:12]) and lines[0]["path"] == "/again"
+
+
+@bounded_by(20)
+async def test_forwarded_answers_are_one_series_in_metrics_whichever_way_they_were_recorded(
+    sidecar: Any, raw_server: Any
+) -> None:
+    # The first request connects (a task: `_record` counts it), the rest go on the pooled
+    # connection (no task: `_relayed` counts them in a `Cell`): /metrics shows one series.
+    s, _, sent = await start(sidecar, raw_server, serving(lambda n, index, head: ANSWERS[0]))
+    reader, writer = await connect(s)
+    for _ in range(5):
+        writer.write(request("/again"))
+        await read_answer(reader)
+    writer.close()
+    await eventually(lambda: s.runtime.metrics.in_flight == 0)
+    assert len(sent) == 4
+    body, _ = s.runtime.metrics.render()
+    series = [
+        line
+        for line in body.decode().splitlines()
+        if line.startswith("jwt_sidecar_requests_total{") and 'route="public"' in line
+    ]
+    assert len(series) == 1, series
+    assert 'decision="allowed"' in series[0] and 'status="2xx"' in series[0] and 'method="GET"' in series[0]
+    assert series[0].endswith(" 5.0")

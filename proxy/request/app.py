@@ -18,7 +18,10 @@ an allowed request comes back to the server as a coroutine to run, and if the cl
 before that coroutine began, it sends nothing upstream and records a 499 (`_finish`: the one
 place this is handled; the server runs the coroutine regardless). One forwarded with no task
 (forward.py's `Answering`, already sent upstream from `handle`) ends in `_settled`, which
-forward.py calls once it is answered or has failed, as `_finish` ends.
+forward.py calls once it is answered or has failed, as `_finish` ends; an answer relayed is
+recorded there from what the first of its (route plan, method, status, decision, reason)
+prepared (`_Answered`, per config in `Snapshot.answered`: the count a `Cell`, the log line's
+parts around the path).
 Does not own: any decision (pipeline.py and the modules it calls decide).
 """
 

@@ -7,6 +7,10 @@ chunked, awaiting the transport's drain; or written from its source's own read c
 `httptools.HttpResponseParser`): 1xx interim answers skipped, bodiless answers (HEAD, 204,
 304) recognised, chunked and close-delimited bodies, any other transfer coding refused,
 a chunked answer's trailer fields dropped (never merged into its head, RFC 9110 §6.5.1);
+an answer whose head is byte for byte the last common one llhttp parsed from its origin,
+whole with its Content-Length body in one read, taken again without llhttp (`_Head`: one
+`startswith` where llhttp's callbacks cost ~23,000 instructions, and a parser of our own in
+Python measured no cheaper than llhttp: bench/FIGURES.md, "The answer's head again");
 keeping one client's answer from another: a connection whose answer's framing is in doubt
 is never reused, a byte no request asked for closes it and makes its origin distrusted
 (no reuse for `_DISTRUST`), an idle socket is checked for unread bytes before reuse, and a
@@ -33,7 +37,7 @@ import logging
 import select
 import ssl
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Sequence
 from functools import partial
 from typing import Any
 
@@ -219,7 +223,7 @@ class _Wakeup(Wakeup):
 class _Origin:
     """What one (scheme, host, port) shares: its idle connections and its default Host line."""
 
-    __slots__ = ("distrusted_until", "host", "host_line", "idle", "port", "proven", "tls")
+    __slots__ = ("distrusted_until", "head", "host", "host_line", "idle", "misses", "port", "proven", "tls")
 
     def __init__(self, scheme: str, host: str, port: int) -> None:
         self.host = host.strip("[]")  # connect with the bare address; the Host line keeps brackets
@@ -234,6 +238,39 @@ class _Origin:
         """Loop time until which no connection to this origin is pooled (`_DISTRUST`)."""
         self.proven = False
         """Past its probation (`_PROBATION`), and no stray byte since."""
+        self.head: _Head | None = None
+        """The head of the last common answer llhttp parsed from this origin (`_Head`)."""
+        self.misses = 0  # answers that were not `head` since it was last replaced
+
+
+class _Head:
+    """The head of an answer llhttp parsed, whole with its body in one read, from the start of
+    a message: a status of 200-599 but 204 and 304, to a request that was not a HEAD, framed
+    by one Content-Length, kept alive, nothing after its body. A later read on a connection
+    of the same origin that starts with exactly these bytes (`raw`, up to and with the blank
+    line) and holds exactly `length` bytes more is that same answer again, taken with one
+    `startswith` instead of llhttp and its ~11 callbacks (`_Connection._again`).
+
+    Why not a parser of our own for every head: written in Python (one `find`, a split, a
+    strict check of each line), it measured 19,000-40,000 instructions for nginx's five-field
+    head against llhttp's ~23,000 with our callbacks; the comparison is ~1,000
+    (bench/FIGURES.md, "The answer's head again"). So llhttp stays the only parser: what is
+    taken here is only ever bytes it accepted before, and it parses every other head."""
+
+    __slots__ = ("hits", "kept", "length", "names", "raw", "reason", "size", "status", "values")
+
+    def __init__(self, conn: _Connection, raw: bytes) -> None:
+        self.raw = raw
+        self.size = len(raw)
+        self.status = conn._status
+        self.reason = conn._reason
+        self.names = tuple(conn._names)
+        self.values = tuple(conn._values)
+        self.length: int = conn._length  # type: ignore[assignment]  # (one Content-Length: an int)
+        self.hits = 0
+        self.kept: Any = None
+        """What the consumer derived from this head alone, kept with it for the next time
+        (forward.py: the answer's fields for the client); None until it has."""
 
 
 class _Connection(asyncio.BufferedProtocol):
@@ -275,6 +312,7 @@ class _Connection(asyncio.BufferedProtocol):
         "_reason",
         "_relay_timeout",
         "_resend",
+        "_seen",
         "_sink",
         "_sink_full",
         "_status",
@@ -332,6 +370,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._got_bytes = False
         self._head_bytes = 0
         self._error = None
+        self._seen: _Head | None = None  # this answer's head, when it is its origin's `_Head`
 
     # asyncio.Protocol
 
@@ -387,6 +426,17 @@ class _Connection(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         # The read is parsed here, not handed to a `data_received`: a call less per read (bench/FIGURES.md, "Bodies").
+        # (Not `_head_done`: neither `_done` nor `_idle` either, nor anything of this answer parsed yet.)
+        fresh = not self._head_done and not self._head_bytes and not self._is_head
+        if fresh:
+            head = self._origin.head
+            if head is not None and nbytes - head.size == head.length and self._pool._read_array.startswith(head.raw):
+                self._again(head, nbytes)
+                if self._notify is not None:
+                    self._progress()  # last: what it calls may reuse this connection at once
+                else:
+                    self._wakeup.wake()
+                return
         data = self._pool._read_buffer[:nbytes]
         if self._done or self._idle:
             # Bytes after the end of the answer (or on an idle connection) mean we no longer
@@ -424,6 +474,9 @@ class _Connection(asyncio.BufferedProtocol):
             self._fail(UpstreamProtocolError("upstream switched protocols (101); upgrades are not proxied here"))
         except httptools.HttpParserError as error:
             self._fail(UpstreamProtocolError(f"malformed response: {error}"))
+        else:
+            if fresh and self._done and self._keep_alive and self._length is not None:
+                self._remember(nbytes)
         if self._notify is not None:
             self._progress()  # last: what it calls may reuse this connection at once
         elif self._sink is None or self._done or self._error is not None or self._sink_full:
@@ -432,6 +485,54 @@ class _Connection(asyncio.BufferedProtocol):
             # Relaying (`Response.relay`): these bytes went on already; the waiting task has
             # nothing to do but its read timeout starts again.
             self._wakeup.extend(self._relay_timeout)
+
+    def _again(self, head: _Head, nbytes: int) -> None:
+        """The read is `head` again with its body: what llhttp's callbacks did for it, done here."""
+        head.hits += 1
+        self._seen = head
+        self._got_bytes = True
+        # on_message_begin, on_status, on_header
+        self._reason = head.reason
+        # (tuples, shared by every answer with this head: on_message_begin gives the next
+        # message lists of its own before on_header appends to them)
+        self._names = head.names  # type: ignore[assignment]
+        self._values = head.values  # type: ignore[assignment]
+        self._length = length = head.length
+        self._chunked = False
+        self._codings = None
+        # on_headers_complete (a status of 200-599 but 204 and 304, kept alive: `_remember`)
+        self._status = head.status
+        self._head_done = True
+        self._keep_alive = True
+        if length:  # on_body (llhttp makes no call for an empty body)
+            self._head_bytes = 0
+            self._chunks.append(self._pool._read_buffer[head.size : nbytes].tobytes())
+            self._buffered += length
+            if self._buffered > self._mark and not self._reading_paused:
+                self._reading_paused = True
+                self._transport.pause_reading()
+        else:
+            self._head_bytes = nbytes
+        self._done = True  # on_message_complete
+
+    def _remember(self, nbytes: int) -> None:
+        """After llhttp parsed a whole answer kept alive from a fresh start in this one read:
+        its origin's `_Head` from now on if it is a common one (`_Head`). An origin whose heads
+        never come twice (a Content-Length that varies, say) is not given a new one for
+        every answer: only when the last one was taken again, else every 16th answer."""
+        status = self._status
+        if self._chunked or self._interim or status < 200 or status > 599 or status == 204 or status == 304:
+            return
+        origin = self._origin
+        if origin.head is not None and not origin.head.hits:
+            origin.misses += 1
+            if origin.misses & 15:
+                return
+        size = self._pool._read_array.find(b"\r\n\r\n", 0, nbytes) + 4
+        if nbytes - size != self._length:
+            return  # (not one answer alone: nothing else in this read, a 1xx before it say)
+        origin.misses = 0
+        self._seen = origin.head = _Head(self, self._pool._read_buffer[:size].tobytes())
 
     def pause_writing(self) -> None:
         self._flow.pause()
@@ -794,7 +895,7 @@ class _Upload:
 class Response:
     """The head of an upstream answer, and its body to stream, read or drop."""
 
-    __slots__ = ("_bodiless", "_conn", "_read_timeout", "length", "names", "raw_reason", "status", "values")
+    __slots__ = ("_bodiless", "_conn", "_read_timeout", "head", "length", "names", "raw_reason", "status", "values")
 
     def __init__(self, conn: _Connection, read_timeout: float) -> None:
         self._conn: _Connection | None = conn
@@ -802,12 +903,15 @@ class Response:
         status = self.status = conn._status
         self.raw_reason: bytes = conn._reason
         """The reason phrase as it came (llhttp allows no CR or LF in it)."""
-        self.names: list[bytes] = conn._names
+        self.names: Sequence[bytes] = conn._names
         """The answer's field names as they came off the wire, in order (llhttp allows no CR or
-        LF in them); `values` holds their values, in the same order."""
-        self.values: list[bytes] = conn._values
+        LF in them); `values` holds their values, in the same order. Not to be changed."""
+        self.values: Sequence[bytes] = conn._values
         self.length: int | None = conn._length
         """The answer's Content-Length, if it sent one."""
+        self.head = conn._seen
+        """Its head as its origin's `_Head` (the same bytes as an answer before, whose `kept`
+        a consumer may use, or fill for the next), else None."""
         self._bodiless = conn._is_head or status == 204 or status == 304
 
     @property
@@ -978,7 +1082,8 @@ class Pool:
         self._deadlines: Deadlines | None = None  # the timeouts of every wait on an answer: one timer
         self._closed = False
         # Every connection's reads land here and are parsed at once (one event loop thread).
-        self._read_buffer = memoryview(bytearray(_READ_SIZE))
+        self._read_array = bytearray(_READ_SIZE)
+        self._read_buffer = memoryview(self._read_array)
 
     def _origin(self, scheme: str, host: str, port: int) -> _Origin:
         key = (scheme, host, port)

@@ -21,7 +21,10 @@ an allowed request comes back to the server as a coroutine to run, and if the cl
 before that coroutine began, it sends nothing upstream and records a 499 (`_finish`: the one
 place this is handled; the server runs the coroutine regardless). One forwarded with no task
 (forward.py's `Answering`, already sent upstream from `handle`) ends in `_settled`, which
-forward.py calls once it is answered or has failed, as `_finish` ends.
+forward.py calls once it is answered or has failed, as `_finish` ends; an answer relayed is
+recorded there from what the first of its (route plan, method, status, decision, reason)
+prepared (`_Answered`, per config in `Snapshot.answered`: the count a `Cell`, the log line's
+parts around the path).
 Does not own: any decision (pipeline.py and the modules it calls decide).
 """
 
@@ -314,12 +317,72 @@ async def _finish(ex: Exchange, rest: Coroutine[Any, Any, None]) -> None:
 
 def _settled(ex: Exchange, error: Exception | None) -> None:
     """`_finish`'s end, for a request forwarded with no task (forward.py's `Answering`)."""
+    if error is None:
+        _relayed(ex)
+        return
     try:
-        if error is not None:
-            _failed(ex, error)
+        _failed(ex, error)
     finally:
         ex.runtime.metrics.in_flight -= 1
         _record(ex)
+
+
+def _relayed(ex: Exchange) -> None:
+    """`_settled` for an answer relayed (no error): `_record`, from what `_Answered` prepared
+    for its series (bench/FIGURES.md, "The forwarded answer's record")."""
+    runtime, request, plan = ex.runtime, ex.request, ex.plan
+    runtime.metrics.in_flight -= 1
+    status = ex.status = request.status or 499  # nothing written: the client went away
+    method = request.method
+    assert plan is not None and ex.snapshot is not None  # (forwarded: routed)
+    key = (plan.metrics, method, status, ex.decision, ex.reason)
+    answered = ex.snapshot.answered
+    series = answered.get(key)
+    if series is None:
+        series = answered.remember(key, _Answered(ex, status))
+    cell = series.cell
+    if cell is not None:
+        cell.n += 1
+    else:
+        plan.metrics.count(method, ex.decision, ex.reason, status)
+    access_log = runtime.access_log
+    if access_log is not None:
+        claims = ex.claims
+        access_log.line_around(
+            ex.request_id,
+            request.remote,
+            series.before,
+            ex.path or request.raw_path.partition("?")[0][:256],
+            series.after,
+            claims.subject if claims is not None else None,
+            (time.perf_counter() - ex.started) * 1000,
+        )
+
+
+class _Answered:
+    """What `_record` does for every forwarded answer of one (route plan, method, status,
+    decision, reason), less what varies per request, prepared by the first (per config, in
+    `Snapshot.answered`): `requests_total`'s series as a `Cell` (None for a provider's metrics,
+    which count by provider too), the access line's parts around the path (`AccessLog.around`)."""
+
+    __slots__ = ("after", "before", "cell")
+
+    def __init__(self, ex: Exchange, status: int) -> None:
+        plan = ex.plan
+        assert plan is not None
+        method = ex.request.method
+        metrics = plan.metrics
+        self.cell = (
+            None if isinstance(metrics, ProviderMetrics) else metrics.cell(method, ex.decision, ex.reason, status)
+        )
+        access_log = ex.runtime.access_log
+        verifier = plan.verifier
+        provider = verifier.provider.name if verifier is not None else None
+        self.before, self.after = (
+            ("", "")
+            if access_log is None
+            else access_log.around(method, plan.route.name, provider, status, ex.decision, ex.reason)
+        )
 
 
 def _missing(ex: Exchange) -> None:

@@ -126,6 +126,11 @@ class Snapshot:
     )
     """pipeline.py's prepared forwards by (method, request target) (`pipeline.ForwardPlan`):
     here, as `refusals`, so that none outlives the config it was prepared under."""
+    answered: Memo[tuple[Any, ...], Any] = field(
+        default_factory=lambda: Memo(1024), init=False, compare=False, repr=False
+    )
+    """app.py's prepared records of forwarded answers by (route plan's metrics, method, status,
+    decision, reason): what they hold is app.py's (`app._Answered`); here so that a reload starts afresh."""
 
 
 def build_snapshot(

@@ -176,6 +176,47 @@ class AccessLog:
         if self._timer is None or len(pending) >= _BATCH:  # (`_add`, written out: the common case is no call)
             self._schedule()
 
+    def around(
+        self, method: str, route: str, provider: str | None, status: int, decision: str, reason: str
+    ) -> tuple[str, str]:
+        """The parts of `line` around its path (`"method":...,"path":`) and before its subject's
+        value (`,"route":...,"subject":`), built and escaped once, for requests that share
+        them (app.py's forwarded answers, per route, method, status and decision): `line_around`."""
+        return json_line(f'"method":{_quote(method)},"path":'), json_line(
+            f',"route":{_quote(route)},"provider":{"null" if provider is None else _quote(provider)},'
+            f'"status":{status:d},"decision":"{decision}","reason":"{reason}","subject":'
+        )
+
+    def line_around(
+        self,
+        request_id: str,
+        client: str | None,
+        before: str,
+        path: str,
+        after: str,
+        subject: str | None,
+        latency_ms: float,
+    ) -> None:
+        """`line` for a request whose method, route .. reason are `around`'s (`before`, `after`):
+        the same bytes, with the time, id, client, path, subject and latency put in
+        (bench/FIGURES.md, "The forwarded answer's record")."""
+        millisecond = int(time.time() * 1000)
+        stamp = self._time if millisecond == self._millisecond else self._stamp_for(millisecond)
+        micros = int(latency_ms * 1000 + 0.5)
+        line = (
+            f'{{"time":"{stamp}","request_id":"{request_id}","client":"{client}",{before}{_quote(path)}{after}'
+            f'{"null" if subject is None else _quote(subject)},"latency_ms":{micros // 1000}{_DECIMALS[micros % 1000]}}}'
+            if client is not None  # (quoted here, as in `line_from`)
+            else f'{{"time":"{stamp}","request_id":"{request_id}","client":null,{before}{_quote(path)}{after}'
+            f'{"null" if subject is None else _quote(subject)},"latency_ms":{micros // 1000}{_DECIMALS[micros % 1000]}}}'
+        )
+        if not line.isascii() or "\x7f" in line:
+            line = json_line(line)
+        pending = self._pending
+        pending.append(line)
+        if self._timer is None or len(pending) >= _BATCH:  # (`_add`, written out: the common case is no call)
+            self._schedule()
+
     def _now(self) -> str:
         now = time.time()
         millisecond = int(now * 1000)

@@ -70,7 +70,7 @@ async def connect(s: Any) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
 
 
 def counts(s: Any) -> dict[str, int]:
-    return {key[3]: n for key, n in s.runtime.metrics.route("public").counts.items()}
+    return {key[3]: n for key, n in s.runtime.metrics.route("public").totals().items()}  # (requests_total)
 
 
 def serving(per_request: Callable[[int, int, bytes], Any]) -> Any:

@@ -188,7 +188,7 @@ async def test_upstream_connect_timeout_is_502_not_504(sidecar: Any, rsa_key: Te
         with contextlib.suppress(aiohttp.WSServerHandshakeError):
             async with s.client.ws_connect(s.url + "/ws", headers=bearer(rsa_key)):
                 raise AssertionError("the upgrade must fail")
-        counts = s.runtime.metrics.route("api").counts
+        counts = s.runtime.metrics.route("api").totals()  # (counts and cells: requests_total)
         assert {key[3]: n for key, n in counts.items()} == {"5xx": 2}
         assert {key[2] for key in counts} == {"upstream_unavailable"}
 
@@ -267,7 +267,7 @@ async def test_a_client_gone_before_its_request_is_forwarded_sends_nothing_upstr
             while s.runtime.metrics.in_flight:
                 await asyncio.sleep(0.01)
         assert not any(seen.raw_path.startswith("/public/gone") for seen in s.upstream.seen)
-        counts = s.runtime.metrics.route("public").counts
+        counts = s.runtime.metrics.route("public").totals()  # (counts and cells: requests_total)
         assert {key[3]: n for key, n in counts.items()} == {"2xx": 1, "4xx": 1}, "the warm-up, then a 499"
     finally:
         await server.shutdown(0)

@@ -158,6 +158,26 @@ def test_a_line_from_a_prepared_constant_is_the_line_byte_for_byte() -> None:
         assert json.loads(first.decode())["subject"] == subject
 
 
+def test_a_line_around_prepared_parts_is_the_line_byte_for_byte() -> None:
+    # `around` + `line_around` (app.py's forwarded answers) against `line`, whatever the fields
+    # hold: only the time may differ.
+    awkward = 'a"b\\c\nd\x7f\u0085\u202e\u00e9\U0001f600 \u2028'
+    for method, path, route, provider, subject, client, decision, reason in [
+        ("GET", "/api/orders", "api", "main", "alice", "127.0.0.1", "allowed", ""),
+        ("HEAD", "/" + awkward, awkward, None, awkward, None, "would_deny", "expired"),
+        (awkward, "/x", "r", awkward, None, "::1", "allowed", ""),
+        ("GET", "/x" + awkward, "r", None, "bob", "fe80::1%\u00e9th0", "allowed", ""),
+    ]:
+        stream = io.BytesIO()
+        log = AccessLog(stream)
+        log.line("rid-1", client, method, path, route, provider, 200, decision, reason, subject, 1.25)
+        before, after = log.around(method, route, provider, 200, decision, reason)
+        log.line_around("rid-1", client, before, path, after, subject, 1.25)
+        first, second = (re.sub(rb'"time":"[^"]*"', b'"time":""', line) for line in stream.getvalue().splitlines())
+        assert first == second
+        assert json.loads(first.decode())["subject"] == subject
+
+
 def test_the_latency_is_written_with_three_decimals_as_format_would() -> None:
     # `line` writes the latency from an int of microseconds (no float formatting): the same
     # text as f"{latency_ms:.3f}" (seeded: the same 20,000 values every run).

@@ -50,7 +50,7 @@ import httptools
 from multidict import CIMultiDict, MultiDict, MultiDictProxy
 from yarl import URL
 
-from .flow import Deadlines, Wakeup, WriteFlow
+from .flow import HELD, Deadlines, Wakeup, WriteFlow, send
 from .log import event
 
 __all__ = [
@@ -95,6 +95,11 @@ _HIGH_WATER = 16 * 1024
 # 128, at 64), and each read costs a recv and a send (system time per 1 MiB upload roughly
 # halved from 16 to 32 KiB: bench/FIGURES.md, "Uploads").
 _READ_SIZE = 32 * 1024
+# While a body is relayed (`Request.relay_body`) and the write buffers of paused transports
+# hold less than flow.py's `HELD.limit`, reads take up to this much: a recv and a send per
+# 256 KiB rather than per 32 KiB (bench/FIGURES.md, "Bodies: fewer, larger reads"). The limit
+# bounds what slow upstreams can make such reads hold: beyond it, reads are `_READ_SIZE` again.
+_BIG_READ = 256 * 1024
 _BIG_PIECE = 4 * 1024  # a body piece this large is handed on alone (`Request._take_body`, `_Relay.take`)
 _NEVER = float("inf")
 _NO_LIMIT = 1 << 62  # `_Relay`'s allowance for a body with no limit
@@ -609,8 +614,14 @@ class Request:
         if conn._lost:
             return True  # `drain` then says the client went away
         if data and self.method != "HEAD":
-            conn._transport.write(b"%x\r\n%b\r\n" % (len(data), data) if self._chunked else data)
-        return conn._flow.paused
+            # The transport is left holding only what the client has not taken (`flow.send`):
+            # what `Held` counts, while large reads are allowed, is then what is held.
+            send(conn._transport, conn._fd, b"%x\r\n%b\r\n" % (len(data), data) if self._chunked else data)
+        flow = conn._flow
+        if flow.paused:  # (a read's further pieces still come: `Held` counts them too)
+            flow.pause(conn._transport.get_write_buffer_size())
+            return True
+        return False
 
     async def drain(self, timeout: float | None = None) -> None:
         """Wait while the client's buffer is full, at most `timeout` without it reading
@@ -850,6 +861,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._send: Send = self._send_now  # (made once, not per request; let go in connection_lost)
         self._transport: asyncio.Transport = None  # type: ignore[assignment]  # set by connection_made
         self._remote: str | None = None
+        self._fd = -1  # the socket (`connection_made`)
         self._lost = False
         self._closing = False
         # the head being parsed
@@ -889,10 +901,10 @@ class _Connection(asyncio.BufferedProtocol):
         self._remote = peer[0] if isinstance(peer, tuple) else None
         self._server._opening -= 1
         self._server._connections.add(self)
-        if self._server._filtered:
-            sock = transport.get_extra_info("socket")
-            if sock is not None:
-                _accept_handshakes(sock)
+        sock = transport.get_extra_info("socket")
+        self._fd = sock.fileno() if sock is not None else -1  # a relayed answer is written to it (`flow.send`)
+        if self._server._filtered and sock is not None:
+            _accept_handshakes(sock)
         self._idle()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -922,7 +934,9 @@ class _Connection(asyncio.BufferedProtocol):
         self._flow.end()
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        return self._server._read_buffer
+        if self._relay is not None and HELD.bytes < HELD.limit:
+            return self._server._big_buffer()
+        return self._server._read_small
 
     def buffer_updated(self, nbytes: int) -> None:
         # bytes of their own: the read buffer is the next read's, and `data` may be kept.
@@ -1007,7 +1021,7 @@ class _Connection(asyncio.BufferedProtocol):
             self._refuse(400)
 
     def pause_writing(self) -> None:
-        self._flow.pause()
+        self._flow.pause(self._transport.get_write_buffer_size())
 
     def resume_writing(self) -> None:
         self._flow.resume()
@@ -1542,8 +1556,9 @@ class Server:
         self._loop = asyncio.get_running_loop()
         self._connections: set[_Connection] = set()
         self._listeners: list[asyncio.Server] = []
-        # Every connection's reads land here and are handled at once (one event loop thread).
-        self._read_buffer = memoryview(bytearray(_READ_SIZE))
+        # Every connection's reads land here and are handled at once (one event loop thread):
+        # `_read_small` for a read, all of it (`_BIG_READ`, made on first use) for a relayed body's.
+        self._read_buffer = self._read_small = memoryview(bytearray(_READ_SIZE))
         # One timer for every connection's keep-alive and head deadlines, rather than one per
         # request (a TimerHandle made and cancelled per request was 3% of a refused request's time).
         # At most every 10 ms whatever the timeouts: a `header_timeout: 1us` would otherwise re-arm
@@ -1556,6 +1571,15 @@ class Server:
         """Connections accepted, their protocol made, but not yet `connection_made` (the loop
         does that a step or two later): a drain that ended without them would drop them."""
         self._filtered = False  # the listening sockets refuse handshakes (see _stop_accepting)
+
+    def _big_buffer(self) -> memoryview:
+        """The read buffer, `_BIG_READ` long (made on first use: a process that relays no body
+        never holds it), its first `_READ_SIZE` bytes being `_read_small`."""
+        buffer = self._read_buffer
+        if len(buffer) < _BIG_READ:
+            buffer = self._read_buffer = memoryview(bytearray(_BIG_READ))
+            self._read_small = buffer[:_READ_SIZE]
+        return buffer
 
     def _accept(self) -> asyncio.BaseProtocol:
         # Counted here, not in connection_made: asyncio accepts up to `backlog` connections in

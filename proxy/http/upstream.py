@@ -40,7 +40,7 @@ from typing import Any
 import httptools
 
 from .causes import Worded, cause
-from .flow import Deadlines, Wakeup, WriteFlow
+from .flow import HELD, Deadlines, Wakeup, WriteFlow, send
 from .log import event
 
 __all__ = [
@@ -80,6 +80,10 @@ _HIGH_WATER = 16 * 1024
 # (`asyncio.BufferedProtocol`), so a paused answer holds at most the mark plus one read,
 # where the event loop's own reads are up to 256 KiB each.
 _READ_SIZE = 16 * 1024
+# While an answer is relayed to a consumer (`Response.relay`) and the write buffers of paused
+# transports hold less than flow.py's `HELD.limit`, reads take up to this much: a recv and a
+# send per 256 KiB rather than per 16 KiB (bench/FIGURES.md, "Bodies: fewer, larger reads").
+_BIG_READ = 256 * 1024
 _READ_LIMIT = 64 * 1024  # the most `read` waits for
 # The upstream transport's write buffer (a request body) beyond which the sender waits.
 WRITE_HIGH_WATER = 4 * 1024
@@ -246,6 +250,7 @@ class _Connection(asyncio.BufferedProtocol):
         "_codings",
         "_done",
         "_error",
+        "_fd",
         "_flow",
         "_got_bytes",
         "_head_bytes",
@@ -286,6 +291,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._pool = pool
         self._origin = origin
         self._transport: asyncio.Transport = None  # type: ignore[assignment]  # set by connection_made
+        self._fd = -1  # its socket, when writing to it ourselves is allowed (`connection_made`)
         self._poll: select.poll | None = None  # the socket, to look for bytes before reuse (`_clean`)
         self._parser = httptools.HttpResponseParser(self)
         self._idle = False
@@ -335,10 +341,14 @@ class _Connection(asyncio.BufferedProtocol):
         if sock is not None:
             self._poll = select.poll()
             self._poll.register(sock.fileno(), select.POLLIN)
+            if transport.get_extra_info("sslcontext") is None:
+                self._fd = sock.fileno()  # a relayed request body is written to it (`flow.send`); never through TLS
         transport.set_write_buffer_limits(WRITE_HIGH_WATER)  # type: ignore[attr-defined]
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        return self._pool._read_buffer
+        if self._sink is not None and HELD.bytes < HELD.limit:
+            return self._pool._big_buffer()
+        return self._pool._read_small
 
     def data_received(self, data: bytes | memoryview) -> None:
         """What the event loop would hand `buffer_updated`, a read at a time (for a caller
@@ -428,7 +438,7 @@ class _Connection(asyncio.BufferedProtocol):
             self._wakeup.extend(self._relay_timeout)
 
     def pause_writing(self) -> None:
-        self._flow.pause()
+        self._flow.pause(self._transport.get_write_buffer_size())
 
     def resume_writing(self) -> None:
         self._flow.resume()
@@ -702,6 +712,7 @@ class _Upload:
 
     __slots__ = (
         "_conn",
+        "_fd",
         "_length",
         "_read_timeout",
         "_transport",
@@ -715,6 +726,7 @@ class _Upload:
     def __init__(self, conn: _Connection, head: bytes, content_length: int | None, read_timeout: float) -> None:
         self._conn = conn
         self._transport = conn._transport
+        self._fd = conn._fd
         self._read_timeout = read_timeout
         self._length = content_length
         self.left = content_length or 0  # bytes of a Content-Length body still to send
@@ -748,13 +760,19 @@ class _Upload:
         self.left = left
         pending = self.pending
         if pending is None:
-            self._transport.write(chunk)
+            # The transport is left holding only what the upstream has not taken (`flow.send`):
+            # what `Held` counts, while large reads are allowed, is then what is held.
+            send(self._transport, self._fd, chunk)
         else:
             self._transport.writelines((pending, chunk))
             self.pending = None
         if not left:
             self.answered_early = conn._got_bytes
-        return conn._flow.paused
+        flow = conn._flow
+        if flow.paused:  # (a read's further pieces may still come: `Held` counts them too)
+            flow.pause(self._transport.get_write_buffer_size())
+            return True
+        return False
 
     def write_chunked(self, chunk: bytes) -> bool:
         """Send a piece of a chunked body; whether the source must stop and await `drain`."""
@@ -763,14 +781,18 @@ class _Upload:
             return True
         if not chunk:
             return False  # an empty chunk would end a chunked body early (RFC 9112 §7.1)
-        size = b"%x\r\n" % len(chunk)
         pending = self.pending
         if pending is None:
-            self._transport.writelines((size, chunk, b"\r\n"))
+            # One piece, so the transport keeps only what the upstream has not taken (`flow.send`).
+            send(self._transport, self._fd, b"%x\r\n%b\r\n" % (len(chunk), chunk))
         else:
-            self._transport.writelines((pending, size, chunk, b"\r\n"))
+            self._transport.writelines((pending, b"%x\r\n" % len(chunk), chunk, b"\r\n"))
             self.pending = None
-        return conn._flow.paused
+        flow = conn._flow
+        if flow.paused:  # (a read's further pieces still come: `Held` counts them too)
+            flow.pause(self._transport.get_write_buffer_size())
+            return True
+        return False
 
     async def drain(self) -> bool:
         """Wait while the upstream's buffer is full: a stalled upstream that never reads gets
@@ -971,8 +993,17 @@ class Pool:
         self._sweeper: asyncio.TimerHandle | None = None
         self._deadlines: Deadlines | None = None  # the timeouts of every wait on an answer: one timer
         self._closed = False
-        # Every connection's reads land here and are parsed at once (one event loop thread).
-        self._read_buffer = memoryview(bytearray(_READ_SIZE))
+        # Every connection's reads land here and are parsed at once (one event loop thread):
+        # `_read_small` for a read, all of it (`_BIG_READ`, made on first use) for a relayed answer's.
+        self._read_buffer = self._read_small = memoryview(bytearray(_READ_SIZE))
+
+    def _big_buffer(self) -> memoryview:
+        """The read buffer, `_BIG_READ` long (made on first use), its first `_READ_SIZE` bytes being `_read_small`."""
+        buffer = self._read_buffer
+        if len(buffer) < _BIG_READ:
+            buffer = self._read_buffer = memoryview(bytearray(_BIG_READ))
+            self._read_small = buffer[:_READ_SIZE]
+        return buffer
 
     def _origin(self, scheme: str, host: str, port: int) -> _Origin:
         key = (scheme, host, port)

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from proxy.http.flow import HELD
 from proxy.http.http1 import BodyError, BodyTimeout, BodyTooLarge, Request
 from tests.support.raw import bounded_by
 from tests.unit.http.test_http1 import Harness, KiB, assert_silent, read_answer, request_bytes, rest
@@ -332,3 +333,28 @@ async def test_100_continue_is_sent_when_the_relay_begins(harness: Harness) -> N
     writer.write(b"hello")
     final = await read_answer(reader)
     assert (final.status, final.body, sink.body) == (200, b"5", b"hello")
+
+
+@bounded
+@pytest.mark.parametrize("over_the_limit", [False, True])
+async def test_a_relayed_body_is_read_in_large_reads_only_while_paused_writers_hold_little(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch, over_the_limit: bool
+) -> None:
+    # Large reads (fewer system calls per byte) may leave one read in a slow upstream's
+    # buffer: beyond flow.HELD's limit, a relayed body is read 32 KiB at a time again.
+    if over_the_limit:
+        monkeypatch.setattr(HELD, "limit", HELD.bytes)
+    sink, outcome = Sink(), []
+    server = await harness.serve(relaying(sink, outcome))
+    reader, writer = await harness.connect(server)
+    body = bytes(range(256)) * 8192  # 2 MiB
+    writer.write(request_bytes("/cl", method="PUT", headers=(("Content-Length", str(len(body))),)))
+    await asyncio.sleep(0.05)  # the relay has begun: each read is passed on as it comes
+    writer.write(body)
+    answer = await read_answer(reader)
+    assert (answer.status, outcome, sink.body == body) == (200, [True], True)
+    largest = max(map(len, sink.pieces))
+    if over_the_limit:
+        assert largest <= 32 * KiB, largest
+    else:
+        assert largest > 32 * KiB, [len(piece) for piece in sink.pieces]

@@ -939,12 +939,18 @@ class _Connection(asyncio.BufferedProtocol):
         return self._server._read_small
 
     def buffer_updated(self, nbytes: int) -> None:
-        # bytes of their own: the read buffer is the next read's, and `data` may be kept.
-        self.data_received(bytes(self._server._read_buffer[:nbytes]))
+        if self._relay is not None:
+            # A relayed body's read is parsed from the read buffer itself: llhttp hands `on_body`
+            # bytes of its own, and what `_feed` or `_parse_failed` keep of it is copied. One
+            # copy of each read less (bench/FIGURES.md, "Bodies: fewer, larger reads").
+            self.data_received(self._server._read_buffer[:nbytes])
+        else:
+            # bytes of their own: the read buffer is the next read's, and `data` may be kept.
+            self.data_received(bytes(self._server._read_buffer[:nbytes]))
 
-    def data_received(self, data: bytes) -> None:
+    def data_received(self, data: bytes | memoryview) -> None:
         if self._sink is not None:
-            self._sink(data)
+            self._sink(data if type(data) is bytes else bytes(data))  # (a tunnel's side may keep it)
             return
         if self._upgraded:
             self._held += data
@@ -978,7 +984,7 @@ class _Connection(asyncio.BufferedProtocol):
         if self._task is None and (self._queue or self._refusal):
             self._dispatch()
 
-    def _feed(self, data: bytes) -> None:
+    def _feed(self, data: bytes | memoryview) -> None:
         """Parse `data` in slices, holding back the rest once enough requests wait their turn.
 
         llhttp parses all it is given: one 256 KiB read of tiny pipelined requests would
@@ -988,7 +994,7 @@ class _Connection(asyncio.BufferedProtocol):
         offset = 0
         while offset < size:
             if len(self._queue) >= _BACKLOG:
-                self._unparsed = data[offset:]
+                self._unparsed = bytes(data[offset:])  # (a copy: `data` may be the read buffer)
                 self._pause_reading()
                 return
             # Heads in small slices (a slice of tiny requests is a few dozen of them), bodies in large.
@@ -1007,12 +1013,13 @@ class _Connection(asyncio.BufferedProtocol):
                 self._refuse(431)
                 return
 
-    def _parse_failed(self, error: Exception, piece: bytes, rest: bytes) -> None:
+    def _parse_failed(self, error: Exception, piece: bytes | memoryview, rest: bytes | memoryview) -> None:
         """The parser stopped in `piece` (`rest`: the bytes after it, not parsed): an upgrade
         (the bytes after its head are held), or a refusal."""
         if isinstance(error, httptools.HttpParserUpgrade):
             self._upgraded = True
-            self._held += piece[error.args[0] :] + rest
+            self._held += piece[error.args[0] :]  # (copied: `piece` may be the read buffer)
+            self._held += rest
         elif isinstance(error, httptools.HttpParserCallbackError):
             # No local may hold the _Refuse after this: its traceback holds the callback's
             # frame, and the cycle (with `self` in it) would wait for a full garbage collection.

@@ -358,3 +358,51 @@ async def test_a_relayed_body_is_read_in_large_reads_only_while_paused_writers_h
         assert largest <= 32 * KiB, largest
     else:
         assert largest > 32 * KiB, [len(piece) for piece in sink.pieces]
+
+
+@bounded
+async def test_bytes_after_an_upgrade_pipelined_behind_a_relayed_body_survive_the_next_reads(harness: Harness) -> None:
+    # A relayed body's read is parsed from the server's one read buffer (no copy): what is
+    # kept of it (here the bytes after an upgrade request's head) must be a copy, for the
+    # next read, on this connection or another, lands in the same buffer.
+    async def handler(request: Request) -> None:
+        if request.upgrade:
+            inbox: asyncio.Queue[bytes] = asyncio.Queue()
+
+            async def source() -> AsyncIterator[bytes]:
+                while (data := await inbox.get()) != b"bye":
+                    yield data.upper()
+
+            await request.tunnel(
+                101, None, [("Upgrade", "shout"), ("Connection", "Upgrade")], inbox.put_nowait, source()
+            )
+            return
+        pieces: list[bytes] = []
+
+        def sink(data: bytes) -> bool:
+            pieces.append(bytes(data))
+            return False
+
+        async def drain() -> bool:
+            return True
+
+        await request.relay_body(sink, drain)
+        request.respond(200, None, [], b"%d" % len(b"".join(pieces)))
+
+    server = await harness.serve(handler)
+    reader, writer = await harness.connect(server)
+    other_reader, other_writer = await harness.connect(server)
+    writer.write(request_bytes("/a", method="POST", headers=(("Content-Length", "10"),)))
+    other_body = b"\xff" * (2 * 1024 * KiB)
+    other_writer.write(request_bytes("/b", method="POST", headers=(("Content-Length", str(len(other_body))),)))
+    await asyncio.sleep(0.05)  # both relays have begun
+    # One read: the end of the body, an upgrade request, and the first bytes after its head.
+    writer.write(
+        b"0123456789" + request_bytes("/ws", headers=(("Connection", "Upgrade"), ("Upgrade", "shout"))) + b"early"
+    )
+    other_writer.write(other_body)  # the other connection's reads land in the same buffer meanwhile
+    assert (await read_answer(reader)).body == b"10"
+    assert (await read_answer(other_reader)).body == b"%d" % len(other_body)
+    assert (await read_answer(reader)).status == 101
+    assert await asyncio.wait_for(reader.readexactly(5), 2) == b"EARLY"
+    writer.write(b"bye")

@@ -606,17 +606,19 @@ class Request:
             on_full()
         await conn._drain(timeout)
 
-    def write_now(self, data: bytes) -> bool:
+    def write_now(self, data: bytes | memoryview) -> bool:
         """`write` without the wait, for a caller in a protocol callback (an upstream's read
-        relayed as it comes): returns whether the client's buffer is full, when the caller
-        must stop passing more on and await `drain`. Nothing is written to a client gone."""
+        relayed as it comes; a memoryview is not kept past the call): returns whether the
+        client's buffer is full, when the caller must stop passing more on and await `drain`.
+        Nothing is written to a client gone."""
         conn = self._conn
         if conn._lost:
             return True  # `drain` then says the client went away
         if data and self.method != "HEAD":
             # The transport is left holding only what the client has not taken (`flow.send`):
             # what `Held` counts, while large reads are allowed, is then what is held.
-            send(conn._transport, conn._fd, b"%x\r\n%b\r\n" % (len(data), data) if self._chunked else data)
+            # (`data` may be a view of the upstream pool's read buffer: `send` copies what it keeps.)
+            send(conn._transport, conn._fd, b"%x\r\n%b\r\n" % (len(data), data) if self._chunked else data)  # type: ignore[str-format]  # (%b takes any buffer)
         flow = conn._flow
         if flow.paused:  # (a read's further pieces still come: `Held` counts them too)
             flow.pause(conn._transport.get_write_buffer_size())

@@ -248,6 +248,7 @@ class _Connection(asyncio.BufferedProtocol):
         "_chunked",
         "_chunks",
         "_codings",
+        "_counting",
         "_done",
         "_error",
         "_fd",
@@ -274,6 +275,7 @@ class _Connection(asyncio.BufferedProtocol):
         "_reason",
         "_relay_timeout",
         "_resend",
+        "_seen",
         "_sink",
         "_sink_full",
         "_status",
@@ -308,9 +310,10 @@ class _Connection(asyncio.BufferedProtocol):
         self._chunks: list[bytes] = []
         self._buffered = 0
         self._reading_paused = False
-        self._sink: Callable[[bytes], bool] | None = None  # `Response.relay`'s consumer, while it relays
+        self._sink: Callable[[bytes | memoryview], bool] | None = None  # `Response.relay`'s consumer, while it relays
         self._sink_full = False  # the sink said it is full: reading is paused until it drains
         self._relay_timeout = 0.0
+        self._seen = 0  # bytes of the answer's body so far
         # The answer's head (on_message_begin resets these for each message, 1xx included).
         self._reason = b""
         self._names = []
@@ -323,6 +326,7 @@ class _Connection(asyncio.BufferedProtocol):
     def _begin(self, is_head: bool) -> None:
         """Reset the exchange state for a new request on this connection."""
         self._is_head = is_head
+        self._counting = False  # the body's bytes are counted here, not parsed (`_count`)
         self._mark = _HIGH_WATER
         self._status = 0
         self._interim = False
@@ -422,12 +426,19 @@ class _Connection(asyncio.BufferedProtocol):
                 else:
                     self._wakeup.wake()
                 return
-        try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            self._fail(UpstreamProtocolError("upstream switched protocols (101); upgrades are not proxied here"))
-        except httptools.HttpParserError as error:
-            self._fail(UpstreamProtocolError(f"malformed response: {error}"))
+        if self._counting or (
+            self._sink is not None
+            and self._head_done
+            and self._length is not None
+            and not self._chunked
+            and not self._is_head
+            and self._status != 204
+            and self._status != 304
+            and self._error is None
+        ):
+            self._count(data)
+        else:
+            self._parse(data)
         if self._notify is not None:
             self._progress()  # last: what it calls may reuse this connection at once
         elif self._sink is None or self._done or self._error is not None or self._sink_full:
@@ -436,6 +447,56 @@ class _Connection(asyncio.BufferedProtocol):
             # Relaying (`Response.relay`): these bytes went on already; the waiting task has
             # nothing to do but its read timeout starts again.
             self._wakeup.extend(self._relay_timeout)
+
+    def _parse(self, data: bytes | memoryview) -> None:
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._fail(UpstreamProtocolError("upstream switched protocols (101); upgrades are not proxied here"))
+        except httptools.HttpParserError as error:
+            self._fail(UpstreamProtocolError(f"malformed response: {error}"))
+
+    def _count(self, data: memoryview) -> None:
+        """A read of a relayed answer's Content-Length body, counted rather than parsed: llhttp
+        would only count it too, and hand `on_body` a copy of each read. The sink gets a view
+        of the read buffer (`Response.relay`: valid during the call only; `flow.send` writes it
+        without a copy). Once this begins, every byte of the body is counted here (llhttp is
+        not told of them), and a fresh parser takes what follows it, as llhttp would have
+        (bench/FIGURES.md, "Bodies: fewer, larger reads")."""
+        self._counting = True
+        left = self._length - self._seen  # type: ignore[operator]  # (a Content-Length body: `buffer_updated`)
+        piece = data if len(data) <= left else data[:left]
+        self._seen += len(piece)
+        sink = self._sink
+        if sink is not None:
+            if sink(piece):
+                self._sink_full = True
+                if not self._reading_paused:
+                    self._reading_paused = True
+                    self._transport.pause_reading()
+        else:  # the relay has ended with the body not all here (`on_body`'s buffering, with a copy)
+            self._chunks.append(bytes(piece))
+            self._buffered += len(piece)
+            if self._buffered > self._mark and not self._reading_paused:
+                self._reading_paused = True
+                self._transport.pause_reading()
+        if len(data) < left:
+            return
+        # The end of the body: as llhttp's `on_message_complete`.
+        self._done = True
+        self._counting = False
+        parser = self._parser
+        keep_alive = parser.should_keep_alive()
+        self._parser = httptools.HttpResponseParser(self)  # (the old one still waits for the body)
+        rest = data[left:]
+        if rest:
+            # What llhttp makes of bytes after a complete answer in the same read: CR and LF
+            # skipped; anything else starts a message (`on_message_begin`: a stray) or, after
+            # an answer that closes the connection, is an error.
+            if keep_alive:
+                self._parse(rest)
+            elif bytes(rest).strip(b"\r\n"):
+                self._fail(UpstreamProtocolError("malformed response: data after `Connection: close`"))
 
     def pause_writing(self) -> None:
         self._flow.pause(self._transport.get_write_buffer_size())
@@ -457,6 +518,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._length = None
         self._chunked = False
         self._codings = None
+        self._seen = 0
 
     def on_status(self, reason: bytes) -> None:
         self._reason += reason  # llhttp may deliver the reason phrase in pieces
@@ -534,6 +596,7 @@ class _Connection(asyncio.BufferedProtocol):
         if self._interim:
             return  # content on a 1xx (which has none, RFC 9110 §15.2) is not the answer's
         self._head_bytes = 0
+        self._seen += len(body)
         sink = self._sink
         if sink is not None:
             # Straight on to the consumer from this callback (`Response.relay`); when it is
@@ -855,9 +918,11 @@ class Response:
         """False for answers that never carry content: to HEAD, 204 and 304 (RFC 9112 §6.3 item 1)."""
         return not self._bodiless
 
-    async def relay(self, sink: Callable[[bytes], bool], drain: Callable[[], Awaitable[object]]) -> None:
+    async def relay(self, sink: Callable[[bytes | memoryview], bool], drain: Callable[[], Awaitable[object]]) -> None:
         """Pass the body on as it comes: `sink(data)` is called from the connection's read
-        callback for each piece, with no task woken per read (bench/FIGURES.md, "Bodies"), and
+        callback for each piece, with no task woken per read (bench/FIGURES.md, "Bodies"): bytes,
+        or a memoryview of the pool's read buffer, valid during the call only (copy what is
+        kept: a Content-Length body is counted, not parsed, `_Connection._count`); it
         returns whether the consumer is full; then the upstream is not read until `drain()`
         (awaited here: it raises what the consumer's timeout or absence mean) has returned.
         Returns once the whole body has gone to `sink`; raises as `iter_chunks` does (the read

@@ -14,7 +14,7 @@ proxy whose only difference is a `cors` policy on the token route (so a-d never 
 (e) workload a from an allowed `Origin`, (f) a CORS preflight (204); and, only when asked for
 alone (`--only g`), (g) = (a) with a revocation list of 100,000 rules that does not name the token;
 and bodies, on the public route, only when asked for (`--only h`, `--only i`): (h) a 1 MiB
-answer, (i) a 1 MiB upload (its body fed in reads of http1's size, as the event loop reads them, and
+answer, (i) a 1 MiB upload (its body fed in reads of the size the event loop would read: what http1 offers, and
 no faster than the proxy reads: the driver honours `pause_reading`). Reported: µs of process CPU
 (`time.process_time`, user+system) per request, the least and the median of interleaved
 rounds. The VM's noise only ever adds time, so the least is the steadier figure for
@@ -67,7 +67,8 @@ _BIG_ANSWER = (
     b"HTTP/1.1 200 OK\r\nServer: nginx\r\nDate: Mon, 23 Nov 2026 12:00:00 GMT\r\n"
     b"Content-Type: application/octet-stream\r\nContent-Length: %d\r\nConnection: keep-alive\r\n\r\n" % _MIB
 ) + b"x" * _MIB
-_READ = _READ_SIZE  # what one read of the event loop takes from a client's socket (http1's)
+_READ = _READ_SIZE  # what one read of the event loop takes from a client's socket (http1's, but see `_drive`)
+_LOOP_READ = 256 * 1024  # what uvloop's reads take for a protocol that is not buffered (the floor's)
 
 
 def _upstream(sock: socket.socket) -> None:
@@ -235,28 +236,41 @@ async def _drive(proxy: Proxy | _Floor, requests: list[bytes], total: int, concu
     """CPU µs per request over `total` requests on `concurrency` connections."""
     server = proxy.server()
     next_index = 0
-    # A request larger than one read is fed a read at a time (pieces cut once, here).
-    reads = {data: [data[i : i + _READ] for i in range(0, len(data), _READ)] for data in requests if len(data) > _READ}
+    floor = isinstance(proxy, _Floor)
+    # A request larger than one read is fed a read at a time, each as large as the event loop's
+    # read would be: what `get_buffer` offers (http1's reads grow while a body is relayed), or
+    # uvloop's own size for the floor. Pieces are cut once, and reused.
+    large = any(len(data) > _READ for data in requests)
+    pieces: dict[tuple[int, int, int], bytes] = {}
+
+    def piece(data: bytes, at: int, size: int) -> bytes:
+        key = (id(data), at, size)
+        cut = pieces.get(key)
+        if cut is None:
+            cut = pieces[key] = data[at : at + size]
+        return cut
 
     async def one_connection() -> None:
         nonlocal next_index
         conn = server() if isinstance(proxy, _Floor) else _Connection(server)
-        client = _Client(large=bool(reads) or requests[0].startswith(b"GET /public/big "))
+        client = _Client(large=large or requests[0].startswith(b"GET /public/big "))
         conn.connection_made(client)
         loop = asyncio.get_running_loop()
         while next_index < total:
             data = requests[next_index % len(requests)]
             next_index += 1
             client.waiter = loop.create_future()
-            pieces = reads.get(data)
-            if pieces is None:
+            if len(data) <= _READ:
                 conn.data_received(data)
             else:
-                for piece in pieces:
+                at = 0
+                while at < len(data):
                     while client.paused:
                         client.resumed = loop.create_future()
                         await client.resumed
-                    conn.data_received(piece)
+                    cut = piece(data, at, _LOOP_READ if floor else len(conn.get_buffer(-1)))
+                    conn.data_received(cut)
+                    at += len(cut)
             answer = await client.waiter
             if not answer.startswith((b"HTTP/1.1 200 ", b"HTTP/1.1 401 ", b"HTTP/1.1 204 ")):
                 raise SystemExit(f"unexpected answer: {answer[:200]!r}")

@@ -6,7 +6,10 @@ answer arrived, the peer took what was written), one waiter at a time, at most a
 and `WriteFlow`, one connection's write side under asyncio's flow control: the transport's
 `pause_writing` and `resume_writing` recorded, `drain` waiting while its buffer is over the
 high-water mark, and `end` releasing a waiting writer when there is no more point in
-writing (the connection was lost, or the peer answered and is closing). The client-facing
+writing (the connection was lost, or the peer answered and is closing); `HELD`, what the
+write buffers of paused transports hold, process-wide, which decides whether a body may be
+read in large reads (`big_reads`); and `send`, a relayed write that leaves a transport
+holding only what the peer has not taken (never the caller's buffer). The client-facing
 server (http1.py), the upstream client (upstream.py) and forward.py's WebSocket tunnel all
 wait through these.
 Does not own: the marks (each protocol sets its transport's), when to pause or resume
@@ -23,8 +26,9 @@ result, and the future and its timer are let go on every way out of a wait.
 from __future__ import annotations
 
 import asyncio
+import os
 
-__all__ = ["Deadlines", "Wakeup", "WriteFlow"]
+__all__ = ["HELD", "Deadlines", "Held", "Wakeup", "WriteFlow", "big_reads", "send"]
 
 # A timer may run a hair before its time (uvloop counts in whole milliseconds): a wait due
 # within this much of now has timed out, rather than the timer being set again for a
@@ -164,6 +168,49 @@ class Deadlines:
             self._timer = None
 
 
+class Held:
+    """Bytes the write buffers of paused transports hold (counted when writing pauses, let go
+    when it resumes or ends), process-wide (one event loop thread per process).
+
+    A body relayed in large reads (fewer system calls per byte: bench/FIGURES.md, "Bodies:
+    fewer, larger reads") leaves up to one read in the write buffer of a peer that does not
+    take it; large reads are allowed only while this is under `limit`, so a thousand slow
+    peers hold at most `limit` more than they would with small reads."""
+
+    __slots__ = ("bytes", "limit")
+
+    def __init__(self, limit: int) -> None:
+        self.bytes = 0
+        self.limit = limit
+
+
+HELD = Held(8 * 1024 * 1024)
+
+
+def big_reads() -> bool:
+    """Whether a relayed body may be read in large reads now (`Held`)."""
+    return HELD.bytes < HELD.limit
+
+
+def send(transport: asyncio.Transport, fd: int, data: bytes | memoryview) -> None:
+    """Write `data` (a relayed body's piece; a memoryview of a read buffer the caller reuses)
+    to `transport`, whose socket is `fd` (-1: none to write to ourselves, such as TLS): when
+    the transport holds nothing yet, written to the socket at once, and only what the socket
+    did not take is handed to the transport, as bytes of its own. The transport then holds
+    exactly what the peer has not taken (uvloop keeps the whole object of a partly sent
+    write, and keeps a memoryview as it is: the caller's buffer) and `Held` counts it."""
+    # (Not to a closing transport: its socket may be closed already, and its number another's.)
+    if fd >= 0 and not transport.get_write_buffer_size() and not transport.is_closing():
+        try:
+            sent = os.write(fd, data)
+        except OSError:
+            sent = 0  # would block, or failed: the transport's own write says what happened
+        if sent == len(data):
+            return
+        data = data[sent:]
+    transport.write(data if type(data) is bytes else bytes(data))
+
+
 class WriteFlow:
     """A connection's write side: whether asyncio has paused writing, and waiting until it resumes.
 
@@ -172,7 +219,7 @@ class WriteFlow:
     waiting for the peer to take bytes.
     """
 
-    __slots__ = ("_wakeup", "ended", "paused")
+    __slots__ = ("_held", "_wakeup", "ended", "paused")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, deadlines: Deadlines | None = None) -> None:
         """`deadlines`: the shared timer for `drain`'s timeouts (None: a timer per wait)."""
@@ -181,20 +228,32 @@ class WriteFlow:
         self.ended = False
         """`end` was called: waiting for the peer to take bytes is pointless from now on."""
         self._wakeup = Wakeup(loop, deadlines)
+        self._held = 0  # what `pause` counted in `HELD`
 
-    def pause(self) -> None:
-        """asyncio's `pause_writing`: the transport's write buffer is over its high-water mark."""
+    def pause(self, held: int = 0) -> None:
+        """asyncio's `pause_writing`: the transport's write buffer is over its high-water mark;
+        `held`: the bytes it holds (its `get_write_buffer_size()`), counted in `HELD` until
+        writing resumes or ends. Called again with what it holds after each write made while
+        paused (a read's further pieces), the count follows."""
         self.paused = True
+        HELD.bytes += held - self._held
+        self._held = held
 
     def resume(self) -> None:
         """asyncio's `resume_writing`: the buffer is down to its low-water mark; a waiting writer goes on."""
         self.paused = False
+        if self._held:
+            HELD.bytes -= self._held
+            self._held = 0
         self._wakeup.wake()
 
     def end(self) -> None:
         """No more waiting for the peer (the connection was lost, or the peer answered and is
         closing): a waiting writer returns now, and every later `drain` at once."""
         self.ended = True
+        if self._held:
+            HELD.bytes -= self._held
+            self._held = 0
         self._wakeup.wake()
 
     async def drain(self, timeout: float | None = None) -> bool:

@@ -50,7 +50,7 @@ import httptools
 from multidict import CIMultiDict, MultiDict, MultiDictProxy
 from yarl import URL
 
-from .flow import Deadlines, Wakeup, WriteFlow
+from .flow import HELD, Deadlines, Wakeup, WriteFlow, send
 from .log import event
 
 __all__ = [
@@ -95,6 +95,11 @@ _HIGH_WATER = 16 * 1024
 # 128, at 64), and each read costs a recv and a send (system time per 1 MiB upload roughly
 # halved from 16 to 32 KiB: bench/FIGURES.md, "Uploads").
 _READ_SIZE = 32 * 1024
+# While a body is relayed (`Request.relay_body`) and the write buffers of paused transports
+# hold less than flow.py's `HELD.limit`, reads take up to this much: a recv and a send per
+# 256 KiB rather than per 32 KiB (bench/FIGURES.md, "Bodies: fewer, larger reads"). The limit
+# bounds what slow upstreams can make such reads hold: beyond it, reads are `_READ_SIZE` again.
+_BIG_READ = 256 * 1024
 _BIG_PIECE = 4 * 1024  # a body piece this large is handed on alone (`Request._take_body`, `_Relay.take`)
 _NEVER = float("inf")
 _NO_LIMIT = 1 << 62  # `_Relay`'s allowance for a body with no limit
@@ -601,16 +606,24 @@ class Request:
             on_full()
         await conn._drain(timeout)
 
-    def write_now(self, data: bytes) -> bool:
+    def write_now(self, data: bytes | memoryview) -> bool:
         """`write` without the wait, for a caller in a protocol callback (an upstream's read
-        relayed as it comes): returns whether the client's buffer is full, when the caller
-        must stop passing more on and await `drain`. Nothing is written to a client gone."""
+        relayed as it comes; a memoryview is not kept past the call): returns whether the
+        client's buffer is full, when the caller must stop passing more on and await `drain`.
+        Nothing is written to a client gone."""
         conn = self._conn
         if conn._lost:
             return True  # `drain` then says the client went away
         if data and self.method != "HEAD":
-            conn._transport.write(b"%x\r\n%b\r\n" % (len(data), data) if self._chunked else data)
-        return conn._flow.paused
+            # The transport is left holding only what the client has not taken (`flow.send`):
+            # what `Held` counts, while large reads are allowed, is then what is held.
+            # (`data` may be a view of the upstream pool's read buffer: `send` copies what it keeps.)
+            send(conn._transport, conn._fd, b"%x\r\n%b\r\n" % (len(data), data) if self._chunked else data)  # type: ignore[str-format]  # (%b takes any buffer)
+        flow = conn._flow
+        if flow.paused:  # (a read's further pieces still come: `Held` counts them too)
+            flow.pause(conn._transport.get_write_buffer_size())
+            return True
+        return False
 
     async def drain(self, timeout: float | None = None) -> None:
         """Wait while the client's buffer is full, at most `timeout` without it reading
@@ -850,6 +863,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._send: Send = self._send_now  # (made once, not per request; let go in connection_lost)
         self._transport: asyncio.Transport = None  # type: ignore[assignment]  # set by connection_made
         self._remote: str | None = None
+        self._fd = -1  # the socket (`connection_made`)
         self._lost = False
         self._closing = False
         # the head being parsed
@@ -889,10 +903,10 @@ class _Connection(asyncio.BufferedProtocol):
         self._remote = peer[0] if isinstance(peer, tuple) else None
         self._server._opening -= 1
         self._server._connections.add(self)
-        if self._server._filtered:
-            sock = transport.get_extra_info("socket")
-            if sock is not None:
-                _accept_handshakes(sock)
+        sock = transport.get_extra_info("socket")
+        self._fd = sock.fileno() if sock is not None else -1  # a relayed answer is written to it (`flow.send`)
+        if self._server._filtered and sock is not None:
+            _accept_handshakes(sock)
         self._idle()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -922,15 +936,23 @@ class _Connection(asyncio.BufferedProtocol):
         self._flow.end()
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        return self._server._read_buffer
+        if self._relay is not None and HELD.bytes < HELD.limit:
+            return self._server._big_buffer()
+        return self._server._read_small
 
     def buffer_updated(self, nbytes: int) -> None:
-        # bytes of their own: the read buffer is the next read's, and `data` may be kept.
-        self.data_received(bytes(self._server._read_buffer[:nbytes]))
+        if self._relay is not None:
+            # A relayed body's read is parsed from the read buffer itself: llhttp hands `on_body`
+            # bytes of its own, and what `_feed` or `_parse_failed` keep of it is copied. One
+            # copy of each read less (bench/FIGURES.md, "Bodies: fewer, larger reads").
+            self.data_received(self._server._read_buffer[:nbytes])
+        else:
+            # bytes of their own: the read buffer is the next read's, and `data` may be kept.
+            self.data_received(bytes(self._server._read_buffer[:nbytes]))
 
-    def data_received(self, data: bytes) -> None:
+    def data_received(self, data: bytes | memoryview) -> None:
         if self._sink is not None:
-            self._sink(data)
+            self._sink(data if type(data) is bytes else bytes(data))  # (a tunnel's side may keep it)
             return
         if self._upgraded:
             self._held += data
@@ -964,7 +986,7 @@ class _Connection(asyncio.BufferedProtocol):
         if self._task is None and (self._queue or self._refusal):
             self._dispatch()
 
-    def _feed(self, data: bytes) -> None:
+    def _feed(self, data: bytes | memoryview) -> None:
         """Parse `data` in slices, holding back the rest once enough requests wait their turn.
 
         llhttp parses all it is given: one 256 KiB read of tiny pipelined requests would
@@ -974,7 +996,7 @@ class _Connection(asyncio.BufferedProtocol):
         offset = 0
         while offset < size:
             if len(self._queue) >= _BACKLOG:
-                self._unparsed = data[offset:]
+                self._unparsed = bytes(data[offset:])  # (a copy: `data` may be the read buffer)
                 self._pause_reading()
                 return
             # Heads in small slices (a slice of tiny requests is a few dozen of them), bodies in large.
@@ -993,12 +1015,13 @@ class _Connection(asyncio.BufferedProtocol):
                 self._refuse(431)
                 return
 
-    def _parse_failed(self, error: Exception, piece: bytes, rest: bytes) -> None:
+    def _parse_failed(self, error: Exception, piece: bytes | memoryview, rest: bytes | memoryview) -> None:
         """The parser stopped in `piece` (`rest`: the bytes after it, not parsed): an upgrade
         (the bytes after its head are held), or a refusal."""
         if isinstance(error, httptools.HttpParserUpgrade):
             self._upgraded = True
-            self._held += piece[error.args[0] :] + rest
+            self._held += piece[error.args[0] :]  # (copied: `piece` may be the read buffer)
+            self._held += rest
         elif isinstance(error, httptools.HttpParserCallbackError):
             # No local may hold the _Refuse after this: its traceback holds the callback's
             # frame, and the cycle (with `self` in it) would wait for a full garbage collection.
@@ -1007,7 +1030,7 @@ class _Connection(asyncio.BufferedProtocol):
             self._refuse(400)
 
     def pause_writing(self) -> None:
-        self._flow.pause()
+        self._flow.pause(self._transport.get_write_buffer_size())
 
     def resume_writing(self) -> None:
         self._flow.resume()
@@ -1542,8 +1565,9 @@ class Server:
         self._loop = asyncio.get_running_loop()
         self._connections: set[_Connection] = set()
         self._listeners: list[asyncio.Server] = []
-        # Every connection's reads land here and are handled at once (one event loop thread).
-        self._read_buffer = memoryview(bytearray(_READ_SIZE))
+        # Every connection's reads land here and are handled at once (one event loop thread):
+        # `_read_small` for a read, all of it (`_BIG_READ`, made on first use) for a relayed body's.
+        self._read_buffer = self._read_small = memoryview(bytearray(_READ_SIZE))
         # One timer for every connection's keep-alive and head deadlines, rather than one per
         # request (a TimerHandle made and cancelled per request was 3% of a refused request's time).
         # At most every 10 ms whatever the timeouts: a `header_timeout: 1us` would otherwise re-arm
@@ -1556,6 +1580,15 @@ class Server:
         """Connections accepted, their protocol made, but not yet `connection_made` (the loop
         does that a step or two later): a drain that ended without them would drop them."""
         self._filtered = False  # the listening sockets refuse handshakes (see _stop_accepting)
+
+    def _big_buffer(self) -> memoryview:
+        """The read buffer, `_BIG_READ` long (made on first use: a process that relays no body
+        never holds it), its first `_READ_SIZE` bytes being `_read_small`."""
+        buffer = self._read_buffer
+        if len(buffer) < _BIG_READ:
+            buffer = self._read_buffer = memoryview(bytearray(_BIG_READ))
+            self._read_small = buffer[:_READ_SIZE]
+        return buffer
 
     def _accept(self) -> asyncio.BaseProtocol:
         # Counted here, not in connection_made: asyncio accepts up to `backlog` connections in

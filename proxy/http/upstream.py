@@ -44,7 +44,7 @@ from typing import Any
 import httptools
 
 from .causes import Worded, cause
-from .flow import Deadlines, Wakeup, WriteFlow
+from .flow import HELD, Deadlines, Wakeup, WriteFlow, send
 from .log import event
 
 __all__ = [
@@ -86,6 +86,10 @@ _HIGH_WATER = 16 * 1024
 # (`asyncio.BufferedProtocol`), so a paused answer holds at most the mark plus one read,
 # where the event loop's own reads are up to 256 KiB each.
 _READ_SIZE = 16 * 1024
+# While an answer is relayed to a consumer (`Response.relay`) and the write buffers of paused
+# transports hold less than flow.py's `HELD.limit`, reads take up to this much: a recv and a
+# send per 256 KiB rather than per 16 KiB (bench/FIGURES.md, "Bodies: fewer, larger reads").
+_BIG_READ = 256 * 1024
 _READ_LIMIT = 64 * 1024  # the most `read` waits for
 # The upstream transport's write buffer (a request body) beyond which the sender waits.
 WRITE_HIGH_WATER = 4 * 1024
@@ -287,12 +291,15 @@ class _Connection(asyncio.BufferedProtocol):
         "_chunked",
         "_chunks",
         "_codings",
+        "_counting",
         "_done",
         "_error",
+        "_fd",
         "_flow",
         "_got_bytes",
         "_head_bytes",
         "_head_done",
+        "_head_seen",
         "_idle",
         "_idle_since",
         "_interim",
@@ -330,6 +337,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._pool = pool
         self._origin = origin
         self._transport: asyncio.Transport = None  # type: ignore[assignment]  # set by connection_made
+        self._fd = -1  # its socket, when writing to it ourselves is allowed (`connection_made`)
         self._poll: select.poll | None = None  # the socket, to look for bytes before reuse (`_clean`)
         self._parser = httptools.HttpResponseParser(self)
         self._idle = False
@@ -346,9 +354,10 @@ class _Connection(asyncio.BufferedProtocol):
         self._chunks: list[bytes] = []
         self._buffered = 0
         self._reading_paused = False
-        self._sink: Callable[[bytes], bool] | None = None  # `Response.relay`'s consumer, while it relays
+        self._sink: Callable[[bytes | memoryview], bool] | None = None  # `Response.relay`'s consumer, while it relays
         self._sink_full = False  # the sink said it is full: reading is paused until it drains
         self._relay_timeout = 0.0
+        self._seen = 0  # bytes of the answer's body so far
         # The answer's head (on_message_begin resets these for each message, 1xx included).
         self._reason = b""
         self._names = []
@@ -361,6 +370,7 @@ class _Connection(asyncio.BufferedProtocol):
     def _begin(self, is_head: bool) -> None:
         """Reset the exchange state for a new request on this connection."""
         self._is_head = is_head
+        self._counting = False  # the body's bytes are counted here, not parsed (`_count`)
         self._mark = _HIGH_WATER
         self._status = 0
         self._interim = False
@@ -370,7 +380,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._got_bytes = False
         self._head_bytes = 0
         self._error = None
-        self._seen: _Head | None = None  # this answer's head, when it is its origin's `_Head`
+        self._head_seen: _Head | None = None  # this answer's head, when it is its origin's `_Head`
 
     # asyncio.Protocol
 
@@ -380,10 +390,14 @@ class _Connection(asyncio.BufferedProtocol):
         if sock is not None:
             self._poll = select.poll()
             self._poll.register(sock.fileno(), select.POLLIN)
+            if transport.get_extra_info("sslcontext") is None:
+                self._fd = sock.fileno()  # a relayed request body is written to it (`flow.send`); never through TLS
         transport.set_write_buffer_limits(WRITE_HIGH_WATER)  # type: ignore[attr-defined]
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        return self._pool._read_buffer
+        if self._sink is not None and HELD.bytes < HELD.limit:
+            return self._pool._big_buffer()
+        return self._pool._read_small
 
     def data_received(self, data: bytes | memoryview) -> None:
         """What the event loop would hand `buffer_updated`, a read at a time (for a caller
@@ -468,14 +482,20 @@ class _Connection(asyncio.BufferedProtocol):
                 else:
                     self._wakeup.wake()
                 return
-        try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            self._fail(UpstreamProtocolError("upstream switched protocols (101); upgrades are not proxied here"))
-        except httptools.HttpParserError as error:
-            self._fail(UpstreamProtocolError(f"malformed response: {error}"))
+        if self._counting or (
+            self._sink is not None
+            and self._head_done
+            and self._length is not None
+            and not self._chunked
+            and not self._is_head
+            and self._status != 204
+            and self._status != 304
+            and self._error is None
+        ):
+            self._count(data)
         else:
-            if fresh and self._done and self._keep_alive and self._length is not None:
+            self._parse(data)
+            if fresh and self._done and self._keep_alive and self._length is not None and self._error is None:
                 self._remember(nbytes)
         if self._notify is not None:
             self._progress()  # last: what it calls may reuse this connection at once
@@ -489,7 +509,7 @@ class _Connection(asyncio.BufferedProtocol):
     def _again(self, head: _Head, nbytes: int) -> None:
         """The read is `head` again with its body: what llhttp's callbacks did for it, done here."""
         head.hits += 1
-        self._seen = head
+        self._head_seen = head
         self._got_bytes = True
         # on_message_begin, on_status, on_header
         self._reason = head.reason
@@ -532,10 +552,60 @@ class _Connection(asyncio.BufferedProtocol):
         if nbytes - size != self._length:
             return  # (not one answer alone: nothing else in this read, a 1xx before it say)
         origin.misses = 0
-        self._seen = origin.head = _Head(self, self._pool._read_buffer[:size].tobytes())
+        self._head_seen = origin.head = _Head(self, self._pool._read_buffer[:size].tobytes())
+
+    def _parse(self, data: bytes | memoryview) -> None:
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._fail(UpstreamProtocolError("upstream switched protocols (101); upgrades are not proxied here"))
+        except httptools.HttpParserError as error:
+            self._fail(UpstreamProtocolError(f"malformed response: {error}"))
+
+    def _count(self, data: memoryview) -> None:
+        """A read of a relayed answer's Content-Length body, counted rather than parsed: llhttp
+        would only count it too, and hand `on_body` a copy of each read. The sink gets a view
+        of the read buffer (`Response.relay`: valid during the call only; `flow.send` writes it
+        without a copy). Once this begins, every byte of the body is counted here (llhttp is
+        not told of them), and a fresh parser takes what follows it, as llhttp would have
+        (bench/FIGURES.md, "Bodies: fewer, larger reads")."""
+        self._counting = True
+        left = self._length - self._seen  # type: ignore[operator]  # (a Content-Length body: `buffer_updated`)
+        piece = data if len(data) <= left else data[:left]
+        self._seen += len(piece)
+        sink = self._sink
+        if sink is not None:
+            if sink(piece):
+                self._sink_full = True
+                if not self._reading_paused:
+                    self._reading_paused = True
+                    self._transport.pause_reading()
+        else:  # the relay has ended with the body not all here (`on_body`'s buffering, with a copy)
+            self._chunks.append(bytes(piece))
+            self._buffered += len(piece)
+            if self._buffered > self._mark and not self._reading_paused:
+                self._reading_paused = True
+                self._transport.pause_reading()
+        if len(data) < left:
+            return
+        # The end of the body: as llhttp's `on_message_complete`.
+        self._done = True
+        self._counting = False
+        parser = self._parser
+        keep_alive = parser.should_keep_alive()
+        self._parser = httptools.HttpResponseParser(self)  # (the old one still waits for the body)
+        rest = data[left:]
+        if rest:
+            # What llhttp makes of bytes after a complete answer in the same read: CR and LF
+            # skipped; anything else starts a message (`on_message_begin`: a stray) or, after
+            # an answer that closes the connection, is an error.
+            if keep_alive:
+                self._parse(rest)
+            elif bytes(rest).strip(b"\r\n"):
+                self._fail(UpstreamProtocolError("malformed response: data after `Connection: close`"))
 
     def pause_writing(self) -> None:
-        self._flow.pause()
+        self._flow.pause(self._transport.get_write_buffer_size())
 
     def resume_writing(self) -> None:
         self._flow.resume()
@@ -554,6 +624,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._length = None
         self._chunked = False
         self._codings = None
+        self._seen = 0
 
     def on_status(self, reason: bytes) -> None:
         self._reason += reason  # llhttp may deliver the reason phrase in pieces
@@ -631,6 +702,7 @@ class _Connection(asyncio.BufferedProtocol):
         if self._interim:
             return  # content on a 1xx (which has none, RFC 9110 §15.2) is not the answer's
         self._head_bytes = 0
+        self._seen += len(body)
         sink = self._sink
         if sink is not None:
             # Straight on to the consumer from this callback (`Response.relay`); when it is
@@ -809,6 +881,7 @@ class _Upload:
 
     __slots__ = (
         "_conn",
+        "_fd",
         "_length",
         "_read_timeout",
         "_transport",
@@ -822,6 +895,7 @@ class _Upload:
     def __init__(self, conn: _Connection, head: bytes, content_length: int | None, read_timeout: float) -> None:
         self._conn = conn
         self._transport = conn._transport
+        self._fd = conn._fd
         self._read_timeout = read_timeout
         self._length = content_length
         self.left = content_length or 0  # bytes of a Content-Length body still to send
@@ -855,13 +929,19 @@ class _Upload:
         self.left = left
         pending = self.pending
         if pending is None:
-            self._transport.write(chunk)
+            # The transport is left holding only what the upstream has not taken (`flow.send`):
+            # what `Held` counts, while large reads are allowed, is then what is held.
+            send(self._transport, self._fd, chunk)
         else:
             self._transport.writelines((pending, chunk))
             self.pending = None
         if not left:
             self.answered_early = conn._got_bytes
-        return conn._flow.paused
+        flow = conn._flow
+        if flow.paused:  # (a read's further pieces may still come: `Held` counts them too)
+            flow.pause(self._transport.get_write_buffer_size())
+            return True
+        return False
 
     def write_chunked(self, chunk: bytes) -> bool:
         """Send a piece of a chunked body; whether the source must stop and await `drain`."""
@@ -870,14 +950,18 @@ class _Upload:
             return True
         if not chunk:
             return False  # an empty chunk would end a chunked body early (RFC 9112 §7.1)
-        size = b"%x\r\n" % len(chunk)
         pending = self.pending
         if pending is None:
-            self._transport.writelines((size, chunk, b"\r\n"))
+            # One piece, so the transport keeps only what the upstream has not taken (`flow.send`).
+            send(self._transport, self._fd, b"%x\r\n%b\r\n" % (len(chunk), chunk))
         else:
-            self._transport.writelines((pending, size, chunk, b"\r\n"))
+            self._transport.writelines((pending, b"%x\r\n" % len(chunk), chunk, b"\r\n"))
             self.pending = None
-        return conn._flow.paused
+        flow = conn._flow
+        if flow.paused:  # (a read's further pieces still come: `Held` counts them too)
+            flow.pause(self._transport.get_write_buffer_size())
+            return True
+        return False
 
     async def drain(self) -> bool:
         """Wait while the upstream's buffer is full: a stalled upstream that never reads gets
@@ -909,7 +993,7 @@ class Response:
         self.values: Sequence[bytes] = conn._values
         self.length: int | None = conn._length
         """The answer's Content-Length, if it sent one."""
-        self.head = conn._seen
+        self.head = conn._head_seen
         """Its head as its origin's `_Head` (the same bytes as an answer before, whose `kept`
         a consumer may use, or fill for the next), else None."""
         self._bodiless = conn._is_head or status == 204 or status == 304
@@ -943,9 +1027,11 @@ class Response:
         """False for answers that never carry content: to HEAD, 204 and 304 (RFC 9112 §6.3 item 1)."""
         return not self._bodiless
 
-    async def relay(self, sink: Callable[[bytes], bool], drain: Callable[[], Awaitable[object]]) -> None:
+    async def relay(self, sink: Callable[[bytes | memoryview], bool], drain: Callable[[], Awaitable[object]]) -> None:
         """Pass the body on as it comes: `sink(data)` is called from the connection's read
-        callback for each piece, with no task woken per read (bench/FIGURES.md, "Bodies"), and
+        callback for each piece, with no task woken per read (bench/FIGURES.md, "Bodies"): bytes,
+        or a memoryview of the pool's read buffer, valid during the call only (copy what is
+        kept: a Content-Length body is counted, not parsed, `_Connection._count`); it
         returns whether the consumer is full; then the upstream is not read until `drain()`
         (awaited here: it raises what the consumer's timeout or absence mean) has returned.
         Returns once the whole body has gone to `sink`; raises as `iter_chunks` does (the read
@@ -1081,9 +1167,20 @@ class Pool:
         self._sweeper: asyncio.TimerHandle | None = None
         self._deadlines: Deadlines | None = None  # the timeouts of every wait on an answer: one timer
         self._closed = False
-        # Every connection's reads land here and are parsed at once (one event loop thread).
+        # Every connection's reads land here and are parsed at once (one event loop thread):
+        # `_read_small` for a read, all of it (`_BIG_READ`, made on first use) for a relayed
+        # answer's; `_read_array` is the bytearray under them (`_Head`'s `startswith`, `find`).
         self._read_array = bytearray(_READ_SIZE)
-        self._read_buffer = memoryview(self._read_array)
+        self._read_buffer = self._read_small = memoryview(self._read_array)
+
+    def _big_buffer(self) -> memoryview:
+        """The read buffer, `_BIG_READ` long (made on first use), its first `_READ_SIZE` bytes being `_read_small`."""
+        buffer = self._read_buffer
+        if len(buffer) < _BIG_READ:
+            self._read_array = bytearray(_BIG_READ)
+            buffer = self._read_buffer = memoryview(self._read_array)
+            self._read_small = buffer[:_READ_SIZE]
+        return buffer
 
     def _origin(self, scheme: str, host: str, port: int) -> _Origin:
         key = (scheme, host, port)

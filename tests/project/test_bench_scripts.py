@@ -24,6 +24,13 @@ SCRIPTS = {
         ["--floor", "--requests", "20", "--rounds", "1", "--warmup", "10", "--only", "c"],
         "c_no_token",
     ),
+    # (h) and (i): 1 MiB bodies, fed in reads of the size the event loop would read.
+    "pipeline_micro h": (["--requests", "5", "--rounds", "1", "--warmup", "2", "--only", "h"], "h_answer_1mib"),
+    "pipeline_micro i": (["--requests", "5", "--rounds", "1", "--warmup", "2", "--only", "i"], "i_upload_1mib"),
+    "pipeline_micro --floor i": (
+        ["--floor", "--requests", "5", "--rounds", "1", "--warmup", "2", "--only", "i"],
+        "i_upload_1mib",
+    ),
     "revocation_micro": (["--rules", "100", "--calls", "100"], "hit_sub"),
     "upstream_micro": (["--requests", "20"], "req/s"),
     "stray_probe": (["--requests", "10"], "0 of 10 crossed"),

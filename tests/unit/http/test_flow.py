@@ -11,14 +11,16 @@ tests/integration/test_memory.py runs the proxy) nothing may be left for it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
+import os
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytest
 
-from proxy.http.flow import Deadlines, Wakeup, WriteFlow
+from proxy.http.flow import HELD, Deadlines, Wakeup, WriteFlow, big_reads, send
 from tests.support.raw import bounded_by
 
 LONG = 30.0  # a timeout no passing test reaches, and that ends a failing one (a lost wake)
@@ -384,3 +386,118 @@ async def test_a_writer_waiting_on_a_peer_that_goes_away_is_released_with_false(
     async with asyncio.timeout(10):
         assert await draining is False
     assert writer.flow.ended
+
+
+# --- what a relayed write leaves the transport holding (`send`), and `Held` ------------------
+
+
+async def read_exactly(sock: socket.socket, count: int) -> bytes:
+    got = bytearray()
+    async with asyncio.timeout(10):
+        while len(got) < count:
+            try:
+                more = sock.recv(1 << 20)
+            except BlockingIOError:
+                await asyncio.sleep(0.001)
+                continue
+            assert more, f"the peer closed after {len(got)} of {count} bytes"
+            got += more
+    return bytes(got)
+
+
+async def sends_only_what_the_peer_did_not_take(listener: socket.socket) -> None:
+    writer, accepted = await connected(listener)
+    transport = writer.transport
+    assert transport is not None
+    fd = transport.get_extra_info("socket").fileno()
+    size = 8 * 1024 * 1024  # more than the kernel's buffers take from a peer that reads nothing
+    buffer = bytearray(b"a" * size)
+    try:
+        send(transport, fd, memoryview(buffer))
+        held = transport.get_write_buffer_size()
+        assert 0 < held < size  # the socket took some at once; the transport holds the rest
+        # The caller reuses its buffer at once (the next read lands in it): what the peer
+        # gets is what was sent, so the transport kept a copy, not the caller's buffer.
+        buffer[:] = b"z" * size
+        second = bytearray(b"b" * 1000)
+        send(transport, fd, memoryview(second))  # the transport holds bytes already: all of it copied, after them
+        second[:] = b"y" * 1000
+        assert transport.get_write_buffer_size() == held + 1000
+        assert await read_exactly(accepted, size + 1000) == b"a" * size + b"b" * 1000
+    finally:
+        accepted.close()
+        transport.abort()
+
+
+@bounded_by(20)
+async def test_send_leaves_the_transport_only_what_the_peer_did_not_take(peer: socket.socket) -> None:
+    await sends_only_what_the_peer_did_not_take(peer)
+
+
+@bounded_by(20)
+async def test_send_leaves_a_uvloop_transport_only_what_the_peer_did_not_take(peer: socket.socket) -> None:
+    # uvloop keeps a memoryview it is given as it is (the caller's buffer), and the whole
+    # object of a partly sent write: the sidecar runs on it (its own loop, in a thread).
+    uvloop = pytest.importorskip("uvloop")
+
+    def on_uvloop() -> None:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(sends_only_what_the_peer_did_not_take(peer))
+
+    await asyncio.to_thread(on_uvloop)
+
+
+@bounded_by(20)
+async def test_send_never_writes_to_the_socket_of_a_closing_transport(peer: socket.socket) -> None:
+    # Once closing, the transport's socket may be closed already and its number another's:
+    # here another descriptor (a pipe) stands for that other connection.
+    writer, accepted = await connected(peer)
+    transport = writer.transport
+    assert transport is not None
+    read_end, write_end = os.pipe()
+    os.set_blocking(read_end, False)
+    try:
+        transport.close()
+        assert transport.is_closing()
+        with contextlib.suppress(RuntimeError):  # (what the transport does with a late write is its own affair)
+            send(transport, write_end, b"late")
+        with pytest.raises(BlockingIOError):
+            os.read(read_end, 100)
+    finally:
+        accepted.close()
+        os.close(read_end)
+        os.close(write_end)
+
+
+async def test_held_counts_what_paused_writers_hold_until_they_resume_or_end() -> None:
+    loop = asyncio.get_running_loop()
+    before = HELD.bytes
+    first, second = WriteFlow(loop), WriteFlow(loop)
+    first.pause(1000)
+    second.pause(500)
+    assert HELD.bytes == before + 1500
+    first.pause(1800)  # written to while paused: the count follows what it holds
+    assert HELD.bytes == before + 2300
+    first.resume()
+    assert HELD.bytes == before + 500
+    second.end()
+    second.end()
+    first.resume()
+    assert HELD.bytes == before
+    first.pause()  # nothing said about what it holds: nothing counted
+    first.end()
+    assert HELD.bytes == before
+
+
+async def test_large_reads_are_allowed_only_while_paused_writers_hold_less_than_the_limit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(HELD, "limit", HELD.bytes + 1000)
+    assert big_reads()
+    flow = WriteFlow(asyncio.get_running_loop())
+    flow.pause(1000)
+    try:
+        assert not big_reads()
+    finally:
+        flow.resume()
+    assert big_reads()

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from proxy.http.flow import HELD
 from proxy.http.http1 import BodyError, BodyTimeout, BodyTooLarge, Request
 from tests.support.raw import bounded_by
 from tests.unit.http.test_http1 import Harness, KiB, assert_silent, read_answer, request_bytes, rest
@@ -332,3 +333,76 @@ async def test_100_continue_is_sent_when_the_relay_begins(harness: Harness) -> N
     writer.write(b"hello")
     final = await read_answer(reader)
     assert (final.status, final.body, sink.body) == (200, b"5", b"hello")
+
+
+@bounded
+@pytest.mark.parametrize("over_the_limit", [False, True])
+async def test_a_relayed_body_is_read_in_large_reads_only_while_paused_writers_hold_little(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch, over_the_limit: bool
+) -> None:
+    # Large reads (fewer system calls per byte) may leave one read in a slow upstream's
+    # buffer: beyond flow.HELD's limit, a relayed body is read 32 KiB at a time again.
+    if over_the_limit:
+        monkeypatch.setattr(HELD, "limit", HELD.bytes)
+    sink, outcome = Sink(), []
+    server = await harness.serve(relaying(sink, outcome))
+    reader, writer = await harness.connect(server)
+    body = bytes(range(256)) * 8192  # 2 MiB
+    writer.write(request_bytes("/cl", method="PUT", headers=(("Content-Length", str(len(body))),)))
+    await asyncio.sleep(0.05)  # the relay has begun: each read is passed on as it comes
+    writer.write(body)
+    answer = await read_answer(reader)
+    assert (answer.status, outcome, sink.body == body) == (200, [True], True)
+    largest = max(map(len, sink.pieces))
+    if over_the_limit:
+        assert largest <= 32 * KiB, largest
+    else:
+        assert largest > 32 * KiB, [len(piece) for piece in sink.pieces]
+
+
+@bounded
+async def test_bytes_after_an_upgrade_pipelined_behind_a_relayed_body_survive_the_next_reads(harness: Harness) -> None:
+    # A relayed body's read is parsed from the server's one read buffer (no copy): what is
+    # kept of it (here the bytes after an upgrade request's head) must be a copy, for the
+    # next read, on this connection or another, lands in the same buffer.
+    async def handler(request: Request) -> None:
+        if request.upgrade:
+            inbox: asyncio.Queue[bytes] = asyncio.Queue()
+
+            async def source() -> AsyncIterator[bytes]:
+                while (data := await inbox.get()) != b"bye":
+                    yield data.upper()
+
+            await request.tunnel(
+                101, None, [("Upgrade", "shout"), ("Connection", "Upgrade")], inbox.put_nowait, source()
+            )
+            return
+        pieces: list[bytes] = []
+
+        def sink(data: bytes) -> bool:
+            pieces.append(bytes(data))
+            return False
+
+        async def drain() -> bool:
+            return True
+
+        await request.relay_body(sink, drain)
+        request.respond(200, None, [], b"%d" % len(b"".join(pieces)))
+
+    server = await harness.serve(handler)
+    reader, writer = await harness.connect(server)
+    other_reader, other_writer = await harness.connect(server)
+    writer.write(request_bytes("/a", method="POST", headers=(("Content-Length", "10"),)))
+    other_body = b"\xff" * (2 * 1024 * KiB)
+    other_writer.write(request_bytes("/b", method="POST", headers=(("Content-Length", str(len(other_body))),)))
+    await asyncio.sleep(0.05)  # both relays have begun
+    # One read: the end of the body, an upgrade request, and the first bytes after its head.
+    writer.write(
+        b"0123456789" + request_bytes("/ws", headers=(("Connection", "Upgrade"), ("Upgrade", "shout"))) + b"early"
+    )
+    other_writer.write(other_body)  # the other connection's reads land in the same buffer meanwhile
+    assert (await read_answer(reader)).body == b"10"
+    assert (await read_answer(other_reader)).body == b"%d" % len(other_body)
+    assert (await read_answer(reader)).status == 101
+    assert await asyncio.wait_for(reader.readexactly(5), 2) == b"EARLY"
+    writer.write(b"bye")

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from proxy.http.flow import HELD
 from proxy.http.upstream import Pool, Response, UpstreamConnectError, UpstreamError, UpstreamProtocolError
 from tests.support.raw import Handler, bounded_by, eventually
 from tests.support.strays import STRAYS, misbehaving, read_request, whole
@@ -1443,3 +1444,101 @@ async def test_a_relay_whose_consumer_is_full_reads_no_more_of_the_upstream_unti
     with contextlib.suppress(asyncio.CancelledError):
         await relaying
     response.close()
+
+
+@bounded
+@pytest.mark.parametrize("over_the_limit", [False, True])
+async def test_a_relayed_answer_is_read_in_large_reads_only_while_paused_writers_hold_little(
+    pool: Pool, raw_server: Any, monkeypatch: pytest.MonkeyPatch, over_the_limit: bool
+) -> None:
+    # Large reads (fewer system calls per byte) may leave one read in a slow client's buffer:
+    # beyond flow.HELD's limit, a relayed answer is read 16 KiB at a time again.
+    if over_the_limit:
+        monkeypatch.setattr(HELD, "limit", HELD.bytes)
+    size = 4 * MiB
+    body = bytes(range(256)) * (size // 256)
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, index: int) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
+        await asyncio.sleep(0.1)  # the head is read alone: the relay begins before the body comes
+        writer.write(body)
+        await writer.drain()
+
+    server = await raw_server(handler)
+    response = await send(pool, server.port)
+    pieces: list[bytes] = []
+
+    def sink(data: bytes) -> bool:
+        pieces.append(bytes(data))
+        return False
+
+    async def drain() -> None:
+        raise AssertionError("never full")
+
+    await response.relay(sink, drain)
+    response.release()
+    assert b"".join(pieces) == body
+    largest = max(map(len, pieces))
+    if over_the_limit:
+        assert largest <= 16 * 1024, largest
+    else:
+        assert largest > 16 * 1024, [len(piece) for piece in pieces]
+
+
+# A relayed Content-Length body is counted, not parsed (`_Connection._count`): what follows its
+# last byte in the same read is judged as llhttp judged it. (extra bytes, "close" answer, reused?)
+COUNTED_ENDS = {
+    "nothing": (b"", False, True),
+    "crlf": (b"\r\n", False, True),  # llhttp skips CR and LF between messages
+    "second-answer": (OK, False, False),  # a stray: not reused (and the origin distrusted)
+    "garbage": (b"xyz", False, False),
+    "close-crlf": (b"\r\n", True, False),
+    "close-garbage": (b"xyz", True, False),
+}
+
+
+@bounded
+@pytest.mark.parametrize("mode", list(COUNTED_ENDS))
+async def test_a_relayed_answers_counted_body_ends_as_llhttp_would_end_it(
+    pool: Pool, raw_server: Any, mode: str
+) -> None:
+    extra, close, reused = COUNTED_ENDS[mode]
+    size = 3 * MiB
+    body = bytes(range(256)) * (size // 256)
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, index: int) -> None:
+        first = index == 1  # the first connection's first answer; OK after that
+        while await read_request(reader) is not None:
+            if not first:
+                writer.write(OK)
+                continue
+            first = False
+            connection = b"Connection: close\r\n" if close else b""
+            writer.write(b"HTTP/1.1 200 OK\r\n%bContent-Length: %d\r\n\r\n" % (connection, size))
+            await asyncio.sleep(0.1)  # the head is read alone: the relay begins before the body comes
+            writer.write(body[:-10])
+            await writer.drain()
+            await asyncio.sleep(0.1)
+            writer.write(body[-10:] + extra)  # the body's end and what follows, in one read
+            await writer.drain()
+
+    server = await raw_server(handler)
+    response = await send(pool, server.port)
+    pieces: list[bytes] = []
+
+    def sink(data: bytes | memoryview) -> bool:
+        pieces.append(bytes(data))
+        return False
+
+    async def drain() -> None:
+        raise AssertionError("never full")
+
+    await response.relay(sink, drain)
+    response.release()
+    assert b"".join(pieces) == body
+    await asyncio.sleep(0.1)
+    again = await send(pool, server.port)
+    assert (again.status, await again.read(100)) == (200, b"ok")
+    again.release()
+    assert (server.connections == 1) is reused, server.connections

@@ -262,9 +262,12 @@ def begin_planned(
         now = time.perf_counter()  # (the auth step's end and the upstream time's start: one reading)
         plan.metrics.auth.observe(now - began)  # (`observe_auth`, one call fewer)
         began = now
-        if found is None or plan.forward_token:
-            fields, kept = head.keep, head.kept
-        else:  # the token's line goes no further (`upstream_fields`' `drop`)
+        if found is not None and plan.forward_token:
+            fields, kept = head.keep, head.kept  # the token we checked, forwarded
+        else:
+            # The token's line goes no further, nor one we found no token in (Basic on an
+            # optional route): on a route with auth the upstream sees no Authorization we did
+            # not check (`upstream_fields`, `guarded`: a `ForwardPlan` with a token is guarded).
             fields, kept = head.drop, head.kept - 1  # type: ignore[assignment]
     ex.decision = _ALLOWED
     answering = forward_now(

@@ -36,6 +36,10 @@ providers:
 routes:
   - {{name: public, match: {{path_prefix: /public/}}, auth: none}}
   - {{name: optional, match: {{path_prefix: /maybe/}}, auth: {{provider: main, optional: true}}}}
+  - name: optional-fwd
+    match: {{path_prefix: /maybe-fwd/}}
+    auth: {{provider: main, optional: true}}
+    headers: {{claims: {{sub: X-User-Id}}, forward_token: true}}
   - name: fwd
     match: {{path_prefix: /fwd/}}
     auth: {{provider: main}}
@@ -171,7 +175,40 @@ async def test_a_prepared_forward_sends_the_upstream_the_same_bytes(
     assert b"Content-Length: 0\r\n\r\n" in last[7]
     assert b"Authorization: Bearer " + token.encode() in last[8]  # (forward_token)
     assert b"X-Jwt-Payload: " in last[8]
-    assert b"Authorization: Basic dXNlcjpwdw==\r\n" in last[10] and b"X-User-Id" not in last[10]
+    # (a route with auth: an Authorization it did not check never reaches the upstream, README "Routes")
+    assert b"Authorization" not in last[10] and b"X-User-Id" not in last[10]
+
+
+@pytest.mark.parametrize("prefix", ["/maybe/", "/maybe-fwd/"])
+@bounded_by(60)
+async def test_an_unchecked_authorization_is_dropped_on_a_prepared_target_as_on_the_first(
+    sidecar: Any, raw_server: Any, rsa_key: TestKey, tmp_path: Path, planned: list[tuple[str, str]], prefix: str
+) -> None:
+    # An optional route lets a request with another scheme on, anonymous: its Authorization
+    # (Basic, a token of another kind) was checked by no one, so the upstream must not see it,
+    # forward_token or not (identity.upstream_fields, `guarded`). The first request on the
+    # target prepares it; the prepared forward dropped nothing (it kept the line whenever no
+    # Bearer token was found), so the second and later requests carried it upstream.
+    s, heads, _ = await start(sidecar, raw_server, tmp_path)
+    token = mint({"sub": "alice"}, key=rsa_key)
+    for target, fields in [
+        (prefix + "basic", "Authorization: Basic dXNlcjpwdw==\r\n" + SPOOF),
+        (prefix + "other", "authorization: Digest username=x\r\n"),
+        (prefix + "empty", "Authorization: \r\n"),
+        (prefix + "bearer-first", f"Authorization: Bearer {token}\r\n"),  # prepared by a checked token...
+    ]:
+        raw = request("GET", target, fields)
+        before = len(heads)
+        assert await session(s, [raw] * 3) == [200] * 3, target
+        got = heads[before:]
+        assert (("GET", target) in planned) and got[0] == got[1] == got[2], (target, got)
+        if "bearer" in target:
+            assert (b"Authorization: Bearer " in got[0]) == (prefix == "/maybe-fwd/"), got[0]
+            # ...then used by a request with another scheme.
+            basic = request("GET", target, "Authorization: Basic dXNlcjpwdw==\r\n")
+            assert await session(s, [basic, basic]) == [200, 200]
+            got = heads[-2:]
+        assert all(b"uthorization" not in head and b"X-User-Id" not in head for head in got), (target, got)
 
 
 @bounded_by(60)

@@ -13,6 +13,7 @@ tests/integration/test_upstream_strays.py (the whole proxy, marked by user).
 from __future__ import annotations
 
 import asyncio
+import select
 from collections.abc import Callable
 
 from tests.support.raw import Handler
@@ -102,14 +103,45 @@ def by_field(name: bytes) -> Callable[[bytes], bytes]:
     return marker
 
 
-def misbehaving(mode: str, delay: Callable[[], float] | None, marker: Callable[[bytes], bytes] = by_target) -> Handler:
+def _carries_a_request(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+    """Whether a request has reached this connection that the handler has not answered: bytes
+    in the reader's buffer or still in the socket (the handler answers what it reads at once)."""
+    if reader._buffer:  # type: ignore[attr-defined]  # (StreamReader has no public way to ask)
+        return True
+    sock = writer.get_extra_info("socket")
+    if sock is None:
+        return False
+    poll = select.poll()
+    poll.register(sock.fileno(), select.POLLIN)
+    return bool(poll.poll(0))
+
+
+def misbehaving(
+    mode: str,
+    delay: Callable[[], float] | None,
+    marker: Callable[[bytes], bytes] = by_target,
+    *,
+    when_idle: bool = False,
+) -> Handler:
     """An upstream that answers each request (marked by `marker(head)`) as STRAYS[mode] says:
     the stray bytes in the same write when `delay` is None, else `delay()` seconds after the
-    answer, while it reads and answers the next request."""
+    answer, while it reads and answers the next request.
+
+    `when_idle`: the late stray bytes wait (in 5 ms steps) until no later request has reached
+    the connection, so they never come between a request and its answer. There, nothing tells
+    them from the answer (HTTP/1.1 has no request ids): on a loaded machine a 50 ms timer can
+    fire late, just after the proxy sent the next request on the connection and before this
+    upstream read it, and they are that request's answer. Only the pool's probation
+    (upstream.py's `_PROBATION`) keeps such an upstream's connections from being reused that
+    soon; a test that turns it off to test reuse at once asks for this."""
     _, make = STRAYS[mode]
 
-    async def later(writer: asyncio.StreamWriter, seconds: float, data: bytes) -> None:
+    async def later(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, seconds: float, data: bytes) -> None:
         await asyncio.sleep(seconds)
+        # (In the same event loop as the proxy: the check and the write are one step, and a
+        # request the proxy wrote on loopback is in the socket by then.)
+        while when_idle and not writer.is_closing() and _carries_a_request(reader, writer):
+            await asyncio.sleep(0.005)
         if not writer.is_closing():
             writer.write(data)
 
@@ -122,7 +154,7 @@ def misbehaving(mode: str, delay: Callable[[], float] | None, marker: Callable[[
                     writer.write(answer + stray)
                 else:
                     writer.write(answer)
-                    task = asyncio.create_task(later(writer, delay(), stray))
+                    task = asyncio.create_task(later(reader, writer, delay(), stray))
                     pending.add(task)
                     task.add_done_callback(pending.discard)
         finally:

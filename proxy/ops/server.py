@@ -96,6 +96,10 @@ async def serve(
         sockets.close()  # the servers closed their own; this closes them if a server never started
 
 
+def _ignore() -> None:
+    """SIGHUP while draining: nothing to reload."""
+
+
 async def _serve(
     settings: Settings,
     config_path: str | None,
@@ -139,6 +143,10 @@ async def _serve(
     # up to its timeout) stops the start at once: nothing was served, so nothing is drained.
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # A SIGHUP while starting (a config reloader, or worker 0 passing one on) must not kill the
+    # process by its default action: it is kept, and the reload done once serving begins.
+    hups: list[None] = []
+    loop.add_signal_handler(signal.SIGHUP, hups.append, None)
     if parent is not None:  # worker 0 gone (its end of the pipe closed): stop as SIGTERM would
         loop.add_reader(parent, _orphaned, loop, parent, stop)
     starting = loop.create_task(proxy.start())  # the clients, first key fetches
@@ -152,7 +160,7 @@ async def _serve(
                 await starting  # raises what failed the start, if anything did
         finally:
             await proxy.close()
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
             if parent is not None:
                 loop.remove_reader(parent)
@@ -210,10 +218,15 @@ async def _serve(
         watcher = loop.create_task(watch(runtime, interval=watch_interval))
         if supervisor is not None:
             supervisor.started(stop=stop.set, mirror=runtime.metrics.mirror)
+        if hups:  # (one reload for any number of SIGHUPs while starting)
+            on_hup()
         await stop.wait()
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
+        # A draining process reloads nothing, and a SIGHUP now (worker 0 passes every one on)
+        # must not kill it with its requests in flight.
+        loop.add_signal_handler(signal.SIGHUP, _ignore)
         if worker and supervisor is None:
             # One of the set's other workers: Ctrl-C signals the whole process group and worker 0
             # passes the stop on as well, so a second signal is the same stop, not a kill (worker

@@ -702,3 +702,28 @@ async def test_sigterm_under_steady_keep_alive_load_loses_no_request(
                 assert sum(results.answered.values()) - before >= 12
         finally:
             stop.set()
+
+
+async def test_a_sighup_while_draining_neither_kills_nor_reloads(
+    aiohttp_server: Any, jwks_server: Any, rsa_key: TestKey, tmp_path: Path
+) -> None:
+    # Worker 0 passes every SIGHUP on, and a config reloader may send one at any time: one
+    # arriving during the drain must leave the requests in flight to finish and exit 0.
+    from tests.support.upstream import start_upstream
+
+    jwks_server.document = jwks_of(rsa_key)
+    upstream = await start_upstream(aiohttp_server)
+    text = BASE_CONFIG.replace("{upstream}", upstream.url).replace("{jwks}", jwks_server.url())
+    text += "access_log: false\ndrain_timeout: 5s\ndrain_delay: 1s\n"
+    async with running(tmp_path, text, stdout=False) as run:
+        port = run.listen
+        run.send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.3)
+        run.send_signal(signal.SIGHUP)
+        await asyncio.sleep(0.3)
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"http://127.0.0.1:{port}/public/x") as response:
+                assert response.status == 200 and response.headers["Connection"] == "close"
+        assert await run.exited(15) == 0
+        stderr = run.err.decode()
+        assert "Traceback" not in stderr and "reload" not in stderr.lower(), stderr

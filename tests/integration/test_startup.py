@@ -431,6 +431,40 @@ def test_a_stop_while_the_first_keys_load_ends_the_start_quietly(tmp_path: Path,
     assert "stopped while starting; nothing was served" in err.splitlines()[-1]  # whatever the log format
 
 
+def test_a_sighup_while_the_first_keys_load_does_not_kill_the_start(tmp_path: Path) -> None:
+    # A config reloader (or worker 0 passing one on) may send SIGHUP before the process serves:
+    # its default action would end the process; it is kept for once serving begins.
+    with socket.socket() as issuer:
+        issuer.bind(("127.0.0.1", 0))
+        issuer.listen()
+        port = issuer.getsockname()[1]
+        path = write_config(tmp_path, keys=f'    jwks: {{url: "http://127.0.0.1:{port}/jwks", timeout: 30s}}')
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "proxy", "run", "--config", str(path)],
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
+        try:
+            issuer.settimeout(30)
+            conn, _ = issuer.accept()  # the sidecar is now waiting for its first keys
+            with conn:
+                proc.send_signal(signal.SIGHUP)
+                time.sleep(0.5)
+                assert proc.poll() is None, "a SIGHUP while starting ended the process"
+                proc.send_signal(signal.SIGTERM)
+                assert proc.wait(timeout=30) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            _, err = proc.communicate()
+    assert "Traceback" not in err, err
+    assert "stopped while starting; nothing was served" in err.splitlines()[-1]
+
+
 def test_the_readme_shows_the_line_a_port_in_use_gives(tmp_path: Path) -> None:
     readme = (REPO / "README.md").read_text()
     assert f"jwt-sidecar: error: cannot listen on 127.0.0.1:8080 (listen): {IN_USE}\n" in readme

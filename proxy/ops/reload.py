@@ -147,12 +147,17 @@ def file_signature(path: str) -> tuple[float, int, int] | None:
     return stat.st_mtime, stat.st_ino, stat.st_size
 
 
-async def watch(runtime: Runtime, *, interval: float = 2.0) -> None:
-    """Poll the config file and reload when it changes. Polling works on every volume type."""
+async def watch(
+    runtime: Runtime, *, interval: float = 2.0, since: tuple[float, int, int] | bool | None = False
+) -> None:
+    """Poll the config file and reload when it changes. Polling works on every volume type.
+    `since`: the file's `file_signature` from before the process started (server.py takes it
+    before the first key fetch, which may take the fetch's timeout): a change made meanwhile is
+    reloaded at the first poll, not missed until the next change. False: taken here."""
     path = runtime.config_path
     if path is None:
         return
-    seen = file_signature(path)
+    seen = file_signature(path) if since is False else since
     missing = False
     while True:
         await asyncio.sleep(interval)

@@ -38,7 +38,7 @@ from ..telemetry.accesslog import AccessLog
 from ..telemetry.families import WORKERS_READY as WORKERS_READY_FAMILY
 from .admin import admin_server
 from .limits import default_max_connections, hold_standard_descriptors, quiet_accept_errors, raise_fd_limit
-from .reload import reload, watch
+from .reload import file_signature, reload, watch
 from .startup import Sockets, bind_for, check_multiproc_dir, check_stdout
 from .workers import WORKER_ENV, Set, become_first, in_set, parent_fd, run_set
 
@@ -149,6 +149,8 @@ async def _serve(
     loop.add_signal_handler(signal.SIGHUP, hups.append, None)
     if parent is not None:  # worker 0 gone (its end of the pipe closed): stop as SIGTERM would
         loop.add_reader(parent, _orphaned, loop, parent, stop)
+    # The config file as it is before the start (a change while the keys load is reloaded once serving).
+    since = file_signature(config_path) if config_path is not None else None
     starting = loop.create_task(proxy.start())  # the clients, first key fetches
     stopped = loop.create_task(stop.wait())
     await asyncio.wait((starting, stopped), return_when=asyncio.FIRST_COMPLETED)
@@ -215,7 +217,7 @@ async def _serve(
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         loop.add_signal_handler(signal.SIGHUP, on_hup)
-        watcher = loop.create_task(watch(runtime, interval=watch_interval))
+        watcher = loop.create_task(watch(runtime, interval=watch_interval, since=since))
         if supervisor is not None:
             supervisor.started(stop=stop.set, mirror=runtime.metrics.mirror)
         if hups:  # (one reload for any number of SIGHUPs while starting)

@@ -727,3 +727,27 @@ async def test_a_sighup_while_draining_neither_kills_nor_reloads(
         assert await run.exited(15) == 0
         stderr = run.err.decode()
         assert "Traceback" not in stderr and "reload" not in stderr.lower(), stderr
+
+
+async def test_a_config_change_while_the_first_keys_load_is_reloaded_once_serving(
+    jwks_server: Any, rsa_key: TestKey, tmp_path: Path
+) -> None:
+    # The config was read before the first key fetch, which may take its timeout: a change of
+    # the file meanwhile must not wait for the next change to be picked up.
+    jwks_server.document = jwks_of(rsa_key)
+    jwks_server.mode, jwks_server.delay = "slow", 1.5
+    text = BASE_CONFIG.replace("{upstream}", "http://127.0.0.1:9").replace("{jwks}", jwks_server.url())
+    text += "access_log: false\n"
+    async with running(tmp_path, text, ready=None, stdout=False) as run:
+        for _ in range(300):  # until the first fetch is under way (the config read)
+            if jwks_server.requests:
+                break
+            await asyncio.sleep(0.05)
+        assert jwks_server.requests, "no key fetch began"
+        run.config.write_text(run.config.read_text() + "# changed while the keys load\n")
+        await run.ready("/readyz")
+        for _ in range(100):  # the watcher polls every 2 s
+            if b"config reloaded" in run.err:
+                break
+            await asyncio.sleep(0.1)
+        assert b"config reloaded" in run.err, run.err.decode()

@@ -224,10 +224,10 @@ async def _serve(
             on_hup()
         await stop.wait()
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            loop.remove_signal_handler(sig)
-        # A draining process reloads nothing, and a SIGHUP now (worker 0 passes every one on)
-        # must not kill it with its requests in flight.
+        # Each handler is replaced, never removed and added again: between the two the signal's
+        # default action (the process killed) would be in force, and worker 0 passes signals on.
+        # A draining process reloads nothing, and a SIGHUP now must not kill it with its
+        # requests in flight.
         loop.add_signal_handler(signal.SIGHUP, _ignore)
         if worker and supervisor is None:
             # One of the set's other workers: Ctrl-C signals the whole process group and worker 0
@@ -235,6 +235,9 @@ async def _serve(
             # 0 bounds this drain: it kills a worker that outlives drain_delay + drain_timeout + 5 s).
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, stop.set)
+        else:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
         if parent is not None:
             loop.remove_reader(parent)
         if supervisor is not None:

@@ -400,9 +400,9 @@ def test_a_process_started_without_standard_descriptors_serves_and_stops_cleanly
 # -- a stop while starting ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_a_stop_while_the_first_keys_load_ends_the_start_quietly(tmp_path: Path, sig: int) -> None:
-    # An issuer that accepts and never answers holds the start in the first key fetch.
+def _while_the_first_keys_load(tmp_path: Path, act: Callable[[subprocess.Popen[str]], None]) -> str:
+    """Start `run` against an issuer that accepts and never answers (the start held in the
+    first key fetch), `act(proc)` then, and return its stderr once it has exited."""
     with socket.socket() as issuer:
         issuer.bind(("127.0.0.1", 0))
         issuer.listen()
@@ -420,13 +420,22 @@ def test_a_stop_while_the_first_keys_load_ends_the_start_quietly(tmp_path: Path,
             issuer.settimeout(30)
             conn, _ = issuer.accept()  # the sidecar is now waiting for its first keys
             with conn:
-                proc.send_signal(sig)
-                assert proc.wait(timeout=30) == 0
+                act(proc)
         finally:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
             _, err = proc.communicate()
+    return err
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_stop_while_the_first_keys_load_ends_the_start_quietly(tmp_path: Path, sig: int) -> None:
+    def stop(proc: subprocess.Popen[str]) -> None:
+        proc.send_signal(sig)
+        assert proc.wait(timeout=30) == 0
+
+    err = _while_the_first_keys_load(tmp_path, stop)
     assert "Traceback" not in err and "draining" not in err, err
     assert "stopped while starting; nothing was served" in err.splitlines()[-1]  # whatever the log format
 
@@ -434,33 +443,14 @@ def test_a_stop_while_the_first_keys_load_ends_the_start_quietly(tmp_path: Path,
 def test_a_sighup_while_the_first_keys_load_does_not_kill_the_start(tmp_path: Path) -> None:
     # A config reloader (or worker 0 passing one on) may send SIGHUP before the process serves:
     # its default action would end the process; it is kept for once serving begins.
-    with socket.socket() as issuer:
-        issuer.bind(("127.0.0.1", 0))
-        issuer.listen()
-        port = issuer.getsockname()[1]
-        path = write_config(tmp_path, keys=f'    jwks: {{url: "http://127.0.0.1:{port}/jwks", timeout: 30s}}')
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "proxy", "run", "--config", str(path)],
-            cwd=REPO,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-            env={**os.environ, "PYTHONPATH": str(REPO)},
-        )
-        try:
-            issuer.settimeout(30)
-            conn, _ = issuer.accept()  # the sidecar is now waiting for its first keys
-            with conn:
-                proc.send_signal(signal.SIGHUP)
-                time.sleep(0.5)
-                assert proc.poll() is None, "a SIGHUP while starting ended the process"
-                proc.send_signal(signal.SIGTERM)
-                assert proc.wait(timeout=30) == 0
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            _, err = proc.communicate()
+    def hup_then_stop(proc: subprocess.Popen[str]) -> None:
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(0.5)
+        assert proc.poll() is None, "a SIGHUP while starting ended the process"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+
+    err = _while_the_first_keys_load(tmp_path, hup_then_stop)
     assert "Traceback" not in err, err
     assert "stopped while starting; nothing was served" in err.splitlines()[-1]
 

@@ -22,8 +22,9 @@ with the parent shell (a terminal left non-blocking breaks the shell's next prog
 stderr when they are one pipe (`2>&1`: Python's own writes to stderr would then fail with
 EAGAIN) and with the forked workers; reopening /proc/self/fd/1 for a private description works
 for pipes only (not for journald's socket, and a regular file reopened loses its offset). The
-thread costs the loop one `SimpleQueue.put` per batch (not per line), and the figures there
-show no change in instructions per request.
+thread costs the loop one `SimpleQueue.put` per batch (not per line): per request (a) 152,895 →
+152,585 instructions, (c) 46,903 → ~46,700, and the loop's CPU per line is that of a blocking
+write to a pipe that is read; the thread's own ~0.4 µs a line runs beside the loop.
 """
 
 from __future__ import annotations

@@ -35,6 +35,7 @@ import select
 import stat
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from queue import Empty, SimpleQueue
 
@@ -50,10 +51,16 @@ class Outlet:
     def __init__(self, fd: int, *, limit: int = LIMIT) -> None:
         self.fd = fd
         self.limit = limit
-        self.dropped = 0
-        """Lines (newlines) that were never written: held beyond `limit`, or the descriptor broken."""
         self.on_drop: Callable[[int], None] | None = None
         """Told the lines dropped, each time a batch is dropped for `limit` (in the sender's thread)."""
+        self._forked()
+        _OUTLETS.add(self)
+
+    def _forked(self) -> None:
+        """As new (also in a forked child, for every outlet: its parent's thread, queue and counts
+        are not its own; the operator log's handler keeps the same object)."""
+        self.dropped = 0
+        """Lines (newlines) that were never written: held beyond `limit`, or the descriptor broken."""
         self._queue: SimpleQueue[bytes] = SimpleQueue()
         self._sent = 0  # bytes handed to the thread: changed by senders only
         self._done = 0  # bytes the thread has written (or lost): changed by the thread only
@@ -61,8 +68,6 @@ class Outlet:
         self._detached = False
         self._pipe: bool | None = None  # whether `fd` is a pipe (found by the thread, once)
         self._thread: threading.Thread | None = None
-        self.pid = os.getpid()
-        """The process that made it: a forked child makes its own (`stdout()`, `stderr()`)."""
 
     @property
     def held(self) -> int:
@@ -154,13 +159,22 @@ class Outlet:
                 continue
 
 
-_OUTLETS: dict[int, Outlet] = {}
+_OUTLETS: weakref.WeakSet[Outlet] = weakref.WeakSet()
+_STANDARD: dict[int, Outlet] = {}
+
+
+def _after_fork() -> None:
+    for outlet in list(_OUTLETS):
+        outlet._forked()
+
+
+os.register_at_fork(after_in_child=_after_fork)
 
 
 def _outlet(fd: int) -> Outlet:
-    found = _OUTLETS.get(fd)
-    if found is None or found.pid != os.getpid():  # (a forked child gets its own)
-        found = _OUTLETS[fd] = Outlet(fd)
+    found = _STANDARD.get(fd)
+    if found is None:
+        found = _STANDARD[fd] = Outlet(fd)
     return found
 
 
@@ -168,11 +182,7 @@ def drain_all(timeout: float) -> int:
     """`drain` every outlet of this process within `timeout` seconds in all; the bytes still held.
     At the end of the drain (server.py), before a forked worker's `os._exit` and at exit."""
     deadline = time.monotonic() + timeout
-    return sum(
-        outlet.drain(max(0.0, deadline - time.monotonic()))
-        for outlet in list(_OUTLETS.values())
-        if outlet.pid == os.getpid()
-    )
+    return sum(outlet.drain(max(0.0, deadline - time.monotonic())) for outlet in list(_OUTLETS))
 
 
 atexit.register(drain_all, 2.0)  # what was logged after the drain (worker 0's last lines)

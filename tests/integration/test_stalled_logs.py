@@ -172,9 +172,13 @@ async def test_the_drain_with_a_stdout_never_read_again_ends_in_bounded_time(
             assert '"event":"stopped"' in run.stderr() or "stopped" in run.stderr()
 
 
-async def test_a_stderr_nobody_reads_never_stalls_requests(jwks_server: Any, rsa_key: TestKey, tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_a_stderr_nobody_reads_never_stalls_requests(
+    jwks_server: Any, rsa_key: TestKey, tmp_path: Path, workers: int
+) -> None:
+    # With workers: 2 the forked worker's operator log too (its handler's Outlet came with the fork).
     with stalled_pipe() as (read, write, filler):
-        text = config(jwks_server, rsa_key, "log_format: json\n")
+        text = config(jwks_server, rsa_key, "log_format: json\n" + (f"workers: {workers}\n" if workers > 1 else ""))
         async with running(tmp_path, text, stdout=False, stderr=write) as run:
             os.close(write)
             fill(filler)
@@ -194,5 +198,9 @@ async def test_a_stderr_nobody_reads_never_stalls_requests(jwks_server: Any, rsa
                 assert await run.stop(signal.SIGTERM, timeout=20) == 0
             finally:
                 reader.stop()
-            events = [json.loads(line)["event"] for line in reader.lines()]
-            assert events[-1] == "stopped"
+            records = [json.loads(line) for line in reader.lines()]
+            assert records[-1]["event"] == "stopped"
+            if workers > 1:  # every worker's reload line and its last line were held and written
+                reloaded = {r.get("worker") for r in records if r["event"] == "reload_applied"}
+                assert reloaded == {0, 1}
+                assert {r.get("worker") for r in records if r["event"] == "stopped"} == {0, 1}

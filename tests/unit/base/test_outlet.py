@@ -91,6 +91,23 @@ def test_before_detach_a_send_is_written_at_once_with_no_thread() -> None:
         assert os.read(read, 100) == b"line\n"
 
 
+def test_a_forked_child_starts_its_outlets_afresh_and_detaches_them_itself() -> None:
+    # The operator log's handler holds one Outlet object: after worker 0 forks, the worker's
+    # copy must be its own (not detached, nothing held, no parent's thread) until it serves.
+    with pipe(65536) as (read, write):
+        outlet = Outlet(write)
+        outlet.detach()
+        pid = os.fork()
+        if pid == 0:  # the child: exit status 0 only if it starts afresh and then works
+            ok = not outlet._detached and outlet.held == 0 and outlet.dropped == 0
+            outlet.detach()
+            ok = ok and outlet.send(b"child\n", 1) and outlet.drain(5) == 0
+            os._exit(0 if ok else 1)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert os.read(read, 100) == b"child\n"
+
+
 def test_pieces_to_a_pipe_end_lines_so_other_writers_never_land_inside_one() -> None:
     # Two outlets (two workers) on one full pipe: every line read is one of theirs, whole.
     with pipe() as (read, write):

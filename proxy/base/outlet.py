@@ -61,7 +61,7 @@ class Outlet:
         are not its own; the operator log's handler keeps the same object)."""
         self.dropped = 0
         """Lines (newlines) that were never written: held beyond `limit`, or the descriptor broken."""
-        self._queue: SimpleQueue[bytes] = SimpleQueue()
+        self._queue: SimpleQueue[bytes | None] = SimpleQueue()
         self._sent = 0  # bytes handed to the thread: changed by senders only
         self._done = 0  # bytes the thread has written (or lost): changed by the thread only
         self._lost = 0  # lines the thread lost to a broken descriptor
@@ -101,6 +101,16 @@ class Outlet:
             time.sleep(0.005)
         return self.held
 
+    def close(self, timeout: float = 5.0) -> None:
+        """End the thread once what is queued is written (or lost), waiting up to `timeout`
+        seconds; `send` writes at once afterwards. For tests and benches: the process's own
+        outlets live as long as it does."""
+        self._detached = False
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            self._queue.put(None)
+            thread.join(timeout)
+
     def _start(self) -> None:
         # A daemon: a reader that never reads again must not hold the process's exit up.
         self._thread = threading.Thread(target=self._run, name=f"outlet-{self.fd}", daemon=True)
@@ -115,10 +125,13 @@ class Outlet:
                     pieces.append(queue.get_nowait())
             except Empty:
                 pass
-            data = b"".join(pieces) if len(pieces) > 1 else pieces[0]
-            if not self._write(data):
+            last = None in pieces  # `close`: this is the end
+            data = b"".join(piece for piece in pieces if piece is not None)
+            if data and not self._write(data):
                 self._lost += data.count(b"\n")
             self._done += len(data)
+            if last:
+                return
 
     def lost(self) -> int:
         """Every line never written: dropped at `limit` plus lost to a broken descriptor."""

@@ -18,11 +18,23 @@ from collections.abc import Iterator
 import pytest
 
 from proxy.base import oplog
+from proxy.base import outlet as outlet_module
 from proxy.base.outlet import Outlet
 from proxy.telemetry.accesslog import AccessLog
 from proxy.telemetry.metrics import Metrics
 
 F_SETPIPE_SZ = 1031
+
+
+@pytest.fixture(autouse=True)
+def no_thread_left() -> Iterator[None]:
+    """Every outlet made here ends its thread (after the test closed its pipes): a thread left
+    running would make the fork guard's tests (tests/unit/ops) refuse for the wrong reason."""
+    before, threads = set(outlet_module._OUTLETS), threading.active_count()
+    yield
+    for made in set(outlet_module._OUTLETS) - before:
+        made.close()
+    assert threading.active_count() == threads
 
 
 @contextlib.contextmanager

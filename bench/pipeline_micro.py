@@ -46,6 +46,7 @@ import jwt
 import yaml
 from cryptography.hazmat.primitives import serialization
 
+from proxy.base.outlet import Outlet
 from proxy.config.builder import parse
 from proxy.http.http1 import _READ_SIZE, _Connection
 from proxy.request.app import Proxy
@@ -364,7 +365,9 @@ def _run(args: argparse.Namespace) -> dict[str, list[float]]:
         sock.listen(128)
         child = multiprocessing.Process(target=_upstream, args=(sock,), daemon=True)
         child.start()
-        sink = open(os.devnull, "wb")  # noqa: SIM115
+        # As the running process writes stdout (base/outlet.py): a writer thread, here to /dev/null.
+        sink = Outlet(os.open(os.devnull, os.O_WRONLY))
+        sink.detach()
         revoked = _revocation_file(Path(tmp), 100_000) if (args.only or "").startswith("g") else None
         proxy = Proxy(_settings(sock.getsockname()[1], jwks_file, revoked=revoked), access_log=AccessLog(sink))
         loop.run_until_complete(proxy.start())
@@ -395,7 +398,8 @@ def _run(args: argparse.Namespace) -> dict[str, list[float]]:
                 loop.run_until_complete(each.close())
             loop.close()
             child.terminate()
-            sink.close()
+            sink.drain(5)
+            os.close(sink.fd)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,7 +8,10 @@ formatters (`text`: `time LEVEL logger: message`, as before; `json`: one object 
 with `time` (RFC 3339, UTC), `level`, `logger`, `event`, `message` and the event's fields
 as members of their own, plus `suppressed` when logthrottle.py held lines back and
 `traceback` when there is one); `auto` (json when stderr is not a terminal); and
-`configure`, which server.configure_logging calls to put one handler on the root logger.
+`configure`, which server.configure_logging calls to put one handler on the root logger (on the
+process's own stderr, a handler that hands each line to base/outlet.py's stderr `Outlet`: once
+serving, a stderr nobody reads holds lines up to a bound and then drops them, counted, and
+never blocks the event loop or the thread that logs).
 Does not own: throttling (logthrottle.py's `RepeatFilter`, on the same handler), what is
 logged where (each module calls `event`), or the access log (accesslog.py, stdout).
 
@@ -32,6 +35,8 @@ from typing import Any, TextIO
 
 from ..http.log import event as record_event
 from .logthrottle import RepeatFilter, suppressed_suffix
+from .outlet import Outlet
+from .outlet import stderr as stderr_outlet
 from .safetext import LINE_LIMIT, bounded, cut, json_line, one_line
 
 __all__ = ["EVENTS", "FORMATS", "LEVELS", "JsonFormatter", "TextFormatter", "configure", "event", "resolve_format"]
@@ -97,6 +102,12 @@ EVENTS: Mapping[str, tuple[frozenset[str], str]] = {
     ),
     "websocket_closed": (frozenset({_D}), "a WebSocket tunnel closed, and why"),
     "handler_crashed": (frozenset({_E}), "the HTTP connection handler hit a bug of ours (with a traceback)"),
+    # the logs themselves
+    "log_lines_dropped": (
+        frozenset({_W}),
+        "stdout is not being read (a stalled log collector or pager): access-log lines beyond "
+        "the 4 MiB held were dropped (log_lines_dropped_total)",
+    ),
     # metrics and workers
     "metrics_failed": (frozenset({_D, _W, _E}), "collecting or publishing metrics failed"),
     "workers_started": (frozenset({_I}), "worker 0 of `workers: N` serves, with the workers it forked"),
@@ -260,6 +271,16 @@ if logging.lastResort is not None:
     logging.lastResort.setFormatter(_LastResort())
 
 
+def _own_stderr(stream: TextIO) -> bool:
+    """Whether `stream` is this process's own stderr, file descriptor 2 (not a test's capture)."""
+    if stream is not sys.__stderr__:
+        return False
+    try:
+        return stream.fileno() == 2
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
 def writes_json() -> bool:
     """Whether the operator log is set up (`configure`) to write JSON lines."""
     return any(isinstance(h.formatter, JsonFormatter) for h in logging.getLogger().handlers)
@@ -276,13 +297,35 @@ def resolve_format(name: str, stream: TextIO | None = None) -> str:
         return "json"
 
 
+class OutletHandler(logging.StreamHandler[TextIO]):
+    """A record as one line handed to an `Outlet` (the process's stderr), never waited for.
+    A StreamHandler still (its `stream` is stderr, for what asks which stream the log is on)."""
+
+    def __init__(self, outlet: Outlet, stream: TextIO) -> None:
+        super().__init__(stream)
+        self.outlet = outlet
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record) + "\n"
+            self.outlet.send(line.encode("utf-8", "backslashreplace"), 1)
+        except Exception:  # noqa: BLE001 - logging's own way: a failing record is reported, not raised
+            self.handleError(record)
+
+    def flush(self) -> None:
+        """Nothing is buffered here: the outlet writes (or holds) every line it is handed."""
+
+
 def configure(
     level: str = "INFO", log_format: str = "text", stream: TextIO | None = None, *, worker: int | None = None
 ) -> logging.Handler:
     """One handler on the root logger writing to `stream` (stderr), throttled, in `log_format`;
-    `worker`: this process's index among `workers: N` (JSON lines say it)."""
+    `worker`: this process's index among `workers: N` (JSON lines say it). On the process's own
+    stderr the lines go through its `Outlet` (never waited for once serving)."""
     stream = stream or sys.stderr
-    handler = logging.StreamHandler(stream)
+    handler: logging.StreamHandler[TextIO] = (
+        OutletHandler(stderr_outlet(), stream) if _own_stderr(stream) else logging.StreamHandler(stream)
+    )
     handler.addFilter(RepeatFilter())
     handler.setFormatter(JsonFormatter(worker) if resolve_format(log_format, stream) == "json" else TextFormatter())
     logging.basicConfig(level=level, handlers=[handler], force=False)

@@ -29,7 +29,7 @@ from typing import Any
 
 from prometheus_client import Gauge
 
-from ..base import oplog
+from ..base import oplog, outlet
 from ..config.settings import Settings
 from ..http.causes import shown
 from ..request.app import Proxy
@@ -48,6 +48,9 @@ log = logging.getLogger("jwt_sidecar")
 _ADMIN_DRAIN = 1.0
 """Seconds the admin listener's last connections get once the proxy has drained (its answers
 are written at once: only a probe's or a scraper's idle keep-alive connection is waited for)."""
+_LOG_DRAIN = 2.0
+"""Seconds the access log's held lines get at the end of the drain (half that for the operator
+log's last lines): a reader that stopped reading must not hold the exit up (base/outlet.py)."""
 
 
 def _worker_index() -> int | str:
@@ -136,7 +139,13 @@ async def _serve(
         )
     loop = asyncio.get_running_loop()
     quiet_accept_errors(loop)
-    access_log = AccessLog(sys.stdout.buffer) if settings.access_log else None
+    # Serving from here on (after any fork): stdout and stderr are written by a thread each and
+    # never waited for (base/outlet.py); in-process callers whose stdout is not the process's
+    # own (tests) keep their stream.
+    outlet.stdout().detach()
+    outlet.stderr().detach()
+    own = sys.stdout is sys.__stdout__
+    access_log = (AccessLog(outlet.stdout() if own else sys.stdout.buffer)) if settings.access_log else None
     proxy = Proxy(settings, config_path=config_path, access_log=access_log)
     runtime = proxy.runtime
     # A SIGTERM/SIGINT while the first keys load (an issuer that does not answer holds the start
@@ -275,10 +284,13 @@ async def _serve(
         await admin.shutdown(_ADMIN_DRAIN)
         if access_log is not None:
             access_log.flush()
+            # What a reader that stopped reading has left held: a bounded wait, then it is lost.
+            outlet.stdout().drain(_LOG_DRAIN)
         if worker and supervisor is None:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
         oplog.event(log, logging.INFO, "stopped", "stopped")
+        outlet.stderr().drain(_LOG_DRAIN / 2)
 
 
 def freeze_start_up() -> None:

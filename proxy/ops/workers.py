@@ -51,7 +51,7 @@ from typing import Any, NoReturn, TypeVar
 from prometheus_client import CollectorRegistry, multiprocess
 from prometheus_client.exposition import choose_encoder
 
-from ..base import oplog
+from ..base import oplog, outlet
 from ..base.oplog import event
 from ..config.settings import Settings
 from ..http.causes import cause
@@ -253,6 +253,7 @@ def _worker(index: int, serve: Serve, sockets: Sockets, gone: int, runner: Runne
             with contextlib.suppress(Exception):
                 if stream is not None:
                     stream.flush()
+        outlet.drain_all(1.0)  # the lines its writer threads still hold (os._exit skips atexit)
         os._exit(status)
 
 

@@ -7,7 +7,11 @@ end of every loop turn cost a 401 a fifth of its CPU: an extra loop iteration, a
 zero-timeout poll, and fewer ready sockets served per poll.) Never the token, never the
 query string (it may hold one). What a client, a token or the config chose is escaped in its
 JSON string, C1 controls, DEL, bidi and zero-width characters too (safetext.json_line).
-Does not own: deciding what happened to a request (pipeline.py, app.py).
+On stdout a batch goes to base/outlet.py's `Outlet`, which never waits for the reader: a
+stalled reader (a pipe nobody reads) costs held lines up to a bound, then dropped ones,
+counted (`jwt_sidecar_log_lines_dropped_total{log="access"}`) and said in one operator-log
+line per second (`log_lines_dropped`), never a stalled event loop. Does not own: deciding what
+happened to a request (pipeline.py, app.py) or how the bytes reach the descriptor (outlet.py).
 """
 
 from __future__ import annotations
@@ -15,10 +19,13 @@ from __future__ import annotations
 import asyncio
 import json
 import json.encoder
+import logging
 import time
 from typing import BinaryIO
 
+from ..base import oplog
 from ..base.memo import Memo
+from ..base.outlet import Outlet
 from ..base.safetext import json_line
 
 __all__ = ["AccessLog"]
@@ -40,8 +47,29 @@ _FRACTIONS = [f".{fraction:03d}Z" for fraction in range(1000)]  # a stamp's end,
 _DECIMALS = [f".{micros:03d}" for micros in range(1000)]
 
 
+_log = logging.getLogger("jwt_sidecar.accesslog")
+
+
+def _dropped(lines: int) -> None:
+    """One operator-log line per second at most (logthrottle.py counts the rest) when a reader
+    that does not read has made the outlet drop a batch."""
+    oplog.event(
+        _log,
+        logging.WARNING,
+        "log_lines_dropped",
+        "stdout is not being read: %(lines)d access-log lines dropped "
+        "(jwt_sidecar_log_lines_dropped_total counts them all)",
+        lines=lines,
+    )
+
+
 class AccessLog:
-    def __init__(self, stream: BinaryIO, *, interval: float = 0.1) -> None:
+    """`stream`: an `Outlet` (stdout in the running process) or a binary stream (tests, tools)."""
+
+    def __init__(self, stream: BinaryIO | Outlet, *, interval: float = 0.1) -> None:
+        self._outlet = stream if isinstance(stream, Outlet) else None
+        if self._outlet is not None and self._outlet.on_drop is None:
+            self._outlet.on_drop = _dropped
         self._stream = stream
         self._interval = interval
         self._timer: asyncio.TimerHandle | None = None
@@ -255,11 +283,15 @@ class AccessLog:
         if not self._pending:
             return
         lines, self._pending = self._pending, []
+        # backslashreplace: a lone surrogate (a token's `sub` of "\ud800", a path byte
+        # kept by surrogateescape) has no UTF-8 form; strict encoding raised and lost the
+        # whole batch. Inside a JSON string, `\ud800` is that same character's escape.
+        data = ("\n".join(lines) + "\n").encode("utf-8", "backslashreplace")
+        if self._outlet is not None:
+            self._outlet.send(data, len(lines))  # returns at once (outlet.py)
+            return
         try:
-            # backslashreplace: a lone surrogate (a token's `sub` of "\ud800", a path byte
-            # kept by surrogateescape) has no UTF-8 form; strict encoding raised and lost the
-            # whole batch. Inside a JSON string, `\ud800` is that same character's escape.
-            self._stream.write(("\n".join(lines) + "\n").encode("utf-8", "backslashreplace"))
-            self._stream.flush()
+            self._stream.write(data)  # type: ignore[union-attr]
+            self._stream.flush()  # type: ignore[union-attr]
         except (OSError, ValueError):
             pass  # a closed or broken stdout must never take the proxy down

@@ -274,6 +274,15 @@ REVOCATION_RULES = Family(
     labels=("store",),
     workers="livemin",  # a worker behind the others holds fewer
 )
+# -- the logs (base/outlet.py counts, read at scrape time) ------------------------------------------
+LOG_LINES_DROPPED = Family(
+    name=_P + "log_lines_dropped_total",
+    kind="counter",
+    help="Log lines never written, by log (access: stdout, operator: stderr): a reader that stopped "
+    "reading left more than 4 MiB held, or the stream is closed.",
+    labels=("log",),  # access, operator: both exported from the start, at 0
+    workers="sum",
+)
 
 
 def _process(name: str, kind: Kind, text: str) -> Family:
@@ -312,6 +321,7 @@ FAMILIES: tuple[Family, ...] = (
     REVOCATION_AGE,
     REVOCATION_RULES,
     PROVIDER_REQUESTS,
+    LOG_LINES_DROPPED,
     *PROCESS_FAMILIES,
 )
 """Every family, in the README's order."""

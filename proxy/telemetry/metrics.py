@@ -55,6 +55,7 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.utils import floatToGoString
 
+from ..base import outlet
 from ..base.errors import Reason
 from ..base.oplog import event
 from ..config.settings import StaticKeys
@@ -423,6 +424,10 @@ def _request_families(metrics: Metrics) -> Iterator[Metric]:
         for (decision, reason), count in list(recorder.decisions.items()):
             by_provider.add_metric((recorder.name, recorder.provider, decision, reason), count)
     yield by_provider
+    dropped = F.LOG_LINES_DROPPED.counter()
+    dropped.add_metric(("access",), outlet.stdout().lost())
+    dropped.add_metric(("operator",), outlet.stderr().lost())
+    yield dropped
 
 
 class _RequestCollector:

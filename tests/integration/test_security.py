@@ -242,6 +242,11 @@ SPOOFS = [
     pytest.param([("x_real_ip", "10.0.0.1")], id="x_real_ip-underscores"),
     pytest.param([("True-Client-IP", "10.0.0.1")], id="True-Client-IP"),
     pytest.param([("X-Client-IP", "10.0.0.1")], id="X-Client-IP"),
+    pytest.param([("CF-Connecting-IP", "10.0.0.1")], id="CF-Connecting-IP"),
+    pytest.param([("cf_connecting_ip", "10.0.0.1")], id="cf_connecting_ip-underscores"),
+    pytest.param([("Fastly-Client-IP", "10.0.0.1")], id="Fastly-Client-IP"),
+    pytest.param([("X-Cluster-Client-IP", "10.0.0.1")], id="X-Cluster-Client-IP"),
+    pytest.param([("Client-IP", "10.0.0.1")], id="Client-IP"),
     pytest.param([("Forwarded", "for=10.0.0.1;proto=https")], id="Forwarded"),
 ]
 

@@ -99,6 +99,23 @@ def test_the_deployed_sidecar_logs_json_lines_for_the_log_collector(settings: co
     assert settings.access_log
 
 
+def test_a_client_address_header_is_kept_only_when_the_policy_admits_no_one_but_an_ingress(
+    settings: config.Settings, deployment: str
+) -> None:
+    # k8s/config.yaml's comment: behind ingress-nginx, keeping X-Real-IP is safe only when
+    # nothing but the ingress reaches the proxy port; the example policy admits every Pod.
+    docs = built(deployment=deployment)
+    rules = [
+        r
+        for r in one("NetworkPolicy", docs)["spec"]["ingress"]
+        if settings.listen.port in [p["port"] for p in r["ports"]]
+    ]
+    from_anywhere = any("from" not in rule for rule in rules)
+    assert from_anywhere, "the example admits port 8080 from every Pod (update this test with the comment)"
+    assert settings.strip.kept == (), "a kept client-address header would be any Pod's word"
+    assert {"X-Real-IP", "CF-Connecting-IP"} <= set(settings.strip.names)
+
+
 def ports_by_name(container: dict[str, Any]) -> dict[str, int]:
     return {p["name"]: p["containerPort"] for p in container["ports"]}
 

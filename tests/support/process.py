@@ -190,11 +190,13 @@ async def start(
     command: Sequence[str] | None = None,
     env: dict[str, str] | None = None,
     cwd: Path = REPO,
-    stdout: bool = True,
+    stdout: bool | int = True,
+    stderr: int | None = None,
     preexec_fn: Callable[[], object] | None = None,
 ) -> Run:
     """Start `python -m proxy run --config CONFIG ARGS` (or `command`), its output read all
-    along; nothing waited for. `stdout=False` sends stdout to /dev/null."""
+    along; nothing waited for. `stdout=False` sends stdout to /dev/null; a descriptor (an int)
+    for `stdout` or `stderr` is given to the process as it is (and not read here)."""
     argv = list(command) if command is not None else [sys.executable, "-m", "proxy", "run", "--config", str(config)]
     proc = await asyncio.create_subprocess_exec(
         *argv,
@@ -202,8 +204,8 @@ async def start(
         cwd=cwd,
         env=ENV if env is None else env,
         stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE if stdout else asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
+        stdout=stdout if type(stdout) is int else asyncio.subprocess.PIPE if stdout else asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE if stderr is None else stderr,
         preexec_fn=preexec_fn,
         start_new_session=True,
     )
@@ -226,14 +228,17 @@ async def running(
     command: Sequence[str] | None = None,
     env: dict[str, str] | None = None,
     cwd: Path = REPO,
-    stdout: bool = True,
+    stdout: bool | int = True,
+    stderr: int | None = None,
     preexec_fn: Callable[[], object] | None = None,
 ) -> AsyncIterator[Run]:
     """A running sidecar for the `async with` body: the config text written to `tmp_path/name`
     (a Path is used as it is), started, `ready` (an admin path) answering 200 unless None;
     killed with its group at the end unless the body stopped it."""
     path = config if isinstance(config, Path) else write_config(tmp_path, config, name)
-    run = await start(path, *args, command=command, env=env, cwd=cwd, stdout=stdout, preexec_fn=preexec_fn)
+    run = await start(
+        path, *args, command=command, env=env, cwd=cwd, stdout=stdout, stderr=stderr, preexec_fn=preexec_fn
+    )
     try:
         if ready is not None:
             await run.ready(ready)

@@ -88,6 +88,7 @@ def test_the_vocabulary_is_what_users_dashboards_and_alerts_depend_on() -> None:
         ("jwt_sidecar_revocation_age_seconds", "gauge", ("store",), "livemax", False),
         ("jwt_sidecar_revocation_rules", "gauge", ("store",), "livemin", False),
         ("jwt_sidecar_provider_requests_total", "counter", ("route", "provider", "decision", "reason"), "sum", False),
+        ("jwt_sidecar_log_lines_dropped_total", "counter", ("log",), "sum", False),
         ("process_cpu_seconds_total", "counter", (), "per_process", False),
         ("process_resident_memory_bytes", "gauge", (), "per_process", False),
         ("process_virtual_memory_bytes", "gauge", (), "per_process", False),

@@ -45,7 +45,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding
 from cryptography.hazmat.primitives.asymmetric.ed448 import Ed448PublicKey
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
-from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, encode_dss_signature
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from ..base.errors import InvalidToken, Reason
 from ..base.jwk import Jwk, unfit_secret
@@ -401,7 +401,8 @@ def verify_signature(token: str, header: TokenHeader, keys: Sequence[Jwk]) -> by
     the payload and signature segments go through the same strict decoder; `b64: false`
     (RFC 7797) is refused; each key must be bound to the token's alg; the key is prepared
     and its length checked (as PyJWT's `enforce_minimum_key_length`), once per key object
-    (`_prepare`); then cryptography's verify, called as PyJWT's algorithms did.
+    (`_prepare`); then cryptography's verify, called as PyJWT's algorithms did (for
+    RS256/384/512, its recovery of the encoded digest and one comparison: `_prepare` says why).
     tests/unit/auth/test_verify.py checks that this (with base/jwk.py's keys) and
     `decode_complete` (with PyJWT's) agree on every token of a corpus of good, tampered and
     malformed ones. The payload is
@@ -438,11 +439,20 @@ def verify_signature(token: str, header: TokenHeader, keys: Sequence[Jwk]) -> by
             )
             continue
         if pkcs1 is not None:  # RS256/384/512: straight on cryptography's key (see `_prepare`)
-            try:
-                public.verify(signature, hashing[0](signing_input).digest(), pkcs1, hashing[1])
-                return payload
-            except InvalidSignature:
-                pass
+            # RFC 8017 §8.2.2 as written: OpenSSL recovers EM = 0x00 01 FF..FF 00 || T from the
+            # signature (refusing s >= n and any other padding) and we compare T with the one
+            # DigestInfo || H(signing input) of the token's alg; a signature of another length
+            # than the modulus is refused first (as `verify` refuses it). No digest fetched per
+            # call: bench/FIGURES.md, "Cache misses, session 7"; tests/unit/auth/test_rsa_pkcs1.py.
+            if len(signature) == hashing[2]:
+                try:
+                    if (
+                        public.recover_data_from_signature(signature, pkcs1, None)
+                        == hashing[1] + hashing[0](signing_input).digest()
+                    ):
+                        return payload
+                except InvalidSignature:
+                    pass
         elif check(signing_input, public, signature):
             return payload
         failures.append(f"{_key_words(key)} does not match the signature")
@@ -462,12 +472,16 @@ _Prepared = tuple[Any, "str | None", "padding.PKCS1v15 | None", Any, "Callable[[
 
 def _prepare(key: Jwk) -> _Prepared:
     """What checking a signature with `key` needs, once per key object rather than per token:
-    (the key, what makes it unusable or None, for RS256/384/512 the padding and hash to call
-    `RSAPublicKey.verify` with directly (the objects PyJWT's `RSAAlgorithm.verify` built on
-    every call: the hash as hashlib's constructor and cryptography's `Prehashed` of it, so the
-    signing input is digested by hashlib and cryptography skips its own per-call digest set-up
-    and two ABC `isinstance` checks, ~2.8k instructions of a miss: bench/FIGURES.md), and for
-    the other algorithms a `check(message, key, signature)`). The checks
+    (the key, what makes it unusable or None, for RS256/384/512 the padding and
+    (hashlib's constructor of the alg's hash, the DER DigestInfo prefix of that hash (RFC 8017
+    §9.2 note 1), the modulus's length in bytes) for `verify_signature` to check
+    RSASSA-PKCS1-v1_5 by `RSAPublicKey.recover_data_from_signature` and one comparison, and
+    for the other algorithms a `check(message, key, signature)`). Why recover and compare
+    rather than `RSAPublicKey.verify(..., Prehashed(hash))`: the same exponentiation and
+    padding check in OpenSSL, without the digest fetched from the provider and set on a fresh
+    context on every call and cryptography's `Prehashed` handling (~9k instructions of a miss,
+    bench/FIGURES.md "Cache misses, session 7"); tests/unit/auth/test_rsa_pkcs1.py holds the
+    two to the same verdict on crafted encodings. The checks
     are PyJWT's `prepare_key` and `check_key_length` (`enforce_minimum_key_length`): an RSA
     key of fewer than 2048 bits (NIST SP 800-131A), an HMAC secret shorter than its hash
     (RFC 7518 §3.2), an EC key on another curve than the algorithm's, a secret that is a
@@ -484,7 +498,8 @@ def _prepare(key: Jwk) -> _Prepared:
             return None, _TOO_SHORT, None, None, _never
         if family == "RS":
             hashing = hash_type()
-            return public, None, _PKCS1, (getattr(hashlib, hashing.name), Prehashed(hashing)), _never
+            size = (public.key_size + 7) // 8
+            return public, None, _PKCS1, (getattr(hashlib, hashing.name), _DIGEST_INFO[hashing.name], size), _never
         pss = padding.PSS(mgf=padding.MGF1(hash_type()), salt_length=hash_type.digest_size)
         return public, None, None, None, _rsa_pss(pss, hash_type())
     if family == "ES":
@@ -570,6 +585,11 @@ _ALGORITHMS: dict[str, tuple[str, Any]] = {
 _CURVE_OF: dict[str, type[ec.EllipticCurve]] = {"ES256": ec.SECP256R1, "ES384": ec.SECP384R1, "ES512": ec.SECP521R1}
 _OKP_KEYS = (Ed25519PublicKey, Ed448PublicKey)
 _PKCS1 = padding.PKCS1v15()
+_DIGEST_INFO = {  # DER of DigestInfo{algorithm, NULL} before the hash's bytes (RFC 8017 §9.2, note 1)
+    "sha256": bytes.fromhex("3031300d060960864801650304020105000420"),
+    "sha384": bytes.fromhex("3041300d060960864801650304020205000430"),
+    "sha512": bytes.fromhex("3051300d060960864801650304020305000440"),
+}
 _PREPARED: Memo[Jwk, _Prepared] = Memo(256, _prepare)
 """By key object (identity): the keys of the key sets in use, each prepared once. Only ever
 asked about a key a `KeySource` handed out for this token, so a key rotated out is never

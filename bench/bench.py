@@ -48,6 +48,10 @@ import tokens  # noqa: E402
 RESULTS = HERE / "results" / "latest.json"
 DISTINCT_TOKENS = 10_000
 RATE = 200.0
+# A fixed-rate run's length: at 200 req/s, 10 s is 2,000 latencies a round. Its p99 was the
+# 10th slowest of 1,000 (5 s) until 2026-12-03: it moved by 3x from one round to the next on
+# this 2-CPU VM, on Envoy, on ours and on nginx direct alike (bench/RESULTS.md, method notes).
+RATE_DURATION = 10.0
 MODES = ("pinned", "unpinned")
 
 # python-floor verifies nothing: it is there to show what HTTP alone costs in Python.
@@ -153,6 +157,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=",".join(w.key for w in WORKLOADS),
         help="comma list of " + ", ".join(w.key for w in WORKLOADS) + " (default: all; e = e-down,e-up)",
     )
+    p.add_argument(
+        "--rate-duration",
+        type=float,
+        help="seconds per fixed-rate run (default 10; 4 with --quick): 2,000 latencies a round at 200 req/s, "
+        "so a p99 rests on ~20 of them per round (40 over 2 rounds) rather than on ~10",
+    )
     p.add_argument("--connections", type=int, default=32, help="wrk connections (default 32)")
     p.add_argument("--connections-large", type=int, default=8, help="wrk connections for 1 MiB bodies (default 8)")
     p.add_argument(
@@ -187,6 +197,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.rounds = args.rounds or (1 if args.quick else 2)
     args.duration = args.duration or (2.0 if args.quick else 5.0)
+    args.rate_duration = args.rate_duration or (4.0 if args.quick else RATE_DURATION)
     modes = [m.strip() for m in ("unpinned" if args.no_pin else args.modes).split(",") if m.strip()]
     if not modes or set(modes) - set(MODES):
         p.error(f"--modes: choose from {', '.join(MODES)}")
@@ -323,6 +334,7 @@ def run_one(
     url = f"http://127.0.0.1:{target.port}{w.path}"
     headers = [f"Authorization: Bearer {toks.token}"] if w.token == "one" else []
     if w.kind == "rate":
+        duration = args.rate_duration
         res, usage = load.measure(
             target.pid,
             lambda: load.run_rate(url, rate=w.rate, duration=duration, headers=headers, cpus=load_cpus),
@@ -339,6 +351,9 @@ def run_one(
             "socket_errors": res["errors"],
             "non_2xx_3xx": None,
             "sent": res["sent"],
+            # Every latency in due order (ms): the report pools the rounds' and gives the p99 an
+            # interval from them (report.rate_spread).
+            "latencies_ms": [round(lat, 3) for _due, lat in res.get("samples", [])],
         }
         if res["sent"] != requests:
             errors += res["sent"] - requests
@@ -384,6 +399,11 @@ def run_one(
         peak_pss_kib=usage.peak_pss_kib,
         duration_s=duration,
         other_cpu_share=usage.other_cpu_s / duration,
+        # The target's threads ready to run but waiting for a CPU, as a share of the run; with
+        # the target pinned, this is other work on its one CPU (bench/RESULTS.md, method notes).
+        runq_wait_share=usage.runq_wait_s / duration,
+        switches_per_req=usage.switches / requests if requests and target.pid else None,
+        steal_share=usage.steal_s / duration,
     )
     if requests == 0:
         record["errors"] = record["errors"] or 1
@@ -424,6 +444,32 @@ def sanity_access_log(target: T.Target) -> None:
     check(not missing, f"{target.name}: its access-log line lacks {sorted(missing)}: {lines[-1][:200]!r}")
 
 
+def check_pinning(ps: Pass, running: dict[str, T.Target], meta: dict) -> None:
+    """Every thread of every proxy may run only on the pass's CPUs (Envoy's worker, main and
+    access-log flush threads included: they inherit the affinity set before the exec), and it
+    is recorded with the run. `taskset -p` on a running Envoy would pin one thread only."""
+    seen = meta.setdefault("affinity", {}).setdefault(ps.mode, {})
+    for name, target in running.items():
+        if target.proc is None:
+            continue
+        # nginx direct is the upstream itself, on the load's CPU.
+        want = ps.two_way_cpus if name in TWO_WAY else ps.load_cpus if target.kind == "nginx" else ps.target_cpus
+        threads = load.affinity(target.pid)
+        seen[name] = sorted(set(threads.values()))
+        if want is None:
+            continue
+        stray = {t: cpus for t, cpus in threads.items() if cpus != _cpu_list(want)}
+        check(not stray, f"[{ps.mode}] {name}: threads not confined to CPUs {_cpu_list(want)}: {stray}")
+
+
+def _cpu_list(cpus: set[int]) -> str:
+    """{1} → "1", {1, 2} → "1-2", as /proc's Cpus_allowed_list writes them."""
+    ordered = sorted(cpus)
+    if ordered == list(range(ordered[0], ordered[-1] + 1)) and len(ordered) > 1:
+        return f"{ordered[0]}-{ordered[-1]}"
+    return ",".join(map(str, ordered))
+
+
 # -- one pass (pinned or unpinned) ------------------------------------------------------------
 @dataclass
 class Pass:
@@ -456,7 +502,7 @@ def estimate_s(passes: list[Pass], args: argparse.Namespace) -> float:
         names = set(args.target_names)
         for w in ps.workloads:
             n = len(set(w.targets) & names)
-            total += n * args.rounds * (args.duration + (1.0 if w.kind == "rate" else 0.2))
+            total += n * args.rounds * (args.rate_duration + 1.0 if w.kind == "rate" else args.duration + 0.2)
             if w.kind == "wrk":
                 total += n * (warm_s(args) + 0.2)
         total += 10  # starting the servers, the sanity checks
@@ -532,6 +578,7 @@ def run_pass(
                 if name in running and w.kind == "wrk":
                     run_one(w, running[name], toks, args, warm_s(args), ps.load_cpus, upstream)
 
+        check_pinning(ps, running, meta)
         for rnd in range(args.rounds):
             for w in ps.workloads:
                 names = [name for name in w.targets if name in running]
@@ -553,6 +600,8 @@ def run_pass(
                         f"p99 {p99 if p99 is not None else float('nan'):7.2f} ms  "
                         f"cpu {r['cpu_s_per_1k'] or 0:.3f} ms/req  rss {r['peak_rss_kib'] / 1024:6.1f} MiB"
                         + (f"  other work {r['other_cpu_share']:.0%} of a CPU" if r["other_cpu_share"] > 0.1 else "")
+                        + (f"  waited for a CPU {r['runq_wait_share']:.0%}" if r["runq_wait_share"] > 0.05 else "")
+                        + (f"  steal {r['steal_share']:.0%}" if r["steal_share"] > 0.02 else "")
                         + (f"  ERRORS {r['errors']}" if r["errors"] else ""),
                         flush=True,
                     )
@@ -610,6 +659,7 @@ def main(argv: list[str] | None = None) -> int:
         "full": not args.quick
         and args.rounds >= 2
         and args.duration >= 5
+        and args.rate_duration >= RATE_DURATION
         and len(args.workload_list) == len(WORKLOADS)
         and args.target_names == list(TARGET_NAMES)
         and args.mode_list == list(MODES),
@@ -619,6 +669,7 @@ def main(argv: list[str] | None = None) -> int:
         "connections_large": args.connections_large,
         "wrk_threads": 1,
         "rate": RATE,
+        "rate_duration_s": args.rate_duration,
         "modes": [ps.mode for ps in passes],
         "pinned": any(ps.mode == "pinned" for ps in passes),
         "cpus": os.cpu_count(),

@@ -423,6 +423,10 @@ def run_one(
         runq_wait_share=usage.runq_wait_s / duration,
         switches_per_req=usage.switches / requests if requests and target.pid else None,
         steal_share=usage.steal_s / duration,
+        # With 32 connections outstanding, a proxy neither busy nor waiting for a CPU is waiting
+        # for the other side: its own CPU share and the load side's (wrk or rate.py, nginx, us).
+        cpu_share=usage.cpu_s / duration,
+        load_cpu_share=usage.load_cpu_s / duration,
     )
     if requests == 0:
         record["errors"] = record["errors"] or 1
@@ -641,6 +645,11 @@ def run_pass(
                         + (f"  other work {r['other_cpu_share']:.0%} of a CPU" if r["other_cpu_share"] > 0.1 else "")
                         + (f"  waited for a CPU {r['runq_wait_share']:.0%}" if r["runq_wait_share"] > 0.05 else "")
                         + (f"  steal {r['steal_share']:.0%}" if r["steal_share"] > 0.02 else "")
+                        + (
+                            f"  busy: proxy {r['cpu_share']:.0%}, load side {r['load_cpu_share']:.0%}"
+                            if ps.mode == "pinned" and w.kind == "wrk"
+                            else ""
+                        )
                         + (f"  ERRORS {r['errors']}" if r["errors"] else ""),
                         flush=True,
                     )

@@ -166,6 +166,9 @@ class Usage:
     """The target's context switches, voluntary and not, summed over its threads."""
     steal_s: float = 0.0
     """CPU time the hypervisor took away from this VM during the run (all CPUs)."""
+    load_cpu_s: float = 0.0
+    """CPU time of the load generator (wrk, rate.py), this process and `also` (the upstream):
+    with the target pinned, whether the other CPU could have kept it busy."""
 
 
 def measure(pid: int | None, fn: Callable[[], Any], *, also: tuple[int, ...] = ()) -> tuple[Any, Usage]:
@@ -202,7 +205,8 @@ def measure(pid: int | None, fn: Callable[[], Any], *, also: tuple[int, ...] = (
     usage.runq_wait_s, usage.switches = wait1 - wait0, switches1 - switches0
     usage.steal_s = steal_seconds() - steal0
     busy = machine_busy_seconds() - busy0
-    usage.other_cpu_s = max(0.0, busy - usage.cpu_s - (_ours() - ours0) - (sum(cpu_seconds(p) for p in also) - also0))
+    usage.load_cpu_s = (_ours() - ours0) + (sum(cpu_seconds(p) for p in also) - also0)
+    usage.other_cpu_s = max(0.0, busy - usage.cpu_s - usage.load_cpu_s)
     usage.peak_rss_kib = max(usage.peak_rss_kib, status_kib(pid, "VmRSS"))
     usage.peak_pss_kib = max(usage.peak_pss_kib, pss_kib(pid))
     return result, usage

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -272,3 +273,30 @@ def test_a_pinned_ratio_is_marked_erratic_when_a_proxys_pinned_cpu_per_request_i
     label = next(lab for lab, _, key, _ in report.GOALS if key == "a")
     assert texts[(label, "pinned")] == "1.60× (erratic: envoy 184 µs/req pinned against 100 unpinned)"
     assert texts[(label, "unpinned")] == "1.60×"
+
+
+@pytest.mark.skipif(not targets.pin_available(), reason="needs 2 CPUs to pin apart")
+def test_the_pinned_pass_checks_that_threads_started_later_inherit_the_proxys_cpu(tmp_path: Path) -> None:
+    # A real process pinned as bench/run pins a proxy, which starts a thread after the exec
+    # (as Envoy starts its worker and access-log flush threads): the check passes for its CPU
+    # and fails, naming the threads, for another.
+    load = sys.modules["load"]
+    procs = targets.Processes()
+    code = (
+        "import threading, time\nthreading.Thread(target=time.sleep, args=(30,), name='late').start()\ntime.sleep(30)"
+    )
+    proc = procs.start("fake", [sys.executable, "-c", code], tmp_path / "fake.log", cpus={1})
+    try:
+        for _ in range(100):
+            if len(load.affinity(proc.popen.pid)) == 2:
+                break
+            time.sleep(0.05)
+        assert set(load.affinity(proc.popen.pid).values()) == {"1"}
+        running = {"jwt-sidecar": targets.Target("jwt-sidecar", proc, 0, "sidecar")}
+        meta: dict = {}
+        bench.check_pinning(bench.Pass("pinned", {1}, {0}, None, [], []), running, meta)
+        assert meta["affinity"]["pinned"]["jwt-sidecar"] == ["1"]
+        with pytest.raises(bench.Failure, match="not confined to CPUs 0"):
+            bench.check_pinning(bench.Pass("pinned", {0}, {1}, None, [], []), running, {})
+    finally:
+        procs.stop_all()

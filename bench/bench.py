@@ -418,8 +418,9 @@ def run_one(
         peak_pss_kib=usage.peak_pss_kib,
         duration_s=duration,
         other_cpu_share=usage.other_cpu_s / duration,
-        # The target's threads ready to run but waiting for a CPU, as a share of the run; with
-        # the target pinned, this is other work on its one CPU (bench/RESULTS.md, method notes).
+        # The target's thread that waited most, ready to run but waiting for a CPU, as a share
+        # of the run; with the target pinned, this is other work on its one CPU (bench/RESULTS.md,
+        # method notes).
         runq_wait_share=usage.runq_wait_s / duration,
         switches_per_req=usage.switches / requests if requests and target.pid else None,
         steal_share=usage.steal_s / duration,

@@ -114,13 +114,14 @@ def affinity(pid: int) -> dict[str, str]:
     return found
 
 
-def waits(pid: int) -> tuple[float, int]:
-    """Seconds the threads of `pid` (and below) spent runnable but waiting for a CPU (the
+def waits(pid: int) -> tuple[dict[str, float], int]:
+    """Seconds each thread of `pid` (and below) spent runnable but waiting for a CPU (the
     second field of /proc/<tid>/schedstat), and their context switches (voluntary and not)."""
-    delay, switches = 0.0, 0
+    delay: dict[str, float] = {}
+    switches = 0
     for task in threads(pid):
         try:
-            delay += int((task / "schedstat").read_text().split()[1]) / 1e9
+            delay[str(task)] = int((task / "schedstat").read_text().split()[1]) / 1e9
             for line in (task / "status").read_text().splitlines():
                 if line.startswith(("voluntary_ctxt_switches:", "nonvoluntary_ctxt_switches:")):
                     switches += int(line.split()[1])
@@ -159,9 +160,10 @@ class Usage:
     """CPU time the machine spent on anything but the target, `also`, this process and its
     load generators: other work on a shared machine, which makes the numbers noisy."""
     runq_wait_s: float = 0.0
-    """Time the target's threads were ready to run but waited for a CPU (schedstat): with the
-    target pinned to one CPU, anything else on that CPU shows here (and costs the target CPU
-    time per request too: its caches are refilled after each turn of the other work)."""
+    """Time the target's thread that waited most was ready to run but waited for a CPU
+    (schedstat; Envoy's worker, our one thread): with the target pinned to one CPU, anything
+    else on that CPU shows here (and costs the target CPU time per request too: its caches are
+    refilled after each turn of the other work)."""
     switches: int = 0
     """The target's context switches, voluntary and not, summed over its threads."""
     steal_s: float = 0.0
@@ -202,7 +204,8 @@ def measure(pid: int | None, fn: Callable[[], Any], *, also: tuple[int, ...] = (
         sampler.join()
     usage.cpu_s = cpu_seconds(pid) - before
     wait1, switches1 = waits(pid)
-    usage.runq_wait_s, usage.switches = wait1 - wait0, switches1 - switches0
+    usage.runq_wait_s = max((wait1[t] - wait0.get(t, 0.0) for t in wait1), default=0.0)
+    usage.switches = switches1 - switches0
     usage.steal_s = steal_seconds() - steal0
     busy = machine_busy_seconds() - busy0
     usage.load_cpu_s = (_ours() - ours0) + (sum(cpu_seconds(p) for p in also) - also0)

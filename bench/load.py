@@ -85,6 +85,57 @@ def pss_kib(pid: int) -> int:
     return total
 
 
+def threads(pid: int) -> list[Path]:
+    """/proc/<pid>/task/<tid> of every thread of `pid` and of the processes below it."""
+    found = []
+    for each in tree(pid):
+        try:
+            found += list(Path(f"/proc/{each}/task").iterdir())
+        except OSError:
+            continue
+    return found
+
+
+def affinity(pid: int) -> dict[str, str]:
+    """Each thread's name and the CPUs it may run on (Cpus_allowed_list): a pinned proxy's
+    threads created after the pinning inherit it, and this shows that they did."""
+    found = {}
+    for task in threads(pid):
+        try:
+            comm = (task / "comm").read_text().strip()
+            allowed = next(
+                line.split(":", 1)[1].strip()
+                for line in (task / "status").read_text().splitlines()
+                if line.startswith("Cpus_allowed_list:")
+            )
+        except (OSError, StopIteration):
+            continue
+        found[f"{task.name} {comm}"] = allowed
+    return found
+
+
+def waits(pid: int) -> tuple[dict[str, float], int]:
+    """Seconds each thread of `pid` (and below) spent runnable but waiting for a CPU (the
+    second field of /proc/<tid>/schedstat), and their context switches (voluntary and not)."""
+    delay: dict[str, float] = {}
+    switches = 0
+    for task in threads(pid):
+        try:
+            delay[str(task)] = int((task / "schedstat").read_text().split()[1]) / 1e9
+            for line in (task / "status").read_text().splitlines():
+                if line.startswith(("voluntary_ctxt_switches:", "nonvoluntary_ctxt_switches:")):
+                    switches += int(line.split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    return delay, switches
+
+
+def steal_seconds() -> float:
+    """CPU time the hypervisor gave to others while this machine's CPUs wanted it (all CPUs)."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    return int(fields[7]) / CLK_TCK if len(fields) > 7 else 0.0
+
+
 def machine_busy_seconds() -> float:
     """CPU time every CPU spent busy since boot (user, nice, system, irq, softirq), in seconds."""
     fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
@@ -108,6 +159,18 @@ class Usage:
     other_cpu_s: float = 0.0
     """CPU time the machine spent on anything but the target, `also`, this process and its
     load generators: other work on a shared machine, which makes the numbers noisy."""
+    runq_wait_s: float = 0.0
+    """Time the target's thread that waited most was ready to run but waited for a CPU
+    (schedstat; Envoy's worker, our one thread): with the target pinned to one CPU, anything
+    else on that CPU shows here (and costs the target CPU time per request too: its caches are
+    refilled after each turn of the other work)."""
+    switches: int = 0
+    """The target's context switches, voluntary and not, summed over its threads."""
+    steal_s: float = 0.0
+    """CPU time the hypervisor took away from this VM during the run (all CPUs)."""
+    load_cpu_s: float = 0.0
+    """CPU time of the load generator (wrk, rate.py), this process and `also` (the upstream):
+    with the target pinned, whether the other CPU could have kept it busy."""
 
 
 def measure(pid: int | None, fn: Callable[[], Any], *, also: tuple[int, ...] = ()) -> tuple[Any, Usage]:
@@ -131,6 +194,8 @@ def measure(pid: int | None, fn: Callable[[], Any], *, also: tuple[int, ...] = (
 
     sampler = threading.Thread(target=sample, daemon=True)
     before = cpu_seconds(pid)
+    wait0, switches0 = waits(pid)
+    steal0 = steal_seconds()
     sampler.start()
     try:
         result = fn()
@@ -138,8 +203,13 @@ def measure(pid: int | None, fn: Callable[[], Any], *, also: tuple[int, ...] = (
         stop.set()
         sampler.join()
     usage.cpu_s = cpu_seconds(pid) - before
+    wait1, switches1 = waits(pid)
+    usage.runq_wait_s = max((wait1[t] - wait0.get(t, 0.0) for t in wait1), default=0.0)
+    usage.switches = switches1 - switches0
+    usage.steal_s = steal_seconds() - steal0
     busy = machine_busy_seconds() - busy0
-    usage.other_cpu_s = max(0.0, busy - usage.cpu_s - (_ours() - ours0) - (sum(cpu_seconds(p) for p in also) - also0))
+    usage.load_cpu_s = (_ours() - ours0) + (sum(cpu_seconds(p) for p in also) - also0)
+    usage.other_cpu_s = max(0.0, busy - usage.cpu_s - usage.load_cpu_s)
     usage.peak_rss_kib = max(usage.peak_rss_kib, status_kib(pid, "VmRSS"))
     usage.peak_pss_kib = max(usage.peak_pss_kib, pss_kib(pid))
     return result, usage
@@ -237,7 +307,9 @@ def run_wrk(
 
 # -- the fixed-rate generator ---------------------------------------------------------------
 def run_rate(url: str, *, rate: float, duration: float, headers: list[str] = (), cpus: set[int] | None = None) -> dict:
+    """bench/rate.py's result, with every request's latency (`samples`: due time, ms)."""
     argv = [sys.executable, str(HERE / "rate.py"), "--url", url, "--rate", f"{rate:g}", "--duration", f"{duration:g}"]
+    argv.append("--samples")
     for h in headers:
         argv += ["-H", h]
 

@@ -72,7 +72,9 @@ def percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[k]
 
 
-async def run(url: str, rate: float, duration: float, headers: list[str], timeout: float, warmup: int) -> dict:
+async def run(
+    url: str, rate: float, duration: float, headers: list[str], timeout: float, warmup: int, samples: bool = False
+) -> dict:
     parts = urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
@@ -83,6 +85,7 @@ async def run(url: str, rate: float, duration: float, headers: list[str], timeou
     statuses: dict[int, int] = {}
     errors: dict[str, int] = {}
     latencies: list[float] = []
+    timeline: list[tuple[float, float]] = []
 
     async def one(due: float | None) -> None:
         conn = idle.pop() if idle else Conn(*await asyncio.open_connection(host, port))
@@ -96,6 +99,8 @@ async def run(url: str, rate: float, duration: float, headers: list[str], timeou
         idle.append(conn)
         if due is not None:
             latencies.append(time.perf_counter() - due)
+            if samples:
+                timeline.append((due, latencies[-1]))
             statuses[status] = statuses.get(status, 0) + 1
 
     # Warm-up: open a few connections and send a few requests, not recorded.
@@ -121,7 +126,7 @@ async def run(url: str, rate: float, duration: float, headers: list[str], timeou
         conn.close()
 
     ms = sorted(x * 1000 for x in latencies)
-    return {
+    result = {
         "url": url,
         "rate": rate,
         "duration": duration,
@@ -139,6 +144,11 @@ async def run(url: str, rate: float, duration: float, headers: list[str], timeou
             "mean": sum(ms) / len(ms) if ms else float("nan"),
         },
     }
+    if samples:
+        # (due time on the monotonic clock, latency ms), in due order: for finding what a slow
+        # request coincided with (a timer, a collection) in another process's log.
+        result["samples"] = sorted((round(due, 6), round(lat * 1000, 4)) for due, lat in timeline)
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-H", "--header", action="append", default=[], help="extra request header, 'Name: value'")
     parser.add_argument("--timeout", type=float, default=5.0, help="per-request timeout in seconds (default 5)")
     parser.add_argument("--warmup", type=int, default=5, help="warm-up rounds of 4 requests, not recorded")
+    parser.add_argument(
+        "--samples", action="store_true", help="add every request's (due time, latency ms) to the output"
+    )
     args = parser.parse_args(argv)
     if args.rate <= 0 or args.duration <= 0:
         parser.error("--rate and --duration must be positive")
@@ -158,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         runner = uvloop.run
     except ImportError:
         runner = asyncio.run
-    result = runner(run(args.url, args.rate, args.duration, args.header, args.timeout, args.warmup))
+    result = runner(run(args.url, args.rate, args.duration, args.header, args.timeout, args.warmup, args.samples))
     json.dump(result, sys.stdout)
     sys.stdout.write("\n")
     return 0

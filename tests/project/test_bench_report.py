@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -214,3 +215,88 @@ def test_the_peak_pss_is_shown_beside_the_peak_rss_which_the_targets_keep_using(
     rss, rss2 = (lab for lab, how, _, _ in report.GOALS if how in ("rss", "rss2"))
     got = verdicts(doc)
     assert got[(rss, "pinned")] == "PASS" and got[(rss2, "unpinned")] == "FAIL"
+
+
+def _with_latencies(doc: dict, by_target: dict[str, list[float]]) -> dict:
+    """(f)'s runs carrying every request's latency, as bench/run writes them since 2026-12-03."""
+    for r in doc["runs"]:
+        if r["workload"] == "f" and r["target"] in by_target:
+            r["latencies_ms"] = by_target[r["target"]]
+    doc["summary"] = report.summarise(doc["runs"], doc["meta"])
+    return doc
+
+
+def _latencies(base: float, seed: int, spike_every: int = 50, spike: float = 8.0) -> list[float]:
+    """2,000 latencies (10 s at 200 req/s): `base` ms with jitter and a slow one every `spike_every`."""
+    import random
+
+    rng = random.Random(seed)
+    return [
+        base + rng.random() * 0.5 + (spike + rng.random() * 4 if i % spike_every == 7 else 0.0) for i in range(2000)
+    ]
+
+
+def test_the_added_p99_is_judged_on_the_interval_over_every_request_of_the_rounds() -> None:
+    label = next(lab for lab, how, _, _ in report.GOALS if how == "p99")
+    nginx = _latencies(0.5, 1, spike_every=400)
+    envoy = _latencies(1.0, 2)
+    cases = {
+        "PASS": _latencies(0.9, 3),  # below Envoy's throughout
+        "FAIL": _latencies(1.0, 4, spike=30.0),  # slow ones far slower than Envoy's
+        "NOISE": _latencies(1.0, 5),  # the same distribution: the point may land either side
+    }
+    for want, ours in cases.items():
+        doc = _with_latencies(document(), {"nginx": nginx, "envoy": envoy, "jwt-sidecar": ours})
+        row = next(
+            r for r in doc["summary"] if (r["mode"], r["workload"], r["target"]) == ("pinned", "f", "jwt-sidecar")
+        )
+        spread = row["p99_minus_envoy_ms"]
+        assert spread["low"] <= spread["point"] <= spread["high"]
+        assert row["samples"] == 2000 and row["p99_interval_ms"][0] <= row["p99_ms"] <= row["p99_interval_ms"][1]
+        got = verdicts(doc)[(label, "pinned")]
+        if want == "NOISE":
+            # Equal distributions: never a FAIL, and a PASS only when the point came out at most zero.
+            assert got == ("PASS" if spread["point"] <= 0 else "NOISE") and spread["low"] <= 0 <= spread["high"]
+        else:
+            assert got == want, (want, spread)
+    text = report.markdown(doc)
+    assert "every request of the rounds pooled (2,000 requests a target)" in text
+
+
+def test_a_pinned_ratio_is_marked_erratic_when_a_proxys_pinned_cpu_per_request_is_far_above_its_unpinned() -> None:
+    doc = document()
+    for r in doc["runs"]:
+        if (r["workload"], r["target"]) == ("a", "envoy"):
+            r["cpu_s_per_1k"] = 0.184 if r["mode"] == "pinned" else 0.1  # 184 µs a request against 100
+    doc["summary"] = report.summarise(doc["runs"], doc["meta"])
+    texts = {(g["label"], g["mode"]): g["text"] for g in report.goals(doc)}
+    label = next(lab for lab, _, key, _ in report.GOALS if key == "a")
+    assert texts[(label, "pinned")] == "1.60× (erratic: envoy 184 µs/req pinned against 100 unpinned)"
+    assert texts[(label, "unpinned")] == "1.60×"
+
+
+@pytest.mark.skipif(not targets.pin_available(), reason="needs 2 CPUs to pin apart")
+def test_the_pinned_pass_checks_that_threads_started_later_inherit_the_proxys_cpu(tmp_path: Path) -> None:
+    # A real process pinned as bench/run pins a proxy, which starts a thread after the exec
+    # (as Envoy starts its worker and access-log flush threads): the check passes for its CPU
+    # and fails, naming the threads, for another.
+    load = sys.modules["load"]
+    procs = targets.Processes()
+    code = (
+        "import threading, time\nthreading.Thread(target=time.sleep, args=(30,), name='late').start()\ntime.sleep(30)"
+    )
+    proc = procs.start("fake", [sys.executable, "-c", code], tmp_path / "fake.log", cpus={1})
+    try:
+        for _ in range(100):
+            if len(load.affinity(proc.popen.pid)) == 2:
+                break
+            time.sleep(0.05)
+        assert set(load.affinity(proc.popen.pid).values()) == {"1"}
+        running = {"jwt-sidecar": targets.Target("jwt-sidecar", proc, 0, "sidecar")}
+        meta: dict = {}
+        bench.check_pinning(bench.Pass("pinned", {1}, {0}, None, [], []), running, meta)
+        assert meta["affinity"]["pinned"]["jwt-sidecar"] == ["1"]
+        with pytest.raises(bench.Failure, match="not confined to CPUs 0"):
+            bench.check_pinning(bench.Pass("pinned", {0}, {1}, None, [], []), running, {})
+    finally:
+        procs.stop_all()

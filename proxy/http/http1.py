@@ -10,7 +10,10 @@ one Host (400), keep-alive and pipelining (answers in request order; reading pau
 a request waits its turn), request bodies streamed with back-pressure (reads of at most
 32 KiB into one buffer per server, reading stopped at 16 KiB buffered) or relayed from the
 read callback to a sink (`Request.relay_body`: reading stopped while the sink is full, the
-body's limit and timeouts kept there), the client's write buffer capped at 16 KiB (a
+body's limit and timeouts kept there); a Content-Length body counted past the read its head
+came in, not parsed (`_Counted`: its pieces go on as they came, views of the read buffer
+while relayed, and what follows the body is judged as llhttp judges it; chunked bodies are
+llhttp's), the client's write buffer capped at 16 KiB (a
 streamed answer waits, through flow.py's `WriteFlow`), `Expect: 100-continue` answered when
 the body is first read or relayed, writing answers (one write for a
 whole answer, or a head and then a Content-Length, chunked or close-delimited body),
@@ -373,7 +376,7 @@ class Request:
 
     async def relay_body(
         self,
-        sink: Callable[[bytes], bool],
+        sink: Callable[[bytes | memoryview], bool],
         drain: Callable[[], Awaitable[bool]],
         timeout: float | None = None,
         *,
@@ -383,7 +386,9 @@ class Request:
         """`iter_body` the other way round: the body is passed on as it is parsed, `sink(data)`
         called from the connection's read callback for each read's worth (a chunked body's
         small pieces of one read together), with no task woken per read (bench/FIGURES.md,
-        "Uploads"). `sink` returns whether its side is full: then the client is not read
+        "Uploads"). What `sink` is given may be a view of the server's read buffer (a counted
+        Content-Length body's, `_Counted`): valid during the call only, so what it keeps, it
+        copies (`flow.send`). `sink` returns whether its side is full: then the client is not read
         until `drain()` (awaited here; it raises what a stalled or failed destination
         means) has returned True; False from it means the destination wants nothing more,
         and this returns False with the rest of the body unread. Returns True once the whole
@@ -766,22 +771,27 @@ class _Relay:
 
     __slots__ = ("_deadlines", "_left", "_request", "_time", "_wakeup", "due", "extend", "full", "held", "over", "sink")
 
-    def __init__(self, request: Request, sink: Callable[[bytes], bool], limit: int, wakeup: Wakeup) -> None:
+    def __init__(
+        self, request: Request, sink: Callable[[bytes | memoryview], bool], limit: int, wakeup: Wakeup
+    ) -> None:
         self._request = request
-        self.sink: Callable[[bytes], bool] | None = sink  # None once the relay has ended
+        self.sink: Callable[[bytes | memoryview], bool] | None = sink  # None once the relay has ended
         self._left = limit or _NO_LIMIT  # bytes the body may still bring
         self._wakeup = wakeup
         self._deadlines = request._conn._server._deadlines.waits
         self._time = request._conn._loop.time
-        self.held: list[bytes] = []  # small pieces of this read, passed on together at its end (`flush`)
+        # Small pieces of this read, passed on together at its end (`flush`): views of the read
+        # buffer among them are valid until then, and no longer (the read's end flushes them).
+        self.held: list[bytes | memoryview] = []
         self.full = False  # the sink said it is full: the client is not read until the task has drained it
         self.over = False  # more than the limit came: nothing more is passed on
         self.extend = 0.0  # while the task waits for the client: its per-read timeout (moved by each read)
         self.due = _NEVER  # when the body's `total` runs out, during such a wait (loop time)
 
-    def take(self, data: bytes) -> None:
-        """A piece of the body, as parsed: once per read for a Content-Length body, so it is
-        `pass_on` written out for a large piece (`sink` is never None while `on_body` calls this)."""
+    def take(self, data: bytes | memoryview) -> None:
+        """A piece of the body, as parsed or counted: once per read for a Content-Length body, so
+        it is `pass_on` written out for a large piece (`sink` is never None while `on_body` or
+        `_Connection._counted` calls this)."""
         size = len(data)
         left = self._left = self._left - size
         if left < 0:
@@ -812,7 +822,7 @@ class _Relay:
             held.clear()
             self.pass_on(data)
 
-    def pass_on(self, data: bytes) -> None:
+    def pass_on(self, data: bytes | memoryview) -> None:
         sink = self.sink
         if sink is None:
             return  # the relay has ended (it failed): nothing more goes on
@@ -852,8 +862,65 @@ class Prepared:
         ).encode(_ENCODING, _ERRORS)
 
 
+class _Counted:
+    """The rest of a Content-Length request body, counted rather than parsed: in the parser's
+    place (`_Connection._parser`) from the end of the head (`on_headers_complete`) to the end of
+    the body. llhttp would only count these bytes too, and hand `on_body` a copy of each read;
+    here each piece goes on as it came (`_Connection._counted`: a view of the read buffer while
+    a relay reads into it), with no copy (bench/FIGURES.md, "Uploads counted"). At the body's
+    end, what llhttp does: `on_message_complete`, then what follows is parsed by a fresh parser
+    (the old one waits for body bytes it will never be given) when the request keeps its
+    connection, and judged as llhttp's `closed` state judges it when it does not (`_closed`).
+    Chunked bodies are llhttp's, piece by piece (their framing is what must be parsed)."""
+
+    __slots__ = ("_conn", "parser")
+
+    def __init__(self, conn: _Connection, parser: httptools.HttpRequestParser) -> None:
+        self._conn = conn
+        self.parser = parser
+        """llhttp's parser, which read the head and waits for the body."""
+
+    def feed_data(self, data: bytes | memoryview) -> None:
+        """`HttpRequestParser.feed_data` for the body's bytes and what follows them; raises what
+        llhttp would for those (an upgrade's offset counted from the start of `data`)."""
+        conn = self._conn
+        conn._stalled = 0  # progress (as `on_body`)
+        left = conn._left
+        size = len(data)
+        if size < left:
+            conn._left = left - size
+            conn._counted(data)
+            return
+        conn._left = 0
+        conn._counted(data if size == left else data[:left])
+        parser = conn._parser = httptools.HttpRequestParser(conn) if self.parser.should_keep_alive() else _closed()
+        conn.on_message_complete()
+        if size > left:
+            try:
+                parser.feed_data(data[left:])
+            except httptools.HttpParserUpgrade as error:
+                raise httptools.HttpParserUpgrade(left + error.args[0]) from None
+
+
+_NO_CALLBACKS = object()
+"""The protocol of a parser that calls nothing back (`_closed`)."""
+
+
+def _closed() -> httptools.HttpRequestParser:
+    """A parser in llhttp's state after a request that does not keep its connection alive:
+    CR and LF skipped, any other byte refused ("Data after `Connection: close`"), as the
+    parser that read such a request would be after its body (`_Counted`)."""
+    parser = httptools.HttpRequestParser(_NO_CALLBACKS)
+    parser.feed_data(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    return parser
+
+
 class _Connection(asyncio.BufferedProtocol):
     """One client connection: its parser, its queue of requests, and the task answering one."""
+
+    _counts_bodies = True
+    """Whether a Content-Length body is counted (`_Counted`) or parsed by llhttp to its end
+    (False: tests/unit/http/test_http1_counted.py's reference)."""
 
     def __init__(self, server: Server) -> None:
         self._server = server
@@ -874,6 +941,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._unparsed = b""  # bytes held back while pipelined requests wait (at most one read)
         self._refusal = 0  # a status to answer once the requests before it are answered
         self._parsing: Request | None = None  # the request whose body the parser is reading
+        self._left = 0  # bytes of its Content-Length body still to come (`_Counted`)
         self._relay: _Relay | None = None  # its body passed on as it is parsed (`Request.relay_body`)
         self._flush: _Relay | None = None  # a relay holding small pieces of the read being parsed
         # requests in order: the first is being answered, the rest wait (pipelining)
@@ -942,9 +1010,10 @@ class _Connection(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         if self._relay is not None:
-            # A relayed body's read is parsed from the read buffer itself: llhttp hands `on_body`
-            # bytes of its own, and what `_feed` or `_parse_failed` keep of it is copied. One
-            # copy of each read less (bench/FIGURES.md, "Bodies: fewer, larger reads").
+            # A relayed body's read is handled from the read buffer itself: counted (`_Counted`),
+            # it goes to the relay's sink as a view, with no copy (bench/FIGURES.md, "Uploads
+            # counted"); parsed, llhttp hands `on_body` bytes of its own; what `_feed` or
+            # `_parse_failed` keep of it is copied (bench/FIGURES.md, "Bodies: fewer, larger reads").
             self.data_received(self._server._read_buffer[:nbytes])
         else:
             # bytes of their own: the read buffer is the next read's, and `data` may be kept.
@@ -1161,6 +1230,11 @@ class _Connection(asyncio.BufferedProtocol):
             # A request without a body is complete already (llhttp ends its message at once):
             # on_message_complete has nothing to tell it.
             self._parsing = request
+            if length and self._counts_bodies:
+                # The rest of a Content-Length body is counted, not parsed (`_Counted`); llhttp
+                # goes on with this read (its `on_body` counts down `_left`).
+                self._left = length
+                self._parser = _Counted(self, parser)  # type: ignore[assignment]
         if len(queue) > 1:
             self._pause_reading()  # pipelined: read on when the requests before it are answered
 
@@ -1182,6 +1256,7 @@ class _Connection(asyncio.BufferedProtocol):
 
     def on_body(self, body: bytes) -> None:
         self._stalled = 0
+        self._left -= len(body)  # (what `_Counted` will not count: a chunked body's makes it negative, unread)
         relay = self._relay
         if relay is not None:
             relay.take(body)  # passed on from here (`Request.relay_body`)
@@ -1203,7 +1278,24 @@ class _Connection(asyncio.BufferedProtocol):
         request = self._parsing
         self._parsing = None
         if request is not None:
+            parser: httptools.HttpRequestParser | _Counted = self._parser
+            if type(parser) is _Counted:
+                # llhttp reached the end of the body in the read its head came in: it parses on.
+                self._parser = parser.parser
             request._end()
+
+    def _counted(self, piece: bytes | memoryview) -> None:
+        """`on_body` for a piece `_Counted` counted: a view of the read buffer is passed on as it
+        is (a relay's sink keeps none: `Request.relay_body`), and copied only to be kept."""
+        relay = self._relay
+        if relay is not None:
+            relay.take(piece)
+            return
+        request = self._parsing
+        if request is not None:
+            request._feed(piece if type(piece) is bytes else bytes(piece))
+            if request._buffered > _HIGH_WATER:
+                self._pause_reading()
 
     # requests and answers
 

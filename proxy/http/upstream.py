@@ -123,7 +123,8 @@ class BodySource:
     """A request body that passes itself on from its own read callback, rather than being
     iterated by the sending task (http1's `Request.relay_body`, through forward.py).
 
-    `relay(sink, drain)` calls `sink(data)` for each piece as it comes; `sink` returns True
+    `relay(sink, drain)` calls `sink(data)` for each piece as it comes (bytes, or a view of a
+    read buffer valid during the call only: `sink` copies what it keeps); `sink` returns True
     when the upstream cannot take more for now (or wants nothing more), and then the source
     stops reading until `await drain()` has returned True (False: stop, the rest unsent).
     It returns True once the whole body has gone to `sink`, False when it stopped early;
@@ -131,7 +132,9 @@ class BodySource:
 
     __slots__ = ()
 
-    def relay(self, sink: Callable[[bytes], bool], drain: Callable[[], Awaitable[bool]]) -> Awaitable[bool]:
+    def relay(
+        self, sink: Callable[[bytes | memoryview], bool], drain: Callable[[], Awaitable[bool]]
+    ) -> Awaitable[bool]:
         raise NotImplementedError
 
 
@@ -915,7 +918,7 @@ class _Upload:
             self.stopped = True
         return self.stopped
 
-    def write_length(self, chunk: bytes) -> bool:
+    def write_length(self, chunk: bytes | memoryview) -> bool:
         """Send a piece of a Content-Length body; whether the source must stop and await `drain`."""
         conn = self._conn
         if (conn._head_done or conn._lost or self.stopped) and self._stop():
@@ -933,7 +936,8 @@ class _Upload:
             # what `Held` counts, while large reads are allowed, is then what is held.
             send(self._transport, self._fd, chunk)
         else:
-            self._transport.writelines((pending, chunk))
+            # (a view of the client's read buffer is copied: the transport may keep what it is given)
+            self._transport.writelines((pending, chunk if type(chunk) is bytes else bytes(chunk)))
             self.pending = None
         if not left:
             self.answered_early = conn._got_bytes
@@ -943,7 +947,7 @@ class _Upload:
             return True
         return False
 
-    def write_chunked(self, chunk: bytes) -> bool:
+    def write_chunked(self, chunk: bytes | memoryview) -> bool:
         """Send a piece of a chunked body; whether the source must stop and await `drain`."""
         conn = self._conn
         if (conn._head_done or conn._lost or self.stopped) and self._stop():
@@ -953,9 +957,9 @@ class _Upload:
         pending = self.pending
         if pending is None:
             # One piece, so the transport keeps only what the upstream has not taken (`flow.send`).
-            send(self._transport, self._fd, b"%x\r\n%b\r\n" % (len(chunk), chunk))
+            send(self._transport, self._fd, b"%x\r\n%b\r\n" % (len(chunk), chunk))  # type: ignore[str-format]  # (%b takes any buffer)
         else:
-            self._transport.writelines((pending, b"%x\r\n" % len(chunk), chunk, b"\r\n"))
+            self._transport.writelines((pending, b"%x\r\n%b\r\n" % (len(chunk), chunk)))  # type: ignore[str-format]
             self.pending = None
         flow = conn._flow
         if flow.paused:  # (a read's further pieces still come: `Held` counts them too)

@@ -79,7 +79,9 @@ class _Limited(BodySource):
         self._timeout = timeout
         self._total = total
 
-    def relay(self, sink: Callable[[bytes], bool], drain: Callable[[], Awaitable[bool]]) -> Awaitable[bool]:
+    def relay(
+        self, sink: Callable[[bytes | memoryview], bool], drain: Callable[[], Awaitable[bool]]
+    ) -> Awaitable[bool]:
         return self._request.relay_body(sink, drain, self._timeout, total=self._total, limit=self._limit)
 
 

@@ -39,8 +39,8 @@ class Sink:
         self.full_after = full_after  # say "full" once this many bytes came (None: never)
         self.drains = 0
 
-    def __call__(self, data: bytes) -> bool:
-        self.pieces.append(data)
+    def __call__(self, data: bytes | memoryview) -> bool:
+        self.pieces.append(bytes(data))  # (a view of the read buffer is valid during the call only)
         self.in_task.append(asyncio.current_task() is not None)
         return self.full_after is not None and len(self.body) >= self.full_after
 
@@ -142,7 +142,7 @@ async def test_a_full_sink_stops_the_reading_until_drained(harness: Harness) -> 
     events: list[str] = []
     sink = Sink(full_after=1)
 
-    def noting(data: bytes) -> bool:
+    def noting(data: bytes | memoryview) -> bool:
         events.append("piece")
         return sink(data)
 
@@ -176,8 +176,8 @@ async def test_a_drain_that_wants_no_more_ends_the_relay_with_the_rest_unread(ha
     outcome: list[Any] = []
     got: list[bytes] = []
 
-    def full(data: bytes) -> bool:
-        got.append(data)
+    def full(data: bytes | memoryview) -> bool:
+        got.append(bytes(data))  # (a view of the read buffer is valid during the call only)
         return True
 
     async def gone() -> bool:

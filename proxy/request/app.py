@@ -34,7 +34,7 @@ import json
 import logging
 import time
 from bisect import bisect_left
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from functools import partial
 from typing import Any
 
@@ -46,15 +46,15 @@ from ..base.memo import Memo
 from ..base.oplog import event
 from ..config.settings import Settings
 from ..http.fetch import Fetcher
-from ..http.http1 import Prepared, Request, Send, Server
+from ..http.http1 import Ahead, Later, Prepared, Request, Send, Server
 from ..http.upstream import Pool
 from ..telemetry.accesslog import AccessLog
 from ..telemetry.metrics import Decision, Metrics, ProviderMetrics, RouteMetrics
 from .exchange import NO_ROUTE_NAME, Exchange
 from .forward import Answering
 from .identity import request_id
-from .pipeline import begin, begin_planned, log_refused
-from .runtime import Runtime, build_snapshot
+from .pipeline import ForwardPlan, begin, begin_planned, log_refused
+from .runtime import Runtime, Snapshot, build_snapshot
 
 __all__ = ["Proxy", "respond_error"]
 
@@ -169,16 +169,31 @@ class Proxy:
         return _entry(self.runtime, request)
 
     def _head(
-        self, method: str, target: str, fields: list[tuple[bytes, bytes]], remote: str | None, send: Send
-    ) -> bool:
+        self,
+        method: str,
+        target: str,
+        fields: list[tuple[bytes, bytes]],
+        remote: str | None,
+        send: Send,
+        take: Callable[[str, str, list[tuple[bytes, bytes]]], Ahead],
+    ) -> bool | Later:
         """The server's `Quick`: a 401 that a `_Quick` prepared, answered from the request's head
-        alone (no `Request` made, bench/FIGURES.md, "The 401 from the head"); False for any other request,
-        which goes to `_entry`. `_entry`'s first part and `_refuse`, written for a head."""
+        alone (no `Request` made, bench/FIGURES.md, "The 401 from the head"); a request to a
+        target forwarded before (`Snapshot.forwards`), taken on as `_entry` would take it, with
+        no `Request` made (`_ahead`: bench/FIGURES.md, "The forward from the head"); False for
+        any other request, which goes to `_entry`. `_entry`'s first part and `_refuse`, written
+        for a head."""
         runtime = self.runtime
         snapshot = runtime.snapshot
-        quick = snapshot.refusals.get((method, target)) if snapshot is not None else None
+        if snapshot is None:
+            return False
+        key = (method, target)
+        quick = snapshot.refusals.get(key)
         if quick is None:
-            return False  # (every other request: this lookup is all it costs here)
+            forward = snapshot.forwards.get(key)
+            if forward is None or remote is None:
+                return False  # (every other request: these lookups are all it costs here)
+            return _ahead(runtime, snapshot, forward, method, target, fields, take)
         started = time.perf_counter()
         inbound = None
         for name, value in fields:
@@ -186,7 +201,11 @@ class Proxy:
             if size == 12 and inbound is None and name.lower() == b"x-request-id":
                 inbound = value.decode("latin-1")
             elif size == 13 and name.lower() == b"authorization":
-                return False
+                # (a token sent: perhaps forwarded before, with one)
+                forward = snapshot.forwards.get(key)
+                if forward is None or remote is None:
+                    return False
+                return _ahead(runtime, snapshot, forward, method, target, fields, take)
         if log.isEnabledFor(logging.DEBUG):  # (a DEBUG log names the route: `_missing` writes it)
             return False
         request_id_value = request_id(inbound)
@@ -252,6 +271,54 @@ def _entry(runtime: Runtime, request: Request) -> Coroutine[Any, Any, None] | An
         rest.settle = _settled
         return rest
     return _finish(ex, rest)  # type: ignore[arg-type]  # not TokenMissing (above): mypy does not narrow a class by `is`
+
+
+def _ahead(
+    runtime: Runtime,
+    snapshot: Snapshot,
+    forward: ForwardPlan,
+    method: str,
+    target: str,
+    fields: list[tuple[bytes, bytes]],
+    take: Callable[[str, str, list[tuple[bytes, bytes]]], Ahead],
+) -> bool | Later:
+    """`_entry` for a request to a target forwarded before (`forward`, of `snapshot`), from its
+    head (the server's `Quick`): the same steps (`begin_planned`), with an `Ahead` for the
+    `Request` (`take`). Forwarded on an idle pooled connection (the common case): its
+    `Answering`, which ends it. Anything else `begin_planned` comes to (a refusal, a token
+    whose keys must be fetched, no idle connection) goes on with the `Request` made then
+    (`Ahead.full`, `Ahead.hand_over`), as `_entry` goes on: True. False, with nothing done, for
+    what `begin_planned` would hand to `begin` (`_entry` does). No `Request` made and queued for
+    the common case: (a) 151,870 -> ... instructions (bench/FIGURES.md, "The forward from the head")."""
+    started = time.perf_counter()
+    names, values = zip(*fields, strict=True) if fields else _NO_FIELDS
+    strip = snapshot.strip
+    head = strip.heads.get(names) or strip.head(names)
+    if head.keep is None or (head.authorizations > 1 if forward.public else head.authorization < 0):
+        return False  # (what `begin_planned` hands to `begin`, before any step)
+    inbound = None if head.request_id < 0 else values[head.request_id].decode("latin-1")
+    ahead = take(method, target, fields)
+    ex = Exchange(ahead, runtime, request_id(inbound), started)  # type: ignore[arg-type]  # (`Ahead`: what is read of a `Request`)
+    ex.snapshot = snapshot
+    try:
+        rest = begin_planned(ex, forward, head, values)
+        if rest.__class__ is Answering:  # forwarded with no task: it ends in `_settled`
+            runtime.metrics.in_flight += 1
+            rest.settle = _settled
+            return rest
+    except Exception as error:
+        ex.request = ahead.full()
+        try:
+            _failed(ex, error)
+        finally:
+            _record(ex)
+        ahead.hand_over(None)
+        return True
+    ex.request = ahead.full()
+    # (a coroutine: `begin_planned` hands nothing else back for a request it does not hand to `begin`)
+    runtime.metrics.in_flight += 1
+    ahead.hand_over(_finish(ex, rest))  # type: ignore[arg-type]
+    return True
 
 
 class _Quick:

@@ -146,7 +146,7 @@ with `send`, and returns True; or takes it on with no `Request` made: `ahead(met
 fields)` makes its `Ahead`, through which it is answered later, and returns the `Later` that
 ends it (`Ahead.done`); or returns False, having done nothing, and the request goes to the
 handler as any other. Asked only of a request whose answer may be written at once and leave
-the connection open: HTTP/1.1 kept alive, no body, no upgrade, none before it still to
+the connection open: HTTP/1.1 kept alive, no body (no Content-Length at all), no upgrade, none before it still to
 answer, the client reading, no drain under way (`_Connection.on_headers_complete`). No
 `Request` is made for what it answers or takes on (bench/FIGURES.md, "The 401 from the head",
 "The forward from the head")."""
@@ -769,16 +769,17 @@ class Ahead:
     """A request a `Quick` hook took on from its head (a forward prepared for its target), with
     no `Request` made: what the handler's side reads of one (`method`, `raw_path`, `fields`,
     `remote`, `scheme`, `content_length`, `status`, `transport`), and the one answer it can
-    write as it is, `relay` (an upstream's answer held whole). Anything else (another kind of
-    answer, a task, a failure) first makes it the `Request` it stands for (`full`), first in
-    the connection's queue, as if the hook had returned False and the handler a `Later`. Its
-    request was HTTP/1.1 kept alive, with no body and no upgrade, and nothing came before it
-    (`Quick`); requests pipelined after it wait in the queue as behind any other, and reading
-    pauses while one does. `done` ends it as `Request.done` ends a `Later`'s request.
-    A `Request` made and queued costs ~4.4k instructions, this ~2k (bench/FIGURES.md, "The
-    forward from the head")."""
+    write as it is, `relay` (an upstream's answer held whole). It is first in the connection's
+    queue, where a `Request` being answered is, so pipelined requests wait behind it as behind
+    any other (reading paused). Anything else (another kind of answer, a task, a failure) first
+    makes it the `Request` it stands for (`full`), in its place, as if the hook had returned
+    False and the handler a `Later`. Its request was HTTP/1.1 kept alive, with no body and no
+    upgrade, and nothing came before it (`Quick`). `done` ends it as `Request.done` ends a
+    `Later`'s request. A `Request` made costs ~4.4k instructions, this ~2k (bench/FIGURES.md,
+    "The forward from the head")."""
 
     scheme = "http"
+    content_length = None
     body_exists = False
     upgrade = False
     keep_alive = True
@@ -789,7 +790,6 @@ class Ahead:
         "_conn",
         "_finished",
         "_full",
-        "content_length",
         "fields",
         "method",
         "raw_path",
@@ -797,15 +797,12 @@ class Ahead:
         "status",
     )
 
-    def __init__(
-        self, conn: _Connection, method: str, target: str, fields: list[tuple[bytes, bytes]], length: int | None
-    ) -> None:
+    def __init__(self, conn: _Connection, method: str, target: str, fields: list[tuple[bytes, bytes]]) -> None:
         self._conn = conn
         self.method = method
         self.raw_path = target
         self.fields = fields
         self.remote = conn._remote
-        self.content_length = length
         self.status = 0
 
     @property
@@ -821,7 +818,7 @@ class Ahead:
             self.full().relay(status, reason, fields, body, date=date)
             return
         self.status = status
-        close = self._close = conn._closing or (conn._server._draining and not conn._queue and conn._nothing_more())
+        close = self._close = conn._closing or (conn._server._draining and conn._nothing_more())
         if status in _BODILESS or status < 200:
             framing = b""
             body = b""
@@ -848,18 +845,18 @@ class Ahead:
         if self.status < 0:
             return self._full
         conn = self._conn
-        request = Request(
-            conn, self.method, self.raw_path, "1.1", self.fields, True, False, self.content_length, False, False
-        )
+        request = Request(conn, self.method, self.raw_path, "1.1", self.fields, True, False, None, False, False)
         if self.status:
             request.status = self.status
             request._started = request._finished = True
             request._close = self._close
-        conn._ahead = None
-        conn._queue.appendleft(request)
+        conn._queue[0] = request  # (in its place)
         self.status = -1  # (made: `done` and `relay` go to it)
         self._full: Request = request
         return request
+
+    def _end(self, error: BaseException | None = None) -> None:
+        """(`Request._end`: nothing to tell a request with no body)"""
 
     def hand_over(self, rest: Awaitable[None] | Later | None) -> None:
         """The handler's answer for this request after all (`rest`, as a `Handler` returns it),
@@ -881,10 +878,8 @@ class Ahead:
             self.full().done()
             return
         conn = self._conn
-        conn._ahead = None
         conn._later = None
-        conn._queue.appendleft(self)  # type: ignore[arg-type]  # (`_done` takes it off first, reading its end)
-        conn._done(self)  # type: ignore[arg-type]
+        conn._done(self)  # type: ignore[arg-type]  # (what `_done` reads of a `Request`: its end)
 
 
 class _Relay:
@@ -991,8 +986,6 @@ class _Connection(asyncio.BufferedProtocol):
         self._parser = httptools.HttpRequestParser(self)
         self._send: Send = self._send_now  # (made once, not per request; let go in connection_lost)
         self._take: Callable[[str, str, list[tuple[bytes, bytes]]], Ahead] = self._ahead_of  # (the same)
-        self._ahead: Ahead | None = None  # a request a `Quick` took on, being answered (no `Request` made)
-        self._length: int | None = None  # the Content-Length (None, or 0) of the head a `Quick` is asked of
         self._transport: asyncio.Transport = None  # type: ignore[assignment]  # set by connection_made
         self._remote: str | None = None
         self._fd = -1  # the socket (`connection_made`)
@@ -1259,27 +1252,26 @@ class _Connection(asyncio.BufferedProtocol):
             quick is not None
             and keep_alive
             and version == "1.1"
-            and not (chunked or length or upgrade)
+            and length is None  # (a `Content-Length: 0` too goes the `Request` way: the `Ahead` has none)
+            and not (chunked or upgrade)
             and not self._queue
-            and self._later is None  # (an `Ahead` being answered is in no queue)
             and not self._closing
             and not self._flow.paused
         ):  # (and no drain under way: `Server.start_drain` sets `_quick` to None)
             # Answered now or never by `quick`: nothing is queued or owed before it, and its
             # answer leaves the connection open (what `_dispatch`, `send` and `_done` would do);
             # or taken on (a `Later`, with its `Ahead`), answered later as a `Later`'s request is.
-            self._length = length
             try:
                 answered = quick(name, target, self._fields, self._remote, self._send, self._take)
             except Exception:
                 event(log, logging.ERROR, "handler_crashed", "request handler failed", exc_info=True)
                 answered = self._idle_since is not None  # (`_send_now` wrote the answer)
+                self._queue.clear()  # (an `Ahead` taken on, then failed: it goes on as a `Request`)
             if answered:
                 if answered is not True:  # taken on: its `Later` ends it (`Ahead.done`)
                     self._later = answered
                 self._fields = []
                 return
-            self._ahead = None  # (an `Ahead` made, then not taken on: nothing was done with it)
         request = Request(
             self,
             name,
@@ -1300,7 +1292,7 @@ class _Connection(asyncio.BufferedProtocol):
             # A request without a body is complete already (llhttp ends its message at once):
             # on_message_complete has nothing to tell it.
             self._parsing = request
-        if len(queue) > 1 or self._ahead is not None:
+        if len(queue) > 1:
             self._pause_reading()  # pipelined: read on when the requests before it are answered
 
     def _send_now(self, answer: Prepared, field: str, head: bool) -> None:
@@ -1320,8 +1312,10 @@ class _Connection(asyncio.BufferedProtocol):
         self._idle_since = self._loop.time()
 
     def _ahead_of(self, method: str, target: str, fields: list[tuple[bytes, bytes]]) -> Ahead:
-        """`Quick`'s `ahead`: the `Ahead` of the request being asked about, being answered from now."""
-        ahead = self._ahead = Ahead(self, method, target, fields, self._length)
+        """`Quick`'s `ahead`: the `Ahead` of the request being asked about, being answered from now
+        (first in the queue, as a `Request` being answered is)."""
+        ahead = Ahead(self, method, target, fields)
+        self._queue.append(ahead)  # type: ignore[arg-type]  # (what the queue reads of a `Request`: `_end`)
         return ahead
 
     def on_body(self, body: bytes) -> None:
@@ -1361,7 +1355,7 @@ class _Connection(asyncio.BufferedProtocol):
             if (
                 self._queue
                 and request is self._queue[-1]
-                and (len(self._queue) > 1 or self._ahead is not None or (self._task is None and self._later is None))
+                and (len(self._queue) > 1 or (self._task is None and self._later is None))
             ):
                 # Its handler has not started: it never reaches the upstream; the refusal is its answer.
                 self._queue.pop()
@@ -1507,7 +1501,6 @@ class _Connection(asyncio.BufferedProtocol):
         parsing = self._parsing
         if (
             len(self._queue) > 1
-            or (self._ahead is not None and self._queue)
             or self._refusal
             or self._unparsed
             or (self._upgraded and self._sink is None)

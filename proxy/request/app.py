@@ -53,8 +53,8 @@ from ..telemetry.metrics import Decision, Metrics, ProviderMetrics, RouteMetrics
 from .exchange import NO_ROUTE_NAME, Exchange
 from .forward import Answering
 from .identity import request_id
-from .pipeline import ForwardPlan, begin, begin_planned, log_refused
-from .runtime import Runtime, Snapshot, build_snapshot
+from .pipeline import begin, begin_planned, log_refused
+from .runtime import Runtime, build_snapshot
 
 __all__ = ["Proxy", "respond_error"]
 
@@ -177,23 +177,45 @@ class Proxy:
         send: Send,
         take: Callable[[str, str, list[tuple[bytes, bytes]]], Ahead],
     ) -> bool | Later:
-        """The server's `Quick`: a 401 that a `_Quick` prepared, answered from the request's head
-        alone (no `Request` made, bench/FIGURES.md, "The 401 from the head"); a request to a
-        target forwarded before (`Snapshot.forwards`), taken on as `_entry` would take it, with
-        no `Request` made (`_ahead`: bench/FIGURES.md, "The forward from the head"); False for
-        any other request, which goes to `_entry`. `_entry`'s first part and `_refuse`, written
+        """The server's `Quick`: a request to a target forwarded before (`Snapshot.forwards`),
+        taken on as `_entry` takes it (`begin_planned`), with an http1 `Ahead` for the `Request`
+        (`take`): forwarded on an idle pooled connection, its `Answering` (the common case: no
+        `Request` made and queued, bench/FIGURES.md, "The forward from the head"), else gone on
+        as a `Request` made then (`_handed_over`: True); a 401 that a `_Quick` prepared, answered
+        from the request's head alone (no `Request` made, bench/FIGURES.md, "The 401 from the
+        head"); False, with nothing done, for any other request (or one `begin_planned` would
+        hand to `begin`), which goes to `_entry`. `_entry`'s first part and `_refuse`, written
         for a head."""
         runtime = self.runtime
         snapshot = runtime.snapshot
         if snapshot is None:
             return False
         key = (method, target)
+        forward = snapshot.forwards.get(key)
+        if forward is not None and remote is not None:
+            # `_entry` for it, from its head, with an `Ahead` for the `Request` (`take`).
+            started = time.perf_counter()
+            names, values = zip(*fields, strict=True) if fields else _NO_FIELDS
+            strip = snapshot.strip
+            head = strip.heads.get(names) or strip.head(names)
+            if head.keep is not None and not (head.authorizations > 1 if forward.public else head.authorization < 0):
+                # (else what `begin_planned` hands to `begin`, before any step: `_entry` takes it)
+                inbound = None if head.request_id < 0 else values[head.request_id].decode("latin-1")
+                ahead = take(method, target, fields)
+                ex = Exchange(ahead, runtime, request_id(inbound), started)  # type: ignore[arg-type]  # (what is read of a `Request`)
+                ex.snapshot = snapshot
+                try:
+                    rest = begin_planned(ex, forward, head, values)
+                except Exception as error:
+                    return _handed_over(ex, ahead, None, error)
+                if rest.__class__ is Answering:  # forwarded with no task: it ends in `_settled`
+                    runtime.metrics.in_flight += 1
+                    rest.settle = _settled
+                    return rest
+                return _handed_over(ex, ahead, rest, None)  # type: ignore[arg-type]  # (a coroutine)
         quick = snapshot.refusals.get(key)
         if quick is None:
-            forward = snapshot.forwards.get(key)
-            if forward is None or remote is None:
-                return False  # (every other request: these lookups are all it costs here)
-            return _ahead(runtime, snapshot, forward, method, target, fields, take)
+            return False  # (every other request: these lookups are all it costs here)
         started = time.perf_counter()
         inbound = None
         for name, value in fields:
@@ -201,11 +223,7 @@ class Proxy:
             if size == 12 and inbound is None and name.lower() == b"x-request-id":
                 inbound = value.decode("latin-1")
             elif size == 13 and name.lower() == b"authorization":
-                # (a token sent: perhaps forwarded before, with one)
-                forward = snapshot.forwards.get(key)
-                if forward is None or remote is None:
-                    return False
-                return _ahead(runtime, snapshot, forward, method, target, fields, take)
+                return False
         if log.isEnabledFor(logging.DEBUG):  # (a DEBUG log names the route: `_missing` writes it)
             return False
         request_id_value = request_id(inbound)
@@ -273,51 +291,22 @@ def _entry(runtime: Runtime, request: Request) -> Coroutine[Any, Any, None] | An
     return _finish(ex, rest)  # type: ignore[arg-type]  # not TokenMissing (above): mypy does not narrow a class by `is`
 
 
-def _ahead(
-    runtime: Runtime,
-    snapshot: Snapshot,
-    forward: ForwardPlan,
-    method: str,
-    target: str,
-    fields: list[tuple[bytes, bytes]],
-    take: Callable[[str, str, list[tuple[bytes, bytes]]], Ahead],
-) -> bool | Later:
-    """`_entry` for a request to a target forwarded before (`forward`, of `snapshot`), from its
-    head (the server's `Quick`): the same steps (`begin_planned`), with an `Ahead` for the
-    `Request` (`take`). Forwarded on an idle pooled connection (the common case): its
-    `Answering`, which ends it. Anything else `begin_planned` comes to (a refusal, a token
-    whose keys must be fetched, no idle connection) goes on with the `Request` made then
-    (`Ahead.full`, `Ahead.hand_over`), as `_entry` goes on: True. False, with nothing done, for
-    what `begin_planned` would hand to `begin` (`_entry` does). No `Request` made and queued for
-    the common case: (a) 151,870 -> ... instructions (bench/FIGURES.md, "The forward from the head")."""
-    started = time.perf_counter()
-    names, values = zip(*fields, strict=True) if fields else _NO_FIELDS
-    strip = snapshot.strip
-    head = strip.heads.get(names) or strip.head(names)
-    if head.keep is None or (head.authorizations > 1 if forward.public else head.authorization < 0):
-        return False  # (what `begin_planned` hands to `begin`, before any step)
-    inbound = None if head.request_id < 0 else values[head.request_id].decode("latin-1")
-    ahead = take(method, target, fields)
-    ex = Exchange(ahead, runtime, request_id(inbound), started)  # type: ignore[arg-type]  # (`Ahead`: what is read of a `Request`)
-    ex.snapshot = snapshot
-    try:
-        rest = begin_planned(ex, forward, head, values)
-        if rest.__class__ is Answering:  # forwarded with no task: it ends in `_settled`
-            runtime.metrics.in_flight += 1
-            rest.settle = _settled
-            return rest
-    except Exception as error:
-        ex.request = ahead.full()
+def _handed_over(ex: Exchange, ahead: Ahead, rest: Coroutine[Any, Any, None] | None, error: Exception | None) -> bool:
+    """The end of `Proxy._head`'s forward for a request `begin_planned` did not forward on an
+    idle pooled connection (a refusal raised, `error`; a token whose keys must be fetched, or
+    no idle connection: the coroutine `rest`): it goes on as `_entry` has it go on, with the
+    `Request` made now (`Ahead.full`, `Ahead.hand_over`)."""
+    ex.request = ahead.full()
+    if error is not None:
         try:
             _failed(ex, error)
         finally:
             _record(ex)
         ahead.hand_over(None)
         return True
-    ex.request = ahead.full()
-    # (a coroutine: `begin_planned` hands nothing else back for a request it does not hand to `begin`)
-    runtime.metrics.in_flight += 1
-    ahead.hand_over(_finish(ex, rest))  # type: ignore[arg-type]
+    assert rest is not None
+    ex.runtime.metrics.in_flight += 1
+    ahead.hand_over(_finish(ex, rest))
     return True
 
 

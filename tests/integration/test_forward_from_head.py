@@ -1,5 +1,5 @@
 """A request to a target forwarded before is taken on by the server's `Quick` hook, from its head,
-with no `Request` made (app.py's `_ahead`, http1.py's `Ahead`): what the client, the upstream, the
+with no `Request` made (app.py's `Proxy._head`, http1.py's `Ahead`): what the client, the upstream, the
 access log and the metrics see is exactly what the `Request` way gives (the hook declining, so
 that `_entry` takes the request), for every kind of answer: whole, to a HEAD, 204 and 304 (written
 by a `Request` made then), streamed (a task from there), a timeout (a 504 written by a `Request`),
@@ -48,24 +48,24 @@ async def run(
 ) -> tuple[list[bytes], list[bytes], list[dict[str, Any]], dict[Any, float], int]:
     """Serve `script(reader, writer)` (what the client sends and reads: its answers) in front of an
     upstream answering `per_request`; with the hook taking requests on, or declining every one
-    (`_ahead` says False: `_entry` takes it). The client's answers (Date cut off), the heads the
+    (`Proxy._head` says False: `_entry` takes it). The client's answers (Date cut off), the heads the
     upstream got, the access-log lines (time and latency cut off), requests_total, and how
     many requests the hook took on (1 each; 1000 each for one it then made a `Request`)."""
     heads: list[bytes] = []
     taken: list[int] = []
-    real = app._ahead
+    real = app.Proxy._head
 
-    def ahead(*args: Any) -> Any:
+    def quick(proxy: Any, *args: Any) -> Any:  # (the public route here: no 401s to answer)
         if not hook:
             return False
-        answered = real(*args)
+        answered = real(proxy, *args)
         if isinstance(answered, Later):
             taken.append(1)
         elif answered is True:
             taken.append(1000)  # (taken on, then gone on as a `Request`: counted apart)
         return answered
 
-    monkeypatch.setattr(app, "_ahead", ahead)
+    monkeypatch.setattr(app.Proxy, "_head", quick)  # (the server is made with it: `Proxy.server`)
 
     def each(n: int, index: int, head: bytes) -> Any:
         heads.append(head)
@@ -85,7 +85,7 @@ async def run(
     for line in lines:
         del line["time"], line["latency_ms"]
     totals = dict(s.runtime.metrics.route("public").totals())
-    monkeypatch.setattr(app, "_ahead", real)
+    monkeypatch.setattr(app.Proxy, "_head", real)
     return [_undated(answer) for answer in answers], heads, lines, totals, sum(taken)
 
 

@@ -372,20 +372,17 @@ async def _finish(ex: Exchange, rest: Coroutine[Any, Any, None]) -> None:
 
 
 def _settled(ex: Exchange, error: Exception | None) -> None:
-    """`_finish`'s end, for a request forwarded with no task (forward.py's `Answering`)."""
-    if error is None:
-        _relayed(ex)
+    """`_finish`'s end, for a request forwarded with no task (forward.py's `Answering`). For an
+    answer relayed (no error), `_record` from what `_Answered` prepared for its series
+    (bench/FIGURES.md, "The forwarded answer's record"; once `_relayed`, a call of its own:
+    "The forward from the head")."""
+    if error is not None:
+        try:
+            _failed(ex, error)
+        finally:
+            ex.runtime.metrics.in_flight -= 1
+            _record(ex)
         return
-    try:
-        _failed(ex, error)
-    finally:
-        ex.runtime.metrics.in_flight -= 1
-        _record(ex)
-
-
-def _relayed(ex: Exchange) -> None:
-    """`_settled` for an answer relayed (no error): `_record`, from what `_Answered` prepared
-    for its series (bench/FIGURES.md, "The forwarded answer's record")."""
     runtime, request, plan = ex.runtime, ex.request, ex.plan
     runtime.metrics.in_flight -= 1
     status = ex.status = request.status or 499  # nothing written: the client went away

@@ -19,7 +19,8 @@ closes after the answer), an idle keep-alive timeout, a time limit on each reque
 from its first byte (408), a limit on open connections (those over it are closed at accept),
 cancelling the handler when the client goes away (a task, or a `Later`: a request the
 handler answers from callbacks of its own, with no task), a `Quick` hook asked to answer a
-request from its head alone when that answer may be written at once (no `Request` made), and a graceful drain (`Server.start_drain`,
+request from its head alone when that answer may be written at once (no `Request` made), or to
+take it on with an `Ahead` standing for its `Request` (made only if needed: `Ahead.full`), and a graceful drain (`Server.start_drain`,
 `Server.shutdown`): answers carry `Connection: close`, the listen queue is served before the
 listener closes, and a connection is closed only between requests, never once a request's
 first byte has arrived.

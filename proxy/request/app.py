@@ -16,7 +16,9 @@ answered within `handle` itself (no task); and a 401 for no token on a (method, 
 no routing, the metric a `Cell`, the log line's middle part built once); the request's
 fields are looked at once, by identity.py's `HeadPlan` for their names (its X-Request-Id,
 whether it sent an Authorization), and a (method, target) forwarded before goes to
-`pipeline.begin_planned` with what it prepared (`Snapshot.forwards`);
+`pipeline.begin_planned` with what it prepared (`Snapshot.forwards`), from the request's head
+when the server asks (`Proxy._head`, with http1's `Ahead` for the `Request`: none is made for
+one forwarded on an idle pooled connection; `_handed_over` for the rest);
 an allowed request comes back to the server as a coroutine to run, and if the client left
 before that coroutine began, it sends nothing upstream and records a 499 (`_finish`: the one
 place this is handled; the server runs the coroutine regardless). One forwarded with no task

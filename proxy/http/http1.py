@@ -22,7 +22,8 @@ closes after the answer), an idle keep-alive timeout, a time limit on each reque
 from its first byte (408), a limit on open connections (those over it are closed at accept),
 cancelling the handler when the client goes away (a task, or a `Later`: a request the
 handler answers from callbacks of its own, with no task), a `Quick` hook asked to answer a
-request from its head alone when that answer may be written at once (no `Request` made), and a graceful drain (`Server.start_drain`,
+request from its head alone when that answer may be written at once (no `Request` made), or to
+take it on with an `Ahead` standing for its `Request` (made only if needed: `Ahead.full`), and a graceful drain (`Server.start_drain`,
 `Server.shutdown`): answers carry `Connection: close`, the listen queue is served before the
 listener closes, and a connection is closed only between requests, never once a request's
 first byte has arrived.
@@ -57,6 +58,7 @@ from .flow import HELD, Deadlines, Wakeup, WriteFlow, send
 from .log import event
 
 __all__ = [
+    "Ahead",
     "BodyError",
     "BodyTimeout",
     "BodyTooLarge",
@@ -139,13 +141,19 @@ _NO_QUERY: MultiDictProxy[str] = MultiDictProxy(MultiDict())
 Send = Callable[["Prepared", str, bool], None]
 """`send(answer, field, head)`: a prepared answer, one more header field (`"Name: value\\r\\n"`)
 and Date, in one write (`Request.send`'s); without the body when `head` (a HEAD request)."""
-Quick = Callable[[str, str, list[tuple[bytes, bytes]], str | None, Send], bool]
-"""`quick(method, target, fields, remote, send)`: answers a request from its head alone, with
-`send`, and returns True; or returns False, having done nothing, and the request goes to the
+Quick = Callable[
+    [str, str, list[tuple[bytes, bytes]], str | None, Send, "Callable[[str, str, list[tuple[bytes, bytes]]], Ahead]"],
+    "bool | Later",
+]
+"""`quick(method, target, fields, remote, send, ahead)`: answers a request from its head alone,
+with `send`, and returns True; or takes it on with no `Request` made: `ahead(method, target,
+fields)` makes its `Ahead`, through which it is answered later, and returns the `Later` that
+ends it (`Ahead.done`); or returns False, having done nothing, and the request goes to the
 handler as any other. Asked only of a request whose answer may be written at once and leave
-the connection open: HTTP/1.1 kept alive, no body, no upgrade, none before it still to
+the connection open: HTTP/1.1 kept alive, no body (no Content-Length at all), no upgrade, none before it still to
 answer, the client reading, no drain under way (`_Connection.on_headers_complete`). No
-`Request` is made for what it answers (bench/FIGURES.md, "The 401 from the head")."""
+`Request` is made for what it answers or takes on (bench/FIGURES.md, "The 401 from the head",
+"The forward from the head")."""
 _NO_CHUNKS = cast("deque[bytes]", ())
 """The body pieces of a request without a body: none, ever (`Request.__init__`)."""
 
@@ -763,6 +771,123 @@ class Request:
         return start + fields + end.encode(_ENCODING, _ERRORS)
 
 
+class Ahead:
+    """A request a `Quick` hook took on from its head (a forward prepared for its target), with
+    no `Request` made: what the handler's side reads of one (`method`, `raw_path`, `fields`,
+    `remote`, `scheme`, `content_length`, `status`, `transport`), and the one answer it can
+    write as it is, `relay` (an upstream's answer held whole). It is first in the connection's
+    queue, where a `Request` being answered is, so pipelined requests wait behind it as behind
+    any other (reading paused). Anything else (another kind of answer, a task, a failure) first
+    makes it the `Request` it stands for (`full`), in its place, as if the hook had returned
+    False and the handler a `Later`. Its request was HTTP/1.1 kept alive, with no body and no
+    upgrade, and nothing came before it (`Quick`). `done` ends it as `Request.done` ends a
+    `Later`'s request. A `Request` made costs ~4.4k instructions, this ~2k (bench/FIGURES.md,
+    "The forward from the head")."""
+
+    scheme = "http"
+    content_length = None
+    body_exists = False
+    upgrade = False
+    keep_alive = True
+    version = "1.1"
+
+    __slots__ = (
+        "_close",
+        "_conn",
+        "_finished",
+        "_full",
+        "fields",
+        "method",
+        "raw_path",
+        "remote",
+        "status",
+    )
+
+    def __init__(self, conn: _Connection, method: str, target: str, fields: list[tuple[bytes, bytes]]) -> None:
+        self._conn = conn
+        self.method = method
+        self.raw_path = target
+        self.fields = fields
+        self.remote = conn._remote
+        self.status = 0
+
+    @property
+    def transport(self) -> asyncio.Transport | None:
+        conn = self._conn
+        return None if conn._lost else conn._transport
+
+    def relay(self, status: int, reason: bytes, fields: bytes, body: bytes, *, date: bool) -> None:
+        """`Request.relay`, for a request kept alive with no body and no upgrade (its Connection
+        field: `Request._connection_field`'s for one, with no request before it in the queue)."""
+        conn = self._conn
+        if self.status:  # (a second answer: cut, as `Request.relay` does)
+            self.full().relay(status, reason, fields, body, date=date)
+            return
+        self.status = status
+        close = self._close = conn._closing or (conn._server._draining and conn._nothing_more())
+        if status in _BODILESS or status < 200:
+            framing = b""
+            body = b""
+        else:
+            framing = b"Content-Length: %d\r\n" % len(body)
+            if self.method == "HEAD":
+                body = b""
+        head = b"HTTP/1.1 %d %b\r\n%b%b%b%b\r\n" % (
+            status,
+            reason or _REASON_BYTES.get(status, b"Unknown"),
+            fields,
+            framing,
+            _date_bytes() if date else b"",
+            b"Connection: close\r\n" if close and status != 101 else b"",
+        )
+        self._finished = True
+        if not conn._lost:
+            conn._transport.write(head + body if body else head)
+
+    def full(self) -> Request:
+        """The `Request` this stands for, made now (once), first in the connection's queue, with
+        what was answered through this so far: from here on it is that request's connection
+        state exactly (a `Later`'s request), and every answer `Request` writes is open to it."""
+        if self.status < 0:
+            return self._full
+        conn = self._conn
+        request = Request(conn, self.method, self.raw_path, "1.1", self.fields, True, False, None, False, False)
+        if self.status:
+            request.status = self.status
+            request._started = request._finished = True
+            request._close = self._close
+        conn._queue[0] = request  # (in its place)
+        self.status = -1  # (made: `done` and `relay` go to it)
+        self._full: Request = request
+        return request
+
+    def _end(self, error: BaseException | None = None) -> None:
+        """(`Request._end`: nothing to tell a request with no body)"""
+
+    def hand_over(self, rest: Awaitable[None] | Later | None) -> None:
+        """The handler's answer for this request after all (`rest`, as a `Handler` returns it),
+        from within the `Quick` hook, which then returns True: made the `Request` it stands for
+        (`full`), which goes on as `_dispatch` would have it go on (answered: done; a `Later`;
+        or the rest, as the connection's task)."""
+        request = self.full()
+        conn = self._conn
+        if rest is None:
+            conn._done(request)
+        elif isinstance(rest, Later):
+            conn._later = rest
+        else:
+            conn._task = conn._loop.create_task(conn._answer(request, rest))
+
+    def done(self) -> None:
+        """`Request.done`: the connection goes on to the next request."""
+        if self.status <= 0 or self._close:  # unanswered (cancelled, nothing written), made a `Request`, or closing
+            self.full().done()
+            return
+        conn = self._conn
+        conn._later = None
+        conn._done(self)  # type: ignore[arg-type]  # (what `_done` reads of a `Request`: its end)
+
+
 class _Relay:
     """A request body passed on from the connection's read callback (`Request.relay_body`):
     `on_body` hands each piece to `take`, a read's worth goes to the sink in one call, and the
@@ -928,6 +1053,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._loop = server._loop
         self._parser = httptools.HttpRequestParser(self)
         self._send: Send = self._send_now  # (made once, not per request; let go in connection_lost)
+        self._take: Callable[[str, str, list[tuple[bytes, bytes]]], Ahead] = self._ahead_of  # (the same)
         self._transport: asyncio.Transport = None  # type: ignore[assignment]  # set by connection_made
         self._remote: str | None = None
         self._fd = -1  # the socket (`connection_made`)
@@ -984,6 +1110,7 @@ class _Connection(asyncio.BufferedProtocol):
         # wait for a full garbage collection. Nothing is parsed after the connection is lost.
         self._parser = None  # type: ignore[assignment]
         self._send = None  # type: ignore[assignment]  # (the same: a bound method of ours)
+        self._take = None  # type: ignore[assignment]
         self._server._connections.discard(self)
         self._server.counts.open -= 1
         self._cancel_timer()
@@ -1195,19 +1322,24 @@ class _Connection(asyncio.BufferedProtocol):
             quick is not None
             and keep_alive
             and version == "1.1"
-            and not (chunked or length or upgrade)
+            and length is None  # (a `Content-Length: 0` too goes the `Request` way: the `Ahead` has none)
+            and not (chunked or upgrade)
             and not self._queue
             and not self._closing
             and not self._flow.paused
         ):  # (and no drain under way: `Server.start_drain` sets `_quick` to None)
             # Answered now or never by `quick`: nothing is queued or owed before it, and its
-            # answer leaves the connection open (what `_dispatch`, `send` and `_done` would do).
+            # answer leaves the connection open (what `_dispatch`, `send` and `_done` would do);
+            # or taken on (a `Later`, with its `Ahead`), answered later as a `Later`'s request is.
             try:
-                answered = quick(name, target, self._fields, self._remote, self._send)
+                answered = quick(name, target, self._fields, self._remote, self._send, self._take)
             except Exception:
                 event(log, logging.ERROR, "handler_crashed", "request handler failed", exc_info=True)
                 answered = self._idle_since is not None  # (`_send_now` wrote the answer)
+                self._queue.clear()  # (an `Ahead` taken on, then failed: it goes on as a `Request`)
             if answered:
+                if answered is not True:  # taken on: its `Later` ends it (`Ahead.done`)
+                    self._later = answered
                 self._fields = []
                 return
         request = Request(
@@ -1253,6 +1385,13 @@ class _Connection(asyncio.BufferedProtocol):
             )
         )
         self._idle_since = self._loop.time()
+
+    def _ahead_of(self, method: str, target: str, fields: list[tuple[bytes, bytes]]) -> Ahead:
+        """`Quick`'s `ahead`: the `Ahead` of the request being asked about, being answered from now
+        (first in the queue, as a `Request` being answered is)."""
+        ahead = Ahead(self, method, target, fields)
+        self._queue.append(ahead)  # type: ignore[arg-type]  # (what the queue reads of a `Request`: `_end`)
+        return ahead
 
     def on_body(self, body: bytes) -> None:
         self._stalled = 0

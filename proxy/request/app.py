@@ -16,7 +16,9 @@ answered within `handle` itself (no task); and a 401 for no token on a (method, 
 no routing, the metric a `Cell`, the log line's middle part built once); the request's
 fields are looked at once, by identity.py's `HeadPlan` for their names (its X-Request-Id,
 whether it sent an Authorization), and a (method, target) forwarded before goes to
-`pipeline.begin_planned` with what it prepared (`Snapshot.forwards`);
+`pipeline.begin_planned` with what it prepared (`Snapshot.forwards`), from the request's head
+when the server asks (`Proxy._head`, with http1's `Ahead` for the `Request`: none is made for
+one forwarded on an idle pooled connection; `_handed_over` for the rest);
 an allowed request comes back to the server as a coroutine to run, and if the client left
 before that coroutine began, it sends nothing upstream and records a 499 (`_finish`: the one
 place this is handled; the server runs the coroutine regardless). One forwarded with no task
@@ -34,7 +36,7 @@ import json
 import logging
 import time
 from bisect import bisect_left
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from functools import partial
 from typing import Any
 
@@ -46,7 +48,7 @@ from ..base.memo import Memo
 from ..base.oplog import event
 from ..config.settings import Settings
 from ..http.fetch import Fetcher
-from ..http.http1 import Prepared, Request, Send, Server
+from ..http.http1 import Ahead, Later, Prepared, Request, Send, Server
 from ..http.upstream import Pool
 from ..telemetry.accesslog import AccessLog
 from ..telemetry.metrics import Decision, Metrics, ProviderMetrics, RouteMetrics
@@ -169,16 +171,53 @@ class Proxy:
         return _entry(self.runtime, request)
 
     def _head(
-        self, method: str, target: str, fields: list[tuple[bytes, bytes]], remote: str | None, send: Send
-    ) -> bool:
-        """The server's `Quick`: a 401 that a `_Quick` prepared, answered from the request's head
-        alone (no `Request` made, bench/FIGURES.md, "The 401 from the head"); False for any other request,
-        which goes to `_entry`. `_entry`'s first part and `_refuse`, written for a head."""
+        self,
+        method: str,
+        target: str,
+        fields: list[tuple[bytes, bytes]],
+        remote: str | None,
+        send: Send,
+        take: Callable[[str, str, list[tuple[bytes, bytes]]], Ahead],
+    ) -> bool | Later:
+        """The server's `Quick`: a request to a target forwarded before (`Snapshot.forwards`),
+        taken on as `_entry` takes it (`begin_planned`), with an http1 `Ahead` for the `Request`
+        (`take`): forwarded on an idle pooled connection, its `Answering` (the common case: no
+        `Request` made and queued, bench/FIGURES.md, "The forward from the head"), else gone on
+        as a `Request` made then (`_handed_over`: True); a 401 that a `_Quick` prepared, answered
+        from the request's head alone (no `Request` made, bench/FIGURES.md, "The 401 from the
+        head"); False, with nothing done, for any other request (or one `begin_planned` would
+        hand to `begin`), which goes to `_entry`. `_entry`'s first part and `_refuse`, written
+        for a head."""
         runtime = self.runtime
         snapshot = runtime.snapshot
-        quick = snapshot.refusals.get((method, target)) if snapshot is not None else None
+        if snapshot is None:
+            return False
+        key = (method, target)
+        forward = snapshot.forwards.get(key)
+        if forward is not None and remote is not None:
+            # `_entry` for it, from its head, with an `Ahead` for the `Request` (`take`).
+            started = time.perf_counter()
+            names, values = zip(*fields, strict=True) if fields else _NO_FIELDS
+            strip = snapshot.strip
+            head = strip.heads.get(names) or strip.head(names)
+            if head.keep is not None and not (head.authorizations > 1 if forward.public else head.authorization < 0):
+                # (else what `begin_planned` hands to `begin`, before any step: `_entry` takes it)
+                inbound = None if head.request_id < 0 else values[head.request_id].decode("latin-1")
+                ahead = take(method, target, fields)
+                ex = Exchange(ahead, runtime, request_id(inbound), started)  # type: ignore[arg-type]  # (what is read of a `Request`)
+                ex.snapshot = snapshot
+                try:
+                    rest = begin_planned(ex, forward, head, values)
+                except Exception as error:
+                    return _handed_over(ex, ahead, None, error)
+                if rest.__class__ is Answering:  # forwarded with no task: it ends in `_settled`
+                    runtime.metrics.in_flight += 1
+                    rest.settle = _settled
+                    return rest
+                return _handed_over(ex, ahead, rest, None)  # type: ignore[arg-type]  # (a coroutine)
+        quick = snapshot.refusals.get(key)
         if quick is None:
-            return False  # (every other request: this lookup is all it costs here)
+            return False  # (every other request: these lookups are all it costs here)
         started = time.perf_counter()
         inbound = None
         for name, value in fields:
@@ -254,6 +293,25 @@ def _entry(runtime: Runtime, request: Request) -> Coroutine[Any, Any, None] | An
     return _finish(ex, rest)  # type: ignore[arg-type]  # not TokenMissing (above): mypy does not narrow a class by `is`
 
 
+def _handed_over(ex: Exchange, ahead: Ahead, rest: Coroutine[Any, Any, None] | None, error: Exception | None) -> bool:
+    """The end of `Proxy._head`'s forward for a request `begin_planned` did not forward on an
+    idle pooled connection (a refusal raised, `error`; a token whose keys must be fetched, or
+    no idle connection: the coroutine `rest`): it goes on as `_entry` has it go on, with the
+    `Request` made now (`Ahead.full`, `Ahead.hand_over`)."""
+    ex.request = ahead.full()
+    if error is not None:
+        try:
+            _failed(ex, error)
+        finally:
+            _record(ex)
+        ahead.hand_over(None)
+        return True
+    assert rest is not None
+    ex.runtime.metrics.in_flight += 1
+    ahead.hand_over(_finish(ex, rest))
+    return True
+
+
 class _Quick:
     """The 401 for no token on one (method, request target), prepared by `_missing` the first
     time: what `begin`, `_missing` and `_record` would do for it, less what varies per request.
@@ -316,20 +374,17 @@ async def _finish(ex: Exchange, rest: Coroutine[Any, Any, None]) -> None:
 
 
 def _settled(ex: Exchange, error: Exception | None) -> None:
-    """`_finish`'s end, for a request forwarded with no task (forward.py's `Answering`)."""
-    if error is None:
-        _relayed(ex)
+    """`_finish`'s end, for a request forwarded with no task (forward.py's `Answering`). For an
+    answer relayed (no error), `_record` from what `_Answered` prepared for its series
+    (bench/FIGURES.md, "The forwarded answer's record"; once `_relayed`, a call of its own:
+    "The forward from the head")."""
+    if error is not None:
+        try:
+            _failed(ex, error)
+        finally:
+            ex.runtime.metrics.in_flight -= 1
+            _record(ex)
         return
-    try:
-        _failed(ex, error)
-    finally:
-        ex.runtime.metrics.in_flight -= 1
-        _record(ex)
-
-
-def _relayed(ex: Exchange) -> None:
-    """`_settled` for an answer relayed (no error): `_record`, from what `_Answered` prepared
-    for its series (bench/FIGURES.md, "The forwarded answer's record")."""
     runtime, request, plan = ex.runtime, ex.request, ex.plan
     runtime.metrics.in_flight -= 1
     status = ex.status = request.status or 499  # nothing written: the client went away

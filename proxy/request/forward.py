@@ -275,7 +275,7 @@ def _answered(ex: Exchange, answer: Response) -> Coroutine[Any, Any, None] | Non
             answer.release()
             if answer_length is not None and answer.status != 204:
                 fields += b"Content-Length: %d\r\n" % answer_length
-            request.respond(answer.status, answer.reason, (), None, date=not dated, fields=fields)
+            _full(ex).respond(answer.status, answer.reason, (), None, date=not dated, fields=fields)
             return None
         small = answer.complete(SMALL_BODY)  # it usually came whole with its head: no wait
         if small is not None:
@@ -374,11 +374,11 @@ class Answering(Later):
                 failure = UpstreamUnavailable(f"{ex.plan.origin}: {cause(error)}")
             else:
                 if not isinstance(answer, Response):  # a retry, on a new connection: a task from here
-                    ex.request.carry_on(self._resumed(_retried(ex, answer), answer.close))
+                    _full(ex).carry_on(self._resumed(_retried(ex, answer), answer.close))
                     return
                 rest = _answered(ex, answer)
                 if rest is not None:  # not whole: read or streamed by a task from here
-                    ex.request.carry_on(self._resumed(rest, answer.close))
+                    _full(ex).carry_on(self._resumed(rest, answer.close))
                     return
                 self._end(None)
                 return
@@ -408,6 +408,8 @@ class Answering(Later):
             bounds = upstream.bounds
             upstream.counts[0 if took <= bounds[0] else bisect_left(bounds, took)] += 1
             upstream.sum += took
+            if error is not None:
+                _full(ex)  # (a refusal or a 500 to write: any answer `Request` writes)
             self.settle(ex, error)
         except Exception:
             event(log, logging.ERROR, "request_crashed", "ending a forwarded request failed", exc_info=True)
@@ -433,6 +435,15 @@ class Answering(Later):
             self._settle(None)
             raise
         self._settle(None)
+
+
+def _full(ex: Exchange) -> Request:
+    """`ex.request` as a `Request`: one that app.py took on from its head (http1's `Ahead`,
+    answered by `relay` alone) made the `Request` it stands for, for any other answer or a task."""
+    request = ex.request
+    if request.__class__ is not Request:
+        request = ex.request = request.full()  # type: ignore[attr-defined]
+    return request
 
 
 def _unsettled(ex: Exchange, error: Exception | None) -> None:

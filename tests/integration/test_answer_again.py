@@ -68,7 +68,7 @@ async def test_forwarded_answers_are_one_series_in_metrics_whichever_way_they_we
     sidecar: Any, raw_server: Any
 ) -> None:
     # The first request connects (a task: `_record` counts it), the rest go on the pooled
-    # connection (no task: `_relayed` counts them in a `Cell`): /metrics shows one series.
+    # connection (no task: `_settled` counts them in a `Cell`): /metrics shows one series.
     s, _, sent = await start(sidecar, raw_server, serving(lambda n, index, head: ANSWERS[0]))
     reader, writer = await connect(s)
     for _ in range(5):

@@ -1335,8 +1335,15 @@ class _Connection(asyncio.BufferedProtocol):
                 answered = quick(name, target, self._fields, self._remote, self._send, self._take)
             except Exception:
                 event(log, logging.ERROR, "handler_crashed", "request handler failed", exc_info=True)
+                if self._queue:
+                    # Taken on (`take`), then failed: what was written or sent for it stands, and
+                    # the `Request` way would answer it a second time (the client would pair that
+                    # with its next request). Fail closed: the parser stops here, and the refusal
+                    # (a 500, then close) answers it if it was not, else what follows it.
+                    if self._task is None and self._later is None:
+                        self._queue.clear()  # (nothing goes on for it: never dispatched again)
+                    raise _Refuse(500) from None
                 answered = self._idle_since is not None  # (`_send_now` wrote the answer)
-                self._queue.clear()  # (an `Ahead` taken on, then failed: it goes on as a `Request`)
             if answered:
                 if answered is not True:  # taken on: its `Later` ends it (`Ahead.done`)
                     self._later = answered

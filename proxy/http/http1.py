@@ -87,6 +87,7 @@ _MAX_STALL = MAX_TARGET + MAX_HEAD + 8 * 1024
 _HEAD_SLICE = 4 * 1024  # reads are parsed this much at a time (a body: _BODY_SLICE)...
 _BODY_SLICE = 256 * 1024
 _BACKLOG = 16  # ...until this many requests wait (pipelining); the rest waits unparsed
+_MAX_QUEUED = _BACKLOG + _HEAD_SLICE // 16  # more than one head slice can hold past the backlog: refused
 # Request body bytes buffered before we stop reading the socket, while nobody passes them on
 # yet (before `Request.relay_body` begins, or a reader of `iter_body`): 16 KiB, so a read the
 # handler has not taken yet does not pause the socket at once (at 8 KiB every 16 KiB read
@@ -1196,7 +1197,17 @@ class _Connection(asyncio.BufferedProtocol):
                 self._pause_reading()
                 return
             # Heads in small slices (a slice of tiny requests is a few dozen of them), bodies in large.
-            step = _BODY_SLICE if self._parsing is not None else _HEAD_SLICE
+            if self._parsing is None:
+                step = _HEAD_SLICE
+            else:
+                step = _BODY_SLICE
+                left = self._left
+                if 0 < left < step and left < size - offset:
+                    # A Content-Length body's slice ends where the body does: what follows is
+                    # heads, parsed in `_HEAD_SLICE`s with the backlog checked and the bytes
+                    # counted towards `_MAX_STALL` as any heads are (fed with the body, they were
+                    # all queued at once: 6,209 from one 256 KiB read).
+                    step = left
             piece = data if size <= step and not offset else data[offset : offset + step]
             offset += len(piece)
             # httptools holds a header or trailer field until it ends, and only then calls
@@ -1349,6 +1360,11 @@ class _Connection(asyncio.BufferedProtocol):
                     self._later = answered
                 self._fields = []
                 return
+        if len(self._queue) >= _MAX_QUEUED:
+            # Past a chunked body's end, llhttp parses the rest of its `_BODY_SLICE` at once: heads
+            # found there are queued with no `_BACKLOG` check between them (thousands from one
+            # read). A client that pipelines this many behind a body is answered, then closed.
+            raise _Refuse(429)
         request = Request(
             self,
             name,
@@ -1369,11 +1385,13 @@ class _Connection(asyncio.BufferedProtocol):
             # A request without a body is complete already (llhttp ends its message at once):
             # on_message_complete has nothing to tell it.
             self._parsing = request
-            if length and self._counts_bodies:
-                # The rest of a Content-Length body is counted, not parsed (`_Counted`); llhttp
-                # goes on with this read (its `on_body` counts down `_left`).
+            if length:
+                # (`_feed` ends the body's slice where the body does, either way.)
                 self._left = length
-                self._parser = _Counted(self, parser)  # type: ignore[assignment]
+                if self._counts_bodies:
+                    # The rest of a Content-Length body is counted, not parsed (`_Counted`);
+                    # llhttp goes on with this read (its `on_body` counts down `_left`).
+                    self._parser = _Counted(self, parser)  # type: ignore[assignment]
         if len(queue) > 1:
             self._pause_reading()  # pipelined: read on when the requests before it are answered
 

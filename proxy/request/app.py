@@ -61,6 +61,12 @@ from .runtime import Runtime, build_snapshot
 __all__ = ["Proxy", "respond_error"]
 
 log = logging.getLogger("jwt_sidecar")
+# Whether DEBUG is on, from the logger's own cache of `isEnabledFor` (a dict that `logging`
+# clears, never replaces, when a level changes): a dict lookup where the Python call cost ~700
+# instructions on every prepared 401 (bench/FIGURES.md, "The 401 path, session 8"). None: not
+# known since the last change, so asked (`log.isEnabledFor`, which fills it in).
+_debug_known: Callable[[int], bool | None] = log._cache.get  # type: ignore[attr-defined]
+_DEBUG = logging.DEBUG
 
 
 class Proxy:
@@ -226,8 +232,8 @@ class Proxy:
                 inbound = value.decode("latin-1")
             elif size == 13 and name.lower() == b"authorization":
                 return False
-        if log.isEnabledFor(logging.DEBUG):  # (a DEBUG log names the route: `_missing` writes it)
-            return False
+        if _debug_known(_DEBUG) is not False and log.isEnabledFor(_DEBUG):
+            return False  # (a DEBUG log names the route: `_missing` writes it)
         request_id_value = request_id(inbound)
         # as `begin` observes the auth step of a missing token (`_Durations.observe`, written out)
         auth, took = quick.auth, time.perf_counter() - started
@@ -238,7 +244,8 @@ class Proxy:
         quick.cell.n += 1
         access_log = runtime.access_log
         if access_log is not None and quick.line is not None:
-            access_log.line_from(request_id_value, remote, quick.line, (time.perf_counter() - started) * 1000)
+            now = time.perf_counter()
+            access_log.line_from(request_id_value, remote, quick.line, (now - started) * 1000, now)
         return True
 
 
@@ -258,7 +265,9 @@ def _entry(runtime: Runtime, request: Request) -> Coroutine[Any, Any, None] | An
     # A 401 for no token, decided, counted and logged before for this method and target: only
     # the absence of an Authorization field is left to tell (`_Quick`).
     quick = None if head.asked else snapshot.refusals.get(key)
-    if quick is not None and not log.isEnabledFor(logging.DEBUG):  # (a DEBUG log names the route: below)
+    if quick is not None and (
+        _debug_known(_DEBUG) is False or not log.isEnabledFor(_DEBUG)
+    ):  # (a DEBUG log names the route: below)
         _refuse(request, runtime, quick, request_id(inbound), started)
         return None
     ex = Exchange(request, runtime, request_id(inbound), started)
@@ -354,7 +363,8 @@ def _refuse(request: Request, runtime: Runtime, quick: _Quick, request_id_value:
         quick.metrics.count(request.method, _DENIED, _TOKEN_MISSING, request.status or 499)
     access_log = runtime.access_log
     if access_log is not None and quick.line is not None:
-        access_log.line_from(request_id_value, request.remote, quick.line, (time.perf_counter() - started) * 1000)
+        now = time.perf_counter()
+        access_log.line_from(request_id_value, request.remote, quick.line, (now - started) * 1000, now)
 
 
 async def _finish(ex: Exchange, rest: Coroutine[Any, Any, None]) -> None:

@@ -76,7 +76,7 @@ class AccessLog:
         self._pending: list[str] = []
         self._second = -1
         self._stamp = ""
-        self._millisecond = -1
+        self._until = -1.0  # the `time.perf_counter()` at which `_time`'s millisecond is over
         self._time = ""
         self._middles: Memo[tuple[str, str | None, int, str, str], str] = Memo(4096)
         """`line`'s middle part by (route, provider, status, decision, reason): routes and providers are the
@@ -145,9 +145,8 @@ class AccessLog:
             )
         # `_now` and `_add` written out here: two Python calls fewer on every request (this is
         # the per-request line; bench/FIGURES.md, "The request side").
-        now = time.time()
-        millisecond = int(now * 1000)
-        stamp = self._time if millisecond == self._millisecond else self._stamp_for(millisecond)
+        now = time.perf_counter()
+        stamp = self._time if now < self._until else self._stamp_at(now)
         peer = "null" if client is None else '"' + client + '"'
         micros = int(latency_ms * 1000 + 0.5)
         line = (
@@ -183,12 +182,12 @@ class AccessLog:
             f'"subject":{"null" if subject is None else _quote(subject)}'
         )
 
-    def line_from(self, request_id: str, client: str | None, constant: str, latency_ms: float) -> None:
-        """`line` for a request whose method .. subject are `constant` (`constant`'s): the same
-        bytes, with only the time, id, client and latency put in (bench/FIGURES.md, "The 401
-        from the head")."""
-        millisecond = int(time.time() * 1000)
-        stamp = self._time if millisecond == self._millisecond else self._stamp_for(millisecond)
+    def line_from(self, request_id: str, client: str | None, constant: str, latency_ms: float, now: float) -> None:
+        """`line` for a request whose method .. subject are `constant` (`constant`'s), its
+        latency ended at `now` (`time.perf_counter()`: the stamp's clock too, one reading): the
+        same bytes, with only the time, id, client and latency put in (bench/FIGURES.md, "The
+        401 from the head")."""
+        stamp = self._time if now < self._until else self._stamp_at(now)
         micros = int(latency_ms * 1000 + 0.5)
         line = (
             f'{{"time":"{stamp}","request_id":"{request_id}","client":"{client}",{constant},'
@@ -228,8 +227,8 @@ class AccessLog:
         """`line` for a request whose method, route .. reason are `around`'s (`before`, `after`):
         the same bytes, with the time, id, client, path, subject and latency put in
         (bench/FIGURES.md, "The forwarded answer's record")."""
-        millisecond = int(time.time() * 1000)
-        stamp = self._time if millisecond == self._millisecond else self._stamp_for(millisecond)
+        now = time.perf_counter()
+        stamp = self._time if now < self._until else self._stamp_at(now)
         micros = int(latency_ms * 1000 + 0.5)
         line = (
             f'{{"time":"{stamp}","request_id":"{request_id}","client":"{client}",{before}{_quote(path)}{after}'
@@ -246,17 +245,24 @@ class AccessLog:
             self._schedule()
 
     def _now(self) -> str:
-        now = time.time()
-        millisecond = int(now * 1000)
-        return self._time if millisecond == self._millisecond else self._stamp_for(millisecond)
+        now = time.perf_counter()
+        return self._time if now < self._until else self._stamp_at(now)
 
-    def _stamp_for(self, millisecond: int) -> str:
-        # A busy sidecar logs several lines per millisecond: they share one stamp.
+    def _stamp_at(self, now: float) -> str:
+        """The stamp of the wall clock's millisecond at `now` (`time.perf_counter()`), kept for
+        the lines until it is over (`_until`, on the same clock as `now`)."""
+        # A busy sidecar logs several lines per millisecond: they share one stamp, and telling
+        # whether the millisecond is over is one float comparison with the `perf_counter` the
+        # line reads anyway (`int(time.time() * 1000)` and its comparison cost ~130 ns a line:
+        # bench/FIGURES.md, "The 401 path, session 8").
+        wall = time.time() * 1000
+        millisecond = int(wall)
         second, fraction = divmod(millisecond, 1000)
         if second != self._second:
             # An ISO-8601 UTC timestamp costs a strftime; one per second is enough.
             self._second, self._stamp = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        self._millisecond, self._time = millisecond, self._stamp + _FRACTIONS[fraction]
+        self._until = now + (millisecond + 1 - wall) / 1000
+        self._time = self._stamp + _FRACTIONS[fraction]
         return self._time
 
     def _add(self, line: str) -> None:

@@ -7,6 +7,8 @@ import io
 import json
 import random
 import re
+import time
+from datetime import datetime
 
 from proxy.telemetry.accesslog import AccessLog
 
@@ -152,7 +154,7 @@ def test_a_line_from_a_prepared_constant_is_the_line_byte_for_byte() -> None:
         log = AccessLog(stream)
         log.line("rid-1", client, method, path, route, provider, 401, "denied", "token_missing", subject, 1.25)
         constant = log.constant(method, path, route, provider, 401, "denied", "token_missing", subject)
-        log.line_from("rid-1", client, constant, 1.25)
+        log.line_from("rid-1", client, constant, 1.25, time.perf_counter())
         first, second = (re.sub(rb'"time":"[^"]*"', b'"time":""', line) for line in stream.getvalue().splitlines())
         assert first == second
         assert json.loads(first.decode())["subject"] == subject
@@ -188,6 +190,40 @@ def test_the_latency_is_written_with_three_decimals_as_format_would() -> None:
     log = AccessLog(stream)
     for value in values:
         log.line("rid", None, "GET", "/", "r", None, 200, "allowed", "", None, value)
-        log.line_from("rid", None, log.constant("GET", "/", "r", None, 200, "allowed", "", None), value)
+        log.line_from(
+            "rid", None, log.constant("GET", "/", "r", None, 200, "allowed", "", None), value, time.perf_counter()
+        )
     written = [line.rsplit(b'"latency_ms":', 1)[1][:-1].decode() for line in stream.getvalue().splitlines()]
     assert written == [f"{value:.3f}" for value in values for _ in range(2)]
+
+
+def test_each_line_is_stamped_with_the_millisecond_it_was_written_in() -> None:
+    # Lines within one millisecond share a stamp, kept until the wall clock's millisecond is
+    # over (told by `perf_counter`): every way of writing a line gets the millisecond between
+    # the wall-clock readings around it, across second boundaries and ~0.3 ms apart.
+    stream = io.BytesIO()
+    log = AccessLog(stream)
+    constant = log.constant("GET", "/", "r", None, 401, "denied", "token_missing", None)
+    before, after = log.around("GET", "r", None, 200, "allowed", "")
+    bounds: list[tuple[int, int]] = []
+    deadline = time.monotonic() + 1.2  # (a second boundary is crossed)
+    n = 0
+    while time.monotonic() < deadline and n < 20_000:
+        start = int(time.time() * 1000)
+        which = n % 3
+        if which == 0:
+            log.line("rid", None, "GET", "/", "r", None, 200, "allowed", "", None, 1.0)
+        elif which == 1:
+            log.line_from("rid", None, constant, 1.0, time.perf_counter())
+        else:
+            log.line_around("rid", None, before, "/", after, None, 1.0)
+        bounds.append((start, int(time.time() * 1000)))
+        n += 1
+        if n % 7 == 0:
+            time.sleep(0.0003)
+    stamps = [json.loads(line)["time"] for line in stream.getvalue().splitlines()]
+    assert len(stamps) == len(bounds) > 100
+    for stamp, (start, end) in zip(stamps, bounds, strict=True):
+        written = int(datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%f%z").timestamp() * 1000 + 0.5)
+        assert start <= written <= end, (stamp, start, end)
+    assert len(set(stamps)) > 100  # the stamp moves on with the clock

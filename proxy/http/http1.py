@@ -1178,9 +1178,10 @@ class _Connection(asyncio.BufferedProtocol):
         if relay is not None:  # the read's small body pieces, passed on together
             self._flush = None
             relay.flush()
-        # (`_dispatch` does nothing while a task answers (a body's reads), nor with nothing
-        # waiting: a `Quick` answered)
-        if self._task is None and (self._queue or self._refusal):
+        # (`_dispatch` does nothing while a task or a `Later` answers (a body's reads, a request
+        # forwarded from its head: bench/FIGURES.md, "The forwarded request, session 8"), nor
+        # with nothing waiting: a `Quick` answered)
+        if self._task is None and self._later is None and (self._queue or self._refusal):
             self._dispatch()
 
     def _feed(self, data: bytes | memoryview) -> None:

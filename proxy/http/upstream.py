@@ -1355,7 +1355,8 @@ class Pool:
             and not conn._transport.is_closing()
             and (poll is None or not poll.poll(0))
         ):
-            # `_take_idle`'s common case, written out: the most recently used, fit for use.
+            # `_take_idle`'s common case, written out: the most recently used, fit for use
+            # (bench/FIGURES.md, "The forwarded request, session 8").
             idle.pop()
             conn._idle = False
         else:

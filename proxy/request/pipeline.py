@@ -255,7 +255,9 @@ def begin_planned(
                 if forward.rules:
                     check_route(forward.auth, claims.payload)  # type: ignore[arg-type]
                 renderer = plan.renderer
-                if renderer is not None:  # (`Renderer.headers`'s first answer, written out: a call fewer)
+                # (`Renderer.headers`'s first answer, written out: a call fewer, bench/FIGURES.md,
+                # "The forwarded request, session 8")
+                if renderer is not None:
                     ex.identity = claims.rendered if claims.rendered_by is renderer else renderer.headers(claims)
         except BaseException:
             plan.metrics.observe_auth(time.perf_counter() - began)

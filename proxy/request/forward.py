@@ -526,15 +526,20 @@ def planned_head(
 ) -> bytes:
     """The head `_head_of` writes, for a request pipeline.py's prepared forward and identity.py's
     `HeadPlan` planned: `line`, its request line (prepared); the header fields `ours` writes
-    (`OurFields.lines`) after the client's, from the format `fields` (`kept` lines) and the
+    (`OurFields.head`, the whole head at once) after the client's, from the format `fields` (`kept` lines) and the
     request's `values`, its Host `values[host]`; its framing. The same CR/LF check
     (`checked_head`): bench/FIGURES.md, "The prepared forward"."""
     request = ex.request
     identity = ex.identity
     framed = request.content_length is not None  # (`Content-Length: 0`: no body, as `request` frames it)
-    head = b"%b%b%b\r\n" % (
+    head = ours.head(
         line,
-        ours.lines(fields % values, identity, request.remote, request.scheme, values[host], ex.request_id),
+        fields % values,
+        identity,
+        request.remote,
+        request.scheme,
+        values[host],
+        ex.request_id,
         b"Content-Length: 0\r\n" if framed else b"",
     )
     return checked_head(head, 6 + kept + len(identity) + framed)

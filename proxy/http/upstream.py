@@ -1338,8 +1338,8 @@ class Pool:
         framing, if any, `Content-Length: 0`), `host_line` (the origin's `Host: ...` line) in
         it when it has no Host of its own; a `ValueError` (`encode_head`'s CR/LF check) hands
         the connection back, untouched, and the answer is None (`request` raises it). Or `head`
-        is the head's bytes, checked already (a head with a Host of its own, made by a caller
-        that keeps it for the next request when none is written)."""
+        is the head's bytes, whole and checked already, with a Host of its own (made before a
+        connection is in hand, by a caller for whom none idle is rare)."""
         if self._loop is None or self._closed:
             return None
         # (`_origin`'s lookup, written out: bench/FIGURES.md, "The forwarded request, session 8")

@@ -47,6 +47,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from email.utils import formatdate
+from functools import partial
 from http import HTTPStatus
 from typing import Any, cast
 
@@ -805,12 +806,15 @@ class Ahead:
     )
 
     def __init__(self, conn: _Connection, method: str, target: str, fields: list[tuple[bytes, bytes]]) -> None:
+        """`Quick`'s `ahead` (`partial(Ahead, conn)`): the `Ahead` of the request being asked
+        about, being answered from now: first in the queue, as a `Request` being answered is."""
         self._conn = conn
         self.method = method
         self.raw_path = target
         self.fields = fields
         self.remote = conn._remote
         self.status = 0
+        conn._queue.append(self)  # type: ignore[arg-type]  # (what the queue reads of a `Request`: `_end`)
 
     @property
     def transport(self) -> asyncio.Transport | None:
@@ -1054,7 +1058,9 @@ class _Connection(asyncio.BufferedProtocol):
         self._loop = server._loop
         self._parser = httptools.HttpRequestParser(self)
         self._send: Send = self._send_now  # (made once, not per request; let go in connection_lost)
-        self._take: Callable[[str, str, list[tuple[bytes, bytes]]], Ahead] = self._ahead_of  # (the same)
+        # (the same; `Ahead` itself, which goes first in the queue: no call of ours between,
+        # bench/FIGURES.md, "The forwarded request, session 8")
+        self._take: Callable[[str, str, list[tuple[bytes, bytes]]], Ahead] = partial(Ahead, self)
         self._transport: asyncio.Transport = None  # type: ignore[assignment]  # set by connection_made
         self._remote: str | None = None
         self._fd = -1  # the socket (`connection_made`)
@@ -1178,9 +1184,10 @@ class _Connection(asyncio.BufferedProtocol):
         if relay is not None:  # the read's small body pieces, passed on together
             self._flush = None
             relay.flush()
-        # (`_dispatch` does nothing while a task answers (a body's reads), nor with nothing
-        # waiting: a `Quick` answered)
-        if self._task is None and (self._queue or self._refusal):
+        # (`_dispatch` does nothing while a task or a `Later` answers (a body's reads, a request
+        # forwarded from its head: bench/FIGURES.md, "The forwarded request, session 8"), nor
+        # with nothing waiting: a `Quick` answered)
+        if self._task is None and self._later is None and (self._queue or self._refusal):
             self._dispatch()
 
     def _feed(self, data: bytes | memoryview) -> None:
@@ -1410,13 +1417,6 @@ class _Connection(asyncio.BufferedProtocol):
             )
         )
         self._idle_since = self._loop.time()
-
-    def _ahead_of(self, method: str, target: str, fields: list[tuple[bytes, bytes]]) -> Ahead:
-        """`Quick`'s `ahead`: the `Ahead` of the request being asked about, being answered from now
-        (first in the queue, as a `Request` being answered is)."""
-        ahead = Ahead(self, method, target, fields)
-        self._queue.append(ahead)  # type: ignore[arg-type]  # (what the queue reads of a `Request`: `_end`)
-        return ahead
 
     def on_body(self, body: bytes) -> None:
         self._stalled = 0

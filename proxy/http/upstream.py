@@ -1022,6 +1022,30 @@ class Response:
             return None
         return conn._take() if conn._chunks else b""
 
+    def whole(self, limit: int) -> bytes | None:
+        """`complete` and, when it gives the body, `release`: one call for an answer that came
+        whole with its head (the common one), where the two (and `_take`, `_release`) were four
+        (bench/FIGURES.md, "The forwarded request, session 8"). None: nothing consumed or
+        released, as `complete`'s None."""
+        conn = self._conn
+        if conn is None or self._bodiless or not conn._done or conn._buffered > limit:
+            return None
+        chunks = conn._chunks
+        if chunks:  # (`_take`, written out)
+            data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            chunks.clear()
+            conn._buffered = 0
+        else:
+            data = b""
+        if conn._reading_paused:
+            conn._resume_reading()
+        self._conn = None  # (`release`, and `_release` for an answer that is done, written out)
+        if conn._keep_alive and conn._error is None and not conn._lost:
+            conn._pool._put(conn)
+        else:
+            conn._transport.abort()
+        return data
+
     @property
     def headers(self) -> list[tuple[str, str]]:
         """The header fields decoded (UTF-8 with surrogateescape: encoding gives the same bytes)."""
@@ -1297,7 +1321,7 @@ class Pool:
         scheme: str,
         host: str,
         port: int,
-        head: Callable[[bytes], bytes],
+        head: Callable[[bytes], bytes] | bytes,
         *,
         connect_timeout: float,
         read_timeout: float,
@@ -1313,19 +1337,41 @@ class Pool:
         is encoded for a request that goes on by `request`): the bytes to write, whole (its
         framing, if any, `Content-Length: 0`), `host_line` (the origin's `Host: ...` line) in
         it when it has no Host of its own; a `ValueError` (`encode_head`'s CR/LF check) hands
-        the connection back, untouched, and the answer is None (`request` raises it)."""
+        the connection back, untouched, and the answer is None (`request` raises it). Or `head`
+        is the head's bytes, whole and checked already, with a Host of its own (made before a
+        connection is in hand, by a caller for whom none idle is rare)."""
         if self._loop is None or self._closed:
             return None
-        origin = self._origin(scheme, host, port)
-        conn = self._take_idle(origin)
-        if conn is None:
+        # (`_origin`'s lookup, written out: bench/FIGURES.md, "The forwarded request, session 8")
+        origin = self._origins.get((scheme, host, port)) or self._origin(scheme, host, port)
+        idle = origin.idle
+        if not idle:
             return None
-        try:
-            data = head(origin.host_line)
-        except ValueError:
-            conn._idle = True  # back where it was, as it was (`_take_idle` changed nothing else of it)
-            origin.idle.append(conn)
-            return None
+        conn = idle[-1]
+        poll = conn._poll
+        if (
+            (origin.proven or not self._probation)
+            and conn._idle_since > self._loop.time() - self._idle_timeout
+            and not conn._transport.is_closing()
+            and (poll is None or not poll.poll(0))
+        ):
+            # `_take_idle`'s common case, written out: the most recently used, fit for use
+            # (bench/FIGURES.md, "The forwarded request, session 8").
+            idle.pop()
+            conn._idle = False
+        else:
+            conn = self._take_idle(origin)  # type: ignore[assignment]
+            if conn is None:
+                return None
+        if head.__class__ is bytes:
+            data: bytes = head
+        else:
+            try:
+                data = head(origin.host_line)  # type: ignore[operator]
+            except ValueError:
+                conn._idle = True  # back where it was, as it was (`_take_idle` changed nothing else of it)
+                origin.idle.append(conn)
+                return None
         conn._begin(method == "HEAD")
         conn._transport.write(data)
         conn._notify = notify

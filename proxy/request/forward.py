@@ -265,24 +265,30 @@ def _answered(ex: Exchange, answer: Response) -> Coroutine[Any, Any, None] | Non
     assert plan is not None
     try:
         cors = plan.cors
-        if cors is None:
+        head = answer.head
+        if cors is None and head is not None and head.kept is not None:
+            # `_relayed_fields` for a head that came before, written out (bench/FIGURES.md,
+            # "The forwarded request, session 8").
+            fields, answer_length, dated = head.kept
+            fields = b"%bX-Request-Id: %b\r\n" % (fields, ex.request_id.encode("ascii"))
+        elif cors is None:
             fields, answer_length, dated = _relayed_fields(answer, ex.request_id)
         else:
             fields, answer_length, dated = _answer_fields(without_upstream_cors(answer.raw_headers), ex.request_id)
             fields += cors.response_fields(request.fields)
+        # It usually came whole with its head: no wait; and the connection back in the pool
+        # (`whole`) before the client is even written to, in one write of head and body.
+        # (None for an answer with no body too: HEAD, 204, 304, told below.)
+        small = answer.whole(SMALL_BODY)
+        if small is not None:
+            request.relay(answer.status, answer.raw_reason, fields, small, date=not dated)
+            return None
         if not answer.has_body():
             # HEAD, 204, 304: the upstream's Content-Length (if any) describes the GET; relay it.
             answer.release()
             if answer_length is not None and answer.status != 204:
                 fields += b"Content-Length: %d\r\n" % answer_length
             _full(ex).respond(answer.status, answer.reason, (), None, date=not dated, fields=fields)
-            return None
-        small = answer.complete(SMALL_BODY)  # it usually came whole with its head: no wait
-        if small is not None:
-            # One write of head and body, and the connection back in the pool before the
-            # client is even written to.
-            answer.release()
-            request.relay(answer.status, answer.raw_reason, fields, small, date=not dated)
             return None
     except BaseException:
         answer.release()
@@ -465,13 +471,14 @@ async def _retried(ex: Exchange, sent: Coroutine[Any, Any, Response]) -> None:
         await rest
 
 
-def forward_now(ex: Exchange, began: float, head: Callable[[bytes], bytes] | None = None) -> Answering | None:
+def forward_now(ex: Exchange, began: float, head: Callable[[bytes], bytes] | bytes | None = None) -> Answering | None:
     """`forward` with no task, for a request with no body (not an upgrade) when an idle pooled
     connection to its upstream is at hand: its head written now (`Answering` does the rest);
     None (nothing sent) when that is not the case, for `forward` to do it all. `began`: when
     the upstream time starts (pipeline.py's `observe_upstream`). `head`: what writes the head
     (`Pool.send`'s, called once a connection is in hand), by default from `ex.fields` and
-    `ex.added` (`_head_of`); pipeline.py's prepared forward gives its own (`planned_head`)."""
+    `ex.added` (`_head_of`); pipeline.py's prepared forward gives its own, written already
+    (`planned_head`'s bytes)."""
     request = ex.request
     if request.body_exists:
         return None
@@ -516,19 +523,23 @@ def planned_head(
     kept: int,
     values: tuple[bytes, ...],
     host: int,
-    host_line: bytes,
 ) -> bytes:
     """The head `_head_of` writes, for a request pipeline.py's prepared forward and identity.py's
     `HeadPlan` planned: `line`, its request line (prepared); the header fields `ours` writes
-    (`OurFields.lines`) after the client's, from the format `fields` (`kept` lines) and the
+    (`OurFields.head`, the whole head at once) after the client's, from the format `fields` (`kept` lines) and the
     request's `values`, its Host `values[host]`; its framing. The same CR/LF check
     (`checked_head`): bench/FIGURES.md, "The prepared forward"."""
     request = ex.request
     identity = ex.identity
     framed = request.content_length is not None  # (`Content-Length: 0`: no body, as `request` frames it)
-    head = b"%b%b%b\r\n" % (
+    head = ours.head(
         line,
-        ours.lines(fields % values, identity, request.remote, request.scheme, values[host], ex.request_id),
+        fields % values,
+        identity,
+        request.remote,
+        request.scheme,
+        values[host],
+        ex.request_id,
         b"Content-Length: 0\r\n" if framed else b"",
     )
     return checked_head(head, 6 + kept + len(identity) + framed)

@@ -688,7 +688,25 @@ class OurFields:
         host: bytes,
         request_id_value: str,
     ) -> bytes:
-        """`planned_fields`: `fields`, then ours (one `bytes %`)."""
+        """`planned_fields`: `fields`, then ours (`head`'s, with no request line, no framing and
+        no blank line)."""
+        return self.head(b"", fields, identity, client, proto, host, request_id_value, b"")[:-2]
+
+    def head(
+        self,
+        line: bytes,
+        fields: bytes,
+        identity: tuple[tuple[bytes, bytes], ...],
+        client: str | None,
+        proto: str,
+        host: bytes,
+        request_id_value: str,
+        framing: bytes,
+    ) -> bytes:
+        """A whole upstream head in one `bytes %`: `line` (the request line), `fields` (the
+        client's, formatted), ours (`lines`), `framing` (a `Content-Length: 0` line, or none),
+        the blank line (one `bytes %` fewer than `lines` inside another: bench/FIGURES.md,
+        "The forwarded request, session 8")."""
         if identity is not self._identity:
             self._lines = b"".join([b"%b: %b\r\n" % pair for pair in identity])
             self._identity = identity
@@ -696,11 +714,16 @@ class OurFields:
             assert client is not None  # (pipeline.py plans nothing for a request without a peer)
             self._peer = client.encode(_ENCODING, _ERRORS)
             self._client = client
-        return b"%b%bX-Forwarded-For: %b\r\nX-Forwarded-Proto: %b\r\nX-Forwarded-Host: %b\r\nX-Request-Id: %b\r\n" % (
-            fields,
-            self._lines,
-            self._peer,
-            _PROTO.get(proto) or proto.encode(_ENCODING, _ERRORS),
-            host,
-            request_id_value.encode(_ENCODING, _ERRORS),
+        return (
+            b"%b%b%bX-Forwarded-For: %b\r\nX-Forwarded-Proto: %b\r\nX-Forwarded-Host: %b\r\nX-Request-Id: %b\r\n%b\r\n"
+            % (
+                line,
+                fields,
+                self._lines,
+                self._peer,
+                _PROTO.get(proto) or proto.encode(_ENCODING, _ERRORS),
+                host,
+                request_id_value.encode(_ENCODING, _ERRORS),
+                framing,
+            )
         )

@@ -14,7 +14,7 @@ import pytest
 from proxy.auth.extract import Found
 from proxy.config.builder import BEARER
 from proxy.http.upstream import Fields
-from proxy.request.identity import HeadPlan, StripPlan, planned_fields, strip_inbound, upstream_fields
+from proxy.request.identity import HeadPlan, OurFields, StripPlan, planned_fields, strip_inbound, upstream_fields
 
 STRIP = StripPlan(
     frozenset({"x-user-id", "x-user-email", "x-jwt-payload"}),
@@ -144,3 +144,23 @@ def test_only_short_lists_of_short_names_are_kept() -> None:
     long = (b"Host", b"X-" + b"a" * 2000)
     assert strip.head(long) is not strip.head(long)
     assert len(strip.heads) == 1
+
+
+def test_our_fields_write_the_whole_head_as_the_parts_would() -> None:
+    """`OurFields.head` (the planned forward's head in one `bytes %`) is its request line, the
+    fields `planned_fields` writes, its framing and the blank line; an `OurFields` kept from
+    one request to the next writes what a fresh one would, whatever changed between them."""
+    ours = OurFields()
+    line = b"GET /api/a?q=1 HTTP/1.1\r\n"
+    fields = b"Host: h\r\nAccept: */*\r\n"
+    other = ((b"X-User-Id", b"u2"),)
+    for identity, client, framing in [
+        (IDENTITY, "10.0.0.7", b""),
+        (IDENTITY, "10.0.0.7", b"Content-Length: 0\r\n"),
+        (other, "10.0.0.7", b""),
+        ((), "10.0.0.8", b""),
+        (IDENTITY, "::1", b"Content-Length: 0\r\n"),
+    ]:
+        expected = line + planned_fields(fields, identity, client, "https", b"h", "rid-2") + framing + b"\r\n"
+        assert ours.head(line, fields, identity, client, "https", b"h", "rid-2", framing) == expected
+        assert OurFields().head(line, fields, identity, client, "https", b"h", "rid-2", framing) == expected

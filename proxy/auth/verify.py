@@ -143,19 +143,16 @@ def _unbase64url(segment: bytes) -> bytes | None:
     the text but verified each text it holds, and revocation keys on claims
     (tests/unit/auth/test_signature_spellings.py; README "What is checked, in order").
 
-    '=', '+' and '/' are refused by name (three memchr); `a2b_base64` in strict mode
-    refuses every other character outside the alphabet (whitespace, non-ASCII, '.'), after
-    '-_' are read as '+/'. A length of 1 mod 4 ends in no byte; the last character must
-    leave the bits no byte uses at zero (4 of them after 2 characters, 2 after 3): one table
-    lookup instead of PyJWT's re-encode. One `translate` and one `a2b_base64` per segment,
-    where an alphabet check by `translate(None, alphabet)` cost as much as the decode
-    (bench/FIGURES.md)."""
+    One `translate` reads '-_' as '+/' and '=', '+' and '/' as '!', which `a2b_base64` in
+    strict mode refuses as it refuses every other character outside the alphabet
+    (whitespace, non-ASCII, '.'): no search for the three (six `in` tests a miss, ~2k
+    instructions: bench/FIGURES.md, "Cache misses, session 8"). A length of 1 mod 4 ends in
+    no byte; the last character must leave the bits no byte uses at zero (4 of them after 2
+    characters, 2 after 3): one table lookup instead of PyJWT's re-encode. One `translate`
+    and one `a2b_base64` per segment, where an alphabet check by `translate(None, alphabet)`
+    cost as much as the decode (bench/FIGURES.md)."""
     tail = len(segment) % 4
-    # An int, not b"=": `bytes in bytes` first tries its argument as an int, which raises and
-    # formats a TypeError inside (~1.3k instructions each); an int is one memchr.
-    if tail == 1 or _EQUALS in segment or _PLUS in segment or _SLASH in segment:
-        return None
-    if tail and _SEXTET.get(segment[-1], 0) & (0x0F if tail == 2 else 0x03):
+    if tail == 1 or (tail and _SEXTET.get(segment[-1], 0) & (0x0F if tail == 2 else 0x03)):
         return None
     try:
         return binascii.a2b_base64(segment.translate(_TO_STANDARD) + _PADDING[tail], strict_mode=True)
@@ -164,10 +161,11 @@ def _unbase64url(segment: bytes) -> bytes | None:
 
 
 _PADDING = (b"", b"", b"==", b"=")
-_EQUALS, _PLUS, _SLASH = b"=+/"
 _BASE64URL_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
 _SEXTET = {byte: value for value, byte in enumerate(_BASE64URL_ALPHABET)}
-_TO_STANDARD = bytes.maketrans(b"-_", b"+/")
+_TO_STANDARD = bytes.maketrans(b"-_=+/", b"+/!!!")
+"""base64url to base64's alphabet, and base64's own '+', '/' and its padding to '!', which
+no base64 text holds: only base64url's alphabet decodes."""
 
 
 class _NotStrictJson(ValueError):
@@ -830,8 +828,18 @@ class TokenCache:
         """The claims of `token` verified lately for `provider` and not past their use-by time, else None."""
         claims = self._hot.get(token)
         if claims is None or claims.provider != provider:
-            claims = self._lookup(token)
-            if claims is None or claims.provider != provider:
+            # `_lookup` and `digest` written out: every miss comes here (bench/FIGURES.md,
+            # "Cache misses, session 8"); the digest kept for `put` of the same token.
+            hasher = self._hasher.copy()
+            hasher.update(token.encode("utf-8", "surrogatepass"))
+            digest = hasher.digest()
+            self._last = (token, digest)
+            claims = self._entries.get(digest)
+            if claims is None:
+                self.misses += 1
+                return None
+            self._entries.move_to_end(digest)
+            if claims.provider != provider:
                 self.misses += 1
                 return None
             self._hot.remember(token, claims)

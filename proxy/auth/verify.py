@@ -13,7 +13,10 @@ not own: fetching keys (keys.py hands us candidates), route rules (rules.py), or
 token came from (extract.py).
 
 The checks are small named functions in two tables, `HEADER_CHECKS` and `CLAIM_CHECKS`:
-`verify` stops at the first failure; `explain` runs every one of them and reports each.
+`verify` stops at the first failure; `explain` runs every one of them and reports each. The
+usual cache miss (a header already checked, its one key held) runs them as one straight
+`Verifier.verify_now`, which leaves everything else to the general way before any signature
+is checked (bench/FIGURES.md, "Cache misses, session 8").
 
 Why not `jwt.decode` with its own claim checks: PyJWT reads `datetime.now()` (we inject a
 clock), accepts numeric strings for exp/nbf/iat (`int("1700000000")`; RFC 7519 §2 says a

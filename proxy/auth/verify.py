@@ -13,7 +13,10 @@ not own: fetching keys (keys.py hands us candidates), route rules (rules.py), or
 token came from (extract.py).
 
 The checks are small named functions in two tables, `HEADER_CHECKS` and `CLAIM_CHECKS`:
-`verify` stops at the first failure; `explain` runs every one of them and reports each.
+`verify` stops at the first failure; `explain` runs every one of them and reports each. The
+usual cache miss (a header already checked, its one key held) runs them as one straight
+`Verifier.verify_now`, which leaves everything else to the general way before any signature
+is checked (bench/FIGURES.md, "Cache misses, session 8").
 
 Why not `jwt.decode` with its own claim checks: PyJWT reads `datetime.now()` (we inject a
 clock), accepts numeric strings for exp/nbf/iat (`int("1700000000")`; RFC 7519 §2 says a
@@ -143,19 +146,16 @@ def _unbase64url(segment: bytes) -> bytes | None:
     the text but verified each text it holds, and revocation keys on claims
     (tests/unit/auth/test_signature_spellings.py; README "What is checked, in order").
 
-    '=', '+' and '/' are refused by name (three memchr); `a2b_base64` in strict mode
-    refuses every other character outside the alphabet (whitespace, non-ASCII, '.'), after
-    '-_' are read as '+/'. A length of 1 mod 4 ends in no byte; the last character must
-    leave the bits no byte uses at zero (4 of them after 2 characters, 2 after 3): one table
-    lookup instead of PyJWT's re-encode. One `translate` and one `a2b_base64` per segment,
-    where an alphabet check by `translate(None, alphabet)` cost as much as the decode
-    (bench/FIGURES.md)."""
+    One `translate` reads '-_' as '+/' and '=', '+' and '/' as '!', which `a2b_base64` in
+    strict mode refuses as it refuses every other character outside the alphabet
+    (whitespace, non-ASCII, '.'): no search for the three (six `in` tests a miss, ~2k
+    instructions: bench/FIGURES.md, "Cache misses, session 8"). A length of 1 mod 4 ends in
+    no byte; the last character must leave the bits no byte uses at zero (4 of them after 2
+    characters, 2 after 3): one table lookup instead of PyJWT's re-encode. One `translate`
+    and one `a2b_base64` per segment, where an alphabet check by `translate(None, alphabet)`
+    cost as much as the decode (bench/FIGURES.md)."""
     tail = len(segment) % 4
-    # An int, not b"=": `bytes in bytes` first tries its argument as an int, which raises and
-    # formats a TypeError inside (~1.3k instructions each); an int is one memchr.
-    if tail == 1 or _EQUALS in segment or _PLUS in segment or _SLASH in segment:
-        return None
-    if tail and _SEXTET.get(segment[-1], 0) & (0x0F if tail == 2 else 0x03):
+    if tail == 1 or (tail and _SEXTET.get(segment[-1], 0) & (0x0F if tail == 2 else 0x03)):
         return None
     try:
         return binascii.a2b_base64(segment.translate(_TO_STANDARD) + _PADDING[tail], strict_mode=True)
@@ -164,10 +164,11 @@ def _unbase64url(segment: bytes) -> bytes | None:
 
 
 _PADDING = (b"", b"", b"==", b"=")
-_EQUALS, _PLUS, _SLASH = b"=+/"
 _BASE64URL_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
 _SEXTET = {byte: value for value, byte in enumerate(_BASE64URL_ALPHABET)}
-_TO_STANDARD = bytes.maketrans(b"-_", b"+/")
+_TO_STANDARD = bytes.maketrans(b"-_=+/", b"+/!!!")
+"""base64url to base64's alphabet, and base64's own '+', '/' and its padding to '!', which
+no base64 text holds: only base64url's alphabet decodes."""
 
 
 class _NotStrictJson(ValueError):
@@ -830,8 +831,18 @@ class TokenCache:
         """The claims of `token` verified lately for `provider` and not past their use-by time, else None."""
         claims = self._hot.get(token)
         if claims is None or claims.provider != provider:
-            claims = self._lookup(token)
-            if claims is None or claims.provider != provider:
+            # `_lookup` and `digest` written out: every miss comes here (bench/FIGURES.md,
+            # "Cache misses, session 8"); the digest kept for `put` of the same token.
+            hasher = self._hasher.copy()
+            hasher.update(token.encode("utf-8", "surrogatepass"))
+            digest = hasher.digest()
+            self._last = (token, digest)
+            claims = self._entries.get(digest)
+            if claims is None:
+                self.misses += 1
+                return None
+            self._entries.move_to_end(digest)
+            if claims.provider != provider:
                 self.misses += 1
                 return None
             self._hot.remember(token, claims)
@@ -854,16 +865,19 @@ class TokenCache:
             self._entries.move_to_end(digest)
         return claims
 
-    def put(self, token: str, claims: Claims) -> None:
+    def put(self, token: str, claims: Claims, exp: Any = None) -> None:
+        """Keep `claims`, verified from `token`, until its exp (`exp`: its exp claim when the
+        caller has it at hand, else read here) or max_ttl from now, whichever comes first."""
         until = self._time() + self._max_ttl
-        exp = claims.payload.get("exp")
         if exp.__class__ is not int:  # (an int exp, the usual, without `Claims.expires`'s calls)
             exp = claims.expires
-        claims.until = min(until, exp) if exp is not None else until
-        claims.digest = digest = self.digest(token)
+        claims.until = until if exp is None or until < exp else exp
+        last = self._last
+        claims.digest = digest = last[1] if last[0] is token else self.digest(token)
         entries = self._entries
+        if digest in entries:  # (another provider's entry for this text: the new one is the latest)
+            del entries[digest]
         entries[digest] = claims
-        entries.move_to_end(digest)
         if len(entries) > self._max_entries:
             entries.popitem(last=False)
         self._hot.remember(token, claims)
@@ -895,10 +909,11 @@ class Verifier:
         self.clock = clock
         self.cache = cache
         self.max_token_bytes = max_token_bytes
-        self._headers: Memo[str, tuple[TokenHeader, Mapping[str, Any]]] = Memo(_HEADERS)
+        self._headers: Memo[str, _Checked] = Memo(_HEADERS)
         """By header segment, as the token spells it: a header that passed `HEADER_CHECKS`
-        for this provider, and its read-only view (shared by the `Claims` of every token
-        with that header). An issuer signs every token with the same few headers."""
+        for this provider, its read-only view (shared by the `Claims` of every token with
+        that header) and its one key (`_Checked`). An issuer signs every token with the
+        same few headers."""
         self.keep = keep if cache is not None else None
         """The claims a verified token keeps (rules.py `claims_read`: every claim anything
         reads after verification); None: all of them. With a cache only: a cached token then
@@ -927,18 +942,65 @@ class Verifier:
         failed, as `verify_uncached` would answer; None when the keys must be waited for (a kid
         not seen yet, no keys yet: `KeySource.key_for` fetches), then `verify_uncached` it (the
         header, checked already, is remembered). pipeline.py calls this in `begin`, so a miss
-        costs no coroutine (bench/FIGURES.md, "Cache misses, session 5")."""
-        header, view = self._header(token)
+        costs no coroutine (bench/FIGURES.md, "Cache misses, session 5").
+
+        The usual miss is one straight run (bench/FIGURES.md, "Cache misses, session 8"): a
+        header seen before (checked, by its segment) whose one key is held and bound to its
+        alg (`_Checked.bind`), the token split once, its payload and signature decoded once,
+        the signature checked on that key; then `_accept`. Anything else (a header not seen
+        yet, another count of dots, a segment that is not base64url, an empty signature,
+        several candidate keys or none) is left to the general way (`_header`, `_held`,
+        `verify_signature`) before any signature is checked, which answers as it always did;
+        a signature that does not verify is refused in the words `verify_signature` uses
+        for one key."""
+        if len(token) <= self.max_token_bytes:
+            dot = token.find(".")
+            known = self._headers.get(token[:dot])
+            if known is not None and dot >= 0:
+                if known.keyset is not self.source.keyset:
+                    known.bind(self.source)
+                key = known.key
+                if key is not None:
+                    # Split once, on bytes: the header segment matched is ASCII, so `dot` is
+                    # its byte offset too; two dots exactly (the signing input holds one).
+                    signing_input, _, crypto_segment = token.encode("utf-8", "surrogatepass").rpartition(b".")
+                    if len(signing_input) > dot and signing_input.find(_DOT, dot + 1) < 0:
+                        raw = _unbase64url(signing_input[dot + 1 :])
+                        signature = _unbase64url(crypto_segment)
+                        if raw is not None and signature:
+                            if known.pkcs1 is not None:  # RS256/384/512: see `verify_signature`
+                                hashing = known.hashing
+                                verified = False
+                                if len(signature) == hashing[2]:
+                                    try:
+                                        verified = (
+                                            known.public.recover_data_from_signature(signature, known.pkcs1, None)
+                                            == hashing[1] + hashing[0](signing_input).digest()
+                                        )
+                                    except InvalidSignature:
+                                        pass
+                            else:
+                                verified = known.check(signing_input, known.public, signature)
+                            if not verified:
+                                raise InvalidToken(
+                                    Reason.BAD_SIGNATURE,
+                                    f"signature ({known.header.alg}) does not verify: "
+                                    f"{_key_words(key)} does not match the signature",
+                                )
+                            return self._accept(token, raw, known.view)
+        known = self._header(token)
+        header = known.header
         keys = _held(self.source, header.kid, header.alg)
-        return None if keys is None else self._verified(token, header, view, keys)
+        return None if keys is None else self._verified(token, header, known.view, keys)
 
     async def verify_uncached(self, token: str) -> Claims:
         """`verify` for a token `cached` did not hold: every check, then into the cache."""
-        header, view = self._header(token)
+        known = self._header(token)
+        header = known.header
         keys = await self.source.key_for(header.kid, header.alg)
-        return self._verified(token, header, view, keys)
+        return self._verified(token, header, known.view, keys)
 
-    def _header(self, token: str) -> tuple[TokenHeader, Mapping[str, Any]]:
+    def _header(self, token: str) -> _Checked:
         """The size check, then the token's header read and checked (`HEADER_CHECKS`), and its
         read-only view; remembered by segment, so a header seen before is one dict lookup."""
         if len(token) > self.max_token_bytes:
@@ -951,13 +1013,17 @@ class Verifier:
         if known is None or dot < 0 or second < 0 or token.find(".", second + 1) >= 0:
             header = read_header(token, max_bytes=self.max_token_bytes)
             check_header(header, self.provider)
-            known = self._headers.remember(segment, (header, MappingProxyType(header.fields)))
+            known = self._headers.remember(segment, _Checked(header))
         return known
 
     def _verified(self, token: str, header: TokenHeader, view: Mapping[str, Any], keys: Sequence[Jwk]) -> Claims:
         """The rest of the checks once the keys are known: signature, payload, claims; the
         verified token's `Claims`, into the cache."""
-        raw = verify_signature(token, header, keys)
+        return self._accept(token, verify_signature(token, header, keys), view)
+
+    def _accept(self, token: str, raw: bytes, view: Mapping[str, Any]) -> Claims:
+        """The checks after the signature: `raw`, the payload it signs, as a JSON object, and
+        its claims; the verified token's `Claims`, into the cache."""
         # (`_PARSED` asked only for the token it holds, `_json_object` first: a call each fewer)
         payload = _PARSED.take(token, raw) if _PARSED.token is token else None
         if payload is None:
@@ -987,8 +1053,41 @@ class Verifier:
             payload = {name: _shared_names(value) for name, value in payload.items()}
         # Read-only views: one Claims object is shared by every request that hits the cache.
         claims = Claims(self.provider.name, view, MappingProxyType(payload))
-        cache.put(token, claims)
+        cache.put(token, claims, payload.get("exp"))
         return claims
+
+
+class _Checked:
+    """A header segment that passed `HEADER_CHECKS` for a `Verifier`'s provider: the header,
+    its read-only view, and what `verify_now`'s straight run checks a signature with, for the
+    key set it was bound to (`keyset`; a new key set binds it again): the one key `_held`
+    answers for its kid and alg, when that key is bound to the alg and usable (else `key` is
+    None: the general way decides), and that key's `_prepare`d check."""
+
+    __slots__ = ("check", "hashing", "header", "key", "keyset", "pkcs1", "public", "view")
+
+    def __init__(self, header: TokenHeader) -> None:
+        self.header = header
+        self.view: Mapping[str, Any] = MappingProxyType(header.fields)
+        self.keyset: object = None
+        self.key: Jwk | None = None
+        self.public: Any = None
+        self.pkcs1: padding.PKCS1v15 | None = None
+        self.hashing: Any = None
+        self.check: Callable[[bytes, Any, bytes], bool] = _never
+
+    def bind(self, source: KeySource) -> None:
+        self.keyset = source.keyset
+        self.key = None
+        keys = _held(source, self.header.kid, self.header.alg)
+        if keys is None or len(keys) != 1 or keys[0].algorithm_name != self.header.alg:
+            return
+        public, problem, self.pkcs1, self.hashing, self.check = _PREPARED.get(keys[0]) or _PREPARED.make_for(keys[0])
+        if problem is None:
+            self.key, self.public = keys[0], public
+
+
+_DOT = ord(".")
 
 
 def _held(source: KeySource, kid: str | None, alg: str) -> tuple[Jwk, ...] | None:

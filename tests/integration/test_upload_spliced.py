@@ -5,6 +5,8 @@ answers, every byte the upstream received and the access log's statuses are the 
 upstream closing mid-body and a body over the limit. The spliced runs do splice (counted), no byte
 past a body's Content-Length reaches the upstream as body (the upstream parses what it got), and
 no fd outlives its splice (/proc/self/fd: no pipe in use, no dup left, once each run is over).
+The waits too: a client that stops mid-body gets the body's timeout (408), an upstream that
+reads nothing of a spliced body the upstream's (504), and `Expect: 100-continue` its 100 first.
 """
 
 from __future__ import annotations
@@ -50,7 +52,8 @@ def upload(path: str, body: bytes, *fields: str) -> bytes:
 class Upstream:
     """A raw upstream that parses each request (head, Content-Length body), keeps every byte it
     received per connection, and answers with the body's length and digest; `/cut` requests
-    are read for `CUT` body bytes and the connection closed, unanswered."""
+    are read for `CUT` body bytes and the connection closed, unanswered; of `/stall` requests,
+    nothing past the head is read for 4 s."""
 
     CUT = 100 * KiB
 
@@ -70,6 +73,11 @@ class Upstream:
                 name, _, value = line.partition(":")
                 if name.lower() == "content-length":
                     length = int(value)
+            if path.startswith("/stall"):
+                self.received.append((kept, b""))
+                await asyncio.sleep(4)  # nothing of the body read: it waits in the sockets
+                writer.close()
+                return
             if path.startswith("/cut"):
                 part = await reader.readexactly(min(self.CUT, length))
                 self.received.append((kept, part))
@@ -235,3 +243,84 @@ async def test_the_spliced_upload_gives_what_the_copied_one_gives(
     assert splice.PIPES.open == len(splice.PIPES._free)
     assert after.get("socket", 0) <= before.get("socket", 0)
     assert after.get("pipe", 0) - before.get("pipe", 0) <= 2 * splice.PIPES.open
+
+
+STALL_CONFIG = CONFIG.replace("timeout: 2s", "timeout: 1s").replace("max_body: 4MB", "max_body: 64MB")
+
+
+async def stalls(sidecar: Any, raw_server: Any, monkeypatch: pytest.MonkeyPatch, *, spliced: bool) -> dict[str, Any]:
+    monkeypatch.setattr(splice, "ENABLED", spliced)
+    made: list[splice.Splice] = []
+    real = splice.Splice
+
+    def counting(*args: Any) -> splice.Splice:
+        made.append(real(*args))
+        return made[-1]
+
+    monkeypatch.setattr(splice, "Splice", counting)
+    upstream = Upstream()
+    server = await raw_server(upstream)
+    s = await sidecar(STALL_CONFIG, raw=f"http://127.0.0.1:{server.port}")
+    stream = io.BytesIO()
+    s.runtime.access_log = AccessLog(stream)
+    answers: dict[str, list[bytes]] = {}
+    host, port = s.url.removeprefix("http://").split(":")
+
+    # A client that stops mid-body: the body's per-read timeout (1 s).
+    data = upload("/slow", body_of(MiB, 1))
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(data[:100])
+    await writer.drain()
+    await asyncio.sleep(0.05)
+    writer.write(data[100 : 500 * KiB])
+    answers["slow client"] = await asyncio.wait_for(read_answers(reader), 10)
+    writer.close()
+    # An upstream that reads nothing of the body: the upstream's timeout (1 s) while it waits.
+    reader, writer = await asyncio.open_connection(host, int(port))
+    data = upload("/stall", body_of(40 * MiB, 2))
+    writer.write(data[:200])
+    await writer.drain()
+
+    async def rest() -> None:
+        try:
+            writer.write(data[200:])
+            await writer.drain()
+        except ConnectionError:
+            pass
+
+    pushing = asyncio.ensure_future(rest())
+    answers["stalled upstream"] = await asyncio.wait_for(read_answers(reader), 10)
+    pushing.cancel()
+    writer.close()
+    # Expect: 100-continue, then the body.
+    reader, writer = await asyncio.open_connection(host, int(port))
+    body = body_of(2 * MiB, 3)
+    head, _, _ = upload("/continue", body, "Expect: 100-continue", "Connection: close").partition(body)
+    writer.write(head)
+    interim = await reader.readuntil(b"\r\n\r\n")
+    writer.write(body)
+    answers["continue"] = [interim, *await asyncio.wait_for(read_answers(reader), 10)]
+    writer.close()
+
+    await eventually(lambda: s.runtime.metrics.in_flight == 0, 5)
+    await s.runtime.pool.close()
+    s.runtime.access_log.flush()
+    statuses = [(line["path"], line["status"]) for line in map(json.loads, stream.getvalue().splitlines())]
+    await eventually(lambda: all(not sp.active for sp in made), 5)
+    return {"answers": answers, "statuses": sorted(statuses), "spliced": len(made), "bodies": sorted(upstream.bodies)}
+
+
+@bounded_by(90)
+async def test_timeouts_and_waits_are_those_of_the_copied_upload(
+    sidecar: Any, raw_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    copied = await stalls(sidecar, raw_server, monkeypatch, spliced=False)
+    spliced = await stalls(sidecar, raw_server, monkeypatch, spliced=True)
+    assert copied["spliced"] == 0
+    assert spliced["spliced"] == 3  # each body, the one the upstream never reads too (the pipe full: 504, not 408)
+    assert spliced["answers"] == copied["answers"]
+    assert spliced["statuses"] == copied["statuses"]
+    assert spliced["bodies"] == copied["bodies"] == [("/continue", 2 * MiB)]
+    assert [a[:12] for a in copied["answers"]["slow client"]] == [b"HTTP/1.1 408"]  # the body's timeout
+    assert [a[:12] for a in copied["answers"]["stalled upstream"]] == [b"HTTP/1.1 504"]  # the upstream's
+    assert splice.PIPES.open == len(splice.PIPES._free)

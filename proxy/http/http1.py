@@ -1573,8 +1573,8 @@ class _Connection(asyncio.BufferedProtocol):
         elif how == "client":
             self._resume_reading()  # the transport's own read meets the end (or the failure)
         else:
-            if target is not None:
-                target.splice_failed()  # ("stopped": it is already)
+            if target is not None and how != "stopped":
+                target.splice_failed(how == "upstream-error")
             relay = self._relay
             if relay is not None:
                 relay._full()  # the task's drain says stop
@@ -1585,7 +1585,7 @@ class _Connection(asyncio.BufferedProtocol):
             self._stop_splice()
             target = self._target
             if target is not None:
-                target.splice_failed()
+                target.splice_failed(False)
             relay = self._relay
             if relay is not None:
                 relay._full()

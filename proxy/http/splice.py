@@ -39,8 +39,16 @@ _CAP = 16
 """Most pipes a process holds: an unprivileged user's pipes may hold 64 MiB in all
 (`pipe-user-pages-soft`; past it every new pipe of that user gets 8 KiB), shared by `workers: N`."""
 _FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK if hasattr(os, "splice") else 0
-# A client splice's failure that means the client went away; anything else is the same to us.
+# A splice's failure that means the peer went away (the transport's own read will say how).
 _GONE = (errno.ECONNRESET, errno.EPIPE, errno.ETIMEDOUT, errno.ENOTCONN)
+# One that means this kernel will not splice these sockets: no more splices in this process.
+_UNSUPPORTED = (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP)
+
+
+def _refused(error: OSError) -> None:
+    global ENABLED
+    if error.errno in _UNSUPPORTED:
+        ENABLED = False
 
 
 class Pipes:
@@ -96,8 +104,11 @@ class Splice:
     upstream; returns True when nothing more may be sent (the splice stops, what the pipe holds
     is dropped). `blocked()`: the upstream takes nothing for now; `gave` follows when it does.
     `ended(how)`: the splice is over, its fds closed: "done" (every byte went on), "client"
-    (the client's socket is at its end or failed: the client's own read will say how),
-    "upstream" (the upstream's socket failed), "stopped" (`gave` said stop). Not called for `close`.
+    (the client's socket is at its end or failed: the client's own read will say how; what the
+    pipe held went on first), "upstream" (the upstream went away: its transport's read will say
+    how), "upstream-error" (splicing into it failed otherwise: what the pipe holds is lost, the
+    upstream's request must be aborted), "stopped" (`gave` said stop). Not called for `close`.
+    A failure that says this kernel does not splice these sockets turns `ENABLED` off.
     """
 
     __slots__ = (
@@ -160,7 +171,8 @@ class Splice:
                     n = os.splice(self._cdup, w, left if left < room else room, flags=_FLAGS)
                 except BlockingIOError:
                     pass
-                except OSError:
+                except OSError as error:
+                    _refused(error)
                     return self._end("client", flush=True)
                 else:
                     if not n:
@@ -176,8 +188,9 @@ class Splice:
                     n = os.splice(r, self._udup, self._in_pipe, flags=_FLAGS)
                 except BlockingIOError:
                     pass
-                except OSError:
-                    return self._end("upstream")
+                except OSError as error:
+                    _refused(error)
+                    return self._end("upstream" if error.errno in _GONE else "upstream-error")
                 else:
                     self._in_pipe -= n
                     moved = True

@@ -1024,10 +1024,13 @@ class _Upload:
         with the read timeout), holding nothing in user space."""
         self._conn._flow.pause(0)
 
-    def splice_failed(self) -> None:
-        """Writing to the socket failed: nothing more is sent, as after a failed write (the
-        transport learns of the failure from its own read)."""
+    def splice_failed(self, abort: bool) -> None:
+        """Splicing into the socket failed: nothing more is sent, as after a failed write. The
+        peer gone, the transport learns how from its own read; any other failure (`abort`) cut
+        the body short in a way the upstream cannot tell: the connection is aborted."""
         self.stopped = True
+        if abort:
+            self._transport.abort()
 
     async def drain(self) -> bool:
         """Wait while the upstream's buffer is full: a stalled upstream that never reads gets

@@ -222,8 +222,13 @@ async def test_the_spliced_upload_gives_what_the_copied_one_gives(
     sidecar: Any, raw_server: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     copied = await scenario(sidecar, raw_server, monkeypatch, spliced=False)
+    with monkeypatch.context() as m:
+        m.setattr(splice, "PIPES", splice.Pipes(cap=0))  # no pipe to be had: every body copied
+        unpiped = await scenario(sidecar, raw_server, monkeypatch, spliced=True)
     spliced = await scenario(sidecar, raw_server, monkeypatch, spliced=True)
-    assert copied["spliced"] == 0
+    assert copied["spliced"] == unpiped["spliced"] == 0
+    for key in ("answers", "received", "bodies", "statuses"):
+        assert unpiped[key] == copied[key]
     assert spliced["spliced"] >= 8  # the larger bodies, the pipelined ones, the client leaving, the cut
     assert spliced["answers"] == copied["answers"]
     assert spliced["received"] == copied["received"]

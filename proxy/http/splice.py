@@ -97,6 +97,19 @@ class Pipes:
 PIPES = Pipes()
 
 
+def _forget() -> None:
+    """In a forked child (ops/workers.py forks `workers: N`): a new pool, the parent's free pipes
+    closed, so that no pipe is ever shared by two processes' bodies."""
+    global PIPES
+    for r, w in PIPES._free:
+        os.close(r)
+        os.close(w)
+    PIPES = Pipes(PIPES.cap, PIPES.size)
+
+
+os.register_at_fork(after_in_child=_forget)
+
+
 class Splice:
     """The rest of one body, `left` bytes, from `client_fd` to `upstream_fd` (dup'd here).
 

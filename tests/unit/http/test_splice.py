@@ -169,3 +169,22 @@ async def test_closing_a_splice_leaves_no_dup_keeping_a_socket_open(pipes: splic
     peer.close()
     server.close()
     assert open_fds() == before + 2 * len(pipes._free)
+
+
+def test_a_forked_child_shares_no_pipe_with_its_parent() -> None:
+    pipe = splice.PIPES.take()
+    assert pipe is not None
+    splice.PIPES.give(pipe, True)  # free in the parent's pool
+    pid = os.fork()
+    if pid == 0:  # the child: a pool of its own, the parent's free pipe closed
+        ok = not splice.PIPES._free and splice.PIPES.open == 0
+        try:
+            os.fstat(pipe[0])
+            ok = False
+        except OSError:
+            pass
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert splice.PIPES.take() == pipe  # the parent's pool as it was
+    splice.PIPES.give(pipe, True)

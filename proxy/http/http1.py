@@ -1505,6 +1505,7 @@ class _Connection(asyncio.BufferedProtocol):
             or relay._left < left
             or self._lost
             or self._fd < 0
+            or self._transport.is_closing()
             or self._unparsed
             or self._refusal
             or self._upgraded

@@ -13,7 +13,9 @@ read callback to a sink (`Request.relay_body`: reading stopped while the sink is
 body's limit and timeouts kept there); a Content-Length body counted past the read its head
 came in, not parsed (`_Counted`: its pieces go on as they came, views of the read buffer
 while relayed, and what follows the body is judged as llhttp judges it; chunked bodies are
-llhttp's), the client's write buffer capped at 16 KiB (a
+llhttp's; its rest spliced into a plain-TCP upstream's socket once nothing of it is held,
+`_Connection._try_splice` with splice.py, the connection back to the parser at its end),
+the client's write buffer capped at 16 KiB (a
 streamed answer waits, through flow.py's `WriteFlow`), `Expect: 100-continue` answered when
 the body is first read or relayed, writing answers (one write for a
 whole answer, or a head and then a Content-Length, chunked or close-delimited body),

@@ -3,7 +3,9 @@
 Owns: per-origin pools of idle keep-alive connections (LIFO reuse, a cap, an idle timeout);
 writing one request (the head in one write, the body streamed with `Content-Length` or
 chunked, awaiting the transport's drain; or written from its source's own read callback, a
-`BodySource`, the task waiting only while the transport's buffer is full); parsing the answer with llhttp (through
+`BodySource`, the task waiting only while the transport's buffer is full; into a plain-TCP
+socket, the rest of a Content-Length body may be spliced by the source's side, counted by
+`_Upload` as its writes are, the connection's loss ending the splice); parsing the answer with llhttp (through
 `httptools.HttpResponseParser`): 1xx interim answers skipped, bodiless answers (HEAD, 204,
 304) recognised, chunked and close-delimited bodies, any other transfer coding refused,
 a chunked answer's trailer fields dropped (never merged into its head, RFC 9110 §6.5.1);

@@ -11,6 +11,9 @@ reads the proxy's utime and stime from /proc and counts its system calls with `p
 
     .venv/bin/python bench/bodies.py [--seconds 5] [--targets jwt-sidecar,python-floor,envoy] [--workloads e-down,e-up]
 
+`jwt-sidecar-copied` is the sidecar with uploads never spliced (proxy/http/splice.py's `ENABLED`
+off): `--targets jwt-sidecar,jwt-sidecar-copied --workloads e-up --rounds N` interleaves the two.
+
 Timings on a shared machine are noisy (say so with any figure); the call counts are steady.
 """
 
@@ -33,7 +36,7 @@ import load  # noqa: E402
 import targets as T  # noqa: E402
 import tokens  # noqa: E402
 
-CALLS = ("read", "readv", "write", "writev", "epoll_wait", "epoll_pwait")
+CALLS = ("read", "readv", "write", "writev", "splice", "epoll_wait", "epoll_pwait")
 WORKLOADS = {"e-down": (T.BIG_PATH, None), "e-up": (T.UPLOAD_PATH, "upload.lua")}
 
 
@@ -113,8 +116,18 @@ def main() -> int:
             nginx = T.start_nginx(procs, run_dir, cpus=load_cpus)
             running = []
             for name in args.targets.split(","):
-                if name == "jwt-sidecar":
-                    running.append(T.start_sidecar(procs, run_dir, nginx, cpus=target_cpus, access_log=os.devnull))
+                if name in ("jwt-sidecar", "jwt-sidecar-copied"):
+                    # (-copied: uploads never spliced, proxy/http/splice.py's `ENABLED` off)
+                    running.append(
+                        T.start_sidecar(
+                            procs,
+                            run_dir,
+                            nginx,
+                            cpus=target_cpus,
+                            access_log=os.devnull,
+                            spliced=name == "jwt-sidecar",
+                        )
+                    )
                 elif name == "python-floor":
                     running.append(T.start_floor(procs, run_dir, nginx, cpus=target_cpus))
                 elif name == "envoy":
@@ -126,8 +139,10 @@ def main() -> int:
                 else:
                     raise SystemExit(f"unknown target {name}")
             print(f"pinned: {pinned}; {args.seconds:g} s a run, {args.connections} connections")
-            print("| target | workload | req/s | user µs | sys µs | calls | read(v) | write | writev | epoll |")
-            print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+            print(
+                "| target | workload | req/s | user µs | sys µs | CPU µs | calls | read(v) | write | writev | splice | epoll |"
+            )
+            print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
             for _ in range(args.rounds):
                 for workload in args.workloads.split(","):
                     for target in running:
@@ -142,8 +157,9 @@ def main() -> int:
                         r = run(target, workload, args.seconds, args.connections, load_cpus, toks.token)
                         print(
                             f"| {r['target']} | {r['workload']} | {r['rps']:.0f} | {r['user_us']:.0f} "
-                            f"| {r['sys_us']:.0f} | {r['all']:.1f} | {r['read'] + r['readv']:.1f} "
-                            f"| {r['write']:.1f} | {r['writev']:.1f} | {r['epoll_wait'] + r['epoll_pwait']:.1f} |"
+                            f"| {r['sys_us']:.0f} | {r['user_us'] + r['sys_us']:.0f} | {r['all']:.1f} "
+                            f"| {r['read'] + r['readv']:.1f} | {r['write']:.1f} | {r['writev']:.1f} "
+                            f"| {r['splice']:.1f} | {r['epoll_wait'] + r['epoll_pwait']:.1f} |"
                             + (f" {r['statuses']}" if "statuses" in r else ""),
                             flush=True,
                         )

@@ -549,10 +549,20 @@ def sidecar_config(*, port: int, admin_port: int, upstream_port: int, jwks_url: 
 
 
 def start_sidecar(
-    procs: Processes, run_dir: Path, nginx: Nginx, *, cpus: set[int] | None, access_log: str, workers: int = 1
+    procs: Processes,
+    run_dir: Path,
+    nginx: Nginx,
+    *,
+    cpus: set[int] | None,
+    access_log: str,
+    workers: int = 1,
+    spliced: bool = True,
 ) -> Target:
+    """`spliced` False: uploads copied, never spliced (proxy/http/splice.py's `ENABLED`; one worker)."""
     port, admin_port = free_port(), free_port()
     name = "jwt-sidecar" if workers == 1 else f"jwt-sidecar-{workers}w"
+    if not spliced:
+        name += "-copied"
     conf = run_dir / f"{name}.yaml"
     settings = sidecar_config(port=port, admin_port=admin_port, upstream_port=nginx.port, jwks_url=nginx.jwks_url)
     settings["workers"] = workers
@@ -563,6 +573,14 @@ def start_sidecar(
         if exe.exists()
         else [sys.executable, "-m", "proxy", "run", "--config", str(conf)]
     )
+    if not spliced:
+        argv = [
+            sys.executable,
+            "-c",
+            "import sys; import proxy.http.splice as s; s.ENABLED = False; "
+            "from proxy.tools.cli import main; raise SystemExit(main())",
+            *argv[argv.index("run") :],
+        ]
     proc = procs.start(name, argv, run_dir / f"{name}.log", cpus=cpus, cwd=ROOT, stdout=access_log)
     wait_ready(proc, admin_port, "/readyz", timeout=30)
     return Target(name, proc, port, "sidecar", access_log)

@@ -13,7 +13,9 @@ read callback to a sink (`Request.relay_body`: reading stopped while the sink is
 body's limit and timeouts kept there); a Content-Length body counted past the read its head
 came in, not parsed (`_Counted`: its pieces go on as they came, views of the read buffer
 while relayed, and what follows the body is judged as llhttp judges it; chunked bodies are
-llhttp's), the client's write buffer capped at 16 KiB (a
+llhttp's; its rest spliced into a plain-TCP upstream's socket once nothing of it is held,
+`_Connection._try_splice` with splice.py, the connection back to the parser at its end),
+the client's write buffer capped at 16 KiB (a
 streamed answer waits, through flow.py's `WriteFlow`), `Expect: 100-continue` answered when
 the body is first read or relayed, writing answers (one write for a
 whole answer, or a head and then a Content-Length, chunked or close-delimited body),
@@ -55,6 +57,7 @@ import httptools
 from multidict import CIMultiDict, MultiDict, MultiDictProxy
 from yarl import URL
 
+from . import splice as _splice
 from .flow import HELD, Deadlines, Wakeup, WriteFlow, send
 from .log import event
 
@@ -392,6 +395,7 @@ class Request:
         *,
         total: float | None = None,
         limit: int = 0,
+        target: Any = None,
     ) -> bool:
         """`iter_body` the other way round: the body is passed on as it is parsed, `sink(data)`
         called from the connection's read callback for each read's worth (a chunked body's
@@ -404,7 +408,10 @@ class Request:
         and this returns False with the rest of the body unread. Returns True once the whole
         body has gone to `sink`. Raises as `iter_body` does (`timeout`, `total`, counted
         only while waiting for the client), and `BodyTooLarge` as soon as more than `limit`
-        bytes came (0: no limit): the bytes past it are never passed on."""
+        bytes came (0: no limit): the bytes past it are never passed on. `target`: an upstream
+        the rest of a Content-Length body may be spliced into (upstream.py's `_Upload`, plain
+        TCP): whenever it may (`_Connection._try_splice`), the kernel moves the body, with the
+        same limit, timeouts and outcomes (bench/FIGURES.md, "The upload spliced")."""
         conn = self._conn
         if self._continue:
             # RFC 9110 §10.1.1 (as `iter_body`): only now is the client invited to send the body.
@@ -428,6 +435,9 @@ class Request:
             conn._relay = relay  # from now on, `on_body` passes each read on
             if conn._read_paused and not relay.full:
                 conn._update_reading()  # paused while the body waited for us
+            if target is not None and _splice.ENABLED:
+                conn._target = target
+                conn._try_splice()
         left = total
         try:
             while True:
@@ -439,6 +449,8 @@ class Request:
                     if not await drain():
                         return False
                     relay.full = False
+                    if conn._target is not None:
+                        conn._try_splice()
                     if conn._read_paused:
                         conn._update_reading()
                     continue
@@ -476,6 +488,13 @@ class Request:
                 conn._relay = None
             if conn._flush is relay:
                 conn._flush = None
+            if conn._splice is not None:
+                # Ended before its body (a timeout, a cancel, a failure): reading goes on as
+                # after a copied body's relay.
+                conn._stop_splice()
+                conn._target = None
+                conn._update_reading()
+            conn._target = None
 
     def _take_body(self) -> bytes:
         chunks = self._chunks
@@ -1077,6 +1096,8 @@ class _Connection(asyncio.BufferedProtocol):
         self._left = 0  # bytes of its Content-Length body still to come (`_Counted`)
         self._relay: _Relay | None = None  # its body passed on as it is parsed (`Request.relay_body`)
         self._flush: _Relay | None = None  # a relay holding small pieces of the read being parsed
+        self._target: Any = None  # where the relayed body may be spliced to (`_try_splice`)
+        self._splice: _splice.Splice | None = None  # the body being spliced (reading is paused meanwhile)
         # requests in order: the first is being answered, the rest wait (pipelining)
         self._queue: deque[Request] = deque()
         self._task: asyncio.Task[None] | None = None
@@ -1129,6 +1150,8 @@ class _Connection(asyncio.BufferedProtocol):
         if self._task is None and self._later is None:
             self._queue.clear()
         self._sink = None  # a tunnel's upstream side, which refers to its request
+        if self._splice is not None:
+            self._stop_splice()  # its dup must not keep the socket open
         task = self._task
         if task is not None and not task.done() and self._running:
             task.cancel()  # the client went away: stop working for it (and its upstream request)
@@ -1184,6 +1207,8 @@ class _Connection(asyncio.BufferedProtocol):
         if relay is not None:  # the read's small body pieces, passed on together
             self._flush = None
             relay.flush()
+        if self._target is not None and self._relay is not None:
+            self._try_splice()  # this read's body bytes are passed on: the rest may be spliced
         # (`_dispatch` does nothing while a task or a `Later` answers (a body's reads, a request
         # forwarded from its head: bench/FIGURES.md, "The forwarded request, session 8"), nor
         # with nothing waiting: a `Quick` answered)
@@ -1461,6 +1486,122 @@ class _Connection(asyncio.BufferedProtocol):
             if request._buffered > _HIGH_WATER:
                 self._pause_reading()
 
+    # a body spliced (splice.py; bench/FIGURES.md, "The upload spliced")
+
+    def _try_splice(self) -> None:
+        """Splice the rest of the relayed Content-Length body when everything allows it: the
+        body's bytes read so far passed on (nothing held), the upstream's transport holding
+        nothing (`_Upload.splice_fd`), the body within the relay's limit, a pipe free. Else
+        nothing: the body goes on being copied, and this is asked again after the next read."""
+        relay = self._relay
+        left = self._left
+        parser: httptools.HttpRequestParser | _Counted = self._parser
+        if (
+            relay is None
+            or relay.full
+            or relay.over
+            or relay.held
+            or self._splice is not None
+            or left <= 0
+            or type(parser) is not _Counted
+            or relay._left < left
+            or self._lost
+            or self._fd < 0
+            or self._transport.is_closing()
+            or self._unparsed
+            or self._refusal
+            or self._upgraded
+            or self._flush is not None
+        ):
+            return
+        target = self._target
+        fd = target.splice_fd()
+        if fd < 0:
+            return
+        pipe = _splice.PIPES.take()
+        if pipe is None:
+            return
+        try:
+            splice = _splice.Splice(
+                self._loop,
+                self._fd,
+                fd,
+                left,
+                pipe,
+                self._spliced,
+                target.spliced,
+                self._splice_blocked,
+                self._spliced_to,
+            )
+        except OSError:
+            _splice.PIPES.give(pipe, True)
+            return
+        self._splice = splice
+        target.splice_began(self._splice_lost)
+        self._pause_reading()  # the client's transport reads nothing of the body meanwhile
+        splice.step()
+
+    def _spliced(self, size: int) -> None:
+        """`size` body bytes left the client's socket: counted as a read's are (`_Counted`, `_Relay.pass_on`)."""
+        self._left -= size
+        self._stalled = 0
+        relay = self._relay
+        if relay is not None:
+            relay._left -= size
+            if relay.extend:
+                due = relay._time() + relay.extend
+                relay._deadlines[relay._wakeup] = due if due < relay.due else relay.due
+
+    def _splice_blocked(self) -> None:
+        """The upstream takes nothing for now: the task waits for it as for a full sink."""
+        self._target.splice_blocked()
+        relay = self._relay
+        if relay is not None:
+            relay._full()
+
+    def _spliced_to(self, how: str) -> None:
+        """The splice ended (its fds closed): the body's end, or what the copy path does next."""
+        self._splice = None
+        target = self._target
+        if target is not None:
+            target.splice_over()
+        if how == "done":
+            # What `_Counted.feed_data` does at the body's end; then what follows is read as any.
+            counted = self._parser
+            self._parser = (
+                httptools.HttpRequestParser(self) if cast(_Counted, counted).parser.should_keep_alive() else _closed()
+            )
+            self.on_message_complete()
+            self._update_reading()
+        elif how == "client":
+            self._resume_reading()  # the transport's own read meets the end (or the failure)
+        else:
+            if target is not None and how != "stopped":
+                target.splice_failed(how == "upstream-error")
+            relay = self._relay
+            if relay is not None:
+                relay._full()  # the task's drain says stop
+
+    def _splice_lost(self) -> None:
+        """The upstream's connection was lost mid-splice: nothing more is sent, as after a failed write."""
+        if self._splice is not None:
+            self._stop_splice()
+            target = self._target
+            if target is not None:
+                target.splice_failed(False)
+            relay = self._relay
+            if relay is not None:
+                relay._full()
+
+    def _stop_splice(self) -> None:
+        splice = self._splice
+        self._splice = None
+        if splice is not None:
+            splice.close()
+        target = self._target
+        if target is not None:
+            target.splice_over()
+
     # requests and answers
 
     def _refuse(self, status: int) -> None:
@@ -1624,6 +1765,7 @@ class _Connection(asyncio.BufferedProtocol):
             or (self._upgraded and self._sink is None)
             or (parsing is not None and parsing._buffered > _HIGH_WATER)
             or (self._relay is not None and self._relay.full)
+            or self._splice is not None
         ):
             return
         self._resume_reading()

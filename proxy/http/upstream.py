@@ -3,7 +3,9 @@
 Owns: per-origin pools of idle keep-alive connections (LIFO reuse, a cap, an idle timeout);
 writing one request (the head in one write, the body streamed with `Content-Length` or
 chunked, awaiting the transport's drain; or written from its source's own read callback, a
-`BodySource`, the task waiting only while the transport's buffer is full); parsing the answer with llhttp (through
+`BodySource`, the task waiting only while the transport's buffer is full; into a plain-TCP
+socket, the rest of a Content-Length body may be spliced by the source's side, counted by
+`_Upload` as its writes are, the connection's loss ending the splice); parsing the answer with llhttp (through
 `httptools.HttpResponseParser`): 1xx interim answers skipped, bodiless answers (HEAD, 204,
 304) recognised, chunked and close-delimited bodies, any other transfer coding refused,
 a chunked answer's trailer fields dropped (never merged into its head, RFC 9110 §6.5.1);
@@ -133,8 +135,13 @@ class BodySource:
     __slots__ = ()
 
     def relay(
-        self, sink: Callable[[bytes | memoryview], bool], drain: Callable[[], Awaitable[bool]]
+        self,
+        sink: Callable[[bytes | memoryview], bool],
+        drain: Callable[[], Awaitable[bool]],
+        target: Any = None,
     ) -> Awaitable[bool]:
+        """`target`: a plain-TCP upstream's `_Upload`, into whose socket the body may be spliced
+        (http1's `Request.relay_body`); None: never."""
         raise NotImplementedError
 
 
@@ -325,6 +332,7 @@ class _Connection(asyncio.BufferedProtocol):
         "_seen",
         "_sink",
         "_sink_full",
+        "_splice_end",
         "_status",
         "_transport",
         "_values",
@@ -359,6 +367,9 @@ class _Connection(asyncio.BufferedProtocol):
         self._reading_paused = False
         self._sink: Callable[[bytes | memoryview], bool] | None = None  # `Response.relay`'s consumer, while it relays
         self._sink_full = False  # the sink said it is full: reading is paused until it drains
+        # A request body spliced into this socket ends with the connection (splice.py: its dup
+        # of the socket must not outlive the transport's).
+        self._splice_end: Callable[[], None] | None = None
         self._relay_timeout = 0.0
         self._seen = 0  # bytes of the answer's body so far
         # The answer's head (on_message_begin resets these for each message, 1xx included).
@@ -413,6 +424,10 @@ class _Connection(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
+        end = self._splice_end
+        if end is not None:
+            self._splice_end = None
+            end()
         # The parser holds our bound callbacks: drop it, or the pair is a cycle that waits for
         # a full garbage collection. Nothing is parsed after the connection is lost, and the
         # poll goes too: its fd number may soon name another socket.
@@ -967,6 +982,58 @@ class _Upload:
             return True
         return False
 
+    # A splice's target (http1's `_Connection._try_splice`, splice.py): the rest of a
+    # Content-Length body written to the socket by the kernel, counted here as a write is.
+
+    def splice_fd(self) -> int:
+        """The upstream's socket, when the rest of the body may be spliced into it now: plain
+        TCP, a Content-Length body, the head written, nothing held by the transport (what it
+        holds must leave first), nothing stopped or answered; else -1 (copy)."""
+        conn = self._conn
+        if (
+            self._length is None
+            or self.pending is not None
+            or self.stopped
+            or conn._lost
+            or conn._head_done
+            or conn._flow.paused
+            or self._transport.get_write_buffer_size()
+            or self._transport.is_closing()
+        ):
+            return -1
+        return conn._fd
+
+    def splice_began(self, end: Callable[[], None]) -> None:
+        """`end` is called if the connection is lost while the splice lasts (`splice_over` stops that)."""
+        self._conn._splice_end = end
+
+    def splice_over(self) -> None:
+        self._conn._splice_end = None
+
+    def spliced(self, size: int) -> bool:
+        """`size` bytes of the body went to the socket; whether nothing more may be sent."""
+        conn = self._conn
+        left = self.left = self.left - size
+        if not left:
+            self.answered_early = conn._got_bytes
+        flow = conn._flow
+        if flow.paused:
+            flow.resume()  # (what `splice_blocked` paused: the upstream takes bytes again)
+        return (conn._head_done or conn._lost or self.stopped) and self._stop()
+
+    def splice_blocked(self) -> None:
+        """The upstream takes nothing for now: the body waits as for a full write buffer (`drain`,
+        with the read timeout), holding nothing in user space."""
+        self._conn._flow.pause(0)
+
+    def splice_failed(self, abort: bool) -> None:
+        """Splicing into the socket failed: nothing more is sent, as after a failed write. The
+        peer gone, the transport learns how from its own read; any other failure (`abort`) cut
+        the body short in a way the upstream cannot tell: the connection is aborted."""
+        self.stopped = True
+        if abort:
+            self._transport.abort()
+
     async def drain(self) -> bool:
         """Wait while the upstream's buffer is full: a stalled upstream that never reads gets
         the read timeout (TimeoutError), as it would for an answer. False: send nothing more."""
@@ -1458,7 +1525,11 @@ class Pool:
         if isinstance(body, BodySource):
             # Written from the client's read callback, no task woken per read (bench/FIGURES.md, "Uploads").
             upload = _Upload(conn, head, content_length, read_timeout)
-            if not await body.relay(upload.write_chunked if chunked else upload.write_length, upload.drain):
+            if not await body.relay(
+                upload.write_chunked if chunked else upload.write_length,
+                upload.drain,
+                None if chunked or content_length is None or conn._fd < 0 else upload,
+            ):
                 return True  # the upstream went away or answered and is closing: the answer tells the rest
             _end_body(conn, upload.pending, (content_length or 0) - upload.left, chunked, content_length)
             # (A Content-Length body ended with its last write, in the client's read callback:

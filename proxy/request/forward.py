@@ -80,9 +80,9 @@ class _Limited(BodySource):
         self._total = total
 
     def relay(
-        self, sink: Callable[[bytes | memoryview], bool], drain: Callable[[], Awaitable[bool]]
+        self, sink: Callable[[bytes | memoryview], bool], drain: Callable[[], Awaitable[bool]], target: Any = None
     ) -> Awaitable[bool]:
-        return self._request.relay_body(sink, drain, self._timeout, total=self._total, limit=self._limit)
+        return self._request.relay_body(sink, drain, self._timeout, total=self._total, limit=self._limit, target=target)
 
 
 def _answer_fields(raw: list[tuple[bytes, bytes]], request_id: str) -> tuple[bytes, int | None, bool]:

@@ -35,7 +35,9 @@ class Pieces(BodySource):
         self.passed = 0
         self.drains = 0
 
-    def relay(self, sink: Callable[[bytes], bool], drain: Callable[[], Awaitable[bool]]) -> Awaitable[bool]:
+    def relay(
+        self, sink: Callable[[bytes], bool], drain: Callable[[], Awaitable[bool]], target: object = None
+    ) -> Awaitable[bool]:
         return self._relay(sink, drain)
 
     async def _relay(self, sink: Callable[[bytes], bool], drain: Callable[[], Awaitable[bool]]) -> bool:

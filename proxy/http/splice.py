@@ -1,0 +1,285 @@
+"""A request body moved by splice(2): client socket -> pipe -> upstream socket, never copied to user space.
+
+Owns: the pool of pipes (`PIPES`: at most `_CAP` pipes of `PIPE_SIZE`, made on demand, an empty
+one kept for the next body, any other closed), and `Splice`, which moves the rest of one
+Content-Length body (`left` bytes, never one more: each client splice asks for at most what is
+left, so what follows the body stays in the socket) from the client's socket through a pipe into
+the upstream's, from loop callbacks, and tells its owner what moved.
+Does not own: when a body may be spliced, what the bytes mean, limits and timeouts (http1.py's
+`_Connection._try_splice`, `Request.relay_body`), or the upstream request's counting (upstream.py's
+`_Upload`).
+
+Why: the kernel's two copies of a relayed body (`_copy_to_iter`, `_copy_from_iter`) are a quarter
+of an upload's CPU; splicing takes both away (bench/FIGURES.md, "splice(2) for uploads: a trial"
+and "The upload spliced"), but only with a large pipe: a 64 KiB pipe costs more than copying.
+
+The sockets: uvloop refuses `add_reader`/`add_writer` on a transport's own fd, so the client's
+transport has its reading paused (its fd is then not polled: the body stays in the socket) and
+each socket is `os.dup`ed for the body's time only: the dups are what is registered with the loop
+and what is spliced (a transport's fd number may be closed and reused; a dup's cannot while we
+hold it). `close` unregisters and closes both dups at once: a dup keeps its socket open (a peer
+would never see the FIN), so every way a splice ends, and the loss of either connection, closes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import fcntl
+import os
+from collections.abc import Callable
+
+__all__ = ["ENABLED", "PIPES", "PIPE_SIZE", "Pipes", "Splice"]
+
+ENABLED = True
+"""The one switch: False, and every body is copied (the tests run both ways)."""
+PIPE_SIZE = 256 * 1024
+"""A pipe's size: 8 splices a MiB (a 64 KiB pipe's 32 cost more than copying: bench/FIGURES.md)."""
+_CAP = 16
+"""Most pipes a process holds: an unprivileged user's pipes may hold 64 MiB in all
+(`pipe-user-pages-soft`; past it every new pipe of that user gets 8 KiB), shared by `workers: N`."""
+_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK if hasattr(os, "splice") else 0
+# A splice's failure that means the peer went away (the transport's own read will say how).
+_GONE = (errno.ECONNRESET, errno.EPIPE, errno.ETIMEDOUT, errno.ENOTCONN)
+# One that means this kernel will not splice these sockets: no more splices in this process.
+_UNSUPPORTED = (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP)
+
+
+def _refused(error: OSError) -> None:
+    global ENABLED
+    if error.errno in _UNSUPPORTED:
+        ENABLED = False
+
+
+class Pipes:
+    """Pipes of `size` bytes: at most `cap` exist at once; an empty one is kept for reuse."""
+
+    __slots__ = ("_free", "cap", "open", "size")
+
+    def __init__(self, cap: int = _CAP, size: int = PIPE_SIZE) -> None:
+        self.cap = cap
+        self.size = size
+        self.open = 0  # pipes made and not closed (in use or free)
+        self._free: list[tuple[int, int]] = []
+
+    def take(self) -> tuple[int, int] | None:
+        """A pipe (read end, write end) of `size` bytes, or None: the cap is reached, or the
+        kernel would not make it that large (the caller copies the body instead)."""
+        if self._free:
+            return self._free.pop()
+        if self.open >= self.cap or not _FLAGS:
+            return None
+        try:
+            r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, self.size)
+            if fcntl.fcntl(w, fcntl.F_GETPIPE_SZ) >= self.size:
+                self.open += 1
+                return r, w
+        except OSError:
+            pass  # EPERM past the user's pipe pages
+        os.close(r)
+        os.close(w)
+        return None
+
+    def give(self, pipe: tuple[int, int], empty: bool) -> None:
+        """A pipe back: kept if `empty` (nothing of one body may reach another), else closed."""
+        if empty and len(self._free) < self.cap:
+            self._free.append(pipe)
+            return
+        self.open -= 1
+        os.close(pipe[0])
+        os.close(pipe[1])
+
+
+PIPES = Pipes()
+
+
+def _forget() -> None:
+    """In a forked child (ops/workers.py forks `workers: N`): a new pool, the parent's free pipes
+    closed, so that no pipe is ever shared by two processes' bodies."""
+    global PIPES
+    for r, w in PIPES._free:
+        os.close(r)
+        os.close(w)
+    PIPES = Pipes(PIPES.cap, PIPES.size)
+
+
+os.register_at_fork(after_in_child=_forget)
+
+
+class Splice:
+    """The rest of one body, `left` bytes, from `client_fd` to `upstream_fd` (dup'd here).
+
+    `took(n)`: n bytes left the client's socket (into the pipe). `gave(n)`: n bytes went to the
+    upstream; returns True when nothing more may be sent (the splice stops, what the pipe holds
+    is dropped). `blocked()`: the upstream takes nothing for now; `gave` follows when it does.
+    `ended(how)`: the splice is over, its fds closed: "done" (every byte went on), "client"
+    (the client's socket is at its end or failed: the client's own read will say how; what the
+    pipe held went on first), "upstream" (the upstream went away: its transport's read will say
+    how), "upstream-error" (splicing into it failed otherwise: what the pipe holds is lost, the
+    upstream's request must be aborted), "stopped" (`gave` said stop). Not called for `close`.
+    A failure that says this kernel does not splice these sockets turns `ENABLED` off.
+    """
+
+    __slots__ = (
+        "_blocked",
+        "_cdup",
+        "_in_pipe",
+        "_loop",
+        "_pipe",
+        "_reading",
+        "_udup",
+        "_writing",
+        "blocked",
+        "ended",
+        "gave",
+        "left",
+        "took",
+    )
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        client_fd: int,
+        upstream_fd: int,
+        left: int,
+        pipe: tuple[int, int],
+        took: Callable[[int], None],
+        gave: Callable[[int], bool],
+        blocked: Callable[[], None],
+        ended: Callable[[str], None],
+    ) -> None:
+        self._loop = loop
+        self._pipe: tuple[int, int] | None = pipe
+        self.left = left
+        self._in_pipe = 0
+        self.took = took
+        self.gave = gave
+        self.blocked = blocked
+        self.ended = ended
+        self._reading = self._writing = self._blocked = False
+        self._cdup = os.dup(client_fd)
+        try:
+            self._udup = os.dup(upstream_fd)
+        except OSError:
+            os.close(self._cdup)
+            raise
+
+    def step(self) -> None:
+        """Move what moves without blocking; then wait for the side that would block."""
+        pipe = self._pipe
+        if pipe is None:
+            return None  # closed (a callback of the same loop turn)
+        r, w = pipe
+        size = PIPES.size
+        while True:
+            moved = False
+            left = self.left
+            room = size - self._in_pipe
+            if left and room:
+                try:
+                    n = os.splice(self._cdup, w, left if left < room else room, flags=_FLAGS)
+                except BlockingIOError:
+                    pass
+                except OSError as error:
+                    _refused(error)
+                    return self._end("client", flush=True)
+                else:
+                    if not n:
+                        return self._end("client", flush=True)  # the client's end of stream
+                    self.left = left - n
+                    self._in_pipe += n
+                    moved = True
+                    self.took(n)
+                    if self._pipe is None:
+                        return None
+            if self._in_pipe:
+                try:
+                    n = os.splice(r, self._udup, self._in_pipe, flags=_FLAGS)
+                except BlockingIOError:
+                    pass
+                except OSError as error:
+                    _refused(error)
+                    return self._end("upstream" if error.errno in _GONE else "upstream-error")
+                else:
+                    self._in_pipe -= n
+                    moved = True
+                    self._blocked = False
+                    if self.gave(n):
+                        return self._end("stopped")
+                    if self._pipe is None:
+                        return None
+            if not moved:
+                break
+        if not self.left and not self._in_pipe:
+            return self._end("done")
+        reading = bool(self.left) and self._in_pipe < size
+        writing = bool(self._in_pipe)
+        loop = self._loop
+        if reading != self._reading:
+            self._reading = reading
+            if reading:
+                loop.add_reader(self._cdup, self.step)
+            else:
+                loop.remove_reader(self._cdup)
+        if writing != self._writing:
+            self._writing = writing
+            if writing:
+                loop.add_writer(self._udup, self.step)
+            else:
+                loop.remove_writer(self._udup)
+        if writing and not self._blocked:
+            self._blocked = True
+            self.blocked()
+        return None
+
+    def _end(self, how: str, *, flush: bool = False) -> None:
+        if flush and self._in_pipe and self._pipe is not None:
+            # The client went away: what it sent before goes on, as a copy would have sent it.
+            try:
+                n = os.splice(self._pipe[0], self._udup, self._in_pipe, flags=_FLAGS)
+            except OSError:
+                pass
+            else:
+                self._in_pipe -= n
+                self.gave(n)
+        ended = self.ended
+        self.close()
+        ended(how)
+
+    def close(self) -> None:
+        """Unregister and close the dups, give the pipe back (kept only if empty). Idempotent."""
+        pipe = self._pipe
+        if pipe is None:
+            return
+        self._pipe = None
+        loop = self._loop
+        if self._reading:
+            self._reading = False
+            loop.remove_reader(self._cdup)
+        if self._writing:
+            self._writing = False
+            loop.remove_writer(self._udup)
+        os.close(self._cdup)
+        os.close(self._udup)
+        PIPES.give(pipe, not self._in_pipe)
+        self._in_pipe = 0
+        # (The owner's callbacks refer to the connections: let go of them.)
+        self.took = self.blocked = _nothing
+        self.gave = _stop
+        self.ended = _nothing
+
+    @property
+    def active(self) -> bool:
+        return self._pipe is not None
+
+
+def _nothing(*_: object) -> None:
+    return None
+
+
+def _stop(_: int) -> bool:
+    return True

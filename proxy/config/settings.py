@@ -287,20 +287,25 @@ class Listen:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
+_CLIENT_ADDRESS = (
+    # The client's address as an ingress or CDN writes it, which frameworks read in place of the
+    # peer (nginx's realip, Go's chi, Rails, Akamai, Cloudflare, Fastly, Zend/Symfony's
+    # X-Cluster-Client-IP and Client-IP).
+    "X-Real-IP",
+    "True-Client-IP",
+    "X-Client-IP",
+    "CF-Connecting-IP",
+    "Fastly-Client-IP",
+    "X-Cluster-Client-IP",
+    "Client-IP",
+)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class StripSettings:
     """Client headers removed from every request before anything else (spoofable identity)."""
 
-    KEEPABLE: ClassVar[tuple[str, ...]] = (
-        "Forwarded",
-        "X-Real-IP",
-        "True-Client-IP",
-        "X-Client-IP",
-        "CF-Connecting-IP",
-        "Fastly-Client-IP",
-        "X-Cluster-Client-IP",
-        "Client-IP",
-    )
+    KEEPABLE: ClassVar[tuple[str, ...]] = ("Forwarded", *_CLIENT_ADDRESS)
     """The built-in names `keep` may name: only the client-address headers, which an ingress in
     front may write and overwrite; the method and path overrides are never kept."""
 
@@ -313,17 +318,10 @@ class StripSettings:
         "X-Rewrite-URL",
         # We append X-Forwarded-*; a client's own RFC 7239 header would contradict it.
         "Forwarded",
-        # The client's address as an ingress or CDN writes it, which frameworks read in place of
-        # the peer (nginx's realip, Go's chi, Rails, Akamai, Cloudflare, Fastly, Zend/Symfony's
-        # X-Cluster-Client-IP and Client-IP): sent by a client, it is spoofed.
-        # `strip_headers.keep` lets a deployment behind an ingress that writes one keep it.
-        "X-Real-IP",
-        "True-Client-IP",
-        "X-Client-IP",
-        "CF-Connecting-IP",
-        "Fastly-Client-IP",
-        "X-Cluster-Client-IP",
-        "Client-IP",
+        # The client's address as an ingress or CDN writes it (`_CLIENT_ADDRESS`): sent by a
+        # client, it is spoofed. `strip_headers.keep` lets a deployment behind an ingress that
+        # writes one keep it.
+        *_CLIENT_ADDRESS,
     )
     prefixes: tuple[str, ...] = ("X-User-", "X-Jwt-", "X-Auth-")
     kept: tuple[str, ...] = ()

@@ -237,8 +237,10 @@ async def test_a_pipe_full_of_small_fragments_does_not_spin_while_the_upstream_r
     monkeypatch.setattr(splice.Splice, "step", counting)
     pipe = pipes.take()
     assert pipe is not None
+    ended: asyncio.Future[str] = loop.create_future()
+    size = 200 * len(piece)
     s = splice.Splice(
-        loop, client.fileno(), upstream.fileno(), 10 << 20, pipe, lambda n: None, lambda n: False, lambda: None, print
+        loop, client.fileno(), upstream.fileno(), size, pipe, lambda n: None, lambda n: False, lambda: None, ended.set_result
     )
     s.step()
     await asyncio.sleep(0.2)  # the upstream's buffers and the pipe fill
@@ -246,7 +248,11 @@ async def test_a_pipe_full_of_small_fragments_does_not_spin_while_the_upstream_r
     cpu = time.process_time()
     await asyncio.sleep(0.5)
     spun, cpu = steps, time.process_time() - cpu
+    got = bytearray()
+    await drain_into(server, got, size)  # the upstream reads: the body goes on to its end
+    how = await asyncio.wait_for(ended, 5)
     s.close()
     for sock in (peer, client, upstream, server, other, other_end):
         sock.close()
     assert spun < 50 and cpu < 0.2, f"{spun} steps, {cpu:.2f}s CPU in 0.5 s with nothing moving"
+    assert (how, bytes(got)) == ("done", piece * 200)

@@ -127,6 +127,7 @@ class Splice:
     __slots__ = (
         "_blocked",
         "_cdup",
+        "_full",
         "_in_pipe",
         "_loop",
         "_pipe",
@@ -161,6 +162,11 @@ class Splice:
         self.blocked = blocked
         self.ended = ended
         self._reading = self._writing = self._blocked = False
+        # The pipe said EAGAIN while holding bytes: full. A pipe holds 64 buffers, one per
+        # fragment of the socket's data, so it may be full long before `size` bytes (a real
+        # network's ~1448-byte fragments: ~90 KiB). The client is not polled again until the
+        # upstream takes some (its dup is readable meanwhile: polled, it would spin the loop).
+        self._full = False
         self._cdup = os.dup(client_fd)
         try:
             self._udup = os.dup(upstream_fd)
@@ -179,11 +185,13 @@ class Splice:
             moved = False
             left = self.left
             room = size - self._in_pipe
-            if left and room:
+            if left and room and not self._full:
                 try:
                     n = os.splice(self._cdup, w, left if left < room else room, flags=_FLAGS)
                 except BlockingIOError:
-                    pass
+                    # The socket has nothing, or the pipe is full: which, EAGAIN does not say.
+                    # Holding bytes, it waits for the upstream first (`_full`).
+                    self._full = self._in_pipe > 0
                 except OSError as error:
                     _refused(error)
                     return self._end("client", flush=True)
@@ -207,7 +215,7 @@ class Splice:
                 else:
                     self._in_pipe -= n
                     moved = True
-                    self._blocked = False
+                    self._blocked = self._full = False
                     if self.gave(n):
                         return self._end("stopped")
                     if self._pipe is None:
@@ -216,7 +224,7 @@ class Splice:
                 break
         if not self.left and not self._in_pipe:
             return self._end("done")
-        reading = bool(self.left) and self._in_pipe < size
+        reading = bool(self.left) and self._in_pipe < size and not self._full
         writing = bool(self._in_pipe)
         loop = self._loop
         if reading != self._reading:

@@ -256,3 +256,49 @@ async def test_a_pipe_full_of_small_fragments_does_not_spin_while_the_upstream_r
         sock.close()
     assert spun < 50 and cpu < 0.2, f"{spun} steps, {cpu:.2f}s CPU in 0.5 s with nothing moving"
     assert (how, bytes(got)) == ("done", piece * 200)
+
+
+
+async def test_urgent_data_in_the_body_does_not_stall_the_splice_nor_spin(pipes: splice.Pipes, monkeypatch: pytest.MonkeyPatch) -> None:
+    # splice(2) from a TCP socket stops at the urgent mark (tcp_read_sock: "Stop reading if we
+    # hit a patch of urgent data") and says EAGAIN, while the socket stays readable (the bytes
+    # after the mark): a client that sends one byte with MSG_OOB in its body stalls the splice
+    # with its dup polled readable, a busy loop until the body's timeout. recv(2) (the copy
+    # path) skips the urgent byte (SO_OOBINLINE off) and reads on.
+    peer, client = tcp_pair()
+    upstream, server = tcp_pair()
+    peer.setblocking(True)
+    peer.sendall(b"a" * 1000)
+    peer.send(b"!", socket.MSG_OOB)
+    peer.sendall(b"b" * 1000)
+    await asyncio.sleep(0.05)
+    loop = asyncio.get_running_loop()
+    steps = 0
+    step = splice.Splice.step
+
+    def counting(self: splice.Splice) -> None:
+        nonlocal steps
+        steps += 1
+        step(self)
+
+    monkeypatch.setattr(splice.Splice, "step", counting)
+    pipe = pipes.take()
+    assert pipe is not None
+    ended: asyncio.Future[str] = loop.create_future()
+    took: list[int] = []
+    s = splice.Splice(
+        loop, client.fileno(), upstream.fileno(), 5000, pipe, took.append, lambda n: False, lambda: None, ended.set_result
+    )
+    s.step()
+    got = bytearray()
+    receiving = loop.create_task(drain_into(server, got, 1000))
+    cpu = time.process_time()
+    done, _ = await asyncio.wait([ended], timeout=0.5)
+    spun, cpu = steps, time.process_time() - cpu
+    s.close()
+    receiving.cancel()
+    for sock in (peer, client, upstream, server):
+        sock.close()
+    # The splice hands the rest to the transport's reads ("client": they meet what comes).
+    assert spun < 50 and cpu < 0.2, f"{spun} steps, {cpu:.2f}s CPU in 0.5 s stuck at the urgent mark"
+    assert ended.done() and ended.result() == "client" and sum(took) == 1000

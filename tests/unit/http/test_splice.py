@@ -229,10 +229,10 @@ async def test_a_pipe_full_of_small_fragments_does_not_spin_while_the_upstream_r
     steps = 0
     step = splice.Splice.step
 
-    def counting(self: splice.Splice) -> None:
+    def counting(self: splice.Splice, *args: bool) -> None:
         nonlocal steps
         steps += 1
-        step(self)
+        step(self, *args)
 
     monkeypatch.setattr(splice.Splice, "step", counting)
     pipe = pipes.take()
@@ -276,10 +276,10 @@ async def test_urgent_data_in_the_body_does_not_stall_the_splice_nor_spin(pipes:
     steps = 0
     step = splice.Splice.step
 
-    def counting(self: splice.Splice) -> None:
+    def counting(self: splice.Splice, *args: bool) -> None:
         nonlocal steps
         steps += 1
-        step(self)
+        step(self, *args)
 
     monkeypatch.setattr(splice.Splice, "step", counting)
     pipe = pipes.take()

@@ -390,3 +390,69 @@ async def test_urgent_data_in_a_spliced_body_is_what_it_is_copied(
     assert spliced["answers"] == copied["answers"]
     assert spliced["bodies"] == copied["bodies"]
     assert spliced["took"] < 1.0 and spliced["cpu"] < 1.0, spliced
+
+
+@bounded_by(60)
+async def test_a_stalled_upstream_does_not_spin_the_proxy_on_a_pipe_full_of_small_fragments(
+    sidecar: Any, raw_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # From a real network a body comes in ~1448-byte fragments, one pipe buffer each: a 256 KiB
+    # pipe (64 buffers) is full at ~90 KiB. Here the client's writes are interleaved with writes
+    # to another socket, so loopback cannot coalesce them either. The upstream reads nothing:
+    # the splice waits for it (504 after its 1 s), it must not poll the client's readable dup.
+    import socket
+
+    steps = 0
+    step = splice.Splice.step
+
+    def counting(self: splice.Splice, *args: bool) -> None:
+        nonlocal steps
+        steps += 1
+        step(self, *args)
+
+    monkeypatch.setattr(splice.Splice, "step", counting)
+    upstream = Upstream()
+    server = await raw_server(upstream)
+    s = await sidecar(STALL_CONFIG, raw=f"http://127.0.0.1:{server.port}")
+    host, port = s.url.removeprefix("http://").split(":")
+    loop = asyncio.get_running_loop()
+    sink = socket.socket()
+    sink.bind(("127.0.0.1", 0))
+    sink.listen()
+    other = socket.create_connection(sink.getsockname())
+    other_end, _ = sink.accept()
+    other_end.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+    client = socket.create_connection((host, int(port)))
+    client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    for sock in (client, other, other_end):
+        sock.setblocking(False)
+    data = upload("/stall", body_of(40 * MiB, 2))
+
+    async def push() -> None:
+        try:
+            await loop.sock_sendall(client, data[:200])
+            for at in range(200, len(data), 1000):
+                await loop.sock_sendall(client, data[at : at + 1000])
+                await loop.sock_sendall(other, data[at : at + 1000])
+                try:
+                    other_end.recv(1 << 20)
+                except BlockingIOError:
+                    pass
+        except OSError:
+            pass
+
+    pushing = asyncio.ensure_future(push())
+    answer = b""
+    while b"\r\n\r\n" not in answer:
+        piece = await asyncio.wait_for(loop.sock_recv(client, 4096), 10)
+        if not piece:
+            break
+        answer += piece
+    pushing.cancel()
+    for sock in (client, other, other_end, sink):
+        sock.close()
+    await eventually(lambda: s.runtime.metrics.in_flight == 0, 5)
+    await s.runtime.pool.close()
+    await server.stop()
+    assert answer.startswith(b"HTTP/1.1 504")
+    assert steps < 5000, f"{steps} steps for one stalled body"

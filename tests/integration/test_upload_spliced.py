@@ -456,3 +456,63 @@ async def test_a_stalled_upstream_does_not_spin_the_proxy_on_a_pipe_full_of_smal
     await server.stop()
     assert answer.startswith(b"HTTP/1.1 504")
     assert steps < 5000, f"{steps} steps for one stalled body"
+
+
+async def answered_early(sidecar: Any, raw_server: Any, monkeypatch: pytest.MonkeyPatch, *, spliced: bool) -> dict[str, Any]:
+    """An upstream that answers 413 with `Connection: close` after 300 KiB of a 20 MiB body and
+    reads nothing more (its socket left open: it will close it later)."""
+    monkeypatch.setattr(splice, "ENABLED", spliced)
+    made: list[splice.Splice] = []
+    real = splice.Splice
+
+    def counting(*args: Any) -> splice.Splice:
+        made.append(real(*args))
+        return made[-1]
+
+    monkeypatch.setattr(splice, "Splice", counting)
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        await reader.readexactly(300 * KiB)
+        writer.write(b"HTTP/1.1 413 Too Big\r\nContent-Length: 2\r\nConnection: close\r\n\r\nno")
+        await writer.drain()
+        await asyncio.sleep(3)
+        writer.close()
+
+    server = await raw_server(handler)
+    s = await sidecar(STALL_CONFIG, raw=f"http://127.0.0.1:{server.port}")
+    host, port = s.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    data = upload("/early", body_of(20 * MiB, 2))
+
+    async def push() -> None:
+        try:
+            for at in range(0, len(data), 64 * KiB):
+                writer.write(data[at : at + 64 * KiB])
+                await writer.drain()
+        except ConnectionError:
+            pass
+
+    pushing = asyncio.ensure_future(push())
+    answers = await asyncio.wait_for(read_answers(reader), 10)
+    pushing.cancel()
+    writer.close()
+    await eventually(lambda: s.runtime.metrics.in_flight == 0, 5)
+    await s.runtime.pool.close()
+    await server.stop()
+    await eventually(lambda: all(not sp.active for sp in made), 5)
+    return {"answers": [a.split(b"\r\n")[0] for a in answers], "spliced": len(made)}
+
+
+@bounded_by(60)
+async def test_an_upstream_answering_early_and_closing_is_relayed_as_when_copied(
+    sidecar: Any, raw_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The upstream answers and is closing (RFC 9112 §9.5), reading nothing more: the body stops
+    # and its answer goes to the client. Copied, the next read's write sees the answer and stops;
+    # spliced, the pipe is full and nothing moves, so nothing sees it: the body's timeout (408).
+    copied = await answered_early(sidecar, raw_server, monkeypatch, spliced=False)
+    spliced = await answered_early(sidecar, raw_server, monkeypatch, spliced=True)
+    assert copied["answers"] == [b"HTTP/1.1 413 Too Big"]
+    assert spliced["spliced"] >= 1
+    assert spliced["answers"] == copied["answers"]

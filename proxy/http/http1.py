@@ -1498,6 +1498,7 @@ class _Connection(asyncio.BufferedProtocol):
         parser: httptools.HttpRequestParser | _Counted = self._parser
         if (
             relay is None
+            or not _splice.ENABLED  # (turned off by a splice this kernel refused: copied from now on)
             or relay.full
             or relay.over
             or relay.held

@@ -39,6 +39,7 @@ _CAP = 16
 """Most pipes a process holds: an unprivileged user's pipes may hold 64 MiB in all
 (`pipe-user-pages-soft`; past it every new pipe of that user gets 8 KiB), shared by `workers: N`."""
 _FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK if hasattr(os, "splice") else 0
+_SIOCATMARK = 0x8905  # (Linux) whether a socket's next byte is the urgent mark
 # A splice's failure that means the peer went away (the transport's own read will say how).
 _GONE = (errno.ECONNRESET, errno.EPIPE, errno.ETIMEDOUT, errno.ENOTCONN)
 # One that means this kernel will not splice these sockets: no more splices in this process.
@@ -127,6 +128,7 @@ class Splice:
     __slots__ = (
         "_blocked",
         "_cdup",
+        "_full",
         "_in_pipe",
         "_loop",
         "_pipe",
@@ -161,6 +163,11 @@ class Splice:
         self.blocked = blocked
         self.ended = ended
         self._reading = self._writing = self._blocked = False
+        # The pipe said EAGAIN while holding bytes: full. A pipe holds 64 buffers, one per
+        # fragment of the socket's data, so it may be full long before `size` bytes (a real
+        # network's ~1448-byte fragments: ~90 KiB). The client is not polled again until the
+        # upstream takes some (its dup is readable meanwhile: polled, it would spin the loop).
+        self._full = False
         self._cdup = os.dup(client_fd)
         try:
             self._udup = os.dup(upstream_fd)
@@ -168,8 +175,9 @@ class Splice:
             os.close(self._cdup)
             raise
 
-    def step(self) -> None:
-        """Move what moves without blocking; then wait for the side that would block."""
+    def step(self, readable: bool = False) -> None:
+        """Move what moves without blocking; then wait for the side that would block.
+        `readable`: called as the client's dup's reader (the loop says it has bytes, or its end)."""
         pipe = self._pipe
         if pipe is None:
             return None  # closed (a callback of the same loop turn)
@@ -179,11 +187,19 @@ class Splice:
             moved = False
             left = self.left
             room = size - self._in_pipe
-            if left and room:
+            if left and room and not self._full:
+                woke, readable = readable, False  # (only the first splice after the loop said readable)
                 try:
                     n = os.splice(self._cdup, w, left if left < room else room, flags=_FLAGS)
                 except BlockingIOError:
-                    pass
+                    # The socket has nothing, or the pipe is full: which, EAGAIN does not say.
+                    # Holding bytes, it waits for the upstream first (`_full`).
+                    self._full = self._in_pipe > 0
+                    if woke and not self._full and _at_mark(self._cdup):
+                        # splice(2) stops at urgent data (EAGAIN, the socket still readable:
+                        # polled, it would spin); recv(2) skips the urgent byte: the
+                        # transport's reads go on with the body (the pipe is empty).
+                        return self._end("client")
                 except OSError as error:
                     _refused(error)
                     return self._end("client", flush=True)
@@ -207,7 +223,7 @@ class Splice:
                 else:
                     self._in_pipe -= n
                     moved = True
-                    self._blocked = False
+                    self._blocked = self._full = False
                     if self.gave(n):
                         return self._end("stopped")
                     if self._pipe is None:
@@ -216,13 +232,13 @@ class Splice:
                 break
         if not self.left and not self._in_pipe:
             return self._end("done")
-        reading = bool(self.left) and self._in_pipe < size
+        reading = bool(self.left) and self._in_pipe < size and not self._full
         writing = bool(self._in_pipe)
         loop = self._loop
         if reading != self._reading:
             self._reading = reading
             if reading:
-                loop.add_reader(self._cdup, self.step)
+                loop.add_reader(self._cdup, self.step, True)
             else:
                 loop.remove_reader(self._cdup)
         if writing != self._writing:
@@ -275,6 +291,13 @@ class Splice:
     @property
     def active(self) -> bool:
         return self._pipe is not None
+
+
+def _at_mark(fd: int) -> bool:
+    try:
+        return bool(int.from_bytes(fcntl.ioctl(fd, _SIOCATMARK, b"\0\0\0\0"), "little"))
+    except OSError:
+        return False
 
 
 def _nothing(*_: object) -> None:

@@ -1041,9 +1041,14 @@ class _Upload:
             raise UpstreamError(self.error)
         if self.stopped:
             return False
-        flow = self._conn._flow
+        conn = self._conn
+        flow = conn._flow
         if flow.paused:
             await flow.drain(self._read_timeout)
+            # Ended by an answer that closes (`on_headers_complete`): stop now, as the next write
+            # would (a spliced body's next write may never come: the upstream reads nothing).
+            if (conn._head_done or conn._lost) and self._stop():
+                return False
         return True
 
 

@@ -329,3 +329,190 @@ async def test_timeouts_and_waits_are_those_of_the_copied_upload(
     assert [a[:12] for a in copied["answers"]["slow client"]] == [b"HTTP/1.1 408"]  # the body's timeout
     assert [a[:12] for a in copied["answers"]["stalled upstream"]] == [b"HTTP/1.1 504"]  # the upstream's
     assert splice.PIPES.open == len(splice.PIPES._free)
+
+
+async def urgent(sidecar: Any, raw_server: Any, monkeypatch: pytest.MonkeyPatch, *, spliced: bool) -> dict[str, Any]:
+    """An upload with one byte sent as TCP urgent data in its body (recv(2) skips it: the body is
+    the rest), then a request pipelined after it."""
+    import socket
+    import time
+
+    monkeypatch.setattr(splice, "ENABLED", spliced)
+    made: list[splice.Splice] = []
+    real = splice.Splice
+
+    def counting(*args: Any) -> splice.Splice:
+        made.append(real(*args))
+        return made[-1]
+
+    monkeypatch.setattr(splice, "Splice", counting)
+    upstream = Upstream()
+    server = await raw_server(upstream)
+    s = await sidecar(CONFIG, raw=f"http://127.0.0.1:{server.port}")
+    host, port = s.url.removeprefix("http://").split(":")
+    loop = asyncio.get_running_loop()
+    body = body_of(300 * KiB, 3)
+    data = upload("/urgent", body)
+    at = data.index(b"\r\n\r\n") + 4 + 100 * KiB
+    sock = socket.create_connection((host, int(port)))
+    sock.setblocking(False)
+    cpu = time.process_time()
+    began = loop.time()
+    try:
+        await loop.sock_sendall(sock, data[:at])
+        await asyncio.sleep(0.2)  # spliced by now
+        sock.send(b"!", socket.MSG_OOB)  # not of the body: recv skips it
+        await asyncio.sleep(0.05)
+        await loop.sock_sendall(sock, data[at:] + upload("/next", b"xyz", "Connection: close"))
+        reader, writer = await asyncio.open_connection(sock=sock)
+        answers = await asyncio.wait_for(read_answers(reader), 10)
+        writer.close()
+    finally:
+        sock.close()
+    took, cpu = loop.time() - began, time.process_time() - cpu
+    await eventually(lambda: s.runtime.metrics.in_flight == 0, 5)
+    await s.runtime.pool.close()
+    await server.stop()
+    return {"answers": answers, "bodies": sorted(upstream.bodies), "spliced": len(made), "took": took, "cpu": cpu}
+
+
+@bounded_by(60)
+async def test_urgent_data_in_a_spliced_body_is_what_it_is_copied(
+    sidecar: Any, raw_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # splice(2) stops at the urgent mark and says EAGAIN with the socket readable: the splice
+    # must not wait there (spinning on its readable dup until the body's timeout, 408) while the
+    # copied upload reads past it (recv skips the urgent byte) and is answered 200.
+    copied = await urgent(sidecar, raw_server, monkeypatch, spliced=False)
+    spliced = await urgent(sidecar, raw_server, monkeypatch, spliced=True)
+    assert [a.split(b"\r\n")[0] for a in copied["answers"]] == [b"HTTP/1.1 200 OK"] * 2
+    assert spliced["spliced"] >= 1
+    assert spliced["answers"] == copied["answers"]
+    assert spliced["bodies"] == copied["bodies"]
+    assert spliced["took"] < 1.0 and spliced["cpu"] < 1.0, spliced
+
+
+@bounded_by(60)
+async def test_a_stalled_upstream_does_not_spin_the_proxy_on_a_pipe_full_of_small_fragments(
+    sidecar: Any, raw_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # From a real network a body comes in ~1448-byte fragments, one pipe buffer each: a 256 KiB
+    # pipe (64 buffers) is full at ~90 KiB. Here the client's writes are interleaved with writes
+    # to another socket, so loopback cannot coalesce them either. The upstream reads nothing:
+    # the splice waits for it (504 after its 1 s), it must not poll the client's readable dup.
+    import socket
+
+    steps = 0
+    step = splice.Splice.step
+
+    def counting(self: splice.Splice, *args: bool) -> None:
+        nonlocal steps
+        steps += 1
+        step(self, *args)
+
+    monkeypatch.setattr(splice.Splice, "step", counting)
+    upstream = Upstream()
+    server = await raw_server(upstream)
+    s = await sidecar(STALL_CONFIG, raw=f"http://127.0.0.1:{server.port}")
+    host, port = s.url.removeprefix("http://").split(":")
+    loop = asyncio.get_running_loop()
+    sink = socket.socket()
+    sink.bind(("127.0.0.1", 0))
+    sink.listen()
+    other = socket.create_connection(sink.getsockname())
+    other_end, _ = sink.accept()
+    other_end.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+    client = socket.create_connection((host, int(port)))
+    client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    for sock in (client, other, other_end):
+        sock.setblocking(False)
+    data = upload("/stall", body_of(40 * MiB, 2))
+
+    async def push() -> None:
+        try:
+            await loop.sock_sendall(client, data[:200])
+            for at in range(200, len(data), 1000):
+                await loop.sock_sendall(client, data[at : at + 1000])
+                await loop.sock_sendall(other, data[at : at + 1000])
+                try:
+                    other_end.recv(1 << 20)
+                except BlockingIOError:
+                    pass
+        except OSError:
+            pass
+
+    pushing = asyncio.ensure_future(push())
+    answer = b""
+    while b"\r\n\r\n" not in answer:
+        piece = await asyncio.wait_for(loop.sock_recv(client, 4096), 10)
+        if not piece:
+            break
+        answer += piece
+    pushing.cancel()
+    for sock in (client, other, other_end, sink):
+        sock.close()
+    await eventually(lambda: s.runtime.metrics.in_flight == 0, 5)
+    await s.runtime.pool.close()
+    await server.stop()
+    assert answer.startswith(b"HTTP/1.1 504")
+    assert steps < 5000, f"{steps} steps for one stalled body"
+
+
+async def answered_early(sidecar: Any, raw_server: Any, monkeypatch: pytest.MonkeyPatch, *, spliced: bool) -> dict[str, Any]:
+    """An upstream that answers 413 with `Connection: close` after 300 KiB of a 20 MiB body and
+    reads nothing more (its socket left open: it will close it later)."""
+    monkeypatch.setattr(splice, "ENABLED", spliced)
+    made: list[splice.Splice] = []
+    real = splice.Splice
+
+    def counting(*args: Any) -> splice.Splice:
+        made.append(real(*args))
+        return made[-1]
+
+    monkeypatch.setattr(splice, "Splice", counting)
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        await reader.readexactly(300 * KiB)
+        writer.write(b"HTTP/1.1 413 Too Big\r\nContent-Length: 2\r\nConnection: close\r\n\r\nno")
+        await writer.drain()
+        await asyncio.sleep(3)
+        writer.close()
+
+    server = await raw_server(handler)
+    s = await sidecar(STALL_CONFIG, raw=f"http://127.0.0.1:{server.port}")
+    host, port = s.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    data = upload("/early", body_of(20 * MiB, 2))
+
+    async def push() -> None:
+        try:
+            for at in range(0, len(data), 64 * KiB):
+                writer.write(data[at : at + 64 * KiB])
+                await writer.drain()
+        except ConnectionError:
+            pass
+
+    pushing = asyncio.ensure_future(push())
+    answers = await asyncio.wait_for(read_answers(reader), 10)
+    pushing.cancel()
+    writer.close()
+    await eventually(lambda: s.runtime.metrics.in_flight == 0, 5)
+    await s.runtime.pool.close()
+    await server.stop()
+    await eventually(lambda: all(not sp.active for sp in made), 5)
+    return {"answers": [a.split(b"\r\n")[0] for a in answers], "spliced": len(made)}
+
+
+@bounded_by(60)
+async def test_an_upstream_answering_early_and_closing_is_relayed_as_when_copied(
+    sidecar: Any, raw_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The upstream answers and is closing (RFC 9112 §9.5), reading nothing more: the body stops
+    # and its answer goes to the client. Copied, the next read's write sees the answer and stops;
+    # spliced, the pipe is full and nothing moves, so nothing sees it: the body's timeout (408).
+    copied = await answered_early(sidecar, raw_server, monkeypatch, spliced=False)
+    spliced = await answered_early(sidecar, raw_server, monkeypatch, spliced=True)
+    assert copied["answers"] == [b"HTTP/1.1 413 Too Big"]
+    assert spliced["spliced"] >= 1
+    assert spliced["answers"] == copied["answers"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -188,3 +189,116 @@ def test_a_forked_child_shares_no_pipe_with_its_parent() -> None:
     assert os.waitstatus_to_exitcode(status) == 0
     assert splice.PIPES.take() == pipe  # the parent's pool as it was
     splice.PIPES.give(pipe, True)
+
+
+def tcp_pair(rcvbuf: int = 0) -> tuple[socket.socket, socket.socket]:
+    """A loopback TCP connection (what the proxy splices: not a socketpair), both ends non-blocking."""
+    listener = socket.socket()
+    if rcvbuf:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)  # inherited by the accepted end
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    a = socket.create_connection(listener.getsockname())
+    b, _ = listener.accept()
+    listener.close()
+    for s in (a, b):
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        s.setblocking(False)
+    return a, b
+
+
+async def test_a_pipe_full_of_small_fragments_does_not_spin_while_the_upstream_reads_nothing(
+    pipes: splice.Pipes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A pipe holds 64 buffers (256 KiB / 4 KiB), one per fragment of the socket's skbs, however
+    # few bytes each holds. From a real network every packet's payload is a fragment of its own
+    # (~1448 bytes, a page-pool slice), so a 256 KiB pipe is full at ~90 KiB: the client's splice
+    # then says EAGAIN with the byte count (`_in_pipe`) far from `size`. Here the client's writes
+    # are interleaved with another socket's, so its fragments are not contiguous and loopback cannot
+    # coalesce them (as it does for one sender's consecutive writes). The upstream reads nothing:
+    # the splice must wait for it, not keep the client's (readable) dup registered and spin.
+    peer, client = tcp_pair()
+    upstream, server = tcp_pair(rcvbuf=4096)  # the upstream reads nothing and buffers little
+    upstream.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    other, other_end = tcp_pair()
+    piece = b"x" * 1000
+    for _ in range(200):  # 200 KB: more than the upstream's buffers and the pipe's 64 fragments hold
+        peer.send(piece)
+        other.send(piece)
+    loop = asyncio.get_running_loop()
+    steps = 0
+    step = splice.Splice.step
+
+    def counting(self: splice.Splice, *args: bool) -> None:
+        nonlocal steps
+        steps += 1
+        step(self, *args)
+
+    monkeypatch.setattr(splice.Splice, "step", counting)
+    pipe = pipes.take()
+    assert pipe is not None
+    ended: asyncio.Future[str] = loop.create_future()
+    size = 200 * len(piece)
+    s = splice.Splice(
+        loop, client.fileno(), upstream.fileno(), size, pipe, lambda n: None, lambda n: False, lambda: None, ended.set_result
+    )
+    s.step()
+    await asyncio.sleep(0.2)  # the upstream's buffers and the pipe fill
+    steps = 0
+    cpu = time.process_time()
+    await asyncio.sleep(0.5)
+    spun, cpu = steps, time.process_time() - cpu
+    got = bytearray()
+    await drain_into(server, got, size)  # the upstream reads: the body goes on to its end
+    how = await asyncio.wait_for(ended, 5)
+    s.close()
+    for sock in (peer, client, upstream, server, other, other_end):
+        sock.close()
+    assert spun < 50 and cpu < 0.2, f"{spun} steps, {cpu:.2f}s CPU in 0.5 s with nothing moving"
+    assert (how, bytes(got)) == ("done", piece * 200)
+
+
+
+async def test_urgent_data_in_the_body_does_not_stall_the_splice_nor_spin(pipes: splice.Pipes, monkeypatch: pytest.MonkeyPatch) -> None:
+    # splice(2) from a TCP socket stops at the urgent mark (tcp_read_sock: "Stop reading if we
+    # hit a patch of urgent data") and says EAGAIN, while the socket stays readable (the bytes
+    # after the mark): a client that sends one byte with MSG_OOB in its body stalls the splice
+    # with its dup polled readable, a busy loop until the body's timeout. recv(2) (the copy
+    # path) skips the urgent byte (SO_OOBINLINE off) and reads on.
+    peer, client = tcp_pair()
+    upstream, server = tcp_pair()
+    peer.setblocking(True)
+    peer.sendall(b"a" * 1000)
+    peer.send(b"!", socket.MSG_OOB)
+    peer.sendall(b"b" * 1000)
+    await asyncio.sleep(0.05)
+    loop = asyncio.get_running_loop()
+    steps = 0
+    step = splice.Splice.step
+
+    def counting(self: splice.Splice, *args: bool) -> None:
+        nonlocal steps
+        steps += 1
+        step(self, *args)
+
+    monkeypatch.setattr(splice.Splice, "step", counting)
+    pipe = pipes.take()
+    assert pipe is not None
+    ended: asyncio.Future[str] = loop.create_future()
+    took: list[int] = []
+    s = splice.Splice(
+        loop, client.fileno(), upstream.fileno(), 5000, pipe, took.append, lambda n: False, lambda: None, ended.set_result
+    )
+    s.step()
+    got = bytearray()
+    receiving = loop.create_task(drain_into(server, got, 1000))
+    cpu = time.process_time()
+    done, _ = await asyncio.wait([ended], timeout=0.5)
+    spun, cpu = steps, time.process_time() - cpu
+    s.close()
+    receiving.cancel()
+    for sock in (peer, client, upstream, server):
+        sock.close()
+    # The splice hands the rest to the transport's reads ("client": they meet what comes).
+    assert spun < 50 and cpu < 0.2, f"{spun} steps, {cpu:.2f}s CPU in 0.5 s stuck at the urgent mark"
+    assert ended.done() and ended.result() == "client" and sum(took) == 1000

@@ -26,6 +26,18 @@ from proxy.telemetry.accesslog import AccessLog
 from tests.conftest import AUDIENCE, ISSUER
 from tests.support.raw import bounded_by, eventually
 
+
+@pytest.fixture(params=["asyncio", "uvloop"], scope="module")
+def event_loop_policy(request: pytest.FixtureRequest) -> asyncio.AbstractEventLoopPolicy:
+    """Every test here on asyncio's own loop and on uvloop, which the process runs on: the
+    splice pauses and resumes the transport's reading and registers dup'd descriptors with the
+    loop, where the two loops differ."""
+    if request.param == "uvloop":
+        uvloop = pytest.importorskip("uvloop")
+        return uvloop.EventLoopPolicy()  # type: ignore[no-any-return]
+    return asyncio.DefaultEventLoopPolicy()
+
+
 KiB = 1024
 MiB = 1024 * KiB
 CONFIG = f"""\
@@ -458,7 +470,9 @@ async def test_a_stalled_upstream_does_not_spin_the_proxy_on_a_pipe_full_of_smal
     assert steps < 5000, f"{steps} steps for one stalled body"
 
 
-async def answered_early(sidecar: Any, raw_server: Any, monkeypatch: pytest.MonkeyPatch, *, spliced: bool) -> dict[str, Any]:
+async def answered_early(
+    sidecar: Any, raw_server: Any, monkeypatch: pytest.MonkeyPatch, *, spliced: bool
+) -> dict[str, Any]:
     """An upstream that answers 413 with `Connection: close` after 300 KiB of a 20 MiB body and
     reads nothing more (its socket left open: it will close it later)."""
     monkeypatch.setattr(splice, "ENABLED", spliced)

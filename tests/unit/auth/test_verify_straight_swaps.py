@@ -10,7 +10,6 @@ import random
 from typing import Any
 
 import jwt
-from cryptography.hazmat.primitives import serialization
 
 from proxy.auth.keys import key_source_for
 from proxy.auth.verify import TokenCache, Verifier
@@ -82,11 +81,14 @@ async def test_straight_and_general_agree_across_key_set_swaps(
         "ed": ("EdDSA", rs(ed_key, "EdDSA")),
         "hs": ("HS256", lambda m: jwt.get_algorithm_by_name("HS256").sign(m, HS_SECRET)),
         "hs-pem": ("HS256", lambda m: __import__("hmac").new(pem, m, "sha256").digest()),
-        "hs-jwk": ("HS256", lambda m: __import__("hmac").new(json.dumps(rsa_key.public_jwk).encode(), m, "sha256").digest()),
+        "hs-jwk": (
+            "HS256",
+            lambda m: __import__("hmac").new(json.dumps(rsa_key.public_jwk).encode(), m, "sha256").digest(),
+        ),
     }
     header_kids: list[Any] = [rsa_key.kid, None, ec_key.kid, "unknown"]
     tokens = []
-    for name, (alg, sign) in signers.items():
+    for _name, (alg, sign) in signers.items():
         for kid in header_kids:
             for spelling in range(3):
                 header: dict[str, Any] = {"alg": alg}
@@ -104,16 +106,18 @@ async def test_straight_and_general_agree_across_key_set_swaps(
         tokens.append(f"{h}.{_b64(json.dumps(dict(claims, sub='x')).encode())}.{s}")
 
     rng = random.Random(8)
-    warm = Verifier(p, key_source_for(p, fetcher=None, clock=clock), clock=clock,
-                    cache=TokenCache(TokenCacheSettings(), clock))
+    warm = Verifier(
+        p, key_source_for(p, fetcher=None, clock=clock), clock=clock, cache=TokenCache(TokenCacheSettings(), clock)
+    )
     warm._headers.bound = 256  # every header spelling of the corpus held (the default is 16)
     straight = verified = 0
     for step in range(6000):
         if step % 40 == 0:
             warm.source.keyset = rng.choice(keysets)
         token = rng.choice(tokens)
-        fresh = Verifier(p, key_source_for(p, fetcher=None, clock=clock), clock=clock,
-                         cache=TokenCache(TokenCacheSettings(), clock))
+        fresh = Verifier(
+            p, key_source_for(p, fetcher=None, clock=clock), clock=clock, cache=TokenCache(TokenCacheSettings(), clock)
+        )
         fresh.source.keyset = warm.source.keyset
         known = warm._headers.get(token.partition(".")[0])
         expected = _outcome(fresh, token)

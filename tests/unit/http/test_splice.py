@@ -14,6 +14,18 @@ import pytest
 
 from proxy.http import splice
 
+
+@pytest.fixture(params=["asyncio", "uvloop"], scope="module")
+def event_loop_policy(request: pytest.FixtureRequest) -> asyncio.AbstractEventLoopPolicy:
+    """Every test here on asyncio's own loop and on uvloop, which the process runs on: the
+    splice pauses and resumes the transport's reading and registers dup'd descriptors with the
+    loop, where the two loops differ."""
+    if request.param == "uvloop":
+        uvloop = pytest.importorskip("uvloop")
+        return uvloop.EventLoopPolicy()  # type: ignore[no-any-return]
+    return asyncio.DefaultEventLoopPolicy()
+
+
 KiB = 1024
 
 
@@ -240,7 +252,15 @@ async def test_a_pipe_full_of_small_fragments_does_not_spin_while_the_upstream_r
     ended: asyncio.Future[str] = loop.create_future()
     size = 200 * len(piece)
     s = splice.Splice(
-        loop, client.fileno(), upstream.fileno(), size, pipe, lambda n: None, lambda n: False, lambda: None, ended.set_result
+        loop,
+        client.fileno(),
+        upstream.fileno(),
+        size,
+        pipe,
+        lambda n: None,
+        lambda n: False,
+        lambda: None,
+        ended.set_result,
     )
     s.step()
     await asyncio.sleep(0.2)  # the upstream's buffers and the pipe fill
@@ -258,8 +278,9 @@ async def test_a_pipe_full_of_small_fragments_does_not_spin_while_the_upstream_r
     assert (how, bytes(got)) == ("done", piece * 200)
 
 
-
-async def test_urgent_data_in_the_body_does_not_stall_the_splice_nor_spin(pipes: splice.Pipes, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_urgent_data_in_the_body_does_not_stall_the_splice_nor_spin(
+    pipes: splice.Pipes, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # splice(2) from a TCP socket stops at the urgent mark (tcp_read_sock: "Stop reading if we
     # hit a patch of urgent data") and says EAGAIN, while the socket stays readable (the bytes
     # after the mark): a client that sends one byte with MSG_OOB in its body stalls the splice
@@ -287,13 +308,21 @@ async def test_urgent_data_in_the_body_does_not_stall_the_splice_nor_spin(pipes:
     ended: asyncio.Future[str] = loop.create_future()
     took: list[int] = []
     s = splice.Splice(
-        loop, client.fileno(), upstream.fileno(), 5000, pipe, took.append, lambda n: False, lambda: None, ended.set_result
+        loop,
+        client.fileno(),
+        upstream.fileno(),
+        5000,
+        pipe,
+        took.append,
+        lambda n: False,
+        lambda: None,
+        ended.set_result,
     )
     s.step()
     got = bytearray()
     receiving = loop.create_task(drain_into(server, got, 1000))
     cpu = time.process_time()
-    done, _ = await asyncio.wait([ended], timeout=0.5)
+    _done, _ = await asyncio.wait([ended], timeout=0.5)
     spun, cpu = steps, time.process_time() - cpu
     s.close()
     receiving.cancel()

@@ -440,20 +440,8 @@ def verify_signature(token: str, header: TokenHeader, keys: Sequence[Jwk]) -> by
             )
             continue
         if pkcs1 is not None:  # RS256/384/512: straight on cryptography's key (see `_prepare`)
-            # RFC 8017 §8.2.2 as written: OpenSSL recovers EM = 0x00 01 FF..FF 00 || T from the
-            # signature (refusing s >= n and any other padding) and we compare T with the one
-            # DigestInfo || H(signing input) of the token's alg; a signature of another length
-            # than the modulus is refused first (as `verify` refuses it). No digest fetched per
-            # call: bench/FIGURES.md, "Cache misses, session 7"; tests/unit/auth/test_rsa_pkcs1.py.
-            if len(signature) == hashing[2]:
-                try:
-                    if (
-                        public.recover_data_from_signature(signature, pkcs1, None)
-                        == hashing[1] + hashing[0](signing_input).digest()
-                    ):
-                        return payload
-                except InvalidSignature:
-                    pass
+            if _pkcs1_verifies(public, pkcs1, hashing, signing_input, signature):
+                return payload
         elif check(signing_input, public, signature):
             return payload
         failures.append(f"{_key_words(key)} does not match the signature")
@@ -586,6 +574,26 @@ _ALGORITHMS: dict[str, tuple[str, Any]] = {
 _CURVE_OF: dict[str, type[ec.EllipticCurve]] = {"ES256": ec.SECP256R1, "ES384": ec.SECP384R1, "ES512": ec.SECP521R1}
 _OKP_KEYS = (Ed25519PublicKey, Ed448PublicKey)
 _PKCS1 = padding.PKCS1v15()
+
+
+def _pkcs1_verifies(public: Any, pkcs1: padding.PKCS1v15, hashing: Any, signing_input: bytes, signature: bytes) -> bool:
+    """RSASSA-PKCS1-v1_5 (RS256/384/512) on cryptography's key, as `_prepare` prepared it:
+    RFC 8017 §8.2.2 as written. OpenSSL recovers EM = 0x00 01 FF..FF 00 || T from the signature
+    (refusing s >= n and any other padding) and T is compared with the one DigestInfo ||
+    H(signing input) of the token's alg; a signature of another length than the modulus is
+    refused first (as `verify` refuses it). No digest fetched per call: bench/FIGURES.md,
+    "Cache misses, session 7"; tests/unit/auth/test_rsa_pkcs1.py."""
+    if len(signature) != hashing[2]:
+        return False
+    try:
+        return bool(
+            public.recover_data_from_signature(signature, pkcs1, None)
+            == hashing[1] + hashing[0](signing_input).digest()
+        )
+    except InvalidSignature:
+        return False
+
+
 _DIGEST_INFO = {  # DER of DigestInfo{algorithm, NULL} before the hash's bytes (RFC 8017 §9.2, note 1)
     "sha256": bytes.fromhex("3031300d060960864801650304020105000420"),
     "sha384": bytes.fromhex("3041300d060960864801650304020205000430"),
@@ -968,20 +976,11 @@ class Verifier:
                         raw = _unbase64url(signing_input[dot + 1 :])
                         signature = _unbase64url(crypto_segment)
                         if raw is not None and signature:
-                            if known.pkcs1 is not None:  # RS256/384/512: see `verify_signature`
-                                hashing = known.hashing
-                                verified = False
-                                if len(signature) == hashing[2]:
-                                    try:
-                                        verified = (
-                                            known.public.recover_data_from_signature(signature, known.pkcs1, None)
-                                            == hashing[1] + hashing[0](signing_input).digest()
-                                        )
-                                    except InvalidSignature:
-                                        pass
-                            else:
-                                verified = known.check(signing_input, known.public, signature)
-                            if not verified:
+                            if not (
+                                _pkcs1_verifies(known.public, known.pkcs1, known.hashing, signing_input, signature)
+                                if known.pkcs1 is not None  # RS256/384/512
+                                else known.check(signing_input, known.public, signature)
+                            ):
                                 raise InvalidToken(
                                     Reason.BAD_SIGNATURE,
                                     f"signature ({known.header.alg}) does not verify: "

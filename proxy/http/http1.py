@@ -983,6 +983,14 @@ class _Relay:
             due = self._time() + self.extend
             self._deadlines[self._wakeup] = due if due < self.due else self.due
 
+    def moved(self, size: int) -> None:
+        """`size` bytes of the body the kernel moved past the sink (a splice): counted against
+        the limit, and the wait for the next ones moved as `pass_on` moves it."""
+        self._left -= size
+        if self.extend:
+            due = self._time() + self.extend
+            self._deadlines[self._wakeup] = due if due < self.due else self.due
+
     def _full(self) -> None:
         """The sink can take no more for now: the client is not read until the task has drained it."""
         self.full = True
@@ -1042,13 +1050,18 @@ class _Counted:
             return
         conn._left = 0
         conn._counted(data if size == left else data[:left])
-        parser = conn._parser = httptools.HttpRequestParser(conn) if self.parser.should_keep_alive() else _closed()
+        parser = conn._parser = self.after()
         conn.on_message_complete()
         if size > left:
             try:
                 parser.feed_data(data[left:])
             except httptools.HttpParserUpgrade as error:
                 raise httptools.HttpParserUpgrade(left + error.args[0]) from None
+
+    def after(self) -> httptools.HttpRequestParser:
+        """The parser for what follows the body, counted or spliced to its end: a fresh one
+        when the request keeps its connection, else one in llhttp's `closed` state (`_closed`)."""
+        return httptools.HttpRequestParser(self._conn) if self.parser.should_keep_alive() else _closed()
 
 
 _NO_CALLBACKS = object()
@@ -1548,10 +1561,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._stalled = 0
         relay = self._relay
         if relay is not None:
-            relay._left -= size
-            if relay.extend:
-                due = relay._time() + relay.extend
-                relay._deadlines[relay._wakeup] = due if due < relay.due else relay.due
+            relay.moved(size)
 
     def _splice_blocked(self) -> None:
         """The upstream takes nothing for now: the task waits for it as for a full sink."""
@@ -1568,10 +1578,7 @@ class _Connection(asyncio.BufferedProtocol):
             target.splice_over()
         if how == "done":
             # What `_Counted.feed_data` does at the body's end; then what follows is read as any.
-            counted = self._parser
-            self._parser = (
-                httptools.HttpRequestParser(self) if cast(_Counted, counted).parser.should_keep_alive() else _closed()
-            )
+            self._parser = cast(_Counted, self._parser).after()
             self.on_message_complete()
             self._update_reading()
         elif how == "client":

@@ -314,8 +314,10 @@ async def _streamed(ex: Exchange, answer: Response, fields: bytes, answer_length
             # woken per read: bench/FIGURES.md, "Bodies"). A client that stops reading gets the
             # upstream's timeout, then is cut; while its buffer is full the upstream is not
             # read either, so a slow client costs this process its buffer and one read,
-            # whatever the upstream's pace.
-            await answer.relay(request.write_now, partial(request.drain, upstream.timeout))
+            # whatever the upstream's pace. The rest of a large Content-Length body may be
+            # spliced from a plain-TCP upstream's socket into the client's (`target`;
+            # bench/FIGURES.md, "The response spliced"), with the same waits and outcomes.
+            await answer.relay(request.write_now, partial(request.drain, upstream.timeout), request)
         except (TimeoutError, UpstreamError) as error:
             # Headers are gone already: all we can honestly do is cut the connection.
             event(

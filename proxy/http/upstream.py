@@ -35,9 +35,11 @@ here), HTTP statuses of our own (forward.py maps the errors), or any knowledge o
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 import select
 import ssl
+import termios
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Sequence
 from functools import partial
@@ -722,6 +724,11 @@ class _Connection(asyncio.BufferedProtocol):
             self._done = True
             self._counting = False
             self._parser = httptools.HttpResponseParser(self)
+            if _waiting(self._fd):
+                # Bytes past the body, here already: the copy would have read them with its end
+                # (`_count`: a stray). Judged now, before the connection can go back to the pool,
+                # where `_take_idle` would only drop it and its origin would stay trusted.
+                self._stray("bytes after a complete answer")
             self._resume_reading()
             self._wakeup.wake()
         elif how == "source":
@@ -1383,6 +1390,14 @@ class Response:
             self._conn = None
             conn._keep_alive = False
             conn._transport.abort()
+
+
+def _waiting(fd: int) -> bool:
+    """Whether bytes wait in the socket, unread (FIONREAD)."""
+    try:
+        return bool(int.from_bytes(fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"), "little"))
+    except OSError:
+        return False
 
 
 InFlight = _Connection

@@ -18,7 +18,9 @@ llhttp's; its rest spliced into a plain-TCP upstream's socket once nothing of it
 the client's write buffer capped at 16 KiB (a
 streamed answer waits, through flow.py's `WriteFlow`), `Expect: 100-continue` answered when
 the body is first read or relayed, writing answers (one write for a
-whole answer, or a head and then a Content-Length, chunked or close-delimited body),
+whole answer, or a head and then a Content-Length, chunked or close-delimited body; the rest
+of a relayed Content-Length answer may be spliced into the client's socket by upstream.py, this
+`Request` its target: `Request.splice_fd`, the connection's loss ending the splice),
 upgrades (the bytes after the head are held for `Request.tunnel`, or the connection
 closes after the answer), an idle keep-alive timeout, a time limit on each request head
 from its first byte (408), a limit on open connections (those over it are closed at accept),

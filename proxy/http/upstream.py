@@ -19,7 +19,10 @@ is never reused, a byte no request asked for closes it and makes its origin dist
 new origin is on probation (`_PROBATION`); flow control both ways (reads of 16 KiB into one
 buffer per pool, reading paused at 16 KiB buffered or when the consumer asks, a 4 KiB write
 buffer for request bodies; the waits are flow.py's, their timeouts on one timer per pool);
-relaying a body from the read callback to a consumer's sink (`Response.relay`); a request
+relaying a body from the read callback to a consumer's sink (`Response.relay`; the rest of a
+Content-Length body from a plain-TCP socket, `splice.ANSWER_MIN` or more, spliced into the
+consumer's `target` socket once it holds nothing, `_Connection._try_splice`, the connection
+back to the pool only once exactly the body has moved); a request
 with no body sent on an idle connection and its answer awaited by no task (`Pool.send`: the
 consumer is called from the read callback, the read timeout is the same pool timer); the one retry
 RFC 9112 §9.3.1 allows (an idempotent, body-less request whose reused connection the server

@@ -2,7 +2,8 @@
 
 Owns: sending a request through the pooled HTTP/1.1 client (`upstream.Pool`), answers up to
 64 KiB in one write, streaming larger bodies both ways in bounded memory (the upstream is
-not read while the client's write buffer is full), the request-body
+not read while the client's write buffer is full; a large Content-Length answer's rest may be
+spliced, the client's `Request` given as `Response.relay`'s target), the request-body
 limit (413) and deadline (408, `upstream.body_timeout`), the answer's hop-by-hop headers
 (planned once per list of field names, and kept with a head that comes again: `_Head.kept`),
 mapping upstream failures (502 for anything before the request was sent: refused,

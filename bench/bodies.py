@@ -11,8 +11,8 @@ reads the proxy's utime and stime from /proc and counts its system calls with `p
 
     .venv/bin/python bench/bodies.py [--seconds 5] [--targets jwt-sidecar,python-floor,envoy] [--workloads e-down,e-up]
 
-`jwt-sidecar-copied` is the sidecar with uploads never spliced (proxy/http/splice.py's `ENABLED`
-off): `--targets jwt-sidecar,jwt-sidecar-copied --workloads e-up --rounds N` interleaves the two.
+`jwt-sidecar-copied` is the sidecar with bodies never spliced, uploads or answers (splice.py's `ENABLED`
+off): `--targets jwt-sidecar,jwt-sidecar-copied --workloads e-down,e-up --rounds N` interleaves the two.
 
 Timings on a shared machine are noisy (say so with any figure); the call counts are steady.
 """
@@ -117,7 +117,7 @@ def main() -> int:
             running = []
             for name in args.targets.split(","):
                 if name in ("jwt-sidecar", "jwt-sidecar-copied"):
-                    # (-copied: uploads never spliced, proxy/http/splice.py's `ENABLED` off)
+                    # (-copied: bodies never spliced, proxy/http/splice.py's `ENABLED` off)
                     running.append(
                         T.start_sidecar(
                             procs,

@@ -558,7 +558,7 @@ def start_sidecar(
     workers: int = 1,
     spliced: bool = True,
 ) -> Target:
-    """`spliced` False: uploads copied, never spliced (proxy/http/splice.py's `ENABLED`; one worker)."""
+    """`spliced` False: bodies copied, never spliced, uploads or answers (proxy/http/splice.py's `ENABLED`; one worker)."""
     port, admin_port = free_port(), free_port()
     name = "jwt-sidecar" if workers == 1 else f"jwt-sidecar-{workers}w"
     if not spliced:

@@ -18,7 +18,9 @@ llhttp's; its rest spliced into a plain-TCP upstream's socket once nothing of it
 the client's write buffer capped at 16 KiB (a
 streamed answer waits, through flow.py's `WriteFlow`), `Expect: 100-continue` answered when
 the body is first read or relayed, writing answers (one write for a
-whole answer, or a head and then a Content-Length, chunked or close-delimited body),
+whole answer, or a head and then a Content-Length, chunked or close-delimited body; the rest
+of a relayed Content-Length answer may be spliced into the client's socket by upstream.py, this
+`Request` its target: `Request.splice_fd`, the connection's loss ending the splice),
 upgrades (the bytes after the head are held for `Request.tunnel`, or the connection
 closes after the answer), an idle keep-alive timeout, a time limit on each request head
 from its first byte (408), a limit on open connections (those over it are closed at accept),
@@ -671,6 +673,58 @@ class Request:
         self._finished = True
         await conn._drain()
 
+    # A splice's target (upstream.py's `_Connection._try_splice`, splice.py): the rest of a
+    # relayed answer's Content-Length body written to the client's socket by the kernel.
+
+    def splice_fd(self) -> int:
+        """The client's socket, when the rest of the answer's body may be spliced into it now:
+        the head written and nothing of it held by the transport (what it holds must leave
+        first), the body as it comes (not chunked, not to a HEAD), no other splice on the
+        connection, the client not gone; else -1 (copy)."""
+        conn = self._conn
+        if (
+            not self._started
+            or self._chunked
+            or self.method == "HEAD"
+            or conn._lost
+            or conn._fd < 0
+            or conn._splice is not None
+            or conn._answer_end is not None
+            or conn._flow.paused
+            or conn._transport.get_write_buffer_size()
+            or conn._transport.is_closing()
+        ):
+            return -1
+        return conn._fd
+
+    def splice_began(self, end: Callable[[], None]) -> None:
+        """`end` is called if the client's connection is lost while the splice lasts (`splice_over` stops that)."""
+        self._conn._answer_end = end
+
+    def splice_over(self) -> None:
+        conn = self._conn
+        conn._answer_end = None
+        if conn._flow.paused and not conn._lost and not conn._transport.get_write_buffer_size():
+            conn._flow.resume()  # (what `splice_blocked` paused: the transport holds nothing)
+
+    def spliced(self, size: int) -> bool:
+        """`size` bytes of the answer went to the client's socket; whether nothing more may be sent."""
+        conn = self._conn
+        flow = conn._flow
+        if flow.paused:
+            flow.resume()  # (what `splice_blocked` paused: the client takes bytes again)
+        return conn._lost or conn._transport.is_closing()
+
+    def splice_blocked(self) -> None:
+        """The client takes nothing for now: the relay waits as for a full write buffer (`drain`,
+        with its timeout), holding nothing in user space."""
+        self._conn._flow.pause(0)
+
+    def splice_failed(self, abort: bool) -> None:
+        """Splicing into the client's socket failed (the client gone, or bytes lost with the
+        pipe): the connection is cut, as a failed write cuts it."""
+        self.abort()
+
     def abort(self) -> None:
         """Cut the connection: the client sees a truncated answer, never a spliced one."""
         self._close = True
@@ -1111,6 +1165,9 @@ class _Connection(asyncio.BufferedProtocol):
         self._flush: _Relay | None = None  # a relay holding small pieces of the read being parsed
         self._target: Any = None  # where the relayed body may be spliced to (`_try_splice`)
         self._splice: _splice.Splice | None = None  # the body being spliced (reading is paused meanwhile)
+        # An answer spliced into this socket (upstream.py) ends with the connection (its dup of
+        # the socket must not outlive the transport's).
+        self._answer_end: Callable[[], None] | None = None
         # requests in order: the first is being answered, the rest wait (pipelining)
         self._queue: deque[Request] = deque()
         self._task: asyncio.Task[None] | None = None
@@ -1165,6 +1222,10 @@ class _Connection(asyncio.BufferedProtocol):
         self._sink = None  # a tunnel's upstream side, which refers to its request
         if self._splice is not None:
             self._stop_splice()  # its dup must not keep the socket open
+        end = self._answer_end
+        if end is not None:
+            self._answer_end = None
+            end()  # (the same for an answer spliced into it)
         task = self._task
         if task is not None and not task.done() and self._running:
             task.cancel()  # the client went away: stop working for it (and its upstream request)
@@ -1581,11 +1642,11 @@ class _Connection(asyncio.BufferedProtocol):
             self._parser = cast(_Counted, self._parser).after()
             self.on_message_complete()
             self._update_reading()
-        elif how == "client":
+        elif how == "source":
             self._resume_reading()  # the transport's own read meets the end (or the failure)
         else:
             if target is not None and how != "stopped":
-                target.splice_failed(how == "upstream-error")
+                target.splice_failed(how == "sink-error")
             relay = self._relay
             if relay is not None:
                 relay._full()  # the task's drain says stop

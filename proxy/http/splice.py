@@ -1,19 +1,23 @@
-"""A request body moved by splice(2): client socket -> pipe -> upstream socket, never copied to user space.
+"""A relayed Content-Length body moved by splice(2): socket -> pipe -> socket, never copied to user space.
 
 Owns: the pool of pipes (`PIPES`: at most `_CAP` pipes of `PIPE_SIZE`, made on demand, an empty
 one kept for the next body, any other closed), and `Splice`, which moves the rest of one
-Content-Length body (`left` bytes, never one more: each client splice asks for at most what is
-left, so what follows the body stays in the socket) from the client's socket through a pipe into
-the upstream's, from loop callbacks, and tells its owner what moved.
-Does not own: when a body may be spliced, what the bytes mean, limits and timeouts (http1.py's
-`_Connection._try_splice`, `Request.relay_body`), or the upstream request's counting (upstream.py's
-`_Upload`).
+Content-Length body (`left` bytes, never one more: each splice from the source asks for at most
+what is left, so what follows the body stays in its socket) from a source socket through a pipe
+into a sink socket, from loop callbacks, and tells its owner what moved. Both directions use it:
+an upload (the client's socket into a plain-TCP upstream's) and an answer (a plain-TCP
+upstream's socket into the client's).
+Does not own: when a body may be spliced, what the bytes mean, limits and timeouts (for an
+upload http1.py's `_Connection._try_splice`, `Request.relay_body`, and upstream.py's `_Upload`,
+which counts it; for an answer upstream.py's `_Connection._try_splice`, `Response.relay`, and
+http1.py's `Request`, the client's side of it).
 
 Why: the kernel's two copies of a relayed body (`_copy_to_iter`, `_copy_from_iter`) are a quarter
-of an upload's CPU; splicing takes both away (bench/FIGURES.md, "splice(2) for uploads: a trial"
-and "The upload spliced"), but only with a large pipe: a 64 KiB pipe costs more than copying.
+of a relayed MiB's CPU; splicing takes both away (bench/FIGURES.md, "splice(2) for uploads: a
+trial", "The upload spliced" and "The response spliced"), but only with a large pipe: a 64 KiB
+pipe costs more than copying.
 
-The sockets: uvloop refuses `add_reader`/`add_writer` on a transport's own fd, so the client's
+The sockets: uvloop refuses `add_reader`/`add_writer` on a transport's own fd, so the source's
 transport has its reading paused (its fd is then not polled: the body stays in the socket) and
 each socket is `os.dup`ed for the body's time only: the dups are what is registered with the loop
 and what is spliced (a transport's fd number may be closed and reused; a dup's cannot while we
@@ -29,12 +33,15 @@ import fcntl
 import os
 from collections.abc import Callable
 
-__all__ = ["ENABLED", "PIPES", "PIPE_SIZE", "Pipes", "Splice"]
+__all__ = ["ANSWER_MIN", "ENABLED", "PIPES", "PIPE_SIZE", "Pipes", "Splice"]
 
 ENABLED = True
 """The one switch: False, and every body is copied (the tests run both ways)."""
 PIPE_SIZE = 256 * 1024
 """A pipe's size: 8 splices a MiB (a 64 KiB pipe's 32 cost more than copying: bench/FIGURES.md)."""
+ANSWER_MIN = 128 * 1024
+"""The least an answer's body may have left for it to be spliced (smaller ones are copied):
+bench/FIGURES.md, "The response spliced"."""
 _CAP = 16
 """Most pipes a process holds: an unprivileged user's pipes may hold 64 MiB in all
 (`pipe-user-pages-soft`; past it every new pipe of that user gets 8 KiB), shared by `workers: N`."""
@@ -112,28 +119,30 @@ os.register_at_fork(after_in_child=_forget)
 
 
 class Splice:
-    """The rest of one body, `left` bytes, from `client_fd` to `upstream_fd` (dup'd here).
+    """The rest of one body, `left` bytes, from `source_fd` to `sink_fd` (dup'd here): the
+    client's socket to an upstream's (an upload), or an upstream's to the client's (an answer).
 
-    `took(n)`: n bytes left the client's socket (into the pipe). `gave(n)`: n bytes went to the
-    upstream; returns True when nothing more may be sent (the splice stops, what the pipe holds
-    is dropped). `blocked()`: the upstream takes nothing for now; `gave` follows when it does.
-    `ended(how)`: the splice is over, its fds closed: "done" (every byte went on), "client"
-    (the client's socket is at its end or failed: the client's own read will say how; what the
-    pipe held went on first), "upstream" (the upstream went away: its transport's read will say
-    how), "upstream-error" (splicing into it failed otherwise: what the pipe holds is lost, the
-    upstream's request must be aborted), "stopped" (`gave` said stop). Not called for `close`.
+    `took(n)`: n bytes left the source's socket (into the pipe). `gave(n)`: n bytes went to the
+    sink; returns True when nothing more may be sent (the splice stops, what the pipe holds
+    is dropped). `blocked()`: the sink takes nothing for now; `gave` follows when it does.
+    `ended(how)`: the splice is over, its fds closed: "done" (every byte went on), "source"
+    (the source's socket is at its end or failed, or at urgent data: its transport's own read
+    will say how; what the pipe held went on first), "sink" (the sink's peer went away: its
+    transport's read or write will say how), "sink-error" (splicing into it failed otherwise:
+    what the pipe holds is lost, the sink's connection must be aborted), "stopped" (`gave` said
+    stop). Not called for `close`.
     A failure that says this kernel does not splice these sockets turns `ENABLED` off.
     """
 
     __slots__ = (
         "_blocked",
-        "_cdup",
         "_full",
         "_in_pipe",
         "_loop",
         "_pipe",
         "_reading",
-        "_udup",
+        "_sink",
+        "_source",
         "_writing",
         "blocked",
         "ended",
@@ -145,8 +154,8 @@ class Splice:
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,
-        client_fd: int,
-        upstream_fd: int,
+        source_fd: int,
+        sink_fd: int,
         left: int,
         pipe: tuple[int, int],
         took: Callable[[int], None],
@@ -165,19 +174,19 @@ class Splice:
         self._reading = self._writing = self._blocked = False
         # The pipe said EAGAIN while holding bytes: full. A pipe holds 64 buffers, one per
         # fragment of the socket's data, so it may be full long before `size` bytes (a real
-        # network's ~1448-byte fragments: ~90 KiB). The client is not polled again until the
-        # upstream takes some (its dup is readable meanwhile: polled, it would spin the loop).
+        # network's ~1448-byte fragments: ~90 KiB). The source is not polled again until the
+        # sink takes some (its dup is readable meanwhile: polled, it would spin the loop).
         self._full = False
-        self._cdup = os.dup(client_fd)
+        self._source = os.dup(source_fd)
         try:
-            self._udup = os.dup(upstream_fd)
+            self._sink = os.dup(sink_fd)
         except OSError:
-            os.close(self._cdup)
+            os.close(self._source)
             raise
 
     def step(self, readable: bool = False) -> None:
         """Move what moves without blocking; then wait for the side that would block.
-        `readable`: called as the client's dup's reader (the loop says it has bytes, or its end)."""
+        `readable`: called as the source's dup's reader (the loop says it has bytes, or its end)."""
         pipe = self._pipe
         if pipe is None:
             return None  # closed (a callback of the same loop turn)
@@ -190,22 +199,22 @@ class Splice:
             if left and room and not self._full:
                 woke, readable = readable, False  # (only the first splice after the loop said readable)
                 try:
-                    n = os.splice(self._cdup, w, left if left < room else room, flags=_FLAGS)
+                    n = os.splice(self._source, w, left if left < room else room, flags=_FLAGS)
                 except BlockingIOError:
                     # The socket has nothing, or the pipe is full: which, EAGAIN does not say.
-                    # Holding bytes, it waits for the upstream first (`_full`).
+                    # Holding bytes, it waits for the sink first (`_full`).
                     self._full = self._in_pipe > 0
-                    if woke and not self._full and _at_mark(self._cdup):
+                    if woke and not self._full and _at_mark(self._source):
                         # splice(2) stops at urgent data (EAGAIN, the socket still readable:
                         # polled, it would spin); recv(2) skips the urgent byte: the
                         # transport's reads go on with the body (the pipe is empty).
-                        return self._end("client")
+                        return self._end("source")
                 except OSError as error:
                     _refused(error)
-                    return self._end("client", flush=True)
+                    return self._end("source", flush=True)
                 else:
                     if not n:
-                        return self._end("client", flush=True)  # the client's end of stream
+                        return self._end("source", flush=True)  # the source's end of stream
                     self.left = left - n
                     self._in_pipe += n
                     moved = True
@@ -214,12 +223,12 @@ class Splice:
                         return None
             if self._in_pipe:
                 try:
-                    n = os.splice(r, self._udup, self._in_pipe, flags=_FLAGS)
+                    n = os.splice(r, self._sink, self._in_pipe, flags=_FLAGS)
                 except BlockingIOError:
                     pass
                 except OSError as error:
                     _refused(error)
-                    return self._end("upstream" if error.errno in _GONE else "upstream-error")
+                    return self._end("sink" if error.errno in _GONE else "sink-error")
                 else:
                     self._in_pipe -= n
                     moved = True
@@ -238,15 +247,15 @@ class Splice:
         if reading != self._reading:
             self._reading = reading
             if reading:
-                loop.add_reader(self._cdup, self.step, True)
+                loop.add_reader(self._source, self.step, True)
             else:
-                loop.remove_reader(self._cdup)
+                loop.remove_reader(self._source)
         if writing != self._writing:
             self._writing = writing
             if writing:
-                loop.add_writer(self._udup, self.step)
+                loop.add_writer(self._sink, self.step)
             else:
-                loop.remove_writer(self._udup)
+                loop.remove_writer(self._sink)
         if writing and not self._blocked:
             self._blocked = True
             self.blocked()
@@ -254,9 +263,9 @@ class Splice:
 
     def _end(self, how: str, *, flush: bool = False) -> None:
         if flush and self._in_pipe and self._pipe is not None:
-            # The client went away: what it sent before goes on, as a copy would have sent it.
+            # The source ended: what it sent before goes on, as a copy would have sent it.
             try:
-                n = os.splice(self._pipe[0], self._udup, self._in_pipe, flags=_FLAGS)
+                n = os.splice(self._pipe[0], self._sink, self._in_pipe, flags=_FLAGS)
             except OSError:
                 pass
             else:
@@ -275,12 +284,12 @@ class Splice:
         loop = self._loop
         if self._reading:
             self._reading = False
-            loop.remove_reader(self._cdup)
+            loop.remove_reader(self._source)
         if self._writing:
             self._writing = False
-            loop.remove_writer(self._udup)
-        os.close(self._cdup)
-        os.close(self._udup)
+            loop.remove_writer(self._sink)
+        os.close(self._source)
+        os.close(self._sink)
         PIPES.give(pipe, not self._in_pipe)
         self._in_pipe = 0
         # (The owner's callbacks refer to the connections: let go of them.)

@@ -19,7 +19,10 @@ is never reused, a byte no request asked for closes it and makes its origin dist
 new origin is on probation (`_PROBATION`); flow control both ways (reads of 16 KiB into one
 buffer per pool, reading paused at 16 KiB buffered or when the consumer asks, a 4 KiB write
 buffer for request bodies; the waits are flow.py's, their timeouts on one timer per pool);
-relaying a body from the read callback to a consumer's sink (`Response.relay`); a request
+relaying a body from the read callback to a consumer's sink (`Response.relay`; the rest of a
+Content-Length body from a plain-TCP socket, `splice.ANSWER_MIN` or more, spliced into the
+consumer's `target` socket once it holds nothing, `_Connection._try_splice`, the connection
+back to the pool only once exactly the body has moved); a request
 with no body sent on an idle connection and its answer awaited by no task (`Pool.send`: the
 consumer is called from the read callback, the read timeout is the same pool timer); the one retry
 RFC 9112 §9.3.1 allows (an idempotent, body-less request whose reused connection the server
@@ -35,9 +38,11 @@ here), HTTP statuses of our own (forward.py maps the errors), or any knowledge o
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 import select
 import ssl
+import termios
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Sequence
 from functools import partial
@@ -45,6 +50,7 @@ from typing import Any
 
 import httptools
 
+from . import splice as _splice
 from .causes import Worded, cause
 from .flow import HELD, Deadlines, Wakeup, WriteFlow, send
 from .log import event
@@ -332,8 +338,10 @@ class _Connection(asyncio.BufferedProtocol):
         "_seen",
         "_sink",
         "_sink_full",
+        "_splice",
         "_splice_end",
         "_status",
+        "_target",
         "_transport",
         "_values",
         "_wakeup",
@@ -370,6 +378,10 @@ class _Connection(asyncio.BufferedProtocol):
         # A request body spliced into this socket ends with the connection (splice.py: its dup
         # of the socket must not outlive the transport's).
         self._splice_end: Callable[[], None] | None = None
+        # An answer's body spliced from this socket into the client's (`_try_splice`): its
+        # target (http1's `Request`, while `Response.relay` may splice) and the splice.
+        self._target: Any = None
+        self._splice: _splice.Splice | None = None
         self._relay_timeout = 0.0
         self._seen = 0  # bytes of the answer's body so far
         # The answer's head (on_message_begin resets these for each message, 1xx included).
@@ -428,6 +440,8 @@ class _Connection(asyncio.BufferedProtocol):
         if end is not None:
             self._splice_end = None
             end()
+        if self._splice is not None:
+            self._stop_splice()  # (the error below is the body cut short)
         # The parser holds our bound callbacks: drop it, or the pair is a cycle that waits for
         # a full garbage collection. Nothing is parsed after the connection is lost, and the
         # poll goes too: its fd number may soon name another socket.
@@ -605,6 +619,8 @@ class _Connection(asyncio.BufferedProtocol):
                 self._reading_paused = True
                 self._transport.pause_reading()
         if len(data) < left:
+            if self._target is not None and not self._sink_full:
+                self._try_splice()  # this read went on: the rest may be spliced
             return
         # The end of the body: as llhttp's `on_message_complete`.
         self._done = True
@@ -627,6 +643,122 @@ class _Connection(asyncio.BufferedProtocol):
 
     def resume_writing(self) -> None:
         self._flow.resume()
+
+    # an answer's body spliced (splice.py; bench/FIGURES.md, "The response spliced")
+
+    def _try_splice(self) -> None:
+        """Splice the rest of the relayed answer's Content-Length body into the client's socket
+        when everything allows it: a plain-TCP upstream, every byte read so far passed on
+        (nothing buffered, the sink not full), at least `splice.ANSWER_MIN` bytes left, the
+        client's transport holding nothing (`Request.splice_fd`), a pipe free. Else nothing: the
+        body goes on being copied, and this is asked again after the next read."""
+        length = self._length
+        if (
+            length is None
+            or not _splice.ENABLED  # (turned off by a splice this kernel refused: copied from now on)
+            or self._splice is not None
+            or self._sink is None
+            or self._sink_full
+            or not self._head_done
+            or self._chunked
+            or self._is_head
+            or self._status == 204
+            or self._status == 304
+            or self._done
+            or self._error is not None
+            or self._lost
+            or self._chunks
+            or self._fd < 0
+            or length - self._seen < _splice.ANSWER_MIN
+            or self._transport.is_closing()
+        ):
+            return
+        target = self._target
+        fd = target.splice_fd()
+        if fd < 0:
+            return
+        pipe = _splice.PIPES.take()
+        if pipe is None:
+            return
+        try:
+            splice = _splice.Splice(
+                self._pool._loop,
+                self._fd,
+                fd,
+                length - self._seen,
+                pipe,
+                self._spliced,
+                target.spliced,
+                self._splice_blocked,
+                self._spliced_to,
+            )
+        except OSError:
+            _splice.PIPES.give(pipe, True)
+            return
+        self._splice = splice
+        # Every byte of the body is counted from now on (llhttp is told of none of them): the
+        # rest after a splice that stops early too, and a fresh parser takes what follows.
+        self._counting = True
+        target.splice_began(self._splice_lost)
+        if not self._reading_paused:
+            self._reading_paused = True
+            self._transport.pause_reading()  # the transport reads nothing of the body meanwhile
+        splice.step()
+
+    def _spliced(self, size: int) -> None:
+        """`size` body bytes left the upstream's socket: counted as a read's are (`_count`)."""
+        self._seen += size
+        self._wakeup.extend(self._relay_timeout)  # (the relay's wait for the upstream starts again)
+
+    def _splice_blocked(self) -> None:
+        """The client takes nothing for now: the relay waits for it as for a full sink."""
+        self._target.splice_blocked()
+        self._sink_full = True
+        self._wakeup.wake()
+
+    def _spliced_to(self, how: str) -> None:
+        """The splice ended (its fds closed): the body's end, or what the copy path does next."""
+        self._splice = None
+        target = self._target
+        if target is not None:
+            target.splice_over()
+        if how == "done":
+            # What `_count` does at the body's end; what follows it is read (and judged) as any.
+            self._done = True
+            self._counting = False
+            self._parser = httptools.HttpResponseParser(self)
+            if _waiting(self._fd):
+                # Bytes past the body, here already: the copy would have read them with its end
+                # (`_count`: a stray). Judged now, before the connection can go back to the pool,
+                # where `_take_idle` would only drop it and its origin would stay trusted.
+                self._stray("bytes after a complete answer")
+            self._resume_reading()
+            self._wakeup.wake()
+        elif how == "source":
+            self._resume_reading()  # the transport's own read meets the end (or the failure)
+        else:
+            # The client went away, or what the pipe held is lost, or nothing more may be
+            # sent: the client's connection is cut, as a failed write cuts it.
+            if target is not None:
+                target.splice_failed(how == "sink-error")
+            self._sink_full = True  # the relay's drain says the client is gone
+            self._wakeup.wake()
+
+    def _splice_lost(self) -> None:
+        """The client's connection was lost mid-splice: nothing more is sent, as after a failed write."""
+        if self._splice is not None:
+            self._stop_splice()
+            self._sink_full = True
+            self._wakeup.wake()
+
+    def _stop_splice(self) -> None:
+        splice = self._splice
+        self._splice = None
+        if splice is not None:
+            splice.close()
+        target = self._target
+        if target is not None:
+            target.splice_over()
 
     # httptools callbacks
 
@@ -1127,7 +1259,12 @@ class Response:
         """False for answers that never carry content: to HEAD, 204 and 304 (RFC 9112 §6.3 item 1)."""
         return not self._bodiless
 
-    async def relay(self, sink: Callable[[bytes | memoryview], bool], drain: Callable[[], Awaitable[object]]) -> None:
+    async def relay(
+        self,
+        sink: Callable[[bytes | memoryview], bool],
+        drain: Callable[[], Awaitable[object]],
+        target: Any = None,
+    ) -> None:
         """Pass the body on as it comes: `sink(data)` is called from the connection's read
         callback for each piece, with no task woken per read (bench/FIGURES.md, "Bodies"): bytes,
         or a memoryview of the pool's read buffer, valid during the call only (copy what is
@@ -1135,7 +1272,11 @@ class Response:
         returns whether the consumer is full; then the upstream is not read until `drain()`
         (awaited here: it raises what the consumer's timeout or absence mean) has returned.
         Returns once the whole body has gone to `sink`; raises as `iter_chunks` does (the read
-        timeout bounds the time without a byte from the upstream while the consumer is not full)."""
+        timeout bounds the time without a byte from the upstream while the consumer is not full).
+        `target`: the client's side (http1's `Request`) the rest of a Content-Length body may be
+        spliced into from a plain-TCP upstream: whenever it may (`_Connection._try_splice`), the
+        kernel moves the body, with the same timeouts and outcomes (bench/FIGURES.md, "The
+        response spliced"); a client that takes nothing makes `drain` wait as for a full sink."""
         conn = self._conn
         if conn is None:
             raise RuntimeError("response already released")
@@ -1148,6 +1289,10 @@ class Response:
         conn._sink = sink
         conn._sink_full = full
         conn._relay_timeout = self._read_timeout
+        if target is not None and _splice.ENABLED and conn._fd >= 0:
+            conn._target = target
+            if not full:
+                conn._try_splice()
         wakeup = conn._wakeup
         try:
             while not conn._done:
@@ -1156,10 +1301,13 @@ class Response:
                 if conn._sink_full:
                     await drain()
                     conn._sink_full = False
-                    if conn._reading_paused:
-                        conn._resume_reading()
+                    if conn._splice is None:
+                        if conn._target is not None:
+                            conn._try_splice()
+                        if conn._reading_paused and conn._splice is None:
+                            conn._resume_reading()
                     continue
-                if conn._reading_paused:
+                if conn._reading_paused and conn._splice is None:
                     conn._resume_reading()  # paused before the relay began
                 waiter = wakeup.arm(self._read_timeout)  # `Wakeup.wait`, inlined (see `_exchange`)
                 try:
@@ -1169,6 +1317,11 @@ class Response:
                 if timed_out:
                     raise TimeoutError
         finally:
+            if conn._splice is not None:
+                # Ended before its body (a timeout, a cancel, a failure): its fds closed now;
+                # the connection is then not reused (the body is not all read).
+                conn._stop_splice()
+            conn._target = None
             conn._sink = None
             conn._sink_full = False
 
@@ -1240,6 +1393,14 @@ class Response:
             self._conn = None
             conn._keep_alive = False
             conn._transport.abort()
+
+
+def _waiting(fd: int) -> bool:
+    """Whether bytes wait in the socket, unread (FIONREAD)."""
+    try:
+        return bool(int.from_bytes(fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"), "little"))
+    except OSError:
+        return False
 
 
 InFlight = _Connection

@@ -2,7 +2,8 @@
 
 Owns: sending a request through the pooled HTTP/1.1 client (`upstream.Pool`), answers up to
 64 KiB in one write, streaming larger bodies both ways in bounded memory (the upstream is
-not read while the client's write buffer is full), the request-body
+not read while the client's write buffer is full; a large Content-Length answer's rest may be
+spliced, the client's `Request` given as `Response.relay`'s target), the request-body
 limit (413) and deadline (408, `upstream.body_timeout`), the answer's hop-by-hop headers
 (planned once per list of field names, and kept with a head that comes again: `_Head.kept`),
 mapping upstream failures (502 for anything before the request was sent: refused,
@@ -314,8 +315,10 @@ async def _streamed(ex: Exchange, answer: Response, fields: bytes, answer_length
             # woken per read: bench/FIGURES.md, "Bodies"). A client that stops reading gets the
             # upstream's timeout, then is cut; while its buffer is full the upstream is not
             # read either, so a slow client costs this process its buffer and one read,
-            # whatever the upstream's pace.
-            await answer.relay(request.write_now, partial(request.drain, upstream.timeout))
+            # whatever the upstream's pace. The rest of a large Content-Length body may be
+            # spliced from a plain-TCP upstream's socket into the client's (`target`;
+            # bench/FIGURES.md, "The response spliced"), with the same waits and outcomes.
+            await answer.relay(request.write_now, partial(request.drain, upstream.timeout), request)
         except (TimeoutError, UpstreamError) as error:
             # Headers are gone already: all we can honestly do is cut the connection.
             event(

@@ -139,7 +139,7 @@ async def test_a_client_gone_mid_body_ends_the_splice_and_its_fds(pipes: splice.
     receiving = asyncio.get_running_loop().create_task(drain_into(server, got, 1000))
     how, took, gave = await run(client, upstream, 5000)
     await asyncio.wait_for(receiving, 5)
-    assert (how, took, gave, len(got)) == ("client", 1000, 1000, 1000)
+    assert (how, took, gave, len(got)) == ("source", 1000, 1000, 1000)
     for sock in (client, upstream, server):
         sock.close()
     assert open_fds() == before + 2 * len(pipes._free)
@@ -151,7 +151,7 @@ async def test_an_upstream_gone_mid_body_ends_the_splice(pipes: splice.Pipes) ->
     server.close()
     peer.sendall(b"y" * 5000)
     how, took, _ = await run(client, upstream, 5000)
-    assert (how, took) == ("upstream", 5000)
+    assert (how, took) == ("sink", 5000)
     assert pipes.open == len(pipes._free)  # the pipe that held bytes was closed, not kept
     for sock in (peer, client, upstream):
         sock.close()
@@ -328,6 +328,6 @@ async def test_urgent_data_in_the_body_does_not_stall_the_splice_nor_spin(
     receiving.cancel()
     for sock in (peer, client, upstream, server):
         sock.close()
-    # The splice hands the rest to the transport's reads ("client": they meet what comes).
+    # The splice hands the rest to the transport's reads ("source": they meet what comes).
     assert spun < 50 and cpu < 0.2, f"{spun} steps, {cpu:.2f}s CPU in 0.5 s stuck at the urgent mark"
-    assert ended.done() and ended.result() == "client" and sum(took) == 1000
+    assert ended.done() and ended.result() == "source" and sum(took) == 1000

@@ -241,6 +241,8 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 @pytest.fixture
 def redis(redis_server: RedisServer) -> RedisServer:
     """The session's Redis, running and empty (a test that stopped it gets it back up)."""
+    if redis_server.process is not None and redis_server.process.poll() is not None:
+        redis_server.process = None  # it died (not stopped by a test): started again, as after a stop
     if redis_server.process is None:
         redis_server.start()
     redis_server.flush()

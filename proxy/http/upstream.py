@@ -358,7 +358,11 @@ class _Connection(asyncio.BufferedProtocol):
         self._transport: asyncio.Transport = None  # type: ignore[assignment]  # set by connection_made
         self._fd = -1  # its socket, when writing to it ourselves is allowed (`connection_made`)
         self._poll: select.poll | None = None  # the socket, to look for bytes before reuse (`_clean`)
-        self._parser = httptools.HttpResponseParser(self)
+        # Made in `connection_made`: it holds our bound callbacks, a cycle that `connection_lost`
+        # breaks; a connect that fails calls neither, and uvloop makes the protocol before it
+        # connects (asyncio after), so each refused or timed-out connect would leave the pair
+        # for a full garbage collection.
+        self._parser: httptools.HttpResponseParser = None  # type: ignore[assignment]
         self._idle = False
         self._idle_since = 0.0
         self._lost = False
@@ -412,6 +416,7 @@ class _Connection(asyncio.BufferedProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
+        self._parser = httptools.HttpResponseParser(self)
         sock = transport.get_extra_info("socket")
         if sock is not None:
             self._poll = select.poll()

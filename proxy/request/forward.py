@@ -563,7 +563,9 @@ class _Tunnel(asyncio.Protocol):
 
     def __init__(self, request: Request) -> None:
         self._request = request
-        self._parser = httptools.HttpResponseParser(self)
+        # Made in `connection_made`: it holds our bound callbacks, a cycle that `connection_lost`
+        # breaks; a connect that fails calls neither (the tunnel is made before it connects).
+        self._parser: httptools.HttpResponseParser = None  # type: ignore[assignment]
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.status = 0
         self.reason = b""
@@ -587,6 +589,7 @@ class _Tunnel(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self._parser = httptools.HttpResponseParser(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True

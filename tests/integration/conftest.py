@@ -5,6 +5,22 @@
 starts the proxy on its own HTTP/1.1 server on loopback (as `jwt-sidecar run` serves it)
 and its admin endpoints on their own server (as `run` serves them), and returns
 a `Sidecar` with a client session. Tokens are minted per test with `tests.conftest.mint`.
+
+The event loop (`pytest_asyncio_loop_factories` below; tests/support/loops.py): every async test
+here runs on uvloop, which `jwt-sidecar run` uses wherever it is installed (a regular dependency
+on Linux and macOS: what users run). The tests of the wire that serve the proxy in this process
+(the `sidecar` fixture, in the modules of `BOTH_LOOPS`: the server, the upstream client, bodies,
+the splice, smuggling, limits, memory) run on asyncio's own loop as well, the loop `run` falls
+back to without uvloop; a test id then ends in `[uvloop]` or `[asyncio]`. A test whose proxy is
+a `run` subprocess serves on uvloop whatever the test's loop, so it is run once.
+
+Why not every test on both loops: measured on a shared 2-core machine (loaded by other runs,
+so +-1 min), the suite took 6:10 on asyncio's loop alone (1,323 tests), 7:21 on uvloop alone,
+9:41 on both (2,493 tests: about +3.5 min, taking `.ci/run`, 6.5 min on a fresh clone, to its
+10 min budget with nothing to spare) and 6:42 this way (1,929 tests). The CPU time of a run is
+a third of its wall time (the suite mostly waits on timeouts and subprocesses), so pytest-xdist
+might pay on 2 cores; it was not tried: it is no dependency, and the session's Redis, the
+subprocesses and the fixed timeouts would need auditing for two workers first.
 """
 
 from __future__ import annotations
@@ -25,7 +41,40 @@ from proxy.request.app import Proxy
 from proxy.request.runtime import Runtime
 from tests.conftest import AUDIENCE, ISSUER, TestKey, jwks_of
 from tests.support.jwks_server import JwksServer
+from tests.support.loops import LoopFactory, loops
 from tests.support.upstream import Upstream, start_upstream
+
+# The modules whose in-process tests (the `sidecar` fixture) also run on asyncio's own loop.
+BOTH_LOOPS = frozenset(
+    {
+        "test_answer_again",
+        "test_authorization_upstream",
+        "test_client_address_headers",
+        "test_forward_from_head",
+        "test_forward_now",
+        "test_forward_now_strays",
+        "test_forward_plan",
+        "test_forwarding",
+        "test_framing_headers",
+        "test_http1_attacks",
+        "test_limits",
+        "test_memory",
+        "test_request_flow",
+        "test_security",
+        "test_upload_counted",
+        "test_upload_spliced",
+        "test_upstream_strays",
+        "test_wire_review",
+    }
+)
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, LoopFactory]:
+    """uvloop for every async test; asyncio's loop too for the wire tests served in-process."""
+    if item.path.stem in BOTH_LOOPS and "sidecar" in getattr(item, "fixturenames", ()):
+        return loops("uvloop", "asyncio")
+    return loops("uvloop")
+
 
 BASE_CONFIG = f"""\
 realm: api

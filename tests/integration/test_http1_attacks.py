@@ -346,27 +346,51 @@ async def test_every_byte_sent_before_the_101_reaches_the_tunnel(sidecar: Any, r
 # -- resources ----------------------------------------------------------------------------------------
 async def stream_endless(s: Sidecar, head: bytes, *, total: int = 8 * 1024 * 1024) -> tuple[int, bytes, bool]:
     """Write `head`, then `a` bytes in 64 KiB writes until the proxy answers or closes, or
-    `total` is sent: (bytes sent after the head, what the proxy answered, whether it closed)."""
-    reader, writer = await open_client(s)
+    `total` is sent: (bytes sent after the head, what the proxy answered, whether it closed).
+
+    Read from the socket itself, as a client's kernel hands it over: the answer, then the reset
+    (the proxy closes with our bytes unread). A StreamReader raises a reset before the bytes it
+    holds, and whether they were read first is a race: on uvloop both come in one read callback
+    (the answer was lost every time), on asyncio too when the client's loop is not the proxy's.
+    """
+    loop = asyncio.get_running_loop()
+    url = URL(s.url)
+    sock = socket.socket()
+    sock.setblocking(False)
     sent, answer, closed = 0, b"", False
     try:
-        writer.write(head)
+        await asyncio.wait_for(loop.sock_connect(sock, (url.host, url.port)), 2.0)
+        await loop.sock_sendall(sock, head)
         piece = b"a" * 65536
-        while sent < total:
+        while sent < total and not closed:
             try:
-                writer.write(piece)
-                await asyncio.wait_for(writer.drain(), 2.0)
+                await asyncio.wait_for(loop.sock_sendall(sock, piece), 2.0)
             except (ConnectionError, TimeoutError):
                 break
             sent += len(piece)
-            with suppress(TimeoutError):
-                answer += await asyncio.wait_for(reader.read(65536), 0.002)
-            if answer or reader.at_eof():
+            try:
+                more = await asyncio.wait_for(loop.sock_recv(sock, 65536), 0.002)
+            except TimeoutError:
+                continue
+            except ConnectionError:
+                closed = True
                 break
-        more, closed = await read_to_end(reader, 0.5)
-        answer += more
+            answer += more
+            closed = not more
+            if answer:
+                break
+        try:
+            async with asyncio.timeout(0.5):
+                while not closed:
+                    more = await loop.sock_recv(sock, 65536)
+                    answer += more
+                    closed = not more
+        except TimeoutError:
+            pass
+        except ConnectionError:
+            closed = True
     finally:
-        writer.close()
+        sock.close()
     return sent, answer, closed
 
 

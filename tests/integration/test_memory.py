@@ -310,6 +310,30 @@ async def test_websocket_tunnels_are_freed_without_a_collection(sidecar: Any, rs
 
 
 @bounded_by(60)
+async def test_connects_that_fail_leave_nothing_for_the_collector(sidecar: Any, raw_server: Any) -> None:
+    """An upstream that refuses the connection, for a request and for a WebSocket handshake:
+    the protocol object made for the connect (with its parser, which holds its callbacks) is
+    freed with it. A WebSocket's tunnel is made before it connects, and on uvloop (what `run`
+    uses) a pooled connection is too: the connect's failure calls neither `connection_made` nor
+    `connection_lost`, so a parser made before would stay for a full collection: one
+    connection object an attempt while an upstream is down."""
+    raw = await raw_server(misbehaving)
+    s = await sidecar(CONFIG, raw=f"http://127.0.0.1:{raw.port}", closed=str(refused_port()))
+    await all_freed(s, [])
+    handshake = (
+        "Connection: Upgrade",
+        "Upgrade: websocket",
+        "Sec-WebSocket-Version: 13",
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+    )
+    with no_collection() as collections:
+        for _ in range(5):
+            assert (await exchange(s.url, get("/down/x"))).startswith(b"HTTP/1.1 502 ")
+            assert (await exchange(s.url, get("/down/ws", *handshake))).startswith(b"HTTP/1.1 502 ")
+        await all_freed(s, collections)
+
+
+@bounded_by(60)
 async def test_a_client_that_reads_in_fits_and_starts_gets_every_byte(sidecar: Any, raw_server: Any) -> None:
     # The upstream's reading stops and starts with the client's: nothing is lost, duplicated
     # or reordered, for a chunked answer and one with a Content-Length.

@@ -13,6 +13,7 @@ import os
 import shutil
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -40,7 +41,12 @@ def redis_server_binary() -> str:
 
 
 def _die_with_parent() -> None:
-    """Linux: the server gets SIGTERM when the test run dies without its teardown (killed)."""
+    """Linux: the server gets SIGTERM when the test run dies without its teardown (killed).
+
+    The kernel sends it when the *thread* that started the server ends, not the process: set
+    only for a start from the main thread (`start`). A restart from `asyncio.to_thread` would
+    die with that worker thread, at the end of the test's event loop, and the next test found
+    the server gone (seen once the restart test ran twice in a row, once per loop)."""
     try:
         import ctypes
         import signal
@@ -93,14 +99,15 @@ class RedisServer:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
-            preexec_fn=_die_with_parent,
+            preexec_fn=_die_with_parent if threading.current_thread() is threading.main_thread() else None,
         )
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
-            if self.process.poll() is not None:
+            status = self.process.poll()
+            if status is not None:
                 log = (self.folder / "redis.log").read_text(errors="replace")[-2000:]
                 self.process = None
-                raise RuntimeError(f"redis-server exited with {self.process.returncode}: {log}")
+                raise RuntimeError(f"redis-server exited with {status}: {log}")
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=1) as conn:
                     conn.sendall(b"PING\r\n")

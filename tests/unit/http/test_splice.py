@@ -14,18 +14,6 @@ import pytest
 
 from proxy.http import splice
 
-
-@pytest.fixture(params=["asyncio", "uvloop"], scope="module")
-def event_loop_policy(request: pytest.FixtureRequest) -> asyncio.AbstractEventLoopPolicy:
-    """Every test here on asyncio's own loop and on uvloop, which the process runs on: the
-    splice pauses and resumes the transport's reading and registers dup'd descriptors with the
-    loop, where the two loops differ."""
-    if request.param == "uvloop":
-        uvloop = pytest.importorskip("uvloop")
-        return uvloop.EventLoopPolicy()  # type: ignore[no-any-return]
-    return asyncio.DefaultEventLoopPolicy()
-
-
 KiB = 1024
 
 

@@ -236,11 +236,12 @@ class Proxy:
             return False  # (a DEBUG log names the route: `_missing` writes it)
         request_id_value = request_id(inbound)
         # as `begin` observes the auth step of a missing token (`_Durations.observe`, written out)
-        auth, took = quick.auth, time.perf_counter() - started
+        decided = time.perf_counter()  # (and the Date's second told from it: `send`)
+        auth, took = quick.auth, decided - started
         bounds = auth.bounds
         auth.counts[0 if took <= bounds[0] else bisect_left(bounds, took)] += 1
         auth.sum += took
-        send(quick.answer, f"X-Request-Id: {request_id_value}\r\n", method == "HEAD")
+        send(quick.answer, f"X-Request-Id: {request_id_value}\r\n", method == "HEAD", decided)
         quick.cell.n += 1
         access_log = runtime.access_log
         if access_log is not None and quick.line is not None:

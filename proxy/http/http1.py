@@ -145,7 +145,7 @@ rest always runs, even for a client that left before it began (`request.transpor
 None: the rest decides what it still owes). Or returns a `Later`: the handler finishes the
 request itself, from callbacks of its own, with no task (`Later`)."""
 _NO_QUERY: MultiDictProxy[str] = MultiDictProxy(MultiDict())
-Send = Callable[["Prepared", str, bool], None]
+Send = Callable[["Prepared", str, bool, float], None]
 """`send(answer, field, head)`: a prepared answer, one more header field (`"Name: value\\r\\n"`)
 and Date, in one write (`Request.send`'s); without the body when `head` (a HEAD request)."""
 Quick = Callable[
@@ -224,6 +224,25 @@ def _date_bytes() -> bytes:
     """`_date_line`, encoded (once a second)."""
     if _date[0] != int(time.time()):
         _date_line()
+    return _date[2]
+
+
+_date_until = -1.0
+"""The `time.perf_counter()` at which the second of `_date_at`'s last answer is over."""
+
+
+def _date_at(now: float) -> bytes:
+    """`_date_bytes` at `now` (`time.perf_counter()`), kept until its second is over: one float
+    comparison where a caller has read the clock already (`_Connection._send_now`, the prepared
+    401: bench/FIGURES.md, "The public route, session 9")."""
+    global _date_until
+    if now < _date_until:
+        return _date[2]
+    wall = time.time()
+    second = int(wall)
+    if _date[0] != second:
+        _date_line()
+    _date_until = now + (second + 1 - wall)
     return _date[2]
 
 
@@ -1501,16 +1520,16 @@ class _Connection(asyncio.BufferedProtocol):
         if len(queue) > 1:
             self._pause_reading()  # pipelined: read on when the requests before it are answered
 
-    def _send_now(self, answer: Prepared, field: str, head: bool) -> None:
+    def _send_now(self, answer: Prepared, field: str, head: bool, now: float) -> None:
         """`Quick`'s `send`: `Request.send` on a request kept alive, then `_done`'s part for a
-        connection that waits for its next head (`_idle`)."""
-        date = _date  # (`_date_bytes`, written out)
+        connection that waits for its next head (`_idle`). `now`: `time.perf_counter()` as
+        the caller read it last (the Date's second is told from it: `_date_at`)."""
         self._transport.write(
             b"".join(
                 (
                     answer.head,
                     field.encode(_ENCODING, _ERRORS),
-                    date[2] if date[0] == int(time.time()) else _date_bytes(),
+                    _date[2] if now < _date_until else _date_at(now),
                     b"\r\n" if head else answer.end,
                 )
             )

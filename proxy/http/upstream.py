@@ -483,8 +483,15 @@ class _Connection(asyncio.BufferedProtocol):
             head = self._origin.head
             if head is not None and nbytes - head.size == head.length and self._pool._read_array.startswith(head.raw):
                 self._again(head, nbytes)
-                if self._notify is not None:
-                    self._progress()  # last: what it calls may reuse this connection at once
+                notify = self._notify
+                if notify is not None:
+                    # `_progress` for a head that is here, written out (bench/FIGURES.md, "The
+                    # public route, session 9"); last: what it calls may reuse this connection at once.
+                    self._notify = None
+                    wakeup = self._wakeup
+                    wakeup.conn = None
+                    self._pool._deadlines.waits.pop(wakeup, None)  # type: ignore[union-attr]
+                    notify()
                 else:
                     self._wakeup.wake()
                 return
@@ -929,6 +936,33 @@ class _Connection(asyncio.BufferedProtocol):
                 origin, None, head, self._is_head, None, False, None, connect_timeout, self._relay_timeout, retry=False
             )
         raise self._failure()
+
+    def again_whole(self, limit: int) -> tuple[_Head, bytes] | None:
+        """`answer` and its `Response.whole(limit)` in one call, for the common answer: its
+        origin's `_Head` again (or the one it just became), whose `kept` its consumer filled
+        before, whole with a body of at most `limit` bytes. Its head (status, reason and `kept`
+        are that answer's) and its body (taken, as `whole` takes it), the connection
+        back in the pool, or dropped, as `whole` does; None, with nothing done, for any other
+        answer (then `answer`). No `Response` is made (bench/FIGURES.md, "The public route,
+        session 9")."""
+        head = self._head_seen
+        if head is None or head.kept is None or self._late or not self._done or self._is_head or self._buffered > limit:
+            return None
+        self._resend = None  # (as `answer`)
+        chunks = self._chunks
+        if chunks:  # (`whole`'s `_take`)
+            body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            chunks.clear()
+            self._buffered = 0
+        else:
+            body = b""
+        if self._reading_paused:
+            self._resume_reading()
+        if self._keep_alive and self._error is None and not self._lost:
+            self._pool._put(self)
+        else:
+            self._transport.abort()
+        return head, body
 
     def cancel(self) -> None:
         """`Pool.send`'s consumer is gone (the client went away): the connection is dropped."""

@@ -236,11 +236,12 @@ class Proxy:
             return False  # (a DEBUG log names the route: `_missing` writes it)
         request_id_value = request_id(inbound)
         # as `begin` observes the auth step of a missing token (`_Durations.observe`, written out)
-        auth, took = quick.auth, time.perf_counter() - started
+        decided = time.perf_counter()  # (and the Date's second told from it: `send`)
+        auth, took = quick.auth, decided - started
         bounds = auth.bounds
         auth.counts[0 if took <= bounds[0] else bisect_left(bounds, took)] += 1
         auth.sum += took
-        send(quick.answer, f"X-Request-Id: {request_id_value}\r\n", method == "HEAD")
+        send(quick.answer, f"X-Request-Id: {request_id_value}\r\n", method == "HEAD", decided)
         quick.cell.n += 1
         access_log = runtime.access_log
         if access_log is not None and quick.line is not None:
@@ -412,15 +413,22 @@ def _settled(ex: Exchange, error: Exception | None) -> None:
         plan.metrics.count(method, ex.decision, ex.reason, status)
     access_log = runtime.access_log
     if access_log is not None:
+        path = ex.path or request.raw_path.partition("?")[0][:256]
+        middles = series.middles
+        middle = middles.get(path)
+        if middle is None:
+            middle = access_log.middle(series.before, path, series.after)
+            if len(middles) < _MIDDLES:  # (paths are the client's choice: the first few kept)
+                middles[path] = middle
         claims = ex.claims
-        access_log.line_around(
+        now = time.perf_counter()
+        access_log.line_middle(
             ex.request_id,
             request.remote,
-            series.before,
-            ex.path or request.raw_path.partition("?")[0][:256],
-            series.after,
+            middle,
             claims.subject if claims is not None else None,
-            (time.perf_counter() - ex.started) * 1000,
+            (now - ex.started) * 1000,
+            now,
         )
 
 
@@ -428,9 +436,10 @@ class _Answered:
     """What `_record` does for every forwarded answer of one (route plan, method, status,
     decision, reason), less what varies per request, prepared by the first (per config, in
     `Snapshot.answered`): `requests_total`'s series as a `Cell` (None for a provider's metrics,
-    which count by provider too), the access line's parts around the path (`AccessLog.around`)."""
+    which count by provider too), the access line's parts around the path (`AccessLog.around`)
+    and, for the first `_MIDDLES` paths, the part with the path between them (`middles`)."""
 
-    __slots__ = ("after", "before", "cell")
+    __slots__ = ("after", "before", "cell", "middles")
 
     def __init__(self, ex: Exchange, status: int) -> None:
         plan = ex.plan
@@ -448,6 +457,7 @@ class _Answered:
             if access_log is None
             else access_log.around(method, plan.route.name, provider, status, ex.decision, ex.reason)
         )
+        self.middles: dict[str, str] = {}
 
 
 def _missing(ex: Exchange) -> None:
@@ -479,6 +489,10 @@ def _missing(ex: Exchange) -> None:
 
 _NO_FIELDS: tuple[tuple[bytes, ...], tuple[bytes, ...]] = ((), ())
 """`zip(*fields)` of a request with no fields (which unpacks to nothing)."""
+_MIDDLES = 4
+"""Paths an `_Answered` keeps its access-line middle for: at most 1,024 series per config
+(`Snapshot.answered`), ~1.8 MB at worst; a route's first few paths are what a sidecar in front
+of one service mostly sees (bench/FIGURES.md, "The public route, session 9")."""
 _QUICK_LONGEST = 256
 """The longest request target a `_Quick` is kept for: targets are the client's choice, and at
 most 512 are kept per config (`Snapshot.refusals`): ~150 KB at worst."""

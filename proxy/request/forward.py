@@ -372,8 +372,25 @@ class Answering(Later):
         """The upstream connection's callback: its answer's head came, it failed, or it timed out."""
         ex = self._ex
         try:
+            conn = self._conn
+            if ex.plan.cors is None:  # type: ignore[union-attr]  # (forwarded: routed)
+                # The common answer: its head seen before, whole (`_answered`'s first way, with
+                # no `Response` made: bench/FIGURES.md, "The public route, session 9").
+                again = conn.again_whole(SMALL_BODY)
+                if again is not None:
+                    head, body = again
+                    fields, _, dated = head.kept
+                    ex.request.relay(
+                        head.status,
+                        head.reason,
+                        b"%bX-Request-Id: %b\r\n" % (fields, ex.request_id.encode("ascii")),
+                        body,
+                        date=not dated,
+                    )
+                    self._end(None)
+                    return
             try:
-                answer = self._conn.answer()
+                answer = conn.answer()
             except TimeoutError:  # before UpstreamError's OSError-like cases: a timeout is a 504
                 plan = ex.plan
                 assert plan is not None

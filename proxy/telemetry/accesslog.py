@@ -45,6 +45,10 @@ _FRACTIONS = [f".{fraction:03d}Z" for fraction in range(1000)]  # a stamp's end,
 # bench/FIGURES.md, "The 401 from the head"). Rounded half up from the float's product: a latency
 # on a rounding boundary may differ from `.3f` in its third decimal (a microsecond's noise).
 _DECIMALS = [f".{micros:03d}" for micros in range(1000)]
+# A latency's whole milliseconds, below 10 s: a list index where an int's formatting costs ~500
+# instructions a line (bench/FIGURES.md, "The public route, session 9").
+_WHOLE_KEPT = 10_000
+_WHOLE = [str(whole) for whole in range(_WHOLE_KEPT)]
 
 
 _log = logging.getLogger("jwt_sidecar.accesslog")
@@ -189,12 +193,13 @@ class AccessLog:
         401 from the head")."""
         stamp = self._time if now < self._until else self._stamp_at(now)
         micros = int(latency_ms * 1000 + 0.5)
+        whole = micros // 1000
         line = (
             f'{{"time":"{stamp}","request_id":"{request_id}","client":"{client}",{constant},'
-            f'"latency_ms":{micros // 1000}{_DECIMALS[micros % 1000]}}}'
+            f'"latency_ms":{_WHOLE[whole] if whole < _WHOLE_KEPT else whole}{_DECIMALS[micros % 1000]}}}'
             if client is not None  # (quoted here: two str concatenations fewer than a `peer` part)
             else f'{{"time":"{stamp}","request_id":"{request_id}","client":null,{constant},'
-            f'"latency_ms":{micros // 1000}{_DECIMALS[micros % 1000]}}}'
+            f'"latency_ms":{_WHOLE[whole] if whole < _WHOLE_KEPT else whole}{_DECIMALS[micros % 1000]}}}'
         )
         if not line.isascii() or "\x7f" in line:  # (`constant` is escaped already: the client, if anything)
             line = json_line(line)
@@ -214,28 +219,31 @@ class AccessLog:
             f'"status":{status:d},"decision":"{decision}","reason":"{reason}","subject":'
         )
 
-    def line_around(
-        self,
-        request_id: str,
-        client: str | None,
-        before: str,
-        path: str,
-        after: str,
-        subject: str | None,
-        latency_ms: float,
+    def middle(self, before: str, path: str, after: str) -> str:
+        """The part of a forwarded answer's line from `"method"` to `"subject":`, for `path`:
+        `around`'s parts with the path escaped between them, made once per path by the caller
+        that keeps it (app.py's `_Answered.middles`) and given to `line_middle`."""
+        return before + _quote(path) + after
+
+    def line_middle(
+        self, request_id: str, client: str | None, middle: str, subject: str | None, latency_ms: float, now: float
     ) -> None:
-        """`line` for a request whose method, route .. reason are `around`'s (`before`, `after`):
-        the same bytes, with the time, id, client, path, subject and latency put in
-        (bench/FIGURES.md, "The forwarded answer's record")."""
-        now = time.perf_counter()
+        """`line` for a request whose method .. reason and path are `middle` (`middle`'s), its
+        latency ended at `now` (`time.perf_counter()`: the stamp's clock too, one reading): the
+        same bytes, with the time, id, client, subject and latency put in. Seven parts and two
+        table lookups: the latency's whole milliseconds are not formatted from an int below 10 s
+        (bench/FIGURES.md, "The public route, session 9")."""
         stamp = self._time if now < self._until else self._stamp_at(now)
         micros = int(latency_ms * 1000 + 0.5)
+        whole = micros // 1000
         line = (
-            f'{{"time":"{stamp}","request_id":"{request_id}","client":"{client}",{before}{_quote(path)}{after}'
-            f'{"null" if subject is None else _quote(subject)},"latency_ms":{micros // 1000}{_DECIMALS[micros % 1000]}}}'
+            f'{{"time":"{stamp}","request_id":"{request_id}","client":"{client}",{middle}'
+            f'{"null" if subject is None else _quote(subject)},"latency_ms":'
+            f"{_WHOLE[whole] if whole < _WHOLE_KEPT else whole}{_DECIMALS[micros % 1000]}}}"
             if client is not None  # (quoted here, as in `line_from`)
-            else f'{{"time":"{stamp}","request_id":"{request_id}","client":null,{before}{_quote(path)}{after}'
-            f'{"null" if subject is None else _quote(subject)},"latency_ms":{micros // 1000}{_DECIMALS[micros % 1000]}}}'
+            else f'{{"time":"{stamp}","request_id":"{request_id}","client":null,{middle}'
+            f'{"null" if subject is None else _quote(subject)},"latency_ms":'
+            f"{_WHOLE[whole] if whole < _WHOLE_KEPT else whole}{_DECIMALS[micros % 1000]}}}"
         )
         if not line.isascii() or "\x7f" in line:
             line = json_line(line)

@@ -86,3 +86,25 @@ async def test_forwarded_answers_are_one_series_in_metrics_whichever_way_they_we
     assert len(series) == 1, series
     assert 'decision="allowed"' in series[0] and 'status="2xx"' in series[0] and 'method="GET"' in series[0]
     assert series[0].endswith(" 5.0")
+
+
+@bounded_by(20)
+async def test_each_path_is_logged_as_its_own_past_the_paths_kept_per_series(sidecar: Any, raw_server: Any) -> None:
+    # app.py keeps the access line's middle (method .. subject, the path escaped) for a few
+    # paths per answered series (`_MIDDLES`): past them, each line is still its own path's.
+    s, _, _ = await start(sidecar, raw_server, serving(lambda n, index, head: ANSWERS[0]))
+    stream = io.BytesIO()
+    s.runtime.access_log = AccessLog(stream)
+    reader, writer = await connect(s)
+    paths = [f"/p{i}" for i in range(10)]
+    sent = [path for _ in range(2) for path in paths]
+    for path in sent:
+        writer.write(request(path))
+        assert (await read_answer(reader)).startswith(b"HTTP/1.1 200 ")
+    writer.close()
+    await eventually(lambda: s.runtime.metrics.in_flight == 0)
+    s.runtime.access_log.flush()
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [line["path"] for line in lines] == sent
+    assert [line["request_id"] for line in lines] == [f"rid-{path[1:]}" for path in sent]
+    assert {line["status"] for line in lines} == {200} and {line["route"] for line in lines} == {"public"}

@@ -160,9 +160,9 @@ def test_a_line_from_a_prepared_constant_is_the_line_byte_for_byte() -> None:
         assert json.loads(first.decode())["subject"] == subject
 
 
-def test_a_line_around_prepared_parts_is_the_line_byte_for_byte() -> None:
-    # `around` + `line_around` (app.py's forwarded answers) against `line`, whatever the fields
-    # hold: only the time may differ.
+def test_a_line_from_a_prepared_middle_is_the_line_byte_for_byte() -> None:
+    # `around` + `middle` + `line_middle` (app.py's forwarded answers) against `line`, whatever
+    # the fields hold: only the time may differ.
     awkward = 'a"b\\c\nd\x7f\u0085\u202e\u00e9\U0001f600 \u2028'
     for method, path, route, provider, subject, client, decision, reason in [
         ("GET", "/api/orders", "api", "main", "alice", "127.0.0.1", "allowed", ""),
@@ -174,7 +174,7 @@ def test_a_line_around_prepared_parts_is_the_line_byte_for_byte() -> None:
         log = AccessLog(stream)
         log.line("rid-1", client, method, path, route, provider, 200, decision, reason, subject, 1.25)
         before, after = log.around(method, route, provider, 200, decision, reason)
-        log.line_around("rid-1", client, before, path, after, subject, 1.25)
+        log.line_middle("rid-1", client, log.middle(before, path, after), subject, 1.25, time.perf_counter())
         first, second = (re.sub(rb'"time":"[^"]*"', b'"time":""', line) for line in stream.getvalue().splitlines())
         assert first == second
         assert json.loads(first.decode())["subject"] == subject
@@ -188,13 +188,15 @@ def test_the_latency_is_written_with_three_decimals_as_format_would() -> None:
     values += [numbers.choice((10, 1000, 0.01, 100_000)) * numbers.random() for _ in range(20_000)]
     stream = io.BytesIO()
     log = AccessLog(stream)
+    before, after = log.around("GET", "r", None, 200, "allowed", "")
     for value in values:
         log.line("rid", None, "GET", "/", "r", None, 200, "allowed", "", None, value)
         log.line_from(
             "rid", None, log.constant("GET", "/", "r", None, 200, "allowed", "", None), value, time.perf_counter()
         )
+        log.line_middle("rid", "::1", log.middle(before, "/", after), None, value, time.perf_counter())
     written = [line.rsplit(b'"latency_ms":', 1)[1][:-1].decode() for line in stream.getvalue().splitlines()]
-    assert written == [f"{value:.3f}" for value in values for _ in range(2)]
+    assert written == [f"{value:.3f}" for value in values for _ in range(3)]
 
 
 def test_each_line_is_stamped_with_the_millisecond_it_was_written_in() -> None:
@@ -216,7 +218,7 @@ def test_each_line_is_stamped_with_the_millisecond_it_was_written_in() -> None:
         elif which == 1:
             log.line_from("rid", None, constant, 1.0, time.perf_counter())
         else:
-            log.line_around("rid", None, before, "/", after, None, 1.0)
+            log.line_middle("rid", None, log.middle(before, "/", after), None, 1.0, time.perf_counter())
         bounds.append((start, int(time.time() * 1000)))
         n += 1
         if n % 7 == 0:

@@ -1,0 +1,40 @@
+"""The Date of an answer written from a prepared refusal (`_Connection._send_now`) is told from
+the caller's `time.perf_counter()` reading (`http1._date_at`): the second it was written in,
+across second boundaries, as `_date_bytes` (which reads the wall clock) would give it."""
+
+from __future__ import annotations
+
+import time
+from email.utils import parsedate_to_datetime
+
+from proxy.http import http1
+
+
+def _second(date: bytes) -> int:
+    assert date.startswith(b"Date: ") and date.endswith(b" GMT\r\n")
+    return int(parsedate_to_datetime(date[6:-2].decode()).timestamp())
+
+
+def test_each_date_is_the_second_it_was_taken_in_across_second_boundaries() -> None:
+    deadline = time.monotonic() + 2.3  # (two second boundaries crossed)
+    seconds: set[int] = set()
+    n = 0
+    while time.monotonic() < deadline and n < 200_000:
+        before = int(time.time())
+        date = http1._date_at(time.perf_counter())
+        after = int(time.time())
+        assert before <= _second(date) <= after, (date, before, after)
+        seconds.add(_second(date))
+        n += 1
+        if n % 50 == 0:
+            time.sleep(0.0005)
+    assert len(seconds) >= 2  # the Date moved on with the clock
+
+
+def test_a_date_made_by_another_way_in_between_is_not_taken_for_a_later_second() -> None:
+    # `_date_bytes` (the `Request` way) and `_date_at` share the formatted Date: whichever makes
+    # it, `_date_at` gives the second it is asked in.
+    http1._date_at(time.perf_counter())
+    time.sleep(1.05 - time.time() % 1)  # into the next second
+    http1._date_bytes()
+    assert _second(http1._date_at(time.perf_counter())) == int(time.time())

@@ -48,6 +48,8 @@ from tests.support.upstream import Upstream, start_upstream
 BOTH_LOOPS = frozenset(
     {
         "test_answer_again",
+        "test_answer_splice_review",
+        "test_answer_spliced",
         "test_authorization_upstream",
         "test_client_address_headers",
         "test_forward_from_head",

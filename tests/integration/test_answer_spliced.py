@@ -27,18 +27,6 @@ from proxy.telemetry.accesslog import AccessLog
 from tests.conftest import AUDIENCE, ISSUER
 from tests.support.raw import bounded_by, eventually
 
-
-@pytest.fixture(params=["asyncio", "uvloop"], scope="module")
-def event_loop_policy(request: pytest.FixtureRequest) -> asyncio.AbstractEventLoopPolicy:
-    """Every test here on asyncio's own loop and on uvloop, which the process runs on: the
-    splice pauses and resumes the upstream transport's reading and registers dup'd descriptors
-    with the loop, where the two loops differ."""
-    if request.param == "uvloop":
-        uvloop = pytest.importorskip("uvloop")
-        return uvloop.EventLoopPolicy()  # type: ignore[no-any-return]
-    return asyncio.DefaultEventLoopPolicy()
-
-
 KiB = 1024
 MiB = 1024 * KiB
 CONFIG = f"""\

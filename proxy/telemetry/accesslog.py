@@ -45,9 +45,10 @@ _FRACTIONS = [f".{fraction:03d}Z" for fraction in range(1000)]  # a stamp's end,
 # bench/FIGURES.md, "The 401 from the head"). Rounded half up from the float's product: a latency
 # on a rounding boundary may differ from `.3f` in its third decimal (a microsecond's noise).
 _DECIMALS = [f".{micros:03d}" for micros in range(1000)]
-# A latency's whole milliseconds, below 10 s: a list index where an int's formatting costs ~500
-# instructions a line (bench/FIGURES.md, "The public route, session 9").
-_WHOLE_KEPT = 10_000
+# A latency's whole milliseconds, below 1 s: a list index where an int's formatting costs ~500
+# instructions a line (bench/FIGURES.md, "The public route, session 9"); 1,000 strs are ~60 KB
+# (10,000 were 0.6 MiB of every process's RSS).
+_WHOLE_KEPT = 1_000
 _WHOLE = [str(whole) for whole in range(_WHOLE_KEPT)]
 
 
@@ -231,7 +232,7 @@ class AccessLog:
         """`line` for a request whose method .. reason and path are `middle` (`middle`'s), its
         latency ended at `now` (`time.perf_counter()`: the stamp's clock too, one reading): the
         same bytes, with the time, id, client, subject and latency put in. Seven parts and two
-        table lookups: the latency's whole milliseconds are not formatted from an int below 10 s
+        table lookups: the latency's whole milliseconds are not formatted from an int below 1 s
         (bench/FIGURES.md, "The public route, session 9")."""
         stamp = self._time if now < self._until else self._stamp_at(now)
         micros = int(latency_ms * 1000 + 0.5)

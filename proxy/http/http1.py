@@ -1609,26 +1609,10 @@ class _Connection(asyncio.BufferedProtocol):
         ):
             return
         target = self._target
-        fd = target.splice_fd()
-        if fd < 0:
-            return
-        pipe = _splice.PIPES.take()
-        if pipe is None:
-            return
-        try:
-            splice = _splice.Splice(
-                self._loop,
-                self._fd,
-                fd,
-                left,
-                pipe,
-                self._spliced,
-                target.spliced,
-                self._splice_blocked,
-                self._spliced_to,
-            )
-        except OSError:
-            _splice.PIPES.give(pipe, True)
+        splice = _splice.begin(
+            self._loop, self._fd, target, left, self._spliced, self._splice_blocked, self._spliced_to
+        )
+        if splice is None:
             return
         self._splice = splice
         target.splice_began(self._splice_lost)

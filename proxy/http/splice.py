@@ -32,8 +32,9 @@ import errno
 import fcntl
 import os
 from collections.abc import Callable
+from typing import Protocol
 
-__all__ = ["ANSWER_MIN", "ENABLED", "PIPES", "PIPE_SIZE", "Pipes", "Splice"]
+__all__ = ["ANSWER_MIN", "ENABLED", "PIPES", "PIPE_SIZE", "Pipes", "Splice", "Target", "begin"]
 
 ENABLED = True
 """The one switch: False, and every body is copied (the tests run both ways)."""
@@ -315,3 +316,41 @@ def _nothing(*_: object) -> None:
 
 def _stop(_: int) -> bool:
     return True
+
+
+class Target(Protocol):
+    """What a body is spliced into: http1's `Request` (an answer) or upstream.py's `_Upload` (a request body)."""
+
+    def splice_fd(self) -> int:
+        """The socket to splice into, or -1 when it may not be spliced into now."""
+        ...
+
+    def spliced(self, size: int) -> bool:
+        """`size` bytes went into it; True when nothing more may be sent (`Splice`'s `gave`)."""
+        ...
+
+
+def begin(
+    loop: asyncio.AbstractEventLoop,
+    source_fd: int,
+    target: Target,
+    left: int,
+    took: Callable[[int], None],
+    blocked: Callable[[], None],
+    ended: Callable[[str], None],
+) -> Splice | None:
+    """A `Splice` of `left` bytes from `source_fd` into `target`'s socket, through a pipe of
+    `PIPES` (not yet stepped); None, with nothing taken, when the target gives no socket, no
+    pipe is free or the kernel refuses. The start both directions share (http1.py's
+    `_Connection._try_splice` for uploads, upstream.py's for answers)."""
+    fd = target.splice_fd()
+    if fd < 0:
+        return None
+    pipe = PIPES.take()
+    if pipe is None:
+        return None
+    try:
+        return Splice(loop, source_fd, fd, left, pipe, took, target.spliced, blocked, ended)
+    except OSError:
+        PIPES.give(pipe, True)
+        return None

@@ -686,26 +686,16 @@ class _Connection(asyncio.BufferedProtocol):
         ):
             return
         target = self._target
-        fd = target.splice_fd()
-        if fd < 0:
-            return
-        pipe = _splice.PIPES.take()
-        if pipe is None:
-            return
-        try:
-            splice = _splice.Splice(
-                self._pool._loop,
-                self._fd,
-                fd,
-                length - self._seen,
-                pipe,
-                self._spliced,
-                target.spliced,
-                self._splice_blocked,
-                self._spliced_to,
-            )
-        except OSError:
-            _splice.PIPES.give(pipe, True)
+        splice = _splice.begin(
+            self._pool._loop,
+            self._fd,
+            target,
+            length - self._seen,
+            self._spliced,
+            self._splice_blocked,
+            self._spliced_to,
+        )
+        if splice is None:
             return
         self._splice = splice
         # Every byte of the body is counted from now on (llhttp is told of none of them): the
@@ -949,8 +939,13 @@ class _Connection(asyncio.BufferedProtocol):
         if head is None or head.kept is None or self._late or not self._done or self._is_head or self._buffered > limit:
             return None
         self._resend = None  # (as `answer`)
+        return head, self._whole()
+
+    def _whole(self) -> bytes:
+        """The body of an answer that has ended, taken, and the connection handed back: to the
+        pool, or dropped (`Response.whole`, `again_whole`)."""
         chunks = self._chunks
-        if chunks:  # (`whole`'s `_take`)
+        if chunks:  # (`_take`, written out)
             body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
             chunks.clear()
             self._buffered = 0
@@ -962,7 +957,7 @@ class _Connection(asyncio.BufferedProtocol):
             self._pool._put(self)
         else:
             self._transport.abort()
-        return head, body
+        return body
 
     def cancel(self) -> None:
         """`Pool.send`'s consumer is gone (the client went away): the connection is dropped."""
@@ -1273,21 +1268,8 @@ class Response:
         conn = self._conn
         if conn is None or self._bodiless or not conn._done or conn._buffered > limit:
             return None
-        chunks = conn._chunks
-        if chunks:  # (`_take`, written out)
-            data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-            chunks.clear()
-            conn._buffered = 0
-        else:
-            data = b""
-        if conn._reading_paused:
-            conn._resume_reading()
-        self._conn = None  # (`release`, and `_release` for an answer that is done, written out)
-        if conn._keep_alive and conn._error is None and not conn._lost:
-            conn._pool._put(conn)
-        else:
-            conn._transport.abort()
-        return data
+        self._conn = None  # (`release`, and `_release` for an answer that is done: `_whole`)
+        return conn._whole()
 
     @property
     def headers(self) -> list[tuple[str, str]]:

@@ -48,12 +48,12 @@ import select
 import socket
 import struct
 import time
-from time import perf_counter
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from email.utils import formatdate
 from functools import partial
 from http import HTTPStatus
+from time import perf_counter
 from typing import Any, cast
 
 import httptools

@@ -1603,9 +1603,10 @@ class Pool:
             return None
         conn = idle[-1]
         poll = conn._poll
+        now = self._loop.time()  # (read once: the idle check and the answer's deadline)
         if (
             (origin.proven or not self._probation)
-            and conn._idle_since > self._loop.time() - self._idle_timeout
+            and conn._idle_since > now - self._idle_timeout
             and not conn._transport.is_closing()
             and (poll is None or not poll.poll(0))
         ):
@@ -1635,7 +1636,7 @@ class Pool:
         conn._resend = (origin, data, connect_timeout) if method in _IDEMPOTENT else None
         wakeup = conn._wakeup
         wakeup.conn = conn
-        self._deadlines.add(wakeup, self._loop.time() + read_timeout)  # type: ignore[union-attr]
+        self._deadlines.add(wakeup, now + read_timeout)  # type: ignore[union-attr]
         return conn
 
     async def _exchange(

@@ -13,6 +13,7 @@ Both batch their writes: ours at most 0.1 s or 256 lines, Envoy by 64 KiB or eve
 
 from __future__ import annotations
 
+import compileall
 import contextlib
 import http.client
 import os
@@ -515,6 +516,16 @@ def start_envoy(
 
 
 # -- jwt-sidecar ----------------------------------------------------------------------------
+def compiled() -> None:
+    """The package's bytecode written to `proxy/**/__pycache__`, as every installed copy has it
+    (pip compiles a wheel's modules as it installs them; the image's are). An editable install
+    run with PYTHONDONTWRITEBYTECODE set (this sandbox's shells set it, as the Dockerfile does
+    for its read-only root) compiles every module at every start instead, and the compiler's
+    leftovers stay in the process: ~2 MiB more RSS (bench/FIGURES.md, "Resident memory,
+    session 10"). `compileall` writes regardless of that variable, and only what changed."""
+    compileall.compile_dir(str(ROOT / "proxy"), quiet=1)
+
+
 def sidecar_config(*, port: int, admin_port: int, upstream_port: int, jwks_url: str) -> dict:
     return {
         "listen": f"127.0.0.1:{port}",
@@ -559,6 +570,7 @@ def start_sidecar(
     spliced: bool = True,
 ) -> Target:
     """`spliced` False: bodies copied, never spliced, uploads or answers (proxy/http/splice.py's `ENABLED`; one worker)."""
+    compiled()
     port, admin_port = free_port(), free_port()
     name = "jwt-sidecar" if workers == 1 else f"jwt-sidecar-{workers}w"
     if not spliced:

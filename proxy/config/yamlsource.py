@@ -11,7 +11,6 @@ Does not own: what the keys mean (config/builder.py does).
 
 from __future__ import annotations
 
-import difflib
 import os
 import re
 from collections.abc import Callable, Iterable, Iterator
@@ -464,6 +463,8 @@ def closest(key: str, allowed: Iterable[str]) -> str | None:
     plain = key.lower().replace("-", "_")
     if plain in folded:
         return folded[plain]
+    import difflib  # (here: only a config with a mistake needs it; ~0.2 MiB of every running process)
+
     close = difflib.get_close_matches(plain, list(folded), n=1, cutoff=0.75)
     if close:
         return folded[close[0]]

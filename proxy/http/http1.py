@@ -50,7 +50,6 @@ import struct
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from email.utils import formatdate
 from functools import partial
 from http import HTTPStatus
 from time import perf_counter
@@ -216,9 +215,25 @@ def _date_line() -> str:
     global _date
     now = int(time.time())
     if _date[0] != now:
-        line = f"Date: {formatdate(now, usegmt=True)}\r\n"
+        line = f"Date: {_imf_fixdate(now)}\r\n"
         _date = (now, line, line.encode("ascii"))
     return _date[1]
+
+
+_DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+def _imf_fixdate(second: int) -> str:
+    """RFC 9110 §5.6.7's IMF-fixdate of a Unix time (`Sun, 06 Nov 1994 08:49:37 GMT`), with the
+    day and month names spelled out here, never the locale's. Written here rather than taking
+    `email.utils.formatdate`: importing `email` cost every process ~0.5 MiB of resident memory
+    for this one line (bench/FIGURES.md, "Resident memory, session 10")."""
+    t = time.gmtime(second)
+    return (
+        f"{_DAYS[t.tm_wday]}, {t.tm_mday:02d} {_MONTHS[t.tm_mon - 1]} {t.tm_year:04d} "
+        f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} GMT"
+    )
 
 
 def _date_bytes() -> bytes:

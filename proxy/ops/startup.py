@@ -16,7 +16,6 @@ import errno
 import os
 import socket
 import sys
-import tempfile
 from dataclasses import dataclass, field
 
 from ..config.settings import Listen, Settings
@@ -148,6 +147,8 @@ def check_multiproc_dir() -> None:
     directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if not directory:
         return
+    import tempfile  # (here: `tempfile` brings `shutil`, `bz2` and `lzma`, ~0.6 MiB a process, for `workers` alone)
+
     try:
         with tempfile.TemporaryFile(dir=directory):
             pass
@@ -160,6 +161,8 @@ def check_multiproc_dir() -> None:
 
 def metrics_directory() -> str:
     """A new directory for the multiprocess metrics of `workers`, in the temporary directory."""
+    import tempfile  # (as in `check_multiproc_dir`)
+
     try:
         return tempfile.mkdtemp(prefix="jwt-sidecar-metrics-")
     except OSError as error:

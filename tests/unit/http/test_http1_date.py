@@ -38,3 +38,17 @@ def test_a_date_made_by_another_way_in_between_is_not_taken_for_a_later_second()
     time.sleep(1.05 - time.time() % 1)  # into the next second
     http1._date_bytes()
     assert _second(http1._date_at(time.perf_counter())) == int(time.time())
+
+
+def test_the_date_is_rfc_9110_imf_fixdate_as_the_standard_library_writes_it() -> None:
+    """http1 writes the Date itself (importing `email` cost ~0.5 MiB a process): the same
+    text as `email.utils.formatdate(usegmt=True)` for every second tried, whatever the locale."""
+    import random
+    from email.utils import formatdate
+
+    rng = random.Random(9110)
+    seconds = [0, 784_111_777, 951_782_400, 2**31 - 1, 2**31, 4_102_444_800, 253_402_300_799]
+    seconds += [rng.randrange(0, 253_402_300_800) for _ in range(20_000)]
+    for second in seconds:
+        assert http1._imf_fixdate(second) == formatdate(second, usegmt=True), second
+    assert http1._imf_fixdate(784_111_777) == "Sun, 06 Nov 1994 08:49:37 GMT"  # RFC 9110 §5.6.7's example

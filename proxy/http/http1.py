@@ -50,7 +50,6 @@ import struct
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from email.utils import formatdate
 from functools import partial
 from http import HTTPStatus
 from typing import Any, cast
@@ -208,6 +207,18 @@ class _Refuse(Exception):
 
 
 _date: tuple[int, str, bytes] = (0, "", b"")
+_DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+def _http_date(seconds: float) -> str:
+    """An IMF-fixdate (RFC 9110 §5.6.7), as `email.utils.formatdate(seconds, usegmt=True)` writes
+    it: the email package is seven modules a running sidecar needs for nothing else."""
+    t = time.gmtime(seconds)
+    return (
+        f"{_DAYS[t.tm_wday]}, {t.tm_mday:02d} {_MONTHS[t.tm_mon - 1]} {t.tm_year:04d} "
+        f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} GMT"
+    )
 
 
 def _date_line() -> str:
@@ -215,7 +226,7 @@ def _date_line() -> str:
     global _date
     now = int(time.time())
     if _date[0] != now:
-        line = f"Date: {formatdate(now, usegmt=True)}\r\n"
+        line = f"Date: {_http_date(now)}\r\n"
         _date = (now, line, line.encode("ascii"))
     return _date[1]
 

@@ -38,3 +38,12 @@ def test_a_date_made_by_another_way_in_between_is_not_taken_for_a_later_second()
     time.sleep(1.05 - time.time() % 1)  # into the next second
     http1._date_bytes()
     assert _second(http1._date_at(time.perf_counter())) == int(time.time())
+
+
+def test_the_date_is_written_as_the_email_package_writes_it() -> None:
+    from email.utils import formatdate
+
+    # Every weekday and month, a leap day, single-digit days and hours, the epoch.
+    instants = [0, 951782400, 1709164800, 1796393576, *(1700000000 + 86400 * 9 * n + 3601 * n for n in range(60))]
+    for seconds in instants:
+        assert http1._http_date(seconds) == formatdate(seconds, usegmt=True)

@@ -27,8 +27,6 @@ import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from prometheus_client import Gauge
-
 from ..base import oplog, outlet
 from ..config.settings import Settings
 from ..http.causes import shown
@@ -306,6 +304,8 @@ def freeze_start_up() -> None:
 
 async def _publish(runtime: Runtime, interval: float = 1.0) -> None:
     """A worker's scrape-time metrics and readiness, copied into the multiprocess files."""
+    from prometheus_client import Gauge  # noqa: PLC0415 - workers: N only (telemetry/exposition.py)
+
     family = WORKERS_READY_FAMILY
     ready = Gauge(family.name, family.help, registry=None, multiprocess_mode=family.gauge_mode)
     while True:

@@ -48,15 +48,13 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, NoReturn, TypeVar
 
-from prometheus_client import CollectorRegistry, multiprocess
-from prometheus_client.exposition import choose_encoder
-
 from ..base import oplog, outlet
 from ..base.oplog import event
 from ..config.settings import Settings
 from ..http.causes import cause
+from ..telemetry.exposition import Registry, choose
 from ..telemetry.families import WORKERS_READY as _READY_FAMILY
-from ..telemetry.metrics import ProcessesCollector, WorkersCollector
+from ..telemetry.metrics import ProcessesCollector, WorkersCollector, multiprocess_support
 from .startup import Sockets, StartupError, bind, bind_for, check_stdout, metrics_directory
 
 __all__ = [
@@ -154,6 +152,7 @@ def run_set(settings: Settings, *, config_path: str, serve: Serve, runner: Runne
     # A restarted worker is a fresh `run`: its own listener, this directory, no SET_ENV.
     os.environ.pop(SET_ENV)
     _name(0)
+    multiprocess_support()  # imported once, before the fork: its pages shared, not one copy per worker
     gone, alive = os.pipe()  # the workers' read ends see end of file once worker 0 is gone
     os.set_inheritable(gone, True)  # kept by a restarted worker's exec (its number in PARENT_FD_ENV)
     _before_fork()
@@ -288,7 +287,7 @@ class Set:
         self._mirror: Callable[[], None] = lambda: None
         self._exited: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self.registry = CollectorRegistry()
+        self.registry = Registry()
         self.registry.register(WorkersCollector(directory))
         self.registry.register(ProcessesCollector(self.processes))
 
@@ -368,8 +367,8 @@ class Set:
 
     def render(self, accept: str | None) -> tuple[bytes, str]:
         self._mirror()  # worker 0's own requests up to now, not as of its last second
-        encoder, content_type = choose_encoder(accept or "")
-        return _settled(lambda: encoder(self.registry)), content_type
+        encoder, content_type = choose(accept)
+        return _settled(lambda: encoder(list(self.registry.collect()))), content_type
 
     def wind_up(self) -> int:
         """After worker 0's loop (whatever ended it): no worker is left running; the set's status."""
@@ -389,8 +388,8 @@ class Set:
             if child.pidfd is not None:
                 os.close(child.pidfd)
                 child.pidfd = None
-            multiprocess.mark_process_dead(child.pid, self.directory)
-        multiprocess.mark_process_dead(os.getpid(), self.directory)
+            _mark_dead(child.pid, self.directory)
+        _mark_dead(os.getpid(), self.directory)
         # A worker stopped while waiting to be restarted is not a failure of the stop.
         failed = any(
             c.returncode not in (0, -signal.SIGTERM) for c in self.children.values() if c.index not in self._restarting
@@ -447,7 +446,7 @@ class Set:
 
     def _died(self, child: _Child) -> None:
         # Its live gauges (ready, in flight) must stop counting; its counters stay summed.
-        multiprocess.mark_process_dead(child.pid, self.directory)
+        _mark_dead(child.pid, self.directory)
         self._check_exited()
         if self._stopping or self.status:
             return
@@ -537,7 +536,13 @@ def _settled(read: Callable[[], T]) -> T:
         return read()
 
 
-def _gauge(registry: CollectorRegistry, name: str) -> float:
+def _mark_dead(pid: int, directory: str) -> None:
+    from prometheus_client import multiprocess  # noqa: PLC0415 - workers: N only (telemetry/exposition.py)
+
+    multiprocess.mark_process_dead(pid, directory)
+
+
+def _gauge(registry: Registry, name: str) -> float:
     for family in registry.collect():
         if family.name == name:
             return sum(sample.value for sample in family.samples if sample.name == name)

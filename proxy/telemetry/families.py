@@ -2,7 +2,7 @@
 
 Owns: each family's name, type, label names, help text, how worker 0 of `workers: N`
 combines the workers' values (`Family.workers`), and its histogram buckets; building the
-empty prometheus-client family objects a scrape fills (`Family.counter`, `gauge`,
+empty family objects a scrape fills (exposition.py's) (`Family.counter`, `gauge`,
 `histogram`); and the sample names a query may use (`sample_labels`). The exposition (metrics.py), the workers' mirror and
 worker 0's view of it (metrics.py), the README's Metrics table, the Grafana dashboard and
 the alerts in k8s/monitoring/ are made from or checked against this table (tests/unit/
@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from .exposition import CounterFamily, GaugeFamily, HistogramFamily
 
 __all__ = [
     "AUTH_BUCKETS",
@@ -73,7 +73,7 @@ class Family:
     buckets: tuple[float, ...] = ()
     """Histograms only: the upper bounds (`le`), +Inf implied."""
     ours: bool = True
-    """False for prometheus-client's own process_* families (ProcessCollector makes them)."""
+    """False for the process_* families (exposition.ProcessCollector makes them, as prometheus-client's does)."""
     workers_only: bool = False
     """Exported only by worker 0 of `workers: N`, for the set."""
 
@@ -82,18 +82,18 @@ class Family:
         """The name of the family in the exposition (prometheus-client drops a counter's `_total`)."""
         return self.name.removesuffix("_total") if self.kind == "counter" else self.name
 
-    def counter(self) -> CounterMetricFamily:
+    def counter(self) -> CounterFamily:
         """A fresh, empty family for a scrape to fill (this family must be a counter)."""
         self._expect("counter")
-        return CounterMetricFamily(self.family, self.help, labels=self.labels)
+        return CounterFamily(self.family, self.help, self.labels)
 
-    def gauge(self) -> GaugeMetricFamily:
+    def gauge(self) -> GaugeFamily:
         self._expect("gauge")
-        return GaugeMetricFamily(self.family, self.help, labels=self.labels)
+        return GaugeFamily(self.family, self.help, self.labels)
 
-    def histogram(self) -> HistogramMetricFamily:
+    def histogram(self) -> HistogramFamily:
         self._expect("histogram")
-        return HistogramMetricFamily(self.family, self.help, labels=self.labels)
+        return HistogramFamily(self.family, self.help, self.labels)
 
     @property
     def gauge_mode(self) -> Literal["livesum", "livemin", "livemax"]:
@@ -289,8 +289,8 @@ def _process(name: str, kind: Kind, text: str) -> Family:
     return Family(name=name, kind=kind, help=text, workers="per_process", ours=False)
 
 
-# prometheus-client's ProcessCollector (from /proc); with `workers: N` worker 0 reads
-# each process's /proc/PID at scrape time (metrics.ProcessesCollector). Help as it words it.
+# exposition.ProcessCollector (from /proc, as prometheus-client's own); with `workers: N` worker 0
+# reads each process's /proc/PID at scrape time (metrics.ProcessesCollector). Help as prometheus-client words it.
 PROCESS_FAMILIES = (
     _process("process_cpu_seconds_total", "counter", "Total user and system CPU time spent in seconds."),
     _process("process_resident_memory_bytes", "gauge", "Resident memory size in bytes."),

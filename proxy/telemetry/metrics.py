@@ -1,14 +1,14 @@
 """Prometheus metrics: recording and exporting the families of families.py, in one private registry.
 
-Owns: a `CollectorRegistry` per `Metrics` instance (never prometheus_client's global default,
-so two apps in one process, or two tests, never share a count); the per-request recording
+Owns: a `Registry` (exposition.py's) per `Metrics` instance (nothing global, so two apps in
+one process, or two tests, never share a count); the per-request recording
 path (`RouteMetrics`, label children resolved once and cached; `ProviderMetrics` for a route
 with several providers, by the provider chosen); a scrape-time collector that
 reads key sources and the token cache through a `MetricsView`; rendering the exposition body
-for `/metrics`; and,
+for `/metrics` (exposition.py writes it: one process never imports prometheus-client); and,
 with `workers: N`, each worker's copy of its metrics into prometheus-client's multiprocess
 files (`Metrics.mirror`) and worker 0's reading of them (`WorkersCollector`), through
-prometheus-client's public API only.
+prometheus-client's public API only, imported there and only there (`multiprocess_support`).
 Does not own: the names, labels and help of the families (families.py), serving `/metrics`
 (admin.py), deciding what a request's decision or reason is
 (pipeline.py), or the counters it reads at scrape time (keys.py and verify.py keep those).
@@ -22,7 +22,8 @@ Every family (name, type, labels, help, how `workers: N` combines it, buckets) i
 once, in families.py; this module builds the exposition from those declarations. Durations
 are in seconds, Prometheus base units.
 
-The process_* families are prometheus-client's own (read from /proc). One process: unlabelled,
+The process_* families are prometheus-client's (read from /proc by exposition.py's
+`ProcessCollector` as prometheus-client's own reads them). One process: unlabelled,
 as any Python exporter gives them. With `workers: N` worker 0 exports them for each
 worker, itself included, labelled `worker` ("0" .. "N-1"), read from /proc/PID at
 scrape time (`ProcessesCollector`): prometheus-client's multiprocess mode has no process
@@ -47,13 +48,7 @@ import math
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
-
-from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector
-from prometheus_client.exposition import choose_encoder
-from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
-from prometheus_client.multiprocess import MultiProcessCollector
-from prometheus_client.utils import floatToGoString
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from ..base import outlet
 from ..base.errors import Reason
@@ -61,9 +56,22 @@ from ..base.oplog import event
 from ..config.settings import StaticKeys
 from ..http.http1 import ConnectionCounts
 from . import families as F
+from .exposition import (
+    CounterFamily,
+    GaugeFamily,
+    HistogramFamily,
+    MetricFamily,
+    ProcessCollector,
+    Registry,
+    choose,
+    float_text,
+)
+from .exposition import Family as Metric
 from .families import AUTH_BUCKETS, UPSTREAM_BUCKETS, Family
 
 if TYPE_CHECKING:
+    from prometheus_client import Counter, Gauge
+
     from ..auth.keys import KeySource
     from ..auth.verify import TokenCache
 
@@ -80,6 +88,7 @@ __all__ = [
     "ProviderMetrics",
     "RouteMetrics",
     "WorkersCollector",
+    "multiprocess_support",
 ]
 
 METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
@@ -142,7 +151,7 @@ class _Durations:
         buckets = []
         for bound, count in zip((*self.bounds, math.inf), self.counts, strict=False):
             total += count
-            buckets.append((floatToGoString(bound), float(total)))
+            buckets.append((float_text(bound), float(total)))
         return buckets
 
 
@@ -276,29 +285,26 @@ class MetricsView:
 class Metrics:
     """Every metric of one app, in its own registry."""
 
-    registry: CollectorRegistry
+    registry: Registry
     in_flight: int
     """Requests being handled right now: the handler adds and subtracts 1."""
     connections: ConnectionCounts
     """Client connections open and rejected: the proxy's server keeps these (`Proxy.server`)."""
 
     def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        # CPU, memory and open files of this process (process_*), which the default registry
-        # would have given us; the sizing advice in the README is read from these.
-        ProcessCollector(registry=self.registry)
+        self.registry = Registry()
+        # CPU, memory and open files of this process (process_*), which prometheus-client's
+        # default registry gives any Python exporter; the README's sizing advice reads these.
+        self.registry.register(ProcessCollector())
         self.in_flight = 0
         self.connections = ConnectionCounts()
         self._routes: dict[str, RouteMetrics] = {}
         self._providers: dict[tuple[str, str], ProviderMetrics] = {}
-        self.registry.register(_RequestCollector(self))
-        reloads = Counter(
-            F.CONFIG_RELOADS.family, F.CONFIG_RELOADS.help, F.CONFIG_RELOADS.labels, registry=self.registry
-        )
-        # Both resolved now, so a failure series exists at 0 before the first failure
+        self.registry.register(_Calls(lambda: _request_families(self)))
+        # Both present from the start, so a failure series exists at 0 before the first failure
         # (an alert on increase() needs a previous sample to compare against).
-        self._reload_ok = reloads.labels("success")
-        self._reload_failed = reloads.labels("failure")
+        self.reloads = {"success": 0, "failure": 0}
+        self.registry.register(_Calls(lambda: _reload_families(self)))
         self._collector: _ViewCollector | None = None
         self._mirror: _Mirror | None = None
 
@@ -317,7 +323,7 @@ class Metrics:
         return found
 
     def count_reload(self, ok: bool) -> None:
-        (self._reload_ok if ok else self._reload_failed).inc()
+        self.reloads["success" if ok else "failure"] += 1
 
     def watch(self, view: Callable[[], MetricsView]) -> None:
         """Export key-source and token-cache metrics, read through `view()` at every scrape.
@@ -333,8 +339,8 @@ class Metrics:
 
     def render(self, accept: str | None = None) -> tuple[bytes, str]:
         """The exposition body and its content type, in the format the `Accept` header asks for."""
-        encoder, content_type = choose_encoder(accept or "")
-        return encoder(self.registry), content_type
+        encoder, content_type = choose(accept)
+        return encoder(self.registry.collect()), content_type
 
     def mirror(self) -> None:
         """Copy the scrape-time families into prometheus-client's multiprocess files.
@@ -346,7 +352,7 @@ class Metrics:
         """
         if self._mirror is None:
             self._mirror = _Mirror()
-        families = list(_request_families(self))
+        families = [*_request_families(self), *_reload_families(self)]
         if self._collector is not None:
             families += self._collector.collect()
         self._mirror.copy(families)
@@ -364,11 +370,11 @@ class ProcessesCollector:
     def __init__(self, processes: Callable[[], Iterable[tuple[str, int]]]) -> None:
         self._processes = processes
         self._pid = 0
-        # One reader, pointed at each pid in turn: prometheus-client's own /proc parsing and names.
-        self._reader = ProcessCollector(pid=lambda: self._pid, registry=None)
+        # One reader, pointed at each pid in turn: prometheus-client's /proc parsing and names.
+        self._reader = ProcessCollector(pid=lambda: self._pid)
 
     def collect(self) -> Iterator[Metric]:
-        families: dict[str, Metric] = {}
+        families: dict[str, MetricFamily] = {}
         for label, pid in list(self._processes()):
             self._pid = pid
             try:
@@ -386,7 +392,7 @@ class ProcessesCollector:
             for family in read:
                 merged = families.get(family.name)
                 if merged is None:
-                    merged = families[family.name] = Metric(family.name, family.documentation, family.type)
+                    merged = families[family.name] = MetricFamily(family.name, family.documentation, family.type)
                 for sample in family.samples:
                     merged.add_sample(sample.name, {**sample.labels, "worker": label}, sample.value)
         yield from families.values()
@@ -430,17 +436,18 @@ def _request_families(metrics: Metrics) -> Iterator[Metric]:
     yield dropped
 
 
-class _RequestCollector:
-    """Exports the per-request numbers of one `Metrics` at scrape time."""
+def _reload_families(metrics: Metrics) -> Iterator[Metric]:
+    reloads = F.CONFIG_RELOADS.counter()
+    for result, count in list(metrics.reloads.items()):
+        reloads.add_metric((result,), count)
+    yield reloads
 
-    def __init__(self, metrics: Metrics) -> None:
-        self._metrics = metrics
 
-    def describe(self) -> Iterable[Metric]:
-        return self.collect()
+class _Calls:
+    """A collector that is one function, called at each scrape."""
 
-    def collect(self) -> Iterator[Metric]:
-        return _request_families(self._metrics)
+    def __init__(self, collect: Callable[[], Iterable[Metric]]) -> None:
+        self.collect = collect
 
 
 _VIEW_FAMILIES = (
@@ -458,7 +465,7 @@ _VIEW_FAMILIES = (
 )
 
 
-def _families() -> dict[Family, CounterMetricFamily | GaugeMetricFamily]:
+def _families() -> dict[Family, CounterFamily | GaugeFamily]:
     """Fresh, empty families of every metric the collector exports (one set per scrape)."""
     return {family: family.counter() if family.kind == "counter" else family.gauge() for family in _VIEW_FAMILIES}
 
@@ -485,11 +492,6 @@ class _ViewCollector:
     def __init__(self, view: Callable[[], MetricsView]) -> None:
         self.view = view
         self._warned = False
-
-    def describe(self) -> Iterable[Metric]:
-        # Lets the registry refuse a name clash with the metrics above at register time,
-        # without calling the view (which may not be ready yet).
-        return _families().values()
 
     def collect(self) -> Iterator[Metric]:
         families = _families()
@@ -534,9 +536,7 @@ def _is_static(source: Any) -> bool:
         return False
 
 
-def _source(
-    families: dict[Family, CounterMetricFamily | GaugeMetricFamily], name: str, source: Any, now: float | None
-) -> None:
+def _source(families: dict[Family, CounterFamily | GaugeFamily], name: str, source: Any, now: float | None) -> None:
     labels = (name,)
     samples: list[tuple[Family, float | None]] = [
         (F.JWKS_KEYS, _number(lambda: source.keyset.size)),
@@ -559,7 +559,7 @@ def _source(
             families[family].add_metric(labels, value)
 
 
-def _cache(families: dict[Family, CounterMetricFamily | GaugeMetricFamily], cache: Any) -> None:
+def _cache(families: dict[Family, CounterFamily | GaugeFamily], cache: Any) -> None:
     if cache is None:  # disabled: no samples rather than zeros that look like a cold cache
         return
     for result, value in (("hit", _number(lambda: cache.hits)), ("miss", _number(lambda: cache.misses))):
@@ -570,7 +570,7 @@ def _cache(families: dict[Family, CounterMetricFamily | GaugeMetricFamily], cach
         families[F.TOKEN_CACHE_ENTRIES].add_metric((), entries)
 
 
-def _revocation(families: dict[Family, CounterMetricFamily | GaugeMetricFamily], store: Any) -> None:
+def _revocation(families: dict[Family, CounterFamily | GaugeFamily], store: Any) -> None:
     if store is None:  # no `revocation:`: no samples
         return
     labels = (str(store.store),)
@@ -598,6 +598,15 @@ def _carriers(family: Family) -> tuple[str, str]:
 _CARRIED = {name: family for family in _HISTOGRAMS for name in _carriers(family)}
 
 
+def multiprocess_support() -> None:
+    """Import prometheus-client, for `workers: N` only (its multiprocess files: `_Mirror`,
+    `WorkersCollector`, the workers' readiness gauge): one process never imports it
+    (exposition.py says why). Worker 0 calls this before it forks, so the workers share the
+    modules' pages rather than each importing its own copy. `PROMETHEUS_MULTIPROC_DIR` must
+    be in the environment by then: the mode is fixed at import."""
+    import prometheus_client  # noqa: F401, PLC0415
+
+
 class _Mirror:
     """Real, multiprocess-backed metrics shadowing the scrape-time families of one worker.
 
@@ -608,6 +617,7 @@ class _Mirror:
     """
 
     def __init__(self) -> None:
+        multiprocess_support()
         self._metrics: dict[str, Counter | Gauge] = {}
         self._last: dict[tuple[str, tuple[str, ...]], float] = {}
 
@@ -623,10 +633,10 @@ class _Mirror:
                 metric = self._metric(family.name, family.documentation, family.type, labels)
                 values = tuple(sample.labels[name] for name in labels)
                 child = metric.labels(*values) if labels else metric
-                if isinstance(child, Counter):
+                if family.type == "counter":  # _metric made a Counter
                     child.inc(self._grown((family.name, values), sample.value))
                 else:
-                    child.set(sample.value)
+                    cast("Gauge", child).set(sample.value)
 
     def _grown(self, key: tuple[str, tuple[str, ...]], value: float) -> float:
         grown = value - self._last.get(key, 0.0)
@@ -639,7 +649,7 @@ class _Mirror:
         buckets_name, sum_name = _carriers(declared)
         buckets = self._metric(buckets_name, family.documentation, "counter", (*declared.labels, "le"))
         sums = self._metric(sum_name, family.documentation, "counter", declared.labels)
-        # HistogramMetricFamily lists each series' buckets before its sum, so a series'
+        # HistogramFamily lists each series' buckets before its sum, so a series'
         # buckets exist in the files before its sum does (WorkersCollector waits for both).
         for sample in family.samples:
             values = tuple(sample.labels[name] for name in declared.labels)
@@ -652,6 +662,8 @@ class _Mirror:
     def _metric(self, name: str, documentation: str, kind: str, labels: tuple[str, ...]) -> Counter | Gauge:
         found = self._metrics.get(name)
         if found is None:
+            from prometheus_client import Counter, Gauge  # noqa: PLC0415 - workers: N only (exposition.py)
+
             # registry=None: these exist for the multiprocess files only; the worker's own
             # registry already exports the same names through the scrape-time collector.
             if kind == "counter":
@@ -672,6 +684,9 @@ class WorkersCollector:
     """
 
     def __init__(self, path: str) -> None:
+        multiprocess_support()
+        from prometheus_client.multiprocess import MultiProcessCollector  # noqa: PLC0415 - workers: N only
+
         self._files = MultiProcessCollector(None, path=path)
 
     def collect(self) -> Iterator[Metric]:
@@ -688,13 +703,13 @@ class WorkersCollector:
                 yield _histogram(declared, buckets, sums)
 
 
-def _histogram(declared: Family, buckets: Metric, sums: Metric | None) -> HistogramMetricFamily:
+def _histogram(declared: Family, buckets: Metric, sums: Metric | None) -> HistogramFamily:
     labels = declared.labels
     totals = {tuple(s.labels[name] for name in labels): s.value for s in (sums.samples if sums else ())}
     series: dict[tuple[str, ...], dict[str, float]] = {}
     for sample in buckets.samples:
         series.setdefault(tuple(sample.labels[name] for name in labels), {})[sample.labels["le"]] = sample.value
-    bounds = {floatToGoString(bound) for bound in (*declared.buckets, math.inf)}
+    bounds = {float_text(bound) for bound in (*declared.buckets, math.inf)}
     histogram = declared.histogram()
     for key, by_bound in series.items():
         # A worker part-way through its first copy of a series: shown from the next scrape.

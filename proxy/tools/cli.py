@@ -25,7 +25,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn, cast
 
-import prometheus_client
 import yaml
 
 from .. import __version__
@@ -240,8 +239,8 @@ def _start_run(args: argparse.Namespace) -> int:
                 line=warning.line,
                 key=warning.path,
             )
-    # `_created` samples double the /metrics output and no dashboard here reads them.
-    prometheus_client.disable_created_metrics()
+    # No `_created` samples (they would double the /metrics output and no dashboard here reads
+    # them): telemetry/exposition.py writes none, and the multiprocess files have none.
     if os.environ.get(workers.WORKER_ENV):  # started again by worker 0 of `workers: N`
         return server.run_worker(settings, config_path=str(args.config))
     return server.run(settings, config_path=str(args.config))

@@ -14,6 +14,11 @@ parses JWKs and auth/verify.py checks signatures on cryptography's keys). PyJWT 
 Python, so /proc/PID/maps cannot show it: the running sidecar is started with
 PYTHONPROFILEIMPORTTIME, which every process it makes inherits, and its stderr (every import
 of every process, at the time it happens) must not name it.
+
+No prometheus-client in one process (`workers: 1`): its package imports http.server,
+email, wsgiref, urllib.request and more, 4.1 MiB (telemetry/exposition.py writes `/metrics`
+instead). A set of workers imports it once, in worker 0 before the fork, for the
+multiprocess files.
 """
 
 from __future__ import annotations
@@ -59,6 +64,33 @@ def test_the_run_path_imports_no_aiohttp(code: str) -> None:
     assert "aiohttp" not in imported_by(code)
 
 
+NOT_IN_ONE_PROCESS = ("prometheus_client", "http.server", "http.client", "email", "wsgiref", "urllib.request")
+"""What `import prometheus_client` brought into the running sidecar (its exposition module)."""
+
+
+def unwanted(modules: list[str] | set[str]) -> list[str]:
+    return sorted(name for name in modules if name in NOT_IN_ONE_PROCESS or name.split(".")[0] in NOT_IN_ONE_PROCESS)
+
+
+def test_the_run_path_imports_no_prometheus_client() -> None:
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import proxy.tools.cli, proxy.ops.server, proxy.ops.workers, proxy.ops.admin, proxy.telemetry.metrics\n"
+            "from proxy.telemetry.metrics import Metrics\n"
+            "Metrics().render('application/openmetrics-text'); Metrics().render(None)\n"
+            "import sys; print(' '.join(sorted(sys.modules)))",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    ).stdout
+    assert unwanted(out.split()) == []
+
+
 def test_the_run_path_imports_no_pyjwt() -> None:
     loaded = imported_by(
         "import proxy.tools.cli, proxy.ops.server, proxy.config.builder, proxy.auth.verify, proxy.base.jwks"
@@ -96,11 +128,19 @@ async def test_a_running_sidecar_has_no_aiohttp_loaded(
             token = mint(key=rsa_key)
             async with session.get(f"{run.url}/api/x", headers={"Authorization": f"Bearer {token}"}) as r:
                 assert r.status == 200, await r.text()
+            for accept in ("", "application/openmetrics-text; version=1.0.0"):  # both formats scraped
+                async with session.get(f"{run.admin_url}/metrics", headers={"Accept": accept}) as r:
+                    assert r.status == 200
+                    assert b"\nprocess_max_fds" in await r.read()
         imported = [line.rsplit("|", 1)[-1].strip() for line in run.stderr().splitlines() if "|" in line]
         # Imported once per image: with workers, by `run` (its config check, before it became
         # worker 0) and by worker 0, never by a forked worker.
         assert imported.count("proxy.auth.verify") == (1 if workers == 1 else 2)
         assert not [name for name in imported if name == "jwt" or name.startswith("jwt.")]
+        if workers == 1:
+            assert unwanted(imported) == []
+        else:  # once, by worker 0 before the fork (not by `run`, not by a forked worker)
+            assert imported.count("prometheus_client") == 1
         # Every worker verifies tokens on cryptography's keys, on uvloop (mapped before the fork).
         assert all(mapped(pid, "/cryptography/") for pid in pids)
         assert all(mapped(pid, "/uvloop/") for pid in pids)

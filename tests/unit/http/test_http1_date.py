@@ -52,3 +52,12 @@ def test_the_date_is_rfc_9110_imf_fixdate_as_the_standard_library_writes_it() ->
     for second in seconds:
         assert http1._imf_fixdate(second) == formatdate(second, usegmt=True), second
     assert http1._imf_fixdate(784_111_777) == "Sun, 06 Nov 1994 08:49:37 GMT"  # RFC 9110 §5.6.7's example
+
+
+def test_the_date_is_written_as_the_email_package_writes_it() -> None:
+    from email.utils import formatdate
+
+    # Every weekday and month, a leap day, single-digit days and hours, the epoch.
+    instants = [0, 951782400, 1709164800, 1796393576, *(1700000000 + 86400 * 9 * n + 3601 * n for n in range(60))]
+    for seconds in instants:
+        assert http1._imf_fixdate(seconds) == formatdate(seconds, usegmt=True)

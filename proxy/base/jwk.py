@@ -31,7 +31,6 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed448 import Ed448PublicKey
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey, RSAPublicNumbers
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 __all__ = ["InvalidKeyError", "Jwk", "public_jwk", "unfit_secret"]
 
@@ -164,6 +163,10 @@ def public_jwk(key: Any) -> dict[str, Any]:
         bits = key.curve.key_size
         return {"kty": "EC", "crv": crv[key.curve.name], "x": _uint(point.x, bits), "y": _uint(point.y, bits)}
     if isinstance(key, (Ed25519PublicKey, Ed448PublicKey)):
+        # Here: cryptography's `serialization` package brings its SSH and cipher modules, ~0.5 MiB
+        # of every running sidecar (bench/FIGURES.md, "Resident memory, session 10").
+        from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
         x = key.public_bytes(encoding=Encoding.Raw, format=PublicFormat.Raw)
         return {"x": _b64e(x), "kty": "OKP", "crv": "Ed25519" if isinstance(key, Ed25519PublicKey) else "Ed448"}
     raise InvalidKeyError("Not a public or private key")

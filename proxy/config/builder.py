@@ -24,7 +24,6 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
-from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from ..base import oplog
 from ..base.errors import ConfigError, ConfigIssue
@@ -470,6 +469,10 @@ class _Builder:
         data = self._read(s, key_name, path) if path else None
         if data is None:
             return None
+        # Here: cryptography's `serialization` package brings its SSH and cipher modules, ~0.5 MiB
+        # of every running sidecar (bench/FIGURES.md, "Resident memory, session 10").
+        from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
         try:
             key = load_pem_public_key(data)
         except ValueError:

@@ -78,7 +78,35 @@ class _Exit(Exception):
         self.status = status
 
 
+def _columns() -> int:
+    """The terminal's width as `shutil.get_terminal_size().columns` tells it (COLUMNS, then
+    stdout's terminal, else 80)."""
+    try:
+        columns = int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
+        except (AttributeError, ValueError, OSError):
+            columns = 0
+    return columns or 80
+
+
+class _Formatter(argparse.HelpFormatter):
+    """argparse's own, told the width: left to itself it imports `shutil` to ask, at every
+    parser made, and `shutil` brings `bz2` and `lzma` into `jwt-sidecar run` (~0.6 MiB of
+    every running sidecar: bench/FIGURES.md, "Resident memory, session 10")."""
+
+    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24, width: int | None = None):
+        super().__init__(prog, indent_increment, max_help_position, _columns() - 2 if width is None else width)
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _Formatter)  # (subcommands' parsers are made by this class too)
+        super().__init__(*args, **kwargs)
+
     # argparse exits the process on a usage error or --help; `main` returns a status instead,
     # so it stays callable in-process (tests, embedding) and sys.exit lives in one place.
     def error(self, message: str) -> NoReturn:

@@ -17,15 +17,12 @@ import base64
 import json
 import os
 import re
-import secrets
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from ..base.jwk import public_jwk
@@ -117,6 +114,8 @@ def generate(alg: str, kid: str, *, bits: int | None = None) -> GeneratedKey:
     else:
         private = ed25519.Ed25519PrivateKey.generate()
         jwk = public_jwk(private.public_key())
+    from cryptography.hazmat.primitives import serialization  # (here: `jwt-sidecar run` imports this module: ~0.5 MiB)
+
     pem = private.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
@@ -310,6 +309,8 @@ def mint(
                 "not-before"
             )
         payload["nbf"] = int(not_before)
+    import secrets  # (here: `jwt-sidecar run` imports this module)
+
     payload["jti"] = secrets.token_urlsafe(16)
     payload.update(extra)
     headers = {"kid": kid} if kid is not None else None
@@ -333,6 +334,8 @@ def _random_secret() -> bytes:
     writing a secret that `jwt-sidecar run` refuses, even read with the default `utf-8`.
     """
     while True:
+        import secrets  # (as in `mint`)
+
         secret = secrets.token_bytes(_SECRET_BYTES)
         text = base64.urlsafe_b64encode(secret).rstrip(b"=")
         if weakness(secret, written=text) is None and weakness(text) is None:
@@ -395,6 +398,8 @@ def _replace_atomically(path: Path, data: bytes, mode: int) -> None:
     # A temp file in the same directory, then os.replace: a server reading the JWK Set
     # sees the old file or the new one, never a half-written one.
     try:
+        import tempfile  # (here: it brings `shutil`, `bz2` and `lzma`, ~0.6 MiB of a running sidecar)
+
         fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as error:
         raise KeyToolError(f"cannot write {path}: {error.strerror or error}") from None
@@ -422,6 +427,8 @@ def _secret_algorithm(secret: bytes, alg: str | None) -> str:
 
 def _private_key_algorithm(pem: bytes, alg: str | None) -> tuple[Any, str]:
     """The loaded private key and the algorithm it signs with (`alg`, checked, or implied)."""
+    from cryptography.hazmat.primitives import serialization  # (as in `generate_key`)
+
     try:
         key = serialization.load_pem_private_key(pem, password=None)
     except TypeError:

@@ -54,7 +54,7 @@ from email.utils import formatdate
 from functools import partial
 from http import HTTPStatus
 from typing import Any, cast, overload
-from urllib.parse import unquote_plus
+from urllib.parse import unquote
 
 import httptools
 
@@ -262,24 +262,23 @@ def query_pairs(query: str) -> list[tuple[str, str]]:
     space, %-escapes decoded as UTF-8 with U+FFFD for bytes that are not, an invalid escape
     (`%zz`, `%4`) kept as written. auth/extract.py finds a query token in these pairs and
     removes it with the same `unquote_plus`."""
-    if "%" not in query:  # nothing to decode but '+' (yarl's shortcut too)
-        return [
-            (name, value)
-            for name, _, value in (part.partition("=") for part in query.replace("+", " ").split("&") if part)
-        ]
+    parts = query.replace("+", " ").split("&")  # `unquote_plus` is `unquote` after this replace
+    if "%" not in query:  # nothing to decode (yarl's shortcut too)
+        return [(name, value) for name, _, value in (part.partition("=") for part in parts if part)]
     pairs = []
-    for part in query.split("&"):
+    for part in parts:
         if part:
             name, _, value = part.partition("=")
-            pairs.append((unquote_plus(name), unquote_plus(value)))
+            pairs.append((unquote(name) if "%" in name else name, unquote(value) if "%" in value else value))
     return pairs
 
 
 class Headers:
     """A request's decoded header fields, by name in any case: the part of multidict's
-    `CIMultiDict` the proxy and its tests read (`getall`, `get`, `[]`, `in`, `items`, `len`). Names compare after
-    `str.lower()` on both sides, exactly as `CIMultiDict` compares them (full Unicode lower case:
-    KELVIN SIGN is `k`); llhttp (strict) lets only RFC 9110 tchar, ASCII, into a field name."""
+    `CIMultiDict` the proxy and its tests read (`getall`, `get`, `[]`, `in`, `items`, `len`).
+    Names compare after `str.lower()` on both sides, exactly as `CIMultiDict` compares them
+    (full Unicode lower case: KELVIN SIGN is `k`); llhttp (strict) lets only RFC 9110 tchar,
+    ASCII, into a field name."""
 
     __slots__ = ("_pairs",)
 

@@ -1,4 +1,5 @@
-"""A running `jwt-sidecar run` (`workers: 1`) imports no yarl, multidict, idna or propcache.
+"""A running `jwt-sidecar run` (`workers: 1`) imports no yarl, multidict, idna or propcache,
+and, making no TLS connection, no "idna" codec (unicodedata).
 
 They were aiohttp's dependencies, imported by the proxy's own code when it ran on aiohttp:
 ~1 MiB of every process's resident memory (bench/FIGURES.md, "yarl and multidict"). A query
@@ -7,7 +8,9 @@ and a plain upstream URL read by runtime's `Origin.parse` (differential tests ho
 yarl's or multidict's answers). The sidecar is started as the CLI starts it, made to serve
 what reads the query (a query-parameter token, found and removed), the decoded header fields
 (a WebSocket handshake) and a Bearer token, and then every import it has made so far and
-every file it has mapped must name none of them.
+every file it has mapped must name none of them. The "idna" codec (encodings.idna, stringprep,
+unicodedata: 0.2 MiB more) was loaded by binding and connecting to a host given as a str
+(`upstream.connect_host`); a TLS connection loads it still (`ssl`), and this sidecar makes none.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from tests.support.process import children, running
 from tests.support.upstream import start_upstream
 
 LEFT_OUT = ("yarl", "multidict", "idna", "propcache")
+CODEC = ("encodings.idna", "stringprep", "unicodedata")
 
 QUERY_ROUTE = """\
   - name: query
@@ -35,7 +39,7 @@ QUERY_ROUTE = """\
 
 
 @linux_only
-async def test_a_running_sidecar_imports_no_yarl_multidict_idna_or_propcache(
+async def test_a_running_sidecar_imports_no_yarl_multidict_idna_propcache_or_unicodedata(
     tmp_path: Any, aiohttp_server: Any, jwks_server: Any, rsa_key: TestKey
 ) -> None:
     jwks_server.document = jwks_of(rsa_key)
@@ -60,6 +64,8 @@ async def test_a_running_sidecar_imports_no_yarl_multidict_idna_or_propcache(
         modules = imported(run.stderr())
         assert "proxy.request.pipeline" in modules and "uvloop" in modules  # the log holds the run's imports
         assert sorted(top_level(modules) & set(LEFT_OUT)) == []
+        assert sorted(modules & set(CODEC)) == []
+        assert not mapped(run.pid, "/unicodedata.")
         for part in LEFT_OUT:
             assert not mapped(run.pid, f"/{part}/"), part  # their C extensions are not loaded either
         assert await run.stop(timeout=30) == 0

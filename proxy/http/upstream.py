@@ -205,7 +205,7 @@ class Fields:
 def connect_host(host: str) -> str | bytes:
     """`host` as a resolver and the event loop are given it: ASCII bytes when it is ASCII. Given
     a str, they encode it with the "idna" codec, whose import (encodings.idna, stringprep,
-    unicodedata) was 0.2 MiB of every process that makes no TLS connection (`ssl` encodes a
+    unicodedata) was 0.1-0.2 MiB of every process that makes no TLS connection (`ssl` encodes a
     server_hostname with it, and uvloop takes only a str there: bench/FIGURES.md, "yarl and
     multidict"). For an ASCII name that codec changes nothing, only refusing an empty label or
     one of more than 63 characters with a UnicodeError, where the resolver's refusal is an

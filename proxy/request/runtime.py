@@ -61,7 +61,7 @@ class Origin:
         """The origin as yarl's `URL(url)` reads it (`scheme`, `host`, `port or 80`, `raw_path`
         less its trailing '/'). A plain URL (`_PLAIN_URL`, no '.' or '..' segment) is one yarl
         leaves as written but for the host's case, and is read here: importing yarl cost every
-        process ~1 MiB (http1.py's `query_pairs` says more). Any other (%-escapes, characters yarl
+        process 0.6 MiB, with multidict (http1.py's `query_pairs` says more). Any other (%-escapes, characters yarl
         quotes, dot segments, userinfo, IPv6, an international or punycode host) is yarl's,
         imported then, once per config: yarl stays installed as aiohttp's dependency.
         tests/unit/request/test_origin_differential.py holds the two together."""

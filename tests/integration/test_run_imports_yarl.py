@@ -2,14 +2,14 @@
 and, making no TLS connection, no "idna" codec (unicodedata).
 
 They were aiohttp's dependencies, imported by the proxy's own code when it ran on aiohttp:
-~1 MiB of every process's resident memory (bench/FIGURES.md, "yarl and multidict"). A query
+0.6 MiB of every process's resident memory (bench/FIGURES.md, "yarl and multidict"). A query
 string is now decoded by http1's `query_pairs`, header fields looked up by http1's `Headers`,
 and a plain upstream URL read by runtime's `Origin.parse` (differential tests hold each to
 yarl's or multidict's answers). The sidecar is started as the CLI starts it, made to serve
 what reads the query (a query-parameter token, found and removed), the decoded header fields
 (a WebSocket handshake) and a Bearer token, and then every import it has made so far and
 every file it has mapped must name none of them. The "idna" codec (encodings.idna, stringprep,
-unicodedata: 0.2 MiB more) was loaded by binding and connecting to a host given as a str
+unicodedata: 0.1-0.2 MiB more) was loaded by binding and connecting to a host given as a str
 (`upstream.connect_host`); a TLS connection loads it still (`ssl`), and this sidecar makes none.
 """
 

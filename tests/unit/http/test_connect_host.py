@@ -1,7 +1,7 @@
 """Connecting to a host name and binding one load no "idna" codec; TLS by name works as before.
 
 Given a host as a str, the event loop's resolver and `socket.getaddrinfo` encode it with the
-"idna" codec, whose import (encodings.idna, stringprep, unicodedata) was 0.2 MiB of every
+"idna" codec, whose import (encodings.idna, stringprep, unicodedata) was 0.1-0.2 MiB of every
 process (bench/FIGURES.md, "yarl and multidict"): `upstream.connect_host` hands them an ASCII
 name as bytes. (`ssl` encodes a TLS server_hostname with the codec all the same, and uvloop
 takes only a str there: a process that makes a TLS connection loads it.) Checked in a fresh

@@ -2,7 +2,7 @@
 
 The proxy decoded a request's query with yarl and looked its decoded header fields up in a
 `CIMultiDict` (aiohttp's, from when it ran on aiohttp); http1.py now does both itself, to keep
-the two libraries out of every process (~1 MiB of resident memory each, bench/FIGURES.md).
+the two libraries out of every process (0.6 MiB of resident memory, bench/FIGURES.md).
 Where a query token is found (auth/extract.py) and what the router and the upstream see depend
 on the decoding, so it is held to yarl's on thousands of generated query strings made of the
 tricky pieces (escapes valid, invalid, truncated, of bytes that are not UTF-8, of separators;

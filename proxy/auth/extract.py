@@ -21,8 +21,6 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import unquote, unquote_plus
 
-from multidict import MultiMapping
-
 from ..base.errors import InvalidRequest, Reason
 from ..base.memo import Memo
 from ..config.settings import TokenSource
@@ -46,7 +44,8 @@ _TCHAR = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]")
 
 
 class Fields(Protocol):
-    """Header fields by name, any case: a multidict, or `identity.Outbound` on the proxy's path."""
+    """Header fields by name, any case: `identity.Outbound` on the proxy's path (http1's `Headers` and
+    multidict's `CIMultiDict` read the same)."""
 
     def getall(self, name: str, default: Any = ...) -> Any: ...
 
@@ -59,7 +58,7 @@ class Found:
 
 def extract(
     headers: Fields,
-    query: MultiMapping[str],
+    query: Iterable[tuple[str, str]],
     sources: Iterable[TokenSource],
 ) -> Found | None:
     """The token offered under `sources`, None when there is none, `InvalidRequest` when two."""
@@ -188,10 +187,11 @@ def _param_name(decoded: str) -> str:
     return decoded.lower().translate(_PHP_NAME)
 
 
-def query_values(query: MultiMapping[str], name: str) -> list[str]:
-    """Every value of query parameter `name`, its name compared after decoding and in any case.
+def query_values(query: Iterable[tuple[str, str]], name: str) -> list[str]:
+    """Every value of query parameter `name` in the query's decoded (name, value) pairs, its
+    name compared after decoding and in any case.
 
-    yarl has decoded the names (`access%5Ftoken` is `access_token`); case is folded here
+    http1's `query_pairs` has decoded the names (with `unquote_plus`, as `without_query_param` does) (`access%5Ftoken` is `access_token`); case is folded here
     because ASP.NET and others read query names case-insensitively, so `ACCESS_TOKEN=…` next
     to our token is a second token to them, and alone it is the token; ' ', '.' and '[' are
     read as '_' as PHP reads them. The name after a ';' inside a parameter (Go before 1.17
@@ -199,7 +199,7 @@ def query_values(query: MultiMapping[str], name: str) -> list[str]:
     """
     low = _param_name(name)
     found = []
-    for key, value in query.items():
+    for key, value in query:
         if _param_name(key) == low:
             found.append(value)
         if ";" in key or ";" in value:

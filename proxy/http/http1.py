@@ -49,15 +49,14 @@ import socket
 import struct
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from functools import partial
 from http import HTTPStatus
 from time import perf_counter
-from typing import Any, cast
+from typing import Any, cast, overload
+from urllib.parse import unquote
 
 import httptools
-from multidict import CIMultiDict, MultiDict, MultiDictProxy
-from yarl import URL
 
 from . import splice as _splice
 from .flow import HELD, Deadlines, Wakeup, WriteFlow, send
@@ -69,12 +68,14 @@ __all__ = [
     "BodyTimeout",
     "BodyTooLarge",
     "ConnectionCounts",
+    "Headers",
     "Later",
     "Prepared",
     "Quick",
     "Request",
     "Send",
     "Server",
+    "query_pairs",
 ]
 
 log = logging.getLogger("jwt_sidecar.http")
@@ -144,7 +145,8 @@ Handler = Callable[["Request"], "Awaitable[None] | Later | None"]
 rest always runs, even for a client that left before it began (`request.transport` is then
 None: the rest decides what it still owes). Or returns a `Later`: the handler finishes the
 request itself, from callbacks of its own, with no task (`Later`)."""
-_NO_QUERY: MultiDictProxy[str] = MultiDictProxy(MultiDict())
+_NO_QUERY: tuple[tuple[str, str], ...] = ()
+_MISSING: Any = object()
 Send = Callable[["Prepared", str, bool, float], None]
 """`send(answer, field, head)`: a prepared answer, one more header field (`"Name: value\\r\\n"`)
 and Date, in one write (`Request.send`'s); without the body when `head` (a HEAD request)."""
@@ -262,6 +264,83 @@ def _date_at(now: float) -> bytes:
     return _date[2]
 
 
+# The query's pairs and the decoded header fields were yarl's and multidict's (aiohttp's, from
+# when the proxy ran on it) and are written here instead: importing the two (with idna,
+# propcache and unicodedata, 22 modules) cost every process 0.6 MiB of resident memory after
+# 10,000 requests (~1 MiB in a fresh interpreter; bench/FIGURES.md, "yarl and multidict").
+# tests/unit/http/test_query_headers_differential.py holds both to yarl's and multidict's
+# answers on generated input.
+
+
+def query_pairs(query: str) -> list[tuple[str, str]]:
+    """A query string's (name, value) pairs in order, decoded as yarl's `URL.query` decodes
+    them, which is `urllib.parse.parse_qsl(query, keep_blank_values=True)`: split on '&' alone
+    (';' is data), empty parts dropped, a part without '=' a name with an empty value, '+' a
+    space, %-escapes decoded as UTF-8 with U+FFFD for bytes that are not, an invalid escape
+    (`%zz`, `%4`) kept as written. auth/extract.py finds a query token in these pairs and
+    removes it with the same `unquote_plus`."""
+    parts = query.replace("+", " ").split("&")  # `unquote_plus` is `unquote` after this replace
+    if "%" not in query:  # nothing to decode (yarl's shortcut too)
+        return [(name, value) for name, _, value in (part.partition("=") for part in parts if part)]
+    pairs = []
+    for part in parts:
+        if part:
+            name, _, value = part.partition("=")
+            pairs.append((unquote(name) if "%" in name else name, unquote(value) if "%" in value else value))
+    return pairs
+
+
+class Headers:
+    """A request's decoded header fields, by name in any case: the part of multidict's
+    `CIMultiDict` the proxy and its tests read (`getall`, `get`, `[]`, `in`, `items`, `len`).
+    Names compare after `str.lower()` on both sides, exactly as `CIMultiDict` compares them
+    (full Unicode lower case: KELVIN SIGN is `k`); llhttp (strict) lets only RFC 9110 tchar,
+    ASCII, into a field name."""
+
+    __slots__ = ("_pairs",)
+
+    def __init__(self, pairs: list[tuple[str, str]]) -> None:
+        self._pairs = pairs
+
+    @overload
+    def getall(self, name: str) -> list[str]: ...
+    @overload
+    def getall(self, name: str, default: Any) -> list[str] | Any: ...
+    def getall(self, name: str, default: Any = _MISSING) -> list[str] | Any:
+        """Every value of `name` in order; `default`, or KeyError, when there is none."""
+        low = name.lower()
+        found = [value for key, value in self._pairs if key.lower() == low]
+        if found:
+            return found
+        if default is _MISSING:
+            raise KeyError(name)
+        return default
+
+    def get(self, name: str, default: Any = None) -> str | Any:
+        """The first value of `name`, or `default`."""
+        low = name.lower()
+        for key, value in self._pairs:
+            if key.lower() == low:
+                return value
+        return default
+
+    def __getitem__(self, name: str) -> str:
+        value = self.get(name, _MISSING)
+        if value is _MISSING:
+            raise KeyError(name)
+        return cast("str", value)
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and self.get(name, _MISSING) is not _MISSING
+
+    def items(self) -> list[tuple[str, str]]:
+        """(name, value) as sent, in order."""
+        return list(self._pairs)
+
+    def __len__(self) -> int:
+        return len(self._pairs)
+
+
 class Request:
     """One request: its head, its body as a stream, and the way to answer it.
 
@@ -321,7 +400,7 @@ class Request:
         self.fields = fields
         """The header fields as they came off the wire, in order: (name, value) bytes. llhttp
         (strict) allowed no CR, LF or NUL in them, and no obs-fold."""
-        self._headers: CIMultiDict[str] | None = None
+        self._headers: Headers | None = None
         self.remote: str | None = conn._remote
         self.keep_alive = keep_alive
         self.upgrade = upgrade
@@ -329,7 +408,7 @@ class Request:
         body_exists = self.body_exists = chunked or bool(content_length)
         self.status = 0
         """The status of the answer once its head is written (0 before)."""
-        self._query: MultiDictProxy[str] | None = None
+        self._query: Sequence[tuple[str, str]] | None = None
         # No body, no queue of its pieces: the parser gives it none (`_feed` is never called),
         # and an empty tuple has no `append` to take one by mistake.
         self._chunks: deque[bytes] = deque() if body_exists else _NO_CHUNKS
@@ -344,12 +423,12 @@ class Request:
         self._chunked = False
 
     @property
-    def headers(self) -> CIMultiDict[str]:
+    def headers(self) -> Headers:
         """The header fields decoded (UTF-8 with surrogateescape: encoding gives back the same
         bytes), made on first use: the proxy's own path reads `fields`."""
         if self._headers is None:
-            self._headers = CIMultiDict(
-                (name.decode(_ENCODING, _ERRORS), value.decode(_ENCODING, _ERRORS)) for name, value in self.fields
+            self._headers = Headers(
+                [(name.decode(_ENCODING, _ERRORS), value.decode(_ENCODING, _ERRORS)) for name, value in self.fields]
             )
         return self._headers
 
@@ -361,12 +440,12 @@ class Request:
         return None
 
     @property
-    def query(self) -> MultiDictProxy[str]:
-        """The query string's parameters, decoded as aiohttp (through yarl) decodes them."""
+    def query(self) -> Sequence[tuple[str, str]]:
+        """The query string's (name, value) pairs in order, decoded (`query_pairs`), made on first use."""
         if self._query is None:
             _, _, query = self.raw_path.partition("?")
             query = query.partition("#")[0]
-            self._query = URL.build(query_string=query, encoded=True).query if query else _NO_QUERY
+            self._query = query_pairs(query) if query else _NO_QUERY
         return self._query
 
     @property

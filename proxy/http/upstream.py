@@ -65,6 +65,7 @@ __all__ = [
     "UpstreamError",
     "UpstreamProtocolError",
     "checked_head",
+    "connect_host",
     "encode_head",
 ]
 
@@ -201,6 +202,17 @@ class Fields:
         return cls(b"\r\n".join(lines), len(lines) - 1, has_host=has_host)
 
 
+def connect_host(host: str) -> str | bytes:
+    """`host` as a resolver and the event loop are given it: ASCII bytes when it is ASCII. Given
+    a str, they encode it with the "idna" codec, whose import (encodings.idna, stringprep,
+    unicodedata) was 0.1-0.2 MiB of every process that makes no TLS connection (`ssl` encodes a
+    server_hostname with it, and uvloop takes only a str there: bench/FIGURES.md, "yarl and
+    multidict"). For an ASCII name that codec changes nothing, only refusing an empty label or
+    one of more than 63 characters with a UnicodeError, where the resolver's refusal is an
+    OSError (a DNS failure). A name outside ASCII stays a str, for the codec to encode."""
+    return host.encode("ascii") if host.isascii() else host
+
+
 def encode_head(method: str, target: str, fields: Fields, host_line: bytes, framing: bytes) -> bytes:
     """A request head: the request line, `fields`, `host_line` when they hold no Host, then
     `framing` (whole lines)."""
@@ -243,10 +255,11 @@ class _Wakeup(Wakeup):
 class _Origin:
     """What one (scheme, host, port) shares: its idle connections and its default Host line."""
 
-    __slots__ = ("distrusted_until", "head", "host", "host_line", "idle", "misses", "port", "proven", "tls")
+    __slots__ = ("address", "distrusted_until", "head", "host", "host_line", "idle", "misses", "port", "proven", "tls")
 
     def __init__(self, scheme: str, host: str, port: int) -> None:
         self.host = host.strip("[]")  # connect with the bare address; the Host line keeps brackets
+        self.address = connect_host(self.host)
         self.port = port
         self.tls = scheme == "https"
         authority = f"[{self.host}]" if ":" in self.host else self.host
@@ -1789,10 +1802,10 @@ class Pool:
             async with asyncio.timeout(timeout):
                 _, conn = await self._loop.create_connection(
                     partial(_Connection, self, origin),
-                    origin.host,
+                    origin.address,  # type: ignore[arg-type] # bytes (`connect_host`): both loops take them
                     origin.port,
                     ssl=context,
-                    server_hostname=origin.host if context is not None else None,
+                    server_hostname=origin.host if context is not None else None,  # a str: `ssl` encodes it
                 )
         except TimeoutError:
             # Nothing was sent: the upstream is unreachable (502), not slow to answer (504).

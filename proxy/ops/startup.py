@@ -19,6 +19,7 @@ import sys
 from dataclasses import dataclass, field
 
 from ..config.settings import Listen, Settings
+from ..http.upstream import connect_host
 
 __all__ = [
     "Sockets",
@@ -75,7 +76,9 @@ def bind(address: Listen, role: str, *, reuse_port: bool = False) -> list[socket
     while neither listens, so only `listen()` proves the port is ours. A connection that
     arrives before the server runs waits in the backlog and is served once it does."""
     try:
-        infos = socket.getaddrinfo(address.host or None, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        infos = socket.getaddrinfo(
+            connect_host(address.host) or None, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
     except socket.gaierror:
         raise _cannot(address, role, f"the host name {address.host!r} does not resolve to an address") from None
     sockets: list[socket.socket] = []

@@ -48,7 +48,16 @@ from ..config.settings import WebSocketSettings
 from ..http.causes import cause
 from ..http.flow import Wakeup
 from ..http.http1 import BodyError, BodyTimeout, BodyTooLarge, Later, Request
-from ..http.upstream import BodySource, Fields, InFlight, Response, UpstreamError, checked_head, encode_head
+from ..http.upstream import (
+    BodySource,
+    Fields,
+    InFlight,
+    Response,
+    UpstreamError,
+    checked_head,
+    connect_host,
+    encode_head,
+)
 from .cors import without_upstream_cors
 from .identity import HOP_BY_HOP, OurFields, connection_tokens
 
@@ -801,10 +810,10 @@ async def forward_websocket(ex: Exchange, *, expires_in: float | None = None) ->
         async with asyncio.timeout(upstream.connect_timeout):
             await loop.create_connection(
                 lambda: tunnel,
-                origin.host.strip("[]"),
+                connect_host(origin.host.strip("[]")),  # type: ignore[arg-type] # bytes: both loops take them
                 origin.port,
                 ssl=context,
-                server_hostname=origin.host.strip("[]") if context else None,
+                server_hostname=origin.host.strip("[]") if context else None,  # a str: `ssl` encodes it
             )
     except TimeoutError:
         # Nothing was sent: an unreachable upstream is a 502, as in `forward` (504 is for an answer that is late).

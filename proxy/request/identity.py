@@ -37,8 +37,6 @@ import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from multidict import CIMultiDict, CIMultiDictProxy
-
 from ..auth.extract import Found, without_cookie, without_query_param
 from ..auth.rules import ABSENT, claim_at
 from ..base.errors import InvalidToken, Reason
@@ -47,6 +45,7 @@ from ..config.settings import HeaderMap, Settings
 
 if TYPE_CHECKING:
     from ..auth.verify import Claims
+    from ..http.http1 import Headers
 
 __all__ = [
     "HOP_BY_HOP",
@@ -210,7 +209,7 @@ class StripPlan:
         return _DROP if identity else _ROLES.get(text, _FORWARD)
 
 
-def connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set[str]:
+def connection_tokens(headers: Headers) -> set[str]:
     """The lower-cased options of every `Connection` header (RFC 9110 §7.6.1)."""
     return {token.strip().lower() for value in headers.getall("Connection", ()) for token in value.split(",")}
 

@@ -14,12 +14,11 @@ Does not own: reading config files (config/builder.py, reload.py) or handling re
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any
-
-from yarl import URL
 
 from ..auth.keys import KeyRing
 from ..auth.revocationstore import Revocations
@@ -39,6 +38,14 @@ from .identity import Renderer, StripPlan
 __all__ = ["Origin", "RoutePlan", "Runtime", "Snapshot", "build_snapshot"]
 
 
+# An http(s) URL yarl reads as written (the host lower-cased): a host name or IPv4 address of
+# letters, digits, '-' and '.', a port, a path of the characters its path quoter leaves alone.
+_PLAIN_URL = re.compile(
+    r"(https?)://([A-Za-z0-9][A-Za-z0-9.-]*)(?::([0-9]{1,5}))?((?:/[A-Za-z0-9._~!$'()*,+&=;@:-]*)*)"
+)
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
 @dataclass(frozen=True, slots=True)
 class Origin:
     """Where a route's upstream lives, parsed once per config."""
@@ -51,8 +58,26 @@ class Origin:
 
     @classmethod
     def parse(cls, url: str) -> Origin:
-        parts = URL(url)
-        return cls(parts.scheme, parts.host or "", parts.port or 80, parts.raw_path.rstrip("/"))
+        """The origin as yarl's `URL(url)` reads it (`scheme`, `host`, `port or 80`, `raw_path`
+        less its trailing '/'). A plain URL (`_PLAIN_URL`, no '.' or '..' segment) is one yarl
+        leaves as written but for the host's case, and is read here: importing yarl cost every
+        process 0.6 MiB, with multidict (http1.py's `query_pairs` says more). Any other (%-escapes, characters yarl
+        quotes, dot segments, userinfo, IPv6, an international or punycode host) is yarl's,
+        imported then, once per config: yarl stays installed as aiohttp's dependency.
+        tests/unit/request/test_origin_differential.py holds the two together."""
+        plain = _PLAIN_URL.fullmatch(url)
+        if (
+            plain is None
+            or int(plain[3] or 0) > 65535  # yarl's ValueError
+            or "xn--" in url.lower()
+            or any(s in (".", "..") for s in url.split("/")[3:])
+        ):
+            from yarl import URL  # noqa: PLC0415 - the rare URL only: see above
+
+            parts = URL(url)
+            return cls(parts.scheme, parts.host or "", parts.port or 80, parts.raw_path.rstrip("/"))
+        scheme, host, port, path = plain.groups()
+        return cls(scheme, host.lower(), int(port or _DEFAULT_PORTS[scheme]) or 80, path.rstrip("/"))
 
     def __str__(self) -> str:
         return f"{self.scheme}://{self.host}:{self.port}"

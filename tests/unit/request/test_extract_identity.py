@@ -9,7 +9,7 @@ from collections.abc import Callable
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from multidict import CIMultiDict, MultiDict
+from multidict import CIMultiDict
 
 from proxy.auth import extract as extract_module
 from proxy.auth.extract import Found, bearer, extract, without_cookie, without_query_param
@@ -43,7 +43,7 @@ def find(
 ) -> Found | None:
     if cookies:
         headers = [*headers, ("Cookie", "; ".join(f"{k}={v}" for k, v in cookies.items()))]
-    return extract(CIMultiDict(headers), MultiDict(query or []), sources)
+    return extract(CIMultiDict(headers), query or [], sources)
 
 
 def test_bearer_scheme_is_case_insensitive() -> None:
@@ -560,7 +560,7 @@ def test_bearer_alone_answers_as_extract_does_for_one_authorization_line(value: 
         except InvalidRequest as error:
             return (error.reason, error.detail)
 
-    via_extract = answer(lambda: extract(out, MultiDict(), (BEARER,)))
+    via_extract = answer(lambda: extract(out, (), (BEARER,)))
     assert answer(lambda: bearer(out.authorization.decode("utf-8", "surrogateescape"), BEARER)) == via_extract
 
 

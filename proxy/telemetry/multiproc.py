@@ -226,7 +226,7 @@ def read(directory: str) -> list[MetricFamily]:
     buckets: dict[str, dict[tuple[tuple[str, str], ...], dict[float, float]]] = {}
     merges: dict[str, str] = {}
     for filename in os.listdir(directory):
-        if not filename.endswith(".db"):
+        if not filename.endswith(".db") or filename.startswith("."):  # glob's `*.db`
             continue
         parts = filename.split("_")
         kind = parts[0]

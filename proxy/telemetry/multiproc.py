@@ -145,7 +145,7 @@ class Files:
     def _file(self, kind: Kind) -> _File:
         if os.getpid() != self._pid:  # forked: the parent's files are the parent's
             self._pid = os.getpid()
-            self._files.clear()
+            self.close()  # this process's maps of them only
         found = self._files.get(kind)
         if found is None:
             found = self._files[kind] = _File(os.path.join(self.directory, f"{kind}_{self._pid}.db"))

@@ -295,3 +295,25 @@ def test_float_text_is_how_both_write_a_bucket_bound() -> None:
 
     for bound in (0.00005, 0.0001, 0.00025, 0.001, 0.25, 1.0, 2.5, 30.0, 1e7, math.inf):
         assert float_text(bound) == floatToGoString(bound)
+
+
+def test_a_forked_child_writes_files_of_its_own_from_zero(tmp_path: Path) -> None:
+    files = multiproc.Files(str(tmp_path))
+    series = multiproc.key("c", "c_total", {}, "h")
+    files.set("counter", series, 7.0)
+    files.commit()
+    pid = os.fork()
+    if pid == 0:  # the child: its own file, from 0, the parent's left as it is
+        try:
+            files.set("counter", series, files.value("counter", series) + 1.0)
+            files.commit()
+        finally:
+            os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert files.value("counter", series) == 7.0
+    assert sorted(os.listdir(tmp_path)) == sorted([f"counter_{os.getpid()}.db", f"counter_{pid}.db"])
+    read = families(multiproc.read(str(tmp_path)))
+    assert read == families(list(MultiProcessCollector(None, path=str(tmp_path)).collect()))
+    assert read[0][3] == [("c_total", [], 8.0)]
+    files.close()

@@ -217,8 +217,8 @@ def read(directory: str) -> list[MetricFamily]:
     and histograms: each series summed over the files; a histogram's buckets, summed, made
     cumulative (ascending `le`, written as prometheus-client writes numbers) with a `_count`
     after them. Gauges: merged in their file's mode (sum, min or max; the `live` modes' files
-    are removed when their process dies, `mark_process_dead`). Files of a type or mode the
-    sidecar never writes are left out."""
+    are removed when their process dies, `mark_process_dead`). Other files (a summary, a gauge
+    in another mode: the sidecar writes none) are left out."""
     parsed: dict[str, tuple[str, str, tuple[tuple[str, str], ...], str]] = {}
     families: dict[str, MetricFamily] = {}
     # family -> labels -> (sample name, labels) -> value, in the order first met

@@ -32,6 +32,7 @@ from ..config.settings import Settings
 from ..http.causes import shown
 from ..request.app import Proxy
 from ..request.runtime import Runtime
+from ..telemetry import multiproc
 from ..telemetry.accesslog import AccessLog
 from ..telemetry.families import WORKERS_READY as WORKERS_READY_FAMILY
 from .admin import admin_server
@@ -304,14 +305,15 @@ def freeze_start_up() -> None:
 
 async def _publish(runtime: Runtime, interval: float = 1.0) -> None:
     """A worker's scrape-time metrics and readiness, copied into the multiprocess files."""
-    from prometheus_client import Gauge  # noqa: PLC0415 - workers: N only (telemetry/exposition.py)
-
     family = WORKERS_READY_FAMILY
-    ready = Gauge(family.name, family.help, registry=None, multiprocess_mode=family.gauge_mode)
+    files = multiproc.own()
+    kind = multiproc.GAUGES[family.gauge_mode]
+    ready = multiproc.key(family.name, family.name, {}, family.help)
     while True:
         try:
             runtime.metrics.mirror()
-            ready.set(1 if runtime.readiness()[0] else 0)
+            files.set(kind, ready, 1 if runtime.readiness()[0] else 0)
+            files.commit()
         except Exception:  # never let metrics take a worker down
             oplog.event(log, logging.ERROR, "metrics_failed", "publishing worker metrics failed", exc_info=True)
         await asyncio.sleep(interval)

@@ -2,16 +2,16 @@
 
 Owns: the layout of the set and its life. `run` checks the config, makes the multiprocess
 metrics directory and replaces itself (`become_first`: same pid and descriptors) with a fresh
-interpreter that has `PROMETHEUS_MULTIPROC_DIR` in its environment before prometheus-client is
-imported (its multiprocess mode is fixed at import). That process, worker 0, loads the config
+interpreter that has `PROMETHEUS_MULTIPROC_DIR` in its environment (where every worker, a
+restarted one too, writes its metrics: telemetry/multiproc.py). That process, worker 0, loads the config
 once, binds every socket of the set (one SO_REUSEPORT listener per worker, so the kernel
 spreads connections as it does for Envoy's workers; the admin port), freezes what it holds
 for the collector (`gc.freeze()`) and forks workers 1..N-1 before any event loop, epoll or
 signal descriptor exists (`run_set`): the workers share its pages copy-on-write, so the set is
 N processes and no supervisor of its own (its memory is in bench/FIGURES.md, "Memory of
 one process and of `workers: 2`"). Worker 0 then serves like the others and is the set's supervisor (`Set`):
-the admin listener (`/metrics` aggregated from prometheus-client's multiprocess files by
-telemetry's `WorkersCollector`, plus the process_* metrics of each live worker, labelled
+the admin listener (`/metrics` aggregated from the multiprocess files, prometheus-client's
+format, by telemetry's `WorkersCollector`, plus the process_* metrics of each live worker, labelled
 `worker`; `/readyz` true only while every worker is alive and ready), SIGHUP passed on,
 SIGTERM/SIGINT passed on (each worker drains itself, worker 0 waits for them before its admin
 port closes), and the multiprocess directory's life.
@@ -51,9 +51,10 @@ from ..base import oplog, outlet
 from ..base.oplog import event
 from ..config.settings import Settings
 from ..http.causes import cause
+from ..telemetry import multiproc
 from ..telemetry.exposition import Registry, choose
 from ..telemetry.families import WORKERS_READY as _READY_FAMILY
-from ..telemetry.metrics import ProcessesCollector, WorkersCollector, multiprocess_support
+from ..telemetry.metrics import ProcessesCollector, WorkersCollector
 from .startup import Sockets, StartupError, bind, bind_for, check_stdout, metrics_directory
 
 __all__ = [
@@ -126,13 +127,12 @@ def parent_fd() -> int | None:
 def become_first(settings: Settings, *, config_path: str) -> NoReturn:
     """Become worker 0 of `settings.workers`: this process (its config checked, its warnings
     logged) is replaced by a fresh interpreter running `jwt-sidecar run` again, with the same
-    pid, descriptors and command line, whose environment names the set's metrics directory
-    before anything imports prometheus-client."""
+    pid, descriptors and command line, whose environment names the set's metrics directory."""
     check_stdout(settings)
     directory = metrics_directory()  # /tmp: writable even with a read-only root
     argv = [sys.executable, "-m", "proxy", "run", "--config", config_path]
     argv += ["--log-format", settings.log_format, "--log-level", settings.log_level]
-    env = {**os.environ, SET_ENV: directory, "PROMETHEUS_MULTIPROC_DIR": directory}
+    env = {**os.environ, SET_ENV: directory, multiproc.DIRECTORY_ENV: directory}
     env.pop(WORKER_ENV, None)
     for stream in (sys.stdout, sys.stderr):
         if stream is not None:
@@ -158,7 +158,6 @@ def run_set(settings: Settings, *, config_path: str, serve: Serve, runner: Runne
     # A restarted worker is a fresh `run`: its own listener, this directory, no SET_ENV.
     os.environ.pop(SET_ENV)
     _name(0)
-    multiprocess_support()  # imported once, before the fork: its pages shared, not one copy per worker
     gone, alive = os.pipe()  # the workers' read ends see end of file once worker 0 is gone
     os.set_inheritable(gone, True)  # kept by a restarted worker's exec (its number in PARENT_FD_ENV)
     _before_fork()
@@ -394,8 +393,8 @@ class Set:
             if child.pidfd is not None:
                 os.close(child.pidfd)
                 child.pidfd = None
-            _mark_dead(child.pid, self.directory)
-        _mark_dead(os.getpid(), self.directory)
+            multiproc.mark_process_dead(child.pid, self.directory)
+        multiproc.mark_process_dead(os.getpid(), self.directory)
         # A worker stopped while waiting to be restarted is not a failure of the stop.
         failed = any(
             c.returncode not in (0, -signal.SIGTERM) for c in self.children.values() if c.index not in self._restarting
@@ -452,7 +451,7 @@ class Set:
 
     def _died(self, child: _Child) -> None:
         # Its live gauges (ready, in flight) must stop counting; its counters stay summed.
-        _mark_dead(child.pid, self.directory)
+        multiproc.mark_process_dead(child.pid, self.directory)
         self._check_exited()
         if self._stopping or self.status:
             return
@@ -533,19 +532,13 @@ class Set:
 
 
 def _settled(read: Callable[[], T]) -> T:
-    """`read()` of the multiprocess files, once more if it fails: a worker starting right now
-    may have created its file without its first value (prometheus-client then raises)."""
+    """`read()` of the multiprocess files, once more if it fails (a file being replaced under
+    us, say: telemetry/multiproc.py reads a file a worker has only just made as empty)."""
     try:
         return read()
     except Exception:  # noqa: BLE001
         time.sleep(0.01)
         return read()
-
-
-def _mark_dead(pid: int, directory: str) -> None:
-    from prometheus_client import multiprocess  # noqa: PLC0415 - workers: N only (telemetry/exposition.py)
-
-    multiprocess.mark_process_dead(pid, directory)
 
 
 def _gauge(registry: Registry, name: str) -> float:

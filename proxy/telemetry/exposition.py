@@ -16,8 +16,8 @@ which imports its exposition module and with it http.server, http.client, email.
 urllib.request, wsgiref, socketserver, gzip, bz2, lzma, tempfile and more: 71 modules and
 4.1 MiB of resident memory in a process that already holds asyncio, uvloop, cryptography
 and yaml (VmRSS, measured 2026-12-04), a tenth of what one idle sidecar holds, for a body
-this module writes in 200 lines. A `workers: N` set still imports it, for its multiprocess
-files (metrics.py's `_Mirror`, `WorkersCollector`); one process never does.
+this module writes in 200 lines. A `workers: N` set does not either: multiproc.py writes and
+reads its multiprocess files; no process of the sidecar imports it.
 
 Every family name and label name is declared in families.py and is a legacy Prometheus name
 (`[a-zA-Z_][a-zA-Z0-9_]*`): written as it is, except where a scrape's `escaping=dots` (or
@@ -136,7 +136,7 @@ class HistogramFamily(MetricFamily):
 
 
 class Family(Protocol):
-    """What the encoders read: ours above, or prometheus-client's (worker 0's multiprocess files)."""
+    """What the encoders read: ours above (or prometheus-client's, in the tests' comparisons)."""
 
     name: str
     documentation: str

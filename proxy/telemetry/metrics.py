@@ -5,10 +5,10 @@ one process, or two tests, never share a count); the per-request recording
 path (`RouteMetrics`, label children resolved once and cached; `ProviderMetrics` for a route
 with several providers, by the provider chosen); a scrape-time collector that
 reads key sources and the token cache through a `MetricsView`; rendering the exposition body
-for `/metrics` (exposition.py writes it: one process never imports prometheus-client); and,
+for `/metrics` (exposition.py writes it: no process imports prometheus-client); and,
 with `workers: N`, each worker's copy of its metrics into prometheus-client's multiprocess
-files (`Metrics.mirror`) and worker 0's reading of them (`WorkersCollector`), through
-prometheus-client's public API only, imported there and only there (`multiprocess_support`).
+files (`Metrics.mirror`) and worker 0's reading of them (`WorkersCollector`), both through
+multiproc.py, which writes and reads those files itself.
 Does not own: the names, labels and help of the families (families.py), serving `/metrics`
 (admin.py), deciding what a request's decision or reason is
 (pipeline.py), or the counters it reads at scrape time (keys.py and verify.py keep those).
@@ -48,7 +48,7 @@ import math
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..base import outlet
 from ..base.errors import Reason
@@ -56,6 +56,7 @@ from ..base.oplog import event
 from ..config.settings import StaticKeys
 from ..http.http1 import ConnectionCounts
 from . import families as F
+from . import multiproc
 from .exposition import (
     CounterFamily,
     GaugeFamily,
@@ -70,8 +71,6 @@ from .exposition import Family as Metric
 from .families import AUTH_BUCKETS, UPSTREAM_BUCKETS, Family
 
 if TYPE_CHECKING:
-    from prometheus_client import Counter, Gauge
-
     from ..auth.keys import KeySource
     from ..auth.verify import TokenCache
 
@@ -88,7 +87,6 @@ __all__ = [
     "ProviderMetrics",
     "RouteMetrics",
     "WorkersCollector",
-    "multiprocess_support",
 ]
 
 METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
@@ -343,15 +341,16 @@ class Metrics:
         return encoder(self.registry.collect()), content_type
 
     def mirror(self) -> None:
-        """Copy the scrape-time families into prometheus-client's multiprocess files.
+        """Copy the scrape-time families into this process's multiprocess files (multiproc.py,
+        in `PROMETHEUS_MULTIPROC_DIR`).
 
         With `workers: N` worker 0 scrapes the files every worker writes
-        (`MultiProcessCollector`); a scrape-time collector in a worker is never asked. So each
+        (`WorkersCollector`); a scrape-time collector in a worker is never asked. So each
         worker calls this every second (and once more as it stops): counters and histograms
         advance by what they grew, gauges are set.
         """
         if self._mirror is None:
-            self._mirror = _Mirror()
+            self._mirror = _Mirror(multiproc.own())
         families = [*_request_families(self), *_reload_families(self)]
         if self._collector is not None:
             families += self._collector.collect()
@@ -588,131 +587,113 @@ _DECLARED = {family.family: family for family in F.FAMILIES if family.ours}
 _HISTOGRAMS = tuple(family for family in F.FAMILIES if family.kind == "histogram")
 
 
-def _carriers(family: Family) -> tuple[str, str]:
-    """The names of the two counters that carry histogram `family` through the multiprocess
-    files: its cumulative buckets (labelled `le` as well) and its sum. Never exported as they
-    are: `WorkersCollector` turns them back into the histogram."""
-    return family.name + "_mirrored_bucket", family.name + "_mirrored_sum"
-
-
-_CARRIED = {name: family for family in _HISTOGRAMS for name in _carriers(family)}
-
-
-def multiprocess_support() -> None:
-    """Import prometheus-client, for `workers: N` only (its multiprocess files: `_Mirror`,
-    `WorkersCollector`, the workers' readiness gauge): one process never imports it
-    (exposition.py says why). Worker 0 calls this before it forks, so the workers share the
-    modules' pages rather than each importing its own copy. `PROMETHEUS_MULTIPROC_DIR` must
-    be in the environment by then: the mode is fixed at import."""
-    import prometheus_client  # noqa: F401, PLC0415
-
-
 class _Mirror:
-    """Real, multiprocess-backed metrics shadowing the scrape-time families of one worker.
+    """One worker's scrape-time families, copied into its multiprocess files (multiproc.py).
 
-    Counters grow by what their scrape-time values grew, gauges are set (in the mode the
-    family declares). A histogram is carried as two counters (`_carriers`): prometheus-client's
-    public API adds one observation at a time, not a second's worth of bucket counts, and
-    its internals (a child's bucket and sum values) are not ours to write.
+    Counters and histograms grow by what their scrape-time values grew (so a key source a
+    reload replaced, counting from 0 again, adds its new counts rather than taking back the
+    old); gauges are set, in the file of the mode the family declares. A histogram is written
+    as prometheus-client's `Histogram` writes one: its `_sum`, then each bucket's own count.
     """
 
-    def __init__(self) -> None:
-        multiprocess_support()
-        self._metrics: dict[str, Counter | Gauge] = {}
-        self._last: dict[tuple[str, tuple[str, ...]], float] = {}
+    def __init__(self, files: multiproc.Files) -> None:
+        self._files = files
+        self._keys: dict[tuple[str, tuple[tuple[str, str], ...]], str] = {}
+        self._last: dict[str, float] = {}
 
     def copy(self, families: Iterable[Metric]) -> None:
         for family in families:
             if family.type == "histogram":
                 self._copy_histogram(family)
                 continue
+            kind: multiproc.Kind = "counter"
+            if family.type != "counter":
+                kind = multiproc.GAUGES[_DECLARED[family.name].gauge_mode]
             for sample in family.samples:
                 if sample.name.endswith("_created"):
                     continue
-                labels = tuple(sorted(sample.labels))
-                metric = self._metric(family.name, family.documentation, family.type, labels)
-                values = tuple(sample.labels[name] for name in labels)
-                child = metric.labels(*values) if labels else metric
-                if family.type == "counter":  # _metric made a Counter
-                    child.inc(self._grown((family.name, values), sample.value))
+                series = self._key(family, sample.name, sample.labels)
+                if kind == "counter":
+                    self._add(kind, series, sample.value)
                 else:
-                    cast("Gauge", child).set(sample.value)
+                    self._files.set(kind, series, sample.value)
+        # Every series of this copy seen by worker 0 at once, or none of them.
+        self._files.commit()
 
-    def _grown(self, key: tuple[str, tuple[str, ...]], value: float) -> float:
-        grown = value - self._last.get(key, 0.0)
-        self._last[key] = value
+    def _add(self, kind: multiproc.Kind, series: str, value: float) -> None:
+        grown = value - self._last.get(series, 0.0)
+        self._last[series] = value
         # A source replaced by a reload starts from 0 again: count it anew.
-        return grown if grown >= 0 else value
+        self._files.set(kind, series, self._files.value(kind, series) + (grown if grown >= 0 else value))
 
     def _copy_histogram(self, family: Metric) -> None:
-        declared = _DECLARED[family.name]
-        buckets_name, sum_name = _carriers(declared)
-        buckets = self._metric(buckets_name, family.documentation, "counter", (*declared.labels, "le"))
-        sums = self._metric(sum_name, family.documentation, "counter", declared.labels)
-        # HistogramFamily lists each series' buckets before its sum, so a series'
-        # buckets exist in the files before its sum does (WorkersCollector waits for both).
+        labels = _DECLARED[family.name].labels
+        series: dict[tuple[str, ...], tuple[list[tuple[dict[str, str], float]], list[float]]] = {}
+        # HistogramFamily: each series' cumulative buckets (ascending, +Inf last), its count, its sum.
         for sample in family.samples:
-            values = tuple(sample.labels[name] for name in declared.labels)
+            values = tuple(sample.labels[name] for name in labels)
+            buckets, total = series.setdefault(values, ([], []))
             if sample.name.endswith("_bucket"):
-                key = (*values, sample.labels["le"])
-                buckets.labels(*key).inc(self._grown((buckets_name, key), sample.value))
+                buckets.append((sample.labels, sample.value))
             elif sample.name.endswith("_sum"):
-                sums.labels(*values).inc(self._grown((sum_name, values), sample.value))
+                total.append(sample.value)
+        for values, (buckets, total) in series.items():
+            own = dict(zip(labels, values, strict=True))
+            for value in total:
+                self._add("histogram", self._key(family, family.name + "_sum", own), value)
+            below = 0.0
+            for bucket, cumulative in buckets:
+                self._add("histogram", self._key(family, family.name + "_bucket", bucket), cumulative - below)
+                below = cumulative
 
-    def _metric(self, name: str, documentation: str, kind: str, labels: tuple[str, ...]) -> Counter | Gauge:
-        found = self._metrics.get(name)
+    def _key(self, family: Metric, name: str, labels: dict[str, str]) -> str:
+        ident = (name, tuple(labels.items()))
+        found = self._keys.get(ident)
         if found is None:
-            from prometheus_client import Counter, Gauge  # noqa: PLC0415 - workers: N only (exposition.py)
-
-            # registry=None: these exist for the multiprocess files only; the worker's own
-            # registry already exports the same names through the scrape-time collector.
-            if kind == "counter":
-                found = Counter(name, documentation, labels, registry=None)
-            else:
-                mode = _DECLARED[name].gauge_mode
-                found = Gauge(name, documentation, labels, registry=None, multiprocess_mode=mode)
-            self._metrics[name] = found
+            found = self._keys[ident] = multiproc.key(family.name, name, labels, family.documentation)
         return found
 
 
 class WorkersCollector:
     """Worker 0's `/metrics` for `workers: N`: what the workers wrote to the multiprocess files.
 
-    prometheus-client's `MultiProcessCollector` reads and combines them (counters summed over
-    every worker that has run, gauges in their declared mode over the live ones); each
-    histogram, carried as two counters (`_Mirror`), is rebuilt here as the histogram it is.
+    multiproc.py reads and combines them as prometheus-client's `MultiProcessCollector` would
+    (counters and histograms summed over every worker that has run, gauges in their declared
+    mode over the live ones); the histograms come last, each written as one process writes it
+    (every series' buckets, `_count`, `_sum`).
     """
 
     def __init__(self, path: str) -> None:
-        multiprocess_support()
-        from prometheus_client.multiprocess import MultiProcessCollector  # noqa: PLC0415 - workers: N only
-
-        self._files = MultiProcessCollector(None, path=path)
+        self._path = path
 
     def collect(self) -> Iterator[Metric]:
-        carried: dict[str, Metric] = {}
-        for family in self._files.collect():
-            if family.name in _CARRIED:
-                carried[family.name] = family
+        histograms: dict[str, Metric] = {}
+        for family in multiproc.read(self._path):
+            if family.type == "histogram":
+                histograms[family.name] = family
             else:
                 yield family
         for declared in _HISTOGRAMS:
-            buckets_name, sum_name = _carriers(declared)
-            buckets, sums = carried.get(buckets_name), carried.get(sum_name)
-            if buckets is not None:  # as before: no family until a worker has written one
-                yield _histogram(declared, buckets, sums)
+            found = histograms.get(declared.family)
+            if found is not None:  # as before: no family until a worker has written one
+                yield _histogram(declared, found)
 
 
-def _histogram(declared: Family, buckets: Metric, sums: Metric | None) -> HistogramFamily:
+def _histogram(declared: Family, merged: Metric) -> HistogramFamily:
     labels = declared.labels
-    totals = {tuple(s.labels[name] for name in labels): s.value for s in (sums.samples if sums else ())}
+    totals: dict[tuple[str, ...], float] = {}
     series: dict[tuple[str, ...], dict[str, float]] = {}
-    for sample in buckets.samples:
-        series.setdefault(tuple(sample.labels[name] for name in labels), {})[sample.labels["le"]] = sample.value
+    for sample in merged.samples:
+        key = tuple(sample.labels[name] for name in labels)
+        if sample.name.endswith("_bucket"):
+            series.setdefault(key, {})[sample.labels["le"]] = sample.value
+        elif sample.name.endswith("_sum"):
+            totals[key] = sample.value
     bounds = {float_text(bound) for bound in (*declared.buckets, math.inf)}
     histogram = declared.histogram()
     for key, by_bound in series.items():
-        # A worker part-way through its first copy of a series: shown from the next scrape.
+        # Never met from our own writer (a copy is committed whole); files written otherwise
+        # could hold a series without every bucket, or without a sum.
         if set(by_bound) != bounds or key not in totals:
             continue
         histogram.add_metric(key, sorted(by_bound.items(), key=lambda item: float(item[0])), totals[key])

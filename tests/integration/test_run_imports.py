@@ -15,10 +15,9 @@ Python, so /proc/PID/maps cannot show it: the running sidecar is started with
 PYTHONPROFILEIMPORTTIME, which every process it makes inherits, and its stderr (every import
 of every process, at the time it happens) must not name it.
 
-No prometheus-client in one process (`workers: 1`): its package imports http.server,
-email, wsgiref, urllib.request and more, 4.1 MiB (telemetry/exposition.py writes `/metrics`
-instead). A set of workers imports it once, in worker 0 before the fork, for the
-multiprocess files.
+No prometheus-client in any process, one or a set of workers: its package imports
+http.server, email, wsgiref, urllib.request and more, 4.1 MiB each (telemetry/exposition.py
+writes `/metrics` instead, and telemetry/multiproc.py the set's multiprocess files).
 """
 
 from __future__ import annotations
@@ -64,7 +63,7 @@ def test_the_run_path_imports_no_aiohttp(code: str) -> None:
     assert "aiohttp" not in imported_by(code)
 
 
-NOT_IN_ONE_PROCESS = (
+NOT_IN_ANY_PROCESS = (
     "prometheus_client",
     "http.server",
     "http.client",
@@ -85,24 +84,29 @@ SSH and cipher modules, for PEM keys and `jwt-sidecar keys`): ~2 MiB together
 
 
 def unwanted(modules: list[str] | set[str]) -> list[str]:
-    return sorted(name for name in modules if name in NOT_IN_ONE_PROCESS or name.split(".")[0] in NOT_IN_ONE_PROCESS)
+    return sorted(name for name in modules if name in NOT_IN_ANY_PROCESS or name.split(".")[0] in NOT_IN_ANY_PROCESS)
 
 
-def test_the_run_path_imports_no_prometheus_client() -> None:
+def test_the_run_path_imports_no_prometheus_client(tmp_path: Path) -> None:
     out = subprocess.run(
         [
             sys.executable,
             "-c",
             "import proxy.tools.cli, proxy.ops.server, proxy.ops.workers, proxy.ops.admin, proxy.telemetry.metrics\n"
-            "from proxy.telemetry.metrics import Metrics\n"
+            "from proxy.telemetry.metrics import Metrics, WorkersCollector\n"
+            "from proxy.telemetry import multiproc\n"
             "Metrics().render('application/openmetrics-text'); Metrics().render(None)\n"
+            # what a worker of a set does each second, and worker 0 at each scrape and at the end
+            "metrics = Metrics(); metrics.route('api').observe_auth(0.001); metrics.mirror()\n"
+            f"assert list(WorkersCollector({str(tmp_path)!r}).collect())\n"
+            f"multiproc.mark_process_dead(1, {str(tmp_path)!r})\n"
             "import sys; print(' '.join(sorted(sys.modules)))",
         ],
         capture_output=True,
         text=True,
         check=True,
         cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
+        env={**os.environ, "PYTHONPATH": str(REPO), "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)},
     ).stdout
     assert unwanted(out.split()) == []
 
@@ -153,10 +157,11 @@ async def test_a_running_sidecar_has_no_aiohttp_loaded(
         # worker 0) and by worker 0, never by a forked worker.
         assert imported.count("proxy.auth.verify") == (1 if workers == 1 else 2)
         assert not [name for name in imported if name == "jwt" or name.startswith("jwt.")]
-        if workers == 1:
+        # No process of a set either: worker 0 and the workers it forks read and write the
+        # multiprocess files with telemetry/multiproc.py.
+        assert not [name for name in imported if name.split(".")[0] == "prometheus_client"]
+        if workers == 1:  # (`run` of a set imports tempfile for the directory, before its exec)
             assert unwanted(imported) == []
-        else:  # once, by worker 0 before the fork (not by `run`, not by a forked worker)
-            assert imported.count("prometheus_client") == 1
         # Every worker verifies tokens on cryptography's keys, on uvloop (mapped before the fork).
         assert all(mapped(pid, "/cryptography/") for pid in pids)
         assert all(mapped(pid, "/uvloop/") for pid in pids)

@@ -4,7 +4,7 @@ The README's Metrics table, the Grafana dashboard and the alerts are checked aga
 table here (each check also shown to catch a wrong input); that a running sidecar exports
 exactly the table, in one process and with `workers: 2`, is tests/integration/
 test_metric_families.py. The workers' mirror is run for real (a subprocess with
-prometheus-client's multiprocess directory) and read back through the supervisor's collector.
+a multiprocess directory, telemetry/multiproc.py's files) and read back through the supervisor's collector.
 """
 
 from __future__ import annotations
@@ -182,7 +182,7 @@ def test_the_query_check_accepts_the_shapes_queries_use() -> None:
     )
 
 
-# -- the workers' mirror: public prometheus-client API only ----------------------------------------
+# -- no prometheus-client internals (multiproc.py writes its files itself) ----------------------------------------
 def prometheus_client_internals(tmp_path: Path) -> set[str]:
     """Every single-underscore attribute name prometheus-client's metric, collector and
     registry objects have (read off real instances, so a new version's names are included)."""
@@ -222,7 +222,7 @@ def test_no_module_writes_or_reads_prometheus_client_internals(tmp_path: Path) -
 
 _WORKER = """
 import json, sys
-from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
 from proxy.telemetry.metrics import NO_ROUTE, Decision, Metrics, WorkersCollector
 
 supervisor = CollectorRegistry()
@@ -243,9 +243,10 @@ api.count("GET", Decision.ALLOWED, "", 200)
 api.count("POST", Decision.DENIED, "expired", 401)
 metrics.in_flight = 3
 metrics.mirror()
-# A worker part-way through its first copy of a series: some buckets, no sum yet.
-carrier = Counter("jwt_sidecar_auth_duration_seconds_mirrored_bucket", "x", ("route", "le"), registry=None)
-carrier.labels("partial", "+Inf").inc()
+# A worker part-way through a copy: a new series written, not yet committed.
+from proxy.telemetry import multiproc
+series = multiproc.key("jwt_sidecar_auth_duration_seconds", "jwt_sidecar_auth_duration_seconds_bucket", {"route": "partial", "le": "+Inf"}, "x")
+multiproc.own().set("histogram", series, 1.0)
 shown = {"before": before, "worker": metrics.render()[0].decode(), "supervisor": generate_latest(supervisor).decode()}
 print(json.dumps(shown))
 """
@@ -276,12 +277,10 @@ def test_the_supervisor_shows_a_workers_metrics_as_the_worker_does(tmp_path: Pat
     shown = json.loads(run.stdout)
     assert shown["before"] == ""  # no family at all until a worker has written it
     worker, supervisor = samples(shown["worker"]), samples(shown["supervisor"])
-    # The half-written series is left out until it is whole (the next scrape, a second later).
+    # A series written but not yet committed is left out (the next copy commits it).
     assert not [key for key in supervisor if ("route", "partial") in key[1]]
-    # The same series, and nothing else: the counters that carry a histogram through the files
-    # are never shown as they are.
+    # The same series, and nothing else.
     assert set(supervisor) == set(worker)
-    assert not [name for name, _ in supervisor if "mirrored" in name]
     for key, value in worker.items():
         # A sum is carried as the differences between copies: equal to within rounding.
         assert supervisor[key] == pytest.approx(value, rel=1e-12), key

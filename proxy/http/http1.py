@@ -30,7 +30,11 @@ request from its head alone when that answer may be written at once (no `Request
 take it on with an `Ahead` standing for its `Request` (made only if needed: `Ahead.full`), and a graceful drain (`Server.start_drain`,
 `Server.shutdown`): answers carry `Connection: close`, the listen queue is served before the
 listener closes, and a connection is closed only between requests, never once a request's
-first byte has arrived.
+first byte has arrived. How a connection ends (RFC 9112 §9.6): a client that half-closes is
+answered the request it sent whole, then closed (`_Connection.eof_received`; a tunnel passes the
+half-close on); a close after an answer while the client may still be sending (a refusal, an
+upload refused before its body was read) lingers: the write side shut first, what the client
+still sends read and dropped for `LINGER_TIME` / `LINGER_BYTES` at most (`_Linger`), then closed.
 Does not own: what a request means or what the answer says (app.py and pipeline.py), or
 any header beyond framing: `Content-Length`, `Transfer-Encoding`, `Connection` and `Date`.
 

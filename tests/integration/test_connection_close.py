@@ -25,9 +25,9 @@ import pytest
 from yarl import URL
 
 from proxy.http import http1
+from proxy.http.http1 import Server
 from tests.conftest import TestKey, mint
 from tests.integration.conftest import BASE_CONFIG, Sidecar
-from proxy.http.http1 import Server
 from tests.integration.test_http1_attacks import server_url, ws_head
 from tests.integration.test_security import first_response
 from tests.integration.test_wire_review import server_frames, ws_frame
@@ -120,9 +120,7 @@ HALF_CLOSED = [
         [200, 200, 200, 401],
         id="pipelined",
     ),
-    pytest.param(
-        b"POST /public/a HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello", [200], id="with-a-body"
-    ),
+    pytest.param(b"POST /public/a HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello", [200], id="with-a-body"),
     pytest.param(
         b"POST /public/a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
         [200],
@@ -134,9 +132,7 @@ HALF_CLOSED = [
         id="complete-then-a-head-cut-short",
     ),
     pytest.param(b"GET /public/a HTTP/1.1\r\nHost: x\r\nX-Cut: ", [], id="a-head-cut-short"),
-    pytest.param(
-        b"POST /public/a HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nhello", [], id="a-body-cut-short"
-    ),
+    pytest.param(b"POST /public/a HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nhello", [], id="a-body-cut-short"),
     pytest.param(b"GET /public/a HTTP/1.1\r\nHost: x\r\nBad Name: 1\r\n\r\n", [400], id="malformed"),
 ]
 
@@ -384,6 +380,9 @@ async def test_a_shutdown_does_not_wait_for_a_lingering_connection_past_its_boun
         while not answers(raw):
             raw += await asyncio.wait_for(loop.sock_recv(sock, 65536), 3.0)
         assert raw.startswith(b"HTTP/1.1 413 ")
+        # Lingering: the connection is still open (and counted), its request is not.
+        await eventually(lambda: s.runtime.metrics.in_flight == 0, 2.0)
+        assert s.runtime.metrics.connections.open == 1
         began = time.monotonic()
         await server.shutdown(30.0)
         took = time.monotonic() - began

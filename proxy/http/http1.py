@@ -30,7 +30,11 @@ request from its head alone when that answer may be written at once (no `Request
 take it on with an `Ahead` standing for its `Request` (made only if needed: `Ahead.full`), and a graceful drain (`Server.start_drain`,
 `Server.shutdown`): answers carry `Connection: close`, the listen queue is served before the
 listener closes, and a connection is closed only between requests, never once a request's
-first byte has arrived.
+first byte has arrived. How a connection ends (RFC 9112 §9.6): a client that half-closes is
+answered the request it sent whole, then closed (`_Connection.eof_received`; a tunnel passes the
+half-close on); a close after an answer while the client may still be sending (a refusal, an
+upload refused before its body was read) lingers: the write side shut first, what the client
+still sends read and dropped for `LINGER_TIME` / `LINGER_BYTES` at most (`_Linger`), then closed.
 Does not own: what a request means or what the answer says (app.py and pipeline.py), or
 any header beyond framing: `Content-Length`, `Transfer-Encoding`, `Connection` and `Date`.
 
@@ -136,6 +140,14 @@ _REASON_BYTES = {status: phrase.encode("ascii") for status, phrase in _REASONS.i
 # `Request._connection_field`'s three answers, as bytes (`Request.relay`).
 _CONNECTION_BYTES = {line: line.encode("ascii") for line in ("", "Connection: close\r\n", "Connection: keep-alive\r\n")}
 _BODILESS = frozenset({204, 304})
+LINGER_TIME = 2.0
+"""After an answer that closes a connection while the client may still be sending (a refusal, an
+upload refused before its body was read: `_Connection._linger`), how long what it sends is read
+and dropped, at most, before the connection is closed (RFC 9112 §9.6; nginx's `lingering_time`)."""
+LINGER_BYTES = 16 * 1024 * 1024
+"""...and how many bytes, at most: more than the default `max_body` (10 MB), so that a client
+sending a body just over it, as fast as loopback takes it, is still read to its end; what one
+refused upload can cost is bounded by what one accepted upload costs."""
 _DRAIN_IDLE = 1.0
 """While draining, a connection idle this long (no byte of a next request) is closed. A client
 sending continuously is never idle that long: it gets `Connection: close` on an answer instead."""
@@ -872,7 +884,8 @@ class Request:
     ) -> None:
         """Answer an upgrade with `status` (101) and relay raw bytes both ways until either side ends.
 
-        Client bytes (those already read after the request head first) go to `sink`;
+        Client bytes (those already read after the request head first) go to `sink`, and b""
+        once the client has half-closed (it sends nothing more: `sink` passes the half-close on);
         chunks from `source` go to the client, with back-pressure on both.
         """
         conn = self._conn
@@ -979,6 +992,7 @@ class Ahead:
     upgrade = False
     keep_alive = True
     version = "1.1"
+    _complete = True  # (what `_done` reads of a `Request`: no body, so complete)
 
     __slots__ = (
         "_close",
@@ -1266,6 +1280,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._fd = -1  # the socket (`connection_made`)
         self._lost = False
         self._closing = False
+        self._eof = False  # the client shut its write side (`eof_received`): nothing more is read
         # the head being parsed
         self._url = b""
         self._fields: list[tuple[bytes, bytes]] = []
@@ -1350,6 +1365,30 @@ class _Connection(asyncio.BufferedProtocol):
         if later is not None:
             later.cancel()  # as a task is cancelled; it ends in `Request.done`
         self._flow.end()
+
+    def eof_received(self) -> bool:
+        """The client shut its write side (`shutdown(SHUT_WR)`: `nc -N`, HTTP/1.0 clients): it
+        sends nothing more but may still read (RFC 9112 §9.6, §9.3). The requests it sent whole
+        are answered, then the connection closes; True keeps the transport open for that. No
+        more is read (the event loops stop reading at an end: `_resume_reading`)."""
+        if self._eof:
+            return True
+        sink = self._sink
+        if sink is not None:
+            self._eof = True
+            sink(b"")  # a tunnel: the half-close goes on to the upstream (`Request.tunnel`)
+            return True
+        # Requests wait behind another only while reading is paused (`on_headers_complete`), so
+        # at an end the queue holds one request at most: the one being answered. Nothing queued
+        # (idle, or a head cut short) or its body cut short (`_parsing`): closed now, as a client
+        # that closed outright is (nothing answered, the handler cancelled).
+        if not self._queue or self._parsing is not None or self._lost:
+            return False
+        # Owed an answer: it says `Connection: close` (if not begun yet), and the connection
+        # closes after it (`_done`), as after any answer while `_closing`. A head begun after it
+        # and cut short is dropped with the connection.
+        self._eof = self._closing = True
+        return True
 
     def get_buffer(self, sizehint: int) -> memoryview:
         if self._relay is not None and HELD.bytes < HELD.limit:
@@ -1868,13 +1907,20 @@ class _Connection(asyncio.BufferedProtocol):
             if not request._started:
                 # The handler answered nothing (it should always answer): fail closed.
                 self._transport.write(_refusal(500, close=True))
-            if request._finished:
-                self._transport.close()
-            else:
+            if not request._finished:
                 self._transport.abort()  # an answer cut short must not look complete
+            elif not request._complete or self._queue or self._parsing is not None or self._unparsed:
+                self._linger()  # its body unread, or more sent behind it: the client may still be sending
+            else:
+                self._transport.close()
             return
         if self._upgraded and not self._queue:
-            self._transport.close()  # the upgrade request was answered without a tunnel
+            # The upgrade request was answered without a tunnel: bytes sent after its head
+            # (frames sent ahead of the 101) say the client may still be sending.
+            if self._held:
+                self._linger()
+            else:
+                self._transport.close()
             return
         if self._unparsed and not self._refusal and len(self._queue) < _BACKLOG:
             held, self._unparsed = self._unparsed, b""
@@ -1892,7 +1938,7 @@ class _Connection(asyncio.BufferedProtocol):
 
     def _write_refusal(self, status: int) -> None:
         self._transport.write(_refusal(status, close=True))
-        self._transport.close()
+        self._linger()  # the parser stopped where the client was: it may still be sending
         if self._server._on_refusal is not None:
             try:
                 self._server._on_refusal(status, self._remote)
@@ -1905,7 +1951,33 @@ class _Connection(asyncio.BufferedProtocol):
         self._sink = sink
         if held:
             sink(held)
+        if self._eof:
+            sink(b"")  # the client half-closed before the 101: the upstream is told at once
         self._resume_reading()
+
+    def _linger(self) -> None:
+        """Close after an answer while the client may still be sending (a refusal, an upload
+        refused before its body was read): RFC 9112 §9.6's lingering close. Closing at once with
+        its bytes unread makes the kernel reset the connection, and a client that sends its
+        whole body before reading (most do) then fails on the reset and never reads the answer.
+        So: the write side is shut first (the answer, then our end), and what the client still
+        sends is read and dropped (`_Linger`) until it closes, or for `LINGER_TIME` seconds or
+        `LINGER_BYTES` bytes, whichever first. The requests are over by then: no handler, no
+        timer of ours but `_Linger`'s; the connection is still open and counted so until closed."""
+        transport = self._transport
+        if self._eof or self._lost or transport.is_closing():
+            transport.close()  # (the client sends nothing more, or it is gone)
+            return
+        self._idle_since = self._head_begun = None  # (no keep-alive or head deadline: `_Linger`'s bound)
+        if self._splice is not None:
+            self._stop_splice()
+        try:
+            transport.write_eof()
+        except (OSError, RuntimeError, NotImplementedError):
+            transport.close()
+            return
+        transport.set_protocol(_Linger(self))
+        transport.resume_reading()  # (paused where the parser stopped)
 
     # flow control and timers
 
@@ -1915,7 +1987,8 @@ class _Connection(asyncio.BufferedProtocol):
             self._transport.pause_reading()
 
     def _resume_reading(self) -> None:
-        if self._read_paused and not self._lost:
+        # (Never after an end: uvloop's stream must not read again, asyncio's would see it again.)
+        if self._read_paused and not self._lost and not self._eof:
             self._read_paused = False
             self._transport.resume_reading()
 
@@ -1991,6 +2064,50 @@ class _Connection(asyncio.BufferedProtocol):
         ):
             self._closing = True
             self._transport.close()
+
+
+class _Linger(asyncio.BufferedProtocol):
+    """A connection's protocol once it lingers (`_Connection._linger`): reads are dropped, and the
+    connection closes at the client's end, after `LINGER_TIME` or past `LINGER_BYTES`. Its own
+    protocol, so that no read callback of `_Connection`'s asks whether it lingers."""
+
+    __slots__ = ("_conn", "_left", "_timer")
+
+    def __init__(self, conn: _Connection) -> None:
+        self._conn = conn
+        self._left = LINGER_BYTES
+        self._timer = conn._loop.call_later(LINGER_TIME, self._end)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._conn._server._read_buffer  # (dropped: any connection's next read may overwrite it)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._left -= nbytes
+        if self._left <= 0:
+            self._end()
+
+    def eof_received(self) -> bool:
+        return False  # the client is done: the transport closes
+
+    def pause_writing(self) -> None:
+        pass  # (nothing more is written)
+
+    def resume_writing(self) -> None:
+        pass
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._timer.cancel()
+        self._conn.connection_lost(exc)
+
+    def _end(self) -> None:
+        """A bound reached: closed, with what the client sends still unread (the reset comes now).
+        An answer the client has not taken in all that time is dropped (a close would wait for it)."""
+        self._timer.cancel()
+        transport = self._conn._transport
+        if transport.get_write_buffer_size():
+            transport.abort()
+        else:
+            transport.close()
 
 
 def _readable(transport: asyncio.Transport) -> bool:

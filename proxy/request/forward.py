@@ -706,9 +706,14 @@ class _Tunnel(asyncio.Protocol):
         await self._wakeup.wait()
 
     def send(self, data: bytes) -> None:
+        """The client's bytes to the upstream; b"" when the client half-closed (`Request.tunnel`):
+        the upstream's write side is shut too, and what it still sends goes on reaching the client."""
         if not self.closed:
             self.active = self._loop.time()
-            self.transport.write(data)
+            if data:
+                self.transport.write(data)
+            elif self.transport.can_write_eof():
+                self.transport.write_eof()
 
     async def relay(self) -> AsyncIterator[bytes]:
         while True:

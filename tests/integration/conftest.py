@@ -50,6 +50,7 @@ BOTH_LOOPS = frozenset(
         "test_answer_again",
         "test_answer_splice_review",
         "test_answer_spliced",
+        "test_connection_close",
         "test_authorization_upstream",
         "test_client_address_headers",
         "test_forward_from_head",

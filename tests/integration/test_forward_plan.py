@@ -78,15 +78,21 @@ async def start(sidecar: Any, raw_server: Any, tmp_path: Path) -> tuple[Any, lis
 
 @pytest.fixture
 def planned(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
-    """Each (method, target) app.py handed to `begin_planned` (a prepared forward)."""
+    """Each (method, target) app.py handed to `begin_planned` (a prepared forward), or forwarded
+    the prepared way with no `Exchange` (a public route without CORS: `_Public`)."""
     taken: list[tuple[str, str]] = []
-    real = app.begin_planned
+    real, public = app.begin_planned, app._Public
 
     def counting(ex: Any, *args: Any) -> Any:
         taken.append((ex.request.method, ex.request.raw_path))
         return real(ex, *args)
 
+    def counting_public(runtime: Any, snapshot: Any, forward: Any, ahead: Any, *args: Any) -> Any:
+        taken.append((ahead.method, ahead.raw_path))
+        return public(runtime, snapshot, forward, ahead, *args)
+
     monkeypatch.setattr(app, "begin_planned", counting)
+    monkeypatch.setattr(app, "_Public", counting_public)
     return taken
 
 

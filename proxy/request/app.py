@@ -445,11 +445,11 @@ class _Public(Answering):
                 date=not dated,
             )
             forward = self._forward
-            known = forward.answered.get(ahead.status)  # (`relay` answered it: not 0)
+            known = forward.answered
         except Exception as error:  # a bug: the request still ends (as `Answering._answer`)
             self._end(error)
             return
-        if known is None:  # a status not seen before on this forward: `_settled` prepares it
+        if known is None or known[0] != ahead.status:  # (another status than the last: `_settled` prepares it)
             self._end(None)
             try:
                 _remember(forward, self._ex)
@@ -468,7 +468,7 @@ class _Public(Answering):
             upstream.sum += took
             runtime = self._runtime
             runtime.metrics.in_flight -= 1
-            cell, middle = known
+            _, cell, middle = known
             cell.n += 1
             access_log = runtime.access_log
             if access_log is not None and middle is not None:
@@ -483,19 +483,12 @@ class _Public(Answering):
         Answering._end(self, error)
 
 
-_ANSWERED_STATUSES = 4
-"""The statuses a `ForwardPlan.answered` keeps its record for: at most 512 forwards per config."""
-
-
 def _remember(forward: ForwardPlan, ex: Exchange) -> None:
-    """`forward.answered`'s record for the status `_settled` just recorded for `ex` (what its
+    """`forward.answered`, the record of the status `_settled` just recorded for `ex` (what its
     `_Answered` holds for the forward's path), when that is what `_Public` can use again: a
     `Cell` (not a provider's count), and the middle part kept (or no access log)."""
     plan, snapshot = ex.plan, ex.snapshot
     assert plan is not None and snapshot is not None
-    answered = forward.answered
-    if ex.status in answered or len(answered) >= _ANSWERED_STATUSES:
-        return
     series = snapshot.answered.get((plan.metrics, ex.request.method, ex.status, ex.decision, ex.reason))
     if series is None or series.cell is None:
         return
@@ -504,7 +497,7 @@ def _remember(forward: ForwardPlan, ex: Exchange) -> None:
         middle = series.middles.get(ex.path or ex.request.raw_path.partition("?")[0][:256])
         if middle is None:
             return
-    answered[ex.status] = (series.cell, middle)
+    forward.answered = (ex.status, series.cell, middle)
 
 
 class _Quick:

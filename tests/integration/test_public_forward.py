@@ -3,7 +3,7 @@
 first answer of its status prepared (`ForwardPlan.answered`). What the client, the upstream, the
 access log and the metrics see is exactly what the `Request` way gives (the server's hook
 declining, so that `_entry` takes every request): for answers of many statuses on one target
-(past the few a forward keeps its record for), an upstream that fails (a 502), no access log,
+(each run of one status recorded from the forward's record of the last), an upstream that fails (a 502), no access log,
 and a reload while an answer is awaited (recorded under the config the request came in on)."""
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from tests.integration.test_forward_now import connect, read_answer, request, se
 from tests.support.raw import bounded_by, eventually
 
 STATUSES = [200] * 3 + [404] * 3 + [201] * 3 + [500, 500, 503, 503, 503, 418, 418, 418, 200, 404, 404, 202, 202, 200]
-"""Answers to one target, one after another: more statuses than `_ANSWERED_STATUSES`, each but
+"""Answers to one target, one after another: statuses coming back after others, each but
 the last a few times running (the upstream connection takes an answer with the head of the one
 before it as the common answer, `again_whole`; a head that changed the general way)."""
 

@@ -235,7 +235,15 @@ class Proxy:
                         if data is not None:
                             plan = forward.plan
                             origin, upstream = plan.origin, plan.upstream
-                            answering = _Public(runtime, snapshot, forward, ahead, request_id_value, started, began)
+                            answering = _new_public(_Public)  # (its attributes set here: `_Public`)
+                            answering._runtime = runtime
+                            answering._snapshot = snapshot
+                            answering._forward = forward
+                            answering._ahead = ahead
+                            answering._request_id = request_id_value
+                            answering._started = started
+                            answering._began = began
+                            answering._ex = None  # type: ignore[assignment]  # (made when needed: `_exchange`)
                             conn = runtime.pool.send(  # type: ignore[union-attr]  # (started)
                                 method,
                                 origin.scheme,
@@ -391,31 +399,23 @@ class _Public(Answering):
     `_settled` prepared for the forward's answers with that status (`ForwardPlan.answered`: the
     `requests_total` cell and the access line's middle part), with one clock reading for the
     upstream time's end, the latency's end and the log's stamp. Anything else (another answer,
-    a failure, the client gone, a status not seen before) makes the `Exchange` `begin_planned`
+    a failure, the client gone, another status than the last) makes the `Exchange` `begin_planned`
     would have made (`_planned`) and goes on as `Answering` does, to `_settled`
     (bench/FIGURES.md, "The public route, session 10")."""
 
     __slots__ = ("_ahead", "_forward", "_request_id", "_runtime", "_snapshot", "_started")
 
-    def __init__(
-        self,
-        runtime: Runtime,
-        snapshot: Snapshot,
-        forward: ForwardPlan,
-        ahead: Ahead,
-        request_id_value: str,
-        started: float,
-        began: float,
-    ) -> None:
-        self._runtime = runtime
-        self._snapshot = snapshot
-        self._forward = forward
-        self._ahead = ahead
-        self._request_id = request_id_value
-        self._started = started
-        self._began = began
-        self._ex = None  # type: ignore[assignment]  # (made when needed: `_exchange`)
-        self._conn = None  # type: ignore[assignment]  # set once sent
+    # Set by `Proxy._head` itself, with `Answering`'s `_began` and `_ex` (None) and, once sent,
+    # `_conn`: no `__init__` frame per request (~700 instructions, bench/FIGURES.md, "The public
+    # route, session 10").
+    _runtime: Runtime
+    _snapshot: Snapshot
+    """The config the request came in on (a reload mid-request records it under this one)."""
+    _forward: ForwardPlan
+    _ahead: Ahead
+    _request_id: str
+    _started: float
+    """`time.perf_counter()` when `_head` took it on: the access log's latency starts here."""
 
     def _exchange(self) -> Exchange:
         ex = self._ex
@@ -665,6 +665,8 @@ def _missing(ex: Exchange) -> None:
         snapshot.refusals.remember((request.method, request.raw_path), _Quick(ex, answer))
 
 
+_new_public = object.__new__
+"""A `_Public` made with no `__init__` call (`Proxy._head` sets its attributes)."""
 _NO_FIELDS: tuple[tuple[bytes, ...], tuple[bytes, ...]] = ((), ())
 """`zip(*fields)` of a request with no fields (which unpacks to nothing)."""
 _MIDDLES = 4

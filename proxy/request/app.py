@@ -203,7 +203,9 @@ class Proxy:
         if forward is not None and remote is not None:
             # `_entry` for it, from its head, with an `Ahead` for the `Request` (`take`).
             started = time.perf_counter()
-            names, values = zip(*fields, strict=True) if fields else _NO_FIELDS
+            # (every field is a (name, value) pair: `strict` has nothing to check, and with it
+            # `zip` is called through its keyword path, ~twice the cost)
+            names, values = zip(*fields) if fields else _NO_FIELDS  # noqa: B905
             strip = snapshot.strip
             head = strip.heads.get(names) or strip.head(names)
             if head.keep is not None and not (head.authorizations > 1 if forward.public else head.authorization < 0):
@@ -312,7 +314,7 @@ def _entry(runtime: Runtime, request: Request) -> Coroutine[Any, Any, None] | An
     # once per list of names): where its X-Request-Id is, whether it sent an Authorization
     # field, and what goes upstream (bench/FIGURES.md, "The prepared forward").
     fields = request.fields
-    names, values = zip(*fields, strict=True) if fields else _NO_FIELDS
+    names, values = zip(*fields) if fields else _NO_FIELDS  # noqa: B905  # (pairs: as in `Proxy._head`)
     strip = snapshot.strip
     head = strip.heads.get(names) or strip.head(names)
     inbound = None if head.request_id < 0 else values[head.request_id].decode("latin-1")

@@ -18,7 +18,9 @@ fields are looked at once, by identity.py's `HeadPlan` for their names (its X-Re
 whether it sent an Authorization), and a (method, target) forwarded before goes to
 `pipeline.begin_planned` with what it prepared (`Snapshot.forwards`), from the request's head
 when the server asks (`Proxy._head`, with http1's `Ahead` for the `Request`: none is made for
-one forwarded on an idle pooled connection; `_handed_over` for the rest);
+one forwarded on an idle pooled connection; `_handed_over` for the rest; on a public route
+without CORS no `Exchange` either until something else than the common answer needs one:
+`_Public`);
 an allowed request comes back to the server as a coroutine to run, and if the client left
 before that coroutine began, it sends nothing upstream and records a 499 (`_finish`: the one
 place this is handled; the server runs the coroutine regardless). One forwarded with no task

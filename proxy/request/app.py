@@ -453,7 +453,8 @@ class _Public(Answering):
         except Exception as error:  # a bug: the request still ends (as `Answering._answer`)
             self._end(error)
             return
-        if known is None or known[0] != ahead.status:  # (another status than the last: `_settled` prepares it)
+        if known is None or known[0] != ahead.status or (known[2] is None and self._runtime.access_log is not None):
+            # (another status than the last, or a log since: `_settled` prepares it)
             self._end(None)
             try:
                 _remember(forward, self._ex)
@@ -475,8 +476,9 @@ class _Public(Answering):
             _, cell, middle = known
             cell.n += 1
             access_log = runtime.access_log
-            if access_log is not None and middle is not None:
-                access_log.line_middle(request_id_value, ahead.remote, middle, None, (now - self._started) * 1000, now)
+            if access_log is not None:
+                # (`middle` is not None: a log there since it was remembered went the general way, above)
+                access_log.line_middle(request_id_value, ahead.remote, middle, None, (now - self._started) * 1000, now)  # type: ignore[arg-type]
         except Exception:
             event(log, logging.ERROR, "request_crashed", "ending a forwarded request failed", exc_info=True)
         finally:
@@ -489,18 +491,20 @@ class _Public(Answering):
 
 def _remember(forward: ForwardPlan, ex: Exchange) -> None:
     """`forward.answered`, the record of the status `_settled` just recorded for `ex` (what its
-    `_Answered` holds for the forward's path), when that is what `_Public` can use again: a
-    `Cell` (not a provider's count), and the middle part kept (or no access log)."""
+    `_Answered` holds, with the middle part for the forward's path), when that is what `_Public`
+    can use again: a `Cell` (not a provider's count)."""
     plan, snapshot = ex.plan, ex.snapshot
     assert plan is not None and snapshot is not None
     series = snapshot.answered.get((plan.metrics, ex.request.method, ex.status, ex.decision, ex.reason))
     if series is None or series.cell is None:
         return
     middle = None
-    if ex.runtime.access_log is not None:
-        middle = series.middles.get(ex.path or ex.request.raw_path.partition("?")[0][:256])
-        if middle is None:
-            return
+    access_log = ex.runtime.access_log
+    if access_log is not None:
+        # (the series keeps the middle part of its first `_MIDDLES` paths only; a forward is
+        # one path, and at most 512 are kept per config: ~0.5 MB at worst)
+        path = ex.path or ex.request.raw_path.partition("?")[0][:256]
+        middle = series.middles.get(path) or access_log.middle(series.before, path, series.after)
     forward.answered = (ex.status, series.cell, middle)
 
 

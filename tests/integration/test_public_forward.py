@@ -124,6 +124,32 @@ async def test_answers_of_many_statuses_are_relayed_and_recorded_as_the_request_
 
 
 @bounded_by(30)
+async def test_every_path_of_a_public_route_is_recorded_as_the_request_way_does(
+    sidecar: Any, raw_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # More paths than an answered series keeps its line's middle part for (`_MIDDLES`): each
+    # forward keeps its own, so that every path is recorded the quick way.
+    paths = [f"/p{i}?q={i}" for i in range(7)] + ["/%C3%A9t%C3%A9", "/a/./b//c"]
+    recorded: list[bool] = []
+
+    async def checked(s: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> list[bytes]:
+        answers = []
+        for index, path in enumerate(paths):
+            for _ in range(3):
+                writer.write(f"GET {path} HTTP/1.1\r\nHost: sidecar.test\r\nX-Request-Id: rid-{index}\r\n\r\n".encode())
+                answers.append(await read_answer(reader))
+        recorded.extend(forward.answered is not None for forward in s.runtime.snapshot.forwards._values.values())
+        return answers
+
+    ours = await run(sidecar, raw_server, monkeypatch, lambda n, i, h: answer_of(200), checked, hook=True)
+    theirs = await run(sidecar, raw_server, monkeypatch, lambda n, i, h: answer_of(200), checked, hook=False)
+    assert ours[4] == 2 * len(paths) and theirs[4] == 0
+    assert ours[:4] == theirs[:4]
+    assert len(recorded) == 2 * len(paths) and all(recorded[: len(paths)])  # (ours; theirs took none)
+    assert [line["path"] for line in ours[2]] == [line["path"] for line in theirs[2]]
+
+
+@bounded_by(30)
 async def test_an_upstream_that_fails_is_answered_as_the_request_way_answers_it(
     sidecar: Any, raw_server: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -54,7 +54,6 @@ import struct
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
-from functools import partial
 from http import HTTPStatus
 from time import perf_counter
 from typing import Any, cast, overload
@@ -973,6 +972,10 @@ class Request:
         return start + fields + end.encode(_ENCODING, _ERRORS)
 
 
+_new_ahead = object.__new__
+"""An `Ahead` made with no `__init__` call (`_Connection._ahead` sets its attributes)."""
+
+
 class Ahead:
     """A request a `Quick` hook took on from its head (a forward prepared for its target), with
     no `Request` made: what the handler's side reads of one (`method`, `raw_path`, `fields`,
@@ -1006,16 +1009,15 @@ class Ahead:
         "status",
     )
 
-    def __init__(self, conn: _Connection, method: str, target: str, fields: list[tuple[bytes, bytes]]) -> None:
-        """`Quick`'s `ahead` (`partial(Ahead, conn)`): the `Ahead` of the request being asked
-        about, being answered from now: first in the queue, as a `Request` being answered is."""
-        self._conn = conn
-        self.method = method
-        self.raw_path = target
-        self.fields = fields
-        self.remote = conn._remote
-        self.status = 0
-        conn._queue.append(self)  # type: ignore[arg-type]  # (what the queue reads of a `Request`: `_end`)
+    # Made by `_Connection._ahead` (`Quick`'s `take`), which sets these: `_conn`, `method`,
+    # `raw_path`, `fields`, `remote`, `status` (0); `_close`, `_finished` and `_full` once answered
+    # or made a `Request`.
+    _conn: _Connection
+    method: str
+    raw_path: str
+    fields: list[tuple[bytes, bytes]]
+    remote: str | None
+    status: int
 
     @property
     def transport(self) -> asyncio.Transport | None:
@@ -1272,9 +1274,8 @@ class _Connection(asyncio.BufferedProtocol):
         self._loop = server._loop
         self._parser = httptools.HttpRequestParser(self)
         self._send: Send = self._send_now  # (made once, not per request; let go in connection_lost)
-        # (the same; `Ahead` itself, which goes first in the queue: no call of ours between,
-        # bench/FIGURES.md, "The forwarded request, session 8")
-        self._take: Callable[[str, str, list[tuple[bytes, bytes]]], Ahead] = partial(Ahead, self)
+        # (the same: `Quick`'s `take`)
+        self._take: Callable[[str, str, list[tuple[bytes, bytes]]], Ahead] = self._ahead
         self._transport: asyncio.Transport = None  # type: ignore[assignment]  # set by connection_made
         self._remote: str | None = None
         self._fd = -1  # the socket (`connection_made`)
@@ -1316,6 +1317,21 @@ class _Connection(asyncio.BufferedProtocol):
         self._head_begun: float | None = None  # the first byte of the head being parsed came (perf_counter)
 
     # asyncio.Protocol
+
+    def _ahead(self, method: str, target: str, fields: list[tuple[bytes, bytes]]) -> Ahead:
+        """`Quick`'s `take`: the `Ahead` of the request being asked about, being answered from
+        now: first in the queue, as a `Request` being answered is. Made with no `__init__` call
+        (a class called through a `partial` cost ~800 instructions more a request:
+        bench/FIGURES.md, "The public route, session 10")."""
+        ahead = _new_ahead(Ahead)
+        ahead._conn = self
+        ahead.method = method
+        ahead.raw_path = target
+        ahead.fields = fields
+        ahead.remote = self._remote
+        ahead.status = 0
+        self._queue.append(ahead)  # type: ignore[arg-type]  # (what the queue reads of a `Request`: `_end`)
+        return ahead
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]

@@ -411,7 +411,8 @@ class _Connection(asyncio.BufferedProtocol):
         self._begin(False)
 
     def _begin(self, is_head: bool) -> None:
-        """Reset the exchange state for a new request on this connection."""
+        """Reset the exchange state for a new request on this connection (`Pool.send` has it
+        written out: what is added here is added there)."""
         self._is_head = is_head
         self._counting = False  # the body's bytes are counted here, not parsed (`_count`)
         self._mark = _HIGH_WATER
@@ -1640,7 +1641,19 @@ class Pool:
                 conn._idle = True  # back where it was, as it was (`_take_idle` changed nothing else of it)
                 origin.idle.append(conn)
                 return None
-        conn._begin(method == "HEAD")
+        # (`_begin`, written out: a call fewer per request, bench/FIGURES.md, "The public route, session 10")
+        conn._is_head = method == "HEAD"
+        conn._counting = False
+        conn._mark = _HIGH_WATER
+        conn._status = 0
+        conn._interim = False
+        conn._head_done = False
+        conn._done = False
+        conn._keep_alive = False
+        conn._got_bytes = False
+        conn._head_bytes = 0
+        conn._error = None
+        conn._head_seen = None
         conn._transport.write(data)
         conn._notify = notify
         conn._relay_timeout = read_timeout

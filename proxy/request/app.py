@@ -18,7 +18,9 @@ fields are looked at once, by identity.py's `HeadPlan` for their names (its X-Re
 whether it sent an Authorization), and a (method, target) forwarded before goes to
 `pipeline.begin_planned` with what it prepared (`Snapshot.forwards`), from the request's head
 when the server asks (`Proxy._head`, with http1's `Ahead` for the `Request`: none is made for
-one forwarded on an idle pooled connection; `_handed_over` for the rest);
+one forwarded on an idle pooled connection; `_handed_over` for the rest; on a public route
+without CORS no `Exchange` either until something else than the common answer needs one:
+`_Public`);
 an allowed request comes back to the server as a coroutine to run, and if the client left
 before that coroutine began, it sends nothing upstream and records a 499 (`_finish`: the one
 place this is handled; the server runs the coroutine regardless). One forwarded with no task
@@ -49,14 +51,14 @@ from ..base.oplog import event
 from ..config.settings import Settings
 from ..http.fetch import Fetcher
 from ..http.http1 import Ahead, Later, Prepared, Request, Send, Server
-from ..http.upstream import Pool
+from ..http.upstream import Pool, checked_head
 from ..telemetry.accesslog import AccessLog
 from ..telemetry.metrics import Decision, Metrics, ProviderMetrics, RouteMetrics
 from .exchange import NO_ROUTE_NAME, Exchange
-from .forward import Answering
+from .forward import SMALL_BODY, Answering
 from .identity import request_id
-from .pipeline import begin, begin_planned, log_refused
-from .runtime import Runtime, build_snapshot
+from .pipeline import ForwardPlan, begin, begin_planned, log_refused
+from .runtime import Runtime, Snapshot, build_snapshot
 
 __all__ = ["Proxy", "respond_error"]
 
@@ -203,14 +205,70 @@ class Proxy:
         if forward is not None and remote is not None:
             # `_entry` for it, from its head, with an `Ahead` for the `Request` (`take`).
             started = time.perf_counter()
-            names, values = zip(*fields, strict=True) if fields else _NO_FIELDS
+            # (every field is a (name, value) pair: `strict` has nothing to check, and with it
+            # `zip` is called through its keyword path, ~twice the cost)
+            names, values = zip(*fields) if fields else _NO_FIELDS  # noqa: B905
             strip = snapshot.strip
             head = strip.heads.get(names) or strip.head(names)
             if head.keep is not None and not (head.authorizations > 1 if forward.public else head.authorization < 0):
                 # (else what `begin_planned` hands to `begin`, before any step: `_entry` takes it)
                 inbound = None if head.request_id < 0 else values[head.request_id].decode("latin-1")
                 ahead = take(method, target, fields)
-                ex = Exchange(ahead, runtime, request_id(inbound), started)  # type: ignore[arg-type]  # (what is read of a `Request`)
+                if forward.bare:
+                    # A public route without CORS: `begin_planned`'s public way, `planned_head` and
+                    # `forward_now` written out, and no `Exchange` made (`_Public`).
+                    request_id_value = request_id(inbound)
+                    try:
+                        began = time.perf_counter()  # (the upstream time's start, as `begin_planned` reads it)
+                        try:
+                            data = checked_head(
+                                forward.ours.head(
+                                    forward.line,
+                                    head.keep % values,
+                                    (),
+                                    remote,
+                                    ahead.scheme,
+                                    values[head.host],
+                                    request_id_value,
+                                    b"",
+                                ),
+                                6 + head.kept,
+                            )
+                        except ValueError:
+                            data = None  # a CR or LF inside: `begin_planned` refuses it, below
+                        if data is not None:
+                            plan = forward.plan
+                            origin, upstream = plan.origin, plan.upstream
+                            answering = _new_public(_Public)  # (its attributes set here: `_Public`)
+                            answering._runtime = runtime
+                            answering._snapshot = snapshot
+                            answering._forward = forward
+                            answering._ahead = ahead
+                            answering._request_id = request_id_value
+                            answering._started = started
+                            answering._began = began
+                            answering._ex = None  # type: ignore[assignment]  # (made when needed: `_exchange`)
+                            conn = runtime.pool.send(  # type: ignore[union-attr]  # (started)
+                                method,
+                                origin.scheme,
+                                origin.host,
+                                origin.port,
+                                data,
+                                connect_timeout=upstream.connect_timeout,
+                                read_timeout=upstream.timeout,
+                                notify=answering._answer,
+                            )
+                            if conn is not None:
+                                answering._conn = conn
+                                runtime.metrics.in_flight += 1
+                                return answering
+                    except Exception as error:  # (a bug: answered as `begin_planned`'s would be)
+                        ex = _planned(runtime, snapshot, forward, ahead, request_id_value, started)
+                        return _handed_over(ex, ahead, None, error)
+                    # (no idle pooled connection, or a CR or LF: the general way, from its start)
+                    ex = Exchange(ahead, runtime, request_id_value, started)  # type: ignore[arg-type]
+                else:
+                    ex = Exchange(ahead, runtime, request_id(inbound), started)  # type: ignore[arg-type]  # (what is read of a `Request`)
                 ex.snapshot = snapshot
                 try:
                     rest = begin_planned(ex, forward, head, values)
@@ -258,7 +316,7 @@ def _entry(runtime: Runtime, request: Request) -> Coroutine[Any, Any, None] | An
     # once per list of names): where its X-Request-Id is, whether it sent an Authorization
     # field, and what goes upstream (bench/FIGURES.md, "The prepared forward").
     fields = request.fields
-    names, values = zip(*fields, strict=True) if fields else _NO_FIELDS
+    names, values = zip(*fields) if fields else _NO_FIELDS  # noqa: B905  # (pairs: as in `Proxy._head`)
     strip = snapshot.strip
     head = strip.heads.get(names) or strip.head(names)
     inbound = None if head.request_id < 0 else values[head.request_id].decode("latin-1")
@@ -320,6 +378,134 @@ def _handed_over(ex: Exchange, ahead: Ahead, rest: Coroutine[Any, Any, None] | N
     ex.runtime.metrics.in_flight += 1
     ahead.hand_over(_finish(ex, rest))
     return True
+
+
+def _planned(
+    runtime: Runtime, snapshot: Snapshot, forward: ForwardPlan, ahead: Ahead, request_id_value: str, started: float
+) -> Exchange:
+    """The `Exchange` of a request `_Public` forwarded, as `begin_planned` leaves it for a
+    public route forwarded on an idle pooled connection: routed by `forward`, allowed."""
+    ex = Exchange(ahead, runtime, request_id_value, started)  # type: ignore[arg-type]  # (what is read of a `Request`)
+    ex.snapshot = snapshot
+    ex.plan = forward.plan
+    ex.path = forward.path
+    ex.query = forward.query
+    ex.decision = _ALLOWED
+    return ex
+
+
+class _Public(Answering):
+    """`Answering` for a request to a public route without CORS (`ForwardPlan.bare`) that
+    `Proxy._head` forwarded on an idle pooled connection, with no `Exchange` made: the few
+    things its record reads (the config, the forward's plan and path, the `Ahead`, the request
+    id, when it started) kept here. The common answer (its head seen before, whole:
+    `again_whole`) is relayed and recorded here, `_end` and `_settled` written out, from what
+    `_settled` prepared for the forward's answers with that status (`ForwardPlan.answered`: the
+    `requests_total` cell and the access line's middle part), with one clock reading for the
+    upstream time's end, the latency's end and the log's stamp. Anything else (another answer,
+    a failure, the client gone, another status than the last) makes the `Exchange` `begin_planned`
+    would have made (`_planned`) and goes on as `Answering` does, to `_settled`
+    (bench/FIGURES.md, "The public route, session 10")."""
+
+    __slots__ = ("_ahead", "_forward", "_request_id", "_runtime", "_snapshot", "_started")
+
+    # Set by `Proxy._head` itself, with `Answering`'s `_began` and `_ex` (None) and, once sent,
+    # `_conn`: no `__init__` frame per request (~700 instructions, bench/FIGURES.md, "The public
+    # route, session 10").
+    _runtime: Runtime
+    _snapshot: Snapshot
+    """The config the request came in on (a reload mid-request records it under this one)."""
+    _forward: ForwardPlan
+    _ahead: Ahead
+    _request_id: str
+    _started: float
+    """`time.perf_counter()` when `_head` took it on: the access log's latency starts here."""
+
+    def _exchange(self) -> Exchange:
+        ex = self._ex
+        if ex is None:
+            ex = self._ex = _planned(
+                self._runtime, self._snapshot, self._forward, self._ahead, self._request_id, self._started
+            )
+            self.settle = _settled
+        return ex
+
+    def _answer(self) -> None:
+        try:
+            again = self._conn.again_whole(SMALL_BODY)
+            if again is None:  # (nothing done: `Answering._answer` asks again, and takes it)
+                self._exchange()
+                Answering._answer(self)
+                return
+            head, body = again
+            fields, _, dated = head.kept
+            ahead = self._ahead
+            request_id_value = self._request_id
+            ahead.relay(
+                head.status,
+                head.reason,
+                b"%bX-Request-Id: %b\r\n" % (fields, request_id_value.encode("ascii")),
+                body,
+                date=not dated,
+            )
+            forward = self._forward
+            known = forward.answered
+        except Exception as error:  # a bug: the request still ends (as `Answering._answer`)
+            self._end(error)
+            return
+        if known is None or known[0] != ahead.status or (known[2] is None and self._runtime.access_log is not None):
+            # (another status than the last, or a log since: `_settled` prepares it)
+            self._end(None)
+            try:
+                _remember(forward, self._ex)
+            except Exception:
+                event(log, logging.ERROR, "request_crashed", "ending a forwarded request failed", exc_info=True)
+            return
+        try:
+            # `Answering._end` and `_settled`, written out for this answer (no error, routed,
+            # the cell and middle known): the same histogram, count and line.
+            now = time.perf_counter()
+            took = now - self._began
+            plan = forward.plan
+            upstream = plan.metrics.upstream
+            bounds = upstream.bounds
+            upstream.counts[0 if took <= bounds[0] else bisect_left(bounds, took)] += 1
+            upstream.sum += took
+            runtime = self._runtime
+            runtime.metrics.in_flight -= 1
+            _, cell, middle = known
+            cell.n += 1
+            access_log = runtime.access_log
+            if access_log is not None:
+                # (`middle` is not None: a log there since it was remembered went the general way, above)
+                access_log.line_middle(request_id_value, ahead.remote, middle, None, (now - self._started) * 1000, now)  # type: ignore[arg-type]
+        except Exception:
+            event(log, logging.ERROR, "request_crashed", "ending a forwarded request failed", exc_info=True)
+        finally:
+            ahead.done()
+
+    def _end(self, error: Exception | None) -> None:
+        self._exchange()
+        Answering._end(self, error)
+
+
+def _remember(forward: ForwardPlan, ex: Exchange) -> None:
+    """`forward.answered`, the record of the status `_settled` just recorded for `ex` (what its
+    `_Answered` holds, with the middle part for the forward's path), when that is what `_Public`
+    can use again: a `Cell` (not a provider's count)."""
+    plan, snapshot = ex.plan, ex.snapshot
+    assert plan is not None and snapshot is not None
+    series = snapshot.answered.get((plan.metrics, ex.request.method, ex.status, ex.decision, ex.reason))
+    if series is None or series.cell is None:
+        return
+    middle = None
+    access_log = ex.runtime.access_log
+    if access_log is not None:
+        # (the series keeps the middle part of its first `_MIDDLES` paths only; a forward is
+        # one path, and at most 512 are kept per config: ~0.5 MB at worst)
+        path = ex.path or ex.request.raw_path.partition("?")[0][:256]
+        middle = series.middles.get(path) or access_log.middle(series.before, path, series.after)
+    forward.answered = (ex.status, series.cell, middle)
 
 
 class _Quick:
@@ -487,6 +673,8 @@ def _missing(ex: Exchange) -> None:
         snapshot.refusals.remember((request.method, request.raw_path), _Quick(ex, answer))
 
 
+_new_public = object.__new__
+"""A `_Public` made with no `__init__` call (`Proxy._head` sets its attributes)."""
 _NO_FIELDS: tuple[tuple[bytes, ...], tuple[bytes, ...]] = ((), ())
 """`zip(*fields)` of a request with no fields (which unpacks to nothing)."""
 _MIDDLES = 4
@@ -548,7 +736,7 @@ def _cors(exchange: Exchange) -> str:
 
 # An enum member read off its class costs a Python-level attribute lookup (about 150 ns on
 # 3.11); a module global, a fraction of it: the two _failed reads on every refusal.
-_REJECTED, _WOULD_DENY, _DENIED = Decision.REJECTED, Decision.WOULD_DENY, Decision.DENIED
+_REJECTED, _WOULD_DENY, _DENIED, _ALLOWED = Decision.REJECTED, Decision.WOULD_DENY, Decision.DENIED, Decision.ALLOWED
 _TOKEN_MISSING = str(Reason.TOKEN_MISSING)
 _INTERNAL_BODY = json.dumps(ProxyError(Reason.INTERNAL).fields()).encode()
 _INTERNAL_HEADERS = (

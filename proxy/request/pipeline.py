@@ -168,7 +168,7 @@ class ForwardPlan:
     `Snapshot.forwards` (so none outlives its config), and used by `begin_planned`
     (bench/FIGURES.md, "The prepared forward")."""
 
-    __slots__ = ("auth", "found", "line", "ours", "path", "plan", "public", "query", "raw", "rules")
+    __slots__ = ("answered", "auth", "bare", "found", "line", "ours", "path", "plan", "public", "query", "raw", "rules")
 
     def __init__(self, ex: Exchange) -> None:
         plan = ex.plan
@@ -178,6 +178,13 @@ class ForwardPlan:
         self.query = ex.query
         self.public = plan.verifier is None
         """A public route: no token looked for, Authorization forwarded as sent."""
+        self.bare = self.public and plan.cors is None
+        """A public route without CORS: app.py forwards it with no `Exchange` made (`_Public`)."""
+        self.answered: tuple[int, Any, str | None] | None = None
+        """app.py's record of this forward's last answer (`_Public`): its status, the
+        `requests_total` cell and the access line's middle part, from what `_settled` prepared
+        (`_Answered`). One status: answers taken the common way (`again_whole`) have the head
+        of the one before, so runs of one status."""
         auth = self.auth = plan.route.auth
         self.rules = auth is not None and bool(auth.scopes.all_of or auth.scopes.any_of or auth.claims)
         """Whether the route has scopes or claim rules to check (`rules.check_route` does nothing otherwise)."""

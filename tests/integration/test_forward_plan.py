@@ -78,15 +78,23 @@ async def start(sidecar: Any, raw_server: Any, tmp_path: Path) -> tuple[Any, lis
 
 @pytest.fixture
 def planned(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
-    """Each (method, target) app.py handed to `begin_planned` (a prepared forward)."""
+    """Each (method, target) app.py handed to `begin_planned` (a prepared forward), or forwarded
+    the prepared way with no `Exchange` (a public route without CORS: `_Public`)."""
     taken: list[tuple[str, str]] = []
-    real = app.begin_planned
+    real, head = app.begin_planned, app.Proxy._head
 
     def counting(ex: Any, *args: Any) -> Any:
         taken.append((ex.request.method, ex.request.raw_path))
         return real(ex, *args)
 
+    def counting_public(proxy: Any, method: str, target: str, *args: Any) -> Any:
+        answered = head(proxy, method, target, *args)
+        if isinstance(answered, app._Public):
+            taken.append((method, target))
+        return answered
+
     monkeypatch.setattr(app, "begin_planned", counting)
+    monkeypatch.setattr(app.Proxy, "_head", counting_public)  # (the server is made with it: `Proxy.server`)
     return taken
 
 

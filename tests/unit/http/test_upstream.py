@@ -19,7 +19,7 @@ import pytest
 from aiohttp import web
 
 from proxy.http.flow import HELD
-from proxy.http.upstream import Pool, Response, UpstreamConnectError, UpstreamError, UpstreamProtocolError
+from proxy.http.upstream import Pool, Response, UpstreamConnectError, UpstreamError, UpstreamProtocolError, _Connection
 from tests.support.raw import Handler, bounded_by, eventually
 from tests.support.strays import STRAYS, misbehaving, read_request, whole
 from tests.support.tls import self_signed_files
@@ -1542,3 +1542,25 @@ async def test_a_relayed_answers_counted_body_ends_as_llhttp_would_end_it(
     assert (again.status, await again.read(100)) == (200, b"ok")
     again.release()
     assert (server.connections == 1) is reused, server.connections
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+@bounded
+async def test_send_on_a_pooled_connection_begins_the_exchange_as_begin_does(
+    pool: Pool, raw_server: Any, method: str
+) -> None:
+    # `Pool.send` has `_Connection._begin` written out: right after it, the connection must be
+    # where `_begin` puts it (an exchange's state from the answer before reset, every field).
+    server = await raw_server(answering(OK, OK, OK))
+    _response, body = await fetch(pool, server.port)
+    assert body == b"ok" and pool.idle_count() == 1
+    head = b"%b / HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n\r\n" % (method.encode(), server.port)
+    conn = pool.send(
+        method, "http", "127.0.0.1", server.port, head, connect_timeout=1, read_timeout=1, notify=lambda: None
+    )
+    assert isinstance(conn, _Connection)
+    names = [name for name in _Connection.__slots__ if hasattr(conn, name)]
+    sent = {name: getattr(conn, name) for name in names}
+    conn._begin(method == "HEAD")
+    assert {name: getattr(conn, name) for name in names} == sent
+    conn.cancel()

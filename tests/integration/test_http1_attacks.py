@@ -27,7 +27,6 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from proxy.http.http1 import Server
-from proxy.request.app import _entry
 from tests.conftest import TestKey, mint
 from tests.integration.conftest import BASE_CONFIG, Sidecar
 from tests.integration.test_security import RawResponse, first_response, parse_head, raw_get, send_raw, upstream_paths
@@ -196,8 +195,9 @@ async def read_to_end(reader: asyncio.StreamReader, timeout: float) -> tuple[byt
 
 
 async def own_server(s: Sidecar, **kwargs: Any) -> Server:
-    """A second proxy listener on the same runtime, with its own server options (keep-alive)."""
-    server = Server(lambda request: _entry(request, s.runtime), **kwargs)
+    """A second proxy listener on the same runtime, with its own server options (keep-alive):
+    the proxy's own server (its handler and its Quick hook), as `serve` makes it."""
+    server = s.proxy.server(**kwargs)
     await server.listen("127.0.0.1", 0)
     return server
 

@@ -51,11 +51,11 @@ from ..base.oplog import event
 from ..config.settings import Settings
 from ..http.fetch import Fetcher
 from ..http.http1 import Ahead, Later, Prepared, Request, Send, Server
-from ..http.upstream import Pool, checked_head
+from ..http.upstream import Pool
 from ..telemetry.accesslog import AccessLog
 from ..telemetry.metrics import Decision, Metrics, ProviderMetrics, RouteMetrics
 from .exchange import NO_ROUTE_NAME, Exchange
-from .forward import SMALL_BODY, Answering
+from .forward import SMALL_BODY, Answering, planned_head
 from .identity import request_id
 from .pipeline import ForwardPlan, begin, begin_planned, log_refused
 from .runtime import Runtime, Snapshot, build_snapshot
@@ -221,18 +221,18 @@ class Proxy:
                     try:
                         began = time.perf_counter()  # (the upstream time's start, as `begin_planned` reads it)
                         try:
-                            data = checked_head(
-                                forward.ours.head(
-                                    forward.line,
-                                    head.keep % values,
-                                    (),
-                                    remote,
-                                    ahead.scheme,
-                                    values[head.host],
-                                    request_id_value,
-                                    b"",
-                                ),
-                                6 + head.kept,
+                            data = planned_head(
+                                forward.line,
+                                forward.ours,
+                                head.keep,
+                                head.kept,
+                                values,
+                                head.host,
+                                (),
+                                remote,
+                                ahead.scheme,
+                                request_id_value,
+                                False,  # (`Ahead`: no Content-Length)
                             )
                         except ValueError:
                             data = None  # a CR or LF inside: `begin_planned` refuses it, below

@@ -545,30 +545,34 @@ def _head_of(ex: Exchange, host_line: bytes) -> bytes:
 
 
 def planned_head(
-    ex: Exchange,
     line: bytes,
     ours: OurFields,
     fields: bytes,
     kept: int,
     values: tuple[bytes, ...],
     host: int,
+    identity: tuple[tuple[bytes, bytes], ...],
+    remote: str,
+    scheme: str,
+    request_id: str,
+    framed: bool,
 ) -> bytes:
     """The head `_head_of` writes, for a request pipeline.py's prepared forward and identity.py's
     `HeadPlan` planned: `line`, its request line (prepared); the header fields `ours` writes
     (`OurFields.head`, the whole head at once) after the client's, from the format `fields` (`kept` lines) and the
-    request's `values`, its Host `values[host]`; its framing. The same CR/LF check
-    (`checked_head`): bench/FIGURES.md, "The prepared forward"."""
-    request = ex.request
-    identity = ex.identity
-    framed = request.content_length is not None  # (`Content-Length: 0`: no body, as `request` frames it)
+    request's `values`, its Host `values[host]`, the `identity` headers, X-Forwarded-* for
+    `remote` and `scheme`, X-Request-Id; `framed`: `Content-Length: 0` (a request that sent one,
+    with no body, as `request` frames it). The same CR/LF check (`checked_head`), its count of
+    lines told here once for both callers (pipeline's `begin_planned`, app's `_Public` way):
+    bench/FIGURES.md, "The prepared forward"."""
     head = ours.head(
         line,
         fields % values,
         identity,
-        request.remote,
-        request.scheme,
+        remote,
+        scheme,
         values[host],
-        ex.request_id,
+        request_id,
         b"Content-Length: 0\r\n" if framed else b"",
     )
     return checked_head(head, 6 + kept + len(identity) + framed)

@@ -288,7 +288,19 @@ def begin_planned(
     # per request: bench/FIGURES.md, "The forwarded request, session 8"); with no idle pooled
     # connection (rare: the pool keeps what the concurrency needs), made again below.
     try:
-        data = planned_head(ex, forward.line, forward.ours, fields, kept, values, head.host)
+        data = planned_head(
+            forward.line,
+            forward.ours,
+            fields,
+            kept,
+            values,
+            head.host,
+            ex.identity,
+            request.remote,
+            request.scheme,
+            ex.request_id,
+            request.content_length is not None,
+        )
     except ValueError:
         data = None  # a CR or LF inside: the field-by-field way below refuses it, as before
     if data is not None:
